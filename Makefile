@@ -1,0 +1,36 @@
+# famevil_fast: `make demo` and `make test` work on a fresh machine (they create .venv first).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast lint ctest bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py constraints.txt $(CSRC)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch torchvision setuptools ninja numpy
+	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/famevil-fast demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+ctest: $(STAMP)
+	$(PY) -m famevil_fast.build_tools.ctest
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench
+
+clean:
+	rm -rf build cmake-build *.egg-info famevil_fast/_C*.so

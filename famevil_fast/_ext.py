@@ -1,0 +1,47 @@
+"""Loading of the compiled extension ``famevil_fast._C``.
+
+Owns the single import attempt and the one warning printed when the extension is missing. Every op asks
+``cpu_ext_available()`` / ``cuda_ext_available()`` before choosing a compiled backend, so a missing build
+degrades to the PyTorch references instead of failing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+
+_C: ModuleType | None
+_IMPORT_ERROR: str | None
+
+try:
+    from famevil_fast import _C  # type: ignore[attr-defined, no-redef]
+
+    _IMPORT_ERROR = None
+except ImportError as exc:  # the package works without it, on the PyTorch references
+    _C = None
+    _IMPORT_ERROR = str(exc)
+    warnings.warn(
+        "famevil_fast: the compiled extension famevil_fast._C is not available "
+        f"({exc}); every op falls back to its PyTorch reference. "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension() -> ModuleType | None:
+    """The compiled module, or None when it could not be imported."""
+    return _C
+
+
+def cpu_ext_available() -> bool:
+    return _C is not None
+
+
+def cuda_ext_available() -> bool:
+    return _C is not None and bool(_C.built_with_cuda())
+
+
+def import_error() -> str | None:
+    """Why the extension could not be imported (None when it was)."""
+    return _IMPORT_ERROR

@@ -1,0 +1,57 @@
+"""Backend selection shared by every op: which implementations exist and which one runs.
+
+Each op offers ``backend=None`` (automatic) plus a fixed list of names; ``"torch"`` is always the plain
+PyTorch reference. Triton kernels run on CUDA devices, and on the CPU only under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """True when a Triton kernel can run on tensors of ``device``."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpreting()
+
+
+def check_backend(op: str, backend: str | None, allowed: tuple[str, ...]) -> None:
+    if backend is not None and backend not in allowed:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {allowed} or None (automatic)")
+
+
+def same_device_and_dtype(op: str, named: dict[str, torch.Tensor | None], dtype: torch.dtype | None = None) -> None:
+    """Raise ValueError naming the offending tensor when devices or floating dtypes disagree."""
+    tensors = {k: v for k, v in named.items() if v is not None}
+    first_name, first = next(iter(tensors.items()))
+    want_dtype = first.dtype if dtype is None else dtype
+    for name, t in tensors.items():
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != want_dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {want_dtype}")
+
+
+def forced_backend() -> str | None:
+    """``FAMEVIL_FAST_BACKEND`` (e.g. "torch") overrides every automatic choice; explicit arguments win."""
+    value = os.environ.get("FAMEVIL_FAST_BACKEND", "").strip()
+    return value or None

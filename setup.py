@@ -1,0 +1,152 @@
+"""Build script for famevil_fast and its compiled extension ``famevil_fast._C``.
+
+The CPU sources in ``csrc/`` are always compiled. The CUDA sources (``csrc/**/*.cu``) are compiled when
+the installed torch is a CUDA build and a CUDA toolkit is found, for sm_80 and sm_90 unless
+``TORCH_CUDA_ARCH_LIST`` says otherwise. ``FAMEVIL_FAST_CUDA=0`` forces the CUDA part off and
+``FAMEVIL_FAST_CUDA=1`` makes a missing toolkit an error.
+
+Three things are handled here so that a plain ``pip install --no-build-isolation .`` works on a machine
+without a GPU: ``CUDA_HOME`` is found even when ``nvcc`` on PATH is a wrapper script, the CUDA headers and
+libraries that pip installs with torch (``site-packages/nvidia/*/include``) are added, and a default arch
+list is set because arch detection needs a GPU.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _toolkit_root_candidates() -> list[Path]:
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        candidates.append(str(real.parent.parent))
+        candidates.extend(_exec_targets(real))
+    candidates.append("/usr/local/cuda")
+    candidates.extend(sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
+    return [Path(c) for c in candidates if c]
+
+
+def _exec_targets(script: Path) -> list[str]:
+    """Toolkit roots named by an `exec /path/bin/nvcc` line in an nvcc wrapper script."""
+    try:
+        text = script.read_text(errors="ignore")[:4096]
+    except OSError:
+        return []
+    roots = []
+    for token in text.split():
+        if token.endswith("/bin/nvcc"):
+            roots.append(str(Path(token).parent.parent))
+    return roots
+
+
+def find_cuda_home() -> Path | None:
+    """The first toolkit root holding both a real nvcc and cuda_runtime.h."""
+    for root in _toolkit_root_candidates():
+        if (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file():
+            return root
+    return None
+
+
+def pip_cuda_dirs() -> tuple[list[str], list[str]]:
+    """Include and library folders of the CUDA packages pip installed beside torch (nvidia/*)."""
+    includes, libs = [], []
+    for site in sys.path:
+        base = Path(site) / "nvidia"
+        if not base.is_dir():
+            continue
+        for inc in sorted(base.glob("*/include")):
+            includes.append(str(inc))
+        for lib in sorted(base.glob("*/lib")):
+            libs.append(str(lib))
+    return includes, libs
+
+
+def want_cuda(torch_cuda_version: str | None) -> bool:
+    flag = os.environ.get("FAMEVIL_FAST_CUDA", "").strip()
+    if flag == "0":
+        return False
+    cuda_home = find_cuda_home()
+    possible = torch_cuda_version is not None and cuda_home is not None
+    if flag == "1" and not possible:
+        reason = "torch is a CPU-only build" if torch_cuda_version is None else "no CUDA toolkit (nvcc) found"
+        raise SystemExit(f"FAMEVIL_FAST_CUDA=1 but the CUDA extension cannot be built: {reason}")
+    if possible:
+        os.environ["CUDA_HOME"] = str(cuda_home)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    return possible
+
+
+def nvcc_version(cuda_home: str) -> str:
+    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else "unknown"
+
+
+def extension_modules():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - exercised only by a wrong install command
+        raise SystemExit(
+            "famevil_fast compiles its extension against the installed torch. Install torch first, then "
+            "build without isolation: pip install --no-build-isolation ."
+        ) from exc
+
+    with_cuda = want_cuda(torch.version.cuda)
+    # cpp_extension reads CUDA_HOME when it is imported, so import it only after want_cuda().
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts)
+    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    define_macros = []
+    include_dirs = [str(ROOT / "csrc")]
+    if with_cuda:
+        includes, libs = pip_cuda_dirs()
+        define_macros.append(("FAMEVIL_FAST_WITH_CUDA", "1"))
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        print(
+            f"famevil_fast: building CUDA sources with {nvcc_version(os.environ['CUDA_HOME'])} "
+            f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
+        ext = CUDAExtension(
+            "famevil_fast._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs + includes,
+            library_dirs=libs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        print("famevil_fast: building the CPU sources only (no CUDA toolkit, CPU torch, or FAMEVIL_FAST_CUDA=0)")
+        ext = CppExtension(
+            "famevil_fast._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    packages=find_packages(include=["famevil_fast", "famevil_fast.*"]) + ["famevil_fast.kernels"],
+    package_dir={"famevil_fast.kernels": "kernels"},
+    package_data={"famevil_fast": ["py.typed", "_C.pyi", "configs/*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
