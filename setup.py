@@ -108,13 +108,13 @@ def extension_modules():
 
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts)
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # torch chooses the C++ standard (C++20 for torch >= 2.10)
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
         includes, libs = pip_cuda_dirs()
         define_macros.append(("FAMEVIL_FAST_WITH_CUDA", "1"))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         print(
             f"famevil_fast: building CUDA sources with {nvcc_version(os.environ['CUDA_HOME'])} "
             f"for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from types import ModuleType
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 _C: ModuleType | None
 _IMPORT_ERROR: str | None
 

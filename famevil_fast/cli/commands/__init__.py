@@ -1,0 +1,1 @@
+"""One module per ``famevil-fast`` subcommand (NAME, HELP, add_arguments, run)."""
