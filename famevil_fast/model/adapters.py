@@ -1,0 +1,146 @@
+"""Adapter modules: the bottleneck adapter, the per-task set of them (TSA) and the cross-attention
+adapter (XAA).
+
+A bottleneck adapter computes ``scale * up(relu(down(layer_norm(x))))`` with the up-projection
+zero-initialised and ``scale`` a learnable scalar starting at 1, so a fresh adapter outputs exactly zero.
+The computation itself lives in ``famevil_fast.ops`` (fused kernels or references).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from famevil_fast.ops import (
+    AdapterParams,
+    CrossAttentionParams,
+    context_key_values,
+    cross_attention_adapter,
+    fused_adapter,
+)
+from famevil_fast.ops.adapter import Residual, sum_residuals
+
+
+class BottleneckAdapter(nn.Module):
+    """LayerNorm -> Linear(d, r) -> ReLU -> dropout -> Linear(r, d) (zero init) -> x learnable scale."""
+
+    def __init__(self, width: int, bottleneck: int, dropout: float = 0.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(width, eps=eps)
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.dropout = dropout
+        self.backend: str | None = None
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def params(self) -> AdapterParams:
+        return AdapterParams(
+            self.ln.weight, self.ln.bias, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale
+        )
+
+    def forward(self, x: torch.Tensor, residual: Residual = None) -> torch.Tensor:
+        if self.dropout > 0.0 and self.training:
+            h = F.dropout(F.relu(self.down(self.ln(x))), self.dropout, training=True)
+            y = self.up(h) * self.scale
+            res = sum_residuals(residual)
+            return y if res is None else res + y
+        return fused_adapter(x, *self.params(), residual=residual, backend=self.backend)
+
+
+def stack_adapter_params(adapters: list[BottleneckAdapter]) -> AdapterParams:
+    """Parameters of several adapters stacked along a new leading task dimension (gradients flow back)."""
+    return AdapterParams(*(torch.stack(group) for group in zip(*(a.params() for a in adapters))))
+
+
+class TaskAdapters(nn.Module):
+    """One bottleneck adapter per task (the task-specific adapters of a transformer layer).
+
+    ``task`` is a task key, or a (B,) tensor of indices into ``tasks`` for a batch whose samples belong to
+    different tasks: then each row goes through its own task's adapter in one fused call, and only the
+    tasks present in the batch take part (absent tasks get no gradient).
+    """
+
+    def __init__(self, width: int, bottleneck: int, tasks: tuple[str, ...], dropout: float = 0.0, eps: float = 1e-5):
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.adapters = nn.ModuleDict({t: BottleneckAdapter(width, bottleneck, dropout, eps) for t in tasks})
+
+    def forward(self, x: torch.Tensor, task: str | torch.Tensor, residual: Residual = None) -> torch.Tensor:
+        if isinstance(task, str):
+            return self.adapters[task](x, residual)
+        return self._mixed(x, task, residual)
+
+    def _mixed(self, x: torch.Tensor, task_index: torch.Tensor, residual: Residual) -> torch.Tensor:
+        if task_index.shape != (x.shape[0],):
+            raise ValueError(f"task index must have shape ({x.shape[0]},), one per sample; got {tuple(task_index.shape)}")
+        present = torch.unique(task_index).tolist()
+        adapters = [self.adapters[self.tasks[i]] for i in present]
+        if len(adapters) == 1:
+            return adapters[0](x, residual)
+        remap = torch.full((len(self.tasks),), -1, dtype=torch.long, device=x.device)
+        remap[torch.tensor(present, device=x.device)] = torch.arange(len(present), device=x.device)
+        rows_per_sample = x[0].numel() // x.shape[-1]
+        row_task = remap[task_index].repeat_interleave(rows_per_sample)
+        first = adapters[0]
+        if first.dropout > 0.0 and self.training:
+            raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
+        return fused_adapter(
+            x, *stack_adapter_params(adapters), residual=residual, task_ids=row_task, backend=first.backend
+        )
+
+
+class CrossAttentionAdapter(nn.Module):
+    """XAA: queries from this tower (width d), keys/values from the other tower (width c), full-width
+    Q/K/V, no output projection, then a bottleneck adapter (zero-initialised, so a no-op at start)."""
+
+    def __init__(self, width: int, context_width: int, heads: int, bottleneck: int = 64, eps: float = 1e-5):
+        super().__init__()
+        self.heads = heads
+        self.ln_q = nn.LayerNorm(width, eps=eps)
+        self.ln_ctx = nn.LayerNorm(context_width, eps=eps)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_width, 2 * width)
+        self.adapter = BottleneckAdapter(width, bottleneck, eps=eps)
+        self.backend: str | None = None
+        nn.init.zeros_(self.q.bias)
+        nn.init.zeros_(self.kv.bias)
+        # keys and values start as two independent default-initialised projections
+        key, value = torch.empty(width, context_width), torch.empty(width, context_width)
+        nn.init.kaiming_uniform_(key, a=5**0.5)
+        nn.init.kaiming_uniform_(value, a=5**0.5)
+        with torch.no_grad():
+            self.kv.weight.copy_(torch.cat([key, value]))
+
+    def attn_params(self) -> CrossAttentionParams:
+        return CrossAttentionParams(
+            self.ln_q.weight, self.ln_q.bias, self.ln_ctx.weight, self.ln_ctx.bias,
+            self.q.weight, self.q.bias, self.kv.weight, self.kv.bias,
+        )  # fmt: skip
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context, for reuse across calls (e.g. decoding steps)."""
+        return context_key_values(context, self.attn_params(), self.heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        residual: Residual = None,
+    ) -> torch.Tensor:
+        return cross_attention_adapter(
+            x,
+            self.attn_params(),
+            self.adapter.params(),
+            self.heads,
+            context=context,
+            context_kv=context_kv,
+            context_mask=context_mask,
+            residual=residual,
+            backend=self.backend,
+        )

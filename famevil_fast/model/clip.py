@@ -1,0 +1,243 @@
+"""CLIP towers: the vision transformer, the causal text transformer and the two-tower CLIP model.
+
+Pre-LN transformer blocks with QuickGELU (or GELU), fused QKV projections and attention through
+``model.attention``. A block can carry task-specific adapters (parallel with its MLP) and a cross-attention
+adapter; plain CLIP has neither. Each block exposes its two halves, ``attend`` (the self-attention
+sub-layer) and ``feed_forward`` (MLP plus adapter branches), so the FAME-ViL model can run two towers in
+lock-step with cross-attention between them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from famevil_fast.model.adapters import CrossAttentionAdapter, TaskAdapters
+from famevil_fast.model.attention import attention
+from famevil_fast.model.config import CLIPConfig, TextConfig, VisionConfig
+from famevil_fast.ops.cross_attention import merge_heads, split_heads
+
+EOT_ID = 49407
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = make_activation(activation)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.impl = "auto"
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, d) -> q, k, v, each (B, H, L, Dh)."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def combine(self, q, k, v, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(merge_heads(attention(q, k, v, causal=causal, mask=mask, impl=self.impl)))
+
+    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.combine(*self.project(x), causal=causal, mask=mask)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; optional task adapters (parallel with the MLP) and cross-attention adapter.
+
+    h' = a + MLP(LN2(a)) + TSA_task(a) + XAA(a, context),  a = h + SelfAttn(LN1(h)).
+    """
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_dim: int,
+        activation: str,
+        eps: float,
+        tasks: tuple[str, ...] = (),
+        bottleneck: int = 64,
+        adapter_dropout: float = 0.0,
+        context_width: int | None = None,
+        xaa_bottleneck: int = 64,
+    ) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, activation)
+        self.tsa = TaskAdapters(width, bottleneck, tasks, adapter_dropout, eps) if tasks else None
+        self.xaa = (
+            CrossAttentionAdapter(width, context_width, heads, xaa_bottleneck, eps) if context_width else None
+        )
+
+    def attend(self, h: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return h + self.attn(self.ln_1(h), causal=causal, mask=mask)
+
+    def feed_forward(
+        self, a: torch.Tensor, task: str | torch.Tensor | None = None, xaa_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        branches = [a, self.mlp(self.ln_2(a))]
+        if xaa_out is not None:
+            branches.append(xaa_out)
+        if self.tsa is not None and task is not None:
+            return self.tsa(a, task, residual=branches)
+        out = branches[0] + branches[1]
+        return out if xaa_out is None else out + xaa_out
+
+    def cross_attend(
+        self, a: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The XAA branch output (not yet added to the stream)."""
+        if self.xaa is None:
+            raise ValueError("this block has no cross-attention adapter")
+        return self.xaa(a, context=context, context_mask=context_mask, context_kv=context_kv)
+
+    def forward(self, h: torch.Tensor, task=None, causal: bool = False, mask=None) -> torch.Tensor:
+        return self.feed_forward(self.attend(h, causal, mask), task)
+
+
+def _blocks(cfg, activation, eps, tasks, bottleneck, dropout, context_width, xaa_bottleneck) -> nn.ModuleList:
+    return nn.ModuleList(
+        Block(cfg.width, cfg.heads, cfg.mlp_dim, activation, eps, tasks, bottleneck, dropout, context_width, xaa_bottleneck)
+        for _ in range(cfg.layers)
+    )
+
+
+class VisionTower(nn.Module):
+    """ViT: patch embedding, class token, positions, pre-LN, blocks, post-LN on the class token, projection."""
+
+    def __init__(
+        self,
+        cfg: VisionConfig,
+        embed_dim: int,
+        activation: str = "quick_gelu",
+        eps: float = 1e-5,
+        tasks: tuple[str, ...] = (),
+        bottleneck: int = 64,
+        adapter_dropout: float = 0.0,
+        context_width: int | None = None,
+        xaa_bottleneck: int = 64,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, w) * w**-0.5)
+        self.ln_pre = nn.LayerNorm(w, eps=eps)
+        self.blocks = _blocks(cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck)
+        self.ln_post = nn.LayerNorm(w, eps=eps)
+        self.proj = nn.Linear(w, embed_dim, bias=False)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return self.ln_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ln_post(h[:, 0]))
+
+    def forward(self, pixels: torch.Tensor, task: str | torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(pixels)
+        for block in self.blocks:
+            h = block(h, task)
+        return self.pool(h)
+
+
+def first_eot_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the first end-of-text token of each row (rows are checked to contain one)."""
+    return (input_ids == EOT_ID).int().argmax(dim=-1)
+
+
+class TextTower(nn.Module):
+    """Causal text transformer pooled at the first end-of-text token, then projected."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        embed_dim: int,
+        activation: str = "quick_gelu",
+        eps: float = 1e-5,
+        tasks: tuple[str, ...] = (),
+        bottleneck: int = 64,
+        adapter_dropout: float = 0.0,
+        context_width: int | None = None,
+        xaa_bottleneck: int = 64,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.blocks = _blocks(cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=eps)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        length = input_ids.shape[1]
+        return self.token_embed(input_ids) + self.pos_embed[start : start + length]
+
+    def pool(self, h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        eot = first_eot_positions(input_ids)
+        return self.proj(self.ln_final(h[torch.arange(h.shape[0], device=h.device), eot]))
+
+    def forward(
+        self, input_ids: torch.Tensor, task: str | torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h, task, causal=True, mask=mask)
+        return self.pool(h, input_ids)
+
+
+class CLIP(nn.Module):
+    """The two CLIP towers and the (unused by FAME-ViL) logit scale; state-dict names are famevil_fast's."""
+
+    def __init__(self, config: CLIPConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or CLIPConfig()
+        c = self.config
+        self.vision = VisionTower(c.vision, c.embed_dim, c.activation, c.layer_norm_eps)
+        self.text = TextTower(c.text, c.embed_dim, c.activation, c.layer_norm_eps)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        out = self.vision(pixels)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        out = self.text(input_ids)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    @classmethod
+    def from_pretrained(cls, path_or_state_dict, config: CLIPConfig | None = None) -> CLIP:
+        """CLIP weights in any supported layout (OpenAI .pt, open_clip, Hugging Face, famevil_fast)."""
+        from famevil_fast.model.weights import load_clip_state_dict
+
+        state, inferred = load_clip_state_dict(path_or_state_dict)
+        model = cls(config or inferred)
+        model.load_state_dict(state, strict=True)
+        return model

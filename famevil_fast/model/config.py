@@ -1,0 +1,163 @@
+"""Model configurations: CLIP tower sizes (with named presets) and the FAME-ViL options built on them.
+
+Configs are frozen dataclasses that round-trip through plain dicts (``to_dict`` / ``from_dict``), which is
+how they are stored beside checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("itc", "tgir", "scr", "cap")
+XAA_MODES = ("both", "text", "none")
+ATTENTION_IMPLS = ("auto", "sdpa", "eager", "flash")
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid + 1
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 2048
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 512
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            if tower.width % tower.heads:
+                raise ValueError(f"{name} width {tower.width} is not divisible by its {tower.heads} heads")
+        if self.vision.image_size % self.vision.patch_size:
+            raise ValueError(
+                f"image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        d = dict(d)
+        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+
+
+def _vit(image_size, patch, width, layers, heads, mlp) -> VisionConfig:
+    return VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads, mlp_dim=mlp)
+
+
+def _txt(width, layers, heads, mlp, context_length=77) -> TextConfig:
+    return TextConfig(width=width, layers=layers, heads=heads, mlp_dim=mlp, context_length=context_length)
+
+
+CLIP_PRESETS: dict[str, CLIPConfig] = {
+    "ViT-B-16": CLIPConfig(_vit(224, 16, 768, 12, 12, 3072), _txt(512, 12, 8, 2048), 512),
+    "ViT-B-32": CLIPConfig(_vit(224, 32, 768, 12, 12, 3072), _txt(512, 12, 8, 2048), 512),
+    "ViT-L-14": CLIPConfig(_vit(224, 14, 1024, 24, 16, 4096), _txt(768, 12, 12, 3072), 768),
+    # Small models for tests and CPU runs; equal tower depths so cross-attention adapters pair layers.
+    "tiny": CLIPConfig(_vit(64, 16, 128, 4, 4, 512), _txt(128, 4, 4, 512), 128),
+    "micro": CLIPConfig(_vit(32, 16, 64, 2, 2, 128), _txt(64, 2, 2, 128), 64),
+}
+PRESET_ALIASES = {"ViT-B/16": "ViT-B-16", "ViT-B/32": "ViT-B-32", "ViT-L/14": "ViT-L-14"}
+
+
+def clip_preset(name: str) -> CLIPConfig:
+    key = PRESET_ALIASES.get(name, name)
+    if key not in CLIP_PRESETS:
+        raise ValueError(f"unknown CLIP configuration {name!r}; known: {sorted(CLIP_PRESETS)}")
+    return CLIP_PRESETS[key]
+
+
+@dataclass(frozen=True)
+class FameViLConfig:
+    """FAME-ViL on top of a CLIP backbone.
+
+    tasks: task keys with their own task-specific adapters (TSA) and heads.
+    adapter_bottleneck: TSA width r (64 in the multi-task recipes, 512 in the released checkpoint).
+    xaa: cross-attention adapters in "both" towers, the "text" tower only, or "none".
+    caption_loss_on_padding: train padded positions to predict the end token, as the official code does
+        (off by default: positions after the first end token are ignored).
+    attention: "auto" (flash-attn when installed and applicable, else SDPA), "sdpa", "eager" (explicit
+        softmax, the faithful reference) or "flash".
+    backend: op backend for adapters and losses (None = automatic, "torch" = references).
+    """
+
+    clip: CLIPConfig = field(default_factory=lambda: CLIP_PRESETS["ViT-B-16"])
+    tasks: tuple[str, ...] = TASKS
+    adapter_bottleneck: int = 64
+    adapter_dropout: float = 0.0
+    xaa: str = "both"
+    xaa_bottleneck: int = 64
+    num_classes: int = 121
+    norm_scale_init: float = 4.0
+    caption_loss_on_padding: bool = False
+    attention: str = "auto"
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks are {TASKS}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct, got {self.tasks}")
+        if self.xaa not in XAA_MODES:
+            raise ValueError(f"xaa must be one of {XAA_MODES}, got {self.xaa!r}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.adapter_bottleneck <= 0 or self.xaa_bottleneck <= 0:
+            raise ValueError("adapter bottlenecks must be positive")
+        if self.xaa != "none" and self.clip.vision.layers != self.clip.text.layers:
+            raise ValueError(
+                "cross-attention adapters pair vision and text layers one to one, but the vision tower has "
+                f"{self.clip.vision.layers} layers and the text tower {self.clip.text.layers}; use xaa='none'"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FameViLConfig:
+        d = dict(d)
+        clip = CLIPConfig.from_dict(d.pop("clip"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(d) - known)
+        if extra:
+            raise ValueError(f"unknown FameViLConfig field(s): {extra}")
+        if "tasks" in d:
+            d["tasks"] = tuple(d["tasks"])
+        return cls(clip=clip, **d)
+
+    def replace(self, **changes: Any) -> FameViLConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,302 @@
+"""The FAME-ViL model: CLIP towers with task-specific adapters, cross-attention adapters and task heads.
+
+Three ways of running the towers (spec section 1.5):
+- two-tower: image and text encoded independently with a task's adapters (retrieval, TGIR targets);
+- fusion: both towers in lock-step, each layer's cross-attention adapters reading the other tower's
+  post-self-attention states; output = projected image + projected text (TGIR queries, SCR);
+- generative: the vision tower alone keeps every layer's output as memory; the causal text tower
+  cross-attends layer by layer to that memory and an LM head predicts the next token (captioning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from famevil_fast.model import losses
+from famevil_fast.model.clip import TextTower, VisionTower, first_eot_positions
+from famevil_fast.model.config import FameViLConfig
+from famevil_fast.model.heads import build_heads
+from famevil_fast.model.validation import check_input_ids, check_pixels, check_same_batch, check_task
+
+EOT_ID = 49407
+TASK_BATCH_KEYS = {
+    "itc": ("pixels", "input_ids"),
+    "tgir": ("ref_pixels", "input_ids", "target_pixels"),
+    "scr": ("pixels", "input_ids", "labels"),
+    "cap": ("pixels", "input_ids"),
+}
+
+
+@dataclass
+class TaskOutput:
+    """What a training forward returns: the task loss and the tensors a distillation loss or a metric needs."""
+
+    loss: torch.Tensor
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def text_valid_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: True up to and including the first end-of-text token (the attention mask of the text);
+    a row without an end token (a decoding prefix) is valid throughout."""
+    has_eot = (input_ids == EOT_ID).any(dim=1)
+    eot = torch.where(has_eot, first_eot_positions(input_ids), input_ids.shape[1] - 1)
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= eot[:, None]
+
+
+class FameViL(nn.Module):
+    """FAME-ViL. Build it from CLIP weights (``from_clip``) or load a checkpoint (``from_pretrained``)."""
+
+    def __init__(self, config: FameViLConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or FameViLConfig()
+        c, clip = self.config, self.config.clip
+        common = dict(activation=clip.activation, eps=clip.layer_norm_eps, tasks=c.tasks,
+                      bottleneck=c.adapter_bottleneck, adapter_dropout=c.adapter_dropout,
+                      xaa_bottleneck=c.xaa_bottleneck)  # fmt: skip
+        vision_ctx = clip.text.width if c.xaa == "both" else None
+        text_ctx = clip.vision.width if c.xaa in ("both", "text") else None
+        self.vision = VisionTower(clip.vision, clip.embed_dim, context_width=vision_ctx, **common)
+        self.text = TextTower(clip.text, clip.embed_dim, context_width=text_ctx, **common)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))
+        self.heads = build_heads(c.tasks, clip.embed_dim, clip.text.width, clip.text.vocab_size, c.num_classes,
+                                 c.norm_scale_init)  # fmt: skip
+        self.set_runtime(attention=c.attention, backend=c.backend)
+
+    # ------------------------------------------------------------------ construction and checkpoints
+    def set_runtime(self, attention: str | None = None, backend: str | None = None) -> FameViL:
+        """Choose the attention implementation and the op backend of every layer (no weights change)."""
+        from famevil_fast.model.adapters import BottleneckAdapter, CrossAttentionAdapter
+        from famevil_fast.model.clip import SelfAttention
+
+        changes: dict[str, Any] = {"backend": backend}
+        if attention is not None:
+            changes["attention"] = attention
+        self.config = self.config.replace(**changes)
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.impl = self.config.attention
+            elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter):
+                module.backend = backend
+        return self
+
+    @classmethod
+    def from_clip(cls, path_or_state_dict: str | Path | dict, config: FameViLConfig | None = None) -> FameViL:
+        """Start from CLIP weights (OpenAI .pt, open_clip, Hugging Face or famevil_fast layout); adapters,
+        cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP)."""
+        from famevil_fast.model.weights import load_clip_state_dict
+
+        from famevil_fast.model.weights import load_into
+
+        state, clip_config = load_clip_state_dict(path_or_state_dict)
+        model = cls(config or FameViLConfig(clip=clip_config))
+        load_into(model, state, "CLIP weights", backbone_only=True)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides: Any) -> FameViL:
+        """Load an official FAME-ViL checkpoint or one written by ``save_pretrained``."""
+        from famevil_fast.model.weights import load_famevil_checkpoint
+
+        return load_famevil_checkpoint(cls, path, **overrides)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
+        from famevil_fast.model.weights import save_famevil
+
+        return save_famevil(self, directory)
+
+    # ------------------------------------------------------------------ the three modes
+    def image_features(self, pixels: torch.Tensor, task: str | torch.Tensor) -> torch.Tensor:
+        """Two-tower image embedding (B, E), before normalisation."""
+        return self.vision(pixels, task)
+
+    def text_features(self, input_ids: torch.Tensor, task: str | torch.Tensor) -> torch.Tensor:
+        """Two-tower text embedding (B, E), before normalisation."""
+        return self.text(input_ids, task, mask=self._text_self_mask(input_ids))
+
+    def fused_features(self, pixels: torch.Tensor, input_ids: torch.Tensor, task: str | torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Fusion mode: towers in lock-step with cross-attention both ways; returns (v, t) projections."""
+        if self.config.xaa != "both":
+            raise ValueError(f"fusion mode needs cross-attention adapters in both towers (xaa='both'), this model has xaa={self.config.xaa!r}")
+        valid = text_valid_mask(input_ids)
+        self_mask = self._text_self_mask(input_ids)
+        hv, ht = self.vision.embed(pixels), self.text.embed(input_ids)
+        for vb, tb in zip(self.vision.blocks, self.text.blocks):
+            av = vb.attend(hv)
+            at = tb.attend(ht, causal=True, mask=self_mask)
+            xv = vb.cross_attend(av, context=at, context_mask=valid)
+            xt = tb.cross_attend(at, context=av)
+            hv, ht = vb.feed_forward(av, task, xv), tb.feed_forward(at, task, xt)
+        return self.vision.pool(hv), self.text.pool(ht, input_ids)
+
+    def vision_memory(self, pixels: torch.Tensor, task: str = "cap") -> list[torch.Tensor]:
+        """Generative mode, image side: the output of every vision block (B, N, width) as memory."""
+        h = self.vision.embed(pixels)
+        memory = []
+        for block in self.vision.blocks:
+            h = block(h, task)
+            memory.append(h)
+        return memory
+
+    def caption_states(self, memory: list[torch.Tensor], input_ids: torch.Tensor, task: str = "cap") -> torch.Tensor:
+        """Generative mode, text side: final-LN text states (B, L, width) conditioned on vision memory."""
+        if self.config.xaa == "none":
+            raise ValueError("captioning needs cross-attention adapters in the text tower (xaa='both' or 'text')")
+        self_mask = self._text_self_mask(input_ids)
+        h = self.text.embed(input_ids)
+        for block, mem in zip(self.text.blocks, memory):
+            a = block.attend(h, causal=True, mask=self_mask)
+            h = block.feed_forward(a, task, block.cross_attend(a, context=mem))
+        return self.text.ln_final(h)
+
+    def _text_self_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Key-padding mask for text self-attention, only where padded positions' outputs are used."""
+        if not self.config.caption_loss_on_padding:
+            return None
+        return text_valid_mask(input_ids)[:, None, None, :]
+
+    # ------------------------------------------------------------------ public inference API
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def _check_task(self, task: str, needed: str | None = None) -> None:
+        check_task(task, self.config.tasks)
+
+    def encode_image(self, pixels: torch.Tensor, task: str = "itc") -> torch.Tensor:
+        """L2-normalised image embeddings (B, E) in two-tower mode with ``task``'s adapters."""
+        self._check_task(task)
+        check_pixels(pixels, self.config.clip.vision, self.device)
+        return F.normalize(self.image_features(pixels, task), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, task: str = "itc") -> torch.Tensor:
+        """L2-normalised text embeddings (B, E) in two-tower mode with ``task``'s adapters."""
+        self._check_task(task)
+        check_input_ids(input_ids, self.config.clip.text, self.device)
+        return F.normalize(self.text_features(input_ids, task), dim=-1)
+
+    def compose(self, ref_pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """TGIR query: reference image + modification text in fusion mode, L2-normalised (B, E).
+        Compare with ``encode_image(target_pixels, task="tgir")``."""
+        self._check_task("tgir")
+        self._check_pair(ref_pixels, input_ids, "ref_pixels")
+        v, t = self.fused_features(ref_pixels, input_ids, "tgir")
+        return F.normalize(v + t, dim=-1)
+
+    def classify(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Sub-category logits (B, num_classes) from image + text in fusion mode."""
+        self._check_task("scr")
+        self._check_pair(pixels, input_ids, "pixels")
+        v, t = self.fused_features(pixels, input_ids, "scr")
+        return self.heads["scr"](v + t)
+
+    @torch.no_grad()
+    def caption(self, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1,
+                return_ids: bool = False) -> list[str] | torch.Tensor:  # fmt: skip
+        """Captions of images: greedy (num_beams=1) or beam search, with key/value caches; strings, or the
+        generated token ids (B, <= max_len + 2, starting with the start token) when ``return_ids``."""
+        from famevil_fast.model.generation import generate
+
+        self._check_task("cap")
+        check_pixels(pixels, self.config.clip.vision, self.device)
+        ids = generate(self, pixels, max_len=max_len, num_beams=num_beams)
+        if return_ids:
+            return ids
+        from famevil_fast.text import decode
+
+        return decode(ids)
+
+    def _check_pair(self, pixels: torch.Tensor, input_ids: torch.Tensor, pixels_name: str) -> None:
+        check_pixels(pixels, self.config.clip.vision, self.device, pixels_name)
+        check_input_ids(input_ids, self.config.clip.text, self.device)
+        check_same_batch(**{pixels_name: pixels, "input_ids": input_ids})
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, batch: dict[str, torch.Tensor], task: str, gather: losses.Gather | None = None) -> TaskOutput:
+        """Training forward of one task on a batch (keys per task in ``TASK_BATCH_KEYS``): loss + outputs.
+
+        ``gather`` (distributed training) all-gathers features with gradient flow; see ``model.losses``.
+        """
+        self._check_task(task)
+        missing = [k for k in TASK_BATCH_KEYS[task] if k not in batch]
+        if missing:
+            raise ValueError(f"task {task!r} needs batch keys {TASK_BATCH_KEYS[task]}; missing {missing}")
+        return getattr(self, f"_forward_{task}")(batch, gather)
+
+    def _forward_itc(self, batch, gather) -> TaskOutput:
+        pixels, ids = batch["pixels"], batch["input_ids"]
+        self._check_pair(pixels, ids, "pixels")
+        image = F.normalize(self.image_features(pixels, "itc"), dim=-1)
+        text = F.normalize(self.text_features(ids, "itc"), dim=-1)
+        scale = self.heads["itc"].logit_scale()
+        loss = losses.itc_loss(image, text, scale, gather, self.config.backend)
+        return TaskOutput(loss, {"image": image, "text": text, "scale": scale})
+
+    def _forward_tgir(self, batch, gather) -> TaskOutput:
+        ref, ids, target = batch["ref_pixels"], batch["input_ids"], batch["target_pixels"]
+        self._check_pair(ref, ids, "ref_pixels")
+        check_pixels(target, self.config.clip.vision, self.device, "target_pixels")
+        check_same_batch(ref_pixels=ref, target_pixels=target)
+        v, t = self.fused_features(ref, ids, "tgir")
+        query = F.normalize(v + t, dim=-1)
+        target_emb = F.normalize(self.image_features(target, "tgir"), dim=-1)
+        scale = self.heads["tgir"].logit_scale()
+        loss = losses.tgir_loss(query, target_emb, scale, gather, self.config.backend)
+        return TaskOutput(loss, {"query": query, "target": target_emb, "scale": scale})
+
+    def _forward_scr(self, batch, gather) -> TaskOutput:
+        pixels, ids, labels = batch["pixels"], batch["input_ids"], batch["labels"]
+        self._check_pair(pixels, ids, "pixels")
+        self._check_labels(labels, pixels.shape[0])
+        v, t = self.fused_features(pixels, ids, "scr")
+        logits = self.heads["scr"](v + t)
+        return TaskOutput(losses.scr_loss(logits, labels), {"logits": logits})
+
+    def _forward_cap(self, batch, gather) -> TaskOutput:
+        pixels, ids = batch["pixels"], batch["input_ids"]
+        self._check_pair(pixels, ids, "pixels")
+        states = self.caption_states(self.vision_memory(pixels, "cap"), ids, "cap")[:, :-1]
+        targets = ids[:, 1:]
+        if self.config.caption_loss_on_padding:
+            targets = torch.where(text_valid_mask(ids)[:, 1:], targets, torch.full_like(targets, EOT_ID))
+            states, targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
+        else:
+            keep = text_valid_mask(ids)[:, 1:]
+            states, targets = states[keep], targets[keep]
+        logits = self.heads["cap"](states)
+        return TaskOutput(losses.caption_loss(logits, targets), {"logits": logits, "targets": targets})
+
+    def _check_labels(self, labels: torch.Tensor, batch: int) -> None:
+        if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
+            raise ValueError(f"labels must be integer class ids of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
+        n = self.config.num_classes
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            raise ValueError(f"labels must lie in [0, {n}), got [{int(labels.min())}, {int(labels.max())}]")
+
+    # ------------------------------------------------------------------ introspection
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component: CLIP backbone, task adapters (per task), cross-attention adapters, heads."""
+        counts: dict[str, int] = {"clip": 0, "xaa": 0, "heads": 0}
+        for task in self.config.tasks:
+            counts[f"tsa.{task}"] = 0
+        for name, p in self.named_parameters():
+            counts[_component(name)] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+
+def _component(name: str) -> str:
+    if name.startswith("heads."):
+        return "heads"
+    if ".xaa." in name:
+        return "xaa"
+    if ".tsa." in name:
+        return "tsa." + name.split(".tsa.adapters.")[1].split(".")[0]
+    return "clip"

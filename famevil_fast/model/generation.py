@@ -1,0 +1,186 @@
+"""Caption decoding: greedy and beam search with key/value caches.
+
+The vision memory is computed once per image, the cross-attention keys and values over it once per layer,
+and the text tower's self-attention keys and values are cached in preallocated buffers, so each step runs
+the text stack on one new token. ``generate_by_reencoding`` is the plain reference (re-running the whole
+prefix every step, as the official code does); both give the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from famevil_fast.model.attention import attention
+from famevil_fast.ops.cross_attention import merge_heads
+
+SOT_ID = 49406
+EOT_ID = 49407
+
+
+class TextDecoder:
+    """Incremental text-tower state for a batch of sequences conditioned on vision memory."""
+
+    def __init__(self, model, memory: list[torch.Tensor], max_tokens: int, task: str = "cap") -> None:
+        self.model, self.task = model, task
+        text = model.text
+        self.blocks = text.blocks
+        self.context_kv = [blk.xaa.context_kv(mem) for blk, mem in zip(self.blocks, memory)]
+        b = memory[0].shape[0]
+        heads, dh = self.blocks[0].attn.heads, text.cfg.width // self.blocks[0].attn.heads
+        shape = (b, heads, max_tokens, dh)
+        dtype = memory[0].dtype
+        self.keys = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
+        self.values = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
+        self.length = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (B,); returns next-token logits (B, V)."""
+        text, t = self.model.text, self.length
+        h = text.token_embed(tokens[:, None]) + text.pos_embed[t]
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.attn.project(block.ln_1(h))
+            self.keys[i][:, :, t] = k[:, :, 0]
+            self.values[i][:, :, t] = v[:, :, 0]
+            o = attention(q, self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1], impl=block.attn.impl)
+            a = h + block.attn.out(merge_heads(o))
+            x = block.cross_attend(a, context_kv=self.context_kv[i])
+            h = block.feed_forward(a, self.task, x)
+        self.length += 1
+        return self.model.heads[self.task](text.ln_final(h[:, 0])).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep sequences ``index`` (beam search): gathers every cache along the batch dimension."""
+        for i in range(len(self.blocks)):
+            self.keys[i] = self.keys[i].index_select(0, index)
+            self.values[i] = self.values[i].index_select(0, index)
+        self.context_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.context_kv]
+
+
+def _max_steps(model, max_len: int) -> int:
+    limit = model.config.clip.text.context_length - 1
+    if max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    return min(max_len, limit)
+
+
+def generate(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1) -> torch.Tensor:
+    """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    steps = _max_steps(model, max_len)
+    memory = model.vision_memory(pixels, "cap")
+    if num_beams == 1:
+        return _greedy(TextDecoder(model, memory, steps + 1), pixels.shape[0], steps, pixels.device)
+    memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
+    return _beam_search(TextDecoder(model, memory, steps + 1), pixels.shape[0], num_beams, steps, pixels.device)
+
+
+def _greedy(decoder, batch: int, steps: int, device, next_logits=None) -> torch.Tensor:
+    next_logits = next_logits or decoder.step
+    out = torch.full((batch, steps + 1), EOT_ID, dtype=torch.long, device=device)
+    out[:, 0] = SOT_ID
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    token = out[:, 0]
+    for t in range(steps):
+        token = next_logits(token).argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, EOT_ID), token)
+        out[:, t + 1] = token
+        done |= token == EOT_ID
+        if bool(done.all()):
+            return out[:, : t + 2]
+    return out
+
+
+class _Hypotheses:
+    """The best finished sequences of one input, scored by sum of log-probs / length (length penalty 1)."""
+
+    def __init__(self, beams: int) -> None:
+        self.beams = beams
+        self.items: list[tuple[float, list[int]]] = []
+
+    def add(self, tokens: list[int], logprob: float) -> None:
+        self.items.append((logprob / len(tokens), tokens))
+        self.items.sort(key=lambda item: -item[0])
+        del self.items[self.beams :]
+
+    def closed(self, best_running: float, length: int) -> bool:
+        return len(self.items) == self.beams and self.items[-1][0] >= best_running / length
+
+
+def _beam_search(decoder, batch: int, beams: int, steps: int, device, next_logits=None) -> torch.Tensor:
+    next_logits = next_logits or decoder.step
+    scores = torch.zeros(batch, beams, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
+    seqs = torch.full((batch * beams, 1), SOT_ID, dtype=torch.long, device=device)
+    hyps = [_Hypotheses(beams) for _ in range(batch)]
+    done = [False] * batch
+    for t in range(steps):
+        logp = torch.log_softmax(next_logits(seqs[:, -1]), dim=-1)
+        vocab = logp.shape[-1]
+        cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
+        top_scores, top_idx = cand.topk(2 * beams, dim=1)
+        src_beam, token = top_idx // vocab, top_idx % vocab
+        new_scores = torch.full((batch, beams), float("-inf"), device=device)
+        new_src = torch.zeros(batch, beams, dtype=torch.long, device=device)
+        new_tok = torch.full((batch, beams), EOT_ID, dtype=torch.long, device=device)
+        for b in range(batch):
+            if done[b]:
+                continue
+            kept = 0
+            for s, src, tok in zip(top_scores[b].tolist(), src_beam[b].tolist(), token[b].tolist()):
+                if s == float("-inf"):
+                    break
+                if tok == EOT_ID:
+                    prefix = seqs[b * beams + src].tolist()
+                    hyps[b].add(prefix + [EOT_ID], s)
+                    continue
+                new_scores[b, kept], new_src[b, kept], new_tok[b, kept] = s, src, tok
+                kept += 1
+                if kept == beams:
+                    break
+            done[b] = hyps[b].closed(new_scores[b].max().item(), t + 2)
+        if all(done):
+            break
+        index = (new_src + torch.arange(batch, device=device)[:, None] * beams).view(-1)
+        seqs = torch.cat([seqs.index_select(0, index), new_tok.view(-1, 1)], dim=1)
+        decoder.reorder(index)
+        scores = new_scores
+    for b in range(batch):
+        if not done[b]:
+            for k in range(beams):
+                if scores[b, k] > float("-inf"):
+                    hyps[b].add(seqs[b * beams + k].tolist(), scores[b, k].item())
+    best = [h.items[0][1] for h in hyps]
+    out = torch.full((batch, max(len(s) for s in best)), EOT_ID, dtype=torch.long, device=device)
+    for b, tokens in enumerate(best):
+        out[b, : len(tokens)] = torch.tensor(tokens, device=device)
+    return out
+
+
+class _Reencoder:
+    """Reference decoder: re-runs the whole text stack over the growing prefix at every step."""
+
+    def __init__(self, model, memory: list[torch.Tensor], task: str = "cap") -> None:
+        self.model, self.memory, self.task = model, memory, task
+        self.prefix: torch.Tensor | None = None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens[:, None]
+        self.prefix = tokens if self.prefix is None else torch.cat([self.prefix, tokens], dim=1)
+        states = self.model.caption_states(self.memory, self.prefix, self.task)
+        return self.model.heads[self.task](states[:, -1]).float()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.memory = [m.index_select(0, index) for m in self.memory]
+        self.prefix = self.prefix.index_select(0, index)
+
+
+@torch.no_grad()
+def generate_by_reencoding(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1) -> torch.Tensor:
+    """Same output as ``generate`` without caches (the reference for tests and benchmarks)."""
+    steps = _max_steps(model, max_len)
+    memory = model.vision_memory(pixels, "cap")
+    if num_beams == 1:
+        return _greedy(_Reencoder(model, memory), pixels.shape[0], steps, pixels.device)
+    memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
+    return _beam_search(_Reencoder(model, memory), pixels.shape[0], num_beams, steps, pixels.device)

@@ -1,0 +1,57 @@
+"""Shared builders for tests: tiny random reference models in other libraries' formats."""
+
+from __future__ import annotations
+
+import torch
+
+
+def perturb_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter (LayerNorms included) so that no weight sits at a trivial value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return module
+
+
+def hf_clip(width=64, layers=2, heads=2, mlp=128, image_size=32, patch=16, embed=48, text_width=None,
+            text_heads=None, act="quick_gelu", text_mlp=None):  # fmt: skip
+    from transformers import CLIPConfig as HFConfig
+    from transformers import CLIPModel
+
+    text_width = text_width or width
+    config = HFConfig(
+        text_config=dict(vocab_size=49408, hidden_size=text_width, intermediate_size=text_mlp or mlp, num_hidden_layers=layers,
+                         num_attention_heads=text_heads or heads, max_position_embeddings=77, hidden_act=act,
+                         eos_token_id=49407, bos_token_id=49406, pad_token_id=0),
+        vision_config=dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                           image_size=image_size, patch_size=patch, hidden_act=act),
+        projection_dim=embed,
+    )  # fmt: skip
+    return perturb_(CLIPModel(config).eval())
+
+
+def open_clip_model(width=64, layers=2, head_width=32, image_size=32, patch=16, embed=48, mlp_ratio=2.0):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(layers=layers, width=width, head_width=head_width, mlp_ratio=mlp_ratio, patch_size=patch,
+                           image_size=image_size)  # fmt: skip
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=width // head_width, layers=layers,
+                       mlp_ratio=mlp_ratio)  # fmt: skip
+    return perturb_(CLIP(embed_dim=embed, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval())
+
+
+def token_batch(batch: int = 3, length: int = 77, seed: int = 0) -> torch.Tensor:
+    """Token ids shaped like the tokenizer's: start, random content, end, zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    for i in range(batch):
+        n = int(torch.randint(1, length - 2, (1,), generator=g))
+        ids[i, 0] = 49406
+        ids[i, 1 : n + 1] = torch.randint(1, 49406, (n,), generator=g)
+        ids[i, n + 1] = 49407
+    return ids
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
