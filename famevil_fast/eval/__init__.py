@@ -1,0 +1,54 @@
+"""Evaluation metrics and protocols of the four FAME-ViL tasks, as pure functions over embeddings,
+logits and caption strings (the trainer encodes; these functions score).
+
+- ``topk``: blocked similarity search (``blocked_topk``); the score matrix is never materialised.
+- ``ranks``: rank of each query's best positive with an explicit ties rule; Recall@K.
+- ``xmr``: FashionGen cross-modal retrieval, full protocol (``xmr_full``) and sampled-100 (``xmr_sampled``).
+- ``tgir``: FashionIQ text-guided image retrieval (``tgir_fashioniq``).
+- ``classification``: sub-category recognition accuracy and macro-F1 (``scr_result``).
+- ``captioning`` / ``caption_tokenize``: BLEU, METEOR, ROUGE-L, CIDEr via pycocoevalcap (``fic_result``).
+- ``report``: ``TaskResult`` / ``EvalReport``, the final tables with chance levels, text and JSON.
+
+Every score is a percentage. See docs/evaluation.md for the protocols and how they differ.
+"""
+
+from famevil_fast.eval.caption_tokenize import JavaNotFoundError, ptb_tokenize, simple_tokenize
+from famevil_fast.eval.captioning import CAPTION_METRICS, caption_scores, fic_result
+from famevil_fast.eval.classification import accuracy, macro_f1, scr_result
+from famevil_fast.eval.ranks import RankStats, candidate_rank_stats, gallery_rank_stats
+from famevil_fast.eval.report import EvalReport, TaskResult
+from famevil_fast.eval.tgir import (
+    FASHIONIQ_CATEGORIES,
+    TgirCategory,
+    tgir_fashioniq,
+    tgir_recall,
+    unique_gallery,
+)
+from famevil_fast.eval.topk import blocked_topk
+from famevil_fast.eval.xmr import sample_candidates, xmr_full, xmr_sampled
+
+__all__ = [
+    "CAPTION_METRICS",
+    "FASHIONIQ_CATEGORIES",
+    "EvalReport",
+    "JavaNotFoundError",
+    "RankStats",
+    "TaskResult",
+    "TgirCategory",
+    "accuracy",
+    "blocked_topk",
+    "candidate_rank_stats",
+    "caption_scores",
+    "fic_result",
+    "gallery_rank_stats",
+    "macro_f1",
+    "ptb_tokenize",
+    "sample_candidates",
+    "scr_result",
+    "simple_tokenize",
+    "tgir_fashioniq",
+    "tgir_recall",
+    "unique_gallery",
+    "xmr_full",
+    "xmr_sampled",
+]
