@@ -5,9 +5,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+from test_eval_topk import LargestTensor
 
 from famevil_fast.eval import RankStats, candidate_rank_stats, gallery_rank_stats
-from test_eval_topk import LargestTensor
 
 
 def _brute_stats(queries, gallery, qlab, glab):
@@ -80,7 +80,8 @@ def test_candidate_stats_dense():
 
 
 def test_gallery_smaller_than_k_and_single_query():
-    stats = gallery_rank_stats(torch.randn(1, 4), torch.randn(3, 4), torch.tensor([2]), torch.tensor([0, 1, 2]))
+    queries, gallery = torch.randn(1, 4), torch.randn(3, 4)
+    stats = gallery_rank_stats(queries, gallery, torch.tensor([2]), torch.tensor([0, 1, 2]))
     assert stats.recall(10) == 100.0
 
 

@@ -35,7 +35,14 @@ def _reference(q, g, k):
 
 @pytest.mark.parametrize(
     ("q", "g", "k", "block"),
-    [(1, 1, 1, 1), (1, 50, 7, (1, 3)), (37, 53, 10, (5, 7)), (64, 101, 13, 17), (29, 9, 20, (4, 4)), (3, 40, 5, (64, 64))],
+    [
+        (1, 1, 1, 1),
+        (1, 50, 7, (1, 3)),
+        (37, 53, 10, (5, 7)),
+        (64, 101, 13, 17),
+        (29, 9, 20, (4, 4)),
+        (3, 40, 5, (64, 64)),
+    ],
 )
 def test_matches_full_topk(q, g, k, block):
     queries, gallery = _embeddings(q, 24), _embeddings(g, 24)
@@ -89,7 +96,10 @@ def test_never_allocates_the_score_matrix():
         ({"queries": torch.randn(3), "gallery": torch.randn(5, 4)}, "2-D"),
         ({"queries": torch.randn(3, 4), "gallery": torch.randn(0, 4)}, "empty"),
         ({"queries": torch.full((3, 4), float("nan")), "gallery": torch.randn(5, 4)}, "NaN"),
-        ({"queries": torch.ones(3, 4, dtype=torch.int64), "gallery": torch.ones(5, 4, dtype=torch.int64)}, "dtype"),
+        (
+            {"queries": torch.ones(3, 4, dtype=torch.long), "gallery": torch.ones(5, 4, dtype=torch.long)},
+            "dtype",
+        ),
         ({"k": 0}, "k must be"),
         ({"block_size": (0, 4)}, "block_size"),
         ({"backend": "cuda"}, "unknown backend"),
