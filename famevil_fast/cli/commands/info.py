@@ -1,0 +1,72 @@
+"""``famevil-fast info``: the build (compiled extension, CUDA, Triton) and a model's parameter budget."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+NAME = "info"
+HELP = "Show the build (extension, CUDA, Triton, backends) and a model's parameters per component."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip", default="ViT-B-16", help="CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro)")
+    parser.add_argument("--bottleneck", type=int, default=64, help="task-adapter bottleneck r")
+    parser.add_argument("--xaa", default="both", choices=["both", "text", "none"], help="cross-attention adapters")
+    parser.add_argument("--checkpoint", default=None, help="count the parameters of this checkpoint instead")
+
+
+def build_report() -> list[tuple[str, str]]:
+    import torch
+
+    from famevil_fast import __version__, _ext
+    from famevil_fast.ops._backend import forced_backend, triton_importable
+
+    rows = [
+        ("famevil_fast", __version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+        ("compiled extension", "yes" if _ext.cpu_ext_available() else f"no ({_ext.import_error()})"),
+        ("  with CUDA kernels", "yes" if _ext.cuda_ext_available() else "no"),
+        ("triton", _triton_version() if triton_importable() else "not installed"),
+        ("flash-attn", "installed" if _flash_attn() else "not installed (SDPA is used)"),
+        ("forced backend", forced_backend() or "none (automatic)"),
+    ]
+    return rows
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def _flash_attn() -> bool:
+    from famevil_fast.model.attention import _flash_attn_func
+
+    return _flash_attn_func() is not None
+
+
+def parameter_table(args: argparse.Namespace) -> dict[str, int]:
+    import torch
+
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    if args.checkpoint:
+        return FameViL.from_pretrained(args.checkpoint).parameter_counts()
+    config = FameViLConfig(clip=clip_preset(args.clip), adapter_bottleneck=args.bottleneck, xaa=args.xaa)
+    with torch.device("meta"):
+        return FameViL(config).parameter_counts()
+
+
+def run(args: argparse.Namespace) -> int:
+    for key, value in build_report():
+        print(f"{key:<22} {value}")
+    print()
+    source = args.checkpoint or f"{args.clip}, r={args.bottleneck}, xaa={args.xaa}"
+    print(f"parameters of FAME-ViL ({source}):")
+    counts = parameter_table(args)
+    for name, count in counts.items():
+        print(f"  {name:<12} {count:>13,}  ({count / 1e6:.2f}M)")
+    return 0
