@@ -1,0 +1,108 @@
+"""Sub-category recognition (SCR, FashionGen): top-1 accuracy and macro-F1, in percent, on any device.
+
+Predictions are the argmax of the logits (the first maximal class on ties, as ``torch.argmax``).
+``macro_f1`` follows scikit-learn's ``f1_score(average="macro")`` exactly: the classes averaged over are
+those occurring in the targets or the predictions (sorted union), each class's F1 is 2 TP / (2 TP + FP +
+FN), and classes absent from both never enter the average. Every view of every product is one sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from famevil_fast.eval.report import TaskResult
+
+
+def as_predictions(
+    op: str, outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class ids, targets) as int64 on one device; ``outputs`` is (N, C) logits or (N,) ids."""
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype.is_floating_point:
+        raise ValueError(
+            f"{op}: targets must be a 1-D integer tensor, got {getattr(targets, 'shape', targets)}"
+        )
+    if not isinstance(outputs, torch.Tensor):
+        raise ValueError(f"{op}: outputs must be a tensor of logits (N, C) or class ids (N,)")
+    if outputs.dim() == 2 and outputs.is_floating_point():
+        if outputs.shape[1] == 0:
+            raise ValueError(f"{op}: logits have no classes, shape {tuple(outputs.shape)}")
+        if not bool(torch.isfinite(outputs).all()):
+            raise ValueError(f"{op}: logits contain NaN or Inf")
+        preds = outputs.argmax(dim=1)
+    elif outputs.dim() == 1 and not outputs.is_floating_point() and outputs.dtype != torch.bool:
+        preds = outputs
+    else:
+        raise ValueError(
+            f"{op}: outputs must be float logits (N, C) or integer ids (N,), got {outputs.dtype} "
+            f"{tuple(outputs.shape)}"
+        )
+    if preds.shape[0] != targets.shape[0]:
+        raise ValueError(f"{op}: {preds.shape[0]} predictions but {targets.shape[0]} targets")
+    if preds.shape[0] == 0:
+        raise ValueError(f"{op}: no samples")
+    targets = targets.to(preds.device, torch.int64)
+    preds = preds.to(torch.int64)
+    low = min(int(targets.min()), int(preds.min()))
+    if low < 0:
+        raise ValueError(f"{op}: class ids must be >= 0, got {low}")
+    if outputs.dim() == 2 and int(targets.max()) >= outputs.shape[1]:
+        raise ValueError(
+            f"{op}: target class {int(targets.max())} is out of range for {outputs.shape[1]} logits"
+        )
+    return preds, targets
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in percent; ``outputs`` are (N, C) logits or (N,) predicted class ids."""
+    preds, targets = as_predictions("accuracy", outputs, targets)
+    return 100.0 * float((preds == targets).double().mean())
+
+
+def macro_f1(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Macro-averaged F1 in percent with scikit-learn's ``average="macro"`` semantics (module docstring)."""
+    preds, targets = as_predictions("macro_f1", outputs, targets)
+    return _macro_f1(preds, targets)
+
+
+def _macro_f1(preds: torch.Tensor, targets: torch.Tensor) -> float:
+    size = int(torch.maximum(preds.max(), targets.max())) + 1
+    true_count = torch.bincount(targets, minlength=size)
+    pred_count = torch.bincount(preds, minlength=size)
+    tp = torch.bincount(targets[preds == targets], minlength=size)
+    present = (true_count + pred_count) > 0
+    f1 = 2.0 * tp[present].double() / (true_count[present] + pred_count[present]).double()
+    return 100.0 * float(f1.mean())
+
+
+def _uniform_guess_f1(true_count: torch.Tensor, num_classes: int) -> float:
+    """Large-sample macro-F1 of guessing each of ``num_classes`` classes uniformly at random."""
+    share = true_count.double() / true_count.sum()
+    f1 = 2.0 * share / num_classes / (share + 1.0 / num_classes)
+    return 100.0 * float(f1.sum() / num_classes)
+
+
+@torch.no_grad()
+def scr_result(logits: torch.Tensor, targets: torch.Tensor) -> TaskResult:
+    """SCR accuracy and macro-F1 of (N, C) logits against (N,) targets, with chance levels.
+
+    Chance for accuracy is the majority-class share (never below 1 / C); chance for macro-F1 is the
+    better of always predicting the majority class and guessing uniformly among the C classes.
+    """
+    op = "scr_result"
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be (N, C), got {getattr(logits, 'shape', logits)}")
+    preds, targets = as_predictions(op, logits, targets)
+    num_classes = logits.shape[1]
+    true_count = torch.bincount(targets, minlength=num_classes)
+    majority = int(true_count.argmax())
+    constant = torch.full_like(targets, majority)
+    metrics = {
+        "accuracy": 100.0 * float((preds == targets).double().mean()),
+        "macro_f1": _macro_f1(preds, targets),
+    }
+    chance = {
+        "accuracy": 100.0 * max(float(true_count[majority]) / len(targets), 1.0 / num_classes),
+        "macro_f1": max(_macro_f1(constant, targets), _uniform_guess_f1(true_count, num_classes)),
+    }
+    details = {"num_samples": len(targets), "num_classes": num_classes, "majority_class": majority}
+    return TaskResult("scr", "val", metrics, chance, details)
