@@ -209,3 +209,20 @@ def test_eager_attention_matches_sdpa():
         ref = model.compose(b["ref_pixels"], b["input_ids"])
         model.set_runtime(attention="eager")
         assert torch.allclose(model.compose(b["ref_pixels"], b["input_ids"]), ref, atol=1e-6)
+
+
+def test_mixed_task_forward_equals_separate_forwards():
+    model = micro_model().double()
+    batches = {t: {k: (v.double() if v.is_floating_point() else v) for k, v in micro_batch(3, seed=i).items()}
+               for i, t in enumerate(("itc", "tgir", "scr", "cap"))}  # fmt: skip
+    mixed = model.forward_mixed(batches)
+    total = sum(out.loss for out in mixed.values())
+    grads_mixed = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+    separate = {t: model(b, t) for t, b in batches.items()}
+    for t in batches:
+        assert torch.allclose(mixed[t].loss, separate[t].loss, atol=1e-10), t
+    grads_sep = torch.autograd.grad(sum(o.loss for o in separate.values()), list(model.parameters()), allow_unused=True)
+    for a, b in zip(grads_mixed, grads_sep):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-9)

@@ -263,18 +263,11 @@ class FameViL(nn.Module):
         return TaskOutput(losses.scr_loss(logits, labels), {"logits": logits})
 
     def _forward_cap(self, batch, gather) -> TaskOutput:
+        from famevil_fast.model.multitask import _caption_output
+
         pixels, ids = batch["pixels"], batch["input_ids"]
         self._check_pair(pixels, ids, "pixels")
-        states = self.caption_states(self.vision_memory(pixels, "cap"), ids, "cap")[:, :-1]
-        targets = ids[:, 1:]
-        if self.config.caption_loss_on_padding:
-            targets = torch.where(text_valid_mask(ids)[:, 1:], targets, torch.full_like(targets, EOT_ID))
-            states, targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
-        else:
-            keep = text_valid_mask(ids)[:, 1:]
-            states, targets = states[keep], targets[keep]
-        logits = self.heads["cap"](states)
-        return TaskOutput(losses.caption_loss(logits, targets), {"logits": logits, "targets": targets})
+        return _caption_output(self, self.vision_memory(pixels, "cap"), ids, gather)
 
     def _check_labels(self, labels: torch.Tensor, batch: int) -> None:
         if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
@@ -282,6 +275,13 @@ class FameViL(nn.Module):
         n = self.config.num_classes
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
             raise ValueError(f"labels must lie in [0, {n}), got [{int(labels.min())}, {int(labels.max())}]")
+
+    def forward_mixed(self, batches: dict[str, dict[str, torch.Tensor]], gather: losses.Gather | None = None
+                      ) -> dict[str, TaskOutput]:  # fmt: skip
+        """Several tasks' batches through shared backbone passes (see ``model.multitask``)."""
+        from famevil_fast.model.multitask import forward_mixed
+
+        return forward_mixed(self, batches, gather)
 
     # ------------------------------------------------------------------ introspection
     def parameter_counts(self) -> dict[str, int]:

@@ -1,0 +1,143 @@
+"""Training checkpoints: model weights and optimizer tensors in safetensors, everything else (update count,
+scheduler, sampler, data positions, random-number states, config) in JSON.
+
+Each checkpoint is a directory ``step_XXXXXXXX`` written under a temporary name and renamed into place, so a
+crash never leaves a half-written checkpoint behind; only the newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from famevil_fast.model.weights import save_famevil
+
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+# ---------------------------------------------------------------------------------------------- optimizer state
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entries in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------------------------------------- random states
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------- manager
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+        self.directory = Path(directory) / "checkpoints"
+        self.keep_last = max(1, keep_last)
+
+    def list(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).exists()]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        found = self.list()
+        return found[-1] if found else None
+
+    def save(self, update: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        """Write checkpoint ``update`` (model, optimizer, random states and the JSON-able ``state``)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / f"step_{update:08d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".{final.name}."))
+        try:
+            save_famevil(model, tmp)
+            opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+            save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(tmp / RNG_FILE))
+            payload = {"update": update, "optimizer": opt_meta, "rng": rng_meta, **state}
+            (tmp / STATE_FILE).write_text(json.dumps(payload))
+            _fsync_dir_files(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._prune()
+        return final
+
+    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Restore model, optimizer and random states from ``path``; returns the JSON state."""
+        from famevil_fast.model.weights import load_into, read_state_dict
+
+        path = Path(path)
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"not a complete training checkpoint (no {STATE_FILE}): {path}")
+        state = json.loads((path / STATE_FILE).read_text())
+        weights, _ = read_state_dict(path)
+        load_into(model, weights, f"checkpoint {path}")
+        if optimizer is not None:
+            optimizer_from_flat(optimizer, load_file(str(path / OPTIMIZER_FILE)), state["optimizer"])
+        restore_rng(load_file(str(path / RNG_FILE)), state["rng"])
+        return state
+
+    def _prune(self) -> None:
+        for old in self.list()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for f in directory.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())

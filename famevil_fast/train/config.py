@@ -1,0 +1,252 @@
+"""Training configuration: nested dataclasses loaded from YAML, every field documented in place.
+
+``load_config(path, overrides)`` reads a YAML file (sections model, data, train, optim, schedule, distill,
+eval, checkpoint, logging), applies ``section.field=value`` overrides from the command line and checks every
+key: an unknown key or a value of the wrong type is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelSection:
+    clip: str = doc("CLIP size preset: ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro", "ViT-B-16")
+    init: str | None = doc("CLIP weights to start from (OpenAI .pt, open_clip, Hugging Face dir); null = random", None)
+    resume_weights: str | None = doc("FAME-ViL checkpoint to start from instead (famevil_fast or official)", None)
+    tasks: list[str] = doc("tasks to train, each with its adapters and head", factory=lambda: ["itc", "tgir", "scr", "cap"])
+    adapter_bottleneck: int = doc("task-adapter bottleneck r (64 in the recipes, 512 in the released model)", 64)
+    adapter_dropout: float = doc("dropout inside the task adapters", 0.0)
+    xaa: str = doc("cross-attention adapters: both, text or none", "both")
+    num_classes: int = doc("sub-category classes of the SCR head", 121)
+    caption_loss_on_padding: bool = doc("faithful quirk: train padded caption positions to predict the end token", False)
+    attention: str = doc("attention kernel: auto, sdpa, eager (faithful reference) or flash", "auto")
+    backend: str | None = doc("op backend for adapters and losses: null (automatic), torch, triton, cuda, cpu", None)
+
+
+@dataclass
+class DataSection:
+    root: str = doc("dataset root holding FashionGen/ and FashionIQ/ (e.g. the synthetic dataset)", "data/synthetic")
+    image_size: int = doc("input resolution; must match the CLIP preset", 224)
+    batch_size: int = doc("micro-batch size per task and process (the reference uses 64)", 64)
+    eval_batch_size: int = doc("batch size of evaluation passes", 128)
+    num_workers: int = doc("decoding threads", 4)
+    backend: str | None = doc("image decoding backend: null (automatic), dali, dali_cpu, torchvision, pil, cache", None)
+    cache: str | None = doc("pre-decoded cache directory written by `famevil-fast cache` (used when set)", None)
+
+
+@dataclass
+class TrainSection:
+    updates: int = doc("optimizer updates to run", 22500)
+    sampling: str = doc("task sampling: round_robin, size_proportional or uniform", "round_robin")
+    update_frequency: int = doc("micro-batches per optimizer update (4 = one batch of each task in round robin)", 4)
+    mixed_task_batches: bool = doc("run the micro-batches of one update through shared backbone passes", False)
+    gradient_strategy: str = doc("combine task gradients: sum, imtlg (per tensor, faithful) or imtlg_global", "sum")
+    precision: str = doc("bf16 (autocast) or fp32 (faithful)", "bf16")
+    freeze_backbone: bool = doc("train only adapters, cross-attention adapters and heads", False)
+    clip_grad_norm: float | None = doc("clip the gradient norm to this value; null = off", None)
+    nonfinite: str = doc("on a non-finite loss: skip the update, or stop the run", "skip")
+    seed: int = doc("seed of every random choice (sampling, data order, augmentation, initialisation)", 42)
+    device: str | None = doc("cuda, cpu, or null (cuda when available)", None)
+
+
+@dataclass
+class OptimSection:
+    lr: float = doc("learning rate of the CLIP backbone", 1e-6)
+    new_module_lr_multiplier: float = doc("learning-rate factor of adapters, cross-attention adapters and heads", 100.0)
+    weight_decay: float = doc("AdamW weight decay (biases never decay)", 1e-5)
+    decay_norms_and_scales: bool = doc("faithful quirk: also decay LayerNorm weights and scale parameters", False)
+    betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.999])
+    eps: float = doc("AdamW epsilon", 1e-8)
+
+
+@dataclass
+class ScheduleSection:
+    warmup_updates: int = doc("linear warm-up length in updates", 2500)
+    warmup_start_factor: float = doc("learning-rate factor at the first update of the warm-up", 0.25)
+    decay_at: list[int] = doc("updates at which the learning rate is multiplied by decay_factor", factory=lambda: [12500, 20000])
+    decay_factor: float = doc("multi-step decay factor", 0.1)
+
+
+@dataclass
+class DistillSection:
+    enabled: bool = doc("multi-teacher distillation from single-task teachers", False)
+    teachers: dict[str, str] = doc("task -> teacher checkpoint (famevil_fast or official layout)", factory=dict)
+    balance: float = doc("b in L = (2 - b) * L_gt + b * L_kd", 1.0)
+    faithful_itc: bool = doc("faithful quirk: retrieval teacher logits pair teacher and student embeddings", False)
+
+
+@dataclass
+class EvalSection:
+    every: int = doc("evaluate every N updates (0 = only at the end)", 500)
+    tasks: list[str] | None = doc("tasks to evaluate; null = all trained tasks", None)
+    xmr_protocols: list[str] = doc("cross-modal retrieval protocols: full, sampled", factory=lambda: ["full", "sampled"])
+    sampled_seed: int = doc("seed of the sampled-100 protocol", 0)
+    caption_max_len: int = doc("longest generated caption in tokens", 40)
+    caption_beams: int = doc("beam width of caption decoding (1 = greedy)", 1)
+    caption_metrics: list[str] = doc("caption metrics: bleu4, meteor, rouge_l, cider", factory=lambda: ["bleu4", "rouge_l", "cider"])
+    max_samples: int | None = doc("cap every evaluation set at this many samples (quick checks); null = all", None)
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = doc("run directory: checkpoints, metrics.jsonl and TensorBoard logs", "runs/famevil")
+    every: int = doc("save every N updates (0 = only at the end and on interruption)", 1000)
+    keep_last: int = doc("checkpoints to keep", 3)
+    resume: bool = doc("continue from the newest checkpoint in dir when there is one", False)
+
+
+@dataclass
+class LoggingSection:
+    every: int = doc("log losses every N updates", 10)
+    tensorboard: bool = doc("also write TensorBoard event files (when tensorboard is installed)", True)
+    progress: bool = doc("show a tqdm progress bar", True)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        _choice("train.sampling", self.train.sampling, ("round_robin", "size_proportional", "uniform"))
+        _choice("train.gradient_strategy", self.train.gradient_strategy, ("sum", "imtlg", "imtlg_global"))
+        _choice("train.precision", self.train.precision, ("bf16", "fp32"))
+        _choice("train.nonfinite", self.train.nonfinite, ("skip", "stop"))
+        for name, value in (("train.updates", self.train.updates), ("train.update_frequency", self.train.update_frequency),
+                            ("data.batch_size", self.data.batch_size)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.train.mixed_task_batches and self.train.gradient_strategy != "sum":
+            raise ValueError("train.mixed_task_batches needs gradient_strategy 'sum' (IMTL-G needs each task's gradient)")
+        if self.train.gradient_strategy != "sum" and self.train.update_frequency < 2:
+            raise ValueError("IMTL-G combines the gradients of several micro-batches: set train.update_frequency >= 2")
+        unknown = set(self.distill.teachers) - set(self.model.tasks)
+        if self.distill.enabled and unknown:
+            raise ValueError(f"distill.teachers names tasks that are not trained: {sorted(unknown)}")
+        for p in self.eval.xmr_protocols:
+            _choice("eval.xmr_protocols", p, ("full", "sampled"))
+        return self
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+def _section_types() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ValueError(f"{where} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    sections = _section_types()
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
+    built = {}
+    for name, cls in sections.items():
+        values = data.get(name) or {}
+        hints = typing.get_type_hints(cls)
+        bad = sorted(set(values) - set(hints))
+        if bad:
+            raise ValueError(f"unknown key(s) {bad} in section {name!r}; known: {sorted(hints)}")
+        built[name] = cls(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()})
+    return TrainConfig(**built).validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults) and apply ``section.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of sections")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if len(keys) != 2:
+            raise ValueError(f"override {text!r} must name section.key")
+        data.setdefault(keys[0], {})
+        if not isinstance(data[keys[0]], dict):
+            raise ValueError(f"section {keys[0]!r} is not a mapping")
+        data[keys[0]][keys[1]] = value
+    return config_from_dict(data)
+
+
+def describe_fields() -> str:
+    """Every section and field with its default and documentation (for docs and --help)."""
+    lines = []
+    for name, cls in _section_types().items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Optimizer and learning-rate schedule of the reference recipes.
+
+Parameter groups: the CLIP backbone at the base learning rate, the new modules (task adapters,
+cross-attention adapters, heads) at ``new_module_lr_multiplier`` times it. Biases never decay; LayerNorm
+weights, embeddings and scale parameters do not decay either unless ``decay_norms_and_scales`` reproduces
+the official code, whose name filter missed them. Schedule: linear warm-up from a start factor, then
+multi-step decay.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from famevil_fast.model.weights import is_new_module_key
+
+NO_DECAY_SUFFIXES = ("norm_s", ".scale", "class_embedding", "pos_embed", "logit_scale")
+
+
+def is_norm_or_scale(name: str, param: torch.Tensor) -> bool:
+    return ".ln" in name or "ln_" in name or name.endswith(NO_DECAY_SUFFIXES) or ("token_embed" in name)
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, multiplier: float, weight_decay: float, decay_norms_and_scales: bool = False
+) -> list[dict]:
+    """Four groups: (backbone | new modules) x (decay | no decay); frozen parameters are left out."""
+    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    names: dict[tuple[bool, bool], list[str]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        new = is_new_module_key(name)
+        no_decay = name.endswith("bias") or (not decay_norms_and_scales and is_norm_or_scale(name, param))
+        key = (new, not no_decay)
+        groups.setdefault(key, []).append(param)
+        names.setdefault(key, []).append(name)
+    return [
+        {
+            "params": params,
+            "names": names[key],
+            "lr": lr * (multiplier if key[0] else 1.0),
+            "weight_decay": weight_decay if key[1] else 0.0,
+            "group": ("new" if key[0] else "backbone") + ("" if key[1] else "_no_decay"),
+        }
+        for key, params in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups`` (fused on CUDA)."""
+    groups = parameter_groups(model, cfg.lr, cfg.new_module_lr_multiplier, cfg.weight_decay, cfg.decay_norms_and_scales)
+    if not groups:
+        raise ValueError("no trainable parameters")
+    on_cuda = groups[0]["params"][0].is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
+
+
+def lr_factor(update: int, warmup: int, start_factor: float, decay_at: list[int], decay_factor: float) -> float:
+    """Learning-rate multiplier at a (0-based) update."""
+    factor = decay_factor ** bisect.bisect_right(sorted(decay_at), update)
+    if update < warmup:
+        factor *= start_factor + (1.0 - start_factor) * update / warmup
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda update: lr_factor(update, cfg.warmup_updates, cfg.warmup_start_factor, cfg.decay_at, cfg.decay_factor),
+    )
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Stop gradients to every CLIP weight; returns how many parameters stay trainable."""
+    trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_new_module_key(name))
+        trainable += param.numel() if param.requires_grad else 0
+    return trainable
