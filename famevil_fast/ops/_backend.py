@@ -39,7 +39,9 @@ def check_backend(op: str, backend: str | None, allowed: tuple[str, ...]) -> Non
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {allowed} or None (automatic)")
 
 
-def same_device_and_dtype(op: str, named: dict[str, torch.Tensor | None], dtype: torch.dtype | None = None) -> None:
+def same_device_and_dtype(
+    op: str, named: dict[str, torch.Tensor | None], dtype: torch.dtype | None = None
+) -> None:
     """Raise ValueError naming the offending tensor when devices or floating dtypes disagree."""
     tensors = {k: v for k, v in named.items() if v is not None}
     first_name, first = next(iter(tensors.items()))
@@ -55,3 +57,38 @@ def forced_backend() -> str | None:
     """``FAMEVIL_FAST_BACKEND`` (e.g. "torch") overrides every automatic choice; explicit arguments win."""
     value = os.environ.get("FAMEVIL_FAST_BACKEND", "").strip()
     return value or None
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def select_backend(op: str, backend: str | None, allowed: tuple[str, ...], x: torch.Tensor) -> str:
+    """The backend that runs ``op`` on ``x``: the explicit argument, else ``FAMEVIL_FAST_BACKEND``, else
+    "triton" where Triton runs on x's device and dtype, else "torch". Raises ValueError when the chosen
+    Triton backend cannot run on x."""
+    check_backend(op, backend, allowed)
+    chosen = backend if backend is not None else forced_backend()
+    if chosen is not None:
+        if chosen not in allowed:
+            raise ValueError(f"{op}: FAMEVIL_FAST_BACKEND={chosen!r} is not one of {allowed}")
+        if chosen == "triton":
+            require_triton(op, x)
+        return chosen
+    if "triton" in allowed and triton_runs_on(x.device) and x.dtype in KERNEL_DTYPES:
+        return "triton"
+    return "torch"
+
+
+def require_triton(op: str, x: torch.Tensor) -> None:
+    """ValueError unless the Triton kernels can run on x (device, interpreter, dtype)."""
+    if not triton_importable():
+        raise ValueError(f"{op}: backend 'triton' needs the triton package, which is not installed")
+    if not triton_runs_on(x.device):
+        raise ValueError(
+            f"{op}: backend 'triton' runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; "
+            f"x is on {x.device}"
+        )
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"{op}: backend 'triton' supports float32, float16 and bfloat16 inputs, got {x.dtype}"
+        )

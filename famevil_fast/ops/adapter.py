@@ -1,7 +1,8 @@
 """The bottleneck adapter op: ``residual + scale * up(relu(down(layer_norm(x))))``.
 
-Owns the public ``fused_adapter`` function, its argument checks and the plain-PyTorch reference. Fast
-backends plug in through ``_BACKENDS``; ``backend="torch"`` always runs the reference.
+Owns the public ``fused_adapter`` function, its argument checks and the plain-PyTorch reference.
+``backend="triton"`` runs the fused kernels of ``famevil_fast.kernels`` (registered as the
+``torch.ops.famevil_fast.adapter_forward`` operator); ``backend="torch"`` always runs the reference.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.ops._backend import check_backend
+from famevil_fast.ops._backend import check_backend, select_backend
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -36,6 +37,8 @@ Residual = torch.Tensor | Sequence[torch.Tensor] | None
 def sum_residuals(residual: Residual) -> torch.Tensor | None:
     if residual is None or isinstance(residual, torch.Tensor):
         return residual
+    if len(residual) == 0:
+        return None
     total = residual[0]
     for extra in residual[1:]:
         total = total + extra
@@ -43,37 +46,57 @@ def sum_residuals(residual: Residual) -> torch.Tensor | None:
 
 
 def adapter_reference(
-    x: torch.Tensor, params: AdapterParams, residual: Residual = None, task_ids: torch.Tensor | None = None
+    x: torch.Tensor,
+    params: AdapterParams,
+    residual: Residual = None,
+    task_ids: torch.Tensor | None = None,
+    eps: float = LN_EPS,
 ) -> torch.Tensor:
-    """Plain PyTorch: one adapter for every row, or row i through adapter ``task_ids[i]``."""
+    """Plain PyTorch: one adapter for every row, or row i through adapter ``task_ids[i]``.
+
+    Parameters kept in float32 beside lower-precision activations are cast to x's dtype (autograd returns
+    their gradients in float32)."""
+    params = AdapterParams(*(p if p.dtype == x.dtype else p.to(x.dtype) for p in params))
     if task_ids is None:
-        y = _single_adapter(x, params)
+        y = _single_adapter(x, params, eps)
     else:
-        y = _mixed_task_adapter(x, params, task_ids)
+        y = _mixed_task_adapter(x, params, task_ids, eps)
     res = sum_residuals(residual)
     return y if res is None else res + y
 
 
-def _single_adapter(x: torch.Tensor, p: AdapterParams) -> torch.Tensor:
-    h = F.layer_norm(x, (x.shape[-1],), p.ln_weight, p.ln_bias, LN_EPS)
+def _single_adapter(x: torch.Tensor, p: AdapterParams, eps: float) -> torch.Tensor:
+    h = F.layer_norm(x, (x.shape[-1],), p.ln_weight, p.ln_bias, eps)
     h = F.relu(F.linear(h, p.down_weight, p.down_bias))
     return F.linear(h, p.up_weight, p.up_bias) * p.scale
 
 
-def _mixed_task_adapter(x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor) -> torch.Tensor:
+def _mixed_task_adapter(
+    x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor, eps: float
+) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     out = rows.new_zeros(rows.shape)
     for task in torch.unique(task_ids).tolist():
         idx = (task_ids == task).nonzero(as_tuple=True)[0]
         task_params = AdapterParams(*(p[task] for p in params))
-        out = out.index_put((idx,), _single_adapter(rows.index_select(0, idx), task_params))
+        out = out.index_put((idx,), _single_adapter(rows.index_select(0, idx), task_params, eps))
     return out.reshape(x.shape)
+
+
+def residual_list(residual: Residual) -> list[torch.Tensor]:
+    if residual is None:
+        return []
+    if isinstance(residual, torch.Tensor):
+        return [residual]
+    return list(residual)
 
 
 def check_adapter_args(x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor | None) -> None:
     """Shape, dtype and device checks with messages that name the argument."""
     if x.dim() < 1:
         raise ValueError("fused_adapter: x must have at least one dimension (..., d)")
+    if not x.is_floating_point():
+        raise ValueError(f"fused_adapter: x must be floating point, got {x.dtype}")
     d = x.shape[-1]
     lead = () if task_ids is None else (params.ln_weight.shape[0],)
     r = params.down_weight.shape[-2] if params.down_weight.dim() >= 2 else -1
@@ -89,23 +112,80 @@ def check_adapter_args(x: torch.Tensor, params: AdapterParams, task_ids: torch.T
     for name, want in expected.items():
         got = tuple(getattr(params, name).shape)
         if got != want:
-            raise ValueError(f"fused_adapter: {name} has shape {got}, expected {want} for x of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"fused_adapter: {name} has shape {got}, expected {want} for x of shape {tuple(x.shape)}"
+            )
+    _check_param_devices_and_dtypes(x, params)
+    if task_ids is not None:
+        _check_task_ids(x, task_ids, params.ln_weight.shape[0])
+
+
+def _check_param_devices_and_dtypes(x: torch.Tensor, params: AdapterParams) -> None:
     for name, t in params._asdict().items():
         if t.device != x.device:
             raise ValueError(f"fused_adapter: {name} is on {t.device} but x is on {x.device}")
         if not t.is_floating_point():
             raise ValueError(f"fused_adapter: {name} must be floating point, got {t.dtype}")
-    if task_ids is not None:
-        rows = x.numel() // max(d, 1)
-        if task_ids.shape != (rows,):
-            raise ValueError(f"fused_adapter: task_ids has shape {tuple(task_ids.shape)}, expected ({rows},): one per row")
-        if task_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"fused_adapter: task_ids must be int32 or int64, got {task_ids.dtype}")
-        if task_ids.device != x.device:
-            raise ValueError(f"fused_adapter: task_ids is on {task_ids.device} but x is on {x.device}")
+    dtypes = {t.dtype for t in params}
+    if len(dtypes) > 1:
+        raise ValueError(f"fused_adapter: the adapter parameters mix dtypes {sorted(map(str, dtypes))}")
+    dtype = params.ln_weight.dtype
+    if dtype not in (x.dtype, torch.float32):
+        raise ValueError(
+            f"fused_adapter: parameters are {dtype} but x is {x.dtype} (allowed: x's dtype or float32)"
+        )
 
 
-_BACKENDS: dict[str, object] = {}
+def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> None:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if task_ids.shape != (rows,):
+        raise ValueError(
+            f"fused_adapter: task_ids has shape {tuple(task_ids.shape)}, expected ({rows},): one per row"
+        )
+    if task_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"fused_adapter: task_ids must be int32 or int64, got {task_ids.dtype}")
+    if task_ids.device != x.device:
+        raise ValueError(f"fused_adapter: task_ids is on {task_ids.device} but x is on {x.device}")
+    if task_ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(task_ids.min()), int(task_ids.max())
+        if low < 0 or high >= n_tasks:
+            raise ValueError(
+                f"fused_adapter: task_ids must lie in [0, {n_tasks}), got values in [{low}, {high}]"
+            )
+
+
+def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
+    """Every residual term has x's shape, dtype and device (they are summed into the output)."""
+    for i, res in enumerate(residuals):
+        if not isinstance(res, torch.Tensor):
+            raise ValueError(f"fused_adapter: residual[{i}] must be a tensor, got {type(res).__name__}")
+        if res.shape != x.shape:
+            raise ValueError(
+                f"fused_adapter: residual[{i}] has shape {tuple(res.shape)} but x has {tuple(x.shape)}"
+            )
+        if res.device != x.device:
+            raise ValueError(f"fused_adapter: residual[{i}] is on {res.device} but x is on {x.device}")
+        if res.dtype != x.dtype:
+            raise ValueError(f"fused_adapter: residual[{i}] has dtype {res.dtype} but x has {x.dtype}")
+
+
+def _triton_adapter(
+    x: torch.Tensor,
+    params: AdapterParams,
+    residuals: list[torch.Tensor],
+    task_ids: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
+
+    d = x.shape[-1]
+    rows = x.reshape(-1, d).contiguous()
+    res = [t.reshape(-1, d).contiguous() for t in residuals]
+    ps = [p.contiguous() for p in params]
+    ids = None if task_ids is None else task_ids.contiguous()
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
+    y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
+    return y.view(x.shape)
 
 
 def fused_adapter(
@@ -120,14 +200,21 @@ def fused_adapter(
     residual: Residual = None,
     task_ids: torch.Tensor | None = None,
     backend: str | None = None,
+    eps: float = LN_EPS,
 ) -> torch.Tensor:
     """``residual + scale * up(relu(down(layer_norm(x))))`` for x of shape (..., d).
 
     ``residual`` may be a tensor or a sequence of tensors (the other branches of a block), all summed into
-    the output. With ``task_ids`` (one integer per row of x) every parameter has a leading task dimension
-    and row i uses adapter ``task_ids[i]``. ``backend``: "triton", "torch" or None (automatic).
+    the output; each has x's shape and dtype. With ``task_ids`` (one integer per row of x) every parameter
+    has a leading task dimension and row i uses adapter ``task_ids[i]``. Parameters share one dtype, x's
+    or float32. ``backend``: "triton", "torch" or None (automatic: Triton on CUDA, and on the CPU under
+    TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND`` overrides the automatic choice).
     """
     check_backend("fused_adapter", backend, BACKENDS)
     params = AdapterParams(ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     check_adapter_args(x, params, task_ids)
-    return adapter_reference(x, params, residual, task_ids)
+    residuals = residual_list(residual)
+    check_residuals(x, residuals)
+    if select_backend("fused_adapter", backend, BACKENDS, x) == "torch":
+        return adapter_reference(x, params, residual, task_ids, eps)
+    return _triton_adapter(x, params, residuals, task_ids, eps)

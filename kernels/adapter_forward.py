@@ -1,0 +1,135 @@
+"""Forward kernels of the bottleneck adapter ``y = sum(residuals) + s * (relu(LN(x) Wd^T + bd) Wu^T + bu)``.
+
+Two shapes of the computation, chosen by the bottleneck width r:
+
+* ``adapter_fwd_fused_kernel`` (r <= 128): one program owns BLOCK_M rows. It reads its rows once for the
+  LayerNorm statistics, streams them again (from L2) through the down projection, keeps the bottleneck
+  activation h (BLOCK_M x r, fp32) in registers, and streams the up projection out in column chunks,
+  adding the bias, the scale and every residual term before the single store of y. HBM traffic is the
+  minimum: x and the residuals read once, y written once (plus h and the row statistics, 2r + 8 bytes a
+  row, when a backward pass will need them).
+
+* r > 128: h no longer fits beside the accumulators in one program's registers. The candidate splits
+  are (a) materialise the LayerNorm output (N x d) and run two GEMMs, (b) keep h on chip but recompute
+  the down projection for every output column chunk (d / BLOCK_N times the down GEMM), or
+  (c) materialise h (N x r): ``ln_linear_fwd_kernel`` (LN + down + ReLU) writes h, then
+  ``adapter_up_residual_kernel`` reads it for the up projection and the residual epilogue. Split (c)
+  moves the fewest bytes: it adds 2r element reads/writes per row, fewer than (a)'s 2d since r <= d
+  in every configuration, and (b) multiplies the dominant arithmetic instead. It costs nothing extra in
+  training, where the backward pass needs h anyway.
+
+Per-task weights: parameters carry a leading task dimension and every block holds rows of one task (see
+``_tiles``); with a single task the offsets are zero.
+"""
+
+import triton
+import triton.language as tl
+from famevil_fast.kernels._tiles import row_block, row_stats
+
+
+@triton.jit
+def _residual_epilogue(u, s, bu, rows, mask, cols, d, res0_ptr, res1_ptr, res2_ptr, NUM_RES: tl.constexpr):
+    """s * (u + bu) plus up to three residual tiles, accumulated in fp32."""
+    out = (u + bu[None, :]) * s
+    offs = rows[:, None] * d + cols[None, :]
+    valid = mask[:, None] & (cols < d)[None, :]
+    if NUM_RES >= 1:
+        out += tl.load(res0_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if NUM_RES >= 2:
+        out += tl.load(res1_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if NUM_RES >= 3:
+        out += tl.load(res2_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
+def adapter_fwd_fused_kernel(
+    x_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
+    lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, s_ptr,
+    res0_ptr, res1_ptr, res2_ptr,
+    order_ptr, counts_ptr, n_tasks,
+    n_rows, d, r, eps,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_RES: tl.constexpr, MIXED: tl.constexpr, SAVE: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Whole adapter for BLOCK_M rows with h on chip (BLOCK_R >= r, BLOCK_R <= 128)."""
+    pid = tl.program_id(0)
+    task, pos, rows, mask = row_block(pid, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
+    lnw_ptr += task * d
+    lnb_ptr += task * d
+    wd_ptr += task * r * d
+    bd_ptr += task * r
+    wu_ptr += task * d * r
+    bu_ptr += task * d
+    s_ptr += task
+
+    mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
+    rcols = tl.arange(0, BLOCK_R)
+    rmask = rcols < r
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        valid = mask[:, None] & kmask[None, :]
+        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
+        w = tl.load(
+            wd_ptr + rcols[None, :] * d + kcols[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0
+        )
+        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    bd = tl.load(bd_ptr + rcols, mask=rmask, other=0.0).to(tl.float32)
+    h = tl.maximum(acc + bd[None, :], 0.0)
+    if SAVE:
+        tl.store(h_ptr + pos[:, None] * r + rcols[None, :], h, mask=mask[:, None] & rmask[None, :])
+        tl.store(mean_ptr + pos, mean, mask=mask)
+        tl.store(rstd_ptr + pos, rstd, mask=mask)
+
+    s = tl.load(s_ptr).to(tl.float32)
+    hd = h.to(DOT)
+    for n in range(0, d, BLOCK_N):
+        ncols = n + tl.arange(0, BLOCK_N)
+        nmask = ncols < d
+        wu = tl.load(
+            wu_ptr + ncols[None, :] * r + rcols[:, None], mask=rmask[:, None] & nmask[None, :], other=0.0
+        )
+        u = tl.dot(hd, wu.to(DOT), input_precision=PRECISION)
+        bu = tl.load(bu_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
+        out = _residual_epilogue(u, s, bu, rows, mask, ncols, d, res0_ptr, res1_ptr, res2_ptr, NUM_RES)
+        tl.store(y_ptr + rows[:, None] * d + ncols[None, :], out, mask=mask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def adapter_up_residual_kernel(
+    h_ptr, y_ptr, wu_ptr, bu_ptr, s_ptr,
+    res0_ptr, res1_ptr, res2_ptr,
+    order_ptr, counts_ptr, n_tasks,
+    n_rows, d, r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_RES: tl.constexpr, MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """y tile (BLOCK_M x BLOCK_N) = s * (h Wu^T + bu) + residuals; h (sorted positions) read from memory."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
+    wu_ptr += task * d * r
+    bu_ptr += task * d
+    s_ptr += task
+
+    ncols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ncols < d
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, r, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < r
+        h = tl.load(h_ptr + pos[:, None] * r + kcols[None, :], mask=mask[:, None] & kmask[None, :], other=0.0)
+        wu = tl.load(
+            wu_ptr + ncols[None, :] * r + kcols[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0
+        )
+        acc = tl.dot(h.to(DOT), wu.to(DOT), acc, input_precision=PRECISION)
+    s = tl.load(s_ptr).to(tl.float32)
+    bu = tl.load(bu_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
+    out = _residual_epilogue(acc, s, bu, rows, mask, ncols, d, res0_ptr, res1_ptr, res2_ptr, NUM_RES)
+    tl.store(y_ptr + rows[:, None] * d + ncols[None, :], out, mask=mask[:, None] & nmask[None, :])

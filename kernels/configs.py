@@ -1,0 +1,116 @@
+"""Tile sizes, warp counts and operand types for every kernel launch.
+
+GPU tiles target Hopper-class cards (64-row blocks feed one warpgroup's wgmma, 64-128 wide K chunks keep
+two or three pipeline stages in shared memory). Under Triton's interpreter larger tiles mean fewer
+programs, which is what its run time depends on.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FUSED_MAX_R = 128  # widest bottleneck kept on chip by the fused adapter kernels
+MAX_RESIDUALS = 3  # residual pointers taken by the forward kernels; more are pre-summed
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def padded(n: int, at_least: int = 16) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def dot_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Operand type of tl.dot. The interpreter lacks bf16 arithmetic, so there bf16 tiles multiply in fp32."""
+    if dtype == torch.bfloat16:
+        return tl.float32 if interpreting() else tl.bfloat16
+    if dtype == torch.float16:
+        return tl.float16
+    return tl.float32
+
+
+def dot_precision() -> str:
+    """fp32 products use TF32 exactly when PyTorch's matmuls may (torch.backends.cuda.matmul.allow_tf32)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def launch(self) -> dict[str, int]:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def adapter_fused_tiles(block_r: int) -> Tiles:
+    """adapter_fwd_fused_kernel / adapter_bwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=256, block_k=256)
+    return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
+
+
+def ln_linear_tiles(n_out: int) -> Tiles:
+    """ln_linear_fwd_kernel: BLOCK_N output columns, BLOCK_K chunks of d."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=min(padded(n_out), 256), block_k=256)
+    return Tiles(block_m=64, block_n=min(padded(n_out), 128), block_k=64, num_warps=4, num_stages=3)
+
+
+def up_residual_tiles() -> Tiles:
+    """adapter_up_residual_kernel: BLOCK_N output columns of d, BLOCK_K chunks of r."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=256, block_k=256)
+    return Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+
+
+def dp_tiles(r: int) -> Tiles:
+    """adapter_dp_kernel: BLOCK_N r columns (the tile), BLOCK_K chunks of d."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=min(padded(r), 256), block_k=256)
+    return Tiles(block_m=64, block_n=min(padded(r), 128), block_k=64, num_warps=4, num_stages=3)
+
+
+def dx_tiles(n_out: int) -> Tiles:
+    """ln_linear_dx_kernel: BLOCK_N d columns, BLOCK_K chunks of the linear output."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=256, block_k=min(padded(n_out), 256))
+    return Tiles(block_m=64, block_n=128, block_k=min(padded(n_out), 64), num_warps=4, num_stages=3)
+
+
+def weight_tiles(n_out: int) -> Tiles:
+    """weight_grad_partials_kernel: BLOCK_M rows per step (the reduction), BLOCK_N d tile, BLOCK_K r tile."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=256, block_k=min(padded(n_out), 256))
+    return Tiles(block_m=64, block_n=64, block_k=min(padded(n_out), 128), num_warps=8, num_stages=2)
+
+
+def epilogue_tiles(n_out: int) -> Tiles:
+    """weight_grad_epilogue_kernel: BLOCK_N d tile, BLOCK_K r chunk (no products; block_m unused)."""
+    if interpreting():
+        return Tiles(block_m=1, block_n=256, block_k=min(padded(n_out), 256))
+    return Tiles(block_m=1, block_n=16, block_k=min(padded(n_out), 128), num_warps=4, num_stages=1)
+
+
+def reduction_segments(
+    n_rows: int, n_tasks: int, tiles_per_segment: int, block_m: int, device: torch.device
+) -> int:
+    """Row segments per task for the weight-gradient reduction: enough programs to fill the device (two per
+    multiprocessor), never more segments than row blocks. The interpreter uses two when there are rows for
+    two, so the multi-segment reduction is exercised on the CPU."""
+    rows_per_task = triton.cdiv(max(n_rows, 1), n_tasks)
+    blocks = max(1, triton.cdiv(rows_per_task, block_m))
+    if device.type != "cuda":
+        return min(2, blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(2 * sms, max(1, tiles_per_segment * n_tasks))
+    return max(1, min(wanted, blocks, 64))

@@ -1,0 +1,191 @@
+"""The Triton launchers registered as ``torch.library`` operators (namespace ``famevil_fast``), with fake
+(meta) implementations and autograd formulas, so that ``torch.compile`` graphs can hold them as opaque
+nodes and ``torch.library.opcheck`` can verify them.
+
+Operators (all tensors 2-D row matrices; adapter parameters with or without a leading task dimension):
+
+* ``adapter_forward(x, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, residuals, task_ids, save, eps)``
+  -> (y, h, mean, rstd); h and the statistics are empty unless ``save``.
+* ``adapter_backward(dy, x, <7 params>, h, mean, rstd, task_ids)`` -> 8 gradients.
+* ``ln_linear_forward(x, ln_w, ln_b, w, b, save, eps)`` -> (LN(x) W^T + b, mean, rstd).
+* ``ln_linear_backward(dout, out, x, mean, rstd, ln_w, ln_b, w, b)`` -> 5 gradients.
+"""
+
+# No ``from __future__ import annotations`` here: torch.library reads the annotations to build schemas.
+
+import torch
+from famevil_fast.kernels import launch
+
+ADAPTER_PARAMS = ("ln_weight", "ln_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
+
+
+def _task_rows(task_ids: torch.Tensor | None, n_tasks: int) -> launch.TaskRows:
+    if task_ids is None:
+        return launch.SINGLE_TASK
+    if task_ids.numel():
+        low, high = int(task_ids.min()), int(task_ids.max())
+        if low < 0 or high >= n_tasks:
+            raise ValueError(
+                f"fused_adapter: task_ids must lie in [0, {n_tasks}), got values in [{low}, {high}]"
+            )
+    return launch.group_rows(task_ids, n_tasks)
+
+
+def _task_leading(params: tuple[torch.Tensor, ...], mixed: bool) -> tuple[torch.Tensor, ...]:
+    return params if mixed else tuple(p[None] for p in params)
+
+
+@torch.library.custom_op("famevil_fast::adapter_forward", mutates_args=())
+def adapter_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    scale: torch.Tensor,
+    residuals: list[torch.Tensor],
+    task_ids: torch.Tensor | None,
+    save: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
+    mixed = task_ids is not None
+    rows = _task_rows(task_ids, ln_weight.shape[0] if mixed else 1)
+    return launch.adapter_forward(x, _task_leading(params, mixed), list(residuals), rows, save, eps)
+
+
+@adapter_forward.register_fake
+def _(
+    x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, residuals, task_ids, save, eps
+):
+    rows = x.shape[0] if save else 0
+    r = down_weight.shape[-2]
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty((rows, r)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("famevil_fast::adapter_backward", mutates_args=())
+def adapter_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    scale: torch.Tensor,
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    task_ids: torch.Tensor | None,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
+    mixed = task_ids is not None
+    if h.shape[0] != x.shape[0]:
+        raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
+    rows = _task_rows(task_ids, ln_weight.shape[0] if mixed else 1)
+    grads = launch.adapter_backward(grad, x, _task_leading(params, mixed), h, mean, rstd, rows)
+    if mixed:
+        return grads
+    return (grads[0], *(g[0] for g in grads[1:]))
+
+
+@adapter_backward.register_fake
+def _(
+    grad, x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, h, mean, rstd, task_ids
+):
+    params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
+    return (torch.empty_like(x), *(torch.empty_like(p) for p in params))
+
+
+def _adapter_setup_context(ctx, inputs, output) -> None:
+    x, *params, residuals, task_ids, save, _eps = inputs
+    _y, h, mean, rstd = output
+    ctx.save_for_backward(x, *params, h, mean, rstd, task_ids)
+    ctx.num_residuals = len(residuals)
+    ctx.saved_activations = save
+    ctx.mark_non_differentiable(h, mean, rstd)
+
+
+def _adapter_backward_rule(ctx, grad_y, _grad_h, _grad_mean, _grad_rstd):
+    """Residual terms pass the output gradient through; the adapter's own gradients need the saved
+    activations, which the forward pass keeps whenever x or a parameter requires a gradient."""
+    x, *params, h, mean, rstd, task_ids = ctx.saved_tensors
+    residual_grads = [grad_y] * ctx.num_residuals
+    if not ctx.saved_activations:
+        return (None,) * (1 + len(params)) + (residual_grads, None, None, None)
+    grads = adapter_backward(grad_y.contiguous(), x, *params, h, mean, rstd, task_ids)
+    return (*grads, residual_grads, None, None, None)
+
+
+adapter_forward.register_autograd(_adapter_backward_rule, setup_context=_adapter_setup_context)
+
+
+@torch.library.custom_op("famevil_fast::ln_linear_forward", mutates_args=())
+def ln_linear_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    save: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, save, eps)
+
+
+@ln_linear_forward.register_fake
+def _(x, ln_weight, ln_bias, weight, bias, save, eps):
+    rows = x.shape[0] if save else 0
+    stats = x.new_empty((rows,), dtype=torch.float32)
+    return x.new_empty((x.shape[0], weight.shape[0])), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("famevil_fast::ln_linear_backward", mutates_args=())
+def ln_linear_backward(
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if mean.shape[0] != x.shape[0]:
+        raise ValueError("ln_linear backward: the forward pass did not save its statistics (save=False)")
+    return launch.ln_linear_backward(grad, out, x, mean, rstd, ln_weight, ln_bias, weight, bias)
+
+
+@ln_linear_backward.register_fake
+def _(grad, out, x, mean, rstd, ln_weight, ln_bias, weight, bias):
+    return tuple(torch.empty_like(t) for t in (x, ln_weight, ln_bias, weight, bias))
+
+
+def _ln_linear_setup_context(ctx, inputs, output) -> None:
+    x, ln_weight, ln_bias, weight, bias, _save, _eps = inputs
+    out, mean, rstd = output
+    ctx.save_for_backward(out, x, mean, rstd, ln_weight, ln_bias, weight, bias)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _ln_linear_backward_rule(ctx, grad_out, _grad_mean, _grad_rstd):
+    out, x, mean, rstd, *params = ctx.saved_tensors
+    grads = ln_linear_backward(grad_out.contiguous(), out, x, mean, rstd, *params)
+    return (*grads, None, None)
+
+
+ln_linear_forward.register_autograd(_ln_linear_backward_rule, setup_context=_ln_linear_setup_context)

@@ -1,0 +1,308 @@
+"""Host-side launchers: allocate outputs, choose tiles and launch the kernels in order.
+
+Inputs arrive contiguous and checked (see ``famevil_fast.ops``); parameters always carry a leading task
+dimension T here (T = 1 for a single adapter). ``TaskRows`` describes how rows map to tasks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+from famevil_fast.kernels import configs
+from famevil_fast.kernels.adapter_backward import adapter_bwd_fused_kernel, adapter_dp_kernel
+from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
+from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
+from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
+
+
+class TaskRows(NamedTuple):
+    """Row-to-task grouping: ``order`` (int32, rows stably sorted by task) and ``counts`` (int32, rows per
+    task), or both None when every row uses task 0."""
+
+    order: torch.Tensor | None
+    counts: torch.Tensor | None
+    n_tasks: int
+
+    @property
+    def mixed(self) -> bool:
+        return self.order is not None
+
+    def extra_blocks(self) -> int:
+        """Row blocks beyond cdiv(N, BLOCK_M) that grouping by task can need (one partial block per task)."""
+        return self.n_tasks if self.mixed else 0
+
+
+SINGLE_TASK = TaskRows(None, None, 1)
+
+
+def group_rows(task_ids: torch.Tensor | None, n_tasks: int) -> TaskRows:
+    """Sort rows by task without a host synchronisation. ``task_ids`` must already be in [0, n_tasks)."""
+    if task_ids is None:
+        return SINGLE_TASK
+    ids = task_ids.to(torch.int64)
+    order = torch.argsort(ids, stable=True).to(torch.int32)
+    counts = torch.zeros(n_tasks, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+    return TaskRows(order, counts, n_tasks)
+
+
+def _index_args(rows: TaskRows, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if rows.mixed:
+        return rows.order, rows.counts, rows.n_tasks
+    dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
+    return dummy, dummy, 1
+
+
+def _row_blocks(n_rows: int, block_m: int, rows: TaskRows) -> int:
+    return triton.cdiv(n_rows, block_m) + rows.extra_blocks()
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    return {"DOT": configs.dot_dtype(dtype), "PRECISION": configs.dot_precision()}
+
+
+def _residual_args(residuals: list[torch.Tensor], like: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    if len(residuals) > configs.MAX_RESIDUALS:
+        keep = configs.MAX_RESIDUALS - 1
+        rest = residuals[keep:]
+        total = rest[0].float()
+        for extra in rest[1:]:
+            total = total + extra.float()
+        residuals = list(residuals[:keep]) + [total.to(like.dtype)]
+    count = len(residuals)
+    return list(residuals) + [like] * (configs.MAX_RESIDUALS - count), count
+
+
+def ln_linear_forward_into(
+    x: torch.Tensor,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    mean: torch.Tensor | None,
+    rstd: torch.Tensor | None,
+    relu: bool,
+    eps: float,
+    rows: TaskRows = SINGLE_TASK,
+) -> None:
+    """out[pos] = (relu)(LN(x[order[pos]]) W^T + b) for W (T, n_out, d); statistics saved when given."""
+    n_rows, d = x.shape
+    n_out = w.shape[-2]
+    tiles = configs.ln_linear_tiles(n_out)
+    order, counts, n_tasks = _index_args(rows, x)
+    save = mean is not None
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(n_out, tiles.block_n))
+    ln_linear_fwd_kernel[grid](
+        x, out, mean if save else out, rstd if save else out, lnw, lnb, w, b,
+        order, counts, n_tasks, n_rows, d, n_out, eps,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        RELU=relu, MIXED=rows.mixed, SAVE_STATS=save, **_dot_args(x.dtype), **tiles.launch(),
+    )  # fmt: skip
+
+
+def ln_linear_forward(
+    x: torch.Tensor,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    save: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(LN(x) W^T + b, mean, rstd) for one LayerNorm + linear (parameters without a task dimension)."""
+    n_rows = x.shape[0]
+    out = x.new_empty((n_rows, w.shape[0]))
+    stats = n_rows if save else 0
+    mean = x.new_empty((stats,), dtype=torch.float32)
+    rstd = x.new_empty((stats,), dtype=torch.float32)
+    if n_rows:
+        ln_linear_forward_into(x, lnw[None], lnb[None], w[None], b[None], out, mean if save else None,
+                               rstd if save else None, relu=False, eps=eps)  # fmt: skip
+    return out, mean, rstd
+
+
+def adapter_forward(
+    x: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    residuals: list[torch.Tensor],
+    rows: TaskRows,
+    save: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd); h and the statistics are empty unless ``save``."""
+    lnw, lnb, wd, bd, wu, bu, s = params
+    n_rows, d = x.shape
+    r = wd.shape[-2]
+    y = torch.empty_like(x)
+    stats = n_rows if save else 0
+    h = x.new_empty((stats, r))
+    mean = x.new_empty((stats,), dtype=torch.float32)
+    rstd = x.new_empty((stats,), dtype=torch.float32)
+    if n_rows == 0:
+        return y, h, mean, rstd
+    res, num_res = _residual_args(residuals, x)
+    order, counts, n_tasks = _index_args(rows, x)
+    dot = _dot_args(x.dtype)
+    block_r = configs.padded(r)
+    if r <= configs.FUSED_MAX_R:
+        tiles = configs.adapter_fused_tiles(block_r)
+        grid = (_row_blocks(n_rows, tiles.block_m, rows),)
+        adapter_fwd_fused_kernel[grid](
+            x, y, h if save else y, mean if save else y, rstd if save else y,
+            lnw, lnb, wd, bd, wu, bu, s, *res, order, counts, n_tasks, n_rows, d, r, eps,
+            BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
+            NUM_RES=num_res, MIXED=rows.mixed, SAVE=save, **dot, **tiles.launch(),
+        )  # fmt: skip
+        return y, h, mean, rstd
+    h_buf = h if save else x.new_empty((n_rows, r))
+    ln_linear_forward_into(x, lnw, lnb, wd, bd, h_buf, mean if save else None, rstd if save else None,
+                           relu=True, eps=eps, rows=rows)  # fmt: skip
+    tiles = configs.up_residual_tiles()
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(d, tiles.block_n))
+    adapter_up_residual_kernel[grid](
+        h_buf, y, wu, bu, s, *res, order, counts, n_tasks, n_rows, d, r,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        NUM_RES=num_res, MIXED=rows.mixed, **dot, **tiles.launch(),
+    )  # fmt: skip
+    return y, h, mean, rstd
+
+
+def _row_constants(w: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, b: torch.Tensor):
+    """v1 = W g and cb = b + W beta (T, n_out) in fp32, for the LayerNorm backward's row constants."""
+    wf = w.float()
+    v1 = torch.einsum("tkd,td->tk", wf, lnw.float()).contiguous()
+    cb = (b.float() + torch.einsum("tkd,td->tk", wf, lnb.float())).contiguous()
+    return v1, cb
+
+
+def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch.Tensor:
+    n_rows, d = x.shape
+    n_out = w.shape[-2]
+    dx = torch.empty_like(x)
+    tiles = configs.dx_tiles(n_out)
+    order, counts, n_tasks = _index_args(rows, x)
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(d, tiles.block_n))
+    ln_linear_dx_kernel[grid](
+        dp, p, x, mean, rstd, lnw, w, v1, cb, dx, order, counts, n_tasks, n_rows, d, n_out,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        MIXED=rows.mixed, **_dot_args(x.dtype), **tiles.launch(),
+    )  # fmt: skip
+    return dx
+
+
+def weight_grads(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dp: torch.Tensor,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    rows: TaskRows,
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """(dlnw, dlnb, dW, db) and, with ``up = (dy, h, Wu, bu, s)``, also (dWu, dbu, ds)."""
+    n_rows, d = x.shape
+    n_tasks = rows.n_tasks
+    n_out = w.shape[-2]
+    has_g = up is not None
+    tiles = configs.weight_tiles(n_out)
+    n_dtiles = triton.cdiv(d, tiles.block_n)
+    n_rtiles = triton.cdiv(n_out, tiles.block_k)
+    segments = configs.reduction_segments(n_rows, n_tasks, n_dtiles * n_rtiles, tiles.block_m, x.device)
+    n_seg = n_tasks * segments
+    f32 = {"dtype": torch.float32, "device": x.device}
+    m_part = torch.empty((n_seg, d, n_out), **f32)
+    csp_part = torch.empty((n_seg, n_out), **f32)
+    g_part = torch.empty((n_seg, d, n_out), **f32) if has_g else m_part
+    cs_part = torch.empty((n_seg, d), **f32) if has_g else csp_part
+    dy, h, wu, bu, s = up if has_g else (x, dp, w, b, b)
+    order, counts, _ = _index_args(rows, x)
+    weight_grad_partials_kernel[(n_dtiles * n_rtiles, n_seg)](
+        x, mean, rstd, dp, dy, h, m_part, csp_part, g_part, cs_part, order, counts,
+        n_rows, d, n_out, segments, n_rtiles,
+        BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_n, BLOCK_R=tiles.block_k,
+        HAS_G=has_g, MIXED=rows.mixed, **_dot_args(x.dtype), **tiles.launch(),
+    )  # fmt: skip
+    ep = configs.epilogue_tiles(n_out)
+    n_ep = triton.cdiv(d, ep.block_n)
+    dlnw, dlnb, dw, db = (torch.empty_like(t) for t in (lnw, lnb, w, b))
+    dwu, dbu = (torch.empty_like(wu), torch.empty_like(bu)) if has_g else (dw, db)
+    ds_part = torch.empty((n_tasks, n_ep), **f32)
+    weight_grad_epilogue_kernel[(n_ep, n_tasks)](
+        m_part, csp_part, g_part, cs_part, lnw, lnb, w, wu, bu, s,
+        dlnw, dlnb, dw, db, dwu, dbu, ds_part, d, n_out, segments,
+        BLOCK_D=ep.block_n, BLOCK_R=ep.block_k, HAS_G=has_g, **ep.launch(),
+    )  # fmt: skip
+    if not has_g:
+        return dlnw, dlnb, dw, db
+    ds = ds_part.sum(dim=1, keepdim=True).to(s.dtype)
+    return dlnw, dlnb, dw, db, dwu, dbu, ds
+
+
+def adapter_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    rows: TaskRows,
+) -> tuple[torch.Tensor, ...]:
+    """(dx, dlnw, dlnb, dWd, dbd, dWu, dbu, ds) with parameters in task-leading form."""
+    lnw, lnb, wd, bd, wu, bu, s = params
+    n_rows, d = x.shape
+    r = wd.shape[-2]
+    if n_rows == 0:
+        return (torch.empty_like(x), *(torch.zeros_like(p) for p in params))
+    v1, cb = _row_constants(wd, lnw, lnb, bd)
+    dp = x.new_empty((n_rows, r))
+    order, counts, n_tasks = _index_args(rows, x)
+    dot = _dot_args(x.dtype)
+    if r <= configs.FUSED_MAX_R:
+        block_r = configs.padded(r)
+        tiles = configs.adapter_fused_tiles(block_r)
+        dx = torch.empty_like(x)
+        adapter_bwd_fused_kernel[(_row_blocks(n_rows, tiles.block_m, rows),)](
+            dy, x, h, mean, rstd, lnw, wd, wu, s, v1, cb, dx, dp, order, counts, n_tasks, n_rows, d, r,
+            BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
+            MIXED=rows.mixed, **dot, **tiles.launch(),
+        )  # fmt: skip
+    else:
+        tiles = configs.dp_tiles(r)
+        grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(r, tiles.block_n))
+        adapter_dp_kernel[grid](
+            dy, h, wu, s, dp, order, counts, n_tasks, n_rows, d, r,
+            BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_n, BLOCK_N=tiles.block_k,
+            MIXED=rows.mixed, **dot, **tiles.launch(),
+        )  # fmt: skip
+        dx = _ln_linear_dx(dp, h, x, mean, rstd, lnw, wd, v1, cb, rows)
+    dlnw, dlnb, dwd, dbd, dwu, dbu, ds = weight_grads(
+        x, mean, rstd, dp, lnw, lnb, wd, bd, rows, up=(dy, h, wu, bu, s)
+    )
+    return dx, dlnw, dlnb, dwd, dbd, dwu, dbu, ds
+
+
+def ln_linear_backward(
+    dp: torch.Tensor,
+    p: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """(dx, dlnw, dlnb, dW, db) of ``p = LN(x) W^T + b`` (parameters without a task dimension)."""
+    if x.shape[0] == 0:
+        return (torch.empty_like(x), *(torch.zeros_like(t) for t in (lnw, lnb, w, b)))
+    lnw, lnb, w, b = lnw[None], lnb[None], w[None], b[None]
+    v1, cb = _row_constants(w, lnw, lnb, b)
+    dx = _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, SINGLE_TASK)
+    grads = weight_grads(x, mean, rstd, dp, lnw, lnb, w, b, SINGLE_TASK)
+    return (dx, *(g[0] for g in grads))

@@ -1,0 +1,115 @@
+"""LayerNorm fused into a following linear layer: ``p = LN(x) W^T + b`` (optionally ``relu(p)``), and the
+input gradient of that composition.
+
+The normalised activations never reach memory: the forward kernel normalises each K chunk of x on its
+way into the matrix product, and the backward kernel rebuilds the LayerNorm backward from the output
+gradient ``dp`` alone. With ``xhat = (x - mean) * rstd``, ``z = xhat * g + beta`` and ``dz = dp W``:
+
+    dx = rstd * (dz * g - c1 - xhat * c2),  c1 = mean_j(dz_j g_j),  c2 = mean_j(dz_j g_j xhat_j)
+
+and both row constants reduce to r-wide dot products: ``c1 = dp . (W g) / d`` and, because
+``sum_j W_kj g_j xhat_j = p_k - b_k - (W beta)_k``, ``c2 = dp . (p - b - W beta) / d``. So a program
+needs only its own d-columns of x and W, and the whole gradient is one pass. For a ReLU output the
+stored activation relu(p) can stand in for p, because dp is zero wherever p <= 0.
+
+Used for the adapter's down projection when r > 128 and for the query and key/value projections of the
+cross-attention adapter.
+"""
+
+import triton
+import triton.language as tl
+from famevil_fast.kernels._tiles import normalized_tile, row_block, row_stats
+
+
+@triton.jit
+def ln_linear_fwd_kernel(
+    x_ptr, out_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr,
+    order_ptr, counts_ptr, n_tasks,
+    n_rows, d, n_out, eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RELU: tl.constexpr, MIXED: tl.constexpr, SAVE_STATS: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out tile (BLOCK_M x BLOCK_N) of LN(x) W^T + b at sorted positions; W is (n_out, d)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
+    lnw_ptr += task * d
+    lnb_ptr += task * d
+    w_ptr += task * n_out * d
+    b_ptr += task * n_out
+
+    mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
+    ncols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ncols < n_out
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        valid = mask[:, None] & kmask[None, :]
+        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
+        w = tl.load(
+            w_ptr + ncols[None, :] * d + kcols[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0
+        )
+        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    b = tl.load(b_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
+    acc += b[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    tl.store(out_ptr + pos[:, None] * n_out + ncols[None, :], acc, mask=mask[:, None] & nmask[None, :])
+    if SAVE_STATS:
+        first = mask & (pid_n == 0)
+        tl.store(mean_ptr + pos, mean, mask=first)
+        tl.store(rstd_ptr + pos, rstd, mask=first)
+
+
+@triton.jit
+def ln_linear_dx_kernel(
+    dp_ptr, p_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, w_ptr, v1_ptr, cb_ptr, dx_ptr,
+    order_ptr, counts_ptr, n_tasks,
+    n_rows, d, n_out,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dx tile (BLOCK_M x BLOCK_N) from dp (n_rows x n_out, sorted positions).
+
+    ``v1 = W g`` and ``cb = b + W beta`` (n_out each, per task, fp32) give the row constants c1, c2.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
+    lnw_ptr += task * d
+    w_ptr += task * n_out * d
+    v1_ptr += task * n_out
+    cb_ptr += task * n_out
+
+    ncols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ncols < d
+    c1 = tl.zeros((BLOCK_M,), tl.float32)
+    c2 = tl.zeros((BLOCK_M,), tl.float32)
+    dz = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, n_out, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < n_out
+        tile = mask[:, None] & kmask[None, :]
+        dp = tl.load(dp_ptr + pos[:, None] * n_out + kcols[None, :], mask=tile, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + pos[:, None] * n_out + kcols[None, :], mask=tile, other=0.0).to(tl.float32)
+        v1 = tl.load(v1_ptr + kcols, mask=kmask, other=0.0)
+        cb = tl.load(cb_ptr + kcols, mask=kmask, other=0.0)
+        c1 += tl.sum(dp * v1[None, :], axis=1)
+        c2 += tl.sum(dp * (p - cb[None, :]), axis=1)
+        w = tl.load(
+            w_ptr + kcols[:, None] * d + ncols[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0
+        )
+        dz = tl.dot(dp.to(DOT), w.to(DOT), dz, input_precision=PRECISION)
+    c1 = c1 / d
+    c2 = c2 / d
+    mean = tl.load(mean_ptr + pos, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + pos, mask=mask, other=0.0)
+    xhat = normalized_tile(x_ptr, rows, mask, ncols, d, mean, rstd)
+    g = tl.load(lnw_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
+    dx = (dz * g[None, :] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+    tl.store(dx_ptr + rows[:, None] * d + ncols[None, :], dx, mask=mask[:, None] & nmask[None, :])
