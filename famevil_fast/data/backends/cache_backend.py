@@ -1,0 +1,87 @@
+"""Cache backend: images come pre-decoded from an :class:`~famevil_fast.data.cache.ImageCache`.
+
+No decoding happens at train time. With the "torch" resampler (the default on a CUDA device) the uint8
+images of a batch are gathered into pinned
+memory, copied once, and cropped, resized, flipped and normalised there by
+:func:`~famevil_fast.data.transforms.resample_batch`; with "pil" (the CPU default) PIL resamples each image
+on the thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from famevil_fast.data.backends.base import ImageBackend, Loaded
+from famevil_fast.data.cache import ImageCache
+from famevil_fast.data.transforms import CropPlan, normalize, pil_resample, resample_batch
+
+
+class CacheBackend(ImageBackend):
+    name = "cache"
+
+    def __init__(
+        self,
+        cache: ImageCache | str | os.PathLike,
+        image_size: int,
+        device: torch.device | str = "cpu",
+        num_threads: int | None = None,
+        verify: bool = True,
+        resampler: str | None = None,
+    ) -> None:
+        self.cache = cache if isinstance(cache, ImageCache) else ImageCache(cache, verify=verify)
+        super().__init__(self.cache.path, image_size, device, num_threads)
+        if resampler not in (None, "pil", "torch"):
+            raise ValueError(f"CacheBackend: resampler must be 'pil', 'torch' or None, got {resampler!r}")
+        self.resampler = resampler or ("torch" if self.device.type == "cuda" else "pil")
+
+    def _resample_cpu(self, key: str, box: np.ndarray, flip: bool) -> np.ndarray:
+        arr = self.cache.get(key)
+        image = Image.frombuffer("RGB", (arr.shape[1], arr.shape[0]), arr, "raw", "RGB", 0, 1)
+        return np.asarray(pil_resample(image, box, flip, self.image_size))
+
+    def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
+        entries = [self.cache.entry(p) for p in paths]
+        ok = np.asarray([e is not None for e in entries], dtype=bool)
+        failures = [(p, self.cache.reason_missing(p)) for p, e in zip(paths, entries) if e is None]
+        idx = np.flatnonzero(ok)
+        keys = [paths[i] for i in idx]
+        sizes = np.asarray([[entries[i].height, entries[i].width] for i in idx], dtype=np.int64).reshape(
+            -1, 2
+        )
+        boxes, flips = plan.subset(idx).boxes(sizes, self.image_size)
+        if self.resampler == "torch":
+            pixels = self._load_device(keys, sizes, boxes, flips)
+        else:
+            arrays = list(self.pool.map(lambda a: self._resample_cpu(*a), zip(keys, boxes, flips)))
+            pixels = self._from_host(arrays).pixels
+        return Loaded(pixels, ok, failures)
+
+    def _load_device(
+        self, keys: list[str], sizes: np.ndarray, boxes: np.ndarray, flips: np.ndarray
+    ) -> torch.Tensor:
+        s = self.image_size
+        if not keys:
+            return torch.empty((0, 3, s, s), device=self.device)
+        h, w = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        host = torch.empty((len(keys), h, w, 3), dtype=torch.uint8, pin_memory=pin)
+        dst = host.numpy()
+        uniform = bool((sizes[:, 0] == h).all() and (sizes[:, 1] == w).all())
+        if not uniform:
+            dst[...] = 0
+
+        def copy(k: int) -> None:
+            arr = self.cache.get(keys[k])
+            dst[k, : arr.shape[0], : arr.shape[1]] = arr
+
+        list(self.pool.map(copy, range(len(keys))))
+        batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        pixels = resample_batch(
+            batch, torch.from_numpy(sizes), torch.from_numpy(boxes), torch.from_numpy(flips), s
+        )
+        return normalize(pixels)

@@ -1,0 +1,191 @@
+"""NVIDIA DALI backend: "mixed" GPU decoding (nvJPEG; PNG on the CPU) with resize, crop, flip and
+normalisation on the GPU, or the same pipeline on the CPU (``device_id=None``) when the device is the CPU.
+
+The host reads the encoded bytes, parses the image sizes from the headers and computes the crop boxes
+with the shared :class:`~famevil_fast.data.transforms.CropPlan`; the pipeline receives them through
+``external_source`` (so shuffling, sharding and resumption stay with the loader) and resizes the box with
+linear antialiased interpolation. A batch holding an undecodable image makes DALI fail the whole
+pipeline: the images are then probed one by one with PIL, the bad ones are dropped and a fresh pipeline
+decodes the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from famevil_fast.data.backends.base import ImageBackend, Loaded
+from famevil_fast.data.backends.pil_backend import decode_error
+from famevil_fast.data.images import probe_size, read_bytes
+from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan
+
+
+@functools.cache
+def dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_dali():
+    if not dali_importable():
+        raise ImportError("the DALI data backend needs NVIDIA DALI: pip install famevil_fast[dali]")
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    return fn, types, pipeline_def
+
+
+def build_dali_pipeline(batch_size: int, image_size: int, device_id: int | None, num_threads: int):
+    """The decode -> resize(box) -> crop_mirror_normalize pipeline fed by four external sources."""
+    fn, types, pipeline_def = _require_dali()
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+        mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+        images = fn.decoders.image(
+            encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB
+        )
+        images = fn.resize(
+            images,
+            size=[image_size, image_size],
+            roi_start=roi_start,
+            roi_end=roi_end,
+            roi_relative=False,
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
+        )
+        return fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mirror=mirror,
+            mean=[255.0 * m for m in CLIP_MEAN],
+            std=[255.0 * s for s in CLIP_STD],
+        )
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+class DALIBackend(ImageBackend):
+    name = "dali"
+
+    def __init__(self, *args, max_batch: int = 256, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _require_dali()
+        if self.device.type == "cuda":
+            self.device_id = (
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            )
+        elif self.device.type == "cpu":
+            self.device_id = None
+        else:
+            raise ValueError(f"DALIBackend: device must be cpu or cuda, got {self.device}")
+        self.max_batch = int(max_batch)
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = build_dali_pipeline(
+                self.max_batch, self.image_size, self.device_id, min(self.num_threads, 16)
+            )
+        return self._pipe
+
+    def _run(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        pipe = self._pipeline()
+        pipe.feed_input("encoded", encoded)
+        pipe.feed_input("roi_start", [b[:2].astype(np.float32) for b in boxes])
+        pipe.feed_input("roi_end", [(b[:2] + b[2:]).astype(np.float32) for b in boxes])
+        pipe.feed_input("mirror", [np.asarray(int(f), dtype=np.int32) for f in flips])
+        (out,) = pipe.run()
+        return self._to_torch(out.as_tensor())
+
+    def _to_torch(self, tensor) -> torch.Tensor:
+        shape = tuple(tensor.shape())
+        if self.device_id is None:
+            return torch.from_numpy(np.array(tensor))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(shape, dtype=torch.float32, device=self.device)
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+        return out
+
+    def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
+        if len(paths) > self.max_batch:
+            parts = [
+                self.load(
+                    paths[i : i + self.max_batch],
+                    plan.subset(np.arange(i, min(len(paths), i + self.max_batch))),
+                )
+                for i in range(0, len(paths), self.max_batch)
+            ]
+            return Loaded(
+                torch.cat([p.pixels for p in parts]),
+                np.concatenate([p.ok for p in parts]),
+                [f for p in parts for f in p.failures],
+            )
+        datas = read_bytes(self.root, paths, self.pool)
+        sizes: list[tuple[int, int] | None] = []
+        failures: list[tuple[str, str]] = []
+        for p, d in zip(paths, datas):
+            try:
+                sizes.append(None if d is None else probe_size(d, p))
+            except (OSError, SyntaxError, ValueError) as e:
+                sizes.append(None)
+                failures.append((p, decode_error(e)))
+            if d is None:
+                failures.append((p, "file not readable"))
+        ok = np.asarray([s is not None for s in sizes], dtype=bool)
+        try:
+            pixels = self._decode(datas, sizes, ok, plan)
+        except RuntimeError:
+            self._pipe = None  # DALI invalidates a pipeline after an error
+            for i in np.flatnonzero(ok):
+                reason = _pil_probe(datas[i])
+                if reason is not None:
+                    ok[i] = False
+                    failures.append((paths[i], reason))
+            pixels = self._decode(datas, sizes, ok, plan)
+        return Loaded(pixels, ok, failures)
+
+    def _decode(self, datas, sizes, ok: np.ndarray, plan: CropPlan) -> torch.Tensor:
+        idx = np.flatnonzero(ok)
+        if len(idx) == 0:
+            return torch.empty((0, 3, self.image_size, self.image_size), device=self.device)
+        boxes, flips = plan.subset(idx).boxes(np.asarray([sizes[i] for i in idx]), self.image_size)
+        encoded = [np.frombuffer(datas[i], dtype=np.uint8) for i in idx]
+        return self._run(encoded, boxes, flips).to(self.device)
+
+    def close(self) -> None:
+        self._pipe = None
+        super().close()
+
+
+def _pil_probe(data: bytes) -> str | None:
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        return decode_error(e)
+    return None

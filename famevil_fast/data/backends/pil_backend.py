@@ -1,0 +1,37 @@
+"""PIL backend: decode, crop-resize and flip with Pillow on a thread pool (the reference behaviour)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from famevil_fast.data.backends.base import ImageBackend, Loaded
+from famevil_fast.data.transforms import CropPlan, pil_resample
+
+
+def decode_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class PILBackend(ImageBackend):
+    name = "pil"
+
+    def _one(self, rel: str, plan: CropPlan, i: int) -> np.ndarray | str:
+        try:
+            with Image.open(self.path(rel)) as im:
+                im = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            return decode_error(e)
+        boxes, flips = plan.subset(np.asarray([i])).boxes(
+            np.asarray([[im.height, im.width]]), self.image_size
+        )
+        return np.asarray(pil_resample(im, boxes[0], bool(flips[0]), self.image_size))
+
+    def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
+        results = list(self.pool.map(lambda a: self._one(a[1], plan, a[0]), enumerate(paths)))
+        failures = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
+        loaded = self._from_host([None if isinstance(r, str) else r for r in results])
+        loaded.failures = failures
+        return loaded

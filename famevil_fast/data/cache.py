@@ -1,0 +1,352 @@
+"""Pre-decoded image cache: uint8 HWC images in memory-mapped shards, an index, and tokenised text.
+
+Layout of a cache directory::
+
+    cache.json                  written last: format version, shard list with SHA-256, failed images
+    shards/shard_00000.bin      raw concatenated (h, w, 3) uint8 images
+    shards/shard_00000.json     shard manifest: keys (image paths relative to the data root), byte offsets,
+                                shapes, size and SHA-256 of the .bin
+    tokens/<digest>.npy         CLIP token ids of every text list the loaders use (see ``tokens``)
+
+Writes are atomic (temporary file, fsync, rename; a shard's manifest is renamed only after its data), so a
+killed conversion leaves only complete shards behind and running it again resumes after them. Opening a
+cache verifies every shard's size and (by default) its SHA-256: a corrupted shard raises
+:class:`CacheCorruptError` naming it, and rebuilding replaces exactly the shards that fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from famevil_fast.data.backends.base import default_threads
+
+CACHE_FORMAT = 1
+DEFAULT_SHARD_BYTES = 1 << 30
+
+
+class CacheCorruptError(ValueError):
+    """A cache shard does not match its recorded size or checksum."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    shard: int
+    offset: int
+    height: int
+    width: int
+
+
+# ------------------------------------------------------------------------------------------ which images
+
+
+def dataset_image_keys(root: str | os.PathLike) -> list[str]:
+    """Every image path (relative to ``root``) referenced by the datasets found under ``root``, sorted."""
+    from famevil_fast.data.fashion200k import read_fashion200k
+    from famevil_fast.data.fashiongen import read_fashiongen
+    from famevil_fast.data.fashioniq import read_fashioniq
+
+    keys: set[str] = set()
+    found = False
+    for reader, splits in ((read_fashiongen, ("train", "val")), (read_fashion200k, ("train", "test"))):
+        for split in splits:
+            try:
+                products = reader(root, split)
+            except FileNotFoundError:
+                continue
+            found = True
+            keys.update(v for p in products for v in p.images)
+    for split in ("train", "val"):
+        try:
+            triplets = read_fashioniq(root, split)
+        except FileNotFoundError:
+            continue
+        found = True
+        keys.update(p for t in triplets for p in (t.candidate, t.target))
+    if not found:
+        raise FileNotFoundError(f"cache: no FashionGen, FashionIQ or Fashion200k split files under {root}")
+    return sorted(keys)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _decode(root: str, key: str, max_side: int | None) -> np.ndarray | str:
+    try:
+        with Image.open(os.path.join(root, key)) as im:
+            im = im.convert("RGB")
+            if max_side is not None and max(im.size) > max_side:
+                scale = max_side / max(im.size)
+                size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+                im = im.resize(size, Image.Resampling.BILINEAR)
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, number: int) -> None:
+        self.number = number
+        self.bin = directory / f"shard_{number:05d}.bin"
+        self.tmp = directory / f"shard_{number:05d}.bin.tmp"
+        self.file = open(self.tmp, "wb")
+        self.hash = hashlib.sha256()
+        self.keys: list[str] = []
+        self.offsets: list[int] = []
+        self.shapes: list[tuple[int, int]] = []
+        self.size = 0
+
+    def add(self, key: str, pixels: np.ndarray) -> None:
+        data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+        self.file.write(data)
+        self.hash.update(data)
+        self.keys.append(key)
+        self.offsets.append(self.size)
+        self.shapes.append((int(pixels.shape[0]), int(pixels.shape[1])))
+        self.size += len(data)
+
+    def finish(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.bin)
+        manifest = {
+            "file": self.bin.name,
+            "bytes": self.size,
+            "sha256": self.hash.hexdigest(),
+            "keys": self.keys,
+            "offsets": self.offsets,
+            "shapes": self.shapes,
+        }
+        _atomic_json(self.bin.with_suffix(".json"), manifest)
+        return manifest
+
+
+def _complete_shards(shard_dir: Path, verify: bool) -> dict[int, dict]:
+    """Manifests of shards whose data file exists with the recorded size (and checksum when ``verify``)."""
+    done = {}
+    for manifest_path in sorted(shard_dir.glob("shard_*.json")):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        data = shard_dir / manifest["file"]
+        good = data.is_file() and data.stat().st_size == manifest["bytes"]
+        if good and verify:
+            good = _sha256_file(data) == manifest["sha256"]
+        if good:
+            done[int(manifest_path.stem.split("_")[1])] = manifest
+        else:
+            manifest_path.unlink()
+            data.unlink(missing_ok=True)
+    return done
+
+
+@dataclass
+class CacheSummary:
+    images: int
+    new_images: int
+    failed: int
+    shards: int
+    bytes: int
+
+
+def build_cache(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    keys: Sequence[str] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_side: int | None = None,
+    num_threads: int | None = None,
+    verify_existing: bool = True,
+    tokenize: bool = True,
+    progress: bool = False,
+) -> CacheSummary:
+    """Decode the images of ``root`` (``keys``, default: all images its datasets reference) into ``out``.
+
+    Resumes after the complete shards already in ``out`` (re-checking their checksums when
+    ``verify_existing``); ``max_side`` shrinks larger images keeping their aspect ratio. With ``tokenize``
+    the token ids of every text list the loaders use are cached under ``out/tokens``.
+    """
+    root_s = os.fspath(root)
+    out_p = Path(out)
+    shard_dir = out_p / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob("*.tmp"):
+        stale.unlink()
+    keys = dataset_image_keys(root_s) if keys is None else sorted(set(keys))
+    index_path = out_p / "cache.json"
+    previous = _read_index(index_path) if index_path.is_file() else {}
+    if previous and previous.get("max_side") != max_side:
+        raise ValueError(f"cache {out_p} was built with max_side={previous.get('max_side')}, not {max_side}")
+    shards = _complete_shards(shard_dir, verify_existing)
+    have = {k for m in shards.values() for k in m["keys"]}
+    failed: dict[str, str] = {}
+    todo = [k for k in keys if k not in have]
+    number = max(shards, default=-1) + 1
+    writer: _ShardWriter | None = None
+    threads = num_threads or default_threads()
+    chunk = max(64, threads * 16)
+    bar = _progress(len(todo), progress)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            for key, result in zip(part, pool.map(lambda k: _decode(root_s, k, max_side), part)):
+                if isinstance(result, str):
+                    failed[key] = result
+                    continue
+                if writer is None:
+                    writer = _ShardWriter(shard_dir, number)
+                writer.add(key, result)
+                if writer.size >= shard_bytes:
+                    shards[number] = writer.finish()
+                    number += 1
+                    writer = None
+            bar(len(part))
+    if writer is not None:
+        shards[number] = writer.finish()
+    ordered = [shards[n] for n in sorted(shards)]
+    index = {
+        "format": CACHE_FORMAT,
+        "root": os.path.abspath(root_s),
+        "max_side": max_side,
+        "failed": failed,
+        "shards": [
+            {"file": m["file"], "bytes": m["bytes"], "sha256": m["sha256"], "images": len(m["keys"])}
+            for m in ordered
+        ],
+    }
+    if tokenize:
+        from famevil_fast.data.tasks import all_texts
+        from famevil_fast.data.tokens import tokenize_texts
+
+        for texts in all_texts(root_s):
+            tokenize_texts(texts, out_p)
+    _atomic_json(index_path, index)
+    return CacheSummary(
+        images=sum(len(m["keys"]) for m in ordered),
+        new_images=len(todo) - len(failed),
+        failed=len(failed),
+        shards=len(ordered),
+        bytes=sum(m["bytes"] for m in ordered),
+    )
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return lambda n: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", desc="cache")
+    return bar.update
+
+
+def _read_index(path: Path) -> dict:
+    with open(path) as f:
+        index = json.load(f)
+    if index.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: cache format {index.get('format')} is not the supported {CACHE_FORMAT}")
+    return index
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+class ImageCache:
+    """Read-only view of a cache directory: ``get(key)`` returns a zero-copy (h, w, 3) uint8 array."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True, num_threads: int | None = None) -> None:
+        self.path = Path(path)
+        index_path = self.path / "cache.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(
+                f"image cache: {index_path} not found (build it with `famevil-fast cache`)"
+            )
+        self.index = _read_index(index_path)
+        self.failed: dict[str, str] = dict(self.index.get("failed", {}))
+        shard_dir = self.path / "shards"
+        self._check_sizes(shard_dir)
+        if verify:
+            self.verify(num_threads)
+        self._maps: list[np.memmap] = []
+        self._entries: dict[str, CacheEntry] = {}
+        for number, shard in enumerate(self.index["shards"]):
+            with open(shard_dir / Path(shard["file"]).with_suffix(".json").name) as f:
+                manifest = json.load(f)
+            if manifest["sha256"] != shard["sha256"]:
+                raise CacheCorruptError(f"image cache: manifest of {shard['file']} disagrees with cache.json")
+            self._maps.append(np.memmap(shard_dir / shard["file"], dtype=np.uint8, mode="r"))
+            for key, offset, (h, w) in zip(manifest["keys"], manifest["offsets"], manifest["shapes"]):
+                self._entries[key] = CacheEntry(number, int(offset), int(h), int(w))
+
+    def _check_sizes(self, shard_dir: Path) -> None:
+        for shard in self.index["shards"]:
+            data = shard_dir / shard["file"]
+            if not data.is_file():
+                raise CacheCorruptError(f"image cache: shard {data} is missing")
+            if data.stat().st_size != shard["bytes"]:
+                raise CacheCorruptError(
+                    f"image cache: shard {data} has {data.stat().st_size} bytes, expected {shard['bytes']}; "
+                    "rerun `famevil-fast cache` to rebuild it"
+                )
+
+    def verify(self, num_threads: int | None = None) -> None:
+        """Recompute every shard's SHA-256; CacheCorruptError naming the first shard that differs."""
+        shard_dir = self.path / "shards"
+        shards = self.index["shards"]
+        with ThreadPoolExecutor(max_workers=num_threads or default_threads()) as pool:
+            digests = list(pool.map(lambda s: _sha256_file(shard_dir / s["file"]), shards))
+        for shard, digest in zip(shards, digests):
+            if digest != shard["sha256"]:
+                raise CacheCorruptError(
+                    f"image cache: shard {shard_dir / shard['file']} fails its checksum (corrupted); "
+                    "rerun `famevil-fast cache` to rebuild it"
+                )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def keys(self) -> Iterable[str]:
+        return self._entries.keys()
+
+    def entry(self, key: str) -> CacheEntry | None:
+        return self._entries.get(key)
+
+    def get(self, key: str) -> np.ndarray:
+        e = self._entries[key]
+        n = e.height * e.width * 3
+        return self._maps[e.shard][e.offset : e.offset + n].reshape(e.height, e.width, 3)
+
+    def reason_missing(self, key: str) -> str:
+        if key in self.failed:
+            return f"could not be decoded when cached: {self.failed[key]}"
+        return "not in the image cache"

@@ -1,0 +1,97 @@
+"""Builds FashionIQ validation caption files with gallery rows from the raw FashionIQ release.
+
+The FAME-ViL loader reads ``captions/cap.<cat>.val.json`` rows that carry ``target_id`` (gallery id),
+``fake_data`` and ``garment_class``; those files were distributed privately. The gallery of a category is
+``image_splits/split.<cat>.val.json`` (plus any target missing from it); every gallery image gets one
+``fake_data`` row so that the evaluation sees the whole gallery, and every real triplet gets the gallery id
+of its target. Raw files are kept as ``cap.<cat>.val.raw.json`` when converting in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
+
+
+def fashioniq_val_rows(raw_rows: Sequence[dict], gallery: Sequence[str], garment_class: int) -> list[dict]:
+    """Real triplets with ``target_id`` followed by one ``fake_data`` row per gallery image.
+
+    Gallery ids are positions in ``gallery``; targets absent from it are appended in order of appearance.
+    """
+    ids: dict[str, int] = {}
+    for name in gallery:
+        ids.setdefault(name, len(ids))
+    rows = []
+    for i, row in enumerate(raw_rows):
+        missing = [k for k in ("candidate", "target", "captions") if k not in row]
+        if missing:
+            raise ValueError(f"FashionIQ val row {i} lacks {missing}: {row}")
+        if row.get("fake_data"):
+            continue
+        target_id = ids.setdefault(row["target"], len(ids))
+        rows.append(
+            {
+                "candidate": row["candidate"],
+                "target": row["target"],
+                "captions": list(row["captions"]),
+                "target_id": target_id,
+                "fake_data": False,
+                "garment_class": garment_class,
+            }
+        )
+    for name, target_id in ids.items():
+        rows.append(
+            {
+                "candidate": name,
+                "target": name,
+                "captions": ["", ""],
+                "target_id": target_id,
+                "fake_data": True,
+                "garment_class": garment_class,
+            }
+        )
+    return rows
+
+
+def _load(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"FashionIQ conversion: missing file {path}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def convert_fashioniq_val(
+    fiq_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    categories: Sequence[str] = FIQ_CATEGORIES,
+) -> dict[str, int]:
+    """Rewrite ``captions/cap.<cat>.val.json`` of ``fiq_dir`` (or write to ``out_dir``) in the gallery format.
+
+    Reads the raw triplets from ``cap.<cat>.val.raw.json`` when present (an earlier in-place conversion),
+    else from ``cap.<cat>.val.json``. Returns the gallery size per category.
+    """
+    fiq = Path(fiq_dir)
+    out = Path(out_dir) if out_dir is not None else fiq / "captions"
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for cat in categories:
+        if cat not in FIQ_CATEGORIES:
+            raise ValueError(f"unknown FashionIQ category {cat!r}; expected one of {FIQ_CATEGORIES}")
+        gallery = _load(fiq / "image_splits" / f"split.{cat}.val.json")
+        raw_path = fiq / "captions" / f"cap.{cat}.val.raw.json"
+        src = raw_path if raw_path.is_file() else fiq / "captions" / f"cap.{cat}.val.json"
+        raw = _load(src)
+        rows = fashioniq_val_rows(raw, gallery, FIQ_CATEGORIES.index(cat))
+        dest = out / f"cap.{cat}.val.json"
+        if dest.resolve() == src.resolve() and not raw_path.exists():
+            os.replace(src, raw_path)
+        tmp = dest.with_name(dest.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(rows, f)
+        os.replace(tmp, dest)
+        sizes[cat] = sum(1 for r in rows if r["fake_data"])
+    return sizes

@@ -1,0 +1,362 @@
+"""Loaders: batches of a :class:`~famevil_fast.data.tasks.SampleTable` decoded by an image backend.
+
+:class:`TrainLoader` shuffles per epoch, shards across ranks and resumes exactly. Epoch ``e`` is the
+permutation ``default_rng([seed, e])``; global step ``b`` takes permutation positions
+``[b * B * W, (b + 1) * B * W)`` and rank ``r`` the ``r``-th block of ``B`` of them (``B`` batch size, ``W``
+world size). The crop, flip and view of a sample are hashed from (seed, epoch, position, image slot), so a
+batch is a pure function of (seed, epoch, step): ``state_dict()`` stores only the epoch and the number of
+batches the caller has received, and a loader restored from it yields exactly the remaining batches.
+
+Batches are built by a background thread (``prefetch`` ahead; on CUDA on a side stream the consumer
+waits on). Samples whose image is missing or undecodable are dropped from their batch (so a batch can be
+smaller than ``batch_size``) and summarised in one :class:`~famevil_fast.data.images.SkippedImagesWarning`
+per epoch.
+
+:class:`EvalBatches` walks a table once in order with the eval crop, dropping nothing but undecodable images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from famevil_fast.data.backends import ImageBackend, choose_backend, make_backend
+from famevil_fast.data.images import SkippedImages
+from famevil_fast.data.tasks import SampleTable, train_table
+from famevil_fast.data.transforms import CropPlan, counter_uniforms
+
+_END = object()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_backend(
+    backend: str | ImageBackend | None,
+    root,
+    image_size: int,
+    device: torch.device,
+    cache_dir=None,
+    num_threads: int | None = None,
+    verify_cache: bool = True,
+) -> ImageBackend:
+    """An image backend from a name (None: ``cache`` when ``cache_dir`` is given, else automatic)."""
+    if isinstance(backend, ImageBackend):
+        return backend
+    name = backend or ("cache" if cache_dir is not None else choose_backend(device))
+    if name == "cache":
+        if cache_dir is None:
+            raise ValueError("data backend 'cache' needs cache_dir (build one with `famevil-fast cache`)")
+        from famevil_fast.data.backends.cache_backend import CacheBackend
+
+        return CacheBackend(cache_dir, image_size, device, num_threads, verify=verify_cache)
+    return make_backend(name, root, image_size, device, num_threads)
+
+
+def make_batch(
+    table: SampleTable,
+    backend: ImageBackend,
+    idx: np.ndarray,
+    uniforms: dict[str, np.ndarray] | None,
+    device: torch.device,
+    skipped: SkippedImages,
+) -> dict[str, torch.Tensor]:
+    """Decode the images of samples ``idx`` and gather their fields; samples with a bad image are dropped."""
+    n = len(idx)
+    paths: list[str] = []
+    plans: list[np.ndarray] = []
+    for slot in table.slots:
+        choices = table.images[slot]
+        if uniforms is None:
+            paths += [choices[i][0] for i in idx]
+        else:
+            u = uniforms[slot]
+            views = [min(int(u[k, 5] * len(choices[i])), len(choices[i]) - 1) for k, i in enumerate(idx)]
+            paths += [choices[i][v] for i, v in zip(idx, views)]
+            plans.append(u[:, :5])
+    batch: dict[str, torch.Tensor] = {}
+    keep = np.ones(n, dtype=bool)
+    if table.slots:
+        plan = CropPlan(np.concatenate(plans) if plans else None)
+        loaded = backend.load(paths, plan)
+        for path, reason in loaded.failures:
+            skipped.add(path, reason)
+        ok = loaded.ok.reshape(len(table.slots), n)
+        keep = ok.all(axis=0)
+        row = np.cumsum(loaded.ok) - 1
+        for s, slot in enumerate(table.slots):
+            rows = row[s * n : (s + 1) * n][keep]
+            pixels = loaded.pixels
+            batch[slot] = (
+                pixels
+                if (len(rows) == len(pixels) and np.array_equal(rows, np.arange(len(rows))))
+                else pixels[torch.from_numpy(rows).to(pixels.device)]
+            )
+    sel = torch.from_numpy(idx[keep])
+    for name, values in table.fields.items():
+        batch[name] = values[sel].to(device, non_blocking=True)
+    return batch
+
+
+class _Producer:
+    """Runs ``make(step)`` for steps in order on a thread, ``depth`` batches ahead."""
+
+    def __init__(self, make, steps: range, depth: int, device: torch.device) -> None:
+        self.make, self.steps, self.device = make, steps, device
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="famevil-data", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            for step in self.steps:
+                if self.stop.is_set():
+                    return
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    batch = self.make(step)
+                    event = torch.cuda.Event() if cuda else None
+                    if event is not None:
+                        event.record(stream)
+                if not self._put((step, batch, event)):
+                    return
+            self._put(_END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(e)
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            step, batch, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in batch.values():
+                    if t.device.type == "cuda":
+                        t.record_stream(current)
+            yield step, batch
+
+    def close(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        self.thread.join()
+
+
+def _iterate(make, steps: range, prefetch: int, device: torch.device) -> Iterator[tuple[int, dict]]:
+    if prefetch <= 0:
+        for step in steps:
+            yield step, make(step)
+        return
+    producer = _Producer(make, steps, prefetch, device)
+    try:
+        yield from producer
+    finally:
+        producer.close()
+
+
+class TrainLoader:
+    """Shuffled, sharded, exactly resumable batches of one task (see the module docstring)."""
+
+    def __init__(
+        self,
+        table: SampleTable,
+        backend: ImageBackend,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        prefetch: int = 2,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"TrainLoader: batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"TrainLoader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        self.table, self.backend = table, backend
+        self.batch_size, self.seed, self.rank, self.world_size = (
+            int(batch_size),
+            int(seed),
+            int(rank),
+            int(world_size),
+        )
+        self.drop_last, self.prefetch = drop_last, int(prefetch)
+        self.device = backend.device
+        self.skipped = SkippedImages(f"{table.name} loader")
+        self._epoch, self._position = 0, 0
+        if len(self) == 0:
+            raise ValueError(
+                f"TrainLoader: {table.name} has {len(table)} samples, fewer than one global batch of "
+                f"{self.batch_size} x {self.world_size} ranks"
+            )
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __len__(self) -> int:
+        n = len(self.table)
+        if self.drop_last:
+            return n // self.global_batch
+        return -(-n // self.global_batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: another epoch starts at its first batch, the same one keeps its place."""
+        if epoch != self._epoch:
+            self._epoch, self._position = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self.seed,
+            "num_samples": len(self.table),
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "table": self.table.name,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples", "batch_size", "world_size"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"TrainLoader.load_state_dict: {key} is {state.get(key)} in the state but {mine} "
+                    "here; an exact resume needs the same data, seed, batch size and world size"
+                )
+        if not 0 <= int(state["position"]) <= len(self):
+            raise ValueError(
+                f"TrainLoader.load_state_dict: position {state['position']} outside 0..{len(self)}"
+            )
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.table))
+
+    def positions(self, step: int) -> np.ndarray:
+        """Epoch positions of this rank's samples in global step ``step``."""
+        start = step * self.global_batch + self.rank * self.batch_size
+        return np.arange(start, min(start + self.batch_size, len(self.table)))
+
+    def batch(self, epoch: int, step: int, perm: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Batch ``step`` of ``epoch`` for this rank (pure function of seed, epoch, step)."""
+        perm = self.permutation(epoch) if perm is None else perm
+        pos = self.positions(step)
+        uniforms = {
+            slot: counter_uniforms(self.seed, epoch, pos, slot=s) for s, slot in enumerate(self.table.slots)
+        }
+        return make_batch(self.table, self.backend, perm[pos], uniforms, self.device, self.skipped)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, start, n = self._epoch, self._position, len(self)
+        perm = self.permutation(epoch)
+        for step, batch in _iterate(
+            lambda b: self.batch(epoch, b, perm), range(start, n), self.prefetch, self.device
+        ):
+            self._position = step + 1
+            if self._position == n:
+                self.skipped.report(stacklevel=3)
+                self._epoch, self._position = epoch + 1, 0
+            yield batch
+
+    def stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches forever, moving to the next epoch at the end of each."""
+        while True:
+            yield from self
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class EvalBatches:
+    """All samples of a table, in order, in batches, with the eval crop; re-iterable."""
+
+    def __init__(self, table: SampleTable, backend: ImageBackend, batch_size: int, prefetch: int = 2) -> None:
+        if batch_size < 1:
+            raise ValueError(f"EvalBatches: batch_size must be >= 1, got {batch_size}")
+        self.table, self.backend, self.batch_size, self.prefetch = (
+            table,
+            backend,
+            int(batch_size),
+            int(prefetch),
+        )
+        self.device = backend.device
+        self.skipped = SkippedImages(f"{table.name}")
+
+    def __len__(self) -> int:
+        return -(-len(self.table) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.table)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        idx = np.arange(step * self.batch_size, min((step + 1) * self.batch_size, len(self.table)))
+        return make_batch(self.table, self.backend, idx, None, self.device, self.skipped)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for _, batch in _iterate(self.batch, range(len(self)), self.prefetch, self.device):
+            yield batch
+        self.skipped.report(total=len(self.table) * max(1, len(self.table.slots)), stacklevel=3)
+
+
+def build_train_loader(
+    task: str,
+    root: str | os.PathLike,
+    batch_size: int,
+    image_size: int = 224,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    backend: str | ImageBackend | None = None,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    dataset: str | None = None,
+    drop_last: bool = True,
+    num_threads: int | None = None,
+    prefetch: int = 2,
+    check_files: bool = True,
+    verify_cache: bool = True,
+) -> TrainLoader:
+    """A :class:`TrainLoader` for ``task`` ("itc", "tgir", "scr", "cap") over the datasets under ``root``.
+
+    ``backend``: "dali", "torchvision", "pil", "cache" or None (``cache`` when ``cache_dir`` is given, else
+    automatic, see ``famevil_fast.data.backends``). ``device`` defaults to CUDA when available; every tensor
+    of a batch is on it. ``dataset`` overrides the task's dataset ("fashion200k" for "itc").
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    table = train_table(task, root, split, dataset, cache_dir, check_files)
+    images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads, verify_cache)
+    if hasattr(images, "max_batch"):
+        images.max_batch = max(images.max_batch, batch_size * max(1, len(table.slots)))
+    return TrainLoader(table, images, batch_size, seed, rank, world_size, drop_last, prefetch)

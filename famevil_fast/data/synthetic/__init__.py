@@ -1,0 +1,1 @@
+"""Synthetic fashion catalogue generator."""

@@ -1,0 +1,412 @@
+"""Writes a complete synthetic dataset: FashionGen-style products and FashionIQ-style triplets.
+
+Layout (the same as the real datasets, spec section 4)::
+
+    DIR/FashionGen/{train,val}/<id>_<view>.png     1-4 views per product, RGB PNG
+    DIR/FashionGen/{train,val}_info.json            products: images, id, title, description,
+                                                    attributes_id, category_id, subcategory_id
+    DIR/FashionIQ/images/<name>.jpg                 one JPEG per product, varied aspect
+    DIR/FashionIQ/image_splits/split.<cat>.<split>.json
+    DIR/FashionIQ/captions/cap.<cat>.<split>.json   train rows: candidate, target, captions;
+                                                    val rows add target_id, fake_data, garment_class
+    DIR/FashionIQ/synthetic_attributes.json         the drawn attributes of every FashionIQ image
+    DIR/synthetic.json                              generator settings, counts, vocabularies
+
+All randomness is drawn in one process from ``numpy.random.default_rng(seed)`` before any image is drawn,
+so the output is identical for a seed whatever the number of worker processes.
+
+FashionIQ-style images come in families: a base product and variants that change one or two attributes.
+Triplets pair members of a family, so the target shares every unnamed attribute with the reference; the
+validation gallery holds every family member, so neither the caption alone (many gallery items match it)
+nor the reference alone (its siblings and itself are in the gallery) finds the target.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from famevil_fast.data.fiq_convert import fashioniq_val_rows
+from famevil_fast.data.synthetic import text
+from famevil_fast.data.synthetic.render import ProductSpec, ViewSpec, render_image
+from famevil_fast.data.synthetic.vocab import (
+    ATTRIBUTE_ID,
+    ATTRIBUTE_VOCABULARY,
+    COLOUR_NAMES,
+    FIQ_GARMENTS,
+    FIQ_MUTABLE,
+    GARMENT_INDEX,
+    GARMENTS,
+    PATTERNS,
+    SUBCATEGORIES,
+    SUBCATEGORY_INDEX,
+)
+
+FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
+_PATTERN_P = np.asarray([0.3] + [0.14] * (len(PATTERNS) - 1))
+_BACKGROUNDS = ((255, 255, 255), (245, 245, 245), (236, 236, 238), (243, 239, 231), (232, 236, 241))
+GENERATOR_VERSION = 1
+
+
+@dataclass
+class SyntheticSummary:
+    root: str
+    seed: int
+    image_size: int
+    products_train: int
+    products_val: int
+    fashiongen_images: int
+    fashioniq_images: int
+    triplets_train: int
+    triplets_val: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def _other(rng: np.random.Generator, options: Iterable[str], *exclude: str | None) -> str:
+    pool = [o for o in options if o not in exclude]
+    return pool[int(rng.integers(len(pool)))]
+
+
+def sample_product(rng: np.random.Generator, garment: str | None = None) -> ProductSpec:
+    g = GARMENTS[int(rng.integers(len(GARMENTS)))] if garment is None else GARMENTS[GARMENT_INDEX[garment]]
+    colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+    pattern = PATTERNS[int(rng.choice(len(PATTERNS), p=_PATTERN_P))]
+    second = None if pattern == "plain" else _other(rng, COLOUR_NAMES, colour)
+    attrs = tuple((k, vals[int(rng.integers(len(vals)))]) for k, vals in g.attributes.items())
+    material = g.materials[int(rng.integers(len(g.materials)))]
+    return ProductSpec(g.name, colour, pattern, second, attrs, material)
+
+
+def _unique_product(rng: np.random.Generator, seen: set, garment: str | None = None) -> ProductSpec:
+    spec = sample_product(rng, garment)
+    for _ in range(30):
+        if spec.visual_key() not in seen:
+            break
+        spec = sample_product(rng, garment)
+    seen.add(spec.visual_key())
+    return spec
+
+
+def _view(rng: np.random.Generator, kind: str) -> ViewSpec:
+    background = _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))]
+    brightness = float(rng.uniform(0.9, 1.0))
+    jitter = rng.uniform(-0.03, 0.03, size=2)
+    if kind == "detail":
+        c = rng.uniform(0.3, 0.7, size=2)
+        return ViewSpec(
+            float(rng.uniform(1.4, 1.9)),
+            float(c[0]),
+            float(c[1]),
+            bool(rng.random() < 0.5),
+            False,
+            background,
+            brightness,
+        )
+    scale = float(rng.uniform(0.6, 0.75)) if kind == "far" else float(rng.uniform(0.82, 0.94))
+    return ViewSpec(
+        scale,
+        0.5 + float(jitter[0]),
+        0.5 + float(jitter[1]),
+        kind == "mirror" or (kind == "back" and bool(rng.random() < 0.5)),
+        kind == "back",
+        background,
+        brightness,
+    )
+
+
+def _product_views(rng: np.random.Generator) -> list[ViewSpec]:
+    n = int(rng.integers(1, 5))
+    kinds = ["front"] + [
+        str(k) for k in rng.choice(["mirror", "back", "detail", "far"], size=n - 1, replace=False)
+    ]
+    return [_view(rng, k) for k in kinds]
+
+
+def attribute_ids(spec: ProductSpec) -> list[int]:
+    words = [f"garment:{spec.garment}", f"colour:{spec.colour}", f"pattern:{spec.pattern}"]
+    if spec.second is not None:
+        words.append(f"second-colour:{spec.second}")
+    words += [f"{k}:{v}" for k, v in spec.attrs]
+    words.append(f"material:{spec.material}")
+    return [ATTRIBUTE_ID[w] for w in words]
+
+
+def subcategory_id(spec: ProductSpec) -> int:
+    g = GARMENTS[GARMENT_INDEX[spec.garment]]
+    return SUBCATEGORY_INDEX[(g.name, spec.attr(g.defining))]
+
+
+# ------------------------------------------------------------------------------------------ FashionGen part
+
+
+@dataclass
+class _Job:
+    path: str
+    spec: ProductSpec
+    view: ViewSpec
+    width: int
+    height: int
+
+
+def _fashiongen(rng: np.random.Generator, n: int, val_fraction: float, root: Path, size: int):
+    seen: set = set()
+    n_val = max(1, round(n * val_fraction)) if n > 1 else 0
+    is_val = np.zeros(n, dtype=bool)
+    is_val[rng.permutation(n)[:n_val]] = True
+    rows: dict[str, list[dict]] = {"train": [], "val": []}
+    jobs: list[_Job] = []
+    for i in range(n):
+        spec = _unique_product(rng, seen)
+        split = "val" if is_val[i] else "train"
+        pid = 100000 + i
+        views = _product_views(rng)
+        images = [f"{split}/{pid}_{k}.png" for k in range(len(views))]
+        jobs += [_Job(str(root / "FashionGen" / p), spec, v, size, size) for p, v in zip(images, views)]
+        rows[split].append(
+            {
+                "images": images,
+                "id": pid,
+                "title": text.title(spec, rng),
+                "description": text.description(spec, rng),
+                "attributes_id": attribute_ids(spec),
+                "category_id": GARMENT_INDEX[spec.garment],
+                "subcategory_id": subcategory_id(spec),
+            }
+        )
+    return rows, jobs
+
+
+# ------------------------------------------------------------------------------------------ FashionIQ part
+
+
+def _mutate(rng: np.random.Generator, base: ProductSpec, kinds: list[str]) -> ProductSpec:
+    spec = base
+    for kind in kinds:
+        if kind == "colour":
+            spec = spec.replace(colour=_other(rng, COLOUR_NAMES, spec.colour, spec.second))
+        elif kind == "pattern":
+            pattern = _other(rng, PATTERNS, spec.pattern)
+            second = None if pattern == "plain" else (spec.second or _other(rng, COLOUR_NAMES, spec.colour))
+            spec = spec.replace(pattern=pattern, second=second)
+        elif kind == "second":
+            spec = spec.replace(second=_other(rng, COLOUR_NAMES, spec.colour, spec.second))
+        else:
+            attrs = dict(spec.attrs)
+            values = GARMENTS[GARMENT_INDEX[spec.garment]].attributes[kind]
+            attrs[kind] = _other(rng, values, attrs[kind])
+            spec = spec.replace(attrs=tuple((k, attrs[k]) for k, _ in spec.attrs))
+    return spec
+
+
+def _family(rng: np.random.Generator, category: str, size: int, seen: set) -> list[ProductSpec]:
+    garments = FIQ_GARMENTS[category]
+    base = _unique_product(rng, seen, garments[int(rng.integers(len(garments)))])
+    members = [base]
+    for _ in range(size * 6):
+        if len(members) == size:
+            break
+        kinds = ["colour", "pattern", *FIQ_MUTABLE[base.garment]]
+        if base.pattern != "plain":
+            kinds.append("second")
+        n_changes = 1 if rng.random() < 0.6 else 2
+        chosen = [str(k) for k in rng.choice(kinds, size=n_changes, replace=False)]
+        variant = _mutate(rng, base, chosen)
+        if variant.visual_key() not in seen and text.changes(base, variant):
+            seen.add(variant.visual_key())
+            members.append(variant)
+    return members
+
+
+def _fiq_name(index: int, seed: int) -> str:
+    return f"B{(index * 7919 + seed * 104729 + 12345) % 10**9:09d}"
+
+
+def _triplets(rng: np.random.Generator, names: list[str], specs: list[ProductSpec]) -> list[dict]:
+    pairs = [
+        (i, j)
+        for i in range(len(specs))
+        for j in range(len(specs))
+        if i != j and 1 <= len(text.changes(specs[i], specs[j])) <= 3
+    ]
+    want = min(len(pairs), max(1, round(1.2 * len(specs))))
+    chosen = rng.permutation(len(pairs))[:want]
+    out = []
+    for k in sorted(chosen):
+        i, j = pairs[k]
+        out.append(
+            {
+                "candidate": names[i],
+                "target": names[j],
+                "captions": text.modification_captions(specs[i], specs[j], rng),
+            }
+        )
+    return out
+
+
+def _fashioniq(
+    rng: np.random.Generator, n_images: int, val_fraction: float, seed: int, root: Path, size: int
+):
+    seen: set = set()
+    per_cat = max(6, n_images // len(FIQ_CATEGORIES))
+    counter = 0
+    captions: dict[tuple[str, str], list[dict]] = {}
+    splits: dict[tuple[str, str], list[str]] = {}
+    attributes: dict[str, dict] = {}
+    jobs: list[_Job] = []
+    for category in FIQ_CATEGORIES:
+        families = []
+        left = per_cat
+        while left > 0:
+            size_f = min(left, int(rng.integers(3, 8)))
+            if left - size_f in (1, 2):
+                size_f = left
+            families.append(_family(rng, category, size_f, seen))
+            left -= size_f
+        n_val = min(len(families) - 1, max(1, round(len(families) * val_fraction)))
+        val_ids = set(rng.permutation(len(families))[:n_val].tolist())
+        for split in ("train", "val"):
+            captions[(category, split)] = []
+            splits[(category, split)] = []
+        for f, members in enumerate(families):
+            split = "val" if f in val_ids else "train"
+            names = []
+            for spec in members:
+                name = _fiq_name(counter, seed)
+                counter += 1
+                names.append(name)
+                width = int(round(size * rng.uniform(0.75, 1.0)))
+                view = ViewSpec(
+                    float(rng.uniform(0.82, 0.92)),
+                    0.5 + float(rng.uniform(-0.02, 0.02)),
+                    0.5 + float(rng.uniform(-0.02, 0.02)),
+                    bool(rng.random() < 0.15),
+                    False,
+                    _BACKGROUNDS[int(rng.integers(2))],
+                    float(rng.uniform(0.92, 1.0)),
+                )
+                jobs.append(_Job(str(root / "FashionIQ" / "images" / f"{name}.jpg"), spec, view, width, size))
+                attributes[name] = {"category": category, **asdict(spec)}
+            splits[(category, split)] += names
+            captions[(category, split)] += _triplets(rng, names, members)
+    for category in FIQ_CATEGORIES:
+        garment_class = FIQ_CATEGORIES.index(category)
+        raw = captions[(category, "val")]
+        captions[(category, "val")] = fashioniq_val_rows(raw, splits[(category, "val")], garment_class)
+    return captions, splits, attributes, jobs
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _render_job(job: _Job) -> None:
+    image = render_image(job.spec, job.view, job.width, job.height)
+    if job.path.endswith(".png"):
+        image.save(job.path, format="PNG", compress_level=1)
+    else:
+        image.save(job.path, format="JPEG", quality=90)
+
+
+def _render_chunk(jobs: list[_Job]) -> int:
+    for job in jobs:
+        _render_job(job)
+    return len(jobs)
+
+
+def _render_all(jobs: list[_Job], workers: int) -> None:
+    for d in sorted({os.path.dirname(j.path) for j in jobs}):
+        os.makedirs(d, exist_ok=True)
+    if workers <= 1 or len(jobs) < 400:
+        _render_chunk(jobs)
+        return
+    chunk = max(16, min(256, len(jobs) // (workers * 8)))
+    pieces = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        for _ in pool.imap_unordered(_render_chunk, pieces):
+            pass
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def make_synthetic(
+    out_dir: str | os.PathLike,
+    products: int = 1000,
+    seed: int = 0,
+    image_size: int = 256,
+    fiq_images: int | None = None,
+    val_fraction: float = 0.15,
+    workers: int | None = None,
+) -> SyntheticSummary:
+    """Generate the synthetic FashionGen + FashionIQ dataset under ``out_dir``; deterministic for ``seed``.
+
+    ``products`` FashionGen-style products (``val_fraction`` of them in val) and ``fiq_images``
+    FashionIQ-style
+    images (default: as many as products, at least 18) drawn at ``image_size`` pixels (FashionIQ widths vary
+    from 0.75x to 1x). ``workers`` processes draw the images (default: all CPU cores).
+    """
+    if products < 2:
+        raise ValueError(f"make_synthetic: products must be >= 2, got {products}")
+    if image_size < 32:
+        raise ValueError(f"make_synthetic: image_size must be >= 32 pixels, got {image_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
+    start = time.perf_counter()
+    root = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    fg_rows, fg_jobs = _fashiongen(rng, products, val_fraction, root, image_size)
+    n_fiq = max(18, products if fiq_images is None else fiq_images)
+    captions, splits, attributes, fiq_jobs = _fashioniq(
+        rng, n_fiq, max(val_fraction, 0.2), seed, root, image_size
+    )
+
+    _render_all(fg_jobs + fiq_jobs, workers or os.cpu_count() or 1)
+
+    for split, rows in fg_rows.items():
+        write_json(root / "FashionGen" / f"{split}_info.json", rows)
+    for (category, split), rows in captions.items():
+        write_json(root / "FashionIQ" / "captions" / f"cap.{category}.{split}.json", rows)
+    for (category, split), names in splits.items():
+        write_json(root / "FashionIQ" / "image_splits" / f"split.{category}.{split}.json", names)
+    write_json(root / "FashionIQ" / "synthetic_attributes.json", attributes)
+    summary = SyntheticSummary(
+        root=str(root),
+        seed=seed,
+        image_size=image_size,
+        products_train=len(fg_rows["train"]),
+        products_val=len(fg_rows["val"]),
+        fashiongen_images=len(fg_jobs),
+        fashioniq_images=len(fiq_jobs),
+        triplets_train=sum(len(r) for (c, s), r in captions.items() if s == "train"),
+        triplets_val=sum(sum(not x["fake_data"] for x in r) for (c, s), r in captions.items() if s == "val"),
+        seconds=0.0,
+    )
+    record = {k: v for k, v in asdict(summary).items() if k not in ("root", "seconds")}
+    write_json(
+        root / "synthetic.json",
+        {
+            "generator_version": GENERATOR_VERSION,
+            **record,
+            "subcategories": [f"{v} {g}" for g, v in SUBCATEGORIES],
+            "categories": [g.name for g in GARMENTS],
+            "attributes": list(ATTRIBUTE_VOCABULARY),
+        },
+    )
+    summary.seconds = round(time.perf_counter() - start, 3)
+    return summary

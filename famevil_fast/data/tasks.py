@@ -1,0 +1,257 @@
+"""Sample tables: what one sample of each task and split is, as flat arrays the loaders index into.
+
+A :class:`SampleTable` lists, per sample, the image choices of each image slot (a product's views, from
+which training draws one at random) and the per-sample tensors (token ids, ids, labels). Tables are built
+from the reader records; images already known to be missing are dropped here with one summarising warning.
+
+Train tables: ``itc`` / ``scr`` / ``cap`` = one sample per product (random view), ``tgir`` = one sample per
+real triplet. Eval tables follow the evaluation protocols (spec section 2): every view is a sample for XMR
+images, SCR and FIC; XMR texts are one per product; TGIR has per category a query table and a gallery table
+of distinct target ids (fake rows included).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from famevil_fast.data.fashion200k import read_fashion200k
+from famevil_fast.data.fashiongen import read_fashiongen
+from famevil_fast.data.fashioniq import read_fashioniq
+from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
+from famevil_fast.data.images import SkippedImages, missing_files
+from famevil_fast.data.records import Product, Triplet
+from famevil_fast.data.tokens import tokenize_texts
+
+TASKS: tuple[str, ...] = ("itc", "tgir", "scr", "cap")
+DEFAULT_DATASET = {"itc": "fashiongen", "scr": "fashiongen", "cap": "fashiongen", "tgir": "fashioniq"}
+PRODUCT_DATASETS = ("fashiongen", "fashion200k")
+
+
+@dataclass
+class SampleTable:
+    """Per-sample image choices (per slot) and tensors of one task split."""
+
+    name: str
+    slots: tuple[str, ...]
+    images: dict[str, list[tuple[str, ...]]]
+    fields: dict[str, torch.Tensor]
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        if self.slots:
+            return len(self.images[self.slots[0]])
+        return len(next(iter(self.fields.values())))
+
+    def subset(self, keep: np.ndarray) -> SampleTable:
+        idx = np.flatnonzero(keep)
+        t = torch.from_numpy(idx)
+        return SampleTable(
+            self.name,
+            self.slots,
+            {s: [v[i] for i in idx] for s, v in self.images.items()},
+            {k: v[t] for k, v in self.fields.items()},
+            [self.texts[i] for i in idx] if self.texts else [],
+        )
+
+
+def check_task(task: str, dataset: str | None) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    dataset = dataset or DEFAULT_DATASET[task]
+    allowed = ("fashioniq",) if task == "tgir" else (PRODUCT_DATASETS if task == "itc" else ("fashiongen",))
+    if dataset not in allowed:
+        raise ValueError(f"task {task!r} reads {allowed}, not {dataset!r}")
+    return dataset
+
+
+def read_products(dataset: str, root: str | os.PathLike, split: str) -> list[Product]:
+    if dataset == "fashiongen":
+        return read_fashiongen(root, split)
+    if dataset == "fashion200k":
+        return read_fashion200k(root, split)
+    raise ValueError(f"unknown product dataset {dataset!r}; expected one of {PRODUCT_DATASETS}")
+
+
+def _ids(values: Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(list(values), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------ missing files
+
+
+def drop_missing_products(products: list[Product], root, what: str) -> list[Product]:
+    missing = missing_files(root, (p for prod in products for p in prod.images))
+    if not missing:
+        return products
+    skipped = SkippedImages(what)
+    for p in sorted(missing):
+        skipped.add(p, "file not found")
+    skipped.report(total=sum(len(p.images) for p in products), stacklevel=4)
+    out = []
+    for prod in products:
+        views = tuple(v for v in prod.images if v not in missing)
+        if views:
+            out.append(
+                Product(prod.id, views, prod.text, prod.category_id, prod.subcategory_id, prod.attributes_id)
+            )
+    return out
+
+
+def drop_missing_triplets(triplets: list[Triplet], root, what: str) -> list[Triplet]:
+    missing = missing_files(root, (p for t in triplets for p in (t.candidate, t.target)))
+    if not missing:
+        return triplets
+    skipped = SkippedImages(what)
+    for p in sorted(missing):
+        skipped.add(p, "file not found")
+    skipped.report(total=len({p for t in triplets for p in (t.candidate, t.target)}), stacklevel=4)
+    out = []
+    for t in triplets:
+        if t.target in missing:
+            continue
+        if t.candidate in missing and not t.fake_data:
+            continue
+        out.append(t)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ train tables
+
+
+def train_table(
+    task: str,
+    root,
+    split: str = "train",
+    dataset: str | None = None,
+    cache_dir=None,
+    check_files: bool = True,
+    categories: Sequence[str] = FIQ_CATEGORIES,
+) -> SampleTable:
+    """The training table of ``task`` (see the module docstring)."""
+    dataset = check_task(task, dataset)
+    if task == "tgir":
+        triplets = [t for t in read_fashioniq(root, split, categories) if not t.fake_data]
+        if check_files:
+            triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}")
+        texts = [t.text for t in triplets]
+        return SampleTable(
+            f"tgir/{split}",
+            ("ref_pixels", "target_pixels"),
+            {
+                "ref_pixels": [(t.candidate,) for t in triplets],
+                "target_pixels": [(t.target,) for t in triplets],
+            },
+            {
+                "input_ids": tokenize_texts(texts, cache_dir),
+                "target_ids": _ids(t.target_id for t in triplets),
+                "category": _ids(t.category for t in triplets),
+            },
+            texts,
+        )
+    products = read_products(dataset, root, split)
+    if check_files:
+        products = drop_missing_products(products, root, f"{dataset} {split}")
+    texts = [p.text for p in products]
+    fields = {"input_ids": tokenize_texts(texts, cache_dir)}
+    if task == "itc":
+        fields["product_ids"] = _ids(p.id for p in products)
+    elif task == "scr":
+        fields["labels"] = _ids(p.subcategory_id for p in products)
+    return SampleTable(
+        f"{task}/{split}", ("pixels",), {"pixels": [p.images for p in products]}, fields, texts
+    )
+
+
+# ------------------------------------------------------------------------------------------ eval tables
+
+
+def view_table(task: str, products: list[Product], split: str, cache_dir=None) -> SampleTable:
+    """Every view of every product as one sample (XMR images, SCR, FIC evaluation)."""
+    views = [(p, v) for p in products for v in p.images]
+    fields = {
+        "product_ids": _ids(p.id for p, _ in views),
+        "subcategory": _ids(p.subcategory_id for p, _ in views),
+    }
+    texts = [p.text for p, _ in views]
+    if task == "scr":
+        fields["labels"] = fields.pop("subcategory")
+    if task in ("scr", "cap"):
+        # one tokenisation per product, repeated per view
+        ids = tokenize_texts([p.text for p in products], cache_dir)
+        counts = torch.as_tensor([len(p.images) for p in products])
+        fields["input_ids"] = torch.repeat_interleave(ids, counts, dim=0)
+    return SampleTable(
+        f"{task}/{split}/views", ("pixels",), {"pixels": [(v,) for _, v in views]}, fields, texts
+    )
+
+
+def product_text_table(products: list[Product], split: str, cache_dir=None) -> SampleTable:
+    """One text per product (XMR text side): input_ids, product_ids, subcategory."""
+    texts = [p.text for p in products]
+    return SampleTable(
+        f"itc/{split}/texts",
+        (),
+        {},
+        {
+            "input_ids": tokenize_texts(texts, cache_dir),
+            "product_ids": _ids(p.id for p in products),
+            "subcategory": _ids(p.subcategory_id for p in products),
+        },
+        texts,
+    )
+
+
+def tgir_tables(triplets: list[Triplet], category: int, cache_dir=None) -> tuple[SampleTable, SampleTable]:
+    """(queries, gallery) of one FashionIQ category."""
+    rows = [t for t in triplets if t.category == category]
+    queries = [t for t in rows if not t.fake_data]
+    gallery: dict[int, str] = {}
+    for t in rows:
+        gallery.setdefault(t.target_id, t.target)
+    ids = sorted(gallery)
+    texts = [t.text for t in queries]
+    name = FIQ_CATEGORIES[category]
+    q = SampleTable(
+        f"tgir/{name}/queries",
+        ("ref_pixels",),
+        {"ref_pixels": [(t.candidate,) for t in queries]},
+        {
+            "input_ids": tokenize_texts(texts, cache_dir),
+            "target_ids": _ids(t.target_id for t in queries),
+            "category": _ids(category for _ in queries),
+        },
+        texts,
+    )
+    g = SampleTable(
+        f"tgir/{name}/gallery",
+        ("pixels",),
+        {"pixels": [(gallery[i],) for i in ids]},
+        {"target_ids": _ids(ids)},
+    )
+    return q, g
+
+
+def all_texts(root, splits: Sequence[str] = ("train", "val")) -> list[list[str]]:
+    """Every text list the tables of ``root`` tokenise (for pre-filling a token cache)."""
+    out: list[list[str]] = []
+    for split in splits:
+        for dataset in PRODUCT_DATASETS:
+            try:
+                products = read_products(dataset, root, split)
+            except FileNotFoundError:
+                continue
+            out.append([p.text for p in products])
+        try:
+            triplets = read_fashioniq(root, split)
+        except FileNotFoundError:
+            continue
+        if split == "train":
+            out.append([t.text for t in triplets if not t.fake_data])
+        for c in range(len(FIQ_CATEGORIES)):
+            out.append([t.text for t in triplets if t.category == c and not t.fake_data])
+    return out
