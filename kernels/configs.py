@@ -1,8 +1,9 @@
 """Tile sizes, warp counts and operand types for every kernel launch.
 
 GPU tiles target Hopper-class cards (64-row blocks feed one warpgroup's wgmma, 64-128 wide K chunks keep
-two or three pipeline stages in shared memory). Under Triton's interpreter larger tiles mean fewer
-programs, which is what its run time depends on.
+two or three pipeline stages in shared memory). Triton's interpreter spends its time per program and per
+tile operation, not per element, so there tiles are as large as the shapes allow (512-wide chunks still
+leave d = 768 two chunks, one of them partial, so the loops and masks stay exercised).
 """
 
 from __future__ import annotations
@@ -55,49 +56,49 @@ class Tiles:
 def adapter_fused_tiles(block_r: int) -> Tiles:
     """adapter_fwd_fused_kernel / adapter_bwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks."""
     if interpreting():
-        return Tiles(block_m=128, block_n=256, block_k=256)
+        return Tiles(block_m=128, block_n=512, block_k=512)
     return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
 
 
 def ln_linear_tiles(n_out: int) -> Tiles:
     """ln_linear_fwd_kernel: BLOCK_N output columns, BLOCK_K chunks of d."""
     if interpreting():
-        return Tiles(block_m=128, block_n=min(padded(n_out), 256), block_k=256)
+        return Tiles(block_m=128, block_n=min(padded(n_out), 512), block_k=512)
     return Tiles(block_m=64, block_n=min(padded(n_out), 128), block_k=64, num_warps=4, num_stages=3)
 
 
 def up_residual_tiles() -> Tiles:
     """adapter_up_residual_kernel: BLOCK_N output columns of d, BLOCK_K chunks of r."""
     if interpreting():
-        return Tiles(block_m=128, block_n=256, block_k=256)
+        return Tiles(block_m=128, block_n=512, block_k=512)
     return Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
 
 
 def dp_tiles(r: int) -> Tiles:
     """adapter_dp_kernel: BLOCK_N r columns (the tile), BLOCK_K chunks of d."""
     if interpreting():
-        return Tiles(block_m=128, block_n=min(padded(r), 256), block_k=256)
+        return Tiles(block_m=128, block_n=min(padded(r), 512), block_k=512)
     return Tiles(block_m=64, block_n=min(padded(r), 128), block_k=64, num_warps=4, num_stages=3)
 
 
 def dx_tiles(n_out: int) -> Tiles:
     """ln_linear_dx_kernel: BLOCK_N d columns, BLOCK_K chunks of the linear output."""
     if interpreting():
-        return Tiles(block_m=128, block_n=256, block_k=min(padded(n_out), 256))
+        return Tiles(block_m=128, block_n=512, block_k=min(padded(n_out), 512))
     return Tiles(block_m=64, block_n=128, block_k=min(padded(n_out), 64), num_warps=4, num_stages=3)
 
 
 def weight_tiles(n_out: int) -> Tiles:
     """weight_grad_partials_kernel: BLOCK_M rows per step (the reduction), BLOCK_N d tile, BLOCK_K r tile."""
     if interpreting():
-        return Tiles(block_m=128, block_n=256, block_k=min(padded(n_out), 256))
+        return Tiles(block_m=128, block_n=512, block_k=min(padded(n_out), 512))
     return Tiles(block_m=64, block_n=64, block_k=min(padded(n_out), 128), num_warps=8, num_stages=2)
 
 
 def epilogue_tiles(n_out: int) -> Tiles:
     """weight_grad_epilogue_kernel: BLOCK_N d tile, BLOCK_K r chunk (no products; block_m unused)."""
     if interpreting():
-        return Tiles(block_m=1, block_n=256, block_k=min(padded(n_out), 256))
+        return Tiles(block_m=1, block_n=512, block_k=min(padded(n_out), 512))
     return Tiles(block_m=1, block_n=16, block_k=min(padded(n_out), 128), num_warps=4, num_stages=1)
 
 

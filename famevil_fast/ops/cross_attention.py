@@ -6,16 +6,25 @@ followed by a bottleneck adapter on the attention output.
 There is no output projection: the concatenated heads go straight into the adapter. Owns the public
 ``cross_attention_adapter`` function, ``context_key_values`` (keys and values of a context, computed once
 and reusable, e.g. over a vision memory during caption decoding) and the plain-PyTorch reference.
+
+The Triton path saves passes over memory in three places: each LayerNorm is fused into the projection
+that follows it (the normalised activations are never written, forward or backward), the heads come out
+of attention already in (B, L, H * Dh) order so merging them costs no copy, and the adapter adds its
+output and every residual term in the same pass that writes the block's output. Attention itself is
+flash-attn's kernel when that package is importable (CUDA, fp16/bf16, no mask), else PyTorch's
+``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.ops._backend import check_backend
+from famevil_fast.ops._backend import check_backend, select_backend
 from famevil_fast.ops.adapter import LN_EPS, AdapterParams, Residual, fused_adapter
 
 BACKENDS = ("torch", "triton")
@@ -44,19 +53,99 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * dh)
 
 
+def _as_dtype(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def layer_norm_linear_reference(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    ln_weight, ln_bias, weight, bias = (_as_dtype(t, x) for t in (ln_weight, ln_bias, weight, bias))
+    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), weight, bias)
+
+
+def layer_norm_linear_triton(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """``LN(x) W^T + b`` in one kernel (``torch.ops.famevil_fast.ln_linear_forward``), x of shape (..., d)."""
+    from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
+
+    d = x.shape[-1]
+    params = [t.contiguous() for t in (ln_weight, ln_bias, weight, bias)]
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    out = torch.ops.famevil_fast.ln_linear_forward(x.reshape(-1, d).contiguous(), *params, save, eps)[0]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _split_key_values(kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Lc, 2d) keys-then-values -> two (B, H, Lc, Dh) views."""
+    b, n, width = kv.shape
+    k, v = kv.view(b, n, 2, num_heads, width // (2 * num_heads)).unbind(2)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
 def context_key_values(
-    context: torch.Tensor, attn: CrossAttentionParams, num_heads: int
+    context: torch.Tensor,
+    attn: CrossAttentionParams,
+    num_heads: int,
+    backend: str | None = None,
+    eps: float = LN_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (B, H, Lc, Dh) of a context (B, Lc, c)."""
-    c = context.shape[-1]
-    kv = F.linear(F.layer_norm(context, (c,), attn.ctx_ln_weight, attn.ctx_ln_bias, LN_EPS), attn.kv_weight, attn.kv_bias)
-    k, v = kv.chunk(2, dim=-1)
-    return split_heads(k, num_heads), split_heads(v, num_heads)
+    """Keys and values (B, H, Lc, Dh) of a context (B, Lc, c). ``backend="triton"`` fuses the LayerNorm
+    into the key/value projection."""
+    args = (context, attn.ctx_ln_weight, attn.ctx_ln_bias, attn.kv_weight, attn.kv_bias, eps)
+    if select_backend("context_key_values", backend, BACKENDS, context) == "triton":
+        kv = layer_norm_linear_triton(*args)
+    else:
+        kv = layer_norm_linear_reference(*args)
+    return _split_key_values(kv, num_heads)
 
 
 def attention_mask_from_context(context_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, Lc) bool, True = attend  ->  (B, 1, 1, Lc) for scaled_dot_product_attention."""
     return None if context_mask is None else context_mask[:, None, None, :]
+
+
+@functools.cache
+def flash_attention() -> Callable | None:
+    """flash-attn's ``flash_attn_func`` when the package is importable, else None."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    use_flash: bool = True,
+) -> torch.Tensor:
+    """Multi-head attention of q (B, H, L, Dh) over k, v (B, H, Lc, Dh); returns merged heads (B, L, H*Dh)."""
+    flash = flash_attention() if use_flash else None
+    if (
+        flash is not None
+        and context_mask is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+    ):
+        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        b, n, h, dh = out.shape
+        return out.reshape(b, n, h * dh)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask_from_context(context_mask))
+    return merge_heads(out)
 
 
 def cross_attention_reference(
@@ -68,14 +157,90 @@ def cross_attention_reference(
     context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     context_mask: torch.Tensor | None = None,
     residual: Residual = None,
+    eps: float = LN_EPS,
 ) -> torch.Tensor:
-    d = x.shape[-1]
     if context_kv is None:
-        context_kv = context_key_values(context, attn, num_heads)
+        context_kv = context_key_values(context, attn, num_heads, backend="torch", eps=eps)
     k, v = context_kv
-    q = split_heads(F.linear(F.layer_norm(x, (d,), attn.q_ln_weight, attn.q_ln_bias, LN_EPS), attn.q_weight, attn.q_bias), num_heads)
-    o = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask_from_context(context_mask)))
-    return fused_adapter(x=o, **adapter._asdict(), residual=residual, backend="torch")
+    q = layer_norm_linear_reference(x, attn.q_ln_weight, attn.q_ln_bias, attn.q_weight, attn.q_bias, eps)
+    o = merge_heads(
+        F.scaled_dot_product_attention(
+            split_heads(q, num_heads), k, v, attn_mask=attention_mask_from_context(context_mask)
+        )
+    )
+    return fused_adapter(o, *adapter, residual=residual, backend="torch", eps=eps)
+
+
+def cross_attention_triton(
+    x: torch.Tensor,
+    attn: CrossAttentionParams,
+    adapter: AdapterParams,
+    num_heads: int,
+    context: torch.Tensor | None = None,
+    context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    context_mask: torch.Tensor | None = None,
+    residual: Residual = None,
+    eps: float = LN_EPS,
+    fuse_projections: bool = True,
+) -> torch.Tensor:
+    """The XAA block with fused kernels; ``fuse_projections=False`` keeps LayerNorm and the Q/KV projections
+    as separate PyTorch (cuBLAS) calls and fuses only the adapter and its residual sum."""
+    projection = layer_norm_linear_triton if fuse_projections else layer_norm_linear_reference
+    if context_kv is None:
+        kv = projection(context, attn.ctx_ln_weight, attn.ctx_ln_bias, attn.kv_weight, attn.kv_bias, eps)
+        context_kv = _split_key_values(kv, num_heads)
+    k, v = context_kv
+    q = projection(x, attn.q_ln_weight, attn.q_ln_bias, attn.q_weight, attn.q_bias, eps)
+    o = attention(split_heads(q, num_heads), k, v, context_mask)
+    return fused_adapter(o, *adapter, residual=residual, backend="triton", eps=eps)
+
+
+def _check_params(op: str, x: torch.Tensor, attn: CrossAttentionParams) -> None:
+    dtypes = {t.dtype for t in attn}
+    for name, t in attn._asdict().items():
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if len(dtypes) > 1:
+        raise ValueError(f"{op}: the attention parameters mix dtypes {sorted(map(str, dtypes))}")
+    dtype = attn.q_weight.dtype
+    if dtype not in (x.dtype, torch.float32):
+        raise ValueError(
+            f"{op}: attention parameters are {dtype} but x is {x.dtype} (allowed: x's dtype or float32)"
+        )
+    d, c = x.shape[-1], attn.kv_weight.shape[-1]
+    shapes = {
+        "q_ln_weight": (d,),
+        "q_ln_bias": (d,),
+        "ctx_ln_weight": (c,),
+        "ctx_ln_bias": (c,),
+        "q_bias": (d,),
+    }
+    shapes["kv_bias"] = (2 * d,)
+    for name, want in shapes.items():
+        got = tuple(getattr(attn, name).shape)
+        if got != want:
+            raise ValueError(f"{op}: {name} has shape {got}, expected {want}")
+
+
+def _check_context_kv(
+    op: str, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor], num_heads: int
+) -> None:
+    b, _, d = x.shape
+    if len(context_kv) != 2:
+        raise ValueError(f"{op}: context_kv must be a (keys, values) pair")
+    k, v = context_kv
+    for name, t in (("keys", k), ("values", v)):
+        if t.dim() != 4 or t.shape[0] != b or t.shape[1] != num_heads or t.shape[3] != d // num_heads:
+            raise ValueError(
+                f"{op}: context {name} must be (B={b}, H={num_heads}, Lc, {d // num_heads}), "
+                f"got {tuple(t.shape)}"
+            )
+        if t.device != x.device or t.dtype != x.dtype:
+            raise ValueError(
+                f"{op}: context {name} are {t.dtype} on {t.device} but x is {x.dtype} on {x.device}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: keys {tuple(k.shape)} and values {tuple(v.shape)} differ in shape")
 
 
 def check_cross_attention_args(
@@ -94,22 +259,26 @@ def check_cross_attention_args(
         raise ValueError(f"{op}: pass exactly one of context and context_kv")
     if num_heads <= 0 or d % num_heads:
         raise ValueError(f"{op}: width {d} is not divisible by num_heads={num_heads}")
-    if attn.q_weight.shape != (d, d) or attn.kv_weight.shape[0] != 2 * d:
+    if attn.q_weight.shape != (d, d) or attn.kv_weight.dim() != 2 or attn.kv_weight.shape[0] != 2 * d:
         raise ValueError(
             f"{op}: q_weight {tuple(attn.q_weight.shape)} / kv_weight {tuple(attn.kv_weight.shape)} "
             f"do not match width {d} (expected ({d}, {d}) and ({2 * d}, c))"
         )
+    _check_params(op, x, attn)
     if context is not None:
         if context.dim() != 3 or context.shape[0] != b:
             raise ValueError(f"{op}: context must be (B={b}, Lc, c), got shape {tuple(context.shape)}")
         if context.shape[-1] != attn.kv_weight.shape[1]:
             raise ValueError(
-                f"{op}: context width {context.shape[-1]} does not match kv_weight {tuple(attn.kv_weight.shape)}"
+                f"{op}: context width {context.shape[-1]} does not match kv_weight "
+                f"{tuple(attn.kv_weight.shape)}"
             )
         if context.device != x.device or context.dtype != x.dtype:
             raise ValueError(
                 f"{op}: context is {context.dtype} on {context.device} but x is {x.dtype} on {x.device}"
             )
+    else:
+        _check_context_kv(op, x, context_kv, num_heads)
     length = context.shape[1] if context is not None else context_kv[0].shape[2]
     if context_mask is not None:
         if context_mask.shape != (b, length) or context_mask.dtype != torch.bool:
@@ -117,6 +286,8 @@ def check_cross_attention_args(
                 f"{op}: context_mask must be bool of shape ({b}, {length}), got {context_mask.dtype} "
                 f"{tuple(context_mask.shape)}"
             )
+        if context_mask.device != x.device:
+            raise ValueError(f"{op}: context_mask is on {context_mask.device} but x is on {x.device}")
 
 
 def cross_attention_adapter(
@@ -129,13 +300,19 @@ def cross_attention_adapter(
     context_mask: torch.Tensor | None = None,
     residual: Residual = None,
     backend: str | None = None,
+    eps: float = LN_EPS,
+    fuse_projections: bool = True,
 ) -> torch.Tensor:
     """XAA block: ``residual + adapter(MHA(LN_q(x), LN_c(context)))`` for x (B, L, d), context (B, Lc, c).
 
     ``context_kv`` replaces ``context`` with precomputed keys and values (see ``context_key_values``).
     ``context_mask`` (B, Lc) bool marks the context positions that may be attended (True = keep).
-    ``backend``: "triton", "torch" or None (automatic).
+    ``backend``: "triton", "torch" or None (automatic). ``fuse_projections`` (Triton backend): fuse each
+    LayerNorm into its projection (True) or leave both to PyTorch.
     """
     check_backend("cross_attention_adapter", backend, BACKENDS)
     check_cross_attention_args(x, context, context_kv, context_mask, attn, num_heads)
-    return cross_attention_reference(x, attn, adapter, num_heads, context, context_kv, context_mask, residual)
+    args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
+    if select_backend("cross_attention_adapter", backend, BACKENDS, x) == "torch":
+        return cross_attention_reference(*args)
+    return cross_attention_triton(*args, fuse_projections=fuse_projections)
