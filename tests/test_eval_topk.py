@@ -110,3 +110,15 @@ def test_bad_input(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         blocked_topk(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_matches_cpu_reference(dtype):
+    queries, gallery = _embeddings(301, 64, dtype), _embeddings(517, 64, dtype)
+    values, indices = blocked_topk(queries.cuda(), gallery.cuda(), 11, (64, 100), backend="blocked")
+    assert values.dtype == torch.float32 and values.device.type == "cuda"
+    ref_values, ref_indices = _reference(queries, gallery, 11)
+    torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=1e-5)
+    assert (indices.cpu() == ref_indices).double().mean() > 0.999

@@ -183,3 +183,12 @@ def test_sampled_protocol_bad_input():
         xmr_sampled(images, image_ids, (image_sub + 1) % 2, texts, text_ids, text_sub, num_negatives=5)
     with pytest.raises(ValueError, match="repeats"):
         xmr_sampled(images, image_ids, image_sub, texts, text_ids, text_sub, num_negatives=5, repeats=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_protocol_on_cuda_matches_cpu():
+    images, image_ids, _, texts, text_ids, _ = _dataset(products=200, dtype=torch.bfloat16)
+    on_gpu = xmr_full(images.cuda(), image_ids.cuda(), texts.cuda(), text_ids.cuda(), block_size=(64, 96))
+    on_cpu = xmr_full(images, image_ids, texts, text_ids)
+    assert on_gpu.metrics == pytest.approx(on_cpu.metrics, abs=0.5)

@@ -94,20 +94,17 @@ def _expected_hit(slots: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torc
 
 def _best_positive(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """(q,) highest positive score per row (-inf where a row has no positive in this block)."""
-    return torch.where(positive, scores, torch.full_like(scores, float("-inf"))).amax(dim=1)
+    return torch.where(positive, scores, float("-inf")).amax(dim=1)
 
 
 def _count_around(
     scores: torch.Tensor, positive: torch.Tensor, best: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    above = scores > best[:, None]
+    """(greater, tied_negatives, tied_positives) per row; no positive scores above ``best``."""
     equal = scores == best[:, None]
-    negative = ~positive
-    return (
-        (above & negative).sum(dim=1),
-        (equal & negative).sum(dim=1),
-        (equal & positive).sum(dim=1),
-    )
+    tied = equal.sum(dim=1)
+    tied_positives = (equal & positive).sum(dim=1)
+    return (scores > best[:, None]).sum(dim=1), tied - tied_positives, tied_positives
 
 
 def candidate_rank_stats(scores: torch.Tensor, positive: torch.Tensor) -> RankStats:

@@ -32,7 +32,7 @@ def _check_ids(op: str, name: str, ids: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"{op}: {name} must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
     if ids.shape != (n,):
         raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(ids.shape)}")
-    return ids.to("cpu", torch.int64)
+    return ids.to("cpu", torch.int64).contiguous()
 
 
 def _check_products(op: str, image_ids: torch.Tensor, text_ids: torch.Tensor) -> None:
