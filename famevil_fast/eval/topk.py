@@ -76,11 +76,23 @@ def score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_HALF_MM_FP32_OUT: dict[torch.device, bool] = {}
+
+
 def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """(q, g) scores ``queries @ gallery.T`` in float32 (float64 for float64 inputs)."""
+    """(q, g) scores ``queries @ gallery.T`` in float32 (float64 for float64 inputs).
+
+    On CUDA, float16 / bfloat16 inputs use the tensor cores with float32 output (``torch.mm(...,
+    out_dtype=torch.float32)``); where a backend lacks that, the blocks are upcast instead.
+    """
     half = queries.dtype in (torch.float16, torch.bfloat16)
-    if half and queries.device.type == "cuda":
-        return torch.mm(queries, gallery.T, out_dtype=torch.float32)
+    if half and queries.device.type == "cuda" and _HALF_MM_FP32_OUT.get(queries.device, True):
+        try:
+            return torch.mm(queries, gallery.T, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError):
+            _HALF_MM_FP32_OUT[queries.device] = False
     out = score_dtype(queries.dtype)
     return queries.to(out) @ gallery.to(out).T
 
