@@ -55,7 +55,8 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     if not groups:
         raise ValueError("no trainable parameters")
     on_cuda = groups[0]["params"][0].is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
+    kind = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
 
 
 def lr_factor(update: int, warmup: int, start_factor: float, decay_at: list[int], decay_factor: float) -> float:

@@ -1,0 +1,286 @@
+"""The multi-task trainer: task sampling, distillation, gradient combination, mixed precision, distributed
+data parallelism, checkpoints with exact resume, logging and periodic evaluation.
+
+One optimizer update = ``update_frequency`` micro-batches whose tasks the sampler picks. Each micro-batch
+loss is divided by that count and back-propagated (or, with ``mixed_task_batches``, the update's batches go
+through shared backbone passes); IMTL-G instead buffers each task's gradient and combines them. A
+non-finite loss or gradient skips the update (or stops the run) and names the task that produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+from famevil_fast.train.checkpoint import CheckpointManager
+from famevil_fast.train.config import TrainConfig
+from famevil_fast.train.distill import Teachers, combine, kd_loss
+from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env
+from famevil_fast.train.imtl import GradientBuffer
+from famevil_fast.train.logging import RunLogger
+from famevil_fast.train.optim import build_optimizer, build_scheduler, freeze_backbone
+from famevil_fast.train.sampling import TaskSampler
+
+
+class TaskStream(Protocol):
+    """An endless, resumable source of one task's training batches."""
+
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+
+    def __len__(self) -> int: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a non-finite loss or gradient stops the run (``train.nonfinite: stop``)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig) -> FameViL:
+    m = cfg.model
+    fields = dict(tasks=tuple(m.tasks), adapter_bottleneck=m.adapter_bottleneck, adapter_dropout=m.adapter_dropout,
+                  xaa=m.xaa, num_classes=m.num_classes, caption_loss_on_padding=m.caption_loss_on_padding,
+                  attention=m.attention, backend=m.backend)  # fmt: skip
+    if m.resume_weights:
+        return FameViL.from_pretrained(m.resume_weights, **fields)
+    config = FameViLConfig(clip=clip_preset(m.clip), **fields)
+    if config.clip.vision.image_size != cfg.data.image_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} but the {m.clip} model takes {config.clip.vision.image_size} px")
+    if m.init:
+        return FameViL.from_clip(m.init, config)
+    return FameViL(config)
+
+
+class TrainingModule(nn.Module):
+    """What DDP wraps: one forward for a dict of task batches, run separately or through shared passes."""
+
+    def __init__(self, model: FameViL) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches: dict[str, dict[str, torch.Tensor]], gather=None, mixed: bool = False):
+        if mixed and len(batches) > 1:
+            return self.model.forward_mixed(batches, gather)
+        return {task: self.model(batch, task, gather) for task, batch in batches.items()}
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        streams: Mapping[str, TaskStream] | None = None,
+        evaluator=None,
+        model: FameViL | None = None,
+    ) -> None:
+        self.cfg = config.validate()
+        t = config.train
+        want_cuda = t.device == "cuda" or (t.device is None and torch.cuda.is_available())
+        self.dist: DistInfo = init_from_env("cuda" if want_cuda else "cpu")
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if want_cuda else "cpu")
+        seed_everything(t.seed)
+        self.model = (model or build_model(config)).to(self.device)
+        if t.freeze_backbone:
+            freeze_backbone(self.model)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule)
+        if streams is None:
+            from famevil_fast.train.data_feed import build_streams
+
+            streams = build_streams(config, self.dist, self.device)
+        missing = [task for task in config.model.tasks if task not in streams]
+        if missing:
+            raise ValueError(f"no training data for task(s) {missing}")
+        self.streams = dict(streams)
+        self.sampler = TaskSampler(config.model.tasks, t.sampling, {k: len(s) for k, s in self.streams.items()},
+                                   t.update_frequency, t.seed)  # fmt: skip
+        self.teachers = Teachers.load(config.distill.teachers, self.model).to(self.device) if config.distill.enabled else None
+        self.module = TrainingModule(self.model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+        self.gather = FeatureGather(self.dist) if self.dist.enabled else None
+        self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last)
+        self.evaluator = evaluator
+        self.update = 0
+        self.history: list[dict[str, Any]] = []
+        self.eval_results: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "streams": {task: s.state_dict() for task, s in self.streams.items()},
+            "history": self.history[-1000:],
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return self.checkpoints.save(self.update, self.model, self.optimizer, self.state())
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from ``path`` or the newest checkpoint of the run directory; False when there is none."""
+        path = Path(path) if path else self.checkpoints.latest()
+        if path is None:
+            return False
+        state = self.checkpoints.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        for task, stream_state in state["streams"].items():
+            if task in self.streams:
+                self.streams[task].load_state_dict(stream_state)
+        self.history = list(state.get("history", []))
+        self.update = int(state["update"])
+        return True
+
+    # ------------------------------------------------------------------ one update
+    def _autocast(self):
+        if self.cfg.train.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _task_loss(self, task: str, out, batch) -> torch.Tensor:
+        if self.teachers is None or task not in self.teachers:
+            return out.loss
+        teacher_out = self.teachers(batch, task, self.gather)
+        kd = kd_loss(task, out, teacher_out, self.cfg.distill.faithful_itc, self.cfg.model.backend)
+        return combine(out.loss, kd, self.cfg.distill.balance)
+
+    def _micro_batches(self, tasks: list[str]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        batches = [(task, self._to_device(self.streams[task].next_batch())) for task in tasks]
+        grouped = self.cfg.train.mixed_task_batches and len(set(tasks)) == len(tasks)
+        if grouped:
+            yield dict(batches)
+        else:
+            for task, batch in batches:
+                yield {task: batch}
+
+    def train_update(self) -> dict[str, Any]:
+        """Run one optimizer update; returns its losses (per micro-batch task) and whether it was applied."""
+        cfg = self.cfg.train
+        tasks = self.sampler.next_update()
+        imtl = GradientBuffer(self.trainable) if cfg.gradient_strategy != "sum" else None
+        micro = list(self._micro_batches(tasks))
+        losses: list[tuple[str, torch.Tensor]] = []
+        for i, batches in enumerate(micro):
+            sync = self.dist.enabled and imtl is None and i < len(micro) - 1
+            with self.module.no_sync() if sync else contextlib.nullcontext():
+                with self._autocast():
+                    outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
+                    task_losses = {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+                total = sum(task_losses.values()) / len(tasks)
+                total.backward()
+            if imtl is not None:
+                imtl.collect(next(iter(batches)))
+            losses.extend((t, loss.detach().float()) for t, loss in task_losses.items())
+        if imtl is not None:
+            imtl.apply(cfg.gradient_strategy)
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_norm)
+        values = torch.stack([v for _, v in losses] + [grad_norm.detach().float().to(self.device)]).tolist()
+        applied = all(math.isfinite(v) for v in values)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.update += 1
+        record = {"update": self.update, "applied": applied, "grad_norm": values[-1],
+                  "losses": [[t, v] for (t, _), v in zip(losses, values)]}  # fmt: skip
+        self.history.append(record)
+        if not applied:
+            self._non_finite(record)
+        return record
+
+    def _non_finite(self, record: dict[str, Any]) -> None:
+        bad = [t for t, v in record["losses"] if not math.isfinite(v)]
+        where = f"loss of task(s) {bad}" if bad else "gradient (all losses finite)"
+        text = f"update {record['update']}: non-finite {where}; the update was skipped"
+        if self.logger is not None:
+            self.logger.message(text)
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteLoss(text.replace("the update was skipped", "stopping (parameters left unchanged)"))
+
+    # ------------------------------------------------------------------ loop
+    logger: RunLogger | None = None
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.checkpoint.resume and self.resume():
+            pass
+        self.logger = RunLogger(cfg.checkpoint.dir, cfg.train.updates, self.update, cfg.logging.tensorboard,
+                                cfg.logging.progress, enabled=self.dist.is_main)  # fmt: skip
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        status = "finished"
+        try:
+            while self.update < cfg.train.updates:
+                record = self.train_update()
+                self._log(record)
+                self.logger.advance()
+                if cfg.eval.every and self.update % cfg.eval.every == 0 and self.update < cfg.train.updates:
+                    self.evaluate()
+                if cfg.checkpoint.every and self.update % cfg.checkpoint.every == 0:
+                    self.save()
+                if self._stop_signal is not None:
+                    status = f"interrupted by signal {self._stop_signal}"
+                    break
+            self.save()
+            results = self.evaluate() if status == "finished" else {}
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.logger.message(f"training {status} at update {self.update}")
+            self.logger.close()
+        return {"status": status, "update": self.update, "eval": results}
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _log(self, record: dict[str, Any]) -> None:
+        every = self.cfg.logging.every
+        if not (every and (self.update % every == 0 or self.update == 1)):
+            return
+        values: dict[str, Any] = {"lr": self.scheduler.get_last_lr()[0], "grad_norm": record["grad_norm"]}
+        for task, value in record["losses"]:
+            values[f"loss/{task}"] = value
+        self.logger.log(self.update, values)
+
+    def evaluate(self) -> dict[str, Any]:
+        if self.evaluator is None or not self.dist.is_main:
+            return {}
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                results = self.evaluator(self.model)
+        finally:
+            self.model.train()
+        self.eval_results.append({"update": self.update, **results})
+        if self.logger is not None:
+            for task, metrics in results.items():
+                numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+                self.logger.log(self.update, numbers, kind=f"eval/{task}")
+        return results

@@ -1,0 +1,110 @@
+"""The multi-task trainer: exact resume, gradient strategies, distillation, non-finite handling, signals."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from trainer_fixtures import RandomStream, micro_config, streams
+
+from famevil_fast.model import FameViL
+from famevil_fast.train.trainer import NonFiniteLoss, Trainer
+
+
+def _losses(history):
+    return [(r["update"], [tuple(x) for x in r["losses"]]) for r in history]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = Trainer(micro_config(tmp_path / "a", "train.updates=6"), streams())
+    full.fit()
+    interrupted = Trainer(micro_config(tmp_path / "b", "train.updates=3"), streams())
+    interrupted.fit()
+    resumed = Trainer(micro_config(tmp_path / "b", "train.updates=6", "checkpoint.resume=true"), streams())
+    resumed.fit()
+    assert _losses(resumed.history) == _losses(full.history)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_round_robin_update_sees_every_task_and_parameters_move(tmp_path):
+    trainer = Trainer(micro_config(tmp_path, "train.updates=1"), streams())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    record = trainer.train_update()
+    assert [t for t, _ in record["losses"]] == ["itc", "tgir", "scr", "cap"]
+    assert record["applied"]
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    for task in ("itc", "tgir", "scr", "cap"):
+        assert any(f".adapters.{task}." in n for n in moved)
+
+
+@pytest.mark.parametrize("strategy", ["imtlg", "imtlg_global"])
+def test_imtl_strategies_train(tmp_path, strategy):
+    trainer = Trainer(micro_config(tmp_path, f"train.gradient_strategy={strategy}", "train.updates=2"), streams())
+    trainer.fit()
+    assert all(r["applied"] for r in trainer.history)
+
+
+def test_mixed_task_batches_match_sequential_accumulation(tmp_path):
+    seq = Trainer(micro_config(tmp_path / "s", "train.updates=2"), streams())
+    seq.fit()
+    mixed = Trainer(micro_config(tmp_path / "m", "train.updates=2", "train.mixed_task_batches=true"), streams())
+    mixed.fit()
+    for a, b in zip(seq.history, mixed.history):
+        for (ta, va), (tb, vb) in zip(a["losses"], b["losses"]):
+            assert ta == tb and math.isclose(va, vb, rel_tol=1e-4)
+
+
+def test_non_finite_loss_skips_the_update_and_names_the_task(tmp_path):
+    s = streams()
+    s["tgir"] = RandomStream("tgir", 1, poison_at=0)
+    trainer = Trainer(micro_config(tmp_path, "train.updates=1"), s)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit()
+    assert not trainer.history[0]["applied"]
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    log = (tmp_path / "metrics.jsonl").read_text()
+    assert "non-finite loss of task(s) ['tgir']" in log
+    stopper = Trainer(micro_config(tmp_path / "stop", "train.updates=1", "train.nonfinite=stop"),
+                      {**streams(), "tgir": RandomStream("tgir", 1, poison_at=0)})  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match="tgir"):
+        stopper.fit()
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    class Killer(RandomStream):
+        def next_batch(self):
+            if self.position == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().next_batch()
+
+    s = streams()
+    s["itc"] = Killer("itc", 0)
+    trainer = Trainer(micro_config(tmp_path, "train.updates=50"), s)
+    result = trainer.fit()
+    assert result["status"].startswith("interrupted") and result["update"] == 2
+    assert trainer.checkpoints.latest().name == "step_00000002"
+
+
+def test_distillation_from_saved_teachers(tmp_path):
+    cfg = micro_config(tmp_path / "run", "train.updates=1")
+    teachers = {}
+    for task in ("itc", "cap"):
+        teacher = FameViL(Trainer(cfg, streams()).model.config.replace(tasks=(task,), xaa="none" if task == "itc" else "text"))
+        teacher.save_pretrained(tmp_path / f"teacher_{task}")
+        teachers[task] = str(tmp_path / f"teacher_{task}")
+    overrides = ["distill.enabled=true", "distill.teachers={itc: %s, cap: %s}" % (teachers["itc"], teachers["cap"])]
+    trainer = Trainer(micro_config(tmp_path / "kd", "train.updates=1", *overrides), streams())
+    plain = Trainer(micro_config(tmp_path / "plain", "train.updates=1"), streams())
+    kd_losses = dict(trainer.train_update()["losses"])
+    plain_losses = dict(plain.train_update()["losses"])
+    assert kd_losses["tgir"] == plain_losses["tgir"] and kd_losses["scr"] == plain_losses["scr"]
+    assert kd_losses["itc"] != plain_losses["itc"] and kd_losses["cap"] != plain_losses["cap"]
+
+
+def test_checkpoints_keep_the_newest(tmp_path):
+    trainer = Trainer(micro_config(tmp_path, "train.updates=5", "checkpoint.every=1", "checkpoint.keep_last=2"), streams())
+    trainer.fit()
+    assert [p.name for p in trainer.checkpoints.list()] == ["step_00000004", "step_00000005"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
