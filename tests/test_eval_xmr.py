@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.eval import sample_candidates, xmr_full, xmr_sampled
+from famevil_fast.eval.candidates import distinct_below
 from famevil_fast.eval.ranks import candidate_rank_stats
 
 
@@ -192,3 +193,20 @@ def test_full_protocol_on_cuda_matches_cpu():
     on_gpu = xmr_full(images.cuda(), image_ids.cuda(), texts.cuda(), text_ids.cuda(), block_size=(64, 96))
     on_cpu = xmr_full(images, image_ids, texts, text_ids)
     assert on_gpu.metrics == pytest.approx(on_cpu.metrics, abs=0.5)
+
+
+def test_draws_are_uniform():
+    generator = torch.Generator().manual_seed(1)
+    sizes = torch.tensor([10, 4, 2] * 4000)
+    draws, valid = distinct_below(sizes, 3, generator)
+    assert valid[0::3].all() and valid[1::3].all() and valid[2::3, :2].all() and not valid[2::3, 2].any()
+    for n, rows in ((10, draws[0::3]), (4, draws[1::3])):
+        assert (rows.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct within a row
+        share = torch.bincount(rows.flatten(), minlength=n).double() / len(rows)
+        torch.testing.assert_close(share, torch.full((n,), 3 / n, dtype=torch.float64), rtol=0, atol=0.03)
+    # the positive is a uniformly random view of the product
+    gallery_ids, gallery_sub = torch.tensor([0, 0, 1, 2, 3]), torch.zeros(5, dtype=torch.long)
+    ids = torch.zeros(2000, dtype=torch.long)
+    _, cand, _ = sample_candidates(ids, ids, gallery_ids, gallery_sub, 2000, 3, generator)
+    assert cand[:, 0].lt(2).all() and abs(cand[:, 0].double().mean().item() - 0.5) < 0.05
+    assert torch.equal(cand[:, 1:].sort(dim=1).values, torch.tensor([[2, 3, 4]]).expand(2000, 3))

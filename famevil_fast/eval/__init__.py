@@ -3,7 +3,8 @@ logits and caption strings (the trainer encodes; these functions score).
 
 - ``topk``: blocked similarity search (``blocked_topk``); the score matrix is never materialised.
 - ``ranks``: rank of each query's best positive with an explicit ties rule; Recall@K.
-- ``xmr``: FashionGen cross-modal retrieval, full protocol (``xmr_full``) and sampled-100 (``xmr_sampled``).
+- ``xmr``: FashionGen cross-modal retrieval, full protocol (``xmr_full``) and sampled-100 (``xmr_sampled``);
+  ``candidates`` draws the sampled protocol's candidate sets.
 - ``tgir``: FashionIQ text-guided image retrieval (``tgir_fashioniq``).
 - ``classification``: sub-category recognition accuracy and macro-F1 (``scr_result``).
 - ``captioning`` / ``caption_tokenize``: BLEU, METEOR, ROUGE-L, CIDEr via pycocoevalcap (``fic_result``).
@@ -12,6 +13,7 @@ logits and caption strings (the trainer encodes; these functions score).
 Every score is a percentage. See docs/evaluation.md for the protocols and how they differ.
 """
 
+from famevil_fast.eval.candidates import sample_candidates
 from famevil_fast.eval.caption_tokenize import JavaNotFoundError, ptb_tokenize, simple_tokenize
 from famevil_fast.eval.captioning import CAPTION_METRICS, caption_scores, fic_result
 from famevil_fast.eval.classification import accuracy, macro_f1, scr_result
@@ -25,7 +27,7 @@ from famevil_fast.eval.tgir import (
     unique_gallery,
 )
 from famevil_fast.eval.topk import blocked_topk
-from famevil_fast.eval.xmr import sample_candidates, xmr_full, xmr_sampled
+from famevil_fast.eval.xmr import xmr_full, xmr_sampled
 
 __all__ = [
     "CAPTION_METRICS",

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from famevil_fast.eval.candidates import sample_candidates
 from famevil_fast.eval.ranks import candidate_rank_stats, check_ks, check_ties, gallery_rank_stats
 from famevil_fast.eval.report import TaskResult
 from famevil_fast.eval.topk import DEFAULT_BLOCK_SIZE, BlockSize, check_embeddings, score_dtype
@@ -136,43 +137,6 @@ def _check_subcategories(
             f"{op}: {int(mismatch.sum())} views have a different subcategory than their product's text "
             f"(e.g. view {view} of product {int(image_ids[view])})"
         )
-
-
-def sample_candidates(
-    query_ids: torch.Tensor,
-    query_subcategories: torch.Tensor,
-    gallery_ids: torch.Tensor,
-    gallery_subcategories: torch.Tensor,
-    num_queries: int,
-    num_negatives: int,
-    generator: torch.Generator,
-    chunk: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Draw queries and their candidate sets for the sampled protocol (all on the CPU).
-
-    Returns (query_index (n,), candidates (n, 1 + num_negatives) with the positive in column 0, filled):
-    n = min(num_queries, number of queries), drawn without replacement; the positive is a uniformly random
-    gallery item with the query's id; negatives are drawn without replacement among gallery items of the
-    same subcategory and a different id. When a subcategory has fewer than ``num_negatives`` such items,
-    the rest are drawn at random from other subcategories; ``filled`` counts the queries concerned.
-    """
-    picked = torch.randperm(len(query_ids), generator=generator)[:num_queries]
-    out = []
-    filled = 0
-    for start in range(0, len(picked), chunk):
-        q = picked[start : start + chunk]
-        same_id = query_ids[q, None] == gallery_ids[None, :]
-        pos_key = torch.rand(same_id.shape, generator=generator).masked_fill(~same_id, float("inf"))
-        other_sub = (query_subcategories[q, None] != gallery_subcategories[None, :]).float()
-        neg_key = (torch.rand(same_id.shape, generator=generator) + other_sub).masked_fill(
-            same_id, float("inf")
-        )
-        negatives = neg_key.topk(num_negatives, dim=1, largest=False).indices
-        filled += int((((other_sub == 0) & ~same_id).sum(1) < num_negatives).sum())
-        out.append(torch.cat([pos_key.argmin(dim=1, keepdim=True), negatives], dim=1))
-    if not out:
-        return picked, torch.zeros(0, 1 + num_negatives, dtype=torch.int64), 0
-    return picked, torch.cat(out), filled
 
 
 def _candidate_stats(query_embeds, gallery_embeds, query_index, candidates, chunk: int = 256):
