@@ -5,11 +5,11 @@ cut to ``context_length - 2`` tokens so that SOT stays first and EOT lands in th
 
 How a text becomes ids:
 
-1. ``normalize.clean_text``: ftfy (only when it could matter), HTML unescaping, whitespace collapse,
-   lower-casing, exactly as CLIP does.
-2. The cleaned text is split at its single spaces into words. CLIP's pre-tokenisation pattern never
-   matches across a space, so a text's pieces are the concatenation of its words' pieces and every word
-   can be encoded on its own and remembered: ``Tokenizer`` keeps a bounded word -> ids cache.
+1. ``normalize.clean_words``: ftfy (only when it could matter), HTML unescaping, whitespace collapse,
+   lower-casing, exactly as CLIP does, then the cleaned text split at its single spaces into words.
+2. CLIP's pre-tokenisation pattern never matches across a space, so a text's pieces are the
+   concatenation of its words' pieces and every word can be encoded on its own and remembered:
+   ``Tokenizer`` keeps a bounded word -> ids cache.
 3. A word not yet in the cache is split with CLIP's pattern (the ``regex`` module, same flags); a piece
    that spells a special token becomes that token, every other piece goes through byte-level BPE in the
    ``tokenizers`` library, loaded with CLIP's token table and merges (end-of-word suffix ``</w>``).
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from functools import cache, cached_property
-from itertools import chain
+from itertools import chain, islice
 
 import numpy as np
 import regex
@@ -82,9 +82,8 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """The content ids of each text, without SOT/EOT and without truncation."""
         words_per_text = [normalize.clean_words(text) for text in texts]
-        self._learn_missing(words_per_text)
-        lookup = self._words.__getitem__
-        return [list(chain.from_iterable(map(lookup, words))) for words in words_per_text]
+        word_ids = iter(self._word_ids(list(chain.from_iterable(words_per_text))))
+        return [list(chain.from_iterable(islice(word_ids, len(words)))) for words in words_per_text]
 
     def __call__(
         self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True
@@ -92,42 +91,49 @@ class Tokenizer:
         """(B, context_length) int64 ids: SOT, content, EOT, zero padding; see the module docstring."""
         texts = _as_text_list(texts)
         _check_context_length(context_length)
-        rows = self.encode_batch(texts)
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        room = context_length - 2
-        if (lengths > room).any():
-            if not truncate:
-                index = int(np.argmax(lengths > room))
-                raise ValueError(_too_long_message(index, texts[index], len(rows[index]), context_length))
-            rows = [ids[:room] for ids in rows]
-            lengths = np.minimum(lengths, room)
-        return torch.from_numpy(_pack(rows, lengths, context_length))  # type: ignore[return-value]
+        words_per_text = [normalize.clean_words(text) for text in texts]
+        word_ids = self._word_ids(list(chain.from_iterable(words_per_text)))
+        flat, starts, lengths = _concatenate(word_ids, [len(words) for words in words_per_text])
+        if not truncate and (lengths > context_length - 2).any():
+            index = int(np.argmax(lengths > context_length - 2))
+            raise ValueError(_too_long_message(index, texts[index], int(lengths[index]), context_length))
+        return torch.from_numpy(_pack(flat, starts, lengths, context_length))  # type: ignore[return-value]
 
     def clear_cache(self) -> None:
         """Forget every cached word encoding and ftfy result (the next texts are encoded from scratch)."""
         self._words.clear()
         normalize.clear_cache()
 
-    def _learn_missing(self, words_per_text: list[list[str]]) -> None:
-        """Make sure every word is cached (the cache starts over when it would grow past its size)."""
-        words = set().union(*words_per_text)
-        missing = words.difference(self._words)
-        if not missing:
-            return
-        if len(self._words) + len(missing) > self._word_cache_size:
-            self._words.clear()
-            missing = words
-        self._learn(missing)
+    def _word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
+        """The ids of each word, from the cache (words not in it are encoded and cached first)."""
+        try:
+            return list(map(self._words.__getitem__, words))
+        except KeyError:
+            known = self._learn(set(words))
+            return list(map(known.__getitem__, words))
 
-    def _learn(self, words: Iterable[str]) -> None:
-        """Encode words and cache them."""
-        words = list(words)
+    def _learn(self, words: set[str]) -> dict[str, tuple[int, ...]]:
+        """The ids of each word; the ones not cached yet are encoded and cached (the cache starts over
+        when it would outgrow its size)."""
+        cache = self._words
+        known = {word: ids for word in words if (ids := cache.get(word)) is not None}
+        learned = self._encode_words([word for word in words if word not in known])
+        if len(cache) + len(learned) > self._word_cache_size:
+            cache.clear()
+        cache.update(learned)
+        known.update(learned)
+        return known
+
+    def _encode_words(self, words: list[str]) -> dict[str, tuple[int, ...]]:
+        """CLIP's pieces of each word, special pieces to their ids and the others through the BPE."""
         pieces_per_word = [_PIECE.findall(word) for word in words]
         plain = [piece for pieces in pieces_per_word for piece in pieces if piece not in self._special]
         plain_ids = iter(self._bpe_pieces(plain))
+        encoded = {}
         for word, pieces in zip(words, pieces_per_word):
             ids = [self._special[piece] if piece in self._special else next(plain_ids) for piece in pieces]
-            self._words[word] = tuple(chain.from_iterable(ids))
+            encoded[word] = tuple(chain.from_iterable(ids))
+        return encoded
 
     def _bpe_pieces(self, pieces: list[str]) -> list[tuple[int, ...]]:
         """Byte-level BPE of each piece, in one call to the tokenizers library."""
@@ -195,14 +201,28 @@ def decode(ids: object) -> str | list[str]:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def _pack(rows: list[list[int]], lengths: np.ndarray, context_length: int) -> np.ndarray:
-    """(B, context_length) array: SOT, each row's ids (already cut to fit), EOT, zeros."""
-    out = np.zeros((len(rows), context_length), dtype=np.int64)
+def _concatenate(
+    word_ids: list[tuple[int, ...]], words_per_text: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All ids in one flat array, with each text's start offset and number of ids."""
+    ids_per_word = np.fromiter(map(len, word_ids), dtype=np.int64, count=len(word_ids))
+    ends_by_word = np.concatenate(([0], np.cumsum(ids_per_word)))
+    word_bounds = np.concatenate(([0], np.cumsum(np.asarray(words_per_text, dtype=np.int64))))
+    starts = ends_by_word[word_bounds[:-1]]
+    lengths = ends_by_word[word_bounds[1:]] - starts
+    flat = np.fromiter(chain.from_iterable(word_ids), dtype=np.int64, count=int(ends_by_word[-1]))
+    return flat, starts, lengths
+
+
+def _pack(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, context_length: int) -> np.ndarray:
+    """(B, context_length) array: SOT, each text's ids cut to ``context_length - 2``, EOT, zeros."""
+    kept = np.minimum(lengths, context_length - 2)
+    out = np.zeros((len(starts), context_length), dtype=np.int64)
     out[:, 0] = SOT_ID
-    positions = np.arange(context_length)
-    content = (positions >= 1) & (positions <= lengths[:, None])
-    out[content] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-    out[np.arange(len(rows)), lengths + 1] = EOT_ID
+    offsets = np.arange(context_length - 2)
+    content = offsets < kept[:, None]
+    out[:, 1:-1][content] = flat[(starts[:, None] + offsets)[content]]
+    out[np.arange(len(starts)), kept + 1] = EOT_ID
     return out
 
 
