@@ -19,7 +19,7 @@ import torch
 from famevil_fast.ops._backend import check_backend, forced_backend
 
 BACKENDS = ("blocked", "torch")
-DEFAULT_BLOCK_SIZE = (1024, 32768)
+DEFAULT_BLOCK_SIZE = (512, 65536)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 BlockSize = int | tuple[int, int]
