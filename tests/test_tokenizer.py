@@ -111,6 +111,18 @@ def test_layout_sot_eot_padding_truncation() -> None:
     assert ids[2, -1] == EOT_ID and ids[2, 1:-1].ne(EOT_ID).all() and ids[2].ne(0).all()
 
 
+def test_pad_id() -> None:
+    zero_padded = tokenize(CAPTIONS)
+    eot_padded = tokenize(CAPTIONS, pad_id=EOT_ID)
+    last_eot = CONTEXT_LENGTH - 1 - (zero_padded == EOT_ID).int().flip(1).argmax(1, keepdim=True)
+    after_eot = torch.arange(CONTEXT_LENGTH) > last_eot
+    assert torch.equal(eot_padded, torch.where(after_eot, EOT_ID, zero_padded))
+    assert decode(eot_padded) == decode(zero_padded)
+    for bad in (-1, VOCAB_SIZE, 1.0, None):
+        with pytest.raises(ValueError, match="pad_id"):
+            tokenize("red dress", pad_id=bad)  # type: ignore[arg-type]
+
+
 def test_single_string_and_empty_batch(reference: ModuleType) -> None:
     _assert_same_ids(tokenize(CAPTIONS[0]), _reference_ids(reference, [CAPTIONS[0]]), CAPTIONS[:1])
     assert tokenize([]).shape == (0, CONTEXT_LENGTH)

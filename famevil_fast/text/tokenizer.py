@@ -86,18 +86,26 @@ class Tokenizer:
         return [list(chain.from_iterable(islice(word_ids, len(words)))) for words in words_per_text]
 
     def __call__(
-        self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True
+        self,
+        texts: str | Sequence[str],
+        context_length: int = CONTEXT_LENGTH,
+        truncate: bool = True,
+        *,
+        pad_id: int = 0,
     ) -> torch.LongTensor:
-        """(B, context_length) int64 ids: SOT, content, EOT, zero padding; see the module docstring."""
+        """(B, context_length) int64 ids: SOT, content, EOT, then ``pad_id`` (0, as open_clip; Hugging
+        Face's CLIP tokenizer pads with EOT_ID); see the module docstring."""
         texts = _as_text_list(texts)
         _check_context_length(context_length)
+        _check_token_id(pad_id, "pad_id")
         words_per_text = [normalize.clean_words(text) for text in texts]
         word_ids = self._word_ids(list(chain.from_iterable(words_per_text)))
         flat, starts, lengths = _concatenate(word_ids, [len(words) for words in words_per_text])
         if not truncate and (lengths > context_length - 2).any():
             index = int(np.argmax(lengths > context_length - 2))
             raise ValueError(_too_long_message(index, texts[index], int(lengths[index]), context_length))
-        return torch.from_numpy(_pack(flat, starts, lengths, context_length))  # type: ignore[return-value]
+        packed = _pack(flat, starts, lengths, context_length, pad_id)
+        return torch.from_numpy(packed)  # type: ignore[return-value]
 
     def clear_cache(self) -> None:
         """Forget every cached word encoding and ftfy result (the next texts are encoded from scratch)."""
@@ -183,14 +191,18 @@ def get_tokenizer() -> Tokenizer:
 
 
 def tokenize(
-    texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = True
+    texts: str | Sequence[str],
+    context_length: int = CONTEXT_LENGTH,
+    truncate: bool = True,
+    *,
+    pad_id: int = 0,
 ) -> torch.LongTensor:
     """CLIP token ids of shape (B, context_length), identical to ``open_clip.tokenize``.
 
     ``truncate=False`` raises ValueError for a text whose content needs more than ``context_length - 2``
     tokens instead of cutting it.
     """
-    return get_tokenizer()(texts, context_length=context_length, truncate=truncate)
+    return get_tokenizer()(texts, context_length=context_length, truncate=truncate, pad_id=pad_id)
 
 
 def decode(ids: object) -> str | list[str]:
@@ -214,10 +226,12 @@ def _concatenate(
     return flat, starts, lengths
 
 
-def _pack(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, context_length: int) -> np.ndarray:
-    """(B, context_length) array: SOT, each text's ids cut to ``context_length - 2``, EOT, zeros."""
+def _pack(
+    flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, context_length: int, pad_id: int
+) -> np.ndarray:
+    """(B, context_length) array: SOT, each text's ids cut to ``context_length - 2``, EOT, padding."""
     kept = np.minimum(lengths, context_length - 2)
-    out = np.zeros((len(starts), context_length), dtype=np.int64)
+    out = np.full((len(starts), context_length), pad_id, dtype=np.int64)
     out[:, 0] = SOT_ID
     offsets = np.arange(context_length - 2)
     content = offsets < kept[:, None]
@@ -243,6 +257,11 @@ def _check_context_length(context_length: object) -> None:
         raise ValueError(f"context_length must be an int, got {type(context_length).__name__}")
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (room for SOT and EOT), got {context_length}")
+
+
+def _check_token_id(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < VOCAB_SIZE:
+        raise ValueError(f"{name} must be a token id in [0, {VOCAB_SIZE}), got {value!r}")
 
 
 def _too_long_message(index: int, text: str, n_content: int, context_length: int) -> str:
