@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import models, pre_tokenizers
 
 from famevil_fast.text import normalize
-from famevil_fast.text.vocab import EOT_TOKEN, SOT_TOKEN, byte_alphabet, load_vocabulary
+from famevil_fast.text.vocab import END_OF_WORD, EOT_TOKEN, SOT_TOKEN, byte_alphabet, load_vocabulary
 
 SOT_ID = 49406
 EOT_ID = 49407
@@ -67,7 +67,7 @@ class Tokenizer:
             raise ValueError(
                 f"vocabulary puts the special tokens at {self._special}, expected {SOT_ID}/{EOT_ID}"
             )
-        bpe = models.BPE(vocab=token_to_id, merges=list(vocabulary.merges), end_of_word_suffix="</w>")
+        bpe = models.BPE(vocab=token_to_id, merges=list(vocabulary.merges), end_of_word_suffix=END_OF_WORD)
         self._bpe = _RustTokenizer(bpe)
         self._bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         self._word_cache_size = word_cache_size
@@ -176,11 +176,10 @@ class Tokenizer:
         if EOT_ID in ids:
             ids = ids[: ids.index(EOT_ID)]
         else:
-            while ids and ids[-1] == 0:
-                ids = ids[:-1]
+            ids = ids[: len(ids) - next((n for n, i in enumerate(reversed(ids)) if i != 0), len(ids))]
         table = self._token_bytes
         raw = b"".join([table[i] for i in ids if i != SOT_ID])
-        text = raw.decode("utf-8", errors="replace").replace("</w>", " ")
+        text = raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
         return text[:-1] if text.endswith(" ") else text
 
 
