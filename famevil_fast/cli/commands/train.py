@@ -1,0 +1,59 @@
+"""``famevil-fast train``: multi-task training from a YAML recipe (single process or under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "train"
+HELP = "Train FAME-ViL from a YAML recipe; `--set section.key=value` overrides any field (see docs/training.md)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe: a path or a packaged name (e.g. tiny_cpu, mtl_full)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field; repeatable")  # fmt: skip
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run directory")
+    parser.add_argument("--no-eval", action="store_true", help="skip evaluation (periodic and final)")
+    parser.add_argument("--print-config", action="store_true", help="print every config field with its documentation and exit")
+
+
+def build_evaluator(cfg, device):
+    from famevil_fast.eval.runner import EvalOptions, Evaluator
+
+    tasks = cfg.eval.tasks or cfg.model.tasks
+    return Evaluator.build(cfg.data.root, tasks, cfg.data.image_size, cfg.data.eval_batch_size, device=device,
+                           backend=cfg.data.backend, cache_dir=cfg.data.cache,
+                           options=EvalOptions.from_section(cfg.eval))  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from famevil_fast.configs import resolve
+    from famevil_fast.train.config import describe_fields, load_config
+    from famevil_fast.train.trainer import Trainer
+
+    if args.print_config:
+        print(describe_fields())
+        return 0
+    overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    cfg = load_config(resolve(args.config), overrides)
+    trainer = Trainer(cfg)
+    if not args.no_eval:
+        trainer.evaluator = build_evaluator(cfg, trainer.device)
+    result = trainer.fit()
+    if trainer.dist.is_main and result["eval"]:
+        report = _report(result["eval"])
+        print(report.to_text())
+        report.save(f"{cfg.checkpoint.dir}/eval_report.json")
+    from famevil_fast.train.distributed import shutdown
+
+    shutdown()
+    return 0 if result["status"] == "finished" else 130
+
+
+def _report(results: dict):
+    from famevil_fast.eval.report import EvalReport
+
+    report = EvalReport()
+    for metrics in results.values():
+        report.add(metrics["_result"])
+    return report

@@ -1,0 +1,151 @@
+"""Evaluating a model: encode each task's evaluation set with the model, then score it with the protocol
+functions of this package. ``Evaluator`` is what the trainer calls periodically and what
+``famevil-fast eval`` runs.
+
+Captioning references are the reference texts after a round trip through the CLIP tokenizer (lower-cased,
+BPE-normalised, at most 75 tokens), the text the model is trained to produce, as in the official code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from famevil_fast.eval.captioning import fic_result
+from famevil_fast.eval.classification import scr_result
+from famevil_fast.eval.report import EvalReport, TaskResult
+from famevil_fast.eval.tgir import TgirCategory, tgir_fashioniq, unique_gallery
+from famevil_fast.eval.xmr import xmr_full, xmr_sampled
+
+
+@dataclass
+class EvalOptions:
+    xmr_protocols: Sequence[str] = ("full", "sampled")
+    sampled_seed: int = 0
+    caption_max_len: int = 40
+    caption_beams: int = 1
+    caption_metrics: Sequence[str] | None = ("bleu4", "rouge_l", "cider")
+    max_samples: int | None = None
+    text_batch: int = 256
+
+    @classmethod
+    def from_section(cls, section) -> EvalOptions:
+        return cls(section.xmr_protocols, section.sampled_seed, section.caption_max_len, section.caption_beams,
+                   section.caption_metrics, section.max_samples)  # fmt: skip
+
+
+def _limited(batches: Iterable[dict], limit: int | None, key: str) -> Iterator[dict]:
+    seen = 0
+    for batch in batches:
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + batch[key].shape[0] > limit:
+            batch = {k: v[: limit - seen] for k, v in batch.items()}
+        seen += batch[key].shape[0]
+        yield batch
+
+
+def _model_input(model, x: torch.Tensor) -> torch.Tensor:
+    return x.to(model.device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate_xmr(model, data, opts: EvalOptions) -> list[TaskResult]:
+    images, image_ids, image_sub = [], [], []
+    for batch in _limited(data.images, opts.max_samples, "pixels"):
+        images.append(model.encode_image(_model_input(model, batch["pixels"]), "itc").float())
+        image_ids.append(batch["product_ids"].cpu())
+        image_sub.append(batch["subcategory"].cpu())
+    image_emb, image_pid, image_sub = torch.cat(images), torch.cat(image_ids), torch.cat(image_sub)
+    keep = torch.isin(data.texts["product_ids"].cpu(), image_pid)
+    ids = data.texts["input_ids"][keep.to(data.texts["input_ids"].device)]
+    text_emb = torch.cat([model.encode_text(_model_input(model, ids[i : i + opts.text_batch]), "itc").float()
+                          for i in range(0, ids.shape[0], opts.text_batch)])  # fmt: skip
+    text_pid, text_sub = data.texts["product_ids"].cpu()[keep], data.texts["subcategory"].cpu()[keep]
+    results = []
+    if "full" in opts.xmr_protocols:
+        results.append(xmr_full(image_emb, image_pid.to(image_emb.device), text_emb, text_pid.to(text_emb.device)))
+    if "sampled" in opts.xmr_protocols:
+        results.append(xmr_sampled(image_emb.cpu(), image_pid, image_sub, text_emb.cpu(), text_pid, text_sub,
+                                   seed=opts.sampled_seed, num_queries=min(1000, text_emb.shape[0])))  # fmt: skip
+    return results
+
+
+@torch.no_grad()
+def evaluate_tgir(model, data, opts: EvalOptions) -> list[TaskResult]:
+    categories = {}
+    for name, cat in data.categories.items():
+        queries, targets = [], []
+        for batch in _limited(cat.queries, opts.max_samples, "ref_pixels"):
+            queries.append(model.compose(_model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])).float())
+            targets.append(batch["target_ids"].cpu())
+        gallery, gallery_ids = [], []
+        for batch in cat.gallery:
+            gallery.append(model.encode_image(_model_input(model, batch["pixels"]), "tgir").float())
+            gallery_ids.append(batch["target_ids"].cpu())
+        if not queries:
+            continue
+        g_emb, g_ids = unique_gallery(torch.cat(gallery), torch.cat(gallery_ids).to(gallery[0].device))
+        categories[name] = TgirCategory(torch.cat(queries), torch.cat(targets).to(g_emb.device), g_emb, g_ids)
+    return [tgir_fashioniq(categories)]
+
+
+@torch.no_grad()
+def evaluate_scr(model, data, opts: EvalOptions) -> list[TaskResult]:
+    logits, labels = [], []
+    for batch in _limited(data.samples, opts.max_samples, "pixels"):
+        logits.append(model.classify(_model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"])).float().cpu())
+        labels.append(batch["labels"].cpu())
+    return [scr_result(torch.cat(logits), torch.cat(labels))]
+
+
+@torch.no_grad()
+def evaluate_cap(model, data, opts: EvalOptions) -> list[TaskResult]:
+    from famevil_fast.text import decode
+
+    predictions, references = [], []
+    for batch in _limited(data.samples, opts.max_samples, "pixels"):
+        predictions.extend(model.caption(_model_input(model, batch["pixels"]), max_len=opts.caption_max_len,
+                                         num_beams=opts.caption_beams))  # fmt: skip
+        references.extend(decode(batch["input_ids"].cpu()))
+    return [fic_result(predictions, references, metrics=opts.caption_metrics)]
+
+
+EVALUATORS = {"itc": evaluate_xmr, "tgir": evaluate_tgir, "scr": evaluate_scr, "cap": evaluate_cap}
+
+
+@dataclass
+class Evaluator:
+    """Evaluation sets per task and the options to score them; call it with a model."""
+
+    sets: dict[str, object]
+    options: EvalOptions = field(default_factory=EvalOptions)
+
+    @classmethod
+    def build(cls, root, tasks: Sequence[str], image_size: int, batch_size: int = 128, device=None,
+              backend: str | None = None, cache_dir=None, options: EvalOptions | None = None) -> Evaluator:  # fmt: skip
+        from famevil_fast.data import build_eval_sets
+
+        sets = {t: build_eval_sets(t, root, image_size=image_size, batch_size=batch_size, backend=backend,
+                                   device=device, cache_dir=cache_dir) for t in tasks}  # fmt: skip
+        return cls(sets, options or EvalOptions())
+
+    def report(self, model) -> EvalReport:
+        report = EvalReport()
+        was_training = model.training
+        model.eval()
+        try:
+            for task, data in self.sets.items():
+                if task not in model.config.tasks:
+                    raise ValueError(f"cannot evaluate task {task!r}: the model has tasks {model.config.tasks}")
+                for result in EVALUATORS[task](model, data, self.options):
+                    report.add(result)
+        finally:
+            model.train(was_training)
+        return report
+
+    def __call__(self, model) -> dict[str, dict]:
+        """Scores keyed by ``task/protocol`` (what the trainer logs)."""
+        return {f"{r.task}/{r.protocol}": {**r.metrics, "_result": r} for r in self.report(model).results}
