@@ -16,6 +16,7 @@ installed, else torchvision on CUDA, else PIL.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -31,11 +32,8 @@ BACKENDS: tuple[str, ...] = FILE_BACKENDS + ("cache",)
 
 @functools.cache
 def torchvision_importable() -> bool:
-    try:
-        import torchvision.io  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torchvision is installed (checked without importing it)."""
+    return importlib.util.find_spec("torchvision") is not None
 
 
 def available_backends() -> list[str]:

@@ -12,6 +12,7 @@ decodes the rest.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,11 +27,11 @@ from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan
 
 @functools.cache
 def dali_importable() -> bool:
+    """Whether NVIDIA DALI is installed (checked without importing it)."""
     try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def _require_dali():

@@ -189,38 +189,69 @@ def _fashiongen(rng: np.random.Generator, n: int, val_fraction: float, root: Pat
 # ------------------------------------------------------------------------------------------ FashionIQ part
 
 
-def _mutate(rng: np.random.Generator, base: ProductSpec, kinds: list[str]) -> ProductSpec:
-    spec = base
-    for kind in kinds:
-        if kind == "colour":
-            spec = spec.replace(colour=_other(rng, COLOUR_NAMES, spec.colour, spec.second))
-        elif kind == "pattern":
-            pattern = _other(rng, PATTERNS, spec.pattern)
-            second = None if pattern == "plain" else (spec.second or _other(rng, COLOUR_NAMES, spec.colour))
-            spec = spec.replace(pattern=pattern, second=second)
+def _moves(rng: np.random.Generator, base: ProductSpec) -> list[tuple[str, object]]:
+    """Two or three attribute changes (kind, new value) that can be combined freely on ``base``."""
+    kinds = ["colour", "pattern", *FIQ_MUTABLE[base.garment]]
+    if base.pattern != "plain":
+        kinds.append("second")
+    chosen = [str(k) for k in rng.choice(kinds, size=min(len(kinds), int(rng.integers(2, 4))), replace=False)]
+    if "pattern" in chosen and "second" in chosen:
+        chosen.remove("second")
+    moves: list[tuple[str, object]] = []
+    used = {base.colour, base.second}
+    for kind in chosen:
+        if kind == "pattern":
+            pattern = _other(rng, PATTERNS, base.pattern)
+            second = None if pattern == "plain" else (base.second or _other(rng, COLOUR_NAMES, *used))
+            used.add(second)
+            moves.append((kind, (pattern, second)))
         elif kind == "second":
-            spec = spec.replace(second=_other(rng, COLOUR_NAMES, spec.colour, spec.second))
+            value = _other(rng, COLOUR_NAMES, *used)
+            used.add(value)
+            moves.append((kind, value))
+        elif kind != "colour":
+            values = GARMENTS[GARMENT_INDEX[base.garment]].attributes[kind]
+            moves.append((kind, _other(rng, values, base.attr(kind))))
+    if "colour" in chosen:
+        moves.insert(0, ("colour", _other(rng, COLOUR_NAMES, *used)))
+    return moves
+
+
+def _apply(base: ProductSpec, moves: list[tuple[str, object]]) -> ProductSpec:
+    spec = base
+    for kind, value in moves:
+        if kind == "colour":
+            spec = spec.replace(colour=value)
+        elif kind == "pattern":
+            spec = spec.replace(pattern=value[0], second=value[1])
+        elif kind == "second":
+            spec = spec.replace(second=value)
         else:
             attrs = dict(spec.attrs)
-            values = GARMENTS[GARMENT_INDEX[spec.garment]].attributes[kind]
-            attrs[kind] = _other(rng, values, attrs[kind])
+            attrs[kind] = value
             spec = spec.replace(attrs=tuple((k, attrs[k]) for k, _ in spec.attrs))
     return spec
 
 
 def _family(rng: np.random.Generator, category: str, size: int, seen: set) -> list[ProductSpec]:
+    """A base product and variants that apply subsets of the same few moves (a small attribute lattice).
+
+    Every change a caption can name is then shared by another member that differs elsewhere (the caption
+    alone is ambiguous) and every member has siblings that keep its other attributes (the reference alone
+    is ambiguous).
+    """
     garments = FIQ_GARMENTS[category]
     base = _unique_product(rng, seen, garments[int(rng.integers(len(garments)))])
+    moves = _moves(rng, base)
+    subsets = sorted(
+        (tuple(m for b, m in enumerate(moves) if mask >> b & 1) for mask in range(1, 1 << len(moves))),
+        key=len,
+    )
     members = [base]
-    for _ in range(size * 6):
+    for subset in subsets:
         if len(members) == size:
             break
-        kinds = ["colour", "pattern", *FIQ_MUTABLE[base.garment]]
-        if base.pattern != "plain":
-            kinds.append("second")
-        n_changes = 1 if rng.random() < 0.6 else 2
-        chosen = [str(k) for k in rng.choice(kinds, size=n_changes, replace=False)]
-        variant = _mutate(rng, base, chosen)
+        variant = _apply(base, list(subset))
         if variant.visual_key() not in seen and text.changes(base, variant):
             seen.add(variant.visual_key())
             members.append(variant)
@@ -257,7 +288,7 @@ def _fashioniq(
     rng: np.random.Generator, n_images: int, val_fraction: float, seed: int, root: Path, size: int
 ):
     seen: set = set()
-    per_cat = max(6, n_images // len(FIQ_CATEGORIES))
+    per_cat = max(8, n_images // len(FIQ_CATEGORIES))
     counter = 0
     captions: dict[tuple[str, str], list[dict]] = {}
     splits: dict[tuple[str, str], list[str]] = {}
@@ -266,14 +297,16 @@ def _fashioniq(
     for category in FIQ_CATEGORIES:
         families = []
         left = per_cat
-        while left > 0:
-            size_f = min(left, int(rng.integers(3, 8)))
-            if left - size_f in (1, 2):
+        while left >= 4 or not families:
+            size_f = min(left, int(rng.integers(4, 9)))
+            if left - size_f < 4:
                 size_f = left
-            families.append(_family(rng, category, size_f, seen))
-            left -= size_f
-        n_val = min(len(families) - 1, max(1, round(len(families) * val_fraction)))
-        val_ids = set(rng.permutation(len(families))[:n_val].tolist())
+            families.append(_family(rng, category, max(size_f, 4), seen))
+            left -= len(families[-1])
+        # val families are drawn among those with room for several triplets
+        eligible = [f for f, fam in enumerate(families) if len(fam) >= 3] or list(range(len(families)))
+        n_val = min(len(eligible), len(families) - 1, max(1, round(len(families) * val_fraction)))
+        val_ids = {eligible[i] for i in rng.permutation(len(eligible))[:n_val]}
         for split in ("train", "val"):
             captions[(category, split)] = []
             splits[(category, split)] = []
@@ -325,7 +358,7 @@ def _render_chunk(jobs: list[_Job]) -> int:
 def _render_all(jobs: list[_Job], workers: int) -> None:
     for d in sorted({os.path.dirname(j.path) for j in jobs}):
         os.makedirs(d, exist_ok=True)
-    if workers <= 1 or len(jobs) < 400:
+    if workers <= 1 or len(jobs) < 64:
         _render_chunk(jobs)
         return
     chunk = max(16, min(256, len(jobs) // (workers * 8)))
@@ -358,7 +391,7 @@ def make_synthetic(
 
     ``products`` FashionGen-style products (``val_fraction`` of them in val) and ``fiq_images``
     FashionIQ-style
-    images (default: as many as products, at least 18) drawn at ``image_size`` pixels (FashionIQ widths vary
+    images (default: as many as products, at least 24) drawn at ``image_size`` pixels (FashionIQ widths vary
     from 0.75x to 1x). ``workers`` processes draw the images (default: all CPU cores).
     """
     if products < 2:
@@ -371,7 +404,7 @@ def make_synthetic(
     root = Path(out_dir)
     rng = np.random.default_rng(seed)
     fg_rows, fg_jobs = _fashiongen(rng, products, val_fraction, root, image_size)
-    n_fiq = max(18, products if fiq_images is None else fiq_images)
+    n_fiq = max(24, products if fiq_images is None else fiq_images)
     captions, splits, attributes, fiq_jobs = _fashioniq(
         rng, n_fiq, max(val_fraction, 0.2), seed, root, image_size
     )

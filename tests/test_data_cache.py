@@ -1,0 +1,149 @@
+"""The pre-decoded image cache: contents, resumable and atomic conversion, corruption detection, tokens."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_data_fixtures import noise_image, synthetic
+
+import famevil_fast.data.cache as cache_mod
+from famevil_fast.data.backends import make_backend
+from famevil_fast.data.backends.cache_backend import CacheBackend
+from famevil_fast.data.cache import CacheCorruptError, ImageCache, build_cache, dataset_image_keys
+from famevil_fast.data.tokens import text_digest, tokenize_texts
+from famevil_fast.data.transforms import CropPlan, counter_uniforms
+
+
+def _small_root(tmp_path, n=12):
+    rows = []
+    for i in range(n):
+        views = [f"train/{i}_{v}.png" for v in range(2)]
+        for v, view in enumerate(views):
+            noise_image(tmp_path / "data" / "FashionGen" / view, 20 + i, 30 - i, seed=10 * i + v, smooth=True)
+        rows.append(
+            {"images": views, "id": i, "title": f"item {i}", "description": "plain", "subcategory_id": i}
+        )
+    (tmp_path / "data" / "FashionGen" / "train_info.json").write_text(json.dumps(rows))
+    return tmp_path / "data"
+
+
+def test_cache_holds_exact_pixels_and_keys(tmp_path):
+    root = _small_root(tmp_path)
+    summary = build_cache(root, tmp_path / "cache", shard_bytes=4000)
+    keys = dataset_image_keys(root)
+    assert summary.images == len(keys) == 24 and summary.failed == 0 and summary.shards > 3
+    cache = ImageCache(tmp_path / "cache")
+    assert sorted(cache.keys()) == keys
+    for key in keys[:5]:
+        assert np.array_equal(cache.get(key), np.asarray(Image.open(root / key).convert("RGB")))
+
+
+def test_cache_backend_matches_file_backend_on_both_resamplers(tmp_path_factory, tmp_path):
+    root = synthetic(tmp_path_factory)
+    build_cache(root, tmp_path / "c", tokenize=False)
+    keys = sorted(ImageCache(tmp_path / "c").keys())[::7][:20] + ["not/cached.png"]
+    plan = CropPlan(counter_uniforms(2, 1, np.arange(len(keys))))
+    ref = make_backend("pil", root, 32).load(keys, plan)
+    for resampler, tol in (("pil", 0.0), ("torch", 1.0 / 255 / 0.26 + 1e-4)):
+        out = CacheBackend(tmp_path / "c", 32, resampler=resampler).load(keys, plan)
+        assert out.ok.tolist() == ref.ok.tolist() and out.failures[0][0] == "not/cached.png"
+        assert (out.pixels - ref.pixels).abs().max() <= tol
+
+
+def test_interrupted_conversion_resumes_and_keeps_complete_shards(tmp_path, monkeypatch):
+    root = _small_root(tmp_path)
+    real = cache_mod._decode
+    calls = {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] > 15:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(cache_mod, "_decode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(root, tmp_path / "cache", shard_bytes=3000, num_threads=1, tokenize=False)
+    shard_dir = tmp_path / "cache" / "shards"
+    done = sorted(p.name for p in shard_dir.glob("*.json"))
+    assert done and not (tmp_path / "cache" / "cache.json").exists()  # index only when complete
+    first = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.bin")}
+    monkeypatch.setattr(cache_mod, "_decode", real)
+    summary = build_cache(root, tmp_path / "cache", shard_bytes=3000, num_threads=1, tokenize=False)
+    assert summary.images == 24 and summary.new_images < 24 and not list(shard_dir.glob("*.tmp"))
+    assert all((shard_dir / n).stat().st_mtime_ns == t for n, t in first.items())  # kept, not rewritten
+    cache = ImageCache(tmp_path / "cache")
+    assert len(cache) == 24
+    key = "FashionGen/train/11_1.png"
+    assert np.array_equal(cache.get(key), np.asarray(Image.open(root / key).convert("RGB")))
+
+
+def test_corrupted_or_truncated_shard_is_detected_and_rebuilt(tmp_path):
+    root = _small_root(tmp_path)
+    build_cache(root, tmp_path / "cache", shard_bytes=3000, tokenize=False)
+    shard = sorted((tmp_path / "cache" / "shards").glob("*.bin"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptError, match=shard.name):
+        ImageCache(tmp_path / "cache")
+    ImageCache(tmp_path / "cache", verify=False)  # size still right: only the checksum sees it
+    summary = build_cache(root, tmp_path / "cache", shard_bytes=3000, tokenize=False)
+    assert 0 < summary.new_images < 24
+    assert not shard.exists()  # the bad shard was dropped, its images went into a new one
+    ImageCache(tmp_path / "cache")
+    shard = sorted((tmp_path / "cache" / "shards").glob("*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CacheCorruptError, match="bytes"):
+        ImageCache(tmp_path / "cache", verify=False)
+
+
+def test_undecodable_images_are_recorded_not_cached(tmp_path):
+    root = _small_root(tmp_path, n=3)
+    (root / "FashionGen" / "train" / "1_0.png").write_bytes(b"broken")
+    summary = build_cache(root, tmp_path / "cache", tokenize=False)
+    assert summary.failed == 1 and summary.images == 5
+    cache = ImageCache(tmp_path / "cache")
+    out = CacheBackend(cache, 16).load(["FashionGen/train/1_0.png"], CropPlan())
+    assert not out.ok.any() and "could not be decoded" in out.failures[0][1]
+
+
+def test_missing_cache_and_max_side(tmp_path):
+    with pytest.raises(FileNotFoundError, match="famevil-fast cache"):
+        ImageCache(tmp_path / "none")
+    root = _small_root(tmp_path, n=2)
+    build_cache(root, tmp_path / "small", max_side=10, tokenize=False)
+    cache = ImageCache(tmp_path / "small")
+    assert all(max(cache.get(k).shape[:2]) <= 10 for k in cache.keys())
+    with pytest.raises(ValueError, match="max_side"):
+        build_cache(root, tmp_path / "small", max_side=12, tokenize=False)
+
+
+def test_token_cache_is_content_addressed(tmp_path, monkeypatch):
+    texts = ["a red dress.Silk.", "blue shirt, has long sleeves"]
+    ids = tokenize_texts(texts, tmp_path)
+    assert ids.shape == (2, 77) and ids.dtype == torch.int64 and ids[0, 0] == 49406
+    assert (tmp_path / "tokens" / f"{text_digest(texts)}.npy").is_file()
+    import famevil_fast.data.tokens as tokens
+
+    def fail(*a):
+        raise AssertionError("should have been read from the cache")
+
+    monkeypatch.setattr(tokens, "_tokenize", fail)
+    assert torch.equal(tokenize_texts(texts, tmp_path), ids)
+    assert text_digest(texts) != text_digest(texts[::-1])
+    with pytest.raises(AssertionError):
+        tokenize_texts(["new text"], tmp_path)
+
+
+def test_build_cache_prefills_the_tokens_the_loaders_use(tmp_path_factory, tmp_path, monkeypatch):
+    root = synthetic(tmp_path_factory)
+    build_cache(root, tmp_path / "c")
+    import famevil_fast.data.tokens as tokens
+    from famevil_fast.data.tasks import train_table
+
+    monkeypatch.setattr(tokens, "_tokenize", lambda *a: (_ for _ in ()).throw(AssertionError("not cached")))
+    for task in ("itc", "tgir"):
+        assert len(train_table(task, root, cache_dir=tmp_path / "c")) > 0

@@ -1,0 +1,185 @@
+"""Readers of FashionGen, FashionIQ and Fashion200k files, the FashionIQ val converter, failure messages."""
+
+import json
+import shutil
+import warnings
+
+import pytest
+from test_data_fixtures import noise_image, synthetic
+
+from famevil_fast.data.fashion200k import read_fashion200k
+from famevil_fast.data.fashiongen import read_fashiongen
+from famevil_fast.data.fashioniq import read_fashioniq
+from famevil_fast.data.fiq_convert import convert_fashioniq_val, fashioniq_val_rows
+from famevil_fast.data.images import SkippedImagesWarning, size_from_bytes
+from famevil_fast.data.tasks import train_table
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_fashiongen_reader_builds_text_and_relative_paths(tmp_path):
+    _write(
+        tmp_path / "FashionGen" / "train_info.json",
+        [
+            {
+                "images": ["train/a.png", "train/b.png"],
+                "id": 7,
+                "title": "RED DRESS",
+                "description": "Silk.",
+                "attributes_id": [1, 2],
+                "category_id": 3,
+                "subcategory_id": 120,
+            },
+            {"images": "train/c.png", "id": 8, "title": "t", "description": "d", "subcategory_id": 0},
+        ],
+    )
+    for root, prefix in ((tmp_path, "FashionGen/"), (tmp_path / "FashionGen", "")):
+        p = read_fashiongen(root, "train")
+        assert p[0].text == "RED DRESS.Silk." and p[0].images == (
+            f"{prefix}train/a.png",
+            f"{prefix}train/b.png",
+        )
+        assert (p[0].id, p[0].category_id, p[0].subcategory_id, p[0].attributes_id) == (7, 3, 120, (1, 2))
+        assert p[1].images == (f"{prefix}train/c.png",)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"images": [], "id": 1, "title": "", "description": "", "subcategory_id": 0}, "has no images"),
+        (
+            {"images": ["a"], "id": 1, "title": "", "description": "", "subcategory_id": 121},
+            "subcategory_id 121",
+        ),
+        ({"images": ["a"], "id": 1, "title": ""}, "lacks"),
+    ],
+)
+def test_fashiongen_reader_rejects_bad_rows_naming_the_file(tmp_path, row, message):
+    _write(tmp_path / "FashionGen" / "val_info.json", [row])
+    with pytest.raises(ValueError, match=message) as e:
+        read_fashiongen(tmp_path, "test")
+    assert "val_info.json" in str(e.value)
+
+
+def test_missing_split_and_caption_files_fail_at_start_naming_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FashionGen"):
+        read_fashiongen(tmp_path, "train")
+    (tmp_path / "FashionGen").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train_info\.json"):
+        read_fashiongen(tmp_path, "train")
+    _write(tmp_path / "FashionIQ" / "captions" / "cap.dress.train.json", [])
+    with pytest.raises(FileNotFoundError, match=r"cap\.shirt\.train\.json"):
+        read_fashioniq(tmp_path, "train")
+    (tmp_path / "FashionGen" / "train_info.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_fashiongen(tmp_path, "train")
+    with pytest.raises(ValueError, match="split"):
+        read_fashiongen(tmp_path, "dev")
+
+
+def test_fashioniq_reader_train_ids_and_val_gallery_rows(tmp_path):
+    caps = tmp_path / "FashionIQ" / "captions"
+    for cat in ("dress", "shirt", "toptee"):
+        _write(
+            caps / f"cap.{cat}.train.json",
+            [{"candidate": f"{cat}1", "target": f"{cat}2", "captions": ["a", "b"]}],
+        )
+    _write(caps / "cap.dress.val.json", [{"candidate": "x", "target": "y", "captions": ["is red", "longer"]}])
+    t = read_fashioniq(tmp_path, "train")
+    assert [x.category for x in t] == [0, 1, 2]
+    assert t[0].candidate == "FashionIQ/images/dress1.jpg" and t[0].text == "a, b"
+    names = sorted(f"{c}{i}" for c in ("dress", "shirt", "toptee") for i in (1, 2))
+    assert [x.target_id for x in t] == [names.index(f"{c}2") for c in ("dress", "shirt", "toptee")]
+    with pytest.raises(ValueError, match="convert-fiq"):
+        read_fashioniq(tmp_path, "val", ["dress"])
+    with pytest.raises(ValueError, match="unknown categories"):
+        read_fashioniq(tmp_path, "train", ["shoes"])
+
+
+def test_converter_builds_gallery_rows_and_is_idempotent(tmp_path):
+    fiq = tmp_path / "FashionIQ"
+    raw = [
+        {"candidate": "a", "target": "b", "captions": ["1", "2"]},
+        {"candidate": "b", "target": "z", "captions": ["3", "4"]},
+    ]
+    for cat in ("dress", "shirt", "toptee"):
+        _write(fiq / "captions" / f"cap.{cat}.val.json", raw)
+        _write(fiq / "image_splits" / f"split.{cat}.val.json", ["a", "b", "c"])
+    sizes = convert_fashioniq_val(fiq)
+    assert sizes == {"dress": 4, "shirt": 4, "toptee": 4}  # z was not in the split: appended
+    rows = json.loads((fiq / "captions" / "cap.shirt.val.json").read_text())
+    extra = {"fake_data": False, "garment_class": 1}
+    assert rows[:2] == [
+        {"candidate": "a", "target": "b", "captions": ["1", "2"], "target_id": 1, **extra},
+        {"candidate": "b", "target": "z", "captions": ["3", "4"], "target_id": 3, **extra},
+    ]
+    assert [(r["target"], r["target_id"]) for r in rows if r["fake_data"]] == [
+        ("a", 0),
+        ("b", 1),
+        ("c", 2),
+        ("z", 3),
+    ]
+    assert json.loads((fiq / "captions" / "cap.shirt.val.raw.json").read_text()) == raw
+    first = (fiq / "captions" / "cap.shirt.val.json").read_text()
+    convert_fashioniq_val(fiq)
+    assert (fiq / "captions" / "cap.shirt.val.json").read_text() == first
+    triplets = read_fashioniq(tmp_path, "val")
+    assert sum(not t.fake_data for t in triplets) == 6 and sum(t.fake_data for t in triplets) == 12
+    with pytest.raises(ValueError, match="lacks"):
+        fashioniq_val_rows([{"candidate": "a"}], [], 0)
+
+
+def test_converter_reproduces_the_synthetic_val_files(tmp_path_factory, tmp_path):
+    root = synthetic(tmp_path_factory)
+    fiq = tmp_path / "FashionIQ"
+    shutil.copytree(root / "FashionIQ" / "image_splits", fiq / "image_splits")
+    for cat in ("dress", "shirt", "toptee"):
+        rows = json.loads((root / "FashionIQ" / "captions" / f"cap.{cat}.val.json").read_text())
+        raw = [{k: r[k] for k in ("candidate", "target", "captions")} for r in rows if not r["fake_data"]]
+        _write(fiq / "captions" / f"cap.{cat}.val.json", raw)
+    convert_fashioniq_val(fiq, tmp_path / "out")
+    for cat in ("dress", "shirt", "toptee"):
+        assert (tmp_path / "out" / f"cap.{cat}.val.json").read_text() == (
+            root / "FashionIQ" / "captions" / f"cap.{cat}.val.json"
+        ).read_text()
+
+
+def test_fashion200k_reader(tmp_path):
+    row = {"images": ["women/x.jpg"], "id": 3, "title": "blue skirt", "attributes_id": [4]}
+    _write(tmp_path / "Fashion200k" / "test_info.json", [row])
+    p = read_fashion200k(tmp_path, "val")
+    assert (
+        p[0].text == "blue skirt"
+        and p[0].images == ("Fashion200k/women/x.jpg",)
+        and p[0].subcategory_id == -1
+    )
+
+
+def test_missing_images_are_dropped_with_one_summary_warning(tmp_path):
+    rows = []
+    for i in range(5):
+        views = [f"train/{i}_{v}.png" for v in range(2)]
+        rows.append({"images": views, "id": i, "title": f"t{i}", "description": "d", "subcategory_id": i})
+        for v, view in enumerate(views):
+            if not (i == 1 or (i == 2 and v == 0)):  # product 1 loses both views, product 2 one view
+                noise_image(tmp_path / "FashionGen" / view, 8, 8, seed=i)
+    _write(tmp_path / "FashionGen" / "train_info.json", rows)
+    with pytest.warns(SkippedImagesWarning, match="skipped 3 of 10") as record:
+        table = train_table("scr", tmp_path)
+    assert len(record) == 1
+    assert table.fields["labels"].tolist() == [0, 2, 3, 4]
+    assert table.images["pixels"][1] == ("FashionGen/train/2_1.png",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(train_table("scr", tmp_path, check_files=False)) == 5
+
+
+def test_header_size_parsing(tmp_path):
+    for ext, kw in ((".png", {}), (".jpg", {"quality": 80}), (".jpg", {"progressive": True})):
+        path = tmp_path / f"a{ext}"
+        noise_image(path, 37, 53, **kw)
+        assert size_from_bytes(path.read_bytes()) == (37, 53)
+    assert size_from_bytes(b"GIF89a....") is None

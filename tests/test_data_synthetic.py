@@ -1,0 +1,176 @@
+"""The synthetic catalogue: formats, determinism, id spaces and the properties that make its tasks fair."""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_data_fixtures import synthetic
+
+from famevil_fast.data.fashiongen import read_fashiongen
+from famevil_fast.data.fashioniq import read_fashioniq
+from famevil_fast.data.synthetic import text
+from famevil_fast.data.synthetic.generate import make_synthetic, sample_product
+from famevil_fast.data.synthetic.render import ProductSpec, ViewSpec, render_view
+from famevil_fast.data.synthetic.vocab import ATTRIBUTE_VOCABULARY, GARMENTS, SUBCATEGORIES
+
+
+def _digest_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_vocabulary_fits_the_fashiongen_heads():
+    assert len(GARMENTS) >= 12
+    assert 12 <= len(SUBCATEGORIES) < 121
+    assert len(ATTRIBUTE_VOCABULARY) < 2232
+    assert len(set(SUBCATEGORIES)) == len(SUBCATEGORIES)
+
+
+def test_fashiongen_files_follow_the_format(tmp_path_factory):
+    root = synthetic(tmp_path_factory)
+    for split in ("train", "val"):
+        rows = json.loads((root / "FashionGen" / f"{split}_info.json").read_text())
+        assert rows
+        for row in rows:
+            assert set(row) == {
+                "images",
+                "id",
+                "title",
+                "description",
+                "attributes_id",
+                "category_id",
+                "subcategory_id",
+            }
+            assert 1 <= len(row["images"]) <= 4 and all(p.startswith(f"{split}/") for p in row["images"])
+            assert 0 <= row["subcategory_id"] < len(SUBCATEGORIES) and 0 <= row["category_id"] < len(GARMENTS)
+            assert all(0 <= a < len(ATTRIBUTE_VOCABULARY) for a in row["attributes_id"])
+            assert row["title"] and row["description"]
+            with Image.open(root / "FashionGen" / row["images"][0]) as im:
+                assert im.format == "PNG" and im.mode == "RGB" and im.size == (48, 48)
+    train = {r.id for r in read_fashiongen(root, "train")}
+    assert not train & {r.id for r in read_fashiongen(root, "val")}
+
+
+def test_fashioniq_files_follow_the_format(tmp_path_factory):
+    root = synthetic(tmp_path_factory) / "FashionIQ"
+    for gc, cat in enumerate(("dress", "shirt", "toptee")):
+        train = json.loads((root / "captions" / f"cap.{cat}.train.json").read_text())
+        assert train and all(
+            set(r) == {"candidate", "target", "captions"} and len(r["captions"]) == 2 for r in train
+        )
+        val = json.loads((root / "captions" / f"cap.{cat}.val.json").read_text())
+        split = json.loads((root / "image_splits" / f"split.{cat}.val.json").read_text())
+        real = [r for r in val if not r["fake_data"]]
+        fake = [r for r in val if r["fake_data"]]
+        assert real and {r["garment_class"] for r in val} == {gc}
+        assert [r["target"] for r in fake] == split  # one gallery row per val split image
+        ids = {r["target"]: r["target_id"] for r in fake}
+        assert all(ids[r["target"]] == r["target_id"] for r in real)
+        for name in split[:3]:
+            with Image.open(root / "images" / f"{name}.jpg") as im:
+                assert im.format == "JPEG" and im.height == 48 and 36 <= im.width <= 48
+
+
+def test_same_seed_same_bytes_any_worker_count_and_other_seed_differs(tmp_path):
+    make_synthetic(tmp_path / "a", products=24, seed=5, image_size=40, workers=1)
+    make_synthetic(tmp_path / "b", products=24, seed=5, image_size=40, workers=2)
+    make_synthetic(tmp_path / "c", products=24, seed=6, image_size=40, workers=1)
+    a, b, c = (_digest_tree(tmp_path / x) for x in "abc")
+    assert a == b
+    assert a["FashionGen/train_info.json"] != c["FashionGen/train_info.json"]
+
+
+def test_products_are_distinct_and_text_names_every_attribute(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        spec = sample_product(rng)
+        words = f"{text.title(spec, rng)}.{text.description(spec, rng)}".lower()
+        assert spec.colour in words and spec.material in words
+        if spec.second:
+            assert spec.second in words
+    products = read_fashiongen(synthetic(tmp_path_factory), "train")
+    assert len({p.attributes_id for p in products}) == len(products)  # attribute sets are unique
+    subs = Counter(p.subcategory_id for p in products)
+    assert len(subs) >= 8  # many classes present even in a tiny set: chance level is low
+
+
+def test_modification_captions_name_exactly_the_changes():
+    rng = np.random.default_rng(1)
+    base = ProductSpec(
+        "dress",
+        "red",
+        "dots",
+        "white",
+        (("length", "mini"), ("sleeve", "short"), ("neckline", "round")),
+        "silk",
+    )
+    longer = base.replace(attrs=(("length", "maxi"), ("sleeve", "short"), ("neckline", "round")))
+    assert text.changes(base, longer) == ["length"]
+    blue_long = longer.replace(colour="blue")
+    assert sorted(text.changes(base, blue_long)) == ["colour", "length"]
+    for _ in range(20):
+        caps = text.modification_captions(base, blue_long, rng)
+        joined = " ".join(caps)
+        assert len(caps) == 2 and all(caps) and "blue" in joined
+        assert any(w in joined for w in ("longer", "floor length"))
+        assert "sleeve" not in joined and "neck" not in joined  # unchanged attributes are not named
+    with pytest.raises(ValueError, match="identical"):
+        text.modification_captions(base, base, rng)
+
+
+def _value(spec, kind):
+    return getattr(spec, kind) if kind in ("colour", "pattern", "second") else spec.attr(kind)
+
+
+def test_tgir_needs_both_the_reference_and_the_text(tmp_path_factory):
+    root = synthetic(tmp_path_factory, products=90)
+    attrs = json.loads((root / "FashionIQ" / "synthetic_attributes.json").read_text())
+
+    def spec(name):
+        a = dict(attrs[name])
+        a.pop("category")
+        a["attrs"] = tuple(tuple(x) for x in a["attrs"])
+        return ProductSpec(**a)
+
+    triplets = read_fashioniq(root, "val")
+    text_matches = []
+    for cat in range(3):
+        rows = [t for t in triplets if t.category == cat]
+        gallery = {Path(t.target).stem for t in rows}
+        for t in (t for t in rows if not t.fake_data):
+            ref, tgt = spec(Path(t.candidate).stem), spec(Path(t.target).stem)
+            kinds = text.changes(ref, tgt)
+            assert 1 <= len(kinds) <= 3 and Path(t.candidate).stem in gallery  # the reference is a distractor
+            # gallery items agreeing with the target on every attribute the captions name
+            same = [g for g in gallery if all(_value(spec(g), k) == _value(tgt, k) for k in kinds)]
+            text_matches.append(len(same))
+    assert np.median(text_matches) >= 2  # the text alone leaves several candidates
+
+
+def test_render_is_deterministic_and_views_differ():
+    spec = ProductSpec(
+        "coat", "navy", "checks", "yellow", (("length", "knee"), ("closure", "double-breasted")), "wool"
+    )
+    front = ViewSpec(0.9, 0.5, 0.5, False, False, (255, 255, 255), 1.0)
+    a = render_view(spec, front, 64, 64)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, render_view(spec, front, 64, 64))
+    mirrored = render_view(spec, ViewSpec(0.9, 0.5, 0.5, True, False, (255, 255, 255), 1.0), 64, 64)
+    assert np.abs(mirrored.astype(int) - a[:, ::-1].astype(int)).mean() < 8  # a mirror image, up to rounding
+    assert not np.array_equal(mirrored, a)
+    wide = render_view(spec, front, 80, 64)
+    assert wide.shape == (64, 80, 3)
+
+
+def test_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="products"):
+        make_synthetic(tmp_path, products=1)
+    with pytest.raises(ValueError, match="image_size"):
+        make_synthetic(tmp_path, products=10, image_size=8)

@@ -1,0 +1,131 @@
+"""Reference crops, counter-based randomness and the batched resampler against PIL."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from famevil_fast.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CropPlan,
+    counter_uniforms,
+    eval_boxes,
+    eval_resize,
+    normalize,
+    pil_resample,
+    reference_transform,
+    resample_batch,
+    train_boxes,
+)
+
+
+def test_counter_uniforms_are_pure_uniform_and_distinct():
+    a = counter_uniforms(3, 1, np.arange(5000))
+    assert a.shape == (5000, 6) and a.min() >= 0.0 and a.max() < 1.0
+    assert np.array_equal(a[100:200], counter_uniforms(3, 1, np.arange(100, 200)))
+    assert abs(a.mean() - 0.5) < 0.01 and abs(a.var() - 1 / 12) < 0.005
+    assert abs(np.corrcoef(a[:, 0], a[:, 1])[0, 1]) < 0.05
+    for other in (
+        counter_uniforms(4, 1, np.arange(5000)),
+        counter_uniforms(3, 2, np.arange(5000)),
+        counter_uniforms(3, 1, np.arange(5000), slot=1),
+    ):
+        assert np.abs(other - a).mean() > 0.2
+
+
+@pytest.mark.parametrize("size", [(256, 256), (300, 200), (97, 151), (1, 5)])
+def test_train_boxes_inside_image_with_area_and_aspect(size):
+    h, w = size
+    u = counter_uniforms(0, 0, np.arange(2000))
+    boxes, flips = train_boxes(np.tile([[h, w]], (2000, 1)), u)
+    top, left, bh, bw = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + bh <= h + 1e-9).all() and (left + bw <= w + 1e-9).all()
+    area = bh * bw / (h * w)
+    assert area.max() <= 1.0 + 1e-9
+    fits = (bh < h - 1e-9) & (bw < w - 1e-9)  # boxes that were not shrunk to fit
+    assert ((area[fits] >= 0.8 - 1e-9) & (area[fits] <= 1.0 + 1e-9)).all()
+    assert ((bw[fits] / bh[fits] >= 0.75 - 1e-9) & (bw[fits] / bh[fits] <= 4 / 3 + 1e-9)).all()
+    assert 0.45 < flips.mean() < 0.55
+
+
+def test_eval_box_equals_resize_then_centre_crop():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (123, 87, 3), dtype=np.uint8))
+    for s in (224, 64, 33):
+        r = eval_resize(s)
+        off = int(round((r - s) / 2))
+        ref = np.asarray(img.resize((r, r), Image.Resampling.BILINEAR))[off : off + s, off : off + s]
+        box = eval_boxes([[123, 87]], s)[0]
+        out = np.asarray(pil_resample(img, box, False, s))
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("h,w,s", [(64, 64, 48), (50, 37, 64), (37, 80, 17), (256, 200, 32), (9, 9, 1)])
+def test_resample_batch_matches_pil(h, w, s):
+    rng = np.random.default_rng(h * w + s)
+    n = 6
+    imgs = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    u = counter_uniforms(1, 0, np.arange(n))
+    boxes, flips = CropPlan(u).boxes(np.tile([[h, w]], (n, 1)), s)
+    boxes = np.concatenate([boxes, eval_boxes([[h, w]], s)])
+    flips = np.concatenate([flips, [True]])
+    imgs = np.concatenate([imgs, imgs[:1]])
+    ref = np.stack(
+        [np.asarray(pil_resample(Image.fromarray(im), b, f, s)) for im, b, f in zip(imgs, boxes, flips)]
+    )
+    padded = torch.zeros((n + 1, 3, h + 3, w + 5), dtype=torch.uint8)  # padding must not leak in
+    padded[:, :, :h, :w] = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+    padded[:, :, h:, :] = 255
+    padded[:, :, :, w:] = 255
+    sizes = torch.tensor([[h, w]] * (n + 1))
+    out = resample_batch(padded, sizes, torch.from_numpy(boxes), torch.from_numpy(flips), s)
+    diff = (out.permute(0, 2, 3, 1).double() - torch.from_numpy(ref).double()).abs()
+    assert diff.max() <= 1.0 + 1e-4  # PIL rounds its intermediate pass to 8 bits
+    assert diff.mean() < 0.5
+
+
+def test_resample_batch_mixed_sizes_in_one_padded_batch():
+    rng = np.random.default_rng(1)
+    shapes = [(40, 30), (25, 60), (60, 60)]
+    imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    sizes = np.asarray(shapes)
+    boxes, flips = CropPlan(counter_uniforms(0, 0, np.arange(3))).boxes(sizes, 20)
+    padded = torch.zeros((3, 3, 60, 60), dtype=torch.uint8)
+    for k, im in enumerate(imgs):
+        padded[k, :, : im.shape[0], : im.shape[1]] = torch.from_numpy(im).permute(2, 0, 1)
+    out = resample_batch(
+        padded, torch.from_numpy(sizes), torch.from_numpy(boxes), torch.from_numpy(flips), 20
+    )
+    for k, im in enumerate(imgs):
+        ref = np.asarray(pil_resample(Image.fromarray(im), boxes[k], bool(flips[k]), 20)).astype(np.float64)
+        assert np.abs(out[k].permute(1, 2, 0).numpy() - ref).max() <= 1.0 + 1e-4
+
+
+def test_resample_batch_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        resample_batch(
+            torch.zeros(2, 4, 8, 8), torch.zeros(2, 2), torch.zeros(2, 4), torch.zeros(2, dtype=bool), 4
+        )
+    with pytest.raises(ValueError, match="do not match a batch of 2"):
+        resample_batch(
+            torch.zeros(2, 3, 8, 8), torch.zeros(3, 2), torch.zeros(2, 4), torch.zeros(2, dtype=bool), 4
+        )
+
+
+def test_normalize_and_reference_transform_match_torchvision_style_pipeline():
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert (normalize(x.clone()) - (x.float() / 255 - mean) / std).abs().max() < 1e-5
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    out = reference_transform(img, 32)
+    r = eval_resize(32)
+    off = int(round((r - 32) / 2))
+    crop = np.asarray(img.resize((r, r), Image.Resampling.BILINEAR))[off : off + 32, off : off + 32]
+    expected = (torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255 - mean[0]) / std[0]
+    assert out.shape == (3, 32, 32) and (out - expected).abs().max() < 1.5 / 255 / 0.26
+    flipped = reference_transform(img, 32, uniforms=np.array([0.5, 0.5, 0.5, 0.5, 0.1, 0.0]))
+    same = reference_transform(img, 32, uniforms=np.array([0.5, 0.5, 0.5, 0.5, 0.9, 0.0]))
+    assert torch.equal(flipped, same.flip(-1))
