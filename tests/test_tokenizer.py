@@ -167,13 +167,13 @@ _SNIPPETS = st.sampled_from(
 _TEXTS = st.lists(st.one_of(st.text(_ALPHABET, max_size=6), _SNIPPETS), max_size=12).map("".join)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_TEXTS, min_size=1, max_size=4))
 def test_random_unicode_matches_open_clip(reference: ModuleType, texts: list[str]) -> None:
     _assert_same_ids(tokenize(texts, context_length=40), _reference_ids(reference, texts, 40), texts)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.text(st.characters(max_codepoint=0x7F), max_size=40) | _TEXTS)
 def test_cleaning_matches_open_clip(reference: ModuleType, text: str) -> None:
     expected = reference._clean_lower(text)
