@@ -1,0 +1,220 @@
+"""Ahead-of-time compilation of every kernel for NVIDIA targets, without a GPU.
+
+``variants()`` lists each kernel with the launch configurations the launchers use (tiles from
+``configs`` for a representative shape); ``compile_variant`` builds one with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, which runs Triton's whole
+code generation down to PTX and a cubin. Needs the real compiler, so run it with TRITON_INTERPRET=0:
+
+    TRITON_INTERPRET=0 python -m famevil_fast.kernels.aot --arch 90 --arch 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import triton
+import triton.language as tl
+from famevil_fast.kernels import configs
+from famevil_fast.kernels.adapter_backward import adapter_bwd_fused_kernel, adapter_dp_kernel
+from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
+from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
+from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
+
+FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
+FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
+INT32_POINTERS = {"order_ptr", "counts_ptr"}
+FLOAT_SCALARS = {"eps"}
+ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
+DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel with fixed compile-time arguments; ``dtype`` is the activation/parameter element type."""
+
+    name: str
+    kernel: triton.JITFunction
+    constexprs: dict = field(hash=False)
+    num_warps: int
+    num_stages: int
+    dtype: str
+    has_dot: bool = True
+
+    def attrs(self) -> dict[tuple[int], list]:
+        """What Triton's launcher specialises on at run time: 16-byte aligned pointers and widths that are
+        multiples of 16 (it is what lets loads vectorise)."""
+        aligned = {}
+        for i, (name, kind) in enumerate(self.signature().items()):
+            if kind.startswith("*") or name in ALIGNED_INTS:
+                aligned[(i,)] = [["tt.divisibility", 16]]
+        return aligned
+
+    def signature(self) -> dict[str, str]:
+        sig = {}
+        for name in self.kernel.arg_names:
+            if name in self.constexprs:
+                sig[name] = "constexpr"
+            elif name in FP32_POINTERS:
+                sig[name] = "*fp32"
+            elif name in INT32_POINTERS:
+                sig[name] = "*i32"
+            elif name.endswith("_ptr"):
+                sig[name] = f"*{self.dtype}"
+            elif name in FLOAT_SCALARS:
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        return sig
+
+
+def _dot(dtype: str) -> dict:
+    return {"DOT": DTYPE_NAMES[dtype], "PRECISION": "tf32"}
+
+
+def _launch(t: configs.Tiles) -> dict:
+    return {"num_warps": t.num_warps, "num_stages": t.num_stages}
+
+
+def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
+    t = configs.adapter_fused_tiles(r)
+    tiles = {"BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_N": t.block_n, "BLOCK_R": r, "MIXED": mixed}
+    fwd = {**tiles, "NUM_RES": 3, "SAVE": True, **_dot(dtype)}
+    bwd = {**tiles, **_dot(dtype)}
+    return [
+        Variant(f"adapter_fwd_fused_r{r}", adapter_fwd_fused_kernel, fwd, **_launch(t), dtype=dtype),
+        Variant(f"adapter_bwd_fused_r{r}", adapter_bwd_fused_kernel, bwd, **_launch(t), dtype=dtype),
+    ]
+
+
+def _ln_linear(dtype: str, mixed: bool, n_out: int, relu: bool) -> list[Variant]:
+    t = configs.ln_linear_tiles(n_out)
+    fwd = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "RELU": relu, "MIXED": mixed}
+    fwd |= {"SAVE_STATS": True, **_dot(dtype)}
+    u = configs.dx_tiles(n_out)
+    dx = {"BLOCK_M": u.block_m, "BLOCK_N": u.block_n, "BLOCK_K": u.block_k, "MIXED": mixed, **_dot(dtype)}
+    return [
+        Variant(f"ln_linear_fwd_{n_out}", ln_linear_fwd_kernel, fwd, **_launch(t), dtype=dtype),
+        Variant(f"ln_linear_dx_{n_out}", ln_linear_dx_kernel, dx, **_launch(u), dtype=dtype),
+    ]
+
+
+def _split_adapter(dtype: str, mixed: bool, r: int) -> list[Variant]:
+    t = configs.up_residual_tiles()
+    up = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "NUM_RES": 3, "MIXED": mixed}
+    u = configs.dp_tiles(r)
+    dp = {"BLOCK_M": u.block_m, "BLOCK_R": u.block_n, "BLOCK_N": u.block_k, "MIXED": mixed}
+    return [
+        Variant(
+            "adapter_up_residual", adapter_up_residual_kernel, up | _dot(dtype), **_launch(t), dtype=dtype
+        ),
+        Variant(f"adapter_dp_r{r}", adapter_dp_kernel, dp | _dot(dtype), **_launch(u), dtype=dtype),
+    ]
+
+
+def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Variant]:
+    t = configs.weight_tiles(n_out)
+    part = {"BLOCK_M": t.block_m, "BLOCK_D": t.block_n, "BLOCK_R": t.block_k, "HAS_G": has_g, "MIXED": mixed}
+    u = configs.epilogue_tiles(n_out)
+    epi = {"BLOCK_D": u.block_n, "BLOCK_R": u.block_k, "HAS_G": has_g}
+    partials = Variant(
+        f"weight_grad_partials_{n_out}",
+        weight_grad_partials_kernel,
+        part | _dot(dtype),
+        **_launch(t),
+        dtype=dtype,
+    )
+    epilogue = Variant(
+        f"weight_grad_epilogue_{n_out}",
+        weight_grad_epilogue_kernel,
+        epi,
+        **_launch(u),
+        dtype=dtype,
+        has_dot=False,
+    )
+    return [partials, epilogue]
+
+
+def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
+    """Every kernel as the launchers configure it: the adapter at d = 768 with r = 64 (on chip) and
+    r = 512 (split), the key/value projection 768 -> 1536. ``full`` adds the other tile shapes in use
+    (r = 128 on chip, the ReLU-free projection, weight gradients at r = 512)."""
+    out = (
+        _fused(dtype, mixed, 64)
+        + _ln_linear(dtype, mixed, 512, relu=True)
+        + _split_adapter(dtype, mixed, 512)
+    )
+    out += _weight_grads(dtype, mixed, 64, has_g=True)
+    if full:
+        out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, relu=False)
+        out += _weight_grads(dtype, mixed, 512, has_g=True) + _weight_grads(dtype, mixed, 1536, has_g=False)
+    return out
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    """Compile one variant for sm_<arch>; returns a summary (sizes, wgmma use, seconds)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    src = ASTSource(v.kernel, v.signature(), v.constexprs, v.attrs())
+    options = {"num_warps": v.num_warps, "num_stages": v.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    return {
+        "kernel": v.name,
+        "dtype": v.dtype,
+        "mixed": bool(v.constexprs.get("MIXED", False)),
+        "arch": arch,
+        "ptx_target": f"sm_{arch}" in ptx,
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "wgmma": "wgmma" in ptx,
+        "mma": "mma" in ptx,
+        "has_dot": v.has_dot,
+        "shared_bytes": compiled.metadata.shared,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def plan(archs: list[int], full: bool = False) -> list[tuple[str, bool, bool, int, int]]:
+    """Jobs (dtype, mixed, full, variant index, arch): every kernel in fp32 (single task) and in bf16
+    (task-grouped rows) for each arch."""
+    jobs = []
+    for arch in archs:
+        for dtype, mixed in (("fp32", False), ("bf16", True)):
+            jobs += [(dtype, mixed, full, i, arch) for i in range(len(variants(dtype, mixed, full)))]
+    return jobs
+
+
+def _compile_job(job: tuple[str, bool, bool, int, int]) -> dict:
+    dtype, mixed, full, index, arch = job
+    return compile_variant(variants(dtype, mixed, full)[index], arch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--full", action="store_true", help="every tile shape in use, not one per kernel")
+    args = parser.parse_args(argv)
+    if configs.interpreting():
+        print("aot: TRITON_INTERPRET=1 replaces the compiler; run with TRITON_INTERPRET=0", file=sys.stderr)
+        return 2
+    jobs = plan(args.arch or [90], args.full)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(_compile_job, jobs))
+    else:
+        results = [_compile_job(job) for job in jobs]
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
