@@ -6,19 +6,16 @@ PyTorch reference. Triton kernels run on CUDA devices, and on the CPU only under
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-@functools.cache
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:

@@ -1,0 +1,313 @@
+"""The fused adapter op: Triton kernels (interpreted on the CPU, compiled on a GPU) against the float64
+PyTorch reference, output and every gradient, on awkward shapes; mixed-task batches; argument checks;
+backend selection; the torch.library registration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from famevil_fast.ops import AdapterParams, fused_adapter
+from famevil_fast.ops.adapter import adapter_reference
+
+pytest.importorskip("triton")
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+    threadpool_limits = None
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The interpreter multiplies small tiles; extra BLAS threads only contend on a busy machine."""
+    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext():
+        yield
+
+
+def random_params(d: int, r: int, tasks: int | None = None, device: str = "cpu") -> AdapterParams:
+    """float64 parameters with every term non-zero (a zero up-projection would hide most of the math)."""
+    lead = () if tasks is None else (tasks,)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*lead, *shape, dtype=torch.float64, device=device)
+
+    ln = (1 + 0.2 * rnd(d), 0.2 * rnd(d))
+    down = (rnd(r, d) / d**0.5, 0.2 * rnd(r))
+    up = (rnd(d, r) / r**0.5, 0.2 * rnd(d))
+    return AdapterParams(*ln, *down, *up, 1 + 0.2 * rnd(1))
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| relative to max(1, max |expected|)."""
+    diff = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    return diff / max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
+
+
+def compare(
+    x: torch.Tensor,
+    params: AdapterParams,
+    n_residuals: int | None,
+    task_ids: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    tol: float = 1e-4,
+    param_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the Triton op in ``dtype`` and the float64 reference on the same values (inputs rounded to the
+    op's dtypes first), forward and backward; assert every output and gradient agrees; return the Triton
+    gradients by name."""
+    pdt = param_dtype or dtype
+    residuals = [torch.randn_like(x) for _ in range(n_residuals or 0)]
+    kinds = [dtype] + [pdt] * 7 + [dtype] * len(residuals)
+    values = [t.to(kind).double() for kind, t in zip(kinds, (x, *params, *residuals))]
+    ref_leaves = [t.requires_grad_() for t in values]
+    ref_res = ref_leaves[8:] if n_residuals is not None else None
+    if n_residuals == 1:
+        ref_res = ref_res[0]
+    ref = adapter_reference(ref_leaves[0], AdapterParams(*ref_leaves[1:8]), ref_res, task_ids)
+    grad = torch.randn_like(ref).to(dtype).double()
+    ref.backward(grad)
+
+    leaves = [t.detach().to(kind).requires_grad_() for kind, t in zip(kinds, ref_leaves)]
+    res = leaves[8:] if n_residuals is not None else None
+    if n_residuals == 1:
+        res = res[0]
+    out = fused_adapter(leaves[0], *leaves[1:8], residual=res, task_ids=task_ids, backend="triton")
+    assert out.dtype == dtype and out.shape == x.shape
+    out.backward(grad.to(dtype))
+    assert scaled_error(out, ref) < tol, f"output error {scaled_error(out, ref):.2e}"
+    names = ["x", *AdapterParams._fields] + [f"residual{i}" for i in range(len(residuals))]
+    grads = {}
+    for name, mine, theirs in zip(names, leaves, ref_leaves):
+        assert mine.grad is not None, name
+        assert mine.grad.dtype == mine.dtype, name
+        err = scaled_error(mine.grad, theirs.grad)
+        assert err < tol, f"d{name} error {err:.2e}"
+        grads[name] = mine.grad
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("shape", "r", "n_residuals"),
+    [
+        ((1, 768), 512, 4),  # one row; bottleneck through memory; more residual terms than kernel slots
+        ((7, 1, 512), 8, 3),  # the block's a + MLP + XAA residual sum
+        ((1, 197, 768), 100, 1),  # r not a power of two, a single residual tensor
+        ((1000, 512), 64, None),  # adapter output alone
+    ],
+)
+def test_matches_float64_reference(shape: tuple[int, ...], r: int, n_residuals: int | None) -> None:
+    x = torch.randn(*shape, dtype=torch.float64) * 1.5 + 0.3
+    compare(x, random_params(shape[-1], r), n_residuals)
+
+
+@pytest.mark.parametrize(("n", "d", "r"), [(13, 200, 24), (5, 1024, 128), (9, 96, 129)])
+def test_other_widths(n: int, d: int, r: int) -> None:
+    """Widths that leave partial chunks, the widest on-chip bottleneck, the narrowest split one."""
+    compare(torch.randn(n, d, dtype=torch.float64), random_params(d, r), 2)
+
+
+@pytest.mark.parametrize("r", [64, 160])
+def test_mixed_task_batch_with_an_absent_task(r: int) -> None:
+    tasks, n, d = 3, 150, 512
+    task_ids = torch.tensor([0, 2])[torch.randint(0, 2, (n,))]  # task 1 absent
+    grads = compare(torch.randn(n, d, dtype=torch.float64), random_params(d, r, tasks), 2, task_ids)
+    for name in AdapterParams._fields:
+        assert torch.count_nonzero(grads[name][1]) == 0, f"absent task got a {name} gradient"
+        assert torch.count_nonzero(grads[name][0]) > 0 and torch.count_nonzero(grads[name][2]) > 0
+
+
+def test_mixed_task_batch_with_zero_length_groups() -> None:
+    """Only the last of four tasks has rows: the three others form empty groups."""
+    tasks, n, d, r = 4, 10, 512, 16
+    x = torch.randn(n, d, dtype=torch.float64)
+    grads = compare(x, random_params(d, r, tasks), 1, torch.full((n,), 3))
+    for name in AdapterParams._fields:
+        assert torch.count_nonzero(grads[name][:3]) == 0
+
+
+@pytest.mark.parametrize("task_ids", [None, torch.zeros(0, dtype=torch.long)])
+def test_empty_input(task_ids: torch.Tensor | None) -> None:
+    tasks = None if task_ids is None else 2
+    params = [p.float().requires_grad_() for p in random_params(512, 64, tasks)]
+    x = torch.zeros(0, 512, requires_grad=True)
+    res = torch.zeros(0, 512)
+    out = fused_adapter(x, *params, residual=res, task_ids=task_ids, backend="triton")
+    assert out.shape == (0, 512)
+    out.sum().backward()
+    assert x.grad.shape == (0, 512)
+    for p in params:
+        assert torch.count_nonzero(p.grad) == 0
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_inputs(dtype: torch.dtype, tol: float) -> None:
+    """fp16/bf16 storage with fp32 accumulation (bf16 products run in fp32 under the interpreter)."""
+    compare(torch.randn(33, 512, dtype=torch.float64), random_params(512, 64), 1, dtype=dtype, tol=tol)
+
+
+def test_float32_parameters_with_bfloat16_activations() -> None:
+    grads = compare(
+        torch.randn(9, 512, dtype=torch.float64),
+        random_params(512, 48),
+        1,
+        dtype=torch.bfloat16,
+        param_dtype=torch.float32,
+        tol=3e-2,
+    )
+    assert grads["down_weight"].dtype == torch.float32
+
+
+def test_non_contiguous_inputs_match_contiguous() -> None:
+    d, r = 512, 32
+    p = [t.float() for t in random_params(d, r)]
+    x = torch.randn(d, 11).t()  # (11, d), column-major
+    down_t = p[2].t().contiguous().t()  # same values, transposed strides
+    res = torch.randn(11, 2 * d)[:, ::2]
+    out = fused_adapter(x, p[0], p[1], down_t, *p[3:], residual=res, backend="triton")
+    want = fused_adapter(x.contiguous(), *p, residual=res.contiguous(), backend="triton")
+    torch.testing.assert_close(out, want)
+
+
+def test_inference_saves_nothing_and_matches() -> None:
+    p = [t.float() for t in random_params(512, 64)]
+    x = torch.randn(5, 512)
+    with torch.no_grad():
+        out = fused_adapter(x, *p, backend="triton")
+    torch.testing.assert_close(out, fused_adapter(x, *p, backend="torch"))
+
+
+def test_residual_gradient_alone() -> None:
+    """Only a residual term requires a gradient: it receives the output gradient unchanged."""
+    p = [t.float() for t in random_params(512, 16)]
+    x = torch.randn(4, 512)
+    res = torch.randn(4, 512, requires_grad=True)
+    grad = torch.randn(4, 512)
+    fused_adapter(x, *p, residual=[res], backend="triton").backward(grad)
+    torch.testing.assert_close(res.grad, grad)
+
+
+def bad_call(**overrides) -> None:
+    p = {k: v.float() for k, v in random_params(64, 8)._asdict().items()}
+    args = {"x": torch.randn(3, 64), **p, "backend": "triton"}
+    args.update(overrides)
+    fused_adapter(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"residual": torch.randn(3, 64, dtype=torch.float64)}, "residual\\[0\\] has dtype"),
+        ({"residual": [torch.randn(3, 64), torch.randn(3, 65)]}, "residual\\[1\\] has shape"),
+        ({"up_bias": torch.randn(64, device="meta")}, "up_bias is on meta"),
+        ({"scale": torch.ones(1, dtype=torch.float64)}, "mix dtypes"),
+        ({"x": torch.randn(3, 64, dtype=torch.float64)}, "supports float32, float16 and bfloat16"),
+        ({"down_weight": torch.randn(8, 63)}, "down_weight has shape"),
+        ({"task_ids": torch.tensor([0, 1, 0])}, "ln_weight has shape"),
+        ({"backend": "cuda"}, "unknown backend"),
+    ],
+)
+def test_bad_arguments_raise_value_error(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        bad_call(**overrides)
+
+
+def test_task_ids_out_of_range() -> None:
+    p = [t.float() for t in random_params(64, 8, tasks=2)]
+    with pytest.raises(ValueError, match="task_ids must lie in"):
+        fused_adapter(torch.randn(3, 64), *p, task_ids=torch.tensor([0, 2, 1]), backend="triton")
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import famevil_fast.ops.adapter as adapter_module
+
+    calls = []
+    real = adapter_module._triton_adapter
+    monkeypatch.setattr(adapter_module, "_triton_adapter", lambda *a: calls.append(1) or real(*a))
+    p = [t.float() for t in random_params(64, 8)]
+    x = torch.randn(2, 64)
+    monkeypatch.setenv("FAMEVIL_FAST_BACKEND", "torch")
+    fused_adapter(x, *p)
+    assert calls == []
+    monkeypatch.setenv("FAMEVIL_FAST_BACKEND", "triton")
+    fused_adapter(x, *p)
+    assert calls == [1]
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND")
+    fused_adapter(x, *p)  # automatic: the interpreter is on
+    assert calls == [1, 1]
+    fused_adapter(x, *p, backend="torch")
+    assert calls == [1, 1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fused_adapter(x, *p)  # automatic on the CPU without the interpreter: the reference
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fused_adapter(x, *p, backend="triton")
+
+
+def test_custom_op_passes_opcheck() -> None:
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    p = [t.float().requires_grad_() for t in random_params(64, 8, tasks=2)]
+    x = torch.randn(6, 64, requires_grad=True)
+    res = [torch.randn(6, 64, requires_grad=True)]
+    ids = torch.tensor([1, 0, 1, 1, 0, 1])
+    torch.library.opcheck(
+        torch.ops.famevil_fast.adapter_forward.default,
+        (x, *p, res, ids, True, 1e-5),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_torch_compile_graph_holds_the_op() -> None:
+    p = [t.float().requires_grad_() for t in random_params(64, 8)]
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    res = torch.randn(2, 3, 64)
+
+    def block(x: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(fused_adapter(x, *p, residual=(res, 2 * res), backend="triton"))
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x, res)
+    out.sum().backward()
+    got = [x.grad.clone(), *(t.grad.clone() for t in p)]
+    for t in (x, *p):
+        t.grad = None
+    block(x, res).sum().backward()
+    torch.testing.assert_close(out, block(x, res))
+    for a, b in zip(got, [x.grad, *(t.grad for t in p)]):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- GPU: compiled kernels, bf16 numerics
+
+
+@gpu
+@pytest.mark.parametrize(("n", "r"), [(1, 64), (197, 8), (12608, 64), (12608, 512), (1000, 100)])
+def test_gpu_bfloat16_matches_float64_reference(n: int, r: int) -> None:
+    d = 768
+    x = torch.randn(n, d, dtype=torch.float64, device="cuda")
+    compare(x, random_params(d, r, device="cuda"), 3, dtype=torch.bfloat16, tol=3e-2)
+
+
+@gpu
+@pytest.mark.parametrize("r", [64, 512])
+def test_gpu_float32_matches_float64_reference(r: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = torch.randn(3000, 512, dtype=torch.float64, device="cuda")
+    compare(x, random_params(512, r, device="cuda"), 2, tol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("r", [64, 512])
+def test_gpu_mixed_task_bfloat16(r: int) -> None:
+    tasks, n, d = 4, 4096, 768
+    task_ids = torch.tensor([0, 1, 3], device="cuda")[torch.randint(0, 3, (n,), device="cuda")]
+    x = torch.randn(n, d, dtype=torch.float64, device="cuda")
+    grads = compare(x, random_params(d, r, tasks, device="cuda"), 1, task_ids, dtype=torch.bfloat16, tol=3e-2)
+    assert all(torch.count_nonzero(grads[name][2]) == 0 for name in AdapterParams._fields)
