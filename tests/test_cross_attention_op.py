@@ -1,0 +1,202 @@
+"""The cross-attention adapter op and its fused LayerNorm + projection kernel against the float64 PyTorch
+reference, forward and every gradient; reuse of precomputed keys/values; argument checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from famevil_fast.ops import AdapterParams, CrossAttentionParams, context_key_values, cross_attention_adapter
+from famevil_fast.ops.cross_attention import layer_norm_linear_reference, layer_norm_linear_triton
+
+pytest.importorskip("triton")
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+    threadpool_limits = None
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    with threadpool_limits(1) if threadpool_limits else contextlib.nullcontext():
+        yield
+
+
+def rnd(*shape: int, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, device=device)
+
+
+def random_attn(d: int, c: int, device: str = "cpu") -> CrossAttentionParams:
+    def r(*s: int) -> torch.Tensor:
+        return rnd(*s, device=device)
+
+    ln = (1 + 0.2 * r(d), 0.2 * r(d), 1 + 0.2 * r(c), 0.2 * r(c))
+    return CrossAttentionParams(*ln, r(d, d) / d**0.5, 0.2 * r(d), r(2 * d, c) / c**0.5, 0.2 * r(2 * d))
+
+
+def random_adapter(d: int, r: int, device: str = "cpu") -> AdapterParams:
+    def t(*s: int) -> torch.Tensor:
+        return rnd(*s, device=device)
+
+    return AdapterParams(
+        1 + 0.2 * t(d), 0.2 * t(d), t(r, d) / d**0.5, 0.2 * t(r), t(d, r) / r**0.5, 0.2 * t(d), 1 + t(1)
+    )
+
+
+def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() / max(1.0, expected.abs().max().item())
+
+
+def run_block(tensors: list[torch.Tensor], n_heads: int, mask, n_res: int, **kwargs) -> torch.Tensor:
+    x, context, *rest = tensors
+    attn, adapter, res = CrossAttentionParams(*rest[:8]), AdapterParams(*rest[8:15]), rest[15:]
+    residual = tuple(res) if n_res > 1 else (res[0] if res else None)
+    return cross_attention_adapter(
+        x, attn, adapter, n_heads, context=context, context_mask=mask, residual=residual, **kwargs
+    )
+
+
+def compare_block(
+    b: int, length: int, ctx_len: int, d: int, c: int, n_heads: int, masked: bool, n_res: int, **kwargs
+) -> None:
+    device = kwargs.pop("device", "cpu")
+    dtype = kwargs.pop("dtype", torch.float32)
+    tol = kwargs.pop("tol", 1e-4)
+    x, context = rnd(b, length, d, device=device), rnd(b, ctx_len, c, device=device)
+    mask = None
+    if masked:
+        mask = torch.rand(b, ctx_len, device=device) > 0.4
+        mask[:, 0] = True
+    res = [rnd(b, length, d, device=device) for _ in range(n_res)]
+    tensors = [x, context, *random_attn(d, c, device), *random_adapter(d, 64, device), *res]
+    tensors = [t.to(dtype).double() for t in tensors]
+    ref_leaves = [t.clone().requires_grad_() for t in tensors]
+    ref = run_block(ref_leaves, n_heads, mask, n_res, backend="torch")
+    grad = torch.randn_like(ref).to(dtype).double()
+    ref.backward(grad)
+    leaves = [t.to(dtype).requires_grad_() for t in tensors]
+    out = run_block(leaves, n_heads, mask, n_res, backend="triton", **kwargs)
+    out.backward(grad.to(dtype))
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert scaled_error(out, ref) < tol
+    for i, (mine, theirs) in enumerate(zip(leaves, ref_leaves)):
+        err = scaled_error(mine.grad, theirs.grad)
+        assert err < tol, f"gradient of input {i}: error {err:.2e}"
+
+
+@pytest.mark.parametrize(("n", "d", "n_out"), [(9, 512, 512), (13, 768, 1536), (1, 200, 72)])
+def test_layer_norm_linear_matches_reference(n: int, d: int, n_out: int) -> None:
+    values = [rnd(n, d) * 2 + 0.5, 1 + 0.2 * rnd(d), 0.2 * rnd(d), rnd(n_out, d) / d**0.5, 0.2 * rnd(n_out)]
+    ref_leaves = [t.clone().requires_grad_() for t in values]
+    ref = layer_norm_linear_reference(*ref_leaves, 1e-5)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    leaves = [t.float().requires_grad_() for t in values]
+    out = layer_norm_linear_triton(*leaves, 1e-5)
+    out.backward(grad.float())
+    assert scaled_error(out, ref) < 1e-4
+    for mine, theirs in zip(leaves, ref_leaves):
+        assert scaled_error(mine.grad, theirs.grad) < 1e-4
+
+
+@pytest.mark.parametrize("fuse_projections", [True, False])
+def test_text_side_block_matches_reference(fuse_projections: bool) -> None:
+    """Text queries (512 wide, 8 heads) over vision context (768 wide) with a key-padding mask and the
+    block's residual terms."""
+    compare_block(2, 5, 7, 512, 768, 8, masked=True, n_res=2, fuse_projections=fuse_projections)
+
+
+def test_vision_side_block_matches_reference() -> None:
+    compare_block(1, 6, 4, 768, 512, 12, masked=False, n_res=0)
+
+
+def test_precomputed_keys_and_values() -> None:
+    b, length, ctx_len, d, c, heads = 2, 3, 5, 512, 768, 8
+    attn = CrossAttentionParams(*(t.float() for t in random_attn(d, c)))
+    adapter = AdapterParams(*(t.float() for t in random_adapter(d, 64)))
+    x, context = torch.randn(b, length, d), torch.randn(b, ctx_len, c)
+    kv_fused = context_key_values(context, attn, heads, backend="triton")
+    kv_ref = context_key_values(context, attn, heads, backend="torch")
+    for mine, theirs in zip(kv_fused, kv_ref):
+        assert mine.shape == (b, heads, ctx_len, d // heads)
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    with_kv = cross_attention_adapter(x, attn, adapter, heads, context_kv=kv_fused, backend="triton")
+    with_context = cross_attention_adapter(x, attn, adapter, heads, context=context, backend="triton")
+    torch.testing.assert_close(with_kv, with_context)
+
+
+def bad_block(**overrides) -> None:
+    d, c = 64, 32
+    args = {
+        "x": torch.randn(2, 3, d),
+        "attn": CrossAttentionParams(*(t.float() for t in random_attn(d, c))),
+        "adapter": AdapterParams(*(t.float() for t in random_adapter(d, 8))),
+        "num_heads": 4,
+        "context": torch.randn(2, 5, c),
+        "backend": "triton",
+    }
+    args.update(overrides)
+    cross_attention_adapter(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_heads": 5}, "not divisible by num_heads"),
+        ({"context": torch.randn(2, 5, 33)}, "context width 33"),
+        ({"context": torch.randn(2, 5, 32, dtype=torch.float64)}, "context is torch.float64"),
+        ({"context_mask": torch.ones(2, 5)}, "context_mask must be bool"),
+        (
+            {"context": None, "context_kv": (torch.randn(2, 4, 5, 16), torch.randn(2, 4, 5, 8))},
+            "values must be",
+        ),
+        ({"context": None}, "exactly one of context and context_kv"),
+        ({"residual": torch.randn(2, 3, 64, dtype=torch.float64)}, "residual\\[0\\] has dtype"),
+    ],
+)
+def test_bad_arguments_raise_value_error(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        bad_block(**overrides)
+
+
+def test_mismatched_parameter_dtype_raises() -> None:
+    attn = CrossAttentionParams(*(t.float() for t in random_attn(64, 32)))
+    attn = attn._replace(q_bias=attn.q_bias.double())
+    with pytest.raises(ValueError, match="mix dtypes"):
+        bad_block(attn=attn)
+
+
+def test_ln_linear_custom_op_passes_opcheck() -> None:
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    args = [t.float().requires_grad_() for t in (rnd(5, 64), 1 + rnd(64), rnd(64), rnd(48, 64), rnd(48))]
+    torch.library.opcheck(
+        torch.ops.famevil_fast.ln_linear_forward.default,
+        (*args, True, 1e-5),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+# ---------------------------------------------------------------- GPU: compiled kernels, bf16 numerics
+
+
+@gpu
+@pytest.mark.parametrize("fuse_projections", [True, False])
+def test_gpu_bfloat16_text_side_block(fuse_projections: bool) -> None:
+    compare_block(
+        64, 77, 197, 512, 768, 8, masked=True, n_res=3, device="cuda", dtype=torch.bfloat16, tol=3e-2,
+        fuse_projections=fuse_projections,
+    )  # fmt: skip
+
+
+@gpu
+def test_gpu_bfloat16_vision_side_block() -> None:
+    compare_block(
+        64, 197, 77, 768, 512, 12, masked=True, n_res=1, device="cuda", dtype=torch.bfloat16, tol=3e-2
+    )
