@@ -1,0 +1,217 @@
+"""Fused adapter speed (PERFORMANCE.md target 3): forward and backward separately, eager PyTorch module vs
+``torch.compile`` of it vs the Triton kernels, bf16, d = 768, r in {64, 512}, at 12,608 and 1,048,576
+tokens on a GPU.
+
+``test_adapter`` times one (size, implementation, direction) with pytest-benchmark; ``test_adapter_report``
+times all of them in one process and prints the table the target is judged on: milliseconds, the speed-up
+over eager and over torch.compile, and the fraction of the card's copy bandwidth reached (bytes floor:
+read x and write y forward; read x and dy and write dx backward). With 2 residual terms ("+res" rows)
+the forward also reads them, and the eager module adds them separately.
+
+On the CPU the sizes shrink to one small case, torch.compile is skipped and the Triton path runs only
+under TRITON_INTERPRET=1, so ``pytest bench/bench_adapter.py --benchmark-disable`` finishes quickly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from famevil_fast.ops import fused_adapter
+from famevil_fast.ops._backend import triton_runs_on
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+WIDTH = 768
+TOKENS = (12_608, 1_048_576) if CUDA else (197,)
+RANKS = (64, 512) if CUDA else (64,)
+ROUNDS = 20 if CUDA else 1
+IMPLS = ("eager", "compile", "triton")
+DIRECTIONS = ("forward", "backward")
+
+
+class EagerAdapter(nn.Module):
+    """The adapter as plain PyTorch layers: scale * up(relu(down(layer_norm(x)))) (+ residual terms)."""
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        self.scale = nn.Parameter(torch.ones(1))
+        with torch.no_grad():  # random, non-zero values everywhere (a zero up-projection is not timed)
+            for p in self.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+
+    def forward(self, x: torch.Tensor, residual: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        y = self.up(torch.relu(self.down(self.ln(x)))) * self.scale
+        for term in residual:
+            y = y + term
+        return y
+
+
+class TritonAdapter(nn.Module):
+    def __init__(self, eager: EagerAdapter) -> None:
+        super().__init__()
+        self.eager = eager
+
+    def forward(self, x: torch.Tensor, residual: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        e = self.eager
+        params = (e.ln.weight, e.ln.bias, e.down.weight, e.down.bias, e.up.weight, e.up.bias, e.scale)
+        return fused_adapter(x, *params, residual=residual or None, backend="triton")
+
+
+def available(impl: str) -> str | None:
+    """None when ``impl`` can run here, else the reason to skip."""
+    if impl == "compile" and not CUDA:
+        return "torch.compile is timed on a GPU only (CPU compilation takes minutes)"
+    if impl == "triton" and not triton_runs_on(DEVICE):
+        return "Triton needs a GPU, or TRITON_INTERPRET=1 on the CPU"
+    return None
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@functools.cache
+def adapter_module(r: int, impl: str) -> nn.Module:
+    """One module per (r, implementation), shared by every size (torch.compile compiles it once)."""
+    torch.manual_seed(0)
+    eager = EagerAdapter(WIDTH, r).to(DEVICE, DTYPE)
+    return {"eager": eager, "compile": torch.compile(eager), "triton": TritonAdapter(eager)}[impl]
+
+
+def build(tokens: int, r: int, impl: str, residuals: int = 0):
+    module = adapter_module(r, impl)
+    x = torch.randn(tokens, WIDTH, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    res = tuple(torch.randn_like(x, requires_grad=False) for _ in range(residuals))
+    grad = torch.randn_like(x)
+    return module, x, res, grad
+
+
+def step(module, x, res, grad, direction: str) -> tuple[Callable[[], object], Callable[[], None]]:
+    """(setup, timed): for "forward" the timed call is the forward pass (with autograd recording, as in
+    training); for "backward" setup runs the forward and the timed call is the backward pass."""
+    state = {}
+
+    def setup() -> None:
+        x.grad = None
+        if direction == "backward":
+            state["out"] = module(x, res)
+        _sync()
+
+    def forward() -> None:
+        state["out"] = module(x, res)
+
+    def backward() -> None:
+        state["out"].backward(grad)
+
+    return setup, forward if direction == "forward" else backward
+
+
+def median_seconds(setup: Callable, timed: Callable, rounds: int = ROUNDS, warmup: int = 3) -> float:
+    for _ in range(warmup if CUDA else 1):
+        setup()
+        timed()
+    times = []
+    for _ in range(rounds):
+        setup()
+        _sync()
+        start = time.perf_counter()
+        timed()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float | None:
+    """Bytes read + written per second by a device-to-device copy of 1 GiB (None on the CPU)."""
+    if not CUDA:
+        return None
+    src = torch.empty(2**29, device=DEVICE, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: None, lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def floor_bytes(tokens: int, direction: str, residuals: int) -> int:
+    elem = torch.finfo(DTYPE).bits // 8
+    passes = 2 + residuals if direction == "forward" else 3
+    return passes * tokens * WIDTH * elem
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_adapter(benchmark, tokens: int, r: int, impl: str, direction: str) -> None:
+    reason = available(impl)
+    if reason:
+        pytest.skip(reason)
+    module, x, res, grad = build(tokens, r, impl)
+    setup, timed = step(module, x, res, grad, direction)
+    for _ in range(3 if CUDA else 0):  # compile and autotune outside the timed rounds
+        setup()
+        timed()
+    benchmark.extra_info.update({"tokens": tokens, "r": r, "impl": impl, "direction": direction})
+    benchmark.pedantic(lambda: (timed(), _sync()), setup=setup, rounds=ROUNDS, iterations=1)
+
+
+def describe() -> str:
+    import triton
+
+    card = torch.cuda.get_device_name() if CUDA else "CPU"
+    return f"{card}, torch {torch.__version__}, triton {triton.__version__}, {datetime.date.today()}"
+
+
+def test_adapter_report() -> None:
+    """All cases in one process: the table of PERFORMANCE.md target 3."""
+    bandwidth = copy_bandwidth()
+    lines = [f"fused adapter, d={WIDTH}, {DTYPE}, {describe()}"]
+    if bandwidth:
+        lines.append(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    lines.append(
+        "tokens     r  res  direction   eager ms  compile ms  triton ms  x eager  x compile  %copy bw"
+    )
+    rows = []
+    for tokens in TOKENS:
+        for r in RANKS:
+            for residuals in (0, 2):
+                for direction in DIRECTIONS:
+                    ms = {}
+                    for impl in IMPLS:
+                        if available(impl) is None:
+                            module, x, res, grad = build(tokens, r, impl, residuals)
+                            ms[impl] = 1e3 * median_seconds(*step(module, x, res, grad, direction))
+                    rows.append((tokens, r, residuals, direction, ms))
+                    lines.append(_format_row(tokens, r, residuals, direction, ms, bandwidth))
+    report = "\n".join(lines)
+    print("\n" + report)
+    assert all("eager" in ms for *_, ms in rows)
+
+
+def _format_row(
+    tokens: int, r: int, residuals: int, direction: str, ms: dict, bandwidth: float | None
+) -> str:
+    def cell(value: float | None, fmt: str) -> str:
+        return format(value, fmt) if value is not None else "-"
+
+    triton_ms = ms.get("triton")
+    vs_eager = ms["eager"] / triton_ms if triton_ms else None
+    vs_compile = ms["compile"] / triton_ms if triton_ms and "compile" in ms else None
+    fraction = None
+    if triton_ms and bandwidth:
+        fraction = 100 * floor_bytes(tokens, direction, residuals) / (triton_ms / 1e3) / bandwidth
+    timings = f"{ms['eager']:>9.3f} {cell(ms.get('compile'), '>11.3f')} {cell(triton_ms, '>10.3f')}"
+    ratios = f"{cell(vs_eager, '>8.2f')} {cell(vs_compile, '>10.2f')} {cell(fraction, '>9.1f')}"
+    return f"{tokens:>9} {r:>4} {residuals:>4}  {direction:<9} {timings} {ratios}"
