@@ -226,3 +226,45 @@ def test_mixed_task_forward_equals_separate_forwards():
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_trimming_text_padding_changes_no_output():
+    model = micro_model().eval()
+    b = micro_batch(3)
+    ids = b["input_ids"]
+    from famevil_fast.model.famevil import trim_text_padding
+
+    assert trim_text_padding(ids).shape[1] == int((ids == 49407).int().argmax(1).max()) + 1
+    with torch.no_grad():
+        assert torch.allclose(model.text_features(ids, "itc"), model.text(ids, "itc"), atol=1e-6)
+        full = model.caption_states(model.vision_memory(b["pixels"]), ids)
+        trimmed = model.caption_states(model.vision_memory(b["pixels"]), trim_text_padding(ids))
+        assert torch.allclose(full[:, : trimmed.shape[1]], trimmed, atol=1e-6)
+
+
+def test_caption_vocabulary_shortlist():
+    batch = micro_batch(2)
+    vocab = tuple(sorted(set(batch["input_ids"].flatten().tolist()) - {0, 49406} | {49407}))
+    model = micro_model(caption_vocab=vocab)
+    out = model(batch, "cap")
+    full = FameViL(MICRO)
+    full.load_state_dict(model.state_dict())
+    ref = full(batch, "cap")
+    restricted = ref.outputs["logits"][:, list(vocab)]
+    targets = torch.tensor([vocab.index(t) for t in ref.outputs["targets"].tolist()])
+    assert torch.allclose(out.loss, F.cross_entropy(restricted, targets), atol=1e-5)
+    with pytest.raises(ValueError, match="end token"):
+        MICRO.replace(caption_vocab=(5, 6))
+
+
+def test_caption_vocabulary_decoding_stays_in_the_shortlist():
+    from famevil_fast.model.generation import generate, generate_by_reencoding
+
+    vocab = (320, 1125, 3360, 49407)
+    model = micro_model(caption_vocab=vocab, xaa="text").double().eval()
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for beams in (1, 2):
+            ids = generate(model, pixels, max_len=6, num_beams=beams)
+            assert set(ids[:, 1:].flatten().tolist()) <= set(vocab)
+            assert torch.equal(ids, generate_by_reencoding(model, pixels, max_len=6, num_beams=beams))

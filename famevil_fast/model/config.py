@@ -107,6 +107,9 @@ class FameViLConfig:
     xaa: cross-attention adapters in "both" towers, the "text" tower only, or "none".
     caption_loss_on_padding: train padded positions to predict the end token, as the official code does
         (off by default: positions after the first end token are ignored).
+    caption_vocab: token ids the caption head scores (a shortlist, e.g. every token of the training
+        captions; the end token must be in it); None = the whole vocabulary. Logits, the loss and decoding
+        then cover only these tokens, which makes the LM head |V| / |shortlist| times cheaper.
     attention: "auto" (flash-attn when installed and applicable, else SDPA), "sdpa", "eager" (explicit
         softmax, the faithful reference) or "flash".
     backend: op backend for adapters and losses (None = automatic, "torch" = references).
@@ -121,6 +124,7 @@ class FameViLConfig:
     num_classes: int = 121
     norm_scale_init: float = 4.0
     caption_loss_on_padding: bool = False
+    caption_vocab: tuple[int, ...] | None = None
     attention: str = "auto"
     backend: str | None = None
 
@@ -136,6 +140,12 @@ class FameViLConfig:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.adapter_bottleneck <= 0 or self.xaa_bottleneck <= 0:
             raise ValueError("adapter bottlenecks must be positive")
+        if self.caption_vocab is not None:
+            vocab = self.clip.text.vocab_size
+            if 49407 not in self.caption_vocab or any(not 0 <= t < vocab for t in self.caption_vocab):
+                raise ValueError(f"caption_vocab must hold token ids in [0, {vocab}) including the end token 49407")
+            if len(set(self.caption_vocab)) != len(self.caption_vocab):
+                raise ValueError("caption_vocab has repeated token ids")
         if self.xaa != "none" and self.clip.vision.layers != self.clip.text.layers:
             raise ValueError(
                 "cross-attention adapters pair vision and text layers one to one, but the vision tower has "
@@ -145,6 +155,8 @@ class FameViLConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
+        if self.caption_vocab is not None:
+            d["caption_vocab"] = list(self.caption_vocab)
         return d
 
     @classmethod
@@ -155,8 +167,9 @@ class FameViLConfig:
         extra = sorted(set(d) - known)
         if extra:
             raise ValueError(f"unknown FameViLConfig field(s): {extra}")
-        if "tasks" in d:
-            d["tasks"] = tuple(d["tasks"])
+        for key in ("tasks", "caption_vocab"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(clip=clip, **d)
 
     def replace(self, **changes: Any) -> FameViLConfig:

@@ -41,6 +41,16 @@ class TaskOutput:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def trim_text_padding(input_ids: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns after the last end token of the batch. Exact for every output the model
+    uses: text attention is causal, and padded keys are masked wherever other tokens could see them."""
+    has_eot = (input_ids == EOT_ID).any(dim=1)
+    if not bool(has_eot.all()):
+        return input_ids
+    length = int(first_eot_positions(input_ids).max()) + 1
+    return input_ids if length == input_ids.shape[1] else input_ids[:, :length]
+
+
 def text_valid_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: True up to and including the first end-of-text token (the attention mask of the text);
     a row without an end token (a decoding prefix) is valid throughout."""
@@ -66,6 +76,11 @@ class FameViL(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))
         self.heads = build_heads(c.tasks, clip.embed_dim, clip.text.width, clip.text.vocab_size, c.num_classes,
                                  c.norm_scale_init)  # fmt: skip
+        if c.caption_vocab is not None:
+            vocab = torch.tensor(c.caption_vocab, dtype=torch.long)
+            self.register_buffer("caption_vocab", vocab, persistent=False)
+        else:
+            self.caption_vocab = None
         self.set_runtime(attention=c.attention, backend=c.backend)
 
     # ------------------------------------------------------------------ construction and checkpoints
@@ -119,8 +134,13 @@ class FameViL(nn.Module):
         """Two-tower image embedding (B, E), before normalisation."""
         return self.vision(pixels, task)
 
+    def trim(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``trim_text_padding`` unless padded positions are trained (``caption_loss_on_padding``)."""
+        return input_ids if self.config.caption_loss_on_padding else trim_text_padding(input_ids)
+
     def text_features(self, input_ids: torch.Tensor, task: str | torch.Tensor) -> torch.Tensor:
         """Two-tower text embedding (B, E), before normalisation."""
+        input_ids = self.trim(input_ids)
         return self.text(input_ids, task, mask=self._text_self_mask(input_ids))
 
     def fused_features(self, pixels: torch.Tensor, input_ids: torch.Tensor, task: str | torch.Tensor
@@ -128,6 +148,7 @@ class FameViL(nn.Module):
         """Fusion mode: towers in lock-step with cross-attention both ways; returns (v, t) projections."""
         if self.config.xaa != "both":
             raise ValueError(f"fusion mode needs cross-attention adapters in both towers (xaa='both'), this model has xaa={self.config.xaa!r}")
+        input_ids = self.trim(input_ids)
         valid = text_valid_mask(input_ids)
         self_mask = self._text_self_mask(input_ids)
         hv, ht = self.vision.embed(pixels), self.text.embed(input_ids)
@@ -158,6 +179,25 @@ class FameViL(nn.Module):
             a = block.attend(h, causal=True, mask=self_mask)
             h = block.feed_forward(a, task, block.cross_attend(a, context=mem))
         return self.text.ln_final(h)
+
+    def caption_logits(self, states: torch.Tensor, task: str = "cap") -> torch.Tensor:
+        """LM-head logits of text states; over ``caption_vocab`` when the model has a shortlist."""
+        head = self.heads[task]
+        if self.caption_vocab is None:
+            return head(states)
+        return F.linear(states, head.weight[self.caption_vocab], head.bias[self.caption_vocab])
+
+    def caption_targets(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> indices into the logits of ``caption_logits`` (-100, ignored, when not shortlisted)."""
+        if self.caption_vocab is None:
+            return token_ids
+        table = torch.full((self.config.clip.text.vocab_size,), -100, dtype=torch.long, device=token_ids.device)
+        table[self.caption_vocab] = torch.arange(self.caption_vocab.numel(), device=token_ids.device)
+        return table[token_ids]
+
+    def caption_tokens(self, logit_index: torch.Tensor) -> torch.Tensor:
+        """Indices into the logits of ``caption_logits`` -> token ids."""
+        return logit_index if self.caption_vocab is None else self.caption_vocab[logit_index]
 
     def _text_self_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """Key-padding mask for text self-attention, only where padded positions' outputs are used."""

@@ -46,7 +46,7 @@ class TextDecoder:
             x = block.cross_attend(a, context_kv=self.context_kv[i])
             h = block.feed_forward(a, self.task, x)
         self.length += 1
-        return self.model.heads[self.task](text.ln_final(h[:, 0])).float()
+        return self.model.caption_logits(text.ln_final(h[:, 0]), self.task).float()
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep sequences ``index`` (beam search): gathers every cache along the batch dimension."""
@@ -70,19 +70,19 @@ def generate(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1)
     steps = _max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
-        return _greedy(TextDecoder(model, memory, steps + 1), pixels.shape[0], steps, pixels.device)
+        return _greedy(TextDecoder(model, memory, steps + 1), pixels.shape[0], steps, pixels.device, model)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
-    return _beam_search(TextDecoder(model, memory, steps + 1), pixels.shape[0], num_beams, steps, pixels.device)
+    return _beam_search(TextDecoder(model, memory, steps + 1), pixels.shape[0], num_beams, steps, pixels.device, model)
 
 
-def _greedy(decoder, batch: int, steps: int, device, next_logits=None) -> torch.Tensor:
-    next_logits = next_logits or decoder.step
+def _greedy(decoder, batch: int, steps: int, device, model) -> torch.Tensor:
+    next_logits = decoder.step
     out = torch.full((batch, steps + 1), EOT_ID, dtype=torch.long, device=device)
     out[:, 0] = SOT_ID
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     token = out[:, 0]
     for t in range(steps):
-        token = next_logits(token).argmax(dim=-1)
+        token = model.caption_tokens(next_logits(token).argmax(dim=-1))
         token = torch.where(done, torch.full_like(token, EOT_ID), token)
         out[:, t + 1] = token
         done |= token == EOT_ID
@@ -107,8 +107,8 @@ class _Hypotheses:
         return len(self.items) == self.beams and self.items[-1][0] >= best_running / length
 
 
-def _beam_search(decoder, batch: int, beams: int, steps: int, device, next_logits=None) -> torch.Tensor:
-    next_logits = next_logits or decoder.step
+def _beam_search(decoder, batch: int, beams: int, steps: int, device, model) -> torch.Tensor:
+    next_logits = decoder.step
     scores = torch.zeros(batch, beams, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
     seqs = torch.full((batch * beams, 1), SOT_ID, dtype=torch.long, device=device)
@@ -119,7 +119,7 @@ def _beam_search(decoder, batch: int, beams: int, steps: int, device, next_logit
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
         top_scores, top_idx = cand.topk(2 * beams, dim=1)
-        src_beam, token = top_idx // vocab, top_idx % vocab
+        src_beam, token = top_idx // vocab, model.caption_tokens(top_idx % vocab)
         new_scores = torch.full((batch, beams), float("-inf"), device=device)
         new_src = torch.zeros(batch, beams, dtype=torch.long, device=device)
         new_tok = torch.full((batch, beams), EOT_ID, dtype=torch.long, device=device)
@@ -168,7 +168,7 @@ class _Reencoder:
         tokens = tokens[:, None]
         self.prefix = tokens if self.prefix is None else torch.cat([self.prefix, tokens], dim=1)
         states = self.model.caption_states(self.memory, self.prefix, self.task)
-        return self.model.heads[self.task](states[:, -1]).float()
+        return self.model.caption_logits(states[:, -1], self.task).float()
 
     def reorder(self, index: torch.Tensor) -> None:
         self.memory = [m.index_select(0, index) for m in self.memory]
@@ -181,6 +181,6 @@ def generate_by_reencoding(model, pixels: torch.Tensor, max_len: int = 76, num_b
     steps = _max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
-        return _greedy(_Reencoder(model, memory), pixels.shape[0], steps, pixels.device)
+        return _greedy(_Reencoder(model, memory), pixels.shape[0], steps, pixels.device, model)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
-    return _beam_search(_Reencoder(model, memory), pixels.shape[0], num_beams, steps, pixels.device)
+    return _beam_search(_Reencoder(model, memory), pixels.shape[0], num_beams, steps, pixels.device, model)

@@ -49,11 +49,12 @@ def scr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
-    """Token cross-entropy; ``logits`` (N, V) and ``targets`` (N,) are the positions already selected. In
+    """Token cross-entropy; ``logits`` (N, V) and ``targets`` (N,) are the positions already selected
+    (target -100 is ignored). In
     distributed training the sum is divided by the mean token count over processes, so that averaging the
     processes' losses gives the mean over every token of the global batch."""
     mean_count = getattr(gather, "mean_count", None)
     if mean_count is None:
         return F.cross_entropy(logits.float(), targets)
     total = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return total / mean_count(torch.tensor(float(targets.numel()), device=logits.device))
+    return total / mean_count((targets != -100).sum().float())

@@ -98,6 +98,7 @@ def _fusion_pass(model, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str
 
 
 def _caption_output(model, memory, ids, gather) -> TaskOutput:
+    ids = model.trim(ids)
     states = model.caption_states(memory, ids, "cap")[:, :-1]
     targets = ids[:, 1:]
     if model.config.caption_loss_on_padding:
@@ -106,5 +107,6 @@ def _caption_output(model, memory, ids, gather) -> TaskOutput:
     else:
         keep = text_valid_mask(ids)[:, 1:]
         states, targets = states[keep], targets[keep]
-    logits = model.heads["cap"](states)
+    logits = model.caption_logits(states)
+    targets = model.caption_targets(targets)
     return TaskOutput(losses.caption_loss(logits, targets, gather), {"logits": logits, "targets": targets})

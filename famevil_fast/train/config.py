@@ -34,6 +34,8 @@ class ModelSection:
     xaa: str = doc("cross-attention adapters: both, text or none", "both")
     num_classes: int = doc("sub-category classes of the SCR head", 121)
     caption_loss_on_padding: bool = doc("faithful quirk: train padded caption positions to predict the end token", False)
+    caption_vocab: str | None = doc("'corpus': the caption head scores only tokens of the training captions "
+                                    "(much cheaper LM head); null: the whole vocabulary", None)
     attention: str = doc("attention kernel: auto, sdpa, eager (faithful reference) or flash", "auto")
     backend: str | None = doc("op backend for adapters and losses: null (automatic), torch, triton, cuda, cpu", None)
 
@@ -148,6 +150,8 @@ class TrainConfig:
         unknown = set(self.distill.teachers) - set(self.model.tasks)
         if self.distill.enabled and unknown:
             raise ValueError(f"distill.teachers names tasks that are not trained: {sorted(unknown)}")
+        if self.model.caption_vocab not in (None, "corpus"):
+            raise ValueError(f"model.caption_vocab must be 'corpus' or null, got {self.model.caption_vocab!r}")
         for p in self.eval.xmr_protocols:
             _choice("eval.xmr_protocols", p, ("full", "sampled"))
         return self

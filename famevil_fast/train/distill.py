@@ -62,6 +62,7 @@ class Teachers(nn.Module):
         teachers = {}
         for task, path in paths.items():
             model = FameViL.from_pretrained(path, caption_loss_on_padding=student.config.caption_loss_on_padding,
+                                            caption_vocab=student.config.caption_vocab,
                                             attention=student.config.attention, backend=student.config.backend)  # fmt: skip
             if task not in model.config.tasks:
                 raise ValueError(f"teacher {path} has tasks {model.config.tasks}, not {task!r}")

@@ -54,9 +54,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def corpus_caption_vocab(root: str) -> tuple[int, ...]:
+    """Every token of the FashionGen training captions under ``root``, plus the end token."""
+    from famevil_fast.data.tasks import read_products
+    from famevil_fast.text import EOT_ID, SOT_ID, tokenize
+
+    ids = tokenize([p.text for p in read_products("fashiongen", root, "train")])
+    vocab = set(torch.unique(ids).tolist()) - {0, SOT_ID}
+    return tuple(sorted(vocab | {EOT_ID}))
+
+
 def build_model(cfg: TrainConfig) -> FameViL:
     m = cfg.model
-    fields = dict(tasks=tuple(m.tasks), adapter_bottleneck=m.adapter_bottleneck, adapter_dropout=m.adapter_dropout,
+    vocab = corpus_caption_vocab(cfg.data.root) if m.caption_vocab == "corpus" and "cap" in m.tasks else None
+    fields = dict(caption_vocab=vocab, tasks=tuple(m.tasks), adapter_bottleneck=m.adapter_bottleneck, adapter_dropout=m.adapter_dropout,
                   xaa=m.xaa, num_classes=m.num_classes, caption_loss_on_padding=m.caption_loss_on_padding,
                   attention=m.attention, backend=m.backend)  # fmt: skip
     if m.resume_weights:
