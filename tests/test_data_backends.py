@@ -20,7 +20,12 @@ pytestmark = pytest.mark.filterwarnings(
 CPU_BACKENDS = ["pil", "torchvision", "dali"]
 # mean / max absolute difference allowed, in 8-bit levels: PIL and torchvision share the decoder and the
 # resampler; DALI has its own resize kernel
-TOLERANCE = {"pil": (0.0, 0.0), "torchvision": (0.05, 2.0), "dali": (0.5, 8.0)}
+TOLERANCE = {
+    "pil": (0.0, 0.0),
+    "torchvision": (0.05, 2.0),
+    "torchvision-batched": (0.5, 1.01),
+    "dali": (0.5, 8.0),
+}
 
 
 def _backend(name, root, size):
@@ -132,3 +137,21 @@ def test_empty_and_all_failed_batches(tmp_path):
         backend = make_backend(name, tmp_path, 16)
         out = backend.load(["nope.jpg"], CropPlan())
         assert out.pixels.shape == (0, 3, 16, 16) and out.ok.tolist() == [False]
+
+
+def test_torchvision_batched_path_matches_reference(odd_images, broken_images):
+    if "torchvision" not in available_backends():
+        pytest.skip("torchvision is not installed")
+    from famevil_fast.data.backends.torchvision_backend import TorchvisionBackend
+
+    root, paths = odd_images
+    backend = TorchvisionBackend(root, 32, "cpu", resampler="torch")  # the code path CUDA runs, on the CPU
+    plan = CropPlan(counter_uniforms(4, 0, np.arange(len(paths))))
+    out = backend.load(paths, plan)
+    assert out.ok.all()
+    _check_against_reference(root, paths, plan, out.pixels, 32, "torchvision-batched")
+    bad = TorchvisionBackend(broken_images, 24, "cpu", resampler="torch")
+    out = bad.load(["good.jpg", "garbage.jpg", "truncated.jpg", "good.png", "missing.jpg"], CropPlan())
+    assert out.ok.tolist() == [True, False, False, True, False] and out.pixels.shape == (2, 3, 24, 24)
+    with pytest.raises(ValueError, match="resampler"):
+        TorchvisionBackend(root, 32, "cpu", resampler="cv2")

@@ -121,13 +121,12 @@ class DALIBackend(ImageBackend):
         return self._to_torch(out.as_tensor())
 
     def _to_torch(self, tensor) -> torch.Tensor:
-        shape = tuple(tensor.shape())
-        if self.device_id is None:
-            return torch.from_numpy(np.array(tensor))
+        """Copy a DALI output into a fresh torch tensor; the copy is synchronous, so the tensor is ready for
+        any stream when this returns (DALI reuses its output buffers on the next run)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        out = torch.empty(shape, dtype=torch.float32, device=self.device)
-        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device))
+        out = torch.empty(tuple(tensor.shape()), dtype=torch.float32, device=self.device)
+        feed_ndarray(tensor, out)
         return out
 
     def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:

@@ -1,8 +1,9 @@
 """torchvision backend: ``torchvision.io`` decoders; JPEG batches decode with nvJPEG when the device is CUDA.
 
-On a CUDA device the decoded images are padded into one batch and cropped, resized and flipped there by
-:func:`~famevil_fast.data.transforms.resample_batch` (PNG decodes on the CPU, then moves). On the CPU each
-decoded image is resampled by PIL, the reference resampler, on the decode threads.
+With the "torch" resampler (the default on a CUDA device) the JPEGs of a batch decode together (nvJPEG on
+CUDA), PNGs decode on the CPU and move, and the padded batch is cropped, resized and flipped on the device by
+:func:`~famevil_fast.data.transforms.resample_batch`. With "pil" (the CPU default) each decoded image is
+resampled by PIL, the reference resampler, on the decode threads.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def _is_jpeg(data: bytes) -> bool:
 class TorchvisionBackend(ImageBackend):
     name = "torchvision"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, resampler: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._io = _torchvision_io()
+        if resampler not in (None, "pil", "torch"):
+            raise ValueError(f"TorchvisionBackend: resampler must be 'pil', 'torch' or None: {resampler!r}")
+        self.resampler = resampler or ("torch" if self.device.type == "cuda" else "pil")
 
     def _decode_cpu(self, data: bytes) -> torch.Tensor:
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -58,16 +62,16 @@ class TorchvisionBackend(ImageBackend):
 
     def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
         datas = read_bytes(self.root, paths, self.pool)
-        if self.device.type == "cuda":
-            return self._load_cuda(paths, datas, plan)
+        if self.resampler == "torch":
+            return self._load_batched(paths, datas, plan)
         results = list(self.pool.map(lambda a: self._one_cpu(a[1], plan, a[0]), enumerate(datas)))
         loaded = self._from_host([None if isinstance(r, str) else r for r in results])
         loaded.failures = [(p, r) for p, r in zip(paths, results) if isinstance(r, str)]
         return loaded
 
-    # CUDA path ------------------------------------------------------------------------------------
+    # batched path (nvJPEG on CUDA) -------------------------------------------------------------------
 
-    def _decode_jpegs_cuda(self, datas: list[bytes]) -> list[torch.Tensor | str]:
+    def _decode_jpegs(self, datas: list[bytes]) -> list[torch.Tensor | str]:
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
         try:
             return list(self._io.decode_jpeg(tensors, mode=self._io.ImageReadMode.RGB, device=self.device))
@@ -86,12 +90,12 @@ class TorchvisionBackend(ImageBackend):
         except (RuntimeError, ValueError) as e:
             return decode_error(e)
 
-    def _load_cuda(self, paths: Sequence[str], datas: list[bytes | None], plan: CropPlan) -> Loaded:
+    def _load_batched(self, paths: Sequence[str], datas: list[bytes | None], plan: CropPlan) -> Loaded:
         decoded: list[torch.Tensor | str] = ["file not readable"] * len(paths)
         jpeg = [i for i, d in enumerate(datas) if d is not None and _is_jpeg(d)]
         other = [i for i, d in enumerate(datas) if d is not None and not _is_jpeg(d)]
         if jpeg:
-            for i, r in zip(jpeg, self._decode_jpegs_cuda([datas[i] for i in jpeg])):
+            for i, r in zip(jpeg, self._decode_jpegs([datas[i] for i in jpeg])):
                 decoded[i] = r
         for i, r in zip(other, self.pool.map(self._decode_other, [datas[i] for i in other])):
             decoded[i] = r

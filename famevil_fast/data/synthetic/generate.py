@@ -2,7 +2,7 @@
 
 Layout (the same as the real datasets, spec section 4)::
 
-    DIR/FashionGen/{train,val}/<id>_<view>.png     1-4 views per product, RGB PNG
+    DIR/FashionGen/{train,val}/<id>_<view>.png     1-4 views per product, palette PNG
     DIR/FashionGen/{train,val}_info.json            products: images, id, title, description,
                                                     attributes_id, category_id, subcategory_id
     DIR/FashionIQ/images/<name>.jpg                 one JPEG per product, varied aspect
@@ -346,7 +346,7 @@ def _render_job(job: _Job) -> None:
     if job.path.endswith(".png"):
         image.save(job.path, format="PNG", compress_level=1)
     else:
-        image.save(job.path, format="JPEG", quality=90)
+        image.convert("RGB").save(job.path, format="JPEG", quality=90)
 
 
 def _render_chunk(jobs: list[_Job]) -> int:

@@ -428,20 +428,22 @@ def _unit_coords(frame: _Frame, width: int, height: int) -> tuple[np.ndarray, np
 
 
 def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Where the second colour shows, for ``pattern`` evaluated at unit-frame coordinates (u, v)."""
+    """Where the second colour shows, for ``pattern`` at unit-frame coordinates u (1, W) and v (H, 1)."""
+    shape = np.broadcast_shapes(u.shape, v.shape)
     if pattern == "plain":
-        return np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+        return np.zeros(shape, dtype=bool)
     if pattern == "stripes":
-        return np.broadcast_to((np.floor(v * 11.0) % 2) == 1, np.broadcast_shapes(u.shape, v.shape))
+        return np.broadcast_to(np.floor(v * 11.0).astype(np.int64) % 2 == 1, shape)
     if pattern == "checks":
-        return ((np.floor(u * 8.0) + np.floor(v * 8.0)) % 2) == 1
+        return (np.floor(u * 8.0).astype(np.int64) % 2 == 1) ^ (np.floor(v * 8.0).astype(np.int64) % 2 == 1)
     if pattern == "dots":
         fu, fv = (u * 8.0) % 1.0 - 0.5, (v * 8.0) % 1.0 - 0.5
-        return fu * fu + fv * fv < 0.08
+        return (fu * fu) + (fv * fv) < 0.08
     if pattern == "diagonal":
-        return (np.floor((u + v) * 9.0) % 2) == 1
+        return (np.floor(u * 9.0).astype(np.int64) + np.floor(v * 9.0).astype(np.int64) + (
+            (u * 9.0) % 1.0 + (v * 9.0) % 1.0 >= 1.0)) % 2 == 1
     if pattern == "colour-block":
-        return np.broadcast_to(v > 0.5, np.broadcast_shapes(u.shape, v.shape))
+        return np.broadcast_to(v > 0.5, shape)
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -477,29 +479,26 @@ def _edges(mask: np.ndarray) -> np.ndarray:
 
 def render_view(spec: ProductSpec, view: ViewSpec, width: int, height: int) -> np.ndarray:
     """One view of ``spec`` as an (height, width, 3) uint8 array."""
-    return np.asarray(render_image(spec, view, width, height))
+    return np.asarray(render_image(spec, view, width, height).convert("RGB"))
 
 
 def render_image(spec: ProductSpec, view: ViewSpec, width: int, height: int) -> Image.Image:
-    """One view of ``spec`` as an RGB PIL image of ``width`` x ``height``."""
+    """One view of ``spec`` as a palette ("P") PIL image of ``width`` x ``height`` (at most 193 colours)."""
     frame = _Frame(view, width, height)
     shapes = garment_shapes(spec, back=view.back)
     mask = _draw_mask(shapes, frame, width, height)
     u, v = _unit_coords(frame, width, height)
 
     alt = pattern_mask(spec.pattern, u, v)
-    # separable shading (light from the top, soft folds across) quantised into palette levels
-    cloth = np.outer(
-        (1.04 - 0.1 * np.clip(v[:, 0], 0.0, 1.0)) * view.brightness, 1.0 - 0.05 * np.cos(u[0] * 6.0) ** 2
-    )
-    cloth_level = np.clip((cloth - _SHADE_LO) * (_LEVELS - 1) / _SHADE_SPAN + 0.5, 0, _LEVELS - 1).astype(
-        np.uint8
-    )
-    bg_level = np.linspace(_LEVELS - 1, _LEVELS - 9, height).astype(np.uint8)[:, None]
-    index = np.where(mask, cloth_level + np.where(alt, 2 * _LEVELS, _LEVELS).astype(np.uint8), bg_level)
-    edge = _edges(mask)
-    index[edge] -= np.minimum(index[edge] % _LEVELS, 22).astype(np.uint8)
-    img = Image.fromarray(index.astype(np.uint8), "P")
+    # shading in palette levels, separable: light from the top minus soft folds across
+    top = 56.0 + (view.brightness - 1.0) * (_LEVELS - 1) / _SHADE_SPAN
+    rows = np.clip(top + 4.0 - 9.0 * np.clip(v[:, 0], 0.0, 1.0), 28, _LEVELS - 1).astype(np.uint8)
+    folds = np.rint(4.0 * np.cos(u[0] * 6.0) ** 2).astype(np.uint8)
+    cloth = (rows[:, None] - folds[None, :]) + np.left_shift(alt.view(np.uint8), 6) + np.uint8(_LEVELS)
+    backdrop = np.linspace(_LEVELS - 1, _LEVELS - 9, height).astype(np.uint8)[:, None]
+    index = np.where(mask, cloth, backdrop)
+    np.subtract(index, np.uint8(20), out=index, where=_edges(mask))
+    img = Image.fromarray(index, "P")
     colours = (view.background, COLOURS[spec.colour], COLOURS[spec.second or spec.colour])
     img.putpalette(_palette(colours, _detail_colour(COLOURS[spec.colour])))
 
@@ -514,4 +513,4 @@ def render_image(spec: ProductSpec, view: ViewSpec, width: int, height: int) -> 
                 draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_DETAIL)
             elif item[0] == "rect":
                 draw.rectangle(frame.box(item[1]), outline=_DETAIL, width=frame.width(item[2]))
-    return img.convert("RGB")
+    return img

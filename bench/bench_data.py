@@ -1,0 +1,160 @@
+"""Input pipeline speed (PERFORMANCE.md target 6): decoded, cropped, flipped and normalised images per second.
+
+Every file backend (PIL, torchvision, DALI when installed) decodes the same 256 x 256 product images as JPEG
+(quality 90, like FashionIQ) and as RGB PNG (like FashionGen) into 224 x 224 CLIP-normalised training
+crops on the device; the pre-decoded cache backend does the same from memory-mapped shards, and the whole
+``TrainLoader`` (prefetch thread included) is timed on the cache. On a GPU the target is >= 20,000
+images/s into the trainer.
+
+``test_backend`` times one (source, backend) with pytest-benchmark; ``test_data_report`` times all of them
+in one process and prints the table (median of the timed rounds after one warm-up). On the CPU the image
+count shrinks so that ``pytest bench/bench_data.py --benchmark-disable`` finishes in seconds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from famevil_fast.data.backends import available_backends, make_backend
+from famevil_fast.data.backends.cache_backend import CacheBackend
+from famevil_fast.data.cache import build_cache
+from famevil_fast.data.loader import TrainLoader
+from famevil_fast.data.tasks import SampleTable
+from famevil_fast.data.transforms import CropPlan, counter_uniforms
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+N_IMAGES = 2048 if CUDA else 32
+BATCH = 256 if CUDA else 16
+ROUNDS = 20 if CUDA else 2
+SOURCE_SIZE, IMAGE_SIZE = 256, 224
+SOURCES = ("jpeg", "png")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _product_pixels(n: int) -> list[np.ndarray]:
+    from famevil_fast.data.synthetic.generate import _product_views, sample_product
+    from famevil_fast.data.synthetic.render import render_view
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        spec, view = sample_product(rng), _product_views(rng)[0]
+        out.append(render_view(spec, view, SOURCE_SIZE, SOURCE_SIZE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench_data")
+    distinct = _product_pixels(min(N_IMAGES, 64))
+    for i in range(N_IMAGES):
+        pixels = distinct[i % len(distinct)]
+        noise = np.random.default_rng(i).integers(0, 6, pixels.shape, dtype=np.uint8)  # photos are not flat
+        img = Image.fromarray(pixels + noise)
+        img.save(root / f"{i:05d}.jpg", quality=90)
+        img.save(root / f"{i:05d}.png", compress_level=6)
+    build_cache(root, root / "cache", keys=[f"{i:05d}.png" for i in range(N_IMAGES)], tokenize=False)
+    return root
+
+
+def _paths(source: str) -> list[str]:
+    ext = "jpg" if source == "jpeg" else "png"
+    return [f"{i:05d}.{ext}" for i in range(N_IMAGES)]
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _make(name: str, root: Path):
+    if name == "cache":
+        return CacheBackend(root / "cache", IMAGE_SIZE, DEVICE)
+    return make_backend(name, root, IMAGE_SIZE, DEVICE)
+
+
+def _backend_rate(backend, paths: list[str], rounds: int = ROUNDS) -> float:
+    """Median images per second of ``backend.load`` over batches of BATCH training crops."""
+    batches = [paths[i : i + BATCH] for i in range(0, len(paths) - BATCH + 1, BATCH)]
+    plans = [CropPlan(counter_uniforms(0, r, np.arange(BATCH))) for r in range(len(batches))]
+    backend.load(batches[0], plans[0])  # warm-up (pipelines, pools, page cache)
+    _sync()
+    times = []
+    for r in range(rounds):
+        k = r % len(batches)
+        start = time.perf_counter()
+        out = backend.load(batches[k], plans[k])
+        _sync()
+        times.append(time.perf_counter() - start)
+        assert out.ok.all()
+    return BATCH / statistics.median(times)
+
+
+def _loader_rate(root: Path, rounds: int = ROUNDS) -> float:
+    keys = [(f"{i:05d}.png",) for i in range(N_IMAGES)]
+    table = SampleTable("bench", ("pixels",), {"pixels": keys}, {"ids": torch.arange(N_IMAGES)})
+    loader = TrainLoader(table, CacheBackend(root / "cache", IMAGE_SIZE, DEVICE), BATCH, prefetch=3)
+    stream = loader.stream()
+    next(stream)
+    _sync()
+    start = time.perf_counter()
+    n = 0
+    for _ in range(max(rounds, 3)):
+        n += next(stream)["pixels"].shape[0]
+    _sync()
+    rate = n / (time.perf_counter() - start)
+    loader.close()
+    return rate
+
+
+BACKENDS = ("pil", "torchvision", "dali", "cache")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend(benchmark, images, name: str, source: str) -> None:
+    if name == "cache" and source == "jpeg":
+        pytest.skip("the cache holds decoded pixels; its source format does not matter")
+    if name != "cache" and name not in available_backends():
+        pytest.skip(f"{name} is not installed")
+    backend = _make(name, images)
+    paths = _paths(source)[:BATCH]
+    plan = CropPlan(counter_uniforms(0, 0, np.arange(BATCH)))
+    backend.load(paths, plan)
+    benchmark.extra_info.update({"backend": name, "source": source, "batch": BATCH, "device": str(DEVICE)})
+    result = benchmark.pedantic(lambda: (backend.load(paths, plan), _sync())[0], rounds=ROUNDS, iterations=1)
+    assert result.ok.all() and result.pixels.shape == (BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_data_report(images) -> None:
+    card = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
+    rows = []
+    for name in BACKENDS:
+        if name != "cache" and name not in available_backends():
+            continue
+        backend = _make(name, images)
+        for source in SOURCES if name != "cache" else ("png",):
+            label = "decoded uint8 shards" if name == "cache" else f"{source.upper()} 256 px"
+            rows.append((name, label, _backend_rate(backend, _paths(source))))
+        backend.close()
+    rows.append(("TrainLoader(cache)", "prefetch thread, 3 deep", _loader_rate(images)))
+    lines = [
+        f"Input pipeline, {card}, torch {torch.__version__}, {datetime.date.today()}: "
+        f"{BATCH}-image batches of {IMAGE_SIZE} px training crops on {DEVICE}, median of {ROUNDS} rounds",
+        "",
+        "| backend | source | images / s |",
+        "|---|---|---:|",
+    ]
+    lines += [f"| {n} | {s} | {r:,.0f} |" for n, s, r in rows]
+    print("\n" + "\n".join(lines))
+    assert all(r > 0 for _, _, r in rows)
