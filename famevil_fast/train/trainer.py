@@ -260,6 +260,8 @@ class Trainer:
                     status = f"interrupted by signal {self._stop_signal}"
                     break
             self.save()
+            if status == "finished" and self.dist.is_main:
+                self.model.save_pretrained(Path(cfg.checkpoint.dir) / "final")
             results = self.evaluate() if status == "finished" else {}
         finally:
             for s, handler in previous.items():

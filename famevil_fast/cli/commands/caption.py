@@ -1,0 +1,35 @@
+"""``famevil-fast caption``: describe images with a trained model (greedy or beam search, cached decoding)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "caption"
+HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument("--beams", type=int, default=1, help="beam width (1 = greedy)")
+    parser.add_argument("--max-len", type=int, default=40, help="longest caption in tokens")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from famevil_fast.cli.images import collect_images, load_pixels
+    from famevil_fast.model import FameViL
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
+    files = collect_images(args.images)
+    size = model.config.clip.vision.image_size
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start : start + args.batch_size]
+        captions = model.caption(load_pixels(chunk, size).to(device), max_len=args.max_len, num_beams=args.beams)
+        for f, text in zip(chunk, captions):
+            print(f"{f}\t{text}")
+    return 0

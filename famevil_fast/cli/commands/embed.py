@@ -1,0 +1,55 @@
+"""``famevil-fast embed``: L2-normalised embeddings of images and/or texts, written to a safetensors file."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "embed"
+HELP = "Embed image files/folders and/or lines of a text file with a FAME-ViL checkpoint (two-tower mode)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+    parser.add_argument("--images", nargs="*", default=[], help="image files or folders")
+    parser.add_argument("--texts", default=None, help="text file, one text per line")
+    parser.add_argument("--task", default="itc", help="whose adapters to use: itc (retrieval) or tgir (targets)")
+    parser.add_argument("--out", required=True, help="output .safetensors (tensors 'image', 'text')")
+    parser.add_argument("--batch-size", type=int, default=64, help="inputs per batch")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from famevil_fast.cli.images import collect_images, load_pixels
+    from famevil_fast.model import FameViL
+    from famevil_fast.text import tokenize
+
+    if not args.images and not args.texts:
+        raise SystemExit("embed: give --images and/or --texts")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
+    out: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {"task": args.task}
+    bs = args.batch_size
+    with torch.no_grad():
+        if args.images:
+            files = collect_images(args.images)
+            size = model.config.clip.vision.image_size
+            out["image"] = torch.cat([model.encode_image(load_pixels(files[i : i + bs], size).to(device), args.task).cpu()
+                                      for i in range(0, len(files), bs)])  # fmt: skip
+            meta["images"] = "\n".join(map(str, files))
+        if args.texts:
+            path = Path(args.texts)
+            if not path.exists():
+                raise FileNotFoundError(f"text file not found: {path}")
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            ids = tokenize(lines)
+            out["text"] = torch.cat([model.encode_text(ids[i : i + bs].to(device), args.task).cpu()
+                                     for i in range(0, len(lines), bs)])  # fmt: skip
+    save_file(out, args.out, metadata=meta)
+    print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}")
+    return 0

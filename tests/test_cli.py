@@ -1,0 +1,65 @@
+"""Inference commands end to end on a tiny checkpoint: convert, embed, caption, info."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import perturb_
+from PIL import Image
+from safetensors.torch import load_file
+
+from famevil_fast.cli.main import main
+from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+MICRO = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    perturb_(FameViL(MICRO), std=0.05).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_convert_to_official_and_back(checkpoint, tmp_path):
+    assert main(["convert", str(checkpoint), str(tmp_path / "official.pth"), "--to", "official"]) == 0
+    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "back")]) == 0
+    a, b = FameViL.from_pretrained(checkpoint), FameViL.from_pretrained(tmp_path / "back", clip=MICRO.clip)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_embed_images_and_texts(checkpoint, images, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("red silk dress\n\nblue denim jacket with pockets\n")
+    out = tmp_path / "emb.safetensors"
+    assert main(["embed", str(checkpoint), "--images", str(images), "--texts", str(texts), "--out", str(out)]) == 0
+    tensors = load_file(str(out))
+    assert tensors["image"].shape == (3, 64) and tensors["text"].shape == (2, 64)
+    assert torch.allclose(tensors["text"].norm(dim=-1), torch.ones(2))
+
+
+def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
+    assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all("\t" in line for line in lines)
+
+
+def test_unreadable_image_is_named(checkpoint, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        main(["caption", str(checkpoint), str(bad)])
+
+
+def test_info_counts_a_checkpoint(checkpoint, capsys):
+    assert main(["info", "--checkpoint", str(checkpoint)]) == 0
+    assert "total" in capsys.readouterr().out
