@@ -1,0 +1,22 @@
+"""The README's five-line example runs (on a micro CLIP checkpoint saved under the file name it uses)."""
+
+import re
+from pathlib import Path
+
+import torch
+from helpers import perturb_
+
+from famevil_fast.model import CLIP, clip_preset
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_five_line_example_runs(tmp_path, monkeypatch):
+    block = re.search(r"## Five lines\s+```python\n(.*?)```", README.read_text(), re.S).group(1)
+    assert len(block.strip().splitlines()) == 5
+    torch.save(perturb_(CLIP(clip_preset("micro"))).state_dict(), tmp_path / "ViT-B-16.pt")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block.replace("224, 224", "32, 32"), scope)  # the micro model takes 32 px images
+    assert scope["scores"].shape == (2, 2)
+    assert torch.all(scope["scores"].abs() <= 1.0 + 1e-5)
