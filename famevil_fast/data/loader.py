@@ -21,12 +21,13 @@ import contextlib
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from famevil_fast.data.backends import ImageBackend, choose_backend, make_backend
+from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages
 from famevil_fast.data.tasks import SampleTable, train_table
 from famevil_fast.data.transforms import CropPlan, counter_uniforms
@@ -347,15 +348,17 @@ def build_train_loader(
     prefetch: int = 2,
     check_files: bool = True,
     verify_cache: bool = True,
+    categories: Sequence[str] = FIQ_CATEGORIES,
 ) -> TrainLoader:
     """A :class:`TrainLoader` for ``task`` ("itc", "tgir", "scr", "cap") over the datasets under ``root``.
 
     ``backend``: "dali", "torchvision", "pil", "cache" or None (``cache`` when ``cache_dir`` is given, else
     automatic, see ``famevil_fast.data.backends``). ``device`` defaults to CUDA when available; every tensor
-    of a batch is on it. ``dataset`` overrides the task's dataset ("fashion200k" for "itc").
+    of a batch is on it. ``dataset`` overrides the task's dataset ("fashion200k" for "itc"); ``categories``
+    restricts "tgir" to some FashionIQ categories.
     """
     dev = torch.device(device) if device is not None else default_device()
-    table = train_table(task, root, split, dataset, cache_dir, check_files)
+    table = train_table(task, root, split, dataset, cache_dir, check_files, categories)
     images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads, verify_cache)
     if hasattr(images, "max_batch"):
         images.max_batch = max(images.max_batch, batch_size * max(1, len(table.slots)))

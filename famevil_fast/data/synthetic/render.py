@@ -440,8 +440,11 @@ def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         fu, fv = (u * 8.0) % 1.0 - 0.5, (v * 8.0) % 1.0 - 0.5
         return (fu * fu) + (fv * fv) < 0.08
     if pattern == "diagonal":
-        return (np.floor(u * 9.0).astype(np.int64) + np.floor(v * 9.0).astype(np.int64) + (
-            (u * 9.0) % 1.0 + (v * 9.0) % 1.0 >= 1.0)) % 2 == 1
+        return (
+            np.floor(u * 9.0).astype(np.int64)
+            + np.floor(v * 9.0).astype(np.int64)
+            + ((u * 9.0) % 1.0 + (v * 9.0) % 1.0 >= 1.0)
+        ) % 2 == 1
     if pattern == "colour-block":
         return np.broadcast_to(v > 0.5, shape)
     raise ValueError(f"unknown pattern {pattern!r}")
