@@ -53,7 +53,8 @@ def test_fashiongen_files_follow_the_format(tmp_path_factory):
             assert all(0 <= a < len(ATTRIBUTE_VOCABULARY) for a in row["attributes_id"])
             assert row["title"] and row["description"]
             with Image.open(root / "FashionGen" / row["images"][0]) as im:
-                assert im.format == "PNG" and im.mode == "RGB" and im.size == (48, 48)
+                assert im.format == "PNG" and im.mode == "P" and im.size == (48, 48)
+                assert im.convert("RGB").getextrema() != ((0, 0), (0, 0), (0, 0))
     train = {r.id for r in read_fashiongen(root, "train")}
     assert not train & {r.id for r in read_fashiongen(root, "val")}
 
