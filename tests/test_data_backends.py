@@ -155,3 +155,17 @@ def test_torchvision_batched_path_matches_reference(odd_images, broken_images):
     assert out.ok.tolist() == [True, False, False, True, False] and out.pixels.shape == (2, 3, 24, 24)
     with pytest.raises(ValueError, match="resampler"):
         TorchvisionBackend(root, 32, "cpu", resampler="cv2")
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_exif_orientation_is_ignored_like_the_pil_reference(tmp_path, name):
+    pixels = np.random.default_rng(3).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels).resize((45, 30), Image.Resampling.NEAREST)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img.save(tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
+    backend = _backend(name, tmp_path, 20)
+    plan = CropPlan(counter_uniforms(0, 0, np.arange(1)))
+    out = backend.load(["rotated.jpg"], plan)
+    assert out.ok.all()
+    _check_against_reference(tmp_path, ["rotated.jpg"], plan, out.pixels, 20, name)

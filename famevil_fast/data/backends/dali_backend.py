@@ -61,8 +61,11 @@ def build_dali_pipeline(batch_size: int, image_size: int, device_id: int | None,
         roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
         roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
         mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-        images = fn.decoders.image(
-            encoded, device="cpu" if device_id is None else "mixed", output_type=types.RGB
+        images = fn.decoders.image(  # EXIF orientation is ignored, as PIL and torchvision do
+            encoded,
+            device="cpu" if device_id is None else "mixed",
+            output_type=types.RGB,
+            adjust_orientation=False,
         )
         images = fn.resize(
             images,
