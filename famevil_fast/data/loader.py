@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from famevil_fast.data.backends import ImageBackend, choose_backend, make_backend
+from famevil_fast.data.backends import ImageBackend, Loaded, choose_backend, make_backend
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages
 from famevil_fast.data.tasks import SampleTable, train_table
@@ -61,6 +61,31 @@ def resolve_backend(
     return make_backend(name, root, image_size, device, num_threads)
 
 
+def _image_paths(
+    table: SampleTable, idx: np.ndarray, uniforms: dict[str, np.ndarray] | None
+) -> tuple[list, CropPlan]:
+    """The image of each (slot, sample), slot-major, and their crop plan (training draws a random view)."""
+    paths: list[str] = []
+    plans: list[np.ndarray] = []
+    for slot in table.slots:
+        choices = table.images[slot]
+        if uniforms is None:
+            paths += [choices[i][0] for i in idx]
+            continue
+        u = uniforms[slot]
+        views = [min(int(u[k, 5] * len(choices[i])), len(choices[i]) - 1) for k, i in enumerate(idx)]
+        paths += [choices[i][v] for i, v in zip(idx, views)]
+        plans.append(u[:, :5])
+    return paths, CropPlan(np.concatenate(plans) if plans else None)
+
+
+def _slot_rows(loaded: Loaded, n_slots: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Samples whose every image decoded, and for each slot the rows of ``loaded.pixels`` holding them."""
+    keep = loaded.ok.reshape(n_slots, n).all(axis=0)
+    row = np.cumsum(loaded.ok) - 1
+    return keep, [row[s * n : (s + 1) * n][keep] for s in range(n_slots)]
+
+
 def make_batch(
     table: SampleTable,
     backend: ImageBackend,
@@ -70,36 +95,18 @@ def make_batch(
     skipped: SkippedImages,
 ) -> dict[str, torch.Tensor]:
     """Decode the images of samples ``idx`` and gather their fields; samples with a bad image are dropped."""
-    n = len(idx)
-    paths: list[str] = []
-    plans: list[np.ndarray] = []
-    for slot in table.slots:
-        choices = table.images[slot]
-        if uniforms is None:
-            paths += [choices[i][0] for i in idx]
-        else:
-            u = uniforms[slot]
-            views = [min(int(u[k, 5] * len(choices[i])), len(choices[i]) - 1) for k, i in enumerate(idx)]
-            paths += [choices[i][v] for i, v in zip(idx, views)]
-            plans.append(u[:, :5])
     batch: dict[str, torch.Tensor] = {}
-    keep = np.ones(n, dtype=bool)
+    keep = np.ones(len(idx), dtype=bool)
     if table.slots:
-        plan = CropPlan(np.concatenate(plans) if plans else None)
+        paths, plan = _image_paths(table, idx, uniforms)
         loaded = backend.load(paths, plan)
         for path, reason in loaded.failures:
             skipped.add(path, reason)
-        ok = loaded.ok.reshape(len(table.slots), n)
-        keep = ok.all(axis=0)
-        row = np.cumsum(loaded.ok) - 1
-        for s, slot in enumerate(table.slots):
-            rows = row[s * n : (s + 1) * n][keep]
-            pixels = loaded.pixels
-            batch[slot] = (
-                pixels
-                if (len(rows) == len(pixels) and np.array_equal(rows, np.arange(len(rows))))
-                else pixels[torch.from_numpy(rows).to(pixels.device)]
-            )
+        keep, rows = _slot_rows(loaded, len(table.slots), len(idx))
+        pixels = loaded.pixels
+        for slot, r in zip(table.slots, rows):
+            whole = len(r) == len(pixels) and np.array_equal(r, np.arange(len(r)))
+            batch[slot] = pixels if whole else pixels[torch.from_numpy(r).to(pixels.device)]
     sel = torch.from_numpy(idx[keep])
     for name, values in table.fields.items():
         batch[name] = values[sel].to(device, non_blocking=True)
