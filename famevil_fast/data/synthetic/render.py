@@ -497,7 +497,8 @@ def render_image(spec: ProductSpec, view: ViewSpec, width: int, height: int) -> 
     top = 56.0 + (view.brightness - 1.0) * (_LEVELS - 1) / _SHADE_SPAN
     rows = np.clip(top + 4.0 - 9.0 * np.clip(v[:, 0], 0.0, 1.0), 28, _LEVELS - 1).astype(np.uint8)
     folds = np.rint(4.0 * np.cos(u[0] * 6.0) ** 2).astype(np.uint8)
-    cloth = (rows[:, None] - folds[None, :]) + np.left_shift(alt.view(np.uint8), 6) + np.uint8(_LEVELS)
+    cloth = np.subtract.outer(rows + np.uint8(_LEVELS), folds)  # primary colour: palette slot 1
+    np.add(cloth, np.uint8(_LEVELS), out=cloth, where=alt)  # second colour: slot 2
     backdrop = np.linspace(_LEVELS - 1, _LEVELS - 9, height).astype(np.uint8)[:, None]
     index = np.where(mask, cloth, backdrop)
     np.subtract(index, np.uint8(20), out=index, where=_edges(mask))
