@@ -7,75 +7,93 @@ normalised activations are recomputed from x, which the LayerNorm backward reads
 instead would add the down projection (2dr flops a row) and a second pass over x to save 2r elements of
 traffic a row, which is the worse trade for r >= 16.
 
-* ``adapter_bwd_fused_kernel`` (r <= 128): one program per BLOCK_M rows computes t, dp, both row
-  constants and dx with dp held on chip; it writes dx and dp (dp feeds the weight gradients).
-* ``adapter_dp_kernel`` (r > 128): dp tiles only; ``ln_linear_dx_kernel`` then produces dx.
+* ``adapter_dp_kernel`` computes dp (reads dy and h, writes dp: r elements a row).
+* r <= 128: ``adapter_bwd_dx_weights_kernel`` then makes one more pass per (d tile, row segment) that
+  writes dx and accumulates the weight-gradient partials together, so x and dy are each read once
+  there; the HBM traffic of the backward is dy twice, x once, dx once, plus the r-wide h and dp.
+* r > 128: the weight-gradient accumulators for all of r no longer fit beside the dx tile, so
+  ``ln_linear_dx_kernel`` produces dx and ``weight_grads.weight_grad_partials_kernel`` the partials,
+  each reading x (and the latter dy) again; at these widths the products, not the bytes, bound the time.
 """
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import row_block
+from famevil_fast.kernels._tiles import row_block, task_segment
 
 
 @triton.jit
-def adapter_bwd_fused_kernel(
-    dy_ptr, x_ptr, h_ptr, mean_ptr, rstd_ptr, lnw_ptr, wd_ptr, wu_ptr, s_ptr, v1_ptr, cb_ptr,
-    dx_ptr, dp_ptr,
-    order_ptr, counts_ptr, n_tasks,
-    n_rows, d, r,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+def adapter_bwd_dx_weights_kernel(
+    dy_ptr, x_ptr, h_ptr, dp_ptr, mean_ptr, rstd_ptr, lnw_ptr, wd_ptr, v1_ptr, cb_ptr,
+    dx_ptr, m_part_ptr, csp_part_ptr, g_part_ptr, cs_part_ptr,
+    order_ptr, counts_ptr,
+    n_rows, d, r, n_segments,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dx and dp for BLOCK_M rows (BLOCK_R >= r). ``v1 = Wd g``, ``cb = bd + Wd beta`` per task (fp32)."""
-    pid = tl.program_id(0)
-    task, pos, rows, mask = row_block(pid, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
+    """dx for the d columns of tile ``program_id(0)`` and the weight-gradient partials of row segment
+    ``program_id(1)`` (layout of ``weight_grads.weight_grad_partials_kernel`` with one r tile).
+
+    BLOCK_R >= r. The program's slice of Wd stays on chip for all its rows; per row block it reads x, dy,
+    dp and h once each and writes dx once. ``v1 = Wd g`` and ``cb = bd + Wd beta`` per task (fp32).
+    """
+    pid_d = tl.program_id(0)
+    seg = tl.program_id(1)
+    task, first, last = task_segment(seg, n_rows, counts_ptr, n_segments, MIXED)
     lnw_ptr += task * d
     wd_ptr += task * r * d
-    wu_ptr += task * d * r
-    s_ptr += task
     v1_ptr += task * r
     cb_ptr += task * r
 
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rcols = tl.arange(0, BLOCK_R)
+    dmask = dcols < d
     rmask = rcols < r
-    rtile = mask[:, None] & rmask[None, :]
-    h = tl.load(h_ptr + pos[:, None] * r + rcols[None, :], mask=rtile, other=0.0).to(tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for n in range(0, d, BLOCK_N):
-        ncols = n + tl.arange(0, BLOCK_N)
-        nmask = ncols < d
-        dy = tl.load(
-            dy_ptr + rows[:, None] * d + ncols[None, :], mask=mask[:, None] & nmask[None, :], other=0.0
-        )
-        wu = tl.load(
-            wu_ptr + ncols[:, None] * r + rcols[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0
-        )
-        t = tl.dot(dy.to(DOT), wu.to(DOT), t, input_precision=PRECISION)
-    s = tl.load(s_ptr).to(tl.float32)
-    dp = tl.where(h > 0.0, t * s, 0.0)
-    tl.store(dp_ptr + pos[:, None] * r + rcols[None, :], dp, mask=rtile)
-    dp = dp.to(dp_ptr.dtype.element_ty).to(tl.float32)
-
+    wd = tl.load(
+        wd_ptr + rcols[:, None] * d + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+    )
+    wd = wd.to(DOT)
+    g = tl.load(lnw_ptr + dcols, mask=dmask, other=0.0).to(tl.float32)
     v1 = tl.load(v1_ptr + rcols, mask=rmask, other=0.0)
     cb = tl.load(cb_ptr + rcols, mask=rmask, other=0.0)
-    c1 = tl.sum(dp * v1[None, :], axis=1) / d
-    c2 = tl.sum(dp * (h - cb[None, :]), axis=1) / d
-    mean = tl.load(mean_ptr + pos, mask=mask, other=0.0)
-    rstd = tl.load(rstd_ptr + pos, mask=mask, other=0.0)
-    dpd = dp.to(DOT)
-    for k in range(0, d, BLOCK_K):
-        kcols = k + tl.arange(0, BLOCK_K)
-        kmask = kcols < d
-        wd = tl.load(
-            wd_ptr + rcols[:, None] * d + kcols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-        )
-        dz = tl.dot(dpd, wd.to(DOT), input_precision=PRECISION)
-        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        valid = mask[:, None] & kmask[None, :]
-        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
-        xhat = (xk - mean[:, None]) * rstd[:, None]
+    acc_m = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)
+    acc_g = tl.zeros((BLOCK_D, BLOCK_R), tl.float32)
+    csp = tl.zeros((BLOCK_R,), tl.float32)
+    cs = tl.zeros((BLOCK_D,), tl.float32)
+    for start in range(first, last, BLOCK_M):
+        pos = start + tl.arange(0, BLOCK_M)
+        mask = pos < last
+        if MIXED:
+            rows = tl.load(order_ptr + pos, mask=mask, other=0).to(tl.int64)
+        else:
+            rows = pos.to(tl.int64)
+        pos = pos.to(tl.int64)
+        rtile = mask[:, None] & rmask[None, :]
+        dtile = mask[:, None] & dmask[None, :]
+        dp = tl.load(dp_ptr + pos[:, None] * r + rcols[None, :], mask=rtile, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + pos[:, None] * r + rcols[None, :], mask=rtile, other=0.0).to(tl.float32)
+        c1 = tl.sum(dp * v1[None, :], axis=1) / d
+        c2 = tl.sum(dp * (h - cb[None, :]), axis=1) / d
+        mean = tl.load(mean_ptr + pos, mask=mask, other=0.0)
+        rstd = tl.load(rstd_ptr + pos, mask=mask, other=0.0)
+        xk = tl.load(x_ptr + rows[:, None] * d + dcols[None, :], mask=dtile, other=0.0).to(tl.float32)
+        xhat = tl.where(dtile, (xk - mean[:, None]) * rstd[:, None], 0.0)
+        dpd = dp.to(DOT)
+        dz = tl.dot(dpd, wd, input_precision=PRECISION)
         dx = (dz * g[None, :] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + rows[:, None] * d + kcols[None, :], dx, mask=mask[:, None] & kmask[None, :])
+        tl.store(dx_ptr + rows[:, None] * d + dcols[None, :], dx, mask=dtile)
+        acc_m = tl.dot(tl.trans(xhat.to(DOT)), dpd, acc_m, input_precision=PRECISION)
+        dy = tl.load(dy_ptr + rows[:, None] * d + dcols[None, :], mask=dtile, other=0.0)
+        acc_g = tl.dot(tl.trans(dy.to(DOT)), h.to(DOT), acc_g, input_precision=PRECISION)
+        cs += tl.sum(dy.to(tl.float32), axis=0)
+        csp += tl.sum(dp, axis=0)
+
+    seg64 = seg.to(tl.int64)
+    dr_offs = seg64 * d * r + dcols[:, None] * r + rcols[None, :]
+    dr_mask = dmask[:, None] & rmask[None, :]
+    tl.store(m_part_ptr + dr_offs, acc_m, mask=dr_mask)
+    tl.store(g_part_ptr + dr_offs, acc_g, mask=dr_mask)
+    tl.store(cs_part_ptr + seg64 * d + dcols, cs, mask=dmask)
+    tl.store(csp_part_ptr + seg64 * r + rcols, csp, mask=rmask & (pid_d == 0))
 
 
 @triton.jit

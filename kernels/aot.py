@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import triton
 import triton.language as tl
 from famevil_fast.kernels import configs
-from famevil_fast.kernels.adapter_backward import adapter_bwd_fused_kernel, adapter_dp_kernel
+from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
 from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
 from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
@@ -82,12 +82,18 @@ def _launch(t: configs.Tiles) -> dict:
 
 def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
     t = configs.adapter_fused_tiles(r)
-    tiles = {"BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_N": t.block_n, "BLOCK_R": r, "MIXED": mixed}
-    fwd = {**tiles, "NUM_RES": 3, "SAVE": True, **_dot(dtype)}
-    bwd = {**tiles, **_dot(dtype)}
+    fwd = {"BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_N": t.block_n, "BLOCK_R": r, "MIXED": mixed}
+    fwd |= {"NUM_RES": 3, "SAVE": True, **_dot(dtype)}
+    u = configs.dp_tiles(r)
+    dp = {"BLOCK_M": u.block_m, "BLOCK_R": u.block_n, "BLOCK_N": u.block_k, "MIXED": mixed, **_dot(dtype)}
+    v = configs.dx_weight_tiles(r)
+    bwd = {"BLOCK_M": v.block_m, "BLOCK_D": v.block_n, "BLOCK_R": r, "MIXED": mixed, **_dot(dtype)}
     return [
         Variant(f"adapter_fwd_fused_r{r}", adapter_fwd_fused_kernel, fwd, **_launch(t), dtype=dtype),
-        Variant(f"adapter_bwd_fused_r{r}", adapter_bwd_fused_kernel, bwd, **_launch(t), dtype=dtype),
+        Variant(f"adapter_dp_r{r}", adapter_dp_kernel, dp, **_launch(u), dtype=dtype),
+        Variant(
+            f"adapter_bwd_dx_weights_r{r}", adapter_bwd_dx_weights_kernel, bwd, **_launch(v), dtype=dtype
+        ),
     ]
 
 

@@ -54,10 +54,17 @@ class Tiles:
 
 
 def adapter_fused_tiles(block_r: int) -> Tiles:
-    """adapter_fwd_fused_kernel / adapter_bwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks."""
+    """adapter_fwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks."""
     if interpreting():
         return Tiles(block_m=128, block_n=512, block_k=512)
     return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
+
+
+def dx_weight_tiles(block_r: int) -> Tiles:
+    """adapter_bwd_dx_weights_kernel: BLOCK_M rows per step, BLOCK_N the d tile (block_k unused)."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=512, block_k=1)
+    return Tiles(block_m=64, block_n=64, block_k=1, num_warps=8, num_stages=2)
 
 
 def ln_linear_tiles(n_out: int) -> Tiles:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 import triton
 from famevil_fast.kernels import configs
-from famevil_fast.kernels.adapter_backward import adapter_bwd_fused_kernel, adapter_dp_kernel
+from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
 from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
 from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
@@ -193,6 +193,55 @@ def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch
     return dx
 
 
+class Partials(NamedTuple):
+    """fp32 weight-gradient partials per (task, segment): M and G are [segment, d, n_out], csp
+    [segment, n_out], cs [segment, d] (G and cs only for the adapter)."""
+
+    m: torch.Tensor
+    csp: torch.Tensor
+    g: torch.Tensor
+    cs: torch.Tensor
+    segments: int
+
+
+def _partials(n_seg: int, segments: int, d: int, n_out: int, has_g: bool, device: torch.device) -> Partials:
+    f32 = {"dtype": torch.float32, "device": device}
+    m = torch.empty((n_seg, d, n_out), **f32)
+    csp = torch.empty((n_seg, n_out), **f32)
+    g = torch.empty((n_seg, d, n_out), **f32) if has_g else m
+    cs = torch.empty((n_seg, d), **f32) if has_g else csp
+    return Partials(m, csp, g, cs, segments)
+
+
+def _weight_epilogue(
+    parts: Partials,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, ...]:
+    """(dlnw, dlnb, dW, db) and, with ``up = (Wu, bu, s)``, also (dWu, dbu, ds), from the partials."""
+    n_tasks, d = lnw.shape
+    n_out = w.shape[-2]
+    has_g = up is not None
+    wu, bu, s = up if has_g else (w, b, b)
+    ep = configs.epilogue_tiles(n_out)
+    n_ep = triton.cdiv(d, ep.block_n)
+    dlnw, dlnb, dw, db = (torch.empty_like(t) for t in (lnw, lnb, w, b))
+    dwu, dbu = (torch.empty_like(wu), torch.empty_like(bu)) if has_g else (dw, db)
+    ds_part = torch.empty((n_tasks, n_ep), dtype=torch.float32, device=lnw.device)
+    weight_grad_epilogue_kernel[(n_ep, n_tasks)](
+        parts.m, parts.csp, parts.g, parts.cs, lnw, lnb, w, wu, bu, s,
+        dlnw, dlnb, dw, db, dwu, dbu, ds_part, d, n_out, parts.segments,
+        BLOCK_D=ep.block_n, BLOCK_R=ep.block_k, HAS_G=has_g, **ep.launch(),
+    )  # fmt: skip
+    if not has_g:
+        return dlnw, dlnb, dw, db
+    ds = ds_part.sum(dim=1, keepdim=True).to(s.dtype)
+    return dlnw, dlnb, dw, db, dwu, dbu, ds
+
+
 def weight_grads(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -207,41 +256,22 @@ def weight_grads(
 ) -> tuple[torch.Tensor, ...]:
     """(dlnw, dlnb, dW, db) and, with ``up = (dy, h, Wu, bu, s)``, also (dWu, dbu, ds)."""
     n_rows, d = x.shape
-    n_tasks = rows.n_tasks
     n_out = w.shape[-2]
     has_g = up is not None
     tiles = configs.weight_tiles(n_out)
     n_dtiles = triton.cdiv(d, tiles.block_n)
     n_rtiles = triton.cdiv(n_out, tiles.block_k)
-    segments = configs.reduction_segments(n_rows, n_tasks, n_dtiles * n_rtiles, tiles.block_m, x.device)
-    n_seg = n_tasks * segments
-    f32 = {"dtype": torch.float32, "device": x.device}
-    m_part = torch.empty((n_seg, d, n_out), **f32)
-    csp_part = torch.empty((n_seg, n_out), **f32)
-    g_part = torch.empty((n_seg, d, n_out), **f32) if has_g else m_part
-    cs_part = torch.empty((n_seg, d), **f32) if has_g else csp_part
-    dy, h, wu, bu, s = up if has_g else (x, dp, w, b, b)
+    segments = configs.reduction_segments(n_rows, rows.n_tasks, n_dtiles * n_rtiles, tiles.block_m, x.device)
+    parts = _partials(rows.n_tasks * segments, segments, d, n_out, has_g, x.device)
+    dy, h = up[:2] if has_g else (x, dp)
     order, counts, _ = _index_args(rows, x)
-    weight_grad_partials_kernel[(n_dtiles * n_rtiles, n_seg)](
-        x, mean, rstd, dp, dy, h, m_part, csp_part, g_part, cs_part, order, counts,
+    weight_grad_partials_kernel[(n_dtiles * n_rtiles, rows.n_tasks * segments)](
+        x, mean, rstd, dp, dy, h, parts.m, parts.csp, parts.g, parts.cs, order, counts,
         n_rows, d, n_out, segments, n_rtiles,
         BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_n, BLOCK_R=tiles.block_k,
         HAS_G=has_g, MIXED=rows.mixed, **_dot_args(x.dtype), **tiles.launch(),
     )  # fmt: skip
-    ep = configs.epilogue_tiles(n_out)
-    n_ep = triton.cdiv(d, ep.block_n)
-    dlnw, dlnb, dw, db = (torch.empty_like(t) for t in (lnw, lnb, w, b))
-    dwu, dbu = (torch.empty_like(wu), torch.empty_like(bu)) if has_g else (dw, db)
-    ds_part = torch.empty((n_tasks, n_ep), **f32)
-    weight_grad_epilogue_kernel[(n_ep, n_tasks)](
-        m_part, csp_part, g_part, cs_part, lnw, lnb, w, wu, bu, s,
-        dlnw, dlnb, dw, db, dwu, dbu, ds_part, d, n_out, segments,
-        BLOCK_D=ep.block_n, BLOCK_R=ep.block_k, HAS_G=has_g, **ep.launch(),
-    )  # fmt: skip
-    if not has_g:
-        return dlnw, dlnb, dw, db
-    ds = ds_part.sum(dim=1, keepdim=True).to(s.dtype)
-    return dlnw, dlnb, dw, db, dwu, dbu, ds
+    return _weight_epilogue(parts, lnw, lnb, w, b, up[2:] if has_g else None)
 
 
 def adapter_backward(
@@ -260,31 +290,33 @@ def adapter_backward(
     if n_rows == 0:
         return (torch.empty_like(x), *(torch.zeros_like(p) for p in params))
     v1, cb = _row_constants(wd, lnw, lnb, bd)
-    dp = x.new_empty((n_rows, r))
     order, counts, n_tasks = _index_args(rows, x)
     dot = _dot_args(x.dtype)
-    if r <= configs.FUSED_MAX_R:
-        block_r = configs.padded(r)
-        tiles = configs.adapter_fused_tiles(block_r)
-        dx = torch.empty_like(x)
-        adapter_bwd_fused_kernel[(_row_blocks(n_rows, tiles.block_m, rows),)](
-            dy, x, h, mean, rstd, lnw, wd, wu, s, v1, cb, dx, dp, order, counts, n_tasks, n_rows, d, r,
-            BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
-            MIXED=rows.mixed, **dot, **tiles.launch(),
-        )  # fmt: skip
-    else:
-        tiles = configs.dp_tiles(r)
-        grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(r, tiles.block_n))
-        adapter_dp_kernel[grid](
-            dy, h, wu, s, dp, order, counts, n_tasks, n_rows, d, r,
-            BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_n, BLOCK_N=tiles.block_k,
-            MIXED=rows.mixed, **dot, **tiles.launch(),
-        )  # fmt: skip
+    dp = x.new_empty((n_rows, r))
+    tiles = configs.dp_tiles(r)
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(r, tiles.block_n))
+    adapter_dp_kernel[grid](
+        dy, h, wu, s, dp, order, counts, n_tasks, n_rows, d, r,
+        BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_n, BLOCK_N=tiles.block_k,
+        MIXED=rows.mixed, **dot, **tiles.launch(),
+    )  # fmt: skip
+    if r > configs.FUSED_MAX_R:
         dx = _ln_linear_dx(dp, h, x, mean, rstd, lnw, wd, v1, cb, rows)
-    dlnw, dlnb, dwd, dbd, dwu, dbu, ds = weight_grads(
-        x, mean, rstd, dp, lnw, lnb, wd, bd, rows, up=(dy, h, wu, bu, s)
-    )
-    return dx, dlnw, dlnb, dwd, dbd, dwu, dbu, ds
+        grads = weight_grads(x, mean, rstd, dp, lnw, lnb, wd, bd, rows, up=(dy, h, wu, bu, s))
+        return (dx, *grads)
+    block_r = configs.padded(r)
+    tiles = configs.dx_weight_tiles(block_r)
+    n_dtiles = triton.cdiv(d, tiles.block_n)
+    segments = configs.reduction_segments(n_rows, n_tasks, n_dtiles, tiles.block_m, x.device)
+    parts = _partials(n_tasks * segments, segments, d, r, True, x.device)
+    dx = torch.empty_like(x)
+    adapter_bwd_dx_weights_kernel[(n_dtiles, n_tasks * segments)](
+        dy, x, h, dp, mean, rstd, lnw, wd, v1, cb, dx, parts.m, parts.csp, parts.g, parts.cs,
+        order, counts, n_rows, d, r, segments,
+        BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_n, BLOCK_R=block_r,
+        MIXED=rows.mixed, **dot, **tiles.launch(),
+    )  # fmt: skip
+    return (dx, *_weight_epilogue(parts, lnw, lnb, wd, bd, (wu, bu, s)))
 
 
 def ln_linear_backward(
