@@ -47,10 +47,22 @@ class FeatureGather:
         self.info = info
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Processes may hold different numbers of rows (a batch that lost a corrupt image): rows are padded
+        to the largest count for the collective and the padding is dropped again."""
         from torch.distributed.nn.functional import all_gather
 
-        parts = all_gather(x.contiguous())
-        return torch.cat(parts), self.info.rank * x.shape[0]
+        sizes = self._sizes(x.shape[0], x.device)
+        largest = max(sizes)
+        padded = x if x.shape[0] == largest else torch.cat([x, x.new_zeros(largest - x.shape[0], *x.shape[1:])])
+        parts = all_gather(padded.contiguous())
+        gathered = torch.cat([part[:n] for part, n in zip(parts, sizes)])
+        return gathered, sum(sizes[: self.info.rank])
+
+    def _sizes(self, rows: int, device: torch.device) -> list[int]:
+        local = torch.tensor([rows], device=device)
+        sizes = [torch.zeros_like(local) for _ in range(self.info.world_size)]
+        dist.all_gather(sizes, local)
+        return [int(s) for s in sizes]
 
     def mean_count(self, n: torch.Tensor) -> torch.Tensor:
         total = n.detach().clone().float()
