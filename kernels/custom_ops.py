@@ -16,13 +16,15 @@ Operators (all tensors 2-D row matrices; adapter parameters with or without a le
 import torch
 from famevil_fast.kernels import launch
 
+from famevil_fast.ops._backend import can_synchronize
+
 ADAPTER_PARAMS = ("ln_weight", "ln_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
 
 
 def _task_rows(task_ids: torch.Tensor | None, n_tasks: int) -> launch.TaskRows:
     if task_ids is None:
         return launch.SINGLE_TASK
-    if task_ids.numel():
+    if task_ids.numel() and can_synchronize(task_ids):
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
             raise ValueError(

@@ -51,7 +51,7 @@ def group_rows(task_ids: torch.Tensor | None, n_tasks: int) -> TaskRows:
 def _index_args(rows: TaskRows, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     if rows.mixed:
         return rows.order, rows.counts, rows.n_tasks
-    dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
+    dummy = torch.empty(1, dtype=torch.int32, device=like.device)  # never read without task grouping
     return dummy, dummy, 1
 
 

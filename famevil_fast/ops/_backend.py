@@ -50,6 +50,14 @@ def same_device_and_dtype(
             raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {want_dtype}")
 
 
+def can_synchronize(t: torch.Tensor) -> bool:
+    """False while a data-dependent check must not read values back to the host: inside torch.compile
+    tracing or a CUDA graph capture on t's device."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def forced_backend() -> str | None:
     """``FAMEVIL_FAST_BACKEND`` (e.g. "torch") overrides every automatic choice; explicit arguments win."""
     value = os.environ.get("FAMEVIL_FAST_BACKEND", "").strip()

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.ops._backend import check_backend, select_backend
+from famevil_fast.ops._backend import can_synchronize, check_backend, select_backend
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -146,7 +146,7 @@ def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> No
         raise ValueError(f"fused_adapter: task_ids must be int32 or int64, got {task_ids.dtype}")
     if task_ids.device != x.device:
         raise ValueError(f"fused_adapter: task_ids is on {task_ids.device} but x is on {x.device}")
-    if task_ids.numel() and not torch.compiler.is_compiling():
+    if task_ids.numel() and can_synchronize(task_ids):
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
             raise ValueError(
