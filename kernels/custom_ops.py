@@ -18,8 +18,6 @@ from famevil_fast.kernels import launch
 
 from famevil_fast.ops._backend import can_synchronize
 
-ADAPTER_PARAMS = ("ln_weight", "ln_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
-
 
 def _task_rows(task_ids: torch.Tensor | None, n_tasks: int) -> launch.TaskRows:
     if task_ids is None:
