@@ -268,3 +268,27 @@ def test_caption_vocabulary_decoding_stays_in_the_shortlist():
             ids = generate(model, pixels, max_len=6, num_beams=beams)
             assert set(ids[:, 1:].flatten().tolist()) <= set(vocab)
             assert torch.equal(ids, generate_by_reencoding(model, pixels, max_len=6, num_beams=beams))
+
+
+def test_every_task_runs_under_bf16_autocast():
+    model = micro_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for task in ("itc", "tgir", "scr", "cap"):
+            out = model(micro_batch(2), task)
+            assert torch.isfinite(out.loss)
+            out.loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_adapter_mixes_stream_and_branch_dtypes_under_autocast(backend):
+    from famevil_fast.model.adapters import BottleneckAdapter
+
+    adapter = perturb_(BottleneckAdapter(64, 8), std=0.1)
+    adapter.backend = backend
+    a = torch.randn(5, 64)
+    branch = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(a, residual=[a, branch])
+    ref = a + branch.float() + adapter.up(torch.relu(adapter.down(adapter.ln(a)))) * adapter.scale
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=5e-2)

@@ -48,7 +48,7 @@ class BottleneckAdapter(nn.Module):
             y = self.up(h) * self.scale
             res = sum_residuals(residual)
             return y if res is None else res + y
-        return fused_adapter(x, *self.params(), residual=residual, backend=self.backend)
+        return fused_adapter(x, *self.params(), residual=residual, backend=self.backend, eps=self.ln.eps)
 
 
 def stack_adapter_params(adapters: list[BottleneckAdapter]) -> AdapterParams:
@@ -89,7 +89,8 @@ class TaskAdapters(nn.Module):
         if first.dropout > 0.0 and self.training:
             raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
         return fused_adapter(
-            x, *stack_adapter_params(adapters), residual=residual, task_ids=row_task, backend=first.backend
+            x, *stack_adapter_params(adapters), residual=residual, task_ids=row_task, backend=first.backend,
+            eps=first.ln.eps,
         )
 
 
@@ -123,7 +124,7 @@ class CrossAttentionAdapter(nn.Module):
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a context, for reuse across calls (e.g. decoding steps)."""
-        return context_key_values(context, self.attn_params(), self.heads)
+        return context_key_values(context, self.attn_params(), self.heads, backend=self.backend, eps=self.ln_ctx.eps)
 
     def forward(
         self,
@@ -143,4 +144,5 @@ class CrossAttentionAdapter(nn.Module):
             context_mask=context_mask,
             residual=residual,
             backend=self.backend,
+            eps=self.ln_q.eps,
         )

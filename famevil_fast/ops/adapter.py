@@ -91,6 +91,14 @@ def residual_list(residual: Residual) -> list[torch.Tensor]:
     return list(residual)
 
 
+def promote_under_autocast(x: torch.Tensor, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Under autocast a block's residual stream and its branch outputs may differ in dtype (float32 stream,
+    bf16 branches): the terms are brought to x's dtype, the dtype of the stream the output continues."""
+    if not residuals or not torch.is_autocast_enabled(x.device.type):
+        return residuals
+    return [r.to(x.dtype) if r.is_floating_point() and r.dtype != x.dtype else r for r in residuals]
+
+
 def check_adapter_args(x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor | None) -> None:
     """Shape, dtype and device checks with messages that name the argument."""
     if x.dim() < 1:
@@ -213,8 +221,8 @@ def fused_adapter(
     check_backend("fused_adapter", backend, BACKENDS)
     params = AdapterParams(ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     check_adapter_args(x, params, task_ids)
-    residuals = residual_list(residual)
+    residuals = promote_under_autocast(x, residual_list(residual))
     check_residuals(x, residuals)
     if select_backend("fused_adapter", backend, BACKENDS, x) == "torch":
-        return adapter_reference(x, params, residual, task_ids, eps)
+        return adapter_reference(x, params, residuals or None, task_ids, eps)
     return _triton_adapter(x, params, residuals, task_ids, eps)

@@ -311,6 +311,11 @@ def cross_attention_adapter(
     LayerNorm into its projection (True) or leave both to PyTorch.
     """
     check_backend("cross_attention_adapter", backend, BACKENDS)
+    if torch.is_autocast_enabled(x.device.type):  # the two towers' streams may differ in dtype under autocast
+        if context is not None and context.is_floating_point() and context.dtype != x.dtype:
+            context = context.to(x.dtype)
+        if context_kv is not None and context_kv[0].dtype != x.dtype:
+            context_kv = (context_kv[0].to(x.dtype), context_kv[1].to(x.dtype))
     check_cross_attention_args(x, context, context_kv, context_mask, attn, num_heads)
     args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
     if select_backend("cross_attention_adapter", backend, BACKENDS, x) == "torch":

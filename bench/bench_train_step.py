@@ -1,0 +1,182 @@
+"""Training-step throughput (PERFORMANCE.md targets 1): the same FAME-ViL model in three configurations,
+per task and for the round-robin four-task step.
+
+1. ``faithful``: float32, eager (explicit softmax) attention, whole backbone trained, unfused adapters and
+   losses (the official code's setting);
+2. ``plain``: the best plain-PyTorch setting: bf16 autocast, SDPA, fused AdamW, PyTorch references for
+   adapters and losses (``plain_frozen``: backbone frozen);
+3. ``fast``: famevil_fast's fast path: bf16, fused Triton adapters and fused contrastive losses, the
+   four-task step in shared mixed-task passes (``fast_frozen``: backbone frozen, so the weight-gradient
+   GEMMs of frozen layers are skipped).
+
+Every configuration starts from the same weights and batch; the first step's losses must agree with the
+faithful ones within bf16 tolerance. Reported: ms/step (median), samples/s, peak memory and model FLOPs
+utilisation (FLOPs counted by torch's FlopCounterMode, against the card's measured bf16 peak when known).
+On a GPU: ViT-B/16, batch 64 and 256. On the CPU: the micro model at batch 4, one timed step (a check that
+the harness runs, not a measurement).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import pytest
+import torch
+
+from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+from famevil_fast.train.optim import freeze_backbone
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PRESET = "ViT-B-16" if CUDA else "micro"
+BATCHES = (64, 256) if CUDA else (4,)
+STEPS = 20 if CUDA else 1
+WARMUP = 5 if CUDA else 1
+TASKS = ("itc", "tgir", "scr", "cap")
+WORKLOADS = TASKS + ("all4",)
+BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}  # dense bf16, measured or datasheet
+
+CONFIGS = {
+    "faithful": dict(precision="fp32", attention="eager", backend="torch", mixed=False, frozen=False),
+    "plain": dict(precision="bf16", attention="sdpa", backend="torch", mixed=False, frozen=False),
+    "plain_frozen": dict(precision="bf16", attention="sdpa", backend="torch", mixed=False, frozen=True),
+    "fast": dict(precision="bf16", attention="auto", backend=None, mixed=True, frozen=False),
+    "fast_frozen": dict(precision="bf16", attention="auto", backend=None, mixed=True, frozen=True),
+}
+
+
+def random_batch(task: str, batch: int, size: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, 77, dtype=torch.long)
+    lengths = torch.randint(20, 70, (batch,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1] = 49406, torch.randint(1, 49406, (n,), generator=g), 49407
+    out = {"pixels": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids}
+    if task == "tgir":
+        out = {"ref_pixels": out["pixels"], "target_pixels": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids}
+    if task == "scr":
+        out["labels"] = torch.randint(0, 121, (batch,), generator=g)
+    return {k: v.to(DEVICE) for k, v in out.items()}
+
+
+class Setup:
+    def __init__(self, base: FameViL, name: str) -> None:
+        opts = CONFIGS[name]
+        self.opts = opts
+        self.model = copy.deepcopy(base).set_runtime(attention=opts["attention"], backend=opts["backend"])
+        if opts["frozen"]:
+            freeze_backbone(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = {"fused": True} if CUDA and opts["precision"] == "bf16" else {}
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+
+    def step(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+        autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.opts["precision"] == "bf16")
+        with autocast:
+            if self.opts["mixed"] and len(batches) > 1:
+                outs = self.model.forward_mixed(batches)
+            else:
+                outs = {t: self.model(b, t) for t, b in batches.items()}
+        losses = {t: o.loss for t, o in outs.items()}
+        (sum(losses.values()) / len(losses)).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {t: v.detach() for t, v in losses.items()}
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def time_steps(setup: Setup, batches, steps: int = STEPS, warmup: int = WARMUP) -> float:
+    for _ in range(warmup):
+        setup.step(batches)
+    times = []
+    for _ in range(steps):
+        _sync()
+        start = time.perf_counter()
+        setup.step(batches)
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_flops(setup: Setup, batches) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        setup.step(batches)
+    return counter.get_total_flops()
+
+
+def peak_tflops() -> float | None:
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def workload_batches(workload: str, batch: int, size: int) -> dict[str, dict[str, torch.Tensor]]:
+    tasks = TASKS if workload == "all4" else (workload,)
+    return {t: random_batch(t, batch, size, seed=i) for i, t in enumerate(tasks)}
+
+
+@pytest.fixture(scope="module")
+def base_model() -> FameViL:
+    torch.manual_seed(0)
+    model = FameViL(FameViLConfig(clip=clip_preset(PRESET))).to(DEVICE)
+    with torch.no_grad():  # non-zero adapters, so that every branch does real work
+        for name, p in model.named_parameters():
+            if name.endswith("up.weight"):
+                p.normal_(std=0.02)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_first_step_losses_agree(base_model, name):
+    size = base_model.config.clip.vision.image_size
+    batches = workload_batches("all4", BATCHES[0], size)
+    reference = Setup(base_model, "faithful").step(batches)
+    losses = Setup(base_model, name).step(batches)
+    tol = 0.0 if name == "faithful" else 3e-2
+    for task in TASKS:
+        ref, got = float(reference[task]), float(losses[task])
+        assert abs(got - ref) <= tol * max(1.0, abs(ref)) + 1e-5, (name, task, got, ref)
+
+
+def test_train_step_report(base_model):
+    size = base_model.config.clip.vision.image_size
+    peak = peak_tflops()
+    rows = []
+    for batch in BATCHES:
+        for workload in WORKLOADS:
+            batches = workload_batches(workload, batch, size)
+            samples = batch * len(batches)
+            results = {}
+            for name in CONFIGS:
+                setup = Setup(base_model, name)
+                seconds = time_steps(setup, batches)
+                if CUDA:
+                    torch.cuda.reset_peak_memory_stats()
+                    setup.step(batches)
+                    memory = torch.cuda.max_memory_allocated() / 2**30
+                else:
+                    memory = float("nan")
+                flops = step_flops(setup, batches)
+                mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
+                results[name] = seconds
+                rows.append((batch, workload, name, seconds * 1e3, samples / seconds, memory, 100 * mfu,
+                             results["faithful"] / seconds, results.get("plain", seconds) / seconds))  # fmt: skip
+                del setup
+    header = f"{'batch':>5} {'workload':>8} {'config':>13} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} {'MFU %':>6} {'x faithful':>10} {'x plain':>8}"
+    lines = [header] + [
+        f"{b:>5} {w:>8} {n:>13} {ms:>9.2f} {sps:>10.0f} {mem:>9.2f} {mfu:>6.1f} {xf:>10.2f} {xp:>8.2f}"
+        for b, w, n, ms, sps, mem, mfu, xf, xp in rows
+    ]
+    device = torch.cuda.get_device_name() if CUDA else "CPU (harness check only)"
+    print(f"\ntraining step, {PRESET}, {device}, torch {torch.__version__}\n" + "\n".join(lines))
+    assert all(r[3] > 0 for r in rows)
