@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 ctest: $(STAMP)
-	$(PY) -m famevil_fast.build_tools.ctest
+	cmake -S . -B cmake-build -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release && cmake --build cmake-build -j2 && ctest --test-dir cmake-build --output-on-failure
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench

@@ -89,7 +89,9 @@ def want_cuda(torch_cuda_version: str | None) -> bool:
 
 
 def nvcc_version(cuda_home: str) -> str:
-    out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    out = subprocess.run(
+        [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True
+    )
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else "unknown"
 
 
@@ -106,7 +108,9 @@ def extension_modules():
     # cpp_extension reads CUDA_HOME when it is imported, so import it only after want_cuda().
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts)
+    cpu_sources = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts
+    )
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     # torch chooses the C++ standard (C++20 for torch >= 2.10); -fno-trapping-math lets GCC vectorise the
     # branch-free selects of the CPU kernels (NaN and inf still propagate)
@@ -131,7 +135,9 @@ def extension_modules():
             extra_link_args=["-fopenmp"],
         )
     else:
-        print("famevil_fast: building the CPU sources only (no CUDA toolkit, CPU torch, or FAMEVIL_FAST_CUDA=0)")
+        print(
+            "famevil_fast: building the CPU sources only (no CUDA toolkit, CPU torch, or FAMEVIL_FAST_CUDA=0)"
+        )
         ext = CppExtension(
             "famevil_fast._C",
             cpu_sources,
@@ -146,7 +152,8 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=find_packages(include=["famevil_fast", "famevil_fast.*"]) + ["famevil_fast.kernels", "famevil_fast.configs"],
+    packages=find_packages(include=["famevil_fast", "famevil_fast.*"])
+    + ["famevil_fast.kernels", "famevil_fast.configs"],
     package_dir={"famevil_fast.kernels": "kernels", "famevil_fast.configs": "configs"},
     package_data={"famevil_fast": ["py.typed", "_C.pyi"], "famevil_fast.configs": ["*.yaml"]},
     ext_modules=ext_modules,

@@ -1,34 +1,55 @@
 """Contrastive losses over similarity logits ``scale * a @ b.T``: InfoNCE (one- or two-way, one or several
 positives per row, label smoothing) and soft-target distillation from a teacher's logits.
 
-Owns the public ``contrastive_loss`` and ``contrastive_distill_loss`` functions, their argument checks
-and the plain-PyTorch references (which materialise the M x N logits). Fast backends plug in through
-``_BACKENDS``.
+Owns the public ``contrastive_loss`` and ``contrastive_distill_loss`` functions, their argument checks,
+the plain-PyTorch references (which materialise the M x N logits) and the fused path. The fused path
+calls the compiled operators ``famevil_fast::contrastive_stats`` / ``contrastive_distill_stats`` (CPU and
+CUDA), which sweep the logits tile by tile and return per-row and per-column statistics in memory linear
+in M + N; the losses are cheap functions of those statistics:
+
+* InfoNCE: statistics (log-sum-exp, sum of logits over the positives, sum of all logits); row i's loss is
+  ``lse_i - (1 - eps) * pos_sum_i / n_pos_i - eps / N * sum_i``.
+* Distillation: statistics (log-sum-exp, teacher log-sum-exp, sum_j softmax(teacher)_ij * logits_ij); row
+  i's loss is ``lse_i - weighted_i``.
+
+Rows (columns) without any positive are left out of the row (column) average.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from famevil_fast.ops._backend import check_backend
+from famevil_fast import _ext
+from famevil_fast.ops._backend import check_backend, forced_backend
 
 BACKENDS = ("torch", "cpu", "cuda")
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 ScaleLike = float | torch.Tensor
+Groups = tuple[torch.Tensor, torch.Tensor]
 
 
-def _as_scale(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_scale(scale: ScaleLike, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or compute_dtype(like.dtype)
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"scale must be a float or a one-element tensor, got shape {tuple(scale.shape)}")
-        return scale.reshape(()).to(torch.float32)
-    return torch.tensor(float(scale), dtype=torch.float32, device=like.device)
+        return scale.reshape(()).to(device=like.device, dtype=dtype)
+    return torch.tensor(float(scale), dtype=dtype, device=like.device)
 
 
-def positive_mask(
-    m: int, n: int, labels: torch.Tensor | None, groups: tuple[torch.Tensor, torch.Tensor] | None, device
-) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------------
+# References
+
+
+def positive_mask(m: int, n: int, labels: torch.Tensor | None, groups: Groups | None, device) -> torch.Tensor:
     """(M, N) bool: True where column j is a positive of row i."""
     if groups is not None:
         row_groups, col_groups = groups
@@ -45,11 +66,20 @@ def _soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def _smoothed_targets(pos: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    t = pos.float() / pos.sum(dim=1, keepdim=True).float()
+def _smoothed_targets(pos: torch.Tensor, label_smoothing: float, dtype: torch.dtype) -> torch.Tensor:
+    t = pos.to(dtype) / pos.sum(dim=1, keepdim=True).to(dtype)
     if label_smoothing:
         t = (1.0 - label_smoothing) * t + label_smoothing / pos.shape[1]
     return t
+
+
+def _direction_reference(
+    logits: torch.Tensor, pos: torch.Tensor, eps: float, some_rows_empty: bool
+) -> torch.Tensor:
+    if some_rows_empty:
+        keep = pos.any(dim=1)
+        logits, pos = logits[keep], pos[keep]
+    return _soft_target_ce(logits, _smoothed_targets(pos, eps, logits.dtype))
 
 
 def contrastive_loss_reference(
@@ -57,18 +87,20 @@ def contrastive_loss_reference(
     b: torch.Tensor,
     scale: ScaleLike,
     labels: torch.Tensor | None = None,
-    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    groups: Groups | None = None,
     two_way: bool = True,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Materialises the logits in float32. Row i's target spreads evenly over its positives."""
-    logits = _as_scale(scale, a) * (a.float() @ b.float().T)
+    """Materialises the logits (float32, float64 for float64 inputs). Row i's target spreads evenly over its
+    positives; rows without a positive are left out; the column term covers the columns that are a positive
+    of some row."""
+    dtype = compute_dtype(a.dtype)
+    logits = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
     pos = positive_mask(a.shape[0], b.shape[0], labels, groups, a.device)
-    loss = _soft_target_ce(logits, _smoothed_targets(pos, label_smoothing))
+    loss = _direction_reference(logits, pos, label_smoothing, groups is not None)
     if not two_way:
         return loss
-    cols = pos.any(dim=0)  # columns that are somebody's positive take part in the column term
-    col_loss = _soft_target_ce(logits.T[cols], _smoothed_targets(pos.T[cols], label_smoothing))
+    col_loss = _direction_reference(logits.T, pos.T, label_smoothing, True)
     return 0.5 * (loss + col_loss)
 
 
@@ -82,58 +114,321 @@ def contrastive_distill_loss_reference(
     two_way: bool = True,
 ) -> torch.Tensor:
     """Soft-target CE of the student logits against softmax of the teacher logits (rows, and columns)."""
-    student = _as_scale(scale, a) * (a.float() @ b.float().T)
+    dtype = compute_dtype(a.dtype)
+    student = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
     with torch.no_grad():
-        teacher = _as_scale(teacher_scale, teacher_a) * (teacher_a.float() @ teacher_b.float().T)
+        teacher = _as_scale(teacher_scale, a, dtype) * (teacher_a.to(dtype) @ teacher_b.to(dtype).T)
     loss = _soft_target_ce(student, F.softmax(teacher, dim=1))
     if not two_way:
         return loss
     return 0.5 * (loss + _soft_target_ce(student.T, F.softmax(teacher.T, dim=1)))
 
 
-def _check_pair(op: str, a: torch.Tensor, b: torch.Tensor) -> None:
+# ---------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_pair(op: str, a: torch.Tensor, b: torch.Tensor, names: str = "a and b") -> None:
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise ValueError(f"{op}: {names} must be tensors, got {type(a).__name__} and {type(b).__name__}")
     if a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"{op}: a and b must be 2-D (M, D) and (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"{op}: {names} must be 2-D (M, D) and (N, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{op}: feature sizes differ: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+        raise ValueError(f"{op}: feature sizes differ: {names} are {tuple(a.shape)} and {tuple(b.shape)}")
     if a.shape[0] == 0 or b.shape[0] == 0:
-        raise ValueError(f"{op}: empty input: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+        raise ValueError(f"{op}: empty input: {names} are {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:
-        raise ValueError(f"{op}: a is on {a.device} but b is on {b.device}")
+        raise ValueError(f"{op}: {names} are on different devices: {a.device} and {b.device}")
     if a.dtype != b.dtype:
-        raise ValueError(f"{op}: a is {a.dtype} but b is {b.dtype}")
-    if not a.is_floating_point():
-        raise ValueError(f"{op}: a and b must be floating point, got {a.dtype}")
+        raise ValueError(f"{op}: {names} have different dtypes: {a.dtype} and {b.dtype}")
+    if a.dtype not in INPUT_DTYPES:
+        raise ValueError(f"{op}: {names} must be float16, bfloat16, float32 or float64, got {a.dtype}")
+
+
+def _check_scale(op: str, scale: ScaleLike, name: str = "scale") -> None:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(
+                f"{op}: {name} must be a float or a one-element tensor, got shape {tuple(scale.shape)}"
+            )
+        if not scale.is_floating_point():
+            raise ValueError(f"{op}: {name} must be floating point, got {scale.dtype}")
+    elif not isinstance(scale, (int, float)):
+        raise ValueError(f"{op}: {name} must be a float or a one-element tensor, got {type(scale).__name__}")
+
+
+def _check_index(op: str, name: str, t: torch.Tensor, length: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.shape != (length,):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be a tensor of shape ({length},), got {shape}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but a is on {device}")
 
 
 def check_contrastive_args(
     a: torch.Tensor,
     b: torch.Tensor,
     labels: torch.Tensor | None,
-    groups: tuple[torch.Tensor, torch.Tensor] | None,
+    groups: Groups | None,
     label_smoothing: float,
+    scale: ScaleLike = 1.0,
 ) -> None:
+    """Shapes, dtypes, devices, label range and smoothing; raises ValueError naming the problem."""
     op = "contrastive_loss"
     _check_pair(op, a, b)
+    _check_scale(op, scale)
     m, n = a.shape[0], b.shape[0]
     if labels is not None and groups is not None:
         raise ValueError(f"{op}: pass labels or groups, not both")
     if labels is None and groups is None and m != n:
-        raise ValueError(f"{op}: without labels a and b need the same number of rows (diagonal positives), got {m} and {n}")
+        raise ValueError(
+            f"{op}: without labels a and b need the same number of rows (diagonal positives), got {m} and {n}"
+        )
     if labels is not None:
-        if labels.shape != (m,) or labels.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{op}: labels must be an integer tensor of shape ({m},), got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(f"{op}: labels must lie in [0, {n}), got range [{int(labels.min())}, {int(labels.max())}]")
+        _check_index(op, "labels", labels, m, a.device)
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"{op}: labels must lie in [0, {n}) (b has shape {tuple(b.shape)}), got range [{lo}, {hi}]"
+            )
     if groups is not None:
-        rg, cg = groups
-        if rg.shape != (m,) or cg.shape != (n,):
-            raise ValueError(f"{op}: groups must be ((M,), (N,)) = (({m},), ({n},)), got {tuple(rg.shape)} and {tuple(cg.shape)}")
+        if not isinstance(groups, (tuple, list)) or len(groups) != 2:
+            raise ValueError(f"{op}: groups must be a pair (row_groups (M,), col_groups (N,))")
+        _check_index(op, "groups[0] (row groups)", groups[0], m, a.device)
+        _check_index(op, "groups[1] (column groups)", groups[1], n, a.device)
+        if not bool(torch.isin(groups[0], groups[1]).any()):
+            raise ValueError(f"{op}: no row shares a group with any column, so there is no positive pair")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
 
 
-_BACKENDS: dict[str, object] = {}
+def check_distill_args(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    teacher_a: torch.Tensor,
+    teacher_b: torch.Tensor,
+    scale: ScaleLike,
+    teacher_scale: ScaleLike,
+) -> None:
+    op = "contrastive_distill_loss"
+    _check_pair(op, a, b)
+    _check_pair(op, teacher_a, teacher_b, "teacher_a and teacher_b")
+    _check_scale(op, scale)
+    _check_scale(op, teacher_scale, "teacher_scale")
+    if teacher_a.shape[0] != a.shape[0] or teacher_b.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{op}: teacher and student batches differ: a {tuple(a.shape)} vs teacher_a "
+            f"{tuple(teacher_a.shape)}, b {tuple(b.shape)} vs teacher_b {tuple(teacher_b.shape)}"
+        )
+    if teacher_a.device != a.device:
+        raise ValueError(f"{op}: the teacher is on {teacher_a.device} but the student is on {a.device}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend choice
+
+
+def _ops_registered() -> bool:
+    return _ext.cpu_ext_available() and hasattr(torch.ops.famevil_fast, "contrastive_stats")
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on tensors of ``device`` (None when it can)."""
+    if backend == "torch":
+        return None
+    if not _ops_registered():
+        return f"the compiled extension famevil_fast._C is not available ({_ext.import_error()})"
+    if backend == "cpu" and device.type != "cpu":
+        return f"it runs on CPU tensors, the inputs are on {device}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"it runs on CUDA tensors, the inputs are on {device}"
+        if not _ext.cuda_ext_available():
+            return "the extension was built without its CUDA sources"
+    return None
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
+    """The explicit backend, else FAMEVIL_FAST_BACKEND when it names one of ours, else the best available."""
+    check_backend(op, backend, BACKENDS)
+    source = "backend"
+    if backend is None:
+        forced = forced_backend()
+        if forced not in BACKENDS:
+            return _automatic_backend(device)
+        backend, source = forced, "FAMEVIL_FAST_BACKEND"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"{op}: {source}={backend!r} cannot run: {reason}")
+    return backend
+
+
+def _automatic_backend(device: torch.device) -> str:
+    for candidate in ("cuda", "cpu"):
+        if candidate == device.type and unavailable_reason(candidate, device) is None:
+            return candidate
+    return "torch"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused path: autograd wrappers around the compiled operators
+
+
+class _InfoNceStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scale, row_key, col_key, cols: bool):  # type: ignore[override]
+        rows, col_stats = torch.ops.famevil_fast.contrastive_stats(a, b, scale, row_key, col_key, cols)
+        ctx.save_for_backward(a, b, scale, row_key, col_key, rows, col_stats)
+        ctx.cols = cols
+        return rows, col_stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows, grad_cols):  # type: ignore[override]
+        a, b, scale, row_key, col_key, rows, col_stats = ctx.saved_tensors
+        grad_a, grad_b, grad_scale = torch.ops.famevil_fast.contrastive_stats_backward(
+            grad_rows.contiguous(),
+            grad_cols.contiguous(),
+            a,
+            b,
+            scale,
+            row_key,
+            col_key,
+            rows,
+            col_stats,
+            ctx.cols,
+        )
+        return grad_a, grad_b, grad_scale, None, None, None
+
+
+class _DistillStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scale, teacher_a, teacher_b, teacher_scale, cols: bool):  # type: ignore[override]
+        rows, col_stats = torch.ops.famevil_fast.contrastive_distill_stats(
+            a, b, scale, teacher_a, teacher_b, teacher_scale, cols
+        )
+        ctx.save_for_backward(a, b, scale, teacher_a, teacher_b, teacher_scale, rows, col_stats)
+        ctx.cols = cols
+        return rows, col_stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows, grad_cols):  # type: ignore[override]
+        a, b, scale, teacher_a, teacher_b, teacher_scale, rows, col_stats = ctx.saved_tensors
+        grads = (grad_rows.contiguous(), grad_cols.contiguous())
+        teacher = (teacher_a, teacher_b, teacher_scale)
+        grad_a, grad_b, grad_scale = torch.ops.famevil_fast.contrastive_distill_stats_backward(
+            *grads, a, b, scale, *teacher, rows, col_stats, ctx.cols
+        )
+        return grad_a, grad_b, grad_scale, None, None, None, None
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only implementations so that torch.compile / FakeTensor tracing can run the operators."""
+
+    def stats_like(a, b, cols):
+        dtype = compute_dtype(a.dtype)
+        return a.new_empty((3, a.shape[0]), dtype=dtype), a.new_empty(
+            (3, b.shape[0] if cols else 0), dtype=dtype
+        )
+
+    def grads_like(a, b, scale):
+        return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+
+    torch.library.register_fake("famevil_fast::contrastive_stats")(
+        lambda a, b, scale, row_key, col_key, cols: stats_like(a, b, cols)
+    )
+    torch.library.register_fake("famevil_fast::contrastive_distill_stats")(
+        lambda a, b, scale, ta, tb, ts, cols: stats_like(a, b, cols)
+    )
+    torch.library.register_fake("famevil_fast::contrastive_stats_backward")(
+        lambda gr, gc, a, b, scale, rk, ck, rows, col_stats, cols: grads_like(a, b, scale)
+    )
+    torch.library.register_fake("famevil_fast::contrastive_distill_stats_backward")(
+        lambda gr, gc, a, b, scale, ta, tb, ts, rows, col_stats, cols: grads_like(a, b, scale)
+    )
+
+
+if _ops_registered():
+    _register_fake_kernels()
+
+
+def positive_keys(
+    m: int, n: int, labels: torch.Tensor | None, groups: Groups | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """int32 keys with positive(i, j) <=> row_key[i] == col_key[j], and the number of positives per row and
+    per column (None when every row, or column, has exactly one)."""
+    if groups is not None:
+        ids = torch.unique(torch.cat([groups[0], groups[1].to(groups[0].dtype)]), return_inverse=True)[1]
+        row_ids, col_ids = ids[:m], ids[m:]
+        per_id_rows = torch.bincount(row_ids, minlength=m + n)
+        per_id_cols = torch.bincount(col_ids, minlength=m + n)
+        return row_ids.int(), col_ids.int(), per_id_cols[row_ids], per_id_rows[col_ids]
+    col_key = torch.arange(n, device=device, dtype=torch.int32)
+    if (
+        labels is None
+    ):  # a distinct tensor for the rows: autograd.Function under dynamo rejects aliased inputs
+        return torch.arange(m, device=device, dtype=torch.int32), col_key, None, None
+    return labels.int(), col_key, None, torch.bincount(labels, minlength=n)
+
+
+def _direction_loss(stats: torch.Tensor, counts: torch.Tensor | None, eps: float, width: int) -> torch.Tensor:
+    """Mean InfoNCE over the rows of one direction from its (lse, positive sum, plain sum) statistics."""
+    lse, pos_sum, plain_sum = stats.unbind(0)
+    pos_mean = pos_sum if counts is None else pos_sum / counts.clamp_min(1).to(pos_sum.dtype)
+    per_row = lse - (1.0 - eps) * pos_mean
+    if eps:
+        per_row = per_row - (eps / width) * plain_sum
+    if counts is None:
+        return per_row.mean()
+    keep = (counts > 0).to(per_row.dtype)
+    return (per_row * keep).sum() / keep.sum()
+
+
+def _fused_contrastive_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: ScaleLike,
+    labels: torch.Tensor | None,
+    groups: Groups | None,
+    two_way: bool,
+    eps: float,
+) -> torch.Tensor:
+    m, n = a.shape[0], b.shape[0]
+    s = _as_scale(scale, a)
+    row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
+    rows, cols = _InfoNceStats.apply(a, b, s, row_key, col_key, two_way)
+    loss = _direction_loss(rows, row_counts, eps, n)
+    if not two_way:
+        return loss
+    return 0.5 * (loss + _direction_loss(cols, col_counts, eps, m))
+
+
+def _fused_distill_loss(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: ScaleLike,
+    teacher_a: torch.Tensor,
+    teacher_b: torch.Tensor,
+    teacher_scale: ScaleLike,
+    two_way: bool,
+) -> torch.Tensor:
+    s = _as_scale(scale, a)
+    t = _as_scale(teacher_scale, a).detach()
+    ta, tb = teacher_a.detach().to(a.dtype), teacher_b.detach().to(a.dtype)
+    rows, cols = _DistillStats.apply(a, b, s, ta, tb, t, two_way)
+    loss = (rows[0] - rows[2]).mean()
+    if not two_way:
+        return loss
+    return 0.5 * (loss + (cols[0] - cols[2]).mean())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions
 
 
 def contrastive_loss(
@@ -141,7 +436,7 @@ def contrastive_loss(
     b: torch.Tensor,
     scale: ScaleLike,
     labels: torch.Tensor | None = None,
-    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    groups: Groups | None = None,
     two_way: bool = True,
     label_smoothing: float = 0.0,
     backend: str | None = None,
@@ -150,13 +445,16 @@ def contrastive_loss(
 
     ``labels`` (M,) gives each row's positive column (default: the diagonal, M == N); ``groups`` =
     (row_groups (M,), col_groups (N,)) makes every column of a row's group a positive (the target spreads
-    evenly over them). ``two_way`` adds the column direction (over the columns that are a positive of some
-    row) and averages the two. ``scale`` is a float or a one-element tensor (the gradient flows to it).
-    ``backend``: "cuda", "cpu", "torch" (reference) or None (automatic).
+    evenly over them; rows without a positive are left out). ``two_way`` adds the column direction (over
+    the columns that are a positive of some row) and averages the two. ``scale`` is a float or a
+    one-element tensor (the gradient flows to it). Non-finite inputs give a non-finite loss.
+    ``backend``: "cuda", "cpu" (compiled, memory linear in M + N), "torch" (reference) or None (automatic).
     """
-    check_backend("contrastive_loss", backend, BACKENDS)
-    check_contrastive_args(a, b, labels, groups, label_smoothing)
-    return contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
+    check_contrastive_args(a, b, labels, groups, label_smoothing, scale)
+    chosen = resolve_backend("contrastive_loss", backend, a.device)
+    if chosen == "torch":
+        return contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
+    return _fused_contrastive_loss(a, b, scale, labels, groups, two_way, label_smoothing)
 
 
 def contrastive_distill_loss(
@@ -170,13 +468,10 @@ def contrastive_distill_loss(
     backend: str | None = None,
 ) -> torch.Tensor:
     """Soft-target CE between the student's ``scale * a @ b.T`` and softmax(``teacher_scale * teacher_a @
-    teacher_b.T``), rows (and columns when ``two_way``), averaged. The teacher receives no gradient."""
-    check_backend("contrastive_distill_loss", backend, BACKENDS)
-    _check_pair("contrastive_distill_loss", a, b)
-    _check_pair("contrastive_distill_loss (teacher)", teacher_a, teacher_b)
-    if teacher_a.shape[0] != a.shape[0] or teacher_b.shape[0] != b.shape[0]:
-        raise ValueError(
-            "contrastive_distill_loss: teacher and student batches differ: "
-            f"a {tuple(a.shape)} vs teacher_a {tuple(teacher_a.shape)}, b {tuple(b.shape)} vs teacher_b {tuple(teacher_b.shape)}"
-        )
-    return contrastive_distill_loss_reference(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
+    teacher_b.T``), rows (and columns when ``two_way``), averaged. The teacher receives no gradient; the
+    fused backends compute it in the student's dtype."""
+    check_distill_args(a, b, teacher_a, teacher_b, scale, teacher_scale)
+    chosen = resolve_backend("contrastive_distill_loss", backend, a.device)
+    if chosen == "torch":
+        return contrastive_distill_loss_reference(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
+    return _fused_distill_loss(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)

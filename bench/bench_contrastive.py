@@ -1,0 +1,120 @@
+"""Contrastive loss, forward + backward: the naive PyTorch loss (logits materialised) and open_clip's
+ClipLoss against the fused kernels, time and extra peak memory, in one process on the same inputs.
+
+GPU: 4,096 / 16,384 / 65,536 rows, D = 512, bfloat16 (BENCH_HUGE=1 adds one run at 1,048,576 rows).
+CPU: 8,192 rows, D = 512, float32 (1,024 rows under --benchmark-disable, to stay quick).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from famevil_fast.ops import contrastive as C
+from famevil_fast.ops.contrastive import contrastive_loss
+
+GPU_ROWS = (4096, 16384, 65536)
+GPU_TABLE = "contrastive loss fwd+bwd, D=512, bf16 (GPU)"
+DIM = 512
+SCALE = 10.0
+
+
+def naive_loss(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Logits in the input dtype, cross-entropy both ways in float32."""
+    logits = (s * (a @ b.T)).float()
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def open_clip_loss(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss()(a, b, logit_scale=s)
+
+
+def _inputs(rows: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device=device).manual_seed(0)
+    a = F.normalize(torch.randn(rows, DIM, device=device, generator=g), dim=1).to(dtype).requires_grad_()
+    b = F.normalize(torch.randn(rows, DIM, device=device, generator=g), dim=1).to(dtype).requires_grad_()
+    s = torch.tensor(SCALE, device=device, requires_grad=True)
+    return a, b, s
+
+
+def _step(loss_fn, a, b, s):
+    def run():
+        a.grad = b.grad = s.grad = None
+        loss_fn(a, b, s).backward()
+
+    return run
+
+
+class _Meter:
+    """Times and measures one step function with the session's helpers."""
+
+    def __init__(self, benchmark, median_ms, extra_peak_bytes, device, reps, warmup):
+        self.benchmark, self.median_ms, self.extra_peak_bytes = benchmark, median_ms, extra_peak_bytes
+        self.device, self.reps, self.warmup = device, reps, warmup
+
+    def measure(self, run):
+        """(median ms, extra peak bytes), or (None, None) when the run does not fit in memory."""
+        try:
+            ms = self.median_ms(run, self.device, reps=self.reps, warmup=self.warmup)
+            return ms, self.extra_peak_bytes(run, self.device)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None, None
+
+    def compare(self, table, case, inputs, fast_fn, baselines):
+        fast = _step(fast_fn, *inputs)
+        self.benchmark(fast)
+        fast_ms, fast_bytes = self.measure(fast)
+        assert fast_ms is not None, f"{case}: the fused loss ran out of memory"
+        for name, fn in baselines.items():
+            base_ms, base_bytes = self.measure(_step(fn, *inputs))
+            table.add(case, name, base_ms, fast_ms, base_bytes, fast_bytes)
+
+
+def _gpu_available() -> bool:
+    return torch.cuda.is_available() and C.unavailable_reason("cuda", torch.device("cuda")) is None
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="needs a CUDA device and the CUDA build")
+@pytest.mark.parametrize("rows", GPU_ROWS)
+def test_contrastive_gpu_bf16(benchmark, ratio_table, median_ms, extra_peak_bytes, rows):
+    device = torch.device("cuda")
+    table = ratio_table(GPU_TABLE, device)
+    meter = _Meter(benchmark, median_ms, extra_peak_bytes, device, reps=20, warmup=3)
+    fused = lambda a, b, s: contrastive_loss(a, b, s, backend="cuda")
+    baselines = {"naive": naive_loss, "open_clip ClipLoss": open_clip_loss}
+    meter.compare(table, f"{rows} rows", _inputs(rows, torch.bfloat16, device), fused, baselines)
+
+
+@pytest.mark.skipif(
+    not _gpu_available() or os.environ.get("BENCH_HUGE") != "1", reason="BENCH_HUGE=1 on a GPU"
+)
+def test_contrastive_gpu_million_rows(ratio_table, median_ms, extra_peak_bytes):
+    device = torch.device("cuda")
+    meter = _Meter(None, median_ms, extra_peak_bytes, device, reps=1, warmup=1)
+    a, b, s = _inputs(1 << 20, torch.bfloat16, device)
+    ms, extra = meter.measure(_step(lambda a, b, s: contrastive_loss(a, b, s, backend="cuda"), a, b, s))
+    assert ms is not None and torch.isfinite(a.grad).all()
+    ratio_table(GPU_TABLE, device).add(f"{1 << 20} rows", "naive (does not fit)", None, ms, None, extra)
+
+
+@pytest.mark.skipif(
+    C.unavailable_reason("cpu", torch.device("cpu")) is not None, reason="extension not built"
+)
+def test_contrastive_cpu_fp32(benchmark, ratio_table, median_ms, extra_peak_bytes):
+    device = torch.device("cpu")
+    quick = benchmark.disabled
+    rows = 1024 if quick else 8192
+    table = ratio_table("contrastive loss fwd+bwd, D=512, fp32 (CPU)", device)
+    meter = _Meter(
+        benchmark, median_ms, extra_peak_bytes, device, reps=1 if quick else 3, warmup=int(not quick)
+    )
+    fused = lambda a, b, s: contrastive_loss(a, b, s, backend="cpu")
+    meter.compare(table, f"{rows} rows", _inputs(rows, torch.float32, device), fused, {"naive": naive_loss})
