@@ -67,6 +67,9 @@ class Block(nn.Module):
     """Pre-LN transformer block; optional task adapters (parallel with the MLP) and cross-attention adapter.
 
     h' = a + MLP(LN2(a)) + TSA_task(a) + XAA(a, context),  a = h + SelfAttn(LN1(h)).
+    With Cross-Modal Adapters (``xma``, attached by the FAME-ViL model) the attention and MLP outputs each go
+    through the task's sequential adapter before they are added: a = h + XMA_attn(SelfAttn(LN1(h))),
+    h' = a + XMA_mlp(MLP(LN2(a))) + XAA(a, context).
     """
 
     def __init__(
@@ -91,14 +94,22 @@ class Block(nn.Module):
         self.xaa = (
             CrossAttentionAdapter(width, context_width, heads, xaa_bottleneck, eps) if context_width else None
         )
+        self.xma: nn.Module | None = None
 
-    def attend(self, h: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return h + self.attn(self.ln_1(h), causal=causal, mask=mask)
+    def attend(self, h: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
+               task: str | torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return h + self.attention_output(self.attn(self.ln_1(h), causal=causal, mask=mask), task)
+
+    def attention_output(self, y: torch.Tensor, task: str | torch.Tensor | None = None) -> torch.Tensor:
+        """The self-attention output after the task's sequential adapter (when the block has one)."""
+        return y if self.xma is None or task is None else self.xma.attn(y, task)
 
     def feed_forward(
         self, a: torch.Tensor, task: str | torch.Tensor | None = None, xaa_out: torch.Tensor | None = None
     ) -> torch.Tensor:
         branches = [a, self.mlp(self.ln_2(a))]
+        if self.xma is not None and task is not None:
+            branches[1] = self.xma.mlp(branches[1], task)
         if xaa_out is not None:
             branches.append(xaa_out)
         if self.tsa is not None and task is not None:
@@ -116,7 +127,7 @@ class Block(nn.Module):
         return self.xaa(a, context=context, context_mask=context_mask, context_kv=context_kv)
 
     def forward(self, h: torch.Tensor, task=None, causal: bool = False, mask=None) -> torch.Tensor:
-        return self.feed_forward(self.attend(h, causal, mask), task)
+        return self.feed_forward(self.attend(h, causal, mask, task), task)
 
 
 def _blocks(cfg, activation, eps, tasks, bottleneck, dropout, context_width, xaa_bottleneck) -> nn.ModuleList:

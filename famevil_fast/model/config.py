@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASKS = ("itc", "tgir", "scr", "cap")
+PRETRAIN_TASKS = ("mvc", "pac", "itm")  # FashionViL: multi-view contrastive, pseudo-attributes, matching
+ALL_TASKS = TASKS + PRETRAIN_TASKS
+ADAPTER_TYPES = ("tsa", "xmodal")
 XAA_MODES = ("both", "text", "none")
 ATTENTION_IMPLS = ("auto", "sdpa", "eager", "flash")
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -113,6 +116,11 @@ class FameViLConfig:
     attention: "auto" (flash-attn when installed and applicable, else SDPA), "sdpa", "eager" (explicit
         softmax, the faithful reference) or "flash".
     backend: op backend for adapters and losses (None = automatic, "torch" = references).
+    num_attributes: pseudo-attribute classes of the PAC head (needed when "pac" is a task).
+    adapter_type: "tsa" (task-specific adapters parallel with the MLP) or "xmodal" (per-task Cross-Modal
+        Adapters: sequential after the attention and MLP sub-layers of both towers, the last
+        ``xmodal_shared`` up-projection channels shared between the towers; see ``model.xmodal``).
+    xmodal_bottleneck, xmodal_shared: the Cross-Modal Adapter's r and d_s.
     """
 
     clip: CLIPConfig = field(default_factory=lambda: CLIP_PRESETS["ViT-B-16"])
@@ -127,11 +135,15 @@ class FameViLConfig:
     caption_vocab: tuple[int, ...] | None = None
     attention: str = "auto"
     backend: str | None = None
+    num_attributes: int = 0
+    adapter_type: str = "tsa"
+    xmodal_bottleneck: int = 8
+    xmodal_shared: int = 16
 
     def __post_init__(self) -> None:
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; known tasks are {TASKS}")
+            raise ValueError(f"unknown task(s) {unknown}; known tasks are {ALL_TASKS}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct, got {self.tasks}")
         if self.xaa not in XAA_MODES:
@@ -146,10 +158,38 @@ class FameViLConfig:
                 raise ValueError(f"caption_vocab must hold token ids in [0, {vocab}) including the end token 49407")
             if len(set(self.caption_vocab)) != len(self.caption_vocab):
                 raise ValueError("caption_vocab has repeated token ids")
+        self._check_pretraining()
+        self._check_xmodal()
         if self.xaa != "none" and self.clip.vision.layers != self.clip.text.layers:
             raise ValueError(
                 "cross-attention adapters pair vision and text layers one to one, but the vision tower has "
                 f"{self.clip.vision.layers} layers and the text tower {self.clip.text.layers}; use xaa='none'"
+            )
+
+    def _check_pretraining(self) -> None:
+        if "pac" in self.tasks and self.num_attributes < 1:
+            raise ValueError(
+                f"task 'pac' needs num_attributes >= 1 (the attribute vocabulary), got {self.num_attributes}"
+            )
+        fused = [t for t in ("mvc", "itm") if t in self.tasks]
+        if fused and self.xaa != "both":
+            raise ValueError(f"task(s) {fused} run the fusion mode, which needs xaa='both', got {self.xaa!r}")
+
+    def _check_xmodal(self) -> None:
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ValueError(f"adapter_type must be one of {ADAPTER_TYPES}, got {self.adapter_type!r}")
+        if self.adapter_type != "xmodal":
+            return
+        r, d_s = self.xmodal_bottleneck, self.xmodal_shared
+        widths = (self.clip.vision.width, self.clip.text.width)
+        if r < 1 or not 0 <= d_s <= min(widths):
+            raise ValueError(f"Cross-Modal Adapter needs xmodal_bottleneck >= 1 and 0 <= xmodal_shared <= "
+                             f"min(tower widths) = {min(widths)}; got r={r}, d_s={d_s}")  # fmt: skip
+        if self.clip.vision.layers != self.clip.text.layers:
+            raise ValueError(
+                "the Cross-Modal Adapter shares up-projection channels between the towers layer by layer, "
+                f"but the vision tower has {self.clip.vision.layers} layers and the text tower "
+                f"{self.clip.text.layers}"
             )
 
     def to_dict(self) -> dict[str, Any]:

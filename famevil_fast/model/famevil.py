@@ -22,6 +22,8 @@ from famevil_fast.model import losses
 from famevil_fast.model.clip import TextTower, VisionTower, first_eot_positions
 from famevil_fast.model.config import FameViLConfig
 from famevil_fast.model.heads import build_heads
+from famevil_fast.model.pretrain import FORWARDS as PRETRAIN_FORWARDS
+from famevil_fast.model.pretrain import PRETRAIN_BATCH_KEYS, build_pretrain_heads
 from famevil_fast.model.validation import check_input_ids, check_pixels, check_same_batch, check_task
 
 EOT_ID = 49407
@@ -30,6 +32,7 @@ TASK_BATCH_KEYS = {
     "tgir": ("ref_pixels", "input_ids", "target_pixels"),
     "scr": ("pixels", "input_ids", "labels"),
     "cap": ("pixels", "input_ids"),
+    **PRETRAIN_BATCH_KEYS,
 }
 
 
@@ -66,7 +69,8 @@ class FameViL(nn.Module):
         super().__init__()
         self.config = config or FameViLConfig()
         c, clip = self.config, self.config.clip
-        common = dict(activation=clip.activation, eps=clip.layer_norm_eps, tasks=c.tasks,
+        adapter_tasks = c.tasks if c.adapter_type == "tsa" else ()
+        common = dict(activation=clip.activation, eps=clip.layer_norm_eps, tasks=adapter_tasks,
                       bottleneck=c.adapter_bottleneck, adapter_dropout=c.adapter_dropout,
                       xaa_bottleneck=c.xaa_bottleneck)  # fmt: skip
         vision_ctx = clip.text.width if c.xaa == "both" else None
@@ -76,6 +80,11 @@ class FameViL(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))
         self.heads = build_heads(c.tasks, clip.embed_dim, clip.text.width, clip.text.vocab_size, c.num_classes,
                                  c.norm_scale_init)  # fmt: skip
+        self.heads.update(build_pretrain_heads(c))
+        if c.adapter_type == "xmodal":
+            from famevil_fast.model.xmodal import attach_cross_modal_adapters
+
+            attach_cross_modal_adapters(self)
         if c.caption_vocab is not None:
             vocab = torch.tensor(c.caption_vocab, dtype=torch.long)
             self.register_buffer("caption_vocab", vocab, persistent=False)
@@ -153,8 +162,8 @@ class FameViL(nn.Module):
         self_mask = self._text_self_mask(input_ids)
         hv, ht = self.vision.embed(pixels), self.text.embed(input_ids)
         for vb, tb in zip(self.vision.blocks, self.text.blocks):
-            av = vb.attend(hv)
-            at = tb.attend(ht, causal=True, mask=self_mask)
+            av = vb.attend(hv, task=task)
+            at = tb.attend(ht, causal=True, mask=self_mask, task=task)
             xv = vb.cross_attend(av, context=at, context_mask=valid)
             xt = tb.cross_attend(at, context=av)
             hv, ht = vb.feed_forward(av, task, xv), tb.feed_forward(at, task, xt)
@@ -176,7 +185,7 @@ class FameViL(nn.Module):
         self_mask = self._text_self_mask(input_ids)
         h = self.text.embed(input_ids)
         for block, mem in zip(self.text.blocks, memory):
-            a = block.attend(h, causal=True, mask=self_mask)
+            a = block.attend(h, causal=True, mask=self_mask, task=task)
             h = block.feed_forward(a, task, block.cross_attend(a, context=mem))
         return self.text.ln_final(h)
 
@@ -271,6 +280,8 @@ class FameViL(nn.Module):
         missing = [k for k in TASK_BATCH_KEYS[task] if k not in batch]
         if missing:
             raise ValueError(f"task {task!r} needs batch keys {TASK_BATCH_KEYS[task]}; missing {missing}")
+        if task in PRETRAIN_FORWARDS:
+            return PRETRAIN_FORWARDS[task](self, batch, gather)
         return getattr(self, f"_forward_{task}")(batch, gather)
 
     def _forward_itc(self, batch, gather) -> TaskOutput:
@@ -325,10 +336,12 @@ class FameViL(nn.Module):
 
     # ------------------------------------------------------------------ introspection
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters per component: CLIP backbone, task adapters (per task), cross-attention adapters, heads."""
+        """Parameters per component: CLIP backbone, task adapters (per task; ``xmodal.<task>`` for
+        Cross-Modal Adapters, shared up-projections included), cross-attention adapters, heads."""
         counts: dict[str, int] = {"clip": 0, "xaa": 0, "heads": 0}
+        kind = "tsa" if self.config.adapter_type == "tsa" else "xmodal"
         for task in self.config.tasks:
-            counts[f"tsa.{task}"] = 0
+            counts[f"{kind}.{task}"] = 0
         for name, p in self.named_parameters():
             counts[_component(name)] += p.numel()
         counts["total"] = sum(counts.values())
@@ -342,4 +355,8 @@ def _component(name: str) -> str:
         return "xaa"
     if ".tsa." in name:
         return "tsa." + name.split(".tsa.adapters.")[1].split(".")[0]
+    if ".xma." in name:
+        return "xmodal." + name.split(".adapters.")[1].split(".")[0]
+    if name.startswith("xmodal_shared."):
+        return "xmodal." + name.split(".")[3]
     return "clip"

@@ -42,7 +42,7 @@ class TextDecoder:
             self.keys[i][:, :, t] = k[:, :, 0]
             self.values[i][:, :, t] = v[:, :, 0]
             o = attention(q, self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1], impl=block.attn.impl)
-            a = h + block.attn.out(merge_heads(o))
+            a = h + block.attention_output(block.attn.out(merge_heads(o)), self.task)
             x = block.cross_attend(a, context_kv=self.context_kv[i])
             h = block.feed_forward(a, self.task, x)
         self.length += 1

@@ -7,7 +7,7 @@ concatenated into one pass whose task adapters are chosen per sample (one fused 
 - one fusion pass for the TGIR queries (tgir) and the classification samples (scr);
 - the retrieval texts and the caption texts keep their own text passes.
 Losses are those of ``FameViL.forward`` for each task; their sum has the gradient of accumulating the
-tasks' micro-batches one after another.
+tasks' micro-batches one after another. Pre-training objectives (mvc, pac, itm) run their own passes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.model import losses
+from famevil_fast.model.config import PRETRAIN_TASKS
 from famevil_fast.model.famevil import EOT_ID, TASK_BATCH_KEYS, TaskOutput, text_valid_mask
 from famevil_fast.model.validation import check_pixels, check_same_batch
 
@@ -47,6 +48,9 @@ def _vision_pass(model, parts: list[tuple[str, torch.Tensor]], keep_memory_of: s
 
 def forward_mixed(model, batches: dict[str, dict[str, torch.Tensor]], gather=None) -> dict[str, TaskOutput]:
     """Training forward of several tasks' batches at once; returns each task's ``TaskOutput``."""
+    order = list(batches)
+    own = {t: model(b, t, gather) for t, b in batches.items() if t in PRETRAIN_TASKS}
+    batches = {t: b for t, b in batches.items() if t not in PRETRAIN_TASKS}
     for task, batch in batches.items():
         model._check_task(task)
         missing = [k for k in TASK_BATCH_KEYS[task] if k not in batch]
@@ -81,7 +85,8 @@ def forward_mixed(model, batches: dict[str, dict[str, torch.Tensor]], gather=Non
         outputs["scr"] = TaskOutput(losses.scr_loss(logits, batches["scr"]["labels"]), {"logits": logits})
     if "cap" in batches:
         outputs["cap"] = _caption_output(model, memory, batches["cap"]["input_ids"], gather)
-    return {t: outputs[t] for t in batches}
+    outputs.update(own)
+    return {t: outputs[t] for t in order}
 
 
 def _fusion_pass(model, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -358,8 +358,9 @@ def load_famevil_checkpoint(cls, path: str | Path, trust_pickle: bool = False, *
 
 
 def is_new_module_key(key: str) -> bool:
-    """Keys that CLIP weights do not provide: task adapters, cross-attention adapters, heads."""
-    return ".tsa." in key or ".xaa." in key or key.startswith("heads.")
+    """Keys that CLIP weights do not provide: task adapters (TSA or Cross-Modal), cross-attention adapters,
+    heads."""
+    return ".tsa." in key or ".xaa." in key or ".xma." in key or key.startswith(("heads.", "xmodal_shared."))
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, backbone_only: bool = False) -> None:
