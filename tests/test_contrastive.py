@@ -377,3 +377,19 @@ def test_torch_compile_traces_the_fused_loss():
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+@needs_ext
+@pytest.mark.slow
+def test_torch_compile_with_inductor_on_cpu():
+    a, b, s = _inputs(64, 64, 16)
+    s.requires_grad_(True)
+
+    def step(a, b, s):
+        return contrastive_loss(a, b, s, label_smoothing=0.1, backend="cpu")
+
+    loss, grads = _grads(torch.compile(step, fullgraph=True), [a, b, s])
+    ref, ref_grads = _grads(step, [a, b, s])
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
