@@ -68,8 +68,12 @@ def evaluate_xmr(model, data, opts: EvalOptions) -> list[TaskResult]:
     if "full" in opts.xmr_protocols:
         results.append(xmr_full(image_emb, image_pid.to(image_emb.device), text_emb, text_pid.to(text_emb.device)))
     if "sampled" in opts.xmr_protocols:
+        # small validation sets cannot supply 100 negatives of other products: take what they have
+        views_per_product = torch.unique(image_pid, return_counts=True)[1].max().item()
+        negatives = min(100, text_pid.numel() - 1, image_pid.numel() - views_per_product)
         results.append(xmr_sampled(image_emb.cpu(), image_pid, image_sub, text_emb.cpu(), text_pid, text_sub,
-                                   seed=opts.sampled_seed, num_queries=min(1000, text_emb.shape[0])))  # fmt: skip
+                                   seed=opts.sampled_seed, num_queries=min(1000, text_emb.shape[0]),
+                                   num_negatives=negatives))  # fmt: skip
     return results
 
 
