@@ -6,8 +6,8 @@ from famevil_fast.cli.main import build_parser, main
 from famevil_fast.configs import available, resolve
 from famevil_fast.train.config import describe_fields, load_config
 
-RECIPES = ["demo_gpu", "mtl_distill", "mtl_full", "mtl_size_proportional", "teacher_cap", "teacher_itc",
-           "teacher_scr", "teacher_tgir", "tiny_cpu"]  # fmt: skip
+RECIPES = ["demo_gpu", "mtl_distill", "mtl_full", "mtl_size_proportional", "pretrain_tiny_cpu", "teacher_cap",
+           "teacher_itc", "teacher_scr", "teacher_tgir", "tiny_cpu"]  # fmt: skip
 
 
 def test_every_recipe_is_packaged_and_valid():
@@ -49,7 +49,8 @@ def test_missing_config_file():
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    for name in ["train", "eval", "demo", "info", "make-synthetic", "cache", "convert", "embed", "caption"]:
+    for name in ["train", "eval", "demo", "info", "make-synthetic", "cache", "convert", "embed", "caption",
+                 "mine-attributes"]:
         assert name in commands, name
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])

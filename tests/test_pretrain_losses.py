@@ -156,8 +156,9 @@ def test_pac_forward_uses_one_cosine_classifier_for_both_modalities():
     image_logits = model.image_features(batch["pixels"], "pac") @ unit.T
     text_logits = model.text_features(batch["input_ids"], "pac") @ unit.T
     torch.testing.assert_close(out.outputs["image_logits"], image_logits, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, _pac_reference(image_logits, text_logits, batch["attribute_ids"]),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        out.loss, _pac_reference(image_logits, text_logits, batch["attribute_ids"]), rtol=1e-5, atol=1e-6
+    )
     out.loss.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
 
@@ -202,12 +203,15 @@ def test_mixed_pass_equals_separate_forwards():
 
 
 # ------------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("ids, message", [
-    (torch.tensor([[0, 9]] * 5), r"\[0, 9\)"),
-    (torch.tensor([[0, -2]] * 5), r"\[0, 9\)"),
-    (torch.zeros(5, 2), "integer"),
-    (torch.zeros(4, 2, dtype=torch.long), r"\(5, K\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.tensor([[0, 9]] * 5), r"\[0, 9\)"),
+        (torch.tensor([[0, -2]] * 5), r"\[0, 9\)"),
+        (torch.zeros(5, 2), "integer"),
+        (torch.zeros(4, 2, dtype=torch.long), r"\(5, K\)"),
+    ],
+)
 def test_bad_attribute_ids(ids, message):
     model, batch = _model(), _batch()
     with pytest.raises(ValueError, match=message):

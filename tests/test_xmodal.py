@@ -13,8 +13,14 @@ from famevil_fast.train.optim import freeze_backbone
 
 
 def _config(**kw) -> FameViLConfig:
-    cfg = dict(clip=clip_preset("micro"), tasks=("itc", "tgir", "scr", "cap"), adapter_type="xmodal",
-               xmodal_bottleneck=4, xmodal_shared=8, num_classes=10)  # fmt: skip
+    cfg = dict(
+        clip=clip_preset("micro"),
+        tasks=("itc", "tgir", "scr", "cap"),
+        adapter_type="xmodal",
+        xmodal_bottleneck=4,
+        xmodal_shared=8,
+        num_classes=10,
+    )
     cfg.update(kw)
     return FameViLConfig(**cfg)
 
@@ -65,8 +71,10 @@ def test_adapter_matches_reference_forward_and_backward(rows, width, r, d_s):
     want = x + torch.cat([own, common], dim=-1)
     torch.testing.assert_close(got, want)
     weights = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad((got * weights).sum(), [x, *params]),
-                    torch.autograd.grad((want * weights).sum(), [x, *params])):  # fmt: skip
+    for a, b in zip(
+        torch.autograd.grad((got * weights).sum(), [x, *params]),
+        torch.autograd.grad((want * weights).sum(), [x, *params]),
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -91,8 +99,9 @@ def test_mixed_task_rows_match_single_task_calls():
     task = torch.tensor([0, 2, 0, 1])
     mixed = model.vision(pixels, task)
     for i, t in enumerate(task.tolist()):
-        torch.testing.assert_close(mixed[i], model.vision(pixels[i : i + 1], model.config.tasks[t])[0],
-                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            mixed[i], model.vision(pixels[i : i + 1], model.config.tasks[t])[0], rtol=1e-5, atol=1e-6
+        )
 
 
 # ------------------------------------------------------------------------------------------ sharing
@@ -128,8 +137,13 @@ def test_shared_parameters_receive_gradient_from_both_towers():
 def test_initialisation_follows_the_reference():
     text = TextConfig(width=192, layers=2, heads=4, mlp_dim=64)
     model = FameViL(_config(clip=CLIPConfig(VisionConfig(32, 16, 256, 2, 4, 64), text, 64)))
-    weights = torch.cat([p.detach().flatten() for n, p in model.named_parameters()
-                         if ("xma" in n or "xmodal_shared" in n) and n.endswith("weight")])  # fmt: skip
+    weights = torch.cat(
+        [
+            p.detach().flatten()
+            for n, p in model.named_parameters()
+            if ("xma" in n or "xmodal_shared" in n) and n.endswith("weight")
+        ]
+    )
     biases = [
         p for n, p in model.named_parameters() if ("xma" in n or "xmodal_shared" in n) and n.endswith("bias")
     ]
@@ -194,13 +208,21 @@ def test_cached_decoding_equals_reencoding():
 
 
 # ------------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("changes, message", [
-    (dict(adapter_type="lora"), "adapter_type"),
-    (dict(xmodal_shared=65), "xmodal_shared"),
-    (dict(xmodal_bottleneck=0), "xmodal_bottleneck"),
-    (dict(clip=CLIPConfig(VisionConfig(32, 16, 64, 3, 2, 128), TextConfig(64, 77, 64, 2, 2, 128), 64),
-          xaa="none"), "layers"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(adapter_type="lora"), "adapter_type"),
+        (dict(xmodal_shared=65), "xmodal_shared"),
+        (dict(xmodal_bottleneck=0), "xmodal_bottleneck"),
+        (
+            dict(
+                clip=CLIPConfig(VisionConfig(32, 16, 64, 3, 2, 128), TextConfig(64, 77, 64, 2, 2, 128), 64),
+                xaa="none",
+            ),
+            "layers",
+        ),
+    ],
+)
 def test_bad_configs(changes, message):
     with pytest.raises(ValueError, match=message):
         _config(**changes)

@@ -67,16 +67,30 @@ def _image_paths(
     """The image of each (slot, sample), slot-major, and their crop plan (training draws a random view)."""
     paths: list[str] = []
     plans: list[np.ndarray] = []
+    drawn: dict[str, list[int]] = {}
     for slot in table.slots:
         choices = table.images[slot]
         if uniforms is None:
             paths += [choices[i][0] for i in idx]
             continue
         u = uniforms[slot]
-        views = [min(int(u[k, 5] * len(choices[i])), len(choices[i]) - 1) for k, i in enumerate(idx)]
+        if table.distinct_views and slot == table.distinct_views[1]:
+            views = _other_views(drawn[table.distinct_views[0]], [len(choices[i]) for i in idx], u[:, 5])
+        else:
+            views = [min(int(u[k, 5] * len(choices[i])), len(choices[i]) - 1) for k, i in enumerate(idx)]
+        drawn[slot] = views
         paths += [choices[i][v] for i, v in zip(idx, views)]
         plans.append(u[:, :5])
     return paths, CropPlan(np.concatenate(plans) if plans else None)
+
+
+def _other_views(first: list[int], counts: list[int], u: np.ndarray) -> list[int]:
+    """A view index other than ``first`` (uniform over the rest), or ``first`` when it is the only view."""
+    out = []
+    for f, n, x in zip(first, counts, u):
+        offset = 1 + min(int(x * (n - 1)), n - 2) if n > 1 else 0
+        out.append((f + offset) % n)
+    return out
 
 
 def _slot_rows(loaded: Loaded, n_slots: int, n: int) -> tuple[np.ndarray, list[np.ndarray]]:

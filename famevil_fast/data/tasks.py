@@ -34,13 +34,17 @@ PRODUCT_DATASETS = ("fashiongen", "fashion200k")
 
 @dataclass
 class SampleTable:
-    """Per-sample image choices (per slot) and tensors of one task split."""
+    """Per-sample image choices (per slot) and tensors of one task split.
+
+    ``distinct_views`` = (first, second): in training, slot ``second`` draws a view other than the one slot
+    ``first`` drew (the same view, cropped and flipped independently, when a sample has only one)."""
 
     name: str
     slots: tuple[str, ...]
     images: dict[str, list[tuple[str, ...]]]
     fields: dict[str, torch.Tensor]
     texts: list[str] = field(default_factory=list)
+    distinct_views: tuple[str, str] | None = None
 
     def __len__(self) -> int:
         if self.slots:
@@ -56,6 +60,7 @@ class SampleTable:
             {s: [v[i] for i in idx] for s, v in self.images.items()},
             {k: v[t] for k, v in self.fields.items()},
             [self.texts[i] for i in idx] if self.texts else [],
+            self.distinct_views,
         )
 
 

@@ -15,8 +15,13 @@ import torch.nn.functional as F
 from famevil_fast.model.losses import Gather, itc_loss
 
 
-def mvc_loss(image: torch.Tensor, fused: torch.Tensor, scale: torch.Tensor, gather: Gather | None = None,
-             backend: str | None = None) -> torch.Tensor:  # fmt: skip
+def mvc_loss(
+    image: torch.Tensor,
+    fused: torch.Tensor,
+    scale: torch.Tensor,
+    gather: Gather | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised view-A image and fused embeddings, logits = scale * cos."""
     return itc_loss(image, fused, scale, gather, backend)
 

@@ -148,8 +148,9 @@ def attach_cross_modal_adapters(model: nn.Module) -> None:
                     getattr(block.xma, site).adapters[task].bind(model.xmodal_shared[layer][site][task])
 
 
-def xmodal_parameter_count(vision_width: int, text_width: int, layers: int, bottleneck: int, shared: int,
-                           tasks: int = 1) -> int:  # fmt: skip
+def xmodal_parameter_count(
+    vision_width: int, text_width: int, layers: int, bottleneck: int, shared: int, tasks: int = 1
+) -> int:
     """Parameters of the Cross-Modal Adapters: per (layer, site, task), both towers' down-projections
     (d r + r each), own up-projections ((d - d_s)(r + 1) each) and one shared part (d_s (r + 1))."""
     r, d_s, widths = bottleneck, shared, vision_width + text_width

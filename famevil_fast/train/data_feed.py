@@ -1,8 +1,10 @@
 """Training data for the trainer: one endless, resumable stream of batches per task, built from the data
-layer's loaders (``famevil_fast.data.build_train_loader``), sharded by process."""
+layer's loaders (``famevil_fast.data.build_train_loader``; ``data.pretrain`` for the pre-training
+objectives), sharded by process."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -40,16 +42,33 @@ class LoaderStream:
         self.loader.close()
 
 
+@functools.lru_cache(maxsize=4)
+def _attributes(root: str, path: str | None, min_count: int):
+    from famevil_fast.data.attributes import load_attributes
+
+    return load_attributes(root, path, min_count=min_count)
+
+
+def pac_attributes(config: TrainConfig):
+    """The PAC attribute file of a run (``data.attributes``, or mined from the training texts), read once."""
+    d = config.data
+    return _attributes(str(d.root), d.attributes, d.attribute_min_count)
+
+
 def build_streams(config: TrainConfig, dist: DistInfo, device: torch.device) -> dict[str, LoaderStream]:
     from famevil_fast.data import build_train_loader
+    from famevil_fast.data.pretrain import PRETRAIN_TASKS, build_pretrain_loader
 
     d = config.data
     streams = {}
     for i, task in enumerate(config.model.tasks):
-        loader = build_train_loader(
-            task, d.root, batch_size=d.batch_size, image_size=d.image_size, seed=config.train.seed + 1000 * i,
-            rank=dist.rank, world_size=dist.world_size, backend=d.backend, device=device, cache_dir=d.cache,
-            num_threads=d.num_workers,
-        )  # fmt: skip
+        common = dict(batch_size=d.batch_size, image_size=d.image_size, seed=config.train.seed + 1000 * i,
+                      rank=dist.rank, world_size=dist.world_size, backend=d.backend, device=device, cache_dir=d.cache,
+                      num_threads=d.num_workers)  # fmt: skip
+        if task in PRETRAIN_TASKS:
+            extra = {"attributes": pac_attributes(config)} if task == "pac" else {}
+            loader = build_pretrain_loader(task, d.root, **common, **extra)
+        else:
+            loader = build_train_loader(task, d.root, **common)
         streams[task] = LoaderStream(loader)
     return streams

@@ -64,20 +64,40 @@ def corpus_caption_vocab(root: str) -> tuple[int, ...]:
     return tuple(sorted(vocab | {EOT_ID}))
 
 
+def num_attributes(cfg: TrainConfig) -> int:
+    """PAC classes: ``model.num_attributes``, else the attribute vocabulary size (0 without the pac task)."""
+    if "pac" not in cfg.model.tasks:
+        return cfg.model.num_attributes or 0
+    if cfg.model.num_attributes is not None:
+        return cfg.model.num_attributes
+    from famevil_fast.train.data_feed import pac_attributes
+
+    return len(pac_attributes(cfg).vocabulary)
+
+
 def build_model(cfg: TrainConfig) -> FameViL:
     m = cfg.model
     vocab = corpus_caption_vocab(cfg.data.root) if m.caption_vocab == "corpus" and "cap" in m.tasks else None
     fields = dict(caption_vocab=vocab, tasks=tuple(m.tasks), adapter_bottleneck=m.adapter_bottleneck, adapter_dropout=m.adapter_dropout,
                   xaa=m.xaa, num_classes=m.num_classes, caption_loss_on_padding=m.caption_loss_on_padding,
-                  attention=m.attention, backend=m.backend)  # fmt: skip
+                  attention=m.attention, backend=m.backend, num_attributes=num_attributes(cfg),
+                  adapter_type=m.adapter_type, xmodal_bottleneck=m.xmodal_bottleneck,
+                  xmodal_shared=m.xmodal_shared)  # fmt: skip
     if m.resume_weights:
         return FameViL.from_pretrained(m.resume_weights, **fields)
     config = FameViLConfig(clip=clip_preset(m.clip), **fields)
     if config.clip.vision.image_size != cfg.data.image_size:
         raise ValueError(f"data.image_size={cfg.data.image_size} but the {m.clip} model takes {config.clip.vision.image_size} px")
+    if m.init and m.init_from:
+        raise ValueError("set model.init (CLIP weights) or model.init_from (a FAME-ViL checkpoint), not both")
     if m.init:
         return FameViL.from_clip(m.init, config)
-    return FameViL(config)
+    model = FameViL(config)
+    if m.init_from:
+        from famevil_fast.model.transfer import load_shared_weights
+
+        load_shared_weights(model, m.init_from)
+    return model
 
 
 class TrainingModule(nn.Module):

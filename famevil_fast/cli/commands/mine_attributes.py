@@ -1,0 +1,42 @@
+"""``famevil-fast mine-attributes``: the pseudo-attribute vocabulary of the PAC objective and every product's
+attribute ids, mined from the training texts (see ``famevil_fast.data.attributes``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "mine-attributes"
+HELP = "Mine PAC pseudo-attributes (frequent nouns/adjectives of the training texts) into an attribute file."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("root", help="data root holding FashionGen/ (or Fashion200k/)")
+    parser.add_argument("--out", default=None, help="output JSON (default: ROOT/pseudo_attributes.json)")
+    parser.add_argument("--dataset", default="fashiongen", choices=["fashiongen", "fashion200k"])
+    parser.add_argument(
+        "--min-count", type=int, default=5, help="keep words found in at least this many products"
+    )
+    parser.add_argument(
+        "--max-attributes", type=int, default=None, help="keep at most this many (most frequent)"
+    )
+    parser.add_argument(
+        "--show", type=int, default=20, help="print this many of the most frequent attributes"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from famevil_fast.data.attributes import mine_dataset, write_attribute_file
+
+    mined = mine_dataset(args.root, args.dataset, args.min_count, args.max_attributes)
+    out = Path(args.out) if args.out else Path(args.root) / "pseudo_attributes.json"
+    write_attribute_file(out, mined.vocabulary, mined.products, args.dataset)
+    vocab = mined.vocabulary
+    splits = ", ".join(f"{len(rows)} {name}" for name, rows in mined.products.items())
+    print(
+        f"wrote {out}: {len(vocab)} attributes (in >= {args.min_count} training products), products: {splits}"
+    )
+    top = ", ".join(f"{a} ({c})" for a, c in list(zip(vocab.attributes, vocab.counts))[: args.show])
+    if top:
+        print(f"most frequent: {top}")
+    return 0

@@ -1,0 +1,251 @@
+"""Pseudo-attributes for the PAC objective: mining them from product texts, and the attribute file.
+
+FashionViL's pseudo-attributes are the nouns and adjectives that occur often in the training texts. POS
+taggers need model downloads, so this miner is rule- and lexicon-based; product copy is mostly noun
+phrases, and what remains after removing closed-class words is overwhelmingly nouns and adjectives:
+
+1. lower-case; words are runs of letters with inner hyphens or apostrophes ("v-neck", "t-shirt");
+2. drop closed-class words (``FUNCTION_WORDS``: determiners, pronouns, prepositions, conjunctions,
+   auxiliaries and modals, quantifiers and numerals, common adverbs), verb forms common in product copy
+   (``VERBS``), adverbs in -ly (except ``LY_NOUNS_ADJECTIVES`` such as "jelly", "frilly") and words
+   shorter than ``min_length``;
+3. merge plurals into their singular when the singular occurs in the corpus ("sleeves" -> "sleeve",
+   "dresses" -> "dress", "accessories" -> "accessory");
+4. keep the words found in at least ``min_count`` products (document frequency), most frequent first
+   (ties alphabetical), at most ``max_attributes`` of them.
+
+A product's attributes are the vocabulary ids of its words, sorted. ``famevil-fast mine-attributes``
+writes the vocabulary and every product's ids to one JSON file (:func:`write_attribute_file`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "famevil_fast.attributes"
+VERSION = 1
+_WORD = re.compile(r"[a-z]+(?:['\-][a-z]+)*")
+
+FUNCTION_WORDS = frozenset(
+    """
+    a an the this that these those some any each every either neither no all both half several such own
+    other another same much many more most less least few fewer enough
+    i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
+    one ones oneself itself themselves yourself myself ourselves himself herself who whom whose which what
+    whatever whichever whoever where when why how there here
+    about above across after against along amid among around as at before behind below beneath beside
+    besides between beyond by despite down during except for from in inside into like near of off on onto
+    opposite out outside over past per plus round since than through throughout till to toward towards
+    under underneath unlike until up upon via with within without
+    and or but nor so yet if then else because although though while whereas unless whether
+    am is are was were be been being do does did done doing have has had having
+    can could may might must shall should will would ought
+    not only just also very too quite rather really almost even still already again ever never always
+    often sometimes once twice together apart away back forth instead perhaps
+    two three four five six seven eight nine ten first second third
+    s t d ll m o re ve y
+    """.split()
+)
+VERBS = frozenset(
+    """
+    featuring features feature's made make makes designed crafted finished offers offering includes including
+    comes come fits sits falls runs measures measured shown worn wearing pairs goes keep keeps allows
+    """.split()
+)
+LY_NOUNS_ADJECTIVES = frozenset("jelly belly frilly curly woolly wooly holly lily ply fly silly".split())
+
+
+def words(text: str, min_length: int = 2) -> list[str]:
+    """The candidate words of one text, in order (steps 1-2 of the module docstring)."""
+    out = []
+    for w in _WORD.findall(text.lower()):
+        if len(w) < min_length or w in FUNCTION_WORDS or w in VERBS:
+            continue
+        if w.endswith("ly") and w not in LY_NOUNS_ADJECTIVES:
+            continue
+        out.append(w)
+    return out
+
+
+def singular_forms(word: str) -> list[str]:
+    """Possible singulars of ``word``, most specific rule first (empty for words not ending in s)."""
+    if not word.endswith("s") or word.endswith("ss"):
+        return []
+    forms = []
+    if word.endswith("ies") and len(word) > 4:
+        forms.append(word[:-3] + "y")
+    if word.endswith("es") and len(word) > 3:
+        forms.append(word[:-2])
+    forms.append(word[:-1])
+    return forms
+
+
+def _canonical(word: str, known: Mapping[str, object] | frozenset[str] | set[str]) -> str:
+    return next((s for s in singular_forms(word) if s in known), word)
+
+
+@dataclass(frozen=True)
+class AttributeVocabulary:
+    """Mined attributes (most frequent first) and their document frequencies in the mined corpus."""
+
+    attributes: tuple[str, ...]
+    counts: tuple[int, ...]
+    min_count: int = 1
+    min_length: int = 2
+    index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {a: i for i, a in enumerate(self.attributes)})
+        if len(self.index) != len(self.attributes):
+            raise ValueError("attribute vocabulary has repeated entries")
+        if len(self.counts) != len(self.attributes):
+            raise ValueError(f"{len(self.attributes)} attributes but {len(self.counts)} counts")
+
+    def __len__(self) -> int:
+        return len(self.attributes)
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """Sorted ids of the attributes ``text`` mentions (plurals map to their singular entry)."""
+        ids = {
+            self.index.get(w, self.index.get(_canonical(w, self.index), -1))
+            for w in words(text, self.min_length)
+        }
+        return tuple(sorted(i for i in ids if i >= 0))
+
+
+def mine_attributes(
+    texts: Iterable[str], min_count: int = 5, max_attributes: int | None = None, min_length: int = 2
+) -> AttributeVocabulary:
+    """Frequent nouns and adjectives of ``texts`` (see the module docstring)."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    if max_attributes is not None and max_attributes < 1:
+        raise ValueError(f"max_attributes must be at least 1 (or None), got {max_attributes}")
+    documents = [set(words(t, min_length)) for t in texts]
+    seen = set().union(*documents) if documents else set()
+    frequency: Counter[str] = Counter()
+    for doc in documents:
+        frequency.update({_canonical(w, seen) for w in doc})
+    ranked = sorted((w for w, c in frequency.items() if c >= min_count), key=lambda w: (-frequency[w], w))
+    if max_attributes is not None:
+        ranked = ranked[:max_attributes]
+    return AttributeVocabulary(tuple(ranked), tuple(frequency[w] for w in ranked), min_count, min_length)
+
+
+# ------------------------------------------------------------------------------------------ attribute file
+
+
+@dataclass(frozen=True)
+class AttributeFile:
+    """A vocabulary and, per split, each product's attribute ids (product id -> sorted ids)."""
+
+    vocabulary: AttributeVocabulary
+    products: dict[str, dict[int, tuple[int, ...]]]
+    source: str = ""
+
+    def split(self, name: str) -> dict[int, tuple[int, ...]]:
+        if name not in self.products:
+            raise ValueError(
+                f"attribute file {self.source or ''} has no split {name!r}; it has {sorted(self.products)}"
+            )
+        return self.products[name]
+
+
+def encode_products(vocabulary: AttributeVocabulary, products: Sequence) -> dict[int, tuple[int, ...]]:
+    """Product id -> attribute ids, for records with ``id`` and ``text``."""
+    return {int(p.id): vocabulary.encode(p.text) for p in products}
+
+
+def write_attribute_file(
+    path: str | os.PathLike,
+    vocabulary: AttributeVocabulary,
+    products: Mapping[str, Mapping[int, Sequence[int]]],
+    dataset: str = "",
+) -> Path:
+    """Write the vocabulary and every split's product attribute ids as JSON (atomically)."""
+    from famevil_fast.model.weights import atomic_write_bytes
+
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dataset": dataset,
+        "min_count": vocabulary.min_count,
+        "min_length": vocabulary.min_length,
+        "attributes": list(vocabulary.attributes),
+        "counts": list(vocabulary.counts),
+        "products": {s: {str(k): list(v) for k, v in rows.items()} for s, rows in products.items()},
+    }
+    path = Path(path)
+    atomic_write_bytes(path, lambda p: p.write_text(json.dumps(data)))
+    return path
+
+
+def read_attribute_file(path: str | os.PathLike) -> AttributeFile:
+    """Read a file of :func:`write_attribute_file`; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"attribute file not found: {path} (write one with `famevil-fast mine-attributes`)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"attribute file {path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an attribute file (expected format {FORMAT!r})")
+    missing = [k for k in ("attributes", "counts", "products") if k not in data]
+    if missing:
+        raise ValueError(f"attribute file {path} lacks {missing}")
+    vocab = AttributeVocabulary(
+        tuple(data["attributes"]), tuple(data["counts"]), data.get("min_count", 1), data.get("min_length", 2)
+    )
+    products: dict[str, dict[int, tuple[int, ...]]] = {}
+    for split, rows in data["products"].items():
+        products[split] = {int(k): tuple(int(i) for i in v) for k, v in rows.items()}
+        bad = [k for k, v in products[split].items() if any(not 0 <= i < len(vocab) for i in v)]
+        if bad:
+            raise ValueError(
+                f"attribute file {path}: product {bad[0]} ({split}) has ids outside [0, {len(vocab)})"
+            )
+    return AttributeFile(vocab, products, str(path))
+
+
+def mine_dataset(
+    root: str | os.PathLike,
+    dataset: str = "fashiongen",
+    min_count: int = 5,
+    max_attributes: int | None = None,
+    splits: Sequence[str] = ("train", "val"),
+) -> AttributeFile:
+    """Mine the training texts of ``dataset`` under ``root``; encode the products of every split."""
+    from famevil_fast.data.tasks import read_products
+
+    train = read_products(dataset, root, "train")
+    vocab = mine_attributes((p.text for p in train), min_count, max_attributes)
+    products = {"train": encode_products(vocab, train)}
+    for split in splits:
+        if split == "train":
+            continue
+        try:
+            products[split] = encode_products(vocab, read_products(dataset, root, split))
+        except FileNotFoundError:
+            continue
+    return AttributeFile(vocab, products, f"{root} ({dataset}, mined)")
+
+
+def load_attributes(
+    root: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    dataset: str = "fashiongen",
+    min_count: int = 5,
+) -> AttributeFile:
+    """The attribute file at ``path``, or (``path`` None) the attributes mined from the training texts."""
+    if path is not None:
+        return read_attribute_file(path)
+    return mine_dataset(root, dataset, min_count)

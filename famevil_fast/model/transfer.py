@@ -1,0 +1,50 @@
+"""Starting a model from another FAME-ViL checkpoint with a different set of tasks (e.g. fine-tuning after
+pre-training): the shared weights move over, the rest of the model keeps its fresh initialisation.
+
+Shared = every weight whose name and shape both models have: the CLIP backbone (required in full), the
+cross-attention adapters, and the adapters and heads of tasks both models train. The checkpoint's other
+tasks (e.g. the pre-training objectives' adapters and heads) are left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from famevil_fast.model.weights import is_new_module_key, read_state_dict, to_canonical
+
+
+@dataclass
+class TransferReport:
+    """Which parameters came from the checkpoint, which kept their initialisation, which were left behind."""
+
+    loaded: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+
+def load_shared_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> TransferReport:
+    """Copy the weights ``model`` shares with the checkpoint ``source`` into it (see the module docstring).
+
+    A backbone weight missing from the checkpoint, or any shared name whose shapes differ, is a ValueError."""
+    state = to_canonical(dict(source) if isinstance(source, dict) else read_state_dict(source)[0])
+    own = model.state_dict()
+    what = "the state dict" if isinstance(source, dict) else f"checkpoint {source}"
+    missing = sorted(k for k in own if not is_new_module_key(k) and k not in state)
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
+    if missing or mismatched:
+        raise ValueError(
+            f"{what} cannot start this model:\n"
+            f"  backbone keys missing ({len(missing)}): {missing[:20]}\n"
+            f"  shape mismatches ({len(mismatched)}): {mismatched[:20]}"
+        )
+    shared = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(shared, strict=False)
+    return TransferReport(sorted(shared), sorted(set(own) - set(shared)), sorted(set(state) - set(own)))

@@ -1,0 +1,127 @@
+"""Pre-training in the multi-task trainer on the synthetic dataset: loaders of every objective, exact
+resume, fine-tuning from the pre-trained weights, the packaged recipe, and the pre-training study."""
+
+import math
+
+import pytest
+import torch
+from famevil_fast.configs import resolve
+from test_data_fixtures import synthetic
+from trainer_fixtures import micro_config
+
+from famevil_fast.train.config import load_config
+from famevil_fast.train.trainer import Trainer
+
+PRETRAIN = (
+    "model.tasks=[itc,mvc,pac,itm]",
+    "data.backend=pil",
+    "data.num_workers=1",
+    "data.attribute_min_count=2",
+)
+
+
+def _config(root, run_dir, *overrides):
+    return micro_config(run_dir, f"data.root={root}", *PRETRAIN, *overrides)
+
+
+def _losses(history):
+    return [[tuple(x) for x in r["losses"]] for r in history]
+
+
+def test_pretraining_resumes_exactly_and_fine_tuning_starts_from_it(tmp_path_factory, tmp_path):
+    root = synthetic(tmp_path_factory)
+    full = Trainer(_config(root, tmp_path / "a", "train.updates=2"))
+    full.fit()
+    record = full.history[0]
+    assert [t for t, _ in record["losses"]] == ["itc", "mvc", "pac", "itm"]
+    assert all(math.isfinite(v) for _, v in record["losses"]) and record["applied"]
+    assert full.model.config.num_attributes == full.model.heads["pac"].weight.shape[0] > 0
+    assert full.cfg.eval.tasks == ["itc"]
+    half = Trainer(_config(root, tmp_path / "b", "train.updates=1"))
+    half.fit()
+    resumed = Trainer(_config(root, tmp_path / "b", "train.updates=2", "checkpoint.resume=true"))
+    resumed.fit()
+    assert _losses(resumed.history) == _losses(full.history)
+
+    fine = Trainer(
+        micro_config(
+            tmp_path / "c",
+            f"data.root={root}",
+            "data.backend=pil",
+            "model.tasks=[itc,scr]",
+            "model.num_classes=121",
+            "train.updates=1",
+            f"model.init_from={tmp_path / 'a' / 'final'}",
+        )
+    )
+    pre = full.model.state_dict()
+    before = fine.model.state_dict()
+    for name in ("vision.blocks.0.attn.qkv.weight", "text.blocks.1.xaa.q.weight", "heads.itc.norm_s"):
+        assert torch.equal(before[name], pre[name]), name
+    assert "heads.pac.weight" not in before
+    fine.fit()
+
+
+def test_cross_modal_adapter_training_freezes_the_backbone(tmp_path_factory, tmp_path):
+    root = synthetic(tmp_path_factory)
+    cfg = _config(
+        root,
+        tmp_path,
+        "train.updates=1",
+        "model.adapter_type=xmodal",
+        "model.xmodal_bottleneck=4",
+        "model.xmodal_shared=8",
+        "train.freeze_backbone=true",
+    )
+    trainer = Trainer(cfg)
+    backbone = trainer.model.vision.blocks[0].mlp.fc1.weight.detach().clone()
+    shared = trainer.model.xmodal_shared[0]["mlp"]["mvc"].weight.detach().clone()
+    trainer.fit()
+    assert torch.equal(trainer.model.vision.blocks[0].mlp.fc1.weight, backbone)
+    assert not torch.equal(trainer.model.xmodal_shared[0]["mlp"]["mvc"].weight, shared)
+
+
+def test_recipe_and_bad_settings():
+    cfg = load_config(resolve("pretrain_tiny_cpu"))
+    assert cfg.model.tasks == ["itc", "mvc", "pac", "itm"] and cfg.eval.tasks == ["itc"]
+    with pytest.raises(ValueError, match="model.adapter_bottleneck|unknown key"):
+        load_config(None, ["model.adapter_size=3"])
+    with pytest.raises(ValueError, match="init_from"):
+        from famevil_fast.train.trainer import build_model
+
+        build_model(
+            load_config(
+                None,
+                [
+                    "model.clip=micro",
+                    "data.image_size=32",
+                    "model.init=a.pt",
+                    "model.init_from=b",
+                    "model.tasks=[itc]",
+                ],
+            )
+        )
+
+
+@pytest.mark.slow
+def test_pre_training_then_fine_tuning_beats_fine_tuning_alone(tmp_path_factory, tmp_path):
+    """Micro model, 20 pre-training updates, then 30 retrieval updates, against 30 retrieval updates from
+    scratch (same fine-tuning step count); both are scored with the full XMR protocol on the val split."""
+    from famevil_fast.train.pretrain_study import run_study
+
+    root = synthetic(tmp_path_factory, products=200, image_size=32)
+    extra = ["model.adapter_bottleneck=8", "optim.lr=5e-4", "data.attribute_min_count=3"]
+    study = run_study(
+        str(root),
+        tmp_path,
+        20,
+        30,
+        clip="micro",
+        image_size=32,
+        batch_size=16,
+        long_baseline=False,
+        extra=extra,
+    )
+    scores = {arm: study["arms"][arm]["eval"]["xmr/full"]["avg"] for arm in ("pretrained", "scratch")}
+    chance = study["arms"]["scratch"]["chance"]["xmr/full"]["avg"]
+    assert scores["pretrained"] > max(scores["scratch"], 2 * chance)
