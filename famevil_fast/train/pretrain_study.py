@@ -4,10 +4,10 @@ Three arms, all evaluated on the validation split with the full XMR protocol:
 
 - ``pretrained``: ``pretrain_updates`` updates of the pre-training recipe (itc + mvc + pac + itm, one batch of
   each per update), then ``finetune_updates`` updates of retrieval fine-tuning started from its weights
-  (backbone and cross-attention adapters; fresh task adapters and heads);
+  (backbone, cross-attention adapters, and the itc adapters and head, which pre-training trains too);
 - ``scratch``: the same fine-tuning from scratch (same fine-tuning step count);
-- ``scratch_long``: fine-tuning from scratch for ``pretrain_updates + finetune_updates`` updates (same
-  number of optimizer updates as the pre-trained arm in total).
+- ``scratch_long``: fine-tuning from scratch for as many updates as the pre-trained arm ran task batches in
+  total (``pretrain_updates`` x 4 + ``finetune_updates``: the same number of forward/backward passes).
 
 Run: ``python -m famevil_fast.train.pretrain_study DATA_ROOT OUT_DIR [--pretrain-updates N] ...``; the
 table is printed and written to ``OUT_DIR/study.json``.
@@ -155,7 +155,7 @@ def run_study(
         finetune_config(root, out / "scratch", finetune_updates, None, **size), evaluator
     )
     if long_baseline:
-        total = pretrain_updates + finetune_updates
+        total = pretrain_updates * pre.train.update_frequency + finetune_updates
         arms["scratch_long"] = _train(
             finetune_config(root, out / "scratch_long", total, None, **size), evaluator
         )
@@ -203,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-long-baseline", action="store_true", help="skip the equal-total-updates baseline"
-    )
+    parser.add_argument("--no-long-baseline", action="store_true", help="skip the equal-compute baseline")
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="extra override for every run"
     )
