@@ -30,10 +30,11 @@ class ModelSection:
     clip: str = doc("CLIP size preset: ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro", "ViT-B-16")
     init: str | None = doc("CLIP weights to start from (OpenAI .pt, open_clip, Hugging Face dir); null = random", None)
     resume_weights: str | None = doc("FAME-ViL checkpoint to start from instead (famevil_fast or official)", None)
-    tasks: list[str] = doc("tasks to train, each with its adapters and head (itc, tgir, scr, cap; pre-training: mvc, "
-                           "pac, itm)", factory=lambda: ["itc", "tgir", "scr", "cap"])
-    init_from: str | None = doc("FAME-ViL checkpoint (e.g. a pre-training run's final/) to take the backbone, the "
-                                "cross-attention adapters and the shared tasks' adapters and heads from", None)
+    tasks: list[str] = doc("tasks to train, each with its adapters and head (itc, tgir, scr, cap; "
+                           "pre-training: mvc, pac, itm)", factory=lambda: ["itc", "tgir", "scr", "cap"])
+    init_from: str | None = doc("FAME-ViL checkpoint (e.g. a pre-training run's final/) to take the "
+                                "backbone, cross-attention adapters and shared tasks' adapters, heads from",
+                                None)
     adapter_bottleneck: int = doc("task-adapter bottleneck r (64 in the recipes, 512 in the released model)", 64)
     adapter_dropout: float = doc("dropout inside the task adapters", 0.0)
     xaa: str = doc("cross-attention adapters: both, text or none", "both")
@@ -43,11 +44,12 @@ class ModelSection:
                                     "(much cheaper LM head); null: the whole vocabulary", None)
     attention: str = doc("attention kernel: auto, sdpa, eager (faithful reference) or flash", "auto")
     backend: str | None = doc("op backend for adapters and losses: null (automatic), torch, triton, cuda, cpu", None)
-    adapter_type: str = doc("task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal Adapter: "
-                            "sequential after attention and MLP, channels shared across towers)", "tsa")
+    adapter_type: str = doc("task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal "
+                            "Adapter: sequential after attention and MLP, channels shared by the towers)",
+                            "tsa")
     xmodal_bottleneck: int = doc("Cross-Modal Adapter bottleneck r", 8)
     xmodal_shared: int = doc("Cross-Modal Adapter up-projection channels shared by the two towers (d_s)", 16)
-    num_attributes: int | None = doc("PAC attribute classes; null = the size of the attribute vocabulary", None)
+    num_attributes: int | None = doc("PAC attribute classes; null = the attribute vocabulary's size", None)
 
 
 @dataclass
@@ -59,8 +61,8 @@ class DataSection:
     num_workers: int = doc("decoding threads", 4)
     backend: str | None = doc("image decoding backend: null (automatic), dali, dali_cpu, torchvision, pil, cache", None)
     cache: str | None = doc("pre-decoded cache directory written by `famevil-fast cache` (used when set)", None)
-    attributes: str | None = doc("PAC attribute file from `famevil-fast mine-attributes`; null = mine the training "
-                                 "texts at start-up", None)
+    attributes: str | None = doc("PAC attribute file from `famevil-fast mine-attributes`; null = mine the "
+                                 "training texts at start-up", None)
     attribute_min_count: int = doc("mining at start-up: keep words found in at least this many products", 5)
 
 
