@@ -30,7 +30,7 @@ def _info_nce_reference(a, b, scale):
 
 
 @pytest.mark.parametrize("batch", [1, 5, 13])
-@pytest.mark.parametrize("backend", ["torch", None])
+@pytest.mark.parametrize("backend", ["torch", "cpu", None])
 def test_mvc_loss_matches_reference(batch, backend):
     g = torch.Generator().manual_seed(batch)
     image = F.normalize(torch.randn(batch, 7, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
@@ -41,6 +41,18 @@ def test_mvc_loss_matches_reference(batch, backend):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-8)
     for a, b in zip(_grads(got, (image, fused, scale)), _grads(want, (image, fused, scale))):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-8)
+
+
+def test_mvc_loss_with_a_gather_scores_local_rows_against_gathered_columns():
+    image = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)
+    fused = F.normalize(torch.randn(6, 5, dtype=torch.float64), dim=-1)
+    local = slice(2, 4)  # this process holds rows 2..3 of a global batch of 6
+    mine_image, mine_fused = image[local], fused[local]
+    got = pl.mvc_loss(mine_image, mine_fused, 4.0, gather=lambda t: (image if t is mine_image else fused, 2))
+    logits = 4.0 * image @ fused.T
+    target = torch.tensor([2, 3])
+    want = 0.5 * (F.cross_entropy(logits[local], target) + F.cross_entropy(logits.T[local], target))
+    torch.testing.assert_close(got.double(), want)
 
 
 # ------------------------------------------------------------------------------------------ PAC
