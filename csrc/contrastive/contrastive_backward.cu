@@ -220,7 +220,7 @@ Grads launch_backward(const Problem& p, const Stats& st, const at::Tensor& grad_
     if (one_panel) {
       grad_b = part_b.to(acc_type).mul_(factor).to(p.b.scalar_type());
     } else {
-      grad_b_acc.add_(part_b.to(acc_type));
+      grad_b_acc.add_(part_b);  // accumulates in the accumulation dtype, no converted copy
     }
   }
   if (!one_panel) grad_b = grad_b_acc.mul_(factor).to(p.b.scalar_type());
