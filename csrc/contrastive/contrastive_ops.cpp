@@ -124,6 +124,8 @@ at::Tensor finalize(const at::Tensor& partial, bool distill) {
 }  // namespace famevil_fast::contrastive
 
 TORCH_LIBRARY_FRAGMENT(famevil_fast, m) {
+  // the fake (meta) implementations and the autograd wrappers live in this Python module
+  m.set_python_module("famevil_fast.ops.contrastive");
   m.def("contrastive_stats(Tensor a, Tensor b, Tensor scale, Tensor row_key, Tensor col_key, bool cols) "
         "-> (Tensor, Tensor)");
   m.def("contrastive_stats_backward(Tensor grad_rows, Tensor grad_cols, Tensor a, Tensor b, Tensor scale, "
