@@ -47,22 +47,61 @@ _GARMENTS = (
 ).split()
 _FITS = "slim relaxed oversized cropped regular boxy tailored straight-leg wide-leg tapered".split()
 _DETAILS = [
-    "spread collar", "button closure at front", "patch pocket at chest", "tonal stitching",
-    "rib knit crewneck collar, cuffs, and hem", "zip closure at back", "two-way zip closure",
-    "logo embroidered at chest", "graphic printed in black at front", "drop-tail hem",
-    "adjustable drawstring at hood", "welt pockets at waist", "five-pocket styling",
-    "fading and whiskering throughout", "belt loops", "darts at bust", "vented side seams",
-    "concealed zip closure at side", "lace-up closure", "round toe", "rubber sole in white", "padded collar",
-    "leather lining", "gold-tone hardware", "silver-tone hardware", "approx. 3\" heel", "fully lined",
-    "partially lined", "contrast stitching in tan", "raw edge at hem", "crinkled texture", "semi-sheer",
-    "pleated front", "single-button closure", "notched lapel", "flap pockets at waist",
-    "100% virgin wool", "70% cotton, 30% polyamide", "made in Italy", "model is 6'1\" and wears size M",
-]  # fmt: skip
+    "spread collar",
+    "button closure at front",
+    "patch pocket at chest",
+    "tonal stitching",
+    "rib knit crewneck collar, cuffs, and hem",
+    "zip closure at back",
+    "two-way zip closure",
+    "logo embroidered at chest",
+    "graphic printed in black at front",
+    "drop-tail hem",
+    "adjustable drawstring at hood",
+    "welt pockets at waist",
+    "five-pocket styling",
+    "fading and whiskering throughout",
+    "belt loops",
+    "darts at bust",
+    "vented side seams",
+    "concealed zip closure at side",
+    "lace-up closure",
+    "round toe",
+    "rubber sole in white",
+    "padded collar",
+    "leather lining",
+    "gold-tone hardware",
+    "silver-tone hardware",
+    'approx. 3" heel',
+    "fully lined",
+    "partially lined",
+    "contrast stitching in tan",
+    "raw edge at hem",
+    "crinkled texture",
+    "semi-sheer",
+    "pleated front",
+    "single-button closure",
+    "notched lapel",
+    "flap pockets at waist",
+    "100% virgin wool",
+    "70% cotton, 30% polyamide",
+    "made in Italy",
+    "model is 6'1\" and wears size M",
+]
 _UNICODE = [
-    "crêpe de chine", "Hermès-inspired", "café-au-lait", "piqué knit", "naïve print", "jacquard — woven",
-    "it’s “oversized”", "size 40 ½", "black &amp; white", "M&amp;M print", "made in Japan 日本",
+    "crêpe de chine",
+    "Hermès-inspired",
+    "café-au-lait",
+    "piqué knit",
+    "naïve print",
+    "jacquard — woven",
+    "it’s “oversized”",
+    "size 40 ½",
+    "black &amp; white",
+    "M&amp;M print",
+    "made in Japan 日本",
     "🔥 bestseller",
-]  # fmt: skip
+]
 _SYLLABLES = "ka ro mi sen do lu va ne ti zo ber gal mar fen qui sto ria le on".split()
 
 
@@ -71,8 +110,10 @@ def _caption(rng: random.Random) -> str:
     title = (
         f"{brand} {rng.choice(_COLORS)} {rng.choice(_MATERIALS)} {rng.choice(_FITS)} {rng.choice(_GARMENTS)}"
     )
-    parts = [f"{rng.choice(['Long sleeve', 'Short sleeve', 'Sleeveless'])} {rng.choice(_MATERIALS)} "
-             f"{rng.choice(_GARMENTS)} in {rng.choice(_COLORS)}"]  # fmt: skip
+    parts = [
+        f"{rng.choice(['Long sleeve', 'Short sleeve', 'Sleeveless'])} {rng.choice(_MATERIALS)} "
+        f"{rng.choice(_GARMENTS)} in {rng.choice(_COLORS)}"
+    ]
     target = rng.randint(24, 52)
     while sum(len(part.split()) for part in parts) < target:
         parts.append(rng.choice(_UNICODE) if rng.random() < 0.005 else rng.choice(_DETAILS).capitalize())

@@ -56,7 +56,11 @@ def random_batch(task: str, batch: int, size: int, seed: int) -> dict[str, torch
         ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1] = 49406, torch.randint(1, 49406, (n,), generator=g), 49407
     out = {"pixels": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids}
     if task == "tgir":
-        out = {"ref_pixels": out["pixels"], "target_pixels": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids}
+        out = {
+            "ref_pixels": out["pixels"],
+            "target_pixels": torch.randn(batch, 3, size, size, generator=g),
+            "input_ids": ids,
+        }
     if task == "scr":
         out["labels"] = torch.randint(0, 121, (batch,), generator=g)
     return {k: v.to(DEVICE) for k, v in out.items()}
@@ -169,10 +173,24 @@ def test_train_step_report(base_model):
             flops = step_flops(setup, batches)
             mfu = flops / seconds / (peak * 1e12) if peak else float("nan")
             results[name] = seconds
-            rows.append((batch, workload, name, seconds * 1e3, samples / seconds, memory, 100 * mfu,
-                         results["faithful"] / seconds, results.get("plain", seconds) / seconds))  # fmt: skip
+            rows.append(
+                (
+                    batch,
+                    workload,
+                    name,
+                    seconds * 1e3,
+                    samples / seconds,
+                    memory,
+                    100 * mfu,
+                    results["faithful"] / seconds,
+                    results.get("plain", seconds) / seconds,
+                )
+            )
             del setup
-    header = f"{'batch':>5} {'workload':>8} {'config':>13} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} {'MFU %':>6} {'x faithful':>10} {'x plain':>8}"
+    header = (
+        f"{'batch':>5} {'workload':>8} {'config':>13} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} "
+        f"{'MFU %':>6} {'x faithful':>10} {'x plain':>8}"
+    )
     lines = [header] + [
         f"{b:>5} {w:>8} {n:>13} {ms:>9.2f} {sps:>10.0f} {mem:>9.2f} {mfu:>6.1f} {xf:>10.2f} {xp:>8.2f}"
         for b, w, n, ms, sps, mem, mfu, xf, xp in rows

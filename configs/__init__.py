@@ -8,7 +8,9 @@ from pathlib import Path
 
 
 def available() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def resolve(name_or_path: str) -> Path:
@@ -20,4 +22,6 @@ def resolve(name_or_path: str) -> Path:
     packaged = resources.files(__name__) / f"{stem}.yaml"
     if packaged.is_file():
         return Path(str(packaged))
-    raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a packaged recipe ({', '.join(available())})")
+    raise FileNotFoundError(
+        f"config {name_or_path!r} is neither a file nor a packaged recipe ({', '.join(available())})"
+    )

@@ -23,13 +23,34 @@ from famevil_fast.kernels._tiles import row_block, task_segment
 
 @triton.jit
 def adapter_bwd_dx_weights_kernel(
-    dy_ptr, x_ptr, h_ptr, dp_ptr, mean_ptr, rstd_ptr, lnw_ptr, wd_ptr, v1_ptr, cb_ptr,
-    dx_ptr, m_part_ptr, csp_part_ptr, g_part_ptr, cs_part_ptr,
-    order_ptr, counts_ptr,
-    n_rows, d, r, n_segments,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    x_ptr,
+    h_ptr,
+    dp_ptr,
+    mean_ptr,
+    rstd_ptr,
+    lnw_ptr,
+    wd_ptr,
+    v1_ptr,
+    cb_ptr,
+    dx_ptr,
+    m_part_ptr,
+    csp_part_ptr,
+    g_part_ptr,
+    cs_part_ptr,
+    order_ptr,
+    counts_ptr,
+    n_rows,
+    d,
+    r,
+    n_segments,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    MIXED: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dx for the d columns of tile ``program_id(0)`` and the weight-gradient partials of row segment
     ``program_id(1)`` (layout of ``weight_grads.weight_grad_partials_kernel`` with one r tile).
 
@@ -98,12 +119,24 @@ def adapter_bwd_dx_weights_kernel(
 
 @triton.jit
 def adapter_dp_kernel(
-    dy_ptr, h_ptr, wu_ptr, s_ptr, dp_ptr,
-    order_ptr, counts_ptr, n_tasks,
-    n_rows, d, r,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    dy_ptr,
+    h_ptr,
+    wu_ptr,
+    s_ptr,
+    dp_ptr,
+    order_ptr,
+    counts_ptr,
+    n_tasks,
+    n_rows,
+    d,
+    r,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIXED: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dp tile (BLOCK_M x BLOCK_R) = s * (dy Wu) * [h > 0] at sorted positions."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)

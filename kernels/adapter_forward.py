@@ -44,15 +44,38 @@ def _residual_epilogue(u, s, bu, rows, mask, cols, d, res0_ptr, res1_ptr, res2_p
 
 @triton.jit
 def adapter_fwd_fused_kernel(
-    x_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
-    lnw_ptr, lnb_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, s_ptr,
-    res0_ptr, res1_ptr, res2_ptr,
-    order_ptr, counts_ptr, n_tasks,
-    n_rows, d, r, eps,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_RES: tl.constexpr, MIXED: tl.constexpr, SAVE: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    y_ptr,
+    h_ptr,
+    mean_ptr,
+    rstd_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    wd_ptr,
+    bd_ptr,
+    wu_ptr,
+    bu_ptr,
+    s_ptr,
+    res0_ptr,
+    res1_ptr,
+    res2_ptr,
+    order_ptr,
+    counts_ptr,
+    n_tasks,
+    n_rows,
+    d,
+    r,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NUM_RES: tl.constexpr,
+    MIXED: tl.constexpr,
+    SAVE: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Whole adapter for BLOCK_M rows with h on chip (BLOCK_R >= r, BLOCK_R <= 128)."""
     pid = tl.program_id(0)
     task, pos, rows, mask = row_block(pid, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
@@ -103,13 +126,28 @@ def adapter_fwd_fused_kernel(
 
 @triton.jit
 def adapter_up_residual_kernel(
-    h_ptr, y_ptr, wu_ptr, bu_ptr, s_ptr,
-    res0_ptr, res1_ptr, res2_ptr,
-    order_ptr, counts_ptr, n_tasks,
-    n_rows, d, r,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_RES: tl.constexpr, MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    h_ptr,
+    y_ptr,
+    wu_ptr,
+    bu_ptr,
+    s_ptr,
+    res0_ptr,
+    res1_ptr,
+    res2_ptr,
+    order_ptr,
+    counts_ptr,
+    n_tasks,
+    n_rows,
+    d,
+    r,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_RES: tl.constexpr,
+    MIXED: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """y tile (BLOCK_M x BLOCK_N) = s * (h Wu^T + bu) + residuals; h (sorted positions) read from memory."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

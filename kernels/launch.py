@@ -96,11 +96,30 @@ def ln_linear_forward_into(
     save = mean is not None
     grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(n_out, tiles.block_n))
     ln_linear_fwd_kernel[grid](
-        x, out, mean if save else out, rstd if save else out, lnw, lnb, w, b,
-        order, counts, n_tasks, n_rows, d, n_out, eps,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        RELU=relu, MIXED=rows.mixed, SAVE_STATS=save, **_dot_args(x.dtype), **tiles.launch(),
-    )  # fmt: skip
+        x,
+        out,
+        mean if save else out,
+        rstd if save else out,
+        lnw,
+        lnb,
+        w,
+        b,
+        order,
+        counts,
+        n_tasks,
+        n_rows,
+        d,
+        n_out,
+        eps,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        RELU=relu,
+        MIXED=rows.mixed,
+        SAVE_STATS=save,
+        **_dot_args(x.dtype),
+        **tiles.launch(),
+    )
 
 
 def ln_linear_forward(
@@ -119,8 +138,18 @@ def ln_linear_forward(
     mean = x.new_empty((stats,), dtype=torch.float32)
     rstd = x.new_empty((stats,), dtype=torch.float32)
     if n_rows:
-        ln_linear_forward_into(x, lnw[None], lnb[None], w[None], b[None], out, mean if save else None,
-                               rstd if save else None, relu=False, eps=eps)  # fmt: skip
+        ln_linear_forward_into(
+            x,
+            lnw[None],
+            lnb[None],
+            w[None],
+            b[None],
+            out,
+            mean if save else None,
+            rstd if save else None,
+            relu=False,
+            eps=eps,
+        )
     return out, mean, rstd
 
 
@@ -151,22 +180,74 @@ def adapter_forward(
         tiles = configs.adapter_fused_tiles(block_r)
         grid = (_row_blocks(n_rows, tiles.block_m, rows),)
         adapter_fwd_fused_kernel[grid](
-            x, y, h if save else y, mean if save else y, rstd if save else y,
-            lnw, lnb, wd, bd, wu, bu, s, *res, order, counts, n_tasks, n_rows, d, r, eps,
-            BLOCK_M=tiles.block_m, BLOCK_K=tiles.block_k, BLOCK_N=tiles.block_n, BLOCK_R=block_r,
-            NUM_RES=num_res, MIXED=rows.mixed, SAVE=save, **dot, **tiles.launch(),
-        )  # fmt: skip
+            x,
+            y,
+            h if save else y,
+            mean if save else y,
+            rstd if save else y,
+            lnw,
+            lnb,
+            wd,
+            bd,
+            wu,
+            bu,
+            s,
+            *res,
+            order,
+            counts,
+            n_tasks,
+            n_rows,
+            d,
+            r,
+            eps,
+            BLOCK_M=tiles.block_m,
+            BLOCK_K=tiles.block_k,
+            BLOCK_N=tiles.block_n,
+            BLOCK_R=block_r,
+            NUM_RES=num_res,
+            MIXED=rows.mixed,
+            SAVE=save,
+            **dot,
+            **tiles.launch(),
+        )
         return y, h, mean, rstd
     h_buf = h if save else x.new_empty((n_rows, r))
-    ln_linear_forward_into(x, lnw, lnb, wd, bd, h_buf, mean if save else None, rstd if save else None,
-                           relu=True, eps=eps, rows=rows)  # fmt: skip
+    ln_linear_forward_into(
+        x,
+        lnw,
+        lnb,
+        wd,
+        bd,
+        h_buf,
+        mean if save else None,
+        rstd if save else None,
+        relu=True,
+        eps=eps,
+        rows=rows,
+    )
     tiles = configs.up_residual_tiles()
     grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(d, tiles.block_n))
     adapter_up_residual_kernel[grid](
-        h_buf, y, wu, bu, s, *res, order, counts, n_tasks, n_rows, d, r,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        NUM_RES=num_res, MIXED=rows.mixed, **dot, **tiles.launch(),
-    )  # fmt: skip
+        h_buf,
+        y,
+        wu,
+        bu,
+        s,
+        *res,
+        order,
+        counts,
+        n_tasks,
+        n_rows,
+        d,
+        r,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        NUM_RES=num_res,
+        MIXED=rows.mixed,
+        **dot,
+        **tiles.launch(),
+    )
     return y, h, mean, rstd
 
 
@@ -186,10 +267,29 @@ def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch
     order, counts, n_tasks = _index_args(rows, x)
     grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(d, tiles.block_n))
     ln_linear_dx_kernel[grid](
-        dp, p, x, mean, rstd, lnw, w, v1, cb, dx, order, counts, n_tasks, n_rows, d, n_out,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        MIXED=rows.mixed, **_dot_args(x.dtype), **tiles.launch(),
-    )  # fmt: skip
+        dp,
+        p,
+        x,
+        mean,
+        rstd,
+        lnw,
+        w,
+        v1,
+        cb,
+        dx,
+        order,
+        counts,
+        n_tasks,
+        n_rows,
+        d,
+        n_out,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        MIXED=rows.mixed,
+        **_dot_args(x.dtype),
+        **tiles.launch(),
+    )
     return dx
 
 
@@ -232,10 +332,31 @@ def _weight_epilogue(
     dwu, dbu = (torch.empty_like(wu), torch.empty_like(bu)) if has_g else (dw, db)
     ds_part = torch.empty((n_tasks, n_ep), dtype=torch.float32, device=lnw.device)
     weight_grad_epilogue_kernel[(n_ep, n_tasks)](
-        parts.m, parts.csp, parts.g, parts.cs, lnw, lnb, w, wu, bu, s,
-        dlnw, dlnb, dw, db, dwu, dbu, ds_part, d, n_out, parts.segments,
-        BLOCK_D=ep.block_n, BLOCK_R=ep.block_k, HAS_G=has_g, **ep.launch(),
-    )  # fmt: skip
+        parts.m,
+        parts.csp,
+        parts.g,
+        parts.cs,
+        lnw,
+        lnb,
+        w,
+        wu,
+        bu,
+        s,
+        dlnw,
+        dlnb,
+        dw,
+        db,
+        dwu,
+        dbu,
+        ds_part,
+        d,
+        n_out,
+        parts.segments,
+        BLOCK_D=ep.block_n,
+        BLOCK_R=ep.block_k,
+        HAS_G=has_g,
+        **ep.launch(),
+    )
     if not has_g:
         return dlnw, dlnb, dw, db
     ds = ds_part.sum(dim=1, keepdim=True).to(s.dtype)
@@ -266,11 +387,31 @@ def weight_grads(
     dy, h = up[:2] if has_g else (x, dp)
     order, counts, _ = _index_args(rows, x)
     weight_grad_partials_kernel[(n_dtiles * n_rtiles, rows.n_tasks * segments)](
-        x, mean, rstd, dp, dy, h, parts.m, parts.csp, parts.g, parts.cs, order, counts,
-        n_rows, d, n_out, segments, n_rtiles,
-        BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_n, BLOCK_R=tiles.block_k,
-        HAS_G=has_g, MIXED=rows.mixed, **_dot_args(x.dtype), **tiles.launch(),
-    )  # fmt: skip
+        x,
+        mean,
+        rstd,
+        dp,
+        dy,
+        h,
+        parts.m,
+        parts.csp,
+        parts.g,
+        parts.cs,
+        order,
+        counts,
+        n_rows,
+        d,
+        n_out,
+        segments,
+        n_rtiles,
+        BLOCK_M=tiles.block_m,
+        BLOCK_D=tiles.block_n,
+        BLOCK_R=tiles.block_k,
+        HAS_G=has_g,
+        MIXED=rows.mixed,
+        **_dot_args(x.dtype),
+        **tiles.launch(),
+    )
     return _weight_epilogue(parts, lnw, lnb, w, b, up[2:] if has_g else None)
 
 
@@ -296,10 +437,24 @@ def adapter_backward(
     tiles = configs.dp_tiles(r)
     grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(r, tiles.block_n))
     adapter_dp_kernel[grid](
-        dy, h, wu, s, dp, order, counts, n_tasks, n_rows, d, r,
-        BLOCK_M=tiles.block_m, BLOCK_R=tiles.block_n, BLOCK_N=tiles.block_k,
-        MIXED=rows.mixed, **dot, **tiles.launch(),
-    )  # fmt: skip
+        dy,
+        h,
+        wu,
+        s,
+        dp,
+        order,
+        counts,
+        n_tasks,
+        n_rows,
+        d,
+        r,
+        BLOCK_M=tiles.block_m,
+        BLOCK_R=tiles.block_n,
+        BLOCK_N=tiles.block_k,
+        MIXED=rows.mixed,
+        **dot,
+        **tiles.launch(),
+    )
     if r > configs.FUSED_MAX_R:
         dx = _ln_linear_dx(dp, h, x, mean, rstd, lnw, wd, v1, cb, rows)
         grads = weight_grads(x, mean, rstd, dp, lnw, lnb, wd, bd, rows, up=(dy, h, wu, bu, s))
@@ -311,11 +466,34 @@ def adapter_backward(
     parts = _partials(n_tasks * segments, segments, d, r, True, x.device)
     dx = torch.empty_like(x)
     adapter_bwd_dx_weights_kernel[(n_dtiles, n_tasks * segments)](
-        dy, x, h, dp, mean, rstd, lnw, wd, v1, cb, dx, parts.m, parts.csp, parts.g, parts.cs,
-        order, counts, n_rows, d, r, segments,
-        BLOCK_M=tiles.block_m, BLOCK_D=tiles.block_n, BLOCK_R=block_r,
-        MIXED=rows.mixed, **dot, **tiles.launch(),
-    )  # fmt: skip
+        dy,
+        x,
+        h,
+        dp,
+        mean,
+        rstd,
+        lnw,
+        wd,
+        v1,
+        cb,
+        dx,
+        parts.m,
+        parts.csp,
+        parts.g,
+        parts.cs,
+        order,
+        counts,
+        n_rows,
+        d,
+        r,
+        segments,
+        BLOCK_M=tiles.block_m,
+        BLOCK_D=tiles.block_n,
+        BLOCK_R=block_r,
+        MIXED=rows.mixed,
+        **dot,
+        **tiles.launch(),
+    )
     return (dx, *_weight_epilogue(parts, lnw, lnb, wd, bd, (wu, bu, s)))
 
 

@@ -23,13 +23,30 @@ from famevil_fast.kernels._tiles import normalized_tile, row_block, row_stats
 
 @triton.jit
 def ln_linear_fwd_kernel(
-    x_ptr, out_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr,
-    order_ptr, counts_ptr, n_tasks,
-    n_rows, d, n_out, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    RELU: tl.constexpr, MIXED: tl.constexpr, SAVE_STATS: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    out_ptr,
+    mean_ptr,
+    rstd_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    w_ptr,
+    b_ptr,
+    order_ptr,
+    counts_ptr,
+    n_tasks,
+    n_rows,
+    d,
+    n_out,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    RELU: tl.constexpr,
+    MIXED: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """out tile (BLOCK_M x BLOCK_N) of LN(x) W^T + b at sorted positions; W is (n_out, d)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,12 +85,29 @@ def ln_linear_fwd_kernel(
 
 @triton.jit
 def ln_linear_dx_kernel(
-    dp_ptr, p_ptr, x_ptr, mean_ptr, rstd_ptr, lnw_ptr, w_ptr, v1_ptr, cb_ptr, dx_ptr,
-    order_ptr, counts_ptr, n_tasks,
-    n_rows, d, n_out,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    dp_ptr,
+    p_ptr,
+    x_ptr,
+    mean_ptr,
+    rstd_ptr,
+    lnw_ptr,
+    w_ptr,
+    v1_ptr,
+    cb_ptr,
+    dx_ptr,
+    order_ptr,
+    counts_ptr,
+    n_tasks,
+    n_rows,
+    d,
+    n_out,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    MIXED: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dx tile (BLOCK_M x BLOCK_N) from dp (n_rows x n_out, sorted positions).
 
     ``v1 = W g`` and ``cb = b + W beta`` (n_out each, per task, fp32) give the row constants c1, c2.

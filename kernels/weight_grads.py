@@ -26,13 +26,31 @@ from famevil_fast.kernels._tiles import task_segment
 
 @triton.jit
 def weight_grad_partials_kernel(
-    x_ptr, mean_ptr, rstd_ptr, dp_ptr, dy_ptr, h_ptr,
-    m_part_ptr, csp_part_ptr, g_part_ptr, cs_part_ptr,
-    order_ptr, counts_ptr,
-    n_rows, d, n_out, n_segments, n_rtiles,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_G: tl.constexpr, MIXED: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dp_ptr,
+    dy_ptr,
+    h_ptr,
+    m_part_ptr,
+    csp_part_ptr,
+    g_part_ptr,
+    cs_part_ptr,
+    order_ptr,
+    counts_ptr,
+    n_rows,
+    d,
+    n_out,
+    n_segments,
+    n_rtiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_G: tl.constexpr,
+    MIXED: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Partials of segment ``program_id(1)`` for d tile ``pid0 // n_rtiles`` and r tile ``pid0 % n_rtiles``.
 
     Partials are fp32 arrays indexed [segment, d, r] (M, G), [segment, r] (csp) and [segment, d] (cs).
@@ -96,12 +114,30 @@ def weight_grad_partials_kernel(
 
 @triton.jit
 def weight_grad_epilogue_kernel(
-    m_part_ptr, csp_part_ptr, g_part_ptr, cs_part_ptr,
-    lnw_ptr, lnb_ptr, w_ptr, wu_ptr, bu_ptr, s_ptr,
-    dlnw_ptr, dlnb_ptr, dw_ptr, db_ptr, dwu_ptr, dbu_ptr, ds_part_ptr,
-    d, n_out, n_segments,
-    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_G: tl.constexpr,
-):  # fmt: skip
+    m_part_ptr,
+    csp_part_ptr,
+    g_part_ptr,
+    cs_part_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    w_ptr,
+    wu_ptr,
+    bu_ptr,
+    s_ptr,
+    dlnw_ptr,
+    dlnb_ptr,
+    dw_ptr,
+    db_ptr,
+    dwu_ptr,
+    dbu_ptr,
+    ds_part_ptr,
+    d,
+    n_out,
+    n_segments,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    HAS_G: tl.constexpr,
+):
     """All parameter gradients of task ``program_id(1)`` for the d columns of tile ``program_id(0)``.
 
     W is (n_out, d) (the down projection), Wu is (d, n_out); per-task parameters are contiguous.

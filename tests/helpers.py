@@ -14,30 +14,69 @@ def perturb_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch
     return module
 
 
-def hf_clip(width=64, layers=2, heads=2, mlp=128, image_size=32, patch=16, embed=48, text_width=None,
-            text_heads=None, act="quick_gelu", text_mlp=None):  # fmt: skip
+def hf_clip(
+    width=64,
+    layers=2,
+    heads=2,
+    mlp=128,
+    image_size=32,
+    patch=16,
+    embed=48,
+    text_width=None,
+    text_heads=None,
+    act="quick_gelu",
+    text_mlp=None,
+):
     from transformers import CLIPConfig as HFConfig
     from transformers import CLIPModel
 
     text_width = text_width or width
     config = HFConfig(
-        text_config=dict(vocab_size=49408, hidden_size=text_width, intermediate_size=text_mlp or mlp, num_hidden_layers=layers,
-                         num_attention_heads=text_heads or heads, max_position_embeddings=77, hidden_act=act,
-                         eos_token_id=49407, bos_token_id=49406, pad_token_id=0),
-        vision_config=dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
-                           image_size=image_size, patch_size=patch, hidden_act=act),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=text_width,
+            intermediate_size=text_mlp or mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=text_heads or heads,
+            max_position_embeddings=77,
+            hidden_act=act,
+            eos_token_id=49407,
+            bos_token_id=49406,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch,
+            hidden_act=act,
+        ),
         projection_dim=embed,
-    )  # fmt: skip
+    )
     return perturb_(CLIPModel(config).eval())
 
 
 def open_clip_model(width=64, layers=2, head_width=32, image_size=32, patch=16, embed=48, mlp_ratio=2.0):
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    vision = CLIPVisionCfg(layers=layers, width=width, head_width=head_width, mlp_ratio=mlp_ratio, patch_size=patch,
-                           image_size=image_size)  # fmt: skip
-    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=width, heads=width // head_width, layers=layers,
-                       mlp_ratio=mlp_ratio)  # fmt: skip
+    vision = CLIPVisionCfg(
+        layers=layers,
+        width=width,
+        head_width=head_width,
+        mlp_ratio=mlp_ratio,
+        patch_size=patch,
+        image_size=image_size,
+    )
+    text = CLIPTextCfg(
+        context_length=77,
+        vocab_size=49408,
+        width=width,
+        heads=width // head_width,
+        layers=layers,
+        mlp_ratio=mlp_ratio,
+    )
     return perturb_(CLIP(embed_dim=embed, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval())
 
 

@@ -41,7 +41,10 @@ def test_embed_images_and_texts(checkpoint, images, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("red silk dress\n\nblue denim jacket with pockets\n")
     out = tmp_path / "emb.safetensors"
-    assert main(["embed", str(checkpoint), "--images", str(images), "--texts", str(texts), "--out", str(out)]) == 0
+    assert (
+        main(["embed", str(checkpoint), "--images", str(images), "--texts", str(texts), "--out", str(out)])
+        == 0
+    )
     tensors = load_file(str(out))
     assert tensors["image"].shape == (3, 64) and tensors["text"].shape == (2, 64)
     assert torch.allclose(tensors["text"].norm(dim=-1), torch.ones(2))

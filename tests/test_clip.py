@@ -47,12 +47,19 @@ def test_matches_open_clip(tmp_path):
     oc = open_clip_model()
     path = tmp_path / "open_clip.pt"
     torch.save(oc.state_dict(), path)
-    ours = CLIP.from_pretrained(path).eval()  # heads inferred as width // 64 would be 1: compare with explicit
+    ours = CLIP.from_pretrained(
+        path
+    ).eval()  # heads inferred as width // 64 would be 1: compare with explicit
     config = ours.config
     assert config.vision.width == 64 and config.vision.patch_size == 16 and config.vision.image_size == 32
-    ours = CLIP.from_pretrained(path, CLIPConfig(
-        vision=VisionConfig(32, 16, 64, 2, 2, 128), text=TextConfig(width=64, layers=2, heads=2, mlp_dim=128), embed_dim=48,
-    )).eval()  # fmt: skip
+    ours = CLIP.from_pretrained(
+        path,
+        CLIPConfig(
+            vision=VisionConfig(32, 16, 64, 2, 2, 128),
+            text=TextConfig(width=64, layers=2, heads=2, mlp_dim=128),
+            embed_dim=48,
+        ),
+    ).eval()
     pixels, ids = torch.randn(3, 3, 32, 32), token_batch(3, seed=5)
     with torch.no_grad():
         assert rel_err(ours.encode_image(pixels), oc.encode_image(pixels)) < 1e-5
@@ -72,7 +79,7 @@ def test_openai_torchscript_archive(tmp_path):
 
     # an OpenAI-style archive: a scripted module whose state dict carries the CLIP names
     scripted = torch.jit.trace(Wrapper(oc), torch.randn(1, 3, 32, 32))
-    state = {k[len("m."):]: v for k, v in scripted.state_dict().items()}
+    state = {k[len("m.") :]: v for k, v in scripted.state_dict().items()}
     assert "visual.conv1.weight" in state
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.script(_StateHolder(state)), path)
@@ -103,14 +110,23 @@ class _StateHolder(torch.nn.Module):
 def test_famevil_at_init_is_clip():
     """Zero-initialised adapters: FAME-ViL's two-tower embeddings equal CLIP's, for every task."""
     hf = hf_clip()
-    clip_cfg = CLIPConfig(vision=VisionConfig(32, 16, 64, 2, 2, 128), text=TextConfig(width=64, layers=2, heads=2, mlp_dim=128), embed_dim=48)
+    clip_cfg = CLIPConfig(
+        vision=VisionConfig(32, 16, 64, 2, 2, 128),
+        text=TextConfig(width=64, layers=2, heads=2, mlp_dim=128),
+        embed_dim=48,
+    )
     model = FameViL.from_clip(hf.state_dict(), FameViLConfig(clip=clip_cfg)).eval()
     pixels, ids = torch.randn(2, 3, 32, 32), token_batch(2, seed=1)
     ref_img, ref_txt = _hf_features(hf, pixels, ids)
     with torch.no_grad():
         for task in ("itc", "tgir", "scr", "cap"):
-            assert rel_err(model.encode_image(pixels, task), torch.nn.functional.normalize(ref_img, dim=-1)) < 1e-5
-            assert rel_err(model.encode_text(ids, task), torch.nn.functional.normalize(ref_txt, dim=-1)) < 1e-5
+            assert (
+                rel_err(model.encode_image(pixels, task), torch.nn.functional.normalize(ref_img, dim=-1))
+                < 1e-5
+            )
+            assert (
+                rel_err(model.encode_text(ids, task), torch.nn.functional.normalize(ref_txt, dim=-1)) < 1e-5
+            )
 
 
 def test_gelu_variant_matches_transformers(tmp_path):
@@ -136,8 +152,18 @@ def test_vit_b16_matches_transformers_and_open_clip():
     with torch.no_grad():
         assert rel_err(ours.encode_image(pixels), oc.encode_image(pixels)) < 1e-5
         assert rel_err(ours.encode_text(ids), oc.encode_text(ids)) < 1e-5
-        hf = hf_clip(width=768, layers=12, heads=12, mlp=3072, image_size=224, patch=16, embed=512, text_width=512,
-                     text_heads=8, text_mlp=2048)  # fmt: skip
+        hf = hf_clip(
+            width=768,
+            layers=12,
+            heads=12,
+            mlp=3072,
+            image_size=224,
+            patch=16,
+            embed=512,
+            text_width=512,
+            text_heads=8,
+            text_mlp=2048,
+        )
         hf.load_state_dict(_to_hf(ours), strict=True)
         ref_img, ref_txt = _hf_features(hf, pixels, ids)
         assert rel_err(ours.encode_image(pixels), ref_img) < 1e-5

@@ -1,13 +1,23 @@
 """Packaged recipes load and validate; the command line shows help for every command."""
 
 import pytest
+from famevil_fast.configs import available, resolve
 
 from famevil_fast.cli.main import build_parser, main
-from famevil_fast.configs import available, resolve
 from famevil_fast.train.config import describe_fields, load_config
 
-RECIPES = ["demo_gpu", "mtl_distill", "mtl_full", "mtl_size_proportional", "pretrain_tiny_cpu", "teacher_cap",
-           "teacher_itc", "teacher_scr", "teacher_tgir", "tiny_cpu"]  # fmt: skip
+RECIPES = [
+    "demo_gpu",
+    "mtl_distill",
+    "mtl_full",
+    "mtl_size_proportional",
+    "pretrain_tiny_cpu",
+    "teacher_cap",
+    "teacher_itc",
+    "teacher_scr",
+    "teacher_tgir",
+    "tiny_cpu",
+]
 
 
 def test_every_recipe_is_packaged_and_valid():
@@ -19,7 +29,11 @@ def test_every_recipe_is_packaged_and_valid():
 
 def test_full_recipe_matches_the_reference():
     cfg = load_config(resolve("mtl_full"))
-    assert (cfg.train.sampling, cfg.train.update_frequency, cfg.train.gradient_strategy) == ("round_robin", 4, "imtlg")
+    assert (cfg.train.sampling, cfg.train.update_frequency, cfg.train.gradient_strategy) == (
+        "round_robin",
+        4,
+        "imtlg",
+    )
     assert cfg.distill.enabled and sorted(cfg.distill.teachers) == ["cap", "itc", "scr", "tgir"]
     assert cfg.schedule.decay_at == [12500, 20000] and cfg.train.updates == 22500
 
@@ -30,12 +44,15 @@ def test_every_field_is_documented():
             assert line.split("#", 1)[1].strip(), line
 
 
-@pytest.mark.parametrize("bad, message", [
-    (["train.sampling=sometimes"], "train.sampling"),
-    (["optim.lr=fast"], "optim.lr"),
-    (["model.colour=red"], "unknown key"),
-    (["train.mixed_task_batches=true", "train.gradient_strategy=imtlg"], "mixed_task_batches"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["train.sampling=sometimes"], "train.sampling"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["model.colour=red"], "unknown key"),
+        (["train.mixed_task_batches=true", "train.gradient_strategy=imtlg"], "mixed_task_batches"),
+    ],
+)
 def test_bad_config_names_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, bad)
@@ -49,8 +66,18 @@ def test_missing_config_file():
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    for name in ["train", "eval", "demo", "info", "make-synthetic", "cache", "convert", "embed", "caption",
-                 "mine-attributes"]:
+    for name in [
+        "train",
+        "eval",
+        "demo",
+        "info",
+        "make-synthetic",
+        "cache",
+        "convert",
+        "embed",
+        "caption",
+        "mine-attributes",
+    ]:
         assert name in commands, name
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])

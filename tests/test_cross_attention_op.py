@@ -190,9 +190,19 @@ def test_ln_linear_custom_op_passes_opcheck() -> None:
 @pytest.mark.parametrize("fuse_projections", [True, False])
 def test_gpu_bfloat16_text_side_block(fuse_projections: bool) -> None:
     compare_block(
-        64, 77, 197, 512, 768, 8, masked=True, n_res=3, device="cuda", dtype=torch.bfloat16, tol=3e-2,
+        64,
+        77,
+        197,
+        512,
+        768,
+        8,
+        masked=True,
+        n_res=3,
+        device="cuda",
+        dtype=torch.bfloat16,
+        tol=3e-2,
         fuse_projections=fuse_projections,
-    )  # fmt: skip
+    )
 
 
 @gpu

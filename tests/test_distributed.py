@@ -6,7 +6,7 @@ import socket
 
 import pytest
 import torch.multiprocessing as mp
-from trainer_fixtures import RandomStream, TASKS, micro_config
+from trainer_fixtures import TASKS, RandomStream, micro_config
 
 from famevil_fast.train.trainer import Trainer
 
@@ -20,11 +20,18 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     half = slice(2 * rank, 2 * rank + 2)
     streams = {t: RandomStream(t, i, batch=4, rows=half) for i, t in enumerate(TASKS)}
-    trainer = Trainer(micro_config(f"{out_dir}/run", f"train.updates={UPDATES}", "data.batch_size=2"), streams)
+    trainer = Trainer(
+        micro_config(f"{out_dir}/run", f"train.updates={UPDATES}", "data.batch_size=2"), streams
+    )
     for _ in range(UPDATES):
         trainer.train_update()
     import torch
@@ -51,8 +58,10 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     # each row's gradient is its position weight summed over both processes' losses
     assert results[0]["uneven"]["grad"] == [[2.0, 2.0]]
     assert results[1]["uneven"]["grad"] == [[4.0, 4.0], [6.0, 6.0]]
-    single = Trainer(micro_config(tmp_path / "single", f"train.updates={UPDATES}"),
-                     {t: RandomStream(t, i, batch=4) for i, t in enumerate(TASKS)})  # fmt: skip
+    single = Trainer(
+        micro_config(tmp_path / "single", f"train.updates={UPDATES}"),
+        {t: RandomStream(t, i, batch=4) for i, t in enumerate(TASKS)},
+    )
     for _ in range(UPDATES):
         single.train_update()
     for update in range(UPDATES):

@@ -18,13 +18,27 @@ def dataset(tmp_path_factory):
 
 
 def test_multitask_run_beats_chance(dataset, tmp_path):
-    cfg = load_config(resolve("tiny_cpu"), [
-        f"data.root={dataset}", f"checkpoint.dir={tmp_path}", "model.clip=micro", "data.image_size=32",
-        "data.batch_size=24", "data.num_workers=1", "train.updates=90", "schedule.warmup_updates=10",
-        "schedule.decay_at=[70]", "optim.lr=3.0e-3", "eval.xmr_protocols=[full]", "eval.caption_max_len=12",
-        "eval.caption_metrics=[bleu4]", "checkpoint.every=0", "logging.progress=false",
-        "logging.tensorboard=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        resolve("tiny_cpu"),
+        [
+            f"data.root={dataset}",
+            f"checkpoint.dir={tmp_path}",
+            "model.clip=micro",
+            "data.image_size=32",
+            "data.batch_size=24",
+            "data.num_workers=1",
+            "train.updates=90",
+            "schedule.warmup_updates=10",
+            "schedule.decay_at=[70]",
+            "optim.lr=3.0e-3",
+            "eval.xmr_protocols=[full]",
+            "eval.caption_max_len=12",
+            "eval.caption_metrics=[bleu4]",
+            "checkpoint.every=0",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+        ],
+    )
     trainer = Trainer(cfg)
     trainer.evaluator = build_evaluator(cfg, trainer.device)
     result = trainer.fit()

@@ -136,7 +136,9 @@ def test_mixed_task_adapters_equal_per_task_calls():
     tsa = tsa.double()
     task_index = torch.tensor([2, 0, 2, 0, 2])  # tgir and cap absent
     out = tsa(x, task_index, residual=x)
-    expected = torch.stack([tsa(x[i : i + 1], tsa.tasks[t], residual=x[i : i + 1])[0] for i, t in enumerate(task_index.tolist())])
+    expected = torch.stack(
+        [tsa(x[i : i + 1], tsa.tasks[t], residual=x[i : i + 1])[0] for i, t in enumerate(task_index.tolist())]
+    )
     assert torch.allclose(out, expected)
     out.sum().backward()
     assert tsa.adapters["tgir"].down.weight.grad is None and tsa.adapters["cap"].up.weight.grad is None
@@ -153,7 +155,11 @@ def test_distributed_gather_gives_the_global_loss():
     parts = []
     for rank in range(2):
         rows = slice(3 * rank, 3 * rank + 3)
-        parts.append(itc_loss(img[rows], txt[rows], scale, gather=lambda x, src=None, r=rank: _fake_gather(x, r, img, txt)))
+        parts.append(
+            itc_loss(
+                img[rows], txt[rows], scale, gather=lambda x, src=None, r=rank: _fake_gather(x, r, img, txt)
+            )
+        )
     mean = sum(parts) / 2
     assert torch.allclose(mean, full)
     g_mean = torch.autograd.grad(mean, (img, txt))
@@ -213,15 +219,19 @@ def test_eager_attention_matches_sdpa():
 
 def test_mixed_task_forward_equals_separate_forwards():
     model = micro_model().double()
-    batches = {t: {k: (v.double() if v.is_floating_point() else v) for k, v in micro_batch(3, seed=i).items()}
-               for i, t in enumerate(("itc", "tgir", "scr", "cap"))}  # fmt: skip
+    batches = {
+        t: {k: (v.double() if v.is_floating_point() else v) for k, v in micro_batch(3, seed=i).items()}
+        for i, t in enumerate(("itc", "tgir", "scr", "cap"))
+    }
     mixed = model.forward_mixed(batches)
     total = sum(out.loss for out in mixed.values())
     grads_mixed = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
     separate = {t: model(b, t) for t, b in batches.items()}
     for t in batches:
         assert torch.allclose(mixed[t].loss, separate[t].loss, atol=1e-10), t
-    grads_sep = torch.autograd.grad(sum(o.loss for o in separate.values()), list(model.parameters()), allow_unused=True)
+    grads_sep = torch.autograd.grad(
+        sum(o.loss for o in separate.values()), list(model.parameters()), allow_unused=True
+    )
     for a, b in zip(grads_mixed, grads_sep):
         assert (a is None) == (b is None)
         if a is not None:

@@ -11,7 +11,9 @@ from famevil_fast.model.generation import EOT_ID, SOT_ID, generate, generate_by_
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = perturb_(FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")), std=0.05)
+    m = perturb_(
+        FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")), std=0.05
+    )
     with torch.no_grad():  # make the end token likely enough that some sequences stop early
         m.heads["cap"].bias[EOT_ID] += 4.0
     return m.double().eval()

@@ -160,10 +160,35 @@ _ALPHABET = st.characters(
     exclude_characters="\ud800",
 )
 _SNIPPETS = st.sampled_from(
-    [" ", "  ", "\t", "\n", "\r\n", "\u00a0", "&amp;", "&amp;amp;", "&lt;b&gt;", "&#233;", "&eacute", "'s",
-     "'LL", "<start_of_text>", "<end_of_text>", "Ã©", "â€™", "ſ", "İ", "ΣΑΣ", "ﬁ", "Ｗ", "42", "x10", "...",
-     "\U0001f469\U0001f3fd\u200d\U0001f3a4"]
-)  # fmt: skip
+    [
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\u00a0",
+        "&amp;",
+        "&amp;amp;",
+        "&lt;b&gt;",
+        "&#233;",
+        "&eacute",
+        "'s",
+        "'LL",
+        "<start_of_text>",
+        "<end_of_text>",
+        "Ã©",
+        "â€™",
+        "ſ",
+        "İ",
+        "ΣΑΣ",
+        "ﬁ",
+        "Ｗ",
+        "42",
+        "x10",
+        "...",
+        "\U0001f469\U0001f3fd\u200d\U0001f3a4",
+    ]
+)
 _TEXTS = st.lists(st.one_of(st.text(_ALPHABET, max_size=6), _SNIPPETS), max_size=12).map("".join)
 
 

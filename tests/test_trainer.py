@@ -41,7 +41,9 @@ def test_round_robin_update_sees_every_task_and_parameters_move(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["imtlg", "imtlg_global"])
 def test_imtl_strategies_train(tmp_path, strategy):
-    trainer = Trainer(micro_config(tmp_path, f"train.gradient_strategy={strategy}", "train.updates=2"), streams())
+    trainer = Trainer(
+        micro_config(tmp_path, f"train.gradient_strategy={strategy}", "train.updates=2"), streams()
+    )
     trainer.fit()
     assert all(r["applied"] for r in trainer.history)
 
@@ -49,7 +51,9 @@ def test_imtl_strategies_train(tmp_path, strategy):
 def test_mixed_task_batches_match_sequential_accumulation(tmp_path):
     seq = Trainer(micro_config(tmp_path / "s", "train.updates=2"), streams())
     seq.fit()
-    mixed = Trainer(micro_config(tmp_path / "m", "train.updates=2", "train.mixed_task_batches=true"), streams())
+    mixed = Trainer(
+        micro_config(tmp_path / "m", "train.updates=2", "train.mixed_task_batches=true"), streams()
+    )
     mixed.fit()
     for a, b in zip(seq.history, mixed.history):
         for (ta, va), (tb, vb) in zip(a["losses"], b["losses"]):
@@ -66,8 +70,10 @@ def test_non_finite_loss_skips_the_update_and_names_the_task(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     log = (tmp_path / "metrics.jsonl").read_text()
     assert "non-finite loss of task(s) ['tgir']" in log
-    stopper = Trainer(micro_config(tmp_path / "stop", "train.updates=1", "train.nonfinite=stop"),
-                      {**streams(), "tgir": RandomStream("tgir", 1, poison_at=0)})  # fmt: skip
+    stopper = Trainer(
+        micro_config(tmp_path / "stop", "train.updates=1", "train.nonfinite=stop"),
+        {**streams(), "tgir": RandomStream("tgir", 1, poison_at=0)},
+    )
     with pytest.raises(NonFiniteLoss, match="tgir"):
         stopper.fit()
 
@@ -91,10 +97,17 @@ def test_distillation_from_saved_teachers(tmp_path):
     cfg = micro_config(tmp_path / "run", "train.updates=1")
     teachers = {}
     for task in ("itc", "cap"):
-        teacher = FameViL(Trainer(cfg, streams()).model.config.replace(tasks=(task,), xaa="none" if task == "itc" else "text"))
+        teacher = FameViL(
+            Trainer(cfg, streams()).model.config.replace(
+                tasks=(task,), xaa="none" if task == "itc" else "text"
+            )
+        )
         teacher.save_pretrained(tmp_path / f"teacher_{task}")
         teachers[task] = str(tmp_path / f"teacher_{task}")
-    overrides = ["distill.enabled=true", "distill.teachers={itc: %s, cap: %s}" % (teachers["itc"], teachers["cap"])]
+    overrides = [
+        "distill.enabled=true",
+        f"distill.teachers={{itc: {teachers['itc']}, cap: {teachers['cap']}}}",
+    ]
     trainer = Trainer(micro_config(tmp_path / "kd", "train.updates=1", *overrides), streams())
     plain = Trainer(micro_config(tmp_path / "plain", "train.updates=1"), streams())
     kd_losses = dict(trainer.train_update()["losses"])
@@ -104,7 +117,9 @@ def test_distillation_from_saved_teachers(tmp_path):
 
 
 def test_checkpoints_keep_the_newest(tmp_path):
-    trainer = Trainer(micro_config(tmp_path, "train.updates=5", "checkpoint.every=1", "checkpoint.keep_last=2"), streams())
+    trainer = Trainer(
+        micro_config(tmp_path, "train.updates=5", "checkpoint.every=1", "checkpoint.keep_last=2"), streams()
+    )
     trainer.fit()
     assert [p.name for p in trainer.checkpoints.list()] == ["step_00000004", "step_00000005"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]

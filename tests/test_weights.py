@@ -34,7 +34,9 @@ def test_save_and_load_roundtrip(model, tmp_path):
 def test_official_layout_names_and_shapes_for_the_release():
     """Key names, count and shapes of the released r=512 checkpoint (CHECKPOINT_LAYOUT.md)."""
     with torch.device("meta"):
-        state = to_official_famevil(FameViL(FameViLConfig(adapter_bottleneck=512)).state_dict(), prefix="module.model.")
+        state = to_official_famevil(
+            FameViL(FameViLConfig(adapter_bottleneck=512)).state_dict(), prefix="module.model."
+        )
     assert len(state) == 1486
     expected = {
         "module.model.clip.logit_scale": (),
@@ -44,13 +46,18 @@ def test_official_layout_names_and_shapes_for_the_release():
         "module.model.clip.vision_model.embeddings.patch_embedding.weight": (768, 3, 16, 16),
         "module.model.clip.visual_projection.weight": (512, 768),
         "module.model.clip.text_model.encoder.layers.3.self_attn.k_proj.weight": (512, 512),
-        "module.model.clip.text_model.encoder.layers.0.adapt_mlp.itc.adapter_layer_norm_before.weight": (512,),
+        "module.model.clip.text_model.encoder.layers.0.adapt_mlp.itc.adapter_layer_norm_before.weight": (
+            512,
+        ),
         "module.model.clip.vision_model.encoder.layers.11.adapt_mlp.cap.down_proj.weight": (512, 768),
         "module.model.clip.vision_model.encoder.layers.11.adapt_mlp.cap.up_proj.weight": (768, 512),
         "module.model.clip.vision_model.encoder.layers.5.adapt_mlp.tgir.scale": (1,),
         "module.model.clip.text_model.encoder.layers.2.cross_attn.key.weight": (512, 768),
         "module.model.clip.vision_model.encoder.layers.2.cross_attn.value.weight": (768, 512),
-        "module.model.clip.vision_model.encoder.layers.7.cross_attn.xattn_adapter.down_proj.weight": (64, 768),
+        "module.model.clip.vision_model.encoder.layers.7.cross_attn.xattn_adapter.down_proj.weight": (
+            64,
+            768,
+        ),
         "module.model.clip.text_model.encoder.layers.7.cross_attn.context_layernorm.weight": (768,),
         "module.model.heads.itc.norm_s": (1,),
         "module.model.heads.scr.weight": (121, 512),
@@ -84,7 +91,9 @@ def test_loads_bare_ddp_state_dict_and_single_task_teacher(model, tmp_path):
     assert _same_weights(model, FameViL.from_pretrained(tmp_path / "fashionclip_final.pth"))
     teacher = FameViL(MICRO.replace(tasks=("scr",)))
     state = to_official_famevil(teacher.state_dict(), prefix="model.")
-    state = {k.replace(".adapt_mlp.scr.", ".adapt_mlp."): v for k, v in state.items()}  # teachers have no task segment
+    state = {
+        k.replace(".adapt_mlp.scr.", ".adapt_mlp."): v for k, v in state.items()
+    }  # teachers have no task segment
     torch.save(state, tmp_path / "teacher.pth")
     loaded = FameViL.from_pretrained(tmp_path / "teacher.pth")
     assert loaded.config.tasks == ("scr",)

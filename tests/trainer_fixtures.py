@@ -11,8 +11,16 @@ from famevil_fast.train.config import load_config
 class RandomStream:
     """Batch k of a task is a pure function of (seed, k): resumable by its position alone."""
 
-    def __init__(self, task: str, seed: int = 0, batch: int = 4, size: int = 32, length: int = 64,
-                 rows: slice | None = None, poison_at: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        task: str,
+        seed: int = 0,
+        batch: int = 4,
+        size: int = 32,
+        length: int = 64,
+        rows: slice | None = None,
+        poison_at: int | None = None,
+    ) -> None:
         self.task, self.seed, self.batch, self.size, self.length = task, seed, batch, size, length
         self.rows = rows or slice(None)
         self.position = 0
@@ -54,10 +62,21 @@ def streams(seed: int = 0, **kwargs) -> dict[str, RandomStream]:
 
 def micro_config(run_dir, *overrides: str):
     base = [
-        "model.clip=micro", "model.adapter_bottleneck=8", "data.image_size=32", "data.batch_size=4",
-        "train.updates=4", "train.precision=fp32", "train.device=cpu", "optim.lr=1e-3",
-        "optim.new_module_lr_multiplier=2.0", "schedule.warmup_updates=2", "schedule.decay_at=[3]",
-        "eval.every=0", f"checkpoint.dir={run_dir}", "checkpoint.every=0", "logging.progress=false",
+        "model.clip=micro",
+        "model.adapter_bottleneck=8",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "train.updates=4",
+        "train.precision=fp32",
+        "train.device=cpu",
+        "optim.lr=1e-3",
+        "optim.new_module_lr_multiplier=2.0",
+        "schedule.warmup_updates=2",
+        "schedule.decay_at=[3]",
+        "eval.every=0",
+        f"checkpoint.dir={run_dir}",
+        "checkpoint.every=0",
+        "logging.progress=false",
         "logging.tensorboard=false",
-    ]  # fmt: skip
+    ]
     return load_config(None, base + list(overrides))

@@ -32,8 +32,14 @@ class EvalOptions:
 
     @classmethod
     def from_section(cls, section) -> EvalOptions:
-        return cls(section.xmr_protocols, section.sampled_seed, section.caption_max_len, section.caption_beams,
-                   section.caption_metrics, section.max_samples)  # fmt: skip
+        return cls(
+            section.xmr_protocols,
+            section.sampled_seed,
+            section.caption_max_len,
+            section.caption_beams,
+            section.caption_metrics,
+            section.max_samples,
+        )
 
 
 def _limited(batches: Iterable[dict], limit: int | None, key: str) -> Iterator[dict]:
@@ -61,19 +67,35 @@ def evaluate_xmr(model, data, opts: EvalOptions) -> list[TaskResult]:
     image_emb, image_pid, image_sub = torch.cat(images), torch.cat(image_ids), torch.cat(image_sub)
     keep = torch.isin(data.texts["product_ids"].cpu(), image_pid)
     ids = data.texts["input_ids"][keep.to(data.texts["input_ids"].device)]
-    text_emb = torch.cat([model.encode_text(_model_input(model, ids[i : i + opts.text_batch]), "itc").float()
-                          for i in range(0, ids.shape[0], opts.text_batch)])  # fmt: skip
+    text_emb = torch.cat(
+        [
+            model.encode_text(_model_input(model, ids[i : i + opts.text_batch]), "itc").float()
+            for i in range(0, ids.shape[0], opts.text_batch)
+        ]
+    )
     text_pid, text_sub = data.texts["product_ids"].cpu()[keep], data.texts["subcategory"].cpu()[keep]
     results = []
     if "full" in opts.xmr_protocols:
-        results.append(xmr_full(image_emb, image_pid.to(image_emb.device), text_emb, text_pid.to(text_emb.device)))
+        results.append(
+            xmr_full(image_emb, image_pid.to(image_emb.device), text_emb, text_pid.to(text_emb.device))
+        )
     if "sampled" in opts.xmr_protocols:
         # small validation sets cannot supply 100 negatives of other products: take what they have
         views_per_product = torch.unique(image_pid, return_counts=True)[1].max().item()
         negatives = min(100, text_pid.numel() - 1, image_pid.numel() - views_per_product)
-        results.append(xmr_sampled(image_emb.cpu(), image_pid, image_sub, text_emb.cpu(), text_pid, text_sub,
-                                   seed=opts.sampled_seed, num_queries=min(1000, text_emb.shape[0]),
-                                   num_negatives=negatives))  # fmt: skip
+        results.append(
+            xmr_sampled(
+                image_emb.cpu(),
+                image_pid,
+                image_sub,
+                text_emb.cpu(),
+                text_pid,
+                text_sub,
+                seed=opts.sampled_seed,
+                num_queries=min(1000, text_emb.shape[0]),
+                num_negatives=negatives,
+            )
+        )
     return results
 
 
@@ -83,7 +105,11 @@ def evaluate_tgir(model, data, opts: EvalOptions) -> list[TaskResult]:
     for name, cat in data.categories.items():
         queries, targets = [], []
         for batch in _limited(cat.queries, opts.max_samples, "ref_pixels"):
-            queries.append(model.compose(_model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])).float())
+            queries.append(
+                model.compose(
+                    _model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])
+                ).float()
+            )
             targets.append(batch["target_ids"].cpu())
         gallery, gallery_ids = [], []
         for batch in cat.gallery:
@@ -100,7 +126,11 @@ def evaluate_tgir(model, data, opts: EvalOptions) -> list[TaskResult]:
 def evaluate_scr(model, data, opts: EvalOptions) -> list[TaskResult]:
     logits, labels = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
-        logits.append(model.classify(_model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"])).float().cpu())
+        logits.append(
+            model.classify(_model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"]))
+            .float()
+            .cpu()
+        )
         labels.append(batch["labels"].cpu())
     return [scr_result(torch.cat(logits), torch.cat(labels))]
 
@@ -111,8 +141,13 @@ def evaluate_cap(model, data, opts: EvalOptions) -> list[TaskResult]:
 
     predictions, references = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
-        predictions.extend(model.caption(_model_input(model, batch["pixels"]), max_len=opts.caption_max_len,
-                                         num_beams=opts.caption_beams))  # fmt: skip
+        predictions.extend(
+            model.caption(
+                _model_input(model, batch["pixels"]),
+                max_len=opts.caption_max_len,
+                num_beams=opts.caption_beams,
+            )
+        )
         references.extend(decode(batch["input_ids"].cpu()))
     return [fic_result(predictions, references, metrics=opts.caption_metrics)]
 
@@ -128,12 +163,31 @@ class Evaluator:
     options: EvalOptions = field(default_factory=EvalOptions)
 
     @classmethod
-    def build(cls, root, tasks: Sequence[str], image_size: int, batch_size: int = 128, device=None,
-              backend: str | None = None, cache_dir=None, options: EvalOptions | None = None) -> Evaluator:  # fmt: skip
+    def build(
+        cls,
+        root,
+        tasks: Sequence[str],
+        image_size: int,
+        batch_size: int = 128,
+        device=None,
+        backend: str | None = None,
+        cache_dir=None,
+        options: EvalOptions | None = None,
+    ) -> Evaluator:
         from famevil_fast.data import build_eval_sets
 
-        sets = {t: build_eval_sets(t, root, image_size=image_size, batch_size=batch_size, backend=backend,
-                                   device=device, cache_dir=cache_dir) for t in tasks}  # fmt: skip
+        sets = {
+            t: build_eval_sets(
+                t,
+                root,
+                image_size=image_size,
+                batch_size=batch_size,
+                backend=backend,
+                device=device,
+                cache_dir=cache_dir,
+            )
+            for t in tasks
+        }
         return cls(sets, options or EvalOptions())
 
     def report(self, model) -> EvalReport:
@@ -143,7 +197,9 @@ class Evaluator:
         try:
             for task, data in self.sets.items():
                 if task not in model.config.tasks:
-                    raise ValueError(f"cannot evaluate task {task!r}: the model has tasks {model.config.tasks}")
+                    raise ValueError(
+                        f"cannot evaluate task {task!r}: the model has tasks {model.config.tasks}"
+                    )
                 for result in EVALUATORS[task](model, data, self.options):
                     report.add(result)
         finally:

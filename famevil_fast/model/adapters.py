@@ -39,7 +39,13 @@ class BottleneckAdapter(nn.Module):
 
     def params(self) -> AdapterParams:
         return AdapterParams(
-            self.ln.weight, self.ln.bias, self.down.weight, self.down.bias, self.up.weight, self.up.bias, self.scale
+            self.ln.weight,
+            self.ln.bias,
+            self.down.weight,
+            self.down.bias,
+            self.up.weight,
+            self.up.bias,
+            self.scale,
         )
 
     def forward(self, x: torch.Tensor, residual: Residual = None) -> torch.Tensor:
@@ -64,7 +70,9 @@ class TaskAdapters(nn.Module):
     tasks present in the batch take part (absent tasks get no gradient).
     """
 
-    def __init__(self, width: int, bottleneck: int, tasks: tuple[str, ...], dropout: float = 0.0, eps: float = 1e-5):
+    def __init__(
+        self, width: int, bottleneck: int, tasks: tuple[str, ...], dropout: float = 0.0, eps: float = 1e-5
+    ):
         super().__init__()
         self.tasks = tuple(tasks)
         self.adapters = nn.ModuleDict({t: BottleneckAdapter(width, bottleneck, dropout, eps) for t in tasks})
@@ -76,7 +84,9 @@ class TaskAdapters(nn.Module):
 
     def _mixed(self, x: torch.Tensor, task_index: torch.Tensor, residual: Residual) -> torch.Tensor:
         if task_index.shape != (x.shape[0],):
-            raise ValueError(f"task index must have shape ({x.shape[0]},), one per sample; got {tuple(task_index.shape)}")
+            raise ValueError(
+                f"task index must have shape ({x.shape[0]},), one per sample; got {tuple(task_index.shape)}"
+            )
         present = torch.unique(task_index).tolist()
         adapters = [self.adapters[self.tasks[i]] for i in present]
         if len(adapters) == 1:
@@ -89,7 +99,11 @@ class TaskAdapters(nn.Module):
         if first.dropout > 0.0 and self.training:
             raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
         return fused_adapter(
-            x, *stack_adapter_params(adapters), residual=residual, task_ids=row_task, backend=first.backend,
+            x,
+            *stack_adapter_params(adapters),
+            residual=residual,
+            task_ids=row_task,
+            backend=first.backend,
             eps=first.ln.eps,
         )
 
@@ -118,13 +132,21 @@ class CrossAttentionAdapter(nn.Module):
 
     def attn_params(self) -> CrossAttentionParams:
         return CrossAttentionParams(
-            self.ln_q.weight, self.ln_q.bias, self.ln_ctx.weight, self.ln_ctx.bias,
-            self.q.weight, self.q.bias, self.kv.weight, self.kv.bias,
-        )  # fmt: skip
+            self.ln_q.weight,
+            self.ln_q.bias,
+            self.ln_ctx.weight,
+            self.ln_ctx.bias,
+            self.q.weight,
+            self.q.bias,
+            self.kv.weight,
+            self.kv.bias,
+        )
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a context, for reuse across calls (e.g. decoding steps)."""
-        return context_key_values(context, self.attn_params(), self.heads, backend=self.backend, eps=self.ln_ctx.eps)
+        return context_key_values(
+            context, self.attn_params(), self.heads, backend=self.backend, eps=self.ln_ctx.eps
+        )
 
     def forward(
         self,

@@ -59,7 +59,9 @@ class SelfAttention(nn.Module):
     def combine(self, q, k, v, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.out(merge_heads(attention(q, k, v, causal=causal, mask=mask, impl=self.impl)))
 
-    def forward(self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.combine(*self.project(x), causal=causal, mask=mask)
 
 
@@ -96,8 +98,13 @@ class Block(nn.Module):
         )
         self.xma: nn.Module | None = None
 
-    def attend(self, h: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None,
-               task: str | torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def attend(
+        self,
+        h: torch.Tensor,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+        task: str | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return h + self.attention_output(self.attn(self.ln_1(h), causal=causal, mask=mask), task)
 
     def attention_output(self, y: torch.Tensor, task: str | torch.Tensor | None = None) -> torch.Tensor:
@@ -118,9 +125,12 @@ class Block(nn.Module):
         return out if xaa_out is None else out + xaa_out
 
     def cross_attend(
-        self, a: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+        self,
+        a: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
         context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """The XAA branch output (not yet added to the stream)."""
         if self.xaa is None:
             raise ValueError("this block has no cross-attention adapter")
@@ -132,13 +142,25 @@ class Block(nn.Module):
 
 def _blocks(cfg, activation, eps, tasks, bottleneck, dropout, context_width, xaa_bottleneck) -> nn.ModuleList:
     return nn.ModuleList(
-        Block(cfg.width, cfg.heads, cfg.mlp_dim, activation, eps, tasks, bottleneck, dropout, context_width, xaa_bottleneck)
+        Block(
+            cfg.width,
+            cfg.heads,
+            cfg.mlp_dim,
+            activation,
+            eps,
+            tasks,
+            bottleneck,
+            dropout,
+            context_width,
+            xaa_bottleneck,
+        )
         for _ in range(cfg.layers)
     )
 
 
 class VisionTower(nn.Module):
-    """ViT: patch embedding, class token, positions, pre-LN, blocks, post-LN on the class token, projection."""
+    """ViT: patch embedding, class token, positions, pre-LN, blocks, post-LN on the class token,
+    projection."""
 
     def __init__(
         self,
@@ -159,7 +181,9 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, w) * w**-0.5)
         self.ln_pre = nn.LayerNorm(w, eps=eps)
-        self.blocks = _blocks(cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck)
+        self.blocks = _blocks(
+            cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck
+        )
         self.ln_post = nn.LayerNorm(w, eps=eps)
         self.proj = nn.Linear(w, embed_dim, bias=False)
 
@@ -202,7 +226,9 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
-        self.blocks = _blocks(cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck)
+        self.blocks = _blocks(
+            cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck
+        )
         self.ln_final = nn.LayerNorm(cfg.width, eps=eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)
@@ -216,7 +242,10 @@ class TextTower(nn.Module):
         return self.proj(self.ln_final(h[torch.arange(h.shape[0], device=h.device), eot]))
 
     def forward(
-        self, input_ids: torch.Tensor, task: str | torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        task: str | torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.embed(input_ids)
         for block in self.blocks:

@@ -63,7 +63,8 @@ class CLIPConfig:
                 raise ValueError(f"{name} width {tower.width} is not divisible by its {tower.heads} heads")
         if self.vision.image_size % self.vision.patch_size:
             raise ValueError(
-                f"image_size {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}"
+                f"image_size {self.vision.image_size} is not a multiple of "
+                f"patch_size {self.vision.patch_size}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,7 +77,9 @@ class CLIPConfig:
 
 
 def _vit(image_size, patch, width, layers, heads, mlp) -> VisionConfig:
-    return VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads, mlp_dim=mlp)
+    return VisionConfig(
+        image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads, mlp_dim=mlp
+    )
 
 
 def _txt(width, layers, heads, mlp, context_length=77) -> TextConfig:
@@ -155,7 +158,9 @@ class FameViLConfig:
         if self.caption_vocab is not None:
             vocab = self.clip.text.vocab_size
             if 49407 not in self.caption_vocab or any(not 0 <= t < vocab for t in self.caption_vocab):
-                raise ValueError(f"caption_vocab must hold token ids in [0, {vocab}) including the end token 49407")
+                raise ValueError(
+                    f"caption_vocab must hold token ids in [0, {vocab}) including the end token 49407"
+                )
             if len(set(self.caption_vocab)) != len(self.caption_vocab):
                 raise ValueError("caption_vocab has repeated token ids")
         self._check_pretraining()
@@ -183,8 +188,10 @@ class FameViLConfig:
         r, d_s = self.xmodal_bottleneck, self.xmodal_shared
         widths = (self.clip.vision.width, self.clip.text.width)
         if r < 1 or not 0 <= d_s <= min(widths):
-            raise ValueError(f"Cross-Modal Adapter needs xmodal_bottleneck >= 1 and 0 <= xmodal_shared <= "
-                             f"min(tower widths) = {min(widths)}; got r={r}, d_s={d_s}")  # fmt: skip
+            raise ValueError(
+                f"Cross-Modal Adapter needs xmodal_bottleneck >= 1 and 0 <= xmodal_shared <= "
+                f"min(tower widths) = {min(widths)}; got r={r}, d_s={d_s}"
+            )
         if self.clip.vision.layers != self.clip.text.layers:
             raise ValueError(
                 "the Cross-Modal Adapter shares up-projection channels between the towers layer by layer, "

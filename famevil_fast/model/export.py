@@ -26,7 +26,7 @@ def to_huggingface(state: dict[str, torch.Tensor], with_adapters: bool = False) 
             continue
         norm = next((n for n in _NORMS if key.startswith(n + ".")), None)
         if norm:
-            out[_NORMS[norm] + key[len(norm):]] = value
+            out[_NORMS[norm] + key[len(norm) :]] = value
             continue
         m = re.match(r"(vision|text)\.blocks\.(\d+)\.(.+)", key)
         if not m:
@@ -47,11 +47,11 @@ def _layer_entries(rest: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
         k, v = value.chunk(2)
         return {f"cross_attn.key.{kind}": k, f"cross_attn.value.{kind}": v}
     if rest.startswith("tsa.adapters."):
-        task, part, *tail = rest[len("tsa.adapters."):].split(".")
+        task, part, *tail = rest[len("tsa.adapters.") :].split(".")
         return {f"adapt_mlp.{task}.{_ADAPTER[part]}" + "".join("." + t for t in tail): value}
     for ours, theirs in _LAYER.items():
         if rest == ours or rest.startswith(ours + "."):
-            return {theirs + rest[len(ours):]: value}
+            return {theirs + rest[len(ours) :]: value}
     raise ValueError(f"cannot export layer key {rest}")
 
 

@@ -38,7 +38,8 @@ TASK_BATCH_KEYS = {
 
 @dataclass
 class TaskOutput:
-    """What a training forward returns: the task loss and the tensors a distillation loss or a metric needs."""
+    """What a training forward returns: the task loss and the tensors a distillation loss or a metric
+    needs."""
 
     loss: torch.Tensor
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -70,16 +71,22 @@ class FameViL(nn.Module):
         self.config = config or FameViLConfig()
         c, clip = self.config, self.config.clip
         adapter_tasks = c.tasks if c.adapter_type == "tsa" else ()
-        common = dict(activation=clip.activation, eps=clip.layer_norm_eps, tasks=adapter_tasks,
-                      bottleneck=c.adapter_bottleneck, adapter_dropout=c.adapter_dropout,
-                      xaa_bottleneck=c.xaa_bottleneck)  # fmt: skip
+        common = dict(
+            activation=clip.activation,
+            eps=clip.layer_norm_eps,
+            tasks=adapter_tasks,
+            bottleneck=c.adapter_bottleneck,
+            adapter_dropout=c.adapter_dropout,
+            xaa_bottleneck=c.xaa_bottleneck,
+        )
         vision_ctx = clip.text.width if c.xaa == "both" else None
         text_ctx = clip.vision.width if c.xaa in ("both", "text") else None
         self.vision = VisionTower(clip.vision, clip.embed_dim, context_width=vision_ctx, **common)
         self.text = TextTower(clip.text, clip.embed_dim, context_width=text_ctx, **common)
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))
-        self.heads = build_heads(c.tasks, clip.embed_dim, clip.text.width, clip.text.vocab_size, c.num_classes,
-                                 c.norm_scale_init)  # fmt: skip
+        self.heads = build_heads(
+            c.tasks, clip.embed_dim, clip.text.width, clip.text.vocab_size, c.num_classes, c.norm_scale_init
+        )
         self.heads.update(build_pretrain_heads(c))
         if c.adapter_type == "xmodal":
             from famevil_fast.model.xmodal import attach_cross_modal_adapters
@@ -113,9 +120,7 @@ class FameViL(nn.Module):
     def from_clip(cls, path_or_state_dict: str | Path | dict, config: FameViLConfig | None = None) -> FameViL:
         """Start from CLIP weights (OpenAI .pt, open_clip, Hugging Face or famevil_fast layout); adapters,
         cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP)."""
-        from famevil_fast.model.weights import load_clip_state_dict
-
-        from famevil_fast.model.weights import load_into
+        from famevil_fast.model.weights import load_clip_state_dict, load_into
 
         state, clip_config = load_clip_state_dict(path_or_state_dict)
         model = cls(config or FameViLConfig(clip=clip_config))
@@ -152,11 +157,15 @@ class FameViL(nn.Module):
         input_ids = self.trim(input_ids)
         return self.text(input_ids, task, mask=self._text_self_mask(input_ids))
 
-    def fused_features(self, pixels: torch.Tensor, input_ids: torch.Tensor, task: str | torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def fused_features(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, task: str | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fusion mode: towers in lock-step with cross-attention both ways; returns (v, t) projections."""
         if self.config.xaa != "both":
-            raise ValueError(f"fusion mode needs cross-attention adapters in both towers (xaa='both'), this model has xaa={self.config.xaa!r}")
+            raise ValueError(
+                "fusion mode needs cross-attention adapters in both towers (xaa='both'), "
+                f"this model has xaa={self.config.xaa!r}"
+            )
         input_ids = self.trim(input_ids)
         valid = text_valid_mask(input_ids)
         self_mask = self._text_self_mask(input_ids)
@@ -178,10 +187,14 @@ class FameViL(nn.Module):
             memory.append(h)
         return memory
 
-    def caption_states(self, memory: list[torch.Tensor], input_ids: torch.Tensor, task: str = "cap") -> torch.Tensor:
+    def caption_states(
+        self, memory: list[torch.Tensor], input_ids: torch.Tensor, task: str = "cap"
+    ) -> torch.Tensor:
         """Generative mode, text side: final-LN text states (B, L, width) conditioned on vision memory."""
         if self.config.xaa == "none":
-            raise ValueError("captioning needs cross-attention adapters in the text tower (xaa='both' or 'text')")
+            raise ValueError(
+                "captioning needs cross-attention adapters in the text tower (xaa='both' or 'text')"
+            )
         self_mask = self._text_self_mask(input_ids)
         h = self.text.embed(input_ids)
         for block, mem in zip(self.text.blocks, memory):
@@ -197,10 +210,13 @@ class FameViL(nn.Module):
         return F.linear(states, head.weight[self.caption_vocab], head.bias[self.caption_vocab])
 
     def caption_targets(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids -> indices into the logits of ``caption_logits`` (-100, ignored, when not shortlisted)."""
+        """Token ids -> indices into the logits of ``caption_logits`` (-100, ignored, when not
+        shortlisted)."""
         if self.caption_vocab is None:
             return token_ids
-        table = torch.full((self.config.clip.text.vocab_size,), -100, dtype=torch.long, device=token_ids.device)
+        table = torch.full(
+            (self.config.clip.text.vocab_size,), -100, dtype=torch.long, device=token_ids.device
+        )
         table[self.caption_vocab] = torch.arange(self.caption_vocab.numel(), device=token_ids.device)
         return table[token_ids]
 
@@ -250,8 +266,9 @@ class FameViL(nn.Module):
         return self.heads["scr"](v + t)
 
     @torch.no_grad()
-    def caption(self, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1,
-                return_ids: bool = False) -> list[str] | torch.Tensor:  # fmt: skip
+    def caption(
+        self, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, return_ids: bool = False
+    ) -> list[str] | torch.Tensor:
         """Captions of images: greedy (num_beams=1) or beam search, with key/value caches; strings, or the
         generated token ids (B, <= max_len + 2, starting with the start token) when ``return_ids``."""
         from famevil_fast.model.generation import generate
@@ -271,7 +288,9 @@ class FameViL(nn.Module):
         check_same_batch(**{pixels_name: pixels, "input_ids": input_ids})
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, batch: dict[str, torch.Tensor], task: str, gather: losses.Gather | None = None) -> TaskOutput:
+    def forward(
+        self, batch: dict[str, torch.Tensor], task: str, gather: losses.Gather | None = None
+    ) -> TaskOutput:
         """Training forward of one task on a batch (keys per task in ``TASK_BATCH_KEYS``): loss + outputs.
 
         ``gather`` (distributed training) all-gathers features with gradient flow; see ``model.losses``.
@@ -322,13 +341,17 @@ class FameViL(nn.Module):
 
     def _check_labels(self, labels: torch.Tensor, batch: int) -> None:
         if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
-            raise ValueError(f"labels must be integer class ids of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be integer class ids of shape ({batch},), "
+                f"got {labels.dtype} {tuple(labels.shape)}"
+            )
         n = self.config.num_classes
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
             raise ValueError(f"labels must lie in [0, {n}), got [{int(labels.min())}, {int(labels.max())}]")
 
-    def forward_mixed(self, batches: dict[str, dict[str, torch.Tensor]], gather: losses.Gather | None = None
-                      ) -> dict[str, TaskOutput]:  # fmt: skip
+    def forward_mixed(
+        self, batches: dict[str, dict[str, torch.Tensor]], gather: losses.Gather | None = None
+    ) -> dict[str, TaskOutput]:
         """Several tasks' batches through shared backbone passes (see ``model.multitask``)."""
         from famevil_fast.model.multitask import forward_mixed
 

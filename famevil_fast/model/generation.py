@@ -72,7 +72,9 @@ def generate(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1)
     if num_beams == 1:
         return _greedy(TextDecoder(model, memory, steps + 1), pixels.shape[0], steps, pixels.device, model)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
-    return _beam_search(TextDecoder(model, memory, steps + 1), pixels.shape[0], num_beams, steps, pixels.device, model)
+    return _beam_search(
+        TextDecoder(model, memory, steps + 1), pixels.shape[0], num_beams, steps, pixels.device, model
+    )
 
 
 def _greedy(decoder, batch: int, steps: int, device, model) -> torch.Tensor:
@@ -176,7 +178,9 @@ class _Reencoder:
 
 
 @torch.no_grad()
-def generate_by_reencoding(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1) -> torch.Tensor:
+def generate_by_reencoding(
+    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1
+) -> torch.Tensor:
     """Same output as ``generate`` without caches (the reference for tests and benchmarks)."""
     steps = _max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")

@@ -23,8 +23,14 @@ class NormScale(nn.Module):
         return F.normalize(x, dim=-1) * self.norm_s
 
 
-def build_heads(tasks: tuple[str, ...], embed_dim: int, text_width: int, vocab_size: int, num_classes: int,
-                norm_scale_init: float) -> nn.ModuleDict:  # fmt: skip
+def build_heads(
+    tasks: tuple[str, ...],
+    embed_dim: int,
+    text_width: int,
+    vocab_size: int,
+    num_classes: int,
+    norm_scale_init: float,
+) -> nn.ModuleDict:
     heads = nn.ModuleDict()
     for task in ("itc", "tgir", "scr", "cap"):
         if task not in tasks:

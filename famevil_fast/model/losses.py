@@ -21,8 +21,13 @@ def _local_labels(rows: int, offset: int, device: torch.device) -> torch.Tensor:
     return torch.arange(offset, offset + rows, device=device)
 
 
-def itc_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, gather: Gather | None = None,
-             backend: str | None = None) -> torch.Tensor:  # fmt: skip
+def itc_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    gather: Gather | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised image and text embeddings, logits = scale * cos."""
     if gather is None:
         return contrastive_loss(image, text, scale, two_way=True, backend=backend)
@@ -34,8 +39,13 @@ def itc_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, gathe
     return 0.5 * (i2t + t2i)
 
 
-def tgir_loss(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor, gather: Gather | None = None,
-              backend: str | None = None) -> torch.Tensor:  # fmt: skip
+def tgir_loss(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    gather: Gather | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Batch-based classification: each composed query against every target of the (global) batch."""
     offset = 0
     if gather is not None:

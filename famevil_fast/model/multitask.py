@@ -59,14 +59,24 @@ def forward_mixed(model, batches: dict[str, dict[str, torch.Tensor]], gather=Non
         for key in TASK_BATCH_KEYS[task]:
             if "pixels" in key:
                 check_pixels(batch[key], model.config.clip.vision, model.device, f"{task}.{key}")
-        model._check_pair(batch[TASK_BATCH_KEYS[task][0]], batch["input_ids"], f"{task}.{TASK_BATCH_KEYS[task][0]}")
+        model._check_pair(
+            batch[TASK_BATCH_KEYS[task][0]], batch["input_ids"], f"{task}.{TASK_BATCH_KEYS[task][0]}"
+        )
     if "tgir" in batches:
-        check_same_batch(ref_pixels=batches["tgir"]["ref_pixels"], target_pixels=batches["tgir"]["target_pixels"])
+        check_same_batch(
+            ref_pixels=batches["tgir"]["ref_pixels"], target_pixels=batches["tgir"]["target_pixels"]
+        )
     if "scr" in batches:
         model._check_labels(batches["scr"]["labels"], batches["scr"]["pixels"].shape[0])
 
-    vision_parts = [(t, batches[t][k]) for t, k in (("itc", "pixels"), ("tgir", "target_pixels"), ("cap", "pixels")) if t in batches]
-    pooled, memory = _vision_pass(model, vision_parts, "cap" if "cap" in batches else None) if vision_parts else ({}, [])
+    vision_parts = [
+        (t, batches[t][k])
+        for t, k in (("itc", "pixels"), ("tgir", "target_pixels"), ("cap", "pixels"))
+        if t in batches
+    ]
+    pooled, memory = (
+        _vision_pass(model, vision_parts, "cap" if "cap" in batches else None) if vision_parts else ({}, [])
+    )
     fused = _fusion_pass(model, {t: batches[t] for t in ("tgir", "scr") if t in batches})
     outputs: dict[str, TaskOutput] = {}
     backend = model.config.backend
@@ -74,12 +84,18 @@ def forward_mixed(model, batches: dict[str, dict[str, torch.Tensor]], gather=Non
         image = F.normalize(pooled["itc"], dim=-1)
         text = F.normalize(model.text_features(batches["itc"]["input_ids"], "itc"), dim=-1)
         scale = model.heads["itc"].logit_scale()
-        outputs["itc"] = TaskOutput(losses.itc_loss(image, text, scale, gather, backend), {"image": image, "text": text, "scale": scale})
+        outputs["itc"] = TaskOutput(
+            losses.itc_loss(image, text, scale, gather, backend),
+            {"image": image, "text": text, "scale": scale},
+        )
     if "tgir" in batches:
         query = F.normalize(fused["tgir"][0] + fused["tgir"][1], dim=-1)
         target = F.normalize(pooled["tgir"], dim=-1)
         scale = model.heads["tgir"].logit_scale()
-        outputs["tgir"] = TaskOutput(losses.tgir_loss(query, target, scale, gather, backend), {"query": query, "target": target, "scale": scale})
+        outputs["tgir"] = TaskOutput(
+            losses.tgir_loss(query, target, scale, gather, backend),
+            {"query": query, "target": target, "scale": scale},
+        )
     if "scr" in batches:
         logits = model.heads["scr"](fused["scr"][0] + fused["scr"][1])
         outputs["scr"] = TaskOutput(losses.scr_loss(logits, batches["scr"]["labels"]), {"logits": logits})
@@ -89,7 +105,9 @@ def forward_mixed(model, batches: dict[str, dict[str, torch.Tensor]], gather=Non
     return {t: outputs[t] for t in order}
 
 
-def _fusion_pass(model, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _fusion_pass(
+    model, batches: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if not batches:
         return {}
     tasks = list(batches)

@@ -30,7 +30,7 @@ TASK_ORDER = ("itc", "tgir", "scr", "cap")
 LN_RENAMES = {"weight": "weight", "bias": "bias"}
 
 
-# ---------------------------------------------------------------------------------------------- reading files
+# ---------------------------------------------------------------- reading files
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of a checkpoint file or directory, plus any config found beside them."""
     path = Path(path)
@@ -57,7 +57,9 @@ def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         for shard in shards:
             state.update(_read_safetensors(path / shard)[0])
         return state, config
-    raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_FILE}, pytorch_model.bin or a sharded index")
+    raise FileNotFoundError(
+        f"no weights in {path}: expected {WEIGHTS_FILE}, pytorch_model.bin or a sharded index"
+    )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -83,7 +85,11 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        hint = "" if trust_pickle else " (if the file is trusted and holds non-tensor objects, pass trust_pickle=True)"
+        hint = (
+            ""
+            if trust_pickle
+            else " (if the file is trusted and holds non-tensor objects, pass trust_pickle=True)"
+        )
         raise ValueError(f"cannot read checkpoint {path}: {exc}{hint}") from exc
     return unwrap_container(obj, str(path))
 
@@ -113,11 +119,11 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove one leading ``module.`` (DDP) and then one leading ``model.`` (mmf) from every key."""
     for prefix in ("module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
-# ---------------------------------------------------------------------------------------------- detection
+# ---------------------------------------------------------------- detection
 def detect_format(state: dict[str, torch.Tensor]) -> str:
     keys = list(state)
     if any(k.startswith("vision.blocks.") for k in keys):
@@ -129,11 +135,13 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("visual.transformer.resblocks.") for k in keys):
         return "openai"
     if any(k.startswith("visual.trunk.") or k.startswith("text.transformer.") for k in keys):
-        raise ValueError("this open_clip model uses a timm or custom text tower, which is not a CLIP ViT layout")
+        raise ValueError(
+            "this open_clip model uses a timm or custom text tower, which is not a CLIP ViT layout"
+        )
     raise ValueError(f"unrecognised checkpoint layout; first keys: {keys[:5]}")
 
 
-# ---------------------------------------------------------------------------------------------- conversions
+# ---------------------------------------------------------------- conversions
 def convert_openai(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenAI / open_clip names -> famevil_fast names."""
     out: dict[str, torch.Tensor] = {}
@@ -146,16 +154,25 @@ def convert_openai(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _OPENAI_BLOCK = {
-    "ln_1": "ln_1", "ln_2": "ln_2", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj.weight": "attn.out.weight", "attn.out_proj.bias": "attn.out.bias",
-    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-}  # fmt: skip
+    "ln_1": "ln_1",
+    "ln_2": "ln_2",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.out.weight",
+    "attn.out_proj.bias": "attn.out.bias",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 _OPENAI_TOP = {
-    "visual.conv1.weight": "vision.patch_embed.weight", "visual.class_embedding": "vision.class_embedding",
-    "visual.positional_embedding": "vision.pos_embed", "visual.proj": "vision.proj.weight",
-    "token_embedding.weight": "text.token_embed.weight", "positional_embedding": "text.pos_embed",
-    "text_projection": "text.proj.weight", "logit_scale": "logit_scale",
-}  # fmt: skip
+    "visual.conv1.weight": "vision.patch_embed.weight",
+    "visual.class_embedding": "vision.class_embedding",
+    "visual.positional_embedding": "vision.pos_embed",
+    "visual.proj": "vision.proj.weight",
+    "token_embedding.weight": "text.token_embed.weight",
+    "positional_embedding": "text.pos_embed",
+    "text_projection": "text.proj.weight",
+    "logit_scale": "logit_scale",
+}
 
 
 def _openai_name(key: str) -> str:
@@ -167,20 +184,31 @@ def _openai_name(key: str) -> str:
         rest = m.group(3)
         for old, new in _OPENAI_BLOCK.items():
             if rest.startswith(old):
-                return f"{tower}.blocks.{m.group(2)}.{new}{rest[len(old):]}"
-    for old, new in (("visual.ln_pre", "vision.ln_pre"), ("visual.ln_post", "vision.ln_post"), ("ln_final", "text.ln_final")):
+                return f"{tower}.blocks.{m.group(2)}.{new}{rest[len(old) :]}"
+    for old, new in (
+        ("visual.ln_pre", "vision.ln_pre"),
+        ("visual.ln_post", "vision.ln_post"),
+        ("ln_final", "text.ln_final"),
+    ):
         if key.startswith(old + "."):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     raise ValueError(f"unexpected key in an OpenAI/open_clip checkpoint: {key}")
 
 
 _HF_LAYER = {
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out", "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2", "cross_attn.query_layernorm": "xaa.ln_q", "cross_attn.context_layernorm": "xaa.ln_ctx",
-    "cross_attn.query": "xaa.q", "cross_attn.xattn_adapter.adapter_layer_norm_before": "xaa.adapter.ln",
-    "cross_attn.xattn_adapter.down_proj": "xaa.adapter.down", "cross_attn.xattn_adapter.up_proj": "xaa.adapter.up",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "cross_attn.query_layernorm": "xaa.ln_q",
+    "cross_attn.context_layernorm": "xaa.ln_ctx",
+    "cross_attn.query": "xaa.q",
+    "cross_attn.xattn_adapter.adapter_layer_norm_before": "xaa.adapter.ln",
+    "cross_attn.xattn_adapter.down_proj": "xaa.adapter.down",
+    "cross_attn.xattn_adapter.up_proj": "xaa.adapter.up",
     "cross_attn.xattn_adapter.scale": "xaa.adapter.scale",
-}  # fmt: skip
+}
 _HF_TOP = {
     "vision_model.embeddings.patch_embedding.weight": "vision.patch_embed.weight",
     "vision_model.embeddings.class_embedding": "vision.class_embedding",
@@ -191,12 +219,17 @@ _HF_TOP = {
     "text_projection.weight": "text.proj.weight",
     "logit_scale": "logit_scale",
 }
-_HF_NORMS = {"vision_model.pre_layrnorm": "vision.ln_pre", "vision_model.post_layernorm": "vision.ln_post",
-             "text_model.final_layer_norm": "text.ln_final"}  # fmt: skip
+_HF_NORMS = {
+    "vision_model.pre_layrnorm": "vision.ln_pre",
+    "vision_model.post_layernorm": "vision.ln_post",
+    "text_model.final_layer_norm": "text.ln_final",
+}
 _ADAPTER_PARTS = {"adapter_layer_norm_before": "ln", "down_proj": "down", "up_proj": "up", "scale": "scale"}
 
 
-def convert_huggingface(state: dict[str, torch.Tensor], single_task: str | None = None) -> dict[str, torch.Tensor]:
+def convert_huggingface(
+    state: dict[str, torch.Tensor], single_task: str | None = None
+) -> dict[str, torch.Tensor]:
     """Hugging Face CLIP names (optionally with FAME-ViL's adapt_mlp / cross_attn) -> famevil_fast names."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
@@ -208,7 +241,7 @@ def convert_huggingface(state: dict[str, torch.Tensor], single_task: str | None 
             continue
         norm = next((n for n in _HF_NORMS if key.startswith(n + ".")), None)
         if norm:
-            out[_HF_NORMS[norm] + key[len(norm):]] = value
+            out[_HF_NORMS[norm] + key[len(norm) :]] = value
             continue
         m = re.match(r"(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)", key)
         if not m:
@@ -243,14 +276,14 @@ def _hf_layer_name(rest: str, single_task: str | None) -> str:
         return f"tsa.adapters.{task}.{_ADAPTER_PARTS[parts[0]]}" + "".join("." + p for p in parts[1:])
     for old, new in _HF_LAYER.items():
         if rest == old or rest.startswith(old + "."):
-            return new + rest[len(old):]
+            return new + rest[len(old) :]
     raise ValueError(f"unexpected layer key in a Hugging Face/FAME-ViL checkpoint: {rest}")
 
 
 def convert_official_famevil(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official FAME-ViL (mmf) -> famevil_fast names; teachers and balances are dropped."""
     state = {k: v for k, v in state.items() if not k.startswith(("teachers.", "balances."))}
-    clip = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    clip = {k[len("clip.") :]: v for k, v in state.items() if k.startswith("clip.")}
     heads = {k: v for k, v in state.items() if k.startswith("heads.")}
     other = sorted(set(state) - {"clip." + k for k in clip} - set(heads))
     if other:
@@ -274,7 +307,7 @@ def to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return convert_openai(state)
 
 
-# ---------------------------------------------------------------------------------------------- config inference
+# ---------------------------------------------------------------- config inference
 def _count_blocks(state: dict[str, torch.Tensor], tower: str) -> int:
     ids = {int(m.group(1)) for k in state if (m := re.match(rf"{tower}\.blocks\.(\d+)\.", k))}
     return max(ids) + 1 if ids else 0
@@ -290,24 +323,38 @@ def infer_clip_config(state: dict[str, torch.Tensor], hints: dict | None = None)
     tw = state["text.token_embed.weight"].shape[1]
     vision_hint, text_hint = hints.get("vision_config", {}), hints.get("text_config", {})
     vision = VisionConfig(
-        image_size=grid * patch, patch_size=patch, width=vw, layers=_count_blocks(state, "vision"),
-        heads=vision_hint.get("num_attention_heads", vw // 64), mlp_dim=state["vision.blocks.0.mlp.fc1.weight"].shape[0],
-    )  # fmt: skip
+        image_size=grid * patch,
+        patch_size=patch,
+        width=vw,
+        layers=_count_blocks(state, "vision"),
+        heads=vision_hint.get("num_attention_heads", vw // 64),
+        mlp_dim=state["vision.blocks.0.mlp.fc1.weight"].shape[0],
+    )
     text = TextConfig(
-        vocab_size=state["text.token_embed.weight"].shape[0], context_length=state["text.pos_embed"].shape[0],
-        width=tw, layers=_count_blocks(state, "text"), heads=text_hint.get("num_attention_heads", tw // 64),
+        vocab_size=state["text.token_embed.weight"].shape[0],
+        context_length=state["text.pos_embed"].shape[0],
+        width=tw,
+        layers=_count_blocks(state, "text"),
+        heads=text_hint.get("num_attention_heads", tw // 64),
         mlp_dim=state["text.blocks.0.mlp.fc1.weight"].shape[0],
-    )  # fmt: skip
+    )
     act = text_hint.get("hidden_act", "quick_gelu")
     act = "quick_gelu" if act == "quick_gelu" else "gelu"
     eps = text_hint.get("layer_norm_eps", 1e-5)
-    return CLIPConfig(vision=vision, text=text, embed_dim=state["text.proj.weight"].shape[0], activation=act,
-                      layer_norm_eps=eps)  # fmt: skip
+    return CLIPConfig(
+        vision=vision,
+        text=text,
+        embed_dim=state["text.proj.weight"].shape[0],
+        activation=act,
+        layer_norm_eps=eps,
+    )
 
 
 def infer_famevil_config(state: dict[str, torch.Tensor], clip: CLIPConfig) -> FameViLConfig:
     """Tasks, bottleneck, cross-attention placement and class count from a converted FAME-ViL state dict."""
-    tasks = tuple(t for t in TASK_ORDER if any(f".tsa.adapters.{t}." in k or k.startswith(f"heads.{t}.") for k in state))
+    tasks = tuple(
+        t for t in TASK_ORDER if any(f".tsa.adapters.{t}." in k or k.startswith(f"heads.{t}.") for k in state)
+    )
     downs = [v for k, v in state.items() if ".tsa.adapters." in k and k.endswith("down.weight")]
     has_vision_xaa = any(k.startswith("vision.") and ".xaa." in k for k in state)
     has_text_xaa = any(k.startswith("text.") and ".xaa." in k for k in state)
@@ -326,7 +373,7 @@ def infer_famevil_config(state: dict[str, torch.Tensor], clip: CLIPConfig) -> Fa
     return FameViLConfig(**kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- public loaders
+# ---------------------------------------------------------------- public loaders
 def load_clip_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     """Canonical CLIP backbone tensors (no adapters or heads) and the inferred CLIP config."""
     if isinstance(source, dict):
@@ -363,15 +410,20 @@ def is_new_module_key(key: str) -> bool:
     return ".tsa." in key or ".xaa." in key or ".xma." in key or key.startswith(("heads.", "xmodal_shared."))
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, backbone_only: bool = False) -> None:
+def load_into(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, backbone_only: bool = False
+) -> None:
     """Copy ``state`` into ``model``; missing or unexpected keys and shape mismatches raise one ValueError
     that lists them. With ``backbone_only``, the model's adapters and heads may be absent from ``state``."""
     own = model.state_dict()
     wanted = {k for k in own if not (backbone_only and is_new_module_key(k))}
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]  # fmt: skip
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if own[k].shape != state[k].shape
+    ]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{what} does not match the model:\n"
@@ -382,7 +434,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
     model.load_state_dict(state, strict=not backbone_only)
 
 
-# ---------------------------------------------------------------------------------------------- writing
+# ---------------------------------------------------------------- writing
 def atomic_write_bytes(path: Path, write) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ RNG_FILE = "rng.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-# ---------------------------------------------------------------------------------------------- optimizer state
+# ---------------------------------------------------------------- optimizer state
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -42,7 +42,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
@@ -52,7 +54,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-# ---------------------------------------------------------------------------------------------- random states
+# ---------------------------------------------------------------- random states
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -78,7 +80,7 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-# ---------------------------------------------------------------------------------------------- manager
+# ---------------------------------------------------------------- manager
 class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
         self.directory = Path(directory) / "checkpoints"
@@ -87,14 +89,20 @@ class CheckpointManager:
     def list(self) -> list[Path]:
         if not self.directory.exists():
             return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).exists()]
+        found = [
+            p
+            for p in self.directory.iterdir()
+            if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).exists()
+        ]
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
         found = self.list()
         return found[-1] if found else None
 
-    def save(self, update: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    def save(
+        self, update: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> Path:
         """Write checkpoint ``update`` (model, optimizer, random states and the JSON-able ``state``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step_{update:08d}"
@@ -117,7 +125,9 @@ class CheckpointManager:
         self._prune()
         return final
 
-    def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def load(
+        self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
         """Restore model, optimizer and random states from ``path``; returns the JSON state."""
         from famevil_fast.model.weights import load_into, read_state_dict
 

@@ -28,25 +28,44 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 @dataclass
 class ModelSection:
     clip: str = doc("CLIP size preset: ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro", "ViT-B-16")
-    init: str | None = doc("CLIP weights to start from (OpenAI .pt, open_clip, Hugging Face dir); null = random", None)
-    resume_weights: str | None = doc("FAME-ViL checkpoint to start from instead (famevil_fast or official)", None)
-    tasks: list[str] = doc("tasks to train, each with its adapters and head (itc, tgir, scr, cap; "
-                           "pre-training: mvc, pac, itm)", factory=lambda: ["itc", "tgir", "scr", "cap"])
-    init_from: str | None = doc("FAME-ViL checkpoint (e.g. a pre-training run's final/) to take the "
-                                "backbone, cross-attention adapters and shared tasks' adapters, heads from",
-                                None)
-    adapter_bottleneck: int = doc("task-adapter bottleneck r (64 in the recipes, 512 in the released model)", 64)
+    init: str | None = doc(
+        "CLIP weights to start from (OpenAI .pt, open_clip, Hugging Face dir); null = random", None
+    )
+    resume_weights: str | None = doc(
+        "FAME-ViL checkpoint to start from instead (famevil_fast or official)", None
+    )
+    tasks: list[str] = doc(
+        "tasks to train, each with its adapters and head (itc, tgir, scr, cap; pre-training: mvc, pac, itm)",
+        factory=lambda: ["itc", "tgir", "scr", "cap"],
+    )
+    init_from: str | None = doc(
+        "FAME-ViL checkpoint (e.g. a pre-training run's final/) to take the "
+        "backbone, cross-attention adapters and shared tasks' adapters, heads from",
+        None,
+    )
+    adapter_bottleneck: int = doc(
+        "task-adapter bottleneck r (64 in the recipes, 512 in the released model)", 64
+    )
     adapter_dropout: float = doc("dropout inside the task adapters", 0.0)
     xaa: str = doc("cross-attention adapters: both, text or none", "both")
     num_classes: int = doc("sub-category classes of the SCR head", 121)
-    caption_loss_on_padding: bool = doc("faithful quirk: train padded caption positions to predict the end token", False)
-    caption_vocab: str | None = doc("'corpus': the caption head scores only tokens of the training captions "
-                                    "(much cheaper LM head); null: the whole vocabulary", None)
+    caption_loss_on_padding: bool = doc(
+        "faithful quirk: train padded caption positions to predict the end token", False
+    )
+    caption_vocab: str | None = doc(
+        "'corpus': the caption head scores only tokens of the training captions "
+        "(much cheaper LM head); null: the whole vocabulary",
+        None,
+    )
     attention: str = doc("attention kernel: auto, sdpa, eager (faithful reference) or flash", "auto")
-    backend: str | None = doc("op backend for adapters and losses: null (automatic), torch, triton, cuda, cpu", None)
-    adapter_type: str = doc("task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal "
-                            "Adapter: sequential after attention and MLP, channels shared by the towers)",
-                            "tsa")
+    backend: str | None = doc(
+        "op backend for adapters and losses: null (automatic), torch, triton, cuda, cpu", None
+    )
+    adapter_type: str = doc(
+        "task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal "
+        "Adapter: sequential after attention and MLP, channels shared by the towers)",
+        "tsa",
+    )
     xmodal_bottleneck: int = doc("Cross-Modal Adapter bottleneck r", 8)
     xmodal_shared: int = doc("Cross-Modal Adapter up-projection channels shared by the two towers (d_s)", 16)
     num_attributes: int | None = doc("PAC attribute classes; null = the attribute vocabulary's size", None)
@@ -54,15 +73,23 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    root: str = doc("dataset root holding FashionGen/ and FashionIQ/ (e.g. the synthetic dataset)", "data/synthetic")
+    root: str = doc(
+        "dataset root holding FashionGen/ and FashionIQ/ (e.g. the synthetic dataset)", "data/synthetic"
+    )
     image_size: int = doc("input resolution; must match the CLIP preset", 224)
     batch_size: int = doc("micro-batch size per task and process (the reference uses 64)", 64)
     eval_batch_size: int = doc("batch size of evaluation passes", 128)
     num_workers: int = doc("decoding threads", 4)
-    backend: str | None = doc("image decoding backend: null (automatic), dali, dali_cpu, torchvision, pil, cache", None)
-    cache: str | None = doc("pre-decoded cache directory written by `famevil-fast cache` (used when set)", None)
-    attributes: str | None = doc("PAC attribute file from `famevil-fast mine-attributes`; null = mine the "
-                                 "training texts at start-up", None)
+    backend: str | None = doc(
+        "image decoding backend: null (automatic), dali, dali_cpu, torchvision, pil, cache", None
+    )
+    cache: str | None = doc(
+        "pre-decoded cache directory written by `famevil-fast cache` (used when set)", None
+    )
+    attributes: str | None = doc(
+        "PAC attribute file from `famevil-fast mine-attributes`; null = mine the training texts at start-up",
+        None,
+    )
     attribute_min_count: int = doc("mining at start-up: keep words found in at least this many products", 5)
 
 
@@ -70,9 +97,15 @@ class DataSection:
 class TrainSection:
     updates: int = doc("optimizer updates to run", 22500)
     sampling: str = doc("task sampling: round_robin, size_proportional or uniform", "round_robin")
-    update_frequency: int = doc("micro-batches per optimizer update (4 = one batch of each task in round robin)", 4)
-    mixed_task_batches: bool = doc("run the micro-batches of one update through shared backbone passes", False)
-    gradient_strategy: str = doc("combine task gradients: sum, imtlg (per tensor, faithful) or imtlg_global", "sum")
+    update_frequency: int = doc(
+        "micro-batches per optimizer update (4 = one batch of each task in round robin)", 4
+    )
+    mixed_task_batches: bool = doc(
+        "run the micro-batches of one update through shared backbone passes", False
+    )
+    gradient_strategy: str = doc(
+        "combine task gradients: sum, imtlg (per tensor, faithful) or imtlg_global", "sum"
+    )
     precision: str = doc("bf16 (autocast) or fp32 (faithful)", "bf16")
     freeze_backbone: bool = doc("train only adapters, cross-attention adapters and heads", False)
     clip_grad_norm: float | None = doc("clip the gradient norm to this value; null = off", None)
@@ -84,9 +117,13 @@ class TrainSection:
 @dataclass
 class OptimSection:
     lr: float = doc("learning rate of the CLIP backbone", 1e-6)
-    new_module_lr_multiplier: float = doc("learning-rate factor of adapters, cross-attention adapters and heads", 100.0)
+    new_module_lr_multiplier: float = doc(
+        "learning-rate factor of adapters, cross-attention adapters and heads", 100.0
+    )
     weight_decay: float = doc("AdamW weight decay (biases never decay)", 1e-5)
-    decay_norms_and_scales: bool = doc("faithful quirk: also decay LayerNorm weights and scale parameters", False)
+    decay_norms_and_scales: bool = doc(
+        "faithful quirk: also decay LayerNorm weights and scale parameters", False
+    )
     betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
 
@@ -95,29 +132,44 @@ class OptimSection:
 class ScheduleSection:
     warmup_updates: int = doc("linear warm-up length in updates", 2500)
     warmup_start_factor: float = doc("learning-rate factor at the first update of the warm-up", 0.25)
-    decay_at: list[int] = doc("updates at which the learning rate is multiplied by decay_factor", factory=lambda: [12500, 20000])
+    decay_at: list[int] = doc(
+        "updates at which the learning rate is multiplied by decay_factor", factory=lambda: [12500, 20000]
+    )
     decay_factor: float = doc("multi-step decay factor", 0.1)
 
 
 @dataclass
 class DistillSection:
     enabled: bool = doc("multi-teacher distillation from single-task teachers", False)
-    teachers: dict[str, str] = doc("task -> teacher checkpoint (famevil_fast or official layout)", factory=dict)
+    teachers: dict[str, str] = doc(
+        "task -> teacher checkpoint (famevil_fast or official layout)", factory=dict
+    )
     balance: float = doc("b in L = (2 - b) * L_gt + b * L_kd", 1.0)
-    faithful_itc: bool = doc("faithful quirk: retrieval teacher logits pair teacher and student embeddings", False)
+    faithful_itc: bool = doc(
+        "faithful quirk: retrieval teacher logits pair teacher and student embeddings", False
+    )
 
 
 @dataclass
 class EvalSection:
     every: int = doc("evaluate every N updates (0 = only at the end)", 500)
-    tasks: list[str] | None = doc("tasks to evaluate; null = all trained tasks that have an evaluation set "
-                                  "(the pre-training objectives have none)", None)
-    xmr_protocols: list[str] = doc("cross-modal retrieval protocols: full, sampled", factory=lambda: ["full", "sampled"])
+    tasks: list[str] | None = doc(
+        "tasks to evaluate; null = all trained tasks that have an evaluation set "
+        "(the pre-training objectives have none)",
+        None,
+    )
+    xmr_protocols: list[str] = doc(
+        "cross-modal retrieval protocols: full, sampled", factory=lambda: ["full", "sampled"]
+    )
     sampled_seed: int = doc("seed of the sampled-100 protocol", 0)
     caption_max_len: int = doc("longest generated caption in tokens", 40)
     caption_beams: int = doc("beam width of caption decoding (1 = greedy)", 1)
-    caption_metrics: list[str] = doc("caption metrics: bleu4, meteor, rouge_l, cider", factory=lambda: ["bleu4", "rouge_l", "cider"])
-    max_samples: int | None = doc("cap every evaluation set at this many samples (quick checks); null = all", None)
+    caption_metrics: list[str] = doc(
+        "caption metrics: bleu4, meteor, rouge_l, cider", factory=lambda: ["bleu4", "rouge_l", "cider"]
+    )
+    max_samples: int | None = doc(
+        "cap every evaluation set at this many samples (quick checks); null = all", None
+    )
 
 
 @dataclass
@@ -155,19 +207,28 @@ class TrainConfig:
         _choice("train.gradient_strategy", self.train.gradient_strategy, ("sum", "imtlg", "imtlg_global"))
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _choice("train.nonfinite", self.train.nonfinite, ("skip", "stop"))
-        for name, value in (("train.updates", self.train.updates), ("train.update_frequency", self.train.update_frequency),
-                            ("data.batch_size", self.data.batch_size)):  # fmt: skip
+        for name, value in (
+            ("train.updates", self.train.updates),
+            ("train.update_frequency", self.train.update_frequency),
+            ("data.batch_size", self.data.batch_size),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.train.mixed_task_batches and self.train.gradient_strategy != "sum":
-            raise ValueError("train.mixed_task_batches needs gradient_strategy 'sum' (IMTL-G needs each task's gradient)")
+            raise ValueError(
+                "train.mixed_task_batches needs gradient_strategy 'sum' (IMTL-G needs each task's gradient)"
+            )
         if self.train.gradient_strategy != "sum" and self.train.update_frequency < 2:
-            raise ValueError("IMTL-G combines the gradients of several micro-batches: set train.update_frequency >= 2")
+            raise ValueError(
+                "IMTL-G combines the gradients of several micro-batches: set train.update_frequency >= 2"
+            )
         unknown = set(self.distill.teachers) - set(self.model.tasks)
         if self.distill.enabled and unknown:
             raise ValueError(f"distill.teachers names tasks that are not trained: {sorted(unknown)}")
         if self.model.caption_vocab not in (None, "corpus"):
-            raise ValueError(f"model.caption_vocab must be 'corpus' or null, got {self.model.caption_vocab!r}")
+            raise ValueError(
+                f"model.caption_vocab must be 'corpus' or null, got {self.model.caption_vocab!r}"
+            )
         for p in self.eval.xmr_protocols:
             _choice("eval.xmr_protocols", p, ("full", "sampled"))
         if self.eval.tasks is None and set(self.model.tasks) & set(PRETRAIN_TASKS):
@@ -180,7 +241,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-# ---------------------------------------------------------------------------------------------- YAML
+# ---------------------------------------------------------------- YAML
 def _section_types() -> dict[str, type]:
     return typing.get_type_hints(TrainConfig)
 

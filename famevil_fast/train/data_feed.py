@@ -62,9 +62,17 @@ def build_streams(config: TrainConfig, dist: DistInfo, device: torch.device) -> 
     d = config.data
     streams = {}
     for i, task in enumerate(config.model.tasks):
-        common = dict(batch_size=d.batch_size, image_size=d.image_size, seed=config.train.seed + 1000 * i,
-                      rank=dist.rank, world_size=dist.world_size, backend=d.backend, device=device,
-                      cache_dir=d.cache, num_threads=d.num_workers)  # fmt: skip
+        common = dict(
+            batch_size=d.batch_size,
+            image_size=d.image_size,
+            seed=config.train.seed + 1000 * i,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            backend=d.backend,
+            device=device,
+            cache_dir=d.cache,
+            num_threads=d.num_workers,
+        )
         if task in PRETRAIN_TASKS:
             extra = {"attributes": pac_attributes(config)} if task == "pac" else {}
             loader = build_pretrain_loader(task, d.root, **common, **extra)

@@ -26,24 +26,64 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * F.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()
 
 
-def kd_loss(task: str, student: TaskOutput, teacher: TaskOutput, faithful_itc: bool = False,
-            backend: str | None = None) -> torch.Tensor:  # fmt: skip
+def kd_loss(
+    task: str,
+    student: TaskOutput,
+    teacher: TaskOutput,
+    faithful_itc: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     s, t = student.outputs, teacher.outputs
     if task == "itc":
         if faithful_itc:
-            i2t = contrastive_distill_loss(s["image"], s["text"], s["scale"], t["image"], s["text"].detach(),
-                                           t["scale"], two_way=False, backend=backend)  # fmt: skip
-            t2i = contrastive_distill_loss(s["text"], s["image"], s["scale"], t["text"], s["image"].detach(),
-                                           t["scale"], two_way=False, backend=backend)  # fmt: skip
+            i2t = contrastive_distill_loss(
+                s["image"],
+                s["text"],
+                s["scale"],
+                t["image"],
+                s["text"].detach(),
+                t["scale"],
+                two_way=False,
+                backend=backend,
+            )
+            t2i = contrastive_distill_loss(
+                s["text"],
+                s["image"],
+                s["scale"],
+                t["text"],
+                s["image"].detach(),
+                t["scale"],
+                two_way=False,
+                backend=backend,
+            )
             return 0.5 * (i2t + t2i)
-        return contrastive_distill_loss(s["image"], s["text"], s["scale"], t["image"], t["text"], t["scale"],
-                                        two_way=True, backend=backend)  # fmt: skip
+        return contrastive_distill_loss(
+            s["image"],
+            s["text"],
+            s["scale"],
+            t["image"],
+            t["text"],
+            t["scale"],
+            two_way=True,
+            backend=backend,
+        )
     if task == "tgir":
-        return contrastive_distill_loss(s["query"], s["target"], s["scale"], t["query"], t["target"], t["scale"],
-                                        two_way=False, backend=backend)  # fmt: skip
+        return contrastive_distill_loss(
+            s["query"],
+            s["target"],
+            s["scale"],
+            t["query"],
+            t["target"],
+            t["scale"],
+            two_way=False,
+            backend=backend,
+        )
     if task in ("scr", "cap"):
         if s["logits"].shape != t["logits"].shape:
-            raise ValueError(f"{task} teacher logits {tuple(t['logits'].shape)} do not match the student's {tuple(s['logits'].shape)}")
+            raise ValueError(
+                f"{task} teacher logits {tuple(t['logits'].shape)} do not match "
+                f"the student's {tuple(s['logits'].shape)}"
+            )
         return soft_cross_entropy(s["logits"], t["logits"])
     raise ValueError(f"no distillation loss for task {task!r}")
 
@@ -61,9 +101,13 @@ class Teachers(nn.Module):
     def load(cls, paths: Mapping[str, str], student: FameViL) -> Teachers:
         teachers = {}
         for task, path in paths.items():
-            model = FameViL.from_pretrained(path, caption_loss_on_padding=student.config.caption_loss_on_padding,
-                                            caption_vocab=student.config.caption_vocab,
-                                            attention=student.config.attention, backend=student.config.backend)  # fmt: skip
+            model = FameViL.from_pretrained(
+                path,
+                caption_loss_on_padding=student.config.caption_loss_on_padding,
+                caption_vocab=student.config.caption_vocab,
+                attention=student.config.attention,
+                backend=student.config.backend,
+            )
             if task not in model.config.tasks:
                 raise ValueError(f"teacher {path} has tasks {model.config.tasks}, not {task!r}")
             teachers[task] = model.eval()

@@ -27,7 +27,8 @@ class DistInfo:
 
 
 def init_from_env(device_type: str) -> DistInfo:
-    """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPUs); single process otherwise."""
+    """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPUs); a single process
+    otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -53,7 +54,9 @@ class FeatureGather:
 
         sizes = self._sizes(x.shape[0], x.device)
         largest = max(sizes)
-        padded = x if x.shape[0] == largest else torch.cat([x, x.new_zeros(largest - x.shape[0], *x.shape[1:])])
+        padded = (
+            x if x.shape[0] == largest else torch.cat([x, x.new_zeros(largest - x.shape[0], *x.shape[1:])])
+        )
         parts = all_gather(padded.contiguous())
         gathered = torch.cat([part[:n] for part, n in zip(parts, sizes)])
         return gathered, sum(sizes[: self.info.rank])

@@ -48,7 +48,9 @@ def combine_per_tensor(task_grads: Mapping[str, torch.Tensor | None]) -> torch.T
     return (alpha[:, None] * stacked).sum(0).view_as(present[0])
 
 
-def combine_global(buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
+def combine_global(
+    buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
+) -> dict[str, torch.Tensor]:
     """Combined gradients of every parameter: one alpha over the parameters that several tasks share;
     task-specific parameters keep their single task's gradient."""
     tasks = list(buffers)
@@ -56,7 +58,9 @@ def combine_global(buffers: Mapping[str, Mapping[str, torch.Tensor]], names: lis
     out: dict[str, torch.Tensor] = {}
     if shared:
         active = [t for t in tasks if any(_touched(buffers[t].get(n)) for n in shared)]
-        flat = torch.stack([torch.cat([_or_zero(buffers[t].get(n), buffers, n).flatten() for n in shared]) for t in active])
+        flat = torch.stack(
+            [torch.cat([_or_zero(buffers[t].get(n), buffers, n).flatten() for n in shared]) for t in active]
+        )
         alpha = imtl_g_weights(flat).to(flat.dtype)
         for n in shared:
             out[n] = sum(a * _or_zero(buffers[t].get(n), buffers, n) for a, t in zip(alpha, active))

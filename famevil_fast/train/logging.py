@@ -11,8 +11,15 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    def __init__(self, directory: str | Path, total: int, start: int = 0, tensorboard: bool = True,
-                 progress: bool = True, enabled: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directory: str | Path,
+        total: int,
+        start: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.directory = Path(directory)
         self.writer = None
@@ -43,7 +50,9 @@ class RunLogger:
         if not self.enabled:
             return
         (self.bar.write if self.bar is not None else print)(text)
-        self.metrics.write(json.dumps({"kind": "message", "time": round(time.time(), 3), "text": text}) + "\n")
+        self.metrics.write(
+            json.dumps({"kind": "message", "time": round(time.time(), 3), "text": text}) + "\n"
+        )
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

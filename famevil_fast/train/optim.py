@@ -51,7 +51,9 @@ def parameter_groups(
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over ``parameter_groups`` (fused on CUDA)."""
-    groups = parameter_groups(model, cfg.lr, cfg.new_module_lr_multiplier, cfg.weight_decay, cfg.decay_norms_and_scales)
+    groups = parameter_groups(
+        model, cfg.lr, cfg.new_module_lr_multiplier, cfg.weight_decay, cfg.decay_norms_and_scales
+    )
     if not groups:
         raise ValueError("no trainable parameters")
     on_cuda = groups[0]["params"][0].is_cuda
@@ -59,7 +61,9 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
 
 
-def lr_factor(update: int, warmup: int, start_factor: float, decay_at: list[int], decay_factor: float) -> float:
+def lr_factor(
+    update: int, warmup: int, start_factor: float, decay_at: list[int], decay_factor: float
+) -> float:
     """Learning-rate multiplier at a (0-based) update."""
     factor = decay_factor ** bisect.bisect_right(sorted(decay_at), update)
     if update < warmup:
@@ -70,7 +74,9 @@ def lr_factor(update: int, warmup: int, start_factor: float, decay_at: list[int]
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda update: lr_factor(update, cfg.warmup_updates, cfg.warmup_start_factor, cfg.decay_at, cfg.decay_factor),
+        lambda update: lr_factor(
+            update, cfg.warmup_updates, cfg.warmup_start_factor, cfg.decay_at, cfg.decay_factor
+        ),
     )
 
 

@@ -78,16 +78,29 @@ def num_attributes(cfg: TrainConfig) -> int:
 def build_model(cfg: TrainConfig) -> FameViL:
     m = cfg.model
     vocab = corpus_caption_vocab(cfg.data.root) if m.caption_vocab == "corpus" and "cap" in m.tasks else None
-    fields = dict(caption_vocab=vocab, tasks=tuple(m.tasks), adapter_bottleneck=m.adapter_bottleneck, adapter_dropout=m.adapter_dropout,
-                  xaa=m.xaa, num_classes=m.num_classes, caption_loss_on_padding=m.caption_loss_on_padding,
-                  attention=m.attention, backend=m.backend, num_attributes=num_attributes(cfg),
-                  adapter_type=m.adapter_type, xmodal_bottleneck=m.xmodal_bottleneck,
-                  xmodal_shared=m.xmodal_shared)  # fmt: skip
+    fields = dict(
+        caption_vocab=vocab,
+        tasks=tuple(m.tasks),
+        adapter_bottleneck=m.adapter_bottleneck,
+        adapter_dropout=m.adapter_dropout,
+        xaa=m.xaa,
+        num_classes=m.num_classes,
+        caption_loss_on_padding=m.caption_loss_on_padding,
+        attention=m.attention,
+        backend=m.backend,
+        num_attributes=num_attributes(cfg),
+        adapter_type=m.adapter_type,
+        xmodal_bottleneck=m.xmodal_bottleneck,
+        xmodal_shared=m.xmodal_shared,
+    )
     if m.resume_weights:
         return FameViL.from_pretrained(m.resume_weights, **fields)
     config = FameViLConfig(clip=clip_preset(m.clip), **fields)
     if config.clip.vision.image_size != cfg.data.image_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} but the {m.clip} model takes {config.clip.vision.image_size} px")
+        raise ValueError(
+            f"data.image_size={cfg.data.image_size} but the {m.clip} model takes "
+            f"{config.clip.vision.image_size} px"
+        )
     if m.init and m.init_from:
         raise ValueError("set model.init (CLIP weights) or model.init_from (a FAME-ViL checkpoint), not both")
     if m.init:
@@ -140,13 +153,24 @@ class Trainer:
         if missing:
             raise ValueError(f"no training data for task(s) {missing}")
         self.streams = dict(streams)
-        self.sampler = TaskSampler(config.model.tasks, t.sampling, {k: len(s) for k, s in self.streams.items()},
-                                   t.update_frequency, t.seed)  # fmt: skip
-        self.teachers = Teachers.load(config.distill.teachers, self.model).to(self.device) if config.distill.enabled else None
+        self.sampler = TaskSampler(
+            config.model.tasks,
+            t.sampling,
+            {k: len(s) for k, s in self.streams.items()},
+            t.update_frequency,
+            t.seed,
+        )
+        self.teachers = (
+            Teachers.load(config.distill.teachers, self.model).to(self.device)
+            if config.distill.enabled
+            else None
+        )
         self.module = TrainingModule(self.model)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=True)
+            self.module = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=ids, find_unused_parameters=True
+            )
         self.gather = FeatureGather(self.dist) if self.dist.enabled else None
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last)
         self.evaluator = evaluator
@@ -193,7 +217,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
 
     def _task_loss(self, task: str, out, batch) -> torch.Tensor:
         if self.teachers is None or task not in self.teachers:
@@ -240,8 +267,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.update += 1
-        record = {"update": self.update, "applied": applied, "grad_norm": values[-1],
-                  "losses": [[t, v] for (t, _), v in zip(losses, values)]}  # fmt: skip
+        record = {
+            "update": self.update,
+            "applied": applied,
+            "grad_norm": values[-1],
+            "losses": [[t, v] for (t, _), v in zip(losses, values)],
+        }
         self.history.append(record)
         if not applied:
             self._non_finite(record)
@@ -254,7 +285,9 @@ class Trainer:
         if self.logger is not None:
             self.logger.message(text)
         if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteLoss(text.replace("the update was skipped", "stopping (parameters left unchanged)"))
+            raise NonFiniteLoss(
+                text.replace("the update was skipped", "stopping (parameters left unchanged)")
+            )
 
     # ------------------------------------------------------------------ loop
     logger: RunLogger | None = None
@@ -263,8 +296,14 @@ class Trainer:
         cfg = self.cfg
         if cfg.checkpoint.resume and self.resume():
             pass
-        self.logger = RunLogger(cfg.checkpoint.dir, cfg.train.updates, self.update, cfg.logging.tensorboard,
-                                cfg.logging.progress, enabled=self.dist.is_main)  # fmt: skip
+        self.logger = RunLogger(
+            cfg.checkpoint.dir,
+            cfg.train.updates,
+            self.update,
+            cfg.logging.tensorboard,
+            cfg.logging.progress,
+            enabled=self.dist.is_main,
+        )
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         status = "finished"
         try:

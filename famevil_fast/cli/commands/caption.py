@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     size = model.config.clip.vision.image_size
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]
-        captions = model.caption(load_pixels(chunk, size).to(device), max_len=args.max_len, num_beams=args.beams)
+        captions = model.caption(
+            load_pixels(chunk, size).to(device), max_len=args.max_len, num_beams=args.beams
+        )
         for f, text in zip(chunk, captions):
             print(f"{f}\t{text}")
     return 0

@@ -6,19 +6,31 @@ from __future__ import annotations
 import argparse
 
 NAME = "convert"
-HELP = "Convert a checkpoint: official FAME-ViL <-> famevil_fast, famevil_fast -> Hugging Face CLIP, CLIP -> FAME-ViL."
+HELP = (
+    "Convert a checkpoint: official FAME-ViL <-> famevil_fast, famevil_fast -> Hugging Face CLIP, "
+    "CLIP -> FAME-ViL."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="checkpoint file or directory (any supported layout)")
     parser.add_argument("dest", help="output: a directory (famevil_fast), or a .pth / .safetensors file")
-    parser.add_argument("--to", default="famevil_fast", choices=["famevil_fast", "official", "huggingface"],
-                        help="output layout")  # fmt: skip
-    parser.add_argument("--from-clip", action="store_true",
-                        help="the source holds CLIP weights only: add fresh adapters and heads (a FAME-ViL at init)")  # fmt: skip
+    parser.add_argument(
+        "--to",
+        default="famevil_fast",
+        choices=["famevil_fast", "official", "huggingface"],
+        help="output layout",
+    )
+    parser.add_argument(
+        "--from-clip",
+        action="store_true",
+        help="the source holds CLIP weights only: add fresh adapters and heads (a FAME-ViL at init)",
+    )
     parser.add_argument("--bottleneck", type=int, default=64, help="task-adapter r with --from-clip")
     parser.add_argument("--prefix", default="model.", help="key prefix of the official layout")
-    parser.add_argument("--trust-pickle", action="store_true", help="allow non-tensor objects in a trusted .pth/.ckpt")
+    parser.add_argument(
+        "--trust-pickle", action="store_true", help="allow non-tensor objects in a trusted .pth/.ckpt"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

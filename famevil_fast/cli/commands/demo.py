@@ -12,11 +12,21 @@ HELP = "Generate the synthetic dataset, train all four tasks in one run, evaluat
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (data, checkpoints, metrics)")
-    parser.add_argument("--products", type=int, default=None, help="synthetic products (default: 1200 on CPU, 6000 on GPU)")
+    parser.add_argument(
+        "--products", type=int, default=None, help="synthetic products (default: 1200 on CPU, 6000 on GPU)"
+    )
     parser.add_argument("--updates", type=int, default=None, help="optimizer updates (default: the recipe's)")
-    parser.add_argument("--config", default=None, help="recipe (default: tiny_cpu on a CPU, demo_gpu with a GPU)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config field; repeatable")  # fmt: skip
+    parser.add_argument(
+        "--config", default=None, help="recipe (default: tiny_cpu on a CPU, demo_gpu with a GPU)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field; repeatable",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
 
 
@@ -33,8 +43,8 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int) -
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from famevil_fast.configs import resolve
     from famevil_fast.cli.commands.train import build_evaluator
+    from famevil_fast.configs import resolve
     from famevil_fast.eval.report import EvalReport
     from famevil_fast.train.config import load_config
     from famevil_fast.train.trainer import Trainer

@@ -12,7 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
     parser.add_argument("--images", nargs="*", default=[], help="image files or folders")
     parser.add_argument("--texts", default=None, help="text file, one text per line")
-    parser.add_argument("--task", default="itc", help="whose adapters to use: itc (retrieval) or tgir (targets)")
+    parser.add_argument(
+        "--task", default="itc", help="whose adapters to use: itc (retrieval) or tgir (targets)"
+    )
     parser.add_argument("--out", required=True, help="output .safetensors (tensors 'image', 'text')")
     parser.add_argument("--batch-size", type=int, default=64, help="inputs per batch")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -39,8 +41,12 @@ def run(args: argparse.Namespace) -> int:
         if args.images:
             files = collect_images(args.images)
             size = model.config.clip.vision.image_size
-            out["image"] = torch.cat([model.encode_image(load_pixels(files[i : i + bs], size).to(device), args.task).cpu()
-                                      for i in range(0, len(files), bs)])  # fmt: skip
+            out["image"] = torch.cat(
+                [
+                    model.encode_image(load_pixels(files[i : i + bs], size).to(device), args.task).cpu()
+                    for i in range(0, len(files), bs)
+                ]
+            )
             meta["images"] = "\n".join(map(str, files))
         if args.texts:
             path = Path(args.texts)
@@ -48,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(f"text file not found: {path}")
             lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
             ids = tokenize(lines)
-            out["text"] = torch.cat([model.encode_text(ids[i : i + bs].to(device), args.task).cpu()
-                                     for i in range(0, len(lines), bs)])  # fmt: skip
+            out["text"] = torch.cat(
+                [
+                    model.encode_text(ids[i : i + bs].to(device), args.task).cpu()
+                    for i in range(0, len(lines), bs)
+                ]
+            )
     save_file(out, args.out, metadata=meta)
     print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}")
     return 0

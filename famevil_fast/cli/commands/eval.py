@@ -11,18 +11,29 @@ HELP = "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a da
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file")
     parser.add_argument("--data", required=True, help="dataset root holding FashionGen/ and FashionIQ/")
-    parser.add_argument("--tasks", nargs="+", default=None, help="tasks to evaluate (default: all of the model's)")
+    parser.add_argument(
+        "--tasks", nargs="+", default=None, help="tasks to evaluate (default: all of the model's)"
+    )
     parser.add_argument("--split", default="val", help="dataset split")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--backend", default=None, help="image decoding backend (dali, torchvision, pil, cache)")
+    parser.add_argument(
+        "--backend", default=None, help="image decoding backend (dali, torchvision, pil, cache)"
+    )
     parser.add_argument("--cache", default=None, help="pre-decoded image cache directory")
-    parser.add_argument("--xmr-protocols", nargs="+", default=["full", "sampled"], choices=["full", "sampled"],
-                        help="cross-modal retrieval protocols")  # fmt: skip
+    parser.add_argument(
+        "--xmr-protocols",
+        nargs="+",
+        default=["full", "sampled"],
+        choices=["full", "sampled"],
+        help="cross-modal retrieval protocols",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled-100 protocol")
     parser.add_argument("--beams", type=int, default=1, help="caption beam width (1 = greedy)")
     parser.add_argument("--max-len", type=int, default=40, help="longest generated caption")
-    parser.add_argument("--max-samples", type=int, default=None, help="cap every evaluation set (quick checks)")
+    parser.add_argument(
+        "--max-samples", type=int, default=None, help="cap every evaluation set (quick checks)"
+    )
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
 
@@ -40,8 +51,19 @@ def run(args: argparse.Namespace) -> int:
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
     tasks = args.tasks or list(model.config.tasks)
     size = model.config.clip.vision.image_size
-    sets = {t: build_eval_sets(t, args.data, image_size=size, batch_size=args.batch_size, backend=args.backend,
-                               device=device, cache_dir=args.cache, split=args.split) for t in tasks}  # fmt: skip
+    sets = {
+        t: build_eval_sets(
+            t,
+            args.data,
+            image_size=size,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            device=device,
+            cache_dir=args.cache,
+            split=args.split,
+        )
+        for t in tasks
+    }
     options = EvalOptions(args.xmr_protocols, args.seed, args.max_len, args.beams, None, args.max_samples)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     with autocast:

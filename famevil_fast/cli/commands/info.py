@@ -10,9 +10,13 @@ HELP = "Show the build (extension, CUDA, Triton, backends) and a model's paramet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clip", default="ViT-B-16", help="CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro)")
+    parser.add_argument(
+        "--clip", default="ViT-B-16", help="CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro)"
+    )
     parser.add_argument("--bottleneck", type=int, default=64, help="task-adapter bottleneck r")
-    parser.add_argument("--xaa", default="both", choices=["both", "text", "none"], help="cross-attention adapters")
+    parser.add_argument(
+        "--xaa", default="both", choices=["both", "text", "none"], help="cross-attention adapters"
+    )
     parser.add_argument("--checkpoint", default=None, help="count the parameters of this checkpoint instead")
 
 

@@ -5,25 +5,46 @@ from __future__ import annotations
 import argparse
 
 NAME = "train"
-HELP = "Train FAME-ViL from a YAML recipe; `--set section.key=value` overrides any field (see docs/training.md)."
+HELP = (
+    "Train FAME-ViL from a YAML recipe; `--set section.key=value` overrides any field (see docs/training.md)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe: a path or a packaged name (e.g. tiny_cpu, mtl_full)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config field; repeatable")  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run directory")
+    parser.add_argument(
+        "--config", required=True, help="YAML recipe: a path or a packaged name (e.g. tiny_cpu, mtl_full)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field; repeatable",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint of the run directory"
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip evaluation (periodic and final)")
-    parser.add_argument("--print-config", action="store_true", help="print every config field with its documentation and exit")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print every config field with its documentation and exit"
+    )
 
 
 def build_evaluator(cfg, device):
     from famevil_fast.eval.runner import EvalOptions, Evaluator
 
     tasks = cfg.eval.tasks or cfg.model.tasks
-    return Evaluator.build(cfg.data.root, tasks, cfg.data.image_size, cfg.data.eval_batch_size, device=device,
-                           backend=cfg.data.backend, cache_dir=cfg.data.cache,
-                           options=EvalOptions.from_section(cfg.eval))  # fmt: skip
+    return Evaluator.build(
+        cfg.data.root,
+        tasks,
+        cfg.data.image_size,
+        cfg.data.eval_batch_size,
+        device=device,
+        backend=cfg.data.backend,
+        cache_dir=cfg.data.cache,
+        options=EvalOptions.from_section(cfg.eval),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
