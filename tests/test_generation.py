@@ -54,3 +54,24 @@ def test_bad_decoding_arguments(model):
         model.caption(pixels, num_beams=0)
     with pytest.raises(ValueError, match="max_len"):
         model.caption(pixels, max_len=0)
+
+
+def test_no_repeat_ngram_blocks_repeats_in_both_decoders(model):
+    pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        model.heads["cap"].bias[EOT_ID] -= 8.0  # long captions, so that repeats would occur
+        try:
+            plain = generate(model, pixels, max_len=24)
+            for beams in (1, 2):
+                ids = generate(model, pixels, max_len=24, num_beams=beams, no_repeat_ngram=2)
+                ref = generate_by_reencoding(model, pixels, max_len=24, num_beams=beams, no_repeat_ngram=2)
+                assert torch.equal(ids, ref)
+                for row in ids.tolist():
+                    body = [t for t in row[1:] if t != EOT_ID]
+                    pairs = list(zip(body, body[1:]))
+                    assert len(pairs) == len(set(pairs))
+        finally:
+            model.heads["cap"].bias[EOT_ID] += 8.0
+    bodies = [[t for t in r[1:] if t != EOT_ID] for r in plain.tolist()]
+    has_repeat = any(len(list(zip(b, b[1:]))) != len(set(zip(b, b[1:]))) for b in bodies)
+    assert has_repeat  # the constraint had something to remove

@@ -26,6 +26,7 @@ class EvalOptions:
     sampled_seed: int = 0
     caption_max_len: int = 40
     caption_beams: int = 1
+    caption_no_repeat_ngram: int = 0
     caption_metrics: Sequence[str] | None = ("bleu4", "rouge_l", "cider")
     max_samples: int | None = None
     text_batch: int = 256
@@ -37,6 +38,7 @@ class EvalOptions:
             section.sampled_seed,
             section.caption_max_len,
             section.caption_beams,
+            section.caption_no_repeat_ngram,
             section.caption_metrics,
             section.max_samples,
         )
@@ -146,6 +148,7 @@ def evaluate_cap(model, data, opts: EvalOptions) -> list[TaskResult]:
                 _model_input(model, batch["pixels"]),
                 max_len=opts.caption_max_len,
                 num_beams=opts.caption_beams,
+                no_repeat_ngram=opts.caption_no_repeat_ngram,
             )
         )
         references.extend(decode(batch["input_ids"].cpu()))

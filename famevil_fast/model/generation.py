@@ -63,28 +63,54 @@ def _max_steps(model, max_len: int) -> int:
     return min(max_len, limit)
 
 
-def generate(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1) -> torch.Tensor:
-    """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends."""
+def generate(
+    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
+) -> torch.Tensor:
+    """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends.
+    ``no_repeat_ngram`` > 0 forbids any n-gram of that length from occurring twice in a caption (off by
+    default, as in the reference decoding)."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
     steps = _max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
-        return _greedy(TextDecoder(model, memory, steps + 1), pixels.shape[0], steps, pixels.device, model)
+        decoder = TextDecoder(model, memory, steps + 1)
+        return _greedy(decoder, pixels.shape[0], steps, pixels.device, model, no_repeat_ngram)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
-    return _beam_search(
-        TextDecoder(model, memory, steps + 1), pixels.shape[0], num_beams, steps, pixels.device, model
-    )
+    decoder = TextDecoder(model, memory, steps + 1)
+    return _beam_search(decoder, pixels.shape[0], num_beams, steps, pixels.device, model, no_repeat_ngram)
 
 
-def _greedy(decoder, batch: int, steps: int, device, model) -> torch.Tensor:
+def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int, model) -> torch.Tensor:
+    """Set to -inf the logits of tokens that would repeat an n-gram already in each row's ``history``."""
+    if n <= 0 or history.shape[1] < n - 1:
+        return logits
+    banned_rows, banned_tokens = [], []
+    for row, tokens in enumerate(history.tolist()):
+        prefix = tuple(tokens[len(tokens) - (n - 1) :]) if n > 1 else ()
+        for i in range(len(tokens) - n + 1):
+            if tuple(tokens[i : i + n - 1]) == prefix:
+                banned_rows.append(row)
+                banned_tokens.append(tokens[i + n - 1])
+    if not banned_rows:
+        return logits
+    index = model.caption_targets(torch.tensor(banned_tokens, device=logits.device))
+    rows = torch.tensor(banned_rows, device=logits.device)
+    keep = index >= 0
+    return logits.index_put((rows[keep], index[keep]), torch.tensor(float("-inf"), device=logits.device))
+
+
+def _greedy(decoder, batch: int, steps: int, device, model, no_repeat_ngram: int = 0) -> torch.Tensor:
     next_logits = decoder.step
     out = torch.full((batch, steps + 1), EOT_ID, dtype=torch.long, device=device)
     out[:, 0] = SOT_ID
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     token = out[:, 0]
     for t in range(steps):
-        token = model.caption_tokens(next_logits(token).argmax(dim=-1))
+        logits = ban_repeated_ngrams(next_logits(token), out[:, : t + 1], no_repeat_ngram, model)
+        token = model.caption_tokens(logits.argmax(dim=-1))
         token = torch.where(done, torch.full_like(token, EOT_ID), token)
         out[:, t + 1] = token
         done |= token == EOT_ID
@@ -109,7 +135,9 @@ class _Hypotheses:
         return len(self.items) == self.beams and self.items[-1][0] >= best_running / length
 
 
-def _beam_search(decoder, batch: int, beams: int, steps: int, device, model) -> torch.Tensor:
+def _beam_search(
+    decoder, batch: int, beams: int, steps: int, device, model, no_repeat_ngram: int = 0
+) -> torch.Tensor:
     next_logits = decoder.step
     scores = torch.zeros(batch, beams, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
@@ -117,7 +145,8 @@ def _beam_search(decoder, batch: int, beams: int, steps: int, device, model) -> 
     hyps = [_Hypotheses(beams) for _ in range(batch)]
     done = [False] * batch
     for t in range(steps):
-        logp = torch.log_softmax(next_logits(seqs[:, -1]), dim=-1)
+        logits = ban_repeated_ngrams(next_logits(seqs[:, -1]), seqs, no_repeat_ngram, model)
+        logp = torch.log_softmax(logits, dim=-1)
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
         top_scores, top_idx = cand.topk(2 * beams, dim=1)
@@ -179,12 +208,13 @@ class _Reencoder:
 
 @torch.no_grad()
 def generate_by_reencoding(
-    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1
+    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
 ) -> torch.Tensor:
     """Same output as ``generate`` without caches (the reference for tests and benchmarks)."""
     steps = _max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
+    b = pixels.shape[0]
     if num_beams == 1:
-        return _greedy(_Reencoder(model, memory), pixels.shape[0], steps, pixels.device, model)
+        return _greedy(_Reencoder(model, memory), b, steps, pixels.device, model, no_repeat_ngram)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
-    return _beam_search(_Reencoder(model, memory), pixels.shape[0], num_beams, steps, pixels.device, model)
+    return _beam_search(_Reencoder(model, memory), b, num_beams, steps, pixels.device, model, no_repeat_ngram)

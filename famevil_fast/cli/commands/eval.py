@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beams", type=int, default=1, help="caption beam width (1 = greedy)")
     parser.add_argument("--max-len", type=int, default=40, help="longest generated caption")
     parser.add_argument(
+        "--no-repeat-ngram", type=int, default=0, help="forbid repeating any n-gram of this length (0 = off)"
+    )
+    parser.add_argument(
         "--max-samples", type=int, default=None, help="cap every evaluation set (quick checks)"
     )
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
@@ -64,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
         )
         for t in tasks
     }
-    options = EvalOptions(args.xmr_protocols, args.seed, args.max_len, args.beams, None, args.max_samples)
+    options = EvalOptions(
+        args.xmr_protocols, args.seed, args.max_len, args.beams, args.no_repeat_ngram, None, args.max_samples
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     with autocast:
         report = Evaluator(sets, options).report(model)
