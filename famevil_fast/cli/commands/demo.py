@@ -13,7 +13,7 @@ HELP = "Generate the synthetic dataset, train all four tasks in one run, evaluat
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (data, checkpoints, metrics)")
     parser.add_argument(
-        "--products", type=int, default=None, help="synthetic products (default: 1200 on CPU, 6000 on GPU)"
+        "--products", type=int, default=None, help="synthetic products (default: 2000 on CPU, 6000 on GPU)"
     )
     parser.add_argument("--updates", type=int, default=None, help="optimizer updates (default: the recipe's)")
     parser.add_argument(
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.updates:
         overrides.append(f"train.updates={args.updates}")
     cfg = load_config(resolve(config), overrides + list(args.overrides))
-    products = args.products or (6000 if gpu else 1200)
+    products = args.products or (6000 if gpu else 2000)
     ensure_dataset(out / "data", products, args.seed, image_size=max(96, cfg.data.image_size * 5 // 4))
     print(f"training {cfg.model.clip} on {cfg.model.tasks} for {cfg.train.updates} updates ({config}) ...")
     trainer = Trainer(cfg)
