@@ -235,7 +235,7 @@ class FameViL(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
-    def _check_task(self, task: str, needed: str | None = None) -> None:
+    def _check_task(self, task: str) -> None:
         check_task(task, self.config.tasks)
 
     def encode_image(self, pixels: torch.Tensor, task: str = "itc") -> torch.Tensor:

@@ -27,7 +27,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_TAG = "famevil_fast"
 TASK_ORDER = ("itc", "tgir", "scr", "cap")
-LN_RENAMES = {"weight": "weight", "bias": "bias"}
 
 
 # ---------------------------------------------------------------- reading files
