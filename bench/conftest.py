@@ -18,17 +18,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-
-def pytest_collect_file(file_path, parent):
-    if (
-        file_path.suffix == ".py"
-        and file_path.name.startswith("bench_")
-        and not parent.session.isinitpath(file_path)
-    ):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------
 # Device and versions
 

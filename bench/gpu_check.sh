@@ -10,7 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
-mkdir -p "$OUT"
+PARTS_DIR="${GPU_CHECK_PARTS_DIR:-/tmp/gpu_check_parts}"  # full outputs; packed into $OUT/parts.tar.gz
+mkdir -p "$OUT" "$PARTS_DIR"
 PY="${PYTHON:-python3}"
 PARTS="${GPU_CHECK_PARTS:-build tests bench}"
 LOG="$OUT/gpu_check.log"
@@ -30,34 +31,57 @@ if [ "${GPU_CHECK_DRY:-0}" != "1" ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { say "no CUDA device"; exit 2; }
 fi
 
+# Every part runs under its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds (default 480),
+# in order of importance, so that a slow part cannot starve the rest and the outputs under $OUT stay usable.
+BUDGET="${GPU_CHECK_BUDGET:-480}"
+T0=$(date +%s)
+limit() {  # limit MAX: seconds the next part may take (0 when too little is left)
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  local t=$(( $1 < left ? $1 : left ))
+  [ "$t" -ge 20 ] && echo "$t" || echo 0
+}
+part() {  # part NAME MAX FILE COMMAND...: run under timeout, output to $OUT/FILE, tail into the log
+  local name=$1 max=$2 file=$3; shift 3
+  local t; t=$(limit "$max")
+  if [ "$t" = 0 ]; then say "$name: skipped (budget spent)"; return; fi
+  say "$name (limit $t s)"
+  local start; start=$(date +%s)
+  timeout -k 5 "$t" "$@" > "$PARTS_DIR/$file" 2>&1
+  local rc=$?
+  tail -n 30 "$PARTS_DIR/$file" | tee -a "$LOG"
+  say "$name: exit $rc after $(( $(date +%s) - start )) s"
+  [ "$rc" = 0 ] || status=1
+  tar -czf "$OUT/parts.tar.gz" -C "$PARTS_DIR" .  # what is done so far comes back even if the call is cut
+}
+
 if [[ " $PARTS " == *" build "* ]]; then
-  say "building famevil_fast._C (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
-  start=$(date +%s)
-  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || { say "build FAILED"; status=1; }
-  say "build took $(( $(date +%s) - start )) s"
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+  part "build famevil_fast._C for $TORCH_CUDA_ARCH_LIST" 240 build.txt bash -c \
+    "'$PY' -m pip install -v --no-deps --no-build-isolation -e . || '$PY' setup.py build_ext --inplace"
   "$PY" -m famevil_fast info 2>&1 | tee -a "$LOG"
 fi
 
+PYTEST=("$PY" -m pytest -q -s -p no:cacheprovider -rfE)
 if [[ " $PARTS " == *" tests "* ]]; then
-  say "GPU tests"
-  "$PY" -m pytest -q -p no:cacheprovider -k "gpu or cuda" \
+  part "GPU tests" 150 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda" \
     tests/test_adapter_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
-    tests/test_eval_topk.py tests/test_eval_xmr.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -n 25 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    tests/test_eval_topk.py tests/test_eval_xmr.py
 fi
 
 if [[ " $PARTS " == *" bench "* ]]; then
-  say "benchmarks"
-  "$PY" -m pytest -q -s -p no:cacheprovider --benchmark-disable -k "report or bench" bench \
-    2>&1 | tee "$OUT/bench.txt" | tail -n 5 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  BENCH=("${PYTEST[@]}" --benchmark-disable)
+  part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py
+  part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report
+  part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
+  part "bench: training step" 150 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
+  part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
+  part "bench: data" 40 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
 fi
 
-"$PY" - "$OUT" "$status" "$PARTS" <<'PYEOF'
-import datetime, pathlib, subprocess, sys
+"$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" <<'PYEOF'
+import datetime, pathlib, sys
 import torch
-out, status, parts = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+out, parts_dir, status, parts = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 try:
     import triton
     triton_version = triton.__version__
@@ -71,12 +95,20 @@ section = [
     f"command: `bash bench/gpu_check.sh` (parts: {parts}); exit status {status}",
     "",
 ]
-for name, title in (("gpu_tests.txt", "GPU tests"), ("bench.txt", "Benchmark tables")):
-    path = out / name
+for name, title in (
+    ("gpu_tests.txt", "GPU tests"),
+    ("bench_contrastive.txt", "Contrastive losses"),
+    ("bench_adapter.txt", "Fused adapter"),
+    ("bench_xattn.txt", "Cross-attention adapter block"),
+    ("bench_train_step.txt", "Training step"),
+    ("bench_retrieval.txt", "Retrieval"),
+    ("bench_data.txt", "Data"),
+):
+    path = parts_dir / name
     if path.exists():
         text = path.read_text()
         keep = [l for l in text.splitlines() if l.strip() and not l.startswith(("bench/", "tests/"))]
-        section += [f"### {title}", "", "```", *keep[-400:], "```", ""]
+        section += [f"### {title}", "", "```", *keep[-120:], "```", ""]
 results = pathlib.Path("bench/RESULTS.md") if torch.cuda.is_available() else out / "RESULTS.md"
 header = "# GPU results\n\nEvery figure names its card; ratios compare configurations measured in the same run.\n\n"
 previous = results.read_text() if results.exists() else header
