@@ -2,9 +2,9 @@
 // Below -87.3 it returns 0 (the true value is subnormal), above 88.3 +inf; NaN stays NaN.
 #pragma once
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace famevil_fast {
 
@@ -25,7 +25,9 @@ inline float exp_vec(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;
-  float y = p * std::bit_cast<float>(bits);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);  // C++17: torch builds extensions with -std=c++17
+  float y = p * scale;
   y = x < kLo ? 0.0f : y;
   y = x > kHi ? INFINITY : y;
   return (x == x) ? y : x;
