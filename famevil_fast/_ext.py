@@ -31,6 +31,10 @@ except ImportError as exc:  # the package works without it, on the PyTorch refer
     )
 
 
+# Read once: backend choices run inside torch.compile graphs, where a call into _C would break the graph.
+_BUILT_WITH_CUDA: bool = _C is not None and bool(_C.built_with_cuda())
+
+
 def extension() -> ModuleType | None:
     """The compiled module, or None when it could not be imported."""
     return _C
@@ -41,7 +45,7 @@ def cpu_ext_available() -> bool:
 
 
 def cuda_ext_available() -> bool:
-    return _C is not None and bool(_C.built_with_cuda())
+    return _BUILT_WITH_CUDA
 
 
 def import_error() -> str | None:

@@ -63,7 +63,7 @@ def _(
     rows = x.shape[0] if save else 0
     r = down_weight.shape[-2]
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return torch.empty_like(x), x.new_empty((rows, r)), stats, torch.empty_like(stats)
+    return torch.empty_like(x), x.new_empty((rows, r), dtype=torch.float32), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("famevil_fast::adapter_backward", mutates_args=())

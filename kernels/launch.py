@@ -161,13 +161,17 @@ def adapter_forward(
     save: bool,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd); h and the statistics are empty unless ``save``."""
+    """(y, h, mean, rstd); h and the statistics are empty unless ``save``.
+
+    h is kept in float32 whatever the activation dtype: it is r elements a row, and the backward's row
+    constant ``c2 = dp . (h - cb) / d`` and the up-projection's weight gradient lose accuracy to a rounded h.
+    """
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
     y = torch.empty_like(x)
     stats = n_rows if save else 0
-    h = x.new_empty((stats, r))
+    h = x.new_empty((stats, r), dtype=torch.float32)
     mean = x.new_empty((stats,), dtype=torch.float32)
     rstd = x.new_empty((stats,), dtype=torch.float32)
     if n_rows == 0:
@@ -211,7 +215,7 @@ def adapter_forward(
             **tiles.launch(),
         )
         return y, h, mean, rstd
-    h_buf = h if save else x.new_empty((n_rows, r))
+    h_buf = h if save else x.new_empty((n_rows, r), dtype=torch.float32)
     ln_linear_forward_into(
         x,
         lnw,

@@ -321,6 +321,15 @@ def test_automatic_backend_choice(monkeypatch):
     assert C.resolve_backend("contrastive_loss", "torch", torch.device("cpu")) == "torch"
 
 
+def test_automatic_choice_on_a_gpu_keeps_small_problems_on_the_reference(monkeypatch):
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
+    small = C.CUDA_MIN_LOGITS - 1
+    assert C.resolve_backend("contrastive_loss", None, torch.device("cuda"), small) == "torch"
+    assert C.resolve_backend("contrastive_loss", None, torch.device("cpu"), small) != "torch" or (
+        C.unavailable_reason("cpu", torch.device("cpu")) is not None
+    )
+
+
 def test_explicit_backend_needs_matching_device():
     reason = C.unavailable_reason("cpu", torch.device("meta"))
     assert reason is not None
@@ -381,6 +390,17 @@ def test_torch_compile_traces_the_fused_loss():
 
 @needs_ext
 @pytest.mark.slow
+def test_backend_choice_traces_without_graph_breaks() -> None:
+    """The availability checks run inside compiled graphs (fullgraph) without calling into _C."""
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        cuda = _ext.cuda_ext_available() and C.unavailable_reason("cuda", torch.device("cuda")) is None
+        return x + 1 if cuda else x - 1
+
+    x = torch.zeros(3)
+    torch.testing.assert_close(torch.compile(pick, backend="eager", fullgraph=True)(x), pick(x))
+
+
 def test_torch_compile_with_inductor_on_cpu():
     a, b, s = _inputs(64, 64, 16)
     s.requires_grad_(True)

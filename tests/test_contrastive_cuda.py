@@ -38,7 +38,8 @@ def _inputs(m, n, d, dtype, s=5.0, normalize=True):
     a, b = torch.randn(m, d, device=DEV), torch.randn(n, d, device=DEV)
     if normalize:
         a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    return a.to(dtype), b.to(dtype), torch.tensor(s, device=DEV)
+    scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return a.to(dtype), b.to(dtype), torch.tensor(s, device=DEV, dtype=scale_dtype)
 
 
 def _compare(fast, ref, tensors, dtype):
@@ -48,9 +49,11 @@ def _compare(fast, ref, tensors, dtype):
     torch.testing.assert_close(
         loss.double(), ref_loss, rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-5
     )
-    for g, r in zip(grads, ref_grads):
-        err = float((g.double() - r).norm() / r.norm().clamp_min(1e-12))
-        assert err < GRAD_TOL[dtype], err
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        # Relative to the reference gradient, with a floor far below the usual norms (0.1-1): a batch of
+        # one (or label smoothing over one class) has an exactly zero gradient that rounding leaves at 1e-7.
+        err = float((g.double() - r).norm() / r.norm().clamp_min(1e-2))
+        assert err < GRAD_TOL[g.dtype], f"gradient of input {i} ({g.dtype}): error {err:.2e}"
 
 
 def _variant(name, m, n):
@@ -168,9 +171,10 @@ def test_non_finite_inputs_give_non_finite_loss(bad):
     assert not torch.isfinite(contrastive_loss(a, b, s, backend="cuda"))
 
 
-def test_automatic_backend_is_cuda(monkeypatch):
+def test_automatic_backend_is_cuda_for_large_problems(monkeypatch):
     monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
-    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV)) == "cuda"
+    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), C.CUDA_MIN_LOGITS) == "cuda"
+    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), C.CUDA_MIN_LOGITS - 1) == "torch"
 
 
 def test_extra_memory_at_65536_rows_under_one_gib():

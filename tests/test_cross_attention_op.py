@@ -8,6 +8,7 @@ import contextlib
 
 import pytest
 import torch
+from helpers import assert_no_worse_than_baseline
 
 from famevil_fast.ops import AdapterParams, CrossAttentionParams, context_key_values, cross_attention_adapter
 from famevil_fast.ops.cross_attention import layer_norm_linear_reference, layer_norm_linear_triton
@@ -68,6 +69,7 @@ def compare_block(
     device = kwargs.pop("device", "cpu")
     dtype = kwargs.pop("dtype", torch.float32)
     tol = kwargs.pop("tol", 1e-4)
+    against_torch = kwargs.pop("against_torch", False)
     x, context = rnd(b, length, d, device=device), rnd(b, ctx_len, c, device=device)
     mask = None
     if masked:
@@ -84,6 +86,18 @@ def compare_block(
     out = run_block(leaves, n_heads, mask, n_res, backend="triton", **kwargs)
     out.backward(grad.to(dtype))
     assert out.dtype == dtype and out.shape == ref.shape
+    if against_torch:
+        # Low precision: within 2.5x of PyTorch's own path in the same dtype. The attention's softmax and
+        # the adapter's ReLU turn rounding into discrete switches, so the ratio wanders with the draw (0.6x
+        # to 3x on small CPU problems under the interpreter); a broken kernel is off by far more.
+        base_leaves = [t.to(dtype).requires_grad_() for t in tensors]
+        base = run_block(base_leaves, n_heads, mask, n_res, backend="torch")
+        base.backward(grad.to(dtype))
+        assert_no_worse_than_baseline("output", out, base, ref, factor=2.5)
+        for i, (mine, theirs, baseline) in enumerate(zip(leaves, ref_leaves, base_leaves)):
+            name = f"gradient of input {i}"
+            assert_no_worse_than_baseline(name, mine.grad, baseline.grad, theirs.grad, factor=2.5)
+        return
     assert scaled_error(out, ref) < tol
     for i, (mine, theirs) in enumerate(zip(leaves, ref_leaves)):
         err = scaled_error(mine.grad, theirs.grad)
@@ -200,7 +214,7 @@ def test_gpu_bfloat16_text_side_block(fuse_projections: bool) -> None:
         n_res=3,
         device="cuda",
         dtype=torch.bfloat16,
-        tol=3e-2,
+        against_torch=True,
         fuse_projections=fuse_projections,
     )
 
@@ -208,5 +222,15 @@ def test_gpu_bfloat16_text_side_block(fuse_projections: bool) -> None:
 @gpu
 def test_gpu_bfloat16_vision_side_block() -> None:
     compare_block(
-        64, 197, 77, 768, 512, 12, masked=True, n_res=1, device="cuda", dtype=torch.bfloat16, tol=3e-2
+        64,
+        197,
+        77,
+        768,
+        512,
+        12,
+        masked=True,
+        n_res=1,
+        device="cuda",
+        dtype=torch.bfloat16,
+        against_torch=True,
     )

@@ -67,10 +67,14 @@ def forced_backend() -> str | None:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def select_backend(op: str, backend: str | None, allowed: tuple[str, ...], x: torch.Tensor) -> str:
+def select_backend(
+    op: str, backend: str | None, allowed: tuple[str, ...], x: torch.Tensor, triton_pays: bool = True
+) -> str:
     """The backend that runs ``op`` on ``x``: the explicit argument, else ``FAMEVIL_FAST_BACKEND``, else
-    "triton" where Triton runs on x's device and dtype, else "torch". Raises ValueError when the chosen
-    Triton backend cannot run on x."""
+    "triton" where Triton runs on x's device and dtype and, on a GPU, ``triton_pays`` (the op's measured
+    rule for where its kernels beat the PyTorch path; see docs/ops.md), else "torch". Under
+    ``TRITON_INTERPRET=1`` on the CPU the automatic choice is Triton, so that the kernels are exercised.
+    Raises ValueError when the chosen Triton backend cannot run on x."""
     check_backend(op, backend, allowed)
     chosen = backend if backend is not None else forced_backend()
     if chosen is not None:
@@ -80,7 +84,8 @@ def select_backend(op: str, backend: str | None, allowed: tuple[str, ...], x: to
             require_triton(op, x)
         return chosen
     if "triton" in allowed and triton_runs_on(x.device) and x.dtype in KERNEL_DTYPES:
-        return "triton"
+        if x.device.type != "cuda" or triton_pays:
+            return "triton"
     return "torch"
 
 

@@ -177,6 +177,19 @@ def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
             raise ValueError(f"fused_adapter: residual[{i}] has dtype {res.dtype} but x has {x.dtype}")
 
 
+# Where the automatic choice takes the Triton kernels on a GPU (H200, bf16, d = 768; bench/RESULTS.md):
+# at 1,048,576 rows and r = 64 forward plus backward took 0.7x the PyTorch time, at 12,608 rows (a
+# ViT-B/16 batch of 64) 1.5-2.6x, and at r = 512 about 2.6x at either size.
+TRITON_ADAPTER_MIN_ROWS = 1 << 20
+TRITON_ADAPTER_MAX_R = 128
+
+
+def triton_adapter_pays(x: torch.Tensor, params: AdapterParams) -> bool:
+    """The measured rule for the automatic backend on a GPU: many rows and a bottleneck kept on chip."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return rows >= TRITON_ADAPTER_MIN_ROWS and params.down_weight.shape[-2] <= TRITON_ADAPTER_MAX_R
+
+
 def _triton_adapter(
     x: torch.Tensor,
     params: AdapterParams,
@@ -215,14 +228,15 @@ def fused_adapter(
     ``residual`` may be a tensor or a sequence of tensors (the other branches of a block), all summed into
     the output; each has x's shape and dtype. With ``task_ids`` (one integer per row of x) every parameter
     has a leading task dimension and row i uses adapter ``task_ids[i]``. Parameters share one dtype, x's
-    or float32. ``backend``: "triton", "torch" or None (automatic: Triton on CUDA, and on the CPU under
-    TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND`` overrides the automatic choice).
+    or float32. ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured
+    faster, ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
+    overrides the automatic choice).
     """
     check_backend("fused_adapter", backend, BACKENDS)
     params = AdapterParams(ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     check_adapter_args(x, params, task_ids)
     residuals = promote_under_autocast(x, residual_list(residual))
     check_residuals(x, residuals)
-    if select_backend("fused_adapter", backend, BACKENDS, x) == "torch":
+    if select_backend("fused_adapter", backend, BACKENDS, x, triton_adapter_pays(x, params)) == "torch":
         return adapter_reference(x, params, residuals or None, task_ids, eps)
     return _triton_adapter(x, params, residuals, task_ids, eps)

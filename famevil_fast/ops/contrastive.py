@@ -252,14 +252,22 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """The explicit backend, else FAMEVIL_FAST_BACKEND when it names one of ours, else the best available."""
+# The automatic choice on a GPU (H200, bf16, D = 512, forward plus backward; bench/RESULTS.md): the fused
+# kernel took 1.55x the time of the plain loss at 4,096 x 4,096 logits and 0.47x at 16,384 x 16,384 (0.40x
+# at 65,536 rows, where the plain loss needed 72 GiB beyond its inputs and the kernel 0.4). Between the two
+# measured sizes the threshold sits at 8,192 x 8,192, where the plain loss's logits alone take 256 MiB.
+CUDA_MIN_LOGITS = 8192 * 8192
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device, logits: int | None = None) -> str:
+    """The explicit backend, else FAMEVIL_FAST_BACKEND when it names one of ours, else the best available
+    for a problem of ``logits`` = M * N entries (None: large)."""
     check_backend(op, backend, BACKENDS)
     source = "backend"
     if backend is None:
         forced = forced_backend()
         if forced not in BACKENDS:
-            return _automatic_backend(device)
+            return _automatic_backend(device, logits)
         backend, source = forced, "FAMEVIL_FAST_BACKEND"
     reason = unavailable_reason(backend, device)
     if reason is not None:
@@ -267,7 +275,9 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     return backend
 
 
-def _automatic_backend(device: torch.device) -> str:
+def _automatic_backend(device: torch.device, logits: int | None = None) -> str:
+    if device.type == "cuda" and logits is not None and logits < CUDA_MIN_LOGITS:
+        return "torch"
     for candidate in ("cuda", "cpu"):
         if candidate == device.type and unavailable_reason(candidate, device) is None:
             return candidate
@@ -448,10 +458,11 @@ def contrastive_loss(
     evenly over them; rows without a positive are left out). ``two_way`` adds the column direction (over
     the columns that are a positive of some row) and averages the two. ``scale`` is a float or a
     one-element tensor (the gradient flows to it). Non-finite inputs give a non-finite loss.
-    ``backend``: "cuda", "cpu" (compiled, memory linear in M + N), "torch" (reference) or None (automatic).
+    ``backend``: "cuda", "cpu" (compiled, memory linear in M + N), "torch" (reference) or None (automatic:
+    the compiled kernels on the CPU, and on a GPU from ``CUDA_MIN_LOGITS`` logits up).
     """
     check_contrastive_args(a, b, labels, groups, label_smoothing, scale)
-    chosen = resolve_backend("contrastive_loss", backend, a.device)
+    chosen = resolve_backend("contrastive_loss", backend, a.device, a.shape[0] * b.shape[0])
     if chosen == "torch":
         return contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
     return _fused_contrastive_loss(a, b, scale, labels, groups, two_way, label_smoothing)
@@ -471,7 +482,7 @@ def contrastive_distill_loss(
     teacher_b.T``), rows (and columns when ``two_way``), averaged. The teacher receives no gradient; the
     fused backends compute it in the student's dtype."""
     check_distill_args(a, b, teacher_a, teacher_b, scale, teacher_scale)
-    chosen = resolve_backend("contrastive_distill_loss", backend, a.device)
+    chosen = resolve_backend("contrastive_distill_loss", backend, a.device, a.shape[0] * b.shape[0])
     if chosen == "torch":
         return contrastive_distill_loss_reference(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
     return _fused_distill_loss(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)

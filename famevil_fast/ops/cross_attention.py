@@ -94,6 +94,12 @@ def _split_key_values(kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, t
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
+# The automatic choice on a GPU: the fused LayerNorm-projection kernels and the fused block ran at 0.2-0.6x
+# the speed of PyTorch's (cuBLAS, SDPA) path on an H200 in bf16 at batch 64 (bench/RESULTS.md), so PyTorch
+# runs unless backend="triton" is asked for.
+TRITON_XAA_PAYS = False
+
+
 def context_key_values(
     context: torch.Tensor,
     attn: CrossAttentionParams,
@@ -104,7 +110,7 @@ def context_key_values(
     """Keys and values (B, H, Lc, Dh) of a context (B, Lc, c). ``backend="triton"`` fuses the LayerNorm
     into the key/value projection."""
     args = (context, attn.ctx_ln_weight, attn.ctx_ln_bias, attn.kv_weight, attn.kv_bias, eps)
-    if select_backend("context_key_values", backend, BACKENDS, context) == "triton":
+    if select_backend("context_key_values", backend, BACKENDS, context, TRITON_XAA_PAYS) == "triton":
         kv = layer_norm_linear_triton(*args)
     else:
         kv = layer_norm_linear_reference(*args)
@@ -307,8 +313,9 @@ def cross_attention_adapter(
 
     ``context_kv`` replaces ``context`` with precomputed keys and values (see ``context_key_values``).
     ``context_mask`` (B, Lc) bool marks the context positions that may be attended (True = keep).
-    ``backend``: "triton", "torch" or None (automatic). ``fuse_projections`` (Triton backend): fuse each
-    LayerNorm into its projection (True) or leave both to PyTorch.
+    ``backend``: "triton", "torch" or None (automatic: PyTorch on a GPU, where it was measured faster
+    (``TRITON_XAA_PAYS``); Triton on the CPU under TRITON_INTERPRET=1). ``fuse_projections`` (Triton
+    backend): fuse each LayerNorm into its projection (True) or leave both to PyTorch.
     """
     check_backend("cross_attention_adapter", backend, BACKENDS)
     if torch.is_autocast_enabled(x.device.type):  # the two towers' streams may differ in dtype under autocast
@@ -318,6 +325,6 @@ def cross_attention_adapter(
             context_kv = (context_kv[0].to(x.dtype), context_kv[1].to(x.dtype))
     check_cross_attention_args(x, context, context_kv, context_mask, attn, num_heads)
     args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
-    if select_backend("cross_attention_adapter", backend, BACKENDS, x) == "torch":
+    if select_backend("cross_attention_adapter", backend, BACKENDS, x, TRITON_XAA_PAYS) == "torch":
         return cross_attention_reference(*args)
     return cross_attention_triton(*args, fuse_projections=fuse_projections)
