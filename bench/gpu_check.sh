@@ -2,7 +2,7 @@
 # One-call GPU check (H100/H200): build the extension for the card, run the GPU tests, run every benchmark
 # in bench/, and write the tables with card, versions, date and command into bench/RESULTS.md (and $OUT).
 #
-#   bash bench/gpu_check.sh                      # everything (about 6-8 minutes on an H200)
+#   bash bench/gpu_check.sh                      # everything (about 7 minutes on an H200)
 #   GPU_CHECK_PARTS="tests bench" bash bench/gpu_check.sh
 #
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
