@@ -201,36 +201,23 @@ def test_ln_linear_custom_op_passes_opcheck() -> None:
 
 
 @gpu
-@pytest.mark.parametrize("fuse_projections", [True, False])
-def test_gpu_bfloat16_text_side_block(fuse_projections: bool) -> None:
+@pytest.mark.parametrize(("side", "fuse_projections"), [("text", True), ("text", False), ("vision", True)])
+def test_gpu_bfloat16_block(side: str, fuse_projections: bool) -> None:
+    """Text queries (77 x 512, 8 heads) over vision context (197 x 768) with three residual terms, or
+    vision queries over text context with one; batch 64."""
+    shapes = (77, 197, 512, 768, 8, 3) if side == "text" else (197, 77, 768, 512, 12, 1)
+    length, ctx_len, d, c, heads, n_res = shapes
     compare_block(
         64,
-        77,
-        197,
-        512,
-        768,
-        8,
+        length,
+        ctx_len,
+        d,
+        c,
+        heads,
         masked=True,
-        n_res=3,
+        n_res=n_res,
         device="cuda",
         dtype=torch.bfloat16,
         against_torch=True,
         fuse_projections=fuse_projections,
-    )
-
-
-@gpu
-def test_gpu_bfloat16_vision_side_block() -> None:
-    compare_block(
-        64,
-        197,
-        77,
-        768,
-        512,
-        12,
-        masked=True,
-        n_res=1,
-        device="cuda",
-        dtype=torch.bfloat16,
-        against_torch=True,
     )
