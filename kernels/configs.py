@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 
 FUSED_MAX_R = 128  # widest bottleneck kept on chip by the fused adapter kernels
@@ -23,8 +22,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of Python integers (host side; cheaper than a call into triton's helpers)."""
+    return -(-a // b)
+
+
 def padded(n: int, at_least: int = 16) -> int:
-    return max(at_least, triton.next_power_of_2(n))
+    """The next power of two >= n, at least ``at_least``."""
+    return max(at_least, 1 << max(0, n - 1).bit_length())
 
 
 def dot_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -115,10 +120,10 @@ def reduction_segments(
     """Row segments per task for the weight-gradient reduction: enough programs to fill the device (two per
     multiprocessor), never more segments than row blocks. The interpreter uses two when there are rows for
     two, so the multi-segment reduction is exercised on the CPU."""
-    rows_per_task = triton.cdiv(max(n_rows, 1), n_tasks)
-    blocks = max(1, triton.cdiv(rows_per_task, block_m))
+    rows_per_task = cdiv(max(n_rows, 1), n_tasks)
+    blocks = max(1, cdiv(rows_per_task, block_m))
     if device.type != "cuda":
         return min(2, blocks)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = triton.cdiv(2 * sms, max(1, tiles_per_segment * n_tasks))
+    wanted = cdiv(2 * sms, max(1, tiles_per_segment * n_tasks))
     return max(1, min(wanted, blocks, 64))

@@ -19,10 +19,10 @@ from famevil_fast.kernels import launch
 from famevil_fast.ops._backend import can_synchronize
 
 
-def _task_rows(task_ids: torch.Tensor | None, n_tasks: int) -> launch.TaskRows:
+def _task_rows(task_ids: torch.Tensor | None, n_tasks: int, validate: bool = True) -> launch.TaskRows:
     if task_ids is None:
         return launch.SINGLE_TASK
-    if task_ids.numel() and can_synchronize(task_ids):
+    if validate and task_ids.numel() and can_synchronize(task_ids):
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
             raise ValueError(
@@ -51,9 +51,44 @@ def adapter_forward(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
+    return adapter_forward_impl(x, params, list(residuals), task_ids, save, eps)
+
+
+def adapter_forward_impl(
+    x: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    residuals: list[torch.Tensor],
+    task_ids: torch.Tensor | None,
+    save: bool,
+    eps: float,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward launch behind ``adapter_forward``; ``validate=False`` skips the task-id range check
+    (a device-to-host read) for callers that made it already."""
     mixed = task_ids is not None
-    rows = _task_rows(task_ids, ln_weight.shape[0] if mixed else 1)
-    return launch.adapter_forward(x, _task_leading(params, mixed), list(residuals), rows, save, eps)
+    rows = _task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
+    return launch.adapter_forward(x, _task_leading(params, mixed), residuals, rows, save, eps)
+
+
+def adapter_backward_impl(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    task_ids: torch.Tensor | None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """The backward launches behind ``adapter_backward``: the gradients of x and the seven parameters."""
+    mixed = task_ids is not None
+    if h.shape[0] != x.shape[0]:
+        raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
+    rows = _task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
+    grads = launch.adapter_backward(grad, x, _task_leading(params, mixed), h, mean, rstd, rows)
+    if mixed:
+        return grads
+    return (grads[0], *(g[0] for g in grads[1:]))
 
 
 @adapter_forward.register_fake
@@ -92,14 +127,7 @@ def adapter_backward(
     torch.Tensor,
 ]:
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
-    mixed = task_ids is not None
-    if h.shape[0] != x.shape[0]:
-        raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
-    rows = _task_rows(task_ids, ln_weight.shape[0] if mixed else 1)
-    grads = launch.adapter_backward(grad, x, _task_leading(params, mixed), h, mean, rstd, rows)
-    if mixed:
-        return grads
-    return (grads[0], *(g[0] for g in grads[1:]))
+    return adapter_backward_impl(grad, x, params, h, mean, rstd, task_ids)
 
 
 @adapter_backward.register_fake

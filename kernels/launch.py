@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
@@ -56,7 +55,7 @@ def _index_args(rows: TaskRows, like: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _row_blocks(n_rows: int, block_m: int, rows: TaskRows) -> int:
-    return triton.cdiv(n_rows, block_m) + rows.extra_blocks()
+    return configs.cdiv(n_rows, block_m) + rows.extra_blocks()
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -94,7 +93,7 @@ def ln_linear_forward_into(
     tiles = configs.ln_linear_tiles(n_out)
     order, counts, n_tasks = _index_args(rows, x)
     save = mean is not None
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(n_out, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(n_out, tiles.block_n))
     ln_linear_fwd_kernel[grid](
         x,
         out,
@@ -230,7 +229,7 @@ def adapter_forward(
         rows=rows,
     )
     tiles = configs.up_residual_tiles()
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(d, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(d, tiles.block_n))
     adapter_up_residual_kernel[grid](
         h_buf,
         y,
@@ -257,10 +256,8 @@ def adapter_forward(
 
 def _row_constants(w: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, b: torch.Tensor):
     """v1 = W g and cb = b + W beta (T, n_out) in fp32, for the LayerNorm backward's row constants."""
-    wf = w.float()
-    v1 = torch.einsum("tkd,td->tk", wf, lnw.float()).contiguous()
-    cb = (b.float() + torch.einsum("tkd,td->tk", wf, lnb.float())).contiguous()
-    return v1, cb
+    both = torch.matmul(w.float(), torch.stack((lnw.float(), lnb.float()), dim=-1))  # (T, n_out, 2)
+    return both[..., 0].contiguous(), (b.float() + both[..., 1]).contiguous()
 
 
 def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch.Tensor:
@@ -269,7 +266,7 @@ def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch
     dx = torch.empty_like(x)
     tiles = configs.dx_tiles(n_out)
     order, counts, n_tasks = _index_args(rows, x)
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(d, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(d, tiles.block_n))
     ln_linear_dx_kernel[grid](
         dp,
         p,
@@ -331,7 +328,7 @@ def _weight_epilogue(
     has_g = up is not None
     wu, bu, s = up if has_g else (w, b, b)
     ep = configs.epilogue_tiles(n_out)
-    n_ep = triton.cdiv(d, ep.block_n)
+    n_ep = configs.cdiv(d, ep.block_n)
     dlnw, dlnb, dw, db = (torch.empty_like(t) for t in (lnw, lnb, w, b))
     dwu, dbu = (torch.empty_like(wu), torch.empty_like(bu)) if has_g else (dw, db)
     ds_part = torch.empty((n_tasks, n_ep), dtype=torch.float32, device=lnw.device)
@@ -384,8 +381,8 @@ def weight_grads(
     n_out = w.shape[-2]
     has_g = up is not None
     tiles = configs.weight_tiles(n_out)
-    n_dtiles = triton.cdiv(d, tiles.block_n)
-    n_rtiles = triton.cdiv(n_out, tiles.block_k)
+    n_dtiles = configs.cdiv(d, tiles.block_n)
+    n_rtiles = configs.cdiv(n_out, tiles.block_k)
     segments = configs.reduction_segments(n_rows, rows.n_tasks, n_dtiles * n_rtiles, tiles.block_m, x.device)
     parts = _partials(rows.n_tasks * segments, segments, d, n_out, has_g, x.device)
     dy, h = up[:2] if has_g else (x, dp)
@@ -439,7 +436,7 @@ def adapter_backward(
     dot = _dot_args(x.dtype)
     dp = x.new_empty((n_rows, r))
     tiles = configs.dp_tiles(r)
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), triton.cdiv(r, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(r, tiles.block_n))
     adapter_dp_kernel[grid](
         dy,
         h,
@@ -465,7 +462,7 @@ def adapter_backward(
         return (dx, *grads)
     block_r = configs.padded(r)
     tiles = configs.dx_weight_tiles(block_r)
-    n_dtiles = triton.cdiv(d, tiles.block_n)
+    n_dtiles = configs.cdiv(d, tiles.block_n)
     segments = configs.reduction_segments(n_rows, n_tasks, n_dtiles, tiles.block_m, x.device)
     parts = _partials(n_tasks * segments, segments, d, r, True, x.device)
     dx = torch.empty_like(x)

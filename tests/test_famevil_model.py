@@ -8,6 +8,7 @@ from helpers import perturb_, token_batch
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.adapters import TaskAdapters
 from famevil_fast.model.losses import itc_loss
+from famevil_fast.model.task_mix import as_task_mix, task_mix
 
 MICRO = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)
 
@@ -143,6 +144,33 @@ def test_mixed_task_adapters_equal_per_task_calls():
     out.sum().backward()
     assert tsa.adapters["tgir"].down.weight.grad is None and tsa.adapters["cap"].up.weight.grad is None
     assert tsa.adapters["scr"].up.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_task_layout_equals_per_task_calls(backend, monkeypatch):
+    """A TaskMix (host-side segments) gives the per-task results on either backend; the reference path
+    slices the batch by the segments and never reads the device-side index."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(3)
+    tsa = perturb_(TaskAdapters(16, 4, ("itc", "tgir", "scr", "cap")), std=0.1)
+    for adapter in tsa.adapters.values():
+        adapter.backend = backend
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    mix = task_mix([2, 0, 3], [2, 1, 2], "cpu")
+    out = tsa(x, mix, residual=x)
+    expected = torch.cat([tsa(x[:2], "scr", x[:2]), tsa(x[2:3], "itc", x[2:3]), tsa(x[3:], "cap", x[3:])])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if backend == "torch":
+        blind = mix._replace(index=torch.empty(5, dtype=torch.long, device="meta"))
+        torch.testing.assert_close(tsa(x, blind, residual=x), expected)
+
+
+def test_task_mix_from_an_index_tensor():
+    mix = as_task_mix(torch.tensor([1, 1, 0, 2, 2, 2]), 6)
+    assert mix.segments == ((1, 0, 2), (0, 2, 3), (2, 3, 6)) and mix.present == (0, 1, 2)
+    with pytest.raises(ValueError, match="one per sample"):
+        as_task_mix(torch.tensor([0, 1]), 3)
 
 
 def test_distributed_gather_gives_the_global_loss():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from famevil_fast.model.task_mix import TaskMix, as_task_mix
 from famevil_fast.ops import (
     AdapterParams,
     CrossAttentionParams,
@@ -19,7 +20,7 @@ from famevil_fast.ops import (
     cross_attention_adapter,
     fused_adapter,
 )
-from famevil_fast.ops.adapter import Residual, sum_residuals
+from famevil_fast.ops.adapter import Residual, adapter_backend, residual_list, sum_residuals
 
 
 class BottleneckAdapter(nn.Module):
@@ -65,9 +66,11 @@ def stack_adapter_params(adapters: list[BottleneckAdapter]) -> AdapterParams:
 class TaskAdapters(nn.Module):
     """One bottleneck adapter per task (the task-specific adapters of a transformer layer).
 
-    ``task`` is a task key, or a (B,) tensor of indices into ``tasks`` for a batch whose samples belong to
-    different tasks: then each row goes through its own task's adapter in one fused call, and only the
-    tasks present in the batch take part (absent tasks get no gradient).
+    ``task`` is a task key, or the layout of a batch whose samples belong to different tasks (a
+    ``TaskMix``, or a (B,) tensor of indices into ``tasks``): then each sample goes through its own task's
+    adapter, and only the tasks present in the batch take part (absent tasks get no gradient). Where the
+    fused kernels run, that is one call whose rows carry their task ids; otherwise one call per task on its
+    contiguous slice of the batch, with no read-back from the device either way.
     """
 
     def __init__(
@@ -77,27 +80,26 @@ class TaskAdapters(nn.Module):
         self.tasks = tuple(tasks)
         self.adapters = nn.ModuleDict({t: BottleneckAdapter(width, bottleneck, dropout, eps) for t in tasks})
 
-    def forward(self, x: torch.Tensor, task: str | torch.Tensor, residual: Residual = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, task: str | torch.Tensor | TaskMix, residual: Residual = None
+    ) -> torch.Tensor:
         if isinstance(task, str):
             return self.adapters[task](x, residual)
-        return self._mixed(x, task, residual)
+        return self._mixed(x, as_task_mix(task, x.shape[0]), residual)
 
-    def _mixed(self, x: torch.Tensor, task_index: torch.Tensor, residual: Residual) -> torch.Tensor:
-        if task_index.shape != (x.shape[0],):
-            raise ValueError(
-                f"task index must have shape ({x.shape[0]},), one per sample; got {tuple(task_index.shape)}"
-            )
-        present = torch.unique(task_index).tolist()
-        adapters = [self.adapters[self.tasks[i]] for i in present]
+    def _mixed(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
+        adapters = [self.adapters[self.tasks[i]] for i in mix.present]
         if len(adapters) == 1:
             return adapters[0](x, residual)
-        remap = torch.full((len(self.tasks),), -1, dtype=torch.long, device=x.device)
-        remap[torch.tensor(present, device=x.device)] = torch.arange(len(present), device=x.device)
-        rows_per_sample = x[0].numel() // x.shape[-1]
-        row_task = remap[task_index].repeat_interleave(rows_per_sample)
         first = adapters[0]
+        if adapter_backend(x, first.params(), first.backend) != "triton":
+            return self._per_segment(x, mix, residual)
         if first.dropout > 0.0 and self.training:
             raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
+        remap = torch.full((len(self.tasks),), -1, dtype=torch.long)
+        remap[list(mix.present)] = torch.arange(len(adapters))
+        rows_per_sample = x[0].numel() // x.shape[-1]
+        row_task = remap.to(x.device, non_blocking=True)[mix.index].repeat_interleave(rows_per_sample)
         return fused_adapter(
             x,
             *stack_adapter_params(adapters),
@@ -105,7 +107,16 @@ class TaskAdapters(nn.Module):
             task_ids=row_task,
             backend=first.backend,
             eps=first.ln.eps,
+            check_task_ids=False,  # built here from the host-side layout
         )
+
+    def _per_segment(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
+        branches = residual_list(residual)
+        outs = [
+            self.adapters[self.tasks[position]](x[start:stop], [b[start:stop] for b in branches] or None)
+            for position, start, stop in mix.segments
+        ]
+        return torch.cat(outs)
 
 
 class CrossAttentionAdapter(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 from famevil_fast.model.adapters import CrossAttentionAdapter, TaskAdapters
 from famevil_fast.model.attention import attention
 from famevil_fast.model.config import CLIPConfig, TextConfig, VisionConfig
+from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
 
 EOT_ID = 49407
@@ -103,16 +104,16 @@ class Block(nn.Module):
         h: torch.Tensor,
         causal: bool = False,
         mask: torch.Tensor | None = None,
-        task: str | torch.Tensor | None = None,
+        task: TaskChoice | None = None,
     ) -> torch.Tensor:
         return h + self.attention_output(self.attn(self.ln_1(h), causal=causal, mask=mask), task)
 
-    def attention_output(self, y: torch.Tensor, task: str | torch.Tensor | None = None) -> torch.Tensor:
+    def attention_output(self, y: torch.Tensor, task: TaskChoice | None = None) -> torch.Tensor:
         """The self-attention output after the task's sequential adapter (when the block has one)."""
         return y if self.xma is None or task is None else self.xma.attn(y, task)
 
     def feed_forward(
-        self, a: torch.Tensor, task: str | torch.Tensor | None = None, xaa_out: torch.Tensor | None = None
+        self, a: torch.Tensor, task: TaskChoice | None = None, xaa_out: torch.Tensor | None = None
     ) -> torch.Tensor:
         branches = [a, self.mlp(self.ln_2(a))]
         if self.xma is not None and task is not None:
@@ -195,7 +196,7 @@ class VisionTower(nn.Module):
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ln_post(h[:, 0]))
 
-    def forward(self, pixels: torch.Tensor, task: str | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, task: TaskChoice | None = None) -> torch.Tensor:
         h = self.embed(pixels)
         for block in self.blocks:
             h = block(h, task)
@@ -244,7 +245,7 @@ class TextTower(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        task: str | torch.Tensor | None = None,
+        task: TaskChoice | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.embed(input_ids)

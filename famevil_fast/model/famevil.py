@@ -24,6 +24,7 @@ from famevil_fast.model.config import FameViLConfig
 from famevil_fast.model.heads import build_heads
 from famevil_fast.model.pretrain import FORWARDS as PRETRAIN_FORWARDS
 from famevil_fast.model.pretrain import PRETRAIN_BATCH_KEYS, build_pretrain_heads
+from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.model.validation import check_input_ids, check_pixels, check_same_batch, check_task
 
 EOT_ID = 49407
@@ -144,7 +145,7 @@ class FameViL(nn.Module):
         return save_famevil(self, directory)
 
     # ------------------------------------------------------------------ the three modes
-    def image_features(self, pixels: torch.Tensor, task: str | torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixels: torch.Tensor, task: TaskChoice) -> torch.Tensor:
         """Two-tower image embedding (B, E), before normalisation."""
         return self.vision(pixels, task)
 
@@ -152,13 +153,13 @@ class FameViL(nn.Module):
         """``trim_text_padding`` unless padded positions are trained (``caption_loss_on_padding``)."""
         return input_ids if self.config.caption_loss_on_padding else trim_text_padding(input_ids)
 
-    def text_features(self, input_ids: torch.Tensor, task: str | torch.Tensor) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, task: TaskChoice) -> torch.Tensor:
         """Two-tower text embedding (B, E), before normalisation."""
         input_ids = self.trim(input_ids)
         return self.text(input_ids, task, mask=self._text_self_mask(input_ids))
 
     def fused_features(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, task: str | torch.Tensor
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, task: TaskChoice
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fusion mode: towers in lock-step with cross-attention both ways; returns (v, t) projections."""
         if self.config.xaa != "both":

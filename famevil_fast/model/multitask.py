@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from famevil_fast.model import losses
 from famevil_fast.model.config import PRETRAIN_TASKS
 from famevil_fast.model.famevil import EOT_ID, TASK_BATCH_KEYS, TaskOutput, text_valid_mask
+from famevil_fast.model.task_mix import TaskMix, task_mix
 from famevil_fast.model.validation import check_pixels, check_same_batch
 
 
-def _task_index(model, task: str, n: int, device) -> torch.Tensor:
-    return torch.full((n,), model.config.tasks.index(task), dtype=torch.long, device=device)
+def _task_layout(model, tasks: list[str], sizes: list[int], device) -> TaskMix:
+    return task_mix([model.config.tasks.index(t) for t in tasks], sizes, device)
 
 
 def _split(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -33,7 +34,7 @@ def _vision_pass(model, parts: list[tuple[str, torch.Tensor]], keep_memory_of: s
     """One vision pass over several tasks' images; pooled features per part, and the memory of one part."""
     pixels = torch.cat([p for _, p in parts])
     sizes = [p.shape[0] for _, p in parts]
-    task = torch.cat([_task_index(model, t, p.shape[0], pixels.device) for t, p in parts])
+    task = _task_layout(model, [t for t, _ in parts], sizes, pixels.device)
     h = model.vision.embed(pixels)
     memory = []
     start = sum(sizes[: [t for t, _ in parts].index(keep_memory_of)]) if keep_memory_of else 0
@@ -115,7 +116,7 @@ def _fusion_pass(
     pixels = torch.cat([batches[t][pix_key[t]] for t in tasks])
     ids = torch.cat([batches[t]["input_ids"] for t in tasks])
     sizes = [batches[t]["input_ids"].shape[0] for t in tasks]
-    task = torch.cat([_task_index(model, t, n, pixels.device) for t, n in zip(tasks, sizes)])
+    task = _task_layout(model, tasks, sizes, pixels.device)
     v, t = model.fused_features(pixels, ids, task if len(tasks) > 1 else tasks[0])
     return {name: (vv, tt) for name, vv, tt in zip(tasks, _split(v, sizes), _split(t, sizes))}
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from famevil_fast.model.task_mix import TaskMix, as_task_mix
+
 SITES = ("attn", "mlp")
 INIT_STD = 0.01
 
@@ -98,21 +100,15 @@ class CrossModalTaskAdapters(nn.Module):
         self.tasks = tuple(tasks)
         self.adapters = nn.ModuleDict({t: CrossModalAdapter(width, bottleneck, shared) for t in tasks})
 
-    def forward(self, y: torch.Tensor, task: str | torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, task: str | torch.Tensor | TaskMix) -> torch.Tensor:
         if isinstance(task, str):
             return self.adapters[task](y)
-        if task.shape != (y.shape[0],):
-            raise ValueError(
-                f"task index must have shape ({y.shape[0]},), one per sample; got {tuple(task.shape)}"
-            )
-        present = torch.unique(task).tolist()
-        if len(present) == 1:
-            return self.adapters[self.tasks[present[0]]](y)
-        out = y.new_zeros(y.shape)
-        for index in present:
-            rows = (task == index).nonzero(as_tuple=True)[0]
-            out = out.index_put((rows,), self.adapters[self.tasks[index]](y.index_select(0, rows)))
-        return out
+        mix = as_task_mix(task, y.shape[0])
+        if len(mix.segments) == 1:
+            return self.adapters[self.tasks[mix.segments[0][0]]](y)
+        return torch.cat(
+            [self.adapters[self.tasks[position]](y[start:stop]) for position, start, stop in mix.segments]
+        )
 
 
 class CrossModalBlockAdapters(nn.Module):

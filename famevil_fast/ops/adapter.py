@@ -99,8 +99,11 @@ def promote_under_autocast(x: torch.Tensor, residuals: list[torch.Tensor]) -> li
     return [r.to(x.dtype) if r.is_floating_point() and r.dtype != x.dtype else r for r in residuals]
 
 
-def check_adapter_args(x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor | None) -> None:
-    """Shape, dtype and device checks with messages that name the argument."""
+def check_adapter_args(
+    x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor | None, check_values: bool = True
+) -> None:
+    """Shape, dtype and device checks with messages that name the argument; ``check_values`` adds the
+    range check of the task ids (a read-back from the device)."""
     if x.dim() < 1:
         raise ValueError("fused_adapter: x must have at least one dimension (..., d)")
     if not x.is_floating_point():
@@ -125,7 +128,7 @@ def check_adapter_args(x: torch.Tensor, params: AdapterParams, task_ids: torch.T
             )
     _check_param_devices_and_dtypes(x, params)
     if task_ids is not None:
-        _check_task_ids(x, task_ids, params.ln_weight.shape[0])
+        _check_task_ids(x, task_ids, params.ln_weight.shape[0], check_values)
 
 
 def _check_param_devices_and_dtypes(x: torch.Tensor, params: AdapterParams) -> None:
@@ -144,7 +147,7 @@ def _check_param_devices_and_dtypes(x: torch.Tensor, params: AdapterParams) -> N
         )
 
 
-def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> None:
+def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, check_values: bool = True) -> None:
     rows = x.numel() // max(x.shape[-1], 1)
     if task_ids.shape != (rows,):
         raise ValueError(
@@ -154,7 +157,7 @@ def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> No
         raise ValueError(f"fused_adapter: task_ids must be int32 or int64, got {task_ids.dtype}")
     if task_ids.device != x.device:
         raise ValueError(f"fused_adapter: task_ids is on {task_ids.device} but x is on {x.device}")
-    if task_ids.numel() and can_synchronize(task_ids):
+    if check_values and task_ids.numel() and can_synchronize(task_ids):
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
             raise ValueError(
@@ -205,7 +208,12 @@ def _triton_adapter(
     ps = [p.contiguous() for p in params]
     ids = None if task_ids is None else task_ids.contiguous()
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
-    y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
+    if torch.compiler.is_compiling():  # an opaque node of the graph
+        y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
+    else:  # the same kernels without the operator dispatch's host cost
+        from famevil_fast.kernels.autograd import fused_adapter_eager
+
+        y = fused_adapter_eager(rows, ps, res, ids, save, eps)
     return y.view(x.shape)
 
 
@@ -222,6 +230,7 @@ def fused_adapter(
     task_ids: torch.Tensor | None = None,
     backend: str | None = None,
     eps: float = LN_EPS,
+    check_task_ids: bool = True,
 ) -> torch.Tensor:
     """``residual + scale * up(relu(down(layer_norm(x))))`` for x of shape (..., d).
 
@@ -230,13 +239,19 @@ def fused_adapter(
     has a leading task dimension and row i uses adapter ``task_ids[i]``. Parameters share one dtype, x's
     or float32. ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured
     faster, ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
-    overrides the automatic choice).
+    overrides the automatic choice). ``check_task_ids=False`` skips the range check of the task ids, the
+    one check that reads a tensor back from the device, for callers that built the ids themselves.
     """
     check_backend("fused_adapter", backend, BACKENDS)
     params = AdapterParams(ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
-    check_adapter_args(x, params, task_ids)
+    check_adapter_args(x, params, task_ids, check_task_ids)
     residuals = promote_under_autocast(x, residual_list(residual))
     check_residuals(x, residuals)
-    if select_backend("fused_adapter", backend, BACKENDS, x, triton_adapter_pays(x, params)) == "torch":
+    if adapter_backend(x, params, backend) == "torch":
         return adapter_reference(x, params, residuals or None, task_ids, eps)
     return _triton_adapter(x, params, residuals, task_ids, eps)
+
+
+def adapter_backend(x: torch.Tensor, params: AdapterParams, backend: str | None = None) -> str:
+    """The backend ``fused_adapter`` runs for x and these parameters: "triton" or "torch"."""
+    return select_backend("fused_adapter", backend, BACKENDS, x, triton_adapter_pays(x, params))

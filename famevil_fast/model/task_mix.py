@@ -1,0 +1,57 @@
+"""Which task each sample of a mixed-task pass belongs to.
+
+A mixed-task pass concatenates the samples of several tasks, one task after another. ``TaskMix`` carries
+that layout twice: on the host as contiguous segments, so that adapters can slice the batch and pick
+their parameters without reading anything back from the device, and on the device as a per-sample index,
+for the fused kernels that take a task id per row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class TaskMix(NamedTuple):
+    """``index`` (B,) positions in the model's task list; ``segments`` ((position, start, stop), ...) the
+    same information as contiguous sample ranges, in batch order."""
+
+    index: torch.Tensor
+    segments: tuple[tuple[int, int, int], ...]
+
+    @property
+    def present(self) -> tuple[int, ...]:
+        """Task positions that occur, sorted."""
+        return tuple(sorted({position for position, _, _ in self.segments}))
+
+
+TaskChoice = str | torch.Tensor | TaskMix
+"""What a tower's forward takes as its task: one task key for the whole batch, or a per-sample layout."""
+
+
+def task_mix(positions: list[int], sizes: list[int], device: torch.device | str) -> TaskMix:
+    """The layout of a batch made of ``sizes[i]`` samples of task position ``positions[i]``, in order."""
+    segments, start = [], 0
+    for position, size in zip(positions, sizes):
+        if size:
+            segments.append((position, start, start + size))
+        start += size
+    index = torch.cat(
+        [torch.full((size,), position, dtype=torch.long) for position, size in zip(positions, sizes)]
+    ).to(device, non_blocking=True)
+    return TaskMix(index, tuple(segments))
+
+
+def as_task_mix(task: torch.Tensor | TaskMix, batch: int) -> TaskMix:
+    """A ``TaskMix`` from a per-sample index tensor (one read-back to find its runs) or an existing one."""
+    if isinstance(task, TaskMix):
+        index = task.index
+    else:
+        index = task
+    if index.shape != (batch,):
+        raise ValueError(f"task index must have shape ({batch},), one per sample; got {tuple(index.shape)}")
+    if isinstance(task, TaskMix):
+        return task
+    values, counts = torch.unique_consecutive(index, return_counts=True)
+    return task_mix(values.tolist(), counts.tolist(), index.device)._replace(index=index)
