@@ -58,6 +58,36 @@ def _groups(m, n, k=4):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The reference's integer-target form against its soft-target form
+
+
+def _soft_target_loss(a, b, s, labels=None, two_way=True, label_smoothing=0.0):
+    """The general form: (M, N) positive mask and soft targets in both directions."""
+    logits = s * (a @ b.T)
+    pos = C.positive_mask(a.shape[0], b.shape[0], labels, None, a.device)
+    loss = C._direction_reference(logits, pos, label_smoothing, False)
+    if not two_way:
+        return loss
+    return 0.5 * (loss + C._direction_reference(logits.T, pos.T, label_smoothing, True))
+
+
+@pytest.mark.parametrize("m,n,d", SQUARE + RECTANGULAR)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_one_positive_reference_equals_the_soft_target_form(m, n, d, smoothing):
+    a, b, s = (t.double() for t in _inputs(m, n, d))
+    s.requires_grad_(True)
+    cases = [dict(labels=torch.randint(0, n, (m,)), two_way=False)]
+    if m == n:
+        cases += [dict(two_way=True), dict(two_way=False)]
+    for kw in cases:
+        loss, grads = _grads(contrastive_loss_reference, [a, b, s], label_smoothing=smoothing, **kw)
+        want, want_grads = _grads(_soft_target_loss, [a, b, s], label_smoothing=smoothing, **kw)
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
 # CPU backend against the float64 reference
 
 

@@ -82,6 +82,19 @@ def _direction_reference(
     return _soft_target_ce(logits, _smoothed_targets(pos, eps, logits.dtype))
 
 
+def _one_positive_reference(
+    logits: torch.Tensor, labels: torch.Tensor | None, two_way: bool, label_smoothing: float
+) -> torch.Tensor:
+    """The common case, every row with one positive column (the diagonal when ``labels`` is None, and then
+    every column with one positive row too): integer-target cross-entropy, the same loss as the
+    soft-target form without its (M, N) target matrices."""
+    diagonal = torch.arange(logits.shape[0], device=logits.device)
+    loss = F.cross_entropy(logits, diagonal if labels is None else labels, label_smoothing=label_smoothing)
+    if not two_way:
+        return loss
+    return 0.5 * (loss + F.cross_entropy(logits.T, diagonal, label_smoothing=label_smoothing))
+
+
 def contrastive_loss_reference(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -96,6 +109,8 @@ def contrastive_loss_reference(
     of some row."""
     dtype = compute_dtype(a.dtype)
     logits = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
+    if groups is None and (labels is None or not two_way):
+        return _one_positive_reference(logits, labels, two_way, label_smoothing)
     pos = positive_mask(a.shape[0], b.shape[0], labels, groups, a.device)
     loss = _direction_reference(logits, pos, label_smoothing, groups is not None)
     if not two_way:
