@@ -75,7 +75,7 @@ if [[ " $PARTS " == *" bench "* ]]; then
   part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
   part "bench: training step" 150 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
   part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
-  part "bench: data" 40 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
+  part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
 fi
 
 "$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" <<'PYEOF'
