@@ -73,7 +73,7 @@ if [[ " $PARTS " == *" bench "* ]]; then
   part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py
   part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report
   part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
-  part "bench: training step" 150 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
+  part "bench: training step" 180 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
   part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
   part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
 fi
