@@ -5,9 +5,9 @@ per task and for the round-robin four-task step.
    losses (the official code's setting);
 2. ``plain``: the best plain-PyTorch setting: bf16 autocast, SDPA, fused AdamW, PyTorch references for
    adapters and losses (``plain_frozen``: backbone frozen);
-3. ``fast``: famevil_fast's fast path: bf16, fused Triton adapters and fused contrastive losses, the
-   four-task step in shared mixed-task passes (``fast_frozen``: backbone frozen, so the weight-gradient
-   GEMMs of frozen layers are skipped).
+3. ``fast``: famevil_fast's own choices: bf16, each op on the backend it picks automatically for its size
+   (docs/ops.md), the four-task step in shared mixed-task passes (``fast_frozen``: backbone frozen, so
+   the weight-gradient GEMMs of frozen layers are skipped).
 
 Every configuration starts from the same weights and batch; the first step's losses must agree with the
 faithful ones within bf16 tolerance. Reported: ms/step (median), samples/s, peak memory and model FLOPs
