@@ -51,6 +51,13 @@ def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
 
 
+def residual_arg(leaves: list[torch.Tensor], n_residuals: int | None):
+    """The residual argument from the leaves after x and the 7 parameters: None, one tensor, or a list."""
+    if n_residuals is None:
+        return None
+    return leaves[8] if n_residuals == 1 else leaves[8:]
+
+
 def compare(
     x: torch.Tensor,
     params: AdapterParams,
@@ -70,26 +77,21 @@ def compare(
     kinds = [dtype] + [pdt] * 7 + [dtype] * len(residuals)
     values = [t.to(kind).double() for kind, t in zip(kinds, (x, *params, *residuals))]
     ref_leaves = [t.requires_grad_() for t in values]
-    ref_res = ref_leaves[8:] if n_residuals is not None else None
-    if n_residuals == 1:
-        ref_res = ref_res[0]
-    ref = adapter_reference(ref_leaves[0], AdapterParams(*ref_leaves[1:8]), ref_res, task_ids)
+    ref = adapter_reference(
+        ref_leaves[0], AdapterParams(*ref_leaves[1:8]), residual_arg(ref_leaves, n_residuals), task_ids
+    )
     grad = torch.randn_like(ref).to(dtype).double()
     ref.backward(grad)
 
     leaves = [t.detach().to(kind).requires_grad_() for kind, t in zip(kinds, ref_leaves)]
-    res = leaves[8:] if n_residuals is not None else None
-    if n_residuals == 1:
-        res = res[0]
+    res = residual_arg(leaves, n_residuals)
     out = fused_adapter(leaves[0], *leaves[1:8], residual=res, task_ids=task_ids, backend="triton")
     assert out.dtype == dtype and out.shape == x.shape
     out.backward(grad.to(dtype))
     names = ["x", *AdapterParams._fields] + [f"residual{i}" for i in range(len(residuals))]
     if against_torch:
         base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-        base_res = base_leaves[8:] if n_residuals is not None else None
-        if n_residuals == 1:
-            base_res = base_res[0]
+        base_res = residual_arg(base_leaves, n_residuals)
         base = fused_adapter(*base_leaves[:8], residual=base_res, task_ids=task_ids, backend="torch")
         base.backward(grad.to(dtype))
         assert_no_worse_than_baseline("output", out, base, ref)

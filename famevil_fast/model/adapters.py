@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from famevil_fast.model.task_mix import TaskMix, as_task_mix
+from famevil_fast.model.task_mix import TaskMix, as_task_mix, per_segment
 from famevil_fast.ops import (
     AdapterParams,
     CrossAttentionParams,
@@ -112,11 +112,11 @@ class TaskAdapters(nn.Module):
 
     def _per_segment(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
         branches = residual_list(residual)
-        outs = [
-            self.adapters[self.tasks[position]](x[start:stop], [b[start:stop] for b in branches] or None)
-            for position, start, stop in mix.segments
-        ]
-        return torch.cat(outs)
+
+        def run(position: int, rows: slice) -> torch.Tensor:
+            return self.adapters[self.tasks[position]](x[rows], [b[rows] for b in branches] or None)
+
+        return per_segment(mix, run)
 
 
 class CrossAttentionAdapter(nn.Module):

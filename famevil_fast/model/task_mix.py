@@ -8,6 +8,7 @@ for the fused kernels that take a task id per row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -45,13 +46,15 @@ def task_mix(positions: list[int], sizes: list[int], device: torch.device | str)
 
 def as_task_mix(task: torch.Tensor | TaskMix, batch: int) -> TaskMix:
     """A ``TaskMix`` from a per-sample index tensor (one read-back to find its runs) or an existing one."""
-    if isinstance(task, TaskMix):
-        index = task.index
-    else:
-        index = task
+    index = task.index if isinstance(task, TaskMix) else task
     if index.shape != (batch,):
         raise ValueError(f"task index must have shape ({batch},), one per sample; got {tuple(index.shape)}")
     if isinstance(task, TaskMix):
         return task
     values, counts = torch.unique_consecutive(index, return_counts=True)
     return task_mix(values.tolist(), counts.tolist(), index.device)._replace(index=index)
+
+
+def per_segment(mix: TaskMix, run: Callable[[int, slice], torch.Tensor]) -> torch.Tensor:
+    """``run(task position, sample slice)`` for each segment, concatenated in batch order."""
+    return torch.cat([run(position, slice(start, stop)) for position, start, stop in mix.segments])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from famevil_fast.model.task_mix import TaskMix, as_task_mix
+from famevil_fast.model.task_mix import TaskMix, as_task_mix, per_segment
 
 SITES = ("attn", "mlp")
 INIT_STD = 0.01
@@ -104,11 +104,9 @@ class CrossModalTaskAdapters(nn.Module):
         if isinstance(task, str):
             return self.adapters[task](y)
         mix = as_task_mix(task, y.shape[0])
-        if len(mix.segments) == 1:
-            return self.adapters[self.tasks[mix.segments[0][0]]](y)
-        return torch.cat(
-            [self.adapters[self.tasks[position]](y[start:stop]) for position, start, stop in mix.segments]
-        )
+        if len(mix.present) == 1:
+            return self.adapters[self.tasks[mix.present[0]]](y)
+        return per_segment(mix, lambda position, rows: self.adapters[self.tasks[position]](y[rows]))
 
 
 class CrossModalBlockAdapters(nn.Module):
