@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from famevil_fast.capture import static_shapes_enabled
 from famevil_fast.model import losses
 from famevil_fast.model.clip import TextTower, VisionTower, first_eot_positions
 from famevil_fast.model.config import FameViLConfig
@@ -25,7 +26,13 @@ from famevil_fast.model.heads import build_heads
 from famevil_fast.model.pretrain import FORWARDS as PRETRAIN_FORWARDS
 from famevil_fast.model.pretrain import PRETRAIN_BATCH_KEYS, build_pretrain_heads
 from famevil_fast.model.task_mix import TaskChoice
-from famevil_fast.model.validation import check_input_ids, check_pixels, check_same_batch, check_task
+from famevil_fast.model.validation import (
+    check_input_ids,
+    check_pixels,
+    check_same_batch,
+    check_task,
+    values_checkable,
+)
 
 EOT_ID = 49407
 TASK_BATCH_KEYS = {
@@ -49,6 +56,8 @@ class TaskOutput:
 def trim_text_padding(input_ids: torch.Tensor) -> torch.Tensor:
     """Drop the padding columns after the last end token of the batch. Exact for every output the model
     uses: text attention is causal, and padded keys are masked wherever other tokens could see them."""
+    if static_shapes_enabled():
+        return input_ids
     has_eot = (input_ids == EOT_ID).any(dim=1)
     if not bool(has_eot.all()):
         return input_ids
@@ -353,7 +362,7 @@ class FameViL(nn.Module):
                 f"got {labels.dtype} {tuple(labels.shape)}"
             )
         n = self.config.num_classes
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        if labels.numel() and values_checkable() and (int(labels.min()) < 0 or int(labels.max()) >= n):
             raise ValueError(f"labels must lie in [0, {n}), got [{int(labels.min())}, {int(labels.max())}]")
 
     def forward_mixed(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from famevil_fast.capture import static_shapes_enabled
 from famevil_fast.model import losses
 from famevil_fast.model.config import PRETRAIN_TASKS
 from famevil_fast.model.famevil import EOT_ID, TASK_BATCH_KEYS, TaskOutput, text_valid_mask
@@ -125,12 +126,13 @@ def _caption_output(model, memory, ids, gather) -> TaskOutput:
     ids = model.trim(ids)
     states = model.caption_states(memory, ids, "cap")[:, :-1]
     targets = ids[:, 1:]
+    valid = text_valid_mask(ids)[:, 1:]
     if model.config.caption_loss_on_padding:
-        targets = torch.where(text_valid_mask(ids)[:, 1:], targets, torch.full_like(targets, EOT_ID))
-        states, targets = states.reshape(-1, states.shape[-1]), targets.reshape(-1)
-    else:
-        keep = text_valid_mask(ids)[:, 1:]
-        states, targets = states[keep], targets[keep]
+        targets = torch.where(valid, targets, torch.full_like(targets, EOT_ID))
+    elif not static_shapes_enabled():
+        states, targets = states[valid], targets[valid]
+    states, targets = states.reshape(-1, states.shape[-1]), model.caption_targets(targets.reshape(-1))
+    if static_shapes_enabled() and not model.config.caption_loss_on_padding:
+        targets = torch.where(valid.reshape(-1), targets, torch.full_like(targets, -100))  # padding ignored
     logits = model.caption_logits(states)
-    targets = model.caption_targets(targets)
     return TaskOutput(losses.caption_loss(logits, targets, gather), {"logits": logits, "targets": targets})

@@ -38,9 +38,13 @@ def task_mix(positions: list[int], sizes: list[int], device: torch.device | str)
         if size:
             segments.append((position, start, start + size))
         start += size
+    # filled on the device: no host-to-device copy, so a CUDA graph can capture it
     index = torch.cat(
-        [torch.full((size,), position, dtype=torch.long) for position, size in zip(positions, sizes)]
-    ).to(device, non_blocking=True)
+        [
+            torch.full((size,), position, dtype=torch.long, device=device)
+            for position, size in zip(positions, sizes)
+        ]
+    )
     return TaskMix(index, tuple(segments))
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from famevil_fast.capture import capturing
 from famevil_fast.model.config import TextConfig, VisionConfig
 
 EOT_ID = 49407
 
 
-def _values_checkable() -> bool:
+def values_checkable() -> bool:
     """Value checks read tensors back to the host; skip them while compiling or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not (torch.compiler.is_compiling() or capturing())
 
 
 def check_task(task: str, tasks: tuple[str, ...]) -> None:
@@ -57,7 +56,7 @@ def check_input_ids(
         )
     if input_ids.device != device:
         raise ValueError(f"{name} is on {input_ids.device} but the model is on {device}")
-    if not _values_checkable():
+    if not values_checkable():
         return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= cfg.vocab_size:

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from famevil_fast.capture import capturing
+
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -51,11 +53,9 @@ def same_device_and_dtype(
 
 
 def can_synchronize(t: torch.Tensor) -> bool:
-    """False while a data-dependent check must not read values back to the host: inside torch.compile
-    tracing or a CUDA graph capture on t's device."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """False while a data-dependent check must not read the values of ``t`` back to the host: inside
+    torch.compile tracing or a CUDA graph capture (real or simulated, see ``famevil_fast.capture``)."""
+    return not (torch.compiler.is_compiling() or capturing())
 
 
 def forced_backend() -> str | None:

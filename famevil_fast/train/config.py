@@ -107,6 +107,11 @@ class TrainSection:
         "combine task gradients: sum, imtlg (per tensor, faithful) or imtlg_global", "sum"
     )
     precision: str = doc("bf16 (autocast) or fp32 (faithful)", "bf16")
+    cuda_graphs: bool = doc(
+        "replay each micro-step's forward and backward as a CUDA graph captured per batch layout "
+        "(single process, gradient_strategy sum; on the CPU the step runs eagerly)",
+        False,
+    )
     freeze_backbone: bool = doc("train only adapters, cross-attention adapters and heads", False)
     clip_grad_norm: float | None = doc("clip the gradient norm to this value; null = off", None)
     nonfinite: str = doc("on a non-finite loss: skip the update, or stop the run", "skip")
@@ -218,6 +223,11 @@ class TrainConfig:
         if self.train.mixed_task_batches and self.train.gradient_strategy != "sum":
             raise ValueError(
                 "train.mixed_task_batches needs gradient_strategy 'sum' (IMTL-G needs each task's gradient)"
+            )
+        if self.train.cuda_graphs and self.train.gradient_strategy != "sum":
+            raise ValueError(
+                "train.cuda_graphs needs gradient_strategy 'sum' (IMTL-G reads each task's gradient "
+                "between micro-batches)"
             )
         if self.train.gradient_strategy != "sum" and self.train.update_frequency < 2:
             raise ValueError(

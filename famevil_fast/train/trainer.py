@@ -24,6 +24,7 @@ from torch import nn
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.train.checkpoint import CheckpointManager
 from famevil_fast.train.config import TrainConfig
+from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
 from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env
 from famevil_fast.train.imtl import GradientBuffer
@@ -179,6 +180,20 @@ class Trainer:
         self.eval_results: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.graphed = self._graphed_step() if t.cuda_graphs else None
+
+    def _graphed_step(self) -> GraphedStep:
+        if self.dist.enabled:
+            raise ValueError("train.cuda_graphs runs in one process; turn it off for distributed training")
+        bf16 = torch.bfloat16 if self.cfg.train.precision == "bf16" else None
+        self._loss_weight = torch.ones((), device=self.device)  # 1 / micro-batches of the update
+        return GraphedStep(self._graph_losses, [p for _, p in self.trainable], autocast_dtype=bf16)
+
+    def _graph_losses(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-step as the captured graphs compute it (autocast is applied by GraphedStep)."""
+        outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
+        task_losses = {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+        return sum(task_losses.values()) * self._loss_weight, task_losses
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -246,6 +261,10 @@ class Trainer:
         micro = list(self._micro_batches(tasks))
         losses: list[tuple[str, torch.Tensor]] = []
         for i, batches in enumerate(micro):
+            if self.graphed is not None:
+                self._loss_weight.fill_(1.0 / len(tasks))
+                losses.extend(self.graphed(batches).items())
+                continue
             sync = self.dist.enabled and imtl is None and i < len(micro) - 1
             with self.module.no_sync() if sync else contextlib.nullcontext():
                 with self._autocast():
@@ -258,13 +277,20 @@ class Trainer:
             losses.extend((t, loss.detach().float()) for t, loss in task_losses.items())
         if imtl is not None:
             imtl.apply(cfg.gradient_strategy)
-        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_norm)
-        values = torch.stack([v for _, v in losses] + [grad_norm.detach().float().to(self.device)]).tolist()
-        applied = all(math.isfinite(v) for v in values)
-        if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        hidden = self.graphed.untouched_grads_hidden() if self.graphed else contextlib.nullcontext()
+        with hidden:  # parameters no micro-batch reached keep .grad None, as in eager steps
+            max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_norm)
+            values = torch.stack(
+                [v for _, v in losses] + [grad_norm.detach().float().to(self.device)]
+            ).tolist()
+            applied = all(math.isfinite(v) for v in values)
+            if applied:
+                self.optimizer.step()
+        if self.graphed is not None:
+            self.graphed.zero_grad()  # the captured graphs accumulate into these gradient tensors
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.update += 1
         record = {
