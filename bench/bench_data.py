@@ -56,6 +56,7 @@ def _product_pixels(n: int) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
+    started = time.perf_counter()
     root = tmp_path_factory.mktemp("bench_data")
     encoded = []  # 64 distinct images, encoded once; the N files repeat their bytes (decoders keep no cache)
     for i, pixels in enumerate(_product_pixels(min(N_IMAGES, 64))):
@@ -70,6 +71,10 @@ def images(tmp_path_factory) -> Path:
         (root / f"{i:05d}.jpg").write_bytes(jpeg)
         (root / f"{i:05d}.png").write_bytes(png)
     build_cache(root, root / "cache", keys=[f"{i:05d}.png" for i in range(N_IMAGES)], tokenize=False)
+    print(
+        f"\n{N_IMAGES} test images and their cache written in {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     return root
 
 
@@ -152,6 +157,7 @@ def test_data_report(images) -> None:
         for source in SOURCES if name != "cache" else ("png",):
             label = "decoded uint8 shards" if name == "cache" else f"{source.upper()} 256 px"
             rows.append((name, label, _backend_rate(backend, _paths(source))))
+            print(f"{name} {label}: {rows[-1][2]:,.0f} images/s", flush=True)  # kept if the run is cut
         backend.close()
     rows.append(("TrainLoader(cache)", "prefetch thread, 3 deep", _loader_rate(images)))
     lines = [

@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh                      # everything (about 7 minutes on an H200)
 #   GPU_CHECK_PARTS="tests bench" bash bench/gpu_check.sh
+#   GPU_CHECK_BENCH="train_step caption" bash bench/gpu_check.sh   # some benchmarks only
 #
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
 # On a machine without a GPU, GPU_CHECK_DRY=1 runs the same steps on the CPU (a check of the script).
@@ -63,20 +64,22 @@ fi
 
 PYTEST=("$PY" -m pytest -q -s -p no:cacheprovider -rfE)
 if [[ " $PARTS " == *" tests "* ]]; then
-  part "GPU tests" 150 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda" \
+  part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda" \
     tests/test_adapter_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
-    tests/test_eval_topk.py tests/test_eval_xmr.py
+    tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py
 fi
 
-if [[ " $PARTS " == *" bench "* ]]; then
-  BENCH=("${PYTEST[@]}" --benchmark-disable)
-  part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py
-  part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report
-  part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
-  part "bench: training step" 180 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
-  part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
-  part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
-fi
+# GPU_CHECK_BENCH picks benchmarks by name (default: all, in this order)
+BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval data}"
+bench() { [[ " $PARTS " == *" bench "* && " $BENCHES " == *" $1 "* ]]; }
+BENCH=("${PYTEST[@]}" --benchmark-disable)
+bench contrastive && part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py
+bench adapter && part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report
+bench xattn && part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
+bench train_step && part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
+bench caption && part "bench: caption decoding" 60 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py
+bench retrieval && part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
+bench data && part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
 
 "$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" <<'PYEOF'
 import datetime, pathlib, sys
@@ -101,6 +104,7 @@ for name, title in (
     ("bench_adapter.txt", "Fused adapter"),
     ("bench_xattn.txt", "Cross-attention adapter block"),
     ("bench_train_step.txt", "Training step"),
+    ("bench_caption.txt", "Caption decoding"),
     ("bench_retrieval.txt", "Retrieval"),
     ("bench_data.txt", "Data"),
 ):

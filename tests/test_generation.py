@@ -75,3 +75,35 @@ def test_no_repeat_ngram_blocks_repeats_in_both_decoders(model):
     bodies = [[t for t in r[1:] if t != EOT_ID] for r in plain.tolist()]
     has_repeat = any(len(list(zip(b, b[1:]))) != len(set(zip(b, b[1:]))) for b in bodies)
     assert has_repeat  # the constraint had something to remove
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eot_bias", [-50.0, 0.0, 50.0])  # never ends, some end, all end at once
+@pytest.mark.parametrize("batch", [1, 5])
+def test_graphed_greedy_decoding_gives_the_same_tokens(model, device, eot_bias, batch):
+    m = model.to(device)
+    with torch.no_grad():
+        m.heads["cap"].bias[EOT_ID] += eot_bias
+    try:
+        for seed in range(2):  # a second call replays the captured graph on new images
+            pixels = torch.randn(
+                batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+            )
+            pixels = pixels.to(device)
+            with torch.no_grad():
+                want = generate(m, pixels, max_len=9)
+                got = generate(m, pixels, max_len=9, cuda_graph=True)
+            assert torch.equal(got, want)
+    finally:
+        with torch.no_grad():
+            m.heads["cap"].bias[EOT_ID] -= eot_bias
+        model.to("cpu")
+
+
+def test_graphed_decoding_is_greedy_only(model):
+    pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="greedy"):
+        generate(model, pixels, max_len=4, num_beams=2, cuda_graph=True)

@@ -56,7 +56,7 @@ class TextDecoder:
         self.context_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.context_kv]
 
 
-def _max_steps(model, max_len: int) -> int:
+def max_steps(model, max_len: int) -> int:
     limit = model.config.clip.text.context_length - 1
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
@@ -64,16 +64,31 @@ def _max_steps(model, max_len: int) -> int:
 
 
 def generate(
-    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
+    model,
+    pixels: torch.Tensor,
+    max_len: int = 76,
+    num_beams: int = 1,
+    no_repeat_ngram: int = 0,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends.
     ``no_repeat_ngram`` > 0 forbids any n-gram of that length from occurring twice in a caption (off by
-    default, as in the reference decoding)."""
+    default, as in the reference decoding). ``cuda_graph=True`` replays the whole greedy decode as one
+    CUDA graph (``model.graphed_decoding``; greedy without ``no_repeat_ngram`` only), same tokens."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
-    steps = _max_steps(model, max_len)
+    if cuda_graph:
+        if num_beams != 1 or no_repeat_ngram:
+            raise ValueError(
+                "cuda_graph decoding is greedy without no_repeat_ngram (beam search and n-gram bans "
+                "choose on the host each step)"
+            )
+        from famevil_fast.model.graphed_decoding import generate_graphed
+
+        return generate_graphed(model, pixels, max_len)
+    steps = max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
         decoder = TextDecoder(model, memory, steps + 1)
@@ -211,7 +226,7 @@ def generate_by_reencoding(
     model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
 ) -> torch.Tensor:
     """Same output as ``generate`` without caches (the reference for tests and benchmarks)."""
-    steps = _max_steps(model, max_len)
+    steps = max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     b = pixels.shape[0]
     if num_beams == 1:
