@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 PARTS_DIR="${GPU_CHECK_PARTS_DIR:-/tmp/gpu_check_parts}"  # full outputs; packed into $OUT/parts.tar.gz
-mkdir -p "$OUT" "$PARTS_DIR"
+rm -rf "$PARTS_DIR"; mkdir -p "$OUT" "$PARTS_DIR"  # this run's outputs only
 PY="${PYTHON:-python3}"
 PARTS="${GPU_CHECK_PARTS:-build tests bench}"
 LOG="$OUT/gpu_check.log"
