@@ -1,10 +1,12 @@
 """Caption decoding throughput (PERFORMANCE.md target 4): tokens/s of greedy decoding by re-encoding the
 prefix every step (the official decoding), by the key/value-cached decoder, and by the cached decoder
-replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give identical tokens.
+replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give identical tokens, so
+the model runs in float32 (in bf16 the one-token and the whole-prefix kernels round differently, and a
+random model's near-tied logits then flip).
 
 The model has random weights with the end token's logit pushed down, so every caption runs the full length
-and each method decodes the same number of tokens. On a GPU: ViT-B/16, bf16 autocast, 64 images, 30
-tokens; on the CPU: the micro model (a check that the harness runs, not a measurement).
+and each method decodes the same number of tokens. On a GPU: ViT-B/16, 64 images, 30
+tokens, float32; on the CPU: the micro model (a check that the harness runs, not a measurement).
 """
 
 from __future__ import annotations
@@ -60,20 +62,20 @@ def _seconds(fn) -> float:
 def test_caption_decoding_report():
     model = _model()
     size = model.config.clip.vision.image_size
-    autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=CUDA)
     name = torch.cuda.get_device_name() if CUDA else "CPU (harness check only)"
-    print(f"\ncaption decoding, {PRESET}, {name}, torch {torch.__version__}, bf16={CUDA}")
+    print(f"\ncaption decoding, {PRESET}, {name}, torch {torch.__version__}, float32")
     print(f"{'images':>6} {'tokens':>6} {'method':>12} {'ms':>9} {'tokens/s':>10} {'x re-encoding':>13}")
     for batch, length in CASES:
         pixels = torch.randn(batch, 3, size, size, device=DEVICE)
         methods = _methods(model, pixels, length)
-        with torch.no_grad(), autocast:
+        with torch.no_grad():
             outputs = {k: fn() for k, fn in methods.items()}
             times = {k: _seconds(fn) for k, fn in methods.items()}
-        for k, out in outputs.items():
-            assert torch.equal(out, outputs["re-encoding"]), f"{k} tokens differ from re-encoding"
         tokens = batch * length
         for k, seconds in times.items():
             ratio = times["re-encoding"] / seconds
+            same = torch.equal(outputs[k], outputs["re-encoding"])
             row = f"{batch:>6} {length:>6} {k:>12} {seconds * 1e3:>9.2f} {tokens / seconds:>10.0f}"
-            print(f"{row} {ratio:>13.2f}")
+            print(f"{row} {ratio:>13.2f}  tokens {'identical' if same else 'DIFFER'}", flush=True)
+        for k, out in outputs.items():
+            assert torch.equal(out, outputs["re-encoding"]), f"{k} tokens differ from re-encoding"

@@ -86,6 +86,7 @@ class Setup:
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
         bf16 = torch.bfloat16 if opts["precision"] == "bf16" else None
         self.graphed = GraphedStep(self.losses, params, autocast_dtype=bf16) if opts["graphs"] else None
+        self.weight = 1.0  # 1 / tasks of the step: each task's loss is averaged into the step's gradient
 
     def losses(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.opts["mixed"] and len(batches) > 1:
@@ -93,34 +94,46 @@ class Setup:
         else:
             outs = {t: self.model(b, t) for t, b in batches.items()}
         losses = {t: o.loss for t, o in outs.items()}
-        return sum(losses.values()) / len(losses), losses
+        return sum(losses.values()) * self.weight, losses
+
+    def micro_steps(self, batches) -> list[dict[str, dict[str, torch.Tensor]]]:
+        """One shared pass for a mixed step; otherwise one pass per task, gradients accumulated (as the
+        trainer does, and so that only one task's activations are alive at a time)."""
+        if self.opts["mixed"]:
+            return [batches]
+        return [{t: b} for t, b in batches.items()]
 
     def step(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        self.weight = 1.0 / len(batches)
+        losses: dict[str, torch.Tensor] = {}
         if self.graphed is not None:
-            losses = self.graphed(batches)
+            for micro in self.micro_steps(batches):
+                losses.update(self.graphed(micro))
             with self.graphed.untouched_grads_hidden():
                 self.optimizer.step()
             self.graphed.zero_grad()
             return losses
-        autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.opts["precision"] == "bf16")
-        with autocast:
-            total, losses = self.losses(batches)
-        total.backward()
+        bf16 = self.opts["precision"] == "bf16"
+        for micro in self.micro_steps(batches):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+                total, micro_losses = self.losses(micro)
+            total.backward()
+            losses.update({t: v.detach() for t, v in micro_losses.items()})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {t: v.detach() for t, v in losses.items()}
+        return losses
 
     def eager_flops(self, batches) -> int:
         """FLOPs of one eager step (a replayed graph is invisible to the counter)."""
         from torch.utils.flop_counter import FlopCounterMode
 
+        self.weight = 1.0 / len(batches)
         counter = FlopCounterMode(display=False)
-        with (
-            counter,
-            torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.opts["precision"] == "bf16"),
-        ):
-            total, _ = self.losses(batches)
-            total.backward()
+        bf16 = self.opts["precision"] == "bf16"
+        for micro in self.micro_steps(batches):
+            with counter, torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+                total, _ = self.losses(micro)
+                total.backward()
         self.model.zero_grad(set_to_none=self.graphed is None)
         return counter.get_total_flops()
 

@@ -94,7 +94,7 @@ class GraphedStep:
         self._touched = [a or b for a, b in zip(self._touched, captured.touched)]
         if captured.graph is None:
             with simulated_capture():
-                total, losses = self._run(captured.inputs)
+                losses = self._run(captured.inputs)
             self._write_losses(captured, losses)
         else:
             captured.graph.replay()
@@ -125,15 +125,16 @@ class GraphedStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _run(self, batches: Batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _run(self, batches: Batches) -> dict[str, torch.Tensor]:
+        """Forward + backward; returns detached losses only, so that no reference keeps the autograd graph
+        (and its gradient-accumulation nodes, bound to this stream) alive into the next capture."""
         with self._autocast():
             total, losses = self.loss_fn(batches)
         total.backward()
-        return total, {task: loss.detach().float() for task, loss in losses.items()}
+        return {task: loss.detach().float() for task, loss in losses.items()}
 
     def _eager(self, batches: Batches) -> dict[str, torch.Tensor]:
-        _, losses = self._run(batches)
-        return losses
+        return self._run(batches)
 
     @staticmethod
     def _copy_in(static: dict[str, dict[str, torch.Tensor]], batches: Batches) -> None:
@@ -155,9 +156,8 @@ class GraphedStep:
         for p in self.params:
             p.grad = None
         with simulated_capture() if self.simulate else static_shapes():
-            _, losses = self._run(
-                inputs
-            )  # under simulation, fails here naming any call capture cannot record
+            # under simulation, this fails naming any call that capture could not record
+            losses = self._run(inputs)
         touched = tuple(p.grad is not None for p in self.params)
         for p, grad in zip(self.params, grads):  # the tensors every graph accumulates into
             p.grad = grad if grad is not None else torch.zeros_like(p)
@@ -182,5 +182,5 @@ class GraphedStep:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            _, losses = self._run(inputs)
+            losses = self._run(inputs)
         return _Captured(inputs, losses, graph, touched)
