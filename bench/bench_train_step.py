@@ -22,6 +22,8 @@ timed step (a check that the harness runs, not a measurement); graph capture is 
 from __future__ import annotations
 
 import copy
+import gc
+import os
 import statistics
 import time
 
@@ -38,6 +40,8 @@ PRESET = "ViT-B-16" if CUDA else "micro"
 BATCHES = (64, 256) if CUDA else (4,)
 # every workload at the first batch size, the four-task step at the larger ones
 CELLS = [(BATCHES[0], w) for w in ("itc", "tgir", "scr", "cap", "all4")] + [(b, "all4") for b in BATCHES[1:]]
+if os.environ.get("TRAIN_STEP_CELLS"):  # e.g. "64:all4,256:all4"
+    CELLS = [(int(b), w) for b, w in (c.split(":") for c in os.environ["TRAIN_STEP_CELLS"].split(","))]
 STEPS = 10 if CUDA else 1
 WARMUP = 3 if CUDA else 1
 FAITHFUL_STEPS = 5 if CUDA else 1
@@ -184,7 +188,9 @@ def test_first_step_losses_agree(base_model, name):
     size = base_model.config.clip.vision.image_size
     batches = workload_batches("all4", BATCHES[0], size)
     reference = Setup(base_model, "faithful").step(batches)
+    release(None)
     losses = Setup(base_model, name).step(batches)
+    release(None)
     tol = 0.0 if name == "faithful" else 3e-2
     for task in TASKS:
         ref, got = float(reference[task]), float(losses[task])
@@ -219,11 +225,18 @@ def measure(base_model: FameViL, name: str, batches, peak: float | None) -> tupl
         print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
         return NAN, NAN, NAN
     finally:
-        setup = None
-        if CUDA:
-            torch.cuda.empty_cache()
+        release(setup)
     mfu = flops / seconds / (peak * 1e12) if peak else NAN
     return seconds, memory, mfu
+
+
+def release(setup: Setup | None) -> None:
+    """Free a configuration's memory now: a graphed setup references itself through its step function,
+    so its graphs' memory pools go only when the cycle is collected."""
+    del setup
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 def best_plain(results: dict[str, float], name: str) -> float:
