@@ -188,9 +188,9 @@ def test_first_step_losses_agree(base_model, name):
     size = base_model.config.clip.vision.image_size
     batches = workload_batches("all4", BATCHES[0], size)
     reference = Setup(base_model, "faithful").step(batches)
-    release(None)
+    release()
     losses = Setup(base_model, name).step(batches)
-    release(None)
+    release()
     tol = 0.0 if name == "faithful" else 3e-2
     for task in TASKS:
         ref, got = float(reference[task]), float(losses[task])
@@ -225,15 +225,15 @@ def measure(base_model: FameViL, name: str, batches, peak: float | None) -> tupl
         print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
         return NAN, NAN, NAN
     finally:
-        release(setup)
+        setup = None  # drop the last reference before collecting
+        release()
     mfu = flops / seconds / (peak * 1e12) if peak else NAN
     return seconds, memory, mfu
 
 
-def release(setup: Setup | None) -> None:
-    """Free a configuration's memory now: a graphed setup references itself through its step function,
-    so its graphs' memory pools go only when the cycle is collected."""
-    del setup
+def release() -> None:
+    """Free the memory of configurations no longer referenced: a graphed setup references itself through
+    its step function, so its graphs' memory pools go only when the cycle is collected."""
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()

@@ -109,4 +109,6 @@ def assert_no_worse_than_baseline(
     norm = ref.norm().clamp_min(1e-12)
     err = float((mine.double() - ref).norm() / norm)
     base = float((baseline.double() - ref).norm() / norm)
-    assert err == err and err <= factor * base + 2e-3, f"{name}: error {err:.2e}, PyTorch's {base:.2e}"
+    # a single value (the scale's gradient) rounds to one of two neighbours: allow one unit in the last place
+    floor = torch.finfo(mine.dtype).eps if mine.numel() == 1 and mine.is_floating_point() else 2e-3
+    assert err == err and err <= factor * base + floor, f"{name}: error {err:.2e}, PyTorch's {base:.2e}"
