@@ -134,9 +134,10 @@ class Setup:
         self.weight = 1.0 / len(batches)
         counter = FlopCounterMode(display=False)
         bf16 = self.opts["precision"] == "bf16"
-        for micro in self.micro_steps(batches):
-            with counter, torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-                total, _ = self.losses(micro)
+        with counter:  # entered once: entering it again would clear the counts
+            for micro in self.micro_steps(batches):
+                with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+                    total, _ = self.losses(micro)
                 total.backward()
         self.model.zero_grad(set_to_none=self.graphed is None)
         return counter.get_total_flops()
