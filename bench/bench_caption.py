@@ -1,12 +1,12 @@
-"""Caption decoding throughput (PERFORMANCE.md target 4): tokens/s of greedy decoding by re-encoding the
-prefix every step (the official decoding), by the key/value-cached decoder, and by the cached decoder
-replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give identical tokens, so
-the model runs in float32 (in bf16 the one-token and the whole-prefix kernels round differently, and a
-random model's near-tied logits then flip).
+"""Caption decoding throughput (PERFORMANCE.md target 4): tokens/s of decoding, greedy and with beam search,
+by re-encoding the prefix every step (the official decoding), by the key/value-cached decoder, and by the
+cached decoder replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give
+identical tokens, so the model runs in float32 (in bf16 the one-token and the whole-prefix kernels round
+differently, and a random model's near-tied logits then flip).
 
 The model has random weights with the end token's logit pushed down, so every caption runs the full length
-and each method decodes the same number of tokens. On a GPU: ViT-B/16, 64 images, 30
-tokens, float32; on the CPU: the micro model (a check that the harness runs, not a measurement).
+and each method decodes the same number of tokens. On a GPU: ViT-B/16, 64 and 16 images, 30 tokens,
+greedy and 3 beams; on the CPU: the micro model (a check that the harness runs, not a measurement).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from famevil_fast.model.generation import EOT_ID, generate, generate_by_reencodi
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PRESET = "ViT-B-16" if CUDA else "micro"
-CASES = [(64, 30), (16, 30)] if CUDA else [(2, 6)]
+CASES = [(64, 30, 1), (16, 30, 1), (16, 30, 3)] if CUDA else [(2, 6, 1), (2, 6, 2)]  # images, tokens, beams
 REPEATS = 5 if CUDA else 1
 
 
@@ -37,11 +37,11 @@ def _model() -> FameViL:
     return model
 
 
-def _methods(model, pixels, length):
+def _methods(model, pixels, length, beams):
     return {
-        "re-encoding": lambda: generate_by_reencoding(model, pixels, max_len=length),
-        "kv-cache": lambda: generate(model, pixels, max_len=length),
-        "kv+graph": lambda: generate(model, pixels, max_len=length, cuda_graph=True),
+        "re-encoding": lambda: generate_by_reencoding(model, pixels, max_len=length, num_beams=beams),
+        "kv-cache": lambda: generate(model, pixels, max_len=length, num_beams=beams),
+        "kv+graph": lambda: generate(model, pixels, max_len=length, num_beams=beams, cuda_graph=True),
     }
 
 
@@ -64,10 +64,11 @@ def test_caption_decoding_report():
     size = model.config.clip.vision.image_size
     name = torch.cuda.get_device_name() if CUDA else "CPU (harness check only)"
     print(f"\ncaption decoding, {PRESET}, {name}, torch {torch.__version__}, float32")
-    print(f"{'images':>6} {'tokens':>6} {'method':>12} {'ms':>9} {'tokens/s':>10} {'x re-encoding':>13}")
-    for batch, length in CASES:
+    head = f"{'images':>6} {'tokens':>6} {'beams':>5} {'method':>12} {'ms':>9} {'tokens/s':>10}"
+    print(f"{head} {'x re-encoding':>13}")
+    for batch, length, beams in CASES:
         pixels = torch.randn(batch, 3, size, size, device=DEVICE)
-        methods = _methods(model, pixels, length)
+        methods = _methods(model, pixels, length, beams)
         with torch.no_grad():
             outputs = {k: fn() for k, fn in methods.items()}
             times = {k: _seconds(fn) for k, fn in methods.items()}
@@ -75,7 +76,7 @@ def test_caption_decoding_report():
         for k, seconds in times.items():
             ratio = times["re-encoding"] / seconds
             same = torch.equal(outputs[k], outputs["re-encoding"])
-            row = f"{batch:>6} {length:>6} {k:>12} {seconds * 1e3:>9.2f} {tokens / seconds:>10.0f}"
+            row = f"{batch:>6} {length:>6} {beams:>5} {k:>12} {seconds * 1e3:>9.2f} {tokens / seconds:>10.0f}"
             print(f"{row} {ratio:>13.2f}  tokens {'identical' if same else 'DIFFER'}", flush=True)
         for k, out in outputs.items():
             assert torch.equal(out, outputs["re-encoding"]), f"{k} tokens differ from re-encoding"

@@ -81,29 +81,32 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("eot_bias", [-50.0, 0.0, 50.0])  # never ends, some end, all end at once
-@pytest.mark.parametrize("batch", [1, 5])
-def test_graphed_greedy_decoding_gives_the_same_tokens(model, device, eot_bias, batch):
+# never ends; some beams and inputs end mid-way and others run to the limit (-1.3, -1.2); all end at once
+@pytest.mark.parametrize("eot_bias", [-50.0, -1.3, -1.2, 0.0])
+@pytest.mark.parametrize(("batch", "beams"), [(1, 1), (5, 1), (1, 2), (4, 3), (3, 5)])
+def test_graphed_decoding_gives_the_same_tokens(model, device, eot_bias, batch, beams):
     m = model.to(device)
     with torch.no_grad():
         m.heads["cap"].bias[EOT_ID] += eot_bias
+    mixed = []  # some sequences ended, others ran to the limit
     try:
         for seed in range(2):  # a second call replays the captured graph on new images
-            pixels = torch.randn(
-                batch, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
-            )
-            pixels = pixels.to(device)
+            g = torch.Generator().manual_seed(seed)
+            pixels = torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=g).to(device)
             with torch.no_grad():
-                want = generate(m, pixels, max_len=9)
-                got = generate(m, pixels, max_len=9, cuda_graph=True)
+                want = generate(m, pixels, max_len=9, num_beams=beams)
+                got = generate(m, pixels, max_len=9, num_beams=beams, cuda_graph=True)
+                mixed.append(bool((want[:, 1:] == EOT_ID).any(dim=1).any() and want.shape[1] == 10))
             assert torch.equal(got, want)
+        if (batch, beams, eot_bias) == (4, 3, -1.2):
+            assert any(mixed), "the mixed case this parameter is for did not occur"
     finally:
         with torch.no_grad():
             m.heads["cap"].bias[EOT_ID] -= eot_bias
         model.to("cpu")
 
 
-def test_graphed_decoding_is_greedy_only(model):
+def test_graphed_decoding_cannot_ban_ngrams(model):
     pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    with pytest.raises(ValueError, match="greedy"):
-        generate(model, pixels, max_len=4, num_beams=2, cuda_graph=True)
+    with pytest.raises(ValueError, match="n-grams"):
+        generate(model, pixels, max_len=4, no_repeat_ngram=2, cuda_graph=True)

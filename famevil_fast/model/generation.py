@@ -73,21 +73,20 @@ def generate(
 ) -> torch.Tensor:
     """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends.
     ``no_repeat_ngram`` > 0 forbids any n-gram of that length from occurring twice in a caption (off by
-    default, as in the reference decoding). ``cuda_graph=True`` replays the whole greedy decode as one
-    CUDA graph (``model.graphed_decoding``; greedy without ``no_repeat_ngram`` only), same tokens."""
+    default, as in the reference decoding). ``cuda_graph=True`` replays the whole decode, greedy or beam
+    search, as one CUDA graph (``model.graphed_decoding``; not with ``no_repeat_ngram``), same tokens."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
     if cuda_graph:
-        if num_beams != 1 or no_repeat_ngram:
+        if no_repeat_ngram:
             raise ValueError(
-                "cuda_graph decoding is greedy without no_repeat_ngram (beam search and n-gram bans "
-                "choose on the host each step)"
+                "cuda_graph decoding cannot ban repeated n-grams (the bans are chosen on the host)"
             )
         from famevil_fast.model.graphed_decoding import generate_graphed
 
-        return generate_graphed(model, pixels, max_len)
+        return generate_graphed(model, pixels, max_len, num_beams)
     steps = max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:

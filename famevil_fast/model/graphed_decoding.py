@@ -1,12 +1,14 @@
-"""Greedy caption decoding replayed as one CUDA graph per (batch shape, length, precision).
+"""Caption decoding (greedy or beam search) replayed as one CUDA graph per (batch shape, length, beams,
+precision).
 
 Cached decoding runs the text stack on one token per step, so at a few dozen images a step is a few hundred
 small kernels and the GPU waits on their launches. Here the whole decode (vision memory, cross-attention
 keys and values, every step of the key/value-cached text stack) is captured once and replayed with a single
 launch. The captured loop runs all steps (a graph cannot stop early), forcing the end token after a
 sequence ends exactly as ``generate`` does; the result is then cut where ``generate`` would have stopped,
-so the tokens are identical. Parameters are read in place, so training between calls is seen; a model
-whose parameter storage changed (moved, reloaded) is captured anew.
+so the tokens are identical. Beam search runs as ``static_beam_search`` (every decision on the device).
+Parameters are read in place, so training between calls is seen; a model whose parameter storage changed
+(moved, reloaded) is captured anew.
 
 Without CUDA the same capture-safe loop runs eagerly under ``simulated_capture`` (a check on the CPU).
 """
@@ -20,6 +22,7 @@ import torch
 
 from famevil_fast.capture import simulated_capture, static_shapes
 from famevil_fast.model.generation import EOT_ID, SOT_ID, TextDecoder, max_steps
+from famevil_fast.model.static_beam_search import beam_search_all_steps
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: (graph, pixels, out)}
 
@@ -41,32 +44,46 @@ def greedy_all_steps(model, pixels: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def cut_after_last_end(out: torch.Tensor) -> torch.Tensor:
-    """Drop the columns after every row has ended (where step-by-step decoding stops)."""
+def greedy_lengths(out: torch.Tensor) -> torch.Tensor:
+    """Per row: the columns step-by-step greedy decoding keeps for it (up to its first end token, or all);
+    the batch's output is as wide as the longest."""
     ended = out[:, 1:] == EOT_ID
-    if not bool(ended.any(dim=1).all()):
-        return out
-    first_end = ended.int().argmax(dim=1) + 1
-    return out[:, : int(first_end.max()) + 1]
+    first_end = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, out.shape[1] - 1)
+    return first_end + 1
+
+
+def decode_all_steps(
+    model, pixels: torch.Tensor, steps: int, beams: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, 1 + steps), kept length per row): capture-safe greedy or beam decoding."""
+    if beams == 1:
+        out = greedy_all_steps(model, pixels, steps)
+        return out, greedy_lengths(out)
+    return beam_search_all_steps(model, pixels, steps, beams)
+
+
+def cut(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return tokens[:, : int(lengths.max())]
 
 
 def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
 
 
-def _key(model, pixels: torch.Tensor, steps: int) -> tuple:
+def _key(model, pixels: torch.Tensor, steps: int, beams: int) -> tuple:
     first = next(model.parameters())
     return (
         tuple(pixels.shape),
         pixels.dtype,
         pixels.device,
         steps,
+        beams,
         _autocast_state(pixels.device),
         first.data_ptr(),
     )
 
 
-def _capture(model, pixels: torch.Tensor, steps: int):
+def _capture(model, pixels: torch.Tensor, steps: int, beams: int):
     static_pixels = pixels.clone()
     enabled, dtype = _autocast_state(pixels.device)
     autocast = (
@@ -77,28 +94,31 @@ def _capture(model, pixels: torch.Tensor, steps: int):
     side = torch.cuda.Stream(pixels.device)
     side.wait_stream(torch.cuda.current_stream(pixels.device))
     with torch.cuda.stream(side), static_shapes(), autocast:
-        greedy_all_steps(model, static_pixels, steps)  # warm-up: kernels compiled, workspaces allocated
+        decode_all_steps(
+            model, static_pixels, steps, beams
+        )  # warm-up: kernels compiled, workspaces allocated
     torch.cuda.current_stream(pixels.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast:
-        out = greedy_all_steps(model, static_pixels, steps)
+        out = decode_all_steps(model, static_pixels, steps, beams)
     return graph, static_pixels, out
 
 
 @torch.no_grad()
-def generate_graphed(model, pixels: torch.Tensor, max_len: int = 76) -> torch.Tensor:
-    """Greedy captions as ``generate(model, pixels, max_len)`` returns them, decoded by one graph replay."""
+def generate_graphed(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1) -> torch.Tensor:
+    """Captions as ``generate(model, pixels, max_len, num_beams)`` returns them, decoded by one graph
+    replay."""
     steps = max_steps(model, max_len)
     if pixels.device.type != "cuda":
         with simulated_capture():
-            out = greedy_all_steps(model, pixels, steps)
-        return cut_after_last_end(out)
+            tokens, lengths = decode_all_steps(model, pixels, steps, num_beams)
+        return cut(tokens, lengths)
     graphs = _GRAPHS.setdefault(model, {})
-    key = _key(model, pixels, steps)
+    key = _key(model, pixels, steps, num_beams)
     if key not in graphs:
         graphs.clear()  # one live graph per model: its memory pool holds a whole decode
-        graphs[key] = _capture(model, pixels, steps)
-    graph, static_pixels, out = graphs[key]
+        graphs[key] = _capture(model, pixels, steps, num_beams)
+    graph, static_pixels, (tokens, lengths) = graphs[key]
     static_pixels.copy_(pixels)
     graph.replay()
-    return cut_after_last_end(out).clone()
+    return cut(tokens, lengths).clone()
