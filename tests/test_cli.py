@@ -54,6 +54,10 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
     assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all("\t" in line for line in lines)
+    assert (
+        main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2", "--cuda-graph"]) == 0
+    )
+    assert capsys.readouterr().out.strip().splitlines() == lines  # same captions through the graph path
 
 
 def test_unreadable_image_is_named(checkpoint, tmp_path):

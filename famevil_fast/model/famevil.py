@@ -283,15 +283,24 @@ class FameViL(nn.Module):
         num_beams: int = 1,
         return_ids: bool = False,
         no_repeat_ngram: int = 0,
+        cuda_graph: bool = False,
     ) -> list[str] | torch.Tensor:
         """Captions of images: greedy (num_beams=1) or beam search, with key/value caches; strings, or the
         generated token ids (B, <= max_len + 2, starting with the start token) when ``return_ids``.
-        ``no_repeat_ngram`` > 0 forbids repeating any n-gram of that length (off, as the reference)."""
+        ``no_repeat_ngram`` > 0 forbids repeating any n-gram of that length (off, as the reference).
+        ``cuda_graph`` replays the whole decode as one CUDA graph (same tokens; see ``generate``)."""
         from famevil_fast.model.generation import generate
 
         self._check_task("cap")
         check_pixels(pixels, self.config.clip.vision, self.device)
-        ids = generate(self, pixels, max_len=max_len, num_beams=num_beams, no_repeat_ngram=no_repeat_ngram)
+        ids = generate(
+            self,
+            pixels,
+            max_len=max_len,
+            num_beams=num_beams,
+            no_repeat_ngram=no_repeat_ngram,
+            cuda_graph=cuda_graph,
+        )
         if return_ids:
             return ids
         from famevil_fast.text import decode
