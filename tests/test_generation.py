@@ -5,7 +5,14 @@ import torch
 from helpers import perturb_
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
-from famevil_fast.model.generation import EOT_ID, SOT_ID, generate, generate_by_reencoding
+from famevil_fast.model.generation import (
+    EOT_ID,
+    SOT_ID,
+    ban_repeated_ngrams,
+    ban_repeated_ngrams_on_device,
+    generate,
+    generate_by_reencoding,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +113,35 @@ def test_graphed_decoding_gives_the_same_tokens(model, device, eot_bias, batch, 
         model.to("cpu")
 
 
-def test_graphed_decoding_cannot_ban_ngrams(model):
-    pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    with pytest.raises(ValueError, match="n-grams"):
-        generate(model, pixels, max_len=4, no_repeat_ngram=2, cuda_graph=True)
+@pytest.mark.parametrize("shortlist", [None, (5, 6, 7, 49406, 49407)])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [1, 2, 3, 9])
+def test_ngram_bans_on_the_device_equal_the_host_ones(shortlist, n, length):
+    g = torch.Generator().manual_seed(n * 10 + length)
+    history = torch.randint(5, 9, (6, length), generator=g)  # four tokens: repeats are frequent
+    history[0] = 5  # one constant row
+    history[:, 0] = SOT_ID
+    model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, caption_vocab=shortlist))
+    width = len(shortlist) if shortlist else 49408
+    logits = torch.randn(6, width, generator=g)
+    want = ban_repeated_ngrams(logits, history, n, model)
+    got = ban_repeated_ngrams_on_device(logits, history, n, model)
+    assert torch.equal(got, want)
+    if length >= n + 1:  # row 0 is start, 5, 5, ...: another 5 would repeat an n-gram of fives
+        assert got[0, shortlist.index(5) if shortlist else 5] == float("-inf")
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_graphed_decoding_with_ngram_bans_gives_the_same_tokens(model, beams):
+    with torch.no_grad():
+        model.heads["cap"].bias[EOT_ID] -= 50.0  # long captions, where bans matter
+        try:
+            pixels = torch.randn(
+                3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+            )
+            for n in (1, 2, 3):
+                want = generate(model, pixels, max_len=12, num_beams=beams, no_repeat_ngram=n)
+                got = generate(model, pixels, max_len=12, num_beams=beams, no_repeat_ngram=n, cuda_graph=True)
+                assert torch.equal(got, want), n
+        finally:
+            model.heads["cap"].bias[EOT_ID] += 50.0

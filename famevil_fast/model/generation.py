@@ -74,19 +74,15 @@ def generate(
     """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends.
     ``no_repeat_ngram`` > 0 forbids any n-gram of that length from occurring twice in a caption (off by
     default, as in the reference decoding). ``cuda_graph=True`` replays the whole decode, greedy or beam
-    search, as one CUDA graph (``model.graphed_decoding``; not with ``no_repeat_ngram``), same tokens."""
+    search, as one CUDA graph (``model.graphed_decoding``), same tokens."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
     if cuda_graph:
-        if no_repeat_ngram:
-            raise ValueError(
-                "cuda_graph decoding cannot ban repeated n-grams (the bans are chosen on the host)"
-            )
         from famevil_fast.model.graphed_decoding import generate_graphed
 
-        return generate_graphed(model, pixels, max_len, num_beams)
+        return generate_graphed(model, pixels, max_len, num_beams, no_repeat_ngram)
     steps = max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
@@ -114,6 +110,21 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int, mod
     rows = torch.tensor(banned_rows, device=logits.device)
     keep = index >= 0
     return logits.index_put((rows[keep], index[keep]), torch.tensor(float("-inf"), device=logits.device))
+
+
+def ban_repeated_ngrams_on_device(logits: torch.Tensor, history: torch.Tensor, n: int, model) -> torch.Tensor:
+    """``ban_repeated_ngrams`` without reading the history back: every window of the history is compared
+    with its last n - 1 tokens at once, and the tokens that followed matching windows are set to -inf
+    (shapes depend only on the history's length, so a CUDA graph can capture it)."""
+    length = history.shape[1]
+    if n <= 0 or length < n:
+        return logits
+    windows = history.unfold(1, n, 1)  # (B, length - n + 1, n)
+    match = (windows[:, :, : n - 1] == history[:, None, length - n + 1 :]).all(dim=-1)
+    index = model.caption_targets(windows[:, :, n - 1])  # -100 where the shortlist lacks the token
+    column = torch.where(match & (index >= 0), index, logits.shape[1])  # one past the end: discarded
+    padded = torch.cat([logits, logits.new_zeros(logits.shape[0], 1)], dim=1)
+    return padded.scatter(1, column, float("-inf"))[:, :-1]
 
 
 def _greedy(decoder, batch: int, steps: int, device, model, no_repeat_ngram: int = 0) -> torch.Tensor:

@@ -21,13 +21,19 @@ import weakref
 import torch
 
 from famevil_fast.capture import simulated_capture, static_shapes
-from famevil_fast.model.generation import EOT_ID, SOT_ID, TextDecoder, max_steps
+from famevil_fast.model.generation import (
+    EOT_ID,
+    SOT_ID,
+    TextDecoder,
+    ban_repeated_ngrams_on_device,
+    max_steps,
+)
 from famevil_fast.model.static_beam_search import beam_search_all_steps
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: (graph, pixels, out)}
 
 
-def greedy_all_steps(model, pixels: torch.Tensor, steps: int) -> torch.Tensor:
+def greedy_all_steps(model, pixels: torch.Tensor, steps: int, no_repeat_ngram: int = 0) -> torch.Tensor:
     """(B, 1 + steps) greedy tokens without early stopping: no host read-backs, static shapes."""
     memory = model.vision_memory(pixels, "cap")
     decoder = TextDecoder(model, memory, steps + 1)
@@ -37,7 +43,8 @@ def greedy_all_steps(model, pixels: torch.Tensor, steps: int) -> torch.Tensor:
     done = torch.zeros(batch, dtype=torch.bool, device=pixels.device)
     token = out[:, 0]
     for t in range(steps):
-        token = model.caption_tokens(decoder.step(token).argmax(dim=-1))
+        logits = ban_repeated_ngrams_on_device(decoder.step(token), out[:, : t + 1], no_repeat_ngram, model)
+        token = model.caption_tokens(logits.argmax(dim=-1))
         token = torch.where(done, torch.full_like(token, EOT_ID), token)
         out[:, t + 1] = token
         done |= token == EOT_ID
@@ -53,13 +60,13 @@ def greedy_lengths(out: torch.Tensor) -> torch.Tensor:
 
 
 def decode_all_steps(
-    model, pixels: torch.Tensor, steps: int, beams: int
+    model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), kept length per row): capture-safe greedy or beam decoding."""
     if beams == 1:
-        out = greedy_all_steps(model, pixels, steps)
+        out = greedy_all_steps(model, pixels, steps, no_repeat_ngram)
         return out, greedy_lengths(out)
-    return beam_search_all_steps(model, pixels, steps, beams)
+    return beam_search_all_steps(model, pixels, steps, beams, no_repeat_ngram)
 
 
 def cut(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -70,7 +77,7 @@ def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
 
 
-def _key(model, pixels: torch.Tensor, steps: int, beams: int) -> tuple:
+def _key(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int) -> tuple:
     first = next(model.parameters())
     return (
         tuple(pixels.shape),
@@ -78,12 +85,13 @@ def _key(model, pixels: torch.Tensor, steps: int, beams: int) -> tuple:
         pixels.device,
         steps,
         beams,
+        no_repeat_ngram,
         _autocast_state(pixels.device),
         first.data_ptr(),
     )
 
 
-def _capture(model, pixels: torch.Tensor, steps: int, beams: int):
+def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int):
     static_pixels = pixels.clone()
     enabled, dtype = _autocast_state(pixels.device)
     autocast = (
@@ -100,24 +108,26 @@ def _capture(model, pixels: torch.Tensor, steps: int, beams: int):
     torch.cuda.current_stream(pixels.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast:
-        out = decode_all_steps(model, static_pixels, steps, beams)
+        out = decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram)
     return graph, static_pixels, out
 
 
 @torch.no_grad()
-def generate_graphed(model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1) -> torch.Tensor:
-    """Captions as ``generate(model, pixels, max_len, num_beams)`` returns them, decoded by one graph
-    replay."""
+def generate_graphed(
+    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
+) -> torch.Tensor:
+    """Captions as ``generate(model, pixels, max_len, num_beams, no_repeat_ngram)`` returns them, decoded
+    by one graph replay."""
     steps = max_steps(model, max_len)
     if pixels.device.type != "cuda":
         with simulated_capture():
-            tokens, lengths = decode_all_steps(model, pixels, steps, num_beams)
+            tokens, lengths = decode_all_steps(model, pixels, steps, num_beams, no_repeat_ngram)
         return cut(tokens, lengths)
     graphs = _GRAPHS.setdefault(model, {})
-    key = _key(model, pixels, steps, num_beams)
+    key = _key(model, pixels, steps, num_beams, no_repeat_ngram)
     if key not in graphs:
         graphs.clear()  # one live graph per model: its memory pool holds a whole decode
-        graphs[key] = _capture(model, pixels, steps, num_beams)
+        graphs[key] = _capture(model, pixels, steps, num_beams, no_repeat_ngram)
     graph, static_pixels, (tokens, lengths) = graphs[key]
     static_pixels.copy_(pixels)
     graph.replay()

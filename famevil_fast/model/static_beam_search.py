@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from famevil_fast.model.generation import EOT_ID, SOT_ID, TextDecoder
+from famevil_fast.model.generation import EOT_ID, SOT_ID, TextDecoder, ban_repeated_ngrams_on_device
 
 NEG_INF = float("-inf")
 
@@ -59,7 +59,7 @@ def _select(top_scores, src_beam, token, done, beams):
 
 
 def beam_search_all_steps(
-    model, pixels: torch.Tensor, steps: int, beams: int
+    model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), lengths (B,)): the best sequence of each input (end-token padded) and its
     length; no host read-backs, every step runs."""
@@ -75,7 +75,10 @@ def beam_search_all_steps(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     offsets = torch.arange(batch, device=device)[:, None] * beams
     for t in range(steps):
-        logp = torch.log_softmax(decoder.step(seqs[:, t]), dim=-1)
+        logits = ban_repeated_ngrams_on_device(
+            decoder.step(seqs[:, t]), seqs[:, : t + 1], no_repeat_ngram, model
+        )
+        logp = torch.log_softmax(logits, dim=-1)
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
         top_scores, top_idx = cand.topk(2 * beams, dim=1)
