@@ -1,5 +1,6 @@
 """A short multi-task run on the synthetic dataset: generate, train all four tasks together, evaluate; the
-retrieval and classification scores must beat chance by a clear margin."""
+retrieval and classification scores must beat chance by a clear margin. It runs the CUDA-graph code paths
+(training steps and caption decoding), which on the CPU run eagerly under simulated capture."""
 
 import pytest
 from famevil_fast.configs import resolve
@@ -34,6 +35,8 @@ def test_multitask_run_beats_chance(dataset, tmp_path):
             "eval.xmr_protocols=[full]",
             "eval.caption_max_len=12",
             "eval.caption_metrics=[bleu4]",
+            "train.cuda_graphs=true",  # on the CPU: the graph code path, checked for capture safety
+            "eval.caption_cuda_graph=true",
             "checkpoint.every=0",
             "logging.progress=false",
             "logging.tensorboard=false",

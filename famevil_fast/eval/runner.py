@@ -30,6 +30,7 @@ class EvalOptions:
     caption_metrics: Sequence[str] | None = ("bleu4", "rouge_l", "cider")
     max_samples: int | None = None
     text_batch: int = 256
+    caption_cuda_graph: bool = False
 
     @classmethod
     def from_section(cls, section) -> EvalOptions:
@@ -41,6 +42,7 @@ class EvalOptions:
             section.caption_no_repeat_ngram,
             section.caption_metrics,
             section.max_samples,
+            caption_cuda_graph=section.caption_cuda_graph,
         )
 
 
@@ -149,6 +151,7 @@ def evaluate_cap(model, data, opts: EvalOptions) -> list[TaskResult]:
                 max_len=opts.caption_max_len,
                 num_beams=opts.caption_beams,
                 no_repeat_ngram=opts.caption_no_repeat_ngram,
+                cuda_graph=opts.caption_cuda_graph,
             )
         )
         references.extend(decode(batch["input_ids"].cpu()))

@@ -170,6 +170,9 @@ class EvalSection:
     caption_max_len: int = doc("longest generated caption in tokens", 40)
     caption_beams: int = doc("beam width of caption decoding (1 = greedy)", 1)
     caption_no_repeat_ngram: int = doc("forbid repeating any n-gram of this length in a caption (0 = off)", 0)
+    caption_cuda_graph: bool = doc(
+        "decode each caption batch by replaying one CUDA graph (same captions; on the CPU: eager)", False
+    )
     caption_metrics: list[str] = doc(
         "caption metrics: bleu4, meteor, rouge_l, cider", factory=lambda: ["bleu4", "rouge_l", "cider"]
     )

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-samples", type=int, default=None, help="cap every evaluation set (quick checks)"
     )
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="decode captions by CUDA graph replay (same captions)"
+    )
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
 
 
@@ -68,7 +71,14 @@ def run(args: argparse.Namespace) -> int:
         for t in tasks
     }
     options = EvalOptions(
-        args.xmr_protocols, args.seed, args.max_len, args.beams, args.no_repeat_ngram, None, args.max_samples
+        args.xmr_protocols,
+        args.seed,
+        args.max_len,
+        args.beams,
+        args.no_repeat_ngram,
+        None,
+        args.max_samples,
+        caption_cuda_graph=args.cuda_graph,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     with autocast:
