@@ -216,3 +216,30 @@ def _format_row(
     timings = f"{ms['eager']:>9.3f} {cell(ms.get('compile'), '>11.3f')} {cell(triton_ms, '>10.3f')}"
     ratios = f"{cell(vs_eager, '>8.2f')} {cell(vs_compile, '>10.2f')} {cell(fraction, '>9.1f')}"
     return f"{tokens:>9} {r:>4} {residuals:>4}  {direction:<9} {timings} {ratios}"
+
+
+def test_adapter_bound_report(kernel_profile) -> None:
+    """What bounds the adapter at a ViT-B/16 batch of 64 (12,608 rows): wall time against the summed time
+    of the kernels it runs; the difference is host-side cost (Python, dispatch, launches)."""
+    tokens = TOKENS[1] if CUDA else TOKENS[0]
+    lines = [
+        f"fused adapter bound, {tokens} rows, d={WIDTH}, r=64, 2 residuals, {DTYPE}, {describe()}",
+        "impl     direction   wall ms  kernels  kernel ms  host share",
+    ]
+    for impl in ("eager", "triton"):
+        if available(impl) is not None:
+            continue
+        for direction in DIRECTIONS:
+            module, x, res, grad = build(tokens, 64, impl, 2)
+            setup, timed = step(module, x, res, grad, direction)
+            wall = 1e3 * median_seconds(setup, timed)
+            profile = kernel_profile(timed, DEVICE, setup)
+            if profile is None:
+                lines.append(f"{impl:<8} {direction:<9} {wall:>9.3f}  (no device profile)")
+                continue
+            count, kernel_ms = profile
+            share = max(0.0, 1 - kernel_ms / wall)
+            lines.append(
+                f"{impl:<8} {direction:<9} {wall:>9.3f} {count:>8} {kernel_ms:>10.3f} {share:>10.0%}"
+            )
+    print("\n" + "\n".join(lines))

@@ -11,6 +11,7 @@ greedy and 3 beams; on the CPU: the micro model (a check that the harness runs, 
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -59,7 +60,7 @@ def _seconds(fn) -> float:
     return statistics.median(times)
 
 
-def test_caption_decoding_report():
+def test_caption_decoding_report(kernel_profile):
     model = _model()
     size = model.config.clip.vision.image_size
     name = torch.cuda.get_device_name() if CUDA else "CPU (harness check only)"
@@ -78,5 +79,15 @@ def test_caption_decoding_report():
             same = torch.equal(outputs[k], outputs["re-encoding"])
             row = f"{batch:>6} {length:>6} {beams:>5} {k:>12} {seconds * 1e3:>9.2f} {tokens / seconds:>10.0f}"
             print(f"{row} {ratio:>13.2f}  tokens {'identical' if same else 'DIFFER'}", flush=True)
+        with torch.no_grad():  # what bounds it: the shared vision pass, and the cached decoder's kernels
+            vision = _seconds(functools.partial(model.vision_memory, pixels, "cap"))
+            profile = kernel_profile(methods["kv-cache"], DEVICE)
+        line = f"  vision pass (in every method): {vision * 1e3:.2f} ms"
+        if profile is not None:
+            count, kernel_ms = profile
+            line += (
+                f"; kv-cache decode: {count} kernels ({count // length} a step), {kernel_ms:.2f} ms in them"
+            )
+        print(line, flush=True)
         for k, out in outputs.items():
             assert torch.equal(out, outputs["re-encoding"]), f"{k} tokens differ from re-encoding"

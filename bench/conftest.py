@@ -1,6 +1,7 @@
 """Shared benchmark helpers, offered as fixtures: ``median_ms`` (CUDA events or perf_counter, median of
-repeats), ``extra_peak_bytes`` (peak memory beyond what was allocated before), ``device_description``
-(card, versions, date) and ``ratio_table`` (baseline-vs-fast rows printed at the end of the session).
+repeats), ``extra_peak_bytes`` (peak memory beyond what was allocated before), ``kernel_profile`` (kernels
+and their device time), ``device_description`` (card, versions, date) and ``ratio_table``
+(baseline-vs-fast rows printed at the end of the session).
 
 Set ``BENCH_TABLE_OUT=path.md`` to also append the ratio tables to a markdown file (for bench/RESULTS.md).
 """
@@ -70,6 +71,31 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20, wa
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def kernel_profile(
+    fn: Callable[[], object], device: torch.device, setup: Callable[[], object] = lambda: None
+) -> tuple[int, float] | None:
+    """(kernels one call of ``fn`` runs, their summed device time in ms), from torch.profiler: what separates
+    host-side cost (wall time minus kernel time) from device work. ``setup`` runs before each call, outside
+    the profile. None on the CPU or when the profiler cannot attribute device time."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        setup()
+        fn()
+        setup()
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+    except Exception as error:  # a profiler that cannot run must not stop the benchmark
+        print(f"kernel profile unavailable: {type(error).__name__}: {error}")
+        return None
 
 
 def _rss_status(key: str) -> int:
@@ -164,6 +190,11 @@ _TABLES: dict[str, RatioTable] = {}
 @pytest.fixture(scope="session", name="median_ms")
 def median_ms_fixture() -> Callable[..., float]:
     return median_ms
+
+
+@pytest.fixture(scope="session", name="kernel_profile")
+def kernel_profile_fixture() -> Callable[..., tuple[int, float] | None]:
+    return kernel_profile
 
 
 @pytest.fixture(scope="session", name="extra_peak_bytes")
