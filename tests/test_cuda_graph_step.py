@@ -114,6 +114,9 @@ def test_graphed_step_rejects_bad_arguments():
     model = micro_model()
     with pytest.raises(ValueError, match="warmup"):
         GraphedStep(_loss_fn(model, False), list(model.parameters()), warmup=0)
+    step = GraphedStep(_loss_fn(model, False), list(model.parameters()))
+    with pytest.raises(ValueError, match="itc.input_ids is a list"):
+        step({"itc": {"pixels": torch.zeros(1, 3, 32, 32), "input_ids": [[1, 2]]}})
     frozen = [torch.nn.Parameter(torch.zeros(2), requires_grad=False)]
     with pytest.raises(ValueError, match="requires a gradient"):
         GraphedStep(_loss_fn(model, False), frozen)

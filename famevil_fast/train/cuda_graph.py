@@ -37,6 +37,13 @@ LossFn = Callable[[Batches], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 def batch_layout(batches: Batches) -> tuple:
     """What a captured graph is specialised to: tasks, keys, shapes, dtypes and devices, in order."""
+    for task, batch in batches.items():
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"GraphedStep: batch {task}.{key} is a {type(value).__name__}; a captured step takes "
+                    "tensors only (their shapes and dtypes select the graph)"
+                )
     return tuple(
         (task, tuple((key, tuple(t.shape), t.dtype, t.device) for key, t in batch.items()))
         for task, batch in batches.items()
