@@ -114,6 +114,13 @@ def test_distillation_from_saved_teachers(tmp_path):
     plain_losses = dict(plain.train_update()["losses"])
     assert kd_losses["tgir"] == plain_losses["tgir"] and kd_losses["scr"] == plain_losses["scr"]
     assert kd_losses["itc"] != plain_losses["itc"] and kd_losses["cap"] != plain_losses["cap"]
+    graphed = Trainer(
+        micro_config(tmp_path / "kd_graphs", "train.updates=1", "train.cuda_graphs=true", *overrides),
+        streams(),
+    )
+    graphed_losses = dict(graphed.train_update()["losses"])  # teachers inside the (simulated) capture
+    for task, value in kd_losses.items():
+        assert math.isclose(graphed_losses[task], value, rel_tol=1e-5, abs_tol=1e-6), task
 
 
 def test_checkpoints_keep_the_newest(tmp_path):

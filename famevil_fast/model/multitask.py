@@ -132,7 +132,10 @@ def _caption_output(model, memory, ids, gather) -> TaskOutput:
     elif not static_shapes_enabled():
         states, targets = states[valid], targets[valid]
     states, targets = states.reshape(-1, states.shape[-1]), model.caption_targets(targets.reshape(-1))
+    trained = torch.ones_like(targets, dtype=torch.bool)  # the positions the losses average over
     if static_shapes_enabled() and not model.config.caption_loss_on_padding:
-        targets = torch.where(valid.reshape(-1), targets, torch.full_like(targets, -100))  # padding ignored
+        trained = valid.reshape(-1)
+        targets = torch.where(trained, targets, torch.full_like(targets, -100))  # padding ignored
     logits = model.caption_logits(states)
-    return TaskOutput(losses.caption_loss(logits, targets, gather), {"logits": logits, "targets": targets})
+    outputs = {"logits": logits, "targets": targets, "trained": trained}
+    return TaskOutput(losses.caption_loss(logits, targets, gather), outputs)

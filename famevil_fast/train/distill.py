@@ -21,9 +21,16 @@ from famevil_fast.model.famevil import FameViL, TaskOutput
 from famevil_fast.ops import contrastive_distill_loss
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over rows (those marked in the bool mask ``rows``, when given) of the cross-entropy between the
+    teacher's softmax and the student's log-softmax."""
     target = F.softmax(teacher_logits.float(), dim=-1)
-    return -(target * F.log_softmax(student_logits.float(), dim=-1)).sum(-1).mean()
+    per_row = -(target * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
+    if rows is None:
+        return per_row.mean()
+    return (per_row * rows).sum() / rows.sum().clamp_min(1)
 
 
 def kd_loss(
@@ -84,7 +91,7 @@ def kd_loss(
                 f"{task} teacher logits {tuple(t['logits'].shape)} do not match "
                 f"the student's {tuple(s['logits'].shape)}"
             )
-        return soft_cross_entropy(s["logits"], t["logits"])
+        return soft_cross_entropy(s["logits"], t["logits"], s.get("trained"))  # caption: no padding
     raise ValueError(f"no distillation loss for task {task!r}")
 
 
