@@ -62,6 +62,18 @@ def test_pretraining_resumes_exactly_and_fine_tuning_starts_from_it(tmp_path_fac
     fine.fit()
 
 
+def test_pretraining_objectives_run_as_graph_captured_steps(tmp_path_factory, tmp_path):
+    """mvc, pac and itm are capturable (on the CPU: simulated capture) and give the eager losses."""
+    root = synthetic(tmp_path_factory)
+    eager = Trainer(_config(root, tmp_path / "e", "train.updates=2"))
+    eager.fit()
+    graphed = Trainer(_config(root, tmp_path / "g", "train.updates=2", "train.cuda_graphs=true"))
+    graphed.fit()
+    for a, b in zip(eager.history, graphed.history):
+        for (ta, va), (tb, vb) in zip(a["losses"], b["losses"]):
+            assert ta == tb and math.isclose(va, vb, rel_tol=1e-5, abs_tol=1e-6), ta
+
+
 def test_cross_modal_adapter_training_freezes_the_backbone(tmp_path_factory, tmp_path):
     root = synthetic(tmp_path_factory)
     cfg = _config(
