@@ -33,6 +33,12 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def host_reads_allowed() -> bool:
+    """False where a check must not read tensor values back to the host: inside torch.compile tracing or a
+    CUDA graph capture (real or simulated). Shape, dtype and device checks need no read and always run."""
+    return not (torch.compiler.is_compiling() or capturing())
+
+
 def static_shapes_enabled() -> bool:
     """True inside ``static_shapes()`` or during graph capture."""
     return getattr(_state, "depth", 0) > 0 or capturing()

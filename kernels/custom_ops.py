@@ -16,13 +16,13 @@ Operators (all tensors 2-D row matrices; adapter parameters with or without a le
 import torch
 from famevil_fast.kernels import launch
 
-from famevil_fast.ops._backend import can_synchronize
+from famevil_fast.capture import host_reads_allowed
 
 
 def _task_rows(task_ids: torch.Tensor | None, n_tasks: int, validate: bool = True) -> launch.TaskRows:
     if task_ids is None:
         return launch.SINGLE_TASK
-    if validate and task_ids.numel() and can_synchronize(task_ids):
+    if validate and task_ids.numel() and host_reads_allowed():
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
             raise ValueError(

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from famevil_fast.capture import capturing
+from famevil_fast.capture import host_reads_allowed
 from famevil_fast.model.config import TextConfig, VisionConfig
 
 EOT_ID = 49407
-
-
-def values_checkable() -> bool:
-    """Value checks read tensors back to the host; skip them while compiling or capturing a CUDA graph."""
-    return not (torch.compiler.is_compiling() or capturing())
 
 
 def check_task(task: str, tasks: tuple[str, ...]) -> None:
@@ -56,7 +51,7 @@ def check_input_ids(
         )
     if input_ids.device != device:
         raise ValueError(f"{name} is on {input_ids.device} but the model is on {device}")
-    if not values_checkable():
+    if not host_reads_allowed():
         return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= cfg.vocab_size:

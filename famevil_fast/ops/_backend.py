@@ -11,8 +11,6 @@ import os
 
 import torch
 
-from famevil_fast.capture import capturing
-
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -50,12 +48,6 @@ def same_device_and_dtype(
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
         if t.dtype != want_dtype:
             raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {want_dtype}")
-
-
-def can_synchronize(t: torch.Tensor) -> bool:
-    """False while a data-dependent check must not read the values of ``t`` back to the host: inside
-    torch.compile tracing or a CUDA graph capture (real or simulated, see ``famevil_fast.capture``)."""
-    return not (torch.compiler.is_compiling() or capturing())
 
 
 def forced_backend() -> str | None:

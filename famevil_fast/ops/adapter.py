@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.ops._backend import can_synchronize, check_backend, select_backend
+from famevil_fast.capture import host_reads_allowed
+from famevil_fast.ops._backend import check_backend, select_backend
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -157,7 +158,7 @@ def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, check
         raise ValueError(f"fused_adapter: task_ids must be int32 or int64, got {task_ids.dtype}")
     if task_ids.device != x.device:
         raise ValueError(f"fused_adapter: task_ids is on {task_ids.device} but x is on {x.device}")
-    if check_values and task_ids.numel() and can_synchronize(task_ids):
+    if check_values and task_ids.numel() and host_reads_allowed():
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
             raise ValueError(

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from famevil_fast import _ext
-from famevil_fast.ops._backend import can_synchronize, check_backend, forced_backend
+from famevil_fast.capture import host_reads_allowed
+from famevil_fast.ops._backend import check_backend, forced_backend
 
 BACKENDS = ("torch", "cpu", "cuda")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -205,7 +206,7 @@ def check_contrastive_args(
         )
     if labels is not None:
         _check_index(op, "labels", labels, m, a.device)
-        lo, hi = (int(labels.min()), int(labels.max())) if can_synchronize(labels) else (0, 0)
+        lo, hi = (int(labels.min()), int(labels.max())) if host_reads_allowed() else (0, 0)
         if lo < 0 or hi >= n:
             raise ValueError(
                 f"{op}: labels must lie in [0, {n}) (b has shape {tuple(b.shape)}), got range [{lo}, {hi}]"
@@ -215,7 +216,7 @@ def check_contrastive_args(
             raise ValueError(f"{op}: groups must be a pair (row_groups (M,), col_groups (N,))")
         _check_index(op, "groups[0] (row groups)", groups[0], m, a.device)
         _check_index(op, "groups[1] (column groups)", groups[1], n, a.device)
-        if can_synchronize(groups[0]) and not bool(torch.isin(groups[0], groups[1]).any()):
+        if host_reads_allowed() and not bool(torch.isin(groups[0], groups[1]).any()):
             raise ValueError(f"{op}: no row shares a group with any column, so there is no positive pair")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1), got {label_smoothing}")
