@@ -87,7 +87,7 @@ def generate(
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
         decoder = TextDecoder(model, memory, steps + 1)
-        return _greedy(decoder, pixels.shape[0], steps, pixels.device, model, no_repeat_ngram)
+        return greedy_decode(decoder, pixels.shape[0], steps, pixels.device, model, no_repeat_ngram)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
     decoder = TextDecoder(model, memory, steps + 1)
     return _beam_search(decoder, pixels.shape[0], num_beams, steps, pixels.device, model, no_repeat_ngram)
@@ -127,19 +127,25 @@ def ban_repeated_ngrams_on_device(logits: torch.Tensor, history: torch.Tensor, n
     return padded.scatter(1, column, float("-inf"))[:, :-1]
 
 
-def _greedy(decoder, batch: int, steps: int, device, model, no_repeat_ngram: int = 0) -> torch.Tensor:
-    next_logits = decoder.step
+def greedy_decode(
+    decoder, batch: int, steps: int, device, model, no_repeat_ngram: int = 0, stop_early: bool = True
+) -> torch.Tensor:
+    """Greedy tokens (B, <= 1 + steps), end-token padded after a sequence ends. ``stop_early`` returns once
+    every sequence has ended (a read-back each step); without it every step runs and the n-gram bans stay
+    on the device, so a CUDA graph can capture the loop (the columns after the last end are all end
+    tokens, which ``graphed_decoding`` cuts)."""
+    ban = ban_repeated_ngrams if stop_early else ban_repeated_ngrams_on_device
     out = torch.full((batch, steps + 1), EOT_ID, dtype=torch.long, device=device)
     out[:, 0] = SOT_ID
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     token = out[:, 0]
     for t in range(steps):
-        logits = ban_repeated_ngrams(next_logits(token), out[:, : t + 1], no_repeat_ngram, model)
+        logits = ban(decoder.step(token), out[:, : t + 1], no_repeat_ngram, model)
         token = model.caption_tokens(logits.argmax(dim=-1))
         token = torch.where(done, torch.full_like(token, EOT_ID), token)
         out[:, t + 1] = token
         done |= token == EOT_ID
-        if bool(done.all()):
+        if stop_early and bool(done.all()):
             return out[:, : t + 2]
     return out
 
@@ -240,6 +246,6 @@ def generate_by_reencoding(
     memory = model.vision_memory(pixels, "cap")
     b = pixels.shape[0]
     if num_beams == 1:
-        return _greedy(_Reencoder(model, memory), b, steps, pixels.device, model, no_repeat_ngram)
+        return greedy_decode(_Reencoder(model, memory), b, steps, pixels.device, model, no_repeat_ngram)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
     return _beam_search(_Reencoder(model, memory), b, num_beams, steps, pixels.device, model, no_repeat_ngram)

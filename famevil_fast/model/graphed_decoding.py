@@ -21,13 +21,7 @@ import weakref
 import torch
 
 from famevil_fast.capture import simulated_capture, static_shapes
-from famevil_fast.model.generation import (
-    EOT_ID,
-    SOT_ID,
-    TextDecoder,
-    ban_repeated_ngrams_on_device,
-    max_steps,
-)
+from famevil_fast.model.generation import EOT_ID, TextDecoder, greedy_decode, max_steps
 from famevil_fast.model.static_beam_search import beam_search_all_steps
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: (graph, pixels, out)}
@@ -35,20 +29,10 @@ _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {ke
 
 def greedy_all_steps(model, pixels: torch.Tensor, steps: int, no_repeat_ngram: int = 0) -> torch.Tensor:
     """(B, 1 + steps) greedy tokens without early stopping: no host read-backs, static shapes."""
-    memory = model.vision_memory(pixels, "cap")
-    decoder = TextDecoder(model, memory, steps + 1)
-    batch = pixels.shape[0]
-    out = torch.full((batch, steps + 1), EOT_ID, dtype=torch.long, device=pixels.device)
-    out[:, 0] = SOT_ID
-    done = torch.zeros(batch, dtype=torch.bool, device=pixels.device)
-    token = out[:, 0]
-    for t in range(steps):
-        logits = ban_repeated_ngrams_on_device(decoder.step(token), out[:, : t + 1], no_repeat_ngram, model)
-        token = model.caption_tokens(logits.argmax(dim=-1))
-        token = torch.where(done, torch.full_like(token, EOT_ID), token)
-        out[:, t + 1] = token
-        done |= token == EOT_ID
-    return out
+    decoder = TextDecoder(model, model.vision_memory(pixels, "cap"), steps + 1)
+    return greedy_decode(
+        decoder, pixels.shape[0], steps, pixels.device, model, no_repeat_ngram, stop_early=False
+    )
 
 
 def greedy_lengths(out: torch.Tensor) -> torch.Tensor:
@@ -101,10 +85,12 @@ def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngra
     )
     side = torch.cuda.Stream(pixels.device)
     side.wait_stream(torch.cuda.current_stream(pixels.device))
-    with torch.cuda.stream(side), static_shapes(), autocast:
-        decode_all_steps(
-            model, static_pixels, steps, beams
-        )  # warm-up: kernels compiled, workspaces allocated
+    with (
+        torch.cuda.stream(side),
+        static_shapes(),
+        autocast,
+    ):  # warm-up: kernels compiled, workspaces allocated
+        decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram)
     torch.cuda.current_stream(pixels.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast:
