@@ -95,7 +95,7 @@ class GraphedStep:
             if len(self.graphs) >= self.max_graphs:
                 self.eager_calls += 1
                 self._touched = [True] * len(self.params)  # not known without a probe: assume all
-                return self._eager(batches)
+                return self._run(batches)
             captured = self.graphs[layout] = self._capture(batches)
         self._copy_in(captured.inputs, batches)
         self._touched = [a or b for a, b in zip(self._touched, captured.touched)]
@@ -139,9 +139,6 @@ class GraphedStep:
             total, losses = self.loss_fn(batches)
         total.backward()
         return {task: loss.detach().float() for task, loss in losses.items()}
-
-    def _eager(self, batches: Batches) -> dict[str, torch.Tensor]:
-        return self._run(batches)
 
     @staticmethod
     def _copy_in(static: dict[str, dict[str, torch.Tensor]], batches: Batches) -> None:

@@ -191,8 +191,7 @@ class Trainer:
 
     def _graph_losses(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-step as the captured graphs compute it (autocast is applied by GraphedStep)."""
-        outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
-        task_losses = {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+        task_losses = self._micro_losses(batches)
         return sum(task_losses.values()) * self._loss_weight, task_losses
 
     # ------------------------------------------------------------------ state
@@ -244,6 +243,11 @@ class Trainer:
         kd = kd_loss(task, out, teacher_out, self.cfg.distill.faithful_itc, self.cfg.model.backend)
         return combine(out.loss, kd, self.cfg.distill.balance)
 
+    def _micro_losses(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each task's loss (with its distillation term) for one micro-step's batches."""
+        outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
+        return {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+
     def _micro_batches(self, tasks: list[str]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         batches = [(task, self._to_device(self.streams[task].next_batch())) for task in tasks]
         grouped = self.cfg.train.mixed_task_batches and len(set(tasks)) == len(tasks)
@@ -268,8 +272,7 @@ class Trainer:
             sync = self.dist.enabled and imtl is None and i < len(micro) - 1
             with self.module.no_sync() if sync else contextlib.nullcontext():
                 with self._autocast():
-                    outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
-                    task_losses = {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+                    task_losses = self._micro_losses(batches)
                 total = sum(task_losses.values()) / len(tasks)
                 total.backward()
             if imtl is not None:
