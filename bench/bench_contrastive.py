@@ -1,5 +1,6 @@
 """Contrastive loss, forward + backward: the naive PyTorch loss (logits materialised) and open_clip's
-ClipLoss against the fused kernels, time and extra peak memory, in one process on the same inputs.
+ClipLoss against the fused backends (the CUDA kernel; the Triton log-sum-exp kernels with cuBLAS
+products), time and extra peak memory, in one process on the same inputs.
 
 GPU: 4,096 / 16,384 / 65,536 rows, D = 512, bfloat16 (BENCH_HUGE=1 adds one run at 1,048,576 rows).
 CPU: 8,192 rows, D = 512, float32 (1,024 rows under --benchmark-disable, to stay quick).
@@ -18,6 +19,7 @@ from famevil_fast.ops.contrastive import contrastive_loss
 
 GPU_ROWS = (4096, 16384, 65536)
 GPU_TABLE = "contrastive loss fwd+bwd, D=512, bf16 (GPU)"
+GPU_TRITON_TABLE = "contrastive loss fwd+bwd, D=512, bf16 (GPU), Triton backend"
 DIM = 512
 SCALE = 10.0
 
@@ -90,6 +92,21 @@ def test_contrastive_gpu_bf16(benchmark, ratio_table, median_ms, extra_peak_byte
     meter = _Meter(benchmark, median_ms, extra_peak_bytes, device, reps=20, warmup=3)
     fused = lambda a, b, s: contrastive_loss(a, b, s, backend="cuda")
     baselines = {"naive": naive_loss, "open_clip ClipLoss": open_clip_loss}
+    meter.compare(table, f"{rows} rows", _inputs(rows, torch.bfloat16, device), fused, baselines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows", GPU_ROWS)
+def test_contrastive_gpu_bf16_triton(benchmark, ratio_table, median_ms, extra_peak_bytes, rows):
+    """The Triton backend (log-sum-exp kernels + cuBLAS products) against the same baselines and the CUDA
+    kernel."""
+    device = torch.device("cuda")
+    table = ratio_table(GPU_TRITON_TABLE, device)
+    meter = _Meter(benchmark, median_ms, extra_peak_bytes, device, reps=20, warmup=3)
+    fused = lambda a, b, s: contrastive_loss(a, b, s, backend="triton")
+    baselines = {"naive": naive_loss, "open_clip ClipLoss": open_clip_loss}
+    if _gpu_available():
+        baselines["CUDA kernel"] = lambda a, b, s: contrastive_loss(a, b, s, backend="cuda")
     meter.compare(table, f"{rows} rows", _inputs(rows, torch.bfloat16, device), fused, baselines)
 
 

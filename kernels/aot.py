@@ -17,16 +17,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
 import triton
 import triton.language as tl
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
+from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
 from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
 from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
 
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
 FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
+FP32_POINTERS |= {"scale_ptr", "lse_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
 INT32_POINTERS = {"order_ptr", "counts_ptr"}
 FLOAT_SCALARS = {"eps"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
@@ -145,6 +148,22 @@ def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Vari
     return [partials, epilogue]
 
 
+def _contrastive(dtype: str) -> list[Variant]:
+    """The log-sum-exp sweep and the gradient tile (G is stored in the input dtype for bf16 and fp32)."""
+    t = configs.contrastive_tiles({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    tiles = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype)}
+    return [
+        Variant("contrastive_lse", contrastive_lse_kernel, dict(tiles), **_launch(t), dtype=dtype),
+        Variant(
+            "contrastive_lse_grad",
+            contrastive_lse_grad_kernel,
+            tiles | {"HAS_Y": True},
+            **_launch(t),
+            dtype=dtype,
+        ),
+    ]
+
+
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
     """Every kernel as the launchers configure it: the adapter at d = 768 with r = 64 (on chip) and
     r = 512 (split), the key/value projection 768 -> 1536. ``full`` adds the other tile shapes in use
@@ -154,7 +173,7 @@ def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
         + _ln_linear(dtype, mixed, 512, relu=True)
         + _split_adapter(dtype, mixed, 512)
     )
-    out += _weight_grads(dtype, mixed, 64, has_g=True)
+    out += _weight_grads(dtype, mixed, 64, has_g=True) + _contrastive(dtype)
     if full:
         out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, relu=False)
         out += _weight_grads(dtype, mixed, 512, has_g=True) + _weight_grads(dtype, mixed, 1536, has_g=False)

@@ -127,3 +127,17 @@ def reduction_segments(
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     wanted = cdiv(2 * sms, max(1, tiles_per_segment * n_tasks))
     return max(1, min(wanted, blocks, 64))
+
+
+def contrastive_tiles(dtype: torch.dtype) -> Tiles:
+    """contrastive_lse_kernel and contrastive_lse_grad_kernel: BLOCK_M rows of X, BLOCK_N rows of Y,
+    BLOCK_K chunks of the feature dimension. 16-bit tiles of 128 x 128 feed two warpgroups' wgmma;
+    float32 tiles are smaller (four times the registers per product)."""
+    if interpreting():
+        return Tiles(block_m=32, block_n=32, block_k=32)
+    if dtype in (torch.bfloat16, torch.float16):
+        return Tiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    return Tiles(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+
+
+CONTRASTIVE_GRAD_CHUNK_BYTES = 256 * 2**20  # the largest block of G the contrastive backward holds

@@ -23,9 +23,9 @@ from torch.autograd.function import once_differentiable
 
 from famevil_fast import _ext
 from famevil_fast.capture import host_reads_allowed
-from famevil_fast.ops._backend import check_backend, forced_backend
+from famevil_fast.ops._backend import check_backend, forced_backend, triton_importable, triton_runs_on
 
-BACKENDS = ("torch", "cpu", "cuda")
+BACKENDS = ("torch", "cpu", "cuda", "triton")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 ScaleLike = float | torch.Tensor
@@ -256,6 +256,12 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on tensors of ``device`` (None when it can)."""
     if backend == "torch":
         return None
+    if backend == "triton":
+        if not triton_importable():
+            return "it needs the triton package, which is not installed"
+        if not triton_runs_on(device):
+            return f"it runs on CUDA tensors, or on the CPU with TRITON_INTERPRET=1; inputs on {device}"
+        return None
     if not _ops_registered():
         return f"the compiled extension famevil_fast._C is not available ({_ext.import_error()})"
     if backend == "cpu" and device.type != "cpu":
@@ -298,6 +304,14 @@ def _automatic_backend(device: torch.device, logits: int | None = None) -> str:
         if candidate == device.type and unavailable_reason(candidate, device) is None:
             return candidate
     return "torch"
+
+
+def _check_triton_dtype(op: str, a: torch.Tensor) -> None:
+    if a.dtype == torch.float64:
+        raise ValueError(
+            f"{op}: backend 'triton' supports float16, bfloat16 and float32 inputs, got float64 "
+            "(use 'cpu', 'cuda' or 'torch')"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,7 +413,9 @@ def positive_keys(
         labels is None
     ):  # a distinct tensor for the rows: autograd.Function under dynamo rejects aliased inputs
         return torch.arange(m, device=device, dtype=torch.int32), col_key, None, None
-    return labels.int(), col_key, None, torch.bincount(labels, minlength=n)
+    ones = torch.ones(labels.shape, dtype=torch.long, device=device)
+    col_counts = torch.zeros(n, dtype=torch.long, device=device).index_add_(0, labels, ones)
+    return labels.int(), col_key, None, col_counts  # index_add, unlike bincount, has a fixed output shape
 
 
 def _direction_loss(stats: torch.Tensor, counts: torch.Tensor | None, eps: float, width: int) -> torch.Tensor:
@@ -474,13 +490,19 @@ def contrastive_loss(
     evenly over them; rows without a positive are left out). ``two_way`` adds the column direction (over
     the columns that are a positive of some row) and averages the two. ``scale`` is a float or a
     one-element tensor (the gradient flows to it). Non-finite inputs give a non-finite loss.
-    ``backend``: "cuda", "cpu" (compiled, memory linear in M + N), "torch" (reference) or None (automatic:
-    the compiled kernels on the CPU, and on a GPU from ``CUDA_MIN_LOGITS`` logits up).
+    ``backend``: "cuda", "cpu" (compiled, memory linear in M + N), "triton" (Triton log-sum-exp kernels
+    plus cuBLAS products, memory linear in M + N; float16, bfloat16 and float32), "torch" (reference) or
+    None (automatic: the compiled kernels on the CPU, and on a GPU from ``CUDA_MIN_LOGITS`` logits up).
     """
     check_contrastive_args(a, b, labels, groups, label_smoothing, scale)
     chosen = resolve_backend("contrastive_loss", backend, a.device, a.shape[0] * b.shape[0])
     if chosen == "torch":
         return contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
+    if chosen == "triton":
+        from famevil_fast.ops.contrastive_triton import triton_contrastive_loss
+
+        _check_triton_dtype("contrastive_loss", a)
+        return triton_contrastive_loss(a, b, scale, labels, groups, two_way, label_smoothing)
     return _fused_contrastive_loss(a, b, scale, labels, groups, two_way, label_smoothing)
 
 
@@ -496,9 +518,12 @@ def contrastive_distill_loss(
 ) -> torch.Tensor:
     """Soft-target CE between the student's ``scale * a @ b.T`` and softmax(``teacher_scale * teacher_a @
     teacher_b.T``), rows (and columns when ``two_way``), averaged. The teacher receives no gradient; the
-    fused backends compute it in the student's dtype."""
+    fused backends compute it in the student's dtype. ``backend`` as in ``contrastive_loss``; "triton" has
+    no distillation kernel and takes the automatic choice."""
     check_distill_args(a, b, teacher_a, teacher_b, scale, teacher_scale)
     chosen = resolve_backend("contrastive_distill_loss", backend, a.device, a.shape[0] * b.shape[0])
+    if chosen == "triton":  # no Triton kernel for distillation: the automatic choice runs instead
+        chosen = _automatic_backend(a.device, a.shape[0] * b.shape[0])
     if chosen == "torch":
         return contrastive_distill_loss_reference(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
     return _fused_distill_loss(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)

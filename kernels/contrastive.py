@@ -1,0 +1,133 @@
+"""Triton kernels of the fused InfoNCE loss: the log-sum-exp of the logits ``scale * X @ Y.T`` along rows,
+and the tiles of its gradient, with the M x N logits never in memory.
+
+InfoNCE needs, per row (and per column for the two-way loss), the log-sum-exp of the logits and sums of
+logits over the row's positives (or over all columns, for label smoothing). Those sums are linear in the
+features, so PyTorch computes them in O((M + N) D) (``famevil_fast.ops.contrastive_triton``); only the
+log-sum-exp needs every entry of the matrix, and only it lives here.
+
+* ``contrastive_lse_kernel``: one program per BLOCK_M rows of X sweeps every BLOCK_N rows of Y. Each tile
+  of dot products comes from ``tl.dot`` (tensor cores for 16-bit inputs, float32 accumulation) and feeds an
+  online (running max, sum of exponentials) per row, in base 2. Column statistics are the same kernel with
+  X and Y swapped: two sweeps, no partial statistics written out.
+* ``contrastive_lse_grad_kernel``: given the upstream gradients gx (per row of X) and gy (per row of Y) of
+  the two log-sum-exps, one program per tile recomputes the dot products and writes
+  ``G = scale * (gx_i softmax_j(l_i.) + gy_j softmax_i(l_.j))`` for a chunk of X's rows, plus the tile's
+  partial sum of ``G_ij (x_i . y_j)`` for the scale's gradient. The host multiplies the chunk with cuBLAS:
+  ``dX = G Y`` and ``dY += G^T X``. A flash-attention-style fused dX would keep a BLOCK_M x D float32
+  accumulator per program, 256 KiB for 128 x 512: more than a multiprocessor's registers. Going through
+  memory instead costs writing and twice reading G (6 bytes per logit in bf16), against the 3 GEMMs of
+  2 D flops per logit that the backward needs anyway, and lets cuBLAS run the two products at full rate.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def contrastive_lse_kernel(
+    x_ptr,
+    y_ptr,
+    scale_ptr,
+    lse_ptr,
+    m,
+    n,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """lse[i] = log sum_j exp(scale * x_i . y_j) for the BLOCK_M rows of X owned by this program."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < m
+    rows64 = rows.to(tl.int64)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < n
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, d, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            kmask = ks < d
+            xt = tl.load(
+                x_ptr + rows64[:, None] * d + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+            )
+            yt = tl.load(
+                y_ptr + cols64[:, None] * d + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+            )
+            acc = tl.dot(xt.to(DOT), tl.trans(yt.to(DOT)), acc, input_precision=PRECISION)
+        t = tl.where(cmask[None, :], acc * scale2, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(t, axis=1))
+        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(t - new_max[:, None]), axis=1)
+        run_max = new_max
+    lse = (run_max + tl.log2(run_sum)) * 0.6931471805599453
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+
+
+@triton.jit
+def contrastive_lse_grad_kernel(
+    x_ptr,
+    y_ptr,
+    scale_ptr,
+    lse_x_ptr,
+    g_x_ptr,
+    lse_y_ptr,
+    g_y_ptr,
+    out_ptr,
+    ds_part_ptr,
+    row0,
+    row_end,
+    n,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One tile of G for rows [row0, row_end) of X: out[i - row0, j] = scale * (gx_i exp(l_ij - lse_x_i)
+    + gy_j exp(l_ij - lse_y_j)) (the second term only with HAS_Y), and ds_part[tile] = sum G_ij / scale *
+    (x_i . y_j) over the tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + local
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        kmask = ks < d
+        xt = tl.load(
+            x_ptr + rows64[:, None] * d + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+        )
+        yt = tl.load(
+            y_ptr + cols64[:, None] * d + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+        )
+        acc = tl.dot(xt.to(DOT), tl.trans(yt.to(DOT)), acc, input_precision=PRECISION)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    t = acc * (scale * 1.4426950408889634)
+    lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    g_x = tl.load(g_x_ptr + rows, mask=rmask, other=0.0)
+    g = g_x[:, None] * tl.exp2(t - lse_x[:, None])
+    if HAS_Y:
+        lse_y = tl.load(lse_y_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        g_y = tl.load(g_y_ptr + cols, mask=cmask, other=0.0)
+        g += g_y[None, :] * tl.exp2(t - lse_y[None, :])
+    valid = rmask[:, None] & cmask[None, :]
+    g = tl.where(valid, g, 0.0)
+    tl.store(ds_part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
+    out = out_ptr + local.to(tl.int64)[:, None] * n + cols64[None, :]
+    tl.store(out, (g * scale).to(out_ptr.dtype.element_ty), mask=valid)

@@ -1,0 +1,166 @@
+"""The contrastive log-sum-exp kernels as ``torch.library`` operators with fake implementations and an
+autograd formula (so ``torch.compile`` graphs hold them as opaque nodes), plus their host-side launchers.
+
+* ``famevil_fast::contrastive_lse(a, b, scale, cols)`` -> (lse_rows (M,), lse_cols (N,) or (0,)), float32:
+  the log-sum-exp of ``scale * a @ b.T`` along each row, and along each column when ``cols``.
+* ``famevil_fast::contrastive_lse_backward(g_rows, g_cols, a, b, scale, lse_rows, lse_cols, cols)`` ->
+  (grad_a, grad_b, grad_scale).
+
+Inputs arrive checked by ``famevil_fast.ops.contrastive``: 2-D, contiguous, same float16 / bfloat16 /
+float32 dtype and device, the scale a float32 0-d tensor on that device.
+"""
+
+# No ``from __future__ import annotations`` here: torch.library reads the annotations to build schemas.
+
+import torch
+from famevil_fast.kernels import configs
+from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
+
+
+def launch_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 (M,): log-sum-exp over j of scale * x_i . y_j."""
+    m, d = x.shape
+    out = torch.empty(m, dtype=torch.float32, device=x.device)
+    t = configs.contrastive_tiles(x.dtype)
+    contrastive_lse_kernel[(configs.cdiv(m, t.block_m),)](
+        x,
+        y,
+        scale,
+        out,
+        m,
+        y.shape[0],
+        d,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k,
+        DOT=configs.dot_dtype(x.dtype),
+        PRECISION=configs.dot_precision(),
+        **t.launch(),
+    )
+    return out
+
+
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Element type of the materialised gradient block G. bfloat16 keeps float32's exponent range; in
+    float16 the entries (about 1 / M each) would fall below the normal range at large M, so G is float32
+    there, as for float32 inputs."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def chunk_rows(m: int, n: int, dtype: torch.dtype, block_m: int) -> int:
+    """Rows of X per block of G: as many as CONTRASTIVE_GRAD_CHUNK_BYTES allow, a multiple of block_m."""
+    budget = configs.CONTRASTIVE_GRAD_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
+    rows = max(block_m, (budget // max(n, 1)) // block_m * block_m)
+    return min(rows, m)
+
+
+def launch_lse_backward(
+    g_rows: torch.Tensor,
+    g_cols: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    lse_rows: torch.Tensor,
+    lse_cols: torch.Tensor,
+    cols: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i g_rows[i] lse_rows[i] + sum_j g_cols[j] lse_cols[j] (the column term only when
+    ``cols``) with respect to x, y and the scale, through blocks of G (see ``kernels.contrastive``)."""
+    m, d = x.shape
+    n = y.shape[0]
+    t = configs.contrastive_tiles(x.dtype)
+    g_dtype = gradient_dtype(x.dtype)
+    x_mm, y_mm = (x, y) if g_dtype == x.dtype else (x.to(g_dtype), y.to(g_dtype))
+    step = chunk_rows(m, n, g_dtype, t.block_m)
+    n_blocks = configs.cdiv(n, t.block_n)
+    grad_x = torch.empty_like(x)
+    grad_y = torch.zeros((n, d), dtype=torch.float32, device=x.device) if step < m else None
+    grad_scale = torch.zeros((), dtype=torch.float32, device=x.device)
+    g = torch.empty((step, n), dtype=g_dtype, device=x.device)
+    ds_part = torch.empty(configs.cdiv(step, t.block_m) * n_blocks, dtype=torch.float32, device=x.device)
+    y_stats = (lse_cols, g_cols) if cols else (lse_rows, g_rows)  # never read without HAS_Y
+    for row0 in range(0, m, step):
+        rows = min(step, m - row0)
+        block = g[:rows]
+        grid = (configs.cdiv(rows, t.block_m), n_blocks)
+        contrastive_lse_grad_kernel[grid](
+            x,
+            y,
+            scale,
+            lse_rows,
+            g_rows,
+            *y_stats,
+            block,
+            ds_part,
+            row0,
+            row0 + rows,
+            n,
+            d,
+            BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n,
+            BLOCK_K=t.block_k,
+            HAS_Y=cols,
+            DOT=configs.dot_dtype(x.dtype),
+            PRECISION=configs.dot_precision(),
+            **t.launch(),
+        )
+        grad_scale += ds_part[: grid[0] * n_blocks].sum()
+        grad_x[row0 : row0 + rows] = block @ y_mm
+        if grad_y is None:
+            grad_y = (block.T @ x_mm[row0 : row0 + rows]).to(y.dtype)
+        else:
+            grad_y += (block.T @ x_mm[row0 : row0 + rows]).float()
+    return grad_x, grad_y.to(y.dtype), grad_scale
+
+
+@torch.library.custom_op("famevil_fast::contrastive_lse", mutates_args=())
+def contrastive_lse(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = launch_lse(a, b, scale)
+    col_lse = launch_lse(b, a, scale) if cols else a.new_empty((0,), dtype=torch.float32)
+    return rows, col_lse
+
+
+@contrastive_lse.register_fake
+def _(a, b, scale, cols):
+    return a.new_empty((a.shape[0],), dtype=torch.float32), a.new_empty(
+        (b.shape[0] if cols else 0,), dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("famevil_fast::contrastive_lse_backward", mutates_args=())
+def contrastive_lse_backward(
+    g_rows: torch.Tensor,
+    g_cols: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    lse_rows: torch.Tensor,
+    lse_cols: torch.Tensor,
+    cols: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_lse_backward(g_rows, g_cols, a, b, scale, lse_rows, lse_cols, cols)
+
+
+@contrastive_lse_backward.register_fake
+def _(g_rows, g_cols, a, b, scale, lse_rows, lse_cols, cols):
+    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    a, b, scale, cols = inputs
+    lse_rows, lse_cols = output
+    ctx.save_for_backward(a, b, scale, lse_rows, lse_cols)
+    ctx.cols = cols
+
+
+def _backward_rule(ctx, grad_rows, grad_cols):
+    a, b, scale, lse_rows, lse_cols = ctx.saved_tensors
+    grads = contrastive_lse_backward(
+        grad_rows.contiguous(), grad_cols.contiguous(), a, b, scale, lse_rows, lse_cols, ctx.cols
+    )
+    return (*grads, None)
+
+
+contrastive_lse.register_autograd(_backward_rule, setup_context=_setup_context)

@@ -1,0 +1,184 @@
+"""The Triton contrastive backend (log-sum-exp kernels interpreted on the CPU, compiled on a GPU) against
+float64 references: every variant, awkward shapes, a backward split into several blocks of G, 16-bit
+inputs, large scales, non-finite inputs, argument errors, the operator registration and torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from famevil_fast.capture import simulated_capture
+from famevil_fast.ops.contrastive import (
+    contrastive_distill_loss,
+    contrastive_loss,
+    contrastive_loss_reference,
+)
+
+pytest.importorskip("triton")
+
+from famevil_fast.kernels import configs, contrastive_ops  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# 32 x 32 tiles with 32-wide feature chunks in the interpreter: every size below leaves partial tiles
+SHAPES = [(1, 1, 1), (1, 5, 3), (37, 37, 19), (45, 70, 33), (70, 45, 40)]
+if DEV == "cuda":  # 128 x 128 tiles there
+    SHAPES += [(300, 517, 64), (1000, 1000, 512)]
+
+
+def _inputs(m, n, d, s=5.0, dtype=torch.float32):
+    a = torch.nn.functional.normalize(torch.randn(m, d, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+    return a.to(DEV, dtype), b.to(DEV, dtype), torch.tensor(s, device=DEV)
+
+
+def _grads(fn, tensors, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    loss = fn(*leaves, **kw)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def _check(tensors, tol=2e-5, **kw):
+    loss, grads = _grads(contrastive_loss, tensors, backend="triton", **kw)
+    ref, ref_grads = _grads(contrastive_loss_reference, [t.double() for t in tensors], **kw)
+    assert torch.isfinite(loss)
+    assert abs(float(loss) - float(ref)) <= tol * max(1.0, abs(float(ref)))
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        err = float((g.double() - r).norm() / r.norm().clamp_min(1e-2))
+        assert err <= tol * 10, f"gradient of input {i}: relative error {err:.2e}"
+
+
+def _variants(m, n):
+    labels = torch.randint(0, n, (m,), device=DEV)
+    row_groups, col_groups = torch.randint(0, 4, (m,), device=DEV), torch.randint(0, 6, (n,), device=DEV)
+    col_groups[0] = row_groups[0]  # at least one positive pair
+    out = [
+        ("labels", dict(labels=labels, label_smoothing=0.05)),
+        ("labels_one_way", dict(labels=labels, two_way=False)),
+        ("groups", dict(groups=(row_groups, col_groups), label_smoothing=0.1)),
+        ("groups_one_way", dict(groups=(row_groups, col_groups), two_way=False)),
+    ]
+    if m == n:
+        out += [
+            ("diagonal", {}),
+            ("diagonal_one_way", dict(two_way=False)),
+            ("diagonal_smoothing", dict(label_smoothing=0.1)),
+        ]
+    return out
+
+
+@pytest.mark.parametrize("m,n,d", SHAPES)
+def test_every_variant_matches_the_float64_reference(m, n, d):
+    tensors = _inputs(m, n, d)
+    for name, kw in _variants(m, n):
+        try:
+            _check(tensors, **kw)
+        except AssertionError as exc:
+            raise AssertionError(f"variant {name}: {exc}") from exc
+
+
+def test_backward_in_several_blocks_of_g(monkeypatch):
+    """A small budget for G splits the backward into row blocks (the last one partial)."""
+    t = configs.contrastive_tiles(torch.float32)
+    monkeypatch.setattr(configs, "CONTRASTIVE_GRAD_CHUNK_BYTES", 4 * t.block_m * 45)
+    assert contrastive_ops.chunk_rows(100, 45, torch.float32, t.block_m) == t.block_m
+    tensors = _inputs(100, 45, 24)
+    _check(tensors, labels=torch.randint(0, 45, (100,), device=DEV))
+    _check(tensors[:1] * 2 + tensors[2:], label_smoothing=0.1)  # square: b = a
+
+
+@pytest.mark.parametrize("scale", [0.0, -3.0, 100.0])
+def test_extreme_scales(scale):
+    _check(_inputs(40, 40, 16, s=scale), tol=5e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    a, b, s = _inputs(50, 50, 24, dtype=dtype)
+    loss, grads = _grads(contrastive_loss, [a, b, s], backend="triton")
+    ref, ref_grads = _grads(contrastive_loss_reference, [a.double(), b.double(), s.double()])
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    assert abs(float(loss) - float(ref)) < 1e-3
+    for g, r in zip(grads, ref_grads):
+        assert float((g.double() - r).norm() / r.norm()) < 2e-2
+
+
+def test_gradient_reaches_a_scale_through_a_function_of_it():
+    a, b, _ = _inputs(20, 20, 8)
+    log_scale = torch.tensor(1.5, device=DEV, requires_grad=True)
+    contrastive_loss(a, b, log_scale.exp(), backend="triton").backward()
+    ref_log_scale = log_scale.detach().double().requires_grad_(True)
+    contrastive_loss_reference(a.double(), b.double(), ref_log_scale.exp()).backward()
+    torch.testing.assert_close(log_scale.grad.double(), ref_log_scale.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_a_non_finite_loss(bad):
+    a, b, s = _inputs(33, 33, 8)
+    a[3, 2] = bad
+    assert not torch.isfinite(contrastive_loss(a, b, s, backend="triton"))
+    assert not torch.isfinite(contrastive_loss(a, b, s, two_way=False, backend="triton"))
+
+
+def test_bad_input_raises_value_error():
+    a, b, s = _inputs(4, 4, 3)
+    with pytest.raises(ValueError, match="float64"):
+        contrastive_loss(a.double(), b.double(), s, backend="triton")
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        contrastive_loss(a, b[:, :2], s, backend="triton")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        contrastive_loss(a, b, s, labels=torch.tensor([0, 1, 2, 4], device=DEV), backend="triton")
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter switch only matters on the CPU")
+def test_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a, b, s = _inputs(4, 4, 3)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        contrastive_loss(a, b, s, backend="triton")
+
+
+def test_distillation_takes_the_automatic_backend():
+    a, b, s = _inputs(12, 12, 5)
+    expected = contrastive_distill_loss(a, b, s, b, a, 2.0)
+    torch.testing.assert_close(contrastive_distill_loss(a, b, s, b, a, 2.0, backend="triton"), expected)
+
+
+def test_lse_operator_definition_schema_and_fake_kernels():
+    a, b, s = _inputs(33, 29, 7, s=3.0)
+    rows, cols = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+    logits = 3.0 * (a.double() @ b.double().T)
+    torch.testing.assert_close(rows.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cols.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-6)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    for two_way in (True, False):
+        torch.library.opcheck(
+            torch.ops.famevil_fast.contrastive_lse.default, (a, b, s, two_way), test_utils=utils
+        )
+
+
+def test_torch_compile_traces_the_triton_loss():
+    a, b, s = _inputs(40, 40, 16)
+
+    def step(a, b, s):
+        return contrastive_loss(a, b, s, backend="triton") + contrastive_loss(
+            a, b, s, labels=torch.arange(40, device=a.device).flip(0), two_way=False, backend="triton"
+        )
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss, grads = _grads(compiled, [a, b, s])
+    ref, ref_grads = _grads(step, [a, b, s])
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_no_host_read_back_under_capture():
+    """Diagonal and label positives run without a device-to-host read (CUDA graph capture)."""
+    a, b, s = _inputs(24, 24, 8)
+    a.requires_grad_(True)
+    labels = torch.randint(0, 24, (24,), device=DEV)
+    with simulated_capture():
+        loss = contrastive_loss(a, b, s, backend="triton")
+        loss = loss + contrastive_loss(a, b, s, labels=labels, two_way=False, backend="triton")
+        loss.backward()
