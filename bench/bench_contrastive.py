@@ -107,7 +107,20 @@ def test_contrastive_gpu_bf16_triton(benchmark, ratio_table, median_ms, extra_pe
     baselines = {"naive": naive_loss, "open_clip ClipLoss": open_clip_loss}
     if _gpu_available():
         baselines["CUDA kernel"] = lambda a, b, s: contrastive_loss(a, b, s, backend="cuda")
+    baselines["Triton, two sweeps"] = _two_sweep_triton
     meter.compare(table, f"{rows} rows", _inputs(rows, torch.bfloat16, device), fused, baselines)
+
+
+def _two_sweep_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Triton loss with the column statistics from a second sweep instead of per-block partials."""
+    from famevil_fast.kernels import configs
+
+    budget = configs.CONTRASTIVE_COL_PARTIAL_BYTES
+    configs.CONTRASTIVE_COL_PARTIAL_BYTES = 0
+    try:
+        return contrastive_loss(a, b, s, backend="triton")
+    finally:
+        configs.CONTRASTIVE_COL_PARTIAL_BYTES = budget
 
 
 @pytest.mark.skipif(

@@ -29,7 +29,7 @@ from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weigh
 
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
 FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
-FP32_POINTERS |= {"scale_ptr", "lse_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
+FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
 INT32_POINTERS = {"order_ptr", "counts_ptr"}
 FLOAT_SCALARS = {"eps"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
@@ -153,7 +153,7 @@ def _contrastive(dtype: str) -> list[Variant]:
     t = configs.contrastive_tiles({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     tiles = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype)}
     return [
-        Variant("contrastive_lse", contrastive_lse_kernel, dict(tiles), **_launch(t), dtype=dtype),
+        Variant("contrastive_lse", contrastive_lse_kernel, tiles | {"COLS": True}, **_launch(t), dtype=dtype),
         Variant(
             "contrastive_lse_grad",
             contrastive_lse_grad_kernel,

@@ -141,3 +141,4 @@ def contrastive_tiles(dtype: torch.dtype) -> Tiles:
 
 
 CONTRASTIVE_GRAD_CHUNK_BYTES = 256 * 2**20  # the largest block of G the contrastive backward holds
+CONTRASTIVE_COL_PARTIAL_BYTES = 256 * 2**20  # per-row-block column statistics of the one-sweep forward

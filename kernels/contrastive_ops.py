@@ -17,8 +17,11 @@ from famevil_fast.kernels import configs
 from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
 
 
-def launch_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 (M,): log-sum-exp over j of scale * x_i . y_j."""
+def launch_lse(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, col_part: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 (M,): log-sum-exp over j of scale * x_i . y_j. With ``col_part`` (row blocks, N) float32,
+    also each row block's log-sum-exp of every column."""
     m, d = x.shape
     out = torch.empty(m, dtype=torch.float32, device=x.device)
     t = configs.contrastive_tiles(x.dtype)
@@ -27,17 +30,32 @@ def launch_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.T
         y,
         scale,
         out,
+        out if col_part is None else col_part,
         m,
         y.shape[0],
         d,
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
+        COLS=col_part is not None,
         DOT=configs.dot_dtype(x.dtype),
         PRECISION=configs.dot_precision(),
         **t.launch(),
     )
     return out
+
+
+def launch_two_way_lse(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exps: one sweep with per-block column partials when they fit in
+    CONTRASTIVE_COL_PARTIAL_BYTES, else two sweeps."""
+    blocks = configs.cdiv(x.shape[0], configs.contrastive_tiles(x.dtype).block_m)
+    if blocks * y.shape[0] * 4 > configs.CONTRASTIVE_COL_PARTIAL_BYTES:
+        return launch_lse(x, y, scale), launch_lse(y, x, scale)
+    col_part = torch.empty((blocks, y.shape[0]), dtype=torch.float32, device=x.device)
+    rows = launch_lse(x, y, scale, col_part)
+    return rows, torch.logsumexp(col_part, dim=0)
 
 
 def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,9 +135,9 @@ def launch_lse_backward(
 def contrastive_lse(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = launch_lse(a, b, scale)
-    col_lse = launch_lse(b, a, scale) if cols else a.new_empty((0,), dtype=torch.float32)
-    return rows, col_lse
+    if cols:
+        return launch_two_way_lse(a, b, scale)
+    return launch_lse(a, b, scale), a.new_empty((0,), dtype=torch.float32)
 
 
 @contrastive_lse.register_fake

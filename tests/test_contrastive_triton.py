@@ -87,6 +87,18 @@ def test_backward_in_several_blocks_of_g(monkeypatch):
     _check(tensors[:1] * 2 + tensors[2:], label_smoothing=0.1)  # square: b = a
 
 
+def test_column_statistics_in_two_sweeps_when_partials_exceed_their_budget(monkeypatch):
+    a, b, s = _inputs(70, 45, 20)
+    one_sweep = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+    monkeypatch.setattr(configs, "CONTRASTIVE_COL_PARTIAL_BYTES", 0)
+    two_sweeps = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+    logits = 5.0 * (a.double() @ b.double().T)
+    for got in (one_sweep, two_sweeps):
+        torch.testing.assert_close(got[0].double(), logits.logsumexp(1), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1].double(), logits.logsumexp(0), rtol=1e-6, atol=1e-6)
+    _check((a, b, s), labels=torch.randint(0, 45, (70,), device=DEV))
+
+
 @pytest.mark.parametrize("scale", [0.0, -3.0, 100.0])
 def test_extreme_scales(scale):
     _check(_inputs(40, 40, 16, s=scale), tol=5e-5)
