@@ -97,6 +97,11 @@ class DataSection:
 class TrainSection:
     updates: int = doc("optimizer updates to run", 22500)
     sampling: str = doc("task sampling: round_robin, size_proportional or uniform", "round_robin")
+    task_weights: dict[str, float] = doc(
+        "relative share of micro-batches per task (default 1 each): round robin repeats a task that "
+        "many times per cycle (whole numbers), the random strategies scale its probability",
+        factory=dict,
+    )
     update_frequency: int = doc(
         "micro-batches per optimizer update (4 = one batch of each task in round robin)", 4
     )
@@ -213,6 +218,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         _choice("train.sampling", self.train.sampling, ("round_robin", "size_proportional", "uniform"))
+        from famevil_fast.train.sampling import task_weights
+
+        task_weights(self.model.tasks, self.train.task_weights, self.train.sampling == "round_robin")
         _choice("train.gradient_strategy", self.train.gradient_strategy, ("sum", "imtlg", "imtlg_global"))
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _choice("train.nonfinite", self.train.nonfinite, ("skip", "stop"))

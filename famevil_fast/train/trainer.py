@@ -160,6 +160,7 @@ class Trainer:
             {k: len(s) for k, s in self.streams.items()},
             t.update_frequency,
             t.seed,
+            t.task_weights,
         )
         self.teachers = (
             Teachers.load(config.distill.teachers, self.model).to(self.device)
