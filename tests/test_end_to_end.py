@@ -32,6 +32,8 @@ def test_multitask_run_beats_chance(dataset, tmp_path):
             "schedule.warmup_updates=10",
             "schedule.decay_at=[70]",
             "optim.lr=3.0e-3",
+            "optim.new_module_lr_multiplier=1.0",
+            "train.task_weights={}",  # one batch of each task per update
             "eval.xmr_protocols=[full]",
             "eval.caption_max_len=12",
             "eval.caption_metrics=[bleu4]",
