@@ -29,6 +29,37 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def dot_tile(
+    x_ptr,
+    y_ptr,
+    rows64,
+    rmask,
+    cols64,
+    cmask,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """float32 (BLOCK_M, BLOCK_N) tile of x_i . y_j over the feature dimension in BLOCK_K chunks; rows and
+    columns outside their masks contribute zeros."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        kmask = ks < d
+        xt = tl.load(
+            x_ptr + rows64[:, None] * d + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+        )
+        yt = tl.load(
+            y_ptr + cols64[:, None] * d + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
+        )
+        acc = tl.dot(xt.to(DOT), tl.trans(yt.to(DOT)), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def contrastive_lse_kernel(
     x_ptr,
     y_ptr,
@@ -59,17 +90,9 @@ def contrastive_lse_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < n
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(0, d, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            kmask = ks < d
-            xt = tl.load(
-                x_ptr + rows64[:, None] * d + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-            )
-            yt = tl.load(
-                y_ptr + cols64[:, None] * d + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
-            )
-            acc = tl.dot(xt.to(DOT), tl.trans(yt.to(DOT)), acc, input_precision=PRECISION)
+        acc = dot_tile(
+            x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION
+        )
         if COLS:
             tc = tl.where(rmask[:, None], acc * scale2, float("-inf"))
             col_max = tl.max(tc, axis=0)
@@ -118,17 +141,7 @@ def contrastive_lse_grad_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < n
     cols64 = cols.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, d, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        kmask = ks < d
-        xt = tl.load(
-            x_ptr + rows64[:, None] * d + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-        )
-        yt = tl.load(
-            y_ptr + cols64[:, None] * d + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0
-        )
-        acc = tl.dot(xt.to(DOT), tl.trans(yt.to(DOT)), acc, input_precision=PRECISION)
+    acc = dot_tile(x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION)
     scale = tl.load(scale_ptr).to(tl.float32)
     t = acc * (scale * 1.4426950408889634)
     lse_x = tl.load(lse_x_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
