@@ -124,15 +124,19 @@ def _two_sweep_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torc
 
 
 @pytest.mark.skipif(
-    not _gpu_available() or os.environ.get("BENCH_HUGE") != "1", reason="BENCH_HUGE=1 on a GPU"
+    not torch.cuda.is_available() or os.environ.get("BENCH_HUGE") != "1", reason="BENCH_HUGE=1 on a GPU"
 )
-def test_contrastive_gpu_million_rows(ratio_table, median_ms, extra_peak_bytes):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_contrastive_gpu_million_rows(ratio_table, median_ms, extra_peak_bytes, backend):
+    if backend == "cuda" and not _gpu_available():
+        pytest.skip("the extension was built without CUDA")
     device = torch.device("cuda")
     meter = _Meter(None, median_ms, extra_peak_bytes, device, reps=1, warmup=1)
     a, b, s = _inputs(1 << 20, torch.bfloat16, device)
-    ms, extra = meter.measure(_step(lambda a, b, s: contrastive_loss(a, b, s, backend="cuda"), a, b, s))
+    ms, extra = meter.measure(_step(lambda a, b, s: contrastive_loss(a, b, s, backend=backend), a, b, s))
     assert ms is not None and torch.isfinite(a.grad).all()
-    ratio_table(GPU_TABLE, device).add(f"{1 << 20} rows", "naive (does not fit)", None, ms, None, extra)
+    table = ratio_table(GPU_TABLE if backend == "cuda" else GPU_TRITON_TABLE, device)
+    table.add(f"{1 << 20} rows", "naive (does not fit)", None, ms, None, extra)
 
 
 @pytest.mark.skipif(

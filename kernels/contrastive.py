@@ -14,10 +14,12 @@ log-sum-exp needs every entry of the matrix, and only it lives here.
   that buffer would pass its budget, the column statistics are the same kernel with X and Y swapped.
 * ``contrastive_lse_grad_kernel``: given the upstream gradients gx (per row of X) and gy (per row of Y) of
   the two log-sum-exps, one program per tile recomputes the dot products and writes
-  ``G = scale * (gx_i softmax_j(l_i.) + gy_j softmax_i(l_.j))`` for a chunk of X's rows, plus the tile's
-  partial sum of ``G_ij (x_i . y_j)`` for the scale's gradient. The host multiplies the chunk with cuBLAS:
-  ``dX = G Y`` and ``dY += G^T X``. A flash-attention-style fused dX would keep a BLOCK_M x D float32
-  accumulator per program, 256 KiB for 128 x 512: more than a multiprocessor's registers. Going through
+  ``G = scale * (gx_i softmax_j(l_i.) + gy_j softmax_i(l_.j))`` for a block of rows of X and of Y, plus
+  the tile's partial sum of ``G_ij (x_i . y_j)`` for the scale's gradient. The host multiplies each block
+  with cuBLAS: ``dX += G Y`` and ``dY += G^T X``. Blocks span all of Y's rows while that leaves at least
+  1,024 rows of X per block (up to about 128k columns in bf16), and are square beyond. A
+  flash-attention-style fused dX would keep a BLOCK_M x D float32 accumulator per program, 256 KiB for
+  128 x 512: more than a multiprocessor's registers. Going through
   memory instead costs writing and twice reading G (6 bytes per logit in bf16), against the 3 GEMMs of
   2 D flops per logit that the backward needs anyway, and lets cuBLAS run the two products at full rate.
 """
@@ -120,7 +122,8 @@ def contrastive_lse_grad_kernel(
     ds_part_ptr,
     row0,
     row_end,
-    n,
+    col0,
+    col_end,
     d,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -129,8 +132,9 @@ def contrastive_lse_grad_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One tile of G for rows [row0, row_end) of X: out[i - row0, j] = scale * (gx_i exp(l_ij - lse_x_i)
-    + gy_j exp(l_ij - lse_y_j)) (the second term only with HAS_Y), and ds_part[tile] = sum G_ij / scale *
+    """One tile of the block of G for rows [row0, row_end) of X and rows [col0, col_end) of Y:
+    out[i - row0, j - col0] = scale * (gx_i exp(l_ij - lse_x_i) + gy_j exp(l_ij - lse_y_j)) (the second
+    term only with HAS_Y; out has col_end - col0 columns), and ds_part[tile] = sum G_ij / scale *
     (x_i . y_j) over the tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -138,8 +142,9 @@ def contrastive_lse_grad_kernel(
     rows = row0 + local
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < n
+    local_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + local_cols
+    cmask = cols < col_end
     cols64 = cols.to(tl.int64)
     acc = dot_tile(x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION)
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -154,5 +159,5 @@ def contrastive_lse_grad_kernel(
     valid = rmask[:, None] & cmask[None, :]
     g = tl.where(valid, g, 0.0)
     tl.store(ds_part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
-    out = out_ptr + local.to(tl.int64)[:, None] * n + cols64[None, :]
+    out = out_ptr + local.to(tl.int64)[:, None] * (col_end - col0) + local_cols[None, :]
     tl.store(out, (g * scale).to(out_ptr.dtype.element_ty), mask=valid)

@@ -12,6 +12,8 @@ float32 dtype and device, the scale a float32 0-d tensor on that device.
 
 # No ``from __future__ import annotations`` here: torch.library reads the annotations to build schemas.
 
+import math
+
 import torch
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
@@ -65,11 +67,37 @@ def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def chunk_rows(m: int, n: int, dtype: torch.dtype, block_m: int) -> int:
-    """Rows of X per block of G: as many as CONTRASTIVE_GRAD_CHUNK_BYTES allow, a multiple of block_m."""
+MIN_BLOCK_ROWS = 1024  # rows of X per block of G below which blocks stop spanning every column
+
+
+def gradient_blocks(m: int, n: int, dtype: torch.dtype, block_m: int, block_n: int) -> tuple[int, int]:
+    """(rows, columns) of each block of G within CONTRASTIVE_GRAD_CHUNK_BYTES: every column while that
+    leaves MIN_BLOCK_ROWS rows (one pass over Y's gradient per row block), else square blocks, so that both
+    products keep an inner dimension in the thousands. Multiples of the tile sizes."""
     budget = configs.CONTRASTIVE_GRAD_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
-    rows = max(block_m, (budget // max(n, 1)) // block_m * block_m)
-    return min(rows, m)
+    cols = n
+    if budget // max(n, 1) < min(MIN_BLOCK_ROWS, m):
+        cols = min(n, max(block_n, math.isqrt(budget) // block_n * block_n))
+    rows = max(block_m, (budget // cols) // block_m * block_m)
+    return min(rows, m), cols
+
+
+def _gradient_buffer(like: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Where one block's product is the whole gradient (``exact``), the gradient itself; else a float32
+    running sum."""
+    return (
+        torch.empty_like(like) if exact else torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    )
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: bool) -> None:
+    """out = a @ b (``exact``, written in place when the dtypes agree) or out += a @ b."""
+    if not exact:
+        out += a @ b
+    elif out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def launch_lse_backward(
@@ -89,46 +117,46 @@ def launch_lse_backward(
     t = configs.contrastive_tiles(x.dtype)
     g_dtype = gradient_dtype(x.dtype)
     x_mm, y_mm = (x, y) if g_dtype == x.dtype else (x.to(g_dtype), y.to(g_dtype))
-    step = chunk_rows(m, n, g_dtype, t.block_m)
-    n_blocks = configs.cdiv(n, t.block_n)
-    grad_x = torch.empty_like(x)
-    grad_y = torch.zeros((n, d), dtype=torch.float32, device=x.device) if step < m else None
+    row_step, col_step = gradient_blocks(m, n, g_dtype, t.block_m, t.block_n)
+    x_exact, y_exact = col_step >= n, row_step >= m  # one block of G covers each gradient row
+    grad_x, grad_y = _gradient_buffer(x, x_exact), _gradient_buffer(y, y_exact)
     grad_scale = torch.zeros((), dtype=torch.float32, device=x.device)
-    g = torch.empty((step, n), dtype=g_dtype, device=x.device)
-    ds_part = torch.empty(configs.cdiv(step, t.block_m) * n_blocks, dtype=torch.float32, device=x.device)
+    g = torch.empty(row_step * col_step, dtype=g_dtype, device=x.device)
+    tiles = configs.cdiv(row_step, t.block_m) * configs.cdiv(col_step, t.block_n)
+    ds_part = torch.empty(tiles, dtype=torch.float32, device=x.device)
     y_stats = (lse_cols, g_cols) if cols else (lse_rows, g_rows)  # never read without HAS_Y
-    for row0 in range(0, m, step):
-        rows = min(step, m - row0)
-        block = g[:rows]
-        grid = (configs.cdiv(rows, t.block_m), n_blocks)
-        contrastive_lse_grad_kernel[grid](
-            x,
-            y,
-            scale,
-            lse_rows,
-            g_rows,
-            *y_stats,
-            block,
-            ds_part,
-            row0,
-            row0 + rows,
-            n,
-            d,
-            BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n,
-            BLOCK_K=t.block_k,
-            HAS_Y=cols,
-            DOT=configs.dot_dtype(x.dtype),
-            PRECISION=configs.dot_precision(),
-            **t.launch(),
-        )
-        grad_scale += ds_part[: grid[0] * n_blocks].sum()
-        grad_x[row0 : row0 + rows] = block @ y_mm
-        if grad_y is None:
-            grad_y = (block.T @ x_mm[row0 : row0 + rows]).to(y.dtype)
-        else:
-            grad_y += (block.T @ x_mm[row0 : row0 + rows]).float()
-    return grad_x, grad_y.to(y.dtype), grad_scale
+    for row0 in range(0, m, row_step):
+        rows = slice(row0, min(row0 + row_step, m))
+        for col0 in range(0, n, col_step):
+            cols_ = slice(col0, min(col0 + col_step, n))
+            block = g[: (rows.stop - row0) * (cols_.stop - col0)].view(rows.stop - row0, cols_.stop - col0)
+            grid = (configs.cdiv(block.shape[0], t.block_m), configs.cdiv(block.shape[1], t.block_n))
+            contrastive_lse_grad_kernel[grid](
+                x,
+                y,
+                scale,
+                lse_rows,
+                g_rows,
+                *y_stats,
+                block,
+                ds_part,
+                row0,
+                rows.stop,
+                col0,
+                cols_.stop,
+                d,
+                BLOCK_M=t.block_m,
+                BLOCK_N=t.block_n,
+                BLOCK_K=t.block_k,
+                HAS_Y=cols,
+                DOT=configs.dot_dtype(x.dtype),
+                PRECISION=configs.dot_precision(),
+                **t.launch(),
+            )
+            grad_scale += ds_part[: grid[0] * grid[1]].sum()
+            _add_product(grad_x[rows], block, y_mm[cols_], x_exact)
+            _add_product(grad_y[cols_], block.T, x_mm[rows], y_exact)
+    return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale
 
 
 @torch.library.custom_op("famevil_fast::contrastive_lse", mutates_args=())

@@ -77,14 +77,23 @@ def test_every_variant_matches_the_float64_reference(m, n, d):
             raise AssertionError(f"variant {name}: {exc}") from exc
 
 
-def test_backward_in_several_blocks_of_g(monkeypatch):
-    """A small budget for G splits the backward into row blocks (the last one partial)."""
-    t = configs.contrastive_tiles(torch.float32)
-    monkeypatch.setattr(configs, "CONTRASTIVE_GRAD_CHUNK_BYTES", 4 * t.block_m * 45)
-    assert contrastive_ops.chunk_rows(100, 45, torch.float32, t.block_m) == t.block_m
+@pytest.mark.parametrize(
+    "budget, blocks",
+    [(4 * 4500, (96, 45)), (4 * 2048, (64, 32))],
+    ids=["row_blocks", "square_blocks"],
+)
+def test_backward_in_several_blocks_of_g(monkeypatch, budget, blocks):
+    """A small budget for G splits the backward: into row blocks spanning every column (the last one
+    partial), or, when that would leave too few rows per block, into a grid of blocks."""
+    if DEV != "cpu":
+        pytest.skip("block sizes here assume the interpreter's 32 x 32 tiles")
+    monkeypatch.setattr(configs, "CONTRASTIVE_GRAD_CHUNK_BYTES", budget)
+    assert contrastive_ops.gradient_blocks(100, 45, torch.float32, 32, 32) == blocks
     tensors = _inputs(100, 45, 24)
     _check(tensors, labels=torch.randint(0, 45, (100,), device=DEV))
-    _check(tensors[:1] * 2 + tensors[2:], label_smoothing=0.1)  # square: b = a
+    _check(tensors, groups=(torch.randint(0, 3, (100,), device=DEV), torch.randint(0, 3, (45,), device=DEV)))
+    a = tensors[0]
+    _check((a, a.flip(0), tensors[2]), label_smoothing=0.1)  # square, two-way
 
 
 def test_column_statistics_in_two_sweeps_when_partials_exceed_their_budget(monkeypatch):
