@@ -126,10 +126,11 @@ def launch_lse_backward(
     ds_part = torch.empty(tiles, dtype=torch.float32, device=x.device)
     y_stats = (lse_cols, g_cols) if cols else (lse_rows, g_rows)  # never read without HAS_Y
     for row0 in range(0, m, row_step):
-        rows = slice(row0, min(row0 + row_step, m))
+        row_span = slice(row0, min(row0 + row_step, m))
         for col0 in range(0, n, col_step):
-            cols_ = slice(col0, min(col0 + col_step, n))
-            block = g[: (rows.stop - row0) * (cols_.stop - col0)].view(rows.stop - row0, cols_.stop - col0)
+            col_span = slice(col0, min(col0 + col_step, n))
+            shape = (row_span.stop - row0, col_span.stop - col0)
+            block = g[: shape[0] * shape[1]].view(shape)
             grid = (configs.cdiv(block.shape[0], t.block_m), configs.cdiv(block.shape[1], t.block_n))
             contrastive_lse_grad_kernel[grid](
                 x,
@@ -141,9 +142,9 @@ def launch_lse_backward(
                 block,
                 ds_part,
                 row0,
-                rows.stop,
+                row_span.stop,
                 col0,
-                cols_.stop,
+                col_span.stop,
                 d,
                 BLOCK_M=t.block_m,
                 BLOCK_N=t.block_n,
@@ -154,8 +155,8 @@ def launch_lse_backward(
                 **t.launch(),
             )
             grad_scale += ds_part[: grid[0] * grid[1]].sum()
-            _add_product(grad_x[rows], block, y_mm[cols_], x_exact)
-            _add_product(grad_y[cols_], block.T, x_mm[rows], y_exact)
+            _add_product(grad_x[row_span], block, y_mm[col_span], x_exact)
+            _add_product(grad_y[col_span], block.T, x_mm[row_span], y_exact)
     return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale
 
 
