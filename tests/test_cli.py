@@ -70,3 +70,16 @@ def test_unreadable_image_is_named(checkpoint, tmp_path):
 def test_info_counts_a_checkpoint(checkpoint, capsys):
     assert main(["info", "--checkpoint", str(checkpoint)]) == 0
     assert "total" in capsys.readouterr().out
+
+
+def test_print_config_shows_the_recipe_with_its_overrides(capsys):
+    assert main(["train", "--config", "tiny_cpu", "--set", "optim.lr=0.01", "--print-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  lr: 0.01  # ") for line in lines)
+    from famevil_fast.configs import resolve
+
+    from famevil_fast.train.config import TrainSection, load_config
+
+    updates = load_config(resolve("tiny_cpu")).train.updates
+    assert updates != TrainSection().updates
+    assert any(line.startswith(f"  updates: {updates}  # ") for line in lines)  # the recipe's value

@@ -346,12 +346,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data)
 
 
-def describe_fields() -> str:
-    """Every section and field with its default and documentation (for docs and --help)."""
+def describe_fields(config: TrainConfig | None = None) -> str:
+    """Every section and field with its documentation, and its value in ``config`` (default: the field
+    defaults), for docs and ``train --print-config``."""
     lines = []
     for name, cls in _section_types().items():
         lines.append(f"{name}:")
+        section = getattr(config, name) if config is not None else None
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('doc', '')}")
+            if section is not None:
+                value = getattr(section, f.name)
+            else:
+                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {value!r}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-eval", action="store_true", help="skip evaluation (periodic and final)")
     parser.add_argument(
-        "--print-config", action="store_true", help="print every config field with its documentation and exit"
+        "--print-config",
+        action="store_true",
+        help="print every config field of the recipe (with the overrides) and its documentation, and exit",
     )
 
 
@@ -52,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.train.config import describe_fields, load_config
     from famevil_fast.train.trainer import Trainer
 
-    if args.print_config:
-        print(describe_fields())
-        return 0
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(resolve(args.config), overrides)
+    if args.print_config:
+        print(describe_fields(cfg))
+        return 0
     trainer = Trainer(cfg)
     if not args.no_eval:
         trainer.evaluator = build_evaluator(cfg, trainer.device)
