@@ -23,7 +23,13 @@ from torch.autograd.function import once_differentiable
 
 from famevil_fast import _ext
 from famevil_fast.capture import host_reads_allowed
-from famevil_fast.ops._backend import check_backend, forced_backend, triton_importable, triton_runs_on
+from famevil_fast.ops._backend import (
+    check_backend,
+    forced_backend,
+    require_triton,
+    triton_importable,
+    triton_runs_on,
+)
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -306,14 +312,6 @@ def _automatic_backend(device: torch.device, logits: int | None = None) -> str:
     return "torch"
 
 
-def _check_triton_dtype(op: str, a: torch.Tensor) -> None:
-    if a.dtype == torch.float64:
-        raise ValueError(
-            f"{op}: backend 'triton' supports float16, bfloat16 and float32 inputs, got float64 "
-            "(use 'cpu', 'cuda' or 'torch')"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------
 # Fused path: autograd wrappers around the compiled operators
 
@@ -501,7 +499,7 @@ def contrastive_loss(
     if chosen == "triton":
         from famevil_fast.ops.contrastive_triton import triton_contrastive_loss
 
-        _check_triton_dtype("contrastive_loss", a)
+        require_triton("contrastive_loss", a)
         return triton_contrastive_loss(a, b, scale, labels, groups, two_way, label_smoothing)
     return _fused_contrastive_loss(a, b, scale, labels, groups, two_way, label_smoothing)
 

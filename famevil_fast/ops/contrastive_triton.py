@@ -64,12 +64,11 @@ def triton_contrastive_loss(
     row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
     a32, b32 = a.float(), b.float()
     pos_rows, pos_cols = _positive_dots(a32, b32, labels, groups, row_key, col_key)
-    zeros_rows, zeros_cols = lse_rows.new_zeros(m), lse_rows.new_zeros(n)
-    plain_rows = a32 @ b32.sum(dim=0) if eps else zeros_rows
+    plain_rows = a32 @ b32.sum(dim=0) if eps else lse_rows.new_zeros(m)
     rows = torch.stack([lse_rows, s * pos_rows, s * plain_rows])
     loss = _direction_loss(rows, row_counts, eps, n)
     if not two_way:
         return loss
-    plain_cols = b32 @ a32.sum(dim=0) if eps else zeros_cols
+    plain_cols = b32 @ a32.sum(dim=0) if eps else lse_rows.new_zeros(n)
     cols = torch.stack([lse_cols, s * pos_cols, s * plain_cols])
     return 0.5 * (loss + _direction_loss(cols, col_counts, eps, m))

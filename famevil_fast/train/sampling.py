@@ -40,7 +40,7 @@ class TaskSampler:
         self.rng = np.random.default_rng(seed)
         self.cursor = 0
         self.weights = task_weights(self.tasks, weights, integer=strategy == "round_robin")
-        self.cycle = weighted_cycle(self.tasks, self.weights)
+        self.cycle = weighted_cycle(self.tasks, self.weights) if strategy == "round_robin" else None
         self.probabilities = self._probabilities(sizes)
 
     def _probabilities(self, sizes: Mapping[str, int] | None) -> np.ndarray:
@@ -90,9 +90,9 @@ def task_weights(tasks: Sequence[str], weights: Mapping[str, float] | None, inte
 
 
 def weighted_cycle(tasks: Sequence[str], weights: np.ndarray) -> list[str]:
-    """One period of smooth weighted round robin: every task appears ``weight`` times (rounded), spread
-    as evenly as the weights allow; equal weights give the tasks in order."""
-    counts = np.maximum(np.round(weights).astype(int), 1)
+    """One period of smooth weighted round robin over whole-number weights: every task appears ``weight``
+    times, spread as evenly as the weights allow; equal weights give the tasks in order."""
+    counts = np.round(weights).astype(np.int64)
     current = np.zeros(len(tasks), dtype=np.int64)
     cycle = []
     for _ in range(int(counts.sum())):
