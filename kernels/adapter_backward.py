@@ -7,7 +7,8 @@ normalised activations are recomputed from x, which the LayerNorm backward reads
 instead would add the down projection (2dr flops a row) and a second pass over x to save 2r elements of
 traffic a row, which is the worse trade for r >= 16.
 
-* ``adapter_dp_kernel`` computes dp (reads dy and h, writes dp: r elements a row).
+* ``adapter_dp_kernel`` computes dp (reads dy and h, writes dp: r elements a row), and in a few extra
+  programs the LayerNorm row constants of the dx pass.
 * r <= 128: ``adapter_bwd_dx_weights_kernel`` then makes one more pass per (d tile, row segment) that
   writes dx and accumulates the weight-gradient partials together, so x and dy are each read once
   there; the HBM traffic of the backward is dy twice, x once, dx once, plus the r-wide h and dp.
@@ -19,6 +20,7 @@ traffic a row, which is the worse trade for r >= 16.
 import triton
 import triton.language as tl
 from famevil_fast.kernels._tiles import row_block, task_segment
+from famevil_fast.kernels.ln_linear import row_constants_block
 
 
 @triton.jit
@@ -124,10 +126,17 @@ def adapter_dp_kernel(
     wu_ptr,
     s_ptr,
     dp_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    wd_ptr,
+    bd_ptr,
+    v1_ptr,
+    cb_ptr,
     order_ptr,
     counts_ptr,
     n_tasks,
     n_rows,
+    n_row_blocks,
     d,
     r,
     BLOCK_M: tl.constexpr,
@@ -137,28 +146,47 @@ def adapter_dp_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """dp tile (BLOCK_M x BLOCK_R) = s * (dy Wu) * [h > 0] at sorted positions."""
+    """dp tile (BLOCK_M x BLOCK_R) = s * (dy Wu) * [h > 0] at sorted positions, for row blocks
+    ``program_id(0) < n_row_blocks``. The n_tasks programs after them compute the LayerNorm row constants
+    ``v1 = Wd g`` and ``cb = bd + Wd beta`` of one task each (``ln_linear.row_constants_block``), which the
+    dx kernel needs next: one launch serves both, and a small adapter's backward is bound by launches."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
-    wu_ptr += task * d * r
-    s_ptr += task
+    if pid_m >= n_row_blocks:
+        row_constants_block(
+            lnw_ptr,
+            lnb_ptr,
+            wd_ptr,
+            bd_ptr,
+            v1_ptr,
+            cb_ptr,
+            pid_m - n_row_blocks,
+            pid_r,
+            d,
+            r,
+            BLOCK_R,
+            BLOCK_N,
+        )
+    else:
+        task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
+        wu_ptr += task * d * r
+        s_ptr += task
 
-    rcols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rcols < r
-    t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for n in range(0, d, BLOCK_N):
-        ncols = n + tl.arange(0, BLOCK_N)
-        nmask = ncols < d
-        dy = tl.load(
-            dy_ptr + rows[:, None] * d + ncols[None, :], mask=mask[:, None] & nmask[None, :], other=0.0
-        )
-        wu = tl.load(
-            wu_ptr + ncols[:, None] * r + rcols[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0
-        )
-        t = tl.dot(dy.to(DOT), wu.to(DOT), t, input_precision=PRECISION)
-    rtile = mask[:, None] & rmask[None, :]
-    h = tl.load(h_ptr + pos[:, None] * r + rcols[None, :], mask=rtile, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr).to(tl.float32)
-    dp = tl.where(h > 0.0, t * s, 0.0)
-    tl.store(dp_ptr + pos[:, None] * r + rcols[None, :], dp, mask=rtile)
+        rcols = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rcols < r
+        t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        for n in range(0, d, BLOCK_N):
+            ncols = n + tl.arange(0, BLOCK_N)
+            nmask = ncols < d
+            dy = tl.load(
+                dy_ptr + rows[:, None] * d + ncols[None, :], mask=mask[:, None] & nmask[None, :], other=0.0
+            )
+            wu = tl.load(
+                wu_ptr + ncols[:, None] * r + rcols[None, :], mask=nmask[:, None] & rmask[None, :], other=0.0
+            )
+            t = tl.dot(dy.to(DOT), wu.to(DOT), t, input_precision=PRECISION)
+        rtile = mask[:, None] & rmask[None, :]
+        h = tl.load(h_ptr + pos[:, None] * r + rcols[None, :], mask=rtile, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr).to(tl.float32)
+        dp = tl.where(h > 0.0, t * s, 0.0)
+        tl.store(dp_ptr + pos[:, None] * r + rcols[None, :], dp, mask=rtile)

@@ -24,7 +24,11 @@ from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
 from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
-from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
+from famevil_fast.kernels.ln_linear import (
+    ln_linear_dx_kernel,
+    ln_linear_fwd_kernel,
+    ln_linear_row_constants_kernel,
+)
 from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
 
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
@@ -76,7 +80,8 @@ class Variant:
 
 
 def _dot(dtype: str) -> dict:
-    return {"DOT": DTYPE_NAMES[dtype], "PRECISION": "tf32"}
+    """As ``configs.dot_args`` sets them at run time (float32 with TF32 allowed)."""
+    return {"DOT": DTYPE_NAMES[dtype], "PRECISION": "tf32" if dtype == "fp32" else "ieee"}
 
 
 def _launch(t: configs.Tiles) -> dict:
@@ -110,6 +115,19 @@ def _ln_linear(dtype: str, mixed: bool, n_out: int, relu: bool) -> list[Variant]
         Variant(f"ln_linear_fwd_{n_out}", ln_linear_fwd_kernel, fwd, **_launch(t), dtype=dtype),
         Variant(f"ln_linear_dx_{n_out}", ln_linear_dx_kernel, dx, **_launch(u), dtype=dtype),
     ]
+
+
+def _row_constants(dtype: str) -> Variant:
+    c = configs.row_constants_tiles()
+    constants = {"BLOCK_R": c.block_m, "BLOCK_K": c.block_k}
+    return Variant(
+        "ln_linear_row_constants",
+        ln_linear_row_constants_kernel,
+        constants,
+        **_launch(c),
+        dtype=dtype,
+        has_dot=False,
+    )
 
 
 def _split_adapter(dtype: str, mixed: bool, r: int) -> list[Variant]:
@@ -173,7 +191,7 @@ def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
         + _ln_linear(dtype, mixed, 512, relu=True)
         + _split_adapter(dtype, mixed, 512)
     )
-    out += _weight_grads(dtype, mixed, 64, has_g=True) + _contrastive(dtype)
+    out += _weight_grads(dtype, mixed, 64, has_g=True) + _contrastive(dtype) + [_row_constants(dtype)]
     if full:
         out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, relu=False)
         out += _weight_grads(dtype, mixed, 512, has_g=True) + _weight_grads(dtype, mixed, 1536, has_g=False)

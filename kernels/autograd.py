@@ -1,10 +1,12 @@
-"""Eager-mode entry point of the fused adapter: a ``torch.autograd.Function`` that calls the launchers
-directly. It runs the same kernels and gradient formulas as the registered ``famevil_fast::adapter_*``
-operators (``custom_ops``) without torch.library's dispatch and argument flattening, which cost more host
-time than a small adapter's kernels take on a GPU. ``torch.compile`` graphs use the registered operators.
+"""Eager-mode entry points of the fused kernels: ``torch.autograd.Function`` classes that call the
+launchers directly. They run the same kernels and gradient formulas as the registered
+``famevil_fast::adapter_*`` and ``famevil_fast::ln_linear_*`` operators (``custom_ops``) without
+torch.library's dispatch and argument flattening, which cost more host time than a small op's kernels
+take on a GPU. ``torch.compile`` graphs use the registered operators.
 """
 
 import torch
+from famevil_fast.kernels import launch
 from famevil_fast.kernels.custom_ops import adapter_backward_impl, adapter_forward_impl
 
 N_PARAMS = 7
@@ -48,3 +50,30 @@ def fused_adapter_eager(
 ) -> torch.Tensor:
     """``residual sum + adapter(x)`` for row-matrix x through the eager autograd function."""
     return FusedAdapterFunction.apply(x, task_ids, save, eps, *params, *residuals)
+
+
+class LayerNormLinearFunction(torch.autograd.Function):
+    """apply(x, save, eps, ln_weight, ln_bias, weight, bias) -> LN(x) W^T + b for row-matrix x."""
+
+    @staticmethod
+    def forward(ctx, x, save, eps, ln_weight, ln_bias, weight, bias):
+        out, mean, rstd = launch.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, save, eps)
+        ctx.saved = save
+        if save:
+            ctx.save_for_backward(out, x, mean, rstd, ln_weight, ln_bias, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.saved:
+            return (None,) * 7
+        out, x, mean, rstd, *params = ctx.saved_tensors
+        dx, *param_grads = launch.ln_linear_backward(grad_out.contiguous(), out, x, mean, rstd, *params)
+        return (dx, None, None, *param_grads)
+
+
+def layer_norm_linear_eager(
+    x: torch.Tensor, params: list[torch.Tensor], save: bool, eps: float
+) -> torch.Tensor:
+    """``LN(x) W^T + b`` for row-matrix x through the eager autograd function."""
+    return LayerNormLinearFunction.apply(x, save, eps, *params)

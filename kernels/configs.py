@@ -8,6 +8,7 @@ leave d = 768 two chunks, one of them partial, so the loops and masks stay exerc
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -18,8 +19,13 @@ FUSED_MAX_R = 128  # widest bottleneck kept on chip by the fused adapter kernels
 MAX_RESIDUALS = 3  # residual pointers taken by the forward kernels; more are pre-summed
 
 
+# Triton decides between its compiler and its interpreter when a kernel is decorated, at import; the tile
+# choices follow the same reading of the environment, made once, so that no launch pays for it.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRETING
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,9 +47,19 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float32
 
 
-def dot_precision() -> str:
-    """fp32 products use TF32 exactly when PyTorch's matmuls may (torch.backends.cuda.matmul.allow_tf32)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+_DOT_ARGS: dict[tuple[torch.dtype, bool], dict] = {}
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """``DOT`` and ``PRECISION`` launch arguments for activations of ``dtype`` (a shared dict: do not
+    modify). float32 products use TF32 exactly when PyTorch's matmuls may
+    (``torch.backends.cuda.matmul.allow_tf32``); 16-bit products ignore the precision."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    key = (dtype, tf32)
+    args = _DOT_ARGS.get(key)
+    if args is None:
+        args = _DOT_ARGS[key] = {"DOT": dot_dtype(dtype), "PRECISION": "tf32" if tf32 else "ieee"}
+    return args
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,7 @@ class Tiles:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
+@functools.cache
 def adapter_fused_tiles(block_r: int) -> Tiles:
     """adapter_fwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks."""
     if interpreting():
@@ -65,6 +82,7 @@ def adapter_fused_tiles(block_r: int) -> Tiles:
     return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
 
 
+@functools.cache
 def dx_weight_tiles(block_r: int) -> Tiles:
     """adapter_bwd_dx_weights_kernel: BLOCK_M rows per step, BLOCK_N the d tile (block_k unused)."""
     if interpreting():
@@ -72,6 +90,7 @@ def dx_weight_tiles(block_r: int) -> Tiles:
     return Tiles(block_m=64, block_n=64, block_k=1, num_warps=8, num_stages=2)
 
 
+@functools.cache
 def ln_linear_tiles(n_out: int) -> Tiles:
     """ln_linear_fwd_kernel: BLOCK_N output columns, BLOCK_K chunks of d."""
     if interpreting():
@@ -79,6 +98,7 @@ def ln_linear_tiles(n_out: int) -> Tiles:
     return Tiles(block_m=64, block_n=min(padded(n_out), 128), block_k=64, num_warps=4, num_stages=3)
 
 
+@functools.cache
 def up_residual_tiles() -> Tiles:
     """adapter_up_residual_kernel: BLOCK_N output columns of d, BLOCK_K chunks of r."""
     if interpreting():
@@ -86,6 +106,7 @@ def up_residual_tiles() -> Tiles:
     return Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
 
 
+@functools.cache
 def dp_tiles(r: int) -> Tiles:
     """adapter_dp_kernel: BLOCK_N r columns (the tile), BLOCK_K chunks of d."""
     if interpreting():
@@ -93,6 +114,7 @@ def dp_tiles(r: int) -> Tiles:
     return Tiles(block_m=64, block_n=min(padded(r), 128), block_k=64, num_warps=4, num_stages=3)
 
 
+@functools.cache
 def dx_tiles(n_out: int) -> Tiles:
     """ln_linear_dx_kernel: BLOCK_N d columns, BLOCK_K chunks of the linear output."""
     if interpreting():
@@ -100,6 +122,7 @@ def dx_tiles(n_out: int) -> Tiles:
     return Tiles(block_m=64, block_n=128, block_k=min(padded(n_out), 64), num_warps=4, num_stages=3)
 
 
+@functools.cache
 def weight_tiles(n_out: int) -> Tiles:
     """weight_grad_partials_kernel: BLOCK_M rows per step (the reduction), BLOCK_N d tile, BLOCK_K r tile."""
     if interpreting():
@@ -107,11 +130,25 @@ def weight_tiles(n_out: int) -> Tiles:
     return Tiles(block_m=64, block_n=64, block_k=min(padded(n_out), 128), num_warps=8, num_stages=2)
 
 
+@functools.cache
 def epilogue_tiles(n_out: int) -> Tiles:
     """weight_grad_epilogue_kernel: BLOCK_N d tile, BLOCK_K r chunk (no products; block_m unused)."""
     if interpreting():
         return Tiles(block_m=1, block_n=512, block_k=min(padded(n_out), 512))
     return Tiles(block_m=1, block_n=16, block_k=min(padded(n_out), 128), num_warps=4, num_stages=1)
+
+
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def row_constants_tiles() -> Tiles:
+    """ln_linear_row_constants_kernel: BLOCK_M outputs per program (the rows of W), BLOCK_K chunks of d."""
+    if interpreting():
+        return Tiles(block_m=512, block_n=1, block_k=512)
+    return Tiles(block_m=32, block_n=1, block_k=128, num_warps=4, num_stages=2)
 
 
 def reduction_segments(
@@ -124,11 +161,12 @@ def reduction_segments(
     blocks = max(1, cdiv(rows_per_task, block_m))
     if device.type != "cuda":
         return min(2, blocks)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     wanted = cdiv(2 * sms, max(1, tiles_per_segment * n_tasks))
     return max(1, min(wanted, blocks, 64))
 
 
+@functools.cache
 def contrastive_tiles(dtype: torch.dtype) -> Tiles:
     """contrastive_lse_kernel and contrastive_lse_grad_kernel: BLOCK_M rows of X, BLOCK_N rows of Y,
     BLOCK_K chunks of the feature dimension. 16-bit tiles of 128 x 128 feed two warpgroups' wgmma;

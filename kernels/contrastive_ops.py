@@ -40,8 +40,7 @@ def launch_lse(
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
         COLS=col_part is not None,
-        DOT=configs.dot_dtype(x.dtype),
-        PRECISION=configs.dot_precision(),
+        **configs.dot_args(x.dtype),
         **t.launch(),
     )
     return out
@@ -150,8 +149,7 @@ def launch_lse_backward(
                 BLOCK_N=t.block_n,
                 BLOCK_K=t.block_k,
                 HAS_Y=cols,
-                DOT=configs.dot_dtype(x.dtype),
-                PRECISION=configs.dot_precision(),
+                **configs.dot_args(x.dtype),
                 **t.launch(),
             )
             grad_scale += ds_part[: grid[0] * grid[1]].sum()

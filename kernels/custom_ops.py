@@ -31,10 +31,6 @@ def _task_rows(task_ids: torch.Tensor | None, n_tasks: int, validate: bool = Tru
     return launch.group_rows(task_ids, n_tasks)
 
 
-def _task_leading(params: tuple[torch.Tensor, ...], mixed: bool) -> tuple[torch.Tensor, ...]:
-    return params if mixed else tuple(p[None] for p in params)
-
-
 @torch.library.custom_op("famevil_fast::adapter_forward", mutates_args=())
 def adapter_forward(
     x: torch.Tensor,
@@ -67,7 +63,7 @@ def adapter_forward_impl(
     (a device-to-host read) for callers that made it already."""
     mixed = task_ids is not None
     rows = _task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
-    return launch.adapter_forward(x, _task_leading(params, mixed), residuals, rows, save, eps)
+    return launch.adapter_forward(x, params, residuals, rows, save, eps)
 
 
 def adapter_backward_impl(
@@ -85,10 +81,7 @@ def adapter_backward_impl(
     if h.shape[0] != x.shape[0]:
         raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
     rows = _task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
-    grads = launch.adapter_backward(grad, x, _task_leading(params, mixed), h, mean, rstd, rows)
-    if mixed:
-        return grads
-    return (grads[0], *(g[0] for g in grads[1:]))
+    return launch.adapter_backward(grad, x, params, h, mean, rstd, rows)
 
 
 @adapter_forward.register_fake

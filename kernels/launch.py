@@ -1,7 +1,12 @@
 """Host-side launchers: allocate outputs, choose tiles and launch the kernels in order.
 
-Inputs arrive contiguous and checked (see ``famevil_fast.ops``); parameters always carry a leading task
-dimension T here (T = 1 for a single adapter). ``TaskRows`` describes how rows map to tasks.
+Inputs arrive contiguous and checked (see ``famevil_fast.ops``). Parameters of task-grouped rows carry a
+leading task dimension T; a single adapter's parameters may come with or without it (the kernels then
+address task 0, so no view is made). Gradients come back in the parameters' own shapes. ``TaskRows``
+describes how rows map to tasks.
+
+Everything here runs on every call of a small op, where the host's time can exceed the kernels': tiles and
+launch arguments come from caches, and no PyTorch op runs beside the kernels that a kernel can do instead.
 """
 
 from __future__ import annotations
@@ -12,8 +17,14 @@ import torch
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
-from famevil_fast.kernels.ln_linear import ln_linear_dx_kernel, ln_linear_fwd_kernel
+from famevil_fast.kernels.ln_linear import (
+    ln_linear_dx_kernel,
+    ln_linear_fwd_kernel,
+    ln_linear_row_constants_kernel,
+)
 from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
+
+from famevil_fast.capture import capturing
 
 
 class TaskRows(NamedTuple):
@@ -47,19 +58,29 @@ def group_rows(task_ids: torch.Tensor | None, n_tasks: int) -> TaskRows:
     return TaskRows(order, counts, n_tasks)
 
 
+_UNUSED_INDEX: dict[torch.device, torch.Tensor] = {}
+
+
+def _unused_index(device: torch.device) -> torch.Tensor:
+    """An int32 tensor passed where the kernels take the task grouping but never read it (single task).
+    One per device, made outside graph capture (a tensor made during a capture belongs to its graph)."""
+    dummy = _UNUSED_INDEX.get(device)
+    if dummy is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        if not capturing():
+            _UNUSED_INDEX[device] = dummy
+    return dummy
+
+
 def _index_args(rows: TaskRows, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     if rows.mixed:
         return rows.order, rows.counts, rows.n_tasks
-    dummy = torch.empty(1, dtype=torch.int32, device=like.device)  # never read without task grouping
+    dummy = _unused_index(like.device)
     return dummy, dummy, 1
 
 
 def _row_blocks(n_rows: int, block_m: int, rows: TaskRows) -> int:
     return configs.cdiv(n_rows, block_m) + rows.extra_blocks()
-
-
-def _dot_args(dtype: torch.dtype) -> dict:
-    return {"DOT": configs.dot_dtype(dtype), "PRECISION": configs.dot_precision()}
 
 
 def _residual_args(residuals: list[torch.Tensor], like: torch.Tensor) -> tuple[list[torch.Tensor], int]:
@@ -116,7 +137,7 @@ def ln_linear_forward_into(
         RELU=relu,
         MIXED=rows.mixed,
         SAVE_STATS=save,
-        **_dot_args(x.dtype),
+        **configs.dot_args(x.dtype),
         **tiles.launch(),
     )
 
@@ -139,10 +160,10 @@ def ln_linear_forward(
     if n_rows:
         ln_linear_forward_into(
             x,
-            lnw[None],
-            lnb[None],
-            w[None],
-            b[None],
+            lnw,
+            lnb,
+            w,
+            b,
             out,
             mean if save else None,
             rstd if save else None,
@@ -177,7 +198,7 @@ def adapter_forward(
         return y, h, mean, rstd
     res, num_res = _residual_args(residuals, x)
     order, counts, n_tasks = _index_args(rows, x)
-    dot = _dot_args(x.dtype)
+    dot = configs.dot_args(x.dtype)
     block_r = configs.padded(r)
     if r <= configs.FUSED_MAX_R:
         tiles = configs.adapter_fused_tiles(block_r)
@@ -254,10 +275,17 @@ def adapter_forward(
     return y, h, mean, rstd
 
 
-def _row_constants(w: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, b: torch.Tensor):
-    """v1 = W g and cb = b + W beta (T, n_out) in fp32, for the LayerNorm backward's row constants."""
-    both = torch.matmul(w.float(), torch.stack((lnw.float(), lnb.float()), dim=-1))  # (T, n_out, 2)
-    return both[..., 0].contiguous(), (b.float() + both[..., 1]).contiguous()
+def _row_constants(w: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, b: torch.Tensor, n_tasks: int):
+    """v1 = W g and cb = b + W beta (n_tasks, n_out) in fp32, for the LayerNorm backward's row constants."""
+    d = lnw.shape[-1]
+    n_out = w.shape[-2]
+    v1 = torch.empty((n_tasks, n_out), dtype=torch.float32, device=w.device)
+    cb = torch.empty_like(v1)
+    tiles = configs.row_constants_tiles()
+    ln_linear_row_constants_kernel[(configs.cdiv(n_out, tiles.block_m), n_tasks)](
+        lnw, lnb, w, b, v1, cb, d, n_out, BLOCK_R=tiles.block_m, BLOCK_K=tiles.block_k, **tiles.launch()
+    )
+    return v1, cb
 
 
 def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch.Tensor:
@@ -288,7 +316,7 @@ def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         MIXED=rows.mixed,
-        **_dot_args(x.dtype),
+        **configs.dot_args(x.dtype),
         **tiles.launch(),
     )
     return dx
@@ -316,6 +344,7 @@ def _partials(n_seg: int, segments: int, d: int, n_out: int, has_g: bool, device
 
 def _weight_epilogue(
     parts: Partials,
+    n_tasks: int,
     lnw: torch.Tensor,
     lnb: torch.Tensor,
     w: torch.Tensor,
@@ -323,7 +352,7 @@ def _weight_epilogue(
     up: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, ...]:
     """(dlnw, dlnb, dW, db) and, with ``up = (Wu, bu, s)``, also (dWu, dbu, ds), from the partials."""
-    n_tasks, d = lnw.shape
+    d = lnw.shape[-1]
     n_out = w.shape[-2]
     has_g = up is not None
     wu, bu, s = up if has_g else (w, b, b)
@@ -360,7 +389,7 @@ def _weight_epilogue(
     )
     if not has_g:
         return dlnw, dlnb, dw, db
-    ds = ds_part.sum(dim=1, keepdim=True).to(s.dtype)
+    ds = ds_part.sum(dim=1).to(s.dtype).view(s.shape)
     return dlnw, dlnb, dw, db, dwu, dbu, ds
 
 
@@ -410,10 +439,10 @@ def weight_grads(
         BLOCK_R=tiles.block_k,
         HAS_G=has_g,
         MIXED=rows.mixed,
-        **_dot_args(x.dtype),
+        **configs.dot_args(x.dtype),
         **tiles.launch(),
     )
-    return _weight_epilogue(parts, lnw, lnb, w, b, up[2:] if has_g else None)
+    return _weight_epilogue(parts, rows.n_tasks, lnw, lnb, w, b, up[2:] if has_g else None)
 
 
 def adapter_backward(
@@ -425,28 +454,37 @@ def adapter_backward(
     rstd: torch.Tensor,
     rows: TaskRows,
 ) -> tuple[torch.Tensor, ...]:
-    """(dx, dlnw, dlnb, dWd, dbd, dWu, dbu, ds) with parameters in task-leading form."""
+    """(dx, dlnw, dlnb, dWd, dbd, dWu, dbu, ds), each in its parameter's shape."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
     if n_rows == 0:
         return (torch.empty_like(x), *(torch.zeros_like(p) for p in params))
-    v1, cb = _row_constants(wd, lnw, lnb, bd)
     order, counts, n_tasks = _index_args(rows, x)
-    dot = _dot_args(x.dtype)
+    dot = configs.dot_args(x.dtype)
     dp = x.new_empty((n_rows, r))
+    v1 = torch.empty((n_tasks, r), dtype=torch.float32, device=x.device)
+    cb = torch.empty_like(v1)
     tiles = configs.dp_tiles(r)
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(r, tiles.block_n))
+    row_blocks = _row_blocks(n_rows, tiles.block_m, rows)
+    grid = (row_blocks + n_tasks, configs.cdiv(r, tiles.block_n))  # + one row-constants program a task
     adapter_dp_kernel[grid](
         dy,
         h,
         wu,
         s,
         dp,
+        lnw,
+        lnb,
+        wd,
+        bd,
+        v1,
+        cb,
         order,
         counts,
         n_tasks,
         n_rows,
+        row_blocks,
         d,
         r,
         BLOCK_M=tiles.block_m,
@@ -495,7 +533,7 @@ def adapter_backward(
         **dot,
         **tiles.launch(),
     )
-    return (dx, *_weight_epilogue(parts, lnw, lnb, wd, bd, (wu, bu, s)))
+    return (dx, *_weight_epilogue(parts, n_tasks, lnw, lnb, wd, bd, (wu, bu, s)))
 
 
 def ln_linear_backward(
@@ -512,8 +550,6 @@ def ln_linear_backward(
     """(dx, dlnw, dlnb, dW, db) of ``p = LN(x) W^T + b`` (parameters without a task dimension)."""
     if x.shape[0] == 0:
         return (torch.empty_like(x), *(torch.zeros_like(t) for t in (lnw, lnb, w, b)))
-    lnw, lnb, w, b = lnw[None], lnb[None], w[None], b[None]
-    v1, cb = _row_constants(w, lnw, lnb, b)
+    v1, cb = _row_constants(w, lnw, lnb, b, 1)
     dx = _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, SINGLE_TASK)
-    grads = weight_grads(x, mean, rstd, dp, lnw, lnb, w, b, SINGLE_TASK)
-    return (dx, *(g[0] for g in grads))
+    return (dx, *weight_grads(x, mean, rstd, dp, lnw, lnb, w, b, SINGLE_TASK))

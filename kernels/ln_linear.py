@@ -9,7 +9,9 @@ gradient ``dp`` alone. With ``xhat = (x - mean) * rstd``, ``z = xhat * g + beta`
 
 and both row constants reduce to r-wide dot products: ``c1 = dp . (W g) / d`` and, because
 ``sum_j W_kj g_j xhat_j = p_k - b_k - (W beta)_k``, ``c2 = dp . (p - b - W beta) / d``. So a program
-needs only its own d-columns of x and W, and the whole gradient is one pass. For a ReLU output the
+needs only its own d-columns of x and W, and the whole gradient is one pass. The two vectors
+``v1 = W g`` and ``cb = b + W beta`` come from ``row_constants_block`` (its own launch,
+``ln_linear_row_constants_kernel``, or extra programs of the adapter's dp kernel). For a ReLU output the
 stored activation relu(p) can stand in for p, because dp is zero wherever p <= 0.
 
 Used for the adapter's down projection when r > 128 and for the query and key/value projections of the
@@ -147,3 +149,78 @@ def ln_linear_dx_kernel(
     g = tl.load(lnw_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
     dx = (dz * g[None, :] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
     tl.store(dx_ptr + rows[:, None] * d + ncols[None, :], dx, mask=mask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def row_constants_block(
+    lnw_ptr,
+    lnb_ptr,
+    w_ptr,
+    b_ptr,
+    v1_ptr,
+    cb_ptr,
+    task,
+    pid_r,
+    d,
+    n_out,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Stores ``v1 = W g`` and ``cb = b + W beta`` (fp32) for outputs [pid_r * BLOCK_R, + BLOCK_R) of
+    ``task``. W is (n_out, d) per task; a matrix-vector product needs no tensor cores, so the K loop
+    multiplies and sums in fp32 registers."""
+    task = task.to(tl.int64)
+    lnw_ptr += task * d
+    lnb_ptr += task * d
+    w_ptr += task * n_out * d
+    b_ptr += task * n_out
+    v1_ptr += task * n_out
+    cb_ptr += task * n_out
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_out
+    v1 = tl.zeros((BLOCK_R,), tl.float32)
+    wbeta = tl.zeros((BLOCK_R,), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        w = tl.load(
+            w_ptr + rows[:, None] * d + kcols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+        ).to(tl.float32)
+        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        v1 += tl.sum(w * g[None, :], axis=1)
+        wbeta += tl.sum(w * beta[None, :], axis=1)
+    b = tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(v1_ptr + rows, v1, mask=rmask)
+    tl.store(cb_ptr + rows, b + wbeta, mask=rmask)
+
+
+@triton.jit
+def ln_linear_row_constants_kernel(
+    lnw_ptr,
+    lnb_ptr,
+    w_ptr,
+    b_ptr,
+    v1_ptr,
+    cb_ptr,
+    d,
+    n_out,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``v1`` and ``cb`` of ``row_constants_block`` for BLOCK_R outputs of task ``program_id(1)``."""
+    row_constants_block(
+        lnw_ptr,
+        lnb_ptr,
+        w_ptr,
+        b_ptr,
+        v1_ptr,
+        cb_ptr,
+        tl.program_id(1),
+        tl.program_id(0),
+        d,
+        n_out,
+        BLOCK_R,
+        BLOCK_K,
+    )

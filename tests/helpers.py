@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def perturb_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
@@ -112,3 +114,34 @@ def assert_no_worse_than_baseline(
     # a single value (the scale's gradient) rounds to one of two neighbours: allow one unit in the last place
     floor = torch.finfo(mine.dtype).eps if mine.numel() == 1 and mine.is_floating_point() else 2e-3
     assert err == err and err <= factor * base + floor, f"{name}: error {err:.2e}, PyTorch's {base:.2e}"
+
+
+class RecordLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` records the kernel's name and runs nothing."""
+
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name = log, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(self.name)
+
+    @staticmethod
+    def patch(monkeypatch: pytest.MonkeyPatch, module) -> list[str]:
+        """Replace every ``*_kernel`` of ``module``; returns the list the launches are recorded in."""
+        log: list[str] = []
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, RecordLaunch(log, name))
+        return log
+
+
+class AtenLog(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside it (``ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))

@@ -9,7 +9,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import assert_no_worse_than_baseline
+from helpers import AtenLog, RecordLaunch, assert_no_worse_than_baseline
 
 from famevil_fast.ops import AdapterParams, fused_adapter
 from famevil_fast.ops.adapter import adapter_reference
@@ -317,6 +317,52 @@ def test_torch_compile_graph_holds_the_op() -> None:
     torch.testing.assert_close(out, block(x, res))
     for a, b in zip(got, [x.grad, *(t.grad for t in p)]):
         torch.testing.assert_close(a, b)
+
+
+HOST_OPS = {"view", "empty_like", "new_empty", "empty", "sum"}  # allocations, views, the scale's sum
+
+
+@pytest.mark.parametrize(
+    "r, forward, backward",
+    [
+        (
+            8,
+            ["adapter_fwd_fused_kernel"],
+            ["adapter_dp_kernel", "adapter_bwd_dx_weights_kernel", "weight_grad_epilogue_kernel"],
+        ),
+        (
+            200,
+            ["ln_linear_fwd_kernel", "adapter_up_residual_kernel"],
+            [
+                "adapter_dp_kernel",
+                "ln_linear_dx_kernel",
+                "weight_grad_partials_kernel",
+                "weight_grad_epilogue_kernel",
+            ],
+        ),
+    ],
+)
+def test_eager_path_runs_its_kernels_and_no_pytorch_compute(
+    monkeypatch: pytest.MonkeyPatch, r: int, forward: list[str], backward: list[str]
+) -> None:
+    """At a ViT batch the adapter's time is mostly the host's: the Triton path's forward and backward
+    launch exactly their kernels, and dispatch nothing else but allocations, views and one sum."""
+    from famevil_fast.kernels import launch
+
+    launches = RecordLaunch.patch(monkeypatch, launch)
+    p = [t.float().requires_grad_() for t in random_params(64, r)]
+    x = torch.randn(5, 64, requires_grad=True)
+    res = torch.randn(5, 64)
+    with AtenLog() as log:
+        y = fused_adapter(x, *p, residual=res, backend="triton")
+    assert launches == forward
+    assert set(log.ops) <= HOST_OPS, log.ops
+    launches.clear()
+    grad = torch.ones_like(y)
+    with AtenLog() as log:
+        torch.autograd.grad(y, [x, *p], grad)
+    assert launches == backward
+    assert set(log.ops) <= HOST_OPS, log.ops
 
 
 # ---------------------------------------------------------------- GPU: compiled kernels, bf16 numerics

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from helpers import assert_no_worse_than_baseline
+from helpers import AtenLog, RecordLaunch, assert_no_worse_than_baseline
 
 from famevil_fast.ops import AdapterParams, CrossAttentionParams, context_key_values, cross_attention_adapter
 from famevil_fast.ops.cross_attention import layer_norm_linear_reference, layer_norm_linear_triton
@@ -195,6 +195,48 @@ def test_ln_linear_custom_op_passes_opcheck() -> None:
         (*args, True, 1e-5),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+def test_ln_linear_eager_function_matches_the_registered_op() -> None:
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    values = [rnd(7, 64), 1 + 0.2 * rnd(64), 0.2 * rnd(64), rnd(40, 64) / 8, 0.2 * rnd(40)]
+    results = []
+    for call in (
+        lambda *a: layer_norm_linear_triton(*a, 1e-5),
+        lambda *a: torch.ops.famevil_fast.ln_linear_forward(*a, True, 1e-5)[0],
+    ):
+        leaves = [t.float().requires_grad_() for t in values]
+        out = call(*leaves)
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append((out, *grads))
+    for eager, registered in zip(*results):
+        torch.testing.assert_close(eager, registered, rtol=0, atol=0)
+
+
+def test_ln_linear_eager_path_runs_its_kernels_and_no_pytorch_compute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from famevil_fast.kernels import launch
+
+    launches = RecordLaunch.patch(monkeypatch, launch)
+    leaves = [t.float().requires_grad_() for t in (rnd(5, 64), 1 + rnd(64), rnd(64), rnd(48, 64), rnd(48))]
+    with AtenLog() as log:
+        out = layer_norm_linear_triton(*leaves, 1e-5)
+    assert launches == ["ln_linear_fwd_kernel"]
+    host_ops = {"view", "detach", "new_empty", "empty", "empty_like"}  # detach: the output is saved
+    assert set(log.ops) <= host_ops, log.ops
+    launches.clear()
+    grad = torch.ones_like(out)
+    with AtenLog() as log:
+        torch.autograd.grad(out, leaves, grad)
+    assert launches == [
+        "ln_linear_row_constants_kernel",
+        "ln_linear_dx_kernel",
+        "weight_grad_partials_kernel",
+        "weight_grad_epilogue_kernel",
+    ]
+    assert set(log.ops) <= host_ops, log.ops
 
 
 # ---------------------------------------------------------------- GPU: compiled kernels, bf16 numerics

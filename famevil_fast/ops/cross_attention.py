@@ -77,13 +77,20 @@ def layer_norm_linear_triton(
     bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """``LN(x) W^T + b`` in one kernel (``torch.ops.famevil_fast.ln_linear_forward``), x of shape (..., d)."""
+    """``LN(x) W^T + b`` in one kernel, x of shape (..., d): in a torch.compile graph the registered
+    ``torch.ops.famevil_fast.ln_linear_forward``, in eager mode the same launchers without the dispatch."""
     from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
 
     d = x.shape[-1]
+    rows = x.reshape(-1, d).contiguous()
     params = [t.contiguous() for t in (ln_weight, ln_bias, weight, bias)]
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    out = torch.ops.famevil_fast.ln_linear_forward(x.reshape(-1, d).contiguous(), *params, save, eps)[0]
+    if torch.compiler.is_compiling():
+        out = torch.ops.famevil_fast.ln_linear_forward(rows, *params, save, eps)[0]
+    else:
+        from famevil_fast.kernels.autograd import layer_norm_linear_eager
+
+        out = layer_norm_linear_eager(rows, params, save, eps)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
