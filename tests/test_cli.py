@@ -60,11 +60,24 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
     assert capsys.readouterr().out.strip().splitlines() == lines  # same captions through the graph path
 
 
-def test_unreadable_image_is_named(checkpoint, tmp_path):
+def test_unreadable_image_is_named(checkpoint, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
+    assert main(["caption", str(checkpoint), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("famevil-fast caption: error: ") and "broken.png" in err[0]
     with pytest.raises(ValueError, match="broken.png"):
-        main(["caption", str(checkpoint), str(bad)])
+        main(["--traceback", "caption", str(checkpoint), str(bad)])
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nothing-here"
+    assert main(["eval", str(missing), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
+    monkeypatch.setenv("FAMEVIL_FAST_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["eval", str(missing), "--data", str(tmp_path)])
 
 
 def test_info_counts_a_checkpoint(checkpoint, capsys):

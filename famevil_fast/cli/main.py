@@ -2,12 +2,17 @@
 
 Each module there defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``; adding
 a command means adding a module, nothing here changes.
+
+Errors in what the user gave (a missing file, a bad value, an unreadable image) end the command with one
+line on stderr that names the problem and exit status 2; ``--traceback`` (or ``FAMEVIL_FAST_TRACEBACK=1``)
+shows the full Python traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -25,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="famevil-fast",
         description="FAME-ViL for fashion: train, evaluate and use the multi-task vision-language model.",
     )
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, show the full Python traceback instead of a one-line message "
+        "(also FAMEVIL_FAST_TRACEBACK=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in _command_modules():
         cmd = sub.add_parser(
@@ -38,9 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a command raises for bad input: a path that does not exist or cannot be read, a value out of range,
+# a file that is not what it should be. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as exc:
+        if args.traceback or os.environ.get("FAMEVIL_FAST_TRACEBACK", "") == "1":
+            raise
+        print(f"famevil-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
