@@ -82,4 +82,7 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0
-    assert "usage" in capsys.readouterr().out
+        text = " ".join(capsys.readouterr().out.split())
+        assert "usage" in text
+        for empty in ("(default: None)", "(default: [])", "(default: False)"):
+            assert empty not in text, f"{name} --help shows {empty}"
