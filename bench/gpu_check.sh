@@ -80,7 +80,7 @@ bench contrastive && part "bench: contrastive losses" 60 bench_contrastive.txt "
 bench adapter && part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report
 bench xattn && part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
 bench train_step && part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
-bench caption && part "bench: caption decoding" 60 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py
+bench caption && part "bench: caption decoding" 90 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py
 bench retrieval && part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
 bench data && part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
 
