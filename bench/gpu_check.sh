@@ -6,7 +6,8 @@
 #   GPU_CHECK_PARTS="tests bench" bash bench/gpu_check.sh
 #   GPU_CHECK_BENCH="train_step caption" bash bench/gpu_check.sh   # some benchmarks only
 #
-# Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first).
+# Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first); DALI, too large
+# for one call, travels in parts with bench/carry_dali.sh.
 # On a machine without a GPU, GPU_CHECK_DRY=1 runs the same steps on the CPU (a check of the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,9 @@ say() { echo "== $*" | tee -a "$LOG"; }
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   say "installing carried wheels"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
+# /tmp/site also holds what bench/carry_dali.sh installed in the calls before this one
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 
 if [ "${GPU_CHECK_DRY:-0}" != "1" ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { say "no CUDA device"; exit 2; }
