@@ -75,11 +75,15 @@ class CacheBackend(ImageBackend):
         if not uniform:
             dst[...] = 0
 
-        def copy(k: int) -> None:
-            arr = self.cache.get(keys[k])
-            dst[k, : arr.shape[0], : arr.shape[1]] = arr
+        def copy(span: range) -> None:
+            for k in span:
+                arr = self.cache.get(keys[k])
+                dst[k, : arr.shape[0], : arr.shape[1]] = arr
 
-        list(self.pool.map(copy, range(len(keys))))
+        # one contiguous span of the batch per thread: a task per image costs the pool more than the copy
+        # (2 cores, 256 x 256 px: 16,000 images/s in spans against 11,000-13,000 one by one)
+        step = -(-len(keys) // self.num_threads)
+        list(self.pool.map(copy, [range(i, min(i + step, len(keys))) for i in range(0, len(keys), step)]))
         batch = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         pixels = resample_batch(
             batch, torch.from_numpy(sizes), torch.from_numpy(boxes), torch.from_numpy(flips), s
