@@ -48,7 +48,10 @@ def fused_adapter_eager(
     save: bool,
     eps: float,
 ) -> torch.Tensor:
-    """``residual sum + adapter(x)`` for row-matrix x through the eager autograd function."""
+    """``residual sum + adapter(x)`` for row-matrix x through the eager autograd function; under no_grad
+    (evaluation, decoding) the launchers run alone, without an autograd node."""
+    if not torch.is_grad_enabled():
+        return adapter_forward_impl(x, tuple(params), residuals, task_ids, False, eps, validate=False)[0]
     return FusedAdapterFunction.apply(x, task_ids, save, eps, *params, *residuals)
 
 
@@ -75,5 +78,8 @@ class LayerNormLinearFunction(torch.autograd.Function):
 def layer_norm_linear_eager(
     x: torch.Tensor, params: list[torch.Tensor], save: bool, eps: float
 ) -> torch.Tensor:
-    """``LN(x) W^T + b`` for row-matrix x through the eager autograd function."""
+    """``LN(x) W^T + b`` for row-matrix x through the eager autograd function (the launcher alone under
+    no_grad)."""
+    if not torch.is_grad_enabled():
+        return launch.ln_linear_forward(x, *params, False, eps)[0]
     return LayerNormLinearFunction.apply(x, save, eps, *params)

@@ -275,12 +275,17 @@ def adapter_forward(
     return y, h, mean, rstd
 
 
+def _row_constant_buffers(n_tasks: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Uninitialised fp32 (n_tasks, n_out) buffers for v1 = W g and cb = b + W beta."""
+    v1 = torch.empty((n_tasks, n_out), dtype=torch.float32, device=device)
+    return v1, torch.empty_like(v1)
+
+
 def _row_constants(w: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, b: torch.Tensor, n_tasks: int):
     """v1 = W g and cb = b + W beta (n_tasks, n_out) in fp32, for the LayerNorm backward's row constants."""
     d = lnw.shape[-1]
     n_out = w.shape[-2]
-    v1 = torch.empty((n_tasks, n_out), dtype=torch.float32, device=w.device)
-    cb = torch.empty_like(v1)
+    v1, cb = _row_constant_buffers(n_tasks, n_out, w.device)
     tiles = configs.row_constants_tiles()
     ln_linear_row_constants_kernel[(configs.cdiv(n_out, tiles.block_m), n_tasks)](
         lnw, lnb, w, b, v1, cb, d, n_out, BLOCK_R=tiles.block_m, BLOCK_K=tiles.block_k, **tiles.launch()
@@ -463,8 +468,7 @@ def adapter_backward(
     order, counts, n_tasks = _index_args(rows, x)
     dot = configs.dot_args(x.dtype)
     dp = x.new_empty((n_rows, r))
-    v1 = torch.empty((n_tasks, r), dtype=torch.float32, device=x.device)
-    cb = torch.empty_like(v1)
+    v1, cb = _row_constant_buffers(n_tasks, r, x.device)  # filled by the dp kernel's extra programs
     tiles = configs.dp_tiles(r)
     row_blocks = _row_blocks(n_rows, tiles.block_m, rows)
     grid = (row_blocks + n_tasks, configs.cdiv(r, tiles.block_n))  # + one row-constants program a task

@@ -196,14 +196,9 @@ def _triton_adapter(
     res = [t.reshape(-1, d).contiguous() for t in residuals]
     ps = [p.contiguous() for p in params]
     ids = None if task_ids is None else task_ids.contiguous()
-    grad = torch.is_grad_enabled()
-    save = grad and (x.requires_grad or any(p.requires_grad for p in ps))
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
     if torch.compiler.is_compiling():  # an opaque node of the graph
         y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
-    elif not grad:  # inference: the launchers alone, no autograd node
-        from famevil_fast.kernels.custom_ops import adapter_forward_impl
-
-        y = adapter_forward_impl(rows, tuple(ps), res, ids, False, eps, validate=False)[0]
     else:  # the same kernels without the operator dispatch's host cost
         from famevil_fast.kernels.autograd import fused_adapter_eager
 

@@ -84,14 +84,9 @@ def layer_norm_linear_triton(
     d = x.shape[-1]
     rows = x.reshape(-1, d).contiguous()
     params = [t.contiguous() for t in (ln_weight, ln_bias, weight, bias)]
-    grad = torch.is_grad_enabled()
-    save = grad and (x.requires_grad or any(p.requires_grad for p in params))
+    save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if torch.compiler.is_compiling():
         out = torch.ops.famevil_fast.ln_linear_forward(rows, *params, save, eps)[0]
-    elif not grad:  # inference: the launcher alone, no autograd node
-        from famevil_fast.kernels.launch import ln_linear_forward
-
-        out = ln_linear_forward(rows, *params, False, eps)[0]
     else:
         from famevil_fast.kernels.autograd import layer_norm_linear_eager
 
