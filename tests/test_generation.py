@@ -8,6 +8,7 @@ from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.generation import (
     EOT_ID,
     SOT_ID,
+    TextDecoder,
     ban_repeated_ngrams,
     ban_repeated_ngrams_on_device,
     generate,
@@ -34,6 +35,25 @@ def test_cached_decoding_equals_reencoding(model, num_beams):
     slow = generate_by_reencoding(model, pixels, max_len=10, num_beams=num_beams)
     assert torch.equal(fast, slow)
     assert (fast[:, 0] == SOT_ID).all() and fast.shape[1] <= 11
+
+
+def test_reordered_cache_continues_like_the_reordered_prefixes(model):
+    """Beam reordering gathers only the filled cache positions and keeps the image keys and values: the
+    next step equals a fresh decoder fed the reordered prefixes (2 images x 3 beams, beams permuted)."""
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64).repeat_interleave(3, dim=0)
+    prefixes = torch.randint(0, 1000, (6, 4))
+    prefixes[:, 0] = SOT_ID
+    index = torch.tensor([2, 2, 0, 4, 3, 5])  # each row from a beam of its own image
+    with torch.no_grad():
+        memory = model.vision_memory(pixels, "cap")
+        moved = TextDecoder(model, memory, max_tokens=8)
+        for t in range(3):
+            moved.step(prefixes[:, t])
+        moved.reorder(index)
+        fresh = TextDecoder(model, memory, max_tokens=8)
+        for t in range(3):
+            fresh.step(prefixes[index, t])
+        torch.testing.assert_close(moved.step(prefixes[:, 3]), fresh.step(prefixes[:, 3]), rtol=0, atol=1e-12)
 
 
 def test_greedy_stops_at_end_token_and_pads(model):

@@ -49,11 +49,13 @@ class TextDecoder:
         return self.model.caption_logits(text.ln_final(h[:, 0]), self.task).float()
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep sequences ``index`` (beam search): gathers every cache along the batch dimension."""
-        for i in range(len(self.blocks)):
-            self.keys[i] = self.keys[i].index_select(0, index)
-            self.values[i] = self.values[i].index_select(0, index)
-        self.context_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.context_kv]
+        """Keep sequences ``index`` (beam search), each taken from a beam of its own image.
+
+        Only the filled positions of the text caches are gathered. The image keys and values are the same
+        for every beam of an image, so they stay as they are."""
+        filled = self.length
+        for cache in (*self.keys, *self.values):
+            cache[:, :, :filled] = cache[:, :, :filled].index_select(0, index)
 
 
 def max_steps(model, max_len: int) -> int:
