@@ -146,6 +146,9 @@ class ScheduleSection:
         "updates at which the learning rate is multiplied by decay_factor", factory=lambda: [12500, 20000]
     )
     decay_factor: float = doc("multi-step decay factor", 0.1)
+    new_module_decay_at: list[int] | None = doc(
+        "decay points of the adapters, cross-attention adapters and heads; null = decay_at", None
+    )
 
 
 @dataclass

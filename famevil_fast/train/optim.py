@@ -4,7 +4,7 @@ Parameter groups: the CLIP backbone at the base learning rate, the new modules (
 cross-attention adapters, heads) at ``new_module_lr_multiplier`` times it. Biases never decay; LayerNorm
 weights, embeddings and scale parameters do not decay either unless ``decay_norms_and_scales`` reproduces
 the official code, whose name filter missed them. Schedule: linear warm-up from a start factor, then
-multi-step decay.
+multi-step decay, at the same updates for every group unless the new modules have their own decay points.
 """
 
 from __future__ import annotations
@@ -74,12 +74,23 @@ def lr_factor(
     return factor
 
 
+def group_decay_at(group: dict, cfg) -> list[int]:
+    """The decay points of one parameter group: ``new_module_decay_at`` for the new modules when set,
+    else ``decay_at``."""
+    new = str(group.get("group", "")).startswith("new")
+    return cfg.new_module_decay_at if new and cfg.new_module_decay_at is not None else cfg.decay_at
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then multi-step decay, one factor per parameter group (see ``group_decay_at``)."""
+
+    def schedule(decay_at: list[int]):
+        return lambda update: lr_factor(
+            update, cfg.warmup_updates, cfg.warmup_start_factor, decay_at, cfg.decay_factor
+        )
+
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda update: lr_factor(
-            update, cfg.warmup_updates, cfg.warmup_start_factor, cfg.decay_at, cfg.decay_factor
-        ),
+        optimizer, [schedule(group_decay_at(g, cfg)) for g in optimizer.param_groups]
     )
 
 
