@@ -77,7 +77,7 @@ def lr_factor(
 def group_decay_at(group: dict, cfg) -> list[int]:
     """The decay points of one parameter group: ``new_module_decay_at`` for the new modules when set,
     else ``decay_at``."""
-    new = str(group.get("group", "")).startswith("new")
+    new = group["group"].startswith("new")  # the labels of ``parameter_groups``
     return cfg.new_module_decay_at if new and cfg.new_module_decay_at is not None else cfg.decay_at
 
 
