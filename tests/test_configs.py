@@ -86,3 +86,17 @@ def test_every_command_has_help(capsys):
         assert "usage" in text
         for empty in ("(default: None)", "(default: [])", "(default: False)"):
             assert empty not in text, f"{name} --help shows {empty}"
+
+
+def test_model_section_sizes_reach_the_model():
+    from famevil_fast.train.trainer import build_model
+
+    cfg = load_config(
+        None,
+        ["model.clip=micro", "data.image_size=32", "model.adapter_bottleneck=8", "model.xaa_bottleneck=12"],
+    )
+    model = build_model(cfg)
+    block = model.text.blocks[0]
+    assert block.xaa.adapter.down.weight.shape[0] == 12
+    assert model.vision.blocks[0].xaa.adapter.up.weight.shape[1] == 12
+    assert block.tsa.adapters["itc"].down.weight.shape[0] == 8

@@ -48,6 +48,7 @@ class ModelSection:
     )
     adapter_dropout: float = doc("dropout inside the task adapters", 0.0)
     xaa: str = doc("cross-attention adapters: both, text or none", "both")
+    xaa_bottleneck: int = doc("cross-attention adapters' output bottleneck r (64 in FAME-ViL)", 64)
     num_classes: int = doc("sub-category classes of the SCR head", 121)
     caption_loss_on_padding: bool = doc(
         "faithful quirk: train padded caption positions to predict the end token", False

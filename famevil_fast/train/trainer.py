@@ -85,6 +85,7 @@ def build_model(cfg: TrainConfig) -> FameViL:
         adapter_bottleneck=m.adapter_bottleneck,
         adapter_dropout=m.adapter_dropout,
         xaa=m.xaa,
+        xaa_bottleneck=m.xaa_bottleneck,
         num_classes=m.num_classes,
         caption_loss_on_padding=m.caption_loss_on_padding,
         attention=m.attention,
