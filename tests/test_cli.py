@@ -60,6 +60,24 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
     assert capsys.readouterr().out.strip().splitlines() == lines  # same captions through the graph path
 
 
+def test_caption_blocks_repeated_ngrams(checkpoint, images, capsys):
+    from famevil_fast.cli.images import collect_images, load_pixels
+
+    args = ["caption", str(checkpoint), str(images), "--max-len", "12", "--no-repeat-ngram", "1"]
+    assert main(args) == 0
+    printed = [line.split("\t", 1)[1] for line in capsys.readouterr().out.strip().splitlines()]
+    model = FameViL.from_pretrained(checkpoint).eval()
+    pixels = load_pixels(collect_images([str(images)]), model.config.clip.vision.image_size)
+    with torch.no_grad():
+        assert printed == model.caption(pixels, max_len=12, no_repeat_ngram=1)
+        ids = model.caption(pixels, max_len=12, no_repeat_ngram=1, return_ids=True)
+    for row in ids.tolist():
+        tokens = row[1 : row.index(49407)] if 49407 in row else row[1:]
+        assert len(tokens) == len(set(tokens))
+    assert main(["caption", str(checkpoint), str(images), "--no-repeat-ngram", "-1"]) == 2
+    assert "no_repeat_ngram" in capsys.readouterr().err
+
+
 def test_unreadable_image_is_named(checkpoint, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")

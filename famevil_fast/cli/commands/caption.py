@@ -13,6 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--beams", type=int, default=1, help="beam width (1 = greedy)")
     parser.add_argument("--max-len", type=int, default=40, help="longest caption in tokens")
+    parser.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=0,
+        help="forbid repeating any n-gram of this length (0 = off, as the reference; tiny_cpu uses 2)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
@@ -38,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
             load_pixels(chunk, size).to(device),
             max_len=args.max_len,
             num_beams=args.beams,
+            no_repeat_ngram=args.no_repeat_ngram,
             cuda_graph=args.cuda_graph,
         )
         for f, text in zip(chunk, captions):
