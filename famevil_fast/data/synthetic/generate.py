@@ -141,6 +141,31 @@ def attribute_ids(spec: ProductSpec) -> list[int]:
     return [ATTRIBUTE_ID[w] for w in words]
 
 
+_SPEC_FIELDS = {"garment", "colour", "pattern", "second-colour", "material"}
+
+
+def spec_from_attribute_ids(ids: Iterable[int]) -> ProductSpec:
+    """The product spec that :func:`attribute_ids` encoded (the inverse of that function)."""
+    words = []
+    for i in ids:
+        if not 0 <= int(i) < len(ATTRIBUTE_VOCABULARY):
+            raise ValueError(f"attribute id {i} is not in the synthetic attribute vocabulary")
+        words.append(ATTRIBUTE_VOCABULARY[int(i)].split(":", 1))
+    fields = dict(words)
+    missing = sorted({"garment", "colour", "pattern", "material"} - set(fields))
+    if missing:
+        raise ValueError(f"attribute ids name no {', '.join(missing)}: not a synthetic product")
+    attrs = tuple((kind, value) for kind, value in words if kind not in _SPEC_FIELDS)
+    return ProductSpec(
+        fields["garment"],
+        fields["colour"],
+        fields["pattern"],
+        fields.get("second-colour"),
+        attrs,
+        fields["material"],
+    )
+
+
 def subcategory_id(spec: ProductSpec) -> int:
     g = GARMENTS[GARMENT_INDEX[spec.garment]]
     return SUBCATEGORY_INDEX[(g.name, spec.attr(g.defining))]
