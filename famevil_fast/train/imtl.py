@@ -11,6 +11,7 @@ shared parameters (as the paper intends: one alpha for the whole shared gradient
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -46,6 +47,89 @@ def combine_per_tensor(task_grads: Mapping[str, torch.Tensor | None]) -> torch.T
         return stacked.mean(0).view_as(present[0])
     alpha = imtl_g_weights(stacked).to(stacked.dtype)
     return (alpha[:, None] * stacked).sum(0).view_as(present[0])
+
+
+def combine_all_per_tensor(
+    buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """``combine_per_tensor`` for every parameter at once, without a read-back per tensor.
+
+    Parameters are grouped by shape, dtype, device and the tasks that produced a gradient; per group, one
+    batched product gives every tensor's Gram matrix of task gradients (float64), one batched solve of the
+    T x T system [sum of alphas = 1 (reference task's row); equal projections (other present tasks);
+    alpha = 0 (absent or all-zero tasks)] gives the alphas, and one batched sum the combined gradients.
+    The only read-back is one flag per parameter, at the end: whether any task's gradient was non-zero
+    (parameters with none get no gradient, as in ``combine_per_tensor``). Where a system is singular
+    (two tasks' gradients of a tensor point the same way), the regularised solve stands in. A parameter
+    that one task alone touched gets that task's gradient tensor itself (no copy).
+    """
+    groups: dict[tuple, list[str]] = {}
+    for n in names:
+        tasks = tuple(t for t, b in buffers.items() if b.get(n) is not None)
+        if tasks:
+            g = buffers[tasks[0]][n]
+            groups.setdefault((tuple(g.shape), g.dtype, g.device, tasks), []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    flags: list[torch.Tensor] = []
+    for (shape, _, _, tasks), group in groups.items():
+        if len(tasks) == 1:  # one task's parameters pass through
+            for n in group:
+                out[n] = buffers[tasks[0]][n]
+                flags.append(out[n].ne(0).any().reshape(1))
+            continue
+        numel = max(1, math.prod(shape))
+        step = max(1, _CHUNK_ELEMENTS // (numel * len(tasks)))
+        for start in range(0, len(group), step):
+            chunk = group[start : start + step]
+            grads = torch.stack([torch.stack([buffers[t][n].reshape(-1) for n in chunk]) for t in tasks])
+            combined, any_present = _combine_stacked(grads, scalar=numel == 1)
+            flags.append(any_present)
+            for i, n in enumerate(chunk):
+                out[n] = combined[i].view(shape)
+    if flags:
+        keep = torch.cat([f.cpu() for f in flags]).tolist()
+        for n, present in zip(list(out), keep):
+            if not present:
+                del out[n]
+    return out
+
+
+_CHUNK_ELEMENTS = 1 << 26  # float64 elements stacked at once (512 MiB)
+
+
+def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """grads (T, K, n) -> (combined (K, n) in grads' dtype, any task present (K,)); the Gram matrices and
+    the alphas in float64, the weighted sum in grads' dtype (as ``combine_per_tensor`` does)."""
+    wide = grads.double()
+    gram = torch.einsum("skn,tkn->kst", wide, wide)
+    del wide
+    sq = gram.diagonal(dim1=1, dim2=2)  # (K, T)
+    present = sq > 0
+    weight = present.double()
+    if scalar:
+        alpha = weight / weight.sum(-1, keepdim=True).clamp_min(1)
+    else:
+        alpha = _imtl_alphas(gram, sq, present)
+    return torch.einsum("kt,tkn->kn", alpha.to(grads.dtype), grads), present.any(-1)
+
+
+def _imtl_alphas(gram: torch.Tensor, sq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Batched IMTL-G alphas (K, T) from Gram matrices (K, T, T), the reference task the first present one."""
+    k, t = sq.shape
+    eye = torch.eye(t, dtype=gram.dtype, device=gram.device).expand(k, t, t)
+    proj = gram / sq.sqrt().clamp_min(1e-300)[:, None, :]  # proj[k, s, t] = g_s . u_t
+    ref = present & (present.cumsum(-1) == 1)  # (K, T) one-hot of the first present task
+    ref_idx = ref.double().argmax(-1)
+    proj_ref = proj.gather(2, ref_idx[:, None, None].expand(k, t, 1))  # (K, T, 1): g_s . u_ref
+    mask = present.double()
+    equal = (proj_ref - proj).transpose(1, 2) * mask[:, None, :]  # row t: sum_s alpha_s (g_s.u_ref - g_s.u_t)
+    rows = torch.where(present[:, :, None], equal, eye)  # absent tasks: alpha_t = 0
+    rows = torch.where(ref[:, :, None], mask[:, None, :], rows)  # reference row: sum of alphas = 1
+    rhs = ref.double()
+    alpha, info = torch.linalg.solve_ex(rows, rhs)
+    fallback, _ = torch.linalg.solve_ex(rows + 1e-8 * eye, rhs)
+    alpha = torch.where((info != 0)[:, None] | ~alpha.isfinite(), fallback, alpha)
+    return alpha * mask
 
 
 def combine_global(
@@ -97,18 +181,17 @@ class GradientBuffer:
         for name, p in self.params:
             if p.grad is None:
                 continue
-            store[name] = store[name] + p.grad if name in store else p.grad.detach().clone()
+            if name in store:
+                store[name].add_(p.grad)
+            else:  # the buffer takes over the gradient tensor, which .grad gives up just below
+                store[name] = p.grad.detach()
             p.grad = None
 
     def apply(self, strategy: str) -> None:
         """Write the combined gradient into .grad of every parameter and empty the buffers."""
         names = [n for n, _ in self.params]
         if strategy == "imtlg":
-            combined = {}
-            for n in names:
-                g = combine_per_tensor({t: b.get(n) for t, b in self.buffers.items()})
-                if g is not None:
-                    combined[n] = g
+            combined = combine_all_per_tensor(self.buffers, names)
         elif strategy == "imtlg_global":
             combined = combine_global(self.buffers, names)
         else:
