@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from famevil_fast.train import imtl
-from famevil_fast.train.imtl import combine_all_per_tensor, combine_per_tensor, imtl_g_weights
+from famevil_fast.train.imtl import combine_all_per_tensor, combine_global, combine_per_tensor, imtl_g_weights
 
 
 @pytest.mark.parametrize("tasks", [2, 3, 4])
@@ -65,3 +65,18 @@ def test_chunks_give_the_same_result(monkeypatch):
     assert set(chunked) == set(whole)
     for n in whole:
         torch.testing.assert_close(chunked[n], whole[n], rtol=0, atol=0)
+
+
+def test_global_combination_equalises_the_shared_projections():
+    buffers = _buffers()
+    got = combine_global(buffers, NAMES)
+    assert "z" not in got and "untouched" not in got
+    torch.testing.assert_close(got["only"], buffers["cap"]["only"])  # one task: its own gradient
+    shared = ["a", "b", "c", "s", "w", "p"]  # touched (non-zero) by several tasks
+    combined = torch.cat([got[n].flatten() for n in shared]).double()
+    for_task = {
+        t: torch.cat([b.get(n, torch.zeros_like(got[n])).flatten() for n in shared]).double()
+        for t, b in buffers.items()
+    }
+    projections = [float(combined @ g / g.norm()) for g in for_task.values()]
+    assert projections == pytest.approx([projections[0]] * len(projections), rel=1e-4)

@@ -138,10 +138,11 @@ def combine_global(
     """Combined gradients of every parameter: one alpha over the parameters that several tasks share;
     task-specific parameters keep their single task's gradient."""
     tasks = list(buffers)
-    shared = [n for n in names if sum(1 for t in tasks if _touched(buffers[t].get(n))) > 1]
+    touched = _nonzero_flags(buffers, names)
+    shared = [n for n in names if sum(1 for t in tasks if touched[t, n]) > 1]
     out: dict[str, torch.Tensor] = {}
     if shared:
-        active = [t for t in tasks if any(_touched(buffers[t].get(n)) for n in shared)]
+        active = [t for t in tasks if any(touched[t, n] for n in shared)]
         flat = torch.stack(
             [torch.cat([_or_zero(buffers[t].get(n), buffers, n).flatten() for n in shared]) for t in active]
         )
@@ -151,14 +152,23 @@ def combine_global(
     for n in names:
         if n in out:
             continue
-        grads = [buffers[t][n] for t in tasks if _touched(buffers[t].get(n))]
+        grads = [buffers[t][n] for t in tasks if touched[t, n]]
         if grads:
             out[n] = sum(grads[1:], grads[0].clone())
     return out
 
 
-def _touched(g: torch.Tensor | None) -> bool:
-    return g is not None and bool(g.any())
+def _nonzero_flags(
+    buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
+) -> dict[tuple[str, str], bool]:
+    """(task, name) -> whether that task's gradient exists and is not all zero, in one read-back."""
+    keys = [(t, n) for t, b in buffers.items() for n in names if b.get(n) is not None]
+    if not keys:
+        return {}
+    flags = torch.stack([buffers[t][n].ne(0).any() for t, n in keys]).tolist()
+    out = {(t, n): False for t in buffers for n in names}
+    out.update(zip(keys, flags))
+    return out
 
 
 def _or_zero(g: torch.Tensor | None, buffers, name: str) -> torch.Tensor:
