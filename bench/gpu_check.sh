@@ -75,7 +75,7 @@ tests/test_contrastive_triton.py}"
 fi
 
 # GPU_CHECK_BENCH picks benchmarks by name (default: all, in this order)
-BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval data}"
+BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
 bench() { [[ " $PARTS " == *" bench "* && " $BENCHES " == *" $1 "* ]]; }
 BENCH=("${PYTEST[@]}" --benchmark-disable)
 bench contrastive && part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py
@@ -84,6 +84,7 @@ bench xattn && part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH
 bench train_step && part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
 bench caption && part "bench: caption decoding" 90 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py
 bench retrieval && part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
+bench imtl && part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py
 bench data && part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
 
 "$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" <<'PYEOF'
@@ -111,6 +112,7 @@ for name, title in (
     ("bench_train_step.txt", "Training step"),
     ("bench_caption.txt", "Caption decoding"),
     ("bench_retrieval.txt", "Retrieval"),
+    ("bench_imtl.txt", "IMTL-G combination"),
     ("bench_data.txt", "Data"),
 ):
     path = parts_dir / name

@@ -63,26 +63,16 @@ def combine_all_per_tensor(
     (two tasks' gradients of a tensor point the same way), the regularised solve stands in. A parameter
     that one task alone touched gets that task's gradient tensor itself (no copy).
     """
-    groups: dict[tuple, list[str]] = {}
-    for n in names:
-        tasks = tuple(t for t, b in buffers.items() if b.get(n) is not None)
-        if tasks:
-            g = buffers[tasks[0]][n]
-            groups.setdefault((tuple(g.shape), g.dtype, g.device, tasks), []).append(n)
     out: dict[str, torch.Tensor] = {}
     flags: list[torch.Tensor] = []
-    for (shape, _, _, tasks), group in groups.items():
+    for (shape, tasks), group in _shape_groups(buffers, names).items():
         if len(tasks) == 1:  # one task's parameters pass through
             for n in group:
                 out[n] = buffers[tasks[0]][n]
                 flags.append(out[n].ne(0).any().reshape(1))
             continue
-        numel = max(1, math.prod(shape))
-        step = max(1, _CHUNK_ELEMENTS // (numel * len(tasks)))
-        for start in range(0, len(group), step):
-            chunk = group[start : start + step]
-            grads = torch.stack([torch.stack([buffers[t][n].reshape(-1) for n in chunk]) for t in tasks])
-            combined, any_present = _combine_stacked(grads, scalar=numel == 1)
+        for chunk, grads in _stacked_chunks(buffers, shape, tasks, group):
+            combined, any_present = _combine_stacked(grads, scalar=math.prod(shape) <= 1)
             flags.append(any_present)
             for i, n in enumerate(chunk):
                 out[n] = combined[i].view(shape)
@@ -95,6 +85,28 @@ def combine_all_per_tensor(
 
 
 _CHUNK_ELEMENTS = 1 << 26  # float64 elements stacked at once (512 MiB)
+
+
+def _shape_groups(
+    buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
+) -> dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]]:
+    """(shape, tasks with a gradient) -> parameter names, for names with at least one task's gradient
+    (buffers hold the gradients of one device and dtype)."""
+    groups: dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]] = {}
+    for n in names:
+        tasks = tuple(t for t, b in buffers.items() if b.get(n) is not None)
+        if tasks:
+            groups.setdefault((tuple(buffers[tasks[0]][n].shape), tasks), []).append(n)
+    return groups
+
+
+def _stacked_chunks(buffers, shape: tuple[int, ...], tasks: tuple[str, ...], group: list[str]):
+    """(names, gradients (T, K, n)) over ``group`` in chunks of at most ``_CHUNK_ELEMENTS`` elements."""
+    numel = max(1, math.prod(shape))
+    step = max(1, _CHUNK_ELEMENTS // (numel * len(tasks)))
+    for start in range(0, len(group), step):
+        chunk = group[start : start + step]
+        yield chunk, torch.stack([torch.stack([buffers[t][n].reshape(-1) for n in chunk]) for t in tasks])
 
 
 def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +154,25 @@ def combine_global(
     shared = [n for n in names if sum(1 for t in tasks if touched[t, n]) > 1]
     out: dict[str, torch.Tensor] = {}
     if shared:
-        active = [t for t in tasks if any(touched[t, n] for n in shared)]
-        flat = torch.stack(
-            [torch.cat([_or_zero(buffers[t].get(n), buffers, n).flatten() for n in shared]) for t in active]
-        )
-        alpha = imtl_g_weights(flat).to(flat.dtype)
-        for n in shared:
-            out[n] = sum(a * _or_zero(buffers[t].get(n), buffers, n) for a, t in zip(alpha, active))
+        groups = _shape_groups(buffers, shared)
+        position = {t: i for i, t in enumerate(tasks)}
+        gram = None
+        for (shape, group_tasks), group in groups.items():
+            index = torch.tensor([position[t] for t in group_tasks])
+            for _, grads in _stacked_chunks(buffers, shape, group_tasks, group):
+                wide = grads.double()
+                part = torch.einsum("skn,tkn->st", wide, wide)
+                if gram is None:
+                    gram = torch.zeros(len(tasks), len(tasks), dtype=part.dtype, device=part.device)
+                gram[index[:, None], index[None, :]] += part
+        sq = gram.diagonal()[None]
+        alpha = _imtl_alphas(gram[None], sq, sq > 0)[0]
+        for (shape, group_tasks), group in groups.items():
+            weights = alpha[[position[t] for t in group_tasks]]
+            for chunk, grads in _stacked_chunks(buffers, shape, group_tasks, group):
+                combined = torch.einsum("t,tkn->kn", weights.to(grads.dtype), grads)
+                for i, n in enumerate(chunk):
+                    out[n] = combined[i].view(shape)
     for n in names:
         if n in out:
             continue
@@ -169,13 +193,6 @@ def _nonzero_flags(
     out = {(t, n): False for t in buffers for n in names}
     out.update(zip(keys, flags))
     return out
-
-
-def _or_zero(g: torch.Tensor | None, buffers, name: str) -> torch.Tensor:
-    if g is not None:
-        return g
-    like = next(b[name] for b in buffers.values() if b.get(name) is not None)
-    return torch.zeros_like(like)
 
 
 class GradientBuffer:

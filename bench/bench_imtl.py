@@ -1,0 +1,93 @@
+"""IMTL-G gradient combination: the batched per-tensor combination against the one-tensor-at-a-time
+reference, on the gradients of a whole FAME-ViL model (ViT-B/16 on a GPU, the tiny model on the CPU).
+
+Four tasks; every task gets a random gradient for the backbone, the tasks that use the cross-attention
+adapters (tgir, scr, cap) for those, and each task for its own adapters and head, as in one round-robin
+update of the full recipe. ``pytest bench/bench_imtl.py -s --benchmark-disable`` prints the report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+
+import pytest
+import torch
+
+from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+from famevil_fast.train.imtl import combine_all_per_tensor, combine_global, combine_per_tensor
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PRESET = "ViT-B-16" if CUDA else "tiny"
+TASKS = ("itc", "tgir", "scr", "cap")
+XAA_TASKS = ("tgir", "scr", "cap")
+ROUNDS = 5 if CUDA else 2
+
+
+def _users(name: str) -> tuple[str, ...]:
+    for task in TASKS:
+        if f".{task}." in name or name.startswith(f"heads.{task}"):
+            return (task,)
+    return XAA_TASKS if ".xaa." in name else TASKS
+
+
+@pytest.fixture(scope="module")
+def gradients() -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    with torch.device("meta"):
+        model = FameViL(FameViLConfig(clip=clip_preset(PRESET), tasks=TASKS))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = dict((n, p.shape) for n, p in model.named_parameters())
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    buffers: dict[str, dict[str, torch.Tensor]] = {t: {} for t in TASKS}
+    for n in names:
+        for t in _users(n):
+            buffers[t][n] = torch.randn(shapes[n], generator=gen, device=DEVICE)
+    return buffers, names
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn) -> float:
+    fn()
+    _sync()
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _one_at_a_time(buffers, names):
+    out = {}
+    for n in names:
+        g = combine_per_tensor({t: b.get(n) for t, b in buffers.items()})
+        if g is not None:
+            out[n] = g
+    return out
+
+
+def test_report(gradients) -> None:
+    buffers, names = gradients
+    fast, reference = combine_all_per_tensor(buffers, names), _one_at_a_time(buffers, names)
+    assert set(fast) == set(reference)
+    for n in reference:
+        torch.testing.assert_close(fast[n], reference[n], rtol=1e-4, atol=1e-5)
+    timings = {
+        "per tensor, one at a time (reference)": _median_ms(lambda: _one_at_a_time(buffers, names)),
+        "per tensor, batched by shape": _median_ms(lambda: combine_all_per_tensor(buffers, names)),
+        "global (one alpha for the shared parameters)": _median_ms(lambda: combine_global(buffers, names)),
+    }
+    card = torch.cuda.get_device_name() if CUDA else "CPU"
+    params = sum(t.numel() for t in buffers["itc"].values())
+    print(f"\nIMTL-G combination, {PRESET} FAME-ViL ({len(names)} tensors, {params / 1e6:.1f}M per task)")
+    print(f"4 tasks, {card}, torch {torch.__version__}, {datetime.date.today()}")
+    base = next(iter(timings.values()))
+    for label, ms in timings.items():
+        print(f"  {label:<46} {ms:9.1f} ms  x{base / ms:5.1f}")
