@@ -80,3 +80,8 @@ def test_global_combination_equalises_the_shared_projections():
     }
     projections = [float(combined @ g / g.norm()) for g in for_task.values()]
     assert projections == pytest.approx([projections[0]] * len(projections), rel=1e-4)
+
+
+def test_no_gradients_combine_to_nothing():
+    empty = {"itc": {}, "cap": {}}
+    assert combine_all_per_tensor(empty, NAMES) == {} and combine_global(empty, NAMES) == {}

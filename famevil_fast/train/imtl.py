@@ -54,7 +54,7 @@ def combine_all_per_tensor(
 ) -> dict[str, torch.Tensor]:
     """``combine_per_tensor`` for every parameter at once, without a read-back per tensor.
 
-    Parameters are grouped by shape, dtype, device and the tasks that produced a gradient; per group, one
+    Parameters are grouped by shape and by the tasks that produced a gradient; per group, one
     batched product gives every tensor's Gram matrix of task gradients (float64), one batched solve of the
     T x T system [sum of alphas = 1 (reference task's row); equal projections (other present tasks);
     alpha = 0 (absent or all-zero tasks)] gives the alphas, and one batched sum the combined gradients.
@@ -186,12 +186,10 @@ def _nonzero_flags(
     buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
 ) -> dict[tuple[str, str], bool]:
     """(task, name) -> whether that task's gradient exists and is not all zero, in one read-back."""
-    keys = [(t, n) for t, b in buffers.items() for n in names if b.get(n) is not None]
-    if not keys:
-        return {}
-    flags = torch.stack([buffers[t][n].ne(0).any() for t, n in keys]).tolist()
     out = {(t, n): False for t in buffers for n in names}
-    out.update(zip(keys, flags))
+    keys = [(t, n) for t, b in buffers.items() for n in names if b.get(n) is not None]
+    if keys:
+        out.update(zip(keys, torch.stack([buffers[t][n].ne(0).any() for t, n in keys]).tolist()))
     return out
 
 
