@@ -63,4 +63,7 @@ def test_demo_prints_the_model_beside_the_levels(tmp_path_factory, tmp_path):
     row = {"images": ["val/1.png"], "id": 1, "title": "red dress", "description": "Red.", "subcategory_id": 0}
     (plain / "val_info.json").write_text(json.dumps([row]))
     message = caption_ceiling_text(fic, plain.parent)
+    assert "not computed" in message and "not a synthetic catalogue" in message, message
+    (plain.parent / "synthetic.json").write_text("{}")  # marked synthetic, but the products carry no specs
+    message = caption_ceiling_text(fic, plain.parent)
     assert "not computed" in message and "no colour, garment" in message, message

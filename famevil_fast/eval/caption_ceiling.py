@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -70,10 +71,12 @@ def caption_ceiling(
 ) -> dict[str, dict[str, float]]:
     """Scores (percent) of captions redrawn at each knowledge level, one sample per view of ``split``.
 
-    ValueError when ``root`` is not a synthetic catalogue (its products carry no synthetic attribute ids).
+    ValueError when ``root`` is not a synthetic catalogue (no ``synthetic.json`` beside ``FashionGen/``).
     """
     from famevil_fast.text import decode, tokenize
 
+    if not any((Path(d) / "synthetic.json").exists() for d in (root, Path(root).parent)):
+        raise ValueError(f"{root} is not a synthetic catalogue (no synthetic.json from make-synthetic)")
     products = read_fashiongen(root, split)
     if not products:
         raise ValueError(f"FashionGen {split} split under {root} has no products")
