@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
-from famevil_fast.train.imtl import combine_all_per_tensor, combine_global, combine_per_tensor
+from famevil_fast.train.imtl import combine_all_per_tensor, combine_each_tensor, combine_global
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -64,23 +64,14 @@ def _median_ms(fn) -> float:
     return statistics.median(times) * 1e3
 
 
-def _one_at_a_time(buffers, names):
-    out = {}
-    for n in names:
-        g = combine_per_tensor({t: b.get(n) for t, b in buffers.items()})
-        if g is not None:
-            out[n] = g
-    return out
-
-
 def test_report(gradients) -> None:
     buffers, names = gradients
-    fast, reference = combine_all_per_tensor(buffers, names), _one_at_a_time(buffers, names)
+    fast, reference = combine_all_per_tensor(buffers, names), combine_each_tensor(buffers, names)
     assert set(fast) == set(reference)
     for n in reference:
         torch.testing.assert_close(fast[n], reference[n], rtol=1e-4, atol=1e-5)
     timings = {
-        "per tensor, one at a time (reference)": _median_ms(lambda: _one_at_a_time(buffers, names)),
+        "per tensor, one at a time (reference)": _median_ms(lambda: combine_each_tensor(buffers, names)),
         "per tensor, batched by shape": _median_ms(lambda: combine_all_per_tensor(buffers, names)),
         "global (one alpha for the shared parameters)": _median_ms(lambda: combine_global(buffers, names)),
     }

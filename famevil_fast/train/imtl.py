@@ -49,6 +49,19 @@ def combine_per_tensor(task_grads: Mapping[str, torch.Tensor | None]) -> torch.T
     return (alpha[:, None] * stacked).sum(0).view_as(present[0])
 
 
+def combine_each_tensor(
+    buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """``combine_per_tensor`` over ``names`` one tensor at a time: the reference for
+    ``combine_all_per_tensor``."""
+    out = {}
+    for n in names:
+        g = combine_per_tensor({t: b.get(n) for t, b in buffers.items()})
+        if g is not None:
+            out[n] = g
+    return out
+
+
 def combine_all_per_tensor(
     buffers: Mapping[str, Mapping[str, torch.Tensor]], names: list[str]
 ) -> dict[str, torch.Tensor]:
