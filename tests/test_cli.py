@@ -1,5 +1,7 @@
 """Inference commands end to end on a tiny checkpoint: convert, embed, caption, info."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,37 @@ def test_print_config_shows_the_recipe_with_its_overrides(capsys):
     updates = load_config(resolve("tiny_cpu")).train.updates
     assert updates != TrainSection().updates
     assert any(line.startswith(f"  updates: {updates}  # ") for line in lines)  # the recipe's value
+
+
+def test_eval_options_from_a_recipe_and_the_flags():
+    from famevil_fast.cli.commands.eval import eval_options
+    from famevil_fast.cli.main import build_parser
+
+    def options(*extra):
+        return eval_options(build_parser().parse_args(["eval", "ckpt", "--data", "d", *extra]))
+
+    demo = options("--config", "tiny_cpu")
+    assert (demo.caption_beams, demo.caption_max_len, demo.caption_no_repeat_ngram) == (3, 60, 2)
+    assert list(demo.caption_metrics) == ["bleu4", "rouge_l", "cider"]
+    mixed = options("--config", "tiny_cpu", "--beams", "1", "--xmr-protocols", "full", "--seed", "4")
+    assert (mixed.caption_beams, mixed.caption_max_len, mixed.sampled_seed) == (1, 60, 4)
+    assert list(mixed.xmr_protocols) == ["full"]
+    plain = options("--cuda-graph")
+    assert (plain.caption_beams, plain.caption_max_len, plain.caption_no_repeat_ngram) == (1, 40, 0)
+    assert plain.caption_metrics is None and plain.caption_cuda_graph
+
+
+def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp_path, capsys):
+    from test_data_fixtures import synthetic
+
+    data = synthetic(tmp_path_factory, products=40, image_size=48)
+    out = tmp_path / "report.json"
+    args = ["eval", str(checkpoint), "--data", str(data), "--tasks", "itc", "cap", "--config", "tiny_cpu"]
+    assert (
+        main([*args, "--max-len", "6", "--max-samples", "8", "--xmr-protocols", "full", "--out", str(out)])
+        == 0
+    )
+    assert "FIC: fashion image captioning" in capsys.readouterr().out
+    results = {r["task"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"xmr", "fic"}
+    assert set(results["fic"]["metrics"]) == {"bleu4", "rouge_l", "cider"}  # the recipe's metrics

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from famevil_fast.eval.runner import EvalOptions
 
 NAME = "eval"
 HELP = "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a dataset; prints the tables."
@@ -22,17 +27,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache", default=None, help="pre-decoded image cache directory")
     parser.add_argument(
+        "--config",
+        default=None,
+        help="recipe (path or packaged name) whose eval section sets the protocols, caption decoding and "
+        "caption metrics, e.g. tiny_cpu to score a demo checkpoint as the demo does; the options below "
+        "override it",
+    )
+    parser.add_argument(
         "--xmr-protocols",
         nargs="+",
-        default=["full", "sampled"],
+        default=None,
         choices=["full", "sampled"],
-        help="cross-modal retrieval protocols",
+        help="cross-modal retrieval protocols (default: full sampled)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled-100 protocol")
-    parser.add_argument("--beams", type=int, default=1, help="caption beam width (1 = greedy)")
-    parser.add_argument("--max-len", type=int, default=40, help="longest generated caption")
     parser.add_argument(
-        "--no-repeat-ngram", type=int, default=0, help="forbid repeating any n-gram of this length (0 = off)"
+        "--seed", type=int, default=None, help="seed of the sampled-100 protocol (default: 0)"
+    )
+    parser.add_argument("--beams", type=int, default=None, help="caption beam width (default: 1 = greedy)")
+    parser.add_argument("--max-len", type=int, default=None, help="longest generated caption (default: 40)")
+    parser.add_argument(
+        "--no-repeat-ngram",
+        type=int,
+        default=None,
+        help="forbid repeating any n-gram of this length (default: 0 = off)",
     )
     parser.add_argument(
         "--max-samples", type=int, default=None, help="cap every evaluation set (quick checks)"
@@ -44,13 +61,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
 
 
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The evaluation options: the recipe's eval section (``--config``) or the built-in defaults, with every
+    option given on the command line taking precedence. Without a recipe, every caption metric that can run
+    is computed (METEOR when Java is found)."""
+    from famevil_fast.eval.runner import EvalOptions
+
+    if args.config:
+        from famevil_fast.configs import resolve
+        from famevil_fast.train.config import load_config
+
+        options = EvalOptions.from_section(load_config(resolve(args.config)).eval)
+    else:
+        options = EvalOptions(caption_metrics=None)
+    given = {
+        "xmr_protocols": args.xmr_protocols,
+        "sampled_seed": args.seed,
+        "caption_beams": args.beams,
+        "caption_max_len": args.max_len,
+        "caption_no_repeat_ngram": args.no_repeat_ngram,
+        "max_samples": args.max_samples,
+    }
+    options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None})
+    if args.cuda_graph:
+        options = dataclasses.replace(options, caption_cuda_graph=True)
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
     import torch
 
     from famevil_fast.data import build_eval_sets
-    from famevil_fast.eval.runner import EvalOptions, Evaluator
+    from famevil_fast.eval.runner import Evaluator
     from famevil_fast.model import FameViL
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -70,16 +114,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for t in tasks
     }
-    options = EvalOptions(
-        args.xmr_protocols,
-        args.seed,
-        args.max_len,
-        args.beams,
-        args.no_repeat_ngram,
-        None,
-        args.max_samples,
-        caption_cuda_graph=args.cuda_graph,
-    )
+    options = eval_options(args)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     with autocast:
         report = Evaluator(sets, options).report(model)
