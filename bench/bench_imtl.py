@@ -8,10 +8,6 @@ update of the full recipe. ``pytest bench/bench_imtl.py -s --benchmark-disable``
 
 from __future__ import annotations
 
-import datetime
-import statistics
-import time
-
 import pytest
 import torch
 
@@ -47,38 +43,21 @@ def gradients() -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     return buffers, names
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn) -> float:
-    fn()
-    _sync()
-    times = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def test_report(gradients) -> None:
+def test_report(gradients, median_ms, device_description) -> None:
     buffers, names = gradients
     fast, reference = combine_all_per_tensor(buffers, names), combine_each_tensor(buffers, names)
     assert set(fast) == set(reference)
     for n in reference:
         torch.testing.assert_close(fast[n], reference[n], rtol=1e-4, atol=1e-5)
     timings = {
-        "per tensor, one at a time (reference)": _median_ms(lambda: combine_each_tensor(buffers, names)),
-        "per tensor, batched by shape": _median_ms(lambda: combine_all_per_tensor(buffers, names)),
-        "global (one alpha for the shared parameters)": _median_ms(lambda: combine_global(buffers, names)),
+        "per tensor, one at a time (reference)": lambda: combine_each_tensor(buffers, names),
+        "per tensor, batched by shape": lambda: combine_all_per_tensor(buffers, names),
+        "global (one alpha for the shared parameters)": lambda: combine_global(buffers, names),
     }
-    card = torch.cuda.get_device_name() if CUDA else "CPU"
+    timings = {label: median_ms(fn, DEVICE, reps=ROUNDS, warmup=1) for label, fn in timings.items()}
     params = sum(t.numel() for t in buffers["itc"].values())
     print(f"\nIMTL-G combination, {PRESET} FAME-ViL ({len(names)} tensors, {params / 1e6:.1f}M per task)")
-    print(f"4 tasks, {card}, torch {torch.__version__}, {datetime.date.today()}")
+    print(f"4 tasks, {device_description(DEVICE)}")
     base = next(iter(timings.values()))
     for label, ms in timings.items():
         print(f"  {label:<46} {ms:9.1f} ms  x{base / ms:5.1f}")
