@@ -153,3 +153,15 @@ def test_bad_options():
         caption_scores(["a"], ["a"], metrics=("spice",), tokenizer="simple")
     with pytest.raises(ValueError, match="unknown tokenizer"):
         caption_scores(["a"], ["a"], metrics=("bleu4",), tokenizer="nltk")
+
+
+def test_sets_score_as_separate_calls():
+    from famevil_fast.eval.captioning import caption_scores_of_sets
+
+    other = list(reversed(PREDICTIONS))
+    metrics = ("bleu4", "rouge_l", "cider")
+    together = caption_scores_of_sets([PREDICTIONS, other], REFERENCES, metrics=metrics, tokenizer="simple")
+    apart = [caption_scores(p, REFERENCES, metrics=metrics, tokenizer="simple") for p in (PREDICTIONS, other)]
+    assert together == apart
+    with pytest.raises(ValueError, match="no prediction sets"):
+        caption_scores_of_sets([], REFERENCES, metrics=metrics, tokenizer="simple")

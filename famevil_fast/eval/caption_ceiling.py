@@ -21,7 +21,7 @@ from famevil_fast.data.synthetic import text
 from famevil_fast.data.synthetic.generate import sample_product, spec_from_attribute_ids
 from famevil_fast.data.synthetic.render import ProductSpec
 from famevil_fast.data.synthetic.vocab import COLOUR_NAMES
-from famevil_fast.eval.captioning import caption_scores
+from famevil_fast.eval.captioning import caption_scores_of_sets
 
 Redraw = Callable[[ProductSpec, np.random.Generator], ProductSpec]
 
@@ -84,12 +84,12 @@ def caption_ceiling(
     views = [len(p.images) for p in products]
     references = decode(tokenize([p.text for p in products]))
     per_view_refs = [ref for ref, n in zip(references, views) for _ in range(n)]
-    scores = {}
+    per_level = []
     for i, level in enumerate(levels):
         captions = decode(tokenize(redrawn_captions(specs, level, seed + i)))  # as a model would emit
-        per_view = [c for c, n in zip(captions, views) for _ in range(n)]
-        scores[level] = caption_scores(per_view, per_view_refs, metrics=metrics, tokenizer=tokenizer)
-    return scores
+        per_level.append([c for c, n in zip(captions, views) for _ in range(n)])
+    scores = caption_scores_of_sets(per_level, per_view_refs, metrics=metrics, tokenizer=tokenizer)
+    return dict(zip(levels, scores))
 
 
 def ceiling_table(scores: dict[str, dict[str, float]]) -> str:

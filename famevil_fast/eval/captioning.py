@@ -129,13 +129,30 @@ def caption_scores(
     ``metrics`` from bleu1..bleu4, meteor, rouge_l, cider. ``tokenizer``: "ptb" (Java; the standard),
     "simple" (pure Python) or "auto" (ptb when Java is found). METEOR always needs Java.
     """
+    return caption_scores_of_sets([predictions], references, metrics=metrics, tokenizer=tokenizer)[0]
+
+
+def caption_scores_of_sets(
+    prediction_sets: Sequence[Sequence[str]],
+    references: References,
+    *,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    tokenizer: str = "ptb",
+) -> list[dict[str, float]]:
+    """``caption_scores`` of several sets of predictions against the same references, tokenising everything
+    in one pass and loading the scorers once."""
     op = "caption_scores"
-    refs = _check_inputs(op, predictions, references)
+    if not prediction_sets:
+        raise ValueError(f"{op}: no prediction sets")
+    refs = [_check_inputs(op, predictions, references) for predictions in prediction_sets][0]
     metrics = _check_metrics(op, metrics)
-    res, gts, _ = _tokenized(predictions, refs, tokenizer)
+    res, gts, _ = _tokenized([p for predictions in prediction_sets for p in predictions], refs, tokenizer)
+    n = len(refs)
     scorers = _Scorers(metrics)
     try:
-        return scorers.score(gts, res)
+        return [
+            scorers.score(gts, {i: res[k * n + i] for i in range(n)}) for k in range(len(prediction_sets))
+        ]
     finally:
         scorers.close()
 
