@@ -74,18 +74,25 @@ tests/test_contrastive_triton.py}"
   part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda or contrastive_triton" $TESTS
 fi
 
-# GPU_CHECK_BENCH picks benchmarks by name (default: all, in this order)
+# GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all, in this order)
 BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
-bench() { [[ " $PARTS " == *" bench "* && " $BENCHES " == *" $1 "* ]]; }
 BENCH=("${PYTEST[@]}" --benchmark-disable)
-bench contrastive && part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py
-bench adapter && part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report
-bench xattn && part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report
-bench train_step && part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py
-bench caption && part "bench: caption decoding" 90 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py
-bench retrieval && part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py
-bench imtl && part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py
-bench data && part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report
+run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
+  case "$1" in
+    contrastive) part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py ;;
+    adapter) part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report ;;
+    xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
+    train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
+    caption) part "bench: caption decoding" 90 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py ;;
+    retrieval) part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py ;;
+    imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
+    data) part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report ;;
+    *) say "unknown benchmark '$1' (known: contrastive adapter xattn train_step caption retrieval imtl data)"; status=1 ;;
+  esac
+}
+if [[ " $PARTS " == *" bench "* ]]; then
+  for name in $BENCHES; do run_bench "$name"; done
+fi
 
 "$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" <<'PYEOF'
 import datetime, pathlib, sys
