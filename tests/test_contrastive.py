@@ -353,11 +353,29 @@ def test_automatic_backend_choice(monkeypatch):
 
 def test_automatic_choice_on_a_gpu_keeps_small_problems_on_the_reference(monkeypatch):
     monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
-    small = C.CUDA_MIN_LOGITS - 1
+    small = C.GPU_FUSED_MIN_LOGITS - 1
     assert C.resolve_backend("contrastive_loss", None, torch.device("cuda"), small) == "torch"
     assert C.resolve_backend("contrastive_loss", None, torch.device("cpu"), small) != "torch" or (
         C.unavailable_reason("cpu", torch.device("cpu")) is not None
     )
+
+
+@pytest.mark.parametrize("available", [("triton", "cuda"), ("cuda",), ("triton",), ()])
+def test_automatic_choice_on_a_gpu_for_large_problems(monkeypatch, available):
+    """Triton where it runs and the op and dtype have a kernel, else the CUDA kernel, else the reference."""
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(C, "unavailable_reason", lambda name, device: None if name in available else "no")
+    gpu, large = torch.device("cuda"), C.GPU_FUSED_MIN_LOGITS
+
+    def choice(dtype=torch.bfloat16, triton=True):
+        return C._automatic_backend(gpu, large, dtype, triton)
+
+    fallback = "cuda" if "cuda" in available else "torch"
+    assert choice() == ("triton" if "triton" in available else fallback)
+    assert C.resolve_backend("contrastive_loss", None, gpu, large, torch.float32) == choice(torch.float32)
+    assert choice(torch.float64) == fallback  # no float64 Triton kernel
+    assert choice(triton=False) == fallback  # distillation has no Triton kernel
+    assert C._automatic_backend(gpu, large - 1, torch.bfloat16) == "torch"
 
 
 def test_explicit_backend_needs_matching_device():

@@ -171,10 +171,13 @@ def test_non_finite_inputs_give_non_finite_loss(bad):
     assert not torch.isfinite(contrastive_loss(a, b, s, backend="cuda"))
 
 
-def test_automatic_backend_is_cuda_for_large_problems(monkeypatch):
+def test_automatic_backend_is_fused_for_large_problems(monkeypatch):
     monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
-    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), C.CUDA_MIN_LOGITS) == "cuda"
-    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), C.CUDA_MIN_LOGITS - 1) == "torch"
+    large = C.GPU_FUSED_MIN_LOGITS
+    fused = "triton" if C.unavailable_reason("triton", torch.device(DEV)) is None else "cuda"
+    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), large, torch.bfloat16) == fused
+    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), large, torch.float64) == "cuda"
+    assert C.resolve_backend("contrastive_loss", None, torch.device(DEV), large - 1) == "torch"
 
 
 def test_extra_memory_at_65536_rows_under_one_gib():

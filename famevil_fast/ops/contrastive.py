@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from famevil_fast import _ext
 from famevil_fast.capture import host_reads_allowed
 from famevil_fast.ops._backend import (
+    KERNEL_DTYPES,
     check_backend,
     forced_backend,
     require_triton,
@@ -280,22 +281,30 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-# The automatic choice on a GPU (H200, bf16, D = 512, forward plus backward; bench/RESULTS.md): the fused
-# kernel took 1.55x the time of the plain loss at 4,096 x 4,096 logits and 0.47x at 16,384 x 16,384 (0.40x
-# at 65,536 rows, where the plain loss needed 72 GiB beyond its inputs and the kernel 0.4). Between the two
-# measured sizes the threshold sits at 8,192 x 8,192, where the plain loss's logits alone take 256 MiB.
-CUDA_MIN_LOGITS = 8192 * 8192
+# The automatic choice on a GPU (H200, bf16, D = 512, forward plus backward; bench/RESULTS.md): the plain
+# loss is fastest at 4,096 x 4,096 logits (1.07 ms; the Triton loss 2.56, the CUDA kernel 1.95); at
+# 16,384 x 16,384 the Triton loss took 3.78 ms, the CUDA kernel 6.59 and the plain loss 13.78 (and 4.5 GiB
+# beyond its inputs, against 0.3); at 65,536 rows 53.8, 97.1 and 239.8 ms. Between the two smaller sizes
+# the threshold sits at 8,192 x 8,192, where the plain loss's logits alone take 256 MiB. Above it the
+# Triton loss runs where Triton does, else the CUDA kernel.
+GPU_FUSED_MIN_LOGITS = 8192 * 8192
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device, logits: int | None = None) -> str:
+def resolve_backend(
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    logits: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """The explicit backend, else FAMEVIL_FAST_BACKEND when it names one of ours, else the best available
-    for a problem of ``logits`` = M * N entries (None: large)."""
+    for a problem of ``logits`` = M * N entries (None: large) in ``dtype``."""
     check_backend(op, backend, BACKENDS)
     source = "backend"
     if backend is None:
         forced = forced_backend()
         if forced not in BACKENDS:
-            return _automatic_backend(device, logits)
+            return _automatic_backend(device, logits, dtype)
         backend, source = forced, "FAMEVIL_FAST_BACKEND"
     reason = unavailable_reason(backend, device)
     if reason is not None:
@@ -303,11 +312,18 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, logits: 
     return backend
 
 
-def _automatic_backend(device: torch.device, logits: int | None = None) -> str:
-    if device.type == "cuda" and logits is not None and logits < CUDA_MIN_LOGITS:
+def _automatic_backend(
+    device: torch.device, logits: int | None = None, dtype: torch.dtype | None = None, triton: bool = True
+) -> str:
+    """The reference below ``GPU_FUSED_MIN_LOGITS`` on a GPU; else the Triton loss on a GPU (when
+    ``triton``, i.e. the op has a Triton kernel, and for its dtypes), the compiled kernels for the device,
+    the reference."""
+    if device.type == "cuda" and logits is not None and logits < GPU_FUSED_MIN_LOGITS:
         return "torch"
-    for candidate in ("cuda", "cpu"):
-        if candidate == device.type and unavailable_reason(candidate, device) is None:
+    triton = triton and device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES)
+    candidates = ("triton", "cuda") if triton else ("cuda", "cpu")
+    for candidate in candidates:
+        if candidate in ("triton", device.type) and unavailable_reason(candidate, device) is None:
             return candidate
     return "torch"
 
@@ -490,10 +506,11 @@ def contrastive_loss(
     one-element tensor (the gradient flows to it). Non-finite inputs give a non-finite loss.
     ``backend``: "cuda", "cpu" (compiled, memory linear in M + N), "triton" (Triton log-sum-exp kernels
     plus cuBLAS products, memory linear in M + N; float16, bfloat16 and float32), "torch" (reference) or
-    None (automatic: the compiled kernels on the CPU, and on a GPU from ``CUDA_MIN_LOGITS`` logits up).
+    None (automatic: the compiled kernels on the CPU; on a GPU the reference below
+    ``GPU_FUSED_MIN_LOGITS`` logits, the Triton loss from there up, or the CUDA kernels without Triton).
     """
     check_contrastive_args(a, b, labels, groups, label_smoothing, scale)
-    chosen = resolve_backend("contrastive_loss", backend, a.device, a.shape[0] * b.shape[0])
+    chosen = resolve_backend("contrastive_loss", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     if chosen == "torch":
         return contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
     if chosen == "triton":
@@ -519,9 +536,9 @@ def contrastive_distill_loss(
     fused backends compute it in the student's dtype. ``backend`` as in ``contrastive_loss``; "triton" has
     no distillation kernel and takes the automatic choice."""
     check_distill_args(a, b, teacher_a, teacher_b, scale, teacher_scale)
-    chosen = resolve_backend("contrastive_distill_loss", backend, a.device, a.shape[0] * b.shape[0])
+    chosen = resolve_backend("contrastive_distill_loss", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
     if chosen == "triton":  # no Triton kernel for distillation: the automatic choice runs instead
-        chosen = _automatic_backend(a.device, a.shape[0] * b.shape[0])
+        chosen = _automatic_backend(a.device, a.shape[0] * b.shape[0], a.dtype, triton=False)
     if chosen == "torch":
         return contrastive_distill_loss_reference(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
     return _fused_distill_loss(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
