@@ -22,6 +22,7 @@ GPU_TABLE = "contrastive loss fwd+bwd, D=512, bf16 (GPU)"
 GPU_TRITON_TABLE = "contrastive loss fwd+bwd, D=512, bf16 (GPU), Triton backend"
 DIM = 512
 SCALE = 10.0
+BF16_PEAK_TFLOPS = 790.0  # H100 / H200 dense bf16 (the figure bench_train_step uses for MFU)
 
 
 def naive_loss(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -152,3 +153,44 @@ def test_contrastive_cpu_fp32(benchmark, ratio_table, median_ms, extra_peak_byte
     )
     fused = lambda a, b, s: contrastive_loss(a, b, s, backend="cpu")
     meter.compare(table, f"{rows} rows", _inputs(rows, torch.float32, device), fused, {"naive": naive_loss})
+
+
+BOUND_ROWS = (4096, 16384) if torch.cuda.is_available() else (256,)
+
+
+def _bound_losses(device: torch.device) -> dict:
+    """The losses the bound report compares on ``device``: the plain one and every fused backend there."""
+    losses = {"naive": naive_loss}
+    for backend in ("triton", "cuda") if device.type == "cuda" else ("cpu",):
+        if C.unavailable_reason(backend, device) is None:
+            losses[backend] = lambda a, b, s, backend=backend: contrastive_loss(a, b, s, backend=backend)
+    return losses
+
+
+def test_contrastive_bound_report(median_ms, kernel_profile, kernel_breakdown, device_description):
+    """What bounds each loss: wall time against the summed time of its kernels (the difference is host-side
+    cost), the products' FLOP floor at the card's bf16 peak, and the kernels that take the device time.
+    On the CPU: a check that the report runs (no device profile, float32)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lines = [
+        f"contrastive loss bound, fwd+bwd, D={DIM}, {dtype}, {device_description(device)}",
+        "rows    loss     wall ms  kernels  kernel ms  host share  floor ms",
+    ]
+    for rows in BOUND_ROWS:
+        inputs = _inputs(rows, dtype, device)
+        floor_ms = 4 * 2 * rows * rows * DIM / (BF16_PEAK_TFLOPS * 1e12) * 1e3  # fwd + 3 bwd products
+        for name, fn in _bound_losses(device).items():
+            run = _step(fn, *inputs)
+            wall = median_ms(run, device, reps=10, warmup=2)
+            profile = kernel_profile(run, device)
+            count, kernel_ms = profile if profile is not None else (0, float("nan"))
+            share = f"{max(0.0, 1 - kernel_ms / wall):.0%}" if profile is not None else "-"
+            timing = f"{wall:>8.3f} {count:>8} {kernel_ms:>10.3f} {share:>11}"
+            lines.append(f"{rows:<7} {name:<7} {timing} {floor_ms:>9.3f}")
+            if rows == BOUND_ROWS[-1] and name != "naive":
+                top = kernel_breakdown(run, device, top=6) or []
+                lines += [f"    {ms:>8.3f} ms {calls:>5}x  {kernel}" for kernel, calls, ms in top]
+            assert inputs[0].grad is not None and torch.isfinite(inputs[0].grad).all()
+        del inputs
+    print("\n" + "\n".join(lines))

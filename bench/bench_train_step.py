@@ -284,3 +284,44 @@ def test_train_step_report(base_model):
             rows.append(row)
             print(ROW.format(*row), flush=True)
     assert any(r[3] > 0 for r in rows)
+
+
+KERNEL_KINDS = (  # (kind, name fragments), first match wins
+    ("attention", ("flash", "fmha", "attention")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "wgmma", "sm90_", "sm80_")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("optimizer", ("multi_tensor", "adam")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    kinds = (kind for kind, parts in KERNEL_KINDS if any(p in lowered for p in parts))
+    return next(kinds, "elementwise/other")
+
+
+def test_train_step_profile(base_model, kernel_breakdown):
+    """Where the device time of one eager bf16 four-task step (``plain``) goes, by kind of kernel and by
+    kernel: the graphed configurations replay the same kernels, so this is what bounds them."""
+    size = base_model.config.clip.vision.image_size
+    batches = workload_batches("all4", BATCHES[0], size)
+    setup = Setup(base_model, "plain")
+    setup.step(batches)
+    rows = kernel_breakdown(lambda: setup.step(batches), DEVICE, top=0)
+    setup = None
+    release()
+    print(f"\ndevice time of one plain four-task step, {PRESET}, batch {BATCHES[0]}")
+    if rows is None:
+        print("  (no device profile on the CPU)")
+        return
+    total = sum(ms for _, _, ms in rows)
+    kinds: dict[str, tuple[int, float]] = {}
+    for name, calls, ms in rows:
+        n, t = kinds.get(kernel_kind(name), (0, 0.0))
+        kinds[kernel_kind(name)] = (n + calls, t + ms)
+    print(f"  {sum(c for _, c, _ in rows)} kernels, {total:.2f} ms")
+    for kind, (calls, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {kind:<18} {ms:>8.2f} ms {100 * ms / total:>5.1f}% {calls:>6} kernels")
+    for name, calls, ms in rows[:12]:
+        print(f"    {ms:>8.2f} ms {calls:>5}x  {name}")
+    assert total > 0

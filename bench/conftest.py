@@ -1,7 +1,8 @@
 """Shared benchmark helpers, offered as fixtures: ``median_ms`` (CUDA events or perf_counter, median of
 repeats), ``extra_peak_bytes`` (peak memory beyond what was allocated before), ``kernel_profile`` (kernels
-and their device time), ``device_description`` (card, versions, date) and ``ratio_table``
-(baseline-vs-fast rows printed at the end of the session).
+and their device time), ``kernel_breakdown`` (the kernels taking the most device time),
+``device_description`` (card, versions, date) and ``ratio_table`` (baseline-vs-fast rows printed at the
+end of the session).
 
 Set ``BENCH_TABLE_OUT=path.md`` to also append the ratio tables to a markdown file (for bench/RESULTS.md).
 """
@@ -73,12 +74,11 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20, wa
     return statistics.median(times)
 
 
-def kernel_profile(
-    fn: Callable[[], object], device: torch.device, setup: Callable[[], object] = lambda: None
-) -> tuple[int, float] | None:
-    """(kernels one call of ``fn`` runs, their summed device time in ms), from torch.profiler: what separates
-    host-side cost (wall time minus kernel time) from device work. ``setup`` runs before each call, outside
-    the profile. None on the CPU or when the profiler cannot attribute device time."""
+def _device_kernels(
+    fn: Callable[[], object], device: torch.device, setup: Callable[[], object]
+) -> list | None:
+    """The device-kernel events of one profiled call of ``fn`` (after one unprofiled call), or None on the
+    CPU or when the profiler cannot run."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -91,11 +91,38 @@ def kernel_profile(
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize(device)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+        return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     except Exception as error:  # a profiler that cannot run must not stop the benchmark
         print(f"kernel profile unavailable: {type(error).__name__}: {error}")
         return None
+
+
+def kernel_profile(
+    fn: Callable[[], object], device: torch.device, setup: Callable[[], object] = lambda: None
+) -> tuple[int, float] | None:
+    """(kernels one call of ``fn`` runs, their summed device time in ms), from torch.profiler: what separates
+    host-side cost (wall time minus kernel time) from device work. ``setup`` runs before each call, outside
+    the profile. None on the CPU or when the profiler cannot attribute device time."""
+    kernels = _device_kernels(fn, device, setup)
+    if kernels is None:
+        return None
+    return len(kernels), sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+
+
+def kernel_breakdown(
+    fn: Callable[[], object], device: torch.device, setup: Callable[[], object] = lambda: None, top: int = 8
+) -> list[tuple[str, int, float]] | None:
+    """The ``top`` kernels (0: all) of one call of ``fn`` by summed device time: (name, launches, ms), names
+    cut to 70 characters. None where ``kernel_profile`` gives None."""
+    kernels = _device_kernels(fn, device, setup)
+    if kernels is None:
+        return None
+    totals: dict[str, tuple[int, float]] = {}
+    for e in kernels:
+        calls, us = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[: top or None]
+    return [(name[:70], calls, us / 1e3) for name, (calls, us) in ranked]
 
 
 def _rss_status(key: str) -> int:
@@ -195,6 +222,11 @@ def median_ms_fixture() -> Callable[..., float]:
 @pytest.fixture(scope="session", name="kernel_profile")
 def kernel_profile_fixture() -> Callable[..., tuple[int, float] | None]:
     return kernel_profile
+
+
+@pytest.fixture(scope="session", name="kernel_breakdown")
+def kernel_breakdown_fixture() -> Callable[..., list[tuple[str, int, float]] | None]:
+    return kernel_breakdown
 
 
 @pytest.fixture(scope="session", name="extra_peak_bytes")
