@@ -79,7 +79,7 @@ BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retriev
 BENCH=("${PYTEST[@]}" --benchmark-disable)
 run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
   case "$1" in
-    contrastive) part "bench: contrastive losses" 60 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py ;;
+    contrastive) part "bench: contrastive losses" 75 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py ;;
     adapter) part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report ;;
     xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
     train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
