@@ -103,3 +103,11 @@ def test_a_part_not_carried_is_named(packed) -> None:
     env, parts = packed
     result = run("receive", str(len(parts)), env=env)
     assert result.returncode == 2 and f"part_{len(parts)}" in result.stderr
+
+
+def test_gpu_session_names_its_slices():
+    """bench/gpu_session.sh refuses a slice it does not know, with the usage line (exit 2)."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh"), "7"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2 and "usage" in result.stderr and "0|1|2|3|4" in result.stderr
