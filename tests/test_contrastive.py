@@ -351,6 +351,15 @@ def test_automatic_backend_choice(monkeypatch):
     assert C.resolve_backend("contrastive_loss", "torch", torch.device("cpu")) == "torch"
 
 
+def test_automatic_choice_on_the_cpu_keeps_small_problems_on_the_reference(monkeypatch):
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
+    cpu, threshold = torch.device("cpu"), C.CPU_FUSED_MIN_LOGITS
+    fused = "cpu" if C.unavailable_reason("cpu", cpu) is None else "torch"
+    assert C.resolve_backend("contrastive_loss", None, cpu, threshold - 1, torch.float32) == "torch"
+    assert C.resolve_backend("contrastive_loss", None, cpu, threshold, torch.float32) == fused
+    assert C.resolve_backend("contrastive_distill_loss", None, cpu, threshold, torch.float64) == fused
+
+
 def test_automatic_choice_on_a_gpu_keeps_small_problems_on_the_reference(monkeypatch):
     monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
     small = C.GPU_FUSED_MIN_LOGITS - 1
