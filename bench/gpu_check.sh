@@ -83,7 +83,7 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
     adapter) part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report ;;
     xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
     train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
-    caption) part "bench: caption decoding" 90 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py ;;
+    caption) part "bench: caption decoding" 130 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py ;;
     retrieval) part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py ;;
     imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
     data) part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report ;;
