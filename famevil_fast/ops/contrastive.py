@@ -438,12 +438,26 @@ def positive_keys(
 
 
 def _direction_loss(stats: torch.Tensor, counts: torch.Tensor | None, eps: float, width: int) -> torch.Tensor:
-    """Mean InfoNCE over the rows of one direction from its (lse, positive sum, plain sum) statistics."""
-    lse, pos_sum, plain_sum = stats.unbind(0)
+    """Mean InfoNCE over the rows of one direction from its stacked (lse, positive sum, plain sum)."""
+    return direction_loss(*stats.unbind(0), counts, eps, width)
+
+
+def direction_loss(
+    lse: torch.Tensor,
+    pos_sum: torch.Tensor,
+    plain_sum: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    eps: float,
+    width: int,
+) -> torch.Tensor:
+    """Mean InfoNCE over the rows of one direction: per row ``lse - (1 - eps) * mean positive logit -
+    eps / width * sum of logits`` (``plain_sum`` is only read when ``eps``), rows without a positive left
+    out."""
     pos_mean = pos_sum if counts is None else pos_sum / counts.clamp_min(1).to(pos_sum.dtype)
-    per_row = lse - (1.0 - eps) * pos_mean
     if eps:
-        per_row = per_row - (eps / width) * plain_sum
+        per_row = lse - (1.0 - eps) * pos_mean - (eps / width) * plain_sum
+    else:
+        per_row = lse - pos_mean
     if counts is None:
         return per_row.mean()
     keep = (counts > 0).to(per_row.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from famevil_fast.ops.contrastive import Groups, _as_scale, _direction_loss, positive_keys
+from famevil_fast.ops.contrastive import Groups, _as_scale, direction_loss, positive_keys
 
 
 def _group_sums(x: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -64,11 +64,9 @@ def triton_contrastive_loss(
     row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
     a32, b32 = a.float(), b.float()
     pos_rows, pos_cols = _positive_dots(a32, b32, labels, groups, row_key, col_key)
-    plain_rows = a32 @ b32.sum(dim=0) if eps else lse_rows.new_zeros(m)
-    rows = torch.stack([lse_rows, s * pos_rows, s * plain_rows])
-    loss = _direction_loss(rows, row_counts, eps, n)
+    plain_rows = s * (a32 @ b32.sum(dim=0)) if eps else None
+    loss = direction_loss(lse_rows, s * pos_rows, plain_rows, row_counts, eps, n)
     if not two_way:
         return loss
-    plain_cols = b32 @ a32.sum(dim=0) if eps else lse_rows.new_zeros(n)
-    cols = torch.stack([lse_cols, s * pos_cols, s * plain_cols])
-    return 0.5 * (loss + _direction_loss(cols, col_counts, eps, m))
+    plain_cols = s * (b32 @ a32.sum(dim=0)) if eps else None
+    return 0.5 * (loss + direction_loss(lse_cols, s * pos_cols, plain_cols, col_counts, eps, m))
