@@ -158,13 +158,20 @@ def launch_lse_backward(
     return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale
 
 
+def lse_forward(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row log-sum-exps, column log-sum-exps or an empty tensor): the operator's forward."""
+    if cols:
+        return launch_two_way_lse(a, b, scale)
+    return launch_lse(a, b, scale), a.new_empty((0,), dtype=torch.float32)
+
+
 @torch.library.custom_op("famevil_fast::contrastive_lse", mutates_args=())
 def contrastive_lse(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if cols:
-        return launch_two_way_lse(a, b, scale)
-    return launch_lse(a, b, scale), a.new_empty((0,), dtype=torch.float32)
+    return lse_forward(a, b, scale, cols)
 
 
 @contrastive_lse.register_fake
@@ -209,3 +216,34 @@ def _backward_rule(ctx, grad_rows, grad_cols):
 
 
 contrastive_lse.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+class ContrastiveLseFunction(torch.autograd.Function):
+    """The eager-mode twin of ``famevil_fast::contrastive_lse``: the same launchers and gradient, without
+    torch.library's dispatch (host time that a 4,096-row loss's kernels do not cover on a GPU).
+    ``torch.compile`` graphs use the registered operator."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, cols):
+        lse_rows, lse_cols = lse_forward(a, b, scale, cols)
+        ctx.save_for_backward(a, b, scale, lse_rows, lse_cols)
+        ctx.cols = cols
+        return lse_rows, lse_cols
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_cols):
+        a, b, scale, lse_rows, lse_cols = ctx.saved_tensors
+        grads = launch_lse_backward(
+            grad_rows.contiguous(), grad_cols.contiguous(), a, b, scale, lse_rows, lse_cols, ctx.cols
+        )
+        return (*grads, None)
+
+
+def contrastive_lse_eager(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``famevil_fast::contrastive_lse`` outside torch.compile: the launchers alone under no_grad, else
+    through ``ContrastiveLseFunction``."""
+    if not torch.is_grad_enabled():
+        return lse_forward(a, b, scale, cols)
+    return ContrastiveLseFunction.apply(a, b, scale, cols)

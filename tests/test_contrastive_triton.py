@@ -178,6 +178,31 @@ def test_lse_operator_definition_schema_and_fake_kernels():
         )
 
 
+@pytest.mark.parametrize("two_way", [True, False])
+def test_eager_function_equals_the_registered_operator(two_way):
+    """The eager autograd function and the torch.library operator run the same launchers: equal values
+    and gradients (the operator is what torch.compile graphs hold)."""
+    a, b, s = _inputs(45, 38, 21, s=4.0)
+    s = s.requires_grad_(True)
+
+    def via(lse):
+        leaves = [a.clone().requires_grad_(True), b.clone().requires_grad_(True), s.detach().clone()]
+        leaves[2].requires_grad_(True)
+        rows, cols = lse(*leaves, two_way)
+        weights = torch.linspace(0.5, 1.5, rows.numel(), device=DEV)
+        loss = (rows * weights).sum() + cols.square().sum()
+        loss.backward()
+        return [rows, cols, *(t.grad for t in leaves)]
+
+    eager = via(contrastive_ops.contrastive_lse_eager)
+    registered = via(torch.ops.famevil_fast.contrastive_lse)
+    for got, want in zip(eager, registered):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # the launchers alone, no autograd node
+        rows, cols = contrastive_ops.contrastive_lse_eager(a, b, s, two_way)
+    assert rows.grad_fn is None and torch.equal(rows, eager[0].detach())
+
+
 def test_torch_compile_traces_the_triton_loss():
     a, b, s = _inputs(40, 40, 16)
 

@@ -56,11 +56,15 @@ def triton_contrastive_loss(
     eps: float,
 ) -> torch.Tensor:
     """``contrastive_loss`` with checked arguments (float16, bfloat16 or float32 inputs)."""
-    from famevil_fast.kernels import contrastive_ops  # noqa: F401  (registers the operators)
+    from famevil_fast.kernels import contrastive_ops  # registers the operators
 
     m, n = a.shape[0], b.shape[0]
     s = _as_scale(scale, a)
-    lse_rows, lse_cols = torch.ops.famevil_fast.contrastive_lse(a.contiguous(), b.contiguous(), s, two_way)
+    if torch.compiler.is_compiling():  # an opaque node of the graph
+        lse = torch.ops.famevil_fast.contrastive_lse
+    else:  # the same launchers without torch.library's dispatch
+        lse = contrastive_ops.contrastive_lse_eager
+    lse_rows, lse_cols = lse(a.contiguous(), b.contiguous(), s, two_way)
     row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
     a32, b32 = a.float(), b.float()
     pos_rows, pos_cols = _positive_dots(a32, b32, labels, groups, row_key, col_key)
