@@ -114,19 +114,21 @@ def _shape_groups(
 
 
 def _stacked_chunks(buffers, shape: tuple[int, ...], tasks: tuple[str, ...], group: list[str]):
-    """(names, gradients (T, K, n)) over ``group`` in chunks of at most ``_CHUNK_ELEMENTS`` elements."""
+    """(names, gradients (K, T, n)) over ``group`` in chunks of at most ``_CHUNK_ELEMENTS`` elements: one
+    stack, laid out so that the batched products below read it without a transposed copy."""
     numel = max(1, math.prod(shape))
     step = max(1, _CHUNK_ELEMENTS // (numel * len(tasks)))
     for start in range(0, len(group), step):
         chunk = group[start : start + step]
-        yield chunk, torch.stack([torch.stack([buffers[t][n].reshape(-1) for n in chunk]) for t in tasks])
+        flat = [buffers[t][n].reshape(-1) for n in chunk for t in tasks]
+        yield chunk, torch.stack(flat).view(len(chunk), len(tasks), numel)
 
 
 def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """grads (T, K, n) -> (combined (K, n) in grads' dtype, any task present (K,)); the Gram matrices and
+    """grads (K, T, n) -> (combined (K, n) in grads' dtype, any task present (K,)); the Gram matrices and
     the alphas in float64, the weighted sum in grads' dtype (as ``combine_per_tensor`` does)."""
     wide = grads.double()
-    gram = torch.einsum("skn,tkn->kst", wide, wide)
+    gram = torch.bmm(wide, wide.transpose(1, 2))  # (K, T, T)
     del wide
     sq = gram.diagonal(dim1=1, dim2=2)  # (K, T)
     present = sq > 0
@@ -135,7 +137,7 @@ def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, t
         alpha = weight / weight.sum(-1, keepdim=True).clamp_min(1)
     else:
         alpha = _imtl_alphas(gram, sq, present)
-    return torch.einsum("kt,tkn->kn", alpha.to(grads.dtype), grads), present.any(-1)
+    return torch.bmm(alpha.to(grads.dtype)[:, None, :], grads)[:, 0], present.any(-1)
 
 
 def _imtl_alphas(gram: torch.Tensor, sq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ def combine_global(
             index = torch.tensor([position[t] for t in group_tasks])
             for _, grads in _stacked_chunks(buffers, shape, group_tasks, group):
                 wide = grads.double()
-                part = torch.einsum("skn,tkn->st", wide, wide)
+                part = torch.bmm(wide, wide.transpose(1, 2)).sum(0)
                 if gram is None:
                     gram = torch.zeros(len(tasks), len(tasks), dtype=part.dtype, device=part.device)
                 gram[index[:, None], index[None, :]] += part
@@ -183,7 +185,7 @@ def combine_global(
         for (shape, group_tasks), group in groups.items():
             weights = alpha[[position[t] for t in group_tasks]]
             for chunk, grads in _stacked_chunks(buffers, shape, group_tasks, group):
-                combined = torch.einsum("t,tkn->kn", weights.to(grads.dtype), grads)
+                combined = torch.matmul(weights.to(grads.dtype), grads)  # (K, n)
                 for i, n in enumerate(chunk):
                     out[n] = combined[i].view(shape)
     for n in names:
