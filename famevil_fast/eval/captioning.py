@@ -25,20 +25,27 @@ References = Sequence[str] | Sequence[Sequence[str]]
 
 
 def _check_inputs(op: str, predictions: Sequence[str], references: References) -> list[list[str]]:
-    if isinstance(predictions, str) or isinstance(references, str):
+    """The references as lists of strings, after checking them and the predictions against them."""
+    if isinstance(references, str):
         raise ValueError(f"{op}: predictions and references must be sequences, not one string")
-    if len(predictions) != len(references):
-        raise ValueError(f"{op}: {len(predictions)} predictions but {len(references)} references")
-    if not predictions:
-        raise ValueError(f"{op}: no predictions")
+    _check_predictions(op, predictions, len(references))
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     for i, group in enumerate(refs):
         if not group or not all(isinstance(r, str) for r in group):
             raise ValueError(f"{op}: references[{i}] must be a string or a non-empty list of strings")
+    return refs
+
+
+def _check_predictions(op: str, predictions: Sequence[str], n_references: int) -> None:
+    if isinstance(predictions, str):
+        raise ValueError(f"{op}: predictions and references must be sequences, not one string")
+    if len(predictions) != n_references:
+        raise ValueError(f"{op}: {len(predictions)} predictions but {n_references} references")
+    if not predictions:
+        raise ValueError(f"{op}: no predictions")
     for i, p in enumerate(predictions):
         if not isinstance(p, str):
             raise ValueError(f"{op}: predictions[{i}] must be a string, got {type(p).__name__}")
-    return refs
 
 
 def _check_metrics(op: str, metrics: Sequence[str]) -> tuple[str, ...]:
@@ -144,7 +151,9 @@ def caption_scores_of_sets(
     op = "caption_scores"
     if not prediction_sets:
         raise ValueError(f"{op}: no prediction sets")
-    refs = [_check_inputs(op, predictions, references) for predictions in prediction_sets][0]
+    refs = _check_inputs(op, prediction_sets[0], references)
+    for predictions in prediction_sets[1:]:
+        _check_predictions(op, predictions, len(refs))
     metrics = _check_metrics(op, metrics)
     res, gts, _ = _tokenized([p for predictions in prediction_sets for p in predictions], refs, tokenizer)
     n = len(refs)
