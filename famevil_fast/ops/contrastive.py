@@ -325,8 +325,8 @@ def _automatic_backend(
     threshold = GPU_FUSED_MIN_LOGITS if device.type == "cuda" else CPU_FUSED_MIN_LOGITS
     if logits is not None and logits < threshold:
         return "torch"
-    triton = triton and device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES)
-    candidates = ("triton", "cuda") if triton else ("cuda", "cpu")
+    use_triton = triton and device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES)
+    candidates = ("triton", "cuda") if use_triton else ("cuda", "cpu")
     for candidate in candidates:
         if candidate in ("triton", device.type) and unavailable_reason(candidate, device) is None:
             return candidate
