@@ -300,15 +300,17 @@ def resolve_backend(
     device: torch.device,
     logits: int | None = None,
     dtype: torch.dtype | None = None,
+    triton: bool = True,
 ) -> str:
     """The explicit backend, else FAMEVIL_FAST_BACKEND when it names one of ours, else the best available
-    for a problem of ``logits`` = M * N entries (None: large) in ``dtype``."""
+    for a problem of ``logits`` = M * N entries (None: large) in ``dtype`` (``triton``: whether the op has
+    a Triton kernel to choose)."""
     check_backend(op, backend, BACKENDS)
     source = "backend"
     if backend is None:
         forced = forced_backend()
         if forced not in BACKENDS:
-            return _automatic_backend(device, logits, dtype)
+            return _automatic_backend(device, logits, dtype, triton)
         backend, source = forced, "FAMEVIL_FAST_BACKEND"
     reason = unavailable_reason(backend, device)
     if reason is not None:
@@ -556,9 +558,10 @@ def contrastive_distill_loss(
     fused backends compute it in the student's dtype. ``backend`` as in ``contrastive_loss``; "triton" has
     no distillation kernel and takes the automatic choice."""
     check_distill_args(a, b, teacher_a, teacher_b, scale, teacher_scale)
-    chosen = resolve_backend("contrastive_distill_loss", backend, a.device, a.shape[0] * b.shape[0], a.dtype)
-    if chosen == "triton":  # no Triton kernel for distillation: the automatic choice runs instead
-        chosen = _automatic_backend(a.device, a.shape[0] * b.shape[0], a.dtype, triton=False)
+    logits = a.shape[0] * b.shape[0]
+    chosen = resolve_backend("contrastive_distill_loss", backend, a.device, logits, a.dtype, triton=False)
+    if chosen == "triton":  # asked for, but distillation has no Triton kernel: the automatic choice runs
+        chosen = _automatic_backend(a.device, logits, a.dtype, triton=False)
     if chosen == "torch":
         return contrastive_distill_loss_reference(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
     return _fused_distill_loss(a, b, scale, teacher_a, teacher_b, teacher_scale, two_way)
