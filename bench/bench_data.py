@@ -170,3 +170,57 @@ def test_data_report(images) -> None:
     lines += [f"| {n} | {s} | {r:,.0f} |" for n, s, r in rows]
     print("\n" + "\n".join(lines))
     assert all(r > 0 for _, _, r in rows)
+
+
+def _stage_ms(fn, rounds: int = ROUNDS):
+    """(median milliseconds, last result) of ``fn`` with the device synchronised around each call."""
+    out, times = fn(), []
+    for _ in range(rounds):
+        _sync()
+        start = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def test_cache_stage_report(images) -> None:
+    """Where a batch of the cache backend's time goes: gathering the uint8 images into (pinned) host memory,
+    the copy to the device, the crop-resize-flip, the normalisation, and the whole ``load``."""
+    from famevil_fast.data.transforms import normalize, resample_batch
+
+    backend = CacheBackend(images / "cache", IMAGE_SIZE, DEVICE, resampler="torch")
+    keys = _paths("png")[:BATCH]
+    sizes = np.asarray([[e.height, e.width] for e in map(backend.cache.entry, keys)], dtype=np.int64)
+    plan = CropPlan(counter_uniforms(0, 0, np.arange(BATCH)))
+    boxes, flips = plan.boxes(sizes, IMAGE_SIZE)
+    gather_ms, host = _stage_ms(lambda: backend.gather(keys, sizes))
+    in_ram = [np.array(backend.cache.get(k)) for k in keys]  # the same pixels in anonymous memory
+    spans = np.array_split(np.arange(BATCH), backend.num_threads)
+
+    def copy_from_ram() -> None:
+        dst = host.numpy()
+        list(backend.pool.map(lambda span: [dst.__setitem__(k, in_ram[k]) for k in span], spans))
+
+    ram_ms, _ = _stage_ms(copy_from_ram)
+    copy_ms, on_device = _stage_ms(lambda: host.to(DEVICE, non_blocking=True).permute(0, 3, 1, 2))
+    crop_args = (torch.from_numpy(sizes), torch.from_numpy(boxes), torch.from_numpy(flips), IMAGE_SIZE)
+    resample_ms, crops = _stage_ms(lambda: resample_batch(on_device, *crop_args))
+    normalize_ms, _ = _stage_ms(lambda: normalize(crops.clone()))
+    clone_ms, _ = _stage_ms(lambda: crops.clone())
+    load_ms, loaded = _stage_ms(lambda: backend.load(keys, plan))
+    backend.close()
+    stages = [
+        ("gather into host memory", gather_ms),
+        ("  same, from process memory", ram_ms),
+        ("copy to the device", copy_ms),
+        ("crop, resize, flip", resample_ms),
+        ("normalise", max(normalize_ms - clone_ms, 0.0)),
+        ("whole load", load_ms),
+    ]
+    lines = [f"cache backend stages, {BATCH} images of {SOURCE_SIZE} px to {IMAGE_SIZE} px on {DEVICE}"]
+    lines += [
+        f"  {name:26} {ms:8.2f} ms  {BATCH / max(ms, 1e-6) * 1e3:10,.0f} images/s" for name, ms in stages
+    ]
+    print("\n" + "\n".join(lines))
+    assert loaded.ok.all() and loaded.pixels.shape == (BATCH, 3, IMAGE_SIZE, IMAGE_SIZE)

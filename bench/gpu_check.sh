@@ -74,7 +74,8 @@ tests/test_contrastive_triton.py tests/test_data_backends.py}"
   part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda or contrastive_triton" $TESTS
 fi
 
-# GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all, in this order)
+# GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
+# launch-configuration sweep behind kernels/configs.py, in this order)
 BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
 BENCH=("${PYTEST[@]}" --benchmark-disable)
 run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
@@ -87,7 +88,8 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
     retrieval) part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py ;;
     imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
     data) part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report ;;
-    *) say "unknown benchmark '$1' (known: contrastive adapter xattn train_step caption retrieval imtl data)"; status=1 ;;
+    tiles) part "bench: tile sweep" 150 bench_tiles.txt "${BENCH[@]}" bench/bench_tiles.py ;;
+    *) say "unknown benchmark '$1' (known: contrastive adapter xattn train_step caption retrieval imtl data tiles)"; status=1 ;;
   esac
 }
 if [[ " $PARTS " == *" bench "* ]]; then
@@ -121,6 +123,7 @@ for name, title in (
     ("bench_retrieval.txt", "Retrieval"),
     ("bench_imtl.txt", "IMTL-G combination"),
     ("bench_data.txt", "Data"),
+    ("bench_tiles.txt", "Tile sweep"),
 ):
     path = parts_dir / name
     if path.exists():

@@ -1,0 +1,247 @@
+"""Tile sweep for the Triton kernels: the device time of each launch configuration a kernel could use.
+
+``kernels.configs`` fixes one configuration (tile sizes, warps, pipeline stages) per kernel. This report
+runs each op with every candidate of its kernel in turn, checks that the result matches the current
+configuration's, and prints the device time (CUDA-graph replays, so the host's launch cost is out of the
+figure) and the ratio to the current choice. It is the measurement behind the choices in ``configs``;
+rerun it on a new card before changing them:
+
+    pytest -q -s bench/bench_tiles.py
+
+On the CPU (TRITON_INTERPRET=1) it runs two candidates of each family on small shapes: a check of the
+sweep itself and of the candidates' masking, not a timing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from famevil_fast.ops._backend import triton_runs_on
+
+if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+    pytest.skip("Triton needs a GPU, or TRITON_INTERPRET=1 on the CPU", allow_module_level=True)
+
+from famevil_fast.kernels import configs, launch  # noqa: E402
+from famevil_fast.kernels.configs import Tiles  # noqa: E402
+from famevil_fast.kernels.contrastive_ops import launch_lse_backward, launch_two_way_lse  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+WIDTH, BOTTLENECK, FEATURES = (768, 64, 512) if CUDA else (96, 24, 40)
+ADAPTER_ROWS = (12_608, 1 << 20) if CUDA else (37,)
+CONTRASTIVE_ROWS = (4_096, 16_384) if CUDA else (45,)
+REPS = 20
+
+# Candidates: Tiles(block_m, block_n, block_k, num_warps, num_stages); the first is the current choice's
+# shape family, the launcher's own choice is always measured first as "current".
+FUSED_FORWARD = [
+    Tiles(32, 64, 64, 4, 2),
+    Tiles(32, 128, 128, 4, 2),
+    Tiles(16, 128, 128, 4, 2),
+    Tiles(32, 64, 64, 2, 2),
+    Tiles(64, 128, 128, 4, 3),
+    Tiles(64, 128, 64, 8, 2),
+    Tiles(128, 64, 64, 8, 2),
+]
+DP = [
+    Tiles(32, 64, 64, 4, 3),
+    Tiles(32, 64, 128, 4, 3),
+    Tiles(64, 64, 128, 4, 3),
+    Tiles(128, 64, 64, 8, 3),
+    Tiles(64, 64, 64, 4, 4),
+    Tiles(16, 64, 128, 2, 3),
+]
+DX_WEIGHTS = [
+    Tiles(32, 64, 1, 4, 2),
+    Tiles(64, 64, 1, 4, 2),
+    Tiles(64, 128, 1, 8, 2),
+    Tiles(128, 64, 1, 8, 2),
+    Tiles(32, 128, 1, 4, 2),
+    Tiles(64, 32, 1, 4, 2),
+]
+CONTRASTIVE = [
+    Tiles(128, 128, 64, 4, 3),
+    Tiles(128, 256, 64, 8, 3),
+    Tiles(256, 128, 64, 8, 3),
+    Tiles(128, 128, 128, 8, 2),
+    Tiles(64, 128, 64, 4, 4),
+    Tiles(128, 64, 64, 4, 4),
+]
+if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
+    FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[:1]
+    CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
+
+
+def device_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds of device time per call: replays of a CUDA graph of ``fn`` (wall time on the CPU)."""
+    import time
+
+    fn()
+    if not CUDA:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(REPS // 5):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (REPS // 5))
+    del graph
+    return statistics.median(times)
+
+
+@dataclass
+class Family:
+    """One kernel's configuration function in ``configs``, its candidates, and an op that uses it."""
+
+    name: str
+    config: str  # attribute of ``configs`` the launchers call
+    candidates: list[Tiles]
+    make: Callable[[int], Callable[[], tuple[torch.Tensor, ...]]]  # rows -> op returning its outputs
+    sizes: tuple[int, ...]
+
+
+def _adapter_inputs(rows: int):
+    g = torch.Generator(device="cpu").manual_seed(rows)
+
+    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=g)).to(DEVICE, DTYPE)
+
+    x = rand(rows, WIDTH)
+    params = (
+        1 + rand(WIDTH, s=0.1),
+        rand(WIDTH, s=0.1),
+        rand(BOTTLENECK, WIDTH, s=WIDTH**-0.5),
+        rand(BOTTLENECK, s=0.1),
+        rand(WIDTH, BOTTLENECK, s=BOTTLENECK**-0.5),
+        rand(WIDTH, s=0.1),
+        1 + rand(1, s=0.1),
+    )
+    residuals = [rand(rows, WIDTH), rand(rows, WIDTH)]
+    return x, params, residuals, rand(rows, WIDTH)
+
+
+def adapter_forward_op(rows: int):
+    x, params, residuals, _ = _adapter_inputs(rows)
+    return lambda: launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, True, 1e-5)
+
+
+def adapter_backward_op(rows: int):
+    x, params, residuals, dy = _adapter_inputs(rows)
+    _, h, mean, rstd = launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, True, 1e-5)
+    return lambda: launch.adapter_backward(dy, x, params, h, mean, rstd, launch.SINGLE_TASK)
+
+
+def _contrastive_inputs(rows: int):
+    g = torch.Generator(device="cpu").manual_seed(rows)
+    a, b = (torch.nn.functional.normalize(torch.randn(rows, FEATURES, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor(1 / 0.07, dtype=torch.float32, device=DEVICE)
+    return a.to(DEVICE, DTYPE), b.to(DEVICE, DTYPE), scale
+
+
+def contrastive_forward_op(rows: int):
+    a, b, scale = _contrastive_inputs(rows)
+    return lambda: launch_two_way_lse(a, b, scale)
+
+
+def contrastive_backward_op(rows: int):
+    a, b, scale = _contrastive_inputs(rows)
+    lse_rows, lse_cols = launch_two_way_lse(a, b, scale)
+    g_rows = torch.full_like(lse_rows, 1 / rows)
+    g_cols = torch.full_like(lse_cols, 1 / rows)
+    return lambda: launch_lse_backward(g_rows, g_cols, a, b, scale, lse_rows, lse_cols, True)
+
+
+FAMILIES = [
+    Family(
+        "adapter forward (fused, r=64)",
+        "adapter_fused_tiles",
+        FUSED_FORWARD,
+        adapter_forward_op,
+        ADAPTER_ROWS,
+    ),
+    Family("adapter backward: dp kernel", "dp_tiles", DP, adapter_backward_op, ADAPTER_ROWS),
+    Family(
+        "adapter backward: dx + weights", "dx_weight_tiles", DX_WEIGHTS, adapter_backward_op, ADAPTER_ROWS
+    ),
+    Family(
+        "contrastive forward (two-way)",
+        "contrastive_tiles",
+        CONTRASTIVE,
+        contrastive_forward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
+        "contrastive backward", "contrastive_tiles", CONTRASTIVE, contrastive_backward_op, CONTRASTIVE_ROWS
+    ),
+]
+
+
+def _agree(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> str | None:
+    """None when every output matches the current configuration's, else what differs."""
+    tol = 3e-2 if DTYPE == torch.bfloat16 else 1e-4
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return f"output {i}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        err = (g.float() - w.float()).abs().max().item() if g.numel() else 0.0
+        ref = w.float().abs().max().item() if w.numel() else 0.0
+        if err > tol * max(ref, 1.0):
+            return f"output {i}: max error {err:.3g} (scale {ref:.3g})"
+    return None
+
+
+def sweep(family: Family, rows: int, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float | None, str]]:
+    """(configuration, ms or None, note) for the current choice and each candidate."""
+    op = family.make(rows)
+    want = tuple(t.clone() for t in op())
+    results = [("current", device_ms(op), "")]
+    for tiles in family.candidates:
+        label = f"{tiles.block_m}x{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}"
+        with monkeypatch.context() as patch:
+            patch.setattr(configs, family.config, lambda *_, t=tiles: t)
+            try:
+                problem = _agree(op(), want)
+                ms = None if problem else device_ms(op)
+            except Exception as error:  # a configuration the compiler or the card rejects
+                problem, ms = f"{type(error).__name__}: {str(error).splitlines()[0][:60]}", None
+        results.append((label, ms, problem or ""))
+        if CUDA:
+            torch.cuda.synchronize()
+    return results
+
+
+def test_tile_sweep_report(monkeypatch: pytest.MonkeyPatch, device_description) -> None:
+    lines = [f"tile sweep ({device_description(DEVICE)}), {DTYPE}, device ms per call"]
+    lines.append(f"{'kernel':34} {'rows':>8}  {'configuration':22} {'ms':>8} {'x current':>9}  note")
+    wrong = []
+    for family in FAMILIES:
+        for rows in family.sizes:
+            results = sweep(family, rows, monkeypatch)
+            base = results[0][1]
+            for label, ms, note in results:
+                ratio = f"{base / ms:9.2f}" if ms else f"{'-':>9}"
+                shown = f"{ms:8.3f}" if ms is not None else f"{'-':>8}"
+                lines.append(f"{family.name:34} {rows:>8}  {label:22} {shown} {ratio}  {note}")
+                if note.startswith("output"):
+                    wrong.append((family.name, rows, label, note))
+    print("\n" + "\n".join(lines))
+    assert not wrong, f"configurations that change the result: {wrong}"
