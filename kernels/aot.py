@@ -89,7 +89,7 @@ def _launch(t: configs.Tiles) -> dict:
 
 
 def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
-    t = configs.adapter_fused_tiles(r)
+    t = configs.adapter_fused_tiles(r, 4 if dtype == "fp32" else 2)
     fwd = {"BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_N": t.block_n, "BLOCK_R": r, "MIXED": mixed}
     fwd |= {"NUM_RES": 3, "SAVE": True, **_dot(dtype)}
     u = configs.dp_tiles(r)
@@ -168,17 +168,13 @@ def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Vari
 
 def _contrastive(dtype: str) -> list[Variant]:
     """The log-sum-exp sweep and the gradient tile (G is stored in the input dtype for bf16 and fp32)."""
-    t = configs.contrastive_tiles({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    tiles = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype)}
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    t, g = configs.contrastive_lse_tiles(torch_dtype), configs.contrastive_grad_tiles(torch_dtype)
+    sweep = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype), "COLS": True}
+    grad = {"BLOCK_M": g.block_m, "BLOCK_N": g.block_n, "BLOCK_K": g.block_k, **_dot(dtype), "HAS_Y": True}
     return [
-        Variant("contrastive_lse", contrastive_lse_kernel, tiles | {"COLS": True}, **_launch(t), dtype=dtype),
-        Variant(
-            "contrastive_lse_grad",
-            contrastive_lse_grad_kernel,
-            tiles | {"HAS_Y": True},
-            **_launch(t),
-            dtype=dtype,
-        ),
+        Variant("contrastive_lse", contrastive_lse_kernel, sweep, **_launch(t), dtype=dtype),
+        Variant("contrastive_lse_grad", contrastive_lse_grad_kernel, grad, **_launch(g), dtype=dtype),
     ]
 
 

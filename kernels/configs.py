@@ -75,19 +75,25 @@ class Tiles:
 
 
 @functools.cache
-def adapter_fused_tiles(block_r: int) -> Tiles:
-    """adapter_fwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks."""
+def adapter_fused_tiles(block_r: int, itemsize: int = 2) -> Tiles:
+    """adapter_fwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks. 16-bit activations with r <= 64 take
+    128-wide chunks over three stages: on an H200 (bf16, d = 768, bench/bench_tiles.py) 1.35x the 64-wide
+    two-stage kernel at 12,608 rows and 1.05x at 2^20. Wider bottlenecks and float32 keep the 64-wide
+    chunks, whose buffers fit beside the larger accumulators."""
     if interpreting():
         return Tiles(block_m=128, block_n=512, block_k=512)
+    if block_r <= 64 and itemsize <= 2:
+        return Tiles(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
     return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
 
 
 @functools.cache
 def dx_weight_tiles(block_r: int) -> Tiles:
-    """adapter_bwd_dx_weights_kernel: BLOCK_M rows per step, BLOCK_N the d tile (block_k unused)."""
+    """adapter_bwd_dx_weights_kernel: BLOCK_M rows per step, BLOCK_N the d tile (block_k unused). Four warps:
+    on an H200 (bf16, r = 64) 1.26x eight at 12,608 rows and 1.37x at 2^20."""
     if interpreting():
         return Tiles(block_m=128, block_n=512, block_k=1)
-    return Tiles(block_m=64, block_n=64, block_k=1, num_warps=8, num_stages=2)
+    return Tiles(block_m=64, block_n=64, block_k=1, num_warps=4 if block_r <= 64 else 8, num_stages=2)
 
 
 @functools.cache
@@ -167,15 +173,36 @@ def reduction_segments(
 
 
 @functools.cache
-def contrastive_tiles(dtype: torch.dtype) -> Tiles:
-    """contrastive_lse_kernel and contrastive_lse_grad_kernel: BLOCK_M rows of X, BLOCK_N rows of Y,
-    BLOCK_K chunks of the feature dimension. 16-bit tiles of 128 x 128 feed two warpgroups' wgmma;
-    float32 tiles are smaller (four times the registers per product)."""
+def contrastive_lse_tiles(dtype: torch.dtype) -> Tiles:
+    """contrastive_lse_kernel: BLOCK_M rows of X, BLOCK_N rows of Y, BLOCK_K chunks of the feature dimension.
+    16-bit: 128 x 128 tiles in one warpgroup; float32 tiles are smaller (four times the registers per
+    product). H200, bf16, D = 512 (bench/bench_tiles.py): four warps took the gradient tile 1.12x faster
+    than eight at 16,384 rows."""
     if interpreting():
         return Tiles(block_m=32, block_n=32, block_k=32)
     if dtype in (torch.bfloat16, torch.float16):
-        return Tiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return Tiles(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
     return Tiles(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3)
+
+
+@functools.cache
+def contrastive_grad_tiles(dtype: torch.dtype) -> Tiles:
+    """contrastive_lse_grad_kernel: the log-sum-exp sweep's tile of dot products, one tile per program."""
+    return contrastive_lse_tiles(dtype)
+
+
+CONTRASTIVE_PROGRAMS_PER_SM = 4  # programs of the log-sum-exp sweep per multiprocessor the spans aim at
+
+
+def contrastive_column_spans(row_blocks: int, col_tiles: int, device: torch.device) -> int:
+    """Spans of Y's rows the log-sum-exp sweep splits the columns into: enough (row block, span) programs
+    for CONTRASTIVE_PROGRAMS_PER_SM per multiprocessor, at most one per column tile. The interpreter uses
+    two where there are two tiles, so the combination of spans is exercised on the CPU."""
+    if device.type != "cuda":
+        return max(1, min(2, col_tiles))
+    sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = cdiv(CONTRASTIVE_PROGRAMS_PER_SM * sms, max(1, row_blocks))
+    return max(1, min(wanted, col_tiles))
 
 
 CONTRASTIVE_GRAD_CHUNK_BYTES = 256 * 2**20  # the largest block of G the contrastive backward holds

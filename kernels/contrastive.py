@@ -6,12 +6,16 @@ logits over the row's positives (or over all columns, for label smoothing). Thos
 features, so PyTorch computes them in O((M + N) D) (``famevil_fast.ops.contrastive_triton``); only the
 log-sum-exp needs every entry of the matrix, and only it lives here.
 
-* ``contrastive_lse_kernel``: one program per BLOCK_M rows of X sweeps every BLOCK_N rows of Y. Each tile
-  of dot products comes from ``tl.dot`` (tensor cores for 16-bit inputs, float32 accumulation) and feeds an
-  online (running max, sum of exponentials) per row, in base 2. With COLS it also writes, per program,
-  the log-sum-exp of every column over its own rows, which one ``logsumexp`` over programs completes: the
-  two-way statistics in one sweep, at 4 bytes per column per row block (16 MiB at 16,384 x 16,384). Where
-  that buffer would pass its budget, the column statistics are the same kernel with X and Y swapped.
+* ``contrastive_lse_kernel``: one program per BLOCK_M rows of X and one span of Y's rows sweeps that span
+  BLOCK_N rows at a time. Each tile of dot products comes from ``tl.dot`` (tensor cores for 16-bit inputs,
+  float32 accumulation) and feeds an online (running max, sum of exponentials) per row, in base 2; the
+  program writes its rows' log-sum-exp over its span, and one ``logsumexp`` over spans completes them.
+  Spans exist to fill the card: with every column in one program there would be one program per 128
+  rows, a single wave on 132 multiprocessors at 16,384 rows, each program's exponentials and reductions
+  then stalling its own matrix products. With COLS it also writes, per program, the log-sum-exp of every
+  column of its span over its own rows, which one ``logsumexp`` over row blocks completes: the two-way
+  statistics in one sweep, at 4 bytes per column per row block (16 MiB at 16,384 x 16,384). Where that
+  buffer would pass its budget, the column statistics are the same kernel with X and Y swapped.
 * ``contrastive_lse_grad_kernel``: given the upstream gradients gx (per row of X) and gy (per row of Y) of
   the two log-sum-exps, one program per tile recomputes the dot products and writes
   ``G = scale * (gx_i softmax_j(l_i.) + gy_j softmax_i(l_.j))`` for a block of rows of X and of Y, plus
@@ -71,6 +75,7 @@ def contrastive_lse_kernel(
     m,
     n,
     d,
+    span,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -78,19 +83,23 @@ def contrastive_lse_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """lse[i] = log sum_j exp(scale * x_i . y_j) for the BLOCK_M rows of X owned by this program; with
-    COLS also col_part[pid, j] = log sum_i exp(scale * x_i . y_j) over those rows only (the host reduces
-    the partials of all programs with one logsumexp)."""
+    """Program (pid_m, pid_n) takes the BLOCK_M rows of X of row block pid_m and the rows
+    [pid_n * span, (pid_n + 1) * span) of Y (span a multiple of BLOCK_N). lse[pid_n, i] = log sum_j
+    exp(scale * x_i . y_j) over that span; with COLS also col_part[pid_m, j] = log sum_i exp(scale * x_i .
+    y_j) over the block's rows (the host reduces both kinds of partials with one logsumexp each)."""
     pid = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < m
     rows64 = rows.to(tl.int64)
     scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
     run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_M,), tl.float32)
-    for n0 in range(0, n, BLOCK_N):
+    n_start = pid_n * span
+    n_end = tl.minimum(n_start + span, n)
+    for n0 in range(n_start, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < n
+        cmask = cols < n_end
         cols64 = cols.to(tl.int64)
         acc = dot_tile(
             x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION
@@ -106,7 +115,7 @@ def contrastive_lse_kernel(
         run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(t - new_max[:, None]), axis=1)
         run_max = new_max
     lse = (run_max + tl.log2(run_sum)) * 0.6931471805599453
-    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(lse_ptr + pid_n.to(tl.int64) * m + rows, lse, mask=rmask)
 
 
 @triton.jit

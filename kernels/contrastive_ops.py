@@ -25,17 +25,23 @@ def launch_lse(
     """float32 (M,): log-sum-exp over j of scale * x_i . y_j. With ``col_part`` (row blocks, N) float32,
     also each row block's log-sum-exp of every column."""
     m, d = x.shape
-    out = torch.empty(m, dtype=torch.float32, device=x.device)
-    t = configs.contrastive_tiles(x.dtype)
-    contrastive_lse_kernel[(configs.cdiv(m, t.block_m),)](
+    n = y.shape[0]
+    t = configs.contrastive_lse_tiles(x.dtype)
+    row_blocks = configs.cdiv(m, t.block_m)
+    spans = configs.contrastive_column_spans(row_blocks, configs.cdiv(n, t.block_n), x.device)
+    span = configs.cdiv(configs.cdiv(n, t.block_n), spans) * t.block_n
+    spans = configs.cdiv(n, span) if n else 1
+    out = torch.empty((spans, m), dtype=torch.float32, device=x.device)
+    contrastive_lse_kernel[(row_blocks, spans)](
         x,
         y,
         scale,
         out,
         out if col_part is None else col_part,
         m,
-        y.shape[0],
+        n,
         d,
+        span,
         BLOCK_M=t.block_m,
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
@@ -43,7 +49,7 @@ def launch_lse(
         **configs.dot_args(x.dtype),
         **t.launch(),
     )
-    return out
+    return out[0] if spans == 1 else torch.logsumexp(out, dim=0)
 
 
 def launch_two_way_lse(
@@ -51,7 +57,7 @@ def launch_two_way_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exps: one sweep with per-block column partials when they fit in
     CONTRASTIVE_COL_PARTIAL_BYTES, else two sweeps."""
-    blocks = configs.cdiv(x.shape[0], configs.contrastive_tiles(x.dtype).block_m)
+    blocks = configs.cdiv(x.shape[0], configs.contrastive_lse_tiles(x.dtype).block_m)
     if blocks * y.shape[0] * 4 > configs.CONTRASTIVE_COL_PARTIAL_BYTES:
         return launch_lse(x, y, scale), launch_lse(y, x, scale)
     col_part = torch.empty((blocks, y.shape[0]), dtype=torch.float32, device=x.device)
@@ -113,7 +119,7 @@ def launch_lse_backward(
     ``cols``) with respect to x, y and the scale, through blocks of G (see ``kernels.contrastive``)."""
     m, d = x.shape
     n = y.shape[0]
-    t = configs.contrastive_tiles(x.dtype)
+    t = configs.contrastive_grad_tiles(x.dtype)
     g_dtype = gradient_dtype(x.dtype)
     x_mm, y_mm = (x, y) if g_dtype == x.dtype else (x.to(g_dtype), y.to(g_dtype))
     row_step, col_step = gradient_blocks(m, n, g_dtype, t.block_m, t.block_n)

@@ -201,7 +201,7 @@ def adapter_forward(
     dot = configs.dot_args(x.dtype)
     block_r = configs.padded(r)
     if r <= configs.FUSED_MAX_R:
-        tiles = configs.adapter_fused_tiles(block_r)
+        tiles = configs.adapter_fused_tiles(block_r, x.element_size())
         grid = (_row_blocks(n_rows, tiles.block_m, rows),)
         adapter_fwd_fused_kernel[grid](
             x,

@@ -96,6 +96,19 @@ def test_backward_in_several_blocks_of_g(monkeypatch, budget, blocks):
     _check((a, a.flip(0), tensors[2]), label_smoothing=0.1)  # square, two-way
 
 
+@pytest.mark.parametrize("spans", [1, 2, 3, 50])
+def test_log_sum_exps_do_not_depend_on_the_column_spans(monkeypatch, spans):
+    """The sweep splits Y's rows into spans (programs) and combines their partial log-sum-exps: any count,
+    one span per column tile at most, gives the same statistics; the last span is partial."""
+    m, n = (70, 100) if DEV == "cpu" else (300, 1100)
+    a, b, s = _inputs(m, n, 20)
+    monkeypatch.setattr(configs, "contrastive_column_spans", lambda rows, cols, device: min(spans, cols))
+    rows_lse, cols_lse = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+    logits = 5.0 * (a.double() @ b.double().T)
+    torch.testing.assert_close(rows_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cols_lse.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-6)
+
+
 def test_column_statistics_in_two_sweeps_when_partials_exceed_their_budget(monkeypatch):
     a, b, s = _inputs(70, 45, 20)
     one_sweep = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)

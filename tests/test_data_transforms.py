@@ -1,5 +1,7 @@
 """Reference crops, counter-based randomness and the batched resampler against PIL."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from famevil_fast.data.transforms import (
     pil_resample,
     reference_transform,
     resample_batch,
+    to_device,
     train_boxes,
 )
 
@@ -129,3 +132,33 @@ def test_normalize_and_reference_transform_match_torchvision_style_pipeline():
     flipped = reference_transform(img, 32, uniforms=np.array([0.5, 0.5, 0.5, 0.5, 0.1, 0.0]))
     same = reference_transform(img, 32, uniforms=np.array([0.5, 0.5, 0.5, 0.5, 0.9, 0.0]))
     assert torch.equal(flipped, same.flip(-1))
+
+
+def test_normalize_takes_other_statistics_per_call():
+    x = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    plain = normalize(x.clone())
+    custom = normalize(x.clone(), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert (custom - (x.float() / 255 - 0.5) / 0.5).abs().max() < 1e-5
+    assert torch.equal(normalize(x.clone()), plain)  # the default statistics again, not the last ones
+
+
+def test_to_device_keeps_a_tensor_already_there():
+    t = torch.arange(5)
+    assert to_device(t, "cpu") is t and to_device(t, torch.device("cpu")) is t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_to_device_does_not_wait_for_the_stream():
+    """A host tensor reaches the GPU without the host waiting for kernels queued before it (a plain copy
+    from pageable memory would wait for them: it is what serialised the data thread behind the kernels)."""
+    cpu = torch.arange(1000, dtype=torch.float32)
+    assert torch.equal(to_device(cpu, "cuda").cpu(), cpu)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time at H100/H200 clocks
+    start = time.perf_counter()
+    moved = to_device(cpu, "cuda")
+    host_seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    waited = time.perf_counter() - start
+    assert host_seconds < 0.25 * waited, (host_seconds, waited)
+    assert moved.is_cuda and torch.equal(moved.cpu(), cpu)

@@ -30,7 +30,7 @@ from famevil_fast.data.backends import ImageBackend, Loaded, choose_backend, mak
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages
 from famevil_fast.data.tasks import SampleTable, train_table
-from famevil_fast.data.transforms import CropPlan, counter_uniforms
+from famevil_fast.data.transforms import CropPlan, counter_uniforms, to_device
 
 _END = object()
 
@@ -120,10 +120,10 @@ def make_batch(
         pixels = loaded.pixels
         for slot, r in zip(table.slots, rows):
             whole = len(r) == len(pixels) and np.array_equal(r, np.arange(len(r)))
-            batch[slot] = pixels if whole else pixels[torch.from_numpy(r).to(pixels.device)]
+            batch[slot] = pixels if whole else pixels[to_device(torch.from_numpy(r), pixels.device)]
     sel = torch.from_numpy(idx[keep])
     for name, values in table.fields.items():
-        batch[name] = values[sel].to(device, non_blocking=True)
+        batch[name] = to_device(values[sel], device)
     return batch
 
 

@@ -168,11 +168,11 @@ def resample_batch(
             f" do not match a batch of {b}"
         )
     dev = images.device
-    sizes = sizes.to(dev, torch.float32)
-    boxes = boxes.to(dev, torch.float32)
+    sizes = to_device(sizes.to(torch.float32), dev)
+    boxes = to_device(boxes.to(torch.float32), dev)
     wy = _axis_weights(boxes[:, 0], boxes[:, 2], sizes[:, 0], images.shape[2], image_size)
     wx = _axis_weights(boxes[:, 1], boxes[:, 3], sizes[:, 1], images.shape[3], image_size)
-    wx = torch.where(flips.to(dev).view(b, 1, 1), wx.flip(1), wx)
+    wx = torch.where(to_device(flips, dev).view(b, 1, 1), wx.flip(1), wx)
     x = images.to(torch.float32)
     x = torch.matmul(x, wx.transpose(1, 2).unsqueeze(1))  # (B, 3, H, S)
     return torch.matmul(wy.unsqueeze(1), x)  # (B, 3, S, S)
@@ -183,9 +183,37 @@ def normalize(
 ) -> torch.Tensor:
     """(B, 3, S, S) values in [0, 255] -> CLIP-normalised float32 (in place when already float32)."""
     x = pixels if pixels.dtype == torch.float32 else pixels.to(torch.float32)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return x.mul_(1.0 / (255.0 * s)).sub_(m / s)
+    factor, shift = _normalize_constants(x.device, tuple(mean), tuple(std))
+    return x.mul_(factor).sub_(shift)
+
+
+_NORMALIZE_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalize_constants(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), mean / std) as (1, 3, 1, 1) float32 tensors on ``device``, made once per device."""
+    key = (device, mean, std)
+    constants = _NORMALIZE_CONSTANTS.get(key)
+    if constants is None:
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        constants = (1.0 / (255.0 * s)).to(device), (m / s).to(device)
+        _NORMALIZE_CONSTANTS[key] = constants
+    return constants
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` without holding up the host. A copy to a GPU from pageable memory first waits for
+    all earlier work on the current stream, which would serialise a data thread's next batch behind this
+    batch's kernels; staging through pinned memory makes it an ordinary asynchronous copy."""
+    device = torch.device(device)
+    if t.device.type == device.type and device.index in (None, t.device.index):
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def reference_transform(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from famevil_fast.data.transforms import to_device
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.train.checkpoint import CheckpointManager
 from famevil_fast.train.config import TrainConfig
@@ -233,10 +234,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {
-            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()
-        }
+        return {k: to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _task_loss(self, task: str, out, batch) -> torch.Tensor:
         if self.teachers is None or task not in self.teachers:
