@@ -285,6 +285,26 @@ def test_automatic_choice_on_a_gpu_follows_the_measured_rule(monkeypatch: pytest
     assert not triton_adapter_pays(many, wide)
 
 
+def test_automatic_choice_inside_a_graphed_training_step() -> None:
+    """Inside a training step captured as a CUDA graph (static shapes, autograd on) host time no longer
+    counts, and the rule takes the kernels from a ViT-B/16 batch of 64 up; not under no_grad (graphed
+    caption decoding), and never for a bottleneck too wide for the chip."""
+    from famevil_fast.capture import static_shapes
+    from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, triton_adapter_pays
+
+    narrow, wide = AdapterParams(*random_params(768, 64)), AdapterParams(*random_params(768, 512))
+    batch = torch.empty(64, 197, 768, device="meta")
+    assert batch.numel() // 768 == TRITON_ADAPTER_MIN_ROWS_IN_GRAPH
+    fewer = torch.empty(TRITON_ADAPTER_MIN_ROWS_IN_GRAPH - 1, 768, device="meta")
+    assert not triton_adapter_pays(batch, narrow)
+    with static_shapes():
+        assert triton_adapter_pays(batch, narrow)
+        assert not triton_adapter_pays(fewer, narrow)
+        assert not triton_adapter_pays(batch, wide)
+        with torch.no_grad():
+            assert not triton_adapter_pays(batch, narrow)
+
+
 def test_custom_op_passes_opcheck() -> None:
     from famevil_fast.kernels import custom_ops  # noqa: F401
 

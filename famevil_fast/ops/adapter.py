@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.capture import host_reads_allowed
+from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.ops._backend import check_backend, select_backend
 
 LN_EPS = 1e-5
@@ -169,17 +169,27 @@ def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
             raise ValueError(f"fused_adapter: residual[{i}] has dtype {res.dtype} but x has {x.dtype}")
 
 
-# Where the automatic choice takes the Triton kernels on a GPU (H200, bf16, d = 768; bench/RESULTS.md):
-# at 1,048,576 rows and r = 64 forward plus backward took 0.7x the PyTorch time, at 12,608 rows (a
-# ViT-B/16 batch of 64) 1.5-2.6x, and at r = 512 about 2.6x at either size.
+# Where the automatic choice takes the Triton kernels on a GPU (H200, bf16, d = 768; bench/RESULTS.md).
+# Called eagerly, a call's host time decides below 2^20 rows: at 1,048,576 rows and r = 64 the kernels took
+# 0.46-0.66x the PyTorch time; at 12,608 rows (a ViT-B/16 batch of 64) 1.1-1.8x, the host's work being 85%
+# of the call. Inside a step replayed as a CUDA graph only device time is left, and there the kernels took
+# 0.47x the PyTorch kernels' time forward and 0.51x backward at 12,608 rows (2026-11-27). Fewer rows were not
+# measured.
 TRITON_ADAPTER_MIN_ROWS = 1 << 20
+TRITON_ADAPTER_MIN_ROWS_IN_GRAPH = 12_608
 TRITON_ADAPTER_MAX_R = 128
 
 
 def triton_adapter_pays(x: torch.Tensor, params: AdapterParams) -> bool:
-    """The measured rule for the automatic backend on a GPU: many rows and a bottleneck kept on chip."""
+    """The measured rule for the automatic backend on a GPU: a bottleneck kept on chip, and many rows, or
+    fewer in a training step captured as a CUDA graph (its warm-up and capture run under ``static_shapes``
+    with autograd on). Graphed caption decoding, under no_grad, keeps the PyTorch adapters, so that its
+    tokens stay those of eager decoding."""
+    if params.down_weight.shape[-2] > TRITON_ADAPTER_MAX_R:
+        return False
     rows = x.numel() // max(1, x.shape[-1])
-    return rows >= TRITON_ADAPTER_MIN_ROWS and params.down_weight.shape[-2] <= TRITON_ADAPTER_MAX_R
+    graphed_training = static_shapes_enabled() and torch.is_grad_enabled()
+    return rows >= (TRITON_ADAPTER_MIN_ROWS_IN_GRAPH if graphed_training else TRITON_ADAPTER_MIN_ROWS)
 
 
 def _triton_adapter(
