@@ -387,6 +387,28 @@ def test_automatic_choice_on_a_gpu_for_large_problems(monkeypatch, available):
     assert C._automatic_backend(gpu, large - 1, torch.bfloat16) == "torch"
 
 
+@pytest.mark.parametrize("available", [("triton", "cuda"), ("cuda",)])
+def test_automatic_choice_inside_a_graphed_training_step(monkeypatch, available):
+    """In a training step captured as a CUDA graph (static shapes, autograd on) the Triton loss starts at
+    GPU_FUSED_MIN_LOGITS_IN_GRAPH logits; not under no_grad, not for an op or dtype without a Triton kernel,
+    and not where Triton does not run."""
+    from famevil_fast.capture import static_shapes
+
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(C, "unavailable_reason", lambda name, device: None if name in available else "no")
+    gpu, mid = torch.device("cuda"), C.GPU_FUSED_MIN_LOGITS_IN_GRAPH
+    assert mid < C.GPU_FUSED_MIN_LOGITS
+    assert C._automatic_backend(gpu, mid, torch.bfloat16) == "torch"
+    with static_shapes():
+        fused = "triton" if "triton" in available else "torch"
+        assert C._automatic_backend(gpu, mid, torch.bfloat16) == fused
+        assert C._automatic_backend(gpu, mid - 1, torch.bfloat16) == "torch"
+        assert C._automatic_backend(gpu, mid, torch.float64) == "torch"
+        assert C._automatic_backend(gpu, mid, torch.bfloat16, triton=False) == "torch"
+        with torch.no_grad():
+            assert C._automatic_backend(gpu, mid, torch.bfloat16) == "torch"
+
+
 def test_explicit_backend_needs_matching_device():
     reason = C.unavailable_reason("cpu", torch.device("meta"))
     assert reason is not None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from famevil_fast import _ext
-from famevil_fast.capture import host_reads_allowed
+from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.ops._backend import (
     KERNEL_DTYPES,
     check_backend,
@@ -281,13 +281,17 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     return None
 
 
-# The automatic choice on a GPU (H200, bf16, D = 512, forward plus backward; bench/RESULTS.md): the plain
-# loss is fastest at 4,096 x 4,096 logits (1.07 ms; the Triton loss 2.56, the CUDA kernel 1.95); at
-# 16,384 x 16,384 the Triton loss took 3.78 ms, the CUDA kernel 6.59 and the plain loss 13.78 (and 4.5 GiB
-# beyond its inputs, against 0.3); at 65,536 rows 53.8, 97.1 and 239.8 ms. Between the two smaller sizes
-# the threshold sits at 8,192 x 8,192, where the plain loss's logits alone take 256 MiB. Above it the
-# Triton loss runs where Triton does, else the CUDA kernel.
+# The automatic choice on a GPU (H200, bf16, D = 512, forward plus backward; bench/RESULTS.md, 2026-11-27):
+# called eagerly, the plain loss is fastest at 4,096 x 4,096 logits (1.09 ms; the Triton loss 1.68, the
+# CUDA kernel 1.99, both bound by the host); at 16,384 x 16,384 the Triton loss took 3.06 ms, the CUDA
+# kernel 6.56 and the plain loss 13.65 (and 4.5 GiB beyond its inputs, against 0.3); at 65,536 rows 46.0,
+# 96.8 and 240.1 ms. Between the two smaller sizes the threshold sits at 8,192 x 8,192, where the plain
+# loss's logits alone take 256 MiB. Above it the Triton loss runs where Triton does, else the CUDA kernel.
+# Inside a training step captured as a CUDA graph only device time counts: at 4,096 rows the Triton
+# loss's kernels took 0.28 ms against the plain loss's 0.97, so there the Triton loss starts at 4,096 x
+# 4,096 (smaller sizes were not measured).
 GPU_FUSED_MIN_LOGITS = 8192 * 8192
+GPU_FUSED_MIN_LOGITS_IN_GRAPH = 4096 * 4096
 # On the CPU (2 cores, float32, forward plus backward): the compiled kernels took 1.1-2.6x the time of the
 # plain loss from 32 to 512 rows, 0.88-0.92x at 1,024 rows and 0.43-0.86x at 2,048-4,096 rows (on 16
 # threads of a Xeon, 0.62x at 1,024 rows); below 1,024 x 1,024 logits (4 MiB) the plain loss runs.
@@ -321,18 +325,29 @@ def resolve_backend(
 def _automatic_backend(
     device: torch.device, logits: int | None = None, dtype: torch.dtype | None = None, triton: bool = True
 ) -> str:
-    """The reference below ``GPU_FUSED_MIN_LOGITS`` logits on a GPU (``CPU_FUSED_MIN_LOGITS`` elsewhere);
+    """The reference below ``GPU_FUSED_MIN_LOGITS`` logits on a GPU (``CPU_FUSED_MIN_LOGITS`` elsewhere;
+    ``GPU_FUSED_MIN_LOGITS_IN_GRAPH`` for the Triton loss in a training step captured as a CUDA graph);
     else the Triton loss on a GPU (when ``triton``, i.e. the op has a Triton kernel, and for its dtypes),
     the compiled kernels for the device, the reference."""
-    threshold = GPU_FUSED_MIN_LOGITS if device.type == "cuda" else CPU_FUSED_MIN_LOGITS
-    if logits is not None and logits < threshold:
-        return "torch"
     use_triton = triton and device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES)
+    if logits is not None and logits < _fused_threshold(device, use_triton):
+        return "torch"
     candidates = ("triton", "cuda") if use_triton else ("cuda", "cpu")
     for candidate in candidates:
         if candidate in ("triton", device.type) and unavailable_reason(candidate, device) is None:
             return candidate
     return "torch"
+
+
+def _fused_threshold(device: torch.device, use_triton: bool) -> int:
+    """Logits from which a fused loss runs on ``device``: fewer for the Triton loss inside a graphed training
+    step (its warm-up and capture run under ``static_shapes`` with autograd on), where host time is gone."""
+    if device.type != "cuda":
+        return CPU_FUSED_MIN_LOGITS
+    graphed_training = static_shapes_enabled() and torch.is_grad_enabled()
+    if graphed_training and use_triton and unavailable_reason("triton", device) is None:
+        return GPU_FUSED_MIN_LOGITS_IN_GRAPH
+    return GPU_FUSED_MIN_LOGITS
 
 
 # ---------------------------------------------------------------------------------------------------
