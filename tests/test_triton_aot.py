@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles ahead of time for NVIDIA targets, without a GPU.
+"""Every Triton kernel compiles ahead of time for NVIDIA targets, without a GPU, within the target's shared
+memory.
 
 The compilation runs ``python -m famevil_fast.kernels.aot`` in a subprocess with TRITON_INTERPRET=0
 (the test session interprets kernels, and the compiler needs the real JIT functions). Compiled kernels
@@ -32,6 +33,11 @@ def compile_kernels(*args: str) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Shared memory a block may use (opt-in maximum) per compute capability: a kernel compiled past it fails
+# at launch with "out of resources", which only a card would show.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
 def check_results(results: list[dict], archs: list[int], full: bool) -> None:
     expected = {
         (v.name, dtype, arch)
@@ -44,6 +50,7 @@ def check_results(results: list[dict], archs: list[int], full: bool) -> None:
         where = f"{r['kernel']} {r['dtype']} sm_{r['arch']}"
         assert r["ptx_target"], where
         assert r["cubin_bytes"] > 0, where
+        assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["arch"]], f"{where}: {r['shared_bytes']} bytes"
         if r["has_dot"]:
             # Hopper matrix products go through warpgroup MMA (bf16 and tf32 alike), Ampere through mma.sync
             assert r["wgmma"] == (r["arch"] >= 90), where
