@@ -302,7 +302,9 @@ def kernel_kind(name: str) -> str:
 
 def test_train_step_profile(base_model, kernel_breakdown):
     """Where the device time of one eager bf16 four-task step (``plain``) goes, by kind of kernel and by
-    kernel: the graphed configurations replay the same kernels, so this is what bounds them."""
+    kernel: ``plain_graphed`` replays the same kernels, so this is what bounds it (``fast`` replays them too,
+    but for the adapters of the vision tower, which take the Triton kernels inside a graphed training step
+    from a ViT-B/16 batch of 64)."""
     size = base_model.config.clip.vision.image_size
     batches = workload_batches("all4", BATCHES[0], size)
     setup = Setup(base_model, "plain")
