@@ -7,21 +7,23 @@ take on a GPU. ``torch.compile`` graphs use the registered operators.
 
 import torch
 from famevil_fast.kernels import launch
-from famevil_fast.kernels.custom_ops import adapter_backward_impl, adapter_forward_impl
+from famevil_fast.kernels.custom_ops import adapter_forward_impl, task_rows
 
 N_PARAMS = 7
 
 
 class FusedAdapterFunction(torch.autograd.Function):
     """apply(x, task_ids, save, eps, *params, *residuals) -> y. Arguments are already checked (the task
-    ids' range included): ``famevil_fast.ops.fused_adapter`` validates before it calls this."""
+    ids' range included): ``famevil_fast.ops.fused_adapter`` validates before it calls this. Rows are
+    grouped by task once, in the forward pass; the backward reuses that grouping."""
 
     @staticmethod
     def forward(ctx, x, task_ids, save, eps, *tensors):
         params, residuals = tensors[:N_PARAMS], list(tensors[N_PARAMS:])
-        y, h, mean, rstd = adapter_forward_impl(x, params, residuals, task_ids, save, eps, validate=False)
+        rows = task_rows(task_ids, params[0].shape[0] if task_ids is not None else 1, validate=False)
+        y, h, mean, rstd = launch.adapter_forward(x, params, residuals, rows, save, eps)
         ctx.saved = save
-        ctx.task_ids = task_ids
+        ctx.rows = rows
         ctx.num_residuals = len(residuals)
         if save:
             ctx.save_for_backward(x, *params, h, mean, rstd)
@@ -34,8 +36,8 @@ class FusedAdapterFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if ctx.saved and (needs[0] or any(needs[4 : 4 + N_PARAMS])):
             x, *params, h, mean, rstd = ctx.saved_tensors
-            adapter_grads = adapter_backward_impl(
-                grad_y.contiguous(), x, tuple(params), h, mean, rstd, ctx.task_ids, validate=False
+            adapter_grads = launch.adapter_backward(
+                grad_y.contiguous(), x, tuple(params), h, mean, rstd, ctx.rows
             )
         return (adapter_grads[0], None, None, None, *adapter_grads[1:], *residual_grads)
 

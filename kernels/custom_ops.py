@@ -19,7 +19,9 @@ from famevil_fast.kernels import launch
 from famevil_fast.capture import host_reads_allowed
 
 
-def _task_rows(task_ids: torch.Tensor | None, n_tasks: int, validate: bool = True) -> launch.TaskRows:
+def task_rows(task_ids: torch.Tensor | None, n_tasks: int, validate: bool = True) -> launch.TaskRows:
+    """The row grouping the kernels take: rows sorted by task on the device (after a range check of the ids
+    unless ``validate`` is False or a host read is not allowed)."""
     if task_ids is None:
         return launch.SINGLE_TASK
     if validate and task_ids.numel() and host_reads_allowed():
@@ -62,7 +64,7 @@ def adapter_forward_impl(
     """The forward launch behind ``adapter_forward``; ``validate=False`` skips the task-id range check
     (a device-to-host read) for callers that made it already."""
     mixed = task_ids is not None
-    rows = _task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
+    rows = task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
     return launch.adapter_forward(x, params, residuals, rows, save, eps)
 
 
@@ -80,7 +82,7 @@ def adapter_backward_impl(
     mixed = task_ids is not None
     if h.shape[0] != x.shape[0]:
         raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
-    rows = _task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
+    rows = task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
     return launch.adapter_backward(grad, x, params, h, mean, rstd, rows)
 
 

@@ -385,6 +385,27 @@ def test_eager_path_runs_its_kernels_and_no_pytorch_compute(
     assert set(log.ops) <= HOST_OPS, log.ops
 
 
+def test_mixed_task_rows_are_grouped_once_per_forward_and_backward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouping rows by task sorts the task ids on the device: the forward does it, the backward reuses it
+    (and still gives the reference's gradients)."""
+    from famevil_fast.kernels import launch
+
+    calls = []
+    real = launch.group_rows
+    monkeypatch.setattr(launch, "group_rows", lambda *a: calls.append(1) or real(*a))
+    p = [t.float().requires_grad_() for t in random_params(64, 16, tasks=3)]
+    x = torch.randn(7, 64, requires_grad=True)
+    ids = torch.tensor([2, 0, 0, 1, 2, 1, 0])
+    grad = torch.randn(7, 64)
+    y = fused_adapter(x, *p, task_ids=ids, backend="triton")
+    assert len(calls) == 1
+    grads = torch.autograd.grad(y, [x, *p], grad)
+    assert len(calls) == 1
+    ref = fused_adapter(x, *p, task_ids=ids, backend="torch")
+    for got, want in zip(grads, torch.autograd.grad(ref, [x, *p], grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- GPU: compiled kernels, bf16 numerics
 
 
