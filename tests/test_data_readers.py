@@ -11,7 +11,7 @@ from famevil_fast.data.fashion200k import read_fashion200k
 from famevil_fast.data.fashiongen import read_fashiongen
 from famevil_fast.data.fashioniq import read_fashioniq
 from famevil_fast.data.fiq_convert import convert_fashioniq_val, fashioniq_val_rows
-from famevil_fast.data.images import SkippedImagesWarning, size_from_bytes
+from famevil_fast.data.images import SkippedImagesWarning, jpeg_truncated, size_from_bytes
 from famevil_fast.data.tasks import train_table
 
 
@@ -183,3 +183,24 @@ def test_header_size_parsing(tmp_path):
         noise_image(path, 37, 53, **kw)
         assert size_from_bytes(path.read_bytes()) == (37, 53)
     assert size_from_bytes(b"GIF89a....") is None
+
+
+def test_truncated_jpeg_detection(tmp_path):
+    """A JPEG cut anywhere after its header lacks the end-of-image marker after its first scan; an EXIF-style
+    thumbnail (a whole JPEG, end marker included) inside APP1 does not make a cut file look complete."""
+    for kw in ({"quality": 80}, {"progressive": True}):
+        path = tmp_path / "a.jpg"
+        noise_image(path, 37, 53, **kw)
+        data = path.read_bytes()
+        assert not jpeg_truncated(data)
+        for cut in (len(data) // 3, len(data) // 2, len(data) - 2):
+            assert jpeg_truncated(data[:cut]), (kw, cut)
+        payload = b"Exif\x00\x00\xff\xd8\xff\xd9"
+        thumb = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+        with_thumb = data[:2] + thumb + data[2:]
+        assert size_from_bytes(with_thumb) == (37, 53)
+        assert not jpeg_truncated(with_thumb)
+        assert jpeg_truncated(with_thumb[: len(with_thumb) // 2])
+    png = tmp_path / "a.png"
+    noise_image(png, 5, 6)
+    assert not jpeg_truncated(png.read_bytes()) and not jpeg_truncated(b"")

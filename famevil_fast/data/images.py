@@ -93,6 +93,37 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of a JPEG's first start-of-scan marker, found by walking the marker segments (so that a
+    thumbnail inside an APP1 segment is stepped over); None when there is none."""
+    i, n = 2, len(data)
+    while i + 3 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker == 0xDA:
+            return i
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        i += 2 + length
+    return None
+
+
+def jpeg_truncated(data: bytes) -> bool:
+    """True for a JPEG whose data stops before its end-of-image marker: no start of scan, or no FF D9 after
+    it. Entropy-coded data cannot hold FF D9 (every FF byte there is followed by 00 or a restart marker),
+    so the search cannot end early inside a scan. Not a JPEG: False."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    sos = _jpeg_scan_start(data)
+    return sos is None or data.find(b"\xff\xd9", sos) < 0
+
+
 def size_from_bytes(data: bytes | memoryview) -> tuple[int, int] | None:
     """(height, width) read from a PNG or JPEG header without decoding; None when not recognised."""
     head = bytes(data[:2])

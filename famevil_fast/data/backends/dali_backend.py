@@ -21,7 +21,7 @@ from PIL import Image
 
 from famevil_fast.data.backends.base import ImageBackend, Loaded
 from famevil_fast.data.backends.pil_backend import decode_error
-from famevil_fast.data.images import probe_size, read_bytes
+from famevil_fast.data.images import jpeg_truncated, probe_size, read_bytes
 from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan
 
 
@@ -151,6 +151,8 @@ class DALIBackend(ImageBackend):
         failures: list[tuple[str, str]] = []
         for p, d in zip(paths, datas):
             try:
+                if d is not None and jpeg_truncated(d):  # checked here: nvJPEG's handling is not PIL's
+                    raise ValueError("truncated JPEG: the data ends before the end-of-image marker")
                 sizes.append(None if d is None else probe_size(d, p))
             except (OSError, SyntaxError, ValueError) as e:
                 sizes.append(None)
