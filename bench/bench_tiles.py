@@ -1,6 +1,7 @@
 """Tile sweep for the Triton kernels: the device time of each launch configuration a kernel could use.
 
-``kernels.configs`` fixes one configuration (tile sizes, warps, pipeline stages) per kernel. This report
+``kernels.configs`` fixes one configuration (tile sizes, warps, pipeline stages) per kernel, and how many
+programs per multiprocessor the split reductions aim at. This report
 runs each op with every candidate of its kernel in turn, checks that the result matches the current
 configuration's, and prints the device time (CUDA-graph replays, so the host's launch cost is out of the
 figure) and the ratio to the current choice. It is the measurement behind the choices in ``configs``;
@@ -55,6 +56,8 @@ DX_WEIGHTS = [
     Tiles(128, 64, 1, 8, 2),
     Tiles(32, 128, 1, 4, 2),
 ]
+REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
+SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
     Tiles(64, 128, 64, 4, 4),
@@ -63,6 +66,7 @@ CONTRASTIVE = [
 if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[:1]
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
+    REDUCTION_PROGRAMS, SPAN_PROGRAMS = [4], [2]
 
 
 def device_ms(fn: Callable[[], object]) -> float:
@@ -98,11 +102,12 @@ def device_ms(fn: Callable[[], object]) -> float:
 
 @dataclass
 class Family:
-    """One kernel's configuration function in ``configs``, its candidates, and an op that uses it."""
+    """One launch setting in ``configs`` (a kernel's tile function, or a count such as programs per
+    multiprocessor), its candidates, and an op that uses it."""
 
     name: str
-    config: str  # attribute of ``configs`` the launchers call
-    candidates: list[Tiles]
+    config: str  # attribute of ``configs`` the launchers read
+    candidates: list[Tiles] | list[int]
     make: Callable[[int], Callable[[], tuple[torch.Tensor, ...]]]  # rows -> op returning its outputs
     sizes: tuple[int, ...]
 
@@ -171,6 +176,20 @@ FAMILIES = [
         "adapter backward: dx + weights", "dx_weight_tiles", DX_WEIGHTS, adapter_backward_op, ADAPTER_ROWS
     ),
     Family(
+        "adapter backward: segments",
+        "REDUCTION_PROGRAMS_PER_SM",
+        REDUCTION_PROGRAMS,
+        adapter_backward_op,
+        ADAPTER_ROWS,
+    ),
+    Family(
+        "contrastive forward: spans",
+        "CONTRASTIVE_PROGRAMS_PER_SM",
+        SPAN_PROGRAMS,
+        contrastive_forward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
         "contrastive forward (two-way)",
         "contrastive_lse_tiles",
         CONTRASTIVE,
@@ -205,10 +224,15 @@ def sweep(family: Family, rows: int, monkeypatch: pytest.MonkeyPatch) -> list[tu
     op = family.make(rows)
     want = tuple(t.clone() for t in op())
     results = [("current", device_ms(op), "")]
-    for tiles in family.candidates:
-        label = f"{tiles.block_m}x{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}"
+    for candidate in family.candidates:
         with monkeypatch.context() as patch:
-            patch.setattr(configs, family.config, lambda *_, t=tiles: t)
+            if isinstance(candidate, Tiles):
+                t = candidate
+                label = f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+                patch.setattr(configs, family.config, lambda *_, t=t: t)
+            else:
+                label = f"{candidate} programs per SM"
+                patch.setattr(configs, family.config, candidate)
             try:
                 problem = _agree(op(), want)
                 ms = None if problem else device_ms(op)

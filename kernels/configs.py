@@ -157,19 +157,24 @@ def row_constants_tiles() -> Tiles:
     return Tiles(block_m=32, block_n=1, block_k=128, num_warps=4, num_stages=2)
 
 
+REDUCTION_PROGRAMS_PER_SM = 2  # programs of a weight-gradient reduction per multiprocessor
+MAX_REDUCTION_SEGMENTS = 64
+
+
 def reduction_segments(
     n_rows: int, n_tasks: int, tiles_per_segment: int, block_m: int, device: torch.device
 ) -> int:
-    """Row segments per task for the weight-gradient reduction: enough programs to fill the device (two per
-    multiprocessor), never more segments than row blocks. The interpreter uses two when there are rows for
-    two, so the multi-segment reduction is exercised on the CPU."""
+    """Row segments per task for the weight-gradient reduction: enough programs to fill the device
+    (REDUCTION_PROGRAMS_PER_SM per multiprocessor), never more segments than row blocks or
+    MAX_REDUCTION_SEGMENTS. The interpreter uses two when there are rows for two, so the multi-segment
+    reduction is exercised on the CPU."""
     rows_per_task = cdiv(max(n_rows, 1), n_tasks)
     blocks = max(1, cdiv(rows_per_task, block_m))
     if device.type != "cuda":
         return min(2, blocks)
     sms = multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    wanted = cdiv(2 * sms, max(1, tiles_per_segment * n_tasks))
-    return max(1, min(wanted, blocks, 64))
+    wanted = cdiv(REDUCTION_PROGRAMS_PER_SM * sms, max(1, tiles_per_segment * n_tasks))
+    return max(1, min(wanted, blocks, MAX_REDUCTION_SEGMENTS))
 
 
 @functools.cache
