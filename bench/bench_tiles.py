@@ -1,15 +1,15 @@
 """Tile sweep for the Triton kernels: the device time of each launch configuration a kernel could use.
 
 ``kernels.configs`` fixes one configuration (tile sizes, warps, pipeline stages) per kernel, and how many
-programs per multiprocessor the split reductions aim at. This report
-runs each op with every candidate of its kernel in turn, checks that the result matches the current
-configuration's, and prints the device time (CUDA-graph replays, so the host's launch cost is out of the
-figure) and the ratio to the current choice. It is the measurement behind the choices in ``configs``;
+programs per multiprocessor the split reductions aim at. This report runs each op with every candidate of
+its setting in turn, checks that the result matches the current configuration's, and prints the device
+time (CUDA-graph replays, so the host's launch cost is out of the figure) and the ratio to the current
+choice. It is the measurement behind the choices in ``configs``;
 rerun it on a new card before changing them:
 
     pytest -q -s bench/bench_tiles.py
 
-On the CPU (TRITON_INTERPRET=1) it runs two candidates of each family on small shapes: a check of the
+On the CPU (TRITON_INTERPRET=1) it runs one or two candidates of each setting on small shapes: a check of the
 sweep itself and of the candidates' masking, not a timing.
 """
 
