@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
@@ -72,12 +72,14 @@ def missing_files(root: str | os.PathLike, paths: Iterable[str], threads: int = 
     return {p for p, ok in zip(unique, exists) if not ok}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    n = len(data)
-    while i + 9 < n:
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of each marker segment of a JPEG from its start, stepping over fill bytes and
+    standalone markers (a thumbnail inside an APP1 segment is stepped over with it); stops at a byte that is
+    not a marker or at the end of the data."""
+    i, n = 2, len(data)
+    while i + 3 < n:
         if data[i] != 0xFF:
-            return None
+            return
         marker = data[i + 1]
         if marker == 0xFF:
             i += 1
@@ -85,33 +87,24 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
+        yield marker, i
         (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        i += 2 + length
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    for marker, i in _jpeg_segments(data):
+        if i + 9 >= len(data):
+            return None
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             return height, width
-        i += 2 + length
     return None
 
 
 def _jpeg_scan_start(data: bytes) -> int | None:
-    """Offset of a JPEG's first start-of-scan marker, found by walking the marker segments (so that a
-    thumbnail inside an APP1 segment is stepped over); None when there is none."""
-    i, n = 2, len(data)
-    while i + 3 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        if marker == 0xDA:
-            return i
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        i += 2 + length
-    return None
+    """Offset of a JPEG's first start-of-scan marker; None when there is none."""
+    return next((i for marker, i in _jpeg_segments(data) if marker == 0xDA), None)
 
 
 def jpeg_truncated(data: bytes) -> bool:
