@@ -20,7 +20,7 @@ class FusedAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, task_ids, save, eps, *tensors):
         params, residuals = tensors[:N_PARAMS], list(tensors[N_PARAMS:])
-        rows = task_rows(task_ids, params[0].shape[0] if task_ids is not None else 1, validate=False)
+        rows = task_rows(task_ids, params, validate=False)
         y, h, mean, rstd = launch.adapter_forward(x, params, residuals, rows, save, eps)
         ctx.saved = save
         ctx.rows = rows

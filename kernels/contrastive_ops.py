@@ -27,10 +27,10 @@ def launch_lse(
     m, d = x.shape
     n = y.shape[0]
     t = configs.contrastive_lse_tiles(x.dtype)
-    row_blocks = configs.cdiv(m, t.block_m)
-    spans = configs.contrastive_column_spans(row_blocks, configs.cdiv(n, t.block_n), x.device)
-    span = configs.cdiv(configs.cdiv(n, t.block_n), spans) * t.block_n
-    spans = configs.cdiv(n, span) if n else 1
+    row_blocks, col_tiles = configs.cdiv(m, t.block_m), configs.cdiv(n, t.block_n)
+    wanted = configs.contrastive_column_spans(row_blocks, col_tiles, x.device)
+    span = configs.cdiv(col_tiles, wanted) * t.block_n
+    spans = configs.cdiv(n, span) if n else 1  # rounding the span up can leave fewer spans
     out = torch.empty((spans, m), dtype=torch.float32, device=x.device)
     contrastive_lse_kernel[(row_blocks, spans)](
         x,

@@ -19,11 +19,15 @@ from famevil_fast.kernels import launch
 from famevil_fast.capture import host_reads_allowed
 
 
-def task_rows(task_ids: torch.Tensor | None, n_tasks: int, validate: bool = True) -> launch.TaskRows:
-    """The row grouping the kernels take: rows sorted by task on the device (after a range check of the ids
-    unless ``validate`` is False or a host read is not allowed)."""
+def task_rows(
+    task_ids: torch.Tensor | None, params: tuple[torch.Tensor, ...], validate: bool = True
+) -> launch.TaskRows:
+    """The row grouping the kernels take: rows sorted by task on the device, for as many tasks as the
+    parameters' leading dimension (after a range check of the ids unless ``validate`` is False or a host
+    read is not allowed)."""
     if task_ids is None:
         return launch.SINGLE_TASK
+    n_tasks = params[0].shape[0]
     if validate and task_ids.numel() and host_reads_allowed():
         low, high = int(task_ids.min()), int(task_ids.max())
         if low < 0 or high >= n_tasks:
@@ -63,8 +67,7 @@ def adapter_forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward launch behind ``adapter_forward``; ``validate=False`` skips the task-id range check
     (a device-to-host read) for callers that made it already."""
-    mixed = task_ids is not None
-    rows = task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
+    rows = task_rows(task_ids, params, validate)
     return launch.adapter_forward(x, params, residuals, rows, save, eps)
 
 
@@ -79,10 +82,9 @@ def adapter_backward_impl(
     validate: bool = True,
 ) -> tuple[torch.Tensor, ...]:
     """The backward launches behind ``adapter_backward``: the gradients of x and the seven parameters."""
-    mixed = task_ids is not None
     if h.shape[0] != x.shape[0]:
         raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
-    rows = task_rows(task_ids, params[0].shape[0] if mixed else 1, validate)
+    rows = task_rows(task_ids, params, validate)
     return launch.adapter_backward(grad, x, params, h, mean, rstd, rows)
 
 

@@ -329,23 +329,27 @@ def _automatic_backend(
     ``GPU_FUSED_MIN_LOGITS_IN_GRAPH`` for the Triton loss in a training step captured as a CUDA graph);
     else the Triton loss on a GPU (when ``triton``, i.e. the op has a Triton kernel, and for its dtypes),
     the compiled kernels for the device, the reference."""
-    use_triton = triton and device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES)
+    use_triton = (
+        triton
+        and device.type == "cuda"
+        and (dtype is None or dtype in KERNEL_DTYPES)
+        and unavailable_reason("triton", device) is None
+    )
     if logits is not None and logits < _fused_threshold(device, use_triton):
         return "torch"
-    candidates = ("triton", "cuda") if use_triton else ("cuda", "cpu")
-    for candidate in candidates:
-        if candidate in ("triton", device.type) and unavailable_reason(candidate, device) is None:
-            return candidate
-    return "torch"
+    if use_triton:
+        return "triton"
+    compiled = device.type in ("cuda", "cpu") and unavailable_reason(device.type, device) is None
+    return device.type if compiled else "torch"
 
 
 def _fused_threshold(device: torch.device, use_triton: bool) -> int:
-    """Logits from which a fused loss runs on ``device``: fewer for the Triton loss inside a graphed training
-    step (its warm-up and capture run under ``static_shapes`` with autograd on), where host time is gone."""
+    """Logits from which a fused loss runs on ``device``: fewer for the Triton loss (``use_triton``: it is
+    the one that will run) inside a graphed training step (its warm-up and capture run under
+    ``static_shapes`` with autograd on), where host time is gone."""
     if device.type != "cuda":
         return CPU_FUSED_MIN_LOGITS
-    graphed_training = static_shapes_enabled() and torch.is_grad_enabled()
-    if graphed_training and use_triton and unavailable_reason("triton", device) is None:
+    if use_triton and static_shapes_enabled() and torch.is_grad_enabled():
         return GPU_FUSED_MIN_LOGITS_IN_GRAPH
     return GPU_FUSED_MIN_LOGITS
 
