@@ -58,6 +58,7 @@ DX_WEIGHTS = [
 ]
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
+COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
     Tiles(64, 128, 64, 4, 4),
@@ -107,7 +108,7 @@ class Family:
 
     name: str
     config: str  # attribute of ``configs`` the launchers read
-    candidates: list[Tiles] | list[int]
+    candidates: list[Tiles] | list[int] | list[bool]
     make: Callable[[int], Callable[[], tuple[torch.Tensor, ...]]]  # rows -> op returning its outputs
     sizes: tuple[int, ...]
 
@@ -190,6 +191,13 @@ FAMILIES = [
         CONTRASTIVE_ROWS,
     ),
     Family(
+        "contrastive forward: column scale",
+        "CONTRASTIVE_SHARED_COLUMN_SCALE",
+        COLUMN_SCALE,
+        contrastive_forward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
         "contrastive forward (two-way)",
         "contrastive_lse_tiles",
         CONTRASTIVE,
@@ -232,6 +240,8 @@ def sweep(family: Family, rows: int, monkeypatch: pytest.MonkeyPatch) -> list[tu
                 patch.setattr(configs, family.config, lambda *_, t=t: t)
             else:
                 label = f"{candidate} programs per SM"
+                if isinstance(candidate, bool):
+                    label = f"{family.config[-12:].lower()}={candidate}"
                 patch.setattr(configs, family.config, candidate)
             try:
                 problem = _agree(op(), want)

@@ -167,15 +167,19 @@ def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Vari
 
 
 def _contrastive(dtype: str) -> list[Variant]:
-    """The log-sum-exp sweep and the gradient tile (G is stored in the input dtype for bf16 and fp32)."""
+    """The log-sum-exp sweep (both forms of its column statistics) and the gradient tile (G is stored in the
+    input dtype for bf16 and fp32)."""
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, g = configs.contrastive_lse_tiles(torch_dtype), configs.contrastive_grad_tiles(torch_dtype)
     sweep = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype), "COLS": True}
     grad = {"BLOCK_M": g.block_m, "BLOCK_N": g.block_n, "BLOCK_K": g.block_k, **_dot(dtype), "HAS_Y": True}
-    return [
-        Variant("contrastive_lse", contrastive_lse_kernel, sweep, **_launch(t), dtype=dtype),
-        Variant("contrastive_lse_grad", contrastive_lse_grad_kernel, grad, **_launch(g), dtype=dtype),
+    forms = (("contrastive_lse", False), ("contrastive_lse_shared_cols", True))
+    sweeps = [
+        Variant(name, contrastive_lse_kernel, {**sweep, "SHARED_COL_SCALE": on}, **_launch(t), dtype=dtype)
+        for name, on in forms
     ]
+    grad_tile = Variant("contrastive_lse_grad", contrastive_lse_grad_kernel, grad, **_launch(g), dtype=dtype)
+    return [*sweeps, grad_tile]
 
 
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:

@@ -66,6 +66,35 @@ def dot_tile(
 
 
 @triton.jit
+def column_lse_exact(t, rmask):
+    """Natural log-sum-exp over the valid rows of each column of a tile of base-2 logits ``t``, each
+    column stabilised by its own maximum (a reduction across the tile's rows, then one exponential per
+    entry)."""
+    tc = tl.where(rmask[:, None], t, float("-inf"))
+    col_max = tl.max(tc, axis=0)
+    col_sum = tl.sum(tl.exp2(tc - col_max[None, :]), axis=0)
+    return (col_max + tl.log2(col_sum)) * 0.6931471805599453
+
+
+@triton.jit
+def column_lse_shared(t, e, row_max, rmask, cmask):
+    """``column_lse_exact`` from the row pass's exponentials ``e = exp2(t - row_max)``: every column is
+    stabilised by the tile's largest logit R, as ``sum_i e_ij * exp2(row_max_i - R)``, which saves the
+    column maxima and a second exponential per entry. Every term is at most 1, so nothing overflows, and
+    terms below the float32 normal range (2^-126) are lost. Where a column's sum falls under 2^-100 (its
+    largest logit more than 100 below R, in base 2), those losses could exceed 2^-19 of it, so a tile with
+    such a column takes the exact path."""
+    tiny = 7.888609052210118e-31  # 2^-100
+    valid_max = tl.where(rmask, row_max, float("-inf"))
+    top = tl.max(valid_max, axis=0)
+    col_sum = tl.where(cmask, tl.sum(e * tl.exp2(valid_max - top)[:, None], axis=0), 1.0)
+    col_lse = (top + tl.log2(tl.maximum(col_sum, tiny))) * 0.6931471805599453
+    if tl.min(col_sum, axis=0) < tiny:
+        col_lse = column_lse_exact(t, rmask)
+    return col_lse
+
+
+@triton.jit
 def contrastive_lse_kernel(
     x_ptr,
     y_ptr,
@@ -80,13 +109,17 @@ def contrastive_lse_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COLS: tl.constexpr,
+    SHARED_COL_SCALE: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Program (pid_m, pid_n) takes the BLOCK_M rows of X of row block pid_m and the rows
     [pid_n * span, (pid_n + 1) * span) of Y (span a multiple of BLOCK_N). lse[pid_n, i] = log sum_j
     exp(scale * x_i . y_j) over that span; with COLS also col_part[pid_m, j] = log sum_i exp(scale * x_i .
-    y_j) over the block's rows (the host reduces both kinds of partials with one logsumexp each)."""
+    y_j) over the block's rows (the host reduces both kinds of partials with one logsumexp each).
+
+    With SHARED_COL_SCALE the column sums reuse the row-stabilised exponentials (``column_lse_shared``)
+    instead of a stabiliser and an exponential of their own per column (``column_lse_exact``)."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,16 +137,18 @@ def contrastive_lse_kernel(
         acc = dot_tile(
             x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION
         )
-        if COLS:
-            tc = tl.where(rmask[:, None], acc * scale2, float("-inf"))
-            col_max = tl.max(tc, axis=0)
-            col_sum = tl.sum(tl.exp2(tc - col_max[None, :]), axis=0)
-            col_lse = (col_max + tl.log2(col_sum)) * 0.6931471805599453
-            tl.store(col_part_ptr + pid.to(tl.int64) * n + cols64, col_lse, mask=cmask)
         t = tl.where(cmask[None, :], acc * scale2, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(t, axis=1))
-        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(t - new_max[:, None]), axis=1)
+        tile_max = tl.max(t, axis=1)
+        e = tl.exp2(t - tile_max[:, None])  # in (0, 1]; 0 in masked columns
+        new_max = tl.maximum(run_max, tile_max)
+        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(e, axis=1) * tl.exp2(tile_max - new_max)
         run_max = new_max
+        if COLS:
+            if SHARED_COL_SCALE:
+                col_lse = column_lse_shared(acc * scale2, e, tile_max, rmask, cmask)
+            else:
+                col_lse = column_lse_exact(acc * scale2, rmask)
+            tl.store(col_part_ptr + pid.to(tl.int64) * n + cols64, col_lse, mask=cmask)
     lse = (run_max + tl.log2(run_sum)) * 0.6931471805599453
     tl.store(lse_ptr + pid_n.to(tl.int64) * m + rows, lse, mask=rmask)
 

@@ -46,6 +46,7 @@ def launch_lse(
         BLOCK_N=t.block_n,
         BLOCK_K=t.block_k,
         COLS=col_part is not None,
+        SHARED_COL_SCALE=configs.CONTRASTIVE_SHARED_COLUMN_SCALE,
         **configs.dot_args(x.dtype),
         **t.launch(),
     )

@@ -25,6 +25,13 @@ if DEV == "cuda":  # 128 x 128 tiles there
     SHAPES += [(300, 517, 64), (1000, 1000, 512)]
 
 
+@pytest.fixture(params=[False, True], ids=["exact_columns", "shared_column_scale"])
+def column_scale(request, monkeypatch):
+    """Both forms of the two-way sweep's column statistics (``configs.CONTRASTIVE_SHARED_COLUMN_SCALE``)."""
+    monkeypatch.setattr(configs, "CONTRASTIVE_SHARED_COLUMN_SCALE", request.param)
+    return request.param
+
+
 def _inputs(m, n, d, s=5.0, dtype=torch.float32):
     a = torch.nn.functional.normalize(torch.randn(m, d, dtype=torch.float64), dim=1)
     b = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
@@ -68,7 +75,7 @@ def _variants(m, n):
 
 
 @pytest.mark.parametrize("m,n,d", SHAPES)
-def test_every_variant_matches_the_float64_reference(m, n, d):
+def test_every_variant_matches_the_float64_reference(m, n, d, column_scale):
     tensors = _inputs(m, n, d)
     for name, kw in _variants(m, n):
         try:
@@ -97,7 +104,7 @@ def test_backward_in_several_blocks_of_g(monkeypatch, budget, blocks):
 
 
 @pytest.mark.parametrize("spans", [1, 2, 3, 50])
-def test_log_sum_exps_do_not_depend_on_the_column_spans(monkeypatch, spans):
+def test_log_sum_exps_do_not_depend_on_the_column_spans(monkeypatch, spans, column_scale):
     """The sweep splits Y's rows into spans (programs) and combines their partial log-sum-exps: any count,
     one span per column tile at most, gives the same statistics; the last span is partial."""
     m, n = (70, 100) if DEV == "cpu" else (300, 1100)
@@ -122,8 +129,26 @@ def test_column_statistics_in_two_sweeps_when_partials_exceed_their_budget(monke
 
 
 @pytest.mark.parametrize("scale", [0.0, -3.0, 100.0])
-def test_extreme_scales(scale):
+def test_extreme_scales(scale, column_scale):
     _check(_inputs(40, 40, 16, s=scale), tol=5e-5)
+
+
+def test_column_far_below_the_tile_maximum(column_scale):
+    """Rows all close to one direction u, column 0 equal to u and column 3 to -u, at scale 100: column 3's
+    logits lie about 200 below the tile's largest. Stabilised by that maximum its exponentials vanish in
+    float32, so the shared column scale must fall back to the column's own maximum there."""
+    d = 24
+    u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64), dim=0)
+    a = torch.nn.functional.normalize(u + 0.05 * torch.randn(40, d, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(40, d, dtype=torch.float64), dim=1)
+    b[0], b[3] = u, -u
+    a, b, s = a.to(DEV, torch.float32), b.to(DEV, torch.float32), torch.tensor(100.0, device=DEV)
+    rows_lse, cols_lse = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+    logits = 100.0 * (a.double() @ b.double().T)
+    assert float(logits[:, 0].min() - logits[:, 3].max()) > 150  # the far column, below every row block
+    torch.testing.assert_close(rows_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cols_lse.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-5)
+    _check((a, b, s), tol=5e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
