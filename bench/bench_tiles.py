@@ -50,11 +50,13 @@ FUSED_FORWARD = [
 DP = [  # no candidate moved the whole backward by more than 4% on an H200 (12,608 and 2^20 rows)
     Tiles(128, 64, 64, 8, 3),
 ]
-DX_WEIGHTS = [
+DX_WEIGHTS = [  # the current 64x64, 4 warps, spills 176 bytes a thread (ptxas, sm_90); 32x64 does not
     Tiles(64, 64, 1, 8, 2),
     Tiles(64, 128, 1, 8, 2),
     Tiles(128, 64, 1, 8, 2),
     Tiles(32, 128, 1, 4, 2),
+    Tiles(32, 64, 1, 4, 2),
+    Tiles(32, 64, 1, 4, 3),
 ]
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4

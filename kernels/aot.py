@@ -3,7 +3,8 @@
 ``variants()`` lists each kernel with the launch configurations the launchers use (tiles from
 ``configs`` for a representative shape); ``compile_variant`` builds one with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, which runs Triton's whole
-code generation down to PTX and a cubin. Needs the real compiler, so run it with TRITON_INTERPRET=0:
+code generation down to PTX and a cubin; the summary of each gives its shared memory, and its registers and
+spill stack per thread (``resource_usage``). Needs the real compiler, so run it with TRITON_INTERPRET=0:
 
     TRITON_INTERPRET=0 python -m famevil_fast.kernels.aot --arch 90 --arch 80
 """
@@ -219,8 +220,30 @@ def compile_variant(v: Variant, arch: int) -> dict:
         "mma": "mma" in ptx,
         "has_dot": v.has_dot,
         "shared_bytes": compiled.metadata.shared,
+        **resource_usage(compiled.asm["cubin"]),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and spill stack bytes per thread of a cubin's kernel, from cuobjdump
+    -res-usage (shipped with Triton's NVIDIA backend); empty when the tool is missing. A kernel at 255
+    registers with a stack has spilled; registers also bound how many programs share a multiprocessor."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = {key: re.search(rf"{key}:(\d+)", report) for key in ("REG", "STACK")}
+    if not all(found.values()):
+        return {}
+    return {"registers": int(found["REG"].group(1)), "spill_stack_bytes": int(found["STACK"].group(1))}
 
 
 def plan(archs: list[int], full: bool = False) -> list[tuple[str, bool, bool, int, int]]:

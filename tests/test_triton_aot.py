@@ -51,6 +51,8 @@ def check_results(results: list[dict], archs: list[int], full: bool) -> None:
         assert r["ptx_target"], where
         assert r["cubin_bytes"] > 0, where
         assert r["shared_bytes"] <= SHARED_MEMORY_LIMIT[r["arch"]], f"{where}: {r['shared_bytes']} bytes"
+        if "registers" in r:  # cuobjdump's resource report, where Triton ships the tool
+            assert 0 < r["registers"] <= 255 and r["spill_stack_bytes"] >= 0, where
         if r["has_dot"]:
             # Hopper matrix products go through warpgroup MMA (bf16 and tf32 alike), Ampere through mma.sync
             assert r["wgmma"] == (r["arch"] >= 90), where
