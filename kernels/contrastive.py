@@ -139,16 +139,19 @@ def contrastive_lse_kernel(
         )
         t = tl.where(cmask[None, :], acc * scale2, float("-inf"))
         tile_max = tl.max(t, axis=1)
-        e = tl.exp2(t - tile_max[:, None])  # in (0, 1]; 0 in masked columns
         new_max = tl.maximum(run_max, tile_max)
-        run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(e, axis=1) * tl.exp2(tile_max - new_max)
-        run_max = new_max
-        if COLS:
-            if SHARED_COL_SCALE:
-                col_lse = column_lse_shared(acc * scale2, e, tile_max, rmask, cmask)
-            else:
-                col_lse = column_lse_exact(acc * scale2, rmask)
+        if COLS and SHARED_COL_SCALE:
+            e = tl.exp2(t - tile_max[:, None])  # in (0, 1]; 0 in masked columns
+            row_part = tl.sum(e, axis=1) * tl.exp2(tile_max - new_max)
+            col_lse = column_lse_shared(acc * scale2, e, tile_max, rmask, cmask)
             tl.store(col_part_ptr + pid.to(tl.int64) * n + cols64, col_lse, mask=cmask)
+        else:
+            if COLS:
+                col_lse = column_lse_exact(acc * scale2, rmask)
+                tl.store(col_part_ptr + pid.to(tl.int64) * n + cols64, col_lse, mask=cmask)
+            row_part = tl.sum(tl.exp2(t - new_max[:, None]), axis=1)
+        run_sum = run_sum * tl.exp2(run_max - new_max) + row_part
+        run_max = new_max
     lse = (run_max + tl.log2(run_sum)) * 0.6931471805599453
     tl.store(lse_ptr + pid_n.to(tl.int64) * m + rows, lse, mask=rmask)
 
