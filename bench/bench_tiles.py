@@ -57,6 +57,8 @@ DX_WEIGHTS = [  # the current 64x64, 4 warps, spills 176 bytes a thread (ptxas, 
     Tiles(32, 128, 1, 4, 2),
     Tiles(32, 64, 1, 4, 2),
     Tiles(32, 64, 1, 4, 3),
+    Tiles(32, 64, 1, 4, 2, maxnreg=168),  # three programs per multiprocessor instead of two; spills 136 B
+    Tiles(32, 32, 1, 4, 2, maxnreg=128),  # four; spills 168 B
 ]
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
@@ -67,7 +69,7 @@ CONTRASTIVE = [
     Tiles(128, 256, 64, 8, 3),
 ]
 if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
-    FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[:1]
+    FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     REDUCTION_PROGRAMS, SPAN_PROGRAMS = [4], [2]
 
@@ -239,6 +241,7 @@ def sweep(family: Family, rows: int, monkeypatch: pytest.MonkeyPatch) -> list[tu
             if isinstance(candidate, Tiles):
                 t = candidate
                 label = f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+                label += f" r{t.maxnreg}" if t.maxnreg else ""
                 patch.setattr(configs, family.config, lambda *_, t=t: t)
             else:
                 label = f"{candidate} programs per SM"

@@ -51,6 +51,7 @@ class Variant:
     num_warps: int
     num_stages: int
     dtype: str
+    maxnreg: int | None = None
     has_dot: bool = True
 
     def attrs(self) -> dict[tuple[int], list]:
@@ -86,7 +87,7 @@ def _dot(dtype: str) -> dict:
 
 
 def _launch(t: configs.Tiles) -> dict:
-    return {"num_warps": t.num_warps, "num_stages": t.num_stages}
+    return {"num_warps": t.num_warps, "num_stages": t.num_stages, "maxnreg": t.maxnreg}
 
 
 def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
@@ -207,6 +208,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
     start = time.perf_counter()
     src = ASTSource(v.kernel, v.signature(), v.constexprs, v.attrs())
     options = {"num_warps": v.num_warps, "num_stages": v.num_stages}
+    if v.maxnreg is not None:
+        options["maxnreg"] = v.maxnreg
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     return {

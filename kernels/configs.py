@@ -69,9 +69,13 @@ class Tiles:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int | None = None  # cap on registers per thread (more programs per multiprocessor); None = free
 
     def launch(self) -> dict[str, int]:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 @functools.cache
