@@ -63,6 +63,7 @@ DX_WEIGHTS = [  # the current 64x64, 4 warps, spills 176 bytes a thread (ptxas, 
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
 COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
+GRAD_BLOCK_BYTES = [512 * 2**20]  # configs.CONTRASTIVE_GRAD_CHUNK_BYTES is 256 MiB (two blocks at 16,384)
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
     Tiles(64, 128, 64, 4, 4),
@@ -72,6 +73,7 @@ if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     REDUCTION_PROGRAMS, SPAN_PROGRAMS = [4], [2]
+    GRAD_BLOCK_BYTES = [4 * 16 * 45]  # 32 x 32 blocks of G at 45 rows
 
 
 def device_ms(fn: Callable[[], object]) -> float:
@@ -209,6 +211,13 @@ FAMILIES = [
         CONTRASTIVE_ROWS,
     ),
     Family(
+        "contrastive backward: G budget",
+        "CONTRASTIVE_GRAD_CHUNK_BYTES",
+        GRAD_BLOCK_BYTES,
+        contrastive_backward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
         "contrastive backward",
         "contrastive_grad_tiles",
         CONTRASTIVE,
@@ -231,22 +240,30 @@ def _agree(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> str
     return None
 
 
+def candidate_label(config: str, candidate: Tiles | int | bool) -> str:
+    """How the report names a candidate: tiles, programs per multiprocessor, a byte budget or a switch."""
+    if isinstance(candidate, Tiles):
+        t = candidate
+        label = f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
+        return label + (f" r{t.maxnreg}" if t.maxnreg else "")
+    if isinstance(candidate, bool):
+        return "switched on" if candidate else "switched off"
+    if config.endswith("_BYTES"):
+        return f"{candidate / 2**20:g} MiB" if candidate >= 2**20 else f"{candidate} bytes"
+    return f"{candidate} programs per SM"
+
+
 def sweep(family: Family, rows: int, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, float | None, str]]:
     """(configuration, ms or None, note) for the current choice and each candidate."""
     op = family.make(rows)
     want = tuple(t.clone() for t in op())
     results = [("current", device_ms(op), "")]
     for candidate in family.candidates:
+        label = candidate_label(family.config, candidate)
         with monkeypatch.context() as patch:
             if isinstance(candidate, Tiles):
-                t = candidate
-                label = f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}"
-                label += f" r{t.maxnreg}" if t.maxnreg else ""
-                patch.setattr(configs, family.config, lambda *_, t=t: t)
+                patch.setattr(configs, family.config, lambda *_, t=candidate: t)
             else:
-                label = f"{candidate} programs per SM"
-                if isinstance(candidate, bool):
-                    label = f"{family.config[-12:].lower()}={candidate}"
                 patch.setattr(configs, family.config, candidate)
             try:
                 problem = _agree(op(), want)
