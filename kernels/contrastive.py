@@ -88,7 +88,7 @@ def column_lse_shared(t, e, row_max, rmask, cmask):
     valid_max = tl.where(rmask, row_max, float("-inf"))
     top = tl.max(valid_max, axis=0)
     col_sum = tl.where(cmask, tl.sum(e * tl.exp2(valid_max - top)[:, None], axis=0), 1.0)
-    col_lse = (top + tl.log2(tl.maximum(col_sum, tiny))) * 0.6931471805599453
+    col_lse = (top + tl.log2(tl.where(col_sum == 0.0, tiny, col_sum))) * 0.6931471805599453  # NaN stays
     if tl.min(col_sum, axis=0) < tiny:
         col_lse = column_lse_exact(t, rmask)
     return col_lse

@@ -172,11 +172,14 @@ def test_gradient_reaches_a_scale_through_a_function_of_it():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_inputs_give_a_non_finite_loss(bad):
+def test_non_finite_inputs_give_a_non_finite_loss(bad, column_scale):
     a, b, s = _inputs(33, 33, 8)
     a[3, 2] = bad
     assert not torch.isfinite(contrastive_loss(a, b, s, backend="triton"))
     assert not torch.isfinite(contrastive_loss(a, b, s, two_way=False, backend="triton"))
+    if bad != bad:  # NaN reaches every column (an infinite logit of -inf rightly leaves its column finite)
+        _, cols_lse = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+        assert torch.isnan(cols_lse).all()
 
 
 def test_bad_input_raises_value_error():
