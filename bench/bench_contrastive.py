@@ -109,7 +109,20 @@ def test_contrastive_gpu_bf16_triton(benchmark, ratio_table, median_ms, extra_pe
     if _gpu_available():
         baselines["CUDA kernel"] = lambda a, b, s: contrastive_loss(a, b, s, backend="cuda")
     baselines["Triton, two sweeps"] = _two_sweep_triton
+    baselines["Triton, autograd terms"] = _autograd_terms_triton
     meter.compare(table, f"{rows} rows", _inputs(rows, torch.bfloat16, device), fused, baselines)
+
+
+def _autograd_terms_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Triton loss composed of the log-sum-exp node and autograd over the positive terms, instead of
+    one node whose gradient tiles hold the target terms."""
+    from famevil_fast.ops import contrastive_triton
+
+    contrastive_triton.TARGETS_IN_KERNEL = False
+    try:
+        return contrastive_loss(a, b, s, backend="triton")
+    finally:
+        contrastive_triton.TARGETS_IN_KERNEL = True
 
 
 def _two_sweep_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -164,6 +177,8 @@ def _bound_losses(device: torch.device) -> dict:
     for backend in ("triton", "cuda") if device.type == "cuda" else ("cpu",):
         if C.unavailable_reason(backend, device) is None:
             losses[backend] = lambda a, b, s, backend=backend: contrastive_loss(a, b, s, backend=backend)
+    if "triton" in losses:
+        losses["tri-ag"] = _autograd_terms_triton  # the Triton loss with autograd over the linear terms
     return losses
 
 

@@ -29,7 +29,11 @@ if not triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu
 
 from famevil_fast.kernels import configs, launch  # noqa: E402
 from famevil_fast.kernels.configs import Tiles  # noqa: E402
-from famevil_fast.kernels.contrastive_ops import launch_lse_backward, launch_two_way_lse  # noqa: E402
+from famevil_fast.kernels.contrastive_ops import (  # noqa: E402
+    LossTargets,
+    launch_lse_backward,
+    launch_two_way_lse,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -69,9 +73,14 @@ CONTRASTIVE = [
     Tiles(64, 128, 64, 4, 4),
     Tiles(128, 256, 64, 8, 3),
 ]
+LOSS_GRAD = [  # configs.contrastive_loss_grad_tiles: 128x128x64, 8 warps (4 warps spill 776 B a thread)
+    Tiles(128, 128, 64, 4, 3),
+    Tiles(128, 64, 64, 4, 3),
+]
 if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
+    LOSS_GRAD = [Tiles(16, 16, 16)]
     REDUCTION_PROGRAMS, SPAN_PROGRAMS = [4], [2]
     GRAD_BLOCK_BYTES = [4 * 16 * 45]  # 32 x 32 blocks of G at 45 rows
 
@@ -162,6 +171,17 @@ def contrastive_forward_op(rows: int):
     return lambda: launch_two_way_lse(a, b, scale)
 
 
+def contrastive_loss_backward_op(rows: int):
+    """The backward of the whole diagonal loss: the gradient tiles with the target terms (TARGETS)."""
+    a, b, scale = _contrastive_inputs(rows)
+    lse_rows, lse_cols = launch_two_way_lse(a, b, scale)
+    g = torch.full_like(lse_rows, 0.5 / rows)
+    keys = torch.arange(rows, dtype=torch.int32, device=DEVICE)
+    ones = torch.ones(rows, dtype=torch.float32, device=DEVICE)
+    targets = LossTargets(keys, keys, ones, ones, 0.0, 1 / rows, 1 / rows)
+    return lambda: launch_lse_backward(g, g, a, b, scale, lse_rows, lse_cols, True, targets)
+
+
 def contrastive_backward_op(rows: int):
     a, b, scale = _contrastive_inputs(rows)
     lse_rows, lse_cols = launch_two_way_lse(a, b, scale)
@@ -215,6 +235,13 @@ FAMILIES = [
         "CONTRASTIVE_GRAD_CHUNK_BYTES",
         GRAD_BLOCK_BYTES,
         contrastive_backward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
+        "contrastive loss backward (targets)",
+        "contrastive_loss_grad_tiles",
+        LOSS_GRAD,
+        contrastive_loss_backward_op,
         CONTRASTIVE_ROWS,
     ),
     Family(

@@ -35,8 +35,9 @@ from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weigh
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
 FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
 FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
-INT32_POINTERS = {"order_ptr", "counts_ptr"}
-FLOAT_SCALARS = {"eps"}
+FP32_POINTERS |= {"row_share_ptr", "col_share_ptr"}
+INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr"}
+FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
 DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
@@ -169,8 +170,8 @@ def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Vari
 
 
 def _contrastive(dtype: str) -> list[Variant]:
-    """The log-sum-exp sweep (both forms of its column statistics) and the gradient tile (G is stored in the
-    input dtype for bf16 and fp32)."""
+    """The log-sum-exp sweep (both forms of its column statistics) and the gradient tile, of the log-sum-exps
+    alone or of the whole loss (G is stored in the input dtype for bf16 and fp32)."""
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, g = configs.contrastive_lse_tiles(torch_dtype), configs.contrastive_grad_tiles(torch_dtype)
     sweep = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype), "COLS": True}
@@ -180,8 +181,24 @@ def _contrastive(dtype: str) -> list[Variant]:
         Variant(name, contrastive_lse_kernel, {**sweep, "SHARED_COL_SCALE": on}, **_launch(t), dtype=dtype)
         for name, on in forms
     ]
-    grad_tile = Variant("contrastive_lse_grad", contrastive_lse_grad_kernel, grad, **_launch(g), dtype=dtype)
-    return [*sweeps, grad_tile]
+    loss_g = configs.contrastive_loss_grad_tiles(torch_dtype)
+    grads = [
+        Variant(
+            "contrastive_lse_grad",
+            contrastive_lse_grad_kernel,
+            {**grad, "TARGETS": False},
+            **_launch(g),
+            dtype=dtype,
+        ),
+        Variant(
+            "contrastive_loss_grad",
+            contrastive_lse_grad_kernel,
+            {**grad, "TARGETS": True},
+            **_launch(loss_g),
+            dtype=dtype,
+        ),
+    ]
+    return [*sweeps, *grads]
 
 
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:

@@ -200,6 +200,16 @@ def contrastive_grad_tiles(dtype: torch.dtype) -> Tiles:
     return contrastive_lse_tiles(dtype)
 
 
+@functools.cache
+def contrastive_loss_grad_tiles(dtype: torch.dtype) -> Tiles:
+    """contrastive_lse_grad_kernel with the loss's target terms (TARGETS): in 16-bit, eight warps, since
+    with four the 128 x 128 tile spills 776 bytes a thread (ptxas, sm_90) and with eight it does not."""
+    t = contrastive_grad_tiles(dtype)
+    if interpreting() or dtype not in (torch.bfloat16, torch.float16):
+        return t
+    return Tiles(t.block_m, t.block_n, t.block_k, num_warps=8, num_stages=t.num_stages)
+
+
 # The two-way sweep's column statistics: each column stabilised by its own maximum (False), or by the tile's
 # largest logit, reusing the row pass's exponentials (True; ``contrastive.column_lse_shared``). The exact
 # form is the one measured on a card (1.04 ms at 16,384 rows, bf16, H200); bench/bench_tiles.py times both.

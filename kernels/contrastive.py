@@ -167,6 +167,13 @@ def contrastive_lse_grad_kernel(
     g_y_ptr,
     out_ptr,
     ds_part_ptr,
+    row_key_ptr,
+    col_key_ptr,
+    row_share_ptr,
+    col_share_ptr,
+    smoothing,
+    row_uniform,
+    col_uniform,
     row0,
     row_end,
     col0,
@@ -176,13 +183,19 @@ def contrastive_lse_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_Y: tl.constexpr,
+    TARGETS: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One tile of the block of G for rows [row0, row_end) of X and rows [col0, col_end) of Y:
     out[i - row0, j - col0] = scale * (gx_i exp(l_ij - lse_x_i) + gy_j exp(l_ij - lse_y_j)) (the second
     term only with HAS_Y; out has col_end - col0 columns), and ds_part[tile] = sum G_ij / scale *
-    (x_i . y_j) over the tile."""
+    (x_i . y_j) over the tile.
+
+    With TARGETS, G is the gradient of the whole InfoNCE loss rather than of its log-sum-exps: each
+    direction's target distribution is subtracted from its softmax, ``q_ij = (1 - smoothing) *
+    [row_key_i == col_key_j] * row_share_i + smoothing * row_uniform`` for the rows (row_share = 1 / the
+    row's positives, row_uniform = 1 / N) and likewise for the columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,6 +216,18 @@ def contrastive_lse_grad_kernel(
         lse_y = tl.load(lse_y_ptr + cols, mask=cmask, other=0.0) * 1.4426950408889634
         g_y = tl.load(g_y_ptr + cols, mask=cmask, other=0.0)
         g += g_y[None, :] * tl.exp2(t - lse_y[None, :])
+    if TARGETS:  # per entry: one key comparison, a select and three additions
+        row_key = tl.load(row_key_ptr + rows, mask=rmask, other=-1)
+        col_key = tl.load(col_key_ptr + cols, mask=cmask, other=-2)
+        row_pos = g_x * (1.0 - smoothing) * tl.load(row_share_ptr + rows, mask=rmask, other=0.0)
+        row_flat = g_x * (smoothing * row_uniform)
+        col_pos = tl.zeros((BLOCK_N,), tl.float32)
+        col_flat = tl.zeros((BLOCK_N,), tl.float32)
+        if HAS_Y:
+            col_pos = g_y * (1.0 - smoothing) * tl.load(col_share_ptr + cols, mask=cmask, other=0.0)
+            col_flat = g_y * (smoothing * col_uniform)
+        flat = row_flat[:, None] + col_flat[None, :]
+        g -= tl.where(row_key[:, None] == col_key[None, :], row_pos[:, None] + col_pos[None, :], 0.0) + flat
     valid = rmask[:, None] & cmask[None, :]
     g = tl.where(valid, g, 0.0)
     tl.store(ds_part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))

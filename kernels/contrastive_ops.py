@@ -13,6 +13,7 @@ float32 dtype and device, the scale a float32 0-d tensor on that device.
 # No ``from __future__ import annotations`` here: torch.library reads the annotations to build schemas.
 
 import math
+from typing import NamedTuple
 
 import torch
 from famevil_fast.kernels import configs
@@ -106,6 +107,20 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, exact: boo
         out.copy_(a @ b)
 
 
+class LossTargets(NamedTuple):
+    """What turns G from the gradient of the log-sum-exps into that of the InfoNCE loss: positive(i, j) <=>
+    row_key[i] == col_key[j] (int32), each direction's share of a positive (float32, 1 / its positives;
+    0 where it has none) and label smoothing with its uniform share (1 / the direction's width)."""
+
+    row_key: torch.Tensor
+    col_key: torch.Tensor
+    row_share: torch.Tensor
+    col_share: torch.Tensor
+    smoothing: float
+    row_uniform: float
+    col_uniform: float
+
+
 def launch_lse_backward(
     g_rows: torch.Tensor,
     g_cols: torch.Tensor,
@@ -115,12 +130,16 @@ def launch_lse_backward(
     lse_rows: torch.Tensor,
     lse_cols: torch.Tensor,
     cols: bool,
+    targets: LossTargets | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i g_rows[i] lse_rows[i] + sum_j g_cols[j] lse_cols[j] (the column term only when
-    ``cols``) with respect to x, y and the scale, through blocks of G (see ``kernels.contrastive``)."""
+    ``cols``) with respect to x, y and the scale, through blocks of G (see ``kernels.contrastive``). With
+    ``targets``, of sum_i g_rows[i] (lse_rows[i] - sum_j q_ij l_ij) and its column twin instead: the whole
+    InfoNCE loss, whose target terms then need no gradient of their own."""
     m, d = x.shape
     n = y.shape[0]
-    t = configs.contrastive_grad_tiles(x.dtype)
+    tiles = configs.contrastive_grad_tiles if targets is None else configs.contrastive_loss_grad_tiles
+    t = tiles(x.dtype)
     g_dtype = gradient_dtype(x.dtype)
     x_mm, y_mm = (x, y) if g_dtype == x.dtype else (x.to(g_dtype), y.to(g_dtype))
     row_step, col_step = gradient_blocks(m, n, g_dtype, t.block_m, t.block_n)
@@ -131,6 +150,10 @@ def launch_lse_backward(
     tiles = configs.cdiv(row_step, t.block_m) * configs.cdiv(col_step, t.block_n)
     ds_part = torch.empty(tiles, dtype=torch.float32, device=x.device)
     y_stats = (lse_cols, g_cols) if cols else (lse_rows, g_rows)  # never read without HAS_Y
+    if targets is None:  # never read without TARGETS
+        target_args = (lse_rows, lse_rows, lse_rows, lse_rows, 0.0, 0.0, 0.0)
+    else:
+        target_args = tuple(targets)
     for row0 in range(0, m, row_step):
         row_span = slice(row0, min(row0 + row_step, m))
         for col0 in range(0, n, col_step):
@@ -147,6 +170,7 @@ def launch_lse_backward(
                 *y_stats,
                 block,
                 ds_part,
+                *target_args,
                 row0,
                 row_span.stop,
                 col0,
@@ -156,6 +180,7 @@ def launch_lse_backward(
                 BLOCK_N=t.block_n,
                 BLOCK_K=t.block_k,
                 HAS_Y=cols,
+                TARGETS=targets is not None,
                 **configs.dot_args(x.dtype),
                 **t.launch(),
             )

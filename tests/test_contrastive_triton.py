@@ -171,6 +171,49 @@ def test_gradient_reaches_a_scale_through_a_function_of_it():
     torch.testing.assert_close(log_scale.grad.double(), ref_log_scale.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_loss_composed_through_autograd_matches_the_reference(monkeypatch):
+    """TARGETS_IN_KERNEL=False: the log-sum-exp node plus autograd over the linear terms (the torch.compile
+    composition, run eagerly), every variant."""
+    from famevil_fast.ops import contrastive_triton
+
+    monkeypatch.setattr(contrastive_triton, "TARGETS_IN_KERNEL", False)
+    tensors = _inputs(45, 45, 33)
+    for name, kw in _variants(45, 45):
+        try:
+            _check(tensors, **kw)
+        except AssertionError as exc:
+            raise AssertionError(f"variant {name}: {exc}") from exc
+    loss = contrastive_loss(*(t.detach().requires_grad_(True) for t in tensors[:2]), 5.0, backend="triton")
+    assert "InfoNceFunctionBackward" not in _graph_nodes(loss)
+
+
+def _graph_nodes(loss: torch.Tensor) -> list[str]:
+    """Names of the autograd nodes behind a loss, leaves' gradient accumulators left out."""
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ != "AccumulateGrad":
+            names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1, "two_way": False}, {"groups": "random"}])
+def test_eager_loss_is_one_autograd_node(kw):
+    """Outside torch.compile the Triton loss is a single autograd node: the target terms' gradients come
+    out of the gradient tiles, not out of an elementwise chain."""
+    a, b, _ = _inputs(40, 40, 16)
+    if kw.get("groups") == "random":
+        kw = {"groups": (torch.randint(0, 5, (40,), device=DEV), torch.randint(0, 5, (40,), device=DEV))}
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    loss = contrastive_loss(a, b, 5.0, backend="triton", **kw)
+    assert _graph_nodes(loss) == ["InfoNceFunctionBackward"]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_give_a_non_finite_loss(bad, column_scale):
     a, b, s = _inputs(33, 33, 8)

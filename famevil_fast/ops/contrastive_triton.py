@@ -46,6 +46,12 @@ def _positive_dots(
     return rows, cols
 
 
+# Eager calls run as one autograd node with the target terms inside the gradient tiles (InfoNceFunction);
+# False composes the loss from the log-sum-exp node and autograd over the linear terms, as torch.compile
+# graphs do (bench/bench_contrastive.py times both).
+TARGETS_IN_KERNEL = True
+
+
 def triton_contrastive_loss(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -60,12 +66,22 @@ def triton_contrastive_loss(
 
     m, n = a.shape[0], b.shape[0]
     s = _as_scale(scale, a)
-    if torch.compiler.is_compiling():  # an opaque node of the graph
-        lse = torch.ops.famevil_fast.contrastive_lse
-    else:  # the same launchers without torch.library's dispatch
-        lse = contrastive_ops.contrastive_lse_eager
-    lse_rows, lse_cols = lse(a.contiguous(), b.contiguous(), s, two_way)
+    a, b = a.contiguous(), b.contiguous()
     row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
+    keys = (row_key, col_key, row_counts, col_counts)
+    if torch.compiler.is_compiling():  # the log-sum-exps as an opaque operator of the graph
+        lse_rows, lse_cols = torch.ops.famevil_fast.contrastive_lse(a, b, s, two_way)
+    elif TARGETS_IN_KERNEL:  # one autograd node, the target terms inside the kernels' G
+        return InfoNceFunction.apply(a, b, s, labels, groups, keys, two_way, eps)
+    else:  # the same launchers without torch.library's dispatch
+        lse_rows, lse_cols = contrastive_ops.contrastive_lse_eager(a, b, s, two_way)
+    return _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way, eps)
+
+
+def _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way: bool, eps: float):
+    """The mean loss from the log-sum-exps and the linear terms (positive and plain sums of logits)."""
+    row_key, col_key, row_counts, col_counts = keys
+    m, n = a.shape[0], b.shape[0]
     a32, b32 = a.float(), b.float()
     pos_rows, pos_cols = _positive_dots(a32, b32, labels, groups, row_key, col_key)
     plain_rows = s * (a32 @ b32.sum(dim=0)) if eps else None
@@ -74,3 +90,53 @@ def triton_contrastive_loss(
         return loss
     plain_cols = s * (b32 @ a32.sum(dim=0)) if eps else None
     return 0.5 * (loss + direction_loss(lse_cols, s * pos_cols, plain_cols, col_counts, eps, m))
+
+
+def _row_weights(counts: torch.Tensor | None, rows: int, like: torch.Tensor, half: bool) -> torch.Tensor:
+    """d loss / d (row loss): the mean over the rows that have a positive, halved for a two-way loss."""
+    factor = 0.5 if half else 1.0
+    if counts is None:
+        return torch.full((rows,), factor / rows, dtype=torch.float32, device=like.device)
+    keep = (counts > 0).float()
+    return keep * (factor / keep.sum())
+
+
+def _shares(counts: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Each row's share of one positive: 1 / its positives (1 for one positive each; 0 without any)."""
+    if counts is None:
+        return torch.ones(rows, dtype=torch.float32, device=like.device)
+    return torch.where(counts > 0, 1.0 / counts.clamp_min(1).float(), 0.0)
+
+
+class InfoNceFunction(torch.autograd.Function):
+    """The whole Triton InfoNCE loss as one autograd node. Forward: the log-sum-exp sweep, then the linear
+    terms without autograd. Backward: the gradient tiles of ``kernels.contrastive`` with the target terms
+    (positives, label smoothing) subtracted inside them (TARGETS), so G is d loss / d logits and the two
+    products with the features give every gradient, the scale's included: no float32 copies of the
+    features and no elementwise chain of the linear terms."""
+
+    @staticmethod
+    def forward(ctx, a, b, s, labels, groups, keys, two_way, eps):
+        from famevil_fast.kernels import contrastive_ops
+
+        lse_rows, lse_cols = contrastive_ops.lse_forward(a, b, s, two_way)
+        loss = _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way, eps)
+        ctx.save_for_backward(a, b, s, lse_rows, lse_cols, *keys[:2])
+        ctx.counts, ctx.two_way, ctx.eps = keys[2:], two_way, eps
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        from famevil_fast.kernels import contrastive_ops
+
+        a, b, s, lse_rows, lse_cols, row_key, col_key = ctx.saved_tensors
+        (m, n), (row_counts, col_counts) = (a.shape[0], b.shape[0]), ctx.counts
+        g_rows = grad.float() * _row_weights(row_counts, m, a, ctx.two_way)
+        g_cols = grad.float() * _row_weights(col_counts, n, a, True) if ctx.two_way else lse_cols
+        targets = contrastive_ops.LossTargets(
+            row_key, col_key, _shares(row_counts, m, a), _shares(col_counts, n, a), ctx.eps, 1.0 / n, 1.0 / m
+        )
+        grad_a, grad_b, grad_s = contrastive_ops.launch_lse_backward(
+            g_rows, g_cols, a, b, s, lse_rows, lse_cols, ctx.two_way, targets
+        )
+        return grad_a, grad_b, grad_s.view(s.shape), None, None, None, None, None
