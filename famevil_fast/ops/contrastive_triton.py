@@ -9,7 +9,10 @@ the matrix. The positive and plain sums are linear in the features:
   with the group sums from one ``index_add`` (the diagonal and single labels are special cases);
 * plain sums: ``s a_i . sum_j b_j``.
 
-Both cost O((M + N) D) in float32 and take their gradients through autograd.
+Both cost O((M + N) D) in float32. In eager mode the loss is one autograd node (``InfoNceFunction``): their
+gradients come out of the kernels' gradient tiles, which subtract each direction's target distribution
+from its softmax. Inside ``torch.compile`` the log-sum-exps are an opaque operator and the linear terms
+take their gradients through autograd.
 """
 
 from __future__ import annotations
