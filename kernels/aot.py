@@ -24,7 +24,11 @@ import triton.language as tl
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
-from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
+from famevil_fast.kernels.contrastive import (
+    contrastive_lse_grad_kernel,
+    contrastive_lse_kernel,
+    row_dots_kernel,
+)
 from famevil_fast.kernels.ln_linear import (
     ln_linear_dx_kernel,
     ln_linear_fwd_kernel,
@@ -35,8 +39,8 @@ from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weigh
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
 FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
 FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
-FP32_POINTERS |= {"row_share_ptr", "col_share_ptr"}
-INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr"}
+FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr"}
+INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr", "index_ptr"}
 FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
 DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -170,8 +174,8 @@ def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Vari
 
 
 def _contrastive(dtype: str) -> list[Variant]:
-    """The log-sum-exp sweep (both forms of its column statistics) and the gradient tile, of the log-sum-exps
-    alone or of the whole loss (G is stored in the input dtype for bf16 and fp32)."""
+    """The log-sum-exp sweep (both forms of its column statistics), the gradient tile (of the log-sum-exps
+    alone or of the whole loss; G is stored in the input dtype for bf16 and fp32) and the row dots."""
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, g = configs.contrastive_lse_tiles(torch_dtype), configs.contrastive_grad_tiles(torch_dtype)
     sweep = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, **_dot(dtype), "COLS": True}
@@ -198,7 +202,19 @@ def _contrastive(dtype: str) -> list[Variant]:
             dtype=dtype,
         ),
     ]
-    return [*sweeps, *grads]
+    r = configs.row_dots_tiles()
+    dots = [
+        Variant(
+            f"row_dots{'_indexed' if on else ''}",
+            row_dots_kernel,
+            {"BLOCK_M": r.block_m, "BLOCK_D": r.block_n, "INDEXED": on},
+            **_launch(r),
+            dtype=dtype,
+            has_dot=False,
+        )
+        for on in (False, True)
+    ]
+    return [*sweeps, *grads, *dots]
 
 
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:

@@ -214,6 +214,17 @@ def contrastive_loss_grad_tiles(dtype: torch.dtype) -> Tiles:
 # largest logit, reusing the row pass's exponentials (True; ``contrastive.column_lse_shared``). The exact
 # form is the one measured on a card (1.04 ms at 16,384 rows, bf16, H200); bench/bench_tiles.py times both.
 CONTRASTIVE_SHARED_COLUMN_SCALE = False
+
+
+@functools.cache
+def row_dots_tiles() -> Tiles:
+    """row_dots_kernel: BLOCK_M rows, BLOCK_N-wide chunks of the features; a read of both inputs, bound by
+    memory bandwidth."""
+    if interpreting():
+        return Tiles(block_m=16, block_n=32, block_k=1)
+    return Tiles(block_m=32, block_n=128, block_k=1, num_warps=4, num_stages=1)
+
+
 CONTRASTIVE_PROGRAMS_PER_SM = 4  # programs of the log-sum-exp sweep per multiprocessor the spans aim at
 
 

@@ -16,6 +16,8 @@ log-sum-exp needs every entry of the matrix, and only it lives here.
   column of its span over its own rows, which one ``logsumexp`` over row blocks completes: the two-way
   statistics in one sweep, at 4 bytes per column per row block (16 MiB at 16,384 x 16,384). Where that
   buffer would pass its budget, the column statistics are the same kernel with X and Y swapped.
+* ``row_dots_kernel``: the float32 dot product of each row of X with its positive row of Y (the same row,
+  or one given by an index), for the forward value of the loss.
 * ``contrastive_lse_grad_kernel``: given the upstream gradients gx (per row of X) and gy (per row of Y) of
   the two log-sum-exps, one program per tile recomputes the dot products and writes
   ``G = scale * (gx_i softmax_j(l_i.) + gy_j softmax_i(l_.j))`` for a block of rows of X and of Y, plus
@@ -233,3 +235,33 @@ def contrastive_lse_grad_kernel(
     tl.store(ds_part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, axis=1), axis=0))
     out = out_ptr + local.to(tl.int64)[:, None] * (col_end - col0) + local_cols[None, :]
     tl.store(out, (g * scale).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def row_dots_kernel(
+    x_ptr,
+    y_ptr,
+    index_ptr,
+    dots_ptr,
+    m,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INDEXED: tl.constexpr,
+):
+    """dots[i] = x_i . y_{index[i]} (y_i without INDEXED) in float32, BLOCK_M rows per program: the positive
+    logits of the forward pass, read in the inputs' dtype without float32 copies of either."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < m
+    rows64 = rows.to(tl.int64)
+    other = rows64
+    if INDEXED:
+        other = tl.load(index_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_M,), tl.float32)
+    for k in range(0, d, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        tile = rmask[:, None] & (ks < d)[None, :]
+        xt = tl.load(x_ptr + rows64[:, None] * d + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+        yt = tl.load(y_ptr + other[:, None] * d + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+        acc += tl.sum(xt * yt, axis=1)
+    tl.store(dots_ptr + rows, acc, mask=rmask)

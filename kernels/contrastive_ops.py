@@ -17,7 +17,11 @@ from typing import NamedTuple
 
 import torch
 from famevil_fast.kernels import configs
-from famevil_fast.kernels.contrastive import contrastive_lse_grad_kernel, contrastive_lse_kernel
+from famevil_fast.kernels.contrastive import (
+    contrastive_lse_grad_kernel,
+    contrastive_lse_kernel,
+    row_dots_kernel,
+)
 
 
 def launch_lse(
@@ -65,6 +69,28 @@ def launch_two_way_lse(
     col_part = torch.empty((blocks, y.shape[0]), dtype=torch.float32, device=x.device)
     rows = launch_lse(x, y, scale, col_part)
     return rows, torch.logsumexp(col_part, dim=0)
+
+
+def launch_row_dots(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (M,): x_i . y_i, or x_i . y_{index[i]} with an index (int32 or int64, already in range)."""
+    m, d = x.shape
+    out = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out
+    t = configs.row_dots_tiles()
+    row_dots_kernel[(configs.cdiv(m, t.block_m),)](
+        x,
+        y,
+        out if index is None else index,
+        out,
+        m,
+        d,
+        BLOCK_M=t.block_m,
+        BLOCK_D=t.block_n,
+        INDEXED=index is not None,
+        **t.launch(),
+    )
+    return out
 
 
 def gradient_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -171,6 +171,23 @@ def test_gradient_reaches_a_scale_through_a_function_of_it():
     torch.testing.assert_close(log_scale.grad.double(), ref_log_scale.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("m,n,d", [(0, 3, 5), (1, 1, 1), (37, 50, 19), (70, 45, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_dots_match_float64(m, n, d, dtype):
+    """The forward's positive dots: float32 sums of 16-bit or float32 products, with and without an index
+    into the other matrix (empty and single rows included; feature widths not multiples of the chunk)."""
+    x = torch.randn(m, d, device=DEV).to(dtype)
+    y = torch.randn(max(m, n), d, device=DEV).to(dtype)
+    index = torch.randint(0, y.shape[0], (m,), device=DEV, dtype=torch.int32)
+    x64, y64 = x.double(), y.double()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    got = contrastive_ops.launch_row_dots(x, y[:m])
+    assert got.dtype == torch.float32 and got.shape == (m,)
+    torch.testing.assert_close(got.double(), (x64 * y64[:m]).sum(1), **tol)
+    got = contrastive_ops.launch_row_dots(x, y, index)
+    torch.testing.assert_close(got.double(), (x64 * y64[index.long()]).sum(1), **tol)
+
+
 def test_loss_composed_through_autograd_matches_the_reference(monkeypatch):
     """TARGETS_IN_KERNEL=False: the log-sum-exp node plus autograd over the linear terms (the torch.compile
     composition, run eagerly), every variant."""

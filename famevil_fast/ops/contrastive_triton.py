@@ -81,18 +81,37 @@ def triton_contrastive_loss(
     return _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way, eps)
 
 
-def _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way: bool, eps: float):
-    """The mean loss from the log-sum-exps and the linear terms (positive and plain sums of logits)."""
+def _loss_from_statistics(
+    a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way: bool, eps: float, differentiable: bool = True
+):
+    """The mean loss from the log-sum-exps and the linear terms (positive and plain sums of logits). Without
+    ``differentiable`` the positive dots come from ``row_dots_kernel``, without float32 copies."""
     row_key, col_key, row_counts, col_counts = keys
     m, n = a.shape[0], b.shape[0]
-    a32, b32 = a.float(), b.float()
-    pos_rows, pos_cols = _positive_dots(a32, b32, labels, groups, row_key, col_key)
-    plain_rows = s * (a32 @ b32.sum(dim=0)) if eps else None
+    if differentiable:
+        pos_rows, pos_cols = _positive_dots(a.float(), b.float(), labels, groups, row_key, col_key)
+    else:
+        pos_rows, pos_cols = _positive_dots_in_kernels(a, b, labels, groups, row_key, col_key)
+    plain_rows = s * (a.float() @ b.sum(dim=0, dtype=torch.float32)) if eps else None
     loss = direction_loss(lse_rows, s * pos_rows, plain_rows, row_counts, eps, n)
     if not two_way:
         return loss
-    plain_cols = s * (b32 @ a32.sum(dim=0)) if eps else None
+    plain_cols = s * (b.float() @ a.sum(dim=0, dtype=torch.float32)) if eps else None
     return 0.5 * (loss + direction_loss(lse_cols, s * pos_cols, plain_cols, col_counts, eps, m))
+
+
+def _positive_dots_in_kernels(a, b, labels, groups, row_key, col_key) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_positive_dots`` (no autograd) with the per-row dot products in one kernel each, read in the
+    inputs' dtype: the diagonal needs one pass, labels one more over the label groups' sums."""
+    from famevil_fast.kernels import contrastive_ops
+
+    if groups is not None:
+        return _positive_dots(a.float(), b.float(), labels, groups, row_key, col_key)
+    if labels is None:
+        diagonal = contrastive_ops.launch_row_dots(a, b)
+        return diagonal, diagonal
+    rows = contrastive_ops.launch_row_dots(a, b, row_key)  # row_key holds the labels
+    return rows, contrastive_ops.launch_row_dots(b, _group_sums(a.float(), labels, b.shape[0]))
 
 
 def _row_weights(counts: torch.Tensor | None, rows: int, like: torch.Tensor, half: bool) -> torch.Tensor:
@@ -123,7 +142,7 @@ class InfoNceFunction(torch.autograd.Function):
         from famevil_fast.kernels import contrastive_ops
 
         lse_rows, lse_cols = contrastive_ops.lse_forward(a, b, s, two_way)
-        loss = _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way, eps)
+        loss = _loss_from_statistics(a, b, s, lse_rows, lse_cols, labels, groups, keys, two_way, eps, False)
         ctx.save_for_backward(a, b, s, lse_rows, lse_cols, *keys[:2])
         ctx.counts, ctx.two_way, ctx.eps = keys[2:], two_way, eps
         return loss
