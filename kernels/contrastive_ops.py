@@ -164,8 +164,8 @@ def launch_lse_backward(
     InfoNCE loss, whose target terms then need no gradient of their own."""
     m, d = x.shape
     n = y.shape[0]
-    tiles = configs.contrastive_grad_tiles if targets is None else configs.contrastive_loss_grad_tiles
-    t = tiles(x.dtype)
+    tile_choice = configs.contrastive_grad_tiles if targets is None else configs.contrastive_loss_grad_tiles
+    t = tile_choice(x.dtype)
     g_dtype = gradient_dtype(x.dtype)
     x_mm, y_mm = (x, y) if g_dtype == x.dtype else (x.to(g_dtype), y.to(g_dtype))
     row_step, col_step = gradient_blocks(m, n, g_dtype, t.block_m, t.block_n)
