@@ -25,6 +25,7 @@ from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
 from famevil_fast.kernels.contrastive import (
+    combine_lse_kernel,
     contrastive_lse_grad_kernel,
     contrastive_lse_kernel,
     row_dots_kernel,
@@ -39,7 +40,7 @@ from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weigh
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
 FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
 FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
-FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr"}
+FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr", "part_ptr"}
 INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr", "index_ptr"}
 FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
@@ -214,7 +215,16 @@ def _contrastive(dtype: str) -> list[Variant]:
         )
         for on in (False, True)
     ]
-    return [*sweeps, *grads, *dots]
+    c = configs.combine_lse_tiles()
+    combine = Variant(
+        "combine_lse",
+        combine_lse_kernel,
+        {"BLOCK_P": c.block_m, "BLOCK_N": c.block_n},
+        **_launch(c),
+        dtype=dtype,
+        has_dot=False,
+    )
+    return [*sweeps, *grads, *dots, combine]
 
 
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:

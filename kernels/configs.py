@@ -225,6 +225,14 @@ def row_dots_tiles() -> Tiles:
     return Tiles(block_m=32, block_n=128, block_k=1, num_warps=4, num_stages=1)
 
 
+@functools.cache
+def combine_lse_tiles() -> Tiles:
+    """combine_lse_kernel: BLOCK_M partials (rows) at a time for BLOCK_N columns."""
+    if interpreting():
+        return Tiles(block_m=4, block_n=32, block_k=1)
+    return Tiles(block_m=8, block_n=256, block_k=1, num_warps=4, num_stages=1)
+
+
 CONTRASTIVE_PROGRAMS_PER_SM = 4  # programs of the log-sum-exp sweep per multiprocessor the spans aim at
 
 

@@ -9,13 +9,15 @@ log-sum-exp needs every entry of the matrix, and only it lives here.
 * ``contrastive_lse_kernel``: one program per BLOCK_M rows of X and one span of Y's rows sweeps that span
   BLOCK_N rows at a time. Each tile of dot products comes from ``tl.dot`` (tensor cores for 16-bit inputs,
   float32 accumulation) and feeds an online (running max, sum of exponentials) per row, in base 2; the
-  program writes its rows' log-sum-exp over its span, and one ``logsumexp`` over spans completes them.
+  program writes its rows' log-sum-exp over its span, and ``combine_lse_kernel`` completes them.
   Spans exist to fill the card: with every column in one program there would be one program per 128
   rows, a single wave on 132 multiprocessors at 16,384 rows, each program's exponentials and reductions
   then stalling its own matrix products. With COLS it also writes, per program, the log-sum-exp of every
-  column of its span over its own rows, which one ``logsumexp`` over row blocks completes: the two-way
+  column of its span over its own rows, which the same combination over row blocks completes: the two-way
   statistics in one sweep, at 4 bytes per column per row block (16 MiB at 16,384 x 16,384). Where that
   buffer would pass its budget, the column statistics are the same kernel with X and Y swapped.
+* ``combine_lse_kernel`` completes the statistics from the sweep's partial log-sum-exps (over spans, or over
+  row blocks for the columns) in one pass.
 * ``row_dots_kernel``: the float32 dot product of each row of X with its positive row of Y (the same row,
   or one given by an index), for the forward value of the loss.
 * ``contrastive_lse_grad_kernel``: given the upstream gradients gx (per row of X) and gy (per row of Y) of
@@ -118,7 +120,7 @@ def contrastive_lse_kernel(
     """Program (pid_m, pid_n) takes the BLOCK_M rows of X of row block pid_m and the rows
     [pid_n * span, (pid_n + 1) * span) of Y (span a multiple of BLOCK_N). lse[pid_n, i] = log sum_j
     exp(scale * x_i . y_j) over that span; with COLS also col_part[pid_m, j] = log sum_i exp(scale * x_i .
-    y_j) over the block's rows (the host reduces both kinds of partials with one logsumexp each).
+    y_j) over the block's rows (``combine_lse_kernel`` reduces both kinds of partials).
 
     With SHARED_COL_SCALE the column sums reuse the row-stabilised exponentials (``column_lse_shared``)
     instead of a stabiliser and an exponential of their own per column (``column_lse_exact``)."""
@@ -265,3 +267,33 @@ def row_dots_kernel(
         yt = tl.load(y_ptr + other[:, None] * d + ks[None, :], mask=tile, other=0.0).to(tl.float32)
         acc += tl.sum(xt * yt, axis=1)
     tl.store(dots_ptr + rows, acc, mask=rmask)
+
+
+@triton.jit
+def combine_lse_kernel(
+    part_ptr,
+    lse_ptr,
+    parts,
+    n,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """lse[j] = log sum_p exp(part[p, j]) over the ``parts`` rows of a (parts, n) float32 array of partial
+    log-sum-exps, for the BLOCK_N columns of each program, in one pass (``torch.logsumexp`` over dim 0 is
+    about nine kernels). Infinite partials give what ``torch.logsumexp`` gives (-inf only when every
+    partial is -inf, +inf when any is +inf); a NaN gives NaN."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    for p0 in range(0, parts, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        tile_mask = (ps < parts)[:, None] & cmask[None, :]
+        offsets = ps.to(tl.int64)[:, None] * n + cols[None, :]
+        tile = tl.load(part_ptr + offsets, mask=tile_mask, other=float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(tile, axis=0))
+        shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(tile - shift[None, :]), axis=0)
+        run_max = new_max
+    shift = tl.where(tl.abs(run_max) == float("inf"), 0.0, run_max)
+    tl.store(lse_ptr + cols, tl.log(tl.where(cmask, run_sum, 1.0)) + shift, mask=cmask)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.contrastive import (
+    combine_lse_kernel,
     contrastive_lse_grad_kernel,
     contrastive_lse_kernel,
     row_dots_kernel,
@@ -55,7 +56,7 @@ def launch_lse(
         **configs.dot_args(x.dtype),
         **t.launch(),
     )
-    return out[0] if spans == 1 else torch.logsumexp(out, dim=0)
+    return out[0] if spans == 1 else launch_combine_lse(out)
 
 
 def launch_two_way_lse(
@@ -68,7 +69,20 @@ def launch_two_way_lse(
         return launch_lse(x, y, scale), launch_lse(y, x, scale)
     col_part = torch.empty((blocks, y.shape[0]), dtype=torch.float32, device=x.device)
     rows = launch_lse(x, y, scale, col_part)
-    return rows, torch.logsumexp(col_part, dim=0)
+    return rows, launch_combine_lse(col_part)
+
+
+def launch_combine_lse(parts: torch.Tensor) -> torch.Tensor:
+    """float32 (N,): ``torch.logsumexp(parts, dim=0)`` of contiguous float32 (P, N) partials, one kernel."""
+    p, n = parts.shape
+    out = torch.empty(n, dtype=torch.float32, device=parts.device)
+    if n == 0:
+        return out
+    t = configs.combine_lse_tiles()
+    combine_lse_kernel[(configs.cdiv(n, t.block_n),)](
+        parts, out, p, n, BLOCK_P=t.block_m, BLOCK_N=t.block_n, **t.launch()
+    )
+    return out
 
 
 def launch_row_dots(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

@@ -188,6 +188,21 @@ def test_row_dots_match_float64(m, n, d, dtype):
     torch.testing.assert_close(got.double(), (x64 * y64[index.long()]).sum(1), **tol)
 
 
+@pytest.mark.parametrize("p,n", [(1, 1), (2, 33), (9, 70), (13, 0)])
+def test_combined_partial_log_sum_exps_match_torch(p, n):
+    """The sweep's partials combined in one kernel: torch.logsumexp over dim 0, for awkward shapes, values
+    far apart, and columns of -inf, +inf and NaN partials."""
+    parts = (30 * torch.randn(p, n, dtype=torch.float64)).float().to(DEV)
+    if n >= 4:
+        parts[:, 0] = float("-inf")  # an empty column
+        parts[p // 2, 1] = float("inf")
+        parts[p // 2, 2] = float("nan")
+        parts[0, 3] = float("-inf")  # one empty partial among finite ones
+    got = contrastive_ops.launch_combine_lse(parts)
+    want = torch.logsumexp(parts.double(), dim=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5, equal_nan=True)
+
+
 def test_loss_composed_through_autograd_matches_the_reference(monkeypatch):
     """TARGETS_IN_KERNEL=False: the log-sum-exp node plus autograd over the linear terms (the torch.compile
     composition, run eagerly), every variant."""
