@@ -72,39 +72,48 @@ def launch_two_way_lse(
     return rows, launch_combine_lse(col_part)
 
 
+def _float32_per_index(length: int, device: torch.device, launch) -> torch.Tensor:
+    """A float32 vector of ``length`` that ``launch(out)`` fills (not called when empty)."""
+    out = torch.empty(length, dtype=torch.float32, device=device)
+    if length:
+        launch(out)
+    return out
+
+
 def launch_combine_lse(parts: torch.Tensor) -> torch.Tensor:
     """float32 (N,): ``torch.logsumexp(parts, dim=0)`` of contiguous float32 (P, N) partials, one kernel."""
     p, n = parts.shape
-    out = torch.empty(n, dtype=torch.float32, device=parts.device)
-    if n == 0:
-        return out
     t = configs.combine_lse_tiles()
-    combine_lse_kernel[(configs.cdiv(n, t.block_n),)](
-        parts, out, p, n, BLOCK_P=t.block_m, BLOCK_N=t.block_n, **t.launch()
-    )
-    return out
+
+    def launch(out: torch.Tensor) -> None:
+        combine_lse_kernel[(configs.cdiv(n, t.block_n),)](
+            parts, out, p, n, BLOCK_P=t.block_m, BLOCK_N=t.block_n, **t.launch()
+        )
+
+    return _float32_per_index(n, parts.device, launch)
 
 
 def launch_row_dots(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """float32 (M,): x_i . y_i, or x_i . y_{index[i]} with an index (int32 or int64, already in range)."""
     m, d = x.shape
-    out = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return out
     t = configs.row_dots_tiles()
-    row_dots_kernel[(configs.cdiv(m, t.block_m),)](
-        x,
-        y,
-        out if index is None else index,
-        out,
-        m,
-        d,
-        BLOCK_M=t.block_m,
-        BLOCK_D=t.block_n,
-        INDEXED=index is not None,
-        **t.launch(),
-    )
-    return out
+
+    def launch(out: torch.Tensor) -> None:
+        others = out if index is None else index  # not read without INDEXED
+        row_dots_kernel[(configs.cdiv(m, t.block_m),)](
+            x,
+            y,
+            others,
+            out,
+            m,
+            d,
+            BLOCK_M=t.block_m,
+            BLOCK_D=t.block_n,
+            INDEXED=index is not None,
+            **t.launch(),
+        )
+
+    return _float32_per_index(m, x.device, launch)
 
 
 def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
