@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -275,10 +278,6 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     """Registers per thread and spill stack bytes per thread of a cubin's kernel, from cuobjdump
     -res-usage (shipped with Triton's NVIDIA backend); empty when the tool is missing. A kernel at 255
     registers with a stack has spilled; registers also bound how many programs share a multiprocessor."""
-    import re
-    import subprocess
-    import tempfile
-
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return {}

@@ -154,9 +154,12 @@ class InfoNceFunction(torch.autograd.Function):
         a, b, s, lse_rows, lse_cols, row_key, col_key = ctx.saved_tensors
         (m, n), (row_counts, col_counts) = (a.shape[0], b.shape[0]), ctx.counts
         g_rows = grad.float() * _row_weights(row_counts, m, a, ctx.two_way)
-        g_cols = grad.float() * _row_weights(col_counts, n, a, True) if ctx.two_way else lse_cols
+        row_share = _shares(row_counts, m, a)
+        g_cols, col_share = g_rows, row_share  # the column side is not read by a one-way loss's kernels
+        if ctx.two_way:
+            g_cols, col_share = grad.float() * _row_weights(col_counts, n, a, True), _shares(col_counts, n, a)
         targets = contrastive_ops.LossTargets(
-            row_key, col_key, _shares(row_counts, m, a), _shares(col_counts, n, a), ctx.eps, 1.0 / n, 1.0 / m
+            row_key, col_key, row_share, col_share, ctx.eps, 1.0 / n, 1.0 / m
         )
         grad_a, grad_b, grad_s = contrastive_ops.launch_lse_backward(
             g_rows, g_cols, a, b, s, lse_rows, lse_cols, ctx.two_way, targets
