@@ -18,6 +18,8 @@ pytest.importorskip("triton")
 
 from famevil_fast.kernels import configs, contrastive_ops  # noqa: E402
 
+from famevil_fast.ops import contrastive_triton  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # 32 x 32 tiles with 32-wide feature chunks in the interpreter: every size below leaves partial tiles
 SHAPES = [(1, 1, 1), (1, 5, 3), (37, 37, 19), (45, 70, 33), (70, 45, 40)]
@@ -188,6 +190,19 @@ def test_row_dots_match_float64(m, n, d, dtype):
     torch.testing.assert_close(got.double(), (x64 * y64[index.long()]).sum(1), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_group_sums_convert_in_chunks(monkeypatch, dtype):
+    """The forward's group sums (labels, groups): float32 sums of the rows sharing a key, a 16-bit input
+    converted a few rows at a time (a chunk that does not divide the rows; keys absent from the input)."""
+    monkeypatch.setattr(contrastive_triton, "GROUP_SUM_CHUNK_ROWS", 3)
+    x = torch.randn(10, 7, device=DEV).to(dtype)
+    keys = torch.tensor([4, 0, 4, 2, 2, 2, 0, 4, 5, 0], device=DEV, dtype=torch.int32)
+    got = contrastive_triton._float32_group_sums(x, keys, 8)
+    want = torch.zeros(8, 7, dtype=torch.float64, device=DEV).index_add_(0, keys.long(), x.double())
+    assert got.dtype == torch.float32 and got.shape == (8, 7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("p,n", [(1, 1), (2, 33), (9, 70), (13, 0)])
 def test_combined_partial_log_sum_exps_match_torch(p, n):
     """The sweep's partials combined in one kernel: torch.logsumexp over dim 0, for awkward shapes, values
@@ -206,8 +221,6 @@ def test_combined_partial_log_sum_exps_match_torch(p, n):
 def test_loss_composed_through_autograd_matches_the_reference(monkeypatch):
     """TARGETS_IN_KERNEL=False: the log-sum-exp node plus autograd over the linear terms (the torch.compile
     composition, run eagerly), every variant."""
-    from famevil_fast.ops import contrastive_triton
-
     monkeypatch.setattr(contrastive_triton, "TARGETS_IN_KERNEL", False)
     tensors = _inputs(45, 45, 33)
     for name, kw in _variants(45, 45):

@@ -6,13 +6,14 @@ Row i's InfoNCE loss is ``lse_i - (1 - eps) * mean of its positive logits - eps 
 the matrix. The positive and plain sums are linear in the features:
 
 * positives: ``sum_{j positive for i} s a_i . b_j = s a_i . (sum of b over row i's positive group)``,
-  with the group sums from one ``index_add`` (the diagonal and single labels are special cases);
+  with the group sums from ``index_add`` (the diagonal and single labels are special cases);
 * plain sums: ``s a_i . sum_j b_j``.
 
-Both cost O((M + N) D) in float32. In eager mode the loss is one autograd node (``InfoNceFunction``): their
-gradients come out of the kernels' gradient tiles, which subtract each direction's target distribution
-from its softmax. Inside ``torch.compile`` the log-sum-exps are an opaque operator and the linear terms
-take their gradients through autograd.
+Both cost O((M + N) D). In the eager path their dot products come from one kernel each, which reads the
+features in their own dtype and sums in float32; the group sums are float32. In eager mode the loss is one
+autograd node (``InfoNceFunction``): their gradients come out of the kernels' gradient tiles, which
+subtract each direction's target distribution from its softmax. Inside ``torch.compile`` the
+log-sum-exps are an opaque operator and the linear terms take their gradients through autograd.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ from famevil_fast.ops.contrastive import Groups, _as_scale, direction_loss, posi
 def _group_sums(x: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
     """(n_keys, D): the sum of the rows of x sharing each key."""
     return x.new_zeros((n_keys, x.shape[1])).index_add(0, keys.long(), x)
+
+
+GROUP_SUM_CHUNK_ROWS = 16384  # rows of a 16-bit input converted to float32 at a time for its group sums
+
+
+def _float32_group_sums(x: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """``_group_sums`` in float32 for x of any float dtype, converting at most GROUP_SUM_CHUNK_ROWS rows at a
+    time: no float32 copy of the whole input."""
+    out = torch.zeros((n_keys, x.shape[1]), dtype=torch.float32, device=x.device)
+    keys = keys.long()
+    step = x.shape[0] if x.dtype == torch.float32 else GROUP_SUM_CHUNK_ROWS
+    for start in range(0, x.shape[0], step):
+        out.index_add_(0, keys[start : start + step], x[start : start + step].float())
+    return out
 
 
 def _positive_dots(
@@ -90,28 +105,48 @@ def _loss_from_statistics(
     m, n = a.shape[0], b.shape[0]
     if differentiable:
         pos_rows, pos_cols = _positive_dots(a.float(), b.float(), labels, groups, row_key, col_key)
+        plain_sums = _plain_sums
     else:
         pos_rows, pos_cols = _positive_dots_in_kernels(a, b, labels, groups, row_key, col_key)
-    plain_rows = s * (a.float() @ b.sum(dim=0, dtype=torch.float32)) if eps else None
+        plain_sums = _plain_sums_in_kernels
+    plain_rows = s * plain_sums(a, b) if eps else None
     loss = direction_loss(lse_rows, s * pos_rows, plain_rows, row_counts, eps, n)
     if not two_way:
         return loss
-    plain_cols = s * (b.float() @ a.sum(dim=0, dtype=torch.float32)) if eps else None
+    plain_cols = s * plain_sums(b, a) if eps else None
     return 0.5 * (loss + direction_loss(lse_cols, s * pos_cols, plain_cols, col_counts, eps, m))
+
+
+def _plain_sums(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """float32 (rows of x,): x_i . sum_j other_j, differentiable."""
+    return x.float() @ other.sum(dim=0, dtype=torch.float32)
+
+
+def _plain_sums_in_kernels(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``_plain_sums`` (no autograd) from ``row_dots_kernel``, x read in its own dtype."""
+    from famevil_fast.kernels import contrastive_ops
+
+    total = other.sum(dim=0, dtype=torch.float32)[None]
+    every_row_to_it = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    return contrastive_ops.launch_row_dots(x, total, every_row_to_it)
 
 
 def _positive_dots_in_kernels(a, b, labels, groups, row_key, col_key) -> tuple[torch.Tensor, torch.Tensor]:
     """``_positive_dots`` (no autograd) with the per-row dot products in one kernel each, read in the
-    inputs' dtype: the diagonal needs one pass, labels one more over the label groups' sums."""
+    inputs' dtype: the diagonal needs one pass; labels one more over the label groups' float32 sums; groups
+    one per side over the other side's group sums."""
     from famevil_fast.kernels import contrastive_ops
 
+    row_dots = contrastive_ops.launch_row_dots
     if groups is not None:
-        return _positive_dots(a.float(), b.float(), labels, groups, row_key, col_key)
+        n_keys = a.shape[0] + b.shape[0]  # positive_keys numbers the groups below M + N
+        rows = row_dots(a, _float32_group_sums(b, col_key, n_keys), row_key)
+        return rows, row_dots(b, _float32_group_sums(a, row_key, n_keys), col_key)
     if labels is None:
-        diagonal = contrastive_ops.launch_row_dots(a, b)
+        diagonal = row_dots(a, b)
         return diagonal, diagonal
-    rows = contrastive_ops.launch_row_dots(a, b, row_key)  # row_key holds the labels
-    return rows, contrastive_ops.launch_row_dots(b, _group_sums(a.float(), labels, b.shape[0]))
+    rows = row_dots(a, b, row_key)  # row_key holds the labels
+    return rows, row_dots(b, _float32_group_sums(a, labels, b.shape[0]))
 
 
 def _row_weights(counts: torch.Tensor | None, rows: int, like: torch.Tensor, half: bool) -> torch.Tensor:
