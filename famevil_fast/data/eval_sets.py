@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from famevil_fast.data.backends import ImageBackend
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.loader import EvalBatches, default_device, resolve_backend
 from famevil_fast.data.tasks import (
@@ -73,7 +74,7 @@ def build_eval_sets(
     root: str | os.PathLike,
     image_size: int = 224,
     batch_size: int = 256,
-    backend=None,
+    backend: str | ImageBackend | None = None,
     device: torch.device | str | None = None,
     cache_dir: str | os.PathLike | None = None,
     split: str = "val",

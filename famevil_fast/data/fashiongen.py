@@ -8,6 +8,7 @@ the data root. The test split is the val split.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from famevil_fast.data.records import Product, dataset_dir, load_json_list, relative_prefix, require_keys
 
@@ -15,7 +16,7 @@ NUM_SUBCATEGORIES = 121
 _KEYS = ("images", "id", "title", "description", "subcategory_id")
 
 
-def fashiongen_split_file(root: str | os.PathLike, split: str):
+def fashiongen_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     split = "val" if split == "test" else split
     if split not in ("train", "val"):
         raise ValueError(f"FashionGen: split must be 'train', 'val' or 'test', got {split!r}")

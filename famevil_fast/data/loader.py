@@ -41,10 +41,10 @@ def default_device() -> torch.device:
 
 def resolve_backend(
     backend: str | ImageBackend | None,
-    root,
+    root: str | os.PathLike,
     image_size: int,
     device: torch.device,
-    cache_dir=None,
+    cache_dir: str | os.PathLike | None = None,
     num_threads: int | None = None,
     verify_cache: bool = True,
 ) -> ImageBackend:

@@ -21,6 +21,7 @@ import os
 import torch
 
 from famevil_fast.data.attributes import AttributeFile, load_attributes
+from famevil_fast.data.backends import ImageBackend
 from famevil_fast.data.loader import TrainLoader, default_device, resolve_backend
 from famevil_fast.data.tasks import PRODUCT_DATASETS, SampleTable, drop_missing_products, read_products
 from famevil_fast.data.tokens import tokenize_texts
@@ -48,10 +49,10 @@ def attribute_matrix(rows: list[tuple[int, ...]]) -> torch.Tensor:
 
 def pretrain_table(
     task: str,
-    root,
+    root: str | os.PathLike,
     split: str = "train",
     dataset: str | None = None,
-    cache_dir=None,
+    cache_dir: str | os.PathLike | None = None,
     check_files: bool = True,
     attributes: AttributeFile | None = None,
 ) -> SampleTable:
@@ -93,7 +94,7 @@ def build_pretrain_loader(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    backend=None,
+    backend: str | ImageBackend | None = None,
     device: torch.device | str | None = None,
     cache_dir: str | os.PathLike | None = None,
     split: str = "train",

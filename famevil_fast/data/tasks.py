@@ -89,7 +89,7 @@ def _ids(values: Sequence[int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ missing files
 
 
-def drop_missing_products(products: list[Product], root, what: str) -> list[Product]:
+def drop_missing_products(products: list[Product], root: str | os.PathLike, what: str) -> list[Product]:
     missing = missing_files(root, (p for prod in products for p in prod.images))
     if not missing:
         return products
@@ -107,7 +107,7 @@ def drop_missing_products(products: list[Product], root, what: str) -> list[Prod
     return out
 
 
-def drop_missing_triplets(triplets: list[Triplet], root, what: str) -> list[Triplet]:
+def drop_missing_triplets(triplets: list[Triplet], root: str | os.PathLike, what: str) -> list[Triplet]:
     missing = missing_files(root, (p for t in triplets for p in (t.candidate, t.target)))
     if not missing:
         return triplets
@@ -130,10 +130,10 @@ def drop_missing_triplets(triplets: list[Triplet], root, what: str) -> list[Trip
 
 def train_table(
     task: str,
-    root,
+    root: str | os.PathLike,
     split: str = "train",
     dataset: str | None = None,
-    cache_dir=None,
+    cache_dir: str | os.PathLike | None = None,
     check_files: bool = True,
     categories: Sequence[str] = FIQ_CATEGORIES,
 ) -> SampleTable:
@@ -175,7 +175,9 @@ def train_table(
 # ------------------------------------------------------------------------------------------ eval tables
 
 
-def view_table(task: str, products: list[Product], split: str, cache_dir=None) -> SampleTable:
+def view_table(
+    task: str, products: list[Product], split: str, cache_dir: str | os.PathLike | None = None
+) -> SampleTable:
     """Every view of every product as one sample (XMR images, SCR, FIC evaluation)."""
     views = [(p, v) for p in products for v in p.images]
     fields = {
@@ -195,7 +197,9 @@ def view_table(task: str, products: list[Product], split: str, cache_dir=None) -
     )
 
 
-def product_text_table(products: list[Product], split: str, cache_dir=None) -> SampleTable:
+def product_text_table(
+    products: list[Product], split: str, cache_dir: str | os.PathLike | None = None
+) -> SampleTable:
     """One text per product (XMR text side): input_ids, product_ids, subcategory."""
     texts = [p.text for p in products]
     return SampleTable(
@@ -211,7 +215,9 @@ def product_text_table(products: list[Product], split: str, cache_dir=None) -> S
     )
 
 
-def tgir_tables(triplets: list[Triplet], category: int, cache_dir=None) -> tuple[SampleTable, SampleTable]:
+def tgir_tables(
+    triplets: list[Triplet], category: int, cache_dir: str | os.PathLike | None = None
+) -> tuple[SampleTable, SampleTable]:
     """(queries, gallery) of one FashionIQ category."""
     rows = [t for t in triplets if t.category == category]
     queries = [t for t in rows if not t.fake_data]
@@ -241,7 +247,7 @@ def tgir_tables(triplets: list[Triplet], category: int, cache_dir=None) -> tuple
     return q, g
 
 
-def all_texts(root, splits: Sequence[str] = ("train", "val")) -> list[list[str]]:
+def all_texts(root: str | os.PathLike, splits: Sequence[str] = ("train", "val")) -> list[list[str]]:
     """Every text list the tables of ``root`` tokenise (for pre-filling a token cache)."""
     out: list[list[str]] = []
     for split in splits:

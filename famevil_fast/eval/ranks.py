@@ -17,6 +17,7 @@ positive matters, so per query it suffices to count the negatives scoring strict
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ def check_ties(op: str, ties: str) -> None:
         raise ValueError(f"{op}: unknown ties rule {ties!r}; expected one of {TIES_RULES}")
 
 
-def check_ks(op: str, ks) -> tuple[int, ...]:
+def check_ks(op: str, ks: Iterable[int]) -> tuple[int, ...]:
     ks = tuple(ks)
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"{op}: ks must be a non-empty sequence of positive ints, got {ks!r}")

@@ -8,8 +8,10 @@ BPE-normalised, at most 75 tokens), the text the model is trained to produce, as
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +20,11 @@ from famevil_fast.eval.classification import scr_result
 from famevil_fast.eval.report import EvalReport, TaskResult
 from famevil_fast.eval.tgir import TgirCategory, tgir_fashioniq, unique_gallery
 from famevil_fast.eval.xmr import xmr_full, xmr_sampled
+
+if TYPE_CHECKING:
+    from famevil_fast.data.eval_sets import CapEval, SCREval, TGIREval, XMREval
+    from famevil_fast.model.famevil import FameViL
+    from famevil_fast.train.config import EvalSection
 
 
 @dataclass
@@ -33,7 +40,7 @@ class EvalOptions:
     caption_cuda_graph: bool = False
 
     @classmethod
-    def from_section(cls, section) -> EvalOptions:
+    def from_section(cls, section: EvalSection) -> EvalOptions:
         return cls(
             section.xmr_protocols,
             section.sampled_seed,
@@ -62,7 +69,7 @@ def _model_input(model, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_xmr(model, data, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_xmr(model: FameViL, data: XMREval, opts: EvalOptions) -> list[TaskResult]:
     images, image_ids, image_sub = [], [], []
     for batch in _limited(data.images, opts.max_samples, "pixels"):
         images.append(model.encode_image(_model_input(model, batch["pixels"]), "itc").float())
@@ -104,7 +111,7 @@ def evaluate_xmr(model, data, opts: EvalOptions) -> list[TaskResult]:
 
 
 @torch.no_grad()
-def evaluate_tgir(model, data, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_tgir(model: FameViL, data: TGIREval, opts: EvalOptions) -> list[TaskResult]:
     categories = {}
     for name, cat in data.categories.items():
         queries, targets = [], []
@@ -127,7 +134,7 @@ def evaluate_tgir(model, data, opts: EvalOptions) -> list[TaskResult]:
 
 
 @torch.no_grad()
-def evaluate_scr(model, data, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_scr(model: FameViL, data: SCREval, opts: EvalOptions) -> list[TaskResult]:
     logits, labels = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
         logits.append(
@@ -140,7 +147,7 @@ def evaluate_scr(model, data, opts: EvalOptions) -> list[TaskResult]:
 
 
 @torch.no_grad()
-def evaluate_cap(model, data, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskResult]:
     from famevil_fast.text import decode
 
     predictions, references = [], []
@@ -158,7 +165,12 @@ def evaluate_cap(model, data, opts: EvalOptions) -> list[TaskResult]:
     return [fic_result(predictions, references, metrics=opts.caption_metrics)]
 
 
-EVALUATORS = {"itc": evaluate_xmr, "tgir": evaluate_tgir, "scr": evaluate_scr, "cap": evaluate_cap}
+EVALUATORS: dict[str, Callable[..., list[TaskResult]]] = {
+    "itc": evaluate_xmr,
+    "tgir": evaluate_tgir,
+    "scr": evaluate_scr,
+    "cap": evaluate_cap,
+}
 
 
 @dataclass
@@ -171,13 +183,13 @@ class Evaluator:
     @classmethod
     def build(
         cls,
-        root,
+        root: str | os.PathLike,
         tasks: Sequence[str],
         image_size: int,
         batch_size: int = 128,
-        device=None,
+        device: torch.device | str | None = None,
         backend: str | None = None,
-        cache_dir=None,
+        cache_dir: str | os.PathLike | None = None,
         options: EvalOptions | None = None,
     ) -> Evaluator:
         from famevil_fast.data import build_eval_sets
@@ -196,7 +208,7 @@ class Evaluator:
         }
         return cls(sets, options or EvalOptions())
 
-    def report(self, model) -> EvalReport:
+    def report(self, model: FameViL) -> EvalReport:
         report = EvalReport()
         was_training = model.training
         model.eval()

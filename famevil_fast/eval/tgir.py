@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from famevil_fast.eval.ranks import check_ks, check_ties, gallery_rank_stats
+from famevil_fast.eval.ranks import RankStats, check_ks, check_ties, gallery_rank_stats
 from famevil_fast.eval.report import TaskResult
 from famevil_fast.eval.topk import DEFAULT_BLOCK_SIZE, BlockSize, check_embeddings
 
@@ -58,7 +58,7 @@ def tgir_category_stats(
     op: str = "tgir_recall",
     block_size: BlockSize = DEFAULT_BLOCK_SIZE,
     backend: str | None = None,
-):
+) -> RankStats:
     check_embeddings(op, data.query_embeds, data.gallery_embeds)
     ids = data.gallery_ids
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:

@@ -45,7 +45,7 @@ def resolve_block_size(op: str, block_size: BlockSize) -> tuple[int, int]:
 
 
 def check_embeddings(
-    op: str, queries: torch.Tensor, gallery: torch.Tensor, *, allow_empty_queries=True
+    op: str, queries: torch.Tensor, gallery: torch.Tensor, *, allow_empty_queries: bool = True
 ) -> None:
     """Shapes (Q, D) and (G, D), one device, one supported floating dtype, finite values, G >= 1."""
     for name, t in (("queries", queries), ("gallery", gallery)):

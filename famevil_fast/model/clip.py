@@ -9,6 +9,8 @@ lock-step with cross-attention between them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +59,14 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
 
-    def combine(self, q, k, v, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.out(merge_heads(attention(q, k, v, causal=causal, mask=mask, impl=self.impl)))
 
     def forward(
@@ -137,7 +146,13 @@ class Block(nn.Module):
             raise ValueError("this block has no cross-attention adapter")
         return self.xaa(a, context=context, context_mask=context_mask, context_kv=context_kv)
 
-    def forward(self, h: torch.Tensor, task=None, causal: bool = False, mask=None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        task: TaskChoice | None = None,
+        causal: bool = False,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.feed_forward(self.attend(h, causal, mask, task), task)
 
 
@@ -274,7 +289,7 @@ class CLIP(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
     @classmethod
-    def from_pretrained(cls, path_or_state_dict, config: CLIPConfig | None = None) -> CLIP:
+    def from_pretrained(cls, path_or_state_dict: str | Path | dict, config: CLIPConfig | None = None) -> CLIP:
         """CLIP weights in any supported layout (OpenAI .pt, open_clip, Hugging Face, famevil_fast)."""
         from famevil_fast.model.weights import load_clip_state_dict
 

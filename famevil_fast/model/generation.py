@@ -8,10 +8,15 @@ prefix every step, as the official code does); both give the same tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from famevil_fast.model.attention import attention
 from famevil_fast.ops.cross_attention import merge_heads
+
+if TYPE_CHECKING:
+    from famevil_fast.model.famevil import FameViL
 
 SOT_ID = 49406
 EOT_ID = 49407
@@ -58,7 +63,7 @@ class TextDecoder:
             cache[:, :, :filled] = cache[:, :, :filled].index_select(0, index)
 
 
-def max_steps(model, max_len: int) -> int:
+def max_steps(model: FameViL, max_len: int) -> int:
     limit = model.config.clip.text.context_length - 1
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
@@ -66,7 +71,7 @@ def max_steps(model, max_len: int) -> int:
 
 
 def generate(
-    model,
+    model: FameViL,
     pixels: torch.Tensor,
     max_len: int = 76,
     num_beams: int = 1,
@@ -95,7 +100,7 @@ def generate(
     return _beam_search(decoder, pixels.shape[0], num_beams, steps, pixels.device, model, no_repeat_ngram)
 
 
-def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int, model) -> torch.Tensor:
+def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int, model: FameViL) -> torch.Tensor:
     """Set to -inf the logits of tokens that would repeat an n-gram already in each row's ``history``."""
     if n <= 0 or history.shape[1] < n - 1:
         return logits
@@ -114,7 +119,9 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int, mod
     return logits.index_put((rows[keep], index[keep]), torch.tensor(float("-inf"), device=logits.device))
 
 
-def ban_repeated_ngrams_on_device(logits: torch.Tensor, history: torch.Tensor, n: int, model) -> torch.Tensor:
+def ban_repeated_ngrams_on_device(
+    logits: torch.Tensor, history: torch.Tensor, n: int, model: FameViL
+) -> torch.Tensor:
     """``ban_repeated_ngrams`` without reading the history back: every window of the history is compared
     with its last n - 1 tokens at once, and the tokens that followed matching windows are set to -inf
     (shapes depend only on the history's length, so a CUDA graph can capture it)."""
@@ -130,7 +137,13 @@ def ban_repeated_ngrams_on_device(logits: torch.Tensor, history: torch.Tensor, n
 
 
 def greedy_decode(
-    decoder, batch: int, steps: int, device, model, no_repeat_ngram: int = 0, stop_early: bool = True
+    decoder: TextDecoder | _Reencoder,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    model: FameViL,
+    no_repeat_ngram: int = 0,
+    stop_early: bool = True,
 ) -> torch.Tensor:
     """Greedy tokens (B, <= 1 + steps), end-token padded after a sequence ends. ``stop_early`` returns once
     every sequence has ended (a read-back each step); without it every step runs and the n-gram bans stay
@@ -241,7 +254,7 @@ class _Reencoder:
 
 @torch.no_grad()
 def generate_by_reencoding(
-    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
+    model: FameViL, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
 ) -> torch.Tensor:
     """Same output as ``generate`` without caches (the reference for tests and benchmarks)."""
     steps = max_steps(model, max_len)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,10 +25,15 @@ from famevil_fast.capture import simulated_capture, static_shapes
 from famevil_fast.model.generation import EOT_ID, TextDecoder, greedy_decode, max_steps
 from famevil_fast.model.static_beam_search import beam_search_all_steps
 
+if TYPE_CHECKING:
+    from famevil_fast.model.famevil import FameViL
+
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: (graph, pixels, out)}
 
 
-def greedy_all_steps(model, pixels: torch.Tensor, steps: int, no_repeat_ngram: int = 0) -> torch.Tensor:
+def greedy_all_steps(
+    model: FameViL, pixels: torch.Tensor, steps: int, no_repeat_ngram: int = 0
+) -> torch.Tensor:
     """(B, 1 + steps) greedy tokens without early stopping: no host read-backs, static shapes."""
     decoder = TextDecoder(model, model.vision_memory(pixels, "cap"), steps + 1)
     return greedy_decode(
@@ -44,7 +50,7 @@ def greedy_lengths(out: torch.Tensor) -> torch.Tensor:
 
 
 def decode_all_steps(
-    model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
+    model: FameViL, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), kept length per row): capture-safe greedy or beam decoding."""
     if beams == 1:
@@ -105,7 +111,7 @@ def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngra
 
 @torch.no_grad()
 def generate_graphed(
-    model, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
+    model: FameViL, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
 ) -> torch.Tensor:
     """Captions as ``generate(model, pixels, max_len, num_beams, no_repeat_ngram)`` returns them, decoded
     by one graph replay."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from famevil_fast.capture import static_shapes_enabled
 from famevil_fast.model import losses
 from famevil_fast.model.config import PRETRAIN_TASKS
-from famevil_fast.model.famevil import EOT_ID, TASK_BATCH_KEYS, TaskOutput, text_valid_mask
+from famevil_fast.model.famevil import EOT_ID, TASK_BATCH_KEYS, FameViL, TaskOutput, text_valid_mask
 from famevil_fast.model.task_mix import TaskMix, task_mix
 from famevil_fast.model.validation import check_pixels, check_same_batch
 
@@ -48,7 +48,9 @@ def _vision_pass(model, parts: list[tuple[str, torch.Tensor]], keep_memory_of: s
     return dict(zip([t for t, _ in parts], pooled)), memory
 
 
-def forward_mixed(model, batches: dict[str, dict[str, torch.Tensor]], gather=None) -> dict[str, TaskOutput]:
+def forward_mixed(
+    model: FameViL, batches: dict[str, dict[str, torch.Tensor]], gather: losses.Gather | None = None
+) -> dict[str, TaskOutput]:
     """Training forward of several tasks' batches at once; returns each task's ``TaskOutput``."""
     order = list(batches)
     own = {t: model(b, t, gather) for t, b in batches.items() if t in PRETRAIN_TASKS}

@@ -21,14 +21,20 @@ attribute_ids (B, K) padded with -1; ``itm`` pixels, input_ids.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from famevil_fast.model import pretrain_losses as pl
+from famevil_fast.model.config import FameViLConfig
 from famevil_fast.model.heads import NormScale
+from famevil_fast.model.losses import Gather
 from famevil_fast.model.validation import check_pixels, check_same_batch
+
+if TYPE_CHECKING:
+    from famevil_fast.model.famevil import FameViL, TaskOutput
 
 PRETRAIN_BATCH_KEYS = {
     "mvc": ("pixels", "input_ids", "fused_pixels"),
@@ -49,7 +55,7 @@ class CosineClassifier(nn.Module):
         return F.linear(x, F.normalize(self.weight, dim=1).to(x.dtype))
 
 
-def build_pretrain_heads(config) -> nn.ModuleDict:
+def build_pretrain_heads(config: FameViLConfig) -> nn.ModuleDict:
     """Heads of the pre-training tasks of ``config`` (a FameViLConfig)."""
     heads = nn.ModuleDict()
     dim = config.clip.embed_dim
@@ -62,7 +68,7 @@ def build_pretrain_heads(config) -> nn.ModuleDict:
     return heads
 
 
-def forward_mvc(model, batch, gather):
+def forward_mvc(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather | None) -> TaskOutput:
     from famevil_fast.model.famevil import TaskOutput
 
     view_a, ids, view_b = batch["pixels"], batch["input_ids"], batch["fused_pixels"]
@@ -77,7 +83,7 @@ def forward_mvc(model, batch, gather):
     return TaskOutput(loss, {"image": image, "fused": fused, "scale": scale})
 
 
-def forward_pac(model, batch, gather):
+def forward_pac(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather | None) -> TaskOutput:
     from famevil_fast.model.famevil import TaskOutput
 
     pixels, ids, attributes = batch["pixels"], batch["input_ids"], batch["attribute_ids"]
@@ -90,7 +96,7 @@ def forward_pac(model, batch, gather):
     return TaskOutput(loss, {"image_logits": image_logits, "text_logits": text_logits})
 
 
-def matching_similarity(model, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def matching_similarity(model: FameViL, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Two-tower cosine similarities (B images x B texts) that choose ITM's hard negatives, without grad."""
     task = "itc" if "itc" in model.config.tasks else "itm"
     with torch.no_grad():
@@ -99,7 +105,7 @@ def matching_similarity(model, pixels: torch.Tensor, input_ids: torch.Tensor) ->
     return image @ text.T
 
 
-def forward_itm(model, batch, gather):
+def forward_itm(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather | None) -> TaskOutput:
     from famevil_fast.model.famevil import TaskOutput
 
     pixels, ids = batch["pixels"], batch["input_ids"]

@@ -14,9 +14,14 @@ operations:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from famevil_fast.model.generation import EOT_ID, SOT_ID, TextDecoder, ban_repeated_ngrams_on_device
+
+if TYPE_CHECKING:
+    from famevil_fast.model.famevil import FameViL
 
 NEG_INF = float("-inf")
 
@@ -59,7 +64,7 @@ def _select(top_scores, src_beam, token, done, beams):
 
 
 def beam_search_all_steps(
-    model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
+    model: FameViL, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), lengths (B,)): the best sequence of each input (end-token padded) and its
     length; no host read-backs, every step runs."""

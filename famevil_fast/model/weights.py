@@ -16,12 +16,16 @@ import os
 import re
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from famevil_fast.model.config import CLIPConfig, FameViLConfig, TextConfig, VisionConfig
+
+if TYPE_CHECKING:
+    from famevil_fast.model.famevil import FameViL
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -388,7 +392,9 @@ def load_clip_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Ten
     return backbone, clip
 
 
-def load_famevil_checkpoint(cls, path: str | Path, trust_pickle: bool = False, **overrides: Any):
+def load_famevil_checkpoint(
+    cls: type[FameViL], path: str | Path, trust_pickle: bool = False, **overrides: Any
+) -> FameViL:
     """Build a FameViL from a checkpoint; missing or unexpected keys and shape mismatches are errors."""
     raw, hints = read_state_dict(path, trust_pickle)
     state = to_canonical(raw)
@@ -434,7 +440,7 @@ def load_into(
 
 
 # ---------------------------------------------------------------- writing
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -449,7 +455,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_famevil(model, directory: str | Path) -> Path:
+def save_famevil(model: FameViL, directory: str | Path) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)

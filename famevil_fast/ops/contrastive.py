@@ -57,7 +57,9 @@ def _as_scale(scale: ScaleLike, like: torch.Tensor, dtype: torch.dtype | None = 
 # References
 
 
-def positive_mask(m: int, n: int, labels: torch.Tensor | None, groups: Groups | None, device) -> torch.Tensor:
+def positive_mask(
+    m: int, n: int, labels: torch.Tensor | None, groups: Groups | None, device: torch.device
+) -> torch.Tensor:
     """(M, N) bool: True where column j is a positive of row i."""
     if groups is not None:
         row_groups, col_groups = groups

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from famevil_fast.train.config import TrainConfig
 from famevil_fast.train.distributed import DistInfo
+
+if TYPE_CHECKING:
+    from famevil_fast.data.attributes import AttributeFile
 
 
 class LoaderStream:
@@ -49,7 +52,7 @@ def _attributes(root: str, path: str | None, min_count: int):
     return load_attributes(root, path, min_count=min_count)
 
 
-def pac_attributes(config: TrainConfig):
+def pac_attributes(config: TrainConfig) -> AttributeFile:
     """The PAC attribute file of a run (``data.attributes``, or mined from the training texts), read once."""
     d = config.data
     return _attributes(str(d.root), d.attributes, d.attribute_min_count)

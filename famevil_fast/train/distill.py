@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from famevil_fast.model.famevil import FameViL, TaskOutput
+from famevil_fast.model.losses import Gather
 from famevil_fast.ops import contrastive_distill_loss
 
 
@@ -124,7 +125,7 @@ class Teachers(nn.Module):
         return task in self.models
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, torch.Tensor], task: str, gather=None) -> TaskOutput:
+    def forward(self, batch: dict[str, torch.Tensor], task: str, gather: Gather | None = None) -> TaskOutput:
         return self.models[task](batch, task, gather)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from famevil_fast.model.weights import is_new_module_key
+from famevil_fast.train.config import OptimSection, ScheduleSection
 
 NO_DECAY_SUFFIXES = ("norm_s", ".scale", "class_embedding", "pos_embed", "logit_scale")
 
@@ -52,7 +53,7 @@ def parameter_groups(
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel per parameter: on 2 CPU cores 5x the foreach step
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     """AdamW over ``parameter_groups`` (the fused implementation on CUDA and CPU devices)."""
     groups = parameter_groups(
         model, cfg.lr, cfg.new_module_lr_multiplier, cfg.weight_decay, cfg.decay_norms_and_scales
@@ -74,14 +75,16 @@ def lr_factor(
     return factor
 
 
-def group_decay_at(group: dict, cfg) -> list[int]:
+def group_decay_at(group: dict, cfg: ScheduleSection) -> list[int]:
     """The decay points of one parameter group: ``new_module_decay_at`` for the new modules when set,
     else ``decay_at``."""
     new = group["group"].startswith("new")  # the labels of ``parameter_groups``
     return cfg.new_module_decay_at if new and cfg.new_module_decay_at is not None else cfg.decay_at
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleSection
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up then multi-step decay, one factor per parameter group (see ``group_decay_at``)."""
 
     def schedule(decay_at: list[int]):

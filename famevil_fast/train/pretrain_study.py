@@ -20,11 +20,14 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from famevil_fast.configs import resolve
 
 from famevil_fast.train.config import TrainConfig, load_config
+
+if TYPE_CHECKING:
+    from famevil_fast.eval.runner import Evaluator
 
 PRETRAIN_RECIPE = "pretrain_tiny_cpu"
 
@@ -118,7 +121,9 @@ def _train(config: TrainConfig, evaluator=None) -> dict[str, Any]:
     }
 
 
-def build_evaluator(root: str, image_size: int, batch_size: int = 64, protocols: Sequence[str] = ("full",)):
+def build_evaluator(
+    root: str, image_size: int, batch_size: int = 64, protocols: Sequence[str] = ("full",)
+) -> Evaluator:
     """XMR evaluation on the validation split (the sampled protocol needs 101 products per sub-category)."""
     from famevil_fast.eval.runner import EvalOptions, Evaluator
 

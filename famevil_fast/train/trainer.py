@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from famevil_fast.data.transforms import to_device
-from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
+from famevil_fast.model.losses import Gather
 from famevil_fast.train.checkpoint import CheckpointManager
 from famevil_fast.train.config import TrainConfig
 from famevil_fast.train.cuda_graph import GraphedStep
@@ -123,7 +124,9 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batches: dict[str, dict[str, torch.Tensor]], gather=None, mixed: bool = False):
+    def forward(
+        self, batches: dict[str, dict[str, torch.Tensor]], gather: Gather | None = None, mixed: bool = False
+    ) -> dict[str, TaskOutput]:
         if mixed and len(batches) > 1:
             return self.model.forward_mixed(batches, gather)
         return {task: self.model(batch, task, gather) for task, batch in batches.items()}

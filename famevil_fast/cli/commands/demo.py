@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from famevil_fast.eval.report import TaskResult
 
 NAME = "demo"
 HELP = "Generate the synthetic dataset, train all four tasks in one run, evaluate and print the scores."
@@ -40,7 +44,7 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int) -
     make_synthetic(directory, products=products, seed=seed, image_size=image_size)
 
 
-def caption_ceiling_text(fic, data_root: str | Path, save_to: Path | None = None) -> str:
+def caption_ceiling_text(fic: TaskResult, data_root: str | Path, save_to: Path | None = None) -> str:
     """The model's FIC scores beside captions the generator writes knowing part of each product (see
     ``famevil_fast.eval.caption_ceiling``); the scores are also saved as JSON when ``save_to`` is given."""
     import json

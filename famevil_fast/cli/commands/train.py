@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from famevil_fast.eval.runner import Evaluator
+    from famevil_fast.train.config import TrainConfig
 
 NAME = "train"
 HELP = (
@@ -33,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_evaluator(cfg, device):
+def build_evaluator(cfg: TrainConfig, device: torch.device | str | None) -> Evaluator:
     from famevil_fast.eval.runner import EvalOptions, Evaluator
 
     tasks = cfg.eval.tasks or cfg.model.tasks

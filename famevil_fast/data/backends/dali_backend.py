@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from famevil_fast.data.backends.base import ImageBackend, Loaded
 from famevil_fast.data.backends.pil_backend import decode_error
 from famevil_fast.data.images import jpeg_truncated, probe_size, read_bytes
 from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan
+
+if TYPE_CHECKING:
+    from nvidia.dali import Pipeline
 
 
 @functools.cache
@@ -44,7 +48,9 @@ def _require_dali():
     return fn, types, pipeline_def
 
 
-def build_dali_pipeline(batch_size: int, image_size: int, device_id: int | None, num_threads: int):
+def build_dali_pipeline(
+    batch_size: int, image_size: int, device_id: int | None, num_threads: int
+) -> Pipeline:
     """The decode -> resize(box) -> crop_mirror_normalize pipeline fed by four external sources."""
     fn, types, pipeline_def = _require_dali()
 

@@ -394,7 +394,7 @@ def _render_all(jobs: list[_Job], workers: int) -> None:
             pass
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: object) -> None:
     """Write ``obj`` as JSON atomically (temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -36,7 +36,7 @@ class ProductSpec:
     def visual_key(self) -> tuple:
         return (self.garment, self.colour, self.pattern, self.second, self.attrs)
 
-    def replace(self, **changes) -> ProductSpec:
+    def replace(self, **changes: str | tuple[tuple[str, str], ...] | None) -> ProductSpec:
         values = {
             "garment": self.garment,
             "colour": self.colour,
