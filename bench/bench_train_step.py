@@ -12,12 +12,20 @@ per task and for the round-robin four-task step.
    weight-gradient GEMMs of frozen layers are skipped; ``fast_triton``: every op on its Triton kernel
    (under a graph only device time counts, which is where the fused kernels may pay at this size).
 
+``plain_frozen_graphed`` is ``plain_frozen`` replayed as a CUDA graph. The ``*_compiled`` configurations add
+``torch.compile`` (Inductor, default mode) of the step's forward to a graphed configuration, so that the
+compiled step is also replayed as one CUDA graph (what ``mode="reduce-overhead"`` does):
+``plain_compiled``, ``plain_frozen_compiled`` (PERFORMANCE.md's best plain-PyTorch frozen step),
+``fast_compiled`` and ``fast_frozen_compiled``. Compiling takes about a minute per configuration and batch
+layout on a GPU, so they run only with ``TRAIN_STEP_COMPILE=1``. ``TRAIN_STEP_CONFIGS`` (comma-separated
+names) and ``TRAIN_STEP_CELLS`` (e.g. ``64:itc,64:all4``) narrow a run.
+
 Every configuration starts from the same weights and batch; the first step's losses must agree with the
 faithful ones within bf16 tolerance. Reported: ms/step (median), samples/s, peak memory and model FLOPs
 utilisation (FLOPs of one eager step counted by torch's FlopCounterMode, against the card's measured bf16
-peak when known). "x best plain" divides by the faster of ``plain`` and ``plain_graphed`` (the frozen rows
-by ``plain_frozen``). On a GPU: ViT-B/16, batch 64 and 256. On the CPU: the micro model at batch 4, one
-timed step (a check that the harness runs, not a measurement); graph capture is simulated there.
+peak when known). "x best plain" divides by the fastest plain-PyTorch configuration measured with the same
+backbone setting (trained or frozen). On a GPU: ViT-B/16, batch 64 and 256. On the CPU: the micro model at
+batch 4, one timed step (a check that the harness runs, not a measurement); graph capture is simulated there.
 """
 
 from __future__ import annotations
@@ -50,21 +58,42 @@ FAITHFUL_STEPS = 5 if CUDA else 1
 TASKS = ("itc", "tgir", "scr", "cap")
 BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}  # dense bf16, measured or datasheet
 
-_PLAIN = dict(precision="bf16", attention="sdpa", backend="torch", mixed=False, frozen=False, graphs=False)
-_FAST = dict(precision="bf16", attention="auto", backend=None, mixed=True, frozen=False, graphs=True)
+_PLAIN = dict(precision="bf16", attention="sdpa", backend="torch", mixed=False, frozen=False)
+_PLAIN.update(graphs=False, compile=False)
+_FAST = dict(_PLAIN, attention="auto", backend=None, mixed=True, graphs=True)
 CONFIGS = {
     "faithful": dict(_PLAIN, precision="fp32", attention="eager"),
     "plain": _PLAIN,
     "plain_graphed": dict(_PLAIN, graphs=True),
+    "plain_compiled": dict(_PLAIN, graphs=True, compile=True),
     "plain_frozen": dict(_PLAIN, frozen=True),
+    "plain_frozen_graphed": dict(_PLAIN, frozen=True, graphs=True),
+    "plain_frozen_compiled": dict(_PLAIN, frozen=True, graphs=True, compile=True),
     "fast": _FAST,
+    "fast_compiled": dict(_FAST, compile=True),
     "fast_frozen": dict(_FAST, frozen=True),
+    "fast_frozen_compiled": dict(_FAST, frozen=True, compile=True),
     "fast_triton": dict(_FAST, backend="triton"),
 }
+COMPILE = os.environ.get("TRAIN_STEP_COMPILE") == "1"
+SELECTED = [c for c in os.environ.get("TRAIN_STEP_CONFIGS", "").split(",") if c]
+if unknown := [c for c in SELECTED if c not in CONFIGS]:
+    raise ValueError(f"TRAIN_STEP_CONFIGS: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+
+
+def skip_reason(name: str) -> str | None:
+    """Why configuration ``name`` does not run in this session, or None."""
+    if SELECTED and name not in SELECTED:
+        return "not in TRAIN_STEP_CONFIGS"
+    if CONFIGS[name]["compile"] and not COMPILE:
+        return "torch.compile configurations run with TRAIN_STEP_COMPILE=1"
+    if CONFIGS[name]["backend"] == "triton" and not triton_runs_on(DEVICE):
+        return f"Triton kernels do not run on {DEVICE} here"
+    return None
 
 
 def runnable(name: str) -> bool:
-    return CONFIGS[name]["backend"] != "triton" or triton_runs_on(DEVICE)
+    return skip_reason(name) is None
 
 
 def random_batch(task: str, batch: int, size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -96,7 +125,11 @@ class Setup:
         fused = {"fused": True} if CUDA and opts["precision"] == "bf16" else {}
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
         bf16 = torch.bfloat16 if opts["precision"] == "bf16" else None
-        self.graphed = GraphedStep(self.losses, params, autocast_dtype=bf16) if opts["graphs"] else None
+        step_losses = self.losses
+        if opts["compile"]:  # a fresh cache: every configuration compiles ``losses``, recompiles are capped
+            torch._dynamo.reset()
+            step_losses = torch.compile(self.losses)
+        self.graphed = GraphedStep(step_losses, params, autocast_dtype=bf16) if opts["graphs"] else None
         self.weight = 1.0  # 1 / tasks of the step: each task's loss is averaged into the step's gradient
 
     def losses(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -194,7 +227,7 @@ def base_model() -> FameViL:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_first_step_losses_agree(base_model, name):
     if not runnable(name):
-        pytest.skip(f"{name}: Triton kernels do not run on {DEVICE} here")
+        pytest.skip(f"{name}: {skip_reason(name)}")
     size = base_model.config.clip.vision.image_size
     batches = workload_batches("all4", BATCHES[0], size)
     reference = Setup(base_model, "faithful").step(batches)
@@ -208,12 +241,12 @@ def test_first_step_losses_agree(base_model, name):
 
 
 HEADER = (
-    f"{'batch':>5} {'workload':>8} {'config':>13} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} "
+    f"{'batch':>5} {'workload':>8} {'config':>21} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} "
     f"{'MFU %':>6} {'x faithful':>10} {'x plain':>8} {'x best plain':>12}"
 )
 
 
-ROW = "{:>5} {:>8} {:>13} {:>9.2f} {:>10.0f} {:>9.2f} {:>6.1f} {:>10.2f} {:>8.2f} {:>12.2f}"
+ROW = "{:>5} {:>8} {:>21} {:>9.2f} {:>10.0f} {:>9.2f} {:>6.1f} {:>10.2f} {:>8.2f} {:>12.2f}"
 NAN = float("nan")
 
 
@@ -251,7 +284,8 @@ def release() -> None:
 
 def best_plain(results: dict[str, float], name: str) -> float:
     """Seconds of the best plain-PyTorch configuration comparable with ``name`` (frozen or not)."""
-    keys = ("plain_frozen",) if CONFIGS[name]["frozen"] else ("plain", "plain_graphed")
+    frozen = CONFIGS[name]["frozen"]
+    keys = [k for k, c in CONFIGS.items() if k.startswith("plain") and c["frozen"] == frozen]
     times = [results[k] for k in keys if k in results and results[k] == results[k]]
     return min(times) if times else NAN
 
@@ -277,8 +311,8 @@ def test_train_step_report(base_model):
                 samples / seconds,
                 memory,
                 100 * mfu,
-                results["faithful"] / seconds,
-                results.get("plain", seconds) / seconds,
+                results.get("faithful", NAN) / seconds,
+                results.get("plain", NAN) / seconds,
                 best_plain(results, name) / seconds,
             )
             rows.append(row)

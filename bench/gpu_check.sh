@@ -75,7 +75,8 @@ tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_tra
 fi
 
 # GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
-# launch-configuration sweep behind kernels/configs.py, in this order)
+# launch-configuration sweep behind kernels/configs.py, and "train_compiled", the torch.compile baselines of
+# the frozen ITC step, about a minute of compiling per configuration; in this order)
 BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
 BENCH=("${PYTEST[@]}" --benchmark-disable)
 run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
@@ -84,12 +85,16 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
     adapter) part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report ;;
     xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
     train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
+    train_compiled) part "bench: training step with torch.compile (frozen ITC)" 270 bench_train_compiled.txt \
+      env TRAIN_STEP_COMPILE=1 TRAIN_STEP_CELLS=64:itc \
+      TRAIN_STEP_CONFIGS=faithful,plain_frozen,plain_frozen_graphed,plain_frozen_compiled,fast_frozen,fast_frozen_compiled \
+      "${BENCH[@]}" bench/bench_train_step.py -k report ;;
     caption) part "bench: caption decoding" 130 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py ;;
     retrieval) part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py ;;
     imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
     data) part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report ;;
     tiles) part "bench: tile sweep" 150 bench_tiles.txt "${BENCH[@]}" bench/bench_tiles.py ;;
-    *) say "unknown benchmark '$1' (known: contrastive adapter xattn train_step caption retrieval imtl data tiles)"; status=1 ;;
+    *) say "unknown benchmark '$1' (known: contrastive adapter xattn train_step train_compiled caption retrieval imtl data tiles)"; status=1 ;;
   esac
 }
 if [[ " $PARTS " == *" bench "* ]]; then
@@ -119,6 +124,7 @@ for name, title in (
     ("bench_adapter.txt", "Fused adapter"),
     ("bench_xattn.txt", "Cross-attention adapter block"),
     ("bench_train_step.txt", "Training step"),
+    ("bench_train_compiled.txt", "Training step with torch.compile (frozen ITC)"),
     ("bench_caption.txt", "Caption decoding"),
     ("bench_retrieval.txt", "Retrieval"),
     ("bench_imtl.txt", "IMTL-G combination"),
