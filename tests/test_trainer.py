@@ -151,6 +151,22 @@ def test_cuda_graph_steps_match_eager_steps(tmp_path, mixed):
         assert float((a - b).abs().max()) < 2e-3, name
 
 
+def test_compiled_graph_steps_match_eager_steps(tmp_path):
+    """train.compile: the captured micro-step's forward compiled by Inductor gives the eager losses."""
+    base = ("train.updates=2", "model.tasks=[itc]")
+    eager = Trainer(micro_config(tmp_path / "e", *base), streams())
+    eager.fit()
+    compiled = Trainer(
+        micro_config(tmp_path / "c", *base, "train.cuda_graphs=true", "train.compile=true"), streams()
+    )
+    compiled.fit()
+    for a, b in zip(eager.history, compiled.history):
+        for (ta, va), (tb, vb) in zip(a["losses"], b["losses"]):
+            assert ta == tb and math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-5)
+    with pytest.raises(ValueError, match="train.compile needs train.cuda_graphs"):
+        micro_config(tmp_path, "train.compile=true").validate()
+
+
 def test_cuda_graphs_need_the_sum_strategy(tmp_path):
     with pytest.raises(ValueError, match="cuda_graphs needs gradient_strategy"):
         micro_config(tmp_path, "train.cuda_graphs=true", "train.gradient_strategy=imtlg").validate()

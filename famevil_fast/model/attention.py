@@ -8,14 +8,20 @@ reference that materialises the score matrix).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
+# known at import: a torch.compile trace of ``attention`` reads a constant instead of the cached import
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
 
 @functools.cache
 def _flash_attn_func():
+    if not FLASH_ATTN_INSTALLED:
+        return None
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -25,7 +31,8 @@ def _flash_attn_func():
 
 def flash_attn_applicable(q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> bool:
     return (
-        _flash_attn_func() is not None
+        FLASH_ATTN_INSTALLED
+        and _flash_attn_func() is not None
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and mask is None
@@ -63,7 +70,7 @@ def attention(
     if impl in ("auto", "flash") and flash_attn_applicable(q, None if causal else mask, 0.0) and mask is None:
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
-    if impl == "flash" and _flash_attn_func() is None:
+    if impl == "flash" and (not FLASH_ATTN_INSTALLED or _flash_attn_func() is None):
         raise ValueError("attention='flash' needs the flash_attn package, which is not installed")
     if causal and mask is not None:
         lq, lk = q.shape[-2], k.shape[-2]

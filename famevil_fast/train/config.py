@@ -118,6 +118,11 @@ class TrainSection:
         "(single process, gradient_strategy sum; on the CPU the step runs eagerly)",
         False,
     )
+    compile: bool = doc(
+        "compile each micro-step's forward with torch.compile (Inductor) before it is captured; needs "
+        "cuda_graphs (one static batch layout per graph); the first step of each layout compiles",
+        False,
+    )
     freeze_backbone: bool = doc("train only adapters, cross-attention adapters and heads", False)
     clip_grad_norm: float | None = doc("clip the gradient norm to this value; null = off", None)
     nonfinite: str = doc("on a non-finite loss: skip the update, or stop the run", "skip")
@@ -238,6 +243,11 @@ class TrainConfig:
         if self.train.mixed_task_batches and self.train.gradient_strategy != "sum":
             raise ValueError(
                 "train.mixed_task_batches needs gradient_strategy 'sum' (IMTL-G needs each task's gradient)"
+            )
+        if self.train.compile and not self.train.cuda_graphs:
+            raise ValueError(
+                "train.compile needs train.cuda_graphs: the compiled step runs on the static batch layouts "
+                "of the captured graphs"
             )
         if self.train.cuda_graphs and self.train.gradient_strategy != "sum":
             raise ValueError(

@@ -193,7 +193,8 @@ class Trainer:
             raise ValueError("train.cuda_graphs runs in one process; turn it off for distributed training")
         bf16 = torch.bfloat16 if self.cfg.train.precision == "bf16" else None
         self._loss_weight = torch.ones((), device=self.device)  # 1 / micro-batches of the update
-        return GraphedStep(self._graph_losses, [p for _, p in self.trainable], autocast_dtype=bf16)
+        losses = torch.compile(self._graph_losses) if self.cfg.train.compile else self._graph_losses
+        return GraphedStep(losses, [p for _, p in self.trainable], autocast_dtype=bf16)
 
     def _graph_losses(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-step as the captured graphs compute it (autocast is applied by GraphedStep)."""
