@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh                      # everything (about 7 minutes on an H200)
 #   GPU_CHECK_PARTS="tests bench" bash bench/gpu_check.sh
 #   GPU_CHECK_BENCH="train_step caption" bash bench/gpu_check.sh   # some benchmarks only
+#   GPU_CHECK_PARTS="build demo" bash bench/gpu_check.sh   # the README's main job, short
 #
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first); DALI, too large
 # for one call, travels in parts with bench/carry_dali.sh.
@@ -74,6 +75,14 @@ tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_tra
   part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda or contrastive_triton" $TESTS
 fi
 
+# "demo" (not in the default parts): the README's main job on the card, `famevil-fast demo` with the GPU recipe,
+# on fewer products and updates (GPU_CHECK_DEMO_PRODUCTS, GPU_CHECK_DEMO_UPDATES): a check that it runs
+if [[ " $PARTS " == *" demo "* ]]; then
+  part "demo (demo_gpu recipe, short)" 240 demo.txt "$PY" -m famevil_fast demo --out /tmp/gpu_check_demo \
+    --products "${GPU_CHECK_DEMO_PRODUCTS:-1000}" --updates "${GPU_CHECK_DEMO_UPDATES:-60}" \
+    --set schedule.warmup_updates=6 "--set=schedule.decay_at=[40, 50]" --set eval.every=0
+fi
+
 # GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
 # launch-configuration sweep behind kernels/configs.py, and "train_compiled", the torch.compile baselines of
 # the frozen ITC step, about a minute of compiling per configuration; in this order)
@@ -120,6 +129,7 @@ section = [
 ]
 for name, title in (
     ("gpu_tests.txt", "GPU tests"),
+    ("demo.txt", "Demo (demo_gpu recipe, short)"),
     ("bench_contrastive.txt", "Contrastive losses"),
     ("bench_adapter.txt", "Fused adapter"),
     ("bench_xattn.txt", "Cross-attention adapter block"),
