@@ -58,8 +58,15 @@ FAITHFUL_STEPS = 5 if CUDA else 1
 TASKS = ("itc", "tgir", "scr", "cap")
 BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}  # dense bf16, measured or datasheet
 
-_PLAIN = dict(precision="bf16", attention="sdpa", backend="torch", mixed=False, frozen=False)
-_PLAIN.update(graphs=False, compile=False)
+_PLAIN = dict(
+    precision="bf16",
+    attention="sdpa",
+    backend="torch",
+    mixed=False,
+    frozen=False,
+    graphs=False,
+    compile=False,
+)
 _FAST = dict(_PLAIN, attention="auto", backend=None, mixed=True, graphs=True)
 CONFIGS = {
     "faithful": dict(_PLAIN, precision="fp32", attention="eager"),

@@ -20,8 +20,6 @@ FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 @functools.cache
 def _flash_attn_func():
-    if not FLASH_ATTN_INSTALLED:
-        return None
     try:
         from flash_attn import flash_attn_func
     except ImportError:
@@ -70,7 +68,7 @@ def attention(
     if impl in ("auto", "flash") and flash_attn_applicable(q, None if causal else mask, 0.0) and mask is None:
         out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
-    if impl == "flash" and (not FLASH_ATTN_INSTALLED or _flash_attn_func() is None):
+    if impl == "flash" and _flash_attn_func() is None:
         raise ValueError("attention='flash' needs the flash_attn package, which is not installed")
     if causal and mask is not None:
         lq, lk = q.shape[-2], k.shape[-2]

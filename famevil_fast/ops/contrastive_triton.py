@@ -22,18 +22,12 @@ import torch
 
 from famevil_fast.ops.contrastive import Groups, _as_scale, direction_loss, positive_keys
 
-
-def _group_sums(x: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """(n_keys, D): the sum of the rows of x sharing each key."""
-    return x.new_zeros((n_keys, x.shape[1])).index_add(0, keys.long(), x)
-
-
 GROUP_SUM_CHUNK_ROWS = 16384  # rows of a 16-bit input converted to float32 at a time for its group sums
 
 
-def _float32_group_sums(x: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """``_group_sums`` in float32 for x of any float dtype, converting at most GROUP_SUM_CHUNK_ROWS rows at a
-    time: no float32 copy of the whole input."""
+def _group_sums(x: torch.Tensor, keys: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """(n_keys, D) float32: the sum of the rows of x sharing each key (differentiable). A 16-bit x is
+    converted at most GROUP_SUM_CHUNK_ROWS rows at a time: no float32 copy of the whole input."""
     out = torch.zeros((n_keys, x.shape[1]), dtype=torch.float32, device=x.device)
     keys = keys.long()
     step = x.shape[0] if x.dtype == torch.float32 else GROUP_SUM_CHUNK_ROWS
@@ -140,13 +134,13 @@ def _positive_dots_in_kernels(a, b, labels, groups, row_key, col_key) -> tuple[t
     row_dots = contrastive_ops.launch_row_dots
     if groups is not None:
         n_keys = a.shape[0] + b.shape[0]  # positive_keys numbers the groups below M + N
-        rows = row_dots(a, _float32_group_sums(b, col_key, n_keys), row_key)
-        return rows, row_dots(b, _float32_group_sums(a, row_key, n_keys), col_key)
+        rows = row_dots(a, _group_sums(b, col_key, n_keys), row_key)
+        return rows, row_dots(b, _group_sums(a, row_key, n_keys), col_key)
     if labels is None:
         diagonal = row_dots(a, b)
         return diagonal, diagonal
     rows = row_dots(a, b, row_key)  # row_key holds the labels
-    return rows, row_dots(b, _float32_group_sums(a, labels, b.shape[0]))
+    return rows, row_dots(b, _group_sums(a, labels, b.shape[0]))
 
 
 def _row_weights(counts: torch.Tensor | None, rows: int, like: torch.Tensor, half: bool) -> torch.Tensor:
