@@ -10,11 +10,13 @@ rerun it on a new card before changing them:
     pytest -q -s bench/bench_tiles.py
 
 On the CPU (TRITON_INTERPRET=1) it runs one or two candidates of each setting on small shapes: a check of the
-sweep itself and of the candidates' masking, not a timing.
+sweep itself and of the candidates' masking, not a timing. ``TILE_SWEEP=split`` (any part of the family
+names, comma-separated) narrows a run to some families.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +41,9 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 WIDTH, BOTTLENECK, FEATURES = (768, 64, 512) if CUDA else (96, 24, 40)
+SPLIT_BOTTLENECK = 512 if CUDA else 136  # r > 128: the adapter's split path (bottleneck through memory)
 ADAPTER_ROWS = (12_608, 1 << 20) if CUDA else (37,)
+SPLIT_ROWS = (1 << 20,) if CUDA else (37,)
 CONTRASTIVE_ROWS = (4_096, 16_384) if CUDA else (45,)
 REPS = 20
 
@@ -64,6 +68,11 @@ DX_WEIGHTS = [  # the current 64x64, 4 warps, spills 176 bytes a thread (ptxas, 
     Tiles(32, 64, 1, 4, 2, maxnreg=168),  # three programs per multiprocessor instead of two; spills 136 B
     Tiles(32, 32, 1, 4, 2, maxnreg=128),  # four; spills 168 B
 ]
+# the split path's four GEMM-shaped kernels (all 64 x 128 x 64, 4 warps, 3 stages, except dx's K chunk)
+SPLIT_LN_DOWN = [Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 3), Tiles(64, 256, 64, 8, 3)]
+SPLIT_UP = [Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3), Tiles(64, 128, 64, 4, 4)]
+SPLIT_DP = [Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 8, 3)]
+SPLIT_DX = [Tiles(128, 128, 64, 8, 3), Tiles(64, 256, 64, 8, 3)]
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
 COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
@@ -79,6 +88,7 @@ LOSS_GRAD = [  # configs.contrastive_loss_grad_tiles: 128x128x64, 8 warps (4 war
 ]
 if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
+    SPLIT_LN_DOWN, SPLIT_UP, SPLIT_DP, SPLIT_DX = ([Tiles(16, 32, 32)] for _ in range(4))
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     LOSS_GRAD = [Tiles(16, 16, 16)]
     REDUCTION_PROGRAMS, SPAN_PROGRAMS = [4], [2]
@@ -128,7 +138,7 @@ class Family:
     sizes: tuple[int, ...]
 
 
-def _adapter_inputs(rows: int):
+def _adapter_inputs(rows: int, bottleneck: int = BOTTLENECK):
     g = torch.Generator(device="cpu").manual_seed(rows)
 
     def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
@@ -138,9 +148,9 @@ def _adapter_inputs(rows: int):
     params = (
         1 + rand(WIDTH, s=0.1),
         rand(WIDTH, s=0.1),
-        rand(BOTTLENECK, WIDTH, s=WIDTH**-0.5),
-        rand(BOTTLENECK, s=0.1),
-        rand(WIDTH, BOTTLENECK, s=BOTTLENECK**-0.5),
+        rand(bottleneck, WIDTH, s=WIDTH**-0.5),
+        rand(bottleneck, s=0.1),
+        rand(WIDTH, bottleneck, s=bottleneck**-0.5),
         rand(WIDTH, s=0.1),
         1 + rand(1, s=0.1),
     )
@@ -148,15 +158,23 @@ def _adapter_inputs(rows: int):
     return x, params, residuals, rand(rows, WIDTH)
 
 
-def adapter_forward_op(rows: int):
-    x, params, residuals, _ = _adapter_inputs(rows)
+def adapter_forward_op(rows: int, bottleneck: int = BOTTLENECK):
+    x, params, residuals, _ = _adapter_inputs(rows, bottleneck)
     return lambda: launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, True, 1e-5)
 
 
-def adapter_backward_op(rows: int):
-    x, params, residuals, dy = _adapter_inputs(rows)
+def adapter_backward_op(rows: int, bottleneck: int = BOTTLENECK):
+    x, params, residuals, dy = _adapter_inputs(rows, bottleneck)
     _, h, mean, rstd = launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, True, 1e-5)
     return lambda: launch.adapter_backward(dy, x, params, h, mean, rstd, launch.SINGLE_TASK)
+
+
+def split_forward_op(rows: int):
+    return adapter_forward_op(rows, SPLIT_BOTTLENECK)
+
+
+def split_backward_op(rows: int):
+    return adapter_backward_op(rows, SPLIT_BOTTLENECK)
 
 
 def _contrastive_inputs(rows: int):
@@ -209,6 +227,10 @@ FAMILIES = [
         adapter_backward_op,
         ADAPTER_ROWS,
     ),
+    Family("split forward: LN + down", "ln_linear_tiles", SPLIT_LN_DOWN, split_forward_op, SPLIT_ROWS),
+    Family("split forward: up", "up_residual_tiles", SPLIT_UP, split_forward_op, SPLIT_ROWS),
+    Family("split backward: dp", "dp_tiles", SPLIT_DP, split_backward_op, SPLIT_ROWS),
+    Family("split backward: dx", "dx_tiles", SPLIT_DX, split_backward_op, SPLIT_ROWS),
     Family(
         "contrastive forward: spans",
         "CONTRASTIVE_PROGRAMS_PER_SM",
@@ -303,11 +325,23 @@ def sweep(family: Family, rows: int, monkeypatch: pytest.MonkeyPatch) -> list[tu
     return results
 
 
+def selected(families: list[Family], wanted: str) -> list[Family]:
+    """The families whose name contains one of the comma-separated parts of ``wanted`` (all when empty)."""
+    parts = [p.strip() for p in wanted.split(",") if p.strip()]
+    return [f for f in families if not parts or any(p in f.name for p in parts)]
+
+
+def test_selected_families_by_name_part() -> None:
+    names = [f.name for f in selected(FAMILIES, "split, spans")]
+    assert names and all("split" in n or "spans" in n for n in names)
+    assert len(selected(FAMILIES, "")) == len(FAMILIES)
+
+
 def test_tile_sweep_report(monkeypatch: pytest.MonkeyPatch, device_description) -> None:
     lines = [f"tile sweep ({device_description(DEVICE)}), {DTYPE}, device ms per call"]
     lines.append(f"{'kernel':34} {'rows':>8}  {'configuration':22} {'ms':>8} {'x current':>9}  note")
     wrong = []
-    for family in FAMILIES:
+    for family in selected(FAMILIES, os.environ.get("TILE_SWEEP", "")):
         for rows in family.sizes:
             results = sweep(family, rows, monkeypatch)
             base = results[0][1]

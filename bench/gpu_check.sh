@@ -6,6 +6,7 @@
 #   GPU_CHECK_PARTS="tests bench" bash bench/gpu_check.sh
 #   GPU_CHECK_BENCH="train_step caption" bash bench/gpu_check.sh   # some benchmarks only
 #   GPU_CHECK_PARTS="build demo" bash bench/gpu_check.sh   # the README's main job, short
+#   GPU_CHECK_BENCH=tiles TILE_SWEEP=split bash bench/gpu_check.sh   # some tile-sweep families only
 #
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first); DALI, too large
 # for one call, travels in parts with bench/carry_dali.sh.

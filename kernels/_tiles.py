@@ -58,6 +58,16 @@ def row_block(pid, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def row_major_tile(pid, width, BLOCK_N: tl.constexpr):
+    """(row block, column tile) of program ``pid`` in a one-dimensional grid whose column tiles of one row
+    block are adjacent. Programs run roughly in grid order, so the tiles that read the same rows (of x,
+    h, dp or dy) run together and all but the first read them from L2; with the row block as the fast
+    grid axis each column tile would fetch every row from memory again."""
+    n_tiles = tl.cdiv(width, BLOCK_N)
+    return pid // n_tiles, pid % n_tiles
+
+
+@triton.jit
 def task_segment(seg, n_rows, counts_ptr, n_segments, MIXED: tl.constexpr):
     """(task, first, last) sorted positions of reduction segment ``seg``.
 

@@ -12,14 +12,17 @@ traffic a row, which is the worse trade for r >= 16.
 * r <= 128: ``adapter_bwd_dx_weights_kernel`` then makes one more pass per (d tile, row segment) that
   writes dx and accumulates the weight-gradient partials together, so x and dy are each read once
   there; the HBM traffic of the backward is dy twice, x once, dx once, plus the r-wide h and dp.
-* r > 128: the weight-gradient accumulators for all of r no longer fit beside the dx tile, so
-  ``ln_linear_dx_kernel`` produces dx and ``weight_grads.weight_grad_partials_kernel`` the partials,
-  each reading x (and the latter dy) again; at these widths the products, not the bytes, bound the time.
+* r > 128: the weight-gradient accumulators for all of r no longer fit beside the dx tile, and the
+  products, not the bytes, bound the time. ``ln_linear_dx_kernel`` produces dx (and, for rows of one task,
+  stores the normalised activations xhat on the way); the weight gradients' two d x r products over all
+  rows, xhat^T dp and dy^T h, are then library GEMMs (``launch.weight_grads``; on a GPU the dp kernel also
+  writes h in the activation dtype for the second). Task-grouped rows, whose weights differ per task,
+  take ``weight_grads.weight_grad_partials_kernel`` instead.
 """
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import row_block, task_segment
+from famevil_fast.kernels._tiles import row_block, row_major_tile, task_segment
 from famevil_fast.kernels.ln_linear import row_constants_block
 
 
@@ -126,6 +129,7 @@ def adapter_dp_kernel(
     wu_ptr,
     s_ptr,
     dp_ptr,
+    h_low_ptr,
     lnw_ptr,
     lnb_ptr,
     wd_ptr,
@@ -143,15 +147,18 @@ def adapter_dp_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr,
+    SAVE_H: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dp tile (BLOCK_M x BLOCK_R) = s * (dy Wu) * [h > 0] at sorted positions, for row blocks
-    ``program_id(0) < n_row_blocks``. The n_tasks programs after them compute the LayerNorm row constants
+    ``pid_m < n_row_blocks``. The n_tasks programs after them compute the LayerNorm row constants
     ``v1 = Wd g`` and ``cb = bd + Wd beta`` of one task each (``ln_linear.row_constants_block``), which the
-    dx kernel needs next: one launch serves both, and a small adapter's backward is bound by launches."""
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    dx kernel needs next: one launch serves both, and a small adapter's backward is bound by launches.
+    One-dimensional grid, the r tiles of a row block adjacent (``_tiles.row_major_tile``). With SAVE_H the
+    program also stores its tile of h in the activation dtype (``h_low``), the operand of the up
+    projection's weight-gradient product."""
+    pid_m, pid_r = row_major_tile(tl.program_id(0), r, BLOCK_R)
     if pid_m >= n_row_blocks:
         row_constants_block(
             lnw_ptr,
@@ -190,3 +197,5 @@ def adapter_dp_kernel(
         s = tl.load(s_ptr).to(tl.float32)
         dp = tl.where(h > 0.0, t * s, 0.0)
         tl.store(dp_ptr + pos[:, None] * r + rcols[None, :], dp, mask=rtile)
+        if SAVE_H:
+            tl.store(h_low_ptr + pos[:, None] * r + rcols[None, :], h, mask=rtile)

@@ -24,7 +24,7 @@ Per-task weights: parameters carry a leading task dimension and every block hold
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import row_block, row_stats
+from famevil_fast.kernels._tiles import row_block, row_major_tile, row_stats
 
 
 @triton.jit
@@ -148,9 +148,9 @@ def adapter_up_residual_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """y tile (BLOCK_M x BLOCK_N) = s * (h Wu^T + bu) + residuals; h (sorted positions) read from memory."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """y tile (BLOCK_M x BLOCK_N) = s * (h Wu^T + bu) + residuals; h (sorted positions) read from memory.
+    One-dimensional grid, d tiles of a row block adjacent (``_tiles.row_major_tile``)."""
+    pid_m, pid_n = row_major_tile(tl.program_id(0), d, BLOCK_N)
     task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
     wu_ptr += task * d * r
     bu_ptr += task * d

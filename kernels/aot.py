@@ -104,7 +104,8 @@ def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
     fwd = {"BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_N": t.block_n, "BLOCK_R": r, "MIXED": mixed}
     fwd |= {"NUM_RES": 3, "SAVE": True, **_dot(dtype)}
     u = configs.dp_tiles(r)
-    dp = {"BLOCK_M": u.block_m, "BLOCK_R": u.block_n, "BLOCK_N": u.block_k, "MIXED": mixed, **_dot(dtype)}
+    dp = {"BLOCK_M": u.block_m, "BLOCK_R": u.block_n, "BLOCK_N": u.block_k, "MIXED": mixed, "SAVE_H": False}
+    dp |= _dot(dtype)
     v = configs.dx_weight_tiles(r)
     bwd = {"BLOCK_M": v.block_m, "BLOCK_D": v.block_n, "BLOCK_R": r, "MIXED": mixed, **_dot(dtype)}
     return [
@@ -122,10 +123,16 @@ def _ln_linear(dtype: str, mixed: bool, n_out: int, relu: bool) -> list[Variant]
     fwd |= {"SAVE_STATS": True, **_dot(dtype)}
     u = configs.dx_tiles(n_out)
     dx = {"BLOCK_M": u.block_m, "BLOCK_N": u.block_n, "BLOCK_K": u.block_k, "MIXED": mixed, **_dot(dtype)}
-    return [
+    dx["SAVE_XHAT"] = not mixed  # one task: the weight-gradient products read the stored xhat
+    out = [
         Variant(f"ln_linear_fwd_{n_out}", ln_linear_fwd_kernel, fwd, **_launch(t), dtype=dtype),
         Variant(f"ln_linear_dx_{n_out}", ln_linear_dx_kernel, dx, **_launch(u), dtype=dtype),
     ]
+    if mixed:  # the same kernel for rows of one task, which stores xhat
+        one_task = dx | {"MIXED": False, "SAVE_XHAT": True}
+        name = f"ln_linear_dx_{n_out}_xhat"
+        out.append(Variant(name, ln_linear_dx_kernel, one_task, **_launch(u), dtype=dtype))
+    return out
 
 
 def _row_constants(dtype: str) -> Variant:
@@ -146,12 +153,17 @@ def _split_adapter(dtype: str, mixed: bool, r: int) -> list[Variant]:
     up = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "NUM_RES": 3, "MIXED": mixed}
     u = configs.dp_tiles(r)
     dp = {"BLOCK_M": u.block_m, "BLOCK_R": u.block_n, "BLOCK_N": u.block_k, "MIXED": mixed}
-    return [
+    dp["SAVE_H"] = False
+    out = [
         Variant(
             "adapter_up_residual", adapter_up_residual_kernel, up | _dot(dtype), **_launch(t), dtype=dtype
         ),
         Variant(f"adapter_dp_r{r}", adapter_dp_kernel, dp | _dot(dtype), **_launch(u), dtype=dtype),
     ]
+    if dtype != "fp32":  # rows of one task on a GPU: the dp kernel also writes h for the weight GEMM
+        low_h = dp | _dot(dtype) | {"MIXED": False, "SAVE_H": True}
+        out.append(Variant(f"adapter_dp_r{r}_low_h", adapter_dp_kernel, low_h, **_launch(u), dtype=dtype))
+    return out
 
 
 def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Variant]:
@@ -233,7 +245,8 @@ def _contrastive(dtype: str) -> list[Variant]:
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
     """Every kernel as the launchers configure it: the adapter at d = 768 with r = 64 (on chip) and
     r = 512 (split), the key/value projection 768 -> 1536. ``full`` adds the other tile shapes in use
-    (r = 128 on chip, the ReLU-free projection, weight gradients at r = 512)."""
+    (r = 128 on chip, the ReLU-free projection, and for task-grouped rows the weight-gradient reduction
+    at r = 512; rows of one task take library GEMMs there)."""
     out = (
         _fused(dtype, mixed, 64)
         + _ln_linear(dtype, mixed, 512, relu=True)
@@ -242,7 +255,7 @@ def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
     out += _weight_grads(dtype, mixed, 64, has_g=True) + _contrastive(dtype) + [_row_constants(dtype)]
     if full:
         out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, relu=False)
-        out += _weight_grads(dtype, mixed, 512, has_g=True) + _weight_grads(dtype, mixed, 1536, has_g=False)
+        out += _weight_grads(dtype, mixed, 512, has_g=True) if mixed else []
     return out
 
 

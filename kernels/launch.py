@@ -114,7 +114,7 @@ def ln_linear_forward_into(
     tiles = configs.ln_linear_tiles(n_out)
     order, counts, n_tasks = _index_args(rows, x)
     save = mean is not None
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(n_out, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows) * configs.cdiv(n_out, tiles.block_n),)
     ln_linear_fwd_kernel[grid](
         x,
         out,
@@ -250,7 +250,7 @@ def adapter_forward(
         rows=rows,
     )
     tiles = configs.up_residual_tiles()
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(d, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows) * configs.cdiv(d, tiles.block_n),)
     adapter_up_residual_kernel[grid](
         h_buf,
         y,
@@ -293,13 +293,16 @@ def _row_constants(w: torch.Tensor, lnw: torch.Tensor, lnb: torch.Tensor, b: tor
     return v1, cb
 
 
-def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch.Tensor:
+def _ln_linear_dx(
+    dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows, xhat: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dx of LN -> linear from dp; with ``xhat`` (N x d, x's dtype) also stores the normalised rows there."""
     n_rows, d = x.shape
     n_out = w.shape[-2]
     dx = torch.empty_like(x)
     tiles = configs.dx_tiles(n_out)
     order, counts, n_tasks = _index_args(rows, x)
-    grid = (_row_blocks(n_rows, tiles.block_m, rows), configs.cdiv(d, tiles.block_n))
+    grid = (_row_blocks(n_rows, tiles.block_m, rows) * configs.cdiv(d, tiles.block_n),)
     ln_linear_dx_kernel[grid](
         dp,
         p,
@@ -311,6 +314,7 @@ def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch
         v1,
         cb,
         dx,
+        dx if xhat is None else xhat,
         order,
         counts,
         n_tasks,
@@ -321,6 +325,7 @@ def _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, rows: TaskRows) -> torch
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         MIXED=rows.mixed,
+        SAVE_XHAT=xhat is not None,
         **configs.dot_args(x.dtype),
         **tiles.launch(),
     )
@@ -398,6 +403,31 @@ def _weight_epilogue(
     return dlnw, dlnb, dw, db, dwu, dbu, ds
 
 
+def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result and float32 accumulation, for operands of one dtype. On a GPU 16-bit
+    operands go through the library GEMM with a float32 output (``torch.mm``'s ``out_dtype``); the CPU only
+    runs this under the interpreter, where 16-bit operands are widened first."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _product_partials(
+    xhat: torch.Tensor, dp: torch.Tensor, dy_h: tuple[torch.Tensor, torch.Tensor] | None
+) -> Partials:
+    """The partials of ``weight_grads`` for rows of one task, as one segment: M = xhat^T dp and
+    G = dy^T h by library GEMMs (each a d x r product reduced over all N rows), and the column sums."""
+    m = _product_f32(xhat.t(), dp)[None]
+    csp = dp.sum(0, dtype=torch.float32)[None]
+    if dy_h is None:
+        return Partials(m, csp, m, csp, 1)
+    dy, h = dy_h
+    g = _product_f32(dy.t(), h)[None]
+    return Partials(m, csp, g, dy.sum(0, dtype=torch.float32)[None], 1)
+
+
 def weight_grads(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -409,11 +439,20 @@ def weight_grads(
     b: torch.Tensor,
     rows: TaskRows,
     up: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    xhat: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(dlnw, dlnb, dW, db) and, with ``up = (dy, h, Wu, bu, s)``, also (dWu, dbu, ds)."""
+    """(dlnw, dlnb, dW, db) and, with ``up = (dy, h, Wu, bu, s)``, also (dWu, dbu, ds).
+
+    With ``xhat`` (rows of one task; the normalised x, stored by the dx kernel in x's dtype, and h in that
+    dtype too) the two d x r products are library GEMMs: r > 128 makes them the bulk of the backward's
+    arithmetic, where a tuned GEMM beats the row-segment reduction of ``weight_grad_partials_kernel``
+    (which serves task-grouped rows, whose weights differ per task)."""
+    has_g = up is not None
+    if xhat is not None:
+        parts = _product_partials(xhat, dp, up[:2] if has_g else None)
+        return _weight_epilogue(parts, 1, lnw, lnb, w, b, up[2:] if has_g else None)
     n_rows, d = x.shape
     n_out = w.shape[-2]
-    has_g = up is not None
     tiles = configs.weight_tiles(n_out)
     n_dtiles = configs.cdiv(d, tiles.block_n)
     n_rtiles = configs.cdiv(n_out, tiles.block_k)
@@ -450,6 +489,14 @@ def weight_grads(
     return _weight_epilogue(parts, rows.n_tasks, lnw, lnb, w, b, up[2:] if has_g else None)
 
 
+def rounds_h_for_products(x: torch.Tensor) -> bool:
+    """Whether the split adapter's backward hands the up projection's weight-gradient product a copy of h
+    in the activation dtype (written by the dp kernel) rather than the saved float32 h: on a GPU for 16-bit
+    activations, where the GEMM takes two operands of one 16-bit type. The interpreter multiplies 16-bit
+    tiles in float32 (``configs.dot_dtype``), and the CPU products do likewise with the float32 h."""
+    return x.is_cuda and x.dtype != torch.float32
+
+
 def adapter_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -468,16 +515,21 @@ def adapter_backward(
     order, counts, n_tasks = _index_args(rows, x)
     dot = configs.dot_args(x.dtype)
     dp = x.new_empty((n_rows, r))
+    # r > 128, one task: the weight gradients are library GEMMs over xhat and h
+    products = r > configs.FUSED_MAX_R and not rows.mixed
+    save_h = products and rounds_h_for_products(x)
+    h_low = x.new_empty((n_rows, r)) if save_h else h
     v1, cb = _row_constant_buffers(n_tasks, r, x.device)  # filled by the dp kernel's extra programs
     tiles = configs.dp_tiles(r)
     row_blocks = _row_blocks(n_rows, tiles.block_m, rows)
-    grid = (row_blocks + n_tasks, configs.cdiv(r, tiles.block_n))  # + one row-constants program a task
+    grid = ((row_blocks + n_tasks) * configs.cdiv(r, tiles.block_n),)  # + a row-constants program a task
     adapter_dp_kernel[grid](
         dy,
         h,
         wu,
         s,
         dp,
+        h_low,
         lnw,
         lnb,
         wd,
@@ -495,12 +547,14 @@ def adapter_backward(
         BLOCK_R=tiles.block_n,
         BLOCK_N=tiles.block_k,
         MIXED=rows.mixed,
+        SAVE_H=save_h,
         **dot,
         **tiles.launch(),
     )
     if r > configs.FUSED_MAX_R:
-        dx = _ln_linear_dx(dp, h, x, mean, rstd, lnw, wd, v1, cb, rows)
-        grads = weight_grads(x, mean, rstd, dp, lnw, lnb, wd, bd, rows, up=(dy, h, wu, bu, s))
+        xhat = torch.empty_like(x) if products else None
+        dx = _ln_linear_dx(dp, h, x, mean, rstd, lnw, wd, v1, cb, rows, xhat)
+        grads = weight_grads(x, mean, rstd, dp, lnw, lnb, wd, bd, rows, up=(dy, h_low, wu, bu, s), xhat=xhat)
         return (dx, *grads)
     block_r = configs.padded(r)
     tiles = configs.dx_weight_tiles(block_r)
@@ -555,5 +609,6 @@ def ln_linear_backward(
     if x.shape[0] == 0:
         return (torch.empty_like(x), *(torch.zeros_like(t) for t in (lnw, lnb, w, b)))
     v1, cb = _row_constants(w, lnw, lnb, b, 1)
-    dx = _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, SINGLE_TASK)
-    return (dx, *weight_grads(x, mean, rstd, dp, lnw, lnb, w, b, SINGLE_TASK))
+    xhat = torch.empty_like(x)
+    dx = _ln_linear_dx(dp, p, x, mean, rstd, lnw, w, v1, cb, SINGLE_TASK, xhat)
+    return (dx, *weight_grads(x, mean, rstd, dp, lnw, lnb, w, b, SINGLE_TASK, xhat=xhat))

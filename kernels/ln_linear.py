@@ -20,7 +20,7 @@ cross-attention adapter.
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import normalized_tile, row_block, row_stats
+from famevil_fast.kernels._tiles import normalized_tile, row_block, row_major_tile, row_stats
 
 
 @triton.jit
@@ -49,9 +49,9 @@ def ln_linear_fwd_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out tile (BLOCK_M x BLOCK_N) of LN(x) W^T + b at sorted positions; W is (n_out, d)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """out tile (BLOCK_M x BLOCK_N) of LN(x) W^T + b at sorted positions; W is (n_out, d). One-dimensional
+    grid, column tiles of a row block adjacent (``_tiles.row_major_tile``)."""
+    pid_m, pid_n = row_major_tile(tl.program_id(0), n_out, BLOCK_N)
     task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
     lnw_ptr += task * d
     lnb_ptr += task * d
@@ -97,6 +97,7 @@ def ln_linear_dx_kernel(
     v1_ptr,
     cb_ptr,
     dx_ptr,
+    xhat_ptr,
     order_ptr,
     counts_ptr,
     n_tasks,
@@ -107,15 +108,17 @@ def ln_linear_dx_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     MIXED: tl.constexpr,
+    SAVE_XHAT: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dx tile (BLOCK_M x BLOCK_N) from dp (n_rows x n_out, sorted positions).
 
     ``v1 = W g`` and ``cb = b + W beta`` (n_out each, per task, fp32) give the row constants c1, c2.
+    One-dimensional grid, d tiles of a row block adjacent. With SAVE_XHAT the tile's normalised
+    activations are also stored (activation dtype, original rows) for the weight-gradient products.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = row_major_tile(tl.program_id(0), d, BLOCK_N)
     task, pos, rows, mask = row_block(pid_m, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
     lnw_ptr += task * d
     w_ptr += task * n_out * d
@@ -148,7 +151,10 @@ def ln_linear_dx_kernel(
     xhat = normalized_tile(x_ptr, rows, mask, ncols, d, mean, rstd)
     g = tl.load(lnw_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
     dx = (dz * g[None, :] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-    tl.store(dx_ptr + rows[:, None] * d + ncols[None, :], dx, mask=mask[:, None] & nmask[None, :])
+    offs = rows[:, None] * d + ncols[None, :]
+    tl.store(dx_ptr + offs, dx, mask=mask[:, None] & nmask[None, :])
+    if SAVE_XHAT:
+        tl.store(xhat_ptr + offs, xhat, mask=mask[:, None] & nmask[None, :])
 
 
 @triton.jit

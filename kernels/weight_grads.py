@@ -13,7 +13,8 @@ from which, per task,
 
 ``weight_grad_partials_kernel`` computes M, G and the column sums for one (d tile, r tile, row segment);
 segments never cross a task boundary, so every partial belongs to one task. (For r <= 128 the adapter's
-``adapter_bwd_dx_weights_kernel`` writes the same partials while it computes dx.)
+``adapter_bwd_dx_weights_kernel`` writes the same partials while it computes dx; for rows of one task and
+wider outputs, library GEMMs give M and G as a single segment, see ``launch.weight_grads``.)
 ``weight_grad_epilogue_kernel`` sums a task's segment partials in a fixed order (deterministic, no atomics)
 and applies the formulas above, writing every gradient in its parameter's dtype; the scale gradient comes
 out as one fp32 partial per d tile. A task without rows has empty segments and receives exact zeros.
