@@ -403,14 +403,18 @@ def _weight_epilogue(
     return dlnw, dlnb, dw, db, dwu, dbu, ds
 
 
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=...), torch >= 2.8
+
+
 def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with a float32 result and float32 accumulation, for operands of one dtype. On a GPU 16-bit
-    operands go through the library GEMM with a float32 output (``torch.mm``'s ``out_dtype``); the CPU only
-    runs this under the interpreter, where 16-bit operands are widened first."""
+    operands go through the library GEMM with a float32 output (``torch.mm``'s ``out_dtype``; an older
+    torch rounds the product to the operands' dtype first); the CPU only runs this under the interpreter,
+    where 16-bit operands are widened first."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b, out_dtype=torch.float32) if MM_OUT_DTYPE else torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
 
 
