@@ -6,7 +6,9 @@ tokens on a GPU.
 times all of them in one process and prints the table the target is judged on: milliseconds, the speed-up
 over eager and over torch.compile, and the fraction of the card's copy bandwidth reached (bytes floor:
 read x and write y forward; read x and dy and write dx backward). With 2 residual terms ("+res" rows)
-the forward also reads them, and the eager module adds them separately.
+the forward also reads them, and the eager module adds them separately. ``test_adapter_bound_report``
+separates host from device time at a ViT-B/16 batch; ``test_split_adapter_breakdown_report`` lists the
+kernels of the split path (r = 512) at 2^20 rows.
 
 On the CPU the sizes shrink to one small case, torch.compile is skipped and the Triton path runs only
 under TRITON_INTERPRET=1, so ``pytest bench/bench_adapter.py --benchmark-disable`` finishes quickly.
@@ -242,4 +244,26 @@ def test_adapter_bound_report(kernel_profile) -> None:
             lines.append(
                 f"{impl:<8} {direction:<9} {wall:>9.3f} {count:>8} {kernel_ms:>10.3f} {share:>10.0%}"
             )
+    print("\n" + "\n".join(lines))
+
+
+def test_split_adapter_breakdown_report(kernel_breakdown) -> None:
+    """Where the split adapter's time goes (r = 512: the bottleneck passes through memory) at 2^20 rows on a
+    GPU: the kernels of each direction by device time, Triton path and eager PyTorch."""
+    tokens, r = (TOKENS[-1], RANKS[-1]) if CUDA else (TOKENS[0], 160)
+    lines = [f"split adapter kernels, {tokens} rows, d={WIDTH}, r={r}, {DTYPE}, {describe()}"]
+    for impl in ("eager", "triton"):
+        if available(impl) is not None:
+            continue
+        for direction in DIRECTIONS:
+            module, x, res, grad = build(tokens, r, impl)
+            setup, timed = step(module, x, res, grad, direction)
+            median_seconds(setup, timed, rounds=1)  # compile and warm up outside the profile
+            ranked = kernel_breakdown(timed, DEVICE, setup, top=6)
+            if ranked is None:
+                lines.append(f"{impl:<8} {direction:<9} (no device profile)")
+                continue
+            total = sum(ms for _, _, ms in ranked)
+            lines.append(f"{impl:<8} {direction:<9} top kernels {total:.3f} ms")
+            lines += [f"    {ms:8.3f} ms {calls:>3}x  {name}" for name, calls, ms in ranked]
     print("\n" + "\n".join(lines))
