@@ -347,8 +347,9 @@ def test_custom_op_passes_opcheck() -> None:
     )
 
 
-def test_torch_compile_graph_holds_the_op() -> None:
-    p = [t.float().requires_grad_() for t in random_params(64, 8)]
+@pytest.mark.parametrize("r", [8, 136])
+def test_torch_compile_graph_holds_the_op(r: int) -> None:
+    p = [t.float().requires_grad_() for t in random_params(64, r)]
     x = torch.randn(2, 3, 64, requires_grad=True)
     res = torch.randn(2, 3, 64)
 
