@@ -3,8 +3,9 @@ by re-encoding the prefix every step (the official decoding), by the key/value-c
 cached decoder replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give
 identical tokens, so the model runs in float32 (in bf16 the one-token and the whole-prefix kernels round
 differently, and a random model's near-tied logits then flip). On a GPU, ``graph+triton`` replays the same
-graph with the adapters and cross-attention blocks on their Triton kernels (fewer, fused kernels a step;
-under a graph only their device time counts); whether its tokens equal re-encoding's is reported.
+graph for the model with ``backend="triton"``, whose decoder runs each layer fused (``model/decode_step.py``:
+eleven kernels a layer instead of about thirty; under a graph only their device time counts); whether its
+tokens equal re-encoding's is reported, and so is its kernel count a step.
 
 The model has random weights with the end token's logit pushed down, so every caption runs the full length
 and each method decodes the same number of tokens. On a GPU: ViT-B/16, 64 images at 76 tokens (the
@@ -102,13 +103,17 @@ def test_caption_decoding_report(kernel_profile):
             print(f"{row} {ratio:>13.2f}  tokens {'identical' if same else 'DIFFER'}", flush=True)
         with torch.no_grad():  # what bounds it: the shared vision pass, and the cached decoder's kernels
             vision = _seconds(functools.partial(model.vision_memory, pixels, "cap"))
-            profile = kernel_profile(methods["kv-cache"], DEVICE)
+            profiles = {"kv-cache": kernel_profile(methods["kv-cache"], DEVICE)}
+            if triton_model is not None:
+                fused = functools.partial(generate, triton_model, pixels, max_len=length, num_beams=beams)
+                profiles["fused kv-cache"] = kernel_profile(fused, DEVICE)
         line = f"  vision pass (in every method): {vision * 1e3:.2f} ms"
-        if profile is not None:
-            count, kernel_ms = profile
-            line += (
-                f"; kv-cache decode: {count} kernels ({count // length} a step), {kernel_ms:.2f} ms in them"
-            )
+        for name, profile in profiles.items():
+            if profile is not None:
+                count, kernel_ms = profile
+                line += (
+                    f"; {name} decode: {count} kernels ({count // length} a step), {kernel_ms:.2f} ms in them"
+                )
         print(line, flush=True)
         for k in EXACT:
             assert torch.equal(outputs[k], outputs["re-encoding"]), f"{k} tokens differ from re-encoding"

@@ -34,6 +34,7 @@ from famevil_fast.kernels.contrastive import (
     row_dots_kernel,
 )
 from famevil_fast.kernels.ln_linear import (
+    ACTIVATIONS,
     ln_linear_dx_kernel,
     ln_linear_fwd_kernel,
     ln_linear_row_constants_kernel,
@@ -117,9 +118,10 @@ def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
     ]
 
 
-def _ln_linear(dtype: str, mixed: bool, n_out: int, relu: bool) -> list[Variant]:
+def _ln_linear(dtype: str, mixed: bool, n_out: int, activation: str | None) -> list[Variant]:
     t = configs.ln_linear_tiles(n_out)
-    fwd = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "RELU": relu, "MIXED": mixed}
+    fwd = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "MIXED": mixed}
+    fwd["ACT"] = ACTIVATIONS[activation]
     fwd |= {"SAVE_STATS": True, **_dot(dtype)}
     u = configs.dx_tiles(n_out)
     dx = {"BLOCK_M": u.block_m, "BLOCK_N": u.block_n, "BLOCK_K": u.block_k, "MIXED": mixed, **_dot(dtype)}
@@ -133,6 +135,34 @@ def _ln_linear(dtype: str, mixed: bool, n_out: int, relu: bool) -> list[Variant]
         name = f"ln_linear_dx_{n_out}_xhat"
         out.append(Variant(name, ln_linear_dx_kernel, one_task, **_launch(u), dtype=dtype))
     return out
+
+
+def _decoding(dtype: str) -> list[Variant]:
+    """The fused decoding step's kernels (one task, no statistics): LN2 + fc1 with QuickGELU and with GELU
+    (the text tower's 512 -> 2048), and the output projection adding the residual stream."""
+    t = configs.ln_linear_tiles(2048)
+    fwd = {
+        "BLOCK_M": t.block_m,
+        "BLOCK_N": t.block_n,
+        "BLOCK_K": t.block_k,
+        "MIXED": False,
+        "SAVE_STATS": False,
+    }
+    u = configs.up_residual_tiles()
+    up = {"BLOCK_M": u.block_m, "BLOCK_N": u.block_n, "BLOCK_K": u.block_k, "NUM_RES": 1, "MIXED": False}
+    return [
+        *(
+            Variant(
+                f"ln_linear_fwd_2048_{act}",
+                ln_linear_fwd_kernel,
+                fwd | {"ACT": ACTIVATIONS[act]} | _dot(dtype),
+                **_launch(t),
+                dtype=dtype,
+            )
+            for act in ("quick_gelu", "gelu")
+        ),
+        Variant("linear_residual", adapter_up_residual_kernel, up | _dot(dtype), **_launch(u), dtype=dtype),
+    ]
 
 
 def _row_constants(dtype: str) -> Variant:
@@ -244,17 +274,18 @@ def _contrastive(dtype: str) -> list[Variant]:
 
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
     """Every kernel as the launchers configure it: the adapter at d = 768 with r = 64 (on chip) and
-    r = 512 (split), the key/value projection 768 -> 1536. ``full`` adds the other tile shapes in use
-    (r = 128 on chip, the ReLU-free projection, and for task-grouped rows the weight-gradient reduction
-    at r = 512; rows of one task take library GEMMs there)."""
+    r = 512 (split), the key/value projection 768 -> 1536, the fused decoding step's kernels. ``full``
+    adds the other tile shapes in use (r = 128 on chip, the ReLU-free projection, and for task-grouped rows
+    the weight-gradient reduction at r = 512; rows of one task take library GEMMs there)."""
     out = (
         _fused(dtype, mixed, 64)
-        + _ln_linear(dtype, mixed, 512, relu=True)
+        + _ln_linear(dtype, mixed, 512, activation="relu")
         + _split_adapter(dtype, mixed, 512)
     )
     out += _weight_grads(dtype, mixed, 64, has_g=True) + _contrastive(dtype) + [_row_constants(dtype)]
+    out += _decoding(dtype)
     if full:
-        out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, relu=False)
+        out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, activation=None)
         out += _weight_grads(dtype, mixed, 512, has_g=True) if mixed else []
     return out
 

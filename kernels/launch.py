@@ -18,6 +18,7 @@ from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
 from famevil_fast.kernels.ln_linear import (
+    ACTIVATIONS,
     ln_linear_dx_kernel,
     ln_linear_fwd_kernel,
     ln_linear_row_constants_kernel,
@@ -104,11 +105,12 @@ def ln_linear_forward_into(
     out: torch.Tensor,
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
-    relu: bool,
+    activation: str | None,
     eps: float,
     rows: TaskRows = SINGLE_TASK,
 ) -> None:
-    """out[pos] = (relu)(LN(x[order[pos]]) W^T + b) for W (T, n_out, d); statistics saved when given."""
+    """out[pos] = act(LN(x[order[pos]]) W^T + b) for W (T, n_out, d), ``activation`` a key of
+    ``ln_linear.ACTIVATIONS``; statistics saved when given."""
     n_rows, d = x.shape
     n_out = w.shape[-2]
     tiles = configs.ln_linear_tiles(n_out)
@@ -134,7 +136,7 @@ def ln_linear_forward_into(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
-        RELU=relu,
+        ACT=ACTIVATIONS[activation],
         MIXED=rows.mixed,
         SAVE_STATS=save,
         **configs.dot_args(x.dtype),
@@ -150,8 +152,10 @@ def ln_linear_forward(
     b: torch.Tensor,
     save: bool,
     eps: float,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(LN(x) W^T + b, mean, rstd) for one LayerNorm + linear (parameters without a task dimension)."""
+    """(act(LN(x) W^T + b), mean, rstd) for one LayerNorm + linear (parameters without a task dimension);
+    the backward (``ln_linear_backward``) exists for ``activation=None``."""
     n_rows = x.shape[0]
     out = x.new_empty((n_rows, w.shape[0]))
     stats = n_rows if save else 0
@@ -167,7 +171,7 @@ def ln_linear_forward(
             out,
             mean if save else None,
             rstd if save else None,
-            relu=False,
+            activation=activation,
             eps=eps,
         )
     return out, mean, rstd
@@ -245,14 +249,33 @@ def adapter_forward(
         h_buf,
         mean if save else None,
         rstd if save else None,
-        relu=True,
+        activation="relu",
         eps=eps,
         rows=rows,
     )
+    _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, dot)
+    return y, h, mean, rstd
+
+
+def _up_residual(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    wu: torch.Tensor,
+    bu: torch.Tensor,
+    s: torch.Tensor,
+    res: list[torch.Tensor],
+    num_res: int,
+    rows: TaskRows,
+    dot: dict,
+) -> None:
+    """y = s * (h Wu^T + bu) + residuals, h (N x r) at sorted positions, y (N x d)."""
+    n_rows, r = h.shape
+    d = y.shape[-1]
+    order, counts, n_tasks = _index_args(rows, y)
     tiles = configs.up_residual_tiles()
     grid = (_row_blocks(n_rows, tiles.block_m, rows) * configs.cdiv(d, tiles.block_n),)
     adapter_up_residual_kernel[grid](
-        h_buf,
+        h,
         y,
         wu,
         bu,
@@ -272,7 +295,32 @@ def adapter_forward(
         **dot,
         **tiles.launch(),
     )
-    return y, h, mean, rstd
+
+
+_UNIT_SCALE: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A float32 one on ``device``: the scale of a plain linear layer run through the up-projection kernel.
+    Made outside graph capture and kept, like ``_unused_index``."""
+    one = _UNIT_SCALE.get(device)
+    if one is None:
+        one = torch.ones(1, dtype=torch.float32, device=device)
+        if not capturing():
+            _UNIT_SCALE[device] = one
+    return one
+
+
+def linear_residual(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + x W^T + b`` for x (N, k), W (d, k), residual (N, d): one pass that adds the residual
+    stream in the product's epilogue (the up-projection kernel with scale 1). No autograd."""
+    y = torch.empty_like(residual)
+    if x.shape[0]:
+        res, num_res = _residual_args([residual], residual)
+        _up_residual(x, y, w, b, _unit_scale(x.device), res, num_res, SINGLE_TASK, configs.dot_args(x.dtype))
+    return y
 
 
 def _row_constant_buffers(n_tasks: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -1,5 +1,6 @@
-"""LayerNorm fused into a following linear layer: ``p = LN(x) W^T + b`` (optionally ``relu(p)``), and the
-input gradient of that composition.
+"""LayerNorm fused into a following linear layer: ``p = LN(x) W^T + b`` (optionally an activation of it:
+ReLU for the adapter's down projection, QuickGELU or GELU for an MLP's first layer when decoding), and the
+input gradient of that composition (without activation, or with ReLU).
 
 The normalised activations never reach memory: the forward kernel normalises each K chunk of x on its
 way into the matrix product, and the backward kernel rebuilds the LayerNorm backward from the output
@@ -22,6 +23,21 @@ import triton
 import triton.language as tl
 from famevil_fast.kernels._tiles import normalized_tile, row_block, row_major_tile, row_stats
 
+# ``ACT`` of ln_linear_fwd_kernel: the activation applied to LN(x) W^T + b
+ACTIVATIONS = {None: 0, "relu": 1, "quick_gelu": 2, "gelu": 3}
+
+
+@triton.jit
+def _activation(p, ACT: tl.constexpr):
+    """ReLU (1), QuickGELU p * sigmoid(1.702 p) (2) or the erf form of GELU (3); p itself for 0."""
+    if ACT == 1:
+        p = tl.maximum(p, 0.0)
+    elif ACT == 2:
+        p = p / (1.0 + tl.exp(-1.702 * p))
+    elif ACT == 3:
+        p = 0.5 * p * (1.0 + tl.math.erf(p * 0.7071067811865476))
+    return p
+
 
 @triton.jit
 def ln_linear_fwd_kernel(
@@ -43,7 +59,7 @@ def ln_linear_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    RELU: tl.constexpr,
+    ACT: tl.constexpr,
     MIXED: tl.constexpr,
     SAVE_STATS: tl.constexpr,
     DOT: tl.constexpr,
@@ -75,9 +91,7 @@ def ln_linear_fwd_kernel(
         )
         acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
     b = tl.load(b_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
-    acc += b[None, :]
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+    acc = _activation(acc + b[None, :], ACT)
     tl.store(out_ptr + pos[:, None] * n_out + ncols[None, :], acc, mask=mask[:, None] & nmask[None, :])
     if SAVE_STATS:
         first = mask & (pid_n == 0)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from famevil_fast.model.attention import attention
+from famevil_fast.model.decode_step import FusedHead, fused_layer, fused_step_applies
 from famevil_fast.ops.cross_attention import merge_heads
 
 if TYPE_CHECKING:
@@ -23,9 +24,13 @@ EOT_ID = 49407
 
 
 class TextDecoder:
-    """Incremental text-tower state for a batch of sequences conditioned on vision memory."""
+    """Incremental text-tower state for a batch of sequences conditioned on vision memory. Where the model's
+    backend resolves to Triton, each layer runs fused (``decode_step``, eleven kernels instead of about
+    thirty); ``fused`` forces the choice."""
 
-    def __init__(self, model, memory: list[torch.Tensor], max_tokens: int, task: str = "cap") -> None:
+    def __init__(
+        self, model, memory: list[torch.Tensor], max_tokens: int, task: str = "cap", fused: bool | None = None
+    ) -> None:
         self.model, self.task = model, task
         text = model.text
         self.blocks = text.blocks
@@ -37,12 +42,17 @@ class TextDecoder:
         self.keys = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
         self.values = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
         self.length = 0
+        self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
+        self.head = FusedHead(model, task) if self.fused else None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,); returns next-token logits (B, V)."""
         text, t = self.model.text, self.length
         h = text.token_embed(tokens[:, None]) + text.pos_embed[t]
         for i, block in enumerate(self.blocks):
+            if self.fused:
+                h = fused_layer(block, h, self.keys[i], self.values[i], t, self.context_kv[i], self.task)
+                continue
             q, k, v = block.attn.project(block.ln_1(h))
             self.keys[i][:, :, t] = k[:, :, 0]
             self.values[i][:, :, t] = v[:, :, 0]
@@ -51,6 +61,8 @@ class TextDecoder:
             x = block.cross_attend(a, context_kv=self.context_kv[i])
             h = block.feed_forward(a, self.task, x)
         self.length += 1
+        if self.head is not None:
+            return self.head(h[:, 0]).float()
         return self.model.caption_logits(text.ln_final(h[:, 0]), self.task).float()
 
     def reorder(self, index: torch.Tensor) -> None:

@@ -1,0 +1,127 @@
+"""One layer of the text tower's one-token decoding step in eleven kernels (the Triton backend).
+
+The plain step (``TextDecoder.step``) runs each sub-layer through PyTorch modules: every LayerNorm,
+projection, bias, activation and residual addition is a kernel of its own, about thirty a layer. With one
+token per sequence none of them comes near filling a GPU, so the step lasts as long as its kernels are many,
+under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA(a)``,
+``a = h + Attn(LN1(h))``, is:
+
+1. LN1 and the QKV projection (``ops.decoding.layer_norm_linear_act``);
+2-3. the new key and value written into the caches;
+4. attention over the cache;
+5. the output projection adding ``h`` (``ops.decoding.linear_residual``);
+6-8. the cross-attention adapter: LN and query projection, attention over the keys and values of the vision
+     memory (computed once per image), the bottleneck adapter;
+9. LN2, the MLP's first layer and its activation;
+10. the MLP's second layer;
+11. the task adapter, which adds ``a``, the MLP output and the cross-attention output in its epilogue.
+
+The final LayerNorm and the LM head (over the caption shortlist, gathered once per decode) are one more.
+The arithmetic is the plain step's, in another order of summation: tokens match the plain decoder's except
+where two logits tie to within rounding.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from famevil_fast.model.attention import attention
+from famevil_fast.ops import cross_attention_adapter, fused_adapter
+from famevil_fast.ops._backend import select_backend
+from famevil_fast.ops.cross_attention import merge_heads, split_heads
+from famevil_fast.ops.decoding import layer_norm_linear_act, linear_residual
+
+if TYPE_CHECKING:
+    from famevil_fast.model.clip import Block
+    from famevil_fast.model.famevil import FameViL
+
+TRITON = "triton"
+
+
+def mlp_activation(block: Block) -> str | None:
+    """The MLP activation's name for ``layer_norm_linear_act``, or None when it has no fused form."""
+    from famevil_fast.model.clip import QuickGELU
+
+    act = block.mlp.act
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    return None
+
+
+def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
+    """Whether ``TextDecoder`` runs the fused layers: the model's backend resolves to Triton for the step
+    (``backend="triton"``, or automatically under ``TRITON_INTERPRET=1``; on a GPU only when asked for) and
+    every text block has the form above (a cross-attention adapter, the task's adapter or none, no
+    Cross-Modal Adapters, a QuickGELU or GELU MLP)."""
+    backend = (
+        model.config.backend if model.config.backend in ("torch", TRITON) else None
+    )  # "cuda", "cpu": losses
+    if select_backend("text decoding step", backend, ("torch", TRITON), like, False) != TRITON:
+        return False
+    for block in model.text.blocks:
+        if block.xaa is None or block.xma is not None or mlp_activation(block) is None:
+            return False
+        if block.tsa is not None and task not in block.tsa.adapters:
+            return False
+    return True
+
+
+def fused_layer(
+    block: Block,
+    h: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: int,
+    context_kv: tuple[torch.Tensor, torch.Tensor],
+    task: str,
+) -> torch.Tensor:
+    """One block for one new token: h (B, 1, d) -> h' (B, 1, d); writes the token's key and value at
+    ``position`` of the (B, H, T, Dh) caches."""
+    attn = block.attn
+    ln1, ln2, mlp = block.ln_1, block.ln_2, block.mlp
+    qkv = layer_norm_linear_act(
+        h, ln1.weight, ln1.bias, attn.qkv.weight, attn.qkv.bias, None, ln1.eps, TRITON
+    )
+    q, k, v = (split_heads(part, attn.heads) for part in qkv.chunk(3, dim=-1))
+    keys[:, :, position] = k[:, :, 0]
+    values[:, :, position] = v[:, :, 0]
+    o = attention(q, keys[:, :, : position + 1], values[:, :, : position + 1], impl=attn.impl)
+    a = linear_residual(merge_heads(o), attn.out.weight, attn.out.bias, h, TRITON)
+    xaa = block.xaa
+    x = cross_attention_adapter(
+        a,
+        xaa.attn_params(),
+        xaa.adapter.params(),
+        xaa.heads,
+        context_kv=context_kv,
+        backend=TRITON,
+        eps=xaa.ln_q.eps,
+    )
+    hidden = layer_norm_linear_act(
+        a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp_activation(block), ln2.eps, TRITON
+    )
+    m = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
+    if block.tsa is None:
+        return a + m + x
+    adapter = block.tsa.adapters[task]
+    return fused_adapter(a, *adapter.params(), residual=[a, m, x], backend=TRITON, eps=adapter.ln.eps)
+
+
+class FusedHead:
+    """The final LayerNorm and the LM head as one kernel, over the caption shortlist (gathered once)."""
+
+    def __init__(self, model: FameViL, task: str) -> None:
+        head, vocab = model.heads[task], model.caption_vocab
+        self.ln = model.text.ln_final
+        self.weight = head.weight if vocab is None else head.weight[vocab]
+        self.bias = head.bias if vocab is None else head.bias[vocab]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        ln = self.ln
+        return layer_norm_linear_act(h, ln.weight, ln.bias, self.weight, self.bias, None, ln.eps, TRITON)

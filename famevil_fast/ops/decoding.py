@@ -1,0 +1,116 @@
+"""Inference ops that fuse the small sub-layers of a one-token decoding step, each with a Triton backend
+and its plain-PyTorch reference:
+
+* ``layer_norm_linear_act(x, ln_weight, ln_bias, weight, bias, activation, eps, backend)``:
+  ``act(LN(x) W^T + b)`` in one kernel (a block's LayerNorm and QKV projection; its second LayerNorm, the
+  MLP's first layer and its activation; the final LayerNorm and the LM head).
+* ``linear_residual(x, weight, bias, residual, backend)``: ``residual + x W^T + b`` in one kernel (the
+  attention output projection adding the residual stream in its epilogue).
+
+At one token per sequence every kernel of a step is far too small to fill a GPU, so a step takes as long as
+its kernels are many; these ops remove the separate LayerNorm, bias, activation and addition kernels.
+They have no backward (decoding runs under ``torch.no_grad``): called on tensors that need gradients they
+raise ValueError, as they do for mismatched shapes, dtypes or devices and for an unknown activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from famevil_fast.ops._backend import same_device_and_dtype, select_backend
+
+BACKENDS = ("torch", "triton")
+ACTIVATIONS = (None, "relu", "quick_gelu", "gelu")
+
+
+def _check_no_grad(op: str, tensors: dict[str, torch.Tensor]) -> None:
+    if torch.is_grad_enabled():
+        for name, t in tensors.items():
+            if t.requires_grad:
+                raise ValueError(
+                    f"{op} is inference-only (no backward); {name} requires grad: use torch.no_grad()"
+                )
+
+
+def _check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"{op}: weight of shape {tuple(weight.shape)} does not take inputs of width {x.shape[-1]}"
+        )
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias of shape {tuple(bias.shape)} does not match {weight.shape[0]} outputs")
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    if activation == "gelu":
+        return F.gelu(y)
+    return y
+
+
+def layer_norm_linear_act(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    activation: str | None = None,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``act(layer_norm(x) W^T + b)`` for x (..., d), LayerNorm parameters (d,), W (n, d), b (n,);
+    ``activation`` is None, "relu", "quick_gelu" (x * sigmoid(1.702 x)) or "gelu" (erf form)."""
+    op = "layer_norm_linear_act"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    d = x.shape[-1]
+    if ln_weight.shape != (d,) or ln_bias.shape != (d,):
+        raise ValueError(
+            f"{op}: LayerNorm parameters of shapes {tuple(ln_weight.shape)}, "
+            f"{tuple(ln_bias.shape)} do not match width {d}"
+        )
+    _check_linear(op, x, weight, bias)
+    named = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "weight": weight, "bias": bias}
+    same_device_and_dtype(op, named)
+    _check_no_grad(op, named)
+    if select_backend(op, backend, BACKENDS, x) == "torch":
+        return _activate(F.linear(F.layer_norm(x, (d,), ln_weight, ln_bias, eps), weight, bias), activation)
+    from famevil_fast.kernels import launch
+
+    rows = x.reshape(-1, d).contiguous()
+    params = (t.contiguous() for t in (ln_weight, ln_bias, weight, bias))
+    out = launch.ln_linear_forward(rows, *params, False, eps, activation)[0]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_residual(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``residual + x W^T + b`` for x (..., k), W (d, k), b (d,), residual (..., d)."""
+    op = "linear_residual"
+    _check_linear(op, x, weight, bias)
+    if residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(
+            f"{op}: residual of shape {tuple(residual.shape)} does not match the output "
+            f"{(*x.shape[:-1], weight.shape[0])}"
+        )
+    named = {"x": x, "weight": weight, "bias": bias, "residual": residual}
+    same_device_and_dtype(op, named)
+    _check_no_grad(op, named)
+    if select_backend(op, backend, BACKENDS, x) == "torch":
+        return residual + F.linear(x, weight, bias)
+    from famevil_fast.kernels import launch
+
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()
+    res = residual.reshape(-1, weight.shape[0]).contiguous()
+    out = launch.linear_residual(rows, weight.contiguous(), bias.contiguous(), res)
+    return out.view(residual.shape)
