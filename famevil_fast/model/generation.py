@@ -25,7 +25,7 @@ EOT_ID = 49407
 
 class TextDecoder:
     """Incremental text-tower state for a batch of sequences conditioned on vision memory. Where the model's
-    backend resolves to Triton, each layer runs fused (``decode_step``, eleven kernels instead of about
+    backend resolves to Triton, each layer runs fused (``decode_step``, ten kernels instead of about
     thirty); ``fused`` forces the choice."""
 
     def __init__(
@@ -37,10 +37,9 @@ class TextDecoder:
         self.context_kv = [blk.xaa.context_kv(mem) for blk, mem in zip(self.blocks, memory)]
         b = memory[0].shape[0]
         heads, dh = self.blocks[0].attn.heads, text.cfg.width // self.blocks[0].attn.heads
-        shape = (b, heads, max_tokens, dh)
+        shape = (b, 2, heads, max_tokens, dh)  # per layer: keys [:, 0] and values [:, 1]
         dtype = memory[0].dtype
-        self.keys = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
-        self.values = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
+        self.caches = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
         self.length = 0
         self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
         self.head = FusedHead(model, task) if self.fused else None
@@ -49,16 +48,16 @@ class TextDecoder:
         """Feed one token per sequence (B,); returns next-token logits (B, V)."""
         text, t = self.model.text, self.length
         h = text.token_embed(tokens[:, None]) + text.pos_embed[t]
-        for i, block in enumerate(self.blocks):
+        for block, cache, context_kv in zip(self.blocks, self.caches, self.context_kv):
             if self.fused:
-                h = fused_layer(block, h, self.keys[i], self.values[i], t, self.context_kv[i], self.task)
+                h = fused_layer(block, h, cache, t, context_kv, self.task)
                 continue
             q, k, v = block.attn.project(block.ln_1(h))
-            self.keys[i][:, :, t] = k[:, :, 0]
-            self.values[i][:, :, t] = v[:, :, 0]
-            o = attention(q, self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1], impl=block.attn.impl)
+            cache[:, 0, :, t] = k[:, :, 0]
+            cache[:, 1, :, t] = v[:, :, 0]
+            o = attention(q, cache[:, 0, :, : t + 1], cache[:, 1, :, : t + 1], impl=block.attn.impl)
             a = h + block.attention_output(block.attn.out(merge_heads(o)), self.task)
-            x = block.cross_attend(a, context_kv=self.context_kv[i])
+            x = block.cross_attend(a, context_kv=context_kv)
             h = block.feed_forward(a, self.task, x)
         self.length += 1
         if self.head is not None:
@@ -71,8 +70,8 @@ class TextDecoder:
         Only the filled positions of the text caches are gathered. The image keys and values are the same
         for every beam of an image, so they stay as they are."""
         filled = self.length
-        for cache in (*self.keys, *self.values):
-            cache[:, :, :filled] = cache[:, :, :filled].index_select(0, index)
+        for cache in self.caches:
+            cache[:, :, :, :filled] = cache[:, :, :, :filled].index_select(0, index)
 
 
 def max_steps(model: FameViL, max_len: int) -> int:
