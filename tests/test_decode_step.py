@@ -131,6 +131,8 @@ def test_fused_step_needs_the_triton_backend_and_its_block_form(model) -> None:
     try:
         assert fused_step_applies(model, "cap", like)
         assert not fused_step_applies(model, "unknown task", like)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_step_applies(model, "cap", like)
         model.set_runtime(backend="cuda")  # names the contrastive losses' kernels: the step chooses itself
         assert not fused_step_applies(model, "cap", like)
     finally:

@@ -58,7 +58,10 @@ def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     """Whether ``TextDecoder`` runs the fused layers: the model's backend resolves to Triton for the step
     (``backend="triton"``, or automatically under ``TRITON_INTERPRET=1``; on a GPU only when asked for) and
     every text block has the form above (a cross-attention adapter, the task's adapter or none, no
-    Cross-Modal Adapters, a QuickGELU or GELU MLP)."""
+    Cross-Modal Adapters, a QuickGELU or GELU MLP). Not under autocast: the fused ops run in the dtype of
+    their inputs, so a model decodes fused in its own dtype (float32, or cast to bf16 as a whole)."""
+    if torch.is_autocast_enabled(like.device.type):
+        return False
     backend = (
         model.config.backend if model.config.backend in ("torch", TRITON) else None
     )  # "cuda", "cpu": losses
