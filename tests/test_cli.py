@@ -60,6 +60,10 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
         main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2", "--cuda-graph"]) == 0
     )
     assert capsys.readouterr().out.strip().splitlines() == lines  # same captions through the graph path
+    assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--backend", "triton"]) == 0
+    fused = capsys.readouterr().out.strip().splitlines()  # greedy, each layer of a step fused
+    assert main(["caption", str(checkpoint), str(images), "--max-len", "5"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == fused
 
 
 def test_caption_blocks_repeated_ngrams(checkpoint, images, capsys):
