@@ -70,7 +70,7 @@ PYTEST=("$PY" -m pytest -q -s -p no:cacheprovider -rfE)
 if [[ " $PARTS " == *" tests "* ]]; then
   # GPU_CHECK_TESTS replaces the list of test files
   TESTS="${GPU_CHECK_TESTS:-tests/test_adapter_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
-tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py \
+tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py tests/test_decode_step.py \
 tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_transforms.py}"
   # shellcheck disable=SC2086
   part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda or contrastive_triton" $TESTS
