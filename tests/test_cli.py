@@ -60,7 +60,7 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
         main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2", "--cuda-graph"]) == 0
     )
     assert capsys.readouterr().out.strip().splitlines() == lines  # same captions through the graph path
-    assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--backend", "triton"]) == 0
+    assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--op-backend", "triton"]) == 0
     fused = capsys.readouterr().out.strip().splitlines()  # greedy, each layer of a step fused
     assert main(["caption", str(checkpoint), str(images), "--max-len", "5"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == fused
@@ -154,3 +154,6 @@ def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp
     results = {r["task"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"xmr", "fic"}
     assert set(results["fic"]["metrics"]) == {"bleu4", "rouge_l", "cider"}  # the recipe's metrics
+    fused = [*args, "--tasks", "cap", "--max-len", "6", "--max-samples", "8", "--op-backend", "triton"]
+    assert main([*fused, "--out", str(out)]) == 0  # the Triton kernels, captions decoded by the fused step
+    assert json.loads(out.read_text())["results"][0]["metrics"] == results["fic"]["metrics"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from famevil_fast.cli.options import add_op_backend_argument
+
 NAME = "caption"
 HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint."
 
@@ -26,13 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replay each batch's whole decode as one CUDA graph (same captions, fewer launches)",
     )
-    parser.add_argument(
-        "--backend",
-        choices=("torch", "triton"),
-        default=None,
-        help="op backend: triton also fuses each text layer of a decoding step into ten kernels (a GPU, or "
-        "TRITON_INTERPRET=1 on the CPU); torch runs the PyTorch references (default: the checkpoint's)",
-    )
+    add_op_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
-    if args.backend is not None:
-        model.set_runtime(backend=args.backend)
+    if args.op_backend is not None:
+        model.set_runtime(backend=args.op_backend)
     files = collect_images(args.images)
     size = model.config.clip.vision.image_size
     for start in range(0, len(files), args.batch_size):

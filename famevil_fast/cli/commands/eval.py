@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING
 
+from famevil_fast.cli.options import add_op_backend_argument
+
 if TYPE_CHECKING:
     from famevil_fast.eval.runner import EvalOptions
 
@@ -58,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda-graph", action="store_true", help="decode captions by CUDA graph replay (same captions)"
     )
+    add_op_backend_argument(parser)
     parser.add_argument("--out", default=None, help="also write the report as JSON here")
 
 
@@ -99,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
+    if args.op_backend is not None:
+        model.set_runtime(backend=args.op_backend)
     tasks = args.tasks or list(model.config.tasks)
     size = model.config.clip.vision.image_size
     sets = {
