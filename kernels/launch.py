@@ -59,24 +59,30 @@ def group_rows(task_ids: torch.Tensor | None, n_tasks: int) -> TaskRows:
     return TaskRows(order, counts, n_tasks)
 
 
-_UNUSED_INDEX: dict[torch.device, torch.Tensor] = {}
+_DEVICE_CONSTANTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _unused_index(device: torch.device) -> torch.Tensor:
-    """An int32 tensor passed where the kernels take the task grouping but never read it (single task).
-    One per device, made outside graph capture (a tensor made during a capture belongs to its graph)."""
-    dummy = _UNUSED_INDEX.get(device)
-    if dummy is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
+def _device_constant(name: str, device: torch.device) -> torch.Tensor:
+    """A one-element tensor the launchers pass on every call, one per (name, device): ``"unused index"`` (an
+    int32 passed where the kernels take the task grouping but never read it) or ``"one"`` (a float32 1, the
+    scale of a plain linear layer run through the up-projection kernel). Kept only when made outside graph
+    capture (a tensor made during a capture belongs to its graph)."""
+    key = (name, device)
+    value = _DEVICE_CONSTANTS.get(key)
+    if value is None:
+        if name == "one":
+            value = torch.ones(1, dtype=torch.float32, device=device)
+        else:
+            value = torch.empty(1, dtype=torch.int32, device=device)
         if not capturing():
-            _UNUSED_INDEX[device] = dummy
-    return dummy
+            _DEVICE_CONSTANTS[key] = value
+    return value
 
 
 def _index_args(rows: TaskRows, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     if rows.mixed:
         return rows.order, rows.counts, rows.n_tasks
-    dummy = _unused_index(like.device)
+    dummy = _device_constant("unused index", like.device)
     return dummy, dummy, 1
 
 
@@ -297,20 +303,6 @@ def _up_residual(
     )
 
 
-_UNIT_SCALE: dict[torch.device, torch.Tensor] = {}
-
-
-def _unit_scale(device: torch.device) -> torch.Tensor:
-    """A float32 one on ``device``: the scale of a plain linear layer run through the up-projection kernel.
-    Made outside graph capture and kept, like ``_unused_index``."""
-    one = _UNIT_SCALE.get(device)
-    if one is None:
-        one = torch.ones(1, dtype=torch.float32, device=device)
-        if not capturing():
-            _UNIT_SCALE[device] = one
-    return one
-
-
 def linear_residual(
     x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual: torch.Tensor
 ) -> torch.Tensor:
@@ -319,7 +311,17 @@ def linear_residual(
     y = torch.empty_like(residual)
     if x.shape[0]:
         res, num_res = _residual_args([residual], residual)
-        _up_residual(x, y, w, b, _unit_scale(x.device), res, num_res, SINGLE_TASK, configs.dot_args(x.dtype))
+        _up_residual(
+            x,
+            y,
+            w,
+            b,
+            _device_constant("one", x.device),
+            res,
+            num_res,
+            SINGLE_TASK,
+            configs.dot_args(x.dtype),
+        )
     return y
 
 
