@@ -76,6 +76,7 @@ SPLIT_DX = [Tiles(128, 128, 64, 8, 3), Tiles(64, 256, 64, 8, 3)]
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
 COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
+ONE_PASS_LN = [True]  # configs.ADAPTER_ONE_PASS_LN is False (a statistics pass before the down projection)
 GRAD_BLOCK_BYTES = [512 * 2**20]  # configs.CONTRASTIVE_GRAD_CHUNK_BYTES is 256 MiB (two blocks at 16,384)
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
@@ -213,6 +214,13 @@ FAMILIES = [
         "adapter forward (fused, r=64)",
         "adapter_fused_tiles",
         FUSED_FORWARD,
+        adapter_forward_op,
+        ADAPTER_ROWS,
+    ),
+    Family(
+        "adapter forward: one-pass LayerNorm",
+        "ADAPTER_ONE_PASS_LN",
+        ONE_PASS_LN,
         adapter_forward_op,
         ADAPTER_ROWS,
     ),

@@ -18,6 +18,19 @@ Two shapes of the computation, chosen by the bottleneck width r:
   in every configuration, and (b) multiplies the dominant arithmetic instead. It costs nothing extra in
   training, where the backward pass needs h anyway.
 
+One-pass LayerNorm (``ONE_PASS``, switched by ``configs.ADAPTER_ONE_PASS_LN``): the fused kernel can skip
+its statistics pass. With ``W' = Wd diag(g)`` (rounded to the activation dtype by
+``scaled_down_weights_kernel``, one small launch per call), ``v = W' 1`` summed from those rounded values
+and ``c = bd + Wd beta``,
+
+    LN(x) Wd^T + bd = rstd * (x W'^T - mean * v) + c,
+
+so the down projection multiplies the raw rows while the same loop gathers their mean and variance
+(chunks merged with Chan's formula). Each row is read once instead of twice and the statistics no longer
+hold up the product. The subtraction ``x W'^T - mean * v`` is exact up to the product's float32
+accumulation, because v sums the very values the product multiplies; it runs for 16-bit activations, and for
+float32 when TF32 is off (TF32 would round x itself, and with it the mean that the subtraction removes).
+
 Per-task weights: parameters carry a leading task dimension and every block holds rows of one task (see
 ``_tiles``); with a single task the offsets are zero.
 """
@@ -43,6 +56,123 @@ def _residual_epilogue(u, s, bu, rows, mask, cols, d, res0_ptr, res1_ptr, res2_p
 
 
 @triton.jit
+def _down_normalised(
+    x_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    wd_ptr,
+    rows,
+    mask,
+    rcols,
+    rmask,
+    mean,
+    rstd,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """LN(x) Wd^T (without bd) for BLOCK_M rows, normalising each chunk of x on its way into the product."""
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        valid = mask[:, None] & kmask[None, :]
+        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
+        w = tl.load(
+            wd_ptr + rcols[None, :] * d + kcols[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0
+        )
+        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _down_one_pass(
+    x_ptr,
+    ws_ptr,
+    rows,
+    mask,
+    rcols,
+    rmask,
+    d,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(mean, rstd, x W'^T) for BLOCK_M rows in one pass over x: the statistics of each chunk (Chan's merge,
+    as ``_tiles.row_stats``) and its product with W' from the same load."""
+    mean = tl.zeros((BLOCK_M,), tl.float32)
+    m2 = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        xk = tl.load(
+            x_ptr + rows[:, None] * d + kcols[None, :], mask=mask[:, None] & kmask[None, :], other=0.0
+        )
+        w = tl.load(
+            ws_ptr + rcols[None, :] * d + kcols[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0
+        )
+        acc = tl.dot(xk.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+        xf = xk.to(tl.float32)
+        n_prev = k * 1.0
+        n_k = tl.minimum(d - k, BLOCK_K) * 1.0
+        mean_k = tl.sum(xf, axis=1) / n_k
+        diff = tl.where(kmask[None, :], xf - mean_k[:, None], 0.0)
+        total = n_prev + n_k
+        delta = mean_k - mean
+        mean += delta * (n_k / total)
+        m2 += tl.sum(diff * diff, axis=1) + delta * delta * (n_prev * n_k / total)
+    return mean, tl.rsqrt(m2 / d + eps), acc
+
+
+@triton.jit
+def scaled_down_weights_kernel(
+    lnw_ptr,
+    lnb_ptr,
+    wd_ptr,
+    bd_ptr,
+    ws_ptr,
+    v_ptr,
+    c_ptr,
+    d,
+    r,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """For outputs [program_id(0) * BLOCK_R, + BLOCK_R) of task ``program_id(1)``: ``W' = Wd diag(g)``
+    stored in ``ws``'s dtype, ``v`` = the row sums of the stored W' (float32), ``c = bd + Wd beta``."""
+    task = tl.program_id(1).to(tl.int64)
+    outs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    omask = outs < r
+    v = tl.zeros((BLOCK_R,), tl.float32)
+    wbeta = tl.zeros((BLOCK_R,), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        tile = omask[:, None] & kmask[None, :]
+        offs = task * r * d + outs[:, None] * d + kcols[None, :]
+        w = tl.load(wd_ptr + offs, mask=tile, other=0.0).to(tl.float32)
+        g = tl.load(lnw_ptr + task * d + kcols, mask=kmask, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + task * d + kcols, mask=kmask, other=0.0).to(tl.float32)
+        ws = (w * g[None, :]).to(ws_ptr.dtype.element_ty)
+        tl.store(ws_ptr + offs, ws, mask=tile)
+        v += tl.sum(ws.to(tl.float32), axis=1)
+        wbeta += tl.sum(w * beta[None, :], axis=1)
+    bd = tl.load(bd_ptr + task * r + outs, mask=omask, other=0.0).to(tl.float32)
+    tl.store(v_ptr + task * r + outs, v, mask=omask)
+    tl.store(c_ptr + task * r + outs, bd + wbeta, mask=omask)
+
+
+@triton.jit
 def adapter_fwd_fused_kernel(
     x_ptr,
     y_ptr,
@@ -59,6 +189,9 @@ def adapter_fwd_fused_kernel(
     res0_ptr,
     res1_ptr,
     res2_ptr,
+    ws_ptr,
+    v_ptr,
+    c_ptr,
     order_ptr,
     counts_ptr,
     n_tasks,
@@ -73,38 +206,61 @@ def adapter_fwd_fused_kernel(
     NUM_RES: tl.constexpr,
     MIXED: tl.constexpr,
     SAVE: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Whole adapter for BLOCK_M rows with h on chip (BLOCK_R >= r, BLOCK_R <= 128)."""
+    """Whole adapter for BLOCK_M rows with h on chip (BLOCK_R >= r, BLOCK_R <= 128). With ONE_PASS the down
+    projection takes ``ws`` (W' per task, (T, r, d)), ``v`` and ``c`` ((T, r) float32) from
+    ``scaled_down_weights_kernel`` instead of the LayerNorm parameters and Wd, bd."""
     pid = tl.program_id(0)
     task, pos, rows, mask = row_block(pid, n_rows, order_ptr, counts_ptr, n_tasks, BLOCK_M, MIXED)
-    lnw_ptr += task * d
-    lnb_ptr += task * d
-    wd_ptr += task * r * d
-    bd_ptr += task * r
     wu_ptr += task * d * r
     bu_ptr += task * d
     s_ptr += task
-
-    mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
     rcols = tl.arange(0, BLOCK_R)
     rmask = rcols < r
-    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for k in range(0, d, BLOCK_K):
-        kcols = k + tl.arange(0, BLOCK_K)
-        kmask = kcols < d
-        valid = mask[:, None] & kmask[None, :]
-        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
-        w = tl.load(
-            wd_ptr + rcols[None, :] * d + kcols[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0
+    if ONE_PASS:
+        mean, rstd, acc = _down_one_pass(
+            x_ptr,
+            ws_ptr + task * r * d,
+            rows,
+            mask,
+            rcols,
+            rmask,
+            d,
+            eps,
+            BLOCK_M,
+            BLOCK_K,
+            BLOCK_R,
+            DOT,
+            PRECISION,
         )
-        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
-    bd = tl.load(bd_ptr + rcols, mask=rmask, other=0.0).to(tl.float32)
-    h = tl.maximum(acc + bd[None, :], 0.0)
+        v = tl.load(v_ptr + task * r + rcols, mask=rmask, other=0.0)
+        c = tl.load(c_ptr + task * r + rcols, mask=rmask, other=0.0)
+        h = tl.maximum((acc - mean[:, None] * v[None, :]) * rstd[:, None] + c[None, :], 0.0)
+    else:
+        mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
+        acc = _down_normalised(
+            x_ptr,
+            lnw_ptr + task * d,
+            lnb_ptr + task * d,
+            wd_ptr + task * r * d,
+            rows,
+            mask,
+            rcols,
+            rmask,
+            mean,
+            rstd,
+            d,
+            BLOCK_M,
+            BLOCK_K,
+            BLOCK_R,
+            DOT,
+            PRECISION,
+        )
+        bd = tl.load(bd_ptr + task * r + rcols, mask=rmask, other=0.0).to(tl.float32)
+        h = tl.maximum(acc + bd[None, :], 0.0)
     if SAVE:
         tl.store(h_ptr + pos[:, None] * r + rcols[None, :], h, mask=mask[:, None] & rmask[None, :])
         tl.store(mean_ptr + pos, mean, mask=mask)

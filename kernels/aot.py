@@ -26,7 +26,11 @@ import triton
 import triton.language as tl
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
-from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
+from famevil_fast.kernels.adapter_forward import (
+    adapter_fwd_fused_kernel,
+    adapter_up_residual_kernel,
+    scaled_down_weights_kernel,
+)
 from famevil_fast.kernels.contrastive import (
     combine_lse_kernel,
     contrastive_lse_grad_kernel,
@@ -42,7 +46,7 @@ from famevil_fast.kernels.ln_linear import (
 from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weight_grad_partials_kernel
 
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
-FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr"}
+FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr", "v_ptr", "c_ptr"}
 FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
 FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr", "part_ptr"}
 INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr", "index_ptr"}
@@ -103,14 +107,30 @@ def _launch(t: configs.Tiles) -> dict:
 def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
     t = configs.adapter_fused_tiles(r, 4 if dtype == "fp32" else 2)
     fwd = {"BLOCK_M": t.block_m, "BLOCK_K": t.block_k, "BLOCK_N": t.block_n, "BLOCK_R": r, "MIXED": mixed}
-    fwd |= {"NUM_RES": 3, "SAVE": True, **_dot(dtype)}
+    fwd |= {"NUM_RES": 3, "SAVE": True, "ONE_PASS": False, **_dot(dtype)}
     u = configs.dp_tiles(r)
     dp = {"BLOCK_M": u.block_m, "BLOCK_R": u.block_n, "BLOCK_N": u.block_k, "MIXED": mixed, "SAVE_H": False}
     dp |= _dot(dtype)
     v = configs.dx_weight_tiles(r)
     bwd = {"BLOCK_M": v.block_m, "BLOCK_D": v.block_n, "BLOCK_R": r, "MIXED": mixed, **_dot(dtype)}
+    c = configs.row_constants_tiles()
     return [
         Variant(f"adapter_fwd_fused_r{r}", adapter_fwd_fused_kernel, fwd, **_launch(t), dtype=dtype),
+        Variant(  # the one-pass LayerNorm (configs.ADAPTER_ONE_PASS_LN) and its weight preparation
+            f"adapter_fwd_fused_r{r}_one_pass",
+            adapter_fwd_fused_kernel,
+            fwd | {"ONE_PASS": True},
+            **_launch(t),
+            dtype=dtype,
+        ),
+        Variant(
+            "scaled_down_weights",
+            scaled_down_weights_kernel,
+            {"BLOCK_R": c.block_m, "BLOCK_K": c.block_k},
+            **_launch(c),
+            dtype=dtype,
+            has_dot=False,
+        ),
         Variant(f"adapter_dp_r{r}", adapter_dp_kernel, dp, **_launch(u), dtype=dtype),
         Variant(
             f"adapter_bwd_dx_weights_r{r}", adapter_bwd_dx_weights_kernel, bwd, **_launch(v), dtype=dtype

@@ -16,6 +16,21 @@ import torch
 import triton.language as tl
 
 FUSED_MAX_R = 128  # widest bottleneck kept on chip by the fused adapter kernels
+
+# The fused adapter forward's LayerNorm: a statistics pass over the rows before the down projection (False),
+# or the statistics gathered while the down projection multiplies the raw rows (True; ``adapter_forward``'s
+# one-pass form). The two-pass form is the one measured on a card; bench/bench_tiles.py times both.
+ADAPTER_ONE_PASS_LN = False
+
+
+def one_pass_layer_norm(dtype: torch.dtype) -> bool:
+    """Whether the fused adapter forward takes the one-pass LayerNorm for activations of ``dtype``: where
+    ``ADAPTER_ONE_PASS_LN`` is on, for 16-bit activations and for float32 without TF32."""
+    if not ADAPTER_ONE_PASS_LN:
+        return False
+    return dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32
+
+
 MAX_RESIDUALS = 3  # residual pointers taken by the forward kernels; more are pre-summed
 
 

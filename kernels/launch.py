@@ -16,7 +16,11 @@ from typing import NamedTuple
 import torch
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
-from famevil_fast.kernels.adapter_forward import adapter_fwd_fused_kernel, adapter_up_residual_kernel
+from famevil_fast.kernels.adapter_forward import (
+    adapter_fwd_fused_kernel,
+    adapter_up_residual_kernel,
+    scaled_down_weights_kernel,
+)
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
     ln_linear_dx_kernel,
@@ -213,6 +217,8 @@ def adapter_forward(
     if r <= configs.FUSED_MAX_R:
         tiles = configs.adapter_fused_tiles(block_r, x.element_size())
         grid = (_row_blocks(n_rows, tiles.block_m, rows),)
+        one_pass = configs.one_pass_layer_norm(x.dtype)
+        ws, v, c = _scaled_down_weights(params, x.dtype, rows.n_tasks) if one_pass else (x, y, y)
         adapter_fwd_fused_kernel[grid](
             x,
             y,
@@ -227,6 +233,9 @@ def adapter_forward(
             bu,
             s,
             *res,
+            ws,
+            v,
+            c,
             order,
             counts,
             n_tasks,
@@ -241,6 +250,7 @@ def adapter_forward(
             NUM_RES=num_res,
             MIXED=rows.mixed,
             SAVE=save,
+            ONE_PASS=one_pass,
             **dot,
             **tiles.launch(),
         )
@@ -261,6 +271,23 @@ def adapter_forward(
     )
     _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, dot)
     return y, h, mean, rstd
+
+
+def _scaled_down_weights(
+    params: tuple[torch.Tensor, ...], dtype: torch.dtype, n_tasks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W' = Wd diag(g) in ``dtype``, its row sums v and c = bd + Wd beta in float32), each per task, for the
+    one-pass LayerNorm of ``adapter_fwd_fused_kernel``."""
+    lnw, lnb, wd, bd = params[:4]
+    r, d = wd.shape[-2:]
+    ws = torch.empty((n_tasks, r, d), dtype=dtype, device=wd.device)
+    v = torch.empty((n_tasks, r), dtype=torch.float32, device=wd.device)
+    c = torch.empty_like(v)
+    tiles = configs.row_constants_tiles()
+    scaled_down_weights_kernel[(configs.cdiv(r, tiles.block_m), n_tasks)](
+        lnw, lnb, wd, bd, ws, v, c, d, r, BLOCK_R=tiles.block_m, BLOCK_K=tiles.block_k, **tiles.launch()
+    )
+    return ws, v, c
 
 
 def _up_residual(

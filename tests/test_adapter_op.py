@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import AtenLog, RecordLaunch, assert_no_worse_than_baseline
 
 from famevil_fast.ops import AdapterParams, fused_adapter
@@ -121,6 +122,68 @@ def compare(
 def test_matches_float64_reference(shape: tuple[int, ...], r: int, n_residuals: int | None) -> None:
     x = torch.randn(*shape, dtype=torch.float64) * 1.5 + 0.3
     compare(x, random_params(shape[-1], r), n_residuals)
+
+
+@pytest.mark.parametrize(
+    ("shape", "r", "dtype", "tol", "mean"),
+    [
+        ((1, 768), 64, torch.float32, 1e-4, 0.3),  # one row
+        ((2, 197, 512), 100, torch.float32, 1e-4, 0.3),  # r not a power of two
+        ((37, 200), 8, torch.float32, 1e-4, 30.0),  # rows whose mean is 60x their spread
+        ((33, 512), 64, torch.float16, 5e-3, 0.3),
+    ],
+)
+def test_one_pass_layer_norm_matches_reference(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    r: int,
+    dtype: torch.dtype,
+    tol: float,
+    mean: float,
+) -> None:
+    """The fused forward's one-pass LayerNorm (statistics gathered during the down projection of the raw
+    rows), forward and backward against float64, where ``configs.ADAPTER_ONE_PASS_LN`` switches it on."""
+    from famevil_fast.kernels import configs
+
+    monkeypatch.setattr(configs, "ADAPTER_ONE_PASS_LN", True)
+    assert configs.one_pass_layer_norm(dtype)
+    x = torch.randn(*shape, dtype=torch.float64) * 0.5 + mean
+    compare(x, random_params(shape[-1], r), 2, dtype=dtype, tol=tol)
+
+
+@pytest.mark.parametrize("mean", [0.3, 20.0])
+def test_one_pass_layer_norm_in_bfloat16(monkeypatch: pytest.MonkeyPatch, mean: float) -> None:
+    """In bf16 the one-pass form rounds W' = Wd diag(g) once (as autocast rounds Wd), where the interpreter's
+    two-pass form keeps everything in float32, so the bottleneck activation is checked for what the kernel
+    owes: exactly ``relu(rstd (x - mean) W'^T + c)`` for the stored W' (the subtraction of the mean is exact
+    up to float32 accumulation, even for rows whose mean is 40x their spread), and an output within twice
+    the error of PyTorch's own bf16 adapter."""
+    from famevil_fast.kernels import configs, launch
+
+    monkeypatch.setattr(configs, "ADAPTER_ONE_PASS_LN", True)
+    x64 = torch.randn(33, 512, dtype=torch.float64) * 0.5 + mean
+    params = tuple(t.to(torch.bfloat16) for t in random_params(512, 128))
+    x = x64.to(torch.bfloat16)
+    y, h, _, _ = launch.adapter_forward(x, params, [], launch.SINGLE_TASK, True, 1e-5)
+    ws, v, c = launch._scaled_down_weights(params, torch.bfloat16, 1)
+    torch.testing.assert_close(v[0], ws[0].float().sum(dim=1), rtol=1e-6, atol=1e-6)  # sums of the stored W'
+    rows = F.layer_norm(x.double(), (512,), eps=1e-5)  # float64 statistics of the bf16 rows
+    expected_h = torch.relu(rows @ ws[0].double().T + c[0].double())
+    torch.testing.assert_close(h.double(), expected_h, rtol=1e-4, atol=1e-4)
+    p64 = [t.double() for t in params]
+    want = adapter_reference(x.double(), AdapterParams(*p64))
+    torch_y = adapter_reference(x, AdapterParams(*params))
+    assert scaled_error(y, want) <= 2 * scaled_error(torch_y, want) + 1e-3
+
+
+def test_one_pass_layer_norm_with_mixed_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from famevil_fast.kernels import configs
+
+    monkeypatch.setattr(configs, "ADAPTER_ONE_PASS_LN", True)
+    tasks, n, d = 3, 70, 256
+    task_ids = torch.tensor([0, 2])[torch.randint(0, 2, (n,))]  # task 1 absent
+    grads = compare(torch.randn(n, d, dtype=torch.float64), random_params(d, 24, tasks), 1, task_ids)
+    assert all(torch.count_nonzero(grads[name][1]) == 0 for name in AdapterParams._fields)
 
 
 @pytest.mark.parametrize(("n", "d", "r"), [(13, 200, 24), (5, 1024, 128), (9, 96, 129)])
