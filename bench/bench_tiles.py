@@ -77,6 +77,15 @@ REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments 
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
 COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
 ONE_PASS_LN = [True]  # configs.ADAPTER_ONE_PASS_LN is False (a statistics pass before the down projection)
+# a decoding step's few rows (configs.small): the text tower's LN + QKV projection, 512 -> 1536, float32;
+# the choice is 16x32x64, 4 warps, 2 stages; the last candidate is the tiles of many rows
+DECODE_ROWS = (64, 192) if CUDA else (5,)
+FEW_ROWS = [
+    Tiles(16, 64, 64, 4, 2),
+    Tiles(32, 32, 64, 4, 2),
+    Tiles(16, 32, 128, 2, 2),
+    Tiles(64, 128, 64, 4, 3),
+]
 GRAD_BLOCK_BYTES = [512 * 2**20]  # configs.CONTRASTIVE_GRAD_CHUNK_BYTES is 256 MiB (two blocks at 16,384)
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
@@ -89,6 +98,7 @@ LOSS_GRAD = [  # configs.contrastive_loss_grad_tiles: 128x128x64, 8 warps (4 war
 ]
 if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
+    FEW_ROWS = [Tiles(16, 32, 32)]
     SPLIT_LN_DOWN, SPLIT_UP, SPLIT_DP, SPLIT_DX = ([Tiles(16, 32, 32)] for _ in range(4))
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     LOSS_GRAD = [Tiles(16, 16, 16)]
@@ -170,6 +180,18 @@ def adapter_backward_op(rows: int, bottleneck: int = BOTTLENECK):
     return lambda: launch.adapter_backward(dy, x, params, h, mean, rstd, launch.SINGLE_TASK)
 
 
+def decode_projection_op(rows: int):
+    """LN + QKV projection of a decoding step's rows, float32 (the precision of identical-token decoding)."""
+    width = 512 if CUDA else 40
+    g = torch.Generator(device="cpu").manual_seed(rows)
+    x, lnw, lnb = (
+        torch.randn(*shape, generator=g).to(DEVICE) for shape in ((rows, width), (width,), (width,))
+    )
+    w = (torch.randn(3 * width, width, generator=g) * width**-0.5).to(DEVICE)
+    b = torch.randn(3 * width, generator=g).to(DEVICE)
+    return lambda: launch.ln_linear_forward(x, lnw, lnb, w, b, False, 1e-5)[:1]
+
+
 def split_forward_op(rows: int):
     return adapter_forward_op(rows, SPLIT_BOTTLENECK)
 
@@ -235,6 +257,7 @@ FAMILIES = [
         adapter_backward_op,
         ADAPTER_ROWS,
     ),
+    Family("decoding: LN + QKV, few rows", "ln_linear_tiles", FEW_ROWS, decode_projection_op, DECODE_ROWS),
     Family("split forward: LN + down", "ln_linear_tiles", SPLIT_LN_DOWN, split_forward_op, SPLIT_ROWS),
     Family("split forward: up", "up_residual_tiles", SPLIT_UP, split_forward_op, SPLIT_ROWS),
     Family("split backward: dp", "dp_tiles", SPLIT_DP, split_backward_op, SPLIT_ROWS),

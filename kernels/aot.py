@@ -158,31 +158,37 @@ def _ln_linear(dtype: str, mixed: bool, n_out: int, activation: str | None) -> l
 
 
 def _decoding(dtype: str) -> list[Variant]:
-    """The fused decoding step's kernels (one task, no statistics): LN2 + fc1 with QuickGELU and with GELU
-    (the text tower's 512 -> 2048), and the output projection adding the residual stream."""
-    t = configs.ln_linear_tiles(2048)
-    fwd = {
-        "BLOCK_M": t.block_m,
-        "BLOCK_N": t.block_n,
-        "BLOCK_K": t.block_k,
-        "MIXED": False,
-        "SAVE_STATS": False,
-    }
-    u = configs.up_residual_tiles()
-    up = {"BLOCK_M": u.block_m, "BLOCK_N": u.block_n, "BLOCK_K": u.block_k, "NUM_RES": 1, "MIXED": False}
-    return [
-        *(
-            Variant(
-                f"ln_linear_fwd_2048_{act}",
-                ln_linear_fwd_kernel,
-                fwd | {"ACT": ACTIVATIONS[act]} | _dot(dtype),
-                **_launch(t),
-                dtype=dtype,
+    """The fused decoding step's kernels (one task, no statistics), with the tiles of a step's few rows
+    (``configs.small``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU (also
+    with the tiles of many rows), the output projection adding the residual stream, and the two adapters
+    (cross-attention: no residual; task adapter: three)."""
+    out = []
+    for few in (True, False):
+        t = configs.ln_linear_tiles(2048, few)
+        fwd = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "MIXED": False}
+        fwd |= {"SAVE_STATS": False, **_dot(dtype)}
+        acts = (None, "quick_gelu", "gelu") if few else ("quick_gelu",)
+        for act in acts:
+            name = f"ln_linear_fwd_{act or 'plain'}{'_few_rows' if few else ''}"
+            out.append(
+                Variant(
+                    name, ln_linear_fwd_kernel, fwd | {"ACT": ACTIVATIONS[act]}, **_launch(t), dtype=dtype
+                )
             )
-            for act in ("quick_gelu", "gelu")
-        ),
-        Variant("linear_residual", adapter_up_residual_kernel, up | _dot(dtype), **_launch(u), dtype=dtype),
-    ]
+    u = configs.up_residual_tiles(True)
+    up = {"BLOCK_M": u.block_m, "BLOCK_N": u.block_n, "BLOCK_K": u.block_k, "NUM_RES": 1, "MIXED": False}
+    out.append(
+        Variant("linear_residual", adapter_up_residual_kernel, up | _dot(dtype), **_launch(u), dtype=dtype)
+    )
+    a = configs.adapter_fused_tiles(64, 4 if dtype == "fp32" else 2, True)
+    fused = {"BLOCK_M": a.block_m, "BLOCK_K": a.block_k, "BLOCK_N": a.block_n, "BLOCK_R": 64, "MIXED": False}
+    fused |= {"SAVE": False, "ONE_PASS": False, **_dot(dtype)}
+    for res in (0, 3):
+        name = f"adapter_fwd_fused_r64_few_rows_res{res}"
+        out.append(
+            Variant(name, adapter_fwd_fused_kernel, fused | {"NUM_RES": res}, **_launch(a), dtype=dtype)
+        )
+    return out
 
 
 def _row_constants(dtype: str) -> Variant:
@@ -332,6 +338,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
         "wgmma": "wgmma" in ptx,
         "mma": "mma" in ptx,
         "has_dot": v.has_dot,
+        # a warpgroup MMA covers 64 rows: smaller row blocks (tiles of few rows) use mma.sync on Hopper too
+        "warpgroup_rows": v.constexprs.get("BLOCK_M", 64) >= 64,
         "shared_bytes": compiled.metadata.shared,
         **resource_usage(compiled.asm["cubin"]),
         "seconds": round(time.perf_counter() - start, 3),

@@ -93,14 +93,28 @@ class Tiles:
         return options
 
 
+# Calls on at most this many rows (a decoding step: one token per sequence) take tiles with 16-row blocks and
+# narrower column tiles, so that the few rows still spread over many programs: with 64-row blocks a 64-row
+# product runs on as many programs as it has column tiles (a dozen for the text tower's QKV projection, one
+# for an adapter), each one multiplying its whole share, which in float32 (no tensor cores) takes tens of
+# microseconds on a single multiprocessor.
+SMALL_ROWS = 256
+
+
+def small(n_rows: int) -> bool:
+    return n_rows <= SMALL_ROWS
+
+
 @functools.cache
-def adapter_fused_tiles(block_r: int, itemsize: int = 2) -> Tiles:
+def adapter_fused_tiles(block_r: int, itemsize: int = 2, few_rows: bool = False) -> Tiles:
     """adapter_fwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks. 16-bit activations with r <= 64 take
     128-wide chunks over three stages: on an H200 (bf16, d = 768, bench/bench_tiles.py) 1.35x the 64-wide
     two-stage kernel at 12,608 rows and 1.05x at 2^20. Wider bottlenecks and float32 keep the 64-wide
-    chunks, whose buffers fit beside the larger accumulators."""
+    chunks, whose buffers fit beside the larger accumulators. ``few_rows`` (``small``): 16-row blocks."""
     if interpreting():
         return Tiles(block_m=128, block_n=512, block_k=512)
+    if few_rows:
+        return Tiles(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2)
     if block_r <= 64 and itemsize <= 2:
         return Tiles(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
     return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
@@ -116,18 +130,23 @@ def dx_weight_tiles(block_r: int) -> Tiles:
 
 
 @functools.cache
-def ln_linear_tiles(n_out: int) -> Tiles:
-    """ln_linear_fwd_kernel: BLOCK_N output columns, BLOCK_K chunks of d."""
+def ln_linear_tiles(n_out: int, few_rows: bool = False) -> Tiles:
+    """ln_linear_fwd_kernel: BLOCK_N output columns, BLOCK_K chunks of d; ``few_rows``: 16 x 32 tiles."""
     if interpreting():
         return Tiles(block_m=128, block_n=min(padded(n_out), 512), block_k=512)
+    if few_rows:
+        return Tiles(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
     return Tiles(block_m=64, block_n=min(padded(n_out), 128), block_k=64, num_warps=4, num_stages=3)
 
 
 @functools.cache
-def up_residual_tiles() -> Tiles:
-    """adapter_up_residual_kernel: BLOCK_N output columns of d, BLOCK_K chunks of r."""
+def up_residual_tiles(few_rows: bool = False) -> Tiles:
+    """adapter_up_residual_kernel: BLOCK_N output columns of d, BLOCK_K chunks of r; ``few_rows``: 16 x 32
+    tiles."""
     if interpreting():
         return Tiles(block_m=128, block_n=512, block_k=512)
+    if few_rows:
+        return Tiles(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
     return Tiles(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
 
 

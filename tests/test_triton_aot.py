@@ -54,8 +54,9 @@ def check_results(results: list[dict], archs: list[int], full: bool) -> None:
         if "registers" in r:  # cuobjdump's resource report, where Triton ships the tool
             assert 0 < r["registers"] <= 255 and r["spill_stack_bytes"] >= 0, where
         if r["has_dot"]:
-            # Hopper matrix products go through warpgroup MMA (bf16 and tf32 alike), Ampere through mma.sync
-            assert r["wgmma"] == (r["arch"] >= 90), where
+            # Hopper matrix products go through warpgroup MMA (bf16 and tf32 alike) where a row block has 64
+            # rows or more, Ampere's (and smaller blocks') through mma.sync
+            assert r["wgmma"] == (r["arch"] >= 90 and r["warpgroup_rows"]), where
             assert r["mma"], where
 
 
