@@ -62,9 +62,9 @@ def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     their inputs, so a model decodes fused in its own dtype (float32, or cast to bf16 as a whole)."""
     if torch.is_autocast_enabled(like.device.type):
         return False
-    backend = (
-        model.config.backend if model.config.backend in ("torch", TRITON) else None
-    )  # "cuda", "cpu": losses
+    backend = model.config.backend
+    if backend not in ("torch", TRITON):  # None, or "cuda" / "cpu", which name the losses' kernels
+        backend = None
     if select_backend("text decoding step", backend, ("torch", TRITON), like, False) != TRITON:
         return False
     for block in model.text.blocks:
