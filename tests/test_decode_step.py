@@ -26,7 +26,9 @@ def _ln_params(d: int, n: int) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("activation", [None, "relu", "quick_gelu", "gelu"])
 @pytest.mark.parametrize(("shape", "n"), [((1, 40), 70), ((3, 1, 96), 200), ((0, 40), 7), ((7, 2, 24), 1)])
-def test_layer_norm_linear_act_matches_reference(shape, n, activation) -> None:
+def test_layer_norm_linear_act_matches_reference(
+    shape: tuple[int, ...], n: int, activation: str | None
+) -> None:
     x = torch.randn(*shape) * 1.5 + 0.3
     params = _ln_params(shape[-1], n)
     with torch.no_grad():
