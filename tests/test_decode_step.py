@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -92,6 +93,26 @@ def test_fused_layers_follow_the_plain_step(model) -> None:
         fused = TextDecoder(model, memory, 8, fused=True)
         plain = TextDecoder(model, memory, 8, fused=False)
         for t in range(4):
+            torch.testing.assert_close(fused.step(tokens[t]), plain.step(tokens[t]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["shortlist", "gelu"])
+def test_fused_layers_follow_the_plain_step_in_other_model_forms(variant: str) -> None:
+    """A caption shortlist (the fused head gathers its rows once per decode) and an MLP with GELU instead
+    of QuickGELU."""
+    torch.manual_seed(1)
+    config = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")
+    if variant == "shortlist":
+        config = config.replace(caption_vocab=(5, 17, 260, 1000, 49406, 49407))
+    else:
+        config = config.replace(clip=dataclasses.replace(config.clip, activation="gelu"))
+    m = perturb_(FameViL(config), std=0.05).eval()
+    tokens = torch.tensor([[SOT_ID, SOT_ID], [17, 260], [1000, 5]])
+    with torch.no_grad():
+        memory = m.vision_memory(torch.randn(2, 3, 32, 32), "cap")
+        fused = TextDecoder(m, memory, 4, fused=True)
+        plain = TextDecoder(m, memory, 4, fused=False)
+        for t in range(3):
             torch.testing.assert_close(fused.step(tokens[t]), plain.step(tokens[t]), rtol=1e-4, atol=1e-4)
 
 

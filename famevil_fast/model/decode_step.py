@@ -57,8 +57,8 @@ def mlp_activation(block: Block) -> str | None:
 def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     """Whether ``TextDecoder`` runs the fused layers: the model's backend resolves to Triton for the step
     (``backend="triton"``, or automatically under ``TRITON_INTERPRET=1``; on a GPU only when asked for) and
-    every text block has the form above (a cross-attention adapter, the task's adapter or none, no
-    Cross-Modal Adapters, a QuickGELU or GELU MLP). Not under autocast: the fused ops run in the dtype of
+    every text block has the form above (a cross-attention adapter, the task's adapter, no Cross-Modal
+    Adapters, a QuickGELU or GELU MLP). Not under autocast: the fused ops run in the dtype of
     their inputs, so a model decodes fused in its own dtype (float32, or cast to bf16 as a whole)."""
     if torch.is_autocast_enabled(like.device.type):
         return False
@@ -70,7 +70,7 @@ def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     for block in model.text.blocks:
         if block.xaa is None or block.xma is not None or mlp_activation(block) is None:
             return False
-        if block.tsa is not None and task not in block.tsa.adapters:
+        if block.tsa is None or task not in block.tsa.adapters:
             return False
     return True
 
@@ -109,8 +109,6 @@ def fused_layer(
         a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp_activation(block), ln2.eps, TRITON
     )
     m = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
-    if block.tsa is None:
-        return a + m + x
     adapter = block.tsa.adapters[task]
     return fused_adapter(a, *adapter.params(), residual=[a, m, x], backend=TRITON, eps=adapter.ln.eps)
 
