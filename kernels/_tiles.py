@@ -116,6 +116,43 @@ def row_stats(x_ptr, rows, mask, d, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
+def layer_norm_product(
+    x_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    w_ptr,
+    rows,
+    mask,
+    cols,
+    cmask,
+    mean,
+    rstd,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``LN(x) W^T`` (no bias) for BLOCK_M rows and the outputs ``cols`` of W (n_out x d, row-major), each
+    chunk of x normalised on its way into the product (fp32 accumulator)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, d, BLOCK_K):
+        kcols = k + tl.arange(0, BLOCK_K)
+        kmask = kcols < d
+        valid = mask[:, None] & kmask[None, :]
+        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
+        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
+        w = tl.load(
+            w_ptr + cols[None, :] * d + kcols[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0
+        )
+        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def normalized_tile(x_ptr, rows, mask, cols, d, mean, rstd):
     """(x - mean) * rstd for the rows x cols tile; zero outside the valid rows and columns."""
     valid = mask[:, None] & (cols < d)[None, :]

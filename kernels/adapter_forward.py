@@ -37,7 +37,7 @@ Per-task weights: parameters carry a leading task dimension and every block hold
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import row_block, row_major_tile, row_stats
+from famevil_fast.kernels._tiles import layer_norm_product, row_block, row_major_tile, row_stats
 
 
 @triton.jit
@@ -53,42 +53,6 @@ def _residual_epilogue(u, s, bu, rows, mask, cols, d, res0_ptr, res1_ptr, res2_p
     if NUM_RES >= 3:
         out += tl.load(res2_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     return out
-
-
-@triton.jit
-def _down_normalised(
-    x_ptr,
-    lnw_ptr,
-    lnb_ptr,
-    wd_ptr,
-    rows,
-    mask,
-    rcols,
-    rmask,
-    mean,
-    rstd,
-    d,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """LN(x) Wd^T (without bd) for BLOCK_M rows, normalising each chunk of x on its way into the product."""
-    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for k in range(0, d, BLOCK_K):
-        kcols = k + tl.arange(0, BLOCK_K)
-        kmask = kcols < d
-        valid = mask[:, None] & kmask[None, :]
-        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
-        w = tl.load(
-            wd_ptr + rcols[None, :] * d + kcols[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0
-        )
-        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
-    return acc
 
 
 @triton.jit
@@ -241,7 +205,7 @@ def adapter_fwd_fused_kernel(
         h = tl.maximum((acc - mean[:, None] * v[None, :]) * rstd[:, None] + c[None, :], 0.0)
     else:
         mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
-        acc = _down_normalised(
+        acc = layer_norm_product(
             x_ptr,
             lnw_ptr + task * d,
             lnb_ptr + task * d,

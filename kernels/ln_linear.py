@@ -21,7 +21,13 @@ cross-attention adapter.
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import normalized_tile, row_block, row_major_tile, row_stats
+from famevil_fast.kernels._tiles import (
+    layer_norm_product,
+    normalized_tile,
+    row_block,
+    row_major_tile,
+    row_stats,
+)
 
 # ``ACT`` of ln_linear_fwd_kernel: the activation applied to LN(x) W^T + b
 ACTIVATIONS = {None: 0, "relu": 1, "quick_gelu": 2, "gelu": 3}
@@ -77,19 +83,24 @@ def ln_linear_fwd_kernel(
     mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
     ncols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = ncols < n_out
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, d, BLOCK_K):
-        kcols = k + tl.arange(0, BLOCK_K)
-        kmask = kcols < d
-        valid = mask[:, None] & kmask[None, :]
-        xk = tl.load(x_ptr + rows[:, None] * d + kcols[None, :], mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(lnw_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        beta = tl.load(lnb_ptr + kcols, mask=kmask, other=0.0).to(tl.float32)
-        z = tl.where(valid, (xk - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
-        w = tl.load(
-            w_ptr + ncols[None, :] * d + kcols[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0
-        )
-        acc = tl.dot(z.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    acc = layer_norm_product(
+        x_ptr,
+        lnw_ptr,
+        lnb_ptr,
+        w_ptr,
+        rows,
+        mask,
+        ncols,
+        nmask,
+        mean,
+        rstd,
+        d,
+        BLOCK_M,
+        BLOCK_K,
+        BLOCK_N,
+        DOT,
+        PRECISION,
+    )
     b = tl.load(b_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
     acc = _activation(acc + b[None, :], ACT)
     tl.store(out_ptr + pos[:, None] * n_out + ncols[None, :], acc, mask=mask[:, None] & nmask[None, :])
