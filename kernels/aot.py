@@ -37,6 +37,7 @@ from famevil_fast.kernels.contrastive import (
     contrastive_lse_kernel,
     row_dots_kernel,
 )
+from famevil_fast.kernels.decode_attention import decode_self_attention_kernel
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
     ln_linear_dx_kernel,
@@ -50,7 +51,7 @@ FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr", "v_ptr", "c_ptr"}
 FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
 FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr", "part_ptr"}
 INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr", "index_ptr"}
-FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform"}
+FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform", "scale"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
 DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
@@ -161,7 +162,7 @@ def _decoding(dtype: str) -> list[Variant]:
     """The fused decoding step's kernels (one task, no statistics), with the tiles of a step's few rows
     (``configs.small``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU (also
     with the tiles of many rows), the output projection adding the residual stream, and the two adapters
-    (cross-attention: no residual; task adapter: three)."""
+    (cross-attention: no residual; task adapter: three), and the self-attention over the cache."""
     out = []
     for few in (True, False):
         t = configs.ln_linear_tiles(2048, few)
@@ -183,6 +184,17 @@ def _decoding(dtype: str) -> list[Variant]:
     a = configs.adapter_fused_tiles(64, 4 if dtype == "fp32" else 2, True)
     fused = {"BLOCK_M": a.block_m, "BLOCK_K": a.block_k, "BLOCK_N": a.block_n, "BLOCK_R": 64, "MIXED": False}
     fused |= {"SAVE": False, "ONE_PASS": False, **_dot(dtype)}
+    att = configs.decode_attention_tiles(64)
+    out.append(
+        Variant(
+            "decode_self_attention",
+            decode_self_attention_kernel,
+            {"BLOCK_T": att.block_m, "BLOCK_D": att.block_n},
+            **_launch(att),
+            dtype=dtype,
+            has_dot=False,
+        )
+    )
     for res in (0, 3):
         name = f"adapter_fwd_fused_r64_few_rows_res{res}"
         out.append(

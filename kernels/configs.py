@@ -183,6 +183,14 @@ def epilogue_tiles(n_out: int) -> Tiles:
 
 
 @functools.cache
+def decode_attention_tiles(head_dim: int) -> Tiles:
+    """decode_self_attention_kernel: BLOCK_M cached positions per step, BLOCK_N >= the head width."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=padded(head_dim), block_k=1)
+    return Tiles(block_m=32, block_n=padded(head_dim), block_k=1, num_warps=2, num_stages=2)
+
+
+@functools.cache
 def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

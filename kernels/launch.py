@@ -21,6 +21,7 @@ from famevil_fast.kernels.adapter_forward import (
     adapter_up_residual_kernel,
     scaled_down_weights_kernel,
 )
+from famevil_fast.kernels.decode_attention import decode_self_attention_kernel
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
     ln_linear_dx_kernel,
@@ -350,6 +351,30 @@ def linear_residual(
             configs.dot_args(x.dtype),
         )
     return y
+
+
+def decode_self_attention(qkv: torch.Tensor, cache: torch.Tensor, position: int, heads: int) -> torch.Tensor:
+    """(B, width) attention output of one new token per sequence; writes its key and value at ``position``
+    of ``cache`` (B, 2, H, T, Dh). qkv: (B, 3 * width), contiguous. No autograd."""
+    batch, width = qkv.shape[0], qkv.shape[1] // 3
+    out = qkv.new_empty((batch, width))
+    if batch:
+        head_dim = width // heads
+        tiles = configs.decode_attention_tiles(head_dim)
+        decode_self_attention_kernel[(batch, heads)](
+            qkv,
+            cache,
+            out,
+            position,
+            heads,
+            width,
+            cache.shape[3],
+            head_dim**-0.5,
+            BLOCK_T=tiles.block_m,
+            BLOCK_D=tiles.block_n,
+            **tiles.launch(),
+        )
+    return out
 
 
 def _row_constant_buffers(n_tasks: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:

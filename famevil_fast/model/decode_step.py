@@ -1,4 +1,4 @@
-"""One layer of the text tower's one-token decoding step in ten kernels (the Triton backend).
+"""One layer of the text tower's one-token decoding step in nine kernels (the Triton backend).
 
 The plain step (``TextDecoder.step``) runs each sub-layer through PyTorch modules: every LayerNorm,
 projection, bias, activation and residual addition is a kernel of its own, about thirty a layer. With one
@@ -7,14 +7,14 @@ under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA
 ``a = h + Attn(LN1(h))``, is:
 
 1. LN1 and the QKV projection (``ops.decoding.layer_norm_linear_act``);
-2. the new key and value written into the layer's cache (one copy: keys and values share a tensor);
-3. attention over the cache;
-4. the output projection adding ``h`` (``ops.decoding.linear_residual``);
-5-7. the cross-attention adapter: LN and query projection, attention over the keys and values of the vision
+2. the new key and value written into the layer's cache and the attention over it
+   (``ops.decoding.cached_self_attention``);
+3. the output projection adding ``h`` (``ops.decoding.linear_residual``);
+4-6. the cross-attention adapter: LN and query projection, attention over the keys and values of the vision
      memory (computed once per image), the bottleneck adapter;
-8. LN2, the MLP's first layer and its activation;
-9. the MLP's second layer;
-10. the task adapter, which adds ``a``, the MLP output and the cross-attention output in its epilogue.
+7. LN2, the MLP's first layer and its activation;
+8. the MLP's second layer;
+9. the task adapter, which adds ``a``, the MLP output and the cross-attention output in its epilogue.
 
 The final LayerNorm and the LM head (over the caption shortlist, gathered once per decode) are one more.
 The arithmetic is the plain step's, in another order of summation: tokens match the plain decoder's except
@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from famevil_fast.model.attention import attention
 from famevil_fast.ops import cross_attention_adapter, fused_adapter
 from famevil_fast.ops._backend import select_backend
-from famevil_fast.ops.cross_attention import merge_heads, split_heads
-from famevil_fast.ops.decoding import layer_norm_linear_act, linear_residual
+from famevil_fast.ops.decoding import cached_self_attention, layer_norm_linear_act, linear_residual
 
 if TYPE_CHECKING:
     from famevil_fast.model.clip import Block
@@ -83,18 +81,15 @@ def fused_layer(
     context_kv: tuple[torch.Tensor, torch.Tensor],
     task: str,
 ) -> torch.Tensor:
-    """One block for one new token: h (B, 1, d) -> h' (B, 1, d); writes the token's key and value, one
-    copy, at ``position`` of the layer's (B, 2, H, T, Dh) cache (keys, then values)."""
+    """One block for one new token: h (B, 1, d) -> h' (B, 1, d); writes the token's key and value at
+    ``position`` of the layer's (B, 2, H, T, Dh) cache (keys, then values)."""
     attn = block.attn
     ln1, ln2, mlp = block.ln_1, block.ln_2, block.mlp
     qkv = layer_norm_linear_act(
         h, ln1.weight, ln1.bias, attn.qkv.weight, attn.qkv.bias, None, ln1.eps, TRITON
     )
-    b, width = h.shape[0], h.shape[-1]
-    cache[:, :, :, position] = qkv.view(b, 3, attn.heads, width // attn.heads)[:, 1:]
-    q = split_heads(qkv[..., :width], attn.heads)
-    o = attention(q, cache[:, 0, :, : position + 1], cache[:, 1, :, : position + 1], impl=attn.impl)
-    a = linear_residual(merge_heads(o), attn.out.weight, attn.out.bias, h, TRITON)
+    o = cached_self_attention(qkv, cache, position, attn.heads, TRITON)
+    a = linear_residual(o, attn.out.weight, attn.out.bias, h, TRITON)
     xaa = block.xaa
     x = cross_attention_adapter(
         a,

@@ -6,6 +6,8 @@ and its plain-PyTorch reference:
   MLP's first layer and its activation; the final LayerNorm and the LM head).
 * ``linear_residual(x, weight, bias, residual, backend)``: ``residual + x W^T + b`` in one kernel (the
   attention output projection adding the residual stream in its epilogue).
+* ``cached_self_attention(qkv, cache, position, heads, backend)``: the new token's key and value written into
+  the key/value cache and its attention over the cache, in one kernel.
 
 At one token per sequence every kernel of a step is far too small to fill a GPU, so a step takes as long as
 its kernels are many; these ops remove the separate LayerNorm, bias, activation and addition kernels.
@@ -114,3 +116,40 @@ def linear_residual(
     res = residual.reshape(-1, weight.shape[0]).contiguous()
     out = launch.linear_residual(rows, weight.contiguous(), bias.contiguous(), res)
     return out.view(residual.shape)
+
+
+def cached_self_attention(
+    qkv: torch.Tensor, cache: torch.Tensor, position: int, heads: int, backend: str | None = None
+) -> torch.Tensor:
+    """Self-attention of one new token per sequence: ``qkv`` (B, 1, 3d) holds its query, key and value;
+    the key and value are written at ``position`` of ``cache`` (B, 2, H, T, d / H: keys, then values; it is
+    modified) and the query attends over positions 0..position. Returns (B, 1, d), heads merged."""
+    op = "cached_self_attention"
+    if qkv.dim() != 3 or qkv.shape[1] != 1 or qkv.shape[2] % 3:
+        raise ValueError(f"{op}: qkv must be (B, 1, 3d), got {tuple(qkv.shape)}")
+    batch, width = qkv.shape[0], qkv.shape[2] // 3
+    if heads < 1 or width % heads:
+        raise ValueError(f"{op}: width {width} is not divisible into {heads} heads")
+    if cache.dim() != 5 or cache.shape[:3] != (batch, 2, heads) or cache.shape[4] != width // heads:
+        raise ValueError(
+            f"{op}: cache must be (B, 2, H, T, Dh) = ({batch}, 2, {heads}, T, {width // heads}), "
+            f"got {tuple(cache.shape)}"
+        )
+    if not 0 <= position < cache.shape[3]:
+        raise ValueError(f"{op}: position {position} is outside the cache's {cache.shape[3]} positions")
+    if not cache.is_contiguous():
+        raise ValueError(f"{op}: cache must be contiguous")
+    same_device_and_dtype(op, {"qkv": qkv, "cache": cache})
+    _check_no_grad(op, {"qkv": qkv, "cache": cache})
+    if select_backend(op, backend, BACKENDS, qkv) == "torch":
+        head_dim = width // heads
+        cache[:, :, :, position] = qkv.view(batch, 3, heads, head_dim)[:, 1:]
+        q = qkv[:, :, :width].view(batch, 1, heads, head_dim).transpose(1, 2)
+        keys, values = cache[:, 0, :, : position + 1], cache[:, 1, :, : position + 1]
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return out.transpose(1, 2).reshape(batch, 1, width)
+    from famevil_fast.kernels import launch
+
+    return launch.decode_self_attention(
+        qkv.reshape(batch, 3 * width).contiguous(), cache, position, heads
+    ).view(batch, 1, width)
