@@ -77,8 +77,8 @@ REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments 
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
 COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
 ONE_PASS_LN = [True]  # configs.ADAPTER_ONE_PASS_LN is False (a statistics pass before the down projection)
-# a decoding step's few rows (configs.small): the text tower's LN + QKV projection, 512 -> 1536, float32;
-# the choice is 16x32x64, 4 warps, 2 stages; the last candidate is the tiles of many rows
+# a decoding step's few rows (configs.has_few_rows): the text tower's LN + QKV projection, 512 -> 1536,
+# float32; the choice is 16x32x64, 4 warps, 2 stages; the last candidate is the tiles of many rows
 DECODE_ROWS = (64, 192) if CUDA else (5,)
 FEW_ROWS = [
     Tiles(16, 64, 64, 4, 2),

@@ -1,6 +1,6 @@
 """Triton device functions shared by the kernels: which rows a program owns, LayerNorm row statistics and
-normalised tiles. (Inside loops the kernels spell tile arithmetic out instead of calling these: each device
-call costs the interpreter a re-patch of triton.language.)
+normalised tiles. (Inside loops the kernels mostly spell tile arithmetic out instead of calling these: each
+device call costs the interpreter a re-patch of triton.language.)
 
 Row addressing. A token matrix has ``n_rows`` rows of width ``d`` (contiguous). Without task grouping,
 program ``pid`` owns rows ``[pid * BLOCK_M, (pid + 1) * BLOCK_M)``. With task grouping (``MIXED``), rows are
@@ -101,18 +101,24 @@ def row_stats(x_ptr, rows, mask, d, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
         xk = tl.load(
             x_ptr + rows[:, None] * d + cols[None, :], mask=mask[:, None] & cmask[None, :], other=0.0
         )
-        xk = xk.to(tl.float32)
-        n_prev = k * 1.0
-        n_k = tl.minimum(d - k, BLOCK_K) * 1.0
-        mean_k = tl.sum(xk, axis=1) / n_k
-        diff = tl.where(cmask[None, :], xk - mean_k[:, None], 0.0)
-        m2_k = tl.sum(diff * diff, axis=1)
-        total = n_prev + n_k
-        delta = mean_k - mean
-        mean += delta * (n_k / total)
-        m2 += m2_k + delta * delta * (n_prev * n_k / total)
+        mean, m2 = merge_chunk_stats(mean, m2, xk.to(tl.float32), cmask, k, d, BLOCK_K)
     rstd = tl.rsqrt(m2 / d + eps)
     return mean, rstd
+
+
+@triton.jit
+def merge_chunk_stats(mean, m2, xf, cmask, k, d, BLOCK_K: tl.constexpr):
+    """Running per-row (mean, sum of squared deviations) after the chunk ``xf`` (BLOCK_M x BLOCK_K, columns
+    [k, k + BLOCK_K) of d, ``cmask`` the valid ones), merged with Chan's formula."""
+    n_prev = k * 1.0
+    n_k = tl.minimum(d - k, BLOCK_K) * 1.0
+    mean_k = tl.sum(xf, axis=1) / n_k
+    diff = tl.where(cmask[None, :], xf - mean_k[:, None], 0.0)
+    total = n_prev + n_k
+    delta = mean_k - mean
+    mean_out = mean + delta * (n_k / total)
+    m2_out = m2 + tl.sum(diff * diff, axis=1) + delta * delta * (n_prev * n_k / total)
+    return mean_out, m2_out
 
 
 @triton.jit

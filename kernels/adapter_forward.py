@@ -37,7 +37,13 @@ Per-task weights: parameters carry a leading task dimension and every block hold
 
 import triton
 import triton.language as tl
-from famevil_fast.kernels._tiles import layer_norm_product, row_block, row_major_tile, row_stats
+from famevil_fast.kernels._tiles import (
+    layer_norm_product,
+    merge_chunk_stats,
+    row_block,
+    row_major_tile,
+    row_stats,
+)
 
 
 @triton.jit
@@ -71,8 +77,8 @@ def _down_one_pass(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(mean, rstd, x W'^T) for BLOCK_M rows in one pass over x: the statistics of each chunk (Chan's merge,
-    as ``_tiles.row_stats``) and its product with W' from the same load."""
+    """(mean, rstd, x W'^T) for BLOCK_M rows in one pass over x: the statistics of each chunk (merged as in
+    ``_tiles.row_stats``) and its product with W' from the same load."""
     mean = tl.zeros((BLOCK_M,), tl.float32)
     m2 = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
@@ -86,15 +92,7 @@ def _down_one_pass(
             ws_ptr + rcols[None, :] * d + kcols[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0
         )
         acc = tl.dot(xk.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
-        xf = xk.to(tl.float32)
-        n_prev = k * 1.0
-        n_k = tl.minimum(d - k, BLOCK_K) * 1.0
-        mean_k = tl.sum(xf, axis=1) / n_k
-        diff = tl.where(kmask[None, :], xf - mean_k[:, None], 0.0)
-        total = n_prev + n_k
-        delta = mean_k - mean
-        mean += delta * (n_k / total)
-        m2 += tl.sum(diff * diff, axis=1) + delta * delta * (n_prev * n_k / total)
+        mean, m2 = merge_chunk_stats(mean, m2, xk.to(tl.float32), kmask, k, d, BLOCK_K)
     return mean, tl.rsqrt(m2 / d + eps), acc
 
 

@@ -160,8 +160,8 @@ def _ln_linear(dtype: str, mixed: bool, n_out: int, activation: str | None) -> l
 
 def _decoding(dtype: str) -> list[Variant]:
     """The fused decoding step's kernels (one task, no statistics), with the tiles of a step's few rows
-    (``configs.small``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU (also
-    with the tiles of many rows), the output projection adding the residual stream, and the two adapters
+    (``configs.has_few_rows``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU
+    (also with the tiles of many rows), the output projection adding the residual stream, the two adapters
     (cross-attention: no residual; task adapter: three), and the self-attention over the cache."""
     out = []
     for few in (True, False):

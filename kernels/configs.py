@@ -101,7 +101,8 @@ class Tiles:
 SMALL_ROWS = 256
 
 
-def small(n_rows: int) -> bool:
+def has_few_rows(n_rows: int) -> bool:
+    """Whether a call on ``n_rows`` rows takes the tiles of few rows (``SMALL_ROWS``)."""
     return n_rows <= SMALL_ROWS
 
 
@@ -110,7 +111,8 @@ def adapter_fused_tiles(block_r: int, itemsize: int = 2, few_rows: bool = False)
     """adapter_fwd_fused_kernel: BLOCK_N and BLOCK_K are the d chunks. 16-bit activations with r <= 64 take
     128-wide chunks over three stages: on an H200 (bf16, d = 768, bench/bench_tiles.py) 1.35x the 64-wide
     two-stage kernel at 12,608 rows and 1.05x at 2^20. Wider bottlenecks and float32 keep the 64-wide
-    chunks, whose buffers fit beside the larger accumulators. ``few_rows`` (``small``): 16-row blocks."""
+    chunks, whose buffers fit beside the larger accumulators. ``few_rows`` (``has_few_rows``): 16-row
+    blocks."""
     if interpreting():
         return Tiles(block_m=128, block_n=512, block_k=512)
     if few_rows:

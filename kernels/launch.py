@@ -124,7 +124,7 @@ def ln_linear_forward_into(
     ``ln_linear.ACTIVATIONS``; statistics saved when given."""
     n_rows, d = x.shape
     n_out = w.shape[-2]
-    tiles = configs.ln_linear_tiles(n_out, configs.small(n_rows))
+    tiles = configs.ln_linear_tiles(n_out, configs.has_few_rows(n_rows))
     order, counts, n_tasks = _index_args(rows, x)
     save = mean is not None
     grid = (_row_blocks(n_rows, tiles.block_m, rows) * configs.cdiv(n_out, tiles.block_n),)
@@ -216,7 +216,7 @@ def adapter_forward(
     dot = configs.dot_args(x.dtype)
     block_r = configs.padded(r)
     if r <= configs.FUSED_MAX_R:
-        tiles = configs.adapter_fused_tiles(block_r, x.element_size(), configs.small(n_rows))
+        tiles = configs.adapter_fused_tiles(block_r, x.element_size(), configs.has_few_rows(n_rows))
         grid = (_row_blocks(n_rows, tiles.block_m, rows),)
         one_pass = configs.one_pass_layer_norm(x.dtype)
         ws, v, c = _scaled_down_weights(params, x.dtype, rows.n_tasks) if one_pass else (x, y, y)
@@ -306,7 +306,7 @@ def _up_residual(
     n_rows, r = h.shape
     d = y.shape[-1]
     order, counts, n_tasks = _index_args(rows, y)
-    tiles = configs.up_residual_tiles(configs.small(n_rows))
+    tiles = configs.up_residual_tiles(configs.has_few_rows(n_rows))
     grid = (_row_blocks(n_rows, tiles.block_m, rows) * configs.cdiv(d, tiles.block_n),)
     adapter_up_residual_kernel[grid](
         h,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from famevil_fast.model.clip import QuickGELU
 from famevil_fast.ops import cross_attention_adapter, fused_adapter
 from famevil_fast.ops._backend import select_backend
 from famevil_fast.ops.decoding import cached_self_attention, layer_norm_linear_act, linear_residual
@@ -42,8 +43,6 @@ TRITON = "triton"
 
 def mlp_activation(block: Block) -> str | None:
     """The MLP activation's name for ``layer_norm_linear_act``, or None when it has no fused form."""
-    from famevil_fast.model.clip import QuickGELU
-
     act = block.mlp.act
     if isinstance(act, QuickGELU):
         return "quick_gelu"
@@ -80,9 +79,11 @@ def fused_layer(
     position: int,
     context_kv: tuple[torch.Tensor, torch.Tensor],
     task: str,
+    activation: str,
 ) -> torch.Tensor:
     """One block for one new token: h (B, 1, d) -> h' (B, 1, d); writes the token's key and value at
-    ``position`` of the layer's (B, 2, H, T, Dh) cache (keys, then values)."""
+    ``position`` of the layer's (B, 2, H, T, Dh) cache (keys, then values). ``activation``: the block's
+    ``mlp_activation``, resolved once per decode."""
     attn = block.attn
     ln1, ln2, mlp = block.ln_1, block.ln_2, block.mlp
     qkv = layer_norm_linear_act(
@@ -101,7 +102,7 @@ def fused_layer(
         eps=xaa.ln_q.eps,
     )
     hidden = layer_norm_linear_act(
-        a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp_activation(block), ln2.eps, TRITON
+        a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, activation, ln2.eps, TRITON
     )
     m = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
     adapter = block.tsa.adapters[task]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from famevil_fast.model.attention import attention
-from famevil_fast.model.decode_step import FusedHead, fused_layer, fused_step_applies
+from famevil_fast.model.decode_step import FusedHead, fused_layer, fused_step_applies, mlp_activation
 from famevil_fast.ops.cross_attention import merge_heads
 
 if TYPE_CHECKING:
@@ -43,14 +43,17 @@ class TextDecoder:
         self.length = 0
         self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
         self.head = FusedHead(model, task) if self.fused else None
+        self.activations = [mlp_activation(block) for block in self.blocks] if self.fused else []
+        if None in self.activations:
+            raise ValueError("fused decoding needs a QuickGELU or GELU MLP in every text block")
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,); returns next-token logits (B, V)."""
         text, t = self.model.text, self.length
         h = text.token_embed(tokens[:, None]) + text.pos_embed[t]
-        for block, cache, context_kv in zip(self.blocks, self.caches, self.context_kv):
+        for i, (block, cache, context_kv) in enumerate(zip(self.blocks, self.caches, self.context_kv)):
             if self.fused:
-                h = fused_layer(block, h, cache, t, context_kv, self.task)
+                h = fused_layer(block, h, cache, t, context_kv, self.task, self.activations[i])
                 continue
             q, k, v = block.attn.project(block.ln_1(h))
             cache[:, 0, :, t] = k[:, :, 0]

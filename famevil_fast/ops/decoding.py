@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.ops._backend import same_device_and_dtype, select_backend
+from famevil_fast.ops.cross_attention import merge_heads, split_heads
 
 BACKENDS = ("torch", "triton")
 ACTIVATIONS = (None, "relu", "quick_gelu", "gelu")
@@ -142,12 +143,9 @@ def cached_self_attention(
     same_device_and_dtype(op, {"qkv": qkv, "cache": cache})
     _check_no_grad(op, {"qkv": qkv, "cache": cache})
     if select_backend(op, backend, BACKENDS, qkv) == "torch":
-        head_dim = width // heads
-        cache[:, :, :, position] = qkv.view(batch, 3, heads, head_dim)[:, 1:]
-        q = qkv[:, :, :width].view(batch, 1, heads, head_dim).transpose(1, 2)
+        cache[:, :, :, position] = qkv.view(batch, 3, heads, width // heads)[:, 1:]
         keys, values = cache[:, 0, :, : position + 1], cache[:, 1, :, : position + 1]
-        out = F.scaled_dot_product_attention(q, keys, values)
-        return out.transpose(1, 2).reshape(batch, 1, width)
+        return merge_heads(F.scaled_dot_product_attention(split_heads(qkv[..., :width], heads), keys, values))
     from famevil_fast.kernels import launch
 
     return launch.decode_self_attention(
