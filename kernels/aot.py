@@ -38,6 +38,7 @@ from famevil_fast.kernels.contrastive import (
     row_dots_kernel,
 )
 from famevil_fast.kernels.decode_attention import decode_self_attention_kernel
+from famevil_fast.kernels.decode_greedy import greedy_pick_kernel
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
     ln_linear_dx_kernel,
@@ -49,8 +50,10 @@ from famevil_fast.kernels.weight_grads import weight_grad_epilogue_kernel, weigh
 FP32_POINTERS = {"mean_ptr", "rstd_ptr", "v1_ptr", "cb_ptr", "m_part_ptr", "csp_part_ptr", "g_part_ptr"}
 FP32_POINTERS |= {"cs_part_ptr", "ds_part_ptr", "v_ptr", "c_ptr"}
 FP32_POINTERS |= {"scale_ptr", "lse_ptr", "col_part_ptr", "lse_x_ptr", "g_x_ptr", "lse_y_ptr", "g_y_ptr"}
-FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr", "part_ptr"}
+FP32_POINTERS |= {"row_share_ptr", "col_share_ptr", "dots_ptr", "part_ptr", "logits_ptr"}
 INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr", "index_ptr"}
+INT64_POINTERS = {"shortlist_ptr", "tokens_ptr"}
+BOOL_POINTERS = {"done_ptr"}
 FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform", "scale"}
 ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
 DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
@@ -87,6 +90,10 @@ class Variant:
                 sig[name] = "*fp32"
             elif name in INT32_POINTERS:
                 sig[name] = "*i32"
+            elif name in INT64_POINTERS:
+                sig[name] = "*i64"
+            elif name in BOOL_POINTERS:
+                sig[name] = "*i1"
             elif name.endswith("_ptr"):
                 sig[name] = f"*{self.dtype}"
             elif name in FLOAT_SCALARS:
@@ -162,7 +169,8 @@ def _decoding(dtype: str) -> list[Variant]:
     """The fused decoding step's kernels (one task, no statistics), with the tiles of a step's few rows
     (``configs.has_few_rows``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU
     (also with the tiles of many rows), the output projection adding the residual stream, the two adapters
-    (cross-attention: no residual; task adapter: three), and the self-attention over the cache."""
+    (cross-attention: no residual; task adapter: three), the self-attention over the cache, and the greedy
+    choice with the next input embedding (with and without a caption shortlist)."""
     out = []
     for few in (True, False):
         t = configs.ln_linear_tiles(2048, few)
@@ -195,6 +203,18 @@ def _decoding(dtype: str) -> list[Variant]:
             has_dot=False,
         )
     )
+    pick = configs.greedy_pick_tiles(512)
+    for shortlist in (False, True):
+        out.append(
+            Variant(
+                f"greedy_pick{'_shortlist' if shortlist else ''}",
+                greedy_pick_kernel,
+                {"BLOCK_V": pick.block_m, "BLOCK_W": pick.block_n, "SHORTLIST": shortlist, "EMBED": True},
+                **_launch(pick),
+                dtype=dtype,
+                has_dot=False,
+            )
+        )
     for res in (0, 3):
         name = f"adapter_fwd_fused_r64_few_rows_res{res}"
         out.append(

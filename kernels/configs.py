@@ -193,6 +193,14 @@ def decode_attention_tiles(head_dim: int) -> Tiles:
 
 
 @functools.cache
+def greedy_pick_tiles(width: int) -> Tiles:
+    """greedy_pick_kernel: BLOCK_M logits a chunk of the argmax walk, BLOCK_N embedding columns a chunk."""
+    if interpreting():
+        return Tiles(block_m=4096, block_n=padded(min(width, 1024)), block_k=1)
+    return Tiles(block_m=1024, block_n=padded(min(width, 1024)), block_k=1, num_warps=4, num_stages=1)
+
+
+@functools.cache
 def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

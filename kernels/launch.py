@@ -22,6 +22,7 @@ from famevil_fast.kernels.adapter_forward import (
     scaled_down_weights_kernel,
 )
 from famevil_fast.kernels.decode_attention import decode_self_attention_kernel
+from famevil_fast.kernels.decode_greedy import greedy_pick_kernel
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
     ln_linear_dx_kernel,
@@ -375,6 +376,51 @@ def decode_self_attention(qkv: torch.Tensor, cache: torch.Tensor, position: int,
             **tiles.launch(),
         )
     return out
+
+
+def greedy_pick(
+    logits: torch.Tensor,
+    shortlist: torch.Tensor | None,
+    tokens: torch.Tensor,
+    done: torch.Tensor,
+    column: int,
+    end_token: int,
+    embedding: tuple[torch.Tensor, torch.Tensor, int] | None,
+) -> torch.Tensor | None:
+    """Writes each row's greedy token at ``column`` of ``tokens`` (B, W) and updates ``done`` (B,); with
+    ``embedding = (token_embed (V, width), pos_embed (T, width), position)`` returns the next step's input
+    (B, width). All contiguous. No autograd."""
+    batch, n_logits = logits.shape
+    embedded = None
+    if embedding is not None:
+        token_embed, pos_embed, position = embedding
+        embedded = token_embed.new_empty((batch, token_embed.shape[1]))
+    if batch == 0:
+        return embedded
+    width = 1 if embedding is None else token_embed.shape[1]
+    tiles = configs.greedy_pick_tiles(width)
+    unused = logits if embedding is None else None
+    greedy_pick_kernel[(batch,)](
+        logits,
+        tokens if shortlist is None else shortlist,
+        tokens,
+        done,
+        unused if embedded is None else token_embed,
+        unused if embedded is None else pos_embed,
+        unused if embedded is None else embedded,
+        n_logits,
+        column,
+        tokens.shape[1],
+        width,
+        0 if embedding is None else position,
+        end_token,
+        BLOCK_V=tiles.block_m,
+        BLOCK_W=tiles.block_n,
+        SHORTLIST=shortlist is not None,
+        EMBED=embedding is not None,
+        **tiles.launch(),
+    )
+    return embedded
 
 
 def _row_constant_buffers(n_tasks: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:

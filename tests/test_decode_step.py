@@ -15,8 +15,20 @@ from helpers import AtenLog, RecordLaunch, perturb_
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.decode_step import fused_step_applies
-from famevil_fast.model.generation import SOT_ID, TextDecoder, generate, generate_by_reencoding
-from famevil_fast.ops.decoding import cached_self_attention, layer_norm_linear_act, linear_residual
+from famevil_fast.model.generation import (
+    EOT_ID,
+    SOT_ID,
+    TextDecoder,
+    generate,
+    generate_by_reencoding,
+    greedy_decode,
+)
+from famevil_fast.ops.decoding import (
+    cached_self_attention,
+    greedy_pick,
+    layer_norm_linear_act,
+    linear_residual,
+)
 
 pytest.importorskip("triton")
 
@@ -108,6 +120,85 @@ def test_bad_arguments_raise_value_error() -> None:
         )
 
 
+def _pick_logits(batch: int, n_logits: int) -> torch.Tensor:
+    """Random logits with the rows argmax must resolve by its rules: all -inf, a tie between the first
+    and a later index, and NaNs (the first NaN wins)."""
+    logits = torch.randn(batch, n_logits)
+    if batch >= 4 and n_logits >= 3:
+        logits[1] = float("-inf")
+        logits[2, [1, n_logits - 1]] = 50.0
+        logits[3, [n_logits - 1, 2]] = float("nan")
+    return logits
+
+
+@pytest.mark.parametrize("embed_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shortlist", [False, True])
+@pytest.mark.parametrize(("batch", "n_logits"), [(1, 1), (5, 4099), (6, 37), (0, 9)])
+def test_greedy_pick_matches_reference(
+    batch: int, n_logits: int, shortlist: bool, embed_dtype: torch.dtype
+) -> None:
+    """The token written, the finished flags and the next input, against the PyTorch bookkeeping; finished
+    rows keep the end token; every other column of the output is left alone."""
+    torch.manual_seed(batch + n_logits)
+    vocab, width, positions = 5000, 40, 9
+    end = vocab - 1
+    logits = _pick_logits(batch, n_logits)
+    ids = torch.randint(0, vocab, (n_logits,)) if shortlist else None
+    tables = (torch.randn(vocab, width).to(embed_dtype), torch.randn(positions, width).to(embed_dtype))
+    tokens = torch.randint(0, vocab, (batch, 5))
+    done = torch.rand(batch) < 0.3
+    for embedding in (None, (*tables, positions - 1)):
+        results = []
+        for backend in ("torch", "triton"):
+            out, flags = tokens.clone(), done.clone()
+            nxt = greedy_pick(logits, out, flags, 3, end, ids, embedding, backend=backend)
+            results.append((out, flags, nxt))
+        (want_out, want_done, want_next), (out, flags, nxt) = results
+        assert torch.equal(out, want_out) and torch.equal(flags, want_done)
+        assert torch.equal(out[:, [0, 1, 2, 4]], tokens[:, [0, 1, 2, 4]])
+        assert (out[done, 3] == end).all()
+        if embedding is None:
+            assert nxt is None and want_next is None
+        elif embed_dtype == torch.float32:
+            assert nxt.dtype == embed_dtype and torch.equal(nxt, want_next)
+        else:  # the interpreter rounds float32 to bf16 towards zero, PyTorch to nearest: one ulp apart
+            assert nxt.dtype == embed_dtype
+            torch.testing.assert_close(nxt.float(), want_next.float(), rtol=2**-7, atol=0)
+
+
+def test_greedy_pick_rejects_bad_input() -> None:
+    logits, tokens, done = torch.randn(2, 6), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=bool)
+    tables = (torch.randn(EOT_ID + 1, 8), torch.randn(5, 8))
+    cases = [
+        ((torch.randn(2, 0), tokens, done, 1, EOT_ID), {}, "V >= 1"),
+        ((logits, tokens.int(), done, 1, EOT_ID), {}, "tokens must be int64"),
+        ((logits, tokens, done, 4, EOT_ID), {}, "column 4 is outside"),
+        ((logits, tokens, done.int(), 1, EOT_ID), {}, "done must be bool"),
+        ((logits, tokens, done, 1, EOT_ID), {"shortlist": torch.arange(5)}, "one token id per logit"),
+        (
+            (logits, tokens, done, 1, EOT_ID),
+            {"shortlist": torch.arange(6) + EOT_ID - 2, "embedding": (*tables, 1)},
+            r"shortlist ids lie in \[49405, 49410\]",
+        ),
+        ((logits, tokens, done, 1, EOT_ID), {"embedding": (*tables, 5)}, "position 5 is outside"),
+        ((logits, tokens, done, 1, EOT_ID), {"embedding": (tables[0], torch.randn(5, 7), 1)}, "disagree"),
+        ((logits, tokens, done, 1, EOT_ID), {"embedding": (tables[0], tables[1].double(), 1)}, "dtype"),
+        (
+            (logits, tokens, done, 1, 3),
+            {"embedding": (torch.randn(4, 8), tables[1], 1)},
+            "6 logits but only 4 token embeddings",
+        ),
+        ((logits, tokens, done, 1, -1), {"embedding": (*tables, 1)}, "end token -1 is outside"),
+        ((logits, tokens.t(), done, 1, EOT_ID), {}, "B = 2"),
+        ((logits, tokens[:, ::2], done, 1, EOT_ID), {}, "must be contiguous"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            greedy_pick(*args, backend="triton", **kwargs)
+    with pytest.raises(ValueError, match="inference-only"):
+        greedy_pick(logits, tokens, done, 1, EOT_ID, embedding=(tables[0].requires_grad_(), tables[1], 1))
+
+
 @pytest.fixture(scope="module")
 def model() -> FameViL:
     torch.manual_seed(0)
@@ -170,6 +261,20 @@ def test_fused_decoding_gives_the_tokens_of_reencoding(model, options: dict) -> 
     capture on the CPU: no read-back, no host-made tensor inside the step)."""
     tokens, reference = fused_tokens_and_reference(model, torch.randn(2, 3, 32, 32), **options)
     assert torch.equal(tokens, reference)
+
+
+@pytest.mark.parametrize("options", [{"no_repeat_ngram": 2}, {"no_repeat_ngram": 2, "cuda_graph": True}])
+def test_fused_greedy_decoding_with_a_shortlist_gives_the_tokens_of_reencoding(options: dict) -> None:
+    """The one-kernel greedy choice maps shortlist indices back to token ids and sees the n-gram bans."""
+    torch.manual_seed(2)
+    config = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")
+    config = config.replace(caption_vocab=(5, 17, 260, 1000, 2000, 3000, 49406, 49407))
+    m = perturb_(FameViL(config), std=0.5).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    reference = generate_by_reencoding(m, pixels, max_len=6, no_repeat_ngram=2)
+    tokens, _ = fused_tokens_and_reference(m, pixels, **options)
+    assert torch.equal(tokens, reference)
+    assert len(set(tokens[:, 1:].flatten().tolist())) > 2  # the choice varies: not a constant caption
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -239,3 +344,29 @@ def test_a_fused_step_launches_nine_kernels_a_layer(model, monkeypatch: pytest.M
     compute = collections.Counter(op for op in log.ops if op not in VIEWS | ALLOCATIONS)
     attention_op = next(op for op in compute if "scaled_dot_product" in op)
     assert compute == {"embedding": 1, "add": 1, attention_op: layers, "addmm": layers}
+
+
+def test_a_fused_greedy_step_chooses_in_one_kernel(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy decoding with the fused step: one more step adds the layers' kernels, the head, and one kernel
+    for the argmax, the output column, the finished flags and the next input embedding; of PyTorch ops
+    only the cross-attention and fc2 of each layer. (The launches are recorded, not run.)"""
+    from famevil_fast.kernels import launch
+
+    layers = len(model.text.blocks)
+    memory = model.vision_memory(torch.randn(2, 3, 32, 32), "cap")
+    launches = RecordLaunch.patch(monkeypatch, launch)
+    counts = {}
+    for steps in (2, 3):
+        launches.clear()
+        with torch.no_grad(), AtenLog() as log:
+            decoder = TextDecoder(model, memory, steps + 1, fused=True)
+            greedy_decode(decoder, 2, steps, torch.device("cpu"), model, stop_early=False)
+        compute = collections.Counter(op for op in log.ops if op not in VIEWS | ALLOCATIONS)
+        counts[steps] = (list(launches), compute)
+    (launches_2, compute_2), (launches_3, compute_3) = counts[2], counts[3]
+    per_step = launches_3[len(launches_2) :]
+    assert launches_3[: len(launches_2)] == launches_2 and launches_2 == per_step * 2
+    assert per_step[-2:] == ["ln_linear_fwd_kernel", "greedy_pick_kernel"] and len(per_step) == 7 * layers + 2
+    attention_op = next(op for op in compute_3 if "scaled_dot_product" in op)
+    assert compute_3 - compute_2 == collections.Counter({attention_op: layers, "addmm": layers})
+    assert not compute_2 - compute_3

@@ -16,7 +16,8 @@ under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA
 8. the MLP's second layer;
 9. the task adapter, which adds ``a``, the MLP output and the cross-attention output in its epilogue.
 
-The final LayerNorm and the LM head (over the caption shortlist, gathered once per decode) are one more.
+The final LayerNorm and the LM head (over the caption shortlist, gathered once per decode) are one more,
+and greedy decoding's choice of the token with the next step's input embedding one more (``FusedPick``).
 The arithmetic is the plain step's, in another order of summation: tokens match the plain decoder's except
 where two logits tie to within rounding.
 """
@@ -32,7 +33,12 @@ from torch import nn
 from famevil_fast.model.clip import QuickGELU
 from famevil_fast.ops import cross_attention_adapter, fused_adapter
 from famevil_fast.ops._backend import select_backend
-from famevil_fast.ops.decoding import cached_self_attention, layer_norm_linear_act, linear_residual
+from famevil_fast.ops.decoding import (
+    cached_self_attention,
+    greedy_pick,
+    layer_norm_linear_act,
+    linear_residual,
+)
 
 if TYPE_CHECKING:
     from famevil_fast.model.clip import Block
@@ -121,3 +127,45 @@ class FusedHead:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         ln = self.ln
         return layer_norm_linear_act(h, ln.weight, ln.bias, self.weight, self.bias, None, ln.eps, TRITON)
+
+
+class FusedPick:
+    """A greedy step's bookkeeping and the next step's input embedding as one kernel
+    (``ops.decoding.greedy_pick``): the argmax over the logits (a caption shortlist mapped back to token
+    ids), the end token kept on finished sequences, the output column and the finished flags written, and
+    ``token_embed[token] + pos_embed[position]`` for the next step. The shortlist's ids are checked against
+    the embedding table once, at the first call."""
+
+    def __init__(self, model: FameViL, end_token: int) -> None:
+        text = model.text
+        self.shortlist = model.caption_vocab
+        self.tables = (text.token_embed.weight, text.pos_embed)
+        self.end_token = end_token
+        self.checked = False
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        done: torch.Tensor,
+        column: int,
+        next_position: int | None,
+    ) -> torch.Tensor | None:
+        """Writes ``tokens[:, column]`` and updates ``done``; returns the (B, 1, width) input of the step at
+        ``next_position``, or None when there is no next step."""
+        embedding = None if next_position is None else (*self.tables, next_position)
+        h = greedy_pick(
+            logits,
+            tokens,
+            done,
+            column,
+            self.end_token,
+            self.shortlist,
+            embedding,
+            backend=TRITON,
+            check_values=not self.checked,
+        )
+        if h is None:
+            return None
+        self.checked = True
+        return h[:, None]

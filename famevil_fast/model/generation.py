@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from famevil_fast.model.attention import attention
-from famevil_fast.model.decode_step import FusedHead, fused_layer, fused_step_applies, mlp_activation
+from famevil_fast.model.decode_step import (
+    FusedHead,
+    FusedPick,
+    fused_layer,
+    fused_step_applies,
+    mlp_activation,
+)
 from famevil_fast.ops.cross_attention import merge_heads
 
 if TYPE_CHECKING:
@@ -43,14 +49,20 @@ class TextDecoder:
         self.length = 0
         self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
         self.head = FusedHead(model, task) if self.fused else None
+        self.pick = FusedPick(model, EOT_ID) if self.fused else None  # greedy bookkeeping as one kernel
         self.activations = [mlp_activation(block) for block in self.blocks] if self.fused else []
         if None in self.activations:
             raise ValueError("fused decoding needs a QuickGELU or GELU MLP in every text block")
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,); returns next-token logits (B, V)."""
+        text = self.model.text
+        return self.step_embedded(text.token_embed(tokens[:, None]) + text.pos_embed[self.length])
+
+    def step_embedded(self, h: torch.Tensor) -> torch.Tensor:
+        """Feed one input embedding per sequence (B, 1, width), position embedding included; returns
+        next-token logits (B, V)."""
         text, t = self.model.text, self.length
-        h = text.token_embed(tokens[:, None]) + text.pos_embed[t]
         for i, (block, cache, context_kv) in enumerate(zip(self.blocks, self.caches, self.context_kv)):
             if self.fused:
                 h = fused_layer(block, h, cache, t, context_kv, self.task, self.activations[i])
@@ -167,13 +179,18 @@ def greedy_decode(
     out = torch.full((batch, steps + 1), EOT_ID, dtype=torch.long, device=device)
     out[:, 0] = SOT_ID
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    token = out[:, 0]
+    pick = getattr(decoder, "pick", None)  # the fused decoder's one-kernel choice and next input
+    token, embedded = out[:, 0], None
     for t in range(steps):
-        logits = ban(decoder.step(token), out[:, : t + 1], no_repeat_ngram, model)
-        token = model.caption_tokens(logits.argmax(dim=-1))
-        token = torch.where(done, torch.full_like(token, EOT_ID), token)
-        out[:, t + 1] = token
-        done |= token == EOT_ID
+        logits = decoder.step(token) if embedded is None else decoder.step_embedded(embedded)
+        logits = ban(logits, out[:, : t + 1], no_repeat_ngram, model)
+        if pick is not None:
+            embedded = pick(logits, out, done, t + 1, decoder.length if t + 1 < steps else None)
+        else:
+            token = model.caption_tokens(logits.argmax(dim=-1))
+            token = torch.where(done, torch.full_like(token, EOT_ID), token)
+            out[:, t + 1] = token
+            done |= token == EOT_ID
         if stop_early and bool(done.all()):
             return out[:, : t + 2]
     return out

@@ -8,6 +8,9 @@ and its plain-PyTorch reference:
   attention output projection adding the residual stream in its epilogue).
 * ``cached_self_attention(qkv, cache, position, heads, backend)``: the new token's key and value written into
   the key/value cache and its attention over the cache, in one kernel.
+* ``greedy_pick(logits, tokens, done, column, end_token, ...)``: a greedy step's bookkeeping (argmax,
+  shortlist lookup, end token of finished sequences, output write, finished flags) and the next step's
+  input embedding, in one kernel.
 
 At one token per sequence every kernel of a step is far too small to fill a GPU, so a step takes as long as
 its kernels are many; these ops remove the separate LayerNorm, bias, activation and addition kernels.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from famevil_fast.capture import host_reads_allowed
 from famevil_fast.ops._backend import same_device_and_dtype, select_backend
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
 
@@ -151,3 +155,112 @@ def cached_self_attention(
     return launch.decode_self_attention(
         qkv.reshape(batch, 3 * width).contiguous(), cache, position, heads
     ).view(batch, 1, width)
+
+
+def _check_pick_args(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    done: torch.Tensor,
+    column: int,
+    shortlist: torch.Tensor | None,
+) -> None:
+    op = "greedy_pick"
+    if logits.dim() != 2 or logits.shape[1] == 0 or not logits.is_floating_point():
+        raise ValueError(
+            f"{op}: logits must be a floating (B, V) tensor with V >= 1, got "
+            f"{tuple(logits.shape)} {logits.dtype}"
+        )
+    batch = logits.shape[0]
+    if tokens.dtype != torch.int64 or tokens.dim() != 2 or tokens.shape[0] != batch:
+        raise ValueError(
+            f"{op}: tokens must be int64 (B, W) with B = {batch}, got {tuple(tokens.shape)} {tokens.dtype}"
+        )
+    if not 0 <= column < tokens.shape[1]:
+        raise ValueError(f"{op}: column {column} is outside the {tokens.shape[1]} columns of tokens")
+    if done.dtype != torch.bool or done.shape != (batch,):
+        raise ValueError(f"{op}: done must be bool ({batch},), got {tuple(done.shape)} {done.dtype}")
+    if shortlist is not None and (shortlist.dtype != torch.int64 or shortlist.shape != (logits.shape[1],)):
+        raise ValueError(
+            f"{op}: shortlist must be int64 ({logits.shape[1]},): one token id per logit, got "
+            f"{tuple(shortlist.shape)} {shortlist.dtype}"
+        )
+    for name, t in (("tokens", tokens), ("done", done)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (it is written in place)")
+    named = {"logits": logits, "tokens": tokens, "done": done, "shortlist": shortlist}
+    for name, t in named.items():
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but logits is on {logits.device}")
+
+
+def _check_embedding(
+    token_embed: torch.Tensor,
+    pos_embed: torch.Tensor,
+    position: int,
+    end_token: int,
+    like: torch.Tensor,
+    shortlist: torch.Tensor | None,
+    check_values: bool,
+) -> None:
+    op = "greedy_pick"
+    if token_embed.dim() != 2 or pos_embed.dim() != 2 or token_embed.shape[1] != pos_embed.shape[1]:
+        raise ValueError(
+            f"{op}: token_embed (V, width) and pos_embed (T, width) disagree: "
+            f"{tuple(token_embed.shape)} and {tuple(pos_embed.shape)}"
+        )
+    if not 0 <= position < pos_embed.shape[0]:
+        raise ValueError(f"{op}: position {position} is outside the {pos_embed.shape[0]} positions")
+    same_device_and_dtype(op, {"token_embed": token_embed, "pos_embed": pos_embed})
+    if token_embed.device != like.device:
+        raise ValueError(f"{op}: token_embed is on {token_embed.device} but logits is on {like.device}")
+    _check_no_grad(op, {"token_embed": token_embed, "pos_embed": pos_embed})
+    vocab = token_embed.shape[0]
+    if not 0 <= end_token < vocab:
+        raise ValueError(f"{op}: end token {end_token} is outside the {vocab} token embeddings")
+    if shortlist is None:
+        if like.shape[1] > vocab:
+            raise ValueError(f"{op}: {like.shape[1]} logits but only {vocab} token embeddings")
+    elif check_values and shortlist.numel() and host_reads_allowed():
+        low, high = int(shortlist.min()), int(shortlist.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"{op}: shortlist ids lie in [{low}, {high}], outside the {vocab} embeddings")
+
+
+def greedy_pick(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    done: torch.Tensor,
+    column: int,
+    end_token: int,
+    shortlist: torch.Tensor | None = None,
+    embedding: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    backend: str | None = None,
+    check_values: bool = True,
+) -> torch.Tensor | None:
+    """One greedy decoding step's choice, in place: ``tokens[:, column]`` (int64, (B, W)) receives each
+    row's token, the id of its largest logit (``shortlist[index]`` when the logits cover a shortlist;
+    ties and NaNs resolve as ``torch.argmax``), or ``end_token`` where ``done`` (bool, (B,)) is set; then
+    ``done |= token == end_token``. With ``embedding = (token_embed (V, width), pos_embed (T, width),
+    position)`` it returns the next step's input ``token_embed[token] + pos_embed[position]`` (B, width),
+    else None. ``check_values=False`` skips the range check of the shortlist's ids (a read-back), for
+    callers that made it once."""
+    _check_pick_args(logits, tokens, done, column, shortlist)
+    if embedding is not None:
+        _check_embedding(*embedding, end_token, logits, shortlist, check_values)
+    if select_backend("greedy_pick", backend, BACKENDS, logits) == "torch":
+        index = logits.argmax(dim=-1)
+        token = index if shortlist is None else shortlist[index]
+        token = torch.where(done, torch.full_like(token, end_token), token)
+        tokens[:, column] = token
+        done |= token == end_token
+        if embedding is None:
+            return None
+        token_embed, pos_embed, position = embedding
+        return token_embed[token] + pos_embed[position]
+    from famevil_fast.kernels import launch
+
+    if embedding is not None:
+        token_embed, pos_embed, position = embedding
+        embedding = (token_embed.contiguous(), pos_embed.contiguous(), position)
+    shortlist = None if shortlist is None else shortlist.contiguous()
+    return launch.greedy_pick(logits.contiguous(), shortlist, tokens, done, column, end_token, embedding)
