@@ -86,6 +86,11 @@ FEW_ROWS = [
     Tiles(16, 32, 128, 2, 2),
     Tiles(64, 128, 64, 4, 3),
 ]
+# the decoding step's task adapter with the MLP's second layer (d = 512, r = 64, fc2 from 2048, float32):
+# its columns spread over programs (configs.adapter_columns_tiles is 16x32x64, 4 warps, 2 stages), or, with
+# ADAPTER_FEW_ROWS_COLUMNS off, the fused kernel after a separate fc2 product
+DECODE_ADAPTER = [Tiles(16, 64, 64, 4, 2), Tiles(16, 16, 64, 2, 2), Tiles(32, 32, 64, 4, 2)]
+FEW_ROWS_COLUMNS = [False]
 GRAD_BLOCK_BYTES = [512 * 2**20]  # configs.CONTRASTIVE_GRAD_CHUNK_BYTES is 256 MiB (two blocks at 16,384)
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
@@ -99,6 +104,7 @@ LOSS_GRAD = [  # configs.contrastive_loss_grad_tiles: 128x128x64, 8 warps (4 war
 if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
     FEW_ROWS = [Tiles(16, 32, 32)]
+    DECODE_ADAPTER = [Tiles(16, 16, 32)]
     SPLIT_LN_DOWN, SPLIT_UP, SPLIT_DP, SPLIT_DX = ([Tiles(16, 32, 32)] for _ in range(4))
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     LOSS_GRAD = [Tiles(16, 16, 16)]
@@ -192,6 +198,30 @@ def decode_projection_op(rows: int):
     return lambda: launch.ln_linear_forward(x, lnw, lnb, w, b, False, 1e-5)[:1]
 
 
+def decode_adapter_op(rows: int):
+    """The decoding step's task adapter adding fc2 and two residual terms, float32 (as identical-token
+    decoding runs)."""
+    width, hidden_width, r = (512, 2048, 64) if CUDA else (40, 72, 8)
+    g = torch.Generator(device="cpu").manual_seed(rows)
+
+    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=g)).to(DEVICE)
+
+    x, hidden = rand(rows, width), rand(rows, hidden_width)
+    params = (
+        1 + rand(width, s=0.1),
+        rand(width, s=0.1),
+        rand(r, width, s=width**-0.5),
+        rand(r, s=0.1),
+        rand(width, r, s=r**-0.5),
+        rand(width, s=0.1),
+        1 + rand(1, s=0.1),
+    )
+    linear = (hidden, rand(width, hidden_width, s=hidden_width**-0.5), rand(width, s=0.1))
+    residuals = [x, rand(rows, width)]
+    return lambda: launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, False, 1e-5, linear)[:1]
+
+
 def split_forward_op(rows: int):
     return adapter_forward_op(rows, SPLIT_BOTTLENECK)
 
@@ -258,6 +288,20 @@ FAMILIES = [
         ADAPTER_ROWS,
     ),
     Family("decoding: LN + QKV, few rows", "ln_linear_tiles", FEW_ROWS, decode_projection_op, DECODE_ROWS),
+    Family(
+        "decoding: adapter + fc2, few rows",
+        "adapter_columns_tiles",
+        DECODE_ADAPTER,
+        decode_adapter_op,
+        DECODE_ROWS,
+    ),
+    Family(
+        "decoding: adapter, fused kernel",
+        "ADAPTER_FEW_ROWS_COLUMNS",
+        FEW_ROWS_COLUMNS,
+        decode_adapter_op,
+        DECODE_ROWS,
+    ),
     Family("split forward: LN + down", "ln_linear_tiles", SPLIT_LN_DOWN, split_forward_op, SPLIT_ROWS),
     Family("split forward: up", "up_residual_tiles", SPLIT_UP, split_forward_op, SPLIT_ROWS),
     Family("split backward: dp", "dp_tiles", SPLIT_DP, split_backward_op, SPLIT_ROWS),

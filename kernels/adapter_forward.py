@@ -31,6 +31,13 @@ hold up the product. The subtraction ``x W'^T - mean * v`` is exact up to the pr
 accumulation, because v sums the very values the product multiplies; it runs for 16-bit activations, and for
 float32 when TF32 is off (TF32 would round x itself, and with it the mean that the subtraction removes).
 
+Few rows (a decoding step: one token per sequence), one task: ``adapter_fwd_columns_kernel`` spreads the
+columns of y over programs. The fused kernel would run one program per 16 rows, so a step's few dozen rows
+would stream both projections through a single multiprocessor, one dependent load after another. Here each
+program recomputes its rows' bottleneck (the down projection is r / d of the work) and writes one column
+tile. It can also add a linear branch ``a W^T + b`` (the MLP's second layer) in its epilogue, which saves
+that layer's own launch.
+
 Per-task weights: parameters carry a leading task dimension and every block holds rows of one task (see
 ``_tiles``); with a single task the offsets are zero.
 """
@@ -288,4 +295,89 @@ def adapter_up_residual_kernel(
     s = tl.load(s_ptr).to(tl.float32)
     bu = tl.load(bu_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
     out = _residual_epilogue(acc, s, bu, rows, mask, ncols, d, res0_ptr, res1_ptr, res2_ptr, NUM_RES)
+    tl.store(y_ptr + rows[:, None] * d + ncols[None, :], out, mask=mask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def adapter_fwd_columns_kernel(
+    x_ptr,
+    y_ptr,
+    h_ptr,
+    mean_ptr,
+    rstd_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    wd_ptr,
+    bd_ptr,
+    wu_ptr,
+    bu_ptr,
+    s_ptr,
+    res0_ptr,
+    res1_ptr,
+    res2_ptr,
+    a_ptr,
+    w_ptr,
+    b_ptr,
+    n_rows,
+    d,
+    r,
+    k_lin,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    NUM_RES: tl.constexpr,
+    LINEAR: tl.constexpr,
+    SAVE: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Tile (row block, column tile) of ``y = s * (relu(LN(x) Wd^T + bd) Wu^T + bu) + residuals``, plus
+    ``a W^T + b`` with LINEAR (a (N, k_lin), W (d, k_lin)); one task, BLOCK_R >= r. One-dimensional grid,
+    the column tiles of a row block adjacent. Each program recomputes its rows' statistics and h; with
+    SAVE the first column tile stores them."""
+    pid_m, pid_n = row_major_tile(tl.program_id(0), d, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    rcols = tl.arange(0, BLOCK_R)
+    rmask = rcols < r
+    mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
+    acc = layer_norm_product(
+        x_ptr, lnw_ptr, lnb_ptr, wd_ptr, rows, mask, rcols, rmask, mean, rstd, d,
+        BLOCK_M, BLOCK_K, BLOCK_R, DOT, PRECISION,
+    )  # fmt: skip
+    bd = tl.load(bd_ptr + rcols, mask=rmask, other=0.0).to(tl.float32)
+    h = tl.maximum(acc + bd[None, :], 0.0)
+    if SAVE:
+        if pid_n == 0:
+            tl.store(h_ptr + rows[:, None] * r + rcols[None, :], h, mask=mask[:, None] & rmask[None, :])
+            tl.store(mean_ptr + rows, mean, mask=mask)
+            tl.store(rstd_ptr + rows, rstd, mask=mask)
+    ncols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ncols < d
+    wu = tl.load(
+        wu_ptr + ncols[None, :] * r + rcols[:, None], mask=rmask[:, None] & nmask[None, :], other=0.0
+    )
+    u = tl.dot(h.to(DOT), wu.to(DOT), input_precision=PRECISION)
+    bu = tl.load(bu_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr).to(tl.float32)
+    out = _residual_epilogue(u, s, bu, rows, mask, ncols, d, res0_ptr, res1_ptr, res2_ptr, NUM_RES)
+    if LINEAR:
+        lin = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, k_lin, BLOCK_K):
+            kcols = k + tl.arange(0, BLOCK_K)
+            kmask = kcols < k_lin
+            a = tl.load(
+                a_ptr + rows[:, None] * k_lin + kcols[None, :], mask=mask[:, None] & kmask[None, :], other=0.0
+            )
+            w = tl.load(
+                w_ptr + ncols[None, :] * k_lin + kcols[:, None],
+                mask=kmask[:, None] & nmask[None, :],
+                other=0.0,
+            )
+            lin = tl.dot(a.to(DOT), w.to(DOT), lin, input_precision=PRECISION)
+        b = tl.load(b_ptr + ncols, mask=nmask, other=0.0).to(tl.float32)
+        out += lin + b[None, :]
     tl.store(y_ptr + rows[:, None] * d + ncols[None, :], out, mask=mask[:, None] & nmask[None, :])

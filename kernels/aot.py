@@ -27,6 +27,7 @@ import triton.language as tl
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import (
+    adapter_fwd_columns_kernel,
     adapter_fwd_fused_kernel,
     adapter_up_residual_kernel,
     scaled_down_weights_kernel,
@@ -55,7 +56,12 @@ INT32_POINTERS = {"order_ptr", "counts_ptr", "row_key_ptr", "col_key_ptr", "inde
 INT64_POINTERS = {"shortlist_ptr", "tokens_ptr"}
 BOOL_POINTERS = {"done_ptr"}
 FLOAT_SCALARS = {"eps", "smoothing", "row_uniform", "col_uniform", "scale"}
-ALIGNED_INTS = {"d", "r", "n_out"}  # widths of 768 / 64 / 512: multiples of 16, as at run time
+ALIGNED_INTS = {
+    "d",
+    "r",
+    "n_out",
+    "k_lin",
+}  # widths of 768 / 64 / 512 / 2048: multiples of 16, as at run time
 DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
 
@@ -169,8 +175,9 @@ def _decoding(dtype: str) -> list[Variant]:
     """The fused decoding step's kernels (one task, no statistics), with the tiles of a step's few rows
     (``configs.has_few_rows``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU
     (also with the tiles of many rows), the output projection adding the residual stream, the two adapters
-    (cross-attention: no residual; task adapter: three), the self-attention over the cache, and the greedy
-    choice with the next input embedding (with and without a caption shortlist)."""
+    with their columns spread (cross-attention: no residual; task adapter: fc2 and two residual terms), the
+    self-attention over the cache, and the greedy choice with the next input embedding (with and without a
+    caption shortlist)."""
     out = []
     for few in (True, False):
         t = configs.ln_linear_tiles(2048, few)
@@ -189,9 +196,8 @@ def _decoding(dtype: str) -> list[Variant]:
     out.append(
         Variant("linear_residual", adapter_up_residual_kernel, up | _dot(dtype), **_launch(u), dtype=dtype)
     )
-    a = configs.adapter_fused_tiles(64, 4 if dtype == "fp32" else 2, True)
-    fused = {"BLOCK_M": a.block_m, "BLOCK_K": a.block_k, "BLOCK_N": a.block_n, "BLOCK_R": 64, "MIXED": False}
-    fused |= {"SAVE": False, "ONE_PASS": False, **_dot(dtype)}
+    a = configs.adapter_columns_tiles(64, True)
+    columns = {"BLOCK_M": a.block_m, "BLOCK_K": a.block_k, "BLOCK_N": a.block_n, "BLOCK_R": 64, **_dot(dtype)}
     att = configs.decode_attention_tiles(64)
     out.append(
         Variant(
@@ -215,11 +221,12 @@ def _decoding(dtype: str) -> list[Variant]:
                 has_dot=False,
             )
         )
-    for res in (0, 3):
-        name = f"adapter_fwd_fused_r64_few_rows_res{res}"
-        out.append(
-            Variant(name, adapter_fwd_fused_kernel, fused | {"NUM_RES": res}, **_launch(a), dtype=dtype)
-        )
+    # the cross-attention adapter (no residual), the task adapter with fc2 and two residual terms, and a
+    # training call on few rows (statistics and h saved)
+    for res, linear, save in ((0, False, False), (2, True, False), (1, False, True)):
+        name = f"adapter_fwd_columns_r64_res{res}{'_linear' if linear else ''}{'_save' if save else ''}"
+        flags = {"NUM_RES": res, "LINEAR": linear, "SAVE": save}
+        out.append(Variant(name, adapter_fwd_columns_kernel, columns | flags, **_launch(a), dtype=dtype))
     return out
 
 

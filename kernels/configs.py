@@ -31,6 +31,12 @@ def one_pass_layer_norm(dtype: torch.dtype) -> bool:
     return dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32
 
 
+# Single-task adapter calls on few rows (``has_few_rows``: a decoding step) spread the columns of the output
+# over programs (``adapter_fwd_columns_kernel``, which also takes the MLP's second layer as a linear branch)
+# instead of one program per 16 rows (False: the fused kernel, with that branch as a separate product).
+# bench/bench_tiles.py times both.
+ADAPTER_FEW_ROWS_COLUMNS = True
+
 MAX_RESIDUALS = 3  # residual pointers taken by the forward kernels; more are pre-summed
 
 
@@ -119,6 +125,18 @@ def adapter_fused_tiles(block_r: int, itemsize: int = 2, few_rows: bool = False)
         return Tiles(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=2)
     if block_r <= 64 and itemsize <= 2:
         return Tiles(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
+    return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
+
+
+@functools.cache
+def adapter_columns_tiles(block_r: int, few_rows: bool = True) -> Tiles:
+    """adapter_fwd_columns_kernel: BLOCK_N columns of y a program, BLOCK_K chunks of d (and of the linear
+    branch's inputs). Few rows: 16 x 32 tiles, so that a decoding step's adapter of width 512 or 768 runs on
+    16 or 24 programs a row block."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=256, block_k=512)
+    if few_rows:
+        return Tiles(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
     return Tiles(block_m=64, block_n=64, block_k=64, num_warps=4 if block_r <= 64 else 8, num_stages=2)
 
 

@@ -17,6 +17,7 @@ import torch
 from famevil_fast.kernels import configs
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import (
+    adapter_fwd_columns_kernel,
     adapter_fwd_fused_kernel,
     adapter_up_residual_kernel,
     scaled_down_weights_kernel,
@@ -196,8 +197,10 @@ def adapter_forward(
     rows: TaskRows,
     save: bool,
     eps: float,
+    linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd); h and the statistics are empty unless ``save``.
+    """(y, h, mean, rstd); h and the statistics are empty unless ``save``. ``linear = (a, W, b)`` adds the
+    branch ``a W^T + b`` (a (N, k), W (d, k)) to y.
 
     h is kept in float32 whatever the activation dtype: it is r elements a row, and the backward's row
     constant ``c2 = dp . (h - cb) / d`` and the up-projection's weight gradient lose accuracy to a rounded h.
@@ -212,7 +215,14 @@ def adapter_forward(
     rstd = x.new_empty((stats,), dtype=torch.float32)
     if n_rows == 0:
         return y, h, mean, rstd
+    columns = _spreads_columns(x, r, rows, linear is not None)
+    if linear is not None and not columns:  # the branch as one more term
+        a, w, b = linear
+        residuals = [*residuals, torch.addmm(b, a, w.t())]
     res, num_res = _residual_args(residuals, x)
+    if columns:
+        _adapter_columns(x, y, h if save else None, mean, rstd, params, res, num_res, linear, eps)
+        return y, h, mean, rstd
     order, counts, n_tasks = _index_args(rows, x)
     dot = configs.dot_args(x.dtype)
     block_r = configs.padded(r)
@@ -273,6 +283,70 @@ def adapter_forward(
     )
     _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, dot)
     return y, h, mean, rstd
+
+
+def _spreads_columns(x: torch.Tensor, r: int, rows: TaskRows, linear: bool) -> bool:
+    """Whether ``adapter_forward`` runs ``adapter_fwd_columns_kernel``: one task, h on chip, the switch
+    ``configs.ADAPTER_FEW_ROWS_COLUMNS`` on, and few rows (where the one-pass LayerNorm, a form of the fused
+    kernel, is not asked for) or a linear branch to add."""
+    if r > configs.FUSED_MAX_R or rows.mixed or not configs.ADAPTER_FEW_ROWS_COLUMNS:
+        return False
+    return linear or (configs.has_few_rows(x.shape[0]) and not configs.one_pass_layer_norm(x.dtype))
+
+
+def _adapter_columns(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    res: list[torch.Tensor],
+    num_res: int,
+    linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    eps: float,
+) -> None:
+    """``adapter_fwd_columns_kernel``: one task's adapter with the columns of y spread over programs (and
+    the linear branch, if any); statistics and h stored when ``h`` is given."""
+    lnw, lnb, wd, bd, wu, bu, s = params
+    n_rows, d = x.shape
+    r = wd.shape[-2]
+    block_r = configs.padded(r)
+    tiles = configs.adapter_columns_tiles(block_r, configs.has_few_rows(n_rows))
+    a, w, b = linear if linear is not None else (x, x, x)
+    grid = (configs.cdiv(n_rows, tiles.block_m) * configs.cdiv(d, tiles.block_n),)
+    adapter_fwd_columns_kernel[grid](
+        x,
+        y,
+        y if h is None else h,
+        y if h is None else mean,
+        y if h is None else rstd,
+        lnw,
+        lnb,
+        wd,
+        bd,
+        wu,
+        bu,
+        s,
+        *res,
+        a,
+        w,
+        b,
+        n_rows,
+        d,
+        r,
+        a.shape[1],
+        eps,
+        BLOCK_M=tiles.block_m,
+        BLOCK_K=tiles.block_k,
+        BLOCK_N=tiles.block_n,
+        BLOCK_R=block_r,
+        NUM_RES=num_res,
+        LINEAR=linear is not None,
+        SAVE=h is not None,
+        **configs.dot_args(x.dtype),
+        **tiles.launch(),
+    )
 
 
 def _scaled_down_weights(

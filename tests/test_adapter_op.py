@@ -435,16 +435,16 @@ HOST_OPS = {"view", "empty_like", "new_empty", "empty", "sum"}  # allocations, v
 PRODUCT_OPS = {"t", "unsqueeze", "mm"}  # r > 128, one task: the weight-gradient products are library GEMMs
 
 
+FUSED_BACKWARD = ["adapter_dp_kernel", "adapter_bwd_dx_weights_kernel", "weight_grad_epilogue_kernel"]
+
+
 @pytest.mark.parametrize(
-    "r, forward, backward, backward_ops",
+    "rows, r, forward, backward, backward_ops",
     [
+        (300, 8, ["adapter_fwd_fused_kernel"], FUSED_BACKWARD, HOST_OPS),
+        (5, 8, ["adapter_fwd_columns_kernel"], FUSED_BACKWARD, HOST_OPS),  # few rows: columns spread
         (
-            8,
-            ["adapter_fwd_fused_kernel"],
-            ["adapter_dp_kernel", "adapter_bwd_dx_weights_kernel", "weight_grad_epilogue_kernel"],
-            HOST_OPS,
-        ),
-        (
+            5,
             200,
             ["ln_linear_fwd_kernel", "adapter_up_residual_kernel"],
             ["adapter_dp_kernel", "ln_linear_dx_kernel", "weight_grad_epilogue_kernel"],
@@ -453,7 +453,12 @@ PRODUCT_OPS = {"t", "unsqueeze", "mm"}  # r > 128, one task: the weight-gradient
     ],
 )
 def test_eager_path_runs_its_kernels_and_no_pytorch_compute(
-    monkeypatch: pytest.MonkeyPatch, r: int, forward: list[str], backward: list[str], backward_ops: set[str]
+    monkeypatch: pytest.MonkeyPatch,
+    rows: int,
+    r: int,
+    forward: list[str],
+    backward: list[str],
+    backward_ops: set[str],
 ) -> None:
     """At a ViT batch the adapter's time is mostly the host's: the Triton path's forward and backward
     launch exactly their kernels, and dispatch nothing else but allocations, views, sums and (for the
@@ -462,8 +467,8 @@ def test_eager_path_runs_its_kernels_and_no_pytorch_compute(
 
     launches = RecordLaunch.patch(monkeypatch, launch)
     p = [t.float().requires_grad_() for t in random_params(64, r)]
-    x = torch.randn(5, 64, requires_grad=True)
-    res = torch.randn(5, 64)
+    x = torch.randn(rows, 64, requires_grad=True)
+    res = torch.randn(rows, 64)
     with AtenLog() as log:
         y = fused_adapter(x, *p, residual=res, backend="triton")
     assert launches == forward

@@ -1,4 +1,4 @@
-"""One layer of the text tower's one-token decoding step in nine kernels (the Triton backend).
+"""One layer of the text tower's one-token decoding step in eight kernels (the Triton backend).
 
 The plain step (``TextDecoder.step``) runs each sub-layer through PyTorch modules: every LayerNorm,
 projection, bias, activation and residual addition is a kernel of its own, about thirty a layer. With one
@@ -13,9 +13,11 @@ under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA
 4-6. the cross-attention adapter: LN and query projection, attention over the keys and values of the vision
      memory (computed once per image), the bottleneck adapter;
 7. LN2, the MLP's first layer and its activation;
-8. the MLP's second layer;
-9. the task adapter, which adds ``a``, the MLP output and the cross-attention output in its epilogue.
+8. the task adapter, which adds ``a``, the MLP's second layer and the cross-attention output in its
+   epilogue (``ops.decoding.adapter_with_linear``).
 
+Both adapters spread their output columns over programs (``adapter_fwd_columns_kernel``), so that a step's
+few rows do not leave them on a single multiprocessor.
 The final LayerNorm and the LM head (over the caption shortlist, gathered once per decode) are one more,
 and greedy decoding's choice of the token with the next step's input embedding one more (``FusedPick``).
 The arithmetic is the plain step's, in another order of summation: tokens match the plain decoder's except
@@ -27,13 +29,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from famevil_fast.model.clip import QuickGELU
-from famevil_fast.ops import cross_attention_adapter, fused_adapter
+from famevil_fast.ops import cross_attention_adapter
 from famevil_fast.ops._backend import select_backend
 from famevil_fast.ops.decoding import (
+    adapter_with_linear,
     cached_self_attention,
     greedy_pick,
     layer_norm_linear_act,
@@ -110,9 +112,10 @@ def fused_layer(
     hidden = layer_norm_linear_act(
         a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, activation, ln2.eps, TRITON
     )
-    m = F.linear(hidden, mlp.fc2.weight, mlp.fc2.bias)
     adapter = block.tsa.adapters[task]
-    return fused_adapter(a, *adapter.params(), residual=[a, m, x], backend=TRITON, eps=adapter.ln.eps)
+    return adapter_with_linear(
+        a, adapter.params(), hidden, mlp.fc2.weight, mlp.fc2.bias, [a, x], adapter.ln.eps, TRITON
+    )
 
 
 class FusedHead:

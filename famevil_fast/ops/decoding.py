@@ -8,6 +8,9 @@ and its plain-PyTorch reference:
   attention output projection adding the residual stream in its epilogue).
 * ``cached_self_attention(qkv, cache, position, heads, backend)``: the new token's key and value written into
   the key/value cache and its attention over the cache, in one kernel.
+* ``adapter_with_linear(x, params, hidden, weight, bias, residual, eps, backend)``: a bottleneck adapter whose
+  output also carries a linear branch ``hidden W^T + b`` (the MLP's second layer) and the residual terms,
+  in one kernel.
 * ``greedy_pick(logits, tokens, done, column, end_token, ...)``: a greedy step's bookkeeping (argmax,
   shortlist lookup, end token of finished sequences, output write, finished flags) and the next step's
   input embedding, in one kernel.
@@ -25,6 +28,13 @@ import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed
 from famevil_fast.ops._backend import same_device_and_dtype, select_backend
+from famevil_fast.ops.adapter import (
+    AdapterParams,
+    adapter_reference,
+    check_adapter_args,
+    check_residuals,
+    residual_list,
+)
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
 
 BACKENDS = ("torch", "triton")
@@ -155,6 +165,46 @@ def cached_self_attention(
     return launch.decode_self_attention(
         qkv.reshape(batch, 3 * width).contiguous(), cache, position, heads
     ).view(batch, 1, width)
+
+
+def adapter_with_linear(
+    x: torch.Tensor,
+    params: AdapterParams,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | list[torch.Tensor] | None = None,
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``sum(residual) + hidden W^T + b + scale * up(relu(down(layer_norm(x))))`` for x (..., d), one
+    adapter's ``params`` (shapes as ``fused_adapter`` takes them), hidden (..., k) with x's leading shape, W
+    (d, k), b (d,). In a decoding step: the task adapter adding the MLP's second layer, ``a`` and the
+    cross-attention output, so that the second layer needs no launch of its own."""
+    op = "adapter_with_linear"
+    params = AdapterParams(*params)
+    check_adapter_args(x, params, None)
+    residuals = residual_list(residual)
+    check_residuals(x, residuals)
+    _check_linear(op, hidden, weight, bias)
+    if hidden.shape[:-1] != x.shape[:-1] or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"{op}: the linear branch maps {tuple(hidden.shape)} to width {weight.shape[0]}, "
+            f"but x is {tuple(x.shape)}"
+        )
+    same_device_and_dtype(op, {"x": x, "hidden": hidden, "weight": weight, "bias": bias})
+    _check_no_grad(op, {"x": x, "hidden": hidden, "weight": weight, "bias": bias, **params._asdict()})
+    if select_backend(op, backend, BACKENDS, x) == "torch":
+        return adapter_reference(x, params, [*residuals, F.linear(hidden, weight, bias)], eps=eps)
+    from famevil_fast.kernels import launch
+
+    d = x.shape[-1]
+    rows = x.reshape(-1, d).contiguous()
+    res = [t.reshape(-1, d).contiguous() for t in residuals]
+    linear = (hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), bias.contiguous())
+    ps = tuple(p.contiguous() for p in params)
+    y = launch.adapter_forward(rows, ps, res, launch.SINGLE_TASK, False, eps, linear)[0]
+    return y.view(x.shape)
 
 
 def _check_pick_args(
