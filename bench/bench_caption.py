@@ -4,7 +4,7 @@ cached decoder replayed as one CUDA graph (``generate(..., cuda_graph=True)``); 
 identical tokens, so the model runs in float32 (in bf16 the one-token and the whole-prefix kernels round
 differently, and a random model's near-tied logits then flip). On a GPU, ``graph+triton`` replays the same
 graph for the model with ``backend="triton"``, whose decoder runs each layer fused (``model/decode_step.py``:
-eight kernels a layer instead of about thirty; under a graph only their device time counts); whether its
+seven kernels a layer instead of about thirty; under a graph only their device time counts); whether its
 tokens equal re-encoding's is reported, and so is its kernel count a step.
 
 The model has random weights with the end token's logit pushed down, so every caption runs the full length

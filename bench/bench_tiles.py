@@ -91,6 +91,9 @@ FEW_ROWS = [
 # ADAPTER_FEW_ROWS_COLUMNS off, the fused kernel after a separate fc2 product
 DECODE_ADAPTER = [Tiles(16, 64, 64, 4, 2), Tiles(16, 16, 64, 2, 2), Tiles(32, 32, 64, 4, 2)]
 FEW_ROWS_COLUMNS = [False]
+# the decoding step's cross-attention query side (LN + query projection + attention over a ViT-B/16 memory
+# of 197 positions, width 512, 8 heads, float32); the choice is 32 positions x 64 wide chunks, 4 warps
+DECODE_CROSS = [Tiles(64, 64, 64, 4, 2), Tiles(32, 64, 32, 2, 2), Tiles(32, 64, 128, 8, 2)]
 GRAD_BLOCK_BYTES = [512 * 2**20]  # configs.CONTRASTIVE_GRAD_CHUNK_BYTES is 256 MiB (two blocks at 16,384)
 CONTRASTIVE = [
     Tiles(128, 128, 64, 8, 3),
@@ -105,6 +108,7 @@ if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     FUSED_FORWARD, DP, DX_WEIGHTS = FUSED_FORWARD[:1] + [Tiles(16, 32, 32)], DP[:1], DX_WEIGHTS[-1:]
     FEW_ROWS = [Tiles(16, 32, 32)]
     DECODE_ADAPTER = [Tiles(16, 16, 32)]
+    DECODE_CROSS = [Tiles(16, 16, 16)]
     SPLIT_LN_DOWN, SPLIT_UP, SPLIT_DP, SPLIT_DX = ([Tiles(16, 32, 32)] for _ in range(4))
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     LOSS_GRAD = [Tiles(16, 16, 16)]
@@ -222,6 +226,21 @@ def decode_adapter_op(rows: int):
     return lambda: launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, False, 1e-5, linear)[:1]
 
 
+def decode_cross_op(rows: int):
+    """The cross-attention adapter's query side in a decoding step, float32: one row a sequence."""
+    width, heads, length = (512, 8, 197) if CUDA else (40, 5, 7)
+    g = torch.Generator(device="cpu").manual_seed(rows)
+
+    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return (s * torch.randn(*shape, generator=g)).to(DEVICE)
+
+    x, lnw, lnb = rand(rows, width), 1 + rand(width, s=0.1), rand(width, s=0.1)
+    wq, bq = rand(width, width, s=width**-0.5), rand(width, s=0.1)
+    kv = rand(rows, length, 2 * width).view(rows, length, 2, heads, width // heads)
+    keys, values = (t.transpose(1, 2) for t in kv.unbind(2))  # strided views, as context_key_values gives
+    return lambda: (launch.decode_cross_attention(x, 1, lnw, lnb, wq, bq, keys, values, 1e-5),)
+
+
 def split_forward_op(rows: int):
     return adapter_forward_op(rows, SPLIT_BOTTLENECK)
 
@@ -293,6 +312,13 @@ FAMILIES = [
         "adapter_columns_tiles",
         DECODE_ADAPTER,
         decode_adapter_op,
+        DECODE_ROWS,
+    ),
+    Family(
+        "decoding: cross-attention query",
+        "decode_cross_attention_tiles",
+        DECODE_CROSS,
+        decode_cross_op,
         DECODE_ROWS,
     ),
     Family(

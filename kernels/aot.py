@@ -38,7 +38,7 @@ from famevil_fast.kernels.contrastive import (
     contrastive_lse_kernel,
     row_dots_kernel,
 )
-from famevil_fast.kernels.decode_attention import decode_self_attention_kernel
+from famevil_fast.kernels.decode_attention import decode_cross_attention_kernel, decode_self_attention_kernel
 from famevil_fast.kernels.decode_greedy import greedy_pick_kernel
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
@@ -176,8 +176,8 @@ def _decoding(dtype: str) -> list[Variant]:
     (``configs.has_few_rows``): LN + projection without activation, LN2 + fc1 with QuickGELU and with GELU
     (also with the tiles of many rows), the output projection adding the residual stream, the two adapters
     with their columns spread (cross-attention: no residual; task adapter: fc2 and two residual terms), the
-    self-attention over the cache, and the greedy choice with the next input embedding (with and without a
-    caption shortlist)."""
+    self-attention over the cache, the cross-attention with its LayerNorm and query projection, and the
+    greedy choice with the next input embedding (with and without a caption shortlist)."""
     out = []
     for few in (True, False):
         t = configs.ln_linear_tiles(2048, few)
@@ -205,6 +205,17 @@ def _decoding(dtype: str) -> list[Variant]:
             decode_self_attention_kernel,
             {"BLOCK_T": att.block_m, "BLOCK_D": att.block_n},
             **_launch(att),
+            dtype=dtype,
+            has_dot=False,
+        )
+    )
+    cross = configs.decode_cross_attention_tiles(64)
+    out.append(
+        Variant(
+            "decode_cross_attention",
+            decode_cross_attention_kernel,
+            {"BLOCK_K": cross.block_k, "BLOCK_T": cross.block_m, "BLOCK_D": cross.block_n},
+            **_launch(cross),
             dtype=dtype,
             has_dot=False,
         )

@@ -211,6 +211,15 @@ def decode_attention_tiles(head_dim: int) -> Tiles:
 
 
 @functools.cache
+def decode_cross_attention_tiles(head_dim: int) -> Tiles:
+    """decode_cross_attention_kernel: BLOCK_M context positions a step, BLOCK_N >= the head width, BLOCK_K
+    chunks of the row for its LayerNorm and query projection."""
+    if interpreting():
+        return Tiles(block_m=128, block_n=padded(head_dim), block_k=512)
+    return Tiles(block_m=32, block_n=padded(head_dim), block_k=64, num_warps=4, num_stages=2)
+
+
+@functools.cache
 def greedy_pick_tiles(width: int) -> Tiles:
     """greedy_pick_kernel: BLOCK_M logits a chunk of the argmax walk, BLOCK_N embedding columns a chunk."""
     if interpreting():

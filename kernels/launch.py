@@ -22,7 +22,7 @@ from famevil_fast.kernels.adapter_forward import (
     adapter_up_residual_kernel,
     scaled_down_weights_kernel,
 )
-from famevil_fast.kernels.decode_attention import decode_self_attention_kernel
+from famevil_fast.kernels.decode_attention import decode_cross_attention_kernel, decode_self_attention_kernel
 from famevil_fast.kernels.decode_greedy import greedy_pick_kernel
 from famevil_fast.kernels.ln_linear import (
     ACTIVATIONS,
@@ -445,6 +445,53 @@ def decode_self_attention(qkv: torch.Tensor, cache: torch.Tensor, position: int,
             width,
             cache.shape[3],
             head_dim**-0.5,
+            BLOCK_T=tiles.block_m,
+            BLOCK_D=tiles.block_n,
+            **tiles.launch(),
+        )
+    return out
+
+
+def decode_cross_attention(
+    x: torch.Tensor,
+    rows_per_batch: int,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    wq: torch.Tensor,
+    bq: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """(N, width) attention of ``LN(x) W_q^T + b_q`` (x (N, width), contiguous) over keys and values
+    (B, H, Lc, Dh) with unit stride along Dh; row i belongs to batch i // rows_per_batch. No autograd."""
+    n_rows, width = x.shape
+    heads, head_dim = keys.shape[1], keys.shape[3]
+    out = torch.empty_like(x)
+    if n_rows:
+        tiles = configs.decode_cross_attention_tiles(head_dim)
+        decode_cross_attention_kernel[(n_rows, heads)](
+            x,
+            lnw,
+            lnb,
+            wq,
+            bq,
+            keys,
+            values,
+            out,
+            rows_per_batch,
+            width,
+            heads,
+            keys.shape[2],
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            values.stride(0),
+            values.stride(1),
+            values.stride(2),
+            eps,
+            head_dim**-0.5,
+            BLOCK_K=tiles.block_k,
             BLOCK_T=tiles.block_m,
             BLOCK_D=tiles.block_n,
             **tiles.launch(),

@@ -1,4 +1,4 @@
-"""One layer of the text tower's one-token decoding step in eight kernels (the Triton backend).
+"""One layer of the text tower's one-token decoding step in seven kernels (the Triton backend).
 
 The plain step (``TextDecoder.step``) runs each sub-layer through PyTorch modules: every LayerNorm,
 projection, bias, activation and residual addition is a kernel of its own, about thirty a layer. With one
@@ -10,10 +10,11 @@ under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA
 2. the new key and value written into the layer's cache and the attention over it
    (``ops.decoding.cached_self_attention``);
 3. the output projection adding ``h`` (``ops.decoding.linear_residual``);
-4-6. the cross-attention adapter: LN and query projection, attention over the keys and values of the vision
-     memory (computed once per image), the bottleneck adapter;
-7. LN2, the MLP's first layer and its activation;
-8. the task adapter, which adds ``a``, the MLP's second layer and the cross-attention output in its
+4. the cross-attention adapter's LayerNorm, query projection and attention over the keys and values of the
+   vision memory, computed once per image (``ops.decoding.cross_attention_query``);
+5. its bottleneck adapter;
+6. LN2, the MLP's first layer and its activation;
+7. the task adapter, which adds ``a``, the MLP's second layer and the cross-attention output in its
    epilogue (``ops.decoding.adapter_with_linear``).
 
 Both adapters spread their output columns over programs (``adapter_fwd_columns_kernel``), so that a step's
@@ -32,11 +33,12 @@ import torch
 from torch import nn
 
 from famevil_fast.model.clip import QuickGELU
-from famevil_fast.ops import cross_attention_adapter
+from famevil_fast.ops import fused_adapter
 from famevil_fast.ops._backend import select_backend
 from famevil_fast.ops.decoding import (
     adapter_with_linear,
     cached_self_attention,
+    cross_attention_query,
     greedy_pick,
     layer_norm_linear_act,
     linear_residual,
@@ -99,16 +101,12 @@ def fused_layer(
     )
     o = cached_self_attention(qkv, cache, position, attn.heads, TRITON)
     a = linear_residual(o, attn.out.weight, attn.out.bias, h, TRITON)
-    xaa = block.xaa
-    x = cross_attention_adapter(
-        a,
-        xaa.attn_params(),
-        xaa.adapter.params(),
-        xaa.heads,
-        context_kv=context_kv,
-        backend=TRITON,
-        eps=xaa.ln_q.eps,
+    xaa, eps = block.xaa, block.xaa.ln_q.eps
+    q_side = xaa.attn_params()
+    o = cross_attention_query(
+        a, q_side.q_ln_weight, q_side.q_ln_bias, q_side.q_weight, q_side.q_bias, context_kv, eps, TRITON
     )
+    x = fused_adapter(o, *xaa.adapter.params(), backend=TRITON, eps=eps)
     hidden = layer_norm_linear_act(
         a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, activation, ln2.eps, TRITON
     )

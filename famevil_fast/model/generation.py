@@ -31,7 +31,7 @@ EOT_ID = 49407
 
 class TextDecoder:
     """Incremental text-tower state for a batch of sequences conditioned on vision memory. Where the model's
-    backend resolves to Triton, each layer runs fused (``decode_step``, eight kernels instead of about
+    backend resolves to Triton, each layer runs fused (``decode_step``, seven kernels instead of about
     thirty); ``fused`` forces the choice."""
 
     def __init__(

@@ -8,6 +8,9 @@ and its plain-PyTorch reference:
   attention output projection adding the residual stream in its epilogue).
 * ``cached_self_attention(qkv, cache, position, heads, backend)``: the new token's key and value written into
   the key/value cache and its attention over the cache, in one kernel.
+* ``cross_attention_query(x, ln_weight, ln_bias, q_weight, q_bias, context_kv, eps, backend)``: the
+  cross-attention adapter's LayerNorm, query projection and attention over precomputed context keys and
+  values, in one kernel.
 * ``adapter_with_linear(x, params, hidden, weight, bias, residual, eps, backend)``: a bottleneck adapter whose
   output also carries a linear branch ``hidden W^T + b`` (the MLP's second layer) and the residual terms,
   in one kernel.
@@ -35,7 +38,12 @@ from famevil_fast.ops.adapter import (
     check_residuals,
     residual_list,
 )
-from famevil_fast.ops.cross_attention import merge_heads, split_heads
+from famevil_fast.ops.cross_attention import (
+    _check_context_kv,
+    layer_norm_linear_reference,
+    merge_heads,
+    split_heads,
+)
 
 BACKENDS = ("torch", "triton")
 ACTIVATIONS = (None, "relu", "quick_gelu", "gelu")
@@ -165,6 +173,57 @@ def cached_self_attention(
     return launch.decode_self_attention(
         qkv.reshape(batch, 3 * width).contiguous(), cache, position, heads
     ).view(batch, 1, width)
+
+
+def cross_attention_query(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    context_kv: tuple[torch.Tensor, torch.Tensor],
+    eps: float = 1e-5,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-head attention of ``LN(x) W_q^T + b_q`` over precomputed keys and values: x (B, L, d), W_q
+    (d, d), keys and values (B, H, Lc, d / H) as ``context_key_values`` returns them, Lc >= 1. Returns
+    (B, L, d), heads merged: the cross-attention adapter's input to its bottleneck adapter."""
+    op = "cross_attention_query"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be (B, L, d), got shape {tuple(x.shape)}")
+    d = x.shape[-1]
+    if ln_weight.shape != (d,) or ln_bias.shape != (d,):
+        raise ValueError(
+            f"{op}: LayerNorm parameters of shapes {tuple(ln_weight.shape)}, "
+            f"{tuple(ln_bias.shape)} do not match width {d}"
+        )
+    _check_linear(op, x, q_weight, q_bias)
+    if q_weight.shape[0] != d:
+        raise ValueError(f"{op}: q_weight must be ({d}, {d}), got {tuple(q_weight.shape)}")
+    if not isinstance(context_kv, (tuple, list)) or len(context_kv) != 2:
+        raise ValueError(f"{op}: context_kv must be a (keys, values) pair")
+    heads = context_kv[0].shape[1] if context_kv[0].dim() == 4 else 0
+    if heads < 1 or d % heads:
+        raise ValueError(
+            f"{op}: keys of shape {tuple(context_kv[0].shape)} do not split width {d} into heads"
+        )
+    _check_context_kv(op, x, context_kv, heads)
+    keys, values = context_kv
+    if keys.shape[2] == 0:
+        raise ValueError(f"{op}: the context has no positions to attend")
+    named = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "q_weight": q_weight, "q_bias": q_bias}
+    same_device_and_dtype(op, named)
+    _check_no_grad(op, {**named, "keys": keys, "values": values})
+    if select_backend(op, backend, BACKENDS, x) == "torch":
+        q = layer_norm_linear_reference(x, ln_weight, ln_bias, q_weight, q_bias, eps)
+        return merge_heads(F.scaled_dot_product_attention(split_heads(q, heads), keys, values))
+    from famevil_fast.kernels import launch
+
+    keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys, values))
+    params = (t.contiguous() for t in (ln_weight, ln_bias, q_weight, q_bias))
+    rows = x.reshape(-1, d).contiguous()
+    out = launch.decode_cross_attention(rows, x.shape[1], *params, keys, values, eps)
+    return out.view(x.shape)
 
 
 def adapter_with_linear(
