@@ -469,6 +469,57 @@ def test_gpu_fused_decoding_gives_the_tokens_of_reencoding(model, cuda_graph: bo
     assert torch.equal(tokens, reference)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decoding_ops_follow_their_references(dtype: torch.dtype) -> None:
+    """The compiled kernels of the step (ViT-B/16's text widths, 24 rows) against the PyTorch references on
+    the same card: float32 to rounding, bf16 within a few of its units; the greedy choice exactly, its
+    next input embedding to the storage's rounding."""
+    torch.manual_seed(0)
+    rows, d, hidden_width, heads, r = 24, 512, 2048, 8, 64
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
+
+    def both(fn, *args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, backend="triton", **kwargs), fn(*args, backend="torch", **kwargs)
+
+    def cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to("cuda", dtype) for t in tensors]
+
+    x, hidden = cuda(torch.randn(rows, 1, d), torch.randn(rows, 1, hidden_width))
+    ln = cuda(1 + 0.2 * torch.randn(d), 0.2 * torch.randn(d))
+    qkv_w, qkv_b = cuda(torch.randn(3 * d, d) / d**0.5, torch.randn(3 * d))
+    got, want = both(layer_norm_linear_act, x, *ln, qkv_w, qkv_b, "quick_gelu")
+    torch.testing.assert_close(got, want, **tol)
+    cache = torch.randn(rows, 2, heads, 20, d // heads, device="cuda", dtype=dtype)
+    qkv = cuda(torch.randn(rows, 1, 3 * d))[0]
+    caches = [cache.clone(), cache.clone()]
+    with torch.no_grad():
+        got = cached_self_attention(qkv, caches[0], 11, heads, backend="triton")
+        want = cached_self_attention(qkv, caches[1], 11, heads, backend="torch")
+    torch.testing.assert_close(got, want, **tol)
+    assert torch.equal(caches[0], caches[1])
+    params, kv = _query_side(d, heads, rows, 197)
+    params, kv = cuda(*params), tuple(cuda(*kv))
+    got, want = both(cross_attention_query, x, *params, kv)
+    torch.testing.assert_close(got, want, **tol)
+    adapter = AdapterParams(*cuda(*_adapter_params(d, r)))
+    fc2_w, fc2_b = cuda(torch.randn(d, hidden_width) / hidden_width**0.5, torch.randn(d))
+    got, want = both(adapter_with_linear, x, adapter, hidden, fc2_w, fc2_b, [x, x])
+    torch.testing.assert_close(got, want, **tol)
+    logits = _pick_logits(rows, 4099).cuda()
+    tables = cuda(torch.randn(EOT_ID + 1, d), torch.randn(77, d))
+    outs = [torch.zeros(rows, 4, dtype=torch.long, device="cuda") for _ in range(2)]
+    done = torch.rand(rows, device="cuda") < 0.3
+    flags = [done.clone(), done.clone()]
+    nexts = [
+        greedy_pick(logits, outs[i], flags[i], 2, EOT_ID, None, (*tables, 5), backend=backend)
+        for i, backend in enumerate(("triton", "torch"))
+    ]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(flags[0], flags[1])
+    torch.testing.assert_close(nexts[0], nexts[1], rtol=0 if dtype == torch.float32 else 2**-7, atol=0)
+
+
 def test_fused_step_needs_the_triton_backend_and_its_block_form(model) -> None:
     like = torch.zeros(1)
     assert not fused_step_applies(model, "cap", like)  # the tests pin automatic choices to PyTorch
