@@ -43,9 +43,11 @@ class TextDecoder:
         self.context_kv = [blk.xaa.context_kv(mem) for blk, mem in zip(self.blocks, memory)]
         b = memory[0].shape[0]
         heads, dh = self.blocks[0].attn.heads, text.cfg.width // self.blocks[0].attn.heads
-        shape = (b, 2, heads, max_tokens, dh)  # per layer: keys [:, 0] and values [:, 1]
-        dtype = memory[0].dtype
-        self.caches = [torch.empty(shape, dtype=dtype, device=memory[0].device) for _ in self.blocks]
+        # one buffer, (layers, B, 2, H, T, Dh); per layer a contiguous (B, 2, H, T, Dh) view with keys at
+        # [:, 0] and values at [:, 1], so that beam search reorders every layer's cache in one gather
+        shape = (len(self.blocks), b, 2, heads, max_tokens, dh)
+        self.cache = torch.empty(shape, dtype=memory[0].dtype, device=memory[0].device)
+        self.caches = list(self.cache.unbind(0))
         self.length = 0
         self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
         self.head = FusedHead(model, task) if self.fused else None
@@ -84,9 +86,8 @@ class TextDecoder:
 
         Only the filled positions of the text caches are gathered. The image keys and values are the same
         for every beam of an image, so they stay as they are."""
-        filled = self.length
-        for cache in self.caches:
-            cache[:, :, :, :filled] = cache[:, :, :, :filled].index_select(0, index)
+        filled = self.cache[:, :, :, :, : self.length]
+        filled.copy_(filled.index_select(1, index))
 
 
 def max_steps(model: FameViL, max_len: int) -> int:
