@@ -47,7 +47,7 @@ class TextDecoder:
         # [:, 0] and values at [:, 1], so that beam search reorders every layer's cache in one gather
         shape = (len(self.blocks), b, 2, heads, max_tokens, dh)
         self.cache = torch.empty(shape, dtype=memory[0].dtype, device=memory[0].device)
-        self.caches = list(self.cache.unbind(0))
+        self.caches = [self.cache[i] for i in range(len(self.blocks))]
         self.length = 0
         self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
         self.head = FusedHead(model, task) if self.fused else None
