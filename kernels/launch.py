@@ -512,28 +512,25 @@ def greedy_pick(
     ``embedding = (token_embed (V, width), pos_embed (T, width), position)`` returns the next step's input
     (B, width). All contiguous. No autograd."""
     batch, n_logits = logits.shape
-    embedded = None
-    if embedding is not None:
-        token_embed, pos_embed, position = embedding
-        embedded = token_embed.new_empty((batch, token_embed.shape[1]))
+    token_embed, pos_embed, position = embedding if embedding is not None else (logits, logits, 0)
+    width = token_embed.shape[1]
+    embedded = token_embed.new_empty((batch, width)) if embedding is not None else None
     if batch == 0:
         return embedded
-    width = 1 if embedding is None else token_embed.shape[1]
     tiles = configs.greedy_pick_tiles(width)
-    unused = logits if embedding is None else None
     greedy_pick_kernel[(batch,)](
         logits,
         tokens if shortlist is None else shortlist,
         tokens,
         done,
-        unused if embedded is None else token_embed,
-        unused if embedded is None else pos_embed,
-        unused if embedded is None else embedded,
+        token_embed,
+        pos_embed,
+        logits if embedded is None else embedded,
         n_logits,
         column,
         tokens.shape[1],
         width,
-        0 if embedding is None else position,
+        position,
         end_token,
         BLOCK_V=tiles.block_m,
         BLOCK_W=tiles.block_n,

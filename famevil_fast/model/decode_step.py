@@ -18,11 +18,10 @@ under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA
    epilogue (``ops.decoding.adapter_with_linear``).
 
 Both adapters spread their output columns over programs (``adapter_fwd_columns_kernel``), so that a step's
-few rows do not leave them on a single multiprocessor.
-The final LayerNorm and the LM head (over the caption shortlist, gathered once per decode) are one more,
-and greedy decoding's choice of the token with the next step's input embedding one more (``FusedPick``).
-The arithmetic is the plain step's, in another order of summation: tokens match the plain decoder's except
-where two logits tie to within rounding.
+few rows do not leave them on a single multiprocessor. The final LayerNorm and the LM head (over the caption
+shortlist, gathered once per decode) are one more kernel, and greedy decoding's choice of the token with the
+next step's input embedding one more (``FusedPick``). The arithmetic is the plain step's, in another order
+of summation: tokens match the plain decoder's except where two logits tie to within rounding.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def _check_params(op: str, x: torch.Tensor, attn: CrossAttentionParams) -> None:
             raise ValueError(f"{op}: {name} has shape {got}, expected {want}")
 
 
-def _check_context_kv(
+def check_context_kv(
     op: str, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor], num_heads: int
 ) -> None:
     b, _, d = x.shape
@@ -291,7 +291,7 @@ def check_cross_attention_args(
                 f"{op}: context is {context.dtype} on {context.device} but x is {x.dtype} on {x.device}"
             )
     else:
-        _check_context_kv(op, x, context_kv, num_heads)
+        check_context_kv(op, x, context_kv, num_heads)
     length = context.shape[1] if context is not None else context_kv[0].shape[2]
     if context_mask is not None:
         if context_mask.shape != (b, length) or context_mask.dtype != torch.bool:

@@ -39,7 +39,7 @@ from famevil_fast.ops.adapter import (
     residual_list,
 )
 from famevil_fast.ops.cross_attention import (
-    _check_context_kv,
+    check_context_kv,
     layer_norm_linear_reference,
     merge_heads,
     split_heads,
@@ -207,7 +207,7 @@ def cross_attention_query(
         raise ValueError(
             f"{op}: keys of shape {tuple(context_kv[0].shape)} do not split width {d} into heads"
         )
-    _check_context_kv(op, x, context_kv, heads)
+    check_context_kv(op, x, context_kv, heads)
     keys, values = context_kv
     if keys.shape[2] == 0:
         raise ValueError(f"{op}: the context has no positions to attend")
