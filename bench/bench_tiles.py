@@ -159,22 +159,29 @@ class Family:
     sizes: tuple[int, ...]
 
 
-def _adapter_inputs(rows: int, bottleneck: int = BOTTLENECK):
-    g = torch.Generator(device="cpu").manual_seed(rows)
+def _random(seed: int, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """rand(*shape, s=1.0): seeded normal values times s, on the device in ``dtype``."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return lambda *shape, s=1.0: (s * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
 
-    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
-        return (s * torch.randn(*shape, generator=g)).to(DEVICE, DTYPE)
 
-    x = rand(rows, WIDTH)
-    params = (
-        1 + rand(WIDTH, s=0.1),
-        rand(WIDTH, s=0.1),
-        rand(bottleneck, WIDTH, s=WIDTH**-0.5),
+def _adapter_params(
+    rand: Callable[..., torch.Tensor], width: int, bottleneck: int
+) -> tuple[torch.Tensor, ...]:
+    return (
+        1 + rand(width, s=0.1),
+        rand(width, s=0.1),
+        rand(bottleneck, width, s=width**-0.5),
         rand(bottleneck, s=0.1),
-        rand(WIDTH, bottleneck, s=bottleneck**-0.5),
-        rand(WIDTH, s=0.1),
+        rand(width, bottleneck, s=bottleneck**-0.5),
+        rand(width, s=0.1),
         1 + rand(1, s=0.1),
     )
+
+
+def _adapter_inputs(rows: int, bottleneck: int = BOTTLENECK):
+    rand = _random(rows, DTYPE)
+    x, params = rand(rows, WIDTH), _adapter_params(rand, WIDTH, bottleneck)
     residuals = [rand(rows, WIDTH), rand(rows, WIDTH)]
     return x, params, residuals, rand(rows, WIDTH)
 
@@ -206,21 +213,9 @@ def decode_adapter_op(rows: int):
     """The decoding step's task adapter adding fc2 and two residual terms, float32 (as identical-token
     decoding runs)."""
     width, hidden_width, r = (512, 2048, 64) if CUDA else (40, 72, 8)
-    g = torch.Generator(device="cpu").manual_seed(rows)
-
-    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
-        return (s * torch.randn(*shape, generator=g)).to(DEVICE)
-
+    rand = _random(rows, torch.float32)
     x, hidden = rand(rows, width), rand(rows, hidden_width)
-    params = (
-        1 + rand(width, s=0.1),
-        rand(width, s=0.1),
-        rand(r, width, s=width**-0.5),
-        rand(r, s=0.1),
-        rand(width, r, s=r**-0.5),
-        rand(width, s=0.1),
-        1 + rand(1, s=0.1),
-    )
+    params = _adapter_params(rand, width, r)
     linear = (hidden, rand(width, hidden_width, s=hidden_width**-0.5), rand(width, s=0.1))
     residuals = [x, rand(rows, width)]
     return lambda: launch.adapter_forward(x, params, residuals, launch.SINGLE_TASK, False, 1e-5, linear)[:1]
@@ -229,11 +224,7 @@ def decode_adapter_op(rows: int):
 def decode_cross_op(rows: int):
     """The cross-attention adapter's query side in a decoding step, float32: one row a sequence."""
     width, heads, length = (512, 8, 197) if CUDA else (40, 5, 7)
-    g = torch.Generator(device="cpu").manual_seed(rows)
-
-    def rand(*shape: int, s: float = 1.0) -> torch.Tensor:
-        return (s * torch.randn(*shape, generator=g)).to(DEVICE)
-
+    rand = _random(rows, torch.float32)
     x, lnw, lnb = rand(rows, width), 1 + rand(width, s=0.1), rand(width, s=0.1)
     wq, bq = rand(width, width, s=width**-0.5), rand(width, s=0.1)
     kv = rand(rows, length, 2 * width).view(rows, length, 2, heads, width // heads)

@@ -58,6 +58,14 @@ def _check_no_grad(op: str, tensors: dict[str, torch.Tensor]) -> None:
                 )
 
 
+def _check_layer_norm(op: str, ln_weight: torch.Tensor, ln_bias: torch.Tensor, d: int) -> None:
+    if ln_weight.shape != (d,) or ln_bias.shape != (d,):
+        raise ValueError(
+            f"{op}: LayerNorm parameters of shapes {tuple(ln_weight.shape)}, "
+            f"{tuple(ln_bias.shape)} do not match width {d}"
+        )
+
+
 def _check_linear(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(
@@ -93,11 +101,7 @@ def layer_norm_linear_act(
     if activation not in ACTIVATIONS:
         raise ValueError(f"{op}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     d = x.shape[-1]
-    if ln_weight.shape != (d,) or ln_bias.shape != (d,):
-        raise ValueError(
-            f"{op}: LayerNorm parameters of shapes {tuple(ln_weight.shape)}, "
-            f"{tuple(ln_bias.shape)} do not match width {d}"
-        )
+    _check_layer_norm(op, ln_weight, ln_bias, d)
     _check_linear(op, x, weight, bias)
     named = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "weight": weight, "bias": bias}
     same_device_and_dtype(op, named)
@@ -192,11 +196,7 @@ def cross_attention_query(
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (B, L, d), got shape {tuple(x.shape)}")
     d = x.shape[-1]
-    if ln_weight.shape != (d,) or ln_bias.shape != (d,):
-        raise ValueError(
-            f"{op}: LayerNorm parameters of shapes {tuple(ln_weight.shape)}, "
-            f"{tuple(ln_bias.shape)} do not match width {d}"
-        )
+    _check_layer_norm(op, ln_weight, ln_bias, d)
     _check_linear(op, x, q_weight, q_bias)
     if q_weight.shape[0] != d:
         raise ValueError(f"{op}: q_weight must be ({d}, {d}), got {tuple(q_weight.shape)}")
