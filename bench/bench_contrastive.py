@@ -110,6 +110,7 @@ def test_contrastive_gpu_bf16_triton(benchmark, ratio_table, median_ms, extra_pe
         baselines["CUDA kernel"] = lambda a, b, s: contrastive_loss(a, b, s, backend="cuda")
     baselines["Triton, two sweeps"] = _two_sweep_triton
     baselines["Triton, autograd terms"] = _autograd_terms_triton
+    baselines["Triton, library logits"] = _library_logits_triton
     meter.compare(table, f"{rows} rows", _inputs(rows, torch.bfloat16, device), fused, baselines)
 
 
@@ -123,6 +124,19 @@ def _autograd_terms_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) ->
         return contrastive_loss(a, b, s, backend="triton")
     finally:
         contrastive_triton.TARGETS_IN_KERNEL = True
+
+
+def _library_logits_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The Triton loss whose forward sweep reads dot products that the library GEMM wrote, a chunk of rows
+    at a time (``configs.CONTRASTIVE_LIBRARY_LOGITS``)."""
+    from famevil_fast.kernels import configs
+
+    previous = configs.CONTRASTIVE_LIBRARY_LOGITS
+    configs.CONTRASTIVE_LIBRARY_LOGITS = True
+    try:
+        return contrastive_loss(a, b, s, backend="triton")
+    finally:
+        configs.CONTRASTIVE_LIBRARY_LOGITS = previous
 
 
 def _two_sweep_triton(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -179,6 +193,7 @@ def _bound_losses(device: torch.device) -> dict:
             losses[backend] = lambda a, b, s, backend=backend: contrastive_loss(a, b, s, backend=backend)
     if "triton" in losses:
         losses["tri-ag"] = _autograd_terms_triton  # the Triton loss with autograd over the linear terms
+        losses["tri-lib"] = _library_logits_triton  # its forward over library-GEMM dot products
     return losses
 
 

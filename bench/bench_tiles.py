@@ -75,6 +75,8 @@ SPLIT_DP = [Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 8, 3)]
 SPLIT_DX = [Tiles(128, 128, 64, 8, 3), Tiles(64, 256, 64, 8, 3)]
 REDUCTION_PROGRAMS = [4, 8]  # configs.REDUCTION_PROGRAMS_PER_SM is 2 (segments stay <= 64)
 SPAN_PROGRAMS = [2, 8]  # configs.CONTRASTIVE_PROGRAMS_PER_SM is 4
+LIBRARY_LOGITS = [True]  # configs.CONTRASTIVE_LIBRARY_LOGITS is False (dot products inside the sweep)
+LOGITS_SWEEP = [Tiles(64, 64, 1, 4, 2), Tiles(32, 128, 1, 4, 2), Tiles(128, 64, 1, 8, 2)]
 COLUMN_SCALE = [True]  # configs.CONTRASTIVE_SHARED_COLUMN_SCALE is False (each column its own maximum)
 ONE_PASS_LN = [True]  # configs.ADAPTER_ONE_PASS_LN is False (a statistics pass before the down projection)
 # a decoding step's few rows (configs.has_few_rows): the text tower's LN + QKV projection, 512 -> 1536,
@@ -112,6 +114,7 @@ if not CUDA:  # the interpreter: any tile runs; two candidates check the sweep
     SPLIT_LN_DOWN, SPLIT_UP, SPLIT_DP, SPLIT_DX = ([Tiles(16, 32, 32)] for _ in range(4))
     CONTRASTIVE = [Tiles(16, 16, 16), Tiles(32, 16, 32)]
     LOSS_GRAD = [Tiles(16, 16, 16)]
+    LOGITS_SWEEP = [Tiles(16, 32, 1)]
     REDUCTION_PROGRAMS, SPAN_PROGRAMS = [4], [2]
     GRAD_BLOCK_BYTES = [4 * 16 * 45]  # 32 x 32 blocks of G at 45 rows
 
@@ -252,6 +255,21 @@ def contrastive_forward_op(rows: int):
     return lambda: launch_two_way_lse(a, b, scale)
 
 
+def contrastive_library_forward_op(rows: int):
+    """The two-way log-sum-exps with the dot products from the library GEMM (the sweep reading them)."""
+    a, b, scale = _contrastive_inputs(rows)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        previous = configs.CONTRASTIVE_LIBRARY_LOGITS
+        configs.CONTRASTIVE_LIBRARY_LOGITS = True
+        try:
+            return launch_two_way_lse(a, b, scale)
+        finally:
+            configs.CONTRASTIVE_LIBRARY_LOGITS = previous
+
+    return run
+
+
 def contrastive_loss_backward_op(rows: int):
     """The backward of the whole diagonal loss: the gradient tiles with the target terms (TARGETS)."""
     a, b, scale = _contrastive_inputs(rows)
@@ -328,6 +346,20 @@ FAMILIES = [
         "CONTRASTIVE_PROGRAMS_PER_SM",
         SPAN_PROGRAMS,
         contrastive_forward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
+        "contrastive forward: library logits",
+        "CONTRASTIVE_LIBRARY_LOGITS",
+        LIBRARY_LOGITS,
+        contrastive_forward_op,
+        CONTRASTIVE_ROWS,
+    ),
+    Family(
+        "contrastive forward: library logits tiles",
+        "contrastive_logits_lse_tiles",
+        LOGITS_SWEEP,
+        contrastive_library_forward_op,
         CONTRASTIVE_ROWS,
     ),
     Family(

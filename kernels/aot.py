@@ -296,7 +296,8 @@ def _weight_grads(dtype: str, mixed: bool, n_out: int, has_g: bool) -> list[Vari
 
 
 def _contrastive(dtype: str) -> list[Variant]:
-    """The log-sum-exp sweep (both forms of its column statistics), the gradient tile (of the log-sum-exps
+    """The log-sum-exp sweep (both forms of its column statistics, and over library-GEMM products), the
+    gradient tile (of the log-sum-exps
     alone or of the whole loss; G is stored in the input dtype for bf16 and fp32) and the row dots."""
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     t, g = configs.contrastive_lse_tiles(torch_dtype), configs.contrastive_grad_tiles(torch_dtype)
@@ -304,9 +305,28 @@ def _contrastive(dtype: str) -> list[Variant]:
     grad = {"BLOCK_M": g.block_m, "BLOCK_N": g.block_n, "BLOCK_K": g.block_k, **_dot(dtype), "HAS_Y": True}
     forms = (("contrastive_lse", False), ("contrastive_lse_shared_cols", True))
     sweeps = [
-        Variant(name, contrastive_lse_kernel, {**sweep, "SHARED_COL_SCALE": on}, **_launch(t), dtype=dtype)
+        Variant(
+            name,
+            contrastive_lse_kernel,
+            {**sweep, "SHARED_COL_SCALE": on, "FROM_LOGITS": False},
+            **_launch(t),
+            dtype=dtype,
+        )
         for name, on in forms
     ]
+    lt = configs.contrastive_logits_lse_tiles()
+    from_logits = {**sweep, "BLOCK_M": lt.block_m, "BLOCK_N": lt.block_n, "BLOCK_K": lt.block_k}
+    from_logits |= {"SHARED_COL_SCALE": False, "FROM_LOGITS": True}
+    sweeps.append(
+        Variant(
+            "contrastive_lse_from_logits",
+            contrastive_lse_kernel,
+            from_logits,
+            **_launch(lt),
+            dtype=dtype,
+            has_dot=False,
+        )
+    )
     loss_g = configs.contrastive_loss_grad_tiles(torch_dtype)
     grads = [
         Variant(

@@ -326,5 +326,21 @@ def contrastive_column_spans(row_blocks: int, col_tiles: int, device: torch.devi
     return max(1, min(wanted, col_tiles))
 
 
+# The log-sum-exp forward: dot products inside the sweep (False), or by the library GEMM into float32 chunks
+# of at most CONTRASTIVE_LOGITS_CHUNK_BYTES that the sweep then reads (True). The first is the one measured
+# on a card; bench/bench_tiles.py times both.
+CONTRASTIVE_LIBRARY_LOGITS = False
+CONTRASTIVE_LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+@functools.cache
+def contrastive_logits_lse_tiles() -> Tiles:
+    """contrastive_lse_kernel reading float32 dot products (FROM_LOGITS): a load and the exponentials per
+    tile, no product. Eight warps: with four the 64 x 128 tile spills 832 bytes a thread (ptxas, sm_90)."""
+    if interpreting():
+        return Tiles(block_m=32, block_n=64, block_k=1)
+    return Tiles(block_m=64, block_n=128, block_k=1, num_warps=8, num_stages=2)
+
+
 CONTRASTIVE_GRAD_CHUNK_BYTES = 256 * 2**20  # the largest block of G the contrastive backward holds
 CONTRASTIVE_COL_PARTIAL_BYTES = 256 * 2**20  # per-row-block column statistics of the one-sweep forward

@@ -16,6 +16,10 @@ log-sum-exp needs every entry of the matrix, and only it lives here.
   column of its span over its own rows, which the same combination over row blocks completes: the two-way
   statistics in one sweep, at 4 bytes per column per row block (16 MiB at 16,384 x 16,384). Where that
   buffer would pass its budget, the column statistics are the same kernel with X and Y swapped.
+  It can also read the dot products from memory (FROM_LOGITS): a chunk of rows at a time, computed by the
+  library GEMM, which runs the products near the card's peak where the sweep's own products, interleaved
+  with its exponentials and reductions, do not; each chunk costs a write and a read of 4 bytes a logit
+  (``configs.CONTRASTIVE_LIBRARY_LOGITS`` switches it; bench/bench_tiles.py times both).
 * ``combine_lse_kernel`` completes the statistics from the sweep's partial log-sum-exps (over spans, or over
   row blocks for the columns) in one pass.
 * ``row_dots_kernel``: the float32 dot product of each row of X with its positive row of Y (the same row,
@@ -102,6 +106,7 @@ def column_lse_shared(t, e, row_max, rmask, cmask):
 def contrastive_lse_kernel(
     x_ptr,
     y_ptr,
+    logits_ptr,
     scale_ptr,
     lse_ptr,
     col_part_ptr,
@@ -114,6 +119,7 @@ def contrastive_lse_kernel(
     BLOCK_K: tl.constexpr,
     COLS: tl.constexpr,
     SHARED_COL_SCALE: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -123,7 +129,9 @@ def contrastive_lse_kernel(
     y_j) over the block's rows (``combine_lse_kernel`` reduces both kinds of partials).
 
     With SHARED_COL_SCALE the column sums reuse the row-stabilised exponentials (``column_lse_shared``)
-    instead of a stabiliser and an exponential of their own per column (``column_lse_exact``)."""
+    instead of a stabiliser and an exponential of their own per column (``column_lse_exact``). With
+    FROM_LOGITS the dot products are read from ``logits`` (m x n float32, a library GEMM's output) instead
+    of computed; X, Y and d are not read."""
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,9 +146,16 @@ def contrastive_lse_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < n_end
         cols64 = cols.to(tl.int64)
-        acc = dot_tile(
-            x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION
-        )
+        if FROM_LOGITS:
+            acc = tl.load(
+                logits_ptr + rows64[:, None] * n + cols64[None, :],
+                mask=rmask[:, None] & cmask[None, :],
+                other=0.0,
+            )
+        else:
+            acc = dot_tile(
+                x_ptr, y_ptr, rows64, rmask, cols64, cmask, d, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION
+            )
         t = tl.where(cmask[None, :], acc * scale2, float("-inf"))
         tile_max = tl.max(t, axis=1)
         new_max = tl.maximum(run_max, tile_max)

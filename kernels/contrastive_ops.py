@@ -25,14 +25,25 @@ from famevil_fast.kernels.contrastive import (
 )
 
 
-def launch_lse(
-    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, col_part: torch.Tensor | None = None
+def _lse_tiles(x: torch.Tensor) -> configs.Tiles:
+    """The sweep's tiles: over dot products it computes, or over those the library GEMM wrote."""
+    if configs.CONTRASTIVE_LIBRARY_LOGITS:
+        return configs.contrastive_logits_lse_tiles()
+    return configs.contrastive_lse_tiles(x.dtype)
+
+
+def _sweep(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    col_part: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    t: configs.Tiles,
 ) -> torch.Tensor:
-    """float32 (M,): log-sum-exp over j of scale * x_i . y_j. With ``col_part`` (row blocks, N) float32,
-    also each row block's log-sum-exp of every column."""
+    """One launch of ``contrastive_lse_kernel`` over the rows of x (the dot products read from ``logits``
+    when given); returns the row log-sum-exps."""
     m, d = x.shape
     n = y.shape[0]
-    t = configs.contrastive_lse_tiles(x.dtype)
     row_blocks, col_tiles = configs.cdiv(m, t.block_m), configs.cdiv(n, t.block_n)
     wanted = configs.contrastive_column_spans(row_blocks, col_tiles, x.device)
     span = configs.cdiv(col_tiles, wanted) * t.block_n
@@ -41,6 +52,7 @@ def launch_lse(
     contrastive_lse_kernel[(row_blocks, spans)](
         x,
         y,
+        out if logits is None else logits,
         scale,
         out,
         out if col_part is None else col_part,
@@ -53,10 +65,41 @@ def launch_lse(
         BLOCK_K=t.block_k,
         COLS=col_part is not None,
         SHARED_COL_SCALE=configs.CONTRASTIVE_SHARED_COLUMN_SCALE,
+        FROM_LOGITS=logits is not None,
         **configs.dot_args(x.dtype),
         **t.launch(),
     )
     return out[0] if spans == 1 else launch_combine_lse(out)
+
+
+def _logits_chunk_rows(n: int, block_m: int) -> int:
+    """Rows of X per chunk of library-GEMM dot products: float32 (rows, n) within
+    CONTRASTIVE_LOGITS_CHUNK_BYTES, a whole number of row blocks (one block at least)."""
+    rows = configs.CONTRASTIVE_LOGITS_CHUNK_BYTES // (4 * max(n, 1))
+    return max(block_m, rows // block_m * block_m)
+
+
+def launch_lse(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, col_part: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 (M,): log-sum-exp over j of scale * x_i . y_j. With ``col_part`` (row blocks, N) float32,
+    also each row block's log-sum-exp of every column. With ``configs.CONTRASTIVE_LIBRARY_LOGITS`` the dot
+    products come from the library GEMM, a chunk of rows at a time, and the sweep reads them."""
+    t = _lse_tiles(x)
+    if not configs.CONTRASTIVE_LIBRARY_LOGITS:
+        return _sweep(x, y, scale, col_part, None, t)
+    from famevil_fast.kernels.launch import product_f32
+
+    m, n = x.shape[0], y.shape[0]
+    chunk = _logits_chunk_rows(n, t.block_m)
+    if m <= chunk:
+        return _sweep(x, y, scale, col_part, product_f32(x, y.t()), t)
+    lse = torch.empty(m, dtype=torch.float32, device=x.device)
+    for start in range(0, m, chunk):
+        rows = x[start : start + chunk]
+        part = None if col_part is None else col_part[start // t.block_m :]
+        lse[start : start + chunk] = _sweep(rows, y, scale, part, product_f32(rows, y.t()), t)
+    return lse
 
 
 def launch_two_way_lse(
@@ -64,7 +107,7 @@ def launch_two_way_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exps: one sweep with per-block column partials when they fit in
     CONTRASTIVE_COL_PARTIAL_BYTES, else two sweeps."""
-    blocks = configs.cdiv(x.shape[0], configs.contrastive_lse_tiles(x.dtype).block_m)
+    blocks = configs.cdiv(x.shape[0], _lse_tiles(x).block_m)
     if blocks * y.shape[0] * 4 > configs.CONTRASTIVE_COL_PARTIAL_BYTES:
         return launch_lse(x, y, scale), launch_lse(y, x, scale)
     col_part = torch.empty((blocks, y.shape[0]), dtype=torch.float32, device=x.device)

@@ -672,7 +672,7 @@ def _weight_epilogue(
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=...), torch >= 2.8
 
 
-def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with a float32 result and float32 accumulation, for operands of one dtype. On a GPU 16-bit
     operands go through the library GEMM with a float32 output (``torch.mm``'s ``out_dtype``; an older
     torch rounds the product to the operands' dtype first); the CPU only runs this under the interpreter,
@@ -689,12 +689,12 @@ def _product_partials(
 ) -> Partials:
     """The partials of ``weight_grads`` for rows of one task, as one segment: M = xhat^T dp and
     G = dy^T h by library GEMMs (each a d x r product reduced over all N rows), and the column sums."""
-    m = _product_f32(xhat.t(), dp)[None]
+    m = product_f32(xhat.t(), dp)[None]
     csp = dp.sum(0, dtype=torch.float32)[None]
     if dy_h is None:
         return Partials(m, csp, m, csp, 1)
     dy, h = dy_h
-    g = _product_f32(dy.t(), h)[None]
+    g = product_f32(dy.t(), h)[None]
     return Partials(m, csp, g, dy.sum(0, dtype=torch.float32)[None], 1)
 
 

@@ -130,6 +130,43 @@ def test_column_statistics_in_two_sweeps_when_partials_exceed_their_budget(monke
     _check((a, b, s), labels=torch.randint(0, 45, (70,), device=DEV))
 
 
+@pytest.fixture(params=[None, 4 * 45 * 40], ids=["one_chunk", "chunks"])
+def library_logits(request, monkeypatch):
+    """The forward with its dot products from the library GEMM (``configs.CONTRASTIVE_LIBRARY_LOGITS``), in
+    one chunk of rows, or in chunks of 32 rows (the interpreter's row block) at 45 columns."""
+    monkeypatch.setattr(configs, "CONTRASTIVE_LIBRARY_LOGITS", True)
+    if request.param is not None:
+        monkeypatch.setattr(configs, "CONTRASTIVE_LOGITS_CHUNK_BYTES", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (70, 45, 33), (37, 37, 19)])
+def test_library_logits_forward_matches_the_float64_reference(m, n, d, library_logits, column_scale):
+    """Every variant, forward and backward (which reads the forward's statistics)."""
+    tensors = _inputs(m, n, d)
+    for name, kw in _variants(m, n):
+        try:
+            _check(tensors, **kw)
+        except AssertionError as exc:
+            raise AssertionError(f"variant {name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("col_partial_bytes", [None, 0])
+def test_library_logits_statistics(monkeypatch, library_logits, col_partial_bytes):
+    """Row and column log-sum-exps from chunks of library-GEMM products, with the column partials of one
+    sweep or, past their budget, a second sweep over Y; also at a scale of 100 and in bf16."""
+    if DEV == "cpu" and library_logits is not None:
+        assert contrastive_ops._logits_chunk_rows(45, 32) == 32  # 70 rows: three chunks, the last partial
+    if col_partial_bytes is not None:
+        monkeypatch.setattr(configs, "CONTRASTIVE_COL_PARTIAL_BYTES", col_partial_bytes)
+    for scale, dtype in ((5.0, torch.float32), (100.0, torch.float32), (5.0, torch.bfloat16)):
+        a, b, s = _inputs(70, 45, 20, s=scale, dtype=dtype)
+        rows_lse, cols_lse = torch.ops.famevil_fast.contrastive_lse(a, b, s, True)
+        logits = scale * (a.double() @ b.double().T)
+        torch.testing.assert_close(rows_lse.double(), logits.logsumexp(1), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(cols_lse.double(), logits.logsumexp(0), rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [0.0, -3.0, 100.0])
 def test_extreme_scales(scale, column_scale):
     _check(_inputs(40, 40, 16, s=scale), tol=5e-5)
