@@ -520,6 +520,18 @@ def test_gpu_decoding_ops_follow_their_references(dtype: torch.dtype) -> None:
     torch.testing.assert_close(nexts[0], nexts[1], rtol=0 if dtype == torch.float32 else 2**-7, atol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_step_past_the_cache_is_refused(model, fused: bool) -> None:
+    """The fused step's later calls skip the ops' checks; the decoder itself bounds the position."""
+    with torch.no_grad():
+        decoder = TextDecoder(model, model.vision_memory(torch.randn(2, 3, 32, 32), "cap"), 2, fused=fused)
+        start = torch.full((2,), SOT_ID)
+        decoder.step(start)
+        decoder.step(start)
+        with pytest.raises(ValueError, match="holds 2 positions; position 2 is past them"):
+            decoder.step(start)
+
+
 def test_fused_step_needs_the_triton_backend_and_its_block_form(model) -> None:
     like = torch.zeros(1)
     assert not fused_step_applies(model, "cap", like)  # the tests pin automatic choices to PyTorch

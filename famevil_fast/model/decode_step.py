@@ -20,8 +20,10 @@ under a CUDA graph as well. Fused, a layer ``h' = a + MLP(LN2(a)) + TSA(a) + XAA
 Both adapters spread their output columns over programs (``adapter_fwd_columns_kernel``), so that a step's
 few rows do not leave them on a single multiprocessor. The final LayerNorm and the LM head (over the caption
 shortlist, gathered once per decode) are one more kernel, and greedy decoding's choice of the token with the
-next step's input embedding one more (``FusedPick``). The arithmetic is the plain step's, in another order
-of summation: tokens match the plain decoder's except where two logits tie to within rounding.
+next step's input embedding one more (``FusedPick``). The first step goes through the checked ops of
+``ops.decoding``; later steps hand the same arguments to their launchers. The arithmetic is the plain
+step's, in another order of summation: tokens match the plain decoder's except where two logits tie to
+within rounding.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from famevil_fast.kernels import launch
 from famevil_fast.model.clip import QuickGELU
-from famevil_fast.ops import fused_adapter
+from famevil_fast.ops import AdapterParams, fused_adapter
 from famevil_fast.ops._backend import select_backend
 from famevil_fast.ops.decoding import (
     adapter_with_linear,
@@ -81,52 +84,94 @@ def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     return True
 
 
-def fused_layer(
-    block: Block,
-    h: torch.Tensor,
-    cache: torch.Tensor,
-    position: int,
-    context_kv: tuple[torch.Tensor, torch.Tensor],
-    task: str,
-    activation: str,
-) -> torch.Tensor:
-    """One block for one new token: h (B, 1, d) -> h' (B, 1, d); writes the token's key and value at
-    ``position`` of the layer's (B, 2, H, T, Dh) cache (keys, then values). ``activation``: the block's
-    ``mlp_activation``, resolved once per decode."""
-    attn = block.attn
-    ln1, ln2, mlp = block.ln_1, block.ln_2, block.mlp
-    qkv = layer_norm_linear_act(
-        h, ln1.weight, ln1.bias, attn.qkv.weight, attn.qkv.bias, None, ln1.eps, TRITON
-    )
-    o = cached_self_attention(qkv, cache, position, attn.heads, TRITON)
-    a = linear_residual(o, attn.out.weight, attn.out.bias, h, TRITON)
-    xaa, eps = block.xaa, block.xaa.ln_q.eps
-    q_side = xaa.attn_params()
-    o = cross_attention_query(
-        a, q_side.q_ln_weight, q_side.q_ln_bias, q_side.q_weight, q_side.q_bias, context_kv, eps, TRITON
-    )
-    x = fused_adapter(o, *xaa.adapter.params(), backend=TRITON, eps=eps)
-    hidden = layer_norm_linear_act(
-        a, ln2.weight, ln2.bias, mlp.fc1.weight, mlp.fc1.bias, activation, ln2.eps, TRITON
-    )
-    adapter = block.tsa.adapters[task]
-    return adapter_with_linear(
-        a, adapter.params(), hidden, mlp.fc2.weight, mlp.fc2.bias, [a, x], adapter.ln.eps, TRITON
-    )
+def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.contiguous() for t in tensors)
+
+
+class FusedLayer:
+    """One text block's fused step, h (B, d) -> h' (B, d), writing the new token's key and value at
+    ``position`` of the layer's (B, 2, H, T, Dh) cache (keys, then values).
+
+    The block's parameters are gathered once per decode. The first call runs the public ops of
+    ``ops.decoding``, which check every argument (shapes, dtypes, devices, the cache, the context's keys and
+    values); later calls hand the same arguments to the ops' launchers, skipping a host cost that an eager
+    step pays on every one of its kernels: between steps nothing those checks look at changes but the
+    position, which ``TextDecoder`` bounds."""
+
+    def __init__(self, block: Block, task: str) -> None:
+        activation = mlp_activation(block)
+        if activation is None:
+            raise ValueError("fused decoding needs a QuickGELU or GELU MLP in every text block")
+        attn, mlp, xaa = block.attn, block.mlp, block.xaa
+        q_side, adapter = xaa.attn_params(), block.tsa.adapters[task]
+        self.heads, self.activation = attn.heads, activation
+        self.qkv = _contiguous(block.ln_1.weight, block.ln_1.bias, attn.qkv.weight, attn.qkv.bias)
+        self.out = _contiguous(attn.out.weight, attn.out.bias)
+        self.query = _contiguous(q_side.q_ln_weight, q_side.q_ln_bias, q_side.q_weight, q_side.q_bias)
+        self.xaa_adapter = AdapterParams(*_contiguous(*xaa.adapter.params()))
+        self.mlp_in = _contiguous(block.ln_2.weight, block.ln_2.bias, mlp.fc1.weight, mlp.fc1.bias)
+        self.mlp_out = _contiguous(mlp.fc2.weight, mlp.fc2.bias)
+        self.task_adapter = AdapterParams(*_contiguous(*adapter.params()))
+        self.eps = (block.ln_1.eps, xaa.ln_q.eps, block.ln_2.eps, adapter.ln.eps)
+        self.checked = False
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        cache: torch.Tensor,
+        position: int,
+        context_kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        if self.checked:
+            return self._launch(h, cache, position, context_kv)
+        out = self._through_ops(h[:, None], cache, position, context_kv)[:, 0]
+        self.checked = True
+        return out
+
+    def _through_ops(self, h, cache, position, context_kv) -> torch.Tensor:
+        """The step through the checked ops, on (B, 1, d) rows."""
+        eps_1, eps_x, eps_2, eps_t = self.eps
+        qkv = layer_norm_linear_act(h, *self.qkv, None, eps_1, TRITON)
+        o = cached_self_attention(qkv, cache, position, self.heads, TRITON)
+        a = linear_residual(o, *self.out, h, TRITON)
+        q = cross_attention_query(a, *self.query, context_kv, eps_x, TRITON)
+        x = fused_adapter(q, *self.xaa_adapter, backend=TRITON, eps=eps_x)
+        hidden = layer_norm_linear_act(a, *self.mlp_in, self.activation, eps_2, TRITON)
+        return adapter_with_linear(a, self.task_adapter, hidden, *self.mlp_out, [a, x], eps_t, TRITON)
+
+    def _launch(self, h, cache, position, context_kv) -> torch.Tensor:
+        """The same kernels on (B, d) rows, straight through their launchers."""
+        eps_1, eps_x, eps_2, eps_t = self.eps
+        qkv = launch.ln_linear_forward(h, *self.qkv, False, eps_1)[0]
+        o = launch.decode_self_attention(qkv, cache, position, self.heads)
+        a = launch.linear_residual(o, *self.out, h)
+        q = launch.decode_cross_attention(a, 1, *self.query, *context_kv, eps_x)
+        x = launch.adapter_forward(q, self.xaa_adapter, [], launch.SINGLE_TASK, False, eps_x)[0]
+        hidden = launch.ln_linear_forward(a, *self.mlp_in, False, eps_2, self.activation)[0]
+        linear = (hidden, *self.mlp_out)
+        return launch.adapter_forward(a, self.task_adapter, [a, x], launch.SINGLE_TASK, False, eps_t, linear)[
+            0
+        ]
 
 
 class FusedHead:
-    """The final LayerNorm and the LM head as one kernel, over the caption shortlist (gathered once)."""
+    """The final LayerNorm and the LM head as one kernel, over the caption shortlist (gathered once); checked
+    at the first call, as ``FusedLayer``."""
 
     def __init__(self, model: FameViL, task: str) -> None:
-        head, vocab = model.heads[task], model.caption_vocab
-        self.ln = model.text.ln_final
-        self.weight = head.weight if vocab is None else head.weight[vocab]
-        self.bias = head.bias if vocab is None else head.bias[vocab]
+        head, vocab, ln = model.heads[task], model.caption_vocab, model.text.ln_final
+        weight = head.weight if vocab is None else head.weight[vocab]
+        bias = head.bias if vocab is None else head.bias[vocab]
+        self.params = _contiguous(ln.weight, ln.bias, weight, bias)
+        self.eps = ln.eps
+        self.checked = False
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        ln = self.ln
-        return layer_norm_linear_act(h, ln.weight, ln.bias, self.weight, self.bias, None, ln.eps, TRITON)
+        """Logits (B, V) of rows h (B, d), in h's dtype."""
+        if self.checked:
+            return launch.ln_linear_forward(h, *self.params, False, self.eps)[0]
+        self.checked = True
+        return layer_norm_linear_act(h, *self.params, None, self.eps, TRITON)
 
 
 class FusedPick:
@@ -139,7 +184,7 @@ class FusedPick:
     def __init__(self, model: FameViL, end_token: int) -> None:
         text = model.text
         self.shortlist = model.caption_vocab
-        self.tables = (text.token_embed.weight, text.pos_embed)
+        self.tables = _contiguous(text.token_embed.weight, text.pos_embed)
         self.end_token = end_token
         self.checked = False
 
@@ -152,19 +197,20 @@ class FusedPick:
         next_position: int | None,
     ) -> torch.Tensor | None:
         """Writes ``tokens[:, column]`` and updates ``done``; returns the (B, 1, width) input of the step at
-        ``next_position``, or None when there is no next step."""
+        ``next_position``, or None when there is no next step. Every argument, and the shortlist's ids against
+        the embedding table, is checked at the first call that embeds; after it, the column and position
+        only."""
         embedding = None if next_position is None else (*self.tables, next_position)
-        h = greedy_pick(
-            logits,
-            tokens,
-            done,
-            column,
-            self.end_token,
-            self.shortlist,
-            embedding,
-            backend=TRITON,
-            check_values=not self.checked,
+        in_range = 0 <= column < tokens.shape[1] and (
+            next_position is None or 0 <= next_position < self.tables[1].shape[0]
         )
+        if self.checked and in_range:
+            logits = logits.contiguous()  # n-gram bans leave a strided view
+            h = launch.greedy_pick(logits, self.shortlist, tokens, done, column, self.end_token, embedding)
+        else:
+            h = greedy_pick(
+                logits, tokens, done, column, self.end_token, self.shortlist, embedding, backend=TRITON
+            )
         if h is None:
             return None
         self.checked = True

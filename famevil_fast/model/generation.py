@@ -13,13 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from famevil_fast.model.attention import attention
-from famevil_fast.model.decode_step import (
-    FusedHead,
-    FusedPick,
-    fused_layer,
-    fused_step_applies,
-    mlp_activation,
-)
+from famevil_fast.model.decode_step import FusedHead, FusedLayer, FusedPick, fused_step_applies
 from famevil_fast.ops.cross_attention import merge_heads
 
 if TYPE_CHECKING:
@@ -50,11 +44,9 @@ class TextDecoder:
         self.caches = [self.cache[i] for i in range(len(self.blocks))]
         self.length = 0
         self.fused = fused_step_applies(model, task, memory[0]) if fused is None else fused
+        self.layers = [FusedLayer(block, task) for block in self.blocks] if self.fused else []
         self.head = FusedHead(model, task) if self.fused else None
         self.pick = FusedPick(model, EOT_ID) if self.fused else None  # greedy bookkeeping as one kernel
-        self.activations = [mlp_activation(block) for block in self.blocks] if self.fused else []
-        if None in self.activations:
-            raise ValueError("fused decoding needs a QuickGELU or GELU MLP in every text block")
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,); returns next-token logits (B, V)."""
@@ -65,10 +57,15 @@ class TextDecoder:
         """Feed one input embedding per sequence (B, 1, width), position embedding included; returns
         next-token logits (B, V)."""
         text, t = self.model.text, self.length
-        for i, (block, cache, context_kv) in enumerate(zip(self.blocks, self.caches, self.context_kv)):
-            if self.fused:
-                h = fused_layer(block, h, cache, t, context_kv, self.task, self.activations[i])
-                continue
+        if t >= self.cache.shape[4]:
+            raise ValueError(f"the decoder holds {self.cache.shape[4]} positions; position {t} is past them")
+        if self.fused:
+            rows = h.reshape(h.shape[0], -1)
+            for layer, cache, context_kv in zip(self.layers, self.caches, self.context_kv):
+                rows = layer(rows, cache, t, context_kv)
+            self.length += 1
+            return self.head(rows).float()
+        for block, cache, context_kv in zip(self.blocks, self.caches, self.context_kv):
             q, k, v = block.attn.project(block.ln_1(h))
             cache[:, 0, :, t] = k[:, :, 0]
             cache[:, 1, :, t] = v[:, :, 0]
@@ -77,8 +74,6 @@ class TextDecoder:
             x = block.cross_attend(a, context_kv=context_kv)
             h = block.feed_forward(a, self.task, x)
         self.length += 1
-        if self.head is not None:
-            return self.head(h[:, 0]).float()
         return self.model.caption_logits(text.ln_final(h[:, 0]), self.task).float()
 
     def reorder(self, index: torch.Tensor) -> None:
