@@ -93,12 +93,12 @@ def launch_lse(
     m, n = x.shape[0], y.shape[0]
     chunk = _logits_chunk_rows(n, t.block_m)
     if m <= chunk:
-        return _sweep(x, y, scale, col_part, product_f32(x, y.t()), t)
+        return _sweep(x, y, scale, col_part, product_f32(x, y.t(), exact=True), t)
     lse = torch.empty(m, dtype=torch.float32, device=x.device)
     for start in range(0, m, chunk):
         rows = x[start : start + chunk]
         part = None if col_part is None else col_part[start // t.block_m :]
-        lse[start : start + chunk] = _sweep(rows, y, scale, part, product_f32(rows, y.t()), t)
+        lse[start : start + chunk] = _sweep(rows, y, scale, part, product_f32(rows, y.t(), exact=True), t)
     return lse
 
 

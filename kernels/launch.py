@@ -672,15 +672,17 @@ def _weight_epilogue(
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=...), torch >= 2.8
 
 
-def product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def product_f32(a: torch.Tensor, b: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """a @ b with a float32 result and float32 accumulation, for operands of one dtype. On a GPU 16-bit
     operands go through the library GEMM with a float32 output (``torch.mm``'s ``out_dtype``; an older
-    torch rounds the product to the operands' dtype first); the CPU only runs this under the interpreter,
-    where 16-bit operands are widened first."""
+    torch rounds the product to the operands' dtype first, or with ``exact`` widens the operands instead);
+    the CPU only runs this under the interpreter, where 16-bit operands are widened first."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32) if MM_OUT_DTYPE else torch.mm(a, b).float()
+    if a.is_cuda and MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda and not exact:
+        return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
 
 
