@@ -388,10 +388,8 @@ def test_torch_compile_traces_the_triton_loss():
 @pytest.mark.parametrize("library", [False, True], ids=["sweep_products", "library_logits"])
 def test_no_host_read_back_under_capture(monkeypatch, library):
     """Diagonal and label positives run without a device-to-host read (CUDA graph capture), with the dot
-    products in the sweep or from the library GEMM in chunks."""
-    if library:
-        monkeypatch.setattr(configs, "CONTRASTIVE_LIBRARY_LOGITS", True)
-        monkeypatch.setattr(configs, "CONTRASTIVE_LOGITS_CHUNK_BYTES", 4 * 24 * 8)
+    products in the sweep or from the library GEMM."""
+    monkeypatch.setattr(configs, "CONTRASTIVE_LIBRARY_LOGITS", library)
     a, b, s = _inputs(24, 24, 8)
     a.requires_grad_(True)
     labels = torch.randint(0, 24, (24,), device=DEV)
