@@ -23,6 +23,7 @@ from famevil_fast.kernels.contrastive import (
     contrastive_lse_kernel,
     row_dots_kernel,
 )
+from famevil_fast.kernels.launch import product_f32
 
 
 def _lse_tiles(x: torch.Tensor) -> configs.Tiles:
@@ -88,8 +89,6 @@ def launch_lse(
     t = _lse_tiles(x)
     if not configs.CONTRASTIVE_LIBRARY_LOGITS:
         return _sweep(x, y, scale, col_part, None, t)
-    from famevil_fast.kernels.launch import product_f32
-
     m, n = x.shape[0], y.shape[0]
     chunk = _logits_chunk_rows(n, t.block_m)
     if m <= chunk:
