@@ -59,7 +59,7 @@ def _select(top_scores, src_beam, token, done, beams):
     before = running.cumsum(dim=1) - running  # non-end candidates ranked ahead of each one
     considered = valid & (before < beams) & ~done[:, None]
     keep = considered & ~is_end
-    slot = torch.where(keep, before, torch.full_like(before, beams))  # slot `beams` is a discard column
+    slot = torch.where(keep, before, beams)  # slot `beams` is a discard column
     return considered & is_end, keep, slot
 
 
@@ -79,6 +79,7 @@ def beam_search_all_steps(
     finished = _Finished(batch, beams, width, device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     offsets = torch.arange(batch, device=device)[:, None] * beams
+    lengths = torch.arange(width + 1, device=device)[:, None, None]  # lengths[n]: a (1, 1) view of n
     for t in range(steps):
         logits = ban_repeated_ngrams_on_device(
             decoder.step(seqs[:, t]), seqs[:, : t + 1], no_repeat_ngram, model
@@ -90,15 +91,13 @@ def beam_search_all_steps(
         src_beam, token = top_idx // vocab, model.caption_tokens(top_idx % vocab)
         ends, keep, slot = _select(top_scores, src_beam, token, done, beams)
         end_rows = seqs.index_select(0, (src_beam + offsets).view(-1)).view(batch, 2 * beams, width)
-        end_scores = torch.where(
-            ends, top_scores.double() / (t + 2), torch.full_like(top_scores, NEG_INF, dtype=torch.float64)
-        )
-        finished.add(end_scores, end_rows, torch.full_like(src_beam, t + 2))  # prefix + end token
+        end_scores = torch.where(ends, top_scores.double() / (t + 2), NEG_INF)
+        finished.add(end_scores, end_rows, lengths[t + 2].expand_as(src_beam))  # prefix + end token
         new_scores = torch.full((batch, beams + 1), NEG_INF, device=device)
-        new_scores.scatter_(1, slot, torch.where(keep, top_scores, new_scores[:, :1].expand_as(top_scores)))
+        new_scores.scatter_(1, slot, torch.where(keep, top_scores, NEG_INF))
         new_src = torch.zeros(batch, beams + 1, dtype=torch.long, device=device).scatter_(1, slot, src_beam)
         new_tok = torch.full((batch, beams + 1), EOT_ID, dtype=torch.long, device=device)
-        new_tok.scatter_(1, slot, torch.where(keep, token, torch.full_like(token, EOT_ID)))
+        new_tok.scatter_(1, slot, torch.where(keep, token, EOT_ID))
         new_scores, new_src, new_tok = new_scores[:, :beams], new_src[:, :beams], new_tok[:, :beams]
         done = done | finished.closed(new_scores.max(dim=1).values, t + 2)
         index = (new_src + offsets).reshape(-1)
