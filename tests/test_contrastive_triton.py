@@ -76,14 +76,18 @@ def _variants(m, n):
     return out
 
 
-@pytest.mark.parametrize("m,n,d", SHAPES)
-def test_every_variant_matches_the_float64_reference(m, n, d, column_scale):
+def _check_every_variant(m: int, n: int, d: int) -> None:
     tensors = _inputs(m, n, d)
     for name, kw in _variants(m, n):
         try:
             _check(tensors, **kw)
         except AssertionError as exc:
             raise AssertionError(f"variant {name}: {exc}") from exc
+
+
+@pytest.mark.parametrize("m,n,d", SHAPES)
+def test_every_variant_matches_the_float64_reference(m, n, d, column_scale):
+    _check_every_variant(m, n, d)
 
 
 @pytest.mark.parametrize(
@@ -143,12 +147,7 @@ def library_logits(request, monkeypatch):
 @pytest.mark.parametrize("m,n,d", [(1, 1, 1), (70, 45, 33), (37, 37, 19)])
 def test_library_logits_forward_matches_the_float64_reference(m, n, d, library_logits, column_scale):
     """Every variant, forward and backward (which reads the forward's statistics)."""
-    tensors = _inputs(m, n, d)
-    for name, kw in _variants(m, n):
-        try:
-            _check(tensors, **kw)
-        except AssertionError as exc:
-            raise AssertionError(f"variant {name}: {exc}") from exc
+    _check_every_variant(m, n, d)
 
 
 @pytest.mark.parametrize("col_partial_bytes", [None, 0])
