@@ -520,6 +520,12 @@ def test_gpu_decoding_ops_follow_their_references(dtype: torch.dtype) -> None:
     torch.testing.assert_close(nexts[0], nexts[1], rtol=0 if dtype == torch.float32 else 2**-7, atol=0)
 
 
+def test_forced_fusion_of_an_unfit_model_is_refused(model) -> None:
+    memory = model.vision_memory(torch.randn(2, 3, 32, 32), "cap")
+    with pytest.raises(ValueError, match="'unknown' task adapter"):
+        TextDecoder(model, memory, 4, task="unknown", fused=True)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_step_past_the_cache_is_refused(model, fused: bool) -> None:
     """The fused step's later calls skip the ops' checks; the decoder itself bounds the position."""

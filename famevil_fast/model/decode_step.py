@@ -102,6 +102,11 @@ class FusedLayer:
         activation = mlp_activation(block)
         if activation is None:
             raise ValueError("fused decoding needs a QuickGELU or GELU MLP in every text block")
+        if block.xaa is None or block.xma is not None or block.tsa is None or task not in block.tsa.adapters:
+            raise ValueError(
+                f"fused decoding needs a cross-attention adapter and the {task!r} task adapter in every text "
+                "block, and no Cross-Modal Adapter"
+            )
         attn, mlp, xaa = block.attn, block.mlp, block.xaa
         q_side, adapter = xaa.attn_params(), block.tsa.adapters[task]
         self.heads, self.activation = attn.heads, activation
