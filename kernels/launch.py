@@ -513,7 +513,7 @@ def greedy_pick(
     (B, width). All contiguous. No autograd."""
     batch, n_logits = logits.shape
     token_embed, pos_embed, position = embedding if embedding is not None else (logits, logits, 0)
-    width = token_embed.shape[1]
+    width = token_embed.shape[1] if embedding is not None else 1  # no embedding: one tile shape for any V
     embedded = token_embed.new_empty((batch, width)) if embedding is not None else None
     if batch == 0:
         return embedded

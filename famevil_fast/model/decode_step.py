@@ -63,6 +63,18 @@ def mlp_activation(block: Block) -> str | None:
     return None
 
 
+def unfit_for_fusion(block: Block, task: str) -> str | None:
+    """Why ``block`` cannot run the fused step for ``task``, or None when it can."""
+    if mlp_activation(block) is None:
+        return "fused decoding needs a QuickGELU or GELU MLP in every text block"
+    if block.xaa is None or block.xma is not None or block.tsa is None or task not in block.tsa.adapters:
+        return (
+            f"fused decoding needs a cross-attention adapter and the {task!r} task adapter in every text "
+            "block, and no Cross-Modal Adapter"
+        )
+    return None
+
+
 def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     """Whether ``TextDecoder`` runs the fused layers: the model's backend resolves to Triton for the step
     (``backend="triton"``, or automatically under ``TRITON_INTERPRET=1``; on a GPU only when asked for) and
@@ -76,12 +88,7 @@ def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
         backend = None
     if select_backend("text decoding step", backend, ("torch", TRITON), like, False) != TRITON:
         return False
-    for block in model.text.blocks:
-        if block.xaa is None or block.xma is not None or mlp_activation(block) is None:
-            return False
-        if block.tsa is None or task not in block.tsa.adapters:
-            return False
-    return True
+    return all(unfit_for_fusion(block, task) is None for block in model.text.blocks)
 
 
 def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -99,14 +106,10 @@ class FusedLayer:
     position, which ``TextDecoder`` bounds."""
 
     def __init__(self, block: Block, task: str) -> None:
+        reason = unfit_for_fusion(block, task)
+        if reason is not None:
+            raise ValueError(reason)
         activation = mlp_activation(block)
-        if activation is None:
-            raise ValueError("fused decoding needs a QuickGELU or GELU MLP in every text block")
-        if block.xaa is None or block.xma is not None or block.tsa is None or task not in block.tsa.adapters:
-            raise ValueError(
-                f"fused decoding needs a cross-attention adapter and the {task!r} task adapter in every text "
-                "block, and no Cross-Modal Adapter"
-            )
         attn, mlp, xaa = block.attn, block.mlp, block.xaa
         q_side, adapter = xaa.attn_params(), block.tsa.adapters[task]
         self.heads, self.activation = attn.heads, activation
