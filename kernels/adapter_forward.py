@@ -54,6 +54,12 @@ from famevil_fast.kernels._tiles import (
 
 
 @triton.jit
+def relu(h):
+    """max(h, 0) with NaN kept NaN, as torch.relu does (``tl.maximum`` alone returns 0 for NaN)."""
+    return tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _residual_epilogue(u, s, bu, rows, mask, cols, d, res0_ptr, res1_ptr, res2_ptr, NUM_RES: tl.constexpr):
     """s * (u + bu) plus up to three residual tiles, accumulated in fp32."""
     out = (u + bu[None, :]) * s
@@ -207,7 +213,7 @@ def adapter_fwd_fused_kernel(
         )
         v = tl.load(v_ptr + task * r + rcols, mask=rmask, other=0.0)
         c = tl.load(c_ptr + task * r + rcols, mask=rmask, other=0.0)
-        h = tl.maximum((acc - mean[:, None] * v[None, :]) * rstd[:, None] + c[None, :], 0.0)
+        h = relu((acc - mean[:, None] * v[None, :]) * rstd[:, None] + c[None, :])
     else:
         mean, rstd = row_stats(x_ptr, rows, mask, d, eps, BLOCK_M, BLOCK_K)
         acc = layer_norm_product(
@@ -229,7 +235,7 @@ def adapter_fwd_fused_kernel(
             PRECISION,
         )
         bd = tl.load(bd_ptr + task * r + rcols, mask=rmask, other=0.0).to(tl.float32)
-        h = tl.maximum(acc + bd[None, :], 0.0)
+        h = relu(acc + bd[None, :])
     if SAVE:
         tl.store(h_ptr + pos[:, None] * r + rcols[None, :], h, mask=mask[:, None] & rmask[None, :])
         tl.store(mean_ptr + pos, mean, mask=mask)
@@ -349,7 +355,7 @@ def adapter_fwd_columns_kernel(
         BLOCK_M, BLOCK_K, BLOCK_R, DOT, PRECISION,
     )  # fmt: skip
     bd = tl.load(bd_ptr + rcols, mask=rmask, other=0.0).to(tl.float32)
-    h = tl.maximum(acc + bd[None, :], 0.0)
+    h = relu(acc + bd[None, :])
     if SAVE:
         if pid_n == 0:
             tl.store(h_ptr + rows[:, None] * r + rcols[None, :], h, mask=mask[:, None] & rmask[None, :])

@@ -37,7 +37,7 @@ ACTIVATIONS = {None: 0, "relu": 1, "quick_gelu": 2, "gelu": 3}
 def _activation(p, ACT: tl.constexpr):
     """ReLU (1), QuickGELU p * sigmoid(1.702 p) (2) or the erf form of GELU (3); p itself for 0."""
     if ACT == 1:
-        p = tl.maximum(p, 0.0)
+        p = tl.maximum(p, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         p = p / (1.0 + tl.exp(-1.702 * p))
     elif ACT == 3:

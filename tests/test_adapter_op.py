@@ -325,6 +325,42 @@ def test_bad_arguments_raise_value_error(overrides: dict, message: str) -> None:
         bad_call(**overrides)
 
 
+def test_non_tensor_arguments_raise_type_error() -> None:
+    with pytest.raises(TypeError, match="ln_weight must be a tensor, got list"):
+        bad_call(ln_weight=[1.0] * 64)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        bad_call(x=None)
+
+
+@pytest.mark.parametrize("task_ids", [None, torch.tensor([1, 0, 1])])
+def test_python_number_scale_is_a_constant(task_ids: torch.Tensor | None) -> None:
+    p = random_params(64, 8, tasks=None if task_ids is None else 2)
+    x = torch.randn(3, 64, dtype=torch.float64)
+    expected = adapter_reference(x, p._replace(scale=torch.full_like(p.scale, 0.5)), None, task_ids)
+    for backend in ("torch", "triton"):
+        params = [t.float() for t in p[:6]]
+        out = fused_adapter(x.float(), *params, 0.5, task_ids=task_ids, backend=backend)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "r"), [(7, 8), (300, 8), (7, 160)])
+def test_non_finite_rows_stay_non_finite(rows: int, r: int) -> None:
+    """A NaN or infinity in a row gives NaN in that row's output, as in PyTorch (the kernels' ReLU must not
+    turn a NaN bottleneck unit into 0), on the few-row, many-row and split-bottleneck paths."""
+    p = [t.float() for t in random_params(64, r)]
+    x = torch.randn(rows, 64)
+    x[1, 3], x[rows - 1, 0] = float("nan"), float("inf")
+    expected = fused_adapter(x, *p, backend="torch")
+    out = fused_adapter(x, *p, backend="triton")
+    assert out.isnan().any(1).tolist() == expected.isnan().any(1).tolist()
+    assert out.isnan().any(1)[[1, rows - 1]].all()
+    finite = ~expected.isnan().any(1)
+    torch.testing.assert_close(out[finite], expected[finite], atol=1e-4, rtol=1e-4)
+    p[2] = p[2].clone()
+    p[2][0, 5] = float("nan")  # a NaN weight reaches every row through bottleneck unit 0
+    assert fused_adapter(x[:3], *p, backend="triton").isnan().all(1).all()
+
+
 def test_task_ids_out_of_range() -> None:
     p = [t.float() for t in random_params(64, 8, tasks=2)]
     with pytest.raises(ValueError, match="task_ids must lie in"):
@@ -345,14 +381,20 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAMEVIL_FAST_BACKEND", "triton")
     fused_adapter(x, *p)
     assert calls == [1]
+    monkeypatch.setenv("FAMEVIL_FAST_BACKEND", "cuda")  # a contrastive backend: automatic choice here
+    fused_adapter(x, *p)
+    assert calls == [1, 1]
+    monkeypatch.setenv("FAMEVIL_FAST_BACKEND", "trition")
+    with pytest.raises(ValueError, match="FAMEVIL_FAST_BACKEND='trition' names no backend"):
+        fused_adapter(x, *p)
     monkeypatch.delenv("FAMEVIL_FAST_BACKEND")
     fused_adapter(x, *p)  # automatic: the interpreter is on
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
     fused_adapter(x, *p, backend="torch")
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     fused_adapter(x, *p)  # automatic on the CPU without the interpreter: the reference
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         fused_adapter(x, *p, backend="triton")
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 from helpers import AtenLog, RecordLaunch, assert_no_worse_than_baseline
 
-from famevil_fast.ops import AdapterParams, CrossAttentionParams, context_key_values, cross_attention_adapter
+from famevil_fast.ops import (
+    AdapterParams,
+    CrossAttentionParams,
+    context_key_values,
+    cross_attention_adapter,
+    fused_adapter,
+)
 from famevil_fast.ops.cross_attention import layer_norm_linear_reference, layer_norm_linear_triton
 
 pytest.importorskip("triton")
@@ -172,11 +178,63 @@ def bad_block(**overrides) -> None:
         ),
         ({"context": None}, "exactly one of context and context_kv"),
         ({"residual": torch.randn(2, 3, 64, dtype=torch.float64)}, "residual\\[0\\] has dtype"),
+        ({"context": torch.randn(2, 0, 32)}, "no positions to attend"),
+        (
+            {"context": None, "context_kv": (torch.randn(2, 4, 0, 16), torch.randn(2, 4, 0, 16))},
+            "no positions to attend",
+        ),
+        ({"x": torch.ones(2, 3, 64, dtype=torch.long)}, "x must be a floating-point tensor"),
+        ({"context": torch.ones(2, 5, 32, dtype=torch.long)}, "context must be a floating-point tensor"),
     ],
 )
 def test_bad_arguments_raise_value_error(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         bad_block(**overrides)
+
+
+def test_a_row_with_every_context_position_masked_attends_nothing() -> None:
+    attn = CrossAttentionParams(*(t.float() for t in random_attn(64, 32)))
+    adapter = AdapterParams(*(t.float() for t in random_adapter(64, 8)))
+    x, context = torch.randn(2, 3, 64), torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    outs = [
+        cross_attention_adapter(x, attn, adapter, 4, context=context, context_mask=mask, backend=backend)
+        for backend in ("torch", "triton")
+    ]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    no_attention = fused_adapter(torch.zeros(3, 64), *adapter, backend="torch")
+    torch.testing.assert_close(outs[1][1], no_attention, rtol=1e-5, atol=1e-5)
+
+
+def test_num_heads_must_be_an_int() -> None:
+    with pytest.raises(TypeError, match="num_heads must be a Python int"):
+        bad_block(num_heads=4.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_context_key_values_checks_its_arguments(backend: str) -> None:
+    attn = CrossAttentionParams(*(t.float() for t in random_attn(64, 32)))
+    context = torch.randn(2, 5, 32)
+    cases = [
+        ({"context": torch.randn(2, 5, 10)}, ValueError, "context width 10 does not match kv_weight"),
+        ({"context": torch.randn(5, 32)}, ValueError, "context must be \\(B, Lc, c\\)"),
+        (
+            {"attn": attn._replace(ctx_ln_weight=attn.ctx_ln_weight[:31])},
+            ValueError,
+            "ctx_ln_weight has shape",
+        ),
+        ({"attn": attn._replace(kv_bias=attn.kv_bias[:-1])}, ValueError, "kv_bias has shape"),
+        ({"attn": attn._replace(kv_weight=attn.kv_weight[:-1])}, ValueError, "kv_weight must be \\(2d, c\\)"),
+        ({"num_heads": 3}, ValueError, "not divisible by num_heads=3"),
+        ({"num_heads": torch.tensor(4)}, TypeError, "num_heads must be a Python int"),
+        ({"context": context.long()}, ValueError, "floating-point"),
+        ({"attn": attn._replace(kv_bias=attn.kv_bias.double())}, ValueError, "kv_bias is torch.float64"),
+    ]
+    for overrides, error, message in cases:
+        args = {"context": context, "attn": attn, "num_heads": 4, "backend": backend, **overrides}
+        with pytest.raises(error, match=message):
+            context_key_values(**args)
 
 
 def test_mismatched_parameter_dtype_raises() -> None:

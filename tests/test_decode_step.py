@@ -124,6 +124,64 @@ def test_bad_arguments_raise_value_error() -> None:
         )
 
 
+def test_integer_arguments_must_be_python_ints() -> None:
+    """A tensor, float or bool where an int belongs is refused on both backends, before any kernel."""
+    qkv, cache = torch.randn(2, 1, 48), torch.randn(2, 2, 2, 4, 8)
+    logits, tokens, done = torch.randn(2, 6), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, dtype=bool)
+    tables = (torch.randn(EOT_ID + 1, 8), torch.randn(5, 8))
+    for backend in ("torch", "triton"):
+        for position in (torch.tensor(2), True, 2.0):
+            with pytest.raises(TypeError, match="position must be a Python int"):
+                cached_self_attention(qkv, cache, position, 2, backend=backend)
+        with pytest.raises(TypeError, match="heads must be a Python int"):
+            cached_self_attention(qkv, cache, 1, 2.0, backend=backend)
+        with pytest.raises(TypeError, match="column must be a Python int"):
+            greedy_pick(logits, tokens, done, 2.0, EOT_ID, backend=backend)
+        with pytest.raises(TypeError, match="end_token must be a Python int"):
+            greedy_pick(logits, tokens, done, 1, torch.tensor(EOT_ID), backend=backend)
+        with pytest.raises(TypeError, match="embedding position must be a Python int"):
+            greedy_pick(
+                logits, tokens, done, 1, EOT_ID, embedding=(*tables, torch.tensor(3)), backend=backend
+            )
+    import numpy as np
+
+    with torch.no_grad():  # integer scalars other than bool are ints
+        cached_self_attention(qkv, cache, np.int64(1), 2, backend="torch")
+
+
+def test_integer_tensors_are_refused() -> None:
+    long = torch.ones(2, 16, dtype=torch.long)
+    ln_w, ln_b, w, b = (t.long() for t in _ln_params(16, 8))
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="x must be a floating-point tensor, got torch.int64"):
+            linear_residual(long, w, b, long[:, :8], backend=backend)
+        with pytest.raises(ValueError, match="floating-point"):
+            layer_norm_linear_act(long, ln_w, ln_b, w, b, backend=backend)
+        with pytest.raises(ValueError, match="floating-point"):
+            cached_self_attention(
+                torch.ones(2, 1, 48, dtype=torch.long),
+                torch.ones(2, 2, 2, 4, 8, dtype=torch.long),
+                0,
+                2,
+                backend=backend,
+            )
+
+
+@pytest.mark.parametrize("activation", ["relu", "quick_gelu"])
+def test_non_finite_rows_stay_non_finite(activation: str) -> None:
+    x = torch.randn(3, 16)
+    x[1, 0] = float("nan")
+    params = _ln_params(16, 8)
+    hidden, weight, bias = torch.randn(3, 10), torch.randn(16, 10), torch.randn(16)
+    adapter = _adapter_params(16, 4)
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            out = layer_norm_linear_act(x, *params, activation, backend=backend)
+            assert out.isnan().any(1).tolist() == [False, True, False], backend
+            out = adapter_with_linear(x, adapter, hidden, weight, bias, backend=backend)
+            assert out.isnan().any(1).tolist() == [False, True, False], backend
+
+
 def _query_side(d: int, heads: int, batch: int, length: int, dtype=torch.float32):
     """(LayerNorm and query parameters, context keys and values) of a cross-attention adapter, the keys and
     values as ``context_key_values`` returns them (strided views of one projection)."""

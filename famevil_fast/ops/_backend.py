@@ -39,8 +39,14 @@ def check_backend(op: str, backend: str | None, allowed: tuple[str, ...]) -> Non
 def same_device_and_dtype(
     op: str, named: dict[str, torch.Tensor | None], dtype: torch.dtype | None = None
 ) -> None:
-    """Raise ValueError naming the offending tensor when devices or floating dtypes disagree."""
+    """Raise ValueError naming the offending tensor when one is not a floating-point tensor, or when
+    devices or dtypes disagree."""
     tensors = {k: v for k, v in named.items() if v is not None}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
     first_name, first = next(iter(tensors.items()))
     want_dtype = first.dtype if dtype is None else dtype
     for name, t in tensors.items():
@@ -50,9 +56,25 @@ def same_device_and_dtype(
             raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {want_dtype}")
 
 
+def require_int(op: str, name: str, value: object) -> int:
+    """``value`` when it is a Python int (or an integer scalar such as numpy's); TypeError otherwise, bools
+    and tensors included (a tensor would need a read-back from the device)."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) or not hasattr(value, "__index__"):
+        raise TypeError(f"{op}: {name} must be a Python int, got {type(value).__name__} {value!r}")
+    return int(value.__index__())
+
+
+# Every backend name some op offers; FAMEVIL_FAST_BACKEND must be one of them.
+KNOWN_BACKENDS = ("torch", "triton", "cuda", "cpu", "blocked")
+
+
 def forced_backend() -> str | None:
-    """``FAMEVIL_FAST_BACKEND`` (e.g. "torch") overrides every automatic choice; explicit arguments win."""
+    """``FAMEVIL_FAST_BACKEND`` (e.g. "torch"): every op that offers that backend takes it instead of its
+    automatic choice (explicit arguments still win); ops without it choose automatically. A name that no op
+    offers raises ValueError."""
     value = os.environ.get("FAMEVIL_FAST_BACKEND", "").strip()
+    if value and value not in KNOWN_BACKENDS:
+        raise ValueError(f"FAMEVIL_FAST_BACKEND={value!r} names no backend; expected one of {KNOWN_BACKENDS}")
     return value or None
 
 
@@ -62,16 +84,15 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def select_backend(
     op: str, backend: str | None, allowed: tuple[str, ...], x: torch.Tensor, triton_pays: bool = True
 ) -> str:
-    """The backend that runs ``op`` on ``x``: the explicit argument, else ``FAMEVIL_FAST_BACKEND``, else
-    "triton" where Triton runs on x's device and dtype and, on a GPU, ``triton_pays`` (the op's measured
-    rule for where its kernels beat the PyTorch path; see docs/ops.md), else "torch". Under
+    """The backend that runs ``op`` on ``x``: the explicit argument, else ``FAMEVIL_FAST_BACKEND`` when it
+    is one of ``allowed``, else "triton" where Triton runs on x's device and dtype and, on a GPU,
+    ``triton_pays`` (the op's measured rule for where its kernels beat the PyTorch path; see docs/ops.md),
+    else "torch". Under
     ``TRITON_INTERPRET=1`` on the CPU the automatic choice is Triton, so that the kernels are exercised.
     Raises ValueError when the chosen Triton backend cannot run on x."""
     check_backend(op, backend, allowed)
     chosen = backend if backend is not None else forced_backend()
-    if chosen is not None:
-        if chosen not in allowed:
-            raise ValueError(f"{op}: FAMEVIL_FAST_BACKEND={chosen!r} is not one of {allowed}")
+    if chosen is not None and chosen in allowed:
         if chosen == "triton":
             require_triton(op, x)
         return chosen

@@ -106,11 +106,19 @@ def check_adapter_args(
     """Shape, dtype and device checks with messages that name the argument; ``check_values`` adds the
     range check of the task ids (a read-back from the device). One pass over the parameters: this runs
     on every adapter call, where the host's time counts."""
+    for name, t in zip(("x", *AdapterParams._fields), (x, *params)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_adapter: {name} must be a tensor, got {type(t).__name__}")
     if x.dim() < 1:
         raise ValueError("fused_adapter: x must have at least one dimension (..., d)")
     if not x.is_floating_point():
         raise ValueError(f"fused_adapter: x must be floating point, got {x.dtype}")
     d = x.shape[-1]
+    if task_ids is not None and params.ln_weight.dim() != 2:
+        raise ValueError(
+            f"fused_adapter: with task_ids every parameter has a leading task dimension; ln_weight has "
+            f"shape {tuple(params.ln_weight.shape)}, expected (T, {d})"
+        )
     lead = () if task_ids is None else (params.ln_weight.shape[0],)
     r = params.down_weight.shape[-2] if params.down_weight.dim() >= 2 else -1
     expected = ((d,), (d,), (r, d), (r,), (d, r), (d,), (1,))
@@ -216,6 +224,15 @@ def _triton_adapter(
     return y.view(x.shape)
 
 
+def _scale_as_tensor(scale: torch.Tensor | float, ln_weight: torch.Tensor, per_task: bool) -> torch.Tensor:
+    """A Python number as the constant scale tensor that ``ln_weight``'s adapter(s) take; else unchanged."""
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if not number or not isinstance(ln_weight, torch.Tensor):
+        return scale
+    lead = ln_weight.shape[:1] if per_task and ln_weight.dim() == 2 else ()
+    return torch.full((*lead, 1), float(scale), dtype=ln_weight.dtype, device=ln_weight.device)
+
+
 def fused_adapter(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -224,7 +241,7 @@ def fused_adapter(
     down_bias: torch.Tensor,
     up_weight: torch.Tensor,
     up_bias: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | float,
     residual: Residual = None,
     task_ids: torch.Tensor | None = None,
     backend: str | None = None,
@@ -234,14 +251,16 @@ def fused_adapter(
     """``residual + scale * up(relu(down(layer_norm(x))))`` for x of shape (..., d).
 
     ``residual`` may be a tensor or a sequence of tensors (the other branches of a block), all summed into
-    the output; each has x's shape and dtype. With ``task_ids`` (one integer per row of x) every parameter
-    has a leading task dimension and row i uses adapter ``task_ids[i]``. Parameters share one dtype, x's
-    or float32. ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured
-    faster, ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
+    the output; each has x's shape and dtype. ``scale`` is a (1,) tensor (gradients flow to it) or a Python
+    number (a constant). With ``task_ids`` (one integer per row of x) every parameter has a leading task
+    dimension and row i uses adapter ``task_ids[i]``. Parameters share one dtype, x's or float32.
+    ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured faster,
+    ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
     overrides the automatic choice). ``check_task_ids=False`` skips the range check of the task ids, the
     one check that reads a tensor back from the device, for callers that built the ids themselves.
     """
     check_backend("fused_adapter", backend, BACKENDS)
+    scale = _scale_as_tensor(scale, ln_weight, task_ids is not None)
     params = AdapterParams(ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     check_adapter_args(x, params, task_ids, check_task_ids)
     residuals = promote_under_autocast(x, residual_list(residual))

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.ops._backend import check_backend, select_backend
+from famevil_fast.ops._backend import check_backend, require_int, select_backend
 from famevil_fast.ops.adapter import LN_EPS, AdapterParams, Residual, fused_adapter
 
 BACKENDS = ("torch", "triton")
@@ -116,8 +116,20 @@ def context_key_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values (B, H, Lc, Dh) of a context (B, Lc, c). ``backend="triton"`` fuses the LayerNorm
     into the key/value projection."""
+    op = "context_key_values"
+    check_backend(op, backend, BACKENDS)
+    attn = CrossAttentionParams(*attn)
+    num_heads = require_int(op, "num_heads", num_heads)
+    d = attn.kv_weight.shape[0] // 2 if attn.kv_weight.dim() == 2 else 0
+    if attn.kv_weight.dim() != 2 or attn.kv_weight.shape[0] != 2 * d or d == 0:
+        raise ValueError(f"{op}: kv_weight must be (2d, c), got {tuple(attn.kv_weight.shape)}")
+    _check_heads(op, d, num_heads)
+    if not isinstance(context, torch.Tensor) or context.dim() != 3:
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"{op}: context must be (B, Lc, c), got {got}")
+    _check_context(op, context, attn)
     args = (context, attn.ctx_ln_weight, attn.ctx_ln_bias, attn.kv_weight, attn.kv_bias, eps)
-    if select_backend("context_key_values", backend, BACKENDS, context, TRITON_XAA_PAYS) == "triton":
+    if select_backend(op, backend, BACKENDS, context, TRITON_XAA_PAYS) == "triton":
         kv = layer_norm_linear_triton(*args)
     else:
         kv = layer_norm_linear_reference(*args)
@@ -235,6 +247,37 @@ def _check_params(op: str, x: torch.Tensor, attn: CrossAttentionParams) -> None:
             raise ValueError(f"{op}: {name} has shape {got}, expected {want}")
 
 
+def _check_heads(op: str, width: int, num_heads: int) -> None:
+    if num_heads <= 0 or width % num_heads:
+        raise ValueError(f"{op}: width {width} is not divisible by num_heads={num_heads}")
+
+
+def _check_context(op: str, context: torch.Tensor, attn: CrossAttentionParams) -> None:
+    """The context's width against kv_weight (2d, c), its LayerNorm's and kv_bias's shapes, its device
+    and dtype against the parameters' (which may be float32 under a lower-precision context)."""
+    c = attn.kv_weight.shape[1]
+    if context.shape[-1] != c:
+        raise ValueError(
+            f"{op}: context width {context.shape[-1]} does not match kv_weight {tuple(attn.kv_weight.shape)}"
+        )
+    want = {"ctx_ln_weight": (c,), "ctx_ln_bias": (c,), "kv_bias": (attn.kv_weight.shape[0],)}
+    for name, shape in want.items():
+        got = tuple(getattr(attn, name).shape)
+        if got != shape:
+            raise ValueError(f"{op}: {name} has shape {got}, expected {shape}")
+    if not context.is_floating_point():
+        raise ValueError(f"{op}: context must be a floating-point tensor, got {context.dtype}")
+    for name in ("ctx_ln_weight", "ctx_ln_bias", "kv_weight", "kv_bias"):
+        t = getattr(attn, name)
+        if t.device != context.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the context is on {context.device}")
+        if t.dtype not in (context.dtype, torch.float32) or t.dtype != attn.kv_weight.dtype:
+            raise ValueError(
+                f"{op}: {name} is {t.dtype} but the context is {context.dtype} (allowed: the context's "
+                f"dtype or float32, the same for every parameter)"
+            )
+
+
 def check_context_kv(
     op: str, x: torch.Tensor, context_kv: tuple[torch.Tensor, torch.Tensor], num_heads: int
 ) -> None:
@@ -267,11 +310,12 @@ def check_cross_attention_args(
     op = "cross_attention_adapter"
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (B, L, d), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
     b, _, d = x.shape
     if (context is None) == (context_kv is None):
         raise ValueError(f"{op}: pass exactly one of context and context_kv")
-    if num_heads <= 0 or d % num_heads:
-        raise ValueError(f"{op}: width {d} is not divisible by num_heads={num_heads}")
+    _check_heads(op, d, require_int(op, "num_heads", num_heads))
     if attn.q_weight.shape != (d, d) or attn.kv_weight.dim() != 2 or attn.kv_weight.shape[0] != 2 * d:
         raise ValueError(
             f"{op}: q_weight {tuple(attn.q_weight.shape)} / kv_weight {tuple(attn.kv_weight.shape)} "
@@ -281,18 +325,14 @@ def check_cross_attention_args(
     if context is not None:
         if context.dim() != 3 or context.shape[0] != b:
             raise ValueError(f"{op}: context must be (B={b}, Lc, c), got shape {tuple(context.shape)}")
-        if context.shape[-1] != attn.kv_weight.shape[1]:
-            raise ValueError(
-                f"{op}: context width {context.shape[-1]} does not match kv_weight "
-                f"{tuple(attn.kv_weight.shape)}"
-            )
-        if context.device != x.device or context.dtype != x.dtype:
-            raise ValueError(
-                f"{op}: context is {context.dtype} on {context.device} but x is {x.dtype} on {x.device}"
-            )
+        _check_context(op, context, attn)
+        if context.dtype != x.dtype:
+            raise ValueError(f"{op}: context is {context.dtype} but x is {x.dtype}")
     else:
         check_context_kv(op, x, context_kv, num_heads)
     length = context.shape[1] if context is not None else context_kv[0].shape[2]
+    if length == 0:
+        raise ValueError(f"{op}: the context has no positions to attend")
     if context_mask is not None:
         if context_mask.shape != (b, length) or context_mask.dtype != torch.bool:
             raise ValueError(
@@ -319,7 +359,9 @@ def cross_attention_adapter(
     """XAA block: ``residual + adapter(MHA(LN_q(x), LN_c(context)))`` for x (B, L, d), context (B, Lc, c).
 
     ``context_kv`` replaces ``context`` with precomputed keys and values (see ``context_key_values``).
-    ``context_mask`` (B, Lc) bool marks the context positions that may be attended (True = keep).
+    ``context_mask`` (B, Lc) bool marks the context positions that may be attended (True = keep); a row
+    that keeps none attends nothing (a zero attention output, as PyTorch's SDPA gives on the CPU). The
+    context has at least one position.
     ``backend``: "triton", "torch" or None (automatic: PyTorch on a GPU, where it was measured faster
     (``TRITON_XAA_PAYS``); Triton on the CPU under TRITON_INTERPRET=1). ``fuse_projections`` (Triton
     backend): fuse each LayerNorm into its projection (True) or leave both to PyTorch.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed
-from famevil_fast.ops._backend import same_device_and_dtype, select_backend
+from famevil_fast.ops._backend import require_int, same_device_and_dtype, select_backend
 from famevil_fast.ops.adapter import (
     AdapterParams,
     adapter_reference,
@@ -154,6 +154,7 @@ def cached_self_attention(
     op = "cached_self_attention"
     if qkv.dim() != 3 or qkv.shape[1] != 1 or qkv.shape[2] % 3:
         raise ValueError(f"{op}: qkv must be (B, 1, 3d), got {tuple(qkv.shape)}")
+    position, heads = require_int(op, "position", position), require_int(op, "heads", heads)
     batch, width = qkv.shape[0], qkv.shape[2] // 3
     if heads < 1 or width % heads:
         raise ValueError(f"{op}: width {width} is not divisible into {heads} heads")
@@ -274,6 +275,7 @@ def _check_pick_args(
     shortlist: torch.Tensor | None,
 ) -> None:
     op = "greedy_pick"
+    require_int(op, "column", column)
     if logits.dim() != 2 or logits.shape[1] == 0 or not logits.is_floating_point():
         raise ValueError(
             f"{op}: logits must be a floating (B, V) tensor with V >= 1, got "
@@ -354,7 +356,11 @@ def greedy_pick(
     else None. ``check_values=False`` skips the range check of the shortlist's ids (a read-back), for
     callers that made it once."""
     _check_pick_args(logits, tokens, done, column, shortlist)
+    column, end_token = int(column), require_int("greedy_pick", "end_token", end_token)
     if embedding is not None:
+        if not isinstance(embedding, (tuple, list)) or len(embedding) != 3:
+            raise ValueError("greedy_pick: embedding must be (token_embed, pos_embed, position)")
+        embedding = (*embedding[:2], require_int("greedy_pick", "embedding position", embedding[2]))
         _check_embedding(*embedding, end_token, logits, shortlist, check_values)
     if select_backend("greedy_pick", backend, BACKENDS, logits) == "torch":
         index = logits.argmax(dim=-1)
