@@ -132,6 +132,15 @@ def test_converter_builds_gallery_rows_and_is_idempotent(tmp_path):
         fashioniq_val_rows([{"candidate": "a"}], [], 0)
 
 
+def test_converter_of_a_missing_directory_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no captions/ directory"):
+        convert_fashioniq_val(tmp_path / "missing")
+    (tmp_path / "fiq" / "captions").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="split.dress.val.json"):
+        convert_fashioniq_val(tmp_path / "fiq", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fiq"]
+
+
 def test_converter_reproduces_the_synthetic_val_files(tmp_path_factory, tmp_path):
     root = synthetic(tmp_path_factory)
     fiq = tmp_path / "FashionIQ"

@@ -20,3 +20,11 @@ def test_five_line_example_runs(tmp_path, monkeypatch):
     exec(block.replace("224, 224", "32, 32"), scope)  # the micro model takes 32 px images
     assert scope["scores"].shape == (2, 2)
     assert torch.all(scope["scores"].abs() <= 1.0 + 1e-5)
+
+
+def test_every_command_is_in_the_readme_table():
+    from famevil_fast.cli.main import _command_modules
+
+    table = README.read_text()
+    missing = [m.NAME for m in _command_modules() if f"famevil-fast {m.NAME}" not in table]
+    assert not missing, f"commands missing from the README's table: {missing}"

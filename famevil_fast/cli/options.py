@@ -4,6 +4,10 @@ before any command runs)."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -17,3 +21,49 @@ def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph: without a graph a step lasts as long as its launches take on the host); torch runs "
         "the PyTorch references (default: the checkpoint's, automatic unless set)",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as an error of that option)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: cpu, cuda or cuda:N; ``resolve_device`` checks it against the machine."""
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+    )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device a command runs on: ``name``, or cuda when available, else cpu. ValueError naming the
+    device when it is not cpu / cuda / cuda:N, or when this machine has no such CUDA device."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name!r}: torch {torch.__version__} sees no CUDA device here")
+        if index and int(index) >= count:
+            raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+    return torch.device(name)

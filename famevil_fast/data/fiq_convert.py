@@ -75,8 +75,9 @@ def convert_fashioniq_val(
     else from ``cap.<cat>.val.json``. Returns the gallery size per category.
     """
     fiq = Path(fiq_dir)
+    if not (fiq / "captions").is_dir():
+        raise FileNotFoundError(f"FashionIQ conversion: {fiq} holds no captions/ directory")
     out = Path(out_dir) if out_dir is not None else fiq / "captions"
-    out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for cat in categories:
         if cat not in FIQ_CATEGORIES:
@@ -86,6 +87,7 @@ def convert_fashioniq_val(
         src = raw_path if raw_path.is_file() else fiq / "captions" / f"cap.{cat}.val.json"
         raw = _load(src)
         rows = fashioniq_val_rows(raw, gallery, FIQ_CATEGORIES.index(cat))
+        out.mkdir(parents=True, exist_ok=True)  # only once the inputs have been read
         dest = out / f"cap.{cat}.val.json"
         if dest.resolve() == src.resolve() and not raw_path.exists():
             os.replace(src, raw_path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from famevil_fast.cli.options import positive_int
+
 NAME = "cache"
 HELP = "Pre-decode dataset images into memory-mapped shards (resumable, checksummed) and tokenise the text."
 
@@ -12,10 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset_dir", help="data root holding FashionGen/, FashionIQ/ and/or Fashion200k/")
     parser.add_argument("out", help="cache directory (an interrupted conversion resumes here)")
     parser.add_argument(
-        "--max-side", type=int, default=None, help="shrink larger images to this longest side"
+        "--max-side", type=positive_int, default=None, help="shrink larger images to this longest side"
     )
-    parser.add_argument("--shard-mb", type=int, default=1024, help="approximate shard size in MiB")
-    parser.add_argument("--threads", type=int, default=None, help="decoding threads (default: up to 8)")
+    parser.add_argument("--shard-mb", type=positive_int, default=1024, help="approximate shard size in MiB")
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="decoding threads (default: up to 8)"
+    )
     parser.add_argument(
         "--verify", action="store_true", help="only verify the checksums of an existing cache"
     )

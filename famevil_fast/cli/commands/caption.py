@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from famevil_fast.cli.options import add_op_backend_argument
+from famevil_fast.cli.options import (
+    add_device_argument,
+    add_op_backend_argument,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 NAME = "caption"
 HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint."
@@ -13,16 +19,16 @@ HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
     parser.add_argument("images", nargs="+", help="image files or folders")
-    parser.add_argument("--beams", type=int, default=1, help="beam width (1 = greedy)")
-    parser.add_argument("--max-len", type=int, default=40, help="longest caption in tokens")
+    parser.add_argument("--beams", type=positive_int, default=1, help="beam width (1 = greedy)")
+    parser.add_argument("--max-len", type=positive_int, default=40, help="longest caption in tokens")
     parser.add_argument(
         "--no-repeat-ngram",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="forbid repeating any n-gram of this length (0 = off, as the reference; tiny_cpu uses 2)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
+    add_device_argument(parser)
     parser.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -32,12 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from famevil_fast.cli.images import collect_images, load_pixels
     from famevil_fast.model import FameViL
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)

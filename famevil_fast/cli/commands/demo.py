@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from famevil_fast.eval.report import TaskResult
 
+from famevil_fast.cli.options import positive_int
+
 NAME = "demo"
 HELP = "Generate the synthetic dataset, train all four tasks in one run, evaluate and print the scores."
 
@@ -17,9 +19,14 @@ HELP = "Generate the synthetic dataset, train all four tasks in one run, evaluat
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (data, checkpoints, metrics)")
     parser.add_argument(
-        "--products", type=int, default=None, help="synthetic products (default: 2000 on CPU, 6000 on GPU)"
+        "--products",
+        type=positive_int,
+        default=None,
+        help="synthetic products (default: 2000 on CPU, 6000 on GPU)",
     )
-    parser.add_argument("--updates", type=int, default=None, help="optimizer updates (default: the recipe's)")
+    parser.add_argument(
+        "--updates", type=positive_int, default=None, help="optimizer updates (default: the recipe's)"
+    )
     parser.add_argument(
         "--config", default=None, help="recipe (default: tiny_cpu on a CPU, demo_gpu with a GPU)"
     )
@@ -34,11 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
 
 
-def ensure_dataset(directory: Path, products: int, seed: int, image_size: int) -> None:
+def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, exact: bool = False) -> None:
+    """Generate the synthetic dataset in ``directory`` unless one is there already. An existing one is
+    reused with a note; with ``exact`` (the product count or the seed was asked for) it must have been made
+    with the same product count and seed, else ValueError."""
+    import json
+
     from famevil_fast.data import make_synthetic
 
     marker = directory / "synthetic.json"
     if marker.exists():
+        record = json.loads(marker.read_text())
+        found = record["products_train"] + record["products_val"]
+        if exact and (found, record["seed"]) != (products, seed):
+            raise ValueError(
+                f"{directory} already holds a synthetic dataset of {found} products (seed {record['seed']}), "
+                f"not {products} (seed {seed}): remove it or choose another --out"
+            )
+        print(f"using the synthetic dataset in {directory} ({found} products, seed {record['seed']})")
         return
     print(f"generating {products} synthetic products in {directory} ...")
     make_synthetic(directory, products=products, seed=seed, image_size=image_size)
@@ -78,11 +98,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = args.config or ("demo_gpu" if gpu else "tiny_cpu")
     overrides = [f"data.root={out / 'data'}", f"checkpoint.dir={out / 'run'}", f"train.seed={args.seed}"]
-    if args.updates:
+    if args.updates is not None:
         overrides.append(f"train.updates={args.updates}")
     cfg = load_config(resolve(config), overrides + list(args.overrides))
-    products = args.products or (6000 if gpu else 2000)
-    ensure_dataset(out / "data", products, args.seed, image_size=max(96, cfg.data.image_size * 5 // 4))
+    products = args.products if args.products is not None else (6000 if gpu else 2000)
+    exact = args.products is not None or args.seed != 0
+    size = max(96, cfg.data.image_size * 5 // 4)
+    ensure_dataset(out / "data", products, args.seed, image_size=size, exact=exact)
     print(f"training {cfg.model.clip} on {cfg.model.tasks} for {cfg.train.updates} updates ({config}) ...")
     trainer = Trainer(cfg)
     trainer.evaluator = build_evaluator(cfg, trainer.device)

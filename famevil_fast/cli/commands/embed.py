@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from famevil_fast.cli.options import add_device_argument, positive_int, resolve_device
+
 NAME = "embed"
 HELP = "Embed image files/folders and/or lines of a text file with a FAME-ViL checkpoint (two-tower mode)."
 
@@ -13,11 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", nargs="*", default=[], help="image files or folders")
     parser.add_argument("--texts", default=None, help="text file, one text per line")
     parser.add_argument(
-        "--task", default="itc", help="whose adapters to use: itc (retrieval) or tgir (targets)"
+        "--task",
+        default="itc",
+        choices=("itc", "tgir"),
+        help="whose adapters to use: itc (retrieval) or tgir (targets)",
     )
     parser.add_argument("--out", required=True, help="output .safetensors (tensors 'image', 'text')")
-    parser.add_argument("--batch-size", type=int, default=64, help="inputs per batch")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="inputs per batch")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.text import tokenize
 
     if not args.images and not args.texts:
-        raise SystemExit("embed: give --images and/or --texts")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise ValueError("nothing to embed: give --images and/or --texts")
+    device = resolve_device(args.device)
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
     out: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {"task": args.task}
@@ -53,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             if not path.exists():
                 raise FileNotFoundError(f"text file not found: {path}")
             lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not lines:
+                raise ValueError(f"text file {path} holds no text (one text per line)")
             ids = tokenize(lines)
             out["text"] = torch.cat(
                 [

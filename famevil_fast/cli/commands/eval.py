@@ -6,7 +6,13 @@ import argparse
 import dataclasses
 from typing import TYPE_CHECKING
 
-from famevil_fast.cli.options import add_op_backend_argument
+from famevil_fast.cli.options import (
+    add_device_argument,
+    add_op_backend_argument,
+    non_negative_int,
+    positive_int,
+    resolve_device,
+)
 
 if TYPE_CHECKING:
     from famevil_fast.eval.runner import EvalOptions
@@ -22,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tasks", nargs="+", default=None, help="tasks to evaluate (default: all of the model's)"
     )
     parser.add_argument("--split", default="val", help="dataset split")
-    parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="evaluation batch size")
+    add_device_argument(parser)
     parser.add_argument(
         "--backend", default=None, help="image decoding backend (dali, torchvision, pil, cache)"
     )
@@ -45,16 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=None, help="seed of the sampled-100 protocol (default: 0)"
     )
-    parser.add_argument("--beams", type=int, default=None, help="caption beam width (default: 1 = greedy)")
-    parser.add_argument("--max-len", type=int, default=None, help="longest generated caption (default: 40)")
+    parser.add_argument(
+        "--beams", type=positive_int, default=None, help="caption beam width (default: 1 = greedy)"
+    )
+    parser.add_argument(
+        "--max-len", type=positive_int, default=None, help="longest generated caption (default: 40)"
+    )
     parser.add_argument(
         "--no-repeat-ngram",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="forbid repeating any n-gram of this length (default: 0 = off)",
     )
     parser.add_argument(
-        "--max-samples", type=int, default=None, help="cap every evaluation set (quick checks)"
+        "--max-samples", type=positive_int, default=None, help="cap every evaluation set (quick checks)"
     )
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
     parser.add_argument(
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.eval.runner import Evaluator
     from famevil_fast.model import FameViL
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)

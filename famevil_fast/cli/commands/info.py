@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import platform
 
+from famevil_fast.cli.options import positive_int
+
 NAME = "info"
 HELP = "Show the build (extension, CUDA, Triton, backends) and a model's parameters per component."
 
@@ -13,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip", default="ViT-B-16", help="CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro)"
     )
-    parser.add_argument("--bottleneck", type=int, default=64, help="task-adapter bottleneck r")
+    parser.add_argument("--bottleneck", type=positive_int, default=64, help="task-adapter bottleneck r")
     parser.add_argument(
         "--xaa", default="both", choices=["both", "text", "none"], help="cross-attention adapters"
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from famevil_fast.cli.options import non_negative_int, positive_int
+
 NAME = "mine-attributes"
 HELP = "Mine PAC pseudo-attributes (frequent nouns/adjectives of the training texts) into an attribute file."
 
@@ -13,15 +15,20 @@ HELP = "Mine PAC pseudo-attributes (frequent nouns/adjectives of the training te
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", help="data root holding FashionGen/ (or Fashion200k/)")
     parser.add_argument("--out", default=None, help="output JSON (default: ROOT/pseudo_attributes.json)")
-    parser.add_argument("--dataset", default="fashiongen", choices=["fashiongen", "fashion200k"])
     parser.add_argument(
-        "--min-count", type=int, default=5, help="keep words found in at least this many products"
+        "--dataset",
+        default="fashiongen",
+        choices=["fashiongen", "fashion200k"],
+        help="which dataset's product texts to mine",
     )
     parser.add_argument(
-        "--max-attributes", type=int, default=None, help="keep at most this many (most frequent)"
+        "--min-count", type=positive_int, default=5, help="keep words found in at least this many products"
     )
     parser.add_argument(
-        "--show", type=int, default=20, help="print this many of the most frequent attributes"
+        "--max-attributes", type=positive_int, default=None, help="keep at most this many (most frequent)"
+    )
+    parser.add_argument(
+        "--show", type=non_negative_int, default=20, help="print this many of the most frequent attributes"
     )
 
 

@@ -414,10 +414,10 @@ def make_synthetic(
 ) -> SyntheticSummary:
     """Generate the synthetic FashionGen + FashionIQ dataset under ``out_dir``; deterministic for ``seed``.
 
-    ``products`` FashionGen-style products (``val_fraction`` of them in val) and ``fiq_images``
-    FashionIQ-style
-    images (default: as many as products, at least 24) drawn at ``image_size`` pixels (FashionIQ widths vary
-    from 0.75x to 1x). ``workers`` processes draw the images (default: all CPU cores).
+    ``products`` FashionGen-style products (``val_fraction`` of them in val) and about ``fiq_images``
+    FashionIQ-style images in families of variants (default: as many as products, at least 24), drawn at
+    ``image_size`` pixels (FashionIQ widths vary from 0.75x to 1x). ``workers`` processes draw the images
+    (default: all CPU cores).
     """
     if products < 2:
         raise ValueError(f"make_synthetic: products must be >= 2, got {products}")

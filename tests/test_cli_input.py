@@ -1,0 +1,111 @@
+"""Bad command-line input ends a command with one line naming the problem: numeric options out of range,
+devices this machine lacks, nothing to embed, a demo dataset that is not the one asked for."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from famevil_fast.cli.main import main
+from famevil_fast.cli.options import resolve_device
+from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"famevil-fast {command}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["caption", "CKPT", "IMG", "--batch-size", "0"], "--batch-size"),
+        (["caption", "CKPT", "IMG", "--beams", "-1"], "--beams"),
+        (["caption", "CKPT", "IMG", "--no-repeat-ngram", "-2"], "--no-repeat-ngram"),
+        (["embed", "CKPT", "--images", "IMG", "--out", "x.safetensors", "--batch-size", "0"], "--batch-size"),
+        (["embed", "CKPT", "--images", "IMG", "--out", "x.safetensors", "--task", "cap"], "--task"),
+        (["eval", "CKPT", "--data", "D", "--max-samples", "0"], "--max-samples"),
+        (["eval", "CKPT", "--data", "D", "--max-len", "two"], "--max-len"),
+        (["cache", "D", "OUT", "--max-side", "0"], "--max-side"),
+        (["demo", "--updates", "0"], "--updates"),
+        (["demo", "--products", "0"], "--products"),
+        (["make-synthetic", "D", "--fiq-images", "0"], "--fiq-images"),
+    ],
+)
+def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, option, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "foo"])
+def test_a_malformed_device_is_named(device: str, checkpoint, image, capsys) -> None:
+    assert main(["caption", str(checkpoint), str(image), "--device", device]) == 2
+    assert f"--device '{device}': expected cpu, cuda or cuda:N" in one_error_line(capsys, "caption")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_named(checkpoint, image, tmp_path, capsys) -> None:
+    out = str(tmp_path / "e.safetensors")
+    assert main(["embed", str(checkpoint), "--images", str(image), "--out", out, "--device", "cuda"]) == 2
+    assert "sees no CUDA device" in one_error_line(capsys, "embed")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda:1")
+
+
+def test_resolve_device_accepts_the_machine_s_devices() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0") == torch.device("cuda:0")
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_embed_without_inputs_or_with_an_empty_text_file(checkpoint, tmp_path, capsys) -> None:
+    out = str(tmp_path / "e.safetensors")
+    assert main(["embed", str(checkpoint), "--out", out]) == 2
+    assert "nothing to embed" in one_error_line(capsys, "embed")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main(["embed", str(checkpoint), "--texts", str(empty), "--out", out]) == 2
+    assert "empty.txt holds no text" in one_error_line(capsys, "embed")
+
+
+def test_demo_refuses_an_existing_dataset_of_another_size(tmp_path, capsys) -> None:
+    from famevil_fast.cli.commands.demo import ensure_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    record = {"products_train": 34, "products_val": 6, "seed": 0}
+    (data / "synthetic.json").write_text(json.dumps(record))
+    ensure_dataset(data, 2000, 0, image_size=96)  # the default size: the existing data is reused, and said so
+    assert "using the synthetic dataset in" in capsys.readouterr().out
+    ensure_dataset(data, 40, 0, image_size=96, exact=True)
+    with pytest.raises(
+        ValueError, match="already holds a synthetic dataset of 40 products \\(seed 0\\), not 100"
+    ):
+        ensure_dataset(data, 100, 0, image_size=96, exact=True)
+    with pytest.raises(ValueError, match="not 40 \\(seed 3\\)"):
+        ensure_dataset(data, 40, 3, image_size=96, exact=True)
