@@ -80,8 +80,9 @@ def test_caption_blocks_repeated_ngrams(checkpoint, images, capsys):
     for row in ids.tolist():
         tokens = row[1 : row.index(49407)] if 49407 in row else row[1:]
         assert len(tokens) == len(set(tokens))
-    assert main(["caption", str(checkpoint), str(images), "--no-repeat-ngram", "-1"]) == 2
-    assert "no_repeat_ngram" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["caption", str(checkpoint), str(images), "--no-repeat-ngram", "-1"])
+    assert "argument --no-repeat-ngram: must be at least 0" in capsys.readouterr().err
 
 
 def test_unreadable_image_is_named(checkpoint, tmp_path, capsys):
