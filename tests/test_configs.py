@@ -100,3 +100,84 @@ def test_model_section_sizes_reach_the_model():
     assert block.xaa.adapter.down.weight.shape[0] == 12
     assert model.vision.blocks[0].xaa.adapter.up.weight.shape[1] == 12
     assert block.tsa.adapters["itc"].down.weight.shape[0] == 8
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:3"])
+def test_train_device_accepts_cpu_cuda_and_cuda_n(device):
+    assert load_config(None, [f"train.device={device}"]).train.device == device
+    assert load_config(None, ["train.device=null"]).train.device is None
+
+
+@pytest.mark.parametrize("device", ["foo", "gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cpu:0", "mps"])
+def test_unknown_train_device_is_rejected(device):
+    with pytest.raises(ValueError, match="train.device"):
+        load_config(None, [f"train.device={device}"])
+
+
+def test_yaml_syntax_error_names_the_file_and_position(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  updates: 10\n  decay_at: [1, 2\n  seed: 3\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml: invalid YAML at line 4, column 7") as info:
+        load_config(path)
+    assert "<unicode string>" not in str(info.value)
+
+
+def test_yaml_syntax_error_in_an_override_names_the_item():
+    with pytest.raises(ValueError, match=r"--set 'schedule.decay_at=\[1, 2': invalid YAML at line 1"):
+        load_config(None, ["train.updates=5", "schedule.decay_at=[1, 2"])
+
+
+def test_unknown_task_is_named_before_task_weights():
+    with pytest.raises(ValueError, match=r"unknown task 'tgirr'; known tasks are \('itc', 'tgir'") as info:
+        load_config(resolve("tiny_cpu"), ["model.tasks=[itc, tgirr]"])
+    assert "task weights" not in str(info.value)
+    with pytest.raises(ValueError, match="model.tasks must name at least one task"):
+        load_config(None, ["model.tasks=[]"])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("eval.caption_metrics=[bleu5]", "eval.caption_metrics must be one of .*'bleu4'.*got 'bleu5'"),
+        ("eval.caption_metrics=[]", "eval.caption_metrics must name at least one metric"),
+        ("eval.caption_beams=0", "eval.caption_beams must be at least 1, got 0"),
+        ("eval.max_samples=0", "eval.max_samples must be at least 1, got 0"),
+        ("eval.caption_max_len=0", "eval.caption_max_len must be at least 1"),
+        ("eval.caption_no_repeat_ngram=-1", "eval.caption_no_repeat_ngram must be at least 0"),
+        ("eval.every=-5", "eval.every must be at least 0"),
+        ("eval.xmr_protocols=[full, sampeld]", "eval.xmr_protocols"),
+        ("eval.tasks=[mvc]", "eval.tasks: task 'mvc' has no evaluation"),
+        ("eval.tasks=[capp]", "eval.tasks: task 'capp' has no evaluation"),
+    ],
+)
+def test_bad_eval_fields_fail_when_the_config_loads(bad, message):
+    """Eval mistakes stop `train` at start, not after the training has run."""
+    with pytest.raises(ValueError, match=message):
+        load_config(resolve("tiny_cpu"), [bad])
+
+
+def test_eval_tasks_must_be_trained_and_metric_names_come_from_the_eval_code():
+    from famevil_fast.eval.captioning import CAPTION_METRICS
+
+    with pytest.raises(ValueError, match="eval.tasks: task 'cap' is not trained"):
+        load_config(None, ["model.tasks=[itc, scr]", "eval.tasks=[itc, cap]"])
+    metrics = "[" + ", ".join(CAPTION_METRICS) + "]"
+    cfg = load_config(None, [f"eval.caption_metrics={metrics}"])
+    assert cfg.eval.caption_metrics == list(CAPTION_METRICS)
+
+
+def test_data_backend_doc_names_exactly_the_backends_that_exist():
+    import dataclasses
+
+    from famevil_fast.data.backends import BACKENDS
+    from famevil_fast.train.config import DataSection
+
+    text = {f.name: f.metadata["doc"] for f in dataclasses.fields(DataSection)}["backend"]
+    assert "dali_cpu" not in text
+    for name in BACKENDS:
+        assert name in text
+        load_config(None, [f"data.backend={name}", "data.cache=runs/cache"])
+    with pytest.raises(ValueError, match=r"data.backend must be one of .*got 'dali_cpu'"):
+        load_config(None, ["data.backend=dali_cpu"])
+    with pytest.raises(ValueError, match="data.backend 'cache' needs data.cache"):
+        load_config(None, ["data.backend=cache"])

@@ -170,3 +170,69 @@ def test_compiled_graph_steps_match_eager_steps(tmp_path):
 def test_cuda_graphs_need_the_sum_strategy(tmp_path):
     with pytest.raises(ValueError, match="cuda_graphs needs gradient_strategy"):
         micro_config(tmp_path, "train.cuda_graphs=true", "train.gradient_strategy=imtlg").validate()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_device_without_cuda_fails_at_construction(tmp_path, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=f"train.device='{device}' but CUDA is not available"):
+        Trainer(micro_config(tmp_path, f"train.device={device}"), streams())
+
+
+def test_training_device_checks_the_gpu_index(monkeypatch):
+    from famevil_fast.train.trainer import training_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert training_device("cuda:1") == torch.device("cuda:1")
+    assert training_device("cuda") == torch.device("cuda")
+    assert training_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"train.device='cuda:2' but this machine has 2 CUDA device\(s\)"):
+        training_device("cuda:2")
+    with pytest.raises(ValueError, match="train.device must be"):
+        training_device("gpu")
+
+
+def test_a_fixed_gpu_is_refused_under_torchrun():
+    from famevil_fast.train.distributed import DistInfo
+    from famevil_fast.train.trainer import process_device
+
+    with pytest.raises(ValueError, match="use 'cuda'"):
+        process_device(torch.device("cuda:1"), DistInfo(rank=0, world_size=2, local_rank=0))
+    assert process_device(torch.device("cpu"), DistInfo(0, 2, 1)) == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_n_puts_the_model_and_batches_on_that_gpu(tmp_path):
+    index = torch.cuda.device_count() - 1
+    trainer = Trainer(micro_config(tmp_path, f"train.device=cuda:{index}", "train.updates=1"), streams())
+    assert trainer.device == torch.device("cuda", index) and torch.cuda.current_device() == index
+    assert {p.device for p in trainer.model.parameters()} == {torch.device("cuda", index)}
+    assert trainer.train_update()["applied"]
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "rng.safetensors", "training_state.json"])
+def test_truncated_checkpoint_file_is_named_on_resume(tmp_path, name):
+    Trainer(micro_config(tmp_path, "train.updates=1"), streams()).fit()
+    resumed = Trainer(micro_config(tmp_path, "train.updates=2"), streams())
+    target = resumed.checkpoints.latest() / name
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"cannot read .*{name}: the file is corrupt or truncated"):
+        resumed.resume()
+
+
+def test_meteor_without_java_fails_before_training(tmp_path, monkeypatch):
+    from famevil_fast.eval import caption_tokenize
+
+    class CaptionEvaluator:
+        sets = {"cap": None}
+
+        def __call__(self, model):
+            return {}
+
+    monkeypatch.setattr(caption_tokenize, "find_java", lambda: None)
+    trainer = Trainer(micro_config(tmp_path, "eval.caption_metrics=[bleu4, meteor]"), streams())
+    trainer.evaluator = CaptionEvaluator()
+    with pytest.raises(caption_tokenize.JavaNotFoundError, match="meteor"):
+        trainer.fit()
+    assert trainer.update == 0

@@ -134,17 +134,38 @@ class CheckpointManager:
         path = Path(path)
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"not a complete training checkpoint (no {STATE_FILE}): {path}")
-        state = json.loads((path / STATE_FILE).read_text())
+        state = _read_json(path / STATE_FILE)
         weights, _ = read_state_dict(path)
         load_into(model, weights, f"checkpoint {path}")
         if optimizer is not None:
-            optimizer_from_flat(optimizer, load_file(str(path / OPTIMIZER_FILE)), state["optimizer"])
-        restore_rng(load_file(str(path / RNG_FILE)), state["rng"])
+            optimizer_from_flat(optimizer, _read_tensors(path / OPTIMIZER_FILE), state["optimizer"])
+        restore_rng(_read_tensors(path / RNG_FILE), state["rng"])
         return state
 
     def _prune(self) -> None:
         for old in self.list()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({exc})") from exc
+    if not isinstance(state, dict) or "optimizer" not in state or "rng" not in state:
+        raise ValueError(f"cannot read {path}: not a training state (no optimizer and rng entries)")
+    return state
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    if not path.exists():
+        raise FileNotFoundError(f"not a complete training checkpoint (no {path.name}): {path.parent}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({exc})") from exc
 
 
 def _fsync_dir_files(directory: Path) -> None:

@@ -8,6 +8,7 @@ key: an unknown key or a value of the wrong type is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from famevil_fast.model.config import PRETRAIN_TASKS
+from famevil_fast.model.config import ALL_TASKS, PRETRAIN_TASKS
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -82,7 +85,9 @@ class DataSection:
     eval_batch_size: int = doc("batch size of evaluation passes", 128)
     num_workers: int = doc("decoding threads", 4)
     backend: str | None = doc(
-        "image decoding backend: null (automatic), dali, dali_cpu, torchvision, pil, cache", None
+        "image decoding backend: null (automatic), dali (GPU or CPU pipeline, following the device), "
+        "torchvision, pil, cache (needs data.cache)",
+        None,
     )
     cache: str | None = doc(
         "pre-decoded cache directory written by `famevil-fast cache` (used when set)", None
@@ -127,7 +132,11 @@ class TrainSection:
     clip_grad_norm: float | None = doc("clip the gradient norm to this value; null = off", None)
     nonfinite: str = doc("on a non-finite loss: skip the update, or stop the run", "skip")
     seed: int = doc("seed of every random choice (sampling, data order, augmentation, initialisation)", 42)
-    device: str | None = doc("cuda, cpu, or null (cuda when available)", None)
+    device: str | None = doc(
+        "cuda (under torchrun: each process's LOCAL_RANK GPU), cuda:N (one GPU), cpu, or null (cuda when "
+        "available)",
+        None,
+    )
 
 
 @dataclass
@@ -226,6 +235,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
+        _check_tasks(self.model.tasks)
         _choice("train.sampling", self.train.sampling, ("round_robin", "size_proportional", "uniform"))
         from famevil_fast.train.sampling import task_weights
 
@@ -233,10 +243,13 @@ class TrainConfig:
         _choice("train.gradient_strategy", self.train.gradient_strategy, ("sum", "imtlg", "imtlg_global"))
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _choice("train.nonfinite", self.train.nonfinite, ("skip", "stop"))
+        _check_device(self.train.device)
+        _check_data_backend(self.data)
         for name, value in (
             ("train.updates", self.train.updates),
             ("train.update_frequency", self.train.update_frequency),
             ("data.batch_size", self.data.batch_size),
+            ("data.eval_batch_size", self.data.eval_batch_size),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -265,8 +278,7 @@ class TrainConfig:
             raise ValueError(
                 f"model.caption_vocab must be 'corpus' or null, got {self.model.caption_vocab!r}"
             )
-        for p in self.eval.xmr_protocols:
-            _choice("eval.xmr_protocols", p, ("full", "sampled"))
+        _check_eval(self.eval, self.model.tasks)
         if self.eval.tasks is None and set(self.model.tasks) & set(PRETRAIN_TASKS):
             self.eval.tasks = [t for t in self.model.tasks if t not in PRETRAIN_TASKS]
         return self
@@ -275,6 +287,61 @@ class TrainConfig:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_tasks(tasks: list[str]) -> None:
+    """Task names first: a misspelt task must not be reported as a task_weights (or other) mistake."""
+    if not tasks:
+        raise ValueError(f"model.tasks must name at least one task; known tasks are {ALL_TASKS}")
+    for task in tasks:
+        if task not in ALL_TASKS:
+            raise ValueError(f"model.tasks: unknown task {task!r}; known tasks are {ALL_TASKS}")
+
+
+def _check_device(device: str | None) -> None:
+    if device is not None and not DEVICE_PATTERN.match(device):
+        raise ValueError(
+            f"train.device must be null, 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...), got {device!r}"
+        )
+
+
+def _check_data_backend(data: DataSection) -> None:
+    from famevil_fast.data.backends import BACKENDS
+
+    if data.backend is not None:
+        _choice("data.backend", data.backend, BACKENDS)
+    if data.backend == "cache" and data.cache is None:
+        raise ValueError("data.backend 'cache' needs data.cache (build one with `famevil-fast cache`)")
+
+
+def _check_eval(section: EvalSection, trained: list[str]) -> None:
+    """Every eval field whose validity is known before training, so a bad one fails at start, not at the
+    first evaluation (the lists of valid names are the evaluation code's own)."""
+    from famevil_fast.eval.captioning import CAPTION_METRICS
+    from famevil_fast.eval.runner import EVALUATORS
+
+    for task in section.tasks or []:
+        if task not in EVALUATORS:
+            raise ValueError(
+                f"eval.tasks: task {task!r} has no evaluation; evaluable tasks are {tuple(EVALUATORS)}"
+            )
+        if task not in trained:
+            raise ValueError(f"eval.tasks: task {task!r} is not trained (model.tasks: {trained})")
+    for p in section.xmr_protocols:
+        _choice("eval.xmr_protocols", p, ("full", "sampled"))
+    if not section.caption_metrics:
+        raise ValueError(f"eval.caption_metrics must name at least one metric of {CAPTION_METRICS}")
+    for metric in section.caption_metrics:
+        _choice("eval.caption_metrics", metric, CAPTION_METRICS)
+    for name, value, low in (
+        ("eval.every", section.every, 0),
+        ("eval.caption_max_len", section.caption_max_len, 1),
+        ("eval.caption_beams", section.caption_beams, 1),
+        ("eval.caption_no_repeat_ngram", section.caption_no_repeat_ngram, 0),
+        ("eval.max_samples", section.max_samples, 1),
+    ):
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 # ---------------------------------------------------------------- YAML
@@ -336,7 +403,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), _read_yaml(raw, f"--set {text!r}")
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` whose syntax errors name ``where`` (a file or a --set item) and the line/column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"{where}: invalid YAML{at}: {problem}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -346,7 +424,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _read_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of sections")
     for text in overrides or []:

@@ -25,7 +25,7 @@ from famevil_fast.data.transforms import to_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
 from famevil_fast.model.losses import Gather
 from famevil_fast.train.checkpoint import CheckpointManager
-from famevil_fast.train.config import TrainConfig
+from famevil_fast.train.config import DEVICE_PATTERN, TrainConfig
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
 from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env
@@ -117,6 +117,43 @@ def build_model(cfg: TrainConfig) -> FameViL:
     return model
 
 
+def training_device(spec: str | None) -> torch.device:
+    """The device ``train.device`` names (null: cuda when available), checked against this machine: a clear
+    ValueError when it asks for CUDA that is missing or for a GPU index the machine does not have."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not DEVICE_PATTERN.match(spec):
+        raise ValueError(f"train.device must be null, 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    device = torch.device(spec)
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"train.device={spec!r} but CUDA is not available on this machine (use cpu or null)")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"train.device={spec!r} but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+        )
+    return device
+
+
+def process_device(wanted: torch.device, dist: DistInfo) -> torch.device:
+    """This process's device: under torchrun the LOCAL_RANK GPU (a fixed ``cuda:N`` is refused), else the
+    device asked for, made the current CUDA device so that kernels and graphs run on it."""
+    if wanted.type == "cpu":
+        return wanted
+    if dist.enabled:
+        if wanted.index is not None:
+            raise ValueError(
+                f"train.device={str(wanted)!r} names one GPU, but torchrun runs {dist.world_size} processes: "
+                "use 'cuda' (each process takes its LOCAL_RANK GPU)"
+            )
+        return torch.device(f"cuda:{dist.local_rank}")
+    device = torch.device("cuda", wanted.index if wanted.index is not None else 0)
+    torch.cuda.set_device(device)
+    return device
+
+
 class TrainingModule(nn.Module):
     """What DDP wraps: one forward for a dict of task batches, run separately or through shared passes."""
 
@@ -142,9 +179,9 @@ class Trainer:
     ) -> None:
         self.cfg = config.validate()
         t = config.train
-        want_cuda = t.device == "cuda" or (t.device is None and torch.cuda.is_available())
-        self.dist: DistInfo = init_from_env("cuda" if want_cuda else "cpu")
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if want_cuda else "cpu")
+        wanted = training_device(t.device)
+        self.dist: DistInfo = init_from_env(wanted.type)
+        self.device = process_device(wanted, self.dist)
         seed_everything(t.seed)
         self.model = (model or build_model(config)).to(self.device)
         if t.freeze_backbone:
@@ -327,6 +364,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        self._check_evaluation()
         if cfg.checkpoint.resume and self.resume():
             pass
         self.logger = RunLogger(
@@ -361,6 +399,17 @@ class Trainer:
             self.logger.message(f"training {status} at update {self.update}")
             self.logger.close()
         return {"status": status, "update": self.update, "eval": results}
+
+    def _check_evaluation(self) -> None:
+        """Fail before training rather than at the first evaluation when the evaluator cannot run here:
+        the METEOR caption metric needs Java."""
+        if self.evaluator is None or "meteor" not in self.cfg.eval.caption_metrics:
+            return
+        if "cap" not in getattr(self.evaluator, "sets", {"cap": None}):
+            return
+        from famevil_fast.eval.caption_tokenize import require_java
+
+        require_java("eval.caption_metrics 'meteor' (METEOR 1.5)")
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
