@@ -62,15 +62,15 @@ def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, option, ca
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "foo"])
 def test_a_malformed_device_is_named(device: str, checkpoint, image, capsys) -> None:
     assert main(["caption", str(checkpoint), str(image), "--device", device]) == 2
-    assert f"--device '{device}': expected cpu, cuda or cuda:N" in one_error_line(capsys, "caption")
+    assert f"--device='{device}': expected cpu, cuda or cuda:N" in one_error_line(capsys, "caption")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_cuda_on_a_machine_without_it_is_named(checkpoint, image, tmp_path, capsys) -> None:
     out = str(tmp_path / "e.safetensors")
     assert main(["embed", str(checkpoint), "--images", str(image), "--out", out, "--device", "cuda"]) == 2
-    assert "sees no CUDA device" in one_error_line(capsys, "embed")
-    with pytest.raises(ValueError, match="no CUDA device"):
+    assert "--device='cuda' but CUDA is not available" in one_error_line(capsys, "embed")
+    with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda:1")
 
 

@@ -180,16 +180,20 @@ def test_cuda_device_without_cuda_fails_at_construction(tmp_path, monkeypatch, d
 
 
 def test_training_device_checks_the_gpu_index(monkeypatch):
-    from famevil_fast.train.trainer import training_device
+    from famevil_fast.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def training_device(name: str) -> torch.device:
+        return resolve_device(name, "train.device")
+
     assert training_device("cuda:1") == torch.device("cuda:1")
     assert training_device("cuda") == torch.device("cuda")
     assert training_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"train.device='cuda:2' but this machine has 2 CUDA device\(s\)"):
         training_device("cuda:2")
-    with pytest.raises(ValueError, match="train.device must be"):
+    with pytest.raises(ValueError, match="train.device='gpu': expected cpu, cuda or cuda:N"):
         training_device("gpu")
 
 

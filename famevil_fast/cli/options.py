@@ -51,19 +51,7 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """The device a command runs on: ``name``, or cuda when available, else cpu. ValueError naming the
-    device when it is not cpu / cuda / cuda:N, or when this machine has no such CUDA device."""
-    import torch
+    """The device of ``--device`` (None: cuda when available, else cpu), checked against this machine."""
+    from famevil_fast.devices import resolve_device as resolve
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    if kind == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name!r}: torch {torch.__version__} sees no CUDA device here")
-        if index and int(index) >= count:
-            raise ValueError(f"--device {name!r}: this machine has {count} CUDA device(s)")
-    return torch.device(name)
+    return resolve(name, "--device")

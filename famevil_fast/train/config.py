@@ -8,7 +8,6 @@ key: an unknown key or a value of the wrong type is an error that names it.
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +16,8 @@ from typing import Any
 
 import yaml
 
+from famevil_fast.devices import DEVICE_PATTERN
 from famevil_fast.model.config import ALL_TASKS, PRETRAIN_TASKS
-
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from famevil_fast.data.transforms import to_device
+from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
 from famevil_fast.model.losses import Gather
 from famevil_fast.train.checkpoint import CheckpointManager
-from famevil_fast.train.config import DEVICE_PATTERN, TrainConfig
+from famevil_fast.train.config import TrainConfig
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
 from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env
@@ -117,26 +118,6 @@ def build_model(cfg: TrainConfig) -> FameViL:
     return model
 
 
-def training_device(spec: str | None) -> torch.device:
-    """The device ``train.device`` names (null: cuda when available), checked against this machine: a clear
-    ValueError when it asks for CUDA that is missing or for a GPU index the machine does not have."""
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not DEVICE_PATTERN.match(spec):
-        raise ValueError(f"train.device must be null, 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
-    device = torch.device(spec)
-    if device.type == "cpu":
-        return device
-    if not torch.cuda.is_available():
-        raise ValueError(f"train.device={spec!r} but CUDA is not available on this machine (use cpu or null)")
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise ValueError(
-            f"train.device={spec!r} but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
-        )
-    return device
-
-
 def process_device(wanted: torch.device, dist: DistInfo) -> torch.device:
     """This process's device: under torchrun the LOCAL_RANK GPU (a fixed ``cuda:N`` is refused), else the
     device asked for, made the current CUDA device so that kernels and graphs run on it."""
@@ -179,7 +160,7 @@ class Trainer:
     ) -> None:
         self.cfg = config.validate()
         t = config.train
-        wanted = training_device(t.device)
+        wanted = resolve_device(t.device, "train.device")
         self.dist: DistInfo = init_from_env(wanted.type)
         self.device = process_device(wanted, self.dist)
         seed_everything(t.seed)
