@@ -158,3 +158,85 @@ def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp
     fused = [*args, "--tasks", "cap", "--max-len", "6", "--max-samples", "8", "--op-backend", "triton"]
     assert main([*fused, "--out", str(out)]) == 0  # the Triton kernels, captions decoded by the fused step
     assert json.loads(out.read_text())["results"][0]["metrics"] == results["fic"]["metrics"]
+
+
+TINY = FameViLConfig(
+    clip=clip_preset("tiny"),  # width 128 with 4 heads: the 64-wide-head guess would give 2
+    adapter_bottleneck=8,
+    xaa_bottleneck=8,
+    caption_vocab=(*range(50), 49407),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    perturb_(FameViL(TINY), std=0.05).save_pretrained(path)
+    return path
+
+
+def _same_embeddings(a, b):
+    pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(0, 49406, (2, 9))
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    with torch.no_grad():
+        return torch.equal(a.encode_image(pixels), b.encode_image(pixels)) and torch.equal(
+            a.encode_text(ids), b.encode_text(ids)
+        )
+
+
+@pytest.mark.parametrize("name", ["official.pth", "official.safetensors"])
+def test_convert_tiny_to_official_and_back_keeps_heads_and_caption_vocab(tiny_checkpoint, tmp_path, name):
+    out = tmp_path / name
+    assert main(["convert", str(tiny_checkpoint), str(out), "--to", "official"]) == 0
+    if name.endswith(".safetensors"):
+        assert "model.heads.cap.weight" in load_file(str(out))  # really safetensors, not a torch pickle
+    assert main(["convert", str(out), str(tmp_path / "back")]) == 0
+    a, b = FameViL.from_pretrained(tiny_checkpoint).eval(), FameViL.from_pretrained(tmp_path / "back").eval()
+    assert b.config == TINY
+    assert _same_embeddings(a, b)
+
+
+def test_convert_tiny_to_huggingface_and_back_keeps_the_clip_config(tiny_checkpoint, tmp_path):
+    from famevil_fast.model import CLIP
+
+    out = tmp_path / "clip.safetensors"
+    assert main(["convert", str(tiny_checkpoint), str(out), "--to", "huggingface"]) == 0
+    assert main(["convert", str(out), str(tmp_path / "back"), "--from-clip", "--bottleneck", "8"]) == 0
+    back = FameViL.from_pretrained(tmp_path / "back")
+    assert back.config.clip == TINY.clip
+    a, b = CLIP.from_pretrained(tiny_checkpoint).eval(), CLIP.from_pretrained(out).eval()
+    assert _same_embeddings(a, b)
+
+
+def test_convert_output_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    src = str(tiny_checkpoint)
+    (tmp_path / "taken").write_text("")
+    cases = {
+        str(tmp_path / "out.zip"): "out.zip in: its name must end in one of",
+        str(tmp_path / "taken" / "c.pth"): "taken is a file, not a directory",
+    }
+    for dest, message in cases.items():
+        assert main(["convert", src, dest, "--to", "official"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("famevil-fast convert: error: cannot ") and message in err
+        assert err.count("\n") == 1
+    assert main(["convert", src, str(tmp_path / "d.pth")]) == 2
+    assert "--to famevil_fast writes a directory" in capsys.readouterr().err
+    # a missing output directory is created, for files as for famevil_fast directories
+    assert main(["convert", src, str(tmp_path / "new" / "dir" / "c.pth"), "--to", "official"]) == 0
+    assert (tmp_path / "new" / "dir" / "c.pth.config.json").exists()
+    assert main(["convert", src, str(tmp_path / "new2" / "h.safetensors"), "--to", "huggingface"]) == 0
+
+
+def test_convert_names_what_it_cannot_read(tiny_checkpoint, tmp_path, capsys):
+    assert main(["convert", str(tiny_checkpoint), str(tmp_path / "c.pth"), "--to", "official"]) == 0
+    (tmp_path / "c.pth.config.json").unlink()
+    assert main(["convert", str(tmp_path / "c.pth"), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert "c.pth carries no model config" in err and "--clip PRESET" in err
+    assert main(["convert", str(tmp_path / "c.pth"), str(tmp_path / "back"), "--clip", "tiny"]) == 0
+    assert FameViL.from_pretrained(tmp_path / "back").config.clip == TINY.clip
+    (tmp_path / "back" / "config.json").write_text("{\n")
+    assert main(["convert", str(tmp_path / "back"), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'back' / 'config.json'}: not valid JSON" in err

@@ -5,7 +5,7 @@ import torch
 from helpers import perturb_, token_batch
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
-from famevil_fast.model.export import to_official_famevil
+from famevil_fast.model.export import save_huggingface, save_official, to_official_famevil
 from famevil_fast.model.weights import WEIGHTS_FILE
 
 MICRO = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)
@@ -75,8 +75,9 @@ def test_loads_official_checkpoint_with_teachers_in_a_training_container(model, 
     state["model.teachers.itc.clip.logit_scale"] = torch.tensor(1.0)
     path = tmp_path / "best.ckpt"
     torch.save({"model": state, "num_updates": 7}, path)
-    # head counts are not stored in the official layout: CLIP's 64-wide heads are assumed unless given
-    assert FameViL.from_pretrained(path).config.clip.vision.heads == 1
+    # head counts are not stored in the official layout, and width 64 is no standard CLIP width: no guess
+    with pytest.raises(ValueError, match=r"best\.ckpt carries no model config.*vision width 64"):
+        FameViL.from_pretrained(path)
     loaded = FameViL.from_pretrained(path, clip=MICRO.clip)
     assert loaded.config.adapter_bottleneck == 8 and loaded.config.xaa == "both"
     assert _same_weights(model, loaded)
@@ -88,14 +89,14 @@ def test_loads_official_checkpoint_with_teachers_in_a_training_container(model, 
 def test_loads_bare_ddp_state_dict_and_single_task_teacher(model, tmp_path):
     bare = to_official_famevil(model.state_dict(), prefix="module.model.")
     torch.save(bare, tmp_path / "fashionclip_final.pth")
-    assert _same_weights(model, FameViL.from_pretrained(tmp_path / "fashionclip_final.pth"))
+    assert _same_weights(model, FameViL.from_pretrained(tmp_path / "fashionclip_final.pth", clip=MICRO.clip))
     teacher = FameViL(MICRO.replace(tasks=("scr",)))
     state = to_official_famevil(teacher.state_dict(), prefix="model.")
     state = {
         k.replace(".adapt_mlp.scr.", ".adapt_mlp."): v for k, v in state.items()
     }  # teachers have no task segment
     torch.save(state, tmp_path / "teacher.pth")
-    loaded = FameViL.from_pretrained(tmp_path / "teacher.pth")
+    loaded = FameViL.from_pretrained(tmp_path / "teacher.pth", clip=MICRO.clip)
     assert loaded.config.tasks == ("scr",)
     assert _same_weights(teacher, loaded)
 
@@ -110,7 +111,7 @@ def test_mismatching_checkpoint_lists_missing_unexpected_and_mismatched_keys(mod
 
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError) as err:
-        FameViL.from_pretrained(tmp_path / "bad.safetensors", num_classes=121)
+        FameViL.from_pretrained(tmp_path / "bad.safetensors", clip=MICRO.clip, num_classes=121)
     text = str(err.value)
     assert "vision.ln_post.weight" in text and "vision.extra" in text and "heads.scr.bias: file (7,)" in text
 
@@ -140,3 +141,108 @@ def test_from_clip_accepts_every_clip_layout_and_rejects_foreign_weights(tmp_pat
         FameViL.from_clip({"encoder.weight": torch.zeros(2)}, MICRO)
     with pytest.raises(ValueError, match="does not match"):
         FameViL.from_clip(clip.state_dict(), FameViLConfig(clip=clip_preset("tiny")))
+
+
+# ---------------------------------------------------------------- settings the weights do not carry
+TINY = FameViLConfig(
+    clip=clip_preset("tiny"),  # width 128 with 4 heads: the 64-wide-head guess would give 2
+    adapter_bottleneck=8,
+    xaa_bottleneck=8,
+    caption_vocab=(*range(50), 49407),
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return perturb_(FameViL(TINY), std=0.05).eval()
+
+
+def _same_outputs(a: FameViL, b: FameViL) -> bool:
+    pixels, ids = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), token_batch(2)
+    with torch.no_grad():
+        states = a.caption_states(a.vision_memory(pixels), ids)
+        return (
+            torch.equal(a.encode_image(pixels), b.encode_image(pixels))
+            and torch.equal(a.encode_text(ids), b.encode_text(ids))
+            and torch.equal(a.caption_logits(states), b.caption_logits(states))
+        )
+
+
+@pytest.mark.parametrize("name", ["c.pth", "c.safetensors"])
+def test_official_export_keeps_the_config_beside_the_official_keys(tiny, tmp_path, name):
+    written = save_official(tiny, tmp_path / name)
+    path = tmp_path / name
+    if name.endswith(".pth"):
+        assert written == [path, tmp_path / "c.pth.config.json"]
+        tensors = torch.load(path, weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        assert written == [path]  # the config is in the safetensors metadata, no sidecar
+        tensors = load_file(str(path))
+    assert sorted(tensors) == sorted(
+        to_official_famevil(tiny.state_dict())
+    )  # nothing the official code lacks
+    loaded = FameViL.from_pretrained(path).eval()
+    assert loaded.config == TINY
+    assert _same_weights(tiny, loaded) and _same_outputs(tiny, loaded)
+
+
+def test_official_file_without_config_and_a_nonstandard_width_is_refused(tiny, tmp_path):
+    path = save_official(tiny, tmp_path / "c.pth")[0]
+    (tmp_path / "c.pth.config.json").unlink()
+    with pytest.raises(
+        ValueError, match=r"c\.pth carries no model config.*vision width 128.*c\.pth\.config\.json"
+    ):
+        FameViL.from_pretrained(path)
+    loaded = FameViL.from_pretrained(path, clip=TINY.clip).eval()
+    assert loaded.config.clip.vision.heads == 4 and loaded.config.caption_vocab is None
+    (tmp_path / "c.pth.config.json").write_text('{"text_config": {"num_attention_heads": 4}}')
+    with pytest.raises(ValueError, match="vision width 128") as err:  # a Hugging Face style hint counts
+        FameViL.from_pretrained(path)
+    assert "text width" not in str(err.value)
+
+
+def test_huggingface_export_keeps_the_clip_config(tiny, tmp_path):
+    from famevil_fast.model import CLIP
+
+    tiny.save_pretrained(tmp_path / "ckpt")
+    for name in ("clip.safetensors", "pytorch_model.bin"):
+        save_huggingface(tiny, tmp_path / name)
+        back, ref = (
+            CLIP.from_pretrained(tmp_path / name).eval(),
+            CLIP.from_pretrained(tmp_path / "ckpt").eval(),
+        )
+        assert back.config == TINY.clip
+        pixels, ids = torch.randn(2, 3, 64, 64), token_batch(2)
+        with torch.no_grad():
+            assert torch.equal(back.encode_image(pixels), ref.encode_image(pixels))
+            assert torch.equal(back.encode_text(ids), ref.encode_text(ids))
+        assert FameViL.from_pretrained(tmp_path / name).config.clip == TINY.clip
+
+
+def test_weights_file_suffix_picks_the_format_and_bad_outputs_are_named(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"out\.zip.*must end in one of"):
+        save_official(tiny, tmp_path / "out.zip")
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(NotADirectoryError, match="taken is a file"):
+        save_official(tiny, tmp_path / "taken" / "c.pth")
+    (tmp_path / "dir.pth").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"dir\.pth: it is a directory"):
+        save_official(tiny, tmp_path / "dir.pth")
+    path = save_official(tiny, tmp_path / "new" / "deeper" / "c.pt")[0]  # parents are created
+    assert FameViL.from_pretrained(path).config == TINY
+
+
+def test_corrupt_configs_are_named(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{\n")
+    with pytest.raises(ValueError, match=r"cannot read .*ckpt/config\.json: not valid JSON"):
+        FameViL.from_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"config\.json must hold a JSON object"):
+        FameViL.from_pretrained(tmp_path / "ckpt")
+    path = save_official(model, tmp_path / "c.pth")[0]
+    (tmp_path / "c.pth.config.json").write_bytes(b"\xff")
+    with pytest.raises(ValueError, match=r"cannot read .*c\.pth\.config\.json: not valid JSON"):
+        FameViL.from_pretrained(path)

@@ -1,13 +1,37 @@
 """Writing famevil_fast weights in other layouts: Hugging Face CLIP names, and the official FAME-ViL
-(mmf) layout of CHECKPOINT_LAYOUT.md, so checkpoints can move back to those code bases."""
+(mmf) layout of CHECKPOINT_LAYOUT.md, so checkpoints can move back to those code bases.
+
+``save_official`` and ``save_huggingface`` write one file whose format follows its suffix (``.safetensors``,
+or a torch pickle for ``.pth``/``.pt``/``.bin``/``.ckpt``). The settings that the weights do not carry
+(head counts, ``caption_vocab``, ...) travel with it so that ``from_pretrained`` rebuilds the same model: in
+the ``config`` metadata of a ``.safetensors`` file, else in a sidecar ``<file>.config.json`` beside it (the
+tensors themselves keep exactly the official keys, which the official code loads unchanged).
+"""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famevil_fast.model.weights import _ADAPTER_PARTS, _HF_LAYER, _HF_NORMS, _HF_TOP
+from famevil_fast.model.weights import (
+    _ADAPTER_PARTS,
+    _HF_LAYER,
+    _HF_NORMS,
+    _HF_TOP,
+    FORMAT_TAG,
+    atomic_write_bytes,
+    sidecar_path,
+)
+
+if TYPE_CHECKING:
+    from famevil_fast.model.famevil import FameViL
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 _TOP = {v: k for k, v in _HF_TOP.items()}
 _NORMS = {v: k for k, v in _HF_NORMS.items()}
@@ -66,3 +90,50 @@ def to_official_famevil(state: dict[str, torch.Tensor], prefix: str = "model.") 
     out[f"{prefix}clip.vision_model.embeddings.position_ids"] = torch.arange(vision_len)[None]
     out.update({prefix + k: v for k, v in state.items() if k.startswith("heads.")})
     return out
+
+
+# ---------------------------------------------------------------- writing files
+def save_official(model: FameViL, path: str | Path, prefix: str = "model.") -> list[Path]:
+    """Write ``model`` in the official FAME-ViL layout, with its full config beside it; returns the files."""
+    config = {"format": FORMAT_TAG, "layout": "official", "famevil": model.config.to_dict()}
+    return write_weights_file(to_official_famevil(model.state_dict(), prefix=prefix), path, config)
+
+
+def save_huggingface(model: FameViL, path: str | Path) -> list[Path]:
+    """Write the CLIP backbone of ``model`` with Hugging Face CLIPModel names, with its CLIP config."""
+    config = {"format": FORMAT_TAG, "layout": "huggingface", "clip": model.config.clip.to_dict()}
+    return write_weights_file(to_huggingface(model.state_dict()), path, config)
+
+
+def write_weights_file(
+    tensors: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any]
+) -> list[Path]:
+    """Write ``tensors`` in the format of ``path``'s suffix (atomically, creating missing parent
+    directories) and store ``config`` with them; returns the files written."""
+    path = Path(path)
+    check_output_file(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"format": "pt", "config": json.dumps(config)}
+        atomic_write_bytes(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        return [path]
+    sidecar = sidecar_path(path)
+    atomic_write_bytes(path, lambda p: torch.save(tensors, p))
+    atomic_write_bytes(sidecar, lambda p: p.write_text(json.dumps(config, indent=2)))
+    return [path, sidecar]
+
+
+def check_output_file(path: Path) -> None:
+    """A clear error before writing when ``path`` cannot be a weights file."""
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(
+            f"cannot tell which format to write {path} in: its name must end in one of {FILE_SUFFIXES} "
+            "(.safetensors writes safetensors, the others a torch pickle)"
+        )
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"cannot write {path}: {blocking} is a file, not a directory")

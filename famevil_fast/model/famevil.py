@@ -140,8 +140,10 @@ class FameViL(nn.Module):
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> FameViL:
         """Load an official FAME-ViL checkpoint (``.pth``/``.ckpt``, bare or in a training container, with or
         without teachers) or one written by ``save_pretrained``. Keyword ``overrides`` replace config fields
-        (e.g. ``attention="eager"``; the official layout stores no head counts, CLIP's 64-wide heads are
-        assumed). Pass ``trust_pickle=True`` only for trusted files that hold non-tensor objects."""
+        (e.g. ``attention="eager"``, or ``clip=clip_preset(...)``). The official layout stores no head
+        counts: the config written beside the file by ``famevil-fast convert`` supplies them, else CLIP's
+        64-wide heads are assumed for the standard widths (512, 768, 1024) and any other width is refused.
+        Pass ``trust_pickle=True`` only for trusted files that hold non-tensor objects."""
         from famevil_fast.model.weights import load_famevil_checkpoint
 
         return load_famevil_checkpoint(cls, path, **overrides)

@@ -6,6 +6,12 @@ Supported inputs, detected from the keys:
 - official FAME-ViL checkpoints (mmf; HF names under ``clip.`` plus ``adapt_mlp``/``cross_attn``/``heads``);
 - famevil_fast's own layout (``save_pretrained``: ``config.json`` + ``model.safetensors``).
 Everything is converted to famevil_fast's parameter names (fused QKV, ``vision.*``, ``text.*``, ``heads.*``).
+
+The model config comes from the checkpoint when it carries one: ``config.json`` in a directory, the
+``config`` metadata of a ``.safetensors`` file, or a sidecar ``<file>.config.json`` beside a single file
+(what ``famevil-fast convert`` writes next to official ``.pth`` files). Without one, sizes are inferred from
+the shapes; head counts are not in any shape, so loading a FAME-ViL checkpoint whose tower width is not a
+standard CLIP width refuses rather than guess (pass ``clip=...`` or add the sidecar).
 """
 
 from __future__ import annotations
@@ -28,9 +34,13 @@ if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
 
 CONFIG_FILE = "config.json"
+SIDECAR_SUFFIX = ".config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_TAG = "famevil_fast"
 TASK_ORDER = ("itc", "tgir", "scr", "cap")
+# Tower widths where CLIP's convention of 64-wide attention heads holds (ViT-B, ViT-L); any other width
+# leaves the head count of a config-less checkpoint unknown.
+STANDARD_WIDTHS = (512, 768, 1024)
 
 
 # ---------------------------------------------------------------- reading files
@@ -42,12 +52,38 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> tuple[dict[
     if path.is_dir():
         return _read_directory(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch_file(path, trust_pickle), {}
+        state, config = _read_safetensors(path)
+    else:
+        state, config = _read_torch_file(path, trust_pickle), {}
+    sidecar = sidecar_path(path)
+    if not config and sidecar.exists():
+        config = read_config(sidecar)
+    return state, config
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """Where the config of a single weights file is kept: ``<file>.config.json`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def read_config(path: Path) -> dict:
+    """A JSON model config; a file that is not a JSON object raises a ValueError naming it."""
+    config = _parse_json(path.read_bytes(), str(path))
+    if not isinstance(config, dict):
+        raise ValueError(f"model config {path} must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _parse_json(text: str | bytes, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {where}: not valid JSON ({exc})") from exc
 
 
 def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).exists() else {}
+    config = read_config(path / CONFIG_FILE) if (path / CONFIG_FILE).exists() else {}
     singles = [path / WEIGHTS_FILE, path / "pytorch_model.bin"]
     for file in singles:
         if file.exists():
@@ -55,7 +91,7 @@ def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             return state, config or meta
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_parse_json(index.read_bytes(), str(index))["weight_map"].values()))
         state = {}
         for shard in shards:
             state.update(_read_safetensors(path / shard)[0])
@@ -75,7 +111,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({exc})") from exc
-    config = json.loads(meta["config"]) if "config" in meta else {}
+    config = _parse_json(meta["config"], f"the config metadata of {path}") if "config" in meta else {}
     return state, config
 
 
@@ -384,10 +420,7 @@ def load_clip_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Ten
     else:
         state, hints = read_state_dict(source)
     state = to_canonical(state)
-    if hints.get("format") == FORMAT_TAG:
-        clip = CLIPConfig.from_dict(hints["famevil"]["clip"])
-    else:
-        clip = infer_clip_config(state, hints)
+    clip = hinted_clip_config(hints) or infer_clip_config(state, hints)
     backbone = {k: v for k, v in state.items() if not is_new_module_key(k)}
     return backbone, clip
 
@@ -398,15 +431,55 @@ def load_famevil_checkpoint(
     """Build a FameViL from a checkpoint; missing or unexpected keys and shape mismatches are errors."""
     raw, hints = read_state_dict(path, trust_pickle)
     state = to_canonical(raw)
-    if hints.get("format") == FORMAT_TAG:
-        config = FameViLConfig.from_dict(hints["famevil"])
-    else:
-        config = infer_famevil_config(state, infer_clip_config(state, hints))
+    config = _checkpoint_config(state, hints, path, overrides.get("clip"))
     if overrides:
         config = config.replace(**overrides)
     model = cls(config)
     load_into(model, state, f"checkpoint {path}")
     return model
+
+
+def _checkpoint_config(
+    state: dict[str, torch.Tensor], hints: dict, path: str | Path, clip: CLIPConfig | None
+) -> FameViLConfig:
+    """The stored FAME-ViL config, else one inferred from the shapes and the given or stored CLIP config."""
+    if hints.get("format") == FORMAT_TAG and "famevil" in hints:
+        return FameViLConfig.from_dict(hints["famevil"])
+    clip = clip or hinted_clip_config(hints)
+    if clip is None:
+        check_head_counts(state, hints, path)
+        clip = infer_clip_config(state, hints)
+    return infer_famevil_config(state, clip)
+
+
+def hinted_clip_config(hints: dict) -> CLIPConfig | None:
+    """The CLIP config famevil_fast stored with a checkpoint (full FAME-ViL config or CLIP only), if any."""
+    if hints.get("format") != FORMAT_TAG:
+        return None
+    clip = hints["famevil"]["clip"] if "famevil" in hints else hints.get("clip")
+    return CLIPConfig.from_dict(clip) if clip else None
+
+
+def check_head_counts(state: dict[str, torch.Tensor], hints: dict, path: str | Path) -> None:
+    """Refuse to guess attention-head counts (they appear in no tensor shape) for a tower whose width is
+    not a standard CLIP width, unless ``hints`` (a Hugging Face style config) gives them."""
+    widths = {
+        "vision": state["vision.class_embedding"].shape[0],
+        "text": state["text.token_embed.weight"].shape[1],
+    }
+    unknown = [
+        f"{tower} width {width}"
+        for tower, width in widths.items()
+        if width not in STANDARD_WIDTHS and "num_attention_heads" not in hints.get(f"{tower}_config", {})
+    ]
+    if unknown:
+        raise ValueError(
+            f"checkpoint {path} carries no model config and its attention-head counts cannot be inferred "
+            f"({', '.join(unknown)}: not a standard CLIP width {STANDARD_WIDTHS}, so 64-wide heads would "
+            f"only be a guess). Give the config: put it in {sidecar_path(path).name} beside the file (as "
+            "`famevil-fast convert` does), pass clip=... (e.g. clip_preset('tiny')) to "
+            "FameViL.from_pretrained, or use `famevil-fast convert --clip PRESET`"
+        )
 
 
 def is_new_module_key(key: str) -> bool:

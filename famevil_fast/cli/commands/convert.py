@@ -1,9 +1,20 @@
 """``famevil-fast convert``: move checkpoints between layouts (official FAME-ViL, famevil_fast, Hugging Face
-CLIP), or start a FAME-ViL checkpoint from CLIP weights."""
+CLIP), or start a FAME-ViL checkpoint from CLIP weights.
+
+File outputs (``--to official`` / ``huggingface``) are written in the format their suffix names
+(``.safetensors``, or a torch pickle for ``.pth``/``.pt``/``.bin``/``.ckpt``), with the model config stored
+beside the weights (safetensors metadata, or a sidecar ``<file>.config.json``) so that converting back
+rebuilds the same model. Missing parent directories of DEST are created.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from famevil_fast.model import FameViL
 
 NAME = "convert"
 HELP = (
@@ -14,7 +25,11 @@ HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="checkpoint file or directory (any supported layout)")
-    parser.add_argument("dest", help="output: a directory (famevil_fast), or a .pth / .safetensors file")
+    parser.add_argument(
+        "dest",
+        help="output: a directory (famevil_fast), or a .safetensors / .pth / .pt / .bin / .ckpt file whose "
+        "suffix picks the format; the config goes in the safetensors metadata or in DEST.config.json",
+    )
     parser.add_argument(
         "--to",
         default="famevil_fast",
@@ -29,29 +44,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bottleneck", type=int, default=64, help="task-adapter r with --from-clip")
     parser.add_argument("--prefix", default="model.", help="key prefix of the official layout")
     parser.add_argument(
+        "--clip",
+        default=None,
+        metavar="PRESET",
+        help="CLIP preset (e.g. tiny, ViT-B-16) for a source that carries no config and whose attention-head "
+        "counts cannot be inferred from its widths",
+    )
+    parser.add_argument(
         "--trust-pickle", action="store_true", help="allow non-tensor objects in a trusted .pth/.ckpt"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from famevil_fast.model.export import FILE_SUFFIXES, save_huggingface, save_official
 
-    from famevil_fast.model import FameViL, FameViLConfig
-    from famevil_fast.model.export import to_huggingface, to_official_famevil
+    dest = Path(args.dest)
+    if args.to == "famevil_fast" and dest.suffix in FILE_SUFFIXES:
+        raise ValueError(
+            f"--to famevil_fast writes a directory, but {dest} names a {dest.suffix} file: "
+            "give a directory, or use --to official / --to huggingface for a single file"
+        )
+    model = _load(args)
+    if args.to == "famevil_fast":
+        written = [model.save_pretrained(dest)]
+    elif args.to == "official":
+        written = save_official(model, dest, prefix=args.prefix)
+    else:
+        written = save_huggingface(model, dest)
+    counts = model.parameter_counts()
+    total = counts["clip"] if args.to == "huggingface" else counts["total"]  # that file holds the backbone
+    print(f"wrote {args.to} checkpoint to {' + '.join(map(str, written))} ({total:,} parameters)")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> FameViL:
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
     from famevil_fast.model.weights import load_clip_state_dict
 
+    preset = clip_preset(args.clip) if args.clip else None
     if args.from_clip:
-        _, clip = load_clip_state_dict(args.source)
-        model = FameViL.from_clip(args.source, FameViLConfig(clip=clip, adapter_bottleneck=args.bottleneck))
-    else:
-        model = FameViL.from_pretrained(args.source, trust_pickle=args.trust_pickle)
-    if args.to == "famevil_fast":
-        model.save_pretrained(args.dest)
-    elif args.to == "official":
-        torch.save(to_official_famevil(model.state_dict(), prefix=args.prefix), args.dest)
-    else:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in to_huggingface(model.state_dict()).items()}, args.dest)
-    print(f"wrote {args.to} checkpoint to {args.dest} ({model.parameter_counts()['total']:,} parameters)")
-    return 0
+        clip = preset or load_clip_state_dict(args.source)[1]
+        return FameViL.from_clip(args.source, FameViLConfig(clip=clip, adapter_bottleneck=args.bottleneck))
+    overrides = {"clip": preset} if preset else {}
+    return FameViL.from_pretrained(args.source, trust_pickle=args.trust_pickle, **overrides)
