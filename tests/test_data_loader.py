@@ -224,3 +224,62 @@ def test_cli_commands(tmp_path, capsys):
     assert (tmp_path / "fiq" / "cap.dress.val.json").read_text() == (
         tmp_path / "d" / "FashionIQ" / "captions" / "cap.dress.val.json"
     ).read_text()
+
+
+@pytest.mark.parametrize("n", [31, 33, 34, 35, 64])
+def test_no_rank_gets_an_empty_batch_without_drop_last(n):
+    from types import SimpleNamespace
+
+    from famevil_fast.data.loader import TrainLoader
+    from famevil_fast.data.tasks import SampleTable
+
+    table = SampleTable("ids", (), {}, {"product_ids": torch.arange(n)})
+    backend = SimpleNamespace(device=torch.device("cpu"))
+
+    def loader(batch_size, rank=0, world_size=1):
+        return TrainLoader(table, backend, batch_size, 3, rank, world_size, drop_last=False, prefetch=0)
+
+    ranks = [list(loader(16, r, 2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(loader(16, 0, 2))
+    assert all(len(b["product_ids"]) > 0 for batches in ranks for b in batches)
+    single = [b["product_ids"] for b in loader(32)]  # the ranks together = one process, step by step
+    for whole, a, b in zip(single, *ranks):
+        assert torch.equal(whole, torch.cat([a["product_ids"], b["product_ids"]]))
+    seen = sum(len(b["product_ids"]) for batches in ranks for b in batches)
+    assert seen == (n if n % 32 != 1 else n - 1)  # a last step of one sample cannot feed two ranks
+
+
+def _json_only_copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.png", "*.jpg"))
+    return dst
+
+
+def test_file_check_with_a_cache_looks_in_the_cache(root, tmp_path):
+    build_cache(root, tmp_path / "cache")
+    json_only = _json_only_copy(root, tmp_path / "d")
+    rows = json.loads((json_only / "FashionGen" / "train_info.json").read_text())
+    extra = {**rows[0], "id": 999_999, "images": ["train/not_cached.png"]}
+    (json_only / "FashionGen" / "train_info.json").write_text(json.dumps(rows + [extra]))
+    for task, n in (("itc", len(rows)), ("tgir", len(_loader(root, "tgir").table))):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            loader = build_train_loader(
+                task, json_only, batch_size=4, image_size=S, device="cpu", cache_dir=tmp_path / "cache"
+            )
+        assert len(loader.table) == n
+        skipped = [str(w.message) for w in record if issubclass(w.category, SkippedImagesWarning)]
+        assert len(skipped) == (0 if task == "tgir" else 1)
+        if task == "itc":
+            assert "skipped 1 of" in skipped[0] and "not_cached.png (not in the image cache)" in skipped[0]
+
+
+@pytest.mark.parametrize("task", ["itc", "scr", "cap", "tgir"])
+def test_an_empty_val_split_is_named_for_every_task(root, tmp_path, task):
+    empty = _json_only_copy(root, tmp_path / "d")
+    (empty / "FashionGen" / "val_info.json").write_text("[]")
+    (empty / "FashionIQ" / "captions" / "cap.dress.val.json").write_text("[]")
+    expected = r"no products in .*val_info\.json" if task != "tgir" else r"no dress queries .*cap\.dress\.val"
+    with pytest.raises(ValueError, match=expected):
+        build_eval_sets(task, empty, image_size=S, backend="pil", device="cpu", check_files=False)

@@ -213,3 +213,120 @@ def test_truncated_jpeg_detection(tmp_path):
     png = tmp_path / "a.png"
     noise_image(png, 5, 6)
     assert not jpeg_truncated(png.read_bytes()) and not jpeg_truncated(b"")
+
+
+_FG_ROW = {"images": ["a.png"], "id": 1, "title": "t", "description": "d", "subcategory_id": 0}
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("id", "abc"),
+        ("id", None),
+        ("id", 1.7),
+        ("id", True),
+        ("subcategory_id", "x"),
+        ("subcategory_id", 3.9),
+        ("subcategory_id", True),
+        ("category_id", "dress"),
+        ("images", [1, 2]),
+        ("images", 5),
+        ("images", {"a": 1}),
+        ("images", None),
+        ("title", None),
+        ("description", ["a", "b"]),
+        ("attributes_id", "12"),
+        ("attributes_id", 3),
+        ("attributes_id", [1, True]),
+    ],
+)
+def test_fashiongen_reader_rejects_wrong_types_naming_file_entry_and_field(tmp_path, field, value):
+    _write(tmp_path / "FashionGen" / "train_info.json", [_FG_ROW, {**_FG_ROW, "id": 2, field: value}])
+    with pytest.raises(ValueError, match=rf"train_info\.json: entry 1\b.*field '{field}' must be") as e:
+        read_fashiongen(tmp_path, "train")
+    assert json.dumps(value)[:20] in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("images", [3]), ("images", None), ("id", "x1"), ("id", 2.0), ("title", None)]
+)
+def test_fashion200k_reader_rejects_wrong_types(tmp_path, field, value):
+    row = {"images": ["x.jpg"], "id": 1, "title": "t"}
+    _write(tmp_path / "Fashion200k" / "train_info.json", [row, {**row, "id": 2, field: value}])
+    with pytest.raises(ValueError, match=rf"train_info\.json: entry 1\b.*field '{field}' must be"):
+        read_fashion200k(tmp_path, "train")
+
+
+@pytest.mark.parametrize(
+    "reader, name",
+    [(read_fashiongen, "FashionGen"), (read_fashion200k, "Fashion200k")],
+)
+def test_duplicate_product_ids_are_rejected_naming_the_entries(tmp_path, reader, name):
+    rows = [{**_FG_ROW, "id": i} for i in (5, 6, 7, 6)]
+    _write(tmp_path / name / "train_info.json", rows)
+    with pytest.raises(ValueError, match=r"train_info\.json: entries 1 and 3 have the same product id 6"):
+        reader(tmp_path, "train")
+
+
+def _fiq_rows(split):
+    rows = [
+        {"candidate": "a", "target": "b", "captions": ["x", "y"]},
+        {"candidate": "b", "target": "c", "captions": ["x", "y"]},
+    ]
+    if split == "val":
+        rows = [{**r, "target_id": i, "fake_data": False, "garment_class": 0} for i, r in enumerate(rows)]
+    return rows
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"candidate": 123}, "field 'candidate' must be a string, got 123"),
+        ({"candidate": None}, "field 'candidate' must be a string, got null"),
+        ({"target": ["x"]}, "field 'target' must be a string"),
+        ({"captions": "ab"}, "field 'captions' must be a list of strings"),
+        ({"captions": None}, "field 'captions' must be a list of strings"),
+        ({"captions": [1, None]}, "field 'captions' must be a list of strings"),
+        ({"captions": ["a", "b", "c"]}, "has 3 captions, expected 2"),
+        ({"fake_data": "false"}, "field 'fake_data' must be true or false"),
+    ],
+)
+def test_fashioniq_reader_rejects_wrong_types(tmp_path, split, change, message):
+    rows = _fiq_rows(split)
+    rows[1].update(change)
+    _write(tmp_path / "FashionIQ" / "captions" / f"cap.dress.{split}.json", rows)
+    with pytest.raises(ValueError, match=rf"cap\.dress\.{split}\.json: entry 1\b.*{message}"):
+        read_fashioniq(tmp_path, split, ["dress"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_fashioniq_rows_are_validated_before_their_names_are_used(tmp_path, split):
+    caps = tmp_path / "FashionIQ" / "captions"
+    rows = _fiq_rows(split)
+    del rows[1]["candidate"]
+    _write(caps / f"cap.dress.{split}.json", rows)
+    with pytest.raises(ValueError, match=rf"cap\.dress\.{split}\.json: entry 1 lacks \['candidate'\]"):
+        read_fashioniq(tmp_path, split, ["dress"])
+    _write(caps / f"cap.dress.{split}.json", [_fiq_rows(split)[0], 1])
+    with pytest.raises(ValueError, match=rf"cap\.dress\.{split}\.json: entry 1 is 1, expected an object"):
+        read_fashioniq(tmp_path, split, ["dress"])
+
+
+def test_fashioniq_val_target_id_must_be_an_integer_and_agree_with_the_target(tmp_path):
+    path = tmp_path / "FashionIQ" / "captions" / "cap.dress.val.json"
+    rows = _fiq_rows("val")
+    rows[1]["target_id"] = "x"
+    _write(path, rows)
+    with pytest.raises(ValueError, match="entry 1.*field 'target_id' must be an integer"):
+        read_fashioniq(tmp_path, "val", ["dress"])
+    rows = _fiq_rows("val") + [{**_fiq_rows("val")[0], "target_id": 7, "fake_data": True}]
+    _write(path, rows)  # target "b" is id 0 in entry 0, id 7 in entry 2
+    with pytest.raises(ValueError, match=r"entries 0 and 2 give target 'b' different target_ids \(0, 7\)"):
+        read_fashioniq(tmp_path, "val", ["dress"])
+    rows = _fiq_rows("val") + [{**_fiq_rows("val")[0], "target": "z", "fake_data": True}]
+    _write(path, rows)  # id 0 is "b" in entry 0, "z" in entry 2
+    with pytest.raises(ValueError, match=r"entries 0 and 2 give target_id 0 to different targets"):
+        read_fashioniq(tmp_path, "val", ["dress"])
+    _write(path, _fiq_rows("val") + [{**_fiq_rows("val")[0], "fake_data": True}])  # same target, same id
+    assert len(read_fashioniq(tmp_path, "val", ["dress"])) == 3

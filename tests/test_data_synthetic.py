@@ -175,3 +175,11 @@ def test_rejects_bad_arguments(tmp_path):
         make_synthetic(tmp_path, products=1)
     with pytest.raises(ValueError, match="image_size"):
         make_synthetic(tmp_path, products=10, image_size=8)
+
+
+@pytest.mark.parametrize("val_fraction", [0.99, 0.01])
+def test_both_fashiongen_splits_keep_a_product_at_extreme_val_fractions(tmp_path, val_fraction):
+    summary = make_synthetic(tmp_path, products=4, image_size=32, val_fraction=val_fraction, workers=1)
+    train, val = read_fashiongen(tmp_path, "train"), read_fashiongen(tmp_path, "val")
+    assert (summary.products_train, summary.products_val) == (len(train), len(val))
+    assert (len(train), len(val)) == ((1, 3) if val_fraction > 0.5 else (3, 1))

@@ -6,30 +6,51 @@ Fashion200k has no validation split; "val" reads the test file. Products carry n
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from famevil_fast.data.records import Product, dataset_dir, load_json_list, relative_prefix, require_keys
+from famevil_fast.data.records import (
+    INT,
+    INTS,
+    STR,
+    STR_OR_STRS,
+    Product,
+    check_types,
+    dataset_dir,
+    entry_name,
+    load_json_list,
+    reject_duplicate_ids,
+    relative_prefix,
+    require_keys,
+)
+
+_KEYS = ("images", "id", "title")
+_KINDS = {"images": STR_OR_STRS, "id": INT, "title": STR, "attributes_id": INTS}
 
 
 def read_fashion200k(root: str | os.PathLike, split: str) -> list[Product]:
-    """Products of ``split`` ("train", "test"; "val" = "test") under ``root`` (or ``root/Fashion200k``)."""
+    """Products of ``split`` ("train", "test"; "val" = "test") under ``root`` (or ``root/Fashion200k``).
+
+    ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
+    or repeats a product id."""
     split = "test" if split == "val" else split
     if split not in ("train", "test"):
         raise ValueError(f"Fashion200k: split must be 'train' or 'test', got {split!r}")
     directory = dataset_dir(root, "Fashion200k", f"{split}_info.json")
     path = directory / f"{split}_info.json"
     prefix = relative_prefix(root, directory)
-    products = []
-    for i, row in enumerate(load_json_list(path, "Fashion200k")):
-        require_keys(row, ("images", "id", "title"), path, i)
-        images = [row["images"]] if isinstance(row["images"], str) else list(row["images"])
-        if not images:
-            raise ValueError(f"{path}: entry {i} (id {row['id']}) has no images")
-        products.append(
-            Product(
-                id=int(row["id"]),
-                images=tuple(prefix + p for p in images),
-                text=str(row["title"]),
-                attributes_id=tuple(int(a) for a in row.get("attributes_id", ())),
-            )
-        )
+    products = [_product(row, path, i, prefix) for i, row in enumerate(load_json_list(path, "Fashion200k"))]
+    reject_duplicate_ids([p.id for p in products], path)
     return products
+
+
+def _product(row: object, path: Path, i: int, prefix: str) -> Product:
+    row = check_types(require_keys(row, _KEYS, path, i), _KINDS, path, i)
+    images = [row["images"]] if isinstance(row["images"], str) else row["images"]
+    if not images:
+        raise ValueError(f"{entry_name(path, i, row)} has no images")
+    return Product(
+        id=row["id"],
+        images=tuple(prefix + p for p in images),
+        text=row["title"],
+        attributes_id=tuple(row.get("attributes_id", ())),
+    )

@@ -10,10 +10,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from famevil_fast.data.records import Product, dataset_dir, load_json_list, relative_prefix, require_keys
+from famevil_fast.data.records import (
+    INT,
+    INTS,
+    STR,
+    STR_OR_STRS,
+    Product,
+    check_types,
+    dataset_dir,
+    entry_name,
+    load_json_list,
+    reject_duplicate_ids,
+    relative_prefix,
+    require_keys,
+)
 
 NUM_SUBCATEGORIES = 121
 _KEYS = ("images", "id", "title", "description", "subcategory_id")
+_KINDS = {
+    "images": STR_OR_STRS,
+    "id": INT,
+    "title": STR,
+    "description": STR,
+    "subcategory_id": INT,
+    "category_id": INT,
+    "attributes_id": INTS,
+}
 
 
 def fashiongen_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
@@ -25,31 +47,32 @@ def fashiongen_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Pa
 
 
 def read_fashiongen(root: str | os.PathLike, split: str) -> list[Product]:
-    """Products of ``split`` ("train", "val"; "test" = "val") under ``root`` (or ``root/FashionGen``)."""
+    """Products of ``split`` ("train", "val"; "test" = "val") under ``root`` (or ``root/FashionGen``).
+
+    ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
+    (ids are integers, texts strings, images a string or a list of strings) or repeats a product id."""
     directory, path = fashiongen_split_file(root, split)
     prefix = relative_prefix(root, directory)
-    rows = load_json_list(path, "FashionGen")
-    products = []
-    for i, row in enumerate(rows):
-        require_keys(row, _KEYS, path, i)
-        images = row["images"]
-        if isinstance(images, str):
-            images = [images]
-        if not images:
-            raise ValueError(f"{path}: entry {i} (id {row['id']}) has no images")
-        sub = int(row["subcategory_id"])
-        if not 0 <= sub < NUM_SUBCATEGORIES:
-            raise ValueError(
-                f"{path}: entry {i} has subcategory_id {sub}, expected 0..{NUM_SUBCATEGORIES - 1}"
-            )
-        products.append(
-            Product(
-                id=int(row["id"]),
-                images=tuple(prefix + p for p in images),
-                text=f"{row['title']}.{row['description']}",
-                category_id=int(row.get("category_id", -1)),
-                subcategory_id=sub,
-                attributes_id=tuple(int(a) for a in row.get("attributes_id", ())),
-            )
-        )
+    products = [_product(row, path, i, prefix) for i, row in enumerate(load_json_list(path, "FashionGen"))]
+    reject_duplicate_ids([p.id for p in products], path)
     return products
+
+
+def _product(row: object, path: Path, i: int, prefix: str) -> Product:
+    row = check_types(require_keys(row, _KEYS, path, i), _KINDS, path, i)
+    images = [row["images"]] if isinstance(row["images"], str) else row["images"]
+    if not images:
+        raise ValueError(f"{entry_name(path, i, row)} has no images")
+    sub = row["subcategory_id"]
+    if not 0 <= sub < NUM_SUBCATEGORIES:
+        raise ValueError(
+            f"{entry_name(path, i, row)} has subcategory_id {sub}, expected 0..{NUM_SUBCATEGORIES - 1}"
+        )
+    return Product(
+        id=row["id"],
+        images=tuple(prefix + p for p in images),
+        text=f"{row['title']}.{row['description']}",
+        category_id=row.get("category_id", -1),
+        subcategory_id=sub,
+        attributes_id=tuple(row.get("attributes_id", ())),
+    )

@@ -3,9 +3,12 @@
 :class:`TrainLoader` shuffles per epoch, shards across ranks and resumes exactly. Epoch ``e`` is the
 permutation ``default_rng([seed, e])``; global step ``b`` takes permutation positions
 ``[b * B * W, (b + 1) * B * W)`` and rank ``r`` the ``r``-th block of ``B`` of them (``B`` batch size, ``W``
-world size). The crop, flip and view of a sample are hashed from (seed, epoch, position, image slot), so a
-batch is a pure function of (seed, epoch, step): ``state_dict()`` stores only the epoch and the number of
-batches the caller has received, and a loader restored from it yields exactly the remaining batches.
+world size). With ``drop_last=False`` a partial last step is split as evenly as possible over the ranks in
+rank order, and dropped when it holds fewer samples than there are ranks: every rank runs the same number
+of steps and no batch is empty. The crop, flip and view of a sample are hashed from (seed, epoch,
+position, image slot), so a batch is a pure function of (seed, epoch, step): ``state_dict()`` stores only
+the epoch and the number of batches the caller has received, and a loader restored from it yields exactly
+the remaining batches.
 
 Batches are built by a background thread (``prefetch`` ahead; on CUDA on a side stream the consumer
 waits on). Samples whose image is missing or undecodable are dropped from their batch (so a batch can be
@@ -39,6 +42,15 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def backend_name(
+    backend: str | ImageBackend | None, device: torch.device, cache_dir: str | os.PathLike | None = None
+) -> str:
+    """The name of the backend ``resolve_backend`` picks, without building it."""
+    if isinstance(backend, ImageBackend):
+        return backend.name
+    return backend or ("cache" if cache_dir is not None else choose_backend(device))
+
+
 def resolve_backend(
     backend: str | ImageBackend | None,
     root: str | os.PathLike,
@@ -51,7 +63,7 @@ def resolve_backend(
     """An image backend from a name (None: ``cache`` when ``cache_dir`` is given, else automatic)."""
     if isinstance(backend, ImageBackend):
         return backend
-    name = backend or ("cache" if cache_dir is not None else choose_backend(device))
+    name = backend_name(backend, device, cache_dir)
     if name == "cache":
         if cache_dir is None:
             raise ValueError("data backend 'cache' needs cache_dir (build one with `famevil-fast cache`)")
@@ -232,9 +244,10 @@ class TrainLoader:
         self.skipped = SkippedImages(f"{table.name} loader")
         self._epoch, self._position = 0, 0
         if len(self) == 0:
+            need = f"one global batch of {self.batch_size} x" if drop_last else "one sample for each of"
             raise ValueError(
-                f"TrainLoader: {table.name} has {len(table)} samples, fewer than one global batch of "
-                f"{self.batch_size} x {self.world_size} ranks"
+                f"TrainLoader: {table.name} has {len(table)} samples, "
+                f"fewer than {need} {self.world_size} ranks"
             )
 
     @property
@@ -247,9 +260,9 @@ class TrainLoader:
 
     def __len__(self) -> int:
         n = len(self.table)
-        if self.drop_last:
-            return n // self.global_batch
-        return -(-n // self.global_batch)
+        full, rest = divmod(n, self.global_batch)
+        # a partial last step needs one sample per rank, so that no rank gets an empty batch
+        return full + int(not self.drop_last and rest >= self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: another epoch starts at its first batch, the same one keeps its place."""
@@ -285,9 +298,13 @@ class TrainLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.table))
 
     def positions(self, step: int) -> np.ndarray:
-        """Epoch positions of this rank's samples in global step ``step``."""
-        start = step * self.global_batch + self.rank * self.batch_size
-        return np.arange(start, min(start + self.batch_size, len(self.table)))
+        """Epoch positions of this rank's samples in global step ``step``: the ``rank``-th of ``world_size``
+        consecutive blocks of the step's positions, as even as possible (so ``batch_size`` each, except in a
+        partial last step)."""
+        start = step * self.global_batch
+        base, extra = divmod(min(self.global_batch, len(self.table) - start), self.world_size)
+        lo = start + self.rank * base + min(self.rank, extra)
+        return np.arange(lo, lo + base + int(self.rank < extra))
 
     def batch(self, epoch: int, step: int, perm: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Batch ``step`` of ``epoch`` for this rank (pure function of seed, epoch, step)."""
@@ -379,7 +396,10 @@ def build_train_loader(
     restricts "tgir" to some FashionIQ categories.
     """
     dev = torch.device(device) if device is not None else default_device()
-    table = train_table(task, root, split, dataset, cache_dir, check_files, categories)
+    # images missing from where the backend reads them (the cache or the files) are dropped up front
+    from_cache = backend_name(backend, dev, cache_dir) == "cache"
+    source = getattr(backend, "cache", cache_dir) if from_cache else False
+    table = train_table(task, root, split, dataset, cache_dir, check_files, categories, source)
     images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads, verify_cache)
     if hasattr(images, "max_batch"):
         images.max_batch = max(images.max_batch, batch_size * max(1, len(table.slots)))

@@ -58,13 +58,70 @@ def load_json_list(path: Path, what: str) -> list:
     return data
 
 
+def entry_name(path: Path, index: int, row: object = None) -> str:
+    """``"<path>: entry <index>"``, with the row's id when it has a printable one (for error messages)."""
+    name = f"{path}: entry {index}"
+    if isinstance(row, dict) and isinstance(row.get("id"), (int, str)):
+        name += f" (id {row['id']!r})"
+    return name
+
+
 def require_keys(row: object, keys: tuple[str, ...], path: Path, index: int) -> dict:
+    """``row`` as a dict holding ``keys``; ValueError naming the file and entry otherwise."""
     if not isinstance(row, dict):
-        raise ValueError(f"{path}: entry {index} is a {type(row).__name__}, expected an object")
+        raise ValueError(f"{path}: entry {index} is {json_repr(row)}, expected an object")
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"{path}: entry {index} lacks {missing}")
+        raise ValueError(f"{entry_name(path, index, row)} lacks {missing}")
     return row
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# field kinds of ``check_types``: what a JSON value must be
+INT, STR, BOOL = "an integer", "a string", "true or false"
+STRS, INTS, STR_OR_STRS = "a list of strings", "a list of integers", "a string or a list of strings"
+_CHECKS = {
+    INT: _is_int,
+    STR: lambda v: isinstance(v, str),
+    BOOL: lambda v: isinstance(v, bool),
+    STRS: _is_str_list,
+    INTS: lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    STR_OR_STRS: lambda v: isinstance(v, str) or _is_str_list(v),
+}
+
+
+def check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> dict:
+    """``row`` after checking that every field of ``kinds`` it holds is of its kind (``INT``, ``STR``,
+    ``BOOL``, ``STRS``, ``INTS``, ``STR_OR_STRS``; a bool is not an integer, a number not a string);
+    ValueError naming the file, the entry and the field otherwise."""
+    for key, kind in kinds.items():
+        if key in row and not _CHECKS[kind](row[key]):
+            raise ValueError(
+                f"{entry_name(path, index, row)}: field {key!r} must be {kind}, got {json_repr(row[key])}"
+            )
+    return row
+
+
+def json_repr(value: object, limit: int = 60) -> str:
+    """``value`` as JSON text (shortened), for error messages."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reject_duplicate_ids(ids: list[int], path: Path) -> None:
+    """ValueError naming the file and the first two entries that share a product id."""
+    first: dict[int, int] = {}
+    for i, pid in enumerate(ids):
+        if pid in first:
+            raise ValueError(f"{path}: entries {first[pid]} and {i} have the same product id {pid}")
+        first[pid] = i
 
 
 def dataset_dir(root: str | os.PathLike, name: str, marker: str) -> Path:

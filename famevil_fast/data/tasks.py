@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from famevil_fast.data.cache import ImageCache
 from famevil_fast.data.fashion200k import read_fashion200k
-from famevil_fast.data.fashiongen import read_fashiongen
+from famevil_fast.data.fashiongen import fashiongen_split_file, read_fashiongen
 from famevil_fast.data.fashioniq import read_fashioniq
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages, missing_files
-from famevil_fast.data.records import Product, Triplet
+from famevil_fast.data.records import Product, Triplet, dataset_dir
 from famevil_fast.data.tokens import tokenize_texts
 
 TASKS: tuple[str, ...] = ("itc", "tgir", "scr", "cap")
@@ -74,12 +75,27 @@ def check_task(task: str, dataset: str | None) -> str:
     return dataset
 
 
-def read_products(dataset: str, root: str | os.PathLike, split: str) -> list[Product]:
+def read_products(
+    dataset: str, root: str | os.PathLike, split: str, allow_empty: bool = False
+) -> list[Product]:
+    """The products of ``dataset`` / ``split``; ValueError naming the split file when it holds none (unless
+    ``allow_empty``)."""
     if dataset == "fashiongen":
-        return read_fashiongen(root, split)
-    if dataset == "fashion200k":
-        return read_fashion200k(root, split)
-    raise ValueError(f"unknown product dataset {dataset!r}; expected one of {PRODUCT_DATASETS}")
+        products = read_fashiongen(root, split)
+    elif dataset == "fashion200k":
+        products = read_fashion200k(root, split)
+    else:
+        raise ValueError(f"unknown product dataset {dataset!r}; expected one of {PRODUCT_DATASETS}")
+    if not products and not allow_empty:
+        raise ValueError(f"{dataset}: no products in {_split_file(dataset, root, split)}")
+    return products
+
+
+def _split_file(dataset: str, root: str | os.PathLike, split: str) -> os.PathLike:
+    if dataset == "fashiongen":
+        return fashiongen_split_file(root, split)[1]
+    name = "test" if split == "val" else split
+    return dataset_dir(root, "Fashion200k", f"{name}_info.json") / f"{name}_info.json"
 
 
 def _ids(values: Sequence[int]) -> torch.Tensor:
@@ -89,14 +105,44 @@ def _ids(values: Sequence[int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ missing files
 
 
-def drop_missing_products(products: list[Product], root: str | os.PathLike, what: str) -> list[Product]:
-    missing = missing_files(root, (p for prod in products for p in prod.images))
-    if not missing:
-        return products
+def open_image_cache(cache: ImageCache | str | os.PathLike | None) -> ImageCache | None:
+    """``cache`` opened (index only, no checksums) when it is a directory; None stays None."""
+    if cache is None or isinstance(cache, ImageCache):
+        return cache
+    return ImageCache(cache, verify=False)
+
+
+def _missing(
+    root: str | os.PathLike, paths: list[str], cache: ImageCache | None, what: str, total: int
+) -> set[str]:
+    """The ``paths`` without an image (not a file under ``root``, or not in ``cache`` when given), reported in
+    one warning."""
+    if cache is None:
+        missing = missing_files(root, paths)
+        reasons = dict.fromkeys(missing, "file not found")
+    else:
+        missing = {p for p in paths if p not in cache}
+        reasons = {p: cache.reason_missing(p) for p in missing}
     skipped = SkippedImages(what)
     for p in sorted(missing):
-        skipped.add(p, "file not found")
-    skipped.report(total=sum(len(p.images) for p in products), stacklevel=4)
+        skipped.add(p, reasons[p])
+    skipped.report(total=total, stacklevel=5)
+    return missing
+
+
+def drop_missing_products(
+    products: list[Product],
+    root: str | os.PathLike,
+    what: str,
+    cache: ImageCache | str | os.PathLike | None = None,
+) -> list[Product]:
+    """``products`` without the views that have no image file (or, with ``cache``, no cache entry); products
+    left without views are dropped, ValueError when none is left."""
+    paths = [p for prod in products for p in prod.images]
+    cache = open_image_cache(cache)
+    missing = _missing(root, paths, cache, what, len(paths))
+    if not missing:
+        return products
     out = []
     for prod in products:
         views = tuple(v for v in prod.images if v not in missing)
@@ -104,17 +150,24 @@ def drop_missing_products(products: list[Product], root: str | os.PathLike, what
             out.append(
                 Product(prod.id, views, prod.text, prod.category_id, prod.subcategory_id, prod.attributes_id)
             )
+    if products and not out:
+        where = f"in the image cache {cache.path}" if cache is not None else f"under {root}"
+        raise ValueError(f"{what}: none of the {len(paths)} images of its products is found {where}")
     return out
 
 
-def drop_missing_triplets(triplets: list[Triplet], root: str | os.PathLike, what: str) -> list[Triplet]:
-    missing = missing_files(root, (p for t in triplets for p in (t.candidate, t.target)))
+def drop_missing_triplets(
+    triplets: list[Triplet],
+    root: str | os.PathLike,
+    what: str,
+    cache: ImageCache | str | os.PathLike | None = None,
+) -> list[Triplet]:
+    """``triplets`` without those whose target (or, unless fake, reference) has no image file (or, with
+    ``cache``, no cache entry)."""
+    paths = sorted({p for t in triplets for p in (t.candidate, t.target)})
+    missing = _missing(root, paths, open_image_cache(cache), what, len(paths))
     if not missing:
         return triplets
-    skipped = SkippedImages(what)
-    for p in sorted(missing):
-        skipped.add(p, "file not found")
-    skipped.report(total=len({p for t in triplets for p in (t.candidate, t.target)}), stacklevel=4)
     out = []
     for t in triplets:
         if t.target in missing:
@@ -128,6 +181,14 @@ def drop_missing_triplets(triplets: list[Triplet], root: str | os.PathLike, what
 # ------------------------------------------------------------------------------------------ train tables
 
 
+def _checked_cache(
+    image_cache: ImageCache | str | os.PathLike | bool | None, cache_dir: str | os.PathLike | None
+) -> ImageCache | str | os.PathLike | None:
+    if image_cache is None or image_cache is True:
+        return cache_dir
+    return None if image_cache is False else image_cache  # (an empty ImageCache is falsy)
+
+
 def train_table(
     task: str,
     root: str | os.PathLike,
@@ -136,13 +197,18 @@ def train_table(
     cache_dir: str | os.PathLike | None = None,
     check_files: bool = True,
     categories: Sequence[str] = FIQ_CATEGORIES,
+    image_cache: ImageCache | str | os.PathLike | bool | None = None,
 ) -> SampleTable:
-    """The training table of ``task`` (see the module docstring)."""
+    """The training table of ``task`` (see the module docstring).
+
+    ``check_files`` drops samples whose image is missing: from ``image_cache`` when the images come from a
+    cache (None, the default: ``cache_dir``, if given; False: the files under ``root``)."""
     dataset = check_task(task, dataset)
+    cache = open_image_cache(_checked_cache(image_cache, cache_dir)) if check_files else None
     if task == "tgir":
         triplets = [t for t in read_fashioniq(root, split, categories) if not t.fake_data]
         if check_files:
-            triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}")
+            triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}", cache)
         texts = [t.text for t in triplets]
         return SampleTable(
             f"tgir/{split}",
@@ -160,7 +226,7 @@ def train_table(
         )
     products = read_products(dataset, root, split)
     if check_files:
-        products = drop_missing_products(products, root, f"{dataset} {split}")
+        products = drop_missing_products(products, root, f"{dataset} {split}", cache)
     texts = [p.text for p in products]
     fields = {"input_ids": tokenize_texts(texts, cache_dir)}
     if task == "itc":
@@ -221,6 +287,11 @@ def tgir_tables(
     """(queries, gallery) of one FashionIQ category."""
     rows = [t for t in triplets if t.category == category]
     queries = [t for t in rows if not t.fake_data]
+    if not queries:
+        raise ValueError(
+            f"FashionIQ: no {FIQ_CATEGORIES[category]} queries (rows without fake_data, with their images) "
+            f"in captions/cap.{FIQ_CATEGORIES[category]}.val.json"
+        )
     gallery: dict[int, str] = {}
     for t in rows:
         gallery.setdefault(t.target_id, t.target)
@@ -253,7 +324,7 @@ def all_texts(root: str | os.PathLike, splits: Sequence[str] = ("train", "val"))
     for split in splits:
         for dataset in PRODUCT_DATASETS:
             try:
-                products = read_products(dataset, root, split)
+                products = read_products(dataset, root, split, allow_empty=True)
             except FileNotFoundError:
                 continue
             out.append([p.text for p in products])

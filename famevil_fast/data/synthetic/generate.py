@@ -185,7 +185,7 @@ class _Job:
 
 def _fashiongen(rng: np.random.Generator, n: int, val_fraction: float, root: Path, size: int):
     seen: set = set()
-    n_val = max(1, round(n * val_fraction)) if n > 1 else 0
+    n_val = min(n - 1, max(1, round(n * val_fraction)))  # at least one product in each split (n >= 2)
     is_val = np.zeros(n, dtype=bool)
     is_val[rng.permutation(n)[:n_val]] = True
     rows: dict[str, list[dict]] = {"train": [], "val": []}
