@@ -1,6 +1,8 @@
 """The pre-decoded image cache: contents, resumable and atomic conversion, corruption detection, tokens."""
 
 import json
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +149,127 @@ def test_build_cache_prefills_the_tokens_the_loaders_use(tmp_path_factory, tmp_p
     monkeypatch.setattr(tokens, "_tokenize", lambda *a: (_ for _ in ()).throw(AssertionError("not cached")))
     for task in ("itc", "tgir"):
         assert len(train_table(task, root, cache_dir=tmp_path / "c")) > 0
+
+
+def test_cache_backend_skips_a_batch_whose_images_are_all_missing(tmp_path):
+    root = _small_root(tmp_path, n=2)
+    (root / "FashionGen" / "train" / "1_0.png").write_bytes(b"broken")
+    build_cache(root, tmp_path / "cache", tokenize=False)
+    paths = ["FashionGen/train/1_0.png", "FashionGen/train/nope.png"]
+    for resampler in ("pil", "torch"):
+        backend = CacheBackend(tmp_path / "cache", 16, resampler=resampler)
+        for n in (1, 2):
+            out = backend.load(paths[:n], CropPlan(counter_uniforms(0, 0, np.arange(n))))
+            assert out.pixels.shape == (0, 3, 16, 16) and not out.ok.any() and len(out.failures) == n
+
+
+def test_16bit_png_is_cached_scaled_to_8_bits(tmp_path):
+    values = (np.arange(40 * 56).reshape(40, 56) / (40 * 56 - 1) * 65535).astype(np.uint16)
+    (tmp_path / "data").mkdir()
+    Image.fromarray(values).save(tmp_path / "data" / "g16.png")
+    build_cache(tmp_path / "data", tmp_path / "cache", keys=["g16.png"], tokenize=False)
+    cached = ImageCache(tmp_path / "cache").get("g16.png")
+    assert np.array_equal(cached[..., 0], np.rint(values / 257.0).astype(np.uint8))
+
+
+def _interrupted_build(root, out, monkeypatch, **kw):
+    real = cache_mod._decode
+    calls = {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] > 14:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(cache_mod, "_decode", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(root, out, shard_bytes=500, num_threads=1, tokenize=False, **kw)
+    monkeypatch.setattr(cache_mod, "_decode", real)
+    assert list((out / "shards").glob("*.json")) and not (out / "cache.json").exists()
+
+
+def test_resume_with_another_max_side_or_root_is_refused(tmp_path, monkeypatch):
+    root = _small_root(tmp_path, n=12)
+    out = tmp_path / "cache"
+    _interrupted_build(root, out, monkeypatch, max_side=12)
+    manifest = json.loads(sorted((out / "shards").glob("*.json"))[0].read_text())
+    assert manifest["max_side"] == 12
+    with pytest.raises(ValueError, match="--max-side 12"):
+        build_cache(root, out, shard_bytes=500, max_side=16, tokenize=False)
+    with pytest.raises(ValueError, match="--max-side 12"):
+        build_cache(root, out, shard_bytes=500, tokenize=False)
+    other = _small_root(tmp_path / "other", n=12)
+    with pytest.raises(ValueError, match="data root"):
+        build_cache(other, out, shard_bytes=500, max_side=12, tokenize=False)
+    build_cache(root, out, shard_bytes=500, max_side=12, tokenize=False)
+    cache = ImageCache(out)
+    assert len(cache) == 24 and all(max(cache.get(k).shape[:2]) <= 12 for k in cache.keys())
+
+
+def test_unreadable_manifest_or_index_is_named_and_rebuilt(tmp_path):
+    root = _small_root(tmp_path, n=6)
+    out = tmp_path / "cache"
+    build_cache(root, out, shard_bytes=1500, tokenize=False)
+    manifest = sorted((out / "shards").glob("*.json"))[1]
+    manifest.write_text('{"file": "shard_00001.bin", "keys": ["\x01')
+    with pytest.raises(CacheCorruptError, match=manifest.name):
+        ImageCache(out)
+    with pytest.warns(UserWarning, match=manifest.name):
+        build_cache(root, out, shard_bytes=1500, tokenize=False)
+    assert len(ImageCache(out)) == 12
+    (out / "cache.json").write_text("")
+    with pytest.raises(CacheCorruptError, match="cache.json"):
+        ImageCache(out)
+    with pytest.warns(UserWarning, match="cache.json"):
+        summary = build_cache(root, out, shard_bytes=1500, tokenize=False)
+    assert summary.new_images == 0 and len(ImageCache(out)) == 12
+
+
+def test_truncated_token_file_fails_verify_and_is_rebuilt(tmp_path):
+    texts = ["a red dress.Silk.", "blue shirt, has long sleeves"]
+    root = _small_root(tmp_path, n=2)
+    out = tmp_path / "cache"
+    build_cache(root, out)
+    ids = tokenize_texts(texts, out)
+    path = out / "tokens" / f"{text_digest(texts)}.npy"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CacheCorruptError, match=path.name):
+        ImageCache(out)
+    with pytest.warns(UserWarning, match=path.name):
+        assert torch.equal(tokenize_texts(texts, out), ids)
+    ImageCache(out)
+    path.write_bytes(b"")  # a stale file no text list needs: rerunning `cache` removes it
+    with pytest.warns(UserWarning, match=path.name):
+        build_cache(root, out)
+    ImageCache(out)
+
+
+def test_cache_backend_checks_the_data_root(tmp_path):
+    root = _small_root(tmp_path, n=2)
+    build_cache(root, tmp_path / "cache", tokenize=False)
+    other = _small_root(tmp_path / "other", n=2)
+    with pytest.raises(ValueError, match="built from data root") as refused:
+        CacheBackend(tmp_path / "cache", 16, root=other)
+    assert os.path.realpath(root) in str(refused.value) and os.path.realpath(other) in str(refused.value)
+    key = "FashionGen/train/1_0.png"
+    expected = CacheBackend(tmp_path / "cache", 16, root=root).load([key], CropPlan()).pixels
+    inner = CacheBackend(tmp_path / "cache", 16, root=root / "FashionGen").load(["train/1_0.png"], CropPlan())
+    assert inner.ok.all() and torch.equal(inner.pixels, expected)
+    # the FashionGen directory passed without telling the backend: a clear error, not empty batches
+    with pytest.raises(ValueError, match="relative to"):
+        CacheBackend(tmp_path / "cache", 16).load(["train/1_0.png"], CropPlan())
+    # a cache of the FashionGen directory used with the data root above it
+    build_cache(root / "FashionGen", tmp_path / "inner", keys=["train/1_0.png"], tokenize=False)
+    outer = CacheBackend(tmp_path / "inner", 16, root=root).load([key, "FashionIQ/x.png"], CropPlan())
+    assert outer.ok.tolist() == [True, False] and torch.equal(outer.pixels, expected)
+
+
+def test_cache_with_a_max_side_below_the_image_size_warns(tmp_path):
+    root = _small_root(tmp_path, n=2)
+    build_cache(root, tmp_path / "cache", max_side=12, tokenize=False)
+    with pytest.warns(UserWarning, match="--max-side 12.*image size 16"):
+        CacheBackend(tmp_path / "cache", 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CacheBackend(tmp_path / "cache", 12)

@@ -162,3 +162,25 @@ def test_gpu_to_device_does_not_wait_for_the_stream():
     waited = time.perf_counter() - start
     assert host_seconds < 0.25 * waited, (host_seconds, waited)
     assert moved.is_cuda and torch.equal(moved.cpu(), cpu)
+
+
+def test_crop_boxes_of_an_empty_batch():
+    """A batch whose images are all missing has nothing to crop (reshape(0, -1) used to raise)."""
+    for plan in (CropPlan(counter_uniforms(0, 0, np.arange(0))), CropPlan(np.zeros((0, 6)))):
+        boxes, flips = plan.boxes(np.zeros((0, 2), dtype=np.int64), 32)
+        assert boxes.shape == (0, 4) and flips.shape == (0,)
+    boxes, flips = train_boxes(np.zeros((0, 2)), np.zeros((0, 6)))
+    assert boxes.shape == (0, 4) and flips.shape == (0,)
+
+
+def test_to_rgb_scales_16_bit_images():
+    from famevil_fast.data.transforms import to_rgb
+
+    values = np.array([[0, 257, 32896], [65535, 1000, 128]], dtype=np.uint16)
+    for image in (Image.fromarray(values), Image.fromarray(values.astype(np.int32))):
+        assert image.mode in ("I;16", "I")
+        out = np.asarray(to_rgb(image))
+        assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+        assert out[..., 0].tolist() == [[0, 1, 128], [255, 4, 0]] and (out[..., 1] == out[..., 0]).all()
+    gray = Image.fromarray(np.array([[0, 200]], dtype=np.uint8))
+    assert np.asarray(to_rgb(gray))[0, :, 0].tolist() == [0, 200]  # 8-bit images unchanged

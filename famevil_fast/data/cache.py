@@ -5,13 +5,16 @@ Layout of a cache directory::
     cache.json                  written last: format version, shard list with SHA-256, failed images
     shards/shard_00000.bin      raw concatenated (h, w, 3) uint8 images
     shards/shard_00000.json     shard manifest: keys (image paths relative to the data root), byte offsets,
-                                shapes, size and SHA-256 of the .bin
+                                shapes, size and SHA-256 of the .bin, the data root and max_side
     tokens/<digest>.npy         CLIP token ids of every text list the loaders use (see ``tokens``)
 
 Writes are atomic (temporary file, fsync, rename; a shard's manifest is renamed only after its data), so a
 killed conversion leaves only complete shards behind and running it again resumes after them. Opening a
 cache verifies every shard's size and (by default) its SHA-256: a corrupted shard raises
-:class:`CacheCorruptError` naming it, and rebuilding replaces exactly the shards that fail.
+:class:`CacheCorruptError` naming it, and rebuilding replaces exactly the shards that fail. An unreadable
+shard manifest or ``cache.json`` is named the same way when opening and treated as missing (rebuilt, with a
+warning) when converting; resuming with another data root or ``max_side`` than the existing shards were
+built with is refused, naming the setting.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,13 +32,26 @@ import numpy as np
 from PIL import Image
 
 from famevil_fast.data.backends.base import default_threads
+from famevil_fast.data.transforms import to_rgb
 
 CACHE_FORMAT = 1
 DEFAULT_SHARD_BYTES = 1 << 30
 
 
 class CacheCorruptError(ValueError):
-    """A cache shard does not match its recorded size or checksum."""
+    """A cache file does not match its recorded size or checksum, or cannot be read."""
+
+
+def _load_json(path: Path) -> dict:
+    """A JSON object from ``path``; ValueError naming the file when it is not readable JSON."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return obj
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,7 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def _decode(root: str, key: str, max_side: int | None) -> np.ndarray | str:
     try:
         with Image.open(os.path.join(root, key)) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if max_side is not None and max(im.size) > max_side:
                 scale = max_side / max(im.size)
                 size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
@@ -133,7 +150,7 @@ class _ShardWriter:
         self.shapes.append((int(pixels.shape[0]), int(pixels.shape[1])))
         self.size += len(data)
 
-    def finish(self) -> dict:
+    def finish(self, root: str, max_side: int | None) -> dict:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -145,27 +162,73 @@ class _ShardWriter:
             "keys": self.keys,
             "offsets": self.offsets,
             "shapes": self.shapes,
+            "root": root,
+            "max_side": max_side,
         }
         _atomic_json(self.bin.with_suffix(".json"), manifest)
         return manifest
 
 
-def _complete_shards(shard_dir: Path, verify: bool) -> dict[int, dict]:
-    """Manifests of shards whose data file exists with the recorded size (and checksum when ``verify``)."""
+_UNKNOWN = object()
+
+
+def _complete_shards(
+    shard_dir: Path, verify: bool, root: str, max_side: int | None, legacy: dict | None = None
+) -> dict[int, dict]:
+    """Manifests of shards whose data file exists with the recorded size (and checksum when ``verify``).
+
+    An unreadable manifest is removed with its data (rebuilt), with a warning naming it. A shard built from
+    another data root or with another ``max_side`` is refused (ValueError naming the setting); manifests
+    that predate those fields take them from ``legacy`` (the previous ``cache.json``), else are rebuilt.
+    """
     done = {}
     for manifest_path in sorted(shard_dir.glob("shard_*.json")):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        data = manifest_path.with_suffix(".bin")
+        try:
+            manifest = _load_json(manifest_path)
+            bad = [k for k in ("file", "bytes", "sha256", "keys", "offsets", "shapes") if k not in manifest]
+            if bad:
+                raise ValueError(f"{manifest_path} lacks {', '.join(bad)}")
+            number = int(manifest_path.stem.split("_")[1])
+        except (OSError, ValueError) as e:
+            warnings.warn(f"cache: unreadable shard manifest, rebuilding the shard: {e}", stacklevel=3)
+            manifest_path.unlink()
+            data.unlink(missing_ok=True)
+            continue
         data = shard_dir / manifest["file"]
-        good = data.is_file() and data.stat().st_size == manifest["bytes"]
+        built_root = manifest.get("root", legacy.get("root", _UNKNOWN) if legacy else _UNKNOWN)
+        built_side = manifest.get("max_side", legacy.get("max_side", _UNKNOWN) if legacy else _UNKNOWN)
+        if built_root is _UNKNOWN or built_side is _UNKNOWN:
+            warnings.warn(
+                f"cache: {manifest_path} does not record its data root and max_side; rebuilding the shard",
+                stacklevel=3,
+            )
+            good = False
+        elif built_side != max_side:
+            raise ValueError(
+                f"cache {shard_dir.parent}: shard {manifest_path.name} was built with --max-side "
+                f"{built_side} (max_side={built_side}), this run asks for {max_side}; resume with "
+                f"--max-side {built_side}, or use a new directory to build another size"
+            )
+        elif not _same_path(built_root, root):
+            raise ValueError(
+                f"cache {shard_dir.parent}: shard {manifest_path.name} was built from data root "
+                f"{built_root}, not {root}; use a new cache directory for another dataset"
+            )
+        else:
+            good = data.is_file() and data.stat().st_size == manifest["bytes"]
         if good and verify:
             good = _sha256_file(data) == manifest["sha256"]
         if good:
-            done[int(manifest_path.stem.split("_")[1])] = manifest
+            done[number] = manifest
         else:
             manifest_path.unlink()
             data.unlink(missing_ok=True)
     return done
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 @dataclass
@@ -202,10 +265,24 @@ def build_cache(
         stale.unlink()
     keys = dataset_image_keys(root_s) if keys is None else sorted(set(keys))
     index_path = out_p / "cache.json"
-    previous = _read_index(index_path) if index_path.is_file() else {}
+    previous: dict = {}
+    if index_path.is_file():
+        try:
+            previous = _read_index(index_path)
+        except CacheCorruptError as e:  # written last, so rewritten below: treat as missing
+            warnings.warn(f"cache: {e}; rebuilding it", stacklevel=2)
     if previous and previous.get("max_side") != max_side:
-        raise ValueError(f"cache {out_p} was built with max_side={previous.get('max_side')}, not {max_side}")
-    shards = _complete_shards(shard_dir, verify_existing)
+        raise ValueError(
+            f"cache {out_p} was built with --max-side {previous.get('max_side')} "
+            f"(max_side={previous.get('max_side')}), not {max_side}; use a new directory for another size"
+        )
+    if previous and "root" in previous and not _same_path(previous["root"], root_s):
+        raise ValueError(
+            f"cache {out_p} was built from data root {previous['root']}, not {os.path.abspath(root_s)}; "
+            "use a new cache directory for another dataset"
+        )
+    abs_root = os.path.abspath(root_s)
+    shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
     have = {k for m in shards.values() for k in m["keys"]}
     failed: dict[str, str] = {}
     todo = [k for k in keys if k not in have]
@@ -225,16 +302,16 @@ def build_cache(
                     writer = _ShardWriter(shard_dir, number)
                 writer.add(key, result)
                 if writer.size >= shard_bytes:
-                    shards[number] = writer.finish()
+                    shards[number] = writer.finish(abs_root, max_side)
                     number += 1
                     writer = None
             bar(len(part))
     if writer is not None:
-        shards[number] = writer.finish()
+        shards[number] = writer.finish(abs_root, max_side)
     ordered = [shards[n] for n in sorted(shards)]
     index = {
         "format": CACHE_FORMAT,
-        "root": os.path.abspath(root_s),
+        "root": abs_root,
         "max_side": max_side,
         "failed": failed,
         "shards": [
@@ -244,8 +321,11 @@ def build_cache(
     }
     if tokenize:
         from famevil_fast.data.tasks import all_texts
-        from famevil_fast.data.tokens import tokenize_texts
+        from famevil_fast.data.tokens import tokenize_texts, unreadable_token_files
 
+        for bad in unreadable_token_files(out_p):  # also those no text list needs any more
+            warnings.warn(f"cache: token file {bad} is unreadable; removing it", stacklevel=2)
+            bad.unlink()
         for texts in all_texts(root_s):
             tokenize_texts(texts, out_p)
     _atomic_json(index_path, index)
@@ -268,8 +348,13 @@ def _progress(total: int, enabled: bool):
 
 
 def _read_index(path: Path) -> dict:
-    with open(path) as f:
-        index = json.load(f)
+    """``cache.json``; CacheCorruptError naming it when unreadable, ValueError for another format."""
+    try:
+        index = _load_json(path)
+        if not isinstance(index.get("shards"), list) or not isinstance(index.get("failed", {}), dict):
+            raise ValueError(f"{path} lacks its shard list")
+    except ValueError as e:
+        raise CacheCorruptError(f"image cache index {e}; rerun `famevil-fast cache` to rebuild it") from e
     if index.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path}: cache format {index.get('format')} is not the supported {CACHE_FORMAT}")
     return index
@@ -289,6 +374,8 @@ class ImageCache:
                 f"image cache: {index_path} not found (build it with `famevil-fast cache`)"
             )
         self.index = _read_index(index_path)
+        self.max_side: int | None = self.index.get("max_side")
+        self.root: str | None = self.index.get("root")  # the data root the cache was built from
         self.failed: dict[str, str] = dict(self.index.get("failed", {}))
         shard_dir = self.path / "shards"
         self._check_sizes(shard_dir)
@@ -299,9 +386,22 @@ class ImageCache:
         self._maps: list[np.ndarray] = []
         self._entries: dict[str, CacheEntry] = {}
         for number, shard in enumerate(self.index["shards"]):
-            with open(shard_dir / Path(shard["file"]).with_suffix(".json").name) as f:
-                manifest = json.load(f)
-            if manifest["sha256"] != shard["sha256"]:
+            manifest_path = shard_dir / Path(shard["file"]).with_suffix(".json").name
+            try:
+                manifest = _load_json(manifest_path)
+                fields = manifest["sha256"], manifest["keys"], manifest["offsets"], manifest["shapes"]
+            except (OSError, ValueError, KeyError) as e:
+                what = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+                raise CacheCorruptError(
+                    f"image cache: shard manifest {manifest_path} is unreadable ({what}); "
+                    "rerun `famevil-fast cache` to rebuild it"
+                ) from e
+            if manifest.get("max_side", self.max_side) != self.max_side:
+                raise CacheCorruptError(
+                    f"image cache: shard manifest {manifest_path} records max_side={manifest['max_side']}, "
+                    f"cache.json max_side={self.max_side}; rerun `famevil-fast cache` to rebuild it"
+                )
+            if fields[0] != shard["sha256"]:
                 raise CacheCorruptError(f"image cache: manifest of {shard['file']} disagrees with cache.json")
             self._maps.append(np.memmap(shard_dir / shard["file"], dtype=np.uint8, mode="r").view(np.ndarray))
             for key, offset, (h, w) in zip(manifest["keys"], manifest["offsets"], manifest["shapes"]):
@@ -330,6 +430,35 @@ class ImageCache:
                     f"image cache: shard {shard_dir / shard['file']} fails its checksum (corrupted); "
                     "rerun `famevil-fast cache` to rebuild it"
                 )
+        from famevil_fast.data.tokens import unreadable_token_files
+
+        bad = unreadable_token_files(self.path)
+        if bad:
+            raise CacheCorruptError(
+                f"image cache: token file {bad[0]} is unreadable (truncated or corrupted)"
+                + (f", and {len(bad) - 1} more" if len(bad) > 1 else "")
+                + "; rerun `famevil-fast cache` to rebuild it"
+            )
+
+    def key_mapping(self, root: str | os.PathLike) -> tuple[str, str]:
+        """How the image paths of a dataset at ``root`` become this cache's keys: (prefix to add, prefix to
+        strip). The cache's keys are relative to the data root it was built from; ``root`` may be that
+        root, a directory under it (``root/FashionGen`` for a cache of ``root``) or above it. Any other
+        root is refused (ValueError naming both), since the same relative names would give other images."""
+        if self.root is None:
+            return "", ""
+        built, given = os.path.realpath(self.root), os.path.realpath(root)
+        if built == given:
+            return "", ""
+        if given.startswith(built.rstrip(os.sep) + os.sep):
+            return Path(os.path.relpath(given, built)).as_posix() + "/", ""
+        if built.startswith(given.rstrip(os.sep) + os.sep):
+            return "", Path(os.path.relpath(built, given)).as_posix() + "/"
+        raise ValueError(
+            f"image cache {self.path} was built from data root {built}, but the dataset is at {given} "
+            "(resolved paths): it would serve its own images for this dataset's file names; "
+            f"build a cache of this dataset with `famevil-fast cache {os.fspath(root)} NEW_CACHE_DIR`"
+        )
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,13 +1,15 @@
 """Tokenised text for the datasets: CLIP BPE ids (B, 77), cached on disk by content when a cache is given.
 
 The cache file name is a SHA-256 of the texts (in order) and the context length, so a changed caption file
-can never be served stale ids; files are written atomically under ``<cache_dir>/tokens/``.
+can never be served stale ids; files are written atomically under ``<cache_dir>/tokens/``. A token file
+that cannot be read (truncated, corrupted) is re-tokenised and rewritten with a warning naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,31 @@ def text_digest(texts: Sequence[str], context_length: int = CONTEXT_LENGTH) -> s
         h.update(b"\x00")
         h.update(t.encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:32]
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    """The (N, L) integer ids in ``path``; ValueError (naming nothing) when the file is not such an array.
+    Memory-mapped, so a file shorter than its header says fails here."""
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise ValueError(f"holds a {ids.dtype} array of shape {ids.shape}, not 2-D integer token ids")
+    return ids
+
+
+def unreadable_token_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """The files under ``<cache_dir>/tokens`` that are not readable token-id arrays (sorted)."""
+    bad = []
+    for path in sorted((Path(cache_dir) / "tokens").glob("*.npy")):
+        if path.name.endswith(".tmp.npy"):  # being written
+            continue
+        try:
+            _read_ids(path)
+        except ValueError:
+            bad.append(path)
+    return bad
 
 
 def _tokenize(texts: list[str], context_length: int) -> torch.Tensor:
@@ -43,13 +70,25 @@ def tokenize_texts(
     if cache_dir is not None:
         path = Path(cache_dir) / "tokens" / f"{text_digest(texts, context_length)}.npy"
         if path.is_file():
-            ids = np.load(path)
-            if ids.shape == (len(texts), context_length):
-                return torch.from_numpy(ids.astype(np.int64))
+            try:
+                ids = _read_ids(path)
+            except ValueError as e:
+                warnings.warn(f"token cache: {path} is unreadable ({e}); re-tokenising it", stacklevel=2)
+            else:
+                if ids.shape == (len(texts), context_length):
+                    return torch.from_numpy(np.array(ids, dtype=np.int64))
+                warnings.warn(
+                    f"token cache: {path} holds ids of shape {ids.shape}, expected "
+                    f"{(len(texts), context_length)}; re-tokenising it",
+                    stacklevel=2,
+                )
     ids = _tokenize(texts, context_length)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, ids.numpy().astype(np.int32))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, ids.numpy().astype(np.int32))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OSError(f"token cache: cannot write {path}: {e}") from e
     return ids.to(torch.int64)

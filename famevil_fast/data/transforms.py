@@ -95,6 +95,8 @@ def train_boxes(
     falls back to a centre crop); the position is uniform over the remaining room.
     """
     sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    if len(sizes) == 0:  # every image of a batch missing: nothing to crop (reshape(0, -1) is ambiguous)
+        return np.zeros((0, 4), dtype=np.float64), np.zeros(0, dtype=bool)
     u = np.asarray(uniforms, dtype=np.float64).reshape(len(sizes), -1)
     h, w = sizes[:, 0], sizes[:, 1]
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -119,6 +121,24 @@ def eval_boxes(sizes: np.ndarray, image_size: int) -> np.ndarray:
     offset = int(round((r - image_size) / 2.0))
     h, w = sizes[:, 0], sizes[:, 1]
     return np.stack([offset * h / r, offset * w / r, image_size * h / r, image_size * w / r], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+# PIL modes holding more than 8 bits per sample (16-bit grayscale PNG and TIFF open as "I;16" or "I")
+_WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, the way every backend reads it.
+
+    16-bit samples (modes "I;16*" and "I") are scaled to 8 bits as round(v / 257), which is what DALI's
+    decoder does; PIL's own ``convert("RGB")`` would clip them at 255 instead (a saturated white image).
+    """
+    if image.mode in _WIDE_MODES:
+        wide = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    return image.convert("RGB")  # also loads the pixels (a copy when already RGB)
 
 
 # ------------------------------------------------------------------------------------------ resampling
@@ -222,6 +242,6 @@ def reference_transform(
     """The reference pipeline for one PIL image: (3, S, S) normalised float32 (eval crop without uniforms)."""
     plan = CropPlan(None if uniforms is None else np.asarray(uniforms).reshape(1, -1))
     boxes, flips = plan.boxes(np.asarray([[image.height, image.width]]), image_size)
-    out = pil_resample(image.convert("RGB"), boxes[0], bool(flips[0]), image_size)
+    out = pil_resample(to_rgb(image), boxes[0], bool(flips[0]), image_size)
     pixels = torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).unsqueeze(0)
     return normalize(pixels)[0]

@@ -5,11 +5,17 @@ images of a batch are gathered into pinned
 memory, copied once, and cropped, resized, flipped and normalised there by
 :func:`~famevil_fast.data.transforms.resample_batch`; with "pil" (the CPU default) PIL resamples each image
 on the thread pool.
+
+Given the data ``root`` of the dataset, the backend checks that the cache was built from it (or from a
+directory above or below it, whose keys it maps): a cache of another dataset is refused rather than serving
+its images under the same file names. A cache built with a ``max_side`` smaller than the image size is
+upsampled; the backend warns once when it is created.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,12 +38,31 @@ class CacheBackend(ImageBackend):
         num_threads: int | None = None,
         verify: bool = True,
         resampler: str | None = None,
+        root: str | os.PathLike | None = None,
     ) -> None:
-        self.cache = cache if isinstance(cache, ImageCache) else ImageCache(cache, verify=verify)
-        super().__init__(self.cache.path, image_size, device, num_threads)
         if resampler not in (None, "pil", "torch"):
             raise ValueError(f"CacheBackend: resampler must be 'pil', 'torch' or None, got {resampler!r}")
+        self.cache = cache if isinstance(cache, ImageCache) else ImageCache(cache, verify=verify)
+        super().__init__(self.cache.path, image_size, device, num_threads)
         self.resampler = resampler or ("torch" if self.device.type == "cuda" else "pil")
+        self.data_root = None if root is None else os.fspath(root)
+        # dataset path -> cache key: prefix added (root below the cache's root) or stripped (root above it)
+        self._add, self._strip = ("", "") if root is None else self.cache.key_mapping(root)
+        max_side = self.cache.max_side
+        if max_side is not None and max_side < self.image_size:
+            warnings.warn(
+                f"image cache {self.cache.path} was built with --max-side {max_side}, smaller than the image "
+                f"size {self.image_size}: its images are upsampled (rebuild it with --max-side >= "
+                f"{self.image_size} or without --max-side)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def cache_key(self, path: str) -> str | None:
+        """The cache key of a dataset image path (None: outside the directory the cache was built from)."""
+        if self._strip:
+            return path[len(self._strip) :] if path.startswith(self._strip) else None
+        return self._add + path if self._add else path
 
     def _resample_cpu(self, key: str, box: np.ndarray, flip: bool) -> np.ndarray:
         arr = self.cache.get(key)
@@ -45,11 +70,22 @@ class CacheBackend(ImageBackend):
         return np.asarray(pil_resample(image, box, flip, self.image_size))
 
     def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
-        entries = [self.cache.entry(p) for p in paths]
+        mapped = [self.cache_key(p) for p in paths]
+        entries = [None if k is None else self.cache.entry(k) for k in mapped]
         ok = np.asarray([e is not None for e in entries], dtype=bool)
-        failures = [(p, self.cache.reason_missing(p)) for p, e in zip(paths, entries) if e is None]
+        outside = "outside the data root the cache was built from"
+        failures = [
+            (p, outside if k is None else self.cache.reason_missing(k))
+            for p, k, e in zip(paths, mapped, entries)
+            if e is None
+        ]
+        s = self.image_size
+        if not ok.any():  # nothing to gather or crop
+            if paths and self.data_root is None:
+                self._explain_misses(paths)
+            return Loaded(torch.empty((0, 3, s, s), device=self.device), ok, failures)
         idx = np.flatnonzero(ok)
-        keys = [paths[i] for i in idx]
+        keys = [mapped[i] for i in idx]
         sizes = np.asarray([[entries[i].height, entries[i].width] for i in idx], dtype=np.int64).reshape(
             -1, 2
         )
@@ -60,6 +96,17 @@ class CacheBackend(ImageBackend):
             arrays = list(self.pool.map(lambda a: self._resample_cpu(*a), zip(keys, boxes, flips)))
             pixels = self._from_host(arrays).pixels
         return Loaded(pixels, ok, failures)
+
+    def _explain_misses(self, paths: Sequence[str]) -> None:
+        """A batch found none of its images: when they are in the cache under a dataset directory, the data
+        root was given as that directory, which this backend cannot map without ``root``: say so."""
+        for sub in ("FashionGen", "FashionIQ", "Fashion200k"):
+            if any(f"{sub}/{p}" in self.cache or f"{sub}/{p}" in self.cache.failed for p in paths):
+                raise ValueError(
+                    f"image cache {self.cache.path}: its keys are relative to the data root "
+                    f"{self.cache.root} (it holds {sub}/{paths[0]}), but the dataset's image paths are "
+                    f"relative to its {sub}/ directory ({paths[0]}); use the data root {self.cache.root}"
+                )
 
     def _load_device(
         self, keys: list[str], sizes: np.ndarray, boxes: np.ndarray, flips: np.ndarray

@@ -6,13 +6,16 @@ with the shared :class:`~famevil_fast.data.transforms.CropPlan`; the pipeline re
 ``external_source`` (so shuffling, sharding and resumption stay with the loader) and resizes the box with
 linear antialiased interpolation. A batch holding an undecodable image makes DALI fail the whole
 pipeline: the images are then probed one by one with PIL, the bad ones are dropped and a fresh pipeline
-decodes the rest.
+decodes the rest. Images in a format DALI does not decode (GIF, ...) go to PIL directly, and when the fresh
+pipeline still fails (an image PIL reads and DALI does not) the batch is decoded and resampled by PIL, the
+reference, so no image PIL can read is lost and no error escapes.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,9 +24,9 @@ import torch
 from PIL import Image
 
 from famevil_fast.data.backends.base import ImageBackend, Loaded
-from famevil_fast.data.backends.pil_backend import decode_error
+from famevil_fast.data.backends.pil_backend import decode_error, pil_image
 from famevil_fast.data.images import jpeg_truncated, probe_size, read_bytes
-from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan
+from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan, normalize, pil_resample
 
 if TYPE_CHECKING:
     from nvidia.dali import Pipeline
@@ -112,6 +115,7 @@ class DALIBackend(ImageBackend):
             raise ValueError(f"DALIBackend: device must be cpu or cuda, got {self.device}")
         self.max_batch = int(max_batch)
         self._pipe = None
+        self._warned_fallback = False
 
     def _pipeline(self):
         if self._pipe is None:
@@ -166,17 +170,59 @@ class DALIBackend(ImageBackend):
             if d is None:
                 failures.append((p, "file not readable"))
         ok = np.asarray([s is not None for s in sizes], dtype=bool)
+        # formats DALI has no decoder for go to PIL without costing a failed pipeline run
+        to_pil = np.asarray(
+            [bool(ok[i]) and not dali_format(datas[i]) for i in range(len(paths))], dtype=bool
+        )
+        by_dali = ok & ~to_pil
         try:
-            pixels = self._decode(datas, sizes, ok, plan)
+            dali_pixels = self._decode(datas, sizes, by_dali, plan)
         except RuntimeError:
             self._pipe = None  # DALI invalidates a pipeline after an error
-            for i in np.flatnonzero(ok):
+            for i in np.flatnonzero(by_dali):
                 reason = _pil_probe(datas[i])
                 if reason is not None:
-                    ok[i] = False
+                    ok[i] = by_dali[i] = False
                     failures.append((paths[i], reason))
-            pixels = self._decode(datas, sizes, ok, plan)
+            try:
+                dali_pixels = self._decode(datas, sizes, by_dali, plan)
+            except RuntimeError as e:  # an image PIL reads and DALI does not: PIL decodes them all
+                self._pipe = None
+                self._warn_fallback([paths[i] for i in np.flatnonzero(by_dali)], e)
+                to_pil |= by_dali
+                by_dali[:] = False
+                dali_pixels = self._decode(datas, sizes, by_dali, plan)
+        if not to_pil.any():
+            return Loaded(dali_pixels, ok, failures)
+        pil_pixels: list[np.ndarray] = []
+        for i in np.flatnonzero(to_pil):
+            result = _pil_one(datas[i], plan.subset(np.asarray([i])), self.image_size)
+            if isinstance(result, str):
+                ok[i] = to_pil[i] = False
+                failures.append((paths[i], result))
+            else:
+                pil_pixels.append(result)
+        s = self.image_size
+        pixels = torch.empty((int(ok.sum()), 3, s, s), dtype=torch.float32, device=self.device)
+        rank = np.cumsum(ok) - 1  # position of each present image in the output
+        if by_dali.any():
+            pixels[torch.from_numpy(rank[by_dali]).to(self.device)] = dali_pixels
+        if pil_pixels:
+            host = torch.from_numpy(np.stack(pil_pixels)).permute(0, 3, 1, 2).contiguous()
+            pixels[torch.from_numpy(rank[to_pil]).to(self.device)] = normalize(host.to(self.device))
         return Loaded(pixels, ok, failures)
+
+    def _warn_fallback(self, paths: list[str], error: RuntimeError) -> None:
+        if self._warned_fallback:
+            return
+        self._warned_fallback = True
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"DALI could not decode a batch of {len(paths)} images that PIL reads (among {paths[:3]}): "
+            f"{first[:200]}; PIL decoded them instead (said once per backend)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _decode(self, datas, sizes, ok: np.ndarray, plan: CropPlan) -> torch.Tensor:
         idx = np.flatnonzero(ok)
@@ -200,3 +246,29 @@ def _pil_probe(data: bytes) -> str | None:
     except (OSError, SyntaxError, ValueError) as e:
         return decode_error(e)
     return None
+
+
+def dali_format(data: bytes) -> bool:
+    """Whether ``data`` starts like a format DALI's image decoder reads (JPEG, PNG, BMP, TIFF, PNM,
+    JPEG 2000, WebP); anything else (GIF, ...) is decoded by PIL."""
+    head = data[:16]
+    return (
+        head[:2] == b"\xff\xd8"
+        or head[:8] == b"\x89PNG\r\n\x1a\n"
+        or head[:2] == b"BM"
+        or head[:4] in (b"II*\x00", b"MM\x00*")
+        or (len(head) > 2 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace())
+        or head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+        or head[:4] == b"\xffO\xffQ"
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    )
+
+
+def _pil_one(data: bytes, plan: CropPlan, image_size: int) -> np.ndarray | str:
+    """(S, S, 3) uint8 of one image decoded and resampled by PIL (the reference), or why it failed."""
+    try:
+        image = pil_image(data)
+    except (OSError, SyntaxError, ValueError) as e:
+        return decode_error(e)
+    boxes, flips = plan.boxes(np.asarray([[image.height, image.width]]), image_size)
+    return np.asarray(pil_resample(image, boxes[0], bool(flips[0]), image_size))

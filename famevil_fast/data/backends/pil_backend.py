@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from famevil_fast.data.backends.base import ImageBackend, Loaded
-from famevil_fast.data.transforms import CropPlan, pil_resample
+from famevil_fast.data.transforms import CropPlan, pil_resample, to_rgb
 
 
 def decode_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def pil_image(data: bytes) -> Image.Image:
+    """The 8-bit RGB PIL image of encoded ``data`` (16-bit samples scaled as
+    :func:`~famevil_fast.data.transforms.to_rgb` does).
+
+    Raises OSError, SyntaxError or ValueError when the data cannot be decoded.
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        return to_rgb(im)
 
 
 class PILBackend(ImageBackend):
@@ -21,7 +32,7 @@ class PILBackend(ImageBackend):
     def _one(self, rel: str, plan: CropPlan, i: int) -> np.ndarray | str:
         try:
             with Image.open(self.path(rel)) as im:
-                im = im.convert("RGB")
+                im = to_rgb(im)
         except (OSError, SyntaxError, ValueError) as e:
             return decode_error(e)
         boxes, flips = plan.subset(np.asarray([i])).boxes(

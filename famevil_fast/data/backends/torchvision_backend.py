@@ -4,6 +4,11 @@ With the "torch" resampler (the default on a CUDA device) the JPEGs of a batch d
 CUDA), PNGs decode on the CPU and move, and the padded batch is cropped, resized and flipped on the device by
 :func:`~famevil_fast.data.transforms.resample_batch`. With "pil" (the CPU default) each decoded image is
 resampled by PIL, the reference resampler, on the decode threads.
+
+Only JPEGs go through ``torchvision.io``; every other format is decoded by PIL. torchvision's PNG decoder
+kills the process (a segmentation fault from libpng's error handler) on a PNG whose compressed data is
+damaged, where PIL raises an error and the image is skipped like any undecodable one; PIL also scales
+16-bit images to 8 bits as every other backend does (:func:`~famevil_fast.data.transforms.to_rgb`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 from PIL import Image
 
 from famevil_fast.data.backends.base import ImageBackend, Loaded
-from famevil_fast.data.backends.pil_backend import decode_error
+from famevil_fast.data.backends.pil_backend import decode_error, pil_image
 from famevil_fast.data.images import read_bytes
 from famevil_fast.data.transforms import CropPlan, normalize, pil_resample, resample_batch
 
@@ -34,6 +39,11 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8"
 
 
+# what a decode may raise for a bad file: PIL raises OSError / SyntaxError / ValueError, torchvision
+# RuntimeError / ValueError
+DECODE_ERRORS = (OSError, SyntaxError, RuntimeError, ValueError)
+
+
 class TorchvisionBackend(ImageBackend):
     name = "torchvision"
 
@@ -45,19 +55,28 @@ class TorchvisionBackend(ImageBackend):
         self.resampler = resampler or ("torch" if self.device.type == "cuda" else "pil")
 
     def _decode_cpu(self, data: bytes) -> torch.Tensor:
+        """(3, h, w) uint8 of encoded ``data``: JPEGs with torchvision.io, anything else with PIL."""
+        if not _is_jpeg(data):
+            return torch.from_numpy(np.asarray(pil_image(data)).copy()).permute(2, 0, 1)
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return self._io.decode_image(t, mode=self._io.ImageReadMode.RGB)
+        out = self._io.decode_image(t, mode=self._io.ImageReadMode.RGB)
+        if out.dtype != torch.uint8:  # a wider-than-8-bit decode: scaled as to_rgb does
+            out = torch.round(out.to(torch.float64) / 257.0).clamp_(0, 255).to(torch.uint8)
+        return out
 
     def _one_cpu(self, data: bytes | None, plan: CropPlan, i: int) -> np.ndarray | str:
         if data is None:
             return "file not readable"
         try:
-            chw = self._decode_cpu(data)
-        except (RuntimeError, ValueError) as e:
+            if _is_jpeg(data):
+                image = Image.fromarray(self._decode_cpu(data).permute(1, 2, 0).numpy())
+            else:  # PIL directly, not through a tensor
+                image = pil_image(data)
+        except DECODE_ERRORS as e:
             return decode_error(e)
-        h, w = int(chw.shape[1]), int(chw.shape[2])
-        boxes, flips = plan.subset(np.asarray([i])).boxes(np.asarray([[h, w]]), self.image_size)
-        image = Image.fromarray(chw.permute(1, 2, 0).numpy())
+        boxes, flips = plan.subset(np.asarray([i])).boxes(
+            np.asarray([[image.height, image.width]]), self.image_size
+        )
         return np.asarray(pil_resample(image, boxes[0], bool(flips[0]), self.image_size))
 
     def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
@@ -87,7 +106,7 @@ class TorchvisionBackend(ImageBackend):
     def _decode_other(self, data: bytes) -> torch.Tensor | str:
         try:
             return self._decode_cpu(data).to(self.device, non_blocking=True)
-        except (RuntimeError, ValueError) as e:
+        except DECODE_ERRORS as e:
             return decode_error(e)
 
     def _load_batched(self, paths: Sequence[str], datas: list[bytes | None], plan: CropPlan) -> Loaded:
