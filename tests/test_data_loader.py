@@ -275,6 +275,28 @@ def test_file_check_with_a_cache_looks_in_the_cache(root, tmp_path):
             assert "skipped 1 of" in skipped[0] and "not_cached.png (not in the image cache)" in skipped[0]
 
 
+@pytest.mark.parametrize("task", ["itc", "tgir"])
+def test_evaluation_sets_read_a_cache_of_a_json_only_copy(root, tmp_path, task):
+    """Annotation files copied without their images, with a cache of the original: every sample is found in
+    the cache (one warning says the roots differ), and the pixels are the original's."""
+    build_cache(root, tmp_path / "cache")
+    json_only = _json_only_copy(root, tmp_path / "d")
+    kwargs = {"image_size": S, "device": "cpu", "batch_size": 8}
+    with pytest.warns(UserWarning, match="built from data root") as record:
+        cached = build_eval_sets(task, json_only, cache_dir=tmp_path / "cache", **kwargs)
+    assert not [w for w in record if issubclass(w.category, SkippedImagesWarning)]
+    original = build_eval_sets(task, root, backend="pil", **kwargs)
+    if task == "itc":
+        got, want = next(iter(cached.images)), next(iter(original.images))
+    else:
+        got, want = (
+            next(iter(cached.categories["dress"].gallery)),
+            next(iter(original.categories["dress"].gallery)),
+        )
+    assert len(got["pixels"]) == len(want["pixels"]) > 0
+    torch.testing.assert_close(got["pixels"], want["pixels"], atol=2 / 255, rtol=0)
+
+
 @pytest.mark.parametrize("task", ["itc", "scr", "cap", "tgir"])
 def test_an_empty_val_split_is_named_for_every_task(root, tmp_path, task):
     empty = _json_only_copy(root, tmp_path / "d")

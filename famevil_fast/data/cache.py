@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,8 +443,10 @@ class ImageCache:
     def key_mapping(self, root: str | os.PathLike) -> tuple[str, str]:
         """How the image paths of a dataset at ``root`` become this cache's keys: (prefix to add, prefix to
         strip). The cache's keys are relative to the data root it was built from; ``root`` may be that
-        root, a directory under it (``root/FashionGen`` for a cache of ``root``) or above it. Any other
-        root is refused (ValueError naming both), since the same relative names would give other images."""
+        root, a directory under it (``root/FashionGen`` for a cache of ``root``) or above it. Any other root
+        (the dataset moved, or its annotation files copied without the images, or another dataset) keeps the
+        keys as they are, with a warning naming both roots: the same relative names of another dataset
+        would get this cache's images."""
         if self.root is None:
             return "", ""
         built, given = os.path.realpath(self.root), os.path.realpath(root)
@@ -454,11 +456,23 @@ class ImageCache:
             return Path(os.path.relpath(given, built)).as_posix() + "/", ""
         if built.startswith(given.rstrip(os.sep) + os.sep):
             return "", Path(os.path.relpath(built, given)).as_posix() + "/"
-        raise ValueError(
-            f"image cache {self.path} was built from data root {built}, but the dataset is at {given} "
-            "(resolved paths): it would serve its own images for this dataset's file names; "
-            f"build a cache of this dataset with `famevil-fast cache {os.fspath(root)} NEW_CACHE_DIR`"
+        warnings.warn(
+            f"image cache {self.path} was built from data root {built}, but the dataset is at {given}: "
+            "the cache's images are served for this dataset's file names. If it is another dataset, build "
+            f"its own cache with `famevil-fast cache {os.fspath(root)} NEW_CACHE_DIR`",
+            UserWarning,
+            stacklevel=3,
         )
+        return "", ""
+
+    def key_function(self, root: str | os.PathLike | None) -> Callable[[str], str | None]:
+        """Maps an image path of the dataset at ``root`` (None: the cache's own root) to its key in this
+        cache, or to None when the path lies outside the directory the cache was built from (see
+        ``key_mapping``)."""
+        add, strip = ("", "") if root is None else self.key_mapping(root)
+        if strip:
+            return lambda path: path[len(strip) :] if path.startswith(strip) else None
+        return (lambda path: add + path) if add else (lambda path: path)
 
     def __len__(self) -> int:
         return len(self._entries)

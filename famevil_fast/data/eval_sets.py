@@ -97,10 +97,11 @@ def build_eval_sets(
     def batches(table) -> EvalBatches:
         return EvalBatches(table, images, batch_size, prefetch)
 
+    cache = images.cache if images.name == "cache" else None  # images missing from where they are read
     if task == "tgir":
         triplets = read_fashioniq(root, split, categories)
         if check_files:
-            triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}")
+            triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}", cache)
         out = {}
         for name in categories:
             q, g = tgir_tables(triplets, FIQ_CATEGORIES.index(name), cache_dir)
@@ -108,7 +109,7 @@ def build_eval_sets(
         return TGIREval(out)
     products = read_products(dataset, root, split)
     if check_files:
-        products = drop_missing_products(products, root, f"{dataset} {split}")
+        products = drop_missing_products(products, root, f"{dataset} {split}", cache)
     if task == "itc":
         texts = product_text_table(products, split, cache_dir)
         return XMREval(

@@ -69,7 +69,7 @@ def resolve_backend(
             raise ValueError("data backend 'cache' needs cache_dir (build one with `famevil-fast cache`)")
         from famevil_fast.data.backends.cache_backend import CacheBackend
 
-        return CacheBackend(cache_dir, image_size, device, num_threads, verify=verify_cache)
+        return CacheBackend(cache_dir, image_size, device, num_threads, verify=verify_cache, root=root)
     return make_backend(name, root, image_size, device, num_threads)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from famevil_fast.data.attributes import AttributeFile, load_attributes
 from famevil_fast.data.backends import ImageBackend
+from famevil_fast.data.cache import ImageCache
 from famevil_fast.data.loader import TrainLoader, default_device, resolve_backend
 from famevil_fast.data.tasks import PRODUCT_DATASETS, SampleTable, drop_missing_products, read_products
 from famevil_fast.data.tokens import tokenize_texts
@@ -55,12 +56,14 @@ def pretrain_table(
     cache_dir: str | os.PathLike | None = None,
     check_files: bool = True,
     attributes: AttributeFile | None = None,
+    image_cache: ImageCache | None = None,
 ) -> SampleTable:
-    """The sample table of a pre-training task (see the module docstring); ``attributes`` for ``pac``."""
+    """The sample table of a pre-training task (see the module docstring); ``attributes`` for ``pac``;
+    ``check_files`` looks for the images in ``image_cache`` when they are read from one, else in ``root``."""
     dataset = check_pretrain_task(task, dataset)
     products = read_products(dataset, root, split)
     if check_files:
-        products = drop_missing_products(products, root, f"{dataset} {split}")
+        products = drop_missing_products(products, root, f"{dataset} {split}", image_cache)
     texts = [p.text for p in products]
     fields = {
         "input_ids": tokenize_texts(texts, cache_dir),
@@ -114,8 +117,9 @@ def build_pretrain_loader(
         attributes = load_attributes(
             root, attributes, check_pretrain_task(task, dataset), attribute_min_count
         )
-    table = pretrain_table(task, root, split, dataset, cache_dir, check_files, attributes)
     images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads)
+    image_cache = images.cache if images.name == "cache" else None
+    table = pretrain_table(task, root, split, dataset, cache_dir, check_files, attributes, image_cache)
     if hasattr(images, "max_batch"):
         images.max_batch = max(images.max_batch, batch_size * len(table.slots))
     return TrainLoader(table, images, batch_size, seed, rank, world_size, drop_last, prefetch)

@@ -121,8 +121,11 @@ def _missing(
         missing = missing_files(root, paths)
         reasons = dict.fromkeys(missing, "file not found")
     else:
-        missing = {p for p in paths if p not in cache}
-        reasons = {p: cache.reason_missing(p) for p in missing}
+        key = cache.key_function(root)
+        keys = {p: key(p) for p in paths}
+        missing = {p for p, k in keys.items() if k is None or k not in cache}
+        outside = "outside the data root the cache was built from"
+        reasons = {p: outside if keys[p] is None else cache.reason_missing(keys[p]) for p in missing}
     skipped = SkippedImages(what)
     for p in sorted(missing):
         skipped.add(p, reasons[p])

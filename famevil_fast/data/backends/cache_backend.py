@@ -46,8 +46,7 @@ class CacheBackend(ImageBackend):
         super().__init__(self.cache.path, image_size, device, num_threads)
         self.resampler = resampler or ("torch" if self.device.type == "cuda" else "pil")
         self.data_root = None if root is None else os.fspath(root)
-        # dataset path -> cache key: prefix added (root below the cache's root) or stripped (root above it)
-        self._add, self._strip = ("", "") if root is None else self.cache.key_mapping(root)
+        self.cache_key = self.cache.key_function(root)  # dataset path -> cache key (None: outside its root)
         max_side = self.cache.max_side
         if max_side is not None and max_side < self.image_size:
             warnings.warn(
@@ -57,12 +56,6 @@ class CacheBackend(ImageBackend):
                 UserWarning,
                 stacklevel=2,
             )
-
-    def cache_key(self, path: str) -> str | None:
-        """The cache key of a dataset image path (None: outside the directory the cache was built from)."""
-        if self._strip:
-            return path[len(self._strip) :] if path.startswith(self._strip) else None
-        return self._add + path if self._add else path
 
     def _resample_cpu(self, key: str, box: np.ndarray, flip: bool) -> np.ndarray:
         arr = self.cache.get(key)
