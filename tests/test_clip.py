@@ -47,11 +47,9 @@ def test_matches_open_clip(tmp_path):
     oc = open_clip_model()
     path = tmp_path / "open_clip.pt"
     torch.save(oc.state_dict(), path)
-    ours = CLIP.from_pretrained(
-        path
-    ).eval()  # heads inferred as width // 64 would be 1: compare with explicit
-    config = ours.config
-    assert config.vision.width == 64 and config.vision.patch_size == 16 and config.vision.image_size == 32
+    # no config and width 64 (not a standard CLIP width, nor a preset's sizes): the heads are not guessed
+    with pytest.raises(ValueError, match=r"open_clip\.pt carries no model config.*vision width 64"):
+        CLIP.from_pretrained(path)
     ours = CLIP.from_pretrained(
         path,
         CLIPConfig(
@@ -83,7 +81,12 @@ def test_openai_torchscript_archive(tmp_path):
     assert "visual.conv1.weight" in state
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.save(torch.jit.script(_StateHolder(state)), path)
-    ours = CLIP.from_pretrained(path).eval()
+    config = CLIPConfig(
+        vision=VisionConfig(32, 16, 64, 2, 1, 128),
+        text=TextConfig(width=64, layers=2, heads=1, mlp_dim=128),
+        embed_dim=48,
+    )
+    ours = CLIP.from_pretrained(path, config)  # width 64: head counts must be given
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(ours.encode_image(pixels), oc.encode_image(pixels)) < 1e-5
@@ -175,3 +178,49 @@ def _to_hf(model: CLIP) -> dict:
     from famevil_fast.model.export import to_huggingface
 
     return to_huggingface(model.state_dict())
+
+
+def test_clip_encoders_validate_their_inputs():
+    clip = CLIP(clip_preset("micro")).eval()
+    pixels, ids = torch.randn(2, 3, 32, 32), token_batch(2)
+    cases = [
+        (lambda: clip.encode_image((pixels * 50).to(torch.uint8)), "floating-point"),
+        (lambda: clip.encode_image(torch.randn(1, 3, 64, 64)), r"shape \(B, 3, 32, 32\)"),
+        (lambda: clip.encode_image(pixels[:0]), "empty batch"),
+        (lambda: clip.encode_text(ids + 60000), "outside the vocabulary"),
+        (lambda: clip.encode_text(ids[:, :1]), "no end-of-text token"),
+        (lambda: clip.encode_text(ids.float()), "integer token ids"),
+        (lambda: clip.encode_text(torch.cat([ids, ids], 1)), r"1 <= L <= 77"),
+        (lambda: clip.encode_text(ids[:0]), "B >= 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_config_less_clip_weights_get_heads_from_a_preset_or_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from famevil_fast.model.export import to_huggingface
+
+    hf_layout = to_huggingface(perturb_(CLIP(clip_preset("micro"))).state_dict())
+    save_file({k: v.contiguous() for k, v in hf_layout.items()}, str(tmp_path / "w.safetensors"))
+    for load in (CLIP.from_pretrained, FameViL.from_clip):  # width 64 and no config: no guess
+        with pytest.raises(ValueError, match=r"w\.safetensors carries no model config.*vision width 64"):
+            load(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="the given state dict carries no model config"):
+        CLIP.from_pretrained(hf_layout)
+    assert CLIP.from_pretrained(hf_layout, clip_preset("micro")).config == clip_preset("micro")
+    # a file named after a preset of its sizes takes that preset's heads
+    save_file({k: v.contiguous() for k, v in hf_layout.items()}, str(tmp_path / "micro.safetensors"))
+    assert CLIP.from_pretrained(tmp_path / "micro.safetensors").config.vision.heads == 2
+    # famevil_fast's own layout (models built from presets) matches any preset of the same sizes
+    torch.save(CLIP(clip_preset("tiny")).state_dict(), tmp_path / "ViT-B-16.pt")
+    assert FameViL.from_clip(tmp_path / "ViT-B-16.pt").config.clip == clip_preset("tiny")
+
+
+def test_clip_weights_of_another_size_list_the_mismatches(tmp_path):
+    torch.save(CLIP(clip_preset("tiny")).state_dict(), tmp_path / "tiny.pt")
+    message = r"(?s)CLIP weights .*tiny\.pt does not match the model.*unexpected keys"
+    with pytest.raises(ValueError, match=message):
+        CLIP.from_pretrained(tmp_path / "tiny.pt", clip_preset("micro"))

@@ -330,3 +330,36 @@ def test_fused_adapter_mixes_stream_and_branch_dtypes_under_autocast(backend):
     ref = a + branch.float() + adapter.up(torch.relu(adapter.down(adapter.ln(a)))) * adapter.scale
     assert out.dtype == torch.float32
     assert torch.allclose(out, ref, atol=5e-2)
+
+
+def test_set_runtime_validates_the_backend_and_changes_only_what_is_passed():
+    model = micro_model()
+    with pytest.raises(ValueError, match=r"backend must be one of \(None, 'torch', 'triton'\).*'cuda'"):
+        model.set_runtime(backend="cuda")
+    assert model.config.backend is None  # the refused value was not stored
+    model.set_runtime(backend="torch")
+    model.set_runtime(attention="eager")
+    assert model.config.backend == "torch" and model.config.attention == "eager"
+    assert model.vision.blocks[0].tsa.adapters["itc"].backend == "torch"
+    model.set_runtime(backend=None)  # None, passed, means automatic
+    assert model.config.backend is None and model.config.attention == "eager"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MICRO.replace(backend="bogus")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("clip"), r"lacks the field\(s\) \['clip'\]"),
+        (lambda d: d.update(adapter_bottleneck="64"), "famevil.adapter_bottleneck must be int, got str '64'"),
+        (lambda d: d["clip"]["vision"].update(foo=1), r"unknown field\(s\) under 'clip.vision': \['foo'\]"),
+        (lambda d: d["clip"].pop("text"), r"'clip' lacks the field\(s\) \['text'\]"),
+        (lambda d: d.update(tasks=["itc", 3]), r"famevil.tasks must be tuple\[str, ...\]"),
+    ],
+)
+def test_config_from_dict_names_the_bad_field(edit, message):
+    stored = MICRO.to_dict()
+    assert FameViLConfig.from_dict(stored) == MICRO
+    edit(stored)
+    with pytest.raises(ValueError, match=message):
+        FameViLConfig.from_dict(stored)

@@ -181,3 +181,41 @@ def test_graph_key_sees_a_moved_tensor_beyond_the_first(model):
     finally:
         bias.data = old
     assert storage_fingerprint(model) == before
+
+
+def test_caption_without_text_cross_attention_is_refused_clearly():
+    model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="none")).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="captioning needs cross-attention adapters.*xaa='none'"):
+        model.caption(pixels, max_len=3)
+    with pytest.raises(ValueError, match="captioning needs cross-attention adapters"):
+        generate(model, pixels, max_len=3, num_beams=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_beams": 2.0}, "num_beams"),
+        ({"num_beams": True}, "num_beams"),
+        ({"max_len": 2.5}, "max_len"),
+        ({"no_repeat_ngram": 1.5}, "no_repeat_ngram"),
+    ],
+)
+def test_caption_arguments_must_be_ints(model, kwargs, name):
+    pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"{name} must be a Python int"):
+        model.caption(pixels, **{"max_len": 4, **kwargs})
+
+
+def test_beam_search_over_a_one_token_shortlist():
+    """A shortlist of only the end token leaves one caption; beam search returns it as greedy does."""
+    config = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, caption_vocab=(EOT_ID,))
+    model = perturb_(FameViL(config), std=0.05).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    expected = torch.tensor([[SOT_ID, EOT_ID]] * 2)
+    assert torch.equal(model.caption(pixels, max_len=6, num_beams=2, return_ids=True), expected)
+    assert torch.equal(generate_by_reencoding(model, pixels, max_len=6, num_beams=3), expected)
+
+
+def test_caption_docstring_states_the_max_len_cap():
+    assert "capped by the text context" in FameViL.caption.__doc__

@@ -172,6 +172,14 @@ def test_cuda_graphs_need_the_sum_strategy(tmp_path):
         micro_config(tmp_path, "train.cuda_graphs=true", "train.gradient_strategy=imtlg").validate()
 
 
+def test_a_loaded_model_trains_in_training_mode(tmp_path):
+    """Loading returns a model in eval mode; the trainer switches it (and so adapter dropout) to training."""
+    first = Trainer(micro_config(tmp_path / "a"), streams())
+    first.model.save_pretrained(tmp_path / "weights")
+    trainer = Trainer(micro_config(tmp_path / "b", f"model.resume_weights={tmp_path / 'weights'}"), streams())
+    assert all(m.training for m in trainer.model.modules())
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_cuda_device_without_cuda_fails_at_construction(tmp_path, monkeypatch, device):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -218,7 +218,9 @@ def test_huggingface_export_keeps_the_clip_config(tiny, tmp_path):
         with torch.no_grad():
             assert torch.equal(back.encode_image(pixels), ref.encode_image(pixels))
             assert torch.equal(back.encode_text(ids), ref.encode_text(ids))
-        assert FameViL.from_pretrained(tmp_path / name).config.clip == TINY.clip
+        assert FameViL.from_clip(tmp_path / name).config.clip == TINY.clip
+        with pytest.raises(ValueError, match=r"is a CLIP checkpoint.*FameViL\.from_clip"):
+            FameViL.from_pretrained(tmp_path / name)  # no adapters or heads: not a FAME-ViL checkpoint
 
 
 def test_weights_file_suffix_picks_the_format_and_bad_outputs_are_named(tiny, tmp_path):
@@ -246,3 +248,81 @@ def test_corrupt_configs_are_named(model, tmp_path):
     (tmp_path / "c.pth.config.json").write_bytes(b"\xff")
     with pytest.raises(ValueError, match=r"cannot read .*c\.pth\.config\.json: not valid JSON"):
         FameViL.from_pretrained(path)
+
+
+# ---------------------------------------------------------------- loading returns ready-to-use models
+def test_loaded_models_are_in_eval_mode(tmp_path):
+    from famevil_fast.model import CLIP
+
+    model = perturb_(FameViL(MICRO.replace(adapter_dropout=0.5)), std=0.05)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = FameViL.from_pretrained(tmp_path / "ckpt")
+    assert not loaded.training  # dropout off: inference is deterministic
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pixels), loaded.encode_image(pixels))
+    clip = CLIP(clip_preset("micro"))
+    assert not FameViL.from_clip(clip.state_dict(), MICRO).training
+    assert not CLIP.from_pretrained(clip.state_dict(), clip_preset("micro")).training
+
+
+def test_from_pretrained_refuses_a_clip_only_checkpoint(tmp_path):
+    from famevil_fast.model import CLIP
+
+    torch.save(CLIP(clip_preset("micro")).state_dict(), tmp_path / "clip.pt")
+    with pytest.raises(ValueError, match=r"clip\.pt is a CLIP checkpoint.*FameViL\.from_clip"):
+        FameViL.from_pretrained(tmp_path / "clip.pt")
+    assert FameViL.from_clip(tmp_path / "clip.pt").config.clip == clip_preset("micro")
+
+
+def _official_with(model, tmp_path, name, edit):
+    state = to_official_famevil(model.state_dict(), prefix="model.")
+    edit(state)
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+def test_unexpected_official_content_is_named(model, tmp_path):
+    layer = "model.clip.text_model.encoder.layers.0."
+    path = _official_with(
+        model, tmp_path, "foo.pth", lambda s: s.update({layer + "adapt_mlp.itc.foo.weight": torch.zeros(3)})
+    )
+    with pytest.raises(ValueError, match=r"adapter key adapt_mlp\.itc\.foo\.weight.*expected one of"):
+        FameViL.from_pretrained(path, clip=MICRO.clip)
+
+    def nas(state):
+        for key in [k for k in state if ".adapt_mlp." in k]:
+            value = state.pop(key)
+            if ".adapt_mlp.itc." in key:
+                state[key.replace(".adapt_mlp.itc.", ".adapt_mlp.adapters.0.")] = value
+
+    with pytest.raises(ValueError, match=r"adapt_mlp\.adapters\.0\..*nas_adapter layout"):
+        FameViL.from_pretrained(_official_with(model, tmp_path, "nas.pth", nas), clip=MICRO.clip)
+    bad_q = {layer + "self_attn.q_proj.weight": torch.zeros(64, 32)}
+    path = _official_with(model, tmp_path, "q.pth", lambda s: s.update(bad_q))
+    with pytest.raises(ValueError, match=r"equal shapes.*q_proj\.weight': \(64, 32\)"):
+        FameViL.from_pretrained(path, clip=MICRO.clip)
+    down = "model.clip.vision_model.encoder.layers.0.adapt_mlp.itc.down_proj.weight"
+    path = _official_with(model, tmp_path, "int.pth", lambda s: s.update({down: s[down].long()}))
+    with pytest.raises(ValueError, match=r"vision\.blocks\.0\.tsa\.adapters\.itc\.down\.weight: file dtype"):
+        FameViL.from_pretrained(path, clip=MICRO.clip)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: c["famevil"].pop("clip"), r"\['clip'\]"),
+        (lambda c: c["famevil"].update(adapter_bottleneck="64"), "adapter_bottleneck must be int"),
+        (lambda c: c["famevil"]["clip"]["vision"].update(foo=1), r"'clip\.vision': \['foo'\]"),
+        (lambda c: c["famevil"].update(backend="cuda"), "backend must be one of"),
+    ],
+)
+def test_malformed_stored_config_names_the_file_and_field(model, tmp_path, edit, field):
+    import json
+
+    model.save_pretrained(tmp_path / "ckpt")
+    stored = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    edit(stored)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=rf"ckpt/config\.json is invalid: .*{field}"):
+        FameViL.from_pretrained(tmp_path / "ckpt")

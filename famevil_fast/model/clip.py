@@ -19,6 +19,7 @@ from famevil_fast.model.adapters import CrossAttentionAdapter, TaskAdapters
 from famevil_fast.model.attention import attention
 from famevil_fast.model.config import CLIPConfig, TextConfig, VisionConfig
 from famevil_fast.model.task_mix import TaskChoice
+from famevil_fast.model.validation import check_input_ids, check_pixels
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
 
 EOT_ID = 49407
@@ -280,20 +281,31 @@ class CLIP(nn.Module):
         self.text = TextTower(c.text, c.embed_dim, c.activation, c.layer_norm_eps)
         self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07)
 
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embeddings (B, E) of normalised pixels (B, 3, S, S)."""
+        check_pixels(pixels, self.config.vision, self.device)
         out = self.vision(pixels)
         return F.normalize(out, dim=-1) if normalize else out
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text embeddings (B, E) of token ids (B, L) from ``famevil_fast.tokenize``."""
+        check_input_ids(input_ids, self.config.text, self.device)
         out = self.text(input_ids)
         return F.normalize(out, dim=-1) if normalize else out
 
     @classmethod
     def from_pretrained(cls, path_or_state_dict: str | Path | dict, config: CLIPConfig | None = None) -> CLIP:
-        """CLIP weights in any supported layout (OpenAI .pt, open_clip, Hugging Face, famevil_fast)."""
-        from famevil_fast.model.weights import load_clip_state_dict
+        """CLIP weights in any supported layout (OpenAI .pt, open_clip, Hugging Face, famevil_fast), in eval
+        mode (call ``.train()`` to train it). Without ``config``, head counts come from the config stored
+        with the weights, a preset of the same sizes, or CLIP's 64-wide heads for the standard widths; any
+        other width is refused (see ``weights.resolve_clip_config``)."""
+        from famevil_fast.model.weights import clip_weights_name, load_clip_state_dict, load_into
 
-        state, inferred = load_clip_state_dict(path_or_state_dict)
-        model = cls(config or inferred)
-        model.load_state_dict(state, strict=True)
-        return model
+        state, config = load_clip_state_dict(path_or_state_dict, config)
+        model = cls(config)
+        load_into(model, state, clip_weights_name(path_or_state_dict))
+        return model.eval()

@@ -7,6 +7,8 @@ how they are stored beside checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ ADAPTER_TYPES = ("tsa", "xmodal")
 XAA_MODES = ("both", "text", "none")
 ATTENTION_IMPLS = ("auto", "sdpa", "eager", "flash")
 ACTIVATIONS = ("quick_gelu", "gelu")
+BACKENDS = (None, "torch", "triton")  # the op backends every adapter and loss offers (None = automatic)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,59 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
-        d = dict(d)
-        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+        """The config of ``to_dict``; a missing, unknown or mistyped field raises a ValueError naming it."""
+        d = _checked_fields(cls, d, "clip", required=("vision", "text"))
+        vision = VisionConfig(**_checked_fields(VisionConfig, d.pop("vision"), "clip.vision"))
+        text = TextConfig(**_checked_fields(TextConfig, d.pop("text"), "clip.text"))
+        return cls(vision=vision, text=text, **d)
+
+
+def _checked_fields(cls: type, d: Any, where: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A copy of the stored dict ``d`` of dataclass ``cls``, every field known, present when ``required``,
+    and of its declared type (nested configs excepted); lists stand for tuples."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config field {where!r} must be a JSON object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown field(s) under {where!r}: {unknown}; known: {sorted(hints)}")
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise ValueError(f"config {where!r} lacks the field(s) {missing}")
+    out = dict(d)
+    for name, value in d.items():
+        hint = hints[name]
+        if hint in (CLIPConfig, VisionConfig, TextConfig):
+            continue
+        if not _has_type(value, hint):
+            raise ValueError(
+                f"config field {where}.{name} must be {_type_name(hint)}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+        if isinstance(value, list):
+            out[name] = tuple(value)
+    return out
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_has_type(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("NoneType", "None")
 
 
 def _vit(image_size, patch, width, layers, heads, mlp) -> VisionConfig:
@@ -153,6 +207,8 @@ class FameViLConfig:
             raise ValueError(f"xaa must be one of {XAA_MODES}, got {self.xaa!r}")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (None = automatic), got {self.backend!r}")
         if self.adapter_bottleneck <= 0 or self.xaa_bottleneck <= 0:
             raise ValueError("adapter bottlenecks must be positive")
         if self.caption_vocab is not None:
@@ -208,15 +264,9 @@ class FameViLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FameViLConfig:
-        d = dict(d)
+        """The config of ``to_dict``; a missing, unknown or mistyped field raises a ValueError naming it."""
+        d = _checked_fields(cls, d, "famevil", required=("clip",))
         clip = CLIPConfig.from_dict(d.pop("clip"))
-        known = {f.name for f in dataclasses.fields(cls)}
-        extra = sorted(set(d) - known)
-        if extra:
-            raise ValueError(f"unknown FameViLConfig field(s): {extra}")
-        for key in ("tasks", "caption_vocab"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
         return cls(clip=clip, **d)
 
     def replace(self, **changes: Any) -> FameViLConfig:

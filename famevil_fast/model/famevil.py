@@ -27,6 +27,7 @@ from famevil_fast.model.pretrain import FORWARDS as PRETRAIN_FORWARDS
 from famevil_fast.model.pretrain import PRETRAIN_BATCH_KEYS, build_pretrain_heads
 from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.model.validation import (
+    check_can_caption,
     check_input_ids,
     check_pixels,
     check_same_batch,
@@ -34,6 +35,16 @@ from famevil_fast.model.validation import (
 )
 
 EOT_ID = 49407
+
+
+class _Keep:
+    """The default of ``set_runtime``'s ``backend``: leave it as it is (None means automatic)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
 TASK_BATCH_KEYS = {
     "itc": ("pixels", "input_ids"),
     "tgir": ("ref_pixels", "input_ids", "target_pixels"),
@@ -109,40 +120,50 @@ class FameViL(nn.Module):
         self.set_runtime(attention=c.attention, backend=c.backend)
 
     # ------------------------------------------------------------------ construction and checkpoints
-    def set_runtime(self, attention: str | None = None, backend: str | None = None) -> FameViL:
-        """Choose the attention implementation and the op backend of every layer (no weights change)."""
+    def set_runtime(self, attention: str | None = None, backend: str | None | _Keep = KEEP) -> FameViL:
+        """Choose the attention implementation and the op backend of every layer (no weights change). Only
+        the arguments passed change: ``attention`` one of ``ATTENTION_IMPLS``, ``backend`` None (automatic),
+        "torch" or "triton"; a bad value raises ValueError at once."""
         from famevil_fast.model.adapters import BottleneckAdapter, CrossAttentionAdapter
         from famevil_fast.model.clip import SelfAttention
 
-        changes: dict[str, Any] = {"backend": backend}
+        changes: dict[str, Any] = {}
         if attention is not None:
             changes["attention"] = attention
+        if not isinstance(backend, _Keep):
+            changes["backend"] = backend
         self.config = self.config.replace(**changes)
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.impl = self.config.attention
             elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter):
-                module.backend = backend
+                module.backend = self.config.backend
         return self
 
     @classmethod
     def from_clip(cls, path_or_state_dict: str | Path | dict, config: FameViLConfig | None = None) -> FameViL:
         """Start from CLIP weights (OpenAI .pt, open_clip, Hugging Face or famevil_fast layout); adapters,
-        cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP)."""
-        from famevil_fast.model.weights import load_clip_state_dict, load_into
+        cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP). The
+        model is returned in eval mode: call ``.train()`` before training it. Without ``config``, head counts
+        come from the config stored with the weights, a preset of the same sizes (e.g. the file name
+        ``ViT-B-16.pt``), or CLIP's 64-wide heads for the standard widths; any other width is refused."""
+        from famevil_fast.model.weights import clip_weights_name, load_clip_state_dict, load_into
 
-        state, clip_config = load_clip_state_dict(path_or_state_dict)
+        state, clip_config = load_clip_state_dict(path_or_state_dict, config.clip if config else None)
         model = cls(config or FameViLConfig(clip=clip_config))
-        load_into(model, state, "CLIP weights", backbone_only=True)
-        return model
+        load_into(model, state, clip_weights_name(path_or_state_dict), backbone_only=True)
+        return model.eval()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> FameViL:
         """Load an official FAME-ViL checkpoint (``.pth``/``.ckpt``, bare or in a training container, with or
         without teachers) or one written by ``save_pretrained``. Keyword ``overrides`` replace config fields
         (e.g. ``attention="eager"``, or ``clip=clip_preset(...)``). The official layout stores no head
-        counts: the config written beside the file by ``famevil-fast convert`` supplies them, else CLIP's
-        64-wide heads are assumed for the standard widths (512, 768, 1024) and any other width is refused.
+        counts: the config written beside the file by ``famevil-fast convert`` supplies them, else a preset
+        of the same sizes (see ``weights.resolve_clip_config``), else CLIP's 64-wide heads are assumed for
+        the standard widths (512, 768, 1024) and any other width is refused.
+        A CLIP-only checkpoint (no adapters or heads) is refused: use ``from_clip``. The model is returned in
+        eval mode, as Hugging Face's ``from_pretrained`` does: call ``.train()`` before training it.
         Pass ``trust_pickle=True`` only for trusted files that hold non-tensor objects."""
         from famevil_fast.model.weights import load_famevil_checkpoint
 
@@ -202,10 +223,7 @@ class FameViL(nn.Module):
         self, memory: list[torch.Tensor], input_ids: torch.Tensor, task: str = "cap"
     ) -> torch.Tensor:
         """Generative mode, text side: final-LN text states (B, L, width) conditioned on vision memory."""
-        if self.config.xaa == "none":
-            raise ValueError(
-                "captioning needs cross-attention adapters in the text tower (xaa='both' or 'text')"
-            )
+        check_can_caption(self.config.xaa)
         self_mask = self._text_self_mask(input_ids)
         h = self.text.embed(input_ids)
         for block, mem in zip(self.text.blocks, memory):
@@ -288,8 +306,11 @@ class FameViL(nn.Module):
     ) -> list[str] | torch.Tensor:
         """Captions of images: greedy (num_beams=1) or beam search, with key/value caches; strings, or the
         generated token ids (B, <= max_len + 2, starting with the start token) when ``return_ids``.
+        ``max_len`` is capped by the text context: at most ``context_length - 1`` (76) steps.
         ``no_repeat_ngram`` > 0 forbids repeating any n-gram of that length (off, as the reference).
-        ``cuda_graph`` replays the whole decode as one CUDA graph (same tokens; see ``generate``)."""
+        ``cuda_graph`` replays the whole decode as one CUDA graph (same tokens; see ``generate``).
+        ``max_len``, ``num_beams`` and ``no_repeat_ngram`` must be ints (TypeError otherwise); a model
+        without cross-attention adapters in the text tower (xaa="none") cannot caption (ValueError)."""
         from famevil_fast.model.generation import generate
 
         self._check_task("cap")

@@ -14,6 +14,8 @@ import torch
 
 from famevil_fast.model.attention import attention
 from famevil_fast.model.decode_step import FusedHead, FusedLayer, FusedPick, fused_step_applies
+from famevil_fast.model.validation import check_can_caption
+from famevil_fast.ops._backend import require_int
 from famevil_fast.ops.cross_attention import merge_heads
 
 if TYPE_CHECKING:
@@ -86,6 +88,8 @@ class TextDecoder:
 
 
 def max_steps(model: FameViL, max_len: int) -> int:
+    """Decoding steps: ``max_len``, capped by the text context (``context_length - 1``, 76 for CLIP)."""
+    max_len = require_int("caption", "max_len", max_len)
     limit = model.config.clip.text.context_length - 1
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
@@ -103,11 +107,18 @@ def generate(
     """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends.
     ``no_repeat_ngram`` > 0 forbids any n-gram of that length from occurring twice in a caption (off by
     default, as in the reference decoding). ``cuda_graph=True`` replays the whole decode, greedy or beam
-    search, as one CUDA graph (``model.graphed_decoding``), same tokens."""
+    search, as one CUDA graph (``model.graphed_decoding``), same tokens. ``max_len``, ``num_beams`` and
+    ``no_repeat_ngram`` must be ints (TypeError); a model with xaa="none" cannot caption (ValueError)."""
+    check_can_caption(model.config.xaa)
+    num_beams = require_int("caption", "num_beams", num_beams)
+    no_repeat_ngram = require_int("caption", "no_repeat_ngram", no_repeat_ngram)
+    max_len = require_int("caption", "max_len", max_len)
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
+    if model.caption_vocab is not None and model.caption_vocab.numel() == 1:
+        num_beams = 1  # a one-token shortlist (the end token) allows one caption: beams would all be it
     if cuda_graph:
         from famevil_fast.model.graphed_decoding import generate_graphed
 
@@ -222,7 +233,8 @@ def _beam_search(
         logp = torch.log_softmax(logits, dim=-1)
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
-        top_scores, top_idx = cand.topk(2 * beams, dim=1)
+        # at most every candidate (a caption shortlist can be smaller than 2 * beams)
+        top_scores, top_idx = cand.topk(min(2 * beams, cand.shape[1]), dim=1)
         src_beam, token = top_idx // vocab, model.caption_tokens(top_idx % vocab)
         new_scores = torch.full((batch, beams), float("-inf"), device=device)
         new_src = torch.zeros(batch, beams, dtype=torch.long, device=device)
@@ -242,7 +254,8 @@ def _beam_search(
                 kept += 1
                 if kept == beams:
                     break
-            done[b] = hyps[b].closed(new_scores[b].max().item(), t + 2)
+            # no running beam left (every candidate ended): nothing more to search
+            done[b] = kept == 0 or hyps[b].closed(new_scores[b].max().item(), t + 2)
         if all(done):
             break
         index = (new_src + torch.arange(batch, device=device)[:, None] * beams).view(-1)

@@ -17,6 +17,15 @@ def check_task(task: str, tasks: tuple[str, ...]) -> None:
         raise ValueError(f"unknown task {task!r}: this model has tasks {tasks}")
 
 
+def check_can_caption(xaa: str) -> None:
+    """Captioning reads the image through the text tower's cross-attention adapters."""
+    if xaa == "none":
+        raise ValueError(
+            "captioning needs cross-attention adapters in the text tower (xaa='both' or 'text'); "
+            "this model has xaa='none'"
+        )
+
+
 def check_pixels(pixels: torch.Tensor, cfg: VisionConfig, device: torch.device, name: str = "pixels") -> None:
     if not isinstance(pixels, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixels).__name__}")

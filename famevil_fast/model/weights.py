@@ -10,12 +10,15 @@ Everything is converted to famevil_fast's parameter names (fused QKV, ``vision.*
 The model config comes from the checkpoint when it carries one: ``config.json`` in a directory, the
 ``config`` metadata of a ``.safetensors`` file, or a sidecar ``<file>.config.json`` beside a single file
 (what ``famevil-fast convert`` writes next to official ``.pth`` files). Without one, sizes are inferred from
-the shapes; head counts are not in any shape, so loading a FAME-ViL checkpoint whose tower width is not a
-standard CLIP width refuses rather than guess (pass ``clip=...`` or add the sidecar).
+the shapes; head counts are not in any shape, so they come from a preset with the same sizes (the one the
+file is named after, or any preset for famevil_fast's own layout) or, for the standard CLIP widths, from
+CLIP's 64-wide heads. Loading CLIP or FAME-ViL weights of any other width refuses rather than guess (pass
+the config, or add the sidecar); see ``resolve_clip_config``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famevil_fast.model.config import CLIPConfig, FameViLConfig, TextConfig, VisionConfig
+from famevil_fast.model.config import (
+    CLIP_PRESETS,
+    PRESET_ALIASES,
+    CLIPConfig,
+    FameViLConfig,
+    TextConfig,
+    VisionConfig,
+)
 
 if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
@@ -291,27 +301,45 @@ def convert_huggingface(
         if group:
             slot = "attn.qkv" if rest.startswith("self_attn") else "xaa.kv"
             part = group.group(2) or group.group(3)
-            fused.setdefault(f"{prefix}{slot}.{group.group(4)}", {})[part] = value
+            fused.setdefault(f"{prefix}{slot}.{group.group(4)}", {})[part] = (key, value)
             continue
         out[prefix + _hf_layer_name(rest, single_task)] = value
     for name, parts in fused.items():
-        order = ("q", "k", "v") if ".attn.qkv." in name else ("key", "value")
-        missing = [p for p in order if p not in parts]
-        if missing:
-            raise ValueError(f"incomplete attention weights for {name}: missing {missing}")
-        out[name] = torch.cat([parts[p] for p in order])
+        out[name] = _fuse(name, parts)
     return out
+
+
+def _fuse(name: str, parts: dict[str, tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """Concatenate the separate q/k/v (or key/value) projections of one layer; they must all be present
+    and of one shape."""
+    order = ("q", "k", "v") if ".attn.qkv." in name else ("key", "value")
+    missing = [p for p in order if p not in parts]
+    if missing:
+        raise ValueError(f"incomplete attention weights for {name}: missing {missing}")
+    shapes = {parts[p][0]: tuple(parts[p][1].shape) for p in order}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"attention projections of one layer must have equal shapes, got {shapes}")
+    return torch.cat([parts[p][1] for p in order])
 
 
 def _hf_layer_name(rest: str, single_task: str | None) -> str:
     if rest.startswith("adapt_mlp."):
         parts = rest.split(".")[1:]
+        if parts[0] in ("adapters", "controller"):
+            raise ValueError(
+                f"adapter key {rest} is from the official nas_adapter layout (adapt_mlp.adapters.{{i}} / "
+                "adapt_mlp.controller), which famevil_fast does not support; expected adapt_mlp.{task}.*"
+            )
         if parts[0] in TASK_ORDER:
             task, parts = parts[0], parts[1:]
         elif single_task is not None:
             task = single_task
         else:
             raise ValueError(f"adapter key {rest} has no task segment and the checkpoint's task is unknown")
+        if not parts or parts[0] not in _ADAPTER_PARTS:
+            raise ValueError(
+                f"unexpected adapter key {rest}: after the task, expected one of {sorted(_ADAPTER_PARTS)}"
+            )
         return f"tsa.adapters.{task}.{_ADAPTER_PARTS[parts[0]]}" + "".join("." + p for p in parts[1:])
     for old, new in _HF_LAYER.items():
         if rest == old or rest.startswith(old + "."):
@@ -335,15 +363,20 @@ def convert_official_famevil(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return canonical_with_layout(state)[0]
+
+
+def canonical_with_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """famevil_fast names for a state dict in any supported layout, and the layout it was in."""
     state = strip_prefixes(dict(state))
     fmt = detect_format(state)
     if fmt == "famevil_fast":
-        return state
+        return state, fmt
     if fmt == "famevil_official":
-        return convert_official_famevil(state)
+        return convert_official_famevil(state), fmt
     if fmt == "huggingface":
-        return convert_huggingface(state)
-    return convert_openai(state)
+        return convert_huggingface(state), fmt
+    return convert_openai(state), fmt
 
 
 # ---------------------------------------------------------------- config inference
@@ -356,36 +389,42 @@ def infer_clip_config(state: dict[str, torch.Tensor], hints: dict | None = None)
     """CLIP sizes from canonical tensors; head counts and activation from ``hints`` (a Hugging Face config
     or a famevil_fast config) when present, else CLIP's convention of 64-wide heads and QuickGELU."""
     hints = hints or {}
+    vision_hint, text_hint = _tower_hints(hints, "vision"), _tower_hints(hints, "text")
     vw = state["vision.class_embedding"].shape[0]
-    patch = state["vision.patch_embed.weight"].shape[-1]
-    grid = math.isqrt(state["vision.pos_embed"].shape[0] - 1)
     tw = state["text.token_embed.weight"].shape[1]
-    vision_hint, text_hint = hints.get("vision_config", {}), hints.get("text_config", {})
-    vision = VisionConfig(
-        image_size=grid * patch,
-        patch_size=patch,
-        width=vw,
-        layers=_count_blocks(state, "vision"),
-        heads=vision_hint.get("num_attention_heads", vw // 64),
-        mlp_dim=state["vision.blocks.0.mlp.fc1.weight"].shape[0],
-    )
-    text = TextConfig(
-        vocab_size=state["text.token_embed.weight"].shape[0],
-        context_length=state["text.pos_embed"].shape[0],
-        width=tw,
-        layers=_count_blocks(state, "text"),
-        heads=text_hint.get("num_attention_heads", tw // 64),
-        mlp_dim=state["text.blocks.0.mlp.fc1.weight"].shape[0],
-    )
     act = text_hint.get("hidden_act", "quick_gelu")
     act = "quick_gelu" if act == "quick_gelu" else "gelu"
     eps = text_hint.get("layer_norm_eps", 1e-5)
     return CLIPConfig(
-        vision=vision,
-        text=text,
+        vision=_vision_config(state, vision_hint.get("num_attention_heads", vw // 64)),
+        text=_text_config(state, text_hint.get("num_attention_heads", tw // 64)),
         embed_dim=state["text.proj.weight"].shape[0],
         activation=act,
         layer_norm_eps=eps,
+    )
+
+
+def _vision_config(state: dict[str, torch.Tensor], heads: int) -> VisionConfig:
+    patch = state["vision.patch_embed.weight"].shape[-1]
+    grid = math.isqrt(state["vision.pos_embed"].shape[0] - 1)
+    return VisionConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=state["vision.class_embedding"].shape[0],
+        layers=_count_blocks(state, "vision"),
+        heads=heads,
+        mlp_dim=state["vision.blocks.0.mlp.fc1.weight"].shape[0],
+    )
+
+
+def _text_config(state: dict[str, torch.Tensor], heads: int) -> TextConfig:
+    return TextConfig(
+        vocab_size=state["text.token_embed.weight"].shape[0],
+        context_length=state["text.pos_embed"].shape[0],
+        width=state["text.token_embed.weight"].shape[1],
+        layers=_count_blocks(state, "text"),
+        heads=heads,
+        mlp_dim=state["text.blocks.0.mlp.fc1.weight"].shape[0],
     )
 
 
@@ -413,54 +452,162 @@ def infer_famevil_config(state: dict[str, torch.Tensor], clip: CLIPConfig) -> Fa
 
 
 # ---------------------------------------------------------------- public loaders
-def load_clip_state_dict(source: str | Path | dict) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
-    """Canonical CLIP backbone tensors (no adapters or heads) and the inferred CLIP config."""
+def load_clip_state_dict(
+    source: str | Path | dict, clip: CLIPConfig | None = None
+) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
+    """Canonical CLIP backbone tensors (no adapters or heads) and the CLIP config: ``clip`` when given,
+    else as ``resolve_clip_config`` finds it (a config-less file of a non-standard width is refused)."""
     if isinstance(source, dict):
-        state, hints = unwrap_container(source), {}
+        raw, hints = unwrap_container(source), {}
+    elif isinstance(source, str | Path):
+        raw, hints = read_state_dict(source)
     else:
-        state, hints = read_state_dict(source)
-    state = to_canonical(state)
-    clip = hinted_clip_config(hints) or infer_clip_config(state, hints)
+        raise TypeError(f"CLIP weights must be a path or a state dict, got {type(source).__name__}")
+    state, layout = canonical_with_layout(raw)
+    advice = (
+        "pass config=... to CLIP.from_pretrained (FameViLConfig(clip=...) to FameViL.from_clip), "
+        "e.g. clip_preset('tiny')"
+    )
+    clip = resolve_clip_config(state, hints, source, layout, clip, advice)
     backbone = {k: v for k, v in state.items() if not is_new_module_key(k)}
     return backbone, clip
+
+
+def clip_weights_name(source: str | Path | dict) -> str:
+    """How errors name CLIP weights: the file, or "the given state dict"."""
+    return "CLIP weights (the given state dict)" if isinstance(source, dict) else f"CLIP weights {source}"
 
 
 def load_famevil_checkpoint(
     cls: type[FameViL], path: str | Path, trust_pickle: bool = False, **overrides: Any
 ) -> FameViL:
-    """Build a FameViL from a checkpoint; missing or unexpected keys and shape mismatches are errors."""
+    """Build a FameViL from a checkpoint, in eval mode; missing or unexpected keys and shape mismatches are
+    errors, and so is a CLIP-only checkpoint (no adapters, cross-attention adapters or heads)."""
+    if not isinstance(path, str | Path):
+        raise TypeError(f"path must be a file or directory path (str or Path), got {type(path).__name__}")
     raw, hints = read_state_dict(path, trust_pickle)
-    state = to_canonical(raw)
-    config = _checkpoint_config(state, hints, path, overrides.get("clip"))
+    state, layout = canonical_with_layout(raw)
+    config = _checkpoint_config(state, hints, path, layout, overrides.get("clip"))
     if overrides:
         config = config.replace(**overrides)
     model = cls(config)
     load_into(model, state, f"checkpoint {path}")
-    return model
+    return model.eval()
 
 
 def _checkpoint_config(
-    state: dict[str, torch.Tensor], hints: dict, path: str | Path, clip: CLIPConfig | None
+    state: dict[str, torch.Tensor], hints: dict, path: str | Path, layout: str, clip: CLIPConfig | None
 ) -> FameViLConfig:
     """The stored FAME-ViL config, else one inferred from the shapes and the given or stored CLIP config."""
     if hints.get("format") == FORMAT_TAG and "famevil" in hints:
-        return FameViLConfig.from_dict(hints["famevil"])
-    clip = clip or hinted_clip_config(hints)
-    if clip is None:
-        check_head_counts(state, hints, path)
-        clip = infer_clip_config(state, hints)
-    return infer_famevil_config(state, clip)
+        return _parse_config(lambda: FameViLConfig.from_dict(hints["famevil"]), path)
+    if not any(is_new_module_key(k) for k in state):
+        raise ValueError(
+            f"checkpoint {path} is a CLIP checkpoint ({layout} layout): it has no task adapters, "
+            "cross-attention adapters or heads. Start a FAME-ViL model from it with FameViL.from_clip"
+        )
+    advice = (
+        f"put it in {sidecar_path(path).name} beside the file (as `famevil-fast convert` does), pass "
+        "clip=... (e.g. clip_preset('tiny')) to FameViL.from_pretrained, or use `famevil-fast convert "
+        "--clip PRESET`"
+    )
+    return infer_famevil_config(state, resolve_clip_config(state, hints, path, layout, clip, advice))
+
+
+def _parse_config(build: Callable[[], Any], source: str | Path | dict) -> Any:
+    """``build()``; a malformed stored config becomes a ValueError naming the file it came from."""
+    try:
+        return build()
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"the model config stored with {config_location(source)} is invalid: {exc}") from exc
+
+
+def config_location(source: str | Path | dict) -> str:
+    """The file a checkpoint's stored config was read from (see ``read_state_dict``)."""
+    if isinstance(source, dict):
+        return "the given state dict"
+    path = Path(source)
+    if path.is_dir():
+        return str(path / CONFIG_FILE) if (path / CONFIG_FILE).exists() else f"{path} (weights metadata)"
+    if path.suffix != ".safetensors" and sidecar_path(path).exists():
+        return str(sidecar_path(path))
+    return f"{path} (its config metadata, or {sidecar_path(path).name})"
+
+
+def resolve_clip_config(
+    state: dict[str, torch.Tensor],
+    hints: dict,
+    source: str | Path | dict,
+    layout: str,
+    clip: CLIPConfig | None = None,
+    advice: str = "pass the CLIP config explicitly",
+) -> CLIPConfig:
+    """The CLIP config of canonical tensors. Head counts appear in no shape, so they come, in this order,
+    from: ``clip`` (given explicitly); the config stored with the weights (famevil_fast's, or a Hugging Face
+    config's ``num_attention_heads``); a preset whose sizes equal the tensors' (the preset the file is named
+    after, e.g. ``ViT-B-16.pt``, or any preset for famevil_fast's own layout, whose models are built from
+    presets); CLIP's 64-wide heads for the standard widths (512, 768, 1024). Anything else is refused."""
+    if clip is not None:
+        return clip
+    stored = _parse_config(lambda: hinted_clip_config(hints), source)
+    if stored is not None:
+        return stored
+    preset = matching_preset(state, source, layout)
+    if preset is not None:
+        return preset
+    check_head_counts(state, hints, source, advice)
+    return infer_clip_config(state, hints)
+
+
+def matching_preset(
+    state: dict[str, torch.Tensor], source: str | Path | dict, layout: str
+) -> CLIPConfig | None:
+    """The preset named by the file (``ViT-B-16.pt``), or for famevil_fast's layout any preset, whose
+    sizes (head counts aside) equal those of ``state``."""
+    names = []
+    if not isinstance(source, dict):
+        stem = Path(source).name.split(".")[0]
+        names.append(PRESET_ALIASES.get(stem, stem))
+    if layout == "famevil_fast":
+        names.extend(CLIP_PRESETS)
+    sizes = _sizes(state)
+    for name in names:
+        preset = CLIP_PRESETS.get(name)
+        if preset is not None and _preset_sizes(preset) == sizes:
+            return preset
+    return None
+
+
+def _preset_sizes(c: CLIPConfig) -> tuple:
+    return dataclasses.replace(c.vision, heads=1), dataclasses.replace(c.text, heads=1), c.embed_dim
+
+
+def _sizes(state: dict[str, torch.Tensor]) -> tuple:
+    """What the tensor shapes say of a CLIP config: towers with 1 head, and the embedding width."""
+    return (
+        _vision_config(state, heads=1),
+        _text_config(state, heads=1),
+        state["text.proj.weight"].shape[0],
+    )
 
 
 def hinted_clip_config(hints: dict) -> CLIPConfig | None:
     """The CLIP config famevil_fast stored with a checkpoint (full FAME-ViL config or CLIP only), if any."""
     if hints.get("format") != FORMAT_TAG:
         return None
-    clip = hints["famevil"]["clip"] if "famevil" in hints else hints.get("clip")
+    famevil = hints.get("famevil")
+    if famevil is not None and not isinstance(famevil, dict):
+        raise ValueError(f"config field 'famevil' must be a JSON object, got {type(famevil).__name__}")
+    clip = famevil.get("clip") if famevil is not None else hints.get("clip")
     return CLIPConfig.from_dict(clip) if clip else None
 
 
-def check_head_counts(state: dict[str, torch.Tensor], hints: dict, path: str | Path) -> None:
+def check_head_counts(
+    state: dict[str, torch.Tensor],
+    hints: dict,
+    source: str | Path | dict,
+    advice: str = "pass the CLIP config explicitly",
+) -> None:
     """Refuse to guess attention-head counts (they appear in no tensor shape) for a tower whose width is
     not a standard CLIP width, unless ``hints`` (a Hugging Face style config) gives them."""
     widths = {
@@ -470,16 +617,20 @@ def check_head_counts(state: dict[str, torch.Tensor], hints: dict, path: str | P
     unknown = [
         f"{tower} width {width}"
         for tower, width in widths.items()
-        if width not in STANDARD_WIDTHS and "num_attention_heads" not in hints.get(f"{tower}_config", {})
+        if width not in STANDARD_WIDTHS and "num_attention_heads" not in _tower_hints(hints, tower)
     ]
     if unknown:
+        what = "the given state dict" if isinstance(source, dict) else f"checkpoint {source}"
         raise ValueError(
-            f"checkpoint {path} carries no model config and its attention-head counts cannot be inferred "
-            f"({', '.join(unknown)}: not a standard CLIP width {STANDARD_WIDTHS}, so 64-wide heads would "
-            f"only be a guess). Give the config: put it in {sidecar_path(path).name} beside the file (as "
-            "`famevil-fast convert` does), pass clip=... (e.g. clip_preset('tiny')) to "
-            "FameViL.from_pretrained, or use `famevil-fast convert --clip PRESET`"
+            f"{what} carries no model config and its attention-head counts cannot be inferred "
+            f"({', '.join(unknown)}: not a standard CLIP width {STANDARD_WIDTHS} nor the sizes of a preset "
+            f"it is named after, so 64-wide heads would only be a guess). Give the config: {advice}"
         )
+
+
+def _tower_hints(hints: dict, tower: str) -> dict:
+    found = hints.get(f"{tower}_config")
+    return found if isinstance(found, dict) else {}
 
 
 def is_new_module_key(key: str) -> bool:
@@ -497,17 +648,23 @@ def load_into(
     wanted = {k for k in own if not (backbone_only and is_new_module_key(k))}
     missing = sorted(wanted - set(state))
     unexpected = sorted(set(state) - set(own))
+    shared = sorted(set(own) & set(state))
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
+        for k in shared
         if own[k].shape != state[k].shape
+    ]
+    mismatched += [
+        f"{k}: file dtype {state[k].dtype}, the model needs floating point"
+        for k in shared
+        if own[k].is_floating_point() and not state[k].is_floating_point()
     ]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{what} does not match the model:\n"
             f"  missing keys ({len(missing)}): {missing[:20]}\n"
             f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
-            f"  shape mismatches ({len(mismatched)}): {mismatched[:20]}"
+            f"  shape or dtype mismatches ({len(mismatched)}): {mismatched[:20]}"
         )
     model.load_state_dict(state, strict=not backbone_only)
 

@@ -61,7 +61,7 @@ class ModelSection:
     )
     attention: str = doc("attention kernel: auto, sdpa, eager (faithful reference) or flash", "auto")
     backend: str | None = doc(
-        "op backend for adapters and losses: null (automatic), torch, triton, cuda, cpu", None
+        "op backend of the model's adapters and losses: null (automatic), torch or triton", None
     )
     adapter_type: str = doc(
         "task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal "

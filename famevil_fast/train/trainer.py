@@ -164,7 +164,8 @@ class Trainer:
         self.dist: DistInfo = init_from_env(wanted.type)
         self.device = process_device(wanted, self.dist)
         seed_everything(t.seed)
-        self.model = (model or build_model(config)).to(self.device)
+        # loaded models come in eval mode; training mode turns adapter dropout (and the like) on
+        self.model = (model or build_model(config)).to(self.device).train()
         if t.freeze_backbone:
             freeze_backbone(self.model)
         self.optimizer = build_optimizer(self.model, config.optim)
