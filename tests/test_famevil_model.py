@@ -334,9 +334,13 @@ def test_fused_adapter_mixes_stream_and_branch_dtypes_under_autocast(backend):
 
 def test_set_runtime_validates_the_backend_and_changes_only_what_is_passed():
     model = micro_model()
-    with pytest.raises(ValueError, match=r"backend must be one of \(None, 'torch', 'triton'\).*'cuda'"):
-        model.set_runtime(backend="cuda")
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \(None, 'torch', 'triton', 'cuda', 'cpu'\)"
+    ):
+        model.set_runtime(backend="gpu")
     assert model.config.backend is None  # the refused value was not stored
+    model.set_runtime(backend="cuda")  # the compiled contrastive losses; the adapters choose automatically
+    assert model.config.backend == "cuda" and model.vision.blocks[0].tsa.adapters["itc"].backend is None
     model.set_runtime(backend="torch")
     model.set_runtime(attention="eager")
     assert model.config.backend == "torch" and model.config.attention == "eager"

@@ -19,7 +19,10 @@ ADAPTER_TYPES = ("tsa", "xmodal")
 XAA_MODES = ("both", "text", "none")
 ATTENTION_IMPLS = ("auto", "sdpa", "eager", "flash")
 ACTIVATIONS = ("quick_gelu", "gelu")
-BACKENDS = (None, "torch", "triton")  # the op backends every adapter and loss offers (None = automatic)
+# The model's op backend (None = automatic): "torch" and "triton" name every op's implementation; "cuda" and
+# "cpu" name the compiled contrastive losses, and leave the adapters to their automatic choice.
+BACKENDS = (None, "torch", "triton", "cuda", "cpu")
+ADAPTER_BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,8 @@ class FameViLConfig:
         then cover only these tokens, which makes the LM head |V| / |shortlist| times cheaper.
     attention: "auto" (flash-attn when installed and applicable, else SDPA), "sdpa", "eager" (explicit
         softmax, the faithful reference) or "flash".
-    backend: op backend for adapters and losses (None = automatic, "torch" = references).
+    backend: op backend for adapters and losses (None = automatic, "torch" = references, "triton" = the
+        Triton kernels; "cuda" / "cpu" = the compiled contrastive losses, adapters automatic).
     num_attributes: pseudo-attribute classes of the PAC head (needed when "pac" is a task).
     adapter_type: "tsa" (task-specific adapters parallel with the MLP) or "xmodal" (per-task Cross-Modal
         Adapters: sequential after the attention and MLP sub-layers of both towers, the last

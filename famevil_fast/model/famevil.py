@@ -21,7 +21,7 @@ from torch import nn
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.model import losses
 from famevil_fast.model.clip import TextTower, VisionTower, first_eot_positions
-from famevil_fast.model.config import FameViLConfig
+from famevil_fast.model.config import ADAPTER_BACKENDS, FameViLConfig
 from famevil_fast.model.heads import build_heads
 from famevil_fast.model.pretrain import FORWARDS as PRETRAIN_FORWARDS
 from famevil_fast.model.pretrain import PRETRAIN_BATCH_KEYS, build_pretrain_heads
@@ -122,8 +122,9 @@ class FameViL(nn.Module):
     # ------------------------------------------------------------------ construction and checkpoints
     def set_runtime(self, attention: str | None = None, backend: str | None | _Keep = KEEP) -> FameViL:
         """Choose the attention implementation and the op backend of every layer (no weights change). Only
-        the arguments passed change: ``attention`` one of ``ATTENTION_IMPLS``, ``backend`` None (automatic),
-        "torch" or "triton"; a bad value raises ValueError at once."""
+        the arguments passed change: ``attention`` one of ``ATTENTION_IMPLS``, ``backend`` one of
+        ``BACKENDS`` (None: automatic; "cuda" / "cpu" name the contrastive losses' kernels and leave the
+        adapters automatic); a bad value raises ValueError at once."""
         from famevil_fast.model.adapters import BottleneckAdapter, CrossAttentionAdapter
         from famevil_fast.model.clip import SelfAttention
 
@@ -137,7 +138,8 @@ class FameViL(nn.Module):
             if isinstance(module, SelfAttention):
                 module.impl = self.config.attention
             elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter):
-                module.backend = self.config.backend
+                backend = self.config.backend
+                module.backend = backend if backend in ADAPTER_BACKENDS else None
         return self
 
     @classmethod
