@@ -181,3 +181,35 @@ def test_data_backend_doc_names_exactly_the_backends_that_exist():
         load_config(None, ["data.backend=dali_cpu"])
     with pytest.raises(ValueError, match="data.backend 'cache' needs data.cache"):
         load_config(None, ["data.backend=cache"])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["train.clip_grad_norm=-1"], r"train.clip_grad_norm must be positive .*got -1"),
+        (["train.clip_grad_norm=0"], r"train.clip_grad_norm must be positive"),
+        (["distill.enabled=true"], r"distill.teachers names no teacher"),
+        (
+            ["distill.enabled=true", "distill.teachers={itc: t}", "distill.balance=2.5"],
+            r"distill.balance .*\[0, 2\]",
+        ),
+        (["distill.enabled=true", "distill.teachers={itc: t}", "distill.balance=-0.1"], r"distill.balance"),
+        (["checkpoint.keep_last=0"], r"checkpoint.keep_last must be at least 1, got 0"),
+        (["checkpoint.keep_last=-2"], r"checkpoint.keep_last must be at least 1"),
+        (["checkpoint.every=-1"], r"checkpoint.every must be at least 0, got -1"),
+        (["logging.every=-5"], r"logging.every must be at least 0"),
+    ],
+)
+def test_out_of_range_values_name_the_field(bad, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, bad)
+
+
+def test_in_range_edge_values_are_accepted():
+    for ok in (
+        ["train.clip_grad_norm=0.5"],
+        ["distill.enabled=true", "distill.teachers={itc: t}", "distill.balance=0"],
+        ["distill.enabled=true", "distill.teachers={itc: t}", "distill.balance=2"],
+        ["checkpoint.keep_last=1", "checkpoint.every=0", "logging.every=0"],
+    ):
+        load_config(None, ok)

@@ -104,3 +104,39 @@ def test_bad_labels():
         gallery_rank_stats(queries, gallery, torch.zeros(3), torch.arange(5))
     with pytest.raises(ValueError, match="ties rule"):
         RankStats(torch.zeros(1), torch.zeros(1), torch.ones(1)).hit_rate(1, "random")
+
+
+def _overflowing():
+    """Finite embeddings whose dot products overflow: query 0's positive scores NaN (1e40 - 1e40)."""
+    queries = torch.tensor([[1e20, 1e20], [0.0, 1.0], [1.0, 0.0]])
+    gallery = torch.tensor([[1e20, -1e20], [0.0, 1.0], [1.0, 0.0]])
+    return queries, gallery
+
+
+@pytest.mark.parametrize("block", [(512, 512), (1, 1), (2, 2)])
+@pytest.mark.parametrize("backend", ["blocked", "torch"])
+def test_non_finite_scores_raise_instead_of_counting(block, backend):
+    queries, gallery = _overflowing()
+    labels = torch.arange(3)
+    with pytest.raises(ValueError, match="gallery_rank_stats: some similarity scores .* NaN or infinite"):
+        gallery_rank_stats(queries, gallery, labels, labels, block_size=block, backend=backend)
+    query, items = torch.tensor([[1e20, 1.0]]), torch.tensor([[1e20, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="NaN or infinite"):  # a negative scores +inf, no NaN anywhere
+        gallery_rank_stats(
+            query, items, torch.tensor([1]), torch.arange(2), block_size=block, backend=backend
+        )
+    scores = torch.tensor([[float("nan"), 0.5, 0.1]])
+    with pytest.raises(ValueError, match="candidate_rank_stats: .*NaN or infinite"):
+        candidate_rank_stats(scores, torch.tensor([[True, False, False]]))
+
+
+def test_finite_check_reads_back_once_per_call(monkeypatch):
+    """The flag stays on the device across blocks: one bool() read-back at the end, not one per block."""
+    from famevil_fast.eval import topk
+
+    checks = []
+    original = topk.FiniteScores.check
+    monkeypatch.setattr(topk.FiniteScores, "check", lambda self: checks.append(1) or original(self))
+    queries, gallery = torch.randn(9, 4), torch.randn(11, 4)
+    gallery_rank_stats(queries, gallery, torch.arange(9), torch.arange(11), block_size=(2, 3))
+    assert checks == [1]

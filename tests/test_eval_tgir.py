@@ -72,3 +72,23 @@ def test_bad_input():
         tgir_fashioniq(
             {"dress": data._replace(query_embeds=data.query_embeds[:0], target_ids=data.target_ids[:0])}
         )
+
+
+def test_errors_name_the_category():
+    data = _category(queries=3, gallery=5)
+    with pytest.raises(ValueError, match=r"tgir_fashioniq\[shirt\]: 1 queries have no positive"):
+        tgir_fashioniq(
+            {"dress": data, "shirt": data._replace(target_ids=torch.tensor([-1, *data.target_ids[1:]]))}
+        )
+    with pytest.raises(ValueError, match="tgir_recall: 3 queries have no positive"):
+        tgir_recall(data._replace(target_ids=torch.tensor([-1, -2, -3])))
+
+
+def test_overflowing_scores_raise():
+    data = _category(queries=3, gallery=5, dtype=torch.float32)
+    queries = data.query_embeds.clone()
+    queries[0] = 1e20
+    gallery = data.gallery_embeds.clone()
+    gallery[:, 0], gallery[:, 1] = 1e20, -1e20
+    with pytest.raises(ValueError, match=r"tgir_fashioniq\[dress\]: some similarity scores .* NaN"):
+        tgir_fashioniq({"dress": data._replace(query_embeds=queries, gallery_embeds=gallery)})

@@ -122,3 +122,13 @@ def test_cuda_matches_cpu_reference(dtype):
     ref_values, ref_indices = _reference(queries, gallery, 11)
     torch.testing.assert_close(values.double().cpu(), ref_values, rtol=0, atol=1e-5)
     assert (indices.cpu() == ref_indices).double().mean() > 0.999
+
+
+@pytest.mark.parametrize("block", [(512, 512), (1, 1), (2, 1)])
+@pytest.mark.parametrize("backend", ["blocked", "torch"])
+def test_overflowing_scores_raise(block, backend):
+    """Finite embeddings whose dot products overflow would put NaN first (or inf) in the top-k values."""
+    queries = torch.tensor([[1e20, 1e20], [0.0, 1.0], [1.0, 0.0]])
+    gallery = torch.tensor([[1e20, -1e20], [0.0, 1.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="blocked_topk: some similarity scores .* NaN or infinite"):
+        blocked_topk(queries, gallery, 2, block, backend=backend)

@@ -210,3 +210,28 @@ def test_draws_are_uniform():
     _, cand, _ = sample_candidates(ids, ids, gallery_ids, gallery_sub, 2000, 3, generator)
     assert cand[:, 0].lt(2).all() and abs(cand[:, 0].double().mean().item() - 0.5) < 0.05
     assert torch.equal(cand[:, 1:].sort(dim=1).values, torch.tensor([[2, 3, 4]]).expand(2000, 3))
+
+
+def test_overflowing_scores_raise():
+    """Finite embeddings whose products overflow: query 0's positive scored NaN counted as a hit (66.7)."""
+    images = torch.tensor([[1e20, 1e20], [0.0, 1.0], [1.0, 0.0]])
+    texts = torch.tensor([[1e20, -1e20], [0.0, 1.0], [1.0, 0.0]])
+    ids = torch.arange(3)
+    with pytest.raises(ValueError, match="xmr_full i2t: some similarity scores .* NaN or infinite"):
+        xmr_full(images, ids, texts, ids)
+    with pytest.raises(ValueError, match="xmr_sampled i2t: some similarity scores .* NaN or infinite"):
+        xmr_sampled(images, ids, ids * 0, texts, ids, ids * 0, num_negatives=2, num_queries=3)
+
+
+def test_filled_queries_are_counted_once_over_the_repeats():
+    """A subcategory too small for the negatives: its queries are counted once, not once per repeat."""
+    products = torch.arange(40)
+    sub = (products < 5).long()  # subcategory 1: 5 products, 4 negative texts or 8 negative views < 10
+    views = products.repeat_interleave(2)
+    images = F.normalize(torch.randn(80, 8, dtype=torch.float64), dim=1)
+    texts = F.normalize(torch.randn(40, 8, dtype=torch.float64), dim=1)
+    result = xmr_sampled(
+        images, views, sub.repeat_interleave(2), texts, products, sub, num_negatives=10, repeats=5
+    )
+    assert result.details["i2t_queries_filled_from_other_subcategories"] == 10  # 5 products x 2 views
+    assert result.details["t2i_queries_filled_from_other_subcategories"] == 5

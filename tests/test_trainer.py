@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -248,3 +249,122 @@ def test_meteor_without_java_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(caption_tokenize.JavaNotFoundError, match="meteor"):
         trainer.fit()
     assert trainer.update == 0
+
+
+def _poison_gradient(monkeypatch, bad_task):
+    """``bad_task``'s loss stays finite but its gradient is NaN (d sqrt(x) / dx at 0 is inf, times 0)."""
+    original = Trainer._task_loss
+
+    def task_loss(self, task, out, batch):
+        loss = original(self, task, out, batch)
+        if task != bad_task:
+            return loss
+        p = next(self.model.parameters())
+        return loss + 0 * torch.sqrt(p.sum() * 0)
+
+    monkeypatch.setattr(Trainer, "_task_loss", task_loss)
+
+
+@pytest.mark.parametrize(
+    "bad_task, overrides",
+    [
+        ("scr", ()),
+        ("cap", ()),  # the last micro-batch: no probe after it, the update's gradient norm covers it
+        ("itc", ("train.cuda_graphs=true",)),  # simulated capture on the CPU
+        ("tgir", ("train.gradient_strategy=imtlg",)),
+        ("scr", ("train.gradient_strategy=imtlg_global",)),
+    ],
+)
+def test_non_finite_gradient_names_the_task(tmp_path, monkeypatch, bad_task, overrides):
+    _poison_gradient(monkeypatch, bad_task)
+    trainer = Trainer(micro_config(tmp_path, "train.updates=1", *overrides), streams())
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit()
+    record = trainer.history[0]
+    assert not record["applied"] and all(math.isfinite(v) for _, v in record["losses"])
+    assert record["nonfinite_gradient_tasks"] == [bad_task]
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    log = (tmp_path / "metrics.jsonl").read_text()
+    assert f"update 1: non-finite gradient of task(s) ['{bad_task}'] with finite losses" in log
+
+
+def test_gradient_probes_read_nothing_back_on_applied_updates(tmp_path, monkeypatch):
+    """The per-micro-batch finiteness flags stay on the device; a good update reads back once."""
+    from famevil_fast.train import trainer as trainer_module
+
+    flags = []
+    original = trainer_module.grads_finite
+    monkeypatch.setattr(trainer_module, "grads_finite", lambda *a: flags.append(original(*a)) or flags[-1])
+    trainer = Trainer(micro_config(tmp_path, "train.updates=1"), streams())
+    assert trainer.train_update()["applied"]
+    assert len(flags) == 3 and all(f.dtype == torch.bool and f.dim() == 0 for f in flags)
+
+
+def test_nonfinite_stop_does_not_advance_or_checkpoint_the_failed_update(tmp_path):
+    import json
+
+    s = {**streams(), "tgir": RandomStream("tgir", 1, poison_at=2)}  # update 3's tgir batch is NaN
+    cfg = micro_config(tmp_path, "train.updates=4", "train.nonfinite=stop", "checkpoint.every=1")
+    trainer = Trainer(cfg, s)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss of task\(s\) \['tgir'\]; stopping at update 2"):
+        trainer.fit()
+    assert trainer.update == 2 and trainer.scheduler.last_epoch == 2 and len(trainer.history) == 2
+    assert [p.name for p in trainer.checkpoints.list()] == ["step_00000001", "step_00000002"]
+    assert json.loads((trainer.checkpoints.latest() / "training_state.json").read_text())["update"] == 2
+    messages = [
+        r["text"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if r["kind"] == "message"
+    ]
+    assert "skipped" not in " ".join(messages)
+    assert messages[-1] == "training stopped (non-finite loss of task(s) ['tgir']) at update 2"
+
+
+def test_metrics_jsonl_is_strict_json_and_marks_skipped_updates(tmp_path):
+    import json
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    s = {**streams(), "tgir": RandomStream("tgir", 1, poison_at=0)}
+    Trainer(micro_config(tmp_path, "train.updates=2", "logging.every=1"), s).fit()
+    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").open()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[0]["applied"] is False and train[0]["loss/tgir"] is None and train[0]["grad_norm"] is None
+    assert "applied" not in train[1] and isinstance(train[1]["loss/tgir"], float)
+
+
+def test_logged_loss_is_the_mean_over_a_tasks_micro_batches(tmp_path):
+    import json
+
+    cfg = micro_config(tmp_path, "model.tasks=[cap]", "train.update_frequency=2", "train.updates=1")
+    trainer = Trainer(cfg, streams())
+    trainer.fit()
+    (first, a), (second, b) = trainer.history[0]["losses"]
+    assert first == second == "cap" and a != b
+    logged = next(r for r in map(json.loads, (tmp_path / "metrics.jsonl").open()) if r["kind"] == "train")
+    assert logged["loss/cap"] == pytest.approx((a + b) / 2)
+
+
+def test_resume_refuses_a_recipe_that_changes_the_run(tmp_path):
+    Trainer(micro_config(tmp_path, "train.updates=2", "schedule.decay_at=[5]"), streams()).fit()
+    base = ("train.updates=4", "schedule.decay_at=[5]", "checkpoint.resume=true")
+    for changed, field in (
+        ("optim.lr=2e-3", "optim.lr: 0.001 -> 0.002"),
+        ("train.sampling=uniform", "train.sampling: 'round_robin' -> 'uniform'"),
+        ("train.update_frequency=2", "train.update_frequency: 4 -> 2"),
+    ):
+        trainer = Trainer(micro_config(tmp_path, *base, changed), streams())
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        with pytest.raises(ValueError, match=rf"cannot resume from .*step_00000002.*{re.escape(field)}"):
+            trainer.fit()
+        assert trainer.update == 0  # refused before anything of the checkpoint was restored
+        assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    allowed = (
+        "logging.every=1",
+        "eval.every=3",
+        "checkpoint.keep_last=5",
+        "checkpoint.every=1",
+        "data.num_workers=1",
+        "train.nonfinite=stop",
+    )
+    resumed = Trainer(micro_config(tmp_path, *base, *allowed), streams())
+    assert resumed.fit()["update"] == 4

@@ -105,7 +105,7 @@ def sample_candidates(
     own = id_end - id_start
     positive = id_start + (torch.rand(len(picked), generator=generator, dtype=torch.float64) * own).long()
 
-    pool = sub_end - sub_start - own
+    pool = sub_end - sub_start - own  # same subcategory, other ids
     same, _ = distinct_below(pool, num_negatives, generator)
     same = sub_start[:, None] + _skip_hole(same, (id_start - sub_start)[:, None], own[:, None])
     short = pool < num_negatives
@@ -119,3 +119,19 @@ def sample_candidates(
         negatives = torch.where(slot >= pool[:, None], from_other, same)
     candidates = gallery.order[torch.cat([positive[:, None], negatives], dim=1)]
     return picked, candidates, int(short.sum())
+
+
+def short_of_negatives(
+    query_ids: torch.Tensor,
+    query_subcategories: torch.Tensor,
+    gallery_ids: torch.Tensor,
+    gallery_subcategories: torch.Tensor,
+    num_negatives: int,
+) -> torch.Tensor:
+    """(Q,) bool: whether a query's same-subcategory pool (gallery items of its subcategory and another id)
+    holds fewer than ``num_negatives`` items, so that ``sample_candidates`` fills its candidate set from
+    other subcategories whenever the query is drawn."""
+    gallery = SortedGallery(gallery_ids, gallery_subcategories)
+    sub_start, sub_end = gallery.subcategory_range(query_subcategories)
+    id_start, id_end = gallery.id_range(query_subcategories, query_ids)
+    return sub_end - sub_start - (id_end - id_start) < num_negatives

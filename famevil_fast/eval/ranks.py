@@ -25,6 +25,7 @@ import torch
 from famevil_fast.eval.topk import (
     DEFAULT_BLOCK_SIZE,
     BlockSize,
+    FiniteScores,
     block_scores,
     check_embeddings,
     resolve_backend,
@@ -108,8 +109,11 @@ def _count_around(
     return (scores > best[:, None]).sum(dim=1), tied - tied_positives, tied_positives
 
 
-def candidate_rank_stats(scores: torch.Tensor, positive: torch.Tensor) -> RankStats:
-    """RankStats of a dense (Q, C) score matrix whose positives are marked by a (Q, C) bool mask."""
+def candidate_rank_stats(
+    scores: torch.Tensor, positive: torch.Tensor, op: str = "candidate_rank_stats"
+) -> RankStats:
+    """RankStats of a dense (Q, C) score matrix whose positives are marked by a (Q, C) bool mask; NaN or
+    infinite scores raise ValueError naming ``op``."""
     if scores.shape != positive.shape or scores.dim() != 2 or positive.dtype != torch.bool:
         raise ValueError(
             "candidate_rank_stats: scores and positive must be (Q, C) tensors of equal shape, positive bool; "
@@ -117,6 +121,9 @@ def candidate_rank_stats(scores: torch.Tensor, positive: torch.Tensor) -> RankSt
         )
     if scores.shape[0] and not bool(positive.any(dim=1).all()):
         raise ValueError("candidate_rank_stats: every query needs at least one positive candidate")
+    finite = FiniteScores(op)
+    finite.add(scores)
+    finite.check()
     return RankStats(*_count_around(scores, positive, _best_positive(scores, positive)))
 
 
@@ -141,16 +148,23 @@ def check_labels(op: str, query_labels: torch.Tensor, gallery_labels: torch.Tens
 
 
 def _stats_rows(
-    queries: torch.Tensor, gallery: torch.Tensor, qlab: torch.Tensor, glab: torch.Tensor, cols: int
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    qlab: torch.Tensor,
+    glab: torch.Tensor,
+    cols: int,
+    finite: FiniteScores,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if cols >= gallery.shape[0]:
-        scores = block_scores(queries, gallery)
+        scores = finite.add(block_scores(queries, gallery))
         positive = qlab[:, None] == glab[None, :]
         return _count_around(scores, positive, _best_positive(scores, positive))
     best = torch.full(
         (queries.shape[0],), float("-inf"), dtype=score_dtype(queries.dtype), device=queries.device
     )
-    for c0, c1, scores in score_blocks(queries, gallery, cols):
+    for c0, c1, scores in score_blocks(
+        queries, gallery, cols, finite
+    ):  # the second pass rescores the same blocks
         best = torch.maximum(best, _best_positive(scores, qlab[:, None] == glab[None, c0:c1]))
         del scores
     totals = [torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device) for _ in range(3)]
@@ -170,14 +184,15 @@ def gallery_rank_stats(
     *,
     block_size: BlockSize = DEFAULT_BLOCK_SIZE,
     backend: str | None = None,
+    op: str = "gallery_rank_stats",
 ) -> RankStats:
     """RankStats of every query against the whole gallery; positives = gallery items with the query's label.
 
     Scores are computed block by block (at most one (rows, cols) score block, plus same-sized boolean
     masks, exists at a time; a gallery that fits in one column block is scored once, a wider one twice).
     Every query label must occur in ``gallery_labels``. ``backend="torch"`` scores the full matrix at once.
+    Scores that overflow to NaN or Inf raise ValueError. ``op`` names the caller in error messages.
     """
-    op = "gallery_rank_stats"
     chosen = resolve_backend(op, backend)
     check_embeddings(op, queries, gallery)
     check_labels(op, query_labels, gallery_labels, queries.shape[0], gallery.shape[0])
@@ -186,10 +201,12 @@ def gallery_rank_stats(
     glab = gallery_labels.to(queries.device)
     if chosen == "torch":
         rows, cols = max(queries.shape[0], 1), gallery.shape[0]
+    finite = FiniteScores(op)
     parts = [
-        _stats_rows(queries[r0:r1], gallery, qlab[r0:r1], glab, cols)
+        _stats_rows(queries[r0:r1], gallery, qlab[r0:r1], glab, cols, finite)
         for r0, r1 in row_blocks(len(qlab), rows)
     ]
+    finite.check()
     if not parts:
         empty = torch.zeros(0, dtype=torch.int64, device=queries.device)
         return RankStats(empty, empty, empty)

@@ -66,7 +66,13 @@ def tgir_category_stats(
     if torch.unique(ids).numel() != ids.numel():
         raise ValueError(f"{op}: gallery_ids must be unique (build the gallery with unique_gallery)")
     return gallery_rank_stats(
-        data.query_embeds, data.gallery_embeds, data.target_ids, ids, block_size=block_size, backend=backend
+        data.query_embeds,
+        data.gallery_embeds,
+        data.target_ids,
+        ids,
+        block_size=block_size,
+        backend=backend,
+        op=op,
     )
 
 

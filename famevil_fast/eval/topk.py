@@ -97,17 +97,49 @@ def block_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return queries.to(out) @ gallery.to(out).T
 
 
+class FiniteScores:
+    """Whether every score block seen so far is finite, with one read-back at ``check()``.
+
+    Finite embeddings can still overflow into NaN / Inf dot products (e.g. components of 1e20), and a NaN
+    score compares false with everything, so it would silently count as a hit or a miss. ``add`` costs one
+    reduction per block (``torch.aminmax``, which propagates NaN) and keeps the flag on the device, so a
+    GPU is not synchronised per block; ``check`` reads the flag back once and raises naming ``op``.
+    """
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.ok: torch.Tensor | None = None
+
+    def add(self, scores: torch.Tensor) -> torch.Tensor:
+        """Record ``scores``' finiteness; returns ``scores`` unchanged."""
+        if scores.numel():
+            low, high = torch.aminmax(scores)
+            finite = torch.isfinite(low) & torch.isfinite(high)
+            self.ok = finite if self.ok is None else self.ok & finite
+        return scores
+
+    def check(self) -> None:
+        """Raise ValueError when some block held a NaN or infinite score."""
+        if self.ok is not None and not bool(self.ok):
+            raise ValueError(
+                f"{self.op}: some similarity scores (queries @ gallery.T) are NaN or infinite although the "
+                "embeddings are finite (their dot products overflow); normalise the embeddings"
+            )
+
+
 def row_blocks(n: int, rows: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, rows):
         yield start, min(start + rows, n)
 
 
 def score_blocks(
-    queries: torch.Tensor, gallery: torch.Tensor, cols: int
+    queries: torch.Tensor, gallery: torch.Tensor, cols: int, finite: FiniteScores | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield (c0, c1, scores[:, c0:c1]) over the gallery, one column block at a time."""
+    """Yield (c0, c1, scores[:, c0:c1]) over the gallery, one column block at a time (each block recorded
+    in ``finite`` when given)."""
     for c0, c1 in row_blocks(gallery.shape[0], cols):
-        yield c0, c1, block_scores(queries, gallery[c0:c1])
+        scores = block_scores(queries, gallery[c0:c1])
+        yield c0, c1, finite.add(scores) if finite is not None else scores
 
 
 def _merge_topk(
@@ -125,10 +157,10 @@ def _merge_topk(
 
 
 def _topk_rows(
-    queries: torch.Tensor, gallery: torch.Tensor, k: int, cols: int, largest: bool
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, cols: int, largest: bool, finite: FiniteScores
 ) -> tuple[torch.Tensor, torch.Tensor]:
     best = None
-    for c0, c1, scores in score_blocks(queries, gallery, cols):
+    for c0, c1, scores in score_blocks(queries, gallery, cols, finite):
         values, idx = scores.topk(min(k, c1 - c0), dim=1, largest=largest, sorted=True)
         best = _merge_topk(best, (values, idx + c0), k, largest)
         del scores
@@ -139,9 +171,12 @@ def _topk_rows(
 def blocked_topk_reference(
     queries: torch.Tensor, gallery: torch.Tensor, k: int, largest: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialises the full (Q, G) score matrix, then ``torch.topk``."""
+    """Materialises the full (Q, G) score matrix, then ``torch.topk`` (non-finite scores raise)."""
     k = min(k, gallery.shape[0])
-    return block_scores(queries, gallery).topk(k, dim=1, largest=largest, sorted=True)
+    finite = FiniteScores("blocked_topk")
+    result = finite.add(block_scores(queries, gallery)).topk(k, dim=1, largest=largest, sorted=True)
+    finite.check()
+    return result
 
 
 @torch.no_grad()
@@ -161,7 +196,8 @@ def blocked_topk(
     (rows, cols) of the largest score block ever held (one int: square blocks). Returns ``values`` (Q, k)
     float32 (float64 for float64 inputs) and ``indices`` (Q, k) int64 into the gallery. The order among
     exactly equal scores is that of ``torch.topk`` (unspecified); the recall metrics do not rely on it.
-    ``backend``: "blocked", "torch" (full-matrix reference) or None (automatic).
+    Scores that overflow to NaN or Inf raise ValueError. ``backend``: "blocked", "torch" (full-matrix
+    reference) or None (automatic).
     """
     op = "blocked_topk"
     chosen = resolve_backend(op, backend)
@@ -174,6 +210,8 @@ def blocked_topk(
     k = min(k, gallery.shape[0])
     values = torch.empty(queries.shape[0], k, dtype=score_dtype(queries.dtype), device=queries.device)
     indices = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
+    finite = FiniteScores(op)
     for r0, r1 in row_blocks(queries.shape[0], rows):
-        values[r0:r1], indices[r0:r1] = _topk_rows(queries[r0:r1], gallery, k, cols, largest)
+        values[r0:r1], indices[r0:r1] = _topk_rows(queries[r0:r1], gallery, k, cols, largest, finite)
+    finite.check()
     return values, indices

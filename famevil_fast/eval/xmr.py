@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from famevil_fast.eval.candidates import sample_candidates
+from famevil_fast.eval.candidates import sample_candidates, short_of_negatives
 from famevil_fast.eval.ranks import candidate_rank_stats, check_ks, check_ties, gallery_rank_stats
 from famevil_fast.eval.report import TaskResult
 from famevil_fast.eval.topk import DEFAULT_BLOCK_SIZE, BlockSize, check_embeddings, score_dtype
@@ -107,8 +107,8 @@ def xmr_full(
     text_ids = _check_ids(op, "text_product_ids", text_product_ids, text_embeds.shape[0])
     _check_products(op, image_ids, text_ids)
     blocks = {"block_size": block_size, "backend": backend}
-    i2t = gallery_rank_stats(image_embeds, text_embeds, image_ids, text_ids, **blocks)
-    t2i = gallery_rank_stats(text_embeds, image_embeds, text_ids, image_ids, **blocks)
+    i2t = gallery_rank_stats(image_embeds, text_embeds, image_ids, text_ids, op=f"{op} i2t", **blocks)
+    t2i = gallery_rank_stats(text_embeds, image_embeds, text_ids, image_ids, op=f"{op} t2i", **blocks)
     metrics = {f"i2t_r@{k}": i2t.recall(k, ties) for k in ks}
     metrics.update({f"t2i_r@{k}": t2i.recall(k, ties) for k in ks})
     views_per_text = _count_views(text_ids, image_ids)
@@ -139,7 +139,7 @@ def _check_subcategories(
         )
 
 
-def _candidate_stats(query_embeds, gallery_embeds, query_index, candidates, chunk: int = 256):
+def _candidate_stats(query_embeds, gallery_embeds, query_index, candidates, op: str, chunk: int = 256):
     device = query_embeds.device
     out_dtype = score_dtype(query_embeds.dtype)
     scores = []
@@ -154,7 +154,13 @@ def _candidate_stats(query_embeds, gallery_embeds, query_index, candidates, chun
     )
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[:, 0] = True
-    return candidate_rank_stats(scores, positive)
+    return candidate_rank_stats(scores, positive, op)
+
+
+def _filled_queries(drawn: torch.Tensor, direction: tuple, num_negatives: int) -> int:
+    """Distinct queries, drawn in any repeat, whose candidate set was filled from other subcategories."""
+    _, qids, qsub, _, gids, gsub = direction
+    return int((drawn & short_of_negatives(qids, qsub, gids, gsub, num_negatives)).sum())
 
 
 def _min_negatives_available(query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> int:
@@ -216,16 +222,14 @@ def xmr_sampled(
             )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     sums = dict.fromkeys(_directions(ks), 0.0)
-    filled = {"i2t": 0, "t2i": 0}
+    drawn = {name: torch.zeros(len(d[1]), dtype=torch.bool) for name, d in directions.items()}
     per_repeat = []
     for _ in range(repeats):
         current = {}
         for name, (q_emb, qids, qsub, g_emb, gids, gsub) in directions.items():
-            qi, cand, n_filled = sample_candidates(
-                qids, qsub, gids, gsub, num_queries, num_negatives, generator
-            )
-            filled[name] += n_filled
-            stats = _candidate_stats(q_emb, g_emb, qi, cand)
+            qi, cand, _ = sample_candidates(qids, qsub, gids, gsub, num_queries, num_negatives, generator)
+            drawn[name][qi] = True
+            stats = _candidate_stats(q_emb, g_emb, qi, cand, f"{op} {name}")
             current.update({f"{name}_r@{k}": stats.recall(k, ties) for k in ks})
         per_repeat.append(_with_average(current))
         for key in sums:
@@ -242,8 +246,10 @@ def xmr_sampled(
         "repeats": repeats,
         "ties": ties,
         "metric": "r@k_kaleido",
-        "i2t_queries_filled_from_other_subcategories": filled["i2t"],
-        "t2i_queries_filled_from_other_subcategories": filled["t2i"],
+        **{
+            f"{name}_queries_filled_from_other_subcategories": _filled_queries(drawn[name], d, num_negatives)
+            for name, d in directions.items()
+        },
         "per_repeat": per_repeat,
     }
     return TaskResult("xmr", f"sampled-{num_negatives}", metrics, chance, details)

@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +127,22 @@ class CheckpointManager:
         return final
 
     def load(
-        self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+        self,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        check: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Restore model, optimizer and random states from ``path``; returns the JSON state."""
+        """Restore model, optimizer and random states from ``path``; returns the JSON state. ``check`` sees
+        that state first and may refuse it (by raising) before anything is restored."""
         from famevil_fast.model.weights import load_into, read_state_dict
 
         path = Path(path)
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"not a complete training checkpoint (no {STATE_FILE}): {path}")
         state = _read_json(path / STATE_FILE)
+        if check is not None:
+            check(state)
         weights, _ = read_state_dict(path)
         load_into(model, weights, f"checkpoint {path}")
         if optimizer is not None:

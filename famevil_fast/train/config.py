@@ -61,7 +61,9 @@ class ModelSection:
     )
     attention: str = doc("attention kernel: auto, sdpa, eager (faithful reference) or flash", "auto")
     backend: str | None = doc(
-        "op backend of the model's adapters and losses: null (automatic), torch or triton", None
+        "op backend of the model's adapters and losses: null (automatic), torch, triton, or cuda / cpu (the "
+        "compiled contrastive losses; adapters automatic)",
+        None,
     )
     adapter_type: str = doc(
         "task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal "
@@ -269,9 +271,8 @@ class TrainConfig:
             raise ValueError(
                 "IMTL-G combines the gradients of several micro-batches: set train.update_frequency >= 2"
             )
-        unknown = set(self.distill.teachers) - set(self.model.tasks)
-        if self.distill.enabled and unknown:
-            raise ValueError(f"distill.teachers names tasks that are not trained: {sorted(unknown)}")
+        _check_numbers(self)
+        _check_distill(self.distill, self.model.tasks)
         if self.model.caption_vocab not in (None, "corpus"):
             raise ValueError(
                 f"model.caption_vocab must be 'corpus' or null, got {self.model.caption_vocab!r}"
@@ -280,6 +281,36 @@ class TrainConfig:
         if self.eval.tasks is None and set(self.model.tasks) & set(PRETRAIN_TASKS):
             self.eval.tasks = [t for t in self.model.tasks if t not in PRETRAIN_TASKS]
         return self
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Numeric fields whose out-of-range values would run silently wrong (a negative clipping norm flips
+    the gradient's sign; keep_last 0 would keep one checkpoint anyway)."""
+    clip = config.train.clip_grad_norm
+    if clip is not None and not clip > 0:
+        raise ValueError(f"train.clip_grad_norm must be positive (or null = no clipping), got {clip}")
+    for name, value, low in (
+        ("checkpoint.keep_last", config.checkpoint.keep_last, 1),
+        ("checkpoint.every", config.checkpoint.every, 0),
+        ("logging.every", config.logging.every, 0),
+    ):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def _check_distill(distill: DistillSection, tasks: list[str]) -> None:
+    if not distill.enabled:
+        return
+    if not distill.teachers:
+        raise ValueError("distill.enabled is true but distill.teachers names no teacher (task -> checkpoint)")
+    unknown = set(distill.teachers) - set(tasks)
+    if unknown:
+        raise ValueError(f"distill.teachers names tasks that are not trained: {sorted(unknown)}")
+    if not 0.0 <= distill.balance <= 2.0:
+        raise ValueError(
+            f"distill.balance must be in [0, 2] (L = (2 - b) L_gt + b L_kd: outside it one of the two terms "
+            f"gets a negative weight), got {distill.balance}"
+        )
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -340,6 +371,55 @@ def _check_eval(section: EvalSection, trained: list[str]) -> None:
     ):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+# ---------------------------------------------------------------- resume
+RESUME_MAY_CHANGE = (
+    "train.updates",  # extend (or shorten) a run
+    "train.device",
+    "train.nonfinite",
+    "model.init",  # starting weights: the checkpoint's replace them
+    "model.resume_weights",
+    "model.init_from",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "eval.*",
+    "logging.*",
+    "checkpoint.dir",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "checkpoint.resume",
+)
+"""Fields that may differ between a run's checkpoint and the recipe that resumes it: they do not change
+what the resumed updates compute. Every other field must be equal (``resume_differences``)."""
+
+
+def _may_change(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in RESUME_MAY_CHANGE
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{section}.{name}": value
+        for section, fields in config.items()
+        if isinstance(fields, dict)
+        for name, value in fields.items()
+    }
+
+
+def resume_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """``field: checkpoint value -> recipe value`` for every field outside ``RESUME_MAY_CHANGE`` that differs
+    between a checkpoint's saved config and ``current`` (fields missing from either side are not compared:
+    an older checkpoint lacks the newer fields)."""
+    import json
+
+    now = _flat(json.loads(json.dumps(current.to_dict())))
+    before = _flat(saved)
+    return [
+        f"{key}: {before[key]!r} -> {now[key]!r}"
+        for key in sorted(now.keys() & before.keys())
+        if not _may_change(key) and before[key] != now[key]
+    ]
 
 
 # ---------------------------------------------------------------- YAML

@@ -1,8 +1,10 @@
-"""Run logging: JSON-lines metrics, optional TensorBoard event files, and a tqdm progress bar."""
+"""Run logging: JSON-lines metrics (strict JSON: non-finite numbers are written as null), optional
+TensorBoard event files, and a tqdm progress bar."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,10 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"kind": kind, "update": update, "time": round(time.time(), 3), **values}
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(strict_json(record) + "\n")
         if self.writer is not None:
             for key, value in values.items():
-                if isinstance(value, int | float):
+                if isinstance(value, int | float) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{kind}/{key}", value, update)
         if self.bar is not None and kind == "train":
             shown = {k: f"{v:.3f}" for k, v in values.items() if k.startswith("loss/")}
@@ -51,7 +53,7 @@ class RunLogger:
             return
         (self.bar.write if self.bar is not None else print)(text)
         self.metrics.write(
-            json.dumps({"kind": "message", "time": round(time.time(), 3), "text": text}) + "\n"
+            strict_json({"kind": "message", "time": round(time.time(), 3), "text": text}) + "\n"
         )
 
     def advance(self, n: int = 1) -> None:
@@ -66,6 +68,22 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
         self.metrics.close()
+
+
+def strict_json(value: Any) -> str:
+    """``json.dumps`` that writes standard JSON: NaN and infinities (which ``json.dumps`` would write as the
+    bare tokens NaN / Infinity) become null."""
+    return json.dumps(_finite_or_null(value), allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _tensorboard_writer(path: Path):

@@ -10,6 +10,7 @@ non-finite loss or gradient skips the update (or stops the run) and names the ta
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import signal
@@ -26,7 +27,7 @@ from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
 from famevil_fast.model.losses import Gather
 from famevil_fast.train.checkpoint import CheckpointManager
-from famevil_fast.train.config import TrainConfig
+from famevil_fast.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
 from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env
@@ -49,7 +50,39 @@ class TaskStream(Protocol):
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised when a non-finite loss or gradient stops the run (``train.nonfinite: stop``)."""
+    """Raised when a non-finite loss or gradient stops the run (``train.nonfinite: stop``); ``reason``
+    names the task(s), e.g. "non-finite loss of task(s) ['scr']"."""
+
+    def __init__(self, message: str, reason: str = "non-finite loss or gradient") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def grads_finite(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A flag on ``device`` (no read-back): whether every tensor of ``grads`` is finite, from one fused
+    norm (a norm that overflows counts as non-finite, as it does for the update's gradient norm)."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(torch._foreach_norm(grads)).isfinite().all().to(device)
+
+
+def task_means(losses: list[list[Any]]) -> dict[str, float]:
+    """Mean loss per task over an update's micro-batches (a task can have several), in first-seen order."""
+    grouped: dict[str, list[float]] = {}
+    for task, value in losses:
+        grouped.setdefault(task, []).append(value)
+    return {task: sum(values) / len(values) for task, values in grouped.items()}
+
+
+def non_finite_reason(record: Mapping[str, Any]) -> str:
+    """What made an update fail: the tasks with a non-finite loss, else those with a non-finite gradient."""
+    bad = sorted({t for t, v in record["losses"] if not math.isfinite(v)})
+    if bad:
+        return f"non-finite loss of task(s) {bad}"
+    tasks = record.get("nonfinite_gradient_tasks")
+    if tasks:
+        return f"non-finite gradient of task(s) {sorted(set(tasks))} with finite losses"
+    return "non-finite gradient norm (every loss and task gradient finite: their combination overflowed)"
 
 
 def seed_everything(seed: int) -> None:
@@ -240,7 +273,8 @@ class Trainer:
         path = Path(path) if path else self.checkpoints.latest()
         if path is None:
             return False
-        state = self.checkpoints.load(path, self.model, self.optimizer)
+        check = functools.partial(self._check_resumed_config, path)
+        state = self.checkpoints.load(path, self.model, self.optimizer, check)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for task, stream_state in state["streams"].items():
@@ -249,6 +283,18 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.update = int(state["update"])
         return True
+
+    def _check_resumed_config(self, path: Path, state: Mapping[str, Any]) -> None:
+        """Refuse a recipe that changes what the resumed updates compute (see RESUME_MAY_CHANGE), before
+        anything of the checkpoint is restored."""
+        differences = resume_differences(state.get("config") or {}, self.cfg)
+        if differences:
+            raise ValueError(
+                f"cannot resume from {path}: the recipe differs from the checkpoint's config in "
+                f"field(s) that an exact resume cannot change: {'; '.join(differences)}. Restore them, or "
+                "start a new run in another checkpoint.dir (fields that may change on resume: "
+                f"{', '.join(RESUME_MAY_CHANGE)})"
+            )
 
     # ------------------------------------------------------------------ one update
     def _autocast(self):
@@ -281,65 +327,135 @@ class Trainer:
                 yield {task: batch}
 
     def train_update(self) -> dict[str, Any]:
-        """Run one optimizer update; returns its losses (per micro-batch task) and whether it was applied."""
-        cfg = self.cfg.train
+        """Run one optimizer update; returns its losses (per micro-batch task) and whether it was applied.
+
+        A non-finite loss or gradient leaves the parameters and the optimizer untouched; under
+        ``train.nonfinite: stop`` it raises NonFiniteLoss before the update count and the scheduler advance.
+        """
         tasks = self.sampler.next_update()
-        imtl = GradientBuffer(self.trainable) if cfg.gradient_strategy != "sum" else None
-        micro = list(self._micro_batches(tasks))
-        losses: list[tuple[str, torch.Tensor]] = []
-        for i, batches in enumerate(micro):
-            if self.graphed is not None:
-                self._loss_weight.fill_(1.0 / len(tasks))
-                losses.extend(self.graphed(batches).items())
-                continue
-            sync = self.dist.enabled and imtl is None and i < len(micro) - 1
-            with self.module.no_sync() if sync else contextlib.nullcontext():
-                with self._autocast():
-                    task_losses = self._micro_losses(batches)
-                total = sum(task_losses.values()) / len(tasks)
-                total.backward()
-            if imtl is not None:
-                imtl.collect(next(iter(batches)))
-            losses.extend((t, loss.detach().float()) for t, loss in task_losses.items())
+        imtl = GradientBuffer(self.trainable) if self.cfg.train.gradient_strategy != "sum" else None
+        losses, probes = self._accumulate(tasks, imtl)
+        buffers = None
         if imtl is not None:
-            imtl.apply(cfg.gradient_strategy)
+            buffers = imtl.buffers  # kept until the step is decided: they name a task whose gradient is bad
+            imtl.apply(self.cfg.train.gradient_strategy)
         hidden = self.graphed.untouched_grads_hidden() if self.graphed else contextlib.nullcontext()
         with hidden:  # parameters no micro-batch reached keep .grad None, as in eager steps
-            max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_norm)
-            values = torch.stack(
-                [v for _, v in losses] + [grad_norm.detach().float().to(self.device)]
-            ).tolist()
+            values, grad_norm = self._read_losses_and_norm(losses)
             applied = all(math.isfinite(v) for v in values)
+            culprits = None if applied else self._gradient_culprits(probes, buffers)
+            del buffers
             if applied:
+                self._clip(grad_norm)
                 self.optimizer.step()
-        if self.graphed is not None:
-            self.graphed.zero_grad()  # the captured graphs accumulate into these gradient tensors
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.update += 1
+        self._zero_grad()
         record = {
-            "update": self.update,
+            "update": self.update + 1,
             "applied": applied,
             "grad_norm": values[-1],
             "losses": [[t, v] for (t, _), v in zip(losses, values)],
         }
-        self.history.append(record)
         if not applied:
-            self._non_finite(record)
+            record["nonfinite_gradient_tasks"] = culprits
+            self._non_finite(record)  # under "stop" this raises: nothing below happens
+        self.scheduler.step()
+        self.update += 1
+        self.history.append(record)
         return record
 
+    def _accumulate(
+        self, tasks: list[str], imtl: GradientBuffer | None
+    ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[list[str], torch.Tensor | None]]]:
+        """Forward and backward of every micro-batch of the update: (task, loss) pairs, and per micro-batch
+        its tasks with a device flag (no read-back) of whether the accumulated gradient is still finite
+        after it (None for the last one, which the gradient norm of the update covers; IMTL-G keeps each
+        task's gradient apart instead)."""
+        micro = list(self._micro_batches(tasks))
+        losses: list[tuple[str, torch.Tensor]] = []
+        probes: list[tuple[list[str], torch.Tensor | None]] = []
+        for i, batches in enumerate(micro):
+            last = i == len(micro) - 1
+            if self.graphed is not None:
+                self._loss_weight.fill_(1.0 / len(tasks))
+                losses.extend(self.graphed(batches).items())
+            else:
+                losses.extend(self._backward(batches, len(tasks), defer_sync=not last and imtl is None))
+            if imtl is not None:
+                imtl.collect(next(iter(batches)))
+            probe = None if last or imtl is not None else grads_finite(self._grads(), self.device)
+            probes.append((list(batches), probe))
+        return losses, probes
+
+    def _backward(
+        self, batches: dict[str, dict[str, torch.Tensor]], count: int, defer_sync: bool
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Eager forward and backward of one micro-step (``defer_sync``: leave DDP's gradient all-reduce to
+        a later micro-step)."""
+        with self.module.no_sync() if defer_sync and self.dist.enabled else contextlib.nullcontext():
+            with self._autocast():
+                task_losses = self._micro_losses(batches)
+            total = sum(task_losses.values()) / count
+            total.backward()
+        return [(t, loss.detach().float()) for t, loss in task_losses.items()]
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for _, p in self.trainable if p.grad is not None]
+
+    def _read_losses_and_norm(
+        self, losses: list[tuple[str, torch.Tensor]]
+    ) -> tuple[list[float], torch.Tensor]:
+        """The losses and the gradient norm (last), read back in one transfer, and the norm itself."""
+        grad_norm = torch.nn.utils.get_total_norm(self._grads())
+        values = torch.stack([v for _, v in losses] + [grad_norm.detach().float().to(self.device)]).tolist()
+        return values, grad_norm
+
+    def _clip(self, grad_norm: torch.Tensor) -> None:
+        """Scale the gradients down to ``train.clip_grad_norm`` (a finite norm: checked before)."""
+        if self.cfg.train.clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for _, p in self.trainable], self.cfg.train.clip_grad_norm, grad_norm
+            )
+
+    def _gradient_culprits(
+        self,
+        probes: list[tuple[list[str], torch.Tensor | None]],
+        buffers: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    ) -> list[str]:
+        """Tasks whose gradient is non-finite (read back only for a failed update). IMTL-G: each task whose
+        buffered gradient is; sum: the first micro-batch after which the accumulated gradient was (later
+        ones cannot be told apart: NaN stays NaN). Empty when every gradient is finite (the norm overflowed,
+        or the IMTL-G combination did)."""
+        if buffers is not None:
+            names = list(buffers)
+            flags = [grads_finite(list(buffers[t].values()), self.device) for t in names]
+            return [t for t, ok in zip(names, torch.stack(flags).tolist()) if not ok] if flags else []
+        flags = [flag if flag is not None else grads_finite(self._grads(), self.device) for _, flag in probes]
+        for (tasks, _), ok in zip(probes, torch.stack(flags).tolist()):
+            if not ok:
+                return tasks
+        return []
+
+    def _zero_grad(self) -> None:
+        if self.graphed is not None:
+            self.graphed.zero_grad()  # the captured graphs accumulate into these gradient tensors
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def _non_finite(self, record: dict[str, Any]) -> None:
-        bad = [t for t, v in record["losses"] if not math.isfinite(v)]
-        where = f"loss of task(s) {bad}" if bad else "gradient (all losses finite)"
-        text = f"update {record['update']}: non-finite {where}; the update was skipped"
+        """Log the failed update; under ``train.nonfinite: stop`` raise NonFiniteLoss naming the cause."""
+        reason = non_finite_reason(record)
+        stop = self.cfg.train.nonfinite == "stop"
+        outcome = (
+            f"stopping at update {self.update} (update {record['update']} not applied: parameters, "
+            "optimizer and scheduler unchanged)"
+            if stop
+            else "the update was skipped"
+        )
+        text = f"update {record['update']}: {reason}; {outcome}"
         if self.logger is not None:
             self.logger.message(text)
-        if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteLoss(
-                text.replace("the update was skipped", "stopping (parameters left unchanged)")
-            )
+        if stop:
+            raise NonFiniteLoss(text, reason)
 
     # ------------------------------------------------------------------ loop
     logger: RunLogger | None = None
@@ -375,6 +491,9 @@ class Trainer:
             if status == "finished" and self.dist.is_main:
                 self.model.save_pretrained(Path(cfg.checkpoint.dir) / "final")
             results = self.evaluate() if status == "finished" else {}
+        except NonFiniteLoss as exc:  # no checkpoint: the last one saved stays the newest
+            status = f"stopped ({exc.reason})"
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -401,8 +520,9 @@ class Trainer:
         if not (every and (self.update % every == 0 or self.update == 1)):
             return
         values: dict[str, Any] = {"lr": self.scheduler.get_last_lr()[0], "grad_norm": record["grad_norm"]}
-        for task, value in record["losses"]:
-            values[f"loss/{task}"] = value
+        if not record["applied"]:
+            values["applied"] = False
+        values.update({f"loss/{task}": value for task, value in task_means(record["losses"]).items()})
         self.logger.log(self.update, values)
 
     def evaluate(self) -> dict[str, Any]:
