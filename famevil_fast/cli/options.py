@@ -17,9 +17,9 @@ def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
         choices=("torch", "triton"),
         default=None,
         help="backend of the model's ops: triton runs the fused kernels (a GPU, or TRITON_INTERPRET=1 on the "
-        "CPU) and decodes captions with each text layer of a step fused into seven kernels (on a GPU, with "
-        "--cuda-graph: without a graph a step lasts as long as its launches take on the host); torch runs "
-        "the PyTorch references (default: the checkpoint's, automatic unless set)",
+        "CPU) and decodes captions with each text layer of a step fused into seven kernels (on an H200 "
+        "slower than --cuda-graph replay of the plain step); torch runs the PyTorch references (default: "
+        "the checkpoint's, automatic unless set)",
     )
 
 
