@@ -314,7 +314,7 @@ def test_unexpected_official_content_is_named(model, tmp_path):
         (lambda c: c["famevil"].pop("clip"), r"\['clip'\]"),
         (lambda c: c["famevil"].update(adapter_bottleneck="64"), "adapter_bottleneck must be int"),
         (lambda c: c["famevil"]["clip"]["vision"].update(foo=1), r"'clip\.vision': \['foo'\]"),
-        (lambda c: c["famevil"].update(backend="cuda"), "backend must be one of"),
+        (lambda c: c["famevil"].update(backend="gpu"), "backend must be one of"),
     ],
 )
 def test_malformed_stored_config_names_the_file_and_field(model, tmp_path, edit, field):
