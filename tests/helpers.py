@@ -145,3 +145,18 @@ class AtenLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.__name__.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+def _tiny_with_vocab():
+    from famevil_fast.model import FameViLConfig, clip_preset
+
+    return FameViLConfig(
+        clip=clip_preset("tiny"),  # width 128 with 4 heads: the 64-wide-head guess would give 2
+        adapter_bottleneck=8,
+        xaa_bottleneck=8,
+        caption_vocab=(*range(50), 49407),
+    )
+
+
+# A model whose settings no tensor shape carries (head count, caption vocabulary): for conversions
+TINY_WITH_VOCAB = _tiny_with_vocab()

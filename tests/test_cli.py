@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_WITH_VOCAB as TINY
 from helpers import perturb_
 from PIL import Image
 from safetensors.torch import load_file
@@ -158,14 +159,6 @@ def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp
     fused = [*args, "--tasks", "cap", "--max-len", "6", "--max-samples", "8", "--op-backend", "triton"]
     assert main([*fused, "--out", str(out)]) == 0  # the Triton kernels, captions decoded by the fused step
     assert json.loads(out.read_text())["results"][0]["metrics"] == results["fic"]["metrics"]
-
-
-TINY = FameViLConfig(
-    clip=clip_preset("tiny"),  # width 128 with 4 heads: the 64-wide-head guess would give 2
-    adapter_bottleneck=8,
-    xaa_bottleneck=8,
-    caption_vocab=(*range(50), 49407),
-)
 
 
 @pytest.fixture(scope="module")

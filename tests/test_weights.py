@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import TINY_WITH_VOCAB as TINY
 from helpers import perturb_, token_batch
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
@@ -144,12 +145,6 @@ def test_from_clip_accepts_every_clip_layout_and_rejects_foreign_weights(tmp_pat
 
 
 # ---------------------------------------------------------------- settings the weights do not carry
-TINY = FameViLConfig(
-    clip=clip_preset("tiny"),  # width 128 with 4 heads: the 64-wide-head guess would give 2
-    adapter_bottleneck=8,
-    xaa_bottleneck=8,
-    caption_vocab=(*range(50), 49407),
-)
 
 
 @pytest.fixture(scope="module")
