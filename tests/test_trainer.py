@@ -365,6 +365,7 @@ def test_resume_refuses_a_recipe_that_changes_the_run(tmp_path):
         "checkpoint.every=1",
         "data.num_workers=1",
         "train.nonfinite=stop",
+        f"data.root={tmp_path / 'moved'}",  # the streams stand in for the data; only the field differs
     )
     resumed = Trainer(micro_config(tmp_path, *base, *allowed), streams())
     assert resumed.fit()["update"] == 4

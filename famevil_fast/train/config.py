@@ -381,6 +381,7 @@ RESUME_MAY_CHANGE = (
     "model.init",  # starting weights: the checkpoint's replace them
     "model.resume_weights",
     "model.init_from",
+    "data.root",  # the same data at another place (a copy on a local disk)
     "data.num_workers",
     "data.eval_batch_size",
     "eval.*",
