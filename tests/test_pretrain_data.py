@@ -11,6 +11,7 @@ from test_data_fixtures import synthetic
 from famevil_fast.cli.main import main
 from famevil_fast.data.attributes import (
     AttributeFile,
+    load_attributes,
     mine_attributes,
     mine_dataset,
     read_attribute_file,
@@ -178,3 +179,40 @@ def test_shared_weights_move_to_a_model_with_other_tasks(tmp_path):
     assert any("heads.pac" in n for n in report.unused)
     with pytest.raises(ValueError, match="backbone keys missing"):
         load_shared_weights(fine, {k: v for k, v in own.items() if k != "vision.ln_pre.weight"})
+
+
+def test_no_attribute_mined_or_read_is_named(tmp_path_factory, tmp_path, capsys):
+    root = synthetic(tmp_path_factory)
+    with pytest.raises(ValueError, match="no attribute mined .* min_count=100000"):
+        load_attributes(root, min_count=100000)
+    assert (
+        main(["mine-attributes", str(root), "--out", str(tmp_path / "a.json"), "--min-count", "100000"]) == 2
+    )
+    assert "no attribute mined" in capsys.readouterr().err and not (tmp_path / "a.json").exists()
+    empty = tmp_path / "empty.json"
+    write_attribute_file(empty, mine_attributes(["a red dress"], min_count=5), {"train": {}}, "fashiongen")
+    with pytest.raises(ValueError, match="empty.json holds no attribute"):
+        load_attributes(root, empty)
+
+
+def test_pac_on_the_datasets_own_attribute_ids(tmp_path_factory):
+    root = synthetic(tmp_path_factory)
+    attributes = load_attributes(root, "dataset")
+    train = read_products("fashiongen", root, "train")
+    assert attributes.split("train") == {p.id: tuple(sorted(set(p.attributes_id))) for p in train}
+    largest = max(i for p in train for i in p.attributes_id)
+    assert len(attributes.vocabulary) >= largest + 1
+    assert sum(attributes.vocabulary.counts) == sum(len(set(p.attributes_id)) for p in train)
+    table = pretrain_table("pac", root, "train", attributes=attributes)
+    first = table.fields["attribute_ids"][0]
+    assert sorted(i for i in first.tolist() if i >= 0) == sorted(set(train[0].attributes_id))
+
+
+def test_pac_on_dataset_ids_without_any_is_named(tmp_path):
+    from famevil_fast.data.attributes import dataset_attributes
+
+    (tmp_path / "FashionGen").mkdir()
+    row = {"images": ["a.png"], "id": 1, "title": "t", "description": "d", "subcategory_id": 0}
+    (tmp_path / "FashionGen" / "train_info.json").write_text(json.dumps([row]))
+    with pytest.raises(ValueError, match="carries attributes_id"):
+        dataset_attributes(tmp_path)

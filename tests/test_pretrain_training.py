@@ -137,3 +137,54 @@ def test_pre_training_then_fine_tuning_beats_fine_tuning_alone(tmp_path_factory,
     scores = {arm: study["arms"][arm]["eval"]["xmr/full"]["avg"] for arm in ("pretrained", "scratch")}
     chance = study["arms"]["scratch"]["chance"]["xmr/full"]["avg"]
     assert scores["pretrained"] > max(scores["scratch"], 2 * chance)
+
+
+def test_num_attributes_below_the_vocabulary_is_refused_at_start(tmp_path_factory, tmp_path):
+    from famevil_fast.train.trainer import num_attributes
+
+    cfg = _config(synthetic(tmp_path_factory), tmp_path, "model.num_attributes=3")
+    with pytest.raises(ValueError, match="model.num_attributes=3 is smaller than the .* attributes of"):
+        num_attributes(cfg)
+
+
+def test_a_pretraining_only_run_builds_no_evaluator_and_its_checkpoint_is_named(tmp_path, capsys):
+    from famevil_fast.cli.commands.train import build_evaluator
+    from famevil_fast.cli.main import main
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    cfg = load_config(None, ["model.clip=micro", "data.image_size=32", "model.tasks=[mvc,pac,itm]"])
+    assert cfg.eval.tasks == [] and build_evaluator(cfg, "cpu") is None
+    config = FameViLConfig(clip=clip_preset("micro"), tasks=("mvc", "itm"), adapter_bottleneck=8)
+    FameViL(config).save_pretrained(tmp_path / "ckpt")
+    assert main(["eval", str(tmp_path / "ckpt"), "--data", str(tmp_path)]) == 2
+    assert "holds only pre-training tasks ['mvc', 'itm']" in capsys.readouterr().err
+
+
+def test_itm_negatives_are_chosen_in_eval_mode():
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+    from famevil_fast.model.pretrain import matching_similarity
+
+    torch.manual_seed(0)
+    config = FameViLConfig(
+        clip=clip_preset("micro"), tasks=("itc", "itm"), adapter_bottleneck=8, adapter_dropout=0.5
+    )
+    model = FameViL(config).train()
+    for p in model.parameters():  # non-zero adapters, so that their dropout would show
+        p.data.normal_(0, 0.05)
+    model.text.blocks[0].eval()  # a module's own mode survives
+    pixels, ids = torch.randn(4, 3, 32, 32), torch.randint(1, 400, (4, 10))
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    first, second = matching_similarity(model, pixels, ids), matching_similarity(model, pixels, ids)
+    assert torch.equal(first, second)
+    assert model.training and not model.text.blocks[0].training and model.vision.blocks[0].training
+
+
+def test_pac_trains_on_the_datasets_own_attribute_ids(tmp_path_factory, tmp_path):
+    from famevil_fast.data.attributes import load_attributes
+    from famevil_fast.train.trainer import num_attributes
+
+    root = synthetic(tmp_path_factory)
+    cfg = _config(root, tmp_path, "data.attributes=dataset", "model.tasks=[pac]", "train.updates=1")
+    assert num_attributes(cfg) == len(load_attributes(root, "dataset").vocabulary)
+    result = Trainer(cfg).fit()
+    assert result["status"] == "finished" and result["update"] == 1

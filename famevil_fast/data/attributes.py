@@ -16,6 +16,9 @@ phrases, and what remains after removing closed-class words is overwhelmingly no
 
 A product's attributes are the vocabulary ids of its words, sorted. ``famevil-fast mine-attributes``
 writes the vocabulary and every product's ids to one JSON file (:func:`write_attribute_file`).
+
+A dataset that carries its own attribute ids (FashionGen's ``attributes_id``, FashionViL's 2,232 mined
+noun phrases) can be used instead: :func:`dataset_attributes`, ``data.attributes: dataset`` in a recipe.
 """
 
 from __future__ import annotations
@@ -223,20 +226,57 @@ def mine_dataset(
     max_attributes: int | None = None,
     splits: Sequence[str] = ("train", "val"),
 ) -> AttributeFile:
-    """Mine the training texts of ``dataset`` under ``root``; encode the products of every split."""
+    """Mine the training texts of ``dataset`` under ``root``; encode the products of every split. ValueError
+    when no word reaches ``min_count`` products (PAC would have no class)."""
     from famevil_fast.data.tasks import read_products
 
     train = read_products(dataset, root, "train")
     vocab = mine_attributes((p.text for p in train), min_count, max_attributes)
+    if not vocab.attributes:
+        raise ValueError(
+            f"no attribute mined from the {len(train)} {dataset} training texts under {root}: no word is "
+            f"found in at least min_count={min_count} products; lower it (data.attribute_min_count, "
+            "--min-count)"
+        )
     products = {"train": encode_products(vocab, train)}
     for split in splits:
         if split == "train":
             continue
         try:
-            products[split] = encode_products(vocab, read_products(dataset, root, split))
+            products[split] = encode_products(vocab, read_products(dataset, root, split, allow_empty=True))
         except FileNotFoundError:
             continue
     return AttributeFile(vocab, products, f"{root} ({dataset}, mined)")
+
+
+DATASET_ATTRIBUTES = "dataset"  # ``load_attributes(path=...)``: the products' own ``attributes_id``
+
+
+def dataset_attributes(
+    root: str | os.PathLike, dataset: str = "fashiongen", splits: Sequence[str] = ("train", "val")
+) -> AttributeFile:
+    """The attribute ids the products of ``dataset`` carry (``attributes_id``) as an attribute file: the
+    classes are 0 .. the largest id (named by their ids), counted over the training split. ValueError when
+    no training product carries any."""
+    from famevil_fast.data.tasks import read_products
+
+    products: dict[str, dict[int, tuple[int, ...]]] = {}
+    for split in splits:
+        try:
+            rows = read_products(dataset, root, split, allow_empty=split != "train")
+        except FileNotFoundError:
+            continue
+        products[split] = {int(p.id): tuple(sorted(set(p.attributes_id))) for p in rows}
+    counts = Counter(i for ids in products.get("train", {}).values() for i in ids)
+    if not counts:
+        raise ValueError(
+            f"no {dataset} training product under {root} carries attributes_id: mine attributes from the "
+            "texts instead (data.attributes: null, or famevil-fast mine-attributes)"
+        )
+    size = 1 + max(i for split in products.values() for row in split.values() for i in row)
+    names = tuple(f"attribute_{i}" for i in range(size))
+    vocabulary = AttributeVocabulary(names, tuple(counts.get(i, 0) for i in range(size)))
+    return AttributeFile(vocabulary, products, f"{root} ({dataset}, attributes_id)")
 
 
 def load_attributes(
@@ -245,7 +285,13 @@ def load_attributes(
     dataset: str = "fashiongen",
     min_count: int = 5,
 ) -> AttributeFile:
-    """The attribute file at ``path``, or (``path`` None) the attributes mined from the training texts."""
-    if path is not None:
-        return read_attribute_file(path)
-    return mine_dataset(root, dataset, min_count)
+    """The attribute file at ``path``; ``path`` None: the attributes mined from the training texts;
+    ``path`` "dataset": the products' own ``attributes_id``. ValueError when the source gives no attribute."""
+    if path is None:
+        return mine_dataset(root, dataset, min_count)
+    if os.fspath(path) == DATASET_ATTRIBUTES:
+        return dataset_attributes(root, dataset)
+    attributes = read_attribute_file(path)
+    if not attributes.vocabulary.attributes:
+        raise ValueError(f"attribute file {path} holds no attribute: PAC needs at least one (mine it again)")
+    return attributes

@@ -20,7 +20,9 @@ attribute_ids (B, K) padded with -1; ``itm`` pixels, input_ids.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -96,10 +98,23 @@ def forward_pac(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather |
     return TaskOutput(loss, {"image_logits": image_logits, "text_logits": text_logits})
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block (dropout off), each module's own mode restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def matching_similarity(model: FameViL, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Two-tower cosine similarities (B images x B texts) that choose ITM's hard negatives, without grad."""
+    """Two-tower cosine similarities (B images x B texts) that choose ITM's hard negatives: without grad and
+    in eval mode, so that adapter dropout does not change which negative is hardest."""
     task = "itc" if "itc" in model.config.tasks else "itm"
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(model):
         image = F.normalize(model.image_features(pixels, task).float(), dim=-1)
         text = F.normalize(model.text_features(input_ids, task).float(), dim=-1)
     return image @ text.T

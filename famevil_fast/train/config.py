@@ -93,7 +93,8 @@ class DataSection:
         "pre-decoded cache directory written by `famevil-fast cache` (used when set)", None
     )
     attributes: str | None = doc(
-        "PAC attribute file from `famevil-fast mine-attributes`; null = mine the training texts at start-up",
+        "PAC attribute file from `famevil-fast mine-attributes`; null = mine the training texts at start-up; "
+        "dataset = the products' own attributes_id (FashionViL's pseudo-attributes)",
         None,
     )
     attribute_min_count: int = doc("mining at start-up: keep words found in at least this many products", 5)

@@ -105,11 +105,18 @@ def num_attributes(cfg: TrainConfig) -> int:
     """PAC classes: ``model.num_attributes``, else the attribute vocabulary size (0 without the pac task)."""
     if "pac" not in cfg.model.tasks:
         return cfg.model.num_attributes or 0
-    if cfg.model.num_attributes is not None:
-        return cfg.model.num_attributes
     from famevil_fast.train.data_feed import pac_attributes
 
-    return len(pac_attributes(cfg).vocabulary)
+    attributes = pac_attributes(cfg)
+    found = len(attributes.vocabulary)
+    if cfg.model.num_attributes is None:
+        return found
+    if cfg.model.num_attributes < found:
+        raise ValueError(
+            f"model.num_attributes={cfg.model.num_attributes} is smaller than the {found} attributes of "
+            f"{attributes.source}: leave it null (the vocabulary's size) or raise it"
+        )
+    return cfg.model.num_attributes
 
 
 def build_model(cfg: TrainConfig) -> FameViL:

@@ -101,6 +101,19 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     return options
 
 
+def evaluable_tasks(tasks: tuple[str, ...], checkpoint: str) -> list[str]:
+    """The model's tasks that have an evaluation protocol (pre-training objectives have none)."""
+    from famevil_fast.model.config import PRETRAIN_TASKS
+
+    kept = [t for t in tasks if t not in PRETRAIN_TASKS]
+    if not kept:
+        raise ValueError(
+            f"{checkpoint} holds only pre-training tasks {list(tasks)}, which have no evaluation protocol; "
+            "fine-tune it on a downstream task (model.init_from) and evaluate that"
+        )
+    return kept
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -114,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)
-    tasks = args.tasks or list(model.config.tasks)
+    tasks = args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
     size = model.config.clip.vision.image_size
     sets = {
         t: build_eval_sets(

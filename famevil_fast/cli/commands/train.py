@@ -40,10 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_evaluator(cfg: TrainConfig, device: torch.device | str | None) -> Evaluator:
+def build_evaluator(cfg: TrainConfig, device: torch.device | str | None) -> Evaluator | None:
+    """The evaluator of ``eval.tasks`` (None: every trained task that has an evaluation protocol); None
+    when no task is left (a pre-training run of mvc, pac and itm only)."""
     from famevil_fast.eval.runner import EvalOptions, Evaluator
+    from famevil_fast.model.config import PRETRAIN_TASKS
 
-    tasks = cfg.eval.tasks or cfg.model.tasks
+    tasks = cfg.eval.tasks
+    if tasks is None:
+        tasks = [t for t in cfg.model.tasks if t not in PRETRAIN_TASKS]
+    if not tasks:
+        return None
     return Evaluator.build(
         cfg.data.root,
         tasks,
