@@ -37,6 +37,9 @@ REPEATS = 5 if CUDA else 1
 LONG_REPEATS = 3  # cases past 50 tokens: re-encoding takes seconds a call
 
 
+TOP_KERNELS = 6  # kernels listed per decoding method, for the first case
+
+
 def _model() -> FameViL:
     torch.manual_seed(0)
     model = FameViL(FameViLConfig(clip=clip_preset(PRESET))).to(DEVICE).eval()
@@ -79,7 +82,7 @@ def _seconds(fn, repeats: int = REPEATS) -> float:
     return statistics.median(times)
 
 
-def test_caption_decoding_report(kernel_profile):
+def test_caption_decoding_report(kernel_breakdown):
     model = _model()
     triton_model = None
     if triton_runs_on(DEVICE):  # a copy: a graph is cached per model and parameter storage
@@ -89,7 +92,7 @@ def test_caption_decoding_report(kernel_profile):
     print(f"\ncaption decoding, {PRESET}, {name}, torch {torch.__version__}, float32")
     head = f"{'images':>6} {'tokens':>6} {'beams':>5} {'method':>12} {'ms':>9} {'tokens/s':>10}"
     print(f"{head} {'x re-encoding':>13}")
-    for batch, length, beams in CASES:
+    for case, (batch, length, beams) in enumerate(CASES):
         pixels = torch.randn(batch, 3, size, size, device=DEVICE)
         methods = _methods(model, pixels, length, beams, triton_model)
         with torch.no_grad():
@@ -104,17 +107,21 @@ def test_caption_decoding_report(kernel_profile):
             print(f"{row} {ratio:>13.2f}  tokens {'identical' if same else 'DIFFER'}", flush=True)
         with torch.no_grad():  # what bounds it: the shared vision pass, and the cached decoder's kernels
             vision = _seconds(functools.partial(model.vision_memory, pixels, "cap"))
-            profiles = {"kv-cache": kernel_profile(methods["kv-cache"], DEVICE)}
+            profiles = {"kv-cache": kernel_breakdown(methods["kv-cache"], DEVICE, top=0)}
             if triton_model is not None:
                 fused = functools.partial(generate, triton_model, pixels, max_len=length, num_beams=beams)
-                profiles["fused kv-cache"] = kernel_profile(fused, DEVICE)
+                profiles["fused kv-cache"] = kernel_breakdown(fused, DEVICE, top=0)
         line = f"  vision pass (in every method): {vision * 1e3:.2f} ms"
-        for name, profile in profiles.items():
-            if profile is not None:
-                count, kernel_ms = profile
+        for name, kernels in profiles.items():
+            if kernels is not None:
+                count, kernel_ms = sum(k[1] for k in kernels), sum(k[2] for k in kernels)
                 line += (
                     f"; {name} decode: {count} kernels ({count // length} a step), {kernel_ms:.2f} ms in them"
                 )
         print(line, flush=True)
+        if case == 0:  # which kernels the decode's device time goes to
+            for name, kernels in profiles.items():
+                for kernel, calls, ms in (kernels or [])[:TOP_KERNELS]:
+                    print(f"    {name:<15} {ms:9.2f} ms {calls:7d}x  {kernel}", flush=True)
         for k in EXACT:
             assert torch.equal(outputs[k], outputs["re-encoding"]), f"{k} tokens differ from re-encoding"
