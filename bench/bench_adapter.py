@@ -1,5 +1,5 @@
-"""Fused adapter speed (PERFORMANCE.md target 3): forward and backward separately, eager PyTorch module vs
-``torch.compile`` of it vs the Triton kernels, bf16, d = 768, r in {64, 512}, at 12,608 and 1,048,576
+"""Fused adapter speed (target 3 of bench/RESULTS.md): forward and backward separately, eager PyTorch module
+vs ``torch.compile`` of it vs the Triton kernels, bf16, d = 768, r in {64, 512}, at 12,608 and 1,048,576
 tokens on a GPU.
 
 ``test_adapter`` times one (size, implementation, direction) with pytest-benchmark; ``test_adapter_report``
@@ -178,7 +178,7 @@ def describe() -> str:
 
 
 def test_adapter_report() -> None:
-    """All cases in one process: the table of PERFORMANCE.md target 3."""
+    """All cases in one process: the table of target 3 (bench/RESULTS.md)."""
     bandwidth = copy_bandwidth()
     lines = [f"fused adapter, d={WIDTH}, {DTYPE}, {describe()}"]
     if bandwidth:

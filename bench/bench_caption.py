@@ -1,6 +1,6 @@
-"""Caption decoding throughput (PERFORMANCE.md target 4): tokens/s of decoding, greedy and with beam search,
-by re-encoding the prefix every step (the official decoding), by the key/value-cached decoder, and by the
-cached decoder replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give
+"""Caption decoding throughput (target 4 of bench/RESULTS.md): tokens/s of decoding, greedy and with beam
+search, by re-encoding the prefix every step (the official decoding), by the key/value-cached decoder, and by
+the cached decoder replayed as one CUDA graph (``generate(..., cuda_graph=True)``); all three must give
 identical tokens, so the model runs in float32 (in bf16 the one-token and the whole-prefix kernels round
 differently, and a random model's near-tied logits then flip). On a GPU, ``graph+triton`` replays the same
 graph for the model with ``backend="triton"``, whose decoder runs each layer fused (``model/decode_step.py``:

@@ -1,4 +1,5 @@
-"""Input pipeline speed (PERFORMANCE.md target 6): decoded, cropped, flipped and normalised images per second.
+"""Input pipeline speed (target 6 of bench/RESULTS.md): decoded, cropped, flipped and normalised images per
+second.
 
 Every file backend (PIL, torchvision, DALI when installed) decodes the same 256 x 256 product images as JPEG
 (quality 90, like FashionIQ) and as RGB PNG (like FashionGen) into 224 x 224 CLIP-normalised training

@@ -3,7 +3,7 @@
 Measures, after encoding (random unit-norm bf16 embeddings, D = 512, on the GPU; float32 on the CPU):
 ``blocked_topk`` (k = 10) against the full-matrix reference; ``gallery_rank_stats`` (what every recall
 metric runs) with one positive per query; and ``xmr_full`` (35,000 views of 8,750 products, both
-directions). On a GPU it asserts the target of PERFORMANCE.md (under 1 s) and that the peak extra memory
+directions). On a GPU it asserts target 5 of bench/RESULTS.md (under 1 s) and that the peak extra memory
 stays far below the (Q, G) float32 score matrix. ``pytest bench/bench_retrieval.py --benchmark-disable``
 runs each case once.
 """

@@ -1,4 +1,4 @@
-"""Training-step throughput (PERFORMANCE.md targets 1): the same FAME-ViL model in several configurations,
+"""Training-step throughput (target 1 of bench/RESULTS.md): the same FAME-ViL model in several configurations,
 per task and for the round-robin four-task step.
 
 1. ``faithful``: float32, eager (explicit softmax) attention, whole backbone trained, unfused adapters and
@@ -15,7 +15,7 @@ per task and for the round-robin four-task step.
 ``plain_frozen_graphed`` is ``plain_frozen`` replayed as a CUDA graph. The ``*_compiled`` configurations add
 ``torch.compile`` (Inductor, default mode) of the step's forward to a graphed configuration, so that the
 compiled step is also replayed as one CUDA graph (what ``mode="reduce-overhead"`` does):
-``plain_compiled``, ``plain_frozen_compiled`` (PERFORMANCE.md's best plain-PyTorch frozen step),
+``plain_compiled``, ``plain_frozen_compiled`` (target 1's best plain-PyTorch frozen step),
 ``fast_compiled`` and ``fast_frozen_compiled``. Compiling takes about a minute per configuration and batch
 layout on a GPU, so they run only with ``TRAIN_STEP_COMPILE=1``. ``TRAIN_STEP_CONFIGS`` (comma-separated
 names) and ``TRAIN_STEP_CELLS`` (e.g. ``64:itc,64:all4``) narrow a run.

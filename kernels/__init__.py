@@ -1,7 +1,10 @@
 """Triton kernels of famevil_fast (importable as ``famevil_fast.kernels``): the fused bottleneck adapter
-(single-task and mixed-task batches, forward and backward), LayerNorm fused into linear projections
-(used by the cross-attention adapter) and the log-sum-exp sweeps of the contrastive loss. ``launch`` holds
-the adapter's host-side launchers, ``custom_ops`` registers them as ``torch.library`` operators and
-``autograd`` runs them in eager mode without the operator dispatch, ``contrastive_ops`` launches and
-registers the contrastive kernels, ``aot`` lists every kernel for ahead-of-time compilation.
+(single-task and mixed-task batches, forward and backward; ``weight_grads`` for its weight gradients),
+LayerNorm fused into linear projections (used by the cross-attention adapter and the decoding step), the
+log-sum-exp sweeps of the contrastive loss, and the fused decoding step's attention over the key/value
+cache and the vision memory (``decode_attention``) and greedy choice (``decode_greedy``). ``launch`` holds
+the host-side launchers, ``configs`` the launch configurations (tiles, warps, switches), ``custom_ops``
+registers the adapter as ``torch.library`` operators and ``autograd`` runs it in eager mode without the
+operator dispatch, ``contrastive_ops`` launches and registers the contrastive kernels, ``aot`` lists every
+kernel for ahead-of-time compilation.
 """

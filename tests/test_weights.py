@@ -33,7 +33,7 @@ def test_save_and_load_roundtrip(model, tmp_path):
 
 
 def test_official_layout_names_and_shapes_for_the_release():
-    """Key names, count and shapes of the released r=512 checkpoint (CHECKPOINT_LAYOUT.md)."""
+    """Key names, count and shapes of the released r=512 checkpoint (the official layout)."""
     with torch.device("meta"):
         state = to_official_famevil(
             FameViL(FameViLConfig(adapter_bottleneck=512)).state_dict(), prefix="module.model."

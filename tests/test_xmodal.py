@@ -1,5 +1,5 @@
 """The Cross-Modal Adapter variant: arithmetic against a plain reference (forward and backward), weight
-sharing between the towers, parameter counts equal to the spec's formula, save/load, freezing, decoding."""
+sharing between the towers, parameter counts equal to the adapter's formula, save/load, freezing, decoding."""
 
 import pytest
 import torch

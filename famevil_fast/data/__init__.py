@@ -26,7 +26,8 @@ Modules: ``records`` (Product, Triplet), ``fashiongen`` / ``fashioniq`` / ``fash
 ``fiq_convert`` (FashionIQ val gallery files), ``transforms`` (reference crops and resampling),
 ``images`` (file checks, skipped-image warning), ``backends`` (dali, torchvision, pil, cache),
 ``cache`` (pre-decoded shards), ``tokens`` (token ids with a disk cache), ``tasks`` (sample tables),
-``loader`` (TrainLoader, EvalBatches), ``eval_sets``, ``synthetic`` (the built-in dataset).
+``loader`` (TrainLoader, EvalBatches), ``eval_sets``, ``synthetic`` (the built-in dataset), ``attributes``
+(PAC pseudo-attributes) and ``pretrain`` (the pre-training tasks' tables and loaders).
 """
 
 from __future__ import annotations

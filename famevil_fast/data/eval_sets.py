@@ -1,4 +1,4 @@
-"""Evaluation sets of the four tasks, shaped after their protocols (spec section 2).
+"""Evaluation sets of the four tasks, shaped after their protocols (docs/evaluation.md).
 
 =======  ==========================================================================================
 task     what :func:`build_eval_sets` returns

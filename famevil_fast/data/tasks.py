@@ -5,7 +5,7 @@ which training draws one at random) and the per-sample tensors (token ids, ids, 
 from the reader records; images already known to be missing are dropped here with one summarising warning.
 
 Train tables: ``itc`` / ``scr`` / ``cap`` = one sample per product (random view), ``tgir`` = one sample per
-real triplet. Eval tables follow the evaluation protocols (spec section 2): every view is a sample for XMR
+real triplet. Eval tables follow the evaluation protocols (docs/evaluation.md): every view is a sample for XMR
 images, SCR and FIC; XMR texts are one per product; TGIR has per category a query table and a gallery table
 of distinct target ids (fake rows included).
 """

@@ -1,5 +1,6 @@
-"""Evaluation metrics and protocols of the four FAME-ViL tasks, as pure functions over embeddings,
-logits and caption strings (the trainer encodes; these functions score).
+"""Evaluation metrics and protocols of the four FAME-ViL tasks: pure functions over embeddings, logits and
+caption strings that score, and ``runner`` (``Evaluator``), which encodes an evaluation set with a model
+and hands the outputs to them.
 
 - ``topk``: blocked similarity search (``blocked_topk``); the score matrix is never materialised.
 - ``ranks``: rank of each query's best positive with an explicit ties rule; Recall@K.
@@ -9,6 +10,7 @@ logits and caption strings (the trainer encodes; these functions score).
 - ``classification``: sub-category recognition accuracy and macro-F1 (``scr_result``).
 - ``captioning`` / ``caption_tokenize``: BLEU, METEOR, ROUGE-L, CIDEr via pycocoevalcap (``fic_result``).
 - ``report``: ``TaskResult`` / ``EvalReport``, the final tables with chance levels, text and JSON.
+- ``caption_ceiling``: the synthetic data's FIC scores of captions written knowing part of each product.
 
 Every score is a percentage. See docs/evaluation.md for the protocols and how they differ.
 """

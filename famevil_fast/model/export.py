@@ -1,5 +1,5 @@
 """Writing famevil_fast weights in other layouts: Hugging Face CLIP names, and the official FAME-ViL
-(mmf) layout of CHECKPOINT_LAYOUT.md, so checkpoints can move back to those code bases.
+(mmf) layout of its released checkpoints, so checkpoints can move back to those code bases.
 
 ``save_official`` and ``save_huggingface`` write one file whose format follows its suffix (``.safetensors``,
 or a torch pickle for ``.pth``/``.pt``/``.bin``/``.ckpt``). The settings that the weights do not carry

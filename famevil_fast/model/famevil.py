@@ -1,6 +1,6 @@
 """The FAME-ViL model: CLIP towers with task-specific adapters, cross-attention adapters and task heads.
 
-Three ways of running the towers (spec section 1.5):
+Three ways of running the towers, as the official FAME-ViL code runs them:
 - two-tower: image and text encoded independently with a task's adapters (retrieval, TGIR targets);
 - fusion: both towers in lock-step, each layer's cross-attention adapters reading the other tower's
   post-self-attention states; output = projected image + projected text (TGIR queries, SCR);

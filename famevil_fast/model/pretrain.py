@@ -1,4 +1,4 @@
-"""FashionViL pre-training objectives as FAME-ViL tasks (spec section 6): their heads and training forwards.
+"""FashionViL pre-training objectives as FAME-ViL tasks: their heads and training forwards.
 
 - ``mvc`` (multi-view contrastive): the two-tower image embedding of view A against the fusion-mode
   embedding v + t of the text with view B of the same product (an augmented copy of the same view when

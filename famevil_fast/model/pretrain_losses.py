@@ -1,4 +1,4 @@
-"""Losses of the FashionViL pre-training objectives (spec section 6), computed from model outputs.
+"""Losses of the FashionViL pre-training objectives, computed from model outputs.
 
 - MVC: symmetric InfoNCE between view-A image embeddings and fused (text + view B) embeddings, through
   ``famevil_fast.ops.contrastive_loss`` (all-gathered in distributed training, like retrieval);

@@ -1,4 +1,4 @@
-"""The Cross-Modal Adapter (spec section 7), an alternative to the task-specific adapters.
+"""The Cross-Modal Adapter, an alternative to the task-specific adapters.
 
 Per task, every transformer layer of both towers gets two sequential adapters, one on the output of the
 self-attention sub-layer and one on the output of the MLP sub-layer, each applied before the block adds

@@ -1,8 +1,9 @@
 """The bottleneck adapter op: ``residual + scale * up(relu(down(layer_norm(x))))``.
 
 Owns the public ``fused_adapter`` function, its argument checks and the plain-PyTorch reference.
-``backend="triton"`` runs the fused kernels of ``famevil_fast.kernels`` (registered as the
-``torch.ops.famevil_fast.adapter_forward`` operator); ``backend="torch"`` always runs the reference.
+``backend="triton"`` runs the fused kernels of ``famevil_fast.kernels``: eagerly through their autograd
+functions (``kernels/autograd.py``), and inside ``torch.compile`` graphs as the registered
+``torch.ops.famevil_fast.adapter_forward`` operator; ``backend="torch"`` always runs the reference.
 """
 
 from __future__ import annotations
@@ -179,10 +180,10 @@ def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
 
 # Where the automatic choice takes the Triton kernels on a GPU (H200, bf16, d = 768; bench/RESULTS.md).
 # Called eagerly, a call's host time decides below 2^20 rows: at 1,048,576 rows and r = 64 the kernels took
-# 0.46-0.66x the PyTorch time; at 12,608 rows (a ViT-B/16 batch of 64) 1.1-1.8x, the host's work being 85%
+# 0.44-0.67x the PyTorch time; at 12,608 rows (a ViT-B/16 batch of 64) 1.2-2.2x, the host's work being 77-89%
 # of the call. Inside a step replayed as a CUDA graph only device time is left, and there the kernels took
-# 0.47x the PyTorch kernels' time forward and 0.51x backward at 12,608 rows (2026-11-27). Fewer rows were not
-# measured.
+# 0.47x the PyTorch kernels' time forward and 0.52x backward at 12,608 rows (2026-11-27, second run). Fewer
+# rows were not measured.
 TRITON_ADAPTER_MIN_ROWS = 1 << 20
 TRITON_ADAPTER_MIN_ROWS_IN_GRAPH = 12_608
 TRITON_ADAPTER_MAX_R = 128

@@ -1,11 +1,12 @@
 """Contrastive losses over similarity logits ``scale * a @ b.T``: InfoNCE (one- or two-way, one or several
 positives per row, label smoothing) and soft-target distillation from a teacher's logits.
 
-Owns the public ``contrastive_loss`` and ``contrastive_distill_loss`` functions, their argument checks,
-the plain-PyTorch references (which materialise the M x N logits) and the fused path. The fused path
-calls the compiled operators ``famevil_fast::contrastive_stats`` / ``contrastive_distill_stats`` (CPU and
-CUDA), which sweep the logits tile by tile and return per-row and per-column statistics in memory linear
-in M + N; the losses are cheap functions of those statistics:
+Owns the public ``contrastive_loss`` and ``contrastive_distill_loss`` functions, their argument checks, the
+plain-PyTorch references (which materialise the M x N logits) and the fused paths: the Triton loss
+(``contrastive_triton``, log-sum-exp sweeps and gradient tiles in Triton, products by cuBLAS; the automatic
+choice on a GPU from 8,192 x 8,192 logits), and the compiled operators ``famevil_fast::contrastive_stats`` /
+``contrastive_distill_stats`` (CPU and CUDA), which sweep the logits tile by tile and return per-row and
+per-column statistics in memory linear in M + N; the losses are cheap functions of those statistics:
 
 * InfoNCE: statistics (log-sum-exp, sum of logits over the positives, sum of all logits); row i's loss is
   ``lse_i - (1 - eps) * pos_sum_i / n_pos_i - eps / N * sum_i``.

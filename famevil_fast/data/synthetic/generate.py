@@ -1,6 +1,6 @@
 """Writes a complete synthetic dataset: FashionGen-style products and FashionIQ-style triplets.
 
-Layout (the same as the real datasets, spec section 4)::
+Layout (the same as the real datasets, as FashionViL lays them out)::
 
     DIR/FashionGen/{train,val}/<id>_<view>.png     1-4 views per product, palette PNG
     DIR/FashionGen/{train,val}_info.json            products: images, id, title, description,
