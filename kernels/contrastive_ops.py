@@ -7,7 +7,9 @@ autograd formula (so ``torch.compile`` graphs hold them as opaque nodes), plus t
   (grad_a, grad_b, grad_scale).
 
 Inputs arrive checked by ``famevil_fast.ops.contrastive``: 2-D, contiguous, same float16 / bfloat16 /
-float32 dtype and device, the scale a float32 0-d tensor on that device.
+float32 dtype and device, the scale a float32 0-d tensor on that device. Called directly, the operators
+check shapes, make their inputs contiguous (no copy when they are) and take a one-element scale of any
+shape, whose gradient comes back in that shape.
 """
 
 # No ``from __future__ import annotations`` here: torch.library reads the annotations to build schemas.
@@ -294,7 +296,24 @@ def lse_forward(
 def contrastive_lse(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return lse_forward(a, b, scale, cols)
+    _check_lse_args("famevil_fast::contrastive_lse", a, b, scale)
+    return lse_forward(a.contiguous(), b.contiguous(), scale.contiguous(), cols)
+
+
+def _check_lse_args(op: str, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> None:
+    """Shapes, dtypes and devices only (no read of values): a (M, D) and b (N, D) alike, a one-element
+    scale (any shape: its gradient takes the same shape)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{op}: a and b must be (M, D) and (N, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"{op}: a is {a.dtype} on {a.device} but b is {b.dtype} on {b.device}")
+    if scale.numel() != 1 or scale.device != a.device:
+        raise ValueError(
+            f"{op}: scale must be a one-element tensor on {a.device}, got shape {tuple(scale.shape)} on "
+            f"{scale.device}"
+        )
 
 
 @contrastive_lse.register_fake
@@ -315,12 +334,15 @@ def contrastive_lse_backward(
     lse_cols: torch.Tensor,
     cols: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_lse_backward(g_rows, g_cols, a, b, scale, lse_rows, lse_cols, cols)
+    _check_lse_args("famevil_fast::contrastive_lse_backward", a, b, scale)
+    tensors = (g_rows, g_cols, a, b, scale, lse_rows, lse_cols)
+    grad_a, grad_b, grad_scale = launch_lse_backward(*(t.contiguous() for t in tensors), cols)
+    return grad_a, grad_b, grad_scale.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_fake
 def _(g_rows, g_cols, a, b, scale, lse_rows, lse_cols, cols):
-    return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
+    return tuple(t.new_empty(t.shape) for t in (a, b, scale))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -356,10 +378,10 @@ class ContrastiveLseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_cols):
         a, b, scale, lse_rows, lse_cols = ctx.saved_tensors
-        grads = launch_lse_backward(
+        grad_a, grad_b, grad_scale = launch_lse_backward(
             grad_rows.contiguous(), grad_cols.contiguous(), a, b, scale, lse_rows, lse_cols, ctx.cols
         )
-        return (*grads, None)
+        return grad_a, grad_b, grad_scale.reshape(scale.shape).to(scale.dtype), None
 
 
 def contrastive_lse_eager(

@@ -53,7 +53,46 @@ def adapter_forward(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
-    return adapter_forward_impl(x, params, list(residuals), task_ids, save, eps)
+    check_adapter_shapes(x, params, residuals, task_ids)
+    x, params, residuals = x.contiguous(), _contiguous(params), list(_contiguous(residuals))
+    return adapter_forward_impl(x, params, residuals, task_ids, save, eps)
+
+
+def _contiguous(tensors) -> tuple[torch.Tensor, ...]:
+    """The kernels address rows as contiguous (no copy for a tensor that already is)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+def _shape_error(op: str, what: str, got: torch.Tensor, want: object) -> ValueError:
+    return ValueError(f"{op}: {what} has shape {tuple(got.shape)}, expected {want}")
+
+
+def check_adapter_shapes(
+    x: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    residuals: list[torch.Tensor],
+    task_ids: torch.Tensor | None,
+) -> None:
+    """Shapes only (no read of values): x (N, d); the parameters (ln_w (d,), ln_b (d,), down_w (r, d),
+    down_b (r,), up_w (d, r), up_b (d,), scale (1,)) all with, or all without, one leading task dimension T
+    (with it when ``task_ids`` (N,) is given); every residual (N, d)."""
+    op = "famevil_fast::adapter_forward"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (N, d), got shape {tuple(x.shape)}")
+    n, d = x.shape
+    r = params[2].shape[-2] if params[2].dim() >= 2 else -1
+    lead = tuple(params[0].shape[:-1])
+    if len(lead) > 1 or (task_ids is not None and len(lead) != 1):
+        raise _shape_error(op, "ln_weight", params[0], ("T", d) if task_ids is not None else (d,))
+    names = ("ln_weight", "ln_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
+    for name, p, want in zip(names, params, ((d,), (d,), (r, d), (r,), (d, r), (d,), (1,))):
+        if tuple(p.shape) != lead + want:
+            raise _shape_error(op, name, p, f"{lead + want} for x of shape {tuple(x.shape)}")
+    for i, res in enumerate(residuals):
+        if res.shape != x.shape:
+            raise _shape_error(op, f"residuals[{i}]", res, (n, d))
+    if task_ids is not None and tuple(task_ids.shape) != (n,):
+        raise _shape_error(op, "task_ids", task_ids, (n,))
 
 
 def adapter_forward_impl(
@@ -95,7 +134,8 @@ def _(
     rows = x.shape[0] if save else 0
     r = down_weight.shape[-2]
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return torch.empty_like(x), x.new_empty((rows, r), dtype=torch.float32), stats, torch.empty_like(stats)
+    y = x.new_empty(x.shape)  # contiguous, as the launcher's (the op makes x contiguous)
+    return y, x.new_empty((rows, r), dtype=torch.float32), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("famevil_fast::adapter_backward", mutates_args=())
@@ -123,7 +163,8 @@ def adapter_backward(
     torch.Tensor,
     torch.Tensor,
 ]:
-    params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
+    params = _contiguous((ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale))
+    grad, x, h, mean, rstd = _contiguous((grad, x, h, mean, rstd))
     return adapter_backward_impl(grad, x, params, h, mean, rstd, task_ids)
 
 
@@ -132,7 +173,7 @@ def _(
     grad, x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, h, mean, rstd, task_ids
 ):
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
-    return (torch.empty_like(x), *(torch.empty_like(p) for p in params))
+    return tuple(t.new_empty(t.shape) for t in (x, *params))
 
 
 def _adapter_setup_context(ctx, inputs, output) -> None:
@@ -168,6 +209,15 @@ def ln_linear_forward(
     save: bool,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "famevil_fast::ln_linear_forward"
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (N, d), got shape {tuple(x.shape)}")
+    d, n_out = x.shape[1], weight.shape[0] if weight.dim() == 2 else -1
+    names = ("ln_weight", "ln_bias", "weight", "bias")
+    for name, p, want in zip(names, (ln_weight, ln_bias, weight, bias), ((d,), (d,), (n_out, d), (n_out,))):
+        if tuple(p.shape) != want:
+            raise _shape_error(op, name, p, f"{want} for x of shape {tuple(x.shape)}")
+    x, ln_weight, ln_bias, weight, bias = _contiguous((x, ln_weight, ln_bias, weight, bias))
     return launch.ln_linear_forward(x, ln_weight, ln_bias, weight, bias, save, eps)
 
 
@@ -192,12 +242,13 @@ def ln_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if mean.shape[0] != x.shape[0]:
         raise ValueError("ln_linear backward: the forward pass did not save its statistics (save=False)")
-    return launch.ln_linear_backward(grad, out, x, mean, rstd, ln_weight, ln_bias, weight, bias)
+    tensors = _contiguous((grad, out, x, mean, rstd, ln_weight, ln_bias, weight, bias))
+    return launch.ln_linear_backward(*tensors)
 
 
 @ln_linear_backward.register_fake
 def _(grad, out, x, mean, rstd, ln_weight, ln_bias, weight, bias):
-    return tuple(torch.empty_like(t) for t in (x, ln_weight, ln_bias, weight, bias))
+    return tuple(t.new_empty(t.shape) for t in (x, ln_weight, ln_bias, weight, bias))
 
 
 def _ln_linear_setup_context(ctx, inputs, output) -> None:

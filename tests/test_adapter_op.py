@@ -574,3 +574,45 @@ def test_gpu_mixed_task_bfloat16(r: int) -> None:
     params = random_params(d, r, tasks, device="cuda")
     grads = compare(x, params, 1, task_ids, dtype=torch.bfloat16, against_torch=True)
     assert all(torch.count_nonzero(grads[name][2]) == 0 for name in AdapterParams._fields)
+
+
+def _op_call(x, params, residuals):
+    """The registered operator called directly: output and the gradients of x, the parameters and the
+    residuals."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *params, *residuals)]
+    y = torch.ops.famevil_fast.adapter_forward(leaves[0], *leaves[1:8], leaves[8:], None, True, 1e-5)[0]
+    y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+def test_registered_op_takes_non_contiguous_inputs() -> None:
+    """Transposed x, up-projection weight and residual give what their contiguous copies give."""
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    d, r = 32, 8
+    p = [t.float() for t in random_params(d, r)]
+    x = torch.randn(d, 6).T
+    p[4] = p[4].T.contiguous().T  # up_weight (d, r) with transposed strides
+    res = [torch.randn(d, 6).T]
+    assert not (x.is_contiguous() or p[4].is_contiguous() or res[0].is_contiguous())
+    strided = _op_call(x, p, res)
+    dense = _op_call(x.contiguous(), [t.contiguous() for t in p], [res[0].contiguous()])
+    for got, want in zip(strided, dense):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["x_width", "residual", "task_dim"])
+def test_registered_op_refuses_mismatched_shapes(bad: str) -> None:
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    d, r = 16, 4
+    p = list(random_params(d, r))
+    x, res, ids = torch.randn(4, d, dtype=torch.float64), [], None
+    if bad == "x_width":
+        x = torch.randn(4, d + 1, dtype=torch.float64)
+    elif bad == "residual":
+        res = [torch.randn(4, d + 1, dtype=torch.float64)]
+    else:  # task ids need parameters with a task dimension
+        ids = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="famevil_fast::adapter_forward: .* has shape"):
+        torch.ops.famevil_fast.adapter_forward(x, *p, res, ids, False, 1e-5)

@@ -492,3 +492,39 @@ def test_torch_compile_with_inductor_on_cpu():
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+
+
+def _capture_inputs():
+    a = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
+    groups = (torch.tensor([0, 0, 1, 2, 2, 3]), torch.tensor([0, 1, 1, 2, 3, 3]))
+    return a, b, {"labels": torch.tensor([1, 0, 2, 3, 5, 4]), "groups": groups}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("kind", ["labels", "groups"])
+def test_variants_with_several_or_no_positives_are_capture_safe(backend, kind):
+    """No host read-back or data-sized tensor (boolean selection, torch.unique) under capture, and the
+    same loss and gradients as outside it."""
+    from famevil_fast.capture import simulated_capture
+
+    a, b, kws = _capture_inputs()
+    kw = {"scale": 3.0, kind: kws[kind], "two_way": True, "label_smoothing": 0.1, "backend": backend}
+    outside, outside_grads = _grads(contrastive_loss, [a, b], **kw)
+    with simulated_capture():
+        inside, inside_grads = _grads(contrastive_loss, [a, b], **kw)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    for got, want in zip(inside_grads, outside_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_positive_keys_number_groups_as_torch_unique_does():
+    row = torch.tensor([7, -3, 7, 100, 2**40, -3], dtype=torch.int64)
+    col = torch.tensor([2**40, 5, -3, 7])
+    ids = torch.unique(torch.cat([row, col]), return_inverse=True)[1]
+    torch.testing.assert_close(C.dense_ranks(torch.cat([row, col])), ids, rtol=0, atol=0)
+    row_key, col_key, row_counts, col_counts = C.positive_keys(6, 4, None, (row, col), row.device)
+    assert row_key.dtype == col_key.dtype == torch.int32
+    assert torch.equal(row_key.long(), ids[:6]) and torch.equal(col_key.long(), ids[6:])
+    pos = row[:, None] == col[None, :]
+    assert torch.equal(row_counts, pos.sum(1)) and torch.equal(col_counts, pos.sum(0))

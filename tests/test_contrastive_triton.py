@@ -396,3 +396,56 @@ def test_no_host_read_back_under_capture(monkeypatch, library):
         loss = contrastive_loss(a, b, s, backend="triton")
         loss = loss + contrastive_loss(a, b, s, labels=labels, two_way=False, backend="triton")
         loss.backward()
+
+
+def test_lse_operator_takes_a_one_element_scale_of_any_shape():
+    """A (1,) scale passes opcheck with dynamic shapes, and its gradient has its shape, eagerly too."""
+    a, b, s = _inputs(9, 7, 5, s=3.0)
+    s1 = s.reshape(1).clone().requires_grad_(True)
+    a, b = a.requires_grad_(True), b.requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.famevil_fast.contrastive_lse.default,
+        (a, b, s1, True),
+        test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+    rows, cols = torch.ops.famevil_fast.contrastive_lse(a, b, s1, True)
+    (rows.sum() + cols.sum()).backward()
+    assert s1.grad.shape == (1,)
+    s0 = s.clone().requires_grad_(True)
+    rows, cols = torch.ops.famevil_fast.contrastive_lse(a.detach(), b.detach(), s0, True)
+    (rows.sum() + cols.sum()).backward()
+    torch.testing.assert_close(s1.grad, s0.grad.reshape(1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one-element"):
+        torch.ops.famevil_fast.contrastive_lse(a, b, torch.ones(2), True)
+
+
+def test_lse_operator_takes_non_contiguous_inputs():
+    a, b, s = _inputs(12, 9, 16)
+    strided = torch.randn(12, 32, device=DEV)[:, ::2]
+    for x, y in ((strided, b), (a, b.T.contiguous().T), (b.T.contiguous().T, strided)):
+        leaves = [x.detach().requires_grad_(True), y.detach().requires_grad_(True)]  # views: same strides
+        assert not (leaves[0].is_contiguous() and leaves[1].is_contiguous())
+        dense = [x.contiguous().requires_grad_(True), y.contiguous().requires_grad_(True)]
+        got = torch.ops.famevil_fast.contrastive_lse(*leaves, s, True)
+        want = torch.ops.famevil_fast.contrastive_lse(*dense, s, True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (got[0].sum() + got[1].square().sum()).backward()
+        (want[0].sum() + want[1].square().sum()).backward()
+        for got, want in zip(leaves, dense):
+            torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+
+
+def test_groups_and_two_way_labels_run_without_host_read_back_under_capture():
+    a, b, s = _inputs(12, 10, 8)
+    groups = (
+        torch.tensor([0, 0, 1, 2, 2, 3, 9, 9, 4, 4, 5, 6]),
+        torch.tensor([0, 1, 1, 2, 3, 3, 7, 4, 5, 8]),
+    )
+    labels = torch.tensor([1, 0, 2, 3, 5, 4, 9, 9, 0, 1, 2, 3])
+    for kw in ({"groups": groups}, {"labels": labels}):
+        outside, outside_grads = _grads(contrastive_loss, [a, b, s], backend="triton", **kw)
+        with simulated_capture():
+            inside, inside_grads = _grads(contrastive_loss, [a, b, s], backend="triton", **kw)
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+        for got, want in zip(inside_grads, outside_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -322,3 +322,60 @@ def test_gpu_bfloat16_block(side: str, fuse_projections: bool) -> None:
         against_torch=True,
         fuse_projections=fuse_projections,
     )
+
+
+# ---------------------------------------------------------------- torch.compile: no graph breaks
+
+
+def test_model_forward_with_triton_adapters_traces_without_graph_breaks() -> None:
+    """A fusion-mode task (scr) of a micro FameViL with backend="triton" traces as one graph: attention()
+    must not attempt flash-attn's import while dynamo traces (a break at every cross-attention adapter)."""
+    from trainer_fixtures import TASKS, RandomStream
+
+    from famevil_fast.capture import static_shapes
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    config = FameViLConfig(
+        clip=clip_preset("micro"), tasks=tuple(TASKS), adapter_bottleneck=8, backend="triton"
+    )
+    model = FameViL(config).train()
+    batch = RandomStream("scr", 1, batch=2).next_batch()
+    torch._dynamo.reset()
+    try:
+        with static_shapes():
+            explained = torch._dynamo.explain(lambda b: model(b, "scr").loss)(batch)
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
+def test_attention_consults_flash_attn_only_for_cuda_half_inputs_without_mask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from famevil_fast.ops import cross_attention as xa
+
+    def no_lookup() -> None:
+        raise AssertionError("flash_attention() consulted for inputs flash-attn cannot take")
+
+    monkeypatch.setattr(xa, "flash_attention", no_lookup)
+    q, k, v = (torch.randn(2, 2, 3, 4) for _ in range(3))
+    out = xa.attention(q, k, v, None)
+    torch.testing.assert_close(out, xa.merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)))
+
+
+def test_ln_linear_registered_op_takes_non_contiguous_inputs_and_checks_widths() -> None:
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    x = torch.randn(64, 6).T
+    params = [1 + 0.2 * torch.randn(64), 0.2 * torch.randn(64), torch.randn(64, 40).T / 8, torch.randn(40)]
+
+    def call(x, params):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+        out = torch.ops.famevil_fast.ln_linear_forward(*leaves, True, 1e-5)[0]
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    for got, want in zip(call(x, params), call(x.contiguous(), [t.contiguous() for t in params])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ln_weight has shape"):
+        torch.ops.famevil_fast.ln_linear_forward(torch.randn(6, 65), *params, False, 1e-5)

@@ -78,7 +78,8 @@ def _soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _smoothed_targets(pos: torch.Tensor, label_smoothing: float, dtype: torch.dtype) -> torch.Tensor:
-    t = pos.to(dtype) / pos.sum(dim=1, keepdim=True).to(dtype)
+    """Each row's target: even over its positives (none for a row without any), plus the smoothing."""
+    t = pos.to(dtype) / pos.sum(dim=1, keepdim=True).clamp_min(1).to(dtype)
     if label_smoothing:
         t = (1.0 - label_smoothing) * t + label_smoothing / pos.shape[1]
     return t
@@ -87,10 +88,14 @@ def _smoothed_targets(pos: torch.Tensor, label_smoothing: float, dtype: torch.dt
 def _direction_reference(
     logits: torch.Tensor, pos: torch.Tensor, eps: float, some_rows_empty: bool
 ) -> torch.Tensor:
-    if some_rows_empty:
-        keep = pos.any(dim=1)
-        logits, pos = logits[keep], pos[keep]
-    return _soft_target_ce(logits, _smoothed_targets(pos, eps, logits.dtype))
+    """Mean soft-target CE over the rows with a positive. Rows without one are weighted out rather than
+    selected out (a boolean selection sizes a tensor by the data, which graph capture cannot record)."""
+    target = _smoothed_targets(pos, eps, logits.dtype)
+    if not some_rows_empty:
+        return _soft_target_ce(logits, target)
+    keep = pos.any(dim=1)
+    per_row = -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return torch.where(keep, per_row, 0.0).sum() / keep.sum().to(per_row.dtype)
 
 
 def _one_positive_reference(
@@ -440,16 +445,28 @@ if _ops_registered():
     _register_fake_kernels()
 
 
+def dense_ranks(values: torch.Tensor) -> torch.Tensor:
+    """int64: each value's rank among the distinct values (0 for the smallest), as
+    ``torch.unique(values, return_inverse=True)[1]`` but sort-based, without a host read-back or a
+    data-sized tensor (so graph capture can record it)."""
+    ordered, order = torch.sort(values)
+    new_value = torch.ones_like(ordered)
+    new_value[0] = 0
+    new_value[1:] = ordered[1:] != ordered[:-1]
+    return torch.empty_like(order).scatter_(0, order, new_value.cumsum(0))
+
+
 def positive_keys(
     m: int, n: int, labels: torch.Tensor | None, groups: Groups | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """int32 keys with positive(i, j) <=> row_key[i] == col_key[j], and the number of positives per row and
     per column (None when every row, or column, has exactly one)."""
     if groups is not None:
-        ids = torch.unique(torch.cat([groups[0], groups[1].to(groups[0].dtype)]), return_inverse=True)[1]
+        ids = dense_ranks(torch.cat([groups[0].long(), groups[1].long()]))
         row_ids, col_ids = ids[:m], ids[m:]
-        per_id_rows = torch.bincount(row_ids, minlength=m + n)
-        per_id_cols = torch.bincount(col_ids, minlength=m + n)
+        ones = torch.ones(m + n, dtype=torch.long, device=ids.device)
+        per_id_rows = torch.zeros(m + n, dtype=torch.long, device=ids.device).index_add_(0, row_ids, ones[:m])
+        per_id_cols = torch.zeros(m + n, dtype=torch.long, device=ids.device).index_add_(0, col_ids, ones[m:])
         return row_ids.int(), col_ids.int(), per_id_cols[row_ids], per_id_rows[col_ids]
     col_key = torch.arange(n, device=device, dtype=torch.int32)
     if (

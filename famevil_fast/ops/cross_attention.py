@@ -17,7 +17,7 @@ flash-attn's kernel when that package is importable (CUDA, fp16/bf16, no mask), 
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -141,14 +141,22 @@ def attention_mask_from_context(context_mask: torch.Tensor | None) -> torch.Tens
     return None if context_mask is None else context_mask[:, None, None, :]
 
 
-@functools.cache
-def flash_attention() -> Callable | None:
-    """flash-attn's ``flash_attn_func`` when the package is importable, else None."""
+def _import_flash_attention() -> Callable | None:
     try:
         from flash_attn import flash_attn_func
     except ImportError:
         return None
     return flash_attn_func
+
+
+# Resolved once, at import: a torch.compile trace of ``attention`` reads a constant instead of attempting
+# an import (which dynamo cannot trace: a graph break at every cross-attention adapter).
+_FLASH_ATTN_FUNC = _import_flash_attention() if importlib.util.find_spec("flash_attn") is not None else None
+
+
+def flash_attention() -> Callable | None:
+    """flash-attn's ``flash_attn_func`` when the package is importable, else None."""
+    return _FLASH_ATTN_FUNC
 
 
 def attention(
@@ -158,15 +166,17 @@ def attention(
     context_mask: torch.Tensor | None,
     use_flash: bool = True,
 ) -> torch.Tensor:
-    """Multi-head attention of q (B, H, L, Dh) over k, v (B, H, Lc, Dh); returns merged heads (B, L, H*Dh)."""
-    flash = flash_attention() if use_flash else None
+    """Multi-head attention of q (B, H, L, Dh) over k, v (B, H, Lc, Dh); returns merged heads (B, L, H*Dh).
+
+    flash-attn is consulted only for CUDA fp16/bf16 inputs without a mask (the cheap checks come first)."""
     if (
-        flash is not None
+        use_flash
         and context_mask is None
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
+        and flash_attention() is not None
     ):
-        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = flash_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         b, n, h, dh = out.shape
         return out.reshape(b, n, h * dh)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask_from_context(context_mask))
