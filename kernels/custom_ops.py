@@ -191,6 +191,11 @@ def _adapter_backward_rule(ctx, grad_y, _grad_h, _grad_mean, _grad_rstd):
     x, *params, h, mean, rstd, task_ids = ctx.saved_tensors
     residual_grads = [grad_y] * ctx.num_residuals
     if not ctx.saved_activations:
+        if any(ctx.needs_input_grad[: 1 + len(params)]):
+            raise ValueError(
+                "adapter_forward backward: x or a parameter needs a gradient, but the forward pass did not "
+                "save its activations (save=False)"
+            )
         return (None,) * (1 + len(params)) + (residual_grads, None, None, None)
     grads = adapter_backward(grad_y.contiguous(), x, *params, h, mean, rstd, task_ids)
     return (*grads, residual_grads, None, None, None)

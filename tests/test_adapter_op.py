@@ -616,3 +616,17 @@ def test_registered_op_refuses_mismatched_shapes(bad: str) -> None:
         ids = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="famevil_fast::adapter_forward: .* has shape"):
         torch.ops.famevil_fast.adapter_forward(x, *p, res, ids, False, 1e-5)
+
+
+def test_registered_op_without_saved_activations_refuses_a_gradient_it_cannot_give() -> None:
+    from famevil_fast.kernels import custom_ops  # noqa: F401
+
+    p = [t.float() for t in random_params(16, 4)]
+    x = torch.randn(3, 16, requires_grad=True)
+    res = torch.randn(3, 16, requires_grad=True)
+    y = torch.ops.famevil_fast.adapter_forward(x, *p, [res], None, False, 1e-5)[0]
+    with pytest.raises(ValueError, match="did not save its activations"):
+        y.sum().backward()
+    x.requires_grad_(False)  # only the residual needs a gradient: that one passes through
+    torch.ops.famevil_fast.adapter_forward(x, *p, [res], None, False, 1e-5)[0].sum().backward()
+    torch.testing.assert_close(res.grad, torch.ones(3, 16))
