@@ -69,3 +69,105 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         for task in TASKS:
             mean = sum(dict(r[update]["losses"])[task] for r in ranks) / 2
             assert abs(mean - expected[task]) <= 1e-4 * max(1.0, abs(expected[task])), (update, task)
+
+
+UNEVEN = {0: slice(0, 3), 1: slice(3, 8)}  # 3 and 5 rows of a global batch of 8
+
+
+def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Unequal rows per process, a NaN scr batch on rank 1 only, and SIGTERM to rank 1 only."""
+    import signal
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    out = {}
+    uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
+    trainer = Trainer(micro_config(f"{out_dir}/uneven{rank}", "train.updates=1"), uneven)
+    out["uneven"] = trainer.train_update()
+    poisoned = {
+        t: RandomStream(
+            t, i, batch=8, rows=slice(4 * rank, 4 * rank + 4), poison_at=0 if t == "scr" and rank else None
+        )
+        for i, t in enumerate(TASKS)
+    }
+    trainer = Trainer(micro_config(f"{out_dir}/poison{rank}", "train.updates=1"), poisoned)
+    out["poison"] = trainer.train_update()
+    halves = {t: RandomStream(t, i, batch=8, rows=slice(4 * rank, 4 * rank + 4)) for i, t in enumerate(TASKS)}
+    trainer = Trainer(
+        micro_config(f"{out_dir}/stop", "train.updates=4", "train.update_frequency=1", "checkpoint.every=0"),
+        halves,
+    )
+    step = trainer.train_update
+
+    def signalled_update():
+        if rank == 1 and trainer.update == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # fit's handler records it; rank 0 gets none
+        return step()
+
+    trainer.train_update = signalled_update
+    result = trainer.fit()
+    out["stop"] = {"status": result["status"], "update": result["update"]}
+    with open(f"{out_dir}/agree{rank}.json", "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def agreement(tmp_path_factory):
+    out = tmp_path_factory.mktemp("agreement")
+    mp.spawn(_agreement_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out, [json.loads((out / f"agree{r}.json").read_text()) for r in range(2)]
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+
+@pytest.mark.slow
+def test_unequal_rows_give_the_global_gradient_and_every_rank_logs_the_global_losses(agreement, tmp_path):
+    _, ranks = agreement
+    single = Trainer(
+        micro_config(tmp_path / "single", "train.updates=1"),
+        {t: RandomStream(t, i, batch=8) for i, t in enumerate(TASKS)},
+    ).train_update()
+    for r in ranks:
+        # DDP averages the ranks' gradients equally: without the row weights the norm is 5.02, not 4.65
+        assert _close(r["uneven"]["grad_norm"], single["grad_norm"]), (r["uneven"]["grad_norm"], single)
+        for (task, got), (_, expected) in zip(r["uneven"]["losses"], single["losses"]):
+            assert _close(got, expected), (task, got, expected)
+
+
+@pytest.mark.slow
+def test_a_non_finite_batch_on_one_rank_is_reported_alike_by_every_rank(agreement):
+    _, ranks = agreement
+    for r in ranks:
+        record = r["poison"]
+        assert not record["applied"]
+        assert [t for t, v in record["losses"] if v != v] == ["scr"]  # NaN on rank 1 is the global loss
+        assert record["nonfinite_gradient_tasks"] == ["scr"]  # not the later cap micro-batch on rank 0
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_update_with_a_checkpoint(agreement):
+    out, ranks = agreement
+    assert [r["stop"] for r in ranks] == [{"status": "interrupted by signal 15", "update": 2}] * 2
+    assert [p.name for p in (out / "stop" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_collective_timeout_comes_from_the_environment(monkeypatch):
+    from famevil_fast.train.distributed import TIMEOUT_ENV, collective_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert collective_timeout().total_seconds() == 1800
+    monkeypatch.setenv(TIMEOUT_ENV, "90")
+    assert collective_timeout().total_seconds() == 90
+    monkeypatch.setenv(TIMEOUT_ENV, "0")
+    with pytest.raises(ValueError, match=TIMEOUT_ENV):
+        collective_timeout()

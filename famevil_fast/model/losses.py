@@ -3,11 +3,20 @@
 Retrieval losses accept an optional ``gather`` callable for distributed training: it all-gathers a tensor
 across processes with gradient flow and returns ``(gathered, offset)`` where ``offset`` is the index of this
 process's first row; local rows are then scored against the gathered columns.
+
+Processes may hold different numbers of rows (a batch that lost a corrupt image). DDP averages the
+processes' gradients with equal weights, so each per-row mean loss is scaled by local rows / mean rows over
+the processes (a gather object's ``row_weight``; ``caption_loss`` does the same per token with
+``mean_count``): averaging the processes' losses then gives the mean over every row of the global batch.
+A plain callable gather, or none, leaves the loss unscaled. ``scr_loss`` gathers nothing: it takes the
+gather of the enclosing ``global_batch`` context, which the trainer opens around its training forwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +24,34 @@ import torch.nn.functional as F
 from famevil_fast.ops import contrastive_loss
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+_ACTIVE_GATHER: ContextVar[Gather | None] = ContextVar("famevil_active_gather", default=None)
+
+
+@contextmanager
+def global_batch(gather: Gather | None) -> Iterator[None]:
+    """Losses called without a gather inside this context (``scr_loss``) weight their rows by ``gather``."""
+    token = _ACTIVE_GATHER.set(gather)
+    try:
+        yield
+    finally:
+        _ACTIVE_GATHER.reset(token)
+
+
+def _row_weighted(
+    loss: torch.Tensor, gather: Gather | None, rows: int, total: int | None = None
+) -> torch.Tensor:
+    """``loss`` (a mean over ``rows`` local rows) times local rows / mean rows over the processes; ``total``
+    is the global row count when a gather already gave it (no further collective). Unchanged in one
+    process, with a gather that has no ``row_weight``, or when every process holds as many rows."""
+    row_weight = getattr(gather, "row_weight", None)
+    if row_weight is None:
+        return loss
+    weight = row_weight(rows, loss.device, total)
+    if isinstance(weight, float) and weight == 1.0:
+        return loss
+    return loss * weight
 
 
 def _local_labels(rows: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -36,7 +73,7 @@ def itc_loss(
     labels = _local_labels(image.shape[0], offset, image.device)
     i2t = contrastive_loss(image, all_text, scale, labels=labels, two_way=False, backend=backend)
     t2i = contrastive_loss(text, all_image, scale, labels=labels, two_way=False, backend=backend)
-    return 0.5 * (i2t + t2i)
+    return _row_weighted(0.5 * (i2t + t2i), gather, image.shape[0], all_text.shape[0])
 
 
 def tgir_loss(
@@ -51,11 +88,18 @@ def tgir_loss(
     if gather is not None:
         target, offset = gather(target)
     labels = _local_labels(query.shape[0], offset, query.device)
-    return contrastive_loss(query, target, scale, labels=labels, two_way=False, backend=backend)
+    loss = contrastive_loss(query, target, scale, labels=labels, two_way=False, backend=backend)
+    if gather is None:
+        return loss
+    return _row_weighted(loss, gather, query.shape[0], target.shape[0])
 
 
-def scr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
+def scr_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
+    """Cross-entropy over the local rows; in distributed training (``gather``, else the one of the enclosing
+    ``global_batch``) weighted by local rows / mean rows over the processes."""
+    loss = F.cross_entropy(logits.float(), labels)
+    gather = gather if gather is not None else _ACTIVE_GATHER.get()
+    return loss if gather is None else _row_weighted(loss, gather, logits.shape[0])
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:

@@ -6,9 +6,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+TIMEOUT_ENV = "FAMEVIL_FAST_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other processes before the run fails: ``FAMEVIL_FAST_DIST_TIMEOUT``
+    seconds, default 1800. It must cover what rank 0 does alone between updates (evaluation, checkpoints)."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -27,13 +44,13 @@ class DistInfo:
 
 
 def init_from_env(device_type: str) -> DistInfo:
-    """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPUs); a single process
-    otherwise."""
+    """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPUs; collectives time out
+    after ``collective_timeout()``); a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=collective_timeout())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local)
@@ -42,7 +59,8 @@ def init_from_env(device_type: str) -> DistInfo:
 
 class FeatureGather:
     """``gather(x) -> (cat of every process's x, offset of this process's rows)`` with gradient flow back to
-    every process's features; ``mean_count(n)`` is the count averaged over processes."""
+    every process's features; ``mean_count(n)`` is the count averaged over processes; ``row_weight`` is
+    local rows / mean rows over processes (the factor of a per-row mean loss, see ``model.losses``)."""
 
     def __init__(self, info: DistInfo) -> None:
         self.info = info
@@ -66,6 +84,15 @@ class FeatureGather:
         sizes = [torch.zeros_like(local) for _ in range(self.info.world_size)]
         dist.all_gather(sizes, local)
         return [int(s) for s in sizes]
+
+    def row_weight(self, rows: int, device: torch.device, total: int | None = None) -> float | torch.Tensor:
+        """``rows * world_size / total``: a float from ``total`` (the global row count, known from a gather's
+        shape), else a tensor on ``device`` from an all-reduce of the count (no read-back to the host)."""
+        if total is not None:
+            return rows * self.info.world_size / total
+        count = torch.full((), float(rows), device=device)
+        dist.all_reduce(count)
+        return (rows * self.info.world_size) / count
 
     def mean_count(self, n: torch.Tensor) -> torch.Tensor:
         total = n.detach().clone().float()

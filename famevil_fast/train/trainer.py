@@ -25,7 +25,7 @@ from torch import nn
 from famevil_fast.data.transforms import to_device
 from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
-from famevil_fast.model.losses import Gather
+from famevil_fast.model.losses import Gather, global_batch
 from famevil_fast.train.checkpoint import CheckpointManager
 from famevil_fast.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from famevil_fast.train.cuda_graph import GraphedStep
@@ -243,7 +243,8 @@ class Trainer:
         self.update = 0
         self.history: list[dict[str, Any]] = []
         self.eval_results: list[dict[str, Any]] = []
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # this process's signal
+        self._agreed_stop: int | None = None  # under DDP: the signal of any process, agreed at each update
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.graphed = self._graphed_step() if t.cuda_graphs else None
 
@@ -321,8 +322,9 @@ class Trainer:
 
     def _micro_losses(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Each task's loss (with its distillation term) for one micro-step's batches."""
-        outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
-        return {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+        with global_batch(self.gather):  # losses without a gather (scr) weight their rows across processes
+            outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
+            return {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
 
     def _micro_batches(self, tasks: list[str]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         batches = [(task, self._to_device(self.streams[task].next_batch())) for task in tasks]
@@ -348,9 +350,9 @@ class Trainer:
             imtl.apply(self.cfg.train.gradient_strategy)
         hidden = self.graphed.untouched_grads_hidden() if self.graphed else contextlib.nullcontext()
         with hidden:  # parameters no micro-batch reached keep .grad None, as in eager steps
-            values, grad_norm = self._read_losses_and_norm(losses)
+            values, grad_norm, agreed_flags = self._read_losses_and_norm(losses, probes)
             applied = all(math.isfinite(v) for v in values)
-            culprits = None if applied else self._gradient_culprits(probes, buffers)
+            culprits = None if applied else self._gradient_culprits(probes, buffers, agreed_flags)
             del buffers
             if applied:
                 self._clip(grad_norm)
@@ -409,12 +411,37 @@ class Trainer:
         return [p.grad for _, p in self.trainable if p.grad is not None]
 
     def _read_losses_and_norm(
-        self, losses: list[tuple[str, torch.Tensor]]
-    ) -> tuple[list[float], torch.Tensor]:
-        """The losses and the gradient norm (last), read back in one transfer, and the norm itself."""
+        self,
+        losses: list[tuple[str, torch.Tensor]],
+        probes: list[tuple[list[str], torch.Tensor | None]],
+    ) -> tuple[list[float], torch.Tensor, list[bool] | None]:
+        """The losses and the gradient norm (last), read back in one transfer, and the norm itself.
+
+        Under DDP the losses are those of the global batch and every process gets the same values: one
+        all-gather per update of each process's losses (already weighted by its share of the rows, see
+        ``model.losses``: their mean is the global loss; NaN on any process makes it NaN), of its
+        micro-batch gradient probes (the third value: per probe that is not None, whether it is finite on
+        every process) and of its stop signal (the largest one is agreed on: ``_agreed_stop``). The gradient
+        norm needs none: DDP has already averaged the gradients."""
         grad_norm = torch.nn.utils.get_total_norm(self._grads())
-        values = torch.stack([v for _, v in losses] + [grad_norm.detach().float().to(self.device)]).tolist()
-        return values, grad_norm
+        norm = grad_norm.detach().float().to(self.device).reshape(1)
+        local = torch.stack([v for _, v in losses])
+        if not self.dist.enabled:
+            return torch.cat([local, norm]).tolist(), grad_norm, None
+        import torch.distributed as dist
+
+        flags = [p for _, p in probes if p is not None]
+        finite = torch.stack(flags).float() if flags else local.new_zeros(0)
+        stop = torch.full((1,), float(self._stop_signal or 0), device=self.device)
+        row = torch.cat([local.float(), finite, stop])
+        rows = [torch.empty_like(row) for _ in range(self.dist.world_size)]
+        dist.all_gather(rows, row)
+        table = torch.stack(rows)
+        n, f = local.shape[0], finite.shape[0]
+        mean = table[:, :n].sum(0) / self.dist.world_size
+        out = torch.cat([mean, norm, table[:, n : n + f].amin(0), table[:, -1:].amax(0)]).tolist()
+        self._agreed_stop = int(out[-1]) or None
+        return out[: n + 1], grad_norm, [v == 1.0 for v in out[n + 1 : n + 1 + f]]
 
     def _clip(self, grad_norm: torch.Tensor) -> None:
         """Scale the gradients down to ``train.clip_grad_norm`` (a finite norm: checked before)."""
@@ -427,17 +454,24 @@ class Trainer:
         self,
         probes: list[tuple[list[str], torch.Tensor | None]],
         buffers: Mapping[str, Mapping[str, torch.Tensor]] | None,
+        agreed: list[bool] | None = None,
     ) -> list[str]:
         """Tasks whose gradient is non-finite (read back only for a failed update). IMTL-G: each task whose
         buffered gradient is; sum: the first micro-batch after which the accumulated gradient was (later
         ones cannot be told apart: NaN stays NaN). Empty when every gradient is finite (the norm overflowed,
-        or the IMTL-G combination did)."""
+        or the IMTL-G combination did). ``agreed`` (DDP): the probes' flags over every process, in place of
+        the local ones (the accumulated gradient is local until the last micro-batch; the last probe and the
+        IMTL-G buffers are read from gradients DDP has averaged, the same on every process)."""
         if buffers is not None:
             names = list(buffers)
             flags = [grads_finite(list(buffers[t].values()), self.device) for t in names]
             return [t for t, ok in zip(names, torch.stack(flags).tolist()) if not ok] if flags else []
         flags = [flag if flag is not None else grads_finite(self._grads(), self.device) for _, flag in probes]
-        for (tasks, _), ok in zip(probes, torch.stack(flags).tolist()):
+        read = torch.stack(flags).tolist()
+        if agreed is not None:
+            given = iter(agreed)
+            read = [next(given) if flag is not None else ok for (_, flag), ok in zip(probes, read)]
+        for (tasks, _), ok in zip(probes, read):
             if not ok:
                 return tasks
         return []
@@ -491,8 +525,9 @@ class Trainer:
                     self.evaluate()
                 if cfg.checkpoint.every and self.update % cfg.checkpoint.every == 0:
                     self.save()
-                if self._stop_signal is not None:
-                    status = f"interrupted by signal {self._stop_signal}"
+                stop = self._agreed_stop if self.dist.enabled else self._stop_signal
+                if stop is not None:  # under DDP every process stops after the same update
+                    status = f"interrupted by signal {stop}"
                     break
             self.save()
             if status == "finished" and self.dist.is_main:
