@@ -19,7 +19,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """The environment torchrun would give process ``rank`` of ``world`` on this host."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -27,6 +28,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _join(rank, world, port)
     half = slice(2 * rank, 2 * rank + 2)
     streams = {t: RandomStream(t, i, batch=4, rows=half) for i, t in enumerate(TASKS)}
     trainer = Trainer(
@@ -80,13 +85,7 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    _join(rank, world, port)
     out = {}
     uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
     trainer = Trainer(micro_config(f"{out_dir}/uneven{rank}", "train.updates=1"), uneven)
