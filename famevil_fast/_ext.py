@@ -7,6 +7,7 @@ degrades to the PyTorch references instead of failing.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from types import ModuleType
 
@@ -16,15 +17,19 @@ _C: ModuleType | None
 _IMPORT_ERROR: str | None
 
 try:
-    from famevil_fast import _C  # type: ignore[attr-defined, no-redef]
+    # by its full name: ``from famevil_fast import _C`` inside the package's own import would report a
+    # missing build as a circular import
+    _C = importlib.import_module("famevil_fast._C")
 
     _IMPORT_ERROR = None
 except ImportError as exc:  # the package works without it, on the PyTorch references
     _C = None
-    _IMPORT_ERROR = str(exc)
+    _IMPORT_ERROR = (
+        "not built" if isinstance(exc, ModuleNotFoundError) and exc.name == "famevil_fast._C" else str(exc)
+    )
     warnings.warn(
         "famevil_fast: the compiled extension famevil_fast._C is not available "
-        f"({exc}); every op falls back to its PyTorch reference. "
+        f"({_IMPORT_ERROR}); every op falls back to its PyTorch reference. "
         "Reinstall with `pip install --no-build-isolation .` to build it.",
         RuntimeWarning,
         stacklevel=2,

@@ -528,3 +528,53 @@ def test_positive_keys_number_groups_as_torch_unique_does():
     assert torch.equal(row_key.long(), ids[:6]) and torch.equal(col_key.long(), ids[6:])
     pos = row[:, None] == col[None, :]
     assert torch.equal(row_counts, pos.sum(1)) and torch.equal(col_counts, pos.sum(0))
+
+
+@pytest.mark.skipif(not _ext.cpu_ext_available(), reason="needs the compiled CPU extension")
+def test_compiled_backward_ops_check_their_statistics_and_gradients():
+    """Called directly, the backward operators refuse statistics or gradients of the wrong shape, dtype or
+    size with a ValueError naming them, before any kernel reads past them."""
+    ops = torch.ops.famevil_fast
+    a, b, s = torch.randn(30, 8), torch.randn(20, 8), torch.tensor(3.0)
+    rk, ck = torch.arange(30, dtype=torch.int32), torch.arange(20, dtype=torch.int32)
+    rows, cols = ops.contrastive_stats(a, b, s, rk, ck, True)
+    good = (torch.ones(3, 30), torch.ones(3, 20), a, b, s, rk, ck, rows, cols, True)
+    ops.contrastive_stats_backward(*good)
+    cases = [
+        ({0: torch.randn(0)}, "grad_rows must have shape \\(3, 30\\)"),
+        ({1: torch.empty(3, 0)}, "grad_cols must have shape \\(3, 20\\)"),
+        ({8: torch.empty(3, 0)}, "col_stats must have shape \\(3, 20\\)"),
+        ({7: rows[:1]}, "rows must have shape \\(3, 30\\)"),
+        ({7: rows.double()}, "rows must be Float"),
+    ]
+    for changed, message in cases:
+        args = list(good)
+        for index, value in changed.items():
+            args[index] = value
+        with pytest.raises(ValueError, match=message):
+            ops.contrastive_stats_backward(*args)
+    ta, tb, ts = torch.randn(30, 8), torch.randn(20, 8), torch.tensor(2.0)
+    drows, dcols = ops.contrastive_distill_stats(a, b, s, ta, tb, ts, True)
+    with pytest.raises(ValueError, match="grad_cols must have shape \\(3, 20\\)"):
+        ops.contrastive_distill_stats_backward(
+            torch.ones(3, 30), torch.ones(1, 1), a, b, s, ta, tb, ts, drows, dcols, True
+        )
+
+
+def test_a_missing_build_is_named_as_such():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'famevil_fast._C':\n"
+        "            raise ModuleNotFoundError(\"No module named 'famevil_fast._C'\", name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from famevil_fast import _ext\n"
+        "print(_ext.import_error())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "not built"

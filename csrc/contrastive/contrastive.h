@@ -57,6 +57,13 @@ at::ScalarType accumulation_type(at::ScalarType input);
 // Validates shapes, dtypes and devices; throws c10::ValueError (Python ValueError) naming the problem.
 void check_problem(const Problem& p, const char* op);
 
+// The statistics and their gradients that a backward pass receives: (3, M) rows, and (3, N) columns when
+// p.cols, in the accumulation dtype on the inputs' device. Returns them contiguous; throws c10::ValueError.
+std::tuple<Stats, at::Tensor, at::Tensor> checked_backward_inputs(const Problem& p, const at::Tensor& rows,
+                                                                  const at::Tensor& col_stats,
+                                                                  const at::Tensor& grad_rows,
+                                                                  const at::Tensor& grad_cols, const char* op);
+
 // Combines per-group partial states (P, channels, L) into the (3, L) statistics.
 at::Tensor finalize(const at::Tensor& partial, bool distill);
 

@@ -78,6 +78,28 @@ void check_problem(const Problem& p, const char* op) {
   }
 }
 
+void check_stats_tensor(const at::Tensor& t, int64_t n, const Problem& p, const char* op, const char* name) {
+  const at::ScalarType acc = accumulation_type(p.a.scalar_type());
+  TORCH_CHECK_VALUE(t.defined() && t.dim() == 2 && t.size(0) == 3 && t.size(1) == n, op, ": ", name,
+                    " must have shape (3, ", n, "), got ", t.defined() ? shape_of(t) : std::string("nothing"));
+  TORCH_CHECK_VALUE(t.scalar_type() == acc, op, ": ", name, " must be ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == p.a.device(), op, ": ", name, " is on ", t.device(), " but the inputs are on ",
+                    p.a.device());
+}
+
+std::tuple<Stats, at::Tensor, at::Tensor> checked_backward_inputs(const Problem& p, const at::Tensor& rows,
+                                                                  const at::Tensor& col_stats,
+                                                                  const at::Tensor& grad_rows,
+                                                                  const at::Tensor& grad_cols, const char* op) {
+  const int64_t m = p.a.size(0), n = p.b.size(0);
+  check_stats_tensor(rows, m, p, op, "rows");
+  check_stats_tensor(grad_rows, m, p, op, "grad_rows");
+  if (!p.cols) return {Stats{rows.contiguous(), col_stats}, grad_rows.contiguous(), grad_cols};
+  check_stats_tensor(col_stats, n, p, op, "col_stats");
+  check_stats_tensor(grad_cols, n, p, op, "grad_cols");
+  return {Stats{rows.contiguous(), col_stats.contiguous()}, grad_rows.contiguous(), grad_cols.contiguous()};
+}
+
 Problem infonce_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& row_key,
                         const at::Tensor& col_key, bool cols) {
   const char* op = "famevil_fast::contrastive_stats";

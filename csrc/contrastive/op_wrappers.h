@@ -31,7 +31,10 @@ GradTriple infonce_stats_backward(const at::Tensor& grad_rows, const at::Tensor&
                                   const at::Tensor& b, const at::Tensor& scale, const at::Tensor& row_key,
                                   const at::Tensor& col_key, const at::Tensor& rows, const at::Tensor& col_stats,
                                   bool cols) {
-  Grads g = Backward(infonce_problem(a, b, scale, row_key, col_key, cols), Stats{rows, col_stats}, grad_rows, grad_cols);
+  const Problem p = infonce_problem(a, b, scale, row_key, col_key, cols);
+  const auto [stats, g_rows, g_cols] =
+      checked_backward_inputs(p, rows, col_stats, grad_rows, grad_cols, "famevil_fast::contrastive_stats_backward");
+  Grads g = Backward(p, stats, g_rows, g_cols);
   return {g.a, g.b, g.scale};
 }
 
@@ -47,8 +50,10 @@ GradTriple distill_stats_backward(const at::Tensor& grad_rows, const at::Tensor&
                                   const at::Tensor& b, const at::Tensor& scale, const at::Tensor& teacher_a,
                                   const at::Tensor& teacher_b, const at::Tensor& teacher_scale, const at::Tensor& rows,
                                   const at::Tensor& col_stats, bool cols) {
-  Grads g = Backward(distill_problem(a, b, scale, teacher_a, teacher_b, teacher_scale, cols), Stats{rows, col_stats},
-                     grad_rows, grad_cols);
+  const Problem p = distill_problem(a, b, scale, teacher_a, teacher_b, teacher_scale, cols);
+  const auto [stats, g_rows, g_cols] = checked_backward_inputs(p, rows, col_stats, grad_rows, grad_cols,
+                                                               "famevil_fast::contrastive_distill_stats_backward");
+  Grads g = Backward(p, stats, g_rows, g_cols);
   return {g.a, g.b, g.scale};
 }
 
