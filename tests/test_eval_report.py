@@ -50,3 +50,42 @@ def test_bad_input(tmp_path):
         EvalReport.from_json('{"results": [{"task": "xmr"}]}')
     with pytest.raises(ValueError, match="no such file"):
         EvalReport.load(tmp_path / "missing.json")
+
+
+def test_save_is_atomic_and_makes_its_directory(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "eval.json"
+    _report().save(path)
+    before = path.read_text()
+
+    def fail(self, text, *args, **kwargs):
+        self.open("w").write(text[:10])  # a partial write, then the crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pathlib.Path.write_text", fail)
+    with pytest.raises(OSError, match="disk full"):
+        EvalReport().save(path)
+    monkeypatch.undo()
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["eval.json"]
+
+
+def test_max_samples_caps_the_tgir_gallery_and_keeps_the_targets():
+    from famevil_fast.eval.runner import _tgir_gallery
+
+    class Encoder:
+        device = torch.device("cpu")
+        seen = 0
+
+        def encode_image(self, pixels, task):
+            self.seen += len(pixels)
+            return pixels.flatten(1)
+
+    ids = torch.arange(40)
+    batches = [
+        {"pixels": ids[i : i + 8, None].float(), "target_ids": ids[i : i + 8]} for i in range(0, 40, 8)
+    ]
+    model = Encoder()
+    embeddings, kept = _tgir_gallery(model, batches, torch.tensor([33, 5]), limit=3)
+    kept = torch.cat(kept).tolist()
+    assert {33, 5} <= set(kept) and len(kept) <= 3 + 2 and model.seen == len(kept)
+    everything = _tgir_gallery(Encoder(), batches, torch.tensor([33]), limit=None)[1]
+    assert torch.cat(everything).tolist() == ids.tolist()

@@ -116,7 +116,12 @@ class EvalReport:
         return cls([TaskResult.from_dict(r) for r in data["results"]])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the JSON report atomically (a temporary file renamed into place: a crash leaves the old
+        file whole), creating missing parent directories."""
+        from famevil_fast.model.weights import atomic_write_bytes
+
+        text = self.to_json() + "\n"
+        atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:

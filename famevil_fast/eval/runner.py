@@ -122,15 +122,34 @@ def evaluate_tgir(model: FameViL, data: TGIREval, opts: EvalOptions) -> list[Tas
                 ).float()
             )
             targets.append(batch["target_ids"].cpu())
-        gallery, gallery_ids = [], []
-        for batch in cat.gallery:
-            gallery.append(model.encode_image(_model_input(model, batch["pixels"]), "tgir").float())
-            gallery_ids.append(batch["target_ids"].cpu())
         if not queries:
             continue
+        gallery, gallery_ids = _tgir_gallery(model, cat.gallery, torch.cat(targets), opts.max_samples)
         g_emb, g_ids = unique_gallery(torch.cat(gallery), torch.cat(gallery_ids).to(gallery[0].device))
         categories[name] = TgirCategory(torch.cat(queries), torch.cat(targets).to(g_emb.device), g_emb, g_ids)
     return [tgir_fashioniq(categories)]
+
+
+def _tgir_gallery(
+    model: FameViL, batches: Iterable[dict], needed: torch.Tensor, limit: int | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gallery embeddings and ids; with ``limit`` (``max_samples``), the queries' targets plus at most
+    ``limit`` other images are encoded, and the walk stops once both are in."""
+    gallery, gallery_ids = [], []
+    missing, others = set(needed.tolist()), 0
+    for batch in batches:
+        ids = batch["target_ids"].cpu()
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if limit is not None:
+            keep = torch.isin(ids, needed) | (torch.arange(len(ids)) < limit - others)
+            others += int((~torch.isin(ids[keep], needed)).sum())
+            missing -= set(ids[keep].tolist())
+        if keep.any():
+            gallery.append(model.encode_image(_model_input(model, batch["pixels"][keep]), "tgir").float())
+            gallery_ids.append(ids[keep])
+        if limit is not None and not missing and others >= limit:
+            break
+    return gallery, gallery_ids
 
 
 @torch.no_grad()
