@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from famevil_fast.cli.main import main
-from famevil_fast.cli.options import resolve_device
+from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 
 

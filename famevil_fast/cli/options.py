@@ -4,10 +4,6 @@ before any command runs)."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 
 def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +40,7 @@ def _int_at_least(text: str, low: int) -> int:
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device``: cpu, cuda or cuda:N; ``resolve_device`` checks it against the machine."""
+    """``--device``: cpu, cuda or cuda:N (``famevil_fast.devices.resolve_device`` checks it)."""
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
     )
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The device of ``--device`` (None: cuda when available, else cpu), checked against this machine."""
-    from famevil_fast.devices import resolve_device as resolve
-
-    return resolve(name, "--device")

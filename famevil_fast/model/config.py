@@ -275,3 +275,9 @@ class FameViLConfig:
 
     def replace(self, **changes: Any) -> FameViLConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def adapter_backend(self) -> str | None:
+        """The backend of the adapters and the decoding step: ``backend`` where it names one of theirs, else
+        None (automatic; "cuda" / "cpu" name the contrastive losses' kernels)."""
+        return self.backend if self.backend in ADAPTER_BACKENDS else None

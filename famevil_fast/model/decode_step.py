@@ -83,9 +83,7 @@ def fused_step_applies(model: FameViL, task: str, like: torch.Tensor) -> bool:
     their inputs, so a model decodes fused in its own dtype (float32, or cast to bf16 as a whole)."""
     if torch.is_autocast_enabled(like.device.type):
         return False
-    backend = model.config.backend
-    if backend not in ("torch", TRITON):  # None, or "cuda" / "cpu", which name the losses' kernels
-        backend = None
+    backend = model.config.adapter_backend
     if select_backend("text decoding step", backend, ("torch", TRITON), like, False) != TRITON:
         return False
     return all(unfit_for_fusion(block, task) is None for block in model.text.blocks)

@@ -21,7 +21,7 @@ from torch import nn
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.model import losses
 from famevil_fast.model.clip import TextTower, VisionTower, first_eot_positions
-from famevil_fast.model.config import ADAPTER_BACKENDS, FameViLConfig
+from famevil_fast.model.config import FameViLConfig
 from famevil_fast.model.heads import build_heads
 from famevil_fast.model.pretrain import FORWARDS as PRETRAIN_FORWARDS
 from famevil_fast.model.pretrain import PRETRAIN_BATCH_KEYS, build_pretrain_heads
@@ -138,8 +138,7 @@ class FameViL(nn.Module):
             if isinstance(module, SelfAttention):
                 module.impl = self.config.attention
             elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter):
-                backend = self.config.backend
-                module.backend = backend if backend in ADAPTER_BACKENDS else None
+                module.backend = self.config.adapter_backend
         return self
 
     @classmethod
@@ -379,7 +378,7 @@ class FameViL(nn.Module):
         self._check_labels(labels, pixels.shape[0])
         v, t = self.fused_features(pixels, ids, "scr")
         logits = self.heads["scr"](v + t)
-        return TaskOutput(losses.scr_loss(logits, labels), {"logits": logits})
+        return TaskOutput(losses.scr_loss(logits, labels, gather), {"logits": logits})
 
     def _forward_cap(self, batch, gather) -> TaskOutput:
         from famevil_fast.model.multitask import _caption_output

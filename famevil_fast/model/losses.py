@@ -8,15 +8,13 @@ Processes may hold different numbers of rows (a batch that lost a corrupt image)
 processes' gradients with equal weights, so each per-row mean loss is scaled by local rows / mean rows over
 the processes (a gather object's ``row_weight``; ``caption_loss`` does the same per token with
 ``mean_count``): averaging the processes' losses then gives the mean over every row of the global batch.
-A plain callable gather, or none, leaves the loss unscaled. ``scr_loss`` gathers nothing: it takes the
-gather of the enclosing ``global_batch`` context, which the trainer opens around its training forwards.
+A plain callable gather, or none, leaves the loss unscaled. ``scr_loss`` gathers nothing: its gather only
+weights its rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +22,6 @@ import torch.nn.functional as F
 from famevil_fast.ops import contrastive_loss
 
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
-
-
-_ACTIVE_GATHER: ContextVar[Gather | None] = ContextVar("famevil_active_gather", default=None)
-
-
-@contextmanager
-def global_batch(gather: Gather | None) -> Iterator[None]:
-    """Losses called without a gather inside this context (``scr_loss``) weight their rows by ``gather``."""
-    token = _ACTIVE_GATHER.set(gather)
-    try:
-        yield
-    finally:
-        _ACTIVE_GATHER.reset(token)
 
 
 def _row_weighted(
@@ -95,10 +80,9 @@ def tgir_loss(
 
 
 def scr_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
-    """Cross-entropy over the local rows; in distributed training (``gather``, else the one of the enclosing
-    ``global_batch``) weighted by local rows / mean rows over the processes."""
+    """Cross-entropy over the local rows; in distributed training (``gather``) weighted by local rows / mean
+    rows over the processes."""
     loss = F.cross_entropy(logits.float(), labels)
-    gather = gather if gather is not None else _ACTIVE_GATHER.get()
     return loss if gather is None else _row_weighted(loss, gather, logits.shape[0])
 
 

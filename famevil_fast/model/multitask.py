@@ -102,7 +102,9 @@ def forward_mixed(
         )
     if "scr" in batches:
         logits = model.heads["scr"](fused["scr"][0] + fused["scr"][1])
-        outputs["scr"] = TaskOutput(losses.scr_loss(logits, batches["scr"]["labels"]), {"logits": logits})
+        outputs["scr"] = TaskOutput(
+            losses.scr_loss(logits, batches["scr"]["labels"], gather), {"logits": logits}
+        )
     if "cap" in batches:
         outputs["cap"] = _caption_output(model, memory, batches["cap"]["input_ids"], gather)
     outputs.update(own)

@@ -25,7 +25,7 @@ from torch import nn
 from famevil_fast.data.transforms import to_device
 from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
-from famevil_fast.model.losses import Gather, global_batch
+from famevil_fast.model.losses import Gather
 from famevil_fast.train.checkpoint import CheckpointManager
 from famevil_fast.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from famevil_fast.train.cuda_graph import GraphedStep
@@ -322,9 +322,8 @@ class Trainer:
 
     def _micro_losses(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Each task's loss (with its distillation term) for one micro-step's batches."""
-        with global_batch(self.gather):  # losses without a gather (scr) weight their rows across processes
-            outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
-            return {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
+        outputs = self.module(batches, self.gather, mixed=len(batches) > 1)
+        return {t: self._task_loss(t, outputs[t], batches[t]) for t in batches}
 
     def _micro_batches(self, tasks: list[str]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         batches = [(task, self._to_device(self.streams[task].next_batch())) for task in tasks]

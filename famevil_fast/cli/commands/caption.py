@@ -9,8 +9,8 @@ from famevil_fast.cli.options import (
     add_op_backend_argument,
     non_negative_int,
     positive_int,
-    resolve_device,
 )
+from famevil_fast.devices import resolve_device
 
 NAME = "caption"
 HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint."

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from famevil_fast.cli.options import add_device_argument, positive_int, resolve_device
+from famevil_fast.cli.options import add_device_argument, positive_int
+from famevil_fast.devices import resolve_device
 
 NAME = "embed"
 HELP = "Embed image files/folders and/or lines of a text file with a FAME-ViL checkpoint (two-tower mode)."

@@ -11,8 +11,8 @@ from famevil_fast.cli.options import (
     add_op_backend_argument,
     non_negative_int,
     positive_int,
-    resolve_device,
 )
+from famevil_fast.devices import resolve_device
 
 if TYPE_CHECKING:
     from famevil_fast.eval.runner import EvalOptions
