@@ -140,6 +140,11 @@ def test_eval_options_from_a_recipe_and_the_flags():
     plain = options("--cuda-graph")
     assert (plain.caption_beams, plain.caption_max_len, plain.caption_no_repeat_ngram) == (1, 40, 0)
     assert plain.caption_metrics is None and plain.caption_cuda_graph
+    assert plain.sampled_seed == 0 and not plain.caption_len_from_references
+    assert plain.caption_references == "clip"
+    faithful = options("--seed", "4", "--unseeded", "--max-len-from-references", "--references", "raw")
+    assert faithful.sampled_seed is None and faithful.caption_len_from_references
+    assert faithful.caption_references == "raw" and not faithful.caption_cuda_graph
 
 
 def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp_path, capsys):

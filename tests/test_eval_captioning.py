@@ -165,3 +165,33 @@ def test_sets_score_as_separate_calls():
     assert together == apart
     with pytest.raises(ValueError, match="no prediction sets"):
         caption_scores_of_sets([], REFERENCES, metrics=metrics, tokenizer="simple")
+
+
+def test_bleu_is_corpus_level_not_a_mean_of_sentence_scores():
+    """FAMEVIL.md 2.4: BLEU-4 as Hugging Face ``evaluate`` computes it, over the corpus: n-gram matches and
+    lengths are summed over all captions before the precisions are formed. Sentence 2 alone has no matching
+    4-gram (sentence BLEU 0, a mean of sentence scores would be 50); the corpus precisions are 7/8, 5/6,
+    3/4 and 1/2, with no brevity penalty."""
+    scores = caption_scores(
+        ["a b c d", "e f g h"], ["a b c d", "e f g x"], metrics=("bleu4",), tokenizer="simple"
+    )
+    assert scores["bleu4"] == pytest.approx(100 * (7 / 8 * 5 / 6 * 3 / 4 * 1 / 2) ** 0.25, rel=1e-6)
+
+
+def test_rouge_l_is_coco_captions_recall_weighted_f():
+    """ROUGE-L as coco-caption computes it: LCS F-measure with beta 1.2 (the official cap_general used a
+    Hugging Face ROUGE whose F has beta 1: 2/3 here; see docs/evaluation.md)."""
+    precision, recall, beta = 1.0, 0.5, 1.2  # LCS "a b": 2 of 2 predicted tokens, 2 of 4 reference tokens
+    scores = caption_scores(["a b"], ["a b c d"], metrics=("rouge_l",), tokenizer="simple")
+    expected = (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+    assert scores["rouge_l"] == pytest.approx(100 * expected)
+
+
+def test_cider_document_frequencies_come_from_the_evaluated_references():
+    """CIDEr-D's idf is computed over the references being scored (corpus = val references): an n-gram in
+    every reference weighs nothing, so one image alone scores 0 even when its caption is perfect."""
+    captions = ["red silk midi dress", "blue wool long coat"]
+    alone = caption_scores(captions[:1], captions[:1], metrics=("cider",), tokenizer="simple")
+    assert alone["cider"] == 0.0
+    pair = caption_scores(captions, captions, metrics=("cider",), tokenizer="simple")
+    assert pair["cider"] == pytest.approx(1000.0)  # 10 per perfect caption, x100

@@ -55,3 +55,16 @@ def test_bad_input():
         accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="logits"):
         accuracy(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]))
+
+
+def test_macro_f1_averages_the_classes_present_not_all_121():
+    """FAMEVIL.md 2.3: sklearn macro-F1, i.e. over the classes occurring in the targets or the predictions,
+    not over the 121 logit columns (which would divide by 121), nor over the target classes only."""
+    preds = torch.tensor([5, 7, 7, 9, 9, 120])
+    targets = torch.tensor([5, 5, 7, 9, 9, 7])
+    logits = torch.nn.functional.one_hot(preds, 121).float()
+    # F1 = 2 TP / (2 TP + FP + FN): class 5 TP 1 FN 1 -> 2/3; class 7 TP 1 FP 1 FN 1 -> 1/2;
+    # class 9 -> 1; class 120 (predicted once, never a target) FP 1 -> 0
+    result = scr_result(logits, targets)
+    assert result.metrics["macro_f1"] == pytest.approx(100 * (2 / 3 + 1 / 2 + 1 + 0) / 4)
+    assert result.metrics["accuracy"] == pytest.approx(100 * 4 / 6)

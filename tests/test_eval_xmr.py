@@ -235,3 +235,42 @@ def test_filled_queries_are_counted_once_over_the_repeats():
     )
     assert result.details["i2t_queries_filled_from_other_subcategories"] == 10  # 5 products x 2 views
     assert result.details["t2i_queries_filled_from_other_subcategories"] == 5
+
+
+def test_sampled_protocol_unseeded_uses_the_global_rng():
+    """FAMEVIL.md section 9 quirk 8: the original drew from the global torch RNG; seed=None does too."""
+    data = _sampled_inputs()
+    kwargs = {"num_queries": 20, "num_negatives": 8, "repeats": 2}
+    torch.manual_seed(7)
+    unseeded = xmr_sampled(*data, seed=None, **kwargs)
+    after = torch.rand(1)
+    torch.manual_seed(7)
+    torch.rand(1)  # the draws advanced the global RNG: the next number differs from the first
+    assert not torch.equal(torch.rand(1), after)
+    assert unseeded.metrics == xmr_sampled(*data, seed=7, **kwargs).metrics  # same stream as seed 7
+    torch.manual_seed(8)
+    assert xmr_sampled(*data, seed=None, **kwargs).details["per_repeat"] != unseeded.details["per_repeat"]
+    assert unseeded.details["seed"] is None and "global" in unseeded.details["rng"]
+    with pytest.raises(ValueError, match="seed must be an int or None"):
+        xmr_sampled(*data, seed=1.5, **kwargs)
+
+
+def test_full_protocol_duplicate_texts_tie():
+    """Two products with the same text embedding (FashionGen colour variants share texts): the view's
+    positive ties with the other product's text, which is a negative (positives are decided by product id)."""
+    texts = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    image_ids, text_ids = torch.tensor([0, 2]), torch.tensor([0, 1, 2])
+    # product 1 has no view here: give it one far from everything so it only acts as a gallery text
+    images = torch.cat([images, torch.tensor([[-1.0, 0.0]])])
+    image_ids = torch.cat([image_ids, torch.tensor([1])])
+    expected = xmr_full(images, image_ids, texts, text_ids, ks=(1,))
+    # view 0: positive tied with one negative -> 1/2; view 1: hit; view 2 (product 1, [-1, 0]): its text
+    # scores -1 like product 0's, text 2 scores 0 above them -> 0
+    assert expected.metrics["i2t_r@1"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+    optimistic = xmr_full(images, image_ids, texts, text_ids, ks=(1,), ties="optimistic")
+    pessimistic = xmr_full(images, image_ids, texts, text_ids, ks=(1,), ties="pessimistic")
+    assert optimistic.metrics["i2t_r@1"] == pytest.approx(100 * 2 / 3)
+    assert pessimistic.metrics["i2t_r@1"] == pytest.approx(100 * 1 / 3)
+    # t2i: texts 0 and 1 are the same query; each is a hit only through its own product's view
+    assert expected.metrics["t2i_r@1"] == pytest.approx(100 * 2 / 3)

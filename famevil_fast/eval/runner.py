@@ -2,8 +2,11 @@
 functions of this package. ``Evaluator`` is what the trainer calls periodically and what
 ``famevil-fast eval`` runs.
 
-Captioning references are the reference texts after a round trip through the CLIP tokenizer (lower-cased,
-BPE-normalised, at most 75 tokens), the text the model is trained to produce, as in the official code.
+Captioning references are, by default, the reference texts after a round trip through the CLIP tokenizer
+(lower-cased, BPE-normalised, at most 75 tokens), the text the model is trained to produce, as in the
+official code; ``caption_references="raw"`` scores against the product texts as written instead. Captions are
+at most ``caption_max_len`` tokens; ``caption_len_from_references`` reproduces the official cap instead: per
+batch, as many tokens as the longest reference of the batch has (it leaks the reference lengths).
 """
 
 from __future__ import annotations
@@ -27,10 +30,25 @@ if TYPE_CHECKING:
     from famevil_fast.train.config import EvalSection
 
 
+CAPTION_REFERENCES = ("clip", "raw")
+XMR_SAMPLED_QUERIES = 1000
+
+
 @dataclass
 class EvalOptions:
+    """How ``Evaluator`` scores a model.
+
+    - ``sampled_seed``: seed of the sampled-100 XMR protocol; None = the original's unseeded draws from the
+      global torch RNG (FAMEVIL.md section 9, quirk 8).
+    - ``caption_max_len``: longest generated caption in tokens (the fixed default).
+    - ``caption_len_from_references``: faithful quirk (section 9, quirk 3): each batch's captions get as many
+      tokens as the longest reference of that batch has (``caption_max_len`` is then unused).
+    - ``caption_references``: "clip" (default, as the official code: the reference text after a round trip
+      through the CLIP tokenizer, lower-cased and cut to 75 tokens) or "raw" (the product text as written).
+    """
+
     xmr_protocols: Sequence[str] = ("full", "sampled")
-    sampled_seed: int = 0
+    sampled_seed: int | None = 0
     caption_max_len: int = 40
     caption_beams: int = 1
     caption_no_repeat_ngram: int = 0
@@ -38,6 +56,8 @@ class EvalOptions:
     max_samples: int | None = None
     text_batch: int = 256
     caption_cuda_graph: bool = False
+    caption_len_from_references: bool = False
+    caption_references: str = "clip"
 
     @classmethod
     def from_section(cls, section: EvalSection) -> EvalOptions:
@@ -50,6 +70,8 @@ class EvalOptions:
             section.caption_metrics,
             section.max_samples,
             caption_cuda_graph=section.caption_cuda_graph,
+            caption_len_from_references=getattr(section, "caption_len_from_references", False),
+            caption_references=getattr(section, "caption_references", "clip"),
         )
 
 
@@ -103,7 +125,7 @@ def evaluate_xmr(model: FameViL, data: XMREval, opts: EvalOptions) -> list[TaskR
                 text_pid,
                 text_sub,
                 seed=opts.sampled_seed,
-                num_queries=min(1000, text_emb.shape[0]),
+                num_queries=XMR_SAMPLED_QUERIES,  # per direction, all of them when there are fewer
                 num_negatives=negatives,
             )
         )
@@ -165,23 +187,50 @@ def evaluate_scr(model: FameViL, data: SCREval, opts: EvalOptions) -> list[TaskR
     return [scr_result(torch.cat(logits), torch.cat(labels))]
 
 
+def longest_reference(input_ids: torch.Tensor) -> int:
+    """Content tokens (between the start and the first end token) of the longest reference among token rows
+    (B, L), at least 1: the official decoding cap of a batch (section 9, quirk 3)."""
+    from famevil_fast.text import EOT_ID
+
+    is_end = input_ids == EOT_ID
+    full = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+    end = torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), full)
+    return max(1, int(end.max()) - 1)
+
+
 @torch.no_grad()
 def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskResult]:
     from famevil_fast.text import decode
 
+    if opts.caption_references not in CAPTION_REFERENCES:
+        raise ValueError(
+            f"caption_references must be one of {CAPTION_REFERENCES}, got {opts.caption_references!r}"
+        )
     predictions, references = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
+        input_ids = batch["input_ids"].cpu()
+        max_len = longest_reference(input_ids) if opts.caption_len_from_references else opts.caption_max_len
         predictions.extend(
             model.caption(
                 _model_input(model, batch["pixels"]),
-                max_len=opts.caption_max_len,
+                max_len=max_len,
                 num_beams=opts.caption_beams,
                 no_repeat_ngram=opts.caption_no_repeat_ngram,
                 cuda_graph=opts.caption_cuda_graph,
             )
         )
-        references.extend(decode(batch["input_ids"].cpu()))
-    return [fic_result(predictions, references, metrics=opts.caption_metrics)]
+        references.extend(decode(input_ids))
+    if opts.caption_references == "raw":
+        references = list(data.references[: len(predictions)])
+    result = fic_result(predictions, references, metrics=opts.caption_metrics)
+    result.details.update(
+        {
+            "references": opts.caption_references,
+            "max_len": "longest reference" if opts.caption_len_from_references else opts.caption_max_len,
+            "beams": opts.caption_beams,
+        }
+    )
+    return [result]
 
 
 EVALUATORS: dict[str, Callable[..., list[TaskResult]]] = {

@@ -8,8 +8,9 @@ The two protocols give very different numbers for the same model; never compare 
   ANY view of its product is in the top K (the best-ranked view decides). Computed block by block.
 - ``xmr_sampled`` (``r@k_kaleido``, KaleidoBERT / FashionBERT style): ``num_queries`` random queries,
   each ranked among 1 random positive and ``num_negatives`` random negatives of the SAME subcategory
-  (other products); repeated ``repeats`` times and averaged. Seeded here (all sampling on the CPU with a
-  ``torch.Generator``, so a seed gives the same candidates on every device); the original was unseeded.
+  (other products); repeated ``repeats`` times and averaged. Seeded by default (all sampling on the CPU
+  with a ``torch.Generator``, so a seed gives the same candidates on every device); ``seed=None`` is the
+  original's unseeded behaviour (draws from the global torch RNG, so results vary from run to run).
 
 Both report R@1/5/10 in both directions and their average, in percent, with chance levels.
 """
@@ -178,7 +179,7 @@ def xmr_sampled(
     text_product_ids: torch.Tensor,
     text_subcategories: torch.Tensor,
     *,
-    seed: int = 0,
+    seed: int | None = 0,
     num_queries: int = 1000,
     num_negatives: int = 100,
     repeats: int = 5,
@@ -189,7 +190,11 @@ def xmr_sampled(
     negatives, ``repeats`` times, averaged. Image-to-text queries are views (the positive is the product's
     text); text-to-image queries are texts (the positive is ONE random view of the product; the product's
     other views are excluded from the candidates). Same inputs as ``xmr_full`` plus one subcategory id per
-    view and per text (they must agree per product). ``seed`` fixes every draw; the original was unseeded.
+    view and per text (they must agree per product). ``seed`` fixes every draw (the default, 0); ``seed=None``
+    reproduces the original's unseeded protocol: every draw comes from the global CPU torch RNG
+    (``torch.default_generator``), so results vary run to run unless ``torch.manual_seed`` was called, and
+    the global RNG state advances. With ``torch.manual_seed(s)`` beforehand, ``seed=None`` draws exactly
+    what ``seed=s`` draws.
     """
     op = "xmr_sampled"
     ks = check_ks(op, ks)
@@ -201,6 +206,8 @@ def xmr_sampled(
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"{op}: seed must be an int or None (the original's unseeded draws), got {seed!r}")
     check_embeddings(op, image_embeds, text_embeds, allow_empty_queries=False)
     v, p = image_embeds.shape[0], text_embeds.shape[0]
     image_ids = _check_ids(op, "image_product_ids", image_product_ids, v)
@@ -220,7 +227,10 @@ def xmr_sampled(
                 f"{op}: {name} needs {num_negatives} negatives per query but some query has only {available} "
                 "gallery items of other products"
             )
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if seed is None:
+        generator = torch.default_generator  # the original's unseeded draws (section 9, quirk 8)
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
     sums = dict.fromkeys(_directions(ks), 0.0)
     drawn = {name: torch.zeros(len(d[1]), dtype=torch.bool) for name, d in directions.items()}
     per_repeat = []
@@ -240,6 +250,7 @@ def xmr_sampled(
     )
     details = {
         "seed": seed,
+        "rng": "seeded generator" if seed is not None else "global torch RNG (unseeded, as the original)",
         "num_queries_i2t": min(num_queries, v),
         "num_queries_t2i": min(num_queries, p),
         "num_negatives": num_negatives,

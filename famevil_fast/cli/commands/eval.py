@@ -52,10 +52,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=None, help="seed of the sampled-100 protocol (default: 0)"
     )
     parser.add_argument(
+        "--unseeded",
+        action="store_true",
+        help="draw the sampled-100 protocol's candidates from the global RNG, as the official code "
+        "(results vary from run to run); overrides --seed",
+    )
+    parser.add_argument(
         "--beams", type=positive_int, default=None, help="caption beam width (default: 1 = greedy)"
     )
     parser.add_argument(
         "--max-len", type=positive_int, default=None, help="longest generated caption (default: 40)"
+    )
+    parser.add_argument(
+        "--max-len-from-references",
+        action="store_true",
+        help="cap each batch's captions at its longest reference's length, as the official code (it "
+        "leaks the reference lengths); replaces --max-len",
+    )
+    parser.add_argument(
+        "--references",
+        choices=["clip", "raw"],
+        default=None,
+        help="caption references: the product text after a round trip through the CLIP tokenizer, as "
+        "the official code (clip, default), or as written (raw)",
     )
     parser.add_argument(
         "--no-repeat-ngram",
@@ -94,10 +113,16 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         "caption_max_len": args.max_len,
         "caption_no_repeat_ngram": args.no_repeat_ngram,
         "max_samples": args.max_samples,
+        "caption_references": args.references,
     }
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None})
-    if args.cuda_graph:
-        options = dataclasses.replace(options, caption_cuda_graph=True)
+    switches = {
+        "caption_cuda_graph": args.cuda_graph,
+        "caption_len_from_references": args.max_len_from_references,
+    }
+    options = dataclasses.replace(options, **{k: True for k, on in switches.items() if on})
+    if args.unseeded:
+        options = dataclasses.replace(options, sampled_seed=None)
     return options
 
 

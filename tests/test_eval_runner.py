@@ -1,0 +1,146 @@
+"""Evaluator glue: what the protocol functions receive from ``famevil_fast.eval.runner`` (stub models, no
+encoder): the sampled XMR query count, the unseeded sampled protocol, and the caption decoding cap and
+references of FAMEVIL.md section 9 quirk 3 in both their faithful and fixed forms."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from famevil_fast.data.eval_sets import CapEval, XMREval
+from famevil_fast.eval import TaskResult
+from famevil_fast.eval import runner as runner_module
+from famevil_fast.eval.runner import EvalOptions, evaluate_cap, evaluate_xmr, longest_reference
+from famevil_fast.text import get_tokenizer, tokenize
+
+
+class EmbeddingStub:
+    """Images and texts are given as their embeddings; the encoders only normalise them."""
+
+    device = torch.device("cpu")
+
+    def encode_image(self, pixels, task):
+        return F.normalize(pixels.double(), dim=1)
+
+    def encode_text(self, input_ids, task):
+        return F.normalize(input_ids.double(), dim=1)
+
+
+def _xmr_set(products=12, views=3, dim=8, batch=10):
+    product_ids = torch.arange(products) + 100
+    image_ids = product_ids.repeat_interleave(views)
+    images = torch.randn(len(image_ids), dim, dtype=torch.float64)
+    sub = torch.zeros(len(image_ids), dtype=torch.long)
+    batches = [
+        {
+            "pixels": images[i : i + batch],
+            "product_ids": image_ids[i : i + batch],
+            "subcategory": sub[i : i + batch],
+        }
+        for i in range(0, len(image_ids), batch)
+    ]
+    texts = {
+        "input_ids": torch.randn(products, dim, dtype=torch.float64),
+        "product_ids": product_ids,
+        "subcategory": torch.zeros(products, dtype=torch.long),
+    }
+    return XMREval(batches, texts, [])
+
+
+def test_sampled_xmr_draws_1000_queries_per_direction():
+    """FAMEVIL.md 2.1: 1,000 random queries, all of them when fewer. The image-to-text queries are views, so
+    with 12 products of 3 views all 36 views are queries (the runner used to cap both directions at the
+    number of products: 12)."""
+    (result,) = evaluate_xmr(EmbeddingStub(), _xmr_set(), EvalOptions(xmr_protocols=("sampled",)))
+    assert result.details["num_queries_i2t"] == 36
+    assert result.details["num_queries_t2i"] == 12
+    assert result.details["num_negatives"] == 11  # every other product of the one subcategory
+
+
+def test_unseeded_sampled_xmr_through_the_runner():
+    data = _xmr_set()
+    torch.manual_seed(3)
+    (unseeded,) = evaluate_xmr(
+        EmbeddingStub(), data, EvalOptions(xmr_protocols=("sampled",), sampled_seed=None)
+    )
+    (seeded,) = evaluate_xmr(EmbeddingStub(), data, EvalOptions(xmr_protocols=("sampled",), sampled_seed=3))
+    assert unseeded.details["seed"] is None and seeded.details["seed"] == 3
+    assert unseeded.metrics == seeded.metrics  # the global RNG seeded with 3 draws what seed=3 draws
+
+
+class CaptionStub:
+    """Records the decoding length of every batch; always captions "a dress"."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.max_lens = []
+
+    def caption(self, pixels, max_len, num_beams, no_repeat_ngram, cuda_graph):
+        self.max_lens.append(max_len)
+        return ["a dress"] * pixels.shape[0]
+
+
+LONG_TEXT = " ".join(["red"] * 80)  # 80 content tokens: the CLIP round trip keeps 75
+TEXT_BATCHES = [["Red Dress", "A long black leather jacket with a zip"], ["Boots"], [LONG_TEXT, "Grey Coat"]]
+
+
+def _cap_set():
+    batches = [{"pixels": torch.zeros(len(texts), 1), "input_ids": tokenize(texts)} for texts in TEXT_BATCHES]
+    return CapEval(batches, [t for texts in TEXT_BATCHES for t in texts])
+
+
+@pytest.fixture
+def scored(monkeypatch):
+    """The arguments ``evaluate_cap`` hands to ``fic_result``."""
+    calls = []
+
+    def fake_fic_result(predictions, references, *, metrics=None):
+        calls.append((list(predictions), list(references)))
+        return TaskResult("fic", "coco-caption", {"bleu4": 0.0}, {"bleu4": None}, {})
+
+    monkeypatch.setattr(runner_module, "fic_result", fake_fic_result)
+    return calls
+
+
+def test_caption_length_fixed_by_default_and_from_references_when_faithful(scored):
+    model = CaptionStub()
+    (result,) = evaluate_cap(model, _cap_set(), EvalOptions(caption_max_len=23))
+    assert model.max_lens == [23, 23, 23] and result.details["max_len"] == 23
+    model = CaptionStub()
+    (result,) = evaluate_cap(model, _cap_set(), EvalOptions(caption_len_from_references=True))
+    # the longest reference of each batch in content tokens, counted with the tokenizer directly
+    tokenizer = get_tokenizer()
+    expected = [min(75, max(len(tokenizer.encode(t)) for t in texts)) for texts in TEXT_BATCHES]
+    assert expected == [8, 1, 75]
+    assert model.max_lens == expected and result.details["max_len"] == "longest reference"
+
+
+def test_caption_references_clip_round_trip_by_default_or_raw(scored):
+    evaluate_cap(CaptionStub(), _cap_set(), EvalOptions())
+    evaluate_cap(CaptionStub(), _cap_set(), EvalOptions(caption_references="raw"))
+    (predictions, clip), (_, raw) = scored
+    assert predictions == ["a dress"] * 5
+    assert clip == [
+        "red dress",
+        "a long black leather jacket with a zip",
+        "boots",
+        " ".join(["red"] * 75),
+        "grey coat",
+    ]
+    assert raw == [t for texts in TEXT_BATCHES for t in texts]
+    with pytest.raises(ValueError, match="caption_references"):
+        evaluate_cap(CaptionStub(), _cap_set(), EvalOptions(caption_references="lower"))
+
+
+def test_raw_references_follow_max_samples(scored):
+    evaluate_cap(CaptionStub(), _cap_set(), EvalOptions(caption_references="raw", max_samples=2))
+    (predictions, raw) = scored[0]
+    assert len(predictions) == 2 and raw == TEXT_BATCHES[0]
+
+
+def test_longest_reference_counts_content_tokens():
+    ids = tokenize(["a b c", "a"])
+    assert longest_reference(ids) == 3
+    no_end = torch.tensor([[49406, 320, 321, 322]])  # cut without an end token: every token after the start
+    assert longest_reference(no_end) == 3
+    assert longest_reference(tokenize([""])) == 1  # an empty reference still allows one step
