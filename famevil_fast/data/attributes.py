@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from famevil_fast.files import atomic_write_json
+
 FORMAT = "famevil_fast.attributes"
 VERSION = 1
 _WORD = re.compile(r"[a-z]+(?:['\-][a-z]+)*")
@@ -172,8 +174,6 @@ def write_attribute_file(
     dataset: str = "",
 ) -> Path:
     """Write the vocabulary and every split's product attribute ids as JSON (atomically)."""
-    from famevil_fast.model.weights import atomic_write_bytes
-
     data = {
         "format": FORMAT,
         "version": VERSION,
@@ -185,7 +185,7 @@ def write_attribute_file(
         "products": {s: {str(k): list(v) for k, v in rows.items()} for s, rows in products.items()},
     }
     path = Path(path)
-    atomic_write_bytes(path, lambda p: p.write_text(json.dumps(data)))
+    atomic_write_json(path, data)
     return path
 
 

@@ -33,6 +33,7 @@ from PIL import Image
 
 from famevil_fast.data.backends.base import default_threads
 from famevil_fast.data.transforms import to_rgb
+from famevil_fast.files import atomic_write_json
 
 CACHE_FORMAT = 1
 DEFAULT_SHARD_BYTES = 1 << 30
@@ -96,15 +97,6 @@ def dataset_image_keys(root: str | os.PathLike) -> list[str]:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -165,7 +157,7 @@ class _ShardWriter:
             "root": root,
             "max_side": max_side,
         }
-        _atomic_json(self.bin.with_suffix(".json"), manifest)
+        atomic_write_json(self.bin.with_suffix(".json"), manifest)
         return manifest
 
 
@@ -328,7 +320,7 @@ def build_cache(
             bad.unlink()
         for texts in all_texts(root_s):
             tokenize_texts(texts, out_p)
-    _atomic_json(index_path, index)
+    atomic_write_json(index_path, index)
     return CacheSummary(
         images=sum(len(m["keys"]) for m in ordered),
         new_images=len(todo) - len(failed),

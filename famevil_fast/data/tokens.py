@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from famevil_fast.files import atomic_write
+
 CONTEXT_LENGTH = 77
 _FORMAT = "clip-bpe-v1"
 
@@ -84,11 +86,15 @@ def tokenize_texts(
                 )
     ids = _tokenize(texts, context_length)
     if path is not None:
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        array = ids.numpy().astype(np.int32)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(tmp, ids.numpy().astype(np.int32))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: _save_npy(tmp, array))
         except OSError as e:
             raise OSError(f"token cache: cannot write {path}: {e}") from e
     return ids.to(torch.int64)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``array`` in .npy format at exactly ``path`` (``np.save`` given a name would append ".npy")."""
+    with open(path, "wb") as f:
+        np.save(f, array)

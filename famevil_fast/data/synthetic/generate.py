@@ -23,7 +23,6 @@ nor the reference alone (its siblings and itself are in the gallery) finds the t
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import time
@@ -48,6 +47,7 @@ from famevil_fast.data.synthetic.vocab import (
     SUBCATEGORIES,
     SUBCATEGORY_INDEX,
 )
+from famevil_fast.files import atomic_write_json
 
 FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 _PATTERN_P = np.asarray([0.3] + [0.14] * (len(PATTERNS) - 1))
@@ -394,15 +394,6 @@ def _render_all(jobs: list[_Job], workers: int) -> None:
             pass
 
 
-def write_json(path: Path, obj: object) -> None:
-    """Write ``obj`` as JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def make_synthetic(
     out_dir: str | os.PathLike,
     products: int = 1000,
@@ -437,12 +428,12 @@ def make_synthetic(
     _render_all(fg_jobs + fiq_jobs, workers or os.cpu_count() or 1)
 
     for split, rows in fg_rows.items():
-        write_json(root / "FashionGen" / f"{split}_info.json", rows)
+        atomic_write_json(root / "FashionGen" / f"{split}_info.json", rows)
     for (category, split), rows in captions.items():
-        write_json(root / "FashionIQ" / "captions" / f"cap.{category}.{split}.json", rows)
+        atomic_write_json(root / "FashionIQ" / "captions" / f"cap.{category}.{split}.json", rows)
     for (category, split), names in splits.items():
-        write_json(root / "FashionIQ" / "image_splits" / f"split.{category}.{split}.json", names)
-    write_json(root / "FashionIQ" / "synthetic_attributes.json", attributes)
+        atomic_write_json(root / "FashionIQ" / "image_splits" / f"split.{category}.{split}.json", names)
+    atomic_write_json(root / "FashionIQ" / "synthetic_attributes.json", attributes)
     summary = SyntheticSummary(
         root=str(root),
         seed=seed,
@@ -456,7 +447,7 @@ def make_synthetic(
         seconds=0.0,
     )
     record = {k: v for k, v in asdict(summary).items() if k not in ("root", "seconds")}
-    write_json(
+    atomic_write_json(
         root / "synthetic.json",
         {
             "generator_version": GENERATOR_VERSION,
