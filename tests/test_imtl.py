@@ -81,3 +81,38 @@ def test_global_combination_equalises_the_shared_projections():
 def test_no_gradients_combine_to_nothing():
     empty = {"itc": {}, "cap": {}}
     assert combine_all_per_tensor(empty, NAMES) == {} and combine_global(empty, NAMES) == {}
+
+
+def test_closed_form_on_a_hand_checked_pair():
+    """g1 = (1, 0), g2 = (0, 2): D = (1, -2), U = u1 - u2 = (1, -1), g1 U^T = 1, D U^T = 3, so
+    alpha = (2/3, 1/3) and the combination (2/3, 2/3) projects 2/3 on both unit gradients."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    assert imtl_g_weights(g).tolist() == pytest.approx([2 / 3, 1 / 3])
+    buffers = {"itc": {"p": g[0].float()}, "cap": {"p": g[1].float()}}
+    for combine in (combine_each_tensor, combine_all_per_tensor, combine_global):
+        torch.testing.assert_close(combine(buffers, ["p"])["p"], torch.tensor([2 / 3, 2 / 3]))
+
+
+@pytest.mark.parametrize(
+    "second, want",
+    [
+        ([2.0, 4.0, 1.0], [1.0, 2.0, 0.5]),  # same direction (singular system): the first task's gradient
+        ([-1.0, -2.0, -0.5], [0.0, 0.0, 0.0]),  # opposite directions: alpha = (1/2, 1/2), they cancel
+    ],
+)
+def test_collinear_gradients_follow_the_official_regularised_solve(second, want):
+    """Spec 3.3: a singular D U^T is solved with 1e-8 I added, as the official code does."""
+    buffers = {"itc": {"p": torch.tensor([1.0, 2.0, 0.5])}, "scr": {"p": torch.tensor(second)}}
+    for combine in (combine_each_tensor, combine_all_per_tensor):
+        torch.testing.assert_close(combine(buffers, ["p"])["p"], torch.tensor(want))
+
+
+def test_one_task_passes_through_and_a_scalar_takes_the_mean():
+    buffers = {
+        "itc": {"w": torch.tensor([3.0, -1.0]), "s": torch.tensor([2.0])},
+        "cap": {"s": torch.tensor([4.0])},
+    }
+    for combine in (combine_each_tensor, combine_all_per_tensor):
+        got = combine(buffers, ["w", "s"])
+        torch.testing.assert_close(got["w"], torch.tensor([3.0, -1.0]))
+        torch.testing.assert_close(got["s"], torch.tensor([3.0]))

@@ -81,7 +81,11 @@ class DataSection:
         "dataset root holding FashionGen/ and FashionIQ/ (e.g. the synthetic dataset)", "data/synthetic"
     )
     image_size: int = doc("input resolution; must match the CLIP preset", 224)
-    batch_size: int = doc("micro-batch size per task and process (the reference uses 64)", 64)
+    batch_size: int = doc(
+        "micro-batch size per task and PROCESS: under torchrun the global micro-batch is this x the number "
+        "of processes (the reference's 64 is global, split across its GPUs: 16 on 4 processes)",
+        64,
+    )
     eval_batch_size: int = doc("batch size of evaluation passes", 128)
     num_workers: int = doc("decoding threads", 4)
     backend: str | None = doc(
@@ -146,9 +150,13 @@ class OptimSection:
     new_module_lr_multiplier: float = doc(
         "learning-rate factor of adapters, cross-attention adapters and heads", 100.0
     )
-    weight_decay: float = doc("AdamW weight decay (biases never decay)", 1e-5)
+    weight_decay: float = doc(
+        "AdamW weight decay (biases, LayerNorm weights, scales and embeddings never decay by default)", 1e-5
+    )
     decay_norms_and_scales: bool = doc(
-        "faithful quirk: also decay LayerNorm weights and scale parameters", False
+        "faithful quirk: decay every weight but the biases (LayerNorm weights, scales and embeddings "
+        "included), as the official name filter did",
+        False,
     )
     betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
