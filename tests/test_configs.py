@@ -148,12 +148,30 @@ def test_unknown_task_is_named_before_task_weights():
         ("eval.xmr_protocols=[full, sampeld]", "eval.xmr_protocols"),
         ("eval.tasks=[mvc]", "eval.tasks: task 'mvc' has no evaluation"),
         ("eval.tasks=[capp]", "eval.tasks: task 'capp' has no evaluation"),
+        ("eval.caption_references=coco", "eval.caption_references must be one of .*'raw'.*got 'coco'"),
+        ("eval.sampled_seed=1.5", "eval.sampled_seed"),
     ],
 )
 def test_bad_eval_fields_fail_when_the_config_loads(bad, message):
     """Eval mistakes stop `train` at start, not after the training has run."""
     with pytest.raises(ValueError, match=message):
         load_config(resolve("tiny_cpu"), [bad])
+
+
+def test_the_official_evaluation_quirks_reach_the_evaluator():
+    from famevil_fast.eval.runner import EvalOptions
+
+    overrides = [
+        "eval.sampled_seed=null",
+        "eval.caption_len_from_references=true",
+        "eval.caption_references=raw",
+    ]
+    options = EvalOptions.from_section(load_config(resolve("tiny_cpu"), overrides).eval)
+    assert options.sampled_seed is None and options.caption_len_from_references
+    assert options.caption_references == "raw"
+    default = EvalOptions.from_section(load_config(resolve("tiny_cpu")).eval)
+    assert default.sampled_seed == 0 and not default.caption_len_from_references
+    assert default.caption_references == "clip"
 
 
 def test_eval_tasks_must_be_trained_and_metric_names_come_from_the_eval_code():

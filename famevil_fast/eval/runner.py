@@ -70,8 +70,8 @@ class EvalOptions:
             section.caption_metrics,
             section.max_samples,
             caption_cuda_graph=section.caption_cuda_graph,
-            caption_len_from_references=getattr(section, "caption_len_from_references", False),
-            caption_references=getattr(section, "caption_references", "clip"),
+            caption_len_from_references=section.caption_len_from_references,
+            caption_references=section.caption_references,
         )
 
 

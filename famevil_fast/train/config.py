@@ -198,8 +198,20 @@ class EvalSection:
     xmr_protocols: list[str] = doc(
         "cross-modal retrieval protocols: full, sampled", factory=lambda: ["full", "sampled"]
     )
-    sampled_seed: int = doc("seed of the sampled-100 protocol", 0)
+    sampled_seed: int | None = doc(
+        "seed of the sampled-100 protocol; null = the official code's unseeded draws from the global RNG", 0
+    )
     caption_max_len: int = doc("longest generated caption in tokens", 40)
+    caption_len_from_references: bool = doc(
+        "cap each batch's captions at its longest reference's length, as the official code (it leaks the "
+        "reference lengths; caption_max_len is then unused)",
+        False,
+    )
+    caption_references: str = doc(
+        "caption references: clip (the product text after a round trip through the CLIP tokenizer, as the "
+        "official code) or raw (the text as written)",
+        "clip",
+    )
     caption_beams: int = doc("beam width of caption decoding (1 = greedy)", 1)
     caption_no_repeat_ngram: int = doc("forbid repeating any n-gram of this length in a caption (0 = off)", 0)
     caption_cuda_graph: bool = doc(
@@ -356,7 +368,7 @@ def _check_eval(section: EvalSection, trained: list[str]) -> None:
     """Every eval field whose validity is known before training, so a bad one fails at start, not at the
     first evaluation (the lists of valid names are the evaluation code's own)."""
     from famevil_fast.eval.captioning import CAPTION_METRICS
-    from famevil_fast.eval.runner import EVALUATORS
+    from famevil_fast.eval.runner import CAPTION_REFERENCES, EVALUATORS
 
     for task in section.tasks or []:
         if task not in EVALUATORS:
@@ -371,6 +383,7 @@ def _check_eval(section: EvalSection, trained: list[str]) -> None:
         raise ValueError(f"eval.caption_metrics must name at least one metric of {CAPTION_METRICS}")
     for metric in section.caption_metrics:
         _choice("eval.caption_metrics", metric, CAPTION_METRICS)
+    _choice("eval.caption_references", section.caption_references, CAPTION_REFERENCES)
     for name, value, low in (
         ("eval.every", section.every, 0),
         ("eval.caption_max_len", section.caption_max_len, 1),
