@@ -191,6 +191,20 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(v[-8:], t[-8:])
 
 
+def test_backbone_export_leaves_the_adapters_out_and_the_official_layout_refuses_them(tmp_path):
+    from famevil_fast.model.export import save_huggingface, save_official
+    from famevil_fast.model.weights import is_new_module_key, load_clip_state_dict
+
+    model = _perturb(FameViL(_config()))
+    save_huggingface(model, tmp_path / "clip.safetensors")
+    backbone, _ = load_clip_state_dict(str(tmp_path / "clip.safetensors"))
+    own = model.state_dict()
+    assert backbone.keys() == {k for k in own if not is_new_module_key(k)}
+    assert all(torch.equal(backbone[k], own[k]) for k in backbone)
+    with pytest.raises(ValueError, match="official FAME-ViL layout has no Cross-Modal Adapters"):
+        save_official(model, tmp_path / "official.pth")
+
+
 def test_frozen_backbone_trains_only_adapters_and_heads():
     model = FameViL(_config(xaa="none", tasks=("itc",)))
     trainable = freeze_backbone(model)

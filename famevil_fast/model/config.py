@@ -169,7 +169,8 @@ class FameViLConfig:
     adapter_bottleneck: TSA width r (64 in the multi-task recipes, 512 in the released checkpoint).
     xaa: cross-attention adapters in "both" towers, the "text" tower only, or "none".
     caption_loss_on_padding: train padded positions to predict the end token, as the official code does
-        (off by default: positions after the first end token are ignored).
+        (off by default: positions after the first end token are ignored). The official text is padded with
+        the end token, so padded positions then read end tokens whatever id the batch pads with.
     caption_vocab: token ids the caption head scores (a shortlist, e.g. every token of the training
         captions; the end token must be in it); None = the whole vocabulary. Logits, the loss and decoding
         then cover only these tokens, which makes the LM head |V| / |shortlist| times cheaper.

@@ -40,10 +40,17 @@ _ADAPTER = {v: k for k, v in _ADAPTER_PARTS.items()}
 
 
 def to_huggingface(state: dict[str, torch.Tensor], with_adapters: bool = False) -> dict[str, torch.Tensor]:
-    """famevil_fast names -> Hugging Face CLIPModel names (plus FAME-ViL's adapter names when asked)."""
+    """famevil_fast names -> Hugging Face CLIPModel names (plus FAME-ViL's adapter names when asked). The
+    heads, and without ``with_adapters`` every adapter (Cross-Modal Adapters included), are left out."""
     out: dict[str, torch.Tensor] = {}
+    cross_modal = sorted(k for k in state if ".xma." in k or k.startswith("xmodal_shared."))
+    if with_adapters and cross_modal:
+        raise ValueError(
+            "the official FAME-ViL layout has no Cross-Modal Adapters (adapter_type='xmodal'), so this model "
+            f"cannot be written in it (e.g. {cross_modal[0]}); save_pretrained keeps every weight"
+        )
     for key, value in state.items():
-        if key.startswith("heads."):
+        if key.startswith("heads.") or key in cross_modal:
             continue
         if key in _TOP:
             out[_TOP[key]] = value

@@ -128,12 +128,15 @@ def _fusion_pass(
 
 def _caption_output(model, memory, ids, gather) -> TaskOutput:
     ids = model.trim(ids)
+    valid_ids = text_valid_mask(ids)
+    if model.config.caption_loss_on_padding:
+        # The official text is padded with the end token (pad == EOS): the padded positions are trained
+        # here, so they read end tokens as their inputs and targets whatever id the batch pads with.
+        ids = torch.where(valid_ids, ids, torch.full_like(ids, EOT_ID))
     states = model.caption_states(memory, ids, "cap")[:, :-1]
     targets = ids[:, 1:]
-    valid = text_valid_mask(ids)[:, 1:]
-    if model.config.caption_loss_on_padding:
-        targets = torch.where(valid, targets, torch.full_like(targets, EOT_ID))
-    elif not static_shapes_enabled():
+    valid = valid_ids[:, 1:]
+    if not model.config.caption_loss_on_padding and not static_shapes_enabled():
         states, targets = states[valid], targets[valid]
     states, targets = states.reshape(-1, states.shape[-1]), model.caption_targets(targets.reshape(-1))
     trained = torch.ones_like(targets, dtype=torch.bool)  # the positions the losses average over
