@@ -118,10 +118,10 @@ class EvalReport:
     def save(self, path: str | Path) -> None:
         """Write the JSON report atomically (a temporary file renamed into place: a crash leaves the old
         file whole), creating missing parent directories."""
-        from famevil_fast.model.weights import atomic_write_bytes
+        from famevil_fast.files import atomic_write
 
         text = self.to_json() + "\n"
-        atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(text))
+        atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from famevil_fast.files import atomic_write, atomic_write_json
 from famevil_fast.model.weights import (
     _ADAPTER_PARTS,
     _HF_LAYER,
     _HF_NORMS,
     _HF_TOP,
     FORMAT_TAG,
-    atomic_write_bytes,
     sidecar_path,
 )
 
@@ -124,11 +124,11 @@ def write_weights_file(
         from safetensors.torch import save_file
 
         meta = {"format": "pt", "config": json.dumps(config)}
-        atomic_write_bytes(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
         return [path]
     sidecar = sidecar_path(path)
-    atomic_write_bytes(path, lambda p: torch.save(tensors, p))
-    atomic_write_bytes(sidecar, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(path, lambda p: torch.save(tensors, p))
+    atomic_write_json(sidecar, config, indent=2)
     return [path, sidecar]
 
 

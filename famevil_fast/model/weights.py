@@ -21,9 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from famevil_fast.files import atomic_write, atomic_write_json
 from famevil_fast.model.config import (
     CLIP_PRESETS,
     PRESET_ALIASES,
@@ -670,21 +669,6 @@ def load_into(
 
 
 # ---------------------------------------------------------------- writing
-def atomic_write_bytes(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_famevil(model: FameViL, directory: str | Path) -> Path:
     from safetensors.torch import save_file
 
@@ -692,6 +676,6 @@ def save_famevil(model: FameViL, directory: str | Path) -> Path:
     config = {"format": FORMAT_TAG, "famevil": model.config.to_dict()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config)}
-    atomic_write_bytes(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
-    atomic_write_bytes(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    atomic_write_json(directory / CONFIG_FILE, config, indent=2)
     return directory
