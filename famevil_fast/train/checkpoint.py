@@ -7,6 +7,7 @@ crash never leaves a half-written checkpoint behind; only the newest ``keep_last
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,6 +28,7 @@ STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+TEMP_DIR = re.compile(r"^\.step_\d{8}\.")  # ``save``'s temporary directories (and checkpoints moved aside)
 
 
 # ---------------------------------------------------------------- optimizer state
@@ -52,7 +54,17 @@ def optimizer_from_flat(
         state.setdefault(int(pid), {})[key] = value
     for pid, entries in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(entries)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = [  # JSON turned tuples (AdamW's betas) into lists
+        {k: _like(v, now.get(k)) for k, v in saved.items()}
+        for saved, now in zip(meta["param_groups"], optimizer.param_groups)
+    ]
+    groups += meta["param_groups"][len(groups) :]  # a count mismatch is load_state_dict's to report
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _like(saved: Any, current: Any) -> Any:
+    """A saved value as a tuple where the optimizer holds a tuple (JSON has lists only)."""
+    return tuple(saved) if isinstance(saved, list) and isinstance(current, tuple) else saved
 
 
 # ---------------------------------------------------------------- random states
@@ -88,8 +100,11 @@ class CheckpointManager:
         self.keep_last = max(1, keep_last)
 
     def list(self) -> list[Path]:
+        """The complete checkpoints, oldest first (after putting back any that a rewrite moved aside and a
+        crash kept from being replaced)."""
         if not self.directory.exists():
             return []
+        self._recover()
         found = [
             p
             for p in self.directory.iterdir()
@@ -117,9 +132,7 @@ class CheckpointManager:
             payload = {"update": update, "optimizer": opt_meta, "rng": rng_meta, **state}
             (tmp / STATE_FILE).write_text(json.dumps(payload))
             _fsync_dir_files(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _replace_dir(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -151,8 +164,45 @@ class CheckpointManager:
         return state
 
     def _prune(self) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints, and what interrupted writes left behind
+        (hidden temporary directories; only the main process writes checkpoints, and not concurrently)."""
         for old in self.list()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.directory.iterdir():
+            if leftover.is_dir() and TEMP_DIR.match(leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _recover(self) -> None:
+        """Rename back a complete checkpoint that ``_replace_dir`` moved aside when the process died before
+        its replacement was renamed into place (several processes may try at once: one wins)."""
+        for aside in self.directory.glob(".step_*.old.*"):
+            for moved in aside.glob("step_*"):
+                final = self.directory / moved.name
+                if STEP_DIR.match(moved.name) and (moved / STATE_FILE).exists() and not final.exists():
+                    with contextlib.suppress(OSError):
+                        os.replace(moved, final)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename directory ``new`` to ``final``. An existing ``final`` (a checkpoint of the same update) is
+    moved aside first and deleted only once ``new`` is in place (moved back if that rename fails), so it
+    is never deleted before its replacement exists."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
+    try:
+        os.replace(final, aside / final.name)
+    except BaseException:
+        aside.rmdir()
+        raise
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside / final.name, final)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

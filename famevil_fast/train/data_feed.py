@@ -38,10 +38,18 @@ class LoaderStream:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._batches = None
+        self._stop_batches()
         self.loader.load_state_dict(dict(state))
 
+    def _stop_batches(self) -> None:
+        """End the running batch generator (and its prefetching thread): the next batch comes from the
+        loader's restored position."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
     def close(self) -> None:
+        self._stop_batches()
         self.loader.close()
 
 

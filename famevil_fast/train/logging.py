@@ -1,5 +1,11 @@
 """Run logging: JSON-lines metrics (strict JSON: non-finite numbers are written as null), optional
-TensorBoard event files, and a tqdm progress bar."""
+TensorBoard event files, and a tqdm progress bar.
+
+A run that resumes at update ``start`` continues the same ``metrics.jsonl``: the train and eval records of
+later updates, written by the interrupted run after its last checkpoint (a crash between checkpoints), are
+dropped first, so that each update's record appears once, and TensorBoard purges its events after
+``start``. A last line cut short by a crash is dropped too, rather than having the next record glued to it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from famevil_fast.files import atomic_write
 
 
 class RunLogger:
@@ -29,11 +37,19 @@ class RunLogger:
         if not enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.directory / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        path = self.directory / "metrics.jsonl"
+        dropped = drop_records_after(path, start if start > 0 else None)
+        self.metrics = open(path, "a", buffering=1)  # noqa: SIM115
         if tensorboard:
-            self.writer = _tensorboard_writer(self.directory / "tensorboard")
+            purge = start + 1 if start > 0 else None  # events of later updates: logged before a crash
+            self.writer = _tensorboard_writer(self.directory / "tensorboard", purge)
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="upd", dynamic_ncols=True)
+        if dropped:
+            self.message(
+                f"resuming at update {start}: dropped {dropped} record(s) of metrics.jsonl logged after that "
+                "update's checkpoint (or cut short) by the interrupted run"
+            )
 
     def log(self, update: int, values: dict[str, Any], kind: str = "train") -> None:
         if not self.enabled:
@@ -86,9 +102,37 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
-def _tensorboard_writer(path: Path):
+def drop_records_after(path: Path, update: int | None) -> int:
+    """Rewrite the JSON-lines file ``path`` (atomically) without the records of updates after ``update``
+    (messages, which carry no update, stay) and without lines that are not JSON (a last line cut short by
+    a crash); returns how many lines were dropped. ``update`` None keeps every update."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8", errors="replace")
+    torn = bool(text) and not text.endswith("\n")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the file ends with a newline (or is empty)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        number = record.get("update") if isinstance(record, dict) else None
+        late = update is not None and isinstance(number, int) and number > update
+        if not late or record.get("kind") == "message":
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped or torn:
+        body = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda tmp: tmp.write_text(body, encoding="utf-8"))
+    return dropped
+
+
+def _tensorboard_writer(path: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except (ImportError, ModuleNotFoundError):
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)

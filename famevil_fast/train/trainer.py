@@ -241,6 +241,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last)
         self.evaluator = evaluator
         self.update = 0
+        self._checkpointed: Path | None = None  # the newest checkpoint written or resumed from
         self.history: list[dict[str, Any]] = []
         self.eval_results: list[dict[str, Any]] = []
         self._stop_signal: int | None = None  # this process's signal
@@ -272,9 +273,17 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
+        """Write the checkpoint of the current update, unless this very update's checkpoint was already
+        written (or resumed from) and is still there: nothing has changed since, and rewriting it would
+        only delete and write the same files again (the end of a run whose last update was a periodic
+        checkpoint, or a resumed run with nothing left to do)."""
         if not self.dist.is_main:
             return None
-        return self.checkpoints.save(self.update, self.model, self.optimizer, self.state())
+        done = self._checkpointed
+        if done is not None and done.name == f"step_{self.update:08d}" and done in self.checkpoints.list():
+            return done
+        self._checkpointed = self.checkpoints.save(self.update, self.model, self.optimizer, self.state())
+        return self._checkpointed
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from ``path`` or the newest checkpoint of the run directory; False when there is none."""
@@ -290,6 +299,7 @@ class Trainer:
                 self.streams[task].load_state_dict(stream_state)
         self.history = list(state.get("history", []))
         self.update = int(state["update"])
+        self._checkpointed = path if path.name == f"step_{self.update:08d}" else None
         return True
 
     def _check_resumed_config(self, path: Path, state: Mapping[str, Any]) -> None:
@@ -309,6 +319,11 @@ class Trainer:
         if self.cfg.train.precision != "bf16":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _rng_untouched(self):
+        """Random-number states (CPU and this process's GPU) restored on exit."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices, device_type=self.device.type)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -535,6 +550,9 @@ class Trainer:
         except NonFiniteLoss as exc:  # no checkpoint: the last one saved stays the newest
             status = f"stopped ({exc.reason})"
             raise
+        except BaseException as exc:  # a crash: the log must not call it finished
+            status = f"failed ({type(exc).__name__}: {exc})"
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -571,7 +589,9 @@ class Trainer:
             return {}
         self.model.eval()
         try:
-            with torch.no_grad(), self._autocast():
+            # the evaluation draws nothing from the training's random stream: a run evaluated at update k
+            # and a run that stopped (and checkpointed) at k before evaluating draw the same dropout masks
+            with torch.no_grad(), self._autocast(), self._rng_untouched():
                 results = self.evaluator(self.model)
         finally:
             self.model.train()
