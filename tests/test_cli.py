@@ -142,6 +142,10 @@ def test_eval_options_from_a_recipe_and_the_flags():
     assert plain.caption_metrics is None and plain.caption_cuda_graph
     assert plain.sampled_seed == 0 and not plain.caption_len_from_references
     assert plain.caption_references == "clip"
+    assert (plain.eval_resize, plain.views) == ("keep_aspect", "all")
+    assert (demo.eval_resize, demo.views) == ("keep_aspect", "all")
+    other = options("--config", "tiny_cpu", "--eval-resize", "squash", "--views", "first")
+    assert (other.eval_resize, other.views, other.caption_beams) == ("squash", "first", 3)
     faithful = options("--seed", "4", "--unseeded", "--max-len-from-references", "--references", "raw")
     assert faithful.sampled_seed is None and faithful.caption_len_from_references
     assert faithful.caption_references == "raw" and not faithful.caption_cuda_graph
@@ -164,6 +168,30 @@ def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp
     fused = [*args, "--tasks", "cap", "--max-len", "6", "--max-samples", "8", "--op-backend", "triton"]
     assert main([*fused, "--out", str(out)]) == 0  # the Triton kernels, captions decoded by the fused step
     assert json.loads(out.read_text())["results"][0]["metrics"] == results["fic"]["metrics"]
+
+
+def test_eval_views_and_resize_reach_the_report(checkpoint, tmp_path_factory, tmp_path, capsys):
+    from test_data_fixtures import synthetic
+
+    from famevil_fast.data.fashiongen import read_fashiongen
+
+    data = synthetic(tmp_path_factory, products=40, image_size=48)
+    out = tmp_path / "report.json"
+    args = ["eval", str(checkpoint), "--data", str(data), "--tasks", "scr", "tgir", "--out", str(out)]
+    assert main([*args, "--views", "first", "--eval-resize", "squash"]) == 0
+    scr, tgir = json.loads(out.read_text())["results"]
+    assert scr["details"]["views"] == "first" and scr["details"]["eval_resize"] == "squash"
+    assert scr["details"]["num_samples"] == len(read_fashiongen(data, "val"))  # one view per product
+    assert {"category_accuracy", "category_macro_f1"} <= set(scr["metrics"])
+    assert tgir["details"]["eval_resize"] == "squash"
+    assert "views=first, eval_resize=squash" in capsys.readouterr().out
+    assert main(args) == 0
+    scr, tgir = json.loads(out.read_text())["results"]
+    assert (scr["details"]["views"], scr["details"]["eval_resize"]) == ("all", "keep_aspect")
+    assert tgir["details"]["eval_resize"] == "keep_aspect"
+    with pytest.raises(SystemExit, match="2"):
+        main([*args, "--eval-resize", "stretch"])
+    assert "--eval-resize: invalid choice" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,8 @@ def test_unknown_task_is_named_before_task_weights():
         ("eval.tasks=[capp]", "eval.tasks: task 'capp' has no evaluation"),
         ("eval.caption_references=coco", "eval.caption_references must be one of .*'raw'.*got 'coco'"),
         ("eval.sampled_seed=1.5", "eval.sampled_seed"),
+        ("eval.resize=stretch", r"eval.resize must be one of \('keep_aspect', 'squash'\), got 'stretch'"),
+        ("eval.views=second", r"eval.views must be one of \('all', 'first'\), got 'second'"),
     ],
 )
 def test_bad_eval_fields_fail_when_the_config_loads(bad, message):
@@ -172,6 +174,21 @@ def test_the_official_evaluation_quirks_reach_the_evaluator():
     default = EvalOptions.from_section(load_config(resolve("tiny_cpu")).eval)
     assert default.sampled_seed == 0 and not default.caption_len_from_references
     assert default.caption_references == "clip"
+
+
+def test_eval_resize_and_views_reach_the_evaluator():
+    """FAMEVIL.md section 9: quirk 7 fixed by default (aspect kept), the squash behind eval.resize; quirk
+    6's every-view protocol by default, one view per product behind eval.views. Every recipe keeps the
+    defaults."""
+    from famevil_fast.eval.runner import EvalOptions
+
+    for name in RECIPES:
+        options = EvalOptions.from_section(load_config(resolve(name)).eval)
+        assert (options.eval_resize, options.views) == ("keep_aspect", "all"), name
+    cfg = load_config(resolve("tiny_cpu"), ["eval.resize=squash", "eval.views=first"])
+    options = EvalOptions.from_section(cfg.eval)
+    assert (options.eval_resize, options.views) == ("squash", "first")
+    assert EvalOptions().eval_resize == "keep_aspect" and EvalOptions().views == "all"
 
 
 def test_eval_tasks_must_be_trained_and_metric_names_come_from_the_eval_code():

@@ -10,10 +10,12 @@ from PIL import Image
 from famevil_fast.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    EVAL_RESIZE_MODES,
     CropPlan,
     counter_uniforms,
     eval_boxes,
     eval_resize,
+    eval_resized_sizes,
     normalize,
     pil_resample,
     reference_transform,
@@ -53,16 +55,90 @@ def test_train_boxes_inside_image_with_area_and_aspect(size):
     assert 0.45 < flips.mean() < 0.55
 
 
-def test_eval_box_equals_resize_then_centre_crop():
+def _resize_then_centre_crop(img: Image.Image, s: int, mode: str) -> np.ndarray:
+    """The eval transform written the plain way: PIL resize of the whole image, then the centre crop
+    (torchvision's Resize(R) / Resize((R, R)) and CenterCrop(S) rules, restated here independently)."""
+    r = eval_resize(s)
+    h, w = img.height, img.width
+    if mode == "squash":
+        rh, rw = r, r
+    elif w <= h:
+        rh, rw = int(r * h / w), r
+    else:
+        rh, rw = r, int(r * w / h)
+    top, left = int(round((rh - s) / 2)), int(round((rw - s) / 2))
+    return np.asarray(img.resize((rw, rh), Image.Resampling.BILINEAR))[top : top + s, left : left + s]
+
+
+@pytest.mark.parametrize("mode", EVAL_RESIZE_MODES)
+@pytest.mark.parametrize("shape", [(123, 87), (87, 123), (50, 50), (40, 97)])
+def test_eval_box_equals_resize_then_centre_crop(mode, shape):
     rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (123, 87, 3), dtype=np.uint8))
+    img = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
     for s in (224, 64, 33):
-        r = eval_resize(s)
-        off = int(round((r - s) / 2))
-        ref = np.asarray(img.resize((r, r), Image.Resampling.BILINEAR))[off : off + s, off : off + s]
-        box = eval_boxes([[123, 87]], s)[0]
+        ref = _resize_then_centre_crop(img, s, mode)
+        box = eval_boxes([shape], s, mode)[0]
         out = np.asarray(pil_resample(img, box, False, s))
+        assert out.shape == ref.shape == (s, s, 3)
         assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+        plan_box = CropPlan(eval_resize=mode).boxes(np.asarray([shape]), s)[0][0]
+        assert np.array_equal(plan_box, box)
+
+
+def test_eval_resize_keeps_the_aspect_by_default_and_squashes_when_asked():
+    """FAMEVIL.md section 9, quirk 7: the official eval resize squashes to R x R; the default keeps the aspect
+    (shorter side R, as torchvision's Resize(R)); square images are the same either way."""
+    sizes = np.array([[300, 200], [200, 300], [256, 256], [97, 61], [61, 97], [5, 1]])
+    r = eval_resize(224)
+    assert r == 256
+    assert eval_resized_sizes(sizes, 224, "squash").tolist() == [[r, r]] * len(sizes)
+    assert eval_resized_sizes(sizes, 224).tolist() == [
+        [384, 256],
+        [256, 384],
+        [256, 256],
+        [407, 256],
+        [256, 407],
+        [1280, 256],
+    ]
+    keep, squash = eval_boxes(sizes, 224), eval_boxes(sizes, 224, "squash")
+    assert np.array_equal(keep, CropPlan().boxes(sizes, 224)[0])  # the default plan keeps the aspect
+    assert np.array_equal(keep[2], squash[2])  # square: the same box
+    assert not np.allclose(keep[[0, 1, 3, 4, 5]], squash[[0, 1, 3, 4, 5]])
+    # keep_aspect: a square box (no distortion beyond the long side's rounding down to whole pixels),
+    # centred; squash: the image's own aspect (distorted)
+    top, left, bh, bw = keep.T
+    assert np.allclose(bh, bw, rtol=1 / 256)
+    assert np.allclose(top + bh / 2, sizes[:, 0] / 2, atol=0.5 * sizes[:, 0] / 256)
+    assert np.allclose(left + bw / 2, sizes[:, 1] / 2, atol=0.5 * sizes[:, 1] / 256)
+    assert np.allclose(squash[:, 2] / squash[:, 3], sizes[:, 0] / sizes[:, 1])
+
+
+def test_eval_resize_matches_torchvision_resize_sizes():
+    T = pytest.importorskip("torchvision.transforms")
+    rng = np.random.default_rng(3)
+    for h, w in rng.integers(1, 400, (40, 2)):
+        img = Image.new("RGB", (int(w), int(h)))
+        for s in (224, 64):
+            r = eval_resize(s)
+            out = T.Resize(r)(img)
+            assert eval_resized_sizes([[h, w]], s)[0].tolist() == [out.height, out.width]
+            assert eval_resized_sizes([[h, w]], s, "squash")[0].tolist() == [r, r]
+
+
+def test_eval_resize_is_checked_and_kept_by_subsets_and_training_ignores_it():
+    with pytest.raises(ValueError, match=r"eval_resize must be one of \('keep_aspect', 'squash'\)"):
+        CropPlan(eval_resize="stretch")
+    with pytest.raises(ValueError, match="eval_resize must be one of"):
+        eval_boxes([[10, 20]], 8, "crop")
+    squash = CropPlan(eval_resize="squash")
+    assert squash.subset(np.array([0])).eval_resize == "squash"
+    u = counter_uniforms(0, 0, np.arange(4))
+    train = CropPlan(u, eval_resize="squash")
+    assert train.subset(np.array([1, 2])).eval_resize == "squash"
+    sizes = np.array([[300, 200], [61, 97], [64, 64], [10, 80]])
+    # the training transform (random resized crop) is the same whatever the eval resize
+    for a, b in zip(CropPlan(u).boxes(sizes, 32), train.boxes(sizes, 32)):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("h,w,s", [(64, 64, 48), (50, 37, 64), (37, 80, 17), (256, 200, 32), (9, 9, 1)])
@@ -123,12 +199,14 @@ def test_normalize_and_reference_transform_match_torchvision_style_pipeline():
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert (normalize(x.clone()) - (x.float() / 255 - mean) / std).abs().max() < 1e-5
     img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8))
-    out = reference_transform(img, 32)
-    r = eval_resize(32)
-    off = int(round((r - 32) / 2))
-    crop = np.asarray(img.resize((r, r), Image.Resampling.BILINEAR))[off : off + 32, off : off + 32]
-    expected = (torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255 - mean[0]) / std[0]
-    assert out.shape == (3, 32, 32) and (out - expected).abs().max() < 1.5 / 255 / 0.26
+    outs = {}
+    for mode in EVAL_RESIZE_MODES:
+        outs[mode] = out = reference_transform(img, 32, eval_resize=mode)
+        crop = _resize_then_centre_crop(img, 32, mode)
+        expected = (torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255 - mean[0]) / std[0]
+        assert out.shape == (3, 32, 32) and (out - expected).abs().max() < 1.5 / 255 / 0.26
+    assert torch.equal(reference_transform(img, 32), outs["keep_aspect"])  # the default
+    assert (outs["keep_aspect"] - outs["squash"]).abs().mean() > 0.1  # a non-square image: not the same
     flipped = reference_transform(img, 32, uniforms=np.array([0.5, 0.5, 0.5, 0.5, 0.1, 0.0]))
     same = reference_transform(img, 32, uniforms=np.array([0.5, 0.5, 0.5, 0.5, 0.9, 0.0]))
     assert torch.equal(flipped, same.flip(-1))

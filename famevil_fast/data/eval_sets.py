@@ -8,26 +8,36 @@ itc      :class:`XMREval`: ``images`` = every view of every product, batches of 
 tgir     :class:`TGIREval`: per category ("dress", "shirt", "toptee") ``queries`` (ref_pixels,
          input_ids, target_ids, category) and ``gallery`` (pixels, target_ids; distinct target ids of
          all val rows, fake_data rows included)
-scr      :class:`SCREval`: every view is a sample: pixels, input_ids, labels, product_ids
+scr      :class:`SCREval`: every view is a sample: pixels, input_ids, labels, product_ids;
+         ``categories`` maps each subcategory to its category (None, with ``category_note`` saying why,
+         when the rows carry no category_id)
 cap      :class:`CapEval`: every view with its reference text: pixels, input_ids, product_ids;
          ``references`` holds the raw text of each sample in order
 =======  ==========================================================================================
 
 Image batches are :class:`~famevil_fast.data.loader.EvalBatches` (re-iterable, in order, eval crop); all
 tensors are on the chosen device.
+
+``views`` (FAMEVIL.md section 9, quirk 6): "all" (default, the official protocol behind the published
+numbers) makes every view of a product a sample of SCR and FIC and an item of the XMR image side; "first"
+keeps one view per product, the first one listed that has an image. TGIR has one image per entry either way.
+``eval_resize`` (quirk 7): "keep_aspect" (default) or "squash" (the official code), see
+:mod:`famevil_fast.data.transforms`. Every set records both.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from famevil_fast.data.backends import ImageBackend
+from famevil_fast.data.fashiongen import fashiongen_split_file
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.loader import EvalBatches, default_device, resolve_backend
+from famevil_fast.data.records import Product
 from famevil_fast.data.tasks import (
     check_task,
     drop_missing_products,
@@ -37,6 +47,9 @@ from famevil_fast.data.tasks import (
     tgir_tables,
     view_table,
 )
+from famevil_fast.data.transforms import check_eval_resize
+
+EVAL_VIEWS: tuple[str, ...] = ("all", "first")  # default (the official protocol) first
 
 
 @dataclass
@@ -44,6 +57,8 @@ class XMREval:
     images: EvalBatches
     texts: dict[str, torch.Tensor]
     text_strings: list[str]
+    views: str = "all"
+    eval_resize: str = "keep_aspect"
 
 
 @dataclass
@@ -56,17 +71,58 @@ class TGIRCategoryEval:
 @dataclass
 class TGIREval:
     categories: dict[str, TGIRCategoryEval]
+    eval_resize: str = "keep_aspect"
 
 
 @dataclass
 class SCREval:
     samples: EvalBatches
+    views: str = "all"
+    eval_resize: str = "keep_aspect"
+    categories: dict[int, int] | None = None  # subcategory id -> category id, from the dataset rows
+    category_note: str | None = None  # why ``categories`` is None
 
 
 @dataclass
 class CapEval:
     samples: EvalBatches
     references: list[str]
+    views: str = "all"
+    eval_resize: str = "keep_aspect"
+
+
+def check_views(views: str) -> str:
+    """``views`` when it is one of :data:`EVAL_VIEWS`; ValueError naming the choices otherwise."""
+    if views not in EVAL_VIEWS:
+        raise ValueError(f"views must be one of {EVAL_VIEWS}, got {views!r}")
+    return views
+
+
+def first_views(products: list[Product]) -> list[Product]:
+    """Every product with its first view only (quirk 6's one-view-per-product alternative)."""
+    return [p if len(p.images) == 1 else replace(p, images=p.images[:1]) for p in products]
+
+
+def subcategory_categories(products: list[Product], what: str) -> tuple[dict[int, int] | None, str | None]:
+    """(subcategory id -> category id, None) read from the products' rows, or (None, why) when some rows
+    carry no ``category_id``. ValueError naming the subcategory, both categories and a product of each when
+    a subcategory has products in two categories (category-level SCR scores would be ill-defined)."""
+    lacking = [p.id for p in products if p.category_id < 0]
+    if lacking:
+        return None, (
+            f"{len(lacking)} of {len(products)} products of {what} have no category_id "
+            f"(product {lacking[0]}{', ...' if len(lacking) > 1 else ''})"
+        )
+    first: dict[int, Product] = {}
+    for p in products:
+        seen = first.setdefault(p.subcategory_id, p)
+        if seen.category_id != p.category_id:
+            raise ValueError(
+                f"{what}: subcategory {p.subcategory_id} maps to several categories: {seen.category_id} "
+                f"(product {seen.id}) and {p.category_id} (product {p.id}); category-level SCR scores need "
+                "one category per subcategory"
+            )
+    return {sub: p.category_id for sub, p in sorted(first.items())}, None
 
 
 def build_eval_sets(
@@ -84,10 +140,19 @@ def build_eval_sets(
     check_files: bool = True,
     categories: Sequence[str] = FIQ_CATEGORIES,
     verify_cache: bool = True,
+    views: str = "all",
+    eval_resize: str = "keep_aspect",
 ) -> XMREval | TGIREval | SCREval | CapEval:
-    """The evaluation set of ``task`` on ``split`` (module table); arguments as in ``build_train_loader``."""
+    """The evaluation set of ``task`` on ``split`` (module table); arguments as in ``build_train_loader``.
+
+    ``views``: "all" (every view of a product is a sample of SCR / FIC and an item of the XMR image side, as
+    the official protocol) or "first" (one view per product). ``eval_resize``: "keep_aspect" (shorter side to
+    round(S * 256 / 224), aspect kept) or "squash" (the official code's R x R resize), then the centre crop.
+    """
     from famevil_fast.data.fashioniq import read_fashioniq
 
+    check_views(views)
+    check_eval_resize(eval_resize)
     dataset = check_task(task, dataset)
     dev = torch.device(device) if device is not None else default_device()
     images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads, verify_cache)
@@ -95,7 +160,7 @@ def build_eval_sets(
         images.max_batch = max(images.max_batch, batch_size)
 
     def batches(table) -> EvalBatches:
-        return EvalBatches(table, images, batch_size, prefetch)
+        return EvalBatches(table, images, batch_size, prefetch, eval_resize)
 
     cache = images.cache if images.name == "cache" else None  # images missing from where they are read
     if task == "tgir":
@@ -106,18 +171,26 @@ def build_eval_sets(
         for name in categories:
             q, g = tgir_tables(triplets, FIQ_CATEGORIES.index(name), cache_dir)
             out[name] = TGIRCategoryEval(name, batches(q), batches(g))
-        return TGIREval(out)
+        return TGIREval(out, eval_resize)
     products = read_products(dataset, root, split)
+    mapping, note = (None, None)
+    if task == "scr":  # from every row of the split (FashionGen), before missing images drop any
+        path = fashiongen_split_file(root, split)[1]
+        mapping, note = subcategory_categories(products, f"{dataset} {split} ({path})")
     if check_files:
         products = drop_missing_products(products, root, f"{dataset} {split}", cache)
+    if views == "first":
+        products = first_views(products)
     if task == "itc":
         texts = product_text_table(products, split, cache_dir)
         return XMREval(
             batches(view_table("itc", products, split, cache_dir)),
             {k: v.to(dev) for k, v in texts.fields.items()},
             texts.texts,
+            views,
+            eval_resize,
         )
-    views = view_table(task, products, split, cache_dir)
+    table = view_table(task, products, split, cache_dir)
     if task == "scr":
-        return SCREval(batches(views))
-    return CapEval(batches(views), views.texts)
+        return SCREval(batches(table), views, eval_resize, mapping, note)
+    return CapEval(batches(table), table.texts, views, eval_resize)

@@ -15,7 +15,8 @@ waits on). Samples whose image is missing or undecodable are dropped from their 
 smaller than ``batch_size``) and summarised in one :class:`~famevil_fast.data.images.SkippedImagesWarning`
 per epoch.
 
-:class:`EvalBatches` walks a table once in order with the eval crop, dropping nothing but undecodable images.
+:class:`EvalBatches` walks a table once in order with the eval crop (its resize keeping the aspect, or
+squashing as the official code, per ``eval_resize``), dropping nothing but undecodable images.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from famevil_fast.data.backends import ImageBackend, Loaded, choose_backend, mak
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages
 from famevil_fast.data.tasks import SampleTable, train_table
-from famevil_fast.data.transforms import CropPlan, counter_uniforms, to_device
+from famevil_fast.data.transforms import CropPlan, check_eval_resize, counter_uniforms, to_device
 
 _END = object()
 
@@ -74,9 +75,13 @@ def resolve_backend(
 
 
 def _image_paths(
-    table: SampleTable, idx: np.ndarray, uniforms: dict[str, np.ndarray] | None
+    table: SampleTable,
+    idx: np.ndarray,
+    uniforms: dict[str, np.ndarray] | None,
+    eval_resize: str = "keep_aspect",
 ) -> tuple[list, CropPlan]:
-    """The image of each (slot, sample), slot-major, and their crop plan (training draws a random view)."""
+    """The image of each (slot, sample), slot-major, and their crop plan (training draws a random view;
+    without ``uniforms``, the eval crop after the ``eval_resize`` resize)."""
     paths: list[str] = []
     plans: list[np.ndarray] = []
     drawn: dict[str, list[int]] = {}
@@ -93,7 +98,7 @@ def _image_paths(
         drawn[slot] = views
         paths += [choices[i][v] for i, v in zip(idx, views)]
         plans.append(u[:, :5])
-    return paths, CropPlan(np.concatenate(plans) if plans else None)
+    return paths, CropPlan(np.concatenate(plans) if plans else None, eval_resize=eval_resize)
 
 
 def _other_views(first: list[int], counts: list[int], u: np.ndarray) -> list[int]:
@@ -119,12 +124,14 @@ def make_batch(
     uniforms: dict[str, np.ndarray] | None,
     device: torch.device,
     skipped: SkippedImages,
+    eval_resize: str = "keep_aspect",
 ) -> dict[str, torch.Tensor]:
-    """Decode the images of samples ``idx`` and gather their fields; samples with a bad image are dropped."""
+    """Decode the images of samples ``idx`` and gather their fields; samples with a bad image are dropped.
+    Without ``uniforms`` the images get the eval crop, resized as ``eval_resize`` says."""
     batch: dict[str, torch.Tensor] = {}
     keep = np.ones(len(idx), dtype=bool)
     if table.slots:
-        paths, plan = _image_paths(table, idx, uniforms)
+        paths, plan = _image_paths(table, idx, uniforms, eval_resize)
         loaded = backend.load(paths, plan)
         for path, reason in loaded.failures:
             skipped.add(path, reason)
@@ -337,9 +344,19 @@ class TrainLoader:
 
 
 class EvalBatches:
-    """All samples of a table, in order, in batches, with the eval crop; re-iterable."""
+    """All samples of a table, in order, in batches, with the eval crop; re-iterable.
 
-    def __init__(self, table: SampleTable, backend: ImageBackend, batch_size: int, prefetch: int = 2) -> None:
+    ``eval_resize``: "keep_aspect" (default: shorter side to round(S * 256 / 224), aspect kept) or "squash"
+    (the official code's resize to a square, aspect not preserved), then the centre crop S."""
+
+    def __init__(
+        self,
+        table: SampleTable,
+        backend: ImageBackend,
+        batch_size: int,
+        prefetch: int = 2,
+        eval_resize: str = "keep_aspect",
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"EvalBatches: batch_size must be >= 1, got {batch_size}")
         self.table, self.backend, self.batch_size, self.prefetch = (
@@ -348,6 +365,7 @@ class EvalBatches:
             int(batch_size),
             int(prefetch),
         )
+        self.eval_resize = check_eval_resize(eval_resize)
         self.device = backend.device
         self.skipped = SkippedImages(f"{table.name}")
 
@@ -360,7 +378,7 @@ class EvalBatches:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         idx = np.arange(step * self.batch_size, min((step + 1) * self.batch_size, len(self.table)))
-        return make_batch(self.table, self.backend, idx, None, self.device, self.skipped)
+        return make_batch(self.table, self.backend, idx, None, self.device, self.skipped, self.eval_resize)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for _, batch in _iterate(self.batch, range(len(self)), self.prefetch, self.device):

@@ -1,8 +1,14 @@
 """The reference image transforms, expressed as crop boxes plus one resampling rule shared by every backend.
 
 Train (FAME-ViL, all tasks): random resized crop to S x S (area 0.8-1.0 of the image, aspect 3/4-4/3),
-horizontal flip with probability 1/2, CLIP normalisation. Eval: resize to exactly R x R with
-R = round(S * 256 / 224) (aspect not preserved), centre crop S, CLIP normalisation.
+horizontal flip with probability 1/2, CLIP normalisation. Eval, with R = round(S * 256 / 224), centre crop S
+and CLIP normalisation after a resize chosen by ``eval_resize`` (FAMEVIL.md section 9, quirk 7):
+
+- ``"keep_aspect"`` (default, fixed): the shorter side to R and the longer one to int(R * long / short),
+  aspect kept, as torchvision's ``Resize(R)``;
+- ``"squash"`` (faithful to the official code): exactly R x R, aspect not preserved.
+
+Square images (FashionGen) give the same pixels either way.
 
 Both are written as a box in source pixels (top, left, height, width; fractional) plus a flip flag, so each
 decoding backend only has to "resample this box to S x S": PIL does it with ``Image.resize(box=...)`` on the
@@ -28,6 +34,14 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 TRAIN_SCALE: tuple[float, float] = (0.8, 1.0)
 TRAIN_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 N_UNIFORMS = 6  # area, log-aspect, x, y, flip, view choice
+EVAL_RESIZE_MODES: tuple[str, ...] = ("keep_aspect", "squash")  # fixed default first, then the faithful one
+
+
+def check_eval_resize(mode: str) -> str:
+    """``mode`` when it is one of :data:`EVAL_RESIZE_MODES`; ValueError naming the choices otherwise."""
+    if mode not in EVAL_RESIZE_MODES:
+        raise ValueError(f"eval_resize must be one of {EVAL_RESIZE_MODES}, got {mode!r}")
+    return mode
 
 
 # ------------------------------------------------------------------------------------------ randomness
@@ -65,22 +79,27 @@ def counter_uniforms(
 
 @dataclass(frozen=True)
 class CropPlan:
-    """How to crop a list of images: ``uniforms`` (n, 6) for random train crops, or None for the eval crop."""
+    """How to crop a list of images: ``uniforms`` (n, 6) for random train crops, or None for the eval crop,
+    whose resize ``eval_resize`` chooses ("keep_aspect" or "squash", see the module docstring)."""
 
     uniforms: np.ndarray | None = None
     scale: tuple[float, float] = TRAIN_SCALE
     ratio: tuple[float, float] = TRAIN_RATIO
+    eval_resize: str = "keep_aspect"
+
+    def __post_init__(self) -> None:
+        check_eval_resize(self.eval_resize)
 
     def boxes(self, sizes: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(boxes (n, 4) float64: top, left, height, width; flips (n,) bool) for ``sizes`` (n, 2)."""
         if self.uniforms is None:
-            return eval_boxes(sizes, image_size), np.zeros(len(sizes), dtype=bool)
+            return eval_boxes(sizes, image_size, self.eval_resize), np.zeros(len(sizes), dtype=bool)
         return train_boxes(sizes, self.uniforms, self.scale, self.ratio)
 
     def subset(self, index: np.ndarray) -> CropPlan:
         if self.uniforms is None:
             return self
-        return CropPlan(self.uniforms[index], self.scale, self.ratio)
+        return CropPlan(self.uniforms[index], self.scale, self.ratio, self.eval_resize)
 
 
 def train_boxes(
@@ -111,16 +130,36 @@ def train_boxes(
 
 
 def eval_resize(image_size: int) -> int:
+    """R = round(S * 256 / 224): the side the eval transform resizes to before its centre crop of S."""
     return int(round(image_size * 256 / 224))
 
 
-def eval_boxes(sizes: np.ndarray, image_size: int) -> np.ndarray:
-    """Boxes equal to "resize to R x R, centre crop S" with R = round(S * 256 / 224)."""
+def eval_resized_sizes(sizes: np.ndarray, image_size: int, mode: str = "keep_aspect") -> np.ndarray:
+    """(n, 2) integer (height, width) of each image after the eval resize: R x R for "squash"; for
+    "keep_aspect" the shorter side R and the longer int(R * long / short), as torchvision's ``Resize(R)``
+    (a square image is R x R either way)."""
+    check_eval_resize(mode)
     sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
-    r = eval_resize(image_size)
-    offset = int(round((r - image_size) / 2.0))
+    r = float(eval_resize(image_size))
+    if mode == "squash":
+        return np.full(sizes.shape, r)
     h, w = sizes[:, 0], sizes[:, 1]
-    return np.stack([offset * h / r, offset * w / r, image_size * h / r, image_size * w / r], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty or degenerate sizes: no division needed
+        return np.stack(
+            [np.where(h <= w, r, np.floor(r * h / w)), np.where(w <= h, r, np.floor(r * w / h))], axis=1
+        )
+
+
+def eval_boxes(sizes: np.ndarray, image_size: int, mode: str = "keep_aspect") -> np.ndarray:
+    """Boxes equal to "resize (``mode``, see :func:`eval_resized_sizes`), centre crop S", the crop offset
+    being round((resized - S) / 2) per axis as torchvision's ``CenterCrop``."""
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    resized = eval_resized_sizes(sizes, image_size, mode)
+    offset = np.round((resized - image_size) / 2.0)  # half to even, as Python's round
+    h, w = sizes[:, 0], sizes[:, 1]
+    rh, rw = resized[:, 0], resized[:, 1]
+    top, left = offset[:, 0] * h / rh, offset[:, 1] * w / rw
+    return np.stack([top, left, image_size * h / rh, image_size * w / rw], axis=1)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -237,10 +276,15 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def reference_transform(
-    image: Image.Image, image_size: int, uniforms: np.ndarray | None = None
+    image: Image.Image,
+    image_size: int,
+    uniforms: np.ndarray | None = None,
+    eval_resize: str = "keep_aspect",
 ) -> torch.Tensor:
-    """The reference pipeline for one PIL image: (3, S, S) normalised float32 (eval crop without uniforms)."""
-    plan = CropPlan(None if uniforms is None else np.asarray(uniforms).reshape(1, -1))
+    """The reference pipeline for one PIL image: (3, S, S) normalised float32 (eval crop without uniforms,
+    with the resize ``eval_resize`` chooses)."""
+    u = None if uniforms is None else np.asarray(uniforms).reshape(1, -1)
+    plan = CropPlan(u, eval_resize=eval_resize)
     boxes, flips = plan.boxes(np.asarray([[image.height, image.width]]), image_size)
     out = pil_resample(to_rgb(image), boxes[0], bool(flips[0]), image_size)
     pixels = torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).unsqueeze(0)

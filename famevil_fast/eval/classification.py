@@ -3,10 +3,20 @@
 Predictions are the argmax of the logits (the first maximal class on ties, as ``torch.argmax``).
 ``macro_f1`` follows scikit-learn's ``f1_score(average="macro")`` exactly: the classes averaged over are
 those occurring in the targets or the predictions (sorted union), each class's F1 is 2 TP / (2 TP + FP +
-FN), and classes absent from both never enter the average. Every view of every product is one sample.
+FN), and classes absent from both never enter the average. Every view of every product is one sample
+(by default; ``eval.views: first`` keeps one per product).
+
+Category level (BrandonHanx/mmf#14: the 48 FashionGen categories instead of the 121 subcategories): given the
+subcategory -> category mapping of the dataset rows, :func:`scr_result` also reports ``category_accuracy``
+and ``category_macro_f1`` of the predicted subcategories mapped to their categories. A predicted
+subcategory the mapping does not know (none of the evaluated rows has it) has no category: it counts as
+wrong, and as no class of the macro average (scikit-learn's ``f1_score`` with ``labels`` = the categories
+occurring in the targets or the mapped predictions).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -65,9 +75,10 @@ def macro_f1(outputs: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def _macro_f1(preds: torch.Tensor, targets: torch.Tensor) -> float:
+    """Macro-F1 in percent of non-negative ``targets``; a negative prediction is wrong and no class."""
     size = int(torch.maximum(preds.max(), targets.max())) + 1
     true_count = torch.bincount(targets, minlength=size)
-    pred_count = torch.bincount(preds, minlength=size)
+    pred_count = torch.bincount(preds[preds >= 0], minlength=size)
     tp = torch.bincount(targets[preds == targets], minlength=size)
     present = (true_count + pred_count) > 0
     f1 = 2.0 * tp[present].double() / (true_count[present] + pred_count[present]).double()
@@ -81,28 +92,87 @@ def _uniform_guess_f1(true_count: torch.Tensor, num_classes: int) -> float:
     return 100.0 * float(f1.sum() / num_classes)
 
 
+def _scores(
+    preds: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> tuple[float, float, float, float, int]:
+    """(accuracy, macro-F1, their chance levels, majority class) of class ids in [0, num_classes);
+    a negative prediction is wrong and no class."""
+    true_count = torch.bincount(targets, minlength=num_classes)
+    majority = int(true_count.argmax())
+    constant = torch.full_like(targets, majority)
+    return (
+        100.0 * float((preds == targets).double().mean()),
+        _macro_f1(preds, targets),
+        100.0 * max(float(true_count[majority]) / len(targets), 1.0 / num_classes),
+        max(_macro_f1(constant, targets), _uniform_guess_f1(true_count, num_classes)),
+        majority,
+    )
+
+
+def category_lookup(
+    op: str, categories: Mapping[int, int], num_classes: int
+) -> tuple[torch.Tensor, list[int]]:
+    """(lookup (max(C, largest subcategory + 1),) int64: subcategory -> index into the sorted category ids,
+    -1 where unknown; the sorted category ids) of a subcategory -> category mapping."""
+    if not categories:
+        raise ValueError(f"{op}: the subcategory -> category mapping is empty")
+    for sub, cat in categories.items():
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (sub, cat)):
+            raise ValueError(
+                f"{op}: the category mapping must map integers to integers, got {sub!r}: {cat!r}"
+            )
+        if sub < 0:
+            raise ValueError(f"{op}: subcategory ids must be >= 0, got {sub} in the category mapping")
+    ids = sorted(set(categories.values()))
+    index = {c: i for i, c in enumerate(ids)}
+    lookup = torch.full((max(num_classes, max(categories) + 1),), -1, dtype=torch.int64)
+    for sub, cat in categories.items():
+        lookup[sub] = index[cat]
+    return lookup, ids
+
+
 @torch.no_grad()
-def scr_result(logits: torch.Tensor, targets: torch.Tensor) -> TaskResult:
+def scr_result(
+    logits: torch.Tensor, targets: torch.Tensor, categories: Mapping[int, int] | None = None
+) -> TaskResult:
     """SCR accuracy and macro-F1 of (N, C) logits against (N,) targets, with chance levels.
 
     Chance for accuracy is the majority-class share (never below 1 / C); chance for macro-F1 is the
     better of always predicting the majority class and guessing uniformly among the C classes.
+
+    With ``categories`` (subcategory id -> category id, e.g. ``SCREval.categories``), the argmax
+    subcategories and the targets are also mapped to categories and scored as ``category_accuracy`` and
+    ``category_macro_f1``, with chance levels computed the same way over the K categories of the mapping
+    (a prediction of a subcategory missing from the mapping is wrong; every target's subcategory must be in
+    it). Without it, ``details["category_metrics"]`` says they were skipped.
     """
     op = "scr_result"
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"{op}: logits must be (N, C), got {getattr(logits, 'shape', logits)}")
     preds, targets = as_predictions(op, logits, targets)
     num_classes = logits.shape[1]
-    true_count = torch.bincount(targets, minlength=num_classes)
-    majority = int(true_count.argmax())
-    constant = torch.full_like(targets, majority)
-    metrics = {
-        "accuracy": 100.0 * float((preds == targets).double().mean()),
-        "macro_f1": _macro_f1(preds, targets),
-    }
-    chance = {
-        "accuracy": 100.0 * max(float(true_count[majority]) / len(targets), 1.0 / num_classes),
-        "macro_f1": max(_macro_f1(constant, targets), _uniform_guess_f1(true_count, num_classes)),
-    }
+    acc, f1, acc_chance, f1_chance, majority = _scores(preds, targets, num_classes)
+    metrics = {"accuracy": acc, "macro_f1": f1}
+    chance = {"accuracy": acc_chance, "macro_f1": f1_chance}
     details = {"num_samples": len(targets), "num_classes": num_classes, "majority_class": majority}
+    if categories is None:
+        details["category_metrics"] = "skipped: no subcategory -> category mapping"
+        return TaskResult("scr", "val", metrics, chance, details)
+    lookup, ids = category_lookup(op, categories, num_classes)
+    lookup = lookup.to(targets.device)
+    true_cat, pred_cat = lookup[targets], lookup[preds]
+    unknown = targets[true_cat < 0]
+    if unknown.numel():
+        raise ValueError(
+            f"{op}: target subcategory {int(unknown[0])} has no category in the mapping "
+            f"({unknown.unique().numel()} such subcategories)"
+        )
+    acc, f1, acc_chance, f1_chance, majority = _scores(pred_cat, true_cat, len(ids))
+    metrics.update(category_accuracy=acc, category_macro_f1=f1)
+    chance.update(category_accuracy=acc_chance, category_macro_f1=f1_chance)
+    details.update(
+        num_categories=len(ids),
+        majority_category=ids[majority],
+        unmapped_predictions=int((pred_cat < 0).sum()),
+    )
     return TaskResult("scr", "val", metrics, chance, details)

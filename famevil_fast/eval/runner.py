@@ -7,6 +7,12 @@ Captioning references are, by default, the reference texts after a round trip th
 official code; ``caption_references="raw"`` scores against the product texts as written instead. Captions are
 at most ``caption_max_len`` tokens; ``caption_len_from_references`` reproduces the official cap instead: per
 batch, as many tokens as the longest reference of the batch has (it leaks the reference lengths).
+
+``views`` (FAMEVIL.md section 9, quirk 6): "all" (default, the official protocol: every view of a product is
+a sample of SCR and FIC and an item of the XMR image side) or "first" (one view per product). ``eval_resize``
+(quirk 7): "keep_aspect" (default) or "squash" (the official code's square resize). Both are properties of
+the evaluation sets (``Evaluator.build`` builds them so); each result's ``details`` records them, and a set
+built otherwise than the options say is an error.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ class EvalOptions:
       tokens as the longest reference of that batch has (``caption_max_len`` is then unused).
     - ``caption_references``: "clip" (default, as the official code: the reference text after a round trip
       through the CLIP tokenizer, lower-cased and cut to 75 tokens) or "raw" (the product text as written).
+    - ``views``: "all" (default, the official protocol: every view of a product counts in SCR, FIC and the
+      XMR image side; section 9, quirk 6) or "first" (the first view of each product only).
+    - ``eval_resize``: "keep_aspect" (default, fixed: shorter side to round(S * 256 / 224), centre crop S)
+      or "squash" (faithful, section 9, quirk 7: every image resized to a square, aspect lost).
     """
 
     xmr_protocols: Sequence[str] = ("full", "sampled")
@@ -58,6 +68,8 @@ class EvalOptions:
     caption_cuda_graph: bool = False
     caption_len_from_references: bool = False
     caption_references: str = "clip"
+    views: str = "all"
+    eval_resize: str = "keep_aspect"
 
     @classmethod
     def from_section(cls, section: EvalSection) -> EvalOptions:
@@ -72,7 +84,25 @@ class EvalOptions:
             caption_cuda_graph=section.caption_cuda_graph,
             caption_len_from_references=section.caption_len_from_references,
             caption_references=section.caption_references,
+            views=section.views,
+            eval_resize=section.resize,
         )
+
+
+def _set_options(data: object, opts: EvalOptions, task: str, image_sets: bool = True) -> dict[str, str]:
+    """The views and eval resize ``data`` was built with, as result details; ValueError when they are not
+    the ones ``opts`` asks for (the sets are built with them: ``Evaluator.build``, ``build_eval_sets``)."""
+    built = {"eval_resize": getattr(data, "eval_resize", "keep_aspect")}
+    if image_sets:
+        built = {"views": getattr(data, "views", "all"), **built}
+    for key, value in built.items():
+        wanted = getattr(opts, key)
+        if value != wanted:
+            raise ValueError(
+                f"the {task} evaluation set was built with {key}={value!r} but the options ask for "
+                f"{wanted!r}: build it with build_eval_sets(..., {key}={wanted!r})"
+            )
+    return built
 
 
 def _limited(batches: Iterable[dict], limit: int | None, key: str) -> Iterator[dict]:
@@ -92,6 +122,7 @@ def _model_input(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_xmr(model: FameViL, data: XMREval, opts: EvalOptions) -> list[TaskResult]:
+    built = _set_options(data, opts, "itc")
     images, image_ids, image_sub = [], [], []
     for batch in _limited(data.images, opts.max_samples, "pixels"):
         images.append(model.encode_image(_model_input(model, batch["pixels"]), "itc").float())
@@ -129,11 +160,14 @@ def evaluate_xmr(model: FameViL, data: XMREval, opts: EvalOptions) -> list[TaskR
                 num_negatives=negatives,
             )
         )
+    for result in results:
+        result.details.update(built)
     return results
 
 
 @torch.no_grad()
 def evaluate_tgir(model: FameViL, data: TGIREval, opts: EvalOptions) -> list[TaskResult]:
+    built = _set_options(data, opts, "tgir", image_sets=False)
     categories = {}
     for name, cat in data.categories.items():
         queries, targets = [], []
@@ -149,7 +183,9 @@ def evaluate_tgir(model: FameViL, data: TGIREval, opts: EvalOptions) -> list[Tas
         gallery, gallery_ids = _tgir_gallery(model, cat.gallery, torch.cat(targets), opts.max_samples)
         g_emb, g_ids = unique_gallery(torch.cat(gallery), torch.cat(gallery_ids).to(gallery[0].device))
         categories[name] = TgirCategory(torch.cat(queries), torch.cat(targets).to(g_emb.device), g_emb, g_ids)
-    return [tgir_fashioniq(categories)]
+    result = tgir_fashioniq(categories)
+    result.details.update(built)
+    return [result]
 
 
 def _tgir_gallery(
@@ -176,6 +212,7 @@ def _tgir_gallery(
 
 @torch.no_grad()
 def evaluate_scr(model: FameViL, data: SCREval, opts: EvalOptions) -> list[TaskResult]:
+    built = _set_options(data, opts, "scr")
     logits, labels = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
         logits.append(
@@ -184,7 +221,13 @@ def evaluate_scr(model: FameViL, data: SCREval, opts: EvalOptions) -> list[TaskR
             .cpu()
         )
         labels.append(batch["labels"].cpu())
-    return [scr_result(torch.cat(logits), torch.cat(labels))]
+    categories = getattr(data, "categories", None)
+    result = scr_result(torch.cat(logits), torch.cat(labels), categories)
+    note = getattr(data, "category_note", None)
+    if categories is None and note:
+        result.details["category_metrics"] = f"skipped: {note}"
+    result.details.update(built)
+    return [result]
 
 
 def longest_reference(input_ids: torch.Tensor) -> int:
@@ -206,6 +249,7 @@ def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskR
         raise ValueError(
             f"caption_references must be one of {CAPTION_REFERENCES}, got {opts.caption_references!r}"
         )
+    built = _set_options(data, opts, "cap")
     predictions, references = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
         input_ids = batch["input_ids"].cpu()
@@ -228,6 +272,7 @@ def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskR
             "references": opts.caption_references,
             "max_len": "longest reference" if opts.caption_len_from_references else opts.caption_max_len,
             "beams": opts.caption_beams,
+            **built,
         }
     )
     return [result]
@@ -262,6 +307,7 @@ class Evaluator:
     ) -> Evaluator:
         from famevil_fast.data import build_eval_sets
 
+        options = options or EvalOptions()
         sets = {
             t: build_eval_sets(
                 t,
@@ -271,10 +317,12 @@ class Evaluator:
                 backend=backend,
                 device=device,
                 cache_dir=cache_dir,
+                views=options.views,
+                eval_resize=options.eval_resize,
             )
             for t in tasks
         }
-        return cls(sets, options or EvalOptions())
+        return cls(sets, options)
 
     def report(self, model: FameViL) -> EvalReport:
         report = EvalReport()

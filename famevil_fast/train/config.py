@@ -223,6 +223,17 @@ class EvalSection:
     max_samples: int | None = doc(
         "cap every evaluation set at this many samples (quick checks); null = all", None
     )
+    resize: str = doc(
+        "evaluation image resize before the centre crop S: keep_aspect (shorter side to "
+        "round(S * 256 / 224), aspect kept) or squash (faithful: every image to that size squared, aspect "
+        "lost, as the official code; square images such as FashionGen's are unchanged)",
+        "keep_aspect",
+    )
+    views: str = doc(
+        "product views scored in SCR, FIC and on the XMR image side: all (every view is a sample, as the "
+        "official protocol of the published numbers) or first (the first view of each product only)",
+        "all",
+    )
 
 
 @dataclass
@@ -367,6 +378,8 @@ def _check_data_backend(data: DataSection) -> None:
 def _check_eval(section: EvalSection, trained: list[str]) -> None:
     """Every eval field whose validity is known before training, so a bad one fails at start, not at the
     first evaluation (the lists of valid names are the evaluation code's own)."""
+    from famevil_fast.data.eval_sets import EVAL_VIEWS
+    from famevil_fast.data.transforms import EVAL_RESIZE_MODES
     from famevil_fast.eval.captioning import CAPTION_METRICS
     from famevil_fast.eval.runner import CAPTION_REFERENCES, EVALUATORS
 
@@ -384,6 +397,8 @@ def _check_eval(section: EvalSection, trained: list[str]) -> None:
     for metric in section.caption_metrics:
         _choice("eval.caption_metrics", metric, CAPTION_METRICS)
     _choice("eval.caption_references", section.caption_references, CAPTION_REFERENCES)
+    _choice("eval.resize", section.resize, EVAL_RESIZE_MODES)
+    _choice("eval.views", section.views, EVAL_VIEWS)
     for name, value, low in (
         ("eval.every", section.every, 0),
         ("eval.caption_max_len", section.caption_max_len, 1),

@@ -83,6 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="forbid repeating any n-gram of this length (default: 0 = off)",
     )
     parser.add_argument(
+        "--eval-resize",
+        choices=["keep_aspect", "squash"],
+        default=None,
+        help="image resize before the centre crop: keep the aspect, shorter side to 256/224 of the crop "
+        "(keep_aspect, default), or resize every image to that size squared, as the official code (squash)",
+    )
+    parser.add_argument(
+        "--views",
+        choices=["all", "first"],
+        default=None,
+        help="product views scored in SCR, captioning and on the XMR image side: every view, as the official "
+        "protocol (all, default), or the first view of each product (first)",
+    )
+    parser.add_argument(
         "--max-samples", type=positive_int, default=None, help="cap every evaluation set (quick checks)"
     )
     parser.add_argument("--bf16", action="store_true", help="run the model under bf16 autocast")
@@ -114,6 +128,8 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
         "caption_no_repeat_ngram": args.no_repeat_ngram,
         "max_samples": args.max_samples,
         "caption_references": args.references,
+        "eval_resize": args.eval_resize,
+        "views": args.views,
     }
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None})
     switches = {
@@ -154,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         model.set_runtime(backend=args.op_backend)
     tasks = args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
     size = model.config.clip.vision.image_size
+    options = eval_options(args)
     sets = {
         t: build_eval_sets(
             t,
@@ -164,10 +181,11 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             cache_dir=args.cache,
             split=args.split,
+            views=options.views,
+            eval_resize=options.eval_resize,
         )
         for t in tasks
     }
-    options = eval_options(args)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     with autocast:
         report = Evaluator(sets, options).report(model)
