@@ -170,6 +170,36 @@ def test_eval_scores_a_checkpoint_on_a_dataset(checkpoint, tmp_path_factory, tmp
     assert json.loads(out.read_text())["results"][0]["metrics"] == results["fic"]["metrics"]
 
 
+def test_eval_scores_clip_zero_shot_on_retrieval(tmp_path_factory, tmp_path, capsys):
+    """`eval --clip` scores a CLIP-only file (which `from_pretrained` refuses) on XMR and TGIR, the same
+    numbers as the FAME-ViL model built from it, whose fresh adapters add nothing."""
+    from test_data_fixtures import synthetic
+
+    from famevil_fast.eval.runner import EvalOptions, Evaluator
+    from famevil_fast.model.export import save_huggingface
+
+    data = synthetic(tmp_path_factory, products=40, image_size=48)
+    clip_file = tmp_path / "clip.safetensors"
+    save_huggingface(perturb_(FameViL(MICRO), std=0.05), clip_file)
+    out = tmp_path / "report.json"
+    flags = ["--xmr-protocols", "full", "--max-samples", "8", "--batch-size", "4"]
+    assert main(["eval", str(clip_file), "--clip", "--data", str(data), *flags, "--out", str(out)]) == 0
+    results = {r["task"]: r["metrics"] for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"xmr", "tgir"}
+    from famevil_fast.data import build_eval_sets
+
+    model = FameViL.from_clip(clip_file)
+    sets = {t: build_eval_sets(t, data, image_size=32, batch_size=4) for t in ("itc", "tgir")}
+    options = EvalOptions(xmr_protocols=("full",), max_samples=8)
+    expected = {r.task: r.metrics for r in Evaluator(sets, options).report(model).results}
+    for task, metrics in results.items():
+        assert metrics == pytest.approx(expected[task])
+    assert main(["eval", str(clip_file), "--clip", "--data", str(data), "--tasks", "scr"]) == 2
+    assert "no trained head for ['scr']" in capsys.readouterr().err
+    assert main(["eval", str(clip_file), "--data", str(data)]) == 2  # a CLIP file without --clip
+    assert "`famevil-fast eval --clip` scores it zero-shot" in capsys.readouterr().err
+
+
 def test_eval_views_and_resize_reach_the_report(checkpoint, tmp_path_factory, tmp_path, capsys):
     from test_data_fixtures import synthetic
 

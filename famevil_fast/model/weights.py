@@ -503,7 +503,8 @@ def _checkpoint_config(
     if not any(is_new_module_key(k) for k in state):
         raise ValueError(
             f"checkpoint {path} is a CLIP checkpoint ({layout} layout): it has no task adapters, "
-            "cross-attention adapters or heads. Start a FAME-ViL model from it with FameViL.from_clip"
+            "cross-attention adapters or heads. Start a FAME-ViL model from it with FameViL.from_clip "
+            "(`famevil-fast eval --clip` scores it zero-shot)"
         )
     advice = (
         f"put it in {sidecar_path(path).name} beside the file (as `famevil-fast convert` does), pass "

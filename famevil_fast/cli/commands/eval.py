@@ -23,6 +23,14 @@ HELP = "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a da
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file")
+    parser.add_argument(
+        "--clip",
+        action="store_true",
+        help="the checkpoint holds CLIP weights (OpenAI .pt, open_clip, Hugging Face): score CLIP zero-shot "
+        "under the same protocols, a baseline for fine-tuned models (tasks itc and tgir: retrieval by CLIP "
+        "embeddings, TGIR queries as the sum of the reference image's and the text's embeddings; the "
+        "classification and captioning heads would be untrained)",
+    )
     parser.add_argument("--data", required=True, help="dataset root holding FashionGen/ and FashionIQ/")
     parser.add_argument(
         "--tasks", nargs="+", default=None, help="tasks to evaluate (default: all of the model's)"
@@ -155,6 +163,33 @@ def evaluable_tasks(tasks: tuple[str, ...], checkpoint: str) -> list[str]:
     return kept
 
 
+ZERO_SHOT_TASKS = ("itc", "tgir")  # the tasks a CLIP model can be scored on without trained heads
+
+
+def zero_shot_tasks(requested: list[str] | None) -> list[str]:
+    """The tasks ``--clip`` evaluates: ``requested`` (default: all of ZERO_SHOT_TASKS), each of which must
+    be scorable by CLIP embeddings alone."""
+    tasks = list(requested or ZERO_SHOT_TASKS)
+    untrained = [t for t in tasks if t not in ZERO_SHOT_TASKS]
+    if untrained:
+        raise ValueError(
+            f"--clip scores CLIP zero-shot, which has no trained head for {untrained}; zero-shot tasks are "
+            f"{list(ZERO_SHOT_TASKS)}"
+        )
+    return tasks
+
+
+def load_model(args: argparse.Namespace):
+    """(model in eval mode, tasks to evaluate) for the checkpoint and ``--clip`` / ``--tasks``."""
+    from famevil_fast.model import FameViL
+
+    if args.clip:
+        tasks = zero_shot_tasks(args.tasks)
+        return FameViL.from_clip(args.checkpoint), tasks
+    model = FameViL.from_pretrained(args.checkpoint)
+    return model, args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -162,13 +197,12 @@ def run(args: argparse.Namespace) -> int:
 
     from famevil_fast.data import build_eval_sets
     from famevil_fast.eval.runner import Evaluator
-    from famevil_fast.model import FameViL
 
     device = resolve_device(args.device)
-    model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
+    model, tasks = load_model(args)
+    model = model.to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)
-    tasks = args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
     size = model.config.clip.vision.image_size
     options = eval_options(args)
     sets = {
