@@ -248,3 +248,33 @@ def test_in_range_edge_values_are_accepted():
         ["checkpoint.keep_last=1", "checkpoint.every=0", "logging.every=0"],
     ):
         load_config(None, ok)
+
+
+def test_global_batch_size_is_split_over_the_processes(tmp_path_factory):
+    """The reference counts its micro-batch over all GPUs: data.global_batch_size reproduces that under
+    torchrun, each process taking its share."""
+    import torch
+    from test_data_fixtures import synthetic
+
+    from famevil_fast.train.data_feed import build_streams, process_batch_size
+    from famevil_fast.train.distributed import DistInfo
+
+    per_process = load_config(resolve("tiny_cpu"))
+    assert process_batch_size(per_process, 4) == per_process.data.batch_size == 32
+    cfg = load_config(resolve("tiny_cpu"), ["data.global_batch_size=64"])
+    assert [process_batch_size(cfg, n) for n in (1, 2, 4)] == [64, 32, 16]
+    with pytest.raises(ValueError, match="data.global_batch_size 64 does not split over 3 processes"):
+        process_batch_size(cfg, 3)
+    with pytest.raises(ValueError, match="data.global_batch_size must be at least 1, got 0"):
+        load_config(resolve("tiny_cpu"), ["data.global_batch_size=0"])
+    root = synthetic(tmp_path_factory, products=40, image_size=48)
+    small = load_config(
+        resolve("tiny_cpu"),
+        [f"data.root={root}", "data.global_batch_size=8", "model.tasks=[itc, tgir]", "train.task_weights={}"],
+    )
+    streams = build_streams(small, DistInfo(rank=1, world_size=4), torch.device("cpu"))
+    try:
+        assert {task: stream.loader.batch_size for task, stream in streams.items()} == {"itc": 2, "tgir": 2}
+    finally:
+        for stream in streams.values():
+            stream.close()

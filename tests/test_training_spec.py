@@ -322,7 +322,8 @@ def test_reference_recipes_match_the_spec_table(name):
         [0.9, 0.999],
         1e-8,
     )
-    assert not o.decay_norms_and_scales and cfg.data.batch_size == 64 and cfg.train.clip_grad_norm is None
+    assert not o.decay_norms_and_scales and cfg.train.clip_grad_norm is None
+    assert cfg.data.global_batch_size == 64  # over all processes, as the reference counts it
     assert cfg.eval.every == (500 if name == "mtl_full" else 2000)
     assert cfg.distill.enabled == (name in ("mtl_full", "mtl_distill"))
     if cfg.distill.enabled:

@@ -83,8 +83,14 @@ class DataSection:
     image_size: int = doc("input resolution; must match the CLIP preset", 224)
     batch_size: int = doc(
         "micro-batch size per task and PROCESS: under torchrun the global micro-batch is this x the number "
-        "of processes (the reference's 64 is global, split across its GPUs: 16 on 4 processes)",
+        "of processes (the reference's 64 is global, split across its GPUs: see global_batch_size)",
         64,
+    )
+    global_batch_size: int | None = doc(
+        "micro-batch size per task over ALL processes, as the reference counts it (64); when set, each of "
+        "N processes takes global_batch_size / N (N must divide it) and data.batch_size is unused; null = "
+        "data.batch_size per process",
+        None,
     )
     eval_batch_size: int = doc("batch size of evaluation passes", 128)
     num_workers: int = doc("decoding threads", 4)
@@ -282,8 +288,9 @@ class TrainConfig:
             ("train.update_frequency", self.train.update_frequency),
             ("data.batch_size", self.data.batch_size),
             ("data.eval_batch_size", self.data.eval_batch_size),
+            ("data.global_batch_size", self.data.global_batch_size),
         ):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.train.mixed_task_batches and self.train.gradient_strategy != "sum":
             raise ValueError(

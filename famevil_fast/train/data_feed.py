@@ -66,6 +66,20 @@ def pac_attributes(config: TrainConfig) -> AttributeFile:
     return _attributes(str(d.root), d.attributes, d.attribute_min_count)
 
 
+def process_batch_size(config: TrainConfig, world_size: int) -> int:
+    """Each process's micro-batch: ``data.global_batch_size`` split over the processes when it is set (a
+    ValueError when they do not divide it), else ``data.batch_size``."""
+    total = config.data.global_batch_size
+    if total is None:
+        return config.data.batch_size
+    if total % world_size:
+        raise ValueError(
+            f"data.global_batch_size {total} does not split over {world_size} processes; use a multiple of "
+            f"{world_size}"
+        )
+    return total // world_size
+
+
 def build_streams(config: TrainConfig, dist: DistInfo, device: torch.device) -> dict[str, LoaderStream]:
     from famevil_fast.data import build_train_loader
     from famevil_fast.data.pretrain import PRETRAIN_TASKS, build_pretrain_loader
@@ -74,7 +88,7 @@ def build_streams(config: TrainConfig, dist: DistInfo, device: torch.device) -> 
     streams = {}
     for i, task in enumerate(config.model.tasks):
         common = dict(
-            batch_size=d.batch_size,
+            batch_size=process_batch_size(config, dist.world_size),
             image_size=d.image_size,
             seed=config.train.seed + 1000 * i,
             rank=dist.rank,
