@@ -98,6 +98,9 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     }
     trainer = Trainer(micro_config(f"{out_dir}/poison{rank}", "train.updates=1"), poisoned)
     out["poison"] = trainer.train_update()
+    distilled = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
+    trainer = Trainer(micro_config(f"{out_dir}/distill{rank}", *_distill_overrides(out_dir)), distilled)
+    out["distill"] = trainer.train_update()
     halves = {t: RandomStream(t, i, batch=8, rows=slice(4 * rank, 4 * rank + 4)) for i, t in enumerate(TASKS)}
     trainer = Trainer(
         micro_config(f"{out_dir}/stop", "train.updates=4", "train.update_frequency=1", "checkpoint.every=0"),
@@ -118,9 +121,29 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _save_teachers(root) -> None:
+    """A teacher per task (random weights, seeded: only their logits matter) under ``root/teachers``."""
+    import torch
+
+    from famevil_fast.model import FameViL
+    from famevil_fast.train.trainer import build_model
+
+    torch.manual_seed(0)
+    config = build_model(micro_config(f"{root}/unused")).config
+    for task in TASKS:
+        xaa = {"itc": "none", "cap": "text"}.get(task, "both")
+        FameViL(config.replace(tasks=(task,), xaa=xaa)).save_pretrained(f"{root}/teachers/{task}")
+
+
+def _distill_overrides(root) -> tuple[str, ...]:
+    spec = ", ".join(f"{t}: {root}/teachers/{t}" for t in TASKS)
+    return ("train.updates=1", "distill.enabled=true", f"distill.teachers={{{spec}}}")
+
+
 @pytest.fixture(scope="module")
 def agreement(tmp_path_factory):
     out = tmp_path_factory.mktemp("agreement")
+    _save_teachers(out)
     mp.spawn(_agreement_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     return out, [json.loads((out / f"agree{r}.json").read_text()) for r in range(2)]
 
@@ -140,6 +163,21 @@ def test_unequal_rows_give_the_global_gradient_and_every_rank_logs_the_global_lo
         # DDP averages the ranks' gradients equally: without the row weights the norm is 5.02, not 4.65
         assert _close(r["uneven"]["grad_norm"], single["grad_norm"]), (r["uneven"]["grad_norm"], single)
         for (task, got), (_, expected) in zip(r["uneven"]["losses"], single["losses"]):
+            assert _close(got, expected), (task, got, expected)
+
+
+@pytest.mark.slow
+def test_distillation_terms_span_the_global_batch_with_unequal_rows(agreement, tmp_path):
+    """The teachers' retrieval logits cover every process's rows, as the task losses do, and each KD term
+    is weighted by rows: processes holding 3 and 5 rows give the losses and gradient of one process on 8."""
+    out, ranks = agreement
+    single = Trainer(
+        micro_config(tmp_path / "single", *_distill_overrides(out)),
+        {t: RandomStream(t, i, batch=8) for i, t in enumerate(TASKS)},
+    ).train_update()
+    for r in ranks:
+        assert _close(r["distill"]["grad_norm"], single["grad_norm"]), (r["distill"]["grad_norm"], single)
+        for (task, got), (_, expected) in zip(r["distill"]["losses"], single["losses"]):
             assert _close(got, expected), (task, got, expected)
 
 

@@ -24,7 +24,7 @@ from famevil_fast.ops import contrastive_loss
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
-def _row_weighted(
+def row_weighted(
     loss: torch.Tensor, gather: Gather | None, rows: int, total: int | None = None
 ) -> torch.Tensor:
     """``loss`` (a mean over ``rows`` local rows) times local rows / mean rows over the processes; ``total``
@@ -58,7 +58,7 @@ def itc_loss(
     labels = _local_labels(image.shape[0], offset, image.device)
     i2t = contrastive_loss(image, all_text, scale, labels=labels, two_way=False, backend=backend)
     t2i = contrastive_loss(text, all_image, scale, labels=labels, two_way=False, backend=backend)
-    return _row_weighted(0.5 * (i2t + t2i), gather, image.shape[0], all_text.shape[0])
+    return row_weighted(0.5 * (i2t + t2i), gather, image.shape[0], all_text.shape[0])
 
 
 def tgir_loss(
@@ -76,14 +76,14 @@ def tgir_loss(
     loss = contrastive_loss(query, target, scale, labels=labels, two_way=False, backend=backend)
     if gather is None:
         return loss
-    return _row_weighted(loss, gather, query.shape[0], target.shape[0])
+    return row_weighted(loss, gather, query.shape[0], target.shape[0])
 
 
 def scr_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
     """Cross-entropy over the local rows; in distributed training (``gather``) weighted by local rows / mean
     rows over the processes."""
     loss = F.cross_entropy(logits.float(), labels)
-    return loss if gather is None else _row_weighted(loss, gather, logits.shape[0])
+    return loss if gather is None else row_weighted(loss, gather, logits.shape[0])
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:

@@ -7,6 +7,9 @@ Distillation losses (temperature 1, teacher probabilities by softmax):
   which paired the teacher's image with the student's text (and vice versa);
 - tgir: the same for query -> target logits (one way);
 - scr: soft-target CE of class logits; cap: soft-target CE of every trained token position.
+
+In distributed training the retrieval logits span the global batch (columns all-gathered, student and
+teacher), and each term is weighted by the process's rows (tokens for captions), as the task losses are.
 """
 
 from __future__ import annotations
@@ -18,20 +21,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from famevil_fast.model.famevil import FameViL, TaskOutput
-from famevil_fast.model.losses import Gather
+from famevil_fast.model.losses import Gather, row_weighted
 from famevil_fast.ops import contrastive_distill_loss
 
 
 def soft_cross_entropy(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor | None = None
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
     """Mean over rows (those marked in the bool mask ``rows``, when given) of the cross-entropy between the
-    teacher's softmax and the student's log-softmax."""
+    teacher's softmax and the student's log-softmax. In distributed training (``gather``) the sum is divided
+    by the mean row count over the processes, so that DDP's average of the processes' losses is the mean
+    over every row of the global batch."""
     target = F.softmax(teacher_logits.float(), dim=-1)
     per_row = -(target * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
-    if rows is None:
-        return per_row.mean()
-    return (per_row * rows).sum() / rows.sum().clamp_min(1)
+    if rows is not None:
+        per_row = per_row * rows
+    count = per_row.new_tensor(float(per_row.shape[0])) if rows is None else rows.sum().float()
+    mean_count = getattr(gather, "mean_count", None)
+    if mean_count is not None:
+        return per_row.sum() / mean_count(count).clamp_min(1)
+    return per_row.sum() / count.clamp_min(1)
+
+
+def _retrieval_kd(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    scale: torch.Tensor,
+    teacher_rows: torch.Tensor,
+    teacher_columns: torch.Tensor,
+    teacher_scale: torch.Tensor,
+    gather: Gather | None,
+    backend: str | None,
+) -> torch.Tensor:
+    """One direction: each local row's soft-target CE over every column of the global batch (the columns
+    are all-gathered in distributed training, student and teacher alike), weighted by local rows."""
+    total = None
+    if gather is not None:
+        columns, _ = gather(columns)
+        teacher_columns, _ = gather(teacher_columns)
+        total = columns.shape[0]
+    loss = contrastive_distill_loss(
+        rows, columns, scale, teacher_rows, teacher_columns, teacher_scale, two_way=False, backend=backend
+    )
+    return row_weighted(loss, gather, rows.shape[0], total)
 
 
 def kd_loss(
@@ -40,51 +75,31 @@ def kd_loss(
     teacher: TaskOutput,
     faithful_itc: bool = False,
     backend: str | None = None,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
+    """The distillation loss of ``task`` (module docstring). With ``gather`` (distributed training) the
+    retrieval logits span the global batch, as the task losses do, and every term is weighted so that DDP's
+    average over processes is the global batch's loss."""
     s, t = student.outputs, teacher.outputs
     if task == "itc":
-        if faithful_itc:
-            i2t = contrastive_distill_loss(
-                s["image"],
-                s["text"],
-                s["scale"],
-                t["image"],
-                s["text"].detach(),
-                t["scale"],
-                two_way=False,
-                backend=backend,
+        if gather is None and not faithful_itc:  # one kernel for both directions
+            teacher_pair = (t["image"], t["text"], t["scale"])
+            return contrastive_distill_loss(
+                s["image"], s["text"], s["scale"], *teacher_pair, two_way=True, backend=backend
             )
-            t2i = contrastive_distill_loss(
-                s["text"],
-                s["image"],
-                s["scale"],
-                t["text"],
-                s["image"].detach(),
-                t["scale"],
-                two_way=False,
-                backend=backend,
-            )
-            return 0.5 * (i2t + t2i)
-        return contrastive_distill_loss(
-            s["image"],
-            s["text"],
-            s["scale"],
-            t["image"],
-            t["text"],
-            t["scale"],
-            two_way=True,
-            backend=backend,
+        # faithful: the teacher's columns are the student's (detached), as the official code gathered them
+        teacher_text = s["text"].detach() if faithful_itc else t["text"]
+        teacher_image = s["image"].detach() if faithful_itc else t["image"]
+        i2t = _retrieval_kd(
+            s["image"], s["text"], s["scale"], t["image"], teacher_text, t["scale"], gather, backend
         )
+        t2i = _retrieval_kd(
+            s["text"], s["image"], s["scale"], t["text"], teacher_image, t["scale"], gather, backend
+        )
+        return 0.5 * (i2t + t2i)
     if task == "tgir":
-        return contrastive_distill_loss(
-            s["query"],
-            s["target"],
-            s["scale"],
-            t["query"],
-            t["target"],
-            t["scale"],
-            two_way=False,
-            backend=backend,
+        return _retrieval_kd(
+            s["query"], s["target"], s["scale"], t["query"], t["target"], t["scale"], gather, backend
         )
     if task in ("scr", "cap"):
         if s["logits"].shape != t["logits"].shape:
@@ -92,7 +107,7 @@ def kd_loss(
                 f"{task} teacher logits {tuple(t['logits'].shape)} do not match "
                 f"the student's {tuple(s['logits'].shape)}"
             )
-        return soft_cross_entropy(s["logits"], t["logits"], s.get("trained"))  # caption: no padding
+        return soft_cross_entropy(s["logits"], t["logits"], s.get("trained"), gather)  # caption: no padding
     raise ValueError(f"no distillation loss for task {task!r}")
 
 

@@ -332,7 +332,8 @@ class Trainer:
         if self.teachers is None or task not in self.teachers:
             return out.loss
         teacher_out = self.teachers(batch, task, self.gather)
-        kd = kd_loss(task, out, teacher_out, self.cfg.distill.faithful_itc, self.cfg.model.backend)
+        distill, backend = self.cfg.distill, self.cfg.model.backend
+        kd = kd_loss(task, out, teacher_out, distill.faithful_itc, backend, self.gather)
         return combine(out.loss, kd, self.cfg.distill.balance)
 
     def _micro_losses(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
