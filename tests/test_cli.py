@@ -53,6 +53,30 @@ def test_embed_images_and_texts(checkpoint, images, tmp_path):
     assert torch.allclose(tensors["text"].norm(dim=-1), torch.ones(2))
 
 
+def test_embed_resizes_as_asked(checkpoint, images, tmp_path):
+    """--eval-resize reaches the transform: the 40 x 48 images keep their aspect by default and are squashed
+    with `squash`, each giving the embedding of the reference transform in that mode."""
+    from PIL import Image
+
+    from famevil_fast.data.transforms import reference_transform
+
+    model = FameViL.from_pretrained(checkpoint)
+    files = sorted(images.iterdir())
+    embeddings = {}
+    for mode in ("keep_aspect", "squash"):
+        out = tmp_path / f"{mode}.safetensors"
+        args = ["embed", str(checkpoint), "--images", *map(str, files), "--eval-resize", mode]
+        assert main([*args, "--out", str(out)]) == 0
+        embeddings[mode] = load_file(str(out))["image"]
+        with torch.no_grad():
+            pixels = torch.stack([reference_transform(Image.open(f), 32, eval_resize=mode) for f in files])
+            assert torch.allclose(embeddings[mode], model.encode_image(pixels, "itc"), atol=1e-5)
+    assert not torch.allclose(embeddings["keep_aspect"], embeddings["squash"], atol=1e-4)
+    default = tmp_path / "default.safetensors"
+    assert main(["embed", str(checkpoint), "--images", *map(str, files), "--out", str(default)]) == 0
+    assert torch.equal(load_file(str(default))["image"], embeddings["keep_aspect"])
+
+
 def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
     assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

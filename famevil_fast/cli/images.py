@@ -24,8 +24,9 @@ def collect_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def load_pixels(files: list[Path], image_size: int) -> torch.Tensor:
-    """(N, 3, S, S) normalised pixels; a file that is not a readable image raises ValueError naming it."""
+def load_pixels(files: list[Path], image_size: int, eval_resize: str = "keep_aspect") -> torch.Tensor:
+    """(N, 3, S, S) normalised pixels by the evaluation transform (its resize chosen by ``eval_resize``); a
+    file that is not a readable image raises ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     from famevil_fast.data.transforms import reference_transform
@@ -35,7 +36,7 @@ def load_pixels(files: list[Path], image_size: int) -> torch.Tensor:
         try:
             with Image.open(f) as image:
                 image.load()
-                out.append(reference_transform(image, image_size))
+                out.append(reference_transform(image, image_size, eval_resize=eval_resize))
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {f}: {exc}") from exc
     return torch.stack(out)

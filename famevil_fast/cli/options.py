@@ -44,3 +44,16 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)"
     )
+
+
+def add_eval_resize_argument(parser: argparse.ArgumentParser, default: str | None = "keep_aspect") -> None:
+    """``--eval-resize``: the resize before the evaluation transform's centre crop (FAMEVIL.md quirk 7)."""
+    from famevil_fast.data.transforms import EVAL_RESIZE_MODES
+
+    parser.add_argument(
+        "--eval-resize",
+        choices=list(EVAL_RESIZE_MODES),
+        default=default,
+        help="image resize before the centre crop: keep the aspect, shorter side to 256/224 of the crop "
+        "(keep_aspect, default), or resize every image to that size squared, as the official code (squash)",
+    )

@@ -6,6 +6,7 @@ import argparse
 
 from famevil_fast.cli.options import (
     add_device_argument,
+    add_eval_resize_argument,
     add_op_backend_argument,
     non_negative_int,
     positive_int,
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="forbid repeating any n-gram of this length (0 = off, as the reference; tiny_cpu uses 2)",
     )
+    add_eval_resize_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per batch")
     add_device_argument(parser)
     parser.add_argument(
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]
         captions = model.caption(
-            load_pixels(chunk, size).to(device),
+            load_pixels(chunk, size, args.eval_resize).to(device),
             max_len=args.max_len,
             num_beams=args.beams,
             no_repeat_ngram=args.no_repeat_ngram,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from famevil_fast.cli.options import add_device_argument, positive_int
+from famevil_fast.cli.options import add_device_argument, add_eval_resize_argument, positive_int
 from famevil_fast.devices import resolve_device
 
 NAME = "embed"
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="whose adapters to use: itc (retrieval) or tgir (targets)",
     )
     parser.add_argument("--out", required=True, help="output .safetensors (tensors 'image', 'text')")
+    add_eval_resize_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="inputs per batch")
     add_device_argument(parser)
 
@@ -47,12 +48,9 @@ def run(args: argparse.Namespace) -> int:
         if args.images:
             files = collect_images(args.images)
             size = model.config.clip.vision.image_size
-            out["image"] = torch.cat(
-                [
-                    model.encode_image(load_pixels(files[i : i + bs], size).to(device), args.task).cpu()
-                    for i in range(0, len(files), bs)
-                ]
-            )
+            chunks = (files[i : i + bs] for i in range(0, len(files), bs))
+            batches = (load_pixels(chunk, size, args.eval_resize) for chunk in chunks)
+            out["image"] = torch.cat([model.encode_image(b.to(device), args.task).cpu() for b in batches])
             meta["images"] = "\n".join(map(str, files))
         if args.texts:
             path = Path(args.texts)

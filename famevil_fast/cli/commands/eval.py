@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
     add_device_argument,
+    add_eval_resize_argument,
     add_op_backend_argument,
     non_negative_int,
     positive_int,
@@ -90,13 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="forbid repeating any n-gram of this length (default: 0 = off)",
     )
-    parser.add_argument(
-        "--eval-resize",
-        choices=["keep_aspect", "squash"],
-        default=None,
-        help="image resize before the centre crop: keep the aspect, shorter side to 256/224 of the crop "
-        "(keep_aspect, default), or resize every image to that size squared, as the official code (squash)",
-    )
+    add_eval_resize_argument(parser, default=None)  # None: the recipe's, else keep_aspect
     parser.add_argument(
         "--views",
         choices=["all", "first"],
