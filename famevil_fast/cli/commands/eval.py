@@ -17,6 +17,7 @@ from famevil_fast.devices import resolve_device
 
 if TYPE_CHECKING:
     from famevil_fast.eval.runner import EvalOptions
+    from famevil_fast.model import FameViL
 
 NAME = "eval"
 HELP = "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a dataset; prints the tables."
@@ -174,7 +175,7 @@ def zero_shot_tasks(requested: list[str] | None) -> list[str]:
     return tasks
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
     """(model in eval mode, tasks to evaluate) for the checkpoint and ``--clip`` / ``--tasks``."""
     from famevil_fast.model import FameViL
 
