@@ -152,18 +152,23 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-4 * max(1.0, abs(b))
 
 
-@pytest.mark.slow
-def test_unequal_rows_give_the_global_gradient_and_every_rank_logs_the_global_losses(agreement, tmp_path):
-    _, ranks = agreement
+def _assert_every_rank_matches_one_process(ranks, key: str, run_dir, *overrides: str) -> None:
+    """Each rank's record ``key`` (an update on 3 and 5 rows) has the gradient norm and losses of one
+    process on all 8 rows."""
     single = Trainer(
-        micro_config(tmp_path / "single", "train.updates=1"),
+        micro_config(run_dir, "train.updates=1", *overrides),
         {t: RandomStream(t, i, batch=8) for i, t in enumerate(TASKS)},
     ).train_update()
     for r in ranks:
-        # DDP averages the ranks' gradients equally: without the row weights the norm is 5.02, not 4.65
-        assert _close(r["uneven"]["grad_norm"], single["grad_norm"]), (r["uneven"]["grad_norm"], single)
-        for (task, got), (_, expected) in zip(r["uneven"]["losses"], single["losses"]):
+        assert _close(r[key]["grad_norm"], single["grad_norm"]), (r[key]["grad_norm"], single)
+        for (task, got), (_, expected) in zip(r[key]["losses"], single["losses"]):
             assert _close(got, expected), (task, got, expected)
+
+
+@pytest.mark.slow
+def test_unequal_rows_give_the_global_gradient_and_every_rank_logs_the_global_losses(agreement, tmp_path):
+    # DDP averages the ranks' gradients equally: without the row weights the norm is 5.02, not 4.65
+    _assert_every_rank_matches_one_process(agreement[1], "uneven", tmp_path / "single")
 
 
 @pytest.mark.slow
@@ -171,14 +176,7 @@ def test_distillation_terms_span_the_global_batch_with_unequal_rows(agreement, t
     """The teachers' retrieval logits cover every process's rows, as the task losses do, and each KD term
     is weighted by rows: processes holding 3 and 5 rows give the losses and gradient of one process on 8."""
     out, ranks = agreement
-    single = Trainer(
-        micro_config(tmp_path / "single", *_distill_overrides(out)),
-        {t: RandomStream(t, i, batch=8) for i, t in enumerate(TASKS)},
-    ).train_update()
-    for r in ranks:
-        assert _close(r["distill"]["grad_norm"], single["grad_norm"]), (r["distill"]["grad_norm"], single)
-        for (task, got), (_, expected) in zip(r["distill"]["losses"], single["losses"]):
-            assert _close(got, expected), (task, got, expected)
+    _assert_every_rank_matches_one_process(ranks, "distill", tmp_path / "single", *_distill_overrides(out))
 
 
 @pytest.mark.slow

@@ -4,25 +4,13 @@ references of FAMEVIL.md section 9 quirk 3 in both their faithful and fixed form
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import EmbeddingStub
 
 from famevil_fast.data.eval_sets import CapEval, XMREval
 from famevil_fast.eval import TaskResult
 from famevil_fast.eval import runner as runner_module
 from famevil_fast.eval.runner import EvalOptions, evaluate_cap, evaluate_xmr, longest_reference
 from famevil_fast.text import get_tokenizer, tokenize
-
-
-class EmbeddingStub:
-    """Images and texts are given as their embeddings; the encoders only normalise them."""
-
-    device = torch.device("cpu")
-
-    def encode_image(self, pixels, task):
-        return F.normalize(pixels.double(), dim=1)
-
-    def encode_text(self, input_ids, task):
-        return F.normalize(input_ids.double(), dim=1)
 
 
 def _xmr_set(products=12, views=3, dim=8, batch=10):

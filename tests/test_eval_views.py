@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import EmbeddingStub
 from test_data_fixtures import noise_image, synthetic
 
 from famevil_fast.data import build_eval_sets
@@ -55,16 +56,8 @@ def test_first_view_sets_hold_one_view_per_product(data):
         build_eval_sets("scr", data, views="some", **kwargs)
 
 
-class Stub:
+class Stub(EmbeddingStub):
     """Embeddings are the pixels (one number per sample); logits are one-hot of the label the pixels hold."""
-
-    device = torch.device("cpu")
-
-    def encode_image(self, pixels, task):
-        return F.normalize(pixels.double(), dim=1)
-
-    def encode_text(self, input_ids, task):
-        return F.normalize(input_ids.double(), dim=1)
 
     def classify(self, pixels, input_ids):
         return F.one_hot(pixels[:, 0].long(), 6).float()
