@@ -151,6 +151,43 @@ def _batch(b=5, seed=0):
     }
 
 
+class OneOfTwoProcesses:
+    """The gather of one of two processes holding ``counts`` rows (or counted rows), without collectives:
+    ``mean_count`` and ``row_weight`` give what the distributed gather's all-reduce would."""
+
+    def __init__(self, counts: tuple[float, float], rank: int) -> None:
+        self.counts, self.rank = counts, rank
+
+    def mean_count(self, n: torch.Tensor) -> torch.Tensor:
+        assert float(n) == self.counts[self.rank]
+        return torch.tensor(sum(self.counts) / 2)
+
+    def row_weight(self, rows: int, device: torch.device, total: int | None = None) -> float:
+        return rows * 2 / sum(self.counts)
+
+
+def test_pac_and_itm_losses_of_unequal_processes_average_to_the_global_batch():
+    """DDP averages the processes' losses equally: with 3 and 4 rows (and rows without attributes) the
+    weighted per-process losses average to the loss of all 7 rows in one process."""
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g)
+    attributes = torch.tensor([[0, 2], [-1, -1], [1, -1], [5, 3], [-1, -1], [4, -1], [2, 1]])
+    whole = pl.pac_loss(image, text, attributes)
+    halves = (slice(0, 3), slice(3, 7))
+    counted = tuple(float((attributes[h] >= 0).any(dim=1).sum()) for h in halves)
+    parts = [
+        pl.pac_loss(image[h], text[h], attributes[h], OneOfTwoProcesses(counted, r))
+        for r, h in enumerate(halves)
+    ]
+    assert torch.allclose((parts[0] + parts[1]) / 2, whole)
+    unweighted = [pl.pac_loss(image[h], text[h], attributes[h]) for h in halves]
+    assert not torch.allclose((unweighted[0] + unweighted[1]) / 2, whole)  # what equal averaging gave
+    logits, labels = torch.randn(7, 2, generator=g), torch.tensor([1, 0, 1, 1, 0, 1, 0])
+    rows = (3.0, 4.0)
+    parts = [pl.itm_loss(logits[h], labels[h], OneOfTwoProcesses(rows, r)) for r, h in enumerate(halves)]
+    assert torch.allclose((parts[0] + parts[1]) / 2, pl.itm_loss(logits, labels))
+
+
 def test_mvc_forward_scores_view_a_against_fused_view_b():
     model, batch = _model(), _batch()
     out = model(batch, "mvc")

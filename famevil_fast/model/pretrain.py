@@ -94,7 +94,7 @@ def forward_pac(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather |
     head = model.heads["pac"]
     image_logits = head(model.image_features(pixels, "pac"))
     text_logits = head(model.text_features(ids, "pac"))
-    loss = pl.pac_loss(image_logits, text_logits, attributes)
+    loss = pl.pac_loss(image_logits, text_logits, attributes, gather)
     return TaskOutput(loss, {"image_logits": image_logits, "text_logits": text_logits})
 
 
@@ -129,7 +129,7 @@ def forward_itm(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather |
     v, t = model.fused_features(pixels, ids[text_index], "itm")
     logits = model.heads["itm"](v + t)
     return TaskOutput(
-        pl.itm_loss(logits, labels), {"logits": logits, "labels": labels, "text_index": text_index}
+        pl.itm_loss(logits, labels, gather), {"logits": logits, "labels": labels, "text_index": text_index}
     )
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed
-from famevil_fast.model.losses import Gather, itc_loss
+from famevil_fast.model.losses import Gather, itc_loss, row_weighted
 
 
 def mvc_loss(
@@ -63,14 +63,22 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def pac_loss(
-    image_logits: torch.Tensor, text_logits: torch.Tensor, attribute_ids: torch.Tensor
+    image_logits: torch.Tensor,
+    text_logits: torch.Tensor,
+    attribute_ids: torch.Tensor,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
-    """Soft-label CE of the image logits + that of the text logits, averaged over rows with attributes."""
+    """Soft-label CE of the image logits + that of the text logits, averaged over rows with attributes. In
+    distributed training (``gather``) the sum is divided by the mean such row count over the processes, so
+    that DDP's average of the processes' losses is the mean over the global batch's rows."""
     target = soft_multi_hot(attribute_ids, image_logits.shape[1])
     rows = (attribute_ids >= 0).any(dim=1)
     per_row = soft_cross_entropy(image_logits, target) + soft_cross_entropy(text_logits, target)
-    count = rows.sum().clamp(min=1).to(per_row.dtype)
-    return (per_row * rows.to(per_row.dtype)).sum() / count
+    count = rows.sum().to(per_row.dtype)
+    mean_count = getattr(gather, "mean_count", None)
+    if mean_count is not None:
+        count = mean_count(count).to(per_row.dtype)
+    return (per_row * rows.to(per_row.dtype)).sum() / count.clamp(min=1)
 
 
 @torch.no_grad()
@@ -95,6 +103,7 @@ def itm_pairs(similarity: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.
     return torch.where(swap, negative, own), (~swap).long()
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the 2-way match head (label 1 = the text describes the image)."""
-    return F.cross_entropy(logits.float(), labels)
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
+    """Cross-entropy of the 2-way match head (label 1 = the text describes the image); weighted by local rows
+    / mean rows over the processes in distributed training."""
+    return row_weighted(F.cross_entropy(logits.float(), labels), gather, logits.shape[0])
