@@ -157,12 +157,19 @@ def test_converter_reproduces_the_synthetic_val_files(tmp_path_factory, tmp_path
 
 
 def test_fashion200k_reader(tmp_path):
-    row = {"images": ["women/x.jpg"], "id": 3, "title": "blue skirt", "attributes_id": [4]}
+    """Paths are relative to Fashion200k/images (the official image folder), or to Fashion200k/ when they
+    start with images/."""
+    row = {
+        "images": ["skirt/mini/1/1_0.jpg", "images/x.jpg"],
+        "id": 3,
+        "title": "blue skirt",
+        "attributes_id": [4],
+    }
     _write(tmp_path / "Fashion200k" / "test_info.json", [row])
     p = read_fashion200k(tmp_path, "val")
     assert (
         p[0].text == "blue skirt"
-        and p[0].images == ("Fashion200k/women/x.jpg",)
+        and p[0].images == ("Fashion200k/images/skirt/mini/1/1_0.jpg", "Fashion200k/images/x.jpg")
         and p[0].subcategory_id == -1
     )
 

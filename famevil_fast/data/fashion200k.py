@@ -1,6 +1,8 @@
 """Fashion200k reader: ``Fashion200k/{train,test}_info.json`` products (text = title only).
 
-Fashion200k has no validation split; "val" reads the test file. Products carry no sub-category.
+Fashion200k has no validation split; "val" reads the test file. Products carry no sub-category. A row's
+image paths are relative to ``Fashion200k/images``, as in the official loader (paths that start with
+"images/" are relative to ``Fashion200k/``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from famevil_fast.data.records import (
     check_types,
     dataset_dir,
     entry_name,
+    image_paths,
     load_json_list,
     reject_duplicate_ids,
     relative_prefix,
@@ -25,6 +28,11 @@ from famevil_fast.data.records import (
 
 _KEYS = ("images", "id", "title")
 _KINDS = {"images": STR_OR_STRS, "id": INT, "title": STR, "attributes_id": INTS}
+_SOURCE = "Fashion200k/{train,test}_info.json are FashionViL's pre-processed files (its README)"
+_FORMAT = (
+    "a Fashion200k row holds images, id and title (attributes_id optional), as in FashionViL's "
+    "{train,test}_info.json"
+)
 
 
 def read_fashion200k(root: str | os.PathLike, split: str) -> list[Product]:
@@ -38,19 +46,21 @@ def read_fashion200k(root: str | os.PathLike, split: str) -> list[Product]:
     directory = dataset_dir(root, "Fashion200k", f"{split}_info.json")
     path = directory / f"{split}_info.json"
     prefix = relative_prefix(root, directory)
-    products = [_product(row, path, i, prefix) for i, row in enumerate(load_json_list(path, "Fashion200k"))]
+    products = [
+        _product(row, path, i, prefix) for i, row in enumerate(load_json_list(path, "Fashion200k", _SOURCE))
+    ]
     reject_duplicate_ids([p.id for p in products], path)
     return products
 
 
 def _product(row: object, path: Path, i: int, prefix: str) -> Product:
-    row = check_types(require_keys(row, _KEYS, path, i), _KINDS, path, i)
+    row = check_types(require_keys(row, _KEYS, path, i, _FORMAT), _KINDS, path, i)
     images = [row["images"]] if isinstance(row["images"], str) else row["images"]
     if not images:
         raise ValueError(f"{entry_name(path, i, row)} has no images")
     return Product(
         id=row["id"],
-        images=tuple(prefix + p for p in images),
+        images=image_paths(images, prefix, "images"),
         text=row["title"],
         attributes_id=tuple(row.get("attributes_id", ())),
     )

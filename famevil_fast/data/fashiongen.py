@@ -1,8 +1,10 @@
 """FashionGen reader: ``FashionGen/{train,val}_info.json`` products with their image views.
 
 Each product becomes a :class:`~famevil_fast.data.records.Product` with text = title + "." + description
-(no space), its category and sub-category ids and its attribute ids; image paths are stored relative to
-the data root. The test split is the val split.
+(no space), its category and sub-category ids and its attribute ids. A row's image paths are relative to
+the split's image folder, ``FashionGen/train`` or ``FashionGen/val``, as in the official loader (paths that
+start with "train/" or "val/" are relative to ``FashionGen/``); records store them relative to the data
+root. The test split is the val split (files and images).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from famevil_fast.data.records import (
     check_types,
     dataset_dir,
     entry_name,
+    image_paths,
     load_json_list,
     reject_duplicate_ids,
     relative_prefix,
@@ -27,6 +30,14 @@ from famevil_fast.data.records import (
 
 NUM_SUBCATEGORIES = 121
 _KEYS = ("images", "id", "title", "description", "subcategory_id")
+_FORMAT = (
+    "a FashionGen row holds images, id, title, description and subcategory_id (category_id and "
+    "attributes_id optional), as in FashionViL's {train,val}_info.json"
+)
+_SOURCE = (
+    "FashionGen/{train,val}_info.json are FashionViL's pre-processed files (its README); "
+    "`famevil-fast make-synthetic DIR` writes a dataset in the same format"
+)
 _KINDS = {
     "images": STR_OR_STRS,
     "id": INT,
@@ -38,10 +49,15 @@ _KINDS = {
 }
 
 
-def fashiongen_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+def _split_name(split: str) -> str:
     split = "val" if split == "test" else split
     if split not in ("train", "val"):
         raise ValueError(f"FashionGen: split must be 'train', 'val' or 'test', got {split!r}")
+    return split
+
+
+def fashiongen_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    split = _split_name(split)
     directory = dataset_dir(root, "FashionGen", f"{split}_info.json")
     return directory, directory / f"{split}_info.json"
 
@@ -52,14 +68,15 @@ def read_fashiongen(root: str | os.PathLike, split: str) -> list[Product]:
     ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
     (ids are integers, texts strings, images a string or a list of strings) or repeats a product id."""
     directory, path = fashiongen_split_file(root, split)
-    prefix = relative_prefix(root, directory)
-    products = [_product(row, path, i, prefix) for i, row in enumerate(load_json_list(path, "FashionGen"))]
+    prefix, folder = relative_prefix(root, directory), _split_name(split)
+    rows = load_json_list(path, "FashionGen", _SOURCE)
+    products = [_product(row, path, i, prefix, folder) for i, row in enumerate(rows)]
     reject_duplicate_ids([p.id for p in products], path)
     return products
 
 
-def _product(row: object, path: Path, i: int, prefix: str) -> Product:
-    row = check_types(require_keys(row, _KEYS, path, i), _KINDS, path, i)
+def _product(row: object, path: Path, i: int, prefix: str, folder: str) -> Product:
+    row = check_types(require_keys(row, _KEYS, path, i, _FORMAT), _KINDS, path, i)
     images = [row["images"]] if isinstance(row["images"], str) else row["images"]
     if not images:
         raise ValueError(f"{entry_name(path, i, row)} has no images")
@@ -70,7 +87,7 @@ def _product(row: object, path: Path, i: int, prefix: str) -> Product:
         )
     return Product(
         id=row["id"],
-        images=tuple(prefix + p for p in images),
+        images=image_paths(images, prefix, folder),
         text=f"{row['title']}.{row['description']}",
         category_id=row.get("category_id", -1),
         subcategory_id=sub,

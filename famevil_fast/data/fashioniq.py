@@ -10,6 +10,7 @@ gallery of a category is the set of distinct target ids over all its val rows, f
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,19 +36,30 @@ _TRAIN_KINDS = {k: v for k, v in _KINDS.items() if k != "target_id"}  # train id
 def _category_rows(root: str | os.PathLike, split: str, category: str):
     directory = dataset_dir(root, "FashionIQ", "captions")
     path = directory / "captions" / f"cap.{category}.{split}.json"
-    return directory, path, load_json_list(path, "FashionIQ")
+    if not path.is_file() and (directory / path.name).is_file():
+        raise FileNotFoundError(
+            f"FashionIQ: file not found: {path}; {directory / path.name} exists: the caption files belong "
+            f"in {directory / 'captions'}/ (the layout is FashionIQ/{{captions,images,image_splits}})"
+        )
+    hint = "the FashionIQ release's captions/cap.<category>.<split>.json, one file per category"
+    if split == "val":
+        hint += f"; then add the gallery rows with `famevil-fast convert-fiq {directory}`"
+    return directory, path, load_json_list(path, "FashionIQ", hint)
+
+
+_GALLERY_KEYS = ("target_id", "fake_data")
 
 
 def _check_row(row: object, path: Path, i: int, split: str) -> dict:
-    keys = ("candidate", "target", "captions") + (("target_id", "fake_data") if split == "val" else ())
-    try:
-        row = require_keys(row, keys, path, i)
-    except ValueError as e:
-        if split == "val" and isinstance(row, dict):
-            raise ValueError(
-                f"{e}; convert raw FashionIQ val files with `famevil-fast convert-fiq`"
-            ) from None
-        raise
+    keys = ("candidate", "target", "captions") + (_GALLERY_KEYS if split == "val" else ())
+    if split == "val" and isinstance(row, dict) and any(k not in row for k in _GALLERY_KEYS):
+        fiq = path.parent.parent
+        raise ValueError(
+            f"{entry_name(path, i, row)} lacks {[k for k in keys if k not in row]}: FashionIQ val rows carry "
+            "the gallery fields target_id and fake_data, which the raw FashionIQ release does not have; "
+            f"add them (and the gallery rows) with `famevil-fast convert-fiq {fiq}`"
+        )
+    row = require_keys(row, keys, path, i, "a FashionIQ row holds candidate, target and captions")
     check_types(row, _KINDS if split == "val" else _TRAIN_KINDS, path, i)
     if len(row["captions"]) != 2:
         raise ValueError(f"{entry_name(path, i)} has {len(row['captions'])} captions, expected 2")
@@ -74,6 +86,20 @@ def _check_gallery(rows: list[dict], path: Path) -> None:
             )
 
 
+def _warn_without_gallery_rows(rows: list[dict], path: Path, category: str, directory: Path) -> None:
+    """A val file without any ``fake_data`` row evaluates against the queries' own targets only, a smaller
+    gallery than the reference's whole val split (inflated recall): warn, naming the fix."""
+    if not rows or any(row["fake_data"] for row in rows):
+        return
+    targets = len({row["target"] for row in rows})
+    warnings.warn(
+        f"{path} has no fake_data rows, so the {category} gallery holds only the {targets} targets of its "
+        f"queries, not every image of image_splits/split.{category}.val.json as in the reference protocol; "
+        f"rebuild it from the raw captions with `famevil-fast convert-fiq {directory}`",
+        stacklevel=3,
+    )
+
+
 def read_fashioniq(
     root: str | os.PathLike, split: str, categories: Sequence[str] = FIQ_CATEGORIES
 ) -> list[Triplet]:
@@ -94,6 +120,9 @@ def read_fashioniq(
             _check_row(row, path, i, split)
         if split == "val":
             _check_gallery(rows, path)
+    if split == "val":
+        for category, directory, path, rows in loaded:
+            _warn_without_gallery_rows(rows, path, category, directory)
     names = sorted({r[k] for _, _, _, rows in loaded for r in rows for k in ("candidate", "target")})
     ids = {n: i for i, n in enumerate(names)} if split == "train" else {}
     out: list[Triplet] = []

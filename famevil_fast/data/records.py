@@ -1,7 +1,10 @@
 """The records every reader produces: products (FashionGen, Fashion200k) and triplets (FashionIQ).
 
 Image paths in records are relative to the data root the reader was given, so the same record resolves to
-a file on disk or to an entry of a pre-decoded cache built from that root.
+a file on disk or to an entry of a pre-decoded cache built from that root. A split file's own paths are
+relative to its dataset's image folder, as the official loader (mmf's ``ImageDatabase``) joins them:
+``FashionGen/train`` or ``FashionGen/val`` (by split), ``Fashion200k/images``, ``FashionIQ/images``
+(:func:`image_paths`).
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ class Triplet:
         return ", ".join(self.captions)
 
 
-def load_json_list(path: Path, what: str) -> list:
-    """The JSON list in ``path``; FileNotFoundError / ValueError naming the file otherwise."""
+def load_json_list(path: Path, what: str, hint: str = "") -> list:
+    """The JSON list in ``path``; FileNotFoundError (followed by ``hint``, where such files come from, when
+    given) / ValueError naming the file otherwise."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: file not found: {path}")
+        raise FileNotFoundError(f"{what}: file not found: {path}" + (f" ({hint})" if hint else ""))
     try:
         with open(path) as f:
             data = json.load(f)
@@ -66,13 +70,15 @@ def entry_name(path: Path, index: int, row: object = None) -> str:
     return name
 
 
-def require_keys(row: object, keys: tuple[str, ...], path: Path, index: int) -> dict:
-    """``row`` as a dict holding ``keys``; ValueError naming the file and entry otherwise."""
+def require_keys(row: object, keys: tuple[str, ...], path: Path, index: int, hint: str = "") -> dict:
+    """``row`` as a dict holding ``keys``; ValueError naming the file, entry and missing keys otherwise
+    (followed by ``hint``, what the row should hold, when given)."""
+    after = f" ({hint})" if hint else ""
     if not isinstance(row, dict):
-        raise ValueError(f"{path}: entry {index} is {json_repr(row)}, expected an object")
+        raise ValueError(f"{path}: entry {index} is {json_repr(row)}, expected an object{after}")
     missing = [k for k in keys if k not in row]
     if missing:
-        raise ValueError(f"{entry_name(path, index, row)} lacks {missing}")
+        raise ValueError(f"{entry_name(path, index, row)} lacks {missing}{after}")
     return row
 
 
@@ -131,7 +137,29 @@ def dataset_dir(root: str | os.PathLike, name: str, marker: str) -> Path:
         return base / name
     if (base / marker).exists():
         return base
-    raise FileNotFoundError(f"{name}: no dataset under {base} (looked for {base / name} and {base / marker})")
+    hint = ""
+    if base.is_dir():
+        near = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.lower() == name.lower())
+        if near:
+            hint = f"; found {base / near[0]}: the directory must be named {name} (names are case-sensitive)"
+    else:
+        hint = "; that directory does not exist"
+    raise FileNotFoundError(
+        f"{name}: no dataset under {base} (looked for {base / name} and {base / marker}){hint}. A data root "
+        "holds FashionGen/, FashionIQ/ and/or Fashion200k/ as FashionViL lays them out (docs/data.md)"
+    )
+
+
+def image_paths(paths: list[str], prefix: str, folder: str) -> tuple[str, ...]:
+    """The image paths of one row relative to the data root: ``prefix`` (the dataset directory relative to
+    the data root) + ``folder`` (the image folder of the split: "train" / "val" for FashionGen, "images" for
+    Fashion200k) + the path, as the official loader resolves the authors' files.
+
+    A path that already starts with ``folder`` ("train/123_0.png" in a FashionGen train file, the layout
+    ``famevil-fast make-synthetic`` writes) is taken relative to the dataset directory instead, so both
+    layouts give the same record (the image folder holding a folder of its own name is not supported)."""
+    head = folder + "/"
+    return tuple(prefix + (p if p.startswith(head) else head + p) for p in paths)
 
 
 def relative_prefix(root: str | os.PathLike, directory: Path) -> str:

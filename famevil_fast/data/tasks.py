@@ -154,9 +154,24 @@ def drop_missing_products(
                 Product(prod.id, views, prod.text, prod.category_id, prod.subcategory_id, prod.attributes_id)
             )
     if products and not out:
-        where = f"in the image cache {cache.path}" if cache is not None else f"under {root}"
-        raise ValueError(f"{what}: none of the {len(paths)} images of its products is found {where}")
+        raise ValueError(
+            f"{what}: none of the {len(paths)} images of its products is found {_where(root, cache, missing)}"
+        )
     return out
+
+
+_IMAGE_FOLDERS = (
+    "the image paths of a split file are relative to its image folder: FashionGen/train, FashionGen/val, "
+    "Fashion200k/images, FashionIQ/images/<name>.jpg (docs/data.md)"
+)
+
+
+def _where(root: str | os.PathLike, cache: ImageCache | None, missing: set[str]) -> str:
+    """Where images were looked for, with one missing path (for the error when none is found)."""
+    example = sorted(missing)[0]
+    if cache is not None:
+        return f"in the image cache {cache.path} (e.g. {example})"
+    return f"under {root} (e.g. {os.path.join(root, example)}); {_IMAGE_FOLDERS}"
 
 
 def drop_missing_triplets(
@@ -166,11 +181,16 @@ def drop_missing_triplets(
     cache: ImageCache | str | os.PathLike | None = None,
 ) -> list[Triplet]:
     """``triplets`` without those whose target (or, unless fake, reference) has no image file (or, with
-    ``cache``, no cache entry)."""
+    ``cache``, no cache entry); ValueError when none of their images is found."""
     paths = sorted({p for t in triplets for p in (t.candidate, t.target)})
-    missing = _missing(root, paths, open_image_cache(cache), what, len(paths))
+    cache = open_image_cache(cache)
+    missing = _missing(root, paths, cache, what, len(paths))
     if not missing:
         return triplets
+    if len(missing) == len(paths):
+        raise ValueError(
+            f"{what}: none of the {len(paths)} images of its triplets is found {_where(root, cache, missing)}"
+        )
     out = []
     for t in triplets:
         if t.target in missing:
