@@ -1,4 +1,5 @@
-"""Readers of FashionGen, FashionIQ and Fashion200k files, the FashionIQ val converter, failure messages."""
+"""Readers of FashionGen, FashionIQ, Fashion200k, PolyvoreOutfits and BigFACAD files, the FashionIQ val
+converter, failure messages."""
 
 import json
 import shutil
@@ -7,11 +8,13 @@ import warnings
 import pytest
 from test_data_fixtures import noise_image, synthetic
 
+from famevil_fast.data.bigfacad import read_bigfacad
 from famevil_fast.data.fashion200k import read_fashion200k
 from famevil_fast.data.fashiongen import read_fashiongen
 from famevil_fast.data.fashioniq import read_fashioniq
 from famevil_fast.data.fiq_convert import convert_fashioniq_val, fashioniq_val_rows
 from famevil_fast.data.images import SkippedImagesWarning, jpeg_truncated, size_from_bytes
+from famevil_fast.data.polyvore import read_polyvore_outfits
 from famevil_fast.data.tasks import train_table
 
 
@@ -174,6 +177,71 @@ def test_fashion200k_reader(tmp_path):
     )
 
 
+def test_polyvore_reader_single_image_text_and_paths(tmp_path):
+    """One image path per row, relative to PolyvoreOutfits/images (or to PolyvoreOutfits/ when it starts with
+    images/); text = title + "." + description exactly as stored (the official PolyvoreOutfitsDatabase)."""
+    rows = [
+        {
+            "images": "1234.jpg",
+            "id": 9,
+            "title": "Leather bag ",
+            "description": " Gold zip.",
+            "attributes_id": [7],
+        },
+        {"images": "images/55.jpg", "id": 10, "title": "Hat", "description": ""},
+    ]
+    for split in ("train", "val", "test"):
+        _write(tmp_path / "PolyvoreOutfits" / f"{split}_info.json", rows)
+    for root, prefix in ((tmp_path, "PolyvoreOutfits/"), (tmp_path / "PolyvoreOutfits", "")):
+        for split in ("train", "val", "test"):
+            p = read_polyvore_outfits(root, split)
+            assert p[0].text == "Leather bag . Gold zip." and p[1].text == "Hat."
+            assert p[0].images == (f"{prefix}images/1234.jpg",) and p[1].images == (f"{prefix}images/55.jpg",)
+            assert (p[0].id, p[0].attributes_id, p[0].subcategory_id) == (9, (7,), -1)
+            assert p[0].dataset == "polyvoreoutfits"
+            assert p[1].attributes_id == ()
+    with pytest.raises(ValueError, match="split must be"):
+        read_polyvore_outfits(tmp_path, "dev")
+    _write(tmp_path / "PolyvoreOutfits" / "train_info.json", [{"images": "a.jpg", "id": 1, "title": "t"}])
+    with pytest.raises(ValueError, match=r"train_info\.json: entry 0 \(id 1\) lacks \['description'\]"):
+        read_polyvore_outfits(tmp_path, "train")
+    _write(tmp_path / "PolyvoreOutfits" / "train_info.json", [{**rows[1], "images": ""}])
+    with pytest.raises(ValueError, match="has no image path"):
+        read_polyvore_outfits(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match="PolyvoreOutfits"):
+        read_polyvore_outfits(tmp_path / "nowhere", "train")
+
+
+def test_bigfacad_reader_joins_color_title_and_description(tmp_path):
+    """text = color + "." + title + "." + description exactly as stored (the official BigFACADDatabase);
+    paths relative to BigFACAD/images."""
+    row = {
+        "images": ["women/1_0.jpg", "images/women/1_1.jpg"],
+        "id": 1,
+        "color": "Navy ",
+        "title": "Wool coat",
+        "description": " Double-breasted.",
+        "attributes_id": [3, 2231],
+    }
+    for split in ("train", "val", "test"):
+        _write(tmp_path / "BigFACAD" / f"{split}_info.json", [row, {**row, "id": 2, "images": "x.jpg"}])
+    for split in ("train", "val", "test"):
+        p = read_bigfacad(tmp_path, split)
+        assert p[0].text == "Navy .Wool coat. Double-breasted."
+        assert p[0].images == ("BigFACAD/images/women/1_0.jpg", "BigFACAD/images/women/1_1.jpg")
+        assert p[1].images == ("BigFACAD/images/x.jpg",)
+        assert (p[0].attributes_id, p[0].dataset, p[0].category_id) == ((3, 2231), "bigfacad", -1)
+    assert read_bigfacad(tmp_path / "BigFACAD", "train")[0].images[0] == "images/women/1_0.jpg"
+    _write(tmp_path / "BigFACAD" / "train_info.json", [{k: v for k, v in row.items() if k != "color"}])
+    with pytest.raises(ValueError, match=r"lacks \['color'\].*a BigFACAD row holds images, id, color"):
+        read_bigfacad(tmp_path, "train")
+    _write(tmp_path / "BigFACAD" / "train_info.json", [{**row, "color": None}])
+    with pytest.raises(ValueError, match="field 'color' must be a string"):
+        read_bigfacad(tmp_path, "train")
+    with pytest.raises(ValueError, match="split must be"):
+        read_bigfacad(tmp_path, "dev")
+
+
 def test_missing_images_are_dropped_with_one_summary_warning(tmp_path):
     rows = []
     for i in range(5):
@@ -266,10 +334,15 @@ def test_fashion200k_reader_rejects_wrong_types(tmp_path, field, value):
 
 @pytest.mark.parametrize(
     "reader, name",
-    [(read_fashiongen, "FashionGen"), (read_fashion200k, "Fashion200k")],
+    [
+        (read_fashiongen, "FashionGen"),
+        (read_fashion200k, "Fashion200k"),
+        (read_polyvore_outfits, "PolyvoreOutfits"),
+        (read_bigfacad, "BigFACAD"),
+    ],
 )
 def test_duplicate_product_ids_are_rejected_naming_the_entries(tmp_path, reader, name):
-    rows = [{**_FG_ROW, "id": i} for i in (5, 6, 7, 6)]
+    rows = [{**_FG_ROW, "color": "red", "id": i} for i in (5, 6, 7, 6)]
     _write(tmp_path / name / "train_info.json", rows)
     with pytest.raises(ValueError, match=r"train_info\.json: entries 1 and 3 have the same product id 6"):
         reader(tmp_path, "train")

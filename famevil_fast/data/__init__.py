@@ -20,9 +20,12 @@ Batches per task (B = batch size, S = image size, ids are CLIP BPE ids padded wi
 - ``cap`` (FashionGen): pixels, input_ids (the target text)
 
 FashionGen text is title + "." + description. Evaluation sets: :func:`build_eval_sets` (module
-``eval_sets``). ``root`` holds ``FashionGen/``, ``FashionIQ/`` and/or ``Fashion200k/`` (or is one of them).
+``eval_sets``). ``root`` holds ``FashionGen/``, ``FashionIQ/``, ``Fashion200k/``, ``PolyvoreOutfits/`` and/or
+``BigFACAD/`` (or is one of them); ``fashionall`` is FashionViL's pre-training union of the four product
+datasets' train splits (module ``fashionall``).
 
-Modules: ``records`` (Product, Triplet), ``fashiongen`` / ``fashioniq`` / ``fashion200k`` (readers),
+Modules: ``records`` (Product, Triplet), ``fashiongen`` / ``fashioniq`` / ``fashion200k`` / ``polyvore`` /
+``bigfacad`` (readers), ``fashionall`` (the union),
 ``fiq_convert`` (FashionIQ val gallery files), ``transforms`` (reference crops and resampling),
 ``images`` (file checks, skipped-image warning), ``backends`` (dali, torchvision, pil, cache),
 ``cache`` (pre-decoded shards), ``tokens`` (token ids with a disk cache), ``tasks`` (sample tables),
@@ -51,6 +54,9 @@ _LAZY = {
     "read_fashiongen": ("famevil_fast.data.fashiongen", "read_fashiongen"),
     "read_fashioniq": ("famevil_fast.data.fashioniq", "read_fashioniq"),
     "read_fashion200k": ("famevil_fast.data.fashion200k", "read_fashion200k"),
+    "read_polyvore_outfits": ("famevil_fast.data.polyvore", "read_polyvore_outfits"),
+    "read_bigfacad": ("famevil_fast.data.bigfacad", "read_bigfacad"),
+    "read_fashionall": ("famevil_fast.data.fashionall", "read_fashionall"),
     "make_backend": ("famevil_fast.data.backends", "make_backend"),
     "available_backends": ("famevil_fast.data.backends", "available_backends"),
     "SkippedImagesWarning": ("famevil_fast.data.images", "SkippedImagesWarning"),
@@ -61,14 +67,17 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from famevil_fast.data.backends import available_backends, make_backend
+    from famevil_fast.data.bigfacad import read_bigfacad
     from famevil_fast.data.cache import CacheCorruptError, ImageCache, build_cache
     from famevil_fast.data.eval_sets import CapEval, SCREval, TGIREval, XMREval, build_eval_sets
     from famevil_fast.data.fashion200k import read_fashion200k
+    from famevil_fast.data.fashionall import read_fashionall
     from famevil_fast.data.fashiongen import read_fashiongen
     from famevil_fast.data.fashioniq import read_fashioniq
     from famevil_fast.data.fiq_convert import convert_fashioniq_val
     from famevil_fast.data.images import SkippedImagesWarning
     from famevil_fast.data.loader import EvalBatches, TrainLoader, build_train_loader
+    from famevil_fast.data.polyvore import read_polyvore_outfits
     from famevil_fast.data.synthetic.generate import make_synthetic
     from famevil_fast.data.tasks import TASKS
     from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD
@@ -105,7 +114,10 @@ __all__ = [
     "convert_fashioniq_val",
     "make_backend",
     "make_synthetic",
+    "read_bigfacad",
     "read_fashion200k",
+    "read_fashionall",
     "read_fashiongen",
     "read_fashioniq",
+    "read_polyvore_outfits",
 ]

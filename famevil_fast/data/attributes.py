@@ -19,6 +19,12 @@ writes the vocabulary and every product's ids to one JSON file (:func:`write_att
 
 A dataset that carries its own attribute ids (FashionGen's ``attributes_id``, FashionViL's 2,232 mined
 noun phrases) can be used instead: :func:`dataset_attributes`, ``data.attributes: dataset`` in a recipe.
+
+Every dataset name of ``famevil_fast.data.tasks.ITC_DATASETS`` can be mined or read, the union
+``fashionall`` included: its vocabulary is mined from the texts of all its training products (or, for
+``attributes_id``, is the vocabulary the four files share), and its products are keyed by their union ids.
+An attribute file records the dataset it was made from, and a table of another dataset refuses it
+(:func:`check_attribute_dataset`): product ids of one dataset name other products in another.
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ class AttributeFile:
     vocabulary: AttributeVocabulary
     products: dict[str, dict[int, tuple[int, ...]]]
     source: str = ""
+    dataset: str = ""  # the dataset whose product ids key ``products`` ("" = not recorded)
 
     def split(self, name: str) -> dict[int, tuple[int, ...]]:
         if name not in self.products:
@@ -160,6 +167,23 @@ class AttributeFile:
                 f"attribute file {self.source or ''} has no split {name!r}; it has {sorted(self.products)}"
             )
         return self.products[name]
+
+
+UNION = "fashionall"
+
+
+def check_attribute_dataset(attributes: AttributeFile, dataset: str) -> None:
+    """ValueError when ``attributes`` are keyed by the product ids of another dataset than ``dataset`` (a
+    file that records no dataset is not checked). A ``fashionall`` file serves FashionGen too: FashionGen
+    products keep their ids in the union."""
+    made = attributes.dataset
+    if not made or made == dataset or (made == UNION and dataset == "fashiongen"):
+        return
+    raise ValueError(
+        f"attribute file {attributes.source} holds the attributes of {made} products, but the table reads "
+        f"{dataset}: product ids of one dataset name other products in another. Mine them for {dataset} "
+        f"(`famevil-fast mine-attributes ROOT --dataset {dataset}`), or use data.attributes null / dataset"
+    )
 
 
 def encode_products(vocabulary: AttributeVocabulary, products: Sequence) -> dict[int, tuple[int, ...]]:
@@ -216,7 +240,7 @@ def read_attribute_file(path: str | os.PathLike) -> AttributeFile:
             raise ValueError(
                 f"attribute file {path}: product {bad[0]} ({split}) has ids outside [0, {len(vocab)})"
             )
-    return AttributeFile(vocab, products, str(path))
+    return AttributeFile(vocab, products, str(path), str(data.get("dataset") or ""))
 
 
 def mine_dataset(
@@ -246,7 +270,7 @@ def mine_dataset(
             products[split] = encode_products(vocab, read_products(dataset, root, split, allow_empty=True))
         except FileNotFoundError:
             continue
-    return AttributeFile(vocab, products, f"{root} ({dataset}, mined)")
+    return AttributeFile(vocab, products, f"{root} ({dataset}, mined)", dataset)
 
 
 DATASET_ATTRIBUTES = "dataset"  # ``load_attributes(path=...)``: the products' own ``attributes_id``
@@ -276,7 +300,7 @@ def dataset_attributes(
     size = 1 + max(i for split in products.values() for row in split.values() for i in row)
     names = tuple(f"attribute_{i}" for i in range(size))
     vocabulary = AttributeVocabulary(names, tuple(counts.get(i, 0) for i in range(size)))
-    return AttributeFile(vocabulary, products, f"{root} ({dataset}, attributes_id)")
+    return AttributeFile(vocabulary, products, f"{root} ({dataset}, attributes_id)", dataset)
 
 
 def load_attributes(

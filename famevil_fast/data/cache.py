@@ -66,32 +66,54 @@ class CacheEntry:
 # ------------------------------------------------------------------------------------------ which images
 
 
-def dataset_image_keys(root: str | os.PathLike) -> list[str]:
-    """Every image path (relative to ``root``) referenced by the datasets found under ``root``, sorted."""
-    from famevil_fast.data.fashion200k import read_fashion200k
-    from famevil_fast.data.fashiongen import read_fashiongen
-    from famevil_fast.data.fashioniq import read_fashioniq
+# the split files of each product dataset (``fashionall`` is the union of their train splits: covered)
+_PRODUCT_SPLITS = {
+    "fashiongen": ("train", "val"),
+    "fashion200k": ("train", "test"),
+    "polyvoreoutfits": ("train", "val", "test"),
+    "bigfacad": ("train", "val", "test"),
+}
 
-    keys: set[str] = set()
-    found = False
-    for reader, splits in ((read_fashiongen, ("train", "val")), (read_fashion200k, ("train", "test"))):
-        for split in splits:
+
+def dataset_splits(root: str | os.PathLike) -> list[tuple[str, str, list]]:
+    """(dataset, split, records) of every split file found under ``root``: the product datasets' products
+    (FashionGen, Fashion200k, PolyvoreOutfits, BigFACAD) and FashionIQ's triplets."""
+    from famevil_fast.data.fashioniq import read_fashioniq
+    from famevil_fast.data.tasks import product_datasets_under, read_products
+
+    found: list[tuple[str, str, list]] = []
+    for dataset in product_datasets_under(root):
+        for split in _PRODUCT_SPLITS[dataset]:
             try:
-                products = reader(root, split)
+                found.append((dataset, split, read_products(dataset, root, split, allow_empty=True)))
             except FileNotFoundError:
                 continue
-            found = True
-            keys.update(v for p in products for v in p.images)
     for split in ("train", "val"):
         try:
-            triplets = read_fashioniq(root, split)
+            found.append(("fashioniq", split, read_fashioniq(root, split)))
         except FileNotFoundError:
             continue
-        found = True
-        keys.update(p for t in triplets for p in (t.candidate, t.target))
-    if not found:
-        raise FileNotFoundError(f"cache: no FashionGen, FashionIQ or Fashion200k split files under {root}")
-    return sorted(keys)
+    return found
+
+
+def dataset_image_keys(root: str | os.PathLike) -> list[str]:
+    """Every image path (relative to ``root``) referenced by the datasets found under ``root``, sorted."""
+    return sorted(_image_keys(dataset_splits(root), root))
+
+
+def _image_keys(splits: list[tuple[str, str, list]], root: str | os.PathLike) -> set[str]:
+    if not splits:
+        raise FileNotFoundError(
+            "cache: no FashionGen, FashionIQ, Fashion200k, PolyvoreOutfits or BigFACAD split files under "
+            f"{root}"
+        )
+    keys: set[str] = set()
+    for dataset, _, records in splits:
+        if dataset == "fashioniq":
+            keys.update(p for t in records for p in (t.candidate, t.target))
+        else:
+            keys.update(v for p in records for v in p.images)
+    return keys
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -230,6 +252,7 @@ class CacheSummary:
     failed: int
     shards: int
     bytes: int
+    datasets: tuple[str, ...] = ()  # "dataset/split" of every split file whose images were listed
 
 
 def build_cache(
@@ -255,7 +278,13 @@ def build_cache(
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_dir.glob("*.tmp"):
         stale.unlink()
-    keys = dataset_image_keys(root_s) if keys is None else sorted(set(keys))
+    found: tuple[str, ...] = ()
+    if keys is None:
+        splits = dataset_splits(root_s)
+        keys = sorted(_image_keys(splits, root_s))
+        found = tuple(f"{dataset}/{split}" for dataset, split, _ in splits)
+    else:
+        keys = sorted(set(keys))
     index_path = out_p / "cache.json"
     previous: dict = {}
     if index_path.is_file():
@@ -327,6 +356,7 @@ def build_cache(
         failed=len(failed),
         shards=len(ordered),
         bytes=sum(m["bytes"] for m in ordered),
+        datasets=found,
     )
 
 

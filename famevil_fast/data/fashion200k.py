@@ -63,4 +63,5 @@ def _product(row: object, path: Path, i: int, prefix: str) -> Product:
         images=image_paths(images, prefix, "images"),
         text=row["title"],
         attributes_id=tuple(row.get("attributes_id", ())),
+        dataset="fashion200k",
     )

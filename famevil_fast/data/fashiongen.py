@@ -92,4 +92,5 @@ def _product(row: object, path: Path, i: int, prefix: str, folder: str) -> Produ
         category_id=row.get("category_id", -1),
         subcategory_id=sub,
         attributes_id=tuple(row.get("attributes_id", ())),
+        dataset="fashiongen",
     )

@@ -1,7 +1,10 @@
 """Training data of the pre-training objectives: sample tables and loaders for ``mvc``, ``pac`` and ``itm``.
 
-One sample per FashionGen (or Fashion200k) product, shuffled, sharded and exactly resumable like every
-:class:`~famevil_fast.data.loader.TrainLoader` (a batch is a pure function of seed, epoch and step):
+One sample per product of ``dataset``: FashionGen by default, or Fashion200k, PolyvoreOutfits, BigFACAD, or
+FashionViL's union ``fashionall`` (the train splits of those of the four found under the data root, ids made
+unique across them, val = FashionGen val: ``famevil_fast.data.fashionall``). Shuffled, sharded and exactly
+resumable like every :class:`~famevil_fast.data.loader.TrainLoader` (a batch is a pure function of seed,
+epoch and step):
 
 - ``mvc``: ``pixels`` (view A), ``fused_pixels`` (view B: another view of the product, drawn uniformly from
   the others; the same view with its own random crop and flip when the product has one view),
@@ -10,8 +13,9 @@ One sample per FashionGen (or Fashion200k) product, shuffled, sharded and exactl
   with -1 (K = most attributes of any product), ``product_ids``;
 - ``itm``: ``pixels``, ``input_ids``, ``product_ids`` (negatives are chosen by the model from the batch).
 
-Attributes come from an attribute file of ``famevil-fast mine-attributes`` or are mined from the training
-texts when none is given (``famevil_fast.data.attributes``).
+Attributes come from an attribute file of ``famevil-fast mine-attributes`` (mined from the same dataset:
+its product ids are the keys), from the products' own ``attributes_id``, or are mined from the training texts
+when none is given (``famevil_fast.data.attributes``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,17 @@ import os
 
 import torch
 
-from famevil_fast.data.attributes import AttributeFile, load_attributes
+from famevil_fast.data.attributes import AttributeFile, check_attribute_dataset, load_attributes
 from famevil_fast.data.backends import ImageBackend
 from famevil_fast.data.cache import ImageCache
 from famevil_fast.data.loader import TrainLoader, default_device, resolve_backend
-from famevil_fast.data.tasks import PRODUCT_DATASETS, SampleTable, drop_missing_products, read_products
-from famevil_fast.data.tokens import tokenize_texts
+from famevil_fast.data.tasks import (
+    ITC_DATASETS,
+    SampleTable,
+    drop_missing_products,
+    read_products,
+    tokenize_products,
+)
 
 PRETRAIN_TASKS: tuple[str, ...] = ("mvc", "pac", "itm")
 
@@ -34,8 +43,8 @@ def check_pretrain_task(task: str, dataset: str | None) -> str:
     if task not in PRETRAIN_TASKS:
         raise ValueError(f"unknown pre-training task {task!r}; expected one of {PRETRAIN_TASKS}")
     dataset = dataset or "fashiongen"
-    if dataset not in PRODUCT_DATASETS:
-        raise ValueError(f"pre-training task {task!r} reads {PRODUCT_DATASETS}, not {dataset!r}")
+    if dataset not in ITC_DATASETS:
+        raise ValueError(f"pre-training task {task!r} reads {ITC_DATASETS}, not {dataset!r}")
     return dataset
 
 
@@ -66,8 +75,8 @@ def pretrain_table(
         products = drop_missing_products(products, root, f"{dataset} {split}", image_cache)
     texts = [p.text for p in products]
     fields = {
-        "input_ids": tokenize_texts(texts, cache_dir),
-        "product_ids": torch.as_tensor([p.id for p in products]),
+        "input_ids": tokenize_products(products, cache_dir),
+        "product_ids": torch.as_tensor([p.id for p in products], dtype=torch.int64),
     }
     views = [p.images for p in products]
     if task == "mvc":
@@ -78,12 +87,14 @@ def pretrain_table(
     if task == "pac":
         if attributes is None:
             raise ValueError("the pac table needs attributes (an AttributeFile)")
+        check_attribute_dataset(attributes, dataset)
         known = attributes.split(split)
-        absent = [p.id for p in products if p.id not in known]
+        absent = [p for p in products if p.id not in known]
         if absent:
             raise ValueError(
-                f"attribute file {attributes.source} has no attributes for {len(absent)} {split} products "
-                f"(e.g. id {absent[0]}); mine it from the same data root"
+                f"attribute file {attributes.source} has no attributes for {len(absent)} {dataset} {split} "
+                f"products (e.g. id {absent[0].id}, {absent[0].dataset or dataset}); mine it from the same "
+                f"data root and dataset (`famevil-fast mine-attributes ROOT --dataset {dataset}`)"
             )
         fields["attribute_ids"] = attribute_matrix([known[p.id] for p in products])
     return SampleTable(f"{task}/{split}", ("pixels",), {"pixels": views}, fields, texts)

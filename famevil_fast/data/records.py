@@ -1,10 +1,11 @@
-"""The records every reader produces: products (FashionGen, Fashion200k) and triplets (FashionIQ).
+"""The records every reader produces: products (FashionGen, Fashion200k, PolyvoreOutfits, BigFACAD) and
+triplets (FashionIQ).
 
 Image paths in records are relative to the data root the reader was given, so the same record resolves to
 a file on disk or to an entry of a pre-decoded cache built from that root. A split file's own paths are
 relative to its dataset's image folder, as the official loader (mmf's ``ImageDatabase``) joins them:
-``FashionGen/train`` or ``FashionGen/val`` (by split), ``Fashion200k/images``, ``FashionIQ/images``
-(:func:`image_paths`).
+``FashionGen/train`` or ``FashionGen/val`` (by split), ``Fashion200k/images``, ``PolyvoreOutfits/images``,
+``BigFACAD/images``, ``FashionIQ/images`` (:func:`image_paths`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Product:
-    """One catalogue product: its views and the text the tasks use (FashionGen: title + "." + description)."""
+    """One catalogue product: its views and the text the tasks use (FashionGen: title + "." + description).
+
+    ``dataset`` names the reader that produced it ("fashiongen", "fashion200k", "polyvoreoutfits",
+    "bigfacad"); in the ``fashionall`` union ``id`` is the union id (``famevil_fast.data.fashionall``)."""
 
     id: int
     images: tuple[str, ...]
@@ -25,6 +29,7 @@ class Product:
     category_id: int = -1
     subcategory_id: int = -1
     attributes_id: tuple[int, ...] = ()
+    dataset: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,14 +151,16 @@ def dataset_dir(root: str | os.PathLike, name: str, marker: str) -> Path:
         hint = "; that directory does not exist"
     raise FileNotFoundError(
         f"{name}: no dataset under {base} (looked for {base / name} and {base / marker}){hint}. A data root "
-        "holds FashionGen/, FashionIQ/ and/or Fashion200k/ as FashionViL lays them out (docs/data.md)"
+        "holds FashionGen/, FashionIQ/, Fashion200k/, PolyvoreOutfits/ and/or BigFACAD/ as FashionViL lays "
+        "them out (docs/data.md)"
     )
 
 
 def image_paths(paths: list[str], prefix: str, folder: str) -> tuple[str, ...]:
     """The image paths of one row relative to the data root: ``prefix`` (the dataset directory relative to
     the data root) + ``folder`` (the image folder of the split: "train" / "val" for FashionGen, "images" for
-    Fashion200k) + the path, as the official loader resolves the authors' files.
+    Fashion200k, PolyvoreOutfits and BigFACAD) + the path, as the official loader resolves the authors'
+    files.
 
     A path that already starts with ``folder`` ("train/123_0.png" in a FashionGen train file, the layout
     ``famevil-fast make-synthetic`` writes) is taken relative to the dataset directory instead, so both

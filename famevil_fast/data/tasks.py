@@ -8,29 +8,47 @@ Train tables: ``itc`` / ``scr`` / ``cap`` = one sample per product (random view)
 real triplet. Eval tables follow the evaluation protocols (docs/evaluation.md): every view is a sample for XMR
 images, SCR and FIC; XMR texts are one per product; TGIR has per category a query table and a gallery table
 of distinct target ids (fake rows included).
+
+Product datasets: ``fashiongen`` (every product task), ``fashion200k``, ``polyvoreoutfits``, ``bigfacad`` and
+the pre-training union ``fashionall`` (their train splits; val = FashionGen val, ``data.fashionall``) for
+``itc`` and the pre-training objectives (``data.pretrain``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from famevil_fast.data.bigfacad import bigfacad_split_file, read_bigfacad
 from famevil_fast.data.cache import ImageCache
 from famevil_fast.data.fashion200k import read_fashion200k
+from famevil_fast.data.fashionall import DIRECTORIES, read_fashionall
 from famevil_fast.data.fashiongen import fashiongen_split_file, read_fashiongen
 from famevil_fast.data.fashioniq import read_fashioniq
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages, missing_files
+from famevil_fast.data.polyvore import polyvore_split_file, read_polyvore_outfits
 from famevil_fast.data.records import Product, Triplet, dataset_dir
 from famevil_fast.data.tokens import tokenize_texts
 
 TASKS: tuple[str, ...] = ("itc", "tgir", "scr", "cap")
 DEFAULT_DATASET = {"itc": "fashiongen", "scr": "fashiongen", "cap": "fashiongen", "tgir": "fashioniq"}
-PRODUCT_DATASETS = ("fashiongen", "fashion200k")
+PRODUCT_DATASETS = ("fashiongen", "fashion200k", "polyvoreoutfits", "bigfacad")  # one reader each
+UNION_DATASET = "fashionall"  # FashionViL's pre-training union of the four (famevil_fast.data.fashionall)
+ITC_DATASETS = PRODUCT_DATASETS + (UNION_DATASET,)  # what itc and the pre-training objectives can read
+_READERS = {
+    "fashiongen": read_fashiongen,
+    "fashion200k": read_fashion200k,
+    "polyvoreoutfits": read_polyvore_outfits,
+    "bigfacad": read_bigfacad,
+    UNION_DATASET: read_fashionall,
+}
 
 
 @dataclass
@@ -69,7 +87,7 @@ def check_task(task: str, dataset: str | None) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     dataset = dataset or DEFAULT_DATASET[task]
-    allowed = ("fashioniq",) if task == "tgir" else (PRODUCT_DATASETS if task == "itc" else ("fashiongen",))
+    allowed = ("fashioniq",) if task == "tgir" else (ITC_DATASETS if task == "itc" else ("fashiongen",))
     if dataset not in allowed:
         raise ValueError(f"task {task!r} reads {allowed}, not {dataset!r}")
     return dataset
@@ -78,24 +96,56 @@ def check_task(task: str, dataset: str | None) -> str:
 def read_products(
     dataset: str, root: str | os.PathLike, split: str, allow_empty: bool = False
 ) -> list[Product]:
-    """The products of ``dataset`` / ``split``; ValueError naming the split file when it holds none (unless
-    ``allow_empty``)."""
-    if dataset == "fashiongen":
-        products = read_fashiongen(root, split)
-    elif dataset == "fashion200k":
-        products = read_fashion200k(root, split)
-    else:
-        raise ValueError(f"unknown product dataset {dataset!r}; expected one of {PRODUCT_DATASETS}")
+    """The products of ``dataset`` (one of ``ITC_DATASETS``) / ``split``; ValueError naming the split file
+    when it holds none (unless ``allow_empty``)."""
+    reader = _READERS.get(dataset)
+    if reader is None:
+        raise ValueError(f"unknown product dataset {dataset!r}; expected one of {ITC_DATASETS}")
+    products = reader(root, split)
     if not products and not allow_empty:
         raise ValueError(f"{dataset}: no products in {_split_file(dataset, root, split)}")
     return products
 
 
-def _split_file(dataset: str, root: str | os.PathLike, split: str) -> os.PathLike:
-    if dataset == "fashiongen":
+def _split_file(dataset: str, root: str | os.PathLike, split: str) -> os.PathLike | str:
+    if dataset == "fashiongen" or (dataset == UNION_DATASET and split != "train"):
         return fashiongen_split_file(root, split)[1]
+    if dataset == UNION_DATASET:
+        names = ", ".join(f"{d}/train_info.json" for d in DIRECTORIES.values())
+        return f"{names} under {root}"
+    if dataset == "polyvoreoutfits":
+        return polyvore_split_file(root, split)[1]
+    if dataset == "bigfacad":
+        return bigfacad_split_file(root, split)[1]
     name = "test" if split == "val" else split
     return dataset_dir(root, "Fashion200k", f"{name}_info.json") / f"{name}_info.json"
+
+
+def product_datasets_under(root: str | os.PathLike) -> list[str]:
+    """The product datasets (``PRODUCT_DATASETS``) whose split files a data root may hold, so that one
+    dataset's files are never read as another's: those whose directory lies under ``root``; else, when
+    ``root`` is itself a dataset directory, the one it is named after; else (a dataset directory of another
+    name) FashionGen and Fashion200k, where their readers look too."""
+    base = Path(root)
+    present = [d for d in PRODUCT_DATASETS if (base / DIRECTORIES[d]).is_dir()]
+    if present:
+        return present
+    named = [d for d in PRODUCT_DATASETS if base.resolve().name == DIRECTORIES[d]]
+    return named or ["fashiongen", "fashion200k"]
+
+
+def tokenize_products(
+    products: Sequence[Product], cache_dir: str | os.PathLike | None = None
+) -> torch.Tensor:
+    """Token ids of the products' texts, tokenised per run of products of one dataset: a union table's
+    runs are its datasets' own text lists, whose token files ``famevil-fast cache`` writes."""
+    runs = []
+    start = 0
+    for i in range(1, len(products) + 1):
+        if i == len(products) or products[i].dataset != products[start].dataset:
+            runs.append(tokenize_texts([p.text for p in products[start:i]], cache_dir))
+            start = i
+    return torch.cat(runs) if len(runs) > 1 else (runs[0] if runs else tokenize_texts([], cache_dir))
 
 
 def _ids(values: Sequence[int]) -> torch.Tensor:
@@ -150,9 +200,7 @@ def drop_missing_products(
     for prod in products:
         views = tuple(v for v in prod.images if v not in missing)
         if views:
-            out.append(
-                Product(prod.id, views, prod.text, prod.category_id, prod.subcategory_id, prod.attributes_id)
-            )
+            out.append(dataclasses.replace(prod, images=views))
     if products and not out:
         raise ValueError(
             f"{what}: none of the {len(paths)} images of its products is found {_where(root, cache, missing)}"
@@ -162,7 +210,7 @@ def drop_missing_products(
 
 _IMAGE_FOLDERS = (
     "the image paths of a split file are relative to its image folder: FashionGen/train, FashionGen/val, "
-    "Fashion200k/images, FashionIQ/images/<name>.jpg (docs/data.md)"
+    "Fashion200k/images, PolyvoreOutfits/images, BigFACAD/images, FashionIQ/images/<name>.jpg (docs/data.md)"
 )
 
 
@@ -251,7 +299,7 @@ def train_table(
     if check_files:
         products = drop_missing_products(products, root, f"{dataset} {split}", cache)
     texts = [p.text for p in products]
-    fields = {"input_ids": tokenize_texts(texts, cache_dir)}
+    fields = {"input_ids": tokenize_products(products, cache_dir)}
     if task == "itc":
         fields["product_ids"] = _ids(p.id for p in products)
     elif task == "scr":
@@ -278,7 +326,7 @@ def view_table(
         fields["labels"] = fields.pop("subcategory")
     if task in ("scr", "cap"):
         # one tokenisation per product, repeated per view
-        ids = tokenize_texts([p.text for p in products], cache_dir)
+        ids = tokenize_products(products, cache_dir)
         counts = torch.as_tensor([len(p.images) for p in products])
         fields["input_ids"] = torch.repeat_interleave(ids, counts, dim=0)
     return SampleTable(
@@ -296,7 +344,7 @@ def product_text_table(
         (),
         {},
         {
-            "input_ids": tokenize_texts(texts, cache_dir),
+            "input_ids": tokenize_products(products, cache_dir),
             "product_ids": _ids(p.id for p in products),
             "subcategory": _ids(p.subcategory_id for p in products),
         },
@@ -344,8 +392,9 @@ def tgir_tables(
 def all_texts(root: str | os.PathLike, splits: Sequence[str] = ("train", "val")) -> list[list[str]]:
     """Every text list the tables of ``root`` tokenise (for pre-filling a token cache)."""
     out: list[list[str]] = []
+    datasets = product_datasets_under(root)
     for split in splits:
-        for dataset in PRODUCT_DATASETS:
+        for dataset in datasets:
             try:
                 products = read_products(dataset, root, split, allow_empty=True)
             except FileNotFoundError:

@@ -108,6 +108,13 @@ class DataSection:
         None,
     )
     attribute_min_count: int = doc("mining at start-up: keep words found in at least this many products", 5)
+    dataset: str | None = doc(
+        "product dataset of itc and the pre-training objectives (mvc, pac, itm): fashiongen, fashion200k, "
+        "polyvoreoutfits, bigfacad, or fashionall (FashionViL's pre-training union of the train splits of "
+        "those four found under data.root); null = fashiongen. scr and cap read FashionGen, tgir FashionIQ, "
+        "and evaluation stays on FashionGen val / FashionIQ val",
+        None,
+    )
 
 
 @dataclass
@@ -375,7 +382,11 @@ def _check_device(device: str | None) -> None:
 
 def _check_data_backend(data: DataSection) -> None:
     from famevil_fast.data.backends import BACKENDS
+    from famevil_fast.data.fashionall import NAME as UNION
+    from famevil_fast.data.fashionall import UNION_DATASETS
 
+    if data.dataset is not None:
+        _choice("data.dataset", data.dataset, (*UNION_DATASETS, UNION))
     if data.backend is not None:
         _choice("data.backend", data.backend, BACKENDS)
     if data.backend == "cache" and data.cache is None:

@@ -54,16 +54,22 @@ class LoaderStream:
 
 
 @functools.lru_cache(maxsize=4)
-def _attributes(root: str, path: str | None, min_count: int):
+def _attributes(root: str, path: str | None, min_count: int, dataset: str):
     from famevil_fast.data.attributes import load_attributes
 
-    return load_attributes(root, path, min_count=min_count)
+    return load_attributes(root, path, dataset, min_count=min_count)
+
+
+def product_dataset(config: TrainConfig) -> str:
+    """The product dataset of the itc and pre-training streams (``data.dataset``; FashionGen by default)."""
+    return config.data.dataset or "fashiongen"
 
 
 def pac_attributes(config: TrainConfig) -> AttributeFile:
-    """The PAC attribute file of a run (``data.attributes``, or mined from the training texts), read once."""
+    """The PAC attribute file of a run (``data.attributes``, or mined from the training texts of
+    ``data.dataset``), read once."""
     d = config.data
-    return _attributes(str(d.root), d.attributes, d.attribute_min_count)
+    return _attributes(str(d.root), d.attributes, d.attribute_min_count, product_dataset(config))
 
 
 def process_batch_size(config: TrainConfig, world_size: int) -> int:
@@ -100,7 +106,9 @@ def build_streams(config: TrainConfig, dist: DistInfo, device: torch.device) -> 
         )
         if task in PRETRAIN_TASKS:
             extra = {"attributes": pac_attributes(config)} if task == "pac" else {}
-            loader = build_pretrain_loader(task, d.root, **common, **extra)
+            loader = build_pretrain_loader(task, d.root, dataset=product_dataset(config), **common, **extra)
+        elif task == "itc":
+            loader = build_train_loader(task, d.root, dataset=product_dataset(config), **common)
         else:
             loader = build_train_loader(task, d.root, **common)
         streams[task] = LoaderStream(loader)

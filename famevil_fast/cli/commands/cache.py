@@ -11,7 +11,11 @@ HELP = "Pre-decode dataset images into memory-mapped shards (resumable, checksum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset_dir", help="data root holding FashionGen/, FashionIQ/ and/or Fashion200k/")
+    parser.add_argument(
+        "dataset_dir",
+        help="data root holding FashionGen/, FashionIQ/, Fashion200k/, PolyvoreOutfits/ and/or BigFACAD/ "
+        "(every split's images; fashionall's are those of its four datasets)",
+    )
     parser.add_argument("out", help="cache directory (an interrupted conversion resumes here)")
     parser.add_argument(
         "--max-side", type=positive_int, default=None, help="shrink larger images to this longest side"
@@ -49,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
         f"cache {args.out}: {s.images} images in {s.shards} shards ({s.bytes / 2**20:.1f} MiB), "
         f"{s.new_images} decoded now, {s.failed} could not be decoded"
     )
+    if s.datasets:
+        print(f"splits: {', '.join(s.datasets)}")
     return 0
