@@ -8,30 +8,18 @@ image paths are relative to ``Fashion200k/images``, as in the official loader (p
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from famevil_fast.data.records import (
-    INT,
-    INTS,
-    STR,
-    STR_OR_STRS,
-    Product,
-    check_types,
-    dataset_dir,
-    entry_name,
-    image_paths,
-    load_json_list,
-    reject_duplicate_ids,
-    relative_prefix,
-    require_keys,
-)
+from famevil_fast.data.records import INT, INTS, STR, STR_OR_STRS, CatalogueFormat, Product
 
-_KEYS = ("images", "id", "title")
-_KINDS = {"images": STR_OR_STRS, "id": INT, "title": STR, "attributes_id": INTS}
-_SOURCE = "Fashion200k/{train,test}_info.json are FashionViL's pre-processed files (its README)"
-_FORMAT = (
-    "a Fashion200k row holds images, id and title (attributes_id optional), as in FashionViL's "
-    "{train,test}_info.json"
+FORMAT = CatalogueFormat(
+    name="Fashion200k",
+    dataset="fashion200k",
+    splits=("train", "test"),
+    keys=("images", "id", "title"),
+    kinds={"images": STR_OR_STRS, "id": INT, "title": STR, "attributes_id": INTS},
+    text=lambda row: row["title"],
+    row_format="a Fashion200k row holds images, id and title (attributes_id optional), as in FashionViL's "
+    "{train,test}_info.json",
 )
 
 
@@ -40,28 +28,4 @@ def read_fashion200k(root: str | os.PathLike, split: str) -> list[Product]:
 
     ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
     or repeats a product id."""
-    split = "test" if split == "val" else split
-    if split not in ("train", "test"):
-        raise ValueError(f"Fashion200k: split must be 'train' or 'test', got {split!r}")
-    directory = dataset_dir(root, "Fashion200k", f"{split}_info.json")
-    path = directory / f"{split}_info.json"
-    prefix = relative_prefix(root, directory)
-    products = [
-        _product(row, path, i, prefix) for i, row in enumerate(load_json_list(path, "Fashion200k", _SOURCE))
-    ]
-    reject_duplicate_ids([p.id for p in products], path)
-    return products
-
-
-def _product(row: object, path: Path, i: int, prefix: str) -> Product:
-    row = check_types(require_keys(row, _KEYS, path, i, _FORMAT), _KINDS, path, i)
-    images = [row["images"]] if isinstance(row["images"], str) else row["images"]
-    if not images:
-        raise ValueError(f"{entry_name(path, i, row)} has no images")
-    return Product(
-        id=row["id"],
-        images=image_paths(images, prefix, "images"),
-        text=row["title"],
-        attributes_id=tuple(row.get("attributes_id", ())),
-        dataset="fashion200k",
-    )
+    return FORMAT.read(root, "test" if split == "val" else split)

@@ -13,41 +13,19 @@ The outfit files of the OCIR task (``ocir_*.json``) are not read. Products carry
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from famevil_fast.data.records import (
-    INT,
-    INTS,
-    STR,
-    STR_OR_STRS,
-    Product,
-    check_types,
-    dataset_dir,
-    entry_name,
-    image_paths,
-    load_json_list,
-    reject_duplicate_ids,
-    relative_prefix,
-    require_keys,
+from famevil_fast.data.records import INT, INTS, STR, STR_OR_STRS, CatalogueFormat, Product
+
+FORMAT = CatalogueFormat(
+    name="PolyvoreOutfits",
+    dataset="polyvoreoutfits",
+    splits=("train", "val", "test"),
+    keys=("images", "id", "title", "description"),
+    kinds={"images": STR_OR_STRS, "id": INT, "title": STR, "description": STR, "attributes_id": INTS},
+    text=lambda row: f"{row['title']}.{row['description']}",
+    row_format="a PolyvoreOutfits row holds images (one path), id, title and description (attributes_id "
+    "optional), as in FashionViL's {train,val,test}_info.json",
 )
-
-NAME = "PolyvoreOutfits"
-SPLITS = ("train", "val", "test")
-_KEYS = ("images", "id", "title", "description")
-_KINDS = {"images": STR_OR_STRS, "id": INT, "title": STR, "description": STR, "attributes_id": INTS}
-_SOURCE = "PolyvoreOutfits/{train,val,test}_info.json are FashionViL's pre-processed files (its README)"
-_FORMAT = (
-    "a PolyvoreOutfits row holds images (one path), id, title and description (attributes_id optional), "
-    "as in FashionViL's {train,val,test}_info.json"
-)
-
-
-def polyvore_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
-    """(dataset directory, split file) of ``split`` ("train", "val", "test") under ``root``."""
-    if split not in SPLITS:
-        raise ValueError(f"{NAME}: split must be one of {SPLITS}, got {split!r}")
-    directory = dataset_dir(root, NAME, f"{split}_info.json")
-    return directory, directory / f"{split}_info.json"
 
 
 def read_polyvore_outfits(root: str | os.PathLike, split: str) -> list[Product]:
@@ -55,23 +33,4 @@ def read_polyvore_outfits(root: str | os.PathLike, split: str) -> list[Product]:
 
     ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
     or repeats a product id."""
-    directory, path = polyvore_split_file(root, split)
-    prefix = relative_prefix(root, directory)
-    rows = load_json_list(path, NAME, _SOURCE)
-    products = [_product(row, path, i, prefix) for i, row in enumerate(rows)]
-    reject_duplicate_ids([p.id for p in products], path)
-    return products
-
-
-def _product(row: object, path: Path, i: int, prefix: str) -> Product:
-    row = check_types(require_keys(row, _KEYS, path, i, _FORMAT), _KINDS, path, i)
-    images = [row["images"]] if isinstance(row["images"], str) else row["images"]
-    if not images or not all(images):
-        raise ValueError(f"{entry_name(path, i, row)} has no image path")
-    return Product(
-        id=row["id"],
-        images=image_paths(images, prefix, "images"),
-        text=f"{row['title']}.{row['description']}",
-        attributes_id=tuple(row.get("attributes_id", ())),
-        dataset="polyvoreoutfits",
-    )
+    return FORMAT.read(root, split)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,3 +173,50 @@ def image_paths(paths: list[str], prefix: str, folder: str) -> tuple[str, ...]:
 def relative_prefix(root: str | os.PathLike, directory: Path) -> str:
     rel = os.path.relpath(directory, root)
     return "" if rel == "." else rel.replace(os.sep, "/") + "/"
+
+
+@dataclass(frozen=True)
+class CatalogueFormat:
+    """How one catalogue dataset's ``{split}_info.json`` rows become products (Fashion200k,
+    PolyvoreOutfits, BigFACAD): the directory and split files, the keys a row must hold and their kinds, the
+    text built from a row, and the folder its image paths are relative to (:func:`image_paths`)."""
+
+    name: str  # directory under the data root, e.g. "BigFACAD"
+    dataset: str  # the products' ``dataset``, e.g. "bigfacad"
+    splits: tuple[str, ...]
+    keys: tuple[str, ...]
+    kinds: dict
+    text: Callable[[dict], str]
+    row_format: str  # what a row holds, for the error of a row that lacks a key
+    image_folder: str = "images"
+
+    def split_file(self, root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+        """(dataset directory, split file) of ``split`` under ``root`` (or ``root/<name>``)."""
+        if split not in self.splits:
+            raise ValueError(f"{self.name}: split must be one of {self.splits}, got {split!r}")
+        directory = dataset_dir(root, self.name, f"{split}_info.json")
+        return directory, directory / f"{split}_info.json"
+
+    def read(self, root: str | os.PathLike, split: str) -> list[Product]:
+        """Products of ``split``; ValueError naming the file, entry and field for a row that lacks a key,
+        holds a value of the wrong type, has no image or repeats a product id."""
+        directory, path = self.split_file(root, split)
+        prefix = relative_prefix(root, directory)
+        files = f"{self.name}/{{{','.join(self.splits)}}}_info.json"
+        rows = load_json_list(path, self.name, f"{files} are FashionViL's pre-processed files (its README)")
+        products = [self._product(row, path, i, prefix) for i, row in enumerate(rows)]
+        reject_duplicate_ids([p.id for p in products], path)
+        return products
+
+    def _product(self, row: object, path: Path, i: int, prefix: str) -> Product:
+        row = check_types(require_keys(row, self.keys, path, i, self.row_format), self.kinds, path, i)
+        images = [row["images"]] if isinstance(row["images"], str) else row["images"]
+        if not images or not all(images):
+            raise ValueError(f"{entry_name(path, i, row)} has no image path")
+        return Product(
+            id=row["id"],
+            images=image_paths(images, prefix, self.image_folder),
+            text=self.text(row),
+            attributes_id=tuple(row.get("attributes_id", ())),
+            dataset=self.dataset,
+        )

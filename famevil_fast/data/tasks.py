@@ -25,16 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from famevil_fast.data.bigfacad import bigfacad_split_file, read_bigfacad
+from famevil_fast.data.bigfacad import FORMAT as BIGFACAD
+from famevil_fast.data.bigfacad import read_bigfacad
 from famevil_fast.data.cache import ImageCache
+from famevil_fast.data.fashion200k import FORMAT as FASHION200K
 from famevil_fast.data.fashion200k import read_fashion200k
 from famevil_fast.data.fashionall import DIRECTORIES, read_fashionall
 from famevil_fast.data.fashiongen import fashiongen_split_file, read_fashiongen
 from famevil_fast.data.fashioniq import read_fashioniq
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages, missing_files
-from famevil_fast.data.polyvore import polyvore_split_file, read_polyvore_outfits
-from famevil_fast.data.records import Product, Triplet, dataset_dir
+from famevil_fast.data.polyvore import FORMAT as POLYVORE
+from famevil_fast.data.polyvore import read_polyvore_outfits
+from famevil_fast.data.records import Product, Triplet
 from famevil_fast.data.tokens import tokenize_texts
 
 TASKS: tuple[str, ...] = ("itc", "tgir", "scr", "cap")
@@ -113,12 +116,9 @@ def _split_file(dataset: str, root: str | os.PathLike, split: str) -> os.PathLik
     if dataset == UNION_DATASET:
         names = ", ".join(f"{d}/train_info.json" for d in DIRECTORIES.values())
         return f"{names} under {root}"
-    if dataset == "polyvoreoutfits":
-        return polyvore_split_file(root, split)[1]
-    if dataset == "bigfacad":
-        return bigfacad_split_file(root, split)[1]
-    name = "test" if split == "val" else split
-    return dataset_dir(root, "Fashion200k", f"{name}_info.json") / f"{name}_info.json"
+    catalogue = {"polyvoreoutfits": POLYVORE, "bigfacad": BIGFACAD, "fashion200k": FASHION200K}[dataset]
+    name = "test" if dataset == "fashion200k" and split == "val" else split
+    return catalogue.split_file(root, name)[1]
 
 
 def product_datasets_under(root: str | os.PathLike) -> list[str]:
