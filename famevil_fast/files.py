@@ -1,8 +1,10 @@
 """Atomic file writes: every file the package writes (weights, configs, reports, dataset and cache
-manifests, token caches) reaches its final name whole or not at all."""
+manifests, token caches) reaches its final name whole or not at all, with the permissions a plain write
+would have given it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -10,9 +12,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (setting it to read it back is not thread-safe, so once only)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open`` or ``mkdir`` would give under the process's umask (0o644 / 0o755
+    with the usual 022): temporary files and directories are created private (0o600 / 0o700), and what is
+    renamed into place must not stay so."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` (parent folders made), flush it to
-    disk and rename it into place; the temporary file is removed if ``write`` fails."""
+    disk and rename it into place with the permissions a plain write would give; the temporary file is
+    removed if ``write`` fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -21,6 +39,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from test_data_fixtures import synthetic
 from trainer_fixtures import TASKS, RandomStream, micro_config
 
+from famevil_fast.files import default_mode
 from famevil_fast.model import FameViL
 from famevil_fast.train.trainer import NonFiniteLoss, Trainer, build_model
 
@@ -335,6 +337,7 @@ def test_rewriting_a_checkpoint_never_leaves_none(tmp_path, monkeypatch):
     manager = trainer.checkpoints
     (first,) = manager.list()
     before = (first / checkpoint.STATE_FILE).read_text()
+    assert stat.S_IMODE(first.stat().st_mode) == default_mode(directory=True)  # not mkdtemp's private 0700
 
     rename = os.replace
 
@@ -354,6 +357,7 @@ def test_rewriting_a_checkpoint_never_leaves_none(tmp_path, monkeypatch):
     aside = manager.directory / ".step_00000001.old.a1b2c3"
     aside.mkdir()
     os.replace(first, aside / first.name)
+    assert manager.list() == [aside / first.name] and not first.exists()  # found where it lies, not moved
     resumed = Trainer(micro_config(tmp_path, "train.updates=2", "checkpoint.resume=true"), make_streams())
     assert resumed.resume() and resumed.update == 1  # the checkpoint moved aside is found
     assert resumed.fit()["update"] == 2

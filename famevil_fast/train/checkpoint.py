@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from famevil_fast.files import default_mode
 from famevil_fast.model.weights import save_famevil
 
 STATE_FILE = "training_state.json"
@@ -100,17 +101,16 @@ class CheckpointManager:
         self.keep_last = max(1, keep_last)
 
     def list(self) -> list[Path]:
-        """The complete checkpoints, oldest first (after putting back any that a rewrite moved aside and a
-        crash kept from being replaced)."""
+        """The complete checkpoints, oldest first, including one that a rewrite moved aside and a crash kept
+        from being replaced (found where it lies: listing changes nothing on disk, so every process of a
+        run sees the same checkpoints; ``save`` puts it back)."""
         if not self.directory.exists():
             return []
-        self._recover()
-        found = [
-            p
-            for p in self.directory.iterdir()
-            if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).exists()
-        ]
-        return sorted(found, key=lambda p: p.name)
+        found = {p.name: p for p in _complete_checkpoints(self.directory)}
+        for aside in self.directory.glob(".step_*.old.*"):
+            for moved in _complete_checkpoints(aside):
+                found.setdefault(moved.name, moved)
+        return sorted(found.values(), key=lambda p: p.name)
 
     def latest(self) -> Path | None:
         found = self.list()
@@ -121,6 +121,7 @@ class CheckpointManager:
     ) -> Path:
         """Write checkpoint ``update`` (model, optimizer, random states and the JSON-able ``state``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._recover()
         final = self.directory / f"step_{update:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".{final.name}."))
         try:
@@ -132,6 +133,7 @@ class CheckpointManager:
             payload = {"update": update, "optimizer": opt_meta, "rng": rng_meta, **state}
             (tmp / STATE_FILE).write_text(json.dumps(payload))
             _fsync_dir_files(tmp)
+            os.chmod(tmp, default_mode(directory=True))  # mkdtemp's directories are private
             _replace_dir(tmp, final)
         finally:
             if tmp.exists():
@@ -174,13 +176,20 @@ class CheckpointManager:
 
     def _recover(self) -> None:
         """Rename back a complete checkpoint that ``_replace_dir`` moved aside when the process died before
-        its replacement was renamed into place (several processes may try at once: one wins)."""
+        its replacement was renamed into place (the main process, before it writes)."""
         for aside in self.directory.glob(".step_*.old.*"):
-            for moved in aside.glob("step_*"):
+            for moved in _complete_checkpoints(aside):
                 final = self.directory / moved.name
-                if STEP_DIR.match(moved.name) and (moved / STATE_FILE).exists() and not final.exists():
+                if not final.exists():
                     with contextlib.suppress(OSError):
                         os.replace(moved, final)
+
+
+def _complete_checkpoints(directory: Path) -> list[Path]:
+    """The ``step_XXXXXXXX`` directories of ``directory`` that hold a training state."""
+    return [
+        p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).exists()
+    ]
 
 
 def _replace_dir(new: Path, final: Path) -> None:
