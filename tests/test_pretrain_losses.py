@@ -182,6 +182,14 @@ def test_pac_and_itm_losses_of_unequal_processes_average_to_the_global_batch():
     assert torch.allclose((parts[0] + parts[1]) / 2, whole)
     unweighted = [pl.pac_loss(image[h], text[h], attributes[h]) for h in halves]
     assert not torch.allclose((unweighted[0] + unweighted[1]) / 2, whole)  # what equal averaging gave
+    # fewer rows with attributes than processes: the mean count is 0.5, and must not be rounded up to 1
+    sparse = torch.full_like(attributes, -1)
+    sparse[1, 0] = 3
+    counted = (1.0, 0.0)
+    parts = [
+        pl.pac_loss(image[h], text[h], sparse[h], OneOfTwoProcesses(counted, r)) for r, h in enumerate(halves)
+    ]
+    assert torch.allclose((parts[0] + parts[1]) / 2, pl.pac_loss(image, text, sparse))
     logits, labels = torch.randn(7, 2, generator=g), torch.tensor([1, 0, 1, 1, 0, 1, 0])
     rows = (3.0, 4.0)
     parts = [pl.itm_loss(logits[h], labels[h], OneOfTwoProcesses(rows, r)) for r, h in enumerate(halves)]

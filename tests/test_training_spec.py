@@ -17,7 +17,7 @@ from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.famevil import TaskOutput
 from famevil_fast.model.losses import caption_loss, itc_loss, scr_loss, tgir_loss
 from famevil_fast.train.config import OptimSection, load_config
-from famevil_fast.train.distill import combine, kd_loss, soft_cross_entropy
+from famevil_fast.train.distill import combine, distillation_cross_entropy, kd_loss
 from famevil_fast.train.optim import build_optimizer, lr_factor, parameter_groups
 from famevil_fast.train.sampling import TaskSampler
 from famevil_fast.train.trainer import Trainer
@@ -147,7 +147,7 @@ def test_class_and_token_distillation_is_soft_cross_entropy_over_trained_rows():
         (row0 + row1) / 2, rel=1e-6
     )
     rows = torch.tensor([True, False])  # caption positions under capture: padding left out
-    assert soft_cross_entropy(student, teacher, rows).item() == pytest.approx(row0, rel=1e-6)
+    assert distillation_cross_entropy(student, teacher, rows).item() == pytest.approx(row0, rel=1e-6)
 
 
 def test_task_and_distillation_losses_are_combined_with_balance_one():

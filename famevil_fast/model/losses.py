@@ -86,13 +86,24 @@ def scr_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None =
     return loss if gather is None else row_weighted(loss, gather, logits.shape[0])
 
 
+def mean_over_processes(total: torch.Tensor, count: torch.Tensor, gather: Gather | None) -> torch.Tensor:
+    """``total / count``: a sum over ``count`` local rows (or tokens) as their mean. In distributed training
+    (a gather with ``mean_count``) the divisor is the mean count over the processes, so that DDP's equal
+    average of the processes' losses is the mean over every row of the global batch. A count of zero (no
+    row anywhere) gives 0 rather than 0 / 0."""
+    count = count.to(total.dtype)
+    mean_count = getattr(gather, "mean_count", None)
+    if mean_count is not None:
+        count = mean_count(count).to(total.dtype)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
     """Token cross-entropy; ``logits`` (N, V) and ``targets`` (N,) are the positions already selected
     (target -100 is ignored). In
     distributed training the sum is divided by the mean token count over processes, so that averaging the
     processes' losses gives the mean over every token of the global batch."""
-    mean_count = getattr(gather, "mean_count", None)
-    if mean_count is None:
+    if getattr(gather, "mean_count", None) is None:
         return F.cross_entropy(logits.float(), targets)
     total = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return total / mean_count((targets != -100).sum().float())
+    return mean_over_processes(total, (targets != -100).sum(), gather)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed
-from famevil_fast.model.losses import Gather, itc_loss, row_weighted
+from famevil_fast.model.losses import Gather, itc_loss, mean_over_processes, row_weighted
 
 
 def mvc_loss(
@@ -74,11 +74,7 @@ def pac_loss(
     target = soft_multi_hot(attribute_ids, image_logits.shape[1])
     rows = (attribute_ids >= 0).any(dim=1)
     per_row = soft_cross_entropy(image_logits, target) + soft_cross_entropy(text_logits, target)
-    count = rows.sum().to(per_row.dtype)
-    mean_count = getattr(gather, "mean_count", None)
-    if mean_count is not None:
-        count = mean_count(count).to(per_row.dtype)
-    return (per_row * rows.to(per_row.dtype)).sum() / count.clamp(min=1)
+    return mean_over_processes((per_row * rows.to(per_row.dtype)).sum(), rows.sum(), gather)
 
 
 @torch.no_grad()

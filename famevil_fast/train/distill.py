@@ -21,29 +21,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from famevil_fast.model.famevil import FameViL, TaskOutput
-from famevil_fast.model.losses import Gather, row_weighted
+from famevil_fast.model.losses import Gather, mean_over_processes, row_weighted
 from famevil_fast.ops import contrastive_distill_loss
 
 
-def soft_cross_entropy(
+def distillation_cross_entropy(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     rows: torch.Tensor | None = None,
     gather: Gather | None = None,
 ) -> torch.Tensor:
     """Mean over rows (those marked in the bool mask ``rows``, when given) of the cross-entropy between the
-    teacher's softmax and the student's log-softmax. In distributed training (``gather``) the sum is divided
-    by the mean row count over the processes, so that DDP's average of the processes' losses is the mean
-    over every row of the global batch."""
+    teacher's softmax and the student's log-softmax; over the global batch's rows in distributed training
+    (``gather``: ``mean_over_processes``)."""
     target = F.softmax(teacher_logits.float(), dim=-1)
     per_row = -(target * F.log_softmax(student_logits.float(), dim=-1)).sum(-1)
     if rows is not None:
         per_row = per_row * rows
-    count = per_row.new_tensor(float(per_row.shape[0])) if rows is None else rows.sum().float()
-    mean_count = getattr(gather, "mean_count", None)
-    if mean_count is not None:
-        return per_row.sum() / mean_count(count).clamp_min(1)
-    return per_row.sum() / count.clamp_min(1)
+    count = torch.tensor(per_row.shape[0], device=per_row.device) if rows is None else rows.sum()
+    return mean_over_processes(per_row.sum(), count, gather)
 
 
 def _retrieval_kd(
@@ -107,7 +103,8 @@ def kd_loss(
                 f"{task} teacher logits {tuple(t['logits'].shape)} do not match "
                 f"the student's {tuple(s['logits'].shape)}"
             )
-        return soft_cross_entropy(s["logits"], t["logits"], s.get("trained"), gather)  # caption: no padding
+        # captions: the trained positions only (no padding)
+        return distillation_cross_entropy(s["logits"], t["logits"], s.get("trained"), gather)
     raise ValueError(f"no distillation loss for task {task!r}")
 
 
