@@ -132,3 +132,26 @@ def test_longest_reference_counts_content_tokens():
     no_end = torch.tensor([[49406, 320, 321, 322]])  # cut without an end token: every token after the start
     assert longest_reference(no_end) == 3
     assert longest_reference(tokenize([""])) == 1  # an empty reference still allows one step
+
+
+def test_raw_references_stay_with_their_samples_when_an_image_is_dropped(scored, tmp_path):
+    """A sample whose image cannot be decoded leaves its batch: each caption is still scored against its
+    own product's text (positional references would shift every later one)."""
+    import warnings
+
+    from famevil_fast.data import build_eval_sets
+    from famevil_fast.data.fashiongen import read_fashiongen
+    from famevil_fast.data.synthetic.generate import make_synthetic
+
+    make_synthetic(tmp_path, products=12, image_size=32, seed=1)
+    products = read_fashiongen(tmp_path, "val")
+    broken = products[0].images[0]
+    (tmp_path / broken).write_bytes(b"not an image")
+    data = build_eval_sets("cap", tmp_path, image_size=32, batch_size=4, backend="pil", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate_cap(CaptionStub(), data, EvalOptions(caption_references="raw"))
+    text = {p.id: p.text for p in products}
+    kept = [p.id for p in products for view in p.images if view != broken]
+    (predictions, raw) = scored[0]
+    assert len(predictions) == len(kept) and raw == [text[i] for i in kept]

@@ -241,6 +241,28 @@ def longest_reference(input_ids: torch.Tensor) -> int:
     return max(1, int(end.max()) - 1)
 
 
+class RawReferences:
+    """The product text of each sample of a captioning batch, as written (``caption_references="raw"``).
+
+    Samples whose image cannot be decoded leave their batch, so a batch's texts are looked up by its
+    ``product_ids`` (every view of a product has the product's text); batches without them (hand-made
+    sets, where nothing is dropped) take the next texts in order."""
+
+    def __init__(self, data: CapEval) -> None:
+        self.texts = list(data.references)
+        table = getattr(data.samples, "table", None)
+        ids = None if table is None else table.fields.get("product_ids")
+        self.by_product = None if ids is None else dict(zip(ids.tolist(), self.texts))
+        self.next = 0
+
+    def of(self, batch: dict) -> list[str]:
+        if self.by_product is not None and "product_ids" in batch:
+            return [self.by_product[int(p)] for p in batch["product_ids"].tolist()]
+        n = batch["pixels"].shape[0]
+        self.next += n
+        return self.texts[self.next - n : self.next]
+
+
 @torch.no_grad()
 def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskResult]:
     from famevil_fast.text import decode
@@ -250,6 +272,7 @@ def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskR
             f"caption_references must be one of {CAPTION_REFERENCES}, got {opts.caption_references!r}"
         )
     built = _set_options(data, opts, "cap")
+    raw = RawReferences(data) if opts.caption_references == "raw" else None
     predictions, references = [], []
     for batch in _limited(data.samples, opts.max_samples, "pixels"):
         input_ids = batch["input_ids"].cpu()
@@ -263,9 +286,7 @@ def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskR
                 cuda_graph=opts.caption_cuda_graph,
             )
         )
-        references.extend(decode(input_ids))
-    if opts.caption_references == "raw":
-        references = list(data.references[: len(predictions)])
+        references.extend(decode(input_ids) if raw is None else raw.of(batch))
     result = fic_result(predictions, references, metrics=opts.caption_metrics)
     result.details.update(
         {
