@@ -261,16 +261,22 @@ def test_global_batch_size_is_split_over_the_processes(tmp_path_factory):
 
     per_process = load_config(resolve("tiny_cpu"))
     assert process_batch_size(per_process, 4) == per_process.data.batch_size == 32
-    cfg = load_config(resolve("tiny_cpu"), ["data.global_batch_size=64"])
+    cfg = load_config(resolve("tiny_cpu"), ["data.batch_size=null", "data.global_batch_size=64"])
     assert [process_batch_size(cfg, n) for n in (1, 2, 4)] == [64, 32, 16]
     with pytest.raises(ValueError, match="data.global_batch_size 64 does not split over 3 processes"):
         process_batch_size(cfg, 3)
     with pytest.raises(ValueError, match="data.global_batch_size must be at least 1, got 0"):
-        load_config(resolve("tiny_cpu"), ["data.global_batch_size=0"])
+        load_config(resolve("tiny_cpu"), ["data.batch_size=null", "data.global_batch_size=0"])
+    # a recipe that counts the global batch: a per-process override is refused, not silently ignored
+    with pytest.raises(ValueError, match=r"data.batch_size \(16 per process\) and data.global_batch_size"):
+        load_config(resolve("mtl_full"), ["data.batch_size=16"])
+    assert process_batch_size(load_config(resolve("mtl_full"), ["data.global_batch_size=32"]), 2) == 16
+    assert process_batch_size(load_config(None, []), 1) == 64  # neither set
     root = synthetic(tmp_path_factory, products=40, image_size=48)
     small = load_config(
         resolve("tiny_cpu"),
-        [f"data.root={root}", "data.global_batch_size=8", "model.tasks=[itc, tgir]", "train.task_weights={}"],
+        [f"data.root={root}", "data.batch_size=null", "data.global_batch_size=8", "model.tasks=[itc, tgir]"]
+        + ["train.task_weights={}"],
     )
     streams = build_streams(small, DistInfo(rank=1, world_size=4), torch.device("cpu"))
     try:

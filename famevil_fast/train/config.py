@@ -81,15 +81,14 @@ class DataSection:
         "dataset root holding FashionGen/ and FashionIQ/ (e.g. the synthetic dataset)", "data/synthetic"
     )
     image_size: int = doc("input resolution; must match the CLIP preset", 224)
-    batch_size: int = doc(
-        "micro-batch size per task and PROCESS: under torchrun the global micro-batch is this x the number "
-        "of processes (the reference's 64 is global, split across its GPUs: see global_batch_size)",
-        64,
+    batch_size: int | None = doc(
+        "micro-batch size per task and PROCESS (null = 64); under torchrun the global micro-batch is this x "
+        "the number of processes. Set this or global_batch_size, not both",
+        None,
     )
     global_batch_size: int | None = doc(
-        "micro-batch size per task over ALL processes, as the reference counts it (64); when set, each of "
-        "N processes takes global_batch_size / N (N must divide it) and data.batch_size is unused; null = "
-        "data.batch_size per process",
+        "micro-batch size per task over ALL processes, as the reference counts it (64): each of N processes "
+        "takes global_batch_size / N (N must divide it). Set this or batch_size, not both",
         None,
     )
     eval_batch_size: int = doc("batch size of evaluation passes", 128)
@@ -299,6 +298,12 @@ class TrainConfig:
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.data.batch_size is not None and self.data.global_batch_size is not None:
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size} per process) and data.global_batch_size "
+                f"({self.data.global_batch_size} over all processes) are both set; keep one (the reference "
+                "recipes set global_batch_size: override it, or set it to null to use batch_size)"
+            )
         if self.train.mixed_task_batches and self.train.gradient_strategy != "sum":
             raise ValueError(
                 "train.mixed_task_batches needs gradient_strategy 'sum' (IMTL-G needs each task's gradient)"

@@ -72,12 +72,15 @@ def pac_attributes(config: TrainConfig) -> AttributeFile:
     return _attributes(str(d.root), d.attributes, d.attribute_min_count, product_dataset(config))
 
 
+DEFAULT_BATCH_SIZE = 64  # per process, when a recipe sets neither data.batch_size nor data.global_batch_size
+
+
 def process_batch_size(config: TrainConfig, world_size: int) -> int:
     """Each process's micro-batch: ``data.global_batch_size`` split over the processes when it is set (a
-    ValueError when they do not divide it), else ``data.batch_size``."""
+    ValueError when they do not divide it), else ``data.batch_size`` (64 when null)."""
     total = config.data.global_batch_size
     if total is None:
-        return config.data.batch_size
+        return config.data.batch_size or DEFAULT_BATCH_SIZE
     if total % world_size:
         raise ValueError(
             f"data.global_batch_size {total} does not split over {world_size} processes; use a multiple of "
