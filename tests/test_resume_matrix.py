@@ -180,6 +180,25 @@ def test_resume_after_pruning_keeps_the_newest(tmp_path):
     assert not [p for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+def test_a_restart_without_a_checkpoint_logs_each_update_once(tmp_path):
+    """A run that crashed before its first checkpoint, restarted with resume (nothing to resume: it starts
+    at update 0), drops the crashed run's records instead of logging updates 1 and 2 twice."""
+
+    class Crash(RandomStream):
+        def next_batch(self):
+            if self.position == 3:
+                raise RuntimeError("simulated crash")
+            return super().next_batch()
+
+    overrides = ("logging.every=1", "checkpoint.every=0", f"train.updates={N}")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Trainer(micro_config(tmp_path, *overrides), make_streams(stream_cls=Crash)).fit()
+    Trainer(micro_config(tmp_path, *overrides, "checkpoint.resume=true"), make_streams()).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    updates = [r["update"] for r in records if r.get("kind") == "train"]
+    assert updates == list(range(1, N + 1))
+
+
 def test_resume_from_an_older_checkpoint_than_the_newest_update(tmp_path):
     """Checkpoints every 2 updates and a crash in update 4: the resumed run restarts after update 2 and the
     records of update 3, logged before the crash, are not repeated in metrics.jsonl."""

@@ -1,8 +1,9 @@
 """Run logging: JSON-lines metrics (strict JSON: non-finite numbers are written as null), optional
 TensorBoard event files, and a tqdm progress bar.
 
-A run that resumes at update ``start`` continues the same ``metrics.jsonl``: the train and eval records of
-later updates, written by the interrupted run after its last checkpoint (a crash between checkpoints), are
+A run that starts at update ``start`` (a resumed run at its checkpoint's update, a new run at 0) continues
+the same ``metrics.jsonl``: the train and eval records of later updates, written by an earlier run of the
+directory after its last checkpoint (a crash between checkpoints, or a run that never checkpointed), are
 dropped first, so that each update's record appears once, and TensorBoard purges its events after
 ``start``. A last line cut short by a crash is dropped too, rather than having the next record glued to it.
 """
@@ -38,17 +39,16 @@ class RunLogger:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / "metrics.jsonl"
-        dropped = drop_records_after(path, start if start > 0 else None)
+        dropped = drop_records_after(path, start)
         self.metrics = open(path, "a", buffering=1)  # noqa: SIM115
-        if tensorboard:
-            purge = start + 1 if start > 0 else None  # events of later updates: logged before a crash
-            self.writer = _tensorboard_writer(self.directory / "tensorboard", purge)
+        if tensorboard:  # events of later updates: logged by an earlier run of the directory
+            self.writer = _tensorboard_writer(self.directory / "tensorboard", start + 1)
         if progress:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="upd", dynamic_ncols=True)
         if dropped:
             self.message(
-                f"resuming at update {start}: dropped {dropped} record(s) of metrics.jsonl logged after that "
-                "update's checkpoint (or cut short) by the interrupted run"
+                f"starting at update {start}: dropped {dropped} record(s) of metrics.jsonl logged after that "
+                "update (or cut short) by an earlier run of this directory"
             )
 
     def log(self, update: int, values: dict[str, Any], kind: str = "train") -> None:
