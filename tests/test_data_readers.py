@@ -52,7 +52,7 @@ def test_fashiongen_reader_builds_text_and_relative_paths(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"images": [], "id": 1, "title": "", "description": "", "subcategory_id": 0}, "has no images"),
+        ({"images": [], "id": 1, "title": "", "description": "", "subcategory_id": 0}, "has no image path"),
         (
             {"images": ["a"], "id": 1, "title": "", "description": "", "subcategory_id": 121},
             "subcategory_id 121",

@@ -157,10 +157,11 @@ def _row(pid, sub, cat=None, views=1):
     return row
 
 
-def test_a_subcategory_in_two_categories_is_named(tmp_path):
+def test_a_subcategory_in_two_categories_is_named_and_skips_only_the_category_scores(tmp_path):
     root = _fashiongen(tmp_path, [_row(1, 4, 0), _row(2, 5, 0), _row(3, 4, 2)])
-    with pytest.raises(ValueError, match=r"subcategory 4 maps to several categories: 0 \(product 1\) and 2 "):
-        build_eval_sets("scr", root, image_size=S, backend="pil", device="cpu")
+    scr = build_eval_sets("scr", root, image_size=S, backend="pil", device="cpu")
+    assert scr.categories is None
+    assert "subcategory 4 maps to several categories: 0 (product 1) and 2 " in scr.category_note
 
 
 def test_rows_without_category_ids_skip_the_category_scores_with_a_note(tmp_path):

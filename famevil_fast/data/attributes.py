@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from famevil_fast.data.registry import UNION
 from famevil_fast.files import atomic_write_json
 
 FORMAT = "famevil_fast.attributes"
@@ -167,9 +168,6 @@ class AttributeFile:
                 f"attribute file {self.source or ''} has no split {name!r}; it has {sorted(self.products)}"
             )
         return self.products[name]
-
-
-UNION = "fashionall"
 
 
 def check_attribute_dataset(attributes: AttributeFile, dataset: str) -> None:

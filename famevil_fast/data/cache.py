@@ -66,24 +66,16 @@ class CacheEntry:
 # ------------------------------------------------------------------------------------------ which images
 
 
-# the split files of each product dataset (``fashionall`` is the union of their train splits: covered)
-_PRODUCT_SPLITS = {
-    "fashiongen": ("train", "val"),
-    "fashion200k": ("train", "test"),
-    "polyvoreoutfits": ("train", "val", "test"),
-    "bigfacad": ("train", "val", "test"),
-}
-
-
 def dataset_splits(root: str | os.PathLike) -> list[tuple[str, str, list]]:
     """(dataset, split, records) of every split file found under ``root``: the product datasets' products
     (FashionGen, Fashion200k, PolyvoreOutfits, BigFACAD) and FashionIQ's triplets."""
     from famevil_fast.data.fashioniq import read_fashioniq
+    from famevil_fast.data.registry import SPLITS
     from famevil_fast.data.tasks import product_datasets_under, read_products
 
     found: list[tuple[str, str, list]] = []
-    for dataset in product_datasets_under(root):
-        for split in _PRODUCT_SPLITS[dataset]:
+    for dataset in product_datasets_under(root):  # (``fashionall`` is the union of their train splits)
+        for split in SPLITS[dataset]:
             try:
                 found.append((dataset, split, read_products(dataset, root, split, allow_empty=True)))
             except FileNotFoundError:

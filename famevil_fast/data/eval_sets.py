@@ -10,7 +10,7 @@ tgir     :class:`TGIREval`: per category ("dress", "shirt", "toptee") ``queries`
          all val rows, fake_data rows included)
 scr      :class:`SCREval`: every view is a sample: pixels, input_ids, labels, product_ids;
          ``categories`` maps each subcategory to its category (None, with ``category_note`` saying why,
-         when the rows carry no category_id)
+         when the rows carry no category_id or put a subcategory in two categories)
 cap      :class:`CapEval`: every view with its reference text: pixels, input_ids, product_ids;
          ``references`` holds the raw text of each sample in order
 =======  ==========================================================================================
@@ -104,9 +104,10 @@ def first_views(products: list[Product]) -> list[Product]:
 
 
 def subcategory_categories(products: list[Product], what: str) -> tuple[dict[int, int] | None, str | None]:
-    """(subcategory id -> category id, None) read from the products' rows, or (None, why) when some rows
-    carry no ``category_id``. ValueError naming the subcategory, both categories and a product of each when
-    a subcategory has products in two categories (category-level SCR scores would be ill-defined)."""
+    """(subcategory id -> category id, None) read from the products' rows, or (None, why) when the rows give
+    no such mapping, so that only the optional category-level SCR scores are skipped: some rows carry no
+    ``category_id``, or a subcategory has products in two categories (the note names the subcategory, both
+    categories and a product of each)."""
     lacking = [p.id for p in products if p.category_id < 0]
     if lacking:
         return None, (
@@ -117,7 +118,7 @@ def subcategory_categories(products: list[Product], what: str) -> tuple[dict[int
     for p in products:
         seen = first.setdefault(p.subcategory_id, p)
         if seen.category_id != p.category_id:
-            raise ValueError(
+            return None, (
                 f"{what}: subcategory {p.subcategory_id} maps to several categories: {seen.category_id} "
                 f"(product {seen.id}) and {p.category_id} (product {p.id}); category-level SCR scores need "
                 "one category per subcategory"

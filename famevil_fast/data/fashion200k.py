@@ -20,6 +20,7 @@ FORMAT = CatalogueFormat(
     text=lambda row: row["title"],
     row_format="a Fashion200k row holds images, id and title (attributes_id optional), as in FashionViL's "
     "{train,test}_info.json",
+    aliases={"val": "test"},  # Fashion200k has no validation split
 )
 
 
@@ -28,4 +29,4 @@ def read_fashion200k(root: str | os.PathLike, split: str) -> list[Product]:
 
     ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
     or repeats a product id."""
-    return FORMAT.read(root, "test" if split == "val" else split)
+    return FORMAT.read(root, split)

@@ -23,30 +23,15 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from famevil_fast.data.bigfacad import read_bigfacad
-from famevil_fast.data.fashion200k import read_fashion200k
 from famevil_fast.data.fashiongen import fashiongen_split_file, read_fashiongen
-from famevil_fast.data.polyvore import read_polyvore_outfits
 from famevil_fast.data.records import Product
+from famevil_fast.data.registry import DIRECTORIES, PRODUCT_DATASETS, READERS
+from famevil_fast.data.registry import UNION as NAME
 
-NAME = "fashionall"
-UNION_DATASETS: tuple[str, ...] = ("fashiongen", "fashion200k", "polyvoreoutfits", "bigfacad")
-DIRECTORIES = {
-    "fashiongen": "FashionGen",
-    "fashion200k": "Fashion200k",
-    "polyvoreoutfits": "PolyvoreOutfits",
-    "bigfacad": "BigFACAD",
-}
-READERS: dict[str, Callable[[str | os.PathLike, str], list[Product]]] = {
-    "fashiongen": read_fashiongen,
-    "fashion200k": read_fashion200k,
-    "polyvoreoutfits": read_polyvore_outfits,
-    "bigfacad": read_bigfacad,
-}
+UNION_DATASETS: tuple[str, ...] = PRODUCT_DATASETS  # the union takes every product dataset, in this order
 VALIDATION = "fashiongen"  # the union's val split is FashionGen val
 ID_BITS = 40
 ID_STRIDE = 1 << ID_BITS

@@ -26,9 +26,13 @@ from famevil_fast.data.records import (
     reject_duplicate_ids,
     relative_prefix,
     require_keys,
+    row_images,
 )
 
 NUM_SUBCATEGORIES = 121
+DIRECTORY = "FashionGen"  # under the data root
+SPLITS = ("train", "val")  # its split files
+SPLIT_ALIASES = {"test": "val"}  # the test split is the val split (files and images)
 _KEYS = ("images", "id", "title", "description", "subcategory_id")
 _FORMAT = (
     "a FashionGen row holds images, id, title, description and subcategory_id (category_id and "
@@ -50,15 +54,17 @@ _KINDS = {
 
 
 def _split_name(split: str) -> str:
-    split = "val" if split == "test" else split
-    if split not in ("train", "val"):
-        raise ValueError(f"FashionGen: split must be 'train', 'val' or 'test', got {split!r}")
-    return split
+    name = SPLIT_ALIASES.get(split, split)
+    if name not in SPLITS:
+        *first, last = (repr(s) for s in (*SPLITS, *SPLIT_ALIASES))
+        choices = f"{', '.join(first)} or {last}"
+        raise ValueError(f"{DIRECTORY}: split must be {choices}, got {split!r}")
+    return name
 
 
 def fashiongen_split_file(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     split = _split_name(split)
-    directory = dataset_dir(root, "FashionGen", f"{split}_info.json")
+    directory = dataset_dir(root, DIRECTORY, f"{split}_info.json")
     return directory, directory / f"{split}_info.json"
 
 
@@ -77,9 +83,7 @@ def read_fashiongen(root: str | os.PathLike, split: str) -> list[Product]:
 
 def _product(row: object, path: Path, i: int, prefix: str, folder: str) -> Product:
     row = check_types(require_keys(row, _KEYS, path, i, _FORMAT), _KINDS, path, i)
-    images = [row["images"]] if isinstance(row["images"], str) else row["images"]
-    if not images:
-        raise ValueError(f"{entry_name(path, i, row)} has no images")
+    images = row_images(row, path, i)
     sub = row["subcategory_id"]
     if not 0 <= sub < NUM_SUBCATEGORIES:
         raise ValueError(

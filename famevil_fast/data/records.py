@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -170,6 +170,16 @@ def image_paths(paths: list[str], prefix: str, folder: str) -> tuple[str, ...]:
     return tuple(prefix + (p if p.startswith(head) else head + p) for p in paths)
 
 
+def row_images(row: dict, path: Path, index: int) -> list[str]:
+    """The image paths of a type-checked row (``images``: one path or a list of paths); ValueError naming
+    the file and entry when it holds none or an empty path (every product reader shares this check)."""
+    images = [row["images"]] if isinstance(row["images"], str) else row["images"]
+    if not images or not all(images):
+        what = "an empty list" if not images else "an empty path"
+        raise ValueError(f"{entry_name(path, index, row)} has no image path (images holds {what})")
+    return images
+
+
 def relative_prefix(root: str | os.PathLike, directory: Path) -> str:
     rel = os.path.relpath(directory, root)
     return "" if rel == "." else rel.replace(os.sep, "/") + "/"
@@ -189,11 +199,19 @@ class CatalogueFormat:
     text: Callable[[dict], str]
     row_format: str  # what a row holds, for the error of a row that lacks a key
     image_folder: str = "images"
+    aliases: Mapping[str, str] = field(default_factory=dict)  # a split read from another's file
+
+    def split_name(self, split: str) -> str:
+        """The split file ``split`` reads (``aliases`` applied); ValueError when there is none."""
+        name = self.aliases.get(split, split)
+        if name not in self.splits:
+            choices = (*self.splits, *self.aliases)
+            raise ValueError(f"{self.name}: split must be one of {choices}, got {split!r}")
+        return name
 
     def split_file(self, root: str | os.PathLike, split: str) -> tuple[Path, Path]:
         """(dataset directory, split file) of ``split`` under ``root`` (or ``root/<name>``)."""
-        if split not in self.splits:
-            raise ValueError(f"{self.name}: split must be one of {self.splits}, got {split!r}")
+        split = self.split_name(split)
         directory = dataset_dir(root, self.name, f"{split}_info.json")
         return directory, directory / f"{split}_info.json"
 
@@ -210,12 +228,9 @@ class CatalogueFormat:
 
     def _product(self, row: object, path: Path, i: int, prefix: str) -> Product:
         row = check_types(require_keys(row, self.keys, path, i, self.row_format), self.kinds, path, i)
-        images = [row["images"]] if isinstance(row["images"], str) else row["images"]
-        if not images or not all(images):
-            raise ValueError(f"{entry_name(path, i, row)} has no image path")
         return Product(
             id=row["id"],
-            images=image_paths(images, prefix, self.image_folder),
+            images=image_paths(row_images(row, path, i), prefix, self.image_folder),
             text=self.text(row),
             attributes_id=tuple(row.get("attributes_id", ())),
             dataset=self.dataset,

@@ -17,6 +17,7 @@ the pre-training union ``fashionall`` (their train splits; val = FashionGen val,
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,33 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from famevil_fast.data.bigfacad import FORMAT as BIGFACAD
-from famevil_fast.data.bigfacad import read_bigfacad
 from famevil_fast.data.cache import ImageCache
-from famevil_fast.data.fashion200k import FORMAT as FASHION200K
-from famevil_fast.data.fashion200k import read_fashion200k
-from famevil_fast.data.fashionall import DIRECTORIES, read_fashionall
-from famevil_fast.data.fashiongen import fashiongen_split_file, read_fashiongen
+from famevil_fast.data.fashionall import read_fashionall
+from famevil_fast.data.fashiongen import fashiongen_split_file
 from famevil_fast.data.fashioniq import read_fashioniq
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.images import SkippedImages, missing_files
-from famevil_fast.data.polyvore import FORMAT as POLYVORE
-from famevil_fast.data.polyvore import read_polyvore_outfits
 from famevil_fast.data.records import Product, Triplet
+from famevil_fast.data.registry import DIRECTORIES, PRODUCT, PRODUCT_DATASETS, READERS, UNION
 from famevil_fast.data.tokens import tokenize_texts
 
 TASKS: tuple[str, ...] = ("itc", "tgir", "scr", "cap")
 DEFAULT_DATASET = {"itc": "fashiongen", "scr": "fashiongen", "cap": "fashiongen", "tgir": "fashioniq"}
-PRODUCT_DATASETS = ("fashiongen", "fashion200k", "polyvoreoutfits", "bigfacad")  # one reader each
-UNION_DATASET = "fashionall"  # FashionViL's pre-training union of the four (famevil_fast.data.fashionall)
-ITC_DATASETS = PRODUCT_DATASETS + (UNION_DATASET,)  # what itc and the pre-training objectives can read
-_READERS = {
-    "fashiongen": read_fashiongen,
-    "fashion200k": read_fashion200k,
-    "polyvoreoutfits": read_polyvore_outfits,
-    "bigfacad": read_bigfacad,
-    UNION_DATASET: read_fashionall,
-}
+ITC_DATASETS = PRODUCT_DATASETS + (UNION,)  # what itc and the pre-training objectives can read
+_READERS = {**READERS, UNION: read_fashionall}
 
 
 @dataclass
@@ -111,27 +99,42 @@ def read_products(
 
 
 def _split_file(dataset: str, root: str | os.PathLike, split: str) -> os.PathLike | str:
-    if dataset == "fashiongen" or (dataset == UNION_DATASET and split != "train"):
+    if dataset == UNION and split != "train":
         return fashiongen_split_file(root, split)[1]
-    if dataset == UNION_DATASET:
+    if dataset == UNION:
         names = ", ".join(f"{d}/train_info.json" for d in DIRECTORIES.values())
         return f"{names} under {root}"
-    catalogue = {"polyvoreoutfits": POLYVORE, "bigfacad": BIGFACAD, "fashion200k": FASHION200K}[dataset]
-    name = "test" if dataset == "fashion200k" and split == "val" else split
-    return catalogue.split_file(root, name)[1]
+    return PRODUCT[dataset].split_file(root, split)[1]
 
 
 def product_datasets_under(root: str | os.PathLike) -> list[str]:
-    """The product datasets (``PRODUCT_DATASETS``) whose split files a data root may hold, so that one
-    dataset's files are never read as another's: those whose directory lies under ``root``; else, when
-    ``root`` is itself a dataset directory, the one it is named after; else (a dataset directory of another
-    name) FashionGen and Fashion200k, where their readers look too."""
+    """The product datasets (``PRODUCT_DATASETS``) whose split files a data root holds, each file read as
+    one dataset only: those whose directory lies under ``root``; else, when ``root`` is itself a dataset
+    directory, the one it is named after; else (a dataset directory of another name, whose split files
+    every reader would take for its own) the one its rows' keys say: FashionGen when a row holds
+    ``subcategory_id`` (or no split file can be told apart: the documented default), else Fashion200k."""
     base = Path(root)
     present = [d for d in PRODUCT_DATASETS if (base / DIRECTORIES[d]).is_dir()]
     if present:
         return present
     named = [d for d in PRODUCT_DATASETS if base.resolve().name == DIRECTORIES[d]]
-    return named or ["fashiongen", "fashion200k"]
+    return named or [_dataset_of_rows(base)]
+
+
+def _dataset_of_rows(directory: Path) -> str:
+    """The dataset ("fashiongen" or "fashion200k") of the first row of ``directory``'s first split file
+    (FashionGen rows hold ``subcategory_id``); "fashiongen" when there is no row to look at."""
+    for split in ("train", "val", "test"):
+        path = directory / f"{split}_info.json"
+        if not path.is_file():
+            continue
+        try:
+            rows = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return "fashiongen"  # its reader names what is wrong with the file
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+            return "fashiongen" if "subcategory_id" in rows[0] else "fashion200k"
+    return "fashiongen"
 
 
 def tokenize_products(
