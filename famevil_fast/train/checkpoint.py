@@ -83,6 +83,14 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
+def rng_untouched(device: torch.device) -> contextlib.AbstractContextManager:
+    """A block after which the torch random-number states (CPU, and ``device`` when it is a GPU) are what
+    they were before it: work inside it (graph capture warm-ups, evaluation) draws nothing from the
+    training's random stream, so a run draws the same dropout masks whether or not it did that work."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices, device_type=device.type)
+
+
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from famevil_fast.capture import simulated_capture, static_shapes
+from famevil_fast.train.checkpoint import rng_untouched
 
 Batches = Mapping[str, Mapping[str, torch.Tensor]]
 LossFn = Callable[[Batches], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -140,14 +141,6 @@ class GraphedStep:
         total.backward()
         return {task: loss.detach().float() for task, loss in losses.items()}
 
-    def _rng_untouched(self):
-        """Random-number states (CPU, and this CUDA device) restored on exit: the probe and warm-up runs of a
-        capture draw no dropout masks from the training's random stream, so a step draws the same numbers
-        whether or not its layout was captured just before it (as after a resumed run's first update)
-        and the same as an eager step."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devices, device_type=self.device.type)
-
     @staticmethod
     def _copy_in(static: dict[str, dict[str, torch.Tensor]], batches: Batches) -> None:
         for task, batch in batches.items():
@@ -167,7 +160,7 @@ class GraphedStep:
         saved = [g.clone() if g is not None else None for g in grads]
         for p in self.params:
             p.grad = None
-        with self._rng_untouched(), simulated_capture() if self.simulate else static_shapes():
+        with rng_untouched(self.device), simulated_capture() if self.simulate else static_shapes():
             # under simulation, this fails naming any call that capture could not record
             losses = self._run(inputs)
         touched = tuple(p.grad is not None for p in self.params)
@@ -186,7 +179,7 @@ class GraphedStep:
     ) -> _Captured:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with self._rng_untouched(), torch.cuda.stream(side), static_shapes():
+        with rng_untouched(self.device), torch.cuda.stream(side), static_shapes():
             for _ in range(self.warmup - 1):  # the probe run was the first
                 self._run(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)

@@ -26,7 +26,7 @@ from famevil_fast.data.transforms import to_device
 from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
 from famevil_fast.model.losses import Gather
-from famevil_fast.train.checkpoint import CheckpointManager
+from famevil_fast.train.checkpoint import CheckpointManager, rng_untouched
 from famevil_fast.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
@@ -320,11 +320,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _rng_untouched(self):
-        """Random-number states (CPU and this process's GPU) restored on exit."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        return torch.random.fork_rng(devices=devices, device_type=self.device.type)
-
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: to_device(v, self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -592,7 +587,7 @@ class Trainer:
         try:
             # the evaluation draws nothing from the training's random stream: a run evaluated at update k
             # and a run that stopped (and checkpointed) at k before evaluating draw the same dropout masks
-            with torch.no_grad(), self._autocast(), self._rng_untouched():
+            with torch.no_grad(), self._autocast(), rng_untouched(self.device):
                 results = self.evaluator(self.model)
         finally:
             self.model.train()
