@@ -47,7 +47,8 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_resize_argument(parser: argparse.ArgumentParser, default: str | None = "keep_aspect") -> None:
-    """``--eval-resize``: the resize before the evaluation transform's centre crop (FAMEVIL.md quirk 7)."""
+    """``--eval-resize``: the resize before the evaluation transform's centre crop (``docs/evaluation.md``,
+    "Faithful or fixed")."""
     from famevil_fast.data.transforms import EVAL_RESIZE_MODES
 
     parser.add_argument(

@@ -24,6 +24,9 @@ HELP = "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a da
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from famevil_fast.data.eval_sets import EVAL_VIEWS
+    from famevil_fast.eval.runner import CAPTION_REFERENCES
+
     parser.add_argument("checkpoint", help="checkpoint directory or file")
     parser.add_argument(
         "--clip",
@@ -81,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--references",
-        choices=["clip", "raw"],
+        choices=list(CAPTION_REFERENCES),
         default=None,
         help="caption references: the product text after a round trip through the CLIP tokenizer, as "
         "the official code (clip, default), or as written (raw)",
@@ -95,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_resize_argument(parser, default=None)  # None: the recipe's, else keep_aspect
     parser.add_argument(
         "--views",
-        choices=["all", "first"],
+        choices=list(EVAL_VIEWS),
         default=None,
         help="product views scored in SCR, captioning and on the XMR image side: every view, as the official "
         "protocol (all, default), or the first view of each product (first)",
