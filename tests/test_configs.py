@@ -177,8 +177,8 @@ def test_the_official_evaluation_quirks_reach_the_evaluator():
 
 
 def test_eval_resize_and_views_reach_the_evaluator():
-    """FAMEVIL.md section 9: quirk 7 fixed by default (aspect kept), the squash behind eval.resize; quirk
-    6's every-view protocol by default, one view per product behind eval.views. Every recipe keeps the
+    """The official code's eval resize fixed by default (aspect kept), its squash behind eval.resize; its
+    every-view protocol by default, one view per product behind eval.views. Every recipe keeps the
     defaults."""
     from famevil_fast.eval.runner import EvalOptions
 

@@ -1,6 +1,6 @@
-"""The readers against FAMEVIL.md section 4 on hand-written files in the official (FashionViL) layout: where
-image paths resolve, how texts are built, the FashionIQ val gallery, tokenisation, and the errors that name
-the file, the key and the fix for the data-preparation mistakes of section 8."""
+"""The readers on hand-written files in the official (FashionViL) layout: where image paths resolve, how texts
+are built, the FashionIQ val gallery, tokenisation, and the errors that name the file, the key and the fix
+for the usual data-preparation mistakes."""
 
 import json
 import warnings
@@ -43,7 +43,7 @@ def _fashiongen_official(root):
 
 
 def test_fashiongen_image_paths_resolve_from_the_split_image_folder(tmp_path):
-    """FAMEVIL.md section 4: FashionGen/{train,val,train_info.json,val_info.json}; test = val (files and
+    """the official data layout: FashionGen/{train,val,train_info.json,val_info.json}; test = val (files and
     images). Bare names of the official files are found under FashionGen/<split>/ and load."""
     _fashiongen_official(tmp_path)
     train = read_fashiongen(tmp_path, "train")

@@ -1,5 +1,5 @@
 """The eval resize, faithful (squash) or fixed (keep_aspect, the default), reaches every decoding backend and
-every evaluation set, and every backend gives the reference pixels in both (FAMEVIL.md section 9, quirk 7)."""
+every evaluation set, and every backend gives the reference pixels in both (the official code's quirk)."""
 
 import os
 

@@ -86,7 +86,7 @@ def test_eval_box_equals_resize_then_centre_crop(mode, shape):
 
 
 def test_eval_resize_keeps_the_aspect_by_default_and_squashes_when_asked():
-    """FAMEVIL.md section 9, quirk 7: the official eval resize squashes to R x R; the default keeps the aspect
+    """the official code's quirk the official eval resize squashes to R x R; the default keeps the aspect
     (shorter side R, as torchvision's Resize(R)); square images are the same either way."""
     sizes = np.array([[300, 200], [200, 300], [256, 256], [97, 61], [61, 97], [5, 1]])
     r = eval_resize(224)

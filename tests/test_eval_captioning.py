@@ -168,7 +168,7 @@ def test_sets_score_as_separate_calls():
 
 
 def test_bleu_is_corpus_level_not_a_mean_of_sentence_scores():
-    """FAMEVIL.md 2.4: BLEU-4 as Hugging Face ``evaluate`` computes it, over the corpus: n-gram matches and
+    """BLEU-4 as Hugging Face ``evaluate`` computes it (the official), over the corpus: n-gram matches and
     lengths are summed over all captions before the precisions are formed. Sentence 2 alone has no matching
     4-gram (sentence BLEU 0, a mean of sentence scores would be 50); the corpus precisions are 7/8, 5/6,
     3/4 and 1/2, with no brevity penalty."""

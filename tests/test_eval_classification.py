@@ -64,7 +64,7 @@ def test_bad_input():
 
 
 def test_macro_f1_averages_the_classes_present_not_all_121():
-    """FAMEVIL.md 2.3: sklearn macro-F1, i.e. over the classes occurring in the targets or the predictions,
+    """The official sklearn macro-F1, i.e. over the classes occurring in the targets or the predictions,
     not over the 121 logit columns (which would divide by 121), nor over the target classes only."""
     preds = torch.tensor([5, 7, 7, 9, 9, 120])
     targets = torch.tensor([5, 5, 7, 9, 9, 7])
@@ -81,7 +81,7 @@ def test_macro_f1_averages_the_classes_present_not_all_121():
 
 @pytest.mark.parametrize("case", range(20))
 def test_category_scores_are_the_subcategory_predictions_mapped_and_match_sklearn(case):
-    """FAMEVIL.md section 8 (mmf#14): category-level accuracy and macro-F1 from the subcategory predictions
+    """BrandonHanx/mmf#14: category-level accuracy and macro-F1 from the subcategory predictions
     through the subcategory -> category mapping; equal to scikit-learn on the mapped labels. A predicted
     subcategory the mapping does not know is wrong and is no class of the average."""
     g = torch.Generator().manual_seed(case)

@@ -1,6 +1,6 @@
 """Evaluator glue: what the protocol functions receive from ``famevil_fast.eval.runner`` (stub models, no
 encoder): the sampled XMR query count, the unseeded sampled protocol, and the caption decoding cap and
-references of FAMEVIL.md section 9 quirk 3 in both their faithful and fixed forms."""
+references of the official code's quirk in both their faithful and fixed forms."""
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ def _xmr_set(products=12, views=3, dim=8, batch=10):
 
 
 def test_sampled_xmr_draws_1000_queries_per_direction():
-    """FAMEVIL.md 2.1: 1,000 random queries, all of them when fewer. The image-to-text queries are views, so
+    """The official protocol: 1,000 random queries, all when fewer. The image-to-text queries are views, so
     with 12 products of 3 views all 36 views are queries (the runner used to cap both directions at the
     number of products: 12)."""
     (result,) = evaluate_xmr(EmbeddingStub(), _xmr_set(), EvalOptions(xmr_protocols=("sampled",)))

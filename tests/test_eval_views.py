@@ -1,4 +1,4 @@
-"""Views per product in SCR, FIC and the XMR image side (FAMEVIL.md section 9, quirk 6: every view by
+"""Views per product in SCR, FIC and the XMR image side (the official code's quirk every view by
 default, the first view only as the alternative), and the category-level SCR scores built from the dataset's
 subcategory -> category mapping (section 8, mmf#14)."""
 

@@ -238,7 +238,7 @@ def test_filled_queries_are_counted_once_over_the_repeats():
 
 
 def test_sampled_protocol_unseeded_uses_the_global_rng():
-    """FAMEVIL.md section 9 quirk 8: the original drew from the global torch RNG; seed=None does too."""
+    """the official code's quirk the original drew from the global torch RNG; seed=None does too."""
     data = _sampled_inputs()
     kwargs = {"num_queries": 20, "num_negatives": 8, "repeats": 2}
     torch.manual_seed(7)

@@ -101,7 +101,7 @@ def test_closed_form_on_a_hand_checked_pair():
     ],
 )
 def test_collinear_gradients_follow_the_official_regularised_solve(second, want):
-    """Spec 3.3: a singular D U^T is solved with 1e-8 I added, as the official code does."""
+    """The reference: a singular D U^T is solved with 1e-8 I added, as the official code does."""
     buffers = {"itc": {"p": torch.tensor([1.0, 2.0, 0.5])}, "scr": {"p": torch.tensor(second)}}
     for combine in (combine_each_tensor, combine_all_per_tensor):
         torch.testing.assert_close(combine(buffers, ["p"])["p"], torch.tensor(want))

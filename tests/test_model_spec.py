@@ -35,7 +35,7 @@ R, XAA_R, NUM_LABELS = 6, 64, 7
 
 # ---------------------------------------------------------------- the official layout, from its tables
 def _layer_shapes(d: int, ff: int, c: int | None, r: int, tasks, xaa_r: int) -> dict[str, tuple]:
-    """CHECKPOINT_LAYOUT.md sections 3-5: one encoder layer (d: width, c: the other tower's width)."""
+    """the official checkpoint layout: one encoder layer (d: width, c: the other tower's width)."""
     out: dict[str, tuple] = {}
     for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
         out[f"self_attn.{proj}.weight"], out[f"self_attn.{proj}.bias"] = (d, d), (d,)
@@ -66,7 +66,7 @@ def _layer_shapes(d: int, ff: int, c: int | None, r: int, tasks, xaa_r: int) -> 
 def official_shapes(
     clip: CLIPConfig, r: int, tasks=TASKS, xaa: str = "both", num_labels: int = 121, xaa_r: int = 64
 ) -> dict[str, tuple]:
-    """Key -> shape of an official student state dict (after the prefix), CHECKPOINT_LAYOUT.md 2-6."""
+    """Key -> shape of an official student state dict (after the prefix), the official checkpoint layout."""
     v, t, e = clip.vision, clip.text, clip.embed_dim
     n = (v.image_size // v.patch_size) ** 2 + 1
     out: dict[str, tuple] = {"clip.logit_scale": ()}
@@ -124,7 +124,7 @@ def random_official_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, 
 
 # ---------------------------------------------------------------- the reference model, by official names
 class Reference:
-    """FAME-ViL as FAMEVIL.md section 1 describes it, reading an official state dict (prefix stripped)."""
+    """FAME-ViL as the reference describes it, reading an official state dict (prefix stripped)."""
 
     def __init__(self, state: dict[str, torch.Tensor], clip: CLIPConfig) -> None:
         self.s, self.cfg = state, clip
@@ -408,8 +408,8 @@ def test_training_container_with_model_prefix_loads_the_same_weights(official, t
 
 @pytest.mark.parametrize("task, xaa", [("itc", "none"), ("tgir", "both"), ("scr", "both"), ("cap", "text")])
 def test_single_task_teacher_file_matches_the_reference(tmp_path, task, xaa):
-    """CHECKPOINT_LAYOUT 6: a teacher (single task) has adapt_mlp WITHOUT a task segment; itc without XAA,
-    tgir/scr with both towers' XAA, cap with text-only XAA."""
+    """In the official checkpoint layout a teacher (single task) has adapt_mlp WITHOUT a task segment; itc
+    without XAA, tgir/scr with both towers' XAA, cap with text-only XAA."""
     shapes = official_shapes(CLIP_CFG, R, tasks=(task,), xaa=xaa, num_labels=NUM_LABELS, xaa_r=XAA_R)
     state = random_official_state(shapes, seed=1)
     file = {"model." + k.replace(f".adapt_mlp.{task}.", ".adapt_mlp."): v for k, v in state.items()}
@@ -471,7 +471,7 @@ def test_budget_components_of_the_release():
         state = to_official_famevil(FameViL(FameViLConfig(adapter_bottleneck=512)).state_dict(), prefix="")
     assert {k: tuple(v.shape) for k, v in state.items()} == official_shapes(CLIPConfig(), 512)
     payload = sum(v.numel() * v.element_size() for v in state.values())
-    assert payload == 1_077_588_064  # CHECKPOINT_LAYOUT 7: 1,484 float32 tensors + 2 int64 buffers
+    assert payload == 1_077_588_064  # The official checkpoint layout: 1,484 float32 tensors + 2 int64 buffers
 
 
 @pytest.mark.parametrize("r", [64, 128, 512])
@@ -499,7 +499,7 @@ def test_sixty_one_and_a_half_percent_fewer_parameters():
      ("scr", "both", 978, 182_915_754), ("cap", "text", 774, 190_418_469)],
 )  # fmt: skip
 def test_teacher_sizes(task, xaa, keys, params):
-    """CHECKPOINT_LAYOUT 6: each teacher is a single-task model with r = 64."""
+    """The official checkpoint layout: each teacher is a single-task model with r = 64."""
     with torch.device("meta"):
         model = FameViL(FameViLConfig(tasks=(task,), xaa=xaa, adapter_bottleneck=64))
         assert len(to_official_famevil(model.state_dict(), prefix="")) == keys

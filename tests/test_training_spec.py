@@ -1,5 +1,6 @@
-"""Spec conformance of the training objectives and recipes (FAMEVIL.md sections 2, 3 and 9): each test checks
-one formula or number of the spec against a plain reference written here, on small hand-checkable inputs."""
+"""Conformance of the training objectives and recipes with the reference (losses, training strategy and the
+official code's quirks): each test checks one formula or number against a plain reference written here, on
+small hand-checkable inputs."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _soft_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- 2. task losses
 def test_xmr_loss_is_symmetric_infonce_over_s_squared_cosine():
-    """Spec 2.1 / 1.6: logits = s^2 cos with s = 4, mean of the two directions, no label smoothing."""
+    """The reference: logits = s^2 cos with s = 4, mean of the two directions, no label smoothing."""
     scale = torch.tensor(16.0, dtype=torch.float64)  # s = 4 -> s^2
     # identical unit embeddings: logits [[16, 0], [0, 16]]: each row's CE is log(1 + e^-16), both ways
     assert itc_loss(E, E, scale).item() == pytest.approx(math.log1p(math.exp(-16.0)), rel=1e-12)
@@ -45,7 +46,7 @@ def test_xmr_loss_is_symmetric_infonce_over_s_squared_cosine():
 
 
 def test_tgir_loss_is_one_way_and_keeps_duplicate_targets():
-    """Spec 2.2: CE of each query against every target, query -> target only; duplicates not removed."""
+    """The reference: CE of each query against every target, query -> target only; duplicates not removed."""
     query = E
     target = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # the same target twice
     # row 0: logits [16, 16], label 0 -> log 2; row 1: logits [0, 0], label 1 -> log 2
@@ -55,7 +56,7 @@ def test_tgir_loss_is_one_way_and_keeps_duplicate_targets():
 
 
 def test_scr_loss_is_plain_cross_entropy():
-    """Spec 2.3: plain CE over the 121 classes, no label smoothing."""
+    """The reference: plain CE over the 121 classes, no label smoothing."""
     logits = torch.zeros(1, 121)
     logits[0, 0] = 2.0
     want = -(2.0 - math.log(math.exp(2.0) + 120))
@@ -80,7 +81,7 @@ def _caption_batch() -> dict[str, torch.Tensor]:
 
 
 def test_caption_positions_default_and_faithful():
-    """Spec 2.4 / quirk 2: default trains each next token up to and including the end token (3 + 2
+    """The reference: default trains each next token up to and including the end token (3 + 2
     positions); the faithful flag trains all 76 positions, the padded ones to predict the end token. The
     distillation term averages over the same positions as the task loss."""
     batch = _caption_batch()
@@ -111,7 +112,7 @@ S_SCALE, T_SCALE = torch.tensor(16.0, dtype=torch.float64), torch.tensor(9.0, dt
 
 
 def test_itc_distillation_default_pairs_teacher_with_teacher():
-    """Spec 3.2 (intended behaviour, the default): student i2t / t2i logits against the softmax of teacher
+    """The intended behaviour (the default): student i2t / t2i logits against the softmax of teacher
     image x teacher text, temperature 1, averaged over the two directions."""
     student = _pair(image=S_IMG, text=S_TXT, scale=S_SCALE)
     teacher = _pair(image=T_IMG, text=T_TXT, scale=T_SCALE)
@@ -151,7 +152,7 @@ def test_class_and_token_distillation_is_soft_cross_entropy_over_trained_rows():
 
 
 def test_task_and_distillation_losses_are_combined_with_balance_one():
-    """Spec 3.2: L = (2 - b) L_gt + b L_kd, b = 1 in every recipe."""
+    """The reference: L = (2 - b) L_gt + b L_kd, b = 1 in every recipe."""
     gt, kd = torch.tensor(2.0), torch.tensor(3.0)
     assert combine(gt, kd, 1.0).item() == 5.0
     assert combine(gt, kd, 0.5).item() == pytest.approx(1.5 * 2 + 0.5 * 3)
@@ -161,7 +162,7 @@ def test_task_and_distillation_losses_are_combined_with_balance_one():
 
 # --------------------------------------------------------------------------- 3.1 sampling
 def test_size_proportional_probabilities_match_the_spec():
-    """Spec 3.1: FashionGen 60,147 products (once per FashionGen task) vs FashionIQ 18,000 triplets."""
+    """The reference: FashionGen 60,147 products (once per FashionGen task) vs FashionIQ 18,000 triplets."""
     sizes = {"itc": 60_147, "tgir": 18_000, "scr": 60_147, "cap": 60_147}
     sampler = TaskSampler(list(sizes), "size_proportional", sizes, update_frequency=1)
     assert sampler.probabilities.round(3).tolist() == [0.303, 0.091, 0.303, 0.303]
@@ -176,8 +177,8 @@ def test_round_robin_with_update_frequency_4_sees_each_task_once_per_update():
 
 # --------------------------------------------------------------------------- 3.3 IMTL-G in the trainer
 def _spec_imtlg(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Spec 3.3, one parameter tensor: drop absent and all-zero gradients; one task passes through; a
-    scalar takes the mean; else alpha_{2..T} = (g_1 U^T)(D U^T)^-1, alpha_1 = 1 - sum."""
+    """IMTL-G on one parameter tensor, as the reference: drop absent and all-zero gradients; one task
+    passes through; a scalar takes the mean; else alpha_{2..T} = (g_1 U^T)(D U^T)^-1, alpha_1 = 1 - sum."""
     present = [g for g in grads if g is not None and bool(g.ne(0).any())]
     if not present:
         return None
@@ -195,7 +196,7 @@ def _spec_imtlg(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def test_imtlg_update_combines_each_tensors_task_gradients_of_loss_over_update_frequency(tmp_path):
-    """Spec 3.3 / quirk 5 (faithful, per tensor): each micro-batch loss is divided by update_frequency (4)
+    """The reference (faithful, per tensor): each micro-batch loss is divided by update_frequency (4)
     before its gradient is buffered; the update's gradient is the per-tensor IMTL-G combination."""
     trainer = Trainer(micro_config(tmp_path, "train.gradient_strategy=imtlg"), streams())
     reference = copy.deepcopy(trainer.model)
@@ -237,7 +238,7 @@ def _norm_or_scale_or_embedding(model: nn.Module) -> set[str]:
 
 
 def test_adamw_groups_learning_rates_and_hyperparameters():
-    """Spec 3.4: AdamW betas 0.9/0.999, eps 1e-8, wd 1e-5; CLIP at 1e-6, adapters, XAA and heads x100."""
+    """The reference: AdamW betas 0.9/0.999, eps 1e-8, wd 1e-5; CLIP at 1e-6, adapters, XAA and heads x100."""
     model = FameViL(MICRO)
     optimizer = build_optimizer(model, OptimSection())
     counts = model.parameter_counts()
@@ -274,7 +275,7 @@ def test_weight_decay_default_and_faithful(faithful):
      (19999, 0.1), (20000, 0.01), (22499, 0.01)],
 )  # fmt: skip
 def test_full_recipe_schedule(update, factor):
-    """Spec 3.4: warm-up linear from 0.25x to 1x over 2,500 updates, then x0.1 at 12.5k and 20k."""
+    """The reference: warm-up linear from 0.25x to 1x over 2,500 updates, then x0.1 at 12.5k and 20k."""
     s = load_config(resolve("mtl_full")).schedule
     got = lr_factor(update, s.warmup_updates, s.warmup_start_factor, s.decay_at, s.decay_factor)
     assert got == pytest.approx(factor, rel=1e-12)

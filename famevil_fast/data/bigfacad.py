@@ -4,11 +4,9 @@ A row holds ``images`` (a list of paths, or a single path string), ``id``, ``col
 ``description`` and optionally ``attributes_id`` (FashionViL's pseudo-attribute ids, indices into the
 2,232-entry vocabulary the four pre-training datasets share). The text is
 ``color + "." + title + "." + description`` exactly as stored (no space added or stripped), as the official
-loader builds it (FashionViL's ``BigFACADDatabase``:
-``item["color"] + "." + item["title"] + "." + item["description"]``; the spec's "text =
-color.title.description"). A row's image paths are relative to ``BigFACAD/images`` (paths that start with
-"images/" are relative to ``BigFACAD/``; :func:`~famevil_fast.data.records.image_paths`). Products carry no
-(sub-)category.
+loader builds it (FashionViL's ``BigFACADDatabase``). A row's image paths are relative to
+``BigFACAD/images`` (paths that start with "images/" are relative to ``BigFACAD/``;
+:func:`~famevil_fast.data.records.image_paths`). Products carry no (sub-)category.
 """
 
 from __future__ import annotations

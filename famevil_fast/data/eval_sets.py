@@ -18,10 +18,10 @@ cap      :class:`CapEval`: every view with its reference text: pixels, input_ids
 Image batches are :class:`~famevil_fast.data.loader.EvalBatches` (re-iterable, in order, eval crop); all
 tensors are on the chosen device.
 
-``views`` (FAMEVIL.md section 9, quirk 6): "all" (default, the official protocol behind the published
+``views``: "all" (default, the official protocol behind the published
 numbers) makes every view of a product a sample of SCR and FIC and an item of the XMR image side; "first"
 keeps one view per product, the first one listed that has an image. TGIR has one image per entry either way.
-``eval_resize`` (quirk 7): "keep_aspect" (default) or "squash" (the official code), see
+``eval_resize``: "keep_aspect" (default) or "squash" (the official code), see
 :mod:`famevil_fast.data.transforms`. Every set records both.
 """
 
@@ -99,7 +99,7 @@ def check_views(views: str) -> str:
 
 
 def first_views(products: list[Product]) -> list[Product]:
-    """Every product with its first view only (quirk 6's one-view-per-product alternative)."""
+    """Every product with its first view only (the alternative to the official every-view protocol)."""
     return [p if len(p.images) == 1 else replace(p, images=p.images[:1]) for p in products]
 
 

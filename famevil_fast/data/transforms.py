@@ -2,7 +2,7 @@
 
 Train (FAME-ViL, all tasks): random resized crop to S x S (area 0.8-1.0 of the image, aspect 3/4-4/3),
 horizontal flip with probability 1/2, CLIP normalisation. Eval, with R = round(S * 256 / 224), centre crop S
-and CLIP normalisation after a resize chosen by ``eval_resize`` (FAMEVIL.md section 9, quirk 7):
+and CLIP normalisation after a resize chosen by ``eval_resize`` (the official code squashes):
 
 - ``"keep_aspect"`` (default, fixed): the shorter side to R and the longer one to int(R * long / short),
   aspect kept, as torchvision's ``Resize(R)``;

@@ -8,9 +8,9 @@ official code; ``caption_references="raw"`` scores against the product texts as 
 at most ``caption_max_len`` tokens; ``caption_len_from_references`` reproduces the official cap instead: per
 batch, as many tokens as the longest reference of the batch has (it leaks the reference lengths).
 
-``views`` (FAMEVIL.md section 9, quirk 6): "all" (default, the official protocol: every view of a product is
-a sample of SCR and FIC and an item of the XMR image side) or "first" (one view per product). ``eval_resize``
-(quirk 7): "keep_aspect" (default) or "squash" (the official code's square resize). Both are properties of
+``views``: "all" (default, the official protocol: every view of a product is a sample of SCR and FIC and an
+item of the XMR image side) or "first" (one view per product). ``eval_resize``: "keep_aspect" (default) or
+"squash" (the official code's square resize). Both are properties of
 the evaluation sets (``Evaluator.build`` builds them so); each result's ``details`` records them, and a set
 built otherwise than the options say is an error.
 """
@@ -45,16 +45,16 @@ class EvalOptions:
     """How ``Evaluator`` scores a model.
 
     - ``sampled_seed``: seed of the sampled-100 XMR protocol; None = the original's unseeded draws from the
-      global torch RNG (FAMEVIL.md section 9, quirk 8).
+      global torch RNG.
     - ``caption_max_len``: longest generated caption in tokens (the fixed default).
-    - ``caption_len_from_references``: faithful quirk (section 9, quirk 3): each batch's captions get as many
+    - ``caption_len_from_references``: faithful to the official code: each batch's captions get as many
       tokens as the longest reference of that batch has (``caption_max_len`` is then unused).
     - ``caption_references``: "clip" (default, as the official code: the reference text after a round trip
       through the CLIP tokenizer, lower-cased and cut to 75 tokens) or "raw" (the product text as written).
     - ``views``: "all" (default, the official protocol: every view of a product counts in SCR, FIC and the
-      XMR image side; section 9, quirk 6) or "first" (the first view of each product only).
+      XMR image side) or "first" (the first view of each product only).
     - ``eval_resize``: "keep_aspect" (default, fixed: shorter side to round(S * 256 / 224), centre crop S)
-      or "squash" (faithful, section 9, quirk 7: every image resized to a square, aspect lost).
+      or "squash" (faithful: every image resized to a square, aspect lost).
     """
 
     xmr_protocols: Sequence[str] = ("full", "sampled")
@@ -232,7 +232,7 @@ def evaluate_scr(model: FameViL, data: SCREval, opts: EvalOptions) -> list[TaskR
 
 def longest_reference(input_ids: torch.Tensor) -> int:
     """Content tokens (between the start and the first end token) of the longest reference among token rows
-    (B, L), at least 1: the official decoding cap of a batch (section 9, quirk 3)."""
+    (B, L), at least 1: the official decoding cap of a batch."""
     from famevil_fast.text import EOT_ID
 
     is_end = input_ids == EOT_ID

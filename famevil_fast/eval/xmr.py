@@ -228,7 +228,7 @@ def xmr_sampled(
                 "gallery items of other products"
             )
     if seed is None:
-        generator = torch.default_generator  # the original's unseeded draws (section 9, quirk 8)
+        generator = torch.default_generator  # the original's unseeded draws
     else:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     sums = dict.fromkeys(_directions(ks), 0.0)

@@ -1,5 +1,5 @@
 """Multi-teacher distillation: frozen single-task teachers run on the student's batch, and each task's
-loss becomes L = (2 - b) * L_gt + b * L_kd (spec 3.2, b = 1 by default).
+loss becomes L = (2 - b) * L_gt + b * L_kd (b = 1 by default, as the official recipe).
 
 Distillation losses (temperature 1, teacher probabilities by softmax):
 - itc: soft-target CE of the student's similarity rows (and columns) against the teacher's. By default the
