@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_data_fixtures import noise_image
+from test_data_fixtures import fashiongen_row, noise_image
 
 from famevil_fast.data import attributes, cache, fashionall, tasks
 from famevil_fast.data.cache import build_cache, dataset_image_keys
@@ -27,16 +27,7 @@ def _write(path, rows):
 
 
 def _fg_row(pid, sub=0, cat=None, images=None):
-    row = {
-        "images": [f"{pid}_0.png"] if images is None else images,
-        "id": pid,
-        "title": "t",
-        "description": "d",
-    }
-    row["subcategory_id"] = sub
-    if cat is not None:
-        row["category_id"] = cat
-    return row
+    return fashiongen_row(pid, [f"{pid}_0.png"] if images is None else images, sub, cat)
 
 
 # ------------------------------------------------------- a dataset directory not named like one

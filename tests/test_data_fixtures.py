@@ -44,3 +44,11 @@ def noise_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, **save)
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+def fashiongen_row(pid: int, images: list[str], sub: int = 0, cat: int | None = None) -> dict:
+    """One FashionGen info row (text "t" / "d"); ``category_id`` only when ``cat`` is given."""
+    row = {"images": images, "id": pid, "title": "t", "description": "d", "subcategory_id": sub}
+    if cat is not None:
+        row["category_id"] = cat
+    return row

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import EmbeddingStub
-from test_data_fixtures import noise_image, synthetic
+from test_data_fixtures import fashiongen_row, noise_image, synthetic
 
 from famevil_fast.data import build_eval_sets
 from famevil_fast.data.eval_sets import CapEval, SCREval, XMREval
@@ -145,16 +145,7 @@ def _fashiongen(root, rows):
 
 
 def _row(pid, sub, cat=None, views=1):
-    row = {
-        "images": [f"val/{pid}_{v}.png" for v in range(views)],
-        "id": pid,
-        "title": "t",
-        "description": "d",
-    }
-    row["subcategory_id"] = sub
-    if cat is not None:
-        row["category_id"] = cat
-    return row
+    return fashiongen_row(pid, [f"val/{pid}_{v}.png" for v in range(views)], sub, cat)
 
 
 def test_a_subcategory_in_two_categories_is_named_and_skips_only_the_category_scores(tmp_path):
