@@ -180,19 +180,22 @@ def test_resume_after_pruning_keeps_the_newest(tmp_path):
     assert not [p for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+class CrashAt3(RandomStream):
+    """A stream whose fourth batch crashes the run (a RuntimeError, as a failing data pipeline would)."""
+
+    def next_batch(self):
+        if self.position == 3:
+            raise RuntimeError("simulated crash")
+        return super().next_batch()
+
+
 def test_a_restart_without_a_checkpoint_logs_each_update_once(tmp_path):
     """A run that crashed before its first checkpoint, restarted with resume (nothing to resume: it starts
     at update 0), drops the crashed run's records instead of logging updates 1 and 2 twice."""
 
-    class Crash(RandomStream):
-        def next_batch(self):
-            if self.position == 3:
-                raise RuntimeError("simulated crash")
-            return super().next_batch()
-
     overrides = ("logging.every=1", "checkpoint.every=0", f"train.updates={N}")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        Trainer(micro_config(tmp_path, *overrides), make_streams(stream_cls=Crash)).fit()
+        Trainer(micro_config(tmp_path, *overrides), make_streams(stream_cls=CrashAt3)).fit()
     Trainer(micro_config(tmp_path, *overrides, "checkpoint.resume=true"), make_streams()).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     updates = [r["update"] for r in records if r.get("kind") == "train"]
@@ -203,17 +206,11 @@ def test_resume_from_an_older_checkpoint_than_the_newest_update(tmp_path):
     """Checkpoints every 2 updates and a crash in update 4: the resumed run restarts after update 2 and the
     records of update 3, logged before the crash, are not repeated in metrics.jsonl."""
 
-    class Crash(RandomStream):
-        def next_batch(self):
-            if self.position == 3:
-                raise RuntimeError("simulated crash")
-            return super().next_batch()
-
     overrides = ("logging.every=1", "checkpoint.every=2")
     full = Trainer(micro_config(tmp_path / "full", f"train.updates={N}", *overrides), make_streams())
     full_rng = _fit(full)
     crashed = Trainer(
-        micro_config(tmp_path / "cut", f"train.updates={N}", *overrides), make_streams(stream_cls=Crash)
+        micro_config(tmp_path / "cut", f"train.updates={N}", *overrides), make_streams(stream_cls=CrashAt3)
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashed.fit()
