@@ -162,13 +162,11 @@ def _stats_rows(
     best = torch.full(
         (queries.shape[0],), float("-inf"), dtype=score_dtype(queries.dtype), device=queries.device
     )
-    for c0, c1, scores in score_blocks(
-        queries, gallery, cols, finite
-    ):  # the second pass rescores the same blocks
+    for c0, c1, scores in score_blocks(queries, gallery, cols, finite):  # checked for NaN / Inf once, here
         best = torch.maximum(best, _best_positive(scores, qlab[:, None] == glab[None, c0:c1]))
         del scores
     totals = [torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device) for _ in range(3)]
-    for c0, c1, scores in score_blocks(queries, gallery, cols):
+    for c0, c1, scores in score_blocks(queries, gallery, cols):  # the same blocks, scored again
         counts = _count_around(scores, qlab[:, None] == glab[None, c0:c1], best)
         del scores
         totals = [a + b for a, b in zip(totals, counts)]
