@@ -23,6 +23,7 @@ from famevil_fast.data.records import (
     entry_name,
     image_paths,
     load_json_list,
+    read_once,
     reject_duplicate_ids,
     relative_prefix,
     require_keys,
@@ -75,6 +76,10 @@ def read_fashiongen(root: str | os.PathLike, split: str) -> list[Product]:
     (ids are integers, texts strings, images a string or a list of strings) or repeats a product id."""
     directory, path = fashiongen_split_file(root, split)
     prefix, folder = relative_prefix(root, directory), _split_name(split)
+    return read_once(path, ("fashiongen", prefix, folder), lambda: _read(path, prefix, folder))
+
+
+def _read(path: Path, prefix: str, folder: str) -> list[Product]:
     rows = load_json_list(path, "FashionGen", _SOURCE)
     products = [_product(row, path, i, prefix, folder) for i, row in enumerate(rows)]
     reject_duplicate_ids([p.id for p in products], path)

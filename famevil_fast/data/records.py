@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +62,44 @@ def load_json_list(path: Path, what: str, hint: str = "") -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{what}: file not found: {path}" + (f" ({hint})" if hint else ""))
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark, as Windows tools write, is skipped)
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what}: {path} is not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what}: {path} is not UTF-8 text ({e}); save it as UTF-8 JSON") from e
     if not isinstance(data, list):
         raise ValueError(f"{what}: {path} must hold a JSON list, got {type(data).__name__}")
     return data
+
+
+_READS: OrderedDict[tuple, tuple[Product, ...]] = OrderedDict()
+_READS_LOCK = threading.Lock()
+_READS_KEPT = 8  # split files remembered (the four union datasets' train splits and FashionGen's val fit)
+_SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within one timestamp tick
+
+
+def read_once(path: Path, key: tuple, read: Callable[[], list[Product]]) -> list[Product]:
+    """``read()`` (the products of split file ``path``), or a copy of what it returned for the same ``key``
+    while ``path`` is unchanged (same size, modification and change times, inode): a run that builds several
+    tables (itc and the pre-training objectives, attributes) parses each split file once. A file modified in
+    the last two seconds is not remembered, since a change within one timestamp tick would not show."""
+    try:
+        st = path.stat()
+    except OSError:
+        return read()
+    full = (os.fspath(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, key)
+    with _READS_LOCK:
+        if full in _READS:
+            _READS.move_to_end(full)
+            return list(_READS[full])
+    products = read()
+    if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
+        with _READS_LOCK:
+            _READS[full] = tuple(products)
+            while len(_READS) > _READS_KEPT:
+                _READS.popitem(last=False)
+    return products
 
 
 def entry_name(path: Path, index: int, row: object = None) -> str:
@@ -111,12 +145,20 @@ _CHECKS = {
 
 def check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> dict:
     """``row`` after checking that every field of ``kinds`` it holds is of its kind (``INT``, ``STR``,
-    ``BOOL``, ``STRS``, ``INTS``, ``STR_OR_STRS``; a bool is not an integer, a number not a string);
+    ``BOOL``, ``STRS``, ``INTS``, ``STR_OR_STRS``; a bool is not an integer, a number not a string; integers
+    fit in 64 bits);
     ValueError naming the file, the entry and the field otherwise."""
     for key, kind in kinds.items():
         if key in row and not _CHECKS[kind](row[key]):
             raise ValueError(
                 f"{entry_name(path, index, row)}: field {key!r} must be {kind}, got {json_repr(row[key])}"
+            )
+        values = row.get(key, []) if kind == INTS else [row[key]] if kind == INT and key in row else []
+        wide = [v for v in values if not -(1 << 63) <= v < 1 << 63]
+        if wide:
+            raise ValueError(
+                f"{entry_name(path, index, row)}: field {key!r} holds {wide[0]}, outside the 64-bit integer "
+                "range the tensors keep"
             )
     return row
 
@@ -137,10 +179,19 @@ def reject_duplicate_ids(ids: list[int], path: Path) -> None:
 
 
 def dataset_dir(root: str | os.PathLike, name: str, marker: str) -> Path:
-    """``root/name`` if it exists, else ``root`` if it holds ``marker``; FileNotFoundError otherwise."""
+    """``root/name`` if it exists, else ``root`` if it holds ``marker``; FileNotFoundError otherwise, and
+    when ``root`` is another dataset's directory (named after it) holding ``marker``."""
+    from famevil_fast.data.registry import DIRECTORIES
+
     base = Path(root)
     if (base / name).is_dir():
         return base / name
+    own = base.resolve().name
+    if own != name and own in (*DIRECTORIES.values(), "FashionIQ") and (base / marker).exists():
+        raise FileNotFoundError(
+            f"{name}: {base} is the {own} directory, not {name}'s, so its {marker} is not read as {name}'s; "
+            f"give the data root that holds {name}/ (or read {base} as {own})"
+        )
     if (base / marker).exists():
         return base
     hint = ""
@@ -220,6 +271,9 @@ class CatalogueFormat:
         holds a value of the wrong type, has no image or repeats a product id."""
         directory, path = self.split_file(root, split)
         prefix = relative_prefix(root, directory)
+        return read_once(path, (self.dataset, prefix), lambda: self._read(path, prefix))
+
+    def _read(self, path: Path, prefix: str) -> list[Product]:
         files = f"{self.name}/{{{','.join(self.splits)}}}_info.json"
         rows = load_json_list(path, self.name, f"{files} are FashionViL's pre-processed files (its README)")
         products = [self._product(row, path, i, prefix) for i, row in enumerate(rows)]

@@ -112,7 +112,9 @@ def product_datasets_under(root: str | os.PathLike) -> list[str]:
     one dataset only: those whose directory lies under ``root``; else, when ``root`` is itself a dataset
     directory, the one it is named after; else (a dataset directory of another name, whose split files
     every reader would take for its own) the one its rows' keys say: FashionGen when a row holds
-    ``subcategory_id`` (or no split file can be told apart: the documented default), else Fashion200k."""
+    ``subcategory_id`` (or no split file can be told apart: the documented default), Fashion200k when it
+    holds only Fashion200k's keys; a directory whose rows are neither (PolyvoreOutfits and BigFACAD rows
+    hold a description, which Fashion200k rows do not) is refused with a ValueError saying to name it."""
     base = Path(root)
     present = [d for d in PRODUCT_DATASETS if (base / DIRECTORIES[d]).is_dir()]
     if present:
@@ -121,19 +123,40 @@ def product_datasets_under(root: str | os.PathLike) -> list[str]:
     return named or [_dataset_of_rows(base)]
 
 
+_FASHION200K_KEYS = frozenset(("images", "id", "title", "attributes_id"))
+
+
 def _dataset_of_rows(directory: Path) -> str:
     """The dataset ("fashiongen" or "fashion200k") of the first row of ``directory``'s first split file
-    (FashionGen rows hold ``subcategory_id``); "fashiongen" when there is no row to look at."""
+    (FashionGen rows hold ``subcategory_id``, Fashion200k rows nothing beyond ``_FASHION200K_KEYS``);
+    "fashiongen" when there is no row to look at; ValueError for rows of neither."""
     for split in ("train", "val", "test"):
         path = directory / f"{split}_info.json"
         if not path.is_file():
             continue
         try:
-            rows = json.loads(path.read_text())
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return "fashiongen"  # its reader names what is wrong with the file
         if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-            return "fashiongen" if "subcategory_id" in rows[0] else "fashion200k"
+            if "subcategory_id" in rows[0]:
+                return "fashiongen"
+            other = sorted(set(rows[0]) - _FASHION200K_KEYS)
+            if other:
+                guess = "bigfacad" if "color" in rows[0] else "polyvoreoutfits"
+                like = (
+                    f" (they look like {DIRECTORIES[guess]} rows: PolyvoreOutfits rows hold a description, "
+                    "BigFACAD rows also a color)"
+                    if "description" in rows[0]
+                    else ""
+                )
+                raise ValueError(
+                    f"{directory} is not named after a dataset ({', '.join(DIRECTORIES.values())}) and the "
+                    f"rows of {path} hold {other}, which neither FashionGen nor Fashion200k rows hold{like}; "
+                    f"name the directory after its dataset (e.g. {directory.parent / DIRECTORIES[guess]}), "
+                    "or give the data root that holds it under that name (docs/data.md)"
+                )
+            return "fashion200k"
     return "fashiongen"
 
 
