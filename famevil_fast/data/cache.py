@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from famevil_fast.data.backends.base import default_threads
+from famevil_fast.data.backends.pil_backend import PIL_DECODE_ERRORS, decode_error
 from famevil_fast.data.transforms import to_rgb
 from famevil_fast.files import atomic_write_json
 
@@ -131,8 +132,8 @@ def _decode(root: str, key: str, max_side: int | None) -> np.ndarray | str:
                 size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
                 im = im.resize(size, Image.Resampling.BILINEAR)
             return np.asarray(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
+    except PIL_DECODE_ERRORS as e:
+        return decode_error(e)
 
 
 class _ShardWriter:
@@ -233,6 +234,23 @@ def _complete_shards(
     return done
 
 
+def _changed_since_cached(root: str, shard_dir: Path, shards: dict[int, dict]) -> set[str]:
+    """The keys whose source file under ``root`` was modified after the newest shard holding them was
+    written (an image replaced on disk since it was cached; a later shard's entry is the one served)."""
+    written: dict[str, float] = {}
+    for number in sorted(shards):
+        when = (shard_dir / shards[number]["file"]).stat().st_mtime
+        written.update(dict.fromkeys(shards[number]["keys"], when))
+    changed = set()
+    for key, when in written.items():
+        try:
+            if os.stat(os.path.join(root, key)).st_mtime > when:
+                changed.add(key)
+        except OSError:
+            continue
+    return changed
+
+
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
@@ -297,8 +315,15 @@ def build_cache(
     abs_root = os.path.abspath(root_s)
     shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
     have = {k for m in shards.values() for k in m["keys"]}
+    changed = _changed_since_cached(root_s, shard_dir, shards) & set(keys)
+    if changed:
+        warnings.warn(
+            f"cache: {len(changed)} images changed since they were cached (e.g. {sorted(changed)[0]}); "
+            "decoding them again",
+            stacklevel=2,
+        )
     failed: dict[str, str] = {}
-    todo = [k for k in keys if k not in have]
+    todo = [k for k in keys if k not in have or k in changed]
     number = max(shards, default=-1) + 1
     writer: _ShardWriter | None = None
     threads = num_threads or default_threads()
@@ -343,7 +368,7 @@ def build_cache(
             tokenize_texts(texts, out_p)
     atomic_write_json(index_path, index)
     return CacheSummary(
-        images=sum(len(m["keys"]) for m in ordered),
+        images=len({k for m in ordered for k in m["keys"]}),
         new_images=len(todo) - len(failed),
         failed=len(failed),
         shards=len(ordered),
@@ -420,6 +445,8 @@ class ImageCache:
             self._maps.append(np.memmap(shard_dir / shard["file"], dtype=np.uint8, mode="r").view(np.ndarray))
             for key, offset, (h, w) in zip(manifest["keys"], manifest["offsets"], manifest["shapes"]):
                 self._entries[key] = CacheEntry(number, int(offset), int(h), int(w))
+        for key in self.failed:  # cached once, undecodable when the cache was last updated
+            self._entries.pop(key, None)
 
     def _check_sizes(self, shard_dir: Path) -> None:
         for shard in self.index["shards"]:

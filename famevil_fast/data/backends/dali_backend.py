@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from famevil_fast.data.backends.base import ImageBackend, Loaded
-from famevil_fast.data.backends.pil_backend import decode_error, pil_image
+from famevil_fast.data.backends.pil_backend import PIL_DECODE_ERRORS, decode_error, pil_image
 from famevil_fast.data.images import jpeg_truncated, probe_size, read_bytes
 from famevil_fast.data.transforms import CLIP_MEAN, CLIP_STD, CropPlan, normalize, pil_resample
 
@@ -164,7 +164,7 @@ class DALIBackend(ImageBackend):
                 if d is not None and jpeg_truncated(d):  # checked here: nvJPEG's handling is not PIL's
                     raise ValueError("truncated JPEG: the data ends before the end-of-image marker")
                 sizes.append(None if d is None else probe_size(d, p))
-            except (OSError, SyntaxError, ValueError) as e:
+            except PIL_DECODE_ERRORS as e:
                 sizes.append(None)
                 failures.append((p, decode_error(e)))
             if d is None:
@@ -243,7 +243,7 @@ def _pil_probe(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-    except (OSError, SyntaxError, ValueError) as e:
+    except PIL_DECODE_ERRORS as e:
         return decode_error(e)
     return None
 
@@ -268,7 +268,7 @@ def _pil_one(data: bytes, plan: CropPlan, image_size: int) -> np.ndarray | str:
     """(S, S, 3) uint8 of one image decoded and resampled by PIL (the reference), or why it failed."""
     try:
         image = pil_image(data)
-    except (OSError, SyntaxError, ValueError) as e:
+    except PIL_DECODE_ERRORS as e:
         return decode_error(e)
     boxes, flips = plan.boxes(np.asarray([[image.height, image.width]]), image_size)
     return np.asarray(pil_resample(image, boxes[0], bool(flips[0]), image_size))

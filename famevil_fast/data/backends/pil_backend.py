@@ -11,8 +11,14 @@ from PIL import Image
 from famevil_fast.data.backends.base import ImageBackend, Loaded
 from famevil_fast.data.transforms import CropPlan, pil_resample, to_rgb
 
+# what PIL raises for data it cannot decode, or will not: an image of more pixels than
+# ``PIL.Image.MAX_IMAGE_PIXELS`` (DecompressionBombError, not an OSError)
+PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
 
 def decode_error(e: BaseException) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        return f"{type(e).__name__}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS to read it)"
     return f"{type(e).__name__}: {e}"
 
 
@@ -20,7 +26,7 @@ def pil_image(data: bytes) -> Image.Image:
     """The 8-bit RGB PIL image of encoded ``data`` (16-bit samples scaled as
     :func:`~famevil_fast.data.transforms.to_rgb` does).
 
-    Raises OSError, SyntaxError or ValueError when the data cannot be decoded.
+    Raises one of :data:`PIL_DECODE_ERRORS` when the data cannot be decoded.
     """
     with Image.open(io.BytesIO(data)) as im:
         return to_rgb(im)
@@ -33,7 +39,7 @@ class PILBackend(ImageBackend):
         try:
             with Image.open(self.path(rel)) as im:
                 im = to_rgb(im)
-        except (OSError, SyntaxError, ValueError) as e:
+        except PIL_DECODE_ERRORS as e:
             return decode_error(e)
         boxes, flips = plan.subset(np.asarray([i])).boxes(
             np.asarray([[im.height, im.width]]), self.image_size

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from famevil_fast.data.backends.base import ImageBackend, Loaded
-from famevil_fast.data.backends.pil_backend import decode_error, pil_image
+from famevil_fast.data.backends.pil_backend import PIL_DECODE_ERRORS, decode_error, pil_image
 from famevil_fast.data.images import read_bytes
 from famevil_fast.data.transforms import CropPlan, normalize, pil_resample, resample_batch
 
@@ -39,9 +39,8 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8"
 
 
-# what a decode may raise for a bad file: PIL raises OSError / SyntaxError / ValueError, torchvision
-# RuntimeError / ValueError
-DECODE_ERRORS = (OSError, SyntaxError, RuntimeError, ValueError)
+# what a decode may raise for a bad file: PIL raises PIL_DECODE_ERRORS, torchvision RuntimeError / ValueError
+DECODE_ERRORS = (*PIL_DECODE_ERRORS, RuntimeError)
 
 
 class TorchvisionBackend(ImageBackend):
