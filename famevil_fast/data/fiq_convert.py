@@ -27,9 +27,14 @@ def fashioniq_val_rows(raw_rows: Sequence[dict], gallery: Sequence[str], garment
         ids.setdefault(name, len(ids))
     rows = []
     for i, row in enumerate(raw_rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"FashionIQ val row {i} is {row!r}, expected an object")
         missing = [k for k in ("candidate", "target", "captions") if k not in row]
         if missing:
             raise ValueError(f"FashionIQ val row {i} lacks {missing}: {row}")
+        captions = row["captions"]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"FashionIQ val row {i}: captions must be a list of strings, got {captions!r}")
         if row.get("fake_data"):
             continue
         target_id = ids.setdefault(row["target"], len(ids))
@@ -60,8 +65,11 @@ def fashioniq_val_rows(raw_rows: Sequence[dict], gallery: Sequence[str], garment
 def _load(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"FashionIQ conversion: missing file {path}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"FashionIQ conversion: {path} is not valid UTF-8 JSON ({e})") from e
 
 
 def convert_fashioniq_val(
@@ -82,11 +90,20 @@ def convert_fashioniq_val(
     for cat in categories:
         if cat not in FIQ_CATEGORIES:
             raise ValueError(f"unknown FashionIQ category {cat!r}; expected one of {FIQ_CATEGORIES}")
-        gallery = _load(fiq / "image_splits" / f"split.{cat}.val.json")
+        gallery_path = fiq / "image_splits" / f"split.{cat}.val.json"
+        gallery = _load(gallery_path)
         raw_path = fiq / "captions" / f"cap.{cat}.val.raw.json"
         src = raw_path if raw_path.is_file() else fiq / "captions" / f"cap.{cat}.val.json"
         raw = _load(src)
-        rows = fashioniq_val_rows(raw, gallery, FIQ_CATEGORIES.index(cat))
+        for path, data in ((src, raw), (gallery_path, gallery)):
+            if not isinstance(data, list):
+                raise ValueError(
+                    f"FashionIQ conversion: {path} must hold a JSON list, got {type(data).__name__}"
+                )
+        try:
+            rows = fashioniq_val_rows(raw, gallery, FIQ_CATEGORIES.index(cat))
+        except ValueError as e:
+            raise ValueError(f"FashionIQ conversion: {src}: {e}") from None
         out.mkdir(parents=True, exist_ok=True)  # only once the inputs have been read
         dest = out / f"cap.{cat}.val.json"
         if dest.resolve() == src.resolve() and not raw_path.exists():
