@@ -59,7 +59,7 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> tuple[dict[
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir():
-        return _read_directory(path)
+        return _read_directory(path, trust_pickle)
     if path.suffix == ".safetensors":
         state, config = _read_safetensors(path)
     else:
@@ -91,18 +91,25 @@ def _parse_json(text: str | bytes, where: str) -> Any:
         raise ValueError(f"cannot read {where}: not valid JSON ({exc})") from exc
 
 
-def _read_directory(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_directory(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     config = read_config(path / CONFIG_FILE) if (path / CONFIG_FILE).exists() else {}
     singles = [path / WEIGHTS_FILE, path / "pytorch_model.bin"]
     for file in singles:
         if file.exists():
-            state, meta = read_state_dict(file)
+            state, meta = read_state_dict(file, trust_pickle)
             return state, config or meta
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(_parse_json(index.read_bytes(), str(index))["weight_map"].values()))
+        weight_map = _parse_json(index.read_bytes(), str(index))
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(
+                f"{index} must hold a JSON object with a 'weight_map' of tensor names to shard files"
+            )
         state = {}
-        for shard in shards:
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise FileNotFoundError(f"shard {shard} named by {index} not found")
             state.update(_read_safetensors(path / shard)[0])
         return state, config
     raise FileNotFoundError(
@@ -552,11 +559,37 @@ def resolve_clip_config(
     stored = _parse_config(lambda: hinted_clip_config(hints), source)
     if stored is not None:
         return stored
+    check_size_keys(state, source, advice)
     preset = matching_preset(state, source, layout)
     if preset is not None:
         return preset
     check_head_counts(state, hints, source, advice)
     return infer_clip_config(state, hints)
+
+
+SIZE_KEYS = (
+    "vision.patch_embed.weight",
+    "vision.class_embedding",
+    "vision.pos_embed",
+    "vision.blocks.0.mlp.fc1.weight",
+    "text.token_embed.weight",
+    "text.pos_embed",
+    "text.blocks.0.mlp.fc1.weight",
+    "text.proj.weight",
+)
+
+
+def check_size_keys(
+    state: dict[str, torch.Tensor], source: str | Path | dict, advice: str = "pass the CLIP config explicitly"
+) -> None:
+    """Refuse to infer the sizes of weights that lack a tensor the sizes are read from."""
+    missing = [key for key in SIZE_KEYS if key not in state]
+    if missing:
+        what = "the given state dict" if isinstance(source, dict) else f"checkpoint {source}"
+        raise ValueError(
+            f"{what} is incomplete: it lacks {missing} (famevil_fast names), the tensors that the "
+            f"model's sizes are read from when no config is stored with the weights ({advice})"
+        )
 
 
 def matching_preset(
