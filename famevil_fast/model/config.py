@@ -64,6 +64,14 @@ class CLIPConfig:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        sizes = [
+            (f"{name}.{f.name}", getattr(tower, f.name))
+            for name, tower in (("vision", self.vision), ("text", self.text))
+            for f in dataclasses.fields(tower)
+        ]
+        for name, value in [*sizes, ("embed_dim", self.embed_dim)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"clip.{name} must be a positive int, got {value!r}")
         for name, tower in (("vision", self.vision), ("text", self.text)):
             if tower.width % tower.heads:
                 raise ValueError(f"{name} width {tower.width} is not divisible by its {tower.heads} heads")
@@ -203,6 +211,8 @@ class FameViLConfig:
     xmodal_shared: int = 16
 
     def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            raise ValueError(f"tasks must be a sequence of task names, not one string: got {self.tasks!r}")
         unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known tasks are {ALL_TASKS}")
@@ -214,8 +224,14 @@ class FameViLConfig:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (None = automatic), got {self.backend!r}")
-        if self.adapter_bottleneck <= 0 or self.xaa_bottleneck <= 0:
-            raise ValueError("adapter bottlenecks must be positive")
+        for name in ("adapter_bottleneck", "xaa_bottleneck"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"adapter bottlenecks must be positive ints, got {name}={value!r}")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"adapter_dropout must lie in [0, 1), got {self.adapter_dropout!r}")
+        if "scr" in self.tasks and self.num_classes < 1:
+            raise ValueError(f"task 'scr' needs num_classes >= 1, got {self.num_classes}")
         if self.caption_vocab is not None:
             vocab = self.clip.text.vocab_size
             if 49407 not in self.caption_vocab or any(not 0 <= t < vocab for t in self.caption_vocab):

@@ -388,6 +388,11 @@ class FameViL(nn.Module):
         return _caption_output(self, self.vision_memory(pixels, "cap"), ids, gather)
 
     def _check_labels(self, labels: torch.Tensor, batch: int) -> None:
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(
+                f"labels must be a tensor of integer class ids of shape ({batch},), "
+                f"got {type(labels).__name__}"
+            )
         if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
             raise ValueError(
                 f"labels must be integer class ids of shape ({batch},), "
