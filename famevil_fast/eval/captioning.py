@@ -49,6 +49,10 @@ def _check_predictions(op: str, predictions: Sequence[str], n_references: int) -
 
 
 def _check_metrics(op: str, metrics: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        raise ValueError(
+            f"{op}: metrics must be a sequence of metric names, not one string (write ({metrics!r},))"
+        )
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in CAPTION_METRICS]
     if unknown or not metrics:

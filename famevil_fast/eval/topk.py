@@ -202,7 +202,7 @@ def blocked_topk(
     op = "blocked_topk"
     chosen = resolve_backend(op, backend)
     check_embeddings(op, queries, gallery)
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{op}: k must be a positive int, got {k!r}")
     rows, cols = resolve_block_size(op, block_size)
     if chosen == "torch":

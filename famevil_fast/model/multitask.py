@@ -119,7 +119,9 @@ def _fusion_pass(
     tasks = list(batches)
     pix_key = {"tgir": "ref_pixels", "scr": "pixels"}
     pixels = torch.cat([batches[t][pix_key[t]] for t in tasks])
-    ids = torch.cat([batches[t]["input_ids"] for t in tasks])
+    texts = [batches[t]["input_ids"] for t in tasks]
+    length = max(x.shape[1] for x in texts)  # padding after the end token changes no output
+    ids = torch.cat([F.pad(x, (0, length - x.shape[1])) for x in texts])
     sizes = [batches[t]["input_ids"].shape[0] for t in tasks]
     task = _task_layout(model, tasks, sizes, pixels.device)
     v, t = model.fused_features(pixels, ids, task if len(tasks) > 1 else tasks[0])
