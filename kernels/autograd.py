@@ -9,6 +9,8 @@ import torch
 from famevil_fast.kernels import launch
 from famevil_fast.kernels.custom_ops import adapter_forward_impl, task_rows
 
+from famevil_fast.ops._backend import refuse_double_backward
+
 N_PARAMS = 7
 
 
@@ -35,6 +37,7 @@ class FusedAdapterFunction(torch.autograd.Function):
         adapter_grads = (None,) * (1 + N_PARAMS)
         needs = ctx.needs_input_grad
         if ctx.saved and (needs[0] or any(needs[4 : 4 + N_PARAMS])):
+            refuse_double_backward("fused_adapter")
             x, *params, h, mean, rstd = ctx.saved_tensors
             adapter_grads = launch.adapter_backward(
                 grad_y.contiguous(), x, tuple(params), h, mean, rstd, ctx.rows
@@ -72,6 +75,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.saved:
             return (None,) * 7
+        refuse_double_backward("layer_norm_linear")
         out, x, mean, rstd, *params = ctx.saved_tensors
         dx, *param_grads = launch.ln_linear_backward(grad_out.contiguous(), out, x, mean, rstd, *params)
         return (dx, None, None, *param_grads)

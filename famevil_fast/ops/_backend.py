@@ -56,6 +56,17 @@ def same_device_and_dtype(
             raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {want_dtype}")
 
 
+def refuse_double_backward(op: str) -> None:
+    """RuntimeError when a fused backward runs with grad mode on (``create_graph=True``): its kernels work
+    outside autograd, so a second derivative through them would silently treat the gradients as
+    constants."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: the fused backward cannot be differentiated again (create_graph=True, double backward); "
+            "use backend='torch' for higher-order gradients"
+        )
+
+
 def require_int(op: str, name: str, value: object) -> int:
     """``value`` when it is a Python int (or an integer scalar such as numpy's); TypeError otherwise, bools
     and tensors included (a tensor would need a read-back from the device)."""

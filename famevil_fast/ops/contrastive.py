@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from famevil_fast import _ext
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
@@ -28,6 +27,7 @@ from famevil_fast.ops._backend import (
     KERNEL_DTYPES,
     check_backend,
     forced_backend,
+    refuse_double_backward,
     require_triton,
     triton_importable,
     triton_runs_on,
@@ -105,7 +105,8 @@ def _one_positive_reference(
     every column with one positive row too): integer-target cross-entropy, the same loss as the
     soft-target form without its (M, N) target matrices."""
     diagonal = torch.arange(logits.shape[0], device=logits.device)
-    loss = F.cross_entropy(logits, diagonal if labels is None else labels, label_smoothing=label_smoothing)
+    target = diagonal if labels is None else labels.long()
+    loss = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
     if not two_way:
         return loss
     return 0.5 * (loss + F.cross_entropy(logits.T, diagonal, label_smoothing=label_smoothing))
@@ -375,8 +376,8 @@ class _InfoNceStats(torch.autograd.Function):
         return rows, col_stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows, grad_cols):  # type: ignore[override]
+        refuse_double_backward("contrastive_loss")
         a, b, scale, row_key, col_key, rows, col_stats = ctx.saved_tensors
         grad_a, grad_b, grad_scale = torch.ops.famevil_fast.contrastive_stats_backward(
             grad_rows.contiguous(),
@@ -404,8 +405,8 @@ class _DistillStats(torch.autograd.Function):
         return rows, col_stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_rows, grad_cols):  # type: ignore[override]
+        refuse_double_backward("contrastive_distill_loss")
         a, b, scale, teacher_a, teacher_b, teacher_scale, rows, col_stats = ctx.saved_tensors
         grads = (grad_rows.contiguous(), grad_cols.contiguous())
         teacher = (teacher_a, teacher_b, teacher_scale)

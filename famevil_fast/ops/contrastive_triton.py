@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from famevil_fast.ops._backend import refuse_double_backward
 from famevil_fast.ops.contrastive import Groups, _as_scale, direction_loss, positive_keys
 
 GROUP_SUM_CHUNK_ROWS = 16384  # rows of a 16-bit input converted to float32 at a time for its group sums
@@ -179,6 +180,8 @@ class InfoNceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         from famevil_fast.kernels import contrastive_ops
+
+        refuse_double_backward("contrastive_loss")
 
         a, b, s, lse_rows, lse_cols, row_key, col_key = ctx.saved_tensors
         (m, n), (row_counts, col_counts) = (a.shape[0], b.shape[0]), ctx.counts
