@@ -115,6 +115,8 @@ def check_adapter_args(
     if not x.is_floating_point():
         raise ValueError(f"fused_adapter: x must be floating point, got {x.dtype}")
     d = x.shape[-1]
+    if d == 0:
+        raise ValueError(f"fused_adapter: x of shape {tuple(x.shape)} has no features (d = 0) to normalise")
     if task_ids is not None and params.ln_weight.dim() != 2:
         raise ValueError(
             f"fused_adapter: with task_ids every parameter has a leading task dimension; ln_weight has "
@@ -226,7 +228,10 @@ def _triton_adapter(
 
 
 def _scale_as_tensor(scale: torch.Tensor | float, ln_weight: torch.Tensor, per_task: bool) -> torch.Tensor:
-    """A Python number as the constant scale tensor that ``ln_weight``'s adapter(s) take; else unchanged."""
+    """A Python number as the constant scale tensor that ``ln_weight``'s adapter(s) take, and a single
+    adapter's 0-d scale tensor as a (1,) view (its gradient flows back to it); else unchanged."""
+    if isinstance(scale, torch.Tensor):
+        return scale.reshape(1) if scale.dim() == 0 and not per_task else scale
     number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
     if not number or not isinstance(ln_weight, torch.Tensor):
         return scale
@@ -252,9 +257,10 @@ def fused_adapter(
     """``residual + scale * up(relu(down(layer_norm(x))))`` for x of shape (..., d).
 
     ``residual`` may be a tensor or a sequence of tensors (the other branches of a block), all summed into
-    the output; each has x's shape and dtype. ``scale`` is a (1,) tensor (gradients flow to it) or a Python
-    number (a constant). With ``task_ids`` (one integer per row of x) every parameter has a leading task
-    dimension and row i uses adapter ``task_ids[i]``. Parameters share one dtype, x's or float32.
+    the output; each has x's shape and dtype. ``scale`` is a (1,) tensor, or 0-d for a single adapter
+    (gradients flow to it), or a Python number (a constant). With ``task_ids`` (one integer per row of x)
+    every parameter has a leading task dimension and row i uses adapter ``task_ids[i]``. Parameters share
+    one dtype, x's or float32.
     ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured faster,
     ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
     overrides the automatic choice). ``check_task_ids=False`` skips the range check of the task ids, the

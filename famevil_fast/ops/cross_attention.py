@@ -266,6 +266,8 @@ def _check_context(op: str, context: torch.Tensor, attn: CrossAttentionParams) -
     """The context's width against kv_weight (2d, c), its LayerNorm's and kv_bias's shapes, its device
     and dtype against the parameters' (which may be float32 under a lower-precision context)."""
     c = attn.kv_weight.shape[1]
+    if c == 0:
+        raise ValueError(f"{op}: the context has no features (width 0) to normalise")
     if context.shape[-1] != c:
         raise ValueError(
             f"{op}: context width {context.shape[-1]} does not match kv_weight {tuple(attn.kv_weight.shape)}"
@@ -323,6 +325,8 @@ def check_cross_attention_args(
     if not x.is_floating_point():
         raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
     b, _, d = x.shape
+    if d == 0:
+        raise ValueError(f"{op}: x has no features (width 0) to normalise")
     if (context is None) == (context_kv is None):
         raise ValueError(f"{op}: pass exactly one of context and context_kv")
     _check_heads(op, d, require_int(op, "num_heads", num_heads))

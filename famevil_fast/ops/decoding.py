@@ -33,6 +33,7 @@ from famevil_fast.capture import host_reads_allowed
 from famevil_fast.ops._backend import require_int, same_device_and_dtype, select_backend
 from famevil_fast.ops.adapter import (
     AdapterParams,
+    _scale_as_tensor,
     adapter_reference,
     check_adapter_args,
     check_residuals,
@@ -59,6 +60,8 @@ def _check_no_grad(op: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _check_layer_norm(op: str, ln_weight: torch.Tensor, ln_bias: torch.Tensor, d: int) -> None:
+    if d == 0:
+        raise ValueError(f"{op}: x has no features (width 0) to normalise")
     if ln_weight.shape != (d,) or ln_bias.shape != (d,):
         raise ValueError(
             f"{op}: LayerNorm parameters of shapes {tuple(ln_weight.shape)}, "
@@ -139,8 +142,8 @@ def linear_residual(
     from famevil_fast.kernels import launch
 
     k = x.shape[-1]
-    rows = x.reshape(-1, k).contiguous()
     res = residual.reshape(-1, weight.shape[0]).contiguous()
+    rows = x.reshape(res.shape[0], k).contiguous()
     out = launch.linear_residual(rows, weight.contiguous(), bias.contiguous(), res)
     return out.view(residual.shape)
 
@@ -243,6 +246,7 @@ def adapter_with_linear(
     cross-attention output, so that the second layer needs no launch of its own."""
     op = "adapter_with_linear"
     params = AdapterParams(*params)
+    params = params._replace(scale=_scale_as_tensor(params.scale, params.ln_weight, per_task=False))
     check_adapter_args(x, params, None)
     residuals = residual_list(residual)
     check_residuals(x, residuals)
