@@ -210,8 +210,10 @@ def test_pac_forward_uses_one_cosine_classifier_for_both_modalities():
     out = model(batch, "pac")
     weight = model.heads["pac"].weight
     unit = weight / weight.norm(dim=1, keepdim=True)
-    image_logits = model.image_features(batch["pixels"], "pac") @ unit.T
-    text_logits = model.text_features(batch["input_ids"], "pac") @ unit.T
+    image = model.image_features(batch["pixels"], "pac")
+    text = model.text_features(batch["input_ids"], "pac")
+    image_logits = (image / image.norm(dim=1, keepdim=True)) @ unit.T
+    text_logits = (text / text.norm(dim=1, keepdim=True)) @ unit.T
     torch.testing.assert_close(out.outputs["image_logits"], image_logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         out.loss, _pac_reference(image_logits, text_logits, batch["attribute_ids"]), rtol=1e-5, atol=1e-6

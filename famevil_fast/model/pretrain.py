@@ -4,7 +4,8 @@
   embedding v + t of the text with view B of the same product (an augmented copy of the same view when
   the product has one); symmetric InfoNCE with logits s^2 cos (learnable s, init 4).
 - ``pac`` (pseudo-attribute classification): the two-tower image and text embeddings through ONE cosine
-  classifier (L2-normalised class weights, no bias, no temperature); soft multi-hot targets 1/k.
+  classifier (embedding and class weights L2-normalised, no bias, no temperature); soft multi-hot
+  targets 1/k.
 - ``itm`` (image-text matching): every second pair's text is replaced by its image's hardest in-batch
   negative (highest two-tower similarity, no gradient; the ``itc`` adapters when the model has that task,
   else the ``itm`` ones); fusion-mode v + t -> Linear(E, 2); cross-entropy.
@@ -21,7 +22,6 @@ attribute_ids (B, K) padded with -1; ``itm`` pixels, input_ids.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -46,15 +46,23 @@ PRETRAIN_BATCH_KEYS = {
 
 
 class CosineClassifier(nn.Module):
-    """``x @ normalize(W).T``: class weights L2-normalised, no bias, no temperature (PAC's shared head)."""
+    """``normalize(x) @ normalize(W).T``: the cosine of the embedding with every class weight, both
+    L2-normalised, no bias, no temperature (PAC's shared head; logits lie in [-1, 1]). Class weights start
+    standard normal, as in the official code (uniformly random directions)."""
 
     def __init__(self, dim: int, classes: int) -> None:
         super().__init__()
+        if dim < 1 or classes < 1:
+            raise ValueError(f"CosineClassifier needs dim >= 1 and classes >= 1, got {dim} and {classes}")
         self.weight = nn.Parameter(torch.empty(classes, dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.normal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, F.normalize(self.weight, dim=1).to(x.dtype))
+        if x.shape[-1] != self.weight.shape[1]:
+            raise ValueError(
+                f"CosineClassifier of dimension {self.weight.shape[1]} got inputs of dimension {x.shape[-1]}"
+            )
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=1).to(x.dtype))
 
 
 def build_pretrain_heads(config: FameViLConfig) -> nn.ModuleDict:
@@ -94,7 +102,7 @@ def forward_pac(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather |
     head = model.heads["pac"]
     image_logits = head(model.image_features(pixels, "pac"))
     text_logits = head(model.text_features(ids, "pac"))
-    loss = pl.pac_loss(image_logits, text_logits, attributes, gather)
+    loss = pl.pac_loss(image_logits, text_logits, attributes, gather, check_ids=False)
     return TaskOutput(loss, {"image_logits": image_logits, "text_logits": text_logits})
 
 
