@@ -227,18 +227,51 @@ def read_attribute_file(path: str | os.PathLike) -> AttributeFile:
     missing = [k for k in ("attributes", "counts", "products") if k not in data]
     if missing:
         raise ValueError(f"attribute file {path} lacks {missing}")
-    vocab = AttributeVocabulary(
-        tuple(data["attributes"]), tuple(data["counts"]), data.get("min_count", 1), data.get("min_length", 2)
-    )
+    names, counts = data["attributes"], data["counts"]
+    if not isinstance(names, list) or not all(isinstance(a, str) for a in names):
+        raise ValueError(f"attribute file {path}: 'attributes' must be a list of strings")
+    if not isinstance(counts, list) or not all(_is_int(c) for c in counts):
+        raise ValueError(f"attribute file {path}: 'counts' must be a list of integers")
+    try:
+        vocab = AttributeVocabulary(
+            tuple(names), tuple(counts), data.get("min_count", 1), data.get("min_length", 2)
+        )
+    except ValueError as exc:
+        raise ValueError(f"attribute file {path}: {exc}") from exc
+    if not isinstance(data["products"], dict):
+        raise ValueError(f"attribute file {path}: 'products' must map split -> product id -> attribute ids")
     products: dict[str, dict[int, tuple[int, ...]]] = {}
     for split, rows in data["products"].items():
-        products[split] = {int(k): tuple(int(i) for i in v) for k, v in rows.items()}
+        products[split] = _product_rows(path, split, rows)
         bad = [k for k, v in products[split].items() if any(not 0 <= i < len(vocab) for i in v)]
         if bad:
             raise ValueError(
                 f"attribute file {path}: product {bad[0]} ({split}) has ids outside [0, {len(vocab)})"
             )
     return AttributeFile(vocab, products, str(path), str(data.get("dataset") or ""))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _product_rows(path: Path, split: str, rows: object) -> dict[int, tuple[int, ...]]:
+    """One split of an attribute file: product id (a decimal string) -> list of integer attribute ids."""
+    if not isinstance(rows, dict):
+        raise ValueError(f"attribute file {path}: split {split!r} must map product id -> attribute ids")
+    out: dict[int, tuple[int, ...]] = {}
+    for key, ids in rows.items():
+        try:
+            product = int(key)
+        except ValueError:
+            message = f"attribute file {path}: product id {key!r} ({split}) is not an integer"
+            raise ValueError(message) from None
+        if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+            raise ValueError(
+                f"attribute file {path}: product {key} ({split}) must list integer attribute ids, got {ids!r}"
+            )
+        out[product] = tuple(ids)
+    return out
 
 
 def mine_dataset(

@@ -47,6 +47,12 @@ def soft_multi_hot(
 ) -> torch.Tensor:
     """(B, K) ids padded with -1 -> (B, A) targets: 1/k on each of a row's k distinct attributes
     (all zero for a row without attributes)."""
+    rows = attribute_ids.shape[0] if isinstance(attribute_ids, torch.Tensor) and attribute_ids.dim() else 0
+    check_attribute_ids(attribute_ids, rows, num_attributes)
+    return _soft_multi_hot(attribute_ids, num_attributes, dtype)
+
+
+def _soft_multi_hot(attribute_ids: torch.Tensor, num_attributes: int, dtype: torch.dtype) -> torch.Tensor:
     b = attribute_ids.shape[0]
     valid = attribute_ids >= 0
     hot = torch.zeros(b, num_attributes + 1, dtype=dtype, device=attribute_ids.device)
@@ -67,11 +73,20 @@ def pac_loss(
     text_logits: torch.Tensor,
     attribute_ids: torch.Tensor,
     gather: Gather | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Soft-label CE of the image logits + that of the text logits, averaged over rows with attributes. In
     distributed training (``gather``) the sum is divided by the mean such row count over the processes, so
-    that DDP's average of the processes' losses is the mean over the global batch's rows."""
-    target = soft_multi_hot(attribute_ids, image_logits.shape[1])
+    that DDP's average of the processes' losses is the mean over the global batch's rows. ``check_ids``
+    False skips the range check of the ids (a host read) for a caller that made it already."""
+    if image_logits.dim() != 2 or image_logits.shape != text_logits.shape:
+        raise ValueError(
+            "pac_loss needs image and text logits of the same shape (B, A), got "
+            f"{tuple(image_logits.shape)} and {tuple(text_logits.shape)}"
+        )
+    if check_ids:
+        check_attribute_ids(attribute_ids, image_logits.shape[0], image_logits.shape[1])
+    target = _soft_multi_hot(attribute_ids, image_logits.shape[1], torch.float32)
     rows = (attribute_ids >= 0).any(dim=1)
     per_row = soft_cross_entropy(image_logits, target) + soft_cross_entropy(text_logits, target)
     return mean_over_processes((per_row * rows.to(per_row.dtype)).sum(), rows.sum(), gather)
@@ -81,12 +96,28 @@ def pac_loss(
 def hardest_negatives(similarity: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """For each image row of ``similarity`` (B, B; images x texts), the column of its most similar text
     other than its own and other than any text identical to its own; -1 when there is none."""
+    _check_matching(similarity, input_ids)
     b = similarity.shape[0]
+    if b == 0:
+        return torch.zeros(0, dtype=torch.long, device=similarity.device)
     same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)
     scores = similarity.float().masked_fill(same_text, float("-inf"))
     best, index = scores.max(dim=1)
-    index = torch.where(torch.isfinite(best), index, torch.full_like(index, -1))
-    return index if b else index.new_zeros(0)
+    return torch.where(torch.isfinite(best), index, torch.full_like(index, -1))
+
+
+def _check_matching(similarity: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if not isinstance(similarity, torch.Tensor) or similarity.dim() != 2:
+        got = getattr(similarity, "shape", type(similarity))
+        raise ValueError(f"similarity must be a (B, B) tensor, got {got}")
+    b = similarity.shape[0]
+    if similarity.shape[1] != b:
+        raise ValueError(f"similarity must be square (B images x B texts), got {tuple(similarity.shape)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != b:
+        raise ValueError(
+            f"input_ids must have shape ({b}, L) to match the similarity, got "
+            f"{tuple(getattr(input_ids, 'shape', ()))}"
+        )
 
 
 def itm_pairs(similarity: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,4 +133,13 @@ def itm_pairs(similarity: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
     """Cross-entropy of the 2-way match head (label 1 = the text describes the image); weighted by local rows
     / mean rows over the processes in distributed training."""
-    return row_weighted(F.cross_entropy(logits.float(), labels), gather, logits.shape[0])
+    if logits.dim() != 2 or logits.shape[1] != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(
+            "itm_loss needs logits (B, 2) and labels (B,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"itm labels must be integers 0 / 1, got {labels.dtype}")
+    if labels.numel() and host_reads_allowed() and not bool(((labels == 0) | (labels == 1)).all()):
+        raise ValueError("itm labels must be 0 (no match) or 1 (match)")
+    return row_weighted(F.cross_entropy(logits.float(), labels.long()), gather, logits.shape[0])

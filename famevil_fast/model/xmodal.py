@@ -55,6 +55,10 @@ class CrossModalAdapter(nn.Module):
 
     def __init__(self, width: int, bottleneck: int, shared: int) -> None:
         super().__init__()
+        if width < 1 or bottleneck < 1:
+            raise ValueError(
+                f"Cross-Modal Adapter needs width >= 1 and r >= 1, got width={width}, r={bottleneck}"
+            )
         if not 0 <= shared <= width:
             raise ValueError(f"shared channels d_s={shared} must lie in [0, width={width}]")
         self.down = nn.Linear(width, bottleneck)
@@ -85,6 +89,8 @@ class CrossModalAdapter(nn.Module):
         return torch.cat([self.up.weight, shared.weight]), torch.cat([self.up.bias, shared.bias])
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if y.shape[-1] != self.width:
+            raise ValueError(f"Cross-Modal Adapter of width {self.width} got inputs of width {y.shape[-1]}")
         weight, bias = self.up_params()
         return y + F.linear(quick_gelu(self.down(y)), weight, bias)
 
@@ -147,6 +153,13 @@ def xmodal_parameter_count(
 ) -> int:
     """Parameters of the Cross-Modal Adapters: per (layer, site, task), both towers' down-projections
     (d r + r each), own up-projections ((d - d_s)(r + 1) each) and one shared part (d_s (r + 1))."""
+    if min(vision_width, text_width, layers, bottleneck, tasks) < 1:
+        raise ValueError(
+            "widths, layers, r and tasks must be at least 1, got "
+            f"{vision_width}, {text_width}, {layers}, {bottleneck}, {tasks}"
+        )
+    if not 0 <= shared <= min(vision_width, text_width):
+        raise ValueError(f"shared channels d_s={shared} must lie in [0, {min(vision_width, text_width)}]")
     r, d_s, widths = bottleneck, shared, vision_width + text_width
     per_site = r * widths + 2 * r + (widths - 2 * d_s) * (r + 1) + d_s * (r + 1)
     return 2 * layers * tasks * per_site
