@@ -321,3 +321,11 @@ def test_malformed_stored_config_names_the_file_and_field(model, tmp_path, edit,
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=rf"ckpt/config\.json is invalid: .*{field}"):
         FameViL.from_pretrained(tmp_path / "ckpt")
+
+
+def test_official_export_refuses_pretraining_tasks(tmp_path):
+    config = FameViLConfig(clip=clip_preset("micro"), tasks=("itc", "mvc", "pac", "itm"), num_attributes=5)
+    model = FameViL(config)
+    with pytest.raises(ValueError, match=r"no pre-training tasks .*e\.g\. heads\.itm"):
+        save_official(model, tmp_path / "c.pth")
+    assert not (tmp_path / "c.pth").exists()

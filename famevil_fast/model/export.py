@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from famevil_fast.files import atomic_write, atomic_write_json
+from famevil_fast.model.config import PRETRAIN_TASKS
 from famevil_fast.model.weights import (
     _ADAPTER_PARTS,
     _HF_LAYER,
@@ -88,7 +89,15 @@ def _layer_entries(rest: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def to_official_famevil(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
     """famevil_fast names -> the official FAME-ViL state dict (``prefix`` + ``clip.*`` / ``heads.*``),
-    including the ``position_ids`` buffers that transformers 4.20 saved."""
+    including the ``position_ids`` buffers that transformers 4.20 saved. FashionViL's pre-training tasks
+    (``mvc``, ``pac``, ``itm``) have no place in that layout: a model holding their adapters or heads is
+    refused."""
+    pretraining = sorted(k for k in state if _pretraining_task(k))
+    if pretraining:
+        raise ValueError(
+            f"the official FAME-ViL layout has no pre-training tasks {PRETRAIN_TASKS}, so this model cannot "
+            f"be written in it (e.g. {pretraining[0]}); save_pretrained keeps every weight"
+        )
     clip = to_huggingface(state, with_adapters=True)
     out = {f"{prefix}clip.{k}": v for k, v in clip.items()}
     text_len = state["text.pos_embed"].shape[0]
@@ -97,6 +106,12 @@ def to_official_famevil(state: dict[str, torch.Tensor], prefix: str = "model.") 
     out[f"{prefix}clip.vision_model.embeddings.position_ids"] = torch.arange(vision_len)[None]
     out.update({prefix + k: v for k, v in state.items() if k.startswith("heads.")})
     return out
+
+
+def _pretraining_task(key: str) -> bool:
+    """Whether ``key`` belongs to a pre-training task's adapter or head."""
+    m = re.match(r"heads\.(\w+)\.|(?:vision|text)\.blocks\.\d+\.tsa\.adapters\.(\w+)\.", key)
+    return bool(m) and (m.group(1) or m.group(2)) in PRETRAIN_TASKS
 
 
 # ---------------------------------------------------------------- writing files
