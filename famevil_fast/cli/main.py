@@ -61,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a command raises for bad input: a path that does not exist or cannot be read, a value out of range,
 # a file that is not what it should be. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ValueError,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -199,6 +199,9 @@ class Trainer:
         model: FameViL | None = None,
     ) -> None:
         self.cfg = config.validate()
+        run_dir = Path(config.checkpoint.dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(f"checkpoint.dir {str(run_dir)!r} is a file, not a run directory")
         t = config.train
         wanted = resolve_device(t.device, "train.device")
         self.dist: DistInfo = init_from_env(wanted.type)
@@ -514,8 +517,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._check_evaluation()
-        if cfg.checkpoint.resume and self.resume():
-            pass
+        resumed = cfg.checkpoint.resume and self.resume()
+        if not resumed:
+            self._check_new_run()
         self.logger = RunLogger(
             cfg.checkpoint.dir,
             cfg.train.updates,
@@ -524,6 +528,10 @@ class Trainer:
             cfg.logging.progress,
             enabled=self.dist.is_main,
         )
+        if cfg.checkpoint.resume and not resumed:
+            self.logger.message(
+                f"no checkpoint to resume in {self.checkpoints.directory}: starting a new run"
+            )
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         status = "finished"
         try:
@@ -555,6 +563,18 @@ class Trainer:
             self.logger.message(f"training {status} at update {self.update}")
             self.logger.close()
         return {"status": status, "update": self.update, "eval": results}
+
+    def _check_new_run(self) -> None:
+        """Refuse to start a run at update 0 in a directory holding another run's checkpoints: the new
+        run's checkpoints would be mixed with (and pruned among) the old ones, and a later resume would
+        continue whichever is newest. A trainer already at a later update was resumed by the caller."""
+        existing = self.checkpoints.list()
+        if existing and self.update == 0:
+            raise ValueError(
+                f"{self.cfg.checkpoint.dir} already holds the checkpoints of a run (newest: "
+                f"{existing[-1].name}): continue it with --resume (checkpoint.resume=true), or start the new "
+                "run in another checkpoint.dir (or remove the old one)"
+            )
 
     def _check_evaluation(self) -> None:
         """Fail before training rather than at the first evaluation when the evaluator cannot run here:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config field; repeatable",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint of the run directory"
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint of the run directory (checkpoint.dir); without it, a run "
+        "directory that already holds checkpoints is refused",
     )
     parser.add_argument("--no-eval", action="store_true", help="skip evaluation (periodic and final)")
     parser.add_argument(
@@ -66,7 +70,8 @@ def build_evaluator(cfg: TrainConfig, device: torch.device | str | None) -> Eval
 def run(args: argparse.Namespace) -> int:
     from famevil_fast.configs import resolve
     from famevil_fast.train.config import describe_fields, load_config
-    from famevil_fast.train.trainer import Trainer
+    from famevil_fast.train.distributed import shutdown
+    from famevil_fast.train.trainer import NonFiniteLoss, Trainer
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(resolve(args.config), overrides)
@@ -76,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     if not args.no_eval:
         trainer.evaluator = build_evaluator(cfg, trainer.device)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as exc:  # train.nonfinite: stop; the run's log and newest checkpoint stay
+        print(f"famevil-fast train: stopped: {exc}", file=sys.stderr)
+        shutdown()
+        return 1
     if trainer.dist.is_main and result["eval"]:
         report = _report(result["eval"])
         print(report.to_text())
         report.save(f"{cfg.checkpoint.dir}/eval_report.json")
-    from famevil_fast.train.distributed import shutdown
-
     shutdown()
     return 0 if result["status"] == "finished" else 130
 
