@@ -8,6 +8,7 @@ key: an unknown key or a value of the wrong type is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -340,13 +341,35 @@ def _check_numbers(config: TrainConfig) -> None:
     clip = config.train.clip_grad_norm
     if clip is not None and not clip > 0:
         raise ValueError(f"train.clip_grad_norm must be positive (or null = no clipping), got {clip}")
+    optim, schedule = config.optim, config.schedule
     for name, value, low in (
         ("checkpoint.keep_last", config.checkpoint.keep_last, 1),
         ("checkpoint.every", config.checkpoint.every, 0),
         ("logging.every", config.logging.every, 0),
+        ("train.seed", config.train.seed, 0),
+        ("data.num_workers", config.data.num_workers, 0),
+        ("data.attribute_min_count", config.data.attribute_min_count, 1),
+        ("schedule.warmup_updates", schedule.warmup_updates, 0),
+        ("schedule.decay_at", min(schedule.decay_at, default=0), 0),
+        ("schedule.new_module_decay_at", min(schedule.new_module_decay_at or [], default=0), 0),
     ):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
+    for name, value in (  # a negative or non-finite factor would train with a negative or NaN rate
+        ("optim.lr", optim.lr),
+        ("optim.new_module_lr_multiplier", optim.new_module_lr_multiplier),
+        ("optim.weight_decay", optim.weight_decay),
+        ("optim.eps", optim.eps),
+        ("schedule.warmup_start_factor", schedule.warmup_start_factor),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(schedule.decay_factor) and schedule.decay_factor > 0):
+        raise ValueError(f"schedule.decay_factor must be a finite number > 0, got {schedule.decay_factor}")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ValueError(
+            f"optim.betas must be two numbers in [0, 1) (AdamW's beta1 and beta2), got {optim.betas}"
+        )
 
 
 def _check_distill(distill: DistillSection, tasks: list[str]) -> None:
@@ -505,7 +528,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
+        key_hint, value_hint = typing.get_args(hint)
+        return {
+            _coerce(f"{where} key", k, key_hint): _coerce(f"{where}[{k!r}]", v, value_hint)
+            for k, v in value.items()
+        }
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -529,7 +556,11 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}")
     built = {}
     for name, cls in sections.items():
-        values = data.get(name) or {}
+        values = data.get(name)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")
         hints = typing.get_type_hints(cls)
         bad = sorted(set(values) - set(hints))
         if bad:
@@ -570,7 +601,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         keys, value = parse_override(text)
         if len(keys) != 2:
             raise ValueError(f"override {text!r} must name section.key")
-        data.setdefault(keys[0], {})
+        if data.get(keys[0]) is None:  # absent, or an empty section in the YAML file
+            data[keys[0]] = {}
         if not isinstance(data[keys[0]], dict):
             raise ValueError(f"section {keys[0]!r} is not a mapping")
         data[keys[0]][keys[1]] = value

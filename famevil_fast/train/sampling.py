@@ -75,15 +75,15 @@ class TaskSampler:
 
 
 def task_weights(tasks: Sequence[str], weights: Mapping[str, float] | None, integer: bool) -> np.ndarray:
-    """Each task's weight (1 unless given); ValueError for unknown tasks, weights <= 0 and, where
+    """Each task's weight (1 unless given); ValueError for unknown tasks, weights <= 0 or infinite and, where
     ``integer``, weights that are not whole numbers."""
     weights = dict(weights or {})
     unknown = sorted(set(weights) - set(tasks))
     if unknown:
         raise ValueError(f"task weights name tasks that are not trained: {unknown} (tasks: {list(tasks)})")
     values = np.array([float(weights.get(t, 1.0)) for t in tasks])
-    if not (values > 0).all():
-        raise ValueError(f"task weights must be positive, got {weights}")
+    if not (np.isfinite(values) & (values > 0)).all():
+        raise ValueError(f"task weights must be positive finite numbers, got {weights}")
     if integer and not (values == np.round(values)).all():
         raise ValueError(f"round-robin task weights must be whole numbers, got {weights}")
     return values
