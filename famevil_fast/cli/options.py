@@ -4,6 +4,7 @@ before any command runs)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,13 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def output_file(text: str) -> str:
+    """argparse type: the path of a file to write, which must not name an existing directory."""
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give the path of a file to write")
+    return text
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

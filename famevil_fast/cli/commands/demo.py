@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from famevil_fast.eval.report import TaskResult
 
-from famevil_fast.cli.options import positive_int
+from famevil_fast.cli.options import non_negative_int, positive_int
 
 NAME = "demo"
 HELP = "Generate the synthetic dataset, train all four tasks in one run, evaluate and print the scores."
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config field; repeatable",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
 
 
 def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, exact: bool = False) -> None:

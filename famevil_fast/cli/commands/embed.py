@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from famevil_fast.cli.options import add_device_argument, add_eval_resize_argument, positive_int
+from famevil_fast.cli.options import add_device_argument, add_eval_resize_argument, output_file, positive_int
 from famevil_fast.devices import resolve_device
 
 NAME = "embed"
@@ -21,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("itc", "tgir"),
         help="whose adapters to use: itc (retrieval) or tgir (targets)",
     )
-    parser.add_argument("--out", required=True, help="output .safetensors (tensors 'image', 'text')")
+    parser.add_argument(
+        "--out",
+        type=output_file,
+        required=True,
+        help="output .safetensors (tensors 'image', 'text'); missing parent directories are created",
+    )
     add_eval_resize_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="inputs per batch")
     add_device_argument(parser)
@@ -66,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
                     for i in range(0, len(lines), bs)
                 ]
             )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(out, args.out, metadata=meta)
     print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}")
     return 0

@@ -11,6 +11,7 @@ from famevil_fast.cli.options import (
     add_eval_resize_argument,
     add_op_backend_argument,
     non_negative_int,
+    output_file,
     positive_int,
 )
 from famevil_fast.devices import resolve_device
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", action="store_true", help="decode captions by CUDA graph replay (same captions)"
     )
     add_op_backend_argument(parser)
-    parser.add_argument("--out", default=None, help="also write the report as JSON here")
+    parser.add_argument("--out", type=output_file, default=None, help="also write the report as JSON here")
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:

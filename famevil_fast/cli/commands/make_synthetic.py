@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from famevil_fast.cli.options import positive_int
+from famevil_fast.cli.options import non_negative_int, positive_int
 
 NAME = "make-synthetic"
 HELP = "Generate the synthetic fashion dataset (FashionGen- and FashionIQ-format files with drawn images)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="output directory (receives FashionGen/, FashionIQ/, synthetic.json)")
+    parser.add_argument(
+        "dir",
+        help="output directory (receives FashionGen/, FashionIQ/, synthetic.json); an earlier synthetic "
+        "dataset there is rewritten, a directory holding other FashionGen/ or FashionIQ/ files is refused",
+    )
     parser.add_argument("--products", type=positive_int, default=1000, help="FashionGen-style products")
     parser.add_argument(
         "--fiq-images",
@@ -20,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="about this many FashionIQ-style images, drawn in families of variants (at least 24; "
         "default: --products)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the output is identical for a seed")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="random seed; the output is identical for a seed"
+    )
     parser.add_argument("--image-size", type=positive_int, default=256, help="image height in pixels")
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of products in the val split")
     parser.add_argument(
@@ -28,9 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_output_dir(root: Path) -> None:
+    """Refuse a file, and a directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no
+    earlier make-synthetic wrote (no synthetic.json): they would be overwritten. An earlier synthetic
+    dataset is rewritten, and one whose writing was interrupted (images only) is completed."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    if (root / "synthetic.json").exists():
+        return
+    found = [f"{name}/" for name in ("FashionGen", "FashionIQ") if any((root / name).rglob("*.json"))]
+    if found:
+        raise ValueError(
+            f"{root} already holds {' and '.join(found)} not written by make-synthetic (no synthetic.json): "
+            "writing the synthetic dataset there would overwrite its files; choose another directory"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from famevil_fast.data.synthetic.generate import make_synthetic
 
+    check_output_dir(Path(args.dir))
     s = make_synthetic(
         args.dir,
         products=args.products,

@@ -7,7 +7,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from famevil_fast.cli.options import non_negative_int, positive_int
+from famevil_fast.cli.options import non_negative_int, output_file, positive_int
 
 NAME = "mine-attributes"
 HELP = "Mine PAC pseudo-attributes (frequent nouns/adjectives of the training texts) into an attribute file."
@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data root holding FashionGen/ (or Fashion200k/, PolyvoreOutfits/, BigFACAD/; all four for "
         "fashionall)",
     )
-    parser.add_argument("--out", default=None, help="output JSON (default: ROOT/pseudo_attributes.json)")
+    parser.add_argument(
+        "--out", type=output_file, default=None, help="output JSON (default: ROOT/pseudo_attributes.json)"
+    )
     parser.add_argument(
         "--dataset",
         default="fashiongen",

@@ -1,0 +1,167 @@
+"""Edge cases of the command line and the trainer: a run directory that already holds a run, a run stopped by
+a non-finite loss, recipe sections and values of the wrong shape or out of range, outputs that name a
+directory, and make-synthetic over a dataset it did not write."""
+
+import json
+
+import pytest
+from trainer_fixtures import micro_config, streams
+
+from famevil_fast.cli.main import main
+from famevil_fast.train.config import load_config
+from famevil_fast.train.trainer import NonFiniteLoss, Trainer
+
+
+def one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"famevil-fast {command}: error: "), err
+    return err[0]
+
+
+# ---------------------------------------------------------------- run directories
+def test_a_new_run_refuses_a_directory_holding_another_run(tmp_path):
+    Trainer(micro_config(tmp_path, "train.updates=2", "checkpoint.every=1"), streams()).fit()
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"already holds the checkpoints of a run \(newest: step_00000002\)"):
+        Trainer(micro_config(tmp_path, "train.updates=1"), streams()).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    resumed = Trainer(micro_config(tmp_path, "train.updates=3", "checkpoint.resume=true"), streams())
+    assert resumed.fit()["update"] == 3
+
+
+def test_resume_without_a_checkpoint_says_it_starts_a_new_run(tmp_path):
+    Trainer(micro_config(tmp_path, "train.updates=1", "checkpoint.resume=true"), streams()).fit()
+    messages = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("no checkpoint to resume" in m.get("text", "") for m in messages)
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_named(tmp_path):
+    path = tmp_path / "run"
+    path.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="checkpoint.dir .* is a file"):
+        Trainer(micro_config(path), streams())
+
+
+def test_train_stopped_by_a_non_finite_loss_is_one_line(monkeypatch, capsys):
+    import famevil_fast.train.trainer as trainer_module
+
+    class StoppingTrainer:
+        def __init__(self, cfg) -> None:
+            self.device = "cpu"
+
+        def fit(self):
+            raise NonFiniteLoss("update 2: non-finite loss of task(s) ['scr']; stopping at update 1")
+
+    monkeypatch.setattr(trainer_module, "Trainer", StoppingTrainer)
+    assert main(["train", "--config", "tiny_cpu", "--no-eval"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "famevil-fast train: stopped: update 2: non-finite loss of task(s) ['scr']; stopping at update 1"
+    ]
+
+
+# ---------------------------------------------------------------- recipes
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.task_weights={itc: abc}"], r"train.task_weights\['itc'\] must be of type float"),
+        (["train.task_weights={itc: .inf}"], r"task weights must be positive finite"),
+        (["distill.teachers={itc: 5}"], r"distill.teachers\['itc'\] must be of type str"),
+        (["optim.betas=[0.9]"], r"optim.betas must be two numbers in \[0, 1\)"),
+        (["optim.betas=[0.9, 1.5]"], r"optim.betas must be two numbers"),
+        (["optim.lr=-1"], r"optim.lr must be a finite number >= 0, got -1.0"),
+        (["optim.lr=.nan"], r"optim.lr must be a finite number >= 0, got nan"),
+        (["optim.weight_decay=-0.1"], r"optim.weight_decay must be"),
+        (["optim.eps=-1"], r"optim.eps must be"),
+        (["schedule.warmup_updates=-3"], r"schedule.warmup_updates must be at least 0"),
+        (["schedule.warmup_start_factor=-0.5"], r"schedule.warmup_start_factor must be"),
+        (["schedule.decay_factor=-1"], r"schedule.decay_factor must be a finite number > 0"),
+        (["schedule.decay_at=[-1]"], r"schedule.decay_at must be at least 0"),
+        (["schedule.new_module_decay_at=[-2]"], r"schedule.new_module_decay_at must be at least 0"),
+        (["train.seed=-1"], r"train.seed must be at least 0, got -1"),
+        (["data.num_workers=-1"], r"data.num_workers must be at least 0"),
+    ],
+)
+def test_recipe_values_out_of_range_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+
+
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train: 5\n")
+    with pytest.raises(ValueError, match="config section 'train' must be a mapping"):
+        load_config(path)
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\nmodel:\n  clip: tiny\n")
+    assert load_config(path, ["train.updates=3"]).train.updates == 3
+
+
+def test_task_weights_are_read_as_numbers():
+    cfg = load_config(None, ["train.task_weights={itc: 2}"])
+    assert cfg.train.task_weights == {"itc": 2.0}
+
+
+# ---------------------------------------------------------------- outputs and datasets
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["embed", "CKPT", "--texts", "T", "--out", "{dir}"],
+        ["eval", "CKPT", "--data", "D", "--out", "{dir}"],
+        ["mine-attributes", "ROOT", "--out", "{dir}"],
+    ],
+)
+def test_an_output_file_that_is_a_directory_is_refused_by_the_parser(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(dir=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "is a directory" in err and "Traceback" not in err
+
+
+def test_embed_creates_the_output_s_parent_directories(tmp_path, capsys):
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    ckpt = tmp_path / "model"
+    config = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)
+    FameViL(config).save_pretrained(ckpt)
+    texts = tmp_path / "t.txt"
+    texts.write_text("red dress\n")
+    out = tmp_path / "new" / "dir" / "e.safetensors"
+    assert main(["embed", str(ckpt), "--texts", str(texts), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("command", ["make-synthetic", "demo"])
+def test_a_negative_seed_is_refused_by_the_parser(command, capsys):
+    argv = [command, "D", "--seed", "-1"] if command == "make-synthetic" else [command, "--seed", "-1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "argument --seed: must be at least 0" in capsys.readouterr().err
+
+
+def test_make_synthetic_does_not_overwrite_a_dataset_it_did_not_write(tmp_path, capsys):
+    info = tmp_path / "FashionGen" / "train_info.json"
+    info.parent.mkdir()
+    info.write_text("[]")
+    assert main(["make-synthetic", str(tmp_path), "--products", "4"]) == 2
+    assert "not written by make-synthetic" in one_error_line(capsys, "make-synthetic")
+    assert info.read_text() == "[]"
+
+
+def test_make_synthetic_into_a_file_is_named(tmp_path, capsys):
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    assert main(["make-synthetic", str(path), "--products", "4"]) == 2
+    assert "is not a directory" in one_error_line(capsys, "make-synthetic")
+
+
+def test_make_synthetic_rewrites_its_own_dataset(tmp_path, capsys):
+    assert main(["make-synthetic", str(tmp_path), "--products", "4", "--workers", "1"]) == 0
+    assert main(["make-synthetic", str(tmp_path), "--products", "6", "--workers", "1"]) == 0
+    record = json.loads((tmp_path / "synthetic.json").read_text())
+    assert record["products_train"] + record["products_val"] == 6
