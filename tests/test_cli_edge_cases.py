@@ -165,3 +165,18 @@ def test_make_synthetic_rewrites_its_own_dataset(tmp_path, capsys):
     assert main(["make-synthetic", str(tmp_path), "--products", "6", "--workers", "1"]) == 0
     record = json.loads((tmp_path / "synthetic.json").read_text())
     assert record["products_train"] + record["products_val"] == 6
+
+
+def test_demo_sets_a_previous_run_aside(tmp_path, capsys):
+    from famevil_fast.cli.commands.demo import set_aside_previous_run
+
+    run = tmp_path / "run"
+    set_aside_previous_run(run)  # nothing there yet
+    assert not run.exists() and not (tmp_path / "run.previous").exists()
+    for label in ("first", "second"):
+        (run / "step-00000004").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(label)
+        set_aside_previous_run(run)
+        assert not run.exists()
+        assert (tmp_path / "run.previous" / "metrics.jsonl").read_text() == label  # the older one replaced
+    assert "run.previous" in capsys.readouterr().out

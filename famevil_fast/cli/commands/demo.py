@@ -4,6 +4,7 @@ tasks in one multi-task run, evaluate, print the tables with chance levels."""
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config field; repeatable",
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
+
+
+def set_aside_previous_run(run: Path) -> None:
+    """A demo run again with the same ``--out`` starts afresh: a previous run directory ``run`` is renamed to
+    ``run.previous`` (replacing an older one), so that its checkpoints are neither mixed with the new run's
+    nor lost at once."""
+    if not run.is_dir() or not any(run.iterdir()):
+        return
+    previous = run.with_name(run.name + ".previous")
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    elif previous.exists():
+        previous.unlink()
+    run.rename(previous)
+    print(f"the previous demo run is kept in {previous}; this run starts afresh in {run}")
 
 
 def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, exact: bool = False) -> None:
@@ -105,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     exact = args.products is not None or args.seed != 0
     size = max(96, cfg.data.image_size * 5 // 4)
     ensure_dataset(out / "data", products, args.seed, image_size=size, exact=exact)
+    if not cfg.checkpoint.resume and Path(cfg.checkpoint.dir) == out / "run":
+        set_aside_previous_run(out / "run")
     print(f"training {cfg.model.clip} on {cfg.model.tasks} for {cfg.train.updates} updates ({config}) ...")
     trainer = Trainer(cfg)
     trainer.evaluator = build_evaluator(cfg, trainer.device)
