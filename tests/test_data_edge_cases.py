@@ -1,10 +1,12 @@
 """Messy real-world inputs: split files with a byte-order mark or in another encoding, ids beyond 64 bits,
-a dataset directory read as another dataset, images over PIL's pixel limit, and split files parsed once
-however many tables a run builds from them."""
+a dataset directory read as another dataset, images over PIL's pixel limit, split files parsed once
+however many tables a run builds from them, image paths written on Windows or as absolute paths, and
+products that list one image twice among their views."""
 
 import json
 import os
 import time
+import warnings
 
 import pytest
 from PIL import Image
@@ -13,11 +15,15 @@ from test_data_fixtures import fashiongen_row, noise_image
 from famevil_fast.data import records, tasks
 from famevil_fast.data.backends.pil_backend import PILBackend
 from famevil_fast.data.backends.torchvision_backend import TorchvisionBackend
+from famevil_fast.data.bigfacad import read_bigfacad
 from famevil_fast.data.cache import ImageCache, build_cache, dataset_image_keys
 from famevil_fast.data.fashion200k import read_fashion200k
+from famevil_fast.data.fashionall import read_fashionall, union_id
 from famevil_fast.data.fashiongen import read_fashiongen
 from famevil_fast.data.fashioniq import read_fashioniq
+from famevil_fast.data.images import SkippedImagesWarning
 from famevil_fast.data.polyvore import read_polyvore_outfits
+from famevil_fast.data.records import DuplicateViewsWarning
 from famevil_fast.data.transforms import CropPlan
 
 
@@ -229,3 +235,179 @@ def test_convert_fiq_refuses_malformed_raw_rows_naming_the_file(tmp_path, raw, m
     _write(fiq / "image_splits" / "split.dress.val.json", ["a", "b"])
     with pytest.raises(ValueError, match=message):
         convert_fashioniq_val(fiq, categories=("dress",))
+
+
+# ------------------------------------------------------- image paths written on Windows or as absolute paths
+
+# (reader, dataset directory, image folder of its train split)
+_PRODUCT_READERS = [
+    (read_fashiongen, "FashionGen", "train"),
+    (read_fashion200k, "Fashion200k", "images"),
+    (read_polyvore_outfits, "PolyvoreOutfits", "images"),
+    (read_bigfacad, "BigFACAD", "images"),
+]
+
+
+def _product_row(pid, images):
+    """A row every product reader accepts (FashionGen's keys plus BigFACAD's color)."""
+    return dict(fashiongen_row(pid, images), color="red")
+
+
+@pytest.mark.parametrize("reader, name, folder", _PRODUCT_READERS)
+def test_windows_separators_in_image_paths_are_read_as_slashes(tmp_path, reader, name, folder):
+    rows = [
+        _product_row(1, ["women\\1_0.jpg", f"{folder}\\women\\1_1.jpg"]),
+        _product_row(2, [".\\women\\2_0.jpg"]),
+    ]
+    _write(tmp_path / name / "train_info.json", rows)
+    products = reader(tmp_path, "train")
+    base = f"{name}/{folder}/women"
+    assert products[0].images == (f"{base}/1_0.jpg", f"{base}/1_1.jpg")
+    assert products[1].images == (f"{base}/2_0.jpg",)
+    _write(tmp_path / name / "train_info.json", [_product_row(1, [".\\"])])
+    with pytest.raises(ValueError, match=r"train_info\.json: entry 0 \(id 1\): image path .* names no file"):
+        reader(tmp_path, "train")
+
+
+def test_a_fashiongen_file_written_on_windows_loads_its_images(tmp_path):
+    for v in range(2):
+        noise_image(tmp_path / "FashionGen" / "train" / "sub" / f"1_{v}.png", 8, 8, seed=v)
+    _write(
+        tmp_path / "FashionGen" / "train_info.json",
+        [fashiongen_row(1, ["sub\\1_0.png", "train\\sub\\1_1.png"])],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedImagesWarning)  # every image is found
+        table = tasks.train_table("itc", tmp_path)
+    assert table.images["pixels"][0] == ("FashionGen/train/sub/1_0.png", "FashionGen/train/sub/1_1.png")
+
+
+@pytest.mark.parametrize("reader, name, folder", _PRODUCT_READERS)
+def test_an_absolute_image_path_under_the_data_root_becomes_root_relative(tmp_path, reader, name, folder):
+    inside = tmp_path / name / folder / "a.jpg"
+    elsewhere = tmp_path / "other" / "b.jpg"  # under the data root, outside the dataset's directory
+    windows = "\\".join(str(tmp_path / name / folder / "c.jpg").split("/"))
+    _write(tmp_path / name / "train_info.json", [_product_row(1, [str(inside), str(elsewhere), windows])])
+    assert reader(tmp_path, "train")[0].images == (
+        f"{name}/{folder}/a.jpg",
+        "other/b.jpg",
+        f"{name}/{folder}/c.jpg",
+    )
+    link = tmp_path / "link"  # the data root reached through a symbolic link: the paths still lie under it
+    link.symlink_to(tmp_path, target_is_directory=True)
+    assert reader(link, "train")[0].images[:2] == (f"{name}/{folder}/a.jpg", "other/b.jpg")
+    # read from the dataset directory as the data root: other/b.jpg is outside it, a.jpg relative to it
+    with pytest.raises(ValueError, match=r"other/b\.jpg' is absolute and not under the data root"):
+        reader(tmp_path / name, "train")
+    _write(tmp_path / name / "train_info.json", [_product_row(1, [str(inside)])])
+    assert reader(tmp_path / name, "train")[0].images == (f"{folder}/a.jpg",)
+
+
+@pytest.mark.parametrize("reader, name, folder", _PRODUCT_READERS)
+@pytest.mark.parametrize(
+    "path", ["/data/{name}/{folder}/1_0.jpg", "C:\\data\\{name}\\1_0.jpg", "\\\\server\\share\\1.jpg"]
+)
+def test_an_absolute_image_path_elsewhere_is_refused_naming_file_entry_and_path(
+    tmp_path, reader, name, folder, path
+):
+    path = path.format(name=name, folder=folder)
+    _write(
+        tmp_path / name / "train_info.json", [_product_row(1, ["ok.jpg"]), _product_row(7, ["ok.jpg", path])]
+    )
+    with pytest.raises(ValueError) as e:
+        reader(tmp_path, "train")
+    message = str(e.value)
+    assert f"{name}/train_info.json: entry 1 (id 7): image path {path!r} is absolute" in message
+    assert (
+        f"not under the data root {tmp_path}" in message
+        and f"relative to the image folder {name}/{folder}/" in message
+    )
+
+
+def test_fashioniq_names_with_windows_separators_or_absolute_paths(tmp_path):
+    images = tmp_path / "FashionIQ" / "images"
+    rows = [
+        {"candidate": "sub\\a", "target": str(images / "b"), "captions": ["x", "y"]},
+        {"candidate": str(images / "b"), "target": "sub/a", "captions": ["x", "y"]},
+    ]
+    path = tmp_path / "FashionIQ" / "captions" / "cap.dress.train.json"
+    _write(path, rows)
+    triplets = read_fashioniq(tmp_path, "train", ["dress"])
+    assert [(t.candidate, t.target) for t in triplets] == [
+        ("FashionIQ/images/sub/a.jpg", "FashionIQ/images/b.jpg"),
+        ("FashionIQ/images/b.jpg", "FashionIQ/images/sub/a.jpg"),
+    ]
+    assert [t.target_id for t in triplets] == [0, 1]  # one name per image: "b" < "sub/a"
+    _write(path, [rows[0], {**rows[1], "target": "/data/FashionIQ/images/c"}])
+    with pytest.raises(
+        ValueError, match=r"cap\.dress\.train\.json: entry 1: target '/data/FashionIQ/images/c' is absolute"
+    ):
+        read_fashioniq(tmp_path, "train", ["dress"])
+
+
+# ------------------------------------------------------- a product listing one image twice among its views
+
+
+@pytest.mark.parametrize("reader, name, folder", _PRODUCT_READERS)
+def test_repeated_views_are_kept_once_with_one_warning_per_file(tmp_path, reader, name, folder):
+    rows = [
+        _product_row(1, ["1_0.jpg", "1_1.jpg", "1_0.jpg"]),
+        _product_row(2, ["2_0.jpg"]),
+        # the same image written three ways: bare, under the image folder, with a Windows separator
+        _product_row(3, ["3_0.jpg", f"{folder}/3_0.jpg", f"{folder}\\3_0.jpg", "3_1.jpg"]),
+    ]
+    _write(tmp_path / name / "train_info.json", rows)
+    with pytest.warns(DuplicateViewsWarning) as record:
+        products = reader(tmp_path, "train")
+    messages = [str(w.message) for w in record if w.category is DuplicateViewsWarning]
+    assert len(messages) == 1
+    message = messages[0]
+    assert f"{name}/train_info.json: 2 product(s) list the same image more than once" in message
+    assert (
+        f"entry 0 (id 1) lists {name}/{folder}/1_0.jpg 2 times" in message and "3 repeated view(s)" in message
+    )
+    base = f"{name}/{folder}"
+    assert [p.images for p in products] == [
+        (f"{base}/1_0.jpg", f"{base}/1_1.jpg"),
+        (f"{base}/2_0.jpg",),
+        (f"{base}/3_0.jpg", f"{base}/3_1.jpg"),
+    ]
+    _write(tmp_path / name / "train_info.json", rows[1:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuplicateViewsWarning)
+        assert reader(tmp_path, "train")[0].images == (f"{base}/2_0.jpg",)
+
+
+def test_the_mvc_table_never_pairs_a_view_with_itself(tmp_path):
+    from famevil_fast.data.pretrain import pretrain_table
+
+    for v in range(2):
+        noise_image(tmp_path / "FashionGen" / "train" / f"1_{v}.png", 8, 8, seed=v)
+    noise_image(tmp_path / "FashionGen" / "train" / "2_0.png", 8, 8, seed=3)
+    rows = [
+        fashiongen_row(1, ["1_0.png", "1_1.png", "1_0.png"]),
+        fashiongen_row(2, ["2_0.png", "train/2_0.png"]),
+    ]
+    _write(tmp_path / "FashionGen" / "train_info.json", rows)
+    with pytest.warns(DuplicateViewsWarning, match="2 product"):
+        table = pretrain_table("mvc", tmp_path)
+    assert table.images["fused_pixels"] == [
+        ("FashionGen/train/1_0.png", "FashionGen/train/1_1.png"),
+        ("FashionGen/train/2_0.png",),
+    ]
+
+
+def test_fashionall_keeps_each_view_once_and_names_the_file(tmp_path):
+    from test_data_fashionall import make_union
+
+    root = make_union(tmp_path)
+    path = root / "Fashion200k" / "train_info.json"
+    rows = json.loads(path.read_text())
+    rows[0]["images"] = rows[0]["images"] * 2
+    _write(path, rows)
+    with pytest.warns(DuplicateViewsWarning) as record:
+        products = read_fashionall(root)
+    named = [str(w.message).split(":")[0] for w in record if w.category is DuplicateViewsWarning]
+    assert named == [str(path)]
+    first = next(p for p in products if p.id == union_id("fashion200k", rows[0]["id"]))
+    assert first.images == (f"Fashion200k/images/{rows[0]['images'][0]}",)

@@ -4,7 +4,9 @@ Each product becomes a :class:`~famevil_fast.data.records.Product` with text = t
 (no space), its category and sub-category ids and its attribute ids. A row's image paths are relative to
 the split's image folder, ``FashionGen/train`` or ``FashionGen/val``, as in the official loader (paths that
 start with "train/" or "val/" are relative to ``FashionGen/``); records store them relative to the data
-root. The test split is the val split (files and images).
+root (backslashes read as "/", an absolute path under the data root made relative to it, one elsewhere
+refused; a view listed twice kept once: :func:`~famevil_fast.data.records.image_paths`,
+:class:`~famevil_fast.data.records.ViewPaths`). The test split is the val split (files and images).
 """
 
 from __future__ import annotations
@@ -18,16 +20,15 @@ from famevil_fast.data.records import (
     STR,
     STR_OR_STRS,
     Product,
+    ViewPaths,
     check_types,
     dataset_dir,
     entry_name,
-    image_paths,
     load_json_list,
     read_once,
     reject_duplicate_ids,
     relative_prefix,
     require_keys,
-    row_images,
 )
 
 NUM_SUBCATEGORIES = 121
@@ -73,22 +74,26 @@ def read_fashiongen(root: str | os.PathLike, split: str) -> list[Product]:
     """Products of ``split`` ("train", "val"; "test" = "val") under ``root`` (or ``root/FashionGen``).
 
     ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type
-    (ids are integers, texts strings, images a string or a list of strings) or repeats a product id."""
+    (ids are integers, texts strings, images a string or a list of strings), has an absolute image path
+    outside the data root or repeats a product id. A view listed twice is kept once (one
+    :class:`~famevil_fast.data.records.DuplicateViewsWarning` per file)."""
     directory, path = fashiongen_split_file(root, split)
     prefix, folder = relative_prefix(root, directory), _split_name(split)
-    return read_once(path, ("fashiongen", prefix, folder), lambda: _read(path, prefix, folder))
+    key = ("fashiongen", prefix, folder, os.path.abspath(root))
+    return read_once(path, key, lambda: _read(path, ViewPaths(path, root, prefix, folder)))
 
 
-def _read(path: Path, prefix: str, folder: str) -> list[Product]:
+def _read(path: Path, views: ViewPaths) -> list[Product]:
     rows = load_json_list(path, "FashionGen", _SOURCE)
-    products = [_product(row, path, i, prefix, folder) for i, row in enumerate(rows)]
+    products = [_product(row, path, i, views) for i, row in enumerate(rows)]
     reject_duplicate_ids([p.id for p in products], path)
+    views.warn()
     return products
 
 
-def _product(row: object, path: Path, i: int, prefix: str, folder: str) -> Product:
+def _product(row: object, path: Path, i: int, views: ViewPaths) -> Product:
     row = check_types(require_keys(row, _KEYS, path, i, _FORMAT), _KINDS, path, i)
-    images = row_images(row, path, i)
+    images = views(row, i)
     sub = row["subcategory_id"]
     if not 0 <= sub < NUM_SUBCATEGORIES:
         raise ValueError(
@@ -96,7 +101,7 @@ def _product(row: object, path: Path, i: int, prefix: str, folder: str) -> Produ
         )
     return Product(
         id=row["id"],
-        images=image_paths(images, prefix, folder),
+        images=images,
         text=f"{row['title']}.{row['description']}",
         category_id=row.get("category_id", -1),
         subcategory_id=sub,

@@ -1,10 +1,13 @@
 """FashionIQ reader: ``FashionIQ/captions/cap.<cat>.<split>.json`` triplets, images in ``FashionIQ/images``.
 
-Image names get ".jpg" appended. Train rows need candidate, target, captions; their ``target_id`` is the
-position of the target name among the sorted image names of the split (all loaded categories
-together). Val rows must carry
-``target_id``, ``fake_data`` and ``garment_class`` (build them with ``famevil-fast convert-fiq``); the
-gallery of a category is the set of distinct target ids over all its val rows, fake rows included.
+Image names get ".jpg" appended and are relative to ``FashionIQ/images``: backslashes are read as "/", and an
+absolute name is made relative to ``FashionIQ/images`` when it lies there and refused naming the file, the
+entry and the name otherwise (as the product readers' paths:
+:func:`~famevil_fast.data.records.image_paths`). Train rows need candidate, target, captions; their
+``target_id`` is the position of the target name among the sorted image names of the split (all loaded
+categories together). Val rows must carry ``target_id``, ``fake_data`` and ``garment_class`` (build them
+with ``famevil-fast convert-fiq``); the gallery of a category is the set of distinct target ids over all its
+val rows, fake rows included.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from famevil_fast.data.records import (
     STRS,
     Triplet,
     check_types,
+    clean_image_path,
     dataset_dir,
     entry_name,
+    is_absolute_image_path,
     load_json_list,
+    path_inside,
     relative_prefix,
     require_keys,
 )
@@ -64,6 +70,25 @@ def _check_row(row: object, path: Path, i: int, split: str) -> dict:
     if len(row["captions"]) != 2:
         raise ValueError(f"{entry_name(path, i)} has {len(row['captions'])} captions, expected 2")
     return row
+
+
+def _image_names(row: dict, path: Path, i: int, images: Path) -> dict:
+    """``row`` with its candidate and target names relative to the image folder ``images`` (backslashes read
+    as "/", an absolute name inside ``images`` made relative to it); ValueError naming the file, entry and
+    name for an absolute name elsewhere."""
+    out = dict(row)
+    for key in ("candidate", "target"):
+        name = clean_image_path(row[key])
+        if is_absolute_image_path(name):
+            inside = path_inside(name, images)
+            if inside is None:
+                raise ValueError(
+                    f"{entry_name(path, i, row)}: {key} {row[key]!r} is absolute and not under {images}; "
+                    "FashionIQ rows name images relative to FashionIQ/images, without .jpg"
+                )
+            name = inside
+        out[key] = name or row[key]
+    return out
 
 
 def _check_gallery(rows: list[dict], path: Path) -> None:
@@ -115,9 +140,12 @@ def read_fashioniq(
     if unknown:
         raise ValueError(f"FashionIQ: unknown categories {unknown}; expected a subset of {FIQ_CATEGORIES}")
     loaded = [(c, *_category_rows(root, split, c)) for c in categories]  # every file checked before any work
-    for _, _, path, rows in loaded:
-        for i, row in enumerate(rows):
-            _check_row(row, path, i, split)
+    for k, (category, directory, path, rows) in enumerate(loaded):
+        rows = [
+            _image_names(_check_row(r, path, i, split), path, i, directory / "images")
+            for i, r in enumerate(rows)
+        ]
+        loaded[k] = (category, directory, path, rows)
         if split == "val":
             _check_gallery(rows, path)
     if split == "val":

@@ -5,15 +5,20 @@ Image paths in records are relative to the data root the reader was given, so th
 a file on disk or to an entry of a pre-decoded cache built from that root. A split file's own paths are
 relative to its dataset's image folder, as the official loader (mmf's ``ImageDatabase``) joins them:
 ``FashionGen/train`` or ``FashionGen/val`` (by split), ``Fashion200k/images``, ``PolyvoreOutfits/images``,
-``BigFACAD/images``, ``FashionIQ/images`` (:func:`image_paths`).
+``BigFACAD/images``, ``FashionIQ/images`` (:func:`image_paths`). Backslashes in a split file's paths are
+Windows separators and read as "/"; an absolute path is used when it lies under the data root (it becomes
+root-relative) and refused naming the file, the entry and the path otherwise. A product that lists one image
+twice among its views keeps it once (:class:`ViewPaths`, one :class:`DuplicateViewsWarning` per file).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -208,7 +213,52 @@ def dataset_dir(root: str | os.PathLike, name: str, marker: str) -> Path:
     )
 
 
-def image_paths(paths: list[str], prefix: str, folder: str) -> tuple[str, ...]:
+_DRIVE = re.compile(r"[A-Za-z]:(/|$)")  # a Windows drive ("C:/data/...", once backslashes are "/")
+
+
+def clean_image_path(p: str) -> str:
+    """``p`` with backslashes (Windows separators) read as "/" and empty and "." components dropped:
+    ``train\\1_0.png`` and ``./train//1_0.png`` give ``train/1_0.png``; an absolute path keeps its
+    leading "/" (or drive); ".." components are kept."""
+    if not (
+        "\\" in p or "//" in p or "/./" in p or p.startswith("./") or p.endswith(("/", "/.")) or p == "."
+    ):
+        return p
+    p = p.replace("\\", "/")
+    lead = "/" if p.startswith("/") else ""
+    return lead + "/".join(c for c in p.split("/") if c not in ("", "."))
+
+
+def is_absolute_image_path(p: str) -> bool:
+    """Whether cleaned path ``p`` is absolute: a POSIX "/..." (a Windows UNC "\\\\server\\..." included)
+    or one on a Windows drive ("C:/...")."""
+    return p.startswith("/") or (p[1:2] == ":" and _DRIVE.match(p) is not None)
+
+
+def path_inside(p: str, directory: str | os.PathLike) -> str | None:
+    """Absolute path ``p`` relative to ``directory`` ("/"-separated) when it lies inside it, compared as
+    written or with symbolic links resolved on both sides; None otherwise (a path on a Windows drive never
+    lies inside a POSIX directory)."""
+    if not os.path.isabs(p):
+        return None
+    pairs = (
+        (os.path.abspath(directory), os.path.normpath(p)),
+        (os.path.realpath(directory), os.path.realpath(p)),
+    )
+    for base, q in pairs:
+        rel = os.path.relpath(q, base)
+        if rel not in (".", os.pardir) and not rel.startswith(os.pardir + os.sep):
+            return rel.replace(os.sep, "/")
+    return None
+
+
+def image_paths(
+    paths: list[str],
+    prefix: str,
+    folder: str,
+    root: str | os.PathLike | None = None,
+    where: object = "",
+) -> tuple[str, ...]:
     """The image paths of one row relative to the data root: ``prefix`` (the dataset directory relative to
     the data root) + ``folder`` (the image folder of the split: "train" / "val" for FashionGen, "images" for
     Fashion200k, PolyvoreOutfits and BigFACAD) + the path, as the official loader resolves the authors'
@@ -216,9 +266,82 @@ def image_paths(paths: list[str], prefix: str, folder: str) -> tuple[str, ...]:
 
     A path that already starts with ``folder`` ("train/123_0.png" in a FashionGen train file, the layout
     ``famevil-fast make-synthetic`` writes) is taken relative to the dataset directory instead, so both
-    layouts give the same record (the image folder holding a folder of its own name is not supported)."""
+    layouts give the same record (the image folder holding a folder of its own name is not supported).
+    Backslashes are separators (a file written on Windows: ``train\\123_0.png``) and "." components are
+    dropped (:func:`clean_image_path`). An absolute path that lies under the data root ``root`` is made
+    relative to it (records stay root-relative, the keys of a cache); any other absolute path is refused:
+    ValueError naming ``where`` (the file and entry), the path and the data root."""
     head = folder + "/"
-    return tuple(prefix + (p if p.startswith(head) else head + p) for p in paths)
+    out = []
+    for raw in paths:
+        p = clean_image_path(raw)
+        if not p:
+            raise ValueError(f"{where or 'a row'}: image path {raw!r} names no file")
+        if not is_absolute_image_path(p):
+            out.append(prefix + (p if p.startswith(head) else head + p))
+            continue
+        rel = None if root is None else path_inside(p, root)
+        if rel is None:
+            base = "the data root" if root is None else f"the data root {os.path.abspath(root)}"
+            raise ValueError(
+                f"{where or 'a row'}: image path {raw!r} is absolute and not under {base}; write it relative "
+                f"to the image folder {prefix}{folder}/ (as FashionViL's files do) or as a path under the "
+                "data root"
+            )
+        out.append(rel)
+    return tuple(out)
+
+
+class _Entry:
+    """The name of a row for messages (:func:`entry_name`), built only when a message needs it."""
+
+    __slots__ = ("path", "index", "row")
+
+    def __init__(self, path: Path, index: int, row: object) -> None:
+        self.path, self.index, self.row = path, index, row
+
+    def __str__(self) -> str:
+        return entry_name(self.path, self.index, self.row)
+
+
+class DuplicateViewsWarning(UserWarning):
+    """A split file lists the same image more than once among a product's views; each product kept it once."""
+
+
+class ViewPaths:
+    """The views of one split file's rows relative to the data root (:func:`row_images`,
+    :func:`image_paths`), each image kept once per product in the order first listed: a repeated view would
+    let the multi-view objectives (MVC's second view, the XMR image side) pair a view with itself. The
+    repeats of a file are counted and :meth:`warn` reports them in one :class:`DuplicateViewsWarning`."""
+
+    def __init__(self, path: Path, root: str | os.PathLike, prefix: str, folder: str) -> None:
+        self.path, self.root, self.prefix, self.folder = path, root, prefix, folder
+        self.products = 0  # products that listed a view twice
+        self.dropped = 0  # views dropped
+        self.example = ""
+
+    def __call__(self, row: dict, index: int) -> tuple[str, ...]:
+        where = _Entry(self.path, index, row)
+        views = image_paths(row_images(row, self.path, index), self.prefix, self.folder, self.root, where)
+        unique = tuple(dict.fromkeys(views))
+        if len(unique) < len(views):
+            if not self.products:
+                repeated = next(v for i, v in enumerate(views) if v in views[:i])
+                self.example = f"{where} lists {repeated} {views.count(repeated)} times"
+            self.products += 1
+            self.dropped += len(views) - len(unique)
+        return unique
+
+    def warn(self) -> None:
+        """One DuplicateViewsWarning when some product listed an image twice (none otherwise)."""
+        if self.products:
+            warnings.warn(
+                f"{self.path}: {self.products} product(s) list the same image more than once among their "
+                f"views (e.g. {self.example}); each image is kept once per product ({self.dropped} repeated "
+                "view(s) dropped), so no view is paired with itself as another view of its product",
+                DuplicateViewsWarning,
+                stacklevel=2,
+            )
 
 
 def row_images(row: dict, path: Path, index: int) -> list[str]:
@@ -268,23 +391,27 @@ class CatalogueFormat:
 
     def read(self, root: str | os.PathLike, split: str) -> list[Product]:
         """Products of ``split``; ValueError naming the file, entry and field for a row that lacks a key,
-        holds a value of the wrong type, has no image or repeats a product id."""
+        holds a value of the wrong type, has no image, an absolute image path outside the data root, or
+        repeats a product id. A view listed twice is kept once (:class:`ViewPaths`)."""
         directory, path = self.split_file(root, split)
         prefix = relative_prefix(root, directory)
-        return read_once(path, (self.dataset, prefix), lambda: self._read(path, prefix))
+        key = (self.dataset, prefix, os.path.abspath(root))
+        views = ViewPaths(path, root, prefix, self.image_folder)
+        return read_once(path, key, lambda: self._read(path, views))
 
-    def _read(self, path: Path, prefix: str) -> list[Product]:
+    def _read(self, path: Path, views: ViewPaths) -> list[Product]:
         files = f"{self.name}/{{{','.join(self.splits)}}}_info.json"
         rows = load_json_list(path, self.name, f"{files} are FashionViL's pre-processed files (its README)")
-        products = [self._product(row, path, i, prefix) for i, row in enumerate(rows)]
+        products = [self._product(row, path, i, views) for i, row in enumerate(rows)]
         reject_duplicate_ids([p.id for p in products], path)
+        views.warn()
         return products
 
-    def _product(self, row: object, path: Path, i: int, prefix: str) -> Product:
+    def _product(self, row: object, path: Path, i: int, views: ViewPaths) -> Product:
         row = check_types(require_keys(row, self.keys, path, i, self.row_format), self.kinds, path, i)
         return Product(
             id=row["id"],
-            images=image_paths(row_images(row, path, i), prefix, self.image_folder),
+            images=views(row, i),
             text=self.text(row),
             attributes_id=tuple(row.get("attributes_id", ())),
             dataset=self.dataset,
