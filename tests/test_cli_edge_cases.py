@@ -180,3 +180,27 @@ def test_demo_sets_a_previous_run_aside(tmp_path, capsys):
         assert not run.exists()
         assert (tmp_path / "run.previous" / "metrics.jsonl").read_text() == label  # the older one replaced
     assert "run.previous" in capsys.readouterr().out
+
+
+def test_trust_pickle_reaches_the_checkpoint_commands(tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+    from famevil_fast.model.export import to_official_famevil
+
+    model = FameViL(FameViLConfig(clip=clip_preset("micro"), tasks=("itc",)))
+    path = (
+        tmp_path / "micro.pth"
+    )  # named after its preset; a training container: tensors and a pickled config object
+    torch.save(
+        {"model": to_official_famevil(model.state_dict(), prefix=""), "config": argparse.Namespace()}, path
+    )
+    assert main(["info", "--checkpoint", str(path)]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["info", "--checkpoint", str(path), "--trust-pickle"]) == 0
+    for command in ("eval", "embed", "caption", "convert"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--trust-pickle" in capsys.readouterr().out

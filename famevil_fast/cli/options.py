@@ -54,6 +54,17 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_trust_pickle_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-pickle``: read a trusted torch pickle that holds non-tensor objects (a training container
+    with a pickled config); without it such files are refused rather than unpickled."""
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow non-tensor objects (a pickled config, say) in a trusted .pth/.ckpt checkpoint; without "
+        "it such a file is refused rather than unpickled",
+    )
+
+
 def add_eval_resize_argument(parser: argparse.ArgumentParser, default: str | None = "keep_aspect") -> None:
     """``--eval-resize``: the resize before the evaluation transform's centre crop (``docs/evaluation.md``,
     "Faithful or fixed")."""

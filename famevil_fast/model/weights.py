@@ -143,7 +143,8 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
         hint = (
             ""
             if trust_pickle
-            else " (if the file is trusted and holds non-tensor objects, pass trust_pickle=True)"
+            else " (if the file is trusted and holds non-tensor objects, pass trust_pickle=True; "
+            "famevil-fast: --trust-pickle)"
         )
         raise ValueError(f"cannot read checkpoint {path}: {exc}{hint}") from exc
     return unwrap_container(obj, str(path))

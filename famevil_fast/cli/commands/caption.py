@@ -8,6 +8,7 @@ from famevil_fast.cli.options import (
     add_device_argument,
     add_eval_resize_argument,
     add_op_backend_argument,
+    add_trust_pickle_argument,
     non_negative_int,
     positive_int,
 )
@@ -19,6 +20,7 @@ HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+    add_trust_pickle_argument(parser)
     parser.add_argument("images", nargs="+", help="image files or folders")
     parser.add_argument("--beams", type=positive_int, default=1, help="beam width (1 = greedy)")
     parser.add_argument("--max-len", type=positive_int, default=40, help="longest caption in tokens")
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.model import FameViL
 
     device = resolve_device(args.device)
-    model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
+    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)
     files = collect_images(args.images)

@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from famevil_fast.cli.options import add_trust_pickle_argument
+
 if TYPE_CHECKING:
     from famevil_fast.model import FameViL
 
@@ -50,9 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CLIP preset (e.g. tiny, ViT-B-16) for a source that carries no config and whose attention-head "
         "counts cannot be inferred from its widths",
     )
-    parser.add_argument(
-        "--trust-pickle", action="store_true", help="allow non-tensor objects in a trusted .pth/.ckpt"
-    )
+    add_trust_pickle_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

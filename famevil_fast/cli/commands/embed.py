@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from famevil_fast.cli.options import add_device_argument, add_eval_resize_argument, output_file, positive_int
+from famevil_fast.cli.options import (
+    add_device_argument,
+    add_eval_resize_argument,
+    add_trust_pickle_argument,
+    output_file,
+    positive_int,
+)
 from famevil_fast.devices import resolve_device
 
 NAME = "embed"
@@ -13,6 +19,7 @@ HELP = "Embed image files/folders and/or lines of a text file with a FAME-ViL ch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+    add_trust_pickle_argument(parser)
     parser.add_argument("--images", nargs="*", default=[], help="image files or folders")
     parser.add_argument("--texts", default=None, help="text file, one text per line")
     parser.add_argument(
@@ -45,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.images and not args.texts:
         raise ValueError("nothing to embed: give --images and/or --texts")
     device = resolve_device(args.device)
-    model = FameViL.from_pretrained(args.checkpoint).to(device).eval()
+    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     out: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {"task": args.task}
     bs = args.batch_size

@@ -10,6 +10,7 @@ from famevil_fast.cli.options import (
     add_device_argument,
     add_eval_resize_argument,
     add_op_backend_argument,
+    add_trust_pickle_argument,
     non_negative_int,
     output_file,
     positive_int,
@@ -29,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from famevil_fast.eval.runner import CAPTION_REFERENCES
 
     parser.add_argument("checkpoint", help="checkpoint directory or file")
+    add_trust_pickle_argument(parser)
     parser.add_argument(
         "--clip",
         action="store_true",
@@ -186,7 +188,7 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
     if args.clip:
         tasks = zero_shot_tasks(args.tasks)
         return FameViL.from_clip(args.checkpoint), tasks
-    model = FameViL.from_pretrained(args.checkpoint)
+    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     return model, args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 
-from famevil_fast.cli.options import positive_int
+from famevil_fast.cli.options import add_trust_pickle_argument, positive_int
 
 NAME = "info"
 HELP = "Show the build (extension, CUDA, Triton, backends) and a model's parameters per component."
@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--xaa", default="both", choices=["both", "text", "none"], help="cross-attention adapters"
     )
     parser.add_argument("--checkpoint", default=None, help="count the parameters of this checkpoint instead")
+    add_trust_pickle_argument(parser)
 
 
 def build_report() -> list[tuple[str, str]]:
@@ -60,7 +61,7 @@ def parameter_table(args: argparse.Namespace) -> dict[str, int]:
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 
     if args.checkpoint:
-        return FameViL.from_pretrained(args.checkpoint).parameter_counts()
+        return FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).parameter_counts()
     config = FameViLConfig(clip=clip_preset(args.clip), adapter_bottleneck=args.bottleneck, xaa=args.xaa)
     with torch.device("meta"):
         return FameViL(config).parameter_counts()
