@@ -198,9 +198,42 @@ def test_adapter_report() -> None:
                             ms[impl] = 1e3 * median_seconds(*step(module, x, res, grad, direction))
                     rows.append((tokens, r, residuals, direction, ms))
                     lines.append(_format_row(tokens, r, residuals, direction, ms, bandwidth))
+    if available("triton") is None:  # the timed kernels compute the eager module's result
+        lines.append("triton against eager, relative error (output, input gradient):")
+        errors = {
+            (tokens, r, residuals): triton_error(tokens, r, residuals)
+            for tokens in TOKENS
+            for r in RANKS
+            for residuals in (0, 2)
+        }
+        lines += [f"{t:>9} {r:>4} {n:>4}  {e[0]:.2e} {e[1]:.2e}" for (t, r, n), e in errors.items()]
     report = "\n".join(lines)
     print("\n" + report)
     assert all("eager" in ms for *_, ms in rows)
+    if available("triton") is None:
+        wrong = {case: e for case, e in errors.items() if not max(e) <= ERROR_TOL}
+        assert not wrong, f"Triton adapter differs from eager (tokens, r, residuals): {wrong}"
+
+
+ERROR_TOL = 0.1  # relative (Frobenius) error; bf16 rounding gives about 1e-2, a wrong tile far more
+
+
+def triton_error(tokens: int, r: int, residuals: int) -> tuple[float, float]:
+    """Relative error of the Triton adapter's output and input gradient against the eager module's, on the
+    same inputs."""
+    _, x, res, grad = build(tokens, r, "eager", residuals)
+    results = []
+    for impl in ("eager", "triton"):
+        x.grad = None
+        out = adapter_module(r, impl)(x, res)
+        out.backward(grad)
+        results.append((out.detach().float(), x.grad.float()))
+    (y, dx), (y_t, dx_t) = results
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+    return rel(y_t, y), rel(dx_t, dx)
 
 
 def _format_row(

@@ -58,9 +58,31 @@ def _inputs(rows: int, dtype: torch.dtype, device: torch.device):
 def _step(loss_fn, a, b, s):
     def run():
         a.grad = b.grad = s.grad = None
-        loss_fn(a, b, s).backward()
+        loss = loss_fn(a, b, s)
+        loss.backward()
+        run.loss = loss.detach()
 
     return run
+
+
+LOSS_RTOL, GRAD_RTOL = 1e-2, 5e-2  # bf16 logits against float32 sums; the gradients are bf16
+
+
+def _result(run, inputs) -> tuple[float, list[torch.Tensor]]:
+    """The loss and the input gradients of ``run``'s last call (on the host: no device memory held)."""
+    return float(run.loss), [t.grad.detach().to("cpu", torch.float32, copy=True) for t in inputs[:2]]
+
+
+def _disagreement(want, got) -> str | None:
+    """None when loss and gradients agree within bf16 tolerance, else what differs."""
+    (loss_w, grads_w), (loss_g, grads_g) = want, got
+    if not abs(loss_g - loss_w) <= LOSS_RTOL * max(1.0, abs(loss_w)):
+        return f"loss {loss_g:.5g} != {loss_w:.5g}"
+    for name, w, g in zip("ab", grads_w, grads_g):
+        err = float((g - w).norm() / w.norm().clamp_min(1e-30))
+        if not err <= GRAD_RTOL:
+            return f"grad {name}: relative error {err:.3g}"
+    return None
 
 
 class _Meter:
@@ -81,13 +103,20 @@ class _Meter:
             return None, None
 
     def compare(self, table, case, inputs, fast_fn, baselines):
+        """Times each baseline against the fused loss, and checks that every one that ran gives the fused
+        loss's value and input gradients."""
         fast = _step(fast_fn, *inputs)
         self.benchmark(fast)
         fast_ms, fast_bytes = self.measure(fast)
         assert fast_ms is not None, f"{case}: the fused loss ran out of memory"
+        want, wrong = _result(fast, inputs), []
         for name, fn in baselines.items():
-            base_ms, base_bytes = self.measure(_step(fn, *inputs))
+            run = _step(fn, *inputs)
+            base_ms, base_bytes = self.measure(run)
             table.add(case, name, base_ms, fast_ms, base_bytes, fast_bytes)
+            if base_ms is not None and (problem := _disagreement(want, _result(run, inputs))):
+                wrong.append(f"{name}: {problem}")
+        assert not wrong, f"{case}: the fused loss and its baselines disagree: {wrong}"
 
 
 def _gpu_available() -> bool:
@@ -239,3 +268,10 @@ def test_gpu_baselines_leave_out_open_clip_where_it_is_missing(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "open_clip" else real(name))
     assert list(gpu_baselines()) == ["naive"]
+
+
+def test_disagreement_sees_a_wrong_loss_or_gradient():
+    grads = [torch.ones(4, 2), torch.full((4, 2), -1.0)]
+    assert _disagreement((8.3, grads), (8.31, [g * 1.01 for g in grads])) is None
+    assert _disagreement((8.3, grads), (8.6, grads)).startswith("loss")
+    assert _disagreement((8.3, grads), (8.3, [grads[0], 2 * grads[1]])).startswith("grad b")
