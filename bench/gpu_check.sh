@@ -10,20 +10,41 @@
 #
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first); DALI, too large
 # for one call, travels in parts with bench/carry_dali.sh.
-# On a machine without a GPU, GPU_CHECK_DRY=1 runs the same steps on the CPU (a check of the script).
+# On a machine without a GPU, GPU_CHECK_DRY=1 runs the same steps on the CPU (a check of the script); its
+# build compiles into /tmp/gpu_check_dry_build and installs nothing, and its results go to $OUT only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 OUT="${OUT:-bench/out}"
 PARTS_DIR="${GPU_CHECK_PARTS_DIR:-/tmp/gpu_check_parts}"  # full outputs; packed into $OUT/parts.tar.gz
 rm -rf "$PARTS_DIR"; mkdir -p "$OUT" "$PARTS_DIR"  # this run's outputs only
 PY="${PYTHON:-python3}"
 PARTS="${GPU_CHECK_PARTS:-build tests bench}"
+PARTS="${PARTS//,/ }"
+# GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
+# launch-configuration sweep behind kernels/configs.py, "train_compiled", the torch.compile baselines of
+# the frozen ITC step, about a minute of compiling per configuration, and "contrastive_huge", the Triton loss
+# at 1,048,576 rows, about 12 s a run; in this order)
+BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
+BENCHES="${BENCHES//,/ }"
+KNOWN_PARTS="build tests demo bench"
+KNOWN_BENCHES="contrastive contrastive_huge adapter xattn train_step train_compiled caption retrieval imtl data tiles"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FAMEVIL_FAST_BACKEND=""
 status=0
 
 say() { echo "== $*" | tee -a "$LOG"; }
+
+# a misspelt name would otherwise cost the call: refused before anything runs
+for p in $PARTS; do
+  [[ " $KNOWN_PARTS " == *" $p "* ]] || { say "unknown part '$p' in GPU_CHECK_PARTS (known: $KNOWN_PARTS)"; exit 2; }
+done
+if [[ " $PARTS " == *" bench "* ]]; then
+  for b in $BENCHES; do
+    [[ " $KNOWN_BENCHES " == *" $b "* ]] || { say "unknown benchmark '$b' in GPU_CHECK_BENCH (known: $KNOWN_BENCHES)"; exit 2; }
+  done
+fi
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   say "installing carried wheels"
@@ -36,12 +57,13 @@ if [ "${GPU_CHECK_DRY:-0}" != "1" ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { say "no CUDA device"; exit 2; }
 fi
 
-# Every part runs under its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds (default 480),
-# in order of importance, so that a slow part cannot starve the rest and the outputs under $OUT stay usable.
+# Every part runs under its own time limit, cut to what is left of GPU_CHECK_BUDGET seconds (default 480,
+# counted from the start of the script, less RESERVE for writing the results), in order of importance, so
+# that a slow part cannot starve the rest and the outputs under $OUT stay usable.
 BUDGET="${GPU_CHECK_BUDGET:-480}"
-T0=$(date +%s)
+RESERVE=15
 limit() {  # limit MAX: seconds the next part may take (0 when too little is left)
-  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  local left=$(( BUDGET - RESERVE - ($(date +%s) - T0) ))
   local t=$(( $1 < left ? $1 : left ))
   [ "$t" -ge 20 ] && echo "$t" || echo 0
 }
@@ -61,8 +83,13 @@ part() {  # part NAME MAX FILE COMMAND...: run under timeout, output to $OUT/FIL
 
 if [[ " $PARTS " == *" build "* ]]; then
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-  part "build famevil_fast._C for $TORCH_CUDA_ARCH_LIST" 240 build.txt bash -c \
-    "'$PY' -m pip install -v --no-deps --no-build-isolation -e . || '$PY' setup.py build_ext --inplace"
+  if [ "${GPU_CHECK_DRY:-0}" = "1" ]; then  # compile only: the environment and the tree stay as they are
+    part "build famevil_fast._C (dry run: compile only)" 240 build.txt "$PY" setup.py build_ext \
+      --build-temp /tmp/gpu_check_dry_build/temp --build-lib /tmp/gpu_check_dry_build/lib
+  else
+    part "build famevil_fast._C for $TORCH_CUDA_ARCH_LIST" 240 build.txt bash -c \
+      "'$PY' -m pip install -v --no-deps --no-build-isolation -e . || '$PY' setup.py build_ext --inplace"
+  fi
   "$PY" -m famevil_fast info 2>&1 | tee -a "$LOG"
 fi
 
@@ -84,11 +111,6 @@ if [[ " $PARTS " == *" demo "* ]]; then
     --set schedule.warmup_updates=6 "--set=schedule.decay_at=[40, 50]" --set eval.every=0
 fi
 
-# GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
-# launch-configuration sweep behind kernels/configs.py, "train_compiled", the torch.compile baselines of
-# the frozen ITC step, about a minute of compiling per configuration, and "contrastive_huge", the Triton loss
-# at 1,048,576 rows, about 12 s a run; in this order)
-BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
 BENCH=("${PYTEST[@]}" --benchmark-disable)
 run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
   case "$1" in
@@ -114,10 +136,18 @@ if [[ " $PARTS " == *" bench "* ]]; then
   for name in $BENCHES; do run_bench "$name"; done
 fi
 
-"$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" <<'PYEOF'
+# the settings that shape the run, for the command line the results name
+SETTINGS=$(env | grep -E '^(GPU_CHECK_[A-Z_]+|GPU_SESSION_BUDGET|TRAIN_STEP_[A-Z_]+|BENCH_[A-Z_]+|TILE_SWEEP|TORCH_CUDA_ARCH_LIST|PYTHON)=' \
+  | grep -v '^GPU_CHECK_DRY=0$' | sort | sed -E "s/^([A-Z_]+)=(.*)$/\1='\2'/" | tr '\n' ' ')
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown")
+if [ "$COMMIT" != unknown ] && [ -n "$(GIT_OPTIONAL_LOCKS=0 git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  COMMIT="$COMMIT with uncommitted changes"
+fi
+"$PY" - "$OUT" "$PARTS_DIR" "$status" "$PARTS" "$BENCHES" "$SETTINGS" "$COMMIT" <<'PYEOF' || { say "writing the results failed"; status=1; }
 import datetime, pathlib, sys
 import torch
 out, parts_dir, status, parts = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+benches, settings, commit = sys.argv[5], sys.argv[6].strip(), sys.argv[7]
 try:
     import triton
     triton_version = triton.__version__
@@ -128,7 +158,9 @@ section = [
     f"## {datetime.date.today().isoformat()}: {card}",
     "",
     f"torch {torch.__version__}, triton {triton_version}, CUDA {torch.version.cuda}; "
-    f"command: `bash bench/gpu_check.sh` (parts: {parts}); exit status {status}",
+    f"command: `{settings + ' ' if settings else ''}bash bench/gpu_check.sh` at commit {commit} (parts: {parts}"
+    + (f"; benchmarks: {benches}" if " bench " in f" {parts} " else "")
+    + f"); exit status {status}",
     "",
 ]
 for name, title in (

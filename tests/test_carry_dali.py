@@ -111,3 +111,29 @@ def test_gpu_session_names_its_slices():
         ["bash", str(ROOT / "bench" / "gpu_session.sh"), "7"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 2 and "usage" in result.stderr and "0|1|2|3|4" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("parts", "benches", "named"),
+    [
+        ("build,benches", "", "benches"),
+        ("bench", "imtl,trainstep", "trainstep"),
+        ("bench", "imtl retreival", "retreival"),
+    ],
+)
+def test_gpu_check_refuses_unknown_names_before_running(tmp_path: Path, parts, benches, named):
+    """bench/gpu_check.sh stops (exit 2), naming a misspelt part or benchmark, before it runs anything."""
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path / "out"),
+        GPU_CHECK_PARTS_DIR=str(tmp_path / "parts"),
+        GPU_CHECK_DRY="1",
+        GPU_CHECK_PARTS=parts,
+        GPU_CHECK_BENCH=benches,
+        PYTHON=sys.executable,
+    )
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, env=env, check=False
+    )
+    assert result.returncode == 2 and f"'{named}'" in result.stdout
+    assert not list((tmp_path / "parts").iterdir())
