@@ -10,10 +10,11 @@ rebuilds the same model. Missing parent directories of DEST are created.
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from famevil_fast.cli.options import add_trust_pickle_argument
+from famevil_fast.cli.options import add_trust_pickle_argument, positive_int
 
 if TYPE_CHECKING:
     from famevil_fast.model import FameViL
@@ -23,6 +24,8 @@ HELP = (
     "Convert a checkpoint: official FAME-ViL <-> famevil_fast, famevil_fast -> Hugging Face CLIP, "
     "CLIP -> FAME-ViL."
 )
+DEFAULT_BOTTLENECK = 64  # --bottleneck where it applies
+DEFAULT_PREFIX = "model."  # --prefix where it applies
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from-clip",
         action="store_true",
-        help="the source holds CLIP weights only: add fresh adapters and heads (a FAME-ViL at init)",
+        help="the source holds CLIP weights only: add fresh adapters and heads (a FAME-ViL at init); a "
+        "FAME-ViL checkpoint is refused, since its trained adapters and heads would be discarded",
     )
-    parser.add_argument("--bottleneck", type=int, default=64, help="task-adapter r with --from-clip")
-    parser.add_argument("--prefix", default="model.", help="key prefix of the official layout")
+    parser.add_argument(
+        "--bottleneck",
+        type=positive_int,
+        default=None,
+        help=f"task-adapter r of the fresh adapters; only with --from-clip and --to famevil_fast or official "
+        f"(default: {DEFAULT_BOTTLENECK})",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=None,
+        help=f"key prefix of the official layout; only with --to official (default: {DEFAULT_PREFIX!r})",
+    )
     parser.add_argument(
         "--clip",
         default=None,
@@ -64,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
             f"--to famevil_fast writes a directory, but {dest} names a {dest.suffix} file: "
             "give a directory, or use --to official / --to huggingface for a single file"
         )
+    check_options(args)
     model = _load(args)
     if args.to == "famevil_fast":
         written = [model.save_pretrained(dest)]
     elif args.to == "official":
-        written = save_official(model, dest, prefix=args.prefix)
+        prefix = DEFAULT_PREFIX if args.prefix is None else args.prefix
+        written = save_official(model, dest, prefix=prefix)
     else:
         written = save_huggingface(model, dest)
     counts = model.parameter_counts()
@@ -77,13 +93,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse options that would have no effect with the others given (ValueError naming the option)."""
+    if args.bottleneck is not None:
+        if not args.from_clip:
+            raise ValueError(
+                "--bottleneck sets the size of the fresh task adapters that --from-clip adds; without "
+                "--from-clip the checkpoint's own adapters are converted as they are"
+            )
+        if args.to == "huggingface":
+            raise ValueError(
+                "--bottleneck has no effect with --to huggingface, which writes the CLIP backbone only "
+                "(no task adapters)"
+            )
+    if args.prefix is not None and args.to != "official":
+        raise ValueError(
+            f"--prefix is the key prefix of the official layout and applies only with --to official, "
+            f"not --to {args.to}"
+        )
+
+
 def _load(args: argparse.Namespace) -> FameViL:
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+    from famevil_fast.model.famevil import DiscardedWeightsWarning
     from famevil_fast.model.weights import load_clip_state_dict
 
     preset = clip_preset(args.clip) if args.clip else None
     if args.from_clip:
         clip = preset or load_clip_state_dict(args.source)[1]
-        return FameViL.from_clip(args.source, FameViLConfig(clip=clip, adapter_bottleneck=args.bottleneck))
+        bottleneck = DEFAULT_BOTTLENECK if args.bottleneck is None else args.bottleneck
+        config = FameViLConfig(clip=clip, adapter_bottleneck=bottleneck)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DiscardedWeightsWarning)
+            try:
+                return FameViL.from_clip(args.source, config)
+            except DiscardedWeightsWarning as found:
+                raise ValueError(
+                    f"{args.source} is a FAME-ViL checkpoint: it holds trained {found.kinds}, which "
+                    "--from-clip would discard (it keeps only the CLIP backbone and adds fresh ones); "
+                    "convert it without --from-clip to keep them"
+                ) from None
     overrides = {"clip": preset} if preset else {}
     return FameViL.from_pretrained(args.source, trust_pickle=args.trust_pickle, **overrides)

@@ -11,16 +11,50 @@ NAME = "info"
 HELP = "Show the build (extension, CUDA, Triton, backends) and a model's parameters per component."
 
 
+# the model whose parameters are counted without --checkpoint
+DEFAULTS = {"clip": "ViT-B-16", "bottleneck": 64, "xaa": "both"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--clip", default="ViT-B-16", help="CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro)"
+        "--clip",
+        default=None,
+        help=f"CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro) (default: {DEFAULTS['clip']})",
     )
-    parser.add_argument("--bottleneck", type=positive_int, default=64, help="task-adapter bottleneck r")
     parser.add_argument(
-        "--xaa", default="both", choices=["both", "text", "none"], help="cross-attention adapters"
+        "--bottleneck",
+        type=positive_int,
+        default=None,
+        help=f"task-adapter bottleneck r (default: {DEFAULTS['bottleneck']})",
     )
-    parser.add_argument("--checkpoint", default=None, help="count the parameters of this checkpoint instead")
+    parser.add_argument(
+        "--xaa",
+        default=None,
+        choices=["both", "text", "none"],
+        help=f"cross-attention adapters (default: {DEFAULTS['xaa']})",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="count the parameters of this checkpoint instead (its own config: not with --clip, "
+        "--bottleneck or --xaa)",
+    )
     add_trust_pickle_argument(parser)
+
+
+def model_options(args: argparse.Namespace) -> dict[str, object]:
+    """--clip, --bottleneck and --xaa with their defaults applied; ValueError when one is given with
+    --checkpoint, whose config they cannot change."""
+    given = {name: getattr(args, name) for name in DEFAULTS}
+    if args.checkpoint:
+        named = [f"--{name}" for name, value in given.items() if value is not None]
+        if named:
+            raise ValueError(
+                f"{' and '.join(named)} cannot be used with --checkpoint, which counts the checkpoint's own "
+                "model (its sizes come from the checkpoint); they describe the model counted without it"
+            )
+        return {}
+    return {name: DEFAULTS[name] if value is None else value for name, value in given.items()}
 
 
 def build_report() -> list[tuple[str, str]]:
@@ -62,16 +96,18 @@ def parameter_table(args: argparse.Namespace) -> dict[str, int]:
 
     if args.checkpoint:
         return FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).parameter_counts()
-    config = FameViLConfig(clip=clip_preset(args.clip), adapter_bottleneck=args.bottleneck, xaa=args.xaa)
+    o = model_options(args)
+    config = FameViLConfig(clip=clip_preset(o["clip"]), adapter_bottleneck=o["bottleneck"], xaa=o["xaa"])
     with torch.device("meta"):
         return FameViL(config).parameter_counts()
 
 
 def run(args: argparse.Namespace) -> int:
+    o = model_options(args)
     for key, value in build_report():
         print(f"{key:<22} {value}")
     print()
-    source = args.checkpoint or f"{args.clip}, r={args.bottleneck}, xaa={args.xaa}"
+    source = args.checkpoint or f"{o['clip']}, r={o['bottleneck']}, xaa={o['xaa']}"
     print(f"parameters of FAME-ViL ({source}):")
     counts = parameter_table(args)
     for name, count in counts.items():
