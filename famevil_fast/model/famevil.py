@@ -45,6 +45,17 @@ class _Keep:
 
 
 KEEP = _Keep()
+
+
+class DiscardedWeightsWarning(UserWarning):
+    """``FameViL.from_clip`` was given a FAME-ViL checkpoint: it keeps the CLIP backbone and discards the
+    trained adapters and heads. ``keys`` are the discarded keys, ``kinds`` says what they are."""
+
+    def __init__(self, message: str, keys: list[str], kinds: str) -> None:
+        super().__init__(message)
+        self.keys, self.kinds = keys, kinds
+
+
 TASK_BATCH_KEYS = {
     "itc": ("pixels", "input_ids"),
     "tgir": ("ref_pixels", "input_ids", "target_pixels"),
@@ -147,12 +158,37 @@ class FameViL(nn.Module):
         cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP). The
         model is returned in eval mode: call ``.train()`` before training it. Without ``config``, head counts
         come from the config stored with the weights, a preset of the same sizes (e.g. the file name
-        ``ViT-B-16.pt``), or CLIP's 64-wide heads for the standard widths; any other width is refused."""
-        from famevil_fast.model.weights import clip_weights_name, load_clip_state_dict, load_into
+        ``ViT-B-16.pt``), or CLIP's 64-wide heads for the standard widths; any other width is refused.
+        Given a FAME-ViL checkpoint, only its backbone is taken and its trained adapters and heads are
+        discarded, with a ``DiscardedWeightsWarning``: ``from_pretrained`` keeps them, and a training
+        recipe's ``model.init_from`` takes the backbone with the cross-attention adapters and the shared
+        tasks' adapters and heads."""
+        import warnings
 
-        state, clip_config = load_clip_state_dict(path_or_state_dict, config.clip if config else None)
+        from famevil_fast.model.weights import (
+            clip_weights_name,
+            load_clip_backbone,
+            load_into,
+            new_module_kinds,
+        )
+
+        state, clip_config, dropped = load_clip_backbone(path_or_state_dict, config.clip if config else None)
+        what = clip_weights_name(path_or_state_dict)
+        if dropped:
+            kinds = ", ".join(new_module_kinds(dropped))
+            source = "the given state dict" if isinstance(path_or_state_dict, dict) else path_or_state_dict
+            warnings.warn(
+                DiscardedWeightsWarning(
+                    f"{source} is a FAME-ViL checkpoint: FameViL.from_clip keeps only its CLIP backbone; its "
+                    f"trained {kinds} ({len(dropped)} tensors) are discarded and start fresh "
+                    "(FameViL.from_pretrained keeps them)",
+                    dropped,
+                    kinds,
+                ),
+                stacklevel=2,
+            )
         model = cls(config or FameViLConfig(clip=clip_config))
-        load_into(model, state, clip_weights_name(path_or_state_dict), backbone_only=True)
+        load_into(model, state, what, backbone_only=True)
         return model.eval()
 
     @classmethod
@@ -306,8 +342,9 @@ class FameViL(nn.Module):
         cuda_graph: bool = False,
     ) -> list[str] | torch.Tensor:
         """Captions of images: greedy (num_beams=1) or beam search, with key/value caches; strings, or the
-        generated token ids (B, <= max_len + 2, starting with the start token) when ``return_ids``.
-        ``max_len`` is capped by the text context: at most ``context_length - 1`` (76) steps.
+        generated token ids (B, <= max_len + 1: the start token, then at most ``max_len`` generated tokens,
+        the end token among them) when ``return_ids``. ``max_len`` is capped by the text context: at most
+        ``context_length - 1`` (76) steps.
         ``no_repeat_ngram`` > 0 forbids repeating any n-gram of that length (off, as the reference).
         ``cuda_graph`` replays the whole decode as one CUDA graph (same tokens; see ``generate``).
         ``max_len``, ``num_beams`` and ``no_repeat_ngram`` must be ints (TypeError otherwise); a model

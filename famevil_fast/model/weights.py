@@ -464,6 +464,15 @@ def load_clip_state_dict(
 ) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     """Canonical CLIP backbone tensors (no adapters or heads) and the CLIP config: ``clip`` when given,
     else as ``resolve_clip_config`` finds it (a config-less file of a non-standard width is refused)."""
+    backbone, clip, _ = load_clip_backbone(source, clip)
+    return backbone, clip
+
+
+def load_clip_backbone(
+    source: str | Path | dict, clip: CLIPConfig | None = None
+) -> tuple[dict[str, torch.Tensor], CLIPConfig, list[str]]:
+    """``load_clip_state_dict``, plus the keys left out of the backbone: the task adapters,
+    cross-attention adapters and heads that ``source`` holds when it is a FAME-ViL checkpoint."""
     if isinstance(source, dict):
         raw, hints = unwrap_container(source), {}
     elif isinstance(source, str | Path):
@@ -477,7 +486,24 @@ def load_clip_state_dict(
     )
     clip = resolve_clip_config(state, hints, source, layout, clip, advice)
     backbone = {k: v for k, v in state.items() if not is_new_module_key(k)}
-    return backbone, clip
+    return backbone, clip, sorted(set(state) - set(backbone))
+
+
+NEW_MODULE_KINDS = {
+    "task adapters": (".tsa.",),
+    "Cross-Modal Adapters": (".xma.", "xmodal_shared."),
+    "cross-attention adapters": (".xaa.",),
+    "heads": ("heads.",),
+}
+
+
+def new_module_kinds(keys: list[str]) -> list[str]:
+    """The kinds of module (``NEW_MODULE_KINDS``) that ``keys`` hold, in that order."""
+    return [
+        kind
+        for kind, marks in NEW_MODULE_KINDS.items()
+        if any(mark in k if mark.startswith(".") else k.startswith(mark) for k in keys for mark in marks)
+    ]
 
 
 def clip_weights_name(source: str | Path | dict) -> str:
