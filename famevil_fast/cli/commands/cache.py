@@ -8,31 +8,69 @@ from famevil_fast.cli.options import positive_int
 
 NAME = "cache"
 HELP = "Pre-decode dataset images into memory-mapped shards (resumable, checksummed) and tokenise the text."
+DEFAULT_SHARD_MB = 1024  # --shard-mb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = (
+        "%(prog)s [-h] [--max-side MAX_SIDE] [--shard-mb SHARD_MB] [--threads THREADS]\n"
+        "                          [--no-progress] dataset_dir out\n"
+        "       %(prog)s --verify [--threads THREADS] out"
+    )
     parser.add_argument(
         "dataset_dir",
+        nargs="?",
         help="data root holding FashionGen/, FashionIQ/, Fashion200k/, PolyvoreOutfits/ and/or BigFACAD/ "
-        "(every split's images; fashionall's are those of its four datasets)",
+        "(every split's images; fashionall's are those of its four datasets); not with --verify",
     )
     parser.add_argument("out", help="cache directory (an interrupted conversion resumes here)")
     parser.add_argument(
         "--max-side", type=positive_int, default=None, help="shrink larger images to this longest side"
     )
-    parser.add_argument("--shard-mb", type=positive_int, default=1024, help="approximate shard size in MiB")
+    parser.add_argument(
+        "--shard-mb",
+        type=positive_int,
+        default=None,
+        help=f"approximate shard size in MiB (default: {DEFAULT_SHARD_MB})",
+    )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="decoding threads (default: up to 8)"
     )
     parser.add_argument(
-        "--verify", action="store_true", help="only verify the checksums of an existing cache"
+        "--verify",
+        action="store_true",
+        help="only verify the checksums of the existing cache OUT (give OUT alone: nothing is decoded)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+BUILD_ONLY = {"--max-side": "max_side", "--shard-mb": "shard_mb", "--no-progress": "no_progress"}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """ValueError for a combination that would leave something unused: --verify reads only OUT (a dataset
+    directory or a building option given with it would be ignored); without it both directories are
+    needed."""
+    if args.verify:
+        if args.dataset_dir is not None:
+            raise ValueError(
+                f"--verify checks the existing cache and reads no dataset: give the cache directory alone "
+                f"(famevil-fast cache --verify {args.out}), not {args.dataset_dir!r} too"
+            )
+        unused = [name for name, attr in BUILD_ONLY.items() if getattr(args, attr)]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} only apply when building a cache, not with --verify")
+    elif args.dataset_dir is None:
+        raise ValueError(
+            f"building a cache needs the dataset directory and the cache directory: famevil-fast cache "
+            f"DATASET_DIR {args.out} (or famevil-fast cache --verify {args.out} to check an existing cache)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     from famevil_fast.data.cache import CacheCorruptError, ImageCache, build_cache
 
+    check_arguments(args)
     if args.verify:
         try:
             cache = ImageCache(args.out, verify=True, num_threads=args.threads)
@@ -44,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     s = build_cache(
         args.dataset_dir,
         args.out,
-        shard_bytes=args.shard_mb << 20,
+        shard_bytes=(args.shard_mb or DEFAULT_SHARD_MB) << 20,
         max_side=args.max_side,
         num_threads=args.threads,
         progress=not args.no_progress,
