@@ -17,6 +17,7 @@ built otherwise than the options say is an error.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,26 @@ class EvalOptions:
     caption_references: str = "clip"
     views: str = "all"
     eval_resize: str = "keep_aspect"
+
+    def __post_init__(self) -> None:
+        """Counts and lengths checked here, so a bad one fails at construction rather than in the middle of
+        an evaluation (``max_samples=0`` would leave nothing to score)."""
+        for name, low, optional in (
+            ("max_samples", 1, True),
+            ("text_batch", 1, False),
+            ("caption_max_len", 1, False),
+            ("caption_beams", 1, False),
+            ("caption_no_repeat_ngram", 0, False),
+        ):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                none = " or None (no cap)" if optional else ""
+                raise ValueError(f"EvalOptions.{name} must be an int{none}, got {value!r}")
+            if value < low:
+                none = ", or None for no cap" if optional else ""
+                raise ValueError(f"EvalOptions.{name} must be at least {low}{none}, got {value}")
 
     @classmethod
     def from_section(cls, section: EvalSection) -> EvalOptions:
