@@ -127,3 +127,70 @@ def test_sharded_directory_with_a_bad_index_or_a_missing_shard_is_named(tmp_path
         index.write_text(json.dumps(content))
         with pytest.raises(ValueError, match="must hold a JSON object with a 'weight_map'"):
             FameViL.from_pretrained(tmp_path, clip=clip_preset("micro"))
+
+
+def test_from_clip_of_fame_vil_weights_warns_that_adapters_and_heads_are_discarded(tmp_path):
+    import warnings
+
+    from famevil_fast.model.famevil import DiscardedWeightsWarning
+
+    trained = FameViL(MICRO)
+    trained.save_pretrained(tmp_path / "trained")
+    with pytest.warns(DiscardedWeightsWarning, match="keeps only its CLIP backbone") as record:
+        model = FameViL.from_clip(tmp_path / "trained")
+    (warning,) = record
+    assert str(tmp_path / "trained") in str(warning.message)
+    assert warning.message.kinds == "task adapters, cross-attention adapters, heads"
+    assert any(k.startswith("heads.") for k in warning.message.keys)
+    assert any(".tsa." in k for k in warning.message.keys)
+    assert torch.equal(model.vision.class_embedding, trained.vision.class_embedding)  # the backbone is kept
+    with pytest.warns(DiscardedWeightsWarning, match="the given state dict is a FAME-ViL checkpoint"):
+        FameViL.from_clip(trained.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CLIP weights: nothing discarded, no warning
+        FameViL.from_clip(CLIP(clip_preset("micro")).state_dict())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_samples", 0, "max_samples must be at least 1, or None for no cap, got 0"),
+        ("max_samples", -3, "max_samples must be at least 1"),
+        ("max_samples", 2.5, "max_samples must be an int or None"),
+        ("max_samples", True, "max_samples must be an int"),
+        ("text_batch", 0, "text_batch must be at least 1"),
+        ("caption_max_len", 0, "caption_max_len must be at least 1"),
+        ("caption_beams", 0, "caption_beams must be at least 1"),
+        ("caption_no_repeat_ngram", -1, "caption_no_repeat_ngram must be at least 0"),
+    ],
+)
+def test_eval_options_refuse_bad_counts_at_construction(field, value, message):
+    import dataclasses
+
+    from famevil_fast.eval.runner import EvalOptions
+
+    with pytest.raises(ValueError, match=f"EvalOptions.{message}"):
+        EvalOptions(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(EvalOptions(), **{field: value})
+    assert EvalOptions(max_samples=None).max_samples is None and EvalOptions(max_samples=1).max_samples == 1
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_caption_ids_hold_at_most_max_len_plus_one_tokens(num_beams, cuda_graph):
+    from famevil_fast.model.generation import EOT_ID
+
+    torch.manual_seed(0)
+    model = FameViL(MICRO.replace(tasks=("cap",))).eval()
+    with torch.no_grad():
+        model.heads["cap"].bias[EOT_ID] = -1e4  # never ends: every step is taken
+    size = MICRO.clip.vision.image_size
+    pixels = torch.randn(2, 3, size, size)
+    ids = model.caption(pixels, max_len=5, num_beams=num_beams, return_ids=True, cuda_graph=cuda_graph)
+    assert ids.shape == (2, 5 + 1)  # the start token and max_len generated tokens
+    with torch.no_grad():
+        model.heads["cap"].bias[EOT_ID] = 1e4  # ends at once: the start and end tokens
+    ids = model.caption(pixels, max_len=5, num_beams=num_beams, return_ids=True, cuda_graph=cuda_graph)
+    assert ids.shape == (2, 2) and (ids[:, 1] == EOT_ID).all()
+    assert "<= max_len + 1" in FameViL.caption.__doc__ and "max_len + 2" not in FameViL.caption.__doc__

@@ -1,6 +1,7 @@
 """Edge cases of the command line and the trainer: a run directory that already holds a run, a run stopped by
 a non-finite loss, recipe sections and values of the wrong shape or out of range, outputs that name a
-directory, and make-synthetic over a dataset it did not write."""
+directory, make-synthetic over a dataset it did not write, options that would have no effect, convert
+--from-clip of FAME-ViL weights, and cache --verify with the cache directory alone."""
 
 import json
 
@@ -204,3 +205,173 @@ def test_trust_pickle_reaches_the_checkpoint_commands(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--trust-pickle" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- options that would have no effect
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory):
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    path = tmp_path_factory.mktemp("micro") / "model"
+    FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--bottleneck", "8"],
+            "--bottleneck sets the size of the fresh task adapters that --from-clip adds",
+        ),
+        (["--bottleneck", "8", "--to", "official"], "--bottleneck sets the size"),
+        (
+            ["--from-clip", "--bottleneck", "8", "--to", "huggingface"],
+            "--bottleneck has no effect with --to huggingface",
+        ),
+        (["--prefix", "net."], "--prefix .* applies only with --to official, not --to famevil_fast"),
+        (["--prefix", "", "--to", "huggingface"], "--prefix .* not --to huggingface"),
+        (["--from-clip", "--prefix", "net."], "--prefix"),
+    ],
+)
+def test_convert_refuses_options_that_do_not_apply(micro_checkpoint, tmp_path, capsys, extra, message):
+    import re
+
+    suffix = ".safetensors" if "huggingface" in extra else (".pth" if "official" in extra else "")
+    dest = tmp_path / f"out{suffix}"
+    assert main(["convert", str(micro_checkpoint), str(dest), *extra]) == 2
+    assert re.search(message, one_error_line(capsys, "convert"))
+    assert not dest.exists()
+
+
+def test_convert_applies_the_defaults_where_the_options_apply(micro_checkpoint, tmp_path, capsys):
+    import torch
+
+    from famevil_fast.model import FameViL
+
+    official = tmp_path / "official.pth"
+    assert main(["convert", str(micro_checkpoint), str(official), "--to", "official"]) == 0
+    assert all(k.startswith("model.") for k in torch.load(official, weights_only=True))
+    assert (
+        main(
+            [
+                "convert",
+                str(micro_checkpoint),
+                str(tmp_path / "net.pth"),
+                "--to",
+                "official",
+                "--prefix",
+                "net.",
+            ]
+        )
+        == 0
+    )
+    assert all(k.startswith("net.") for k in torch.load(tmp_path / "net.pth", weights_only=True))
+    clip = tmp_path / "clip.safetensors"
+    assert main(["convert", str(micro_checkpoint), str(clip), "--to", "huggingface"]) == 0
+    assert main(["convert", str(clip), str(tmp_path / "r64"), "--from-clip"]) == 0
+    assert FameViL.from_pretrained(tmp_path / "r64").config.adapter_bottleneck == 64
+    assert (
+        main(
+            [
+                "convert",
+                str(clip),
+                str(tmp_path / "r4.pth"),
+                "--from-clip",
+                "--bottleneck",
+                "4",
+                "--to",
+                "official",
+            ]
+        )
+        == 0
+    )
+    assert FameViL.from_pretrained(tmp_path / "r4.pth").config.adapter_bottleneck == 4
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--clip", "tiny"], ["--bottleneck", "8"], ["--xaa", "none"], ["--clip", "micro", "--xaa", "both"]],
+)
+def test_info_with_a_checkpoint_refuses_the_model_options(micro_checkpoint, capsys, extra):
+    assert main(["info", "--checkpoint", str(micro_checkpoint), *extra]) == 2
+    line = one_error_line(capsys, "info")
+    named = [a for a in extra if a.startswith("--")]
+    assert all(n in line for n in named) and "cannot be used with --checkpoint" in line, line
+
+
+def test_info_counts_the_default_model_without_a_checkpoint(capsys):
+    assert main(["info"]) == 0
+    assert "parameters of FAME-ViL (ViT-B-16, r=64, xaa=both)" in capsys.readouterr().out
+    assert main(["info", "--clip", "micro", "--bottleneck", "8", "--xaa", "text"]) == 0
+    assert "parameters of FAME-ViL (micro, r=8, xaa=text)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("convert", ["(default: 64)", "(default: 'model.')"]),
+        ("info", ["(default: ViT-B-16)", "(default: 64)", "(default: both)"]),
+        ("cache", ["(default: 1024)", "--verify [--threads THREADS] out"]),
+    ],
+)
+def test_help_shows_the_effective_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for item in shown:
+        assert item in text, item
+
+
+# ---------------------------------------------------------------- convert --from-clip of FAME-ViL weights
+def test_convert_from_clip_refuses_a_fame_vil_checkpoint(micro_checkpoint, tmp_path, capsys):
+    dest = tmp_path / "fresh"
+    assert main(["convert", str(micro_checkpoint), str(dest), "--from-clip"]) == 2
+    line = one_error_line(capsys, "convert")
+    assert f"{micro_checkpoint} is a FAME-ViL checkpoint" in line
+    assert "task adapters, cross-attention adapters, heads" in line and "without --from-clip" in line
+    assert not dest.exists()
+    official = tmp_path / "official.pth"  # the official layout too
+    assert main(["convert", str(micro_checkpoint), str(official), "--to", "official"]) == 0
+    assert main(["convert", str(official), str(dest), "--from-clip"]) == 2
+    assert "is a FAME-ViL checkpoint" in one_error_line(capsys, "convert")
+    assert main(["convert", str(official), str(dest)]) == 0  # as the message advises
+
+
+# ---------------------------------------------------------------- cache --verify OUT
+def _tiny_data_root(root):
+    from test_data_fixtures import noise_image
+
+    rows = []
+    for i in range(2):
+        noise_image(root / "FashionGen" / f"train/{i}.png", 20, 24, seed=i)
+        rows.append(
+            {"images": [f"train/{i}.png"], "id": i, "title": "t", "description": "d", "subcategory_id": i}
+        )
+    (root / "FashionGen" / "train_info.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_cache_verify_takes_the_cache_directory_alone(tmp_path, capsys):
+    root, out = _tiny_data_root(tmp_path / "data"), tmp_path / "cache"
+    assert main(["cache", str(root), str(out), "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "--verify", str(out)]) == 0
+    assert "2 images, 1 shards, checksums match" in capsys.readouterr().out
+    assert main(["cache", str(out), "--verify", "--threads", "1"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cache", "--verify", "ROOT", "OUT"], "--verify checks the existing cache and reads no dataset"),
+        (["cache", "--verify", "--max-side", "64", "OUT"], "--max-side only apply when building a cache"),
+        (["cache", "--verify", "--shard-mb", "8", "--no-progress", "OUT"], "--shard-mb and --no-progress"),
+        (["cache", "OUT"], "building a cache needs the dataset directory and the cache directory"),
+    ],
+)
+def test_cache_arguments_that_do_not_fit_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in one_error_line(capsys, "cache")

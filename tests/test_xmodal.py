@@ -1,5 +1,6 @@
 """The Cross-Modal Adapter variant: arithmetic against a plain reference (forward and backward), weight
-sharing between the towers, parameter counts equal to the adapter's formula, save/load, freezing, decoding."""
+sharing between the towers, parameter counts equal to the adapter's formula, save/load, freezing (by default
+when training, with exact resume), decoding."""
 
 import pytest
 import torch
@@ -248,3 +249,82 @@ def test_unbound_adapter_is_an_error():
         adapter(torch.randn(1, 6))
     with pytest.raises(ValueError, match="does not fit"):
         adapter.bind(SharedUp(2, 4))
+
+
+# ------------------------------------------------------------------------------------------ training default
+XMODAL = ("model.adapter_type=xmodal", "model.xmodal_bottleneck=4", "model.xmodal_shared=8")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "frozen"),
+    [
+        ((), False),
+        (XMODAL, True),
+        ((*XMODAL, "train.freeze_backbone=false"), False),
+        (("train.freeze_backbone=true",), True),
+        (("model.adapter_type=tsa", "train.freeze_backbone=null"), False),
+    ],
+)
+def test_freeze_backbone_follows_the_adapter_type_unless_set(overrides, frozen):
+    from famevil_fast.train.config import load_config
+
+    assert load_config(None, list(overrides)).train.freeze_backbone is frozen
+
+
+def test_print_config_shows_the_resolved_freeze_backbone(capsys):
+    from famevil_fast.cli.main import main
+    from famevil_fast.train.config import describe_fields
+
+    assert "freeze_backbone: None  # train only adapters" in describe_fields()
+    assert "null = automatic: true with model.adapter_type xmodal" in describe_fields()
+    for adapter_type, shown in (("xmodal", True), ("tsa", False)):
+        argv = [
+            "train",
+            "--config",
+            "tiny_cpu",
+            "--print-config",
+            "--set",
+            f"model.adapter_type={adapter_type}",
+        ]
+        assert main(argv) == 0
+        assert f"  freeze_backbone: {shown}  #" in capsys.readouterr().out
+
+
+def test_cross_modal_adapter_training_freezes_the_backbone_by_default(tmp_path):
+    from trainer_fixtures import micro_config, streams
+
+    from famevil_fast.train.trainer import Trainer
+
+    trainer = Trainer(micro_config(tmp_path, "train.updates=1", *XMODAL), streams())
+    backbone = trainer.model.vision.blocks[0].mlp.fc1.weight.detach().clone()
+    shared = trainer.model.xmodal_shared[0]["mlp"]["itc"].weight.detach().clone()
+    trainer.fit()
+    assert torch.equal(trainer.model.vision.blocks[0].mlp.fc1.weight, backbone)
+    assert not torch.equal(trainer.model.xmodal_shared[0]["mlp"]["itc"].weight, shared)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        ".xma." in n or ".xaa." in n or n.startswith(("xmodal_shared.", "heads.")) for n in trainable
+    )
+
+
+def test_cross_modal_adapter_runs_resume_exactly_with_the_automatic_freeze(tmp_path):
+    from test_resume_matrix import run_pair
+
+    full, resumed = run_pair(tmp_path, XMODAL, k=2, n=3)
+    assert full.cfg.train.freeze_backbone is True and resumed.cfg.train.freeze_backbone is True
+
+
+def test_resume_refuses_a_checkpoint_whose_freeze_backbone_resolves_otherwise(tmp_path):
+    from trainer_fixtures import micro_config, streams
+
+    from famevil_fast.train.trainer import Trainer
+
+    settings = ("train.updates=1", "checkpoint.every=1", *XMODAL)
+    Trainer(micro_config(tmp_path, *settings, "train.freeze_backbone=false"), streams()).fit()
+    resume = (*settings, "train.updates=2", "checkpoint.resume=true")
+    with pytest.raises(ValueError, match=r"train.freeze_backbone: False -> True"):
+        Trainer(micro_config(tmp_path, *resume), streams()).fit()
+    assert (
+        Trainer(micro_config(tmp_path, *resume, "train.freeze_backbone=false"), streams()).fit()["update"]
+        == 2
+    )

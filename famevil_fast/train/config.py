@@ -146,7 +146,12 @@ class TrainSection:
         "cuda_graphs (one static batch layout per graph); the first step of each layout compiles",
         False,
     )
-    freeze_backbone: bool = doc("train only adapters, cross-attention adapters and heads", False)
+    freeze_backbone: bool | None = doc(
+        "train only adapters, cross-attention adapters and heads; null = automatic: true with "
+        "model.adapter_type xmodal (the Cross-Modal Adapter trains on a frozen backbone, as the reference), "
+        "false with tsa (FAME-ViL fine-tunes the backbone)",
+        None,
+    )
     clip_grad_norm: float | None = doc("clip the gradient norm to this value; null = off", None)
     nonfinite: str = doc("on a non-finite loss: skip the update, or stop the run", "skip")
     seed: int = doc("seed of every random choice (sampling, data order, augmentation, initialisation)", 42)
@@ -332,7 +337,15 @@ class TrainConfig:
         _check_eval(self.eval, self.model.tasks)
         if self.eval.tasks is None and set(self.model.tasks) & set(PRETRAIN_TASKS):
             self.eval.tasks = [t for t in self.model.tasks if t not in PRETRAIN_TASKS]
+        if self.train.freeze_backbone is None:
+            self.train.freeze_backbone = default_freeze_backbone(self.model.adapter_type)
         return self
+
+
+def default_freeze_backbone(adapter_type: str) -> bool:
+    """``train.freeze_backbone: null`` resolved: the Cross-Modal Adapter (xmodal) trains on a frozen
+    backbone, as the reference method does; FAME-ViL's task-specific adapters (tsa) train with it."""
+    return adapter_type == "xmodal"
 
 
 def _check_numbers(config: TrainConfig) -> None:
