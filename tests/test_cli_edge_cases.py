@@ -375,3 +375,21 @@ def test_cache_verify_takes_the_cache_directory_alone(tmp_path, capsys):
 def test_cache_arguments_that_do_not_fit_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     assert message in one_error_line(capsys, "cache")
+
+
+def test_trust_pickle_reaches_from_clip(tmp_path):
+    import argparse
+
+    import torch
+
+    from famevil_fast.model import FameViL, clip_preset
+    from famevil_fast.model.clip import CLIP
+
+    path = tmp_path / "micro.pth"  # CLIP weights in a container with a pickled object
+    torch.save({"model": CLIP(clip_preset("micro")).state_dict(), "config": argparse.Namespace()}, path)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        FameViL.from_clip(path)
+    assert FameViL.from_clip(path, trust_pickle=True).config.clip == clip_preset("micro")
+    out = tmp_path / "converted"
+    assert main(["convert", str(path), str(out), "--from-clip"]) == 2
+    assert main(["convert", str(path), str(out), "--from-clip", "--trust-pickle"]) == 0

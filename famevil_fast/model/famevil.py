@@ -153,7 +153,12 @@ class FameViL(nn.Module):
         return self
 
     @classmethod
-    def from_clip(cls, path_or_state_dict: str | Path | dict, config: FameViLConfig | None = None) -> FameViL:
+    def from_clip(
+        cls,
+        path_or_state_dict: str | Path | dict,
+        config: FameViLConfig | None = None,
+        trust_pickle: bool = False,
+    ) -> FameViL:
         """Start from CLIP weights (OpenAI .pt, open_clip, Hugging Face or famevil_fast layout); adapters,
         cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP). The
         model is returned in eval mode: call ``.train()`` before training it. Without ``config``, head counts
@@ -162,7 +167,8 @@ class FameViL(nn.Module):
         Given a FAME-ViL checkpoint, only its backbone is taken and its trained adapters and heads are
         discarded, with a ``DiscardedWeightsWarning``: ``from_pretrained`` keeps them, and a training
         recipe's ``model.init_from`` takes the backbone with the cross-attention adapters and the shared
-        tasks' adapters and heads."""
+        tasks' adapters and heads. Pass ``trust_pickle=True`` only for trusted files that hold non-tensor
+        objects."""
         import warnings
 
         from famevil_fast.model.weights import (
@@ -172,7 +178,8 @@ class FameViL(nn.Module):
             new_module_kinds,
         )
 
-        state, clip_config, dropped = load_clip_backbone(path_or_state_dict, config.clip if config else None)
+        clip = config.clip if config else None
+        state, clip_config, dropped = load_clip_backbone(path_or_state_dict, clip, trust_pickle)
         what = clip_weights_name(path_or_state_dict)
         if dropped:
             kinds = ", ".join(new_module_kinds(dropped))

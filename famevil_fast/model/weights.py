@@ -460,23 +460,25 @@ def infer_famevil_config(state: dict[str, torch.Tensor], clip: CLIPConfig) -> Fa
 
 # ---------------------------------------------------------------- public loaders
 def load_clip_state_dict(
-    source: str | Path | dict, clip: CLIPConfig | None = None
+    source: str | Path | dict, clip: CLIPConfig | None = None, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     """Canonical CLIP backbone tensors (no adapters or heads) and the CLIP config: ``clip`` when given,
-    else as ``resolve_clip_config`` finds it (a config-less file of a non-standard width is refused)."""
-    backbone, clip, _ = load_clip_backbone(source, clip)
+    else as ``resolve_clip_config`` finds it (a config-less file of a non-standard width is refused).
+    ``trust_pickle`` as for ``read_state_dict``."""
+    backbone, clip, _ = load_clip_backbone(source, clip, trust_pickle)
     return backbone, clip
 
 
 def load_clip_backbone(
-    source: str | Path | dict, clip: CLIPConfig | None = None
+    source: str | Path | dict, clip: CLIPConfig | None = None, trust_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], CLIPConfig, list[str]]:
     """``load_clip_state_dict``, plus the keys left out of the backbone: the task adapters,
-    cross-attention adapters and heads that ``source`` holds when it is a FAME-ViL checkpoint."""
+    cross-attention adapters and heads that ``source`` holds when it is a FAME-ViL checkpoint.
+    ``trust_pickle`` as for ``read_state_dict``."""
     if isinstance(source, dict):
         raw, hints = unwrap_container(source), {}
     elif isinstance(source, str | Path):
-        raw, hints = read_state_dict(source)
+        raw, hints = read_state_dict(source, trust_pickle)
     else:
         raise TypeError(f"CLIP weights must be a path or a state dict, got {type(source).__name__}")
     state, layout = canonical_with_layout(raw)

@@ -120,13 +120,13 @@ def _load(args: argparse.Namespace) -> FameViL:
 
     preset = clip_preset(args.clip) if args.clip else None
     if args.from_clip:
-        clip = preset or load_clip_state_dict(args.source)[1]
+        clip = preset or load_clip_state_dict(args.source, trust_pickle=args.trust_pickle)[1]
         bottleneck = DEFAULT_BOTTLENECK if args.bottleneck is None else args.bottleneck
         config = FameViLConfig(clip=clip, adapter_bottleneck=bottleneck)
         with warnings.catch_warnings():
             warnings.simplefilter("error", DiscardedWeightsWarning)
             try:
-                return FameViL.from_clip(args.source, config)
+                return FameViL.from_clip(args.source, config, trust_pickle=args.trust_pickle)
             except DiscardedWeightsWarning as found:
                 raise ValueError(
                     f"{args.source} is a FAME-ViL checkpoint: it holds trained {found.kinds}, which "

@@ -187,7 +187,7 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
 
     if args.clip:
         tasks = zero_shot_tasks(args.tasks)
-        return FameViL.from_clip(args.checkpoint), tasks
+        return FameViL.from_clip(args.checkpoint, trust_pickle=args.trust_pickle), tasks
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     return model, args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
 
