@@ -213,13 +213,13 @@ def test_cli_commands(tmp_path, capsys):
     )
     assert "FashionGen" in capsys.readouterr().out
     assert cli(["cache", str(tmp_path / "d"), str(tmp_path / "c"), "--no-progress", "--shard-mb", "1"]) == 0
-    assert cli(["cache", str(tmp_path / "d"), str(tmp_path / "c"), "--verify"]) == 0
+    assert cli(["cache", "--verify", str(tmp_path / "c")]) == 0
     assert "checksums match" in capsys.readouterr().out
     shard = next((tmp_path / "c" / "shards").glob("*.bin"))
     data = bytearray(shard.read_bytes())
     data[0] ^= 1
     shard.write_bytes(bytes(data))
-    assert cli(["cache", str(tmp_path / "d"), str(tmp_path / "c"), "--verify"]) == 1
+    assert cli(["cache", "--verify", str(tmp_path / "c")]) == 1
     assert cli(["convert-fiq", str(tmp_path / "d" / "FashionIQ"), "--out", str(tmp_path / "fiq")]) == 0
     assert (tmp_path / "fiq" / "cap.dress.val.json").read_text() == (
         tmp_path / "d" / "FashionIQ" / "captions" / "cap.dress.val.json"
