@@ -24,7 +24,8 @@ FashionGen text is title + "." + description. Evaluation sets: :func:`build_eval
 ``BigFACAD/`` (or is one of them); ``fashionall`` is FashionViL's pre-training union of the four product
 datasets' train splits (module ``fashionall``).
 
-Modules: ``records`` (Product, Triplet), ``fashiongen`` / ``fashioniq`` / ``fashion200k`` / ``polyvore`` /
+Modules: ``records`` (Product, Triplet, split-file rows), ``image_paths`` (split-file image paths relative to
+the data root), ``fashiongen`` / ``fashioniq`` / ``fashion200k`` / ``polyvore`` /
 ``bigfacad`` (readers), ``fashionall`` (the union),
 ``fiq_convert`` (FashionIQ val gallery files), ``transforms`` (reference crops and resampling),
 ``images`` (file checks, skipped-image warning), ``backends`` (dali, torchvision, pil, cache),

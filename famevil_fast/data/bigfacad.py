@@ -6,7 +6,7 @@ A row holds ``images`` (a list of paths, or a single path string), ``id``, ``col
 ``color + "." + title + "." + description`` exactly as stored (no space added or stripped), as the official
 loader builds it (FashionViL's ``BigFACADDatabase``). A row's image paths are relative to
 ``BigFACAD/images`` (paths that start with "images/" are relative to ``BigFACAD/``;
-:func:`~famevil_fast.data.records.image_paths`). Products carry no (sub-)category.
+:func:`~famevil_fast.data.image_paths.image_paths`). Products carry no (sub-)category.
 """
 
 from __future__ import annotations

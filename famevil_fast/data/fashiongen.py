@@ -5,7 +5,7 @@ Each product becomes a :class:`~famevil_fast.data.records.Product` with text = t
 the split's image folder, ``FashionGen/train`` or ``FashionGen/val``, as in the official loader (paths that
 start with "train/" or "val/" are relative to ``FashionGen/``); records store them relative to the data
 root (backslashes read as "/", an absolute path under the data root made relative to it, one elsewhere
-refused; a view listed twice kept once: :func:`~famevil_fast.data.records.image_paths`,
+refused; a view listed twice kept once: :func:`~famevil_fast.data.image_paths.image_paths`,
 :class:`~famevil_fast.data.records.ViewPaths`). The test split is the val split (files and images).
 """
 

@@ -3,7 +3,7 @@
 Image names get ".jpg" appended and are relative to ``FashionIQ/images``: backslashes are read as "/", and an
 absolute name is made relative to ``FashionIQ/images`` when it lies there and refused naming the file, the
 entry and the name otherwise (as the product readers' paths:
-:func:`~famevil_fast.data.records.image_paths`). Train rows need candidate, target, captions; their
+:func:`~famevil_fast.data.image_paths.image_paths`). Train rows need candidate, target, captions; their
 ``target_id`` is the position of the target name among the sorted image names of the split (all loaded
 categories together). Val rows must carry ``target_id``, ``fake_data`` and ``garment_class`` (build them
 with ``famevil-fast convert-fiq``); the gallery of a category is the set of distinct target ids over all its
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
+from famevil_fast.data.image_paths import clean_image_path, is_absolute_image_path, path_inside
 from famevil_fast.data.records import (
     BOOL,
     INT,
@@ -25,12 +26,9 @@ from famevil_fast.data.records import (
     STRS,
     Triplet,
     check_types,
-    clean_image_path,
     dataset_dir,
     entry_name,
-    is_absolute_image_path,
     load_json_list,
-    path_inside,
     relative_prefix,
     require_keys,
 )

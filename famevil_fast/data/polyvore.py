@@ -6,8 +6,9 @@ the 2,232-entry vocabulary the four pre-training datasets share). The text is
 ``title + "." + description`` exactly as stored (no space added or stripped), as FashionGen's and as the
 official loader (FashionViL's ``PolyvoreOutfitsDatabase``: ``item["title"] + "." + item["description"]``,
 ``image_path = [item["images"]]``). A row's image path is relative to ``PolyvoreOutfits/images`` (a path that
-starts with "images/" is relative to ``PolyvoreOutfits/``; :func:`~famevil_fast.data.records.image_paths`).
-The outfit files of the OCIR task (``ocir_*.json``) are not read. Products carry no (sub-)category.
+starts with "images/" is relative to ``PolyvoreOutfits/``;
+:func:`~famevil_fast.data.image_paths.image_paths`). The outfit files of the OCIR task (``ocir_*.json``) are
+not read. Products carry no (sub-)category.
 """
 
 from __future__ import annotations
