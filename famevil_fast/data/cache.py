@@ -284,89 +284,19 @@ def build_cache(
     """
     root_s = os.fspath(root)
     out_p = Path(out)
-    shard_dir = out_p / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob("*.tmp"):
-        stale.unlink()
-    found: tuple[str, ...] = ()
-    if keys is None:
-        splits = dataset_splits(root_s)
-        keys = sorted(_image_keys(splits, root_s))
-        found = tuple(f"{dataset}/{split}" for dataset, split, _ in splits)
-    else:
-        keys = sorted(set(keys))
+    shard_dir = _clean_shard_dir(out_p)
+    keys, found = _keys_to_cache(root_s, keys)
     index_path = out_p / "cache.json"
-    previous: dict = {}
-    if index_path.is_file():
-        try:
-            previous = _read_index(index_path)
-        except CacheCorruptError as e:  # written last, so rewritten below: treat as missing
-            warnings.warn(f"cache: {e}; rebuilding it", stacklevel=2)
-    if previous and previous.get("max_side") != max_side:
-        raise ValueError(
-            f"cache {out_p} was built with --max-side {previous.get('max_side')} "
-            f"(max_side={previous.get('max_side')}), not {max_side}; use a new directory for another size"
-        )
-    if previous and "root" in previous and not _same_path(previous["root"], root_s):
-        raise ValueError(
-            f"cache {out_p} was built from data root {previous['root']}, not {os.path.abspath(root_s)}; "
-            "use a new cache directory for another dataset"
-        )
+    previous = _previous_index(index_path, out_p, root_s, max_side)
     abs_root = os.path.abspath(root_s)
     shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
-    have = {k for m in shards.values() for k in m["keys"]}
-    changed = _changed_since_cached(root_s, shard_dir, shards) & set(keys)
-    if changed:
-        warnings.warn(
-            f"cache: {len(changed)} images changed since they were cached (e.g. {sorted(changed)[0]}); "
-            "decoding them again",
-            stacklevel=2,
-        )
-    failed: dict[str, str] = {}
-    todo = [k for k in keys if k not in have or k in changed]
-    number = max(shards, default=-1) + 1
-    writer: _ShardWriter | None = None
-    threads = num_threads or default_threads()
-    chunk = max(64, threads * 16)
-    bar = _progress(len(todo), progress)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            for key, result in zip(part, pool.map(lambda k: _decode(root_s, k, max_side), part)):
-                if isinstance(result, str):
-                    failed[key] = result
-                    continue
-                if writer is None:
-                    writer = _ShardWriter(shard_dir, number)
-                writer.add(key, result)
-                if writer.size >= shard_bytes:
-                    shards[number] = writer.finish(abs_root, max_side)
-                    number += 1
-                    writer = None
-            bar(len(part))
-    if writer is not None:
-        shards[number] = writer.finish(abs_root, max_side)
+    todo = _keys_to_decode(keys, root_s, shard_dir, shards)
+    series = _ShardSeries(shard_dir, shards, shard_bytes, abs_root, max_side)
+    failed = _decode_into(series, todo, root_s, max_side, num_threads or default_threads(), progress)
     ordered = [shards[n] for n in sorted(shards)]
-    index = {
-        "format": CACHE_FORMAT,
-        "root": abs_root,
-        "max_side": max_side,
-        "failed": failed,
-        "shards": [
-            {"file": m["file"], "bytes": m["bytes"], "sha256": m["sha256"], "images": len(m["keys"])}
-            for m in ordered
-        ],
-    }
     if tokenize:
-        from famevil_fast.data.tasks import all_texts
-        from famevil_fast.data.tokens import tokenize_texts, unreadable_token_files
-
-        for bad in unreadable_token_files(out_p):  # also those no text list needs any more
-            warnings.warn(f"cache: token file {bad} is unreadable; removing it", stacklevel=2)
-            bad.unlink()
-        for texts in all_texts(root_s):
-            tokenize_texts(texts, out_p)
-    atomic_write_json(index_path, index)
+        _cache_tokens(root_s, out_p)
+    atomic_write_json(index_path, _index(abs_root, max_side, failed, ordered))
     return CacheSummary(
         images=len({k for m in ordered for k in m["keys"]}),
         new_images=len(todo) - len(failed),
@@ -375,6 +305,136 @@ def build_cache(
         bytes=sum(m["bytes"] for m in ordered),
         datasets=found,
     )
+
+
+def _clean_shard_dir(out: Path) -> Path:
+    """``out/shards``, created when missing, without the temporary files of a killed conversion."""
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob("*.tmp"):
+        stale.unlink()
+    return shard_dir
+
+
+def _keys_to_cache(root: str, keys: Sequence[str] | None) -> tuple[list[str], tuple[str, ...]]:
+    """(the sorted distinct image keys to cache, "dataset/split" of every split file they were listed
+    from): ``keys`` when given (no split file read), else every image the datasets under ``root`` name."""
+    if keys is not None:
+        return sorted(set(keys)), ()
+    splits = dataset_splits(root)
+    return sorted(_image_keys(splits, root)), tuple(f"{dataset}/{split}" for dataset, split, _ in splits)
+
+
+def _previous_index(index_path: Path, out: Path, root: str, max_side: int | None) -> dict:
+    """The ``cache.json`` of an earlier conversion into ``out`` ({} when there is none, or when it is
+    unreadable: it is written last, so rewritten, with a warning); ValueError when it was built with another
+    ``max_side`` or from another data root."""
+    previous: dict = {}
+    if index_path.is_file():
+        try:
+            previous = _read_index(index_path)
+        except CacheCorruptError as e:
+            warnings.warn(f"cache: {e}; rebuilding it", stacklevel=3)
+    if previous and previous.get("max_side") != max_side:
+        raise ValueError(
+            f"cache {out} was built with --max-side {previous.get('max_side')} "
+            f"(max_side={previous.get('max_side')}), not {max_side}; use a new directory for another size"
+        )
+    if previous and "root" in previous and not _same_path(previous["root"], root):
+        raise ValueError(
+            f"cache {out} was built from data root {previous['root']}, not {os.path.abspath(root)}; "
+            "use a new cache directory for another dataset"
+        )
+    return previous
+
+
+def _keys_to_decode(keys: list[str], root: str, shard_dir: Path, shards: dict[int, dict]) -> list[str]:
+    """The ``keys`` (in order) that no complete shard holds or whose image changed since it was cached (a
+    warning counts the latter)."""
+    have = {k for m in shards.values() for k in m["keys"]}
+    changed = _changed_since_cached(root, shard_dir, shards) & set(keys)
+    if changed:
+        warnings.warn(
+            f"cache: {len(changed)} images changed since they were cached (e.g. {sorted(changed)[0]}); "
+            "decoding them again",
+            stacklevel=3,
+        )
+    return [k for k in keys if k not in have or k in changed]
+
+
+class _ShardSeries:
+    """New shards numbered after the complete ones in ``shards``, each finished (data, then manifest, added
+    to ``shards``) once it holds ``shard_bytes``."""
+
+    def __init__(
+        self, shard_dir: Path, shards: dict[int, dict], shard_bytes: int, root: str, max_side: int | None
+    ) -> None:
+        self.shard_dir, self.shards, self.shard_bytes = shard_dir, shards, shard_bytes
+        self.root, self.max_side = root, max_side
+        self.number = max(shards, default=-1) + 1
+        self.writer: _ShardWriter | None = None
+
+    def add(self, key: str, pixels: np.ndarray) -> None:
+        if self.writer is None:
+            self.writer = _ShardWriter(self.shard_dir, self.number)
+        self.writer.add(key, pixels)
+        if self.writer.size >= self.shard_bytes:
+            self.finish()
+
+    def finish(self) -> None:
+        """Finish the shard being written, if any."""
+        if self.writer is not None:
+            self.shards[self.number] = self.writer.finish(self.root, self.max_side)
+            self.number += 1
+            self.writer = None
+
+
+def _decode_into(
+    series: _ShardSeries, todo: list[str], root: str, max_side: int | None, threads: int, progress: bool
+) -> dict[str, str]:
+    """Decode the images ``todo`` on ``threads`` threads, a chunk at a time, into ``series`` (in order);
+    the images that could not be decoded, with why."""
+    failed: dict[str, str] = {}
+    chunk = max(64, threads * 16)
+    bar = _progress(len(todo), progress)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            for key, result in zip(part, pool.map(lambda k: _decode(root, k, max_side), part)):
+                if isinstance(result, str):
+                    failed[key] = result
+                else:
+                    series.add(key, result)
+            bar(len(part))
+    series.finish()
+    return failed
+
+
+def _cache_tokens(root: str, out: Path) -> None:
+    """Cache the token ids of every text list the loaders use under ``out/tokens``, first removing the
+    unreadable token files (also those no text list needs any more) with a warning each."""
+    from famevil_fast.data.tasks import all_texts
+    from famevil_fast.data.tokens import tokenize_texts, unreadable_token_files
+
+    for bad in unreadable_token_files(out):
+        warnings.warn(f"cache: token file {bad} is unreadable; removing it", stacklevel=3)
+        bad.unlink()
+    for texts in all_texts(root):
+        tokenize_texts(texts, out)
+
+
+def _index(root: str, max_side: int | None, failed: dict[str, str], shards: list[dict]) -> dict:
+    """The ``cache.json`` of ``shards`` (in order)."""
+    return {
+        "format": CACHE_FORMAT,
+        "root": root,
+        "max_side": max_side,
+        "failed": failed,
+        "shards": [
+            {"file": m["file"], "bytes": m["bytes"], "sha256": m["sha256"], "images": len(m["keys"])}
+            for m in shards
+        ],
+    }
 
 
 def _progress(total: int, enabled: bool):
