@@ -28,17 +28,19 @@ keeps one view per product, the first one listed that has an image. TGIR has one
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from famevil_fast.data.backends import ImageBackend
+from famevil_fast.data.cache import ImageCache
 from famevil_fast.data.fashiongen import fashiongen_split_file
 from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
 from famevil_fast.data.loader import EvalBatches, default_device, resolve_backend
-from famevil_fast.data.records import Product
+from famevil_fast.data.records import Product, Triplet
 from famevil_fast.data.tasks import (
+    SampleTable,
     check_task,
     drop_missing_products,
     drop_missing_triplets,
@@ -150,8 +152,6 @@ def build_eval_sets(
     the official protocol) or "first" (one view per product). ``eval_resize``: "keep_aspect" (shorter side to
     round(S * 256 / 224), aspect kept) or "squash" (the official code's R x R resize), then the centre crop.
     """
-    from famevil_fast.data.fashioniq import read_fashioniq
-
     check_views(views)
     check_eval_resize(eval_resize)
     dataset = check_task(task, dataset)
@@ -165,14 +165,8 @@ def build_eval_sets(
 
     cache = images.cache if images.name == "cache" else None  # images missing from where they are read
     if task == "tgir":
-        triplets = read_fashioniq(root, split, categories)
-        if check_files:
-            triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}", cache)
-        out = {}
-        for name in categories:
-            q, g = tgir_tables(triplets, FIQ_CATEGORIES.index(name), cache_dir)
-            out[name] = TGIRCategoryEval(name, batches(q), batches(g))
-        return TGIREval(out, eval_resize)
+        triplets = _tgir_triplets(root, split, categories, check_files, cache)
+        return TGIREval(_tgir_categories(triplets, categories, cache_dir, batches), eval_resize)
     products = read_products(dataset, root, split)
     mapping, note = (None, None)
     if task == "scr":  # from every row of the split (FashionGen), before missing images drop any
@@ -183,15 +177,59 @@ def build_eval_sets(
     if views == "first":
         products = first_views(products)
     if task == "itc":
-        texts = product_text_table(products, split, cache_dir)
-        return XMREval(
-            batches(view_table("itc", products, split, cache_dir)),
-            {k: v.to(dev) for k, v in texts.fields.items()},
-            texts.texts,
-            views,
-            eval_resize,
-        )
+        return _xmr_eval(products, split, cache_dir, batches, dev, views, eval_resize)
     table = view_table(task, products, split, cache_dir)
     if task == "scr":
         return SCREval(batches(table), views, eval_resize, mapping, note)
     return CapEval(batches(table), table.texts, views, eval_resize)
+
+
+def _tgir_triplets(
+    root: str | os.PathLike,
+    split: str,
+    categories: Sequence[str],
+    check_files: bool,
+    cache: ImageCache | None,
+) -> list[Triplet]:
+    """The FashionIQ ``split`` triplets of ``categories``, those with a missing image dropped when
+    ``check_files``."""
+    from famevil_fast.data.fashioniq import read_fashioniq
+
+    triplets = read_fashioniq(root, split, categories)
+    if check_files:
+        triplets = drop_missing_triplets(triplets, root, f"FashionIQ {split}", cache)
+    return triplets
+
+
+def _tgir_categories(
+    triplets: list[Triplet],
+    categories: Sequence[str],
+    cache_dir: str | os.PathLike | None,
+    batches: Callable[[SampleTable], EvalBatches],
+) -> dict[str, TGIRCategoryEval]:
+    """The queries and gallery of each of ``categories``, by name."""
+    out = {}
+    for name in categories:
+        q, g = tgir_tables(triplets, FIQ_CATEGORIES.index(name), cache_dir)
+        out[name] = TGIRCategoryEval(name, batches(q), batches(g))
+    return out
+
+
+def _xmr_eval(
+    products: list[Product],
+    split: str,
+    cache_dir: str | os.PathLike | None,
+    batches: Callable[[SampleTable], EvalBatches],
+    device: torch.device,
+    views: str,
+    eval_resize: str,
+) -> XMREval:
+    """The XMR set of ``products``: every view on the image side, one text per product."""
+    texts = product_text_table(products, split, cache_dir)
+    return XMREval(
+        batches(view_table("itc", products, split, cache_dir)),
+        {k: v.to(device) for k, v in texts.fields.items()},
+        texts.texts,
+        views,
+        eval_resize,
+    )

@@ -199,15 +199,7 @@ def xmr_sampled(
     op = "xmr_sampled"
     ks = check_ks(op, ks)
     check_ties(op, ties)
-    for name, value, low in (
-        ("num_queries", num_queries, 1),
-        ("num_negatives", num_negatives, 0),
-        ("repeats", repeats, 1),
-    ):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"{op}: seed must be an int or None (the original's unseeded draws), got {seed!r}")
+    _check_sampling(op, seed, num_queries, num_negatives, repeats)
     check_embeddings(op, image_embeds, text_embeds, allow_empty_queries=False)
     v, p = image_embeds.shape[0], text_embeds.shape[0]
     image_ids = _check_ids(op, "image_product_ids", image_product_ids, v)
@@ -220,33 +212,15 @@ def xmr_sampled(
         "i2t": (image_embeds, image_ids, image_sub, text_embeds, text_ids, text_sub),
         "t2i": (text_embeds, text_ids, text_sub, image_embeds, image_ids, image_sub),
     }
-    for name, (_, qids, _, _, gids, _) in directions.items():
-        available = _min_negatives_available(qids, gids)
-        if available < num_negatives:
-            raise ValueError(
-                f"{op}: {name} needs {num_negatives} negatives per query but some query has only {available} "
-                "gallery items of other products"
-            )
-    if seed is None:
-        generator = torch.default_generator  # the original's unseeded draws
-    else:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-    sums = dict.fromkeys(_directions(ks), 0.0)
-    drawn = {name: torch.zeros(len(d[1]), dtype=torch.bool) for name, d in directions.items()}
-    per_repeat = []
-    for _ in range(repeats):
-        current = {}
-        for name, (q_emb, qids, qsub, g_emb, gids, gsub) in directions.items():
-            qi, cand, _ = sample_candidates(qids, qsub, gids, gsub, num_queries, num_negatives, generator)
-            drawn[name][qi] = True
-            stats = _candidate_stats(q_emb, g_emb, qi, cand, f"{op} {name}")
-            current.update({f"{name}_r@{k}": stats.recall(k, ties) for k in ks})
-        per_repeat.append(_with_average(current))
-        for key in sums:
-            sums[key] += current[key]
-    metrics = _with_average({key: total / repeats for key, total in sums.items()})
+    _check_enough_negatives(op, directions, num_negatives)
+    generator = _sampling_generator(seed)
+    per_repeat, drawn = _sampled_repeats(
+        op, directions, num_queries, num_negatives, generator, repeats=repeats, ks=ks, ties=ties
+    )
+    keys = _directions(ks)
+    metrics = _with_average(_mean_over_repeats(per_repeat, keys))
     chance = _with_average(
-        {key: 100.0 * min(int(key.split("@")[1]) / (1 + num_negatives), 1.0) for key in sums}
+        {key: 100.0 * min(int(key.split("@")[1]) / (1 + num_negatives), 1.0) for key in keys}
     )
     details = {
         "seed": seed,
@@ -264,3 +238,70 @@ def xmr_sampled(
         "per_repeat": per_repeat,
     }
     return TaskResult("xmr", f"sampled-{num_negatives}", metrics, chance, details)
+
+
+def _check_sampling(op: str, seed: int | None, num_queries: int, num_negatives: int, repeats: int) -> None:
+    """ValueError unless ``num_queries`` and ``repeats`` are ints >= 1, ``num_negatives`` an int >= 0 and
+    ``seed`` an int or None."""
+    for name, value, low in (
+        ("num_queries", num_queries, 1),
+        ("num_negatives", num_negatives, 0),
+        ("repeats", repeats, 1),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"{op}: seed must be an int or None (the original's unseeded draws), got {seed!r}")
+
+
+def _check_enough_negatives(op: str, directions: dict[str, tuple], num_negatives: int) -> None:
+    """ValueError naming the direction where some query has fewer than ``num_negatives`` gallery items of
+    other products."""
+    for name, (_, qids, _, _, gids, _) in directions.items():
+        available = _min_negatives_available(qids, gids)
+        if available < num_negatives:
+            raise ValueError(
+                f"{op}: {name} needs {num_negatives} negatives per query but some query has only {available} "
+                "gallery items of other products"
+            )
+
+
+def _sampling_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``; for None the global one (the original's unseeded draws)."""
+    if seed is None:
+        return torch.default_generator
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _sampled_repeats(
+    op: str,
+    directions: dict[str, tuple],
+    num_queries: int,
+    num_negatives: int,
+    generator: torch.Generator,
+    *,
+    repeats: int,
+    ks: Sequence[int],
+    ties: str,
+) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """(the recalls of every repeat, with their average; per direction, which queries some repeat drew)."""
+    drawn = {name: torch.zeros(len(d[1]), dtype=torch.bool) for name, d in directions.items()}
+    per_repeat = []
+    for _ in range(repeats):
+        current = {}
+        for name, (q_emb, qids, qsub, g_emb, gids, gsub) in directions.items():
+            qi, cand, _ = sample_candidates(qids, qsub, gids, gsub, num_queries, num_negatives, generator)
+            drawn[name][qi] = True
+            stats = _candidate_stats(q_emb, g_emb, qi, cand, f"{op} {name}")
+            current.update({f"{name}_r@{k}": stats.recall(k, ties) for k in ks})
+        per_repeat.append(_with_average(current))
+    return per_repeat, drawn
+
+
+def _mean_over_repeats(per_repeat: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
+    """The mean of each of ``keys`` over the repeats, summed in repeat order."""
+    sums = dict.fromkeys(keys, 0.0)
+    for current in per_repeat:
+        for key in sums:
+            sums[key] += current[key]
+    return {key: total / len(per_repeat) for key, total in sums.items()}

@@ -144,31 +144,9 @@ class DALIBackend(ImageBackend):
 
     def load(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
         if len(paths) > self.max_batch:
-            parts = [
-                self.load(
-                    paths[i : i + self.max_batch],
-                    plan.subset(np.arange(i, min(len(paths), i + self.max_batch))),
-                )
-                for i in range(0, len(paths), self.max_batch)
-            ]
-            return Loaded(
-                torch.cat([p.pixels for p in parts]),
-                np.concatenate([p.ok for p in parts]),
-                [f for p in parts for f in p.failures],
-            )
+            return self._load_in_parts(paths, plan)
         datas = read_bytes(self.root, paths, self.pool)
-        sizes: list[tuple[int, int] | None] = []
-        failures: list[tuple[str, str]] = []
-        for p, d in zip(paths, datas):
-            try:
-                if d is not None and jpeg_truncated(d):  # checked here: nvJPEG's handling is not PIL's
-                    raise ValueError("truncated JPEG: the data ends before the end-of-image marker")
-                sizes.append(None if d is None else probe_size(d, p))
-            except PIL_DECODE_ERRORS as e:
-                sizes.append(None)
-                failures.append((p, decode_error(e)))
-            if d is None:
-                failures.append((p, "file not readable"))
+        sizes, failures = _probe_sizes(paths, datas)
         ok = np.asarray([s is not None for s in sizes], dtype=bool)
         # formats DALI has no decoder for go to PIL without costing a failed pipeline run
         to_pil = np.asarray(
@@ -202,6 +180,33 @@ class DALIBackend(ImageBackend):
                 failures.append((paths[i], result))
             else:
                 pil_pixels.append(result)
+        return Loaded(self._assemble(ok, by_dali, dali_pixels, to_pil, pil_pixels), ok, failures)
+
+    def _load_in_parts(self, paths: Sequence[str], plan: CropPlan) -> Loaded:
+        """``load`` of more than ``max_batch`` images, ``max_batch`` at a time, joined in order."""
+        parts = [
+            self.load(
+                paths[i : i + self.max_batch],
+                plan.subset(np.arange(i, min(len(paths), i + self.max_batch))),
+            )
+            for i in range(0, len(paths), self.max_batch)
+        ]
+        return Loaded(
+            torch.cat([p.pixels for p in parts]),
+            np.concatenate([p.ok for p in parts]),
+            [f for p in parts for f in p.failures],
+        )
+
+    def _assemble(
+        self,
+        ok: np.ndarray,
+        by_dali: np.ndarray,
+        dali_pixels: torch.Tensor,
+        to_pil: np.ndarray,
+        pil_pixels: list[np.ndarray],
+    ) -> torch.Tensor:
+        """The batch of the present images (``ok``) in order: those of ``by_dali`` from ``dali_pixels``, those
+        of ``to_pil`` from ``pil_pixels`` (uint8 HWC, normalised here)."""
         s = self.image_size
         pixels = torch.empty((int(ok.sum()), 3, s, s), dtype=torch.float32, device=self.device)
         rank = np.cumsum(ok) - 1  # position of each present image in the output
@@ -210,7 +215,7 @@ class DALIBackend(ImageBackend):
         if pil_pixels:
             host = torch.from_numpy(np.stack(pil_pixels)).permute(0, 3, 1, 2).contiguous()
             pixels[torch.from_numpy(rank[to_pil]).to(self.device)] = normalize(host.to(self.device))
-        return Loaded(pixels, ok, failures)
+        return pixels
 
     def _warn_fallback(self, paths: list[str], error: RuntimeError) -> None:
         if self._warned_fallback:
@@ -235,6 +240,26 @@ class DALIBackend(ImageBackend):
     def close(self) -> None:
         self._pipe = None
         super().close()
+
+
+def _probe_sizes(
+    paths: Sequence[str], datas: Sequence[bytes | None]
+) -> tuple[list[tuple[int, int] | None], list[tuple[str, str]]]:
+    """(the size of each image read from its header, None for one that is unreadable, truncated or not an
+    image; (path, why) of each of those)."""
+    sizes: list[tuple[int, int] | None] = []
+    failures: list[tuple[str, str]] = []
+    for p, d in zip(paths, datas):
+        try:
+            if d is not None and jpeg_truncated(d):  # checked here: nvJPEG's handling is not PIL's
+                raise ValueError("truncated JPEG: the data ends before the end-of-image marker")
+            sizes.append(None if d is None else probe_size(d, p))
+        except PIL_DECODE_ERRORS as e:
+            sizes.append(None)
+            failures.append((p, decode_error(e)))
+        if d is None:
+            failures.append((p, "file not readable"))
+    return sizes, failures
 
 
 def _pil_probe(data: bytes) -> str | None:
