@@ -230,7 +230,7 @@ class Trainer:
             t.task_weights,
         )
         self.teachers = (
-            Teachers.load(config.distill.teachers, self.model).to(self.device)
+            Teachers.load(config.distill.teachers, self.model, config.distill.faithful_itc).to(self.device)
             if config.distill.enabled
             else None
         )
@@ -375,6 +375,7 @@ class Trainer:
             "update": self.update + 1,
             "applied": applied,
             "grad_norm": values[-1],
+            "lr": self.optimizer.param_groups[0]["lr"],  # the rate this update used (before the step below)
             "losses": [[t, v] for (t, _), v in zip(losses, values)],
         }
         if not applied:
@@ -594,7 +595,7 @@ class Trainer:
         every = self.cfg.logging.every
         if not (every and (self.update % every == 0 or self.update == 1)):
             return
-        values: dict[str, Any] = {"lr": self.scheduler.get_last_lr()[0], "grad_norm": record["grad_norm"]}
+        values: dict[str, Any] = {"lr": record["lr"], "grad_norm": record["grad_norm"]}
         if not record["applied"]:
             values["applied"] = False
         values.update({f"loss/{task}": value for task, value in task_means(record["losses"]).items()})
