@@ -139,3 +139,27 @@ def test_parameters_no_call_reached_show_no_gradient_to_the_optimizer():
     step.zero_grad()
     with step.untouched_grads_hidden():
         assert all(p.grad is None for p in step.params)
+
+
+def test_a_layout_beyond_the_cap_hides_the_parameters_it_does_not_reach():
+    """An eager step past ``max_graphs`` shows the optimizer only what it reached, with eager gradients,
+    accumulated into the tensors the captured graphs write to."""
+    model = micro_model()
+    reference = copy.deepcopy(model)
+    step = GraphedStep(_loss_fn(model, mixed=False), list(model.parameters()), max_graphs=1)
+    step(_batches(["itc"]))  # captured: every parameter now holds a gradient tensor
+    tensors = [p.grad for p in step.params]
+    step.zero_grad()
+    step(_batches(["scr"]))  # a second layout: beyond the cap, eager
+    assert step.eager_calls == 1
+    names = {p: n for n, p in model.named_parameters()}
+    with step.untouched_grads_hidden():
+        visible = {names[p] for p in step.params if p.grad is not None}
+    assert any(".adapters.scr." in n for n in visible)
+    assert not any(".adapters.itc." in n or ".adapters.cap." in n for n in visible)
+    assert all(p.grad is t for p, t in zip(step.params, tensors))
+    total, _ = _loss_fn(reference, mixed=False)(_batches(["scr"]))
+    total.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        expected = q.grad if q.grad is not None else torch.zeros_like(q)
+        torch.testing.assert_close(p.grad, expected, msg=name)

@@ -94,9 +94,7 @@ class GraphedStep:
         captured = self.graphs.get(layout)
         if captured is None:
             if len(self.graphs) >= self.max_graphs:
-                self.eager_calls += 1
-                self._touched = [True] * len(self.params)  # not known without a probe: assume all
-                return self._run(batches)
+                return self._run_uncaptured(batches)
             captured = self.graphs[layout] = self._capture(batches)
         self._copy_in(captured.inputs, batches)
         self._touched = [a or b for a, b in zip(self._touched, captured.touched)]
@@ -140,6 +138,27 @@ class GraphedStep:
             total, losses = self.loss_fn(batches)
         total.backward()
         return {task: loss.detach().float() for task, loss in losses.items()}
+
+    def _run_uncaptured(self, batches: Batches) -> dict[str, torch.Tensor]:
+        """An eager step for a layout beyond ``max_graphs``. The gradients of parameters that no call has
+        reached since ``zero_grad()`` are set aside during it: those it reaches get a gradient (added into
+        their own tensor, which the graphs accumulate into) and count as touched; the others stay hidden
+        from the optimizer, as after captured and eager steps."""
+        self.eager_calls += 1
+        held = {i: p.grad for i, p in enumerate(self.params) if not self._touched[i]}
+        for i in held:
+            self.params[i].grad = None
+        try:
+            return self._run(batches)
+        finally:
+            for i, grad in held.items():
+                p = self.params[i]
+                if p.grad is not None:
+                    self._touched[i] = True
+                    if grad is not None:  # zero since zero_grad(): it takes this step's gradient
+                        p.grad = grad.add_(p.grad)
+                else:
+                    p.grad = grad
 
     @staticmethod
     def _copy_in(static: dict[str, dict[str, torch.Tensor]], batches: Batches) -> None:
