@@ -118,18 +118,25 @@ class Teachers(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def load(cls, paths: Mapping[str, str], student: FameViL) -> Teachers:
+    def load(cls, paths: Mapping[str, str], student: FameViL, faithful_itc: bool = False) -> Teachers:
+        """The teachers of ``paths`` (task -> checkpoint), each checked against the student whose batches
+        it will read (``faithful_itc``: the itc teacher scores the student's features, so their sizes must
+        agree)."""
         teachers = {}
         for task, path in paths.items():
-            model = FameViL.from_pretrained(
-                path,
-                caption_loss_on_padding=student.config.caption_loss_on_padding,
-                caption_vocab=student.config.caption_vocab,
-                attention=student.config.attention,
-                backend=student.config.backend,
-            )
+            try:
+                model = FameViL.from_pretrained(
+                    path,
+                    caption_loss_on_padding=student.config.caption_loss_on_padding,
+                    caption_vocab=student.config.caption_vocab,
+                    attention=student.config.attention,
+                    backend=student.config.backend,
+                )
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"distill.teachers.{task}: {exc}") from exc
             if task not in model.config.tasks:
                 raise ValueError(f"teacher {path} has tasks {model.config.tasks}, not {task!r}")
+            _check_teacher(task, path, model.config, student.config, faithful_itc)
             teachers[task] = model.eval()
         return cls(teachers)
 
@@ -139,6 +146,24 @@ class Teachers(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor], task: str, gather: Gather | None = None) -> TaskOutput:
         return self.models[task](batch, task, gather)
+
+
+def _check_teacher(task: str, path: str, teacher, student, faithful_itc: bool) -> None:
+    """Refuse a teacher that cannot read the student's batches or whose outputs the KD loss cannot compare
+    (``teacher`` and ``student`` are FameViLConfigs)."""
+    mismatch = []
+    own, theirs = student.clip.vision.image_size, teacher.clip.vision.image_size
+    if own != theirs:
+        mismatch.append(f"it takes {theirs} px images, the student's batches have {own} px")
+    if task == "scr" and teacher.num_classes != student.num_classes:
+        mismatch.append(f"it has {teacher.num_classes} classes, the student {student.num_classes}")
+    if task == "itc" and faithful_itc and teacher.clip.embed_dim != student.clip.embed_dim:
+        mismatch.append(
+            f"distill.faithful_itc pairs its {teacher.clip.embed_dim}-d features with the student's "
+            f"{student.clip.embed_dim}-d ones"
+        )
+    if mismatch:
+        raise ValueError(f"distill.teachers.{task} ({path}) does not fit the student: {'; '.join(mismatch)}")
 
 
 def combine(gt: torch.Tensor, kd: torch.Tensor, balance: float) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Trainer edge cases: the logged record of an update, and teachers checked against the student."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+from trainer_fixtures import micro_config, streams
+
+from famevil_fast.model import FameViL, clip_preset
+from famevil_fast.train.optim import lr_factor
+from famevil_fast.train.trainer import Trainer, build_model
+
+
+def test_the_logged_learning_rate_is_the_one_the_update_used(tmp_path):
+    """Warm-up over 2 updates and a decay at (0-based) update 3: update N's record shows the rate of its
+    own optimizer step, not the next update's."""
+    cfg = micro_config(tmp_path, "logging.every=1", "train.update_frequency=1")
+    trainer = Trainer(cfg, streams())
+    used = []
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    trainer.fit()
+    s = cfg.schedule
+    expected = [
+        cfg.optim.lr * lr_factor(u, s.warmup_updates, s.warmup_start_factor, s.decay_at, s.decay_factor)
+        for u in range(cfg.train.updates)
+    ]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    logged = [r["lr"] for r in records if r["kind"] == "train"]
+    assert [r["update"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert logged == used
+    assert all(abs(a - b) <= 1e-12 for a, b in zip(logged, expected, strict=True))
+    assert [r["lr"] for r in trainer.history] == used
+
+
+NARROW = dataclasses.replace(clip_preset("micro"), embed_dim=32)  # the micro student's embeddings are 64-d
+
+
+def _teacher(path, task: str, **changes) -> str:
+    """A random single-task teacher: the micro student's model with ``changes`` to its config."""
+    config = build_model(micro_config(f"{path}_unused")).config.replace(tasks=(task,), **changes)
+    FameViL(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("task", "changes", "extra", "message"),
+    [
+        ("itc", {"clip": clip_preset("tiny")}, (), "takes 64 px images, the student's batches have 32 px"),
+        ("scr", {"num_classes": 7}, (), "it has 7 classes, the student 121"),
+        (
+            "itc",
+            {"clip": NARROW},
+            ("distill.faithful_itc=true",),
+            "its 32-d features with the student's 64-d",
+        ),
+    ],
+)
+def test_a_teacher_that_does_not_fit_the_student_is_refused_when_loaded(
+    tmp_path, task, changes, extra, message
+):
+    """Refused before training, naming the teacher, rather than at the first update with an error about
+    pixel shapes, label ranges or feature sizes."""
+    path = _teacher(tmp_path / "teacher", task, **changes)
+    cfg = micro_config(
+        tmp_path / "run", "distill.enabled=true", f"distill.teachers={{{task}: {path}}}", *extra
+    )
+    with pytest.raises(ValueError, match=rf"distill.teachers.{task} .*{re.escape(message)}"):
+        Trainer(cfg, streams())
+
+
+def test_a_teacher_of_another_embedding_size_distils_its_own_logits(tmp_path):
+    """Without faithful_itc the itc teacher's logits come from its own features: any width works."""
+    path = _teacher(tmp_path / "teacher", "itc", clip=NARROW)
+    cfg = micro_config(tmp_path / "run", "distill.enabled=true", f"distill.teachers={{itc: {path}}}")
+    record = Trainer(cfg, streams()).train_update()
+    assert record["applied"]
+
+
+def test_a_missing_teacher_checkpoint_names_its_task(tmp_path):
+    cfg = micro_config(tmp_path / "run", "distill.enabled=true", f"distill.teachers={{scr: {tmp_path}/none}}")
+    with pytest.raises(FileNotFoundError, match="distill.teachers.scr"):
+        Trainer(cfg, streams())
