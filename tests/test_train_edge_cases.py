@@ -87,3 +87,20 @@ def test_a_missing_teacher_checkpoint_names_its_task(tmp_path):
     cfg = micro_config(tmp_path / "run", "distill.enabled=true", f"distill.teachers={{scr: {tmp_path}/none}}")
     with pytest.raises(FileNotFoundError, match="distill.teachers.scr"):
         Trainer(cfg, streams())
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Resuming update 2 of a run that reached update 4: the later checkpoints move to superseded/, so that
+    neither pruning nor a later --resume prefers the abandoned run, and the continued run is exact."""
+    first = Trainer(micro_config(tmp_path, "checkpoint.every=1", "checkpoint.keep_last=4"), streams())
+    first.fit()
+    run = tmp_path / "checkpoints"
+    assert sorted(p.name for p in run.iterdir()) == [f"step_{u:08d}" for u in (1, 2, 3, 4)]
+    again = Trainer(micro_config(tmp_path, "checkpoint.every=1", "checkpoint.keep_last=1"), streams())
+    with pytest.warns(UserWarning, match=r"the 2 later checkpoint\(s\) .*superseded"):
+        assert again.resume(run / "step_00000002")
+    assert sorted(p.name for p in (tmp_path / "superseded").iterdir()) == ["step_00000003", "step_00000004"]
+    assert [p.name for p in again.checkpoints.list()] == ["step_00000001", "step_00000002"]
+    again.fit()
+    assert [p.name for p in again.checkpoints.list()] == ["step_00000004"]  # the continued run's own
+    assert again.history == first.history

@@ -173,6 +173,25 @@ class CheckpointManager:
         restore_rng(_read_tensors(path / RNG_FILE), state["rng"])
         return state
 
+    def set_aside_after(self, update: int) -> list[Path]:
+        """Move the checkpoints of updates after ``update`` into ``<run dir>/superseded/`` (a resume from an
+        older checkpoint: the run continues from there, and the abandoned checkpoints must neither be
+        pruned in favour of nor resumed instead of the new ones); returns where they went. The main process
+        calls it, once."""
+        later = [p for p in self.list() if int(p.name.split("_")[1]) > update]
+        if not later:
+            return []
+        superseded = self.directory.parent / "superseded"
+        superseded.mkdir(exist_ok=True)
+        moved = []
+        for path in later:
+            target, n = superseded / path.name, 1
+            while target.exists():
+                target, n = superseded / f"{path.name}.{n}", n + 1
+            os.replace(path, target)
+            moved.append(target)
+        return moved
+
     def _prune(self) -> None:
         """Delete all but the newest ``keep_last`` checkpoints, and what interrupted writes left behind
         (hidden temporary directories; only the main process writes checkpoints, and not concurrently)."""

@@ -14,6 +14,7 @@ import functools
 import math
 import random
 import signal
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -289,7 +290,9 @@ class Trainer:
         return self._checkpointed
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from ``path`` or the newest checkpoint of the run directory; False when there is none."""
+        """Continue from ``path`` or the newest checkpoint of the run directory; False when there is none.
+        Checkpoints of the run directory after the resumed update move to ``<dir>/superseded/`` (with a
+        warning), so that the continued run's own checkpoints are the ones kept and resumed."""
         path = Path(path) if path else self.checkpoints.latest()
         if path is None:
             return False
@@ -303,6 +306,14 @@ class Trainer:
         self.history = list(state.get("history", []))
         self.update = int(state["update"])
         self._checkpointed = path if path.name == f"step_{self.update:08d}" else None
+        moved = self.checkpoints.set_aside_after(self.update) if self.dist.is_main else []
+        if moved:
+            warnings.warn(
+                f"resumed from {path} at update {self.update}: the {len(moved)} later checkpoint(s) of "
+                f"{self.checkpoints.directory} now lie in {moved[0].parent} (this run continues from "
+                "the older one)",
+                stacklevel=2,
+            )
         return True
 
     def _check_resumed_config(self, path: Path, state: Mapping[str, Any]) -> None:
