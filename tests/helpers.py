@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -173,3 +175,14 @@ class EmbeddingStub:
 
     def encode_text(self, input_ids: torch.Tensor, task: str) -> torch.Tensor:
         return torch.nn.functional.normalize(input_ids.double(), dim=1)
+
+
+def save_micro_checkpoint(directory: str | Path) -> Path:
+    """A random micro FAME-ViL model (r = 8) saved with ``save_pretrained`` under ``directory/model``."""
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    path = Path(directory) / "model"
+    FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)).save_pretrained(
+        path
+    )
+    return path

@@ -6,6 +6,7 @@ directory, make-synthetic over a dataset it did not write, options that would ha
 import json
 
 import pytest
+from helpers import save_micro_checkpoint
 from trainer_fixtures import micro_config, streams
 
 from famevil_fast.cli.main import main
@@ -210,13 +211,7 @@ def test_trust_pickle_reaches_the_checkpoint_commands(tmp_path, capsys):
 # ---------------------------------------------------------------- options that would have no effect
 @pytest.fixture(scope="module")
 def micro_checkpoint(tmp_path_factory):
-    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
-
-    path = tmp_path_factory.mktemp("micro") / "model"
-    FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)).save_pretrained(
-        path
-    )
-    return path
+    return save_micro_checkpoint(tmp_path_factory.mktemp("micro"))
 
 
 @pytest.mark.parametrize(

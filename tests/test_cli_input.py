@@ -6,20 +6,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import save_micro_checkpoint
 from PIL import Image
 
 from famevil_fast.cli.main import main
 from famevil_fast.devices import resolve_device
-from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)).save_pretrained(
-        path
-    )
-    return path
+    return save_micro_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture
