@@ -9,7 +9,7 @@ import torch
 from famevil_fast.kernels import launch
 from famevil_fast.kernels.custom_ops import adapter_forward_impl, task_rows
 
-from famevil_fast.ops._backend import refuse_double_backward
+from famevil_fast.ops._backend import once_differentiable_grads
 
 N_PARAMS = 7
 
@@ -37,11 +37,13 @@ class FusedAdapterFunction(torch.autograd.Function):
         adapter_grads = (None,) * (1 + N_PARAMS)
         needs = ctx.needs_input_grad
         if ctx.saved and (needs[0] or any(needs[4 : 4 + N_PARAMS])):
-            refuse_double_backward("fused_adapter")
             x, *params, h, mean, rstd = ctx.saved_tensors
-            adapter_grads = launch.adapter_backward(
-                grad_y.contiguous(), x, tuple(params), h, mean, rstd, ctx.rows
-            )
+            with torch.no_grad():
+                adapter_grads = launch.adapter_backward(
+                    grad_y.contiguous(), x, tuple(params), h, mean, rstd, ctx.rows
+                )
+            depends = (grad_y, x, *params)
+            adapter_grads = once_differentiable_grads("fused_adapter", tuple(adapter_grads), depends)
         return (adapter_grads[0], None, None, None, *adapter_grads[1:], *residual_grads)
 
 
@@ -75,9 +77,11 @@ class LayerNormLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         if not ctx.saved:
             return (None,) * 7
-        refuse_double_backward("layer_norm_linear")
         out, x, mean, rstd, *params = ctx.saved_tensors
-        dx, *param_grads = launch.ln_linear_backward(grad_out.contiguous(), out, x, mean, rstd, *params)
+        with torch.no_grad():
+            grads = launch.ln_linear_backward(grad_out.contiguous(), out, x, mean, rstd, *params)
+        depends = (grad_out, x, *params)
+        dx, *param_grads = once_differentiable_grads("layer_norm_linear", tuple(grads), depends)
         return (dx, None, None, *param_grads)
 
 

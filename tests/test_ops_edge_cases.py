@@ -134,6 +134,24 @@ def test_contrastive_double_backward_refused(backend: str) -> None:
     )
 
 
+@pytest.mark.parametrize("backend", [b for b in contrastive_backends() if b != "torch"])
+def test_create_graph_backward_not_differentiated_again_works(backend: str) -> None:
+    """Only a second derivative through the fused gradients fails: a create_graph backward whose result is
+    used as a value (or differentiated where it does not depend on them) gives the first derivative."""
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    w = torch.randn(7, requires_grad=True)
+    grads = {}
+    for name in (backend, "torch"):
+        loss = contrastive_loss(a * w, b, 2.0, backend=name) + (w**2).sum()
+        (grads[name],) = torch.autograd.grad(loss, w, create_graph=True)
+    torch.testing.assert_close(grads[backend].detach(), grads["torch"].detach())
+    x, p = torch.randn(3, 8, requires_grad=True), adapter_params(8, 4)
+    (g,) = torch.autograd.grad(fused_adapter(x, *p, backend="triton").sum(), x, create_graph=True)
+    torch.testing.assert_close(
+        g.detach(), torch.autograd.grad(fused_adapter(x, *p, backend="torch").sum(), x)[0]
+    )
+
+
 def test_adapter_double_backward_refused() -> None:
     p = adapter_params(8, 4)
     x = torch.randn(3, 8, requires_grad=True)

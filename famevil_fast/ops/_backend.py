@@ -56,15 +56,44 @@ def same_device_and_dtype(
             raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {want_dtype}")
 
 
-def refuse_double_backward(op: str) -> None:
-    """RuntimeError when a fused backward runs with grad mode on (``create_graph=True``): its kernels work
-    outside autograd, so a second derivative through them would silently treat the gradients as
-    constants."""
-    if torch.is_grad_enabled():
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients of a fused backward, with edges to what they depend on (the saved inputs,
+    the incoming gradients), whose own backward raises: a second derivative that reaches them fails."""
+
+    @staticmethod
+    def forward(ctx, op: str, count: int, *tensors: torch.Tensor):  # type: ignore[override]
+        ctx.op = op
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
         raise RuntimeError(
-            f"{op}: the fused backward cannot be differentiated again (create_graph=True, double backward); "
-            "use backend='torch' for higher-order gradients"
+            f"{ctx.op}: the fused backward cannot be differentiated again (double backward through "
+            "create_graph=True gradients); use backend='torch' for higher-order gradients"
         )
+
+
+def once_differentiable_grads(
+    op: str, grads: tuple, depends_on: tuple, fused: tuple[bool, ...] | None = None
+) -> tuple:
+    """``grads`` from a fused backward whose kernels work outside autograd. Under ``create_graph=True``
+    (grad mode on in the backward) the ones marked in ``fused`` (default: all) come back connected to
+    ``depends_on`` (the tensors they were computed from: saved inputs, incoming gradients) through a node
+    whose backward raises RuntimeError, so that a second derivative through them fails when it is taken,
+    whichever inputs it is taken for, instead of silently treating them as constants; a create_graph
+    backward that is not differentiated through them again is unaffected."""
+    if not torch.is_grad_enabled():
+        return grads
+    fused = fused or (True,) * len(grads)
+    marked = [i for i, g in enumerate(grads) if fused[i] and isinstance(g, torch.Tensor)]
+    sources = [t for t in depends_on if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not marked or not sources:
+        return grads
+    wrapped = _FirstOrderOnly.apply(op, len(marked), *[grads[i] for i in marked], *sources)
+    out = list(grads)
+    for i, g in zip(marked, wrapped):
+        out[i] = g
+    return tuple(out)
 
 
 def require_int(op: str, name: str, value: object) -> int:

@@ -27,7 +27,7 @@ from famevil_fast.ops._backend import (
     KERNEL_DTYPES,
     check_backend,
     forced_backend,
-    refuse_double_backward,
+    once_differentiable_grads,
     require_triton,
     triton_importable,
     triton_runs_on,
@@ -377,21 +377,22 @@ class _InfoNceStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, grad_cols):  # type: ignore[override]
-        refuse_double_backward("contrastive_loss")
         a, b, scale, row_key, col_key, rows, col_stats = ctx.saved_tensors
-        grad_a, grad_b, grad_scale = torch.ops.famevil_fast.contrastive_stats_backward(
-            grad_rows.contiguous(),
-            grad_cols.contiguous(),
-            a,
-            b,
-            scale,
-            row_key,
-            col_key,
-            rows,
-            col_stats,
-            ctx.cols,
-        )
-        return grad_a, grad_b, grad_scale, None, None, None
+        with torch.no_grad():
+            grads = torch.ops.famevil_fast.contrastive_stats_backward(
+                grad_rows.contiguous(),
+                grad_cols.contiguous(),
+                a,
+                b,
+                scale,
+                row_key,
+                col_key,
+                rows,
+                col_stats,
+                ctx.cols,
+            )
+        depends = (grad_rows, grad_cols, a, b, scale)
+        return *once_differentiable_grads("contrastive_loss", tuple(grads), depends), None, None, None
 
 
 class _DistillStats(torch.autograd.Function):
@@ -406,14 +407,16 @@ class _DistillStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, grad_cols):  # type: ignore[override]
-        refuse_double_backward("contrastive_distill_loss")
         a, b, scale, teacher_a, teacher_b, teacher_scale, rows, col_stats = ctx.saved_tensors
-        grads = (grad_rows.contiguous(), grad_cols.contiguous())
+        incoming = (grad_rows.contiguous(), grad_cols.contiguous())
         teacher = (teacher_a, teacher_b, teacher_scale)
-        grad_a, grad_b, grad_scale = torch.ops.famevil_fast.contrastive_distill_stats_backward(
-            *grads, a, b, scale, *teacher, rows, col_stats, ctx.cols
-        )
-        return grad_a, grad_b, grad_scale, None, None, None, None
+        with torch.no_grad():
+            grads = torch.ops.famevil_fast.contrastive_distill_stats_backward(
+                *incoming, a, b, scale, *teacher, rows, col_stats, ctx.cols
+            )
+        depends = (*incoming, a, b, scale, *teacher)
+        grads = once_differentiable_grads("contrastive_distill_loss", tuple(grads), depends)
+        return *grads, None, None, None, None
 
 
 def _register_fake_kernels() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from famevil_fast.ops._backend import refuse_double_backward
+from famevil_fast.ops._backend import once_differentiable_grads
 from famevil_fast.ops.contrastive import Groups, _as_scale, direction_loss, positive_keys
 
 GROUP_SUM_CHUNK_ROWS = 16384  # rows of a 16-bit input converted to float32 at a time for its group sums
@@ -179,9 +179,15 @@ class InfoNceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from famevil_fast.kernels import contrastive_ops
+        with torch.no_grad():
+            grad_a, grad_b, grad_s = InfoNceFunction._grads(ctx, grad)
+        depends = (grad, *ctx.saved_tensors[:3])
+        grads = once_differentiable_grads("contrastive_loss", (grad_a, grad_b, grad_s), depends)
+        return *grads, None, None, None, None, None
 
-        refuse_double_backward("contrastive_loss")
+    @staticmethod
+    def _grads(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from famevil_fast.kernels import contrastive_ops
 
         a, b, s, lse_rows, lse_cols, row_key, col_key = ctx.saved_tensors
         (m, n), (row_counts, col_counts) = (a.shape[0], b.shape[0]), ctx.counts
@@ -196,4 +202,4 @@ class InfoNceFunction(torch.autograd.Function):
         grad_a, grad_b, grad_s = contrastive_ops.launch_lse_backward(
             g_rows, g_cols, a, b, s, lse_rows, lse_cols, ctx.two_way, targets
         )
-        return grad_a, grad_b, grad_s.view(s.shape), None, None, None, None, None
+        return grad_a, grad_b, grad_s.view(s.shape)
