@@ -289,3 +289,16 @@ def test_bad_batches_and_configs():
         FameViLConfig(clip=clip_preset("micro"), tasks=("mvc",), xaa="text")
     with pytest.raises(ValueError, match="unknown task"):
         FameViLConfig(clip=clip_preset("micro"), tasks=("mlm",))
+
+
+def test_itm_forward_checks_no_labels_on_the_host(monkeypatch):
+    """The labels of the ITM forward come from itm_pairs (0 / 1 by construction): no read-back checks them."""
+    model, batch = _model(tasks=("itm",)), _batch(6)
+
+    def no_host_reads():
+        raise AssertionError("itm_loss read the labels back")
+
+    monkeypatch.setattr(pl, "host_reads_allowed", no_host_reads)
+    model(batch, "itm").loss.backward()
+    with pytest.raises(AssertionError, match="read the labels back"):
+        pl.itm_loss(torch.zeros(2, 2), torch.tensor([0, 1]))

@@ -137,7 +137,8 @@ def forward_itm(model: FameViL, batch: dict[str, torch.Tensor], gather: Gather |
     v, t = model.fused_features(pixels, ids[text_index], "itm")
     logits = model.heads["itm"](v + t)
     return TaskOutput(
-        pl.itm_loss(logits, labels, gather), {"logits": logits, "labels": labels, "text_index": text_index}
+        pl.itm_loss(logits, labels, gather, check_labels=False),
+        {"logits": logits, "labels": labels, "text_index": text_index},
     )
 
 
