@@ -513,10 +513,18 @@ def resume_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
     now = _flat(json.loads(json.dumps(current.to_dict())))
     before = _flat(saved)
     return [
-        f"{key}: {before[key]!r} -> {now[key]!r}"
+        f"{key}: {before[key]!r} -> {now[key]!r}" + _RESUME_HINTS.get(key, "")
         for key in sorted(now.keys() & before.keys())
         if not _may_change(key) and before[key] != now[key]
     ]
+
+
+_RESUME_HINTS = {  # what a difference the recipe did not spell out comes from
+    "train.freeze_backbone": (
+        " (null, the default, means true with model.adapter_type xmodal and false with tsa; a run saved "
+        "with false continues with --set train.freeze_backbone=false)"
+    ),
+}
 
 
 # ---------------------------------------------------------------- YAML
