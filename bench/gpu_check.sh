@@ -15,6 +15,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
+# the caller's settings that shape the run (read before the script exports its own), for the command line
+# the results name
+SETTINGS=$(env | grep -E '^(GPU_CHECK_[A-Z_]+|GPU_SESSION_BUDGET|TRAIN_STEP_[A-Z_]+|BENCH_[A-Z_]+|TILE_SWEEP|TORCH_CUDA_ARCH_LIST|PYTHON)=' \
+  | grep -v '^GPU_CHECK_DRY=0$' | sort | sed -E "s/^([A-Z_]+)=(.*)$/\1='\2'/" | tr '\n' ' ')
 OUT="${OUT:-bench/out}"
 PARTS_DIR="${GPU_CHECK_PARTS_DIR:-/tmp/gpu_check_parts}"  # full outputs; packed into $OUT/parts.tar.gz
 rm -rf "$PARTS_DIR"; mkdir -p "$OUT" "$PARTS_DIR"  # this run's outputs only
@@ -136,9 +140,6 @@ if [[ " $PARTS " == *" bench "* ]]; then
   for name in $BENCHES; do run_bench "$name"; done
 fi
 
-# the settings that shape the run, for the command line the results name
-SETTINGS=$(env | grep -E '^(GPU_CHECK_[A-Z_]+|GPU_SESSION_BUDGET|TRAIN_STEP_[A-Z_]+|BENCH_[A-Z_]+|TILE_SWEEP|TORCH_CUDA_ARCH_LIST|PYTHON)=' \
-  | grep -v '^GPU_CHECK_DRY=0$' | sort | sed -E "s/^([A-Z_]+)=(.*)$/\1='\2'/" | tr '\n' ' ')
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown")
 if [ "$COMMIT" != unknown ] && [ -n "$(GIT_OPTIONAL_LOCKS=0 git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
   COMMIT="$COMMIT with uncommitted changes"
