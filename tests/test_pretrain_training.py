@@ -188,3 +188,21 @@ def test_pac_trains_on_the_datasets_own_attribute_ids(tmp_path_factory, tmp_path
     assert num_attributes(cfg) == len(load_attributes(root, "dataset").vocabulary)
     result = Trainer(cfg).fit()
     assert result["status"] == "finished" and result["update"] == 1
+
+
+def test_the_study_run_again_into_the_same_directory_starts_afresh(tmp_path_factory, tmp_path, monkeypatch):
+    from famevil_fast.train import pretrain_study
+
+    monkeypatch.setattr(pretrain_study, "build_evaluator", lambda *args, **kwargs: None)
+    root = synthetic(tmp_path_factory, products=40, image_size=32)
+    extra = ["model.adapter_bottleneck=8", "data.attribute_min_count=2", "data.num_workers=1"]
+    size = dict(clip="micro", image_size=32, batch_size=8, long_baseline=False, extra=extra)
+    first = pretrain_study.run_study(str(root), tmp_path, 1, 1, **size)
+    (tmp_path / "scratch" / "label").write_text("first")
+    second = pretrain_study.run_study(str(root), tmp_path, 1, 2, **size)
+    assert first["arms"]["scratch"]["updates"] == 1 and second["arms"]["scratch"]["updates"] == 2
+    assert (tmp_path / "scratch.previous" / "label").read_text() == "first"
+    assert not (tmp_path / "scratch" / "label").exists()
+    for arm, update in (("pretrain", 1), ("pretrained", 2), ("scratch", 2)):
+        assert [p.name for p in (tmp_path / f"{arm}.previous" / "checkpoints").iterdir()] == ["step_00000001"]
+        assert [p.name for p in (tmp_path / arm / "checkpoints").iterdir()] == [f"step_{update:08d}"]

@@ -212,6 +212,24 @@ class CheckpointManager:
                         os.replace(moved, final)
 
 
+def set_aside_run_dir(run: str | Path, what: str = "run") -> Path | None:
+    """Make a new run in ``run`` start afresh: a non-empty run directory is renamed to ``<name>.previous``
+    (replacing an older one), so that its checkpoints are neither mixed with the new run's nor lost at
+    once; ``what`` names the run in the line printed. Returns where the previous run went (None: nothing
+    to set aside)."""
+    run = Path(run)
+    if not run.is_dir() or not any(run.iterdir()):
+        return None
+    previous = run.with_name(run.name + ".previous")
+    if previous.is_dir() and not previous.is_symlink():
+        shutil.rmtree(previous)
+    elif previous.exists() or previous.is_symlink():
+        previous.unlink()
+    run.rename(previous)
+    print(f"the previous {what} is kept in {previous}; this run starts afresh in {run}")
+    return previous
+
+
 def _complete_checkpoints(directory: Path) -> list[Path]:
     """The ``step_XXXXXXXX`` directories of ``directory`` that hold a training state."""
     return [

@@ -145,25 +145,28 @@ def run_study(
     long_baseline: bool = True,
     extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Train the arms of the module docstring under ``out`` and return their scores."""
+    """Train the arms of the module docstring under ``out`` and return their scores. Each arm trains in
+    ``out/<arm>``; a study run again into the same ``out`` starts afresh: a previous arm's directory is
+    renamed to ``<arm>.previous`` first (replacing an older one)."""
+    from famevil_fast.train.checkpoint import set_aside_run_dir
+
     out = Path(out)
     size = dict(clip=clip, image_size=image_size, batch_size=batch_size, seed=seed, extra=extra)
-    evaluator = build_evaluator(root, image_size)
-    arms: dict[str, Any] = {}
     pre = pretrain_config(root, out / "pretrain", pretrain_updates, **size)
-    arms["pretrain"] = _train(pre)
     init = str(out / "pretrain" / "final")
-    arms["pretrained"] = _train(
-        finetune_config(root, out / "pretrained", finetune_updates, init, **size), evaluator
-    )
-    arms["scratch"] = _train(
-        finetune_config(root, out / "scratch", finetune_updates, None, **size), evaluator
-    )
+    configs = {
+        "pretrain": pre,
+        "pretrained": finetune_config(root, out / "pretrained", finetune_updates, init, **size),
+        "scratch": finetune_config(root, out / "scratch", finetune_updates, None, **size),
+    }
     if long_baseline:
         total = pretrain_updates * pre.train.update_frequency + finetune_updates
-        arms["scratch_long"] = _train(
-            finetune_config(root, out / "scratch_long", total, None, **size), evaluator
-        )
+        configs["scratch_long"] = finetune_config(root, out / "scratch_long", total, None, **size)
+    for name, config in configs.items():
+        if not config.checkpoint.resume:
+            set_aside_run_dir(config.checkpoint.dir, f"'{name}' run of the study")
+    evaluator = build_evaluator(root, image_size)
+    arms = {name: _train(cfg, None if name == "pretrain" else evaluator) for name, cfg in configs.items()}
     study = {
         "root": root,
         "pretrain_updates": pretrain_updates,

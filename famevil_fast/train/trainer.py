@@ -86,6 +86,23 @@ def non_finite_reason(record: Mapping[str, Any]) -> str:
     return "non-finite gradient norm (every loss and task gradient finite: their combination overflowed)"
 
 
+def check_new_run(checkpoint_dir: str | Path, resume: bool = False) -> None:
+    """Refuse (ValueError) to start a new run in ``checkpoint_dir`` when it holds another run's checkpoints:
+    the new run's checkpoints would be mixed with (and pruned among) the old ones, and a later resume would
+    continue whichever is newest. With ``resume`` there is nothing to refuse: the run continues the newest
+    checkpoint, or starts afresh where there is none. Reads the directory only, so a command can call it
+    before it builds anything."""
+    if resume:
+        return
+    existing = CheckpointManager(checkpoint_dir).list()
+    if existing:
+        raise ValueError(
+            f"{checkpoint_dir} already holds the checkpoints of a run (newest: {existing[-1].name}): "
+            "continue it with --resume (checkpoint.resume=true), or start the new run in another "
+            "checkpoint.dir (or remove the old one)"
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -577,16 +594,10 @@ class Trainer:
         return {"status": status, "update": self.update, "eval": results}
 
     def _check_new_run(self) -> None:
-        """Refuse to start a run at update 0 in a directory holding another run's checkpoints: the new
-        run's checkpoints would be mixed with (and pruned among) the old ones, and a later resume would
-        continue whichever is newest. A trainer already at a later update was resumed by the caller."""
-        existing = self.checkpoints.list()
-        if existing and self.update == 0:
-            raise ValueError(
-                f"{self.cfg.checkpoint.dir} already holds the checkpoints of a run (newest: "
-                f"{existing[-1].name}): continue it with --resume (checkpoint.resume=true), or start the new "
-                "run in another checkpoint.dir (or remove the old one)"
-            )
+        """Refuse to start a run at update 0 in a directory holding another run's checkpoints (see
+        ``check_new_run``). A trainer already at a later update was resumed by the caller."""
+        if self.update == 0:
+            check_new_run(self.cfg.checkpoint.dir)
 
     def _check_evaluation(self) -> None:
         """Fail before training rather than at the first evaluation when the evaluator cannot run here:

@@ -4,7 +4,6 @@ tasks in one multi-task run, evaluate, print the tables with chance levels."""
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,27 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
 
 
-def set_aside_previous_run(run: Path) -> None:
-    """A demo run again with the same ``--out`` starts afresh: a previous run directory ``run`` is renamed to
-    ``run.previous`` (replacing an older one), so that its checkpoints are neither mixed with the new run's
-    nor lost at once."""
-    if not run.is_dir() or not any(run.iterdir()):
-        return
-    previous = run.with_name(run.name + ".previous")
-    if previous.is_dir():
-        shutil.rmtree(previous)
-    elif previous.exists():
-        previous.unlink()
-    run.rename(previous)
-    print(f"the previous demo run is kept in {previous}; this run starts afresh in {run}")
-
-
 def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, exact: bool = False) -> None:
     """Generate the synthetic dataset in ``directory`` unless one is there already. An existing one is
     reused with a note; with ``exact`` (the product count or the seed was asked for) it must have been made
-    with the same product count and seed, else ValueError."""
+    with the same product count and seed, else ValueError. One whose writing was interrupted is written
+    again; a FashionGen or FashionIQ dataset that make-synthetic did not write is refused (as
+    ``famevil-fast make-synthetic`` refuses it), not overwritten."""
     import json
 
+    from famevil_fast.cli.commands.make_synthetic import check_output_dir
     from famevil_fast.data import make_synthetic
 
     marker = directory / "synthetic.json"
@@ -76,6 +63,7 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, e
             )
         print(f"using the synthetic dataset in {directory} ({found} products, seed {record['seed']})")
         return
+    check_output_dir(directory)
     print(f"generating {products} synthetic products in {directory} ...")
     make_synthetic(directory, products=products, seed=seed, image_size=image_size)
 
@@ -104,11 +92,13 @@ def caption_ceiling_text(fic: TaskResult, data_root: str | Path, save_to: Path |
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from famevil_fast.cli.commands.make_synthetic import check_output_dir
     from famevil_fast.cli.commands.train import build_evaluator
     from famevil_fast.configs import resolve
     from famevil_fast.eval.report import EvalReport
+    from famevil_fast.train.checkpoint import set_aside_run_dir
     from famevil_fast.train.config import load_config
-    from famevil_fast.train.trainer import Trainer
+    from famevil_fast.train.trainer import Trainer, check_new_run
 
     gpu = torch.cuda.is_available()
     out = Path(args.out)
@@ -120,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
     products = args.products if args.products is not None else (6000 if gpu else 2000)
     exact = args.products is not None or args.seed != 0
     size = max(96, cfg.data.image_size * 5 // 4)
-    ensure_dataset(out / "data", products, args.seed, image_size=size, exact=exact)
+    check_output_dir(out / "data")  # before the previous run is set aside: a refusal changes nothing
     if not cfg.checkpoint.resume and Path(cfg.checkpoint.dir) == out / "run":
-        set_aside_previous_run(out / "run")
+        set_aside_run_dir(out / "run", "demo run")
+    check_new_run(cfg.checkpoint.dir, resume=cfg.checkpoint.resume)  # a --set checkpoint.dir elsewhere
+    ensure_dataset(out / "data", products, args.seed, image_size=size, exact=exact)
     print(f"training {cfg.model.clip} on {cfg.model.tasks} for {cfg.train.updates} updates ({config}) ...")
     trainer = Trainer(cfg)
     trainer.evaluator = build_evaluator(cfg, trainer.device)

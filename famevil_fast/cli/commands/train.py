@@ -71,13 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.configs import resolve
     from famevil_fast.train.config import describe_fields, load_config
     from famevil_fast.train.distributed import shutdown
-    from famevil_fast.train.trainer import NonFiniteLoss, Trainer
+    from famevil_fast.train.trainer import NonFiniteLoss, Trainer, check_new_run
 
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(resolve(args.config), overrides)
     if args.print_config:
         print(describe_fields(cfg))
         return 0
+    check_new_run(cfg.checkpoint.dir, resume=cfg.checkpoint.resume)  # before the model and data are built
     trainer = Trainer(cfg)
     if not args.no_eval:
         trainer.evaluator = build_evaluator(cfg, trainer.device)
