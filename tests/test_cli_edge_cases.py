@@ -4,6 +4,7 @@ directory, make-synthetic over a dataset it did not write, options that would ha
 --from-clip of FAME-ViL weights, and cache --verify with the cache directory alone."""
 
 import json
+from pathlib import Path
 
 import pytest
 from helpers import save_micro_checkpoint
@@ -42,6 +43,29 @@ def test_a_checkpoint_dir_that_is_a_file_is_named(tmp_path):
     path.write_text("not a directory")
     with pytest.raises(NotADirectoryError, match="checkpoint.dir .* is a file"):
         Trainer(micro_config(path), streams())
+
+
+def test_train_refuses_a_directory_holding_a_run_before_building_anything(tmp_path, monkeypatch, capsys):
+    import famevil_fast.train.trainer as trainer_module
+
+    class Built(Exception):
+        pass
+
+    class NotToBeBuilt:
+        def __init__(self, cfg) -> None:
+            raise Built
+
+    monkeypatch.setattr(trainer_module, "Trainer", NotToBeBuilt)
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000004" / "training_state.json").write_text("{}")
+    argv = ["train", "--config", "tiny_cpu", "--set", f"checkpoint.dir={tmp_path}"]
+    assert main(argv) == 2
+    line = one_error_line(capsys, "train")
+    assert "already holds the checkpoints of a run (newest: step_00000004)" in line and "--resume" in line
+    with pytest.raises(Built):  # continuing the run goes on to build it
+        main([*argv, "--resume"])
+    with pytest.raises(Built):  # as does a new run in an empty directory
+        main(["train", "--config", "tiny_cpu", "--set", f"checkpoint.dir={tmp_path / 'new'}"])
 
 
 def test_train_stopped_by_a_non_finite_loss_is_one_line(monkeypatch, capsys):
@@ -169,16 +193,79 @@ def test_make_synthetic_rewrites_its_own_dataset(tmp_path, capsys):
     assert record["products_train"] + record["products_val"] == 6
 
 
+def _interrupt_before_the_record(monkeypatch) -> None:
+    """make_synthetic stops (as on Ctrl-C) after the dataset's files, before synthetic.json."""
+    import famevil_fast.data.synthetic.generate as generate
+
+    write = generate.atomic_write_json
+
+    def interrupted(path, obj, *args, **kwargs) -> None:
+        if Path(path).name == "synthetic.json":
+            raise KeyboardInterrupt
+        write(path, obj, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "atomic_write_json", interrupted)
+
+
+def test_make_synthetic_completes_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    argv = ["make-synthetic", str(tmp_path), "--products", "4", "--workers", "1"]
+    with monkeypatch.context() as patch:
+        _interrupt_before_the_record(patch)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    assert (tmp_path / "FashionGen" / "train_info.json").is_file()
+    assert not (tmp_path / "synthetic.json").exists() and (tmp_path / "synthetic.writing").is_file()
+    assert main(argv) == 0
+    assert (tmp_path / "synthetic.json").is_file() and not (tmp_path / "synthetic.writing").exists()
+
+
+def test_make_synthetic_looks_for_dataset_files_where_they_lie(tmp_path, capsys):
+    from famevil_fast.cli.commands.make_synthetic import check_output_dir
+
+    image_tree = tmp_path / "a" / "FashionIQ" / "images" / "dress"
+    image_tree.mkdir(parents=True)
+    (image_tree / "notes.json").write_text("{}")
+    check_output_dir(tmp_path / "a")  # a JSON file among the images is not a dataset file
+    captions = tmp_path / "b" / "FashionIQ" / "captions" / "cap.dress.train.json"
+    captions.parent.mkdir(parents=True)
+    captions.write_text("[]")
+    with pytest.raises(ValueError, match=r"already holds FashionIQ/ not written by make-synthetic"):
+        check_output_dir(tmp_path / "b")
+
+
+def test_demo_writes_again_an_interrupted_dataset_and_refuses_another(tmp_path, monkeypatch, capsys):
+    from famevil_fast.cli.commands.demo import ensure_dataset
+
+    data = tmp_path / "data"
+    assert main(["make-synthetic", str(data), "--products", "4", "--workers", "1"]) == 0
+    with monkeypatch.context() as patch:  # a rewrite with other settings, interrupted
+        _interrupt_before_the_record(patch)
+        with pytest.raises(KeyboardInterrupt):
+            main(["make-synthetic", str(data), "--products", "6", "--workers", "1"])
+    capsys.readouterr()
+    ensure_dataset(data, 6, 0, image_size=32)  # not taken for the complete 4-product dataset
+    assert "generating 6 synthetic products" in capsys.readouterr().out
+    record = json.loads((data / "synthetic.json").read_text())
+    assert record["products_train"] + record["products_val"] == 6
+    assert not (data / "synthetic.writing").exists()
+    real = tmp_path / "real"
+    (real / "FashionGen").mkdir(parents=True)
+    (real / "FashionGen" / "train_info.json").write_text("[]")
+    with pytest.raises(ValueError, match="not written by make-synthetic"):
+        ensure_dataset(real, 6, 0, image_size=32)
+    assert (real / "FashionGen" / "train_info.json").read_text() == "[]"
+
+
 def test_demo_sets_a_previous_run_aside(tmp_path, capsys):
-    from famevil_fast.cli.commands.demo import set_aside_previous_run
+    from famevil_fast.train.checkpoint import set_aside_run_dir
 
     run = tmp_path / "run"
-    set_aside_previous_run(run)  # nothing there yet
+    assert set_aside_run_dir(run, "demo run") is None  # nothing there yet
     assert not run.exists() and not (tmp_path / "run.previous").exists()
     for label in ("first", "second"):
         (run / "step-00000004").mkdir(parents=True)
         (run / "metrics.jsonl").write_text(label)
-        set_aside_previous_run(run)
+        assert set_aside_run_dir(run, "demo run") == tmp_path / "run.previous"
         assert not run.exists()
         assert (tmp_path / "run.previous" / "metrics.jsonl").read_text() == label  # the older one replaced
     assert "run.previous" in capsys.readouterr().out

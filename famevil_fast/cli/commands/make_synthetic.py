@@ -37,13 +37,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_output_dir(root: Path) -> None:
     """Refuse a file, and a directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no
-    earlier make-synthetic wrote (no synthetic.json): they would be overwritten. An earlier synthetic
-    dataset is rewritten, and one whose writing was interrupted (images only) is completed."""
+    earlier make-synthetic wrote (neither its synthetic.json nor the synthetic.writing it leaves while
+    writing): they would be overwritten. An earlier synthetic dataset is rewritten, and one whose writing
+    was interrupted is completed."""
+    from famevil_fast.data.synthetic.generate import dataset_json_files, written_by_make_synthetic
+
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
-    if (root / "synthetic.json").exists():
+    if written_by_make_synthetic(root):
         return
-    found = [f"{name}/" for name in ("FashionGen", "FashionIQ") if any((root / name).rglob("*.json"))]
+    folders = {path.relative_to(root).parts[0] for path in dataset_json_files(root)}
+    found = [f"{name}/" for name in ("FashionGen", "FashionIQ") if name in folders]
     if found:
         raise ValueError(
             f"{root} already holds {' and '.join(found)} not written by make-synthetic (no synthetic.json): "

@@ -12,6 +12,11 @@ Layout (the same as the real datasets, as FashionViL lays them out)::
     DIR/FashionIQ/synthetic_attributes.json         the drawn attributes of every FashionIQ image
     DIR/synthetic.json                              generator settings, counts, vocabularies
 
+``DIR/synthetic.writing`` is written before anything else and removed once ``synthetic.json`` (written last)
+is in place: a directory holding it is an interrupted run's, which a new run completes. A run that rewrites
+an earlier dataset removes that one's ``synthetic.json`` first, so that a half-rewritten directory is never
+taken for a complete dataset.
+
 All randomness is drawn in one process from ``numpy.random.default_rng(seed)`` before any image is drawn,
 so the output is identical for a seed whatever the number of worker processes.
 
@@ -53,6 +58,10 @@ FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 _PATTERN_P = np.asarray([0.3] + [0.14] * (len(PATTERNS) - 1))
 _BACKGROUNDS = ((255, 255, 255), (245, 245, 245), (236, 236, 238), (243, 239, 231), (232, 236, 241))
 GENERATOR_VERSION = 1
+RECORD_FILE = "synthetic.json"
+WRITING_MARKER = "synthetic.writing"
+# where the dataset's JSON files lie (relative to DIR), as ``make_synthetic`` lays them out
+DATASET_JSON_FOLDERS = ("FashionGen", "FashionIQ", "FashionIQ/captions", "FashionIQ/image_splits")
 
 
 @dataclass
@@ -394,6 +403,21 @@ def _render_all(jobs: list[_Job], workers: int) -> None:
             pass
 
 
+def written_by_make_synthetic(root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds a dataset that ``make_synthetic`` wrote, complete (``synthetic.json``) or
+    interrupted (``synthetic.writing``)."""
+    root = Path(root)
+    return (root / RECORD_FILE).is_file() or (root / WRITING_MARKER).is_file()
+
+
+def dataset_json_files(root: str | os.PathLike) -> list[Path]:
+    """The JSON files where a FashionGen or FashionIQ dataset under ``root`` keeps its records (the top
+    levels of ``FashionGen/`` and ``FashionIQ/``, and FashionIQ's ``captions/`` and ``image_splits/``);
+    image folders are not walked."""
+    root = Path(root)
+    return sorted(p for folder in DATASET_JSON_FOLDERS for p in (root / folder).glob("*.json") if p.is_file())
+
+
 def make_synthetic(
     out_dir: str | os.PathLike,
     products: int = 1000,
@@ -418,6 +442,12 @@ def make_synthetic(
         raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
     start = time.perf_counter()
     root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WRITING_MARKER).write_text(
+        "make-synthetic is writing a synthetic dataset here; if this file remains, the run was interrupted: "
+        "run make-synthetic again to complete it\n"
+    )
+    (root / RECORD_FILE).unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     fg_rows, fg_jobs = _fashiongen(rng, products, val_fraction, root, image_size)
     n_fiq = max(24, products if fiq_images is None else fiq_images)
@@ -448,7 +478,7 @@ def make_synthetic(
     )
     record = {k: v for k, v in asdict(summary).items() if k not in ("root", "seconds")}
     atomic_write_json(
-        root / "synthetic.json",
+        root / RECORD_FILE,
         {
             "generator_version": GENERATOR_VERSION,
             **record,
@@ -457,5 +487,6 @@ def make_synthetic(
             "attributes": list(ATTRIBUTE_VOCABULARY),
         },
     )
+    (root / WRITING_MARKER).unlink(missing_ok=True)
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
