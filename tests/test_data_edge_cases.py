@@ -147,28 +147,34 @@ def test_each_split_file_is_parsed_once_for_the_tables_of_a_run(tmp_path, monkey
 
     monkeypatch.setattr(records, "load_json_list", counting)
     monkeypatch.setattr(fashiongen, "load_json_list", counting)
-    first = tasks.train_table("itc", root, dataset="fashionall")
-    attributes = load_attributes(root, "dataset", "fashionall")
-    for task in ("mvc", "pac", "itm"):
-        table = pretrain_table(task, root, dataset="fashionall", attributes=attributes)
-        assert table.fields["product_ids"].tolist() == first.fields["product_ids"].tolist()
-    assert sorted(parsed) == sorted(set(parsed))  # no file twice
-    assert "FashionGen/train_info.json" in parsed and "BigFACAD/train_info.json" in parsed
+    with records.shared_reads():
+        first = tasks.train_table("itc", root, dataset="fashionall")
+        attributes = load_attributes(root, "dataset", "fashionall")
+        for task in ("mvc", "pac", "itm"):
+            table = pretrain_table(task, root, dataset="fashionall", attributes=attributes)
+            assert table.fields["product_ids"].tolist() == first.fields["product_ids"].tolist()
+        assert sorted(parsed) == sorted(set(parsed))  # no file twice
+        assert "FashionGen/train_info.json" in parsed and "BigFACAD/train_info.json" in parsed
 
-    rows = json.loads((root / "BigFACAD" / "train_info.json").read_text())
-    _write(root / "BigFACAD" / "train_info.json", rows[:1])  # a changed file is read again
-    _age(root / "BigFACAD" / "train_info.json", seconds=60)
-    again = tasks.train_table("itc", root, dataset="fashionall")
-    assert len(again) == len(first) - len(rows) + 1
-    assert parsed.count("BigFACAD/train_info.json") == 2
+        rows = json.loads((root / "BigFACAD" / "train_info.json").read_text())
+        _write(root / "BigFACAD" / "train_info.json", rows[:1])  # a changed file is read again
+        _age(root / "BigFACAD" / "train_info.json", seconds=60)
+        again = tasks.train_table("itc", root, dataset="fashionall")
+        assert len(again) == len(first) - len(rows) + 1
+        assert parsed.count("BigFACAD/train_info.json") == 2
+    assert not records._READS  # nothing kept once the scope ends
+    tasks.train_table("itc", root, dataset="fashionall")  # outside it every read parses its file
+    assert parsed.count("BigFACAD/train_info.json") == 3
+    assert parsed.count("FashionGen/train_info.json") == 2
 
 
 def test_a_split_file_just_written_is_read_again(tmp_path):
     path = tmp_path / "FashionGen" / "train_info.json"
     _write(path, [fashiongen_row(1, ["a.png"])])
-    assert [p.id for p in read_fashiongen(tmp_path, "train")] == [1]
-    _write(path, [fashiongen_row(2, ["a.png"])])  # same size, perhaps the same timestamp
-    assert [p.id for p in read_fashiongen(tmp_path, "train")] == [2]
+    with records.shared_reads():
+        assert [p.id for p in read_fashiongen(tmp_path, "train")] == [1]
+        _write(path, [fashiongen_row(2, ["a.png"])])  # same size, perhaps the same timestamp
+        assert [p.id for p in read_fashiongen(tmp_path, "train")] == [2]
 
 
 # ------------------------------------------------------- a source image replaced after caching

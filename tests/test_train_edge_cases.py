@@ -104,3 +104,30 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
     again.fit()
     assert [p.name for p in again.checkpoints.list()] == ["step_00000004"]  # the continued run's own
     assert again.history == first.history
+
+
+def test_building_a_trainer_parses_each_split_file_once(tmp_path, monkeypatch):
+    """The caption vocabulary and the tables of every task read the same split files: one parse each."""
+    import os
+    import time
+    from pathlib import Path
+
+    from famevil_fast.data import fashiongen, records
+    from famevil_fast.data.synthetic.generate import make_synthetic
+
+    make_synthetic(tmp_path / "data", products=24, seed=0, image_size=32)
+    for path in (tmp_path / "data").rglob("*.json"):
+        os.utime(path, (time.time() - 3600,) * 2)  # settled files: a fresh one is never kept
+    parsed = []
+    real = records.load_json_list
+
+    def counting(path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(records, "load_json_list", counting)
+    monkeypatch.setattr(fashiongen, "load_json_list", counting)
+    settings = (f"data.root={tmp_path / 'data'}", "model.tasks=[itc,scr,cap]", "model.caption_vocab=corpus")
+    Trainer(micro_config(tmp_path / "run", *settings, "data.num_workers=0"))
+    assert parsed.count("train_info.json") == 1
+    assert not records._READS  # nothing kept once the trainer is built

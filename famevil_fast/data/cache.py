@@ -33,6 +33,7 @@ from PIL import Image
 
 from famevil_fast.data.backends.base import default_threads
 from famevil_fast.data.backends.pil_backend import PIL_DECODE_ERRORS, decode_error
+from famevil_fast.data.records import shared_reads
 from famevil_fast.data.transforms import to_rgb
 from famevil_fast.files import atomic_write_json
 
@@ -234,15 +235,34 @@ def _complete_shards(
     return done
 
 
-def _changed_since_cached(root: str, shard_dir: Path, shards: dict[int, dict]) -> set[str]:
+def _changed_since_cached(
+    root: str, shard_dir: Path, shards: dict[int, dict], num_threads: int | None = None
+) -> set[str]:
     """The keys whose source file under ``root`` was modified after the newest shard holding them was
-    written (an image replaced on disk since it was cached; a later shard's entry is the one served)."""
+    written (an image replaced on disk since it was cached; a later shard's entry is the one served). The
+    source files are looked at by ``num_threads`` threads (default: :func:`default_threads`), as a network
+    filesystem answers each look-up slowly."""
     written: dict[str, float] = {}
     for number in sorted(shards):
         when = (shard_dir / shards[number]["file"]).stat().st_mtime
         written.update(dict.fromkeys(shards[number]["keys"], when))
+    items = list(written.items())
+    threads = min(num_threads or default_threads(), -(-len(items) // _STATS_PER_TASK))
+    if threads <= 1:
+        return _changed(root, items)
+    step = max(1, min(_STATS_PER_TASK, -(-len(items) // (4 * threads))))
+    parts = [items[i : i + step] for i in range(0, len(items), step)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return set().union(*pool.map(lambda part: _changed(root, part), parts))
+
+
+_STATS_PER_TASK = 256  # source files one thread looks at per task of _changed_since_cached
+
+
+def _changed(root: str, items: list[tuple[str, float]]) -> set[str]:
+    """The keys of ``items`` ((key, time its shard was written)) whose file under ``root`` is newer."""
     changed = set()
-    for key, when in written.items():
+    for key, when in items:
         try:
             if os.stat(os.path.join(root, key)).st_mtime > when:
                 changed.add(key)
@@ -284,19 +304,20 @@ def build_cache(
     """
     root_s = os.fspath(root)
     out_p = Path(out)
-    shard_dir = _clean_shard_dir(out_p)
-    keys, found = _keys_to_cache(root_s, keys)
-    index_path = out_p / "cache.json"
-    previous = _previous_index(index_path, out_p, root_s, max_side)
-    abs_root = os.path.abspath(root_s)
-    shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
-    todo = _keys_to_decode(keys, root_s, shard_dir, shards)
-    series = _ShardSeries(shard_dir, shards, shard_bytes, abs_root, max_side)
-    failed = _decode_into(series, todo, root_s, max_side, num_threads or default_threads(), progress)
-    ordered = [shards[n] for n in sorted(shards)]
-    if tokenize:
-        _cache_tokens(root_s, out_p)
-    atomic_write_json(index_path, _index(abs_root, max_side, failed, ordered))
+    with shared_reads():  # the image list and the token cache read the same split files
+        shard_dir = _clean_shard_dir(out_p)
+        keys, found = _keys_to_cache(root_s, keys)
+        index_path = out_p / "cache.json"
+        previous = _previous_index(index_path, out_p, root_s, max_side)
+        abs_root = os.path.abspath(root_s)
+        shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
+        todo = _keys_to_decode(keys, root_s, shard_dir, shards, num_threads)
+        series = _ShardSeries(shard_dir, shards, shard_bytes, abs_root, max_side)
+        failed = _decode_into(series, todo, root_s, max_side, num_threads or default_threads(), progress)
+        ordered = [shards[n] for n in sorted(shards)]
+        if tokenize:
+            _cache_tokens(root_s, out_p)
+        atomic_write_json(index_path, _index(abs_root, max_side, failed, ordered))
     return CacheSummary(
         images=len({k for m in ordered for k in m["keys"]}),
         new_images=len(todo) - len(failed),
@@ -348,11 +369,13 @@ def _previous_index(index_path: Path, out: Path, root: str, max_side: int | None
     return previous
 
 
-def _keys_to_decode(keys: list[str], root: str, shard_dir: Path, shards: dict[int, dict]) -> list[str]:
+def _keys_to_decode(
+    keys: list[str], root: str, shard_dir: Path, shards: dict[int, dict], num_threads: int | None = None
+) -> list[str]:
     """The ``keys`` (in order) that no complete shard holds or whose image changed since it was cached (a
     warning counts the latter)."""
     have = {k for m in shards.values() for k in m["keys"]}
-    changed = _changed_since_cached(root, shard_dir, shards) & set(keys)
+    changed = _changed_since_cached(root, shard_dir, shards, num_threads) & set(keys)
     if changed:
         warnings.warn(
             f"cache: {len(changed)} images changed since they were cached (e.g. {sorted(changed)[0]}); "

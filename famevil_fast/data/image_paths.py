@@ -14,6 +14,7 @@ import os
 import re
 
 _DRIVE = re.compile(r"[A-Za-z]:(/|$)")  # a Windows drive ("C:/data/...", once backslashes are "/")
+_ODD_START = ("", "/", ".")  # first characters of paths :func:`image_paths` looks at closely
 
 
 def clean_image_path(p: str) -> str:
@@ -74,6 +75,17 @@ def image_paths(
     head = folder + "/"
     out = []
     for raw in paths:
+        if (
+            type(raw) is str
+            and raw[:1] not in _ODD_START
+            and raw[1:2] != ":"
+            and "\\" not in raw
+            and "//" not in raw
+            and "/." not in raw
+            and raw[-1] != "/"
+        ):  # relative and already clean: what the loop below gives it, without its checks
+            out.append(prefix + raw if raw.startswith(head) else prefix + head + raw)
+            continue
         p = clean_image_path(raw)
         if not p:
             raise ValueError(f"{where or 'a row'}: image path {raw!r} names no file")

@@ -28,6 +28,7 @@ from famevil_fast.data.attributes import AttributeFile, check_attribute_dataset,
 from famevil_fast.data.backends import ImageBackend
 from famevil_fast.data.cache import ImageCache
 from famevil_fast.data.loader import TrainLoader, default_device, resolve_backend
+from famevil_fast.data.records import shared_reads
 from famevil_fast.data.tasks import (
     ITC_DATASETS,
     SampleTable,
@@ -124,13 +125,14 @@ def build_pretrain_loader(
     ``attributes``: an AttributeFile, the path of one, or None (mine the training texts, keeping words of
     at least ``attribute_min_count`` products)."""
     dev = torch.device(device) if device is not None else default_device()
-    if task == "pac" and not isinstance(attributes, AttributeFile):
-        attributes = load_attributes(
-            root, attributes, check_pretrain_task(task, dataset), attribute_min_count
-        )
-    images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads)
-    image_cache = images.cache if images.name == "cache" else None
-    table = pretrain_table(task, root, split, dataset, cache_dir, check_files, attributes, image_cache)
+    with shared_reads():  # PAC's mined attributes and its table read the same split files
+        if task == "pac" and not isinstance(attributes, AttributeFile):
+            attributes = load_attributes(
+                root, attributes, check_pretrain_task(task, dataset), attribute_min_count
+            )
+        images = resolve_backend(backend, root, image_size, dev, cache_dir, num_threads)
+        image_cache = images.cache if images.name == "cache" else None
+        table = pretrain_table(task, root, split, dataset, cache_dir, check_files, attributes, image_cache)
     if hasattr(images, "max_batch"):
         images.max_batch = max(images.max_batch, batch_size * len(table.slots))
     return TrainLoader(table, images, batch_size, seed, rank, world_size, drop_last, prefetch)

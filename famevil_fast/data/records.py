@@ -1,6 +1,7 @@
 """The records every reader produces: products (FashionGen, Fashion200k, PolyvoreOutfits, BigFACAD) and
 triplets (FashionIQ), and the reading of split files into them: JSON lists, row checks whose errors name the
-file, entry and field, one parse per unchanged file, the catalogue datasets' common format.
+file, entry and field, one parse per unchanged file within a :func:`shared_reads` scope, the catalogue
+datasets' common format.
 
 Image paths in records are relative to the data root the reader was given, so the same record resolves to
 a file on disk or to an entry of a pre-decoded cache built from that root; a split file's own paths (relative
@@ -17,7 +18,8 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,13 +83,34 @@ _READS: OrderedDict[tuple, tuple[Product, ...]] = OrderedDict()
 _READS_LOCK = threading.Lock()
 _READS_KEPT = 8  # split files remembered (the four union datasets' train splits and FashionGen's val fit)
 _SETTLED_NS = 2_000_000_000  # a file changed this recently may change again within one timestamp tick
+_SCOPES = 0  # open shared_reads() scopes
+
+
+@contextmanager
+def shared_reads() -> Iterator[None]:
+    """A scope within which each unchanged split file is parsed once (:func:`read_once`): the builders of
+    several tables from the same files (itc and the pre-training objectives, PAC's attributes, a cache's
+    image list and texts) enter it. Scopes nest; when the outermost one ends, the products kept are
+    dropped. Outside any scope every read parses its file and nothing is kept."""
+    global _SCOPES
+    with _READS_LOCK:
+        _SCOPES += 1
+    try:
+        yield
+    finally:
+        with _READS_LOCK:
+            _SCOPES -= 1
+            if not _SCOPES:
+                _READS.clear()
 
 
 def read_once(path: Path, key: tuple, read: Callable[[], list[Product]]) -> list[Product]:
-    """``read()`` (the products of split file ``path``), or a copy of what it returned for the same ``key``
-    while ``path`` is unchanged (same size, modification and change times, inode): a run that builds several
-    tables (itc and the pre-training objectives, attributes) parses each split file once. A file modified in
-    the last two seconds is not remembered, since a change within one timestamp tick would not show."""
+    """``read()`` (the products of split file ``path``); within :func:`shared_reads`, a copy of what it
+    returned for the same ``key`` while ``path`` is unchanged (same size, modification and change times,
+    inode), so a run that builds several tables parses each split file once. A file modified in the last
+    two seconds is not remembered, since a change within one timestamp tick would not show."""
+    if not _SCOPES:
+        return read()
     try:
         st = path.stat()
     except OSError:
@@ -100,9 +123,10 @@ def read_once(path: Path, key: tuple, read: Callable[[], list[Product]]) -> list
     products = read()
     if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
         with _READS_LOCK:
-            _READS[full] = tuple(products)
-            while len(_READS) > _READS_KEPT:
-                _READS.popitem(last=False)
+            if _SCOPES:
+                _READS[full] = tuple(products)
+                while len(_READS) > _READS_KEPT:
+                    _READS.popitem(last=False)
     return products
 
 
@@ -153,12 +177,39 @@ def check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> dic
     fit in 64 bits);
     ValueError naming the file, the entry and the field otherwise."""
     for key, kind in kinds.items():
+        if key not in row:
+            continue
+        v = row[key]
+        if kind is INT:
+            if type(v) is int and _LOW <= v < _HIGH:
+                continue
+        elif kind is STR:
+            if type(v) is str:
+                continue
+        elif type(v) is list and (kind is STRS or kind is STR_OR_STRS):
+            if set(map(type, v)) <= _STR_TYPE:
+                continue
+        elif type(v) is list and kind is INTS:
+            if set(map(type, v)) <= _INT_TYPE and (not v or (_LOW <= min(v) and max(v) < _HIGH)):
+                continue
+        elif type(v) is str and kind is STR_OR_STRS:
+            continue
+        return _check_types(row, kinds, path, index)  # a value not plainly of its kind: the full check
+    return row
+
+
+_LOW, _HIGH = -(1 << 63), 1 << 63
+_STR_TYPE, _INT_TYPE = {str}, {int}
+
+
+def _check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> dict:
+    for key, kind in kinds.items():
         if key in row and not _CHECKS[kind](row[key]):
             raise ValueError(
                 f"{entry_name(path, index, row)}: field {key!r} must be {kind}, got {json_repr(row[key])}"
             )
         values = row.get(key, []) if kind == INTS else [row[key]] if kind == INT and key in row else []
-        wide = [v for v in values if not -(1 << 63) <= v < 1 << 63]
+        wide = [v for v in values if not _LOW <= v < _HIGH]
         if wide:
             raise ValueError(
                 f"{entry_name(path, index, row)}: field {key!r} holds {wide[0]}, outside the 64-bit integer "
@@ -239,11 +290,13 @@ class ViewPaths:
         self.products = 0  # products that listed a view twice
         self.dropped = 0  # views dropped
         self.example = ""
+        self._where = _Entry(path, -1, None)  # the row being read, named only when a message needs it
 
     def __call__(self, row: dict, index: int) -> tuple[str, ...]:
-        where = _Entry(self.path, index, row)
+        where = self._where
+        where.index, where.row = index, row
         views = image_paths(row_images(row, self.path, index), self.prefix, self.folder, self.root, where)
-        unique = tuple(dict.fromkeys(views))
+        unique = views if len(views) < 2 else tuple(dict.fromkeys(views))
         if len(unique) < len(views):
             if not self.products:
                 repeated = next(v for i, v in enumerate(views) if v in views[:i])

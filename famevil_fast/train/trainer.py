@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from famevil_fast.data.records import shared_reads
 from famevil_fast.data.transforms import to_device
 from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
@@ -225,16 +226,17 @@ class Trainer:
         self.dist: DistInfo = init_from_env(wanted.type)
         self.device = process_device(wanted, self.dist)
         seed_everything(t.seed)
-        # loaded models come in eval mode; training mode turns adapter dropout (and the like) on
-        self.model = (model or build_model(config)).to(self.device).train()
+        with shared_reads():  # the caption vocabulary, PAC's attributes and every task's table: one parse
+            # loaded models come in eval mode; training mode turns adapter dropout (and the like) on
+            self.model = (model or build_model(config)).to(self.device).train()
+            if streams is None:
+                from famevil_fast.train.data_feed import build_streams
+
+                streams = build_streams(config, self.dist, self.device)
         if t.freeze_backbone:
             freeze_backbone(self.model)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
-        if streams is None:
-            from famevil_fast.train.data_feed import build_streams
-
-            streams = build_streams(config, self.dist, self.device)
         missing = [task for task in config.model.tasks if task not in streams]
         if missing:
             raise ValueError(f"no training data for task(s) {missing}")
