@@ -449,7 +449,7 @@ def test_cache_verify_takes_the_cache_directory_alone(tmp_path, capsys):
     ("argv", "message"),
     [
         (["cache", "--verify", "ROOT", "OUT"], "--verify checks the existing cache and reads no dataset"),
-        (["cache", "--verify", "--max-side", "64", "OUT"], "--max-side only apply when building a cache"),
+        (["cache", "--verify", "--max-side", "64", "OUT"], "--max-side only applies when building a cache"),
         (["cache", "--verify", "--shard-mb", "8", "--no-progress", "OUT"], "--shard-mb and --no-progress"),
         (["cache", "OUT"], "building a cache needs the dataset directory and the cache directory"),
     ],

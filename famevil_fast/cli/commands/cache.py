@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 from famevil_fast.cli.options import positive_int
 
@@ -21,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dataset_dir",
         nargs="?",
         help="data root holding FashionGen/, FashionIQ/, Fashion200k/, PolyvoreOutfits/ and/or BigFACAD/ "
-        "(every split's images; fashionall's are those of its four datasets); not with --verify",
+        "(every split's images; fashionall's are those of its four datasets); with --verify only the data "
+        "root the cache was built from is accepted (it is not read)",
     )
     parser.add_argument("out", help="cache directory (an interrupted conversion resumes here)")
     parser.add_argument(
@@ -48,23 +51,41 @@ BUILD_ONLY = {"--max-side": "max_side", "--shard-mb": "shard_mb", "--no-progress
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """ValueError for a combination that would leave something unused: --verify reads only OUT (a dataset
-    directory or a building option given with it would be ignored); without it both directories are
-    needed."""
+    """ValueError for a combination that would leave something unused: --verify reads only OUT (a building
+    option given with it would be ignored; a dataset directory is accepted only when it is the data root
+    the cache records in its cache.json, the form ``famevil-fast cache DATA_ROOT OUT --verify`` had before);
+    without it both directories are needed."""
     if args.verify:
-        if args.dataset_dir is not None:
+        if args.dataset_dir is not None and not _built_from(args.out, args.dataset_dir):
             raise ValueError(
                 f"--verify checks the existing cache and reads no dataset: give the cache directory alone "
                 f"(famevil-fast cache --verify {args.out}), not {args.dataset_dir!r} too"
             )
         unused = [name for name, attr in BUILD_ONLY.items() if getattr(args, attr)]
         if unused:
-            raise ValueError(f"{' and '.join(unused)} only apply when building a cache, not with --verify")
+            verb = "applies" if len(unused) == 1 else "apply"
+            raise ValueError(f"{_and(unused)} only {verb} when building a cache, not with --verify")
     elif args.dataset_dir is None:
         raise ValueError(
             f"building a cache needs the dataset directory and the cache directory: famevil-fast cache "
             f"DATASET_DIR {args.out} (or famevil-fast cache --verify {args.out} to check an existing cache)"
         )
+
+
+def _and(names: list[str]) -> str:
+    """``"a"``, ``"a and b"``, ``"a, b and c"``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _built_from(out: str, root: str) -> bool:
+    """Whether the cache in ``out`` records ``root`` as the data root it was built from (its cache.json's
+    ``root``, both paths resolved); False when it records none or cannot be read."""
+    try:
+        with open(os.path.join(out, "cache.json"), encoding="utf-8") as f:
+            built = json.load(f).get("root")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(built, str) and os.path.realpath(built) == os.path.realpath(root)
 
 
 def run(args: argparse.Namespace) -> int:
