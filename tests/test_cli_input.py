@@ -105,3 +105,17 @@ def test_demo_refuses_an_existing_dataset_of_another_size(tmp_path, capsys) -> N
         ensure_dataset(data, 100, 0, image_size=96, exact=True)
     with pytest.raises(ValueError, match="not 40 \\(seed 3\\)"):
         ensure_dataset(data, 40, 3, image_size=96, exact=True)
+
+
+def test_a_refused_demo_leaves_the_previous_runs_as_they_were(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    record = {"products_train": 34, "products_val": 6, "seed": 0}
+    (out / "data" / "synthetic.json").write_text(json.dumps(record))
+    for name, text in (("run", "newer"), ("run.previous", "older")):
+        (out / name).mkdir()
+        (out / name / "metrics.jsonl").write_text(text)
+    assert main(["demo", "--out", str(out), "--seed", "1"]) == 2  # another dataset: refused
+    assert "already holds a synthetic dataset" in capsys.readouterr().err
+    assert (out / "run" / "metrics.jsonl").read_text() == "newer"
+    assert (out / "run.previous" / "metrics.jsonl").read_text() == "older"

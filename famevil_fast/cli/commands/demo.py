@@ -92,7 +92,6 @@ def caption_ceiling_text(fic: TaskResult, data_root: str | Path, save_to: Path |
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from famevil_fast.cli.commands.make_synthetic import check_output_dir
     from famevil_fast.cli.commands.train import build_evaluator
     from famevil_fast.configs import resolve
     from famevil_fast.eval.report import EvalReport
@@ -110,11 +109,12 @@ def run(args: argparse.Namespace) -> int:
     products = args.products if args.products is not None else (6000 if gpu else 2000)
     exact = args.products is not None or args.seed != 0
     size = max(96, cfg.data.image_size * 5 // 4)
-    check_output_dir(out / "data")  # before the previous run is set aside: a refusal changes nothing
-    if not cfg.checkpoint.resume and Path(cfg.checkpoint.dir) == out / "run":
-        set_aside_run_dir(out / "run", "demo run")
-    check_new_run(cfg.checkpoint.dir, resume=cfg.checkpoint.resume)  # a --set checkpoint.dir elsewhere
+    own_run = Path(cfg.checkpoint.dir) == out / "run"
+    if not own_run:  # a --set checkpoint.dir elsewhere: refused before the dataset is generated
+        check_new_run(cfg.checkpoint.dir, resume=cfg.checkpoint.resume)
     ensure_dataset(out / "data", products, args.seed, image_size=size, exact=exact)
+    if own_run and not cfg.checkpoint.resume:  # after every refusal: a refused demo changes no run
+        set_aside_run_dir(out / "run", "demo run")
     print(f"training {cfg.model.clip} on {cfg.model.tasks} for {cfg.train.updates} updates ({config}) ...")
     trainer = Trainer(cfg)
     trainer.evaluator = build_evaluator(cfg, trainer.device)
