@@ -513,18 +513,20 @@ def resume_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]
     now = _flat(json.loads(json.dumps(current.to_dict())))
     before = _flat(saved)
     return [
-        f"{key}: {before[key]!r} -> {now[key]!r}" + _RESUME_HINTS.get(key, "")
+        f"{key}: {before[key]!r} -> {now[key]!r}" + _resume_hint(key, before[key])
         for key in sorted(now.keys() & before.keys())
         if not _may_change(key) and before[key] != now[key]
     ]
 
 
-_RESUME_HINTS = {  # what a difference the recipe did not spell out comes from
-    "train.freeze_backbone": (
-        " (null, the default, means true with model.adapter_type xmodal and false with tsa; a run saved "
-        "with false continues with --set train.freeze_backbone=false)"
-    ),
-}
+def _resume_hint(key: str, saved: Any) -> str:
+    """Where a difference that the recipe may not spell out comes from, and how to keep the saved value."""
+    if key == "train.freeze_backbone":
+        return (
+            " (null, the default, means true with model.adapter_type xmodal and false with tsa; this run "
+            f"continues with --set train.freeze_backbone={str(saved).lower()})"
+        )
+    return ""
 
 
 # ---------------------------------------------------------------- YAML
