@@ -27,6 +27,8 @@ from famevil_fast.kernels.contrastive import (
 )
 from famevil_fast.kernels.launch import product_f32
 
+from famevil_fast.ops._backend import once_differentiable_grads
+
 
 def _lse_tiles(x: torch.Tensor) -> configs.Tiles:
     """The sweep's tiles: over dot products it computes, or over those the library GEMM wrote."""
@@ -378,10 +380,13 @@ class ContrastiveLseFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows, grad_cols):
         a, b, scale, lse_rows, lse_cols = ctx.saved_tensors
-        grad_a, grad_b, grad_scale = launch_lse_backward(
-            grad_rows.contiguous(), grad_cols.contiguous(), a, b, scale, lse_rows, lse_cols, ctx.cols
-        )
-        return grad_a, grad_b, grad_scale.reshape(scale.shape).to(scale.dtype), None
+        with torch.no_grad():
+            grad_a, grad_b, grad_scale = launch_lse_backward(
+                grad_rows.contiguous(), grad_cols.contiguous(), a, b, scale, lse_rows, lse_cols, ctx.cols
+            )
+        grads = (grad_a, grad_b, grad_scale.reshape(scale.shape).to(scale.dtype))
+        depends = (grad_rows, grad_cols, a, b, scale)
+        return *once_differentiable_grads("contrastive_loss", grads, depends), None
 
 
 def contrastive_lse_eager(

@@ -170,3 +170,16 @@ def test_frozen_adapter_under_create_graph_passes_the_residual_gradient() -> Non
         (g,) = torch.autograd.grad((y**2).sum(), res, create_graph=True)
         (h,) = torch.autograd.grad(g.sum(), res)
         torch.testing.assert_close(h, torch.full_like(res, 2.0))
+
+
+def test_triton_loss_with_targets_outside_the_kernel_is_first_order_only(monkeypatch) -> None:
+    from famevil_fast.ops import contrastive_triton
+
+    monkeypatch.setattr(contrastive_triton, "TARGETS_IN_KERNEL", False)
+    a, b = torch.randn(5, 7, requires_grad=True), torch.randn(5, 7, requires_grad=True)
+    (g,) = torch.autograd.grad(contrastive_loss(a, b, 2.0, backend="triton"), a, create_graph=True)
+    torch.testing.assert_close(
+        g.detach(), torch.autograd.grad(contrastive_loss(a, b, 2.0, backend="torch"), a)[0]
+    )
+    with pytest.raises(RuntimeError, match="double backward"):
+        _second_order(lambda a, b: contrastive_loss(a, b, 2.0, backend="triton"), [a, b])

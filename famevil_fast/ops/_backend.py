@@ -73,19 +73,16 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
-def once_differentiable_grads(
-    op: str, grads: tuple, depends_on: tuple, fused: tuple[bool, ...] | None = None
-) -> tuple:
+def once_differentiable_grads(op: str, grads: tuple, depends_on: tuple) -> tuple:
     """``grads`` from a fused backward whose kernels work outside autograd. Under ``create_graph=True``
-    (grad mode on in the backward) the ones marked in ``fused`` (default: all) come back connected to
-    ``depends_on`` (the tensors they were computed from: saved inputs, incoming gradients) through a node
-    whose backward raises RuntimeError, so that a second derivative through them fails when it is taken,
-    whichever inputs it is taken for, instead of silently treating them as constants; a create_graph
-    backward that is not differentiated through them again is unaffected."""
+    (grad mode on in the backward) they come back connected to ``depends_on`` (the tensors they were
+    computed from: saved inputs, incoming gradients) through a node whose backward raises RuntimeError, so
+    that a second derivative through them fails when it is taken, whichever inputs it is taken for, instead
+    of silently treating them as constants; a create_graph backward that is not differentiated through them
+    again is unaffected."""
     if not torch.is_grad_enabled():
         return grads
-    fused = fused or (True,) * len(grads)
-    marked = [i for i, g in enumerate(grads) if fused[i] and isinstance(g, torch.Tensor)]
+    marked = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
     sources = [t for t in depends_on if isinstance(t, torch.Tensor) and t.requires_grad]
     if not marked or not sources:
         return grads
