@@ -287,3 +287,13 @@ def test_cache_verify_names_the_building_options_it_does_not_use(options, messag
 
     assert main(["cache", "--verify", *options, "OUT"]) == 2
     assert message in _error(capsys)
+
+
+def test_a_process_forked_inside_a_scope_starts_outside_any():
+    with shared_reads():
+        pid = os.fork()
+        if pid == 0:  # the child: no scope, nothing kept
+            os._exit(0 if records._SCOPES == 0 and not records._READS else 1)
+        _, status = os.waitpid(pid, 0)
+        assert records._SCOPES == 1
+    assert os.waitstatus_to_exitcode(status) == 0

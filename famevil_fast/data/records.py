@@ -86,6 +86,16 @@ _SETTLED_NS = 2_000_000_000  # a file changed this recently may change again wit
 _SCOPES = 0  # open shared_reads() scopes
 
 
+def _reset_after_fork() -> None:
+    """A process forked inside a scope (DataLoader workers, say) starts with no scope and nothing kept."""
+    global _SCOPES, _READS_LOCK
+    _SCOPES, _READS_LOCK = 0, threading.Lock()
+    _READS.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 @contextmanager
 def shared_reads() -> Iterator[None]:
     """A scope within which each unchanged split file is parsed once (:func:`read_once`): the builders of
