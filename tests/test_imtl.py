@@ -116,3 +116,14 @@ def test_one_task_passes_through_and_a_scalar_takes_the_mean():
         got = combine(buffers, ["w", "s"])
         torch.testing.assert_close(got["w"], torch.tensor([3.0, -1.0]))
         torch.testing.assert_close(got["s"], torch.tensor([3.0]))
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (1,)])
+def test_a_non_finite_task_gradient_is_not_hidden_by_zero_gradients_of_the_others(shape):
+    """One task's gradient of a tensor all NaN, every other task's exactly zero: the combination keeps the
+    tensor (non-finite), so that the update's gradient norm fails instead of the NaN passing as untouched."""
+    from famevil_fast.train.imtl import combine_all_per_tensor
+
+    buffers = {"itc": {"w": torch.full(shape, float("nan"))}, "cap": {"w": torch.zeros(shape)}}
+    combined = combine_all_per_tensor(buffers, ["w"])
+    assert "w" in combined and not combined["w"].isfinite().any()

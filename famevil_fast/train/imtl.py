@@ -125,8 +125,8 @@ def _stacked_chunks(buffers, shape: tuple[int, ...], tasks: tuple[str, ...], gro
 
 
 def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """grads (K, T, n) -> (combined (K, n) in grads' dtype, any task present (K,)); the Gram matrices and
-    the alphas in float64, the weighted sum in grads' dtype (as ``combine_per_tensor`` does)."""
+    """grads (K, T, n) -> (combined (K, n) in grads' dtype, any task present or non-finite (K,)); the Gram
+    matrices and the alphas in float64, the weighted sum in grads' dtype (as ``combine_per_tensor`` does)."""
     wide = grads.double()
     gram = torch.bmm(wide, wide.transpose(1, 2))  # (K, T, T)
     del wide
@@ -137,7 +137,10 @@ def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, t
         alpha = weight / weight.sum(-1, keepdim=True).clamp_min(1)
     else:
         alpha = _imtl_alphas(gram, sq, present)
-    return torch.bmm(alpha.to(grads.dtype)[:, None, :], grads)[:, 0], present.any(-1)
+    # a non-finite task gradient keeps the tensor (its combination is non-finite too), so that the update's
+    # gradient norm sees it rather than the tensor passing as untouched
+    kept = present.any(-1) | ~sq.isfinite().all(-1)
+    return torch.bmm(alpha.to(grads.dtype)[:, None, :], grads)[:, 0], kept
 
 
 def _imtl_alphas(gram: torch.Tensor, sq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
