@@ -251,6 +251,27 @@ def test_meteor_without_java_fails_before_training(tmp_path, monkeypatch):
     assert trainer.update == 0
 
 
+def test_caption_metrics_without_pycocoevalcap_fail_before_training(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from famevil_fast.cli.main import USER_ERRORS
+    from famevil_fast.eval import caption_tokenize
+
+    class CaptionEvaluator:
+        sets = {"cap": None}
+
+        def __call__(self, model):
+            return {}
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # not installed
+    trainer = Trainer(micro_config(tmp_path), streams())
+    trainer.evaluator = CaptionEvaluator()
+    with pytest.raises(caption_tokenize.CaptionMetricsUnavailable, match=r"famevil_fast\[eval\]") as raised:
+        trainer.fit()
+    assert trainer.update == 0
+    assert isinstance(raised.value, USER_ERRORS)  # the command reports it in one line
+
+
 def _poison_gradient(monkeypatch, bad_task):
     """``bad_task``'s loss stays finite but its gradient is NaN (d sqrt(x) / dx at 0 is inf, times 0)."""
     original = Trainer._task_loss

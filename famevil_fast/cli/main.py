@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from famevil_fast.cli import commands
+from famevil_fast.eval.caption_tokenize import CaptionMetricsUnavailable, JavaNotFoundError
 
 
 def _command_modules() -> list:
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What a command raises for bad input: a path that does not exist or cannot be read, a value out of range,
-# a file that is not what it should be. Anything else is a bug and keeps its traceback.
+# a file that is not what it should be, an optional dependency the command needs and this machine lacks.
+# Anything else is a bug and keeps its traceback.
 USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
@@ -68,6 +70,8 @@ USER_ERRORS = (
     IsADirectoryError,
     PermissionError,
     ValueError,
+    JavaNotFoundError,
+    CaptionMetricsUnavailable,
 )
 
 

@@ -28,6 +28,10 @@ class JavaNotFoundError(RuntimeError):
     """No Java runtime: the PTB tokeniser and METEOR 1.5 cannot run."""
 
 
+class CaptionMetricsUnavailable(ImportError):
+    """pycocoevalcap, which the caption metrics use, is not installed."""
+
+
 def find_java() -> str | None:
     """Path of the ``java`` executable on PATH, or None."""
     return shutil.which("java")
@@ -49,7 +53,7 @@ def pycocoevalcap_dir() -> Path:
     try:
         import pycocoevalcap
     except ImportError as err:
-        raise ImportError(
+        raise CaptionMetricsUnavailable(
             "caption metrics need pycocoevalcap: pip install 'famevil_fast[eval]' (or pycocoevalcap>=1.2)"
         ) from err
     return Path(next(iter(pycocoevalcap.__path__)))

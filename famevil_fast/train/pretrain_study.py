@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from famevil_fast.configs import resolve
-
 from famevil_fast.train.config import TrainConfig, load_config
 
 if TYPE_CHECKING:

@@ -603,14 +603,14 @@ class Trainer:
 
     def _check_evaluation(self) -> None:
         """Fail before training rather than at the first evaluation when the evaluator cannot run here:
-        the METEOR caption metric needs Java."""
-        if self.evaluator is None or "meteor" not in self.cfg.eval.caption_metrics:
+        the caption metrics need pycocoevalcap, and METEOR needs Java."""
+        if self.evaluator is None or "cap" not in getattr(self.evaluator, "sets", {"cap": None}):
             return
-        if "cap" not in getattr(self.evaluator, "sets", {"cap": None}):
-            return
-        from famevil_fast.eval.caption_tokenize import require_java
+        from famevil_fast.eval.caption_tokenize import pycocoevalcap_dir, require_java
 
-        require_java("eval.caption_metrics 'meteor' (METEOR 1.5)")
+        pycocoevalcap_dir()
+        if "meteor" in self.cfg.eval.caption_metrics:
+            require_java("eval.caption_metrics 'meteor' (METEOR 1.5)")
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
