@@ -475,3 +475,19 @@ def test_trust_pickle_reaches_from_clip(tmp_path):
     out = tmp_path / "converted"
     assert main(["convert", str(path), str(out), "--from-clip"]) == 2
     assert main(["convert", str(path), str(out), "--from-clip", "--trust-pickle"]) == 0
+
+
+def test_eval_without_pycocoevalcap_stops_before_encoding(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+
+    def no_eval_sets(*args, **kwargs):
+        raise AssertionError("the evaluation sets were built")
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # not installed
+    monkeypatch.setattr("famevil_fast.data.build_eval_sets", no_eval_sets)
+    config = FameViLConfig(clip=clip_preset("micro"), tasks=("cap",), adapter_bottleneck=8, xaa_bottleneck=8)
+    FameViL(config).save_pretrained(tmp_path / "cap")
+    assert main(["eval", str(tmp_path / "cap"), "--data", str(tmp_path)]) == 2
+    assert "caption metrics need pycocoevalcap" in capsys.readouterr().err

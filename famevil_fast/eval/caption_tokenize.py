@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 TOKENIZERS = ("ptb", "simple", "auto")
@@ -57,6 +58,15 @@ def pycocoevalcap_dir() -> Path:
             "caption metrics need pycocoevalcap: pip install 'famevil_fast[eval]' (or pycocoevalcap>=1.2)"
         ) from err
     return Path(next(iter(pycocoevalcap.__path__)))
+
+
+def require_caption_metrics(metrics: Sequence[str] | None, what: str) -> None:
+    """Raise before any work when the caption ``metrics`` cannot be computed here: pycocoevalcap
+    (CaptionMetricsUnavailable) for all of them, a Java runtime (JavaNotFoundError) for METEOR asked for by
+    name (None: every metric that can run, METEOR only where Java is found); ``what`` names the setting."""
+    pycocoevalcap_dir()
+    if metrics is not None and "meteor" in metrics:
+        require_java(f"{what} 'meteor' (METEOR 1.5)")
 
 
 def punctuation() -> frozenset[str]:

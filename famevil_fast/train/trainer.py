@@ -606,11 +606,9 @@ class Trainer:
         the caption metrics need pycocoevalcap, and METEOR needs Java."""
         if self.evaluator is None or "cap" not in getattr(self.evaluator, "sets", {"cap": None}):
             return
-        from famevil_fast.eval.caption_tokenize import pycocoevalcap_dir, require_java
+        from famevil_fast.eval.caption_tokenize import require_caption_metrics
 
-        pycocoevalcap_dir()
-        if "meteor" in self.cfg.eval.caption_metrics:
-            require_java("eval.caption_metrics 'meteor' (METEOR 1.5)")
+        require_caption_metrics(self.cfg.eval.caption_metrics, "eval.caption_metrics")
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -202,11 +202,15 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, tasks = load_model(args)
+    options = eval_options(args)
+    if "cap" in tasks:  # before anything is encoded
+        from famevil_fast.eval.caption_tokenize import require_caption_metrics
+
+        require_caption_metrics(options.caption_metrics, "the recipe's eval.caption_metrics")
     model = model.to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)
     size = model.config.clip.vision.image_size
-    options = eval_options(args)
     sets = {
         t: build_eval_sets(
             t,
