@@ -141,3 +141,13 @@ def test_category_mapping_errors():
         scr_result(logits, targets, {})
     with pytest.raises(ValueError, match="integers to integers"):
         scr_result(logits, targets, {0: 1.5, 1: 1, 3: 2})
+
+
+def test_bool_targets_are_refused_as_outputs_are():
+    from famevil_fast.eval.classification import accuracy, macro_f1
+
+    for metric in (accuracy, macro_f1):
+        with pytest.raises(
+            ValueError, match=r"targets must be a 1-D integer tensor of class ids, got torch.bool"
+        ):
+            metric(torch.tensor([0, 1]), torch.tensor([False, True]))

@@ -27,10 +27,14 @@ def as_predictions(
     op: str, outputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class ids, targets) as int64 on one device; ``outputs`` is (N, C) logits or (N,) ids."""
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype.is_floating_point:
-        raise ValueError(
-            f"{op}: targets must be a 1-D integer tensor, got {getattr(targets, 'shape', targets)}"
-        )
+    if (
+        not isinstance(targets, torch.Tensor)
+        or targets.dim() != 1
+        or targets.dtype.is_floating_point
+        or targets.dtype in (torch.bool, torch.complex64, torch.complex128)
+    ):
+        what = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) else targets
+        raise ValueError(f"{op}: targets must be a 1-D integer tensor of class ids, got {what}")
     if not isinstance(outputs, torch.Tensor):
         raise ValueError(f"{op}: outputs must be a tensor of logits (N, C) or class ids (N,)")
     if outputs.dim() == 2 and outputs.is_floating_point():
