@@ -31,9 +31,6 @@ FORMAT = CatalogueFormat(
 
 def read_polyvore_outfits(root: str | os.PathLike, split: str) -> list[Product]:
     """Products of ``split`` ("train", "val", "test") under ``root`` (or ``root/PolyvoreOutfits``).
-
-    ValueError naming the file, entry and field for a row that lacks a key, holds a value of the wrong type,
-    has an absolute image path outside the data root or repeats a product id. Backslashes in image paths are
-    read as "/"; a view listed twice is kept once (one
-    :class:`~famevil_fast.data.records.DuplicateViewsWarning` per file)."""
+    Rows are checked, and image paths resolved, as :meth:`~famevil_fast.data.records.CatalogueFormat.read`
+    describes."""
     return FORMAT.read(root, split)

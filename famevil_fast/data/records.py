@@ -375,7 +375,8 @@ class CatalogueFormat:
     def read(self, root: str | os.PathLike, split: str) -> list[Product]:
         """Products of ``split``; ValueError naming the file, entry and field for a row that lacks a key,
         holds a value of the wrong type, has no image, an absolute image path outside the data root, or
-        repeats a product id. A view listed twice is kept once (:class:`ViewPaths`)."""
+        repeats a product id. Backslashes in image paths are read as "/"; a view listed twice is kept once
+        (:class:`ViewPaths`, one :class:`DuplicateViewsWarning` per file)."""
         directory, path = self.split_file(root, split)
         prefix = relative_prefix(root, directory)
         key = (self.dataset, prefix, os.path.abspath(root))
