@@ -236,17 +236,21 @@ def _complete_shards(
 
 
 def _changed_since_cached(
-    root: str, shard_dir: Path, shards: dict[int, dict], num_threads: int | None = None
+    root: str,
+    shard_dir: Path,
+    shards: dict[int, dict],
+    num_threads: int | None = None,
+    keys: set[str] | None = None,
 ) -> set[str]:
-    """The keys whose source file under ``root`` was modified after the newest shard holding them was
-    written (an image replaced on disk since it was cached; a later shard's entry is the one served). The
-    source files are looked at by ``num_threads`` threads (default: :func:`default_threads`), as a network
-    filesystem answers each look-up slowly."""
+    """The cached keys (only those of ``keys`` when given) whose source file under ``root`` was modified after
+    the newest shard holding them was written (an image replaced on disk since it was cached; a later
+    shard's entry is the one served). The source files are looked at by ``num_threads`` threads (default:
+    :func:`default_threads`), as a network filesystem answers each look-up slowly."""
     written: dict[str, float] = {}
     for number in sorted(shards):
         when = (shard_dir / shards[number]["file"]).stat().st_mtime
         written.update(dict.fromkeys(shards[number]["keys"], when))
-    items = list(written.items())
+    items = [(key, when) for key, when in written.items() if keys is None or key in keys]
     threads = min(num_threads or default_threads(), -(-len(items) // _STATS_PER_TASK))
     if threads <= 1:
         return _changed(root, items)
@@ -375,7 +379,7 @@ def _keys_to_decode(
     """The ``keys`` (in order) that no complete shard holds or whose image changed since it was cached (a
     warning counts the latter)."""
     have = {k for m in shards.values() for k in m["keys"]}
-    changed = _changed_since_cached(root, shard_dir, shards, num_threads) & set(keys)
+    changed = _changed_since_cached(root, shard_dir, shards, num_threads, keys=set(keys))
     if changed:
         warnings.warn(
             f"cache: {len(changed)} images changed since they were cached (e.g. {sorted(changed)[0]}); "
