@@ -27,6 +27,7 @@ def _join(rank: int, world: int, port: int) -> None:
         WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        FAMEVIL_FAST_DIST_TIMEOUT="120",  # a process left waiting fails the test rather than hanging it
     )
 
 
@@ -90,6 +91,8 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
     trainer = Trainer(micro_config(f"{out_dir}/uneven{rank}", "train.updates=1"), uneven)
     out["uneven"] = trainer.train_update()
+    trainer.evaluator = ShardedEvaluator()
+    out["evaluate"] = {k: v for k, v in trainer.evaluate().items() if not k.startswith("_")}
     poisoned = {
         t: RandomStream(
             t, i, batch=8, rows=slice(4 * rank, 4 * rank + 4), poison_at=0 if t == "scr" and rank else None
@@ -119,6 +122,18 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with open(f"{out_dir}/agree{rank}.json", "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
+
+
+class ShardedEvaluator:
+    """Every process takes part in an evaluation (as ``Evaluator`` does: each encodes its share); the
+    processes' shares are gathered and process 0 gets the result."""
+
+    def __call__(self, model) -> dict:
+        from famevil_fast.eval.sharding import EvalShard
+
+        shard = EvalShard.of_process_group()
+        shares = shard.gather([(shard.rank, shard.rank)])
+        return {"sharded/ranks": {"shares": shares}} if shard.is_main else {}
 
 
 def _save_teachers(root) -> None:
@@ -177,6 +192,12 @@ def test_distillation_terms_span_the_global_batch_with_unequal_rows(agreement, t
     is weighted by rows: processes holding 3 and 5 rows give the losses and gradient of one process on 8."""
     out, ranks = agreement
     _assert_every_rank_matches_one_process(ranks, "distill", tmp_path / "single", *_distill_overrides(out))
+
+
+@pytest.mark.slow
+def test_every_rank_evaluates_and_rank_0_gets_the_results(agreement):
+    _, ranks = agreement
+    assert [r["evaluate"] for r in ranks] == [{"sharded/ranks": {"shares": [0, 1]}}, {}]
 
 
 @pytest.mark.slow

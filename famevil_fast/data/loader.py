@@ -381,9 +381,17 @@ class EvalBatches:
         return make_batch(self.table, self.backend, idx, None, self.device, self.skipped, self.eval_resize)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for _, batch in _iterate(self.batch, range(len(self)), self.prefetch, self.device):
+        for _, batch in self.iter_steps(range(len(self))):
             yield batch
-        self.skipped.report(total=len(self.table) * max(1, len(self.table.slots)), stacklevel=3)
+
+    def iter_steps(self, steps: range) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(step, batch)`` of the given steps in their order, prefetched as in iteration (a distributed
+        evaluation makes every ``world``-th batch in each process, ``famevil_fast.eval.sharding``)."""
+        yield from _iterate(self.batch, steps, self.prefetch, self.device)
+        rows = sum(
+            len(range(s * self.batch_size, min((s + 1) * self.batch_size, len(self.table)))) for s in steps
+        )
+        self.skipped.report(total=rows * max(1, len(self.table.slots)), stacklevel=4)
 
 
 def build_train_loader(

@@ -10,6 +10,7 @@ and hands the outputs to them.
 - ``classification``: sub-category recognition accuracy and macro-F1 (``scr_result``).
 - ``captioning`` / ``caption_tokenize``: BLEU, METEOR, ROUGE-L, CIDEr via pycocoevalcap (``fic_result``).
 - ``report``: ``TaskResult`` / ``EvalReport``, the final tables with chance levels, text and JSON.
+- ``sharding``: ``EvalShard``, an evaluation's batches shared over the processes of a distributed run.
 - ``caption_ceiling``: the synthetic data's FIC scores of captions written knowing part of each product.
 
 Every score is a percentage. See docs/evaluation.md for the protocols and how they differ.

@@ -13,6 +13,9 @@ item of the XMR image side) or "first" (one view per product). ``eval_resize``: 
 "squash" (the official code's square resize). Both are properties of
 the evaluation sets (``Evaluator.build`` builds them so); each result's ``details`` records them, and a set
 built otherwise than the options say is an error.
+
+In a distributed run every process encodes its share of each set's batches and process 0 scores
+(``famevil_fast.eval.sharding``); the batches, and so the scores, are those of one process.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from famevil_fast.eval.captioning import fic_result
 from famevil_fast.eval.classification import scr_result
 from famevil_fast.eval.report import EvalReport, TaskResult
+from famevil_fast.eval.sharding import EvalShard
 from famevil_fast.eval.tgir import TgirCategory, tgir_fashioniq, unique_gallery
 from famevil_fast.eval.xmr import xmr_full, xmr_sampled
 
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 
 CAPTION_REFERENCES = ("clip", "raw")
 XMR_SAMPLED_QUERIES = 1000
+ONE_PROCESS = EvalShard()
 
 
 @dataclass
@@ -126,6 +131,12 @@ def _set_options(data: object, opts: EvalOptions, task: str, image_sets: bool = 
     return built
 
 
+def _batches(batches: Iterable[dict], limit: int | None, key: str) -> Iterable[dict]:
+    """``batches`` themselves (which a distributed evaluation can share out), or their first ``limit``
+    samples."""
+    return batches if limit is None else _limited(batches, limit, key)
+
+
 def _limited(batches: Iterable[dict], limit: int | None, key: str) -> Iterator[dict]:
     seen = 0
     for batch in batches:
@@ -141,23 +152,40 @@ def _model_input(model, x: torch.Tensor) -> torch.Tensor:
     return x.to(model.device, non_blocking=True)
 
 
+def _on(model, x: torch.Tensor) -> torch.Tensor:
+    """Gathered outputs (on the CPU after a distributed exchange) back on the model's device."""
+    return x.to(model.device)
+
+
 @torch.no_grad()
-def evaluate_xmr(model: FameViL, data: XMREval, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_xmr(
+    model: FameViL, data: XMREval, opts: EvalOptions, shard: EvalShard = ONE_PROCESS
+) -> list[TaskResult]:
+    """XMR protocols of ``opts``; with ``shard``, each process encodes its share and process 0 scores
+    (the other processes return [])."""
     built = _set_options(data, opts, "itc")
-    images, image_ids, image_sub = [], [], []
-    for batch in _limited(data.images, opts.max_samples, "pixels"):
-        images.append(model.encode_image(_model_input(model, batch["pixels"]), "itc").float())
-        image_ids.append(batch["product_ids"].cpu())
-        image_sub.append(batch["subcategory"].cpu())
-    image_emb, image_pid, image_sub = torch.cat(images), torch.cat(image_ids), torch.cat(image_sub)
+
+    def encode_images(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        emb = model.encode_image(_model_input(model, batch["pixels"]), "itc").float()
+        return emb, batch["product_ids"].cpu(), batch["subcategory"].cpu()
+
+    images, image_ids, image_sub = zip(
+        *shard.map_batches(_batches(data.images, opts.max_samples, "pixels"), encode_images)
+    )
+    image_emb, image_pid, image_sub = (
+        _on(model, torch.cat(images)),
+        torch.cat(image_ids),
+        torch.cat(image_sub),
+    )
     keep = torch.isin(data.texts["product_ids"].cpu(), image_pid)
     ids = data.texts["input_ids"][keep.to(data.texts["input_ids"].device)]
-    text_emb = torch.cat(
-        [
-            model.encode_text(_model_input(model, ids[i : i + opts.text_batch]), "itc").float()
-            for i in range(0, ids.shape[0], opts.text_batch)
-        ]
+    chunks = [ids[i : i + opts.text_batch] for i in range(0, ids.shape[0], opts.text_batch)]
+    texts = shard.map_batches(
+        chunks, lambda chunk: model.encode_text(_model_input(model, chunk), "itc").float()
     )
+    if not shard.is_main:
+        return []
+    text_emb = _on(model, torch.cat(texts))
     text_pid, text_sub = data.texts["product_ids"].cpu()[keep], data.texts["subcategory"].cpu()[keep]
     results = []
     if "full" in opts.xmr_protocols:
@@ -187,61 +215,84 @@ def evaluate_xmr(model: FameViL, data: XMREval, opts: EvalOptions) -> list[TaskR
 
 
 @torch.no_grad()
-def evaluate_tgir(model: FameViL, data: TGIREval, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_tgir(
+    model: FameViL, data: TGIREval, opts: EvalOptions, shard: EvalShard = ONE_PROCESS
+) -> list[TaskResult]:
+    """FashionIQ recalls; with ``shard``, as ``evaluate_xmr``."""
     built = _set_options(data, opts, "tgir", image_sets=False)
+
+    def compose(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, ids = _model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])
+        return model.compose(pixels, ids).float(), batch["target_ids"].cpu()
+
     categories = {}
     for name, cat in data.categories.items():
-        queries, targets = [], []
-        for batch in _limited(cat.queries, opts.max_samples, "ref_pixels"):
-            queries.append(
-                model.compose(
-                    _model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])
-                ).float()
-            )
-            targets.append(batch["target_ids"].cpu())
-        if not queries:
+        encoded = shard.map_batches(_batches(cat.queries, opts.max_samples, "ref_pixels"), compose)
+        if not encoded:
             continue
-        gallery, gallery_ids = _tgir_gallery(model, cat.gallery, torch.cat(targets), opts.max_samples)
-        g_emb, g_ids = unique_gallery(torch.cat(gallery), torch.cat(gallery_ids).to(gallery[0].device))
-        categories[name] = TgirCategory(torch.cat(queries), torch.cat(targets).to(g_emb.device), g_emb, g_ids)
+        queries, targets = (torch.cat(parts) for parts in zip(*encoded))
+        gallery, gallery_ids = _tgir_gallery(model, cat.gallery, targets, opts.max_samples, shard)
+        if not shard.is_main:
+            continue
+        g_emb, g_ids = unique_gallery(_on(model, torch.cat(gallery)), torch.cat(gallery_ids).to(model.device))
+        categories[name] = TgirCategory(_on(model, queries), targets.to(g_emb.device), g_emb, g_ids)
+    if not shard.is_main:
+        return []
     result = tgir_fashioniq(categories)
     result.details.update(built)
     return [result]
 
 
 def _tgir_gallery(
-    model: FameViL, batches: Iterable[dict], needed: torch.Tensor, limit: int | None
+    model: FameViL,
+    batches: Iterable[dict],
+    needed: torch.Tensor,
+    limit: int | None,
+    shard: EvalShard = ONE_PROCESS,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Gallery embeddings and ids; with ``limit`` (``max_samples``), the queries' targets plus at most
-    ``limit`` other images are encoded, and the walk stops once both are in."""
+    """Gallery embeddings and ids; with ``limit`` (``max_samples``, one process), the queries' targets plus
+    at most ``limit`` other images are encoded, and the walk stops once both are in."""
+
+    def encode(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not batch["target_ids"].numel():  # every image of the batch missing or undecodable
+            return None
+        return model.encode_image(_model_input(model, batch["pixels"]), "tgir").float(), batch[
+            "target_ids"
+        ].cpu()
+
+    if limit is None:
+        encoded = [e for e in shard.map_batches(batches, encode) if e is not None]
+        return [emb for emb, _ in encoded], [ids for _, ids in encoded]
     gallery, gallery_ids = [], []
     missing, others = set(needed.tolist()), 0
     for batch in batches:
         ids = batch["target_ids"].cpu()
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        if limit is not None:
-            keep = torch.isin(ids, needed) | (torch.arange(len(ids)) < limit - others)
-            others += int((~torch.isin(ids[keep], needed)).sum())
-            missing -= set(ids[keep].tolist())
-        if keep.any():
-            gallery.append(model.encode_image(_model_input(model, batch["pixels"][keep]), "tgir").float())
-            gallery_ids.append(ids[keep])
-        if limit is not None and not missing and others >= limit:
+        keep = torch.isin(ids, needed) | (torch.arange(len(ids)) < limit - others)
+        others += int((~torch.isin(ids[keep], needed)).sum())
+        missing -= set(ids[keep].tolist())
+        encoded = encode({"pixels": batch["pixels"][keep], "target_ids": ids[keep]})
+        if encoded is not None:
+            gallery.append(encoded[0])
+            gallery_ids.append(encoded[1])
+        if not missing and others >= limit:
             break
     return gallery, gallery_ids
 
 
 @torch.no_grad()
-def evaluate_scr(model: FameViL, data: SCREval, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_scr(
+    model: FameViL, data: SCREval, opts: EvalOptions, shard: EvalShard = ONE_PROCESS
+) -> list[TaskResult]:
+    """Sub-category accuracy and macro-F1; with ``shard``, as ``evaluate_xmr``."""
     built = _set_options(data, opts, "scr")
-    logits, labels = [], []
-    for batch in _limited(data.samples, opts.max_samples, "pixels"):
-        logits.append(
-            model.classify(_model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"]))
-            .float()
-            .cpu()
-        )
-        labels.append(batch["labels"].cpu())
+
+    def classify(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, ids = _model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"])
+        return model.classify(pixels, ids).float().cpu(), batch["labels"].cpu()
+
+    logits, labels = zip(*shard.map_batches(_batches(data.samples, opts.max_samples, "pixels"), classify))
+    if not shard.is_main:
+        return []
     categories = getattr(data, "categories", None)
     result = scr_result(torch.cat(logits), torch.cat(labels), categories)
     note = getattr(data, "category_note", None)
@@ -277,15 +328,22 @@ class RawReferences:
         self.next = 0
 
     def of(self, batch: dict) -> list[str]:
-        if self.by_product is not None and "product_ids" in batch:
-            return [self.by_product[int(p)] for p in batch["product_ids"].tolist()]
-        n = batch["pixels"].shape[0]
+        """The texts of ``batch``; batches are asked for in the order of the set."""
+        return self.of_rows(batch.get("product_ids"), batch["pixels"].shape[0])
+
+    def of_rows(self, product_ids: torch.Tensor | None, n: int) -> list[str]:
+        """The texts of a batch of ``n`` samples with these ``product_ids`` (None: the next ``n`` texts)."""
+        if self.by_product is not None and product_ids is not None:
+            return [self.by_product[int(p)] for p in product_ids.tolist()]
         self.next += n
         return self.texts[self.next - n : self.next]
 
 
 @torch.no_grad()
-def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskResult]:
+def evaluate_cap(
+    model: FameViL, data: CapEval, opts: EvalOptions, shard: EvalShard = ONE_PROCESS
+) -> list[TaskResult]:
+    """Caption metrics; with ``shard``, as ``evaluate_xmr``."""
     from famevil_fast.text import decode
 
     if opts.caption_references not in CAPTION_REFERENCES:
@@ -293,21 +351,26 @@ def evaluate_cap(model: FameViL, data: CapEval, opts: EvalOptions) -> list[TaskR
             f"caption_references must be one of {CAPTION_REFERENCES}, got {opts.caption_references!r}"
         )
     built = _set_options(data, opts, "cap")
-    raw = RawReferences(data) if opts.caption_references == "raw" else None
-    predictions, references = [], []
-    for batch in _limited(data.samples, opts.max_samples, "pixels"):
+
+    def caption(batch: dict) -> tuple[list[str], list[str] | tuple[torch.Tensor | None, int]]:
         input_ids = batch["input_ids"].cpu()
         max_len = longest_reference(input_ids) if opts.caption_len_from_references else opts.caption_max_len
-        predictions.extend(
-            model.caption(
-                _model_input(model, batch["pixels"]),
-                max_len=max_len,
-                num_beams=opts.caption_beams,
-                no_repeat_ngram=opts.caption_no_repeat_ngram,
-                cuda_graph=opts.caption_cuda_graph,
-            )
+        captions = model.caption(
+            _model_input(model, batch["pixels"]),
+            max_len=max_len,
+            num_beams=opts.caption_beams,
+            no_repeat_ngram=opts.caption_no_repeat_ngram,
+            cuda_graph=opts.caption_cuda_graph,
         )
-        references.extend(decode(input_ids) if raw is None else raw.of(batch))
+        rows = (batch.get("product_ids"), batch["pixels"].shape[0])  # raw references: looked up in order
+        return captions, decode(input_ids) if opts.caption_references == "clip" else rows
+
+    encoded = shard.map_batches(_batches(data.samples, opts.max_samples, "pixels"), caption)
+    if not shard.is_main:
+        return []
+    raw = RawReferences(data) if opts.caption_references == "raw" else None
+    predictions = [text for captions, _ in encoded for text in captions]
+    references = [text for _, refs in encoded for text in (refs if raw is None else raw.of_rows(*refs))]
     result = fic_result(predictions, references, metrics=opts.caption_metrics)
     result.details.update(
         {
@@ -330,10 +393,12 @@ EVALUATORS: dict[str, Callable[..., list[TaskResult]]] = {
 
 @dataclass
 class Evaluator:
-    """Evaluation sets per task and the options to score them; call it with a model."""
+    """Evaluation sets per task and the options to score them; call it with a model (in a distributed run,
+    in every process: see ``report``)."""
 
     sets: dict[str, object]
     options: EvalOptions = field(default_factory=EvalOptions)
+    shard: EvalShard | None = None  # None: the default process group's rank and size, if initialised
 
     @classmethod
     def build(
@@ -367,7 +432,15 @@ class Evaluator:
         return cls(sets, options)
 
     def report(self, model: FameViL) -> EvalReport:
+        """Every set's results. In a distributed run (``shard``, by default the initialised default process
+        group) every process must call this: each encodes its share of every set, and process 0 scores and
+        gets the report while the others get an empty one. With ``max_samples`` process 0 evaluates alone."""
         report = EvalReport()
+        shard = self.shard if self.shard is not None else EvalShard.of_process_group()
+        if shard.enabled and self.options.max_samples is not None:
+            if not shard.is_main:
+                return report
+            shard = EvalShard()
         was_training = model.training
         model.eval()
         try:
@@ -376,7 +449,7 @@ class Evaluator:
                     raise ValueError(
                         f"cannot evaluate task {task!r}: the model has tasks {model.config.tasks}"
                     )
-                for result in EVALUATORS[task](model, data, self.options):
+                for result in EVALUATORS[task](model, data, self.options, shard):
                     report.add(result)
         finally:
             model.train(was_training)

@@ -624,7 +624,9 @@ class Trainer:
         self.logger.log(self.update, values)
 
     def evaluate(self) -> dict[str, Any]:
-        if self.evaluator is None or not self.dist.is_main:
+        """Run the evaluator; under DDP every process encodes its share of the sets and rank 0 scores (the
+        other ranks return {})."""
+        if self.evaluator is None:
             return {}
         self.model.eval()
         try:
@@ -634,6 +636,8 @@ class Trainer:
                 results = self.evaluator(self.model)
         finally:
             self.model.train()
+        if not self.dist.is_main:
+            return {}
         self.eval_results.append({"update": self.update, **results})
         if self.logger is not None:
             for task, metrics in results.items():

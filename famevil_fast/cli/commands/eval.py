@@ -18,11 +18,17 @@ from famevil_fast.cli.options import (
 from famevil_fast.devices import resolve_device
 
 if TYPE_CHECKING:
+    import torch
+
+    from famevil_fast.eval.report import EvalReport
     from famevil_fast.eval.runner import EvalOptions
     from famevil_fast.model import FameViL
 
 NAME = "eval"
-HELP = "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a dataset; prints the tables."
+HELP = (
+    "Evaluate a FAME-ViL checkpoint (famevil_fast or official layout) on a dataset; prints the tables. "
+    "Under torchrun the processes share the encoding and rank 0 prints."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +199,32 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from famevil_fast.train.distributed import init_from_env, shutdown
+
+    device = resolve_device(args.device)
+    dist = init_from_env(device.type)  # under torchrun: each process encodes its share of every set
+    if dist.enabled and device.type == "cuda":
+        if args.device is not None and device.index is not None:
+            shutdown()
+            raise ValueError(
+                f"--device={args.device!r} names one GPU, but torchrun runs {dist.world_size} processes: use "
+                "'cuda' (each process takes its LOCAL_RANK GPU)"
+            )
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        report = _evaluate(args, device)
+    finally:
+        shutdown()
+    if dist.is_main:
+        print(report.to_text())
+        if args.out:
+            report.save(args.out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, device: torch.device) -> EvalReport:
     import contextlib
 
     import torch
@@ -200,7 +232,6 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.data import build_eval_sets
     from famevil_fast.eval.runner import Evaluator
 
-    device = resolve_device(args.device)
     model, tasks = load_model(args)
     options = eval_options(args)
     if "cap" in tasks:  # before anything is encoded
@@ -228,8 +259,4 @@ def run(args: argparse.Namespace) -> int:
     }
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     with autocast:
-        report = Evaluator(sets, options).report(model)
-    print(report.to_text())
-    if args.out:
-        report.save(args.out)
-    return 0
+        return Evaluator(sets, options).report(model)

@@ -1,0 +1,87 @@
+"""Spreading an evaluation over the processes of a distributed run.
+
+Batch ``step`` of an evaluation set is encoded by process ``step % world``; the per-batch outputs are then
+exchanged so that every process holds all of them in the order of the set. The batches are the ones a single
+process would make, so the scores are a single process's; each process decodes and encodes only its share.
+Process 0 scores and reports; the others return nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EvalShard:
+    """This process's share of an evaluation: process ``rank`` of ``world``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (self.rank, self.world))
+        if not ints or not 0 <= self.rank < self.world:
+            raise ValueError(
+                f"EvalShard: expected 0 <= rank < world, got rank={self.rank!r}, world={self.world!r}"
+            )
+
+    @classmethod
+    def of_process_group(cls) -> EvalShard:
+        """The default process group's rank and size; one process when no group is initialised."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def map_batches(self, batches: Iterable[dict], fn: Callable[[dict], T]) -> list[T]:
+        """``fn`` of every batch of ``batches``, in order, each batch computed by one process. Batch sets
+        with ``iter_steps`` (``EvalBatches``) make only this process's batches; other iterables are walked
+        and the other processes' batches skipped."""
+        return self.gather([(step, fn(batch)) for step, batch in self._owned(batches)])
+
+    def gather(self, local: list[tuple[int, T]]) -> list[T]:
+        """Every process's ``(step, value)`` pairs, merged in step order (tensors arrive on the CPU)."""
+        if not self.enabled:
+            return [value for _, value in local]
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, _to_cpu(local))
+        merged = sorted((item for part in parts for item in part), key=itemgetter(0))
+        return [value for _, value in merged]
+
+    def _owned(self, batches: Iterable[dict]) -> Iterator[tuple[int, dict]]:
+        if not self.enabled:
+            yield from enumerate(batches)
+            return
+        iter_steps = getattr(batches, "iter_steps", None)
+        if iter_steps is not None:
+            yield from iter_steps(range(self.rank, len(batches), self.world))  # type: ignore[arg-type]
+            return
+        for step, batch in enumerate(batches):
+            if step % self.world == self.rank:
+                yield step, batch
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it moved to the CPU (what ``all_gather_object`` pickles)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, tuple | list):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,195 @@
+"""Evaluation shared over processes (gloo, CPU): each process encodes every other batch and process 0 scores;
+the report equals one process's, through ``Evaluator`` and through ``famevil-fast eval``."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from famevil_fast.eval import runner
+from famevil_fast.eval.runner import EvalOptions, Evaluator
+from famevil_fast.eval.sharding import EvalShard
+from famevil_fast.train.distributed import collective_timeout
+
+TASKS = ("itc", "tgir", "scr", "cap")
+BATCH = 7  # 61 views of 22 products: 9 batches, an uneven share; TGIR: 3 query and 2 gallery batches
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        FAMEVIL_FAST_DIST_TIMEOUT="120",  # a process left waiting fails the test rather than hanging it
+    )
+
+
+def _options(references: str = "clip") -> EvalOptions:
+    return EvalOptions(caption_max_len=6, caption_references=references, text_batch=5)
+
+
+def _evaluator(data, references: str = "clip") -> Evaluator:
+    return Evaluator.build(data, TASKS, 32, BATCH, device="cpu", backend="pil", options=_options(references))
+
+
+def _metrics(report) -> dict:
+    return {f"{r.task}/{r.protocol}/{k}": v for r in report.results for k, v in r.metrics.items()}
+
+
+def _record_scored_inputs(setattr=setattr) -> dict:
+    """Wrap the runner's scoring functions so that what they receive (captions and references, SCR logits,
+    XMR embeddings) is recorded: the scores of a near-random micro model alone would hide a mix-up."""
+    seen: dict = {}
+
+    def recording(name, fn, keep):
+        def wrapper(*args, **kwargs):
+            seen[name] = keep(*args)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    setattr(runner, "fic_result", recording("fic", runner.fic_result, lambda p, r: [list(p), list(r)]))
+    setattr(
+        runner,
+        "scr_result",
+        recording("scr", runner.scr_result, lambda lg, lb, *_: [lg.tolist(), lb.tolist()]),
+    )
+    setattr(runner, "xmr_full", recording("xmr", runner.xmr_full, lambda *args: [t.tolist() for t in args]))
+    return seen
+
+
+def _worker(rank: int, world: int, ports: tuple[int, int], data: str, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from famevil_fast.cli.main import main
+    from famevil_fast.model import FameViL
+
+    _join(rank, world, ports[0])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=collective_timeout())
+    model = FameViL.from_pretrained(model_dir).eval()
+    seen = _record_scored_inputs()
+    results = {}
+    for references in ("clip", "raw"):
+        report = _evaluator(data, references).report(model)
+        results[references] = _metrics(report) if rank == 0 else len(report.results)
+        results[f"{references}_inputs"] = dict(seen)
+        seen.clear()
+    dist.destroy_process_group()
+    # the command line under torchrun's environment: it joins the group itself and prints on rank 0 only
+    _join(rank, world, ports[1])
+    args = [
+        "eval",
+        model_dir,
+        "--data",
+        data,
+        "--batch-size",
+        str(BATCH),
+        "--max-len",
+        "6",
+        "--device",
+        "cpu",
+    ]
+    results["cli_exit"] = main([*args, "--out", f"{out}/cli_rank{rank}.json"])
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    from test_cli import MICRO, perturb_
+    from test_data_fixtures import synthetic
+
+    from famevil_fast.model import FameViL
+
+    data = synthetic(tmp_path_factory, products=150, image_size=40)
+    model_dir = tmp_path_factory.mktemp("model") / "micro"
+    perturb_(FameViL(MICRO), std=0.05).save_pretrained(model_dir)
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(
+        _worker,
+        args=(2, (_free_port(), _free_port()), str(data), str(model_dir), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return data, model_dir, out, ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("references", ["clip", "raw"])
+def test_two_processes_report_what_one_process_reports(shared, references, monkeypatch):
+    from famevil_fast.model import FameViL
+
+    data, model_dir, _, ranks = shared
+    model = FameViL.from_pretrained(model_dir).eval()
+    seen = _record_scored_inputs(monkeypatch.setattr)
+    expected = _metrics(_evaluator(data, references).report(model))
+    protocols = {key.rsplit("/", 1)[0] for key in expected}
+    assert protocols == {"xmr/full", "xmr/sampled-21", "tgir/fashioniq-val", "scr/val", "fic/coco-caption"}
+    assert ranks[0][references] == pytest.approx(expected, rel=1e-5)
+    assert ranks[1][references] == 0  # the other process encodes its share and reports nothing
+    inputs = ranks[0][f"{references}_inputs"]
+    assert inputs["fic"] == json.loads(json.dumps(seen["fic"]))  # the same captions and references, in order
+    assert len(inputs["fic"][0]) == 61 and len(set(inputs["fic"][1])) == 22
+    for got, want in zip(inputs["scr"] + inputs["xmr"], seen["scr"] + seen["xmr"]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert ranks[1][f"{references}_inputs"] == {}  # nothing is scored there
+
+
+@pytest.mark.slow
+def test_eval_command_under_torchrun_writes_one_report(shared, tmp_path):
+    from famevil_fast.cli.main import main
+
+    data, model_dir, out, ranks = shared
+    assert [r["cli_exit"] for r in ranks] == [0, 0]
+    assert not (out / "cli_rank1.json").exists()
+    alone = tmp_path / "alone.json"
+    args = ["eval", str(model_dir), "--data", str(data), "--batch-size", str(BATCH), "--max-len", "6"]
+    assert main([*args, "--device", "cpu", "--out", str(alone)]) == 0
+    shared_report = json.loads((out / "cli_rank0.json").read_text())["results"]
+    single = json.loads(alone.read_text())["results"]
+    assert [r["task"] for r in shared_report] == [r["task"] for r in single]
+    for a, b in zip(shared_report, single):
+        assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-5)
+
+
+class _Batches:
+    """An ``EvalBatches``-like set that records which steps it was asked to make."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.made = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def iter_steps(self, steps):
+        for step in steps:
+            self.made.append(step)
+            yield step, {"x": torch.tensor([step])}
+
+
+def test_a_shard_makes_only_its_own_batches():
+    batches = _Batches(7)
+    local = list(EvalShard(1, 3)._owned(batches))
+    assert [step for step, _ in local] == [1, 4] == batches.made
+    plain = [{"x": torch.tensor([i])} for i in range(7)]
+    assert [step for step, _ in EvalShard(2, 3)._owned(plain)] == [2, 5]
+    assert EvalShard().map_batches(plain, lambda b: int(b["x"])) == list(range(7))
+
+
+@pytest.mark.parametrize("rank, world", [(-1, 2), (2, 2), (0, 0), (True, 2)])
+def test_a_shard_outside_its_world_is_refused(rank, world):
+    with pytest.raises(ValueError, match="expected 0 <= rank < world"):
+        EvalShard(rank, world)
