@@ -103,8 +103,14 @@ if [[ " $PARTS " == *" tests "* ]]; then
   TESTS="${GPU_CHECK_TESTS:-tests/test_adapter_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
 tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py tests/test_decode_step.py \
 tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_transforms.py}"
+  # spread over GPU_CHECK_TEST_WORKERS processes (default 8; 1: one process) when pytest-xdist is installed,
+  # as on the lent cards: compiling the kernels for each test's shapes takes most of the time, on the CPU
+  WORKERS=()
+  if [ "${GPU_CHECK_TEST_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    WORKERS=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+  fi
   # shellcheck disable=SC2086
-  part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" -k "gpu or cuda or contrastive_triton" $TESTS
+  part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" ${WORKERS[@]+"${WORKERS[@]}"} -k "gpu or cuda or contrastive_triton" $TESTS
 fi
 
 # "demo" (not in the default parts): the README's main job on the card, `famevil-fast demo` with the GPU recipe,
