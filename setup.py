@@ -5,19 +5,23 @@ the installed torch is a CUDA build and a CUDA toolkit is found, for sm_80 and s
 ``TORCH_CUDA_ARCH_LIST`` says otherwise. ``FAMEVIL_FAST_CUDA=0`` forces the CUDA part off and
 ``FAMEVIL_FAST_CUDA=1`` makes a missing toolkit an error.
 
-Three things are handled here so that a plain ``pip install --no-build-isolation .`` works on a machine
+Four things are handled here so that a plain ``pip install --no-build-isolation .`` works on a machine
 without a GPU: ``CUDA_HOME`` is found even when ``nvcc`` on PATH is a wrapper script, the CUDA headers and
-libraries that pip installs with torch (``site-packages/nvidia/*/include``) are added, and a default arch
-list is set because arch detection needs a GPU.
+libraries that pip installs with torch (``site-packages/nvidia/*/include``) are added, a default arch
+list is set because arch detection needs a GPU, and OpenMP (which spreads ``at::parallel_for`` over the
+cores) is used only where the C++ compiler supports it: Apple's clang does not, and the CPU kernels are then
+built to run on one thread (``famevil-fast info`` says which).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -95,6 +99,43 @@ def nvcc_version(cuda_home: str) -> str:
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else "unknown"
 
 
+OPENMP_PROBE = """#include <omp.h>
+int main() { int n = 0;
+#pragma omp parallel reduction(+ : n)
+  n += 1;
+  return n > 0 && omp_get_max_threads() > 0 ? 0 : 1; }
+"""
+
+
+def compiler_builds_openmp(compiler: str) -> bool:
+    """Whether ``compiler`` (the command torch's build runs: ``CXX``, default ``c++``) compiles and links
+    an OpenMP program with ``-fopenmp``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "probe.cpp"
+        source.write_text(OPENMP_PROBE)
+        command = [*shlex.split(compiler), "-fopenmp", str(source), "-o", str(Path(tmp) / "probe")]
+        try:
+            return subprocess.run(command, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
+def cpu_flags() -> tuple[list[str], list[str]]:
+    """(compile, link) flags of the C++ sources. ``-fno-trapping-math`` lets GCC vectorise the branch-free
+    selects of the CPU kernels (NaN and inf still propagate); ``-fopenmp`` where the compiler has it."""
+    if sys.platform == "win32":
+        return ["/O2", "/openmp"], []
+    compiler = os.environ.get("CXX", "c++")
+    if compiler_builds_openmp(compiler):
+        return ["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"]
+    print(
+        f"famevil_fast: {compiler!r} cannot build OpenMP code (-fopenmp): the CPU kernels will run on one "
+        "thread. For several, install an OpenMP runtime (macOS: `brew install libomp llvm`) and set CXX to "
+        "a compiler that uses it."
+    )
+    return ["-O3", "-fno-trapping-math"], []
+
+
 def extension_modules():
     try:
         import torch
@@ -112,9 +153,8 @@ def extension_modules():
         str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts
     )
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
-    # torch chooses the C++ standard (C++20 for torch >= 2.10); -fno-trapping-math lets GCC vectorise the
-    # branch-free selects of the CPU kernels (NaN and inf still propagate)
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    # torch chooses the C++ standard (C++20 for torch >= 2.10)
+    cxx_flags, link_flags = cpu_flags()
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     if with_cuda:
@@ -132,7 +172,7 @@ def extension_modules():
             library_dirs=libs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     else:
         print(
@@ -144,18 +184,18 @@ def extension_modules():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extension_modules()
-
-setup(
-    packages=find_packages(include=["famevil_fast", "famevil_fast.*"])
-    + ["famevil_fast.kernels", "famevil_fast.configs"],
-    package_dir={"famevil_fast.kernels": "kernels", "famevil_fast.configs": "configs"},
-    package_data={"famevil_fast": ["py.typed", "_C.pyi"], "famevil_fast.configs": ["*.yaml"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # as pip and setuptools run it; tests import the helpers above
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        packages=find_packages(include=["famevil_fast", "famevil_fast.*"])
+        + ["famevil_fast.kernels", "famevil_fast.configs"],
+        package_dir={"famevil_fast.kernels": "kernels", "famevil_fast.configs": "configs"},
+        package_data={"famevil_fast": ["py.typed", "_C.pyi"], "famevil_fast.configs": ["*.yaml"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -12,9 +12,19 @@ bool built_with_cuda() {
 #endif
 }
 
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "famevil_fast compiled operators (CPU always, CUDA when built with it)";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA sources were compiled in");
+  m.def("built_with_openmp", &built_with_openmp,
+        "True when compiled with OpenMP: the CPU kernels' at::parallel_for uses several threads");
 }

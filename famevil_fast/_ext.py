@@ -53,6 +53,13 @@ def cuda_ext_available() -> bool:
     return _BUILT_WITH_CUDA
 
 
+def cpu_ext_threaded() -> bool | None:
+    """Whether the CPU kernels were compiled with OpenMP, so that they spread over the cores (None: no
+    extension, or one built before the extension reported it)."""
+    built_with_openmp = getattr(_C, "built_with_openmp", None)
+    return None if built_with_openmp is None else bool(built_with_openmp())
+
+
 def import_error() -> str | None:
     """Why the extension could not be imported (None when it was)."""
     return _IMPORT_ERROR

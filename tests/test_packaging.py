@@ -17,3 +17,56 @@ def test_every_module_folder_is_a_package_the_wheel_includes():
     }
     assert folders - found == set()
     assert (ROOT / "kernels" / "__init__.py").is_file()  # installed as famevil_fast.kernels
+
+
+def _setup_module():
+    """setup.py's helpers, without running the build (it builds only when run as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("famevil_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_compiler(tmp_path: Path) -> Path:
+    """A C++ compiler without OpenMP, as Apple's clang: it refuses -fopenmp and builds anything else."""
+    script = tmp_path / "clang++"
+    script.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+        'exec c++ "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def test_the_extension_uses_openmp_only_where_the_compiler_builds_it(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import pytest
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    setup = _setup_module()
+    assert setup.compiler_builds_openmp("c++")
+    monkeypatch.setenv("CXX", "c++")
+    assert setup.cpu_flags() == (["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"])
+    fake = _fake_compiler(tmp_path)
+    assert not setup.compiler_builds_openmp(str(fake))
+    assert not setup.compiler_builds_openmp(str(tmp_path / "missing-c++"))
+    monkeypatch.setenv("CXX", str(fake))
+    assert setup.cpu_flags() == (["-O3", "-fno-trapping-math"], [])
+    assert "the CPU kernels will run on one thread" in capsys.readouterr().out
+
+
+def test_info_says_whether_the_cpu_kernels_are_threaded(capsys):
+    from famevil_fast import _ext
+    from famevil_fast.cli.main import main
+
+    assert main(["info"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "CPU kernels threaded" in line)
+    if _ext.cpu_ext_available():  # this build's compiler has OpenMP (GCC)
+        assert _ext.cpu_ext_threaded() is True and "yes (OpenMP" in row
+    else:
+        assert _ext.cpu_ext_threaded() is None and "no extension" in row

@@ -70,11 +70,26 @@ def build_report() -> list[tuple[str, str]]:
         ("CUDA device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
         ("compiled extension", "yes" if _ext.cpu_ext_available() else f"no ({_ext.import_error()})"),
         ("  with CUDA kernels", "yes" if _ext.cuda_ext_available() else "no"),
+        ("  CPU kernels threaded", _threading(_ext.cpu_ext_threaded())),
         ("triton", _triton_version() if triton_importable() else "not installed"),
         ("flash-attn", "installed" if _flash_attn() else "not installed (SDPA is used)"),
         ("forced backend", forced_backend() or "none (automatic)"),
     ]
     return rows
+
+
+def _threading(threaded: bool | None) -> str:
+    import torch
+
+    from famevil_fast import _ext
+
+    if not _ext.cpu_ext_available():
+        return "no extension"
+    if threaded is None:
+        return "unknown (an extension built before it reported this: rebuild it)"
+    if threaded:
+        return f"yes (OpenMP, {torch.get_num_threads()} threads)"
+    return "no (built without OpenMP: one thread; see the README, 'Installing')"
 
 
 def _triton_version() -> str:
