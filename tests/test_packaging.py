@@ -70,3 +70,25 @@ def test_info_says_whether_the_cpu_kernels_are_threaded(capsys):
         assert _ext.cpu_ext_threaded() is True and "yes (OpenMP" in row
     else:
         assert _ext.cpu_ext_threaded() is None and "no extension" in row
+
+
+def test_linux_only_dependencies_are_marked_so_other_systems_install_the_extras():
+    """Triton and DALI have Linux wheels only: without a marker, `pip install ".[triton]"` fails on macOS."""
+    import pytest
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    linux_only = [
+        Requirement(r)
+        for group in extras.values()
+        for r in group
+        if Requirement(r).name in ("triton", "nvidia-dali-cuda130")
+    ]
+    assert len(linux_only) == 3  # triton, dali, dev's dali
+    for requirement in linux_only:
+        assert requirement.marker is not None
+        assert requirement.marker.evaluate({"platform_system": "Linux"})
+        assert not requirement.marker.evaluate({"platform_system": "Darwin"})
+        assert not requirement.marker.evaluate({"platform_system": "Windows"})
