@@ -2,12 +2,16 @@
 
 Each op offers ``backend=None`` (automatic) plus a fixed list of names; ``"torch"`` is always the plain
 PyTorch reference. Triton kernels run on CUDA devices, and on the CPU only under ``TRITON_INTERPRET=1``.
+Also the FLOP formulas of the fused operators (``register_flop_formulas``) and the check that makes the
+fused ops run those operators while ``torch.utils.flop_counter.FlopCounterMode`` counts (``counting_flops``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -152,3 +156,82 @@ def require_triton(op: str, x: torch.Tensor) -> None:
         raise ValueError(
             f"{op}: backend 'triton' supports float32, float16 and bfloat16 inputs, got {x.dtype}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOP counting
+
+FlopFormula = Callable[..., int]
+
+# Operators whose formula is registered (or that already had one): a call site checks this set, not the
+# registry of torch.utils.flop_counter.
+_FORMULA_REGISTERED: set[str] = set()
+
+
+def register_flop_formulas(formulas: Mapping[str, FlopFormula]) -> list[str]:
+    """Register each formula with ``torch.utils.flop_counter.register_flop_formula`` for the operator
+    ``torch.ops.famevil_fast.<name>`` it is keyed by, so that ``FlopCounterMode`` counts the matrix
+    products inside the operator; and add it to every FlopCounterMode counting on this thread (a counter
+    copies the registry when it is made, which may be before a lazily imported operator exists). Formulas
+    take what the counter passes: the operator's arguments with tensors replaced by their shapes, and
+    ``out_shape``. An operator this build does not register (no compiled extension, no triton) is skipped,
+    and one that has a formula already keeps it. Returns the names of the operators that have one."""
+    try:
+        from torch.utils import flop_counter
+    except ImportError:  # pragma: no cover - part of every supported torch
+        return []
+    counters = active_flop_counters()
+    found = []
+    for name, formula in formulas.items():
+        packet = getattr(torch.ops.famevil_fast, name, None)
+        if packet is None:
+            continue
+        if packet not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(packet)(formula)
+        registered = flop_counter.flop_registry[packet]
+        for counter in counters:
+            registry = getattr(counter, "flop_registry", None)
+            if isinstance(registry, dict):
+                registry.setdefault(packet, registered)
+        _FORMULA_REGISTERED.add(name)
+        found.append(name)
+    return found
+
+
+# torch internals behind the check; a torch without them counts the fused ops' products as zero
+_DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def active_flop_counters() -> list[Any]:
+    """The ``torch.utils.flop_counter.FlopCounterMode`` objects counting on this thread (usually none; the
+    check costs one call into torch while no dispatch mode is active)."""
+    if _DISPATCH_STACK_LEN is None or not _DISPATCH_STACK_LEN():
+        return []
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover - present in every torch this package supports
+        return []
+
+    counters = []
+    for mode in _get_current_dispatch_mode_stack():
+        counter = getattr(mode, "counter", mode)  # newer torch pushes a dispatch mode that refers to it
+        if isinstance(counter, FlopCounterMode):
+            counters.append(counter)
+    return counters
+
+
+def counting_flops(formulas: Mapping[str, FlopFormula]) -> bool:
+    """True while a FlopCounterMode counts on this thread, after making sure that it holds the formulas of
+    these operators (registered on first use otherwise). The fused ops' eager paths launch their kernels
+    outside torch's dispatcher, where the counter sees nothing; while this is True they run their
+    registered operators instead, whose formulas count the products inside them, forward and backward."""
+    counting = bool(active_flop_counters())
+    if counting or not _FORMULA_REGISTERED.issuperset(formulas):
+        register_flop_formulas(formulas)  # also into the counters made before the operators existed
+    return counting
+
+
+def matmul_flops(rows: int, inner: int, cols: int) -> int:
+    """FLOPs of a (rows, inner) @ (inner, cols) product as torch.utils.flop_counter counts them."""
+    return 2 * rows * inner * cols

@@ -3,11 +3,14 @@
 Owns the public ``fused_adapter`` function, its argument checks and the plain-PyTorch reference.
 ``backend="triton"`` runs the fused kernels of ``famevil_fast.kernels``: eagerly through their autograd
 functions (``kernels/autograd.py``), and inside ``torch.compile`` graphs as the registered
-``torch.ops.famevil_fast.adapter_forward`` operator; ``backend="torch"`` always runs the reference.
+``torch.ops.famevil_fast.adapter_forward`` operator; ``backend="torch"`` always runs the reference. While
+``torch.utils.flop_counter.FlopCounterMode`` counts, the Triton path also runs the registered operators,
+whose FLOP formulas (here) count what the counter counts for the reference.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
-from famevil_fast.ops._backend import check_backend, select_backend
+from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, select_backend
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -203,6 +206,43 @@ def triton_adapter_pays(x: torch.Tensor, params: AdapterParams) -> bool:
     return rows >= (TRITON_ADAPTER_MIN_ROWS_IN_GRAPH if graphed_training else TRITON_ADAPTER_MIN_ROWS)
 
 
+def adapter_forward_flops(
+    x_shape: Sequence[int],
+    ln_weight_shape: Sequence[int],
+    ln_bias_shape: Sequence[int],
+    down_weight_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::adapter_forward`` (x (N, d), down_weight (r, d) or (T, r, d)): the down and
+    up projections, (N, d) @ (d, r) and (N, r) @ (r, d), every row through one adapter whichever its task,
+    as FlopCounterMode counts the reference's two linear layers."""
+    d, r = x_shape[-1], down_weight_shape[-2]
+    return 2 * matmul_flops(math.prod(x_shape[:-1]), d, r)
+
+
+def adapter_backward_flops(
+    grad_shape: Sequence[int],
+    x_shape: Sequence[int],
+    ln_weight_shape: Sequence[int],
+    ln_bias_shape: Sequence[int],
+    down_weight_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::adapter_backward``: the input and the weight gradient of both projections,
+    four products of the forward's size (the operator computes every gradient)."""
+    d, r = x_shape[-1], down_weight_shape[-2]
+    return 4 * matmul_flops(math.prod(x_shape[:-1]), d, r)
+
+
+# Registered on first use of the kernels (``counting_flops``): the operators exist once
+# famevil_fast.kernels.custom_ops is imported, which the Triton path does lazily.
+ADAPTER_FLOP_FORMULAS = {"adapter_forward": adapter_forward_flops, "adapter_backward": adapter_backward_flops}
+
+
 def _triton_adapter(
     x: torch.Tensor,
     params: AdapterParams,
@@ -218,7 +258,8 @@ def _triton_adapter(
     ps = [p.contiguous() for p in params]
     ids = None if task_ids is None else task_ids.contiguous()
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
-    if torch.compiler.is_compiling():  # an opaque node of the graph
+    # an opaque node of a compiled graph; or the operator a FLOP counter sees, with its formula
+    if torch.compiler.is_compiling() or counting_flops(ADAPTER_FLOP_FORMULAS):
         y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
     else:  # the same kernels without the operator dispatch's host cost
         from famevil_fast.kernels.autograd import fused_adapter_eager

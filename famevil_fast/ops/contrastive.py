@@ -13,10 +13,15 @@ per-column statistics in memory linear in M + N; the losses are cheap functions 
 * Distillation: statistics (log-sum-exp, teacher log-sum-exp, sum_j softmax(teacher)_ij * logits_ij); row
   i's loss is ``lse_i - weighted_i``.
 
-Rows (columns) without any positive are left out of the row (column) average.
+Rows (columns) without any positive are left out of the row (column) average. The compiled operators'
+FLOP formulas (``STATS_FLOP_FORMULAS``) count what FlopCounterMode counts for the references: the products
+of the logits and of their gradients.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +31,11 @@ from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.ops._backend import (
     KERNEL_DTYPES,
     check_backend,
+    counting_flops,
     forced_backend,
+    matmul_flops,
     once_differentiable_grads,
+    register_flop_formulas,
     require_triton,
     triton_importable,
     triton_runs_on,
@@ -445,8 +453,73 @@ def _register_fake_kernels() -> None:
     )
 
 
+def contrastive_stats_flops(
+    a_shape: Sequence[int], b_shape: Sequence[int], *args: object, out_shape: object = None, **kwargs: object
+) -> int:
+    """FLOPs of ``famevil_fast::contrastive_stats`` (a (M, D), b (N, D)): the logits a @ b.T, once for the
+    row and the column statistics, as FlopCounterMode counts the reference's product."""
+    return matmul_flops(a_shape[0], a_shape[1], b_shape[0])
+
+
+def contrastive_stats_backward_flops(
+    grad_rows_shape: Sequence[int],
+    grad_cols_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::contrastive_stats_backward``: the gradients of a and b, G @ b and G^T @ a
+    (both computed; the logits the kernels recompute are not counted, as the reference keeps them)."""
+    return 2 * matmul_flops(a_shape[0], a_shape[1], b_shape[0])
+
+
+def contrastive_distill_stats_flops(
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    scale_shape: Sequence[int],
+    teacher_a_shape: Sequence[int],
+    teacher_b_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::contrastive_distill_stats``: the student's logits a @ b.T and the teacher's
+    teacher_a @ teacher_b.T (whose width may differ), as FlopCounterMode counts the reference's two
+    products."""
+    student = matmul_flops(a_shape[0], a_shape[1], b_shape[0])
+    return student + matmul_flops(teacher_a_shape[0], teacher_a_shape[1], teacher_b_shape[0])
+
+
+def contrastive_distill_stats_backward_flops(
+    grad_rows_shape: Sequence[int],
+    grad_cols_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::contrastive_distill_stats_backward``: the student's gradients G @ b and
+    G^T @ a; the teacher takes no gradient, and the logits recomputed inside the kernels are not counted."""
+    return 2 * matmul_flops(a_shape[0], a_shape[1], b_shape[0])
+
+
+STATS_FLOP_FORMULAS = {
+    "contrastive_stats": contrastive_stats_flops,
+    "contrastive_stats_backward": contrastive_stats_backward_flops,
+    "contrastive_distill_stats": contrastive_distill_stats_flops,
+    "contrastive_distill_stats_backward": contrastive_distill_stats_backward_flops,
+}
+
+
 if _ops_registered():
     _register_fake_kernels()
+    # At import where the counter's module is loaded already; else on the first fused call
+    # (``counting_flops``), since loading it loads triton, which ``import famevil_fast`` otherwise does not.
+    if "torch.utils.flop_counter" in sys.modules:
+        register_flop_formulas(STATS_FLOP_FORMULAS)
 
 
 def dense_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -521,6 +594,8 @@ def _fused_contrastive_loss(
     m, n = a.shape[0], b.shape[0]
     s = _as_scale(scale, a)
     row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
+    if not torch.compiler.is_compiling():
+        counting_flops(STATS_FLOP_FORMULAS)  # registers the formulas on first use, also into a counter
     rows, cols = _InfoNceStats.apply(a, b, s, row_key, col_key, two_way)
     loss = _direction_loss(rows, row_counts, eps, n)
     if not two_way:
@@ -540,6 +615,8 @@ def _fused_distill_loss(
     s = _as_scale(scale, a)
     t = _as_scale(teacher_scale, a).detach()
     ta, tb = teacher_a.detach().to(a.dtype), teacher_b.detach().to(a.dtype)
+    if not torch.compiler.is_compiling():
+        counting_flops(STATS_FLOP_FORMULAS)
     rows, cols = _DistillStats.apply(a, b, s, ta, tb, t, two_way)
     loss = (rows[0] - rows[2]).mean()
     if not two_way:

@@ -13,14 +13,18 @@ Both cost O((M + N) D). In the eager path their dot products come from one kerne
 features in their own dtype and sums in float32; the group sums are float32. In eager mode the loss is one
 autograd node (``InfoNceFunction``): their gradients come out of the kernels' gradient tiles, which
 subtract each direction's target distribution from its softmax. Inside ``torch.compile`` the
-log-sum-exps are an opaque operator and the linear terms take their gradients through autograd.
+log-sum-exps are an opaque operator and the linear terms take their gradients through autograd; so they
+do while ``torch.utils.flop_counter.FlopCounterMode`` counts, which then sees the operators and their FLOP
+formulas (here).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from famevil_fast.ops._backend import once_differentiable_grads
+from famevil_fast.ops._backend import counting_flops, matmul_flops, once_differentiable_grads
 from famevil_fast.ops.contrastive import Groups, _as_scale, direction_loss, positive_keys
 
 GROUP_SUM_CHUNK_ROWS = 16384  # rows of a 16-bit input converted to float32 at a time for its group sums
@@ -59,6 +63,37 @@ def _positive_dots(
     return rows, cols
 
 
+def contrastive_lse_flops(
+    a_shape: Sequence[int], b_shape: Sequence[int], *args: object, out_shape: object = None, **kwargs: object
+) -> int:
+    """FLOPs of ``famevil_fast::contrastive_lse`` (a (M, D), b (N, D)): the logits a @ b.T, once whether or
+    not the column statistics come too, as FlopCounterMode counts the reference's product."""
+    return matmul_flops(a_shape[0], a_shape[1], b_shape[0])
+
+
+def contrastive_lse_backward_flops(
+    g_rows_shape: Sequence[int],
+    g_cols_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::contrastive_lse_backward``: the gradients of a and b, G @ b and G^T @ a (the
+    operator computes both; its recomputation of the logits inside the gradient tiles is not model work
+    and is not counted)."""
+    return 2 * matmul_flops(a_shape[0], a_shape[1], b_shape[0])
+
+
+# Registered on first use of the kernels (``counting_flops``): the operators exist once
+# famevil_fast.kernels.contrastive_ops is imported, which the Triton path does lazily.
+LSE_FLOP_FORMULAS = {
+    "contrastive_lse": contrastive_lse_flops,
+    "contrastive_lse_backward": contrastive_lse_backward_flops,
+}
+
+
 # Eager calls run as one autograd node with the target terms inside the gradient tiles (InfoNceFunction);
 # False composes the loss from the log-sum-exp node and autograd over the linear terms, as torch.compile
 # graphs do (bench/bench_contrastive.py times both).
@@ -82,7 +117,9 @@ def triton_contrastive_loss(
     a, b = a.contiguous(), b.contiguous()
     row_key, col_key, row_counts, col_counts = positive_keys(m, n, labels, groups, a.device)
     keys = (row_key, col_key, row_counts, col_counts)
-    if torch.compiler.is_compiling():  # the log-sum-exps as an opaque operator of the graph
+    # the log-sum-exps as an opaque operator of a compiled graph; or as the operator (and its backward) a
+    # FLOP counter sees, the linear terms through autograd (products of vectors, which it does not count)
+    if torch.compiler.is_compiling() or counting_flops(LSE_FLOP_FORMULAS):
         lse_rows, lse_cols = torch.ops.famevil_fast.contrastive_lse(a, b, s, two_way)
     elif TARGETS_IN_KERNEL:  # one autograd node, the target terms inside the kernels' G
         return InfoNceFunction.apply(a, b, s, labels, groups, keys, two_way, eps)

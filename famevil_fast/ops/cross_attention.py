@@ -18,13 +18,14 @@ flash-attn's kernel when that package is importable (CUDA, fp16/bf16, no mask), 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from famevil_fast.ops._backend import check_backend, require_int, select_backend
+from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, require_int, select_backend
 from famevil_fast.ops.adapter import LN_EPS, AdapterParams, Residual, fused_adapter
 
 BACKENDS = ("torch", "triton")
@@ -69,6 +70,45 @@ def layer_norm_linear_reference(
     return F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), weight, bias)
 
 
+def ln_linear_forward_flops(
+    x_shape: Sequence[int],
+    ln_weight_shape: Sequence[int],
+    ln_bias_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::ln_linear_forward`` (x (N, d), weight (n, d)): the projection
+    (N, d) @ (d, n), as FlopCounterMode counts the reference's linear layer."""
+    return matmul_flops(math.prod(x_shape[:-1]), x_shape[-1], weight_shape[0])
+
+
+def ln_linear_backward_flops(
+    grad_shape: Sequence[int],
+    forward_out_shape: Sequence[int],
+    x_shape: Sequence[int],
+    mean_shape: Sequence[int],
+    rstd_shape: Sequence[int],
+    ln_weight_shape: Sequence[int],
+    ln_bias_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    *args: object,
+    out_shape: object = None,
+    **kwargs: object,
+) -> int:
+    """FLOPs of ``famevil_fast::ln_linear_backward``: the projection's input and weight gradients, two
+    products of the forward's size (the operator computes both)."""
+    return 2 * matmul_flops(math.prod(x_shape[:-1]), x_shape[-1], weight_shape[0])
+
+
+# Registered on first use of the kernels (``counting_flops``), as the adapter's.
+LN_LINEAR_FLOP_FORMULAS = {
+    "ln_linear_forward": ln_linear_forward_flops,
+    "ln_linear_backward": ln_linear_backward_flops,
+}
+
+
 def layer_norm_linear_triton(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -77,15 +117,16 @@ def layer_norm_linear_triton(
     bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """``LN(x) W^T + b`` in one kernel, x of shape (..., d): in a torch.compile graph the registered
-    ``torch.ops.famevil_fast.ln_linear_forward``, in eager mode the same launchers without the dispatch."""
+    """``LN(x) W^T + b`` in one kernel, x of shape (..., d): in a torch.compile graph (and while a
+    FlopCounterMode counts) the registered ``torch.ops.famevil_fast.ln_linear_forward``, in eager mode the
+    same launchers without the dispatch."""
     from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
 
     d = x.shape[-1]
     rows = x.reshape(-1, d).contiguous()
     params = [t.contiguous() for t in (ln_weight, ln_bias, weight, bias)]
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or counting_flops(LN_LINEAR_FLOP_FORMULAS):
         out = torch.ops.famevil_fast.ln_linear_forward(rows, *params, save, eps)[0]
     else:
         from famevil_fast.kernels.autograd import layer_norm_linear_eager
