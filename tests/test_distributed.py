@@ -119,6 +119,19 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     trainer.train_update = signalled_update
     result = trainer.fit()
     out["stop"] = {"status": result["status"], "update": result["update"]}
+    trainer = Trainer(
+        micro_config(
+            f"{out_dir}/stop_in_eval",
+            "train.updates=4",
+            "train.update_frequency=1",
+            "checkpoint.every=0",
+            "eval.every=1",
+        ),
+        halves,
+    )
+    trainer.evaluator = SignalledEvaluator(trainer, at_update=2)
+    result = trainer.fit()
+    out["stop_in_eval"] = {"status": result["status"], "update": result["update"]}
     with open(f"{out_dir}/agree{rank}.json", "w") as f:
         json.dump(out, f)
     dist.destroy_process_group()
@@ -134,6 +147,22 @@ class ShardedEvaluator:
         shard = EvalShard.of_process_group()
         shares = shard.gather([(shard.rank, shard.rank)])
         return {"sharded/ranks": {"shares": shares}} if shard.is_main else {}
+
+
+class SignalledEvaluator(ShardedEvaluator):
+    """Rank 0 receives SIGTERM while evaluating after update ``at_update``."""
+
+    def __init__(self, trainer, at_update: int) -> None:
+        self.trainer, self.at_update = trainer, at_update
+
+    def __call__(self, model) -> dict:
+        import signal
+
+        from famevil_fast.eval.sharding import EvalShard
+
+        if EvalShard.of_process_group().is_main and self.trainer.update == self.at_update:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__call__(model)
 
 
 def _save_teachers(root) -> None:
@@ -198,6 +227,12 @@ def test_distillation_terms_span_the_global_batch_with_unequal_rows(agreement, t
 def test_every_rank_evaluates_and_rank_0_gets_the_results(agreement):
     _, ranks = agreement
     assert [r["evaluate"] for r in ranks] == [{"sharded/ranks": {"shares": [0, 1]}}, {}]
+
+
+@pytest.mark.slow
+def test_a_signal_during_an_evaluation_stops_every_rank_after_that_update(agreement):
+    _, ranks = agreement
+    assert [r["stop_in_eval"] for r in ranks] == [{"status": "interrupted by signal 15", "update": 2}] * 2
 
 
 @pytest.mark.slow

@@ -572,6 +572,7 @@ class Trainer:
                 self.logger.advance()
                 if cfg.eval.every and self.update % cfg.eval.every == 0 and self.update < cfg.train.updates:
                     self.evaluate()
+                    self._agree_stop()  # a signal caught while evaluating stops every process now
                 if cfg.checkpoint.every and self.update % cfg.checkpoint.every == 0:
                     self.save()
                 stop = self._agreed_stop if self.dist.enabled else self._stop_signal
@@ -609,6 +610,19 @@ class Trainer:
         from famevil_fast.eval.caption_tokenize import require_caption_metrics
 
         require_caption_metrics(self.cfg.eval.caption_metrics, "eval.caption_metrics")
+
+    def _agree_stop(self) -> None:
+        """Under DDP, agree on the stop signals caught since the last update's exchange (the largest one), so
+        that every process stops after this update rather than the next."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        flag = torch.full(
+            (1,), float(max(self._agreed_stop or 0, self._stop_signal or 0)), device=self.device
+        )
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._agreed_stop = int(flag.item()) or None
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
