@@ -92,7 +92,9 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     trainer = Trainer(micro_config(f"{out_dir}/uneven{rank}", "train.updates=1"), uneven)
     out["uneven"] = trainer.train_update()
     trainer.evaluator = ShardedEvaluator()
-    out["evaluate"] = {k: v for k, v in trainer.evaluate().items() if not k.startswith("_")}
+    out["evaluate"] = trainer.evaluate()
+    trainer.evaluator = RankZeroEvaluator()  # not made for several processes: rank 0 alone calls it
+    out["evaluate_rank_zero"] = [trainer.evaluate(), trainer.evaluator.calls]
     poisoned = {
         t: RandomStream(
             t, i, batch=8, rows=slice(4 * rank, 4 * rank + 4), poison_at=0 if t == "scr" and rank else None
@@ -137,9 +139,21 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+class RankZeroEvaluator:
+    """An evaluator that knows nothing of processes."""
+
+    calls = 0
+
+    def __call__(self, model) -> dict:
+        self.calls += 1
+        return {"plain/one": {"calls": self.calls}}
+
+
 class ShardedEvaluator:
     """Every process takes part in an evaluation (as ``Evaluator`` does: each encodes its share); the
     processes' shares are gathered and process 0 gets the result."""
+
+    runs_on_every_process = True
 
     def __call__(self, model) -> dict:
         from famevil_fast.eval.sharding import EvalShard
@@ -227,6 +241,7 @@ def test_distillation_terms_span_the_global_batch_with_unequal_rows(agreement, t
 def test_every_rank_evaluates_and_rank_0_gets_the_results(agreement):
     _, ranks = agreement
     assert [r["evaluate"] for r in ranks] == [{"sharded/ranks": {"shares": [0, 1]}}, {}]
+    assert [r["evaluate_rank_zero"] for r in ranks] == [[{"plain/one": {"calls": 1}}, 1], [{}, 0]]
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -399,6 +399,8 @@ class Evaluator:
     sets: dict[str, object]
     options: EvalOptions = field(default_factory=EvalOptions)
     shard: EvalShard | None = None  # None: the default process group's rank and size, if initialised
+    # the trainer calls it in every process of a distributed run (each encodes its share)
+    runs_on_every_process: ClassVar[bool] = True
 
     @classmethod
     def build(

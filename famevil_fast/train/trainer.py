@@ -638,9 +638,12 @@ class Trainer:
         self.logger.log(self.update, values)
 
     def evaluate(self) -> dict[str, Any]:
-        """Run the evaluator; under DDP every process encodes its share of the sets and rank 0 scores (the
-        other ranks return {})."""
+        """Run the evaluator and return its results on rank 0 ({} elsewhere). Under DDP an evaluator whose
+        ``runs_on_every_process`` is true (``Evaluator``: each process encodes its share of the sets) is
+        called by every process; any other only by rank 0."""
         if self.evaluator is None:
+            return {}
+        if not self.dist.is_main and not getattr(self.evaluator, "runs_on_every_process", False):
             return {}
         self.model.eval()
         try:
