@@ -186,3 +186,27 @@ def save_micro_checkpoint(directory: str | Path) -> Path:
         path
     )
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_as_torchrun(rank: int, world: int, port: int) -> None:
+    """The environment torchrun would give process ``rank`` of ``world`` on this host; a process left waiting
+    on a collective fails after 120 s rather than hanging the test run."""
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        FAMEVIL_FAST_DIST_TIMEOUT="120",
+    )

@@ -2,10 +2,10 @@
 
 import json
 import os
-import socket
 
 import pytest
 import torch.multiprocessing as mp
+from helpers import free_port, join_as_torchrun
 from trainer_fixtures import TASKS, RandomStream, micro_config
 
 from famevil_fast.train.trainer import Trainer
@@ -13,26 +13,8 @@ from famevil_fast.train.trainer import Trainer
 UPDATES = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    """The environment torchrun would give process ``rank`` of ``world`` on this host."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        FAMEVIL_FAST_DIST_TIMEOUT="120",  # a process left waiting fails the test rather than hanging it
-    )
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    _join(rank, world, port)
+    join_as_torchrun(rank, world, port)
     half = slice(2 * rank, 2 * rank + 2)
     streams = {t: RandomStream(t, i, batch=4, rows=half) for i, t in enumerate(TASKS)}
     trainer = Trainer(
@@ -55,7 +37,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     ranks = [r["history"] for r in results]
     for rank, r in enumerate(results):
@@ -86,7 +68,7 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    _join(rank, world, port)
+    join_as_torchrun(rank, world, port)
     out = {}
     uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
     trainer = Trainer(micro_config(f"{out_dir}/uneven{rank}", "train.updates=1"), uneven)
@@ -202,7 +184,7 @@ def _distill_overrides(root) -> tuple[str, ...]:
 def agreement(tmp_path_factory):
     out = tmp_path_factory.mktemp("agreement")
     _save_teachers(out)
-    mp.spawn(_agreement_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_agreement_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return out, [json.loads((out / f"agree{r}.json").read_text()) for r in range(2)]
 
 

@@ -2,12 +2,11 @@
 the report equals one process's, through ``Evaluator`` and through ``famevil-fast eval``."""
 
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port, join_as_torchrun
 
 from famevil_fast.eval import runner
 from famevil_fast.eval.runner import EvalOptions, Evaluator
@@ -16,23 +15,6 @@ from famevil_fast.train.distributed import collective_timeout
 
 TASKS = ("itc", "tgir", "scr", "cap")
 BATCH = 7  # 61 views of 22 products: 9 batches, an uneven share; TGIR: 3 query and 2 gallery batches
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        FAMEVIL_FAST_DIST_TIMEOUT="120",  # a process left waiting fails the test rather than hanging it
-    )
 
 
 def _options(references: str = "clip") -> EvalOptions:
@@ -75,7 +57,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int], data: str, model_dir:
     from famevil_fast.cli.main import main
     from famevil_fast.model import FameViL
 
-    _join(rank, world, ports[0])
+    join_as_torchrun(rank, world, ports[0])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=collective_timeout())
     model = FameViL.from_pretrained(model_dir).eval()
@@ -88,7 +70,7 @@ def _worker(rank: int, world: int, ports: tuple[int, int], data: str, model_dir:
         seen.clear()
     dist.destroy_process_group()
     # the command line under torchrun's environment: it joins the group itself and prints on rank 0 only
-    _join(rank, world, ports[1])
+    join_as_torchrun(rank, world, ports[1])
     args = [
         "eval",
         model_dir,
@@ -119,7 +101,7 @@ def shared(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     mp.spawn(
         _worker,
-        args=(2, (_free_port(), _free_port()), str(data), str(model_dir), str(out)),
+        args=(2, (free_port(), free_port()), str(data), str(model_dir), str(out)),
         nprocs=2,
         join=True,
     )
