@@ -7,6 +7,7 @@ Layout of a cache directory::
     shards/shard_00000.json     shard manifest: keys (image paths relative to the data root), byte offsets,
                                 shapes, size and SHA-256 of the .bin, the data root and max_side
     tokens/<digest>.npy         CLIP token ids of every text list the loaders use (see ``tokens``)
+    compacting.json             only while ``cache_compact.compact_cache`` runs (its journal, see there)
 
 Writes are atomic (temporary file, fsync, rename; a shard's manifest is renamed only after its data), so a
 killed conversion leaves only complete shards behind and running it again resumes after them. Opening a
@@ -15,6 +16,11 @@ cache verifies every shard's size and (by default) its SHA-256: a corrupted shar
 shard manifest or ``cache.json`` is named the same way when opening and treated as missing (rebuilt, with a
 warning) when converting; resuming with another data root or ``max_side`` than the existing shards were
 built with is refused, naming the setting.
+
+An image decoded again (its file changed) goes into a new shard and the old entry's bytes stay behind;
+``famevil_fast.data.cache_compact`` rewrites the cache without such entries. A shard written there records
+in its manifest (``written``) when each entry was first decoded, so the changed-image check of a later
+conversion sees the same times as before.
 """
 
 from __future__ import annotations
@@ -147,21 +153,30 @@ class _ShardWriter:
         self.keys: list[str] = []
         self.offsets: list[int] = []
         self.shapes: list[tuple[int, int]] = []
+        self.written: list[float] = []  # when each entry was first decoded (compaction only)
         self.size = 0
 
-    def add(self, key: str, pixels: np.ndarray) -> None:
+    def add(self, key: str, pixels: np.ndarray, written: float | None = None) -> None:
         data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
         self.file.write(data)
         self.hash.update(data)
         self.keys.append(key)
         self.offsets.append(self.size)
         self.shapes.append((int(pixels.shape[0]), int(pixels.shape[1])))
+        if written is not None:
+            self.written.append(written)
         self.size += len(data)
 
-    def finish(self, root: str, max_side: int | None) -> dict:
+    def finish(self, root: str | None, max_side: int | None) -> dict:
+        """Flush the data to disk, rename it into place, then write the manifest. With recorded write times
+        the data file's modification time is set to the earliest of them before the rename (a reader that
+        ignores ``written`` then decodes again rather than miss a changed image)."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        if self.written:
+            earliest = min(self.written)
+            os.utime(self.tmp, (earliest, earliest))
         os.replace(self.tmp, self.bin)
         manifest = {
             "file": self.bin.name,
@@ -173,6 +188,10 @@ class _ShardWriter:
             "root": root,
             "max_side": max_side,
         }
+        if root is None:  # a cache.json that predates the field: the shard inherits it the same way
+            del manifest["root"]
+        if self.written:
+            manifest["written"] = self.written
         atomic_write_json(self.bin.with_suffix(".json"), manifest)
         return manifest
 
@@ -244,12 +263,12 @@ def _changed_since_cached(
 ) -> set[str]:
     """The cached keys (only those of ``keys`` when given) whose source file under ``root`` was modified after
     the newest shard holding them was written (an image replaced on disk since it was cached; a later
-    shard's entry is the one served). The source files are looked at by ``num_threads`` threads (default:
-    :func:`default_threads`), as a network filesystem answers each look-up slowly."""
+    shard's entry is the one served; a compacted shard gives each entry's own time, see ``_write_times``).
+    The source files are looked at by ``num_threads`` threads (default: :func:`default_threads`), as a
+    network filesystem answers each look-up slowly."""
     written: dict[str, float] = {}
     for number in sorted(shards):
-        when = (shard_dir / shards[number]["file"]).stat().st_mtime
-        written.update(dict.fromkeys(shards[number]["keys"], when))
+        written.update(zip(shards[number]["keys"], _write_times(shard_dir, shards[number])))
     items = [(key, when) for key, when in written.items() if keys is None or key in keys]
     threads = min(num_threads or default_threads(), -(-len(items) // _STATS_PER_TASK))
     if threads <= 1:
@@ -261,6 +280,16 @@ def _changed_since_cached(
 
 
 _STATS_PER_TASK = 256  # source files one thread looks at per task of _changed_since_cached
+
+
+def _write_times(shard_dir: Path, manifest: dict) -> list[float]:
+    """When each entry of a shard was decoded: the ``written`` times a compacted shard records, else (or
+    when they do not fit its keys) the modification time of its data file."""
+    keys, times = manifest["keys"], manifest.get("written")
+    if isinstance(times, list) and len(times) == len(keys):
+        if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            return [float(t) for t in times]
+    return [(shard_dir / manifest["file"]).stat().st_mtime] * len(keys)
 
 
 def _changed(root: str, items: list[tuple[str, float]]) -> set[str]:
@@ -394,17 +423,23 @@ class _ShardSeries:
     to ``shards``) once it holds ``shard_bytes``."""
 
     def __init__(
-        self, shard_dir: Path, shards: dict[int, dict], shard_bytes: int, root: str, max_side: int | None
+        self,
+        shard_dir: Path,
+        shards: dict[int, dict],
+        shard_bytes: int,
+        root: str | None,
+        max_side: int | None,
+        first: int | None = None,
     ) -> None:
         self.shard_dir, self.shards, self.shard_bytes = shard_dir, shards, shard_bytes
         self.root, self.max_side = root, max_side
-        self.number = max(shards, default=-1) + 1
+        self.number = max(shards, default=-1) + 1 if first is None else first
         self.writer: _ShardWriter | None = None
 
-    def add(self, key: str, pixels: np.ndarray) -> None:
+    def add(self, key: str, pixels: np.ndarray, written: float | None = None) -> None:
         if self.writer is None:
             self.writer = _ShardWriter(self.shard_dir, self.number)
-        self.writer.add(key, pixels)
+        self.writer.add(key, pixels, written)
         if self.writer.size >= self.shard_bytes:
             self.finish()
 
@@ -457,19 +492,26 @@ def _index(root: str, max_side: int | None, failed: dict[str, str], shards: list
         "root": root,
         "max_side": max_side,
         "failed": failed,
-        "shards": [
-            {"file": m["file"], "bytes": m["bytes"], "sha256": m["sha256"], "images": len(m["keys"])}
-            for m in shards
-        ],
+        "shards": [_shard_record(m) for m in shards],
     }
 
 
-def _progress(total: int, enabled: bool):
+def _shard_record(manifest: dict) -> dict:
+    """A shard's entry in ``cache.json``."""
+    return {
+        "file": manifest["file"],
+        "bytes": manifest["bytes"],
+        "sha256": manifest["sha256"],
+        "images": len(manifest["keys"]),
+    }
+
+
+def _progress(total: int, enabled: bool, desc: str = "cache"):
     if not enabled or total == 0:
         return lambda n: None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc="cache")
+    bar = tqdm(total=total, unit="img", desc=desc)
     return bar.update
 
 
@@ -484,6 +526,19 @@ def _read_index(path: Path) -> dict:
     if index.get("format") != CACHE_FORMAT:
         raise ValueError(f"{path}: cache format {index.get('format')} is not the supported {CACHE_FORMAT}")
     return index
+
+
+def _verify_shards(shard_dir: Path, shards: list[dict], num_threads: int | None = None) -> None:
+    """Recompute the SHA-256 of the ``cache.json`` shard records ``shards``; CacheCorruptError naming the
+    first shard that differs."""
+    with ThreadPoolExecutor(max_workers=num_threads or default_threads()) as pool:
+        digests = list(pool.map(lambda s: _sha256_file(shard_dir / s["file"]), shards))
+    for shard, digest in zip(shards, digests):
+        if digest != shard["sha256"]:
+            raise CacheCorruptError(
+                f"image cache: shard {shard_dir / shard['file']} fails its checksum (corrupted); "
+                "rerun `famevil-fast cache` to rebuild it"
+            )
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -548,16 +603,7 @@ class ImageCache:
 
     def verify(self, num_threads: int | None = None) -> None:
         """Recompute every shard's SHA-256; CacheCorruptError naming the first shard that differs."""
-        shard_dir = self.path / "shards"
-        shards = self.index["shards"]
-        with ThreadPoolExecutor(max_workers=num_threads or default_threads()) as pool:
-            digests = list(pool.map(lambda s: _sha256_file(shard_dir / s["file"]), shards))
-        for shard, digest in zip(shards, digests):
-            if digest != shard["sha256"]:
-                raise CacheCorruptError(
-                    f"image cache: shard {shard_dir / shard['file']} fails its checksum (corrupted); "
-                    "rerun `famevil-fast cache` to rebuild it"
-                )
+        _verify_shards(self.path / "shards", self.index["shards"], num_threads)
         from famevil_fast.data.tokens import unreadable_token_files
 
         bad = unreadable_token_files(self.path)
