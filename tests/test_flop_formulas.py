@@ -394,3 +394,69 @@ def test_counting_leaves_the_triton_loss_unchanged() -> None:
             results.append((loss, *torch.autograd.grad(loss, leaves)))
     for eager, registered in zip(*results):
         torch.testing.assert_close(eager, registered, rtol=1e-5, atol=1e-6)
+
+
+def test_first_calls_on_several_threads_register_each_formula_once():
+    """torch refuses a second registration of an operator's formula: threads making their first fused call
+    at the same time must not both register it."""
+    import sys
+    import threading
+
+    from famevil_fast.kernels import custom_ops  # noqa: F401  (registers the adapter operators)
+    from torch.utils import flop_counter
+
+    from famevil_fast.ops import _backend
+    from famevil_fast.ops.adapter import ADAPTER_FLOP_FORMULAS
+
+    packets = [getattr(torch.ops.famevil_fast, name) for name in ADAPTER_FLOP_FORMULAS]
+    saved = {p: flop_counter.flop_registry.get(p) for p in packets}
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches as often as possible
+    errors = []
+    try:
+        for _ in range(40):
+            for p in packets:
+                flop_counter.flop_registry.pop(p, None)
+            _backend._FORMULA_REGISTERED.clear()
+            start = threading.Barrier(4)
+
+            def first_call(start=start):
+                start.wait()
+                try:
+                    _backend.counting_flops(ADAPTER_FLOP_FORMULAS)
+                except RuntimeError as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=first_call) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+        for p, formula in saved.items():
+            if formula is not None:
+                flop_counter.flop_registry[p] = formula
+    assert errors == []
+    assert all(p in flop_counter.flop_registry for p in packets)
+
+
+def test_the_compiled_cpu_loss_does_not_load_the_flop_counter_or_triton():
+    """Formulas are registered only once torch.utils.flop_counter is loaded (it loads triton): a CPU loss
+    on the compiled extension in a fresh process imports neither."""
+    import subprocess
+    import sys
+
+    from famevil_fast import _ext
+
+    if not _ext.cpu_ext_available():
+        pytest.skip("needs the compiled extension")
+    code = (
+        "import sys, torch\n"
+        "from famevil_fast.ops import contrastive_loss\n"
+        "a, b = torch.randn(8, 4, requires_grad=True), torch.randn(8, 4)\n"
+        "contrastive_loss(a, b, 10.0, backend='cpu').backward()\n"
+        "print(sorted(m for m in ('triton', 'torch.utils.flop_counter') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -166,6 +168,7 @@ FlopFormula = Callable[..., int]
 # Operators whose formula is registered (or that already had one): a call site checks this set, not the
 # registry of torch.utils.flop_counter.
 _FORMULA_REGISTERED: set[str] = set()
+_REGISTERING = threading.Lock()  # torch refuses a second registration: two threads' first calls take turns
 
 
 def register_flop_formulas(formulas: Mapping[str, FlopFormula]) -> list[str]:
@@ -186,8 +189,9 @@ def register_flop_formulas(formulas: Mapping[str, FlopFormula]) -> list[str]:
         packet = getattr(torch.ops.famevil_fast, name, None)
         if packet is None:
             continue
-        if packet not in flop_counter.flop_registry:
-            flop_counter.register_flop_formula(packet)(formula)
+        with _REGISTERING:
+            if packet not in flop_counter.flop_registry:
+                flop_counter.register_flop_formula(packet)(formula)
         registered = flop_counter.flop_registry[packet]
         for counter in counters:
             registry = getattr(counter, "flop_registry", None)
@@ -223,11 +227,14 @@ def active_flop_counters() -> list[Any]:
 
 def counting_flops(formulas: Mapping[str, FlopFormula]) -> bool:
     """True while a FlopCounterMode counts on this thread, after making sure that it holds the formulas of
-    these operators (registered on first use otherwise). The fused ops' eager paths launch their kernels
-    outside torch's dispatcher, where the counter sees nothing; while this is True they run their
-    registered operators instead, whose formulas count the products inside them, forward and backward."""
+    these operators (otherwise registered on the first call after ``torch.utils.flop_counter`` is loaded).
+    The fused ops' eager paths launch their kernels outside torch's dispatcher, where the counter sees
+    nothing; while this is True they run their registered operators instead, whose formulas count the
+    products inside them, forward and backward."""
     counting = bool(active_flop_counters())
-    if counting or not _FORMULA_REGISTERED.issuperset(formulas):
+    # a counter exists only once torch.utils.flop_counter is loaded; it is not loaded here (it loads triton)
+    loaded = "torch.utils.flop_counter" in sys.modules
+    if counting or (loaded and not _FORMULA_REGISTERED.issuperset(formulas)):
         register_flop_formulas(formulas)  # also into the counters made before the operators existed
     return counting
 
