@@ -155,3 +155,41 @@ def test_raw_references_stay_with_their_samples_when_an_image_is_dropped(scored,
     kept = [p.id for p in products for view in p.images if view != broken]
     (predictions, raw) = scored[0]
     assert len(predictions) == len(kept) and raw == [text[i] for i in kept]
+
+
+def _emptied(batches: list[dict], at: int) -> list[dict]:
+    """``batches`` with an empty batch inserted at ``at``: every image of a batch missing or undecodable."""
+    return batches[:at] + [{k: v[:0] for k, v in batches[0].items()}] + batches[at:]
+
+
+class RefusesEmpty(EmbeddingStub, CaptionStub):
+    """Refuses an empty batch, as the model's encoders and decoder do."""
+
+    def __init__(self):
+        CaptionStub.__init__(self)
+
+    def encode_image(self, pixels, task):
+        if not pixels.shape[0]:
+            raise ValueError("pixels is an empty batch")
+        return super().encode_image(pixels, task)
+
+    def caption(self, pixels, **kwargs):
+        if not pixels.shape[0]:
+            raise ValueError("pixels is an empty batch")
+        return super().caption(pixels, **kwargs)
+
+
+def test_a_batch_that_lost_every_image_is_skipped(scored):
+    data = _xmr_set()
+    emptied = XMREval(_emptied(data.images, 1), data.texts, [])
+    options = EvalOptions(xmr_protocols=("full",))
+    assert evaluate_xmr(RefusesEmpty(), emptied, options)[0].metrics == (
+        evaluate_xmr(RefusesEmpty(), data, options)[0].metrics
+    )
+    cap = _cap_set()
+    evaluate_cap(RefusesEmpty(), CapEval(_emptied(cap.samples, 2), cap.references), EvalOptions())
+    evaluate_cap(RefusesEmpty(), cap, EvalOptions())
+    assert scored[0] == scored[1]
+    nothing = XMREval([{k: v[:0] for k, v in data.images[0].items()}], data.texts, [])
+    with pytest.raises(ValueError, match="the XMR evaluation set has no samples"):
+        evaluate_xmr(RefusesEmpty(), nothing, options)

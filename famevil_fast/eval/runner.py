@@ -24,7 +24,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 CAPTION_REFERENCES = ("clip", "raw")
 XMR_SAMPLED_QUERIES = 1000
 ONE_PROCESS = EvalShard()
+T = TypeVar("T")
 
 
 @dataclass
@@ -152,6 +153,19 @@ def _model_input(model, x: torch.Tensor) -> torch.Tensor:
     return x.to(model.device, non_blocking=True)
 
 
+def _each_batch(
+    shard: EvalShard, batches: Iterable, key: str, fn: Callable[[dict], T], what: str | None = None
+) -> list[T]:
+    """``fn`` of every batch that has rows under ``key``, in order, each batch computed by one process (a
+    batch whose images were all missing or undecodable has none and is skipped). With ``what``, ValueError
+    naming it when no batch has any rows."""
+    outputs = shard.map_batches(batches, lambda batch: fn(batch) if batch[key].shape[0] else None)
+    outputs = [out for out in outputs if out is not None]
+    if what is not None and not outputs:
+        raise ValueError(f"the {what} evaluation set has no samples: its images are missing or undecodable")
+    return outputs
+
+
 def _on(model, x: torch.Tensor) -> torch.Tensor:
     """Gathered outputs (on the CPU after a distributed exchange) back on the model's device."""
     return x.to(model.device)
@@ -170,7 +184,7 @@ def evaluate_xmr(
         return emb, batch["product_ids"].cpu(), batch["subcategory"].cpu()
 
     images, image_ids, image_sub = zip(
-        *shard.map_batches(_batches(data.images, opts.max_samples, "pixels"), encode_images)
+        *_each_batch(shard, _batches(data.images, opts.max_samples, "pixels"), "pixels", encode_images, "XMR")
     )
     image_emb, image_pid, image_sub = (
         _on(model, torch.cat(images)),
@@ -227,7 +241,9 @@ def evaluate_tgir(
 
     categories = {}
     for name, cat in data.categories.items():
-        encoded = shard.map_batches(_batches(cat.queries, opts.max_samples, "ref_pixels"), compose)
+        encoded = _each_batch(
+            shard, _batches(cat.queries, opts.max_samples, "ref_pixels"), "ref_pixels", compose
+        )
         if not encoded:
             continue
         queries, targets = (torch.cat(parts) for parts in zip(*encoded))
@@ -253,15 +269,13 @@ def _tgir_gallery(
     """Gallery embeddings and ids; with ``limit`` (``max_samples``, one process), the queries' targets plus
     at most ``limit`` other images are encoded, and the walk stops once both are in."""
 
-    def encode(batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not batch["target_ids"].numel():  # every image of the batch missing or undecodable
-            return None
+    def encode(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_image(_model_input(model, batch["pixels"]), "tgir").float(), batch[
             "target_ids"
         ].cpu()
 
     if limit is None:
-        encoded = [e for e in shard.map_batches(batches, encode) if e is not None]
+        encoded = _each_batch(shard, batches, "pixels", encode)
         return [emb for emb, _ in encoded], [ids for _, ids in encoded]
     gallery, gallery_ids = [], []
     missing, others = set(needed.tolist()), 0
@@ -270,10 +284,10 @@ def _tgir_gallery(
         keep = torch.isin(ids, needed) | (torch.arange(len(ids)) < limit - others)
         others += int((~torch.isin(ids[keep], needed)).sum())
         missing -= set(ids[keep].tolist())
-        encoded = encode({"pixels": batch["pixels"][keep], "target_ids": ids[keep]})
-        if encoded is not None:
-            gallery.append(encoded[0])
-            gallery_ids.append(encoded[1])
+        if keep.any():
+            emb, kept = encode({"pixels": batch["pixels"][keep], "target_ids": ids[keep]})
+            gallery.append(emb)
+            gallery_ids.append(kept)
         if not missing and others >= limit:
             break
     return gallery, gallery_ids
@@ -290,7 +304,9 @@ def evaluate_scr(
         pixels, ids = _model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"])
         return model.classify(pixels, ids).float().cpu(), batch["labels"].cpu()
 
-    logits, labels = zip(*shard.map_batches(_batches(data.samples, opts.max_samples, "pixels"), classify))
+    logits, labels = zip(
+        *_each_batch(shard, _batches(data.samples, opts.max_samples, "pixels"), "pixels", classify, "SCR")
+    )
     if not shard.is_main:
         return []
     categories = getattr(data, "categories", None)
@@ -365,7 +381,7 @@ def evaluate_cap(
         rows = (batch.get("product_ids"), batch["pixels"].shape[0])  # raw references: looked up in order
         return captions, decode(input_ids) if opts.caption_references == "clip" else rows
 
-    encoded = shard.map_batches(_batches(data.samples, opts.max_samples, "pixels"), caption)
+    encoded = _each_batch(shard, _batches(data.samples, opts.max_samples, "pixels"), "pixels", caption, "FIC")
     if not shard.is_main:
         return []
     raw = RawReferences(data) if opts.caption_references == "raw" else None
