@@ -11,7 +11,7 @@ import importlib
 import warnings
 from types import ModuleType
 
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+import torch  # (also loads libc10/libtorch, which _C links against)
 
 _C: ModuleType | None
 _IMPORT_ERROR: str | None
@@ -54,10 +54,13 @@ def cuda_ext_available() -> bool:
 
 
 def cpu_ext_threaded() -> bool | None:
-    """Whether the CPU kernels were compiled with OpenMP, so that they spread over the cores (None: no
-    extension, or one built before the extension reported it)."""
+    """Whether the CPU kernels spread over the cores: their ``at::parallel_for`` runs on torch's thread pool
+    when torch's parallel backend is not OpenMP, and on OpenMP threads only when the extension was compiled
+    with OpenMP (None: no extension, or one built before the extension reported it)."""
     built_with_openmp = getattr(_C, "built_with_openmp", None)
-    return None if built_with_openmp is None else bool(built_with_openmp())
+    if built_with_openmp is None:
+        return None
+    return bool(built_with_openmp()) or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
 
 
 def import_error() -> str | None:

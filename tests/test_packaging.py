@@ -29,12 +29,14 @@ def _setup_module():
     return module
 
 
-def _fake_compiler(tmp_path: Path) -> Path:
-    """A C++ compiler without OpenMP, as Apple's clang: it refuses -fopenmp and builds anything else."""
+def _fake_compiler(tmp_path: Path, refused: tuple[str, ...]) -> Path:
+    """A C++ compiler that refuses the options ``refused`` (as Apple's clang refuses -fopenmp) and builds
+    anything else with the real one."""
     script = tmp_path / "clang++"
+    tests = " || ".join(f'[ "$a" = "{flag}" ]' for flag in refused)
     script.write_text(
         "#!/bin/sh\n"
-        'for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+        f'for a in "$@"; do if {tests}; then echo "unsupported option $a" >&2; exit 1; fi; done\n'
         'exec c++ "$@"\n'
     )
     script.chmod(0o755)
@@ -49,15 +51,20 @@ def test_the_extension_uses_openmp_only_where_the_compiler_builds_it(tmp_path, m
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     setup = _setup_module()
-    assert setup.compiler_builds_openmp("c++")
     monkeypatch.setenv("CXX", "c++")
-    assert setup.cpu_flags() == (["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"])
-    fake = _fake_compiler(tmp_path)
-    assert not setup.compiler_builds_openmp(str(fake))
+    if setup.compiler_builds_openmp("c++"):  # GCC, LLVM's clang: threads
+        assert setup.cpu_flags() == (["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"])
+    if not setup.compiler_builds_openmp("c++", "-fopenmp-simd", setup.SIMD_PROBE):
+        pytest.skip("this compiler takes neither -fopenmp nor -fopenmp-simd")
     assert not setup.compiler_builds_openmp(str(tmp_path / "missing-c++"))
-    monkeypatch.setenv("CXX", str(fake))
-    assert setup.cpu_flags() == (["-O3", "-fno-trapping-math"], [])
+    no_runtime = _fake_compiler(tmp_path, ("-fopenmp",))
+    assert not setup.compiler_builds_openmp(str(no_runtime))
+    monkeypatch.setenv("CXX", str(no_runtime))  # the pragmas without threads: vectorised, one thread
+    assert setup.cpu_flags() == (["-O3", "-fopenmp-simd", "-fno-trapping-math"], [])
     assert "the CPU kernels will run on one thread" in capsys.readouterr().out
+    (tmp_path / "none").mkdir()
+    monkeypatch.setenv("CXX", str(_fake_compiler(tmp_path / "none", ("-fopenmp", "-fopenmp-simd"))))
+    assert setup.cpu_flags() == (["-O3", "-fno-trapping-math"], [])
 
 
 def test_info_says_whether_the_cpu_kernels_are_threaded(capsys):
@@ -66,10 +73,13 @@ def test_info_says_whether_the_cpu_kernels_are_threaded(capsys):
 
     assert main(["info"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "CPU kernels threaded" in line)
-    if _ext.cpu_ext_available():  # this build's compiler has OpenMP (GCC)
-        assert _ext.cpu_ext_threaded() is True and "yes (OpenMP" in row
+    threaded = _ext.cpu_ext_threaded()
+    if not _ext.cpu_ext_available():
+        assert threaded is None and "no extension" in row
+    elif threaded is None:  # an extension built before it reported this
+        assert "unknown" in row
     else:
-        assert _ext.cpu_ext_threaded() is None and "no extension" in row
+        assert ("yes (" in row) == threaded and ("no (" in row) == (not threaded)
 
 
 def test_linux_only_dependencies_are_marked_so_other_systems_install_the_extras():

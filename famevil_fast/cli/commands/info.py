@@ -88,7 +88,7 @@ def _threading(threaded: bool | None) -> str:
     if threaded is None:
         return "unknown (an extension built before it reported this: rebuild it)"
     if threaded:
-        return f"yes (OpenMP, {torch.get_num_threads()} threads)"
+        return f"yes ({torch.get_num_threads()} threads)"
     return "no (built without OpenMP: one thread; see the README, 'Installing')"
 
 
