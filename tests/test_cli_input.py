@@ -119,3 +119,24 @@ def test_a_refused_demo_leaves_the_previous_runs_as_they_were(tmp_path, capsys) 
     assert "already holds a synthetic dataset" in capsys.readouterr().err
     assert (out / "run" / "metrics.jsonl").read_text() == "newer"
     assert (out / "run.previous" / "metrics.jsonl").read_text() == "older"
+
+
+def test_image_file_batches_decode_ahead_in_order_and_name_a_corrupt_file(tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from famevil_fast.cli.images import ImageFileBatches, load_pixels
+
+    files = []
+    for i in range(7):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((20, 30 + i, 3), 30 * i, dtype=np.uint8)).save(files[-1])
+    batches = ImageFileBatches(files, 3, 16, threads=2, prefetch=1)
+    assert len(batches) == 3
+    made = list(batches)
+    assert [names for names, _ in made] == [files[0:3], files[3:6], files[6:7]]
+    assert torch.equal(torch.cat([pixels for _, pixels in made]), load_pixels(files, 16))
+    assert [step for step, _ in batches.iter_steps(range(1, 3, 2))] == [1]  # one process's share
+    (tmp_path / "4.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"cannot read image .*4\.png"):
+        list(batches)

@@ -2,6 +2,7 @@
 the report equals one process's, through ``Evaluator`` and through ``famevil-fast eval``."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -51,7 +52,38 @@ def _record_scored_inputs(setattr=setattr) -> dict:
     return seen
 
 
-def _worker(rank: int, world: int, ports: tuple[int, int], data: str, model_dir: str, out: str) -> None:
+def _inference(model_dir: str, data: str, out: str, tag: str) -> dict:
+    """``famevil-fast embed`` and ``caption`` over the validation images (8 batches of 8), as run by this
+    process: exit codes, what it printed, and whether it wrote the embeddings file."""
+    import contextlib
+    import io
+
+    from famevil_fast.cli.main import main
+
+    images, texts = f"{data}/FashionGen/val", f"{out}/texts.txt"
+    common = ["--batch-size", "8", "--device", "cpu"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        codes = [
+            main(
+                [
+                    "embed",
+                    model_dir,
+                    "--images",
+                    images,
+                    "--texts",
+                    texts,
+                    "--out",
+                    f"{out}/{tag}.st",
+                    *common,
+                ]
+            ),
+            main(["caption", model_dir, images, "--max-len", "4", *common]),
+        ]
+    return {"exit": codes, "printed": printed.getvalue(), "wrote": os.path.exists(f"{out}/{tag}.st")}
+
+
+def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir: str, out: str) -> None:
     import torch.distributed as dist
 
     from famevil_fast.cli.main import main
@@ -84,6 +116,8 @@ def _worker(rank: int, world: int, ports: tuple[int, int], data: str, model_dir:
         "cpu",
     ]
     results["cli_exit"] = main([*args, "--out", f"{out}/cli_rank{rank}.json"])
+    join_as_torchrun(rank, world, ports[2])
+    results["inference"] = _inference(model_dir, data, out, f"embed_rank{rank}")
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(results, f)
 
@@ -99,9 +133,10 @@ def shared(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model") / "micro"
     perturb_(FameViL(MICRO), std=0.05).save_pretrained(model_dir)
     out = tmp_path_factory.mktemp("ranks")
+    (out / "texts.txt").write_text("\n".join(f"text number {i}" for i in range(13)) + "\n")
     mp.spawn(
         _worker,
-        args=(2, (free_port(), free_port()), str(data), str(model_dir), str(out)),
+        args=(2, (free_port(), free_port(), free_port()), str(data), str(model_dir), str(out)),
         nprocs=2,
         join=True,
     )
@@ -175,3 +210,21 @@ def test_a_shard_makes_only_its_own_batches():
 def test_a_shard_outside_its_world_is_refused(rank, world):
     with pytest.raises(ValueError, match="expected 0 <= rank < world"):
         EvalShard(rank, world)
+
+
+@pytest.mark.slow
+def test_embed_and_caption_under_torchrun_give_what_one_process_gives(shared):
+    from safetensors.torch import load_file
+
+    data, model_dir, out, ranks = shared
+    alone = _inference(str(model_dir), str(data), str(out), "embed_alone")
+    assert alone["exit"] == [0, 0] and [r["inference"]["exit"] for r in ranks] == [[0, 0], [0, 0]]
+    assert [r["inference"]["wrote"] for r in ranks] == [True, False]  # rank 0 writes the file
+    shared_file, single = load_file(str(out / "embed_rank0.st")), load_file(str(out / "embed_alone.st"))
+    assert shared_file["image"].shape == (61, single["image"].shape[1]) and single["text"].shape[0] == 13
+    for key in ("image", "text"):
+        torch.testing.assert_close(shared_file[key], single[key], rtol=1e-5, atol=1e-6)
+    captions = [line for line in alone["printed"].splitlines() if "\t" in line]
+    assert len(captions) == 61 and captions == sorted(captions)  # every image, in file order
+    assert [line for line in ranks[0]["inference"]["printed"].splitlines() if "\t" in line] == captions
+    assert "\t" not in ranks[1]["inference"]["printed"]  # only rank 0 prints

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,3 +41,57 @@ def load_pixels(files: list[Path], image_size: int, eval_resize: str = "keep_asp
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {f}: {exc}") from exc
     return torch.stack(out)
+
+
+class ImageFileBatches:
+    """Image files in batches of ``batch_size`` (the last one shorter), each ``(files, pixels)`` as
+    :func:`load_pixels` makes it. The files of the next ``prefetch`` batches are decoded on ``threads``
+    threads while the current batch is used; ``iter_steps`` makes only the batches asked for (a process's
+    share under torchrun, ``famevil_fast.eval.sharding``)."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        batch_size: int,
+        image_size: int,
+        eval_resize: str = "keep_aspect",
+        threads: int | None = None,
+        prefetch: int = 2,
+    ) -> None:
+        from famevil_fast.data.backends.base import default_threads
+
+        self.files, self.batch_size, self.image_size = files, batch_size, image_size
+        self.eval_resize, self.prefetch = eval_resize, max(0, prefetch)
+        self.threads = threads or default_threads()
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def chunk(self, step: int) -> list[Path]:
+        return self.files[step * self.batch_size : (step + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[list[Path], torch.Tensor]]:
+        for _, batch in self.iter_steps(range(len(self))):
+            yield batch
+
+    def iter_steps(self, steps: range) -> Iterator[tuple[int, tuple[list[Path], torch.Tensor]]]:
+        """``(step, (files, pixels))`` of ``steps`` in order."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            pending: deque = deque()
+            for step in steps:
+                pending.append((step, self._submit(pool, self.chunk(step))))
+                if len(pending) > self.prefetch:
+                    yield self._collect(*pending.popleft())
+            while pending:
+                yield self._collect(*pending.popleft())
+
+    def _submit(self, pool, files: list[Path]) -> list:
+        return [(f, pool.submit(load_pixels, [f], self.image_size, self.eval_resize)) for f in files]
+
+    @staticmethod
+    def _collect(step: int, decoding: list) -> tuple[int, tuple[list[Path], torch.Tensor]]:
+        files = [f for f, _ in decoding]
+        return step, (files, torch.cat([job.result() for _, job in decoding]))

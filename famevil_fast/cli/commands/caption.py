@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
     add_device_argument,
@@ -12,10 +14,17 @@ from famevil_fast.cli.options import (
     non_negative_int,
     positive_int,
 )
-from famevil_fast.devices import resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from famevil_fast.eval.sharding import EvalShard
 
 NAME = "caption"
-HELP = "Generate captions for image files or folders with a FAME-ViL checkpoint."
+HELP = (
+    "Generate captions for image files or folders with a FAME-ViL checkpoint (under torchrun the processes "
+    "share the images and rank 0 prints)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,25 +51,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from famevil_fast.cli.processes import command_processes
 
-    from famevil_fast.cli.images import collect_images, load_pixels
+    with command_processes(args.device) as (shard, device):  # under torchrun each captions its share
+        _caption(args, shard, device)
+    return 0
+
+
+def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -> None:
+    """Print ``file<TAB>caption`` per image, in order: as each batch is done in one process; by rank 0 once
+    every process has captioned its share under torchrun."""
+    from famevil_fast.cli.images import ImageFileBatches, collect_images
     from famevil_fast.model import FameViL
 
-    device = resolve_device(args.device)
+    files = collect_images(args.images)
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)
-    files = collect_images(args.images)
-    size = model.config.clip.vision.image_size
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start : start + args.batch_size]
+    batches = ImageFileBatches(files, args.batch_size, model.config.clip.vision.image_size, args.eval_resize)
+
+    def caption(batch: tuple[list[Path], torch.Tensor]) -> list[str]:
+        chunk, pixels = batch
         captions = model.caption(
-            load_pixels(chunk, size, args.eval_resize).to(device),
+            pixels.to(device),
             max_len=args.max_len,
             num_beams=args.beams,
             no_repeat_ngram=args.no_repeat_ngram,
             cuda_graph=args.cuda_graph,
         )
-        for f, text in zip(chunk, captions):
-            print(f"{f}\t{text}")
-    return 0
+        lines = [f"{f}\t{text}" for f, text in zip(chunk, captions)]
+        if not shard.enabled:
+            print("\n".join(lines), flush=True)
+        return lines
+
+    done = shard.map_batches(batches, caption)
+    if shard.enabled and shard.is_main:
+        print("\n".join(line for lines in done for line in lines))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
     add_device_argument,
@@ -11,10 +13,17 @@ from famevil_fast.cli.options import (
     output_file,
     positive_int,
 )
-from famevil_fast.devices import resolve_device
+
+if TYPE_CHECKING:
+    import torch
+
+    from famevil_fast.eval.sharding import EvalShard
 
 NAME = "embed"
-HELP = "Embed image files/folders and/or lines of a text file with a FAME-ViL checkpoint (two-tower mode)."
+HELP = (
+    "Embed image files/folders and/or lines of a text file with a FAME-ViL checkpoint (two-tower mode; under "
+    "torchrun the processes share the inputs and rank 0 writes the file)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,45 +49,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-    from safetensors.torch import save_file
-
-    from famevil_fast.cli.images import collect_images, load_pixels
-    from famevil_fast.model import FameViL
-    from famevil_fast.text import tokenize
+    from famevil_fast.cli.processes import command_processes
 
     if not args.images and not args.texts:
         raise ValueError("nothing to embed: give --images and/or --texts")
-    device = resolve_device(args.device)
+    with command_processes(args.device) as (shard, device):  # under torchrun each embeds its share
+        out, meta = _embed(args, shard, device)
+    if shard.is_main:
+        from safetensors.torch import save_file
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_file(out, args.out, metadata=meta)
+        print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}")
+    return 0
+
+
+def _texts(path: Path) -> list[str]:
+    if not path.exists():
+        raise FileNotFoundError(f"text file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"text file {path} holds no text (one text per line)")
+    return lines
+
+
+def _embed(
+    args: argparse.Namespace, shard: EvalShard, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The embeddings (on the CPU, every process holding all of them) and the file's metadata."""
+    import torch
+
+    from famevil_fast.cli.images import ImageFileBatches, collect_images
+    from famevil_fast.model import FameViL
+    from famevil_fast.text import tokenize
+
+    texts = _texts(Path(args.texts)) if args.texts else None  # checked before the model is loaded
+    files = collect_images(args.images) if args.images else None
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     out: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {"task": args.task}
     bs = args.batch_size
     with torch.no_grad():
-        if args.images:
-            files = collect_images(args.images)
-            size = model.config.clip.vision.image_size
-            chunks = (files[i : i + bs] for i in range(0, len(files), bs))
-            batches = (load_pixels(chunk, size, args.eval_resize) for chunk in chunks)
-            out["image"] = torch.cat([model.encode_image(b.to(device), args.task).cpu() for b in batches])
+        if files is not None:
+            batches = ImageFileBatches(files, bs, model.config.clip.vision.image_size, args.eval_resize)
+            parts = shard.map_batches(batches, lambda b: model.encode_image(b[1].to(device), args.task).cpu())
+            out["image"] = torch.cat(parts)
             meta["images"] = "\n".join(map(str, files))
-        if args.texts:
-            path = Path(args.texts)
-            if not path.exists():
-                raise FileNotFoundError(f"text file not found: {path}")
-            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if not lines:
-                raise ValueError(f"text file {path} holds no text (one text per line)")
-            ids = tokenize(lines)
+        if texts is not None:
+            ids = tokenize(texts)
+            chunks = [ids[i : i + bs] for i in range(0, len(texts), bs)]
             out["text"] = torch.cat(
-                [
-                    model.encode_text(ids[i : i + bs].to(device), args.task).cpu()
-                    for i in range(0, len(lines), bs)
-                ]
+                shard.map_batches(chunks, lambda chunk: model.encode_text(chunk.to(device), args.task).cpu())
             )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(out, args.out, metadata=meta)
-    print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}")
-    return 0
+    return out, meta

@@ -15,7 +15,6 @@ from famevil_fast.cli.options import (
     output_file,
     positive_int,
 )
-from famevil_fast.devices import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -199,25 +198,11 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from famevil_fast.cli.processes import command_processes
 
-    from famevil_fast.train.distributed import init_from_env, shutdown
-
-    device = resolve_device(args.device)
-    dist = init_from_env(device.type)  # under torchrun: each process encodes its share of every set
-    if dist.enabled and device.type == "cuda":
-        if args.device is not None and device.index is not None:
-            shutdown()
-            raise ValueError(
-                f"--device={args.device!r} names one GPU, but torchrun runs {dist.world_size} processes: use "
-                "'cuda' (each process takes its LOCAL_RANK GPU)"
-            )
-        device = torch.device("cuda", dist.local_rank)
-    try:
+    with command_processes(args.device) as (shard, device):  # under torchrun each encodes its share
         report = _evaluate(args, device)
-    finally:
-        shutdown()
-    if dist.is_main:
+    if shard.is_main:
         print(report.to_text())
         if args.out:
             report.save(args.out)
