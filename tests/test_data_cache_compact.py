@@ -378,3 +378,53 @@ def test_cli_help_shows_the_compact_form(capsys):
         main(["cache", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--compact [--threads THREADS] [--no-progress] out" in text and "bytes reclaimed" in text
+
+
+def _stray_conversion_shard(out, number):
+    """A complete shard no index lists, as a conversion killed before writing cache.json leaves it (no
+    ``written`` times: compaction did not write it)."""
+    source = out / "shards" / "shard_00003"
+    target = out / "shards" / f"shard_{number:05d}"
+    shutil.copyfile(source.with_suffix(".bin"), target.with_suffix(".bin"))
+    manifest = json.loads(source.with_suffix(".json").read_text())
+    assert "written" not in manifest
+    target.with_suffix(".json").write_text(json.dumps({**manifest, "file": target.with_suffix(".bin").name}))
+    return target.with_suffix(".bin")
+
+
+def test_a_killed_conversion_s_shard_survives_the_rerun_of_an_interrupted_compaction(tmp_path, monkeypatch):
+    """After a compaction killed before its new index, a conversion killed before its own index leaves a
+    complete shard numbered among the compaction's new ones: the rerun undoes only what compaction wrote,
+    and stops naming the conversion's shard rather than deleting it."""
+    _, out = _superseded_cache(tmp_path)
+    pixels, failed = _pixels(out)
+    with _killed_at(monkeypatch, 2), pytest.raises(Killed):  # the journal and one new shard's data
+        compact_cache(out, shard_bytes=8000)
+    writes_from = json.loads((out / "compacting.json").read_text())["writes_from"]
+    stray = _stray_conversion_shard(out, writes_from + 1)
+    with pytest.raises(ValueError, match=rf"complete shards \({stray.name}\) of an unfinished conversion"):
+        compact_cache(out, shard_bytes=8000)
+    assert stray.is_file() and stray.with_suffix(".json").is_file()
+    assert not (out / "compacting.json").exists()  # the interrupted compaction itself was undone
+    _assert_serves(out, pixels, failed)
+
+
+def test_an_index_listing_a_shard_twice_is_refused_before_anything_is_removed(tmp_path):
+    _, out = _superseded_cache(tmp_path)
+    index = json.loads((out / "cache.json").read_text())
+    index["shards"].insert(0, index["shards"][-1])
+    (out / "cache.json").write_text(json.dumps(index))
+    before = _files(out)
+    with pytest.raises(ValueError, match=r"cache.json lists shard_00003.bin more than once"):
+        compact_cache(out)
+    assert _files(out) == before
+
+
+def test_a_conversion_does_not_trust_a_manifest_copied_from_another_shard(tmp_path):
+    """A stray copy of shard 0's manifest under another number would make the index list shard 0 twice."""
+    root, out = _superseded_cache(tmp_path)
+    shutil.copyfile(out / "shards" / "shard_00000.json", out / "shards" / "shard_00007.json")
+    with pytest.warns(UserWarning, match=r"shard_00007.json describes shard_00000.bin"):
+        build_cache(root, out, shard_bytes=1 << 20, num_threads=1, tokenize=False)
+    files = [s["file"] for s in json.loads((out / "cache.json").read_text())["shards"]]
+    assert len(files) == len(set(files)) and "shard_00007.bin" not in files

@@ -216,6 +216,8 @@ def _complete_shards(
             bad = [k for k in ("file", "bytes", "sha256", "keys", "offsets", "shapes") if k not in manifest]
             if bad:
                 raise ValueError(f"{manifest_path} lacks {', '.join(bad)}")
+            if manifest["file"] != data.name:  # a copy of another shard's manifest
+                raise ValueError(f"{manifest_path} describes {manifest['file']}, not {data.name}")
             number = int(manifest_path.stem.split("_")[1])
         except (OSError, ValueError) as e:
             warnings.warn(f"cache: unreadable shard manifest, rebuilding the shard: {e}", stacklevel=3)

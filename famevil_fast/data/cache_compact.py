@@ -129,8 +129,12 @@ def _cache_dir(out: str | os.PathLike) -> Path:
         unfinished = any((out_p / "shards").glob("shard_*.json"))
         raise FileNotFoundError(
             f"{out_p} is not an image cache: it holds no cache.json"
-            + (" (only the shards of an unfinished conversion)" if unfinished else "")
-            + f"; build or finish it with `famevil-fast cache DATA_ROOT {out_p}`"
+            + (
+                " (only the shards of an unfinished conversion: finish it with `famevil-fast cache DATA_ROOT "
+                f"{out_p}`)"
+                if unfinished
+                else " (give the directory that `famevil-fast cache DATA_ROOT OUT` built as OUT)"
+            )
         )
     return out_p
 
@@ -173,8 +177,12 @@ def _fsync_dir(path: Path) -> None:
 def _finish_interrupted(out: Path, shard_dir: Path) -> bool:
     """Finish or undo a compaction that was interrupted (its journal is there): remove the replaced shards
     the current index no longer lists (it was written: finish) and the new shards it does not list (it was
-    not: undo), then temporary files and the journal. Never removes a shard the index lists. Whether there
-    was one."""
+    not: undo), then temporary files and the journal. Never removes a shard the index lists; of the shards
+    it does not list, only those compaction wrote (their manifests record ``written``: a conversion killed
+    since may have left complete shards of its own) and data files without a manifest. With an unreadable
+    journal, the new shards are recognised the same way and no replaced shard is removed (then complete
+    but unlisted, they stop the compaction that follows, naming them, until a conversion of OUT takes them
+    back into its index). Whether there was one."""
     for tmp in out.glob(f".{JOURNAL}.*.tmp"):
         tmp.unlink(missing_ok=True)
     journal_path = out / JOURNAL
@@ -192,8 +200,9 @@ def _finish_interrupted(out: Path, shard_dir: Path) -> bool:
             _remove_shard(shard_dir / Path(name).name)
     for path in _files_in(shard_dir):
         number = _shard_number(path)
-        new = first is not None and number is not None and number >= first
-        if (new and path.with_suffix(".bin").name not in listed) or path.suffix == ".tmp":
+        new = number is not None and (first is None or number >= first)
+        unlisted = path.with_suffix(".bin").name not in listed
+        if path.suffix == ".tmp" or (new and unlisted and _written_by_compaction(path)):
             path.unlink(missing_ok=True)
     for tmp in out.glob(".cache.json.*.tmp"):
         tmp.unlink(missing_ok=True)
@@ -201,9 +210,28 @@ def _finish_interrupted(out: Path, shard_dir: Path) -> bool:
     return True
 
 
+def _written_by_compaction(path: Path) -> bool:
+    """Whether the shard of ``path`` (its data or manifest) was written by compaction: its manifest records
+    ``written``, or there is none (a data file whose manifest was never written)."""
+    manifest = path.with_suffix(".json")
+    if not manifest.is_file():
+        return True
+    try:
+        return "written" in _load_json(manifest)
+    except (OSError, ValueError):
+        return True  # unreadable: no conversion can resume it either
+
+
 def _plan(cache: ImageCache, out: Path, shard_dir: Path) -> _Plan:
     """Sort the shards of ``cache`` by how many of their entries it serves, and find the files it does not
     list; ValueError when those include complete shards of an unfinished conversion."""
+    files = [s["file"] for s in cache.index["shards"]]
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise ValueError(
+            f"cache {out}: cache.json lists {', '.join(twice)} more than once; rebuild the index with "
+            f"`famevil-fast cache {cache.root or 'DATA_ROOT'} {out}` before compacting"
+        )
     plan = _Plan(keep=[], rewrite=[], drop=[], strays=[])
     for position, shard in enumerate(cache.index["shards"]):
         manifest = _load_json(shard_dir / Path(shard["file"]).with_suffix(".json").name)
@@ -266,6 +294,7 @@ def _commit(cache: ImageCache, out: Path, plan: _Plan, shard_bytes: int, progres
     shard_dir = out / "shards"
     first = 1 + max((n for p in _files_in(shard_dir) if (n := _shard_number(p)) is not None), default=-1)
     atomic_write_json(out / JOURNAL, {"replaces": plan.replaced(), "writes_from": first})
+    _fsync_dir(out)  # the journal is durable before any shard is written
     new = _copy_served(cache, shard_dir, plan.rewrite, first, shard_bytes, progress)
     _fsync_dir(shard_dir)
     index = {**cache.index, "shards": plan.keep + [_shard_record(m) for m in new]}
@@ -277,8 +306,10 @@ def _commit(cache: ImageCache, out: Path, plan: _Plan, shard_bytes: int, progres
 def _remove_replaced(out: Path, plan: _Plan) -> None:
     """The last steps of ``plan``, once the new ``cache.json`` is in place: remove the shards it replaces,
     then the journal."""
+    listed = {s["file"] for s in _read_index(out / "cache.json")["shards"]}
     for name in plan.replaced():
-        _remove_shard(out / "shards" / name)
+        if name not in listed:
+            _remove_shard(out / "shards" / name)
     (out / JOURNAL).unlink()
 
 

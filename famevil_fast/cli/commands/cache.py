@@ -160,7 +160,7 @@ def _compact(args: argparse.Namespace) -> int:
     from famevil_fast.data.cache_compact import compact_cache
 
     s = compact_cache(args.out, num_threads=args.threads, progress=not args.no_progress)
-    resumed = " (an interrupted compaction was completed first)" if s.resumed else ""
+    resumed = " (an interrupted compaction was finished or undone first)" if s.resumed else ""
     if s.reclaimed == 0 and s.rewritten == 0 and s.dropped == 0:
         print(
             f"cache {args.out}: nothing to reclaim, {s.kept} images in {s.shards_after} shards "
