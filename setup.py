@@ -138,7 +138,7 @@ def cpu_flags() -> tuple[list[str], list[str]]:
         return ["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"]
     print(
         f"famevil_fast: {compiler!r} cannot build OpenMP code (-fopenmp, as Apple's clang): the CPU kernels "
-        "will run on one thread"
+        "will not use OpenMP threads (one thread where torch's parallel backend is OpenMP, as in its wheels)"
     )
     # the kernels' `omp simd` loops still vectorise where the compiler takes the pragmas without the runtime
     simd = ["-fopenmp-simd"] if compiler_builds_openmp(compiler, "-fopenmp-simd", SIMD_PROBE) else []

@@ -140,3 +140,23 @@ def test_image_file_batches_decode_ahead_in_order_and_name_a_corrupt_file(tmp_pa
     (tmp_path / "4.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"cannot read image .*4\.png"):
         list(batches)
+
+
+def test_an_inference_command_leaves_its_caller_s_process_group_alone(tmp_path, monkeypatch) -> None:
+    import torch.distributed as dist
+
+    from famevil_fast.cli.processes import command_processes
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with command_processes("cpu") as (shard, device):
+            assert (shard.rank, shard.world, device.type) == (0, 1, "cpu")
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="names one GPU, but torchrun runs 2 processes"):
+            with command_processes("cuda:0"):
+                pass

@@ -52,9 +52,10 @@ def _record_scored_inputs(setattr=setattr) -> dict:
     return seen
 
 
-def _inference(model_dir: str, data: str, out: str, tag: str) -> dict:
+def _inference(model_dir: str, data: str, out: str, tag: str, ports: tuple[int, ...] = ()) -> dict:
     """``famevil-fast embed`` and ``caption`` over the validation images (8 batches of 8), as run by this
-    process: exit codes, what it printed, and whether it wrote the embeddings file."""
+    process (under torchrun, each command with its own rendezvous port of ``ports``): exit codes, what it
+    printed, and whether it wrote the embeddings file."""
     import contextlib
     import io
 
@@ -62,25 +63,30 @@ def _inference(model_dir: str, data: str, out: str, tag: str) -> dict:
 
     images, texts = f"{data}/FashionGen/val", f"{out}/texts.txt"
     common = ["--batch-size", "8", "--device", "cpu"]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        codes = [
-            main(
-                [
-                    "embed",
-                    model_dir,
-                    "--images",
-                    images,
-                    "--texts",
-                    texts,
-                    "--out",
-                    f"{out}/{tag}.st",
-                    *common,
-                ]
-            ),
-            main(["caption", model_dir, images, "--max-len", "4", *common]),
-        ]
+    commands = [
+        ["embed", model_dir, "--images", images, "--texts", texts, "--out", f"{out}/{tag}.st", *common],
+        ["caption", model_dir, images, "--max-len", "4", *common],
+    ]
+    printed, codes = io.StringIO(), []
+    for i, command in enumerate(commands):
+        if ports:
+            os.environ["MASTER_PORT"] = str(ports[i])
+        with contextlib.redirect_stdout(printed):
+            codes.append(main(command))
     return {"exit": codes, "printed": printed.getvalue(), "wrote": os.path.exists(f"{out}/{tag}.st")}
+
+
+def _broken_images(data: str, out: str) -> str:
+    """A copy of the validation images in which the fourth file (in batch 1 of batches of 3: process 1's
+    share) is not an image."""
+    import shutil
+
+    folder = f"{out}/broken_images"
+    if not os.path.isdir(folder):
+        shutil.copytree(f"{data}/FashionGen/val", folder)
+        with open(sorted(os.scandir(folder), key=lambda e: e.name)[3].path, "wb") as f:
+            f.write(b"not an image")
+    return folder
 
 
 def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir: str, out: str) -> None:
@@ -117,7 +123,29 @@ def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir:
     ]
     results["cli_exit"] = main([*args, "--out", f"{out}/cli_rank{rank}.json"])
     join_as_torchrun(rank, world, ports[2])
-    results["inference"] = _inference(model_dir, data, out, f"embed_rank{rank}")
+    results["inference"] = _inference(model_dir, data, out, f"embed_rank{rank}", ports[2:4])
+    # a corrupt image in process 1's share: every process stops with the same one-line error
+    join_as_torchrun(rank, world, ports[4])
+    import contextlib
+    import io
+
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        code = main(
+            [
+                "embed",
+                model_dir,
+                "--images",
+                _broken_images(data, out),
+                "--out",
+                f"{out}/x.st",
+                "--batch-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+    results["broken"] = {"exit": code, "stderr": errors.getvalue()}
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(results, f)
 
@@ -136,7 +164,7 @@ def shared(tmp_path_factory):
     (out / "texts.txt").write_text("\n".join(f"text number {i}" for i in range(13)) + "\n")
     mp.spawn(
         _worker,
-        args=(2, (free_port(), free_port(), free_port()), str(data), str(model_dir), str(out)),
+        args=(2, tuple(free_port() for _ in range(5)), str(data), str(model_dir), str(out)),
         nprocs=2,
         join=True,
     )
@@ -228,3 +256,13 @@ def test_embed_and_caption_under_torchrun_give_what_one_process_gives(shared):
     assert len(captions) == 61 and captions == sorted(captions)  # every image, in file order
     assert [line for line in ranks[0]["inference"]["printed"].splitlines() if "\t" in line] == captions
     assert "\t" not in ranks[1]["inference"]["printed"]  # only rank 0 prints
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_in_one_process_s_share_stops_every_process_with_one_line(shared):
+    *_, ranks = shared
+    for rank, r in enumerate(ranks):
+        assert r["broken"]["exit"] == 2, (rank, r["broken"])
+        lines = r["broken"]["stderr"].strip().splitlines()
+        assert len(lines) == 1 and "famevil-fast embed: error: cannot read image" in lines[0], lines
+    assert "(in process 1 of 2)" in ranks[0]["broken"]["stderr"]  # rank 0 names where it happened

@@ -193,3 +193,30 @@ def test_a_batch_that_lost_every_image_is_skipped(scored):
     nothing = XMREval([{k: v[:0] for k, v in data.images[0].items()}], data.texts, [])
     with pytest.raises(ValueError, match="the XMR evaluation set has no samples"):
         evaluate_xmr(RefusesEmpty(), nothing, options)
+
+
+class ComposeStub(RefusesEmpty):
+    def compose(self, pixels, input_ids):
+        return self.encode_image(pixels, "tgir")
+
+
+def test_a_tgir_set_without_queries_or_gallery_images_is_named():
+    from famevil_fast.data.eval_sets import TGIRCategoryEval, TGIREval
+    from famevil_fast.eval.runner import evaluate_tgir
+
+    query = {"ref_pixels": torch.randn(3, 4), "input_ids": torch.zeros(3, 2), "target_ids": torch.arange(3)}
+    gallery = {"pixels": torch.randn(3, 4), "target_ids": torch.arange(3)}
+    empty_query = {k: v[:0] for k, v in query.items()}
+    empty_gallery = {k: v[:0] for k, v in gallery.items()}
+
+    def tgir(queries, galleries):
+        return TGIREval({"dress": TGIRCategoryEval("dress", queries, galleries)})
+
+    (result,) = evaluate_tgir(
+        ComposeStub(), tgir([query, empty_query], [empty_gallery, gallery]), EvalOptions()
+    )
+    assert result.metrics["dress_r@10"] == 100.0  # the emptied batches are skipped
+    with pytest.raises(ValueError, match="the TGIR evaluation set has no queries"):
+        evaluate_tgir(ComposeStub(), tgir([empty_query], [gallery]), EvalOptions())
+    with pytest.raises(ValueError, match="the TGIR evaluation set's dress gallery has no images"):
+        evaluate_tgir(ComposeStub(), tgir([query], [empty_gallery]), EvalOptions())

@@ -79,7 +79,8 @@ class ImageFileBatches:
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.threads)
+        try:
             pending: deque = deque()
             for step in steps:
                 pending.append((step, self._submit(pool, self.chunk(step))))
@@ -87,6 +88,8 @@ class ImageFileBatches:
                     yield self._collect(*pending.popleft())
             while pending:
                 yield self._collect(*pending.popleft())
+        finally:  # a consumer that stops early (an error, a break) leaves no decoding behind
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, pool, files: list[Path]) -> list:
         return [(f, pool.submit(load_pixels, [f], self.image_size, self.eval_resize)) for f in files]

@@ -19,22 +19,29 @@ if TYPE_CHECKING:
 def command_processes(requested: str | None) -> Iterator[tuple[EvalShard, torch.device]]:
     """``(shard, device)`` of this process: one process on the ``--device`` asked for, or, under torchrun,
     process RANK of WORLD_SIZE on its LOCAL_RANK GPU (``cuda`` or no ``--device``; a fixed ``cuda:N`` is
-    refused, as every process would take that one GPU). The process group is shut down on exit."""
+    refused, as every process would take that one GPU). A process group made here is shut down on exit; one
+    the caller had made is left as it is."""
+    import os
+
     import torch
+    import torch.distributed as dist
 
     from famevil_fast.eval.sharding import EvalShard
     from famevil_fast.train.distributed import init_from_env, shutdown
 
     device = resolve_device(requested)
-    info = init_from_env(device.type)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and device.type == "cuda" and requested is not None and device.index is not None:
+        raise ValueError(
+            f"--device={requested!r} names one GPU, but torchrun runs {world} processes: use 'cuda' (each "
+            "process takes its LOCAL_RANK GPU)"
+        )
+    created = not (dist.is_available() and dist.is_initialized())
     try:
+        info = init_from_env(device.type)
         if info.enabled and device.type == "cuda":
-            if requested is not None and device.index is not None:
-                raise ValueError(
-                    f"--device={requested!r} names one GPU, but torchrun runs {info.world_size} processes: "
-                    "use 'cuda' (each process takes its LOCAL_RANK GPU)"
-                )
             device = torch.device("cuda", info.local_rank)
         yield EvalShard(info.rank, info.world_size), device
     finally:
-        shutdown()
+        if created:
+            shutdown()

@@ -239,19 +239,26 @@ def evaluate_tgir(
         pixels, ids = _model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])
         return model.compose(pixels, ids).float(), batch["target_ids"].cpu()
 
-    categories = {}
+    categories, with_queries = {}, 0
     for name, cat in data.categories.items():
         encoded = _each_batch(
             shard, _batches(cat.queries, opts.max_samples, "ref_pixels"), "ref_pixels", compose
         )
         if not encoded:
             continue
+        with_queries += 1
         queries, targets = (torch.cat(parts) for parts in zip(*encoded))
         gallery, gallery_ids = _tgir_gallery(model, cat.gallery, targets, opts.max_samples, shard)
+        if not gallery:  # (every process has the gathered gallery: all of them raise)
+            raise ValueError(
+                f"the TGIR evaluation set's {name} gallery has no images: missing or undecodable"
+            )
         if not shard.is_main:
             continue
         g_emb, g_ids = unique_gallery(_on(model, torch.cat(gallery)), torch.cat(gallery_ids).to(model.device))
         categories[name] = TgirCategory(_on(model, queries), targets.to(g_emb.device), g_emb, g_ids)
+    if not with_queries:
+        raise ValueError("the TGIR evaluation set has no queries: their images are missing or undecodable")
     if not shard.is_main:
         return []
     result = tgir_fashioniq(categories)

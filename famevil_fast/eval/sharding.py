@@ -8,6 +8,7 @@ Process 0 scores and reports; the others return nothing.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
@@ -51,16 +52,33 @@ class EvalShard:
     def map_batches(self, batches: Iterable[dict], fn: Callable[[dict], T]) -> list[T]:
         """``fn`` of every batch of ``batches``, in order, each batch computed by one process. Batch sets
         with ``iter_steps`` (``EvalBatches``) make only this process's batches; other iterables are walked
-        and the other processes' batches skipped."""
-        return self.gather([(step, fn(batch)) for step, batch in self._owned(batches)])
+        and the other processes' batches skipped. An error in one process (a corrupt image, say) is raised
+        in every process after the exchange, rather than leaving the others waiting for it."""
+        if not self.enabled:
+            return [fn(batch) for _, batch in self._owned(batches)]
+        local: list[tuple[int, T]] = []
+        try:
+            for step, batch in self._owned(batches):
+                local.append((step, fn(batch)))
+        except Exception as exc:  # handed to every process below
+            return self._exchange(local, exc)
+        return self._exchange(local, None)
 
     def gather(self, local: list[tuple[int, T]]) -> list[T]:
         """Every process's ``(step, value)`` pairs, merged in step order (tensors arrive on the CPU)."""
-        if not self.enabled:
-            return [value for _, value in local]
+        return [value for _, value in local] if not self.enabled else self._exchange(local, None)
+
+    def _exchange(self, local: list[tuple[int, T]], error: Exception | None) -> list[T]:
         parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, _to_cpu(local))
-        merged = sorted((item for part in parts for item in part), key=itemgetter(0))
+        failure = None if error is None else (type(error).__name__, str(error))
+        dist.all_gather_object(parts, (_to_cpu(local), failure))
+        failed = [(rank, part[1]) for rank, part in enumerate(parts) if part[1] is not None]
+        if error is not None:
+            raise error
+        if failed:
+            rank, (kind, message) = failed[0]
+            raise _error_like(kind, f"{message} (in process {rank} of {self.world})")
+        merged = sorted((item for part in parts for item in part[0]), key=itemgetter(0))
         return [value for _, value in merged]
 
     def _owned(self, batches: Iterable[dict]) -> Iterator[tuple[int, dict]]:
@@ -74,6 +92,17 @@ class EvalShard:
         for step, batch in enumerate(batches):
             if step % self.world == self.rank:
                 yield step, batch
+
+
+def _error_like(kind: str, message: str) -> Exception:
+    """An exception of the built-in class named ``kind`` (what another process raised), else RuntimeError."""
+    cls = getattr(builtins, kind, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except TypeError:  # a class that takes other arguments
+            pass
+    return RuntimeError(f"{kind}: {message}")
 
 
 def _to_cpu(value: Any) -> Any:

@@ -89,7 +89,7 @@ def _threading(threaded: bool | None) -> str:
         return "unknown (an extension built before it reported this: rebuild it)"
     if threaded:
         return f"yes ({torch.get_num_threads()} threads)"
-    return "no (built without OpenMP: one thread; see the README, 'Installing')"
+    return "no (built without OpenMP, which torch's threads use here: one thread)"
 
 
 def _triton_version() -> str:
