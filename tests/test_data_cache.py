@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_fixtures import noise_image, synthetic
+from test_data_fixtures import small_fashiongen_root, synthetic
 
 import famevil_fast.data.cache as cache_mod
 from famevil_fast.data.backends import make_backend
@@ -18,21 +18,8 @@ from famevil_fast.data.tokens import text_digest, tokenize_texts
 from famevil_fast.data.transforms import CropPlan, counter_uniforms
 
 
-def _small_root(tmp_path, n=12):
-    rows = []
-    for i in range(n):
-        views = [f"train/{i}_{v}.png" for v in range(2)]
-        for v, view in enumerate(views):
-            noise_image(tmp_path / "data" / "FashionGen" / view, 20 + i, 30 - i, seed=10 * i + v, smooth=True)
-        rows.append(
-            {"images": views, "id": i, "title": f"item {i}", "description": "plain", "subcategory_id": i}
-        )
-    (tmp_path / "data" / "FashionGen" / "train_info.json").write_text(json.dumps(rows))
-    return tmp_path / "data"
-
-
 def test_cache_holds_exact_pixels_and_keys(tmp_path):
-    root = _small_root(tmp_path)
+    root = small_fashiongen_root(tmp_path)
     summary = build_cache(root, tmp_path / "cache", shard_bytes=4000)
     keys = dataset_image_keys(root)
     assert summary.images == len(keys) == 24 and summary.failed == 0 and summary.shards > 3
@@ -55,7 +42,7 @@ def test_cache_backend_matches_file_backend_on_both_resamplers(tmp_path_factory,
 
 
 def test_interrupted_conversion_resumes_and_keeps_complete_shards(tmp_path, monkeypatch):
-    root = _small_root(tmp_path)
+    root = small_fashiongen_root(tmp_path)
     real = cache_mod._decode
     calls = {"n": 0}
 
@@ -83,7 +70,7 @@ def test_interrupted_conversion_resumes_and_keeps_complete_shards(tmp_path, monk
 
 
 def test_corrupted_or_truncated_shard_is_detected_and_rebuilt(tmp_path):
-    root = _small_root(tmp_path)
+    root = small_fashiongen_root(tmp_path)
     build_cache(root, tmp_path / "cache", shard_bytes=3000, tokenize=False)
     shard = sorted((tmp_path / "cache" / "shards").glob("*.bin"))[1]
     data = bytearray(shard.read_bytes())
@@ -103,7 +90,7 @@ def test_corrupted_or_truncated_shard_is_detected_and_rebuilt(tmp_path):
 
 
 def test_undecodable_images_are_recorded_not_cached(tmp_path):
-    root = _small_root(tmp_path, n=3)
+    root = small_fashiongen_root(tmp_path, n=3)
     (root / "FashionGen" / "train" / "1_0.png").write_bytes(b"broken")
     summary = build_cache(root, tmp_path / "cache", tokenize=False)
     assert summary.failed == 1 and summary.images == 5
@@ -115,7 +102,7 @@ def test_undecodable_images_are_recorded_not_cached(tmp_path):
 def test_missing_cache_and_max_side(tmp_path):
     with pytest.raises(FileNotFoundError, match="famevil-fast cache"):
         ImageCache(tmp_path / "none")
-    root = _small_root(tmp_path, n=2)
+    root = small_fashiongen_root(tmp_path, n=2)
     build_cache(root, tmp_path / "small", max_side=10, tokenize=False)
     cache = ImageCache(tmp_path / "small")
     assert all(max(cache.get(k).shape[:2]) <= 10 for k in cache.keys())
@@ -152,7 +139,7 @@ def test_build_cache_prefills_the_tokens_the_loaders_use(tmp_path_factory, tmp_p
 
 
 def test_cache_backend_skips_a_batch_whose_images_are_all_missing(tmp_path):
-    root = _small_root(tmp_path, n=2)
+    root = small_fashiongen_root(tmp_path, n=2)
     (root / "FashionGen" / "train" / "1_0.png").write_bytes(b"broken")
     build_cache(root, tmp_path / "cache", tokenize=False)
     paths = ["FashionGen/train/1_0.png", "FashionGen/train/nope.png"]
@@ -190,7 +177,7 @@ def _interrupted_build(root, out, monkeypatch, **kw):
 
 
 def test_resume_with_another_max_side_or_root_is_refused(tmp_path, monkeypatch):
-    root = _small_root(tmp_path, n=12)
+    root = small_fashiongen_root(tmp_path, n=12)
     out = tmp_path / "cache"
     _interrupted_build(root, out, monkeypatch, max_side=12)
     manifest = json.loads(sorted((out / "shards").glob("*.json"))[0].read_text())
@@ -199,7 +186,7 @@ def test_resume_with_another_max_side_or_root_is_refused(tmp_path, monkeypatch):
         build_cache(root, out, shard_bytes=500, max_side=16, tokenize=False)
     with pytest.raises(ValueError, match="--max-side 12"):
         build_cache(root, out, shard_bytes=500, tokenize=False)
-    other = _small_root(tmp_path / "other", n=12)
+    other = small_fashiongen_root(tmp_path / "other", n=12)
     with pytest.raises(ValueError, match="data root"):
         build_cache(other, out, shard_bytes=500, max_side=12, tokenize=False)
     build_cache(root, out, shard_bytes=500, max_side=12, tokenize=False)
@@ -208,7 +195,7 @@ def test_resume_with_another_max_side_or_root_is_refused(tmp_path, monkeypatch):
 
 
 def test_unreadable_manifest_or_index_is_named_and_rebuilt(tmp_path):
-    root = _small_root(tmp_path, n=6)
+    root = small_fashiongen_root(tmp_path, n=6)
     out = tmp_path / "cache"
     build_cache(root, out, shard_bytes=1500, tokenize=False)
     manifest = sorted((out / "shards").glob("*.json"))[1]
@@ -228,7 +215,7 @@ def test_unreadable_manifest_or_index_is_named_and_rebuilt(tmp_path):
 
 def test_truncated_token_file_fails_verify_and_is_rebuilt(tmp_path):
     texts = ["a red dress.Silk.", "blue shirt, has long sleeves"]
-    root = _small_root(tmp_path, n=2)
+    root = small_fashiongen_root(tmp_path, n=2)
     out = tmp_path / "cache"
     build_cache(root, out)
     ids = tokenize_texts(texts, out)
@@ -246,9 +233,9 @@ def test_truncated_token_file_fails_verify_and_is_rebuilt(tmp_path):
 
 
 def test_cache_backend_checks_the_data_root(tmp_path):
-    root = _small_root(tmp_path, n=2)
+    root = small_fashiongen_root(tmp_path, n=2)
     build_cache(root, tmp_path / "cache", tokenize=False)
-    other = _small_root(tmp_path / "other", n=2)
+    other = small_fashiongen_root(tmp_path / "other", n=2)
     with pytest.warns(UserWarning, match="built from data root") as warned:
         CacheBackend(tmp_path / "cache", 16, root=other)  # moved, or annotations without images: served
     message = str(warned[0].message)
@@ -267,7 +254,7 @@ def test_cache_backend_checks_the_data_root(tmp_path):
 
 
 def test_cache_with_a_max_side_below_the_image_size_warns(tmp_path):
-    root = _small_root(tmp_path, n=2)
+    root = small_fashiongen_root(tmp_path, n=2)
     build_cache(root, tmp_path / "cache", max_side=12, tokenize=False)
     with pytest.warns(UserWarning, match="--max-side 12.*image size 16"):
         CacheBackend(tmp_path / "cache", 16)

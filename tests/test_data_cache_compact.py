@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_data_fixtures import noise_image
+from test_data_fixtures import noise_image, small_fashiongen_root
 
 import famevil_fast.data.cache as cache_mod
 from famevil_fast.cli.main import main
@@ -20,19 +20,6 @@ from famevil_fast.data.cache_compact import compact_cache
 
 A, B, C, D, E, F = (f"FashionGen/train/{name}.png" for name in ("0_0", "1_0", "1_1", "2_0", "4_0", "3_0"))
 NOW = time.time()
-
-
-def _root(tmp_path, n=6):
-    rows = []
-    for i in range(n):
-        views = [f"train/{i}_{v}.png" for v in range(2)]
-        for v, view in enumerate(views):
-            noise_image(tmp_path / "data" / "FashionGen" / view, 20 + i, 30 - i, seed=10 * i + v, smooth=True)
-        rows.append(
-            {"images": views, "id": i, "title": f"item {i}", "description": "plain", "subcategory_id": i}
-        )
-    (tmp_path / "data" / "FashionGen" / "train_info.json").write_text(json.dumps(rows))
-    return tmp_path / "data"
 
 
 def _set_mtime(path, when):
@@ -59,7 +46,7 @@ def _age_new_shard(out, when):
 def _superseded_cache(tmp_path):
     """A cache of 12 images whose four conversions left superseded entries: shard 0 (all images), shard 1
     (B, C, D: all decoded again later), shard 2 (B, C, D; F undecodable now), shard 3 (D)."""
-    root, out = _root(tmp_path), tmp_path / "cache"
+    root, out = small_fashiongen_root(tmp_path, n=6), tmp_path / "cache"
     for image in root.rglob("*.png"):
         _set_mtime(image, NOW - 10000)
     _build(root, out)  # with the token files
@@ -151,7 +138,7 @@ def test_a_reader_that_has_the_cache_open_keeps_serving_the_same_pixels(tmp_path
 
 
 def test_nothing_to_reclaim_rewrites_nothing(tmp_path, capsys):
-    root, out = _root(tmp_path), tmp_path / "cache"
+    root, out = small_fashiongen_root(tmp_path, n=6), tmp_path / "cache"
     _build(root, out)
     before = _files(out)
     summary = compact_cache(out)
@@ -171,7 +158,7 @@ def test_a_compacted_cache_is_compacted_again_as_a_no_op(tmp_path):
 
 
 def test_leftovers_of_a_killed_conversion_are_removed_without_rewriting_the_index(tmp_path):
-    root, out = _root(tmp_path), tmp_path / "cache"
+    root, out = small_fashiongen_root(tmp_path, n=6), tmp_path / "cache"
     _build(root, out)
     (out / "shards" / "shard_00001.bin.tmp").write_bytes(b"x" * 100)  # killed while writing
     (out / "shards" / "shard_00002.bin").write_bytes(b"y" * 50)  # killed before its manifest
@@ -304,7 +291,7 @@ def test_what_is_not_a_complete_cache_is_refused_by_name(tmp_path):
 
 
 def test_shards_of_an_unfinished_conversion_are_not_compacted_away(tmp_path):
-    root, out = _root(tmp_path), tmp_path / "cache"
+    root, out = small_fashiongen_root(tmp_path, n=6), tmp_path / "cache"
     _build(root, out)
     for suffix in (".bin", ".json"):  # complete, but not in cache.json yet
         shutil.copy(out / "shards" / f"shard_00000{suffix}", out / "shards" / f"shard_00007{suffix}")

@@ -52,3 +52,20 @@ def fashiongen_row(pid: int, images: list[str], sub: int = 0, cat: int | None = 
     if cat is not None:
         row["category_id"] = cat
     return row
+
+
+def small_fashiongen_root(tmp_path: Path, n: int = 12) -> Path:
+    """``tmp_path/data``: a FashionGen train split of ``n`` products with two smooth noise images each
+    (product ``i`` of ``20 + i`` x ``30 - i`` pixels), for the cache tests."""
+    import json
+
+    rows = []
+    for i in range(n):
+        views = [f"train/{i}_{v}.png" for v in range(2)]
+        for v, view in enumerate(views):
+            noise_image(tmp_path / "data" / "FashionGen" / view, 20 + i, 30 - i, seed=10 * i + v, smooth=True)
+        rows.append(
+            {"images": views, "id": i, "title": f"item {i}", "description": "plain", "subcategory_id": i}
+        )
+    (tmp_path / "data" / "FashionGen" / "train_info.json").write_text(json.dumps(rows))
+    return tmp_path / "data"
