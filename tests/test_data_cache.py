@@ -261,3 +261,23 @@ def test_cache_with_a_max_side_below_the_image_size_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CacheBackend(tmp_path / "cache", 12)
+
+
+def test_an_image_that_broke_stays_unserved_when_its_file_is_then_removed(tmp_path):
+    """An image cached, then replaced by a broken file (listed as failed, its old entry no longer served),
+    then removed: the next conversion tries it again and lists it as failed again, rather than serving the
+    pixels it had before it broke."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out, key = tmp_path / "cache", "FashionGen/train/1_0.png"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    build_cache(root, out, **quiet)
+    for shard in (out / "shards").glob("*.bin"):
+        os.utime(shard, (1e9, 1e9))  # cached long ago: the broken file below is newer
+    (root / key).write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="changed since they were cached"):
+        build_cache(root, out, **quiet)
+    assert key in ImageCache(out).failed and key not in ImageCache(out)
+    (root / key).unlink()
+    build_cache(root, out, **quiet)
+    cache = ImageCache(out)
+    assert key in cache.failed and key not in cache

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,7 +346,8 @@ def build_cache(
         previous = _previous_index(index_path, out_p, root_s, max_side)
         abs_root = os.path.abspath(root_s)
         shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
-        todo = _keys_to_decode(keys, root_s, shard_dir, shards, num_threads)
+        failed_before = set(previous.get("failed", {})) if previous else set()
+        todo = _keys_to_decode(keys, root_s, shard_dir, shards, num_threads, failed_before)
         series = _ShardSeries(shard_dir, shards, shard_bytes, abs_root, max_side)
         failed = _decode_into(series, todo, root_s, max_side, num_threads or default_threads(), progress)
         ordered = [shards[n] for n in sorted(shards)]
@@ -405,10 +406,16 @@ def _previous_index(index_path: Path, out: Path, root: str, max_side: int | None
 
 
 def _keys_to_decode(
-    keys: list[str], root: str, shard_dir: Path, shards: dict[int, dict], num_threads: int | None = None
+    keys: list[str],
+    root: str,
+    shard_dir: Path,
+    shards: dict[int, dict],
+    num_threads: int | None = None,
+    failed_before: Collection[str] = (),
 ) -> list[str]:
-    """The ``keys`` (in order) that no complete shard holds or whose image changed since it was cached (a
-    warning counts the latter)."""
+    """The ``keys`` (in order) that no complete shard holds, whose image changed since it was cached (a
+    warning counts these), or that failed to decode last time (an older entry of such an image must not be
+    served again because its broken file was since removed or touched back)."""
     have = {k for m in shards.values() for k in m["keys"]}
     changed = _changed_since_cached(root, shard_dir, shards, num_threads, keys=set(keys))
     if changed:
@@ -417,7 +424,7 @@ def _keys_to_decode(
             "decoding them again",
             stacklevel=3,
         )
-    return [k for k in keys if k not in have or k in changed]
+    return [k for k in keys if k not in have or k in changed or k in failed_before]
 
 
 class _ShardSeries:
