@@ -281,3 +281,13 @@ def test_an_image_that_broke_stays_unserved_when_its_file_is_then_removed(tmp_pa
     build_cache(root, out, **quiet)
     cache = ImageCache(out)
     assert key in cache.failed and key not in cache
+
+
+def test_a_conversion_removes_the_index_a_killed_one_left_half_written(tmp_path):
+    root = small_fashiongen_root(tmp_path, n=2)
+    out = tmp_path / "cache"
+    build_cache(root, out, num_threads=1, tokenize=False)
+    stale = out / ".cache.json.k1ll3d.tmp"
+    stale.write_text('{"version": ')
+    build_cache(root, out, num_threads=1, tokenize=False)
+    assert not stale.exists() and len(ImageCache(out)) == 4

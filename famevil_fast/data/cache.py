@@ -365,11 +365,12 @@ def build_cache(
 
 
 def _clean_shard_dir(out: Path) -> Path:
-    """``out/shards``, created when missing, without the temporary files of a killed conversion."""
+    """``out/shards``, created when missing, without the temporary files of a killed conversion (its shard
+    files, and its ``cache.json`` cut short by SIGKILL before the rename)."""
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob("*.tmp"):
-        stale.unlink()
+    for stale in [*shard_dir.glob("*.tmp"), *out.glob(".cache.json.*.tmp")]:
+        stale.unlink(missing_ok=True)
     return shard_dir
 
 
