@@ -82,10 +82,9 @@ def _broken_images(data: str, out: str) -> str:
     import shutil
 
     folder = f"{out}/broken_images"
-    if not os.path.isdir(folder):
-        shutil.copytree(f"{data}/FashionGen/val", folder)
-        with open(sorted(os.scandir(folder), key=lambda e: e.name)[3].path, "wb") as f:
-            f.write(b"not an image")
+    shutil.copytree(f"{data}/FashionGen/val", folder)
+    with open(sorted(os.scandir(folder), key=lambda e: e.name)[3].path, "wb") as f:
+        f.write(b"not an image")
     return folder
 
 
@@ -136,7 +135,7 @@ def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir:
                 "embed",
                 model_dir,
                 "--images",
-                _broken_images(data, out),
+                f"{out}/broken_images",  # made before the processes start
                 "--out",
                 f"{out}/x.st",
                 "--batch-size",
@@ -161,6 +160,7 @@ def shared(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model") / "micro"
     perturb_(FameViL(MICRO), std=0.05).save_pretrained(model_dir)
     out = tmp_path_factory.mktemp("ranks")
+    _broken_images(str(data), str(out))
     (out / "texts.txt").write_text("\n".join(f"text number {i}" for i in range(13)) + "\n")
     mp.spawn(
         _worker,

@@ -220,3 +220,12 @@ def test_a_tgir_set_without_queries_or_gallery_images_is_named():
         evaluate_tgir(ComposeStub(), tgir([empty_query], [gallery]), EvalOptions())
     with pytest.raises(ValueError, match="the TGIR evaluation set's dress gallery has no images"):
         evaluate_tgir(ComposeStub(), tgir([query], [empty_gallery]), EvalOptions())
+
+
+def test_progress_bars_name_each_set_only_when_asked(capsys):
+    data = _xmr_set()
+    evaluate_xmr(EmbeddingStub(), data, EvalOptions(xmr_protocols=("full",), progress=True))
+    shown = capsys.readouterr().err
+    assert "XMR images" in shown and "/4 " in shown  # 36 views in batches of 10
+    evaluate_xmr(EmbeddingStub(), data, EvalOptions(xmr_protocols=("full",)))
+    assert "XMR images" not in capsys.readouterr().err

@@ -62,6 +62,7 @@ class EvalOptions:
       XMR image side) or "first" (the first view of each product only).
     - ``eval_resize``: "keep_aspect" (default, fixed: shorter side to round(S * 256 / 224), centre crop S)
       or "squash" (faithful: every image resized to a square, aspect lost).
+    - ``progress``: a tqdm bar per set while it is encoded (on rank 0, over its share of the batches).
     """
 
     xmr_protocols: Sequence[str] = ("full", "sampled")
@@ -77,6 +78,7 @@ class EvalOptions:
     caption_references: str = "clip"
     views: str = "all"
     eval_resize: str = "keep_aspect"
+    progress: bool = False
 
     def __post_init__(self) -> None:
         """Counts and lengths checked here, so a bad one fails at construction rather than in the middle of
@@ -99,7 +101,7 @@ class EvalOptions:
                 raise ValueError(f"EvalOptions.{name} must be at least {low}{none}, got {value}")
 
     @classmethod
-    def from_section(cls, section: EvalSection) -> EvalOptions:
+    def from_section(cls, section: EvalSection, progress: bool = False) -> EvalOptions:
         return cls(
             section.xmr_protocols,
             section.sampled_seed,
@@ -113,6 +115,7 @@ class EvalOptions:
             caption_references=section.caption_references,
             views=section.views,
             eval_resize=section.resize,
+            progress=progress,
         )
 
 
@@ -154,16 +157,53 @@ def _model_input(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def _each_batch(
-    shard: EvalShard, batches: Iterable, key: str, fn: Callable[[dict], T], what: str | None = None
+    shard: EvalShard,
+    batches: Iterable,
+    key: str,
+    fn: Callable[[dict], T],
+    what: str | None = None,
+    bar: str | None = None,
 ) -> list[T]:
     """``fn`` of every batch that has rows under ``key``, in order, each batch computed by one process (a
     batch whose images were all missing or undecodable has none and is skipped). With ``what``, ValueError
-    naming it when no batch has any rows."""
-    outputs = shard.map_batches(batches, lambda batch: fn(batch) if batch[key].shape[0] else None)
+    naming it when no batch has any rows; with ``bar``, a progress bar of that name on rank 0."""
+    advance = _progress_bar(shard, batches, bar)
+
+    def each(batch: dict) -> T | None:
+        out = fn(batch) if batch[key].shape[0] else None
+        advance(1)
+        return out
+
+    try:
+        outputs = shard.map_batches(batches, each)
+    finally:
+        advance(0, close=True)
     outputs = [out for out in outputs if out is not None]
     if what is not None and not outputs:
         raise ValueError(f"the {what} evaluation set has no samples: its images are missing or undecodable")
     return outputs
+
+
+def _progress_bar(shard: EvalShard, batches: Iterable, name: str | None) -> Callable[..., None]:
+    """``advance(n, close=False)`` of a tqdm bar named ``name`` over rank 0's share of ``batches`` (a no-op
+    without a name, or on the other ranks)."""
+    if name is None or not shard.is_main:
+        return lambda n, close=False: None
+    from tqdm import tqdm
+
+    total = len(range(shard.rank, len(batches), shard.world)) if hasattr(batches, "__len__") else None
+    progress = tqdm(total=total, desc=name, unit="batch", leave=False, dynamic_ncols=True)
+
+    def advance(n: int, close: bool = False) -> None:
+        progress.update(n)
+        if close:
+            progress.close()
+
+    return advance
+
+
+def _bar(opts: EvalOptions, name: str) -> str | None:
+    return name if opts.progress else None
 
 
 def _on(model, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +224,14 @@ def evaluate_xmr(
         return emb, batch["product_ids"].cpu(), batch["subcategory"].cpu()
 
     images, image_ids, image_sub = zip(
-        *_each_batch(shard, _batches(data.images, opts.max_samples, "pixels"), "pixels", encode_images, "XMR")
+        *_each_batch(
+            shard,
+            _batches(data.images, opts.max_samples, "pixels"),
+            "pixels",
+            encode_images,
+            "XMR",
+            _bar(opts, "XMR images"),
+        )
     )
     image_emb, image_pid, image_sub = (
         _on(model, torch.cat(images)),
@@ -241,14 +288,15 @@ def evaluate_tgir(
 
     categories, with_queries = {}, 0
     for name, cat in data.categories.items():
-        encoded = _each_batch(
-            shard, _batches(cat.queries, opts.max_samples, "ref_pixels"), "ref_pixels", compose
-        )
+        queries = _batches(cat.queries, opts.max_samples, "ref_pixels")
+        encoded = _each_batch(shard, queries, "ref_pixels", compose, bar=_bar(opts, f"TGIR {name} queries"))
         if not encoded:
             continue
         with_queries += 1
         queries, targets = (torch.cat(parts) for parts in zip(*encoded))
-        gallery, gallery_ids = _tgir_gallery(model, cat.gallery, targets, opts.max_samples, shard)
+        gallery, gallery_ids = _tgir_gallery(
+            model, cat.gallery, targets, opts.max_samples, shard, _bar(opts, f"TGIR {name} gallery")
+        )
         if not gallery:  # (every process has the gathered gallery: all of them raise)
             raise ValueError(
                 f"the TGIR evaluation set's {name} gallery has no images: missing or undecodable"
@@ -272,6 +320,7 @@ def _tgir_gallery(
     needed: torch.Tensor,
     limit: int | None,
     shard: EvalShard = ONE_PROCESS,
+    bar: str | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gallery embeddings and ids; with ``limit`` (``max_samples``, one process), the queries' targets plus
     at most ``limit`` other images are encoded, and the walk stops once both are in."""
@@ -282,7 +331,7 @@ def _tgir_gallery(
         ].cpu()
 
     if limit is None:
-        encoded = _each_batch(shard, batches, "pixels", encode)
+        encoded = _each_batch(shard, batches, "pixels", encode, bar=bar)
         return [emb for emb, _ in encoded], [ids for _, ids in encoded]
     gallery, gallery_ids = [], []
     missing, others = set(needed.tolist()), 0
@@ -312,7 +361,14 @@ def evaluate_scr(
         return model.classify(pixels, ids).float().cpu(), batch["labels"].cpu()
 
     logits, labels = zip(
-        *_each_batch(shard, _batches(data.samples, opts.max_samples, "pixels"), "pixels", classify, "SCR")
+        *_each_batch(
+            shard,
+            _batches(data.samples, opts.max_samples, "pixels"),
+            "pixels",
+            classify,
+            "SCR",
+            _bar(opts, "SCR"),
+        )
     )
     if not shard.is_main:
         return []
@@ -388,7 +444,14 @@ def evaluate_cap(
         rows = (batch.get("product_ids"), batch["pixels"].shape[0])  # raw references: looked up in order
         return captions, decode(input_ids) if opts.caption_references == "clip" else rows
 
-    encoded = _each_batch(shard, _batches(data.samples, opts.max_samples, "pixels"), "pixels", caption, "FIC")
+    encoded = _each_batch(
+        shard,
+        _batches(data.samples, opts.max_samples, "pixels"),
+        "pixels",
+        caption,
+        "FIC",
+        _bar(opts, "FIC captions"),
+    )
     if not shard.is_main:
         return []
     raw = RawReferences(data) if opts.caption_references == "raw" else None

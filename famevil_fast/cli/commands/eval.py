@@ -120,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_op_backend_argument(parser)
     parser.add_argument("--out", type=output_file, default=None, help="also write the report as JSON here")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while each set is encoded"
+    )
 
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:
@@ -154,7 +157,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     options = dataclasses.replace(options, **{k: True for k, on in switches.items() if on})
     if args.unseeded:
         options = dataclasses.replace(options, sampled_seed=None)
-    return options
+    return dataclasses.replace(options, progress=not args.no_progress)
 
 
 def evaluable_tasks(tasks: tuple[str, ...], checkpoint: str) -> list[str]:

@@ -63,7 +63,7 @@ def build_evaluator(cfg: TrainConfig, device: torch.device | str | None) -> Eval
         device=device,
         backend=cfg.data.backend,
         cache_dir=cfg.data.cache,
-        options=EvalOptions.from_section(cfg.eval),
+        options=EvalOptions.from_section(cfg.eval, progress=cfg.logging.progress),
     )
 
 
