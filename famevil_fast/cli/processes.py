@@ -21,26 +21,16 @@ def command_processes(requested: str | None) -> Iterator[tuple[EvalShard, torch.
     process RANK of WORLD_SIZE on its LOCAL_RANK GPU (``cuda`` or no ``--device``; a fixed ``cuda:N`` is
     refused, as every process would take that one GPU). A process group made here is shut down on exit; one
     the caller had made is left as it is."""
-    import os
-
-    import torch
     import torch.distributed as dist
 
     from famevil_fast.eval.sharding import EvalShard
-    from famevil_fast.train.distributed import init_from_env, shutdown
+    from famevil_fast.train.distributed import init_from_env, process_device, shutdown
 
     device = resolve_device(requested)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and device.type == "cuda" and requested is not None and device.index is not None:
-        raise ValueError(
-            f"--device={requested!r} names one GPU, but torchrun runs {world} processes: use 'cuda' (each "
-            "process takes its LOCAL_RANK GPU)"
-        )
     created = not (dist.is_available() and dist.is_initialized())
     try:
         info = init_from_env(device.type)
-        if info.enabled and device.type == "cuda":
-            device = torch.device("cuda", info.local_rank)
+        device = process_device(device, info, "--device")
         yield EvalShard(info.rank, info.world_size), device
     finally:
         if created:

@@ -135,18 +135,13 @@ def _set_options(data: object, opts: EvalOptions, task: str, image_sets: bool = 
     return built
 
 
-def _batches(batches: Iterable[dict], limit: int | None, key: str) -> Iterable[dict]:
-    """``batches`` themselves (which a distributed evaluation can share out), or their first ``limit``
-    samples."""
-    return batches if limit is None else _limited(batches, limit, key)
-
-
-def _limited(batches: Iterable[dict], limit: int | None, key: str) -> Iterator[dict]:
+def _limited(batches: Iterable[dict], limit: int, key: str) -> Iterator[dict]:
+    """The batches of the first ``limit`` samples (rows under ``key``), the last one cut to fit."""
     seen = 0
     for batch in batches:
-        if limit is not None and seen >= limit:
+        if seen >= limit:
             return
-        if limit is not None and seen + batch[key].shape[0] > limit:
+        if seen + batch[key].shape[0] > limit:
             batch = {k: v[: limit - seen] for k, v in batch.items()}
         seen += batch[key].shape[0]
         yield batch
@@ -161,45 +156,41 @@ def _each_batch(
     batches: Iterable,
     key: str,
     fn: Callable[[dict], T],
+    limit: int | None = None,
     what: str | None = None,
     bar: str | None = None,
 ) -> list[T]:
-    """``fn`` of every batch that has rows under ``key``, in order, each batch computed by one process (a
-    batch whose images were all missing or undecodable has none and is skipped). With ``what``, ValueError
-    naming it when no batch has any rows; with ``bar``, a progress bar of that name on rank 0."""
-    advance = _progress_bar(shard, batches, bar)
+    """``fn`` of every batch that has rows under ``key`` (of the first ``limit`` samples, one process), in
+    order, each batch computed by one process (a batch whose images were all missing or undecodable has
+    none and is skipped). With ``what``, ValueError naming it when no batch has any rows; with ``bar``, a
+    progress bar of that name on rank 0, over its share."""
+    from tqdm import tqdm
+
+    if limit is not None:
+        batches = _limited(batches, limit, key)
+    total = len(range(shard.rank, len(batches), shard.world)) if hasattr(batches, "__len__") else None
+    progress = tqdm(
+        total=total,
+        desc=bar,
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=bar is None or not shard.is_main,
+    )
 
     def each(batch: dict) -> T | None:
         out = fn(batch) if batch[key].shape[0] else None
-        advance(1)
+        progress.update(1)
         return out
 
     try:
         outputs = shard.map_batches(batches, each)
     finally:
-        advance(0, close=True)
+        progress.close()
     outputs = [out for out in outputs if out is not None]
     if what is not None and not outputs:
         raise ValueError(f"the {what} evaluation set has no samples: its images are missing or undecodable")
     return outputs
-
-
-def _progress_bar(shard: EvalShard, batches: Iterable, name: str | None) -> Callable[..., None]:
-    """``advance(n, close=False)`` of a tqdm bar named ``name`` over rank 0's share of ``batches`` (a no-op
-    without a name, or on the other ranks)."""
-    if name is None or not shard.is_main:
-        return lambda n, close=False: None
-    from tqdm import tqdm
-
-    total = len(range(shard.rank, len(batches), shard.world)) if hasattr(batches, "__len__") else None
-    progress = tqdm(total=total, desc=name, unit="batch", leave=False, dynamic_ncols=True)
-
-    def advance(n: int, close: bool = False) -> None:
-        progress.update(n)
-        if close:
-            progress.close()
-
-    return advance
 
 
 def _bar(opts: EvalOptions, name: str) -> str | None:
@@ -225,12 +216,7 @@ def evaluate_xmr(
 
     images, image_ids, image_sub = zip(
         *_each_batch(
-            shard,
-            _batches(data.images, opts.max_samples, "pixels"),
-            "pixels",
-            encode_images,
-            "XMR",
-            _bar(opts, "XMR images"),
+            shard, data.images, "pixels", encode_images, opts.max_samples, "XMR", _bar(opts, "XMR images")
         )
     )
     image_emb, image_pid, image_sub = (
@@ -288,8 +274,14 @@ def evaluate_tgir(
 
     categories, with_queries = {}, 0
     for name, cat in data.categories.items():
-        queries = _batches(cat.queries, opts.max_samples, "ref_pixels")
-        encoded = _each_batch(shard, queries, "ref_pixels", compose, bar=_bar(opts, f"TGIR {name} queries"))
+        encoded = _each_batch(
+            shard,
+            cat.queries,
+            "ref_pixels",
+            compose,
+            opts.max_samples,
+            bar=_bar(opts, f"TGIR {name} queries"),
+        )
         if not encoded:
             continue
         with_queries += 1
@@ -361,14 +353,7 @@ def evaluate_scr(
         return model.classify(pixels, ids).float().cpu(), batch["labels"].cpu()
 
     logits, labels = zip(
-        *_each_batch(
-            shard,
-            _batches(data.samples, opts.max_samples, "pixels"),
-            "pixels",
-            classify,
-            "SCR",
-            _bar(opts, "SCR"),
-        )
+        *_each_batch(shard, data.samples, "pixels", classify, opts.max_samples, "SCR", _bar(opts, "SCR"))
     )
     if not shard.is_main:
         return []
@@ -445,12 +430,7 @@ def evaluate_cap(
         return captions, decode(input_ids) if opts.caption_references == "clip" else rows
 
     encoded = _each_batch(
-        shard,
-        _batches(data.samples, opts.max_samples, "pixels"),
-        "pixels",
-        caption,
-        "FIC",
-        _bar(opts, "FIC captions"),
+        shard, data.samples, "pixels", caption, opts.max_samples, "FIC", _bar(opts, "FIC captions")
     )
     if not shard.is_main:
         return []

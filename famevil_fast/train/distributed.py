@@ -57,6 +57,24 @@ def init_from_env(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 
+def process_device(wanted: torch.device, dist: DistInfo, source: str = "train.device") -> torch.device:
+    """This process's device: under torchrun the LOCAL_RANK GPU (a fixed ``cuda:N``, named as ``source``,
+    is refused), else the device asked for, made the current CUDA device so that kernels and graphs run on
+    it."""
+    if wanted.type == "cpu":
+        return wanted
+    if dist.enabled:
+        if wanted.index is not None:
+            raise ValueError(
+                f"{source}={str(wanted)!r} names one GPU, but torchrun runs {dist.world_size} processes: "
+                "use 'cuda' (each process takes its LOCAL_RANK GPU)"
+            )
+        return torch.device(f"cuda:{dist.local_rank}")
+    device = torch.device("cuda", wanted.index if wanted.index is not None else 0)
+    torch.cuda.set_device(device)
+    return device
+
+
 class FeatureGather:
     """``gather(x) -> (cat of every process's x, offset of this process's rows)`` with gradient flow back to
     every process's features; ``mean_count(n)`` is the count averaged over processes; ``row_weight`` is

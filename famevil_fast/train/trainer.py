@@ -32,7 +32,7 @@ from famevil_fast.train.checkpoint import CheckpointManager, rng_untouched
 from famevil_fast.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
-from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env
+from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env, process_device
 from famevil_fast.train.imtl import GradientBuffer
 from famevil_fast.train.logging import RunLogger
 from famevil_fast.train.optim import build_optimizer, build_scheduler, freeze_backbone
@@ -175,23 +175,6 @@ def build_model(cfg: TrainConfig) -> FameViL:
 
         load_shared_weights(model, m.init_from)
     return model
-
-
-def process_device(wanted: torch.device, dist: DistInfo) -> torch.device:
-    """This process's device: under torchrun the LOCAL_RANK GPU (a fixed ``cuda:N`` is refused), else the
-    device asked for, made the current CUDA device so that kernels and graphs run on it."""
-    if wanted.type == "cpu":
-        return wanted
-    if dist.enabled:
-        if wanted.index is not None:
-            raise ValueError(
-                f"train.device={str(wanted)!r} names one GPU, but torchrun runs {dist.world_size} processes: "
-                "use 'cuda' (each process takes its LOCAL_RANK GPU)"
-            )
-        return torch.device(f"cuda:{dist.local_rank}")
-    device = torch.device("cuda", wanted.index if wanted.index is not None else 0)
-    torch.cuda.set_device(device)
-    return device
 
 
 class TrainingModule(nn.Module):
