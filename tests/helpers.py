@@ -210,3 +210,19 @@ def join_as_torchrun(rank: int, world: int, port: int) -> None:
         MASTER_PORT=str(port),
         FAMEVIL_FAST_DIST_TIMEOUT="120",
     )
+
+
+def leave_process_group() -> None:
+    """End a spawned test process once its results are written: wait for the other processes, then exit
+    at once. Interpreter shutdown with gloo's threads still alive can abort a process ("terminate called
+    without an active exception") after its work has passed; the parent only needs the exit code."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch.multiprocessing as mp
-from helpers import free_port, join_as_torchrun
+from helpers import free_port, join_as_torchrun, leave_process_group
 from trainer_fixtures import TASKS, RandomStream, micro_config
 
 from famevil_fast.train.trainer import Trainer
@@ -30,9 +30,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     uneven = {"gathered": gathered.tolist(), "offset": offset, "grad": rows.grad.tolist()}
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump({"history": trainer.history, "uneven": uneven}, f)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.slow
@@ -65,8 +63,6 @@ UNEVEN = {0: slice(0, 3), 1: slice(3, 8)}  # 3 and 5 rows of a global batch of 8
 def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Unequal rows per process, a NaN scr batch on rank 1 only, and SIGTERM to rank 1 only."""
     import signal
-
-    import torch.distributed as dist
 
     join_as_torchrun(rank, world, port)
     out = {}
@@ -118,7 +114,7 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     out["stop_in_eval"] = {"status": result["status"], "update": result["update"]}
     with open(f"{out_dir}/agree{rank}.json", "w") as f:
         json.dump(out, f)
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 class RankZeroEvaluator:

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import free_port, join_as_torchrun
+from helpers import free_port, join_as_torchrun, leave_process_group
 
 from famevil_fast.eval import runner
 from famevil_fast.eval.runner import EvalOptions, Evaluator
@@ -147,6 +147,7 @@ def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir:
     results["broken"] = {"exit": code, "stderr": errors.getvalue()}
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(results, f)
+    leave_process_group()
 
 
 @pytest.fixture(scope="module")
