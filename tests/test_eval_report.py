@@ -48,8 +48,10 @@ def test_bad_input(tmp_path):
         EvalReport.from_json("[]")
     with pytest.raises(ValueError, match="missing keys"):
         EvalReport.from_json('{"results": [{"task": "xmr"}]}')
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         EvalReport.load(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="is not a file"):
+        EvalReport.load(tmp_path)
 
 
 def test_save_is_atomic_and_makes_its_directory(tmp_path, monkeypatch):

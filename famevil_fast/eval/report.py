@@ -126,6 +126,8 @@ class EvalReport:
     @classmethod
     def load(cls, path: str | Path) -> EvalReport:
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"EvalReport.load: no such file {path}")
         if not path.is_file():
-            raise ValueError(f"EvalReport.load: no such file {path}")
+            raise ValueError(f"EvalReport.load: {path} is not a file")
         return cls.from_json(path.read_text())
