@@ -26,8 +26,18 @@ def _evaluator(data, references: str = "clip") -> Evaluator:
     return Evaluator.build(data, TASKS, 32, BATCH, device="cpu", backend="pil", options=_options(references))
 
 
-def _metrics(report) -> dict:
-    return {f"{r.task}/{r.protocol}/{k}": v for r in report.results for k, v in r.metrics.items()}
+def _metrics(results) -> dict:
+    return {f"{r.task}/{r.protocol}/{k}": v for r in results for k, v in r.metrics.items()}
+
+
+def _capped(model, data, shard: EvalShard = runner.ONE_PROCESS) -> list:
+    """XMR and TGIR with ``max_samples``, called with ``shard`` (``Evaluator`` leaves a capped evaluation to
+    process 0): the images and queries shared out, the capped TGIR gallery encoded by process 0 alone."""
+    sets = Evaluator.build(data, ("itc", "tgir"), 32, BATCH, device="cpu", backend="pil").sets
+    opts = EvalOptions(text_batch=5, max_samples=10)
+    return runner.evaluate_xmr(model, sets["itc"], opts, shard) + runner.evaluate_tgir(
+        model, sets["tgir"], opts, shard
+    )
 
 
 def _record_scored_inputs(setattr=setattr) -> dict:
@@ -102,9 +112,11 @@ def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir:
     results = {}
     for references in ("clip", "raw"):
         report = _evaluator(data, references).report(model)
-        results[references] = _metrics(report) if rank == 0 else len(report.results)
+        results[references] = _metrics(report.results) if rank == 0 else len(report.results)
         results[f"{references}_inputs"] = dict(seen)
         seen.clear()
+    capped = _capped(model, data, EvalShard.of_process_group())
+    results["capped"] = _metrics(capped) if rank == 0 else len(capped)
     dist.destroy_process_group()
     # the command line under torchrun's environment: it joins the group itself and prints on rank 0 only
     join_as_torchrun(rank, world, ports[1])
@@ -181,7 +193,7 @@ def test_two_processes_report_what_one_process_reports(shared, references, monke
     data, model_dir, _, ranks = shared
     model = FameViL.from_pretrained(model_dir).eval()
     seen = _record_scored_inputs(monkeypatch.setattr)
-    expected = _metrics(_evaluator(data, references).report(model))
+    expected = _metrics(_evaluator(data, references).report(model).results)
     protocols = {key.rsplit("/", 1)[0] for key in expected}
     assert protocols == {"xmr/full", "xmr/sampled-21", "tgir/fashioniq-val", "scr/val", "fic/coco-caption"}
     assert ranks[0][references] == pytest.approx(expected, rel=1e-5)
@@ -192,6 +204,17 @@ def test_two_processes_report_what_one_process_reports(shared, references, monke
     for got, want in zip(inputs["scr"] + inputs["xmr"], seen["scr"] + seen["xmr"]):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
     assert ranks[1][f"{references}_inputs"] == {}  # nothing is scored there
+
+
+@pytest.mark.slow
+def test_a_capped_evaluation_shared_out_scores_what_one_process_scores(shared):
+    from famevil_fast.model import FameViL
+
+    data, model_dir, _, ranks = shared
+    expected = _metrics(_capped(FameViL.from_pretrained(model_dir).eval(), data))
+    assert {key.split("/")[0] for key in expected} == {"xmr", "tgir"}
+    assert ranks[0]["capped"] == pytest.approx(expected, rel=1e-5)
+    assert ranks[1]["capped"] == 0
 
 
 @pytest.mark.slow
@@ -267,3 +290,107 @@ def test_a_corrupt_image_in_one_process_s_share_stops_every_process_with_one_lin
         lines = r["broken"]["stderr"].strip().splitlines()
         assert len(lines) == 1 and "famevil-fast embed: error: cannot read image" in lines[0], lines
     assert "(in process 1 of 2)" in ranks[0]["broken"]["stderr"]  # rank 0 names where it happened
+
+
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, tuple | list):
+        return any(_holds_tensor(v) for v in value)
+    return isinstance(value, dict) and any(_holds_tensor(v) for v in value.values())
+
+
+def _rows_of_sets(shard: EvalShard) -> dict:
+    """What the runner's ``_each_batch`` gives for a set whose rows are all in process 1's batches, and for
+    one with no rows at all (an error in every process)."""
+
+    def rows(step: int, n: int) -> dict:
+        return {"pixels": torch.full((n, 1), float(step))}
+
+    in_process_1 = runner._each_batch(
+        shard, [rows(s, s % 2) for s in range(4)], "pixels", lambda b: b["pixels"]
+    )
+    try:
+        runner._required(runner._each_batch(shard, [rows(s, 0) for s in range(4)], "pixels", len), "SCR")
+        empty = None
+    except ValueError as exc:
+        empty = str(exc)
+    return {"in_process_1": [t.tolist() for t in in_process_1], "empty": empty}
+
+
+def _error_of(fn) -> str | None:
+    try:
+        fn()
+    except ZeroDivisionError as exc:
+        return str(exc)
+    return None
+
+
+def _exchange_worker(rank: int, world: int, port: int, out: str) -> None:
+    """``map_batches`` and ``gather`` in one of ``world`` processes: what this process receives, and
+    whether any tensor went through ``all_gather_object`` (to every process)."""
+    import torch.distributed as dist
+
+    join_as_torchrun(rank, world, port)
+    dist.init_process_group("gloo", timeout=collective_timeout())
+    all_gather, to_everyone = dist.all_gather_object, []
+
+    def recording(parts, obj, *args, **kwargs):
+        to_everyone.append(_holds_tensor(obj))
+        return all_gather(parts, obj, *args, **kwargs)
+
+    dist.all_gather_object = recording
+    shard = EvalShard.of_process_group()
+    batches = [{"x": torch.full((2,), float(step))} for step in range(5)]
+
+    def failing(batch: dict) -> torch.Tensor:
+        if int(batch["x"][0]) == 3:  # process 1's second batch
+            raise ValueError("cannot read image 3")
+        return batch["x"]
+
+    try:
+        shard.map_batches(batches, failing)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    results = {
+        "outputs": [t.tolist() for t in shard.map_batches(batches, lambda b: b["x"] * 2)],
+        "gathered": shard.gather([(shard.rank, f"from {shard.rank}")]),
+        "error": error,
+        "tensors_to_everyone": any(to_everyone),
+        "any": [shard.any_process(shard.rank == 1), shard.any_process(False)],
+        "broadcast": [
+            shard.broadcast(f"from {shard.rank}"),
+            shard.broadcast(torch.arange(3) * (shard.rank + 1)),
+        ],
+        "rows": _rows_of_sets(shard),
+        "on_main": shard.on_main(lambda: f"by {shard.rank}"),
+        "on_main_error": _error_of(lambda: shard.on_main(lambda: 1 // shard.rank)),
+    }
+    results["broadcast"][1] = results["broadcast"][1].tolist()
+    with open(f"{out}/exchange{rank}.json", "w") as f:
+        json.dump(results, f)
+    leave_process_group()
+
+
+@pytest.mark.slow
+def test_outputs_travel_to_process_0_alone_and_errors_to_every_process(tmp_path):
+    mp.spawn(_exchange_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    main, other = (json.loads((tmp_path / f"exchange{r}.json").read_text()) for r in range(2))
+    assert main["outputs"] == [[2.0 * step] * 2 for step in range(5)]  # every batch, in order
+    assert main["gathered"] == ["from 0", "from 1"]
+    assert other["outputs"] == [] and other["gathered"] == []  # nothing is sent to the other process
+    assert not main["tensors_to_everyone"] and not other["tensors_to_everyone"]
+    assert main["error"] == "cannot read image 3 (in process 1 of 2)"  # the failure reaches every process
+    assert other["error"] == "cannot read image 3"
+    for rank, got in enumerate((main, other)):
+        assert got["any"] == [True, False], rank
+        assert got["broadcast"] == ["from 0", [0, 1, 2]], rank  # process 0's value in every process
+        assert (
+            got["rows"]["empty"]
+            == "the SCR evaluation set has no samples: its images are missing or undecodable"
+        )
+    assert main["rows"]["in_process_1"] == [[[1.0]], [[3.0]]] and other["rows"]["in_process_1"] == []
+    assert main["on_main"] == "by 0" and other["on_main"] is None  # computed and kept by process 0
+    assert main["on_main_error"] == "integer division or modulo by zero"
+    assert other["on_main_error"] == "integer division or modulo by zero (in process 0 of 2)"

@@ -14,8 +14,10 @@ item of the XMR image side) or "first" (one view per product). ``eval_resize``: 
 the evaluation sets (``Evaluator.build`` builds them so); each result's ``details`` records them, and a set
 built otherwise than the options say is an error.
 
-In a distributed run every process encodes its share of each set's batches and process 0 scores
-(``famevil_fast.eval.sharding``); the batches, and so the scores, are those of one process.
+In a distributed run every process encodes its share of each set's batches, the outputs are gathered to
+process 0 alone and it scores them (``famevil_fast.eval.sharding``); the batches, and so the scores, are
+those of one process. The few things every process needs from the gathered outputs (whether a set has any
+samples, which XMR texts to encode) are agreed on with small exchanges.
 """
 
 from __future__ import annotations
@@ -157,13 +159,12 @@ def _each_batch(
     key: str,
     fn: Callable[[dict], T],
     limit: int | None = None,
-    what: str | None = None,
     bar: str | None = None,
-) -> list[T]:
+) -> list[T] | None:
     """``fn`` of every batch that has rows under ``key`` (of the first ``limit`` samples, one process), in
-    order, each batch computed by one process (a batch whose images were all missing or undecodable has
-    none and is skipped). With ``what``, ValueError naming it when no batch has any rows; with ``bar``, a
-    progress bar of that name on rank 0, over its share."""
+    order, each batch computed by one process: all of them in process 0, [] in the others (a batch whose
+    images were all missing or undecodable has none and is skipped). None, in every process, when no
+    process had a batch with rows. With ``bar``, a progress bar of that name on rank 0, over its share."""
     from tqdm import tqdm
 
     if limit is not None:
@@ -177,9 +178,13 @@ def _each_batch(
         dynamic_ncols=True,
         disable=bar is None or not shard.is_main,
     )
+    with_rows = 0
 
     def each(batch: dict) -> T | None:
-        out = fn(batch) if batch[key].shape[0] else None
+        nonlocal with_rows
+        out = None
+        if batch[key].shape[0]:
+            out, with_rows = fn(batch), with_rows + 1
         progress.update(1)
         return out
 
@@ -187,10 +192,21 @@ def _each_batch(
         outputs = shard.map_batches(batches, each)
     finally:
         progress.close()
-    outputs = [out for out in outputs if out is not None]
-    if what is not None and not outputs:
+    if not shard.any_process(with_rows > 0):
+        return None
+    return [out for out in outputs if out is not None]
+
+
+def _required(outputs: list[T] | None, what: str) -> list[T]:
+    """``outputs`` of ``_each_batch``; ValueError naming the ``what`` set when it has no samples at all."""
+    if outputs is None:
         raise ValueError(f"the {what} evaluation set has no samples: its images are missing or undecodable")
     return outputs
+
+
+def _cat_columns(encoded: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Per-batch tuples of tensors (process 0's gathered outputs) concatenated column by column."""
+    return tuple(torch.cat(column) for column in zip(*encoded))
 
 
 def _bar(opts: EvalOptions, name: str) -> str | None:
@@ -214,17 +230,13 @@ def evaluate_xmr(
         emb = model.encode_image(_model_input(model, batch["pixels"]), "itc").float()
         return emb, batch["product_ids"].cpu(), batch["subcategory"].cpu()
 
-    images, image_ids, image_sub = zip(
-        *_each_batch(
-            shard, data.images, "pixels", encode_images, opts.max_samples, "XMR", _bar(opts, "XMR images")
-        )
+    encoded = _required(
+        _each_batch(shard, data.images, "pixels", encode_images, opts.max_samples, _bar(opts, "XMR images")),
+        "XMR",
     )
-    image_emb, image_pid, image_sub = (
-        _on(model, torch.cat(images)),
-        torch.cat(image_ids),
-        torch.cat(image_sub),
-    )
-    keep = torch.isin(data.texts["product_ids"].cpu(), image_pid)
+    images = _cat_columns(encoded) if shard.is_main else ()
+    # the texts of the products that have an image: process 0 holds the images and tells the others
+    keep = shard.broadcast(torch.isin(data.texts["product_ids"].cpu(), images[1]) if shard.is_main else None)
     ids = data.texts["input_ids"][keep.to(data.texts["input_ids"].device)]
     chunks = [ids[i : i + opts.text_batch] for i in range(0, ids.shape[0], opts.text_batch)]
     texts = shard.map_batches(
@@ -232,6 +244,7 @@ def evaluate_xmr(
     )
     if not shard.is_main:
         return []
+    image_emb, image_pid, image_sub = _on(model, images[0]), images[1], images[2]
     text_emb = _on(model, torch.cat(texts))
     text_pid, text_sub = data.texts["product_ids"].cpu()[keep], data.texts["subcategory"].cpu()[keep]
     results = []
@@ -275,27 +288,23 @@ def evaluate_tgir(
     categories, with_queries = {}, 0
     for name, cat in data.categories.items():
         encoded = _each_batch(
-            shard,
-            cat.queries,
-            "ref_pixels",
-            compose,
-            opts.max_samples,
-            bar=_bar(opts, f"TGIR {name} queries"),
+            shard, cat.queries, "ref_pixels", compose, opts.max_samples, _bar(opts, f"TGIR {name} queries")
         )
-        if not encoded:
+        if encoded is None:  # (in every process: no process had a query of this category)
             continue
         with_queries += 1
-        queries, targets = (torch.cat(parts) for parts in zip(*encoded))
-        gallery, gallery_ids = _tgir_gallery(
+        queries, targets = _cat_columns(encoded) if shard.is_main else (None, None)
+        gallery = _tgir_gallery(
             model, cat.gallery, targets, opts.max_samples, shard, _bar(opts, f"TGIR {name} gallery")
         )
-        if not gallery:  # (every process has the gathered gallery: all of them raise)
+        if gallery is None:  # (in every process)
             raise ValueError(
                 f"the TGIR evaluation set's {name} gallery has no images: missing or undecodable"
             )
         if not shard.is_main:
             continue
-        g_emb, g_ids = unique_gallery(_on(model, torch.cat(gallery)), torch.cat(gallery_ids).to(model.device))
+        embeddings, ids = gallery
+        g_emb, g_ids = unique_gallery(_on(model, torch.cat(embeddings)), torch.cat(ids).to(model.device))
         categories[name] = TgirCategory(_on(model, queries), targets.to(g_emb.device), g_emb, g_ids)
     if not with_queries:
         raise ValueError("the TGIR evaluation set has no queries: their images are missing or undecodable")
@@ -309,13 +318,14 @@ def evaluate_tgir(
 def _tgir_gallery(
     model: FameViL,
     batches: Iterable[dict],
-    needed: torch.Tensor,
+    needed: torch.Tensor | None,
     limit: int | None,
     shard: EvalShard = ONE_PROCESS,
     bar: str | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Gallery embeddings and ids; with ``limit`` (``max_samples``, one process), the queries' targets plus
-    at most ``limit`` other images are encoded, and the walk stops once both are in."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Gallery embeddings and ids, per batch: process 0's, gathered ([] in the other processes); None in
+    every process when the gallery has no images. With ``limit`` (``max_samples``), process 0 alone encodes
+    the queries' targets (``needed``; None in the other processes) plus at most ``limit`` other images."""
 
     def encode(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_image(_model_input(model, batch["pixels"]), "tgir").float(), batch[
@@ -324,8 +334,23 @@ def _tgir_gallery(
 
     if limit is None:
         encoded = _each_batch(shard, batches, "pixels", encode, bar=bar)
-        return [emb for emb, _ in encoded], [ids for _, ids in encoded]
-    gallery, gallery_ids = [], []
+    else:
+        encoded = shard.on_main(lambda: _limited_gallery(batches, needed, limit, encode)) or []
+        encoded = encoded if shard.broadcast(bool(encoded)) else None
+    if encoded is None:
+        return None
+    return [emb for emb, _ in encoded], [ids for _, ids in encoded]
+
+
+def _limited_gallery(
+    batches: Iterable[dict],
+    needed: torch.Tensor,
+    limit: int,
+    encode: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``encode`` of the gallery images that are targets of ``needed`` plus at most ``limit`` others, in
+    one process; the walk stops once both are in."""
+    encoded = []
     missing, others = set(needed.tolist()), 0
     for batch in batches:
         ids = batch["target_ids"].cpu()
@@ -333,12 +358,10 @@ def _tgir_gallery(
         others += int((~torch.isin(ids[keep], needed)).sum())
         missing -= set(ids[keep].tolist())
         if keep.any():
-            emb, kept = encode({"pixels": batch["pixels"][keep], "target_ids": ids[keep]})
-            gallery.append(emb)
-            gallery_ids.append(kept)
+            encoded.append(encode({"pixels": batch["pixels"][keep], "target_ids": ids[keep]}))
         if not missing and others >= limit:
             break
-    return gallery, gallery_ids
+    return encoded
 
 
 @torch.no_grad()
@@ -352,13 +375,14 @@ def evaluate_scr(
         pixels, ids = _model_input(model, batch["pixels"]), _model_input(model, batch["input_ids"])
         return model.classify(pixels, ids).float().cpu(), batch["labels"].cpu()
 
-    logits, labels = zip(
-        *_each_batch(shard, data.samples, "pixels", classify, opts.max_samples, "SCR", _bar(opts, "SCR"))
+    encoded = _required(
+        _each_batch(shard, data.samples, "pixels", classify, opts.max_samples, _bar(opts, "SCR")), "SCR"
     )
     if not shard.is_main:
         return []
+    logits, labels = _cat_columns(encoded)
     categories = getattr(data, "categories", None)
-    result = scr_result(torch.cat(logits), torch.cat(labels), categories)
+    result = scr_result(logits, labels, categories)
     note = getattr(data, "category_note", None)
     if categories is None and note:
         result.details["category_metrics"] = f"skipped: {note}"
@@ -429,8 +453,9 @@ def evaluate_cap(
         rows = (batch.get("product_ids"), batch["pixels"].shape[0])  # raw references: looked up in order
         return captions, decode(input_ids) if opts.caption_references == "clip" else rows
 
-    encoded = _each_batch(
-        shard, data.samples, "pixels", caption, opts.max_samples, "FIC", _bar(opts, "FIC captions")
+    encoded = _required(
+        _each_batch(shard, data.samples, "pixels", caption, opts.max_samples, _bar(opts, "FIC captions")),
+        "FIC",
     )
     if not shard.is_main:
         return []

@@ -1,9 +1,10 @@
 """Spreading an evaluation over the processes of a distributed run.
 
 Batch ``step`` of an evaluation set is encoded by process ``step % world``; the per-batch outputs are then
-exchanged so that every process holds all of them in the order of the set. The batches are the ones a single
-process would make, so the scores are a single process's; each process decodes and encodes only its share.
-Process 0 scores and reports; the others return nothing.
+gathered to process 0 alone, in the order of the set (the other processes receive nothing). The batches are
+the ones a single process would make, so the scores are a single process's; each process decodes and encodes
+only its share. An error in one process's share is exchanged before the outputs, so that every process
+raises it. Process 0 scores and reports; the others return nothing.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ class EvalShard:
         return self.rank == 0
 
     def map_batches(self, batches: Iterable[dict], fn: Callable[[dict], T]) -> list[T]:
-        """``fn`` of every batch of ``batches``, in order, each batch computed by one process. Batch sets
-        with ``iter_steps`` (``EvalBatches``) make only this process's batches; other iterables are walked
-        and the other processes' batches skipped. An error in one process (a corrupt image, say) is raised
-        in every process after the exchange, rather than leaving the others waiting for it."""
+        """``fn`` of every batch of ``batches``, in order, each batch computed by one process: all of them in
+        process 0, [] in the others (tensors arrive on the CPU). Batch sets with ``iter_steps``
+        (``EvalBatches``) make only this process's batches; other iterables are walked and the other
+        processes' batches skipped. An error in one process (a corrupt image, say) is raised in every
+        process, rather than leaving the others waiting for it."""
         if not self.enabled:
             return [fn(batch) for _, batch in self._owned(batches)]
         local: list[tuple[int, T]] = []
@@ -65,21 +67,55 @@ class EvalShard:
         return self._exchange(local, None)
 
     def gather(self, local: list[tuple[int, T]]) -> list[T]:
-        """Every process's ``(step, value)`` pairs, merged in step order (tensors arrive on the CPU)."""
+        """Every process's ``(step, value)`` pairs, merged in step order, in process 0 (tensors arrive on
+        the CPU); [] in the others."""
         return [value for _, value in local] if not self.enabled else self._exchange(local, None)
 
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` computed by process 0 alone, in process 0; None in the others. An error in it is raised
+        in every process, as in ``map_batches``."""
+        done = self.map_batches([{}], lambda _: fn())  # one batch: process 0's
+        return done[0] if done else None
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is true in any process; every process gets the answer."""
+        if not self.enabled:
+            return bool(flag)
+        flags: list[Any] = [None] * self.world
+        dist.all_gather_object(flags, bool(flag))
+        return any(flags)
+
+    def broadcast(self, value: T) -> T:
+        """Process 0's ``value`` in every process (what the others pass is ignored; tensors arrive on the
+        CPU): something small that every process needs, such as which texts to encode."""
+        if not self.enabled:
+            return value
+        box = [_to_cpu(value) if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _exchange(self, local: list[tuple[int, T]], error: Exception | None) -> list[T]:
-        parts: list[Any] = [None] * self.world
-        failure = None if error is None else (type(error).__name__, str(error))
-        dist.all_gather_object(parts, (_to_cpu(local), failure))
-        failed = [(rank, part[1]) for rank, part in enumerate(parts) if part[1] is not None]
+        """Every process learns whether any process failed (and raises that error); then, when none did,
+        the pairs travel to process 0, which merges them in step order. The others get []."""
+        self._raise_failures(error)
+        parts: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(_to_cpu(local), parts, dst=0)
+        if parts is None:
+            return []
+        merged = sorted((item for part in parts for item in part), key=itemgetter(0))
+        return [value for _, value in merged]
+
+    def _raise_failures(self, error: Exception | None) -> None:
+        """Exchange every process's failure (class name and message, or None); this process raises its own
+        ``error``, or else the first other process's failure, naming that process."""
+        failures: list[Any] = [None] * self.world
+        dist.all_gather_object(failures, None if error is None else (type(error).__name__, str(error)))
         if error is not None:
             raise error
+        failed = [(rank, failure) for rank, failure in enumerate(failures) if failure is not None]
         if failed:
             rank, (kind, message) = failed[0]
             raise _error_like(kind, f"{message} (in process {rank} of {self.world})")
-        merged = sorted((item for part in parts for item in part[0]), key=itemgetter(0))
-        return [value for _, value in merged]
 
     def _owned(self, batches: Iterable[dict]) -> Iterator[tuple[int, dict]]:
         if not self.enabled:
@@ -106,7 +142,7 @@ def _error_like(kind: str, message: str) -> Exception:
 
 
 def _to_cpu(value: Any) -> Any:
-    """``value`` with every tensor in it moved to the CPU (what ``all_gather_object`` pickles)."""
+    """``value`` with every tensor in it moved to the CPU (what the object collectives pickle)."""
     if isinstance(value, torch.Tensor):
         return value.cpu()
     if isinstance(value, tuple | list):

@@ -84,6 +84,6 @@ def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -
             print("\n".join(lines), flush=True)
         return lines
 
-    done = shard.map_batches(batches, caption)
+    done = shard.map_batches(batches, caption)  # every batch's lines in rank 0; [] in the others
     if shard.enabled and shard.is_main:
         print("\n".join(line for lines in done for line in lines))

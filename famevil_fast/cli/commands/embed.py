@@ -76,7 +76,8 @@ def _texts(path: Path) -> list[str]:
 def _embed(
     args: argparse.Namespace, shard: EvalShard, device: torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The embeddings (on the CPU, every process holding all of them) and the file's metadata."""
+    """The embeddings (on the CPU; under torchrun, process 0 holds all of them and the others none) and the
+    file's metadata."""
     import torch
 
     from famevil_fast.cli.images import ImageFileBatches, collect_images
@@ -86,19 +87,22 @@ def _embed(
     texts = _texts(Path(args.texts)) if args.texts else None  # checked before the model is loaded
     files = collect_images(args.images) if args.images else None
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
-    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {}  # per batch, in order: in process 0 alone under torchrun
     meta: dict[str, str] = {"task": args.task}
     bs = args.batch_size
     with torch.no_grad():
         if files is not None:
             batches = ImageFileBatches(files, bs, model.config.clip.vision.image_size, args.eval_resize)
-            parts = shard.map_batches(batches, lambda b: model.encode_image(b[1].to(device), args.task).cpu())
-            out["image"] = torch.cat(parts)
+            parts["image"] = shard.map_batches(
+                batches, lambda b: model.encode_image(b[1].to(device), args.task).cpu()
+            )
             meta["images"] = "\n".join(map(str, files))
         if texts is not None:
             ids = tokenize(texts)
             chunks = [ids[i : i + bs] for i in range(0, len(texts), bs)]
-            out["text"] = torch.cat(
-                shard.map_batches(chunks, lambda chunk: model.encode_text(chunk.to(device), args.task).cpu())
+            parts["text"] = shard.map_batches(
+                chunks, lambda chunk: model.encode_text(chunk.to(device), args.task).cpu()
             )
-    return out, meta
+    if not shard.is_main:
+        return {}, meta
+    return {name: torch.cat(values) for name, values in parts.items()}, meta
