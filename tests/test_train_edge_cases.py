@@ -89,6 +89,15 @@ def test_a_missing_teacher_checkpoint_names_its_task(tmp_path):
         Trainer(cfg, streams())
 
 
+@pytest.mark.parametrize("field", ["init", "init_from", "resume_weights"])
+def test_a_missing_model_checkpoint_names_its_field(tmp_path, field):
+    relative = rf"^model\.{field}: checkpoint not found: nope\.pt \(a relative"
+    with pytest.raises(FileNotFoundError, match=relative):
+        build_model(micro_config(tmp_path, f"model.{field}=nope.pt"))
+    with pytest.raises(FileNotFoundError, match=rf"^model\.{field}: checkpoint not found: /nope\.pt$"):
+        build_model(micro_config(tmp_path, f"model.{field}=/nope.pt"))
+
+
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
     """Resuming update 2 of a run that reached update 4: the later checkpoints move to superseded/, so that
     neither pruning nor a later --resume prefers the abandoned run, and the continued run is exact."""

@@ -365,6 +365,19 @@ def test_logged_loss_is_the_mean_over_a_tasks_micro_batches(tmp_path):
     assert logged["loss/cap"] == pytest.approx((a + b) / 2)
 
 
+def test_the_first_and_last_updates_are_logged_and_a_resume_says_where_it_continues(tmp_path):
+    import json
+
+    first = micro_config(tmp_path, "train.updates=3", "logging.every=10", "checkpoint.every=2")
+    Trainer(first, streams()).fit()
+    cfg = micro_config(tmp_path, "train.updates=5", "logging.every=10", "checkpoint.resume=true")
+    Trainer(cfg, streams()).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["update"] for r in records if r["kind"] == "train"] == [1, 3, 5]
+    messages = [r["text"] for r in records if r["kind"] == "message"]
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000003'} at update 3" in messages
+
+
 def test_resume_refuses_a_recipe_that_changes_the_run(tmp_path):
     Trainer(micro_config(tmp_path, "train.updates=2", "schedule.decay_at=[5]"), streams()).fit()
     base = ("train.updates=4", "schedule.decay_at=[5]", "checkpoint.resume=true")

@@ -158,7 +158,8 @@ def build_model(cfg: TrainConfig) -> FameViL:
         xmodal_shared=m.xmodal_shared,
     )
     if m.resume_weights:
-        return FameViL.from_pretrained(m.resume_weights, **fields)
+        with _names_missing_file("model.resume_weights", m.resume_weights):
+            return FameViL.from_pretrained(m.resume_weights, **fields)
     config = FameViLConfig(clip=clip_preset(m.clip), **fields)
     if config.clip.vision.image_size != cfg.data.image_size:
         raise ValueError(
@@ -168,13 +169,26 @@ def build_model(cfg: TrainConfig) -> FameViL:
     if m.init and m.init_from:
         raise ValueError("set model.init (CLIP weights) or model.init_from (a FAME-ViL checkpoint), not both")
     if m.init:
-        return FameViL.from_clip(m.init, config)
+        with _names_missing_file("model.init", m.init):
+            return FameViL.from_clip(m.init, config)
     model = FameViL(config)
     if m.init_from:
         from famevil_fast.model.transfer import load_shared_weights
 
-        load_shared_weights(model, m.init_from)
+        with _names_missing_file("model.init_from", m.init_from):
+            load_shared_weights(model, m.init_from)
     return model
+
+
+@contextlib.contextmanager
+def _names_missing_file(field: str, path: str) -> Iterator[None]:
+    """A missing checkpoint's FileNotFoundError prefixed with the config field that named it (and, for a
+    relative path, the working directory it is read from)."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        where = "" if Path(path).is_absolute() else f" (a relative path, read from {Path.cwd()})"
+        raise FileNotFoundError(f"{field}: {exc}{where}") from exc
 
 
 class TrainingModule(nn.Module):
@@ -248,6 +262,7 @@ class Trainer:
         self.evaluator = evaluator
         self.update = 0
         self._checkpointed: Path | None = None  # the newest checkpoint written or resumed from
+        self._resumed_from: Path | None = None
         self.history: list[dict[str, Any]] = []
         self.eval_results: list[dict[str, Any]] = []
         self._stop_signal: int | None = None  # this process's signal
@@ -307,6 +322,7 @@ class Trainer:
                 self.streams[task].load_state_dict(stream_state)
         self.history = list(state.get("history", []))
         self.update = int(state["update"])
+        self._resumed_from = path
         self._checkpointed = path if path.name == f"step_{self.update:08d}" else None
         moved = self.checkpoints.set_aside_after(self.update) if self.dist.is_main else []
         if moved:
@@ -546,6 +562,8 @@ class Trainer:
             self.logger.message(
                 f"no checkpoint to resume in {self.checkpoints.directory}: starting a new run"
             )
+        elif resumed:
+            self.logger.message(f"resumed from {self._resumed_from} at update {self.update}")
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         status = "finished"
         try:
@@ -612,7 +630,8 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         every = self.cfg.logging.every
-        if not (every and (self.update % every == 0 or self.update == 1)):
+        first_or_last = self.update in (1, self.cfg.train.updates)
+        if not (every and (self.update % every == 0 or first_or_last)):
             return
         values: dict[str, Any] = {"lr": record["lr"], "grad_norm": record["grad_norm"]}
         if not record["applied"]:
