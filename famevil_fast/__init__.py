@@ -43,4 +43,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'famevil_fast' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The module's names with the lazily loaded ones among them (for ``dir()`` and completion)."""
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = ["CLIP", "CLIPConfig", "FameViL", "FameViLConfig", "decode", "tokenize", "__version__"]

@@ -194,3 +194,10 @@ def test_caption_ids_hold_at_most_max_len_plus_one_tokens(num_beams, cuda_graph)
     ids = model.caption(pixels, max_len=5, num_beams=num_beams, return_ids=True, cuda_graph=cuda_graph)
     assert ids.shape == (2, 2) and (ids[:, 1] == EOT_ID).all()
     assert "<= max_len + 1" in FameViL.caption.__doc__ and "max_len + 2" not in FameViL.caption.__doc__
+
+
+def test_dir_lists_the_lazily_loaded_names():
+    import famevil_fast
+
+    assert {"FameViL", "FameViLConfig", "CLIP", "CLIPConfig", "tokenize", "decode"} <= set(dir(famevil_fast))
+    assert set(famevil_fast.__all__) <= set(dir(famevil_fast))
