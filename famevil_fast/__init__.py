@@ -2,7 +2,7 @@
 
     import famevil_fast
     model = famevil_fast.FameViL.from_clip("ViT-B-16.pt")
-    image_emb = model.encode_image(pixels)
+    image_emb = model.encode_image(famevil_fast.load_images(["dress.jpg"], size=224))
     text_emb = model.encode_text(famevil_fast.tokenize(["red silk dress"]))
 
 Heavy submodules load on first use; the compiled extension is tried once at import (see ``_ext``).
@@ -23,9 +23,11 @@ _LAZY = {
     "CLIP": ("famevil_fast.model.clip", "CLIP"),
     "tokenize": ("famevil_fast.text.tokenizer", "tokenize"),
     "decode": ("famevil_fast.text.tokenizer", "decode"),
+    "load_images": ("famevil_fast.data.image_files", "load_images"),
 }
 
 if TYPE_CHECKING:
+    from famevil_fast.data.image_files import load_images
     from famevil_fast.model.clip import CLIP
     from famevil_fast.model.config import CLIPConfig, FameViLConfig
     from famevil_fast.model.famevil import FameViL
@@ -48,4 +50,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-__all__ = ["CLIP", "CLIPConfig", "FameViL", "FameViLConfig", "decode", "tokenize", "__version__"]
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "FameViL",
+    "FameViLConfig",
+    "decode",
+    "load_images",
+    "tokenize",
+    "__version__",
+]

@@ -92,13 +92,14 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
 
 
 def test_caption_blocks_repeated_ngrams(checkpoint, images, capsys):
-    from famevil_fast.cli.images import collect_images, load_pixels
+    from famevil_fast.cli.images import collect_images
+    from famevil_fast.data.image_files import load_images
 
     args = ["caption", str(checkpoint), str(images), "--max-len", "12", "--no-repeat-ngram", "1"]
     assert main(args) == 0
     printed = [line.split("\t", 1)[1] for line in capsys.readouterr().out.strip().splitlines()]
     model = FameViL.from_pretrained(checkpoint).eval()
-    pixels = load_pixels(collect_images([str(images)]), model.config.clip.vision.image_size)
+    pixels = load_images(collect_images([str(images)]), model.config.clip.vision.image_size)
     with torch.no_grad():
         assert printed == model.caption(pixels, max_len=12, no_repeat_ngram=1)
         ids = model.caption(pixels, max_len=12, no_repeat_ngram=1, return_ids=True)

@@ -125,7 +125,8 @@ def test_image_file_batches_decode_ahead_in_order_and_name_a_corrupt_file(tmp_pa
     import numpy as np
     from PIL import Image
 
-    from famevil_fast.cli.images import ImageFileBatches, load_pixels
+    from famevil_fast.cli.images import ImageFileBatches
+    from famevil_fast.data.image_files import load_images
 
     files = []
     for i in range(7):
@@ -135,7 +136,7 @@ def test_image_file_batches_decode_ahead_in_order_and_name_a_corrupt_file(tmp_pa
     assert len(batches) == 3
     made = list(batches)
     assert [names for names, _ in made] == [files[0:3], files[3:6], files[6:7]]
-    assert torch.equal(torch.cat([pixels for _, pixels in made]), load_pixels(files, 16))
+    assert torch.equal(torch.cat([pixels for _, pixels in made]), load_images(files, 16))
     assert [step for step, _ in batches.iter_steps(range(1, 3, 2))] == [1]  # one process's share
     (tmp_path / "4.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"cannot read image .*4\.png"):

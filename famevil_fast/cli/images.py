@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from famevil_fast.data.image_files import load_images
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -25,27 +27,9 @@ def collect_images(paths: list[str]) -> list[Path]:
     return found
 
 
-def load_pixels(files: list[Path], image_size: int, eval_resize: str = "keep_aspect") -> torch.Tensor:
-    """(N, 3, S, S) normalised pixels by the evaluation transform (its resize chosen by ``eval_resize``); a
-    file that is not a readable image raises ValueError naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    from famevil_fast.data.transforms import reference_transform
-
-    out = []
-    for f in files:
-        try:
-            with Image.open(f) as image:
-                image.load()
-                out.append(reference_transform(image, image_size, eval_resize=eval_resize))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot read image {f}: {exc}") from exc
-    return torch.stack(out)
-
-
 class ImageFileBatches:
     """Image files in batches of ``batch_size`` (the last one shorter), each ``(files, pixels)`` as
-    :func:`load_pixels` makes it. The files of the next ``prefetch`` batches are decoded on ``threads``
+    :func:`load_images` makes it. The files of the next ``prefetch`` batches are decoded on ``threads``
     threads while the current batch is used; ``iter_steps`` makes only the batches asked for (a process's
     share under torchrun, ``famevil_fast.eval.sharding``)."""
 
@@ -92,7 +76,7 @@ class ImageFileBatches:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, pool, files: list[Path]) -> list:
-        return [(f, pool.submit(load_pixels, [f], self.image_size, self.eval_resize)) for f in files]
+        return [(f, pool.submit(load_images, [f], self.image_size, self.eval_resize)) for f in files]
 
     @staticmethod
     def _collect(step: int, decoding: list) -> tuple[int, tuple[list[Path], torch.Tensor]]:

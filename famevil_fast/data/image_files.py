@@ -1,0 +1,44 @@
+"""Image files as a model's input: :func:`load_images` decodes them with the evaluation transform (resize,
+centre crop, CLIP normalisation) into one batch of pixels, as ``famevil-fast embed``, ``caption`` and the
+evaluator see them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from famevil_fast.data.transforms import check_eval_resize, reference_transform
+
+PathLike = str | Path
+
+
+def load_images(
+    paths: PathLike | Sequence[PathLike], size: int, eval_resize: str = "keep_aspect"
+) -> torch.Tensor:
+    """(N, 3, size, size) float32 CLIP-normalised pixels of the image files ``paths`` (one path or a
+    sequence), in order: the evaluation crop, its resize chosen by ``eval_resize`` ("keep_aspect": the
+    shorter side to ``size``, then the centre square; "squash": the whole image to size x size). A missing
+    file raises FileNotFoundError and a file that is not a readable image ValueError, each naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    if not files:
+        raise ValueError("load_images: no image paths given")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"load_images: size must be a positive int (pixels), got {size!r}")
+    check_eval_resize(eval_resize)
+    pixels = []
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"image file not found: {f}")
+        if f.is_dir():
+            raise ValueError(f"load_images: {f} is a directory, not an image file")
+        try:
+            with Image.open(f) as image:
+                image.load()
+                pixels.append(reference_transform(image, size, eval_resize=eval_resize))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read image {f}: {exc}") from exc
+    return torch.stack(pixels)
