@@ -1,6 +1,9 @@
-"""Atomic file writes: every file the package writes (weights, configs, reports, dataset and cache
-manifests, token caches) reaches its final name whole or not at all, with the permissions a plain write
-would have given it."""
+"""Atomic file writes: every file the package writes (weights, configs, reports, embeddings, training
+checkpoints, dataset and cache manifests, token caches) reaches its final name whole or not at all, with the
+permissions a plain write would have given it.
+
+Writers that create their file themselves with other permissions (``safetensors``' ``save_file`` makes its
+files private, 0o600, whatever the umask) go through ``atomic_write`` too, which sets them right."""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @functools.cache
@@ -50,3 +57,13 @@ def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None =
     """``obj`` as JSON at ``path``, written atomically."""
     text = json.dumps(obj, indent=indent)
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """``tensors`` (contiguous, on the CPU) as a safetensors file at ``path``, written atomically with the
+    permissions of a plain write."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

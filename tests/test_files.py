@@ -34,3 +34,62 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "[1]" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+@pytest.fixture
+def umask_022():
+    """The process umask set to 022 for the test (and the package's cached reading of it), then restored."""
+    from famevil_fast import files
+
+    previous = os.umask(0o022)
+    files._umask.cache_clear()
+    yield
+    os.umask(previous)
+    files._umask.cache_clear()
+
+
+def _modes(directory) -> dict[str, int]:
+    return {p.name: _mode(p) for p in directory.iterdir()}
+
+
+def test_safetensors_files_get_the_permissions_of_a_plain_write(tmp_path, umask_022):
+    """safetensors' own writer makes its files private (0o600); ours does not."""
+    import torch
+    from safetensors.torch import load_file
+
+    from famevil_fast.files import atomic_save_safetensors
+
+    target = tmp_path / "sub" / "t.safetensors"
+    atomic_save_safetensors(target, {"a": torch.arange(3.0)}, {"k": "v"})
+    assert torch.equal(load_file(str(target))["a"], torch.arange(3.0))
+    assert _modes(target.parent) == {"t.safetensors": 0o644}  # and no temporary left behind
+
+
+def test_every_checkpoint_file_gets_the_permissions_of_a_plain_write(tmp_path, umask_022):
+    import torch
+
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+    from famevil_fast.train.checkpoint import OPTIMIZER_FILE, RNG_FILE, CheckpointManager
+
+    model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.logit_scale.sum().backward()
+    optimizer.step()  # the optimizer holds tensors to write
+    path = CheckpointManager(tmp_path).save(1, model, optimizer, {})
+    modes = _modes(path)
+    assert {OPTIMIZER_FILE, RNG_FILE, "model.safetensors", "config.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o644)
+    assert _mode(path) == 0o755
+
+
+def test_embed_output_gets_the_permissions_of_a_plain_write(tmp_path, umask_022):
+    from helpers import save_micro_checkpoint
+
+    from famevil_fast.cli.main import main
+
+    checkpoint = save_micro_checkpoint(tmp_path)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("red silk dress\nblue denim jacket\n")
+    out = tmp_path / "out" / "emb.safetensors"
+    assert main(["embed", str(checkpoint), "--texts", str(texts), "--out", str(out)]) == 0
+    assert _modes(out.parent) == {"emb.safetensors": 0o644}  # written whole: no temporary left behind

@@ -329,3 +329,23 @@ def test_official_export_refuses_pretraining_tasks(tmp_path):
     with pytest.raises(ValueError, match=r"no pre-training tasks .*e\.g\. heads\.itm"):
         save_official(model, tmp_path / "c.pth")
     assert not (tmp_path / "c.pth").exists()
+
+
+def test_huggingface_config_of_vit_l_14_has_openai_sizes():
+    """The config.json of a Hugging Face export: every size from the model's CLIP config (those of
+    openai/clip-vit-large-patch14 for ViT-L-14)."""
+    from famevil_fast.model.export import huggingface_config
+
+    config = huggingface_config(clip_preset("ViT-L-14"), 4.6052)
+    assert (config["model_type"], config["projection_dim"], config["logit_scale_init_value"]) == (
+        "clip",
+        768,
+        4.6052,
+    )
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
+    text, vision = config["text_config"], config["vision_config"]
+    assert [text[k] for k in sizes] == [768, 12, 12, 3072, "quick_gelu"]
+    assert [vision[k] for k in sizes] == [1024, 24, 16, 4096, "quick_gelu"]
+    assert (text["vocab_size"], text["max_position_embeddings"]) == (49408, 77)
+    assert (vision["image_size"], vision["patch_size"]) == (224, 14)
+    assert text["eos_token_id"] == 49407  # pooled at the first end token, as famevil_fast's text tower

@@ -1,11 +1,16 @@
 """Writing famevil_fast weights in other layouts: Hugging Face CLIP names, and the official FAME-ViL
 (mmf) layout of its released checkpoints, so checkpoints can move back to those code bases.
 
-``save_official`` and ``save_huggingface`` write one file whose format follows its suffix (``.safetensors``,
+``save_official`` and ``save_huggingface`` write one file whose type follows its suffix (``.safetensors``,
 or a torch pickle for ``.pth``/``.pt``/``.bin``/``.ckpt``). The settings that the weights do not carry
 (head counts, ``caption_vocab``, ...) travel with it so that ``from_pretrained`` rebuilds the same model: in
 the ``config`` metadata of a ``.safetensors`` file, else in a sidecar ``<file>.config.json`` beside it (the
 tensors themselves keep exactly the official keys, which the official code loads unchanged).
+
+``save_huggingface`` given a directory instead (no suffix, or an existing directory) writes a Hugging Face
+model directory, ``model.safetensors`` plus a ``CLIPConfig`` ``config.json``, which
+``transformers.CLIPModel.from_pretrained`` loads. Either way it holds the CLIP backbone alone: a
+``CLIPModel`` has no place for FAME-ViL's task adapters, cross-attention adapters or heads.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famevil_fast.files import atomic_write, atomic_write_json
-from famevil_fast.model.config import PRETRAIN_TASKS
+from famevil_fast.files import atomic_save_safetensors, atomic_write, atomic_write_json
+from famevil_fast.model.config import PRETRAIN_TASKS, CLIPConfig
 from famevil_fast.model.weights import (
     _ADAPTER_PARTS,
     _HF_LAYER,
     _HF_NORMS,
     _HF_TOP,
+    CONFIG_FILE,
     FORMAT_TAG,
+    WEIGHTS_FILE,
     sidecar_path,
 )
 
@@ -33,6 +40,9 @@ if TYPE_CHECKING:
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+# The special tokens of famevil_fast.text's tokenizer (as open_clip: padding with 0); the text tower pools
+# at the first end token, which is what a Hugging Face CLIP text model does for eos_token_id 49407.
+_BOS_ID, _EOS_ID, _PAD_ID = 49406, 49407, 0
 
 _TOP = {v: k for k, v in _HF_TOP.items()}
 _NORMS = {v: k for k, v in _HF_NORMS.items()}
@@ -122,24 +132,87 @@ def save_official(model: FameViL, path: str | Path, prefix: str = "model.") -> l
 
 
 def save_huggingface(model: FameViL, path: str | Path) -> list[Path]:
-    """Write the CLIP backbone of ``model`` with Hugging Face CLIPModel names, with its CLIP config."""
+    """Write the CLIP backbone of ``model`` with Hugging Face CLIPModel names: to a weights file with its
+    CLIP config (a path with a weights suffix), or to a Hugging Face model directory (a path with no
+    suffix, or an existing directory) that ``transformers.CLIPModel.from_pretrained`` loads. Returns the
+    files written."""
     config = {"format": FORMAT_TAG, "layout": "huggingface", "clip": model.config.clip.to_dict()}
-    return write_weights_file(to_huggingface(model.state_dict()), path, config)
+    tensors = to_huggingface(model.state_dict())
+    if not is_directory_destination(path):
+        return write_weights_file(tensors, path, config, directory_ok=True)
+    directory = Path(path)
+    check_parents(directory)
+    hf_config = huggingface_config(model.config.clip, float(tensors["logit_scale"]))
+    weights = directory / WEIGHTS_FILE
+    atomic_save_safetensors(weights, _plain(tensors), {"format": "pt", "config": json.dumps(config)})
+    atomic_write_json(directory / CONFIG_FILE, hf_config, indent=2)
+    return [weights, directory / CONFIG_FILE]
+
+
+def is_directory_destination(path: str | Path) -> bool:
+    """Whether ``save_huggingface`` writes a model directory at ``path`` (no suffix, or a directory)."""
+    path = Path(path)
+    return path.is_dir() or (path.suffix == "" and not path.exists())
+
+
+def huggingface_config(clip: CLIPConfig, logit_scale: float) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face ``CLIPModel`` of the sizes of ``clip`` (every field from it;
+    ``logit_scale`` is the model's own, which the weights hold too)."""
+    shared = {
+        "hidden_act": clip.activation,  # "quick_gelu" (OpenAI CLIP) or "gelu", the same names
+        "layer_norm_eps": clip.layer_norm_eps,
+        "projection_dim": clip.embed_dim,
+    }
+    text = {
+        "model_type": "clip_text_model",
+        "vocab_size": clip.text.vocab_size,
+        "max_position_embeddings": clip.text.context_length,
+        "hidden_size": clip.text.width,
+        "intermediate_size": clip.text.mlp_dim,
+        "num_hidden_layers": clip.text.layers,
+        "num_attention_heads": clip.text.heads,
+        "bos_token_id": _BOS_ID,
+        "eos_token_id": _EOS_ID,
+        "pad_token_id": _PAD_ID,
+        **shared,
+    }
+    vision = {
+        "model_type": "clip_vision_model",
+        "image_size": clip.vision.image_size,
+        "patch_size": clip.vision.patch_size,
+        "num_channels": 3,
+        "hidden_size": clip.vision.width,
+        "intermediate_size": clip.vision.mlp_dim,
+        "num_hidden_layers": clip.vision.layers,
+        "num_attention_heads": clip.vision.heads,
+        **shared,
+    }
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": clip.embed_dim,
+        "logit_scale_init_value": logit_scale,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+
+def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies, as safetensors and ``torch.save`` files hold them."""
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 def write_weights_file(
-    tensors: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any]
+    tensors: dict[str, torch.Tensor], path: str | Path, config: dict[str, Any], directory_ok: bool = False
 ) -> list[Path]:
-    """Write ``tensors`` in the format of ``path``'s suffix (atomically, creating missing parent
-    directories) and store ``config`` with them; returns the files written."""
+    """Write ``tensors`` in the file type of ``path``'s suffix (atomically, creating missing parent
+    directories) and store ``config`` with them; returns the files written. ``directory_ok``: the caller
+    also writes directories (the suffix error says so)."""
     path = Path(path)
-    check_output_file(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_output_file(path, directory_ok)
+    tensors = _plain(tensors)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        meta = {"format": "pt", "config": json.dumps(config)}
-        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        atomic_save_safetensors(path, tensors, {"format": "pt", "config": json.dumps(config)})
         return [path]
     sidecar = sidecar_path(path)
     atomic_write(path, lambda p: torch.save(tensors, p))
@@ -147,15 +220,21 @@ def write_weights_file(
     return [path, sidecar]
 
 
-def check_output_file(path: Path) -> None:
+def check_output_file(path: Path, directory_ok: bool = False) -> None:
     """A clear error before writing when ``path`` cannot be a weights file."""
     if path.suffix not in FILE_SUFFIXES:
+        also = "; or give a directory name without a suffix" if directory_ok else ""
         raise ValueError(
             f"cannot tell which format to write {path} in: its name must end in one of {FILE_SUFFIXES} "
-            "(.safetensors writes safetensors, the others a torch pickle)"
+            f"(.safetensors writes safetensors, the others a torch pickle){also}"
         )
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
+    check_parents(path)
+
+
+def check_parents(path: Path) -> None:
+    """Refuse a ``path`` below an existing file (its missing parent directories are made when writing)."""
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise NotADirectoryError(f"cannot write {path}: {blocking} is a file, not a directory")

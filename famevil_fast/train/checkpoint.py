@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from famevil_fast.files import default_mode
+from famevil_fast.files import atomic_save_safetensors, default_mode
 from famevil_fast.model.weights import save_famevil
 
 STATE_FILE = "training_state.json"
@@ -135,9 +135,9 @@ class CheckpointManager:
         try:
             save_famevil(model, tmp)
             opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-            save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+            atomic_save_safetensors(tmp / OPTIMIZER_FILE, opt_tensors)  # plain permissions, as the others
             rng_tensors, rng_meta = rng_state()
-            save_file(rng_tensors, str(tmp / RNG_FILE))
+            atomic_save_safetensors(tmp / RNG_FILE, rng_tensors)
             payload = {"update": update, "optimizer": opt_meta, "rng": rng_meta, **state}
             (tmp / STATE_FILE).write_text(json.dumps(payload))
             _fsync_dir_files(tmp)

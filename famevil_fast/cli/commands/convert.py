@@ -1,8 +1,12 @@
 """``famevil-fast convert``: move checkpoints between layouts (official FAME-ViL, famevil_fast, Hugging Face
 CLIP), or start a FAME-ViL checkpoint from CLIP weights.
 
-File outputs (``--to official`` / ``huggingface``) are written in the format their suffix names
-(``.safetensors``, or a torch pickle for ``.pth``/``.pt``/``.bin``/``.ckpt``), with the model config stored
+``--to`` picks the layout (the parameter names); for a file DEST its suffix picks the file type
+(``.safetensors``, or a torch pickle for ``.pth``/``.pt``/``.bin``/``.ckpt``). ``--to famevil_fast`` writes
+a directory; ``--to official`` a file; ``--to huggingface`` either a file, or, for a DEST with no suffix or
+an existing directory, a Hugging Face model directory (``model.safetensors`` and a ``CLIPConfig``
+``config.json``) that ``transformers.CLIPModel.from_pretrained`` loads. The Hugging Face export holds the
+CLIP backbone alone (no task adapters, cross-attention adapters or heads). Files keep the model config
 beside the weights (safetensors metadata, or a sidecar ``<file>.config.json``) so that converting back
 rebuilds the same model. Missing parent directories of DEST are created.
 """
@@ -32,14 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="checkpoint file or directory (any supported layout)")
     parser.add_argument(
         "dest",
-        help="output: a directory (famevil_fast), or a .safetensors / .pth / .pt / .bin / .ckpt file whose "
-        "suffix picks the format; the config goes in the safetensors metadata or in DEST.config.json",
+        help="output: a directory for --to famevil_fast; a .safetensors / .pth / .pt / .bin / .ckpt file for "
+        "--to official, its suffix picking the file type (safetensors or a torch pickle; the config goes in "
+        "the safetensors metadata or in DEST.config.json); for --to huggingface either such a file or a "
+        "directory (no suffix, or an existing directory) holding model.safetensors and a Hugging Face "
+        "config.json that transformers' CLIPModel.from_pretrained loads",
     )
     parser.add_argument(
         "--to",
         default="famevil_fast",
         choices=["famevil_fast", "official", "huggingface"],
-        help="output layout",
+        help="output layout: famevil_fast (every weight), official FAME-ViL (mmf), or huggingface (CLIPModel "
+        "names: the CLIP backbone only, without adapters or heads)",
     )
     parser.add_argument(
         "--from-clip",
@@ -78,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             f"--to famevil_fast writes a directory, but {dest} names a {dest.suffix} file: "
             "give a directory, or use --to official / --to huggingface for a single file"
         )
+    if dest.exists() and dest.resolve() == Path(args.source).resolve():
+        raise ValueError(f"DEST {dest} is the source checkpoint itself; give another DEST")
     check_options(args)
     model = _load(args)
     if args.to == "famevil_fast":
@@ -87,10 +97,24 @@ def run(args: argparse.Namespace) -> int:
         written = save_official(model, dest, prefix=prefix)
     else:
         written = save_huggingface(model, dest)
-    counts = model.parameter_counts()
-    total = counts["clip"] if args.to == "huggingface" else counts["total"]  # that file holds the backbone
-    print(f"wrote {args.to} checkpoint to {' + '.join(map(str, written))} ({total:,} parameters)")
+    print(f"wrote {args.to} checkpoint to {' + '.join(map(str, written))} ({_contents(model, args.to)})")
     return 0
+
+
+def _contents(model: FameViL, layout: str) -> str:
+    """What the output holds: its parameter count and, for the Hugging Face export, what it leaves out."""
+    from famevil_fast.model.weights import new_module_kinds
+
+    counts = model.parameter_counts()
+    if layout != "huggingface":
+        return f"{counts['total']:,} parameters"
+    left_out = new_module_kinds(list(model.state_dict()))
+    if not left_out:
+        return f"{counts['clip']:,} parameters"
+    return (
+        f"{counts['clip']:,} parameters: the CLIP backbone only; its {', '.join(left_out)} are not included, "
+        "a Hugging Face CLIPModel has no place for them"
+    )
 
 
 def check_options(args: argparse.Namespace) -> None:

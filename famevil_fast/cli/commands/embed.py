@@ -56,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     with command_processes(args.device) as (shard, device):  # under torchrun each embeds its share
         out, meta = _embed(args, shard, device)
     if shard.is_main:
-        from safetensors.torch import save_file
+        from famevil_fast.files import atomic_save_safetensors
 
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_file(out, args.out, metadata=meta)
+        atomic_save_safetensors(args.out, out, metadata=meta)  # parent folders made, plain permissions
         print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}")
     return 0
 
