@@ -53,6 +53,27 @@ def test_embed_images_and_texts(checkpoint, images, tmp_path):
     assert torch.allclose(tensors["text"].norm(dim=-1), torch.ones(2))
 
 
+def test_embed_keeps_a_long_image_list_beside_the_file(checkpoint, images, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from famevil_fast.cli.commands import embed
+
+    out = tmp_path / "emb.safetensors"
+    files = sorted(map(str, images.iterdir()))
+    monkeypatch.setattr(embed, "IMAGE_LIST_IN_HEADER_MAX", 10)
+    assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    listing = tmp_path / "emb.safetensors.images.txt"
+    assert "images" not in meta and meta["images_file"] == listing.name
+    assert listing.read_text().splitlines() == files
+    monkeypatch.setattr(embed, "IMAGE_LIST_IN_HEADER_MAX", 1 << 20)
+    assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["images"].split("\n") == files
+    assert not listing.exists()  # no stale list beside a file whose header holds its own
+
+
 def test_embed_resizes_as_asked(checkpoint, images, tmp_path):
     """--eval-resize reaches the transform: the 40 x 48 images keep their aspect by default and are squashed
     with `squash`, each giving the embedding of the reference transform in that mode."""

@@ -30,7 +30,11 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
     add_trust_pickle_argument(parser)
-    parser.add_argument("images", nargs="+", help="image files or folders")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders)",
+    )
     parser.add_argument("--beams", type=positive_int, default=1, help="beam width (1 = greedy)")
     parser.add_argument("--max-len", type=positive_int, default=40, help="longest caption in tokens")
     parser.add_argument(
