@@ -6,6 +6,9 @@ a command means adding a module, nothing here changes.
 Errors in what the user gave (a missing file, a bad value, an unreadable image) end the command with one
 line on stderr that names the problem and exit status 2; ``--traceback`` (or ``FAMEVIL_FAST_TRACEBACK=1``)
 shows the full Python traceback instead.
+
+Output into a pipe whose reader stopped reading (``famevil-fast caption CKPT DIR | head -5``) ends the command
+quietly with exit status 141, as a command killed by SIGPIPE would end in a shell.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import select
 import sys
 from collections.abc import Sequence
 
@@ -75,15 +79,53 @@ USER_ERRORS = (
 )
 
 
+# The exit status of a command whose stdout reader went away: 128 + SIGPIPE, what a shell reports for a
+# program that SIGPIPE killed (Python ignores SIGPIPE and raises BrokenPipeError instead), so that
+# `set -o pipefail` scripts see the same status as with other command-line tools.
+CLOSED_STDOUT_STATUS = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone. A stdout without a file descriptor to ask (a test's stand-in) is
+    taken for closed; a pipe or terminal whose reader is still there is not (a BrokenPipeError then came
+    from another pipe, a worker process's, and is a failure)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):
+        return True
+    return any(flags & (select.POLLERR | select.POLLHUP) for _, flags in events)
+
+
+def _silence_stdout() -> None:
+    """Send whatever is still written to stdout (the interpreter's flush at exit) to /dev/null, so that it
+    raises no second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        sys.stdout = open(os.devnull, "w")  # stdout until the process ends
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows now, not in the interpreter's flush at exit
+        return status
     except USER_ERRORS as exc:
         if args.traceback or os.environ.get("FAMEVIL_FAST_TRACEBACK", "") == "1":
             raise
         print(f"famevil-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        _silence_stdout()
+        return CLOSED_STDOUT_STATUS
 
 
 if __name__ == "__main__":
