@@ -34,6 +34,7 @@ def _xmr_set(products=12, views=3, dim=8, batch=10):
     return XMREval(batches, texts, [])
 
 
+@pytest.mark.filterwarnings("ignore:XMR sampled protocol")  # 12 products: sampled-11
 def test_sampled_xmr_draws_1000_queries_per_direction():
     """The official protocol: 1,000 random queries, all when fewer. The image-to-text queries are views, so
     with 12 products of 3 views all 36 views are queries (the runner used to cap both directions at the
@@ -44,6 +45,25 @@ def test_sampled_xmr_draws_1000_queries_per_direction():
     assert result.details["num_negatives"] == 11  # every other product of the one subcategory
 
 
+def test_a_set_too_small_for_100_negatives_is_said_once(recwarn):
+    """12 products of one subcategory give 11 negatives: the protocol becomes sampled-11 (chance 1/12), and
+    a warning says how many negatives and why; a set with 101 products or more draws 100, silently."""
+    options = EvalOptions(xmr_protocols=("sampled",))
+    with pytest.warns(UserWarning, match=r"11 negatives per query instead of 100.*12 products") as caught:
+        (result,) = evaluate_xmr(EmbeddingStub(), _xmr_set(), options)
+    assert len([w for w in caught if "negatives" in str(w.message)]) == 1
+    assert result.protocol == "sampled-11" and result.chance["i2t_r@1"] == pytest.approx(100 / 12)
+    with pytest.warns(UserWarning, match=r"max_samples=6 \(--max-samples\) keeps only 2 products"):
+        evaluate_xmr(
+            EmbeddingStub(), _xmr_set(products=120), EvalOptions(xmr_protocols=("sampled",), max_samples=6)
+        )
+    recwarn.clear()
+    (full_size,) = evaluate_xmr(EmbeddingStub(), _xmr_set(products=102, views=1), options)
+    assert full_size.protocol == "sampled-100"
+    assert not [w for w in recwarn if "negatives" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:XMR sampled protocol")  # 12 products: sampled-11
 def test_unseeded_sampled_xmr_through_the_runner():
     data = _xmr_set()
     torch.manual_seed(3)
@@ -229,3 +249,25 @@ def test_progress_bars_name_each_set_only_when_asked(capsys):
     assert "XMR images" in shown and "/4 " in shown  # 36 views in batches of 10
     evaluate_xmr(EmbeddingStub(), data, EvalOptions(xmr_protocols=("full",)))
     assert "XMR images" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:XMR sampled protocol")  # a 40-product dataset: sampled-N
+def test_the_documented_python_evaluation_runs(tmp_path, tmp_path_factory, monkeypatch):
+    """docs/evaluation.md's example of evaluating a model from Python, on a micro model and a tiny dataset."""
+    import re
+    from pathlib import Path
+
+    from helpers import save_micro_checkpoint
+    from test_data_fixtures import synthetic
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+    block = re.search(r"From Python, `Evaluator`.*?```python\n(.*?)```", docs.read_text(), re.S).group(1)
+    assert '"runs/demo/run/final"' in block and '"runs/demo/data"' in block
+    block = block.replace('"runs/demo/run/final"', repr(str(save_micro_checkpoint(tmp_path))))
+    block = block.replace('"runs/demo/data"', repr(str(synthetic(tmp_path_factory))))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block, scope)
+    assert {r.task for r in scope["report"].results} == {"xmr", "tgir", "scr", "fic"}
+    assert (tmp_path / "eval_report.json").is_file()

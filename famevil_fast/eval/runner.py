@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TypeVar
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 CAPTION_REFERENCES = ("clip", "raw")
 XMR_SAMPLED_QUERIES = 1000
+XMR_SAMPLED_NEGATIVES = 100
 ONE_PROCESS = EvalShard()
 T = TypeVar("T")
 
@@ -218,6 +220,27 @@ def _on(model, x: torch.Tensor) -> torch.Tensor:
     return x.to(model.device)
 
 
+def sampled_negatives(
+    image_product_ids: torch.Tensor, text_product_ids: torch.Tensor, max_samples: int | None = None
+) -> int:
+    """Negatives per query of the sampled XMR protocol: 100, or what a small set has (the texts of the other
+    products, the views of the other products), with a warning: the result is then ``sampled-N``, with chance
+    K / (N + 1), and does not compare with sampled-100 numbers."""
+    views, texts = image_product_ids.numel(), text_product_ids.numel()
+    most_views = int(torch.unique(image_product_ids, return_counts=True)[1].max())
+    negatives = min(XMR_SAMPLED_NEGATIVES, texts - 1, views - most_views)
+    if negatives < XMR_SAMPLED_NEGATIVES:
+        capped = max_samples is not None and views >= max_samples
+        cause = f"max_samples={max_samples} (--max-samples) keeps" if capped else "the evaluation set has"
+        warnings.warn(
+            f"XMR sampled protocol: {negatives} negatives per query instead of {XMR_SAMPLED_NEGATIVES}, "
+            f"reported as 'sampled-{negatives}' with chance K/{negatives + 1}: {cause} only {texts} products "
+            f"({views} image views), and a query's negatives are the other products' texts or views",
+            stacklevel=2,
+        )
+    return negatives
+
+
 @torch.no_grad()
 def evaluate_xmr(
     model: FameViL, data: XMREval, opts: EvalOptions, shard: EvalShard = ONE_PROCESS
@@ -253,9 +276,7 @@ def evaluate_xmr(
             xmr_full(image_emb, image_pid.to(image_emb.device), text_emb, text_pid.to(text_emb.device))
         )
     if "sampled" in opts.xmr_protocols:
-        # small validation sets cannot supply 100 negatives of other products: take what they have
-        views_per_product = torch.unique(image_pid, return_counts=True)[1].max().item()
-        negatives = min(100, text_pid.numel() - 1, image_pid.numel() - views_per_product)
+        negatives = sampled_negatives(image_pid, text_pid, opts.max_samples)
         results.append(
             xmr_sampled(
                 image_emb.cpu(),

@@ -10,7 +10,9 @@ The two protocols give very different numbers for the same model; never compare 
   each ranked among 1 random positive and ``num_negatives`` random negatives of the SAME subcategory
   (other products); repeated ``repeats`` times and averaged. Seeded by default (all sampling on the CPU
   with a ``torch.Generator``, so a seed gives the same candidates on every device); ``seed=None`` is the
-  original's unseeded behaviour (draws from the global torch RNG, so results vary from run to run).
+  original's unseeded behaviour (draws from the global torch RNG, so results vary from run to run). The
+  result's protocol is ``sampled-{num_negatives}``: ``Evaluator`` asks for fewer than 100 negatives, with a
+  warning, when a small set cannot supply them (``famevil_fast.eval.runner.sampled_negatives``).
 
 Both report R@1/5/10 in both directions and their average, in percent, with chance levels.
 """
