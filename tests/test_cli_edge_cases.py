@@ -193,6 +193,58 @@ def test_make_synthetic_rewrites_its_own_dataset(tmp_path, capsys):
     assert record["products_train"] + record["products_val"] == 6
 
 
+def _dataset_files(root: Path) -> tuple[set[str], set[str], set[str], set[str]]:
+    """The PNGs and JPEGs on disk under ``root``, and those the dataset's JSON files name."""
+    on_disk_png = {str(p.relative_to(root / "FashionGen")) for p in root.glob("FashionGen/*/*.png")}
+    on_disk_jpg = {p.stem for p in root.glob("FashionIQ/images/*.jpg")}
+    named_png = {
+        image
+        for split in ("train", "val")
+        for row in json.loads((root / "FashionGen" / f"{split}_info.json").read_text())
+        for image in row["images"]
+    }
+    named_jpg = {n for f in root.glob("FashionIQ/image_splits/*.json") for n in json.loads(f.read_text())}
+    return on_disk_png, named_png, on_disk_jpg, named_jpg
+
+
+def test_make_synthetic_rewrite_leaves_only_the_new_dataset_s_files(tmp_path, capsys):
+    base = ["make-synthetic", str(tmp_path), "--image-size", "32", "--workers", "1"]
+    assert main([*base, "--products", "14", "--fiq-images", "30"]) == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    own_photo = tmp_path / "FashionIQ" / "images" / "my_photo.jpg"
+    own_photo.write_bytes(b"not generated")
+    capsys.readouterr()
+    assert main([*base, "--products", "8", "--seed", "3"]) == 0
+    on_disk_png, named_png, on_disk_jpg, named_jpg = _dataset_files(tmp_path)
+    assert on_disk_png == named_png
+    assert on_disk_jpg - {"my_photo"} == named_jpg
+    record = json.loads((tmp_path / "synthetic.json").read_text())
+    assert len(on_disk_png) == record["fashiongen_images"] and len(named_jpg) == record["fashioniq_images"]
+    # files make-synthetic does not write are left where they are, and those among the dataset are named
+    assert notes.read_text() == "mine" and own_photo.read_bytes() == b"not generated"
+    out = capsys.readouterr().out
+    assert "left 1 file that make-synthetic does not write" in out and "FashionIQ/images/my_photo.jpg" in out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "minimum"),
+    [("--products", "0", 2), ("--products", "1", 2), ("--products", "-3", 2), ("--image-size", "0", 32)],
+)
+def test_make_synthetic_sizes_below_the_minimum_are_one_line(tmp_path, capsys, option, value, minimum):
+    assert main(["make-synthetic", str(tmp_path / "d"), option, value]) == 2
+    line = one_error_line(capsys, "make-synthetic")
+    assert f"{option} must be at least {minimum}, got {value}" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_make_synthetic_checks_the_generator_s_minimums():
+    from famevil_fast.cli.commands import make_synthetic as command
+    from famevil_fast.data.synthetic import generate
+
+    assert (command.MIN_PRODUCTS, command.MIN_IMAGE_SIZE) == (generate.MIN_PRODUCTS, generate.MIN_IMAGE_SIZE)
+
+
 def _interrupt_before_the_record(monkeypatch) -> None:
     """make_synthetic stops (as on Ctrl-C) after the dataset's files, before synthetic.json."""
     import famevil_fast.data.synthetic.generate as generate

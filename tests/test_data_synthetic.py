@@ -88,6 +88,35 @@ def test_same_seed_same_bytes_any_worker_count_and_other_seed_differs(tmp_path):
     assert a["FashionGen/train_info.json"] != c["FashionGen/train_info.json"]
 
 
+def test_a_rewrite_leaves_the_files_a_fresh_directory_gets(tmp_path):
+    """Rewriting an earlier synthetic dataset removes the earlier images the new one does not draw again
+    (other product counts, other views, other FashionIQ names), so the directory then holds byte for byte
+    what a fresh one gets."""
+    make_synthetic(tmp_path / "a", products=14, seed=5, image_size=32, fiq_images=30, workers=1)
+    make_synthetic(tmp_path / "a", products=8, seed=6, image_size=32, workers=1)
+    make_synthetic(tmp_path / "b", products=8, seed=6, image_size=32, workers=1)
+    assert _digest_tree(tmp_path / "a") == _digest_tree(tmp_path / "b")
+
+
+def test_only_a_synthetic_dataset_s_own_files_are_removed(tmp_path):
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    real = tmp_path / "real" / "FashionGen" / "train" / "100999_0.png"  # no synthetic.json: not its dataset
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"a user's image")
+    make_synthetic(tmp_path / "real", products=4, image_size=32, workers=1)
+    assert real.read_bytes() == b"a user's image"
+    own = tmp_path / "own"
+    make_synthetic(own, products=4, image_size=32, workers=1)
+    mine = [own / "FashionIQ" / "images" / "mine" / "B000000001.jpg", own / "FashionGen" / "notes.txt"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    make_synthetic(own, products=6, seed=1, image_size=32, workers=1)
+    assert all(path.read_text() == "mine" for path in mine)
+    assert files_not_written_by_make_synthetic(own) == sorted(mine)
+
+
 def test_products_are_distinct_and_text_names_every_attribute(tmp_path_factory):
     rng = np.random.default_rng(0)
     for _ in range(200):

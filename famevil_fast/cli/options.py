@@ -20,6 +20,14 @@ def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def integer(text: str) -> int:
+    """argparse type: any integer (a command checks its range itself, with a one-line error)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse reports anything else as an error of that option)."""
     return _int_at_least(text, 1)
@@ -31,10 +39,7 @@ def non_negative_int(text: str) -> int:
 
 
 def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = integer(text)
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value

@@ -128,4 +128,15 @@ def run(args: argparse.Namespace) -> int:
     if fic:
         print(caption_ceiling_text(fic[0], cfg.data.root, out / "fic_ceiling.json"))
     print(f"\nreport: {out / 'eval_report.json'}; metrics log: {out / 'run' / 'metrics.jsonl'}")
+    if result["status"] == "finished":  # the trainer saves the final model only then
+        print(final_model_line(Path(cfg.checkpoint.dir) / "final", Path(cfg.data.root), config))
     return 0 if result["status"] == "finished" else 130
+
+
+def final_model_line(final: Path, data_root: Path, config: str) -> str:
+    """Where the trained model is, and how the checkpoint commands take it (``--config`` scores it with the
+    recipe's evaluation settings, as the demo did)."""
+    return (
+        f"model: {final} (famevil-fast eval, embed and caption take it, e.g. "
+        f"famevil-fast eval {final} --data {data_root} --config {config})"
+    )

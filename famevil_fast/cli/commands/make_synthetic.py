@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from famevil_fast.cli.options import non_negative_int, positive_int
+from famevil_fast.cli.options import integer, non_negative_int, positive_int
+
+# make_synthetic's own minimums, repeated here so that the parser is built without importing the generator
+MIN_PRODUCTS = 2
+MIN_IMAGE_SIZE = 32
+# at most this many of the files left in place are named
+NAMED_LEFT_FILES = 5
 
 NAME = "make-synthetic"
 HELP = "Generate the synthetic fashion dataset (FashionGen- and FashionIQ-format files with drawn images)."
@@ -15,9 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "dir",
         help="output directory (receives FashionGen/, FashionIQ/, synthetic.json); an earlier synthetic "
-        "dataset there is rewritten, a directory holding other FashionGen/ or FashionIQ/ files is refused",
+        "dataset there is rewritten (its files that the new one does not write are removed; other files "
+        "are left, and those in FashionGen/ or FashionIQ/ named), a directory holding other FashionGen/ or "
+        "FashionIQ/ dataset files is refused",
     )
-    parser.add_argument("--products", type=positive_int, default=1000, help="FashionGen-style products")
+    parser.add_argument(
+        "--products", type=integer, default=1000, help=f"FashionGen-style products (at least {MIN_PRODUCTS})"
+    )
     parser.add_argument(
         "--fiq-images",
         type=positive_int,
@@ -28,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="random seed; the output is identical for a seed"
     )
-    parser.add_argument("--image-size", type=positive_int, default=256, help="image height in pixels")
+    parser.add_argument(
+        "--image-size", type=integer, default=256, help=f"image height in pixels (at least {MIN_IMAGE_SIZE})"
+    )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of products in the val split")
     parser.add_argument(
         "--workers", type=positive_int, default=None, help="drawing processes (default: all cores)"
@@ -55,9 +67,36 @@ def check_output_dir(root: Path) -> None:
         )
 
 
+def check_sizes(args: argparse.Namespace) -> None:
+    """ValueError (one line, naming the option and its minimum) for a size make_synthetic cannot draw; checked
+    here rather than by the parser, so that every too-small value gets the same one-line message."""
+    for option, value, low in (
+        ("--products", args.products, MIN_PRODUCTS),
+        ("--image-size", args.image_size, MIN_IMAGE_SIZE),
+    ):
+        if value < low:
+            raise ValueError(f"{option} must be at least {low}, got {value}")
+
+
+def left_files_note(root: Path) -> str | None:
+    """A line naming the files under ``root``'s FashionGen/ and FashionIQ/ that make-synthetic does not
+    write (a rewrite leaves them in place); None when there are none."""
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    left = [p.relative_to(root).as_posix() for p in files_not_written_by_make_synthetic(root)]
+    if not left:
+        return None
+    named = ", ".join(left[:NAMED_LEFT_FILES])
+    if len(left) > NAMED_LEFT_FILES:
+        named += f" and {len(left) - NAMED_LEFT_FILES} more"
+    files = "file" if len(left) == 1 else "files"
+    return f"note: left {len(left)} {files} that make-synthetic does not write in {root}: {named}"
+
+
 def run(args: argparse.Namespace) -> int:
     from famevil_fast.data.synthetic.generate import make_synthetic
 
+    check_sizes(args)
     check_output_dir(Path(args.dir))
     s = make_synthetic(
         args.dir,
@@ -73,4 +112,7 @@ def run(args: argparse.Namespace) -> int:
         f"({s.fashiongen_images} PNG), FashionIQ {s.fashioniq_images} JPEG, "
         f"triplets {s.triplets_train} train / {s.triplets_val} val, in {s.seconds:.1f} s"
     )
+    note = left_files_note(Path(args.dir))
+    if note:
+        print(note)
     return 0

@@ -15,7 +15,10 @@ Layout (the same as the real datasets, as FashionViL lays them out)::
 ``DIR/synthetic.writing`` is written before anything else and removed once ``synthetic.json`` (written last)
 is in place: a directory holding it is an interrupted run's, which a new run completes. A run that rewrites
 an earlier dataset removes that one's ``synthetic.json`` first, so that a half-rewritten directory is never
-taken for a complete dataset.
+taken for a complete dataset, and then every file of the earlier one that it does not write again (images of
+other products, views or names), so that the directory ends up holding what a fresh one would. Only files
+whose names the generator writes are removed, and only in a directory holding ``synthetic.json`` or
+``synthetic.writing``; any other file is left in place (``files_not_written_by_make_synthetic`` names them).
 
 All randomness is drawn in one process from ``numpy.random.default_rng(seed)`` before any image is drawn,
 so the output is identical for a seed whatever the number of worker processes.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -62,6 +66,20 @@ RECORD_FILE = "synthetic.json"
 WRITING_MARKER = "synthetic.writing"
 # where the dataset's JSON files lie (relative to DIR), as ``make_synthetic`` lays them out
 DATASET_JSON_FOLDERS = ("FashionGen", "FashionIQ", "FashionIQ/captions", "FashionIQ/image_splits")
+DATASET_FOLDERS = ("FashionGen", "FashionIQ")
+MIN_PRODUCTS = 2
+MIN_IMAGE_SIZE = 32
+_CATEGORY = "|".join(FIQ_CATEGORIES)
+# the paths (relative to DIR) of every file ``make_synthetic`` writes, the temporary files of its atomic JSON
+# writes included
+_WRITTEN = re.compile(
+    r"FashionGen/(train|val)/\d+_\d+\.png|FashionGen/(train|val)_info\.json"
+    r"|FashionIQ/images/B\d{9}\.jpg|FashionIQ/synthetic_attributes\.json"
+    rf"|FashionIQ/captions/cap\.({_CATEGORY})\.(train|val)\.json"
+    rf"|FashionIQ/image_splits/split\.({_CATEGORY})\.(train|val)\.json"
+    rf"|{re.escape(RECORD_FILE)}|{re.escape(WRITING_MARKER)}"
+    r"|((FashionGen|FashionIQ(/captions|/image_splits)?)/)?\.[^/]+\.json\.[^/]+\.tmp"
+)
 
 
 @dataclass
@@ -410,6 +428,30 @@ def written_by_make_synthetic(root: str | os.PathLike) -> bool:
     return (root / RECORD_FILE).is_file() or (root / WRITING_MARKER).is_file()
 
 
+def _files_under(root: Path) -> list[str]:
+    """The files at the top of ``root`` and anywhere under its ``FashionGen/`` and ``FashionIQ/``, relative
+    to ``root`` (POSIX separators)."""
+    found = [p for p in root.glob("*") if p.is_file()]
+    found += [p for folder in DATASET_FOLDERS for p in (root / folder).rglob("*") if p.is_file()]
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
+def files_not_written_by_make_synthetic(root: str | os.PathLike) -> list[Path]:
+    """The files under ``root``'s ``FashionGen/`` and ``FashionIQ/`` whose names ``make_synthetic`` does not
+    write (a user's own images or notes there): a rewrite leaves them in place, and the dataset readers or
+    ``famevil-fast caption DIR/FashionIQ/images`` may still find them."""
+    root = Path(root)
+    return [root / f for f in _files_under(root) if "/" in f and not _WRITTEN.fullmatch(f)]
+
+
+def _remove_earlier_files(root: Path, keep: set[str]) -> None:
+    """Remove the files of an earlier synthetic dataset in ``root`` that are not in ``keep`` (paths relative
+    to ``root``): only files whose names the generator writes."""
+    for name in _files_under(root):
+        if name not in keep and _WRITTEN.fullmatch(name):
+            (root / name).unlink(missing_ok=True)
+
+
 def dataset_json_files(root: str | os.PathLike) -> list[Path]:
     """The JSON files where a FashionGen or FashionIQ dataset under ``root`` keeps its records (the top
     levels of ``FashionGen/`` and ``FashionIQ/``, and FashionIQ's ``captions/`` and ``image_splits/``);
@@ -434,15 +476,16 @@ def make_synthetic(
     ``image_size`` pixels (FashionIQ widths vary from 0.75x to 1x). ``workers`` processes draw the images
     (default: all CPU cores).
     """
-    if products < 2:
-        raise ValueError(f"make_synthetic: products must be >= 2, got {products}")
-    if image_size < 32:
-        raise ValueError(f"make_synthetic: image_size must be >= 32 pixels, got {image_size}")
+    if products < MIN_PRODUCTS:
+        raise ValueError(f"make_synthetic: products must be >= {MIN_PRODUCTS}, got {products}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"make_synthetic: image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
     start = time.perf_counter()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    rewrite = written_by_make_synthetic(root)  # decided before this run leaves its own marker
     (root / WRITING_MARKER).write_text(
         "make-synthetic is writing a synthetic dataset here; if this file remains, the run was interrupted: "
         "run make-synthetic again to complete it\n"
@@ -454,6 +497,9 @@ def make_synthetic(
     captions, splits, attributes, fiq_jobs = _fashioniq(
         rng, n_fiq, max(val_fraction, 0.2), seed, root, image_size
     )
+    if rewrite:
+        drawn = {Path(job.path).relative_to(root).as_posix() for job in fg_jobs + fiq_jobs}
+        _remove_earlier_files(root, keep=drawn | {WRITING_MARKER})
 
     _render_all(fg_jobs + fiq_jobs, workers or os.cpu_count() or 1)
 
