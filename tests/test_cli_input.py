@@ -97,7 +97,11 @@ def test_demo_refuses_an_existing_dataset_of_another_size(tmp_path, capsys) -> N
     record = {"products_train": 34, "products_val": 6, "seed": 0}
     (data / "synthetic.json").write_text(json.dumps(record))
     ensure_dataset(data, 2000, 0, image_size=96)  # the default size: the existing data is reused, and said so
-    assert "using the synthetic dataset in" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "using the synthetic dataset in" in said
+    assert "note: the demo's own dataset is 2000 products of 96 px (seed 0), this one 40 products" in said
+    ensure_dataset(data, 40, 0, image_size=96)
+    assert "note:" not in capsys.readouterr().out  # the same dataset: nothing to say
     ensure_dataset(data, 40, 0, image_size=96, exact=True)
     with pytest.raises(
         ValueError, match="already holds a synthetic dataset of 40 products \\(seed 0\\), not 100"

@@ -62,6 +62,13 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, e
                 f"not {products} (seed {seed}): remove it or choose another --out"
             )
         print(f"using the synthetic dataset in {directory} ({found} products, seed {record['seed']})")
+        made_at = record.get("image_size", image_size)
+        if (found, record["seed"], made_at) != (products, seed, image_size):
+            print(
+                f"note: the demo's own dataset is {products} products of {image_size} px (seed {seed}), this "
+                f"one {found} products of {made_at} px (seed {record['seed']}), so its scores differ from "
+                f"the documented ones; remove {directory} to have the demo's dataset made"
+            )
         return
     check_output_dir(directory)
     print(f"generating {products} synthetic products in {directory} ...")
