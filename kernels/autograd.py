@@ -5,13 +5,26 @@ torch.library's dispatch and argument flattening, which cost more host time than
 take on a GPU. ``torch.compile`` graphs use the registered operators.
 """
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from famevil_fast.kernels import launch
-from famevil_fast.kernels.custom_ops import adapter_forward_impl, task_rows
+from famevil_fast.kernels.custom_ops import task_rows
 
 from famevil_fast.ops._backend import once_differentiable_grads
 
 N_PARAMS = 7
+T = TypeVar("T")
+
+
+def without_grad(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` with autograd off: a backward's launchers run with it off already (unless the backward
+    builds a graph, ``create_graph=True``), and then the mode is not switched at all."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    with torch.no_grad():
+        return fn(*args)
 
 
 class FusedAdapterFunction(torch.autograd.Function):
@@ -34,22 +47,19 @@ class FusedAdapterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         residual_grads = (grad_y,) * ctx.num_residuals
-        adapter_grads = (None,) * (1 + N_PARAMS)
         needs = ctx.needs_input_grad
-        if ctx.saved and (needs[0] or any(needs[4 : 4 + N_PARAMS])):
-            x, *params, h, mean, rstd = ctx.saved_tensors
-            with torch.no_grad():
-                adapter_grads = launch.adapter_backward(
-                    grad_y.contiguous(), x, tuple(params), h, mean, rstd, ctx.rows
-                )
-            depends = (grad_y, x, *params)
-            adapter_grads = once_differentiable_grads("fused_adapter", tuple(adapter_grads), depends)
-        return (adapter_grads[0], None, None, None, *adapter_grads[1:], *residual_grads)
+        if not (ctx.saved and (needs[0] or any(needs[4 : 4 + N_PARAMS]))):
+            return (None,) * (4 + N_PARAMS) + residual_grads
+        saved = ctx.saved_tensors
+        x, params, (h, mean, rstd) = saved[0], saved[1 : 1 + N_PARAMS], saved[1 + N_PARAMS :]
+        grads = without_grad(launch.adapter_backward, grad_y.contiguous(), x, params, h, mean, rstd, ctx.rows)
+        grads = once_differentiable_grads("fused_adapter", grads, (grad_y, x, *params))
+        return (grads[0], None, None, None, *grads[1:], *residual_grads)
 
 
 def fused_adapter_eager(
     x: torch.Tensor,
-    params: list[torch.Tensor],
+    params: tuple[torch.Tensor, ...],
     residuals: list[torch.Tensor],
     task_ids: torch.Tensor | None,
     save: bool,
@@ -58,7 +68,7 @@ def fused_adapter_eager(
     """``residual sum + adapter(x)`` for row-matrix x through the eager autograd function; under no_grad
     (evaluation, decoding) the launchers run alone, without an autograd node."""
     if not torch.is_grad_enabled():
-        return adapter_forward_impl(x, tuple(params), residuals, task_ids, False, eps, validate=False)[0]
+        return launch.adapter_output(x, params, residuals, task_rows(task_ids, params, validate=False), eps)
     return FusedAdapterFunction.apply(x, task_ids, save, eps, *params, *residuals)
 
 
@@ -78,10 +88,9 @@ class LayerNormLinearFunction(torch.autograd.Function):
         if not ctx.saved:
             return (None,) * 7
         out, x, mean, rstd, *params = ctx.saved_tensors
-        with torch.no_grad():
-            grads = launch.ln_linear_backward(grad_out.contiguous(), out, x, mean, rstd, *params)
+        grads = without_grad(launch.ln_linear_backward, grad_out.contiguous(), out, x, mean, rstd, *params)
         depends = (grad_out, x, *params)
-        dx, *param_grads = once_differentiable_grads("layer_norm_linear", tuple(grads), depends)
+        dx, *param_grads = once_differentiable_grads("layer_norm_linear", grads, depends)
         return (dx, None, None, *param_grads)
 
 
@@ -91,5 +100,5 @@ def layer_norm_linear_eager(
     """``LN(x) W^T + b`` for row-matrix x through the eager autograd function (the launcher alone under
     no_grad)."""
     if not torch.is_grad_enabled():
-        return launch.ln_linear_forward(x, *params, False, eps)[0]
+        return launch.ln_linear_output(x, *params, eps)
     return LayerNormLinearFunction.apply(x, save, eps, *params)

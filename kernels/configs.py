@@ -23,12 +23,24 @@ FUSED_MAX_R = 128  # widest bottleneck kept on chip by the fused adapter kernels
 ADAPTER_ONE_PASS_LN = False
 
 
+# What ``torch.backends.cuda.matmul.allow_tf32`` reads, called without the module's Python ``__getattr__``
+# in front of it (read on every launch of a product kernel); the attribute where a torch lacks the getter.
+_CUBLAS_ALLOWS_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", None)
+
+
+def tf32_allowed() -> bool:
+    """``torch.backends.cuda.matmul.allow_tf32``, read afresh on every call (tests and users switch it)."""
+    if _CUBLAS_ALLOWS_TF32 is None:
+        return torch.backends.cuda.matmul.allow_tf32
+    return _CUBLAS_ALLOWS_TF32()
+
+
 def one_pass_layer_norm(dtype: torch.dtype) -> bool:
     """Whether the fused adapter forward takes the one-pass LayerNorm for activations of ``dtype``: where
     ``ADAPTER_ONE_PASS_LN`` is on, for 16-bit activations and for float32 without TF32."""
     if not ADAPTER_ONE_PASS_LN:
         return False
-    return dtype != torch.float32 or not torch.backends.cuda.matmul.allow_tf32
+    return dtype != torch.float32 or not tf32_allowed()
 
 
 # Single-task adapter calls on few rows (``has_few_rows``: a decoding step) spread the columns of the output
@@ -75,7 +87,7 @@ def dot_args(dtype: torch.dtype) -> dict:
     """``DOT`` and ``PRECISION`` launch arguments for activations of ``dtype`` (a shared dict: do not
     modify). float32 products use TF32 exactly when PyTorch's matmuls may
     (``torch.backends.cuda.matmul.allow_tf32``); 16-bit products ignore the precision."""
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and tf32_allowed()
     key = (dtype, tf32)
     args = _DOT_ARGS.get(key)
     if args is None:
@@ -92,11 +104,16 @@ class Tiles:
     num_stages: int = 2
     maxnreg: int | None = None  # cap on registers per thread (more programs per multiprocessor); None = free
 
-    def launch(self) -> dict[str, int]:
+    def __post_init__(self) -> None:
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
         if self.maxnreg is not None:
             options["maxnreg"] = self.maxnreg
-        return options
+        object.__setattr__(self, "_options", options)  # not a field: equality and hashing ignore it
+
+    def launch(self) -> dict[str, int]:
+        """The launch options (``num_warps``, ``num_stages``, ``maxnreg`` when set): a dict made once per
+        tile choice and shared, to be unpacked into a launch, not modified."""
+        return self._options
 
 
 # Calls on at most this many rows (a decoding step: one token per sequence) take tiles with 16-row blocks and

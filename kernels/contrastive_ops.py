@@ -176,7 +176,7 @@ def gradient_blocks(m: int, n: int, dtype: torch.dtype, block_m: int, block_n: i
     """(rows, columns) of each block of G within CONTRASTIVE_GRAD_CHUNK_BYTES: every column while that
     leaves MIN_BLOCK_ROWS rows (one pass over Y's gradient per row block), else square blocks, so that both
     products keep an inner dimension in the thousands. Multiples of the tile sizes."""
-    budget = configs.CONTRASTIVE_GRAD_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
+    budget = configs.CONTRASTIVE_GRAD_CHUNK_BYTES // dtype.itemsize
     cols = n
     if budget // max(n, 1) < min(MIN_BLOCK_ROWS, m):
         cols = min(n, max(block_n, math.isqrt(budget) // block_n * block_n))
@@ -254,8 +254,8 @@ def launch_lse_backward(
         for col0 in range(0, n, col_step):
             col_span = slice(col0, min(col0 + col_step, n))
             shape = (row_span.stop - row0, col_span.stop - col0)
-            block = g[: shape[0] * shape[1]].view(shape)
-            grid = (configs.cdiv(block.shape[0], t.block_m), configs.cdiv(block.shape[1], t.block_n))
+            block = _leading(g, shape[0] * shape[1]).view(shape)
+            grid = (configs.cdiv(shape[0], t.block_m), configs.cdiv(shape[1], t.block_n))
             contrastive_lse_grad_kernel[grid](
                 x,
                 y,
@@ -279,10 +279,25 @@ def launch_lse_backward(
                 **configs.dot_args(x.dtype),
                 **t.launch(),
             )
-            grad_scale += ds_part[: grid[0] * grid[1]].sum()
-            _add_product(grad_x[row_span], block, y_mm[col_span], x_exact)
-            _add_product(grad_y[col_span], block.T, x_mm[row_span], y_exact)
-    return grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale
+            grad_scale += _leading(ds_part, grid[0] * grid[1]).sum()
+            x_rows, y_rows = _rows(x_mm, row_span), _rows(y_mm, col_span)
+            _add_product(_rows(grad_x, row_span), block, y_rows, x_exact)
+            _add_product(_rows(grad_y, col_span), block.T, x_rows, y_exact)
+    return _as_dtype(grad_x, x.dtype), _as_dtype(grad_y, y.dtype), grad_scale
+
+
+def _leading(t: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` elements of a flat tensor (the tensor itself when that is all of it: no view)."""
+    return t if t.shape[0] == count else t[:count]
+
+
+def _rows(t: torch.Tensor, span: slice) -> torch.Tensor:
+    """Rows ``span`` of t (t itself when the span covers every row: no view)."""
+    return t if span.start == 0 and span.stop == t.shape[0] else t[span]
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def lse_forward(

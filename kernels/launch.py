@@ -169,25 +169,31 @@ def ln_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(act(LN(x) W^T + b), mean, rstd) for one LayerNorm + linear (parameters without a task dimension);
     the backward (``ln_linear_backward``) exists for ``activation=None``."""
-    n_rows = x.shape[0]
-    out = x.new_empty((n_rows, w.shape[0]))
-    stats = n_rows if save else 0
-    mean = x.new_empty((stats,), dtype=torch.float32)
-    rstd = x.new_empty((stats,), dtype=torch.float32)
-    if n_rows:
-        ln_linear_forward_into(
-            x,
-            lnw,
-            lnb,
-            w,
-            b,
-            out,
-            mean if save else None,
-            rstd if save else None,
-            activation=activation,
-            eps=eps,
-        )
+    stats = x.shape[0] if save else 0
+    mean = x.new_empty(stats, dtype=torch.float32)
+    rstd = x.new_empty(stats, dtype=torch.float32)
+    out = ln_linear_output(x, lnw, lnb, w, b, eps, activation, (mean, rstd) if save else None)
     return out, mean, rstd
+
+
+def ln_linear_output(
+    x: torch.Tensor,
+    lnw: torch.Tensor,
+    lnb: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    activation: str | None = None,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """act(LN(x) W^T + b) of ``ln_linear_forward``, whose kernel also fills ``stats = (mean, rstd)`` when
+    given; without it no statistics are kept or allocated."""
+    n_rows = x.shape[0]
+    out = x.new_empty(n_rows, w.shape[0])
+    if n_rows:
+        mean, rstd = stats if stats is not None else (None, None)
+        ln_linear_forward_into(x, lnw, lnb, w, b, out, mean, rstd, activation=activation, eps=eps)
+    return out
 
 
 def adapter_forward(
@@ -205,16 +211,33 @@ def adapter_forward(
     h is kept in float32 whatever the activation dtype: it is r elements a row, and the backward's row
     constant ``c2 = dp . (h - cb) / d`` and the up-projection's weight gradient lose accuracy to a rounded h.
     """
+    stats = x.shape[0] if save else 0
+    h = x.new_empty(stats, params[2].shape[-2], dtype=torch.float32)
+    mean = x.new_empty(stats, dtype=torch.float32)
+    rstd = x.new_empty(stats, dtype=torch.float32)
+    y = adapter_output(x, params, residuals, rows, eps, linear, (h, mean, rstd) if save else None)
+    return y, h, mean, rstd
+
+
+def adapter_output(
+    x: torch.Tensor,
+    params: tuple[torch.Tensor, ...],
+    residuals: list[torch.Tensor],
+    rows: TaskRows,
+    eps: float,
+    linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """y of ``adapter_forward``, whose kernels also fill ``saved = (h, mean, rstd)`` when given (N rows
+    each); without it nothing is kept and nothing allocated for it (evaluation, decoding)."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
     y = torch.empty_like(x)
-    stats = n_rows if save else 0
-    h = x.new_empty((stats, r), dtype=torch.float32)
-    mean = x.new_empty((stats,), dtype=torch.float32)
-    rstd = x.new_empty((stats,), dtype=torch.float32)
     if n_rows == 0:
-        return y, h, mean, rstd
+        return y
+    save = saved is not None
+    h, mean, rstd = saved if save else (y, y, y)  # not written without SAVE
     columns = _spreads_columns(x, r, rows, linear is not None)
     if linear is not None and not columns:  # the branch as one more term
         a, w, b = linear
@@ -222,7 +245,7 @@ def adapter_forward(
     res, num_res = _residual_args(residuals, x)
     if columns:
         _adapter_columns(x, y, h if save else None, mean, rstd, params, res, num_res, linear, eps)
-        return y, h, mean, rstd
+        return y
     order, counts, n_tasks = _index_args(rows, x)
     dot = configs.dot_args(x.dtype)
     block_r = configs.padded(r)
@@ -234,9 +257,9 @@ def adapter_forward(
         adapter_fwd_fused_kernel[grid](
             x,
             y,
-            h if save else y,
-            mean if save else y,
-            rstd if save else y,
+            h,
+            mean,
+            rstd,
             lnw,
             lnb,
             wd,
@@ -266,8 +289,8 @@ def adapter_forward(
             **dot,
             **tiles.launch(),
         )
-        return y, h, mean, rstd
-    h_buf = h if save else x.new_empty((n_rows, r), dtype=torch.float32)
+        return y
+    h_buf = h if save else x.new_empty(n_rows, r, dtype=torch.float32)
     ln_linear_forward_into(
         x,
         lnw,
@@ -282,7 +305,7 @@ def adapter_forward(
         rows=rows,
     )
     _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, dot)
-    return y, h, mean, rstd
+    return y
 
 
 def _spreads_columns(x: torch.Tensor, r: int, rows: TaskRows, linear: bool) -> bool:
@@ -543,7 +566,7 @@ def greedy_pick(
 
 def _row_constant_buffers(n_tasks: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Uninitialised fp32 (n_tasks, n_out) buffers for v1 = W g and cb = b + W beta."""
-    v1 = torch.empty((n_tasks, n_out), dtype=torch.float32, device=device)
+    v1 = torch.empty(n_tasks, n_out, dtype=torch.float32, device=device)
     return v1, torch.empty_like(v1)
 
 
@@ -599,8 +622,9 @@ def _ln_linear_dx(
 
 
 class Partials(NamedTuple):
-    """fp32 weight-gradient partials per (task, segment): M and G are [segment, d, n_out], csp
-    [segment, n_out], cs [segment, d] (G and cs only for the adapter)."""
+    """fp32 weight-gradient partials per (task, segment), contiguous: M and G are [segment, d, n_out], csp
+    [segment, n_out], cs [segment, d] (G and cs only for the adapter; a single segment may come without its
+    axis)."""
 
     m: torch.Tensor
     csp: torch.Tensor
@@ -610,11 +634,11 @@ class Partials(NamedTuple):
 
 
 def _partials(n_seg: int, segments: int, d: int, n_out: int, has_g: bool, device: torch.device) -> Partials:
-    f32 = {"dtype": torch.float32, "device": device}
-    m = torch.empty((n_seg, d, n_out), **f32)
-    csp = torch.empty((n_seg, n_out), **f32)
-    g = torch.empty((n_seg, d, n_out), **f32) if has_g else m
-    cs = torch.empty((n_seg, d), **f32) if has_g else csp
+    f32 = torch.float32
+    m = torch.empty(n_seg, d, n_out, dtype=f32, device=device)
+    csp = torch.empty(n_seg, n_out, dtype=f32, device=device)
+    g = torch.empty(n_seg, d, n_out, dtype=f32, device=device) if has_g else m
+    cs = torch.empty(n_seg, d, dtype=f32, device=device) if has_g else csp
     return Partials(m, csp, g, cs, segments)
 
 
@@ -634,9 +658,9 @@ def _weight_epilogue(
     wu, bu, s = up if has_g else (w, b, b)
     ep = configs.epilogue_tiles(n_out)
     n_ep = configs.cdiv(d, ep.block_n)
-    dlnw, dlnb, dw, db = (torch.empty_like(t) for t in (lnw, lnb, w, b))
+    dlnw, dlnb, dw, db = map(torch.empty_like, (lnw, lnb, w, b))
     dwu, dbu = (torch.empty_like(wu), torch.empty_like(bu)) if has_g else (dw, db)
-    ds_part = torch.empty((n_tasks, n_ep), dtype=torch.float32, device=lnw.device)
+    ds_part = torch.empty(n_tasks, n_ep, dtype=torch.float32, device=lnw.device)
     weight_grad_epilogue_kernel[(n_ep, n_tasks)](
         parts.m,
         parts.csp,
@@ -665,8 +689,16 @@ def _weight_epilogue(
     )
     if not has_g:
         return dlnw, dlnb, dw, db
-    ds = ds_part.sum(dim=1).to(s.dtype).view(s.shape)
-    return dlnw, dlnb, dw, db, dwu, dbu, ds
+    return dlnw, dlnb, dw, db, dwu, dbu, _scale_grad(ds_part, s)
+
+
+def _scale_grad(ds_part: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The scale's gradient from its per-d-tile partials (n_tasks, tiles): summed, in s's dtype and shape
+    ((1,) or (T, 1)); the conversion and the reshape only where they change something."""
+    ds = ds_part.sum(dim=1, keepdim=s.dim() == 2)
+    if ds.dtype != s.dtype:
+        ds = ds.to(s.dtype)
+    return ds if ds.shape == s.shape else ds.view(s.shape)
 
 
 MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(a, b, out_dtype=...), torch >= 2.8
@@ -690,14 +722,15 @@ def _product_partials(
     xhat: torch.Tensor, dp: torch.Tensor, dy_h: tuple[torch.Tensor, torch.Tensor] | None
 ) -> Partials:
     """The partials of ``weight_grads`` for rows of one task, as one segment: M = xhat^T dp and
-    G = dy^T h by library GEMMs (each a d x r product reduced over all N rows), and the column sums."""
-    m = product_f32(xhat.t(), dp)[None]
-    csp = dp.sum(0, dtype=torch.float32)[None]
+    G = dy^T h by library GEMMs (each a d x r product reduced over all N rows), and the column sums;
+    without the segment axis (the same contiguous layout, read only by the epilogue kernel)."""
+    m = product_f32(xhat.t(), dp)
+    csp = dp.sum(0, dtype=torch.float32)
     if dy_h is None:
         return Partials(m, csp, m, csp, 1)
     dy, h = dy_h
-    g = product_f32(dy.t(), h)[None]
-    return Partials(m, csp, g, dy.sum(0, dtype=torch.float32)[None], 1)
+    g = product_f32(dy.t(), h)
+    return Partials(m, csp, g, dy.sum(0, dtype=torch.float32), 1)
 
 
 def weight_grads(
@@ -786,11 +819,11 @@ def adapter_backward(
         return (torch.empty_like(x), *(torch.zeros_like(p) for p in params))
     order, counts, n_tasks = _index_args(rows, x)
     dot = configs.dot_args(x.dtype)
-    dp = x.new_empty((n_rows, r))
+    dp = x.new_empty(n_rows, r)
     # r > 128, one task: the weight gradients are library GEMMs over xhat and h
     products = r > configs.FUSED_MAX_R and not rows.mixed
     save_h = products and rounds_h_for_products(x)
-    h_low = x.new_empty((n_rows, r)) if save_h else h
+    h_low = x.new_empty(n_rows, r) if save_h else h
     v1, cb = _row_constant_buffers(n_tasks, r, x.device)  # filled by the dp kernel's extra programs
     tiles = configs.dp_tiles(r)
     row_blocks = _row_blocks(n_rows, tiles.block_m, rows)

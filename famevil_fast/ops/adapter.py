@@ -11,7 +11,7 @@ whose FLOP formulas (here) count what the counter counts for the reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -99,20 +99,24 @@ def residual_list(residual: Residual) -> list[torch.Tensor]:
 def promote_under_autocast(x: torch.Tensor, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
     """Under autocast a block's residual stream and its branch outputs may differ in dtype (float32 stream,
     bf16 branches): the terms are brought to x's dtype, the dtype of the stream the output continues."""
-    if not residuals or not torch.is_autocast_enabled(x.device.type):
+    if not residuals or not torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type):
         return residuals
     return [r.to(x.dtype) if r.is_floating_point() and r.dtype != x.dtype else r for r in residuals]
+
+
+_TENSOR_TYPES = (torch.Tensor,) * len(AdapterParams._fields)  # isinstance's second argument, per parameter
 
 
 def check_adapter_args(
     x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor | None, check_values: bool = True
 ) -> None:
     """Shape, dtype and device checks with messages that name the argument; ``check_values`` adds the
-    range check of the task ids (a read-back from the device). One pass over the parameters: this runs
-    on every adapter call, where the host's time counts."""
-    for name, t in zip(("x", *AdapterParams._fields), (x, *params)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fused_adapter: {name} must be a tensor, got {type(t).__name__}")
+    range check of the task ids (a read-back from the device). One pass over the parameters, each read
+    once: this runs on every adapter call, where the host's time counts."""
+    if not (isinstance(x, torch.Tensor) and all(map(isinstance, params, _TENSOR_TYPES))):
+        for name, t in zip(("x", *AdapterParams._fields), (x, *params)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"fused_adapter: {name} must be a tensor, got {type(t).__name__}")
     if x.dim() < 1:
         raise ValueError("fused_adapter: x must have at least one dimension (..., d)")
     if not x.is_floating_point():
@@ -127,19 +131,20 @@ def check_adapter_args(
         )
     lead = () if task_ids is None else (params.ln_weight.shape[0],)
     r = params.down_weight.shape[-2] if params.down_weight.dim() >= 2 else -1
-    expected = ((d,), (d,), (r, d), (r,), (d, r), (d,), (1,))
+    expected = [lead + want for want in ((d,), (d,), (r, d), (r,), (d, r), (d,), (1,))]
     device, dtype = x.device, params.ln_weight.dtype
+    floating = dtype.is_floating_point  # every parameter has this dtype, or the loop raises
     for name, t, want in zip(AdapterParams._fields, params, expected):
-        if t.shape != lead + want:
+        if t.shape != want:
             raise ValueError(
-                f"fused_adapter: {name} has shape {tuple(t.shape)}, expected {lead + want} "
+                f"fused_adapter: {name} has shape {tuple(t.shape)}, expected {want} "
                 f"for x of shape {tuple(x.shape)}"
             )
         if t.device != device:
             raise ValueError(f"fused_adapter: {name} is on {t.device} but x is on {device}")
-        if not t.is_floating_point():
-            raise ValueError(f"fused_adapter: {name} must be floating point, got {t.dtype}")
-        if t.dtype != dtype:
+        if t.dtype != dtype or not floating:
+            if not t.is_floating_point():
+                raise ValueError(f"fused_adapter: {name} must be floating point, got {t.dtype}")
             dtypes = sorted({str(p.dtype) for p in params})
             raise ValueError(f"fused_adapter: the adapter parameters mix dtypes {dtypes}")
     if dtype not in (x.dtype, torch.float32):
@@ -170,17 +175,20 @@ def _check_task_ids(x: torch.Tensor, task_ids: torch.Tensor, n_tasks: int, check
 
 def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
     """Every residual term has x's shape, dtype and device (they are summed into the output)."""
+    if not residuals:
+        return
+    shape, device, dtype = x.shape, x.device, x.dtype
     for i, res in enumerate(residuals):
         if not isinstance(res, torch.Tensor):
             raise ValueError(f"fused_adapter: residual[{i}] must be a tensor, got {type(res).__name__}")
-        if res.shape != x.shape:
+        if res.shape != shape:
             raise ValueError(
-                f"fused_adapter: residual[{i}] has shape {tuple(res.shape)} but x has {tuple(x.shape)}"
+                f"fused_adapter: residual[{i}] has shape {tuple(res.shape)} but x has {tuple(shape)}"
             )
-        if res.device != x.device:
-            raise ValueError(f"fused_adapter: residual[{i}] is on {res.device} but x is on {x.device}")
-        if res.dtype != x.dtype:
-            raise ValueError(f"fused_adapter: residual[{i}] has dtype {res.dtype} but x has {x.dtype}")
+        if res.device != device:
+            raise ValueError(f"fused_adapter: residual[{i}] is on {res.device} but x is on {device}")
+        if res.dtype != dtype:
+            raise ValueError(f"fused_adapter: residual[{i}] has dtype {res.dtype} but x has {dtype}")
 
 
 # Where the automatic choice takes the Triton kernels on a GPU (H200, bf16, d = 768; bench/RESULTS.md).
@@ -202,8 +210,11 @@ def triton_adapter_pays(x: torch.Tensor, params: AdapterParams) -> bool:
     if params.down_weight.shape[-2] > TRITON_ADAPTER_MAX_R:
         return False
     rows = x.numel() // max(1, x.shape[-1])
-    graphed_training = static_shapes_enabled() and torch.is_grad_enabled()
-    return rows >= (TRITON_ADAPTER_MIN_ROWS_IN_GRAPH if graphed_training else TRITON_ADAPTER_MIN_ROWS)
+    in_graph, eager = rows >= TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, rows >= TRITON_ADAPTER_MIN_ROWS
+    if in_graph == eager:  # decided by the rows alone: the capture state is not looked at
+        return eager
+    graphed_training = torch.is_grad_enabled() and static_shapes_enabled()
+    return in_graph if graphed_training else eager
 
 
 def adapter_forward_flops(
@@ -252,20 +263,33 @@ def _triton_adapter(
 ) -> torch.Tensor:
     from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
 
+    flat = x.dim() == 2  # already a row matrix: no reshape of the inputs, no view of the output
     d = x.shape[-1]
-    rows = x.reshape(-1, d).contiguous()
-    res = [t.reshape(-1, d).contiguous() for t in residuals]
-    ps = [p.contiguous() for p in params]
+    rows = (x if flat else x.reshape(-1, d)).contiguous()
+    res = [(t if flat else t.reshape(-1, d)).contiguous() for t in residuals]
+    ps = tuple([p.contiguous() for p in params])
     ids = None if task_ids is None else task_ids.contiguous()
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
     # an opaque node of a compiled graph; or the operator a FLOP counter sees, with its formula
     if torch.compiler.is_compiling() or counting_flops(ADAPTER_FLOP_FORMULAS):
         y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
     else:  # the same kernels without the operator dispatch's host cost
+        y = _eager_adapter()(rows, ps, res, ids, save, eps)
+    return y if flat else y.view(*x.shape)
+
+
+_EAGER_ADAPTER: Callable[..., torch.Tensor] | None = None
+
+
+def _eager_adapter() -> Callable[..., torch.Tensor]:
+    """``famevil_fast.kernels.autograd.fused_adapter_eager``, imported on the first eager Triton call (the
+    kernels load triton) and kept: later calls skip the import statement's lookups."""
+    global _EAGER_ADAPTER
+    if _EAGER_ADAPTER is None:
         from famevil_fast.kernels.autograd import fused_adapter_eager
 
-        y = fused_adapter_eager(rows, ps, res, ids, save, eps)
-    return y.view(x.shape)
+        _EAGER_ADAPTER = fused_adapter_eager
+    return _EAGER_ADAPTER
 
 
 def _scale_as_tensor(scale: torch.Tensor | float, ln_weight: torch.Tensor, per_task: bool) -> torch.Tensor:
@@ -319,5 +343,7 @@ def fused_adapter(
 
 
 def adapter_backend(x: torch.Tensor, params: AdapterParams, backend: str | None = None) -> str:
-    """The backend ``fused_adapter`` runs for x and these parameters: "triton" or "torch"."""
-    return select_backend("fused_adapter", backend, BACKENDS, x, triton_adapter_pays(x, params))
+    """The backend ``fused_adapter`` runs for x and these parameters: "triton" or "torch". The measured
+    rule (``triton_adapter_pays``) is consulted only where it decides: an automatic choice on a GPU."""
+    pays = backend is not None or not x.is_cuda or triton_adapter_pays(x, params)
+    return select_backend("fused_adapter", backend, BACKENDS, x, pays)

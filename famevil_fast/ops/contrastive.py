@@ -54,12 +54,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _as_scale(scale: ScaleLike, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The scale as a 0-d tensor of ``dtype`` (the compute dtype of ``like``'s) on ``like``'s device. A
+    number is filled in on the device: no copy from the host (on a GPU a synchronising one)."""
     dtype = dtype or compute_dtype(like.dtype)
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"scale must be a float or a one-element tensor, got shape {tuple(scale.shape)}")
         return scale.reshape(()).to(device=like.device, dtype=dtype)
-    return torch.tensor(float(scale), dtype=dtype, device=like.device)
+    return torch.full((), float(scale), dtype=dtype, device=like.device)
 
 
 # ---------------------------------------------------------------------------------------------------

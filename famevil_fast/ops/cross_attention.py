@@ -122,17 +122,29 @@ def layer_norm_linear_triton(
     same launchers without the dispatch."""
     from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
 
-    d = x.shape[-1]
-    rows = x.reshape(-1, d).contiguous()
+    flat = x.dim() == 2  # already a row matrix: no reshape, no view of the output
+    rows = (x if flat else x.reshape(-1, x.shape[-1])).contiguous()
     params = [t.contiguous() for t in (ln_weight, ln_bias, weight, bias)]
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     if torch.compiler.is_compiling() or counting_flops(LN_LINEAR_FLOP_FORMULAS):
         out = torch.ops.famevil_fast.ln_linear_forward(rows, *params, save, eps)[0]
     else:
+        out = _eager_layer_norm_linear()(rows, params, save, eps)
+    return out if flat else out.view(*x.shape[:-1], weight.shape[0])
+
+
+_EAGER_LN_LINEAR: Callable[..., torch.Tensor] | None = None
+
+
+def _eager_layer_norm_linear() -> Callable[..., torch.Tensor]:
+    """``famevil_fast.kernels.autograd.layer_norm_linear_eager``, imported on the first eager Triton call
+    (the kernels load triton) and kept: later calls skip the import statement's lookups."""
+    global _EAGER_LN_LINEAR
+    if _EAGER_LN_LINEAR is None:
         from famevil_fast.kernels.autograd import layer_norm_linear_eager
 
-        out = layer_norm_linear_eager(rows, params, save, eps)
-    return out.view(*x.shape[:-1], weight.shape[0])
+        _EAGER_LN_LINEAR = layer_norm_linear_eager
+    return _EAGER_LN_LINEAR
 
 
 def _split_key_values(kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,30 +284,29 @@ def cross_attention_triton(
 
 
 def _check_params(op: str, x: torch.Tensor, attn: CrossAttentionParams) -> None:
-    dtypes = {t.dtype for t in attn}
-    for name, t in attn._asdict().items():
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
-    if len(dtypes) > 1:
+    device, dtype = x.device, attn.q_weight.dtype
+    for name, t in zip(CrossAttentionParams._fields, attn):
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
+    if any(t.dtype != dtype for t in attn):
+        dtypes = {t.dtype for t in attn}
         raise ValueError(f"{op}: the attention parameters mix dtypes {sorted(map(str, dtypes))}")
-    dtype = attn.q_weight.dtype
     if dtype not in (x.dtype, torch.float32):
         raise ValueError(
             f"{op}: attention parameters are {dtype} but x is {x.dtype} (allowed: x's dtype or float32)"
         )
     d, c = x.shape[-1], attn.kv_weight.shape[-1]
-    shapes = {
-        "q_ln_weight": (d,),
-        "q_ln_bias": (d,),
-        "ctx_ln_weight": (c,),
-        "ctx_ln_bias": (c,),
-        "q_bias": (d,),
-    }
-    shapes["kv_bias"] = (2 * d,)
-    for name, want in shapes.items():
-        got = tuple(getattr(attn, name).shape)
-        if got != want:
-            raise ValueError(f"{op}: {name} has shape {got}, expected {want}")
+    shapes = (
+        ("q_ln_weight", attn.q_ln_weight, (d,)),
+        ("q_ln_bias", attn.q_ln_bias, (d,)),
+        ("ctx_ln_weight", attn.ctx_ln_weight, (c,)),
+        ("ctx_ln_bias", attn.ctx_ln_bias, (c,)),
+        ("q_bias", attn.q_bias, (d,)),
+        ("kv_bias", attn.kv_bias, (2 * d,)),
+    )
+    for name, t, want in shapes:
+        if t.shape != want:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {want}")
 
 
 def _check_heads(op: str, width: int, num_heads: int) -> None:
@@ -313,18 +324,27 @@ def _check_context(op: str, context: torch.Tensor, attn: CrossAttentionParams) -
         raise ValueError(
             f"{op}: context width {context.shape[-1]} does not match kv_weight {tuple(attn.kv_weight.shape)}"
         )
-    want = {"ctx_ln_weight": (c,), "ctx_ln_bias": (c,), "kv_bias": (attn.kv_weight.shape[0],)}
-    for name, shape in want.items():
-        got = tuple(getattr(attn, name).shape)
-        if got != shape:
-            raise ValueError(f"{op}: {name} has shape {got}, expected {shape}")
+    want = (
+        ("ctx_ln_weight", attn.ctx_ln_weight, (c,)),
+        ("ctx_ln_bias", attn.ctx_ln_bias, (c,)),
+        ("kv_bias", attn.kv_bias, (attn.kv_weight.shape[0],)),
+    )
+    for name, t, shape in want:
+        if t.shape != shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {shape}")
     if not context.is_floating_point():
         raise ValueError(f"{op}: context must be a floating-point tensor, got {context.dtype}")
-    for name in ("ctx_ln_weight", "ctx_ln_bias", "kv_weight", "kv_bias"):
-        t = getattr(attn, name)
-        if t.device != context.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but the context is on {context.device}")
-        if t.dtype not in (context.dtype, torch.float32) or t.dtype != attn.kv_weight.dtype:
+    device, dtype, kv_dtype = context.device, context.dtype, attn.kv_weight.dtype
+    named = (
+        ("ctx_ln_weight", attn.ctx_ln_weight),
+        ("ctx_ln_bias", attn.ctx_ln_bias),
+        ("kv_weight", attn.kv_weight),
+        ("kv_bias", attn.kv_bias),
+    )
+    for name, t in named:
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the context is on {device}")
+        if t.dtype not in (dtype, torch.float32) or t.dtype != kv_dtype:
             raise ValueError(
                 f"{op}: {name} is {t.dtype} but the context is {context.dtype} (allowed: the context's "
                 f"dtype or float32, the same for every parameter)"
@@ -422,7 +442,8 @@ def cross_attention_adapter(
     backend): fuse each LayerNorm into its projection (True) or leave both to PyTorch.
     """
     check_backend("cross_attention_adapter", backend, BACKENDS)
-    if torch.is_autocast_enabled(x.device.type):  # the two towers' streams may differ in dtype under autocast
+    autocast = torch.is_autocast_enabled("cuda" if x.is_cuda else x.device.type)
+    if autocast:  # the two towers' streams may differ in dtype under autocast
         if context is not None and context.is_floating_point() and context.dtype != x.dtype:
             context = context.to(x.dtype)
         if context_kv is not None and context_kv[0].dtype != x.dtype:
