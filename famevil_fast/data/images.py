@@ -9,12 +9,29 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
+
+# Frames a warning is not attributed to: this package's, and torch's decorator wrappers (no_grad) around them.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_WRAPPER_FILES = (os.path.join("torch", "utils", "_contextlib.py"),)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the calling function point at the first frame
+    outside this package: the user's code that called into it (or the command line's entry point)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_PACKAGE_DIR) or name.endswith(_WRAPPER_FILES)):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class SkippedImagesWarning(UserWarning):
@@ -43,8 +60,9 @@ class SkippedImages:
     def paths(self) -> list[str]:
         return list(self._paths)
 
-    def report(self, total: int | None = None, stacklevel: int = 3) -> None:
-        """Emit one warning summarising everything added since the last report, then forget it."""
+    def report(self, total: int | None = None) -> None:
+        """Emit one warning summarising everything added since the last report, then forget it; it points
+        at the first caller outside this package."""
         with self._lock:
             paths, reasons = self._paths, self._reasons
             self._paths, self._reasons = [], {}
@@ -57,7 +75,7 @@ class SkippedImages:
             f"{self.what}: skipped {len(paths)}{out_of} images that are missing or cannot be decoded: "
             f"{examples}{more}",
             SkippedImagesWarning,
-            stacklevel=stacklevel,
+            stacklevel=caller_stacklevel(),
         )
 
 

@@ -330,7 +330,7 @@ class TrainLoader:
         ):
             self._position = step + 1
             if self._position == n:
-                self.skipped.report(stacklevel=3)
+                self.skipped.report()
                 self._epoch, self._position = epoch + 1, 0
             yield batch
 
@@ -391,7 +391,7 @@ class EvalBatches:
         rows = sum(
             len(range(s * self.batch_size, min((s + 1) * self.batch_size, len(self.table)))) for s in steps
         )
-        self.skipped.report(total=rows * max(1, len(self.table.slots)), stacklevel=4)
+        self.skipped.report(total=rows * max(1, len(self.table.slots)))
 
 
 def build_train_loader(

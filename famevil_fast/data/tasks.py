@@ -205,7 +205,7 @@ def _missing(
     skipped = SkippedImages(what)
     for p in sorted(missing):
         skipped.add(p, reasons[p])
-    skipped.report(total=total, stacklevel=5)
+    skipped.report(total=total)
     return missing
 
 
