@@ -148,16 +148,14 @@ class FusedLayer:
     def _launch(self, h, cache, position, context_kv) -> torch.Tensor:
         """The same kernels on (B, d) rows, straight through their launchers."""
         eps_1, eps_x, eps_2, eps_t = self.eps
-        qkv = launch.ln_linear_forward(h, *self.qkv, False, eps_1)[0]
+        qkv = launch.ln_linear_output(h, *self.qkv, eps_1)
         o = launch.decode_self_attention(qkv, cache, position, self.heads)
         a = launch.linear_residual(o, *self.out, h)
         q = launch.decode_cross_attention(a, 1, *self.query, *context_kv, eps_x)
-        x = launch.adapter_forward(q, self.xaa_adapter, [], launch.SINGLE_TASK, False, eps_x)[0]
-        hidden = launch.ln_linear_forward(a, *self.mlp_in, False, eps_2, self.activation)[0]
+        x = launch.adapter_output(q, self.xaa_adapter, [], launch.SINGLE_TASK, eps_x)
+        hidden = launch.ln_linear_output(a, *self.mlp_in, eps_2, self.activation)
         linear = (hidden, *self.mlp_out)
-        return launch.adapter_forward(a, self.task_adapter, [a, x], launch.SINGLE_TASK, False, eps_t, linear)[
-            0
-        ]
+        return launch.adapter_output(a, self.task_adapter, [a, x], launch.SINGLE_TASK, eps_t, linear)
 
 
 class FusedHead:
@@ -175,7 +173,7 @@ class FusedHead:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) of rows h (B, d), in h's dtype."""
         if self.checked:
-            return launch.ln_linear_forward(h, *self.params, False, self.eps)[0]
+            return launch.ln_linear_output(h, *self.params, self.eps)
         self.checked = True
         return layer_norm_linear_act(h, *self.params, None, self.eps, TRITON)
 

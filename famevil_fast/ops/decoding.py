@@ -115,7 +115,7 @@ def layer_norm_linear_act(
 
     rows = x.reshape(-1, d).contiguous()
     params = (t.contiguous() for t in (ln_weight, ln_bias, weight, bias))
-    out = launch.ln_linear_forward(rows, *params, False, eps, activation)[0]
+    out = launch.ln_linear_output(rows, *params, eps, activation)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -267,7 +267,7 @@ def adapter_with_linear(
     res = [t.reshape(-1, d).contiguous() for t in residuals]
     linear = (hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), bias.contiguous())
     ps = tuple(p.contiguous() for p in params)
-    y = launch.adapter_forward(rows, ps, res, launch.SINGLE_TASK, False, eps, linear)[0]
+    y = launch.adapter_output(rows, ps, res, launch.SINGLE_TASK, eps, linear)
     return y.view(x.shape)
 
 
