@@ -56,22 +56,51 @@ def test_embed_images_and_texts(checkpoint, images, tmp_path):
 def test_embed_keeps_a_long_image_list_beside_the_file(checkpoint, images, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from famevil_fast.cli.commands import embed
+    from famevil_fast.cli import gallery_file
 
     out = tmp_path / "emb.safetensors"
     files = sorted(map(str, images.iterdir()))
-    monkeypatch.setattr(embed, "IMAGE_LIST_IN_HEADER_MAX", 10)
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 10)
     assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     listing = tmp_path / "emb.safetensors.images.txt"
     assert "images" not in meta and meta["images_file"] == listing.name
     assert listing.read_text().splitlines() == files
-    monkeypatch.setattr(embed, "IMAGE_LIST_IN_HEADER_MAX", 1 << 20)
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 1 << 20)
     assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["images"].split("\n") == files
     assert not listing.exists()  # no stale list beside a file whose header holds its own
+
+
+def test_a_failed_embed_never_leaves_a_header_with_the_wrong_image_list(
+    checkpoint, images, tmp_path, monkeypatch
+):
+    """An earlier gallery whose list file a later, failed embed replaced is refused by name, not read with
+    the new paths; a list file stays until the header that stops naming it is in place."""
+    import famevil_fast.files
+    from famevil_fast.cli import gallery_file
+    from famevil_fast.cli.gallery_file import read_gallery
+
+    out = tmp_path / "emb.safetensors"
+    files = sorted(images.iterdir())
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 10)
+    assert main(["embed", str(checkpoint), "--images", *map(str, files), "--out", str(out)]) == 0
+    assert read_gallery(out)[1] == list(map(str, files))
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(famevil_fast.files, "atomic_save_safetensors", no_space)
+    with pytest.raises(OSError):
+        main(["embed", str(checkpoint), "--images", *map(str, files[:2]), "--out", str(out)])
+    with pytest.raises(ValueError, match="is not the one gallery .* was written with"):
+        read_gallery(out)
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 1 << 20)
+    with pytest.raises(OSError):
+        main(["embed", str(checkpoint), "--images", *map(str, files), "--out", str(out)])
+    assert gallery_file.image_list_file(out).exists()  # still named by the header on disk
 
 
 def test_embed_resizes_as_asked(checkpoint, images, tmp_path):

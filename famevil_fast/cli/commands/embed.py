@@ -19,10 +19,6 @@ if TYPE_CHECKING:
 
     from famevil_fast.eval.sharding import EvalShard
 
-# The image paths go in the file's header (metadata field "images", one per line) up to this many bytes;
-# a longer list goes to a text file beside it (safetensors caps a header at 100 MB).
-IMAGE_LIST_IN_HEADER_MAX = 32 * 2**20
-
 NAME = "embed"
 HELP = (
     "Embed image files/folders and/or lines of a text file with a FAME-ViL checkpoint (two-tower mode; under "
@@ -67,34 +63,12 @@ def run(args: argparse.Namespace) -> int:
     with command_processes(args.device) as (shard, device):  # under torchrun each embeds its share
         out, meta = _embed(args, shard, device)
     if shard.is_main:
-        from famevil_fast.files import atomic_save_safetensors
+        from famevil_fast.cli.gallery_file import write_gallery
 
-        meta = _place_image_list(Path(args.out), meta)
-        atomic_save_safetensors(args.out, out, metadata=meta)  # parent folders made, plain permissions
-        listed = f" (image paths in {image_list_file(Path(args.out))})" if "images_file" in meta else ""
+        listing = write_gallery(args.out, out, meta)  # parent folders made, plain permissions
+        listed = f" (image paths in {listing})" if listing is not None else ""
         print(f"wrote {', '.join(f'{k} {tuple(v.shape)}' for k, v in out.items())} to {args.out}{listed}")
     return 0
-
-
-def image_list_file(out: Path) -> Path:
-    """Where the image paths of the embeddings file ``out`` go when they are too many for its header."""
-    return out.with_name(out.name + ".images.txt")
-
-
-def _place_image_list(out: Path, meta: dict[str, str]) -> dict[str, str]:
-    """``meta`` with the image paths kept in it, or moved to ``image_list_file(out)`` (written first, so the
-    embeddings never name a missing list) when they pass IMAGE_LIST_IN_HEADER_MAX bytes. A list file left
-    by an earlier run at that name is removed when this run keeps its paths in the header."""
-    from famevil_fast.files import atomic_write
-
-    listing = meta.get("images")
-    sidecar = image_list_file(out)
-    if listing is None or len(listing.encode()) <= IMAGE_LIST_IN_HEADER_MAX:
-        sidecar.unlink(missing_ok=True)
-        return meta
-    atomic_write(sidecar, lambda tmp: tmp.write_text(listing + "\n", encoding="utf-8"))
-    meta = {k: v for k, v in meta.items() if k != "images"}
-    return {**meta, "images_file": sidecar.name}
 
 
 def _texts(path: Path) -> list[str]:
