@@ -102,8 +102,15 @@ def test_destination_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
         assert main(["convert", str(tiny_checkpoint), str(dest), "--to", "huggingface"]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
-    assert main(["convert", str(tiny_checkpoint), str(tiny_checkpoint), "--to", "huggingface"]) == 2
-    assert "is the source checkpoint itself" in capsys.readouterr().err  # left as it was
+    weights = next(p for p in tiny_checkpoint.iterdir() if p.suffix == ".safetensors")
+    over_source = [  # the directory itself, a file inside it, the folder of a file source
+        (tiny_checkpoint, tiny_checkpoint),
+        (tiny_checkpoint, tiny_checkpoint / "hf.safetensors"),
+        (weights, tiny_checkpoint),
+    ]
+    for source, dest in over_source:
+        assert main(["convert", str(source), str(dest), "--to", "huggingface"]) == 2
+        assert "would write over the source checkpoint" in capsys.readouterr().err
     assert FameViL.from_pretrained(tiny_checkpoint).config == TINY
     assert main(["convert", str(tiny_checkpoint), str(tmp_path / "off"), "--to", "official"]) == 2
     assert "its name must end in one of" in capsys.readouterr().err  # official stays a single file

@@ -1,6 +1,6 @@
 """Image files as a model's input: :func:`load_images` decodes them with the evaluation transform (resize,
-centre crop, CLIP normalisation) into one batch of pixels, as ``famevil-fast embed``, ``caption`` and the
-evaluator see them."""
+centre crop, CLIP normalisation) into one batch of pixels, as ``famevil-fast embed``, ``caption``, ``search``
+and the evaluator see them."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ def load_images(
     paths: PathLike | Sequence[PathLike], size: int, eval_resize: str = "keep_aspect"
 ) -> torch.Tensor:
     """(N, 3, size, size) float32 CLIP-normalised pixels of the image files ``paths`` (one path or a
-    sequence), in order: the evaluation crop, its resize chosen by ``eval_resize`` ("keep_aspect": the
-    shorter side to ``size``, then the centre square; "squash": the whole image to size x size). A missing
+    sequence), in order, by the evaluation transform: a resize to R = round(size * 256 / 224), then the
+    centre size x size crop. ``eval_resize`` chooses the resize: "keep_aspect", the shorter side to R (the
+    aspect kept), or "squash", the whole image to R x R (see ``famevil_fast.data.transforms``). A missing
     file raises FileNotFoundError and a file that is not a readable image ValueError, each naming it."""
     from PIL import Image, UnidentifiedImageError
 

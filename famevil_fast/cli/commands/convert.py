@@ -86,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
             f"--to famevil_fast writes a directory, but {dest} names a {dest.suffix} file: "
             "give a directory, or use --to official / --to huggingface for a single file"
         )
-    if dest.exists() and dest.resolve() == Path(args.source).resolve():
-        raise ValueError(f"DEST {dest} is the source checkpoint itself; give another DEST")
+    check_not_source(dest, Path(args.source))
     check_options(args)
     model = _load(args)
     if args.to == "famevil_fast":
@@ -115,6 +114,17 @@ def _contents(model: FameViL, layout: str) -> str:
         f"{counts['clip']:,} parameters: the CLIP backbone only; its {', '.join(left_out)} are not included, "
         "a Hugging Face CLIPModel has no place for them"
     )
+
+
+def check_not_source(dest: Path, source: Path) -> None:
+    """Refuse a DEST whose writing could replace the source checkpoint: the source itself, a path inside
+    the source directory, or the directory the source file lies in (where a directory output's files go)."""
+    d, s = dest.resolve(), source.resolve()
+    if d == s or s in d.parents or (s.parent == d and d.is_dir()):
+        raise ValueError(
+            f"DEST {dest} would write over the source checkpoint {source} (the same path, inside it, or its "
+            "folder); give another DEST"
+        )
 
 
 def check_options(args: argparse.Namespace) -> None:
