@@ -32,23 +32,29 @@ def test_output_into_a_closed_pipe_ends_quietly():
     assert done.returncode == CLOSED_STDOUT_STATUS == 141
 
 
-class _ClosedStdout:
-    """A stdout whose reader has gone: every write and flush raises BrokenPipeError."""
-
-    def write(self, text: str) -> int:
-        raise BrokenPipeError(32, "Broken pipe")
-
-    def flush(self) -> None:
-        raise BrokenPipeError(32, "Broken pipe")
-
-    def fileno(self) -> int:
-        raise OSError("no file descriptor")
-
-
 def test_every_command_stops_quietly_when_its_stdout_is_closed(monkeypatch):
-    monkeypatch.setattr(sys, "stdout", _ClosedStdout())
-    assert main(["info"]) == CLOSED_STDOUT_STATUS
-    assert not isinstance(sys.stdout, _ClosedStdout)  # later writes (the exit's flush) go nowhere
+    """In process: stdout a pipe whose reader has gone; later writes (the exit's flush) go nowhere."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as writer:
+        monkeypatch.setattr(sys, "stdout", writer)
+        assert main(["info"]) == CLOSED_STDOUT_STATUS
+        print("after the command", file=writer, flush=True)  # raises nothing now
+
+
+def test_a_broken_pipe_with_a_stdout_that_cannot_be_asked_keeps_its_traceback(monkeypatch):
+    """A stdout without a file descriptor (a notebook's) cannot tell a gone reader: the error stands."""
+    import io
+
+    from famevil_fast.cli.commands import info
+
+    def broken_worker(args) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(info, "run", broken_worker)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with pytest.raises(BrokenPipeError):
+        main(["info"])
 
 
 def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback(monkeypatch, capsys):

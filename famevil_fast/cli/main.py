@@ -86,15 +86,15 @@ CLOSED_STDOUT_STATUS = 141
 
 
 def _stdout_closed() -> bool:
-    """Whether stdout's reader has gone. A stdout without a file descriptor to ask (a test's stand-in) is
-    taken for closed; a pipe or terminal whose reader is still there is not (a BrokenPipeError then came
-    from another pipe, a worker process's, and is a failure)."""
+    """Whether stdout's reader has gone. A pipe or terminal whose reader is still there is not (a
+    BrokenPipeError then came from another pipe, a worker process's, and is a failure), nor is a stdout
+    without a file descriptor to ask (a notebook's, a redirection to a buffer): it cannot be told apart."""
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
         events = poller.poll(0)
     except (AttributeError, OSError, ValueError):
-        return True
+        return False
     return any(flags & (select.POLLERR | select.POLLHUP) for _, flags in events)
 
 
