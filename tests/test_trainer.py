@@ -88,10 +88,14 @@ def test_sigterm_saves_and_stops(tmp_path):
 
     s = streams()
     s["itc"] = Killer("itc", 0)
-    trainer = Trainer(micro_config(tmp_path, "train.updates=50"), s)
+    trainer = Trainer(micro_config(tmp_path, "train.updates=50", "logging.every=10"), s)
     result = trainer.fit()
     assert result["status"].startswith("interrupted") and result["update"] == 2
     assert trainer.checkpoints.latest().name == "step_00000002"
+    import json
+
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["update"] for r in logged if r["kind"] == "train"] == [1, 2]  # the last update, off the grid
 
 
 def test_distillation_from_saved_teachers(tmp_path):
@@ -376,6 +380,13 @@ def test_the_first_and_last_updates_are_logged_and_a_resume_says_where_it_contin
     assert [r["update"] for r in records if r["kind"] == "train"] == [1, 3, 5]
     messages = [r["text"] for r in records if r["kind"] == "message"]
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000003'} at update 3" in messages
+    by_caller = Trainer(micro_config(tmp_path, "train.updates=6", "logging.every=10"), streams())
+    by_caller.resume(tmp_path / "checkpoints" / "step_00000005")  # resumed by the caller, not by fit
+    by_caller.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000005'} at update 5" in [
+        r["text"] for r in records if r["kind"] == "message"
+    ]
 
 
 def test_resume_refuses_a_recipe_that_changes_the_run(tmp_path):

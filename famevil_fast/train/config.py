@@ -264,7 +264,10 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    every: int = doc("log losses every N updates (and the first and last; 0 = never)", 10)
+    every: int = doc(
+        "log losses every N updates, the first and the last (train.updates or an interruption's); 0 = never",
+        10,
+    )
     tensorboard: bool = doc("also write TensorBoard event files (when tensorboard is installed)", True)
     progress: bool = doc("show a tqdm progress bar", True)
 

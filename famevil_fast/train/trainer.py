@@ -562,14 +562,14 @@ class Trainer:
             self.logger.message(
                 f"no checkpoint to resume in {self.checkpoints.directory}: starting a new run"
             )
-        elif resumed:
+        elif self._resumed_from is not None:  # by fit, or by the caller's resume() before it
             self.logger.message(f"resumed from {self._resumed_from} at update {self.update}")
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         status = "finished"
         try:
             while self.update < cfg.train.updates:
                 record = self.train_update()
-                self._log(record)
+                logged = self._log(record)
                 self.logger.advance()
                 if cfg.eval.every and self.update % cfg.eval.every == 0 and self.update < cfg.train.updates:
                     self.evaluate()
@@ -579,6 +579,8 @@ class Trainer:
                 stop = self._agreed_stop if self.dist.enabled else self._stop_signal
                 if stop is not None:  # under DDP every process stops after the same update
                     status = f"interrupted by signal {stop}"
+                    if not logged:  # the run's last update: logged whatever logging.every
+                        self._log(record, last=True)
                     break
             self.save()
             if status == "finished" and self.dist.is_main:
@@ -628,16 +630,19 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def _log(self, record: dict[str, Any]) -> None:
+    def _log(self, record: dict[str, Any], last: bool = False) -> bool:
+        """Log the update's losses every ``logging.every`` updates, at the first, and at the last (the
+        recipe's ``train.updates``, or ``last``: an interruption's); whether it logged."""
         every = self.cfg.logging.every
-        first_or_last = self.update in (1, self.cfg.train.updates)
+        first_or_last = last or self.update in (1, self.cfg.train.updates)
         if not (every and (self.update % every == 0 or first_or_last)):
-            return
+            return False
         values: dict[str, Any] = {"lr": record["lr"], "grad_norm": record["grad_norm"]}
         if not record["applied"]:
             values["applied"] = False
         values.update({f"loss/{task}": value for task, value in task_means(record["losses"]).items()})
         self.logger.log(self.update, values)
+        return True
 
     def evaluate(self) -> dict[str, Any]:
         """Run the evaluator and return its results on rank 0 ({} elsewhere). Under DDP an evaluator whose
