@@ -229,7 +229,8 @@ def adapter_output(
     saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y of ``adapter_forward``, whose kernels also fill ``saved = (h, mean, rstd)`` when given (N rows
-    each); without it nothing is kept and nothing allocated for it (evaluation, decoding)."""
+    each); without it nothing is kept (evaluation, decoding), and only a bottleneck too wide to stay on chip
+    (r > FUSED_MAX_R) still needs h, as scratch."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]

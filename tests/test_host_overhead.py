@@ -184,3 +184,12 @@ def test_contrastive_number_scale_is_filled_on_the_device() -> None:
     assert log.ops == ["full"]  # no tensor made on the host and copied over
     assert s.shape == () and s.dtype == torch.float32 and s.item() == 2.5
     assert _as_scale(2.5, a.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("scale", [1e40, -1e40])
+def test_a_float_scale_beyond_the_compute_dtype_gives_a_non_finite_loss(scale: float) -> None:
+    """As a host-made tensor of the number rounded it: inf, then a non-finite loss (not an error)."""
+    from famevil_fast.ops import contrastive_loss
+
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    assert not torch.isfinite(contrastive_loss(a, b, scale, backend="torch"))

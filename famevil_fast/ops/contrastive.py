@@ -20,6 +20,7 @@ of the logits and of their gradients.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -61,7 +62,10 @@ def _as_scale(scale: ScaleLike, like: torch.Tensor, dtype: torch.dtype | None = 
         if scale.numel() != 1:
             raise ValueError(f"scale must be a float or a one-element tensor, got shape {tuple(scale.shape)}")
         return scale.reshape(()).to(device=like.device, dtype=dtype)
-    return torch.full((), float(scale), dtype=dtype, device=like.device)
+    value = float(scale)
+    if abs(value) > torch.finfo(dtype).max:  # inf, as the dtype's rounding gives (a non-finite loss follows)
+        value = math.copysign(math.inf, value)
+    return torch.full((), value, dtype=dtype, device=like.device)
 
 
 # ---------------------------------------------------------------------------------------------------
