@@ -1,13 +1,19 @@
 """Evaluation shared over processes (gloo, CPU): each process encodes every other batch and process 0 scores;
-the report equals one process's, through ``Evaluator`` and through ``famevil-fast eval``."""
+the report equals one process's, through ``Evaluator`` and through ``famevil-fast eval``; an error in any
+process, process 0's scoring included, is raised in every process, which stay in step."""
 
 import json
 import os
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import free_port, join_as_torchrun, leave_process_group
+from helpers import EmbeddingStub, free_port, join_as_torchrun, leave_process_group
 
 from famevil_fast.eval import runner
 from famevil_fast.eval.runner import EvalOptions, Evaluator
@@ -394,3 +400,142 @@ def test_outputs_travel_to_process_0_alone_and_errors_to_every_process(tmp_path)
     assert main["on_main"] == "by 0" and other["on_main"] is None  # computed and kept by process 0
     assert main["on_main_error"] == "integer division or modulo by zero"
     assert other["on_main_error"] == "integer division or modulo by zero (in process 0 of 2)"
+
+
+class _TaskStub(EmbeddingStub):
+    """A model of every task for hand-made sets: embeddings, compositions and logits are the inputs
+    (normalised), every caption is "a dress"; NaN pixels give NaN logits, as a diverged model does."""
+
+    training = False
+    config = SimpleNamespace(tasks=TASKS)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def compose(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(pixels + input_ids, "tgir")
+
+    def classify(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return pixels.double()
+
+    def caption(self, pixels: torch.Tensor, **kwargs) -> list[str]:
+        return ["a dress"] * pixels.shape[0]
+
+
+def _hand_made_sets(logit: float = 1.0) -> dict:
+    """A set of 12 samples per task in batches of 3, shared out over the processes; every SCR logit is
+    ``logit``."""
+    from famevil_fast.data.eval_sets import CapEval, SCREval, TGIRCategoryEval, TGIREval, XMREval
+
+    rows = torch.randn(12, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ids, zeros = torch.arange(12), torch.zeros(12, 4, dtype=torch.long)
+
+    def batches(**columns: torch.Tensor) -> list[dict]:
+        return [{k: v[i : i + 3] for k, v in columns.items()} for i in range(0, 12, 3)]
+
+    texts = {"input_ids": rows + 0.1, "product_ids": ids, "subcategory": ids * 0}
+    queries = batches(ref_pixels=rows, input_ids=zeros, target_ids=ids)
+    return {
+        "itc": XMREval(batches(pixels=rows, product_ids=ids, subcategory=ids * 0), texts, []),
+        "tgir": TGIREval({"dress": TGIRCategoryEval("dress", queries, batches(pixels=rows, target_ids=ids))}),
+        "scr": SCREval(batches(pixels=torch.full((12, 5), logit), input_ids=zeros, labels=ids % 5)),
+        "cap": CapEval(batches(pixels=rows, input_ids=zeros), ["a dress"] * 12),
+    }
+
+
+def _failing(name: str) -> Callable:
+    def fail(*args, **kwargs):
+        raise ValueError(f"{name} failed")
+
+    return fail
+
+
+def _scoring_cases(shard: EvalShard) -> dict[str, Callable[[], list]]:
+    """Evaluations whose scoring fails in process 0 (a diverged model's NaN SCR logits; an XMR, TGIR or
+    FIC scorer that raises), then one that does not: every process runs them in this order."""
+    model, sets, full = _TaskStub(), _hand_made_sets(), EvalOptions(xmr_protocols=("full",))
+    diverged = _hand_made_sets(logit=float("nan"))["scr"]
+
+    def failing(task: str, scorer: str) -> Callable[[], list]:
+        def evaluate() -> list:
+            with mock.patch.object(runner, scorer, _failing(scorer)):
+                return runner.EVALUATORS[task](model, sets[task], full, shard)
+
+        return evaluate
+
+    def report(tasks: dict, options: EvalOptions) -> Callable[[], list]:
+        return lambda: Evaluator(tasks, options, shard).report(model).results
+
+    capped = EvalOptions(xmr_protocols=("full",), max_samples=6)
+    return {
+        "scr": lambda: runner.evaluate_scr(model, diverged, full, shard),
+        "itc": failing("itc", "xmr_full"),
+        "tgir": failing("tgir", "unique_gallery"),
+        "cap": failing("cap", "fic_result"),
+        "report": report({"scr": diverged, "itc": sets["itc"]}, full),
+        "report_capped": report({"scr": diverged, "itc": sets["itc"]}, capped),
+        "after": report({"itc": sets["itc"], "scr": sets["scr"]}, full),
+    }
+
+
+def _outcome(fn: Callable[[], list]) -> dict:
+    """What ``fn()`` did in this process: the error it raised (class name and message) or how many
+    results it returned; and how long it took."""
+    start = time.monotonic()
+    try:
+        done: dict = {"results": len(fn())}
+    except Exception as exc:
+        done = {"error": [type(exc).__name__, str(exc)]}
+    return {**done, "seconds": time.monotonic() - start}
+
+
+def _scoring_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    join_as_torchrun(rank, world, port)
+    # a process left waiting on a collective fails within 30 s: a regression fails rather than hangs
+    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    shard = EvalShard.of_process_group()
+    outcomes = {name: _outcome(case) for name, case in _scoring_cases(shard).items()}
+    with open(f"{out}/scoring{rank}.json", "w") as f:
+        json.dump(outcomes, f)
+    leave_process_group()
+
+
+@pytest.fixture(scope="module")
+def scoring_failures(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("scoring")
+    mp.spawn(_scoring_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"scoring{rank}.json").read_text()) for rank in range(2)]
+
+
+SCORING_ERRORS = {
+    "scr": "scr_result: logits contain NaN or Inf",
+    "itc": "xmr_full failed",
+    "tgir": "unique_gallery failed",
+    "cap": "fic_result failed",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", SCORING_ERRORS)
+def test_a_failure_while_process_0_scores_is_raised_in_every_process(scoring_failures, task):
+    main, other = (outcomes[task] for outcomes in scoring_failures)
+    assert main["error"] == ["ValueError", SCORING_ERRORS[task]]
+    assert other["error"] == ["ValueError", f"{SCORING_ERRORS[task]} (in process 0 of 2)"]
+    assert main["seconds"] < 10 and other["seconds"] < 10  # at once, not after a collective's timeout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["report", "report_capped"])
+def test_a_report_whose_first_task_fails_to_score_leaves_every_process_in_step(scoring_failures, case):
+    """The SCR task's scoring fails in process 0: every process stops there, before the XMR task, also when
+    process 0 evaluates alone (``max_samples``); the next report then runs in step."""
+    main, other = (outcomes[case] for outcomes in scoring_failures)
+    assert main["error"] == ["ValueError", SCORING_ERRORS["scr"]]
+    assert other["error"] == ["ValueError", f"{SCORING_ERRORS['scr']} (in process 0 of 2)"]
+    assert main["seconds"] < 10 and other["seconds"] < 10
+    assert [outcomes["after"].get("results") for outcomes in scoring_failures] == [2, 0]

@@ -2,6 +2,8 @@
 encoder): the sampled XMR query count, the unseeded sampled protocol, and the caption decoding cap and
 references of the official code's quirk in both their faithful and fixed forms."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import EmbeddingStub
@@ -53,10 +55,12 @@ def test_a_set_too_small_for_100_negatives_is_said_once(recwarn):
         (result,) = evaluate_xmr(EmbeddingStub(), _xmr_set(), options)
     assert len([w for w in caught if "negatives" in str(w.message)]) == 1
     assert result.protocol == "sampled-11" and result.chance["i2t_r@1"] == pytest.approx(100 / 12)
-    with pytest.warns(UserWarning, match=r"max_samples=6 \(--max-samples\) keeps only 2 products"):
+    capped = r"max_samples=6 \(--max-samples / eval.max_samples\) keeps only 2 products"
+    with pytest.warns(UserWarning, match=capped) as caught:
         evaluate_xmr(
             EmbeddingStub(), _xmr_set(products=120), EvalOptions(xmr_protocols=("sampled",), max_samples=6)
         )
+    assert caught[0].filename == __file__  # the caller outside the package, not the runner
     recwarn.clear()
     (full_size,) = evaluate_xmr(EmbeddingStub(), _xmr_set(products=102, views=1), options)
     assert full_size.protocol == "sampled-100"
@@ -240,6 +244,51 @@ def test_a_tgir_set_without_queries_or_gallery_images_is_named():
         evaluate_tgir(ComposeStub(), tgir([empty_query], [gallery]), EvalOptions())
     with pytest.raises(ValueError, match="the TGIR evaluation set's dress gallery has no images"):
         evaluate_tgir(ComposeStub(), tgir([query], [empty_gallery]), EvalOptions())
+
+
+class EveryTaskStub(ComposeStub):
+    """A model of every task for ``Evaluator``: SCR logits are the pixels."""
+
+    training = False
+    config = SimpleNamespace(tasks=("itc", "tgir", "scr", "cap"))
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def classify(self, pixels, input_ids):
+        return pixels.double()
+
+
+@pytest.mark.filterwarnings("ignore:XMR sampled protocol")  # 12 products: sampled-11
+def test_one_process_scores_without_any_collective(monkeypatch, scored):
+    """Without a process group nothing is exchanged, the scoring included, and an error while scoring (a
+    diverged model's NaN logits) is raised as it is."""
+    import torch.distributed as dist
+
+    from famevil_fast.data.eval_sets import SCREval, TGIRCategoryEval, TGIREval
+    from famevil_fast.eval.runner import Evaluator, evaluate_scr, evaluate_tgir
+
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective in a single-process evaluation")
+
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, collective)
+    model = EveryTaskStub()
+    query = {"ref_pixels": torch.randn(3, 4), "input_ids": torch.zeros(3, 4), "target_ids": torch.arange(3)}
+    gallery = {"pixels": torch.randn(3, 4), "target_ids": torch.arange(3)}
+    samples = {"pixels": torch.randn(4, 3), "input_ids": torch.zeros(4, 2), "labels": torch.arange(4) % 3}
+    assert len(evaluate_xmr(model, _xmr_set(), EvalOptions())) == 2
+    tgir = TGIREval({"dress": TGIRCategoryEval("dress", [query], [gallery])})
+    assert len(evaluate_tgir(model, tgir, EvalOptions())) == 1
+    assert evaluate_scr(model, SCREval([samples]), EvalOptions())[0].details["num_samples"] == 4
+    assert len(evaluate_cap(model, _cap_set(), EvalOptions())) == 1
+    diverged = SCREval([{**samples, "pixels": torch.full((4, 3), float("nan"))}])
+    for options in (EvalOptions(), EvalOptions(max_samples=2)):
+        with pytest.raises(ValueError, match=r"^scr_result: logits contain NaN or Inf$"):
+            Evaluator({"scr": diverged}, options).report(model)
 
 
 def test_progress_bars_name_each_set_only_when_asked(capsys):

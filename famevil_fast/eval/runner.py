@@ -17,7 +17,9 @@ built otherwise than the options say is an error.
 In a distributed run every process encodes its share of each set's batches, the outputs are gathered to
 process 0 alone and it scores them (``famevil_fast.eval.sharding``); the batches, and so the scores, are
 those of one process. The few things every process needs from the gathered outputs (whether a set has any
-samples, which XMR texts to encode) are agreed on with small exchanges.
+samples, which XMR texts to encode) are agreed on with small exchanges. Process 0 scores through
+``EvalShard.on_main``, so that an error while it scores is raised in every process at the same point of the
+evaluation, rather than leaving the others waiting in their next collective.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
+from famevil_fast.data.images import caller_stacklevel
 from famevil_fast.eval.captioning import fic_result
 from famevil_fast.eval.classification import scr_result
 from famevil_fast.eval.report import EvalReport, TaskResult
@@ -220,6 +223,21 @@ def _on(model, x: torch.Tensor) -> torch.Tensor:
     return x.to(model.device)
 
 
+def _scored(
+    shard: EvalShard, score: Callable[[], list[TaskResult]], details: dict[str, object]
+) -> list[TaskResult]:
+    """``score()`` computed by process 0 alone, ``details`` added to each result's; [] in the other
+    processes. An error in it is raised in every process (``EvalShard.on_main``)."""
+
+    def run() -> list[TaskResult]:
+        results = score()
+        for result in results:
+            result.details.update(details)
+        return results
+
+    return shard.on_main(run) or []
+
+
 def sampled_negatives(
     image_product_ids: torch.Tensor, text_product_ids: torch.Tensor, max_samples: int | None = None
 ) -> int:
@@ -231,12 +249,16 @@ def sampled_negatives(
     negatives = min(XMR_SAMPLED_NEGATIVES, texts - 1, views - most_views)
     if negatives < XMR_SAMPLED_NEGATIVES:
         capped = max_samples is not None and views >= max_samples
-        cause = f"max_samples={max_samples} (--max-samples) keeps" if capped else "the evaluation set has"
+        cause = (
+            f"max_samples={max_samples} (--max-samples / eval.max_samples) keeps"
+            if capped
+            else "the evaluation set has"
+        )
         warnings.warn(
             f"XMR sampled protocol: {negatives} negatives per query instead of {XMR_SAMPLED_NEGATIVES}, "
             f"reported as 'sampled-{negatives}' with chance K/{negatives + 1}: {cause} only {texts} products "
             f"({views} image views), and a query's negatives are the other products' texts or views",
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
     return negatives
 
@@ -246,7 +268,7 @@ def evaluate_xmr(
     model: FameViL, data: XMREval, opts: EvalOptions, shard: EvalShard = ONE_PROCESS
 ) -> list[TaskResult]:
     """XMR protocols of ``opts``; with ``shard``, each process encodes its share and process 0 scores
-    (the other processes return [])."""
+    (the other processes return []; an error while it scores is raised in every process)."""
     built = _set_options(data, opts, "itc")
 
     def encode_images(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,19 +279,35 @@ def evaluate_xmr(
         _each_batch(shard, data.images, "pixels", encode_images, opts.max_samples, _bar(opts, "XMR images")),
         "XMR",
     )
-    images = _cat_columns(encoded) if shard.is_main else ()
     # the texts of the products that have an image: process 0 holds the images and tells the others
-    keep = shard.broadcast(torch.isin(data.texts["product_ids"].cpu(), images[1]) if shard.is_main else None)
+    keep = shard.broadcast(shard.on_main(lambda: _with_images(data.texts["product_ids"], encoded)))
     ids = data.texts["input_ids"][keep.to(data.texts["input_ids"].device)]
     chunks = [ids[i : i + opts.text_batch] for i in range(0, ids.shape[0], opts.text_batch)]
     texts = shard.map_batches(
         chunks, lambda chunk: model.encode_text(_model_input(model, chunk), "itc").float()
     )
-    if not shard.is_main:
-        return []
-    image_emb, image_pid, image_sub = _on(model, images[0]), images[1], images[2]
-    text_emb = _on(model, torch.cat(texts))
-    text_pid, text_sub = data.texts["product_ids"].cpu()[keep], data.texts["subcategory"].cpu()[keep]
+    return _scored(shard, lambda: _xmr_results(model, encoded, texts, data.texts, keep, opts), built)
+
+
+def _with_images(text_product_ids: torch.Tensor, encoded: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Which texts are of a product with an image among the gathered (embedding, product id, subcategory)
+    image batches."""
+    return torch.isin(text_product_ids.cpu(), torch.cat([pids for _, pids, _ in encoded]))
+
+
+def _xmr_results(
+    model: FameViL,
+    encoded: list[tuple[torch.Tensor, ...]],
+    texts: list[torch.Tensor],
+    text_data: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+    opts: EvalOptions,
+) -> list[TaskResult]:
+    """The XMR protocols of ``opts`` over the gathered image batches and text embeddings (those of the
+    texts ``keep`` selects)."""
+    image_emb, image_pid, image_sub = _cat_columns(encoded)
+    image_emb, text_emb = _on(model, image_emb), _on(model, torch.cat(texts))
+    text_pid, text_sub = text_data["product_ids"].cpu()[keep], text_data["subcategory"].cpu()[keep]
     results = []
     if "full" in opts.xmr_protocols:
         results.append(
@@ -290,8 +328,6 @@ def evaluate_xmr(
                 num_negatives=negatives,
             )
         )
-    for result in results:
-        result.details.update(built)
     return results
 
 
@@ -306,15 +342,14 @@ def evaluate_tgir(
         pixels, ids = _model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])
         return model.compose(pixels, ids).float(), batch["target_ids"].cpu()
 
-    categories, with_queries = {}, 0
+    gathered = {}  # per category: process 0's query and gallery outputs (empty in the other processes)
     for name, cat in data.categories.items():
-        encoded = _each_batch(
+        queries = _each_batch(
             shard, cat.queries, "ref_pixels", compose, opts.max_samples, _bar(opts, f"TGIR {name} queries")
         )
-        if encoded is None:  # (in every process: no process had a query of this category)
+        if queries is None:  # (in every process: no process had a query of this category)
             continue
-        with_queries += 1
-        queries, targets = _cat_columns(encoded) if shard.is_main else (None, None)
+        targets = torch.cat([ids for _, ids in queries]) if shard.is_main else None
         gallery = _tgir_gallery(
             model, cat.gallery, targets, opts.max_samples, shard, _bar(opts, f"TGIR {name} gallery")
         )
@@ -322,18 +357,24 @@ def evaluate_tgir(
             raise ValueError(
                 f"the TGIR evaluation set's {name} gallery has no images: missing or undecodable"
             )
-        if not shard.is_main:
-            continue
-        embeddings, ids = gallery
-        g_emb, g_ids = unique_gallery(_on(model, torch.cat(embeddings)), torch.cat(ids).to(model.device))
-        categories[name] = TgirCategory(_on(model, queries), targets.to(g_emb.device), g_emb, g_ids)
-    if not with_queries:
+        gathered[name] = (queries, gallery)
+    if not gathered:
         raise ValueError("the TGIR evaluation set has no queries: their images are missing or undecodable")
-    if not shard.is_main:
-        return []
-    result = tgir_fashioniq(categories)
-    result.details.update(built)
-    return [result]
+    return _scored(shard, lambda: [tgir_fashioniq(_tgir_categories(model, gathered))], built)
+
+
+def _tgir_categories(
+    model: FameViL,
+    gathered: dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[list, list]]],
+) -> dict[str, TgirCategory]:
+    """Each category's gathered (composition, target id) query batches and gallery (embeddings, ids)
+    batches as a ``TgirCategory`` on the model's device, the gallery reduced to one image per id."""
+    categories = {}
+    for name, (queries, (embeddings, ids)) in gathered.items():
+        composed, targets = _cat_columns(queries)
+        g_emb, g_ids = unique_gallery(_on(model, torch.cat(embeddings)), torch.cat(ids).to(model.device))
+        categories[name] = TgirCategory(_on(model, composed), targets.to(g_emb.device), g_emb, g_ids)
+    return categories
 
 
 def _tgir_gallery(
@@ -399,16 +440,18 @@ def evaluate_scr(
     encoded = _required(
         _each_batch(shard, data.samples, "pixels", classify, opts.max_samples, _bar(opts, "SCR")), "SCR"
     )
-    if not shard.is_main:
-        return []
+    return _scored(shard, lambda: [_scr_result(encoded, data)], built)
+
+
+def _scr_result(encoded: list[tuple[torch.Tensor, torch.Tensor]], data: SCREval) -> TaskResult:
+    """``scr_result`` of the gathered (logits, labels) batches, with the set's category mapping."""
     logits, labels = _cat_columns(encoded)
     categories = getattr(data, "categories", None)
     result = scr_result(logits, labels, categories)
     note = getattr(data, "category_note", None)
     if categories is None and note:
         result.details["category_metrics"] = f"skipped: {note}"
-    result.details.update(built)
-    return [result]
+    return result
 
 
 def longest_reference(input_ids: torch.Tensor) -> int:
@@ -478,21 +521,22 @@ def evaluate_cap(
         _each_batch(shard, data.samples, "pixels", caption, opts.max_samples, _bar(opts, "FIC captions")),
         "FIC",
     )
-    if not shard.is_main:
-        return []
+    details = {
+        "references": opts.caption_references,
+        "max_len": "longest reference" if opts.caption_len_from_references else opts.caption_max_len,
+        "beams": opts.caption_beams,
+        **built,
+    }
+    return _scored(shard, lambda: [_fic_result(encoded, data, opts)], details)
+
+
+def _fic_result(encoded: list[tuple[list[str], object]], data: CapEval, opts: EvalOptions) -> TaskResult:
+    """``fic_result`` of the gathered (captions, references) batches: the references decoded from the
+    tokens, or (``caption_references="raw"``) looked up as written."""
     raw = RawReferences(data) if opts.caption_references == "raw" else None
     predictions = [text for captions, _ in encoded for text in captions]
     references = [text for _, refs in encoded for text in (refs if raw is None else raw.of_rows(*refs))]
-    result = fic_result(predictions, references, metrics=opts.caption_metrics)
-    result.details.update(
-        {
-            "references": opts.caption_references,
-            "max_len": "longest reference" if opts.caption_len_from_references else opts.caption_max_len,
-            "beams": opts.caption_beams,
-            **built,
-        }
-    )
-    return [result]
+    return fic_result(predictions, references, metrics=opts.caption_metrics)
 
 
 EVALUATORS: dict[str, Callable[..., list[TaskResult]]] = {
@@ -548,13 +592,18 @@ class Evaluator:
     def report(self, model: FameViL) -> EvalReport:
         """Every set's results. In a distributed run (``shard``, by default the initialised default process
         group) every process must call this: each encodes its share of every set, and process 0 scores and
-        gets the report while the others get an empty one. With ``max_samples`` process 0 evaluates alone."""
-        report = EvalReport()
+        gets the report while the others get an empty one. With ``max_samples`` process 0 evaluates alone
+        and the others wait for it. An error raised in process 0 (while it scores, say) is raised in every
+        process, at the same task, so the processes leave together."""
         shard = self.shard if self.shard is not None else EvalShard.of_process_group()
         if shard.enabled and self.options.max_samples is not None:
-            if not shard.is_main:
-                return report
-            shard = EvalShard()
+            report = shard.on_main(lambda: self._report(model, ONE_PROCESS))
+            return report if report is not None else EvalReport()
+        return self._report(model, shard)
+
+    def _report(self, model: FameViL, shard: EvalShard) -> EvalReport:
+        """Every set's results, each set shared out over ``shard``'s processes."""
+        report = EvalReport()
         was_training = model.training
         model.eval()
         try:

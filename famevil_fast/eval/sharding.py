@@ -4,7 +4,8 @@ Batch ``step`` of an evaluation set is encoded by process ``step % world``; the 
 gathered to process 0 alone, in the order of the set (the other processes receive nothing). The batches are
 the ones a single process would make, so the scores are a single process's; each process decodes and encodes
 only its share. An error in one process's share is exchanged before the outputs, so that every process
-raises it. Process 0 scores and reports; the others return nothing.
+raises it. Process 0 scores and reports (``on_main``: an error while it scores is raised in every process
+too); the others return nothing.
 """
 
 from __future__ import annotations
@@ -72,10 +73,19 @@ class EvalShard:
         return [value for _, value in local] if not self.enabled else self._exchange(local, None)
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
-        """``fn()`` computed by process 0 alone, in process 0; None in the others. An error in it is raised
-        in every process, as in ``map_batches``."""
-        done = self.map_batches([{}], lambda _: fn())  # one batch: process 0's
-        return done[0] if done else None
+        """``fn()`` computed by process 0 alone, in process 0 (where it stays: nothing is sent); None in the
+        others. Every process must call it: an error in ``fn`` is raised in every process, as in
+        ``map_batches``, rather than in process 0 alone while the others move on to their next collective."""
+        if not self.enabled:
+            return fn()
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except Exception as exc:  # handed to every process below
+                error = exc
+        self._raise_failures(error)
+        return value
 
     def any_process(self, flag: bool) -> bool:
         """Whether ``flag`` is true in any process; every process gets the answer."""
