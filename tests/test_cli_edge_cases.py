@@ -271,6 +271,49 @@ def test_make_synthetic_completes_an_interrupted_run(tmp_path, monkeypatch, caps
     assert (tmp_path / "synthetic.json").is_file() and not (tmp_path / "synthetic.writing").exists()
 
 
+def test_make_synthetic_keeps_a_user_s_file_with_a_generated_name_and_names_it(tmp_path, capsys):
+    own = tmp_path / "FashionGen" / "val" / "7_3.png"  # there before the first run
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"mine")
+    argv = ["make-synthetic", str(tmp_path), "--products", "4", "--image-size", "32", "--workers", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert own.read_bytes() == b"mine"
+    out = capsys.readouterr().out
+    assert "left 1 file that make-synthetic does not write" in out and "FashionGen/val/7_3.png" in out
+
+
+def test_make_synthetic_refuses_a_synthetic_json_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "synthetic.json").write_text('{"note": "mine"}')
+    mine = [tmp_path / name for name in ("FashionGen/train/123_0.png", "FashionIQ/images/B000000042.jpg")]
+    for path in mine:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"mine")
+    assert main(["make-synthetic", str(tmp_path), "--products", "4", "--workers", "1"]) == 2
+    assert "synthetic.json was not written by make-synthetic" in one_error_line(capsys, "make-synthetic")
+    assert (tmp_path / "synthetic.json").read_text() == '{"note": "mine"}'
+    assert all(path.read_bytes() == b"mine" for path in mine)
+
+
+def test_make_synthetic_removes_an_interrupted_run_s_files_it_does_not_write(tmp_path, monkeypatch, capsys):
+    own = tmp_path / "FashionGen" / "val" / "7_3.png"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"mine")
+    base = ["make-synthetic", str(tmp_path), "--image-size", "32", "--workers", "1"]
+    with monkeypatch.context() as patch:
+        _interrupt_before_the_record(patch)
+        with pytest.raises(KeyboardInterrupt):
+            main([*base, "--products", "14", "--fiq-images", "30"])
+    marker = json.loads((tmp_path / "synthetic.writing").read_text())
+    assert marker["settings"] == {"products": 14, "seed": 0, "val_fraction": 0.15, "fiq_images": 30}
+    assert main([*base, "--products", "4", "--seed", "3"]) == 0
+    on_disk_png, named_png, on_disk_jpg, named_jpg = _dataset_files(tmp_path)
+    assert on_disk_png - {"val/7_3.png"} == named_png and on_disk_jpg == named_jpg
+    assert own.read_bytes() == b"mine"
+    assert "FashionGen/val/7_3.png" in capsys.readouterr().out
+
+
 def test_make_synthetic_looks_for_dataset_files_where_they_lie(tmp_path, capsys):
     from famevil_fast.cli.commands.make_synthetic import check_output_dir
 

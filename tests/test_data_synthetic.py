@@ -212,3 +212,54 @@ def test_both_fashiongen_splits_keep_a_product_at_extreme_val_fractions(tmp_path
     train, val = read_fashiongen(tmp_path, "train"), read_fashiongen(tmp_path, "val")
     assert (summary.products_train, summary.products_val) == (len(train), len(val))
     assert (len(train), len(val)) == ((1, 3) if val_fraction > 0.5 else (3, 1))
+
+
+def _user_files(root: Path, names: tuple[str, ...]) -> list[Path]:
+    paths = [root / name for name in names]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"a user's {path.name}".encode())
+    return paths
+
+
+_GENERATOR_LIKE = ("FashionGen/train/123_0.png", "FashionGen/val/7_3.png", "FashionIQ/images/B000000042.jpg")
+
+
+def test_a_synthetic_json_the_generator_did_not_write_removes_nothing(tmp_path):
+    (tmp_path / "synthetic.json").write_text(json.dumps({"note": "my own notes"}))
+    mine = _user_files(tmp_path, _GENERATOR_LIKE)
+    make_synthetic(tmp_path, products=4, image_size=32, workers=1)
+    assert all(path.read_bytes() == f"a user's {path.name}".encode() for path in mine)
+
+
+def test_a_rewrite_with_other_settings_leaves_the_new_dataset_and_the_user_s_files(tmp_path):
+    """Files of the user's with names the generator gives, there before the first run, stay; the earlier
+    dataset's files the new one does not write go, whatever the product count and seed."""
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    mine = _user_files(tmp_path / "a", _GENERATOR_LIKE)
+    make_synthetic(tmp_path / "a", products=14, seed=5, image_size=32, fiq_images=30, workers=1)
+    make_synthetic(tmp_path / "a", products=8, seed=6, image_size=32, workers=1)
+    make_synthetic(tmp_path / "b", products=8, seed=6, image_size=32, workers=1)
+    rewritten, fresh = _digest_tree(tmp_path / "a"), _digest_tree(tmp_path / "b")
+    assert {k: v for k, v in rewritten.items() if k not in _GENERATOR_LIKE} == fresh
+    assert all(path.read_bytes() == f"a user's {path.name}".encode() for path in mine)
+    assert files_not_written_by_make_synthetic(tmp_path / "a") == sorted(mine)
+
+
+def test_an_older_generator_s_dataset_is_left_in_place_and_named(tmp_path):
+    """A synthetic.json without the settings the paths follow from (version 1): nothing of it is removed,
+    and the files the new dataset does not write are named."""
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    make_synthetic(tmp_path / "a", products=14, seed=5, image_size=32, fiq_images=30, workers=1)
+    record = json.loads((tmp_path / "a" / "synthetic.json").read_text())
+    record.pop("settings", None)
+    (tmp_path / "a" / "synthetic.json").write_text(json.dumps({**record, "generator_version": 1}))
+    earlier = _digest_tree(tmp_path / "a")
+    make_synthetic(tmp_path / "a", products=8, seed=6, image_size=32, workers=1)
+    make_synthetic(tmp_path / "b", products=8, seed=6, image_size=32, workers=1)
+    rewritten, fresh = _digest_tree(tmp_path / "a"), _digest_tree(tmp_path / "b")
+    left = sorted(set(rewritten) - set(fresh))
+    assert left and left == sorted(set(earlier) - set(fresh) - {"synthetic.json"})
+    assert files_not_written_by_make_synthetic(tmp_path / "a") == [tmp_path / "a" / name for name in left]

@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dir",
         help="output directory (receives FashionGen/, FashionIQ/, synthetic.json); an earlier synthetic "
         "dataset there is rewritten (its files that the new one does not write are removed; other files "
-        "are left, and those in FashionGen/ or FashionIQ/ named), a directory holding other FashionGen/ or "
-        "FashionIQ/ dataset files is refused",
+        "are left, and those in FashionGen/ or FashionIQ/ named), a directory holding another synthetic.json "
+        "or other FashionGen/ or FashionIQ/ dataset files is refused",
     )
     parser.add_argument(
         "--products", type=integer, default=1000, help=f"FashionGen-style products (at least {MIN_PRODUCTS})"
@@ -48,16 +48,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_output_dir(root: Path) -> None:
-    """Refuse a file, and a directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no
+    """Refuse a file, a directory holding a synthetic.json that make-synthetic did not write (writing there
+    would overwrite it), and a directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no
     earlier make-synthetic wrote (neither its synthetic.json nor the synthetic.writing it leaves while
     writing): they would be overwritten. An earlier synthetic dataset is rewritten, and one whose writing
     was interrupted is completed."""
-    from famevil_fast.data.synthetic.generate import dataset_json_files, written_by_make_synthetic
+    from famevil_fast.data.synthetic.generate import (
+        RECORD_FILE,
+        dataset_json_files,
+        written_by_make_synthetic,
+    )
 
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
     if written_by_make_synthetic(root):
         return
+    if (root / RECORD_FILE).exists():
+        raise ValueError(
+            f"{root / RECORD_FILE} was not written by make-synthetic: writing the synthetic dataset there "
+            "would overwrite it; choose another directory"
+        )
     folders = {path.relative_to(root).parts[0] for path in dataset_json_files(root)}
     found = [f"{name}/" for name in ("FashionGen", "FashionIQ") if name in folders]
     if found:
@@ -79,8 +89,9 @@ def check_sizes(args: argparse.Namespace) -> None:
 
 
 def left_files_note(root: Path) -> str | None:
-    """A line naming the files under ``root``'s FashionGen/ and FashionIQ/ that make-synthetic does not
-    write (a rewrite leaves them in place); None when there are none."""
+    """A line naming the files under ``root``'s FashionGen/ and FashionIQ/ that the dataset make-synthetic
+    wrote there does not write (a rewrite leaves them in place, also under names it gives); None when there
+    are none."""
     from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
 
     left = [p.relative_to(root).as_posix() for p in files_not_written_by_make_synthetic(root)]

@@ -12,13 +12,18 @@ Layout (the same as the real datasets, as FashionViL lays them out)::
     DIR/FashionIQ/synthetic_attributes.json         the drawn attributes of every FashionIQ image
     DIR/synthetic.json                              generator settings, counts, vocabularies
 
-``DIR/synthetic.writing`` is written before anything else and removed once ``synthetic.json`` (written last)
-is in place: a directory holding it is an interrupted run's, which a new run completes. A run that rewrites
-an earlier dataset removes that one's ``synthetic.json`` first, so that a half-rewritten directory is never
-taken for a complete dataset, and then every file of the earlier one that it does not write again (images of
-other products, views or names), so that the directory ends up holding what a fresh one would. Only files
-whose names the generator writes are removed, and only in a directory holding ``synthetic.json`` or
-``synthetic.writing``; any other file is left in place (``files_not_written_by_make_synthetic`` names them).
+The paths of the files follow from four settings alone (products, seed, val_fraction and the FashionIQ
+image count; the image size changes none), which ``synthetic.json`` records. ``DIR/synthetic.writing`` holds
+them too: it is written before anything is removed or written and removed once ``synthetic.json`` (written
+last) is in place, so a directory holding it is an interrupted run's, which a new run completes. A run that
+rewrites an earlier dataset (its ``synthetic.json``, or the marker an interrupted run left, parsed and taken
+only when the generator wrote it) removes that one's ``synthetic.json`` first, so that a half-rewritten
+directory is never taken for a complete dataset, then rebuilds the earlier dataset's paths from its settings
+(the random draws that name the files, no image drawn) and removes those it does not write again and the
+earlier JSON files, so that the directory ends up holding what a fresh one would. No other file is removed:
+a user's own files stay, also under names the generator gives, and so do all files of a dataset whose record
+holds no settings (an older generator's); ``files_not_written_by_make_synthetic`` names those under
+``FashionGen/`` and ``FashionIQ/``.
 
 All randomness is drawn in one process from ``numpy.random.default_rng(seed)`` before any image is drawn,
 so the output is identical for a seed whatever the number of worker processes.
@@ -31,9 +36,9 @@ nor the reference alone (its siblings and itself are in the gallery) finds the t
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -61,7 +66,9 @@ from famevil_fast.files import atomic_write_json
 FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 _PATTERN_P = np.asarray([0.3] + [0.14] * (len(PATTERNS) - 1))
 _BACKGROUNDS = ((255, 255, 255), (245, 245, 245), (236, 236, 238), (243, 239, 231), (232, 236, 241))
-GENERATOR_VERSION = 1
+# 2: the record and the marker hold the settings the file paths follow from; raise it whenever the same
+# settings would give other paths, so that no rewrite removes files by paths rebuilt with other code
+GENERATOR_VERSION = 2
 RECORD_FILE = "synthetic.json"
 WRITING_MARKER = "synthetic.writing"
 # where the dataset's JSON files lie (relative to DIR), as ``make_synthetic`` lays them out
@@ -69,17 +76,40 @@ DATASET_JSON_FOLDERS = ("FashionGen", "FashionIQ", "FashionIQ/captions", "Fashio
 DATASET_FOLDERS = ("FashionGen", "FashionIQ")
 MIN_PRODUCTS = 2
 MIN_IMAGE_SIZE = 32
-_CATEGORY = "|".join(FIQ_CATEGORIES)
-# the paths (relative to DIR) of every file ``make_synthetic`` writes, the temporary files of its atomic JSON
-# writes included
-_WRITTEN = re.compile(
-    r"FashionGen/(train|val)/\d+_\d+\.png|FashionGen/(train|val)_info\.json"
-    r"|FashionIQ/images/B\d{9}\.jpg|FashionIQ/synthetic_attributes\.json"
-    rf"|FashionIQ/captions/cap\.({_CATEGORY})\.(train|val)\.json"
-    rf"|FashionIQ/image_splits/split\.({_CATEGORY})\.(train|val)\.json"
-    rf"|{re.escape(RECORD_FILE)}|{re.escape(WRITING_MARKER)}"
-    r"|((FashionGen|FashionIQ(/captions|/image_splits)?)/)?\.[^/]+\.json\.[^/]+\.tmp"
+# the JSON files every dataset holds (relative to DIR)
+_JSON_FILES = frozenset(
+    [
+        "FashionGen/train_info.json",
+        "FashionGen/val_info.json",
+        "FashionIQ/synthetic_attributes.json",
+        *(
+            f"FashionIQ/{folder}/{prefix}.{category}.{split}.json"
+            for folder, prefix in (("captions", "cap"), ("image_splits", "split"))
+            for category in FIQ_CATEGORIES
+            for split in ("train", "val")
+        ),
+    ]
 )
+# the keys every synthetic.json of the generator holds (version 1 on), and every marker (version 2 on)
+_COUNT_KEYS = ("fashiongen_images", "fashioniq_images")
+_RECORD_KEYS = ("generator_version", "seed", "products_train", "products_val", *_COUNT_KEYS)
+_MARKER_KEYS = ("generator_version", "settings", *_COUNT_KEYS)
+_V1_MARKER_START = "make-synthetic is writing a synthetic dataset here"
+_MARKER_NOTE = (
+    "make-synthetic is writing a synthetic dataset here; if this file remains, the run was interrupted: "
+    "run make-synthetic again to complete it"
+)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What the paths of a dataset's files follow from (``fiq_images``: the FashionIQ image count asked for,
+    at least 24)."""
+
+    products: int
+    seed: int
+    val_fraction: float
+    fiq_images: int
 
 
 @dataclass
@@ -421,35 +451,106 @@ def _render_all(jobs: list[_Job], workers: int) -> None:
             pass
 
 
+def _read_record(path: Path) -> dict | None:
+    """The generator's record in ``path`` (``synthetic.json`` or the marker), or None when there is none or
+    the file is not the generator's (another program's ``synthetic.json``)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    marker = path.name == WRITING_MARKER
+    if marker and text.startswith(_V1_MARKER_START):  # version 1's marker: plain text, no settings
+        return {"generator_version": 1}
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    keys = _MARKER_KEYS if marker else _RECORD_KEYS
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        return None
+    return record if type(record["generator_version"]) is int else None
+
+
+def _generator_record(root: Path) -> dict | None:
+    """The record of the dataset ``make_synthetic`` wrote in ``root`` (``synthetic.json``) or was writing
+    there (the marker of an interrupted run); None when neither is the generator's."""
+    return _read_record(root / RECORD_FILE) or _read_record(root / WRITING_MARKER)
+
+
 def written_by_make_synthetic(root: str | os.PathLike) -> bool:
     """Whether ``root`` holds a dataset that ``make_synthetic`` wrote, complete (``synthetic.json``) or
-    interrupted (``synthetic.writing``)."""
-    root = Path(root)
-    return (root / RECORD_FILE).is_file() or (root / WRITING_MARKER).is_file()
+    interrupted (``synthetic.writing``); files of those names the generator did not write are ignored."""
+    return _generator_record(Path(root)) is not None
+
+
+def _draw(settings: _Settings, root: Path, image_size: int) -> tuple:
+    """Every random draw of a dataset (its rows, texts and image jobs, paths included), no image drawn."""
+    rng = np.random.default_rng(settings.seed)
+    fg_rows, fg_jobs = _fashiongen(rng, settings.products, settings.val_fraction, root, image_size)
+    fiq_val_fraction = max(settings.val_fraction, 0.2)
+    fiq = _fashioniq(rng, settings.fiq_images, fiq_val_fraction, settings.seed, root, image_size)
+    return fg_rows, fg_jobs, *fiq
+
+
+def _dataset_paths(root: Path, jobs: list[_Job]) -> set[str]:
+    """The paths (relative to ``root``) of the files a dataset with these image jobs writes under
+    ``FashionGen/`` and ``FashionIQ/``."""
+    return {Path(job.path).relative_to(root).as_posix() for job in jobs} | _JSON_FILES
+
+
+def _recorded_paths(root: Path, record: dict | None) -> set[str] | None:
+    """The paths (relative to ``root``) of the files the dataset of ``record`` writes under ``FashionGen/``
+    and ``FashionIQ/``, rebuilt from its settings; None when the record holds none this generator can
+    rebuild (an older generator's) or the rebuilt image counts differ from the recorded ones."""
+    if record is None or record["generator_version"] != GENERATOR_VERSION:
+        return None
+    try:
+        settings = _Settings(**record["settings"])
+        _check_arguments(settings.products, MIN_IMAGE_SIZE, settings.val_fraction)
+        _, fg_jobs, _, _, _, fiq_jobs = _draw(settings, root, MIN_IMAGE_SIZE)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if [len(fg_jobs), len(fiq_jobs)] != [record[k] for k in _COUNT_KEYS]:
+        return None
+    return _dataset_paths(root, fg_jobs + fiq_jobs)
 
 
 def _files_under(root: Path) -> list[str]:
-    """The files at the top of ``root`` and anywhere under its ``FashionGen/`` and ``FashionIQ/``, relative
-    to ``root`` (POSIX separators)."""
-    found = [p for p in root.glob("*") if p.is_file()]
-    found += [p for folder in DATASET_FOLDERS for p in (root / folder).rglob("*") if p.is_file()]
+    """The files anywhere under ``root``'s ``FashionGen/`` and ``FashionIQ/``, relative to ``root`` (POSIX
+    separators)."""
+    found = [p for folder in DATASET_FOLDERS for p in (root / folder).rglob("*") if p.is_file()]
     return sorted(p.relative_to(root).as_posix() for p in found)
 
 
 def files_not_written_by_make_synthetic(root: str | os.PathLike) -> list[Path]:
-    """The files under ``root``'s ``FashionGen/`` and ``FashionIQ/`` whose names ``make_synthetic`` does not
-    write (a user's own images or notes there): a rewrite leaves them in place, and the dataset readers or
-    ``famevil-fast caption DIR/FashionIQ/images`` may still find them."""
+    """The files under ``root``'s ``FashionGen/`` and ``FashionIQ/`` that the dataset recorded there does not
+    write (a user's own images or notes, also under names the generator gives): a rewrite leaves them in
+    place, and the dataset readers or ``famevil-fast caption DIR/FashionIQ/images`` may still find them.
+    Every file there when ``root`` holds no dataset whose paths can be rebuilt (an older generator's)."""
     root = Path(root)
-    return [root / f for f in _files_under(root) if "/" in f and not _WRITTEN.fullmatch(f)]
+    written = _recorded_paths(root, _generator_record(root)) or set()
+    return [root / f for f in _files_under(root) if f not in written]
 
 
-def _remove_earlier_files(root: Path, keep: set[str]) -> None:
-    """Remove the files of an earlier synthetic dataset in ``root`` that are not in ``keep`` (paths relative
-    to ``root``): only files whose names the generator writes."""
-    for name in _files_under(root):
-        if name not in keep and _WRITTEN.fullmatch(name):
+def _write_marker(root: Path, record: dict) -> None:
+    atomic_write_json(root / WRITING_MARKER, {"note": _MARKER_NOTE, **{k: record[k] for k in _MARKER_KEYS}})
+
+
+def _replace_earlier(root: Path, record: dict, keep: set[str]) -> None:
+    """Leave the marker of the run of ``record`` in ``root``, removing the earlier ``synthetic.json`` and,
+    when the earlier dataset's paths can be rebuilt, its files not in ``keep`` and its JSON files (written
+    again anyway). Until they are removed the marker names the earlier dataset, so that a run interrupted
+    meanwhile leaves them findable."""
+    earlier = _generator_record(root)
+    old = _recorded_paths(root, earlier)
+    _write_marker(root, record if old is None else earlier)
+    (root / RECORD_FILE).unlink(missing_ok=True)
+    if old is None:
+        return
+    for name in sorted((old - keep) | _JSON_FILES):
+        if not (root / name).is_dir():
             (root / name).unlink(missing_ok=True)
+    _write_marker(root, record)
 
 
 def dataset_json_files(root: str | os.PathLike) -> list[Path]:
@@ -458,6 +559,15 @@ def dataset_json_files(root: str | os.PathLike) -> list[Path]:
     image folders are not walked."""
     root = Path(root)
     return sorted(p for folder in DATASET_JSON_FOLDERS for p in (root / folder).glob("*.json") if p.is_file())
+
+
+def _check_arguments(products: int, image_size: int, val_fraction: float) -> None:
+    if products < MIN_PRODUCTS:
+        raise ValueError(f"make_synthetic: products must be >= {MIN_PRODUCTS}, got {products}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"make_synthetic: image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
 
 
 def make_synthetic(
@@ -476,30 +586,16 @@ def make_synthetic(
     ``image_size`` pixels (FashionIQ widths vary from 0.75x to 1x). ``workers`` processes draw the images
     (default: all CPU cores).
     """
-    if products < MIN_PRODUCTS:
-        raise ValueError(f"make_synthetic: products must be >= {MIN_PRODUCTS}, got {products}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"make_synthetic: image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
+    _check_arguments(products, image_size, val_fraction)
     start = time.perf_counter()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    rewrite = written_by_make_synthetic(root)  # decided before this run leaves its own marker
-    (root / WRITING_MARKER).write_text(
-        "make-synthetic is writing a synthetic dataset here; if this file remains, the run was interrupted: "
-        "run make-synthetic again to complete it\n"
-    )
-    (root / RECORD_FILE).unlink(missing_ok=True)
-    rng = np.random.default_rng(seed)
-    fg_rows, fg_jobs = _fashiongen(rng, products, val_fraction, root, image_size)
     n_fiq = max(24, products if fiq_images is None else fiq_images)
-    captions, splits, attributes, fiq_jobs = _fashioniq(
-        rng, n_fiq, max(val_fraction, 0.2), seed, root, image_size
-    )
-    if rewrite:
-        drawn = {Path(job.path).relative_to(root).as_posix() for job in fg_jobs + fiq_jobs}
-        _remove_earlier_files(root, keep=drawn | {WRITING_MARKER})
+    settings = _Settings(products, seed, val_fraction, n_fiq)
+    fg_rows, fg_jobs, captions, splits, attributes, fiq_jobs = _draw(settings, root, image_size)
+    versioned = {"generator_version": GENERATOR_VERSION, "settings": asdict(settings)}
+    counts = {"fashiongen_images": len(fg_jobs), "fashioniq_images": len(fiq_jobs)}
+    _replace_earlier(root, {**versioned, **counts}, keep=_dataset_paths(root, fg_jobs + fiq_jobs))
 
     _render_all(fg_jobs + fiq_jobs, workers or os.cpu_count() or 1)
 
@@ -526,7 +622,7 @@ def make_synthetic(
     atomic_write_json(
         root / RECORD_FILE,
         {
-            "generator_version": GENERATOR_VERSION,
+            **versioned,
             **record,
             "subcategories": [f"{v} {g}" for g, v in SUBCATEGORIES],
             "categories": [g.name for g in GARMENTS],
