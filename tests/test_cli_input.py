@@ -109,6 +109,9 @@ def test_demo_refuses_an_existing_dataset_of_another_size(tmp_path, capsys) -> N
         ensure_dataset(data, 100, 0, image_size=96, exact=True)
     with pytest.raises(ValueError, match="not 40 \\(seed 3\\)"):
         ensure_dataset(data, 40, 3, image_size=96, exact=True)
+    (data / "synthetic.json").write_text('{"note": "mine"}')
+    with pytest.raises(ValueError, match="synthetic.json was not written by make-synthetic"):
+        ensure_dataset(data, 40, 0, image_size=96)
 
 
 def test_a_refused_demo_leaves_the_previous_runs_as_they_were(tmp_path, capsys) -> None:

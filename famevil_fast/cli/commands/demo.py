@@ -47,14 +47,13 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, e
     with the same product count and seed, else ValueError. One whose writing was interrupted is written
     again; a FashionGen or FashionIQ dataset that make-synthetic did not write is refused (as
     ``famevil-fast make-synthetic`` refuses it), not overwritten."""
-    import json
 
     from famevil_fast.cli.commands.make_synthetic import check_output_dir
     from famevil_fast.data import make_synthetic
 
     marker = directory / "synthetic.json"
     if marker.exists():
-        record = json.loads(marker.read_text())
+        record = _synthetic_record(marker)
         found = record["products_train"] + record["products_val"]
         if exact and (found, record["seed"]) != (products, seed):
             raise ValueError(
@@ -73,6 +72,20 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, e
     check_output_dir(directory)
     print(f"generating {products} synthetic products in {directory} ...")
     make_synthetic(directory, products=products, seed=seed, image_size=image_size)
+
+
+def _synthetic_record(path: Path) -> dict:
+    """The counts and seed ``make-synthetic`` recorded in ``path``; ValueError for a file it did not write."""
+    import json
+
+    try:
+        record = json.loads(path.read_text())
+        int(record["products_train"]) + int(record["products_val"]) + int(record["seed"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ValueError(
+            f"{path} was not written by make-synthetic: remove it, or choose another --out"
+        ) from None
+    return record
 
 
 def caption_ceiling_text(fic: TaskResult, data_root: str | Path, save_to: Path | None = None) -> str:
