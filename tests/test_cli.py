@@ -64,8 +64,8 @@ def test_embed_keeps_a_long_image_list_beside_the_file(checkpoint, images, tmp_p
     assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    listing = tmp_path / "emb.safetensors.images.txt"
-    assert "images" not in meta and meta["images_file"] == listing.name
+    listing = tmp_path / meta["images_file"]
+    assert "images" not in meta and listing.name.startswith("emb.safetensors.images.")
     assert listing.read_text().splitlines() == files
     monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 1 << 20)
     assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
@@ -74,11 +74,9 @@ def test_embed_keeps_a_long_image_list_beside_the_file(checkpoint, images, tmp_p
     assert not listing.exists()  # no stale list beside a file whose header holds its own
 
 
-def test_a_failed_embed_never_leaves_a_header_with_the_wrong_image_list(
-    checkpoint, images, tmp_path, monkeypatch
-):
-    """An earlier gallery whose list file a later, failed embed replaced is refused by name, not read with
-    the new paths; a list file stays until the header that stops naming it is in place."""
+def test_a_failed_embed_leaves_the_earlier_gallery_readable(checkpoint, images, tmp_path, monkeypatch):
+    """A later embed to the same name that fails while writing leaves the earlier gallery as it was: its
+    list file is not replaced (each list has its own name) nor removed (until a header stops naming it)."""
     import famevil_fast.files
     from famevil_fast.cli import gallery_file
     from famevil_fast.cli.gallery_file import read_gallery
@@ -87,20 +85,54 @@ def test_a_failed_embed_never_leaves_a_header_with_the_wrong_image_list(
     files = sorted(images.iterdir())
     monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 10)
     assert main(["embed", str(checkpoint), "--images", *map(str, files), "--out", str(out)]) == 0
-    assert read_gallery(out)[1] == list(map(str, files))
+    before = read_gallery(out)
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(famevil_fast.files, "atomic_save_safetensors", no_space)
-    with pytest.raises(OSError):
-        main(["embed", str(checkpoint), "--images", *map(str, files[:2]), "--out", str(out)])
+    for limit, chosen in ((10, files[:2]), (1 << 20, files)):  # a new list file; the list in the header
+        monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", limit)
+        with pytest.raises(OSError):
+            main(["embed", str(checkpoint), "--images", *map(str, chosen), "--out", str(out)])
+        embeddings, paths, task = read_gallery(out)
+        assert torch.equal(embeddings, before[0]) and paths == list(map(str, files)) and task == before[2]
+
+
+def test_a_list_file_that_is_not_the_headers_is_refused(checkpoint, images, tmp_path, monkeypatch):
+    from famevil_fast.cli import gallery_file
+    from famevil_fast.cli.gallery_file import read_gallery
+
+    out = tmp_path / "emb.safetensors"
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 10)
+    assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
+    listing = next(tmp_path.glob("emb.safetensors.images.*.txt"))
+    listing.write_text("\n".join(reversed(listing.read_text().splitlines())) + "\n")
     with pytest.raises(ValueError, match="is not the one gallery .* was written with"):
         read_gallery(out)
-    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 1 << 20)
-    with pytest.raises(OSError):
-        main(["embed", str(checkpoint), "--images", *map(str, files), "--out", str(out)])
-    assert gallery_file.image_list_file(out).exists()  # still named by the header on disk
+
+
+def test_image_paths_a_gallery_cannot_list_are_refused_before_embedding(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.new("RGB", (40, 48), "red").save(folder / "a\nb.png")
+    out = tmp_path / "emb.safetensors"
+    assert main(["embed", str(checkpoint), "--images", str(folder), "--out", str(out)]) == 2
+    assert "holds a line break" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_list_file_keeps_paths_with_unusual_line_separators(checkpoint, tmp_path, monkeypatch):
+    from famevil_fast.cli import gallery_file
+    from famevil_fast.cli.gallery_file import read_gallery
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name in ("a\u2028b.png", "c\x85d.png", "plain.png"):
+        Image.new("RGB", (40, 48), "blue").save(folder / name)
+    out = tmp_path / "emb.safetensors"
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 0)
+    assert main(["embed", str(checkpoint), "--images", str(folder), "--out", str(out)]) == 0
+    assert read_gallery(out)[1] == sorted(str(p) for p in folder.iterdir())
 
 
 def test_embed_resizes_as_asked(checkpoint, images, tmp_path):

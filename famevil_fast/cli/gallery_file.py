@@ -1,16 +1,18 @@
 """The embeddings file of ``famevil-fast embed`` (read back by ``famevil-fast search``): a safetensors file
 with the tensors ``image`` (N, D) and/or ``text`` (M, D), and in its header the ``task`` whose adapters made
 them and the N image paths, one per line (field ``images``). A list longer than IMAGE_LIST_IN_HEADER_MAX
-bytes goes to a text file beside it instead (field ``images_file``, its name; ``images_sha256``, its
-checksum), since safetensors caps a header at 100 MB.
+bytes goes to a text file beside it instead, named after its checksum (``OUT.images.<sha256 prefix>.txt``;
+header fields ``images_file``, its name, and ``images_sha256``), since safetensors caps a header at 100 MB.
 
-Writing is ordered so that no reader is ever handed the wrong paths: the list file is written first, the
-embeddings file replaces the old one atomically after it, and a list file the new header does not use is
-removed last. A crash in between leaves an old header next to a new list, which the checksum exposes.
+Writing never hands a reader the wrong paths and never breaks the file it replaces: a new list file is
+written under its own name first, the embeddings file then replaces the old one atomically, and only then
+are list files that no header names any more removed. A reader checks the list against the header's
+checksum. Paths must be valid UTF-8 without line breaks (checked before anything is embedded).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,29 +23,44 @@ if TYPE_CHECKING:
 IMAGE_LIST_IN_HEADER_MAX = 32 * 2**20
 
 
-def image_list_file(out: Path) -> Path:
-    """Where the image paths of the embeddings file ``out`` go when they are too many for its header."""
-    return out.with_name(out.name + ".images.txt")
+def image_list_file(out: Path, digest: str) -> Path:
+    """The list file of the embeddings file ``out`` for a list of SHA-256 ``digest``."""
+    return out.with_name(f"{out.name}.images.{digest[:16]}.txt")
+
+
+def check_image_paths(paths: list[str]) -> None:
+    """ValueError naming the first path a gallery cannot list: one with a line break, or one that is not
+    valid UTF-8 (a file name in another encoding)."""
+    for path in paths:
+        if "\n" in path or "\r" in path:
+            raise ValueError(f"image path {path!r} holds a line break, which a gallery's list cannot hold")
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"image path {path!r} is not valid UTF-8; rename the file") from None
 
 
 def write_gallery(out: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path | None:
     """Write the embeddings file ``out`` (atomically, parent folders made) with the image paths of
-    ``meta["images"]`` in its header or, when too long, in ``image_list_file(out)``; returns the list file
+    ``meta["images"]`` in its header or, when too long, in a list file beside it; returns the list file
     when one is used."""
     from famevil_fast.files import atomic_save_safetensors, atomic_write
 
     out = Path(out)
-    listing, sidecar = meta.get("images"), image_list_file(out)
-    use_file = listing is not None and len(listing.encode()) > IMAGE_LIST_IN_HEADER_MAX
-    if use_file:
+    listing = meta.get("images")
+    sidecar = None
+    if listing is not None and len(listing.encode()) > IMAGE_LIST_IN_HEADER_MAX:
         data = (listing + "\n").encode()
+        digest = hashlib.sha256(data).hexdigest()
+        sidecar = image_list_file(out, digest)
         atomic_write(sidecar, lambda tmp: tmp.write_bytes(data))
         meta = {k: v for k, v in meta.items() if k != "images"}
-        meta.update(images_file=sidecar.name, images_sha256=hashlib.sha256(data).hexdigest())
+        meta.update(images_file=sidecar.name, images_sha256=digest)
     atomic_save_safetensors(out, tensors, metadata=meta)
-    if not use_file:
-        sidecar.unlink(missing_ok=True)  # an earlier run's list, named by no header now
-    return sidecar if use_file else None
+    for stale in out.parent.glob(f"{glob.escape(out.name)}.images.*.txt"):
+        if stale != sidecar:  # named by no header now
+            stale.unlink(missing_ok=True)
+    return sidecar
 
 
 def read_gallery(path: str | Path) -> tuple[torch.Tensor, list[str], str | None]:
@@ -89,10 +106,6 @@ def _image_paths(path: Path, meta: dict[str, str]) -> list[str]:
     if not listing.is_file():
         raise FileNotFoundError(f"image list of gallery {path} not found: {listing}")
     data = listing.read_bytes()
-    expected = meta.get("images_sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(
-            f"image list {listing} is not the one gallery {path} was written with (a later embed to the same "
-            "name did not finish?): embed the images again"
-        )
-    return data.decode("utf-8").splitlines()
+    if hashlib.sha256(data).hexdigest() != meta.get("images_sha256"):
+        raise ValueError(f"image list {listing} is not the one gallery {path} was written with: embed again")
+    return data.decode("utf-8").removesuffix("\n").split("\n")

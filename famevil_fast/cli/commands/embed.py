@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=output_file,
         required=True,
         help="output .safetensors: tensors 'image' (N, D) and 'text' (M, D); the image paths, one per line, "
-        "in the metadata field 'images' (a list over 32 MB in OUT.images.txt, named by the field "
+        "in the metadata field 'images' (a list over 32 MB in OUT.images.<checksum>.txt, named by the field "
         "'images_file'); missing parent directories are created",
     )
     add_eval_resize_argument(parser)
@@ -93,6 +93,10 @@ def _embed(
 
     texts = _texts(Path(args.texts)) if args.texts else None  # checked before the model is loaded
     files = collect_images(args.images) if args.images else None
+    if files is not None:
+        from famevil_fast.cli.gallery_file import check_image_paths
+
+        check_image_paths(list(map(str, files)))  # before the model is loaded and anything embedded
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     parts: dict[str, list[torch.Tensor]] = {}  # per batch, in order: in process 0 alone under torchrun
     meta: dict[str, str] = {"task": args.task}
