@@ -387,6 +387,14 @@ def test_the_first_and_last_updates_are_logged_and_a_resume_says_where_it_contin
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000005'} at update 5" in [
         r["text"] for r in records if r["kind"] == "message"
     ]
+    elsewhere = tmp_path / "other"  # a caller's resume from another run's checkpoint, checkpoint.resume on
+    cfg = micro_config(elsewhere, "train.updates=7", "logging.every=10", "checkpoint.resume=true")
+    other = Trainer(cfg, streams())
+    other.resume(tmp_path / "checkpoints" / "step_00000006")
+    other.fit()
+    records = [json.loads(line) for line in (elsewhere / "metrics.jsonl").open()]
+    messages = [r["text"] for r in records if r["kind"] == "message"]
+    assert messages[0] == f"resumed from {tmp_path / 'checkpoints' / 'step_00000006'} at update 6"
 
 
 def test_resume_refuses_a_recipe_that_changes_the_run(tmp_path):

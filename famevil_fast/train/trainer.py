@@ -547,7 +547,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self._check_evaluation()
-        resumed = cfg.checkpoint.resume and self.resume()
+        # a caller's resume() before fit stands; else checkpoint.resume continues the run directory's newest
+        resumed = self._resumed_from is not None or (cfg.checkpoint.resume and self.resume())
         if not resumed:
             self._check_new_run()
         self.logger = RunLogger(
@@ -558,12 +559,12 @@ class Trainer:
             cfg.logging.progress,
             enabled=self.dist.is_main,
         )
-        if cfg.checkpoint.resume and not resumed:
+        if resumed:
+            self.logger.message(f"resumed from {self._resumed_from} at update {self.update}")
+        elif cfg.checkpoint.resume:
             self.logger.message(
                 f"no checkpoint to resume in {self.checkpoints.directory}: starting a new run"
             )
-        elif self._resumed_from is not None:  # by fit, or by the caller's resume() before it
-            self.logger.message(f"resumed from {self._resumed_from} at update {self.update}")
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         status = "finished"
         try:
