@@ -296,6 +296,40 @@ def test_make_synthetic_refuses_a_synthetic_json_it_did_not_write(tmp_path, caps
     assert all(path.read_bytes() == b"mine" for path in mine)
 
 
+def _tree(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_make_synthetic_refuses_a_synthetic_json_it_did_not_write_beside_its_marker(
+    tmp_path, monkeypatch, capsys
+):
+    base = ["make-synthetic", str(tmp_path), "--image-size", "32", "--workers", "1"]
+    with monkeypatch.context() as patch:
+        _interrupt_before_the_record(patch)
+        with pytest.raises(KeyboardInterrupt):
+            main([*base, "--products", "4"])
+    (tmp_path / "synthetic.json").write_text('{"note": "mine"}')  # beside the generator's synthetic.writing
+    before = _tree(tmp_path)
+    assert main([*base, "--products", "6"]) == 2
+    assert "synthetic.json was not written by make-synthetic" in one_error_line(capsys, "make-synthetic")
+    assert _tree(tmp_path) == before
+
+
+def test_make_synthetic_refuses_a_dataset_folder_linked_out_of_it(tmp_path, capsys):
+    options = ["--image-size", "32", "--workers", "1"]
+    assert main(["make-synthetic", str(tmp_path / "a"), "--products", "4", *options]) == 0
+    assert main(["make-synthetic", str(tmp_path / "other"), "--products", "4", "--seed", "1", *options]) == 0
+    images, other = tmp_path / "a" / "FashionIQ" / "images", tmp_path / "other"
+    images.rename(tmp_path / "moved")
+    images.symlink_to(other / "FashionIQ" / "images", target_is_directory=True)
+    before = _tree(other)
+    capsys.readouterr()
+    assert main(["make-synthetic", str(tmp_path / "a"), "--products", "2", "--seed", "5", *options]) == 2
+    line = one_error_line(capsys, "make-synthetic")
+    assert f"{images} is a link to {other.resolve()}" in line and "remove the link" in line
+    assert _tree(other) == before and (tmp_path / "a" / "synthetic.json").is_file()
+
+
 def test_make_synthetic_removes_an_interrupted_run_s_files_it_does_not_write(tmp_path, monkeypatch, capsys):
     own = tmp_path / "FashionGen" / "val" / "7_3.png"
     own.parent.mkdir(parents=True)

@@ -1,5 +1,6 @@
 """The synthetic catalogue: formats, determinism, id spaces and the properties that make its tasks fair."""
 
+import contextlib
 import hashlib
 import json
 from collections import Counter
@@ -225,11 +226,135 @@ def _user_files(root: Path, names: tuple[str, ...]) -> list[Path]:
 _GENERATOR_LIKE = ("FashionGen/train/123_0.png", "FashionGen/val/7_3.png", "FashionIQ/images/B000000042.jpg")
 
 
-def test_a_synthetic_json_the_generator_did_not_write_removes_nothing(tmp_path):
+def _stop_before(monkeypatch, name: str) -> None:
+    """make_synthetic stops (as on Ctrl-C) on writing ``synthetic.json`` or on drawing its images."""
+    import famevil_fast.data.synthetic.generate as generate
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if name == "images":
+        monkeypatch.setattr(generate, "_render_all", stop)
+        return
+    write = generate.atomic_write_json
+    monkeypatch.setattr(
+        generate,
+        "atomic_write_json",
+        lambda path, *a, **k: stop() if Path(path).name == name else write(path, *a, **k),
+    )
+
+
+def _files(root: Path) -> set[str]:
+    return {k for k in _digest_tree(root) if k.startswith(("FashionGen/", "FashionIQ/"))}
+
+
+@pytest.mark.parametrize("with_marker", [False, True])
+def test_a_synthetic_json_the_generator_did_not_write_is_refused(tmp_path, monkeypatch, with_marker):
+    """Refused before anything is written, also beside the marker of an interrupted run of the generator's."""
+    if with_marker:
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            _stop_before(patch, "synthetic.json")
+            make_synthetic(tmp_path, products=4, image_size=32, workers=1)
     (tmp_path / "synthetic.json").write_text(json.dumps({"note": "my own notes"}))
     mine = _user_files(tmp_path, _GENERATOR_LIKE)
-    make_synthetic(tmp_path, products=4, image_size=32, workers=1)
+    before = _digest_tree(tmp_path)
+    with pytest.raises(ValueError, match=r"synthetic\.json was not written by make-synthetic"):
+        make_synthetic(tmp_path, products=6, seed=1, image_size=32, workers=1)
+    assert _digest_tree(tmp_path) == before
     assert all(path.read_bytes() == f"a user's {path.name}".encode() for path in mine)
+
+
+def _edit_settings(record: dict) -> None:
+    record["settings"]["val_fraction"] = 0.5  # the image counts stay those of 0.15
+
+
+@pytest.mark.parametrize(
+    ("record_file", "edit"),
+    [
+        ("synthetic.json", _edit_settings),
+        ("synthetic.writing", _edit_settings),
+        ("synthetic.json", lambda record: record.pop("paths_sha256", None)),
+    ],
+)
+def test_a_record_not_hashing_as_recorded_removes_nothing(tmp_path, monkeypatch, record_file, edit):
+    """A record (or marker) edited by hand names paths the earlier dataset did not write: nothing is removed,
+    neither a user's file at such a path nor the earlier dataset's files, which are named."""
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    root, new = tmp_path / "a", dict(products=2, seed=9, image_size=32, workers=1)
+    make_synthetic(tmp_path / "edited", products=10, val_fraction=0.5, image_size=32, workers=1)
+    make_synthetic(tmp_path / "new", **new)
+    with monkeypatch.context() as patch:
+        if record_file == "synthetic.writing":
+            _stop_before(patch, "synthetic.json")
+        with contextlib.suppress(KeyboardInterrupt):
+            make_synthetic(root, products=10, image_size=32, workers=1)
+    earlier = _files(root)
+    record = json.loads((root / record_file).read_text())
+    edit(record)
+    (root / record_file).write_text(json.dumps(record))
+    user = sorted(_files(tmp_path / "edited") - earlier - _files(tmp_path / "new"))[0]
+    (root / user).write_bytes(b"mine")
+    make_synthetic(root, **new)
+    assert (root / user).read_bytes() == b"mine"
+    left = sorted((earlier | {user}) - _files(tmp_path / "new"))
+    assert files_not_written_by_make_synthetic(root) == [root / name for name in left]
+
+
+def _link_fashiongen_to_another_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    root, other = tmp_path / "a", tmp_path / "other"
+    make_synthetic(root, products=6, image_size=32, workers=1)
+    make_synthetic(other, products=6, seed=1, image_size=32, workers=1)
+    (root / "FashionGen").rename(tmp_path / "moved")
+    (root / "FashionGen").symlink_to(other / "FashionGen", target_is_directory=True)
+    return root, other
+
+
+def test_a_dataset_folder_linked_out_of_the_directory_is_refused(tmp_path):
+    root, other = _link_fashiongen_to_another_dataset(tmp_path)
+    before, other_before = _digest_tree(root), _digest_tree(other)
+    with pytest.raises(ValueError, match=r"FashionGen is a link to .*other.*, outside .*: the synthetic"):
+        make_synthetic(root, products=2, seed=7, image_size=32, workers=1)
+    assert _digest_tree(root) == before and _digest_tree(other) == other_before
+
+
+def test_a_rewrite_removes_no_file_through_a_link_out_of_the_directory(tmp_path, monkeypatch):
+    """Were the link made while a run writes (past the check), the earlier files behind it stay, named."""
+    import famevil_fast.data.synthetic.generate as generate
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    root, other = _link_fashiongen_to_another_dataset(tmp_path)
+    monkeypatch.setattr(generate, "_check_folders", lambda *args: None, raising=False)
+    other_png = {p for p in _files(other) if p.endswith(".png")}
+    make_synthetic(root, products=2, seed=7, image_size=32, workers=1)
+    assert other_png <= _files(other)
+    make_synthetic(tmp_path / "fresh", products=2, seed=7, image_size=32, workers=1)
+    left = [root / name for name in sorted(other_png - _files(tmp_path / "fresh"))]
+    assert left and set(left) <= set(files_not_written_by_make_synthetic(root))
+
+
+def test_a_run_stopped_before_drawing_leaves_the_files_found_at_its_paths(tmp_path, monkeypatch):
+    """Files at the stopped run's paths that neither it nor the earlier dataset wrote (a user's, named as the
+    generator names its images) stay when the next run rewrites the directory; the rest is what a fresh one
+    holds."""
+    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
+
+    stopped, last = dict(products=14, seed=5, fiq_images=30), dict(products=4, seed=3)
+    root = tmp_path / "a"
+    make_synthetic(root, products=4, image_size=32, workers=1)
+    make_synthetic(tmp_path / "stopped", **stopped, image_size=32, workers=1)
+    make_synthetic(tmp_path / "last", **last, image_size=32, workers=1)
+    names = _files(tmp_path / "stopped") - _files(root) - _files(tmp_path / "last")
+    mine = _user_files(root, tuple(sorted(names)[:3]))
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        _stop_before(patch, "images")
+        make_synthetic(root, **stopped, image_size=32, workers=1)
+    make_synthetic(root, **last, image_size=32, workers=1)
+    assert all(path.read_bytes() == f"a user's {path.name}".encode() for path in mine)
+    rewritten = _digest_tree(root)
+    names = {path.relative_to(root).as_posix() for path in mine}
+    assert {k: v for k, v in rewritten.items() if k not in names} == _digest_tree(tmp_path / "last")
+    assert files_not_written_by_make_synthetic(root) == sorted(mine)
 
 
 def test_a_rewrite_with_other_settings_leaves_the_new_dataset_and_the_user_s_files(tmp_path):

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output directory (receives FashionGen/, FashionIQ/, synthetic.json); an earlier synthetic "
         "dataset there is rewritten (its files that the new one does not write are removed; other files "
         "are left, and those in FashionGen/ or FashionIQ/ named), a directory holding another synthetic.json "
-        "or other FashionGen/ or FashionIQ/ dataset files is refused",
+        "or other FashionGen/ or FashionIQ/ dataset files is refused, and so is a dataset folder that is a "
+        "link out of it",
     )
     parser.add_argument(
         "--products", type=integer, default=1000, help=f"FashionGen-style products (at least {MIN_PRODUCTS})"
@@ -49,25 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_output_dir(root: Path) -> None:
     """Refuse a file, a directory holding a synthetic.json that make-synthetic did not write (writing there
-    would overwrite it), and a directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no
-    earlier make-synthetic wrote (neither its synthetic.json nor the synthetic.writing it leaves while
-    writing): they would be overwritten. An earlier synthetic dataset is rewritten, and one whose writing
-    was interrupted is completed."""
+    would overwrite it; refused also beside the synthetic.writing make-synthetic leaves while writing), and a
+    directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no earlier make-synthetic wrote
+    (neither its synthetic.json nor its synthetic.writing is there): they would be overwritten. An earlier
+    synthetic dataset is rewritten, and one whose writing was interrupted is completed (make_synthetic itself
+    refuses a folder of the dataset that is a link out of ``root``)."""
     from famevil_fast.data.synthetic.generate import (
-        RECORD_FILE,
+        check_synthetic_record,
         dataset_json_files,
         written_by_make_synthetic,
     )
 
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
+    check_synthetic_record(root)
     if written_by_make_synthetic(root):
         return
-    if (root / RECORD_FILE).exists():
-        raise ValueError(
-            f"{root / RECORD_FILE} was not written by make-synthetic: writing the synthetic dataset there "
-            "would overwrite it; choose another directory"
-        )
     folders = {path.relative_to(root).parts[0] for path in dataset_json_files(root)}
     found = [f"{name}/" for name in ("FashionGen", "FashionIQ") if name in folders]
     if found:

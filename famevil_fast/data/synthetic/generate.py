@@ -12,18 +12,22 @@ Layout (the same as the real datasets, as FashionViL lays them out)::
     DIR/FashionIQ/synthetic_attributes.json         the drawn attributes of every FashionIQ image
     DIR/synthetic.json                              generator settings, counts, vocabularies
 
-The paths of the files follow from four settings alone (products, seed, val_fraction and the FashionIQ
-image count; the image size changes none), which ``synthetic.json`` records. ``DIR/synthetic.writing`` holds
-them too: it is written before anything is removed or written and removed once ``synthetic.json`` (written
-last) is in place, so a directory holding it is an interrupted run's, which a new run completes. A run that
-rewrites an earlier dataset (its ``synthetic.json``, or the marker an interrupted run left, parsed and taken
-only when the generator wrote it) removes that one's ``synthetic.json`` first, so that a half-rewritten
-directory is never taken for a complete dataset, then rebuilds the earlier dataset's paths from its settings
-(the random draws that name the files, no image drawn) and removes those it does not write again and the
-earlier JSON files, so that the directory ends up holding what a fresh one would. No other file is removed:
-a user's own files stay, also under names the generator gives, and so do all files of a dataset whose record
-holds no settings (an older generator's); ``files_not_written_by_make_synthetic`` names those under
-``FashionGen/`` and ``FashionIQ/``.
+The paths of the files follow from four settings alone (products, seed, val_fraction and the FashionIQ image
+count; the image size changes none), which ``synthetic.json`` records with the sha256 of the sorted paths.
+``DIR/synthetic.writing`` holds them too: it is written before anything is removed or written and removed once
+``synthetic.json`` (written last) is in place, so a directory holding it is an interrupted run's, which a new
+run completes. A ``synthetic.json`` the generator did not write is refused (it would be overwritten), and so
+is a folder the files go to that is a link out of ``DIR``. A run that rewrites an earlier dataset (its
+``synthetic.json``, or the marker an interrupted run left, parsed and taken only when the generator wrote it)
+removes that one's ``synthetic.json`` first, so that a half-rewritten directory is never taken for a complete
+dataset, then rebuilds the earlier dataset's paths from its settings (the random draws that name the files, no
+image drawn) and, only when they hash to the recorded sha256, removes those it does not write again and the
+earlier JSON files, so that the directory ends up holding what a fresh one would. No other file is removed: a
+user's own files stay, also under names the generator gives (the marker lists those found at the run's own
+paths before it wrote any, which a later run leaves even when this one was stopped before drawing over them),
+and so do all files of a dataset whose paths cannot be rebuilt (an older generator's, or a record edited by
+hand), and any file reached through a link out of ``DIR``; ``files_not_written_by_make_synthetic`` names those
+under ``FashionGen/`` and ``FashionIQ/``.
 
 All randomness is drawn in one process from ``numpy.random.default_rng(seed)`` before any image is drawn,
 so the output is identical for a seed whatever the number of worker processes.
@@ -36,6 +40,7 @@ nor the reference alone (its siblings and itself are in the gallery) finds the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -67,7 +72,8 @@ FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 _PATTERN_P = np.asarray([0.3] + [0.14] * (len(PATTERNS) - 1))
 _BACKGROUNDS = ((255, 255, 255), (245, 245, 245), (236, 236, 238), (243, 239, 231), (232, 236, 241))
 # 2: the record and the marker hold the settings the file paths follow from; raise it whenever the same
-# settings would give other paths, so that no rewrite removes files by paths rebuilt with other code
+# settings would give other paths, so that no rewrite removes files by paths rebuilt with other code (the
+# recorded sha256 of the paths would stop such a rewrite too, and remove nothing)
 GENERATOR_VERSION = 2
 RECORD_FILE = "synthetic.json"
 WRITING_MARKER = "synthetic.writing"
@@ -94,6 +100,12 @@ _JSON_FILES = frozenset(
 _COUNT_KEYS = ("fashiongen_images", "fashioniq_images")
 _RECORD_KEYS = ("generator_version", "seed", "products_train", "products_val", *_COUNT_KEYS)
 _MARKER_KEYS = ("generator_version", "settings", *_COUNT_KEYS)
+# the sha256 of the sorted paths of the dataset's files, in the record and the marker: a rewrite removes the
+# earlier dataset's files only when the paths rebuilt from its settings hash the same
+_DIGEST_KEY = "paths_sha256"
+# in the marker once it names the run's own paths: those where files lay before the run wrote any (a user's,
+# or those of a dataset whose paths cannot be rebuilt), which a later run does not remove
+_KEPT_KEY = "kept"
 _V1_MARKER_START = "make-synthetic is writing a synthetic dataset here"
 _MARKER_NOTE = (
     "make-synthetic is writing a synthetic dataset here; if this file remains, the run was interrupted: "
@@ -498,21 +510,27 @@ def _dataset_paths(root: Path, jobs: list[_Job]) -> set[str]:
     return {Path(job.path).relative_to(root).as_posix() for job in jobs} | _JSON_FILES
 
 
+def _paths_digest(paths: Iterable[str]) -> str:
+    """The sha256 of the sorted paths, one a line."""
+    return hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()
+
+
 def _recorded_paths(root: Path, record: dict | None) -> set[str] | None:
     """The paths (relative to ``root``) of the files the dataset of ``record`` writes under ``FashionGen/``
-    and ``FashionIQ/``, rebuilt from its settings; None when the record holds none this generator can
-    rebuild (an older generator's) or the rebuilt image counts differ from the recorded ones."""
+    and ``FashionIQ/``, rebuilt from its settings, less those its marker keeps; None when the record holds no
+    settings this generator can rebuild (an older generator's) or the rebuilt paths do not hash to the
+    recorded sha256 (a record edited by hand, or one of code that names the files otherwise)."""
     if record is None or record["generator_version"] != GENERATOR_VERSION:
         return None
     try:
+        digest, kept = record[_DIGEST_KEY], set(record.get(_KEPT_KEY, []))
         settings = _Settings(**record["settings"])
         _check_arguments(settings.products, MIN_IMAGE_SIZE, settings.val_fraction)
         _, fg_jobs, _, _, _, fiq_jobs = _draw(settings, root, MIN_IMAGE_SIZE)
     except (KeyError, TypeError, ValueError):
         return None
-    if [len(fg_jobs), len(fiq_jobs)] != [record[k] for k in _COUNT_KEYS]:
-        return None
-    return _dataset_paths(root, fg_jobs + fiq_jobs)
+    paths = _dataset_paths(root, fg_jobs + fiq_jobs)
+    return paths - kept if _paths_digest(paths) == digest else None
 
 
 def _files_under(root: Path) -> list[str]:
@@ -533,23 +551,39 @@ def files_not_written_by_make_synthetic(root: str | os.PathLike) -> list[Path]:
 
 
 def _write_marker(root: Path, record: dict) -> None:
-    atomic_write_json(root / WRITING_MARKER, {"note": _MARKER_NOTE, **{k: record[k] for k in _MARKER_KEYS}})
+    keys = [k for k in (*_MARKER_KEYS, _DIGEST_KEY, _KEPT_KEY) if k in record]
+    atomic_write_json(root / WRITING_MARKER, {"note": _MARKER_NOTE, **{k: record[k] for k in keys}})
+
+
+def _remove_files(root: Path, names: Iterable[str]) -> None:
+    """Remove the files ``names`` (relative to ``root``), none in a folder whose real path is outside
+    ``root``'s (reached through a link): those stay, and ``files_not_written_by_make_synthetic`` names
+    them."""
+    real, inside = root.resolve(), {}
+    for name in names:
+        path = root / name
+        if path.parent not in inside:
+            inside[path.parent] = path.parent.resolve().is_relative_to(real)
+        if inside[path.parent] and not path.is_dir():
+            path.unlink(missing_ok=True)
 
 
 def _replace_earlier(root: Path, record: dict, keep: set[str]) -> None:
-    """Leave the marker of the run of ``record`` in ``root``, removing the earlier ``synthetic.json`` and,
-    when the earlier dataset's paths can be rebuilt, its files not in ``keep`` and its JSON files (written
-    again anyway). Until they are removed the marker names the earlier dataset, so that a run interrupted
-    meanwhile leaves them findable."""
+    """Leave the marker of the run of ``record`` (writing the paths ``keep``) in ``root``, removing the
+    earlier ``synthetic.json`` and, when the earlier dataset's paths can be rebuilt, its files not in ``keep``
+    and its JSON files (written again anyway). Until they are removed the marker names the earlier dataset,
+    so that a run interrupted meanwhile leaves them findable; then it names this run's and keeps the files
+    found at its paths that are not the earlier dataset's, so that a later run does not remove those this
+    run was stopped before drawing over."""
     earlier = _generator_record(root)
     old = _recorded_paths(root, earlier)
+    found = sorted(p for p in keep - (old or set()) if os.path.lexists(root / p))
+    record = {**record, _KEPT_KEY: found}
     _write_marker(root, record if old is None else earlier)
     (root / RECORD_FILE).unlink(missing_ok=True)
     if old is None:
         return
-    for name in sorted((old - keep) | _JSON_FILES):
-        if not (root / name).is_dir():
-            (root / name).unlink(missing_ok=True)
+    _remove_files(root, sorted(old - keep | old & _JSON_FILES))
     _write_marker(root, record)
 
 
@@ -570,6 +604,33 @@ def _check_arguments(products: int, image_size: int, val_fraction: float) -> Non
         raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
 
 
+def check_synthetic_record(root: str | os.PathLike) -> None:
+    """ValueError naming ``root``'s ``synthetic.json`` when the generator did not write it (writing the
+    synthetic dataset there would overwrite it); nothing when there is none or the generator wrote it."""
+    path = Path(root) / RECORD_FILE
+    if os.path.lexists(path) and _read_record(path) is None:
+        raise ValueError(
+            f"{path} was not written by make-synthetic: writing the synthetic dataset there would overwrite "
+            "it; choose another directory"
+        )
+
+
+def _check_folders(root: Path, paths: Iterable[str]) -> None:
+    """ValueError naming the first folder the files ``paths`` go to (relative to ``root``) whose real path is
+    outside ``root``'s: a link to another directory, whose files writing there would overwrite and a rewrite
+    remove."""
+    real = root.resolve()
+    folders = {folder for p in paths for folder in Path(p).parents if folder.parts}
+    for folder in sorted(folders, key=lambda f: (len(f.parts), f.as_posix())):
+        target = (root / folder).resolve()
+        if not target.is_relative_to(real):
+            raise ValueError(
+                f"{root / folder} is a link to {target}, outside {root}: the synthetic dataset is not "
+                "written through it (its files there would be overwritten or removed); remove the link or "
+                "choose another directory"
+            )
+
+
 def make_synthetic(
     out_dir: str | os.PathLike,
     products: int = 1000,
@@ -584,18 +645,23 @@ def make_synthetic(
     ``products`` FashionGen-style products (``val_fraction`` of them in val) and about ``fiq_images``
     FashionIQ-style images in families of variants (default: as many as products, at least 24), drawn at
     ``image_size`` pixels (FashionIQ widths vary from 0.75x to 1x). ``workers`` processes draw the images
-    (default: all CPU cores).
+    (default: all CPU cores). ValueError, before anything is written, for a ``synthetic.json`` in ``out_dir``
+    that the generator did not write and for a folder of the dataset that is a link out of ``out_dir``.
     """
     _check_arguments(products, image_size, val_fraction)
     start = time.perf_counter()
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    check_synthetic_record(root)
     n_fiq = max(24, products if fiq_images is None else fiq_images)
     settings = _Settings(products, seed, val_fraction, n_fiq)
     fg_rows, fg_jobs, captions, splits, attributes, fiq_jobs = _draw(settings, root, image_size)
+    paths = _dataset_paths(root, fg_jobs + fiq_jobs)
+    _check_folders(root, paths)
+    root.mkdir(parents=True, exist_ok=True)
     versioned = {"generator_version": GENERATOR_VERSION, "settings": asdict(settings)}
+    versioned[_DIGEST_KEY] = _paths_digest(paths)
     counts = {"fashiongen_images": len(fg_jobs), "fashioniq_images": len(fiq_jobs)}
-    _replace_earlier(root, {**versioned, **counts}, keep=_dataset_paths(root, fg_jobs + fiq_jobs))
+    _replace_earlier(root, {**versioned, **counts}, keep=paths)
 
     _render_all(fg_jobs + fiq_jobs, workers or os.cpu_count() or 1)
 
