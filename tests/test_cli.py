@@ -99,6 +99,23 @@ def test_a_failed_embed_leaves_the_earlier_gallery_readable(checkpoint, images, 
         assert torch.equal(embeddings, before[0]) and paths == list(map(str, files)) and task == before[2]
 
 
+def test_only_the_files_own_stale_lists_are_removed(checkpoint, images, tmp_path, monkeypatch):
+    from famevil_fast.cli import gallery_file
+    from famevil_fast.cli.gallery_file import read_gallery
+
+    monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 10)
+    other = tmp_path / "emb.safetensors.images.x"  # another gallery whose name starts as this one's lists
+    assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(other)]) == 0
+    notes = tmp_path / "emb.safetensors.images.notes.txt"
+    notes.write_text("mine")
+    out = tmp_path / "emb.safetensors"
+    for limit in (10, 1 << 20):  # a list file, then the list in the header: the first list is removed
+        monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", limit)
+        assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(out)]) == 0
+    assert not list(tmp_path.glob("emb.safetensors.images.????????????????.txt"))
+    assert notes.read_text() == "mine" and len(read_gallery(other)[1]) == len(list(images.iterdir()))
+
+
 def test_a_list_file_that_is_not_the_headers_is_refused(checkpoint, images, tmp_path, monkeypatch):
     from famevil_fast.cli import gallery_file
     from famevil_fast.cli.gallery_file import read_gallery

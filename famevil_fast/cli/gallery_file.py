@@ -12,8 +12,8 @@ checksum. Paths must be valid UTF-8 without line breaks (checked before anything
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,8 +57,9 @@ def write_gallery(out: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
         meta = {k: v for k, v in meta.items() if k != "images"}
         meta.update(images_file=sidecar.name, images_sha256=digest)
     atomic_save_safetensors(out, tensors, metadata=meta)
-    for stale in out.parent.glob(f"{glob.escape(out.name)}.images.*.txt"):
-        if stale != sidecar:  # named by no header now
+    own_list = re.compile(re.escape(out.name) + r"\.images\.[0-9a-f]{16}\.txt")
+    for stale in out.parent.iterdir():
+        if stale != sidecar and own_list.fullmatch(stale.name):  # this file's list, named by no header now
             stale.unlink(missing_ok=True)
     return sidecar
 
