@@ -388,3 +388,25 @@ def test_an_older_generator_s_dataset_is_left_in_place_and_named(tmp_path):
     left = sorted(set(rewritten) - set(fresh))
     assert left and left == sorted(set(earlier) - set(fresh) - {"synthetic.json"})
     assert files_not_written_by_make_synthetic(tmp_path / "a") == [tmp_path / "a" / name for name in left]
+
+
+def test_a_link_at_an_image_name_is_replaced_not_written_through(tmp_path):
+    root = tmp_path / "data"
+    make_synthetic(root, products=4, seed=7, image_size=32, workers=1)
+    image = sorted((root / "FashionGen" / "train").iterdir())[0]
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious")
+    image.unlink()
+    image.symlink_to(outside)
+    make_synthetic(root, products=4, seed=7, image_size=32, workers=1)
+    assert outside.read_bytes() == b"precious"
+    assert not image.is_symlink() and image.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_writing_marker_the_generator_did_not_write_is_refused(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "synthetic.writing").write_text("my own notes\n")
+    with pytest.raises(ValueError, match="synthetic.writing was not written by make-synthetic"):
+        make_synthetic(root, products=4, seed=7, image_size=32, workers=1)
+    assert (root / "synthetic.writing").read_text() == "my own notes\n"

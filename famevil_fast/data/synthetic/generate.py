@@ -437,6 +437,8 @@ def _fashioniq(
 
 def _render_job(job: _Job) -> None:
     image = render_image(job.spec, job.view, job.width, job.height)
+    if os.path.islink(job.path):  # replaced, not followed: its target may lie outside the directory
+        os.unlink(job.path)
     if job.path.endswith(".png"):
         image.save(job.path, format="PNG", compress_level=1)
     else:
@@ -605,14 +607,16 @@ def _check_arguments(products: int, image_size: int, val_fraction: float) -> Non
 
 
 def check_synthetic_record(root: str | os.PathLike) -> None:
-    """ValueError naming ``root``'s ``synthetic.json`` when the generator did not write it (writing the
-    synthetic dataset there would overwrite it); nothing when there is none or the generator wrote it."""
-    path = Path(root) / RECORD_FILE
-    if os.path.lexists(path) and _read_record(path) is None:
-        raise ValueError(
-            f"{path} was not written by make-synthetic: writing the synthetic dataset there would overwrite "
-            "it; choose another directory"
-        )
+    """ValueError naming ``root``'s ``synthetic.json`` or ``synthetic.writing`` when the generator did not
+    write it (writing the synthetic dataset there would overwrite it); nothing when there is none or the
+    generator wrote it."""
+    for name in (RECORD_FILE, WRITING_MARKER):
+        path = Path(root) / name
+        if os.path.lexists(path) and _read_record(path) is None:
+            raise ValueError(
+                f"{path} was not written by make-synthetic: writing the synthetic dataset there would "
+                "overwrite it; choose another directory"
+            )
 
 
 def _check_folders(root: Path, paths: Iterable[str]) -> None:
