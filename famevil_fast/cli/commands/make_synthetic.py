@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "dir",
         help="output directory (receives FashionGen/, FashionIQ/, synthetic.json); an earlier synthetic "
         "dataset there is rewritten (its files that the new one does not write are removed; other files "
-        "are left, and those in FashionGen/ or FashionIQ/ named), a directory holding another synthetic.json "
-        "or other FashionGen/ or FashionIQ/ dataset files is refused, and so is a dataset folder that is a "
-        "link out of it",
+        "are left, and those in FashionGen/ or FashionIQ/ named), a directory holding another program's "
+        "synthetic.json or synthetic.writing or other FashionGen/ or FashionIQ/ dataset files is refused, "
+        "and so is a dataset folder that is a link out of it",
     )
     parser.add_argument(
         "--products", type=integer, default=1000, help=f"FashionGen-style products (at least {MIN_PRODUCTS})"
