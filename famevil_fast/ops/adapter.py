@@ -217,6 +217,12 @@ def triton_adapter_pays(x: torch.Tensor, params: AdapterParams) -> bool:
     return in_graph if graphed_training else eager
 
 
+def _adapter_product_flops(x_shape: Sequence[int], down_weight_shape: Sequence[int]) -> int:
+    """FLOPs of one (N, d) @ (d, r) product: x (N, d), down_weight (r, d) or (T, r, d), every row through
+    one adapter whichever its task."""
+    return matmul_flops(math.prod(x_shape[:-1]), x_shape[-1], down_weight_shape[-2])
+
+
 def adapter_forward_flops(
     x_shape: Sequence[int],
     ln_weight_shape: Sequence[int],
@@ -226,11 +232,9 @@ def adapter_forward_flops(
     out_shape: object = None,
     **kwargs: object,
 ) -> int:
-    """FLOPs of ``famevil_fast::adapter_forward`` (x (N, d), down_weight (r, d) or (T, r, d)): the down and
-    up projections, (N, d) @ (d, r) and (N, r) @ (r, d), every row through one adapter whichever its task,
-    as FlopCounterMode counts the reference's two linear layers."""
-    d, r = x_shape[-1], down_weight_shape[-2]
-    return 2 * matmul_flops(math.prod(x_shape[:-1]), d, r)
+    """FLOPs of ``famevil_fast::adapter_forward``: the down and up projections, (N, d) @ (d, r) and
+    (N, r) @ (r, d), as FlopCounterMode counts the reference's two linear layers."""
+    return 2 * _adapter_product_flops(x_shape, down_weight_shape)
 
 
 def adapter_backward_flops(
@@ -245,8 +249,7 @@ def adapter_backward_flops(
 ) -> int:
     """FLOPs of ``famevil_fast::adapter_backward``: the input and the weight gradient of both projections,
     four products of the forward's size (the operator computes every gradient)."""
-    d, r = x_shape[-1], down_weight_shape[-2]
-    return 4 * matmul_flops(math.prod(x_shape[:-1]), d, r)
+    return 4 * _adapter_product_flops(x_shape, down_weight_shape)
 
 
 # Registered on first use of the kernels (``counting_flops``): the operators exist once

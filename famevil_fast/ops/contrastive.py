@@ -476,8 +476,9 @@ def contrastive_stats_backward_flops(
     out_shape: object = None,
     **kwargs: object,
 ) -> int:
-    """FLOPs of ``famevil_fast::contrastive_stats_backward``: the gradients of a and b, G @ b and G^T @ a
-    (both computed; the logits the kernels recompute are not counted, as the reference keeps them)."""
+    """FLOPs of ``famevil_fast::contrastive_stats_backward`` and of ``contrastive_distill_stats_backward``
+    (the same leading arguments): the gradients of a and b, G @ b and G^T @ a (both computed; the teacher
+    takes none, and the logits the kernels recompute are not counted, as the reference keeps them)."""
     return 2 * matmul_flops(a_shape[0], a_shape[1], b_shape[0])
 
 
@@ -498,25 +499,11 @@ def contrastive_distill_stats_flops(
     return student + matmul_flops(teacher_a_shape[0], teacher_a_shape[1], teacher_b_shape[0])
 
 
-def contrastive_distill_stats_backward_flops(
-    grad_rows_shape: Sequence[int],
-    grad_cols_shape: Sequence[int],
-    a_shape: Sequence[int],
-    b_shape: Sequence[int],
-    *args: object,
-    out_shape: object = None,
-    **kwargs: object,
-) -> int:
-    """FLOPs of ``famevil_fast::contrastive_distill_stats_backward``: the student's gradients G @ b and
-    G^T @ a; the teacher takes no gradient, and the logits recomputed inside the kernels are not counted."""
-    return 2 * matmul_flops(a_shape[0], a_shape[1], b_shape[0])
-
-
 STATS_FLOP_FORMULAS = {
     "contrastive_stats": contrastive_stats_flops,
     "contrastive_stats_backward": contrastive_stats_backward_flops,
     "contrastive_distill_stats": contrastive_distill_stats_flops,
-    "contrastive_distill_stats_backward": contrastive_distill_stats_backward_flops,
+    "contrastive_distill_stats_backward": contrastive_stats_backward_flops,
 }
 
 
