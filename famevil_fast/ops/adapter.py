@@ -11,7 +11,7 @@ whose FLOP formulas (here) count what the counter counts for the reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -277,22 +277,10 @@ def _triton_adapter(
     if torch.compiler.is_compiling() or counting_flops(ADAPTER_FLOP_FORMULAS):
         y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
     else:  # the same kernels without the operator dispatch's host cost
-        y = _eager_adapter()(rows, ps, res, ids, save, eps)
-    return y if flat else y.view(*x.shape)
-
-
-_EAGER_ADAPTER: Callable[..., torch.Tensor] | None = None
-
-
-def _eager_adapter() -> Callable[..., torch.Tensor]:
-    """``famevil_fast.kernels.autograd.fused_adapter_eager``, imported on the first eager Triton call (the
-    kernels load triton) and kept: later calls skip the import statement's lookups."""
-    global _EAGER_ADAPTER
-    if _EAGER_ADAPTER is None:
         from famevil_fast.kernels.autograd import fused_adapter_eager
 
-        _EAGER_ADAPTER = fused_adapter_eager
-    return _EAGER_ADAPTER
+        y = fused_adapter_eager(rows, ps, res, ids, save, eps)
+    return y if flat else y.view(*x.shape)
 
 
 def _scale_as_tensor(scale: torch.Tensor | float, ln_weight: torch.Tensor, per_task: bool) -> torch.Tensor:

@@ -129,22 +129,10 @@ def layer_norm_linear_triton(
     if torch.compiler.is_compiling() or counting_flops(LN_LINEAR_FLOP_FORMULAS):
         out = torch.ops.famevil_fast.ln_linear_forward(rows, *params, save, eps)[0]
     else:
-        out = _eager_layer_norm_linear()(rows, params, save, eps)
-    return out if flat else out.view(*x.shape[:-1], weight.shape[0])
-
-
-_EAGER_LN_LINEAR: Callable[..., torch.Tensor] | None = None
-
-
-def _eager_layer_norm_linear() -> Callable[..., torch.Tensor]:
-    """``famevil_fast.kernels.autograd.layer_norm_linear_eager``, imported on the first eager Triton call
-    (the kernels load triton) and kept: later calls skip the import statement's lookups."""
-    global _EAGER_LN_LINEAR
-    if _EAGER_LN_LINEAR is None:
         from famevil_fast.kernels.autograd import layer_norm_linear_eager
 
-        _EAGER_LN_LINEAR = layer_norm_linear_eager
-    return _EAGER_LN_LINEAR
+        out = layer_norm_linear_eager(rows, params, save, eps)
+    return out if flat else out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _split_key_values(kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
