@@ -86,13 +86,10 @@ def check_sizes(args: argparse.Namespace) -> None:
             raise ValueError(f"{option} must be at least {low}, got {value}")
 
 
-def left_files_note(root: Path) -> str | None:
-    """A line naming the files under ``root``'s FashionGen/ and FashionIQ/ that the dataset make-synthetic
-    wrote there does not write (a rewrite leaves them in place, also under names it gives); None when there
-    are none."""
-    from famevil_fast.data.synthetic.generate import files_not_written_by_make_synthetic
-
-    left = [p.relative_to(root).as_posix() for p in files_not_written_by_make_synthetic(root)]
+def left_files_note(root: Path, left: list[str]) -> str | None:
+    """A line naming ``left``, the files under ``root``'s FashionGen/ and FashionIQ/ that the dataset
+    make-synthetic wrote there does not write (a rewrite leaves them in place, also under names it gives);
+    None when there are none."""
     if not left:
         return None
     named = ", ".join(left[:NAMED_LEFT_FILES])
@@ -121,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         f"({s.fashiongen_images} PNG), FashionIQ {s.fashioniq_images} JPEG, "
         f"triplets {s.triplets_train} train / {s.triplets_val} val, in {s.seconds:.1f} s"
     )
-    note = left_files_note(Path(args.dir))
+    note = left_files_note(Path(args.dir), s.left)
     if note:
         print(note)
     return 0

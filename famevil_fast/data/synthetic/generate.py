@@ -46,7 +46,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,8 @@ class SyntheticSummary:
     triplets_train: int
     triplets_val: int
     seconds: float
+    # files under FashionGen/ and FashionIQ/ this dataset does not write (left in place), relative to root
+    left: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -688,7 +690,7 @@ def make_synthetic(
         triplets_val=sum(sum(not x["fake_data"] for x in r) for (c, s), r in captions.items() if s == "val"),
         seconds=0.0,
     )
-    record = {k: v for k, v in asdict(summary).items() if k not in ("root", "seconds")}
+    record = {k: v for k, v in asdict(summary).items() if k not in ("root", "seconds", "left")}
     atomic_write_json(
         root / RECORD_FILE,
         {
@@ -700,5 +702,6 @@ def make_synthetic(
         },
     )
     (root / WRITING_MARKER).unlink(missing_ok=True)
+    summary.left = [name for name in _files_under(root) if name not in paths]
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
