@@ -99,7 +99,7 @@ fi
 
 PYTEST=("$PY" -m pytest -q -s -p no:cacheprovider -rfE)
 if [[ " $PARTS " == *" tests "* ]]; then
-  # GPU_CHECK_TESTS replaces the list of test files
+  # GPU_CHECK_TESTS replaces the list of test files; GPU_CHECK_TESTS_LIMIT the part's 120 s limit
   TESTS="${GPU_CHECK_TESTS:-tests/test_adapter_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
 tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py tests/test_decode_step.py \
 tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_transforms.py}"
@@ -110,7 +110,7 @@ tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_tra
     WORKERS=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
   fi
   # shellcheck disable=SC2086
-  part "GPU tests" 120 gpu_tests.txt "${PYTEST[@]}" ${WORKERS[@]+"${WORKERS[@]}"} -k "gpu or cuda or contrastive_triton" $TESTS
+  part "GPU tests" "${GPU_CHECK_TESTS_LIMIT:-120}" gpu_tests.txt "${PYTEST[@]}" ${WORKERS[@]+"${WORKERS[@]}"} -k "gpu or cuda or contrastive_triton" $TESTS
 fi
 
 # "demo" (not in the default parts): the README's main job on the card, `famevil-fast demo` with the GPU recipe,
