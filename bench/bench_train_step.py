@@ -18,7 +18,8 @@ compiled step is also replayed as one CUDA graph (what ``mode="reduce-overhead"`
 ``plain_compiled``, ``plain_frozen_compiled`` (target 1's best plain-PyTorch frozen step),
 ``fast_compiled`` and ``fast_frozen_compiled``. Compiling takes about a minute per configuration and batch
 layout on a GPU, so they run only with ``TRAIN_STEP_COMPILE=1``. ``TRAIN_STEP_CONFIGS`` (comma-separated
-names) and ``TRAIN_STEP_CELLS`` (e.g. ``64:itc,64:all4``) narrow a run.
+names) and ``TRAIN_STEP_CELLS`` (e.g. ``64:itc,64:all4``) narrow a run; ``TRAIN_STEP_PROFILE`` names the
+configurations whose four-task step is profiled kernel by kernel (default ``plain``).
 
 Every configuration starts from the same weights and batch; the first step's losses must agree with the
 faithful ones within bf16 tolerance. Reported: ms/step (median), samples/s, peak memory and model FLOPs
@@ -440,30 +441,44 @@ def kernel_kind(name: str) -> str:
     return next(kinds, "elementwise/other")
 
 
-def test_train_step_profile(base_model, kernel_breakdown):
-    """Where the device time of one eager bf16 four-task step (``plain``) goes, by kind of kernel and by
-    kernel: ``plain_graphed`` replays the same kernels, so this is what bounds it (``fast`` replays them too,
-    but for the adapters of the vision tower, which take the Triton kernels inside a graphed training step
-    from a ViT-B/16 batch of 64)."""
-    size = base_model.config.clip.vision.image_size
-    batches = workload_batches("all4", BATCHES[0], size)
-    setup = Setup(base_model, "plain")
+PROFILED = [c.strip() for c in os.environ.get("TRAIN_STEP_PROFILE", "plain").split(",") if c.strip()]
+if unknown := [c for c in PROFILED if c not in CONFIGS]:
+    raise ValueError(f"TRAIN_STEP_PROFILE: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+
+
+def profile_rows(base_model: FameViL, name: str, batches, kernel_breakdown) -> list | None:
+    """Every kernel of one four-task step of configuration ``name`` (a graphed one captured first, so that
+    the profiled step is a replay): (kernel, launches, ms), or None without a device profile."""
+    setup = Setup(base_model, name)
     setup.step(batches)
     rows = kernel_breakdown(lambda: setup.step(batches), DEVICE, top=0)
     setup = None
     release()
-    print(f"\ndevice time of one plain four-task step, {PRESET}, batch {BATCHES[0]}")
+    return rows
+
+
+@pytest.mark.parametrize("name", PROFILED)
+def test_train_step_profile(base_model, kernel_breakdown, name):
+    """Where the device time of one four-task step goes, by kind of kernel and by kernel, for each
+    configuration of ``TRAIN_STEP_PROFILE`` (default ``plain``, the eager bf16 step whose kernels
+    ``plain_graphed`` replays; ``fast`` differs from it in the adapters of the vision tower, which take the
+    Triton kernels inside a graphed training step from a ViT-B/16 batch of 64)."""
+    if not runnable(name):
+        pytest.skip(f"{name}: {skip_reason(name)}")
+    size = base_model.config.clip.vision.image_size
+    rows = profile_rows(base_model, name, workload_batches("all4", BATCHES[0], size), kernel_breakdown)
+    print(f"\ndevice time of one {name} four-task step, {PRESET}, batch {BATCHES[0]}")
     if rows is None:
         print("  (no device profile on the CPU)")
         return
     total = sum(ms for _, _, ms in rows)
     kinds: dict[str, tuple[int, float]] = {}
-    for name, calls, ms in rows:
-        n, t = kinds.get(kernel_kind(name), (0, 0.0))
-        kinds[kernel_kind(name)] = (n + calls, t + ms)
+    for kernel, calls, ms in rows:
+        n, t = kinds.get(kernel_kind(kernel), (0, 0.0))
+        kinds[kernel_kind(kernel)] = (n + calls, t + ms)
     print(f"  {sum(c for _, c, _ in rows)} kernels, {total:.2f} ms")
     for kind, (calls, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:<18} {ms:>8.2f} ms {100 * ms / total:>5.1f}% {calls:>6} kernels")
-    for name, calls, ms in rows[:12]:
-        print(f"    {ms:>8.2f} ms {calls:>5}x  {name}")
+    for kernel, calls, ms in rows[:16]:
+        print(f"    {ms:>8.2f} ms {calls:>5}x  {kernel}")
     assert total > 0

@@ -441,7 +441,8 @@ def test_groups_and_two_way_labels_run_without_host_read_back_under_capture():
         torch.tensor([0, 0, 1, 2, 2, 3, 9, 9, 4, 4, 5, 6]),
         torch.tensor([0, 1, 1, 2, 3, 3, 7, 4, 5, 8]),
     )
-    labels = torch.tensor([1, 0, 2, 3, 5, 4, 9, 9, 0, 1, 2, 3])
+    groups = tuple(g.to(a.device) for g in groups)
+    labels = torch.tensor([1, 0, 2, 3, 5, 4, 9, 9, 0, 1, 2, 3], device=a.device)
     for kw in ({"groups": groups}, {"labels": labels}):
         outside, outside_grads = _grads(contrastive_loss, [a, b, s], backend="triton", **kw)
         with simulated_capture():
