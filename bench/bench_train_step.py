@@ -461,8 +461,8 @@ def profile_rows(base_model: FameViL, name: str, batches, kernel_breakdown) -> l
 def test_train_step_profile(base_model, kernel_breakdown, name):
     """Where the device time of one four-task step goes, by kind of kernel and by kernel, for each
     configuration of ``TRAIN_STEP_PROFILE`` (default ``plain``, the eager bf16 step whose kernels
-    ``plain_graphed`` replays; ``fast`` differs from it in the adapters of the vision tower, which take the
-    Triton kernels inside a graphed training step from a ViT-B/16 batch of 64)."""
+    ``plain_graphed`` replays; at batch 64 ``fast`` replays them too, its mixed-task adapters keeping the
+    per-task PyTorch path)."""
     if not runnable(name):
         pytest.skip(f"{name}: {skip_reason(name)}")
     size = base_model.config.clip.vision.image_size

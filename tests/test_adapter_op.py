@@ -438,6 +438,40 @@ def test_automatic_choice_inside_a_graphed_training_step() -> None:
             assert not triton_adapter_pays(batch, narrow)
 
 
+class _CudaRows:
+    """Shape, dtype and device of a CUDA activation, without a GPU (what the automatic choice reads)."""
+
+    def __init__(self, *shape: int) -> None:
+        self.shape, self.dtype, self.device, self.is_cuda = (
+            torch.Size(shape),
+            torch.bfloat16,
+            torch.device("cuda"),
+            True,
+        )
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def test_mixed_task_calls_keep_the_pytorch_path_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of several tasks' adapters in one call were measured slower than one PyTorch adapter per task's
+    rows inside the graphed four-task step, so the automatic choice never takes the kernels for them, eager
+    or graphed, however many rows; an explicit backend still does."""
+    pytest.importorskip("triton")
+    from famevil_fast.capture import static_shapes
+    from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS, adapter_backend, triton_adapter_pays
+
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
+    narrow = AdapterParams(*random_params(768, 64))
+    step, many = _CudaRows(320, 197, 768), _CudaRows(TRITON_ADAPTER_MIN_ROWS, 768)
+    assert triton_adapter_pays(many, narrow) and not triton_adapter_pays(many, narrow, mixed=True)
+    with static_shapes():
+        assert triton_adapter_pays(step, narrow) and not triton_adapter_pays(step, narrow, mixed=True)
+        assert adapter_backend(step, narrow) == "triton"
+        assert adapter_backend(step, narrow, mixed=True) == "torch"
+        assert adapter_backend(step, narrow, "triton", mixed=True) == "triton"
+
+
 def test_custom_op_passes_opcheck() -> None:
     from famevil_fast.kernels import custom_ops  # noqa: F401
 

@@ -166,6 +166,26 @@ def test_mixed_task_layout_equals_per_task_calls(backend, monkeypatch):
         torch.testing.assert_close(tsa(x, blind, residual=x), expected)
 
 
+def test_mixed_task_layout_asks_the_rule_for_a_mixed_call(monkeypatch):
+    """The mixed-task pass tells the automatic choice that one call would hold several tasks' rows (the
+    rule keeps those on the per-task PyTorch path on a GPU), and runs the per-task path when told "torch"."""
+    import famevil_fast.model.adapters as adapters_module
+
+    asked = []
+
+    def rule(x, params, backend=None, mixed=False):
+        asked.append(mixed)
+        return "torch"
+
+    monkeypatch.setattr(adapters_module, "adapter_backend", rule)
+    tsa = perturb_(TaskAdapters(16, 4, ("itc", "tgir", "scr", "cap")), std=0.1)
+    x = torch.randn(5, 3, 16)
+    mix = task_mix([2, 0, 3], [2, 1, 2], "cpu")
+    expected = torch.cat([tsa(x[:2], "scr", x[:2]), tsa(x[2:3], "itc", x[2:3]), tsa(x[3:], "cap", x[3:])])
+    torch.testing.assert_close(tsa(x, mix, residual=x), expected)
+    assert asked == [True]
+
+
 def test_task_mix_from_an_index_tensor():
     mix = as_task_mix(torch.tensor([1, 1, 0, 2, 2, 2]), 6)
     assert mix.segments == ((1, 0, 2), (0, 2, 3), (2, 3, 6)) and mix.present == (0, 1, 2)

@@ -92,7 +92,7 @@ class TaskAdapters(nn.Module):
         if len(adapters) == 1:
             return adapters[0](x, residual)
         first = adapters[0]
-        if adapter_backend(x, first.params(), first.backend) != "triton":
+        if adapter_backend(x, first.params(), first.backend, mixed=True) != "triton":
             return self._per_segment(x, mix, residual)
         if first.dropout > 0.0 and self.training:
             raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
