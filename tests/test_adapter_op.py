@@ -399,6 +399,11 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         fused_adapter(x, *p, backend="triton")
 
 
+def bf16_params(d: int, r: int) -> AdapterParams:
+    """Parameters of the dtype the automatic rule was measured with (bf16, as the activations)."""
+    return AdapterParams(*(t.to(torch.bfloat16) for t in random_params(d, r)))
+
+
 def test_automatic_choice_on_a_gpu_follows_the_measured_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
@@ -410,9 +415,9 @@ def test_automatic_choice_on_a_gpu_follows_the_measured_rule(monkeypatch: pytest
     assert select_backend("op", None, ("triton", "torch"), gpu_x, triton_pays=False) == "torch"
     assert select_backend("op", None, ("triton", "torch"), gpu_x, triton_pays=True) == "triton"
     assert select_backend("op", "triton", ("triton", "torch"), gpu_x, triton_pays=False) == "triton"
-    narrow, wide = AdapterParams(*random_params(768, 64)), AdapterParams(*random_params(768, 512))
-    many = torch.empty(TRITON_ADAPTER_MIN_ROWS // 4, 4, 768, device="meta")
-    few = torch.empty(TRITON_ADAPTER_MIN_ROWS - 1, 768, device="meta")
+    narrow, wide = bf16_params(768, 64), bf16_params(768, 512)
+    many = torch.empty(TRITON_ADAPTER_MIN_ROWS // 4, 4, 768, device="meta", dtype=torch.bfloat16)
+    few = torch.empty(TRITON_ADAPTER_MIN_ROWS - 1, 768, device="meta", dtype=torch.bfloat16)
     assert triton_adapter_pays(many, narrow)
     assert not triton_adapter_pays(few, narrow)
     assert not triton_adapter_pays(many, wide)
@@ -425,10 +430,10 @@ def test_automatic_choice_inside_a_graphed_training_step() -> None:
     from famevil_fast.capture import static_shapes
     from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, triton_adapter_pays
 
-    narrow, wide = AdapterParams(*random_params(768, 64)), AdapterParams(*random_params(768, 512))
-    batch = torch.empty(64, 197, 768, device="meta")
+    narrow, wide = bf16_params(768, 64), bf16_params(768, 512)
+    batch = torch.empty(64, 197, 768, device="meta", dtype=torch.bfloat16)
     assert batch.numel() // 768 == TRITON_ADAPTER_MIN_ROWS_IN_GRAPH
-    fewer = torch.empty(TRITON_ADAPTER_MIN_ROWS_IN_GRAPH - 1, 768, device="meta")
+    fewer = torch.empty(TRITON_ADAPTER_MIN_ROWS_IN_GRAPH - 1, 768, device="meta", dtype=torch.bfloat16)
     assert not triton_adapter_pays(batch, narrow)
     with static_shapes():
         assert triton_adapter_pays(batch, narrow)
@@ -462,7 +467,7 @@ def test_mixed_task_calls_keep_the_pytorch_path_on_a_gpu(monkeypatch: pytest.Mon
     from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS, adapter_backend, triton_adapter_pays
 
     monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
-    narrow = AdapterParams(*random_params(768, 64))
+    narrow = bf16_params(768, 64)
     step, many = _CudaRows(320, 197, 768), _CudaRows(TRITON_ADAPTER_MIN_ROWS, 768)
     assert triton_adapter_pays(many, narrow) and not triton_adapter_pays(many, narrow, mixed=True)
     with static_shapes():
@@ -470,6 +475,23 @@ def test_mixed_task_calls_keep_the_pytorch_path_on_a_gpu(monkeypatch: pytest.Mon
         assert adapter_backend(step, narrow) == "triton"
         assert adapter_backend(step, narrow, mixed=True) == "torch"
         assert adapter_backend(step, narrow, "triton", mixed=True) == "triton"
+
+
+def test_unmeasured_dtypes_keep_the_pytorch_path_on_a_gpu() -> None:
+    """The rule holds where it was measured, 16-bit activations with parameters of their dtype: float32
+    activations, or float32 parameters (a model training under autocast), keep the reference."""
+    from famevil_fast.capture import static_shapes
+    from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS, triton_adapter_pays
+
+    bf16, fp32 = bf16_params(768, 64), AdapterParams(*(t.float() for t in random_params(768, 64)))
+    many = torch.empty(TRITON_ADAPTER_MIN_ROWS, 768, device="meta", dtype=torch.bfloat16)
+    assert triton_adapter_pays(many, bf16)
+    assert not triton_adapter_pays(many, fp32)
+    assert not triton_adapter_pays(many.float(), fp32)
+    assert not triton_adapter_pays(many.float(), bf16)
+    step = torch.empty(64, 197, 768, device="meta", dtype=torch.bfloat16)
+    with static_shapes():
+        assert triton_adapter_pays(step, bf16) and not triton_adapter_pays(step, fp32)
 
 
 def test_custom_op_passes_opcheck() -> None:

@@ -95,11 +95,11 @@ def test_measured_rule_reads_the_capture_state_only_between_its_thresholds(
     import famevil_fast.ops.adapter as adapter_module
     from famevil_fast.capture import static_shapes
 
-    narrow = AdapterParams(*_params(768, 64))
+    narrow = AdapterParams(*(t.to(torch.bfloat16) for t in _params(768, 64)))  # the measured dtype
     low, high = adapter_module.TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, adapter_module.TRITON_ADAPTER_MIN_ROWS
-    fewer = torch.empty(low - 1, 768, device="meta")
-    many = torch.empty(high, 768, device="meta")
-    between = torch.empty(low, 768, device="meta")
+    fewer = torch.empty(low - 1, 768, device="meta", dtype=torch.bfloat16)
+    many = torch.empty(high, 768, device="meta", dtype=torch.bfloat16)
+    between = torch.empty(low, 768, device="meta", dtype=torch.bfloat16)
     with static_shapes():
         assert adapter_module.triton_adapter_pays(between, narrow)
         with monkeypatch.context() as patch:

@@ -196,21 +196,26 @@ def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
 # 0.44-0.67x the PyTorch time; at 12,608 rows (a ViT-B/16 batch of 64) 1.2-2.2x, the host's work being 77-89%
 # of the call. Inside a step replayed as a CUDA graph only device time is left, and there the kernels took
 # 0.47x the PyTorch kernels' time forward and 0.52x backward at 12,608 rows (2026-11-27, second run). Fewer
-# rows were not measured. Mixed-task calls (rows of several tasks' adapters in one call) keep the PyTorch path
-# (one adapter per task's rows): in the graphed four-task ViT-B/16 step at batch 64 (63,040 vision rows of
-# three tasks) the kernels' backward took 16.2 ms a call against about 0.2 ms for PyTorch's kernels, and the
-# step 635 ms against 267 ms (H200, 2026-11-27, third run).
+# rows were not measured. All of these were measured with bf16 activations and bf16 parameters, one task a
+# call, and the rule holds only there. A model training under bf16 autocast keeps float32 parameters (and a
+# float32 residual stream in part of its adapters), and mixes tasks: in the graphed four-task ViT-B/16 step
+# at batch 64 the kernels' backward took 16.2 ms a call (63,040 vision rows of three tasks) against about
+# 0.2 ms for PyTorch's kernels, and the step 635 ms against 267 ms (H200, 2026-11-27, third run).
 TRITON_ADAPTER_MIN_ROWS = 1 << 20
 TRITON_ADAPTER_MIN_ROWS_IN_GRAPH = 12_608
 TRITON_ADAPTER_MAX_R = 128
+MEASURED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def triton_adapter_pays(x: torch.Tensor, params: AdapterParams, mixed: bool = False) -> bool:
-    """The measured rule for the automatic backend on a GPU: one task's adapter (``mixed`` False), a
-    bottleneck kept on chip, and many rows, or fewer in a training step captured as a CUDA graph (its
-    warm-up and capture run under ``static_shapes`` with autograd on). Graphed caption decoding, under
-    no_grad, keeps the PyTorch adapters, so that its tokens stay those of eager decoding."""
-    if mixed or params.down_weight.shape[-2] > TRITON_ADAPTER_MAX_R:
+    """The measured rule for the automatic backend on a GPU: what was measured faster, one task's adapter
+    (``mixed`` False) with 16-bit activations and parameters of their dtype, a bottleneck kept on chip,
+    and many rows, or fewer in a training step captured as a CUDA graph (its warm-up and capture run under
+    ``static_shapes`` with autograd on). Graphed caption decoding, under no_grad, keeps the PyTorch
+    adapters, so that its tokens stay those of eager decoding."""
+    if mixed or x.dtype not in MEASURED_DTYPES or params.down_weight.dtype != x.dtype:
+        return False
+    if params.down_weight.shape[-2] > TRITON_ADAPTER_MAX_R:
         return False
     rows = x.numel() // max(1, x.shape[-1])
     in_graph, eager = rows >= TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, rows >= TRITON_ADAPTER_MIN_ROWS
