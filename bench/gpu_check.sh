@@ -9,7 +9,8 @@
 #   GPU_CHECK_BENCH=tiles TILE_SWEEP=split bash bench/gpu_check.sh   # some tile-sweep families only
 #
 # Missing Python packages can travel as wheels in .whl/ (installed into /tmp/site first); DALI, too large
-# for one call, travels in parts with bench/carry_dali.sh.
+# for one call, travels in parts with bench/carry_dali.sh; the run-time packages the demo needs and the
+# cards lack (ftfy, open_clip's vocabulary, pycocoevalcap) in .carry/site, made by bench/carry_runtime.sh.
 # On a machine without a GPU, GPU_CHECK_DRY=1 runs the same steps on the CPU (a check of the script); its
 # build compiles into /tmp/gpu_check_dry_build and installs nothing, and its results go to $OUT only.
 set -uo pipefail
@@ -56,6 +57,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # /tmp/site also holds what bench/carry_dali.sh installed in the calls before this one
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+[ -d .carry/site ] && export PYTHONPATH="$PWD/.carry/site:${PYTHONPATH:-}"
 
 if [ "${GPU_CHECK_DRY:-0}" != "1" ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { say "no CUDA device"; exit 2; }
@@ -115,7 +117,12 @@ fi
 
 # "demo" (not in the default parts): the README's main job on the card, `famevil-fast demo` with the GPU recipe,
 # on fewer products and updates (GPU_CHECK_DEMO_PRODUCTS, GPU_CHECK_DEMO_UPDATES): a check that it runs
-if [[ " $PARTS " == *" demo "* ]]; then
+if [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import famevil_fast.configs, famevil_fast.kernels" 2>/dev/null; then
+  say "demo: skipped (famevil_fast is not installed here: add build to GPU_CHECK_PARTS)"; status=1
+elif [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import ftfy, pycocoevalcap" 2>/dev/null; then
+  say "demo: skipped (ftfy or pycocoevalcap missing: run bench/carry_runtime.sh here and carry .carry/site)"
+  status=1
+elif [[ " $PARTS " == *" demo "* ]]; then
   part "demo (demo_gpu recipe, short)" 240 demo.txt "$PY" -m famevil_fast demo --out /tmp/gpu_check_demo \
     --products "${GPU_CHECK_DEMO_PRODUCTS:-1000}" --updates "${GPU_CHECK_DEMO_UPDATES:-60}" \
     --set schedule.warmup_updates=6 "--set=schedule.decay_at=[40, 50]" --set eval.every=0
