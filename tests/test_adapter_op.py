@@ -494,6 +494,86 @@ def test_unmeasured_dtypes_keep_the_pytorch_path_on_a_gpu() -> None:
         assert triton_adapter_pays(step, bf16) and not triton_adapter_pays(step, fp32)
 
 
+def _autocast_inputs(x_dtype: torch.dtype, tasks: int | None, rows: int = 150, d: int = 48, r: int = 12):
+    torch.manual_seed(5)
+    params = [p.float().requires_grad_() for p in random_params(d, r, tasks)]
+    x = torch.randn(rows, d, dtype=x_dtype, requires_grad=True)
+    residual = [
+        torch.randn(rows, d, dtype=x_dtype, requires_grad=True),
+        torch.randn(rows, d, dtype=torch.bfloat16),
+    ]
+    ids = None if tasks is None else torch.randint(0, tasks, (rows,))
+    return x, params, residual, ids
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tasks", [None, 3])
+def test_triton_under_autocast_takes_products_in_the_autocast_dtype(
+    x_dtype: torch.dtype, tasks: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under autocast the kernels get x and the parameters in the autocast dtype (as the reference's linear
+    layers take them); a float32 stream keeps its dtype and its residual terms are added outside the
+    kernels. Output and gradients match the reference under the same autocast within bf16 rounding."""
+    import famevil_fast.ops.adapter as adapter_module
+
+    seen = []
+    kernels = adapter_module._triton_adapter
+
+    def spy(x, params, residuals, task_ids, eps):
+        seen.append((x.dtype, {p.dtype for p in params}, [t.dtype for t in residuals]))
+        return kernels(x, params, residuals, task_ids, eps)
+
+    monkeypatch.setattr(adapter_module, "_triton_adapter", spy)
+    results = {}
+    for backend in ("triton", "torch", "float64"):
+        x, params, residual, ids = _autocast_inputs(x_dtype, tasks)
+        if backend == "float64":
+            x, params, residual = (
+                [t.detach().double().requires_grad_() for t in group] for group in ([x], params, residual)
+            )
+            x = x[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backend != "float64"):
+            y = fused_adapter(
+                x, *params, residual=residual, task_ids=ids, backend=backend.replace("float64", "torch")
+            )
+        y.double().square().sum().backward()
+        results[backend] = (y, [t.grad for t in (x, *params, residual[0])])
+    assert seen == [
+        (torch.bfloat16, {torch.float32}, [] if x_dtype == torch.float32 else [torch.bfloat16] * 2)
+    ]
+    (y, grads), (y_base, grads_base), (y_ref, grads_ref) = (
+        results[k] for k in ("triton", "torch", "float64")
+    )
+    assert y.dtype == y_base.dtype == x_dtype
+    # within 4x of PyTorch's own error under autocast: for a float32 x the kernels round x to bf16 before
+    # their LayerNorm (autocast runs it in float32), and their bf16 branch gets its gradient rounded to bf16
+    # (autocast multiplies by the scale in float32), which shows most in the scale's one-number gradient
+    assert_no_worse_than_baseline("output", y, y_base, y_ref, factor=4.0)
+    names = ("x", *AdapterParams._fields, "residual")
+    for name, got, base, want in zip(names, grads, grads_base, grads_ref):
+        assert got.dtype == base.dtype
+        assert_no_worse_than_baseline(name, got, base, want, factor=4.0)
+
+
+def test_triton_outside_autocast_runs_in_the_inputs_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    import famevil_fast.ops.adapter as adapter_module
+
+    seen = []
+    kernels = adapter_module._triton_adapter
+    monkeypatch.setattr(
+        adapter_module,
+        "_triton_adapter",
+        lambda x, params, *rest: (
+            seen.append((x.dtype, params.down_weight.dtype)) or kernels(x, params, *rest)
+        ),
+    )
+    x, params, residual, _ = _autocast_inputs(torch.float32, None)
+    fused_adapter(x, *params, residual=residual[:1], backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        fused_adapter(x, *params, residual=residual[:1], backend="triton")
+    assert seen == [(torch.float32, torch.float32)] * 2
+
+
 def test_custom_op_passes_opcheck() -> None:
     from famevil_fast.kernels import custom_ops  # noqa: F401
 
