@@ -30,10 +30,10 @@ PARTS="${PARTS//,/ }"
 # launch-configuration sweep behind kernels/configs.py, "train_compiled", the torch.compile baselines of
 # the frozen ITC step, about a minute of compiling per configuration, and "contrastive_huge", the Triton loss
 # at 1,048,576 rows, about 12 s a run; in this order)
-BENCHES="${GPU_CHECK_BENCH:-contrastive adapter xattn train_step caption retrieval imtl data}"
+BENCHES="${GPU_CHECK_BENCH:-contrastive adapter adapter_dtypes xattn train_step caption retrieval imtl data}"
 BENCHES="${BENCHES//,/ }"
 KNOWN_PARTS="build tests demo bench"
-KNOWN_BENCHES="contrastive contrastive_huge adapter xattn train_step train_compiled caption retrieval imtl data tiles"
+KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes xattn train_step train_compiled caption retrieval imtl data tiles"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FAMEVIL_FAST_BACKEND=""
@@ -134,7 +134,10 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
     contrastive) part "bench: contrastive losses" 75 bench_contrastive.txt "${BENCH[@]}" bench/bench_contrastive.py ;;
     contrastive_huge) part "bench: contrastive loss at 1,048,576 rows (Triton)" 75 bench_contrastive_huge.txt \
       env BENCH_HUGE=1 "${BENCH[@]}" bench/bench_contrastive.py -k "million_rows and triton" ;;
-    adapter) part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py -k report ;;
+    adapter) part "bench: fused adapter" 75 bench_adapter.txt "${BENCH[@]}" bench/bench_adapter.py \
+      -k "report and not training_dtypes" ;;
+    adapter_dtypes) part "bench: fused adapter with a training step's dtypes" 90 bench_adapter_dtypes.txt \
+      "${BENCH[@]}" bench/bench_adapter.py -k training_dtypes ;;
     xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
     train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
     train_compiled) part "bench: training step with torch.compile (frozen ITC)" 270 bench_train_compiled.txt \
@@ -146,7 +149,7 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
     imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
     data) part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report ;;
     tiles) part "bench: tile sweep" 150 bench_tiles.txt "${BENCH[@]}" bench/bench_tiles.py ;;
-    *) say "unknown benchmark '$1' (known: contrastive contrastive_huge adapter xattn train_step train_compiled caption retrieval imtl data tiles)"; status=1 ;;
+    *) say "unknown benchmark '$1' (known: $KNOWN_BENCHES)"; status=1 ;;
   esac
 }
 if [[ " $PARTS " == *" bench "* ]]; then
@@ -183,6 +186,7 @@ for name, title in (
     ("bench_contrastive.txt", "Contrastive losses"),
     ("bench_contrastive_huge.txt", "Contrastive loss at 1,048,576 rows"),
     ("bench_adapter.txt", "Fused adapter"),
+    ("bench_adapter_dtypes.txt", "Fused adapter with a training step's dtypes"),
     ("bench_xattn.txt", "Cross-attention adapter block"),
     ("bench_train_step.txt", "Training step"),
     ("bench_train_compiled.txt", "Training step with torch.compile (frozen ITC)"),
