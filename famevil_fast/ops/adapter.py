@@ -327,10 +327,8 @@ def fused_adapter(
     one dtype, x's or float32.
     ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured faster,
     ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
-    overrides the automatic choice). Under autocast the kernels take their products in the autocast dtype,
-    as the reference's linear layers do (``_triton_adapter_autocast``); the output keeps x's dtype.
-    ``check_task_ids=False`` skips the range check of the task ids, the one check that reads a tensor back
-    from the device, for callers that built the ids themselves.
+    overrides the automatic choice). ``check_task_ids=False`` skips the range check of the task ids, the
+    one check that reads a tensor back from the device, for callers that built the ids themselves.
     """
     check_backend("fused_adapter", backend, BACKENDS)
     scale = _scale_as_tensor(scale, ln_weight, task_ids is not None)
@@ -340,38 +338,7 @@ def fused_adapter(
     check_residuals(x, residuals)
     if adapter_backend(x, params, backend, mixed=task_ids is not None) == "torch":
         return adapter_reference(x, params, residuals or None, task_ids, eps)
-    low = autocast_product_dtype(x)
-    if low is not None and x.dtype != low:
-        return _triton_adapter_autocast(x, params, residuals, task_ids, eps, low)
     return _triton_adapter(x, params, residuals, task_ids, eps)
-
-
-def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The 16-bit dtype in which autocast, when it is on for x's device, runs matrix products; else None."""
-    kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
-        return None
-    dtype = torch.get_autocast_dtype(kind)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
-
-
-def _triton_adapter_autocast(
-    x: torch.Tensor,
-    params: AdapterParams,
-    residuals: list[torch.Tensor],
-    task_ids: torch.Tensor | None,
-    eps: float,
-    low: torch.dtype,
-) -> torch.Tensor:
-    """The kernels under autocast for x of another dtype than the autocast dtype ``low`` (a float32
-    residual stream): x cast to ``low``, so that the kernels take their products in ``low`` as PyTorch's
-    linear layers do (the parameters keep their dtype; the kernels cast them on chip and keep LayerNorm and
-    the accumulations in float32), and the residual terms added to the branch outside the kernels, so that
-    the output keeps x's dtype and the stream is never rounded. The gradient reaches x through the cast."""
-    out = _triton_adapter(x.to(low), params, [], task_ids, eps).to(x.dtype)
-    for term in residuals:
-        out = out + term
-    return out
 
 
 def adapter_backend(
