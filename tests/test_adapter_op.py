@@ -425,8 +425,8 @@ def test_automatic_choice_on_a_gpu_follows_the_measured_rule(monkeypatch: pytest
 
 def test_automatic_choice_inside_a_graphed_training_step() -> None:
     """Inside a training step captured as a CUDA graph (static shapes, autograd on) host time no longer
-    counts, and the rule takes the kernels from a ViT-B/16 batch of 64 up; not under no_grad (graphed
-    caption decoding), and never for a bottleneck too wide for the chip."""
+    counts, and the rule takes the kernels (bf16 activations and parameters) from a ViT-B/16 batch of 64
+    up; not under no_grad (graphed caption decoding), and never for a bottleneck too wide for the chip."""
     from famevil_fast.capture import static_shapes
     from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, triton_adapter_pays
 
@@ -478,7 +478,7 @@ def test_mixed_task_calls_keep_the_pytorch_path_on_a_gpu(monkeypatch: pytest.Mon
 
 
 def test_unmeasured_dtypes_keep_the_pytorch_path_on_a_gpu() -> None:
-    """The rule holds where it was measured, 16-bit activations with parameters of their dtype: float32
+    """The rule holds where it was measured, bf16 activations with bf16 parameters: float32 or float16
     activations, or float32 parameters (a model training under autocast), keep the reference."""
     from famevil_fast.capture import static_shapes
     from famevil_fast.ops.adapter import TRITON_ADAPTER_MIN_ROWS, triton_adapter_pays
@@ -489,9 +489,30 @@ def test_unmeasured_dtypes_keep_the_pytorch_path_on_a_gpu() -> None:
     assert not triton_adapter_pays(many, fp32)
     assert not triton_adapter_pays(many.float(), fp32)
     assert not triton_adapter_pays(many.float(), bf16)
+    assert not triton_adapter_pays(many.half(), AdapterParams(*(t.half() for t in bf16)))  # not measured
     step = torch.empty(64, 197, 768, device="meta", dtype=torch.bfloat16)
     with static_shapes():
         assert triton_adapter_pays(step, bf16) and not triton_adapter_pays(step, fp32)
+
+
+def test_mixed_task_reference_runs_under_capture() -> None:
+    """The reference's mixed-task path reads no value back under graph capture (every task's adapter over
+    every row, each row keeping its own): the same output and gradients as its eager form."""
+    from famevil_fast.capture import simulated_capture
+
+    torch.manual_seed(8)
+    results = []
+    for captured in (False, True):
+        params = [p.clone().requires_grad_() for p in random_params(24, 6, tasks=3)]
+        x = torch.randn(2, 11, 24, dtype=torch.float64, requires_grad=True)
+        ids = torch.tensor([2, 0, 2, 2, 1, 0, 0, 2, 1, 1, 0] * 2)
+        with simulated_capture() if captured else contextlib.nullcontext():
+            y = fused_adapter(x, *params, residual=x, task_ids=ids, backend="torch")
+            y.square().sum().backward()
+        results.append([y.detach(), x.grad, *(p.grad for p in params)])
+        torch.manual_seed(8)
+    for eager, captured in zip(*results):
+        torch.testing.assert_close(captured, eager, rtol=1e-12, atol=1e-12)
 
 
 def test_custom_op_passes_opcheck() -> None:

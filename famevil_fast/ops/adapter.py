@@ -80,12 +80,27 @@ def _mixed_task_adapter(
     x: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor, eps: float
 ) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
+    if static_shapes_enabled() or torch.compiler.is_compiling():
+        return _every_task_masked(rows, params, task_ids, eps).reshape(x.shape)
     out = rows.new_zeros(rows.shape)
     for task in torch.unique(task_ids).tolist():
         idx = (task_ids == task).nonzero(as_tuple=True)[0]
         task_params = AdapterParams(*(p[task] for p in params))
         out = out.index_put((idx,), _single_adapter(rows.index_select(0, idx), task_params, eps))
     return out.reshape(x.shape)
+
+
+def _every_task_masked(
+    rows: torch.Tensor, params: AdapterParams, task_ids: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Each task's adapter over every row, each row keeping its own task's output: as many times the work
+    as there are tasks, but no read-back and no shape that depends on the ids, as graph capture and
+    compile tracing need."""
+    out = rows.new_zeros(rows.shape)
+    for task in range(params.ln_weight.shape[0]):
+        own = (task_ids == task).unsqueeze(-1)
+        out = torch.where(own, _single_adapter(rows, AdapterParams(*(p[task] for p in params)), eps), out)
+    return out
 
 
 def residual_list(residual: Residual) -> list[torch.Tensor]:
@@ -199,17 +214,18 @@ def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
 # rows were not measured. All of these were measured with bf16 activations and bf16 parameters, one task a
 # call, and the rule holds only there. A model training under bf16 autocast keeps float32 parameters (and a
 # float32 residual stream in part of its adapters), and mixes tasks: in the graphed four-task ViT-B/16 step
-# at batch 64 the kernels' backward took 16.2 ms a call (63,040 vision rows of three tasks) against about
-# 0.2 ms for PyTorch's kernels, and the step 635 ms against 267 ms (H200, 2026-11-27, third run).
+# at batch 64 the kernels' backward took 16.2 ms a call (63,040 vision rows of three tasks), 388 ms of the
+# step's 631 ms, and the step 635 ms against 267 ms with the reference (H200, 2026-11-27, third run). So
+# the package's own training (float32 parameters) never takes the kernels automatically.
 TRITON_ADAPTER_MIN_ROWS = 1 << 20
 TRITON_ADAPTER_MIN_ROWS_IN_GRAPH = 12_608
 TRITON_ADAPTER_MAX_R = 128
-MEASURED_DTYPES = (torch.bfloat16, torch.float16)
+MEASURED_DTYPES = (torch.bfloat16,)
 
 
 def triton_adapter_pays(x: torch.Tensor, params: AdapterParams, mixed: bool = False) -> bool:
     """The measured rule for the automatic backend on a GPU: what was measured faster, one task's adapter
-    (``mixed`` False) with 16-bit activations and parameters of their dtype, a bottleneck kept on chip,
+    (``mixed`` False) with bf16 activations and bf16 parameters, a bottleneck kept on chip,
     and many rows, or fewer in a training step captured as a CUDA graph (its warm-up and capture run under
     ``static_shapes`` with autograd on). Graphed caption decoding, under no_grad, keeps the PyTorch
     adapters, so that its tokens stay those of eager decoding."""
