@@ -117,11 +117,14 @@ fi
 
 # "demo" (not in the default parts): the README's main job on the card, `famevil-fast demo` with the GPU recipe,
 # on fewer products and updates (GPU_CHECK_DEMO_PRODUCTS, GPU_CHECK_DEMO_UPDATES): a check that it runs
+demo_skipped() {  # demo_skipped REASON: in the log and in the results section
+  say "demo: skipped ($1)"; echo "skipped: $1" > "$PARTS_DIR/demo.txt"; status=1
+}
 if [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import famevil_fast.configs, famevil_fast.kernels" 2>/dev/null; then
-  say "demo: skipped (famevil_fast is not installed here: add build to GPU_CHECK_PARTS)"; status=1
-elif [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import ftfy, pycocoevalcap" 2>/dev/null; then
-  say "demo: skipped (ftfy or pycocoevalcap missing: run bench/carry_runtime.sh here and carry .carry/site)"
-  status=1
+  demo_skipped "famevil_fast.configs or .kernels not importable: the package is not installed here (build part)"
+elif [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import ftfy, pycocoevalcap, importlib.util as u; \
+assert u.find_spec('open_clip')" 2>/dev/null; then
+  demo_skipped "ftfy, open_clip or pycocoevalcap missing: run bench/carry_runtime.sh here and carry .carry/site"
 elif [[ " $PARTS " == *" demo "* ]]; then
   part "demo (demo_gpu recipe, short)" 240 demo.txt "$PY" -m famevil_fast demo --out /tmp/gpu_check_demo \
     --products "${GPU_CHECK_DEMO_PRODUCTS:-1000}" --updates "${GPU_CHECK_DEMO_UPDATES:-60}" \

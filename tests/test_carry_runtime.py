@@ -48,3 +48,21 @@ def test_a_python_without_them_is_named(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "carry_runtime: ftfy" in result.stderr and "not installed" in result.stderr
     assert not (tmp_path / "site").exists()
+
+
+def test_a_folder_holding_other_files_is_not_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "site"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = _run(out, sys.executable)
+    assert result.returncode != 0 and "holds other files (notes.txt)" in result.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_relative_paths_are_the_callers(tmp_path: Path) -> None:
+    for name in NEEDED:
+        pytest.importorskip(name)
+    env = dict(os.environ, PYTHON=sys.executable, CARRY_RUNTIME_OUT="here/site")
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "here" / "site" / "ftfy").is_dir()
