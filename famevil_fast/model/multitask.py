@@ -1,7 +1,8 @@
 """Mixed-task forward: the micro-batches of several tasks share backbone passes.
 
 Within one optimizer update, samples of different tasks that run the same tower in the same mode are
-concatenated into one pass whose task adapters are chosen per sample (one fused adapter call per layer):
+concatenated into one pass whose task adapters are chosen per sample (one call per task's rows, or one
+fused adapter call per layer with the Triton adapters):
 - one vision pass for the retrieval images (itc), the TGIR targets (tgir) and the captioning images (cap,
   whose per-layer outputs are kept as memory);
 - one fusion pass for the TGIR queries (tgir) and the classification samples (scr);
