@@ -12,7 +12,7 @@ kernels of the split path (r = 512) at 2^20 rows. ``test_adapter_training_dtypes
 backend="torch" against "triton" (device time, CUDA graph replay) with the dtypes of a bf16-autocast
 training step: x bf16 or float32 with float32 parameters, one task a call or three tasks in one mixed-task
 call (r = 64, 2 residuals), with the anchor case of bf16 x and parameters beside them, and float32 without
-autocast.
+autocast (under autocast the kernels multiply a float32 x in bf16; without it, in float32).
 
 On the CPU the sizes shrink to one small case, torch.compile is skipped and the Triton path runs only
 under TRITON_INTERPRET=1, so ``pytest bench/bench_adapter.py --benchmark-disable`` finishes quickly; the

@@ -28,17 +28,21 @@ def without_grad(fn: Callable[..., T], *args: object) -> T:
 
 
 class FusedAdapterFunction(torch.autograd.Function):
-    """apply(x, task_ids, save, eps, *params, *residuals) -> y. Arguments are already checked (the task
-    ids' range included): ``famevil_fast.ops.fused_adapter`` validates before it calls this. Rows are
-    grouped by task once, in the forward pass; the backward reuses that grouping."""
+    """apply(x, task_ids, save, eps, product_dtype, *params, *residuals) -> y. Arguments are already checked
+    (the task ids' range included): ``famevil_fast.ops.fused_adapter`` validates before it calls this. Rows
+    are grouped by task once, in the forward pass; the backward reuses that grouping and the forward's
+    product dtype (``launch.adapter_output``)."""
 
     @staticmethod
-    def forward(ctx, x, task_ids, save, eps, *tensors):
+    def forward(ctx, x, task_ids, save, eps, product_dtype, *tensors):
         params, residuals = tensors[:N_PARAMS], list(tensors[N_PARAMS:])
         rows = task_rows(task_ids, params, validate=False)
-        y, h, mean, rstd = launch.adapter_forward(x, params, residuals, rows, save, eps)
+        y, h, mean, rstd = launch.adapter_forward(
+            x, params, residuals, rows, save, eps, product_dtype=product_dtype
+        )
         ctx.saved = save
         ctx.rows = rows
+        ctx.product_dtype = product_dtype
         ctx.num_residuals = len(residuals)
         if save:
             ctx.save_for_backward(x, *params, h, mean, rstd)
@@ -48,13 +52,16 @@ class FusedAdapterFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         residual_grads = (grad_y,) * ctx.num_residuals
         needs = ctx.needs_input_grad
-        if not (ctx.saved and (needs[0] or any(needs[4 : 4 + N_PARAMS]))):
-            return (None,) * (4 + N_PARAMS) + residual_grads
+        if not (ctx.saved and (needs[0] or any(needs[5 : 5 + N_PARAMS]))):
+            return (None,) * (5 + N_PARAMS) + residual_grads
         saved = ctx.saved_tensors
         x, params, (h, mean, rstd) = saved[0], saved[1 : 1 + N_PARAMS], saved[1 + N_PARAMS :]
-        grads = without_grad(launch.adapter_backward, grad_y.contiguous(), x, params, h, mean, rstd, ctx.rows)
+        backward = launch.adapter_backward
+        grads = without_grad(
+            backward, grad_y.contiguous(), x, params, h, mean, rstd, ctx.rows, ctx.product_dtype
+        )
         grads = once_differentiable_grads("fused_adapter", grads, (grad_y, x, *params))
-        return (grads[0], None, None, None, *grads[1:], *residual_grads)
+        return (grads[0], None, None, None, None, *grads[1:], *residual_grads)
 
 
 def fused_adapter_eager(
@@ -64,12 +71,15 @@ def fused_adapter_eager(
     task_ids: torch.Tensor | None,
     save: bool,
     eps: float,
+    product_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``residual sum + adapter(x)`` for row-matrix x through the eager autograd function; under no_grad
-    (evaluation, decoding) the launchers run alone, without an autograd node."""
+    (evaluation, decoding) the launchers run alone, without an autograd node. ``product_dtype``: see
+    ``launch.adapter_output``."""
     if not torch.is_grad_enabled():
-        return launch.adapter_output(x, params, residuals, task_rows(task_ids, params, validate=False), eps)
-    return FusedAdapterFunction.apply(x, task_ids, save, eps, *params, *residuals)
+        rows = task_rows(task_ids, params, validate=False)
+        return launch.adapter_output(x, params, residuals, rows, eps, product_dtype=product_dtype)
+    return FusedAdapterFunction.apply(x, task_ids, save, eps, product_dtype, *params, *residuals)
 
 
 class LayerNormLinearFunction(torch.autograd.Function):

@@ -4,9 +4,10 @@ nodes and ``torch.library.opcheck`` can verify them.
 
 Operators (all tensors 2-D row matrices; adapter parameters with or without a leading task dimension):
 
-* ``adapter_forward(x, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, residuals, task_ids, save, eps)``
-  -> (y, h, mean, rstd); h and the statistics are empty unless ``save``.
-* ``adapter_backward(dy, x, <7 params>, h, mean, rstd, task_ids)`` -> 8 gradients.
+* ``adapter_forward(x, ln_w, ln_b, down_w, down_b, up_w, up_b, scale, residuals, task_ids, save, eps,
+  product_dtype=None)`` -> (y, h, mean, rstd); h and the statistics are empty unless ``save``;
+  ``product_dtype`` the dtype of the products' operands where it is not x's (``launch.adapter_output``).
+* ``adapter_backward(dy, x, <7 params>, h, mean, rstd, task_ids, product_dtype=None)`` -> 8 gradients.
 * ``ln_linear_forward(x, ln_w, ln_b, w, b, save, eps)`` -> (LN(x) W^T + b, mean, rstd).
 * ``ln_linear_backward(dout, out, x, mean, rstd, ln_w, ln_b, w, b)`` -> 5 gradients.
 """
@@ -51,11 +52,12 @@ def adapter_forward(
     task_ids: torch.Tensor | None,
     save: bool,
     eps: float,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     check_adapter_shapes(x, params, residuals, task_ids)
     x, params, residuals = x.contiguous(), _contiguous(params), list(_contiguous(residuals))
-    return adapter_forward_impl(x, params, residuals, task_ids, save, eps)
+    return adapter_forward_impl(x, params, residuals, task_ids, save, eps, product_dtype=product_dtype)
 
 
 def _contiguous(tensors) -> tuple[torch.Tensor, ...]:
@@ -103,11 +105,12 @@ def adapter_forward_impl(
     save: bool,
     eps: float,
     validate: bool = True,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward launch behind ``adapter_forward``; ``validate=False`` skips the task-id range check
     (a device-to-host read) for callers that made it already."""
     rows = task_rows(task_ids, params, validate)
-    return launch.adapter_forward(x, params, residuals, rows, save, eps)
+    return launch.adapter_forward(x, params, residuals, rows, save, eps, product_dtype=product_dtype)
 
 
 def adapter_backward_impl(
@@ -119,17 +122,30 @@ def adapter_backward_impl(
     rstd: torch.Tensor,
     task_ids: torch.Tensor | None,
     validate: bool = True,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The backward launches behind ``adapter_backward``: the gradients of x and the seven parameters."""
     if h.shape[0] != x.shape[0]:
         raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
     rows = task_rows(task_ids, params, validate)
-    return launch.adapter_backward(grad, x, params, h, mean, rstd, rows)
+    return launch.adapter_backward(grad, x, params, h, mean, rstd, rows, product_dtype)
 
 
 @adapter_forward.register_fake
 def _(
-    x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, residuals, task_ids, save, eps
+    x,
+    ln_weight,
+    ln_bias,
+    down_weight,
+    down_bias,
+    up_weight,
+    up_bias,
+    scale,
+    residuals,
+    task_ids,
+    save,
+    eps,
+    product_dtype=None,
 ):
     rows = x.shape[0] if save else 0
     r = down_weight.shape[-2]
@@ -153,6 +169,7 @@ def adapter_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     task_ids: torch.Tensor | None,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -165,21 +182,35 @@ def adapter_backward(
 ]:
     params = _contiguous((ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale))
     grad, x, h, mean, rstd = _contiguous((grad, x, h, mean, rstd))
-    return adapter_backward_impl(grad, x, params, h, mean, rstd, task_ids)
+    return adapter_backward_impl(grad, x, params, h, mean, rstd, task_ids, product_dtype=product_dtype)
 
 
 @adapter_backward.register_fake
 def _(
-    grad, x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, h, mean, rstd, task_ids
+    grad,
+    x,
+    ln_weight,
+    ln_bias,
+    down_weight,
+    down_bias,
+    up_weight,
+    up_bias,
+    scale,
+    h,
+    mean,
+    rstd,
+    task_ids,
+    product_dtype=None,
 ):
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     return tuple(t.new_empty(t.shape) for t in (x, *params))
 
 
 def _adapter_setup_context(ctx, inputs, output) -> None:
-    x, *params, residuals, task_ids, save, _eps = inputs
+    x, *params, residuals, task_ids, save, _eps, product_dtype = inputs
     _y, h, mean, rstd = output
     ctx.save_for_backward(x, *params, h, mean, rstd, task_ids)
+    ctx.product_dtype = product_dtype
     ctx.num_residuals = len(residuals)
     ctx.saved_activations = save
     ctx.mark_non_differentiable(h, mean, rstd)
@@ -196,9 +227,9 @@ def _adapter_backward_rule(ctx, grad_y, _grad_h, _grad_mean, _grad_rstd):
                 "adapter_forward backward: x or a parameter needs a gradient, but the forward pass did not "
                 "save its activations (save=False)"
             )
-        return (None,) * (1 + len(params)) + (residual_grads, None, None, None)
-    grads = adapter_backward(grad_y.contiguous(), x, *params, h, mean, rstd, task_ids)
-    return (*grads, residual_grads, None, None, None)
+        return (None,) * (1 + len(params)) + (residual_grads, None, None, None, None)
+    grads = adapter_backward(grad_y.contiguous(), x, *params, h, mean, rstd, task_ids, ctx.product_dtype)
+    return (*grads, residual_grads, None, None, None, None)
 
 
 adapter_forward.register_autograd(_adapter_backward_rule, setup_context=_adapter_setup_context)

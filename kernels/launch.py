@@ -204,9 +204,10 @@ def adapter_forward(
     save: bool,
     eps: float,
     linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, h, mean, rstd); h and the statistics are empty unless ``save``. ``linear = (a, W, b)`` adds the
-    branch ``a W^T + b`` (a (N, k), W (d, k)) to y.
+    branch ``a W^T + b`` (a (N, k), W (d, k)) to y. ``product_dtype``: see ``adapter_output``.
 
     h is kept in float32 whatever the activation dtype: it is r elements a row, and the backward's row
     constant ``c2 = dp . (h - cb) / d`` and the up-projection's weight gradient lose accuracy to a rounded h.
@@ -215,7 +216,9 @@ def adapter_forward(
     h = x.new_empty(stats, params[2].shape[-2], dtype=torch.float32)
     mean = x.new_empty(stats, dtype=torch.float32)
     rstd = x.new_empty(stats, dtype=torch.float32)
-    y = adapter_output(x, params, residuals, rows, eps, linear, (h, mean, rstd) if save else None)
+    y = adapter_output(
+        x, params, residuals, rows, eps, linear, (h, mean, rstd) if save else None, product_dtype
+    )
     return y, h, mean, rstd
 
 
@@ -227,10 +230,13 @@ def adapter_output(
     eps: float,
     linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    product_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y of ``adapter_forward``, whose kernels also fill ``saved = (h, mean, rstd)`` when given (N rows
     each); without it nothing is kept (evaluation, decoding), and only a bottleneck too wide to stay on chip
-    (r > FUSED_MAX_R) still needs h, as scratch."""
+    (r > FUSED_MAX_R) still needs h, as scratch. ``product_dtype``: the dtype of the matrix products' operands
+    where it is not x's (autocast's bf16 for a float32 x); the kernels still read and write x's dtype and
+    keep LayerNorm and the accumulations in float32. The split path (r > FUSED_MAX_R) keeps x's dtype."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
@@ -244,16 +250,17 @@ def adapter_output(
         a, w, b = linear
         residuals = [*residuals, torch.addmm(b, a, w.t())]
     res, num_res = _residual_args(residuals, x)
+    fused_dot = configs.dot_args((product_dtype if r <= configs.FUSED_MAX_R else None) or x.dtype)
     if columns:
-        _adapter_columns(x, y, h if save else None, mean, rstd, params, res, num_res, linear, eps)
+        _adapter_columns(x, y, h if save else None, mean, rstd, params, res, num_res, linear, eps, fused_dot)
         return y
     order, counts, n_tasks = _index_args(rows, x)
-    dot = configs.dot_args(x.dtype)
     block_r = configs.padded(r)
     if r <= configs.FUSED_MAX_R:
         tiles = configs.adapter_fused_tiles(block_r, x.element_size(), configs.has_few_rows(n_rows))
         grid = (_row_blocks(n_rows, tiles.block_m, rows),)
-        one_pass = configs.one_pass_layer_norm(x.dtype)
+        # the one-pass form multiplies x itself, before normalising: its products stay in x's dtype
+        one_pass = configs.one_pass_layer_norm(x.dtype) and product_dtype in (None, x.dtype)
         ws, v, c = _scaled_down_weights(params, x.dtype, rows.n_tasks) if one_pass else (x, y, y)
         adapter_fwd_fused_kernel[grid](
             x,
@@ -287,7 +294,7 @@ def adapter_output(
             MIXED=rows.mixed,
             SAVE=save,
             ONE_PASS=one_pass,
-            **dot,
+            **fused_dot,
             **tiles.launch(),
         )
         return y
@@ -305,7 +312,7 @@ def adapter_output(
         eps=eps,
         rows=rows,
     )
-    _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, dot)
+    _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, configs.dot_args(x.dtype))
     return y
 
 
@@ -329,9 +336,11 @@ def _adapter_columns(
     num_res: int,
     linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     eps: float,
+    dot: dict,
 ) -> None:
     """``adapter_fwd_columns_kernel``: one task's adapter with the columns of y spread over programs (and
-    the linear branch, if any); statistics and h stored when ``h`` is given."""
+    the linear branch, if any); statistics and h stored when ``h`` is given; ``dot`` the products' launch
+    arguments (``configs.dot_args``)."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
@@ -368,7 +377,7 @@ def _adapter_columns(
         NUM_RES=num_res,
         LINEAR=linear is not None,
         SAVE=h is not None,
-        **configs.dot_args(x.dtype),
+        **dot,
         **tiles.launch(),
     )
 
@@ -811,15 +820,17 @@ def adapter_backward(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     rows: TaskRows,
+    product_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(dx, dlnw, dlnb, dWd, dbd, dWu, dbu, ds), each in its parameter's shape."""
+    """(dx, dlnw, dlnb, dWd, dbd, dWu, dbu, ds), each in its parameter's shape; ``product_dtype`` as in
+    ``adapter_output`` (the forward's)."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
     if n_rows == 0:
         return (torch.empty_like(x), *(torch.zeros_like(p) for p in params))
     order, counts, n_tasks = _index_args(rows, x)
-    dot = configs.dot_args(x.dtype)
+    dot = configs.dot_args((product_dtype if r <= configs.FUSED_MAX_R else None) or x.dtype)
     dp = x.new_empty(n_rows, r)
     # r > 128, one task: the weight gradients are library GEMMs over xhat and h
     products = r > configs.FUSED_MAX_R and not rows.mixed

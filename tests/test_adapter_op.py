@@ -515,6 +515,81 @@ def test_mixed_task_reference_runs_under_capture() -> None:
         torch.testing.assert_close(captured, eager, rtol=1e-12, atol=1e-12)
 
 
+def _asked_product_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """Records the dtype every kernel launch asks ``configs.dot_args`` for."""
+    from famevil_fast.kernels import configs
+
+    asked, dot_args = [], configs.dot_args
+    monkeypatch.setattr(configs, "dot_args", lambda dtype: asked.append(dtype) or dot_args(dtype))
+    return asked
+
+
+def _adapter_under(
+    autocast: bool, x_dtype: torch.dtype, r: int, tasks: int | None, backend: str, graph: bool
+):
+    """(output, gradients of x, the parameters and the residual) of one adapter call under bf16 autocast
+    or not, the FLOP counter's registered operator instead of the eager path when ``graph``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(11)
+    params = [p.float().requires_grad_() for p in random_params(40, r, tasks)]
+    x = (torch.randn(53, 40) + 3.0).to(x_dtype).requires_grad_()
+    residual = torch.randn(53, 40, dtype=x_dtype, requires_grad=True)
+    ids = None if tasks is None else torch.randint(0, tasks, (53,))
+    counting = FlopCounterMode(display=False) if graph else contextlib.nullcontext()
+    with counting, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fused_adapter(x, *params, residual=residual, task_ids=ids, backend=backend)
+    y.float().square().sum().backward()
+    return [y.detach(), x.grad, *(p.grad for p in params), residual.grad]
+
+
+@pytest.mark.parametrize("tasks", [None, 3])
+@pytest.mark.parametrize("operator", [False, True])
+def test_autocast_gives_a_float32_x_products_in_its_dtype(
+    tasks: int | None, operator: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under autocast the kernels multiply a float32 x's normalised rows in the autocast dtype, forward and
+    backward, as the reference's linear layers do, through the eager path and the registered operator;
+    the output stays float32, and LayerNorm runs on the unrounded x (rows with a large mean keep their
+    accuracy). The interpreter widens 16-bit products again, so the values are checked against float64."""
+    asked = _asked_product_dtypes(monkeypatch)
+    got = _adapter_under(True, torch.float32, 12, tasks, "triton", operator)
+    assert asked and set(asked) == {torch.bfloat16}, asked
+    assert got[0].dtype == torch.float32
+    asked.clear()
+    plain = _adapter_under(False, torch.float32, 12, tasks, "triton", operator)
+    assert set(asked) == {torch.float32}
+    for name, a, b in zip(("y", "x", *AdapterParams._fields, "residual"), got, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_autocast_leaves_16_bit_x_and_the_split_path_in_their_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _asked_product_dtypes(monkeypatch)
+    _adapter_under(True, torch.bfloat16, 12, None, "triton", False)
+    assert set(asked) == {torch.bfloat16}
+    asked.clear()
+    _adapter_under(True, torch.float32, 200, None, "triton", False)  # r > FUSED_MAX_R: library products
+    assert set(asked) == {torch.float32}
+
+
+def test_one_pass_layer_norm_is_not_taken_with_16_bit_products_of_float32_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-pass form multiplies x before normalising it: with a float32 x's products in bf16 that would
+    round the raw rows (large means lose everything), so it is left out there."""
+    from famevil_fast.kernels import configs, launch
+
+    monkeypatch.setattr(configs, "ADAPTER_ONE_PASS_LN", True)
+    monkeypatch.setattr(configs, "ADAPTER_FEW_ROWS_COLUMNS", False)
+    scaled, original = [], launch._scaled_down_weights
+    monkeypatch.setattr(launch, "_scaled_down_weights", lambda *a: scaled.append(a[1]) or original(*a))
+    _adapter_under(False, torch.float32, 12, None, "triton", False)
+    assert scaled == [torch.float32]
+    scaled.clear()
+    _adapter_under(True, torch.float32, 12, None, "triton", False)
+    assert scaled == []
+
+
 def test_custom_op_passes_opcheck() -> None:
     from famevil_fast.kernels import custom_ops  # noqa: F401
 
@@ -651,6 +726,32 @@ def test_gpu_mixed_task_bfloat16(r: int) -> None:
     params = random_params(d, r, tasks, device="cuda")
     grads = compare(x, params, 1, task_ids, dtype=torch.bfloat16, against_torch=True)
     assert all(torch.count_nonzero(grads[name][2]) == 0 for name in AdapterParams._fields)
+
+
+@gpu
+@pytest.mark.parametrize("tasks", [None, 3])
+def test_gpu_autocast_float32_rows_match_float64_reference(tasks: int | None) -> None:
+    """A float32 stream under bf16 autocast (bf16 products, float32 LayerNorm, accumulations and output):
+    within 1.5x of the error of PyTorch's own autocast path, output and every gradient."""
+    n, d, r = 4096, 768, 64
+    torch.manual_seed(0)
+    x64 = torch.randn(n, d, dtype=torch.float64, device="cuda") + 2.0  # a mean, as a residual stream has
+    res64 = torch.randn(n, d, dtype=torch.float64, device="cuda")
+    params64 = random_params(d, r, tasks, device="cuda")
+    ids = None if tasks is None else torch.randint(0, tasks, (n,), device="cuda")
+    grad = torch.randn(n, d, dtype=torch.float64, device="cuda")
+
+    def run(dtype: torch.dtype, backend: str) -> list[torch.Tensor]:
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x64, *params64, res64)]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            y = fused_adapter(leaves[0], *leaves[1:8], residual=leaves[8], task_ids=ids, backend=backend)
+        y.backward(grad.to(y.dtype))
+        return [y.detach(), *(t.grad for t in leaves)]
+
+    mine, base, ref = run(torch.float32, "triton"), run(torch.float32, "torch"), run(torch.float64, "torch")
+    assert mine[0].dtype == torch.float32
+    for name, got, baseline, want in zip(("y", "x", *AdapterParams._fields, "residual"), mine, base, ref):
+        assert_no_worse_than_baseline(name, got, baseline, want)
 
 
 def _op_call(x, params, residuals):

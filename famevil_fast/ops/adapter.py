@@ -297,14 +297,28 @@ def _triton_adapter(
     ps = tuple([p.contiguous() for p in params])
     ids = None if task_ids is None else task_ids.contiguous()
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
+    products = autocast_product_dtype(x)
     # an opaque node of a compiled graph; or the operator a FLOP counter sees, with its formula
     if torch.compiler.is_compiling() or counting_flops(ADAPTER_FLOP_FORMULAS):
-        y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps)[0]
+        y = torch.ops.famevil_fast.adapter_forward(rows, *ps, res, ids, save, eps, products)[0]
     else:  # the same kernels without the operator dispatch's host cost
         from famevil_fast.kernels.autograd import fused_adapter_eager
 
-        y = fused_adapter_eager(rows, ps, res, ids, save, eps)
+        y = fused_adapter_eager(rows, ps, res, ids, save, eps, products)
     return y if flat else y.view(*x.shape)
+
+
+def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype of the kernels' matrix-product operands when it is not x's: under autocast, whose linear
+    layers multiply in its 16-bit dtype, for a float32 x (a float32 residual stream); else None. The kernels
+    keep reading and writing x's dtype, and their LayerNorm and accumulations in float32."""
+    if x.dtype != torch.float32:
+        return None
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _scale_as_tensor(scale: torch.Tensor | float, ln_weight: torch.Tensor, per_task: bool) -> torch.Tensor:
@@ -343,8 +357,10 @@ def fused_adapter(
     one dtype, x's or float32.
     ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured faster,
     ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
-    overrides the automatic choice). ``check_task_ids=False`` skips the range check of the task ids, the
-    one check that reads a tensor back from the device, for callers that built the ids themselves.
+    overrides the automatic choice). Under autocast a float32 x's matrix products take the autocast dtype,
+    as the reference's linear layers do (``autocast_product_dtype``). ``check_task_ids=False`` skips the
+    range check of the task ids, the one check that reads a tensor back from the device, for callers that
+    built the ids themselves.
     """
     check_backend("fused_adapter", backend, BACKENDS)
     scale = _scale_as_tensor(scale, ln_weight, task_ids is not None)
