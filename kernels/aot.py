@@ -149,6 +149,21 @@ def _fused(dtype: str, mixed: bool, r: int) -> list[Variant]:
         Variant(
             f"adapter_bwd_dx_weights_r{r}", adapter_bwd_dx_weights_kernel, bwd, **_launch(v), dtype=dtype
         ),
+        *(_autocast_products(fwd, dp, bwd, (t, u, v), r) if dtype == "fp32" else []),
+    ]
+
+
+def _autocast_products(fwd: dict, dp: dict, bwd: dict, tiles: tuple, r: int) -> list[Variant]:
+    """The fused kernels on float32 rows with bf16 products, as a float32 stream under autocast runs them
+    (``launch.adapter_output``'s ``product_dtype``)."""
+    kernels = (
+        (f"adapter_fwd_fused_r{r}_bf16_products", adapter_fwd_fused_kernel, fwd),
+        (f"adapter_dp_r{r}_bf16_products", adapter_dp_kernel, dp),
+        (f"adapter_bwd_dx_weights_r{r}_bf16_products", adapter_bwd_dx_weights_kernel, bwd),
+    )
+    return [
+        Variant(name, kernel, args | _dot("bf16"), **_launch(t), dtype="fp32")
+        for (name, kernel, args), t in zip(kernels, tiles)
     ]
 
 

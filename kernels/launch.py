@@ -245,7 +245,7 @@ def adapter_output(
         return y
     save = saved is not None
     h, mean, rstd = saved if save else (y, y, y)  # not written without SAVE
-    columns = _spreads_columns(x, r, rows, linear is not None)
+    columns = _spreads_columns(x, r, rows, linear is not None, product_dtype)
     if linear is not None and not columns:  # the branch as one more term
         a, w, b = linear
         residuals = [*residuals, torch.addmm(b, a, w.t())]
@@ -259,8 +259,7 @@ def adapter_output(
     if r <= configs.FUSED_MAX_R:
         tiles = configs.adapter_fused_tiles(block_r, x.element_size(), configs.has_few_rows(n_rows))
         grid = (_row_blocks(n_rows, tiles.block_m, rows),)
-        # the one-pass form multiplies x itself, before normalising: its products stay in x's dtype
-        one_pass = configs.one_pass_layer_norm(x.dtype) and product_dtype in (None, x.dtype)
+        one_pass = _one_pass(x, product_dtype)
         ws, v, c = _scaled_down_weights(params, x.dtype, rows.n_tasks) if one_pass else (x, y, y)
         adapter_fwd_fused_kernel[grid](
             x,
@@ -316,13 +315,21 @@ def adapter_output(
     return y
 
 
-def _spreads_columns(x: torch.Tensor, r: int, rows: TaskRows, linear: bool) -> bool:
+def _one_pass(x: torch.Tensor, product_dtype: torch.dtype | None) -> bool:
+    """Whether the fused forward takes the one-pass LayerNorm: ``configs.one_pass_layer_norm``, and not with
+    products in another dtype than x's (the one-pass form multiplies x itself, before normalising)."""
+    return configs.one_pass_layer_norm(x.dtype) and product_dtype in (None, x.dtype)
+
+
+def _spreads_columns(
+    x: torch.Tensor, r: int, rows: TaskRows, linear: bool, product_dtype: torch.dtype | None = None
+) -> bool:
     """Whether ``adapter_forward`` runs ``adapter_fwd_columns_kernel``: one task, h on chip, the switch
     ``configs.ADAPTER_FEW_ROWS_COLUMNS`` on, and few rows (where the one-pass LayerNorm, a form of the fused
     kernel, is not asked for) or a linear branch to add."""
     if r > configs.FUSED_MAX_R or rows.mixed or not configs.ADAPTER_FEW_ROWS_COLUMNS:
         return False
-    return linear or (configs.has_few_rows(x.shape[0]) and not configs.one_pass_layer_norm(x.dtype))
+    return linear or (configs.has_few_rows(x.shape[0]) and not _one_pass(x, product_dtype))
 
 
 def _adapter_columns(

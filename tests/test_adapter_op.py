@@ -550,8 +550,8 @@ def test_autocast_gives_a_float32_x_products_in_its_dtype(
 ) -> None:
     """Under autocast the kernels multiply a float32 x's normalised rows in the autocast dtype, forward and
     backward, as the reference's linear layers do, through the eager path and the registered operator;
-    the output stays float32, and LayerNorm runs on the unrounded x (rows with a large mean keep their
-    accuracy). The interpreter widens 16-bit products again, so the values are checked against float64."""
+    the output stays float32. The interpreter widens 16-bit products again, so here the values equal those
+    of the float32 kernels without autocast (on a card, the GPU test below checks the bf16 products)."""
     asked = _asked_product_dtypes(monkeypatch)
     got = _adapter_under(True, torch.float32, 12, tasks, "triton", operator)
     assert asked and set(asked) == {torch.bfloat16}, asked
@@ -750,8 +750,12 @@ def test_gpu_autocast_float32_rows_match_float64_reference(tasks: int | None) ->
 
     mine, base, ref = run(torch.float32, "triton"), run(torch.float32, "torch"), run(torch.float64, "torch")
     assert mine[0].dtype == torch.float32
+    # the scale's one-number gradient sums millions of bf16-rounded products on either side, with errors of
+    # about 1e-3 that are independent draws: it is held to bf16 rounding, not to a ratio of the two
+    bf16_rounding = 2 * torch.finfo(torch.bfloat16).eps
     for name, got, baseline, want in zip(("y", "x", *AdapterParams._fields, "residual"), mine, base, ref):
-        assert_no_worse_than_baseline(name, got, baseline, want)
+        floor = bf16_rounding if got.numel() == 1 else None
+        assert_no_worse_than_baseline(name, got, baseline, want, floor=floor)
 
 
 def _op_call(x, params, residuals):

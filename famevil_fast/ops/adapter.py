@@ -311,7 +311,8 @@ def _triton_adapter(
 def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype of the kernels' matrix-product operands when it is not x's: under autocast, whose linear
     layers multiply in its 16-bit dtype, for a float32 x (a float32 residual stream); else None. The kernels
-    keep reading and writing x's dtype, and their LayerNorm and accumulations in float32."""
+    keep reading and writing x's dtype, and their LayerNorm and accumulations in float32. The fused kernels
+    (r <= 128) take it; the split path (r > 128) multiplies in x's dtype."""
     if x.dtype != torch.float32:
         return None
     kind = x.device.type
@@ -357,10 +358,10 @@ def fused_adapter(
     one dtype, x's or float32.
     ``backend``: "triton", "torch" or None (automatic: on CUDA, Triton where it was measured faster,
     ``triton_adapter_pays``; on the CPU, Triton under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND``
-    overrides the automatic choice). Under autocast a float32 x's matrix products take the autocast dtype,
-    as the reference's linear layers do (``autocast_product_dtype``). ``check_task_ids=False`` skips the
-    range check of the task ids, the one check that reads a tensor back from the device, for callers that
-    built the ids themselves.
+    overrides the automatic choice). Under autocast a float32 x's matrix products take the autocast dtype
+    for r <= 128, as the reference's linear layers do (``autocast_product_dtype``).
+    ``check_task_ids=False`` skips the range check of the task ids, the one check that reads a tensor back
+    from the device, for callers that built the ids themselves.
     """
     check_backend("fused_adapter", backend, BACKENDS)
     scale = _scale_as_tensor(scale, ln_weight, task_ids is not None)
