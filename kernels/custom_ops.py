@@ -133,20 +133,9 @@ def adapter_backward_impl(
 
 @adapter_forward.register_fake
 def _(
-    x,
-    ln_weight,
-    ln_bias,
-    down_weight,
-    down_bias,
-    up_weight,
-    up_bias,
-    scale,
-    residuals,
-    task_ids,
-    save,
-    eps,
+    x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, residuals, task_ids, save, eps,
     product_dtype=None,
-):
+):  # fmt: skip
     rows = x.shape[0] if save else 0
     r = down_weight.shape[-2]
     stats = x.new_empty((rows,), dtype=torch.float32)
@@ -187,21 +176,9 @@ def adapter_backward(
 
 @adapter_backward.register_fake
 def _(
-    grad,
-    x,
-    ln_weight,
-    ln_bias,
-    down_weight,
-    down_bias,
-    up_weight,
-    up_bias,
-    scale,
-    h,
-    mean,
-    rstd,
-    task_ids,
+    grad, x, ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale, h, mean, rstd, task_ids,
     product_dtype=None,
-):
+):  # fmt: skip
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     return tuple(t.new_empty(t.shape) for t in (x, *params))
 
