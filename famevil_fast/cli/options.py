@@ -59,6 +59,11 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """The positional ``checkpoint`` of the commands that load a model for inference."""
+    parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+
+
 def add_trust_pickle_argument(parser: argparse.ArgumentParser) -> None:
     """``--trust-pickle``: read a trusted torch pickle that holds non-tensor objects (a training container
     with a pickled config); without it such files are refused rather than unpickled."""

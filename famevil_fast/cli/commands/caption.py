@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
+    add_checkpoint_argument,
     add_device_argument,
     add_eval_resize_argument,
     add_op_backend_argument,
@@ -28,7 +29,7 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+    add_checkpoint_argument(parser)
     add_trust_pickle_argument(parser)
     parser.add_argument(
         "images",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
+    add_checkpoint_argument,
     add_device_argument,
     add_eval_resize_argument,
     add_trust_pickle_argument,
@@ -55,7 +56,7 @@ class Query:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or file (famevil_fast or official layout)")
+    add_checkpoint_argument(parser)
     parser.add_argument("gallery", help="image embeddings written by `famevil-fast embed --images ... --out`")
     add_trust_pickle_argument(parser)
     parser.add_argument(
