@@ -120,15 +120,16 @@ fi
 demo_skipped() {  # demo_skipped REASON: in the log and in the results section
   say "demo: skipped ($1)"; echo "skipped: $1" > "$PARTS_DIR/demo.txt"; status=1
 }
-if [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import famevil_fast.configs, famevil_fast.kernels" 2>/dev/null; then
-  demo_skipped "famevil_fast.configs or .kernels not importable: the package is not installed here (build part)"
-elif [[ " $PARTS " == *" demo "* ]] && ! "$PY" -c "import ftfy, pycocoevalcap, importlib.util as u; \
-assert u.find_spec('open_clip')" 2>/dev/null; then
-  demo_skipped "ftfy, open_clip or pycocoevalcap missing: run bench/carry_runtime.sh here and carry .carry/site"
-elif [[ " $PARTS " == *" demo "* ]]; then
-  part "demo (demo_gpu recipe, short)" 240 demo.txt "$PY" -m famevil_fast demo --out /tmp/gpu_check_demo \
-    --products "${GPU_CHECK_DEMO_PRODUCTS:-1000}" --updates "${GPU_CHECK_DEMO_UPDATES:-60}" \
-    --set schedule.warmup_updates=6 "--set=schedule.decay_at=[40, 50]" --set eval.every=0
+if [[ " $PARTS " == *" demo "* ]]; then
+  if ! "$PY" -c "import famevil_fast.configs, famevil_fast.kernels" 2>/dev/null; then
+    demo_skipped "famevil_fast.configs or .kernels not importable: the package is not installed here (build part)"
+  elif ! "$PY" -c "import ftfy, pycocoevalcap, importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null; then
+    demo_skipped "ftfy, open_clip or pycocoevalcap missing: run bench/carry_runtime.sh here and carry .carry/site"
+  else
+    part "demo (demo_gpu recipe, short)" 240 demo.txt "$PY" -m famevil_fast demo --out /tmp/gpu_check_demo \
+      --products "${GPU_CHECK_DEMO_PRODUCTS:-1000}" --updates "${GPU_CHECK_DEMO_UPDATES:-60}" \
+      --set schedule.warmup_updates=6 "--set=schedule.decay_at=[40, 50]" --set eval.every=0
+  fi
 fi
 
 BENCH=("${PYTEST[@]}" --benchmark-disable)
