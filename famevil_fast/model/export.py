@@ -141,12 +141,10 @@ def save_huggingface(model: FameViL, path: str | Path) -> list[Path]:
     if not is_directory_destination(path):
         return write_weights_file(tensors, path, config, directory_ok=True)
     directory = Path(path)
-    check_parents(directory)
     hf_config = huggingface_config(model.config.clip, float(tensors["logit_scale"]))
-    weights = directory / WEIGHTS_FILE
-    atomic_save_safetensors(weights, _plain(tensors), {"format": "pt", "config": json.dumps(config)})
+    written = write_weights_file(tensors, directory / WEIGHTS_FILE, config)
     atomic_write_json(directory / CONFIG_FILE, hf_config, indent=2)
-    return [weights, directory / CONFIG_FILE]
+    return [*written, directory / CONFIG_FILE]
 
 
 def is_directory_destination(path: str | Path) -> bool:
