@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famevil_fast.files import atomic_write, atomic_write_json
+from famevil_fast.files import atomic_save_safetensors, atomic_write_json
 from famevil_fast.model.config import (
     CLIP_PRESETS,
     PRESET_ALIASES,
@@ -733,12 +733,10 @@ def load_into(
 
 # ---------------------------------------------------------------- writing
 def save_famevil(model: FameViL, directory: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     config = {"format": FORMAT_TAG, "famevil": model.config.to_dict()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config)}
-    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    atomic_save_safetensors(directory / WEIGHTS_FILE, tensors, meta)
     atomic_write_json(directory / CONFIG_FILE, config, indent=2)
     return directory
