@@ -57,7 +57,8 @@ def adapter_forward(
     params = (ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale)
     check_adapter_shapes(x, params, residuals, task_ids)
     x, params, residuals = x.contiguous(), _contiguous(params), list(_contiguous(residuals))
-    return adapter_forward_impl(x, params, residuals, task_ids, save, eps, product_dtype=product_dtype)
+    rows = task_rows(task_ids, params)
+    return launch.adapter_forward(x, params, residuals, rows, save, eps, product_dtype=product_dtype)
 
 
 def _contiguous(tensors) -> tuple[torch.Tensor, ...]:
@@ -95,40 +96,6 @@ def check_adapter_shapes(
             raise _shape_error(op, f"residuals[{i}]", res, (n, d))
     if task_ids is not None and tuple(task_ids.shape) != (n,):
         raise _shape_error(op, "task_ids", task_ids, (n,))
-
-
-def adapter_forward_impl(
-    x: torch.Tensor,
-    params: tuple[torch.Tensor, ...],
-    residuals: list[torch.Tensor],
-    task_ids: torch.Tensor | None,
-    save: bool,
-    eps: float,
-    validate: bool = True,
-    product_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward launch behind ``adapter_forward``; ``validate=False`` skips the task-id range check
-    (a device-to-host read) for callers that made it already."""
-    rows = task_rows(task_ids, params, validate)
-    return launch.adapter_forward(x, params, residuals, rows, save, eps, product_dtype=product_dtype)
-
-
-def adapter_backward_impl(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    params: tuple[torch.Tensor, ...],
-    h: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    task_ids: torch.Tensor | None,
-    validate: bool = True,
-    product_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """The backward launches behind ``adapter_backward``: the gradients of x and the seven parameters."""
-    if h.shape[0] != x.shape[0]:
-        raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
-    rows = task_rows(task_ids, params, validate)
-    return launch.adapter_backward(grad, x, params, h, mean, rstd, rows, product_dtype)
 
 
 @adapter_forward.register_fake
@@ -169,9 +136,12 @@ def adapter_backward(
     torch.Tensor,
     torch.Tensor,
 ]:
+    if h.shape[0] != x.shape[0]:
+        raise ValueError("fused_adapter backward: the forward pass did not save its activations (save=False)")
     params = _contiguous((ln_weight, ln_bias, down_weight, down_bias, up_weight, up_bias, scale))
     grad, x, h, mean, rstd = _contiguous((grad, x, h, mean, rstd))
-    return adapter_backward_impl(grad, x, params, h, mean, rstd, task_ids, product_dtype=product_dtype)
+    rows = task_rows(task_ids, params)
+    return launch.adapter_backward(grad, x, params, h, mean, rstd, rows, product_dtype)
 
 
 @adapter_backward.register_fake
