@@ -125,12 +125,16 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def select_backend(
-    op: str, backend: str | None, allowed: tuple[str, ...], x: torch.Tensor, triton_pays: bool = True
+    op: str,
+    backend: str | None,
+    allowed: tuple[str, ...],
+    x: torch.Tensor,
+    triton_pays: bool | Callable[[], bool] = True,
 ) -> str:
     """The backend that runs ``op`` on ``x``: the explicit argument, else ``FAMEVIL_FAST_BACKEND`` when it
     is one of ``allowed``, else "triton" where Triton runs on x's device and dtype and, on a GPU,
-    ``triton_pays`` (the op's measured rule for where its kernels beat the PyTorch path; see docs/ops.md),
-    else "torch". Under
+    ``triton_pays`` (the op's measured rule for where its kernels beat the PyTorch path; see docs/ops.md;
+    a callable is called only there, where the rule decides), else "torch". Under
     ``TRITON_INTERPRET=1`` on the CPU the automatic choice is Triton, so that the kernels are exercised.
     Raises ValueError when the chosen Triton backend cannot run on x."""
     check_backend(op, backend, allowed)
@@ -140,7 +144,7 @@ def select_backend(
             require_triton(op, x)
         return chosen
     if "triton" in allowed and triton_runs_on(x.device) and x.dtype in KERNEL_DTYPES:
-        if x.device.type != "cuda" or triton_pays:
+        if x.device.type != "cuda" or (triton_pays() if callable(triton_pays) else triton_pays):
             return "triton"
     return "torch"
 

@@ -380,5 +380,6 @@ def adapter_backend(
     """The backend ``fused_adapter`` runs for x and these parameters (``mixed``: rows of several tasks'
     adapters, ``task_ids`` given): "triton" or "torch". The measured rule (``triton_adapter_pays``) is
     consulted only where it decides: an automatic choice on a GPU."""
-    pays = backend is not None or not x.is_cuda or triton_adapter_pays(x, params, mixed)
-    return select_backend("fused_adapter", backend, BACKENDS, x, pays)
+    return select_backend(
+        "fused_adapter", backend, BACKENDS, x, lambda: triton_adapter_pays(x, params, mixed)
+    )
