@@ -252,7 +252,7 @@ def adapter_output(
     res, num_res = _residual_args(residuals, x)
     fused_dot = configs.dot_args((product_dtype if r <= configs.FUSED_MAX_R else None) or x.dtype)
     if columns:
-        _adapter_columns(x, y, h if save else None, mean, rstd, params, res, num_res, linear, eps, fused_dot)
+        _adapter_columns(x, y, (h, mean, rstd), save, params, res, num_res, linear, eps, fused_dot)
         return y
     order, counts, n_tasks = _index_args(rows, x)
     block_r = configs.padded(r)
@@ -335,9 +335,8 @@ def _spreads_columns(
 def _adapter_columns(
     x: torch.Tensor,
     y: torch.Tensor,
-    h: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    save: bool,
     params: tuple[torch.Tensor, ...],
     res: list[torch.Tensor],
     num_res: int,
@@ -346,8 +345,8 @@ def _adapter_columns(
     dot: dict,
 ) -> None:
     """``adapter_fwd_columns_kernel``: one task's adapter with the columns of y spread over programs (and
-    the linear branch, if any); statistics and h stored when ``h`` is given; ``dot`` the products' launch
-    arguments (``configs.dot_args``)."""
+    the linear branch, if any); with ``save`` h and the statistics stored into ``saved = (h, mean, rstd)``
+    (placeholders otherwise); ``dot`` the products' launch arguments (``configs.dot_args``)."""
     lnw, lnb, wd, bd, wu, bu, s = params
     n_rows, d = x.shape
     r = wd.shape[-2]
@@ -358,9 +357,7 @@ def _adapter_columns(
     adapter_fwd_columns_kernel[grid](
         x,
         y,
-        y if h is None else h,
-        y if h is None else mean,
-        y if h is None else rstd,
+        *saved,
         lnw,
         lnb,
         wd,
@@ -383,7 +380,7 @@ def _adapter_columns(
         BLOCK_R=block_r,
         NUM_RES=num_res,
         LINEAR=linear is not None,
-        SAVE=h is not None,
+        SAVE=save,
         **dot,
         **tiles.launch(),
     )
