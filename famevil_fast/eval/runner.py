@@ -342,14 +342,14 @@ def evaluate_tgir(
         pixels, ids = _model_input(model, batch["ref_pixels"]), _model_input(model, batch["input_ids"])
         return model.compose(pixels, ids).float(), batch["target_ids"].cpu()
 
-    gathered = {}  # per category: process 0's query and gallery outputs (empty in the other processes)
+    gathered = {}  # per category: process 0's queries and gallery (None and empty in the other processes)
     for name, cat in data.categories.items():
         queries = _each_batch(
             shard, cat.queries, "ref_pixels", compose, opts.max_samples, _bar(opts, f"TGIR {name} queries")
         )
         if queries is None:  # (in every process: no process had a query of this category)
             continue
-        targets = torch.cat([ids for _, ids in queries]) if shard.is_main else None
+        composed, targets = _cat_columns(queries) if shard.is_main else (None, None)
         gallery = _tgir_gallery(
             model, cat.gallery, targets, opts.max_samples, shard, _bar(opts, f"TGIR {name} gallery")
         )
@@ -357,7 +357,7 @@ def evaluate_tgir(
             raise ValueError(
                 f"the TGIR evaluation set's {name} gallery has no images: missing or undecodable"
             )
-        gathered[name] = (queries, gallery)
+        gathered[name] = (composed, targets, gallery)
     if not gathered:
         raise ValueError("the TGIR evaluation set has no queries: their images are missing or undecodable")
     return _scored(shard, lambda: [tgir_fashioniq(_tgir_categories(model, gathered))], built)
@@ -365,13 +365,12 @@ def evaluate_tgir(
 
 def _tgir_categories(
     model: FameViL,
-    gathered: dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[list, list]]],
+    gathered: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[list, list]]],
 ) -> dict[str, TgirCategory]:
-    """Each category's gathered (composition, target id) query batches and gallery (embeddings, ids)
+    """Each category's gathered query compositions and target ids and its gallery (embeddings, ids)
     batches as a ``TgirCategory`` on the model's device, the gallery reduced to one image per id."""
     categories = {}
-    for name, (queries, (embeddings, ids)) in gathered.items():
-        composed, targets = _cat_columns(queries)
+    for name, (composed, targets, (embeddings, ids)) in gathered.items():
         g_emb, g_ids = unique_gallery(_on(model, torch.cat(embeddings)), torch.cat(ids).to(model.device))
         categories[name] = TgirCategory(_on(model, composed), targets.to(g_emb.device), g_emb, g_ids)
     return categories
