@@ -323,3 +323,20 @@ def test_truncated_vocabulary_is_rejected(tmp_path) -> None:
     short.write_bytes(gzip.compress(b"#version: 0.2\nh e\nt h\n"))
     with pytest.raises(ValueError, match="holds 2 merges"):
         Tokenizer(vocab_path=short)
+
+
+def test_text_package_loads_the_tokenizer_on_first_use():
+    """The model's modules take the special ids from ``famevil_fast.text`` without loading the tokenizer's
+    libraries; every exported name still resolves, and an unknown one is an AttributeError."""
+    import subprocess
+
+    code = (
+        "import sys, famevil_fast.model.config, famevil_fast.text as t; "
+        "assert 'tokenizers' not in sys.modules and 'famevil_fast.text.tokenizer' not in sys.modules; "
+        "assert (t.SOT_ID, t.EOT_ID) == (49406, 49407); "
+        "[getattr(t, n) for n in t.__all__]; assert 'tokenizers' in sys.modules; "
+        "assert set(t.__all__) <= set(dir(t))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'tokenise'"):
+        famevil_fast.text.tokenise  # noqa: B018

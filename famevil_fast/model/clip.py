@@ -21,8 +21,7 @@ from famevil_fast.model.config import CLIPConfig, TextConfig, VisionConfig
 from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.model.validation import check_input_ids, check_pixels
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
-
-EOT_ID = 49407
+from famevil_fast.text.special_tokens import EOT_ID
 
 
 class QuickGELU(nn.Module):

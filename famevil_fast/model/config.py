@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from famevil_fast.text.special_tokens import EOT_ID
+
 TASKS = ("itc", "tgir", "scr", "cap")
 PRETRAIN_TASKS = ("mvc", "pac", "itm")  # FashionViL: multi-view contrastive, pseudo-attributes, matching
 ALL_TASKS = TASKS + PRETRAIN_TASKS
@@ -234,9 +236,9 @@ class FameViLConfig:
             raise ValueError(f"task 'scr' needs num_classes >= 1, got {self.num_classes}")
         if self.caption_vocab is not None:
             vocab = self.clip.text.vocab_size
-            if 49407 not in self.caption_vocab or any(not 0 <= t < vocab for t in self.caption_vocab):
+            if EOT_ID not in self.caption_vocab or any(not 0 <= t < vocab for t in self.caption_vocab):
                 raise ValueError(
-                    f"caption_vocab must hold token ids in [0, {vocab}) including the end token 49407"
+                    f"caption_vocab must hold token ids in [0, {vocab}) including the end token {EOT_ID}"
                 )
             if len(set(self.caption_vocab)) != len(self.caption_vocab):
                 raise ValueError("caption_vocab has repeated token ids")

@@ -34,6 +34,7 @@ from famevil_fast.model.weights import (
     WEIGHTS_FILE,
     sidecar_path,
 )
+from famevil_fast.text.special_tokens import EOT_ID, SOT_ID
 
 if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 # The special tokens of famevil_fast.text's tokenizer (as open_clip: padding with 0); the text tower pools
-# at the first end token, which is what a Hugging Face CLIP text model does for eos_token_id 49407.
-_BOS_ID, _EOS_ID, _PAD_ID = 49406, 49407, 0
+# at the first end token, which is what a Hugging Face CLIP text model does with eos_token_id = EOT_ID.
+_PAD_ID = 0
 
 _TOP = {v: k for k, v in _HF_TOP.items()}
 _NORMS = {v: k for k, v in _HF_NORMS.items()}
@@ -169,8 +170,8 @@ def huggingface_config(clip: CLIPConfig, logit_scale: float) -> dict[str, Any]:
         "intermediate_size": clip.text.mlp_dim,
         "num_hidden_layers": clip.text.layers,
         "num_attention_heads": clip.text.heads,
-        "bos_token_id": _BOS_ID,
-        "eos_token_id": _EOS_ID,
+        "bos_token_id": SOT_ID,
+        "eos_token_id": EOT_ID,
         "pad_token_id": _PAD_ID,
         **shared,
     }

@@ -33,8 +33,7 @@ from famevil_fast.model.validation import (
     check_same_batch,
     check_task,
 )
-
-EOT_ID = 49407
+from famevil_fast.text.special_tokens import EOT_ID
 
 
 class _Keep:

@@ -17,12 +17,10 @@ from famevil_fast.model.decode_step import FusedHead, FusedLayer, FusedPick, fus
 from famevil_fast.model.validation import check_can_caption
 from famevil_fast.ops._backend import require_int
 from famevil_fast.ops.cross_attention import merge_heads
+from famevil_fast.text.special_tokens import EOT_ID, SOT_ID
 
 if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
-
-SOT_ID = 49406
-EOT_ID = 49407
 
 
 class TextDecoder:

@@ -6,8 +6,7 @@ import torch
 
 from famevil_fast.capture import host_reads_allowed
 from famevil_fast.model.config import TextConfig, VisionConfig
-
-EOT_ID = 49407
+from famevil_fast.text.special_tokens import EOT_ID
 
 
 def check_task(task: str, tasks: tuple[str, ...]) -> None:
