@@ -349,17 +349,47 @@ def test_make_synthetic_removes_an_interrupted_run_s_files_it_does_not_write(tmp
 
 
 def test_make_synthetic_looks_for_dataset_files_where_they_lie(tmp_path, capsys):
-    from famevil_fast.cli.commands.make_synthetic import check_output_dir
+    from famevil_fast.data.synthetic.generate import make_synthetic
 
     image_tree = tmp_path / "a" / "FashionIQ" / "images" / "dress"
     image_tree.mkdir(parents=True)
     (image_tree / "notes.json").write_text("{}")
-    check_output_dir(tmp_path / "a")  # a JSON file among the images is not a dataset file
+    make_synthetic(tmp_path / "a", products=2, image_size=32, workers=1)  # not a dataset file: written
+    assert (tmp_path / "a" / "synthetic.json").is_file() and (image_tree / "notes.json").read_text() == "{}"
     captions = tmp_path / "b" / "FashionIQ" / "captions" / "cap.dress.train.json"
     captions.parent.mkdir(parents=True)
     captions.write_text("[]")
     with pytest.raises(ValueError, match=r"already holds FashionIQ/ not written by make-synthetic"):
-        check_output_dir(tmp_path / "b")
+        make_synthetic(tmp_path / "b", products=2, image_size=32, workers=1)
+    assert captions.read_text() == "[]" and not (tmp_path / "b" / "FashionGen").exists()
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_make_synthetic_reads_the_earlier_record_once(tmp_path, monkeypatch, capsys, interrupted):
+    """A rewrite reads the earlier dataset's synthetic.json (or the marker of an interrupted run) once: the
+    refusals and the removal of its files go by that one reading."""
+    argv = ["make-synthetic", str(tmp_path), "--products", "4", "--image-size", "32", "--workers", "1"]
+    with monkeypatch.context() as patch:
+        if interrupted:
+            _interrupt_before_the_record(patch)
+        try:
+            main(argv)
+        except KeyboardInterrupt:
+            assert interrupted
+    read = Path.read_text
+    reads: list[str] = []
+
+    def counted(path: Path, *args, **kwargs) -> str:
+        text = read(path, *args, **kwargs)
+        if path.name in ("synthetic.json", "synthetic.writing") and path.parent == tmp_path:
+            reads.append(path.name)
+        return text
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    assert main([*argv[:3], "6", *argv[4:]]) == 0
+    assert reads == ["synthetic.writing" if interrupted else "synthetic.json"]
+    record = json.loads(read(tmp_path / "synthetic.json"))
+    assert record["products_train"] + record["products_val"] == 6
 
 
 def test_demo_writes_again_an_interrupted_dataset_and_refuses_another(tmp_path, monkeypatch, capsys):

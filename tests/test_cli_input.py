@@ -2,6 +2,7 @@
 devices this machine lacks, nothing to embed, a demo dataset that is not the one asked for."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,13 +90,23 @@ def test_embed_without_inputs_or_with_an_empty_text_file(checkpoint, tmp_path, c
     assert "empty.txt holds no text" in one_error_line(capsys, "embed")
 
 
+# the keys every synthetic.json of make-synthetic holds, for a 40-product dataset
+_RECORD = {
+    "generator_version": 2,
+    "seed": 0,
+    "products_train": 34,
+    "products_val": 6,
+    "fashiongen_images": 97,
+    "fashioniq_images": 40,
+}
+
+
 def test_demo_refuses_an_existing_dataset_of_another_size(tmp_path, capsys) -> None:
     from famevil_fast.cli.commands.demo import ensure_dataset
 
     data = tmp_path / "data"
     data.mkdir()
-    record = {"products_train": 34, "products_val": 6, "seed": 0}
-    (data / "synthetic.json").write_text(json.dumps(record))
+    (data / "synthetic.json").write_text(json.dumps(_RECORD))
     ensure_dataset(data, 2000, 0, image_size=96)  # the default size: the existing data is reused, and said so
     said = capsys.readouterr().out
     assert "using the synthetic dataset in" in said
@@ -114,11 +125,35 @@ def test_demo_refuses_an_existing_dataset_of_another_size(tmp_path, capsys) -> N
         ensure_dataset(data, 40, 0, image_size=96)
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"products_train": 34, "products_val": 6, "seed": 0},  # no generator version, no image counts
+        {**_RECORD, "products_train": "34", "products_val": "6"},
+        {**_RECORD, "seed": 0.5},
+    ],
+)
+def test_demo_refuses_a_synthetic_json_make_synthetic_would_refuse(tmp_path, capsys, record) -> None:
+    """The demo reads the record as the generator does: a file the generator would not take for its own
+    (and so refuses to overwrite) is not reused either, and the error names it."""
+    from famevil_fast.cli.commands.demo import ensure_dataset
+    from famevil_fast.data.synthetic.generate import make_synthetic
+
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "synthetic.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=re.escape(f"{path} was not written by make-synthetic")):
+        make_synthetic(data, products=4, image_size=32, workers=1)
+    with pytest.raises(ValueError, match=re.escape(f"{path} was not written by make-synthetic: remove it")):
+        ensure_dataset(data, 40, 0, image_size=96)
+    assert "using the synthetic dataset" not in capsys.readouterr().out
+
+
 def test_a_refused_demo_leaves_the_previous_runs_as_they_were(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     (out / "data").mkdir(parents=True)
-    record = {"products_train": 34, "products_val": 6, "seed": 0}
-    (out / "data" / "synthetic.json").write_text(json.dumps(record))
+    (out / "data" / "synthetic.json").write_text(json.dumps(_RECORD))
     for name, text in (("run", "newer"), ("run.previous", "older")):
         (out / name).mkdir()
         (out / name / "metrics.jsonl").write_text(text)

@@ -44,16 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, exact: bool = False) -> None:
     """Generate the synthetic dataset in ``directory`` unless one is there already. An existing one is
     reused with a note; with ``exact`` (the product count or the seed was asked for) it must have been made
-    with the same product count and seed, else ValueError. One whose writing was interrupted is written
-    again; a FashionGen or FashionIQ dataset that make-synthetic did not write is refused (as
-    ``famevil-fast make-synthetic`` refuses it), not overwritten."""
+    with the same product count and seed, else ValueError. A ``synthetic.json`` the generator did not write
+    (``read_synthetic_record`` does not take it) is a ValueError naming it. One whose writing was interrupted
+    is written again; a FashionGen or FashionIQ dataset that make-synthetic did not write is refused (as
+    ``make_synthetic`` refuses it), not overwritten."""
 
-    from famevil_fast.cli.commands.make_synthetic import check_output_dir
-    from famevil_fast.data import make_synthetic
+    from famevil_fast.data.synthetic.generate import RECORD_FILE, make_synthetic, read_synthetic_record
 
-    marker = directory / "synthetic.json"
-    if marker.exists():
-        record = _synthetic_record(marker)
+    path = directory / RECORD_FILE
+    if path.exists():
+        record = read_synthetic_record(path)
+        if record is None:
+            raise ValueError(f"{path} was not written by make-synthetic: remove it, or choose another --out")
         found = record["products_train"] + record["products_val"]
         if exact and (found, record["seed"]) != (products, seed):
             raise ValueError(
@@ -69,23 +71,8 @@ def ensure_dataset(directory: Path, products: int, seed: int, image_size: int, e
                 f"the documented ones; remove {directory} to have the demo's dataset made"
             )
         return
-    check_output_dir(directory)
     print(f"generating {products} synthetic products in {directory} ...")
     make_synthetic(directory, products=products, seed=seed, image_size=image_size)
-
-
-def _synthetic_record(path: Path) -> dict:
-    """The counts and seed ``make-synthetic`` recorded in ``path``; ValueError for a file it did not write."""
-    import json
-
-    try:
-        record = json.loads(path.read_text())
-        int(record["products_train"]) + int(record["products_val"]) + int(record["seed"])
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise ValueError(
-            f"{path} was not written by make-synthetic: remove it, or choose another --out"
-        ) from None
-    return record
 
 
 def caption_ceiling_text(fic: TaskResult, data_root: str | Path, save_to: Path | None = None) -> str:

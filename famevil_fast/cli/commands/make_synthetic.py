@@ -48,33 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_output_dir(root: Path) -> None:
-    """Refuse a file, a directory holding a synthetic.json that make-synthetic did not write (writing there
-    would overwrite it; refused also beside the synthetic.writing make-synthetic leaves while writing), and a
-    directory whose FashionGen/ or FashionIQ/ holds dataset files (JSON) that no earlier make-synthetic wrote
-    (neither its synthetic.json nor its synthetic.writing is there): they would be overwritten. An earlier
-    synthetic dataset is rewritten, and one whose writing was interrupted is completed (make_synthetic itself
-    refuses a folder of the dataset that is a link out of ``root``)."""
-    from famevil_fast.data.synthetic.generate import (
-        check_synthetic_record,
-        dataset_json_files,
-        written_by_make_synthetic,
-    )
-
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a directory")
-    check_synthetic_record(root)
-    if written_by_make_synthetic(root):
-        return
-    folders = {path.relative_to(root).parts[0] for path in dataset_json_files(root)}
-    found = [f"{name}/" for name in ("FashionGen", "FashionIQ") if name in folders]
-    if found:
-        raise ValueError(
-            f"{root} already holds {' and '.join(found)} not written by make-synthetic (no synthetic.json): "
-            "writing the synthetic dataset there would overwrite its files; choose another directory"
-        )
-
-
 def check_sizes(args: argparse.Namespace) -> None:
     """ValueError (one line, naming the option and its minimum) for a size make_synthetic cannot draw; checked
     here rather than by the parser, so that every too-small value gets the same one-line message."""
@@ -103,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     from famevil_fast.data.synthetic.generate import make_synthetic
 
     check_sizes(args)
-    check_output_dir(Path(args.dir))
     s = make_synthetic(
         args.dir,
         products=args.products,

@@ -17,17 +17,18 @@ count; the image size changes none), which ``synthetic.json`` records with the s
 ``DIR/synthetic.writing`` holds them too: it is written before anything is removed or written and removed once
 ``synthetic.json`` (written last) is in place, so a directory holding it is an interrupted run's, which a new
 run completes. A ``synthetic.json`` the generator did not write is refused (it would be overwritten), and so
-is a folder the files go to that is a link out of ``DIR``. A run that rewrites an earlier dataset (its
-``synthetic.json``, or the marker an interrupted run left, parsed and taken only when the generator wrote it)
-removes that one's ``synthetic.json`` first, so that a half-rewritten directory is never taken for a complete
-dataset, then rebuilds the earlier dataset's paths from its settings (the random draws that name the files, no
-image drawn) and, only when they hash to the recorded sha256, removes those it does not write again and the
-earlier JSON files, so that the directory ends up holding what a fresh one would. No other file is removed: a
-user's own files stay, also under names the generator gives (the marker lists those found at the run's own
-paths before it wrote any, which a later run leaves even when this one was stopped before drawing over them),
-and so do all files of a dataset whose paths cannot be rebuilt (an older generator's, or a record edited by
-hand), and any file reached through a link out of ``DIR``; ``files_not_written_by_make_synthetic`` names those
-under ``FashionGen/`` and ``FashionIQ/``.
+are a directory holding neither file whose ``FashionGen/`` or ``FashionIQ/`` holds dataset JSON files (another
+dataset's) and a folder the files go to that is a link out of ``DIR``. A run that rewrites an earlier dataset
+(its ``synthetic.json``, or the marker an interrupted run left, parsed and taken only when the generator wrote
+it) removes that one's ``synthetic.json`` first, so that a half-rewritten directory is never taken for a
+complete dataset, then rebuilds the earlier dataset's paths from its settings (the random draws that name the
+files, no image drawn) and, only when they hash to the recorded sha256, removes those it does not write again
+and the earlier JSON files, so that the directory ends up holding what a fresh one would. No other file is
+removed: a user's own files stay, also under names the generator gives (the marker lists those found at the
+run's own paths before it wrote any, which a later run leaves even when this one was stopped before drawing
+over them), and so do all files of a dataset whose paths cannot be rebuilt (an older generator's, or a record
+edited by hand), and any file reached through a link out of ``DIR``; ``files_not_written_by_make_synthetic``
+names those under ``FashionGen/`` and ``FashionIQ/``.
 
 All randomness is drawn in one process from ``numpy.random.default_rng(seed)`` before any image is drawn,
 so the output is identical for a seed whatever the number of worker processes.
@@ -467,9 +468,13 @@ def _render_all(jobs: list[_Job], workers: int) -> None:
             pass
 
 
-def _read_record(path: Path) -> dict | None:
-    """The generator's record in ``path`` (``synthetic.json`` or the marker), or None when there is none or
-    the file is not the generator's (another program's ``synthetic.json``)."""
+def read_synthetic_record(path: str | os.PathLike) -> dict | None:
+    """The generator's record in ``path``: ``synthetic.json`` (``generator_version``, ``seed``,
+    ``products_train``, ``products_val`` and the image counts, all integers, beside the rest it records) or,
+    for a file named ``synthetic.writing``, the marker of a run writing there (``{"generator_version": 1}``
+    for version 1's plain-text marker). None when there is no such file or the generator did not write it
+    (another program's file, one that does not parse, or one lacking those keys)."""
+    path = Path(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
@@ -484,19 +489,14 @@ def _read_record(path: Path) -> dict | None:
     keys = _MARKER_KEYS if marker else _RECORD_KEYS
     if not isinstance(record, dict) or any(k not in record for k in keys):
         return None
-    return record if type(record["generator_version"]) is int else None
+    integers = ("generator_version", *_COUNT_KEYS) if marker else _RECORD_KEYS
+    return record if all(type(record[k]) is int for k in integers) else None
 
 
 def _generator_record(root: Path) -> dict | None:
     """The record of the dataset ``make_synthetic`` wrote in ``root`` (``synthetic.json``) or was writing
     there (the marker of an interrupted run); None when neither is the generator's."""
-    return _read_record(root / RECORD_FILE) or _read_record(root / WRITING_MARKER)
-
-
-def written_by_make_synthetic(root: str | os.PathLike) -> bool:
-    """Whether ``root`` holds a dataset that ``make_synthetic`` wrote, complete (``synthetic.json``) or
-    interrupted (``synthetic.writing``); files of those names the generator did not write are ignored."""
-    return _generator_record(Path(root)) is not None
+    return read_synthetic_record(root / RECORD_FILE) or read_synthetic_record(root / WRITING_MARKER)
 
 
 def _draw(settings: _Settings, root: Path, image_size: int) -> tuple:
@@ -572,14 +572,14 @@ def _remove_files(root: Path, names: Iterable[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _replace_earlier(root: Path, record: dict, keep: set[str]) -> None:
+def _replace_earlier(root: Path, record: dict, keep: set[str], earlier: dict | None) -> None:
     """Leave the marker of the run of ``record`` (writing the paths ``keep``) in ``root``, removing the
-    earlier ``synthetic.json`` and, when the earlier dataset's paths can be rebuilt, its files not in ``keep``
-    and its JSON files (written again anyway). Until they are removed the marker names the earlier dataset,
+    earlier ``synthetic.json`` and, when the paths of the earlier dataset (of the generator's record
+    ``earlier``, read from ``root``) can be rebuilt, its files not in ``keep`` and its JSON files (written
+    again anyway). Until they are removed the marker names the earlier dataset,
     so that a run interrupted meanwhile leaves them findable; then it names this run's and keeps the files
     found at its paths that are not the earlier dataset's, so that a later run does not remove those this
     run was stopped before drawing over."""
-    earlier = _generator_record(root)
     old = _recorded_paths(root, earlier)
     found = sorted(p for p in keep - (old or set()) if os.path.lexists(root / p))
     record = {**record, _KEPT_KEY: found}
@@ -608,17 +608,34 @@ def _check_arguments(products: int, image_size: int, val_fraction: float) -> Non
         raise ValueError(f"make_synthetic: val_fraction must be in (0, 1), got {val_fraction}")
 
 
-def check_synthetic_record(root: str | os.PathLike) -> None:
-    """ValueError naming ``root``'s ``synthetic.json`` or ``synthetic.writing`` when the generator did not
-    write it (writing the synthetic dataset there would overwrite it); nothing when there is none or the
-    generator wrote it."""
+def check_synthetic_record(root: str | os.PathLike) -> dict | None:
+    """The generator's record in ``root``: that of ``synthetic.json``, else that of the marker
+    ``synthetic.writing`` (an interrupted run's), else None; each file is read once. ValueError naming either
+    file when it is there and the generator did not write it (writing the synthetic dataset there would
+    overwrite it)."""
+    records = []
     for name in (RECORD_FILE, WRITING_MARKER):
         path = Path(root) / name
-        if os.path.lexists(path) and _read_record(path) is None:
+        record = read_synthetic_record(path)
+        if record is None and os.path.lexists(path):
             raise ValueError(
                 f"{path} was not written by make-synthetic: writing the synthetic dataset there would "
                 "overwrite it; choose another directory"
             )
+        records.append(record)
+    return records[0] or records[1]
+
+
+def _check_no_other_dataset(root: Path) -> None:
+    """ValueError when ``root``, holding no record of the generator's, has dataset files (JSON) in its
+    ``FashionGen/`` or ``FashionIQ/``: another dataset's, which writing the synthetic one would overwrite."""
+    folders = {path.relative_to(root).parts[0] for path in dataset_json_files(root)}
+    found = [f"{name}/" for name in DATASET_FOLDERS if name in folders]
+    if found:
+        raise ValueError(
+            f"{root} already holds {' and '.join(found)} not written by make-synthetic (no synthetic.json): "
+            "writing the synthetic dataset there would overwrite its files; choose another directory"
+        )
 
 
 def _check_folders(root: Path, paths: Iterable[str]) -> None:
@@ -651,13 +668,20 @@ def make_synthetic(
     ``products`` FashionGen-style products (``val_fraction`` of them in val) and about ``fiq_images``
     FashionIQ-style images in families of variants (default: as many as products, at least 24), drawn at
     ``image_size`` pixels (FashionIQ widths vary from 0.75x to 1x). ``workers`` processes draw the images
-    (default: all CPU cores). ValueError, before anything is written, for a ``synthetic.json`` in ``out_dir``
-    that the generator did not write and for a folder of the dataset that is a link out of ``out_dir``.
+    (default: all CPU cores). An earlier dataset of the generator's in ``out_dir`` is rewritten, and one whose
+    writing was interrupted is completed. Refused before anything is written: an ``out_dir`` that is a file
+    (NotADirectoryError), and (ValueError) a ``synthetic.json`` or ``synthetic.writing`` there that the
+    generator did not write, dataset files (JSON) in its ``FashionGen/`` or ``FashionIQ/`` when it holds
+    neither, and a folder of the dataset that is a link out of ``out_dir``.
     """
     _check_arguments(products, image_size, val_fraction)
     start = time.perf_counter()
     root = Path(out_dir)
-    check_synthetic_record(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    earlier = check_synthetic_record(root)
+    if earlier is None:
+        _check_no_other_dataset(root)
     n_fiq = max(24, products if fiq_images is None else fiq_images)
     settings = _Settings(products, seed, val_fraction, n_fiq)
     fg_rows, fg_jobs, captions, splits, attributes, fiq_jobs = _draw(settings, root, image_size)
@@ -667,7 +691,7 @@ def make_synthetic(
     versioned = {"generator_version": GENERATOR_VERSION, "settings": asdict(settings)}
     versioned[_DIGEST_KEY] = _paths_digest(paths)
     counts = {"fashiongen_images": len(fg_jobs), "fashioniq_images": len(fiq_jobs)}
-    _replace_earlier(root, {**versioned, **counts}, keep=paths)
+    _replace_earlier(root, {**versioned, **counts}, keep=paths, earlier=earlier)
 
     _render_all(fg_jobs + fiq_jobs, workers or os.cpu_count() or 1)
 
