@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from famevil_fast.kernels import configs
+from famevil_fast.kernels.activation import QUICK_GELU_ALPHA, quick_gelu_bwd_kernel, quick_gelu_fwd_kernel
 from famevil_fast.kernels.adapter_backward import adapter_bwd_dx_weights_kernel, adapter_dp_kernel
 from famevil_fast.kernels.adapter_forward import (
     adapter_fwd_columns_kernel,
@@ -269,6 +270,14 @@ def _row_constants(dtype: str) -> Variant:
     )
 
 
+def _activation(dtype: str) -> list[Variant]:
+    """The QuickGELU kernels (elementwise, no matrix product)."""
+    t = configs.elementwise_tiles()
+    constants = {"ALPHA": QUICK_GELU_ALPHA, "BLOCK": t.block_m}
+    kernels = (("quick_gelu_fwd", quick_gelu_fwd_kernel), ("quick_gelu_bwd", quick_gelu_bwd_kernel))
+    return [Variant(name, k, constants, **_launch(t), dtype=dtype, has_dot=False) for name, k in kernels]
+
+
 def _split_adapter(dtype: str, mixed: bool, r: int) -> list[Variant]:
     t = configs.up_residual_tiles()
     up = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "NUM_RES": 3, "MIXED": mixed}
@@ -385,16 +394,17 @@ def _contrastive(dtype: str) -> list[Variant]:
 
 def variants(dtype: str, mixed: bool, full: bool = False) -> list[Variant]:
     """Every kernel as the launchers configure it: the adapter at d = 768 with r = 64 (on chip) and
-    r = 512 (split), the key/value projection 768 -> 1536, the fused decoding step's kernels. ``full``
-    adds the other tile shapes in use (r = 128 on chip, the ReLU-free projection, and for task-grouped rows
-    the weight-gradient reduction at r = 512; rows of one task take library GEMMs there)."""
+    r = 512 (split), the key/value projection 768 -> 1536, the fused decoding step's kernels, QuickGELU.
+    ``full`` adds the other tile shapes in use (r = 128 on chip, the ReLU-free projection, and for
+    task-grouped rows the weight-gradient reduction at r = 512; rows of one task take library GEMMs
+    there)."""
     out = (
         _fused(dtype, mixed, 64)
         + _ln_linear(dtype, mixed, 512, activation="relu")
         + _split_adapter(dtype, mixed, 512)
     )
     out += _weight_grads(dtype, mixed, 64, has_g=True) + _contrastive(dtype) + [_row_constants(dtype)]
-    out += _decoding(dtype)
+    out += _decoding(dtype) + _activation(dtype)
     if full:
         out += _fused(dtype, mixed, 128) + _ln_linear(dtype, mixed, 1536, activation=None)
         out += _weight_grads(dtype, mixed, 512, has_g=True) if mixed else []

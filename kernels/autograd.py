@@ -1,15 +1,15 @@
 """Eager-mode entry points of the fused kernels: ``torch.autograd.Function`` classes that call the
 launchers directly. They run the same kernels and gradient formulas as the registered
-``famevil_fast::adapter_*`` and ``famevil_fast::ln_linear_*`` operators (``custom_ops``) without
-torch.library's dispatch and argument flattening, which cost more host time than a small op's kernels
-take on a GPU. ``torch.compile`` graphs use the registered operators.
+``famevil_fast::adapter_*``, ``famevil_fast::ln_linear_*`` and ``famevil_fast::quick_gelu*`` operators
+(``custom_ops``) without torch.library's dispatch and argument flattening, which cost more host time than
+a small op's kernels take on a GPU. ``torch.compile`` graphs use the registered operators.
 """
 
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from famevil_fast.kernels import launch
+from famevil_fast.kernels import activation, launch
 from famevil_fast.kernels.custom_ops import task_rows
 
 from famevil_fast.ops._backend import once_differentiable_grads
@@ -112,3 +112,26 @@ def layer_norm_linear_eager(
     if not torch.is_grad_enabled():
         return launch.ln_linear_output(x, *params, eps)
     return LayerNormLinearFunction.apply(x, save, eps, *params)
+
+
+class QuickGELUFunction(torch.autograd.Function):
+    """apply(x) -> x * sigmoid(1.702 x) for contiguous x; the backward recomputes the sigmoid from x."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return activation.quick_gelu_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        dx = without_grad(activation.quick_gelu_backward, grad_y.contiguous(), x)
+        return once_differentiable_grads("quick_gelu", (dx,), (grad_y, x))[0]
+
+
+def quick_gelu_eager(x: torch.Tensor) -> torch.Tensor:
+    """QuickGELU of contiguous x through the eager autograd function (the launcher alone under no_grad or
+    when x needs no gradient)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return activation.quick_gelu_forward(x)
+    return QuickGELUFunction.apply(x)

@@ -245,6 +245,16 @@ def greedy_pick_tiles(width: int) -> Tiles:
 
 
 @functools.cache
+def elementwise_tiles() -> Tiles:
+    """Elementwise kernels over a flat array (the QuickGELU activation): BLOCK_M elements per program, eight
+    a thread of 8 warps, so that a thread loads 16 contiguous bytes at once in 16-bit types (sm_90 build:
+    24-32 registers, no spill)."""
+    if interpreting():
+        return Tiles(block_m=1024, block_n=1, block_k=1)
+    return Tiles(block_m=2048, block_n=1, block_k=1, num_warps=8, num_stages=1)
+
+
+@functools.cache
 def multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

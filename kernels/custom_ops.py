@@ -10,12 +10,13 @@ Operators (all tensors 2-D row matrices; adapter parameters with or without a le
 * ``adapter_backward(dy, x, <7 params>, h, mean, rstd, task_ids, product_dtype=None)`` -> 8 gradients.
 * ``ln_linear_forward(x, ln_w, ln_b, w, b, save, eps)`` -> (LN(x) W^T + b, mean, rstd).
 * ``ln_linear_backward(dout, out, x, mean, rstd, ln_w, ln_b, w, b)`` -> 5 gradients.
+* ``quick_gelu(x)`` -> x * sigmoid(1.702 x) (any shape); ``quick_gelu_backward(grad, x)`` -> its dx.
 """
 
 # No ``from __future__ import annotations`` here: torch.library reads the annotations to build schemas.
 
 import torch
-from famevil_fast.kernels import launch
+from famevil_fast.kernels import activation, launch
 
 from famevil_fast.capture import host_reads_allowed
 
@@ -248,3 +249,44 @@ def _ln_linear_backward_rule(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 ln_linear_forward.register_autograd(_ln_linear_backward_rule, setup_context=_ln_linear_setup_context)
+
+
+def _check_same_layout(op: str, grad: torch.Tensor, x: torch.Tensor) -> None:
+    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
+        raise ValueError(
+            f"{op}: grad ({tuple(grad.shape)}, {grad.dtype}, {grad.device}) must match x "
+            f"({tuple(x.shape)}, {x.dtype}, {x.device})"
+        )
+
+
+@torch.library.custom_op("famevil_fast::quick_gelu", mutates_args=())
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return activation.quick_gelu_forward(x.contiguous())
+
+
+@quick_gelu.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("famevil_fast::quick_gelu_backward", mutates_args=())
+def quick_gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    _check_same_layout("famevil_fast::quick_gelu_backward", grad, x)
+    return activation.quick_gelu_backward(grad.contiguous(), x.contiguous())
+
+
+@quick_gelu_backward.register_fake
+def _(grad, x):
+    _check_same_layout("famevil_fast::quick_gelu_backward", grad, x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _quick_gelu_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _quick_gelu_backward_rule(ctx, grad):
+    return torch.ops.famevil_fast.quick_gelu_backward(grad, ctx.saved_tensors[0])
+
+
+quick_gelu.register_autograd(_quick_gelu_backward_rule, setup_context=_quick_gelu_setup_context)

@@ -20,13 +20,20 @@ from famevil_fast.model.attention import attention
 from famevil_fast.model.config import CLIPConfig, TextConfig, VisionConfig
 from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.model.validation import check_input_ids, check_pixels
+from famevil_fast.ops.activation import quick_gelu
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
 from famevil_fast.text.special_tokens import EOT_ID
 
 
 class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)`` through ``ops.quick_gelu`` on the model's op backend (``set_runtime``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend: str | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return quick_gelu(x, backend=self.backend)
 
 
 def make_activation(name: str) -> nn.Module:

@@ -136,7 +136,7 @@ class FameViL(nn.Module):
         ``BACKENDS`` (None: automatic; "cuda" / "cpu" name the contrastive losses' kernels and leave the
         adapters automatic); a bad value raises ValueError at once."""
         from famevil_fast.model.adapters import BottleneckAdapter, CrossAttentionAdapter
-        from famevil_fast.model.clip import SelfAttention
+        from famevil_fast.model.clip import QuickGELU, SelfAttention
 
         changes: dict[str, Any] = {}
         if attention is not None:
@@ -147,7 +147,7 @@ class FameViL(nn.Module):
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.impl = self.config.attention
-            elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter):
+            elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter | QuickGELU):
                 module.backend = self.config.adapter_backend
         return self
 

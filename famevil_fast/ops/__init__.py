@@ -3,6 +3,7 @@
 Every op takes ``backend=None`` (automatic) or a backend name; ``"torch"`` always runs the reference.
 """
 
+from famevil_fast.ops.activation import quick_gelu
 from famevil_fast.ops.adapter import AdapterParams, fused_adapter
 from famevil_fast.ops.contrastive import contrastive_distill_loss, contrastive_loss
 from famevil_fast.ops.cross_attention import CrossAttentionParams, context_key_values, cross_attention_adapter
@@ -15,4 +16,5 @@ __all__ = [
     "contrastive_loss",
     "cross_attention_adapter",
     "fused_adapter",
+    "quick_gelu",
 ]
