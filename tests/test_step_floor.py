@@ -1,0 +1,71 @@
+"""bench/step_floor.py: the bytes and FLOPs a training step's calls move and compute, counted on fake tensors,
+and the floor they set at a given bandwidth and matrix peak."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import step_floor  # noqa: E402
+
+
+def test_a_product_is_charged_its_operands_and_flops() -> None:
+    """mm of (64, 32) by (32, 16) in float32: both operands read, the result written, 2mnk FLOPs; its floor
+    at 1 TFLOP/s and 1 TB/s is the larger of the two."""
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    counter = step_floor.OpCounter(tflops=1.0, tbps=1.0)
+    with counter:
+        c = a @ b
+        c.t().unsqueeze(0)  # views launch nothing
+    mm = counter.by_op["mm"]
+    assert (mm.calls, mm.flops, mm.bytes) == (1, 2 * 64 * 32 * 16, 4 * (64 * 32 + 32 * 16 + 64 * 16))
+    assert mm.floor_s == pytest.approx(max(mm.flops, mm.bytes) / 1e12)
+    assert counter.by_kind["matmul"].calls == 1 and counter.total().calls == 1
+
+
+def test_in_place_and_broadcast_operands() -> None:
+    """An in-place add reads both operands and writes its target; a broadcast operand counts its storage."""
+    x, row = torch.randn(100, 8), torch.randn(8)
+    counter = step_floor.OpCounter()
+    with counter:
+        x.add_(row.expand(100, 8))
+    add = counter.by_op["add_"]
+    assert add.bytes == 4 * (800 + 8 + 800)
+
+
+def test_cuda_autocast_runs_layer_norm_in_float32_and_products_in_bfloat16() -> None:
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    with step_floor.cuda_autocast():
+        h = torch.nn.functional.linear(x, w)
+        z = torch.nn.functional.layer_norm(h, (8,))
+        s = torch.softmax(h, -1)
+    assert (h.dtype, z.dtype, s.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+
+
+def test_fused_quick_gelu_lowers_the_floor_of_a_step() -> None:
+    """The micro model's ITC step: the same products with QuickGELU fused, fewer bytes and calls."""
+    plain = step_floor.count_step("plain", "micro", 2, "itc")
+    fused = step_floor.count_step("plain+quick_gelu", "micro", 2, "itc")
+    assert plain.by_kind["matmul"].flops == fused.by_kind["matmul"].flops > 0
+    assert fused.by_op["quick_gelu"].calls == fused.by_op["quick_gelu_backward"].calls > 0
+    assert fused.by_kind["other"].bytes < plain.by_kind["other"].bytes
+    assert fused.total().calls < plain.total().calls and fused.total().floor_s < plain.total().floor_s
+    assert plain.by_kind["optimizer"].calls >= 1  # the fused AdamW step is counted beside the passes
+
+
+def test_table_and_unknown_configurations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert step_floor.known_config("plain+quick_gelu") and not step_floor.known_config("fast+quick_gelu")
+    assert not step_floor.known_config("plain+other") and not step_floor.known_config("nonsense")
+    with pytest.raises(SystemExit) as stop:
+        step_floor.main(["--configs", "plain,nonsense"])
+    assert stop.value.code == 2
+    assert "unknown configuration(s) ['nonsense']" in capsys.readouterr().err
+    argv = ["--preset", "micro", "--batch", "2", "--workload", "scr", "--configs", "plain"]
+    assert step_floor.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "plain      total" in out and "the 12 ops with the largest floor" in out
