@@ -30,10 +30,10 @@ PARTS="${PARTS//,/ }"
 # launch-configuration sweep behind kernels/configs.py, "train_compiled", the torch.compile baselines of
 # the frozen ITC step, about a minute of compiling per configuration, and "contrastive_huge", the Triton loss
 # at 1,048,576 rows, about 12 s a run; in this order)
-BENCHES="${GPU_CHECK_BENCH:-contrastive adapter adapter_dtypes xattn train_step caption retrieval imtl data}"
+BENCHES="${GPU_CHECK_BENCH:-contrastive adapter adapter_dtypes activation xattn train_step caption retrieval imtl data}"
 BENCHES="${BENCHES//,/ }"
 KNOWN_PARTS="build tests demo bench"
-KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes xattn train_step train_compiled caption retrieval imtl data tiles"
+KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes activation xattn train_step train_compiled caption retrieval imtl data tiles"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FAMEVIL_FAST_BACKEND=""
@@ -102,7 +102,7 @@ fi
 PYTEST=("$PY" -m pytest -q -s -p no:cacheprovider -rfE)
 if [[ " $PARTS " == *" tests "* ]]; then
   # GPU_CHECK_TESTS replaces the list of test files; GPU_CHECK_TESTS_LIMIT the part's 120 s limit
-  TESTS="${GPU_CHECK_TESTS:-tests/test_adapter_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
+  TESTS="${GPU_CHECK_TESTS:-tests/test_adapter_op.py tests/test_activation_op.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
 tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py tests/test_decode_step.py \
 tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_transforms.py}"
   # spread over GPU_CHECK_TEST_WORKERS processes (default 8; 1: one process) when pytest-xdist is installed,
@@ -142,6 +142,8 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
       -k "report and not training_dtypes" ;;
     adapter_dtypes) part "bench: fused adapter with a training step's dtypes" 90 bench_adapter_dtypes.txt \
       "${BENCH[@]}" bench/bench_adapter.py -k training_dtypes ;;
+    activation) part "bench: QuickGELU" 45 bench_activation.txt "${BENCH[@]}" bench/bench_activation.py \
+      -k "report or matches" ;;
     xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
     train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
     train_compiled) part "bench: training step with torch.compile (frozen ITC)" 270 bench_train_compiled.txt \
@@ -191,6 +193,7 @@ for name, title in (
     ("bench_contrastive_huge.txt", "Contrastive loss at 1,048,576 rows"),
     ("bench_adapter.txt", "Fused adapter"),
     ("bench_adapter_dtypes.txt", "Fused adapter with a training step's dtypes"),
+    ("bench_activation.txt", "QuickGELU"),
     ("bench_xattn.txt", "Cross-attention adapter block"),
     ("bench_train_step.txt", "Training step"),
     ("bench_train_compiled.txt", "Training step with torch.compile (frozen ITC)"),
