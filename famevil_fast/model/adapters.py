@@ -108,12 +108,10 @@ class TaskAdapters(nn.Module):
         )
 
     def _per_segment(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
-        branches = residual_list(residual)
+        def run(position: int, parts: list[torch.Tensor]) -> torch.Tensor:
+            return self.adapters[self.tasks[position]](parts[0], parts[1:] or None)
 
-        def run(position: int, rows: slice) -> torch.Tensor:
-            return self.adapters[self.tasks[position]](x[rows], [b[rows] for b in branches] or None)
-
-        return per_segment(mix, run)
+        return per_segment(mix, [x, *residual_list(residual)], run)
 
 
 def _row_task_ids(mix: TaskMix, rows_per_sample: int, device: torch.device) -> torch.Tensor:

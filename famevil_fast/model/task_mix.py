@@ -8,7 +8,7 @@ for the fused kernels that take a task id per row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -59,6 +59,14 @@ def as_task_mix(task: torch.Tensor | TaskMix, batch: int) -> TaskMix:
     return task_mix(values.tolist(), counts.tolist(), index.device)._replace(index=index)
 
 
-def per_segment(mix: TaskMix, run: Callable[[int, slice], torch.Tensor]) -> torch.Tensor:
-    """``run(task position, sample slice)`` for each segment, concatenated in batch order."""
-    return torch.cat([run(position, slice(start, stop)) for position, start, stop in mix.segments])
+def per_segment(
+    mix: TaskMix, inputs: Sequence[torch.Tensor], run: Callable[[int, list[torch.Tensor]], torch.Tensor]
+) -> torch.Tensor:
+    """``run(task position, each input's samples of the segment)`` for each segment, concatenated in batch
+    order. Each input (batch first) is split once: ``torch.split``'s backward is one concatenation, where a
+    slice per segment would give each segment's gradient as a zero-filled tensor of the whole batch, and
+    autograd would add them up."""
+    sizes = [stop - start for _, start, stop in mix.segments]
+    parts = [torch.split(t, sizes) for t in inputs]
+    outputs = [run(position, [p[i] for p in parts]) for i, (position, _, _) in enumerate(mix.segments)]
+    return torch.cat(outputs)

@@ -112,7 +112,7 @@ class CrossModalTaskAdapters(nn.Module):
         mix = as_task_mix(task, y.shape[0])
         if len(mix.present) == 1:
             return self.adapters[self.tasks[mix.present[0]]](y)
-        return per_segment(mix, lambda position, rows: self.adapters[self.tasks[position]](y[rows]))
+        return per_segment(mix, [y], lambda position, parts: self.adapters[self.tasks[position]](parts[0]))
 
 
 class CrossModalBlockAdapters(nn.Module):

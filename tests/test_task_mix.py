@@ -1,0 +1,30 @@
+"""Mixed-task layouts: ``task_mix`` segments and ``per_segment``, which runs each task's samples apart."""
+
+from __future__ import annotations
+
+import torch
+from helpers import AtenLog
+
+from famevil_fast.model.task_mix import per_segment, task_mix
+
+
+def test_per_segment_runs_each_segment_and_splits_its_inputs_once() -> None:
+    """Outputs in batch order, gradients as for the whole batch, and a backward that concatenates the
+    segments' gradients once per input instead of one zero-filled whole-batch gradient per segment."""
+    mix = task_mix([2, 0, 1], [3, 0, 4], "cpu")  # the empty segment of task 0 is dropped
+    assert mix.segments == ((2, 0, 3), (1, 3, 7))
+    x = torch.randn(7, 5, requires_grad=True)
+    branch = torch.randn(7, 5, requires_grad=True)
+
+    def run(position: int, parts: list[torch.Tensor]) -> torch.Tensor:
+        return (position + 1) * parts[0] + parts[1].sin()
+
+    y = per_segment(mix, [x, branch], run)
+    scale = torch.tensor([3.0] * 3 + [2.0] * 4).unsqueeze(1)
+    torch.testing.assert_close(y, scale * x + branch.sin())
+    grad = torch.randn(7, 5)
+    with AtenLog() as log:
+        gx, gb = torch.autograd.grad(y, [x, branch], grad)
+    torch.testing.assert_close(gx, scale * grad)
+    torch.testing.assert_close(gb, branch.cos() * grad)
+    assert "slice_backward" not in log.ops and log.ops.count("add") == 0, log.ops
