@@ -21,11 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
+import pickletools
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -140,14 +144,109 @@ def _read_torch_file(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        hint = (
-            ""
-            if trust_pickle
-            else " (if the file is trusted and holds non-tensor objects, pass trust_pickle=True; "
-            "famevil-fast: --trust-pickle)"
-        )
-        raise ValueError(f"cannot read checkpoint {path}: {exc}{hint}") from exc
+        raise _torch_load_error(path, exc, trust_pickle) from exc
     return unwrap_container(obj, str(path))
+
+
+def _torch_load_error(path: Path, exc: Exception, trust_pickle: bool) -> ValueError:
+    """One line for a failed ``torch.load``: a sound file that weights-only loading refused gets the
+    ``trust_pickle`` hint; a file whose archive or pickles are broken (or that is no torch file at all) is
+    called corrupt, since unpickling it with trust would not help."""
+    damage = torch_file_damage(path)
+    if damage is None and not trust_pickle and isinstance(exc, pickle.UnpicklingError):
+        return ValueError(
+            f"cannot read checkpoint {path}: weights-only loading refused an object in it: "
+            f"{_refusal_cause(exc)} (if the file is trusted and holds non-tensor objects, pass "
+            "trust_pickle=True; famevil-fast: --trust-pickle)"
+        )
+    if damage is None and isinstance(exc, (ImportError, AttributeError)):
+        return ValueError(f"cannot read checkpoint {path}: {_first_sentence(exc)}")
+    return ValueError(
+        f"cannot read checkpoint {path}: not a torch or safetensors file, or corrupt or truncated "
+        f"({damage or _first_sentence(exc)})"
+    )
+
+
+def torch_file_damage(path: str | Path) -> str | None:
+    """Why ``path`` is not a sound ``torch.save`` file, or None when it looks like one.
+
+    Checks the structure without unpickling anything: a zip archive (torch >= 1.6) must open and hold a
+    ``data.pkl`` that parses as a whole pickle; a legacy file must start with torch's magic-number pickle
+    followed by the protocol, system-info, object and storage-key pickles. Tensor data is not checked."""
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(4)
+        if not head:
+            return "the file is empty"
+        if head == b"PK\x03\x04":
+            return _zip_damage(path)
+        f.seek(0)
+        first = _pickle_damage(f)
+        if first is not None or _legacy_magic(f) is not True:
+            return "neither a zip archive nor a pickle starting with torch's magic number"
+        for what in ("protocol version", "system info", "object", "storage keys"):
+            damage = _pickle_damage(f)
+            if damage is not None:
+                return f"broken {what} pickle: {damage}"
+    return None
+
+
+def _zip_damage(path: Path) -> str | None:
+    if not zipfile.is_zipfile(path):
+        return "a zip archive without its central directory, as when the file is cut short"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/data.pkl")]
+            if not names:
+                return "a zip archive without the data.pkl of a torch checkpoint"
+            with z.open(names[0]) as f:
+                damage = _pickle_damage(f)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        return f"broken zip archive: {exc}"
+    return None if damage is None else f"broken pickle {names[0]}: {damage}"
+
+
+def _pickle_damage(f: IO[bytes]) -> str | None:
+    """Parse one pickle from ``f`` (opcodes only, nothing is built); why it is broken, or None."""
+    start = f.tell()
+    try:
+        for _ in pickletools.genops(f):
+            pass
+    except (ValueError, EOFError, OverflowError, struct.error) as exc:
+        return str(exc) or type(exc).__name__
+    if f.tell() == start:
+        return "no data"
+    return None
+
+
+def _legacy_magic(f: IO[bytes]) -> bool:
+    """Whether the pickle just parsed from ``f`` is torch's legacy magic number (re-read, nothing built)."""
+    end = f.tell()
+    if end > 64:
+        return False
+    f.seek(0)
+    data = f.read(end)
+    f.seek(end)
+    return any(arg == _LEGACY_MAGIC for _, arg, _ in pickletools.genops(data))
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+def _refusal_cause(exc: Exception) -> str:
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return _first_sentence(text)
+
+
+def _first_sentence(exc: Exception | str) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__ if isinstance(exc, Exception) else "unknown error"
+    sentence = lines[0].split(". ", 1)[0].rstrip(".")
+    return sentence if len(sentence) <= 200 else sentence[:197] + "..."
 
 
 def _is_torchscript(path: Path) -> bool:
