@@ -90,6 +90,46 @@ def test_embed_without_inputs_or_with_an_empty_text_file(checkpoint, tmp_path, c
     assert "empty.txt holds no text" in one_error_line(capsys, "embed")
 
 
+def test_an_image_over_pil_s_pixel_limit_is_one_line(checkpoint, tmp_path, monkeypatch, capsys) -> None:
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: DecompressionBombError
+    out = str(tmp_path / "e.safetensors")
+    for command, argv in (
+        ("caption", ["caption", str(checkpoint), str(bomb), "--device", "cpu"]),
+        ("embed", ["embed", str(checkpoint), "--images", str(bomb), "--out", out, "--device", "cpu"]),
+    ):
+        assert main(argv) == 2
+        line = one_error_line(capsys, command)
+        assert f"cannot read image {bomb}: it exceeds PIL's pixel limit" in line
+        assert line.endswith("; raise PIL.Image.MAX_IMAGE_PIXELS to read it")
+
+
+def test_caption_refuses_a_max_len_beyond_the_text_context(checkpoint, image, capsys) -> None:
+    from famevil_fast.cli.commands.caption import check_max_len
+
+    assert main(["caption", str(checkpoint), str(image), "--max-len", "77", "--device", "cpu"]) == 2
+    assert "--max-len must be at most 76" in one_error_line(capsys, "caption")
+    assert main(["caption", str(checkpoint), str(image), "--max-len", "1000", "--device", "cpu"]) == 2
+    assert one_error_line(capsys, "caption").endswith("got 1000")
+    check_max_len(76, 77)
+    with pytest.raises(ValueError, match=r"^--max-len must be at most 15 .*got 16$"):
+        check_max_len(16, 16)
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    assert "76" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["j.npy", "j", "j.safetensors.npy", "j.st"])
+def test_embed_refuses_an_output_not_named_safetensors(name, tmp_path, capsys) -> None:
+    out = tmp_path / "x" / name
+    argv = ["embed", str(tmp_path / "no_ckpt"), "--images", str(tmp_path / "none.png"), "--out", str(out)]
+    assert main(argv) == 2  # before the checkpoint or images are looked at
+    line = one_error_line(capsys, "embed")
+    assert "--out must name a .safetensors file" in line and line.endswith(str(out))
+    assert not (tmp_path / "x").exists()
+
+
 # the keys every synthetic.json of make-synthetic holds, for a 40-product dataset
 _RECORD = {
     "generator_version": 2,

@@ -20,6 +20,7 @@ from famevil_fast.text import tokenize
 
 MICRO = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)
 TEXTS = ["red silk dress", "blue denim jacket"]
+TASKS = ("itc", "tgir")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _embed(checkpoint, images, out, task):
 @pytest.fixture(scope="module")
 def galleries(checkpoint, images, tmp_path_factory):
     folder = tmp_path_factory.mktemp("galleries")
-    return {task: _embed(checkpoint, images, folder / f"{task}.st", task) for task in ("itc", "tgir")}
+    return {task: _embed(checkpoint, images, folder / f"{task}.safetensors", task) for task in TASKS}
 
 
 def _search(capsys, *args):
@@ -188,6 +189,15 @@ def test_user_errors_are_one_line(checkpoint, images, galleries, tmp_path, capsy
     assert "image file not found" in _error(capsys, ckpt, tgir, "--reference", missing, "--text", "a")
     (tmp_path / "junk.safetensors").write_text("not a safetensors file")
     assert "cannot read gallery" in _error(capsys, ckpt, tmp_path / "junk.safetensors", "--text", "a")
+
+
+def test_a_reference_over_pil_s_pixel_limit_is_one_line(checkpoint, galleries, tmp_path, monkeypatch, capsys):
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: DecompressionBombError
+    err = _error(capsys, checkpoint, galleries["tgir"], "--reference", bomb, "--text", "a")
+    assert f"cannot read image {bomb}: it exceeds PIL's pixel limit" in err
+    assert "raise PIL.Image.MAX_IMAGE_PIXELS to read it" in err
 
 
 def test_help_names_both_kinds_of_query(capsys):

@@ -80,7 +80,8 @@ def _inference(model_dir: str, data: str, out: str, tag: str, ports: tuple[int, 
     images, texts = f"{data}/FashionGen/val", f"{out}/texts.txt"
     common = ["--batch-size", "8", "--device", "cpu"]
     commands = [
-        ["embed", model_dir, "--images", images, "--texts", texts, "--out", f"{out}/{tag}.st", *common],
+        ["embed", model_dir, "--images", images, "--texts", texts, "--out", f"{out}/{tag}.safetensors"]
+        + common,
         ["caption", model_dir, images, "--max-len", "4", *common],
     ]
     printed, codes = io.StringIO(), []
@@ -89,7 +90,8 @@ def _inference(model_dir: str, data: str, out: str, tag: str, ports: tuple[int, 
             os.environ["MASTER_PORT"] = str(ports[i])
         with contextlib.redirect_stdout(printed):
             codes.append(main(command))
-    return {"exit": codes, "printed": printed.getvalue(), "wrote": os.path.exists(f"{out}/{tag}.st")}
+    wrote = os.path.exists(f"{out}/{tag}.safetensors")
+    return {"exit": codes, "printed": printed.getvalue(), "wrote": wrote}
 
 
 def _broken_images(data: str, out: str) -> str:
@@ -155,7 +157,7 @@ def _worker(rank: int, world: int, ports: tuple[int, ...], data: str, model_dir:
                 "--images",
                 f"{out}/broken_images",  # made before the processes start
                 "--out",
-                f"{out}/x.st",
+                f"{out}/x.safetensors",
                 "--batch-size",
                 "3",
                 "--device",
@@ -278,7 +280,8 @@ def test_embed_and_caption_under_torchrun_give_what_one_process_gives(shared):
     alone = _inference(str(model_dir), str(data), str(out), "embed_alone")
     assert alone["exit"] == [0, 0] and [r["inference"]["exit"] for r in ranks] == [[0, 0], [0, 0]]
     assert [r["inference"]["wrote"] for r in ranks] == [True, False]  # rank 0 writes the file
-    shared_file, single = load_file(str(out / "embed_rank0.st")), load_file(str(out / "embed_alone.st"))
+    shared_file = load_file(str(out / "embed_rank0.safetensors"))
+    single = load_file(str(out / "embed_alone.safetensors"))
     assert shared_file["image"].shape == (61, single["image"].shape[1]) and single["text"].shape[0] == 13
     for key in ("image", "text"):
         torch.testing.assert_close(shared_file[key], single[key], rtol=1e-5, atol=1e-6)

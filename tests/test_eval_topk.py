@@ -112,6 +112,16 @@ def test_bad_input(kwargs, message):
         blocked_topk(**args)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"), [("queries", "queries contain"), ("gallery", "gallery contains")]
+)
+def test_non_finite_embeddings_are_named(bad, message):
+    args = {"queries": torch.randn(3, 4), "gallery": torch.randn(5, 4)}
+    args[bad][1, 2] = float("inf")
+    with pytest.raises(ValueError, match=rf"^blocked_topk: {message} NaN or Inf$"):
+        blocked_topk(**args, k=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

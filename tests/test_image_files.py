@@ -40,3 +40,15 @@ def test_bad_arguments_are_named(tmp_path):
         famevil_fast.load_images([good], size=8, eval_resize="stretch")
     with pytest.raises(ValueError, match="is a directory, not an image file"):
         famevil_fast.load_images([tmp_path], size=8)
+
+
+def test_an_image_over_pil_s_pixel_limit_is_named(tmp_path, monkeypatch):
+    big, good = _image(tmp_path / "big.png", (64, 64)), _image(tmp_path / "a.png", (20, 20))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: DecompressionBombError
+    named = r"cannot read image .*big\.png: it exceeds PIL's pixel limit"
+    with pytest.raises(ValueError, match=named) as info:
+        famevil_fast.load_images([good, big], size=8)
+    assert "raise PIL.Image.MAX_IMAGE_PIXELS to read it" in str(info.value)
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    assert famevil_fast.load_images([good, big], size=8).shape == (2, 3, 8, 8)  # the limit raised

@@ -21,7 +21,9 @@ def load_images(
     sequence), in order, by the evaluation transform: a resize to R = round(size * 256 / 224), then the
     centre size x size crop. ``eval_resize`` chooses the resize: "keep_aspect", the shorter side to R (the
     aspect kept), or "squash", the whole image to R x R (see ``famevil_fast.data.transforms``). A missing
-    file raises FileNotFoundError and a file that is not a readable image ValueError, each naming it."""
+    file raises FileNotFoundError; a file that is not a readable image, or one of more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's DecompressionBombError: raise that limit to read it),
+    ValueError; each names the file."""
     from PIL import Image, UnidentifiedImageError
 
     files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
@@ -40,6 +42,11 @@ def load_images(
             with Image.open(f) as image:
                 image.load()
                 pixels.append(reference_transform(image, size, eval_resize=eval_resize))
+        except Image.DecompressionBombError as exc:  # not an OSError
+            raise ValueError(
+                f"cannot read image {f}: it exceeds PIL's pixel limit ({str(exc).rstrip('.')}); "
+                "raise PIL.Image.MAX_IMAGE_PIXELS to read it"
+            ) from exc
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {f}: {exc}") from exc
     return torch.stack(pixels)

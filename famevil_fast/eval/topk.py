@@ -67,9 +67,9 @@ def check_embeddings(
         raise ValueError(f"{op}: the gallery is empty")
     if queries.shape[0] == 0 and not allow_empty_queries:
         raise ValueError(f"{op}: there are no queries")
-    for name, t in (("queries", queries), ("gallery", gallery)):
+    for name, t in (("queries contain", queries), ("gallery contains", gallery)):
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{op}: {name} contain NaN or Inf")
+            raise ValueError(f"{op}: {name} NaN or Inf")
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -37,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders)",
     )
     parser.add_argument("--beams", type=positive_int, default=1, help="beam width (1 = greedy)")
-    parser.add_argument("--max-len", type=positive_int, default=40, help="longest caption in tokens")
+    parser.add_argument(
+        "--max-len",
+        type=positive_int,
+        default=40,
+        help="longest caption in tokens: at most the model's text context less the start token (76 for CLIP)",
+    )
     parser.add_argument(
         "--no-repeat-ngram",
         type=non_negative_int,
@@ -63,6 +68,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_max_len(max_len: int, context_length: int) -> None:
+    """ValueError unless ``max_len`` tokens fit the text context after the start token."""
+    limit = context_length - 1
+    if max_len > limit:
+        raise ValueError(
+            f"--max-len must be at most {limit} (the model's text context of {context_length} tokens, "
+            f"less the start token), got {max_len}"
+        )
+
+
 def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -> None:
     """Print ``file<TAB>caption`` per image, in order: as each batch is done in one process; by rank 0 once
     every process has captioned its share under torchrun."""
@@ -71,6 +86,7 @@ def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -
 
     files = collect_images(args.images)
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
+    check_max_len(args.max_len, model.config.clip.text.context_length)
     if args.op_backend is not None:
         model.set_runtime(backend=args.op_backend)
     batches = ImageFileBatches(files, args.batch_size, model.config.clip.vision.image_size, args.eval_resize)

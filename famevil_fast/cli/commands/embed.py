@@ -47,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=output_file,
         required=True,
-        help="output .safetensors: tensors 'image' (N, D) and 'text' (M, D); the image paths, one per line, "
-        "in the metadata field 'images' (a list over 32 MB in OUT.images.<checksum>.txt, named by the field "
-        "'images_file'); missing parent directories are created",
+        help="output file, its name ending in .safetensors: tensors 'image' (N, D) and 'text' (M, D); the "
+        "image paths, one per line, in the metadata field 'images' (a list over 32 MB in "
+        "OUT.images.<checksum>.txt, named by the field 'images_file'); missing parent directories are "
+        "created",
     )
     add_eval_resize_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="inputs per batch")
@@ -59,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from famevil_fast.cli.processes import command_processes
 
+    if Path(args.out).suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file (embed writes safetensors), got {args.out}")
     if not args.images and not args.texts:
         raise ValueError("nothing to embed: give --images and/or --texts")
     with command_processes(args.device) as (shard, device):  # under torchrun each embeds its share
