@@ -104,7 +104,7 @@ def test_only_the_files_own_stale_lists_are_removed(checkpoint, images, tmp_path
     from famevil_fast.cli.gallery_file import read_gallery
 
     monkeypatch.setattr(gallery_file, "IMAGE_LIST_IN_HEADER_MAX", 10)
-    other = tmp_path / "emb.safetensors.images.x"  # another gallery whose name starts as this one's lists
+    other = tmp_path / "emb.safetensors.images.x.safetensors"  # a gallery named as this one's lists start
     assert main(["embed", str(checkpoint), "--images", str(images), "--out", str(other)]) == 0
     notes = tmp_path / "emb.safetensors.images.notes.txt"
     notes.write_text("mine")

@@ -275,9 +275,9 @@ def test_print_config_shows_the_resolved_freeze_backbone(capsys):
     from famevil_fast.cli.main import main
     from famevil_fast.train.config import describe_fields
 
-    assert "freeze_backbone: None  # train only adapters" in describe_fields()
+    assert "freeze_backbone: null  # train only adapters" in describe_fields()
     assert "null = automatic: true with model.adapter_type xmodal" in describe_fields()
-    for adapter_type, shown in (("xmodal", True), ("tsa", False)):
+    for adapter_type, shown in (("xmodal", "true"), ("tsa", "false")):
         argv = [
             "train",
             "--config",

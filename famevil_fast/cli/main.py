@@ -4,8 +4,9 @@ Each module there defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``ru
 a command means adding a module, nothing here changes.
 
 Errors in what the user gave (a missing file, a bad value, an unreadable image) end the command with one
-line on stderr that names the problem and exit status 2; ``--traceback`` (or ``FAMEVIL_FAST_TRACEBACK=1``)
-shows the full Python traceback instead.
+line on stderr that names the problem and exit status 2, those the parser finds (an unknown option, a value
+out of range) included; ``--traceback`` (or ``FAMEVIL_FAST_TRACEBACK=1``) shows the full Python traceback
+instead.
 
 Output into a pipe whose reader stopped reading (``famevil-fast caption CKPT DIR | head -5``) ends the command
 quietly with exit status 141, as a command killed by SIGPIPE would end in a shell.
@@ -20,6 +21,7 @@ import pkgutil
 import select
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from famevil_fast.cli import commands
 from famevil_fast.eval.caption_tokenize import CaptionMetricsUnavailable, JavaNotFoundError
@@ -28,6 +30,33 @@ from famevil_fast.eval.caption_tokenize import CaptionMetricsUnavailable, JavaNo
 def _command_modules() -> list:
     names = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
     return [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr, ``PROG: error: MESSAGE (see PROG --help)``,
+    with exit status 2, in place of the usage block that argparse prints before them."""
+
+    def error(self, message: str) -> NoReturn:
+        flat = " ".join(message.splitlines())
+        self.exit(2, f"{self.prog}: error: {flat} (see {self.prog} --help)\n")
+
+
+class CommandParser(OneLineErrorParser):
+    """The ``famevil-fast`` parser: arguments that no option takes are reported by the parser of the command
+    they were given to, as that command's error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
+
+    def parse_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self.commands.get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -40,8 +69,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if quiet else super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="famevil-fast",
         description="FAME-ViL for fashion: train, evaluate and use the multi-task vision-language model.",
     )
@@ -51,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on an error, show the full Python traceback instead of a one-line message "
         "(also FAMEVIL_FAST_TRACEBACK=1)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrorParser
+    )
     for module in _command_modules():
         cmd = sub.add_parser(
             module.NAME,
@@ -61,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
+        parser.commands[module.NAME] = cmd
     return parser
 
 

@@ -635,9 +635,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data)
 
 
+class _OneLineDumper(yaml.SafeDumper):
+    """A YAML dumper that writes a string holding a line break double-quoted, with escapes, on one line."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    if any(c in text for c in "\n\r\x85\u2028\u2029"):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"')
+    return dumper.represent_str(text)
+
+
+_OneLineDumper.add_representer(str, _represent_str)
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as one line of YAML that ``yaml.safe_load`` reads back to it: null for None, true and
+    false, floats in a form YAML 1.1 reads as floats (1.0e-08, not 1e-08), lists and mappings in flow style,
+    and strings quoted where YAML would read them as another type ('yes', 'null', '123')."""
+    text = yaml.dump(
+        value, Dumper=_OneLineDumper, default_flow_style=True, width=math.inf, allow_unicode=True
+    )
+    return text.removesuffix("\n").removesuffix("\n...")
+
+
 def describe_fields(config: TrainConfig | None = None) -> str:
     """Every section and field with its documentation, and its value in ``config`` (default: the field
-    defaults), for docs and ``train --print-config``."""
+    defaults), for docs and ``train --print-config``: a YAML recipe (values in YAML, the documentation in
+    comments) that ``load_config`` reads back to the same config."""
     lines = []
     for name, cls in _section_types().items():
         lines.append(f"{name}:")
@@ -647,5 +671,5 @@ def describe_fields(config: TrainConfig | None = None) -> str:
                 value = getattr(section, f.name)
             else:
                 value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name}: {value!r}  # {f.metadata.get('doc', '')}")
+            lines.append(f"  {f.name}: {yaml_value(value)}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
@@ -119,7 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", action="store_true", help="decode captions by CUDA graph replay (same captions)"
     )
     add_op_backend_argument(parser)
-    parser.add_argument("--out", type=output_file, default=None, help="also write the report as JSON here")
+    parser.add_argument(
+        "--out",
+        type=output_file,
+        default=None,
+        help="also write the report as JSON here (missing folders are made); checked before the evaluation "
+        "starts: a directory, or a place where no file can be created, is refused",
+    )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar while each set is encoded"
     )
@@ -200,9 +208,28 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
     return model, args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
 
 
+def check_output_file(path: str) -> None:
+    """ValueError naming --out when the report could not be written at ``path``: the nearest of its folders
+    that exists must be a directory in which a file can be created (the missing ones below it are made when
+    the report is written), so that a bad --out stops the command before the evaluation rather than after."""
+    existing = Path(path).absolute().parent
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"--out {path}: cannot create a file in {existing} ({reason})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from famevil_fast.cli.processes import command_processes
 
+    if args.out:
+        check_output_file(args.out)
     with command_processes(args.device) as (shard, device):  # under torchrun each encodes its share
         report = _evaluate(args, device)
     if shard.is_main:

@@ -119,12 +119,12 @@ def parameter_table(args: argparse.Namespace) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     o = model_options(args)
+    counts = parameter_table(args)  # before anything is printed: a bad --checkpoint or --clip is one line
     for key, value in build_report():
         print(f"{key:<22} {value}")
     print()
     source = args.checkpoint or f"{o['clip']}, r={o['bottleneck']}, xaa={o['xaa']}"
     print(f"parameters of FAME-ViL ({source}):")
-    counts = parameter_table(args)
     for name, count in counts.items():
         print(f"  {name:<12} {count:>13,}  ({count / 1e6:.2f}M)")
     return 0

@@ -10,11 +10,24 @@ from famevil_fast.cli.options import integer, non_negative_int, positive_int
 # make_synthetic's own minimums, repeated here so that the parser is built without importing the generator
 MIN_PRODUCTS = 2
 MIN_IMAGE_SIZE = 32
+MIN_FIQ_IMAGES = 24  # the fewest FashionIQ-style images that make up train and val families of variants
+# FashionGen's images are 256 px, so 4x that is plenty for a stand-in; drawing an image takes about
+# 5 * size**2 bytes in each drawing process (5 MB at 1024, 50 GB at 100,000)
+MAX_IMAGE_SIZE = 1024
 # at most this many of the files left in place are named
 NAMED_LEFT_FILES = 5
 
 NAME = "make-synthetic"
 HELP = "Generate the synthetic fashion dataset (FashionGen- and FashionIQ-format files with drawn images)."
+
+
+def fiq_image_count(text: str) -> int:
+    """argparse type of --fiq-images: an integer of at least MIN_FIQ_IMAGES (a smaller one is refused, not
+    raised to it)."""
+    value = integer(text)
+    if value < MIN_FIQ_IMAGES:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_FIQ_IMAGES}, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,16 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fiq-images",
-        type=positive_int,
+        type=fiq_image_count,
         default=None,
-        help="about this many FashionIQ-style images, drawn in families of variants (at least 24; "
-        "default: --products)",
+        help="about this many FashionIQ-style images, drawn in families of variants "
+        f"(at least {MIN_FIQ_IMAGES}; default: --products, raised to {MIN_FIQ_IMAGES} when fewer)",
     )
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="random seed; the output is identical for a seed"
     )
     parser.add_argument(
-        "--image-size", type=integer, default=256, help=f"image height in pixels (at least {MIN_IMAGE_SIZE})"
+        "--image-size",
+        type=integer,
+        default=256,
+        help=f"image height in pixels (at least {MIN_IMAGE_SIZE}; at most {MAX_IMAGE_SIZE}, 4x FashionGen's "
+        "256 px, as drawing an image takes about 5 x size^2 bytes of memory per drawing process)",
     )
     parser.add_argument("--val-fraction", type=float, default=0.15, help="share of products in the val split")
     parser.add_argument(
@@ -49,14 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_sizes(args: argparse.Namespace) -> None:
-    """ValueError (one line, naming the option and its minimum) for a size make_synthetic cannot draw; checked
-    here rather than by the parser, so that every too-small value gets the same one-line message."""
+    """ValueError (one line, naming the option and its bound) for a size make_synthetic cannot draw or should
+    not (an image size that would fill the memory); checked here rather than by the parser, so that every
+    value out of range gets the same one-line message, before anything is written."""
     for option, value, low in (
         ("--products", args.products, MIN_PRODUCTS),
         ("--image-size", args.image_size, MIN_IMAGE_SIZE),
     ):
         if value < low:
             raise ValueError(f"{option} must be at least {low}, got {value}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise ValueError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
 
 
 def left_files_note(root: Path, left: list[str]) -> str | None:
