@@ -22,22 +22,22 @@ QUICK_GELU_ALPHA = 1.702
 
 
 @triton.jit
-def _flat_block(n, BLOCK: tl.constexpr):
+def _flat_block(n_elements, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offsets, offsets < n
+    return offsets, offsets < n_elements
 
 
 @triton.jit
-def quick_gelu_fwd_kernel(x_ptr, y_ptr, n, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
-    offsets, mask = _flat_block(n, BLOCK)
+def quick_gelu_fwd_kernel(x_ptr, y_ptr, n_elements, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
+    offsets, mask = _flat_block(n_elements, BLOCK)
     x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
     y = x / (1.0 + tl.exp(-ALPHA * x))
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def quick_gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
-    offsets, mask = _flat_block(n, BLOCK)
+def quick_gelu_bwd_kernel(dy_ptr, x_ptr, dx_ptr, n_elements, ALPHA: tl.constexpr, BLOCK: tl.constexpr):
+    offsets, mask = _flat_block(n_elements, BLOCK)
     x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
     dy = tl.load(dy_ptr + offsets, mask=mask).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-ALPHA * x))

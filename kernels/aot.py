@@ -62,7 +62,8 @@ ALIGNED_INTS = {
     "r",
     "n_out",
     "k_lin",
-}  # widths of 768 / 64 / 512 / 2048: multiples of 16, as at run time
+    "n_elements",
+}  # widths of 768 / 64 / 512 / 2048, element counts of MLP activations: multiples of 16, as at run time
 DTYPE_NAMES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 
 

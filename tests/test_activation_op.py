@@ -10,7 +10,6 @@ import torch
 from helpers import AtenLog, RecordLaunch
 
 from famevil_fast.capture import static_shapes
-from famevil_fast.ops import activation as ops_activation
 from famevil_fast.ops import quick_gelu
 from famevil_fast.ops.activation import quick_gelu_backend, quick_gelu_reference
 
@@ -40,13 +39,14 @@ def triton_result(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, to
     return y.detach(), dx
 
 
-def within_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float) -> None:
+def within_ulps(got: torch.Tensor, want: torch.Tensor, ulps: float, atol: float = 0.0) -> None:
     """``got`` within ``ulps`` units in the last place of its dtype of the float64 ``want`` (subnormal
-    spacing near zero)."""
+    spacing near zero), or within ``atol`` of it: the float32 arithmetic's own error where the result
+    cancels to near zero (the gradient crosses zero at x = -0.75)."""
     info = torch.finfo(got.dtype)
-    bound = ulps * info.eps * (want.abs() + info.smallest_normal)
+    bound = ulps * info.eps * (want.abs() + info.smallest_normal) + atol
     worst = ((got.double() - want).abs() / bound).max().item()
-    assert worst <= 1.0, f"{got.dtype}: off by {worst * ulps:.2f} ulp"
+    assert worst <= 1.0, f"{got.dtype}: off by {worst:.2f} of the bound"
 
 
 def awkward_shapes() -> list[tuple[int, ...]]:
@@ -78,7 +78,7 @@ def test_half_precision_is_rounded_once(dtype: torch.dtype) -> None:
     want_y, want_dx = float64_result(x, grad)
     assert y.dtype == dx.dtype == dtype
     within_ulps(y, want_y, 1)
-    within_ulps(dx, want_dx, 1)
+    within_ulps(dx, want_dx, 1, atol=1e-6)
 
 
 def test_empty_input() -> None:
@@ -94,6 +94,21 @@ def test_empty_input() -> None:
 def test_non_finite_values_match_the_reference() -> None:
     x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 200.0, -200.0])
     torch.testing.assert_close(quick_gelu(x, backend="triton"), quick_gelu_reference(x), equal_nan=True)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_non_finite_gradients_match_the_reference() -> None:
+    """Non-finite inputs or incoming gradients give the reference's gradients, except an infinite incoming
+    gradient at a large finite x, where the kernel gives the exact infinite product and the reference NaN
+    (its second term multiplies the infinity by sigmoid's derivative, which rounds to zero there)."""
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, 200.0, -200.0, 3.0, 60.0])
+    x.requires_grad_()
+    grad = torch.tensor([1.0, 1.0, 1.0, float("nan"), 3.0, 2.0, float("inf"), float("inf")])
+    (got,) = torch.autograd.grad(quick_gelu(x, backend="triton"), x, grad)
+    (want,) = torch.autograd.grad(quick_gelu_reference(x), x, grad)
+    torch.testing.assert_close(got[:-1], want[:-1], equal_nan=True)
+    assert got[-1] == float("inf") and want[-1].isnan()  # at x = 3 both are infinite
 
 
 def test_non_contiguous_input() -> None:
@@ -191,20 +206,18 @@ def test_a_dispatch_mode_sees_the_operator() -> None:
     assert log.ops.count("quick_gelu") == 1 and log.ops.count("quick_gelu_backward") == 1, log.ops
 
 
-def test_automatic_choice_on_a_gpu_follows_its_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU (simulated: the rule is consulted where Triton runs and the device is CUDA): training
-    activations from the in-graph size under static shapes and from the eager size otherwise; inference
-    and tensors needing no gradient keep the reference."""
-    monkeypatch.setattr(ops_activation, "TRITON_QUICK_GELU_MIN_ELEMENTS_IN_GRAPH", 8)
-    monkeypatch.setattr(ops_activation, "TRITON_QUICK_GELU_MIN_ELEMENTS", 64)
-    pays = ops_activation.triton_quick_gelu_pays
-    small, large = torch.randn(16, requires_grad=True), torch.randn(64, requires_grad=True)
-    assert not pays(small) and pays(large)
+def test_automatic_choice_on_a_gpu_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU (simulated: Triton runs and the tensor is taken for a CUDA one) the automatic choice keeps
+    the reference, also for training activations in a graphed step, until a card has timed the kernels."""
+    from famevil_fast.ops import _backend
+
+    monkeypatch.delenv("FAMEVIL_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "triton_runs_on", lambda device: True)
+    x = torch.randn(1 << 10, requires_grad=True)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
     with static_shapes():
-        assert pays(small) and not pays(torch.randn(4, requires_grad=True))
-        assert not pays(torch.randn(64))  # no gradient wanted
-        with torch.no_grad():
-            assert not pays(large)
+        assert quick_gelu_backend(x) == "torch"
+        assert quick_gelu_backend(x, "triton") == "triton"
 
 
 def test_backend_selection_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,6 +251,10 @@ def test_model_mlps_take_the_runtime_backend() -> None:
         assert {m.backend for m in activations} == {backend}
         losses[backend] = model(batch, "itc").loss
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5, atol=1e-5)
+    model.set_runtime(
+        backend="cuda"
+    )  # the contrastive losses' kernels: the activations choose for themselves
+    assert {m.backend for m in activations} == {None}
 
 
 # ---------------------------------------------------------------- GPU: compiled kernels
@@ -252,5 +269,9 @@ def test_gpu_matches_float64_reference(dtype: torch.dtype, shape: tuple[int, ...
     grad = torch.randn(shape, device="cuda", generator=g).to(dtype)
     y, dx = triton_result(x, grad)
     want_y, want_dx = float64_result(x, grad)
-    within_ulps(y, want_y, 1 if dtype != torch.float32 else 4)
-    within_ulps(dx, want_dx, 1 if dtype != torch.float32 else 16)
+    if dtype == torch.float32:  # exp(-1.702 x) of a rounded product: about |1.702 x| ulp of y
+        torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-6)
+    else:
+        within_ulps(y, want_y, 1)
+        within_ulps(dx, want_dx, 1, atol=1e-6)

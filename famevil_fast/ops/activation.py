@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from famevil_fast.capture import static_shapes_enabled
 from famevil_fast.ops._backend import check_backend, select_backend
 
 BACKENDS = ("triton", "torch")
 QUICK_GELU_ALPHA = 1.702
-# The automatic rule on a GPU: elements of x from which the kernels take over, in a training step captured
-# as a CUDA graph (no host time per launch) and in eager training (where the reference's three launches
-# cost less host time than the Triton launch, so the kernels must also save device time beyond it)
-TRITON_QUICK_GELU_MIN_ELEMENTS_IN_GRAPH = 1 << 20
-TRITON_QUICK_GELU_MIN_ELEMENTS = 1 << 24
 
 
 def quick_gelu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -27,38 +21,20 @@ def quick_gelu_reference(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
 
 
-def triton_quick_gelu_pays(x: torch.Tensor) -> bool:
-    """The automatic rule on a GPU: the kernels for training activations (grad mode on, x requiring a
-    gradient) from ``TRITON_QUICK_GELU_MIN_ELEMENTS_IN_GRAPH`` elements in a step captured as a CUDA graph
-    (its warm-up and capture run under ``static_shapes``) and from ``TRITON_QUICK_GELU_MIN_ELEMENTS``
-    eagerly. Inference (evaluation, caption decoding) keeps the reference, so that graphed decoding gives
-    eager decoding's tokens."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return False
-    if static_shapes_enabled():
-        return x.numel() >= TRITON_QUICK_GELU_MIN_ELEMENTS_IN_GRAPH
-    return x.numel() >= TRITON_QUICK_GELU_MIN_ELEMENTS
-
-
 def quick_gelu_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    """The backend ``quick_gelu`` runs for x: "triton" or "torch". Inside ``torch.compile`` the automatic
-    choice on a GPU is the reference, which Inductor fuses with its neighbours."""
-    return select_backend(
-        "quick_gelu",
-        backend,
-        BACKENDS,
-        x,
-        lambda: not torch.compiler.is_compiling() and triton_quick_gelu_pays(x),
-    )
+    """The backend ``quick_gelu`` runs for x: "triton" or "torch". The automatic choice on a GPU is the
+    reference: the kernels take over automatically only where a card has timed them faster
+    (``bench/bench_activation.py``, and ``fast_quick_gelu`` in ``bench/bench_train_step.py``), which none
+    has yet."""
+    return select_backend("quick_gelu", backend, BACKENDS, x, triton_pays=False)
 
 
 def quick_gelu(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """``x * sigmoid(1.702 x)`` for a floating-point x of any shape (CLIP's QuickGELU).
 
-    ``backend``: "triton", "torch" or None (automatic: on CUDA, the kernels for training activations of
-    ``triton_quick_gelu_pays``'s sizes; on the CPU, the kernels under TRITON_INTERPRET=1;
-    ``FAMEVIL_FAST_BACKEND`` overrides the automatic choice). The Triton output is contiguous; a
-    non-contiguous x is copied first."""
+    ``backend``: "triton", "torch" or None (automatic: on CUDA the reference, ``quick_gelu_backend``; on
+    the CPU, the kernels under TRITON_INTERPRET=1; ``FAMEVIL_FAST_BACKEND`` overrides the automatic
+    choice). The Triton output is contiguous; a non-contiguous x is copied first."""
     check_backend("quick_gelu", backend, BACKENDS)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quick_gelu: x must be a tensor, got {type(x).__name__}")
