@@ -15,8 +15,8 @@ exponentials, sums), which CPU autocast leaves in bf16. The forward and backward
 records them (``simulated_capture``: static shapes, no value read back), the optimizer step beside them.
 
 A configuration name with ``+quick_gelu`` (e.g. ``plain+quick_gelu``) counts its step with every QuickGELU
-on the Triton kernel (``famevil_fast.ops.quick_gelu``), whatever the configuration's backend: under a
-dispatch mode the op is its registered operator, so that it is counted as one call each way.
+as the registered operator of its Triton kernels (``famevil_fast.ops.quick_gelu``), one call each way, as
+``fast_quick_gelu`` does. Configurations that put every op on Triton (``fast_triton``) are not counted.
 
     python bench/step_floor.py --batch 64 --workload all4 --configs faithful,plain,plain+quick_gelu,fast
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,14 +59,18 @@ _ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _FLASH,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _FLASH_BACKWARD,
 }
-# the ops CUDA autocast runs in float32 (torch.amp's documented list)
+# the ops CUDA autocast runs in float32 (torch.amp's documented list and autocast_mode.cpp's). For some
+# (softmax, log_softmax, sum, cumsum, prod, norm) CUDA passes dtype=float32 to the op instead of casting
+# its input: here the cast is a call of its own, which no configuration counted so far reaches with
+# 16-bit inputs (the eager attention's softmax would, in bf16)
 CUDA_FLOAT32_OPS = frozenset(
     "__pow__ __rdiv__ __rpow__ __rtruediv__ acos asin binary_cross_entropy_with_logits cosh "
     "cosine_embedding_loss cdist cosine_similarity cross_entropy cumprod cumsum dist erfinv exp expm1 "
     "group_norm hinge_embedding_loss kl_div l1_loss layer_norm log log_softmax log10 log1p log2 "
     "margin_ranking_loss mse_loss multilabel_margin_loss multi_margin_loss nll_loss norm normalize pdist "
     "poisson_nll_loss pow prod reciprocal rsqrt sinh smooth_l1_loss soft_margin_loss softmax softmin "
-    "softplus sum renorm tan triplet_margin_loss".split()
+    "softplus sum renorm tan triplet_margin_loss logsumexp linalg_vector_norm linalg_matrix_norm "
+    "frobenius_norm nuclear_norm huber_loss nll_loss2d".split()
 )
 
 
@@ -170,12 +173,14 @@ def _no_work(func) -> bool:
 
 
 def _mutated(func, args, kwargs) -> dict[int, torch.Tensor]:
-    """The tensors (or lists of them) an in-place or out= call writes, from its schema."""
+    """The tensors (or lists of them) an in-place or out= call writes, from its schema. The fused Adam
+    kernels write the gradients back only when they unscale them (a ``grad_scale`` is given)."""
     values = dict(zip((a.name for a in func._schema.arguments), args)) | kwargs
+    unscaled = func.overloadpacket.__name__.startswith("_fused_adam") and values.get("grad_scale") is None
     written = [
         values.get(a.name)
         for a in func._schema.arguments
-        if a.alias_info is not None and a.alias_info.is_write
+        if a.alias_info is not None and a.alias_info.is_write and not (unscaled and a.name == "grads")
     ]
     return _tensors(written)
 
@@ -197,16 +202,16 @@ def count_step(
     name: str, preset: str, batch: int, workload: str, tflops: float = MATRIX_TFLOPS, tbps: float = COPY_TBPS
 ) -> OpCounter:
     """The calls of one training step of configuration ``name`` (``bench_train_step.CONFIGS``): per task, or
-    in shared mixed-task passes where the configuration has them, then the optimizer step."""
+    in shared mixed-task passes where the configuration has them, then the optimizer step. A first step
+    runs uncounted, so that the optimizer's state exists, as in a replayed step."""
     base, _, extra = name.partition("+")
     opts = CONFIGS[base]
     counter = OpCounter(tflops=tflops, tbps=tbps)
     with FakeTensorMode():
         model = FameViL(FameViLConfig(clip=clip_preset(preset)))
         model.set_runtime(attention=opts["attention"], backend=opts["backend"])
-        quick_gelu_on_triton = extra == "quick_gelu"
-        if quick_gelu_on_triton:
-            _quick_gelu_on_triton(model)
+        if extra == "quick_gelu" or opts["quick_gelu"] == "triton":
+            _quick_gelu_operator(model)
         if opts["frozen"]:
             freeze_backbone(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -215,54 +220,46 @@ def count_step(
         tasks = TASKS if workload == "all4" else (workload,)
         batches = {t: fake_batch(t, batch, size) for t in tasks}
         micro_steps = [batches] if opts["mixed"] else [{t: b} for t, b in batches.items()]
-        with counter, _backend_nameable(quick_gelu_on_triton):
-            for micro in micro_steps:
-                with simulated_capture():
-                    with cuda_autocast() if opts["precision"] == "bf16" else contextlib.nullcontext():
-                        if len(micro) > 1:
-                            outs = model.forward_mixed(micro)
-                        else:
-                            outs = {t: model(b, t) for t, b in micro.items()}
-                        total = sum(o.loss for o in outs.values()) / len(batches)
-                    total.backward()
-            optimizer.step()
+        bf16 = opts["precision"] == "bf16"
+        for counted in (contextlib.nullcontext(), counter):
+            optimizer.zero_grad(set_to_none=True)
+            with counted:
+                for micro in micro_steps:
+                    with simulated_capture():
+                        with cuda_autocast() if bf16 else contextlib.nullcontext():
+                            outs = (
+                                model.forward_mixed(micro)
+                                if len(micro) > 1
+                                else {t: model(b, t) for t, b in micro.items()}
+                            )
+                            total = sum(o.loss for o in outs.values()) / len(batches)
+                        total.backward()
+                optimizer.step()
     return counter
 
 
-def _quick_gelu_on_triton(model: FameViL) -> None:
-    """Every QuickGELU of ``model`` on its Triton kernel (nothing launches: fake tensors take the op)."""
+def _quick_gelu_operator(model: FameViL) -> None:
+    """Every QuickGELU of ``model`` as the registered operator of its Triton kernels, which fake tensors
+    run through its fake implementation (nothing launches, Triton need not run here)."""
+    from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
+
     from famevil_fast.model.clip import QuickGELU
 
     for module in model.modules():
         if isinstance(module, QuickGELU):
-            module.backend = "triton"
+            module.forward = torch.ops.famevil_fast.quick_gelu
 
 
-@contextlib.contextmanager
-def _backend_nameable(triton: bool) -> Iterator[None]:
-    """With ``triton``, Triton counts as runnable on the CPU (the interpreter switch) while the step is
-    counted, so that an op may be given the "triton" backend; the automatic choices of the configurations
-    are then Triton too, so only configurations that name every backend should ask for it."""
-    if not triton:
-        yield
-        return
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-def known_config(name: str) -> bool:
-    """A configuration of ``bench_train_step``, alone or with ``+quick_gelu`` when it names its backend."""
+def known_config(name: str) -> str | None:
+    """Why ``name`` cannot be counted (None when it can): a configuration of ``bench_train_step``, alone or
+    with ``+quick_gelu``, that does not put every op on Triton (the fused adapters' eager path launches
+    kernels, which fake tensors cannot run)."""
     base, plus, extra = name.partition("+")
-    if base not in CONFIGS:
-        return False
-    return not plus or (extra == "quick_gelu" and CONFIGS[base]["backend"] is not None)
+    if base not in CONFIGS or (plus and extra != "quick_gelu"):
+        return f"unknown configuration {name!r}"
+    if CONFIGS[base]["backend"] == "triton":
+        return f"{base} puts every op on Triton, which is not counted here"
+    return None
 
 
 def table(rows: dict[str, OpCounter]) -> str:
@@ -301,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12, help="ops listed per configuration by floor")
     args = parser.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    if unknown := [c for c in names if not known_config(c)]:
-        known = f"{list(CONFIGS)}, those with a named backend optionally +quick_gelu"
-        parser.error(f"--configs: unknown configuration(s) {unknown}; known: {known}")
+    if refused := [reason for c in names if (reason := known_config(c))]:
+        known = f"{list(CONFIGS)}, each optionally +quick_gelu"
+        parser.error(f"--configs: {'; '.join(refused)} (known: {known})")
     rows = {n: count_step(n, args.preset, args.batch, args.workload, args.tflops, args.tbps) for n in names}
     print(f"{args.preset}, batch {args.batch}, {args.workload}: {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s")
     print(table(rows))

@@ -58,14 +58,42 @@ def test_fused_quick_gelu_lowers_the_floor_of_a_step() -> None:
     assert plain.by_kind["optimizer"].calls >= 1  # the fused AdamW step is counted beside the passes
 
 
-def test_table_and_unknown_configurations(capsys: pytest.CaptureFixture[str]) -> None:
-    assert step_floor.known_config("plain+quick_gelu") and not step_floor.known_config("fast+quick_gelu")
-    assert not step_floor.known_config("plain+other") and not step_floor.known_config("nonsense")
+def test_steady_state_step_is_counted() -> None:
+    """The counted step is a steady-state one: the optimizer's lazily created state is not counted."""
+    counter = step_floor.count_step("plain", "micro", 2, "scr")
+    assert counter.by_op["_fused_adamw_"].calls == 1
+    assert "zeros_like" not in counter.by_op and "zeros" not in counter.by_op, sorted(counter.by_op)
+
+
+def test_fused_adamw_reads_four_tensors_and_writes_three() -> None:
+    """Parameters, gradients and both moments read; all but the gradients written (no grad scale); each
+    parameter's step count read (the optimizer increments it in a call of its own)."""
+    params = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    optimizer.step()
+    counter = step_floor.OpCounter()
+    with counter:
+        optimizer.step()
+    adam = counter.by_op["_fused_adamw_"]
+    assert adam.calls == 1 and adam.bytes == 4 * (4 + 3) * (35 + 3) + 4 * len(params)
+    assert counter.by_op["_foreach_add_"].calls == 1
+
+
+def test_table_and_configurations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        step_floor.known_config("plain+quick_gelu") is None
+        and step_floor.known_config("fast+quick_gelu") is None
+    )
+    assert "not counted" in step_floor.known_config("fast_triton")
+    assert step_floor.known_config("plain+other") == "unknown configuration 'plain+other'"
     with pytest.raises(SystemExit) as stop:
         step_floor.main(["--configs", "plain,nonsense"])
     assert stop.value.code == 2
-    assert "unknown configuration(s) ['nonsense']" in capsys.readouterr().err
-    argv = ["--preset", "micro", "--batch", "2", "--workload", "scr", "--configs", "plain"]
+    assert "unknown configuration 'nonsense'" in capsys.readouterr().err
+    argv = ["--preset", "micro", "--batch", "2", "--workload", "scr", "--configs", "plain,fast_quick_gelu"]
     assert step_floor.main(argv) == 0
     out = capsys.readouterr().out
-    assert "plain      total" in out and "the 12 ops with the largest floor" in out
+    assert "plain      total" in out and "fast_quick_gelu      total" in out
+    assert "the 12 ops with the largest floor" in out
