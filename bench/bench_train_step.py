@@ -10,7 +10,8 @@ per task and for the round-robin four-task step.
    (docs/ops.md), the four-task step in shared mixed-task passes, forward and backward replayed as a CUDA
    graph per task layout (``famevil_fast.train.cuda_graph``); ``fast_frozen``: backbone frozen, so the
    weight-gradient GEMMs of frozen layers are skipped; ``fast_triton``: every op on its Triton kernel
-   (under a graph only device time counts, which is where the fused kernels may pay at this size).
+   (under a graph only device time counts, which is where the fused kernels may pay at this size);
+   ``fast_quick_gelu``: ``fast`` with the MLPs' QuickGELU on its Triton kernels.
 
 ``plain_frozen_graphed`` is ``plain_frozen`` replayed as a CUDA graph. The ``*_compiled`` configurations add
 ``torch.compile`` (Inductor, default mode) of the step's forward to a graphed configuration, so that the
@@ -46,6 +47,7 @@ import pytest
 import torch
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+from famevil_fast.model.clip import QuickGELU
 from famevil_fast.ops._backend import triton_runs_on
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.optim import freeze_backbone
@@ -90,6 +92,7 @@ _PLAIN = dict(
     frozen=False,
     graphs=False,
     compile=False,
+    quick_gelu=None,
 )
 _FAST = dict(_PLAIN, attention="auto", backend=None, mixed=True, graphs=True)
 CONFIGS = {
@@ -105,6 +108,7 @@ CONFIGS = {
     "fast_frozen": dict(_FAST, frozen=True),
     "fast_frozen_compiled": dict(_FAST, frozen=True, compile=True),
     "fast_triton": dict(_FAST, backend="triton"),
+    "fast_quick_gelu": dict(_FAST, quick_gelu="triton"),
 }
 COMPILE = os.environ.get("TRAIN_STEP_COMPILE") == "1"
 SELECTED = [c.strip() for c in os.environ.get("TRAIN_STEP_CONFIGS", "").split(",") if c.strip()]
@@ -118,7 +122,7 @@ def skip_reason(name: str) -> str | None:
         return "not in TRAIN_STEP_CONFIGS"
     if CONFIGS[name]["compile"] and not COMPILE:
         return "torch.compile configurations run with TRAIN_STEP_COMPILE=1"
-    if CONFIGS[name]["backend"] == "triton" and not triton_runs_on(DEVICE):
+    if "triton" in (CONFIGS[name]["backend"], CONFIGS[name]["quick_gelu"]) and not triton_runs_on(DEVICE):
         return f"Triton kernels do not run on {DEVICE} here"
     return None
 
@@ -150,6 +154,10 @@ class Setup:
         opts = CONFIGS[name]
         self.opts = opts
         self.model = copy.deepcopy(base).set_runtime(attention=opts["attention"], backend=opts["backend"])
+        if opts["quick_gelu"] is not None:
+            for module in self.model.modules():
+                if isinstance(module, QuickGELU):
+                    module.backend = opts["quick_gelu"]
         if opts["frozen"]:
             freeze_backbone(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -142,7 +142,7 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
       -k "report and not training_dtypes" ;;
     adapter_dtypes) part "bench: fused adapter with a training step's dtypes" 90 bench_adapter_dtypes.txt \
       "${BENCH[@]}" bench/bench_adapter.py -k training_dtypes ;;
-    activation) part "bench: QuickGELU" 45 bench_activation.txt "${BENCH[@]}" bench/bench_activation.py \
+    activation) part "bench: QuickGELU" 90 bench_activation.txt "${BENCH[@]}" bench/bench_activation.py \
       -k "report or matches" ;;
     xattn) part "bench: cross-attention adapter" 60 bench_xattn.txt "${BENCH[@]}" bench/bench_cross_attention.py -k report ;;
     train_step) part "bench: training step" 240 bench_train_step.txt "${BENCH[@]}" bench/bench_train_step.py ;;
