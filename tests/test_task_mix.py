@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import AtenLog
 
@@ -28,3 +29,30 @@ def test_per_segment_runs_each_segment_and_splits_its_inputs_once() -> None:
     torch.testing.assert_close(gx, scale * grad)
     torch.testing.assert_close(gb, branch.cos() * grad)
     assert "slice_backward" not in log.ops and log.ops.count("add") == 0, log.ops
+
+
+def test_segments_that_do_not_cover_the_batch_are_refused() -> None:
+    mix = task_mix([0, 1], [2, 3], "cpu")
+    with pytest.raises(RuntimeError, match="split"):
+        per_segment(mix, [torch.randn(6, 4)], lambda position, parts: parts[0])
+
+
+def test_cross_modal_adapters_of_a_mixed_batch_match_each_task_alone() -> None:
+    from famevil_fast.model.xmodal import CrossModalTaskAdapters, SharedUp
+
+    torch.manual_seed(0)
+    adapters = CrossModalTaskAdapters(16, 4, 2, ("itc", "tgir", "scr"))
+    shared = [SharedUp(4, 2) for _ in adapters.tasks]
+    for adapter, up in zip(adapters.adapters.values(), shared):
+        adapter.bind(up)
+    for p in [*adapters.parameters(), *(q for up in shared for q in up.parameters())]:
+        torch.nn.init.normal_(p, std=0.3)
+    y = torch.randn(5, 3, 16, requires_grad=True)
+    mix = task_mix([2, 0], [2, 3], "cpu")
+    out = adapters(y, mix)
+    alone = torch.cat([adapters(y[:2], "scr"), adapters(y[2:], "itc")])
+    torch.testing.assert_close(out, alone)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, y, grad)
+    (want,) = torch.autograd.grad(alone, y, grad)
+    torch.testing.assert_close(got, want)

@@ -26,13 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from famevil_fast.model.task_mix import TaskMix, as_task_mix, per_segment
+from famevil_fast.ops.activation import quick_gelu_reference
 
 SITES = ("attn", "mlp")
 INIT_STD = 0.01
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
 
 
 def _init_linear(layer: nn.Linear) -> None:
@@ -92,7 +89,7 @@ class CrossModalAdapter(nn.Module):
         if y.shape[-1] != self.width:
             raise ValueError(f"Cross-Modal Adapter of width {self.width} got inputs of width {y.shape[-1]}")
         weight, bias = self.up_params()
-        return y + F.linear(quick_gelu(self.down(y)), weight, bias)
+        return y + F.linear(quick_gelu_reference(self.down(y)), weight, bias)
 
 
 class CrossModalTaskAdapters(nn.Module):
