@@ -14,9 +14,12 @@ bf16 autocast follows CUDA's rules: CPU autocast casts the products to bf16 as C
 exponentials, sums), which CPU autocast leaves in bf16. The forward and backward are counted as a CUDA graph
 records them (``simulated_capture``: static shapes, no value read back), the optimizer step beside them.
 
-A configuration name with ``+quick_gelu`` (e.g. ``plain+quick_gelu``) counts its step with every QuickGELU
-as the registered operator of its Triton kernels (``famevil_fast.ops.quick_gelu``), one call each way, as
-``fast_quick_gelu`` does. Configurations that put every op on Triton (``fast_triton``) are not counted.
+A configuration name may carry extras after ``+``: ``+quick_gelu`` (e.g. ``plain+quick_gelu``) counts its
+step with every QuickGELU as the registered operator of its Triton kernels (``famevil_fast.ops.quick_gelu``),
+one call each way, as ``fast_quick_gelu`` does; ``+bf16_model`` counts the model built in bfloat16 and run
+without autocast, so that the residual stream, the LayerNorms and the parameters are bf16: a bound on what
+a bf16 residual stream would save (without float32 master weights, whose casts it leaves out).
+Configurations that put every op on Triton (``fast_triton``) are not counted.
 
     python bench/step_floor.py --batch 64 --workload all4 --configs faithful,plain,plain+quick_gelu,fast
 """
@@ -185,11 +188,13 @@ def _mutated(func, args, kwargs) -> dict[int, torch.Tensor]:
     return _tensors(written)
 
 
-def fake_batch(task: str, batch: int, image_size: int, context: int = 77) -> dict[str, torch.Tensor]:
+def fake_batch(
+    task: str, batch: int, image_size: int, context: int = 77, pixel_dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Inputs of ``task``'s training batch (values do not matter to the count, only shapes and dtypes)."""
     ids = torch.zeros(batch, context, dtype=torch.long)
     ids[:, 0], ids[:, context // 2] = SOT_ID, EOT_ID
-    pixels = torch.zeros(batch, 3, image_size, image_size)
+    pixels = torch.zeros(batch, 3, image_size, image_size, dtype=pixel_dtype)
     if task == "tgir":
         return {"ref_pixels": pixels, "target_pixels": torch.zeros_like(pixels), "input_ids": ids}
     out = {"pixels": pixels, "input_ids": ids}
@@ -204,13 +209,15 @@ def count_step(
     """The calls of one training step of configuration ``name`` (``bench_train_step.CONFIGS``): per task, or
     in shared mixed-task passes where the configuration has them, then the optimizer step. A first step
     runs uncounted, so that the optimizer's state exists, as in a replayed step."""
-    base, _, extra = name.partition("+")
+    base, *extras = name.split("+")
     opts = CONFIGS[base]
+    bf16_model = "bf16_model" in extras
     counter = OpCounter(tflops=tflops, tbps=tbps)
     with FakeTensorMode():
-        model = FameViL(FameViLConfig(clip=clip_preset(preset)))
+        with _default_dtype(torch.bfloat16 if bf16_model else torch.get_default_dtype()):
+            model = FameViL(FameViLConfig(clip=clip_preset(preset)))
         model.set_runtime(attention=opts["attention"], backend=opts["backend"])
-        if extra == "quick_gelu" or opts["quick_gelu"] == "triton":
+        if "quick_gelu" in extras or opts["quick_gelu"] == "triton":
             _quick_gelu_operator(model)
         if opts["frozen"]:
             freeze_backbone(model)
@@ -218,9 +225,10 @@ def count_step(
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
         size = model.config.clip.vision.image_size
         tasks = TASKS if workload == "all4" else (workload,)
-        batches = {t: fake_batch(t, batch, size) for t in tasks}
+        pixel_dtype = torch.bfloat16 if bf16_model else torch.float32
+        batches = {t: fake_batch(t, batch, size, pixel_dtype=pixel_dtype) for t in tasks}
         micro_steps = [batches] if opts["mixed"] else [{t: b} for t, b in batches.items()]
-        bf16 = opts["precision"] == "bf16"
+        bf16 = opts["precision"] == "bf16" and not bf16_model
         for counted in (contextlib.nullcontext(), counter):
             optimizer.zero_grad(set_to_none=True)
             with counted:
@@ -250,12 +258,25 @@ def _quick_gelu_operator(model: FameViL) -> None:
             module.forward = torch.ops.famevil_fast.quick_gelu
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+EXTRAS = ("quick_gelu", "bf16_model")
+
+
 def known_config(name: str) -> str | None:
     """Why ``name`` cannot be counted (None when it can): a configuration of ``bench_train_step``, alone or
-    with ``+quick_gelu``, that does not put every op on Triton (the fused adapters' eager path launches
-    kernels, which fake tensors cannot run)."""
-    base, plus, extra = name.partition("+")
-    if base not in CONFIGS or (plus and extra != "quick_gelu"):
+    with extras of ``EXTRAS`` after ``+``, that does not put every op on Triton (the fused adapters' eager
+    path launches kernels, which fake tensors cannot run)."""
+    base, *extras = name.split("+")
+    if base not in CONFIGS or any(extra not in EXTRAS for extra in extras):
         return f"unknown configuration {name!r}"
     if CONFIGS[base]["backend"] == "triton":
         return f"{base} puts every op on Triton, which is not counted here"
@@ -291,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default="faithful,plain,plain+quick_gelu,plain_frozen,fast",
-        help="comma-separated bench_train_step names, each optionally with +quick_gelu",
+        help="comma-separated bench_train_step names, each optionally with +quick_gelu and/or +bf16_model",
     )
     parser.add_argument("--tflops", type=float, default=MATRIX_TFLOPS, help="matrix peak, TFLOP/s")
     parser.add_argument("--tbps", type=float, default=COPY_TBPS, help="copy bandwidth, TB/s")
@@ -299,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     if refused := [reason for c in names if (reason := known_config(c))]:
-        known = f"{list(CONFIGS)}, each optionally +quick_gelu"
+        known = f"{list(CONFIGS)}, each optionally with +{' or +'.join(EXTRAS)}"
         parser.error(f"--configs: {'; '.join(refused)} (known: {known})")
     rows = {n: count_step(n, args.preset, args.batch, args.workload, args.tflops, args.tbps) for n in names}
     print(f"{args.preset}, batch {args.batch}, {args.workload}: {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s")

@@ -97,3 +97,15 @@ def test_table_and_configurations(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "plain      total" in out and "fast_quick_gelu      total" in out
     assert "the 12 ops with the largest floor" in out
+
+
+def test_a_bf16_model_drops_the_autocast_casts() -> None:
+    """``+bf16_model``: the same products on a bf16 model without autocast; the casts between a float32
+    stream and bf16 products are gone, and extras combine."""
+    plain = step_floor.count_step("plain", "micro", 2, "itc")
+    bf16 = step_floor.count_step("plain+quick_gelu+bf16_model", "micro", 2, "itc")
+    assert plain.by_kind["matmul"].flops == bf16.by_kind["matmul"].flops
+    assert bf16.by_kind["cast"].calls < plain.by_kind["cast"].calls / 10
+    assert bf16.total().bytes < plain.total().bytes and "quick_gelu" in bf16.by_op
+    assert step_floor.known_config("plain+bf16_model+quick_gelu") is None
+    assert torch.get_default_dtype() == torch.float32
