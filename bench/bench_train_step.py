@@ -13,6 +13,12 @@ per task and for the round-robin four-task step.
    (under a graph only device time counts, which is where the fused kernels may pay at this size);
    ``fast_quick_gelu``: ``fast`` with the MLPs' QuickGELU on its Triton kernels.
 
+Two probes of a bf16 residual stream (bench/step_floor.py counts its bytes): ``bf16_model_graphed``, the
+graphed plain step of the model converted to bf16 (parameters, residual stream and LayerNorms in bf16, no
+autocast, AdamW on the bf16 parameters: not a training recipe, a measure of the stream's cost), and
+``bf16_model_quick_gelu``, the same with QuickGELU on its kernels. Their names start with neither ``plain``
+nor ``fast``: they are no baseline.
+
 ``plain_frozen_graphed`` is ``plain_frozen`` replayed as a CUDA graph. The ``*_compiled`` configurations add
 ``torch.compile`` (Inductor, default mode) of the step's forward to a graphed configuration, so that the
 compiled step is also replayed as one CUDA graph (what ``mode="reduce-overhead"`` does):
@@ -93,6 +99,7 @@ _PLAIN = dict(
     graphs=False,
     compile=False,
     quick_gelu=None,
+    bf16_model=False,
 )
 _FAST = dict(_PLAIN, attention="auto", backend=None, mixed=True, graphs=True)
 CONFIGS = {
@@ -109,6 +116,8 @@ CONFIGS = {
     "fast_frozen_compiled": dict(_FAST, frozen=True, compile=True),
     "fast_triton": dict(_FAST, backend="triton"),
     "fast_quick_gelu": dict(_FAST, quick_gelu="triton"),
+    "bf16_model_graphed": dict(_PLAIN, graphs=True, bf16_model=True),
+    "bf16_model_quick_gelu": dict(_FAST, mixed=False, quick_gelu="triton", bf16_model=True),
 }
 COMPILE = os.environ.get("TRAIN_STEP_COMPILE") == "1"
 SELECTED = [c.strip() for c in os.environ.get("TRAIN_STEP_CONFIGS", "").split(",") if c.strip()]
@@ -154,6 +163,9 @@ class Setup:
         opts = CONFIGS[name]
         self.opts = opts
         self.model = copy.deepcopy(base).set_runtime(attention=opts["attention"], backend=opts["backend"])
+        if opts["bf16_model"]:
+            self.model.to(torch.bfloat16)
+        self._inputs: dict[int, dict] = {}
         if opts["quick_gelu"] is not None:
             for module in self.model.modules():
                 if isinstance(module, QuickGELU):
@@ -163,7 +175,7 @@ class Setup:
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if CUDA and opts["precision"] == "bf16" else {}
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
-        bf16 = torch.bfloat16 if opts["precision"] == "bf16" else None
+        bf16 = torch.bfloat16 if opts["precision"] == "bf16" and not opts["bf16_model"] else None
         step_losses = self.losses
         if opts["compile"]:  # a fresh cache: every configuration compiles ``losses``, recompiles are capped
             torch._dynamo.reset()
@@ -186,8 +198,20 @@ class Setup:
             return [batches]
         return [{t: b} for t, b in batches.items()]
 
+    def model_inputs(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """``batches`` as the model takes them: a bf16 model's pixels in bf16 (converted once per batch)."""
+        if not self.opts["bf16_model"]:
+            return batches
+        if id(batches) not in self._inputs:
+            self._inputs[id(batches)] = {
+                t: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in b.items()}
+                for t, b in batches.items()
+            }
+        return self._inputs[id(batches)]
+
     def step(self, batches: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         self.weight = 1.0 / len(batches)
+        batches = self.model_inputs(batches)
         losses: dict[str, torch.Tensor] = {}
         if self.graphed is not None:
             for micro in self.micro_steps(batches):
@@ -196,7 +220,7 @@ class Setup:
                 self.optimizer.step()
             self.graphed.zero_grad()
             return losses
-        bf16 = self.opts["precision"] == "bf16"
+        bf16 = self.opts["precision"] == "bf16" and not self.opts["bf16_model"]
         for micro in self.micro_steps(batches):
             with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                 total, micro_losses = self.losses(micro)
@@ -213,8 +237,9 @@ class Setup:
         from torch.utils.flop_counter import FlopCounterMode
 
         self.weight = 1.0 / len(batches)
+        batches = self.model_inputs(batches)
         counter = FlopCounterMode(display=False)
-        bf16 = self.opts["precision"] == "bf16"
+        bf16 = self.opts["precision"] == "bf16" and not self.opts["bf16_model"]
         with counter:  # entered once: entering it again would clear the counts
             for micro in self.micro_steps(batches):
                 with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
