@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from famevil_fast.cli import gallery_file
-from famevil_fast.cli.gallery_file import read_gallery
+from famevil_fast.cli.gallery_file import model_fingerprint, read_gallery
 from famevil_fast.cli.main import main
 from famevil_fast.data.image_files import load_images
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
@@ -191,6 +191,58 @@ def test_user_errors_are_one_line(checkpoint, images, galleries, tmp_path, capsy
     assert "cannot read gallery" in _error(capsys, ckpt, tmp_path / "junk.safetensors", "--text", "a")
 
 
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    """A model of the same sizes as ``checkpoint`` (same embedding width) with other weights."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other") / "model"
+    perturb_(FameViL(MICRO), std=0.05, seed=1).save_pretrained(path)
+    return path
+
+
+def _header(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_gallery_records_its_model_and_the_same_model_searches_it(
+    checkpoint, model, images, galleries, task, capsys
+):
+    assert _header(galleries[task])["model_fingerprint"] == model_fingerprint(model, task)
+    reference = ["--reference", images / "0.png"] if task == "tgir" else []
+    status, out, err = _search(capsys, checkpoint, galleries[task], *reference, "--text", TEXTS[0])
+    assert status == 0 and out and err == ""
+
+
+def test_a_gallery_embedded_by_another_model_is_refused(checkpoint, other_checkpoint, galleries, capsys):
+    err = _error(capsys, other_checkpoint, galleries["itc"], "--text", TEXTS[0])
+    mine = model_fingerprint(FameViL.from_pretrained(checkpoint), "itc")
+    theirs = model_fingerprint(FameViL.from_pretrained(other_checkpoint), "itc")
+    assert mine != theirs
+    assert f"was embedded by another model (fingerprint {mine[:12]}..., this model {theirs[:12]}...)" in err
+    assert "--any-model" in err
+
+
+def test_any_model_searches_a_gallery_of_another_model(other_checkpoint, galleries, capsys):
+    status, out, err = _search(capsys, other_checkpoint, galleries["itc"], "--text", TEXTS[0], "--any-model")
+    assert status == 0 and err == ""
+    assert len(_blocks(out)[f"# text: {TEXTS[0]}"]) == 5
+
+
+def test_a_gallery_without_a_fingerprint_is_searched_with_a_warning(checkpoint, galleries, tmp_path, capsys):
+    gallery, paths, _ = read_gallery(galleries["itc"])
+    old = _gallery(tmp_path / "old.safetensors", {"image": gallery}, images="\n".join(paths), task="itc")
+    status, out, err = _search(capsys, checkpoint, old, "--text", TEXTS[0])
+    assert status == 0 and out == _search(capsys, checkpoint, galleries["itc"], "--text", TEXTS[0])[1]
+    assert err.splitlines() == [
+        f"famevil-fast search: warning: gallery {old} records no model fingerprint (embedded before embed "
+        "recorded one), so whether this model embedded it cannot be checked"
+    ]
+
+
 def test_a_reference_over_pil_s_pixel_limit_is_one_line(checkpoint, galleries, tmp_path, monkeypatch, capsys):
     bomb = tmp_path / "bomb.png"
     Image.new("L", (64, 64)).save(bomb)
@@ -204,4 +256,5 @@ def test_help_names_both_kinds_of_query(capsys):
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     out = capsys.readouterr().out
-    assert all(option in out for option in ("--text", "--reference", "--top-k", "--json", "--eval-resize"))
+    options = ("--text", "--reference", "--top-k", "--json", "--any-model", "--eval-resize")
+    assert all(option in out for option in options)

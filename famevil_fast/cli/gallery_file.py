@@ -7,20 +7,32 @@ header fields ``images_file``, its name, and ``images_sha256``), since safetenso
 Writing never hands a reader the wrong paths and never breaks the file it replaces: a new list file is
 written under its own name first, the embeddings file then replaces the old one atomically, and only then
 are list files that no header names any more removed. A reader checks the list against the header's
-checksum. Paths must be valid UTF-8 without line breaks (checked before anything is embedded).
+checksum. Paths must be valid UTF-8 without line breaks (checked before anything is embedded). The paths
+are kept as ``embed`` was given them: a relative path resolves only from the directory ``embed`` ran in.
+
+The header field ``model_fingerprint`` (see ``model_fingerprint``) identifies the model that made the image
+embeddings, so that ``search`` can refuse a gallery embedded by another model; galleries written before
+it was recorded have none.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+    from famevil_fast.model import FameViL
+
 IMAGE_LIST_IN_HEADER_MAX = 32 * 2**20
+
+# Bumped whenever what ``model_fingerprint`` hashes changes.
+FINGERPRINT_VERSION = 1
 
 
 def image_list_file(out: Path, digest: str) -> Path:
@@ -94,6 +106,54 @@ def read_gallery(path: str | Path) -> tuple[torch.Tensor, list[str], str | None]
             f"gallery {path} names {len(paths)} image paths for {embeddings.shape[0]} embeddings"
         )
     return embeddings, paths, meta.get("task")
+
+
+def read_gallery_fingerprint(path: str | Path) -> str | None:
+    """The ``model_fingerprint`` in the header of the embeddings file ``path`` (None when not recorded)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("model_fingerprint")
+    except SafetensorError as exc:
+        raise ValueError(f"cannot read gallery {path} as safetensors: {exc}") from None
+
+
+def model_fingerprint(model: FameViL, task: str) -> str:
+    """SHA-256 (hex) of what ``model.encode_image(pixels, task)`` computes with: the vision tower's tensors
+    except other tasks' adapters and the cross-attention adapters (fusion mode only), the task's shares of
+    the Cross-Modal Adapters' up-projections, and the config fields that shape the image embedding. Values
+    are hashed as float32 on the CPU, so the same weights give the same fingerprint on any device and in
+    any dtype they convert to float32 from exactly (a model cast to lower precision is another model)."""
+    import torch
+
+    clip = model.config.clip
+    config = {
+        "version": FINGERPRINT_VERSION,
+        "task": task,
+        "vision": asdict(clip.vision),
+        "embed_dim": clip.embed_dim,
+        "activation": clip.activation,
+        "layer_norm_eps": clip.layer_norm_eps,
+        "adapter_type": model.config.adapter_type,
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    state = model.state_dict()
+    for key in sorted(k for k in state if _shapes_image_embedding(k, task)):
+        value = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"\0{key}\0{tuple(value.shape)}\0".encode())
+        digest.update(value.numpy())
+    return digest.hexdigest()
+
+
+def _shapes_image_embedding(key: str, task: str) -> bool:
+    """Whether the state-dict tensor ``key`` takes part in ``encode_image(pixels, task)``."""
+    if key.startswith("xmodal_shared."):
+        return key.split(".")[3] == task  # xmodal_shared.<layer>.<site>.<task>.<name>
+    if not key.startswith("vision.") or ".xaa." in key:
+        return False
+    adapter = re.search(r"\.adapters\.([^.]+)\.", key)
+    return adapter is None or adapter.group(1) == task
 
 
 def _image_paths(path: Path, meta: dict[str, str]) -> list[str]:

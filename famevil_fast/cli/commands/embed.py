@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--images",
         nargs="*",
         default=[],
-        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders)",
+        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders); the file "
+        "records the paths as given here and `search` prints them as stored, so a relative path resolves "
+        "only from the directory embed ran in",
     )
     parser.add_argument("--texts", default=None, help="text file, one text per line")
     parser.add_argument(
@@ -49,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="output file, its name ending in .safetensors: tensors 'image' (N, D) and 'text' (M, D); the "
         "image paths, one per line, in the metadata field 'images' (a list over 32 MB in "
-        "OUT.images.<checksum>.txt, named by the field 'images_file'); missing parent directories are "
-        "created",
+        "OUT.images.<checksum>.txt, named by the field 'images_file'); the field 'model_fingerprint' "
+        "identifies the model that embedded the images, which `search` checks; missing parent directories "
+        "are created",
     )
     add_eval_resize_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="inputs per batch")
@@ -101,9 +104,14 @@ def _embed(
         from famevil_fast.cli.gallery_file import check_image_paths
 
         check_image_paths(list(map(str, files)))  # before the model is loaded and anything embedded
-    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
-    parts: dict[str, list[torch.Tensor]] = {}  # per batch, in order: in process 0 alone under torchrun
+    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     meta: dict[str, str] = {"task": args.task}
+    if files is not None and shard.is_main:
+        from famevil_fast.cli.gallery_file import model_fingerprint
+
+        meta["model_fingerprint"] = model_fingerprint(model, args.task)  # on the CPU, before the move
+    model = model.to(device).eval()
+    parts: dict[str, list[torch.Tensor]] = {}  # per batch, in order: in process 0 alone under torchrun
     bs = args.batch_size
     with torch.no_grad():
         if files is not None:

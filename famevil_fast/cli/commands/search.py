@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per query instead of tab-separated lines"
     )
+    parser.add_argument(
+        "--any-model",
+        action="store_true",
+        help="search a gallery that another model embedded (its 'model_fingerprint' differs from this "
+        "checkpoint's), which is refused otherwise",
+    )
     add_eval_resize_argument(parser)
     add_device_argument(parser)
 
@@ -90,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from famevil_fast.cli.gallery_file import read_gallery
+    from famevil_fast.cli.gallery_file import model_fingerprint, read_gallery, read_gallery_fingerprint
     from famevil_fast.devices import resolve_device
     from famevil_fast.eval.topk import blocked_topk
     from famevil_fast.model import FameViL
@@ -102,8 +109,12 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     gallery, paths, gallery_task = read_gallery(args.gallery)
     check_gallery_task(args.gallery, gallery_task, task)
-    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
+    recorded = read_gallery_fingerprint(args.gallery)
+    model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     check_gallery_width(args.gallery, gallery, model.config.clip.embed_dim)
+    if not args.any_model:
+        check_gallery_model(args.gallery, recorded, model_fingerprint(model, task))  # on the CPU
+    model = model.to(device).eval()
     gallery = gallery.to(device)
     with torch.no_grad():
         encoded = encode_queries(model, queries, args.eval_resize).to(gallery.dtype)
@@ -155,6 +166,22 @@ def check_gallery_width(path: str | Path, gallery: torch.Tensor, width: int) -> 
         raise ValueError(
             f"gallery {path} holds {gallery.shape[1]}-wide embeddings but the model's are {width}-wide: "
             "embed the gallery with this checkpoint"
+        )
+
+
+def check_gallery_model(path: str | Path, found: str | None, needed: str) -> None:
+    """ValueError unless the gallery's recorded model fingerprint is ``needed`` (this model's); a gallery
+    that records none (written before ``embed`` recorded it) is accepted with a warning on stderr."""
+    if found is None:
+        print(
+            f"famevil-fast search: warning: gallery {path} records no model fingerprint (embedded before "
+            "embed recorded one), so whether this model embedded it cannot be checked",
+            file=sys.stderr,
+        )
+    elif found != needed:
+        raise ValueError(
+            f"gallery {path} was embedded by another model (fingerprint {found[:12]}..., this model "
+            f"{needed[:12]}...); embed it again with this model, or pass --any-model to search it anyway"
         )
 
 
