@@ -102,3 +102,91 @@ def test_demo_ends_by_naming_the_final_checkpoint(tmp_path, capsys):
     assert any(final.iterdir())
     assert last.startswith(f"model: {final} ") and "eval, embed and caption" in last
     assert f"famevil-fast eval {final} --data {out / 'data'}" in last
+
+
+def test_the_command_formats_warnings_as_one_line_and_restores_the_format(monkeypatch):
+    """Inside ``main`` a warning reads ``famevil-fast: warning: MESSAGE`` (the category before the message
+    when it is not UserWarning), with no file, line or source line; a recorder (``pytest.warns``) still gets
+    it with its file, and Python's format is back afterwards, an error ending the command included."""
+    import warnings
+
+    from famevil_fast.cli.commands import info
+
+    shown = []
+
+    def warning_worker(args) -> int:
+        shown.append(
+            warnings.formatwarning("two\nlines", UserWarning, "/x/famevil-fast", 6, "sys.exit(main())")
+        )
+        shown.append(warnings.formatwarning("old", DeprecationWarning, "/x/y.py", 1))
+        warnings.warn("from the command", UserWarning, stacklevel=1)
+        return 0
+
+    original = warnings.formatwarning
+    monkeypatch.setattr(info, "run", warning_worker)
+    with pytest.warns(UserWarning, match="from the command") as caught:
+        assert main(["info"]) == 0
+    assert caught[0].filename == __file__
+    assert shown == ["famevil-fast: warning: two lines\n", "famevil-fast: warning: DeprecationWarning: old\n"]
+    assert warnings.formatwarning is original
+
+    def failing_worker(args) -> int:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(info, "run", failing_worker)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info"])
+    assert warnings.formatwarning is original
+    with pytest.raises(SystemExit):
+        main(["info", "--no-such-option"])
+    assert warnings.formatwarning is original
+
+
+@pytest.fixture(scope="module")
+def one_product_eval(tmp_path_factory):
+    """``eval`` arguments for a micro checkpoint on a dataset cut to one view (``--max-samples 1``): the
+    sampled XMR protocol has no negatives and is skipped, with a warning."""
+    from helpers import save_micro_checkpoint
+    from test_data_fixtures import synthetic
+
+    model = save_micro_checkpoint(tmp_path_factory.mktemp("warned"))
+    data = synthetic(tmp_path_factory, products=12, image_size=32)
+    capped = ["--max-samples", "1", "--tasks", "itc", "--device", "cpu"]
+    return ["eval", str(model), "--data", str(data), *capped]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["script", "torchrun"])
+def test_a_warning_of_the_command_is_one_line_naming_the_command(one_product_eval, tmp_path, launch):
+    """The installed ``famevil-fast`` script and every process of a torchrun launch print a library warning
+    as one line, not attributed to the script's ``sys.exit(main())`` line."""
+    import json
+
+    from helpers import free_port
+
+    script = Path(sys.executable).parent / "famevil-fast"
+    if launch == "script":
+        if not script.exists():
+            pytest.skip("the famevil-fast script is not installed next to this Python")
+        command = [str(script)]
+    else:
+        workers = ["--nproc_per_node", "2", "--master_port", str(free_port())]
+        command = [sys.executable, "-m", "torch.distributed.run", *workers, "-m", "famevil_fast"]
+    out = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, *one_product_eval, "--no-progress", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "XMR sampled protocol" in line]
+    assert len(warned) == 1  # rank 0 alone evaluates a capped set
+    assert warned[0].startswith("famevil-fast: warning: XMR sampled protocol skipped (no result)")
+    assert "raise --max-samples" in warned[0]
+    assert "sys.exit" not in done.stderr and "UserWarning" not in done.stderr
+    assert str(script) not in done.stderr
+    assert [r["protocol"] for r in json.loads(out.read_text())["results"]] == ["full"]

@@ -67,6 +67,30 @@ def test_a_set_too_small_for_100_negatives_is_said_once(recwarn):
     assert not [w for w in recwarn if "negatives" in str(w.message)]
 
 
+def test_a_set_without_negatives_skips_the_sampled_protocol():
+    """``--max-samples 3`` keeps the 3 views of one product: no query has a negative, so sampled-0 (every
+    query ranked first, chance 100%) would be meaningless. The protocol is skipped, no result row, and the
+    warning says why and how to get it; the full protocol still runs."""
+    from famevil_fast.eval import EvalReport
+
+    capped = EvalOptions(max_samples=3)
+    skipped = r"XMR sampled protocol skipped.*no negatives.*keeps only 1 products.*raise --max-samples"
+    with pytest.warns(UserWarning, match=skipped) as caught:
+        results = evaluate_xmr(EmbeddingStub(), _xmr_set(), capped)
+    assert [r.protocol for r in results] == ["full"]
+    assert len([w for w in caught if "negatives" in str(w.message)]) == 1
+    assert caught[0].filename == __file__
+    report = EvalReport(results)
+    assert [r["protocol"] for r in report.to_dict()["results"]] == ["full"]
+    assert "sampled" not in report.to_text()
+    with pytest.warns(UserWarning, match=r"skipped.*the evaluation set has only 1 products.*evaluate a set"):
+        only = evaluate_xmr(EmbeddingStub(), _xmr_set(products=1), EvalOptions(xmr_protocols=("sampled",)))
+    assert only == []
+    with pytest.warns(UserWarning, match=r"1 negatives per query instead of 100"):  # one negative: kept
+        (one,) = evaluate_xmr(EmbeddingStub(), _xmr_set(), EvalOptions(("sampled",), max_samples=4))
+    assert one.protocol == "sampled-1"
+
+
 @pytest.mark.filterwarnings("ignore:XMR sampled protocol")  # 12 products: sampled-11
 def test_unseeded_sampled_xmr_through_the_runner():
     data = _xmr_set()

@@ -422,3 +422,48 @@ def test_resume_refuses_a_recipe_that_changes_the_run(tmp_path):
     )
     resumed = Trainer(micro_config(tmp_path, *base, *allowed), streams())
     assert resumed.fit()["update"] == 4
+
+
+def test_the_progress_bar_shows_each_updates_own_losses(tmp_path, monkeypatch):
+    """The bar's losses are those of the update it shows, not the last logged one's (update 2 of a run
+    that logs every 10 updates used to show update 1's), and they come from the update's record, whose
+    losses are already host numbers (no read-back of their own)."""
+    from tqdm import tqdm
+
+    from famevil_fast.train import logging as logging_module
+
+    drawn = []
+
+    class Recording(tqdm):
+        def update(self, n=1):
+            drawn.append((self.n + n, self.postfix))
+            return super().update(n)
+
+    monkeypatch.setattr(logging_module, "tqdm", Recording)
+    trainer = Trainer(
+        micro_config(tmp_path, "train.updates=3", "logging.every=10", "logging.progress=true"), streams()
+    )
+    trainer.fit()
+    assert [update for update, _ in drawn] == [1, 2, 3]
+    for (update, postfix), record in zip(drawn, trainer.history):
+        assert all(isinstance(v, float) for _, v in record["losses"])
+        expected = ", ".join(f"loss/{t}={v:.3f}" for t, v in record["losses"])  # one micro-batch per task
+        assert record["update"] == update and postfix == expected
+
+
+def test_the_progress_bar_labels_losses_of_an_earlier_update(tmp_path, capsys):
+    """Losses given by ``log`` alone stay on the bar until newer ones come, named by their update once the
+    bar has moved past it."""
+    from famevil_fast.train.logging import RunLogger
+
+    logger = RunLogger(tmp_path, total=4, tensorboard=False)
+    logger.log(1, {"lr": 0.1, "loss/itc": 0.5, "loss/cap": 2.0})
+    logger.advance()
+    assert logger.bar.postfix == "loss/itc=0.500, loss/cap=2.000"
+    logger.advance()
+    assert logger.bar.postfix == "update 1: loss/itc=0.500, loss/cap=2.000"
+    logger.advance(losses={"itc": 0.25})
+    assert logger.bar.postfix == "loss/itc=0.250"
+    logger.advance(update=3, losses={"itc": 0.125})
+    assert logger.bar.postfix == "update 3: loss/itc=0.125"
+    logger.close()

@@ -10,6 +10,12 @@ instead.
 
 Output into a pipe whose reader stopped reading (``famevil-fast caption CKPT DIR | head -5``) ends the command
 quietly with exit status 141, as a command killed by SIGPIPE would end in a shell.
+
+Warnings are printed as one line on stderr, ``famevil-fast: warning: MESSAGE`` (``famevil-fast: warning:
+CATEGORY: MESSAGE`` for a category other than UserWarning), without the file, line and source line that
+Python prints: the package's warnings point at the first frame outside it, which under the command is its
+entry script. Only while ``main`` runs (in every process of a torchrun launch, each of which runs
+``main``): a program that calls the package from Python keeps Python's format and its own file and line.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import os
 import pkgutil
 import select
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from famevil_fast.cli import commands
@@ -142,7 +150,47 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
+PROG = "famevil-fast"
+
+
+def warning_line(message: Warning | str, category: type[Warning]) -> str:
+    """A warning as the command prints it: ``famevil-fast: warning: MESSAGE`` on one line, the category
+    named before the message when it is not UserWarning."""
+    text = " ".join(str(message).splitlines())
+    named = "" if category is UserWarning else f"{category.__name__}: "
+    return f"{PROG}: warning: {named}{text}\n"
+
+
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Warnings shown in the command's one-line format (``warning_line``) inside the block; Python's format
+    is restored after it. Only ``warnings.formatwarning`` is replaced, so a ``showwarning`` or a recorder
+    installed by the caller (``warnings.catch_warnings(record=True)``, ``pytest.warns``) still gets every
+    warning, with its file and line."""
+    previous = warnings.formatwarning
+
+    def formatwarning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        line: str | None = None,
+    ) -> str:
+        return warning_line(message, category)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with one_line_warnings():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         status = int(args._run(args) or 0)

@@ -243,7 +243,9 @@ def sampled_negatives(
 ) -> int:
     """Negatives per query of the sampled XMR protocol: 100, or what a small set has (the texts of the other
     products, the views of the other products), with a warning: the result is then ``sampled-N``, with chance
-    K / (N + 1), and does not compare with sampled-100 numbers."""
+    K / (N + 1), and does not compare with sampled-100 numbers. 0 when the set has no negatives at all (one
+    product, or every view of one product): the protocol is then skipped, and the warning says so and how to
+    get it (more samples)."""
     views, texts = image_product_ids.numel(), text_product_ids.numel()
     most_views = int(torch.unique(image_product_ids, return_counts=True)[1].max())
     negatives = min(XMR_SAMPLED_NEGATIVES, texts - 1, views - most_views)
@@ -254,12 +256,27 @@ def sampled_negatives(
             if capped
             else "the evaluation set has"
         )
-        warnings.warn(
-            f"XMR sampled protocol: {negatives} negatives per query instead of {XMR_SAMPLED_NEGATIVES}, "
-            f"reported as 'sampled-{negatives}' with chance K/{negatives + 1}: {cause} only {texts} products "
-            f"({views} image views), and a query's negatives are the other products' texts or views",
-            stacklevel=caller_stacklevel(),
+        why = (
+            f"{cause} only {texts} products ({views} image views), and a query's negatives are the other "
+            "products' texts or views"
         )
+        if negatives == 0:
+            more = (
+                "raise --max-samples / eval.max_samples so that the kept views span"
+                if capped
+                else "evaluate a set with"
+            )
+            message = (
+                f"XMR sampled protocol skipped (no result): no negatives per query, since {why}; for it, "
+                f"{more} at least 2 products ({XMR_SAMPLED_NEGATIVES + 1} for "
+                f"sampled-{XMR_SAMPLED_NEGATIVES})"
+            )
+        else:
+            message = (
+                f"XMR sampled protocol: {negatives} negatives per query instead of {XMR_SAMPLED_NEGATIVES}, "
+                f"reported as 'sampled-{negatives}' with chance K/{negatives + 1}: {why}"
+            )
+        warnings.warn(message, stacklevel=caller_stacklevel())
     return negatives
 
 
@@ -313,8 +330,9 @@ def _xmr_results(
         results.append(
             xmr_full(image_emb, image_pid.to(image_emb.device), text_emb, text_pid.to(text_emb.device))
         )
-    if "sampled" in opts.xmr_protocols:
-        negatives = sampled_negatives(image_pid, text_pid, opts.max_samples)
+    sampled = "sampled" in opts.xmr_protocols
+    negatives = sampled_negatives(image_pid, text_pid, opts.max_samples) if sampled else 0
+    if negatives > 0:  # none at all: skipped, with a warning (every query would rank first: chance 100%)
         results.append(
             xmr_sampled(
                 image_emb.cpu(),

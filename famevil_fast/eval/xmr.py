@@ -12,7 +12,8 @@ The two protocols give very different numbers for the same model; never compare 
   with a ``torch.Generator``, so a seed gives the same candidates on every device); ``seed=None`` is the
   original's unseeded behaviour (draws from the global torch RNG, so results vary from run to run). The
   result's protocol is ``sampled-{num_negatives}``: ``Evaluator`` asks for fewer than 100 negatives, with a
-  warning, when a small set cannot supply them (``famevil_fast.eval.runner.sampled_negatives``).
+  warning, when a small set cannot supply them (``famevil_fast.eval.runner.sampled_negatives``), and skips
+  the protocol, with a warning, when the set has no negatives at all.
 
 Both report R@1/5/10 in both directions and their average, in percent, with chance levels.
 """

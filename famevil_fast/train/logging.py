@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class RunLogger:
         self.directory = Path(directory)
         self.writer = None
         self.bar = None
+        self._shown: tuple[int, dict[str, float]] | None = None  # the losses on the bar, and their update
         if not enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -61,8 +63,8 @@ class RunLogger:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{kind}/{key}", value, update)
         if self.bar is not None and kind == "train":
-            shown = {k: f"{v:.3f}" for k, v in values.items() if k.startswith("loss/")}
-            self.bar.set_postfix(shown, refresh=False)
+            self._shown = (update, {k[len("loss/") :]: v for k, v in values.items() if k.startswith("loss/")})
+            self._postfix(self.bar.n)
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -72,9 +74,30 @@ class RunLogger:
             strict_json({"kind": "message", "time": round(time.time(), 3), "text": text}) + "\n"
         )
 
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+    def advance(
+        self, n: int = 1, update: int | None = None, losses: Mapping[str, float] | None = None
+    ) -> None:
+        """Move the bar on ``n`` updates. ``losses`` (mean loss per task, numbers already on the host) are
+        those of update ``update`` (by default the bar's new position); the bar shows the latest losses it
+        was given (here or by ``log``), labelled with their update whenever that is not the bar's position."""
+        if self.bar is None:
+            return
+        position = self.bar.n + n
+        if losses is not None:
+            self._shown = (position if update is None else update, dict(losses))
+        self._postfix(position)
+        self.bar.update(n)
+
+    def _postfix(self, position: int) -> None:
+        """The shown losses as the bar's postfix (drawn at its next refresh), the bar being at ``position``:
+        ``loss/itc=0.693, ...``, or ``update 3: loss/itc=0.693, ...`` when they are another update's."""
+        if self.bar is None or self._shown is None:
+            return
+        update, losses = self._shown
+        text = ", ".join(f"loss/{task}={value:.3f}" for task, value in losses.items())
+        if update != position:
+            text = f"update {update}: {text}"
+        self.bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
         if not self.enabled:

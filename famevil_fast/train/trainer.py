@@ -571,7 +571,8 @@ class Trainer:
             while self.update < cfg.train.updates:
                 record = self.train_update()
                 logged = self._log(record)
-                self.logger.advance()
+                # the update's losses were read back with its gradient norm: the bar shows them, no extra sync
+                self.logger.advance(update=self.update, losses=task_means(record["losses"]))
                 if cfg.eval.every and self.update % cfg.eval.every == 0 and self.update < cfg.train.updates:
                     self.evaluate()
                     self._agree_stop()  # a signal caught while evaluating stops every process now
