@@ -22,6 +22,7 @@ from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.model.validation import check_input_ids, check_pixels
 from famevil_fast.ops.activation import quick_gelu
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
+from famevil_fast.ops.layer_norm import keeps_input_dtype, layer_norm_in_dtype
 from famevil_fast.text.special_tokens import EOT_ID
 
 
@@ -34,6 +35,29 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quick_gelu(x, backend=self.backend)
+
+
+class StreamLayerNorm(nn.LayerNorm):
+    """A LayerNorm on the residual stream. With ``keeps_dtype`` set (``FameViL.set_runtime(residual_stream=
+    "autocast")``), a 16-bit input under autocast is normalised in its own dtype: float32 statistics and
+    parameters, the output in the input's dtype, where autocast would write float32 (and the product after
+    it cast it back). Otherwise an ``nn.LayerNorm``."""
+
+    keeps_dtype = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keeps_dtype and keeps_input_dtype(x):
+            return layer_norm_in_dtype(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def stream_under_autocast(h: torch.Tensor, keep: bool) -> torch.Tensor:
+    """The residual stream ``h`` in the autocast dtype when ``keep`` and autocast is on for its device (the
+    ``residual_stream="autocast"`` setting); else ``h`` itself."""
+    kind = h.device.type
+    if not keep or not torch.is_autocast_enabled(kind):
+        return h
+    return h.to(torch.get_autocast_dtype(kind))
 
 
 def make_activation(name: str) -> nn.Module:
@@ -105,9 +129,9 @@ class Block(nn.Module):
         xaa_bottleneck: int = 64,
     ) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.ln_1 = StreamLayerNorm(width, eps=eps)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.ln_2 = StreamLayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_dim, activation)
         self.tsa = TaskAdapters(width, bottleneck, tasks, adapter_dropout, eps) if tasks else None
         self.xaa = (
@@ -203,7 +227,8 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(w) * w**-0.5)
         self.pos_embed = nn.Parameter(torch.randn(cfg.num_tokens, w) * w**-0.5)
-        self.ln_pre = nn.LayerNorm(w, eps=eps)
+        self.ln_pre = StreamLayerNorm(w, eps=eps)
+        self.keeps_stream_dtype = False  # residual_stream="autocast" (FameViL.set_runtime)
         self.blocks = _blocks(
             cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck
         )
@@ -213,7 +238,8 @@ class VisionTower(nn.Module):
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return self.ln_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        h = self.ln_pre(torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype))
+        return stream_under_autocast(h, self.keeps_stream_dtype)
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(self.ln_post(h[:, 0]))
@@ -255,10 +281,12 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.keeps_stream_dtype = False  # residual_stream="autocast" (FameViL.set_runtime)
 
     def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         length = input_ids.shape[1]
-        return self.token_embed(input_ids) + self.pos_embed[start : start + length]
+        h = self.token_embed(input_ids) + self.pos_embed[start : start + length]
+        return stream_under_autocast(h, self.keeps_stream_dtype)
 
     def pool(self, h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         eot = first_eot_positions(input_ids)

@@ -20,6 +20,7 @@ ALL_TASKS = TASKS + PRETRAIN_TASKS
 ADAPTER_TYPES = ("tsa", "xmodal")
 XAA_MODES = ("both", "text", "none")
 ATTENTION_IMPLS = ("auto", "sdpa", "eager", "flash")
+RESIDUAL_STREAMS = ("float32", "autocast")
 ACTIVATIONS = ("quick_gelu", "gelu")
 # The model's op backend (None = automatic): "torch" and "triton" name every op's implementation; "cuda" and
 # "cpu" name the compiled contrastive losses, and leave the adapters to their automatic choice.
@@ -188,6 +189,10 @@ class FameViLConfig:
         softmax, the faithful reference) or "flash".
     backend: op backend for adapters and losses (None = automatic, "torch" = references, "triton" = the
         Triton kernels; "cuda" / "cpu" = the compiled contrastive losses, adapters automatic).
+    residual_stream: "float32" (default) keeps both towers' residual stream in float32 under autocast, as
+        autocast leaves it; "autocast" keeps it in the autocast dtype (bf16 or fp16), the pre-LayerNorms
+        reading and writing that dtype with float32 statistics and parameters, which removes the casts
+        between the stream and the products. Without autocast the stream is float32 either way.
     num_attributes: pseudo-attribute classes of the PAC head (needed when "pac" is a task).
     adapter_type: "tsa" (task-specific adapters parallel with the MLP) or "xmodal" (per-task Cross-Modal
         Adapters: sequential after the attention and MLP sub-layers of both towers, the last
@@ -207,6 +212,7 @@ class FameViLConfig:
     caption_vocab: tuple[int, ...] | None = None
     attention: str = "auto"
     backend: str | None = None
+    residual_stream: str = "float32"
     num_attributes: int = 0
     adapter_type: str = "tsa"
     xmodal_bottleneck: int = 8
@@ -226,6 +232,9 @@ class FameViLConfig:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (None = automatic), got {self.backend!r}")
+        if self.residual_stream not in RESIDUAL_STREAMS:
+            streams = RESIDUAL_STREAMS
+            raise ValueError(f"residual_stream must be one of {streams}, got {self.residual_stream!r}")
         for name in ("adapter_bottleneck", "xaa_bottleneck"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

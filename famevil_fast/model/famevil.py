@@ -127,28 +127,41 @@ class FameViL(nn.Module):
             self.register_buffer("caption_vocab", vocab, persistent=False)
         else:
             self.caption_vocab = None
-        self.set_runtime(attention=c.attention, backend=c.backend)
+        self.set_runtime(attention=c.attention, backend=c.backend, residual_stream=c.residual_stream)
 
     # ------------------------------------------------------------------ construction and checkpoints
-    def set_runtime(self, attention: str | None = None, backend: str | None | _Keep = KEEP) -> FameViL:
-        """Choose the attention implementation and the op backend of every layer (no weights change). Only
-        the arguments passed change: ``attention`` one of ``ATTENTION_IMPLS``, ``backend`` one of
-        ``BACKENDS`` (None: automatic; "cuda" / "cpu" name the contrastive losses' kernels and leave the
-        adapters automatic); a bad value raises ValueError at once."""
+    def set_runtime(
+        self,
+        attention: str | None = None,
+        backend: str | None | _Keep = KEEP,
+        residual_stream: str | None = None,
+    ) -> FameViL:
+        """Choose the attention implementation, the op backend of every layer and the residual stream's
+        dtype under autocast (no weights change). Only the arguments passed change: ``attention`` one of
+        ``ATTENTION_IMPLS``, ``backend`` one of ``BACKENDS`` (None: automatic; "cuda" / "cpu" name the
+        contrastive losses' kernels and leave the adapters automatic), ``residual_stream`` one of
+        ``RESIDUAL_STREAMS`` (see ``FameViLConfig``); a bad value raises ValueError at once."""
         from famevil_fast.model.adapters import BottleneckAdapter, CrossAttentionAdapter
-        from famevil_fast.model.clip import QuickGELU, SelfAttention
+        from famevil_fast.model.clip import QuickGELU, SelfAttention, StreamLayerNorm, TextTower, VisionTower
 
         changes: dict[str, Any] = {}
         if attention is not None:
             changes["attention"] = attention
         if not isinstance(backend, _Keep):
             changes["backend"] = backend
+        if residual_stream is not None:
+            changes["residual_stream"] = residual_stream
         self.config = self.config.replace(**changes)
+        keep = self.config.residual_stream == "autocast"
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.impl = self.config.attention
             elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter | QuickGELU):
                 module.backend = self.config.adapter_backend
+            elif isinstance(module, StreamLayerNorm):
+                module.keeps_dtype = keep
+            elif isinstance(module, VisionTower | TextTower):
+                module.keeps_stream_dtype = keep
         return self
 
     @classmethod

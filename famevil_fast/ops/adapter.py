@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, select_backend
+from famevil_fast.ops.layer_norm import layer_norm_in_dtype
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -60,8 +61,10 @@ def adapter_reference(
     """Plain PyTorch: one adapter for every row, or row i through adapter ``task_ids[i]``.
 
     Parameters kept in float32 beside lower-precision activations are cast to x's dtype (autograd returns
-    their gradients in float32)."""
-    params = AdapterParams(*(p if p.dtype == x.dtype else p.to(x.dtype) for p in params))
+    their gradients in float32), except the LayerNorm's under autocast, where a 16-bit x is normalised in
+    its own dtype with float32 parameters (``ops.layer_norm``)."""
+    ln = (params.ln_weight, params.ln_bias)  # as they are: layer_norm_in_dtype decides their dtype
+    params = AdapterParams(*ln, *(p if p.dtype == x.dtype else p.to(x.dtype) for p in params[2:]))
     if task_ids is None:
         y = _single_adapter(x, params, eps)
     else:
@@ -71,7 +74,7 @@ def adapter_reference(
 
 
 def _single_adapter(x: torch.Tensor, p: AdapterParams, eps: float) -> torch.Tensor:
-    h = F.layer_norm(x, (x.shape[-1],), p.ln_weight, p.ln_bias, eps)
+    h = layer_norm_in_dtype(x, p.ln_weight, p.ln_bias, eps)
     h = F.relu(F.linear(h, p.down_weight, p.down_bias))
     return F.linear(h, p.up_weight, p.up_bias) * p.scale
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, require_int, select_backend
 from famevil_fast.ops.adapter import LN_EPS, AdapterParams, Residual, fused_adapter
+from famevil_fast.ops.layer_norm import layer_norm_in_dtype
 
 BACKENDS = ("torch", "triton")
 
@@ -66,8 +67,8 @@ def layer_norm_linear_reference(
     bias: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    ln_weight, ln_bias, weight, bias = (_as_dtype(t, x) for t in (ln_weight, ln_bias, weight, bias))
-    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), weight, bias)
+    weight, bias = _as_dtype(weight, x), _as_dtype(bias, x)
+    return F.linear(layer_norm_in_dtype(x, ln_weight, ln_bias, eps), weight, bias)
 
 
 def ln_linear_forward_flops(

@@ -66,6 +66,11 @@ class ModelSection:
         "compiled contrastive losses; adapters automatic)",
         None,
     )
+    residual_stream: str = doc(
+        "dtype of the towers' residual stream under bf16 autocast: float32 (as autocast leaves it) or "
+        "autocast (bf16: no casts between the stream and the products, LayerNorm statistics in float32)",
+        "float32",
+    )
     adapter_type: str = doc(
         "task adapters: tsa (FAME-ViL, parallel with the MLP) or xmodal (Cross-Modal "
         "Adapter: sequential after attention and MLP, channels shared by the towers)",

@@ -131,6 +131,7 @@ class Teachers(nn.Module):
                     caption_vocab=student.config.caption_vocab,
                     attention=student.config.attention,
                     backend=student.config.backend,
+                    residual_stream=student.config.residual_stream,
                 )
             except FileNotFoundError as exc:
                 raise FileNotFoundError(f"distill.teachers.{task}: {exc}") from exc

@@ -152,6 +152,7 @@ def build_model(cfg: TrainConfig) -> FameViL:
         caption_loss_on_padding=m.caption_loss_on_padding,
         attention=m.attention,
         backend=m.backend,
+        residual_stream=m.residual_stream,
         num_attributes=num_attributes(cfg),
         adapter_type=m.adapter_type,
         xmodal_bottleneck=m.xmodal_bottleneck,
