@@ -11,7 +11,9 @@ per task and for the round-robin four-task step.
    graph per task layout (``famevil_fast.train.cuda_graph``); ``fast_frozen``: backbone frozen, so the
    weight-gradient GEMMs of frozen layers are skipped; ``fast_triton``: every op on its Triton kernel
    (under a graph only device time counts, which is where the fused kernels may pay at this size);
-   ``fast_quick_gelu``: ``fast`` with the MLPs' QuickGELU on its Triton kernels.
+   ``fast_quick_gelu``: ``fast`` with the MLPs' QuickGELU on its Triton kernels; ``fast_bf16_stream``:
+   ``fast`` with the residual stream in bf16 (``residual_stream="autocast"``), and
+   ``fast_bf16_stream_quick_gelu`` with both.
 
 Two probes of a bf16 residual stream (bench/step_floor.py counts its bytes): ``bf16_model_graphed``, the
 graphed plain step of the model converted to bf16 (parameters, residual stream and LayerNorms in bf16, no
@@ -100,6 +102,7 @@ _PLAIN = dict(
     compile=False,
     quick_gelu=None,
     bf16_model=False,
+    residual_stream="float32",
 )
 _FAST = dict(_PLAIN, attention="auto", backend=None, mixed=True, graphs=True)
 CONFIGS = {
@@ -116,6 +119,8 @@ CONFIGS = {
     "fast_frozen_compiled": dict(_FAST, frozen=True, compile=True),
     "fast_triton": dict(_FAST, backend="triton"),
     "fast_quick_gelu": dict(_FAST, quick_gelu="triton"),
+    "fast_bf16_stream": dict(_FAST, residual_stream="autocast"),
+    "fast_bf16_stream_quick_gelu": dict(_FAST, residual_stream="autocast", quick_gelu="triton"),
     "bf16_model_graphed": dict(_PLAIN, graphs=True, bf16_model=True),
     "bf16_model_quick_gelu": dict(_FAST, mixed=False, quick_gelu="triton", bf16_model=True),
 }
@@ -162,7 +167,9 @@ class Setup:
     def __init__(self, base: FameViL, name: str) -> None:
         opts = CONFIGS[name]
         self.opts = opts
-        self.model = copy.deepcopy(base).set_runtime(attention=opts["attention"], backend=opts["backend"])
+        self.model = copy.deepcopy(base).set_runtime(
+            attention=opts["attention"], backend=opts["backend"], residual_stream=opts["residual_stream"]
+        )
         if opts["bf16_model"]:
             self.model.to(torch.bfloat16)
         self._inputs: dict[int, dict] = {}

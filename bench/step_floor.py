@@ -78,12 +78,12 @@ CUDA_FLOAT32_OPS = frozenset(
 
 
 class CudaFloat32Ops(TorchFunctionMode):
-    """Runs the ops of ``CUDA_FLOAT32_OPS`` on float32 copies of their 16-bit floating inputs, as CUDA
-    autocast does (use inside CPU autocast, which casts the products)."""
+    """Runs the ops of ``CUDA_FLOAT32_OPS`` on float32 copies of their 16-bit floating inputs while
+    autocast is on, as CUDA autocast does (use inside CPU autocast, which casts the products)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) in CUDA_FLOAT32_OPS:
+        if getattr(func, "__name__", None) in CUDA_FLOAT32_OPS and torch.is_autocast_enabled("cpu"):
             args, kwargs = tree_map(_to_float32, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -216,7 +216,9 @@ def count_step(
     with FakeTensorMode():
         with _default_dtype(torch.bfloat16 if bf16_model else torch.get_default_dtype()):
             model = FameViL(FameViLConfig(clip=clip_preset(preset)))
-        model.set_runtime(attention=opts["attention"], backend=opts["backend"])
+        model.set_runtime(
+            attention=opts["attention"], backend=opts["backend"], residual_stream=opts["residual_stream"]
+        )
         if "quick_gelu" in extras or opts["quick_gelu"] == "triton":
             _quick_gelu_operator(model)
         if opts["frozen"]:
