@@ -171,3 +171,74 @@ def test_the_references_layer_norms_cast_no_activation_under_cuda_autocast_rules
     casts = counter.by_op.get("_to_copy")
     activation_bytes = x.numel() * 2
     assert casts is None or casts.bytes < activation_bytes, casts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stream", ["float32", "autocast"])
+def test_cuda_dtype_rules_hold_on_fake_cuda_tensors(stream: str, dtype: torch.dtype) -> None:
+    """Every task's forward, and a mixed pass, under CUDA autocast on fake CUDA tensors (shapes and dtypes
+    only; no GPU needed): CUDA's kernels refuse what the CPU's accept, e.g. a LayerNorm whose float32
+    weight sits beside a 16-bit input. The stream keeps the autocast dtype when asked."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from famevil_fast.capture import simulated_capture
+
+    size = clip_preset("micro").vision.image_size
+    ids = token_batch(3)
+    previous = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("cuda"):
+            model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8))
+        model.set_runtime(backend="torch", residual_stream=stream)
+        pixels, ids = torch.randn(3, 3, size, size, device="cuda"), ids.to("cuda")
+        batches = {
+            "itc": {"pixels": pixels, "input_ids": ids},
+            "tgir": {"ref_pixels": pixels, "target_pixels": pixels, "input_ids": ids},
+            "scr": {"pixels": pixels, "input_ids": ids, "labels": torch.tensor([0, 3, 5], device="cuda")},
+            "cap": {"pixels": pixels, "input_ids": ids},
+        }
+        torch.set_autocast_dtype("cuda", dtype)
+        torch.set_autocast_enabled("cuda", True)
+        try:
+            with simulated_capture():
+                seen = stream_dtypes(model, lambda: [model(b, t) for t, b in batches.items()])
+                outs = model.forward_mixed(batches)
+        finally:
+            torch.set_autocast_enabled("cuda", previous[0])
+            torch.set_autocast_dtype("cuda", previous[1])
+    assert set(outs) == set(batches)
+    assert seen == ({dtype} if stream == "autocast" else {torch.float32})
+
+
+def test_adapter_dropout_and_cached_decoding_keep_the_stream_dtype() -> None:
+    """The adapters' dropout path (training with adapter_dropout > 0) and the cached decoder's one-token
+    steps keep a bf16 stream bf16."""
+    torch.manual_seed(0)
+    config = FameViLConfig(
+        clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8, adapter_dropout=0.1
+    )
+    model = FameViL(config).set_runtime(backend="torch", residual_stream="autocast").train()
+    batch = task_batches(model)["itc"]
+
+    def train_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(batch, "itc").loss.backward()
+
+    assert stream_dtypes(model, train_step) == {torch.bfloat16}
+    model.eval()
+    steps: set[torch.dtype] = set()
+    hooks = [b.ln_1.register_forward_pre_hook(lambda m, a: steps.add(a[0].dtype)) for b in model.text.blocks]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.caption(batch["pixels"], max_len=4)
+    for h in hooks:
+        h.remove()
+    assert steps == {torch.bfloat16}
+
+
+def test_a_recipe_refuses_the_setting_without_autocast() -> None:
+    from famevil_fast.train.config import load_config
+
+    with pytest.raises(ValueError, match="needs train.precision=bf16, got fp32"):
+        load_config(None, ["model.residual_stream=autocast", "train.precision=fp32"])
+    with pytest.raises(ValueError, match="model.residual_stream"):
+        load_config(None, ["model.residual_stream=bf16"])

@@ -21,6 +21,7 @@ from famevil_fast.ops import (
     fused_adapter,
 )
 from famevil_fast.ops.adapter import Residual, adapter_backend, residual_list, sum_residuals
+from famevil_fast.ops.layer_norm import layer_norm_in_dtype
 
 
 class BottleneckAdapter(nn.Module):
@@ -51,8 +52,9 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Residual = None) -> torch.Tensor:
         if self.dropout > 0.0 and self.training:
-            h = F.dropout(F.relu(self.down(self.ln(x))), self.dropout, training=True)
-            y = self.up(h) * self.scale
+            h = layer_norm_in_dtype(x, self.ln.weight, self.ln.bias, self.ln.eps)
+            h = F.dropout(F.relu(self.down(h)), self.dropout, training=True)
+            y = (self.up(h) * self.scale).to(x.dtype)  # a 16-bit stream stays 16-bit
             res = sum_residuals(residual)
             return y if res is None else res + y
         return fused_adapter(x, *self.params(), residual=residual, backend=self.backend, eps=self.ln.eps)

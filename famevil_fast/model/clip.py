@@ -39,9 +39,9 @@ class QuickGELU(nn.Module):
 
 class StreamLayerNorm(nn.LayerNorm):
     """A LayerNorm on the residual stream. With ``keeps_dtype`` set (``FameViL.set_runtime(residual_stream=
-    "autocast")``), a 16-bit input under autocast is normalised in its own dtype: float32 statistics and
-    parameters, the output in the input's dtype, where autocast would write float32 (and the product after
-    it cast it back). Otherwise an ``nn.LayerNorm``."""
+    "autocast")``), a 16-bit input under autocast is normalised in its own dtype (``ops.layer_norm``:
+    float32 statistics, the parameters rounded to that dtype), where autocast would write float32 (and the
+    product after it cast it back). Otherwise an ``nn.LayerNorm``."""
 
     keeps_dtype = False
 

@@ -191,8 +191,8 @@ class FameViLConfig:
         Triton kernels; "cuda" / "cpu" = the compiled contrastive losses, adapters automatic).
     residual_stream: "float32" (default) keeps both towers' residual stream in float32 under autocast, as
         autocast leaves it; "autocast" keeps it in the autocast dtype (bf16 or fp16), the pre-LayerNorms
-        reading and writing that dtype with float32 statistics and parameters, which removes the casts
-        between the stream and the products. Without autocast the stream is float32 either way.
+        reading and writing that dtype (float32 statistics, the parameters rounded to it), which removes
+        the casts between the stream and the products. Without autocast the stream is float32 either way.
     num_attributes: pseudo-attribute classes of the PAC head (needed when "pac" is a task).
     adapter_type: "tsa" (task-specific adapters parallel with the MLP) or "xmodal" (per-task Cross-Modal
         Adapters: sequential after the attention and MLP sub-layers of both towers, the last

@@ -50,8 +50,7 @@ class TextDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,); returns next-token logits (B, V)."""
-        text = self.model.text
-        return self.step_embedded(text.token_embed(tokens[:, None]) + text.pos_embed[self.length])
+        return self.step_embedded(self.model.text.embed(tokens[:, None], start=self.length))
 
     def step_embedded(self, h: torch.Tensor) -> torch.Tensor:
         """Feed one input embedding per sequence (B, 1, width), position embedding included; returns

@@ -61,10 +61,9 @@ def adapter_reference(
     """Plain PyTorch: one adapter for every row, or row i through adapter ``task_ids[i]``.
 
     Parameters kept in float32 beside lower-precision activations are cast to x's dtype (autograd returns
-    their gradients in float32), except the LayerNorm's under autocast, where a 16-bit x is normalised in
-    its own dtype with float32 parameters (``ops.layer_norm``)."""
-    ln = (params.ln_weight, params.ln_bias)  # as they are: layer_norm_in_dtype decides their dtype
-    params = AdapterParams(*ln, *(p if p.dtype == x.dtype else p.to(x.dtype) for p in params[2:]))
+    their gradients in float32); under autocast a 16-bit x is normalised in its own dtype
+    (``ops.layer_norm``), not promoted to float32."""
+    params = AdapterParams(*(p if p.dtype == x.dtype else p.to(x.dtype) for p in params))
     if task_ids is None:
         y = _single_adapter(x, params, eps)
     else:

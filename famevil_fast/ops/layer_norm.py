@@ -2,8 +2,9 @@
 
 Autocast runs every LayerNorm in float32 and writes float32, so a bf16 input is cast up first and the
 output cast down again by the product that reads it: two extra passes over the activations. Normalised in
-its own dtype instead (float32 statistics and parameters inside the kernel, the output rounded once to the
-input's dtype), the result is the same to within that final rounding and the casts disappear. Outside
+its own dtype instead (the LayerNorm kernels accumulate the statistics in float32; the output is rounded
+once to the input's dtype) the casts disappear. CUDA's LayerNorm takes its weight and bias in the input's
+dtype only, so they are rounded to it, as the references already rounded them for a 16-bit input. Outside
 autocast, or for a float32 input, this is ``F.layer_norm`` with the parameters in the input's dtype.
 """
 
@@ -23,13 +24,12 @@ def keeps_input_dtype(x: torch.Tensor) -> bool:
 def layer_norm_in_dtype(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension of ``x``. Under autocast a 16-bit ``x`` is normalised in its own
-    dtype with ``weight`` and ``bias`` as they are (float32 parameters stay float32); otherwise the
-    parameters take x's dtype."""
+    """LayerNorm over the last dimension of ``x`` with ``weight`` and ``bias`` in x's dtype (gradients
+    flow back to them in theirs). Under autocast a 16-bit ``x`` is normalised in its own dtype, which
+    autocast would otherwise promote to float32."""
     shape = (x.shape[-1],)
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     if keeps_input_dtype(x):
-        if weight.dtype != bias.dtype:
-            bias = bias.to(weight.dtype)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, shape, weight, bias, eps)
-    return F.layer_norm(x, shape, weight.to(x.dtype), bias.to(x.dtype), eps)
+    return F.layer_norm(x, shape, weight, bias, eps)

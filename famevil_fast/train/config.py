@@ -300,6 +300,12 @@ class TrainConfig:
         task_weights(self.model.tasks, self.train.task_weights, self.train.sampling == "round_robin")
         _choice("train.gradient_strategy", self.train.gradient_strategy, ("sum", "imtlg", "imtlg_global"))
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
+        _choice("model.residual_stream", self.model.residual_stream, ("float32", "autocast"))
+        if self.model.residual_stream == "autocast" and self.train.precision != "bf16":
+            raise ValueError(
+                "model.residual_stream=autocast keeps the stream in the autocast dtype and needs "
+                f"train.precision=bf16, got {self.train.precision}"
+            )
         _choice("train.nonfinite", self.train.nonfinite, ("skip", "stop"))
         _check_device(self.train.device)
         _check_data_backend(self.data)
