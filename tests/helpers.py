@@ -184,14 +184,14 @@ class EmbeddingStub:
         return torch.nn.functional.normalize(input_ids.double(), dim=1)
 
 
-def save_micro_checkpoint(directory: str | Path) -> Path:
-    """A random micro FAME-ViL model (r = 8) saved with ``save_pretrained`` under ``directory/model``."""
+def save_micro_checkpoint(directory: str | Path, std: float | None = None, seed: int = 0) -> Path:
+    """A random micro FAME-ViL model (r = 8) saved with ``save_pretrained`` under ``directory/model``; with
+    ``std``, every weight perturbed first (``perturb_``, so that zero-initialised adapters do work)."""
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 
     path = Path(directory) / "model"
-    FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8)).save_pretrained(
-        path
-    )
+    model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottleneck=8))
+    (model if std is None else perturb_(model, std=std, seed=seed)).save_pretrained(path)
     return path
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_WITH_VOCAB as TINY
-from helpers import perturb_
+from helpers import perturb_, save_micro_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,9 +18,7 @@ MICRO = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottl
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    perturb_(FameViL(MICRO), std=0.05).save_pretrained(path)
-    return path
+    return save_micro_checkpoint(tmp_path_factory.mktemp("ckpt"), std=0.05)
 
 
 @pytest.fixture

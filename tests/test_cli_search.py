@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import perturb_
+from helpers import perturb_, save_micro_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -25,9 +25,7 @@ TASKS = ("itc", "tgir")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    perturb_(FameViL(MICRO), std=0.05).save_pretrained(path)
-    return path
+    return save_micro_checkpoint(tmp_path_factory.mktemp("ckpt"), std=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ reads changes it, and a change elsewhere does not."""
 
 import pytest
 import torch
-from helpers import perturb_
+from helpers import save_micro_checkpoint
 
 from famevil_fast.cli.gallery_file import model_fingerprint
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
@@ -14,9 +14,7 @@ MICRO = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa_bottl
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    perturb_(FameViL(MICRO), std=0.05).save_pretrained(path)
-    return path
+    return save_micro_checkpoint(tmp_path_factory.mktemp("ckpt"), std=0.05)
 
 
 def test_the_same_weights_give_the_same_fingerprint(checkpoint, tmp_path):
