@@ -183,6 +183,24 @@ def test_graph_key_sees_a_moved_tensor_beyond_the_first(model):
     assert storage_fingerprint(model) == before
 
 
+def test_graph_key_sees_the_models_runtime_choices(model):
+    """A graphed decode captured before ``set_runtime`` changed how the model computes is not replayed."""
+    from famevil_fast.model.graphed_decoding import _key
+
+    pixels = torch.randn(2, 3, 32, 32)
+    before = _key(model, pixels, 8, 1, 0)
+    for change in ({"attention": "eager"}, {"backend": "triton"}, {"residual_stream": "autocast"}):
+        saved = model.config
+        model.set_runtime(**change)
+        try:
+            assert _key(model, pixels, 8, 1, 0) != before, change
+        finally:
+            model.set_runtime(
+                attention=saved.attention, backend=saved.backend, residual_stream=saved.residual_stream
+            )
+    assert _key(model, pixels, 8, 1, 0) == before
+
+
 def test_caption_without_text_cross_attention_is_refused_clearly():
     model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="none")).eval()
     pixels = torch.randn(1, 3, 32, 32)

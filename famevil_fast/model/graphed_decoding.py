@@ -74,7 +74,11 @@ def storage_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
 
 
 def _key(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int) -> tuple:
+    """What a captured decode depends on: the inputs' layout, the decoding settings, autocast, the model's
+    runtime choices (``set_runtime``) and where its tensors live."""
+    runtime = model.config
     return (
+        (runtime.attention, runtime.backend, runtime.residual_stream),
         tuple(pixels.shape),
         pixels.dtype,
         pixels.device,
