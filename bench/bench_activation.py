@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from bench_adapter import available  # the same eager / compile / triton skip reasons
 
 from famevil_fast.ops import quick_gelu
-from famevil_fast.ops._backend import triton_runs_on
 from famevil_fast.ops.activation import quick_gelu_reference
 
 CUDA = torch.cuda.is_available()
@@ -27,14 +27,6 @@ SHAPES = {"image MLP": (12608, 3072), "text MLP": (4928, 2048)} if CUDA else {"m
 IMPLS = ("eager", "compile", "triton")
 DIRECTIONS = ("forward", "backward")
 REPS = 20 if CUDA else 2
-
-
-def available(impl: str) -> str | None:
-    if impl == "compile" and not CUDA:
-        return "torch.compile is timed on a GPU only"
-    if impl == "triton" and not triton_runs_on(DEVICE):
-        return "Triton needs a GPU, or TRITON_INTERPRET=1 on the CPU"
-    return None
 
 
 @functools.cache
