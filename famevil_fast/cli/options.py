@@ -30,15 +30,16 @@ def integer(text: str) -> int:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse reports anything else as an error of that option)."""
-    return _int_at_least(text, 1)
+    return int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
+    return int_at_least(text, 0)
 
 
-def _int_at_least(text: str, low: int) -> int:
+def int_at_least(text: str, low: int) -> int:
+    """An integer of at least ``low``; ArgumentTypeError (as argparse types raise) naming both otherwise."""
     value = integer(text)
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")

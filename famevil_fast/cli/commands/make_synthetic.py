@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from famevil_fast.cli.options import integer, non_negative_int, positive_int
+from famevil_fast.cli.options import int_at_least, integer, non_negative_int, positive_int
 
 # make_synthetic's own minimums, repeated here so that the parser is built without importing the generator
 MIN_PRODUCTS = 2
@@ -24,10 +24,7 @@ HELP = "Generate the synthetic fashion dataset (FashionGen- and FashionIQ-format
 def fiq_image_count(text: str) -> int:
     """argparse type of --fiq-images: an integer of at least MIN_FIQ_IMAGES (a smaller one is refused, not
     raised to it)."""
-    value = integer(text)
-    if value < MIN_FIQ_IMAGES:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_FIQ_IMAGES}, got {value}")
-    return value
+    return int_at_least(text, MIN_FIQ_IMAGES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -83,6 +83,7 @@ DATASET_JSON_FOLDERS = ("FashionGen", "FashionIQ", "FashionIQ/captions", "Fashio
 DATASET_FOLDERS = ("FashionGen", "FashionIQ")
 MIN_PRODUCTS = 2
 MIN_IMAGE_SIZE = 32
+MIN_FIQ_IMAGES = 24  # the fewest FashionIQ-style images that make up train and val families
 # the JSON files every dataset holds (relative to DIR)
 _JSON_FILES = frozenset(
     [
@@ -682,7 +683,7 @@ def make_synthetic(
     earlier = check_synthetic_record(root)
     if earlier is None:
         _check_no_other_dataset(root)
-    n_fiq = max(24, products if fiq_images is None else fiq_images)
+    n_fiq = max(MIN_FIQ_IMAGES, products if fiq_images is None else fiq_images)
     settings = _Settings(products, seed, val_fraction, n_fiq)
     fg_rows, fg_jobs, captions, splits, attributes, fiq_jobs = _draw(settings, root, image_size)
     paths = _dataset_paths(root, fg_jobs + fiq_jobs)
