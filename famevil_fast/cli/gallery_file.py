@@ -81,6 +81,13 @@ def read_gallery(path: str | Path) -> tuple[torch.Tensor, list[str], str | None]
     and the ``task`` whose adapters made it (None when not recorded). FileNotFoundError for a missing file
     or list file; ValueError for an unreadable file, no ``image`` tensor, a list file that is not the one
     the header names (a later embed to the same name that did not finish), or a path count other than N."""
+    embeddings, paths, meta = read_gallery_with_header(path)
+    return embeddings, paths, meta.get("task")
+
+
+def read_gallery_with_header(path: str | Path) -> tuple[torch.Tensor, list[str], dict[str, str]]:
+    """``read_gallery``'s embeddings and paths with the file's whole header (``task``,
+    ``model_fingerprint``, ...), all from one reading of the file."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -105,18 +112,7 @@ def read_gallery(path: str | Path) -> tuple[torch.Tensor, list[str], str | None]
         raise ValueError(
             f"gallery {path} names {len(paths)} image paths for {embeddings.shape[0]} embeddings"
         )
-    return embeddings, paths, meta.get("task")
-
-
-def read_gallery_fingerprint(path: str | Path) -> str | None:
-    """The ``model_fingerprint`` in the header of the embeddings file ``path`` (None when not recorded)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("model_fingerprint")
-    except SafetensorError as exc:
-        raise ValueError(f"cannot read gallery {path} as safetensors: {exc}") from None
+    return embeddings, paths, meta
 
 
 def model_fingerprint(model: FameViL, task: str) -> str:

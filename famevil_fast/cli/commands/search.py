@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from famevil_fast.cli.gallery_file import model_fingerprint, read_gallery, read_gallery_fingerprint
+    from famevil_fast.cli.gallery_file import model_fingerprint, read_gallery_with_header
     from famevil_fast.devices import resolve_device
     from famevil_fast.eval.topk import blocked_topk
     from famevil_fast.model import FameViL
@@ -107,13 +108,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     task = "itc" if queries[0].reference is None else "tgir"
     device = resolve_device(args.device)
-    gallery, paths, gallery_task = read_gallery(args.gallery)
-    check_gallery_task(args.gallery, gallery_task, task)
-    recorded = read_gallery_fingerprint(args.gallery)
+    gallery, paths, header = read_gallery_with_header(args.gallery)
+    check_gallery_task(args.gallery, header.get("task"), task)
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     check_gallery_width(args.gallery, gallery, model.config.clip.embed_dim)
-    if not args.any_model:
-        check_gallery_model(args.gallery, recorded, model_fingerprint(model, task))  # on the CPU
+    if not args.any_model:  # on the CPU, before the model moves
+        recorded = header.get("model_fingerprint")
+        check_gallery_model(args.gallery, recorded, lambda: model_fingerprint(model, task))
     model = model.to(device).eval()
     gallery = gallery.to(device)
     with torch.no_grad():
@@ -169,19 +170,22 @@ def check_gallery_width(path: str | Path, gallery: torch.Tensor, width: int) -> 
         )
 
 
-def check_gallery_model(path: str | Path, found: str | None, needed: str) -> None:
-    """ValueError unless the gallery's recorded model fingerprint is ``needed`` (this model's); a gallery
-    that records none (written before ``embed`` recorded it) is accepted with a warning on stderr."""
+def check_gallery_model(path: str | Path, found: str | None, needed: Callable[[], str]) -> None:
+    """ValueError unless the gallery's recorded model fingerprint is ``needed()`` (this model's, computed
+    only when there is one to compare); a gallery that records none (written before ``embed`` recorded
+    it) is accepted with a warning on stderr."""
     if found is None:
         print(
             f"famevil-fast search: warning: gallery {path} records no model fingerprint (embedded before "
             "embed recorded one), so whether this model embedded it cannot be checked",
             file=sys.stderr,
         )
-    elif found != needed:
+        return
+    expected = needed()
+    if found != expected:
         raise ValueError(
             f"gallery {path} was embedded by another model (fingerprint {found[:12]}..., this model "
-            f"{needed[:12]}...); embed it again with this model, or pass --any-model to search it anyway"
+            f"{expected[:12]}...); embed it again with this model, or pass --any-model to search it anyway"
         )
 
 
