@@ -40,6 +40,9 @@ def _command_modules() -> list:
     return [importlib.import_module(f"{commands.__name__}.{name}") for name in names]
 
 
+PROG = "famevil-fast"
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr, ``PROG: error: MESSAGE (see PROG --help)``,
     with exit status 2, in place of the usage block that argparse prints before them."""
@@ -79,7 +82,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> CommandParser:
     parser = CommandParser(
-        prog="famevil-fast",
+        prog=PROG,
         description="FAME-ViL for fashion: train, evaluate and use the multi-task vision-language model.",
     )
     parser.add_argument(
@@ -150,9 +153,6 @@ def _silence_stdout() -> None:
         os.close(devnull)
 
 
-PROG = "famevil-fast"
-
-
 def warning_line(message: Warning | str, category: type[Warning]) -> str:
     """A warning as the command prints it: ``famevil-fast: warning: MESSAGE`` on one line, the category
     named before the message when it is not UserWarning."""
@@ -199,7 +199,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except USER_ERRORS as exc:
         if args.traceback or os.environ.get("FAMEVIL_FAST_TRACEBACK", "") == "1":
             raise
-        print(f"famevil-fast {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         if not _stdout_closed():

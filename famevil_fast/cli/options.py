@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+from pathlib import Path
 
 
 def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,23 @@ def int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def check_output_file(path: str) -> None:
+    """ValueError naming --out when a file could not be written at ``path``: the nearest of its folders
+    that exists must be a directory in which a file can be created (the missing ones below it are made when
+    the file is written), so that a bad --out stops a command before its work rather than after."""
+    existing = Path(path).absolute().parent
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"--out {path}: cannot create a file in {existing} ({reason})") from None
 
 
 def output_file(text: str) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from famevil_fast.cli.options import (
@@ -13,6 +11,7 @@ from famevil_fast.cli.options import (
     add_eval_resize_argument,
     add_op_backend_argument,
     add_trust_pickle_argument,
+    check_output_file,
     non_negative_int,
     output_file,
     positive_int,
@@ -206,23 +205,6 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
         return FameViL.from_clip(args.checkpoint, trust_pickle=args.trust_pickle), tasks
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     return model, args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
-
-
-def check_output_file(path: str) -> None:
-    """ValueError naming --out when the report could not be written at ``path``: the nearest of its folders
-    that exists must be a directory in which a file can be created (the missing ones below it are made when
-    the report is written), so that a bad --out stops the command before the evaluation rather than after."""
-    existing = Path(path).absolute().parent
-    while not existing.exists() and not existing.is_symlink():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"--out {path}: {existing} is not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ValueError(f"--out {path}: cannot create a file in {existing} ({reason})") from None
 
 
 def run(args: argparse.Namespace) -> int:
