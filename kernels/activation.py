@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from famevil_fast.kernels import configs
 
-QUICK_GELU_ALPHA = 1.702
+from famevil_fast.ops.activation import QUICK_GELU_ALPHA
 
 
 @triton.jit

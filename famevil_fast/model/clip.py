@@ -22,7 +22,7 @@ from famevil_fast.model.task_mix import TaskChoice
 from famevil_fast.model.validation import check_input_ids, check_pixels
 from famevil_fast.ops.activation import quick_gelu
 from famevil_fast.ops.cross_attention import merge_heads, split_heads
-from famevil_fast.ops.layer_norm import keeps_input_dtype, layer_norm_in_dtype
+from famevil_fast.ops.layer_norm import autocast_dtype, keeps_input_dtype, layer_norm_in_dtype
 from famevil_fast.text.special_tokens import EOT_ID
 
 
@@ -54,10 +54,8 @@ class StreamLayerNorm(nn.LayerNorm):
 def stream_under_autocast(h: torch.Tensor, keep: bool) -> torch.Tensor:
     """The residual stream ``h`` in the autocast dtype when ``keep`` and autocast is on for its device (the
     ``residual_stream="autocast"`` setting); else ``h`` itself."""
-    kind = h.device.type
-    if not keep or not torch.is_autocast_enabled(kind):
-        return h
-    return h.to(torch.get_autocast_dtype(kind))
+    dtype = autocast_dtype(h) if keep else None
+    return h if dtype is None else h.to(dtype)
 
 
 def make_activation(name: str) -> nn.Module:

@@ -210,10 +210,16 @@ def register_flop_formulas(formulas: Mapping[str, FlopFormula]) -> list[str]:
 _DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 
+def dispatch_mode_active() -> bool:
+    """Whether a torch dispatch mode (a FLOP or byte counter, fake tensors) watches the calls on this thread:
+    a fused op then runs as its registered operator, which the mode sees, not as bare kernel launches."""
+    return _DISPATCH_STACK_LEN is not None and bool(_DISPATCH_STACK_LEN())
+
+
 def active_flop_counters() -> list[Any]:
     """The ``torch.utils.flop_counter.FlopCounterMode`` objects counting on this thread (usually none; the
     check costs one call into torch while no dispatch mode is active)."""
-    if _DISPATCH_STACK_LEN is None or not _DISPATCH_STACK_LEN():
+    if not dispatch_mode_active():
         return []
     try:
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from famevil_fast.ops._backend import check_backend, select_backend
+from famevil_fast.ops._backend import check_backend, dispatch_mode_active, select_backend
 
 BACKENDS = ("triton", "torch")
 QUICK_GELU_ALPHA = 1.702
@@ -46,10 +46,9 @@ def quick_gelu(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 
 
 def _triton_quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
+    if torch.compiler.is_compiling() or dispatch_mode_active():  # the operator, where a graph or mode sees it
+        from famevil_fast.kernels import custom_ops  # noqa: F401  (registers torch.ops.famevil_fast)
 
-    # the operator where a graph is traced or a dispatch mode (a FLOP or byte counter, fake tensors) looks on
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return torch.ops.famevil_fast.quick_gelu(x)
     from famevil_fast.kernels.autograd import quick_gelu_eager
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, select_backend
-from famevil_fast.ops.layer_norm import layer_norm_in_dtype
+from famevil_fast.ops.layer_norm import autocast_dtype, layer_norm_in_dtype
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -315,13 +315,7 @@ def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
     layers multiply in its 16-bit dtype, for a float32 x (a float32 residual stream); else None. The kernels
     keep reading and writing x's dtype, and their LayerNorm and accumulations in float32. The fused kernels
     (r <= 128) take it; the split path (r > 128) multiplies in x's dtype."""
-    if x.dtype != torch.float32:
-        return None
-    kind = x.device.type
-    if not torch.is_autocast_enabled(kind):
-        return None
-    dtype = torch.get_autocast_dtype(kind)
-    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return autocast_dtype(x) if x.dtype == torch.float32 else None
 
 
 def _scale_as_tensor(scale: torch.Tensor | float, ln_weight: torch.Tensor, per_task: bool) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed
 from famevil_fast.ops._backend import require_int, same_device_and_dtype, select_backend
+from famevil_fast.ops.activation import quick_gelu_reference
 from famevil_fast.ops.adapter import (
     AdapterParams,
     _scale_as_tensor,
@@ -82,7 +83,7 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "relu":
         return F.relu(y)
     if activation == "quick_gelu":
-        return y * torch.sigmoid(1.702 * y)
+        return quick_gelu_reference(y)
     if activation == "gelu":
         return F.gelu(y)
     return y

@@ -16,9 +16,18 @@ import torch.nn.functional as F
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype autocast computes products in on x's device, or None where autocast is off."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in LOW_PRECISION else None
+
+
 def keeps_input_dtype(x: torch.Tensor) -> bool:
     """Whether ``layer_norm_in_dtype`` normalises ``x`` in its own dtype: 16-bit under autocast."""
-    return x.dtype in LOW_PRECISION and torch.is_autocast_enabled(x.device.type)
+    return x.dtype in LOW_PRECISION and autocast_dtype(x) is not None
 
 
 def layer_norm_in_dtype(
