@@ -182,7 +182,7 @@ def torch_file_damage(path: str | Path) -> str | None:
             return _zip_damage(path)
         f.seek(0)
         first = _pickle_damage(f)
-        if first is not None or _legacy_magic(f) is not True:
+        if first is not None or not _legacy_magic(f):
             return "neither a zip archive nor a pickle starting with torch's magic number"
         for what in ("protocol version", "system info", "object", "storage keys"):
             damage = _pickle_damage(f)
@@ -227,10 +227,7 @@ def _legacy_magic(f: IO[bytes]) -> bool:
     f.seek(0)
     data = f.read(end)
     f.seek(end)
-    return any(arg == _LEGACY_MAGIC for _, arg, _ in pickletools.genops(data))
-
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+    return any(arg == torch.serialization.MAGIC_NUMBER for _, arg, _ in pickletools.genops(data))
 
 
 def _refusal_cause(exc: Exception) -> str:
