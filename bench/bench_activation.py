@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from bench_adapter import available  # the same eager / compile / triton skip reasons
+from bench_adapter import available, copy_bandwidth  # the same skip reasons and copy measurement
 
 from famevil_fast.ops import quick_gelu
 from famevil_fast.ops.activation import quick_gelu_reference
@@ -65,15 +65,6 @@ def tensors_moved(direction: str) -> int:
     return 2 if direction == "forward" else 3
 
 
-def copy_bandwidth(median_ms: Callable[..., float]) -> float | None:
-    """Bytes read + written per second by a device copy of 1 GiB (None on the CPU)."""
-    if not CUDA:
-        return None
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (median_ms(lambda: dst.copy_(src), DEVICE) / 1e3)
-
-
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -104,7 +95,7 @@ def test_quick_gelu_matches_the_reference() -> None:
 def test_quick_gelu_report(median_ms, kernel_profile, device_description) -> None:
     """Every case in one process: wall and device milliseconds, speed-ups over eager, and the Triton
     kernels' share of the copy bandwidth."""
-    bandwidth = copy_bandwidth(median_ms)
+    bandwidth = copy_bandwidth()
     lines = [
         f"QuickGELU, {DTYPE}, {device_description(DEVICE)}"
         + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""),

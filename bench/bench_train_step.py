@@ -57,6 +57,7 @@ import torch
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.clip import QuickGELU
 from famevil_fast.ops._backend import triton_runs_on
+from famevil_fast.text import EOT_ID, SOT_ID
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.optim import freeze_backbone
 
@@ -150,7 +151,8 @@ def random_batch(task: str, batch: int, size: int, seed: int) -> dict[str, torch
     ids = torch.zeros(batch, 77, dtype=torch.long)
     lengths = torch.randint(20, 70, (batch,), generator=g)
     for i, n in enumerate(lengths.tolist()):
-        ids[i, 0], ids[i, 1 : n + 1], ids[i, n + 1] = 49406, torch.randint(1, 49406, (n,), generator=g), 49407
+        ids[i, 0], ids[i, n + 1] = SOT_ID, EOT_ID
+        ids[i, 1 : n + 1] = torch.randint(1, SOT_ID, (n,), generator=g)
     out = {"pixels": torch.randn(batch, 3, size, size, generator=g), "input_ids": ids}
     if task == "tgir":
         out = {
@@ -182,7 +184,8 @@ class Setup:
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if CUDA and opts["precision"] == "bf16" else {}
         self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
-        bf16 = torch.bfloat16 if opts["precision"] == "bf16" and not opts["bf16_model"] else None
+        self.autocast = opts["precision"] == "bf16" and not opts["bf16_model"]  # a bf16 model runs without it
+        bf16 = torch.bfloat16 if self.autocast else None
         step_losses = self.losses
         if opts["compile"]:  # a fresh cache: every configuration compiles ``losses``, recompiles are capped
             torch._dynamo.reset()
@@ -227,9 +230,8 @@ class Setup:
                 self.optimizer.step()
             self.graphed.zero_grad()
             return losses
-        bf16 = self.opts["precision"] == "bf16" and not self.opts["bf16_model"]
         for micro in self.micro_steps(batches):
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.autocast):
                 total, micro_losses = self.losses(micro)
             total.backward()
             losses.update({t: v.detach() for t, v in micro_losses.items()})
@@ -246,10 +248,9 @@ class Setup:
         self.weight = 1.0 / len(batches)
         batches = self.model_inputs(batches)
         counter = FlopCounterMode(display=False)
-        bf16 = self.opts["precision"] == "bf16" and not self.opts["bf16_model"]
         with counter:  # entered once: entering it again would clear the counts
             for micro in self.micro_steps(batches):
-                with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=self.autocast):
                     total, _ = self.losses(micro)
                 total.backward()
         self.model.zero_grad(set_to_none=self.graphed is None)

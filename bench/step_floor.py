@@ -46,6 +46,7 @@ from bench_train_step import CONFIGS, TASKS  # noqa: E402
 
 from famevil_fast.capture import simulated_capture  # noqa: E402
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset  # noqa: E402
+from famevil_fast.ops.layer_norm import LOW_PRECISION  # noqa: E402
 from famevil_fast.text import EOT_ID, SOT_ID  # noqa: E402
 from famevil_fast.train.optim import freeze_backbone  # noqa: E402
 
@@ -89,7 +90,7 @@ class CudaFloat32Ops(TorchFunctionMode):
 
 
 def _to_float32(x: object) -> object:
-    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+    if isinstance(x, torch.Tensor) and x.dtype in LOW_PRECISION:
         return x.float()
     return x
 
@@ -209,9 +210,8 @@ def count_step(
     """The calls of one training step of configuration ``name`` (``bench_train_step.CONFIGS``): per task, or
     in shared mixed-task passes where the configuration has them, then the optimizer step. A first step
     runs uncounted, so that the optimizer's state exists, as in a replayed step."""
-    base, *extras = name.split("+")
-    opts = CONFIGS[base]
-    bf16_model = "bf16_model" in extras
+    opts = config_options(name)
+    bf16_model = opts["bf16_model"]
     counter = OpCounter(tflops=tflops, tbps=tbps)
     with FakeTensorMode():
         with _default_dtype(torch.bfloat16 if bf16_model else torch.get_default_dtype()):
@@ -219,7 +219,7 @@ def count_step(
         model.set_runtime(
             attention=opts["attention"], backend=opts["backend"], residual_stream=opts["residual_stream"]
         )
-        if "quick_gelu" in extras or opts["quick_gelu"] == "triton":
+        if opts["quick_gelu"] == "triton":
             _quick_gelu_operator(model)
         if opts["frozen"]:
             freeze_backbone(model)
@@ -246,6 +246,17 @@ def count_step(
                         total.backward()
                 optimizer.step()
     return counter
+
+
+def config_options(name: str) -> dict:
+    """The options of configuration ``name``: ``bench_train_step.CONFIGS``'s, with its extras applied."""
+    base, *extras = name.split("+")
+    opts = dict(CONFIGS[base])
+    if "quick_gelu" in extras:
+        opts["quick_gelu"] = "triton"
+    if "bf16_model" in extras:
+        opts["bf16_model"] = True
+    return opts
 
 
 def _quick_gelu_operator(model: FameViL) -> None:

@@ -109,3 +109,11 @@ def test_a_bf16_model_drops_the_autocast_casts() -> None:
     assert bf16.total().bytes < plain.total().bytes and "quick_gelu" in bf16.by_op
     assert step_floor.known_config("plain+bf16_model+quick_gelu") is None
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_configuration_s_own_bf16_model_flag_counts_as_the_extra() -> None:
+    """``bf16_model_graphed`` (bench_train_step's probe) is counted as the bf16 model it runs."""
+    probe = step_floor.count_step("bf16_model_graphed", "micro", 2, "itc")
+    extra = step_floor.count_step("plain+bf16_model", "micro", 2, "itc")
+    assert probe.by_kind["cast"].calls == extra.by_kind["cast"].calls
+    assert probe.total().bytes == extra.total().bytes
