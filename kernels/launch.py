@@ -250,7 +250,7 @@ def adapter_output(
         a, w, b = linear
         residuals = [*residuals, torch.addmm(b, a, w.t())]
     res, num_res = _residual_args(residuals, x)
-    fused_dot = configs.dot_args((product_dtype if r <= configs.FUSED_MAX_R else None) or x.dtype)
+    fused_dot = _product_dot(x, r, product_dtype)
     if columns:
         _adapter_columns(x, y, (h, mean, rstd), save, params, res, num_res, linear, eps, fused_dot)
         return y
@@ -313,6 +313,12 @@ def adapter_output(
     )
     _up_residual(h_buf, y, wu, bu, s, res, num_res, rows, configs.dot_args(x.dtype))
     return y
+
+
+def _product_dot(x: torch.Tensor, r: int, product_dtype: torch.dtype | None) -> dict:
+    """The fused kernels' ``DOT``/``PRECISION`` arguments: ``product_dtype``'s for a bottleneck kept on chip
+    (r <= FUSED_MAX_R), else x's (the split path multiplies in x's dtype)."""
+    return configs.dot_args((product_dtype if r <= configs.FUSED_MAX_R else None) or x.dtype)
 
 
 def _one_pass(x: torch.Tensor, product_dtype: torch.dtype | None) -> bool:
@@ -834,7 +840,7 @@ def adapter_backward(
     if n_rows == 0:
         return (torch.empty_like(x), *(torch.zeros_like(p) for p in params))
     order, counts, n_tasks = _index_args(rows, x)
-    dot = configs.dot_args((product_dtype if r <= configs.FUSED_MAX_R else None) or x.dtype)
+    dot = _product_dot(x, r, product_dtype)
     dp = x.new_empty(n_rows, r)
     # r > 128, one task: the weight gradients are library GEMMs over xhat and h
     products = r > configs.FUSED_MAX_R and not rows.mixed
