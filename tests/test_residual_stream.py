@@ -49,10 +49,9 @@ def stream_dtypes(model: FameViL, run) -> set[torch.dtype]:
     return seen
 
 
-@pytest.mark.parametrize("mixed", [False, True])
-def test_the_stream_takes_the_autocast_dtype_and_the_losses_stay(mixed: bool) -> None:
-    model = micro_model()
-    batches = task_batches(model)
+def both_streams(model: FameViL, batches: dict, device: str, dtype: torch.dtype, mixed: bool) -> dict:
+    """Per residual stream: (losses by task, gradients by parameter, the stream's dtypes) of one pass over
+    ``batches`` under autocast to ``dtype`` on ``device``, mixed-task or one pass per task."""
     results = {}
     for stream in ("float32", "autocast"):
         model.set_runtime(residual_stream=stream)
@@ -60,7 +59,7 @@ def test_the_stream_takes_the_autocast_dtype_and_the_losses_stay(mixed: bool) ->
         outs: dict = {}
 
         def run(outs: dict = outs) -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=dtype):
                 if mixed:
                     outs.update(model.forward_mixed(batches))
                 else:
@@ -70,15 +69,27 @@ def test_the_stream_takes_the_autocast_dtype_and_the_losses_stay(mixed: bool) ->
         dtypes = stream_dtypes(model, run)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[stream] = ({t: o.loss.item() for t, o in outs.items()}, grads, dtypes)
-    assert results["autocast"][2] == {torch.bfloat16}
+    return results
+
+
+def assert_the_streams_agree(results: dict) -> None:
+    """The 16-bit stream's losses within 2% and its (float32) gradients within 10% of the float32 stream's."""
     for task, loss in results["float32"][0].items():
         assert results["autocast"][0][task] == pytest.approx(loss, rel=2e-2), task
     grads32, grads16 = results["float32"][1], results["autocast"][1]
-    assert grads16.keys() == grads32.keys()
     assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads16.values())
     diff = sum(float((grads16[n] - g).square().sum()) for n, g in grads32.items())
     norm = sum(float(g.square().sum()) for g in grads32.values())
     assert (diff / norm) ** 0.5 < 0.1
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_the_stream_takes_the_autocast_dtype_and_the_losses_stay(mixed: bool) -> None:
+    model = micro_model()
+    results = both_streams(model, task_batches(model), "cpu", torch.bfloat16, mixed)
+    assert results["autocast"][2] == {torch.bfloat16}
+    assert results["autocast"][1].keys() == results["float32"][1].keys()
+    assert_the_streams_agree(results)
 
 
 def test_without_autocast_the_setting_changes_nothing() -> None:
@@ -251,19 +262,4 @@ def test_gpu_stream_in_the_autocast_dtype_trains_as_the_float32_stream(dtype: to
     gradients (float32) within 10% of each other, the stream in the autocast dtype when asked."""
     model = micro_model().cuda()
     batches = {t: {k: v.cuda() for k, v in b.items()} for t, b in task_batches(model).items()}
-    results = {}
-    for stream in ("float32", "autocast"):
-        model.set_runtime(residual_stream=stream)
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype):
-            outs = model.forward_mixed(batches)
-        sum(o.loss for o in outs.values()).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[stream] = ({t: o.loss.item() for t, o in outs.items()}, grads)
-    for task, loss in results["float32"][0].items():
-        assert results["autocast"][0][task] == pytest.approx(loss, rel=2e-2), task
-    grads32, grads16 = results["float32"][1], results["autocast"][1]
-    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads16.values())
-    diff = sum(float((grads16[n] - g).square().sum()) for n, g in grads32.items())
-    norm = sum(float(g.square().sum()) for g in grads32.values())
-    assert (diff / norm) ** 0.5 < 0.1
+    assert_the_streams_agree(both_streams(model, batches, "cuda", dtype, mixed=True))
