@@ -5,7 +5,10 @@ identical tokens, so the model runs in float32 (in bf16 the one-token and the wh
 differently, and a random model's near-tied logits then flip). On a GPU, ``graph+triton`` replays the same
 graph for the model with ``backend="triton"``, whose decoder runs each layer fused (``model/decode_step.py``:
 seven kernels a layer instead of about thirty; under a graph only their device time counts); whether its
-tokens equal re-encoding's is reported, and so is its kernel count a step.
+tokens equal re-encoding's is reported, and so is its kernel count a step. ``compiled`` and
+``compiled+graph`` run the static-shape step under ``torch.compile`` (``generate(..., compiled=True)``),
+eagerly and captured; the compiler fuses the work around the matrix products, so its tokens too are
+reported rather than required to match (the first call of each shape compiles, outside the timing).
 
 The model has random weights with the end token's logit pushed down, so every caption runs the full length
 and each method decodes the same number of tokens. On a GPU: ViT-B/16, 64 images at 76 tokens (the
@@ -13,12 +16,17 @@ length of a FashionGen caption: the 77-token context less the start token; the o
 the longest reference of the batch), 16 images at 76 tokens, then 64 and 16 images at 30 tokens, greedy and
 3 beams; on the CPU:
 the micro model (a check that the harness runs, not a measurement).
+
+``BENCH_CAPTION_CASES`` picks the cases (``images:tokens:beams`` comma-separated, e.g. ``16:76:1,64:76:1``)
+and ``BENCH_CAPTION_METHODS`` the methods beside re-encoding (comma-separated names of the table), so that a
+short run on a card times what it needs.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
 import statistics
 import time
 
@@ -32,7 +40,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PRESET = "ViT-B-16" if CUDA else "micro"
 # images, tokens, beams
-CASES = [(64, 76, 1), (16, 76, 1), (64, 30, 1), (16, 30, 1), (16, 30, 3)] if CUDA else [(2, 6, 1), (2, 6, 2)]
+DEFAULT_CASES = (
+    [(64, 76, 1), (16, 76, 1), (64, 30, 1), (16, 30, 1), (16, 30, 3)] if CUDA else [(2, 6, 1), (2, 6, 2)]
+)
+METHODS = ("kv-cache", "kv+graph", "graph+triton", "compiled", "compiled+graph")
 REPEATS = 5 if CUDA else 1
 LONG_REPEATS = 3  # cases past 50 tokens: re-encoding takes seconds a call
 
@@ -51,17 +62,43 @@ def _model() -> FameViL:
     return model
 
 
-def _methods(model, pixels, length, beams, triton_model=None):
+def cases() -> list[tuple[int, int, int]]:
+    """(images, tokens, beams) of each case: ``BENCH_CAPTION_CASES`` or the defaults."""
+    given = os.environ.get("BENCH_CAPTION_CASES", "").strip()
+    if not given:
+        return DEFAULT_CASES
+    out = []
+    for item in given.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"BENCH_CAPTION_CASES: {item!r} is not images:tokens:beams (positive integers)")
+        out.append(tuple(int(p) for p in parts))
+    return out
+
+
+def methods_chosen() -> tuple[str, ...]:
+    """The methods timed beside re-encoding: ``BENCH_CAPTION_METHODS`` or all of ``METHODS``."""
+    given = [m.strip() for m in os.environ.get("BENCH_CAPTION_METHODS", "").split(",") if m.strip()]
+    unknown = [m for m in given if m not in METHODS]
+    if unknown:
+        raise ValueError(f"BENCH_CAPTION_METHODS: unknown {unknown}; known: {', '.join(METHODS)}")
+    return tuple(given) or METHODS
+
+
+def _methods(model, pixels, length, beams, triton_model=None, chosen=METHODS):
+    def decode(m=model, **options):
+        return lambda: generate(m, pixels, max_len=length, num_beams=beams, **options)
+
     out = {
         "re-encoding": lambda: generate_by_reencoding(model, pixels, max_len=length, num_beams=beams),
-        "kv-cache": lambda: generate(model, pixels, max_len=length, num_beams=beams),
-        "kv+graph": lambda: generate(model, pixels, max_len=length, num_beams=beams, cuda_graph=True),
+        "kv-cache": decode(),
+        "kv+graph": decode(cuda_graph=True),
+        "compiled": decode(compiled=True),
+        "compiled+graph": decode(compiled=True, cuda_graph=True),
     }
     if triton_model is not None:  # the same graph with the adapters and XAA blocks on their Triton kernels
-        out["graph+triton"] = lambda: generate(
-            triton_model, pixels, max_len=length, num_beams=beams, cuda_graph=True
-        )
-    return out
+        out["graph+triton"] = decode(triton_model, cuda_graph=True)
+    return {k: fn for k, fn in out.items() if k == "re-encoding" or k in chosen}
 
 
 # must give exactly the re-encoding tokens; the Triton kernels sum in another order, so theirs are reported
@@ -90,11 +127,12 @@ def test_caption_decoding_report(kernel_breakdown):
     size = model.config.clip.vision.image_size
     name = torch.cuda.get_device_name() if CUDA else "CPU (harness check only)"
     print(f"\ncaption decoding, {PRESET}, {name}, torch {torch.__version__}, float32")
-    head = f"{'images':>6} {'tokens':>6} {'beams':>5} {'method':>12} {'ms':>9} {'tokens/s':>10}"
+    head = f"{'images':>6} {'tokens':>6} {'beams':>5} {'method':>14} {'ms':>9} {'tokens/s':>10}"
     print(f"{head} {'x re-encoding':>13}")
-    for case, (batch, length, beams) in enumerate(CASES):
+    chosen = methods_chosen()
+    for case, (batch, length, beams) in enumerate(cases()):
         pixels = torch.randn(batch, 3, size, size, device=DEVICE)
-        methods = _methods(model, pixels, length, beams, triton_model)
+        methods = _methods(model, pixels, length, beams, triton_model, chosen)
         with torch.no_grad():
             outputs = {k: fn() for k, fn in methods.items()}
             repeats = LONG_REPEATS if length > 50 else REPEATS
@@ -103,14 +141,20 @@ def test_caption_decoding_report(kernel_breakdown):
         for k, seconds in times.items():
             ratio = times["re-encoding"] / seconds
             same = torch.equal(outputs[k], outputs["re-encoding"])
-            row = f"{batch:>6} {length:>6} {beams:>5} {k:>12} {seconds * 1e3:>9.2f} {tokens / seconds:>10.0f}"
+            row = f"{batch:>6} {length:>6} {beams:>5} {k:>14} {seconds * 1e3:>9.2f} {tokens / seconds:>10.0f}"
             print(f"{row} {ratio:>13.2f}  tokens {'identical' if same else 'DIFFER'}", flush=True)
         with torch.no_grad():  # what bounds it: the shared vision pass, and the cached decoder's kernels
             vision = _seconds(functools.partial(model.vision_memory, pixels, "cap"))
-            profiles = {"kv-cache": kernel_breakdown(methods["kv-cache"], DEVICE, top=0)}
-            if triton_model is not None:
-                fused = functools.partial(generate, triton_model, pixels, max_len=length, num_beams=beams)
-                profiles["fused kv-cache"] = kernel_breakdown(fused, DEVICE, top=0)
+            eager = {"kv-cache": methods.get("kv-cache")}
+            if "graph+triton" in methods:
+                eager["fused kv-cache"] = functools.partial(
+                    generate, triton_model, pixels, max_len=length, num_beams=beams
+                )
+            if "compiled" in methods or "compiled+graph" in methods:
+                eager["compiled kv-cache"] = functools.partial(
+                    generate, model, pixels, max_len=length, num_beams=beams, compiled=True
+                )
+            profiles = {k: kernel_breakdown(fn, DEVICE, top=0) for k, fn in eager.items() if fn is not None}
         line = f"  vision pass (in every method): {vision * 1e3:.2f} ms"
         for name, kernels in profiles.items():
             if kernels is not None:
@@ -122,6 +166,6 @@ def test_caption_decoding_report(kernel_breakdown):
         if case == 0:  # which kernels the decode's device time goes to
             for name, kernels in profiles.items():
                 for kernel, calls, ms in (kernels or [])[:TOP_KERNELS]:
-                    print(f"    {name:<15} {ms:9.2f} ms {calls:7d}x  {kernel}", flush=True)
-        for k in EXACT:
+                    print(f"    {name:<17} {ms:9.2f} ms {calls:7d}x  {kernel}", flush=True)
+        for k in (k for k in EXACT if k in methods):
             assert torch.equal(outputs[k], outputs["re-encoding"]), f"{k} tokens differ from re-encoding"

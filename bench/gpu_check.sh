@@ -29,11 +29,12 @@ PARTS="${PARTS//,/ }"
 # GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
 # launch-configuration sweep behind kernels/configs.py, "train_compiled", the torch.compile baselines of
 # the frozen ITC step, about a minute of compiling per configuration, and "contrastive_huge", the Triton loss
-# at 1,048,576 rows, about 12 s a run; in this order)
+# at 1,048,576 rows, about 12 s a run; in this order). "caption_compiled" times the compiled decoding steps
+# beside graph replay of the plain one (BENCH_CAPTION_CASES, BENCH_CAPTION_METHODS: see bench_caption.py)
 BENCHES="${GPU_CHECK_BENCH:-contrastive adapter adapter_dtypes activation xattn train_step caption retrieval imtl data}"
 BENCHES="${BENCHES//,/ }"
 KNOWN_PARTS="build tests demo bench"
-KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes activation xattn train_step train_compiled caption retrieval imtl data tiles"
+KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes activation xattn train_step train_compiled caption caption_compiled retrieval imtl data tiles"
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 FAMEVIL_FAST_BACKEND=""
@@ -151,6 +152,10 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
       TRAIN_STEP_CONFIGS=faithful,plain_frozen,plain_frozen_graphed,plain_frozen_compiled,fast_frozen,fast_frozen_compiled \
       "${BENCH[@]}" bench/bench_train_step.py -k report ;;
     caption) part "bench: caption decoding" 130 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py ;;
+    caption_compiled) part "bench: compiled caption decoding" 200 bench_caption_compiled.txt \
+      env BENCH_CAPTION_CASES="${BENCH_CAPTION_CASES:-16:76:1,64:76:1}" \
+      BENCH_CAPTION_METHODS="${BENCH_CAPTION_METHODS:-kv+graph,compiled,compiled+graph}" \
+      "${BENCH[@]}" bench/bench_caption.py ;;
     retrieval) part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py ;;
     imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
     data) part "bench: data" 60 bench_data.txt "${BENCH[@]}" bench/bench_data.py -k report ;;
@@ -198,6 +203,7 @@ for name, title in (
     ("bench_train_step.txt", "Training step"),
     ("bench_train_compiled.txt", "Training step with torch.compile (frozen ITC)"),
     ("bench_caption.txt", "Caption decoding"),
+    ("bench_caption_compiled.txt", "Compiled caption decoding"),
     ("bench_retrieval.txt", "Retrieval"),
     ("bench_imtl.txt", "IMTL-G combination"),
     ("bench_data.txt", "Data"),

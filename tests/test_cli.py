@@ -182,6 +182,9 @@ def test_caption_prints_one_line_per_image(checkpoint, images, capsys):
         main(["caption", str(checkpoint), str(images), "--max-len", "5", "--beams", "2", "--cuda-graph"]) == 0
     )
     assert capsys.readouterr().out.strip().splitlines() == lines  # same captions through the graph path
+    compiled = ["--beams", "2", "--cuda-graph", "--compile"]
+    assert main(["caption", str(checkpoint), str(images), "--max-len", "5", *compiled]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines  # and through the compiled steps
     assert main(["caption", str(checkpoint), str(images), "--max-len", "5", "--op-backend", "triton"]) == 0
     fused = capsys.readouterr().out.strip().splitlines()  # greedy, each layer of a step fused
     assert main(["caption", str(checkpoint), str(images), "--max-len", "5"]) == 0
@@ -261,7 +264,8 @@ def test_eval_options_from_a_recipe_and_the_flags():
     assert list(mixed.xmr_protocols) == ["full"]
     plain = options("--cuda-graph")
     assert (plain.caption_beams, plain.caption_max_len, plain.caption_no_repeat_ngram) == (1, 40, 0)
-    assert plain.caption_metrics is None and plain.caption_cuda_graph
+    assert plain.caption_metrics is None and plain.caption_cuda_graph and not plain.caption_compile
+    assert options("--compile").caption_compile
     assert plain.sampled_seed == 0 and not plain.caption_len_from_references
     assert plain.caption_references == "clip"
     assert (plain.eval_resize, plain.views) == ("keep_aspect", "all")

@@ -110,9 +110,11 @@ class CaptionStub:
 
     def __init__(self):
         self.max_lens = []
+        self.decoding = set()
 
-    def caption(self, pixels, max_len, num_beams, no_repeat_ngram, cuda_graph):
+    def caption(self, pixels, max_len, num_beams, no_repeat_ngram, cuda_graph, compiled):
         self.max_lens.append(max_len)
+        self.decoding.add((cuda_graph, compiled))
         return ["a dress"] * pixels.shape[0]
 
 
@@ -142,6 +144,7 @@ def test_caption_length_fixed_by_default_and_from_references_when_faithful(score
     model = CaptionStub()
     (result,) = evaluate_cap(model, _cap_set(), EvalOptions(caption_max_len=23))
     assert model.max_lens == [23, 23, 23] and result.details["max_len"] == 23
+    assert model.decoding == {(False, False)}
     model = CaptionStub()
     (result,) = evaluate_cap(model, _cap_set(), EvalOptions(caption_len_from_references=True))
     # the longest reference of each batch in content tokens, counted with the tokenizer directly
@@ -166,6 +169,12 @@ def test_caption_references_clip_round_trip_by_default_or_raw(scored):
     assert raw == [t for texts in TEXT_BATCHES for t in texts]
     with pytest.raises(ValueError, match="caption_references"):
         evaluate_cap(CaptionStub(), _cap_set(), EvalOptions(caption_references="lower"))
+
+
+def test_caption_decoding_switches_reach_the_model(scored):
+    model = CaptionStub()
+    evaluate_cap(model, _cap_set(), EvalOptions(caption_cuda_graph=True, caption_compile=True))
+    assert model.decoding == {(True, True)}
 
 
 def test_raw_references_follow_max_samples(scored):

@@ -188,17 +188,17 @@ def test_graph_key_sees_the_models_runtime_choices(model):
     from famevil_fast.model.graphed_decoding import _key
 
     pixels = torch.randn(2, 3, 32, 32)
-    before = _key(model, pixels, 8, 1, 0)
+    before = _key(model, pixels, 8, 1, 0, None)
     for change in ({"attention": "eager"}, {"backend": "triton"}, {"residual_stream": "autocast"}):
         saved = model.config
         model.set_runtime(**change)
         try:
-            assert _key(model, pixels, 8, 1, 0) != before, change
+            assert _key(model, pixels, 8, 1, 0, None) != before, change
         finally:
             model.set_runtime(
                 attention=saved.attention, backend=saved.backend, residual_stream=saved.residual_stream
             )
-    assert _key(model, pixels, 8, 1, 0) == before
+    assert _key(model, pixels, 8, 1, 0, None) == before
 
 
 def test_caption_without_text_cross_attention_is_refused_clearly():

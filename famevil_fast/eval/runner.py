@@ -81,6 +81,7 @@ class EvalOptions:
     max_samples: int | None = None
     text_batch: int = 256
     caption_cuda_graph: bool = False
+    caption_compile: bool = False
     caption_len_from_references: bool = False
     caption_references: str = "clip"
     views: str = "all"
@@ -118,6 +119,7 @@ class EvalOptions:
             section.caption_metrics,
             section.max_samples,
             caption_cuda_graph=section.caption_cuda_graph,
+            caption_compile=section.caption_compile,
             caption_len_from_references=section.caption_len_from_references,
             caption_references=section.caption_references,
             views=section.views,
@@ -530,6 +532,7 @@ def evaluate_cap(
             num_beams=opts.caption_beams,
             no_repeat_ngram=opts.caption_no_repeat_ngram,
             cuda_graph=opts.caption_cuda_graph,
+            compiled=opts.caption_compile,
         )
         rows = (batch.get("product_ids"), batch["pixels"].shape[0])  # raw references: looked up in order
         return captions, decode(input_ids) if opts.caption_references == "clip" else rows

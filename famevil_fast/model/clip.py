@@ -281,9 +281,15 @@ class TextTower(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         self.keeps_stream_dtype = False  # residual_stream="autocast" (FameViL.set_runtime)
 
-    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Token plus position embeddings of ``input_ids`` (B, L) placed at positions ``start`` onwards
+        (an int, or a 0-d tensor on the device, read there)."""
         length = input_ids.shape[1]
-        h = self.token_embed(input_ids) + self.pos_embed[start : start + length]
+        if isinstance(start, torch.Tensor):
+            positions = self.pos_embed[start + torch.arange(length, device=start.device)]
+        else:
+            positions = self.pos_embed[start : start + length]
+        h = self.token_embed(input_ids) + positions
         return stream_under_autocast(h, self.keeps_stream_dtype)
 
     def pool(self, h: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

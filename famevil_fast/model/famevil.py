@@ -359,6 +359,7 @@ class FameViL(nn.Module):
         return_ids: bool = False,
         no_repeat_ngram: int = 0,
         cuda_graph: bool = False,
+        compiled: bool | str = False,
     ) -> list[str] | torch.Tensor:
         """Captions of images: greedy (num_beams=1) or beam search, with key/value caches; strings, or the
         generated token ids (B, <= max_len + 1: the start token, then at most ``max_len`` generated tokens,
@@ -366,6 +367,7 @@ class FameViL(nn.Module):
         ``context_length - 1`` (76) steps.
         ``no_repeat_ngram`` > 0 forbids repeating any n-gram of that length (off, as the reference).
         ``cuda_graph`` replays the whole decode as one CUDA graph (same tokens; see ``generate``).
+        ``compiled`` runs each step as one ``torch.compile`` graph (True: Inductor; see ``generate``).
         ``max_len``, ``num_beams`` and ``no_repeat_ngram`` must be ints (TypeError otherwise); a model
         without cross-attention adapters in the text tower (xaa="none") cannot caption (ValueError)."""
         from famevil_fast.model.generation import generate
@@ -379,6 +381,7 @@ class FameViL(nn.Module):
             num_beams=num_beams,
             no_repeat_ngram=no_repeat_ngram,
             cuda_graph=cuda_graph,
+            compiled=compiled,
         )
         if return_ids:
             return ids

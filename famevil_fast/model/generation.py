@@ -8,6 +8,7 @@ prefix every step, as the official code does); both give the same tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,28 @@ from famevil_fast.text.special_tokens import EOT_ID, SOT_ID
 
 if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(layer, q, k, v) of the new token -> its self-attention output, the key and value cached by the callee."""
+
+
+def text_layers(
+    model: FameViL,
+    h: torch.Tensor,
+    task: str,
+    context_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    attend: Attend,
+) -> torch.Tensor:
+    """The text stack on one new token per sequence, h (B, 1, width) -> next-token logits (B, V): each
+    block's self-attention through ``attend``, its cross-attention adapter over the image keys and values
+    ``context_kv``, the MLP and the task's adapter."""
+    for layer, (block, kv) in enumerate(zip(model.text.blocks, context_kv)):
+        q, k, v = block.attn.project(block.ln_1(h))
+        o = attend(layer, q, k, v)
+        a = h + block.attention_output(block.attn.out(merge_heads(o)), task)
+        h = block.feed_forward(a, task, block.cross_attend(a, context_kv=kv))
+    return model.caption_logits(model.text.ln_final(h[:, 0]), task).float()
 
 
 class TextDecoder:
@@ -55,7 +78,7 @@ class TextDecoder:
     def step_embedded(self, h: torch.Tensor) -> torch.Tensor:
         """Feed one input embedding per sequence (B, 1, width), position embedding included; returns
         next-token logits (B, V)."""
-        text, t = self.model.text, self.length
+        t = self.length
         if t >= self.cache.shape[4]:
             raise ValueError(f"the decoder holds {self.cache.shape[4]} positions; position {t} is past them")
         if self.fused:
@@ -64,16 +87,17 @@ class TextDecoder:
                 rows = layer(rows, cache, t, context_kv)
             self.length += 1
             return self.head(rows).float()
-        for block, cache, context_kv in zip(self.blocks, self.caches, self.context_kv):
-            q, k, v = block.attn.project(block.ln_1(h))
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache = self.caches[layer]
             cache[:, 0, :, t] = k[:, :, 0]
             cache[:, 1, :, t] = v[:, :, 0]
-            o = attention(q, cache[:, 0, :, : t + 1], cache[:, 1, :, : t + 1], impl=block.attn.impl)
-            a = h + block.attention_output(block.attn.out(merge_heads(o)), self.task)
-            x = block.cross_attend(a, context_kv=context_kv)
-            h = block.feed_forward(a, self.task, x)
+            impl = self.blocks[layer].attn.impl
+            return attention(q, cache[:, 0, :, : t + 1], cache[:, 1, :, : t + 1], impl=impl)
+
+        logits = text_layers(self.model, h, self.task, self.context_kv, attend)
         self.length += 1
-        return self.model.caption_logits(text.ln_final(h[:, 0]), self.task).float()
+        return logits
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep sequences ``index`` (beam search), each taken from a beam of its own image.
@@ -82,6 +106,32 @@ class TextDecoder:
         for every beam of an image, so they stay as they are."""
         filled = self.cache[:, :, :, :, : self.length]
         filled.copy_(filled.index_select(1, index))
+
+
+def compile_backend(compiled: bool | str) -> str | None:
+    """``generate``'s ``compiled`` as a ``torch.compile`` backend name (None: not compiled); an unknown
+    backend or a value of another type is refused."""
+    if isinstance(compiled, bool):
+        return "inductor" if compiled else None
+    if not isinstance(compiled, str):
+        kind = type(compiled).__name__
+        raise TypeError(f"compiled must be a bool or a torch.compile backend name, got {kind}")
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if compiled not in known:
+        raise ValueError(f"compiled={compiled!r} is not a torch.compile backend; known: {', '.join(known)}")
+    return compiled
+
+
+def cached_decoder(
+    model: FameViL, memory: list[torch.Tensor], max_tokens: int, compile_with: str | None = None
+) -> TextDecoder:
+    """The key/value-cached decoder of ``memory``: ``TextDecoder``, or with a ``torch.compile`` backend
+    (``compile_backend``) the static-shape ``StaticTextDecoder``, which has the same interface."""
+    if compile_with is None:
+        return TextDecoder(model, memory, max_tokens)
+    from famevil_fast.model.compiled_decoding import StaticTextDecoder
+
+    return StaticTextDecoder(model, memory, max_tokens, compile_backend=compile_with)
 
 
 def max_steps(model: FameViL, max_len: int) -> int:
@@ -100,13 +150,17 @@ def generate(
     num_beams: int = 1,
     no_repeat_ngram: int = 0,
     cuda_graph: bool = False,
+    compiled: bool | str = False,
 ) -> torch.Tensor:
     """Token ids (B, 1 + steps): start token, generated tokens, end-of-text padding after a sequence ends.
     ``no_repeat_ngram`` > 0 forbids any n-gram of that length from occurring twice in a caption (off by
     default, as in the reference decoding). ``cuda_graph=True`` replays the whole decode, greedy or beam
-    search, as one CUDA graph (``model.graphed_decoding``), same tokens. ``max_len``, ``num_beams`` and
+    search, as one CUDA graph (``model.graphed_decoding``), same tokens. ``compiled=True`` runs each step
+    as one ``torch.compile`` graph with static shapes (``model.compiled_decoding``; a string names another
+    ``torch.compile`` backend), alone or under ``cuda_graph``. ``max_len``, ``num_beams`` and
     ``no_repeat_ngram`` must be ints (TypeError); a model with xaa="none" cannot caption (ValueError)."""
     check_can_caption(model.config.xaa)
+    compiled = compile_backend(compiled)
     num_beams = require_int("caption", "num_beams", num_beams)
     no_repeat_ngram = require_int("caption", "no_repeat_ngram", no_repeat_ngram)
     max_len = require_int("caption", "max_len", max_len)
@@ -119,14 +173,14 @@ def generate(
     if cuda_graph:
         from famevil_fast.model.graphed_decoding import generate_graphed
 
-        return generate_graphed(model, pixels, max_len, num_beams, no_repeat_ngram)
+        return generate_graphed(model, pixels, max_len, num_beams, no_repeat_ngram, compiled)
     steps = max_steps(model, max_len)
     memory = model.vision_memory(pixels, "cap")
     if num_beams == 1:
-        decoder = TextDecoder(model, memory, steps + 1)
+        decoder = cached_decoder(model, memory, steps + 1, compiled)
         return greedy_decode(decoder, pixels.shape[0], steps, pixels.device, model, no_repeat_ngram)
     memory = [m.repeat_interleave(num_beams, dim=0) for m in memory]
-    decoder = TextDecoder(model, memory, steps + 1)
+    decoder = cached_decoder(model, memory, steps + 1, compiled)
     return _beam_search(decoder, pixels.shape[0], num_beams, steps, pixels.device, model, no_repeat_ngram)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from famevil_fast.capture import simulated_capture, static_shapes
-from famevil_fast.model.generation import EOT_ID, TextDecoder, greedy_decode, max_steps
+from famevil_fast.model.generation import EOT_ID, cached_decoder, greedy_decode, max_steps
 from famevil_fast.model.static_beam_search import beam_search_all_steps
 
 if TYPE_CHECKING:
@@ -32,10 +32,11 @@ _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {ke
 
 
 def greedy_all_steps(
-    model: FameViL, pixels: torch.Tensor, steps: int, no_repeat_ngram: int = 0
+    model: FameViL, pixels: torch.Tensor, steps: int, no_repeat_ngram: int = 0, compiled: str | None = None
 ) -> torch.Tensor:
-    """(B, 1 + steps) greedy tokens without early stopping: no host read-backs, static shapes."""
-    decoder = TextDecoder(model, model.vision_memory(pixels, "cap"), steps + 1)
+    """(B, 1 + steps) greedy tokens without early stopping: no host read-backs, static shapes; ``compiled``
+    a ``torch.compile`` backend for the steps (``generation.cached_decoder``)."""
+    decoder = cached_decoder(model, model.vision_memory(pixels, "cap"), steps + 1, compiled)
     return greedy_decode(
         decoder, pixels.shape[0], steps, pixels.device, model, no_repeat_ngram, stop_early=False
     )
@@ -50,13 +51,18 @@ def greedy_lengths(out: torch.Tensor) -> torch.Tensor:
 
 
 def decode_all_steps(
-    model: FameViL, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
+    model: FameViL,
+    pixels: torch.Tensor,
+    steps: int,
+    beams: int,
+    no_repeat_ngram: int = 0,
+    compiled: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), kept length per row): capture-safe greedy or beam decoding."""
     if beams == 1:
-        out = greedy_all_steps(model, pixels, steps, no_repeat_ngram)
+        out = greedy_all_steps(model, pixels, steps, no_repeat_ngram, compiled)
         return out, greedy_lengths(out)
-    return beam_search_all_steps(model, pixels, steps, beams, no_repeat_ngram)
+    return beam_search_all_steps(model, pixels, steps, beams, no_repeat_ngram, compiled)
 
 
 def cut(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -73,9 +79,11 @@ def storage_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
 
 
-def _key(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int) -> tuple:
-    """What a captured decode depends on: the inputs' layout, the decoding settings, autocast, the model's
-    runtime choices (``set_runtime``) and where its tensors live."""
+def _key(
+    model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int, compiled: str | None
+) -> tuple:
+    """What a captured decode depends on: the inputs' layout, the decoding settings (the compile backend
+    among them), autocast, the model's runtime choices (``set_runtime``) and where its tensors live."""
     runtime = model.config
     return (
         (runtime.attention, runtime.backend, runtime.residual_stream),
@@ -85,12 +93,13 @@ def _key(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: i
         steps,
         beams,
         no_repeat_ngram,
+        compiled,
         _autocast_state(pixels.device),
         storage_fingerprint(model),
     )
 
 
-def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int):
+def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int, compiled: str | None):
     static_pixels = pixels.clone()
     enabled, dtype = _autocast_state(pixels.device)
     autocast = (
@@ -104,31 +113,36 @@ def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngra
         torch.cuda.stream(side),
         static_shapes(),
         autocast,
-    ):  # warm-up: kernels compiled, workspaces allocated
-        decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram)
+    ):  # warm-up: kernels compiled (the compiled steps traced), workspaces allocated
+        decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram, compiled)
     torch.cuda.current_stream(pixels.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast:
-        out = decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram)
+        out = decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram, compiled)
     return graph, static_pixels, out
 
 
 @torch.no_grad()
 def generate_graphed(
-    model: FameViL, pixels: torch.Tensor, max_len: int = 76, num_beams: int = 1, no_repeat_ngram: int = 0
+    model: FameViL,
+    pixels: torch.Tensor,
+    max_len: int = 76,
+    num_beams: int = 1,
+    no_repeat_ngram: int = 0,
+    compiled: str | None = None,
 ) -> torch.Tensor:
     """Captions as ``generate(model, pixels, max_len, num_beams, no_repeat_ngram)`` returns them, decoded
-    by one graph replay."""
+    by one graph replay; ``compiled`` a ``torch.compile`` backend for the steps (captured compiled)."""
     steps = max_steps(model, max_len)
     if pixels.device.type != "cuda":
         with simulated_capture():
-            tokens, lengths = decode_all_steps(model, pixels, steps, num_beams, no_repeat_ngram)
+            tokens, lengths = decode_all_steps(model, pixels, steps, num_beams, no_repeat_ngram, compiled)
         return cut(tokens, lengths)
     graphs = _GRAPHS.setdefault(model, {})
-    key = _key(model, pixels, steps, num_beams, no_repeat_ngram)
+    key = _key(model, pixels, steps, num_beams, no_repeat_ngram, compiled)
     if key not in graphs:
         graphs.clear()  # one live graph per model: its memory pool holds a whole decode
-        graphs[key] = _capture(model, pixels, steps, num_beams, no_repeat_ngram)
+        graphs[key] = _capture(model, pixels, steps, num_beams, no_repeat_ngram, compiled)
     graph, static_pixels, (tokens, lengths) = graphs[key]
     static_pixels.copy_(pixels)
     graph.replay()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from famevil_fast.model.generation import EOT_ID, SOT_ID, TextDecoder, ban_repeated_ngrams_on_device
+from famevil_fast.model.generation import EOT_ID, SOT_ID, ban_repeated_ngrams_on_device, cached_decoder
 
 if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
@@ -64,14 +64,19 @@ def _select(top_scores, src_beam, token, done, beams):
 
 
 def beam_search_all_steps(
-    model: FameViL, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int = 0
+    model: FameViL,
+    pixels: torch.Tensor,
+    steps: int,
+    beams: int,
+    no_repeat_ngram: int = 0,
+    compiled: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), lengths (B,)): the best sequence of each input (end-token padded) and its
-    length; no host read-backs, every step runs."""
+    length; no host read-backs, every step runs; ``compiled`` a ``torch.compile`` backend for the steps."""
     device, batch = pixels.device, pixels.shape[0]
     width = steps + 1
     memory = [m.repeat_interleave(beams, dim=0) for m in model.vision_memory(pixels, "cap")]
-    decoder = TextDecoder(model, memory, width)
+    decoder = cached_decoder(model, memory, width, compiled)
     scores = torch.full((batch, beams), NEG_INF, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand from the first only
     seqs = torch.full((batch * beams, width), EOT_ID, dtype=torch.long, device=device)

@@ -240,6 +240,12 @@ class EvalSection:
     caption_cuda_graph: bool = doc(
         "decode each caption batch by replaying one CUDA graph (same captions; on the CPU: eager)", False
     )
+    caption_compile: bool = doc(
+        "run each caption decoding step as one torch.compile (Inductor) graph, with or without "
+        "caption_cuda_graph (the first batch of a new size compiles first; captions match except where two "
+        "words tie to within rounding)",
+        False,
+    )
     caption_metrics: list[str] = doc(
         "caption metrics: bleu4, meteor, rouge_l, cider", factory=lambda: ["bleu4", "rouge_l", "cider"]
     )

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replay each batch's whole decode as one CUDA graph (same captions, fewer launches)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run each decoding step as one torch.compile (Inductor) graph: several times fewer kernels a "
+        "step, alone or with --cuda-graph; the first batch of a new size compiles first (tens of seconds); "
+        "captions match except where two words tie to within rounding",
+    )
     add_op_backend_argument(parser)
 
 
@@ -99,6 +106,7 @@ def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -
             num_beams=args.beams,
             no_repeat_ngram=args.no_repeat_ngram,
             cuda_graph=args.cuda_graph,
+            compiled=args.compile,
         )
         lines = [f"{f}\t{text}" for f, text in zip(chunk, captions)]
         if not shard.enabled:

@@ -119,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda-graph", action="store_true", help="decode captions by CUDA graph replay (same captions)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode captions with each step compiled by torch.compile (Inductor; eval.caption_compile)",
+    )
     add_op_backend_argument(parser)
     parser.add_argument(
         "--out",
@@ -159,6 +164,7 @@ def eval_options(args: argparse.Namespace) -> EvalOptions:
     options = dataclasses.replace(options, **{k: v for k, v in given.items() if v is not None})
     switches = {
         "caption_cuda_graph": args.cuda_graph,
+        "caption_compile": args.compile,
         "caption_len_from_references": args.max_len_from_references,
     }
     options = dataclasses.replace(options, **{k: True for k, on in switches.items() if on})

@@ -1,0 +1,151 @@
+"""Compiled caption decoding (``generate(..., compiled=...)``): the static-shape step traces as one graph,
+its logits equal the plain cached step's, and its tokens those of re-encoding, eagerly and graphed."""
+
+import pytest
+import torch
+from helpers import perturb_
+
+from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+from famevil_fast.model.compiled_decoding import StaticTextDecoder, static_step
+from famevil_fast.model.generation import (
+    EOT_ID,
+    SOT_ID,
+    TextDecoder,
+    cached_decoder,
+    compile_backend,
+    generate,
+    generate_by_reencoding,
+)
+from famevil_fast.model.graphed_decoding import _key
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = perturb_(
+        FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")), std=0.05
+    )
+    with torch.no_grad():  # some sequences end early, others run to the limit
+        m.heads["cap"].bias[EOT_ID] += 3.0
+    return m.double().eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test starts without compiled variants, so none counts against another's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _pixels(batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, dtype=torch.float64, generator=g)
+
+
+def test_static_step_traces_as_one_graph(model):
+    """No graph break: ``fullgraph=True`` would raise at the first."""
+    step = torch.compile(static_step, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        memory = model.vision_memory(_pixels(2), "cap")
+        decoder = StaticTextDecoder(model, memory, 5, compile_backend=None)
+        decoder._step = step
+        plain = TextDecoder(model, memory, 5)
+        tokens = torch.full((2,), SOT_ID)
+        for _ in range(3):
+            want = plain.step(tokens)
+            torch.testing.assert_close(decoder.step(tokens), want, rtol=0, atol=1e-12)
+            tokens = want.argmax(-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("max_tokens", [4, 7])
+def test_static_step_logits_equal_the_plain_step(model, batch, max_tokens):
+    """Every position up to the last one the cache holds; then a step past it is refused."""
+    with torch.no_grad():
+        memory = model.vision_memory(_pixels(batch), "cap")
+        static = StaticTextDecoder(model, memory, max_tokens, compile_backend=None)
+        plain = TextDecoder(model, memory, max_tokens)
+        tokens = torch.full((batch,), SOT_ID)
+        for _ in range(max_tokens):
+            want = plain.step(tokens)
+            torch.testing.assert_close(static.step(tokens), want, rtol=0, atol=1e-12)
+            tokens = want.argmax(-1)
+        assert int(static.position) == static.length == max_tokens
+        with pytest.raises(ValueError, match=f"holds {max_tokens} positions"):
+            static.step(tokens)
+
+
+def test_static_reorder_continues_like_the_plain_one(model):
+    """Beam reordering (each row from a beam of its own image) then one more step: as TextDecoder's."""
+    pixels = _pixels(2).repeat_interleave(3, dim=0)
+    prefixes = torch.randint(0, 1000, (6, 4))
+    prefixes[:, 0] = SOT_ID
+    index = torch.tensor([2, 2, 0, 4, 3, 5])
+    with torch.no_grad():
+        memory = model.vision_memory(pixels, "cap")
+        decoders = [StaticTextDecoder(model, memory, 8, compile_backend=None), TextDecoder(model, memory, 8)]
+        for decoder in decoders:
+            for t in range(3):
+                decoder.step(prefixes[:, t])
+            decoder.reorder(index)
+        static, plain = (d.step(prefixes[:, 3]) for d in decoders)
+        torch.testing.assert_close(static, plain, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize(("batch", "beams"), [(1, 1), (3, 1), (2, 3)])
+def test_compiled_decoding_gives_the_tokens_of_reencoding(model, cuda_graph, batch, beams):
+    """Through aot_eager (the traced graph, run by ATen); the graphed loop under simulated capture."""
+    for seed in range(2):
+        pixels = _pixels(batch, seed)
+        with torch.no_grad():
+            got = generate(
+                model, pixels, max_len=8, num_beams=beams, cuda_graph=cuda_graph, compiled="aot_eager"
+            )
+        assert torch.equal(got, generate_by_reencoding(model, pixels, max_len=8, num_beams=beams))
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_inductor_compiled_decoding_gives_the_tokens_of_reencoding(model, beams):
+    """The default backend, Inductor (C++ code on the CPU), in the graphed loop; a second batch size
+    recompiles and still matches. Greedy, some captions end early and others run to the limit."""
+    ended = []
+    for batch in (3, 2):
+        pixels = _pixels(batch, batch)
+        with torch.no_grad():
+            got = model.caption(
+                pixels, max_len=8, num_beams=beams, cuda_graph=True, compiled=True, return_ids=True
+            )
+        want = generate_by_reencoding(model, pixels, max_len=8, num_beams=beams)
+        assert torch.equal(got, want)
+        ended += [EOT_ID in row[1:] for row in want.tolist()]
+    if beams == 1:
+        assert any(ended) and not all(ended)
+
+
+def test_compile_backend_is_checked():
+    assert compile_backend(False) is None and compile_backend(True) == "inductor"
+    assert compile_backend("aot_eager") == "aot_eager"
+    with pytest.raises(ValueError, match="not a torch.compile backend.*inductor"):
+        compile_backend("fastest")
+    with pytest.raises(TypeError, match="compiled must be a bool or a torch.compile backend name, got int"):
+        compile_backend(1)
+
+
+def test_bad_compiled_argument_is_refused_by_caption(model):
+    with pytest.raises(ValueError, match="'nope' is not a torch.compile backend"):
+        model.caption(_pixels(1), max_len=2, compiled="nope")
+
+
+def test_cached_decoder_picks_the_static_decoder_only_when_compiled(model):
+    with torch.no_grad():
+        memory = model.vision_memory(_pixels(1), "cap")
+    assert type(cached_decoder(model, memory, 3)) is TextDecoder
+    assert type(cached_decoder(model, memory, 3, "aot_eager")) is StaticTextDecoder
+
+
+def test_graph_key_tells_compiled_from_plain_decoding(model):
+    pixels = _pixels(1)
+    keys = {_key(model, pixels, 4, 1, 0, compiled) for compiled in (None, "inductor", "aot_eager")}
+    assert len(keys) == 3
