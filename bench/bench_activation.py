@@ -31,7 +31,8 @@ REPS = 20 if CUDA else 2
 
 @functools.cache
 def compiled_reference() -> Callable[[torch.Tensor], torch.Tensor]:
-    return torch.compile(quick_gelu_reference)
+    """Static shapes: each shape gets kernels of its own, as the training step's compiled graph would."""
+    return torch.compile(quick_gelu_reference, dynamic=False)
 
 
 def activation(impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -127,4 +128,6 @@ def test_quick_gelu_report(median_ms, kernel_profile, device_description) -> Non
                 lines.append(
                     f"{name:<10} {direction:<9} {impl:<8} {wall:>8.3f} {dev:>9} {speed:>8.2f} {share:>8}"
                 )
-    print("\n" + "\n".join(lines))
+            print("\n" + "\n".join(lines), flush=True)  # each case as it is measured: a time limit
+            lines = []  # that ends the part keeps the rows already printed
+

@@ -123,7 +123,7 @@ CONFIGS = {
     "fast_bf16_stream": dict(_FAST, residual_stream="autocast"),
     "fast_bf16_stream_quick_gelu": dict(_FAST, residual_stream="autocast", quick_gelu="triton"),
     "bf16_model_graphed": dict(_PLAIN, graphs=True, bf16_model=True),
-    "bf16_model_quick_gelu": dict(_FAST, mixed=False, quick_gelu="triton", bf16_model=True),
+    "bf16_model_quick_gelu": dict(_PLAIN, graphs=True, bf16_model=True, quick_gelu="triton"),
 }
 COMPILE = os.environ.get("TRAIN_STEP_COMPILE") == "1"
 SELECTED = [c.strip() for c in os.environ.get("TRAIN_STEP_CONFIGS", "").split(",") if c.strip()]
