@@ -4,14 +4,19 @@
 the host integer ``t``, so every step has shapes of its own. Here the position is a device tensor and the
 self-attention spans the whole cache, masked past the position (the cache starts zeroed, so the masked
 entries hold no NaN), so every step has the same shapes: one graph of the text stack, traced once by
-``torch.compile`` and reused at every step. The compiler fuses the LayerNorms,
-residual additions, activations and adapter scales around the matrix products, so a step runs several times
-fewer kernels than the plain one, eagerly and under a CUDA graph (``cuda_graph=True`` captures the compiled
-steps). The arithmetic is the plain step's, summed in another order: tokens match except where two logits
-tie to within rounding.
+``torch.compile`` and reused at every step. The compiler fuses the LayerNorms, residual additions,
+activations and adapter scales around the matrix products, so a step runs several times fewer kernels than
+the plain one, eagerly and under a CUDA graph (``cuda_graph=True`` captures the compiled steps). The
+arithmetic is the plain step's, summed in another order: tokens match except where two logits tie to within
+rounding.
 
-Each new batch size (or model, or autocast setting) compiles anew; ``torch._dynamo.config``'s
-``recompile_limit`` bounds the variants, past which the step runs uncompiled, with the same results.
+The masked self-attention is written out (two products and a softmax that the compiler fuses with the
+mask): under the compiler, SDPA's memory-efficient kernel refuses a mask whose key dimension is not aligned,
+and the cache's (77 positions for CLIP) is not.
+
+A model of another architecture, another autocast setting or a second batch size compiles anew (the second
+size once for all sizes); ``torch._dynamo.config.recompile_limit`` bounds the variants, past which the step
+runs uncompiled, with the same results.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def static_step(
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv = cache[layer]
         kv.index_copy_(3, index, torch.stack((k, v), dim=1))
-        return attention(q, kv[:, 0], kv[:, 1], mask=keep, impl=model.text.blocks[layer].attn.impl)
+        return attention(q, kv[:, 0], kv[:, 1], mask=keep, impl="eager")
 
     logits = text_layers(model, h, task, context_kv, attend)
     position.add_(1)
