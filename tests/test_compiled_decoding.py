@@ -149,3 +149,20 @@ def test_graph_key_tells_compiled_from_plain_decoding(model):
     pixels = _pixels(1)
     keys = {_key(model, pixels, 4, 1, 0, compiled) for compiled in (None, "inductor", "aot_eager")}
     assert len(keys) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize(("batch", "beams"), [(3, 1), (2, 2)])
+def test_gpu_compiled_decoding_gives_the_tokens_of_reencoding(model, cuda_graph, batch, beams):
+    """Inductor's CUDA code, eagerly and captured in the decode's graph (replayed for a second batch of
+    images), float64."""
+    m = model.to("cuda")
+    try:
+        for seed in range(2):
+            pixels = _pixels(batch, seed).cuda()
+            with torch.no_grad():
+                got = generate(m, pixels, max_len=8, num_beams=beams, cuda_graph=cuda_graph, compiled=True)
+            assert torch.equal(got, generate_by_reencoding(m, pixels, max_len=8, num_beams=beams))
+    finally:
+        model.to("cpu")
