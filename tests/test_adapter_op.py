@@ -812,3 +812,40 @@ def test_registered_op_without_saved_activations_refuses_a_gradient_it_cannot_gi
     x.requires_grad_(False)  # only the residual needs a gradient: that one passes through
     torch.ops.famevil_fast.adapter_forward(x, *p, [res], None, False, 1e-5)[0].sum().backward()
     torch.testing.assert_close(res.grad, torch.ones(3, 16))
+
+
+class _LargeMuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the multiplications whose output has at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "mul" and out.numel() >= self.numel:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("tasks", [None, 3])
+def test_reference_scales_the_up_projection_not_the_activations(tasks):
+    """``s * (W h + b)`` computed as ``(s W) h + s b``: no multiplication as large as the activations,
+    forward or backward, and every gradient (the scale's included) that of the written-out formula."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_() for p in random_params(16, 8, tasks)]
+    task_ids = None if tasks is None else torch.tensor([2, 0] * 10)
+    grad = torch.randn_like(x)
+    with _LargeMuls(10 * 16) as muls:  # as large as one task's 10 rows of activations; weights are 8 x 16
+        y = adapter_reference(x, AdapterParams(*params), task_ids=task_ids)
+        grads = torch.autograd.grad(y, [x, *params], grad)
+    assert muls.count == 0
+    ids = torch.zeros(20, dtype=torch.long) if task_ids is None else task_ids
+    p = [q[ids] if tasks is not None else q.expand(20, *q.shape) for q in params]  # per row
+    h = F.layer_norm(x.reshape(20, 16), (16,)) * p[0] + p[1]
+    h = torch.relu(torch.einsum("nd,nrd->nr", h, p[2]) + p[3])
+    want = (p[6] * (torch.einsum("nr,ndr->nd", h, p[4]) + p[5])).reshape(x.shape)
+    torch.testing.assert_close(y, want)
+    for got, expected in zip(grads, torch.autograd.grad(want, [x, *params], grad)):
+        torch.testing.assert_close(got, expected)

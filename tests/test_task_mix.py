@@ -56,3 +56,33 @@ def test_cross_modal_adapters_of_a_mixed_batch_match_each_task_alone() -> None:
     (got,) = torch.autograd.grad(out, y, grad)
     (want,) = torch.autograd.grad(alone, y, grad)
     torch.testing.assert_close(got, want)
+
+
+def test_task_adapters_add_the_other_branches_over_the_whole_batch() -> None:
+    """A mixed batch through the reference adapters equals each task alone, values and gradients; the
+    branches summed with the adapters are not split, so the backward puts back together only x's
+    gradient (one concatenation)."""
+    from famevil_fast.model.adapters import TaskAdapters
+
+    torch.manual_seed(0)
+    adapters = TaskAdapters(16, 4, ("itc", "tgir", "scr")).double()
+    for adapter in adapters.adapters.values():
+        adapter.backend = "torch"
+    for p in adapters.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
+    branches = [torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    out = adapters(x, task_mix([2, 0], [2, 3], "cpu"), residual=branches)
+    alone = torch.cat(
+        [
+            adapters(x[:2], "scr", residual=[b[:2] for b in branches]),
+            adapters(x[2:], "itc", residual=[b[2:] for b in branches]),
+        ]
+    )
+    torch.testing.assert_close(out, alone)
+    grad = torch.randn_like(out)
+    with AtenLog() as log:
+        got = torch.autograd.grad(out, [x, *branches], grad)
+    for g, want in zip(got, torch.autograd.grad(alone, [x, *branches], grad)):
+        torch.testing.assert_close(g, want)
+    assert log.ops.count("cat") == 1, log.ops

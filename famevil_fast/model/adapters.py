@@ -20,7 +20,14 @@ from famevil_fast.ops import (
     cross_attention_adapter,
     fused_adapter,
 )
-from famevil_fast.ops.adapter import Residual, adapter_backend, residual_list, sum_residuals
+from famevil_fast.ops.adapter import (
+    Residual,
+    adapter_backend,
+    check_residuals,
+    promote_under_autocast,
+    residual_list,
+    sum_residuals,
+)
 from famevil_fast.ops.layer_norm import layer_norm_in_dtype
 
 
@@ -54,7 +61,9 @@ class BottleneckAdapter(nn.Module):
         if self.dropout > 0.0 and self.training:
             h = layer_norm_in_dtype(x, self.ln.weight, self.ln.bias, self.ln.eps)
             h = F.dropout(F.relu(self.down(h)), self.dropout, training=True)
-            y = (self.up(h) * self.scale).to(x.dtype)  # a 16-bit stream stays 16-bit
+            # the scale folded into the up projection, as in ops.adapter's reference
+            y = F.linear(h, self.up.weight * self.scale, self.up.bias * self.scale)
+            y = y.to(x.dtype)  # a 16-bit stream stays 16-bit
             res = sum_residuals(residual)
             return y if res is None else res + y
         return fused_adapter(x, *self.params(), residual=residual, backend=self.backend, eps=self.ln.eps)
@@ -110,10 +119,18 @@ class TaskAdapters(nn.Module):
         )
 
     def _per_segment(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
-        def run(position: int, parts: list[torch.Tensor]) -> torch.Tensor:
-            return self.adapters[self.tasks[position]](parts[0], parts[1:] or None)
+        """Each task's adapter on its segment of x; the other branches are added over the whole batch
+        afterwards (the same sum, in the same order), so that they are not split: a split input's gradient
+        is put back together by a concatenation, a pass over the whole branch."""
 
-        return per_segment(mix, [x, *residual_list(residual)], run)
+        def run(position: int, parts: list[torch.Tensor]) -> torch.Tensor:
+            return self.adapters[self.tasks[position]](parts[0])
+
+        residuals = promote_under_autocast(x, residual_list(residual))  # as fused_adapter takes them
+        check_residuals(x, residuals)
+        y = per_segment(mix, [x], run)
+        res = sum_residuals(residuals)
+        return y if res is None else res + y
 
 
 def _row_task_ids(mix: TaskMix, rows_per_sample: int, device: torch.device) -> torch.Tensor:
