@@ -166,3 +166,20 @@ def test_gpu_compiled_decoding_gives_the_tokens_of_reencoding(model, cuda_graph,
             assert torch.equal(got, generate_by_reencoding(m, pixels, max_len=8, num_beams=beams))
     finally:
         model.to("cpu")
+
+
+def test_static_step_under_autocast_keeps_a_float32_cache(model):
+    """Under CUDA autocast a float32 stream's memory, and so the cache, is float32 while the projections
+    are 16-bit: the new key and value are cast into the cache, as the plain step's assignment does."""
+    m = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")).eval()
+    with torch.no_grad():
+        memory = [t.float() for t in m.vision_memory(_pixels(2).float(), "cap")]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            static = StaticTextDecoder(m, memory, 4, compile_backend=None)
+            plain = TextDecoder(m, memory, 4)
+            tokens = torch.full((2,), SOT_ID)
+            for _ in range(3):
+                want = plain.step(tokens)
+                torch.testing.assert_close(static.step(tokens), want, rtol=0.05, atol=0.05)
+                tokens = want.argmax(-1)
+    assert static.cache.dtype == plain.cache.dtype == torch.float32

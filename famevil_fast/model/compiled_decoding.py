@@ -50,7 +50,8 @@ def static_step(
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv = cache[layer]
-        kv.index_copy_(3, index, torch.stack((k, v), dim=1))
+        # under autocast the projections are 16-bit and a float32 stream's cache float32
+        kv.index_copy_(3, index, torch.stack((k, v), dim=1).to(kv.dtype))
         return attention(q, kv[:, 0], kv[:, 1], mask=keep, impl="eager")
 
     logits = text_layers(model, h, task, context_kv, attend)
