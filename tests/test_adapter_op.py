@@ -443,6 +443,28 @@ def test_automatic_choice_inside_a_graphed_training_step() -> None:
             assert not triton_adapter_pays(batch, narrow)
 
 
+def test_automatic_rule_traces_with_a_symbolic_row_count() -> None:
+    """Under torch.compile with a dynamic batch (a second batch size of compiled decoding) the row count is
+    symbolic: the rule still decides, for each range of rows, as eagerly."""
+    from famevil_fast.ops.adapter import (
+        TRITON_ADAPTER_MIN_ROWS,
+        TRITON_ADAPTER_MIN_ROWS_IN_GRAPH,
+        triton_adapter_pays,
+    )
+
+    params = bf16_params(16, 8)
+
+    def decide(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if triton_adapter_pays(x, params) else x
+
+    compiled = torch.compile(decide, backend="eager", dynamic=True, fullgraph=True)
+    for rows in (3, TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, TRITON_ADAPTER_MIN_ROWS):
+        x = torch.zeros(rows, 16, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), decide(x)), rows
+    assert bool(compiled(x)[0, 0] == 1)  # the largest count took the kernels' branch
+
+
 class _CudaRows:
     """Shape, dtype and device of a CUDA activation, without a GPU (what the automatic choice reads)."""
 

@@ -240,11 +240,13 @@ def triton_adapter_pays(x: torch.Tensor, params: AdapterParams, mixed: bool = Fa
     if params.down_weight.shape[-2] > TRITON_ADAPTER_MAX_R:
         return False
     rows = x.numel() // max(1, x.shape[-1])
-    in_graph, eager = rows >= TRITON_ADAPTER_MIN_ROWS_IN_GRAPH, rows >= TRITON_ADAPTER_MIN_ROWS
-    if in_graph == eager:  # decided by the rows alone: the capture state is not looked at
-        return eager
-    graphed_training = torch.is_grad_enabled() and static_shapes_enabled()
-    return in_graph if graphed_training else eager
+    # decided by the rows alone where they can (one comparison at a time: under torch.compile with a
+    # dynamic batch they are symbolic, and two symbolic truths cannot be compared with each other)
+    if rows < TRITON_ADAPTER_MIN_ROWS_IN_GRAPH:
+        return False
+    if rows >= TRITON_ADAPTER_MIN_ROWS:
+        return True
+    return torch.is_grad_enabled() and static_shapes_enabled()  # a graphed training step
 
 
 def _adapter_product_flops(x_shape: Sequence[int], down_weight_shape: Sequence[int]) -> int:
