@@ -182,4 +182,16 @@ def test_static_step_under_autocast_keeps_a_float32_cache(model):
                 want = plain.step(tokens)
                 torch.testing.assert_close(static.step(tokens), want, rtol=0.05, atol=0.05)
                 tokens = want.argmax(-1)
-    assert static.cache.dtype == plain.cache.dtype == torch.float32
+    assert static.caches[0].dtype == plain.cache.dtype == torch.float32
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_one_compiled_graph_serves_every_step(model, batch):
+    """The start tokens (a column of the output table) and later tokens reach the step with one stride, and
+    the position is a tensor: a whole decode traces the step once."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with torch.no_grad():
+        generate(model, _pixels(batch), max_len=6, compiled="eager")
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
