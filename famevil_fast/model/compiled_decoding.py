@@ -4,12 +4,11 @@
 the host integer ``t``, so every step has shapes of its own. Here the position is a device tensor and the
 self-attention spans the whole cache, masked past the position (the cache starts zeroed, so the masked
 entries hold no NaN), so every step has the same shapes: one graph of the text stack, traced once by
-``torch.compile`` and reused at every step. The compiler fuses the LayerNorms, residual additions,
-activations, adapter scales and the cache write around the matrix products, which stay library calls: on
-the CPU Inductor's code for a text layer is 9 products, the cross-attention and 9 fused kernels, against
-the plain step's 29 ATen calls, eagerly and under a CUDA graph (``cuda_graph=True`` captures the compiled
-steps). The arithmetic is the plain step's, summed in another order: tokens match except where two logits tie to within
-rounding.
+``torch.compile`` and reused at every step, eagerly or captured under ``cuda_graph=True``. The compiler
+fuses the LayerNorms, residual additions, activations, adapter scales and the cache write around the matrix
+products, which stay library calls: on the CPU, Inductor's code for a text layer is 9 products, the
+cross-attention and 9 fused kernels, against the plain step's 29 ATen calls. The arithmetic is the plain
+step's, summed in another order: tokens match except where two logits tie to within rounding.
 
 The masked self-attention is written out (two products and a softmax that the compiler fuses with the
 mask): under the compiler, SDPA's memory-efficient kernel refuses a mask whose key dimension is not aligned,
