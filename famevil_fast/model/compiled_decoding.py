@@ -21,6 +21,7 @@ runs uncompiled, with the same results.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,7 +63,7 @@ def static_step(
     return logits
 
 
-def compiled_step(backend: str = "inductor"):
+def compiled_step(backend: str = "inductor") -> Callable[..., torch.Tensor]:
     """``static_step`` under ``torch.compile``, made once per backend. The step traces as one graph (a test
     compiles it with ``fullgraph=True``); here a break or a spent recompile limit falls back to running
     uncompiled rather than failing. A second batch size recompiles once for any size (automatic dynamic
