@@ -18,6 +18,20 @@ def perturb_(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch
     return module
 
 
+def captioning_model(end_token_bias: float) -> torch.nn.Module:
+    """The micro model with text cross-attention adapters, perturbed, in float64 (decoders then agree
+    exactly), its end token's logit raised by ``end_token_bias`` (how early captions end)."""
+    from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+    from famevil_fast.model.generation import EOT_ID
+
+    torch.manual_seed(0)
+    config = FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")
+    model = perturb_(FameViL(config), std=0.05)
+    with torch.no_grad():
+        model.heads["cap"].bias[EOT_ID] += end_token_bias
+    return model.double().eval()
+
+
 def hf_clip(
     width=64,
     layers=2,

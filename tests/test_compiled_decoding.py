@@ -3,7 +3,7 @@ its logits equal the plain cached step's, and its tokens those of re-encoding, e
 
 import pytest
 import torch
-from helpers import perturb_
+from helpers import captioning_model
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.compiled_decoding import StaticTextDecoder, static_step
@@ -16,18 +16,12 @@ from famevil_fast.model.generation import (
     generate,
     generate_by_reencoding,
 )
-from famevil_fast.model.graphed_decoding import _key
+from famevil_fast.model.graphed_decoding import Decoding, _key
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = perturb_(
-        FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")), std=0.05
-    )
-    with torch.no_grad():  # some sequences end early, others run to the limit
-        m.heads["cap"].bias[EOT_ID] += 3.0
-    return m.double().eval()
+    return captioning_model(end_token_bias=3.0)  # some sequences end early, others run to the limit
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +141,7 @@ def test_cached_decoder_picks_the_static_decoder_only_when_compiled(model):
 
 def test_graph_key_tells_compiled_from_plain_decoding(model):
     pixels = _pixels(1)
-    keys = {_key(model, pixels, 4, 1, 0, compiled) for compiled in (None, "inductor", "aot_eager")}
+    keys = {_key(model, pixels, Decoding(4, compiled=c)) for c in (None, "inductor", "aot_eager")}
     assert len(keys) == 3
 
 

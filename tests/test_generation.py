@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import perturb_
+from helpers import captioning_model, perturb_
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
 from famevil_fast.model.generation import (
@@ -18,13 +18,7 @@ from famevil_fast.model.generation import (
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = perturb_(
-        FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")), std=0.05
-    )
-    with torch.no_grad():  # make the end token likely enough that some sequences stop early
-        m.heads["cap"].bias[EOT_ID] += 4.0
-    return m.double().eval()
+    return captioning_model(end_token_bias=4.0)  # some sequences stop early
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -185,20 +179,20 @@ def test_graph_key_sees_a_moved_tensor_beyond_the_first(model):
 
 def test_graph_key_sees_the_models_runtime_choices(model):
     """A graphed decode captured before ``set_runtime`` changed how the model computes is not replayed."""
-    from famevil_fast.model.graphed_decoding import _key
+    from famevil_fast.model.graphed_decoding import Decoding, _key
 
     pixels = torch.randn(2, 3, 32, 32)
-    before = _key(model, pixels, 8, 1, 0, None)
+    before = _key(model, pixels, Decoding(8))
     for change in ({"attention": "eager"}, {"backend": "triton"}, {"residual_stream": "autocast"}):
         saved = model.config
         model.set_runtime(**change)
         try:
-            assert _key(model, pixels, 8, 1, 0, None) != before, change
+            assert _key(model, pixels, Decoding(8)) != before, change
         finally:
             model.set_runtime(
                 attention=saved.attention, backend=saved.backend, residual_stream=saved.residual_stream
             )
-    assert _key(model, pixels, 8, 1, 0, None) == before
+    assert _key(model, pixels, Decoding(8)) == before
 
 
 def test_caption_without_text_cross_attention_is_refused_clearly():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -50,19 +50,24 @@ def greedy_lengths(out: torch.Tensor) -> torch.Tensor:
     return first_end + 1
 
 
+class Decoding(NamedTuple):
+    """What a decode is asked for: steps, beams (1: greedy), the n-gram ban, and the ``torch.compile``
+    backend of its steps (None: not compiled)."""
+
+    steps: int
+    beams: int = 1
+    no_repeat_ngram: int = 0
+    compiled: str | None = None
+
+
 def decode_all_steps(
-    model: FameViL,
-    pixels: torch.Tensor,
-    steps: int,
-    beams: int,
-    no_repeat_ngram: int = 0,
-    compiled: str | None = None,
+    model: FameViL, pixels: torch.Tensor, how: Decoding
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens (B, 1 + steps), kept length per row): capture-safe greedy or beam decoding."""
-    if beams == 1:
-        out = greedy_all_steps(model, pixels, steps, no_repeat_ngram, compiled)
+    if how.beams == 1:
+        out = greedy_all_steps(model, pixels, how.steps, how.no_repeat_ngram, how.compiled)
         return out, greedy_lengths(out)
-    return beam_search_all_steps(model, pixels, steps, beams, no_repeat_ngram, compiled)
+    return beam_search_all_steps(model, pixels, how.steps, how.beams, how.no_repeat_ngram, how.compiled)
 
 
 def cut(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -79,9 +84,7 @@ def storage_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
 
 
-def _key(
-    model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int, compiled: str | None
-) -> tuple:
+def _key(model, pixels: torch.Tensor, how: Decoding) -> tuple:
     """What a captured decode depends on: the inputs' layout, the decoding settings (the compile backend
     among them), autocast, the model's runtime choices (``set_runtime``) and where its tensors live."""
     runtime = model.config
@@ -90,16 +93,13 @@ def _key(
         tuple(pixels.shape),
         pixels.dtype,
         pixels.device,
-        steps,
-        beams,
-        no_repeat_ngram,
-        compiled,
+        how,
         _autocast_state(pixels.device),
         storage_fingerprint(model),
     )
 
 
-def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngram: int, compiled: str | None):
+def _capture(model, pixels: torch.Tensor, how: Decoding):
     static_pixels = pixels.clone()
     enabled, dtype = _autocast_state(pixels.device)
     autocast = (
@@ -114,11 +114,11 @@ def _capture(model, pixels: torch.Tensor, steps: int, beams: int, no_repeat_ngra
         static_shapes(),
         autocast,
     ):  # warm-up: kernels compiled (the compiled steps traced), workspaces allocated
-        decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram, compiled)
+        decode_all_steps(model, static_pixels, how)
     torch.cuda.current_stream(pixels.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast:
-        out = decode_all_steps(model, static_pixels, steps, beams, no_repeat_ngram, compiled)
+        out = decode_all_steps(model, static_pixels, how)
     return graph, static_pixels, out
 
 
@@ -133,16 +133,16 @@ def generate_graphed(
 ) -> torch.Tensor:
     """Captions as ``generate(model, pixels, max_len, num_beams, no_repeat_ngram)`` returns them, decoded
     by one graph replay; ``compiled`` a ``torch.compile`` backend for the steps (captured compiled)."""
-    steps = max_steps(model, max_len)
+    how = Decoding(max_steps(model, max_len), num_beams, no_repeat_ngram, compiled)
     if pixels.device.type != "cuda":
         with simulated_capture():
-            tokens, lengths = decode_all_steps(model, pixels, steps, num_beams, no_repeat_ngram, compiled)
+            tokens, lengths = decode_all_steps(model, pixels, how)
         return cut(tokens, lengths)
     graphs = _GRAPHS.setdefault(model, {})
-    key = _key(model, pixels, steps, num_beams, no_repeat_ngram, compiled)
+    key = _key(model, pixels, how)
     if key not in graphs:
         graphs.clear()  # one live graph per model: its memory pool holds a whole decode
-        graphs[key] = _capture(model, pixels, steps, num_beams, no_repeat_ngram, compiled)
+        graphs[key] = _capture(model, pixels, how)
     graph, static_pixels, (tokens, lengths) = graphs[key]
     static_pixels.copy_(pixels)
     graph.replay()
