@@ -13,7 +13,8 @@ per task and for the round-robin four-task step.
    (under a graph only device time counts, which is where the fused kernels may pay at this size);
    ``fast_quick_gelu``: ``fast`` with the MLPs' QuickGELU on its Triton kernels; ``fast_bf16_stream``:
    ``fast`` with the residual stream in bf16 (``residual_stream="autocast"``), and
-   ``fast_bf16_stream_quick_gelu`` with both.
+   ``fast_bf16_stream_quick_gelu`` with both; ``fast_frozen_bf16_stream_quick_gelu`` is that with the
+   backbone frozen (for the frozen ITC step of target 1).
 
 Two probes of a bf16 residual stream (bench/step_floor.py counts its bytes): ``bf16_model_graphed``, the
 graphed plain step of the model converted to bf16 (parameters, residual stream and LayerNorms in bf16, no
@@ -122,6 +123,9 @@ CONFIGS = {
     "fast_quick_gelu": dict(_FAST, quick_gelu="triton"),
     "fast_bf16_stream": dict(_FAST, residual_stream="autocast"),
     "fast_bf16_stream_quick_gelu": dict(_FAST, residual_stream="autocast", quick_gelu="triton"),
+    "fast_frozen_bf16_stream_quick_gelu": dict(
+        _FAST, frozen=True, residual_stream="autocast", quick_gelu="triton"
+    ),
     "bf16_model_graphed": dict(_PLAIN, graphs=True, bf16_model=True),
     "bf16_model_quick_gelu": dict(_PLAIN, graphs=True, bf16_model=True, quick_gelu="triton"),
 }
