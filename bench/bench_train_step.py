@@ -392,13 +392,16 @@ def test_fast_triton_counts_the_reference_flops(base_model, monkeypatch: pytest.
     assert counts["fast_triton"] == counts["fast_on_references"], counts
 
 
+NAME_WIDTH = max(map(len, CONFIGS))
 HEADER = (
-    f"{'batch':>5} {'workload':>8} {'config':>21} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} "
+    f"{'batch':>5} {'workload':>8} {'config':>{NAME_WIDTH}} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>9} "
     f"{'MFU %':>6} {'x faithful':>10} {'x plain':>8} {'x best plain':>12}"
 )
 
 
-ROW = "{:>5} {:>8} {:>21} {:>9.2f} {:>10.0f} {:>9.2f} {:>6.1f} {:>10.2f} {:>8.2f} {:>12.2f}"
+ROW = f"{{:>5}} {{:>8}} {{:>{NAME_WIDTH}}} " + (
+    "{:>9.2f} {:>10.0f} {:>9.2f} {:>6.1f} {:>10.2f} {:>8.2f} {:>12.2f}"
+)
 NAN = float("nan")
 
 
