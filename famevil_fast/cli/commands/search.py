@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,12 +173,12 @@ def check_gallery_width(path: str | Path, gallery: torch.Tensor, width: int) -> 
 def check_gallery_model(path: str | Path, found: str | None, needed: Callable[[], str]) -> None:
     """ValueError unless the gallery's recorded model fingerprint is ``needed()`` (this model's, computed
     only when there is one to compare); a gallery that records none (written before ``embed`` recorded
-    it) is accepted with a warning on stderr."""
+    it) is accepted with a warning (one line on stderr, as every warning of the command)."""
     if found is None:
-        print(
-            f"famevil-fast search: warning: gallery {path} records no model fingerprint (embedded before "
-            "embed recorded one), so whether this model embedded it cannot be checked",
-            file=sys.stderr,
+        warnings.warn(
+            f"gallery {path} records no model fingerprint (embedded before embed recorded one), so whether "
+            "this model embedded it cannot be checked",
+            stacklevel=2,
         )
         return
     expected = needed()
