@@ -26,6 +26,8 @@ def load_images(
     ValueError; each names the file."""
     from PIL import Image, UnidentifiedImageError
 
+    from famevil_fast.data.backends.pil_backend import pixel_limit_message
+
     files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
     if not files:
         raise ValueError("load_images: no image paths given")
@@ -43,10 +45,7 @@ def load_images(
                 image.load()
                 pixels.append(reference_transform(image, size, eval_resize=eval_resize))
         except Image.DecompressionBombError as exc:  # not an OSError
-            raise ValueError(
-                f"cannot read image {f}: it exceeds PIL's pixel limit ({str(exc).rstrip('.')}); "
-                "raise PIL.Image.MAX_IMAGE_PIXELS to read it"
-            ) from exc
+            raise ValueError(f"cannot read image {f}: {pixel_limit_message(exc)}") from exc
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {f}: {exc}") from exc
     return torch.stack(pixels)

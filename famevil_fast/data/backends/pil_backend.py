@@ -16,9 +16,15 @@ from famevil_fast.data.transforms import CropPlan, pil_resample, to_rgb
 PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def pixel_limit_message(e: BaseException) -> str:
+    """What a DecompressionBombError means and how to read the image anyway (every reader says it so)."""
+    return f"it exceeds PIL's pixel limit ({str(e).rstrip('.')}); raise PIL.Image.MAX_IMAGE_PIXELS to read it"
+
+
 def decode_error(e: BaseException) -> str:
+    """A failed decode as one line: the exception's type, then its message."""
     if isinstance(e, Image.DecompressionBombError):
-        return f"{type(e).__name__}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS to read it)"
+        return f"{type(e).__name__}: {pixel_limit_message(e)}"
     return f"{type(e).__name__}: {e}"
 
 
