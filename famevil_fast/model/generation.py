@@ -21,6 +21,7 @@ from famevil_fast.ops.cross_attention import merge_heads
 from famevil_fast.text.special_tokens import EOT_ID, SOT_ID
 
 if TYPE_CHECKING:
+    from famevil_fast.model.compiled_decoding import StaticTextDecoder
     from famevil_fast.model.famevil import FameViL
 
 
@@ -124,7 +125,7 @@ def compile_backend(compiled: bool | str) -> str | None:
 
 def cached_decoder(
     model: FameViL, memory: list[torch.Tensor], max_tokens: int, compile_with: str | None = None
-) -> TextDecoder:
+) -> TextDecoder | StaticTextDecoder:
     """The key/value-cached decoder of ``memory``: ``TextDecoder``, or with a ``torch.compile`` backend
     (``compile_backend``) the static-shape ``StaticTextDecoder``, which has the same interface."""
     if compile_with is None:
