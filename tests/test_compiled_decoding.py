@@ -146,18 +146,22 @@ def test_graph_key_tells_compiled_from_plain_decoding(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cuda_graph", [False, True])
-@pytest.mark.parametrize(("batch", "beams"), [(3, 1), (2, 2)])
-def test_gpu_compiled_decoding_gives_the_tokens_of_reencoding(model, cuda_graph, batch, beams):
+def test_gpu_compiled_decoding_gives_the_tokens_of_reencoding(model):
     """Inductor's CUDA code, eagerly and captured in the decode's graph (replayed for a second batch of
-    images), float64."""
+    images), greedy and beam search, float64. One test, so that the cases share their compiled variants
+    (each test starts from empty compile caches)."""
     m = model.to("cuda")
     try:
-        for seed in range(2):
-            pixels = _pixels(batch, seed).cuda()
-            with torch.no_grad():
-                got = generate(m, pixels, max_len=8, num_beams=beams, cuda_graph=cuda_graph, compiled=True)
-            assert torch.equal(got, generate_by_reencoding(m, pixels, max_len=8, num_beams=beams))
+        for cuda_graph in (False, True):
+            for batch, beams in ((3, 1), (2, 2)):
+                for seed in range(2):
+                    pixels = _pixels(batch, seed).cuda()
+                    with torch.no_grad():
+                        got = generate(
+                            m, pixels, max_len=8, num_beams=beams, cuda_graph=cuda_graph, compiled=True
+                        )
+                    want = generate_by_reencoding(m, pixels, max_len=8, num_beams=beams)
+                    assert torch.equal(got, want), (cuda_graph, batch, beams, seed)
     finally:
         model.to("cpu")
 
