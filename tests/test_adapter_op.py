@@ -871,3 +871,33 @@ def test_reference_scales_the_up_projection_not_the_activations(tasks):
     torch.testing.assert_close(y, want)
     for got, expected in zip(grads, torch.autograd.grad(want, [x, *params], grad)):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(("chunks", "shape"), [(1, (1, 16)), (3, (3, 16)), (4, (8, 5, 16)), (2, (6, 7, 16))])
+def test_grouped_reference_equals_each_chunk_through_its_adapter(chunks, shape):
+    """Chunk c of x through adapter c: values and every gradient as ``adapter_reference`` chunk by chunk,
+    float64, with the LayerNorm's affine part and the scale folded into the projections."""
+    from famevil_fast.ops.adapter import grouped_adapter_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_() for p in random_params(16, 8, chunks)]
+    got = grouped_adapter_reference(x, AdapterParams(*params))
+    parts = x.chunk(chunks)
+    want = torch.cat(
+        [adapter_reference(part, AdapterParams(*(p[c] for p in params))) for c, part in enumerate(parts)]
+    )
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for g, w in zip(
+        torch.autograd.grad(got, [x, *params], grad), torch.autograd.grad(want, [x, *params], grad)
+    ):
+        torch.testing.assert_close(g, w)
+
+
+def test_grouped_reference_refuses_a_batch_that_does_not_split_into_its_chunks():
+    from famevil_fast.ops.adapter import grouped_adapter_reference
+
+    params = random_params(16, 8, 3)
+    with pytest.raises(ValueError, match=r"shape \(4, 16\) does not split into 3 equal chunks"):
+        grouped_adapter_reference(torch.randn(4, 16, dtype=torch.float64), params)

@@ -58,11 +58,16 @@ def test_cross_modal_adapters_of_a_mixed_batch_match_each_task_alone() -> None:
     torch.testing.assert_close(got, want)
 
 
-def test_task_adapters_add_the_other_branches_over_the_whole_batch() -> None:
+@pytest.mark.parametrize(
+    ("sizes", "grouped"),
+    [((2, 3), True), ((4, 2), True), ((5, 4), False)],  # 5 and 3 chunks; 9 chunks of one sample: too many
+)
+def test_task_adapters_add_the_other_branches_over_the_whole_batch(sizes, grouped) -> None:
     """A mixed batch through the reference adapters equals each task alone, values and gradients; the
-    branches summed with the adapters are not split, so the backward puts back together only x's
-    gradient (one concatenation)."""
-    from famevil_fast.model.adapters import TaskAdapters
+    branches summed with the adapters are never split. Segments that split into a few equal chunks run as
+    batched products (no split or concatenation at all); other layouts one segment at a time, whose backward
+    puts back together only x's gradient (one concatenation)."""
+    from famevil_fast.model.adapters import TaskAdapters, equal_chunks
 
     torch.manual_seed(0)
     adapters = TaskAdapters(16, 4, ("itc", "tgir", "scr")).double()
@@ -70,19 +75,38 @@ def test_task_adapters_add_the_other_branches_over_the_whole_batch() -> None:
         adapter.backend = "torch"
     for p in adapters.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True)
-    branches = [torch.randn(5, 3, 16, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    out = adapters(x, task_mix([2, 0], [2, 3], "cpu"), residual=branches)
+    batch = sum(sizes)
+    x = torch.randn(batch, 3, 16, dtype=torch.float64, requires_grad=True)
+    branches = [torch.randn(batch, 3, 16, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    mix = task_mix([2, 0], list(sizes), "cpu")
+    assert (equal_chunks(mix) is not None) == grouped
+    with AtenLog() as forward:
+        out = adapters(x, mix, residual=branches)
+    first = sizes[0]
     alone = torch.cat(
         [
-            adapters(x[:2], "scr", residual=[b[:2] for b in branches]),
-            adapters(x[2:], "itc", residual=[b[2:] for b in branches]),
+            adapters(x[:first], "scr", residual=[b[:first] for b in branches]),
+            adapters(x[first:], "itc", residual=[b[first:] for b in branches]),
         ]
     )
     torch.testing.assert_close(out, alone)
     grad = torch.randn_like(out)
-    with AtenLog() as log:
-        got = torch.autograd.grad(out, [x, *branches], grad)
-    for g, want in zip(got, torch.autograd.grad(alone, [x, *branches], grad)):
-        torch.testing.assert_close(g, want)
-    assert log.ops.count("cat") == 1, log.ops
+    leaves = [x, *branches, *adapters.parameters()]
+    with AtenLog() as backward:
+        got = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    want = torch.autograd.grad(alone, leaves, grad, allow_unused=True)
+    assert [g is None for g in got] == [w is None for w in want]  # the absent task's adapter: no gradient
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w)
+    cats = forward.ops.count("cat") + backward.ops.count("cat")
+    assert cats == (0 if grouped else 2), (forward.ops, backward.ops)  # per segment: the output and x's grad
+    assert ("baddbmm" in forward.ops) == grouped and ("addmm" in forward.ops) != grouped
+
+
+def test_equal_chunks_of_a_mixed_layout() -> None:
+    from famevil_fast.model.adapters import MAX_GROUPED_CHUNKS, equal_chunks
+
+    assert equal_chunks(task_mix([0, 1, 2], [64, 128, 64], "cpu")) == [0, 1, 1, 2]
+    assert equal_chunks(task_mix([3, 0], [6, 9], "cpu")) == [3, 3, 0, 0, 0]
+    assert equal_chunks(task_mix([0, 1], [MAX_GROUPED_CHUNKS, 1], "cpu")) is None

@@ -8,6 +8,8 @@ The computation itself lives in ``famevil_fast.ops`` (fused kernels or reference
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,11 +26,16 @@ from famevil_fast.ops.adapter import (
     Residual,
     adapter_backend,
     check_residuals,
+    grouped_adapter_reference,
     promote_under_autocast,
     residual_list,
     sum_residuals,
 )
 from famevil_fast.ops.layer_norm import layer_norm_in_dtype
+
+# A mixed-task batch whose task segments split into at most this many chunks of one size runs the PyTorch
+# adapters as batched products over the chunks; other layouts run one task's adapter a segment.
+MAX_GROUPED_CHUNKS = 8
 
 
 class BottleneckAdapter(nn.Module):
@@ -80,8 +87,9 @@ class TaskAdapters(nn.Module):
     ``task`` is a task key, or the layout of a batch whose samples belong to different tasks (a
     ``TaskMix``, or a (B,) tensor of indices into ``tasks``): then each sample goes through its own task's
     adapter, and only the tasks present in the batch take part (absent tasks get no gradient). Where the
-    fused kernels run, that is one call whose rows carry their task ids; otherwise one call per task on its
-    contiguous slice of the batch, with no read-back from the device either way.
+    fused kernels run, that is one call whose rows carry their task ids; otherwise batched products over
+    equal chunks of the batch (``equal_chunks``), or, for a layout of too many chunks, one call per task on
+    its contiguous slice of the batch; none of them reads anything back from the device.
     """
 
     def __init__(
@@ -104,7 +112,10 @@ class TaskAdapters(nn.Module):
             return adapters[0](x, residual)
         first = adapters[0]
         if adapter_backend(x, first.params(), first.backend, mixed=True) != "triton":
-            return self._per_segment(x, mix, residual)
+            chunk_tasks = equal_chunks(mix)
+            if chunk_tasks is None or (first.dropout > 0.0 and self.training):
+                return self._per_segment(x, mix, residual)
+            return self._grouped(x, chunk_tasks, residual)
         if first.dropout > 0.0 and self.training:
             raise ValueError("mixed-task batches need adapter dropout 0 (the fused path has no dropout)")
         row_task = _row_task_ids(mix, x[0].numel() // x.shape[-1], x.device)
@@ -117,6 +128,17 @@ class TaskAdapters(nn.Module):
             eps=first.ln.eps,
             check_task_ids=False,  # built here from the host-side layout
         )
+
+    def _grouped(self, x: torch.Tensor, chunk_tasks: list[int], residual: Residual) -> torch.Tensor:
+        """The batch as equal chunks, chunk c through the adapter of task position ``chunk_tasks[c]``, in
+        batched products (``ops.adapter.grouped_adapter_reference``); the other branches are added over the
+        whole batch. Neither the input nor the output is split or concatenated."""
+        adapters = [self.adapters[self.tasks[position]] for position in chunk_tasks]
+        y = grouped_adapter_reference(x, stack_adapter_params(adapters), eps=adapters[0].ln.eps)
+        residuals = promote_under_autocast(x, residual_list(residual))
+        check_residuals(x, residuals)
+        res = sum_residuals(residuals)
+        return y if res is None else res + y
 
     def _per_segment(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
         """Each task's adapter on its segment of x; the other branches are added over the whole batch
@@ -131,6 +153,15 @@ class TaskAdapters(nn.Module):
         y = per_segment(mix, [x], run)
         res = sum_residuals(residuals)
         return y if res is None else res + y
+
+
+def equal_chunks(mix: TaskMix) -> list[int] | None:
+    """The task position of each chunk when the segments of ``mix`` split into at most
+    ``MAX_GROUPED_CHUNKS`` chunks of one size (the segments' greatest common divisor), in batch order;
+    None otherwise."""
+    size = math.gcd(*(stop - start for _, start, stop in mix.segments))
+    chunks = [position for position, start, stop in mix.segments for _ in range((stop - start) // size)]
+    return chunks if len(chunks) <= MAX_GROUPED_CHUNKS else None
 
 
 def _row_task_ids(mix: TaskMix, rows_per_sample: int, device: torch.device) -> torch.Tensor:

@@ -72,6 +72,29 @@ def adapter_reference(
     return y if res is None else res + y
 
 
+def grouped_adapter_reference(x: torch.Tensor, params: AdapterParams, eps: float = LN_EPS) -> torch.Tensor:
+    """The adapter output for an x whose leading dimension splits into C equal chunks, chunk c through
+    adapter c of ``params`` (each with a leading dimension C): ``adapter_reference`` on each chunk, as
+    batched products, so that each step is one call for every chunk (a mixed-task batch whose segments
+    are whole chunks, ``TaskAdapters``). Parameters are cast to x's dtype first. One LayerNorm without
+    its affine part serves every chunk; each chunk's affine part goes into its down projection,
+    ``W (g xhat + b) + c = (W diag(g)) xhat + (W b + c)``, and its scale into the up projection, as in
+    ``adapter_reference``: small products on the weights instead of passes over the activations."""
+    chunks = params.ln_weight.shape[0]
+    if x.dim() < 2 or x.shape[0] % chunks:
+        raise ValueError(
+            f"grouped adapters: x of shape {tuple(x.shape)} does not split into {chunks} equal chunks along "
+            "its first dimension"
+        )
+    p = AdapterParams(*(t if t.dtype == x.dtype else t.to(x.dtype) for t in params))
+    rows = layer_norm_in_dtype(x.reshape(chunks, -1, x.shape[-1]), None, None, eps)
+    down = p.down_weight * p.ln_weight[:, None]  # (C, r, d)
+    down_bias = torch.baddbmm(p.down_bias[:, :, None], p.down_weight, p.ln_bias[:, :, None])  # (C, r, 1)
+    h = F.relu(torch.baddbmm(down_bias.transpose(1, 2), rows, down.transpose(1, 2)))
+    up = (p.up_weight * p.scale[:, :, None]).transpose(1, 2)
+    return torch.baddbmm((p.up_bias * p.scale)[:, None], h, up).reshape(x.shape)
+
+
 def _single_adapter(x: torch.Tensor, p: AdapterParams, eps: float) -> torch.Tensor:
     """One adapter over x. The scale goes into the up projection, ``s (W h + b) = (s W) h + s b``:
     scaling the (d, r) weight and the bias costs next to nothing, where scaling the output is a pass over

@@ -31,13 +31,14 @@ def keeps_input_dtype(x: torch.Tensor) -> bool:
 
 
 def layer_norm_in_dtype(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x`` with ``weight`` and ``bias`` in x's dtype (gradients
-    flow back to them in theirs). Under autocast a 16-bit ``x`` is normalised in its own dtype, which
-    autocast would otherwise promote to float32."""
+    flow back to them in theirs; None: no affine part). Under autocast a 16-bit ``x`` is normalised in its
+    own dtype, which autocast would otherwise promote to float32."""
     shape = (x.shape[-1],)
-    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    weight = None if weight is None else weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     if keeps_input_dtype(x):
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, shape, weight, bias, eps)
