@@ -130,4 +130,3 @@ def test_quick_gelu_report(median_ms, kernel_profile, device_description) -> Non
                 )
             print("\n" + "\n".join(lines), flush=True)  # each case as it is measured: a time limit
             lines = []  # that ends the part keeps the rows already printed
-

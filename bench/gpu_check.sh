@@ -29,8 +29,8 @@ PARTS="${PARTS//,/ }"
 # GPU_CHECK_BENCH picks benchmarks by name and runs them in the order given (default: all but "tiles", the
 # launch-configuration sweep behind kernels/configs.py, "train_compiled", the torch.compile baselines of
 # the frozen ITC step, about a minute of compiling per configuration, and "contrastive_huge", the Triton loss
-# at 1,048,576 rows, about 12 s a run; in this order). "caption_compiled" times the compiled decoding steps
-# beside graph replay of the plain one (BENCH_CAPTION_CASES, BENCH_CAPTION_METHODS: see bench_caption.py)
+# at 1,048,576 rows, about 12 s a run, and "caption_compiled", the compiled decoding steps beside graph
+# replay of the plain one (BENCH_CAPTION_CASES, BENCH_CAPTION_METHODS: see bench_caption.py); in this order)
 BENCHES="${GPU_CHECK_BENCH:-contrastive adapter adapter_dtypes activation xattn train_step caption retrieval imtl data}"
 BENCHES="${BENCHES//,/ }"
 KNOWN_PARTS="build tests demo bench"

@@ -901,3 +901,13 @@ def test_grouped_reference_refuses_a_batch_that_does_not_split_into_its_chunks()
     params = random_params(16, 8, 3)
     with pytest.raises(ValueError, match=r"shape \(4, 16\) does not split into 3 equal chunks"):
         grouped_adapter_reference(torch.randn(4, 16, dtype=torch.float64), params)
+
+
+def test_reference_without_gradients_scales_the_output():
+    """Inference (decoding) scales the output: one multiplication, where folding would take two."""
+    x = torch.randn(3, 16, dtype=torch.float64)
+    params = random_params(16, 8)
+    with torch.no_grad(), AtenLog() as log:
+        y = adapter_reference(x, params)
+    assert log.ops.count("mul") == 1, log.ops
+    torch.testing.assert_close(y, adapter_reference(x, params))  # the folded form, with autograd on

@@ -168,7 +168,8 @@ def test_gpu_compiled_decoding_gives_the_tokens_of_reencoding(model):
 
 def test_static_step_under_autocast_keeps_a_float32_cache(model):
     """Under CUDA autocast a float32 stream's memory, and so the cache, is float32 while the projections
-    are 16-bit: the new key and value are cast into the cache, as the plain step's assignment does."""
+    are 16-bit (here CPU autocast with a float32 memory, uncompiled): the new key and value are cast into
+    the cache, as the plain step's assignment does."""
     m = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="text")).eval()
     with torch.no_grad():
         memory = [t.float() for t in m.vision_memory(_pixels(2).float(), "cap")]

@@ -17,8 +17,8 @@ def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="backend of the model's ops: triton runs the fused kernels (a GPU, or TRITON_INTERPRET=1 on the "
         "CPU) and decodes captions with each text layer of a step fused into seven kernels (on an H200 "
-        "slower than --cuda-graph replay of the plain step); torch runs the PyTorch references (default: "
-        "the checkpoint's, automatic unless set)",
+        "slower than --cuda-graph replay of the plain step; --compile decodes with its own step instead); "
+        "torch runs the PyTorch references (default: the checkpoint's, automatic unless set)",
     )
 
 

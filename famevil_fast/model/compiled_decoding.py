@@ -14,9 +14,11 @@ The masked self-attention is written out (two products and a softmax that the co
 mask): under the compiler, SDPA's memory-efficient kernel refuses a mask whose key dimension is not aligned,
 and the cache's (77 positions for CLIP) is not.
 
-A model of another architecture, another autocast setting or a second batch size compiles anew (the second
-size once for all sizes); ``torch._dynamo.config.recompile_limit`` bounds the variants, past which the step
-runs uncompiled, with the same results.
+A model of another architecture, another autocast setting, a second batch size or a second ``max_len`` (the
+cache's length) compiles anew; from the second of each the size is dynamic, so later ones reuse that graph.
+``torch._dynamo.config.recompile_limit`` bounds the variants, past which the step runs uncompiled, with
+the same results. It runs the unfused text layers: a model with ``backend="triton"`` decodes compiled, not
+through the fused step of ``decode_step``.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class StaticTextDecoder:
 
     def __init__(
         self,
-        model,
+        model: FameViL,
         memory: list[torch.Tensor],
         max_tokens: int,
         task: str = "cap",

@@ -158,7 +158,8 @@ def generate(
     default, as in the reference decoding). ``cuda_graph=True`` replays the whole decode, greedy or beam
     search, as one CUDA graph (``model.graphed_decoding``), same tokens. ``compiled=True`` runs each step
     as one ``torch.compile`` graph with static shapes (``model.compiled_decoding``; a string names another
-    ``torch.compile`` backend), alone or under ``cuda_graph``. ``max_len``, ``num_beams`` and
+    ``torch.compile`` backend), alone or under ``cuda_graph``, in place of the fused step a model with
+    ``backend="triton"`` otherwise decodes with. ``max_len``, ``num_beams`` and
     ``no_repeat_ngram`` must be ints (TypeError); a model with xaa="none" cannot caption (ValueError)."""
     check_can_caption(model.config.xaa)
     compiled = compile_backend(compiled)

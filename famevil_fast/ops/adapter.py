@@ -96,12 +96,15 @@ def grouped_adapter_reference(x: torch.Tensor, params: AdapterParams, eps: float
 
 
 def _single_adapter(x: torch.Tensor, p: AdapterParams, eps: float) -> torch.Tensor:
-    """One adapter over x. The scale goes into the up projection, ``s (W h + b) = (s W) h + s b``:
-    scaling the (d, r) weight and the bias costs next to nothing, where scaling the output is a pass over
-    every activation forward and two backward (the input's gradient, and the scale's as a sum over
-    products); the scale's gradient then comes from the weight's and the bias's."""
+    """One adapter over x. Where autograd records, the scale goes into the up projection,
+    ``s (W h + b) = (s W) h + s b``: scaling the (d, r) weight and the bias costs next to nothing, where
+    scaling the output is a pass over every activation forward and two backward (the input's gradient, and
+    the scale's as a sum over products). Without gradients (inference, decoding) the output is scaled: one
+    small kernel, where the fold takes two."""
     h = layer_norm_in_dtype(x, p.ln_weight, p.ln_bias, eps)
     h = F.relu(F.linear(h, p.down_weight, p.down_bias))
+    if not torch.is_grad_enabled():
+        return F.linear(h, p.up_weight, p.up_bias) * p.scale
     return F.linear(h, p.up_weight * p.scale, p.up_bias * p.scale)
 
 

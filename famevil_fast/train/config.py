@@ -242,8 +242,8 @@ class EvalSection:
     )
     caption_compile: bool = doc(
         "run each caption decoding step as one torch.compile (Inductor) graph, with or without "
-        "caption_cuda_graph (the first batch of a new size compiles first; captions match except where two "
-        "words tie to within rounding)",
+        "caption_cuda_graph (the first batch of a new size or caption length compiles first; captions match "
+        "except where two words tie to within rounding)",
         False,
     )
     caption_metrics: list[str] = doc(

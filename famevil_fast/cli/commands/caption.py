@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="run each decoding step as one torch.compile (Inductor) graph: about a third fewer kernels a "
-        "step, alone or with --cuda-graph; the first batch of a new size compiles first (tens of seconds); "
-        "captions match except where two words tie to within rounding",
+        "step, alone or with --cuda-graph (in place of the fused step of --op-backend triton); the first "
+        "batch of a new size or --max-len compiles first (tens of seconds); captions match except where two "
+        "words tie to within rounding",
     )
     add_op_backend_argument(parser)
 
