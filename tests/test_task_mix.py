@@ -110,3 +110,11 @@ def test_equal_chunks_of_a_mixed_layout() -> None:
     assert equal_chunks(task_mix([0, 1, 2], [64, 128, 64], "cpu")) == [0, 1, 1, 2]
     assert equal_chunks(task_mix([3, 0], [6, 9], "cpu")) == [3, 3, 0, 0, 0]
     assert equal_chunks(task_mix([0, 1], [MAX_GROUPED_CHUNKS, 1], "cpu")) is None
+
+
+def test_mixed_adapters_refuse_an_input_of_another_width() -> None:
+    from famevil_fast.model.adapters import TaskAdapters
+
+    adapters = TaskAdapters(16, 4, ("itc", "tgir"))
+    with pytest.raises(ValueError, match=r"ln_weight has shape \(16,\), expected \(12,\)"):
+        adapters(torch.randn(4, 3, 12), task_mix([0, 1], [2, 2], "cpu"))

@@ -25,6 +25,7 @@ from famevil_fast.ops import (
 from famevil_fast.ops.adapter import (
     Residual,
     adapter_backend,
+    check_adapter_args,
     check_residuals,
     grouped_adapter_reference,
     promote_under_autocast,
@@ -111,7 +112,8 @@ class TaskAdapters(nn.Module):
         if len(adapters) == 1:
             return adapters[0](x, residual)
         first = adapters[0]
-        if adapter_backend(x, first.params(), first.backend, mixed=True) != "triton":
+        backend = adapter_backend(x, first.params(), first.backend, mixed=True)
+        if backend != "triton":
             chunk_tasks = equal_chunks(mix)
             if chunk_tasks is None or (first.dropout > 0.0 and self.training):
                 return self._per_segment(x, mix, residual)
@@ -124,7 +126,7 @@ class TaskAdapters(nn.Module):
             *stack_adapter_params(adapters),
             residual=residual,
             task_ids=row_task,
-            backend=first.backend,
+            backend=backend,  # chosen above
             eps=first.ln.eps,
             check_task_ids=False,  # built here from the host-side layout
         )
@@ -134,6 +136,7 @@ class TaskAdapters(nn.Module):
         batched products (``ops.adapter.grouped_adapter_reference``); the other branches are added over the
         whole batch. Neither the input nor the output is split or concatenated."""
         adapters = [self.adapters[self.tasks[position]] for position in chunk_tasks]
+        check_adapter_args(x, adapters[0].params(), None)  # x against one adapter's shapes, dtypes, device
         y = grouped_adapter_reference(x, stack_adapter_params(adapters), eps=adapters[0].ln.eps)
         residuals = promote_under_autocast(x, residual_list(residual))
         check_residuals(x, residuals)
