@@ -30,6 +30,7 @@ from famevil_fast.ops.adapter import (
     grouped_adapter_reference,
     promote_under_autocast,
     residual_list,
+    scaled_up_projection,
     sum_residuals,
 )
 from famevil_fast.ops.layer_norm import layer_norm_in_dtype
@@ -69,8 +70,7 @@ class BottleneckAdapter(nn.Module):
         if self.dropout > 0.0 and self.training:
             h = layer_norm_in_dtype(x, self.ln.weight, self.ln.bias, self.ln.eps)
             h = F.dropout(F.relu(self.down(h)), self.dropout, training=True)
-            # the scale folded into the up projection, as in ops.adapter's reference
-            y = F.linear(h, self.up.weight * self.scale, self.up.bias * self.scale)
+            y = scaled_up_projection(h, self.up.weight, self.up.bias, self.scale)
             y = y.to(x.dtype)  # a 16-bit stream stays 16-bit
             res = sum_residuals(residual)
             return y if res is None else res + y
@@ -138,10 +138,7 @@ class TaskAdapters(nn.Module):
         adapters = [self.adapters[self.tasks[position]] for position in chunk_tasks]
         check_adapter_args(x, adapters[0].params(), None)  # x against one adapter's shapes, dtypes, device
         y = grouped_adapter_reference(x, stack_adapter_params(adapters), eps=adapters[0].ln.eps)
-        residuals = promote_under_autocast(x, residual_list(residual))
-        check_residuals(x, residuals)
-        res = sum_residuals(residuals)
-        return y if res is None else res + y
+        return plus_branches(x, y, residual)
 
     def _per_segment(self, x: torch.Tensor, mix: TaskMix, residual: Residual) -> torch.Tensor:
         """Each task's adapter on its segment of x; the other branches are added over the whole batch
@@ -151,11 +148,16 @@ class TaskAdapters(nn.Module):
         def run(position: int, parts: list[torch.Tensor]) -> torch.Tensor:
             return self.adapters[self.tasks[position]](parts[0])
 
-        residuals = promote_under_autocast(x, residual_list(residual))  # as fused_adapter takes them
-        check_residuals(x, residuals)
-        y = per_segment(mix, [x], run)
-        res = sum_residuals(residuals)
-        return y if res is None else res + y
+        return plus_branches(x, per_segment(mix, [x], run), residual)
+
+
+def plus_branches(x: torch.Tensor, y: torch.Tensor, residual: Residual) -> torch.Tensor:
+    """Adapter output ``y`` of input x plus the other branches ``residual``, checked and brought to x's
+    dtype as ``fused_adapter`` takes them, summed over the whole batch in its order."""
+    residuals = promote_under_autocast(x, residual_list(residual))
+    check_residuals(x, residuals)
+    res = sum_residuals(residuals)
+    return y if res is None else res + y
 
 
 def equal_chunks(mix: TaskMix) -> list[int] | None:

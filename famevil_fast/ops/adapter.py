@@ -95,17 +95,24 @@ def grouped_adapter_reference(x: torch.Tensor, params: AdapterParams, eps: float
     return torch.baddbmm((p.up_bias * p.scale)[:, None], h, up).reshape(x.shape)
 
 
-def _single_adapter(x: torch.Tensor, p: AdapterParams, eps: float) -> torch.Tensor:
-    """One adapter over x. Where autograd records, the scale goes into the up projection,
-    ``s (W h + b) = (s W) h + s b``: scaling the (d, r) weight and the bias costs next to nothing, where
+def scaled_up_projection(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``scale * (h W^T + b)``, an adapter's up projection. Where autograd records, the scale goes into the
+    weight and bias, ``(s W) h + s b``: scaling the (d, r) weight and the bias costs next to nothing, where
     scaling the output is a pass over every activation forward and two backward (the input's gradient, and
     the scale's as a sum over products). Without gradients (inference, decoding) the output is scaled: one
     small kernel, where the fold takes two."""
+    if not torch.is_grad_enabled():
+        return F.linear(h, weight, bias) * scale
+    return F.linear(h, weight * scale, bias * scale)
+
+
+def _single_adapter(x: torch.Tensor, p: AdapterParams, eps: float) -> torch.Tensor:
+    """One adapter over x."""
     h = layer_norm_in_dtype(x, p.ln_weight, p.ln_bias, eps)
     h = F.relu(F.linear(h, p.down_weight, p.down_bias))
-    if not torch.is_grad_enabled():
-        return F.linear(h, p.up_weight, p.up_bias) * p.scale
-    return F.linear(h, p.up_weight * p.scale, p.up_bias * p.scale)
+    return scaled_up_projection(h, p.up_weight, p.up_bias, p.scale)
 
 
 def _mixed_task_adapter(
