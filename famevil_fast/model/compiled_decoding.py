@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from famevil_fast.model.attention import attention
-from famevil_fast.model.generation import text_layers
+from famevil_fast.model.generation import image_keys_and_layer_cache, text_layers
 
 if TYPE_CHECKING:
     from famevil_fast.model.famevil import FameViL
@@ -90,12 +90,9 @@ class StaticTextDecoder:
         compile_backend: str | None = "inductor",
     ) -> None:
         self.model, self.task = model, task
-        blocks = model.text.blocks
-        self.context_kv = [blk.xaa.context_kv(mem) for blk, mem in zip(blocks, memory)]
-        heads = blocks[0].attn.heads
-        dh = model.text.cfg.width // heads
-        shape = (memory[0].shape[0], 2, heads, max_tokens, dh)
-        self.caches = [torch.zeros(shape, dtype=memory[0].dtype, device=memory[0].device) for _ in blocks]
+        self.context_kv, shape = image_keys_and_layer_cache(model, memory, max_tokens)
+        like = memory[0]
+        self.caches = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in model.text.blocks]
         self.position = torch.zeros((), dtype=torch.long, device=memory[0].device)
         self.length = 0
         self._step = static_step if compile_backend is None else compiled_step(compile_backend)

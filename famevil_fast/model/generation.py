@@ -47,6 +47,18 @@ def text_layers(
     return model.caption_logits(model.text.ln_final(h[:, 0]), task).float()
 
 
+def image_keys_and_layer_cache(
+    model: FameViL, memory: list[torch.Tensor], max_tokens: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[int, ...]]:
+    """What a cached decoder of ``memory`` holds: each text block's cross-attention keys and values over
+    its vision memory (computed once), and the shape of one layer's key/value cache, (B, 2, H, T, Dh) with
+    keys at [:, 0] and values at [:, 1]."""
+    blocks = model.text.blocks
+    context_kv = [block.xaa.context_kv(mem) for block, mem in zip(blocks, memory)]
+    heads = blocks[0].attn.heads
+    return context_kv, (memory[0].shape[0], 2, heads, max_tokens, model.text.cfg.width // heads)
+
+
 class TextDecoder:
     """Incremental text-tower state for a batch of sequences conditioned on vision memory. Where the model's
     backend resolves to Triton, each layer runs fused (``decode_step``, seven kernels instead of about
@@ -56,14 +68,11 @@ class TextDecoder:
         self, model, memory: list[torch.Tensor], max_tokens: int, task: str = "cap", fused: bool | None = None
     ) -> None:
         self.model, self.task = model, task
-        text = model.text
-        self.blocks = text.blocks
-        self.context_kv = [blk.xaa.context_kv(mem) for blk, mem in zip(self.blocks, memory)]
-        b = memory[0].shape[0]
-        heads, dh = self.blocks[0].attn.heads, text.cfg.width // self.blocks[0].attn.heads
-        # one buffer, (layers, B, 2, H, T, Dh); per layer a contiguous (B, 2, H, T, Dh) view with keys at
-        # [:, 0] and values at [:, 1], so that beam search reorders every layer's cache in one gather
-        shape = (len(self.blocks), b, 2, heads, max_tokens, dh)
+        self.blocks = model.text.blocks
+        self.context_kv, layer_shape = image_keys_and_layer_cache(model, memory, max_tokens)
+        # one buffer, (layers, B, 2, H, T, Dh), a contiguous view per layer, so that beam search reorders
+        # every layer's cache in one gather
+        shape = (len(self.blocks), *layer_shape)
         self.cache = torch.empty(shape, dtype=memory[0].dtype, device=memory[0].device)
         self.caches = [self.cache[i] for i in range(len(self.blocks))]
         self.length = 0
