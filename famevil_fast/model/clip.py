@@ -37,11 +37,23 @@ class QuickGELU(nn.Module):
         return quick_gelu(x, backend=self.backend)
 
 
-class StreamLayerNorm(nn.LayerNorm):
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose parameters may be narrower than its input: a bf16 model's (``train.
+    master_weights``) on the float32 residual stream. They are widened to the input's dtype, as CUDA
+    autocast widens them (CPU's LayerNorm refuses a float32 input with 16-bit parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight is not None and self.weight.dtype != torch.float32:
+            bias = None if self.bias is None else self.bias.float()
+            return F.layer_norm(x, self.normalized_shape, self.weight.float(), bias, self.eps)
+        return super().forward(x)
+
+
+class StreamLayerNorm(LayerNorm):
     """A LayerNorm on the residual stream. With ``keeps_dtype`` set (``FameViL.set_runtime(residual_stream=
     "autocast")``), a 16-bit input under autocast is normalised in its own dtype (``ops.layer_norm``:
     float32 statistics, the parameters rounded to that dtype), where autocast would write float32 (and the
-    product after it cast it back). Otherwise an ``nn.LayerNorm``."""
+    product after it cast it back). Otherwise a ``LayerNorm``."""
 
     keeps_dtype = False
 
@@ -52,10 +64,14 @@ class StreamLayerNorm(nn.LayerNorm):
 
 
 def stream_under_autocast(h: torch.Tensor, keep: bool) -> torch.Tensor:
-    """The residual stream ``h`` in the autocast dtype when ``keep`` and autocast is on for its device (the
-    ``residual_stream="autocast"`` setting); else ``h`` itself."""
-    dtype = autocast_dtype(h) if keep else None
-    return h if dtype is None else h.to(dtype)
+    """The residual stream ``h`` as it enters the blocks. Where autocast is on for its device: in the
+    autocast dtype when ``keep`` (the ``residual_stream="autocast"`` setting), else in float32 (the default
+    setting: a bf16 model's embeddings are bf16, a float32 model's already float32). Without autocast,
+    ``h`` itself."""
+    dtype = autocast_dtype(h)
+    if dtype is None:
+        return h
+    return h.to(dtype) if keep else h.float()
 
 
 def make_activation(name: str) -> nn.Module:
@@ -230,7 +246,7 @@ class VisionTower(nn.Module):
         self.blocks = _blocks(
             cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck
         )
-        self.ln_post = nn.LayerNorm(w, eps=eps)
+        self.ln_post = LayerNorm(w, eps=eps)
         self.proj = nn.Linear(w, embed_dim, bias=False)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -276,7 +292,7 @@ class TextTower(nn.Module):
         self.blocks = _blocks(
             cfg, activation, eps, tasks, bottleneck, adapter_dropout, context_width, xaa_bottleneck
         )
-        self.ln_final = nn.LayerNorm(cfg.width, eps=eps)
+        self.ln_final = LayerNorm(cfg.width, eps=eps)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         self.keeps_stream_dtype = False  # residual_stream="autocast" (FameViL.set_runtime)

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 from famevil_fast.capture import host_reads_allowed, static_shapes_enabled
 from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, select_backend
-from famevil_fast.ops.layer_norm import autocast_dtype, layer_norm_in_dtype
+from famevil_fast.ops.layer_norm import (
+    allowed_params_dtypes,
+    autocast_dtype,
+    layer_norm_in_dtype,
+    params_dtype_allowed,
+    widened_for,
+)
 
 LN_EPS = 1e-5
 BACKENDS = ("torch", "triton")
@@ -201,9 +207,9 @@ def check_adapter_args(
                 raise ValueError(f"fused_adapter: {name} must be floating point, got {t.dtype}")
             dtypes = sorted({str(p.dtype) for p in params})
             raise ValueError(f"fused_adapter: the adapter parameters mix dtypes {dtypes}")
-    if dtype not in (x.dtype, torch.float32):
+    if not params_dtype_allowed(x, dtype):
         raise ValueError(
-            f"fused_adapter: parameters are {dtype} but x is {x.dtype} (allowed: x's dtype or float32)"
+            f"fused_adapter: parameters are {dtype} but x is {x.dtype} (allowed: {allowed_params_dtypes()})"
         )
     if task_ids is not None:
         _check_task_ids(x, task_ids, params.ln_weight.shape[0], check_values)
@@ -335,7 +341,7 @@ def _triton_adapter(
     d = x.shape[-1]
     rows = (x if flat else x.reshape(-1, d)).contiguous()
     res = [(t if flat else t.reshape(-1, d)).contiguous() for t in residuals]
-    ps = tuple([p.contiguous() for p in params])
+    ps = tuple([p.contiguous() for p in widened_for(x, params)])
     ids = None if task_ids is None else task_ids.contiguous()
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in ps))
     products = autocast_product_dtype(x)

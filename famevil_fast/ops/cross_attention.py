@@ -27,7 +27,12 @@ import torch.nn.functional as F
 
 from famevil_fast.ops._backend import check_backend, counting_flops, matmul_flops, require_int, select_backend
 from famevil_fast.ops.adapter import LN_EPS, AdapterParams, Residual, fused_adapter
-from famevil_fast.ops.layer_norm import layer_norm_in_dtype
+from famevil_fast.ops.layer_norm import (
+    allowed_params_dtypes,
+    layer_norm_in_dtype,
+    params_dtype_allowed,
+    widened_for,
+)
 
 BACKENDS = ("torch", "triton")
 
@@ -280,9 +285,9 @@ def _check_params(op: str, x: torch.Tensor, attn: CrossAttentionParams) -> None:
     if any(t.dtype != dtype for t in attn):
         dtypes = {t.dtype for t in attn}
         raise ValueError(f"{op}: the attention parameters mix dtypes {sorted(map(str, dtypes))}")
-    if dtype not in (x.dtype, torch.float32):
+    if not params_dtype_allowed(x, dtype):
         raise ValueError(
-            f"{op}: attention parameters are {dtype} but x is {x.dtype} (allowed: x's dtype or float32)"
+            f"{op}: attention parameters are {dtype} but x is {x.dtype} (allowed: {allowed_params_dtypes()})"
         )
     d, c = x.shape[-1], attn.kv_weight.shape[-1]
     shapes = (
@@ -323,7 +328,7 @@ def _check_context(op: str, context: torch.Tensor, attn: CrossAttentionParams) -
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {shape}")
     if not context.is_floating_point():
         raise ValueError(f"{op}: context must be a floating-point tensor, got {context.dtype}")
-    device, dtype, kv_dtype = context.device, context.dtype, attn.kv_weight.dtype
+    device, kv_dtype = context.device, attn.kv_weight.dtype
     named = (
         ("ctx_ln_weight", attn.ctx_ln_weight),
         ("ctx_ln_bias", attn.ctx_ln_bias),
@@ -333,10 +338,10 @@ def _check_context(op: str, context: torch.Tensor, attn: CrossAttentionParams) -
     for name, t in named:
         if t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the context is on {device}")
-        if t.dtype not in (dtype, torch.float32) or t.dtype != kv_dtype:
+        if not params_dtype_allowed(context, t.dtype) or t.dtype != kv_dtype:
             raise ValueError(
-                f"{op}: {name} is {t.dtype} but the context is {context.dtype} (allowed: the context's "
-                f"dtype or float32, the same for every parameter)"
+                f"{op}: {name} is {t.dtype} but the context is {context.dtype} (allowed: "
+                f"{allowed_params_dtypes('the context')}, the same for every parameter)"
             )
 
 
@@ -441,4 +446,6 @@ def cross_attention_adapter(
     args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
     if select_backend("cross_attention_adapter", backend, BACKENDS, x, TRITON_XAA_PAYS) == "torch":
         return cross_attention_reference(*args)
+    attn, adapter = widened_for(x, attn), widened_for(x, adapter)
+    args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
     return cross_attention_triton(*args, fuse_projections=fuse_projections)

@@ -25,6 +25,25 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in LOW_PRECISION else None
 
 
+def params_dtype_allowed(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the fused ops take parameters of ``dtype`` for ``x``: x's dtype or float32, or, for a float32
+    x under autocast, the autocast dtype (a bf16 model's parameters on the float32 residual stream)."""
+    return dtype in (x.dtype, torch.float32) or (x.dtype == torch.float32 and dtype == autocast_dtype(x))
+
+
+def allowed_params_dtypes(name: str = "x") -> str:
+    """What ``params_dtype_allowed`` allows, in words, for an input called ``name``."""
+    return f"{name}'s dtype, float32, or for a float32 {name} under autocast the autocast dtype"
+
+
+def widened_for(x: torch.Tensor, params: tuple) -> tuple:
+    """``params`` (a tuple or NamedTuple of tensors) as float32 where x is float32 and they are not: the
+    Triton kernels take parameters of x's dtype or float32 (the references take them as they are)."""
+    if x.dtype != torch.float32 or all(p.dtype == torch.float32 for p in params):
+        return params
+    return type(params)(*(p.float() for p in params))
+
+
 def keeps_input_dtype(x: torch.Tensor) -> bool:
     """Whether ``layer_norm_in_dtype`` normalises ``x`` in its own dtype: 16-bit under autocast."""
     return x.dtype in LOW_PRECISION and autocast_dtype(x) is not None
