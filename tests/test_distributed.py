@@ -69,6 +69,7 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
     trainer = Trainer(micro_config(f"{out_dir}/uneven{rank}", "train.updates=1"), uneven)
     out["uneven"] = trainer.train_update()
+    out["master"] = _master_weights_update(rank, out_dir)
     trainer.evaluator = ShardedEvaluator()
     out["evaluate"] = trainer.evaluate()
     trainer.evaluator = RankZeroEvaluator()  # not made for several processes: rank 0 alone calls it
@@ -115,6 +116,29 @@ def _agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with open(f"{out_dir}/agree{rank}.json", "w") as f:
         json.dump(out, f)
     leave_process_group()
+
+
+MASTER_OVERRIDES = ("train.updates=1", "train.precision=bf16", "train.master_weights=true")
+
+
+def _master_weights_update(rank: int, out_dir: str) -> dict:
+    """One update with bf16 parameters and float32 masters, from initial weights that differ by rank (DDP
+    and the masters' broadcast give every rank rank 0's); its record and a checksum per master."""
+    import torch
+
+    from famevil_fast.train.trainer import build_model, seed_everything
+
+    config = micro_config(f"{out_dir}/master{rank}", *MASTER_OVERRIDES)
+    seed_everything(config.train.seed)  # rank 0's weights: those a Trainer builds
+    model = build_model(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1e-3 * rank)
+    uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
+    trainer = Trainer(config, uneven, model=model)
+    record = trainer.train_update()
+    record["masters"] = [float(m.double().sum()) for m in trainer.master_weights.masters]
+    return record
 
 
 class RankZeroEvaluator:
@@ -205,6 +229,22 @@ def _assert_every_rank_matches_one_process(ranks, key: str, run_dir, *overrides:
 def test_unequal_rows_give_the_global_gradient_and_every_rank_logs_the_global_losses(agreement, tmp_path):
     # DDP averages the ranks' gradients equally: without the row weights the norm is 5.02, not 4.65
     _assert_every_rank_matches_one_process(agreement[1], "uneven", tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_master_weights_start_from_rank_0_and_stay_equal_on_every_rank(agreement, tmp_path):
+    """Ranks that built different weights train rank 0's (its bf16 weights through DDP, its float32 masters
+    through their broadcast): the same masters after the update on every rank, and the losses of one
+    process on all 8 rows, within bf16 rounding."""
+    _, ranks = agreement
+    assert ranks[0]["master"]["masters"] == ranks[1]["master"]["masters"]
+    single = Trainer(
+        micro_config(tmp_path / "single", *MASTER_OVERRIDES),
+        {t: RandomStream(t, i, batch=8) for i, t in enumerate(TASKS)},
+    ).train_update()
+    for r in ranks:
+        for (task, got), (_, expected) in zip(r["master"]["losses"], single["losses"]):
+            assert abs(got - expected) <= 2e-2 * max(1.0, abs(expected)), (task, got, expected)
 
 
 @pytest.mark.slow

@@ -83,6 +83,9 @@ def assert_same_run(
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
     _same(full.optimizer.state_dict(), resumed.optimizer.state_dict(), "optimizer")
+    if full.master_weights is not None:  # the float32 masters the bf16 model is rounded from
+        for i, (a, b) in enumerate(zip(full.master_weights.masters, resumed.master_weights.masters)):
+            assert torch.equal(a, b), f"master {i}"
     _same(full.scheduler.state_dict(), resumed.scheduler.state_dict(), "scheduler")
     _same(full.sampler.state_dict(), resumed.sampler.state_dict(), "sampler")
     _same(
@@ -152,6 +155,25 @@ CASES = {
         k=2, overrides=("schedule.decay_at=[4]", "schedule.new_module_decay_at=[2]")
     ),
     "logging_every_2": dict(k=3, overrides=("logging.every=2",)),
+    "master_weights": dict(overrides=("train.precision=bf16", "train.master_weights=true")),
+    "master_weights_graphed_mixed_bf16_stream": dict(
+        overrides=(
+            "train.precision=bf16",
+            "train.master_weights=true",
+            "train.cuda_graphs=true",
+            "train.mixed_task_batches=true",
+            "model.residual_stream=autocast",
+        )
+    ),
+    "master_weights_imtlg_frozen_clipped": dict(
+        overrides=(
+            "train.precision=bf16",
+            "train.master_weights=true",
+            "train.gradient_strategy=imtlg",
+            "train.freeze_backbone=true",
+            "train.clip_grad_norm=0.05",
+        )
+    ),
 }
 
 

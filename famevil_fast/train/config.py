@@ -141,6 +141,12 @@ class TrainSection:
         "combine task gradients: sum, imtlg (per tensor, faithful) or imtlg_global", "sum"
     )
     precision: str = doc("bf16 (autocast) or fp32 (faithful)", "bf16")
+    master_weights: bool = doc(
+        "keep the model's parameters in bf16 and the optimizer's float32 master copies beside them: "
+        "autocast then casts no weight in a step (precision bf16; pays with model.residual_stream "
+        "autocast; checkpoints hold the float32 masters)",
+        False,
+    )
     cuda_graphs: bool = doc(
         "replay each micro-step's forward and backward as a CUDA graph captured per batch layout "
         "(single process, gradient_strategy sum; on the CPU the step runs eagerly)",
@@ -311,6 +317,11 @@ class TrainConfig:
             raise ValueError(
                 "model.residual_stream=autocast keeps the stream in the autocast dtype and needs "
                 f"train.precision=bf16, got {self.train.precision}"
+            )
+        if self.train.master_weights and self.train.precision != "bf16":
+            raise ValueError(
+                "train.master_weights keeps a bf16 model for bf16 autocast and needs train.precision=bf16, "
+                f"got {self.train.precision}"
             )
         _choice("train.nonfinite", self.train.nonfinite, ("skip", "stop"))
         _check_device(self.train.device)

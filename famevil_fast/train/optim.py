@@ -16,6 +16,7 @@ from torch import nn
 
 from famevil_fast.model.weights import is_new_module_key
 from famevil_fast.train.config import OptimSection, ScheduleSection
+from famevil_fast.train.master_weights import MasterAdamW, MasterWeights
 
 NO_DECAY_SUFFIXES = ("norm_s", ".scale", "class_embedding", "pos_embed", "logit_scale")
 
@@ -53,8 +54,11 @@ def parameter_groups(
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel per parameter: on 2 CPU cores 5x the foreach step
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    """AdamW over ``parameter_groups`` (the fused implementation on CUDA and CPU devices)."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimSection, master_weights: MasterWeights | None = None
+) -> torch.optim.AdamW:
+    """AdamW over ``parameter_groups`` (the fused implementation on CUDA and CPU devices); with
+    ``master_weights``, over their float32 masters (``MasterAdamW``)."""
     groups = parameter_groups(
         model, cfg.lr, cfg.new_module_lr_multiplier, cfg.weight_decay, cfg.decay_norms_and_scales
     )
@@ -62,7 +66,10 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
         raise ValueError("no trainable parameters")
     device = groups[0]["params"][0].device.type
     kind = {"fused": True} if device in FUSED_ADAMW_DEVICES else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
+    settings = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kind)
+    if master_weights is not None:
+        return MasterAdamW(groups, master_weights, **settings)
+    return torch.optim.AdamW(groups, **settings)
 
 
 def lr_factor(

@@ -35,6 +35,7 @@ from famevil_fast.train.distill import Teachers, combine, kd_loss
 from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env, process_device
 from famevil_fast.train.imtl import GradientBuffer
 from famevil_fast.train.logging import RunLogger
+from famevil_fast.train.master_weights import MasterWeights
 from famevil_fast.train.optim import build_optimizer, build_scheduler, freeze_backbone
 from famevil_fast.train.sampling import TaskSampler
 
@@ -233,7 +234,8 @@ class Trainer:
                 streams = build_streams(config, self.dist, self.device)
         if t.freeze_backbone:
             freeze_backbone(self.model)
-        self.optimizer = build_optimizer(self.model, config.optim)
+        self.master_weights = MasterWeights(self.model) if t.master_weights else None
+        self.optimizer = build_optimizer(self.model, config.optim, self.master_weights)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
         missing = [task for task in config.model.tasks if task not in streams]
         if missing:
@@ -258,6 +260,8 @@ class Trainer:
             self.module = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=ids, find_unused_parameters=True
             )
+            if self.master_weights is not None:  # DDP gave every process rank 0's bf16 weights
+                self.master_weights.broadcast()
         self.gather = FeatureGather(self.dist) if self.dist.enabled else None
         self.checkpoints = CheckpointManager(config.checkpoint.dir, config.checkpoint.keep_last)
         self.evaluator = evaluator
@@ -304,7 +308,8 @@ class Trainer:
         done = self._checkpointed
         if done is not None and done.name == f"step_{self.update:08d}" and done in self.checkpoints.list():
             return done
-        self._checkpointed = self.checkpoints.save(self.update, self.model, self.optimizer, self.state())
+        with self.float32_weights():
+            self._checkpointed = self.checkpoints.save(self.update, self.model, self.optimizer, self.state())
         return self._checkpointed
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -315,7 +320,8 @@ class Trainer:
         if path is None:
             return False
         check = functools.partial(self._check_resumed_config, path)
-        state = self.checkpoints.load(path, self.model, self.optimizer, check)
+        with self.float32_weights():
+            state = self.checkpoints.load(path, self.model, self.optimizer, check)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for task, stream_state in state["streams"].items():
@@ -334,6 +340,13 @@ class Trainer:
                 stacklevel=2,
             )
         return True
+
+    def float32_weights(self) -> contextlib.AbstractContextManager:
+        """Within it, the model holds float32 weights: itself, or (``train.master_weights``) the optimizer's
+        float32 masters, which checkpoints and exported weights hold."""
+        if self.master_weights is None:
+            return contextlib.nullcontext()
+        return self.master_weights.float32_weights()
 
     def _check_resumed_config(self, path: Path, state: Mapping[str, Any]) -> None:
         """Refuse a recipe that changes what the resumed updates compute (see RESUME_MAY_CHANGE), before
@@ -587,7 +600,8 @@ class Trainer:
                     break
             self.save()
             if status == "finished" and self.dist.is_main:
-                self.model.save_pretrained(Path(cfg.checkpoint.dir) / "final")
+                with self.float32_weights():
+                    self.model.save_pretrained(Path(cfg.checkpoint.dir) / "final")
             results = self.evaluate() if status == "finished" else {}
         except NonFiniteLoss as exc:  # no checkpoint: the last one saved stays the newest
             status = f"stopped ({exc.reason})"
