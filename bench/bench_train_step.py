@@ -14,7 +14,9 @@ per task and for the round-robin four-task step.
    ``fast_quick_gelu``: ``fast`` with the MLPs' QuickGELU on its Triton kernels; ``fast_bf16_stream``:
    ``fast`` with the residual stream in bf16 (``residual_stream="autocast"``), and
    ``fast_bf16_stream_quick_gelu`` with both; ``fast_frozen_bf16_stream_quick_gelu`` is that with the
-   backbone frozen (for the frozen ITC step of target 1).
+   backbone frozen (for the frozen ITC step of target 1); ``fast_master_weights`` and
+   ``fast_frozen_master_weights`` are those two with the parameters in bf16 and float32 master copies in
+   the optimizer (``train.master_weights``: autocast casts no weight).
 
 Two probes of a bf16 residual stream (bench/step_floor.py counts its bytes): ``bf16_model_graphed``, the
 graphed plain step of the model converted to bf16 (parameters, residual stream and LayerNorms in bf16, no
@@ -60,6 +62,7 @@ from famevil_fast.model.clip import QuickGELU
 from famevil_fast.ops._backend import triton_runs_on
 from famevil_fast.text import EOT_ID, SOT_ID
 from famevil_fast.train.cuda_graph import GraphedStep
+from famevil_fast.train.master_weights import MasterAdamW, MasterWeights
 from famevil_fast.train.optim import freeze_backbone
 
 CUDA = torch.cuda.is_available()
@@ -105,6 +108,7 @@ _PLAIN = dict(
     quick_gelu=None,
     bf16_model=False,
     residual_stream="float32",
+    master_weights=False,
 )
 _FAST = dict(_PLAIN, attention="auto", backend=None, mixed=True, graphs=True)
 CONFIGS = {
@@ -125,6 +129,10 @@ CONFIGS = {
     "fast_bf16_stream_quick_gelu": dict(_FAST, residual_stream="autocast", quick_gelu="triton"),
     "fast_frozen_bf16_stream_quick_gelu": dict(
         _FAST, frozen=True, residual_stream="autocast", quick_gelu="triton"
+    ),
+    "fast_master_weights": dict(_FAST, residual_stream="autocast", quick_gelu="triton", master_weights=True),
+    "fast_frozen_master_weights": dict(
+        _FAST, frozen=True, residual_stream="autocast", quick_gelu="triton", master_weights=True
     ),
     "bf16_model_graphed": dict(_PLAIN, graphs=True, bf16_model=True),
     "bf16_model_quick_gelu": dict(_PLAIN, graphs=True, bf16_model=True, quick_gelu="triton"),
@@ -187,7 +195,11 @@ class Setup:
             freeze_backbone(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if CUDA and opts["precision"] == "bf16" else {}
-        self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
+        if opts["master_weights"]:
+            weights = MasterWeights(self.model)
+            self.optimizer = MasterAdamW([{"params": params}], weights, lr=1e-5, **fused)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-5, **fused)
         self.autocast = opts["precision"] == "bf16" and not opts["bf16_model"]  # a bf16 model runs without it
         bf16 = torch.bfloat16 if self.autocast else None
         step_losses = self.losses
@@ -310,11 +322,14 @@ def first_step(base_model: FameViL, name: str, batches) -> tuple[dict[str, float
     grads: dict[str, torch.Tensor] = {}
     optimizer_step = setup.optimizer.step
 
+    # the model's parameters (a MasterAdamW holds their float32 masters, and reads the model's gradients)
+    stepped = getattr(setup.optimizer, "model_params", None)
+    stepped = stepped or [p for group in setup.optimizer.param_groups for p in group["params"]]
+
     def step_reading_grads(*args, **kwargs):
-        for group in setup.optimizer.param_groups:
-            for p in group["params"]:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                grads[names[id(p)]] = grad.detach().to("cpu", torch.float32, copy=True)
+        for p in stepped:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            grads[names[id(p)]] = grad.detach().to("cpu", torch.float32, copy=True)
         return optimizer_step(*args, **kwargs)
 
     setup.optimizer.step = step_reading_grads

@@ -18,7 +18,9 @@ A configuration name may carry extras after ``+``: ``+quick_gelu`` (e.g. ``plain
 step with every QuickGELU as the registered operator of its Triton kernels (``famevil_fast.ops.quick_gelu``),
 one call each way, as ``fast_quick_gelu`` does; ``+bf16_model`` counts the model built in bfloat16 and run
 without autocast, so that the residual stream, the LayerNorms and the parameters are bf16: a bound on what
-a bf16 residual stream would save (without float32 master weights, whose casts it leaves out).
+a bf16 residual stream would save (without float32 master weights, whose casts it leaves out);
+``+master_weights`` counts the model's parameters in bf16 under autocast with float32 masters in the
+optimizer (``train.master_weights``), the masters' gradient and weight copies included.
 Configurations that put every op on Triton (``fast_triton``) are not counted.
 
     python bench/step_floor.py --batch 64 --workload all4 --configs faithful,plain,plain+quick_gelu,fast
@@ -48,6 +50,7 @@ from famevil_fast.capture import simulated_capture  # noqa: E402
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset  # noqa: E402
 from famevil_fast.ops.layer_norm import LOW_PRECISION  # noqa: E402
 from famevil_fast.text import EOT_ID, SOT_ID  # noqa: E402
+from famevil_fast.train.master_weights import MasterAdamW, MasterWeights  # noqa: E402
 from famevil_fast.train.optim import freeze_backbone  # noqa: E402
 
 COPY_TBPS = 4.3  # device copy, bytes read + written (H200, bench/RESULTS.md)
@@ -224,7 +227,10 @@ def count_step(
         if opts["frozen"]:
             freeze_backbone(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+        if opts["master_weights"]:
+            optimizer = MasterAdamW([{"params": params}], MasterWeights(model), lr=1e-5, fused=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
         size = model.config.clip.vision.image_size
         tasks = TASKS if workload == "all4" else (workload,)
         pixel_dtype = torch.bfloat16 if bf16_model else torch.float32
@@ -256,6 +262,8 @@ def config_options(name: str) -> dict:
         opts["quick_gelu"] = "triton"
     if "bf16_model" in extras:
         opts["bf16_model"] = True
+    if "master_weights" in extras:
+        opts["master_weights"] = True
     return opts
 
 
@@ -281,7 +289,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-EXTRAS = ("quick_gelu", "bf16_model")
+EXTRAS = ("quick_gelu", "bf16_model", "master_weights")
 
 
 def known_config(name: str) -> str | None:
@@ -325,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs",
         default="faithful,plain,plain+quick_gelu,plain_frozen,fast",
-        help="comma-separated bench_train_step names, each optionally with +quick_gelu and/or +bf16_model",
+        help="comma-separated bench_train_step names, each optionally with extras after +: "
+        + ", ".join(EXTRAS),
     )
     parser.add_argument("--tflops", type=float, default=MATRIX_TFLOPS, help="matrix peak, TFLOP/s")
     parser.add_argument("--tbps", type=float, default=COPY_TBPS, help="copy bandwidth, TB/s")

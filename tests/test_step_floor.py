@@ -117,3 +117,15 @@ def test_a_configuration_s_own_bf16_model_flag_counts_as_the_extra() -> None:
     extra = step_floor.count_step("plain+bf16_model", "micro", 2, "itc")
     assert probe.by_kind["cast"].calls == extra.by_kind["cast"].calls
     assert probe.total().bytes == extra.total().bytes
+
+
+def test_master_weights_remove_the_weight_casts_of_a_step() -> None:
+    """The micro model's ITC step on the bf16 stream: with bf16 parameters and float32 masters, the casts of
+    the weights and their gradients are gone; the optimizer adds its two multi-tensor copies."""
+    autocast = step_floor.count_step("fast_bf16_stream_quick_gelu", "micro", 2, "itc")
+    master = step_floor.count_step("fast_master_weights", "micro", 2, "itc")
+    assert master.by_kind["matmul"].flops == autocast.by_kind["matmul"].flops > 0
+    assert master.by_kind["cast"].calls < autocast.by_kind["cast"].calls / 4
+    assert master.by_op["_foreach_copy_"].calls == 2
+    assert master.total().calls < autocast.total().calls
+    assert step_floor.config_options("plain+master_weights")["master_weights"]
