@@ -16,7 +16,10 @@ per task and for the round-robin four-task step.
    ``fast_bf16_stream_quick_gelu`` with both; ``fast_frozen_bf16_stream_quick_gelu`` is that with the
    backbone frozen (for the frozen ITC step of target 1); ``fast_master_weights`` and
    ``fast_frozen_master_weights`` are those two with the parameters in bf16 and float32 master copies in
-   the optimizer (``train.master_weights``: autocast casts no weight).
+   the optimizer (``train.master_weights``: autocast casts no weight). With bf16 parameters the automatic
+   choice takes the Triton adapters for a graphed step's one-task calls of 12,608 rows or more (the ITC
+   step's vision tower); ``fast_master_weights_torch_ops`` keeps every op but QuickGELU on PyTorch, so that
+   the two effects can be told apart.
 
 Two probes of a bf16 residual stream (bench/step_floor.py counts its bytes): ``bf16_model_graphed``, the
 graphed plain step of the model converted to bf16 (parameters, residual stream and LayerNorms in bf16, no
@@ -131,6 +134,9 @@ CONFIGS = {
         _FAST, frozen=True, residual_stream="autocast", quick_gelu="triton"
     ),
     "fast_master_weights": dict(_FAST, residual_stream="autocast", quick_gelu="triton", master_weights=True),
+    "fast_master_weights_torch_ops": dict(
+        _FAST, backend="torch", residual_stream="autocast", quick_gelu="triton", master_weights=True
+    ),
     "fast_frozen_master_weights": dict(
         _FAST, frozen=True, residual_stream="autocast", quick_gelu="triton", master_weights=True
     ),

@@ -122,8 +122,10 @@ MASTER_OVERRIDES = ("train.updates=1", "train.precision=bf16", "train.master_wei
 
 
 def _master_weights_update(rank: int, out_dir: str) -> dict:
-    """One update with bf16 parameters and float32 masters, from initial weights that differ by rank (DDP
-    and the masters' broadcast give every rank rank 0's); its record and a checksum per master."""
+    """Updates with bf16 parameters and float32 masters, from initial weights that differ by rank (DDP
+    and the masters' broadcast give every rank rank 0's): the first update's record; then a run to update
+    2 that checkpoints after each, and one resumed from that checkpoint to update 3 (checkpoints and resumes
+    must leave DDP's gradient hooks in place); a checksum per master after each."""
     import torch
 
     from famevil_fast.train.trainer import build_model, seed_everything
@@ -137,8 +139,22 @@ def _master_weights_update(rank: int, out_dir: str) -> dict:
     uneven = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
     trainer = Trainer(config, uneven, model=model)
     record = trainer.train_update()
-    record["masters"] = [float(m.double().sum()) for m in trainer.master_weights.masters]
+    record["masters"] = _checksums(trainer)
+    run = f"{out_dir}/master_checkpointed"
+    streams = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
+    trainer = Trainer(micro_config(run, *MASTER_OVERRIDES, "train.updates=2", "checkpoint.every=1"), streams)
+    trainer.fit()
+    record["checkpointed"] = _checksums(trainer)
+    streams = {t: RandomStream(t, i, batch=8, rows=UNEVEN[rank]) for i, t in enumerate(TASKS)}
+    resumed = micro_config(run, *MASTER_OVERRIDES, "train.updates=3", "checkpoint.resume=true")
+    trainer = Trainer(resumed, streams)
+    trainer.fit()
+    record["resumed"] = _checksums(trainer)
     return record
+
+
+def _checksums(trainer: Trainer) -> list[float]:
+    return [float(m.double().sum()) for m in trainer.master_weights.masters]
 
 
 class RankZeroEvaluator:
@@ -232,12 +248,13 @@ def test_unequal_rows_give_the_global_gradient_and_every_rank_logs_the_global_lo
 
 
 @pytest.mark.slow
-def test_master_weights_start_from_rank_0_and_stay_equal_on_every_rank(agreement, tmp_path):
+def test_master_weights_start_from_rank_0_and_stay_equal_through_checkpoints_and_resumes(agreement, tmp_path):
     """Ranks that built different weights train rank 0's (its bf16 weights through DDP, its float32 masters
     through their broadcast): the same masters after the update on every rank, and the losses of one
     process on all 8 rows, within bf16 rounding."""
     _, ranks = agreement
-    assert ranks[0]["master"]["masters"] == ranks[1]["master"]["masters"]
+    for key in ("masters", "checkpointed", "resumed"):
+        assert ranks[0]["master"][key] == ranks[1]["master"][key], key
     single = Trainer(
         micro_config(tmp_path / "single", *MASTER_OVERRIDES),
         {t: RandomStream(t, i, batch=8) for i, t in enumerate(TASKS)},

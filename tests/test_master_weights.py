@@ -30,17 +30,21 @@ def small_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 5), nn.LayerNorm(5), nn.Linear(5, 3))
     model.temperature = nn.Parameter(torch.tensor(2.6592))
+    model.norm_s = nn.Parameter(torch.full((1,), 4.0))
+    model.scale = nn.Parameter(torch.full((1,), 0.5))
     return model
 
 
 def test_parameters_become_bf16_beside_float32_masters_and_temperatures_stay_float32() -> None:
+    """0-d parameters and those named like the heads' temperature stay float32; a (1,) adapter scale
+    does not (an adapter's parameters share one dtype)."""
     model = small_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     weights = MasterWeights(model)
     for name, param in model.named_parameters():
         master = weights.master(param)
         assert master.dtype == torch.float32 and torch.equal(master, before[name]), name
-        want = torch.float32 if name == "temperature" else torch.bfloat16
+        want = torch.float32 if name in ("temperature", "norm_s") else torch.bfloat16
         assert param.dtype == want, name
         assert torch.equal(param.float(), before[name].to(want).float()), name
 
@@ -113,11 +117,9 @@ def test_a_master_adamw_resumes_exactly_from_saved_masters_and_state() -> None:
     optimizer = MasterAdamW(groups_of(model), MasterWeights(model))
     random_grads(model, 0)
     optimizer.step()
-    with optimizer.weights.float32_weights():
-        saved = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(optimizer.weights.float32_state_dict(model))
     resumed = MasterAdamW(groups_of(twin), MasterWeights(twin))
-    with resumed.weights.float32_weights():
-        twin.load_state_dict(saved)
+    resumed.weights.load_float32_state_dict(twin, saved, "saved")
     resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     for opt, net in ((optimizer, model), (resumed, twin)):
         opt.zero_grad()
@@ -147,21 +149,41 @@ def test_zero_grad_clears_the_model_gradients_or_zeroes_them_in_place() -> None:
     assert all(p.grad is None for p in optimizer.model_params)
 
 
-def test_float32_weights_lend_the_masters_and_keep_the_model_storage() -> None:
-    """Inside: the parameters are the float32 masters (a state dict saves them, a load writes them); after:
-    the same bf16 tensors as before (a captured graph reads those addresses), holding the rounding."""
+def test_float32_state_dicts_hold_the_masters_and_load_into_them_in_place() -> None:
+    """The state dict holds the float32 masters (a tied parameter under both names); a load writes the
+    masters exactly and the model's parameters, in place, with their rounding: no parameter changes its
+    tensor (a captured graph reads those addresses, DDP hooks their gradient accumulators)."""
     model = small_model()
+    model.tied = model[0].weight
     weights = MasterWeights(model)
-    pointers = [p.data_ptr() for p in model.parameters()]
-    loaded = {k: torch.randn_like(v, dtype=torch.float32) for k, v in model.state_dict().items()}
-    with weights.float32_weights():
-        saved = model.state_dict()
-        assert all(v.dtype == torch.float32 for v in saved.values())
-        model.load_state_dict(loaded)
-    assert [p.data_ptr() for p in model.parameters()] == pointers
+    state = weights.float32_state_dict(model)
+    assert set(state) == set(model.state_dict())
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert torch.equal(state["tied"], weights.master(model[0].weight))
+    assert torch.equal(state["0.weight"], weights.master(model[0].weight))
+    pointers = [(p.data_ptr(), p.dtype) for p in model.parameters()]
+    loaded = {k: torch.randn_like(v) for k, v in state.items()}
+    loaded["tied"] = loaded["0.weight"]
+    weights.load_float32_state_dict(model, loaded, "a file")
+    assert [(p.data_ptr(), p.dtype) for p in model.parameters()] == pointers
     for name, param in model.named_parameters():
         assert torch.equal(weights.master(param), loaded[name]), name
         assert torch.equal(param.detach(), loaded[name].to(param.dtype)), name
+    with pytest.raises(ValueError, match=r"a file does not match the model"):
+        weights.load_float32_state_dict(model, {"0.weight": loaded["0.weight"]}, "a file")
+
+
+def test_step_hooks_fire_once_beside_a_plain_adamw() -> None:
+    """The masters' copies are step hooks of their own: hooks registered by a user fire once a step, also
+    where a plain AdamW (whose class step is hooked too) exists in the same process."""
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
+    model = small_model()
+    optimizer = MasterAdamW(groups_of(model), MasterWeights(model))
+    fired = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: fired.append(opt))
+    random_grads(model, 0)
+    optimizer.step()
+    assert fired == [optimizer]
 
 
 def test_copy_grouped_makes_one_copy_per_pair_of_dtypes(monkeypatch) -> None:
@@ -254,7 +276,7 @@ def test_the_adapter_takes_bf16_parameters_on_a_float32_input_under_autocast(bac
         out = fused_adapter(x, *params, residual=x, backend=backend)
         expected = fused_adapter(x, *widened, residual=x, backend="torch")
     assert out.dtype == torch.float32
-    assert rel_err(out, expected) < 2e-2
+    assert rel_err(out.detach(), expected.detach()) < 2e-2
     grads = torch.autograd.grad(out.sum(), params)
     want = torch.autograd.grad(expected.sum(), widened)
     for name, g, w in zip(AdapterParams._fields, grads, want):
@@ -287,7 +309,7 @@ def test_the_cross_attention_adapter_takes_bf16_parameters_on_a_float32_stream()
             context=context,
             backend="torch",
         )
-    assert rel_err(out, widened) < 2e-2
+    assert rel_err(out.detach(), widened.detach()) < 2e-2
     with pytest.raises(ValueError, match="attention parameters are torch.bfloat16 but x is torch.float32"):
         cross_attention_adapter(x, attn, adapter, 2, context=context, backend="torch")
 

@@ -225,11 +225,14 @@ class FameViL(nn.Module):
 
         return load_famevil_checkpoint(cls, path, **overrides)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically)."""
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically); ``state_dict``
+        replaces the model's own weights (the trainer's float32 masters of a bf16 model)."""
         from famevil_fast.model.weights import save_famevil
 
-        return save_famevil(self, directory)
+        return save_famevil(self, directory, state_dict)
 
     # ------------------------------------------------------------------ the three modes
     def image_features(self, pixels: torch.Tensor, task: TaskChoice) -> torch.Tensor:

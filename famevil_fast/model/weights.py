@@ -828,10 +828,15 @@ def load_into(
 
 
 # ---------------------------------------------------------------- writing
-def save_famevil(model: FameViL, directory: str | Path) -> Path:
+def save_famevil(
+    model: FameViL, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """``model``'s config and weights (``state_dict`` in place of its own, e.g. float32 masters) in
+    ``directory``."""
     directory = Path(directory)
     config = {"format": FORMAT_TAG, "famevil": model.config.to_dict()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"config": json.dumps(config)}
     atomic_save_safetensors(directory / WEIGHTS_FILE, tensors, meta)
     atomic_write_json(directory / CONFIG_FILE, config, indent=2)

@@ -261,7 +261,10 @@ def check_residuals(x: torch.Tensor, residuals: list[torch.Tensor]) -> None:
 # float32 residual stream in part of its adapters), and mixes tasks: in the graphed four-task ViT-B/16 step
 # at batch 64 the kernels' backward took 16.2 ms a call (63,040 vision rows of three tasks), 388 ms of the
 # step's 631 ms, and the step 635 ms against 267 ms with the reference (H200, 2026-11-27, third run). So
-# the package's own training (float32 parameters) never takes the kernels automatically.
+# training with float32 parameters never takes the kernels automatically. With ``train.master_weights`` on
+# the bf16 stream the parameters are bf16 too: a graphed step's one-task calls of 12,608 rows or more (a
+# ViT-B/16 batch of 64 in the vision tower) are then the measured case and take them; such a whole step is
+# not yet timed (``fast_master_weights`` beside ``fast_master_weights_torch_ops`` in bench_train_step).
 TRITON_ADAPTER_MIN_ROWS = 1 << 20
 TRITON_ADAPTER_MIN_ROWS_IN_GRAPH = 12_608
 TRITON_ADAPTER_MAX_R = 128

@@ -125,15 +125,21 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(
-        self, update: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+        self,
+        update: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write checkpoint ``update`` (model, optimizer, random states and the JSON-able ``state``)."""
+        """Write checkpoint ``update`` (model, optimizer, random states and the JSON-able ``state``);
+        ``weights`` replaces the model's state dict (float32 masters of a bf16 model)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._recover()
         final = self.directory / f"step_{update:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.directory, prefix=f".{final.name}."))
         try:
-            save_famevil(model, tmp)
+            save_famevil(model, tmp, weights)
             opt_tensors, opt_meta = optimizer_to_flat(optimizer)
             atomic_save_safetensors(tmp / OPTIMIZER_FILE, opt_tensors)  # plain permissions, as the others
             rng_tensors, rng_meta = rng_state()
@@ -155,9 +161,11 @@ class CheckpointManager:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer | None,
         check: Callable[[dict[str, Any]], None] | None = None,
+        load_weights: Callable[[dict[str, torch.Tensor], str], None] | None = None,
     ) -> dict[str, Any]:
         """Restore model, optimizer and random states from ``path``; returns the JSON state. ``check`` sees
-        that state first and may refuse it (by raising) before anything is restored."""
+        that state first and may refuse it (by raising) before anything is restored. ``load_weights(state
+        dict, what)`` loads the weights in place of ``load_into`` (into float32 masters and a bf16 model)."""
         from famevil_fast.model.weights import load_into, read_state_dict
 
         path = Path(path)
@@ -167,7 +175,10 @@ class CheckpointManager:
         if check is not None:
             check(state)
         weights, _ = read_state_dict(path)
-        load_into(model, weights, f"checkpoint {path}")
+        if load_weights is None:
+            load_into(model, weights, f"checkpoint {path}")
+        else:
+            load_weights(weights, f"checkpoint {path}")
         if optimizer is not None:
             optimizer_from_flat(optimizer, _read_tensors(path / OPTIMIZER_FILE), state["optimizer"])
         restore_rng(_read_tensors(path / RNG_FILE), state["rng"])

@@ -308,8 +308,9 @@ class Trainer:
         done = self._checkpointed
         if done is not None and done.name == f"step_{self.update:08d}" and done in self.checkpoints.list():
             return done
-        with self.float32_weights():
-            self._checkpointed = self.checkpoints.save(self.update, self.model, self.optimizer, self.state())
+        self._checkpointed = self.checkpoints.save(
+            self.update, self.model, self.optimizer, self.state(), self.float32_state_dict()
+        )
         return self._checkpointed
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -320,8 +321,10 @@ class Trainer:
         if path is None:
             return False
         check = functools.partial(self._check_resumed_config, path)
-        with self.float32_weights():
-            state = self.checkpoints.load(path, self.model, self.optimizer, check)
+        load = None
+        if self.master_weights is not None:
+            load = functools.partial(self.master_weights.load_float32_state_dict, self.model)
+        state = self.checkpoints.load(path, self.model, self.optimizer, check, load)
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for task, stream_state in state["streams"].items():
@@ -341,12 +344,13 @@ class Trainer:
             )
         return True
 
-    def float32_weights(self) -> contextlib.AbstractContextManager:
-        """Within it, the model holds float32 weights: itself, or (``train.master_weights``) the optimizer's
-        float32 masters, which checkpoints and exported weights hold."""
+    def float32_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """With ``train.master_weights``, the model's state dict with the optimizer's float32 masters in
+        place of its bf16 parameters (what checkpoints and the final export hold); else None (the model's
+        own)."""
         if self.master_weights is None:
-            return contextlib.nullcontext()
-        return self.master_weights.float32_weights()
+            return None
+        return self.master_weights.float32_state_dict(self.model)
 
     def _check_resumed_config(self, path: Path, state: Mapping[str, Any]) -> None:
         """Refuse a recipe that changes what the resumed updates compute (see RESUME_MAY_CHANGE), before
@@ -600,8 +604,7 @@ class Trainer:
                     break
             self.save()
             if status == "finished" and self.dist.is_main:
-                with self.float32_weights():
-                    self.model.save_pretrained(Path(cfg.checkpoint.dir) / "final")
+                self.model.save_pretrained(Path(cfg.checkpoint.dir) / "final", self.float32_state_dict())
             results = self.evaluate() if status == "finished" else {}
         except NonFiniteLoss as exc:  # no checkpoint: the last one saved stays the newest
             status = f"stopped ({exc.reason})"
