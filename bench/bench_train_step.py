@@ -61,7 +61,6 @@ import pytest
 import torch
 
 from famevil_fast.model import FameViL, FameViLConfig, clip_preset
-from famevil_fast.model.clip import QuickGELU
 from famevil_fast.ops._backend import triton_runs_on
 from famevil_fast.text import EOT_ID, SOT_ID
 from famevil_fast.train.cuda_graph import GraphedStep
@@ -188,15 +187,14 @@ class Setup:
         opts = CONFIGS[name]
         self.opts = opts
         self.model = copy.deepcopy(base).set_runtime(
-            attention=opts["attention"], backend=opts["backend"], residual_stream=opts["residual_stream"]
+            attention=opts["attention"],
+            backend=opts["backend"],
+            residual_stream=opts["residual_stream"],
+            activation_backend=opts["quick_gelu"],  # None: that of backend
         )
         if opts["bf16_model"]:
             self.model.to(torch.bfloat16)
         self._inputs: dict[int, dict] = {}
-        if opts["quick_gelu"] is not None:
-            for module in self.model.modules():
-                if isinstance(module, QuickGELU):
-                    module.backend = opts["quick_gelu"]
         if opts["frozen"]:
             freeze_backbone(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -387,3 +387,35 @@ def test_config_from_dict_names_the_bad_field(edit, message):
     edit(stored)
     with pytest.raises(ValueError, match=message):
         FameViLConfig.from_dict(stored)
+
+
+def test_activation_backend_sets_the_quick_gelus_apart_from_the_other_ops(tmp_path) -> None:
+    """``activation_backend`` names the QuickGELUs' backend; None leaves them on that of ``backend``; a
+    checkpoint and a training recipe's ``model.activation_backend`` set it; a bad value is refused by name."""
+    from trainer_fixtures import micro_config
+
+    from famevil_fast.model.adapters import BottleneckAdapter
+    from famevil_fast.model.clip import QuickGELU
+    from famevil_fast.train.trainer import build_model
+
+    config = FameViLConfig(clip=clip_preset("micro"), activation_backend="triton")
+    model = FameViL(config)
+
+    def backends(kind):
+        return {m.backend for m in model.modules() if isinstance(m, kind)}
+
+    assert backends(QuickGELU) == {"triton"} and backends(BottleneckAdapter) == {None}
+    model.set_runtime(backend="torch")
+    assert backends(QuickGELU) == {"triton"} and backends(BottleneckAdapter) == {"torch"}
+    model.set_runtime(activation_backend=None)
+    assert backends(QuickGELU) == {"torch"}
+    model.set_runtime(backend="cuda", activation_backend="torch")
+    assert backends(QuickGELU) == {"torch"} and backends(BottleneckAdapter) == {None}
+    with pytest.raises(ValueError, match="activation_backend must be one of"):
+        config.replace(activation_backend="cuda")
+    with pytest.raises(ValueError, match="activation_backend must be one of"):
+        model.set_runtime(activation_backend="flash")
+    model.save_pretrained(tmp_path / "saved")
+    assert FameViL.from_pretrained(tmp_path / "saved").config.activation_backend == "torch"
+    model = build_model(micro_config(tmp_path / "run", "model.activation_backend=triton"))
+    assert backends(QuickGELU) == {"triton"} and backends(BottleneckAdapter) == {None}

@@ -10,13 +10,15 @@ from pathlib import Path
 
 
 def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """``--op-backend``: the model's op backend (``FameViL.set_runtime(backend=...)``) for this command."""
+    """``--op-backend``: the model's op backend for this command (``FameViL.set_runtime(backend=...)``,
+    QuickGELU's included)."""
     parser.add_argument(
         "--op-backend",
         choices=("torch", "triton"),
         default=None,
-        help="backend of the model's ops: triton runs the fused kernels (a GPU, or TRITON_INTERPRET=1 on the "
-        "CPU) and decodes captions with each text layer of a step fused into seven kernels (on an H200 "
+        help="backend of the model's ops (adapters, losses, QuickGELU): triton runs the fused kernels (a "
+        "GPU, or TRITON_INTERPRET=1 on the CPU) and decodes captions with each text layer of a step fused "
+        "into seven kernels (on an H200 "
         "slower than --cuda-graph replay of the plain step; --compile decodes with its own step instead); "
         "torch runs the PyTorch references (default: the checkpoint's, automatic unless set)",
     )

@@ -189,6 +189,8 @@ class FameViLConfig:
         softmax, the faithful reference) or "flash".
     backend: op backend for adapters and losses (None = automatic, "torch" = references, "triton" = the
         Triton kernels; "cuda" / "cpu" = the compiled contrastive losses, adapters automatic).
+    activation_backend: op backend of the towers' QuickGELU ("torch", "triton"); None = that of ``backend``
+        (automatic where it names none of theirs).
     residual_stream: "float32" (default) keeps both towers' residual stream in float32 under autocast, as
         autocast leaves it; "autocast" keeps it in the autocast dtype (bf16 or fp16), the pre-LayerNorms
         reading and writing that dtype (float32 statistics, the parameters rounded to it), which removes
@@ -212,6 +214,7 @@ class FameViLConfig:
     caption_vocab: tuple[int, ...] | None = None
     attention: str = "auto"
     backend: str | None = None
+    activation_backend: str | None = None
     residual_stream: str = "float32"
     num_attributes: int = 0
     adapter_type: str = "tsa"
@@ -232,6 +235,11 @@ class FameViLConfig:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (None = automatic), got {self.backend!r}")
+        if self.activation_backend not in (*ADAPTER_BACKENDS, None):
+            raise ValueError(
+                f"activation_backend must be one of {ADAPTER_BACKENDS} or None (that of backend), got "
+                f"{self.activation_backend!r}"
+            )
         if self.residual_stream not in RESIDUAL_STREAMS:
             streams = RESIDUAL_STREAMS
             raise ValueError(f"residual_stream must be one of {streams}, got {self.residual_stream!r}")
@@ -309,3 +317,8 @@ class FameViLConfig:
         """The backend of the adapters and the decoding step: ``backend`` where it names one of theirs, else
         None (automatic; "cuda" / "cpu" name the contrastive losses' kernels)."""
         return self.backend if self.backend in ADAPTER_BACKENDS else None
+
+    @property
+    def quick_gelu_backend(self) -> str | None:
+        """The backend of the towers' QuickGELU: ``activation_backend``, else ``adapter_backend``."""
+        return self.activation_backend or self.adapter_backend

@@ -127,7 +127,12 @@ class FameViL(nn.Module):
             self.register_buffer("caption_vocab", vocab, persistent=False)
         else:
             self.caption_vocab = None
-        self.set_runtime(attention=c.attention, backend=c.backend, residual_stream=c.residual_stream)
+        self.set_runtime(
+            attention=c.attention,
+            backend=c.backend,
+            residual_stream=c.residual_stream,
+            activation_backend=c.activation_backend,
+        )
 
     # ------------------------------------------------------------------ construction and checkpoints
     def set_runtime(
@@ -135,12 +140,14 @@ class FameViL(nn.Module):
         attention: str | None = None,
         backend: str | None | _Keep = KEEP,
         residual_stream: str | None = None,
+        activation_backend: str | None | _Keep = KEEP,
     ) -> FameViL:
         """Choose the attention implementation, the op backend of every layer and the residual stream's
         dtype under autocast (no weights change). Only the arguments passed change: ``attention`` one of
         ``ATTENTION_IMPLS``, ``backend`` one of ``BACKENDS`` (None: automatic; "cuda" / "cpu" name the
         contrastive losses' kernels and leave the adapters automatic), ``residual_stream`` one of
-        ``RESIDUAL_STREAMS`` (see ``FameViLConfig``); a bad value raises ValueError at once."""
+        ``RESIDUAL_STREAMS``, ``activation_backend`` the QuickGELUs' ("torch", "triton", or None: that of
+        ``backend``; see ``FameViLConfig``); a bad value raises ValueError at once."""
         from famevil_fast.model.adapters import BottleneckAdapter, CrossAttentionAdapter
         from famevil_fast.model.clip import QuickGELU, SelfAttention, StreamLayerNorm, TextTower, VisionTower
 
@@ -151,13 +158,17 @@ class FameViL(nn.Module):
             changes["backend"] = backend
         if residual_stream is not None:
             changes["residual_stream"] = residual_stream
+        if not isinstance(activation_backend, _Keep):
+            changes["activation_backend"] = activation_backend
         self.config = self.config.replace(**changes)
         keep = self.config.residual_stream == "autocast"
         for module in self.modules():
             if isinstance(module, SelfAttention):
                 module.impl = self.config.attention
-            elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter | QuickGELU):
+            elif isinstance(module, BottleneckAdapter | CrossAttentionAdapter):
                 module.backend = self.config.adapter_backend
+            elif isinstance(module, QuickGELU):
+                module.backend = self.config.quick_gelu_backend
             elif isinstance(module, StreamLayerNorm):
                 module.keeps_dtype = keep
             elif isinstance(module, VisionTower | TextTower):

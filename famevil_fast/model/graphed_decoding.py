@@ -89,7 +89,7 @@ def _key(model, pixels: torch.Tensor, how: Decoding) -> tuple:
     among them), autocast, the model's runtime choices (``set_runtime``) and where its tensors live."""
     runtime = model.config
     return (
-        (runtime.attention, runtime.backend, runtime.residual_stream),
+        (runtime.attention, runtime.backend, runtime.residual_stream, runtime.activation_backend),
         tuple(pixels.shape),
         pixels.dtype,
         pixels.device,

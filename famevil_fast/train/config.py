@@ -66,6 +66,11 @@ class ModelSection:
         "compiled contrastive losses; adapters automatic)",
         None,
     )
+    activation_backend: str | None = doc(
+        "op backend of the towers' QuickGELU: null (that of model.backend), torch, or triton (the fused "
+        "kernels, one pass each way)",
+        None,
+    )
     residual_stream: str = doc(
         "dtype of the towers' residual stream under bf16 autocast: float32 (as autocast leaves it) or "
         "autocast (bf16: no casts between the stream and the products, LayerNorm statistics in float32)",

@@ -132,6 +132,7 @@ class Teachers(nn.Module):
                     attention=student.config.attention,
                     backend=student.config.backend,
                     residual_stream=student.config.residual_stream,
+                    activation_backend=student.config.activation_backend,
                 )
             except FileNotFoundError as exc:
                 raise FileNotFoundError(f"distill.teachers.{task}: {exc}") from exc

@@ -153,6 +153,7 @@ def build_model(cfg: TrainConfig) -> FameViL:
         caption_loss_on_padding=m.caption_loss_on_padding,
         attention=m.attention,
         backend=m.backend,
+        activation_backend=m.activation_backend,
         residual_stream=m.residual_stream,
         num_attributes=num_attributes(cfg),
         adapter_type=m.adapter_type,

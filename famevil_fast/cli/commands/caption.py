@@ -96,7 +96,7 @@ def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     check_max_len(args.max_len, model.config.clip.text.context_length)
     if args.op_backend is not None:
-        model.set_runtime(backend=args.op_backend)
+        model.set_runtime(backend=args.op_backend, activation_backend=None)  # every op's
     batches = ImageFileBatches(files, args.batch_size, model.config.clip.vision.image_size, args.eval_resize)
 
     def caption(batch: tuple[list[Path], torch.Tensor]) -> list[str]:

@@ -243,7 +243,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> EvalReport:
         require_caption_metrics(options.caption_metrics, "the recipe's eval.caption_metrics")
     model = model.to(device).eval()
     if args.op_backend is not None:
-        model.set_runtime(backend=args.op_backend)
+        model.set_runtime(backend=args.op_backend, activation_backend=None)  # every op's
     size = model.config.clip.vision.image_size
     sets = {
         t: build_eval_sets(
