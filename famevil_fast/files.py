@@ -38,25 +38,53 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     """Call ``write(tmp_path)`` on a temporary file beside ``path`` (parent folders made), flush it to
     disk and rename it into place with the permissions a plain write would give; the temporary file is
     removed if ``write`` fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    atomic_write_together({path: write})
+
+
+def atomic_write_together(writes: dict[str | os.PathLike, Callable[[Path], object]]) -> None:
+    """``atomic_write`` for files that belong together (weights and their config): every file is written
+    and flushed under a temporary name first, and only then are they renamed into place, one right after
+    the other, so that an interrupted write leaves the old set (or, if it dies between two renames, a few
+    microseconds' window, a mix of whole files). If any writer fails, nothing is renamed and every
+    temporary file is removed."""
+    staged: list[tuple[str, Path]] = []
     try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            staged.append((tmp, path))
+            write(Path(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, default_mode())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def json_writer(obj: object, indent: int | None = None) -> Callable[[Path], object]:
+    """A writer of ``obj`` as JSON (for ``atomic_write`` and ``atomic_write_together``)."""
+    text = json.dumps(obj, indent=indent)
+    return lambda tmp: tmp.write_text(text)
+
+
+def safetensors_writer(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Callable[[Path], object]:
+    """A writer of ``tensors`` (contiguous, on the CPU) as a safetensors file."""
+    from safetensors.torch import save_file
+
+    return lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> None:
     """``obj`` as JSON at ``path``, written atomically."""
-    text = json.dumps(obj, indent=indent)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, json_writer(obj, indent))
 
 
 def atomic_save_safetensors(
@@ -64,6 +92,4 @@ def atomic_save_safetensors(
 ) -> None:
     """``tensors`` (contiguous, on the CPU) as a safetensors file at ``path``, written atomically with the
     permissions of a plain write."""
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, safetensors_writer(tensors, metadata))

@@ -6,7 +6,13 @@ import stat
 
 import pytest
 
-from famevil_fast.files import atomic_write, atomic_write_json, default_mode
+from famevil_fast.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_together,
+    default_mode,
+    json_writer,
+)
 
 
 def _mode(path) -> int:
@@ -34,6 +40,26 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "[1]" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_files_written_together_are_renamed_only_once_all_are_written(tmp_path):
+    """Weights and config: a writer that fails leaves both old files and no temporary; no file is renamed
+    into place before the last one is written."""
+    weights, config = tmp_path / "model.bin", tmp_path / "sub" / "config.json"
+    atomic_write_together({weights: lambda tmp: tmp.write_text("old"), config: json_writer({"v": 1})})
+    seen = []
+
+    def config_failing(tmp):
+        seen.append(weights.read_text())  # the weights are written but not yet in place
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_together({weights: lambda tmp: tmp.write_text("new"), config: config_failing})
+    assert seen == ["old"] and weights.read_text() == "old" and config.read_text() == '{"v": 1}'
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "model.bin", "sub"]
+    atomic_write_together({weights: lambda tmp: tmp.write_text("new"), config: json_writer({"v": 2})})
+    assert weights.read_text() == "new" and config.read_text() == '{"v": 2}'
+    assert _mode(weights) == _mode(config) == default_mode()
 
 
 @pytest.fixture

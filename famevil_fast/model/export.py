@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from famevil_fast.files import atomic_save_safetensors, atomic_write, atomic_write_json
+from famevil_fast.files import atomic_save_safetensors, atomic_write_together, json_writer, safetensors_writer
 from famevil_fast.model.config import PRETRAIN_TASKS, CLIPConfig
 from famevil_fast.model.weights import (
     _ADAPTER_PARTS,
@@ -143,9 +143,13 @@ def save_huggingface(model: FameViL, path: str | Path) -> list[Path]:
         return write_weights_file(tensors, path, config, directory_ok=True)
     directory = Path(path)
     hf_config = huggingface_config(model.config.clip, float(tensors["logit_scale"]))
-    written = write_weights_file(tensors, directory / WEIGHTS_FILE, config)
-    atomic_write_json(directory / CONFIG_FILE, hf_config, indent=2)
-    return [*written, directory / CONFIG_FILE]
+    check_output_file(directory / WEIGHTS_FILE)
+    writes = {
+        directory / WEIGHTS_FILE: safetensors_writer(_plain(tensors), weights_metadata(config)),
+        directory / CONFIG_FILE: json_writer(hf_config, 2),
+    }
+    atomic_write_together(writes)
+    return list(writes)
 
 
 def is_directory_destination(path: str | Path) -> bool:
@@ -211,12 +215,16 @@ def write_weights_file(
     check_output_file(path, directory_ok)
     tensors = _plain(tensors)
     if path.suffix == ".safetensors":
-        atomic_save_safetensors(path, tensors, {"format": "pt", "config": json.dumps(config)})
+        atomic_save_safetensors(path, tensors, weights_metadata(config))
         return [path]
     sidecar = sidecar_path(path)
-    atomic_write(path, lambda p: torch.save(tensors, p))
-    atomic_write_json(sidecar, config, indent=2)
+    atomic_write_together({path: lambda p: torch.save(tensors, p), sidecar: json_writer(config, 2)})
     return [path, sidecar]
+
+
+def weights_metadata(config: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata of an exported weights file: its format and config."""
+    return {"format": "pt", "config": json.dumps(config)}
 
 
 def check_output_file(path: Path, directory_ok: bool = False) -> None:

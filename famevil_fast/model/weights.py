@@ -33,7 +33,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from famevil_fast.files import atomic_save_safetensors, atomic_write_json
+from famevil_fast.files import (
+    atomic_write_together,
+    json_writer,
+    safetensors_writer,
+)
 from famevil_fast.model.config import (
     CLIP_PRESETS,
     PRESET_ALIASES,
@@ -838,6 +842,10 @@ def save_famevil(
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"config": json.dumps(config)}
-    atomic_save_safetensors(directory / WEIGHTS_FILE, tensors, meta)
-    atomic_write_json(directory / CONFIG_FILE, config, indent=2)
+    atomic_write_together(
+        {
+            directory / WEIGHTS_FILE: safetensors_writer(tensors, meta),
+            directory / CONFIG_FILE: json_writer(config, 2),
+        }
+    )
     return directory
