@@ -67,7 +67,8 @@ def test_task_adapters_add_the_other_branches_over_the_whole_batch(sizes, groupe
     branches summed with the adapters are never split. Segments that split into a few equal chunks run as
     batched products (no split or concatenation at all); other layouts one segment at a time, whose backward
     puts back together only x's gradient (one concatenation)."""
-    from famevil_fast.model.adapters import TaskAdapters, equal_chunks
+    from famevil_fast.model.adapters import TaskAdapters
+    from famevil_fast.model.task_mix import equal_chunks
 
     torch.manual_seed(0)
     adapters = TaskAdapters(16, 4, ("itc", "tgir", "scr")).double()
@@ -105,7 +106,7 @@ def test_task_adapters_add_the_other_branches_over_the_whole_batch(sizes, groupe
 
 
 def test_equal_chunks_of_a_mixed_layout() -> None:
-    from famevil_fast.model.adapters import MAX_GROUPED_CHUNKS, equal_chunks
+    from famevil_fast.model.task_mix import MAX_GROUPED_CHUNKS, equal_chunks
 
     assert equal_chunks(task_mix([0, 1, 2], [64, 128, 64], "cpu")) == [0, 1, 1, 2]
     assert equal_chunks(task_mix([3, 0], [6, 9], "cpu")) == [3, 3, 0, 0, 0]

@@ -105,6 +105,52 @@ def test_mixed_task_rows_match_single_task_calls():
         )
 
 
+@pytest.mark.parametrize("sizes", [(2, 4, 2), (3, 3), (1,) * 9])
+def test_mixed_task_adapters_match_each_task_alone_forward_and_backward(sizes):
+    """Segments of tasks 0, 2, 0, ... (``sizes`` samples each; task 1 absent) through one site's adapters:
+    in equal chunks as batched products ((2, 4, 2): four chunks of 2; (3, 3): two of 3), or (nine
+    segments) one call per segment. Outputs and every gradient equal each task's own adapter on its
+    samples (float64); the absent task gets no gradient; the grouped layouts split nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from famevil_fast.model.task_mix import MAX_GROUPED_CHUNKS
+    from famevil_fast.model.xmodal import CrossModalTaskAdapters
+
+    torch.manual_seed(0)
+    tasks = ("itc", "tgir", "scr")
+    site = CrossModalTaskAdapters(12, 3, 5, tasks).double()
+    shares = {t: SharedUp(3, 5).double() for t in tasks}
+    for t in tasks:
+        site.adapters[t].bind(shares[t])
+    index = torch.cat([torch.full((n,), (0, 2)[i % 2]) for i, n in enumerate(sizes)])
+    y = torch.randn(len(index), 6, 12, dtype=torch.float64, requires_grad=True)
+
+    class Calls(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Calls() as calls:
+        out = site(y, index)
+    grouped = len(sizes) <= MAX_GROUPED_CHUNKS
+    assert grouped == ("split_with_sizes" not in calls.names)
+    weights = torch.randn_like(out)
+    params = [*site.parameters(), *(p for t in tasks for p in shares[t].parameters())]
+    grads = torch.autograd.grad((out * weights).sum(), [y, *params], allow_unused=True)
+    expected = torch.cat([site.adapters[tasks[int(t)]](y[i : i + 1]) for i, t in enumerate(index)])
+    want = torch.autograd.grad((expected * weights).sum(), [y, *params], allow_unused=True)
+    torch.testing.assert_close(out, expected)
+    for g, w in zip(grads, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w)
+    absent = {id(p) for p in (*site.adapters["tgir"].parameters(), *shares["tgir"].parameters())}
+    assert all(g is None for p, g in zip(params, grads[1:]) if id(p) in absent)
+    assert sum(g is None for g in grads) == len(absent)
+
+
 # ------------------------------------------------------------------------------------------ sharing
 def test_last_channels_are_shared_between_towers():
     model = FameViL(_config())

@@ -8,13 +8,11 @@ The computation itself lives in ``famevil_fast.ops`` (fused kernels or reference
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from famevil_fast.model.task_mix import TaskMix, as_task_mix, per_segment
+from famevil_fast.model.task_mix import TaskMix, as_task_mix, equal_chunks, per_segment
 from famevil_fast.ops import (
     AdapterParams,
     CrossAttentionParams,
@@ -37,7 +35,6 @@ from famevil_fast.ops.layer_norm import layer_norm_in_dtype
 
 # A mixed-task batch whose task segments split into at most this many chunks of one size runs the PyTorch
 # adapters as batched products over the chunks; other layouts run one task's adapter a segment.
-MAX_GROUPED_CHUNKS = 8
 
 
 class BottleneckAdapter(nn.Module):
@@ -158,15 +155,6 @@ def plus_branches(x: torch.Tensor, y: torch.Tensor, residual: Residual) -> torch
     check_residuals(x, residuals)
     res = sum_residuals(residuals)
     return y if res is None else res + y
-
-
-def equal_chunks(mix: TaskMix) -> list[int] | None:
-    """The task position of each chunk when the segments of ``mix`` split into at most
-    ``MAX_GROUPED_CHUNKS`` chunks of one size (the segments' greatest common divisor), in batch order;
-    None otherwise."""
-    size = math.gcd(*(stop - start for _, start, stop in mix.segments))
-    chunks = [position for position, start, stop in mix.segments for _ in range((stop - start) // size)]
-    return chunks if len(chunks) <= MAX_GROUPED_CHUNKS else None
 
 
 def _row_task_ids(mix: TaskMix, rows_per_sample: int, device: torch.device) -> torch.Tensor:

@@ -8,6 +8,7 @@ for the fused kernels that take a task id per row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -70,3 +71,15 @@ def per_segment(
     parts = [torch.split(t, sizes) for t in inputs]
     outputs = [run(position, [p[i] for p in parts]) for i, (position, _, _) in enumerate(mix.segments)]
     return torch.cat(outputs)
+
+
+MAX_GROUPED_CHUNKS = 8  # beyond this, batched products over chunks give way to one call per segment
+
+
+def equal_chunks(mix: TaskMix) -> list[int] | None:
+    """The task position of each chunk when the segments of ``mix`` split into at most
+    ``MAX_GROUPED_CHUNKS`` chunks of one size (the segments' greatest common divisor), in batch order;
+    None otherwise."""
+    size = math.gcd(*(stop - start for _, start, stop in mix.segments))
+    chunks = [position for position, start, stop in mix.segments for _ in range((stop - start) // size)]
+    return chunks if len(chunks) <= MAX_GROUPED_CHUNKS else None
