@@ -7,6 +7,7 @@ files private, 0o600, whatever the umask) go through ``atomic_write`` too, which
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -45,12 +46,19 @@ def atomic_write_together(writes: dict[str | os.PathLike, Callable[[Path], objec
     """``atomic_write`` for files that belong together (weights and their config): every file is written
     and flushed under a temporary name first, and only then are they renamed into place, one right after
     the other, so that an interrupted write leaves the old set (or, if it dies between two renames, a few
-    microseconds' window, a mix of whole files). If any writer fails, nothing is renamed and every
-    temporary file is removed."""
+    microseconds' window, a mix of whole files). A target that is a directory is refused before anything
+    is written. If any writer fails, nothing is renamed, and every temporary file, and every folder made
+    for them, is removed."""
+    paths = {Path(path): write for path, write in writes.items()}
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"cannot write {path}: it is a directory")
     staged: list[tuple[str, Path]] = []
+    made: list[Path] = []  # folders this call created, outermost first
+    done = False
     try:
-        for path, write in writes.items():
-            path = Path(path)
+        for path, write in paths.items():
+            made += [d for d in reversed(path.parents) if not d.exists()]
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
@@ -61,10 +69,15 @@ def atomic_write_together(writes: dict[str | os.PathLike, Callable[[Path], objec
             os.chmod(tmp, default_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
+        done = True
     finally:
         for tmp, _ in staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        if not done:
+            for folder in reversed(made):
+                with contextlib.suppress(OSError):  # not empty (another writer's files) or gone
+                    folder.rmdir()
 
 
 def json_writer(obj: object, indent: int | None = None) -> Callable[[Path], object]:

@@ -422,3 +422,17 @@ def test_convert_names_what_it_cannot_read(tiny_checkpoint, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "back"), str(tmp_path / "again")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'back' / 'config.json'}: not valid JSON" in err
+
+
+def test_op_backend_overrides_a_checkpoints_activation_backend(images, tmp_path, monkeypatch, capsys):
+    """A checkpoint trained with the QuickGELU kernels (``activation_backend: triton``) embeds and searches
+    on a CPU without the Triton interpreter once ``--op-backend torch`` puts every op on PyTorch."""
+    perturb_(FameViL(MICRO.replace(activation_backend="triton"))).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "gallery.safetensors"
+    embed = ["embed", str(tmp_path / "ckpt"), "--images", str(images), "--out", str(out)]
+    assert main(embed) != 0
+    assert "quick_gelu: backend 'triton' runs on CUDA tensors" in capsys.readouterr().err
+    assert main([*embed, "--op-backend", "torch"]) == 0
+    search = ["search", str(tmp_path / "ckpt"), str(out), "--text", "red dress", "--op-backend", "torch"]
+    assert main(search) == 0

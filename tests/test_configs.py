@@ -51,6 +51,9 @@ def test_every_field_is_documented():
         (["optim.lr=fast"], "optim.lr"),
         (["model.colour=red"], "unknown key"),
         (["train.mixed_task_batches=true", "train.gradient_strategy=imtlg"], "mixed_task_batches"),
+        (["model.activation_backend=cuda"], "model.activation_backend must be one of"),
+        (["model.backend=fast"], "model.backend must be one of"),
+        (["train.master_weights=true", "train.precision=fp32"], "train.master_weights"),
     ],
 )
 def test_bad_config_names_the_field(bad, message):

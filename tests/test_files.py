@@ -62,6 +62,25 @@ def test_files_written_together_are_renamed_only_once_all_are_written(tmp_path):
     assert _mode(weights) == _mode(config) == default_mode()
 
 
+def test_a_failed_group_write_removes_the_folders_it_made_and_a_directory_target_is_refused_first(tmp_path):
+    weights = tmp_path / "new" / "deep" / "model.bin"
+
+    def failing(tmp):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write_together(
+            {weights: lambda tmp: tmp.write_text("w"), tmp_path / "new" / "c.json": failing}
+        )
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="config.json: it is a directory"):
+        atomic_write_together(
+            {tmp_path / "model.bin": json_writer(1), tmp_path / "config.json": json_writer(2)}
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # the weights not written either
+
+
 @pytest.fixture
 def umask_022():
     """The process umask set to 022 for the test (and the package's cached reading of it), then restored."""

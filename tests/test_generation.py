@@ -183,14 +183,18 @@ def test_graph_key_sees_the_models_runtime_choices(model):
 
     pixels = torch.randn(2, 3, 32, 32)
     before = _key(model, pixels, Decoding(8))
-    for change in ({"attention": "eager"}, {"backend": "triton"}, {"residual_stream": "autocast"}):
+    changes = ({"attention": "eager"}, {"backend": "triton"}, {"residual_stream": "autocast"})
+    for change in (*changes, {"activation_backend": "triton"}):
         saved = model.config
         model.set_runtime(**change)
         try:
             assert _key(model, pixels, Decoding(8)) != before, change
         finally:
             model.set_runtime(
-                attention=saved.attention, backend=saved.backend, residual_stream=saved.residual_stream
+                attention=saved.attention,
+                backend=saved.backend,
+                residual_stream=saved.residual_stream,
+                activation_backend=saved.activation_backend,
             )
     assert _key(model, pixels, Decoding(8)) == before
 

@@ -119,3 +119,18 @@ def test_mixed_adapters_refuse_an_input_of_another_width() -> None:
     adapters = TaskAdapters(16, 4, ("itc", "tgir"))
     with pytest.raises(ValueError, match=r"ln_weight has shape \(16,\), expected \(12,\)"):
         adapters(torch.randn(4, 3, 12), task_mix([0, 1], [2, 2], "cpu"))
+
+
+def test_a_layout_whose_segments_miss_samples_is_refused() -> None:
+    """A hand-built layout whose segments do not cover the batch in order is refused by name, before any
+    chunked path could pair samples with another task's adapter."""
+    from famevil_fast.model.adapters import TaskAdapters
+    from famevil_fast.model.task_mix import TaskMix
+
+    adapters = TaskAdapters(8, 4, ("itc", "tgir"))
+    index = torch.tensor([0, 0, 1, 1])
+    for segments in (((0, 0, 2), (1, 2, 3)), ((0, 0, 2), (1, 3, 4)), ((1, 2, 4), (0, 0, 2))):
+        with pytest.raises(ValueError, match=r"segments .* do not cover the batch's 4 samples in order"):
+            adapters(torch.randn(4, 3, 8), TaskMix(index, segments))
+    good = TaskMix(index, ((0, 0, 2), (1, 2, 4)))
+    assert adapters(torch.randn(4, 3, 8), good).shape == (4, 3, 8)

@@ -7,6 +7,10 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from famevil_fast.model import FameViL
 
 
 def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +26,13 @@ def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
         "slower than --cuda-graph replay of the plain step; --compile decodes with its own step instead); "
         "torch runs the PyTorch references (default: the checkpoint's, automatic unless set)",
     )
+
+
+def apply_op_backend(model: FameViL, op_backend: str | None) -> None:
+    """``--op-backend``'s choice for every op of ``model`` (QuickGELU's included, whatever the checkpoint's
+    ``activation_backend``); None keeps the checkpoint's."""
+    if op_backend is not None:
+        model.set_runtime(backend=op_backend, activation_backend=None)
 
 
 def integer(text: str) -> int:

@@ -33,9 +33,6 @@ from famevil_fast.ops.adapter import (
 )
 from famevil_fast.ops.layer_norm import layer_norm_in_dtype
 
-# A mixed-task batch whose task segments split into at most this many chunks of one size runs the PyTorch
-# adapters as batched products over the chunks; other layouts run one task's adapter a segment.
-
 
 class BottleneckAdapter(nn.Module):
     """LayerNorm -> Linear(d, r) -> ReLU -> dropout -> Linear(r, d) (zero init) -> x learnable scale."""

@@ -49,12 +49,24 @@ def task_mix(positions: list[int], sizes: list[int], device: torch.device | str)
     return TaskMix(index, tuple(segments))
 
 
+def check_segments(mix: TaskMix, batch: int) -> None:
+    """The segments of ``mix`` must cover the batch's ``batch`` samples in order, without gaps (a layout
+    built by hand could say otherwise, and the chunked paths would then pair samples with other tasks)."""
+    stops = [0, *(stop for _, _, stop in mix.segments)]
+    starts = [start for _, start, _ in mix.segments]
+    if starts != stops[:-1] or stops[-1] != batch:
+        raise ValueError(
+            f"task layout segments {mix.segments} do not cover the batch's {batch} samples in order"
+        )
+
+
 def as_task_mix(task: torch.Tensor | TaskMix, batch: int) -> TaskMix:
     """A ``TaskMix`` from a per-sample index tensor (one read-back to find its runs) or an existing one."""
     index = task.index if isinstance(task, TaskMix) else task
     if index.shape != (batch,):
         raise ValueError(f"task index must have shape ({batch},), one per sample; got {tuple(index.shape)}")
     if isinstance(task, TaskMix):
+        check_segments(task, batch)
         return task
     values, counts = torch.unique_consecutive(index, return_counts=True)
     return task_mix(values.tolist(), counts.tolist(), index.device)._replace(index=index)

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from famevil_fast.devices import DEVICE_PATTERN
-from famevil_fast.model.config import ALL_TASKS, PRETRAIN_TASKS
+from famevil_fast.model.config import ADAPTER_BACKENDS, ALL_TASKS, BACKENDS, PRETRAIN_TASKS
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -318,6 +318,8 @@ class TrainConfig:
         _choice("train.gradient_strategy", self.train.gradient_strategy, ("sum", "imtlg", "imtlg_global"))
         _choice("train.precision", self.train.precision, ("bf16", "fp32"))
         _choice("model.residual_stream", self.model.residual_stream, ("float32", "autocast"))
+        _choice("model.backend", self.model.backend, BACKENDS)
+        _choice("model.activation_backend", self.model.activation_backend, (*ADAPTER_BACKENDS, None))
         if self.model.residual_stream == "autocast" and self.train.precision != "bf16":
             raise ValueError(
                 "model.residual_stream=autocast keeps the stream in the autocast dtype and needs "
@@ -436,7 +438,7 @@ def _check_distill(distill: DistillSection, tasks: list[str]) -> None:
         )
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(name: str, value: str | None, allowed: tuple[str | None, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 

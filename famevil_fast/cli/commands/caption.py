@@ -12,6 +12,7 @@ from famevil_fast.cli.options import (
     add_eval_resize_argument,
     add_op_backend_argument,
     add_trust_pickle_argument,
+    apply_op_backend,
     non_negative_int,
     positive_int,
 )
@@ -95,8 +96,7 @@ def _caption(args: argparse.Namespace, shard: EvalShard, device: torch.device) -
     files = collect_images(args.images)
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).to(device).eval()
     check_max_len(args.max_len, model.config.clip.text.context_length)
-    if args.op_backend is not None:
-        model.set_runtime(backend=args.op_backend, activation_backend=None)  # every op's
+    apply_op_backend(model, args.op_backend)
     batches = ImageFileBatches(files, args.batch_size, model.config.clip.vision.image_size, args.eval_resize)
 
     def caption(batch: tuple[list[Path], torch.Tensor]) -> list[str]:

@@ -10,7 +10,9 @@ from famevil_fast.cli.options import (
     add_checkpoint_argument,
     add_device_argument,
     add_eval_resize_argument,
+    add_op_backend_argument,
     add_trust_pickle_argument,
+    apply_op_backend,
     output_file,
     positive_int,
 )
@@ -58,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_resize_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="inputs per batch")
     add_device_argument(parser)
+    add_op_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +113,7 @@ def _embed(
         from famevil_fast.cli.gallery_file import model_fingerprint
 
         meta["model_fingerprint"] = model_fingerprint(model, args.task)  # on the CPU, before the move
+    apply_op_backend(model, args.op_backend)
     model = model.to(device).eval()
     parts: dict[str, list[torch.Tensor]] = {}  # per batch, in order: in process 0 alone under torchrun
     bs = args.batch_size

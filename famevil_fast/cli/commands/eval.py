@@ -11,6 +11,7 @@ from famevil_fast.cli.options import (
     add_eval_resize_argument,
     add_op_backend_argument,
     add_trust_pickle_argument,
+    apply_op_backend,
     check_output_file,
     non_negative_int,
     output_file,
@@ -242,8 +243,7 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> EvalReport:
 
         require_caption_metrics(options.caption_metrics, "the recipe's eval.caption_metrics")
     model = model.to(device).eval()
-    if args.op_backend is not None:
-        model.set_runtime(backend=args.op_backend, activation_backend=None)  # every op's
+    apply_op_backend(model, args.op_backend)
     size = model.config.clip.vision.image_size
     sets = {
         t: build_eval_sets(

@@ -17,7 +17,9 @@ from famevil_fast.cli.options import (
     add_checkpoint_argument,
     add_device_argument,
     add_eval_resize_argument,
+    add_op_backend_argument,
     add_trust_pickle_argument,
+    apply_op_backend,
     integer,
 )
 
@@ -93,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_eval_resize_argument(parser)
     add_device_argument(parser)
+    add_op_backend_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.any_model:  # on the CPU, before the model moves
         recorded = header.get("model_fingerprint")
         check_gallery_model(args.gallery, recorded, lambda: model_fingerprint(model, task))
+    apply_op_backend(model, args.op_backend)
     model = model.to(device).eval()
     gallery = gallery.to(device)
     with torch.no_grad():
