@@ -110,7 +110,7 @@ if [[ " $PARTS " == *" tests "* ]]; then
   # GPU_CHECK_TESTS replaces the list of test files; GPU_CHECK_TESTS_LIMIT the part's 120 s limit
   TESTS="${GPU_CHECK_TESTS:-tests/test_adapter_op.py tests/test_activation_op.py tests/test_residual_stream.py tests/test_cross_attention_op.py tests/test_contrastive_cuda.py \
 tests/test_eval_topk.py tests/test_eval_xmr.py tests/test_cuda_graph_step.py tests/test_generation.py tests/test_decode_step.py tests/test_compiled_decoding.py \
-tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_transforms.py}"
+tests/test_contrastive_triton.py tests/test_data_backends.py tests/test_data_transforms.py tests/test_master_weights.py}"
   # spread over GPU_CHECK_TEST_WORKERS processes (default 8; 1: one process) when pytest-xdist is installed,
   # as on the lent cards: compiling the kernels for each test's shapes takes most of the time, on the CPU
   WORKERS=()
