@@ -75,9 +75,8 @@ def random_grads(model: nn.Module, seed: int, skip: tuple[nn.Parameter, ...] = (
     g = torch.Generator().manual_seed(seed)
     grads = []
     for param in model.parameters():
-        grad = (
-            None if any(param is s for s in skip) else torch.randn(param.shape, generator=g).to(param.dtype)
-        )
+        grad = torch.randn(param.shape, generator=g).to(param.device, param.dtype)
+        grad = None if any(param is s for s in skip) else grad
         param.grad = grad
         grads.append(grad)
     return grads
@@ -378,9 +377,7 @@ def test_master_adamw_on_cuda_steps_as_fused_adamw_on_a_float32_copy() -> None:
     for step in range(3):
         grads = random_grads(model, step)
         for param, grad in zip(reference.parameters(), grads):
-            param.grad = grad.float().cuda()
-        for param in model.parameters():
-            param.grad = param.grad.cuda()
+            param.grad = grad.float()
         optimizer.step()
         expected.step()
         optimizer.zero_grad()
