@@ -44,8 +44,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight is not None and self.weight.dtype != torch.float32:
-            bias = None if self.bias is None else self.bias.float()
-            return F.layer_norm(x, self.normalized_shape, self.weight.float(), bias, self.eps)
+            return layer_norm_in_dtype(x, self.weight, self.bias, self.eps)
         return super().forward(x)
 
 

@@ -85,9 +85,12 @@ class CrossModalAdapter(nn.Module):
         shared = self._shared[0]
         return torch.cat([self.up.weight, shared.weight]), torch.cat([self.up.bias, shared.bias])
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def check_width(self, y: torch.Tensor) -> None:
         if y.shape[-1] != self.width:
             raise ValueError(f"Cross-Modal Adapter of width {self.width} got inputs of width {y.shape[-1]}")
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        self.check_width(y)
         weight, bias = self.up_params()
         return y + F.linear(quick_gelu_reference(self.down(y)), weight, bias)
 
@@ -121,10 +124,7 @@ class CrossModalTaskAdapters(nn.Module):
     def _grouped(y: torch.Tensor, adapters: list[CrossModalAdapter]) -> torch.Tensor:
         """y's leading dimension as ``len(adapters)`` equal chunks, chunk c through ``adapters[c]``: each
         projection one batched product with its bias for every chunk, no split or concatenation."""
-        if y.shape[-1] != adapters[0].width:
-            raise ValueError(
-                f"Cross-Modal Adapter of width {adapters[0].width} got inputs of width {y.shape[-1]}"
-            )
+        adapters[0].check_width(y)
         rows = y.reshape(len(adapters), -1, y.shape[-1])
         down_weight = torch.stack([a.down.weight for a in adapters]).transpose(1, 2)  # (C, d, r)
         down_bias = torch.stack([a.down.bias for a in adapters])[:, None]  # (C, 1, r)

@@ -443,9 +443,10 @@ def cross_attention_adapter(
         if context_kv is not None and context_kv[0].dtype != x.dtype:
             context_kv = (context_kv[0].to(x.dtype), context_kv[1].to(x.dtype))
     check_cross_attention_args(x, context, context_kv, context_mask, attn, num_heads)
+    on_torch = select_backend("cross_attention_adapter", backend, BACKENDS, x, TRITON_XAA_PAYS) == "torch"
+    if not on_torch:  # the kernels take parameters of x's dtype or float32
+        attn, adapter = widened_for(x, attn), widened_for(x, adapter)
     args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
-    if select_backend("cross_attention_adapter", backend, BACKENDS, x, TRITON_XAA_PAYS) == "torch":
+    if on_torch:
         return cross_attention_reference(*args)
-    attn, adapter = widened_for(x, attn), widened_for(x, adapter)
-    args = (x, attn, adapter, num_heads, context, context_kv, context_mask, residual, eps)
     return cross_attention_triton(*args, fuse_projections=fuse_projections)

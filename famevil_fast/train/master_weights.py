@@ -23,8 +23,6 @@ would drop the gradient hooks that DDP and captured CUDA graphs rely on).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -88,10 +86,9 @@ class MasterWeights:
             ) from None
 
     @torch.no_grad()
-    def round_into_model(self, params: Iterable[torch.Tensor] | None = None) -> None:
-        """Write the masters' rounding into the model's parameters (all, or ``params``), in place."""
-        chosen = self.params if params is None else list(params)
-        copy_grouped([p.data for p in chosen], [self.master(p) for p in chosen])
+    def round_into_model(self) -> None:
+        """Write the masters' rounding into the model's parameters, in place."""
+        copy_grouped([p.data for p in self.params], self.masters)
 
     def float32_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """``model.state_dict()`` with each master in place of its parameter (tied names included)."""
@@ -139,13 +136,16 @@ class MasterAdamW(torch.optim.AdamW):
     def __init__(self, params: list[dict], weights: MasterWeights, **kwargs) -> None:
         self.weights = weights
         self.model_params: list[torch.Tensor] = []
+        self._masters: list[torch.Tensor] = []  # aligned with model_params
         groups = []
         for group in params:
             model_params = list(group["params"])
+            masters = [weights.master(p) for p in model_params]
             self.model_params += model_params
-            groups.append({**group, "params": [weights.master(p) for p in model_params]})
+            self._masters += masters
+            groups.append({**group, "params": masters})
         self._grad_buffers: dict[int, torch.Tensor] = {}
-        self._stepped: list[torch.Tensor] = []
+        self._stepped: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, master) of this step
         super().__init__(groups, **kwargs)
         self.register_step_pre_hook(MasterAdamW._gradients_in)
         self.register_step_post_hook(MasterAdamW._weights_out)
@@ -155,24 +155,20 @@ class MasterAdamW(torch.optim.AdamW):
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: the optimizer itself
         if closure is not None:
             raise ValueError("MasterAdamW.step takes no closure (the model's gradients are its input)")
-        grads, buffers = [], []
         self._stepped = []
-        for param in self.model_params:
-            master = self.weights.master(param)
+        for param, master in zip(self.model_params, self._masters):
             if param.grad is None:
                 master.grad = None
                 continue
-            buffer = self._grad_buffers.get(id(param))
-            if buffer is None:
-                buffer = self._grad_buffers[id(param)] = torch.empty_like(master)
-            master.grad = buffer
-            self._stepped.append(param)
-            grads.append(param.grad)
-            buffers.append(buffer)
-        copy_grouped(buffers, grads)
+            if id(param) not in self._grad_buffers:
+                self._grad_buffers[id(param)] = torch.empty_like(master)
+            master.grad = self._grad_buffers[id(param)]
+            self._stepped.append((param, master))
+        copy_grouped([m.grad for _, m in self._stepped], [p.grad for p, _ in self._stepped])
 
+    @torch.no_grad()
     def _weights_out(self, args: tuple, kwargs: dict) -> None:
-        self.weights.round_into_model(self._stepped)
+        copy_grouped([p.data for p, _ in self._stepped], [m for _, m in self._stepped])
         self._stepped = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
