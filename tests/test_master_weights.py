@@ -20,7 +20,7 @@ from trainer_fixtures import micro_config, streams
 from famevil_fast.ops import cross_attention_adapter, fused_adapter
 from famevil_fast.ops.adapter import AdapterParams
 from famevil_fast.ops.cross_attention import CrossAttentionParams
-from famevil_fast.train.master_weights import MasterAdamW, MasterWeights, copy_grouped
+from famevil_fast.train.master_weights import MasterAdamW, MasterWeights
 from famevil_fast.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -183,22 +183,6 @@ def test_step_hooks_fire_once_beside_a_plain_adamw() -> None:
     random_grads(model, 0)
     optimizer.step()
     assert fired == [optimizer]
-
-
-def test_copy_grouped_makes_one_copy_per_pair_of_dtypes(monkeypatch) -> None:
-    calls = []
-    real = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (calls.append(len(d)), real(d, s)))
-    dst = [torch.zeros(3), torch.zeros(2), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(1)]
-    src = [
-        torch.ones(3, dtype=torch.bfloat16),
-        torch.ones(2, dtype=torch.bfloat16),
-        torch.ones(4),
-        torch.ones(1),
-    ]
-    copy_grouped(dst, src)
-    assert sorted(calls) == [1, 1, 2]
-    assert all(bool((d == 1).all()) for d in dst)
 
 
 # ---------------------------------------------------------------- the model in bf16

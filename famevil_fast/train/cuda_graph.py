@@ -30,6 +30,7 @@ import torch
 
 from famevil_fast.capture import simulated_capture, static_shapes
 from famevil_fast.train.checkpoint import rng_untouched
+from famevil_fast.train.tensor_lists import zero_grouped
 
 Batches = Mapping[str, Mapping[str, torch.Tensor]]
 LossFn = Callable[[Batches], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -108,9 +109,7 @@ class GraphedStep:
 
     def zero_grad(self) -> None:
         """Zero every gradient in place (the captured graphs accumulate into these very tensors)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        zero_grouped([p.grad for p in self.params if p.grad is not None])
         self._touched = [False] * len(self.params)
 
     @contextlib.contextmanager
@@ -205,6 +204,8 @@ class GraphedStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the data loaders' threads allocate and copy on their own streams meanwhile, which
+        # the default ("global") mode would refuse, failing both their work and the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             losses = self._run(inputs)
         return _Captured(inputs, losses, graph, touched)

@@ -27,20 +27,7 @@ import torch
 from torch import nn
 
 from famevil_fast.ops.layer_norm import LOW_PRECISION
-
-
-def copy_grouped(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    """``dst[i].copy_(src[i])`` for every i, as one multi-tensor copy per pair of dtypes (and device): a
-    copy that converts dtypes stays on the multi-tensor path only where every source shares one dtype and
-    every destination another."""
-    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for d, s in zip(dst, src, strict=True):
-        pair = groups.setdefault((d.dtype, s.dtype, d.device), ([], []))
-        pair[0].append(d)
-        pair[1].append(s)
-    for d, s in groups.values():
-        torch._foreach_copy_(d, s)
-
+from famevil_fast.train.tensor_lists import copy_grouped
 
 TEMPERATURES = ("logit_scale", "norm_s")
 

@@ -38,6 +38,7 @@ from famevil_fast.train.logging import RunLogger
 from famevil_fast.train.master_weights import MasterWeights
 from famevil_fast.train.optim import build_optimizer, build_scheduler, freeze_backbone
 from famevil_fast.train.sampling import TaskSampler
+from famevil_fast.train.tensor_lists import norms_grouped
 
 
 class TaskStream(Protocol):
@@ -66,7 +67,7 @@ def grads_finite(grads: list[torch.Tensor], device: torch.device) -> torch.Tenso
     norm (a norm that overflows counts as non-finite, as it does for the update's gradient norm)."""
     if not grads:
         return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack(torch._foreach_norm(grads)).isfinite().all().to(device)
+    return norms_grouped(grads).isfinite().all().to(device)
 
 
 def task_means(losses: list[list[Any]]) -> dict[str, float]:
