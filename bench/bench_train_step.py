@@ -426,17 +426,16 @@ NAN = float("nan")
 
 def measure(base_model: FameViL, name: str, batches, peak: float | None) -> tuple[float, float, float]:
     """(seconds per step, peak GiB, MFU) of one configuration; NaNs (and the reason printed) when it fails,
-    e.g. out of memory or an op that a CUDA graph cannot capture."""
+    e.g. out of memory or an op that a CUDA graph cannot capture. The peak covers building the setup, the
+    warm-up (with a graphed step's capture, where its activations are allocated) and the timed steps."""
     setup = None
     try:
+        if CUDA:  # from before the setup: a replayed graph allocates nothing, its capture did
+            torch.cuda.reset_peak_memory_stats()
         setup = Setup(base_model, name)
         steps = FAITHFUL_STEPS if name == "faithful" else STEPS
         seconds = time_steps(setup, batches, steps=steps, warmup=min(WARMUP, steps))
-        memory = NAN
-        if CUDA:
-            torch.cuda.reset_peak_memory_stats()
-            setup.step(batches)
-            memory = torch.cuda.max_memory_allocated() / 2**30
+        memory = torch.cuda.max_memory_allocated() / 2**30 if CUDA else NAN
         flops = setup.eager_flops(batches)
     except Exception as error:  # report and go on with the other configurations
         print(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)

@@ -32,12 +32,13 @@ PARTS="${PARTS//,/ }"
 # at 1,048,576 rows, about 12 s a run, and "caption_compiled", the compiled decoding steps beside graph
 # replay of the plain one (BENCH_CAPTION_CASES, BENCH_CAPTION_METHODS: see bench_caption.py), and
 # "train_levers", the training step's untimed levers (bf16 stream, QuickGELU kernels, master weights) beside
-# the graphed plain steps at 64:all4 and 64:itc (TRAIN_STEP_CELLS and TRAIN_STEP_CONFIGS override); in this
-# order)
+# the graphed plain steps at 64:all4 and 64:itc (TRAIN_STEP_CELLS and TRAIN_STEP_CONFIGS override), and
+# "train_levers_check", the first step's losses and gradients of those levers against the faithful step's
+# (the four-task step at batch 64); in this order)
 BENCHES="${GPU_CHECK_BENCH:-contrastive adapter adapter_dtypes activation xattn train_step caption retrieval imtl data}"
 BENCHES="${BENCHES//,/ }"
 KNOWN_PARTS="build tests demo bench"
-KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes activation xattn train_step train_compiled train_levers caption caption_compiled retrieval imtl data tiles"
+KNOWN_BENCHES="contrastive contrastive_huge adapter adapter_dtypes activation xattn train_step train_compiled train_levers train_levers_check caption caption_compiled retrieval imtl data tiles"
 TRAIN_LEVERS="plain_graphed,plain_frozen_graphed,fast,fast_bf16_stream_quick_gelu,fast_master_weights"
 TRAIN_LEVERS+=",fast_master_weights_torch_ops,fast_frozen_bf16_stream_quick_gelu,fast_frozen_master_weights"
 LOG="$OUT/gpu_check.log"
@@ -159,10 +160,14 @@ run_bench() {  # run_bench NAME: one benchmark as a part, under its own limit
     train_levers) part "bench: training-step levers (bf16 stream, QuickGELU, master weights)" 300 \
       bench_train_levers.txt env TRAIN_STEP_CELLS="${TRAIN_STEP_CELLS:-64:all4,64:itc}" \
       TRAIN_STEP_CONFIGS="${TRAIN_STEP_CONFIGS:-$TRAIN_LEVERS}" "${BENCH[@]}" bench/bench_train_step.py -k report ;;
+    train_levers_check) part "bench: training-step levers, first step against the faithful one" 150 \
+      bench_train_levers_check.txt env TRAIN_STEP_CONFIGS="${TRAIN_STEP_CONFIGS:-$TRAIN_LEVERS}" "${BENCH[@]}" \
+      bench/bench_train_step.py -k "first_step_losses_agree and (master or quick_gelu)" ;;
     caption) part "bench: caption decoding" 130 bench_caption.txt "${BENCH[@]}" bench/bench_caption.py ;;
     caption_compiled) part "bench: compiled caption decoding" 200 bench_caption_compiled.txt \
       env BENCH_CAPTION_CASES="${BENCH_CAPTION_CASES:-16:76:1,64:76:1}" \
       BENCH_CAPTION_METHODS="${BENCH_CAPTION_METHODS:-kv+graph,compiled,compiled+graph}" \
+      TORCH_LOGS="${TORCH_LOGS:-recompiles,graph_breaks}" \
       "${BENCH[@]}" bench/bench_caption.py ;;
     retrieval) part "bench: retrieval" 45 bench_retrieval.txt "${BENCH[@]}" bench/bench_retrieval.py ;;
     imtl) part "bench: IMTL-G combination" 45 bench_imtl.txt "${BENCH[@]}" bench/bench_imtl.py ;;
@@ -211,6 +216,7 @@ for name, title in (
     ("bench_train_step.txt", "Training step"),
     ("bench_train_compiled.txt", "Training step with torch.compile (frozen ITC)"),
     ("bench_train_levers.txt", "Training-step levers (bf16 stream, QuickGELU kernels, master weights)"),
+    ("bench_train_levers_check.txt", "Training-step levers: first step against the faithful one"),
     ("bench_caption.txt", "Caption decoding"),
     ("bench_caption_compiled.txt", "Compiled caption decoding"),
     ("bench_retrieval.txt", "Retrieval"),

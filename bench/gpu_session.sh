@@ -7,7 +7,8 @@
 #
 #   0  build the extension, GPU tests                                   (about 190 s on an H200)
 #   1  contrastive losses (with the bound report), fused adapter        (about 120 s)
-#   2  training step: its levers beside the graphed plain steps       (about 250 s)
+#   2  training step: its levers beside the graphed plain steps, then   (about 350 s)
+#      their first steps against the faithful one
 #   3  caption decoding (with graph+triton), retrieval, IMTL-G          (about 170 s)
 #   4  install DALI; data-backend GPU tests; data benchmark             (about 60 s)
 #
@@ -21,7 +22,7 @@ slice="${1:-}"
 case "$slice" in
   0) parts="build tests"; budget=220 ;;
   1) parts="bench"; budget=160; export GPU_CHECK_BENCH="contrastive adapter" ;;
-  2) parts="bench"; budget=310; export GPU_CHECK_BENCH="train_levers" ;;
+  2) parts="bench"; budget=420; export GPU_CHECK_BENCH="train_levers train_levers_check" ;;
   3) parts="bench"; budget=200; export GPU_CHECK_BENCH="caption retrieval imtl" ;;
   4) parts="tests bench"; budget=120; export GPU_CHECK_BENCH="data" GPU_CHECK_TESTS="tests/test_data_backends.py" ;;
   *) echo "usage: $0 0|1|2|3|4 (see the table at the top)" >&2; exit 2 ;;
