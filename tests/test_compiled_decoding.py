@@ -194,3 +194,16 @@ def test_one_compiled_graph_serves_every_step(model, batch):
     with torch.no_grad():
         generate(model, _pixels(batch), max_len=6, compiled="eager")
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_beam_search_over_two_batch_sizes_traces_the_step_twice(model):
+    """Beam search feeds the step a column of its (rows, 1) start table, a view, then fresh tensors: each
+    reaches the step as a fresh tensor, so a second batch size traces the dynamic step once more and no
+    step of it traces again (a view's base would fail the dynamic graph's guards at the next step)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with torch.no_grad():
+        for batch in (2, 3):
+            generate(model, _pixels(batch), max_len=6, num_beams=2, compiled="eager")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

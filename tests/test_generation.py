@@ -199,6 +199,30 @@ def test_graph_key_sees_the_models_runtime_choices(model):
     assert _key(model, pixels, Decoding(8)) == before
 
 
+def test_graph_key_sees_tf32_and_the_models_mode(model):
+    """A decode captured with float32 products in one precision, or in another mode, is not replayed."""
+    from famevil_fast.model.graphed_decoding import Decoding, _key
+
+    pixels = torch.randn(2, 3, 32, 32)
+    before = _key(model, pixels, Decoding(8))
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not matmul
+        assert _key(model, pixels, Decoding(8)) != before
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = not cudnn
+        assert _key(model, pixels, Decoding(8)) != before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    training = model.training
+    model.train(not training)
+    try:
+        assert _key(model, pixels, Decoding(8)) != before
+    finally:
+        model.train(training)
+    assert _key(model, pixels, Decoding(8)) == before
+
+
 def test_caption_without_text_cross_attention_is_refused_clearly():
     model = FameViL(FameViLConfig(clip=clip_preset("micro"), adapter_bottleneck=8, xaa="none")).eval()
     pixels = torch.randn(1, 3, 32, 32)

@@ -102,8 +102,10 @@ class StaticTextDecoder:
         held = self.caches[0].shape[3]
         if self.length >= held:
             raise ValueError(f"the decoder holds {held} positions; position {self.length} is past them")
-        if tokens.stride(0) != 1:  # a column of the output table; .contiguous() keeps a (1,) one's stride
-            tokens = tokens.clone(memory_format=torch.contiguous_format)  # (and the step would recompile)
+        # a fresh tensor every step: a column of the output table has another stride (.contiguous() keeps a
+        # (1,) one's), and a view (a (rows, 1) table's column, in beam search) a base, that the compiled
+        # step's guards would see and recompile for; it is B integers
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
         with torch.no_grad():  # decoding only: the compiled graph carries no backward
             logits = self._step(self.model, tokens, self.position, self.caches, self.context_kv, self.task)
         self.length += 1

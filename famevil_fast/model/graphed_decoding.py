@@ -86,10 +86,12 @@ def storage_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
 
 def _key(model, pixels: torch.Tensor, how: Decoding) -> tuple:
     """What a captured decode depends on: the inputs' layout, the decoding settings (the compile backend
-    among them), autocast, the model's runtime choices (``set_runtime``) and where its tensors live."""
+    among them), autocast, TF32 (the products a capture records follow it), the model's mode and runtime
+    choices (``set_runtime``) and where its tensors live."""
     runtime = model.config
     return (
         (runtime.attention, runtime.backend, runtime.residual_stream, runtime.activation_backend),
+        (model.training, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32),
         tuple(pixels.shape),
         pixels.dtype,
         pixels.device,
@@ -117,7 +119,8 @@ def _capture(model, pixels: torch.Tensor, how: Decoding):
         decode_all_steps(model, static_pixels, how)
     torch.cuda.current_stream(pixels.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), autocast:
+    # thread_local: a data loader's thread may allocate or copy on its own stream meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast:
         out = decode_all_steps(model, static_pixels, how)
     return graph, static_pixels, out
 
