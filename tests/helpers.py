@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,11 +186,17 @@ def _tiny_with_vocab():
 TINY_WITH_VOCAB = _tiny_with_vocab()
 
 
+def stub_config(tasks: tuple[str, ...] = ()) -> SimpleNamespace:
+    """What the evaluator reads of a model's config: its tasks and CLIP's text context (77 tokens)."""
+    return SimpleNamespace(tasks=tasks, clip=SimpleNamespace(text=SimpleNamespace(context_length=77)))
+
+
 class EmbeddingStub:
     """A model for the evaluator whose images and texts are given as their embeddings: the encoders only
     normalise them."""
 
     device = torch.device("cpu")
+    config = stub_config()
 
     def encode_image(self, pixels: torch.Tensor, task: str) -> torch.Tensor:
         return torch.nn.functional.normalize(pixels.double(), dim=1)

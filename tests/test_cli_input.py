@@ -90,6 +90,29 @@ def test_embed_without_inputs_or_with_an_empty_text_file(checkpoint, tmp_path, c
     assert "empty.txt holds no text" in one_error_line(capsys, "embed")
 
 
+def test_embed_texts_keep_their_line_numbers(checkpoint, tmp_path, capsys) -> None:
+    """Row i of ``text`` is line i + 1: a blank line among the texts is refused (naming it), blank lines at
+    the end are not texts; a file that is not UTF-8, or a folder, is named in one line."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "e.safetensors")
+    gap = tmp_path / "gap.txt"
+    gap.write_text("red dress\n\nblue coat\n")
+    assert main(["embed", str(checkpoint), "--texts", str(gap), "--out", out]) == 2
+    assert "gap.txt: line 2 is blank" in one_error_line(capsys, "embed")
+    tail = tmp_path / "tail.txt"
+    tail.write_text("red dress\nblue coat\n\n \n")
+    assert main(["embed", str(checkpoint), "--texts", str(tail), "--out", out, "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert load_file(out)["text"].shape[0] == 2
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("robe rouge d'\xe9t\xe9\n".encode("latin-1"))
+    assert main(["embed", str(checkpoint), "--texts", str(latin), "--out", out]) == 2
+    assert "latin.txt is not UTF-8 text (invalid continuation byte" in one_error_line(capsys, "embed")
+    assert main(["embed", str(checkpoint), "--texts", str(tmp_path), "--out", out]) == 2
+    assert "--texts must name a text file" in one_error_line(capsys, "embed")
+
+
 def test_an_image_over_pil_s_pixel_limit_is_one_line(checkpoint, tmp_path, monkeypatch, capsys) -> None:
     bomb = tmp_path / "bomb.png"
     Image.new("L", (64, 64)).save(bomb)
@@ -118,6 +141,14 @@ def test_caption_refuses_a_max_len_beyond_the_text_context(checkpoint, image, ca
     with pytest.raises(SystemExit):
         main(["caption", "--help"])
     assert "76" in capsys.readouterr().out
+
+
+def test_eval_refuses_a_max_len_beyond_the_text_context_before_reading_data(checkpoint, tmp_path, capsys):
+    argv = ["eval", str(checkpoint), "--data", str(tmp_path / "none"), "--tasks", "cap", "--max-len", "77"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    assert one_error_line(capsys, "eval").endswith(
+        "--max-len must be at most 76 (the model's text context of 77 tokens, less the start token), got 77"
+    )
 
 
 @pytest.mark.parametrize("name", ["j.npy", "j", "j.safetensors.npy", "j.st"])

@@ -7,13 +7,12 @@ import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import EmbeddingStub, free_port, join_as_torchrun, leave_process_group
+from helpers import EmbeddingStub, free_port, join_as_torchrun, leave_process_group, stub_config
 
 from famevil_fast.eval import runner
 from famevil_fast.eval.runner import EvalOptions, Evaluator
@@ -410,7 +409,7 @@ class _TaskStub(EmbeddingStub):
     (normalised), every caption is "a dress"; NaN pixels give NaN logits, as a diverged model does."""
 
     training = False
-    config = SimpleNamespace(tasks=TASKS)
+    config = stub_config(TASKS)
 
     def eval(self):
         return self

@@ -2,11 +2,10 @@
 encoder): the sampled XMR query count, the unseeded sampled protocol, and the caption decoding cap and
 references of the official code's quirk in both their faithful and fixed forms."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import EmbeddingStub
+from helpers import EmbeddingStub, stub_config
 
 from famevil_fast.data.eval_sets import CapEval, XMREval
 from famevil_fast.eval import TaskResult
@@ -107,6 +106,7 @@ class CaptionStub:
     """Records the decoding length of every batch; always captions "a dress"."""
 
     device = torch.device("cpu")
+    config = stub_config()
 
     def __init__(self):
         self.max_lens = []
@@ -152,6 +152,15 @@ def test_caption_length_fixed_by_default_and_from_references_when_faithful(score
     expected = [min(75, max(len(tokenizer.encode(t)) for t in texts)) for texts in TEXT_BATCHES]
     assert expected == [8, 1, 75]
     assert model.max_lens == expected and result.details["max_len"] == "longest reference"
+
+
+def test_a_caption_length_beyond_the_text_context_is_refused_before_decoding(scored):
+    model = CaptionStub()
+    with pytest.raises(ValueError, match=r"caption_max_len must be at most 76 .* got 77"):
+        evaluate_cap(model, _cap_set(), EvalOptions(caption_max_len=77))
+    assert model.max_lens == []
+    evaluate_cap(model, _cap_set(), EvalOptions(caption_max_len=77, caption_len_from_references=True))
+    assert model.max_lens and max(model.max_lens) <= 76
 
 
 def test_caption_references_clip_round_trip_by_default_or_raw(scored):
@@ -279,11 +288,32 @@ def test_a_tgir_set_without_queries_or_gallery_images_is_named():
         evaluate_tgir(ComposeStub(), tgir([query], [empty_gallery]), EvalOptions())
 
 
+def test_tgir_queries_whose_target_image_was_skipped_are_left_out_with_a_warning():
+    """A gallery image that could not be decoded (its row dropped while encoding) takes the queries that
+    target it out of the evaluation, as a missing file does, instead of failing the whole evaluation."""
+    from famevil_fast.data.eval_sets import TGIRCategoryEval, TGIREval
+    from famevil_fast.data.images import SkippedImagesWarning
+    from famevil_fast.eval.runner import evaluate_tgir
+
+    torch.manual_seed(0)
+    query = {"ref_pixels": torch.randn(4, 4), "input_ids": torch.zeros(4, 2), "target_ids": torch.arange(4)}
+    gallery = {"pixels": query["ref_pixels"].clone(), "target_ids": torch.arange(4)}
+    undecoded = {k: v[torch.tensor([0, 2, 3])] for k, v in gallery.items()}  # target 1's image skipped
+    sets = TGIREval({"dress": TGIRCategoryEval("dress", [query], [undecoded])})
+    with pytest.warns(SkippedImagesWarning, match="TGIR dress: 1 of 4 queries left out"):
+        (result,) = evaluate_tgir(ComposeStub(), sets, EvalOptions())
+    assert result.metrics["dress_r@10"] == 100.0  # the three others each find their own image
+    only = {k: v[torch.tensor([1])] for k, v in query.items()}
+    sets = TGIREval({"dress": TGIRCategoryEval("dress", [only], [undecoded])})
+    with pytest.raises(ValueError, match="TGIR dress: none of the 1 queries has its target image"):
+        evaluate_tgir(ComposeStub(), sets, EvalOptions())
+
+
 class EveryTaskStub(ComposeStub):
     """A model of every task for ``Evaluator``: SCR logits are the pixels."""
 
     training = False
-    config = SimpleNamespace(tasks=("itc", "tgir", "scr", "cap"))
+    config = stub_config(("itc", "tgir", "scr", "cap"))
 
     def eval(self):
         return self

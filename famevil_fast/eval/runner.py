@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
-from famevil_fast.data.images import caller_stacklevel
+from famevil_fast.data.images import SkippedImagesWarning, caller_stacklevel
 from famevil_fast.eval.captioning import fic_result
 from famevil_fast.eval.classification import scr_result
 from famevil_fast.eval.report import EvalReport, TaskResult
@@ -392,8 +392,33 @@ def _tgir_categories(
     categories = {}
     for name, (composed, targets, (embeddings, ids)) in gathered.items():
         g_emb, g_ids = unique_gallery(_on(model, torch.cat(embeddings)), torch.cat(ids).to(model.device))
+        composed, targets = _queries_with_targets(name, composed, targets, g_ids)
         categories[name] = TgirCategory(_on(model, composed), targets.to(g_emb.device), g_emb, g_ids)
     return categories
+
+
+def _queries_with_targets(
+    name: str, composed: torch.Tensor, targets: torch.Tensor, gallery_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries whose target image is in the encoded gallery: a gallery image that could not be decoded
+    (skipped with a warning while encoding) takes the queries that target it out of the evaluation, as a
+    missing one does, with a warning that counts them."""
+    kept = torch.isin(targets, gallery_ids.to(targets.device))
+    if bool(kept.all()):
+        return composed, targets
+    dropped = int((~kept).sum())
+    if dropped == targets.shape[0]:
+        raise ValueError(
+            f"TGIR {name}: none of the {dropped} queries has its target image in the gallery (the images "
+            "were skipped as undecodable: see the warnings above)"
+        )
+    warnings.warn(
+        f"TGIR {name}: {dropped} of {targets.shape[0]} queries left out: their target image was skipped "
+        "(undecodable; see the warning above)",
+        SkippedImagesWarning,
+        stacklevel=caller_stacklevel(),
+    )
+    return composed[kept.to(composed.device)], targets[kept]
 
 
 def _tgir_gallery(
@@ -520,6 +545,12 @@ def evaluate_cap(
     if opts.caption_references not in CAPTION_REFERENCES:
         raise ValueError(
             f"caption_references must be one of {CAPTION_REFERENCES}, got {opts.caption_references!r}"
+        )
+    limit = model.config.clip.text.context_length - 1
+    if not opts.caption_len_from_references and opts.caption_max_len > limit:
+        raise ValueError(
+            f"caption_max_len must be at most {limit} (the model's text context, less the start token), "
+            f"got {opts.caption_max_len}"
         )
     built = _set_options(data, opts, "cap")
 

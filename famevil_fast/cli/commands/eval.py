@@ -125,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="decode captions with each step compiled by torch.compile (Inductor; eval.caption_compile)",
     )
-    add_op_backend_argument(parser)
+    add_op_backend_argument(parser, decodes=True)
     parser.add_argument(
         "--out",
         type=output_file,
@@ -239,9 +239,12 @@ def _evaluate(args: argparse.Namespace, device: torch.device) -> EvalReport:
     model, tasks = load_model(args)
     options = eval_options(args)
     if "cap" in tasks:  # before anything is encoded
+        from famevil_fast.cli.commands.caption import check_max_len
         from famevil_fast.eval.caption_tokenize import require_caption_metrics
 
         require_caption_metrics(options.caption_metrics, "the recipe's eval.caption_metrics")
+        if not options.caption_len_from_references:
+            check_max_len(options.caption_max_len, model.config.clip.text.context_length)
     model = model.to(device).eval()
     apply_op_backend(model, args.op_backend)
     size = model.config.clip.vision.image_size
