@@ -54,6 +54,10 @@ def test_every_field_is_documented():
         (["model.activation_backend=cuda"], "model.activation_backend must be one of"),
         (["model.backend=fast"], "model.backend must be one of"),
         (["train.master_weights=true", "train.precision=fp32"], "train.master_weights"),
+        (["model.clip=ViT-Z"], "model section: unknown CLIP configuration 'ViT-Z'"),
+        (["model.adapter_bottleneck=0"], "model section: adapter bottlenecks must be positive"),
+        (["model.num_classes=0"], "model section: task 'scr' needs num_classes >= 1"),
+        (["eval.caption_max_len=77"], r"eval.caption_max_len must be at most 76 \(the ViT-B-16 text context"),
     ],
 )
 def test_bad_config_names_the_field(bad, message):

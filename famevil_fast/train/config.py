@@ -85,6 +85,38 @@ class ModelSection:
     xmodal_shared: int = doc("Cross-Modal Adapter up-projection channels shared by the two towers (d_s)", 16)
     num_attributes: int | None = doc("PAC attribute classes; null = the attribute vocabulary's size", None)
 
+    def model_fields(self, caption_vocab: tuple[int, ...] | None, num_attributes: int) -> dict[str, Any]:
+        """The ``FameViLConfig`` fields this section sets (all but ``clip``), with the caption vocabulary and
+        the PAC classes that the training data decide."""
+        return dict(
+            caption_vocab=caption_vocab,
+            tasks=tuple(self.tasks),
+            adapter_bottleneck=self.adapter_bottleneck,
+            adapter_dropout=self.adapter_dropout,
+            xaa=self.xaa,
+            xaa_bottleneck=self.xaa_bottleneck,
+            num_classes=self.num_classes,
+            caption_loss_on_padding=self.caption_loss_on_padding,
+            attention=self.attention,
+            backend=self.backend,
+            activation_backend=self.activation_backend,
+            residual_stream=self.residual_stream,
+            num_attributes=num_attributes,
+            adapter_type=self.adapter_type,
+            xmodal_bottleneck=self.xmodal_bottleneck,
+            xmodal_shared=self.xmodal_shared,
+        )
+
+    def check(self) -> None:
+        """What the model would refuse when built, checked without the data: the CLIP preset and every
+        field of the model's configuration (the corpus vocabulary and the PAC classes stand in)."""
+        from famevil_fast.model.config import FameViLConfig, clip_preset
+
+        try:
+            FameViLConfig(clip=clip_preset(self.clip), **self.model_fields(None, self.num_attributes or 1))
+        except ValueError as error:
+            raise ValueError(f"model section: {error}") from None
+
 
 @dataclass
 class DataSection:
@@ -372,12 +404,26 @@ class TrainConfig:
             raise ValueError(
                 f"model.caption_vocab must be 'corpus' or null, got {self.model.caption_vocab!r}"
             )
+        self.model.check()
         _check_eval(self.eval, self.model.tasks)
+        _check_caption_length(self.eval, self.model.clip)
         if self.eval.tasks is None and set(self.model.tasks) & set(PRETRAIN_TASKS):
             self.eval.tasks = [t for t in self.model.tasks if t not in PRETRAIN_TASKS]
         if self.train.freeze_backbone is None:
             self.train.freeze_backbone = default_freeze_backbone(self.model.adapter_type)
         return self
+
+
+def _check_caption_length(section: EvalSection, clip: str) -> None:
+    """eval.caption_max_len within the text context of the model's CLIP preset, less the start token."""
+    from famevil_fast.model.config import clip_preset
+
+    limit = clip_preset(clip).text.context_length - 1
+    if section.caption_max_len > limit:
+        raise ValueError(
+            f"eval.caption_max_len must be at most {limit} (the {clip} text context, less the start token), "
+            f"got {section.caption_max_len}"
+        )
 
 
 def default_freeze_backbone(adapter_type: str) -> bool:

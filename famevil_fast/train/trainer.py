@@ -143,24 +143,7 @@ def num_attributes(cfg: TrainConfig) -> int:
 def build_model(cfg: TrainConfig) -> FameViL:
     m = cfg.model
     vocab = corpus_caption_vocab(cfg.data.root) if m.caption_vocab == "corpus" and "cap" in m.tasks else None
-    fields = dict(
-        caption_vocab=vocab,
-        tasks=tuple(m.tasks),
-        adapter_bottleneck=m.adapter_bottleneck,
-        adapter_dropout=m.adapter_dropout,
-        xaa=m.xaa,
-        xaa_bottleneck=m.xaa_bottleneck,
-        num_classes=m.num_classes,
-        caption_loss_on_padding=m.caption_loss_on_padding,
-        attention=m.attention,
-        backend=m.backend,
-        activation_backend=m.activation_backend,
-        residual_stream=m.residual_stream,
-        num_attributes=num_attributes(cfg),
-        adapter_type=m.adapter_type,
-        xmodal_bottleneck=m.xmodal_bottleneck,
-        xmodal_shared=m.xmodal_shared,
-    )
+    fields = m.model_fields(vocab, num_attributes(cfg))
     if m.resume_weights:
         with _names_missing_file("model.resume_weights", m.resume_weights):
             return FameViL.from_pretrained(m.resume_weights, **fields)
