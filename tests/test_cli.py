@@ -40,7 +40,7 @@ def test_convert_to_official_and_back(checkpoint, tmp_path):
 
 def test_embed_images_and_texts(checkpoint, images, tmp_path):
     texts = tmp_path / "texts.txt"
-    texts.write_text("red silk dress\n\nblue denim jacket with pockets\n")
+    texts.write_text("red silk dress\nblue denim jacket with pockets\n\n")  # a blank line at the end: no text
     out = tmp_path / "emb.safetensors"
     assert (
         main(["embed", str(checkpoint), "--images", str(images), "--texts", str(texts), "--out", str(out)])

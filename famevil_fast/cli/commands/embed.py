@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "records the paths as given here and `search` prints them as stored, so a relative path resolves "
         "only from the directory embed ran in",
     )
-    parser.add_argument("--texts", default=None, help="text file, one text per line")
+    parser.add_argument(
+        "--texts",
+        default=None,
+        help="UTF-8 text file, one text per line (row i of the tensor `text` is line i + 1; blank lines "
+        "are refused but at the end)",
+    )
     parser.add_argument(
         "--task",
         default="itc",
@@ -82,11 +87,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _texts(path: Path) -> list[str]:
+    """The texts of a UTF-8 file, one a line, so that row i of ``text`` is line i + 1: a blank line before
+    the last text is refused (it would shift the rows after it); blank lines at the end are ignored."""
     if not path.exists():
         raise FileNotFoundError(f"text file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise ValueError(f"--texts must name a text file, got {path} (not a file)")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        reason = f"{error.reason} at byte {error.start}"
+        raise ValueError(f"text file {path} is not UTF-8 text ({reason})") from None
+    lines = [line.strip() for line in content.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
     if not lines:
         raise ValueError(f"text file {path} holds no text (one text per line)")
+    if "" in lines:
+        raise ValueError(
+            f"text file {path}: line {lines.index('') + 1} is blank; give one text on every line (row i of "
+            "the embeddings is line i + 1)"
+        )
     return lines
 
 
