@@ -31,6 +31,14 @@ def test_make_synthetic_refuses_an_image_size_above_the_maximum(tmp_path, capsys
         check_sizes(huge)  # checked alone: without the bound, the command would draw 50 GB images
 
 
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.2", "nan"])
+def test_make_synthetic_names_a_val_fraction_out_of_range(tmp_path, capsys, value):
+    assert main(["make-synthetic", str(tmp_path / "d"), "--products", "2", "--val-fraction", value]) == 2
+    line = one_error_line(capsys, "make-synthetic")
+    assert line.endswith(f"--val-fraction must lie strictly between 0 and 1, got {float(value)}")
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("value", ["10", "23", "0", "-1"])
 def test_make_synthetic_refuses_fiq_images_below_the_minimum(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_info:

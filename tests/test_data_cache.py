@@ -110,6 +110,13 @@ def test_missing_cache_and_max_side(tmp_path):
         build_cache(root, tmp_path / "small", max_side=12, tokenize=False)
 
 
+def test_a_root_without_datasets_is_refused_before_the_output_is_made(tmp_path):
+    (tmp_path / "empty_root").mkdir()
+    with pytest.raises(FileNotFoundError, match="no FashionGen"):
+        build_cache(tmp_path / "empty_root", tmp_path / "out" / "cache")
+    assert not (tmp_path / "out").exists()
+
+
 def test_token_cache_is_content_addressed(tmp_path, monkeypatch):
     texts = ["a red dress.Silk.", "blue shirt, has long sleeves"]
     ids = tokenize_texts(texts, tmp_path)

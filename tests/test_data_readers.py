@@ -136,8 +136,19 @@ def test_converter_builds_gallery_rows_and_is_idempotent(tmp_path):
 
 
 def test_converter_of_a_missing_directory_creates_nothing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no captions/ directory"):
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
         convert_fashioniq_val(tmp_path / "missing")
+    (tmp_path / "root" / "FashionIQ" / "captions").mkdir(parents=True)
+    hint = r"root holds no captions/ directory \(give .*root/FashionIQ\)"
+    with pytest.raises(FileNotFoundError, match=hint):
+        convert_fashioniq_val(tmp_path / "root")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileNotFoundError, match="file is not a directory"):
+        convert_fashioniq_val(tmp_path / "file")
+    with pytest.raises(ValueError, match="the output .*file is a file; give a directory"):
+        convert_fashioniq_val(tmp_path / "root" / "FashionIQ", tmp_path / "file")
+    shutil.rmtree(tmp_path / "root")
+    (tmp_path / "file").unlink()
     (tmp_path / "fiq" / "captions").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="split.dress.val.json"):
         convert_fashioniq_val(tmp_path / "fiq", tmp_path / "out")

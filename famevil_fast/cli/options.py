@@ -13,18 +13,22 @@ if TYPE_CHECKING:
     from famevil_fast.model import FameViL
 
 
-def add_op_backend_argument(parser: argparse.ArgumentParser) -> None:
+def add_op_backend_argument(parser: argparse.ArgumentParser, decodes: bool = False) -> None:
     """``--op-backend``: the model's op backend for this command (``FameViL.set_runtime(backend=...)``,
-    QuickGELU's included)."""
+    QuickGELU's included); ``decodes``: the command decodes captions (its help says how)."""
+    decoding = (
+        " and decodes captions with each text layer of a step fused into seven kernels (on an H200 slower "
+        "than --cuda-graph replay of the plain step; --compile decodes with its own step instead)"
+        if decodes
+        else ""
+    )
     parser.add_argument(
         "--op-backend",
         choices=("torch", "triton"),
         default=None,
         help="backend of the model's ops (adapters, losses, QuickGELU): triton runs the fused kernels (a "
-        "GPU, or TRITON_INTERPRET=1 on the CPU) and decodes captions with each text layer of a step fused "
-        "into seven kernels (on an H200 "
-        "slower than --cuda-graph replay of the plain step; --compile decodes with its own step instead); "
-        "torch runs the PyTorch references (default: the checkpoint's, automatic unless set)",
+        f"GPU, or TRITON_INTERPRET=1 on the CPU){decoding}; torch runs the PyTorch references (default: the "
+        "checkpoint's, automatic unless set)",
     )
 
 

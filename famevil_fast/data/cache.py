@@ -340,10 +340,10 @@ def build_cache(
     root_s = os.fspath(root)
     out_p = Path(out)
     with shared_reads():  # the image list and the token cache read the same split files
-        shard_dir = _clean_shard_dir(out_p)
-        keys, found = _keys_to_cache(root_s, keys)
+        keys, found = _keys_to_cache(root_s, keys)  # checked before anything is written
         index_path = out_p / "cache.json"
         previous = _previous_index(index_path, out_p, root_s, max_side)
+        shard_dir = _clean_shard_dir(out_p)
         abs_root = os.path.abspath(root_s)
         shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
         failed_before = set(previous.get("failed", {})) if previous else set()

@@ -72,6 +72,18 @@ def _load(path: Path):
         raise ValueError(f"FashionIQ conversion: {path} is not valid UTF-8 JSON ({e})") from e
 
 
+def _check_fashioniq_dir(fiq: Path) -> None:
+    """FileNotFoundError unless ``fiq`` holds captions/, naming what it is instead: missing, not a
+    directory, or a data root whose FashionIQ/ subdirectory is the one meant."""
+    if not fiq.exists():
+        raise FileNotFoundError(f"FashionIQ conversion: {fiq} does not exist")
+    if not fiq.is_dir():
+        raise FileNotFoundError(f"FashionIQ conversion: {fiq} is not a directory")
+    if not (fiq / "captions").is_dir():
+        hint = f" (give {fiq / 'FashionIQ'})" if (fiq / "FashionIQ" / "captions").is_dir() else ""
+        raise FileNotFoundError(f"FashionIQ conversion: {fiq} holds no captions/ directory{hint}")
+
+
 def convert_fashioniq_val(
     fiq_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
@@ -83,9 +95,10 @@ def convert_fashioniq_val(
     else from ``cap.<cat>.val.json``. Returns the gallery size per category.
     """
     fiq = Path(fiq_dir)
-    if not (fiq / "captions").is_dir():
-        raise FileNotFoundError(f"FashionIQ conversion: {fiq} holds no captions/ directory")
+    _check_fashioniq_dir(fiq)
     out = Path(out_dir) if out_dir is not None else fiq / "captions"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"FashionIQ conversion: the output {out} is a file; give a directory")
     sizes = {}
     for cat in categories:
         if cat not in FIQ_CATEGORIES:

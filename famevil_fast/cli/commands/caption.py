@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch of a new size or --max-len compiles first (tens of seconds); captions match except where two "
         "words tie to within rounding",
     )
-    add_op_backend_argument(parser)
+    add_op_backend_argument(parser, decodes=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -74,6 +74,8 @@ def check_sizes(args: argparse.Namespace) -> None:
             raise ValueError(f"{option} must be at least {low}, got {value}")
     if args.image_size > MAX_IMAGE_SIZE:
         raise ValueError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
+    if not 0.0 < args.val_fraction < 1.0:  # (NaN included)
+        raise ValueError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
 
 
 def left_files_note(root: Path, left: list[str]) -> str | None:
