@@ -264,7 +264,8 @@ def test_cache_verify_accepts_the_data_root_the_cache_was_built_from(tmp_path, c
     assert main(["cache", str(other), str(out), "--verify"]) == 2
     assert _error(capsys).endswith(
         f"--verify checks the existing cache and reads no dataset: give the cache directory alone "
-        f"(famevil-fast cache --verify {out}), not {str(other)!r} too"
+        f"(famevil-fast cache --verify {out}), not {str(other)!r} too ({out} was built from "
+        f"{os.path.abspath(root)})"
     )
     (out / "cache.json").write_text("[]")  # records no root: not accepted
     assert main(["cache", str(root), str(out), "--verify"]) == 2

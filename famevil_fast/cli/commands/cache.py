@@ -78,10 +78,12 @@ def check_arguments(args: argparse.Namespace) -> None:
             f"famevil-fast cache --verify {args.out}"
         )
     if args.verify:
-        if args.dataset_dir is not None and not _built_from(args.out, args.dataset_dir):
+        recorded = _recorded_root(args.out)
+        if args.dataset_dir is not None and not _same_path(recorded, args.dataset_dir):
+            built = f" ({args.out} was built from {recorded})" if recorded else ""
             raise ValueError(
                 f"--verify checks the existing cache and reads no dataset: give the cache directory alone "
-                f"(famevil-fast cache --verify {args.out}), not {args.dataset_dir!r} too"
+                f"(famevil-fast cache --verify {args.out}), not {args.dataset_dir!r} too{built}"
             )
         _refuse_building_options(args, "--verify")
     elif args.compact:
@@ -113,15 +115,19 @@ def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def _built_from(out: str, root: str) -> bool:
-    """Whether the cache in ``out`` records ``root`` as the data root it was built from (its cache.json's
-    ``root``, both paths resolved); False when it records none or cannot be read."""
+def _recorded_root(out: str) -> str | None:
+    """The data root the cache in ``out`` records in its cache.json; None when it records none or cannot be
+    read."""
     try:
         with open(os.path.join(out, "cache.json"), encoding="utf-8") as f:
             built = json.load(f).get("root")
     except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(built, str) and os.path.realpath(built) == os.path.realpath(root)
+        return None
+    return built if isinstance(built, str) else None
+
+
+def _same_path(recorded: str | None, root: str) -> bool:
+    return recorded is not None and os.path.realpath(recorded) == os.path.realpath(root)
 
 
 def run(args: argparse.Namespace) -> int:
