@@ -504,3 +504,29 @@ def test_teacher_sizes(task, xaa, keys, params):
         model = FameViL(FameViLConfig(tasks=(task,), xaa=xaa, adapter_bottleneck=64))
         assert len(to_official_famevil(model.state_dict(), prefix="")) == keys
     assert model.parameter_counts()["total"] == params
+
+
+def test_a_single_task_model_is_written_as_the_teachers_are_and_reads_back(tmp_path):
+    """One task's adapters go without the task in their names (``adapt_mlp.down_proj``: an empty
+    ``adapter_name_list``), every floating tensor in float32; the file loads back to the same weights,
+    also without its config beside it."""
+    from famevil_fast.model.config import clip_preset
+    from famevil_fast.model.export import save_official
+
+    torch.manual_seed(0)
+    model = FameViL(FameViLConfig(clip=clip_preset("micro"), tasks=("scr",), adapter_bottleneck=8))
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    state = to_official_famevil(model.to(torch.bfloat16).state_dict(), prefix="")
+    adapters = [k for k in state if ".adapt_mlp." in k]
+    assert adapters and all(".adapt_mlp.scr." not in k for k in adapters), adapters[:3]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    assert any(".adapt_mlp.scr." in k for k in to_official_famevil(model.state_dict(), task_segment=True))
+    (path,) = [p for p in save_official(model, tmp_path / "teacher.pth") if p.suffix == ".pth"]
+    back = FameViL.from_pretrained(path)
+    assert back.config.tasks == ("scr",)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value.float(), rtol=0, atol=0, msg=key)
+    bare = tmp_path / "bare.pth"
+    torch.save(state, bare)
+    assert FameViL.from_pretrained(bare, clip=clip_preset("micro")).config.tasks == ("scr",)

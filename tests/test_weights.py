@@ -282,8 +282,12 @@ def test_unexpected_official_content_is_named(model, tmp_path):
     path = _official_with(
         model, tmp_path, "foo.pth", lambda s: s.update({layer + "adapt_mlp.itc.foo.weight": torch.zeros(3)})
     )
-    with pytest.raises(ValueError, match=r"adapter key adapt_mlp\.itc\.foo\.weight.*expected one of"):
+    with pytest.raises(
+        ValueError, match=r"^checkpoint .*foo\.pth: .*adapter key adapt_mlp\.itc\.foo\.weight.*expected one"
+    ):
         FameViL.from_pretrained(path, clip=MICRO.clip)
+    with pytest.raises(ValueError, match=r"^CLIP weights .*foo\.pth: .*adapter key adapt_mlp\.itc\.foo"):
+        FameViL.from_clip(path, MICRO)
 
     def nas(state):
         for key in [k for k in state if ".adapt_mlp." in k]:

@@ -98,11 +98,17 @@ def _layer_entries(rest: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     raise ValueError(f"cannot export layer key {rest}")
 
 
-def to_official_famevil(state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+def to_official_famevil(
+    state: dict[str, torch.Tensor], prefix: str = "model.", task_segment: bool | None = None
+) -> dict[str, torch.Tensor]:
     """famevil_fast names -> the official FAME-ViL state dict (``prefix`` + ``clip.*`` / ``heads.*``),
-    including the ``position_ids`` buffers that transformers 4.20 saved. FashionViL's pre-training tasks
-    (``mvc``, ``pac``, ``itm``) have no place in that layout: a model holding their adapters or heads is
-    refused."""
+    including the ``position_ids`` buffers that transformers 4.20 saved, every floating tensor in float32
+    as the release holds them. FashionViL's pre-training tasks (``mvc``, ``pac``, ``itm``) have no place in
+    that layout: a model holding their adapters or heads is refused.
+
+    ``task_segment``: whether the task adapters' names carry their task (``adapt_mlp.{task}.``), as in the
+    multi-task configs, or not (``adapt_mlp.``), as in the single-task configs and the teachers, whose
+    ``adapter_name_list`` is empty. None: with the task unless the model has one task's adapters."""
     pretraining = sorted(k for k in state if _pretraining_task(k))
     if pretraining:
         raise ValueError(
@@ -116,7 +122,10 @@ def to_official_famevil(state: dict[str, torch.Tensor], prefix: str = "model.") 
     out[f"{prefix}clip.text_model.embeddings.position_ids"] = torch.arange(text_len)[None]
     out[f"{prefix}clip.vision_model.embeddings.position_ids"] = torch.arange(vision_len)[None]
     out.update({prefix + k: v for k, v in state.items() if k.startswith("heads.")})
-    return out
+    tasks = {m.group(1) for k in state if (m := re.search(r"\.tsa\.adapters\.(\w+)\.", k))}
+    if not (len(tasks) != 1 if task_segment is None else task_segment):
+        out = {re.sub(r"\.adapt_mlp\.\w+\.", ".adapt_mlp.", k, count=1): v for k, v in out.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
 
 
 def _pretraining_task(key: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from famevil_fast.model.weights import is_new_module_key, read_state_dict, to_canonical
+from famevil_fast.model.weights import is_new_module_key, mismatch_summary, named_canonical, read_state_dict
 
 
 @dataclass
@@ -30,9 +30,9 @@ def load_shared_weights(model: nn.Module, source: str | Path | dict[str, torch.T
     """Copy the weights ``model`` shares with the checkpoint ``source`` into it (see the module docstring).
 
     A backbone weight missing from the checkpoint, or any shared name whose shapes differ, is a ValueError."""
-    state = to_canonical(dict(source) if isinstance(source, dict) else read_state_dict(source)[0])
-    own = model.state_dict()
     what = "the state dict" if isinstance(source, dict) else f"checkpoint {source}"
+    state, _ = named_canonical(dict(source) if isinstance(source, dict) else read_state_dict(source)[0], what)
+    own = model.state_dict()
     missing = sorted(k for k in own if not is_new_module_key(k) and k not in state)
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -40,11 +40,8 @@ def load_shared_weights(model: nn.Module, source: str | Path | dict[str, torch.T
         if own[k].shape != state[k].shape
     ]
     if missing or mismatched:
-        raise ValueError(
-            f"{what} cannot start this model:\n"
-            f"  backbone keys missing ({len(missing)}): {missing[:20]}\n"
-            f"  shape mismatches ({len(mismatched)}): {mismatched[:20]}"
-        )
+        found = mismatch_summary((("shape mismatches", mismatched), ("backbone keys missing", missing)))
+        raise ValueError(f"{what} cannot start this model: {found}")
     shared = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(shared, strict=False)
     return TransferReport(sorted(shared), sorted(set(own) - set(shared)), sorted(set(state) - set(own)))

@@ -27,7 +27,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -473,6 +473,14 @@ def to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return canonical_with_layout(state)[0]
 
 
+def named_canonical(state: dict[str, torch.Tensor], what: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``canonical_with_layout``, its errors naming the weights (``what``: the file, or the state dict)."""
+    try:
+        return canonical_with_layout(state)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+
+
 def canonical_with_layout(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
     """famevil_fast names for a state dict in any supported layout, and the layout it was in."""
     state = strip_prefixes(dict(state))
@@ -581,7 +589,7 @@ def load_clip_backbone(
         raw, hints = read_state_dict(source, trust_pickle)
     else:
         raise TypeError(f"CLIP weights must be a path or a state dict, got {type(source).__name__}")
-    state, layout = canonical_with_layout(raw)
+    state, layout = named_canonical(raw, clip_weights_name(source))
     advice = (
         "pass config=... to CLIP.from_pretrained (FameViLConfig(clip=...) to FameViL.from_clip), "
         "e.g. clip_preset('tiny')"
@@ -621,7 +629,7 @@ def load_famevil_checkpoint(
     if not isinstance(path, str | Path):
         raise TypeError(f"path must be a file or directory path (str or Path), got {type(path).__name__}")
     raw, hints = read_state_dict(path, trust_pickle)
-    state, layout = canonical_with_layout(raw)
+    state, layout = named_canonical(raw, f"checkpoint {path}")
     config = _checkpoint_config(state, hints, path, layout, overrides.get("clip"))
     if overrides:
         config = config.replace(**overrides)
@@ -822,13 +830,27 @@ def load_into(
         if own[k].is_floating_point() and not state[k].is_floating_point()
     ]
     if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{what} does not match the model:\n"
-            f"  missing keys ({len(missing)}): {missing[:20]}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
-            f"  shape or dtype mismatches ({len(mismatched)}): {mismatched[:20]}"
+        found = mismatch_summary(
+            (
+                ("shape or dtype mismatches", mismatched),
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+            )
         )
+        raise ValueError(f"{what} does not match the model (of another size or layout?): {found}")
     model.load_state_dict(state, strict=not backbone_only)
+
+
+MISMATCH_EXAMPLES = 3  # keys named per kind of mismatch in a one-line loading error
+
+
+def mismatch_summary(kinds: Iterable[tuple[str, list[str]]]) -> str:
+    """One line for the kinds of mismatch found: each nonempty kind with its count and a few examples."""
+    return "; ".join(
+        f"{kind} ({len(items)}, e.g. {', '.join(items[:MISMATCH_EXAMPLES])})"
+        for kind, items in kinds
+        if items
+    )
 
 
 # ---------------------------------------------------------------- writing
