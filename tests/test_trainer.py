@@ -467,3 +467,32 @@ def test_the_progress_bar_labels_losses_of_an_earlier_update(tmp_path, capsys):
     logger.advance(update=3, losses={"itc": 0.125})
     assert logger.bar.postfix == "update 3: loss/itc=0.125"
     logger.close()
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [
+        ("train.precision=fp32",),
+        ("train.precision=bf16", "train.master_weights=true"),
+        ("train.precision=fp32", "train.cuda_graphs=true"),
+    ],
+)
+def test_step_untouched_moves_what_an_update_did_not_reach_as_the_reference_did(tmp_path, precision):
+    """Round-robin over single-task updates: the ITC adapter, trained at update 1, is not reached at update
+    2. By default it stays as it is; with ``optim.step_untouched`` it takes AdamW's step with a zero gradient
+    (momentum and decay), as under the reference's in-place zero_grad. Captioning's adapter, never trained
+    yet, stays untouched either way."""
+    itc, cap = "vision.blocks.0.tsa.adapters.itc.down.weight", "text.blocks.0.tsa.adapters.cap.down.weight"
+    common = ("train.sampling=round_robin", "train.update_frequency=1", "optim.weight_decay=0.1", *precision)
+    moved = {}
+    for step_untouched in (False, True):
+        flag = f"optim.step_untouched={step_untouched}"
+        config = micro_config(tmp_path / str(step_untouched), *common, flag)
+        trainer = Trainer(config, streams())
+        assert trainer.train_update()["losses"][0][0] == "itc"
+        after_first = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        assert trainer.train_update()["losses"][0][0] == "tgir"
+        state = trainer.model.state_dict()
+        moved[step_untouched] = not torch.equal(state[itc], after_first[itc])
+        assert torch.equal(state[cap], after_first[cap])  # never trained: no optimizer state, no step
+    assert moved == {False: False, True: True}

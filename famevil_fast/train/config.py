@@ -226,6 +226,12 @@ class OptimSection:
     )
     betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
+    step_untouched: bool = doc(
+        "faithful: a parameter that was trained before but that no micro-batch of an update reached (another "
+        "task's adapters and head) still takes the AdamW step, with a zero gradient (momentum and weight "
+        "decay go on), as under the reference's zero_grad; false: it is left as it is",
+        False,
+    )
 
 
 @dataclass

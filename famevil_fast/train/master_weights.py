@@ -137,6 +137,10 @@ class MasterAdamW(torch.optim.AdamW):
         self.register_step_pre_hook(MasterAdamW._gradients_in)
         self.register_step_post_hook(MasterAdamW._weights_out)
 
+    def state_key(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizer's state of the model's ``param`` is kept under: its master."""
+        return self.weights.master(param)
+
     @torch.no_grad()
     def _gradients_in(self, args: tuple, kwargs: dict) -> None:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: the optimizer itself

@@ -111,3 +111,15 @@ def freeze_backbone(model: nn.Module) -> int:
         param.requires_grad_(is_new_module_key(name))
         trainable += param.numel() if param.requires_grad else 0
     return trainable
+
+
+def zero_untouched_grads(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """``optim.step_untouched``: every parameter of ``params`` without a gradient that the optimizer has
+    stepped before gets a zero one, so the coming step moves it as the reference's did (its zero_grad
+    zeroed the gradients in place, and AdamW stepped every parameter that had one). A parameter never
+    trained stays without (AdamW skips it). ``optimizer.state_key(p)`` names a parameter's state where
+    that is another tensor (``MasterAdamW``: its float32 master)."""
+    state_key = getattr(optimizer, "state_key", None)
+    for p in params:
+        if p.grad is None and optimizer.state.get(state_key(p) if state_key else p):
+            p.grad = torch.zeros_like(p)

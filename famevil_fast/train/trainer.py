@@ -36,7 +36,7 @@ from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_en
 from famevil_fast.train.imtl import GradientBuffer
 from famevil_fast.train.logging import RunLogger
 from famevil_fast.train.master_weights import MasterWeights
-from famevil_fast.train.optim import build_optimizer, build_scheduler, freeze_backbone
+from famevil_fast.train.optim import build_optimizer, build_scheduler, freeze_backbone, zero_untouched_grads
 from famevil_fast.train.sampling import TaskSampler
 from famevil_fast.train.tensor_lists import norms_grouped
 
@@ -401,6 +401,8 @@ class Trainer:
             del buffers
             if applied:
                 self._clip(grad_norm)
+                if self.cfg.optim.step_untouched:
+                    zero_untouched_grads(self.optimizer, [p for _, p in self.trainable])
                 self.optimizer.step()
         self._zero_grad()
         record = {
