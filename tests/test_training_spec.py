@@ -123,11 +123,13 @@ def test_itc_distillation_default_pairs_teacher_with_teacher():
 
 def test_itc_distillation_faithful_pairs_teacher_with_student():
     """Quirk 1: ``faithful_itc`` reproduces the official teacher logits teacher_img x student_txt (i2t) and
-    teacher_txt x student_img (t2i)."""
+    teacher_txt x student_img (t2i): products of two heads' outputs, s_t t . s_s x, so the scale is
+    s_t s_s (the outputs' logit scales are s_t^2 = 9 and s_s^2 = 16)."""
     student = _pair(image=S_IMG, text=S_TXT, scale=S_SCALE)
     teacher = _pair(image=T_IMG, text=T_TXT, scale=T_SCALE)
-    i2t = _soft_ce(S_SCALE * S_IMG @ S_TXT.T, T_SCALE * T_IMG @ S_TXT.T)
-    t2i = _soft_ce(S_SCALE * S_TXT @ S_IMG.T, T_SCALE * T_TXT @ S_IMG.T)
+    mixed = 3.0 * 4.0
+    i2t = _soft_ce(S_SCALE * S_IMG @ S_TXT.T, mixed * T_IMG @ S_TXT.T)
+    t2i = _soft_ce(S_SCALE * S_TXT @ S_IMG.T, mixed * T_TXT @ S_IMG.T)
     torch.testing.assert_close(kd_loss("itc", student, teacher, faithful_itc=True), 0.5 * (i2t + t2i))
     assert not torch.allclose(kd_loss("itc", student, teacher), 0.5 * (i2t + t2i))
 

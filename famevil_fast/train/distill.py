@@ -83,14 +83,16 @@ def kd_loss(
             return contrastive_distill_loss(
                 s["image"], s["text"], s["scale"], *teacher_pair, two_way=True, backend=backend
             )
-        # faithful: the teacher's columns are the student's (detached), as the official code gathered them
+        # faithful: the teacher's columns are the student's (detached), as the official code gathered them;
+        # its logits are then the product of two heads' outputs, s_t t_i . s_s x_j: the scale s_t s_s
         teacher_text = s["text"].detach() if faithful_itc else t["text"]
         teacher_image = s["image"].detach() if faithful_itc else t["image"]
+        teacher_scale = (t["scale"] * s["scale"]).sqrt().detach() if faithful_itc else t["scale"]
         i2t = _retrieval_kd(
-            s["image"], s["text"], s["scale"], t["image"], teacher_text, t["scale"], gather, backend
+            s["image"], s["text"], s["scale"], t["image"], teacher_text, teacher_scale, gather, backend
         )
         t2i = _retrieval_kd(
-            s["text"], s["image"], s["scale"], t["text"], teacher_image, t["scale"], gather, backend
+            s["text"], s["image"], s["scale"], t["text"], teacher_image, teacher_scale, gather, backend
         )
         return 0.5 * (i2t + t2i)
     if task == "tgir":
