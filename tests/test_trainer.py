@@ -496,3 +496,22 @@ def test_step_untouched_moves_what_an_update_did_not_reach_as_the_reference_did(
         moved[step_untouched] = not torch.equal(state[itc], after_first[itc])
         assert torch.equal(state[cap], after_first[cap])  # never trained: no optimizer state, no step
     assert moved == {False: False, True: True}
+
+
+def test_model_trust_pickle_reads_a_trusted_training_container(tmp_path):
+    """CLIP weights in a container that also pickles a non-tensor object: refused by weights-only loading,
+    with the recipe field named, and read with ``model.trust_pickle``."""
+    import argparse
+
+    from famevil_fast.model import clip_preset
+    from famevil_fast.model.clip import CLIP
+
+    torch.manual_seed(0)
+    clip = CLIP(clip_preset("micro"))
+    path = tmp_path / "container.ckpt"
+    torch.save({"model": clip.state_dict(), "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(ValueError, match="weights-only loading refused.*model.trust_pickle: true"):
+        Trainer(micro_config(tmp_path / "a", f"model.init={path}"), streams())
+    trusted = micro_config(tmp_path / "b", f"model.init={path}", "model.trust_pickle=true")
+    trainer = Trainer(trusted, streams())
+    torch.testing.assert_close(trainer.model.vision.ln_pre.weight, clip.vision.ln_pre.weight)

@@ -26,12 +26,16 @@ class TransferReport:
     unused: list[str] = field(default_factory=list)
 
 
-def load_shared_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> TransferReport:
-    """Copy the weights ``model`` shares with the checkpoint ``source`` into it (see the module docstring).
+def load_shared_weights(
+    model: nn.Module, source: str | Path | dict[str, torch.Tensor], trust_pickle: bool = False
+) -> TransferReport:
+    """Copy the weights ``model`` shares with the checkpoint ``source`` into it (see the module docstring);
+    ``trust_pickle`` as for ``read_state_dict``.
 
     A backbone weight missing from the checkpoint, or any shared name whose shapes differ, is a ValueError."""
     what = "the state dict" if isinstance(source, dict) else f"checkpoint {source}"
-    state, _ = named_canonical(dict(source) if isinstance(source, dict) else read_state_dict(source)[0], what)
+    raw = dict(source) if isinstance(source, dict) else read_state_dict(source, trust_pickle)[0]
+    state, _ = named_canonical(raw, what)
     own = model.state_dict()
     missing = sorted(k for k in own if not is_new_module_key(k) and k not in state)
     mismatched = [

@@ -161,7 +161,7 @@ def _torch_load_error(path: Path, exc: Exception, trust_pickle: bool) -> ValueEr
         return ValueError(
             f"cannot read checkpoint {path}: weights-only loading refused an object in it: "
             f"{_refusal_cause(exc)} (if the file is trusted and holds non-tensor objects, pass "
-            "trust_pickle=True; famevil-fast: --trust-pickle)"
+            "trust_pickle=True; famevil-fast: --trust-pickle, or model.trust_pickle: true in a recipe)"
         )
     if damage is None and isinstance(exc, (ImportError, AttributeError)):
         return ValueError(f"cannot read checkpoint {path}: {_first_sentence(exc)}")

@@ -84,6 +84,11 @@ class ModelSection:
     xmodal_bottleneck: int = doc("Cross-Modal Adapter bottleneck r", 8)
     xmodal_shared: int = doc("Cross-Modal Adapter up-projection channels shared by the two towers (d_s)", 16)
     num_attributes: int | None = doc("PAC attribute classes; null = the attribute vocabulary's size", None)
+    trust_pickle: bool = doc(
+        "read model.init, init_from, resume_weights and the distillation teachers even where they are torch "
+        "pickles holding non-tensor objects (a training container): only for files you trust",
+        False,
+    )
 
     def model_fields(self, caption_vocab: tuple[int, ...] | None, num_attributes: int) -> dict[str, Any]:
         """The ``FameViLConfig`` fields this section sets (all but ``clip``), with the caption vocabulary and

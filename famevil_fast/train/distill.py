@@ -120,15 +120,22 @@ class Teachers(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def load(cls, paths: Mapping[str, str], student: FameViL, faithful_itc: bool = False) -> Teachers:
+    def load(
+        cls,
+        paths: Mapping[str, str],
+        student: FameViL,
+        faithful_itc: bool = False,
+        trust_pickle: bool = False,
+    ) -> Teachers:
         """The teachers of ``paths`` (task -> checkpoint), each checked against the student whose batches
         it will read (``faithful_itc``: the itc teacher scores the student's features, so their sizes must
-        agree)."""
+        agree); ``trust_pickle`` as for ``FameViL.from_pretrained``."""
         teachers = {}
         for task, path in paths.items():
             try:
                 model = FameViL.from_pretrained(
                     path,
+                    trust_pickle=trust_pickle,
                     caption_loss_on_padding=student.config.caption_loss_on_padding,
                     caption_vocab=student.config.caption_vocab,
                     attention=student.config.attention,

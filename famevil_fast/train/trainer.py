@@ -146,7 +146,7 @@ def build_model(cfg: TrainConfig) -> FameViL:
     fields = m.model_fields(vocab, num_attributes(cfg))
     if m.resume_weights:
         with _names_missing_file("model.resume_weights", m.resume_weights):
-            return FameViL.from_pretrained(m.resume_weights, **fields)
+            return FameViL.from_pretrained(m.resume_weights, trust_pickle=m.trust_pickle, **fields)
     config = FameViLConfig(clip=clip_preset(m.clip), **fields)
     if config.clip.vision.image_size != cfg.data.image_size:
         raise ValueError(
@@ -157,13 +157,13 @@ def build_model(cfg: TrainConfig) -> FameViL:
         raise ValueError("set model.init (CLIP weights) or model.init_from (a FAME-ViL checkpoint), not both")
     if m.init:
         with _names_missing_file("model.init", m.init):
-            return FameViL.from_clip(m.init, config)
+            return FameViL.from_clip(m.init, config, trust_pickle=m.trust_pickle)
     model = FameViL(config)
     if m.init_from:
         from famevil_fast.model.transfer import load_shared_weights
 
         with _names_missing_file("model.init_from", m.init_from):
-            load_shared_weights(model, m.init_from)
+            load_shared_weights(model, m.init_from, trust_pickle=m.trust_pickle)
     return model
 
 
@@ -235,7 +235,9 @@ class Trainer:
             t.task_weights,
         )
         self.teachers = (
-            Teachers.load(config.distill.teachers, self.model, config.distill.faithful_itc).to(self.device)
+            Teachers.load(
+                config.distill.teachers, self.model, config.distill.faithful_itc, config.model.trust_pickle
+            ).to(self.device)
             if config.distill.enabled
             else None
         )
