@@ -104,6 +104,26 @@ def test_demo_ends_by_naming_the_final_checkpoint(tmp_path, capsys):
     assert f"famevil-fast eval {final} --data {out / 'data'}" in last
 
 
+def test_torch_s_extension_builder_notes_stay_off_a_command_s_output(monkeypatch):
+    """torch.compile imports torch's extension builder, which logs that a CUDA toolkit was found without a
+    GPU: inside ``main`` that note is not shown; its logger's level is back afterwards."""
+    import logging
+
+    from famevil_fast.cli.commands import info
+
+    builder = logging.getLogger("torch.utils.cpp_extension")
+    level = builder.level
+    seen = []
+
+    def logging_worker(args) -> int:
+        seen.append(builder.isEnabledFor(logging.WARNING))
+        return 0
+
+    monkeypatch.setattr(info, "run", logging_worker)
+    assert main(["info"]) == 0
+    assert seen == [False] and builder.level == level and builder.isEnabledFor(logging.WARNING)
+
+
 def test_the_command_formats_warnings_as_one_line_and_restores_the_format(monkeypatch):
     """Inside ``main`` a warning reads ``famevil-fast: warning: MESSAGE`` (the category before the message
     when it is not UserWarning), with no file, line or source line; a recorder (``pytest.warns``) still gets

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import select
@@ -185,8 +186,27 @@ def one_line_warnings() -> Iterator[None]:
         warnings.formatwarning = previous
 
 
+# torch loggers whose notes concern building extensions, not a command's work: importing torch's extension
+# builder (torch.compile does, for its CPU kernels) logs that a CUDA toolkit was found without a GPU
+QUIET_TORCH_LOGGERS = ("torch.utils.cpp_extension",)
+
+
+@contextmanager
+def quiet_torch_build_notes() -> Iterator[None]:
+    """Within it, ``QUIET_TORCH_LOGGERS`` log errors only; their levels are restored after it."""
+    loggers = [logging.getLogger(name) for name in QUIET_TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    with one_line_warnings():
+    with one_line_warnings(), quiet_torch_build_notes():
         return _main(argv)
 
 
