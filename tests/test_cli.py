@@ -263,7 +263,7 @@ def test_eval_options_from_a_recipe_and_the_flags():
     assert (mixed.caption_beams, mixed.caption_max_len, mixed.sampled_seed) == (1, 60, 4)
     assert list(mixed.xmr_protocols) == ["full"]
     plain = options("--cuda-graph")
-    assert (plain.caption_beams, plain.caption_max_len, plain.caption_no_repeat_ngram) == (1, 40, 0)
+    assert (plain.caption_beams, plain.caption_max_len, plain.caption_no_repeat_ngram) == (1, 75, 0)
     assert plain.caption_metrics is None and plain.caption_cuda_graph and not plain.caption_compile
     assert options("--compile").caption_compile
     assert plain.sampled_seed == 0 and not plain.caption_len_from_references

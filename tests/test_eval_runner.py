@@ -282,10 +282,16 @@ def test_a_tgir_set_without_queries_or_gallery_images_is_named():
         ComposeStub(), tgir([query, empty_query], [empty_gallery, gallery]), EvalOptions()
     )
     assert result.metrics["dress_r@10"] == 100.0  # the emptied batches are skipped
-    with pytest.raises(ValueError, match="the TGIR evaluation set has no queries"):
+    with pytest.raises(ValueError, match="the TGIR evaluation set's dress queries have no images"):
         evaluate_tgir(ComposeStub(), tgir([empty_query], [gallery]), EvalOptions())
     with pytest.raises(ValueError, match="the TGIR evaluation set's dress gallery has no images"):
         evaluate_tgir(ComposeStub(), tgir([query], [empty_gallery]), EvalOptions())
+    categories = {
+        "dress": TGIRCategoryEval("dress", [query], [gallery]),
+        "shirt": TGIRCategoryEval("shirt", [empty_query], [gallery]),
+    }
+    with pytest.raises(ValueError, match="shirt queries have no images.*the average over the categories"):
+        evaluate_tgir(ComposeStub(), TGIREval(categories), EvalOptions())  # not an average of dress alone
 
 
 def test_tgir_queries_whose_target_image_was_skipped_are_left_out_with_a_warning():

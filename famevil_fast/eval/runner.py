@@ -60,7 +60,8 @@ class EvalOptions:
 
     - ``sampled_seed``: seed of the sampled-100 XMR protocol; None = the original's unseeded draws from the
       global torch RNG.
-    - ``caption_max_len``: longest generated caption in tokens (the fixed default).
+    - ``caption_max_len``: longest generated caption in tokens (the fixed default: 75, the longest
+      reference after the CLIP round trip, which is the official cap in a batch of any size).
     - ``caption_len_from_references``: faithful to the official code: each batch's captions get as many
       tokens as the longest reference of that batch has (``caption_max_len`` is then unused).
     - ``caption_references``: "clip" (default, as the official code: the reference text after a round trip
@@ -74,7 +75,7 @@ class EvalOptions:
 
     xmr_protocols: Sequence[str] = ("full", "sampled")
     sampled_seed: int | None = 0
-    caption_max_len: int = 40
+    caption_max_len: int = 75
     caption_beams: int = 1
     caption_no_repeat_ngram: int = 0
     caption_metrics: Sequence[str] | None = ("bleu4", "rouge_l", "cider")
@@ -368,7 +369,10 @@ def evaluate_tgir(
             shard, cat.queries, "ref_pixels", compose, opts.max_samples, _bar(opts, f"TGIR {name} queries")
         )
         if queries is None:  # (in every process: no process had a query of this category)
-            continue
+            raise ValueError(
+                f"the TGIR evaluation set's {name} queries have no images: missing or undecodable (the "
+                "average over the categories would leave it out)"
+            )
         composed, targets = _cat_columns(queries) if shard.is_main else (None, None)
         gallery = _tgir_gallery(
             model, cat.gallery, targets, opts.max_samples, shard, _bar(opts, f"TGIR {name} gallery")
@@ -379,7 +383,7 @@ def evaluate_tgir(
             )
         gathered[name] = (composed, targets, gallery)
     if not gathered:
-        raise ValueError("the TGIR evaluation set has no queries: their images are missing or undecodable")
+        raise ValueError("the TGIR evaluation set has no categories")
     return _scored(shard, lambda: [tgir_fashioniq(_tgir_categories(model, gathered))], built)
 
 

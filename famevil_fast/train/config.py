@@ -278,7 +278,9 @@ class EvalSection:
     sampled_seed: int | None = doc(
         "seed of the sampled-100 protocol; null = the official code's unseeded draws from the global RNG", 0
     )
-    caption_max_len: int = doc("longest generated caption in tokens", 40)
+    caption_max_len: int = doc(
+        "longest generated caption in tokens (75: the longest reference after the CLIP round trip)", 75
+    )
     caption_len_from_references: bool = doc(
         "cap each batch's captions at its longest reference's length, as the official code (it leaks the "
         "reference lengths; caption_max_len is then unused)",

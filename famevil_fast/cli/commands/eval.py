@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--beams", type=positive_int, default=None, help="caption beam width (default: 1 = greedy)"
     )
     parser.add_argument(
-        "--max-len", type=positive_int, default=None, help="longest generated caption (default: 40)"
+        "--max-len", type=positive_int, default=None, help="longest generated caption (default: 75)"
     )
     parser.add_argument(
         "--max-len-from-references",
