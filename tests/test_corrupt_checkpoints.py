@@ -108,7 +108,7 @@ def test_a_sound_file_holding_non_tensor_objects_keeps_the_trust_pickle_hint(leg
     assert "argparse.Namespace" in text and "\n" not in text and CORRUPT not in text
     assert text.endswith(
         "(if the file is trusted and holds non-tensor objects, pass trust_pickle=True; "
-        "famevil-fast: --trust-pickle)"
+        "famevil-fast: --trust-pickle, or model.trust_pickle: true in a recipe)"
     )
     state, _ = read_state_dict(path, trust_pickle=True)
     assert torch.equal(state["w"], STATE["w"])
