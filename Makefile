@@ -5,8 +5,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
+# pytest-xdist processes of `make test` (0: a single process; auto: one per core)
+TEST_WORKERS ?= 2
 
-.PHONY: venv demo test test-fast lint ctest bench clean
+.PHONY: venv demo test lint ctest bench clean
 
 venv: $(STAMP)
 
@@ -21,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/famevil-fast demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
