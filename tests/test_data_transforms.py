@@ -51,8 +51,19 @@ def test_train_boxes_inside_image_with_area_and_aspect(size):
     assert area.max() <= 1.0 + 1e-9
     fits = (bh < h - 1e-9) & (bw < w - 1e-9)  # boxes that were not shrunk to fit
     assert ((area[fits] >= 0.8 - 1e-9) & (area[fits] <= 1.0 + 1e-9)).all()
-    assert ((bw[fits] / bh[fits] >= 0.75 - 1e-9) & (bw[fits] / bh[fits] <= 4 / 3 + 1e-9)).all()
+    aspect = bw[fits] / bh[fits]
+    assert ((aspect >= 0.75 - 1e-9) & (aspect <= 1.3 + 1e-9)).all()  # the official configs' range
     assert 0.45 < flips.mean() < 0.55
+
+
+
+def test_train_aspect_range_ends_at_the_official_configs_ratio():
+    """Aspect uniforms 0 and 1 give 0.75 and 1.3 (torchvision's default would end at 4/3); a smaller area
+    leaves room for both in a square image."""
+    u = np.array([[0.0, 0.0, 0.5, 0.5, 0.9, 0.0], [0.0, 1.0, 0.5, 0.5, 0.9, 0.0]])
+    boxes, _ = train_boxes(np.array([[1000, 1000], [1000, 1000]]), u, scale=(0.5, 0.5))
+    np.testing.assert_allclose(boxes[:, 3] / boxes[:, 2], [0.75, 1.3])
+    np.testing.assert_allclose(boxes[:, 2] * boxes[:, 3], 0.5e6)
 
 
 def _resize_then_centre_crop(img: Image.Image, s: int, mode: str) -> np.ndarray:

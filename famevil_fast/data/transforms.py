@@ -1,6 +1,6 @@
 """The reference image transforms, expressed as crop boxes plus one resampling rule shared by every backend.
 
-Train (FAME-ViL, all tasks): random resized crop to S x S (area 0.8-1.0 of the image, aspect 3/4-4/3),
+Train (FAME-ViL, all tasks): random resized crop to S x S (area 0.8-1.0 of the image, aspect 0.75-1.3),
 horizontal flip with probability 1/2, CLIP normalisation. Eval, with R = round(S * 256 / 224), centre crop S
 and CLIP normalisation after a resize chosen by ``eval_resize`` (the official code squashes):
 
@@ -32,7 +32,7 @@ from PIL import Image
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 TRAIN_SCALE: tuple[float, float] = (0.8, 1.0)
-TRAIN_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+TRAIN_RATIO: tuple[float, float] = (0.75, 1.3)  # the official configs' ratio, not torchvision's 4/3
 N_UNIFORMS = 6  # area, log-aspect, x, y, flip, view choice
 EVAL_RESIZE_MODES: tuple[str, ...] = ("keep_aspect", "squash")  # fixed default first, then the faithful one
 
