@@ -14,7 +14,7 @@ from famevil_fast.data import cache as cache_mod
 from famevil_fast.data import fashiongen, records, tasks
 from famevil_fast.data.fashiongen import read_fashiongen
 from famevil_fast.data.image_paths import clean_image_path, image_paths, is_absolute_image_path, path_inside
-from famevil_fast.data.records import INT, INTS, STR, STR_OR_STRS, STRS, check_types, shared_reads
+from famevil_fast.data.records import IDS, INT, STR, STR_OR_STRS, STRS, check_types, shared_reads
 
 
 def _write(path, rows):
@@ -54,7 +54,7 @@ VALUES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", [INT, STR, STRS, INTS, STR_OR_STRS])
+@pytest.mark.parametrize("kind", [INT, STR, STRS, IDS, STR_OR_STRS])
 def test_the_quick_type_check_agrees_with_the_full_one(kind):
     for value in VALUES:
         row = {"id": 7, "field": value}
@@ -68,7 +68,7 @@ def test_the_quick_type_check_agrees_with_the_full_one(kind):
         == _full_check(row, kinds)
         == ("f.json: entry 0: field 'a' must be an integer, got \"x\"")
     )
-    kinds = {"b": INTS}
+    kinds = {"b": IDS}
     assert _check({"b": [1, 2**64]}, kinds) == (
         f"f.json: entry 0: field 'b' holds {2**64}, outside the 64-bit integer range the tensors keep"
     )

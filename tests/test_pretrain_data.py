@@ -220,3 +220,25 @@ def test_pac_on_dataset_ids_without_any_is_named(tmp_path):
     (tmp_path / "FashionGen" / "train_info.json").write_text(json.dumps([row]))
     with pytest.raises(ValueError, match="carries attributes_id"):
         dataset_attributes(tmp_path)
+
+
+def test_dataset_attribute_ids_out_of_range_are_named(tmp_path):
+    """A negative id (the padding's -1 among them) is refused where it is read; an id past any vocabulary
+    (it would make a classifier of that many classes) where the classes are counted."""
+    from famevil_fast.data.attributes import MAX_DATASET_ATTRIBUTES, dataset_attributes
+
+    (tmp_path / "FashionGen").mkdir()
+    row = {"images": ["a.png"], "title": "t", "description": "d", "subcategory_id": 0}
+    rows = [dict(row, id=1, attributes_id=[0]), dict(row, id=2, images=["b.png"], attributes_id=[3])]
+    info = tmp_path / "FashionGen" / "train_info.json"
+    for bad, message in [
+        (-1, r"train_info.json: entry 1 \(id 2\): field 'attributes_id' must be a list of integers from 0"),
+        (MAX_DATASET_ATTRIBUTES, rf"fashiongen train product 2 .* has attribute id {MAX_DATASET_ATTRIBUTES}"),
+    ]:
+        rows[1]["attributes_id"] = [3, bad]
+        info.write_text(json.dumps(rows))
+        with pytest.raises(ValueError, match=message):
+            dataset_attributes(tmp_path)
+    rows[1]["attributes_id"] = [3, MAX_DATASET_ATTRIBUTES - 1]  # the largest id allowed
+    info.write_text(json.dumps(rows))
+    assert len(dataset_attributes(tmp_path).vocabulary) == MAX_DATASET_ATTRIBUTES

@@ -305,6 +305,7 @@ def mine_dataset(
 
 
 DATASET_ATTRIBUTES = "dataset"  # ``load_attributes(path=...)``: the products' own ``attributes_id``
+MAX_DATASET_ATTRIBUTES = 1 << 20  # classes of a dataset's own ids (FashionViL's vocabulary has 2,232)
 
 
 def dataset_attributes(
@@ -312,7 +313,8 @@ def dataset_attributes(
 ) -> AttributeFile:
     """The attribute ids the products of ``dataset`` carry (``attributes_id``) as an attribute file: the
     classes are 0 .. the largest id (named by their ids), counted over the training split. ValueError when
-    no training product carries any."""
+    no training product carries any, or when an id is ``MAX_DATASET_ATTRIBUTES`` or more (a classifier of
+    that many classes is not an attribute vocabulary; the error names the product)."""
     from famevil_fast.data.tasks import read_products
 
     products: dict[str, dict[int, tuple[int, ...]]] = {}
@@ -329,6 +331,15 @@ def dataset_attributes(
             "texts instead (data.attributes: null, or famevil-fast mine-attributes)"
         )
     size = 1 + max(i for split in products.values() for row in split.values() for i in row)
+    if size > MAX_DATASET_ATTRIBUTES:
+        largest = size - 1
+        split, pid = next((s, p) for s, rows in products.items() for p, ids in rows.items() if largest in ids)
+        raise ValueError(
+            f"{dataset} {split} product {pid} under {root} has attribute id {size - 1}: the classes of a "
+            "dataset's own attributes_id run from 0 to its largest id, and ids from "
+            f"{MAX_DATASET_ATTRIBUTES:,} on are not a vocabulary (FashionViL's has 2,232 entries); renumber "
+            "the ids from 0"
+        )
     names = tuple(f"attribute_{i}" for i in range(size))
     vocabulary = AttributeVocabulary(names, tuple(counts.get(i, 0) for i in range(size)))
     return AttributeFile(vocabulary, products, f"{root} ({dataset}, attributes_id)", dataset)

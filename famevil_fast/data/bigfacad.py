@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from famevil_fast.data.records import INT, INTS, STR, STR_OR_STRS, CatalogueFormat, Product
+from famevil_fast.data.records import IDS, INT, STR, STR_OR_STRS, CatalogueFormat, Product
 
 FORMAT = CatalogueFormat(
     name="BigFACAD",
@@ -26,7 +26,7 @@ FORMAT = CatalogueFormat(
         "color": STR,
         "title": STR,
         "description": STR,
-        "attributes_id": INTS,
+        "attributes_id": IDS,
     },
     text=lambda row: f"{row['color']}.{row['title']}.{row['description']}",
     row_format="a BigFACAD row holds images, id, color, title and description (attributes_id optional), as "

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 
-from famevil_fast.data.records import INT, INTS, STR, STR_OR_STRS, CatalogueFormat, Product
+from famevil_fast.data.records import IDS, INT, STR, STR_OR_STRS, CatalogueFormat, Product
 
 FORMAT = CatalogueFormat(
     name="Fashion200k",
     dataset="fashion200k",
     splits=("train", "test"),
     keys=("images", "id", "title"),
-    kinds={"images": STR_OR_STRS, "id": INT, "title": STR, "attributes_id": INTS},
+    kinds={"images": STR_OR_STRS, "id": INT, "title": STR, "attributes_id": IDS},
     text=lambda row: row["title"],
     row_format="a Fashion200k row holds images, id and title (attributes_id optional), as in FashionViL's "
     "{train,test}_info.json",

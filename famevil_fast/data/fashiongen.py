@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 
 from famevil_fast.data.records import (
+    IDS,
     INT,
-    INTS,
     STR,
     STR_OR_STRS,
     Product,
@@ -51,7 +51,7 @@ _KINDS = {
     "description": STR,
     "subcategory_id": INT,
     "category_id": INT,
-    "attributes_id": INTS,
+    "attributes_id": IDS,
 }
 
 

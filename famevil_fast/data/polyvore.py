@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 
-from famevil_fast.data.records import INT, INTS, STR, STR_OR_STRS, CatalogueFormat, Product
+from famevil_fast.data.records import IDS, INT, STR, STR_OR_STRS, CatalogueFormat, Product
 
 FORMAT = CatalogueFormat(
     name="PolyvoreOutfits",
     dataset="polyvoreoutfits",
     splits=("train", "val", "test"),
     keys=("images", "id", "title", "description"),
-    kinds={"images": STR_OR_STRS, "id": INT, "title": STR, "description": STR, "attributes_id": INTS},
+    kinds={"images": STR_OR_STRS, "id": INT, "title": STR, "description": STR, "attributes_id": IDS},
     text=lambda row: f"{row['title']}.{row['description']}",
     row_format="a PolyvoreOutfits row holds images (one path), id, title and description (attributes_id "
     "optional), as in FashionViL's {train,val,test}_info.json",

@@ -170,21 +170,21 @@ def _is_str_list(v: object) -> bool:
 
 # field kinds of ``check_types``: what a JSON value must be
 INT, STR, BOOL = "an integer", "a string", "true or false"
-STRS, INTS, STR_OR_STRS = "a list of strings", "a list of integers", "a string or a list of strings"
+STRS, IDS, STR_OR_STRS = "a list of strings", "a list of integers from 0", "a string or a list of strings"
 _CHECKS = {
     INT: _is_int,
     STR: lambda v: isinstance(v, str),
     BOOL: lambda v: isinstance(v, bool),
     STRS: _is_str_list,
-    INTS: lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    IDS: lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v),
     STR_OR_STRS: lambda v: isinstance(v, str) or _is_str_list(v),
 }
 
 
 def check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> dict:
     """``row`` after checking that every field of ``kinds`` it holds is of its kind (``INT``, ``STR``,
-    ``BOOL``, ``STRS``, ``INTS``, ``STR_OR_STRS``; a bool is not an integer, a number not a string; integers
-    fit in 64 bits);
+    ``BOOL``, ``STRS``, ``IDS``, ``STR_OR_STRS``; a bool is not an integer, a number not a string; integers
+    fit in 64 bits; ids, which index a vocabulary and share -1 with the padding, are not negative);
     ValueError naming the file, the entry and the field otherwise."""
     for key, kind in kinds.items():
         if key not in row:
@@ -199,8 +199,8 @@ def check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> dic
         elif type(v) is list and (kind is STRS or kind is STR_OR_STRS):
             if set(map(type, v)) <= _STR_TYPE:
                 continue
-        elif type(v) is list and kind is INTS:
-            if set(map(type, v)) <= _INT_TYPE and (not v or (_LOW <= min(v) and max(v) < _HIGH)):
+        elif type(v) is list and kind is IDS:
+            if set(map(type, v)) <= _INT_TYPE and (not v or (0 <= min(v) and max(v) < _HIGH)):
                 continue
         elif type(v) is str and kind is STR_OR_STRS:
             continue
@@ -218,7 +218,7 @@ def _check_types(row: dict, kinds: dict[str, str], path: Path, index: int) -> di
             raise ValueError(
                 f"{entry_name(path, index, row)}: field {key!r} must be {kind}, got {json_repr(row[key])}"
             )
-        values = row.get(key, []) if kind == INTS else [row[key]] if kind == INT and key in row else []
+        values = row.get(key, []) if kind == IDS else [row[key]] if kind == INT and key in row else []
         wide = [v for v in values if not _LOW <= v < _HIGH]
         if wide:
             raise ValueError(
