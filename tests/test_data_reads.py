@@ -4,6 +4,7 @@ pool, and ``famevil-fast cache DATA_ROOT OUT --verify`` accepted when DATA_ROOT 
 
 import json
 import os
+import posixpath
 import time
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def _each_in_full(paths, prefix, folder, root, where):
         if not p:
             raise ValueError(f"{where}: image path {raw!r} names no file")
         if not is_absolute_image_path(p):
-            out.append(prefix + (p if p.startswith(head) else head + p))
+            joined = posixpath.normpath(prefix + (p if p.startswith(head) else head + p))
+            if joined.split("/")[0] in (".", ".."):
+                raise ValueError(f"{where}: image path {raw!r} climbs out of the data root")
+            out.append(joined)
         else:
             rel = path_inside(p, root)
             if rel is None:
@@ -97,20 +101,31 @@ def test_plain_image_paths_give_what_the_full_rules_give(tmp_path):
         "a.png", "train/a.png", "val/a.png", "trainx/a.png", ".a.png", "a/.b.png", "a/./b.png", "./a.png",
         "a//b.png", "a\\b.png", "train\\a.png", "a/", "a/.", "..", "../a.png", "a/../b.png", "x:y.png",
         "ab:c.png", "é/ü.png", "a b.png", f"{tmp_path}/FashionGen/train/1.png", "\\\\server\\x.png",
+        "../val/a.png", "train/../val/a.png", "../../../a.png", "../../x/a.png", "a/../../..",
     ]  # fmt: skip
     for raw in paths:
         got = expected = None
         try:
             got = image_paths([raw], "FashionGen/", "train", tmp_path, "entry 0")
         except ValueError as e:
-            got = str(e).split(" is absolute")[0]
+            got = str(e).split(" is absolute")[0].split(" climbs out")[0]
         try:
             expected = _each_in_full([raw], "FashionGen/", "train", tmp_path, "entry 0")
         except ValueError as e:
-            expected = str(e).split(" is absolute")[0]
+            expected = str(e).split(" is absolute")[0].split(" climbs out")[0]
         assert got == expected, raw
     with pytest.raises(ValueError, match=r"^entry 0: image path '\.' names no file$"):
         image_paths(["a.png", "."], "", "images", tmp_path, "entry 0")
+
+
+def test_parent_components_are_resolved_and_may_not_leave_the_data_root(tmp_path):
+    """One image written two ways is one record (and one cache key); '..' out of the root is refused."""
+    raw = ["../val/a.png", "a/../b.png", "../../Fashion200k/images/c.jpg"]
+    expected = ("FashionGen/val/a.png", "FashionGen/train/b.png", "Fashion200k/images/c.jpg")
+    assert image_paths(raw, "FashionGen/", "train", tmp_path) == expected
+    for escaping in ["../../../x.png", "../../.."]:
+        with pytest.raises(ValueError, match=r"^entry 3: image path '[./xpng]+' climbs out of the data root"):
+            image_paths([escaping], "FashionGen/", "train", tmp_path, "entry 3")
 
 
 def test_a_read_with_plain_and_odd_rows_gives_the_same_records_as_before(tmp_path):

@@ -3,14 +3,17 @@
 A split file's paths are relative to its dataset's image folder, as the official loader (mmf's
 ``ImageDatabase``) joins them: ``FashionGen/train`` or ``FashionGen/val`` (by split), ``Fashion200k/images``,
 ``PolyvoreOutfits/images``, ``BigFACAD/images``, ``FashionIQ/images`` (:func:`image_paths`). Backslashes are
-Windows separators and read as "/", "." components are dropped (:func:`clean_image_path`); an absolute path
-(:func:`is_absolute_image_path`) is used when it lies under the data root (:func:`path_inside`; it becomes
-root-relative) and refused naming the file, the entry and the path otherwise.
+Windows separators and read as "/", "." components are dropped (:func:`clean_image_path`), ".."
+components are resolved (``train/../val/1_0.png`` is ``val/1_0.png``: one record, one cache key) and a path
+that climbs out of the data root through them is refused; an absolute path (:func:`is_absolute_image_path`)
+is used when it lies under the data root (:func:`path_inside`; it becomes root-relative) and refused naming
+the file, the entry and the path otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 
 _DRIVE = re.compile(r"[A-Za-z]:(/|$)")  # a Windows drive ("C:/data/...", once backslashes are "/")
@@ -69,9 +72,10 @@ def image_paths(
     ``famevil-fast make-synthetic`` writes) is taken relative to the dataset directory instead, so both
     layouts give the same record (the image folder holding a folder of its own name is not supported).
     Backslashes are separators (a file written on Windows: ``train\\123_0.png``) and "." components are
-    dropped (:func:`clean_image_path`). An absolute path that lies under the data root ``root`` is made
-    relative to it (records stay root-relative, the keys of a cache); any other absolute path is refused:
-    ValueError naming ``where`` (the file and entry), the path and the data root."""
+    dropped (:func:`clean_image_path`); ".." components are resolved, and a path they take out of the data
+    root is refused (ValueError naming ``where`` and the path). An absolute path that lies under the data
+    root ``root`` is made relative to it (records stay root-relative, the keys of a cache); any other
+    absolute path is refused: ValueError naming ``where`` (the file and entry), the path and the data root."""
     head = folder + "/"
     out = []
     for raw in paths:
@@ -90,7 +94,7 @@ def image_paths(
         if not p:
             raise ValueError(f"{where or 'a row'}: image path {raw!r} names no file")
         if not is_absolute_image_path(p):
-            out.append(prefix + (p if p.startswith(head) else head + p))
+            out.append(resolve_parents(prefix + (p if p.startswith(head) else head + p), raw, where))
             continue
         rel = None if root is None else path_inside(p, root)
         if rel is None:
@@ -102,3 +106,17 @@ def image_paths(
             )
         out.append(rel)
     return tuple(out)
+
+
+def resolve_parents(rel: str, raw: str, where: object = "") -> str:
+    """Root-relative path ``rel`` with its ".." components resolved (``rel`` itself when it has none);
+    ValueError naming ``where`` and the path ``raw`` as written when they climb out of the data root."""
+    if ".." not in rel.split("/"):
+        return rel
+    resolved = posixpath.normpath(rel)
+    if resolved == "." or resolved == ".." or resolved.startswith("../"):
+        raise ValueError(
+            f"{where or 'a row'}: image path {raw!r} climbs out of the data root through '..'; write it "
+            "relative to the image folder or as a path under the data root"
+        )
+    return resolved
