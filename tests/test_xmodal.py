@@ -2,6 +2,8 @@
 sharing between the towers, parameter counts equal to the adapter's formula, save/load, freezing (by default
 when training, with exact resume), decoding."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import token_batch
@@ -339,9 +341,10 @@ def test_print_config_shows_the_resolved_freeze_backbone(capsys):
 def test_cross_modal_adapter_training_freezes_the_backbone_by_default(tmp_path):
     from trainer_fixtures import micro_config, streams
 
-    from famevil_fast.train.trainer import Trainer
+    from famevil_fast.train.trainer import RandomFrozenBackboneWarning, Trainer
 
-    trainer = Trainer(micro_config(tmp_path, "train.updates=1", *XMODAL), streams())
+    with pytest.warns(RandomFrozenBackboneWarning, match=r"true \(the default with model.adapter_type"):
+        trainer = Trainer(micro_config(tmp_path, "train.updates=1", *XMODAL), streams())
     backbone = trainer.model.vision.blocks[0].mlp.fc1.weight.detach().clone()
     shared = trainer.model.xmodal_shared[0]["mlp"]["itc"].weight.detach().clone()
     trainer.fit()
@@ -351,6 +354,27 @@ def test_cross_modal_adapter_training_freezes_the_backbone_by_default(tmp_path):
     assert trainable and all(
         ".xma." in n or ".xaa." in n or n.startswith(("xmodal_shared.", "heads.")) for n in trainable
     )
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_frozen_backbone_that_no_weights_reached_is_warned_of(tmp_path, freeze: bool):
+    """A frozen backbone built from the recipe with no starting weights stays random: a warning says so; a
+    trained one, or a model handed to the trainer (its weights are the caller's), is not warned of."""
+    from trainer_fixtures import micro_config, streams
+
+    from famevil_fast.train.trainer import RandomFrozenBackboneWarning, Trainer, build_model
+
+    config = micro_config(tmp_path, "train.updates=1", f"train.freeze_backbone={str(freeze).lower()}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(config, streams())
+        Trainer(config, streams(), model=build_model(config))
+    random_frozen = [w for w in caught if issubclass(w.category, RandomFrozenBackboneWarning)]
+    assert len(random_frozen) == int(freeze)
+    if freeze:
+        assert "train.freeze_backbone is true, but model.init, init_from and resume_weights" in str(
+            random_frozen[0].message
+        )
 
 
 def test_cross_modal_adapter_runs_resume_exactly_with_the_automatic_freeze(tmp_path):

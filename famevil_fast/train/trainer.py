@@ -140,6 +140,27 @@ def num_attributes(cfg: TrainConfig) -> int:
     return cfg.model.num_attributes
 
 
+class RandomFrozenBackboneWarning(UserWarning):
+    """``train.freeze_backbone`` keeps a backbone that no weights were loaded into: it stays random."""
+
+
+def warn_if_random_backbone(cfg: TrainConfig) -> None:
+    """Warn when a frozen backbone starts from no weights (model.init, init_from and resume_weights null):
+    only the adapters and heads learn, on random features."""
+    m = cfg.model
+    if m.init or m.init_from or m.resume_weights:
+        return
+    how = "true (the default with model.adapter_type xmodal)" if m.adapter_type == "xmodal" else "true"
+    warnings.warn(
+        RandomFrozenBackboneWarning(
+            f"train.freeze_backbone is {how}, but model.init, init_from and resume_weights are null: the "
+            "frozen backbone stays random and only adapters and heads learn; give CLIP weights "
+            "(model.init) or set train.freeze_backbone=false"
+        ),
+        stacklevel=3,
+    )
+
+
 def build_model(cfg: TrainConfig) -> FameViL:
     m = cfg.model
     vocab = corpus_caption_vocab(cfg.data.root) if m.caption_vocab == "corpus" and "cap" in m.tasks else None
@@ -219,6 +240,8 @@ class Trainer:
                 streams = build_streams(config, self.dist, self.device)
         if t.freeze_backbone:
             freeze_backbone(self.model)
+            if model is None and self.dist.is_main:
+                warn_if_random_backbone(config)
         self.master_weights = MasterWeights(self.model) if t.master_weights else None
         self.optimizer = build_optimizer(self.model, config.optim, self.master_weights)
         self.scheduler = build_scheduler(self.optimizer, config.schedule)
