@@ -1,16 +1,19 @@
 """Pseudo-attributes for the PAC objective: mining them from product texts, and the attribute file.
 
-FashionViL's pseudo-attributes are the nouns and adjectives that occur often in the training texts. POS
-taggers need model downloads, so this miner is rule- and lexicon-based; product copy is mostly noun
-phrases, and what remains after removing closed-class words is overwhelmingly nouns and adjectives:
+FashionViL's pseudo-attributes are noun phrases mined from the training texts. POS taggers and phrase
+chunkers need model downloads, so this miner is rule- and lexicon-based and mines single words (a hyphenated
+word such as "v-neck" is one), not phrases: "short sleeve" gives "short" and "sleeve", a coarser set of
+classes than FashionViL's. Product copy is mostly noun phrases, and what remains after removing
+closed-class words is overwhelmingly nouns and adjectives:
 
 1. lower-case; words are runs of letters with inner hyphens or apostrophes ("v-neck", "t-shirt");
 2. drop closed-class words (``FUNCTION_WORDS``: determiners, pronouns, prepositions, conjunctions,
    auxiliaries and modals, quantifiers and numerals, common adverbs), verb forms common in product copy
-   (``VERBS``), adverbs in -ly (except ``LY_NOUNS_ADJECTIVES`` such as "jelly", "frilly") and words
-   shorter than ``min_length``;
+   (``VERBS``), adverbs in -ly (except ``LY_NOUNS_ADJECTIVES`` such as "jelly", "frilly", "italy") and
+   words shorter than ``min_length``;
 3. merge plurals into their singular when the singular occurs in the corpus ("sleeves" -> "sleeve",
-   "dresses" -> "dress", "accessories" -> "accessory");
+   "dresses" -> "dress", "accessories" -> "accessory"), except ``PLURAL_NOUNS``, whose singular names
+   something else ("shorts" is not "short", "glasses" not "glass");
 4. keep the words found in at least ``min_count`` products (document frequency), most frequent first
    (ties alphabetical), at most ``max_attributes`` of them.
 
@@ -70,7 +73,18 @@ VERBS = frozenset(
     comes come fits sits falls runs measures measured shown worn wearing pairs goes keep keeps allows
     """.split()
 )
-LY_NOUNS_ADJECTIVES = frozenset("jelly belly frilly curly woolly wooly holly lily ply fly silly".split())
+LY_NOUNS_ADJECTIVES = frozenset(
+    """
+    jelly belly frilly curly woolly wooly holly lily ply fly silly italy butterfly poly assembly family
+    ugly sparkly crinkly bubbly wrinkly
+    """.split()
+)
+PLURAL_NOUNS = frozenset(
+    """
+    shorts pants trousers jeans leggings tights glasses sunglasses clothes briefs trunks boxers overalls
+    sweatpants joggers chinos slacks knickers pajamas pyjamas suspenders braces goggles flats pumps
+    """.split()
+)
 
 
 def words(text: str, min_length: int = 2) -> list[str]:
@@ -86,8 +100,9 @@ def words(text: str, min_length: int = 2) -> list[str]:
 
 
 def singular_forms(word: str) -> list[str]:
-    """Possible singulars of ``word``, most specific rule first (empty for words not ending in s)."""
-    if not word.endswith("s") or word.endswith("ss"):
+    """Possible singulars of ``word``, most specific rule first (empty for words not ending in s and for
+    ``PLURAL_NOUNS``)."""
+    if not word.endswith("s") or word.endswith("ss") or word in PLURAL_NOUNS:
         return []
     forms = []
     if word.endswith("ies") and len(word) > 4:
