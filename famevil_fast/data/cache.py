@@ -90,7 +90,7 @@ def dataset_splits(root: str | os.PathLike) -> list[tuple[str, str, list]]:
                 continue
     for split in ("train", "val"):
         try:
-            found.append(("fashioniq", split, read_fashioniq(root, split)))
+            found.append(("fashioniq", split, read_fashioniq(root, split, allow_empty=True)))
         except FileNotFoundError:
             continue
     return found

@@ -1,13 +1,15 @@
 """FashionIQ reader: ``FashionIQ/captions/cap.<cat>.<split>.json`` triplets, images in ``FashionIQ/images``.
 
-Image names get ".jpg" appended and are relative to ``FashionIQ/images``: backslashes are read as "/", and an
-absolute name is made relative to ``FashionIQ/images`` when it lies there and refused naming the file, the
-entry and the name otherwise (as the product readers' paths:
-:func:`~famevil_fast.data.image_paths.image_paths`). Train rows need candidate, target, captions; their
-``target_id`` is the position of the target name among the sorted image names of the split (all loaded
-categories together). Val rows must carry ``target_id``, ``fake_data`` and ``garment_class`` (build them
-with ``famevil-fast convert-fiq``); the gallery of a category is the set of distinct target ids over all its
-val rows, fake rows included.
+Image names get ".jpg" appended (a name that already ends in ".jpg" is taken as the file name) and are
+relative to ``FashionIQ/images``: backslashes are read as "/", and an absolute name is made relative to
+``FashionIQ/images`` when it lies there and refused naming the file, the entry and the name otherwise (as the
+product readers' paths: :func:`~famevil_fast.data.image_paths.image_paths`); a name that names no file
+(``""``, ``"./"``) is refused likewise. Train rows need candidate, target, captions; their ``target_id`` is
+the position of the target name among the sorted image names of the split (all loaded categories together).
+Val rows must also carry ``target_id`` and ``fake_data`` (build them with ``famevil-fast convert-fiq``, which
+also writes the ``garment_class`` of the official files; it is not read); the gallery of a category is the
+set of distinct target ids over all its val rows, fake rows included. A split none of whose files holds a
+triplet (a row without ``fake_data``) is refused naming its files.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from famevil_fast.data.fiq_convert import FIQ_CATEGORIES
+from famevil_fast.data.fiq_convert import FIQ_CATEGORIES, image_name
 from famevil_fast.data.image_paths import clean_image_path, is_absolute_image_path, path_inside
 from famevil_fast.data.records import (
     BOOL,
@@ -72,8 +74,8 @@ def _check_row(row: object, path: Path, i: int, split: str) -> dict:
 
 def _image_names(row: dict, path: Path, i: int, images: Path) -> dict:
     """``row`` with its candidate and target names relative to the image folder ``images`` (backslashes read
-    as "/", an absolute name inside ``images`` made relative to it); ValueError naming the file, entry and
-    name for an absolute name elsewhere."""
+    as "/", an absolute name inside ``images`` made relative to it, one trailing ".jpg" dropped); ValueError
+    naming the file, entry and key for an absolute name elsewhere or a name left empty."""
     out = dict(row)
     for key in ("candidate", "target"):
         name = clean_image_path(row[key])
@@ -85,7 +87,13 @@ def _image_names(row: dict, path: Path, i: int, images: Path) -> dict:
                     "FashionIQ rows name images relative to FashionIQ/images, without .jpg"
                 )
             name = inside
-        out[key] = name or row[key]
+        name = image_name(name)
+        if not name:
+            raise ValueError(
+                f"{entry_name(path, i, row)} has no image path ({key} holds {row[key]!r}); FashionIQ rows "
+                "name images relative to FashionIQ/images, without .jpg"
+            )
+        out[key] = name
     return out
 
 
@@ -123,14 +131,27 @@ def _warn_without_gallery_rows(rows: list[dict], path: Path, category: str, dire
     )
 
 
+def _check_not_empty(loaded: list[tuple], split: str) -> None:
+    """ValueError naming the caption files of ``split`` when none holds a triplet (a row without
+    ``fake_data``), as the product readers do for a split with no products."""
+    if any(not row.get("fake_data", False) for *_, rows in loaded for row in rows):
+        return
+    files = ", ".join(str(path) for _, _, path, _ in loaded)
+    raise ValueError(f"FashionIQ: no {split} triplets (rows without fake_data) in {files}")
+
+
 def read_fashioniq(
-    root: str | os.PathLike, split: str, categories: Sequence[str] = FIQ_CATEGORIES
+    root: str | os.PathLike,
+    split: str,
+    categories: Sequence[str] = FIQ_CATEGORIES,
+    allow_empty: bool = False,
 ) -> list[Triplet]:
     """Triplets of ``split`` ("train", "val"; "test" = "val") for ``categories``, fake rows included.
 
     Every row is checked before any is used: ValueError naming the file, entry and field for a missing key
     or a value of the wrong type (names and captions are strings, two captions, ``target_id`` an integer,
-    ``fake_data`` true or false), and for val rows that give one target two ids or one id two targets."""
+    ``fake_data`` true or false), for an empty image name, for val rows that give one target two ids or one
+    id two targets, and naming the caption files when none holds a triplet (unless ``allow_empty``)."""
     split = "val" if split == "test" else split
     if split not in ("train", "val"):
         raise ValueError(f"FashionIQ: split must be 'train', 'val' or 'test', got {split!r}")
@@ -146,6 +167,8 @@ def read_fashioniq(
         loaded[k] = (category, directory, path, rows)
         if split == "val":
             _check_gallery(rows, path)
+    if not allow_empty:
+        _check_not_empty(loaded, split)
     if split == "val":
         for category, directory, path, rows in loaded:
             _warn_without_gallery_rows(rows, path, category, directory)
