@@ -64,7 +64,7 @@ def test_a_split_file_that_is_not_utf8_names_the_file(tmp_path):
 @pytest.mark.parametrize("field", ["id", "attributes_id"])
 def test_an_integer_beyond_64_bits_is_refused_naming_the_field(tmp_path, field):
     row = fashiongen_row(1, ["1_0.png"])
-    row[field] = 2**70 if field == "id" else [3, -(2**64)]
+    row[field] = 2**70 if field == "id" else [3, 2**64]
     _write(tmp_path / "FashionGen" / "train_info.json", [row])
     with pytest.raises(ValueError, match=rf"entry 0 .*field '{field}' holds -?\d+, outside the 64-bit"):
         tasks.train_table("itc", tmp_path, check_files=False)
