@@ -350,7 +350,7 @@ def dataset_attributes(
         largest = size - 1
         split, pid = next((s, p) for s, rows in products.items() for p, ids in rows.items() if largest in ids)
         raise ValueError(
-            f"{dataset} {split} product {pid} under {root} has attribute id {size - 1}: the classes of a "
+            f"{dataset} {split} product {pid} under {root} has attribute id {largest}: the classes of a "
             "dataset's own attributes_id run from 0 to its largest id, and ids from "
             f"{MAX_DATASET_ATTRIBUTES:,} on are not a vocabulary (FashionViL's has 2,232 entries); renumber "
             "the ids from 0"
