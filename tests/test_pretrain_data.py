@@ -221,6 +221,7 @@ def test_pac_on_the_datasets_own_attribute_ids(tmp_path_factory):
     assert sum(attributes.vocabulary.counts) == sum(len(set(p.attributes_id)) for p in train)
     table = pretrain_table("pac", root, "train", attributes=attributes)
     first = table.fields["attribute_ids"][0]
+    assert table.fields["attribute_ids"].dtype == torch.int32  # half of int64's table in every process
     assert sorted(i for i in first.tolist() if i >= 0) == sorted(set(train[0].attributes_id))
 
 

@@ -9,8 +9,8 @@ epoch and step):
 - ``mvc``: ``pixels`` (view A), ``fused_pixels`` (view B: another view of the product, drawn uniformly from
   the others; the same view with its own random crop and flip when the product has one view),
   ``input_ids``, ``product_ids``;
-- ``pac``: ``pixels``, ``input_ids``, ``attribute_ids`` (B, K) int64, the product's attribute ids padded
-  with -1 (K = most attributes of any product), ``product_ids``;
+- ``pac``: ``pixels``, ``input_ids``, ``attribute_ids`` (B, K) int32, the product's attribute ids padded
+  with -1 (K = most attributes of any product; int32 halves the table every process holds), ``product_ids``;
 - ``itm``: ``pixels``, ``input_ids``, ``product_ids`` (negatives are chosen by the model from the batch).
 
 Attributes come from an attribute file of ``famevil-fast mine-attributes`` (mined from the same dataset:
@@ -50,11 +50,15 @@ def check_pretrain_task(task: str, dataset: str | None) -> str:
 
 
 def attribute_matrix(rows: list[tuple[int, ...]]) -> torch.Tensor:
-    """Attribute ids per sample as (N, K) int64 padded with -1 (K >= 1)."""
+    """Attribute ids per sample as (N, K) int32 padded with -1 (K >= 1); ValueError for an id beyond int32
+    (attribute vocabularies are far smaller)."""
     width = max([len(r) for r in rows] + [1])
-    out = torch.full((len(rows), width), -1, dtype=torch.int64)
+    largest = max((max(r) for r in rows if r), default=0)
+    if largest >= 2**31:
+        raise ValueError(f"attribute id {largest} is beyond the int32 range of the attribute table")
+    out = torch.full((len(rows), width), -1, dtype=torch.int32)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.int64)
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.int32)
     return out
 
 
