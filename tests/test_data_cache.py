@@ -298,3 +298,42 @@ def test_a_conversion_removes_the_index_a_killed_one_left_half_written(tmp_path)
     stale.write_text('{"version": ')
     build_cache(root, out, num_threads=1, tokenize=False)
     assert not stale.exists() and len(ImageCache(out)) == 4
+
+
+def test_an_image_changed_while_its_shard_is_written_is_decoded_again(tmp_path, monkeypatch):
+    """An image rewritten after it was decoded but before its shard was finished is newer than the time
+    its entry records, so the next conversion decodes it again instead of serving the old pixels."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out, key = tmp_path / "cache", "FashionGen/train/1_0.png"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    decode = cache_mod._decode
+
+    def decode_then_change(root_dir, k, max_side):
+        pixels = decode(root_dir, k, max_side)
+        if k == key:
+            Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(root / key)
+        return pixels
+
+    monkeypatch.setattr(cache_mod, "_decode", decode_then_change)
+    build_cache(root, out, **quiet)
+    monkeypatch.setattr(cache_mod, "_decode", decode)
+    with pytest.warns(UserWarning, match="1 images changed since they were cached"):
+        assert build_cache(root, out, **quiet).new_images == 1
+    assert (ImageCache(out).get(key) == 99).all()
+
+
+def test_a_rebuild_of_some_keys_keeps_the_other_failures(tmp_path):
+    """A failure recorded by an earlier conversion stays recorded (its old entry unserved) when a later one
+    is given other keys."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out, broken, other = tmp_path / "cache", "FashionGen/train/1_0.png", "FashionGen/train/2_0.png"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    build_cache(root, out, **quiet)
+    (root / broken).write_bytes(b"broken")
+    with pytest.warns(UserWarning, match="changed since they were cached"):
+        build_cache(root, out, **quiet)
+    assert broken in ImageCache(out).failed
+    summary = build_cache(root, out, keys=[other], **quiet)
+    assert summary.failed == 0
+    cache = ImageCache(out)
+    assert broken in cache.failed and broken not in cache and other in cache

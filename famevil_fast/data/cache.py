@@ -18,9 +18,11 @@ warning) when converting; resuming with another data root or ``max_side`` than t
 built with is refused, naming the setting.
 
 An image decoded again (its file changed) goes into a new shard and the old entry's bytes stay behind;
-``famevil_fast.data.cache_compact`` rewrites the cache without such entries. A shard written there records
-in its manifest (``written``) when each entry was first decoded, so the changed-image check of a later
-conversion sees the same times as before.
+``famevil_fast.data.cache_compact`` rewrites the cache without such entries. A shard's data file carries the
+time its first entry's decoding started as its modification time, so an image changed while its shard was
+still being written is newer and is decoded again by the next conversion. A compacted shard records in its
+manifest (``written``) when each entry was first decoded, so the changed-image check of a later conversion
+sees the same times as before.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -154,9 +157,12 @@ class _ShardWriter:
         self.offsets: list[int] = []
         self.shapes: list[tuple[int, int]] = []
         self.written: list[float] = []  # when each entry was first decoded (compaction only)
+        self.decoding_started: float | None = None  # when the first entry's decoding started (builds)
         self.size = 0
 
-    def add(self, key: str, pixels: np.ndarray, written: float | None = None) -> None:
+    def add(
+        self, key: str, pixels: np.ndarray, written: float | None = None, started: float | None = None
+    ) -> None:
         data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
         self.file.write(data)
         self.hash.update(data)
@@ -165,17 +171,20 @@ class _ShardWriter:
         self.shapes.append((int(pixels.shape[0]), int(pixels.shape[1])))
         if written is not None:
             self.written.append(written)
+        if started is not None and self.decoding_started is None:
+            self.decoding_started = started  # entries come in decoding order: the first is the earliest
         self.size += len(data)
 
     def finish(self, root: str | None, max_side: int | None) -> dict:
-        """Flush the data to disk, rename it into place, then write the manifest. With recorded write times
-        the data file's modification time is set to the earliest of them before the rename (a reader that
-        ignores ``written`` then decodes again rather than miss a changed image)."""
+        """Flush the data to disk, rename it into place, then write the manifest. The data file's
+        modification time is set before the rename to the earliest recorded write time (compaction; a reader
+        that ignores ``written`` then decodes again rather than miss a changed image) or to the time the
+        first entry's decoding started (a build: an image changed while the shard was written is newer)."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        if self.written:
-            earliest = min(self.written)
+        earliest = min(self.written) if self.written else self.decoding_started
+        if earliest is not None:  # an image changed since its entry was decoded is newer than the file
             os.utime(self.tmp, (earliest, earliest))
         os.replace(self.tmp, self.bin)
         manifest = {
@@ -286,7 +295,8 @@ _STATS_PER_TASK = 256  # source files one thread looks at per task of _changed_s
 
 def _write_times(shard_dir: Path, manifest: dict) -> list[float]:
     """When each entry of a shard was decoded: the ``written`` times a compacted shard records, else (or
-    when they do not fit its keys) the modification time of its data file."""
+    when they do not fit its keys) the modification time of its data file (when a build started decoding
+    its first entry)."""
     keys, times = manifest["keys"], manifest.get("written")
     if isinstance(times, list) and len(times) == len(keys):
         if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
@@ -346,14 +356,16 @@ def build_cache(
         shard_dir = _clean_shard_dir(out_p)
         abs_root = os.path.abspath(root_s)
         shards = _complete_shards(shard_dir, verify_existing, abs_root, max_side, previous or None)
-        failed_before = set(previous.get("failed", {})) if previous else set()
+        failed_before = dict(previous.get("failed", {})) if previous else {}
         todo = _keys_to_decode(keys, root_s, shard_dir, shards, num_threads, failed_before)
         series = _ShardSeries(shard_dir, shards, shard_bytes, abs_root, max_side)
         failed = _decode_into(series, todo, root_s, max_side, num_threads or default_threads(), progress)
+        asked = set(keys)  # earlier failures outside this run's keys stay failed (their old entries hidden)
+        still_failed = {**{k: why for k, why in failed_before.items() if k not in asked}, **failed}
         ordered = [shards[n] for n in sorted(shards)]
         if tokenize:
             _cache_tokens(root_s, out_p)
-        atomic_write_json(index_path, _index(abs_root, max_side, failed, ordered))
+        atomic_write_json(index_path, _index(abs_root, max_side, still_failed, ordered))
     return CacheSummary(
         images=len({k for m in ordered for k in m["keys"]}),
         new_images=len(todo) - len(failed),
@@ -446,10 +458,14 @@ class _ShardSeries:
         self.number = max(shards, default=-1) + 1 if first is None else first
         self.writer: _ShardWriter | None = None
 
-    def add(self, key: str, pixels: np.ndarray, written: float | None = None) -> None:
+    def add(
+        self, key: str, pixels: np.ndarray, written: float | None = None, started: float | None = None
+    ) -> None:
+        """Append one entry: ``written`` when it was first decoded (compaction), or ``started`` when its
+        decoding started (a build)."""
         if self.writer is None:
             self.writer = _ShardWriter(self.shard_dir, self.number)
-        self.writer.add(key, pixels, written)
+        self.writer.add(key, pixels, written, started)
         if self.writer.size >= self.shard_bytes:
             self.finish()
 
@@ -472,11 +488,12 @@ def _decode_into(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(todo), chunk):
             part = todo[start : start + chunk]
+            started = time.time()  # a file changed after this is newer than the shard that holds it
             for key, result in zip(part, pool.map(lambda k: _decode(root, k, max_side), part)):
                 if isinstance(result, str):
                     failed[key] = result
                 else:
-                    series.add(key, result)
+                    series.add(key, result, started=started)
             bar(len(part))
     series.finish()
     return failed
