@@ -148,6 +148,13 @@ def test_loader_validation(root):
     loader = _loader(root, "itc")
     with pytest.raises(ValueError, match="batch_size"):
         loader.load_state_dict({**loader.state_dict(), "batch_size": 4})
+    with pytest.raises(ValueError, match="drop_last is False in the state but True here"):
+        loader.load_state_dict({**loader.state_dict(), "drop_last": False})
+    with pytest.raises(ValueError, match=rf"position {len(loader)} outside 0\.\.{len(loader) - 1}"):
+        loader.load_state_dict({**loader.state_dict(), "position": len(loader)})  # never saved: would stall
+    older = {k: v for k, v in loader.state_dict().items() if k != "drop_last"}
+    loader.load_state_dict({**older, "position": 1})  # a state from before drop_last was recorded
+    assert loader.state_dict()["position"] == 1
     with pytest.raises(ValueError, match="backend 'cache' needs cache_dir"):
         _loader(root, "itc", backend="cache")
 

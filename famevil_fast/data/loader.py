@@ -284,20 +284,24 @@ class TrainLoader:
             "num_samples": len(self.table),
             "batch_size": self.batch_size,
             "world_size": self.world_size,
+            "drop_last": self.drop_last,
             "table": self.table.name,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_samples", "batch_size", "world_size"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
+        """Continue where ``state`` left off; ValueError when it was saved with other data, seed, batch size,
+        world size or ``drop_last`` (a state that predates the field is not checked for it), or when its
+        position is not a step of an epoch here."""
+        mine = self.state_dict()
+        for key in ("seed", "num_samples", "batch_size", "world_size", "drop_last"):
+            if state.get(key) != mine[key] and (key in state or key != "drop_last"):
                 raise ValueError(
-                    f"TrainLoader.load_state_dict: {key} is {state.get(key)} in the state but {mine} "
-                    "here; an exact resume needs the same data, seed, batch size and world size"
+                    f"TrainLoader.load_state_dict: {key} is {state.get(key)} in the state but {mine[key]} "
+                    "here; an exact resume needs the same data, seed, batch size, world size and drop_last"
                 )
-        if not 0 <= int(state["position"]) <= len(self):
+        if not 0 <= int(state["position"]) < len(self):  # the step after an epoch's last is the next's first
             raise ValueError(
-                f"TrainLoader.load_state_dict: position {state['position']} outside 0..{len(self)}"
+                f"TrainLoader.load_state_dict: position {state['position']} outside 0..{len(self) - 1}"
             )
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
 

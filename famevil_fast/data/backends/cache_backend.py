@@ -7,9 +7,10 @@ memory, copied once, and cropped, resized, flipped and normalised there by
 on the thread pool.
 
 Given the data ``root`` of the dataset, the backend checks that the cache was built from it (or from a
-directory above or below it, whose keys it maps): a cache of another dataset is refused rather than serving
-its images under the same file names. A cache built with a ``max_side`` smaller than the image size is
-upsampled; the backend warns once when it is created.
+directory above or below it, whose keys it maps). A cache built from any other root (the dataset moved, or
+another dataset) is used with a warning naming both roots: its images are served under the same relative
+file names (:meth:`~famevil_fast.data.cache.ImageCache.key_mapping`). A cache built with a ``max_side``
+smaller than the image size is upsampled; the backend warns once when it is created.
 """
 
 from __future__ import annotations
