@@ -337,3 +337,25 @@ def test_a_rebuild_of_some_keys_keeps_the_other_failures(tmp_path):
     assert summary.failed == 0
     cache = ImageCache(out)
     assert broken in cache.failed and broken not in cache and other in cache
+
+
+@pytest.mark.parametrize("damage", ["fewer_offsets", "offset_past_the_end", "negative_offset"])
+def test_a_manifest_whose_entries_do_not_fit_is_named_and_rebuilt(tmp_path, damage):
+    """A manifest whose keys, offsets and shapes do not line up, or whose entry leaves its shard, is named
+    when the cache opens (not a reshape error at the first read) and rebuilt by the next conversion."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out = tmp_path / "cache"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    build_cache(root, out, **quiet)
+    path = sorted((out / "shards").glob("*.json"))[0]
+    manifest = json.loads(path.read_text())
+    if damage == "fewer_offsets":
+        manifest["offsets"] = manifest["offsets"][:-1]
+    else:
+        manifest["offsets"][-1] = manifest["bytes"] if damage == "offset_past_the_end" else -1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match=rf"{path.name} holds .*rerun `famevil-fast cache`"):
+        ImageCache(out)
+    with pytest.warns(UserWarning, match=path.name):
+        build_cache(root, out, **quiet)
+    assert len(ImageCache(out)) == 6

@@ -213,7 +213,8 @@ def _complete_shards(
 ) -> dict[int, dict]:
     """Manifests of shards whose data file exists with the recorded size (and checksum when ``verify``).
 
-    An unreadable manifest is removed with its data (rebuilt), with a warning naming it. A shard built from
+    An unreadable manifest (entries that do not line up or leave the shard included) is removed with its
+    data (rebuilt), with a warning naming it. A shard built from
     another data root or with another ``max_side`` is refused (ValueError naming the setting); manifests
     that predate those fields take them from ``legacy`` (the previous ``cache.json``), else are rebuilt.
     """
@@ -227,6 +228,7 @@ def _complete_shards(
                 raise ValueError(f"{manifest_path} lacks {', '.join(bad)}")
             if manifest["file"] != data.name:  # a copy of another shard's manifest
                 raise ValueError(f"{manifest_path} describes {manifest['file']}, not {data.name}")
+            _check_entries(manifest, manifest_path, int(manifest["bytes"]))
             number = int(manifest_path.stem.split("_")[1])
         except (OSError, ValueError) as e:
             warnings.warn(f"cache: unreadable shard manifest, rebuilding the shard: {e}", stacklevel=3)
@@ -571,6 +573,31 @@ def _verify_shards(shard_dir: Path, shards: list[dict], num_threads: int | None 
 # ------------------------------------------------------------------------------------------ reading
 
 
+def _check_entries(manifest: dict, manifest_path: Path, size: int) -> None:
+    """CacheCorruptError naming the manifest unless its keys, offsets and shapes line up and every entry
+    (offset + h * w * 3 bytes) lies inside the shard's ``size`` bytes."""
+    keys, offsets, shapes = manifest["keys"], manifest["offsets"], manifest["shapes"]
+    problem = None
+    if not len(keys) == len(offsets) == len(shapes):
+        problem = f"{len(keys)} keys, {len(offsets)} offsets and {len(shapes)} shapes"
+    elif keys:
+        try:
+            start = np.asarray(offsets, dtype=np.int64)
+            hw = np.asarray(shapes, dtype=np.int64).reshape(len(keys), 2)
+        except (TypeError, ValueError) as e:
+            problem = f"offsets or shapes that are not integers ({e})"
+        else:
+            end = start + hw[:, 0] * hw[:, 1] * 3
+            bad = np.flatnonzero((start < 0) | (hw <= 0).any(axis=1) | (end > size))
+            if len(bad):
+                problem = f"entry {keys[bad[0]]!r} outside the shard's {size} bytes"
+    if problem:
+        raise CacheCorruptError(
+            f"image cache: shard manifest {manifest_path} holds {problem}; rerun `famevil-fast cache` to "
+            "rebuild it"
+        )
+
+
 class ImageCache:
     """Read-only view of a cache directory: ``get(key)`` returns a zero-copy (h, w, 3) uint8 array."""
 
@@ -611,6 +638,7 @@ class ImageCache:
                 )
             if fields[0] != shard["sha256"]:
                 raise CacheCorruptError(f"image cache: manifest of {shard['file']} disagrees with cache.json")
+            _check_entries(manifest, manifest_path, int(shard["bytes"]))
             self._maps.append(np.memmap(shard_dir / shard["file"], dtype=np.uint8, mode="r").view(np.ndarray))
             for key, offset, (h, w) in zip(manifest["keys"], manifest["offsets"], manifest["shapes"]):
                 self._entries[key] = CacheEntry(number, int(offset), int(h), int(w))
