@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from famevil_fast.data.image_paths import clean_image_path
+from famevil_fast.files import atomic_write_json
 
 FIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 
@@ -133,8 +134,9 @@ def _check_fashioniq_dir(fiq: Path) -> None:
         raise FileNotFoundError(f"FashionIQ conversion: {fiq} holds no captions/ directory{hint}")
 
 
-def _converted(fiq: Path, cat: str) -> tuple[Path, list[dict]]:
-    """(raw caption file, gallery-format rows) of category ``cat``, every input checked."""
+def _converted(fiq: Path, cat: str) -> tuple[Path, Path, list[dict]]:
+    """(caption file read, where a raw file is kept, gallery-format rows) of category ``cat``, every input
+    checked."""
     if cat not in FIQ_CATEGORIES:
         raise ValueError(f"unknown FashionIQ category {cat!r}; expected one of {FIQ_CATEGORIES}")
     gallery_path = fiq / "image_splits" / f"split.{cat}.val.json"
@@ -143,7 +145,7 @@ def _converted(fiq: Path, cat: str) -> tuple[Path, list[dict]]:
     gallery = _load(gallery_path)
     raw = _load(src)
     try:
-        return src, fashioniq_val_rows(raw, gallery, FIQ_CATEGORIES.index(cat), src, gallery_path)
+        return src, raw_path, fashioniq_val_rows(raw, gallery, FIQ_CATEGORIES.index(cat), src, gallery_path)
     except ValueError as e:
         raise ValueError(f"FashionIQ conversion: {e}") from None
 
@@ -166,19 +168,9 @@ def convert_fashioniq_val(
         raise ValueError(f"FashionIQ conversion: the output {out} is a file; give a directory")
     converted = {cat: _converted(fiq, cat) for cat in categories}
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have been read
-    for cat, (src, rows) in converted.items():
-        _write(fiq, out, cat, src, rows)
-    return {cat: sum(1 for r in rows if r["fake_data"]) for cat, (_, rows) in converted.items()}
-
-
-def _write(fiq: Path, out: Path, cat: str, src: Path, rows: list[dict]) -> None:
-    """Write ``rows`` as ``out/cap.<cat>.val.json``, first keeping the raw file as ``cap.<cat>.val.raw.json``
-    when it is the one overwritten."""
-    raw_path = fiq / "captions" / f"cap.{cat}.val.raw.json"
-    dest = out / f"cap.{cat}.val.json"
-    if dest.resolve() == src.resolve() and not raw_path.exists():
-        os.replace(src, raw_path)
-    tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(rows, f)
-    os.replace(tmp, dest)
+    for cat, (src, raw_path, rows) in converted.items():
+        dest = out / f"cap.{cat}.val.json"
+        if dest.resolve() == src.resolve() and not raw_path.exists():  # keep the raw file it overwrites
+            os.replace(src, raw_path)
+        atomic_write_json(dest, rows)
+    return {cat: sum(1 for r in rows if r["fake_data"]) for cat, (_, _, rows) in converted.items()}
