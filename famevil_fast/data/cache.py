@@ -214,9 +214,9 @@ def _complete_shards(
     """Manifests of shards whose data file exists with the recorded size (and checksum when ``verify``).
 
     An unreadable manifest (entries that do not line up or leave the shard included) is removed with its
-    data (rebuilt), with a warning naming it. A shard built from
-    another data root or with another ``max_side`` is refused (ValueError naming the setting); manifests
-    that predate those fields take them from ``legacy`` (the previous ``cache.json``), else are rebuilt.
+    data (rebuilt), with a warning naming it. A shard built from another data root or with another
+    ``max_side`` is refused (ValueError naming the setting); manifests that predate those fields take them
+    from ``legacy`` (the previous ``cache.json``), else are rebuilt.
     """
     done = {}
     for manifest_path in sorted(shard_dir.glob("shard_*.json")):
