@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import warnings
 
 import numpy as np
@@ -359,3 +360,59 @@ def test_a_manifest_whose_entries_do_not_fit_is_named_and_rebuilt(tmp_path, dama
     with pytest.warns(UserWarning, match=path.name):
         build_cache(root, out, **quiet)
     assert len(ImageCache(out)) == 6
+
+
+def _paint(path, value, when):
+    """Replace the image ``path`` with a uniform 8 x 8 one of ``value``, modified at ``when``."""
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+    os.utime(path, (when, when))
+
+
+def test_an_image_replaced_by_a_copy_keeping_an_older_time_is_decoded_again(tmp_path):
+    """A replacement whose modification time is older than the cache (``cp -p``, ``rsync -a``, ``tar x``)
+    differs from the size and time its entry records, so the next conversion decodes it again."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out, key = tmp_path / "cache", "FashionGen/train/1_0.png"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    build_cache(root, out, **quiet)
+    _paint(root / key, 77, 1e9)  # 2001: older than every shard
+    with pytest.warns(UserWarning, match="1 images changed since they were cached"):
+        assert build_cache(root, out, **quiet).new_images == 1
+    assert (ImageCache(out).get(key) == 77).all()
+
+
+def test_an_image_dated_in_the_future_is_decoded_once(tmp_path, monkeypatch):
+    """An unchanged image whose modification time lies after every conversion (a clock ahead of this one)
+    matches its source record: later conversions leave it cached."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out, key = tmp_path / "cache", "FashionGen/train/1_0.png"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    future = time.time() + 10**6
+    os.utime(root / key, (future, future))
+    build_cache(root, out, **quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert build_cache(root, out, **quiet).new_images == 0
+
+
+def test_entries_without_source_records_fall_back_to_the_decoding_time(tmp_path):
+    """A shard written before source records existed: an image newer than its shard's decoding is decoded
+    again (and recorded this time), an older one is kept."""
+    root = small_fashiongen_root(tmp_path, n=3)
+    out, newer, older = tmp_path / "cache", "FashionGen/train/1_0.png", "FashionGen/train/2_0.png"
+    quiet = {"shard_bytes": 1 << 20, "num_threads": 1, "tokenize": False}
+    build_cache(root, out, **quiet)
+    (manifest_path,) = (out / "shards").glob("*.json")
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["sources"]
+    manifest_path.write_text(json.dumps(manifest))
+    shard = out / "shards" / manifest["file"]
+    built = shard.stat().st_mtime
+    _paint(root / newer, 55, built + 100)
+    _paint(root / older, 66, built - 100)
+    with pytest.warns(UserWarning, match="1 images changed since they were cached"):
+        build_cache(root, out, **quiet)
+    cache = ImageCache(out)
+    assert (cache.get(newer) == 55).all() and not (cache.get(older) == 66).all()
+    (new_manifest,) = set((out / "shards").glob("*.json")) - {manifest_path}
+    assert json.loads(new_manifest.read_text())["sources"][0][1] == (root / newer).stat().st_mtime_ns

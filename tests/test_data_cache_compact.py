@@ -415,3 +415,14 @@ def test_a_conversion_does_not_trust_a_manifest_copied_from_another_shard(tmp_pa
         build_cache(root, out, shard_bytes=1 << 20, num_threads=1, tokenize=False)
     files = [s["file"] for s in json.loads((out / "cache.json").read_text())["shards"]]
     assert len(files) == len(set(files)) and "shard_00007.bin" not in files
+
+
+def test_compaction_keeps_the_source_records(tmp_path, monkeypatch):
+    """A copied entry keeps its source record: an image replaced after the compaction by a file dated
+    before every conversion is still seen as changed."""
+    root, out = _superseded_cache(tmp_path)
+    compact_cache(out)
+    _change(root, B, NOW - 20000, seed=9)  # B's served entry was copied into a new shard
+    decoded = _decoded(monkeypatch)
+    _build(root, out, tokenize=False)
+    assert sorted(decoded) == sorted([B, F])

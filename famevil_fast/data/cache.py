@@ -17,12 +17,12 @@ shard manifest or ``cache.json`` is named the same way when opening and treated 
 warning) when converting; resuming with another data root or ``max_side`` than the existing shards were
 built with is refused, naming the setting.
 
-An image decoded again (its file changed) goes into a new shard and the old entry's bytes stay behind;
-``famevil_fast.data.cache_compact`` rewrites the cache without such entries. A shard's data file carries the
-time its first entry's decoding started as its modification time, so an image changed while its shard was
-still being written is newer and is decoded again by the next conversion. A compacted shard records in its
-manifest (``written``) when each entry was first decoded, so the changed-image check of a later conversion
-sees the same times as before.
+A shard manifest records each entry's source (``sources``: size and modification time in nanoseconds of
+the image file, taken before it was read); a conversion decodes again every image whose file no longer
+matches, into a new shard, and the old entry's bytes stay behind (``famevil_fast.data.cache_compact``
+rewrites the cache without such entries, keeping the records). Entries of shards written before that record
+fall back to time: a shard's data file carries the time its first entry's decoding started, and a compacted
+shard records (``written``) when each entry was first decoded; a file modified after that is changed.
 """
 
 from __future__ import annotations
@@ -133,17 +133,26 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _decode(root: str, key: str, max_side: int | None) -> np.ndarray | str:
+def _decode(root: str, key: str, max_side: int | None) -> tuple[np.ndarray, list[int]] | str:
+    """(the pixels of the image ``key``, its source record: [size, mtime_ns] of the file, taken before it is
+    read), or why it cannot be decoded."""
+    path = os.path.join(root, key)
     try:
-        with Image.open(os.path.join(root, key)) as im:
+        source = _source_record(os.stat(path))
+        with Image.open(path) as im:
             im = to_rgb(im)
             if max_side is not None and max(im.size) > max_side:
                 scale = max_side / max(im.size)
                 size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
                 im = im.resize(size, Image.Resampling.BILINEAR)
-            return np.asarray(im)
+            return np.asarray(im), source
     except PIL_DECODE_ERRORS as e:
         return decode_error(e)
+
+
+def _source_record(stat: os.stat_result) -> list[int]:
+    """What identifies a version of a source image: its size and modification time in nanoseconds."""
+    return [int(stat.st_size), int(stat.st_mtime_ns)]
 
 
 class _ShardWriter:
@@ -157,11 +166,17 @@ class _ShardWriter:
         self.offsets: list[int] = []
         self.shapes: list[tuple[int, int]] = []
         self.written: list[float] = []  # when each entry was first decoded (compaction only)
+        self.sources: list[list[int] | None] = []  # each entry's source record, None where unknown
         self.decoding_started: float | None = None  # when the first entry's decoding started (builds)
         self.size = 0
 
     def add(
-        self, key: str, pixels: np.ndarray, written: float | None = None, started: float | None = None
+        self,
+        key: str,
+        pixels: np.ndarray,
+        written: float | None = None,
+        started: float | None = None,
+        source: list[int] | None = None,
     ) -> None:
         data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
         self.file.write(data)
@@ -171,6 +186,7 @@ class _ShardWriter:
         self.shapes.append((int(pixels.shape[0]), int(pixels.shape[1])))
         if written is not None:
             self.written.append(written)
+        self.sources.append(source)
         if started is not None and self.decoding_started is None:
             self.decoding_started = started  # entries come in decoding order: the first is the earliest
         self.size += len(data)
@@ -201,6 +217,8 @@ class _ShardWriter:
             del manifest["root"]
         if self.written:
             manifest["written"] = self.written
+        if any(source is not None for source in self.sources):
+            manifest["sources"] = self.sources
         atomic_write_json(self.bin.with_suffix(".json"), manifest)
         return manifest
 
@@ -274,15 +292,18 @@ def _changed_since_cached(
     num_threads: int | None = None,
     keys: set[str] | None = None,
 ) -> set[str]:
-    """The cached keys (only those of ``keys`` when given) whose source file under ``root`` was modified after
-    the newest shard holding them was written (an image replaced on disk since it was cached; a later
-    shard's entry is the one served; a compacted shard gives each entry's own time, see ``_write_times``).
-    The source files are looked at by ``num_threads`` threads (default: :func:`default_threads`), as a
-    network filesystem answers each look-up slowly."""
-    written: dict[str, float] = {}
+    """The cached keys (only those of ``keys`` when given) whose source file under ``root`` is not the one
+    the newest shard holding them decoded (a later shard's entry is the one served): its size or
+    modification time differs from the entry's source record, or, for an entry without one (a shard written
+    before they were recorded), it was modified after the entry was decoded (see ``_write_times``). The
+    source files are looked at by ``num_threads`` threads (default: :func:`default_threads`), as a network
+    filesystem answers each look-up slowly."""
+    cached: dict[str, tuple[float, list[int] | None]] = {}
     for number in sorted(shards):
-        written.update(zip(shards[number]["keys"], _write_times(shard_dir, shards[number])))
-    items = [(key, when) for key, when in written.items() if keys is None or key in keys]
+        manifest = shards[number]
+        records = zip(_write_times(shard_dir, manifest), _source_records(manifest))
+        cached.update(zip(manifest["keys"], records))
+    items = [(key, *record) for key, record in cached.items() if keys is None or key in keys]
     threads = min(num_threads or default_threads(), -(-len(items) // _STATS_PER_TASK))
     if threads <= 1:
         return _changed(root, items)
@@ -306,15 +327,37 @@ def _write_times(shard_dir: Path, manifest: dict) -> list[float]:
     return [(shard_dir / manifest["file"]).stat().st_mtime] * len(keys)
 
 
-def _changed(root: str, items: list[tuple[str, float]]) -> set[str]:
-    """The keys of ``items`` ((key, time its shard was written)) whose file under ``root`` is newer."""
+def _source_records(manifest: dict) -> list[list[int] | None]:
+    """Each entry's source record ([size, mtime_ns] of the image file it was decoded from), None for an
+    entry without one; all None when the manifest records none or records that do not fit its keys."""
+    keys, sources = manifest["keys"], manifest.get("sources")
+    if isinstance(sources, list) and len(sources) == len(keys) and all(map(_is_source_record, sources)):
+        return [None if source is None else [int(v) for v in source] for source in sources]
+    return [None] * len(keys)
+
+
+def _is_source_record(source: object) -> bool:
+    if source is None:
+        return True
+    return (
+        isinstance(source, list)
+        and len(source) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in source)
+    )
+
+
+def _changed(root: str, items: list[tuple[str, float, list[int] | None]]) -> set[str]:
+    """The keys of ``items`` ((key, when its entry was decoded, its source record or None)) whose file under
+    ``root`` differs from the source record, or without one, is newer than the entry."""
     changed = set()
-    for key, when in items:
+    for key, when, source in items:
         try:
-            if os.stat(os.path.join(root, key)).st_mtime > when:
-                changed.add(key)
+            stat = os.stat(os.path.join(root, key))
         except OSError:
             continue
+        modified = stat.st_mtime > when if source is None else _source_record(stat) != source
+        if modified:
+            changed.add(key)
     return changed
 
 
@@ -461,13 +504,18 @@ class _ShardSeries:
         self.writer: _ShardWriter | None = None
 
     def add(
-        self, key: str, pixels: np.ndarray, written: float | None = None, started: float | None = None
+        self,
+        key: str,
+        pixels: np.ndarray,
+        written: float | None = None,
+        started: float | None = None,
+        source: list[int] | None = None,
     ) -> None:
         """Append one entry: ``written`` when it was first decoded (compaction), or ``started`` when its
-        decoding started (a build)."""
+        decoding started (a build); ``source`` its source record (see ``_source_record``) when known."""
         if self.writer is None:
             self.writer = _ShardWriter(self.shard_dir, self.number)
-        self.writer.add(key, pixels, written, started)
+        self.writer.add(key, pixels, written, started, source)
         if self.writer.size >= self.shard_bytes:
             self.finish()
 
@@ -495,7 +543,8 @@ def _decode_into(
                 if isinstance(result, str):
                     failed[key] = result
                 else:
-                    series.add(key, result, started=started)
+                    pixels, source = result
+                    series.add(key, pixels, started=started, source=source)
             bar(len(part))
     series.finish()
     return failed

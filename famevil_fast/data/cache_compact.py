@@ -24,6 +24,7 @@ from famevil_fast.data.cache import (
     _read_index,
     _shard_record,
     _ShardSeries,
+    _source_records,
     _verify_shards,
     _write_times,
 )
@@ -322,14 +323,15 @@ def _copy_served(
     progress: bool,
 ) -> list[dict]:
     """Copy the served entries of the shards ``rewrite`` (in order) into new shards numbered from
-    ``first``, each entry with the time it was first decoded; their manifests."""
+    ``first``, each entry with the time it was first decoded and its source record; their manifests."""
     new: dict[int, dict] = {}
     series = _ShardSeries(shard_dir, new, shard_bytes, cache.root, cache.max_side, first=first)
     bar = _progress(sum(len(live) for _, live in rewrite), progress, desc="compact")
     for manifest, live in rewrite:
-        written = _write_times(shard_dir, manifest)
+        written, sources = _write_times(shard_dir, manifest), _source_records(manifest)
         for j in live:
-            series.add(manifest["keys"][j], cache.get(manifest["keys"][j]), written[j])
+            key = manifest["keys"][j]
+            series.add(key, cache.get(key), written[j], source=sources[j])
         bar(len(live))
     series.finish()
     return [new[n] for n in sorted(new)]
