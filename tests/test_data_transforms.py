@@ -56,7 +56,6 @@ def test_train_boxes_inside_image_with_area_and_aspect(size):
     assert 0.45 < flips.mean() < 0.55
 
 
-
 def test_train_aspect_range_ends_at_the_official_configs_ratio():
     """Aspect uniforms 0 and 1 give 0.75 and 1.3 (torchvision's default would end at 4/3); a smaller area
     leaves room for both in a square image."""

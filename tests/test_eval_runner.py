@@ -2,7 +2,6 @@
 encoder): the sampled XMR query count, the unseeded sampled protocol, and the caption decoding cap and
 references of the official code's quirk in both their faithful and fixed forms."""
 
-
 import pytest
 import torch
 from helpers import EmbeddingStub, stub_config

@@ -45,7 +45,7 @@ def test_words_drop_function_words_verbs_and_adverbs():
 
 
 def test_garment_plurals_stay_apart_from_their_singulars():
-    """"shorts" (a garment) is not "short" (a length), nor "glasses" "glass"; "sleeves" still is "sleeve"."""
+    """ "shorts" (a garment) is not "short" (a length), nor "glasses" "glass"; "sleeves" still is "sleeve"."""
     corpus = ["black denim shorts", "short sleeve shirt", "short sleeves", "glasses case", "glass beads"] * 2
     vocab = mine_attributes(corpus, min_count=2)
     assert {"shorts", "short", "glasses", "glass", "sleeve"} <= set(vocab.attributes)
