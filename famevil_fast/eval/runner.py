@@ -40,6 +40,7 @@ from famevil_fast.eval.report import EvalReport, TaskResult
 from famevil_fast.eval.sharding import EvalShard
 from famevil_fast.eval.tgir import TgirCategory, tgir_fashioniq, unique_gallery
 from famevil_fast.eval.xmr import xmr_full, xmr_sampled
+from famevil_fast.text.special_tokens import CAPTION_TOKENS
 
 if TYPE_CHECKING:
     from famevil_fast.data.eval_sets import CapEval, SCREval, TGIREval, XMREval
@@ -75,7 +76,7 @@ class EvalOptions:
 
     xmr_protocols: Sequence[str] = ("full", "sampled")
     sampled_seed: int | None = 0
-    caption_max_len: int = 75
+    caption_max_len: int = CAPTION_TOKENS
     caption_beams: int = 1
     caption_no_repeat_ngram: int = 0
     caption_metrics: Sequence[str] | None = ("bleu4", "rouge_l", "cider")

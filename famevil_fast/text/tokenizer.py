@@ -33,11 +33,10 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import models, pre_tokenizers
 
 from famevil_fast.text import normalize
-from famevil_fast.text.special_tokens import EOT_ID, SOT_ID
+from famevil_fast.text.special_tokens import CONTEXT_LENGTH, EOT_ID, SOT_ID
 from famevil_fast.text.vocab import END_OF_WORD, EOT_TOKEN, SOT_TOKEN, byte_alphabet, load_vocabulary
 
 VOCAB_SIZE = 49408
-CONTEXT_LENGTH = 77
 WORD_CACHE_SIZE = 1 << 20
 
 _PIECE = regex.compile(

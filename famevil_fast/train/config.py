@@ -19,6 +19,7 @@ import yaml
 
 from famevil_fast.devices import DEVICE_PATTERN
 from famevil_fast.model.config import ADAPTER_BACKENDS, ALL_TASKS, BACKENDS, PRETRAIN_TASKS
+from famevil_fast.text.special_tokens import CAPTION_TOKENS
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -279,7 +280,9 @@ class EvalSection:
         "seed of the sampled-100 protocol; null = the official code's unseeded draws from the global RNG", 0
     )
     caption_max_len: int = doc(
-        "longest generated caption in tokens (75: the longest reference after the CLIP round trip)", 75
+        f"longest generated caption in tokens ({CAPTION_TOKENS}: the longest reference after the CLIP round "
+        "trip)",
+        CAPTION_TOKENS,
     )
     caption_len_from_references: bool = doc(
         "cap each batch's captions at its longest reference's length, as the official code (it leaks the "

@@ -35,6 +35,7 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from famevil_fast.data.eval_sets import EVAL_VIEWS
     from famevil_fast.eval.runner import CAPTION_REFERENCES
+    from famevil_fast.text.special_tokens import CAPTION_TOKENS
 
     parser.add_argument("checkpoint", help="checkpoint directory or file")
     add_trust_pickle_argument(parser)
@@ -84,7 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--beams", type=positive_int, default=None, help="caption beam width (default: 1 = greedy)"
     )
     parser.add_argument(
-        "--max-len", type=positive_int, default=None, help="longest generated caption (default: 75)"
+        "--max-len",
+        type=positive_int,
+        default=None,
+        help=f"longest generated caption (default: {CAPTION_TOKENS})",
     )
     parser.add_argument(
         "--max-len-from-references",
