@@ -118,6 +118,21 @@ def test_a_name_ending_in_jpg_is_the_file_name(tmp_path):
     assert (t.candidate, t.target) == ("FashionIQ/images/a.jpg", "FashionIQ/images/sub/b.jpg")
 
 
+def test_parent_components_are_resolved_so_one_image_has_one_name(tmp_path):
+    """"sub/../a" is the image "a": one file name and one train target id, not two."""
+    _train(tmp_path, [{**_ROW, "target": "a"}, {**_ROW, "candidate": "b", "target": "sub/../a"}])
+    first, second = read_fashioniq(tmp_path, "train", ["dress"])
+    assert second.target == first.target == "FashionIQ/images/a.jpg"
+    assert second.target_id == first.target_id
+
+
+@pytest.mark.parametrize("name", ["../a", "sub/../../a", "..", "sub/.."])
+def test_a_name_leaving_the_image_folder_or_naming_none_is_refused(tmp_path, name):
+    _train(tmp_path, [_ROW, {**_ROW, "candidate": name}])
+    with pytest.raises(ValueError, match=r"cap\.dress\.train\.json: entry 1.*candidate"):
+        read_fashioniq(tmp_path, "train", ["dress"])
+
+
 # ------------------------------------------------------- a split without triplets
 
 

@@ -3,9 +3,11 @@
 Image names get ".jpg" appended (a name that already ends in ".jpg" is taken as the file name) and are
 relative to ``FashionIQ/images``: backslashes are read as "/", and an absolute name is made relative to
 ``FashionIQ/images`` when it lies there and refused naming the file, the entry and the name otherwise (as the
-product readers' paths: :func:`~famevil_fast.data.image_paths.image_paths`); a name that names no file
-(``""``, ``"./"``) is refused likewise. Train rows need candidate, target, captions; their ``target_id`` is
-the position of the target name among the sorted image names of the split (all loaded categories together).
+product readers' paths: :func:`~famevil_fast.data.image_paths.image_paths`); ".." components are resolved
+(``sub/../a`` is ``a``) and a name that climbs out of ``FashionIQ/images`` through them, or that names no
+file (``""``, ``"./"``, ``"sub/.."``), is refused likewise. Train rows need candidate, target, captions;
+their ``target_id`` is the position of the target name among the sorted image names of the split (all
+loaded categories together).
 Val rows must also carry ``target_id`` and ``fake_data`` (build them with ``famevil-fast convert-fiq``, which
 also writes the ``garment_class`` of the official files; it is not read); the gallery of a category is the
 set of distinct target ids over all its val rows, fake rows included. A split none of whose files holds a
@@ -15,6 +17,7 @@ triplet (a row without ``fake_data``) is refused naming its files.
 from __future__ import annotations
 
 import os
+import posixpath
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,8 +77,9 @@ def _check_row(row: object, path: Path, i: int, split: str) -> dict:
 
 def _image_names(row: dict, path: Path, i: int, images: Path) -> dict:
     """``row`` with its candidate and target names relative to the image folder ``images`` (backslashes read
-    as "/", an absolute name inside ``images`` made relative to it, one trailing ".jpg" dropped); ValueError
-    naming the file, entry and key for an absolute name elsewhere or a name left empty."""
+    as "/", an absolute name inside ``images`` made relative to it, one trailing ".jpg" dropped, ".."
+    components resolved); ValueError naming the file, entry and key for an absolute name elsewhere, a name
+    that climbs out of ``images`` or one left empty."""
     out = dict(row)
     for key in ("candidate", "target"):
         name = clean_image_path(row[key])
@@ -88,7 +92,14 @@ def _image_names(row: dict, path: Path, i: int, images: Path) -> dict:
                 )
             name = inside
         name = image_name(name)
-        if not name:
+        if ".." in name.split("/"):
+            name = posixpath.normpath(name)
+            if name == ".." or name.startswith("../"):
+                raise ValueError(
+                    f"{entry_name(path, i, row)}: {key} {row[key]!r} climbs out of {images} through '..'; "
+                    "FashionIQ rows name images relative to FashionIQ/images, without .jpg"
+                )
+        if not name or name == ".":
             raise ValueError(
                 f"{entry_name(path, i, row)} has no image path ({key} holds {row[key]!r}); FashionIQ rows "
                 "name images relative to FashionIQ/images, without .jpg"
