@@ -274,3 +274,38 @@ def test_an_inference_command_leaves_its_caller_s_process_group_alone(tmp_path, 
         with pytest.raises(ValueError, match="names one GPU, but torchrun runs 2 processes"):
             with command_processes("cuda:0"):
                 pass
+
+
+def test_embed_texts_end_lines_at_newlines_only(checkpoint, tmp_path, capsys) -> None:
+    """A form feed, a carriage return or U+2028 inside a line does not split it: row i is still line i + 1
+    (Windows line ends are read as line ends)."""
+    from safetensors.torch import load_file
+
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("red dress\r\nblue\u2028jacket\ngreen\x0cskirt\nlast\rone\n".encode())
+    out = tmp_path / "e.safetensors"
+    assert main(["embed", str(checkpoint), "--texts", str(texts), "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert load_file(out)["text"].shape[0] == 4
+
+
+def test_embed_checks_its_output_before_embedding(checkpoint, image, tmp_path, monkeypatch, capsys) -> None:
+    from famevil_fast.model import FameViL
+
+    monkeypatch.setattr(FameViL, "encode_image", lambda *a, **k: pytest.fail("embedded before --out checked"))
+    out = image / "x.safetensors"  # under a file
+    argv = ["embed", str(checkpoint), "--images", str(image), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert f"--out {out}: {image} is not a directory" in one_error_line(capsys, "embed")
+
+
+def test_image_folders_give_their_files_once_and_no_subfolders(image, tmp_path) -> None:
+    from famevil_fast.cli.images import collect_images
+
+    (tmp_path / "sub.jpg").mkdir()  # a folder named like an image is not one
+    second = tmp_path / "b.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(second)
+    assert collect_images([str(tmp_path)]) == [image, second]
+    with pytest.warns(UserWarning, match=r"2 image paths name a file already listed \(e\.g\. .*a\.png\)"):
+        files = collect_images([str(image), str(tmp_path), str(tmp_path / "sub.jpg" / ".." / "a.png")])
+    assert files == [image, second]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,18 +14,38 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def collect_images(paths: list[str]) -> list[Path]:
-    """Files as given, and the image files inside given folders (sorted); a missing path is an error."""
+    """Files as given, and the image files inside given folders (sorted; subfolders are not searched, also
+    those whose names end in an image suffix); a missing path is an error. A file reached twice (named
+    twice, or named and inside a named folder) is kept once, where it first appears, with a warning."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"image path not found: {p}")
         if p.is_dir():
-            found.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
         else:
             found.append(p)
     if not found:
         raise ValueError(f"no images found in {paths}")
-    return found
+    return _first_of_each_file(found)
+
+
+def _first_of_each_file(files: list[Path]) -> list[Path]:
+    """``files`` without the later mentions of a file (the same file once symbolic links and ".." are
+    resolved), with a warning counting them."""
+    seen: set[Path] = set()
+    kept, dropped = [], []
+    for f in files:
+        real = f.resolve()
+        (dropped if real in seen else kept).append(f)
+        seen.add(real)
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} image paths name a file already listed (e.g. {dropped[0]}); each file is used "
+            "once",
+            stacklevel=3,
+        )
+    return kept
 
 
 class ImageFileBatches:

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images",
         nargs="+",
-        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders)",
+        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders); a file named "
+        "twice is captioned once",
     )
     parser.add_argument("--beams", type=positive_int, default=1, help="beam width (1 = greedy)")
     parser.add_argument(

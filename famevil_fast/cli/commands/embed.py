@@ -13,6 +13,7 @@ from famevil_fast.cli.options import (
     add_op_backend_argument,
     add_trust_pickle_argument,
     apply_op_backend,
+    check_output_file,
     output_file,
     positive_int,
 )
@@ -36,15 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--images",
         nargs="*",
         default=[],
-        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders); the file "
+        help="image files, or folders (their .jpg/.jpeg/.png/.webp/.bmp files, not subfolders; a file named "
+        "twice is embedded once); the file "
         "records the paths as given here and `search` prints them as stored, so a relative path resolves "
         "only from the directory embed ran in",
     )
     parser.add_argument(
         "--texts",
         default=None,
-        help="UTF-8 text file, one text per line (row i of the tensor `text` is line i + 1; blank lines "
-        "are refused but at the end)",
+        help="UTF-8 text file, one text per line, lines ended by \\n or \\r\\n (row i of the tensor `text` "
+        "is line i + 1; blank lines are refused but at the end)",
     )
     parser.add_argument(
         "--task",
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must name a .safetensors file (embed writes safetensors), got {args.out}")
     if not args.images and not args.texts:
         raise ValueError("nothing to embed: give --images and/or --texts")
+    check_output_file(args.out)  # before anything is embedded
     with command_processes(args.device) as (shard, device):  # under torchrun each embeds its share
         out, meta = _embed(args, shard, device)
     if shard.is_main:
@@ -94,11 +97,12 @@ def _texts(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"--texts must name a text file, got {path} (not a file)")
     try:
-        content = path.read_text(encoding="utf-8")
+        content = path.read_bytes().decode("utf-8")  # no newline translation: a lone "\r" ends no line
     except UnicodeDecodeError as error:
         reason = f"{error.reason} at byte {error.start}"
         raise ValueError(f"text file {path} is not UTF-8 text ({reason})") from None
-    lines = [line.strip() for line in content.splitlines()]
+    lines = [line.strip() for line in content.split("\n")]  # only "\n" ends a line (a "\r" before it is
+    # stripped): str.splitlines would also end one at a form feed or U+2028 inside a text
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
