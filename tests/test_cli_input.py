@@ -309,3 +309,18 @@ def test_image_folders_give_their_files_once_and_no_subfolders(image, tmp_path) 
     with pytest.warns(UserWarning, match=r"2 image paths name a file already listed \(e\.g\. .*a\.png\)"):
         files = collect_images([str(image), str(tmp_path), str(tmp_path / "sub.jpg" / ".." / "a.png")])
     assert files == [image, second]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", str(2**64)], r"EvalOptions\.sampled_seed must lie from -2\*\*63 to 2\*\*64 - 1"),
+        (["--tasks", "itc", "pac"], r"--tasks pac: .* has no such task \(its tasks: "),
+    ],
+)
+def test_eval_refuses_a_bad_seed_or_a_task_the_model_lacks_before_reading_data(
+    checkpoint, tmp_path, capsys, extra, message
+) -> None:
+    argv = ["eval", str(checkpoint), "--data", str(tmp_path / "none"), *extra, "--device", "cpu"]
+    assert main(argv) == 2
+    assert re.search(message, one_error_line(capsys, "eval"))

@@ -115,15 +115,20 @@ def test_tgir_search_ranks_as_brute_force(checkpoint, model, images, galleries, 
         _check_ranking(found, want)
 
 
-def test_one_reference_serves_every_text(checkpoint, model, images, galleries, capsys):
+def test_one_reference_serves_every_text(checkpoint, model, images, tmp_path, capsys):
+    """The reference is read with the gallery's --eval-resize, which embed records (squash here)."""
+    squashed = tmp_path / "squash.safetensors"
+    argv = ["embed", checkpoint, "--images", images, "--task", "tgir", "--eval-resize", "squash"]
+    assert main([*map(str, argv), "--out", str(squashed)]) == 0
+    capsys.readouterr()
     reference = images / "2.png"
     texts = ["is shorter", "is darker", "has a collar"]
-    args = [checkpoint, galleries["tgir"], "--reference", reference, "--json", "--eval-resize", "squash"]
+    args = [checkpoint, squashed, "--reference", reference, "--json"]
     status, out, _ = _search(capsys, *args, *[a for t in texts for a in ("--text", t)])
     assert status == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["reference"], r["text"]) for r in rows] == [(str(reference), t) for t in texts]
-    gallery, paths, _ = read_gallery(galleries["tgir"])
+    gallery, paths, _ = read_gallery(squashed)
     with torch.no_grad():
         pixels = load_images([reference] * 3, 32, "squash")
         queries = model.compose(pixels, tokenize(texts))
@@ -187,6 +192,14 @@ def test_user_errors_are_one_line(checkpoint, images, galleries, tmp_path, capsy
     assert "image file not found" in _error(capsys, ckpt, tgir, "--reference", missing, "--text", "a")
     (tmp_path / "junk.safetensors").write_text("not a safetensors file")
     assert "cannot read gallery" in _error(capsys, ckpt, tmp_path / "junk.safetensors", "--text", "a")
+    ints = _gallery(
+        tmp_path / "ints.st", {"image": torch.ones(5, 64, dtype=torch.int64)}, images=paths, task="itc"
+    )
+    assert "'image' must hold floating-point embeddings, got torch.int64" in _error(
+        capsys, ckpt, ints, "--text", "a"
+    )
+    squash = ["--reference", ref, "--text", "a", "--eval-resize", "squash"]
+    assert f"{tgir} was embedded with --eval-resize keep_aspect" in _error(capsys, ckpt, tgir, *squash)
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,11 @@ def test_unknown_task_is_named_before_task_weights():
         ("eval.tasks=[capp]", "eval.tasks: task 'capp' has no evaluation"),
         ("eval.caption_references=coco", "eval.caption_references must be one of .*'raw'.*got 'coco'"),
         ("eval.sampled_seed=1.5", "eval.sampled_seed"),
+        (
+            "eval.sampled_seed=18446744073709551616",
+            r"eval.sampled_seed must lie from -2\*\*63 to 2\*\*64 - 1",
+        ),
+        ("eval.xmr_protocols=[]", "eval.xmr_protocols must name at least one protocol"),
         ("eval.resize=stretch", r"eval.resize must be one of \('keep_aspect', 'squash'\), got 'stretch'"),
         ("eval.views=second", r"eval.views must be one of \('all', 'first'\), got 'second'"),
     ],

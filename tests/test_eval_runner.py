@@ -388,3 +388,29 @@ def test_the_documented_python_evaluation_runs(tmp_path, tmp_path_factory, monke
     exec(block, scope)
     assert {r.task for r in scope["report"].results} == {"xmr", "tgir", "scr", "fic"}
     assert (tmp_path / "eval_report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"xmr_protocols": ("ful", "sampled-100")},
+            r"xmr_protocols must be a non-empty list of full and sampled",
+        ),
+        ({"xmr_protocols": ()}, "xmr_protocols must be a non-empty list"),
+        ({"xmr_protocols": "full"}, "xmr_protocols must be a non-empty list"),
+        (
+            {"sampled_seed": 2**64},
+            r"sampled_seed must lie from -2\*\*63 to 2\*\*64 - 1 .*got 18446744073709551616",
+        ),
+        ({"sampled_seed": -(2**63) - 1}, "sampled_seed must lie from"),
+        ({"sampled_seed": 1.0}, "sampled_seed must be an int or None"),
+    ],
+)
+def test_eval_options_refuse_unknown_protocols_and_seeds_a_generator_cannot_take(options, message):
+    """Checked at construction: an unknown protocol name would skip retrieval silently, a seed out of the
+    generator's range would fail only once every embedding is computed."""
+    with pytest.raises(ValueError, match=f"EvalOptions.{message}"):
+        EvalOptions(**options)
+    EvalOptions(sampled_seed=2**64 - 1)
+    EvalOptions(sampled_seed=-(2**63))

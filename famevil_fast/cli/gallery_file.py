@@ -11,8 +11,9 @@ checksum. Paths must be valid UTF-8 without line breaks (checked before anything
 are kept as ``embed`` was given them: a relative path resolves only from the directory ``embed`` ran in.
 
 The header field ``model_fingerprint`` (see ``model_fingerprint``) identifies the model that made the image
-embeddings, so that ``search`` can refuse a gallery embedded by another model; galleries written before
-it was recorded have none.
+embeddings, so that ``search`` can refuse a gallery embedded by another model, and ``eval_resize`` how the
+images were resized, which ``search`` reads its reference images with; galleries written before these were
+recorded have neither.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ def read_gallery_with_header(path: str | Path) -> tuple[torch.Tensor, list[str],
         raise ValueError(f"cannot read gallery {path} as safetensors: {exc}") from None
     if embeddings.dim() != 2:
         raise ValueError(f"gallery {path}: 'image' must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point():
+        raise ValueError(
+            f"gallery {path}: 'image' must hold floating-point embeddings, got {embeddings.dtype}"
+        )
     paths = _image_paths(path, meta)
     if len(paths) != embeddings.shape[0]:
         raise ValueError(

@@ -112,9 +112,11 @@ def add_trust_pickle_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_eval_resize_argument(parser: argparse.ArgumentParser, default: str | None = "keep_aspect") -> None:
+def add_eval_resize_argument(
+    parser: argparse.ArgumentParser, default: str | None = "keep_aspect", default_help: str = "keep_aspect"
+) -> None:
     """``--eval-resize``: the resize before the evaluation transform's centre crop (``docs/evaluation.md``,
-    "Faithful or fixed")."""
+    "Faithful or fixed"); ``default_help`` says in the help what applies when it is not given."""
     from famevil_fast.data.transforms import EVAL_RESIZE_MODES
 
     parser.add_argument(
@@ -122,5 +124,6 @@ def add_eval_resize_argument(parser: argparse.ArgumentParser, default: str | Non
         choices=list(EVAL_RESIZE_MODES),
         default=default,
         help="image resize before the centre crop: keep the aspect, shorter side to 256/224 of the crop "
-        "(keep_aspect, default), or resize every image to that size squared, as the official code (squash)",
+        "(keep_aspect), or resize every image to that size squared, as the official code (squash); "
+        f"default: {default_help}",
     )

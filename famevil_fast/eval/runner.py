@@ -39,7 +39,7 @@ from famevil_fast.eval.classification import scr_result
 from famevil_fast.eval.report import EvalReport, TaskResult
 from famevil_fast.eval.sharding import EvalShard
 from famevil_fast.eval.tgir import TgirCategory, tgir_fashioniq, unique_gallery
-from famevil_fast.eval.xmr import xmr_full, xmr_sampled
+from famevil_fast.eval.xmr import XMR_PROTOCOLS, check_sampled_seed, xmr_full, xmr_sampled
 from famevil_fast.text.special_tokens import CAPTION_TOKENS
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class EvalOptions:
     - ``progress``: a tqdm bar per set while it is encoded (on rank 0, over its share of the batches).
     """
 
-    xmr_protocols: Sequence[str] = ("full", "sampled")
+    xmr_protocols: Sequence[str] = XMR_PROTOCOLS
     sampled_seed: int | None = 0
     caption_max_len: int = CAPTION_TOKENS
     caption_beams: int = 1
@@ -91,8 +91,16 @@ class EvalOptions:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        """Counts and lengths checked here, so a bad one fails at construction rather than in the middle of
-        an evaluation (``max_samples=0`` would leave nothing to score)."""
+        """Counts, lengths, the sampled seed and the protocols checked here, so a bad one fails at
+        construction rather than in the middle of an evaluation (``max_samples=0`` would leave nothing to
+        score, an unknown protocol name would skip cross-modal retrieval)."""
+        check_sampled_seed(self.sampled_seed, "EvalOptions.sampled_seed")
+        protocols = self.xmr_protocols
+        if isinstance(protocols, str) or not protocols or any(p not in XMR_PROTOCOLS for p in protocols):
+            raise ValueError(
+                f"EvalOptions.xmr_protocols must be a non-empty list of {' and '.join(XMR_PROTOCOLS)}, got "
+                f"{protocols!r}"
+            )
         for name, low, optional in (
             ("max_samples", 1, True),
             ("text_batch", 1, False),

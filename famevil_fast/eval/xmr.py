@@ -253,8 +253,22 @@ def _check_sampling(op: str, seed: int | None, num_queries: int, num_negatives: 
     ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{op}: {name} must be an int >= {low}, got {value!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"{op}: seed must be an int or None (the original's unseeded draws), got {seed!r}")
+    check_sampled_seed(seed, f"{op}: seed")
+
+
+XMR_PROTOCOLS = ("full", "sampled")  # the whole gallery; 100 candidates (1 positive, 99 negatives)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def check_sampled_seed(seed: object, name: str) -> None:
+    """ValueError naming ``name`` unless ``seed`` is None (the original's unseeded draws) or an int that a
+    torch generator takes (``SEED_RANGE``)."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{name} must be an int or None (the original's unseeded draws), got {seed!r}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"{name} must lie from -2**63 to 2**64 - 1 (a torch generator's seeds), got {seed}")
 
 
 def _check_enough_negatives(op: str, directions: dict[str, tuple], num_negatives: int) -> None:

@@ -541,6 +541,7 @@ def _check_eval(section: EvalSection, trained: list[str]) -> None:
     from famevil_fast.data.transforms import EVAL_RESIZE_MODES
     from famevil_fast.eval.captioning import CAPTION_METRICS
     from famevil_fast.eval.runner import CAPTION_REFERENCES, EVALUATORS
+    from famevil_fast.eval.xmr import XMR_PROTOCOLS, check_sampled_seed
 
     for task in section.tasks or []:
         if task not in EVALUATORS:
@@ -549,8 +550,11 @@ def _check_eval(section: EvalSection, trained: list[str]) -> None:
             )
         if task not in trained:
             raise ValueError(f"eval.tasks: task {task!r} is not trained (model.tasks: {trained})")
+    if not section.xmr_protocols:
+        raise ValueError(f"eval.xmr_protocols must name at least one protocol of {XMR_PROTOCOLS}")
     for p in section.xmr_protocols:
-        _choice("eval.xmr_protocols", p, ("full", "sampled"))
+        _choice("eval.xmr_protocols", p, XMR_PROTOCOLS)
+    check_sampled_seed(section.sampled_seed, "eval.sampled_seed")
     if not section.caption_metrics:
         raise ValueError(f"eval.caption_metrics must name at least one metric of {CAPTION_METRICS}")
     for metric in section.caption_metrics:

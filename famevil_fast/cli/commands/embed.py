@@ -149,6 +149,7 @@ def _embed(
                 batches, lambda b: model.encode_image(b[1].to(device), args.task).cpu()
             )
             meta["images"] = "\n".join(map(str, files))
+            meta["eval_resize"] = args.eval_resize  # search reads its references the same way
         if texts is not None:
             ids = tokenize(texts)
             chunks = [ids[i : i + bs] for i in range(0, len(texts), bs)]

@@ -35,6 +35,7 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from famevil_fast.data.eval_sets import EVAL_VIEWS
     from famevil_fast.eval.runner import CAPTION_REFERENCES
+    from famevil_fast.eval.xmr import XMR_PROTOCOLS
     from famevil_fast.text.special_tokens import CAPTION_TOKENS
 
     parser.add_argument("checkpoint", help="checkpoint directory or file")
@@ -69,11 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--xmr-protocols",
         nargs="+",
         default=None,
-        choices=["full", "sampled"],
-        help="cross-modal retrieval protocols (default: full sampled)",
+        choices=XMR_PROTOCOLS,
+        help="cross-modal retrieval protocols (default: full sampled, or the --config recipe's)",
     )
     parser.add_argument(
-        "--seed", type=int, default=None, help="seed of the sampled-100 protocol (default: 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the sampled-100 protocol, from -2**63 to 2**64 - 1 (default: 0, or the --config "
+        "recipe's)",
     )
     parser.add_argument(
         "--unseeded",
@@ -82,13 +87,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(results vary from run to run); overrides --seed",
     )
     parser.add_argument(
-        "--beams", type=positive_int, default=None, help="caption beam width (default: 1 = greedy)"
+        "--beams",
+        type=positive_int,
+        default=None,
+        help="caption beam width (default: 1 = greedy, or the --config recipe's)",
     )
     parser.add_argument(
         "--max-len",
         type=positive_int,
         default=None,
-        help=f"longest generated caption (default: {CAPTION_TOKENS})",
+        help=f"longest generated caption (default: {CAPTION_TOKENS}, or the --config recipe's)",
     )
     parser.add_argument(
         "--max-len-from-references",
@@ -107,9 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-repeat-ngram",
         type=non_negative_int,
         default=None,
-        help="forbid repeating any n-gram of this length (default: 0 = off)",
+        help="forbid repeating any n-gram of this length (default: 0 = off, or the --config recipe's)",
     )
-    add_eval_resize_argument(parser, default=None)  # None: the recipe's, else keep_aspect
+    add_eval_resize_argument(parser, default=None, default_help="keep_aspect, or the --config recipe's")
     parser.add_argument(
         "--views",
         choices=list(EVAL_VIEWS),
@@ -215,6 +223,13 @@ def load_model(args: argparse.Namespace) -> tuple[FameViL, list[str]]:
         tasks = zero_shot_tasks(args.tasks)
         return FameViL.from_clip(args.checkpoint, trust_pickle=args.trust_pickle), tasks
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
+    if args.tasks:
+        lacking = [t for t in args.tasks if t not in model.config.tasks]
+        if lacking:  # before any evaluation set is read
+            raise ValueError(
+                f"--tasks {' '.join(lacking)}: {args.checkpoint} has no such task (its tasks: "
+                f"{', '.join(model.config.tasks)})"
+            )
     return model, args.tasks or evaluable_tasks(model.config.tasks, args.checkpoint)
 
 

@@ -93,7 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="search a gallery that another model embedded (its 'model_fingerprint' differs from this "
         "checkpoint's), which is refused otherwise",
     )
-    add_eval_resize_argument(parser)
+    add_eval_resize_argument(
+        parser,
+        default=None,
+        default_help="the gallery's, which embed records (keep_aspect for a gallery that records none); "
+        "another than the gallery's is refused",
+    )
     add_device_argument(parser)
     add_op_backend_argument(parser)
 
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     gallery, paths, header = read_gallery_with_header(args.gallery)
     check_gallery_task(args.gallery, header.get("task"), task)
+    eval_resize = reference_resize(args.gallery, header.get("eval_resize"), args.eval_resize)
     model = FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle)
     check_gallery_width(args.gallery, gallery, model.config.clip.embed_dim)
     if not args.any_model:  # on the CPU, before the model moves
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     model = model.to(device).eval()
     gallery = gallery.to(device)
     with torch.no_grad():
-        encoded = encode_queries(model, queries, args.eval_resize).to(gallery.dtype)
+        encoded = encode_queries(model, queries, eval_resize).to(gallery.dtype)
     scores, indices = blocked_topk(encoded, gallery, args.top_k, backend="blocked")  # never a full matrix
     _print_results(queries, scores.cpu().tolist(), indices.cpu().tolist(), paths, args.json)
     return 0
@@ -163,6 +169,18 @@ def check_gallery_task(path: str | Path, found: str | None, needed: str) -> None
         f"gallery {path} was embedded {made}; {kind} needs one from `famevil-fast embed CKPT --images ... "
         f"--task {needed} --out ...`"
     )
+
+
+def reference_resize(path: str | Path, recorded: str | None, asked: str | None) -> str:
+    """The resize the reference images are read with: the one the gallery's images were embedded with
+    (``recorded``; keep_aspect for a gallery that records none), ``asked`` when given; ValueError when
+    ``asked`` is not the recorded one (the reference and its targets would be resized differently)."""
+    if asked is not None and recorded is not None and asked != recorded:
+        raise ValueError(
+            f"gallery {path} was embedded with --eval-resize {recorded}; search it with the same (or leave "
+            f"--eval-resize out), not {asked}"
+        )
+    return asked or recorded or "keep_aspect"
 
 
 def check_gallery_width(path: str | Path, gallery: torch.Tensor, width: int) -> None:
