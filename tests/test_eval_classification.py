@@ -38,7 +38,8 @@ def test_scr_result_and_chance():
     assert result.metrics["macro_f1"] == pytest.approx(100 * f1_score(targets, preds, average="macro"))
     assert result.chance["accuracy"] == pytest.approx(50.0)
     majority_f1 = 100 * f1_score(targets, torch.zeros(6, dtype=torch.long), average="macro", zero_division=0)
-    assert result.chance["macro_f1"] >= majority_f1
+    assert result.chance["macro_f1"] == pytest.approx(100 / 3)  # 3 classes present, 4 in the head
+    assert result.chance["macro_f1"] > majority_f1
     assert result.details == {
         "num_samples": 6,
         "num_classes": 4,
@@ -115,6 +116,20 @@ def test_category_scores_are_the_subcategory_predictions_mapped_and_match_sklear
     majority_f1 = 100 * f1_score(true_cat, [majority] * n, average="macro", zero_division=0)
     assert result.chance["category_macro_f1"] >= majority_f1 - 1e-9
     assert result.details["majority_category"] == majority
+
+
+def test_macro_f1_chance_is_what_an_image_blind_guess_scores():
+    """A guess drawn from the label frequencies scores macro-F1 1 / K over the K classes present (measured
+    here on a large sample), whatever the head's size; guessing uniformly among them scores less."""
+    rng = torch.Generator().manual_seed(0)
+    shares = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    targets = torch.multinomial(shares, 200_000, replacement=True, generator=rng)
+    chance = scr_result(torch.zeros(len(targets), 121), targets).chance["macro_f1"]
+    assert chance == pytest.approx(25.0)
+    guess = torch.multinomial(shares, len(targets), replacement=True, generator=rng)
+    assert macro_f1(guess, targets) == pytest.approx(chance, abs=0.3)
+    uniform = torch.randint(0, 4, (len(targets),), generator=rng)
+    assert macro_f1(uniform, targets) < chance - 1
 
 
 def test_category_scores_by_hand():

@@ -13,7 +13,7 @@ reference or a list of references; every view of a product is one image.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from famevil_fast.eval.caption_tokenize import find_java, require_java, tokenize_captions
 from famevil_fast.eval.report import TaskResult
@@ -178,6 +178,15 @@ def constant_caption(gts: dict[int, list[str]]) -> str:
     return max(counts, key=counts.get)
 
 
+def constant_caption_baseline(gts: dict[int, list[str]], score: Callable[[dict, dict], dict]) -> dict:
+    """The scores (``score(gts, res)``) of :func:`constant_caption` given to every image whose references
+    do not include it (all images when it is a reference of every one): on the images it was taken from it
+    would be an exact copy of their reference, not a guess."""
+    constant = constant_caption(gts)
+    others = {k: refs for k, refs in gts.items() if constant not in refs} or gts
+    return score(others, {k: [constant] for k in others})
+
+
 def fic_result(
     predictions: Sequence[str],
     references: References,
@@ -186,8 +195,9 @@ def fic_result(
     tokenizer: str = "auto",
     baseline: bool = True,
 ) -> TaskResult:
-    """FIC scores as a TaskResult. The chance column is the constant-caption baseline (every image gets the
-    most frequent reference) when ``baseline``; else None. With ``metrics=None`` all four headline metrics
+    """FIC scores as a TaskResult. The chance column is the constant-caption baseline (the most frequent
+    reference given to every image it is not a reference of, :func:`constant_caption_baseline`) when
+    ``baseline``; else None. With ``metrics=None`` all four headline metrics
     are computed, METEOR only when Java is found (details record the tokeniser and any metric skipped).
     """
     op = "fic_result"
@@ -205,15 +215,14 @@ def fic_result(
         scores = scorers.score(gts, res)
         chance: dict[str, float | None] = dict.fromkeys(metrics)
         if baseline:
-            constant = constant_caption(gts)
-            chance = scorers.score(gts, {k: [constant] for k in res})
+            chance = constant_caption_baseline(gts, scorers.score)
     finally:
         scorers.close()
     details = {
         "num_images": len(res),
         "tokenizer": used,
         "scorer": "pycocoevalcap",
-        "chance": "constant caption" if baseline else "none",
+        "chance": "constant caption, on the images it is no reference of" if baseline else "none",
     }
     if skipped:
         details["skipped"] = ",".join(skipped) + " (no Java)"

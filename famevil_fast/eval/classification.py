@@ -89,11 +89,12 @@ def _macro_f1(preds: torch.Tensor, targets: torch.Tensor) -> float:
     return 100.0 * float(f1.mean())
 
 
-def _uniform_guess_f1(true_count: torch.Tensor, num_classes: int) -> float:
-    """Large-sample macro-F1 of guessing each of ``num_classes`` classes uniformly at random."""
-    share = true_count.double() / true_count.sum()
-    f1 = 2.0 * share / num_classes / (share + 1.0 / num_classes)
-    return 100.0 * float(f1.sum() / num_classes)
+def _frequency_guess_f1(true_count: torch.Tensor) -> float:
+    """Large-sample macro-F1 of an image-blind guess drawn from the label frequencies: a class of share p
+    gets precision and recall p, so F1 p, and the mean over the K classes present is 1 / K. No image-blind
+    guess does better in expectation (a uniform guess among them, or always the majority class, scores at
+    most 1 / K), so this is the chance level whatever the classifier's head size."""
+    return 100.0 / int(torch.count_nonzero(true_count))
 
 
 def _scores(
@@ -108,7 +109,7 @@ def _scores(
         100.0 * float((preds == targets).double().mean()),
         _macro_f1(preds, targets),
         100.0 * max(float(true_count[majority]) / len(targets), 1.0 / num_classes),
-        max(_macro_f1(constant, targets), _uniform_guess_f1(true_count, num_classes)),
+        max(_macro_f1(constant, targets), _frequency_guess_f1(true_count)),
         majority,
     )
 
