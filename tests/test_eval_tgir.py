@@ -84,6 +84,19 @@ def test_errors_name_the_category():
         tgir_recall(data._replace(target_ids=torch.tensor([-1, -2, -3])))
 
 
+def test_errors_use_the_category_s_field_names():
+    data = _category(queries=3, gallery=5)
+    with pytest.raises(
+        ValueError, match=r"tgir_fashioniq: category 'dress' must be a TgirCategory .* of 3 items"
+    ):
+        tgir_fashioniq({"dress": tuple(data)[:3]})
+    with pytest.raises(ValueError, match=r"tgir_recall: target_ids must be an integer tensor"):
+        tgir_recall(data._replace(target_ids=data.target_ids.double()))
+    with pytest.raises(ValueError, match=r"tgir_recall: gallery_ids must have shape \(5,\)"):
+        tgir_recall(data._replace(gallery_ids=torch.arange(6)))
+    assert tgir_fashioniq({"dress": tuple(data)}).metrics == tgir_fashioniq({"dress": data}).metrics
+
+
 def test_overflowing_scores_raise():
     data = _category(queries=3, gallery=5, dtype=torch.float32)
     queries = data.query_embeds.clone()

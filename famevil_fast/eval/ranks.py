@@ -127,8 +127,17 @@ def candidate_rank_stats(
     return RankStats(*_count_around(scores, positive, _best_positive(scores, positive)))
 
 
-def check_labels(op: str, query_labels: torch.Tensor, gallery_labels: torch.Tensor, q: int, g: int) -> None:
-    for name, labels, n in (("query_labels", query_labels, q), ("gallery_labels", gallery_labels, g)):
+def check_labels(
+    op: str,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    q: int,
+    g: int,
+    names: tuple[str, str] = ("query_labels", "gallery_labels"),
+) -> None:
+    """ValueError naming the tensor (by ``names``) unless both are integer tensors of shapes (q,) and (g,)
+    and every query label occurs in the gallery."""
+    for name, labels, n in ((names[0], query_labels, q), (names[1], gallery_labels, g)):
         if (
             not isinstance(labels, torch.Tensor)
             or labels.dtype.is_floating_point
@@ -183,17 +192,19 @@ def gallery_rank_stats(
     block_size: BlockSize = DEFAULT_BLOCK_SIZE,
     backend: str | None = None,
     op: str = "gallery_rank_stats",
+    label_names: tuple[str, str] = ("query_labels", "gallery_labels"),
 ) -> RankStats:
     """RankStats of every query against the whole gallery; positives = gallery items with the query's label.
 
     Scores are computed block by block (at most one (rows, cols) score block, plus same-sized boolean
     masks, exists at a time; a gallery that fits in one column block is scored once, a wider one twice).
     Every query label must occur in ``gallery_labels``. ``backend="torch"`` scores the full matrix at once.
-    Scores that overflow to NaN or Inf raise ValueError. ``op`` names the caller in error messages.
+    Scores that overflow to NaN or Inf raise ValueError. ``op`` names the caller in error messages, and
+    ``label_names`` the caller's names of the two label tensors.
     """
     chosen = resolve_backend(op, backend)
     check_embeddings(op, queries, gallery)
-    check_labels(op, query_labels, gallery_labels, queries.shape[0], gallery.shape[0])
+    check_labels(op, query_labels, gallery_labels, queries.shape[0], gallery.shape[0], label_names)
     rows, cols = resolve_block_size(op, block_size)
     qlab = query_labels.to(queries.device)
     glab = gallery_labels.to(queries.device)

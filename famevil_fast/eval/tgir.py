@@ -73,6 +73,7 @@ def tgir_category_stats(
         block_size=block_size,
         backend=backend,
         op=op,
+        label_names=("target_ids", "gallery_ids"),
     )
 
 
@@ -112,6 +113,12 @@ def tgir_fashioniq(
     details: dict[str, object] = {"ties": ties, "metric": "r@k_fashioniq"}
     for name, data in categories.items():
         if not isinstance(data, TgirCategory):
+            if not isinstance(data, Sequence) or len(data) != len(TgirCategory._fields):
+                raise ValueError(
+                    f"{op}: category {name!r} must be a TgirCategory ({', '.join(TgirCategory._fields)}), "
+                    f"got {type(data).__name__}"
+                    + (f" of {len(data)} items" if isinstance(data, Sequence) else "")
+                )
             data = TgirCategory(*data)
         if data.query_embeds.shape[0] == 0:
             raise ValueError(f"{op}: category {name!r} has no queries")
