@@ -1,6 +1,6 @@
 """Atomic file writes: every file the package writes (weights, configs, reports, embeddings, training
 checkpoints, dataset and cache manifests, token caches) reaches its final name whole or not at all, with the
-permissions a plain write would have given it.
+permissions a plain write would have given it, and the rename is made durable (the directory synced).
 
 Writers that create their file themselves with other permissions (``safetensors``' ``save_file`` makes its
 files private, 0o600, whatever the umask) go through ``atomic_write`` too, which sets them right."""
@@ -69,6 +69,8 @@ def atomic_write_together(writes: dict[str | os.PathLike, Callable[[Path], objec
             os.chmod(tmp, default_mode())
         for tmp, path in staged:
             os.replace(tmp, path)
+        for folder in dict.fromkeys(path.parent for _, path in staged):
+            fsync_directory(folder)  # the renames survive a power loss
         done = True
     finally:
         for tmp, _ in staged:
@@ -78,6 +80,21 @@ def atomic_write_together(writes: dict[str | os.PathLike, Callable[[Path], objec
             for folder in reversed(made):
                 with contextlib.suppress(OSError):  # not empty (another writer's files) or gone
                     folder.rmdir()
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make the renames and removals in the directory ``path`` durable (where a directory can be opened
+    and synced; not on Windows, where this does nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def json_writer(obj: object, indent: int | None = None) -> Callable[[Path], object]:

@@ -3,6 +3,7 @@ leaves nothing behind."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,20 @@ def test_embed_output_gets_the_permissions_of_a_plain_write(tmp_path, umask_022)
     out = tmp_path / "out" / "emb.safetensors"
     assert main(["embed", str(checkpoint), "--texts", str(texts), "--out", str(out)]) == 0
     assert _modes(out.parent) == {"emb.safetensors": 0o644}  # written whole: no temporary left behind
+
+
+def test_the_folders_of_renamed_files_are_synced_after_the_renames(tmp_path, monkeypatch):
+    import famevil_fast.files as files
+
+    synced, real = [], files.fsync_directory
+
+    def record(path):
+        synced.append((Path(path), sorted(p.name for p in Path(path).iterdir())))
+
+    monkeypatch.setattr(files, "fsync_directory", record)
+    files.atomic_write_together(
+        {tmp_path / "a.json": json_writer({}), tmp_path / "sub" / "b.json": json_writer({})}
+    )
+    assert synced == [(tmp_path, ["a.json", "sub"]), (tmp_path / "sub", ["b.json"])]
+    real(tmp_path)  # on a real folder
+    real(tmp_path / "missing")  # nothing to sync: no error

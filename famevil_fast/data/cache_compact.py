@@ -28,7 +28,7 @@ from famevil_fast.data.cache import (
     _verify_shards,
     _write_times,
 )
-from famevil_fast.files import atomic_write_json
+from famevil_fast.files import atomic_write_json, fsync_directory
 
 JOURNAL = "compacting.json"
 _SHARD_FILE = re.compile(r"^\.?shard_(\d+)\.")  # shard_N.bin / .json, their .tmp files and atomic_write's
@@ -161,20 +161,6 @@ def _remove_shard(data: Path) -> None:
     data.with_suffix(".json").unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in ``path`` durable (where directories can be opened; not on Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _finish_interrupted(out: Path, shard_dir: Path) -> bool:
     """Finish or undo a compaction that was interrupted (its journal is there): remove the replaced shards
     the current index no longer lists (it was written: finish) and the new shards it does not list (it was
@@ -295,12 +281,12 @@ def _commit(cache: ImageCache, out: Path, plan: _Plan, shard_bytes: int, progres
     shard_dir = out / "shards"
     first = 1 + max((n for p in _files_in(shard_dir) if (n := _shard_number(p)) is not None), default=-1)
     atomic_write_json(out / JOURNAL, {"replaces": plan.replaced(), "writes_from": first})
-    _fsync_dir(out)  # the journal is durable before any shard is written
+    fsync_directory(out)  # the journal is durable before any shard is written
     new = _copy_served(cache, shard_dir, plan.rewrite, first, shard_bytes, progress)
-    _fsync_dir(shard_dir)
+    fsync_directory(shard_dir)
     index = {**cache.index, "shards": plan.keep + [_shard_record(m) for m in new]}
     atomic_write_json(out / "cache.json", index)
-    _fsync_dir(out)
+    fsync_directory(out)
     return len(new)
 
 
