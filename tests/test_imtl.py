@@ -96,15 +96,58 @@ def test_closed_form_on_a_hand_checked_pair():
 @pytest.mark.parametrize(
     "second, want",
     [
-        ([2.0, 4.0, 1.0], [1.0, 2.0, 0.5]),  # same direction (singular system): the first task's gradient
+        ([2.0, 4.0, 1.0], [4 / 3, 8 / 3, 2 / 3]),  # same direction: alpha = (2/3, 1/3), the limit 1 / |g_t|
         ([-1.0, -2.0, -0.5], [0.0, 0.0, 0.0]),  # opposite directions: alpha = (1/2, 1/2), they cancel
     ],
 )
-def test_collinear_gradients_follow_the_official_regularised_solve(second, want):
-    """The reference: a singular D U^T is solved with 1e-8 I added, as the official code does."""
+def test_collinear_gradients_take_the_closed_form_s_limit(second, want):
     buffers = {"itc": {"p": torch.tensor([1.0, 2.0, 0.5])}, "scr": {"p": torch.tensor(second)}}
-    for combine in (combine_each_tensor, combine_all_per_tensor):
+    for combine in (combine_each_tensor, combine_all_per_tensor, combine_global):
         torch.testing.assert_close(combine(buffers, ["p"])["p"], torch.tensor(want))
+
+
+def test_nearly_collinear_gradients_never_get_arbitrary_weights():
+    """g2 = k g1 rounded to float32: both tasks want +g1, and the combination is 2k / (1 + k) g1 (alpha
+    proportional to 1 / |g_t|) for every k and size, not rounding noise of either sign; with a third
+    independent task the projections stay equal."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        n = int(torch.randint(10, 3000, (1,), generator=gen))
+        k = float(torch.empty(1).uniform_(0.01, 10, generator=gen))
+        g1 = torch.randn(n, generator=gen)
+        buffers = {"itc": {"p": g1}, "tgir": {"p": g1 * k}}
+        for combine in (combine_each_tensor, combine_all_per_tensor, combine_global):
+            got = combine(buffers, ["p"])["p"]
+            torch.testing.assert_close(got, g1 * (2 * k / (1 + k)), rtol=1e-5, atol=1e-6, msg=f"{trial} {k}")
+        alpha = imtl_g_weights(torch.stack([g1, g1 * k]).double())
+        assert alpha.tolist() == pytest.approx([k / (1 + k), 1 / (1 + k)], rel=1e-5)
+    g1, g3 = (
+        torch.randn(50, generator=gen, dtype=torch.float64),
+        torch.randn(50, generator=gen, dtype=torch.float64),
+    )
+    g = torch.stack([g1, 1.7 * g1, g3])
+    combined = imtl_g_weights(g) @ g
+    projections = (g / g.norm(dim=1, keepdim=True)) @ combined
+    assert projections.tolist() == pytest.approx([float(projections[2])] * 3, rel=1e-6)
+    assert float(projections[2]) > 0
+
+
+def test_an_all_zero_gradient_gets_no_weight():
+    g = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert imtl_g_weights(g).tolist() == [1.0, 0.0]
+    assert imtl_g_weights(torch.zeros(2, 3)).tolist() == [0.5, 0.5]
+
+
+def test_16_bit_gradients_are_combined_in_float32():
+    """bf16 gradients: the alphas and the weighted sum are not rounded to bf16 (only the result is)."""
+    gen = torch.Generator().manual_seed(3)
+    wide = {t: torch.randn(4, 64, generator=gen) for t in ("itc", "tgir", "scr")}
+    narrow = {t: {"w": g.bfloat16()} for t, g in wide.items()}
+    exact = combine_each_tensor({t: {"w": b["w"].float()} for t, b in narrow.items()}, ["w"])["w"]
+    for combine in (combine_each_tensor, combine_all_per_tensor, combine_global):
+        got = combine(narrow, ["w"])["w"]
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, exact.bfloat16())
 
 
 def test_one_task_passes_through_and_a_scalar_takes_the_mean():

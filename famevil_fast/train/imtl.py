@@ -1,8 +1,15 @@
 """IMTL-G gradient combination (Liu et al., ICLR 2021) over per-task gradients.
 
 Given task gradients g_1..g_T, find weights alpha (summing to 1) such that the combined gradient
-g = sum_t alpha_t g_t has the same projection on every task's unit gradient u_t. Closed form, with
-D_t = g_1 - g_t and U_t = u_1 - u_t for t = 2..T:  alpha_{2..T} = (g_1 U^T)(D U^T)^{-1}.
+g = sum_t alpha_t g_t has the same projection on every task's unit gradient u_t. The paper's closed form,
+with D_t = g_1 - g_t and U_t = u_1 - u_t for t = 2..T, is alpha_{2..T} = (g_1 U^T)(D U^T)^{-1}. It is
+solved here in its normalised form: with C the matrix of cosines u_s . u_t, the projections are
+C (alpha_t |g_t|)_t, so alpha_t is proportional to beta_t / |g_t| with C beta = 1, scaled to sum to 1 (the
+same alphas whenever the gradients are linearly independent). C has a unit diagonal, so its condition does
+not depend on the gradients' sizes; a tiny ridge (``RIDGE``) added to it makes (nearly) collinear gradients
+take the closed form's limit, alpha_t proportional to 1 / |g_t| (two tasks always get exactly that), where
+solving D U^T, whose entries are then rounding noise, gave arbitrary weights, sometimes of either sign. The
+official code's regularised solve gives the first task's gradient for exactly collinear ones.
 
 Two ways to apply it: per parameter tensor (as the official code does; tasks whose gradient for that tensor
 is absent or all-zero are left out, a single task passes through, scalars take the mean) and jointly over all
@@ -16,23 +23,34 @@ from collections.abc import Mapping
 
 import torch
 
+RIDGE = 1e-10  # added to the cosine matrix's unit diagonal (see the module docstring)
+
 
 def imtl_g_weights(grads: torch.Tensor) -> torch.Tensor:
-    """alpha (T,) for flattened task gradients (T, n), computed in float64."""
+    """alpha (T,) for flattened task gradients (T, n), computed in float64 (the one-tensor reference of the
+    batched solve below). An all-zero gradient gets alpha 0 (all of them zero: equal weights)."""
     g = grads.double()
-    t = g.shape[0]
-    if t == 1:
-        return torch.ones(1, dtype=g.dtype, device=g.device)
-    u = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    d, uu = g[:1] - g[1:], u[:1] - u[1:]
-    m = d @ uu.T
-    rhs = g[:1] @ uu.T
-    try:
-        rest = torch.linalg.solve(m.T, rhs.T).T
-    except RuntimeError:
-        rest = rhs @ torch.linalg.inv(m + 1e-8 * torch.eye(t - 1, dtype=g.dtype, device=g.device))
-    rest = rest.flatten()
-    return torch.cat([1 - rest.sum(0, keepdim=True), rest])
+    norms = g.norm(dim=1)
+    used = norms > 0
+    if not bool(used.any()):
+        return torch.full_like(norms, 1.0 / len(norms))
+    u = g[used] / norms[used, None]
+    cosines = u @ u.T
+    ridge = RIDGE * torch.eye(len(u), dtype=g.dtype, device=g.device)
+    beta = torch.linalg.solve(cosines + ridge, torch.ones(len(u), 1, dtype=g.dtype, device=g.device))[:, 0]
+    alpha = torch.zeros_like(norms)
+    alpha[used] = beta / norms[used]
+    total = alpha.sum()
+    if not (bool(total.isfinite()) and bool(total != 0)):
+        alpha = torch.where(used, 1.0 / norms, 0.0)  # the collinear limit
+        total = alpha.sum()
+    return alpha / total
+
+
+def _low_precision_safe(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weighted sum of gradients of ``dtype`` is taken in: float32 for 16-bit gradients (their
+    alphas and sums are not rounded to 16 bits), else ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def combine_per_tensor(task_grads: Mapping[str, torch.Tensor | None]) -> torch.Tensor | None:
@@ -45,8 +63,9 @@ def combine_per_tensor(task_grads: Mapping[str, torch.Tensor | None]) -> torch.T
     stacked = torch.stack([g.flatten() for g in present])
     if stacked.shape[1] == 1:
         return stacked.mean(0).view_as(present[0])
-    alpha = imtl_g_weights(stacked).to(stacked.dtype)
-    return (alpha[:, None] * stacked).sum(0).view_as(present[0])
+    wide = _low_precision_safe(stacked.dtype)
+    alpha = imtl_g_weights(stacked).to(wide)
+    return (alpha[:, None] * stacked.to(wide)).sum(0).to(stacked.dtype).view_as(present[0])
 
 
 def combine_each_tensor(
@@ -69,12 +88,11 @@ def combine_all_per_tensor(
 
     Parameters are grouped by shape and by the tasks that produced a gradient; per group, one
     batched product gives every tensor's Gram matrix of task gradients (float64), one batched solve of the
-    T x T system [sum of alphas = 1 (reference task's row); equal projections (other present tasks);
-    alpha = 0 (absent or all-zero tasks)] gives the alphas, and one batched sum the combined gradients.
-    The only read-back is one flag per parameter, at the end: whether any task's gradient was non-zero
-    (parameters with none get no gradient, as in ``combine_per_tensor``). Where a system is singular
-    (two tasks' gradients of a tensor point the same way), the regularised solve stands in. A parameter
-    that one task alone touched gets that task's gradient tensor itself (no copy).
+    T x T cosine systems (module docstring; absent or all-zero tasks get alpha 0) gives the alphas, and one
+    batched sum the combined gradients. The only read-back is one flag per parameter, at the end: whether
+    any task's gradient was non-zero (parameters with none get no gradient, as in ``combine_per_tensor``).
+    Collinear gradients of a tensor take the closed form's limit (module docstring). A parameter that one
+    task alone touched gets that task's gradient tensor itself (no copy).
     """
     out: dict[str, torch.Tensor] = {}
     flags: list[torch.Tensor] = []
@@ -126,7 +144,8 @@ def _stacked_chunks(buffers, shape: tuple[int, ...], tasks: tuple[str, ...], gro
 
 def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """grads (K, T, n) -> (combined (K, n) in grads' dtype, any task present or non-finite (K,)); the Gram
-    matrices and the alphas in float64, the weighted sum in grads' dtype (as ``combine_per_tensor`` does)."""
+    matrices and the alphas in float64, the weighted sum in grads' dtype, float32 for 16-bit gradients (as
+    ``combine_per_tensor`` does)."""
     wide = grads.double()
     gram = torch.bmm(wide, wide.transpose(1, 2))  # (K, T, T)
     del wide
@@ -140,26 +159,28 @@ def _combine_stacked(grads: torch.Tensor, scalar: bool) -> tuple[torch.Tensor, t
     # a non-finite task gradient keeps the tensor (its combination is non-finite too), so that the update's
     # gradient norm sees it rather than the tensor passing as untouched
     kept = present.any(-1) | ~sq.isfinite().all(-1)
-    return torch.bmm(alpha.to(grads.dtype)[:, None, :], grads)[:, 0], kept
+    wide = _low_precision_safe(grads.dtype)
+    return torch.bmm(alpha.to(wide)[:, None, :], grads.to(wide))[:, 0].to(grads.dtype), kept
 
 
 def _imtl_alphas(gram: torch.Tensor, sq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Batched IMTL-G alphas (K, T) from Gram matrices (K, T, T), the reference task the first present one."""
+    """Batched IMTL-G alphas (K, T) from Gram matrices (K, T, T) of the tasks' gradients and their squared
+    norms (K, T): the normalised solve of ``imtl_g_weights`` without a read-back (absent, all-zero and
+    non-finite gradients get alpha 0; a batch without any present task gets all zeros)."""
     k, t = sq.shape
+    used = present & sq.isfinite()
+    norms = sq.clamp_min(0).sqrt().clamp_min(1e-300)
     eye = torch.eye(t, dtype=gram.dtype, device=gram.device).expand(k, t, t)
-    proj = gram / sq.sqrt().clamp_min(1e-300)[:, None, :]  # proj[k, s, t] = g_s . u_t
-    ref = present & (present.cumsum(-1) == 1)  # (K, T) one-hot of the first present task
-    ref_idx = ref.double().argmax(-1)
-    proj_ref = proj.gather(2, ref_idx[:, None, None].expand(k, t, 1))  # (K, T, 1): g_s . u_ref
-    mask = present.double()
-    equal = (proj_ref - proj).transpose(1, 2) * mask[:, None, :]  # row t: sum_s alpha_s (g_s.u_ref - g_s.u_t)
-    rows = torch.where(present[:, :, None], equal, eye)  # absent tasks: alpha_t = 0
-    rows = torch.where(ref[:, :, None], mask[:, None, :], rows)  # reference row: sum of alphas = 1
-    rhs = ref.double()
-    alpha, info = torch.linalg.solve_ex(rows, rhs)
-    fallback, _ = torch.linalg.solve_ex(rows + 1e-8 * eye, rhs)
-    alpha = torch.where((info != 0)[:, None] | ~alpha.isfinite(), fallback, alpha)
-    return alpha * mask
+    pair = used[:, :, None] & used[:, None, :]
+    cosines = torch.where(pair, gram / (norms[:, :, None] * norms[:, None, :]), eye)
+    mask = used.to(gram.dtype)
+    beta, _ = torch.linalg.solve_ex(cosines + RIDGE * eye, mask[:, :, None])
+    alpha = beta[:, :, 0] / norms * mask
+    total = alpha.sum(-1, keepdim=True)
+    limit = mask / norms  # the collinear limit, where the solve gives no usable weights
+    alpha = torch.where(total.isfinite() & (total != 0), alpha, limit)
+    total = alpha.sum(-1, keepdim=True)
+    return alpha / torch.where(total == 0, 1.0, total)
 
 
 def combine_global(
@@ -188,7 +209,8 @@ def combine_global(
         for (shape, group_tasks), group in groups.items():
             weights = alpha[[position[t] for t in group_tasks]]
             for chunk, grads in _stacked_chunks(buffers, shape, group_tasks, group):
-                combined = torch.matmul(weights.to(grads.dtype), grads)  # (K, n)
+                wide = _low_precision_safe(grads.dtype)
+                combined = torch.matmul(weights.to(wide), grads.to(wide)).to(grads.dtype)  # (K, n)
                 for i, n in enumerate(chunk):
                     out[n] = combined[i].view(shape)
     for n in names:
