@@ -52,6 +52,15 @@ def test_mixed_forward_takes_fusion_texts_of_different_lengths():
         torch.testing.assert_close(mixed[task].loss, model(batch, task).loss, rtol=1e-5, atol=1e-5)
 
 
+def test_scr_takes_int32_labels_as_int64():
+    model = FameViL(MICRO).eval()
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "input_ids": token_batch(2), "labels": torch.tensor([0, 3])}
+    with torch.no_grad():
+        want = model(batch, "scr").loss
+        got = model({**batch, "labels": batch["labels"].int()}, "scr").loss
+    torch.testing.assert_close(got, want)
+
+
 def test_scr_labels_that_are_not_a_tensor_are_named():
     model = FameViL(MICRO).eval()
     batch = {"pixels": torch.randn(2, 3, 32, 32), "input_ids": token_batch(2), "labels": [0, 1]}

@@ -578,3 +578,29 @@ def test_a_missing_build_is_named_as_such():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "not built"
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_the_torch_reference_keeps_float32_logits_under_autocast(distill):
+    """The trainer computes its losses under bf16 autocast: the reference's logits, loss and gradients stay
+    those of float32 (autocast would run its products in bf16, about 1% off in the gradients at s^2 = 100)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, ta, tb = (
+        torch.nn.functional.normalize(torch.randn(33, 64, generator=gen), dim=1) for _ in range(4)
+    )
+
+    def loss_and_grads(autocast):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        scale = torch.tensor(100.0, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the forward, as the trainer's
+            if distill:
+                loss = contrastive_distill_loss(x, y, scale, ta, tb, 100.0, backend="torch")
+            else:
+                loss = contrastive_loss(x, y, scale, backend="torch")
+        loss.backward()
+        return loss.detach(), x.grad, y.grad, scale.grad
+
+    plain, mixed = loss_and_grads(False), loss_and_grads(True)
+    assert mixed[0].dtype == torch.float32
+    for got, want in zip(mixed, plain):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -82,7 +82,7 @@ def tgir_loss(
 def scr_loss(logits: torch.Tensor, labels: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
     """Cross-entropy over the local rows; in distributed training (``gather``) weighted by local rows / mean
     rows over the processes."""
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits.float(), labels.long())  # int32 labels too
     return loss if gather is None else row_weighted(loss, gather, logits.shape[0])
 
 

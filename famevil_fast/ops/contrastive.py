@@ -135,9 +135,28 @@ def contrastive_loss_reference(
     two_way: bool = True,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Materialises the logits (float32, float64 for float64 inputs). Row i's target spreads evenly over its
-    positives; rows without a positive are left out; the column term covers the columns that are a positive
-    of some row."""
+    """Materialises the logits (float32, float64 for float64 inputs, also under autocast). Row i's target
+    spreads evenly over its positives; rows without a positive are left out; the column term covers the
+    columns that are a positive of some row."""
+    with _without_autocast(a):
+        return _contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
+
+
+def _without_autocast(a: torch.Tensor) -> torch.autocast:
+    """A context in which products of ``a``'s device keep their inputs' dtype (autocast would run the
+    references' float32 logits in bf16)."""
+    return torch.autocast(a.device.type, enabled=False)
+
+
+def _contrastive_loss_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: ScaleLike,
+    labels: torch.Tensor | None,
+    groups: Groups | None,
+    two_way: bool,
+    label_smoothing: float,
+) -> torch.Tensor:
     dtype = compute_dtype(a.dtype)
     logits = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
     if groups is None and (labels is None or not two_way):
@@ -159,15 +178,17 @@ def contrastive_distill_loss_reference(
     teacher_scale: ScaleLike,
     two_way: bool = True,
 ) -> torch.Tensor:
-    """Soft-target CE of the student logits against softmax of the teacher logits (rows, and columns)."""
+    """Soft-target CE of the student logits against softmax of the teacher logits (rows, and columns), both
+    in float32 (float64 for float64 inputs), also under autocast."""
     dtype = compute_dtype(a.dtype)
-    student = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
-    with torch.no_grad():
-        teacher = _as_scale(teacher_scale, a, dtype) * (teacher_a.to(dtype) @ teacher_b.to(dtype).T)
-    loss = _soft_target_ce(student, F.softmax(teacher, dim=1))
-    if not two_way:
-        return loss
-    return 0.5 * (loss + _soft_target_ce(student.T, F.softmax(teacher.T, dim=1)))
+    with _without_autocast(a):
+        student = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
+        with torch.no_grad():
+            teacher = _as_scale(teacher_scale, a, dtype) * (teacher_a.to(dtype) @ teacher_b.to(dtype).T)
+        loss = _soft_target_ce(student, F.softmax(teacher, dim=1))
+        if not two_way:
+            return loss
+        return 0.5 * (loss + _soft_target_ce(student.T, F.softmax(teacher.T, dim=1)))
 
 
 # ---------------------------------------------------------------------------------------------------
