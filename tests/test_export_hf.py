@@ -11,6 +11,7 @@ from helpers import perturb_
 
 from famevil_fast.cli.main import main
 from famevil_fast.model import CLIP, FameViL, FameViLConfig, clip_preset
+from famevil_fast.model.famevil import DiscardedWeightsWarning
 from famevil_fast.text import tokenize
 
 transformers = pytest.importorskip("transformers")
@@ -25,6 +26,12 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
     perturb_(FameViL(TINY), std=0.05).save_pretrained(path)
     return path
+
+
+def _backbone(checkpoint) -> CLIP:
+    """The CLIP backbone of a FAME-ViL checkpoint (its adapters and heads are discarded, with a warning)."""
+    with pytest.warns(DiscardedWeightsWarning):
+        return CLIP.from_pretrained(checkpoint).eval()
 
 
 def _features(out) -> torch.Tensor:
@@ -61,7 +68,7 @@ def test_a_directory_destination_loads_in_transformers(tiny_checkpoint, tmp_path
     assert config["vision_config"]["num_attention_heads"] == clip.vision.heads == 4
     assert config["text_config"]["hidden_act"] == "quick_gelu"
     assert config["vision_config"]["image_size"] == clip.vision.image_size
-    _assert_same_embeddings(_load_hf(out), CLIP.from_pretrained(tiny_checkpoint).eval())
+    _assert_same_embeddings(_load_hf(out), _backbone(tiny_checkpoint))
     # famevil_fast reads the export back with the same CLIP config (head counts from config.json)
     assert CLIP.from_pretrained(out).config == clip
 
@@ -74,7 +81,7 @@ def test_gelu_and_an_existing_directory(tmp_path):
     out.mkdir()
     assert main(["convert", str(tmp_path / "ckpt"), str(out), "--to", "huggingface"]) == 0
     assert json.loads((out / "config.json").read_text())["text_config"]["hidden_act"] == "gelu"
-    _assert_same_embeddings(_load_hf(out), CLIP.from_pretrained(tmp_path / "ckpt").eval())
+    _assert_same_embeddings(_load_hf(out), _backbone(tmp_path / "ckpt"))
 
 
 def test_a_file_destination_is_still_one_file(tiny_checkpoint, tmp_path):
@@ -89,7 +96,7 @@ def test_a_file_destination_is_still_one_file(tiny_checkpoint, tmp_path):
     hf = transformers.CLIPModel(transformers.CLIPConfig(**huggingface_config(TINY.clip, 2.6592)))
     missing, unexpected = hf.load_state_dict(load_file(str(out)), strict=False)
     assert not unexpected and all(k.endswith("position_ids") for k in missing)
-    _assert_same_embeddings(hf.eval(), CLIP.from_pretrained(tiny_checkpoint).eval())
+    _assert_same_embeddings(hf.eval(), _backbone(tiny_checkpoint))
 
 
 def test_destination_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):

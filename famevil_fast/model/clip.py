@@ -351,14 +351,42 @@ class CLIP(nn.Module):
         return F.normalize(out, dim=-1) if normalize else out
 
     @classmethod
-    def from_pretrained(cls, path_or_state_dict: str | Path | dict, config: CLIPConfig | None = None) -> CLIP:
+    def from_pretrained(
+        cls,
+        path_or_state_dict: str | Path | dict,
+        config: CLIPConfig | None = None,
+        trust_pickle: bool = False,
+    ) -> CLIP:
         """CLIP weights in any supported layout (OpenAI .pt, open_clip, Hugging Face, famevil_fast), in eval
         mode (call ``.train()`` to train it). Without ``config``, head counts come from the config stored
         with the weights, a preset of the same sizes, or CLIP's 64-wide heads for the standard widths; any
-        other width is refused (see ``weights.resolve_clip_config``)."""
-        from famevil_fast.model.weights import clip_weights_name, load_clip_state_dict, load_into
+        other width is refused (see ``weights.resolve_clip_config``). Given a FAME-ViL checkpoint, only its
+        backbone is taken: its adapters and heads are discarded with a ``DiscardedWeightsWarning``. Pass
+        ``trust_pickle=True`` only for trusted files that hold non-tensor objects."""
+        import warnings
 
-        state, config = load_clip_state_dict(path_or_state_dict, config)
+        from famevil_fast.model.famevil import DiscardedWeightsWarning
+        from famevil_fast.model.weights import (
+            clip_weights_name,
+            load_clip_backbone,
+            load_into,
+            new_module_kinds,
+        )
+
+        state, config, dropped = load_clip_backbone(path_or_state_dict, config, trust_pickle)
+        if dropped:
+            kinds = ", ".join(new_module_kinds(dropped))
+            source = "the given state dict" if isinstance(path_or_state_dict, dict) else path_or_state_dict
+            warnings.warn(
+                DiscardedWeightsWarning(
+                    f"{source} is a FAME-ViL checkpoint: CLIP.from_pretrained keeps only its CLIP backbone; "
+                    f"its trained {kinds} ({len(dropped)} tensors) are discarded (FameViL.from_pretrained "
+                    "keeps them)",
+                    dropped,
+                    kinds,
+                ),
+                stacklevel=2,
+            )
         model = cls(config)
         load_into(model, state, clip_weights_name(path_or_state_dict))
         return model.eval()

@@ -108,12 +108,24 @@ def to_official_famevil(
 
     ``task_segment``: whether the task adapters' names carry their task (``adapt_mlp.{task}.``), as in the
     multi-task configs, or not (``adapt_mlp.``), as in the single-task configs and the teachers, whose
-    ``adapter_name_list`` is empty. None: with the task unless the model has one task's adapters."""
+    ``adapter_name_list`` is empty. None: with the task unless the model has one task's adapters. False
+    for a model with the adapters of several tasks is a ValueError (their names would collide).
+
+    ``prefix``: empty, or ending in ``"."`` (``"model."``, ``"module.model."``); anything else is a
+    ValueError."""
+    check_official_prefix(prefix)
     pretraining = sorted(k for k in state if _pretraining_task(k))
     if pretraining:
         raise ValueError(
             f"the official FAME-ViL layout has no pre-training tasks {PRETRAIN_TASKS}, so this model cannot "
             f"be written in it (e.g. {pretraining[0]}); save_pretrained keeps every weight"
+        )
+    tasks = sorted({m.group(1) for k in state if (m := re.search(r"\.tsa\.adapters\.(\w+)\.", k))})
+    if task_segment is False and len(tasks) > 1:
+        raise ValueError(
+            f"task_segment=False writes task adapters without their task (adapt_mlp.*), but this model has "
+            f"the adapters of {len(tasks)} tasks {tasks}, whose names would collide; use task_segment=True "
+            "(or None)"
         )
     clip = to_huggingface(state, with_adapters=True)
     out = {f"{prefix}clip.{k}": v for k, v in clip.items()}
@@ -122,10 +134,19 @@ def to_official_famevil(
     out[f"{prefix}clip.text_model.embeddings.position_ids"] = torch.arange(text_len)[None]
     out[f"{prefix}clip.vision_model.embeddings.position_ids"] = torch.arange(vision_len)[None]
     out.update({prefix + k: v for k, v in state.items() if k.startswith("heads.")})
-    tasks = {m.group(1) for k in state if (m := re.search(r"\.tsa\.adapters\.(\w+)\.", k))}
     if not (len(tasks) != 1 if task_segment is None else task_segment):
         out = {re.sub(r"\.adapt_mlp\.\w+\.", ".adapt_mlp.", k, count=1): v for k, v in out.items()}
     return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+
+
+def check_official_prefix(prefix: str) -> None:
+    """Refuse a key prefix of the official layout that is neither empty nor ends in ``"."`` (``"foo"``
+    would glue onto the names: ``fooclip.*``)."""
+    if not isinstance(prefix, str) or (prefix and not prefix.endswith(".")):
+        raise ValueError(
+            f"the key prefix of the official layout must be empty or end in '.' (e.g. 'model.', "
+            f"'module.model.'), got {prefix!r}"
+        )
 
 
 def _pretraining_task(key: str) -> bool:

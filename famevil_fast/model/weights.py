@@ -7,13 +7,16 @@ Supported inputs, detected from the keys:
 - famevil_fast's own layout (``save_pretrained``: ``config.json`` + ``model.safetensors``).
 Everything is converted to famevil_fast's parameter names (fused QKV, ``vision.*``, ``text.*``, ``heads.*``).
 
-The model config comes from the checkpoint when it carries one: ``config.json`` in a directory, the
-``config`` metadata of a ``.safetensors`` file, or a sidecar ``<file>.config.json`` beside a single file
-(what ``famevil-fast convert`` writes next to official ``.pth`` files). Without one, sizes are inferred from
-the shapes; head counts are not in any shape, so they come from a preset with the same sizes (the one the
-file is named after, or any preset for famevil_fast's own layout) or, for the standard CLIP widths, from
-CLIP's 64-wide heads. Loading CLIP or FAME-ViL weights of any other width refuses rather than guess (pass
-the config, or add the sidecar); see ``resolve_clip_config``.
+The model config comes from the checkpoint when it carries one: ``config.json`` in a directory
+(famevil_fast's, or a Hugging Face ``CLIPConfig``, whose head counts, ``hidden_act`` and ``layer_norm_eps``
+are used), the ``config`` metadata of a ``.safetensors`` file, or a sidecar ``<file>.config.json`` beside a
+single file (what ``famevil-fast convert`` writes next to official ``.pth`` files). A stored config comes
+before any preset of the same sizes, and a preset given for weights stored with a different config is
+refused (``preset`` of ``resolve_clip_config``; ``famevil-fast convert --clip``). Without a stored config,
+sizes are inferred from the shapes; head counts are not in any shape, so they come from a preset with the
+same sizes (the one the file is named after, or any preset for famevil_fast's own layout) or, for the
+standard CLIP widths, from CLIP's 64-wide heads. Loading CLIP or FAME-ViL weights of any other width refuses
+rather than guess (pass the config, or add the sidecar); see ``resolve_clip_config``.
 """
 
 from __future__ import annotations
@@ -136,6 +139,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({exc})") from exc
     config = _parse_json(meta["config"], f"the config metadata of {path}") if "config" in meta else {}
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"the config metadata of {path} must be a JSON object, found {type(config).__name__}"
+        )
     return state, config
 
 
@@ -218,6 +225,8 @@ def _pickle_damage(f: IO[bytes]) -> str | None:
             pass
     except (ValueError, EOFError, OverflowError, struct.error) as exc:
         return str(exc) or type(exc).__name__
+    except MemoryError:  # a length field far beyond the file: reading it asks for more memory than exists
+        return "a length field larger than the file (or than memory)"
     if f.tell() == start:
         return "no data"
     return None
@@ -251,10 +260,14 @@ def _first_sentence(exc: Exception | str) -> str:
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    """Whether ``path`` is a TorchScript archive; a damaged zip is not (``torch.load`` then names it)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return False
-    with zipfile.ZipFile(path) as z:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
 
 
 def unwrap_container(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -568,21 +581,27 @@ def infer_famevil_config(state: dict[str, torch.Tensor], clip: CLIPConfig) -> Fa
 
 # ---------------------------------------------------------------- public loaders
 def load_clip_state_dict(
-    source: str | Path | dict, clip: CLIPConfig | None = None, trust_pickle: bool = False
+    source: str | Path | dict,
+    clip: CLIPConfig | None = None,
+    trust_pickle: bool = False,
+    preset: CLIPConfig | None = None,
 ) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     """Canonical CLIP backbone tensors (no adapters or heads) and the CLIP config: ``clip`` when given,
     else as ``resolve_clip_config`` finds it (a config-less file of a non-standard width is refused).
-    ``trust_pickle`` as for ``read_state_dict``."""
-    backbone, clip, _ = load_clip_backbone(source, clip, trust_pickle)
+    ``trust_pickle`` as for ``read_state_dict``; ``preset`` as for ``resolve_clip_config``."""
+    backbone, clip, _ = load_clip_backbone(source, clip, trust_pickle, preset)
     return backbone, clip
 
 
 def load_clip_backbone(
-    source: str | Path | dict, clip: CLIPConfig | None = None, trust_pickle: bool = False
+    source: str | Path | dict,
+    clip: CLIPConfig | None = None,
+    trust_pickle: bool = False,
+    preset: CLIPConfig | None = None,
 ) -> tuple[dict[str, torch.Tensor], CLIPConfig, list[str]]:
     """``load_clip_state_dict``, plus the keys left out of the backbone: the task adapters,
     cross-attention adapters and heads that ``source`` holds when it is a FAME-ViL checkpoint.
-    ``trust_pickle`` as for ``read_state_dict``."""
+    ``trust_pickle`` as for ``read_state_dict``; ``preset`` as for ``resolve_clip_config``."""
     if isinstance(source, dict):
         raw, hints = unwrap_container(source), {}
     elif isinstance(source, str | Path):
@@ -594,7 +613,7 @@ def load_clip_backbone(
         "pass config=... to CLIP.from_pretrained (FameViLConfig(clip=...) to FameViL.from_clip), "
         "e.g. clip_preset('tiny')"
     )
-    clip = resolve_clip_config(state, hints, source, layout, clip, advice)
+    clip = resolve_clip_config(state, hints, source, layout, clip, advice, preset)
     backbone = {k: v for k, v in state.items() if not is_new_module_key(k)}
     return backbone, clip, sorted(set(state) - set(backbone))
 
@@ -622,15 +641,24 @@ def clip_weights_name(source: str | Path | dict) -> str:
 
 
 def load_famevil_checkpoint(
-    cls: type[FameViL], path: str | Path, trust_pickle: bool = False, **overrides: Any
+    cls: type[FameViL],
+    path: str | Path,
+    trust_pickle: bool = False,
+    *,
+    preset: CLIPConfig | None = None,
+    **overrides: Any,
 ) -> FameViL:
     """Build a FameViL from a checkpoint, in eval mode; missing or unexpected keys and shape mismatches are
-    errors, and so is a CLIP-only checkpoint (no adapters, cross-attention adapters or heads)."""
+    errors, and so is a CLIP-only checkpoint (no adapters, cross-attention adapters or heads).
+
+    ``overrides`` replace config fields (``clip=...`` replaces even a stored CLIP config). ``preset`` is
+    the CLIP config of a checkpoint that stores none; one that stores a different config is refused with
+    a ``StoredConfigConflict`` (``famevil-fast convert --clip``)."""
     if not isinstance(path, str | Path):
         raise TypeError(f"path must be a file or directory path (str or Path), got {type(path).__name__}")
     raw, hints = read_state_dict(path, trust_pickle)
     state, layout = named_canonical(raw, f"checkpoint {path}")
-    config = _checkpoint_config(state, hints, path, layout, overrides.get("clip"))
+    config = _checkpoint_config(state, hints, path, layout, overrides.get("clip"), preset)
     if overrides:
         config = config.replace(**overrides)
     model = cls(config)
@@ -639,11 +667,20 @@ def load_famevil_checkpoint(
 
 
 def _checkpoint_config(
-    state: dict[str, torch.Tensor], hints: dict, path: str | Path, layout: str, clip: CLIPConfig | None
+    state: dict[str, torch.Tensor],
+    hints: dict,
+    path: str | Path,
+    layout: str,
+    clip: CLIPConfig | None,
+    preset: CLIPConfig | None = None,
 ) -> FameViLConfig:
-    """The stored FAME-ViL config, else one inferred from the shapes and the given or stored CLIP config."""
+    """The stored FAME-ViL config, else one inferred from the shapes and the given or stored CLIP config
+    (``preset`` as for ``resolve_clip_config``)."""
     if hints.get("format") == FORMAT_TAG and "famevil" in hints:
-        return _parse_config(lambda: FameViLConfig.from_dict(hints["famevil"]), path)
+        config = _parse_config(lambda: FameViLConfig.from_dict(hints["famevil"]), path)
+        if clip is None and preset is not None:
+            check_preset(preset, config.clip, path)
+        return config
     if not any(is_new_module_key(k) for k in state):
         raise ValueError(
             f"checkpoint {path} is a CLIP checkpoint ({layout} layout): it has no task adapters, "
@@ -652,10 +689,10 @@ def _checkpoint_config(
         )
     advice = (
         f"put it in {sidecar_path(path).name} beside the file (as `famevil-fast convert` does), pass "
-        "clip=... (e.g. clip_preset('tiny')) to FameViL.from_pretrained, or use `famevil-fast convert "
-        "--clip PRESET`"
+        "clip=... (e.g. clip_preset('tiny')) to FameViL.from_pretrained, or give famevil-fast convert "
+        "(or info) --clip PRESET"
     )
-    return infer_famevil_config(state, resolve_clip_config(state, hints, path, layout, clip, advice))
+    return infer_famevil_config(state, resolve_clip_config(state, hints, path, layout, clip, advice, preset))
 
 
 def _parse_config(build: Callable[[], Any], source: str | Path | dict) -> Any:
@@ -685,23 +722,90 @@ def resolve_clip_config(
     layout: str,
     clip: CLIPConfig | None = None,
     advice: str = "pass the CLIP config explicitly",
+    preset: CLIPConfig | None = None,
 ) -> CLIPConfig:
     """The CLIP config of canonical tensors. Head counts appear in no shape, so they come, in this order,
     from: ``clip`` (given explicitly); the config stored with the weights (famevil_fast's, or a Hugging Face
-    config's ``num_attention_heads``); a preset whose sizes equal the tensors' (the preset the file is named
-    after, e.g. ``ViT-B-16.pt``, or any preset for famevil_fast's own layout, whose models are built from
-    presets); CLIP's 64-wide heads for the standard widths (512, 768, 1024). Anything else is refused."""
+    config's ``num_attention_heads``, ``hidden_act`` and ``layer_norm_eps``, see ``stored_clip_config``);
+    ``preset``, when given; a preset whose sizes equal the tensors' (the preset the file is named after,
+    e.g. ``ViT-B-16.pt``, or any preset for famevil_fast's own layout, whose models are built from
+    presets); CLIP's 64-wide heads for the standard widths (512, 768, 1024). Anything else is refused.
+
+    ``preset`` only stands in for a missing config: weights stored with a config that differs from it
+    raise a ``StoredConfigConflict`` naming the differing fields."""
     if clip is not None:
         return clip
-    stored = _parse_config(lambda: hinted_clip_config(hints), source)
+    stored = stored_clip_config(state, hints, source)
+    if preset is not None:
+        check_preset(preset, stored, source)
+        return preset
     if stored is not None:
         return stored
     check_size_keys(state, source, advice)
-    preset = matching_preset(state, source, layout)
-    if preset is not None:
-        return preset
+    named = matching_preset(state, source, layout)
+    if named is not None:
+        return named
     check_head_counts(state, hints, source, advice)
     return infer_clip_config(state, hints)
+
+
+def stored_clip_config(
+    state: dict[str, torch.Tensor], hints: dict, source: str | Path | dict
+) -> CLIPConfig | None:
+    """The CLIP config stored with the weights, or None: famevil_fast's own (see ``hinted_clip_config``),
+    or the one a Hugging Face ``config.json`` (``vision_config`` / ``text_config``) gives with the sizes
+    of the tensors, when it gives the head counts that the widths do not settle. A malformed stored
+    config raises a ValueError naming the file it came from."""
+    stored = _parse_config(lambda: hinted_clip_config(hints), source)
+    if stored is not None:
+        return stored
+    if not (_tower_hints(hints, "vision") or _tower_hints(hints, "text")):
+        return None
+    if any(key not in state for key in SIZE_KEYS) or _unknown_head_counts(state, hints):
+        return None
+    return _parse_config(lambda: infer_clip_config(state, hints), source)
+
+
+class StoredConfigConflict(ValueError):
+    """A CLIP preset was given for weights stored with a config that differs from it. ``differences``
+    names the differing fields (``vision.heads``, ``activation``, ...); ``location`` is where the stored
+    config was read from."""
+
+    def __init__(self, message: str, differences: list[str], location: str) -> None:
+        super().__init__(message)
+        self.differences, self.location = differences, location
+
+
+def check_preset(preset: CLIPConfig, stored: CLIPConfig | None, source: str | Path | dict) -> None:
+    """Refuse a CLIP ``preset`` for weights whose ``stored`` config (None: no config) differs from it."""
+    differences = config_differences(stored, preset, "preset") if stored is not None else []
+    if differences:
+        location = config_location(source)
+        raise StoredConfigConflict(
+            f"the CLIP preset given differs from the model config stored with {location} in "
+            f"{', '.join(differences)}; a preset only stands in for weights stored without a config",
+            differences,
+            location,
+        )
+
+
+def config_differences(stored: CLIPConfig, other: CLIPConfig, other_name: str = "given") -> list[str]:
+    """The fields in which a stored CLIP config and ``other`` differ, each as
+    ``name (stored X, <other_name> Y)``, e.g. ``vision.heads (stored 1, given 2)``."""
+    a, b = _flat(stored.to_dict()), _flat(other.to_dict())
+    return [
+        f"{name} (stored {a[name]!r}, {other_name} {b.get(name)!r})" for name in a if a[name] != b.get(name)
+    ]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 SIZE_KEYS = (
@@ -780,15 +884,7 @@ def check_head_counts(
 ) -> None:
     """Refuse to guess attention-head counts (they appear in no tensor shape) for a tower whose width is
     not a standard CLIP width, unless ``hints`` (a Hugging Face style config) gives them."""
-    widths = {
-        "vision": state["vision.class_embedding"].shape[0],
-        "text": state["text.token_embed.weight"].shape[1],
-    }
-    unknown = [
-        f"{tower} width {width}"
-        for tower, width in widths.items()
-        if width not in STANDARD_WIDTHS and "num_attention_heads" not in _tower_hints(hints, tower)
-    ]
+    unknown = _unknown_head_counts(state, hints)
     if unknown:
         what = "the given state dict" if isinstance(source, dict) else f"checkpoint {source}"
         raise ValueError(
@@ -796,6 +892,19 @@ def check_head_counts(
             f"({', '.join(unknown)}: not a standard CLIP width {STANDARD_WIDTHS} nor the sizes of a preset "
             f"it is named after, so 64-wide heads would only be a guess). Give the config: {advice}"
         )
+
+
+def _unknown_head_counts(state: dict[str, torch.Tensor], hints: dict) -> list[str]:
+    """The towers (``"vision width 96"``) whose head counts neither their width nor ``hints`` settle."""
+    widths = {
+        "vision": state["vision.class_embedding"].shape[0],
+        "text": state["text.token_embed.weight"].shape[1],
+    }
+    return [
+        f"{tower} width {width}"
+        for tower, width in widths.items()
+        if width not in STANDARD_WIDTHS and "num_attention_heads" not in _tower_hints(hints, tower)
+    ]
 
 
 def _tower_hints(hints: dict, tower: str) -> dict:

@@ -14,7 +14,9 @@ rebuilds the same model. Missing parent directories of DEST are created.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,14 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix",
         default=None,
-        help=f"key prefix of the official layout; only with --to official (default: {DEFAULT_PREFIX!r})",
+        help=f"key prefix of the official layout, empty or ending in '.' (famevil_fast reads back '', "
+        f"'model.', 'module.' and 'module.model.'); only with --to official (default: {DEFAULT_PREFIX!r})",
     )
     parser.add_argument(
         "--clip",
         default=None,
         metavar="PRESET",
         help="CLIP preset (e.g. tiny, ViT-B-16) for a source that carries no config and whose attention-head "
-        "counts cannot be inferred from its widths",
+        "counts cannot be inferred from its widths; a source that carries a config other than the preset's "
+        "is refused",
     )
     add_trust_pickle_argument(parser)
 
@@ -145,16 +149,23 @@ def check_options(args: argparse.Namespace) -> None:
             f"--prefix is the key prefix of the official layout and applies only with --to official, "
             f"not --to {args.to}"
         )
+    if args.prefix and not args.prefix.endswith("."):
+        raise ValueError(
+            f"--prefix {args.prefix!r} would be glued onto the key names ({args.prefix}clip.*), which no "
+            f"loader reads: give an empty prefix or one ending in '.', e.g. {DEFAULT_PREFIX!r} or "
+            "'module.model.'"
+        )
 
 
 def _load(args: argparse.Namespace) -> FameViL:
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
     from famevil_fast.model.famevil import DiscardedWeightsWarning
-    from famevil_fast.model.weights import load_clip_state_dict
+    from famevil_fast.model.weights import load_clip_state_dict, load_famevil_checkpoint
 
     preset = clip_preset(args.clip) if args.clip else None
     if args.from_clip:
-        clip = preset or load_clip_state_dict(args.source, trust_pickle=args.trust_pickle)[1]
+        with refused_preset(args.clip, str(args.source)):
+            clip = load_clip_state_dict(args.source, trust_pickle=args.trust_pickle, preset=preset)[1]
         bottleneck = DEFAULT_BOTTLENECK if args.bottleneck is None else args.bottleneck
         config = FameViLConfig(clip=clip, adapter_bottleneck=bottleneck)
         with warnings.catch_warnings():
@@ -167,5 +178,21 @@ def _load(args: argparse.Namespace) -> FameViL:
                     "--from-clip would discard (it keeps only the CLIP backbone and adds fresh ones); "
                     "convert it without --from-clip to keep them"
                 ) from None
-    overrides = {"clip": preset} if preset else {}
-    return FameViL.from_pretrained(args.source, trust_pickle=args.trust_pickle, **overrides)
+    with refused_preset(args.clip, str(args.source)):
+        return load_famevil_checkpoint(FameViL, args.source, trust_pickle=args.trust_pickle, preset=preset)
+
+
+@contextlib.contextmanager
+def refused_preset(name: str | None, source: str) -> Iterator[None]:
+    """A ``--clip`` preset that the config stored with ``source`` (the checkpoint, as the command line
+    names it) contradicts, as one error naming the option and the differing fields."""
+    from famevil_fast.model.weights import StoredConfigConflict
+
+    try:
+        yield
+    except StoredConfigConflict as conflict:
+        raise ValueError(
+            f"--clip {name} cannot be used with {source}: it carries its own model config "
+            f"({conflict.location}), which differs from the preset in {', '.join(conflict.differences)}; "
+            "--clip only gives the config of a checkpoint that carries none (leave it out)"
+        ) from None

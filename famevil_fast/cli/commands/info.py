@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip",
         default=None,
-        help=f"CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro) (default: {DEFAULTS['clip']})",
+        help=f"CLIP preset (ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro) (default: {DEFAULTS['clip']}); with "
+        "--checkpoint, the preset of a checkpoint that carries no config (one that carries another config "
+        "is refused)",
     )
     parser.add_argument(
         "--bottleneck",
@@ -36,22 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="count the parameters of this checkpoint instead (its own config: not with --clip, "
-        "--bottleneck or --xaa)",
+        help="count the parameters of this checkpoint instead (its own config: not with --bottleneck or "
+        "--xaa; --clip only for a checkpoint that carries no config)",
     )
     add_trust_pickle_argument(parser)
 
 
 def model_options(args: argparse.Namespace) -> dict[str, object]:
-    """--clip, --bottleneck and --xaa with their defaults applied; ValueError when one is given with
-    --checkpoint, whose config they cannot change."""
+    """--clip, --bottleneck and --xaa with their defaults applied; ValueError when --bottleneck or --xaa
+    is given with --checkpoint, whose config they cannot change (--clip there is the CLIP preset of a
+    checkpoint that carries no config, see ``parameter_table``)."""
     given = {name: getattr(args, name) for name in DEFAULTS}
     if args.checkpoint:
-        named = [f"--{name}" for name, value in given.items() if value is not None]
+        named = [f"--{name}" for name, value in given.items() if value is not None and name != "clip"]
         if named:
             raise ValueError(
                 f"{' and '.join(named)} cannot be used with --checkpoint, which counts the checkpoint's own "
-                "model (its sizes come from the checkpoint); they describe the model counted without it"
+                "model (its sizes come from the checkpoint; --clip only names the CLIP preset of a "
+                "checkpoint that carries no config); they describe the model counted without it"
             )
         return {}
     return {name: DEFAULTS[name] if value is None else value for name, value in given.items()}
@@ -107,10 +111,15 @@ def _flash_attn() -> bool:
 def parameter_table(args: argparse.Namespace) -> dict[str, int]:
     import torch
 
+    from famevil_fast.cli.commands.convert import refused_preset
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
+    from famevil_fast.model.weights import load_famevil_checkpoint
 
     if args.checkpoint:
-        return FameViL.from_pretrained(args.checkpoint, trust_pickle=args.trust_pickle).parameter_counts()
+        preset = clip_preset(args.clip) if args.clip else None
+        with refused_preset(args.clip, f"--checkpoint {args.checkpoint}"):
+            model = load_famevil_checkpoint(FameViL, args.checkpoint, args.trust_pickle, preset=preset)
+        return model.parameter_counts()
     o = model_options(args)
     config = FameViLConfig(clip=clip_preset(o["clip"]), adapter_bottleneck=o["bottleneck"], xaa=o["xaa"])
     with torch.device("meta"):
