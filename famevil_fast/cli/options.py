@@ -4,8 +4,10 @@ before any command runs)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,3 +129,19 @@ def add_eval_resize_argument(
         "(keep_aspect), or resize every image to that size squared, as the official code (squash); "
         f"default: {default_help}",
     )
+
+
+@contextlib.contextmanager
+def refused_preset(name: str | None, source: str) -> Iterator[None]:
+    """A ``--clip`` preset that the config stored with ``source`` (the checkpoint, as the command line
+    names it) contradicts, as one error naming the option and the differing fields."""
+    from famevil_fast.model.weights import StoredConfigConflict
+
+    try:
+        yield
+    except StoredConfigConflict as conflict:
+        raise ValueError(
+            f"--clip {name} cannot be used with {source}: it carries its own model config "
+            f"({conflict.location}), which differs from the preset in {', '.join(conflict.differences)}; "
+            "--clip only gives the config of a checkpoint that carries none (leave it out)"
+        ) from None

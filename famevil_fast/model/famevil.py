@@ -47,8 +47,9 @@ KEEP = _Keep()
 
 
 class DiscardedWeightsWarning(UserWarning):
-    """``FameViL.from_clip`` was given a FAME-ViL checkpoint: it keeps the CLIP backbone and discards the
-    trained adapters and heads. ``keys`` are the discarded keys, ``kinds`` says what they are."""
+    """``FameViL.from_clip`` or ``CLIP.from_pretrained`` was given a FAME-ViL checkpoint: it keeps the CLIP
+    backbone and discards the trained adapters and heads. ``keys`` are the discarded keys, ``kinds`` says
+    what they are."""
 
     def __init__(self, message: str, keys: list[str], kinds: str) -> None:
         super().__init__(message)

@@ -14,9 +14,7 @@ rebuilds the same model. Missing parent directories of DEST are created.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,6 +156,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> FameViL:
+    from famevil_fast.cli.options import refused_preset
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
     from famevil_fast.model.famevil import DiscardedWeightsWarning
     from famevil_fast.model.weights import load_clip_state_dict, load_famevil_checkpoint
@@ -180,19 +179,3 @@ def _load(args: argparse.Namespace) -> FameViL:
                 ) from None
     with refused_preset(args.clip, str(args.source)):
         return load_famevil_checkpoint(FameViL, args.source, trust_pickle=args.trust_pickle, preset=preset)
-
-
-@contextlib.contextmanager
-def refused_preset(name: str | None, source: str) -> Iterator[None]:
-    """A ``--clip`` preset that the config stored with ``source`` (the checkpoint, as the command line
-    names it) contradicts, as one error naming the option and the differing fields."""
-    from famevil_fast.model.weights import StoredConfigConflict
-
-    try:
-        yield
-    except StoredConfigConflict as conflict:
-        raise ValueError(
-            f"--clip {name} cannot be used with {source}: it carries its own model config "
-            f"({conflict.location}), which differs from the preset in {', '.join(conflict.differences)}; "
-            "--clip only gives the config of a checkpoint that carries none (leave it out)"
-        ) from None

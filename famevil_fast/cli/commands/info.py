@@ -111,7 +111,7 @@ def _flash_attn() -> bool:
 def parameter_table(args: argparse.Namespace) -> dict[str, int]:
     import torch
 
-    from famevil_fast.cli.commands.convert import refused_preset
+    from famevil_fast.cli.options import refused_preset
     from famevil_fast.model import FameViL, FameViLConfig, clip_preset
     from famevil_fast.model.weights import load_famevil_checkpoint
 
