@@ -160,7 +160,10 @@ def _value(spec, kind):
     return getattr(spec, kind) if kind in ("colour", "pattern", "second") else spec.attr(kind)
 
 
-def test_tgir_needs_both_the_reference_and_the_text(tmp_path_factory):
+def test_neither_the_reference_nor_the_text_alone_singles_out_the_target(tmp_path_factory):
+    """The reference and its siblings are in the val gallery, and several gallery items agree with the
+    target on what the captions name (families hold at most 8 images, though: the module docstring of
+    ``famevil_fast.data.synthetic.generate`` says how far either alone gets at R@10 and R@50)."""
     root = synthetic(tmp_path_factory, products=90)
     attrs = json.loads((root / "FashionIQ" / "synthetic_attributes.json").read_text())
 
@@ -183,6 +186,69 @@ def test_tgir_needs_both_the_reference_and_the_text(tmp_path_factory):
             same = [g for g in gallery if all(_value(spec(g), k) == _value(tgt, k) for k in kinds)]
             text_matches.append(len(same))
     assert np.median(text_matches) >= 2  # the text alone leaves several candidates
+
+
+@pytest.mark.parametrize("fiq_images", [24, 27, 30, 33, 35])
+def test_every_fashioniq_category_has_val_and_train_triplets_at_the_fewest_images(fiq_images):
+    """Even when a category's share of images makes one family, the val split gets a family of its own."""
+    from famevil_fast.data.synthetic.generate import _draw, _Settings
+
+    for seed in range(12):
+        _, _, captions, *_ = _draw(_Settings(2, seed, 0.15, fiq_images), Path("/unused"), 32)
+        for category in ("dress", "shirt", "toptee"):
+            assert [r for r in captions[(category, "val")] if not r["fake_data"]], (seed, category)
+            assert captions[(category, "train")], (seed, category)
+
+
+def test_the_fewest_fashioniq_images_give_every_category_its_queries(tmp_path):
+    from famevil_fast.data.tasks import tgir_tables
+
+    make_synthetic(tmp_path, products=2, seed=0, image_size=32, fiq_images=24, workers=1)
+    triplets = read_fashioniq(tmp_path, "val")
+    for category in range(3):
+        queries, gallery = tgir_tables(triplets, category)
+        assert len(queries) and len(gallery) >= 2
+
+
+def test_looks_stay_distinct_up_to_the_most_there_are():
+    """Past what drawing at random finds (plain trousers run out first), the looks left are drawn."""
+    from famevil_fast.data.synthetic.generate import _Looks, _unique_product, garment_looks
+
+    rng, looks = np.random.default_rng(0), _Looks()
+    keys = [_unique_product(rng, looks, "trousers").visual_key() for _ in range(garment_looks("trousers"))]
+    assert len(set(keys)) == len(keys) == 1848  # 14 colours x 66 colourings x 2 fits: every one
+    with pytest.raises(ValueError, match="every look of trousers is drawn already"):
+        _unique_product(rng, looks, "trousers")
+
+
+def test_the_most_looks_bound_the_products_and_fashioniq_images(tmp_path, capsys):
+    from famevil_fast.cli.commands import make_synthetic as command
+    from famevil_fast.cli.main import main
+    from famevil_fast.data.synthetic import generate
+    from famevil_fast.data.synthetic.generate import _looks_of, fiq_image_count
+
+    everything = {key for g in GARMENTS for key in _looks_of(g.name)}
+    assert generate.MAX_PRODUCTS == len(everything) == 52668
+    rng = np.random.default_rng(0)
+    assert all(sample_product(rng).visual_key() in everything for _ in range(200))
+    assert generate.MAX_FIQ_IMAGES == 3 * len(_looks_of("shirt")) + 2 == 11090  # a third of them shirts
+    assert (command.MAX_PRODUCTS, command.MAX_FIQ_IMAGES) == (generate.MAX_PRODUCTS, generate.MAX_FIQ_IMAGES)
+    assert [fiq_image_count(n) for n in (2, 500, 20000)] == [
+        24,
+        500,
+        11090,
+    ]  # the default: as many as products
+    assert fiq_image_count(20000, 30) == 30
+    with pytest.raises(ValueError, match="products must be <= 52668 .*, got 52669"):
+        make_synthetic(tmp_path / "a", products=52669)
+    with pytest.raises(ValueError, match="fiq_images must be <= 11090 .*, got 11091"):
+        make_synthetic(tmp_path / "a", products=10, fiq_images=11091)
+    for option, value in (("--products", 60000), ("--fiq-images", 12000)):
+        assert main(["make-synthetic", str(tmp_path / "a"), option, str(value)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        limit = 52668 if option == "--products" else 11090
+        assert error == [f"famevil-fast make-synthetic: error: {option} must be at most {limit}, got {value}"]
+    assert not (tmp_path / "a").exists()
 
 
 def test_render_is_deterministic_and_views_differ():

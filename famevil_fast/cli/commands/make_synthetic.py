@@ -11,6 +11,11 @@ from famevil_fast.cli.options import int_at_least, integer, non_negative_int, po
 MIN_PRODUCTS = 2
 MIN_IMAGE_SIZE = 32
 MIN_FIQ_IMAGES = 24  # the fewest FashionIQ-style images that make up train and val families of variants
+# the most products, and FashionIQ-style images, that all look different (make_synthetic's MAX_PRODUCTS and
+# MAX_FIQ_IMAGES: the colour, pattern and attribute combinations of every garment kind, and three times those
+# of shirts, the FashionIQ category with the fewest)
+MAX_PRODUCTS = 52668
+MAX_FIQ_IMAGES = 11090
 # FashionGen's images are 256 px, so 4x that is plenty for a stand-in; drawing an image takes about
 # 5 * size**2 bytes in each drawing process (5 MB at 1024, 50 GB at 100,000)
 MAX_IMAGE_SIZE = 1024
@@ -37,14 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and so is a dataset folder that is a link out of it",
     )
     parser.add_argument(
-        "--products", type=integer, default=1000, help=f"FashionGen-style products (at least {MIN_PRODUCTS})"
+        "--products",
+        type=integer,
+        default=1000,
+        help=f"FashionGen-style products, all of different looks (at least {MIN_PRODUCTS}; at most "
+        f"{MAX_PRODUCTS}, the combinations of kind, colours, pattern and attributes there are)",
     )
     parser.add_argument(
         "--fiq-images",
         type=fiq_image_count,
         default=None,
-        help="about this many FashionIQ-style images, drawn in families of variants "
-        f"(at least {MIN_FIQ_IMAGES}; default: --products, raised to {MIN_FIQ_IMAGES} when fewer)",
+        help="about this many FashionIQ-style images, drawn in families of variants, all of different looks "
+        f"(at least {MIN_FIQ_IMAGES}; at most {MAX_FIQ_IMAGES}, as a third are shirts and "
+        f"{MAX_FIQ_IMAGES // 3} shirts look different; default: --products, raised to {MIN_FIQ_IMAGES} when "
+        f"fewer and lowered to {MAX_FIQ_IMAGES} when more)",
     )
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="random seed; the output is identical for a seed"
@@ -56,24 +67,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"image height in pixels (at least {MIN_IMAGE_SIZE}; at most {MAX_IMAGE_SIZE}, 4x FashionGen's "
         "256 px, as drawing an image takes about 5 x size^2 bytes of memory per drawing process)",
     )
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="share of products in the val split")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.15,
+        help="share of the products in the val split (each FashionGen split keeps at least one); FashionIQ's "
+        "val split takes this share of its families of variants, but at least 0.2 of them",
+    )
     parser.add_argument(
         "--workers", type=positive_int, default=None, help="drawing processes (default: all cores)"
     )
 
 
 def check_sizes(args: argparse.Namespace) -> None:
-    """ValueError (one line, naming the option and its bound) for a size make_synthetic cannot draw or should
-    not (an image size that would fill the memory); checked here rather than by the parser, so that every
-    value out of range gets the same one-line message, before anything is written."""
+    """ValueError (one line, naming the option and its bound) for a size make_synthetic cannot draw (more
+    products or FashionIQ images than there are looks) or should not (an image size that would fill the
+    memory); checked here rather than by the parser, so that every value out of range gets the same one-line
+    message, before anything is written."""
     for option, value, low in (
         ("--products", args.products, MIN_PRODUCTS),
         ("--image-size", args.image_size, MIN_IMAGE_SIZE),
     ):
         if value < low:
             raise ValueError(f"{option} must be at least {low}, got {value}")
-    if args.image_size > MAX_IMAGE_SIZE:
-        raise ValueError(f"--image-size must be at most {MAX_IMAGE_SIZE}, got {args.image_size}")
+    for option, value, high in (
+        ("--products", args.products, MAX_PRODUCTS),
+        ("--fiq-images", args.fiq_images, MAX_FIQ_IMAGES),
+        ("--image-size", args.image_size, MAX_IMAGE_SIZE),
+    ):
+        if value is not None and value > high:
+            raise ValueError(f"{option} must be at most {high}, got {value}")
     if not 0.0 < args.val_fraction < 1.0:  # (NaN included)
         raise ValueError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
 

@@ -119,7 +119,8 @@ def _article(word: str) -> str:
 
 
 def title(spec: ProductSpec, rng: np.random.Generator) -> str:
-    """A short product title naming colour, pattern, the defining attribute and the garment kind."""
+    """A short product title naming colour, pattern, the defining attribute and the garment kind: the
+    sub-category is always stated (a scarf's plain ends by the absence of "fringed")."""
     garment = GARMENTS[GARMENT_INDEX[spec.garment]]
     key = _ATTR_TITLE[garment.defining][spec.attr(garment.defining)]
     pattern = "" if spec.pattern == "plain" else _pick(rng, _PATTERN_ADJ[spec.pattern])

@@ -2,9 +2,11 @@
 
 Every product is a garment kind drawn with one colour, one pattern (with a second colour when patterned)
 and the attributes its kind defines (sleeve length, garment length, neckline, ...). The sub-category of a
-product is its garment kind split by the kind's defining attribute (``"maxi dress"``, ``"wide trousers"``),
-so sub-category recognition needs the silhouette, not only the colour. Ids are stable: they are positions in
-the tuples below, and the sub-category ids fit the 121-way FashionGen head.
+product is its garment kind split by the kind's defining attribute (``"maxi dress"``, ``"wide trousers"``):
+from the image alone, sub-category recognition needs the silhouette, not only the colour; but a product's
+title always names the kind and the defining attribute (and its description states every attribute), so SCR,
+which reads the product text beside the image, can be solved from the text alone. Ids are stable: they are
+positions in the tuples below, and the sub-category ids fit the 121-way FashionGen head.
 """
 
 from __future__ import annotations
