@@ -1,5 +1,11 @@
-"""Training checkpoints: model weights and optimizer tensors in safetensors, everything else (update count,
-scheduler, sampler, data positions, random-number states, config) in JSON.
+"""Training checkpoints: model weights, optimizer tensors and the torch random-number states in safetensors,
+everything else (update count, scheduler, sampler, data positions, Python's and NumPy's random states,
+config) in JSON.
+
+The CUDA random-number state is each process's own GPU's: under DDP every process's is gathered to the main
+process, which writes them all (``cuda_rank{r}``); on resume each process restores its rank's state into its
+own GPU, and a checkpoint of another number of processes is refused. Older checkpoints hold the states of
+every GPU the main process saw (``cuda_{i}``): a process restores the one of its own GPU's index, if any.
 
 Each checkpoint is a directory ``step_XXXXXXXX`` written under a temporary name and renamed into place, so a
 crash never leaves a half-written checkpoint behind; only the newest ``keep_last`` are kept.
@@ -14,7 +20,7 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,14 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TEMP_DIR = re.compile(r"^\.step_\d{8}\.")  # ``save``'s temporary directories (and checkpoints moved aside)
+CUDA_RANK = re.compile(r"^cuda_rank(\d+)$")  # the CUDA random state of process r's own GPU
+CUDA_LEGACY = re.compile(r"^cuda_(\d+)$")  # older checkpoints: GPU i as the main process saw it
+# the entries a training state needs, by section (None: the top level), checked before anything is restored
+REQUIRED: dict[str | None, tuple[str, ...]] = {
+    None: ("update", "optimizer", "rng"),
+    "optimizer": ("param_groups", "scalars"),
+    "rng": ("python", "numpy"),
+}
 
 
 # ---------------------------------------------------------------- optimizer state
@@ -69,16 +83,41 @@ def _like(saved: Any, current: Any) -> Any:
 
 
 # ---------------------------------------------------------------- random states
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
+def cuda_rng_state(device: torch.device | None) -> torch.Tensor | None:
+    """The CUDA random-number state of ``device`` (this process's GPU); None for a CPU device, or when CUDA is
+    not in use."""
+    if device is None or device.type != "cuda":
+        return None
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.get_rng_state(device)
+
+
+def _current_cuda_device() -> torch.device | None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = s
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def rng_state(
+    cuda: Sequence[torch.Tensor | None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The random-number states to checkpoint: tensors (torch's CPU state, ``cuda_rank{r}`` per process)
+    and JSON (Python's and NumPy's states, the number of processes). ``cuda``: every process's CUDA state of
+    its own GPU, by rank (None where a process has none); None: this single process's, of the current CUDA
+    device."""
+    if cuda is None:
+        cuda = [cuda_rng_state(_current_cuda_device())]
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    for rank, state in enumerate(cuda):
+        if state is not None:
+            tensors[f"cuda_rank{rank}"] = state.detach().cpu()
     py_version, py_state, py_gauss = random.getstate()
     np_state = np.random.get_state()
     meta = {
         "python": [py_version, list(py_state), py_gauss],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "world_size": len(cuda),
     }
     return tensors, meta
 
@@ -91,11 +130,57 @@ def rng_untouched(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=devices, device_type=device.type)
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def cuda_state_to_restore(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    source: str = "the checkpoint",
+) -> tuple[torch.device, torch.Tensor] | None:
+    """The GPU of process ``rank`` of ``world_size`` and the CUDA state to restore into it: its rank's state,
+    or in an older checkpoint the state of its GPU's index; None when there is none to restore (a CPU device,
+    a checkpoint of a CPU run, an older checkpoint without that GPU). ``device`` None: the current CUDA
+    device. ValueError, naming ``source``, when the checkpoint holds the states of another number of
+    processes (an exact resume needs the same world size, as the data loaders' positions do)."""
+    if device is None:
+        device = _current_cuda_device()
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    per_rank = _numbered(tensors, CUDA_RANK)
+    if per_rank:
+        saved = int(meta.get("world_size", max(per_rank) + 1))
+        if saved != world_size:
+            raise ValueError(
+                f"cannot restore the random-number states of {source}: it holds the CUDA states of "
+                f"{saved} process(es), this run has {world_size}; an exact resume needs the same world size"
+            )
+        state = per_rank.get(rank)
+    else:
+        state = _numbered(tensors, CUDA_LEGACY).get(device.index)  # by number, not name: cuda_2 is GPU 2
+    return None if state is None else (device, state)
+
+
+def _numbered(tensors: dict[str, torch.Tensor], pattern: re.Pattern[str]) -> dict[int, torch.Tensor]:
+    """The tensors whose name ``pattern`` matches, by the number it captures."""
+    return {int(m.group(1)): t for k, t in tensors.items() if (m := pattern.match(k))}
+
+
+def restore_rng(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> None:
+    """Restore the states ``rng_state`` saved: torch's CPU state, Python's and NumPy's, and the CUDA state of
+    ``device`` (this process's GPU, process ``rank`` of ``world_size``; see ``cuda_state_to_restore``)."""
+    cuda = cuda_state_to_restore(tensors, meta, device, rank, world_size)
     torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda[1], cuda[0])
     version, state, gauss = meta["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = meta["numpy"]
@@ -131,9 +216,12 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         state: dict[str, Any],
         weights: dict[str, torch.Tensor] | None = None,
+        cuda_rng: Sequence[torch.Tensor | None] | None = None,
     ) -> Path:
         """Write checkpoint ``update`` (model, optimizer, random states and the JSON-able ``state``);
-        ``weights`` replaces the model's state dict (float32 masters of a bf16 model)."""
+        ``weights`` replaces the model's state dict (float32 masters of a bf16 model); ``cuda_rng`` is every
+        process's CUDA random state of its own GPU, by rank (None: this single process's, see
+        ``rng_state``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._recover()
         final = self.directory / f"step_{update:08d}"
@@ -142,7 +230,7 @@ class CheckpointManager:
             save_famevil(model, tmp, weights)
             opt_tensors, opt_meta = optimizer_to_flat(optimizer)
             atomic_save_safetensors(tmp / OPTIMIZER_FILE, opt_tensors)  # plain permissions, as the others
-            rng_tensors, rng_meta = rng_state()
+            rng_tensors, rng_meta = rng_state(cuda_rng)
             atomic_save_safetensors(tmp / RNG_FILE, rng_tensors)
             payload = {"update": update, "optimizer": opt_meta, "rng": rng_meta, **state}
             (tmp / STATE_FILE).write_text(json.dumps(payload))
@@ -162,10 +250,17 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer | None,
         check: Callable[[dict[str, Any]], None] | None = None,
         load_weights: Callable[[dict[str, torch.Tensor], str], None] | None = None,
+        *,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> dict[str, Any]:
         """Restore model, optimizer and random states from ``path``; returns the JSON state. ``check`` sees
-        that state first and may refuse it (by raising) before anything is restored. ``load_weights(state
-        dict, what)`` loads the weights in place of ``load_into`` (into float32 masters and a bf16 model)."""
+        that state first and may refuse it (by raising) before anything is restored; so are refused, with a
+        ValueError, a training state that lacks an entry and random states of another number of processes.
+        ``load_weights(state dict, what)`` loads the weights in place of ``load_into`` (into float32 masters
+        and a bf16 model). ``device``, ``rank`` and ``world_size``: this process's GPU (None: the current
+        CUDA device), rank and number of processes, for its CUDA random state (see ``restore_rng``)."""
         from famevil_fast.model.weights import load_into, read_state_dict
 
         path = Path(path)
@@ -174,6 +269,8 @@ class CheckpointManager:
         state = _read_json(path / STATE_FILE)
         if check is not None:
             check(state)
+        rng_tensors = _read_tensors(path / RNG_FILE)
+        cuda_state_to_restore(rng_tensors, state["rng"], device, rank, world_size, f"checkpoint {path}")
         weights, _ = read_state_dict(path)
         if load_weights is None:
             load_into(model, weights, f"checkpoint {path}")
@@ -181,7 +278,7 @@ class CheckpointManager:
             load_weights(weights, f"checkpoint {path}")
         if optimizer is not None:
             optimizer_from_flat(optimizer, _read_tensors(path / OPTIMIZER_FILE), state["optimizer"])
-        restore_rng(_read_tensors(path / RNG_FILE), state["rng"])
+        restore_rng(rng_tensors, state["rng"], device, rank, world_size)
         return state
 
     def set_aside_after(self, update: int) -> list[Path]:
@@ -277,7 +374,21 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path}: the file is corrupt or truncated ({exc})") from exc
     if not isinstance(state, dict) or "optimizer" not in state or "rng" not in state:
         raise ValueError(f"cannot read {path}: not a training state (no optimizer and rng entries)")
+    require_entries(path, state, REQUIRED)
     return state
+
+
+def require_entries(path: Path, state: dict[str, Any], required: dict[str | None, Sequence[str]]) -> None:
+    """ValueError naming ``path`` and the entry when ``state`` (the JSON of ``path``) lacks one of
+    ``required``: per section (None: the top level), the keys it must hold."""
+    for section, keys in required.items():
+        where = state if section is None else state.get(section)
+        if not isinstance(where, dict):
+            raise ValueError(f"cannot read {path}: the training state has no {section!r} entry")
+        for key in keys:
+            if key not in where:
+                name = key if section is None else f"{section}.{key}"
+                raise ValueError(f"cannot read {path}: the training state has no {name!r} entry")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

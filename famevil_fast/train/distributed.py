@@ -1,5 +1,7 @@
-"""Distributed training helpers: process-group setup from torchrun's environment, and the feature
-all-gather (with gradient flow) that the retrieval losses use to score local rows against the global batch.
+"""Distributed training helpers: process-group setup from torchrun's environment (and each process's GPU),
+the feature all-gather (with gradient flow) that the retrieval losses use to score local rows against the
+global batch, and an all-gather of small picklable values (each process's CUDA random-number state, for the
+checkpoints).
 """
 
 from __future__ import annotations
@@ -7,12 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 TIMEOUT_ENV = "FAMEVIL_FAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
+
+T = TypeVar("T")
 
 
 def collective_timeout() -> timedelta:
@@ -43,9 +48,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def local_device_index(local_rank: int) -> int:
+    """The index of process ``local_rank``'s GPU among those it sees: ``local_rank`` modulo the visible GPUs,
+    so ``local_rank`` itself where every process sees every GPU of its node, and 0 where each process sees
+    only its own (a cluster that sets CUDA_VISIBLE_DEVICES per process). ``local_rank`` without any visible
+    GPU."""
+    count = torch.cuda.device_count()
+    return local_rank % count if count > 0 else local_rank
+
+
 def init_from_env(device_type: str) -> DistInfo:
     """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPUs; collectives time out
-    after ``collective_timeout()``); a single process otherwise."""
+    after ``collective_timeout()``), on GPUs making ``local_device_index(LOCAL_RANK)`` the current device; a
+    single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -53,14 +68,14 @@ def init_from_env(device_type: str) -> DistInfo:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=collective_timeout())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local_device_index(local))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local)
 
 
 def process_device(wanted: torch.device, dist: DistInfo, source: str = "train.device") -> torch.device:
-    """This process's device: under torchrun the LOCAL_RANK GPU (a fixed ``cuda:N``, named as ``source``,
-    is refused), else the device asked for, made the current CUDA device so that kernels and graphs run on
-    it."""
+    """This process's device: under torchrun its LOCAL_RANK GPU, ``local_device_index`` (a fixed ``cuda:N``,
+    named as ``source``, is refused), else the device asked for, made the current CUDA device so that kernels
+    and graphs run on it."""
     if wanted.type == "cpu":
         return wanted
     if dist.enabled:
@@ -69,7 +84,7 @@ def process_device(wanted: torch.device, dist: DistInfo, source: str = "train.de
                 f"{source}={str(wanted)!r} names one GPU, but torchrun runs {dist.world_size} processes: "
                 "use 'cuda' (each process takes its LOCAL_RANK GPU)"
             )
-        return torch.device(f"cuda:{dist.local_rank}")
+        return torch.device("cuda", local_device_index(dist.local_rank))
     device = torch.device("cuda", wanted.index if wanted.index is not None else 0)
     torch.cuda.set_device(device)
     return device
@@ -116,6 +131,16 @@ class FeatureGather:
         total = n.detach().clone().float()
         dist.all_reduce(total)
         return total / self.info.world_size
+
+
+def gather_objects(value: T, info: DistInfo) -> list[T]:
+    """Every process's ``value`` (picklable, small: it travels through ``all_gather_object``), in rank order;
+    ``[value]`` in a single process. A collective under DDP: every process must call it."""
+    if not info.enabled:
+        return [value]
+    gathered: list[T | None] = [None] * info.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered  # type: ignore[return-value]  # every slot filled
 
 
 def shutdown() -> None:

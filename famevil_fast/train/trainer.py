@@ -28,11 +28,23 @@ from famevil_fast.data.transforms import to_device
 from famevil_fast.devices import resolve_device
 from famevil_fast.model import FameViL, FameViLConfig, TaskOutput, clip_preset
 from famevil_fast.model.losses import Gather
-from famevil_fast.train.checkpoint import CheckpointManager, rng_untouched
+from famevil_fast.train.checkpoint import (
+    STATE_FILE,
+    CheckpointManager,
+    cuda_rng_state,
+    require_entries,
+    rng_untouched,
+)
 from famevil_fast.train.config import RESUME_MAY_CHANGE, TrainConfig, resume_differences
 from famevil_fast.train.cuda_graph import GraphedStep
 from famevil_fast.train.distill import Teachers, combine, kd_loss
-from famevil_fast.train.distributed import DistInfo, FeatureGather, init_from_env, process_device
+from famevil_fast.train.distributed import (
+    DistInfo,
+    FeatureGather,
+    gather_objects,
+    init_from_env,
+    process_device,
+)
 from famevil_fast.train.imtl import GradientBuffer
 from famevil_fast.train.logging import RunLogger
 from famevil_fast.train.master_weights import MasterWeights
@@ -281,6 +293,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.eval_results: list[dict[str, Any]] = []
         self._stop_signal: int | None = None  # this process's signal
+        self.stopped_by: int | None = None  # the signal that stopped ``fit`` (under DDP: agreed on)
         self._agreed_stop: int | None = None  # under DDP: the signal of any process, agreed at each update
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.graphed = self._graphed_step() if t.cuda_graphs else None
@@ -299,6 +312,9 @@ class Trainer:
         return sum(task_losses.values()) * self._loss_weight, task_losses
 
     # ------------------------------------------------------------------ state
+    # what ``state`` adds to a checkpoint and ``resume`` needs
+    STATE_ENTRIES = ("scheduler", "sampler", "streams")
+
     def state(self) -> dict[str, Any]:
         return {
             "scheduler": self.scheduler.state_dict(),
@@ -312,14 +328,20 @@ class Trainer:
         """Write the checkpoint of the current update, unless this very update's checkpoint was already
         written (or resumed from) and is still there: nothing has changed since, and rewriting it would
         only delete and write the same files again (the end of a run whose last update was a periodic
-        checkpoint, or a resumed run with nothing left to do)."""
+        checkpoint, or a resumed run with nothing left to do). Under DDP every process calls it (each
+        process's CUDA random state, of its own GPU, is gathered) and the main process writes; returns
+        the checkpoint there, None elsewhere."""
+        if self.device.type == "cuda":  # the same on every process: all of them gather, or none
+            cuda_rng: list[torch.Tensor | None] = gather_objects(cuda_rng_state(self.device), self.dist)
+        else:
+            cuda_rng = [None] * self.dist.world_size
         if not self.dist.is_main:
             return None
         done = self._checkpointed
         if done is not None and done.name == f"step_{self.update:08d}" and done in self.checkpoints.list():
             return done
         self._checkpointed = self.checkpoints.save(
-            self.update, self.model, self.optimizer, self.state(), self.float32_state_dict()
+            self.update, self.model, self.optimizer, self.state(), self.float32_state_dict(), cuda_rng
         )
         return self._checkpointed
 
@@ -334,7 +356,16 @@ class Trainer:
         load = None
         if self.master_weights is not None:
             load = functools.partial(self.master_weights.load_float32_state_dict, self.model)
-        state = self.checkpoints.load(path, self.model, self.optimizer, check, load)
+        state = self.checkpoints.load(
+            path,
+            self.model,
+            self.optimizer,
+            check,
+            load,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for task, stream_state in state["streams"].items():
@@ -363,8 +394,9 @@ class Trainer:
         return self.master_weights.float32_state_dict(self.model)
 
     def _check_resumed_config(self, path: Path, state: Mapping[str, Any]) -> None:
-        """Refuse a recipe that changes what the resumed updates compute (see RESUME_MAY_CHANGE), before
-        anything of the checkpoint is restored."""
+        """Refuse a training state that lacks an entry ``resume`` restores, and a recipe that changes what
+        the resumed updates compute (see RESUME_MAY_CHANGE), before anything of the checkpoint is restored."""
+        require_entries(path / STATE_FILE, dict(state), {None: self.STATE_ENTRIES})
         differences = resume_differences(state.get("config") or {}, self.cfg)
         if differences:
             raise ValueError(
@@ -611,6 +643,7 @@ class Trainer:
                 stop = self._agreed_stop if self.dist.enabled else self._stop_signal
                 if stop is not None:  # under DDP every process stops after the same update
                     status = f"interrupted by signal {stop}"
+                    self.stopped_by = stop
                     if not logged:  # the run's last update: logged whatever logging.every
                         self._log(record, last=True)
                     break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -93,7 +94,16 @@ def run(args: argparse.Namespace) -> int:
         print(report.to_text())
         report.save(f"{cfg.checkpoint.dir}/eval_report.json")
     shutdown()
-    return 0 if result["status"] == "finished" else 130
+    return exit_status(result["status"], trainer.stopped_by)
+
+
+def exit_status(status: str, signum: int | None) -> int:
+    """The command's exit status for a run that ended with ``status`` (``Trainer.fit``'s): 0 when it
+    finished, else the shell's convention for a process stopped by signal ``signum``, 128 + its number (130
+    for SIGINT, 143 for SIGTERM; 130 when the signal is not known)."""
+    if status == "finished":
+        return 0
+    return 128 + int(signum or signal.SIGINT)
 
 
 def _report(results: dict):
