@@ -190,3 +190,19 @@ def test_the_caption_ceilings_are_written_whole_or_not_at_all(tmp_path, monkeypa
     assert saved.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["fic_ceiling.json"]
     caption_ceiling_text(fic, tmp_path, saved)
     assert json.loads(saved.read_text()) == {"nothing": {"cider": 1.5}}
+
+
+def test_results_near_chance_are_flagged():
+    from famevil_fast.cli.commands.demo import near_chance_warnings
+    from famevil_fast.eval.report import TaskResult
+
+    learnt = TaskResult(
+        "scr", "fashiongen-val", {"accuracy": 40.0, "macro_f1": 3.0}, {"accuracy": 5.0, "macro_f1": 3.2}
+    )
+    stuck = TaskResult("xmr", "full", {"i2t_r@1": 1.1, "avg": 5.0}, {"i2t_r@1": 1.0, "avg": 4.5})
+    unscored = TaskResult("fic", "coco-caption", {"cider": 3.0}, {"cider": None})
+    lines = near_chance_warnings([learnt, stuck, unscored])
+    assert lines == [
+        "warning: xmr (full) scores near chance (best: avg 5.00 against 4.50); train longer (--updates) or "
+        "check the data"
+    ]

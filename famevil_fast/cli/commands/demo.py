@@ -231,7 +231,7 @@ def caption_ceiling_text(fic: TaskResult, data_root: str | Path, save_to: Path |
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from famevil_fast.cli.commands.train import build_evaluator
+    from famevil_fast.cli.commands.train import build_evaluator, exit_status
     from famevil_fast.configs import resolve
     from famevil_fast.eval.report import EvalReport
     from famevil_fast.train.checkpoint import set_aside_run_dir
@@ -267,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
     for metrics in result["eval"].values():
         report.add(metrics["_result"])
     print(report.to_text())
+    for line in near_chance_warnings(report.results):
+        print(line)
     report.save(out / "eval_report.json")
     fic = [r for r in report.results if r.task == "fic"]
     if fic:
@@ -274,7 +276,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {out / 'eval_report.json'}; metrics log: {out / 'run' / 'metrics.jsonl'}")
     if result["status"] == "finished":  # the trainer saves the final model only then
         print(final_model_line(Path(cfg.checkpoint.dir) / "final", Path(cfg.data.root), config))
-    return 0 if result["status"] == "finished" else 130
+    return exit_status(result["status"], trainer.stopped_by)
+
+
+NEAR_CHANCE = 1.25  # a result no metric of which exceeds its chance level by more than this factor is flagged
+
+
+def near_chance_warnings(results: Sequence[TaskResult]) -> list[str]:
+    """A warning line for every result none of whose metrics with a chance level beats it by more than
+    ``NEAR_CHANCE`` times (a model that learnt nothing for that task: too few updates, or broken data)."""
+    lines = []
+    for r in results:
+        pairs = [(k, v, r.chance[k]) for k, v in r.metrics.items() if r.chance.get(k) is not None]
+        if pairs and all(v <= NEAR_CHANCE * c for _, v, c in pairs):
+            name, value, level = max(pairs, key=lambda p: p[1] / max(p[2], 1e-12))
+            lines.append(
+                f"warning: {r.task} ({r.protocol}) scores near chance (best: {name} {value:.2f} against "
+                f"{level:.2f}); train longer (--updates) or check the data"
+            )
+    return lines
 
 
 def final_model_line(final: Path, data_root: Path, config: str) -> str:
