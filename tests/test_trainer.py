@@ -498,6 +498,25 @@ def test_step_untouched_moves_what_an_update_did_not_reach_as_the_reference_did(
     assert moved == {False: False, True: True}
 
 
+def test_model_init_refuses_weights_stored_with_another_clip_config(tmp_path):
+    """Weights saved with their config (GELU here) are not silently run with the recipe's preset's
+    (QuickGELU): the fields that differ are named; with the same config they load."""
+    import dataclasses
+
+    from famevil_fast.model import FameViLConfig, clip_preset
+    from famevil_fast.model.famevil import DiscardedWeightsWarning
+
+    micro = clip_preset("micro")
+    FameViL(FameViLConfig(clip=dataclasses.replace(micro, activation="gelu"))).save_pretrained(
+        tmp_path / "gelu"
+    )
+    with pytest.raises(ValueError, match=r"model.init .*differs from model.clip micro's in activation"):
+        Trainer(micro_config(tmp_path / "a", f"model.init={tmp_path / 'gelu'}"), streams())
+    FameViL(FameViLConfig(clip=micro)).save_pretrained(tmp_path / "same")
+    with pytest.warns(DiscardedWeightsWarning):
+        Trainer(micro_config(tmp_path / "b", f"model.init={tmp_path / 'same'}"), streams())
+
+
 def test_model_trust_pickle_reads_a_trusted_training_container(tmp_path):
     """CLIP weights in a container that also pickles a non-tensor object: refused by weights-only loading,
     with the recipe field named, and read with ``model.trust_pickle``."""

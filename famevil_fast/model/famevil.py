@@ -182,6 +182,8 @@ class FameViL(nn.Module):
         path_or_state_dict: str | Path | dict,
         config: FameViLConfig | None = None,
         trust_pickle: bool = False,
+        *,
+        match_stored_config: bool = False,
     ) -> FameViL:
         """Start from CLIP weights (OpenAI .pt, open_clip, Hugging Face or famevil_fast layout); adapters,
         cross-attention adapters and heads are freshly initialised (the model then behaves as CLIP). The
@@ -192,7 +194,9 @@ class FameViL(nn.Module):
         discarded, with a ``DiscardedWeightsWarning``: ``from_pretrained`` keeps them, and a training
         recipe's ``model.init_from`` takes the backbone with the cross-attention adapters and the shared
         tasks' adapters and heads. Pass ``trust_pickle=True`` only for trusted files that hold non-tensor
-        objects."""
+        objects. ``config.clip`` replaces a config stored with the weights, unless ``match_stored_config``:
+        then a stored config that differs from it is refused (``weights.StoredConfigConflict``, a ValueError
+        naming the fields), as a training recipe's ``model.init`` is."""
         import warnings
 
         from famevil_fast.model.weights import (
@@ -203,7 +207,11 @@ class FameViL(nn.Module):
         )
 
         clip = config.clip if config else None
-        state, clip_config, dropped = load_clip_backbone(path_or_state_dict, clip, trust_pickle)
+        if match_stored_config and clip is not None:  # the config only stands in for a missing one
+            explicit, preset = None, clip
+        else:
+            explicit, preset = clip, None
+        state, clip_config, dropped = load_clip_backbone(path_or_state_dict, explicit, trust_pickle, preset)
         what = clip_weights_name(path_or_state_dict)
         if dropped:
             kinds = ", ".join(new_module_kinds(dropped))

@@ -189,8 +189,8 @@ def build_model(cfg: TrainConfig) -> FameViL:
     if m.init and m.init_from:
         raise ValueError("set model.init (CLIP weights) or model.init_from (a FAME-ViL checkpoint), not both")
     if m.init:
-        with _names_missing_file("model.init", m.init):
-            return FameViL.from_clip(m.init, config, trust_pickle=m.trust_pickle)
+        with _names_missing_file("model.init", m.init), _names_config_conflict(m.init, m.clip):
+            return FameViL.from_clip(m.init, config, trust_pickle=m.trust_pickle, match_stored_config=True)
     model = FameViL(config)
     if m.init_from:
         from famevil_fast.model.transfer import load_shared_weights
@@ -209,6 +209,22 @@ def _names_missing_file(field: str, path: str) -> Iterator[None]:
     except FileNotFoundError as exc:
         where = "" if Path(path).is_absolute() else f" (a relative path, read from {Path.cwd()})"
         raise FileNotFoundError(f"{field}: {exc}{where}") from exc
+
+
+@contextlib.contextmanager
+def _names_config_conflict(path: str, preset: str) -> Iterator[None]:
+    """A CLIP config stored with ``model.init``'s weights that differs from the recipe's ``model.clip``
+    preset, as one ValueError naming both fields and the differences."""
+    from famevil_fast.model.weights import StoredConfigConflict
+
+    try:
+        yield
+    except StoredConfigConflict as conflict:
+        raise ValueError(
+            f"model.init {path}: the CLIP config stored with it ({conflict.location}) differs from "
+            f"model.clip {preset}'s in {', '.join(conflict.differences)}; set model.clip to the preset of "
+            "these weights"
+        ) from None
 
 
 class TrainingModule(nn.Module):
