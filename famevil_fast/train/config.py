@@ -32,8 +32,8 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
 class ModelSection:
     clip: str = doc("CLIP size preset: ViT-B-16, ViT-B-32, ViT-L-14, tiny, micro", "ViT-B-16")
     init: str | None = doc(
-        "CLIP weights to start from (OpenAI .pt, open_clip, Hugging Face dir; a config stored with them must be "
-        "model.clip's); null = random",
+        "CLIP weights to start from (OpenAI .pt, open_clip, Hugging Face dir; a config stored with them must "
+        "be model.clip's); null = random",
         None,
     )
     resume_weights: str | None = doc(
