@@ -408,9 +408,11 @@ class FameViL(nn.Module):
         )
         if return_ids:
             return ids
-        from famevil_fast.text import decode
+        from famevil_fast.text import EOT_ID, decode
 
-        return decode(ids)
+        # a caption cut at max_len ends without an end token: one is appended (as the reference's decoding
+        # does), since the decoder reads a row without one as zero-padded and would drop trailing "!" (id 0)
+        return decode(torch.cat([ids, ids.new_full((ids.shape[0], 1), EOT_ID)], dim=1))
 
     def _check_pair(self, pixels: torch.Tensor, input_ids: torch.Tensor, pixels_name: str) -> None:
         check_pixels(pixels, self.config.clip.vision, self.device, pixels_name)

@@ -153,6 +153,7 @@ def max_steps(model: FameViL, max_len: int) -> int:
     return min(max_len, limit)
 
 
+@torch.no_grad()
 def generate(
     model: FameViL,
     pixels: torch.Tensor,
@@ -169,7 +170,11 @@ def generate(
     as one ``torch.compile`` graph with static shapes (``model.compiled_decoding``; a string names another
     ``torch.compile`` backend), alone or under ``cuda_graph``, in place of the fused step a model with
     ``backend="triton"`` otherwise decodes with. ``max_len``, ``num_beams`` and
-    ``no_repeat_ngram`` must be ints (TypeError); a model with xaa="none" cannot caption (ValueError)."""
+    ``no_repeat_ngram`` must be ints (TypeError); a model with xaa="none" cannot caption, and an empty
+    batch has nothing to caption (ValueError). The eager decodes raise ValueError on non-finite logits
+    (``check_caption_logits``); the graphed one, which reads nothing back while it runs, does not check.
+    Beam search follows Hugging Face's ``BeamSearchScorer`` (length penalty 1, no early stopping); n-gram
+    bans apply to the log-probabilities, as its n-gram processor does."""
     check_can_caption(model.config.xaa)
     compiled = compile_backend(compiled)
     num_beams = require_int("caption", "num_beams", num_beams)
@@ -179,6 +184,8 @@ def generate(
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
+    if isinstance(pixels, torch.Tensor) and pixels.dim() > 0 and pixels.shape[0] == 0:
+        raise ValueError("caption: no images (pixels has batch size 0)")
     if model.caption_vocab is not None and model.caption_vocab.numel() == 1:
         num_beams = 1  # a one-token shortlist (the end token) allows one caption: beams would all be it
     if cuda_graph:
@@ -231,6 +238,19 @@ def ban_repeated_ngrams_on_device(
     return padded.scatter(1, column, float("-inf"))[:, :-1]
 
 
+def check_caption_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` (rows of next-token logits) unless one holds NaN or +inf or has no finite entry:
+    ValueError then (diverged weights or non-finite pixels), rather than a caption of arbitrary tokens.
+    Reads one flag back from the device."""
+    bad = torch.isnan(logits).any() | torch.isposinf(logits).any() | ~(logits > float("-inf")).any(-1).all()
+    if bool(bad):
+        raise ValueError(
+            "caption: the model's next-token logits are not finite (NaN or inf): its weights or the pixels "
+            "hold non-finite values"
+        )
+    return logits
+
+
 def greedy_decode(
     decoder: TextDecoder | _Reencoder,
     batch: int,
@@ -252,6 +272,8 @@ def greedy_decode(
     token, embedded = out[:, 0], None
     for t in range(steps):
         logits = decoder.step(token) if embedded is None else decoder.step_embedded(embedded)
+        if stop_early:  # a read-back each step already: non-finite logits stop the decode
+            check_caption_logits(logits)
         logits = ban(logits, out[:, : t + 1], no_repeat_ngram, model)
         if pick is not None:
             embedded = pick(logits, out, done, t + 1, decoder.length if t + 1 < steps else None)
@@ -266,19 +288,24 @@ def greedy_decode(
 
 
 class _Hypotheses:
-    """The best finished sequences of one input, scored by sum of log-probs / length (length penalty 1)."""
+    """The best finished sequences of one input, as Hugging Face's ``BeamSearchScorer`` (length penalty 1)
+    keeps them: a sequence that ends is scored by its sum of log-probs / the length of its prefix (start
+    token included, the end token not), and stored with its end token."""
 
     def __init__(self, beams: int) -> None:
         self.beams = beams
         self.items: list[tuple[float, list[int]]] = []
 
-    def add(self, tokens: list[int], logprob: float) -> None:
-        self.items.append((logprob / len(tokens), tokens))
+    def add(self, tokens: list[int], logprob: float, length: int | None = None) -> None:
+        """Keep ``tokens`` scored ``logprob / length`` (default: ``len(tokens)``) if among the best."""
+        self.items.append((logprob / (length or len(tokens)), tokens))
         self.items.sort(key=lambda item: -item[0])
         del self.items[self.beams :]
 
-    def closed(self, best_running: float, length: int) -> bool:
-        return len(self.items) == self.beams and self.items[-1][0] >= best_running / length
+    def closed(self, best_candidate: float, length: int) -> bool:
+        """Whether no running sequence can do better: every slot is filled and the worst kept score beats the
+        step's best candidate score / the current length (the scorer's ``is_done``, no early stopping)."""
+        return len(self.items) == self.beams and self.items[-1][0] >= best_candidate / length
 
 
 def _beam_search(
@@ -291,8 +318,9 @@ def _beam_search(
     hyps = [_Hypotheses(beams) for _ in range(batch)]
     done = [False] * batch
     for t in range(steps):
-        logits = ban_repeated_ngrams(next_logits(seqs[:, -1]), seqs, no_repeat_ngram, model)
-        logp = torch.log_softmax(logits, dim=-1)
+        logits = check_caption_logits(next_logits(seqs[:, -1]))
+        # banned after the softmax, as Hugging Face's n-gram processor: the other tokens keep their scores
+        logp = ban_repeated_ngrams(torch.log_softmax(logits, dim=-1), seqs, no_repeat_ngram, model)
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
         # at most every candidate (a caption shortlist can be smaller than 2 * beams)
@@ -305,19 +333,21 @@ def _beam_search(
             if done[b]:
                 continue
             kept = 0
-            for s, src, tok in zip(top_scores[b].tolist(), src_beam[b].tolist(), token[b].tolist()):
+            ranked = zip(top_scores[b].tolist(), src_beam[b].tolist(), token[b].tolist())
+            for rank, (s, src, tok) in enumerate(ranked):
                 if s == float("-inf"):
                     break
                 if tok == EOT_ID:
-                    prefix = seqs[b * beams + src].tolist()
-                    hyps[b].add(prefix + [EOT_ID], s)
+                    if rank < beams:  # an end ranked below the top ``beams`` candidates is passed over
+                        prefix = seqs[b * beams + src].tolist()
+                        hyps[b].add(prefix + [EOT_ID], s, length=len(prefix))
                     continue
                 new_scores[b, kept], new_src[b, kept], new_tok[b, kept] = s, src, tok
                 kept += 1
                 if kept == beams:
                     break
             # no running beam left (every candidate ended): nothing more to search
-            done[b] = kept == 0 or hyps[b].closed(new_scores[b].max().item(), t + 2)
+            done[b] = kept == 0 or hyps[b].closed(top_scores[b, 0].item(), t + 1)
         if all(done):
             break
         index = (new_src + torch.arange(batch, device=device)[:, None] * beams).view(-1)

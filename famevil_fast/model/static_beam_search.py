@@ -1,12 +1,12 @@
 """Beam search with every decision on the device and fixed shapes, so that a CUDA graph can capture it.
 
-It returns exactly the sequences of ``generation._beam_search`` (HF-style: 2 x beams candidates a step,
-finished hypotheses scored by sum of log-probs / length, an input closes when its worst kept hypothesis
-beats the best running score / length), with the per-input Python bookkeeping replaced by masked tensor
-operations:
+It returns exactly the sequences of ``generation._beam_search`` (Hugging Face's ``BeamSearchScorer``: 2 x
+beams candidates a step, a sequence that ends scored by its sum of log-probs / its prefix's length, an input
+closes when its worst kept hypothesis beats the step's best candidate score / the current length), with the
+per-input Python bookkeeping replaced by masked tensor operations:
 
 * the candidates an input looks at in a step are those ranked before its ``beams``-th non-end candidate;
-  their end tokens become hypotheses, the rest fill the next beams in rank order;
+  their end tokens among the top ``beams`` become hypotheses, the rest fill the next beams in rank order;
 * the kept hypotheses are merged with the new ones by a stable descending sort (older first among equal
   scores, as repeated insertion into a sorted list keeps them), in float64 as the host version divides;
 * every step runs; a finished input's candidates are masked, which is what skipping it did.
@@ -46,9 +46,9 @@ class _Finished:
         self.lengths = torch.cat([self.lengths, lengths], dim=1).gather(1, order)
         self.count = (self.count + (scores > NEG_INF).sum(dim=1)).clamp_max(self.beams)
 
-    def closed(self, best_running: torch.Tensor, length: int) -> torch.Tensor:
+    def closed(self, best_candidate: torch.Tensor, length: int) -> torch.Tensor:
         full = self.count == self.beams
-        return full & (self.scores[:, -1] >= best_running.double() / length)
+        return full & (self.scores[:, -1] >= best_candidate.double() / length)
 
 
 def _select(top_scores, src_beam, token, done, beams):
@@ -60,7 +60,8 @@ def _select(top_scores, src_beam, token, done, beams):
     considered = valid & (before < beams) & ~done[:, None]
     keep = considered & ~is_end
     slot = torch.where(keep, before, beams)  # slot `beams` is a discard column
-    return considered & is_end, keep, slot
+    top = torch.arange(top_scores.shape[1], device=top_scores.device) < beams  # ends ranked in the top beams
+    return considered & is_end & top, keep, slot
 
 
 def beam_search_all_steps(
@@ -86,17 +87,15 @@ def beam_search_all_steps(
     offsets = torch.arange(batch, device=device)[:, None] * beams
     lengths = torch.arange(width + 1, device=device)[:, None, None]  # lengths[n]: a (1, 1) view of n
     for t in range(steps):
-        logits = ban_repeated_ngrams_on_device(
-            decoder.step(seqs[:, t]), seqs[:, : t + 1], no_repeat_ngram, model
-        )
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(decoder.step(seqs[:, t]), dim=-1)
+        logp = ban_repeated_ngrams_on_device(logp, seqs[:, : t + 1], no_repeat_ngram, model)
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp.view(batch, beams, vocab)).view(batch, -1)
         top_scores, top_idx = cand.topk(2 * beams, dim=1)
         src_beam, token = top_idx // vocab, model.caption_tokens(top_idx % vocab)
         ends, keep, slot = _select(top_scores, src_beam, token, done, beams)
         end_rows = seqs.index_select(0, (src_beam + offsets).view(-1)).view(batch, 2 * beams, width)
-        end_scores = torch.where(ends, top_scores.double() / (t + 2), NEG_INF)
+        end_scores = torch.where(ends, top_scores.double() / (t + 1), NEG_INF)  # over the prefix's length
         finished.add(end_scores, end_rows, lengths[t + 2].expand_as(src_beam))  # prefix + end token
         new_scores = torch.full((batch, beams + 1), NEG_INF, device=device)
         new_scores.scatter_(1, slot, torch.where(keep, top_scores, NEG_INF))
@@ -104,7 +103,7 @@ def beam_search_all_steps(
         new_tok = torch.full((batch, beams + 1), EOT_ID, dtype=torch.long, device=device)
         new_tok.scatter_(1, slot, torch.where(keep, token, EOT_ID))
         new_scores, new_src, new_tok = new_scores[:, :beams], new_src[:, :beams], new_tok[:, :beams]
-        done = done | finished.closed(new_scores.max(dim=1).values, t + 2)
+        done = done | finished.closed(top_scores[:, 0], t + 1)
         index = (new_src + offsets).reshape(-1)
         seqs = seqs.index_select(0, index)
         seqs[:, t + 1] = new_tok.reshape(-1)
