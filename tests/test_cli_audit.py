@@ -61,7 +61,8 @@ def test_make_synthetic_help_states_the_bounds(capsys):
         main(["make-synthetic", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "at most 1024" in help_text and "FashionGen's 256 px" in help_text
-    assert "(at least 24; default: --products, raised to 24 when fewer)" in help_text
+    assert "(at least 24; at most 11090, " in help_text
+    assert "default: --products, raised to 24 when fewer and lowered to 11090 when more)" in help_text
 
 
 # ---------------------------------------------------------------- train --print-config
