@@ -148,6 +148,7 @@ def test_from_clip_of_fame_vil_weights_warns_that_adapters_and_heads_are_discard
     with pytest.warns(DiscardedWeightsWarning, match="keeps only its CLIP backbone") as record:
         model = FameViL.from_clip(tmp_path / "trained")
     (warning,) = record
+    assert warning.filename == __file__  # it points at the caller of from_clip
     assert str(tmp_path / "trained") in str(warning.message)
     assert warning.message.kinds == "task adapters, cross-attention adapters, heads"
     assert any(k.startswith("heads.") for k in warning.message.keys)

@@ -363,30 +363,12 @@ class CLIP(nn.Module):
         other width is refused (see ``weights.resolve_clip_config``). Given a FAME-ViL checkpoint, only its
         backbone is taken: its adapters and heads are discarded with a ``DiscardedWeightsWarning``. Pass
         ``trust_pickle=True`` only for trusted files that hold non-tensor objects."""
-        import warnings
-
-        from famevil_fast.model.famevil import DiscardedWeightsWarning
-        from famevil_fast.model.weights import (
-            clip_weights_name,
-            load_clip_backbone,
-            load_into,
-            new_module_kinds,
-        )
+        from famevil_fast.model.famevil import warn_discarded_weights
+        from famevil_fast.model.weights import clip_weights_name, load_clip_backbone, load_into
 
         state, config, dropped = load_clip_backbone(path_or_state_dict, config, trust_pickle)
         if dropped:
-            kinds = ", ".join(new_module_kinds(dropped))
-            source = "the given state dict" if isinstance(path_or_state_dict, dict) else path_or_state_dict
-            warnings.warn(
-                DiscardedWeightsWarning(
-                    f"{source} is a FAME-ViL checkpoint: CLIP.from_pretrained keeps only its CLIP backbone; "
-                    f"its trained {kinds} ({len(dropped)} tensors) are discarded (FameViL.from_pretrained "
-                    "keeps them)",
-                    dropped,
-                    kinds,
-                ),
-                stacklevel=2,
-            )
+            warn_discarded_weights(path_or_state_dict, dropped, "CLIP.from_pretrained", "")
         model = cls(config)
         load_into(model, state, clip_weights_name(path_or_state_dict))
         return model.eval()

@@ -56,6 +56,23 @@ class DiscardedWeightsWarning(UserWarning):
         self.keys, self.kinds = keys, kinds
 
 
+def warn_discarded_weights(source: str | Path | dict, dropped: list[str], loader: str, fate: str) -> None:
+    """Warn (``DiscardedWeightsWarning``, pointing at the loader's caller) that ``loader`` keeps only the CLIP
+    backbone of the FAME-ViL checkpoint ``source``: its ``dropped`` keys are discarded (``fate``: what
+    becomes of them)."""
+    import warnings
+
+    from famevil_fast.model.weights import new_module_kinds
+
+    kinds = ", ".join(new_module_kinds(dropped))
+    name = "the given state dict" if isinstance(source, dict) else source
+    message = (
+        f"{name} is a FAME-ViL checkpoint: {loader} keeps only its CLIP backbone; its trained {kinds} "
+        f"({len(dropped)} tensors) are discarded{fate} (FameViL.from_pretrained keeps them)"
+    )
+    warnings.warn(DiscardedWeightsWarning(message, dropped, kinds), stacklevel=3)  # the loader's caller
+
+
 TASK_BATCH_KEYS = {
     "itc": ("pixels", "input_ids"),
     "tgir": ("ref_pixels", "input_ids", "target_pixels"),
@@ -197,14 +214,7 @@ class FameViL(nn.Module):
         objects. ``config.clip`` replaces a config stored with the weights, unless ``match_stored_config``:
         then a stored config that differs from it is refused (``weights.StoredConfigConflict``, a ValueError
         naming the fields), as a training recipe's ``model.init`` is."""
-        import warnings
-
-        from famevil_fast.model.weights import (
-            clip_weights_name,
-            load_clip_backbone,
-            load_into,
-            new_module_kinds,
-        )
+        from famevil_fast.model.weights import clip_weights_name, load_clip_backbone, load_into
 
         clip = config.clip if config else None
         if match_stored_config and clip is not None:  # the config only stands in for a missing one
@@ -214,18 +224,7 @@ class FameViL(nn.Module):
         state, clip_config, dropped = load_clip_backbone(path_or_state_dict, explicit, trust_pickle, preset)
         what = clip_weights_name(path_or_state_dict)
         if dropped:
-            kinds = ", ".join(new_module_kinds(dropped))
-            source = "the given state dict" if isinstance(path_or_state_dict, dict) else path_or_state_dict
-            warnings.warn(
-                DiscardedWeightsWarning(
-                    f"{source} is a FAME-ViL checkpoint: FameViL.from_clip keeps only its CLIP backbone; its "
-                    f"trained {kinds} ({len(dropped)} tensors) are discarded and start fresh "
-                    "(FameViL.from_pretrained keeps them)",
-                    dropped,
-                    kinds,
-                ),
-                stacklevel=2,
-            )
+            warn_discarded_weights(path_or_state_dict, dropped, "FameViL.from_clip", " and start fresh")
         model = cls(config or FameViLConfig(clip=clip_config))
         load_into(model, state, what, backbone_only=True)
         return model.eval()
