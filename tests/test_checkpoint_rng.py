@@ -276,3 +276,18 @@ def test_the_train_command_exits_with_128_plus_the_signal(tmp_path, monkeypatch,
     monkeypatch.setattr(trainer_module, "Trainer", Stopped)
     argv = ["train", "--config", "tiny_cpu", "--no-eval", "--set", f"checkpoint.dir={tmp_path}"]
     assert main(argv) == status
+
+
+def test_processes_that_find_different_checkpoints_to_resume_are_stopped(tmp_path, monkeypatch):
+    """Each process looks at the run directory itself (a node's view of a shared filesystem may lag):
+    resuming is refused, naming what each rank found, unless all found the same checkpoint."""
+    import famevil_fast.train.trainer as trainer_module
+
+    checkpoint = trainer_on(tmp_path, updates=1).save()
+    resumed = trainer_on(tmp_path)
+    monkeypatch.setattr(trainer_module, "gather_objects", lambda value, info: [value, None])
+    with pytest.raises(ValueError, match=rf"rank 0: {re.escape(str(checkpoint.resolve()))}, rank 1: none"):
+        resumed.resume()
+    assert resumed.update == 0
+    monkeypatch.setattr(trainer_module, "gather_objects", lambda value, info: [value, value])
+    assert resumed.resume() and resumed.update == 1

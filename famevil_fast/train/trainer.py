@@ -361,11 +361,25 @@ class Trainer:
         )
         return self._checkpointed
 
+    def _agreed_checkpoint(self, path: Path | None) -> Path | None:
+        """``path`` (the checkpoint to resume, or None) once every process found the same one: each looks at
+        the run directory as its own node's filesystem shows it, and processes that resumed different
+        updates would run out of step. ValueError naming what each found otherwise."""
+        found = gather_objects(None if path is None else str(path.resolve()), self.dist)
+        if len(set(found)) > 1:
+            listing = ", ".join(f"rank {rank}: {seen or 'none'}" for rank, seen in enumerate(found))
+            raise ValueError(
+                f"the processes found different checkpoints to resume ({listing}); every process must see "
+                "the same run directory (a shared filesystem, in sync)"
+            )
+        return path
+
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from ``path`` or the newest checkpoint of the run directory; False when there is none.
         Checkpoints of the run directory after the resumed update move to ``<dir>/superseded/`` (with a
-        warning), so that the continued run's own checkpoints are the ones kept and resumed."""
-        path = Path(path) if path else self.checkpoints.latest()
+        warning), so that the continued run's own checkpoints are the ones kept and resumed. Under DDP every
+        process calls it, and all must find the same checkpoint (see ``_agreed_checkpoint``)."""
+        path = self._agreed_checkpoint(Path(path) if path else self.checkpoints.latest())
         if path is None:
             return False
         check = functools.partial(self._check_resumed_config, path)
