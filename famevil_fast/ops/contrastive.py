@@ -126,6 +126,12 @@ def _one_positive_reference(
     return 0.5 * (loss + F.cross_entropy(logits.T, diagonal, label_smoothing=label_smoothing))
 
 
+def _without_autocast(a: torch.Tensor) -> torch.autocast:
+    """A context in which products of ``a``'s device keep their inputs' dtype (autocast would run the
+    references' float32 logits in bf16)."""
+    return torch.autocast(a.device.type, enabled=False)
+
+
 def contrastive_loss_reference(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -139,34 +145,16 @@ def contrastive_loss_reference(
     spreads evenly over its positives; rows without a positive are left out; the column term covers the
     columns that are a positive of some row."""
     with _without_autocast(a):
-        return _contrastive_loss_reference(a, b, scale, labels, groups, two_way, label_smoothing)
-
-
-def _without_autocast(a: torch.Tensor) -> torch.autocast:
-    """A context in which products of ``a``'s device keep their inputs' dtype (autocast would run the
-    references' float32 logits in bf16)."""
-    return torch.autocast(a.device.type, enabled=False)
-
-
-def _contrastive_loss_reference(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: ScaleLike,
-    labels: torch.Tensor | None,
-    groups: Groups | None,
-    two_way: bool,
-    label_smoothing: float,
-) -> torch.Tensor:
-    dtype = compute_dtype(a.dtype)
-    logits = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
-    if groups is None and (labels is None or not two_way):
-        return _one_positive_reference(logits, labels, two_way, label_smoothing)
-    pos = positive_mask(a.shape[0], b.shape[0], labels, groups, a.device)
-    loss = _direction_reference(logits, pos, label_smoothing, groups is not None)
-    if not two_way:
-        return loss
-    col_loss = _direction_reference(logits.T, pos.T, label_smoothing, True)
-    return 0.5 * (loss + col_loss)
+        dtype = compute_dtype(a.dtype)
+        logits = _as_scale(scale, a, dtype) * (a.to(dtype) @ b.to(dtype).T)
+        if groups is None and (labels is None or not two_way):
+            return _one_positive_reference(logits, labels, two_way, label_smoothing)
+        pos = positive_mask(a.shape[0], b.shape[0], labels, groups, a.device)
+        loss = _direction_reference(logits, pos, label_smoothing, groups is not None)
+        if not two_way:
+            return loss
+        col_loss = _direction_reference(logits.T, pos.T, label_smoothing, True)
+        return 0.5 * (loss + col_loss)
 
 
 def contrastive_distill_loss_reference(
